@@ -1,0 +1,3 @@
+//! The actors of the runtime (in progress).
+
+pub mod supervisor;
