@@ -9,7 +9,12 @@ pub const DEFAULT_CONFIG: &str = "config/actors.toml";
 
 /// Actor-based supervision runtime: one supervised process per node, Redis as the broker.
 #[derive(Debug, Parser)]
-#[command(name = "runtime", version, about, args_conflicts_with_subcommands = true)]
+#[command(
+    name = "runtime",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
 pub struct Cli {
     /// What to do; without a subcommand the node runs (`runtime --config FILE`).
     #[command(subcommand)]

@@ -1,3 +1,15 @@
-//! The actors of the runtime (in progress).
+//! The actors of the runtime: supervision and the tree registry (later the broker, queue
+//! consumers, task workers, shared resources and process pools).
+//!
+//! No TOML, clap or axum in here: everything takes typed arguments, built by the `runtime`
+//! program from its validated config.
+//!
+//! # Layout
+//! - [`supervisor`] — `SupervisorActor`: OTP strategies, restart types, intensity, backoff,
+//!   ordered start and reverse-ordered stop.
+//! - [`tree`] — the tree registry every actor is recorded in; read by the introspection routes.
+//! - [`heartbeat`] — `HeartbeatActor`: records uptime and event-loop lag.
 
+pub mod heartbeat;
 pub mod supervisor;
+pub mod tree;

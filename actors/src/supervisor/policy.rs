@@ -233,7 +233,10 @@ mod tests {
         let t0 = Instant::now();
         assert!(w.record(t0));
         assert!(w.record(t0 + Duration::from_secs(1)));
-        assert!(!w.record(t0 + Duration::from_secs(2)), "third restart in 10 s");
+        assert!(
+            !w.record(t0 + Duration::from_secs(2)),
+            "third restart in 10 s"
+        );
         let later = t0 + Duration::from_secs(13);
         assert_eq!(w.recent(later), 0);
         assert!(w.record(later));
