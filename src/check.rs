@@ -9,3 +9,6 @@ use std::process::ExitCode;
 pub fn run(_path: &Path, _deny_warnings: bool, _no_environment: bool) -> ExitCode {
     ExitCode::from(78)
 }
+
+/// sysexits.h EX_CONFIG: the exit code for a bad config.
+pub const EX_CONFIG: u8 = 78;

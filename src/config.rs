@@ -56,3 +56,53 @@ pub struct ChaosSettings {
     /// Whether `POST /chaos/kill/{path}` exists.
     pub enabled: bool,
 }
+
+/// TEMPORARY until the config compiler lands: defaults plus `http.bind` / `chaos.enabled`.
+pub struct Loaded {
+    /// The config.
+    pub config: Config,
+    /// Warnings.
+    pub warnings: Vec<String>,
+}
+
+/// TEMPORARY loader.
+pub fn load(path: &std::path::Path) -> Result<Loaded, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+    let value: toml::Table = toml::from_str(&text).map_err(|e| e.to_string())?;
+    let bind = value
+        .get("http")
+        .and_then(|h| h.get("bind"))
+        .and_then(|b| b.as_str())
+        .unwrap_or("127.0.0.1:7070")
+        .parse()
+        .map_err(|e: std::net::AddrParseError| e.to_string())?;
+    let chaos = value
+        .get("chaos")
+        .and_then(|h| h.get("enabled"))
+        .and_then(|b| b.as_bool())
+        .unwrap_or(false);
+    let max_restarts = value
+        .get("supervision")
+        .and_then(|h| h.get("max_restarts"))
+        .and_then(|b| b.as_integer())
+        .unwrap_or(5) as u32;
+    Ok(Loaded {
+        config: Config {
+            runtime: RuntimeSettings {
+                shutdown_grace: Duration::from_secs(5),
+                heartbeat_interval: Duration::from_secs(1),
+            },
+            http: HttpSettings {
+                bind,
+                admin_token: None,
+            },
+            supervision: SupervisionSettings {
+                strategy: Strategy::OneForOne,
+                intensity: Intensity::try_new(max_restarts, Duration::from_secs(10)).unwrap(),
+                backoff: Backoff::default(),
+            },
+            chaos: ChaosSettings { enabled: chaos },
+        },
+        warnings: vec![],
+    })
+}

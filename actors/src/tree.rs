@@ -152,6 +152,7 @@ impl Tree {
                 cell: None,
             });
         entry.status = Status::Starting;
+        entry.snapshot = serde_json::Value::Null;
         entry.kind = kind.to_string();
         entry.restart = restart;
     }
@@ -163,7 +164,6 @@ impl Tree {
             e.cell = Some(cell);
             e.started_at = SystemTime::now();
             e.started = Instant::now();
-            e.snapshot = serde_json::Value::Null;
             if restarted {
                 e.restarts += 1;
             }

@@ -1,0 +1,22 @@
+//! The `runtime` program: one supervised process per node that replaces a Celery worker
+//! fleet. This crate turns a config file into a running supervision tree (built from the
+//! `actors` library) plus its HTTP surface; `main.rs` only dispatches the command line.
+//!
+//! # Layout
+//! - [`cli`] — clap definitions: `run` (default), `check`, `tree`.
+//! - [`config`] — raw TOML structs → one `compile()` → a validated `Config`.
+//! - [`check`] — `runtime check`: every error and warning of a config, exit 78 on errors.
+//! - [`topology`] — the supervision tree a config describes.
+//! - [`node`] — runs a node: tree + HTTP server, signal handling, ordered stop.
+//! - [`http`] — axum router: `/health`, `/actors`, `/chaos/kill/{path}`.
+//! - [`shutdown`] — SIGINT/SIGTERM handling (a second signal exits at once).
+//! - [`telemetry`] — tracing subscriber: `RUST_LOG` filter, text or JSON.
+
+pub mod check;
+pub mod cli;
+pub mod config;
+pub mod http;
+pub mod node;
+pub mod shutdown;
+pub mod telemetry;
+pub mod topology;

@@ -1,0 +1,109 @@
+//! Running a node: start the supervision tree and the HTTP server, wait for a shutdown
+//! signal or for the root to end by itself, then stop in reverse order within the grace.
+
+use std::future::Future;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actors::supervisor::start_root;
+use actors::tree::{Status, Tree};
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tracing::{error, info, warn};
+
+use crate::config::Config;
+use crate::http::{AppState, app};
+use crate::topology::{ROOT, root_spec};
+
+/// Time the HTTP server gets to finish open requests once the tree has stopped.
+const HTTP_DRAIN: Duration = Duration::from_secs(2);
+
+/// Runs a node until `shutdown` resolves (with the signal's name) or the root supervisor
+/// ends by itself (it gave up, or was killed). Exit 0 after an orderly stop, 1 otherwise.
+pub async fn run(config: Config, shutdown: impl Future<Output = &'static str>) -> ExitCode {
+    let node_started = Instant::now();
+    let tree = Tree::new();
+    let (root, mut root_done) =
+        match start_root(&tree, ROOT, root_spec(&config, node_started)).await {
+            Ok(started) => started,
+            Err(err) => {
+                error!(error = %err, "the supervision tree failed to start");
+                return ExitCode::FAILURE;
+            }
+        };
+
+    let listener = match TcpListener::bind(config.http.bind).await {
+        Ok(listener) => listener,
+        Err(err) => {
+            error!(bind = %config.http.bind, error = %err, "cannot listen (http.bind)");
+            root.stop(Some("startup failed".into()));
+            let _ = tokio::time::timeout(config.runtime.shutdown_grace, root_done).await;
+            return ExitCode::FAILURE;
+        }
+    };
+    let addr = listener.local_addr().map_or(config.http.bind, |a| a);
+    let state = AppState {
+        tree: Arc::clone(&tree),
+        admin_token: config.http.admin_token.as_deref().map(Arc::from),
+        chaos: config.chaos.enabled,
+    };
+    if config.chaos.enabled {
+        warn!("chaos routes are enabled: POST /chaos/kill/{{path}} kills actors");
+    }
+    let http_stop = Arc::new(Notify::new());
+    let stopped = Arc::clone(&http_stop);
+    let mut server = tokio::spawn(async move {
+        axum::serve(listener, app(state))
+            .with_graceful_shutdown(async move { stopped.notified().await })
+            .await
+    });
+    info!("http listening on http://{addr}");
+
+    let code = tokio::select! {
+        signal = shutdown => {
+            let grace = config.runtime.shutdown_grace;
+            info!(signal, ?grace, "shutdown requested; stopping the tree in reverse order");
+            root.stop(Some(format!("shutdown ({signal})")));
+            // Every supervisor enforces the grace on its own children; this is the backstop.
+            match tokio::time::timeout(grace + Duration::from_secs(1), &mut root_done).await {
+                Ok(_) => {
+                    info!(elapsed = ?node_started.elapsed(), "tree stopped");
+                    ExitCode::SUCCESS
+                }
+                Err(_) => {
+                    error!(?grace, "the tree did not stop within the grace; killing it");
+                    root.kill();
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        _ = &mut root_done => {
+            let why = tree
+                .get(ROOT)
+                .filter(|root| root.status == Status::Failed)
+                .and_then(|root| root.last_error)
+                .unwrap_or_else(|| "the root supervisor was killed".to_string());
+            error!(reason = %why, "the root supervisor ended; exiting so the service manager restarts the node");
+            ExitCode::FAILURE
+        }
+        ended = &mut server => {
+            let why = match ended {
+                Ok(Ok(())) => "it returned".to_string(),
+                Ok(Err(err)) => err.to_string(),
+                Err(err) => err.to_string(),
+            };
+            error!(reason = %why, "the http server ended; stopping the node");
+            root.stop(Some("http server ended".into()));
+            let _ = tokio::time::timeout(config.runtime.shutdown_grace, &mut root_done).await;
+            return ExitCode::FAILURE;
+        }
+    };
+
+    http_stop.notify_one();
+    if tokio::time::timeout(HTTP_DRAIN, server).await.is_err() {
+        warn!(?HTTP_DRAIN, "http server did not drain in time");
+    }
+    code
+}

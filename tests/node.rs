@@ -1,0 +1,153 @@
+//! End-to-end: the `runtime` binary on a real port — tree introspection, chaos kills and
+//! restarts, escalation past the restart intensity, signals.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::Node;
+
+const CHAOS: &str = r#"
+[runtime]
+shutdown_grace = "5s"
+
+[http]
+bind = "127.0.0.1:0"
+
+[supervision]
+max_restarts = 3
+within = "30s"
+backoff = "5ms"
+backoff_max = "50ms"
+
+[chaos]
+enabled = true
+"#;
+
+#[tokio::test]
+async fn actors_lists_the_tree_and_health_is_ok() {
+    let node = Node::start(CHAOS, &[]);
+    let tree = node.get_json("/actors").await;
+    assert_eq!(tree[0]["path"], "root");
+    assert_eq!(tree[0]["status"], "running");
+    assert_eq!(tree[0]["children"][0]["path"], "root/heartbeat");
+    assert_eq!(tree[0]["children"][0]["restart"], "permanent");
+
+    let text = node.get("/actors?format=text").await.text().await.unwrap();
+    assert!(text.starts_with("root "), "{text}");
+    assert!(text.contains("└── heartbeat "), "{text}");
+
+    let health = node.get("/health").await;
+    assert_eq!(health.status(), 200);
+    assert_eq!(
+        health.json::<serde_json::Value>().await.unwrap()["status"],
+        "ok"
+    );
+
+    let bad = node.get("/actors?format=xml").await;
+    assert_eq!(bad.status(), 400);
+    assert!(bad.text().await.unwrap().contains("format"));
+}
+
+#[tokio::test]
+async fn a_killed_actor_is_back_with_one_restart_within_100ms() {
+    let node = Node::start(CHAOS, &[]);
+    let killed = node.post("/chaos/kill/root/heartbeat", None).await;
+    assert_eq!(killed.status(), 202);
+    let at = Instant::now();
+    loop {
+        let heartbeat = node
+            .actor("root/heartbeat")
+            .await
+            .expect("heartbeat listed");
+        if heartbeat["restarts"] == 1 && heartbeat["status"] == "running" {
+            assert_eq!(heartbeat["last_error"], "stopped: killed");
+            break;
+        }
+        assert!(
+            at.elapsed() < Duration::from_millis(100),
+            "not restarted within 100 ms: {heartbeat}"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert_eq!(node.get("/health").await.status(), 200);
+
+    let missing = node.post("/chaos/kill/root/nothing", None).await;
+    assert_eq!(missing.status(), 404);
+}
+
+#[tokio::test]
+async fn killing_past_the_intensity_escalates_and_the_process_exits_non_zero() {
+    let mut node = Node::start(CHAOS, &[]);
+    for n in 1..=3 {
+        assert_eq!(node.post("/chaos/kill/heartbeat", None).await.status(), 202);
+        let at = Instant::now();
+        while node
+            .actor("root/heartbeat")
+            .await
+            .map(|h| h["restarts"] == n && h["status"] == "running")
+            != Some(true)
+        {
+            assert!(at.elapsed() < Duration::from_secs(5), "restart {n} missing");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    // The fourth kill within 30 s is one more than max_restarts = 3: the root gives up.
+    assert_eq!(node.post("/chaos/kill/heartbeat", None).await.status(), 202);
+    let status = node
+        .wait_exit(Duration::from_secs(10))
+        .expect("process exits");
+    assert!(!status.success(), "exit status {status:?}");
+    let log = node.log();
+    assert!(
+        log.contains("root gave up after more than 3 restarts within 30s; last: root/heartbeat stopped: killed"),
+        "{log}"
+    );
+    assert!(log.contains("the root supervisor ended"), "{log}");
+}
+
+#[tokio::test]
+async fn sigterm_stops_the_tree_and_exits_zero_naming_the_signal() {
+    for signal in ["TERM", "INT"] {
+        let mut node = Node::start(CHAOS, &[]);
+        let at = Instant::now();
+        node.signal(signal);
+        let status = node
+            .wait_exit(Duration::from_secs(5))
+            .expect("exits within the grace");
+        assert_eq!(status.code(), Some(0), "{}", node.log());
+        assert!(at.elapsed() < Duration::from_secs(5));
+        let log = node.log();
+        assert!(log.contains(&format!("signal=\"SIG{signal}\"")), "{log}");
+        assert!(log.contains("tree stopped"), "{log}");
+    }
+}
+
+#[tokio::test]
+async fn chaos_routes_do_not_exist_unless_enabled() {
+    let node = Node::start("[http]\nbind = \"127.0.0.1:0\"\n", &[]);
+    assert_eq!(node.post("/chaos/kill/heartbeat", None).await.status(), 404);
+}
+
+#[tokio::test]
+async fn runtime_tree_prints_the_text_tree_of_a_running_node() {
+    let node = Node::start(CHAOS, &[]);
+    let out = std::process::Command::new(common::binary())
+        .args(["tree", "--url", &node.url])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.starts_with("root "), "{text}");
+    assert!(text.contains("heartbeat"), "{text}");
+
+    let down = std::process::Command::new(common::binary())
+        .args(["tree", "--url", "http://127.0.0.1:9"])
+        .output()
+        .unwrap();
+    assert!(!down.status.success());
+    assert!(
+        String::from_utf8_lossy(&down.stderr)
+            .contains("cannot reach the node at http://127.0.0.1:9")
+    );
+}
