@@ -56,7 +56,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         children: vec![
             ChildSpec::new("heartbeat", "heartbeat", Restart::Permanent, move |node| {
                 let interval = Duration::from_millis(100);
-                let args = HeartbeatArgs { node, interval, node_started: started };
+                let args = HeartbeatArgs {
+                    node,
+                    interval,
+                    node_started: started,
+                };
                 (HeartbeatActor, args)
             }),
             ChildSpec::new("flaky", "example", Restart::Permanent, |node| (Flaky, node)),
