@@ -5,11 +5,13 @@
 //! program from its validated config.
 //!
 //! # Layout
+//! - [`broker`] — the broker contract (`Broker`), the task `Envelope`, the `memory://` broker.
 //! - [`supervisor`] — `SupervisorActor`: OTP strategies, restart types, intensity, backoff,
 //!   ordered start and reverse-ordered stop.
 //! - [`tree`] — the tree registry every actor is recorded in; read by the introspection routes.
 //! - [`heartbeat`] — `HeartbeatActor`: records uptime and event-loop lag.
 
+pub mod broker;
 pub mod heartbeat;
 pub mod supervisor;
 pub mod tree;

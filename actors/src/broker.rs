@@ -1,0 +1,297 @@
+//! The broker contract (DESIGN.md §4): at-least-once delivery with leases.
+//!
+//! Two implementations keep the same semantics and pass one contract suite
+//! (`broker/contract.rs`): [`memory::MemoryBroker`] (`memory://`, single node, fast tests) and
+//! the Redis Streams broker. [`AnyBroker`] picks one at run time.
+//!
+//! The life of an entry:
+//!
+//! ```text
+//! enqueue ──(eta in the future)──> delayed ──promote_due──┐
+//!    │                                                    v
+//!    └───────────────────────────────────────────────> ready ──reserve──> in flight (leased)
+//!   in flight ──ack──> done (result recorded)                               │   ^ renew
+//!   in flight ──retry──> delayed (attempt + 1)                              │
+//!   in flight ──dead_letter──> dead ──requeue_dead──> ready                 │
+//!   in flight, lease expired ──recover──> ready (deliveries + 1) or dead (poison cap)
+//! ```
+//!
+//! Malformed entries met by `reserve` (not JSON, missing fields) are moved to the dead letters
+//! with the parse error; they never reach a consumer, never block the queue, never panic.
+
+pub mod envelope;
+pub mod memory;
+
+#[cfg(test)]
+mod contract;
+
+use std::future::Future;
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+pub use envelope::{Callback, Envelope};
+
+/// What can go wrong talking to a broker.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// The broker cannot be reached (at start: the URL is named).
+    #[error("broker at {url} is unreachable: {reason}")]
+    Unreachable {
+        /// The URL, without credentials.
+        url: String,
+        /// What the connection attempt said.
+        reason: String,
+    },
+    /// A command failed.
+    #[error("broker command failed: {0}")]
+    Command(String),
+    /// Bad input from a caller (an envelope without a task name, a bad queue name).
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Tunables shared by both implementations.
+#[derive(Clone, Debug)]
+pub struct BrokerSettings {
+    /// Key prefix (`rt` → `rt:{chat}:stream`).
+    pub prefix: String,
+    /// Deliveries without an ack after which an entry is dead-lettered instead of redelivered.
+    pub max_deliveries: u32,
+    /// How long task records (results) are kept.
+    pub result_ttl: Duration,
+    /// How long an idempotency key remembers the first task's id.
+    pub idempotency_ttl: Duration,
+    /// Approximate cap of the events stream.
+    pub events_maxlen: usize,
+}
+
+impl Default for BrokerSettings {
+    fn default() -> Self {
+        Self {
+            prefix: "rt".into(),
+            max_deliveries: 5,
+            result_ttl: Duration::from_secs(24 * 3600),
+            idempotency_ttl: Duration::from_secs(24 * 3600),
+            events_maxlen: 10_000,
+        }
+    }
+}
+
+/// The answer to one enqueued envelope.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Enqueued {
+    /// The task id (the first task's id for a duplicate).
+    pub id: String,
+    /// True when the idempotency key was already taken and nothing was enqueued.
+    pub duplicate: bool,
+}
+
+/// An entry handed to a consumer, leased until acked, retried or dead-lettered.
+#[derive(Clone, Debug)]
+pub struct Delivery {
+    /// Queue it was reserved from.
+    pub queue: String,
+    /// Broker entry id (the stream id for Redis).
+    pub entry: String,
+    /// How many times it has been delivered, this time included.
+    pub deliveries: u32,
+    /// The task.
+    pub envelope: Envelope,
+}
+
+/// Entries per state in one queue.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct QueueDepth {
+    /// Waiting to be reserved.
+    pub ready: u64,
+    /// Waiting for their time (eta, retry backoff).
+    pub delayed: u64,
+    /// Reserved by a consumer and leased.
+    pub in_flight: u64,
+    /// Dead letters.
+    pub dead: u64,
+}
+
+/// Outcome of a recovery sweep.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Recovered {
+    /// Entries whose lease had expired, back in the ready queue.
+    pub requeued: u64,
+    /// Entries that hit `max_deliveries` and were dead-lettered instead.
+    pub dead: u64,
+}
+
+/// State of a task as recorded by the broker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskState {
+    /// Done; `result` holds the handler's value.
+    Succeeded,
+    /// Failed an attempt; another is scheduled.
+    Retrying,
+    /// Failed for good (permanent error, retries exhausted, poison, expired); in the dead letters.
+    Dead,
+}
+
+/// What `GET /tasks/{id}` shows: the last recorded state of a task (kept `result_ttl`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskRecord {
+    /// Task id.
+    pub id: String,
+    /// Task name.
+    pub task: String,
+    /// Queue.
+    pub queue: String,
+    /// State.
+    pub state: TaskState,
+    /// The handler's result (succeeded).
+    pub result: Option<Value>,
+    /// The last error (retrying, dead).
+    pub error: Option<String>,
+    /// Attempts made so far.
+    pub attempts: u32,
+    /// When this state was recorded (RFC 3339).
+    pub updated_at: String,
+}
+
+/// One dead letter.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct DeadLetter {
+    /// Entry id in the dead-letter stream.
+    pub entry: String,
+    /// Why it is dead.
+    pub reason: String,
+    /// Attempts made.
+    pub attempts: u32,
+    /// When it died (RFC 3339).
+    pub at: String,
+    /// The envelope, when the entry could be parsed.
+    pub envelope: Option<Envelope>,
+    /// The raw entry, when it could not.
+    pub raw: Option<String>,
+}
+
+/// Removed by a purge.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Purged {
+    /// Ready entries removed.
+    pub ready: u64,
+    /// Delayed entries removed.
+    pub delayed: u64,
+}
+
+/// The broker operations every implementation provides.
+pub trait Broker: Send + Sync + 'static {
+    /// Enqueues a batch (ids and `enqueued_at` filled in when empty; a future `eta` goes to
+    /// the delayed set; a taken idempotency key returns the first id). All or nothing per
+    /// envelope, answers in order.
+    fn enqueue(
+        &self,
+        batch: Vec<Envelope>,
+    ) -> impl Future<Output = Result<Vec<Enqueued>, BrokerError>> + Send;
+
+    /// Reserves up to `max` ready entries of `queue` for `consumer`, waiting up to `wait`
+    /// for the first one. Malformed entries are dead-lettered, not returned.
+    fn reserve(
+        &self,
+        queue: &str,
+        consumer: &str,
+        max: usize,
+        wait: Duration,
+    ) -> impl Future<Output = Result<Vec<Delivery>, BrokerError>> + Send;
+
+    /// Renews the leases `consumer` holds on `entries`; returns the entries it no longer
+    /// holds (recovered elsewhere after an expired lease).
+    fn renew(
+        &self,
+        queue: &str,
+        consumer: &str,
+        entries: &[String],
+    ) -> impl Future<Output = Result<Vec<String>, BrokerError>> + Send;
+
+    /// Acknowledges a delivery and records its result.
+    fn ack(
+        &self,
+        delivery: &Delivery,
+        result: Value,
+    ) -> impl Future<Output = Result<(), BrokerError>> + Send;
+
+    /// Ends this attempt and schedules the next one (attempt + 1) at `at`.
+    fn retry(
+        &self,
+        delivery: &Delivery,
+        at: SystemTime,
+        error: &str,
+    ) -> impl Future<Output = Result<(), BrokerError>> + Send;
+
+    /// Ends the delivery as a dead letter with `reason`.
+    fn dead_letter(
+        &self,
+        delivery: &Delivery,
+        reason: &str,
+    ) -> impl Future<Output = Result<(), BrokerError>> + Send;
+
+    /// Returns entries whose lease is older than `lease` to the ready queue (or to the dead
+    /// letters past `max_deliveries`). Safe to run on every node at once.
+    fn recover(
+        &self,
+        queue: &str,
+        lease: Duration,
+    ) -> impl Future<Output = Result<Recovered, BrokerError>> + Send;
+
+    /// Moves delayed entries due at `now` to the ready queue; returns how many.
+    fn promote_due(
+        &self,
+        queue: &str,
+        now: SystemTime,
+    ) -> impl Future<Output = Result<u64, BrokerError>> + Send;
+
+    /// Entries per state.
+    fn depth(&self, queue: &str) -> impl Future<Output = Result<QueueDepth, BrokerError>> + Send;
+
+    /// The oldest `limit` dead letters.
+    fn dead_letters(
+        &self,
+        queue: &str,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<DeadLetter>, BrokerError>> + Send;
+
+    /// Moves up to `limit` dead letters back to the ready queue (attempts reset); malformed
+    /// ones stay. Returns how many moved.
+    fn requeue_dead(
+        &self,
+        queue: &str,
+        limit: usize,
+    ) -> impl Future<Output = Result<u64, BrokerError>> + Send;
+
+    /// Removes every ready and delayed entry (in-flight ones finish).
+    fn purge(&self, queue: &str) -> impl Future<Output = Result<Purged, BrokerError>> + Send;
+
+    /// The recorded state of task `id`, if any (none yet, or expired).
+    fn record(
+        &self,
+        id: &str,
+    ) -> impl Future<Output = Result<Option<TaskRecord>, BrokerError>> + Send;
+}
+
+/// RFC 3339 for `at` (UTC, milliseconds).
+pub fn rfc3339(at: SystemTime) -> String {
+    humantime::format_rfc3339_millis(at).to_string()
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn epoch_ms(at: SystemTime) -> u64 {
+    at.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Parses an RFC 3339 time such as `2026-11-23T15:00:00Z` or `…+01:00` (Python's
+/// `isoformat()` with a zone).
+pub fn parse_time(text: &str) -> Result<SystemTime, String> {
+    let ts: jiff::Timestamp = text
+        .parse()
+        .map_err(|e| format!("`{text}` is not an RFC 3339 time: {e}"))?;
+    Ok(SystemTime::from(ts))
+}

@@ -1,0 +1,347 @@
+//! The broker contract suite: every property DESIGN.md §4 promises, written once against
+//! [`Broker`] and run for each implementation (`contract_suite!` below). Each property uses
+//! its own queue names, so one broker (one Redis server) can serve a whole test binary.
+//!
+//! Times are real (Redis cannot pause), kept short: leases of a few hundred milliseconds.
+
+use std::time::{Duration, SystemTime};
+
+use serde_json::json;
+use tokio::time::Instant;
+
+use super::{Broker, BrokerSettings, Envelope, TaskState};
+
+/// Lets the suite write an entry the way a careless producer could.
+pub(crate) trait RawProducer {
+    /// Appends `raw` to `queue`'s ready entries without any parsing.
+    async fn push_raw(&self, queue: &str, raw: &str);
+}
+
+/// Settings the suite expects: poison cap 3, records kept 1 s.
+pub(crate) fn settings() -> BrokerSettings {
+    BrokerSettings {
+        max_deliveries: 3,
+        result_ttl: Duration::from_secs(1),
+        ..BrokerSettings::default()
+    }
+}
+
+fn task(queue: &str, n: u32) -> Envelope {
+    let mut env = Envelope::new("send_whatsapp_message_task", queue);
+    env.args = vec![json!(n)];
+    env
+}
+
+fn nth(env: &Envelope) -> u64 {
+    env.args[0].as_u64().unwrap()
+}
+
+const NO_WAIT: Duration = Duration::ZERO;
+
+pub(crate) async fn fifo_with_ids<B: Broker>(b: &B, q: &str) {
+    let sent = b
+        .enqueue((0..10).map(|n| task(q, n)).collect())
+        .await
+        .unwrap();
+    assert_eq!(sent.len(), 10);
+    assert!(sent.iter().all(|e| !e.duplicate && !e.id.is_empty()));
+    let got = b.reserve(q, "c1", 100, NO_WAIT).await.unwrap();
+    let order: Vec<u64> = got.iter().map(|d| nth(&d.envelope)).collect();
+    assert_eq!(order, (0..10).collect::<Vec<u64>>());
+    assert_eq!(got[3].envelope.id, sent[3].id);
+    assert!(!got[0].envelope.enqueued_at.is_empty());
+    assert!(got.iter().all(|d| d.deliveries == 1 && d.queue == q));
+}
+
+pub(crate) async fn prefetch_is_bounded<B: Broker>(b: &B, q: &str) {
+    b.enqueue((0..10).map(|n| task(q, n)).collect())
+        .await
+        .unwrap();
+    let got = b.reserve(q, "c1", 3, NO_WAIT).await.unwrap();
+    assert_eq!(got.len(), 3);
+    let depth = b.depth(q).await.unwrap();
+    assert_eq!((depth.ready, depth.in_flight), (7, 3));
+    for d in &got {
+        b.ack(d, json!(null)).await.unwrap();
+    }
+    let depth = b.depth(q).await.unwrap();
+    assert_eq!((depth.ready, depth.in_flight), (7, 0));
+}
+
+pub(crate) async fn reserve_waits_for_an_entry<B: Broker>(b: &B, q: &str) {
+    let started = Instant::now();
+    assert!(
+        b.reserve(q, "c1", 5, Duration::from_millis(100))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(started.elapsed() >= Duration::from_millis(90));
+    let started = Instant::now();
+    let (got, _) = tokio::join!(b.reserve(q, "c1", 5, Duration::from_secs(5)), async {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        b.enqueue(vec![task(q, 1)]).await.unwrap()
+    });
+    assert_eq!(got.unwrap().len(), 1);
+    assert!(started.elapsed() < Duration::from_secs(2), "woke late");
+}
+
+pub(crate) async fn renewed_leases_are_never_recovered<B: Broker>(b: &B, q: &str) {
+    let lease = Duration::from_millis(300);
+    b.enqueue(vec![task(q, 1)]).await.unwrap();
+    let got = b.reserve(q, "c1", 1, NO_WAIT).await.unwrap();
+    let entries = vec![got[0].entry.clone()];
+    // Held for 3 leases by a live owner renewing every lease/3, while another node sweeps.
+    let end = Instant::now() + lease * 3;
+    while Instant::now() < end {
+        tokio::time::sleep(lease / 3).await;
+        assert!(b.renew(q, "c1", &entries).await.unwrap().is_empty());
+        assert_eq!(b.recover(q, lease).await.unwrap().requeued, 0);
+    }
+    assert!(b.reserve(q, "c2", 1, NO_WAIT).await.unwrap().is_empty());
+    b.ack(&got[0], json!("done")).await.unwrap();
+    assert_eq!(b.depth(q).await.unwrap().in_flight, 0);
+}
+
+pub(crate) async fn expired_leases_come_back_to_another_consumer<B: Broker>(b: &B, q: &str) {
+    let lease = Duration::from_millis(200);
+    let sent = b.enqueue(vec![task(q, 1), task(q, 2)]).await.unwrap();
+    let first = b.reserve(q, "dead-node", 2, NO_WAIT).await.unwrap();
+    assert_eq!(
+        b.recover(q, lease).await.unwrap().requeued,
+        0,
+        "lease still young"
+    );
+    tokio::time::sleep(lease + Duration::from_millis(50)).await;
+    let recovered = b.recover(q, lease).await.unwrap();
+    assert_eq!((recovered.requeued, recovered.dead), (2, 0));
+    // Sweeping twice (or on two nodes) does not duplicate.
+    assert_eq!(b.recover(q, lease).await.unwrap().requeued, 0);
+    let again = b.reserve(q, "live-node", 5, NO_WAIT).await.unwrap();
+    let ids: Vec<&str> = again.iter().map(|d| d.envelope.id.as_str()).collect();
+    assert_eq!(ids, [sent[0].id.as_str(), sent[1].id.as_str()]);
+    assert!(again.iter().all(|d| d.deliveries == 2));
+    // The dead node's view: its leases are gone.
+    let old: Vec<String> = first.iter().map(|d| d.entry.clone()).collect();
+    assert_eq!(b.renew(q, "dead-node", &old).await.unwrap().len(), 2);
+}
+
+pub(crate) async fn poison_entries_are_dead_lettered<B: Broker>(b: &B, q: &str) {
+    // max_deliveries = 3 in `settings()`.
+    let sent = b.enqueue(vec![task(q, 7)]).await.unwrap();
+    for delivery in 1..=3 {
+        let got = b.reserve(q, "c", 1, NO_WAIT).await.unwrap();
+        assert_eq!(got.len(), 1, "delivery {delivery}");
+        assert_eq!(got[0].deliveries, delivery);
+        let recovered = b.recover(q, Duration::ZERO).await.unwrap();
+        if delivery < 3 {
+            assert_eq!(recovered.requeued, 1);
+        } else {
+            assert_eq!(recovered.dead, 1);
+        }
+    }
+    assert!(b.reserve(q, "c", 1, NO_WAIT).await.unwrap().is_empty());
+    let dead = b.dead_letters(q, 10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert!(
+        dead[0].reason.contains("delivered 3 times"),
+        "{}",
+        dead[0].reason
+    );
+    assert_eq!(dead[0].envelope.as_ref().unwrap().id, sent[0].id);
+    assert_eq!(b.depth(q).await.unwrap().dead, 1);
+}
+
+pub(crate) async fn delays_fire_on_time<B: Broker>(b: &B, q: &str) {
+    let due = SystemTime::now() + Duration::from_millis(300);
+    let mut env = task(q, 1);
+    env.eta = Some(super::rfc3339(due));
+    let started = Instant::now();
+    b.enqueue(vec![env, task(q, 2)]).await.unwrap();
+    assert_eq!(b.depth(q).await.unwrap().delayed, 1);
+    let now_ready = b.reserve(q, "c", 5, NO_WAIT).await.unwrap();
+    assert_eq!(now_ready.len(), 1, "only the task without eta is ready");
+    assert_eq!(nth(&now_ready[0].envelope), 2);
+    // The broker actor runs the mover every few milliseconds; do the same here.
+    let got = loop {
+        b.promote_due(q, SystemTime::now()).await.unwrap();
+        let got = b.reserve(q, "c", 5, NO_WAIT).await.unwrap();
+        if !got.is_empty() {
+            break got;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "delayed task never came"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let late = SystemTime::now()
+        .duration_since(due)
+        .expect("fired before its eta");
+    assert!(late < Duration::from_millis(50), "fired {late:?} late");
+    assert_eq!(nth(&got[0].envelope), 1);
+}
+
+pub(crate) async fn retries_are_delayed_with_the_next_attempt<B: Broker>(b: &B, q: &str) {
+    let sent = b.enqueue(vec![task(q, 1)]).await.unwrap();
+    let got = b.reserve(q, "c", 1, NO_WAIT).await.unwrap();
+    let at = SystemTime::now() + Duration::from_millis(100);
+    b.retry(&got[0], at, "zep_call_error: 503").await.unwrap();
+    let record = b.record(&sent[0].id).await.unwrap().unwrap();
+    assert_eq!(record.state, TaskState::Retrying);
+    assert_eq!(record.error.as_deref(), Some("zep_call_error: 503"));
+    let depth = b.depth(q).await.unwrap();
+    assert_eq!((depth.ready, depth.delayed, depth.in_flight), (0, 1, 0));
+    assert_eq!(b.promote_due(q, SystemTime::now()).await.unwrap(), 0);
+    assert_eq!(b.promote_due(q, at).await.unwrap(), 1);
+    let again = b.reserve(q, "c", 1, NO_WAIT).await.unwrap();
+    assert_eq!(again[0].envelope.id, sent[0].id);
+    assert_eq!(again[0].envelope.attempt, 1);
+    assert_eq!(
+        again[0].deliveries, 1,
+        "a retry is a new delivery, not a redelivery"
+    );
+}
+
+pub(crate) async fn idempotent_enqueue_returns_the_first_id<B: Broker>(b: &B, q: &str) {
+    let key = format!("{q}:msg-42");
+    let mut first = task(q, 1);
+    first.idempotency_key = Some(key.clone());
+    let mut second = task(q, 2);
+    second.idempotency_key = Some(key);
+    let a = b.enqueue(vec![first]).await.unwrap();
+    let c = b.enqueue(vec![second]).await.unwrap();
+    assert!(!a[0].duplicate);
+    assert!(c[0].duplicate);
+    assert_eq!(a[0].id, c[0].id);
+    assert_eq!(b.depth(q).await.unwrap().ready, 1);
+}
+
+pub(crate) async fn records_keep_results_for_their_ttl<B: Broker>(b: &B, q: &str) {
+    // result_ttl = 1 s in `settings()`.
+    let sent = b.enqueue(vec![task(q, 1)]).await.unwrap();
+    assert!(b.record(&sent[0].id).await.unwrap().is_none());
+    let got = b.reserve(q, "c", 1, NO_WAIT).await.unwrap();
+    b.ack(&got[0], json!({"reply": "hello"})).await.unwrap();
+    let record = b.record(&sent[0].id).await.unwrap().unwrap();
+    assert_eq!(record.state, TaskState::Succeeded);
+    assert_eq!(record.result, Some(json!({"reply": "hello"})));
+    assert_eq!(
+        (record.task.as_str(), record.queue.as_str()),
+        ("send_whatsapp_message_task", q)
+    );
+    assert_eq!(record.attempts, 1);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(
+        b.record(&sent[0].id).await.unwrap().is_none(),
+        "record outlived its TTL"
+    );
+}
+
+pub(crate) async fn dead_letters_can_be_listed_and_requeued<B: Broker>(b: &B, q: &str) {
+    let sent = b.enqueue(vec![task(q, 1)]).await.unwrap();
+    let got = b.reserve(q, "c", 1, NO_WAIT).await.unwrap();
+    b.dead_letter(&got[0], "permanent: 400 bad request")
+        .await
+        .unwrap();
+    let record = b.record(&sent[0].id).await.unwrap().unwrap();
+    assert_eq!(record.state, TaskState::Dead);
+    let dead = b.dead_letters(q, 10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].reason, "permanent: 400 bad request");
+    assert_eq!(dead[0].attempts, 1);
+    assert_eq!(b.requeue_dead(q, 10).await.unwrap(), 1);
+    assert!(b.dead_letters(q, 10).await.unwrap().is_empty());
+    let again = b.reserve(q, "c", 1, NO_WAIT).await.unwrap();
+    assert_eq!(again[0].envelope.id, sent[0].id);
+    assert_eq!(again[0].envelope.attempt, 0);
+}
+
+pub(crate) async fn purge_removes_ready_and_delayed_only<B: Broker>(b: &B, q: &str) {
+    let mut batch: Vec<Envelope> = (0..5).map(|n| task(q, n)).collect();
+    for n in 5..7 {
+        let mut env = task(q, n);
+        env.eta = Some(super::rfc3339(SystemTime::now() + Duration::from_secs(60)));
+        batch.push(env);
+    }
+    b.enqueue(batch).await.unwrap();
+    let running = b.reserve(q, "c", 1, NO_WAIT).await.unwrap();
+    let purged = b.purge(q).await.unwrap();
+    assert_eq!((purged.ready, purged.delayed), (4, 2));
+    let depth = b.depth(q).await.unwrap();
+    assert_eq!((depth.ready, depth.delayed, depth.in_flight), (0, 0, 1));
+    b.ack(&running[0], json!(1)).await.unwrap();
+    assert_eq!(b.depth(q).await.unwrap().in_flight, 0);
+}
+
+pub(crate) async fn malformed_entries_are_dead_lettered_not_delivered<B: Broker + RawProducer>(
+    b: &B,
+    q: &str,
+) {
+    b.push_raw(q, "not json at all").await;
+    b.push_raw(q, r#"{"queue":"x"}"#).await;
+    b.enqueue(vec![task(q, 1)]).await.unwrap();
+    let got = b.reserve(q, "c", 10, NO_WAIT).await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(nth(&got[0].envelope), 1);
+    let dead = b.dead_letters(q, 10).await.unwrap();
+    assert_eq!(dead.len(), 2);
+    assert_eq!(dead[0].raw.as_deref(), Some("not json at all"));
+    assert!(
+        dead[0].reason.starts_with("malformed entry: expected"),
+        "{}",
+        dead[0].reason
+    );
+    assert!(
+        dead[1].reason.contains("missing field `task`"),
+        "{}",
+        dead[1].reason
+    );
+    // Malformed letters cannot be requeued; they stay for inspection.
+    assert_eq!(b.requeue_dead(q, 10).await.unwrap(), 0);
+    assert_eq!(b.dead_letters(q, 10).await.unwrap().len(), 2);
+}
+
+pub(crate) async fn bad_envelopes_are_refused_whole<B: Broker>(b: &B, q: &str) {
+    let mut bad = task(q, 2);
+    bad.eta = Some("tomorrow".into());
+    let err = b.enqueue(vec![task(q, 1), bad]).await.unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("eta: `tomorrow` is not an RFC 3339 time"),
+        "{err}"
+    );
+    assert_eq!(
+        b.depth(q).await.unwrap().ready,
+        0,
+        "nothing of a refused batch is enqueued"
+    );
+    let err = b.enqueue(vec![Envelope::new("", q)]).await.unwrap_err();
+    assert_eq!(err.to_string(), "task: must not be empty");
+}
+
+/// Instantiates every property as a `#[tokio::test]` for the broker `$make` builds (an async
+/// expression evaluated once per test).
+macro_rules! contract_suite {
+    ($make:expr) => {
+        contract_suite!(@each $make;
+            fifo_with_ids, prefetch_is_bounded, reserve_waits_for_an_entry,
+            renewed_leases_are_never_recovered, expired_leases_come_back_to_another_consumer,
+            poison_entries_are_dead_lettered, delays_fire_on_time,
+            retries_are_delayed_with_the_next_attempt, idempotent_enqueue_returns_the_first_id,
+            records_keep_results_for_their_ttl, dead_letters_can_be_listed_and_requeued,
+            purge_removes_ready_and_delayed_only, malformed_entries_are_dead_lettered_not_delivered,
+            bad_envelopes_are_refused_whole);
+    };
+    (@each $make:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let broker = $make.await;
+                let queue = format!("{}-{}", stringify!($name), uuid::Uuid::new_v4().simple());
+                $crate::broker::contract::$name(&broker, &queue).await;
+            }
+        )*
+    };
+}
+pub(crate) use contract_suite;

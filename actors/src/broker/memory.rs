@@ -1,0 +1,515 @@
+//! `MemoryBroker` (`memory://`): the broker contract in process memory, for single-node use
+//! and fast tests. Same semantics as Redis — leases, recovery, delays, poison cap, dead
+//! letters, idempotency, records with a TTL — but nothing survives the process.
+//!
+//! Lease ages use `tokio::time::Instant` (so tests can pause time); due times of delayed
+//! entries are wall-clock, like the envelope's `eta`.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use serde_json::Value;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::{
+    Broker, BrokerError, BrokerSettings, DeadLetter, Delivery, Enqueued, Envelope, Purged,
+    QueueDepth, Recovered, TaskRecord, TaskState, epoch_ms, parse_time, rfc3339,
+};
+
+/// The in-memory broker.
+#[derive(Debug)]
+pub struct MemoryBroker {
+    settings: BrokerSettings,
+    state: Mutex<State>,
+    arrived: Notify,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    queues: HashMap<String, Queue>,
+    records: HashMap<String, (TaskRecord, Instant)>,
+    idempotency: HashMap<String, (String, Instant)>,
+    next_entry: u64,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    ready: VecDeque<Entry>,
+    /// Keyed by (due ms, sequence) so equal due times keep their order.
+    delayed: BTreeMap<(u64, u64), String>,
+    in_flight: HashMap<String, Leased>,
+    dead: VecDeque<DeadLetter>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    id: String,
+    /// The entry as a producer wrote it (it may be malformed).
+    raw: String,
+    /// Deliveries before this one became ready again.
+    delivered: u32,
+}
+
+#[derive(Debug)]
+struct Leased {
+    entry: Entry,
+    consumer: String,
+    renewed: Instant,
+}
+
+impl MemoryBroker {
+    /// An empty broker.
+    pub fn new(settings: BrokerSettings) -> Self {
+        Self {
+            settings,
+            state: Mutex::new(State::default()),
+            arrived: Notify::new(),
+        }
+    }
+
+    /// Appends a raw entry as a producer could (tests of malformed input use it).
+    pub fn push_raw(&self, queue: &str, raw: &str) {
+        let mut state = self.lock();
+        let id = state.next_id();
+        state.queue(queue).ready.push_back(Entry {
+            id,
+            raw: raw.to_string(),
+            delivered: 0,
+        });
+        drop(state);
+        self.arrived.notify_waiters();
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the maps half-updated in a way that
+        // matters more than losing the broker: keep serving.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn take_ready(&self, queue: &str, consumer: &str, max: usize) -> Vec<Delivery> {
+        let mut state = self.lock();
+        let now = Instant::now();
+        let mut out = Vec::new();
+        let mut malformed = Vec::new();
+        let q = state.queue(queue);
+        while out.len() < max {
+            let Some(entry) = q.ready.pop_front() else {
+                break;
+            };
+            match Envelope::from_json(&entry.raw) {
+                Ok(envelope) => {
+                    out.push(Delivery {
+                        queue: queue.to_string(),
+                        entry: entry.id.clone(),
+                        deliveries: entry.delivered + 1,
+                        envelope,
+                    });
+                    q.in_flight.insert(
+                        entry.id.clone(),
+                        Leased {
+                            entry,
+                            consumer: consumer.to_string(),
+                            renewed: now,
+                        },
+                    );
+                }
+                Err(err) => malformed.push((entry, err.to_string())),
+            }
+        }
+        for (entry, err) in malformed {
+            q.dead.push_back(DeadLetter {
+                entry: entry.id,
+                reason: format!("malformed entry: {err}"),
+                attempts: 0,
+                at: rfc3339(SystemTime::now()),
+                envelope: None,
+                raw: Some(entry.raw),
+            });
+        }
+        out
+    }
+
+    /// Removes a leased entry; `None` when the lease was lost.
+    fn release(&self, state: &mut State, delivery: &Delivery) -> Option<Leased> {
+        state
+            .queue(&delivery.queue)
+            .in_flight
+            .remove(&delivery.entry)
+    }
+
+    fn record(&self, state: &mut State, envelope: &Envelope, record: Outcome<'_>) {
+        let (task_state, result, error) = match record {
+            Outcome::Succeeded(value) => (TaskState::Succeeded, Some(value), None),
+            Outcome::Retrying(err) => (TaskState::Retrying, None, Some(err.to_string())),
+            Outcome::Dead(err) => (TaskState::Dead, None, Some(err.to_string())),
+        };
+        let record = TaskRecord {
+            id: envelope.id.clone(),
+            task: envelope.task.clone(),
+            queue: envelope.queue.clone(),
+            state: task_state,
+            result,
+            error,
+            attempts: envelope.attempt + 1,
+            updated_at: rfc3339(SystemTime::now()),
+        };
+        let now = Instant::now();
+        // Expired records and idempotency keys are dropped every so often, so a long-running
+        // node keeps only what its TTLs promise.
+        if state.records.len() % 4096 == 4095 {
+            state.records.retain(|_, (_, expires)| *expires > now);
+            state.idempotency.retain(|_, (_, expires)| *expires > now);
+        }
+        let expires = now + self.settings.result_ttl;
+        state.records.insert(envelope.id.clone(), (record, expires));
+    }
+}
+
+enum Outcome<'a> {
+    Succeeded(Value),
+    Retrying(&'a str),
+    Dead(&'a str),
+}
+
+impl State {
+    fn queue(&mut self, name: &str) -> &mut Queue {
+        self.queues.entry(name.to_string()).or_default()
+    }
+
+    fn next_id(&mut self) -> String {
+        self.next_entry += 1;
+        format!("{}-0", self.next_entry)
+    }
+
+    fn next_seq(&mut self) -> u64 {
+        self.next_entry += 1;
+        self.next_entry
+    }
+
+    fn push_ready(&mut self, queue: &str, envelope: &Envelope, delivered: u32) {
+        let id = self.next_id();
+        self.queue(queue).ready.push_back(Entry {
+            id,
+            raw: envelope.to_json(),
+            delivered,
+        });
+    }
+
+    fn push_delayed(&mut self, queue: &str, due_ms: u64, envelope: &Envelope) {
+        let seq = self.next_seq();
+        self.queue(queue)
+            .delayed
+            .insert((due_ms, seq), envelope.to_json());
+    }
+}
+
+/// Fills in the id and enqueue time; returns the wall-clock due time when the eta is in the
+/// future.
+pub(crate) fn prepare(
+    envelope: &mut Envelope,
+    now: SystemTime,
+) -> Result<Option<u64>, BrokerError> {
+    if envelope.task.is_empty() {
+        return Err(BrokerError::Invalid("task: must not be empty".into()));
+    }
+    if envelope.queue.is_empty() {
+        return Err(BrokerError::Invalid("queue: must not be empty".into()));
+    }
+    if envelope.id.is_empty() {
+        envelope.id = uuid::Uuid::new_v4().to_string();
+    }
+    if envelope.enqueued_at.is_empty() {
+        envelope.enqueued_at = rfc3339(now);
+    }
+    match &envelope.eta {
+        None => Ok(None),
+        Some(eta) => {
+            let due = parse_time(eta).map_err(|e| BrokerError::Invalid(format!("eta: {e}")))?;
+            Ok((due > now).then(|| epoch_ms(due)))
+        }
+    }
+}
+
+impl Broker for MemoryBroker {
+    async fn enqueue(&self, batch: Vec<Envelope>) -> Result<Vec<Enqueued>, BrokerError> {
+        let now = SystemTime::now();
+        let mut prepared = Vec::with_capacity(batch.len());
+        for mut envelope in batch {
+            let due = prepare(&mut envelope, now)?;
+            prepared.push((envelope, due));
+        }
+        let mut out = Vec::with_capacity(prepared.len());
+        {
+            let mut state = self.lock();
+            let clock = Instant::now();
+            for (envelope, due) in prepared {
+                if let Some(key) = &envelope.idempotency_key {
+                    match state.idempotency.get(key) {
+                        Some((first, expires)) if *expires > clock => {
+                            out.push(Enqueued {
+                                id: first.clone(),
+                                duplicate: true,
+                            });
+                            continue;
+                        }
+                        _ => {
+                            let expires = clock + self.settings.idempotency_ttl;
+                            state
+                                .idempotency
+                                .insert(key.clone(), (envelope.id.clone(), expires));
+                        }
+                    }
+                }
+                match due {
+                    Some(due_ms) => state.push_delayed(&envelope.queue, due_ms, &envelope),
+                    None => state.push_ready(&envelope.queue, &envelope, 0),
+                }
+                out.push(Enqueued {
+                    id: envelope.id,
+                    duplicate: false,
+                });
+            }
+        }
+        self.arrived.notify_waiters();
+        Ok(out)
+    }
+
+    async fn reserve(
+        &self,
+        queue: &str,
+        consumer: &str,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<Delivery>, BrokerError> {
+        let deadline = Instant::now() + wait;
+        loop {
+            let arrived = self.arrived.notified();
+            let got = self.take_ready(queue, consumer, max);
+            if !got.is_empty() || max == 0 || Instant::now() >= deadline {
+                return Ok(got);
+            }
+            if tokio::time::timeout_at(deadline, arrived).await.is_err() {
+                return Ok(self.take_ready(queue, consumer, max));
+            }
+        }
+    }
+
+    async fn renew(
+        &self,
+        queue: &str,
+        consumer: &str,
+        entries: &[String],
+    ) -> Result<Vec<String>, BrokerError> {
+        let mut state = self.lock();
+        let now = Instant::now();
+        let q = state.queue(queue);
+        let mut lost = Vec::new();
+        for entry in entries {
+            match q.in_flight.get_mut(entry) {
+                Some(leased) if leased.consumer == consumer => leased.renewed = now,
+                _ => lost.push(entry.clone()),
+            }
+        }
+        Ok(lost)
+    }
+
+    async fn ack(&self, delivery: &Delivery, result: Value) -> Result<(), BrokerError> {
+        let mut state = self.lock();
+        self.release(&mut state, delivery);
+        self.record(&mut state, &delivery.envelope, Outcome::Succeeded(result));
+        Ok(())
+    }
+
+    async fn retry(
+        &self,
+        delivery: &Delivery,
+        at: SystemTime,
+        error: &str,
+    ) -> Result<(), BrokerError> {
+        let mut next = delivery.envelope.clone();
+        next.attempt += 1;
+        let mut state = self.lock();
+        self.release(&mut state, delivery);
+        state.push_delayed(&delivery.queue, epoch_ms(at), &next);
+        self.record(&mut state, &delivery.envelope, Outcome::Retrying(error));
+        Ok(())
+    }
+
+    async fn dead_letter(&self, delivery: &Delivery, reason: &str) -> Result<(), BrokerError> {
+        let mut state = self.lock();
+        self.release(&mut state, delivery);
+        let id = state.next_id();
+        state.queue(&delivery.queue).dead.push_back(DeadLetter {
+            entry: id,
+            reason: reason.to_string(),
+            attempts: delivery.envelope.attempt + 1,
+            at: rfc3339(SystemTime::now()),
+            envelope: Some(delivery.envelope.clone()),
+            raw: None,
+        });
+        self.record(&mut state, &delivery.envelope, Outcome::Dead(reason));
+        Ok(())
+    }
+
+    async fn recover(&self, queue: &str, lease: Duration) -> Result<Recovered, BrokerError> {
+        let mut state = self.lock();
+        let now = Instant::now();
+        let max = self.settings.max_deliveries;
+        let q = state.queue(queue);
+        let mut expired: Vec<String> = q
+            .in_flight
+            .iter()
+            .filter(|(_, l)| now.duration_since(l.renewed) >= lease)
+            .map(|(id, _)| id.clone())
+            .collect();
+        // Oldest first, so redelivery keeps the original order.
+        expired.sort_by_key(|id| id.split('-').next().and_then(|n| n.parse::<u64>().ok()));
+        let mut out = Recovered::default();
+        for id in expired {
+            let Some(leased) = q.in_flight.remove(&id) else {
+                continue;
+            };
+            let delivered = leased.entry.delivered + 1;
+            if delivered >= max {
+                let envelope = Envelope::from_json(&leased.entry.raw).ok();
+                q.dead.push_back(DeadLetter {
+                    entry: leased.entry.id,
+                    reason: format!(
+                        "delivered {delivered} times without an ack (max_deliveries = {max})"
+                    ),
+                    attempts: envelope.as_ref().map_or(0, |e| e.attempt + 1),
+                    at: rfc3339(SystemTime::now()),
+                    raw: envelope.is_none().then_some(leased.entry.raw),
+                    envelope,
+                });
+                out.dead += 1;
+            } else {
+                q.ready.push_back(Entry {
+                    delivered,
+                    ..leased.entry
+                });
+                out.requeued += 1;
+            }
+        }
+        drop(state);
+        if out.requeued > 0 {
+            self.arrived.notify_waiters();
+        }
+        Ok(out)
+    }
+
+    async fn promote_due(&self, queue: &str, now: SystemTime) -> Result<u64, BrokerError> {
+        let now_ms = epoch_ms(now);
+        let mut state = self.lock();
+        let q = state.queue(queue);
+        let later = q.delayed.split_off(&(now_ms + 1, 0));
+        let due = std::mem::replace(&mut q.delayed, later);
+        let moved = due.len() as u64;
+        for raw in due.into_values() {
+            let id = state.next_id();
+            state.queue(queue).ready.push_back(Entry {
+                id,
+                raw,
+                delivered: 0,
+            });
+        }
+        drop(state);
+        if moved > 0 {
+            self.arrived.notify_waiters();
+        }
+        Ok(moved)
+    }
+
+    async fn depth(&self, queue: &str) -> Result<QueueDepth, BrokerError> {
+        let mut state = self.lock();
+        let q = state.queue(queue);
+        Ok(QueueDepth {
+            ready: q.ready.len() as u64,
+            delayed: q.delayed.len() as u64,
+            in_flight: q.in_flight.len() as u64,
+            dead: q.dead.len() as u64,
+        })
+    }
+
+    async fn dead_letters(
+        &self,
+        queue: &str,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, BrokerError> {
+        let mut state = self.lock();
+        Ok(state
+            .queue(queue)
+            .dead
+            .iter()
+            .take(limit)
+            .cloned()
+            .collect())
+    }
+
+    async fn requeue_dead(&self, queue: &str, limit: usize) -> Result<u64, BrokerError> {
+        let mut state = self.lock();
+        let dead = std::mem::take(&mut state.queue(queue).dead);
+        let mut moved = 0;
+        let mut kept = VecDeque::new();
+        for letter in dead {
+            match (&letter.envelope, moved < limit as u64) {
+                (Some(envelope), true) => {
+                    let mut envelope = envelope.clone();
+                    envelope.attempt = 0;
+                    state.push_ready(queue, &envelope, 0);
+                    moved += 1;
+                }
+                _ => kept.push_back(letter),
+            }
+        }
+        state.queue(queue).dead = kept;
+        drop(state);
+        if moved > 0 {
+            self.arrived.notify_waiters();
+        }
+        Ok(moved)
+    }
+
+    async fn purge(&self, queue: &str) -> Result<Purged, BrokerError> {
+        let mut state = self.lock();
+        let q = state.queue(queue);
+        let purged = Purged {
+            ready: q.ready.len() as u64,
+            delayed: q.delayed.len() as u64,
+        };
+        q.ready.clear();
+        q.delayed.clear();
+        Ok(purged)
+    }
+
+    async fn record(&self, id: &str) -> Result<Option<TaskRecord>, BrokerError> {
+        let mut state = self.lock();
+        let now = Instant::now();
+        match state.records.get(id) {
+            Some((record, expires)) if *expires > now => Ok(Some(record.clone())),
+            Some(_) => {
+                state.records.remove(id);
+                Ok(None)
+            }
+            None => Ok(None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::MemoryBroker;
+    use crate::broker::contract::{RawProducer, contract_suite, settings};
+
+    impl RawProducer for MemoryBroker {
+        async fn push_raw(&self, queue: &str, raw: &str) {
+            MemoryBroker::push_raw(self, queue, raw);
+        }
+    }
+
+    contract_suite!(async { MemoryBroker::new(settings()) });
+}
