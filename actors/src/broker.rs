@@ -173,6 +173,46 @@ pub struct DeadLetter {
     pub raw: Option<String>,
 }
 
+/// A lifecycle event (the capped events stream): `sent`, `started`, `succeeded`, `retried`,
+/// `dead`, `recovered`, and actor events such as `actor_restarted`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// Position in the events stream (assigned by the broker; empty when publishing).
+    #[serde(default)]
+    pub id: String,
+    /// What happened.
+    pub kind: String,
+    /// When (RFC 3339).
+    pub at: String,
+    /// The task concerned, if any.
+    #[serde(default)]
+    pub task_id: Option<String>,
+    /// Its name.
+    #[serde(default)]
+    pub task: Option<String>,
+    /// Its queue.
+    #[serde(default)]
+    pub queue: Option<String>,
+    /// Anything else (error, attempt, actor path).
+    #[serde(default)]
+    pub detail: Value,
+}
+
+impl Event {
+    /// An event of `kind` about `envelope`, now.
+    pub fn about(kind: &str, envelope: &Envelope, detail: Value) -> Self {
+        Self {
+            id: String::new(),
+            kind: kind.to_string(),
+            at: rfc3339(SystemTime::now()),
+            task_id: Some(envelope.id.clone()),
+            task: Some(envelope.task.clone()),
+            queue: Some(envelope.queue.clone()),
+            detail,
+        }
+    }
+}
+
 /// Removed by a purge.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Purged {
@@ -268,6 +308,17 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Removes every ready and delayed entry (in-flight ones finish).
     fn purge(&self, queue: &str) -> impl Future<Output = Result<Purged, BrokerError>> + Send;
+
+    /// Appends an event to the capped events stream (`enqueue`, `ack`, `retry`,
+    /// `dead_letter` and `recover` write their own).
+    fn publish(&self, event: Event) -> impl Future<Output = Result<(), BrokerError>> + Send;
+
+    /// Up to `limit` events after the event id `after` (from the oldest kept when `None`).
+    fn events(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<Event>, BrokerError>> + Send;
 
     /// The recorded state of task `id`, if any (none yet, or expired).
     fn record(

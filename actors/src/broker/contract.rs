@@ -320,6 +320,35 @@ pub(crate) async fn bad_envelopes_are_refused_whole<B: Broker>(b: &B, q: &str) {
     assert_eq!(err.to_string(), "task: must not be empty");
 }
 
+pub(crate) async fn events_tell_the_life_of_a_task<B: Broker>(b: &B, q: &str) {
+    let sent = b.enqueue(vec![task(q, 1)]).await.unwrap();
+    let id = sent[0].id.clone();
+    let got = b.reserve(q, "c", 1, NO_WAIT).await.unwrap();
+    let started = super::Event::about("started", &got[0].envelope, json!({ "consumer": "c" }));
+    b.publish(started).await.unwrap();
+    b.retry(&got[0], SystemTime::now(), "timeout")
+        .await
+        .unwrap();
+    b.promote_due(q, SystemTime::now()).await.unwrap();
+    let again = b.reserve(q, "c", 1, NO_WAIT).await.unwrap();
+    b.ack(&again[0], json!(true)).await.unwrap();
+
+    let mine = |events: Vec<super::Event>| -> Vec<super::Event> {
+        events
+            .into_iter()
+            .filter(|e| e.task_id.as_deref() == Some(id.as_str()))
+            .collect()
+    };
+    let all = mine(b.events(None, 10_000).await.unwrap());
+    let kinds: Vec<&str> = all.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(kinds, ["sent", "started", "retried", "succeeded"]);
+    assert_eq!(all[2].detail["error"], "timeout");
+    assert_eq!(all[3].queue.as_deref(), Some(q));
+    let rest = mine(b.events(Some(&all[1].id), 10_000).await.unwrap());
+    let kinds: Vec<&str> = rest.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(kinds, ["retried", "succeeded"]);
+}
+
 /// Instantiates every property as a `#[tokio::test]` for the broker `$make` builds (an async
 /// expression evaluated once per test).
 macro_rules! contract_suite {
@@ -331,7 +360,7 @@ macro_rules! contract_suite {
             retries_are_delayed_with_the_next_attempt, idempotent_enqueue_returns_the_first_id,
             records_keep_results_for_their_ttl, dead_letters_can_be_listed_and_requeued,
             purge_removes_ready_and_delayed_only, malformed_entries_are_dead_lettered_not_delivered,
-            bad_envelopes_are_refused_whole);
+            bad_envelopes_are_refused_whole, events_tell_the_life_of_a_task);
     };
     (@each $make:expr; $($name:ident),* $(,)?) => {
         $(

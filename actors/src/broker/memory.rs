@@ -14,7 +14,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::{
-    Broker, BrokerError, BrokerSettings, DeadLetter, Delivery, Enqueued, Envelope, Purged,
+    Broker, BrokerError, BrokerSettings, DeadLetter, Delivery, Enqueued, Envelope, Event, Purged,
     QueueDepth, Recovered, TaskRecord, TaskState, epoch_ms, parse_time, rfc3339,
 };
 
@@ -31,7 +31,9 @@ struct State {
     queues: HashMap<String, Queue>,
     records: HashMap<String, (TaskRecord, Instant)>,
     idempotency: HashMap<String, (String, Instant)>,
+    events: VecDeque<Event>,
     next_entry: u64,
+    next_event: u64,
 }
 
 #[derive(Debug, Default)]
@@ -121,14 +123,25 @@ impl MemoryBroker {
             }
         }
         for (entry, err) in malformed {
-            q.dead.push_back(DeadLetter {
+            let reason = format!("malformed entry: {err}");
+            let event = Event {
+                id: String::new(),
+                kind: "dead".into(),
+                at: rfc3339(SystemTime::now()),
+                task_id: None,
+                task: None,
+                queue: Some(queue.to_string()),
+                detail: serde_json::json!({ "reason": reason, "entry": entry.id }),
+            };
+            state.queue(queue).dead.push_back(DeadLetter {
                 entry: entry.id,
-                reason: format!("malformed entry: {err}"),
+                reason,
                 attempts: 0,
                 at: rfc3339(SystemTime::now()),
                 envelope: None,
                 raw: Some(entry.raw),
             });
+            state.event(event, self.settings.events_maxlen);
         }
         out
     }
@@ -141,12 +154,23 @@ impl MemoryBroker {
             .remove(&delivery.entry)
     }
 
+    /// Records the task's new state and its event.
     fn record(&self, state: &mut State, envelope: &Envelope, record: Outcome<'_>) {
         let (task_state, result, error) = match record {
             Outcome::Succeeded(value) => (TaskState::Succeeded, Some(value), None),
             Outcome::Retrying(err) => (TaskState::Retrying, None, Some(err.to_string())),
             Outcome::Dead(err) => (TaskState::Dead, None, Some(err.to_string())),
         };
+        let kind = match task_state {
+            TaskState::Succeeded => "succeeded",
+            TaskState::Retrying => "retried",
+            TaskState::Dead => "dead",
+        };
+        let detail = serde_json::json!({ "attempt": envelope.attempt, "error": error });
+        state.event(
+            Event::about(kind, envelope, detail),
+            self.settings.events_maxlen,
+        );
         let record = TaskRecord {
             id: envelope.id.clone(),
             task: envelope.task.clone(),
@@ -176,6 +200,15 @@ enum Outcome<'a> {
 }
 
 impl State {
+    fn event(&mut self, mut event: Event, cap: usize) {
+        self.next_event += 1;
+        event.id = format!("{}-0", self.next_event);
+        if self.events.len() >= cap {
+            self.events.pop_front();
+        }
+        self.events.push_back(event);
+    }
+
     fn queue(&mut self, name: &str) -> &mut Queue {
         self.queues.entry(name.to_string()).or_default()
     }
@@ -268,6 +301,11 @@ impl Broker for MemoryBroker {
                     Some(due_ms) => state.push_delayed(&envelope.queue, due_ms, &envelope),
                     None => state.push_ready(&envelope.queue, &envelope, 0),
                 }
+                let detail = serde_json::json!({ "eta": envelope.eta });
+                state.event(
+                    Event::about("sent", &envelope, detail),
+                    self.settings.events_maxlen,
+                );
                 out.push(Enqueued {
                     id: envelope.id,
                     duplicate: false,
@@ -369,13 +407,19 @@ impl Broker for MemoryBroker {
         // Oldest first, so redelivery keeps the original order.
         expired.sort_by_key(|id| id.split('-').next().and_then(|n| n.parse::<u64>().ok()));
         let mut out = Recovered::default();
+        let mut events = Vec::new();
         for id in expired {
             let Some(leased) = q.in_flight.remove(&id) else {
                 continue;
             };
             let delivered = leased.entry.delivered + 1;
+            let envelope = Envelope::from_json(&leased.entry.raw).ok();
+            let detail =
+                serde_json::json!({ "deliveries": delivered, "consumer": leased.consumer });
             if delivered >= max {
-                let envelope = Envelope::from_json(&leased.entry.raw).ok();
+                if let Some(envelope) = &envelope {
+                    events.push(Event::about("dead", envelope, detail));
+                }
                 q.dead.push_back(DeadLetter {
                     entry: leased.entry.id,
                     reason: format!(
@@ -388,12 +432,18 @@ impl Broker for MemoryBroker {
                 });
                 out.dead += 1;
             } else {
+                if let Some(envelope) = &envelope {
+                    events.push(Event::about("recovered", envelope, detail));
+                }
                 q.ready.push_back(Entry {
                     delivered,
                     ..leased.entry
                 });
                 out.requeued += 1;
             }
+        }
+        for event in events {
+            state.event(event, self.settings.events_maxlen);
         }
         drop(state);
         if out.requeued > 0 {
@@ -484,6 +534,24 @@ impl Broker for MemoryBroker {
         q.ready.clear();
         q.delayed.clear();
         Ok(purged)
+    }
+
+    async fn publish(&self, event: Event) -> Result<(), BrokerError> {
+        self.lock().event(event, self.settings.events_maxlen);
+        Ok(())
+    }
+
+    async fn events(&self, after: Option<&str>, limit: usize) -> Result<Vec<Event>, BrokerError> {
+        let seq = |id: &str| id.split('-').next().and_then(|n| n.parse::<u64>().ok());
+        let after = after.and_then(seq).unwrap_or(0);
+        let state = self.lock();
+        Ok(state
+            .events
+            .iter()
+            .filter(|e| seq(&e.id).is_some_and(|n| n > after))
+            .take(limit)
+            .cloned()
+            .collect())
     }
 
     async fn record(&self, id: &str) -> Result<Option<TaskRecord>, BrokerError> {
