@@ -294,10 +294,15 @@ impl Compiler<'_> {
         match Regex::new(pattern) {
             Ok(regex) => Some(regex),
             Err(err) => {
-                self.error(
-                    path,
-                    format!("invalid regex: {}", one_line(&err.to_string())),
-                );
+                // The syntax error's last line says what is wrong ("error: unclosed group");
+                // the lines above it draw a caret under the pattern, which one line cannot.
+                let text = err.to_string();
+                let reason = text
+                    .lines()
+                    .rev()
+                    .find_map(|line| line.trim().strip_prefix("error: "))
+                    .map_or_else(|| one_line(&text), str::to_owned);
+                self.error(path, format!("invalid regex \"{pattern}\": {reason}"));
                 None
             }
         }

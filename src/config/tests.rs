@@ -392,8 +392,10 @@ fn pool_regexes_signals_and_env_names_are_checked() {
         lines[0],
         "error: pools.voice.env.BAD NAME: not a valid environment variable name ([A-Za-z_][A-Za-z0-9_]*)"
     );
-    assert!(lines[1].starts_with("error: pools.voice.ready_pattern: invalid regex: "));
-    assert!(lines[2].starts_with("error: pools.voice.assigned_pattern: invalid regex: "));
+    assert!(
+        lines[1].starts_with("error: pools.voice.ready_pattern: invalid regex \"(unclosed\": ")
+    );
+    assert!(lines[2].starts_with("error: pools.voice.assigned_pattern: invalid regex \"[\": "));
     assert_eq!(
         lines[3],
         "error: pools.voice.stop_signal: unknown signal \"TERM\": use one of SIGTERM, SIGINT, \
