@@ -21,7 +21,7 @@ use super::duration::RawDuration;
 
 /// The whole file.
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "the config file (a TOML table)")]
 pub(crate) struct RawConfig {
     /// `[runtime]`: the node itself.
     #[serde(default)]
@@ -57,7 +57,7 @@ pub(crate) struct RawConfig {
 
 /// `[runtime]`
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a [runtime] table")]
 pub(crate) struct RawRuntime {
     /// Time allowed for an orderly stop after SIGINT/SIGTERM before what is left is killed.
     /// Default `"30s"`.
@@ -75,7 +75,7 @@ pub(crate) struct RawRuntime {
 
 /// `[broker]`
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a [broker] table")]
 pub(crate) struct RawBroker {
     /// `memory://` (embedded, single node), `redis://HOST:PORT/DB` or `rediss://…` (TLS).
     /// Default `"memory://"`. The environment variable `RT_BROKER_URL` overrides it.
@@ -94,7 +94,7 @@ pub(crate) struct RawBroker {
 
 /// `[http]`
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "an [http] table")]
 pub(crate) struct RawHttp {
     /// Listen address, `IP:PORT`. Default `"127.0.0.1:7070"`. A non-loopback address needs
     /// `admin_token_env`.
@@ -106,7 +106,7 @@ pub(crate) struct RawHttp {
 
 /// `[supervision]`
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a [supervision] table")]
 pub(crate) struct RawSupervision {
     /// `one_for_one`, `one_for_all` or `rest_for_one`. Default `one_for_one`.
     pub(crate) strategy: Option<Strategy>,
@@ -125,7 +125,7 @@ pub(crate) struct RawSupervision {
 
 /// `[queues.NAME]`: a bulkhead with its own concurrency and limits.
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a [queues.NAME] table")]
 pub(crate) struct RawQueue {
     /// Tasks of this queue that run at once on this node. Default 1; at least 1.
     pub(crate) concurrency: Option<u32>,
@@ -139,7 +139,7 @@ pub(crate) struct RawQueue {
 
 /// `[tasks.NAME]`: a task definition.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a [tasks.NAME] table")]
 pub(crate) struct RawTask {
     /// The queue it is routed to. Default `"default"` (which must then be defined).
     pub(crate) queue: Option<String>,
@@ -174,7 +174,11 @@ pub(crate) struct RawTask {
 
 /// `tasks.NAME.handler`, selected by `kind`.
 #[derive(Debug, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
+#[serde(
+    tag = "kind",
+    rename_all = "snake_case",
+    expecting = "an inline table with kind = \"http\", \"exec\", \"native\" or \"pool\""
+)]
 pub(crate) enum RawHandler {
     /// POST the task envelope as JSON to a URL.
     Http(RawHttpHandler),
@@ -188,7 +192,7 @@ pub(crate) enum RawHandler {
 
 /// `handler = { kind = "http", … }`
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a handler table")]
 pub(crate) struct RawHttpHandler {
     /// `http://` or `https://` URL the envelope is POSTed to.
     pub(crate) url: String,
@@ -198,7 +202,7 @@ pub(crate) struct RawHttpHandler {
 
 /// `handler = { kind = "exec", … }`
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a handler table")]
 pub(crate) struct RawExecHandler {
     /// Program to run (looked up in `PATH` when it has no `/`).
     pub(crate) command: String,
@@ -211,12 +215,12 @@ pub(crate) struct RawExecHandler {
 
 /// `handler = { kind = "native" }`: no options.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a handler table")]
 pub(crate) struct RawNativeHandler {}
 
 /// `handler = { kind = "pool", pool = "voice" }`
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a handler table")]
 pub(crate) struct RawPoolHandler {
     /// The pool (`[pools.NAME]`) whose agent takes the task.
     pub(crate) pool: String,
@@ -224,7 +228,10 @@ pub(crate) struct RawPoolHandler {
 
 /// `tasks.NAME.idempotency`
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "an inline table such as { ttl = \"24h\" }"
+)]
 pub(crate) struct RawIdempotency {
     /// How long an idempotency key is remembered; an enqueue with a key seen within it
     /// returns the first task's id.
@@ -233,7 +240,11 @@ pub(crate) struct RawIdempotency {
 
 /// `[resources.NAME]`, selected by `kind`.
 #[derive(Debug, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
+#[serde(
+    tag = "kind",
+    rename_all = "snake_case",
+    expecting = "a table with kind = \"zep\" or \"openai\""
+)]
 pub(crate) enum RawResource {
     /// Zep memory service: HTTP client with a circuit breaker.
     Zep(RawZep),
@@ -244,7 +255,7 @@ pub(crate) enum RawResource {
 
 /// `kind = "zep"`
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a [resources.NAME] table")]
 pub(crate) struct RawZep {
     /// Base URL. Default `"https://api.getzep.com"`.
     pub(crate) base_url: Option<String>,
@@ -259,7 +270,7 @@ pub(crate) struct RawZep {
 
 /// `resources.NAME.breaker`
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a breaker table")]
 pub(crate) struct RawBreaker {
     /// Consecutive failures that open the breaker. Default 5; at least 1.
     pub(crate) failure_threshold: Option<u32>,
@@ -277,7 +288,7 @@ pub(crate) struct RawBreaker {
 
 /// `kind = "openai"`
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a [resources.NAME] table")]
 pub(crate) struct RawOpenAi {
     /// Base URL. Default `"https://api.openai.com/v1"`.
     pub(crate) base_url: Option<String>,
@@ -293,7 +304,7 @@ pub(crate) struct RawOpenAi {
 
 /// `[pools.NAME]`: prewarmed processes (voice agents).
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a [pools.NAME] table")]
 pub(crate) struct RawPool {
     /// Program of each agent (no shell).
     pub(crate) command: String,
@@ -341,7 +352,7 @@ pub(crate) struct RawPool {
 
 /// `[schedules.NAME]`: enqueue a task periodically.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a [schedules.NAME] table")]
 pub(crate) struct RawSchedule {
     /// The task (`[tasks.NAME]`) to enqueue.
     pub(crate) task: String,
@@ -367,7 +378,7 @@ pub(crate) struct RawSchedule {
 
 /// `[chaos]`
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a [chaos] table")]
 pub(crate) struct RawChaos {
     /// Whether `POST /chaos/kill/{actor path}` exists. Default false.
     pub(crate) enabled: Option<bool>,

@@ -125,6 +125,19 @@ fn missing_required_keys_and_wrong_types_are_named() {
         ["error: tasks.t.handler: required key is missing (line 2, column 1)"]
     );
     assert_eq!(
+        fails(&format!("{QUEUE}[tasks.t]\nhandler = \"native\"\n")),
+        [
+            "error: tasks.t.handler: invalid type: string \"native\", expected an inline table \
+          with kind = \"http\", \"exec\", \"native\" or \"pool\" (line 3, column 11)"
+        ]
+    );
+    assert_eq!(
+        fails(&format!(
+            "{QUEUE}[tasks.t]\nhandler = {{ kind = \"http\" }}\n"
+        )),
+        ["error: tasks.t.handler.url: required key is missing (line 3, column 11)"]
+    );
+    assert_eq!(
         fails("[queues.chat]\nconcurrency = \"four\"\n"),
         [
             "error: queues.chat.concurrency: invalid type: string \"four\", expected u32 (line 2, column 15)"
