@@ -18,12 +18,12 @@ use std::process::ExitCode;
 
 use crate::config::{self, Diagnostics, Environment};
 
-/// `EX_CONFIG` from sysexits.h: configuration error.
-const EX_CONFIG: u8 = 78;
+/// sysexits.h EX_CONFIG: the exit code for a bad config.
+pub const EX_CONFIG: u8 = 78;
 
 /// Runs `runtime check`; exit 0 when clean, 78 (EX_CONFIG) on errors (or on warnings with
 /// `deny_warnings`). `no_environment` skips the checks that read the environment.
-pub(crate) fn run(path: &Path, deny_warnings: bool, no_environment: bool) -> ExitCode {
+pub fn run(path: &Path, deny_warnings: bool, no_environment: bool) -> ExitCode {
     let lookup = |name: &str| std::env::var(name).ok();
     let env = if no_environment {
         Environment::Ignored

@@ -18,10 +18,6 @@
 //! Nothing in this module runs anything: queues, pools and schedules are data until the
 //! actors that run them exist.
 
-// The run path that reads most of these fields is wired separately; until then they are only
-// read by `runtime check` and the tests.
-#![allow(dead_code)]
-
 mod compile;
 mod diagnostic;
 mod duration;
@@ -41,26 +37,26 @@ use regex::Regex;
 use reqwest::Url;
 use serde::Deserialize;
 
-pub(crate) use compile::Environment;
-pub(crate) use diagnostic::{Diagnostic, Diagnostics};
+pub use compile::Environment;
+pub use diagnostic::{Diagnostic, Diagnostics, Severity};
 
 /// The environment variable that overrides `broker.url`.
-pub(crate) const BROKER_URL_ENV: &str = "RT_BROKER_URL";
+pub const BROKER_URL_ENV: &str = "RT_BROKER_URL";
 
 /// A config that compiled, with the warnings found on the way.
 #[derive(Debug)]
-pub(crate) struct Loaded {
+pub struct Loaded {
     /// The validated configuration.
-    pub(crate) config: Config,
+    pub config: Config,
     /// Warnings: the config is usable, but they deserve a look (log them).
-    pub(crate) warnings: Vec<Diagnostic>,
+    pub warnings: Vec<Diagnostic>,
 }
 
 /// A config that cannot be used: unreadable, not TOML, or with errors.
 #[derive(Debug)]
-pub(crate) struct ConfigError {
+pub struct ConfigError {
     /// Every diagnostic: the single read or parse error, or every compile error and warning.
-    pub(crate) diagnostics: Diagnostics,
+    pub diagnostics: Diagnostics,
 }
 
 impl fmt::Display for ConfigError {
@@ -73,13 +69,13 @@ impl fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 /// Reads and compiles `path` against the process environment.
-pub(crate) fn load(path: &Path) -> Result<Loaded, ConfigError> {
+pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
     let lookup = |name: &str| std::env::var(name).ok();
     load_with(path, Environment::Lookup(&lookup))
 }
 
 /// Reads and compiles `path` against `env`.
-pub(crate) fn load_with(path: &Path, env: Environment<'_>) -> Result<Loaded, ConfigError> {
+pub fn load_with(path: &Path, env: Environment<'_>) -> Result<Loaded, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|err| {
         let mut diagnostics = Diagnostics::default();
         diagnostics.error(path.display().to_string(), format!("cannot read: {err}"));
@@ -89,7 +85,7 @@ pub(crate) fn load_with(path: &Path, env: Environment<'_>) -> Result<Loaded, Con
 }
 
 /// Parses and compiles TOML text against `env`.
-pub(crate) fn compile_str(text: &str, env: Environment<'_>) -> Result<Loaded, ConfigError> {
+pub fn compile_str(text: &str, env: Environment<'_>) -> Result<Loaded, ConfigError> {
     let raw = raw::parse(text).map_err(|diagnostic| ConfigError {
         diagnostics: Diagnostics {
             errors: vec![diagnostic],
@@ -101,63 +97,63 @@ pub(crate) fn compile_str(text: &str, env: Environment<'_>) -> Result<Loaded, Co
 
 /// A validated configuration.
 #[derive(Debug, Clone)]
-pub(crate) struct Config {
+pub struct Config {
     /// `[runtime]`
-    pub(crate) runtime: RuntimeSettings,
+    pub runtime: RuntimeSettings,
     /// `[broker]`
-    pub(crate) broker: BrokerSettings,
+    pub broker: BrokerSettings,
     /// `[http]`
-    pub(crate) http: HttpSettings,
+    pub http: HttpSettings,
     /// `[supervision]`
-    pub(crate) supervision: SupervisionSettings,
+    pub supervision: SupervisionSettings,
     /// `[queues.NAME]`, in declaration order.
-    pub(crate) queues: IndexMap<String, QueueSettings>,
+    pub queues: IndexMap<String, QueueSettings>,
     /// `[tasks.NAME]`, in declaration order.
-    pub(crate) tasks: IndexMap<String, TaskSettings>,
+    pub tasks: IndexMap<String, TaskSettings>,
     /// `[resources.NAME]`, in declaration order.
-    pub(crate) resources: IndexMap<String, ResourceSettings>,
+    pub resources: IndexMap<String, ResourceSettings>,
     /// `[pools.NAME]`, in declaration order.
-    pub(crate) pools: IndexMap<String, PoolSettings>,
+    pub pools: IndexMap<String, PoolSettings>,
     /// `[schedules.NAME]`, in declaration order.
-    pub(crate) schedules: IndexMap<String, ScheduleSettings>,
+    pub schedules: IndexMap<String, ScheduleSettings>,
     /// `[chaos]`
-    pub(crate) chaos: ChaosSettings,
+    pub chaos: ChaosSettings,
 }
 
 /// `[runtime]`
 #[derive(Debug, Clone)]
-pub(crate) struct RuntimeSettings {
+pub struct RuntimeSettings {
     /// Time allowed for an orderly stop after SIGINT/SIGTERM.
-    pub(crate) shutdown_grace: Duration,
+    pub shutdown_grace: Duration,
     /// How often the heartbeat actor records uptime.
-    pub(crate) heartbeat_interval: Duration,
+    pub heartbeat_interval: Duration,
     /// Hard time limit of tasks whose task and queue set none.
-    pub(crate) time_limit: Duration,
+    pub time_limit: Duration,
     /// Soft time limit of tasks whose task and queue set none.
-    pub(crate) soft_time_limit: Option<Duration>,
+    pub soft_time_limit: Option<Duration>,
     /// This node's name, when configured.
-    pub(crate) node_name: Option<String>,
+    pub node_name: Option<String>,
 }
 
 /// `[broker]`
 #[derive(Clone)]
-pub(crate) struct BrokerSettings {
+pub struct BrokerSettings {
     /// `memory://`, `redis://…` or `rediss://…` (after the `RT_BROKER_URL` override). May
     /// hold a password: print it with [`BrokerSettings::redacted_url`].
-    pub(crate) url: String,
+    pub url: String,
     /// Prefix of every Redis key.
-    pub(crate) prefix: String,
+    pub prefix: String,
     /// Lease of a running task's message.
-    pub(crate) lease: Duration,
+    pub lease: Duration,
     /// Deliveries after which a message is dead-lettered.
-    pub(crate) max_deliveries: NonZeroU32,
+    pub max_deliveries: NonZeroU32,
     /// How long results are kept.
-    pub(crate) result_ttl: Duration,
+    pub result_ttl: Duration,
 }
 
 impl BrokerSettings {
     /// The URL with its password, if any, replaced by `***`.
-    pub(crate) fn redacted_url(&self) -> String {
+    pub fn redacted_url(&self) -> String {
         match Url::parse(&self.url) {
             Ok(mut url) if url.password().is_some() => {
                 // Only fails for URLs that cannot have a password, which this one has.
@@ -183,14 +179,14 @@ impl fmt::Debug for BrokerSettings {
 
 /// `[http]`
 #[derive(Clone)]
-pub(crate) struct HttpSettings {
+pub struct HttpSettings {
     /// Listen address.
-    pub(crate) bind: SocketAddr,
+    pub bind: SocketAddr,
     /// Name of the environment variable holding the admin token, when configured.
-    pub(crate) admin_token_env: Option<String>,
+    pub admin_token_env: Option<String>,
     /// Bearer token for mutating routes (the value of `admin_token_env`; `None` when unset or
     /// when the environment was not consulted).
-    pub(crate) admin_token: Option<String>,
+    pub admin_token: Option<String>,
 }
 
 impl fmt::Debug for HttpSettings {
@@ -205,54 +201,54 @@ impl fmt::Debug for HttpSettings {
 
 /// `[supervision]`
 #[derive(Debug, Clone)]
-pub(crate) struct SupervisionSettings {
+pub struct SupervisionSettings {
     /// Strategy of every supervisor.
-    pub(crate) strategy: Strategy,
+    pub strategy: Strategy,
     /// Restart intensity.
-    pub(crate) intensity: Intensity,
+    pub intensity: Intensity,
     /// Restart backoff.
-    pub(crate) backoff: Backoff,
+    pub backoff: Backoff,
 }
 
 /// `[queues.NAME]`: one bulkhead.
 #[derive(Debug, Clone)]
-pub(crate) struct QueueSettings {
+pub struct QueueSettings {
     /// Tasks running at once on this node.
-    pub(crate) concurrency: NonZeroU32,
+    pub concurrency: NonZeroU32,
     /// Messages fetched ahead beyond the running ones.
-    pub(crate) prefetch: u32,
+    pub prefetch: u32,
     /// The queue's own hard limit (tasks' effective limits are resolved in [`TaskSettings`]).
-    pub(crate) time_limit: Option<Duration>,
+    pub time_limit: Option<Duration>,
     /// The queue's own soft limit.
-    pub(crate) soft_time_limit: Option<Duration>,
+    pub soft_time_limit: Option<Duration>,
 }
 
 /// `[tasks.NAME]`
 #[derive(Debug, Clone)]
-pub(crate) struct TaskSettings {
+pub struct TaskSettings {
     /// The queue it runs on (defined in [`Config::queues`]).
-    pub(crate) queue: String,
+    pub queue: String,
     /// What runs it.
-    pub(crate) handler: Handler,
+    pub handler: Handler,
     /// Effective hard time limit: the task's, else its queue's, else the runtime's.
-    pub(crate) time_limit: Duration,
+    pub time_limit: Duration,
     /// Effective soft time limit, resolved the same way; always below `time_limit`.
-    pub(crate) soft_time_limit: Option<Duration>,
+    pub soft_time_limit: Option<Duration>,
     /// Retry policy.
-    pub(crate) retry: RetryPolicy,
+    pub retry: RetryPolicy,
     /// Resources it calls (defined in [`Config::resources`]).
-    pub(crate) uses: Vec<String>,
+    pub uses: Vec<String>,
     /// Tasks enqueued with its result on success.
-    pub(crate) link: Vec<String>,
+    pub link: Vec<String>,
     /// Tasks enqueued with its error on final failure.
-    pub(crate) link_error: Vec<String>,
+    pub link_error: Vec<String>,
     /// Deduplicated enqueue, when configured.
-    pub(crate) idempotency: Option<Idempotency>,
+    pub idempotency: Option<Idempotency>,
 }
 
 /// What runs a task.
 #[derive(Debug, Clone)]
-pub(crate) enum Handler {
+pub enum Handler {
     /// POST the envelope as JSON to `url`.
     Http {
         /// `http` or `https` URL.
@@ -280,23 +276,23 @@ pub(crate) enum Handler {
 
 /// Retries of a task.
 #[derive(Debug, Clone)]
-pub(crate) struct RetryPolicy {
+pub struct RetryPolicy {
     /// Retries after the first attempt.
-    pub(crate) max_retries: u32,
+    pub max_retries: u32,
     /// Delay between attempts: `min(max, base · 2ⁿ)` with jitter.
-    pub(crate) backoff: Backoff,
+    pub backoff: Backoff,
 }
 
 /// Deduplicated enqueue.
 #[derive(Debug, Clone)]
-pub(crate) struct Idempotency {
+pub struct Idempotency {
     /// How long a key is remembered.
-    pub(crate) ttl: Duration,
+    pub ttl: Duration,
 }
 
 /// `[resources.NAME]`
 #[derive(Debug, Clone)]
-pub(crate) enum ResourceSettings {
+pub enum ResourceSettings {
     /// `kind = "zep"`
     Zep(ZepSettings),
     /// `kind = "openai"`
@@ -305,11 +301,11 @@ pub(crate) enum ResourceSettings {
 
 /// A secret read from the environment; `Debug` prints `***`.
 #[derive(Clone, PartialEq, Eq)]
-pub(crate) struct Secret(String);
+pub struct Secret(String);
 
 impl Secret {
     /// The secret itself: for the request header, never for a log line.
-    pub(crate) fn expose(&self) -> &str {
+    pub fn expose(&self) -> &str {
         &self.0
     }
 }
@@ -322,95 +318,95 @@ impl fmt::Debug for Secret {
 
 /// `kind = "zep"`
 #[derive(Debug, Clone)]
-pub(crate) struct ZepSettings {
+pub struct ZepSettings {
     /// Base URL.
-    pub(crate) base_url: Url,
+    pub base_url: Url,
     /// Name of the variable holding the API key.
-    pub(crate) api_key_env: String,
+    pub api_key_env: String,
     /// The API key (`None` when unset or when the environment was not consulted).
-    pub(crate) api_key: Option<Secret>,
+    pub api_key: Option<Secret>,
     /// Timeout of one call.
-    pub(crate) timeout: Duration,
+    pub timeout: Duration,
     /// The circuit breaker.
-    pub(crate) breaker: BreakerSettings,
+    pub breaker: BreakerSettings,
 }
 
 /// A circuit breaker.
 #[derive(Debug, Clone)]
-pub(crate) struct BreakerSettings {
+pub struct BreakerSettings {
     /// Consecutive failures that open it.
-    pub(crate) failure_threshold: NonZeroU32,
+    pub failure_threshold: NonZeroU32,
     /// First open time.
-    pub(crate) open_for: Duration,
+    pub open_for: Duration,
     /// Cap of the open time; not below `open_for`.
-    pub(crate) open_for_max: Duration,
+    pub open_for_max: Duration,
     /// Calls let through while half-open.
-    pub(crate) probes: NonZeroU32,
+    pub probes: NonZeroU32,
     /// Timeout of a probe call.
-    pub(crate) probe_timeout: Duration,
+    pub probe_timeout: Duration,
     /// A call slower than this counts as a failure.
-    pub(crate) slow_call: Option<Duration>,
+    pub slow_call: Option<Duration>,
 }
 
 /// `kind = "openai"`
 #[derive(Debug, Clone)]
-pub(crate) struct OpenAiSettings {
+pub struct OpenAiSettings {
     /// Base URL.
-    pub(crate) base_url: Url,
+    pub base_url: Url,
     /// Name of the variable holding the API key.
-    pub(crate) api_key_env: String,
+    pub api_key_env: String,
     /// The API key (`None` when unset or when the environment was not consulted).
-    pub(crate) api_key: Option<Secret>,
+    pub api_key: Option<Secret>,
     /// Requests per minute.
-    pub(crate) requests_per_minute: Option<NonZeroU32>,
+    pub requests_per_minute: Option<NonZeroU32>,
     /// Tokens per minute.
-    pub(crate) tokens_per_minute: Option<NonZeroU32>,
+    pub tokens_per_minute: Option<NonZeroU32>,
     /// Calls in flight at once.
-    pub(crate) concurrency: Option<NonZeroU32>,
+    pub concurrency: Option<NonZeroU32>,
 }
 
 /// `[pools.NAME]`
 #[derive(Debug, Clone)]
-pub(crate) struct PoolSettings {
+pub struct PoolSettings {
     /// Program of each agent.
-    pub(crate) command: String,
+    pub command: String,
     /// Its arguments.
-    pub(crate) args: Vec<String>,
+    pub args: Vec<String>,
     /// The agent's whole environment.
-    pub(crate) env: IndexMap<String, String>,
+    pub env: IndexMap<String, String>,
     /// Variables copied from the runtime's environment when an agent is spawned.
-    pub(crate) pass_env: Vec<String>,
+    pub pass_env: Vec<String>,
     /// Working directory.
-    pub(crate) cwd: Option<PathBuf>,
+    pub cwd: Option<PathBuf>,
     /// Idle agents kept warm; not above `max`.
-    pub(crate) min_idle: u32,
+    pub min_idle: u32,
     /// Agents alive at once.
-    pub(crate) max: NonZeroU32,
+    pub max: NonZeroU32,
     /// Spawn-to-ready deadline.
-    pub(crate) startup_timeout: Duration,
+    pub startup_timeout: Duration,
     /// Readiness line (stdout and stderr).
-    pub(crate) ready_pattern: Regex,
+    pub ready_pattern: Regex,
     /// Assignment confirmation line, when configured.
-    pub(crate) assigned_pattern: Option<Regex>,
+    pub assigned_pattern: Option<Regex>,
     /// Deadline of an assignment confirmation.
-    pub(crate) assign_timeout: Duration,
+    pub assign_timeout: Duration,
     /// Wait for an idle agent.
-    pub(crate) claim_timeout: Duration,
+    pub claim_timeout: Duration,
     /// Memory limit per agent.
-    pub(crate) memory_limit_mb: Option<NonZeroU32>,
+    pub memory_limit_mb: Option<NonZeroU32>,
     /// Idle agents older than this are replaced.
-    pub(crate) max_idle_age: Option<Duration>,
+    pub max_idle_age: Option<Duration>,
     /// Stop signal.
-    pub(crate) stop_signal: StopSignal,
+    pub stop_signal: StopSignal,
     /// Time between the stop signal and SIGKILL.
-    pub(crate) stop_timeout: Duration,
+    pub stop_timeout: Duration,
     /// Consecutive startup failures before the pool stops spawning.
-    pub(crate) startretries: u32,
+    pub startretries: u32,
 }
 
 /// A signal that stops an agent's process group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum StopSignal {
+pub enum StopSignal {
     /// `SIGTERM`
     Term,
     /// `SIGINT`
@@ -429,7 +425,7 @@ pub(crate) enum StopSignal {
 
 impl StopSignal {
     /// Every signal, in the order the docs list them.
-    pub(crate) const ALL: [StopSignal; 7] = [
+    pub const ALL: [StopSignal; 7] = [
         StopSignal::Term,
         StopSignal::Int,
         StopSignal::Hup,
@@ -440,7 +436,7 @@ impl StopSignal {
     ];
 
     /// The config spelling, e.g. `SIGTERM`.
-    pub(crate) fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             StopSignal::Term => "SIGTERM",
             StopSignal::Int => "SIGINT",
@@ -455,26 +451,26 @@ impl StopSignal {
 
 /// `[schedules.NAME]`
 #[derive(Debug, Clone)]
-pub(crate) struct ScheduleSettings {
+pub struct ScheduleSettings {
     /// The task it enqueues (defined in [`Config::tasks`]).
-    pub(crate) task: String,
+    pub task: String,
     /// Positional arguments.
-    pub(crate) args: Vec<serde_json::Value>,
+    pub args: Vec<serde_json::Value>,
     /// Keyword arguments.
-    pub(crate) kwargs: serde_json::Map<String, serde_json::Value>,
+    pub kwargs: serde_json::Map<String, serde_json::Value>,
     /// When it runs.
-    pub(crate) trigger: Trigger,
+    pub trigger: Trigger,
     /// Time zone of `cron`.
-    pub(crate) timezone: chrono_tz::Tz,
+    pub timezone: chrono_tz::Tz,
     /// Random delay added to each run.
-    pub(crate) jitter: Option<Duration>,
+    pub jitter: Option<Duration>,
     /// What happens to missed runs.
-    pub(crate) missed: Missed,
+    pub missed: Missed,
 }
 
 /// When a schedule runs.
 #[derive(Debug, Clone)]
-pub(crate) enum Trigger {
+pub enum Trigger {
     /// Every interval.
     Every(Duration),
     /// On a cron expression.
@@ -489,7 +485,7 @@ pub(crate) enum Trigger {
 /// What happens to the runs of a schedule missed while no node was leader.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub(crate) enum Missed {
+pub enum Missed {
     /// Forget them; run at the next due time.
     #[default]
     Skip,
@@ -499,7 +495,7 @@ pub(crate) enum Missed {
 
 /// `[chaos]`
 #[derive(Debug, Clone)]
-pub(crate) struct ChaosSettings {
+pub struct ChaosSettings {
     /// Whether `POST /chaos/kill/{path}` exists.
-    pub(crate) enabled: bool,
+    pub enabled: bool,
 }

@@ -37,7 +37,7 @@ use super::{
 
 /// Where `compile()` reads environment variables (`RT_BROKER_URL`, secrets).
 #[derive(Clone, Copy)]
-pub(crate) enum Environment<'a> {
+pub enum Environment<'a> {
     /// Look variables up with this function: the process environment in `load`, a map in
     /// tests. An empty value counts as unset.
     Lookup(&'a dyn Fn(&str) -> Option<String>),

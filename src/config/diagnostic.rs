@@ -7,7 +7,7 @@ use std::fmt;
 
 /// Whether a diagnostic stops the config from being used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Severity {
+pub enum Severity {
     /// The config cannot be used.
     Error,
     /// The config can be used, but probably does not do what its author meant.
@@ -16,14 +16,14 @@ pub(crate) enum Severity {
 
 /// One problem found in a config.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Diagnostic {
+pub struct Diagnostic {
     /// Error or warning.
-    pub(crate) severity: Severity,
+    pub severity: Severity,
     /// What it is about: a dotted key path (`tasks.process_chat_message.soft_time_limit`), a
     /// `line L, column C` position for a TOML syntax error, or the file for a read error.
-    pub(crate) path: String,
+    pub path: String,
     /// What is wrong, in one line.
-    pub(crate) message: String,
+    pub message: String,
 }
 
 impl fmt::Display for Diagnostic {
@@ -38,16 +38,16 @@ impl fmt::Display for Diagnostic {
 
 /// Every error and warning found in one pass over a config, errors kept apart from warnings.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(crate) struct Diagnostics {
+pub struct Diagnostics {
     /// Problems that stop the config from being used.
-    pub(crate) errors: Vec<Diagnostic>,
+    pub errors: Vec<Diagnostic>,
     /// Problems worth a look that do not stop it.
-    pub(crate) warnings: Vec<Diagnostic>,
+    pub warnings: Vec<Diagnostic>,
 }
 
 impl Diagnostics {
     /// Records an error about `path`.
-    pub(crate) fn error(&mut self, path: impl Into<String>, message: impl Into<String>) {
+    pub fn error(&mut self, path: impl Into<String>, message: impl Into<String>) {
         self.errors.push(Diagnostic {
             severity: Severity::Error,
             path: path.into(),
@@ -56,7 +56,7 @@ impl Diagnostics {
     }
 
     /// Records a warning about `path`.
-    pub(crate) fn warning(&mut self, path: impl Into<String>, message: impl Into<String>) {
+    pub fn warning(&mut self, path: impl Into<String>, message: impl Into<String>) {
         self.warnings.push(Diagnostic {
             severity: Severity::Warning,
             path: path.into(),
@@ -65,7 +65,7 @@ impl Diagnostics {
     }
 
     /// Errors first, then warnings: the order in which they are printed.
-    pub(crate) fn iter(&self) -> impl Iterator<Item = &Diagnostic> {
+    pub fn iter(&self) -> impl Iterator<Item = &Diagnostic> {
         self.errors.iter().chain(&self.warnings)
     }
 }
