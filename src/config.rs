@@ -1,22 +1,121 @@
-//! Configuration: raw TOML structs → one `compile()` → a validated [`Config`].
+//! Configuration: the TOML file → raw serde structs → one `compile()` → a validated [`Config`].
 //!
-//! PLACEHOLDER — being written by the config work item; the shapes below are the interface
-//! the rest of the program uses.
+//! # Layout
+//! - `raw` — the file as written (serde, `deny_unknown_fields`, declaration order kept); its
+//!   `///` comments are the user documentation of every key.
+//! - `compile` — raw → [`Config`]: defaults, the limits precedence (task → queue → runtime,
+//!   most specific wins), cross-references, environment; every error and warning in one pass.
+//! - `duration` — `"120s"`-style durations.
+//! - `diagnostic` — [`Diagnostic`]: one error or warning, named by its key path.
+//!
+//! Tables keyed by name (`queues`, `tasks`, …) are [`IndexMap`]s in declaration order, which
+//! is the order the tree starts them in.
+//!
+//! The compiled types below are what the rest of the program reads. Secrets are resolved from
+//! the environment at load time and never printed: the `Debug` of every type holding one
+//! redacts it.
+//!
+//! Nothing in this module runs anything: queues, pools and schedules are data until the
+//! actors that run them exist.
 
+mod compile;
+mod diagnostic;
+mod duration;
+mod raw;
+#[cfg(test)]
+mod tests;
+
+use std::fmt;
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use actors::supervisor::{Backoff, Intensity, Strategy};
+use indexmap::IndexMap;
+use regex::Regex;
+use reqwest::Url;
+use serde::Deserialize;
+
+pub use compile::Environment;
+pub use diagnostic::{Diagnostic, Diagnostics, Severity};
+
+/// The environment variable that overrides `broker.url`.
+pub const BROKER_URL_ENV: &str = "RT_BROKER_URL";
+
+/// A config that compiled, with the warnings found on the way.
+#[derive(Debug)]
+pub struct Loaded {
+    /// The validated configuration.
+    pub config: Config,
+    /// Warnings: the config is usable, but they deserve a look (log them).
+    pub warnings: Vec<Diagnostic>,
+}
+
+/// A config that cannot be used: unreadable, not TOML, or with errors.
+#[derive(Debug)]
+pub struct ConfigError {
+    /// Every diagnostic: the single read or parse error, or every compile error and warning.
+    pub diagnostics: Diagnostics,
+}
+
+impl fmt::Display for ConfigError {
+    /// Every error, then every warning, one per line, as `runtime check` prints them.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.diagnostics.fmt(f)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Reads and compiles `path` against the process environment.
+pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
+    let lookup = |name: &str| std::env::var(name).ok();
+    load_with(path, Environment::Lookup(&lookup))
+}
+
+/// Reads and compiles `path` against `env`.
+pub fn load_with(path: &Path, env: Environment<'_>) -> Result<Loaded, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|err| {
+        let mut diagnostics = Diagnostics::default();
+        diagnostics.error(path.display().to_string(), format!("cannot read: {err}"));
+        ConfigError { diagnostics }
+    })?;
+    compile_str(&text, env)
+}
+
+/// Parses and compiles TOML text against `env`.
+pub fn compile_str(text: &str, env: Environment<'_>) -> Result<Loaded, ConfigError> {
+    let raw = raw::parse(text).map_err(|diagnostic| ConfigError {
+        diagnostics: Diagnostics {
+            errors: vec![diagnostic],
+            warnings: Vec::new(),
+        },
+    })?;
+    compile::compile(raw, env).map_err(|diagnostics| ConfigError { diagnostics })
+}
 
 /// A validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
     /// `[runtime]`
     pub runtime: RuntimeSettings,
+    /// `[broker]`
+    pub broker: BrokerSettings,
     /// `[http]`
     pub http: HttpSettings,
     /// `[supervision]`
     pub supervision: SupervisionSettings,
+    /// `[queues.NAME]`, in declaration order.
+    pub queues: IndexMap<String, QueueSettings>,
+    /// `[tasks.NAME]`, in declaration order.
+    pub tasks: IndexMap<String, TaskSettings>,
+    /// `[resources.NAME]`, in declaration order.
+    pub resources: IndexMap<String, ResourceSettings>,
+    /// `[pools.NAME]`, in declaration order.
+    pub pools: IndexMap<String, PoolSettings>,
+    /// `[schedules.NAME]`, in declaration order.
+    pub schedules: IndexMap<String, ScheduleSettings>,
     /// `[chaos]`
     pub chaos: ChaosSettings,
 }
@@ -28,15 +127,76 @@ pub struct RuntimeSettings {
     pub shutdown_grace: Duration,
     /// How often the heartbeat actor records uptime.
     pub heartbeat_interval: Duration,
+    /// Hard time limit of tasks whose task and queue set none.
+    pub time_limit: Duration,
+    /// Soft time limit of tasks whose task and queue set none.
+    pub soft_time_limit: Option<Duration>,
+    /// This node's name, when configured.
+    pub node_name: Option<String>,
+}
+
+/// `[broker]`
+#[derive(Clone)]
+pub struct BrokerSettings {
+    /// `memory://`, `redis://…` or `rediss://…` (after the `RT_BROKER_URL` override). May
+    /// hold a password: print it with [`BrokerSettings::redacted_url`].
+    pub url: String,
+    /// Prefix of every Redis key.
+    pub prefix: String,
+    /// Lease of a running task's message.
+    pub lease: Duration,
+    /// Deliveries after which a message is dead-lettered.
+    pub max_deliveries: NonZeroU32,
+    /// How long results are kept.
+    pub result_ttl: Duration,
+}
+
+impl BrokerSettings {
+    /// The URL with its password, if any, replaced by `***`.
+    pub fn redacted_url(&self) -> String {
+        match Url::parse(&self.url) {
+            Ok(mut url) if url.password().is_some() => {
+                // Only fails for URLs that cannot have a password, which this one has.
+                let _ = url.set_password(Some("***"));
+                url.to_string()
+            }
+            _ => self.url.clone(),
+        }
+    }
+}
+
+impl fmt::Debug for BrokerSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BrokerSettings")
+            .field("url", &self.redacted_url())
+            .field("prefix", &self.prefix)
+            .field("lease", &self.lease)
+            .field("max_deliveries", &self.max_deliveries)
+            .field("result_ttl", &self.result_ttl)
+            .finish()
+    }
 }
 
 /// `[http]`
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct HttpSettings {
     /// Listen address.
     pub bind: SocketAddr,
-    /// Bearer token for mutating routes (the value of `admin_token_env`).
+    /// Name of the environment variable holding the admin token, when configured.
+    pub admin_token_env: Option<String>,
+    /// Bearer token for mutating routes (the value of `admin_token_env`; `None` when unset or
+    /// when the environment was not consulted).
     pub admin_token: Option<String>,
+}
+
+impl fmt::Debug for HttpSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpSettings")
+            .field("bind", &self.bind)
+            .field("admin_token_env", &self.admin_token_env)
+            .field("admin_token", &self.admin_token.as_ref().map(|_| "***"))
+            .finish()
+    }
 }
 
 /// `[supervision]`
@@ -50,59 +210,292 @@ pub struct SupervisionSettings {
     pub backoff: Backoff,
 }
 
+/// `[queues.NAME]`: one bulkhead.
+#[derive(Debug, Clone)]
+pub struct QueueSettings {
+    /// Tasks running at once on this node.
+    pub concurrency: NonZeroU32,
+    /// Messages fetched ahead beyond the running ones.
+    pub prefetch: u32,
+    /// The queue's own hard limit (tasks' effective limits are resolved in [`TaskSettings`]).
+    pub time_limit: Option<Duration>,
+    /// The queue's own soft limit.
+    pub soft_time_limit: Option<Duration>,
+}
+
+/// `[tasks.NAME]`
+#[derive(Debug, Clone)]
+pub struct TaskSettings {
+    /// The queue it runs on (defined in [`Config::queues`]).
+    pub queue: String,
+    /// What runs it.
+    pub handler: Handler,
+    /// Effective hard time limit: the task's, else its queue's, else the runtime's.
+    pub time_limit: Duration,
+    /// Effective soft time limit, resolved the same way; always below `time_limit`.
+    pub soft_time_limit: Option<Duration>,
+    /// Retry policy.
+    pub retry: RetryPolicy,
+    /// Resources it calls (defined in [`Config::resources`]).
+    pub uses: Vec<String>,
+    /// Tasks enqueued with its result on success.
+    pub link: Vec<String>,
+    /// Tasks enqueued with its error on final failure.
+    pub link_error: Vec<String>,
+    /// Deduplicated enqueue, when configured.
+    pub idempotency: Option<Idempotency>,
+}
+
+/// What runs a task.
+#[derive(Debug, Clone)]
+pub enum Handler {
+    /// POST the envelope as JSON to `url`.
+    Http {
+        /// `http` or `https` URL.
+        url: Url,
+        /// Timeout of one request (the hard limit applies regardless).
+        timeout: Option<Duration>,
+    },
+    /// Run a command, envelope on stdin.
+    Exec {
+        /// Program.
+        command: String,
+        /// Arguments.
+        args: Vec<String>,
+        /// Working directory.
+        cwd: Option<PathBuf>,
+    },
+    /// A registered Rust function named like the task.
+    Native,
+    /// Hand the task to an idle agent of `pool` (defined in [`Config::pools`]).
+    Pool {
+        /// Pool name.
+        pool: String,
+    },
+}
+
+/// Retries of a task.
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    /// Retries after the first attempt.
+    pub max_retries: u32,
+    /// Delay between attempts: `min(max, base · 2ⁿ)` with jitter.
+    pub backoff: Backoff,
+}
+
+/// Deduplicated enqueue.
+#[derive(Debug, Clone)]
+pub struct Idempotency {
+    /// How long a key is remembered.
+    pub ttl: Duration,
+}
+
+/// `[resources.NAME]`
+#[derive(Debug, Clone)]
+pub enum ResourceSettings {
+    /// `kind = "zep"`
+    Zep(ZepSettings),
+    /// `kind = "openai"`
+    OpenAi(OpenAiSettings),
+}
+
+/// A secret read from the environment; `Debug` prints `***`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret itself: for the request header, never for a log line.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// `kind = "zep"`
+#[derive(Debug, Clone)]
+pub struct ZepSettings {
+    /// Base URL.
+    pub base_url: Url,
+    /// Name of the variable holding the API key.
+    pub api_key_env: String,
+    /// The API key (`None` when unset or when the environment was not consulted).
+    pub api_key: Option<Secret>,
+    /// Timeout of one call.
+    pub timeout: Duration,
+    /// The circuit breaker.
+    pub breaker: BreakerSettings,
+}
+
+/// A circuit breaker.
+#[derive(Debug, Clone)]
+pub struct BreakerSettings {
+    /// Consecutive failures that open it.
+    pub failure_threshold: NonZeroU32,
+    /// First open time.
+    pub open_for: Duration,
+    /// Cap of the open time; not below `open_for`.
+    pub open_for_max: Duration,
+    /// Calls let through while half-open.
+    pub probes: NonZeroU32,
+    /// Timeout of a probe call.
+    pub probe_timeout: Duration,
+    /// A call slower than this counts as a failure.
+    pub slow_call: Option<Duration>,
+}
+
+/// `kind = "openai"`
+#[derive(Debug, Clone)]
+pub struct OpenAiSettings {
+    /// Base URL.
+    pub base_url: Url,
+    /// Name of the variable holding the API key.
+    pub api_key_env: String,
+    /// The API key (`None` when unset or when the environment was not consulted).
+    pub api_key: Option<Secret>,
+    /// Requests per minute.
+    pub requests_per_minute: Option<NonZeroU32>,
+    /// Tokens per minute.
+    pub tokens_per_minute: Option<NonZeroU32>,
+    /// Calls in flight at once.
+    pub concurrency: Option<NonZeroU32>,
+}
+
+/// `[pools.NAME]`
+#[derive(Debug, Clone)]
+pub struct PoolSettings {
+    /// Program of each agent.
+    pub command: String,
+    /// Its arguments.
+    pub args: Vec<String>,
+    /// The agent's whole environment.
+    pub env: IndexMap<String, String>,
+    /// Variables copied from the runtime's environment when an agent is spawned.
+    pub pass_env: Vec<String>,
+    /// Working directory.
+    pub cwd: Option<PathBuf>,
+    /// Idle agents kept warm; not above `max`.
+    pub min_idle: u32,
+    /// Agents alive at once.
+    pub max: NonZeroU32,
+    /// Spawn-to-ready deadline.
+    pub startup_timeout: Duration,
+    /// Readiness line (stdout and stderr).
+    pub ready_pattern: Regex,
+    /// Assignment confirmation line, when configured.
+    pub assigned_pattern: Option<Regex>,
+    /// Deadline of an assignment confirmation.
+    pub assign_timeout: Duration,
+    /// Wait for an idle agent.
+    pub claim_timeout: Duration,
+    /// Memory limit per agent.
+    pub memory_limit_mb: Option<NonZeroU32>,
+    /// Idle agents older than this are replaced.
+    pub max_idle_age: Option<Duration>,
+    /// Stop signal.
+    pub stop_signal: StopSignal,
+    /// Time between the stop signal and SIGKILL.
+    pub stop_timeout: Duration,
+    /// Consecutive startup failures before the pool stops spawning.
+    pub startretries: u32,
+}
+
+/// A signal that stops an agent's process group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopSignal {
+    /// `SIGTERM`
+    Term,
+    /// `SIGINT`
+    Int,
+    /// `SIGHUP`
+    Hup,
+    /// `SIGQUIT`
+    Quit,
+    /// `SIGUSR1`
+    Usr1,
+    /// `SIGUSR2`
+    Usr2,
+    /// `SIGKILL`
+    Kill,
+}
+
+impl StopSignal {
+    /// Every signal, in the order the docs list them.
+    pub const ALL: [StopSignal; 7] = [
+        StopSignal::Term,
+        StopSignal::Int,
+        StopSignal::Hup,
+        StopSignal::Quit,
+        StopSignal::Usr1,
+        StopSignal::Usr2,
+        StopSignal::Kill,
+    ];
+
+    /// The config spelling, e.g. `SIGTERM`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StopSignal::Term => "SIGTERM",
+            StopSignal::Int => "SIGINT",
+            StopSignal::Hup => "SIGHUP",
+            StopSignal::Quit => "SIGQUIT",
+            StopSignal::Usr1 => "SIGUSR1",
+            StopSignal::Usr2 => "SIGUSR2",
+            StopSignal::Kill => "SIGKILL",
+        }
+    }
+}
+
+/// `[schedules.NAME]`
+#[derive(Debug, Clone)]
+pub struct ScheduleSettings {
+    /// The task it enqueues (defined in [`Config::tasks`]).
+    pub task: String,
+    /// Positional arguments.
+    pub args: Vec<serde_json::Value>,
+    /// Keyword arguments.
+    pub kwargs: serde_json::Map<String, serde_json::Value>,
+    /// When it runs.
+    pub trigger: Trigger,
+    /// Time zone of `cron`.
+    pub timezone: chrono_tz::Tz,
+    /// Random delay added to each run.
+    pub jitter: Option<Duration>,
+    /// What happens to missed runs.
+    pub missed: Missed,
+}
+
+/// When a schedule runs.
+#[derive(Debug, Clone)]
+pub enum Trigger {
+    /// Every interval.
+    Every(Duration),
+    /// On a cron expression.
+    Cron {
+        /// As written.
+        expression: String,
+        /// Parsed.
+        cron: Box<croner::Cron>,
+    },
+}
+
+/// What happens to the runs of a schedule missed while no node was leader.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Missed {
+    /// Forget them; run at the next due time.
+    #[default]
+    Skip,
+    /// Run once at once, however many were missed.
+    RunOnce,
+}
+
 /// `[chaos]`
 #[derive(Debug, Clone)]
 pub struct ChaosSettings {
     /// Whether `POST /chaos/kill/{path}` exists.
     pub enabled: bool,
-}
-
-/// TEMPORARY until the config compiler lands: defaults plus `http.bind` / `chaos.enabled`.
-pub struct Loaded {
-    /// The config.
-    pub config: Config,
-    /// Warnings.
-    pub warnings: Vec<String>,
-}
-
-/// TEMPORARY loader.
-pub fn load(path: &std::path::Path) -> Result<Loaded, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
-    let value: toml::Table = toml::from_str(&text).map_err(|e| e.to_string())?;
-    let bind = value
-        .get("http")
-        .and_then(|h| h.get("bind"))
-        .and_then(|b| b.as_str())
-        .unwrap_or("127.0.0.1:7070")
-        .parse()
-        .map_err(|e: std::net::AddrParseError| e.to_string())?;
-    let chaos = value
-        .get("chaos")
-        .and_then(|h| h.get("enabled"))
-        .and_then(|b| b.as_bool())
-        .unwrap_or(false);
-    let max_restarts = value
-        .get("supervision")
-        .and_then(|h| h.get("max_restarts"))
-        .and_then(|b| b.as_integer())
-        .unwrap_or(5) as u32;
-    Ok(Loaded {
-        config: Config {
-            runtime: RuntimeSettings {
-                shutdown_grace: Duration::from_secs(5),
-                heartbeat_interval: Duration::from_secs(1),
-            },
-            http: HttpSettings {
-                bind,
-                admin_token: None,
-            },
-            supervision: SupervisionSettings {
-                strategy: Strategy::OneForOne,
-                intensity: Intensity::try_new(max_restarts, Duration::from_secs(10)).unwrap(),
-                backoff: Backoff::default(),
-            },
-            chaos: ChaosSettings { enabled: chaos },
-        },
-        warnings: vec![],
-    })
 }

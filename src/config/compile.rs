@@ -1,0 +1,1208 @@
+//! `compile()`: raw structs → a validated [`Config`], with every error and warning of the file
+//! found in one pass, each named by its key path.
+//!
+//! Time limits resolve task → queue → runtime: the most specific one that is set wins. A more
+//! specific limit above a less specific one is legal (it is how a long task gets room), but it
+//! is exactly the contradiction that went unnoticed in the Celery fleets, so it is reported as
+//! a warning that says which one wins. Soft ≥ hard after resolution is an error: the soft
+//! limit would never fire.
+//!
+//! The environment is a parameter ([`Environment`]) so that tests are deterministic and
+//! `runtime check --no-environment` can skip it.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::str::FromStr;
+use std::time::Duration;
+
+use actors::supervisor::{Backoff, Intensity, PolicyError};
+use croner::parser::{CronParser, Seconds};
+use indexmap::IndexMap;
+use regex::Regex;
+use reqwest::Url;
+
+use super::diagnostic::Diagnostics;
+use super::duration::{self, RawDuration};
+use super::raw::{
+    RawBreaker, RawBroker, RawConfig, RawHandler, RawHttp, RawOpenAi, RawPool, RawQueue,
+    RawResource, RawRuntime, RawSchedule, RawSupervision, RawTask, RawZep,
+};
+use super::{
+    BROKER_URL_ENV, BreakerSettings, BrokerSettings, ChaosSettings, Config, Handler, HttpSettings,
+    Idempotency, Loaded, OpenAiSettings, PoolSettings, QueueSettings, ResourceSettings,
+    RetryPolicy, RuntimeSettings, ScheduleSettings, Secret, StopSignal, SupervisionSettings,
+    TaskSettings, Trigger, ZepSettings,
+};
+
+/// Where `compile()` reads environment variables (`RT_BROKER_URL`, secrets).
+#[derive(Clone, Copy)]
+pub enum Environment<'a> {
+    /// Look variables up with this function: the process environment in `load`, a map in
+    /// tests. An empty value counts as unset.
+    Lookup(&'a dyn Fn(&str) -> Option<String>),
+    /// `--no-environment`: consult nothing. `RT_BROKER_URL` is not applied, secrets stay
+    /// unresolved and unset ones are not reported.
+    Ignored,
+}
+
+impl Environment<'_> {
+    /// `Some(value)` when set and not empty; `None` when unset, empty or ignored.
+    fn get(&self, name: &str) -> Option<String> {
+        match self {
+            Environment::Lookup(lookup) => lookup(name).filter(|value| !value.is_empty()),
+            Environment::Ignored => None,
+        }
+    }
+
+    fn is_ignored(&self) -> bool {
+        matches!(self, Environment::Ignored)
+    }
+}
+
+const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(1);
+const DEFAULT_TIME_LIMIT: Duration = Duration::from_secs(300);
+const DEFAULT_BROKER_URL: &str = "memory://";
+const DEFAULT_PREFIX: &str = "rt";
+const DEFAULT_LEASE: Duration = Duration::from_secs(30);
+const DEFAULT_MAX_DELIVERIES: u32 = 5;
+const DEFAULT_RESULT_TTL: Duration = Duration::from_secs(24 * 3600);
+const DEFAULT_BIND: &str = "127.0.0.1:7070";
+const DEFAULT_MAX_RESTARTS: u32 = 5;
+const DEFAULT_WITHIN: Duration = Duration::from_secs(10);
+const DEFAULT_RESTART_BACKOFF: Duration = Duration::from_millis(20);
+const DEFAULT_RESTART_BACKOFF_MAX: Duration = Duration::from_secs(5);
+const DEFAULT_JITTER: f64 = 0.2;
+const DEFAULT_QUEUE: &str = "default";
+const DEFAULT_MAX_RETRIES: u32 = 3;
+const DEFAULT_RETRY_BACKOFF: Duration = Duration::from_secs(1);
+const DEFAULT_RETRY_BACKOFF_MAX: Duration = Duration::from_secs(60);
+const DEFAULT_ZEP_URL: &str = "https://api.getzep.com";
+const DEFAULT_ZEP_TIMEOUT: Duration = Duration::from_secs(5);
+const DEFAULT_FAILURE_THRESHOLD: u32 = 5;
+const DEFAULT_OPEN_FOR: Duration = Duration::from_secs(30);
+const DEFAULT_OPEN_FOR_MAX: Duration = Duration::from_secs(300);
+const DEFAULT_PROBES: u32 = 1;
+const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+const DEFAULT_OPENAI_URL: &str = "https://api.openai.com/v1";
+const DEFAULT_STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
+const DEFAULT_ASSIGN_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_CLAIM_TIMEOUT: Duration = Duration::from_secs(5);
+const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_STARTRETRIES: u32 = 3;
+
+/// Compiles `raw` against `env`: the config and its warnings, or every error and warning.
+pub(crate) fn compile(raw: RawConfig, env: Environment<'_>) -> Result<Loaded, Diagnostics> {
+    let mut c = Compiler {
+        diagnostics: Diagnostics::default(),
+        env,
+    };
+    let runtime = c.runtime(&raw.runtime);
+    let broker = c.broker(&raw.broker);
+    let http = c.http(&raw.http);
+    let supervision = c.supervision(&raw.supervision);
+    let queues = c.queues(&raw.queues, &runtime);
+    let resources = c.resources(&raw.resources);
+    let pools = c.pools(&raw.pools);
+    let tasks = c.tasks(&raw, &runtime, &queues);
+    let schedules = c.schedules(&raw);
+    let chaos = ChaosSettings {
+        enabled: raw.chaos.enabled.unwrap_or(false),
+    };
+
+    let Compiler { diagnostics, .. } = c;
+    match (broker, http, supervision) {
+        (Some(broker), Some(http), Some(supervision)) if diagnostics.errors.is_empty() => {
+            Ok(Loaded {
+                config: Config {
+                    runtime: runtime.settings,
+                    broker,
+                    http,
+                    supervision,
+                    queues,
+                    tasks,
+                    resources,
+                    pools,
+                    schedules,
+                    chaos,
+                },
+                warnings: diagnostics.warnings,
+            })
+        }
+        _ => Err(diagnostics),
+    }
+}
+
+/// The runtime section, plus which of its limits were written (only those are compared).
+struct CompiledRuntime {
+    settings: RuntimeSettings,
+    time_limit_written: bool,
+}
+
+/// A time limit and the key it came from.
+#[derive(Clone)]
+struct Limit {
+    value: Duration,
+    from: String,
+}
+
+impl Limit {
+    fn describe(&self) -> String {
+        format!("{} (from {})", duration::display(self.value), self.from)
+    }
+}
+
+/// One pass over the file; diagnostics accumulate, values that fail are left out.
+struct Compiler<'e> {
+    diagnostics: Diagnostics,
+    env: Environment<'e>,
+}
+
+impl Compiler<'_> {
+    fn error(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.diagnostics.error(path, message);
+    }
+
+    fn warning(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.diagnostics.warning(path, message);
+    }
+
+    // ---- value helpers -------------------------------------------------------------------
+
+    /// An optional duration; a bad one is reported and treated as absent.
+    fn opt_duration(&mut self, path: &str, raw: &Option<RawDuration>) -> Option<Duration> {
+        let raw = raw.as_ref()?;
+        match duration::parse(&raw.0) {
+            Ok(value) => Some(value),
+            Err(message) => {
+                self.error(path, message);
+                None
+            }
+        }
+    }
+
+    /// A duration with a default; a bad one is reported (and the default stands in).
+    fn duration(&mut self, path: &str, raw: &Option<RawDuration>, default: Duration) -> Duration {
+        self.opt_duration(path, raw).unwrap_or(default)
+    }
+
+    /// A duration that must be above zero.
+    fn positive_duration(
+        &mut self,
+        path: &str,
+        raw: &Option<RawDuration>,
+        default: Duration,
+    ) -> Duration {
+        let value = self.duration(path, raw, default);
+        if value.is_zero() {
+            self.error(path, "must be longer than zero");
+            return default;
+        }
+        value
+    }
+
+    /// A count that must be at least 1.
+    fn nonzero(&mut self, path: &str, value: u32) -> NonZeroU32 {
+        NonZeroU32::new(value).unwrap_or_else(|| {
+            self.error(path, "must be at least 1, got 0");
+            NonZeroU32::MIN
+        })
+    }
+
+    fn opt_nonzero(&mut self, path: &str, value: Option<u32>) -> Option<NonZeroU32> {
+        value.map(|value| self.nonzero(path, value))
+    }
+
+    /// A name used in actor paths and Redis keys.
+    fn name(&mut self, path: &str, name: &str) {
+        let valid = !name.is_empty()
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        if !valid {
+            self.error(
+                path,
+                format!(
+                    "name \"{name}\" is not usable in actor paths and Redis keys: use only \
+                     letters, digits, '_' and '-'"
+                ),
+            );
+        }
+    }
+
+    /// A key that names an environment variable: reported without echoing it, since it may
+    /// be a secret pasted where its name belongs.
+    fn env_name(&mut self, path: &str, name: &str) -> bool {
+        let valid = is_env_name(name);
+        if !valid {
+            self.error(
+                path,
+                "must name an environment variable ([A-Za-z_][A-Za-z0-9_]*), not hold its value",
+            );
+        }
+        valid
+    }
+
+    /// A key of a pool's `env` table.
+    fn env_key(&mut self, path: &str, name: &str) {
+        if !is_env_name(name) {
+            self.error(
+                path,
+                "not a valid environment variable name ([A-Za-z_][A-Za-z0-9_]*)",
+            );
+        }
+    }
+
+    /// The value of the secret named at `path`; unset → a warning saying what will fail.
+    fn secret(&mut self, path: &str, name: &str, consequence: &str) -> Option<Secret> {
+        if !self.env_name(path, name) || self.env.is_ignored() {
+            return None;
+        }
+        let value = self.env.get(name);
+        if value.is_none() {
+            self.warning(
+                path,
+                format!("environment variable {name} is not set: {consequence}"),
+            );
+        }
+        value.map(Secret)
+    }
+
+    /// An `http`/`https` URL.
+    fn http_url(&mut self, path: &str, text: &str) -> Option<Url> {
+        match Url::parse(text) {
+            Ok(url) if matches!(url.scheme(), "http" | "https") && url.has_host() => Some(url),
+            Ok(url) => {
+                self.error(
+                    path,
+                    format!(
+                        "unsupported URL scheme \"{}\": use http:// or https://",
+                        url.scheme()
+                    ),
+                );
+                None
+            }
+            Err(err) => {
+                self.error(path, format!("invalid URL \"{text}\": {err}"));
+                None
+            }
+        }
+    }
+
+    fn regex(&mut self, path: &str, pattern: &str) -> Option<Regex> {
+        match Regex::new(pattern) {
+            Ok(regex) => Some(regex),
+            Err(err) => {
+                // The syntax error's last line says what is wrong ("error: unclosed group");
+                // the lines above it draw a caret under the pattern, which one line cannot.
+                let text = err.to_string();
+                let reason = text
+                    .lines()
+                    .rev()
+                    .find_map(|line| line.trim().strip_prefix("error: "))
+                    .map_or_else(|| one_line(&text), str::to_owned);
+                self.error(path, format!("invalid regex \"{pattern}\": {reason}"));
+                None
+            }
+        }
+    }
+
+    /// Names in a list must each appear once.
+    fn no_duplicates(&mut self, path: &str, names: &[String]) {
+        let mut seen = HashSet::new();
+        for name in names {
+            if !seen.insert(name) {
+                self.error(path, format!("\"{name}\" is listed more than once"));
+            }
+        }
+    }
+
+    /// Each name in a list must be defined in `section`.
+    fn references<T>(
+        &mut self,
+        path: &str,
+        names: &[String],
+        section: &str,
+        defined: &IndexMap<String, T>,
+    ) {
+        for name in names {
+            if !defined.contains_key(name) {
+                self.error(path, undefined(section, name, defined));
+            }
+        }
+    }
+
+    /// Maps an invalid backoff to the key that makes it invalid.
+    fn backoff(&mut self, section: &str, base: Duration, max: Duration, jitter: f64) -> Backoff {
+        Backoff::try_new(base, max, jitter).unwrap_or_else(|err| {
+            let key = match err {
+                PolicyError::Jitter(_) => "jitter",
+                PolicyError::BackoffCapBelowBase { .. } | PolicyError::ZeroWindow => "backoff_max",
+            };
+            self.error(format!("{section}.{key}"), err.to_string());
+            Backoff::default()
+        })
+    }
+
+    /// Reports soft ≥ hard at one level (`section` sets at least one of the two), at the key
+    /// of this level that takes part, naming where an inherited limit comes from.
+    fn soft_below_hard(&mut self, section: &str, soft: &Option<Limit>, hard: &Limit) {
+        let Some(soft) = soft else { return };
+        if soft.value < hard.value {
+            return;
+        }
+        let here = |limit: &Limit| limit.from.starts_with(&format!("{section}."));
+        let soft_text = duration::display(soft.value);
+        let hard_text = duration::display(hard.value);
+        let (path, message) = match (here(soft), here(hard)) {
+            (true, true) => (
+                soft.from.clone(),
+                format!("{soft_text} is not below time_limit {hard_text}"),
+            ),
+            (true, false) => (
+                soft.from.clone(),
+                format!(
+                    "{soft_text} is not below the time_limit {hard_text} inherited from {}",
+                    hard.from
+                ),
+            ),
+            (false, _) => (
+                hard.from.clone(),
+                format!(
+                    "{hard_text} is not above the soft_time_limit {soft_text} inherited from {}",
+                    soft.from
+                ),
+            ),
+        };
+        self.error(path, format!("{message}: the soft limit would never fire"));
+    }
+
+    // ---- sections ------------------------------------------------------------------------
+
+    fn runtime(&mut self, raw: &RawRuntime) -> CompiledRuntime {
+        let shutdown_grace = self.duration(
+            "runtime.shutdown_grace",
+            &raw.shutdown_grace,
+            DEFAULT_SHUTDOWN_GRACE,
+        );
+        let heartbeat_interval = self.positive_duration(
+            "runtime.heartbeat_interval",
+            &raw.heartbeat_interval,
+            DEFAULT_HEARTBEAT,
+        );
+        let written = self.opt_duration("runtime.time_limit", &raw.time_limit);
+        let time_limit = written.unwrap_or(DEFAULT_TIME_LIMIT);
+        if time_limit.is_zero() {
+            self.error("runtime.time_limit", "must be longer than zero");
+        }
+        let soft_time_limit = self.opt_duration("runtime.soft_time_limit", &raw.soft_time_limit);
+        let hard = Limit {
+            value: time_limit,
+            from: "runtime.time_limit".into(),
+        };
+        let soft = soft_time_limit.map(|value| Limit {
+            value,
+            from: "runtime.soft_time_limit".into(),
+        });
+        self.soft_below_hard("runtime", &soft, &hard);
+        if let Some(name) = &raw.node_name {
+            self.name("runtime.node_name", name);
+        }
+        CompiledRuntime {
+            settings: RuntimeSettings {
+                shutdown_grace,
+                heartbeat_interval,
+                time_limit,
+                soft_time_limit,
+                node_name: raw.node_name.clone(),
+            },
+            time_limit_written: written.is_some(),
+        }
+    }
+
+    fn broker(&mut self, raw: &RawBroker) -> Option<BrokerSettings> {
+        let (url, origin) = match self.env.get(BROKER_URL_ENV) {
+            Some(url) => (url, format!(" (set by {BROKER_URL_ENV})")),
+            None => (
+                raw.url.clone().unwrap_or_else(|| DEFAULT_BROKER_URL.into()),
+                String::new(),
+            ),
+        };
+        let url_ok = self.broker_url(&url, &origin);
+        let prefix = raw.prefix.clone().unwrap_or_else(|| DEFAULT_PREFIX.into());
+        self.name("broker.prefix", &prefix);
+        let lease = self.positive_duration("broker.lease", &raw.lease, DEFAULT_LEASE);
+        let max_deliveries = self.nonzero(
+            "broker.max_deliveries",
+            raw.max_deliveries.unwrap_or(DEFAULT_MAX_DELIVERIES),
+        );
+        let result_ttl =
+            self.positive_duration("broker.result_ttl", &raw.result_ttl, DEFAULT_RESULT_TTL);
+        url_ok.then_some(BrokerSettings {
+            url,
+            prefix,
+            lease,
+            max_deliveries,
+            result_ttl,
+        })
+    }
+
+    /// Checks the scheme (and a host for Redis) without echoing the URL, which may hold a
+    /// password.
+    fn broker_url(&mut self, url: &str, origin: &str) -> bool {
+        const PATH: &str = "broker.url";
+        let Some((scheme, _)) = url.split_once("://") else {
+            self.error(
+                PATH,
+                format!(
+                    "not a URL{origin}: expected memory://, redis://HOST:PORT/DB or rediss://…"
+                ),
+            );
+            return false;
+        };
+        match scheme {
+            "memory" => true,
+            "redis" | "rediss" => match Url::parse(url) {
+                Ok(parsed) if parsed.host_str().is_some_and(|host| !host.is_empty()) => true,
+                Ok(_) => {
+                    self.error(PATH, format!("{scheme}:// URL without a host{origin}"));
+                    false
+                }
+                Err(err) => {
+                    self.error(PATH, format!("invalid {scheme}:// URL{origin}: {err}"));
+                    false
+                }
+            },
+            other => {
+                self.error(
+                    PATH,
+                    format!(
+                        "unsupported broker scheme \"{other}\"{origin}: use memory://, redis:// \
+                         or rediss://"
+                    ),
+                );
+                false
+            }
+        }
+    }
+
+    fn http(&mut self, raw: &RawHttp) -> Option<HttpSettings> {
+        let text = raw.bind.as_deref().unwrap_or(DEFAULT_BIND);
+        let bind = match SocketAddr::from_str(text) {
+            Ok(bind) => Some(bind),
+            Err(_) => {
+                self.error(
+                    "http.bind",
+                    format!("\"{text}\" is not IP:PORT (e.g. \"127.0.0.1:7070\")"),
+                );
+                None
+            }
+        };
+        let exposed = bind.is_some_and(|bind| !bind.ip().is_loopback());
+        let admin_token = match &raw.admin_token_env {
+            None => {
+                if exposed {
+                    self.error(
+                        "http.bind",
+                        format!(
+                            "{text} is not a loopback address and http.admin_token_env is not \
+                             set: the mutating routes would be open to the network"
+                        ),
+                    );
+                }
+                None
+            }
+            Some(name) if exposed => {
+                if !self.env_name("http.admin_token_env", name) || self.env.is_ignored() {
+                    None
+                } else {
+                    let token = self.env.get(name);
+                    if token.is_none() {
+                        self.error(
+                            "http.admin_token_env",
+                            format!(
+                                "environment variable {name} is not set and http.bind {text} \
+                                 is not a loopback address: the mutating routes would be open \
+                                 to the network"
+                            ),
+                        );
+                    }
+                    token
+                }
+            }
+            Some(name) => self
+                .secret(
+                    "http.admin_token_env",
+                    name,
+                    "the mutating routes accept requests without a token",
+                )
+                .map(|secret| secret.0),
+        };
+        Some(HttpSettings {
+            bind: bind?,
+            admin_token_env: raw.admin_token_env.clone(),
+            admin_token,
+        })
+    }
+
+    fn supervision(&mut self, raw: &RawSupervision) -> Option<SupervisionSettings> {
+        let within = self.duration("supervision.within", &raw.within, DEFAULT_WITHIN);
+        let intensity =
+            match Intensity::try_new(raw.max_restarts.unwrap_or(DEFAULT_MAX_RESTARTS), within) {
+                Ok(intensity) => Some(intensity),
+                Err(err) => {
+                    self.error("supervision.within", err.to_string());
+                    None
+                }
+            };
+        let base = self.duration("supervision.backoff", &raw.backoff, DEFAULT_RESTART_BACKOFF);
+        let max = self.duration(
+            "supervision.backoff_max",
+            &raw.backoff_max,
+            DEFAULT_RESTART_BACKOFF_MAX,
+        );
+        let backoff = self.backoff(
+            "supervision",
+            base,
+            max,
+            raw.jitter.unwrap_or(DEFAULT_JITTER),
+        );
+        Some(SupervisionSettings {
+            strategy: raw.strategy.unwrap_or_default(),
+            intensity: intensity?,
+            backoff,
+        })
+    }
+
+    fn queues(
+        &mut self,
+        raw: &IndexMap<String, RawQueue>,
+        runtime: &CompiledRuntime,
+    ) -> IndexMap<String, QueueSettings> {
+        let mut queues = IndexMap::new();
+        for (name, queue) in raw {
+            let at = format!("queues.{name}");
+            self.name(&at, name);
+            let concurrency =
+                self.nonzero(&format!("{at}.concurrency"), queue.concurrency.unwrap_or(1));
+            let time_limit = self.opt_duration(&format!("{at}.time_limit"), &queue.time_limit);
+            let soft_time_limit =
+                self.opt_duration(&format!("{at}.soft_time_limit"), &queue.soft_time_limit);
+            if time_limit.is_some_and(|limit| limit.is_zero()) {
+                self.error(format!("{at}.time_limit"), "must be longer than zero");
+            }
+            let settings = QueueSettings {
+                concurrency,
+                prefetch: queue.prefetch.unwrap_or(0),
+                time_limit,
+                soft_time_limit,
+            };
+            if time_limit.is_some() || soft_time_limit.is_some() {
+                let (hard, soft) = effective_limits(&runtime.settings, name, &settings, None);
+                self.soft_below_hard(&at, &soft, &hard);
+            }
+            if let Some(limit) = time_limit
+                && runtime.time_limit_written
+                && limit > runtime.settings.time_limit
+            {
+                self.warning(
+                    format!("{at}.time_limit"),
+                    format!(
+                        "{} is above runtime.time_limit {}; the queue's {} wins (the most \
+                         specific limit wins: task, then queue, then runtime)",
+                        duration::display(limit),
+                        duration::display(runtime.settings.time_limit),
+                        duration::display(limit),
+                    ),
+                );
+            }
+            queues.insert(name.clone(), settings);
+        }
+        queues
+    }
+
+    fn resources(
+        &mut self,
+        raw: &IndexMap<String, RawResource>,
+    ) -> IndexMap<String, ResourceSettings> {
+        let mut resources = IndexMap::new();
+        for (name, resource) in raw {
+            let at = format!("resources.{name}");
+            self.name(&at, name);
+            let compiled = match resource {
+                RawResource::Zep(zep) => self.zep(&at, name, zep).map(ResourceSettings::Zep),
+                RawResource::OpenAi(openai) => {
+                    self.openai(&at, name, openai).map(ResourceSettings::OpenAi)
+                }
+            };
+            if let Some(compiled) = compiled {
+                resources.insert(name.clone(), compiled);
+            }
+        }
+        resources
+    }
+
+    fn zep(&mut self, at: &str, name: &str, raw: &RawZep) -> Option<ZepSettings> {
+        let base_url = self.http_url(
+            &format!("{at}.base_url"),
+            raw.base_url.as_deref().unwrap_or(DEFAULT_ZEP_URL),
+        );
+        let api_key = self.secret(
+            &format!("{at}.api_key_env"),
+            &raw.api_key_env,
+            &format!("calls to resource {name} will fail and the tasks that use it with them"),
+        );
+        let timeout =
+            self.positive_duration(&format!("{at}.timeout"), &raw.timeout, DEFAULT_ZEP_TIMEOUT);
+        let breaker = self.breaker(&format!("{at}.breaker"), &raw.breaker);
+        Some(ZepSettings {
+            base_url: base_url?,
+            api_key_env: raw.api_key_env.clone(),
+            api_key,
+            timeout,
+            breaker,
+        })
+    }
+
+    fn breaker(&mut self, at: &str, raw: &RawBreaker) -> BreakerSettings {
+        let failure_threshold = self.nonzero(
+            &format!("{at}.failure_threshold"),
+            raw.failure_threshold.unwrap_or(DEFAULT_FAILURE_THRESHOLD),
+        );
+        let open_for =
+            self.positive_duration(&format!("{at}.open_for"), &raw.open_for, DEFAULT_OPEN_FOR);
+        let open_for_max = self.duration(
+            &format!("{at}.open_for_max"),
+            &raw.open_for_max,
+            DEFAULT_OPEN_FOR_MAX,
+        );
+        if open_for_max < open_for {
+            self.error(
+                format!("{at}.open_for_max"),
+                format!(
+                    "{} is below open_for {}",
+                    duration::display(open_for_max),
+                    duration::display(open_for)
+                ),
+            );
+        }
+        let probes = self.nonzero(
+            &format!("{at}.probes"),
+            raw.probes.unwrap_or(DEFAULT_PROBES),
+        );
+        let probe_timeout = self.positive_duration(
+            &format!("{at}.probe_timeout"),
+            &raw.probe_timeout,
+            DEFAULT_PROBE_TIMEOUT,
+        );
+        let slow_call = self.opt_duration(&format!("{at}.slow_call"), &raw.slow_call);
+        BreakerSettings {
+            failure_threshold,
+            open_for,
+            open_for_max,
+            probes,
+            probe_timeout,
+            slow_call,
+        }
+    }
+
+    fn openai(&mut self, at: &str, name: &str, raw: &RawOpenAi) -> Option<OpenAiSettings> {
+        let base_url = self.http_url(
+            &format!("{at}.base_url"),
+            raw.base_url.as_deref().unwrap_or(DEFAULT_OPENAI_URL),
+        );
+        let api_key = self.secret(
+            &format!("{at}.api_key_env"),
+            &raw.api_key_env,
+            &format!("calls to resource {name} will fail and the tasks that use it with them"),
+        );
+        let requests_per_minute = self.opt_nonzero(
+            &format!("{at}.requests_per_minute"),
+            raw.requests_per_minute,
+        );
+        let tokens_per_minute =
+            self.opt_nonzero(&format!("{at}.tokens_per_minute"), raw.tokens_per_minute);
+        let concurrency = self.opt_nonzero(&format!("{at}.concurrency"), raw.concurrency);
+        Some(OpenAiSettings {
+            base_url: base_url?,
+            api_key_env: raw.api_key_env.clone(),
+            api_key,
+            requests_per_minute,
+            tokens_per_minute,
+            concurrency,
+        })
+    }
+
+    fn pools(&mut self, raw: &IndexMap<String, RawPool>) -> IndexMap<String, PoolSettings> {
+        let mut pools = IndexMap::new();
+        for (name, pool) in raw {
+            let at = format!("pools.{name}");
+            self.name(&at, name);
+            if let Some(compiled) = self.pool(&at, pool) {
+                pools.insert(name.clone(), compiled);
+            }
+        }
+        pools
+    }
+
+    fn pool(&mut self, at: &str, raw: &RawPool) -> Option<PoolSettings> {
+        if raw.command.trim().is_empty() {
+            self.error(format!("{at}.command"), "must not be empty");
+        }
+        for key in raw.env.keys() {
+            self.env_key(&format!("{at}.env.{key}"), key);
+        }
+        for name in &raw.pass_env {
+            if self.env_name(&format!("{at}.pass_env"), name)
+                && !self.env.is_ignored()
+                && self.env.get(name).is_none()
+            {
+                self.warning(
+                    format!("{at}.pass_env"),
+                    format!("environment variable {name} is not set: agents start without it"),
+                );
+            }
+        }
+        self.no_duplicates(&format!("{at}.pass_env"), &raw.pass_env);
+        let max = self.nonzero(&format!("{at}.max"), raw.max);
+        let min_idle = raw.min_idle.unwrap_or(0);
+        if min_idle > raw.max {
+            self.error(
+                format!("{at}.min_idle"),
+                format!(
+                    "{min_idle} is above max {}: the pool could never keep that many idle",
+                    raw.max
+                ),
+            );
+        }
+        let startup_timeout = self.positive_duration(
+            &format!("{at}.startup_timeout"),
+            &raw.startup_timeout,
+            DEFAULT_STARTUP_TIMEOUT,
+        );
+        let ready_pattern = self.regex(&format!("{at}.ready_pattern"), &raw.ready_pattern);
+        let assigned_pattern = raw
+            .assigned_pattern
+            .as_ref()
+            .map(|pattern| self.regex(&format!("{at}.assigned_pattern"), pattern));
+        let assign_timeout = self.positive_duration(
+            &format!("{at}.assign_timeout"),
+            &raw.assign_timeout,
+            DEFAULT_ASSIGN_TIMEOUT,
+        );
+        let claim_timeout = self.positive_duration(
+            &format!("{at}.claim_timeout"),
+            &raw.claim_timeout,
+            DEFAULT_CLAIM_TIMEOUT,
+        );
+        let memory_limit_mb =
+            self.opt_nonzero(&format!("{at}.memory_limit_mb"), raw.memory_limit_mb);
+        let max_idle_age = self.opt_duration(&format!("{at}.max_idle_age"), &raw.max_idle_age);
+        let stop_signal = match raw.stop_signal.as_deref() {
+            None => StopSignal::Term,
+            Some(text) => match StopSignal::ALL.into_iter().find(|s| s.as_str() == text) {
+                Some(signal) => signal,
+                None => {
+                    let names: Vec<_> = StopSignal::ALL.iter().map(|s| s.as_str()).collect();
+                    self.error(
+                        format!("{at}.stop_signal"),
+                        format!("unknown signal \"{text}\": use one of {}", names.join(", ")),
+                    );
+                    StopSignal::Term
+                }
+            },
+        };
+        let stop_timeout = self.duration(
+            &format!("{at}.stop_timeout"),
+            &raw.stop_timeout,
+            DEFAULT_STOP_TIMEOUT,
+        );
+        Some(PoolSettings {
+            command: raw.command.clone(),
+            args: raw.args.clone(),
+            env: raw.env.clone(),
+            pass_env: raw.pass_env.clone(),
+            cwd: raw.cwd.clone(),
+            min_idle,
+            max,
+            startup_timeout,
+            ready_pattern: ready_pattern?,
+            assigned_pattern: assigned_pattern.flatten(),
+            assign_timeout,
+            claim_timeout,
+            memory_limit_mb,
+            max_idle_age,
+            stop_signal,
+            stop_timeout,
+            startretries: raw.startretries.unwrap_or(DEFAULT_STARTRETRIES),
+        })
+    }
+
+    fn tasks(
+        &mut self,
+        raw: &RawConfig,
+        runtime: &CompiledRuntime,
+        queues: &IndexMap<String, QueueSettings>,
+    ) -> IndexMap<String, TaskSettings> {
+        let mut tasks = IndexMap::new();
+        for (name, task) in &raw.tasks {
+            let at = format!("tasks.{name}");
+            self.name(&at, name);
+            if let Some(compiled) = self.task(&at, name, task, raw, runtime, queues) {
+                tasks.insert(name.clone(), compiled);
+            }
+        }
+        tasks
+    }
+
+    fn task(
+        &mut self,
+        at: &str,
+        name: &str,
+        raw: &RawTask,
+        config: &RawConfig,
+        runtime: &CompiledRuntime,
+        queues: &IndexMap<String, QueueSettings>,
+    ) -> Option<TaskSettings> {
+        let queue_name = raw.queue.as_deref().unwrap_or(DEFAULT_QUEUE);
+        if !config.queues.contains_key(queue_name) {
+            let mut message = undefined("queue", queue_name, &config.queues);
+            if raw.queue.is_none() {
+                message.push_str(" (a task without `queue` goes to \"default\")");
+            }
+            self.error(format!("{at}.queue"), message);
+        }
+
+        let handler = self.handler(&format!("{at}.handler"), &raw.handler, &config.pools);
+
+        let time_limit = self.opt_duration(&format!("{at}.time_limit"), &raw.time_limit);
+        if time_limit.is_some_and(|limit| limit.is_zero()) {
+            self.error(format!("{at}.time_limit"), "must be longer than zero");
+        }
+        let soft_time_limit =
+            self.opt_duration(&format!("{at}.soft_time_limit"), &raw.soft_time_limit);
+        let own = TaskLimits {
+            time_limit,
+            soft_time_limit,
+        };
+        // A queue that failed to compile (or is undefined) contributes no limits.
+        let queue = queues.get(queue_name);
+        let empty = QueueSettings {
+            concurrency: NonZeroU32::MIN,
+            prefetch: 0,
+            time_limit: None,
+            soft_time_limit: None,
+        };
+        let (hard, soft) = effective_limits(
+            &runtime.settings,
+            queue_name,
+            queue.unwrap_or(&empty),
+            Some((at, &own)),
+        );
+        if time_limit.is_some() || soft_time_limit.is_some() {
+            self.soft_below_hard(at, &soft, &hard);
+        }
+        if let Some(limit) = time_limit {
+            self.limit_above_fallback(at, queue_name, limit, queue, runtime);
+        }
+        if let Some(Handler::Http {
+            timeout: Some(timeout),
+            ..
+        }) = &handler
+            && *timeout > hard.value
+        {
+            self.warning(
+                format!("{at}.handler.timeout"),
+                format!(
+                    "{} is above the task's time_limit {}: the hard limit stops the request \
+                     first",
+                    duration::display(*timeout),
+                    hard.describe()
+                ),
+            );
+        }
+
+        let base = self.duration(
+            &format!("{at}.backoff"),
+            &raw.backoff,
+            DEFAULT_RETRY_BACKOFF,
+        );
+        let max = self.duration(
+            &format!("{at}.backoff_max"),
+            &raw.backoff_max,
+            DEFAULT_RETRY_BACKOFF_MAX,
+        );
+        let backoff = self.backoff(at, base, max, raw.jitter.unwrap_or(DEFAULT_JITTER));
+
+        let uses_at = format!("{at}.uses");
+        self.no_duplicates(&uses_at, &raw.uses);
+        self.references(&uses_at, &raw.uses, "resource", &config.resources);
+        for (key, links) in [("link", &raw.link), ("link_error", &raw.link_error)] {
+            let path = format!("{at}.{key}");
+            self.no_duplicates(&path, links);
+            self.references(&path, links, "task", &config.tasks);
+            if links.iter().any(|link| link == name) {
+                self.warning(
+                    path,
+                    format!("{name} enqueues itself: every run starts another one, forever"),
+                );
+            }
+        }
+        let idempotency = raw.idempotency.as_ref().map(|idempotency| Idempotency {
+            ttl: self.positive_duration(
+                &format!("{at}.idempotency.ttl"),
+                &Some(idempotency.ttl.clone()),
+                Duration::from_secs(1),
+            ),
+        });
+
+        Some(TaskSettings {
+            queue: queue_name.to_owned(),
+            handler: handler?,
+            time_limit: hard.value,
+            soft_time_limit: soft.map(|soft| soft.value),
+            retry: RetryPolicy {
+                max_retries: raw.max_retries.unwrap_or(DEFAULT_MAX_RETRIES),
+                backoff,
+            },
+            uses: raw.uses.clone(),
+            link: raw.link.clone(),
+            link_error: raw.link_error.clone(),
+            idempotency,
+        })
+    }
+
+    /// The seed conflict: a task's hard limit above its queue's (or, when the queue sets none,
+    /// above a written runtime default). Legal — the task's wins — but said out loud.
+    fn limit_above_fallback(
+        &mut self,
+        at: &str,
+        queue_name: &str,
+        limit: Duration,
+        queue: Option<&QueueSettings>,
+        runtime: &CompiledRuntime,
+    ) {
+        let fallback = match queue.and_then(|queue| queue.time_limit) {
+            Some(queue_limit) => Some((queue_limit, format!("queues.{queue_name}.time_limit"))),
+            None if runtime.time_limit_written => {
+                Some((runtime.settings.time_limit, "runtime.time_limit".to_owned()))
+            }
+            None => None,
+        };
+        if let Some((fallback, what)) = fallback
+            && limit > fallback
+        {
+            self.warning(
+                format!("{at}.time_limit"),
+                format!(
+                    "{} is above {what} {}; the task's {} wins (the most specific limit wins: \
+                     task, then queue, then runtime)",
+                    duration::display(limit),
+                    duration::display(fallback),
+                    duration::display(limit),
+                ),
+            );
+        }
+    }
+
+    fn handler(
+        &mut self,
+        at: &str,
+        raw: &RawHandler,
+        pools: &IndexMap<String, RawPool>,
+    ) -> Option<Handler> {
+        match raw {
+            RawHandler::Http(http) => {
+                let url = self.http_url(&format!("{at}.url"), &http.url);
+                let timeout = self.opt_duration(&format!("{at}.timeout"), &http.timeout);
+                if timeout.is_some_and(|timeout| timeout.is_zero()) {
+                    self.error(format!("{at}.timeout"), "must be longer than zero");
+                }
+                Some(Handler::Http { url: url?, timeout })
+            }
+            RawHandler::Exec(exec) => {
+                if exec.command.trim().is_empty() {
+                    self.error(format!("{at}.command"), "must not be empty");
+                }
+                Some(Handler::Exec {
+                    command: exec.command.clone(),
+                    args: exec.args.clone(),
+                    cwd: exec.cwd.clone(),
+                })
+            }
+            RawHandler::Native(_) => Some(Handler::Native),
+            RawHandler::Pool(pool) => {
+                if !pools.contains_key(&pool.pool) {
+                    self.error(format!("{at}.pool"), undefined("pool", &pool.pool, pools));
+                }
+                Some(Handler::Pool {
+                    pool: pool.pool.clone(),
+                })
+            }
+        }
+    }
+
+    fn schedules(&mut self, raw: &RawConfig) -> IndexMap<String, ScheduleSettings> {
+        let mut schedules = IndexMap::new();
+        for (name, schedule) in &raw.schedules {
+            let at = format!("schedules.{name}");
+            self.name(&at, name);
+            if let Some(compiled) = self.schedule(&at, schedule, &raw.tasks) {
+                schedules.insert(name.clone(), compiled);
+            }
+        }
+        schedules
+    }
+
+    fn schedule(
+        &mut self,
+        at: &str,
+        raw: &RawSchedule,
+        tasks: &IndexMap<String, RawTask>,
+    ) -> Option<ScheduleSettings> {
+        if !tasks.contains_key(&raw.task) {
+            self.error(format!("{at}.task"), undefined("task", &raw.task, tasks));
+        }
+        let trigger = match (&raw.every, &raw.cron) {
+            (Some(every), None) => {
+                let every = self.opt_duration(&format!("{at}.every"), &Some(every.clone()))?;
+                if every.is_zero() {
+                    self.error(format!("{at}.every"), "must be longer than zero");
+                    return None;
+                }
+                Trigger::Every(every)
+            }
+            (None, Some(expression)) => {
+                let parser = CronParser::builder().seconds(Seconds::Disallowed).build();
+                match parser.parse(expression) {
+                    Ok(cron) => Trigger::Cron {
+                        expression: expression.clone(),
+                        cron: Box::new(cron),
+                    },
+                    Err(err) => {
+                        self.error(
+                            format!("{at}.cron"),
+                            format!(
+                                "invalid cron expression \"{expression}\": {err} (five fields: \
+                                 minute hour day-of-month month day-of-week)"
+                            ),
+                        );
+                        return None;
+                    }
+                }
+            }
+            (Some(_), Some(_)) => {
+                self.error(at, "sets both `every` and `cron`: set exactly one");
+                return None;
+            }
+            (None, None) => {
+                self.error(at, "sets neither `every` nor `cron`: set exactly one");
+                return None;
+            }
+        };
+        let timezone = match raw.timezone.as_deref() {
+            None => chrono_tz::UTC,
+            Some(text) => match text.parse::<chrono_tz::Tz>() {
+                Ok(timezone) => timezone,
+                Err(_) => {
+                    self.error(
+                        format!("{at}.timezone"),
+                        format!("unknown time zone \"{text}\": use an IANA name such as \"UTC\" or \"Europe/Istanbul\""),
+                    );
+                    return None;
+                }
+            },
+        };
+        let jitter = self.opt_duration(&format!("{at}.jitter"), &raw.jitter);
+        Some(ScheduleSettings {
+            task: raw.task.clone(),
+            args: raw.args.clone(),
+            kwargs: raw.kwargs.clone(),
+            trigger,
+            timezone,
+            jitter,
+            missed: raw.missed.unwrap_or_default(),
+        })
+    }
+}
+
+/// A task's own limits, before resolution.
+struct TaskLimits {
+    time_limit: Option<Duration>,
+    soft_time_limit: Option<Duration>,
+}
+
+/// Resolves (hard, soft) task → queue → runtime, remembering where each came from.
+fn effective_limits(
+    runtime: &RuntimeSettings,
+    queue_name: &str,
+    queue: &QueueSettings,
+    task: Option<(&str, &TaskLimits)>,
+) -> (Limit, Option<Limit>) {
+    let hard = task
+        .and_then(|(at, task)| task.time_limit.map(|value| (at, value)))
+        .map(|(at, value)| Limit {
+            value,
+            from: format!("{at}.time_limit"),
+        })
+        .or_else(|| {
+            queue.time_limit.map(|value| Limit {
+                value,
+                from: format!("queues.{queue_name}.time_limit"),
+            })
+        })
+        .unwrap_or_else(|| Limit {
+            value: runtime.time_limit,
+            from: "runtime.time_limit".into(),
+        });
+    let soft = task
+        .and_then(|(at, task)| task.soft_time_limit.map(|value| (at, value)))
+        .map(|(at, value)| Limit {
+            value,
+            from: format!("{at}.soft_time_limit"),
+        })
+        .or_else(|| {
+            queue.soft_time_limit.map(|value| Limit {
+                value,
+                from: format!("queues.{queue_name}.soft_time_limit"),
+            })
+        })
+        .or_else(|| {
+            runtime.soft_time_limit.map(|value| Limit {
+                value,
+                from: "runtime.soft_time_limit".into(),
+            })
+        });
+    (hard, soft)
+}
+
+/// "queue "chatt" is not defined; defined: chat, default" (or "none are defined").
+fn undefined<T>(what: &str, name: &str, defined: &IndexMap<String, T>) -> String {
+    if defined.is_empty() {
+        format!("{what} \"{name}\" is not defined (no {what}s are defined)")
+    } else {
+        let names: Vec<&str> = defined.keys().map(String::as_str).collect();
+        format!(
+            "{what} \"{name}\" is not defined; defined {what}s: {}",
+            names.join(", ")
+        )
+    }
+}
+
+fn one_line(message: &str) -> String {
+    message
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn is_env_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}

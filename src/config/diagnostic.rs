@@ -1,0 +1,84 @@
+//! Diagnostics: one error or warning about a config, named by the key path it is about.
+//!
+//! Printed one per line as `error: <key.path>: <message>` or `warning: <key.path>: <message>`
+//! — by `runtime check`, and by [`ConfigError`](super::ConfigError)'s `Display`.
+
+use std::fmt;
+
+/// Whether a diagnostic stops the config from being used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    /// The config cannot be used.
+    Error,
+    /// The config can be used, but probably does not do what its author meant.
+    Warning,
+}
+
+/// One problem found in a config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diagnostic {
+    /// Error or warning.
+    pub severity: Severity,
+    /// What it is about: a dotted key path (`tasks.process_chat_message.soft_time_limit`), a
+    /// `line L, column C` position for a TOML syntax error, or the file for a read error.
+    pub path: String,
+    /// What is wrong, in one line.
+    pub message: String,
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let severity = match self.severity {
+            Severity::Error => "error",
+            Severity::Warning => "warning",
+        };
+        write!(f, "{severity}: {}: {}", self.path, self.message)
+    }
+}
+
+/// Every error and warning found in one pass over a config, errors kept apart from warnings.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Diagnostics {
+    /// Problems that stop the config from being used.
+    pub errors: Vec<Diagnostic>,
+    /// Problems worth a look that do not stop it.
+    pub warnings: Vec<Diagnostic>,
+}
+
+impl Diagnostics {
+    /// Records an error about `path`.
+    pub fn error(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.errors.push(Diagnostic {
+            severity: Severity::Error,
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+
+    /// Records a warning about `path`.
+    pub fn warning(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.warnings.push(Diagnostic {
+            severity: Severity::Warning,
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+
+    /// Errors first, then warnings: the order in which they are printed.
+    pub fn iter(&self) -> impl Iterator<Item = &Diagnostic> {
+        self.errors.iter().chain(&self.warnings)
+    }
+}
+
+impl fmt::Display for Diagnostics {
+    /// One diagnostic per line, errors first.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, diagnostic) in self.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{diagnostic}")?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,469 @@
+//! The config file as written: serde structs with `deny_unknown_fields`, tables kept in
+//! declaration order (declaration order is start order).
+//!
+//! Nothing here is validated beyond the shape of the TOML: durations, URLs, regexes, cron
+//! expressions and cross-references stay text, and `compile()` checks them all in one pass.
+//! A shape error (an unknown key, a wrong type, a missing required key) stops parsing at the
+//! first one, because serde cannot go on after it; [`parse`] turns it into one diagnostic
+//! named by its key path, with the line and column.
+//!
+//! The `///` comments on these fields are the user documentation of the config; defaults are
+//! stated here and applied in `compile()`.
+
+use std::path::PathBuf;
+
+use actors::supervisor::Strategy;
+use indexmap::IndexMap;
+use serde::Deserialize;
+
+use super::diagnostic::{Diagnostic, Severity};
+use super::duration::RawDuration;
+
+/// The whole file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "the config file (a TOML table)")]
+pub(crate) struct RawConfig {
+    /// `[runtime]`: the node itself.
+    #[serde(default)]
+    pub(crate) runtime: RawRuntime,
+    /// `[broker]`: where tasks are queued.
+    #[serde(default)]
+    pub(crate) broker: RawBroker,
+    /// `[http]`: the introspection/admin server.
+    #[serde(default)]
+    pub(crate) http: RawHttp,
+    /// `[supervision]`: restart policy of every supervisor.
+    #[serde(default)]
+    pub(crate) supervision: RawSupervision,
+    /// `[queues.NAME]`: one bulkhead (consumer) per queue, started in this order.
+    #[serde(default)]
+    pub(crate) queues: IndexMap<String, RawQueue>,
+    /// `[tasks.NAME]`: task definitions.
+    #[serde(default)]
+    pub(crate) tasks: IndexMap<String, RawTask>,
+    /// `[resources.NAME]`: shared external services (breakers, rate limits).
+    #[serde(default)]
+    pub(crate) resources: IndexMap<String, RawResource>,
+    /// `[pools.NAME]`: pools of prewarmed processes.
+    #[serde(default)]
+    pub(crate) pools: IndexMap<String, RawPool>,
+    /// `[schedules.NAME]`: periodic tasks (beat).
+    #[serde(default)]
+    pub(crate) schedules: IndexMap<String, RawSchedule>,
+    /// `[chaos]`: fault injection for tests and drills.
+    #[serde(default)]
+    pub(crate) chaos: RawChaos,
+}
+
+/// `[runtime]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a [runtime] table")]
+pub(crate) struct RawRuntime {
+    /// Time allowed for an orderly stop after SIGINT/SIGTERM before what is left is killed.
+    /// Default `"30s"`.
+    pub(crate) shutdown_grace: Option<RawDuration>,
+    /// How often the heartbeat actor records uptime. Default `"1s"`; must be above zero.
+    pub(crate) heartbeat_interval: Option<RawDuration>,
+    /// Hard time limit of a task whose task and queue set none. Default `"5m"`.
+    pub(crate) time_limit: Option<RawDuration>,
+    /// Soft time limit of a task whose task and queue set none. Default: none.
+    pub(crate) soft_time_limit: Option<RawDuration>,
+    /// Name of this node in events, leases and the beat leader key (`[A-Za-z0-9_-]+`).
+    /// Default: none (the node derives one when it starts).
+    pub(crate) node_name: Option<String>,
+}
+
+/// `[broker]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a [broker] table")]
+pub(crate) struct RawBroker {
+    /// `memory://` (embedded, single node), `redis://HOST:PORT/DB` or `rediss://…` (TLS).
+    /// Default `"memory://"`. The environment variable `RT_BROKER_URL` overrides it.
+    pub(crate) url: Option<String>,
+    /// Prefix of every Redis key (`rt:{chat}:stream`). Default `"rt"`.
+    pub(crate) prefix: Option<String>,
+    /// How long a running task's message stays claimed without renewal before another node
+    /// may take it over (renewed every lease/3 while the task runs). Default `"30s"`.
+    pub(crate) lease: Option<RawDuration>,
+    /// Deliveries after which a message is dead-lettered instead of delivered again (poison
+    /// messages). Default 5; at least 1.
+    pub(crate) max_deliveries: Option<u32>,
+    /// How long a task's result is kept. Default `"24h"`.
+    pub(crate) result_ttl: Option<RawDuration>,
+}
+
+/// `[http]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "an [http] table")]
+pub(crate) struct RawHttp {
+    /// Listen address, `IP:PORT`. Default `"127.0.0.1:7070"`. A non-loopback address needs
+    /// `admin_token_env`.
+    pub(crate) bind: Option<String>,
+    /// Name of the environment variable that holds the bearer token required by mutating
+    /// routes (never the token itself). Default: none (no token on loopback).
+    pub(crate) admin_token_env: Option<String>,
+}
+
+/// `[supervision]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a [supervision] table")]
+pub(crate) struct RawSupervision {
+    /// `one_for_one`, `one_for_all` or `rest_for_one`. Default `one_for_one`.
+    pub(crate) strategy: Option<Strategy>,
+    /// Restarts allowed within `within` before a supervisor gives up and fails to its parent.
+    /// Default 5.
+    pub(crate) max_restarts: Option<u32>,
+    /// The restart intensity window. Default `"10s"`; must be above zero.
+    pub(crate) within: Option<RawDuration>,
+    /// First restart delay, doubled for each consecutive restart. Default `"20ms"`.
+    pub(crate) backoff: Option<RawDuration>,
+    /// Cap of the restart delay; not below `backoff`. Default `"5s"`.
+    pub(crate) backoff_max: Option<RawDuration>,
+    /// Fraction (0.0–1.0) by which a delay is shortened at random. Default 0.2.
+    pub(crate) jitter: Option<f64>,
+}
+
+/// `[queues.NAME]`: a bulkhead with its own concurrency and limits.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a [queues.NAME] table")]
+pub(crate) struct RawQueue {
+    /// Tasks of this queue that run at once on this node. Default 1; at least 1.
+    pub(crate) concurrency: Option<u32>,
+    /// Messages fetched ahead beyond the running ones. Default 0 (fetch only into free slots).
+    pub(crate) prefetch: Option<u32>,
+    /// Hard time limit of the queue's tasks that set none. Default: `runtime.time_limit`.
+    pub(crate) time_limit: Option<RawDuration>,
+    /// Soft time limit of the queue's tasks that set none. Default: `runtime.soft_time_limit`.
+    pub(crate) soft_time_limit: Option<RawDuration>,
+}
+
+/// `[tasks.NAME]`: a task definition.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a [tasks.NAME] table")]
+pub(crate) struct RawTask {
+    /// The queue it is routed to. Default `"default"` (which must then be defined).
+    pub(crate) queue: Option<String>,
+    /// What runs it: an inline table with `kind` = `http`, `exec`, `native` or `pool`.
+    pub(crate) handler: RawHandler,
+    /// Hard time limit. Default: the queue's, then `runtime.time_limit` (most specific wins).
+    pub(crate) time_limit: Option<RawDuration>,
+    /// Soft time limit; below the hard one. Default: the queue's, then the runtime's.
+    pub(crate) soft_time_limit: Option<RawDuration>,
+    /// Retries after the first attempt before the task is dead-lettered. Default 3.
+    pub(crate) max_retries: Option<u32>,
+    /// First retry delay, doubled per attempt (or the server's Retry-After when larger).
+    /// Default `"1s"`.
+    pub(crate) backoff: Option<RawDuration>,
+    /// Cap of the retry delay; not below `backoff`. Default `"60s"`.
+    pub(crate) backoff_max: Option<RawDuration>,
+    /// Fraction (0.0–1.0) by which a retry delay is shortened at random. Default 0.2.
+    pub(crate) jitter: Option<f64>,
+    /// Resources it calls (`[resources.NAME]`); it is deferred while one of their breakers is
+    /// open. Default: none.
+    #[serde(default)]
+    pub(crate) uses: Vec<String>,
+    /// Tasks enqueued with its result when it succeeds. Default: none.
+    #[serde(default)]
+    pub(crate) link: Vec<String>,
+    /// Tasks enqueued with its error when it fails for good. Default: none.
+    #[serde(default)]
+    pub(crate) link_error: Vec<String>,
+    /// Deduplicated enqueue: an inline table `{ ttl = "24h" }`. Default: none.
+    pub(crate) idempotency: Option<RawIdempotency>,
+}
+
+/// `tasks.NAME.handler`, selected by `kind`.
+#[derive(Debug, Deserialize)]
+#[serde(
+    tag = "kind",
+    rename_all = "snake_case",
+    expecting = "an inline table with kind = \"http\", \"exec\", \"native\" or \"pool\""
+)]
+pub(crate) enum RawHandler {
+    /// POST the task envelope as JSON to a URL.
+    Http(RawHttpHandler),
+    /// Run a command (no shell), envelope on stdin, result = last stdout line.
+    Exec(RawExecHandler),
+    /// A Rust function registered through the library API under the task's name.
+    Native(RawNativeHandler),
+    /// Claim an idle agent of a pool and hand it the task.
+    Pool(RawPoolHandler),
+}
+
+/// `handler = { kind = "http", … }`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a handler table")]
+pub(crate) struct RawHttpHandler {
+    /// `http://` or `https://` URL the envelope is POSTed to.
+    pub(crate) url: String,
+    /// Timeout of one request. Default: none (the task's hard time limit cuts it).
+    pub(crate) timeout: Option<RawDuration>,
+}
+
+/// `handler = { kind = "exec", … }`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a handler table")]
+pub(crate) struct RawExecHandler {
+    /// Program to run (looked up in `PATH` when it has no `/`).
+    pub(crate) command: String,
+    /// Its arguments. Default: none.
+    #[serde(default)]
+    pub(crate) args: Vec<String>,
+    /// Working directory. Default: the runtime's.
+    pub(crate) cwd: Option<PathBuf>,
+}
+
+/// `handler = { kind = "native" }`: no options.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a handler table")]
+pub(crate) struct RawNativeHandler {}
+
+/// `handler = { kind = "pool", pool = "voice" }`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a handler table")]
+pub(crate) struct RawPoolHandler {
+    /// The pool (`[pools.NAME]`) whose agent takes the task.
+    pub(crate) pool: String,
+}
+
+/// `tasks.NAME.idempotency`
+#[derive(Debug, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "an inline table such as { ttl = \"24h\" }"
+)]
+pub(crate) struct RawIdempotency {
+    /// How long an idempotency key is remembered; an enqueue with a key seen within it
+    /// returns the first task's id.
+    pub(crate) ttl: RawDuration,
+}
+
+/// `[resources.NAME]`, selected by `kind`.
+#[derive(Debug, Deserialize)]
+#[serde(
+    tag = "kind",
+    rename_all = "snake_case",
+    expecting = "a table with kind = \"zep\" or \"openai\""
+)]
+pub(crate) enum RawResource {
+    /// Zep memory service: HTTP client with a circuit breaker.
+    Zep(RawZep),
+    /// OpenAI API: request/token rate limits and a concurrency cap.
+    #[serde(rename = "openai")]
+    OpenAi(RawOpenAi),
+}
+
+/// `kind = "zep"`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a [resources.NAME] table")]
+pub(crate) struct RawZep {
+    /// Base URL. Default `"https://api.getzep.com"`.
+    pub(crate) base_url: Option<String>,
+    /// Name of the environment variable that holds the API key (never the key itself).
+    pub(crate) api_key_env: String,
+    /// Timeout of one call. Default `"5s"`.
+    pub(crate) timeout: Option<RawDuration>,
+    /// The circuit breaker: an inline table or `[resources.NAME.breaker]`.
+    #[serde(default)]
+    pub(crate) breaker: RawBreaker,
+}
+
+/// `resources.NAME.breaker`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a breaker table")]
+pub(crate) struct RawBreaker {
+    /// Consecutive failures that open the breaker. Default 5; at least 1.
+    pub(crate) failure_threshold: Option<u32>,
+    /// How long it stays open the first time. Default `"30s"`.
+    pub(crate) open_for: Option<RawDuration>,
+    /// Cap of the open time, which doubles with each re-open. Default `"5m"`.
+    pub(crate) open_for_max: Option<RawDuration>,
+    /// Calls let through while half-open; all must succeed to close it. Default 1; at least 1.
+    pub(crate) probes: Option<u32>,
+    /// Timeout of a probe call. Default `"2s"`.
+    pub(crate) probe_timeout: Option<RawDuration>,
+    /// A call slower than this counts as a failure. Default: none.
+    pub(crate) slow_call: Option<RawDuration>,
+}
+
+/// `kind = "openai"`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a [resources.NAME] table")]
+pub(crate) struct RawOpenAi {
+    /// Base URL. Default `"https://api.openai.com/v1"`.
+    pub(crate) base_url: Option<String>,
+    /// Name of the environment variable that holds the API key (never the key itself).
+    pub(crate) api_key_env: String,
+    /// Requests allowed per minute. Default: no limit; at least 1.
+    pub(crate) requests_per_minute: Option<u32>,
+    /// Tokens allowed per minute (estimated before the call). Default: no limit; at least 1.
+    pub(crate) tokens_per_minute: Option<u32>,
+    /// Calls in flight at once. Default: no limit; at least 1.
+    pub(crate) concurrency: Option<u32>,
+}
+
+/// `[pools.NAME]`: prewarmed processes (voice agents).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a [pools.NAME] table")]
+pub(crate) struct RawPool {
+    /// Program of each agent (no shell).
+    pub(crate) command: String,
+    /// Its arguments. Default: none.
+    #[serde(default)]
+    pub(crate) args: Vec<String>,
+    /// The agent's whole environment (a clean one: nothing else is inherited), e.g.
+    /// `{ PYTHONUNBUFFERED = "1" }`. Default: empty. No secrets here: see `pass_env`.
+    #[serde(default)]
+    pub(crate) env: IndexMap<String, String>,
+    /// Names of variables copied from the runtime's own environment into the agent's (the
+    /// way to hand it secrets). Default: none.
+    #[serde(default)]
+    pub(crate) pass_env: Vec<String>,
+    /// Working directory. Default: the runtime's.
+    pub(crate) cwd: Option<PathBuf>,
+    /// Idle (ready, unassigned) agents kept warm. Default 0; not above `max`.
+    pub(crate) min_idle: Option<u32>,
+    /// Agents alive at once, in every state. At least 1.
+    pub(crate) max: u32,
+    /// Time from spawn to `ready_pattern` before the agent counts as failed. Default `"30s"`.
+    pub(crate) startup_timeout: Option<RawDuration>,
+    /// Regex matched on each stdout and stderr line: the agent is ready (idle).
+    pub(crate) ready_pattern: String,
+    /// Regex matched on each output line after an assignment: the agent took it. Default:
+    /// none (writing the assignment to its stdin is the confirmation).
+    pub(crate) assigned_pattern: Option<String>,
+    /// Time for an agent to confirm an assignment. Default `"10s"`.
+    pub(crate) assign_timeout: Option<RawDuration>,
+    /// Time a `pool` task waits for an idle agent before it is retried. Default `"5s"`.
+    pub(crate) claim_timeout: Option<RawDuration>,
+    /// Resident memory above which an agent is stopped. Default: no limit; at least 1.
+    pub(crate) memory_limit_mb: Option<u32>,
+    /// Idle agents older than this are replaced. Default: never.
+    pub(crate) max_idle_age: Option<RawDuration>,
+    /// Signal sent to the agent's process group to stop it: `SIGTERM`, `SIGINT`, `SIGHUP`,
+    /// `SIGQUIT`, `SIGUSR1`, `SIGUSR2` or `SIGKILL`. Default `"SIGTERM"`.
+    pub(crate) stop_signal: Option<String>,
+    /// Time after `stop_signal` before the group is SIGKILLed. Default `"10s"`.
+    pub(crate) stop_timeout: Option<RawDuration>,
+    /// Consecutive startup failures after which the pool stops spawning (`fatal`).
+    /// Default 3.
+    pub(crate) startretries: Option<u32>,
+}
+
+/// `[schedules.NAME]`: enqueue a task periodically.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a [schedules.NAME] table")]
+pub(crate) struct RawSchedule {
+    /// The task (`[tasks.NAME]`) to enqueue.
+    pub(crate) task: String,
+    /// Its positional arguments. Default: none.
+    #[serde(default)]
+    pub(crate) args: Vec<serde_json::Value>,
+    /// Its keyword arguments. Default: none.
+    #[serde(default)]
+    pub(crate) kwargs: serde_json::Map<String, serde_json::Value>,
+    /// Fixed interval such as `"5m"`. Exactly one of `every` and `cron`.
+    pub(crate) every: Option<RawDuration>,
+    /// Five-field cron expression such as `"0 2 * * *"` (minute hour day month weekday).
+    /// Exactly one of `every` and `cron`.
+    pub(crate) cron: Option<String>,
+    /// IANA time zone `cron` is read in, such as `"Europe/Istanbul"`. Default `"UTC"`.
+    pub(crate) timezone: Option<String>,
+    /// Random delay up to this much added to each run. Default: none.
+    pub(crate) jitter: Option<RawDuration>,
+    /// What happens to runs missed while no node was leader: `skip` them or `run_once`.
+    /// Default `skip`.
+    pub(crate) missed: Option<super::Missed>,
+}
+
+/// `[chaos]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a [chaos] table")]
+pub(crate) struct RawChaos {
+    /// Whether `POST /chaos/kill/{actor path}` exists. Default false.
+    pub(crate) enabled: Option<bool>,
+}
+
+/// Parses TOML text into the raw structs. A syntax error is named by its position; a shape
+/// error by its key path, with its position appended.
+pub(crate) fn parse(text: &str) -> Result<RawConfig, Diagnostic> {
+    let deserializer = toml::de::Deserializer::parse(text).map_err(|err| {
+        let mut message = one_line(err.message());
+        let span = err.span();
+        // toml says only "duplicate key": name it.
+        if let Some(key) = span.clone().and_then(|span| text.get(span))
+            && message == "duplicate key"
+        {
+            message = format!("duplicate key `{key}`");
+        }
+        Diagnostic {
+            severity: Severity::Error,
+            path: span.map_or_else(|| "(toml)".to_owned(), |span| position(text, span.start)),
+            message,
+        }
+    })?;
+    serde_path_to_error::deserialize(deserializer).map_err(|err| {
+        let path = match err.path().to_string() {
+            root if root == "." => String::new(),
+            path => path,
+        };
+        let inner = err.into_inner();
+        let (path, mut message) = name_the_key(path, one_line(inner.message()));
+        if let Some(span) = inner.span() {
+            message.push_str(&format!(" ({})", position(text, span.start)));
+        }
+        Diagnostic {
+            severity: Severity::Error,
+            path,
+            message,
+        }
+    })
+}
+
+/// serde reports an unknown or missing key at the table that holds it; move the key into
+/// the path so that the path names it: `tasks.x: unknown field `y`, …` → `tasks.x.y: unknown
+/// key, …`.
+fn name_the_key(path: String, message: String) -> (String, String) {
+    for (prefix, replacement) in [
+        ("unknown field `", "unknown key"),
+        ("missing field `", "required key is missing"),
+    ] {
+        let Some(rest) = message.strip_prefix(prefix) else {
+            continue;
+        };
+        let Some((key, tail)) = rest.split_once('`') else {
+            continue;
+        };
+        // A struct's unknown key is already in the path; a tagged enum's is not.
+        let full = if path.is_empty() {
+            key.to_owned()
+        } else if path == key || path.ends_with(&format!(".{key}")) {
+            path
+        } else {
+            format!("{path}.{key}")
+        };
+        return (full, format!("{replacement}{tail}"));
+    }
+    let path = if path.is_empty() {
+        "(top level)".to_owned()
+    } else {
+        path
+    };
+    (path, message)
+}
+
+/// `line L, column C` (both from 1, column in characters) of a byte offset.
+fn position(text: &str, offset: usize) -> String {
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let column = before
+        .rsplit('\n')
+        .next()
+        .map_or(0, |last| last.chars().count())
+        + 1;
+    format!("line {line}, column {column}")
+}
+
+fn one_line(message: &str) -> String {
+    message.trim().replace('\n', "; ")
+}

@@ -1,0 +1,678 @@
+//! Unit tests of the config compiler: one or more per rule, against an injected environment.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use actors::supervisor::Strategy;
+
+use super::{Config, Environment, Handler, Loaded, ResourceSettings, Trigger, compile_str};
+
+/// Compiles `text` with exactly `vars` in the environment.
+fn compile_env(text: &str, vars: &[(&str, &str)]) -> Result<Loaded, Vec<String>> {
+    let vars: HashMap<String, String> = vars
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let lookup = move |name: &str| vars.get(name).cloned();
+    compile_str(text, Environment::Lookup(&lookup))
+        .map_err(|err| err.diagnostics.iter().map(ToString::to_string).collect())
+}
+
+/// Compiles `text` with an empty environment; panics (test failure) on errors.
+fn ok(text: &str) -> (Config, Vec<String>) {
+    match compile_env(text, &[]) {
+        Ok(loaded) => (
+            loaded.config,
+            loaded.warnings.iter().map(ToString::to_string).collect(),
+        ),
+        Err(lines) => panic!("expected a valid config, got:\n{}", lines.join("\n")),
+    }
+}
+
+/// Every diagnostic line (errors, then warnings) of a config that must fail.
+fn fails(text: &str) -> Vec<String> {
+    fails_env(text, &[])
+}
+
+fn fails_env(text: &str, vars: &[(&str, &str)]) -> Vec<String> {
+    match compile_env(text, vars) {
+        Ok(loaded) => panic!(
+            "expected errors, got a config; warnings: {:?}",
+            loaded.warnings
+        ),
+        Err(lines) => lines,
+    }
+}
+
+const QUEUE: &str = "[queues.default]\n";
+
+#[test]
+fn an_empty_file_compiles_to_the_documented_defaults() {
+    let (config, warnings) = ok("");
+    assert!(warnings.is_empty());
+    assert_eq!(config.runtime.shutdown_grace, Duration::from_secs(30));
+    assert_eq!(config.runtime.heartbeat_interval, Duration::from_secs(1));
+    assert_eq!(config.runtime.time_limit, Duration::from_secs(300));
+    assert_eq!(config.runtime.soft_time_limit, None);
+    assert_eq!(config.broker.url, "memory://");
+    assert_eq!(config.broker.prefix, "rt");
+    assert_eq!(config.broker.lease, Duration::from_secs(30));
+    assert_eq!(config.broker.max_deliveries.get(), 5);
+    assert_eq!(config.broker.result_ttl, Duration::from_secs(86_400));
+    assert_eq!(config.http.bind.to_string(), "127.0.0.1:7070");
+    assert_eq!(config.http.admin_token, None);
+    assert_eq!(config.supervision.strategy, Strategy::OneForOne);
+    assert_eq!(config.supervision.intensity.max_restarts(), 5);
+    assert_eq!(
+        config.supervision.intensity.within(),
+        Duration::from_secs(10)
+    );
+    assert_eq!(
+        config.supervision.backoff.ceiling(0),
+        Duration::from_millis(20)
+    );
+    assert_eq!(
+        config.supervision.backoff.ceiling(20),
+        Duration::from_secs(5)
+    );
+    assert!(!config.chaos.enabled);
+    assert!(config.queues.is_empty() && config.tasks.is_empty());
+}
+
+#[test]
+fn tables_keep_declaration_order() {
+    let (config, _) = ok("[queues.zeta]\n[queues.alpha]\n[queues.mid]\n");
+    let names: Vec<&str> = config.queues.keys().map(String::as_str).collect();
+    assert_eq!(names, ["zeta", "alpha", "mid"]);
+}
+
+#[test]
+fn unknown_keys_are_named_by_path_with_position() {
+    assert_eq!(
+        fails("[queues.chat]\nconcurency = 3\n"),
+        [
+            "error: queues.chat.concurency: unknown key, expected one of `concurrency`, \
+          `prefetch`, `time_limit`, `soft_time_limit` (line 2, column 1)"
+        ]
+    );
+    assert_eq!(
+        fails("[queus.chat]\n")[0],
+        "error: queus: unknown key, expected one of `runtime`, `broker`, `http`, \
+         `supervision`, `queues`, `tasks`, `resources`, `pools`, `schedules`, `chaos` \
+         (line 1, column 2)"
+    );
+    // Inside a tagged handler table too.
+    assert_eq!(
+        fails(&format!(
+            "{QUEUE}[tasks.t]\nhandler = {{ kind = \"http\", urll = \"http://x\" }}\n"
+        )),
+        [
+            "error: tasks.t.handler.urll: unknown key, expected `url` or `timeout` (line 3, column 11)"
+        ]
+    );
+    assert_eq!(
+        fails("[resources.r]\nkind = \"redis\"\n"),
+        [
+            "error: resources.r.kind: unknown variant `redis`, expected `zep` or `openai` (line 2, column 8)"
+        ]
+    );
+}
+
+#[test]
+fn missing_required_keys_and_wrong_types_are_named() {
+    assert_eq!(
+        fails(&format!("{QUEUE}[tasks.t]\nqueue = \"default\"\n")),
+        ["error: tasks.t.handler: required key is missing (line 2, column 1)"]
+    );
+    assert_eq!(
+        fails(&format!("{QUEUE}[tasks.t]\nhandler = \"native\"\n")),
+        [
+            "error: tasks.t.handler: invalid type: string \"native\", expected an inline table \
+          with kind = \"http\", \"exec\", \"native\" or \"pool\" (line 3, column 11)"
+        ]
+    );
+    assert_eq!(
+        fails(&format!(
+            "{QUEUE}[tasks.t]\nhandler = {{ kind = \"http\" }}\n"
+        )),
+        ["error: tasks.t.handler.url: required key is missing (line 3, column 11)"]
+    );
+    assert_eq!(
+        fails("[queues.chat]\nconcurrency = \"four\"\n"),
+        [
+            "error: queues.chat.concurrency: invalid type: string \"four\", expected u32 (line 2, column 15)"
+        ]
+    );
+}
+
+#[test]
+fn toml_syntax_errors_and_duplicate_keys_give_line_and_column() {
+    assert_eq!(
+        fails("[queues.chat]\nconcurrency = 3\n[queues.chat]\n"),
+        ["error: line 3, column 9: duplicate key `chat`"]
+    );
+    assert_eq!(
+        fails("[queues.default\n"),
+        ["error: line 1, column 16: unclosed table, expected `]`"]
+    );
+}
+
+#[test]
+fn bad_durations_name_their_key_and_all_are_reported() {
+    let lines =
+        fails("[runtime]\nshutdown_grace = \"30 parsecs\"\n[queues.chat]\ntime_limit = \"1x\"\n");
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert!(lines[0].starts_with("error: runtime.shutdown_grace: invalid duration \"30 parsecs\""));
+    assert!(lines[1].starts_with("error: queues.chat.time_limit: invalid duration \"1x\""));
+    assert_eq!(
+        fails("[runtime]\nshutdown_grace = 30\n"),
+        [
+            "error: runtime.shutdown_grace: a duration needs a unit: write \"30s\" (or ms, m, h), \
+          not a bare number (line 2, column 18)"
+        ]
+    );
+    assert_eq!(
+        fails("[runtime]\nheartbeat_interval = \"0s\"\n"),
+        ["error: runtime.heartbeat_interval: must be longer than zero"]
+    );
+}
+
+#[test]
+fn a_task_routed_to_an_undefined_queue_lists_the_defined_ones() {
+    assert_eq!(
+        fails(
+            "[queues.chat]\n[queues.default]\n[tasks.t]\nqueue = \"chatt\"\nhandler = { kind = \"native\" }\n"
+        ),
+        ["error: tasks.t.queue: queue \"chatt\" is not defined; defined queues: chat, default"]
+    );
+    assert_eq!(
+        fails("[tasks.t]\nhandler = { kind = \"native\" }\n"),
+        [
+            "error: tasks.t.queue: queue \"default\" is not defined (no queues are defined) \
+          (a task without `queue` goes to \"default\")"
+        ]
+    );
+}
+
+#[test]
+fn soft_at_or_above_hard_is_an_error_at_every_level() {
+    assert_eq!(
+        fails("[runtime]\ntime_limit = \"60s\"\nsoft_time_limit = \"60s\"\n"),
+        [
+            "error: runtime.soft_time_limit: 60s is not below time_limit 60s: the soft limit would never fire"
+        ]
+    );
+    assert_eq!(
+        fails("[queues.chat]\ntime_limit = \"30s\"\nsoft_time_limit = \"45s\"\n"),
+        [
+            "error: queues.chat.soft_time_limit: 45s is not below time_limit 30s: the soft limit would never fire"
+        ]
+    );
+    assert_eq!(
+        fails(&format!(
+            "{QUEUE}[tasks.t]\nhandler = {{ kind = \"native\" }}\ntime_limit = \"100s\"\nsoft_time_limit = \"120s\"\n"
+        )),
+        [
+            "error: tasks.t.soft_time_limit: 120s is not below time_limit 100s: the soft limit would never fire"
+        ]
+    );
+}
+
+#[test]
+fn soft_versus_hard_is_checked_after_precedence() {
+    // The task's soft limit against the hard limit it inherits from the runtime.
+    assert_eq!(
+        fails(&format!(
+            "[runtime]\ntime_limit = \"60s\"\n{QUEUE}[tasks.t]\nhandler = {{ kind = \"native\" }}\nsoft_time_limit = \"70s\"\n"
+        )),
+        [
+            "error: tasks.t.soft_time_limit: 70s is not below the time_limit 60s inherited from \
+          runtime.time_limit: the soft limit would never fire"
+        ]
+    );
+    // The task's hard limit against the soft limit it inherits from its queue.
+    assert_eq!(
+        fails(
+            "[queues.chat]\nsoft_time_limit = \"45s\"\n[tasks.t]\nqueue = \"chat\"\nhandler = { kind = \"native\" }\ntime_limit = \"30s\"\n"
+        ),
+        [
+            "error: tasks.t.time_limit: 30s is not above the soft_time_limit 45s inherited from \
+          queues.chat.soft_time_limit: the soft limit would never fire"
+        ]
+    );
+}
+
+#[test]
+fn effective_limits_resolve_task_then_queue_then_runtime() {
+    let (config, warnings) = ok(r#"
+        [runtime]
+        soft_time_limit = "45s"
+        [queues.chat]
+        time_limit = "150s"
+        soft_time_limit = "130s"
+        [queues.default]
+        [tasks.chat_task]
+        queue = "chat"
+        handler = { kind = "native" }
+        [tasks.own]
+        queue = "chat"
+        handler = { kind = "native" }
+        time_limit = "20s"
+        soft_time_limit = "10s"
+        [tasks.plain]
+        handler = { kind = "native" }
+    "#);
+    assert!(warnings.is_empty(), "{warnings:?}");
+    let limits = |name: &str| {
+        let task = &config.tasks[name];
+        (task.time_limit, task.soft_time_limit)
+    };
+    let s = Duration::from_secs;
+    assert_eq!(limits("chat_task"), (s(150), Some(s(130))));
+    assert_eq!(limits("own"), (s(20), Some(s(10))));
+    assert_eq!(limits("plain"), (s(300), Some(s(45))));
+}
+
+#[test]
+fn the_seed_conflict_is_a_warning_that_says_the_task_wins() {
+    // Celery's CELERY_TASK_TIME_LIMIT = 60 vs process_chat_message's time_limit = 120.
+    let (config, warnings) = ok(r#"
+        [queues.chat]
+        time_limit = "60s"
+        soft_time_limit = "45s"
+        [tasks.process_chat_message]
+        queue = "chat"
+        handler = { kind = "native" }
+        time_limit = "120s"
+        soft_time_limit = "100s"
+    "#);
+    assert_eq!(
+        warnings,
+        [
+            "warning: tasks.process_chat_message.time_limit: 120s is above \
+          queues.chat.time_limit 60s; the task's 120s wins (the most specific limit wins: \
+          task, then queue, then runtime)"
+        ]
+    );
+    assert_eq!(
+        config.tasks["process_chat_message"].time_limit,
+        Duration::from_secs(120)
+    );
+}
+
+#[test]
+fn a_limit_above_a_written_runtime_default_is_a_warning() {
+    let (_, warnings) = ok(&format!(
+        "[runtime]\ntime_limit = \"60s\"\n{QUEUE}[tasks.t]\nhandler = {{ kind = \"native\" }}\ntime_limit = \"120s\"\n"
+    ));
+    assert_eq!(
+        warnings,
+        [
+            "warning: tasks.t.time_limit: 120s is above runtime.time_limit 60s; the task's 120s \
+          wins (the most specific limit wins: task, then queue, then runtime)"
+        ]
+    );
+    let (_, warnings) =
+        ok("[runtime]\ntime_limit = \"60s\"\n[queues.chat]\ntime_limit = \"90s\"\n");
+    assert_eq!(
+        warnings,
+        [
+            "warning: queues.chat.time_limit: 90s is above runtime.time_limit 60s; the queue's \
+          90s wins (the most specific limit wins: task, then queue, then runtime)"
+        ]
+    );
+    // The built-in default is not something anyone wrote: no warning against it.
+    let (_, warnings) = ok(&format!(
+        "{QUEUE}[tasks.t]\nhandler = {{ kind = \"native\" }}\ntime_limit = \"10m\"\n"
+    ));
+    assert!(warnings.is_empty(), "{warnings:?}");
+}
+
+#[test]
+fn an_http_timeout_above_the_hard_limit_is_a_warning() {
+    let (_, warnings) = ok(r#"
+        [queues.notifications]
+        time_limit = "30s"
+        [tasks.send_whatsapp_message_task]
+        queue = "notifications"
+        handler = { kind = "http", url = "http://127.0.0.1:8000/tasks/whatsapp", timeout = "45s" }
+    "#);
+    assert_eq!(
+        warnings,
+        [
+            "warning: tasks.send_whatsapp_message_task.handler.timeout: 45s is above the task's \
+          time_limit 30s (from queues.notifications.time_limit): the hard limit stops the \
+          request first"
+        ]
+    );
+}
+
+#[test]
+fn handler_kinds_compile() {
+    let (config, _) = ok(r#"
+        [queues.default]
+        [pools.voice]
+        command = "python"
+        max = 2
+        ready_pattern = "Pipeline started"
+        [tasks.h]
+        handler = { kind = "http", url = "https://app.internal/tasks/h", timeout = "5s" }
+        [tasks.e]
+        handler = { kind = "exec", command = "python", args = ["-m", "jobs.e"], cwd = "/srv" }
+        [tasks.n]
+        handler = { kind = "native" }
+        [tasks.p]
+        handler = { kind = "pool", pool = "voice" }
+    "#);
+    assert!(
+        matches!(&config.tasks["h"].handler, Handler::Http { url, timeout: Some(_) } if url.as_str() == "https://app.internal/tasks/h")
+    );
+    assert!(matches!(&config.tasks["e"].handler, Handler::Exec { args, .. } if args.len() == 2));
+    assert!(matches!(config.tasks["n"].handler, Handler::Native));
+    assert!(matches!(&config.tasks["p"].handler, Handler::Pool { pool } if pool == "voice"));
+    assert_eq!(config.tasks["n"].retry.max_retries, 3);
+}
+
+#[test]
+fn concurrency_zero_is_an_error() {
+    assert_eq!(
+        fails("[queues.chat]\nconcurrency = 0\n"),
+        ["error: queues.chat.concurrency: must be at least 1, got 0"]
+    );
+}
+
+#[test]
+fn pool_sizes_are_checked() {
+    let pool = "[pools.voice]\ncommand = \"python\"\nready_pattern = \"ready\"\n";
+    assert_eq!(
+        fails(&format!("{pool}max = 2\nmin_idle = 3\n")),
+        ["error: pools.voice.min_idle: 3 is above max 2: the pool could never keep that many idle"]
+    );
+    assert_eq!(
+        fails(&format!("{pool}max = 0\n")),
+        ["error: pools.voice.max: must be at least 1, got 0"]
+    );
+}
+
+#[test]
+fn pool_regexes_signals_and_env_names_are_checked() {
+    let lines = fails(
+        "[pools.voice]\ncommand = \"python\"\nmax = 1\nready_pattern = \"(unclosed\"\n\
+         assigned_pattern = \"[\"\nstop_signal = \"TERM\"\nenv = { \"BAD NAME\" = \"1\" }\n",
+    );
+    assert_eq!(lines.len(), 4, "{lines:?}");
+    assert_eq!(
+        lines[0],
+        "error: pools.voice.env.BAD NAME: not a valid environment variable name ([A-Za-z_][A-Za-z0-9_]*)"
+    );
+    assert!(
+        lines[1].starts_with("error: pools.voice.ready_pattern: invalid regex \"(unclosed\": ")
+    );
+    assert!(lines[2].starts_with("error: pools.voice.assigned_pattern: invalid regex \"[\": "));
+    assert_eq!(
+        lines[3],
+        "error: pools.voice.stop_signal: unknown signal \"TERM\": use one of SIGTERM, SIGINT, \
+         SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGKILL"
+    );
+}
+
+#[test]
+fn references_to_undefined_names_are_errors() {
+    let lines = fails(
+        r#"
+        [queues.default]
+        [resources.zep]
+        kind = "zep"
+        api_key_env = "ZEP_API_KEY"
+        [tasks.t]
+        handler = { kind = "pool", pool = "voice" }
+        uses = ["zep", "openai"]
+        link = ["notify"]
+        link_error = ["t", "report_failure"]
+        [schedules.nightly]
+        task = "cleanup"
+        every = "1h"
+    "#,
+    );
+    assert_eq!(
+        lines[..5],
+        [
+            "error: tasks.t.handler.pool: pool \"voice\" is not defined (no pools are defined)",
+            "error: tasks.t.uses: resource \"openai\" is not defined; defined resources: zep",
+            "error: tasks.t.link: task \"notify\" is not defined; defined tasks: t",
+            "error: tasks.t.link_error: task \"report_failure\" is not defined; defined tasks: t",
+            "error: schedules.nightly.task: task \"cleanup\" is not defined; defined tasks: t",
+        ]
+    );
+    assert_eq!(
+        lines[5..],
+        [
+            "warning: resources.zep.api_key_env: environment variable ZEP_API_KEY is not set: \
+             calls to resource zep will fail and the tasks that use it with them",
+            "warning: tasks.t.link_error: t enqueues itself: every run starts another one, forever",
+        ]
+    );
+}
+
+#[test]
+fn duplicates_inside_lists_are_errors() {
+    assert_eq!(
+        fails(&format!(
+            "{QUEUE}[tasks.t]\nhandler = {{ kind = \"native\" }}\nlink = [\"u\", \"u\"]\n[tasks.u]\nhandler = {{ kind = \"native\" }}\n"
+        )),
+        ["error: tasks.t.link: \"u\" is listed more than once"]
+    );
+}
+
+#[test]
+fn names_must_fit_actor_paths_and_redis_keys() {
+    assert_eq!(
+        fails("[queues.\"chat{1}\"]\n[queues.\"a.b\"]\n"),
+        [
+            "error: queues.chat{1}: name \"chat{1}\" is not usable in actor paths and Redis keys: \
+             use only letters, digits, '_' and '-'",
+            "error: queues.a.b: name \"a.b\" is not usable in actor paths and Redis keys: use \
+             only letters, digits, '_' and '-'",
+        ]
+    );
+}
+
+#[test]
+fn schedules_need_exactly_one_valid_trigger() {
+    let base = "[queues.default]\n[tasks.t]\nhandler = { kind = \"native\" }\n[schedules.s]\ntask = \"t\"\n";
+    assert_eq!(
+        fails(&format!("{base}every = \"5m\"\ncron = \"0 2 * * *\"\n")),
+        ["error: schedules.s: sets both `every` and `cron`: set exactly one"]
+    );
+    assert_eq!(
+        fails(base),
+        ["error: schedules.s: sets neither `every` nor `cron`: set exactly one"]
+    );
+    let lines = fails(&format!("{base}cron = \"0 25 * * *\"\n"));
+    assert_eq!(lines.len(), 1);
+    assert!(
+        lines[0].starts_with("error: schedules.s.cron: invalid cron expression \"0 25 * * *\""),
+        "{lines:?}"
+    );
+    assert_eq!(
+        fails(&format!(
+            "{base}cron = \"0 2 * * *\"\ntimezone = \"Mars/Olympus\"\n"
+        )),
+        [
+            "error: schedules.s.timezone: unknown time zone \"Mars/Olympus\": use an IANA name such \
+          as \"UTC\" or \"Europe/Istanbul\""
+        ]
+    );
+    let (config, _) = ok(&format!(
+        "{base}cron = \"0 2 * * *\"\ntimezone = \"Europe/Istanbul\"\nmissed = \"run_once\"\n"
+    ));
+    let schedule = &config.schedules["s"];
+    assert!(
+        matches!(&schedule.trigger, Trigger::Cron { expression, .. } if expression == "0 2 * * *")
+    );
+    assert_eq!(schedule.timezone, chrono_tz::Europe::Istanbul);
+    assert_eq!(schedule.missed, super::Missed::RunOnce);
+}
+
+#[test]
+fn a_missing_secret_is_a_warning_a_set_one_is_resolved_and_no_environment_skips_both() {
+    let text = "[resources.openai]\nkind = \"openai\"\napi_key_env = \"OPENAI_API_KEY\"\n";
+    let (_, warnings) = ok(text);
+    assert_eq!(
+        warnings,
+        [
+            "warning: resources.openai.api_key_env: environment variable OPENAI_API_KEY is not \
+          set: calls to resource openai will fail and the tasks that use it with them"
+        ]
+    );
+    let loaded = compile_env(text, &[("OPENAI_API_KEY", "sk-test")]).expect("valid");
+    assert!(loaded.warnings.is_empty());
+    let ResourceSettings::OpenAi(openai) = &loaded.config.resources["openai"] else {
+        panic!("expected openai");
+    };
+    assert_eq!(
+        openai.api_key.as_ref().map(|key| key.expose()),
+        Some("sk-test")
+    );
+    assert!(
+        !format!("{:?}", loaded.config).contains("sk-test"),
+        "Debug leaks the key"
+    );
+
+    let loaded = compile_str(text, Environment::Ignored).expect("valid");
+    assert!(loaded.warnings.is_empty());
+}
+
+#[test]
+fn a_secret_value_where_its_name_belongs_is_an_error_that_does_not_echo_it() {
+    let lines = fails("[resources.zep]\nkind = \"zep\"\napi_key_env = \"z_live-abc123\"\n");
+    assert_eq!(
+        lines,
+        [
+            "error: resources.zep.api_key_env: must name an environment variable \
+          ([A-Za-z_][A-Za-z0-9_]*), not hold its value"
+        ]
+    );
+}
+
+#[test]
+fn a_non_loopback_bind_needs_an_admin_token() {
+    assert_eq!(
+        fails("[http]\nbind = \"0.0.0.0:7070\"\n"),
+        [
+            "error: http.bind: 0.0.0.0:7070 is not a loopback address and http.admin_token_env is \
+          not set: the mutating routes would be open to the network"
+        ]
+    );
+    let text = "[http]\nbind = \"0.0.0.0:7070\"\nadmin_token_env = \"RT_ADMIN_TOKEN\"\n";
+    assert_eq!(
+        fails(text),
+        [
+            "error: http.admin_token_env: environment variable RT_ADMIN_TOKEN is not set and \
+          http.bind 0.0.0.0:7070 is not a loopback address: the mutating routes would be open \
+          to the network"
+        ]
+    );
+    let loaded = compile_env(text, &[("RT_ADMIN_TOKEN", "hunter2")]).expect("valid");
+    assert_eq!(loaded.config.http.admin_token.as_deref(), Some("hunter2"));
+    assert!(!format!("{:?}", loaded.config.http).contains("hunter2"));
+    // On loopback a missing token is only a warning.
+    let (_, warnings) = ok("[http]\nadmin_token_env = \"RT_ADMIN_TOKEN\"\n");
+    assert_eq!(
+        warnings,
+        [
+            "warning: http.admin_token_env: environment variable RT_ADMIN_TOKEN is not set: the \
+          mutating routes accept requests without a token"
+        ]
+    );
+    assert_eq!(
+        fails("[http]\nbind = \"localhost:7070\"\n"),
+        ["error: http.bind: \"localhost:7070\" is not IP:PORT (e.g. \"127.0.0.1:7070\")"]
+    );
+}
+
+#[test]
+fn the_broker_url_scheme_is_checked_and_rt_broker_url_overrides_it() {
+    assert_eq!(
+        fails("[broker]\nurl = \"amqp://guest:secret@rabbit//\"\n"),
+        [
+            "error: broker.url: unsupported broker scheme \"amqp\": use memory://, redis:// or rediss://"
+        ]
+    );
+    let text = "[broker]\nurl = \"redis://127.0.0.1:6379/0\"\n";
+    assert_eq!(ok(text).0.broker.url, "redis://127.0.0.1:6379/0");
+    let loaded =
+        compile_env(text, &[("RT_BROKER_URL", "rediss://:pw@cache:6380/1")]).expect("valid");
+    assert_eq!(loaded.config.broker.url, "rediss://:pw@cache:6380/1");
+    assert!(!format!("{:?}", loaded.config.broker).contains("pw"));
+    assert_eq!(
+        fails_env(text, &[("RT_BROKER_URL", "kafka://x")]),
+        [
+            "error: broker.url: unsupported broker scheme \"kafka\" (set by RT_BROKER_URL): use \
+          memory://, redis:// or rediss://"
+        ]
+    );
+    // --no-environment does not apply the override.
+    let loaded = compile_str(text, Environment::Ignored).expect("valid");
+    assert_eq!(loaded.config.broker.url, "redis://127.0.0.1:6379/0");
+}
+
+#[test]
+fn supervision_values_are_built_by_their_validating_constructors() {
+    let lines = fails("[supervision]\nwithin = \"0s\"\nbackoff = \"2s\"\nbackoff_max = \"1s\"\n");
+    assert_eq!(
+        lines,
+        [
+            "error: supervision.within: restart window must be longer than zero",
+            "error: supervision.backoff_max: backoff_max (1s) is below backoff (2s)",
+        ]
+    );
+    assert_eq!(
+        fails("[supervision]\njitter = 1.5\n"),
+        ["error: supervision.jitter: jitter must be between 0.0 and 1.0, got 1.5"]
+    );
+    assert_eq!(
+        fails(&format!(
+            "{QUEUE}[tasks.t]\nhandler = {{ kind = \"native\" }}\nbackoff = \"2m\"\n"
+        )),
+        ["error: tasks.t.backoff_max: backoff_max (60s) is below backoff (120s)"]
+    );
+}
+
+#[test]
+fn breaker_values_are_checked() {
+    let lines = fails(
+        "[resources.zep]\nkind = \"zep\"\napi_key_env = \"ZEP_API_KEY\"\n\
+         breaker = { failure_threshold = 0, open_for = \"10m\", probes = 0 }\n",
+    );
+    assert_eq!(
+        lines[..3],
+        [
+            "error: resources.zep.breaker.failure_threshold: must be at least 1, got 0",
+            "error: resources.zep.breaker.open_for_max: 300s is below open_for 600s",
+            "error: resources.zep.breaker.probes: must be at least 1, got 0",
+        ]
+    );
+}
+
+#[test]
+fn every_error_of_a_file_is_reported_in_one_pass() {
+    let lines = fails(
+        r#"
+        [http]
+        bind = "0.0.0.0:7070"
+        [queues.chat]
+        concurrency = 0
+        [pools.voice]
+        command = "python"
+        max = 1
+        min_idle = 2
+        ready_pattern = "ready"
+        [tasks.t]
+        queue = "nope"
+        handler = { kind = "native" }
+        uses = ["zep"]
+    "#,
+    );
+    assert_eq!(lines.len(), 5, "{lines:?}");
+}
