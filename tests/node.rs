@@ -126,6 +126,20 @@ async fn sigterm_stops_the_tree_and_exits_zero_naming_the_signal() {
 }
 
 #[tokio::test]
+async fn json_logs_are_one_object_per_line() {
+    let mut node = Node::start(CHAOS, &[("RT_LOG_FORMAT", "json")]);
+    node.signal("TERM");
+    node.wait_exit(Duration::from_secs(5)).expect("exits");
+    let log = node.log();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert!(lines.iter().any(|l| l["message"] == "tree stopped"), "{log}");
+    assert!(lines.iter().all(|l| l["level"].is_string() && l["timestamp"].is_string()));
+}
+
+#[tokio::test]
 async fn chaos_routes_do_not_exist_unless_enabled() {
     let node = Node::start("[http]\nbind = \"127.0.0.1:0\"\n", &[]);
     assert_eq!(node.post("/chaos/kill/heartbeat", None).await.status(), 404);

@@ -78,7 +78,10 @@ impl Node {
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if let Some(at) = line.find("http listening on ") {
-                    let url = line[at + "http listening on ".len()..].trim().to_string();
+                    let url: String = line[at + "http listening on ".len()..]
+                        .chars()
+                        .take_while(|c| c.is_ascii_alphanumeric() || ":/.[]".contains(*c))
+                        .collect();
                     let _ = tx.send(url);
                 }
                 sink.lock().unwrap().push(line);
