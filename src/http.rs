@@ -4,13 +4,19 @@
 //! |---|---|
 //! | `GET /health` | 200 when the root and every permanent actor are running, else 503 with reasons |
 //! | `GET /actors` | the supervision tree as JSON; `?format=text` for an indented rendering |
+//! | `POST /tasks`, `GET /tasks/{id}` | enqueue (one or a batch), a task's record ([`tasks`]) |
+//! | `GET /queues`, `GET /dlq/{queue}`, `POST /dlq/{queue}/requeue`, `POST /queues/{queue}/purge` | depths and dead letters ([`queues`]) |
 //! | `POST /chaos/kill/{path}` | kill that actor (only with `[chaos] enabled = true`) |
 //!
 //! Mutating routes require `Authorization: Bearer <token>` when `http.admin_token_env` names a
 //! token. Errors are JSON `{"error": "..."}` and never carry internals or secrets.
 
+pub mod queues;
+pub mod tasks;
+
 use std::sync::Arc;
 
+use actors::broker::{AnyBroker, BrokerError};
 use actors::tree::Tree;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -22,6 +28,7 @@ use serde::Deserialize;
 use serde_json::json;
 use tracing::warn;
 
+use crate::config::Config;
 use crate::topology::ROOT;
 
 /// What the handlers read.
@@ -29,10 +36,27 @@ use crate::topology::ROOT;
 pub struct AppState {
     /// The node's tree registry.
     pub tree: Arc<Tree>,
+    /// The broker.
+    pub broker: Arc<AnyBroker>,
+    /// The validated config (task routing, queue names).
+    pub config: Arc<Config>,
     /// Bearer token for mutating routes, when configured.
     pub admin_token: Option<Arc<str>>,
     /// Whether the chaos routes exist.
     pub chaos: bool,
+}
+
+impl AppState {
+    /// The state of a node running `config`.
+    pub fn new(tree: Arc<Tree>, broker: Arc<AnyBroker>, config: &Config) -> Self {
+        Self {
+            tree,
+            broker,
+            admin_token: config.http.admin_token.as_deref().map(Arc::from),
+            chaos: config.chaos.enabled,
+            config: Arc::new(config.clone()),
+        }
+    }
 }
 
 /// An error answered to an HTTP client.
@@ -47,6 +71,18 @@ pub enum ApiError {
     /// 404
     #[error("{0}")]
     NotFound(String),
+    /// 503: the broker failed the request.
+    #[error("broker unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl From<BrokerError> for ApiError {
+    fn from(err: BrokerError) -> Self {
+        match err {
+            BrokerError::Invalid(why) => ApiError::BadRequest(why),
+            other => ApiError::Unavailable(other.to_string()),
+        }
+    }
 }
 
 impl IntoResponse for ApiError {
@@ -55,6 +91,7 @@ impl IntoResponse for ApiError {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         };
         let body = Json(json!({ "error": self.to_string() }));
         if status == StatusCode::UNAUTHORIZED {
@@ -67,16 +104,21 @@ impl IntoResponse for ApiError {
 
 /// The router of the node's HTTP server.
 pub fn app(state: AppState) -> Router {
-    let mut router = Router::new()
-        .route("/health", get(health))
-        .route("/actors", get(actors));
+    let mut mutating = Router::new()
+        .route("/tasks", post(tasks::enqueue))
+        .route("/dlq/{queue}/requeue", post(queues::requeue_dead))
+        .route("/queues/{queue}/purge", post(queues::purge));
     if state.chaos {
-        let mutating = Router::new()
-            .route("/chaos/kill/{*path}", post(chaos_kill))
-            .route_layer(middleware::from_fn_with_state(state.clone(), authorize));
-        router = router.merge(mutating);
+        mutating = mutating.route("/chaos/kill/{*path}", post(chaos_kill));
     }
-    router
+    let mutating = mutating.route_layer(middleware::from_fn_with_state(state.clone(), authorize));
+    Router::new()
+        .route("/health", get(health))
+        .route("/actors", get(actors))
+        .route("/tasks/{id}", get(tasks::record))
+        .route("/queues", get(queues::depths))
+        .route("/dlq/{queue}", get(queues::dead_letters))
+        .merge(mutating)
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .with_state(state)
 }

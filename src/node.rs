@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use actors::broker::AnyBroker;
 use actors::supervisor::start_root;
 use actors::tree::{Status, Tree};
 use tokio::net::TcpListener;
@@ -15,7 +16,7 @@ use tracing::{error, info, warn};
 
 use crate::config::Config;
 use crate::http::{AppState, app};
-use crate::topology::{ROOT, root_spec};
+use crate::topology::{ROOT, Shared, broker_settings, node_name, root_spec};
 
 /// Time the HTTP server gets to finish open requests once the tree has stopped.
 const HTTP_DRAIN: Duration = Duration::from_secs(2);
@@ -24,8 +25,6 @@ const HTTP_DRAIN: Duration = Duration::from_secs(2);
 /// quiet node for a working queue.
 fn announce_unrun_sections(config: &Config) {
     let sections = [
-        ("queues", config.queues.len()),
-        ("tasks", config.tasks.len()),
         ("resources", config.resources.len()),
         ("pools", config.pools.len()),
         ("schedules", config.schedules.len()),
@@ -35,11 +34,19 @@ fn announce_unrun_sections(config: &Config) {
         .filter(|(_, n)| *n > 0)
         .map(|(name, n)| format!("{name} ({n})"))
         .collect();
-    warn!(
-        broker = %config.broker.redacted_url(),
-        sections = %defined.join(", "),
-        "validated but not run by this version: the broker and these sections land with their issues"
-    );
+    if !config.tasks.is_empty() {
+        warn!(
+            queues = config.queues.len(),
+            tasks = config.tasks.len(),
+            "tasks can be enqueued, listed and dead-lettered, but no queue consumer runs them yet (next issue)"
+        );
+    }
+    if !defined.is_empty() {
+        warn!(
+            sections = %defined.join(", "),
+            "validated but not run by this version: these sections land with their issues"
+        );
+    }
 }
 
 /// Runs a node until `shutdown` resolves (with the signal's name) or the root supervisor
@@ -47,15 +54,29 @@ fn announce_unrun_sections(config: &Config) {
 pub async fn run(config: Config, shutdown: impl Future<Output = &'static str>) -> ExitCode {
     let node_started = Instant::now();
     announce_unrun_sections(&config);
+    let url = config.broker.redacted_url();
+    let broker = match AnyBroker::connect(&config.broker.url, broker_settings(&config)).await {
+        Ok(broker) => Arc::new(broker),
+        Err(err) => {
+            error!(broker = %url, error = %err, "cannot start without the broker (broker.url / RT_BROKER_URL)");
+            return ExitCode::FAILURE;
+        }
+    };
+    let shared = Shared {
+        broker,
+        leases: Arc::default(),
+        node_name: node_name(&config),
+    };
+    info!(node = %shared.node_name, broker = %url, "broker ready");
     let tree = Tree::new();
-    let (root, mut root_done) =
-        match start_root(&tree, ROOT, root_spec(&config, node_started)).await {
-            Ok(started) => started,
-            Err(err) => {
-                error!(error = %err, "the supervision tree failed to start");
-                return ExitCode::FAILURE;
-            }
-        };
+    let spec = root_spec(&config, &shared, node_started);
+    let (root, mut root_done) = match start_root(&tree, ROOT, spec).await {
+        Ok(started) => started,
+        Err(err) => {
+            error!(error = %err, "the supervision tree failed to start");
+            return ExitCode::FAILURE;
+        }
+    };
 
     let listener = match TcpListener::bind(config.http.bind).await {
         Ok(listener) => listener,
@@ -67,11 +88,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = &'static str>) -
         }
     };
     let addr = listener.local_addr().map_or(config.http.bind, |a| a);
-    let state = AppState {
-        tree: Arc::clone(&tree),
-        admin_token: config.http.admin_token.as_deref().map(Arc::from),
-        chaos: config.chaos.enabled,
-    };
+    let state = AppState::new(Arc::clone(&tree), Arc::clone(&shared.broker), &config);
     if config.chaos.enabled {
         warn!("chaos routes are enabled: POST /chaos/kill/{{path}} kills actors");
     }

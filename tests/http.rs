@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use actors::broker::{AnyBroker, BrokerSettings};
 use actors::heartbeat::{HeartbeatActor, HeartbeatArgs};
 use actors::supervisor::{
     Backoff, ChildSpec, Intensity, Restart, Strategy, SupervisorSpec, start_root,
@@ -12,8 +13,32 @@ use actors::tree::Tree;
 use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
 use http_body_util::BodyExt;
+use runtime::config::{Environment, compile_str};
 use runtime::http::{AppState, app};
 use tower::ServiceExt;
+
+const CONFIG: &str = r#"
+[queues.chat]
+concurrency = 4
+[queues.default]
+[tasks.process_chat_message]
+queue = "chat"
+handler = { kind = "native" }
+[tasks.notify_chat_failure]
+handler = { kind = "native" }
+"#;
+
+/// The state of a node with `CONFIG`, a memory broker and the given token/chaos.
+async fn state(backoff: Duration, admin_token: Option<&str>, chaos: bool) -> AppState {
+    let config = compile_str(CONFIG, Environment::Ignored).unwrap().config;
+    let broker = AnyBroker::connect("memory://", BrokerSettings::default())
+        .await
+        .unwrap();
+    let mut state = AppState::new(tree(backoff).await, Arc::new(broker), &config);
+    state.admin_token = admin_token.map(Arc::from);
+    state.chaos = chaos;
+    state
+}
 
 /// A root with one heartbeat child whose restarts wait `backoff`.
 async fn tree(backoff: Duration) -> Arc<Tree> {
@@ -45,12 +70,25 @@ async fn send(
     uri: &str,
     token: Option<&str>,
 ) -> (StatusCode, String) {
-    let mut request = Request::builder().method(method).uri(uri);
+    send_body(state, method, uri, token, "").await
+}
+
+async fn send_body(
+    state: &AppState,
+    method: &str,
+    uri: &str,
+    token: Option<&str>,
+    body: &str,
+) -> (StatusCode, String) {
+    let mut request = Request::builder()
+        .method(method)
+        .uri(uri)
+        .header(header::CONTENT_TYPE, "application/json");
     if let Some(token) = token {
         request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
     }
     let response = app(state.clone())
-        .oneshot(request.body(Body::empty()).unwrap())
+        .oneshot(request.body(Body::from(body.to_string())).unwrap())
         .await
         .unwrap();
     let status = response.status();
@@ -60,11 +98,7 @@ async fn send(
 
 #[tokio::test]
 async fn health_is_503_with_the_reason_while_a_permanent_actor_is_down() {
-    let state = AppState {
-        tree: tree(Duration::from_secs(30)).await,
-        admin_token: None,
-        chaos: true,
-    };
+    let state = state(Duration::from_secs(30), None, true).await;
     assert_eq!(send(&state, "GET", "/health", None).await.0, StatusCode::OK);
     let (status, _) = send(&state, "POST", "/chaos/kill/root/heartbeat", None).await;
     assert_eq!(status, StatusCode::ACCEPTED);
@@ -81,11 +115,7 @@ async fn health_is_503_with_the_reason_while_a_permanent_actor_is_down() {
 
 #[tokio::test]
 async fn mutating_routes_need_the_bearer_token_when_one_is_configured() {
-    let state = AppState {
-        tree: tree(Duration::from_millis(5)).await,
-        admin_token: Some(Arc::from("s3cret-token")),
-        chaos: true,
-    };
+    let state = state(Duration::from_millis(5), Some("s3cret-token"), true).await;
     let (status, body) = send(&state, "POST", "/chaos/kill/heartbeat", None).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert_eq!(body, r#"{"error":"missing or wrong bearer token"}"#);
@@ -112,11 +142,7 @@ async fn mutating_routes_need_the_bearer_token_when_one_is_configured() {
 
 #[tokio::test]
 async fn unknown_routes_and_wrong_methods_answer_json_errors() {
-    let state = AppState {
-        tree: tree(Duration::from_millis(5)).await,
-        admin_token: None,
-        chaos: false,
-    };
+    let state = state(Duration::from_millis(5), None, false).await;
     let (status, body) = send(&state, "GET", "/nope", None).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(body, r#"{"error":"no such route"}"#);
@@ -124,4 +150,181 @@ async fn unknown_routes_and_wrong_methods_answer_json_errors() {
     assert_eq!(status, StatusCode::NOT_FOUND);
     let (status, _) = send(&state, "DELETE", "/actors", None).await;
     assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+}
+
+fn json(body: &str) -> serde_json::Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
+}
+
+#[tokio::test]
+async fn tasks_are_enqueued_singly_or_in_batches_and_routed_by_the_config() {
+    let state = state(Duration::from_millis(5), None, false).await;
+    let (status, body) = send_body(
+        &state,
+        "POST",
+        "/tasks",
+        None,
+        r#"{"task":"process_chat_message","args":["hello"],"kwargs":{"thread":"t-1"}}"#,
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let single = json(&body);
+    assert_eq!(single["duplicate"], false);
+    assert_eq!(single["id"].as_str().unwrap().len(), 36);
+
+    let (status, body) = send_body(
+        &state,
+        "POST",
+        "/tasks",
+        None,
+        r#"[{"task":"notify_chat_failure"},
+            {"task":"process_chat_message","countdown":60},
+            {"task":"notify_chat_failure","idempotency_key":"k1"},
+            {"task":"notify_chat_failure","idempotency_key":"k1"}]"#,
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let batch = json(&body);
+    assert_eq!(batch.as_array().unwrap().len(), 4);
+    assert_eq!(batch[3]["duplicate"], true);
+    assert_eq!(batch[3]["id"], batch[2]["id"]);
+
+    let (status, body) = send(&state, "GET", "/queues", None).await;
+    assert_eq!(status, StatusCode::OK);
+    let queues = json(&body)["queues"].clone();
+    assert_eq!(queues["chat"]["ready"], 1);
+    assert_eq!(queues["chat"]["delayed"], 1);
+    assert_eq!(queues["chat"]["concurrency"], 4);
+    assert_eq!(queues["default"]["ready"], 2);
+
+    let (status, body) = send(
+        &state,
+        "GET",
+        &format!("/tasks/{}", single["id"].as_str().unwrap()),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "not finished yet: {body}");
+    assert!(body.contains("not finished yet"), "{body}");
+}
+
+#[tokio::test]
+async fn bad_task_requests_are_400_naming_the_field_and_enqueue_nothing() {
+    let state = state(Duration::from_millis(5), None, false).await;
+    let cases = [
+        (
+            "not json",
+            "body: not JSON: expected ident at line 1 column 2",
+        ),
+        ("42", "body: expected a task object or an array of them"),
+        ("[]", "body: expected 1 to 10000 tasks, got 0"),
+        (r#"{"args":[]}"#, "body: missing field `task`"),
+        (
+            r#"{"task":"nope"}"#,
+            "task: no such task `nope` (defined: process_chat_message, notify_chat_failure)",
+        ),
+        (
+            r#"[{"task":"notify_chat_failure"},{"task":"process_chat_message","args":"x"}]"#,
+            "[1].args: invalid type: string \"x\", expected a sequence",
+        ),
+        (
+            r#"{"task":"notify_chat_failure","queue":"gpu"}"#,
+            "queue: no such queue `gpu`",
+        ),
+        (
+            r#"{"task":"notify_chat_failure","eta":"soon"}"#,
+            "eta: `soon` is not an RFC 3339 time",
+        ),
+        (
+            r#"{"task":"notify_chat_failure","countdown":-1}"#,
+            "countdown: must be ≥ 0 seconds, got -1",
+        ),
+        (
+            r#"{"task":"notify_chat_failure","countdown":1,"eta":"2026-01-01T00:00:00Z"}"#,
+            "countdown: give eta or countdown, not both",
+        ),
+        (
+            r#"{"task":"notify_chat_failure","link":[{"task":"x"}]}"#,
+            "link[0].task: no such task `x`",
+        ),
+        (
+            r#"{"task":"notify_chat_failure","colour":"red"}"#,
+            "colour: unknown field `colour`, expected one of `task`",
+        ),
+    ];
+    for (body, expected) in cases {
+        let (status, answer) = send_body(&state, "POST", "/tasks", None, body).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body} → {answer}");
+        let error = json(&answer)["error"].as_str().unwrap().to_string();
+        assert!(
+            error.starts_with(expected),
+            "{body}:\n  got      {error}\n  expected {expected}"
+        );
+    }
+    let (_, body) = send(&state, "GET", "/queues", None).await;
+    let queues = json(&body)["queues"].clone();
+    assert_eq!(queues["default"]["ready"], 0);
+    assert_eq!(queues["chat"]["ready"], 0);
+}
+
+#[tokio::test]
+async fn dead_letters_are_listed_requeued_and_queues_purged() {
+    use actors::broker::Broker;
+    let state = state(Duration::from_millis(5), Some("tok"), false).await;
+    let (_, body) = send_body(
+        &state,
+        "POST",
+        "/tasks",
+        Some("tok"),
+        r#"[{"task":"notify_chat_failure"},{"task":"notify_chat_failure"}]"#,
+    )
+    .await;
+    let ids = json(&body);
+    let got = state
+        .broker
+        .reserve("default", "node", 1, Duration::ZERO)
+        .await
+        .unwrap();
+    state
+        .broker
+        .dead_letter(&got[0], "permanent: 400 from the app")
+        .await
+        .unwrap();
+
+    let (status, body) = send(&state, "GET", "/dlq/default?limit=10", None).await;
+    assert_eq!(status, StatusCode::OK);
+    let letters = json(&body)["dead_letters"].clone();
+    assert_eq!(letters[0]["reason"], "permanent: 400 from the app");
+    assert_eq!(letters[0]["envelope"]["id"], ids[0]["id"]);
+    let (status, body) = send(
+        &state,
+        "GET",
+        &format!("/tasks/{}", ids[0]["id"].as_str().unwrap()),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(json(&body)["state"], "dead");
+
+    assert_eq!(
+        send(&state, "GET", "/dlq/nope", None).await.0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        send(&state, "GET", "/dlq/default?limit=0", None).await.0,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        send(&state, "POST", "/dlq/default/requeue", None).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    let (status, body) = send(&state, "POST", "/dlq/default/requeue", Some("tok")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(json(&body)["requeued"], 1);
+
+    let (status, body) = send(&state, "POST", "/queues/default/purge", Some("tok")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(json(&body)["purged"]["ready"], 2);
+    let (_, body) = send(&state, "GET", "/queues", None).await;
+    assert_eq!(json(&body)["queues"]["default"]["ready"], 0);
 }

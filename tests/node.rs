@@ -32,11 +32,13 @@ async fn actors_lists_the_tree_and_health_is_ok() {
     let tree = node.get_json("/actors").await;
     assert_eq!(tree[0]["path"], "root");
     assert_eq!(tree[0]["status"], "running");
-    assert_eq!(tree[0]["children"][0]["path"], "root/heartbeat");
-    assert_eq!(tree[0]["children"][0]["restart"], "permanent");
+    assert_eq!(tree[0]["children"][0]["path"], "root/broker");
+    assert_eq!(tree[0]["children"][1]["path"], "root/heartbeat");
+    assert_eq!(tree[0]["children"][1]["restart"], "permanent");
 
     let text = node.get("/actors?format=text").await.text().await.unwrap();
     assert!(text.starts_with("root "), "{text}");
+    assert!(text.contains("├── broker "), "{text}");
     assert!(text.contains("└── heartbeat "), "{text}");
 
     let health = node.get("/health").await;
@@ -135,8 +137,15 @@ async fn json_logs_are_one_object_per_line() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
         .collect();
-    assert!(lines.iter().any(|l| l["message"] == "tree stopped"), "{log}");
-    assert!(lines.iter().all(|l| l["level"].is_string() && l["timestamp"].is_string()));
+    assert!(
+        lines.iter().any(|l| l["message"] == "tree stopped"),
+        "{log}"
+    );
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["level"].is_string() && l["timestamp"].is_string())
+    );
 }
 
 #[tokio::test]

@@ -19,19 +19,24 @@
 //! Malformed entries met by `reserve` (not JSON, missing fields) are moved to the dead letters
 //! with the parse error; they never reach a consumer, never block the queue, never panic.
 
+pub mod actor;
 pub mod envelope;
+pub mod leases;
 pub mod memory;
 
 #[cfg(test)]
 mod contract;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+pub use actor::{BrokerActor, BrokerArgs, BrokerMessage};
 pub use envelope::{Callback, Envelope};
+pub use leases::Leases;
 
 /// What can go wrong talking to a broker.
 #[derive(Debug, thiserror::Error)]
@@ -61,8 +66,10 @@ pub struct BrokerSettings {
     pub max_deliveries: u32,
     /// How long task records (results) are kept.
     pub result_ttl: Duration,
-    /// How long an idempotency key remembers the first task's id.
+    /// How long an idempotency key remembers the first task's id, unless the task has its own.
     pub idempotency_ttl: Duration,
+    /// Per-task idempotency TTLs (`tasks.NAME.idempotency.ttl`).
+    pub task_idempotency_ttl: HashMap<String, Duration>,
     /// Approximate cap of the events stream.
     pub events_maxlen: usize,
 }
@@ -74,8 +81,19 @@ impl Default for BrokerSettings {
             max_deliveries: 5,
             result_ttl: Duration::from_secs(24 * 3600),
             idempotency_ttl: Duration::from_secs(24 * 3600),
+            task_idempotency_ttl: HashMap::new(),
             events_maxlen: 10_000,
         }
+    }
+}
+
+impl BrokerSettings {
+    /// How long `task`'s idempotency keys are remembered.
+    pub fn idempotency_ttl_for(&self, task: &str) -> Duration {
+        self.task_idempotency_ttl
+            .get(task)
+            .copied()
+            .unwrap_or(self.idempotency_ttl)
     }
 }
 
@@ -345,4 +363,114 @@ pub fn parse_time(text: &str) -> Result<SystemTime, String> {
         .parse()
         .map_err(|e| format!("`{text}` is not an RFC 3339 time: {e}"))?;
     Ok(SystemTime::from(ts))
+}
+
+/// The broker a node runs with, chosen by URL: `memory://` or `redis://…`.
+#[derive(Debug)]
+pub enum AnyBroker {
+    /// The embedded broker.
+    Memory(memory::MemoryBroker),
+}
+
+impl AnyBroker {
+    /// Connects to the broker at `url` (`memory://` needs no connection). Fails with a message
+    /// naming the URL when the broker cannot be reached.
+    pub async fn connect(url: &str, settings: BrokerSettings) -> Result<Self, BrokerError> {
+        match url.split_once("://").map(|(scheme, _)| scheme) {
+            Some("memory") => Ok(Self::Memory(memory::MemoryBroker::new(settings))),
+            _ => Err(BrokerError::Invalid(format!(
+                "broker URL `{url}`: this build supports memory:// only"
+            ))),
+        }
+    }
+
+    /// Why the broker cannot serve right now (a lost connection), if it cannot.
+    pub fn degraded(&self) -> Option<String> {
+        match self {
+            Self::Memory(_) => None,
+        }
+    }
+
+    /// Connection facts for snapshots.
+    pub fn describe(&self) -> Value {
+        match self {
+            Self::Memory(_) => serde_json::json!({ "kind": "memory", "connection": "in process" }),
+        }
+    }
+}
+
+macro_rules! delegate {
+    ($self:ident, $b:ident => $call:expr) => {
+        match $self {
+            AnyBroker::Memory($b) => $call.await,
+        }
+    };
+}
+
+impl Broker for AnyBroker {
+    async fn enqueue(&self, batch: Vec<Envelope>) -> Result<Vec<Enqueued>, BrokerError> {
+        delegate!(self, b => b.enqueue(batch))
+    }
+    async fn reserve(
+        &self,
+        queue: &str,
+        consumer: &str,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<Delivery>, BrokerError> {
+        delegate!(self, b => b.reserve(queue, consumer, max, wait))
+    }
+    async fn renew(
+        &self,
+        queue: &str,
+        consumer: &str,
+        entries: &[String],
+    ) -> Result<Vec<String>, BrokerError> {
+        delegate!(self, b => b.renew(queue, consumer, entries))
+    }
+    async fn ack(&self, delivery: &Delivery, result: Value) -> Result<(), BrokerError> {
+        delegate!(self, b => b.ack(delivery, result))
+    }
+    async fn retry(
+        &self,
+        delivery: &Delivery,
+        at: SystemTime,
+        error: &str,
+    ) -> Result<(), BrokerError> {
+        delegate!(self, b => b.retry(delivery, at, error))
+    }
+    async fn dead_letter(&self, delivery: &Delivery, reason: &str) -> Result<(), BrokerError> {
+        delegate!(self, b => b.dead_letter(delivery, reason))
+    }
+    async fn recover(&self, queue: &str, lease: Duration) -> Result<Recovered, BrokerError> {
+        delegate!(self, b => b.recover(queue, lease))
+    }
+    async fn promote_due(&self, queue: &str, now: SystemTime) -> Result<u64, BrokerError> {
+        delegate!(self, b => b.promote_due(queue, now))
+    }
+    async fn depth(&self, queue: &str) -> Result<QueueDepth, BrokerError> {
+        delegate!(self, b => b.depth(queue))
+    }
+    async fn dead_letters(
+        &self,
+        queue: &str,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, BrokerError> {
+        delegate!(self, b => b.dead_letters(queue, limit))
+    }
+    async fn requeue_dead(&self, queue: &str, limit: usize) -> Result<u64, BrokerError> {
+        delegate!(self, b => b.requeue_dead(queue, limit))
+    }
+    async fn purge(&self, queue: &str) -> Result<Purged, BrokerError> {
+        delegate!(self, b => b.purge(queue))
+    }
+    async fn publish(&self, event: Event) -> Result<(), BrokerError> {
+        delegate!(self, b => b.publish(event))
+    }
+    async fn events(&self, after: Option<&str>, limit: usize) -> Result<Vec<Event>, BrokerError> {
+        delegate!(self, b => b.events(after, limit))
+    }
+    async fn record(&self, id: &str) -> Result<Option<TaskRecord>, BrokerError> {
+        delegate!(self, b => b.record(id))
+    }
 }

@@ -73,6 +73,8 @@ pub struct ActorInfo {
     pub uptime_secs: f64,
     /// Why it last exited, if it ever did.
     pub last_error: Option<String>,
+    /// Why it is running but not doing its job (e.g. the broker lost Redis), if it says so.
+    pub degraded: Option<String>,
     /// Kind-specific state published by the actor itself.
     pub snapshot: serde_json::Value,
 }
@@ -100,6 +102,7 @@ struct Entry {
     started_at: SystemTime,
     started: Instant,
     last_error: Option<String>,
+    degraded: Option<String>,
     snapshot: serde_json::Value,
     cell: Option<ActorCell>,
 }
@@ -148,11 +151,13 @@ impl Tree {
                 started_at: SystemTime::now(),
                 started: Instant::now(),
                 last_error: None,
+                degraded: None,
                 snapshot: serde_json::Value::Null,
                 cell: None,
             });
         entry.status = Status::Starting;
         entry.snapshot = serde_json::Value::Null;
+        entry.degraded = None;
         entry.kind = kind.to_string();
         entry.restart = restart;
     }
@@ -255,17 +260,17 @@ impl Tree {
             .collect()
     }
 
-    /// Why the node is not healthy: every permanent actor (and the root) that is not running.
-    /// Empty when healthy.
+    /// Why the node is not healthy: every permanent actor (and the root) that is not running
+    /// or says it is degraded. Empty when healthy.
     pub fn unhealthy(&self) -> Vec<String> {
         self.list()
             .into_iter()
-            .filter(|i| {
-                matches!(i.restart, None | Some(Restart::Permanent)) && i.status != Status::Running
-            })
-            .map(|i| match &i.last_error {
-                Some(err) => format!("{} is {}: {err}", i.path, i.status.as_str()),
-                None => format!("{} is {}", i.path, i.status.as_str()),
+            .filter(|i| matches!(i.restart, None | Some(Restart::Permanent)))
+            .filter_map(|i| match (i.status, &i.degraded, &i.last_error) {
+                (Status::Running, None, _) => None,
+                (Status::Running, Some(why), _) => Some(format!("{} is degraded: {why}", i.path)),
+                (status, _, Some(err)) => Some(format!("{} is {}: {err}", i.path, status.as_str())),
+                (status, _, None) => Some(format!("{} is {}", i.path, status.as_str())),
             })
             .collect()
     }
@@ -292,6 +297,7 @@ fn info(path: &str, e: &Entry) -> ActorInfo {
         started_at: humantime::format_rfc3339_millis(e.started_at).to_string(),
         uptime_secs: (e.started.elapsed().as_millis() as f64) / 1000.0,
         last_error: e.last_error.clone(),
+        degraded: e.degraded.clone(),
         snapshot: e.snapshot.clone(),
     }
 }
@@ -355,6 +361,14 @@ impl TreeHandle {
     pub fn publish(&self, snapshot: serde_json::Value) {
         if let Some(mut e) = self.tree.entries.get_mut(&self.path) {
             e.snapshot = snapshot;
+        }
+    }
+
+    /// Declares this actor degraded (`Some(reason)`) or back to normal (`None`); a degraded
+    /// permanent actor makes `/health` answer 503 with the reason.
+    pub fn set_degraded(&self, reason: Option<String>) {
+        if let Some(mut e) = self.tree.entries.get_mut(&self.path) {
+            e.degraded = reason;
         }
     }
 
@@ -424,6 +438,15 @@ mod tests {
         tree.set_status("root/t", Status::Stopped, None);
         tree.set_status("root/p", Status::Restarting, Some("killed".into()));
         assert_eq!(tree.unhealthy(), ["root/p is restarting: killed"]);
+        tree.set_status("root/p", Status::Running, None);
+        let p = tree.root("root").child("p");
+        p.set_degraded(Some("redis connection lost".into()));
+        assert_eq!(
+            tree.unhealthy(),
+            ["root/p is degraded: redis connection lost"]
+        );
+        p.set_degraded(None);
+        assert!(tree.unhealthy().is_empty());
         tree.remove_subtree("root/p");
         assert!(tree.unhealthy().is_empty());
         tree.remove_descendants("root");

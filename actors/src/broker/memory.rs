@@ -290,7 +290,8 @@ impl Broker for MemoryBroker {
                             continue;
                         }
                         _ => {
-                            let expires = clock + self.settings.idempotency_ttl;
+                            let ttl = self.settings.idempotency_ttl_for(&envelope.task);
+                            let expires = clock + ttl;
                             state
                                 .idempotency
                                 .insert(key.clone(), (envelope.id.clone(), expires));

@@ -1,0 +1,336 @@
+//! `BrokerActor`: the node's broker housekeeping, as a permanent actor in the tree.
+//!
+//! It owns three loops over the configured queues, each rescheduled only after the previous
+//! round finished (a slow or unreachable Redis delays rounds instead of piling up ticks):
+//!
+//! - **delayed mover** every `promote_every`: due delayed entries (eta, retry backoff) move to
+//!   the ready queue;
+//! - **lease renewal** every `lease / 3`: every entry in [`Leases`] is renewed for its owner;
+//!   entries another node took over are marked lost;
+//! - **recovery sweep** every `lease / 4`: entries whose lease expired (their node died) go
+//!   back to the ready queue, or to the dead letters past `max_deliveries`.
+//!
+//! And a snapshot every second: per queue ready / delayed / in flight / dead, the last sweep,
+//! counters, the connection. A broker that cannot be reached marks the actor degraded (so
+//! `/health` says 503 with the reason); nothing is dropped — the loops go on and catch up.
+//!
+//! The connection and the leases live outside the actor (`Arc`s in its arguments), so a
+//! restart of the actor neither drops the connection nor forgets a lease.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use serde_json::json;
+use tracing::{info, warn};
+
+use super::{AnyBroker, Broker, BrokerError, Leases, QueueDepth, rfc3339};
+use crate::tree::TreeHandle;
+
+/// How often the snapshot is refreshed.
+const SNAPSHOT_EVERY: Duration = Duration::from_secs(1);
+
+/// Spawn arguments.
+#[derive(Debug, Clone)]
+pub struct BrokerArgs {
+    /// Place in the tree.
+    pub node: TreeHandle,
+    /// The connection (shared with the consumers and the HTTP API).
+    pub broker: Arc<AnyBroker>,
+    /// Entries this node's consumers hold.
+    pub leases: Arc<Leases>,
+    /// Queues to look after.
+    pub queues: Vec<String>,
+    /// Lease of an in-flight entry.
+    pub lease: Duration,
+    /// Period of the delayed mover.
+    pub promote_every: Duration,
+}
+
+/// Messages (each a timer the actor sends itself).
+#[derive(Debug, Clone, Copy)]
+pub enum BrokerMessage {
+    /// Move due delayed entries.
+    Promote,
+    /// Renew the leases held by this node.
+    Renew,
+    /// Recover expired leases.
+    Sweep,
+    /// Refresh the snapshot.
+    Snapshot,
+}
+
+/// The broker actor.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BrokerActor;
+
+/// Counters and last results.
+#[derive(Debug, Default)]
+pub struct BrokerState {
+    args: Option<BrokerArgs>,
+    promoted: u64,
+    renewed: u64,
+    lost: u64,
+    recovered: u64,
+    poisoned: u64,
+    last_sweep: Option<String>,
+    last_error: Option<String>,
+    depths: BTreeMap<String, QueueDepth>,
+}
+
+impl BrokerMessage {
+    fn period(self, args: &BrokerArgs) -> Duration {
+        match self {
+            BrokerMessage::Promote => args.promote_every,
+            BrokerMessage::Renew => args.lease / 3,
+            BrokerMessage::Sweep => args.lease / 4,
+            BrokerMessage::Snapshot => SNAPSHOT_EVERY,
+        }
+    }
+}
+
+impl Actor for BrokerActor {
+    type Msg = BrokerMessage;
+    type State = BrokerState;
+    type Arguments = BrokerArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: BrokerArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        for msg in [
+            BrokerMessage::Promote,
+            BrokerMessage::Renew,
+            BrokerMessage::Sweep,
+        ] {
+            myself.send_after(msg.period(&args), move || msg);
+        }
+        // A first snapshot right away, so the tree shows the queues from the start.
+        myself.cast(BrokerMessage::Snapshot)?;
+        Ok(BrokerState {
+            args: Some(args),
+            ..BrokerState::default()
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        let Some(args) = state.args.clone() else {
+            return Ok(());
+        };
+        let result = match message {
+            BrokerMessage::Promote => state.promote(&args).await,
+            BrokerMessage::Renew => state.renew(&args).await,
+            BrokerMessage::Sweep => state.sweep(&args).await,
+            BrokerMessage::Snapshot => state.snapshot(&args).await,
+        };
+        match result {
+            Ok(()) => {
+                if message_touches_everything(message) {
+                    args.node.set_degraded(args.broker.degraded());
+                }
+            }
+            Err(err) => {
+                let why = err.to_string();
+                if state.last_error.as_deref() != Some(why.as_str()) {
+                    warn!(actor = args.node.path(), error = %why, ?message, "broker round failed; will retry");
+                }
+                args.node.set_degraded(Some(why.clone()));
+                state.last_error = Some(why);
+            }
+        }
+        myself.send_after(message.period(&args), move || message);
+        Ok(())
+    }
+}
+
+/// The snapshot round reads every queue, so its success means the broker is reachable.
+fn message_touches_everything(message: BrokerMessage) -> bool {
+    matches!(message, BrokerMessage::Snapshot)
+}
+
+impl BrokerState {
+    async fn promote(&mut self, args: &BrokerArgs) -> Result<(), BrokerError> {
+        let now = SystemTime::now();
+        for queue in &args.queues {
+            self.promoted += args.broker.promote_due(queue, now).await?;
+        }
+        Ok(())
+    }
+
+    async fn renew(&mut self, args: &BrokerArgs) -> Result<(), BrokerError> {
+        for held in args.leases.held() {
+            let lost = args
+                .broker
+                .renew(&held.queue, &held.consumer, &held.entries)
+                .await?;
+            self.renewed += (held.entries.len() - lost.len()) as u64;
+            if !lost.is_empty() {
+                warn!(queue = %held.queue, consumer = %held.consumer, ?lost,
+                    "leases lost: another node recovered these entries; their tasks may run twice");
+                self.lost += lost.len() as u64;
+                args.leases.mark_lost(&held.queue, &held.consumer, &lost);
+            }
+        }
+        Ok(())
+    }
+
+    async fn sweep(&mut self, args: &BrokerArgs) -> Result<(), BrokerError> {
+        for queue in &args.queues {
+            let recovered = args.broker.recover(queue, args.lease).await?;
+            if recovered.requeued + recovered.dead > 0 {
+                info!(%queue, requeued = recovered.requeued, dead_lettered = recovered.dead,
+                    "recovered entries whose lease expired");
+            }
+            self.recovered += recovered.requeued;
+            self.poisoned += recovered.dead;
+        }
+        self.last_sweep = Some(rfc3339(SystemTime::now()));
+        Ok(())
+    }
+
+    async fn snapshot(&mut self, args: &BrokerArgs) -> Result<(), BrokerError> {
+        for queue in &args.queues {
+            let depth = args.broker.depth(queue).await?;
+            self.depths.insert(queue.clone(), depth);
+        }
+        self.last_error = None;
+        args.node.publish(json!({
+            "broker": args.broker.describe(),
+            "queues": self.depths,
+            "leases_held": args.leases.count(),
+            "lease_ms": args.lease.as_millis() as u64,
+            "last_sweep": self.last_sweep,
+            "promoted": self.promoted,
+            "renewed": self.renewed,
+            "leases_lost": self.lost,
+            "recovered": self.recovered,
+            "dead_lettered_by_sweep": self.poisoned,
+        }));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::memory::MemoryBroker;
+    use crate::broker::{BrokerSettings, Envelope};
+    use crate::supervisor::{
+        Backoff, ChildSpec, Intensity, Restart, Strategy, SupervisorSpec, start_root,
+    };
+    use crate::tree::Tree;
+    use tokio::time::Instant;
+
+    const LEASE: Duration = Duration::from_millis(300);
+
+    async fn start(
+        broker: Arc<AnyBroker>,
+        leases: Arc<Leases>,
+    ) -> (
+        Arc<Tree>,
+        ractor::ActorRef<crate::supervisor::SupervisorMessage>,
+    ) {
+        let tree = Tree::new();
+        let child = ChildSpec::new("broker", "broker", Restart::Permanent, move |node| {
+            let args = BrokerArgs {
+                node,
+                broker: Arc::clone(&broker),
+                leases: Arc::clone(&leases),
+                queues: vec!["chat".into(), "default".into()],
+                lease: LEASE,
+                promote_every: Duration::from_millis(10),
+            };
+            (BrokerActor, args)
+        });
+        let spec = SupervisorSpec {
+            strategy: Strategy::OneForOne,
+            intensity: Intensity::try_new(5, Duration::from_secs(10)).unwrap(),
+            backoff: Backoff::try_new(Duration::from_millis(5), Duration::from_millis(5), 0.0)
+                .unwrap(),
+            shutdown_timeout: Duration::from_secs(1),
+            children: vec![child],
+        };
+        let (root, _) = start_root(&tree, "root", spec).await.unwrap();
+        (tree, root)
+    }
+
+    fn memory() -> Arc<AnyBroker> {
+        Arc::new(AnyBroker::Memory(MemoryBroker::new(
+            BrokerSettings::default(),
+        )))
+    }
+
+    async fn eventually(what: &str, limit: Duration, mut cond: impl AsyncFnMut() -> bool) {
+        let end = Instant::now() + limit;
+        while !cond().await {
+            assert!(Instant::now() < end, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn moves_due_delayed_entries_and_publishes_depths() {
+        let broker = memory();
+        let (tree, root) = start(Arc::clone(&broker), Arc::default()).await;
+        let mut env = Envelope::new("send_whatsapp_message_task", "default");
+        env.eta = Some(rfc3339(SystemTime::now() + Duration::from_millis(100)));
+        broker.enqueue(vec![env]).await.unwrap();
+        assert_eq!(broker.depth("default").await.unwrap().delayed, 1);
+        eventually("promotion", Duration::from_secs(2), async || {
+            broker.depth("default").await.unwrap().ready == 1
+        })
+        .await;
+        eventually("snapshot", Duration::from_secs(3), async || {
+            tree.get("root/broker").unwrap().snapshot["queues"]["default"]["ready"] == 1
+        })
+        .await;
+        let snapshot = tree.get("root/broker").unwrap().snapshot;
+        assert_eq!(snapshot["broker"]["kind"], "memory");
+        assert_eq!(snapshot["queues"]["chat"]["ready"], 0);
+        root.stop(None);
+    }
+
+    #[tokio::test]
+    async fn held_leases_are_renewed_even_across_a_restart_and_unheld_ones_recovered() {
+        let broker = memory();
+        let leases: Arc<Leases> = Arc::default();
+        let (tree, root) = start(Arc::clone(&broker), Arc::clone(&leases)).await;
+        broker
+            .enqueue(vec![Envelope::new("process_chat_message", "chat"); 2])
+            .await
+            .unwrap();
+        let got = broker
+            .reserve("chat", "node-a", 2, Duration::ZERO)
+            .await
+            .unwrap();
+        // node-a runs the first task (holds its lease); the second's owner "died".
+        leases.hold("chat", "node-a", &got[0].entry);
+
+        tokio::time::sleep(LEASE).await;
+        tree.cell("root/broker").unwrap().kill();
+        eventually("broker restarted", Duration::from_secs(2), async || {
+            tree.get("root/broker")
+                .is_some_and(|b| b.restarts == 1 && b.status == crate::tree::Status::Running)
+        })
+        .await;
+        // Three leases later the held entry is still in flight; the other came back.
+        tokio::time::sleep(LEASE * 3).await;
+        let depth = broker.depth("chat").await.unwrap();
+        assert_eq!((depth.in_flight, depth.ready), (1, 1), "{depth:?}");
+        let again = broker
+            .reserve("chat", "node-b", 5, Duration::ZERO)
+            .await
+            .unwrap();
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].envelope.id, got[1].envelope.id);
+        assert!(!leases.is_lost(&got[0].entry));
+        root.stop(None);
+    }
+}

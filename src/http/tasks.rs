@@ -1,0 +1,203 @@
+//! `POST /tasks` (enqueue one task or a batch) and `GET /tasks/{id}` (a task's record).
+//!
+//! A request names a task defined under `[tasks.NAME]`; its queue comes from the config
+//! unless the request routes it to another defined queue. Every problem is a 400 that names
+//! the field (`[1].args: invalid type: …`, `[0].task: no such task `x``); a batch with one bad
+//! item enqueues nothing.
+
+use std::time::{Duration, SystemTime};
+
+use actors::broker::{Broker, Callback, Enqueued, Envelope, parse_time, rfc3339};
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+
+use super::{ApiError, AppState};
+
+/// Most tasks one request may enqueue.
+pub const MAX_BATCH: usize = 10_000;
+
+/// One task to enqueue, as posted.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TaskRequest {
+    task: String,
+    #[serde(default)]
+    args: Vec<Value>,
+    #[serde(default)]
+    kwargs: Map<String, Value>,
+    /// Another defined queue than the task's own.
+    queue: Option<String>,
+    /// Chosen id (a UUID is generated otherwise).
+    id: Option<String>,
+    /// Not before (RFC 3339).
+    eta: Option<String>,
+    /// Not before now + this many seconds.
+    countdown: Option<f64>,
+    /// Not after (RFC 3339).
+    expires: Option<String>,
+    idempotency_key: Option<String>,
+    time_limit_ms: Option<u64>,
+    soft_time_limit_ms: Option<u64>,
+    #[serde(default)]
+    link: Vec<Callback>,
+    #[serde(default)]
+    link_error: Vec<Callback>,
+    trace_id: Option<String>,
+    parent_id: Option<String>,
+    root_id: Option<String>,
+}
+
+/// `POST /tasks`: a task object or an array of them → `202` with `{"id", "duplicate"}` (or
+/// an array of those, in order).
+pub async fn enqueue(
+    State(state): State<AppState>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let value: Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("body: not JSON: {e}")))?;
+    let (items, batch) = match value {
+        Value::Array(items) => (items, true),
+        single @ Value::Object(_) => (vec![single], false),
+        _ => {
+            return Err(ApiError::BadRequest(
+                "body: expected a task object or an array of them".into(),
+            ));
+        }
+    };
+    if items.is_empty() || items.len() > MAX_BATCH {
+        return Err(ApiError::BadRequest(format!(
+            "body: expected 1 to {MAX_BATCH} tasks, got {}",
+            items.len()
+        )));
+    }
+    let now = SystemTime::now();
+    let mut envelopes = Vec::with_capacity(items.len());
+    for (n, item) in items.into_iter().enumerate() {
+        let at = if batch {
+            format!("[{n}]")
+        } else {
+            String::new()
+        };
+        let request: TaskRequest = serde_path_to_error::deserialize(item).map_err(|e| {
+            let path = e.path().to_string();
+            let field = match (at.is_empty(), path.as_str()) {
+                (_, ".") => at.clone(),
+                (true, _) => path,
+                (false, _) => format!("{at}.{path}"),
+            };
+            let field = if field.is_empty() {
+                "body".to_string()
+            } else {
+                field
+            };
+            ApiError::BadRequest(format!("{field}: {}", e.inner()))
+        })?;
+        envelopes.push(envelope(&state, request, now).map_err(|(field, why)| {
+            let prefix = if at.is_empty() {
+                field
+            } else {
+                format!("{at}.{field}")
+            };
+            ApiError::BadRequest(format!("{prefix}: {why}"))
+        })?);
+    }
+    let enqueued: Vec<Enqueued> = state.broker.enqueue(envelopes).await?;
+    let body = if batch {
+        json!(enqueued)
+    } else {
+        json!(enqueued[0])
+    };
+    Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+}
+
+/// Checks a request against the config and builds its envelope; `Err((field, why))`.
+fn envelope(
+    state: &AppState,
+    request: TaskRequest,
+    now: SystemTime,
+) -> Result<Envelope, (String, String)> {
+    let config = &state.config;
+    let defined = |name: &str| config.tasks.get(name);
+    let Some(task) = defined(&request.task) else {
+        let known: Vec<&str> = config.tasks.keys().map(String::as_str).collect();
+        return Err((
+            "task".into(),
+            format!(
+                "no such task `{}` (defined: {})",
+                request.task,
+                known.join(", ")
+            ),
+        ));
+    };
+    let queue = match request.queue {
+        Some(queue) if !config.queues.contains_key(&queue) => {
+            return Err(("queue".into(), format!("no such queue `{queue}`")));
+        }
+        Some(queue) => queue,
+        None => task.queue.clone(),
+    };
+    for (field, callbacks) in [("link", &request.link), ("link_error", &request.link_error)] {
+        for (n, callback) in callbacks.iter().enumerate() {
+            if defined(&callback.task).is_none() {
+                return Err((
+                    format!("{field}[{n}].task"),
+                    format!("no such task `{}`", callback.task),
+                ));
+            }
+        }
+    }
+    let eta = match (request.eta, request.countdown) {
+        (Some(_), Some(_)) => {
+            return Err(("countdown".into(), "give eta or countdown, not both".into()));
+        }
+        (Some(eta), None) => {
+            parse_time(&eta).map_err(|e| ("eta".to_string(), e))?;
+            Some(eta)
+        }
+        (None, Some(secs)) if secs.is_finite() && secs >= 0.0 => {
+            Some(rfc3339(now + Duration::from_secs_f64(secs)))
+        }
+        (None, Some(secs)) => {
+            return Err((
+                "countdown".into(),
+                format!("must be ≥ 0 seconds, got {secs}"),
+            ));
+        }
+        (None, None) => None,
+    };
+    if let Some(expires) = &request.expires {
+        parse_time(expires).map_err(|e| ("expires".to_string(), e))?;
+    }
+    let mut envelope = Envelope::new(request.task, queue);
+    envelope.id = request.id.unwrap_or_default();
+    envelope.args = request.args;
+    envelope.kwargs = request.kwargs;
+    envelope.eta = eta;
+    envelope.expires = request.expires;
+    envelope.idempotency_key = request.idempotency_key;
+    envelope.time_limit_ms = request.time_limit_ms;
+    envelope.soft_time_limit_ms = request.soft_time_limit_ms;
+    envelope.link = request.link;
+    envelope.link_error = request.link_error;
+    envelope.trace_id = request.trace_id;
+    envelope.parent_id = request.parent_id;
+    envelope.root_id = request.root_id;
+    Ok(envelope)
+}
+
+/// `GET /tasks/{id}`: the task's last recorded state, or 404.
+pub async fn record(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    match state.broker.record(&id).await? {
+        Some(record) => Ok(Json(record).into_response()),
+        None => Err(ApiError::NotFound(format!(
+            "no record of task {id}: unknown, not finished yet, or expired (broker.result_ttl)"
+        ))),
+    }
+}
