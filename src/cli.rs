@@ -1,4 +1,5 @@
-//! The command line: `runtime [run] --config FILE`, `runtime check`, `runtime tree`.
+//! The command line: `runtime [run] --config FILE`, `runtime check`, and the commands that
+//! talk to a running node over HTTP: `tree`, `enqueue`, `dlq`, `purge`.
 
 use std::path::PathBuf;
 
@@ -33,6 +34,90 @@ pub enum Command {
     Check(CheckArgs),
     /// Print the supervision tree of a running node.
     Tree(TreeArgs),
+    /// Enqueue a task through a running node.
+    Enqueue(EnqueueArgs),
+    /// List or requeue a queue's dead letters.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+    /// Drop every ready and delayed entry of a queue (running tasks finish).
+    Purge(PurgeArgs),
+}
+
+/// How to reach a running node.
+#[derive(Debug, Clone, Args)]
+pub struct NodeArgs {
+    /// Base URL of the node's HTTP server.
+    #[arg(long, env = "RT_URL", default_value = "http://127.0.0.1:7070")]
+    pub url: String,
+    /// Bearer token for mutating routes (the value behind the node's `http.admin_token_env`).
+    #[arg(long, env = "RT_ADMIN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+/// `runtime enqueue`
+#[derive(Debug, Args)]
+pub struct EnqueueArgs {
+    /// Task name, as defined under `[tasks.NAME]`.
+    pub task: String,
+    /// Positional arguments, a JSON array.
+    #[arg(long, default_value = "[]")]
+    pub args: String,
+    /// Keyword arguments, a JSON object.
+    #[arg(long, default_value = "{}")]
+    pub kwargs: String,
+    /// Route to this (defined) queue instead of the task's own.
+    #[arg(long)]
+    pub queue: Option<String>,
+    /// Run no sooner than this many seconds from now.
+    #[arg(long, conflicts_with = "eta")]
+    pub countdown: Option<f64>,
+    /// Run no sooner than this time (RFC 3339).
+    #[arg(long)]
+    pub eta: Option<String>,
+    /// A second enqueue with the same key returns the first task's id.
+    #[arg(long)]
+    pub idempotency_key: Option<String>,
+    /// The node.
+    #[command(flatten)]
+    pub node: NodeArgs,
+}
+
+/// `runtime dlq …`
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// Print a queue's oldest dead letters.
+    List(DlqArgs),
+    /// Move dead letters back to the ready queue (attempts reset).
+    Requeue(DlqArgs),
+}
+
+/// `runtime dlq list|requeue QUEUE`
+#[derive(Debug, Args)]
+pub struct DlqArgs {
+    /// Queue name.
+    pub queue: String,
+    /// How many.
+    #[arg(long, default_value_t = 100)]
+    pub limit: usize,
+    /// Print JSON instead of a table (list).
+    #[arg(long)]
+    pub json: bool,
+    /// The node.
+    #[command(flatten)]
+    pub node: NodeArgs,
+}
+
+/// `runtime purge QUEUE --yes`
+#[derive(Debug, Args)]
+pub struct PurgeArgs {
+    /// Queue name.
+    pub queue: String,
+    /// Confirm: purging cannot be undone.
+    #[arg(long)]
+    pub yes: bool,
+    /// The node.
+    #[command(flatten)]
+    pub node: NodeArgs,
 }
 
 /// `runtime run`

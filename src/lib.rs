@@ -3,17 +3,19 @@
 //! `actors` library) plus its HTTP surface; `main.rs` only dispatches the command line.
 //!
 //! # Layout
-//! - [`cli`] — clap definitions: `run` (default), `check`, `tree`.
+//! - [`cli`] — clap definitions: `run` (default), `check`, `tree`, `enqueue`, `dlq`, `purge`.
+//! - [`client`] — the commands that talk to a running node over HTTP.
 //! - [`config`] — raw TOML structs → one `compile()` → a validated `Config`.
 //! - [`check`] — `runtime check`: every error and warning of a config, exit 78 on errors.
 //! - [`topology`] — the supervision tree a config describes.
 //! - [`node`] — runs a node: tree + HTTP server, signal handling, ordered stop.
-//! - [`http`] — axum router: `/health`, `/actors`, `/chaos/kill/{path}`.
+//! - [`http`] — axum router: health, the tree, tasks, queues, dead letters, chaos.
 //! - [`shutdown`] — SIGINT/SIGTERM handling (a second signal exits at once).
 //! - [`telemetry`] — tracing subscriber: `RUST_LOG` filter, text or JSON.
 
 pub mod check;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod http;
 pub mod node;

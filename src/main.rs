@@ -2,10 +2,9 @@
 
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::Parser;
-use runtime::cli::{Cli, Command, RunArgs, TreeArgs};
-use runtime::{check, config, node, shutdown, telemetry};
+use runtime::cli::{Cli, Command, RunArgs};
+use runtime::{check, client, config, node, shutdown, telemetry};
 use tracing::{error, info, warn};
 
 #[tokio::main]
@@ -17,13 +16,20 @@ async fn main() -> ExitCode {
         Some(Command::Check(args)) => {
             check::run(&args.config, args.deny_warnings, args.no_environment)
         }
-        Some(Command::Tree(args)) => match tree(args).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(err) => {
-                eprintln!("error: {err:#}");
-                ExitCode::FAILURE
-            }
-        },
+        Some(Command::Tree(args)) => report(client::tree(args).await),
+        Some(Command::Enqueue(args)) => report(client::enqueue(args).await),
+        Some(Command::Dlq(command)) => report(client::dlq(command).await),
+        Some(Command::Purge(args)) => report(client::purge(args).await),
+    }
+}
+
+fn report(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -53,23 +59,4 @@ async fn run(args: RunArgs) -> ExitCode {
         name
     };
     node::run(loaded.config, shutdown).await
-}
-
-async fn tree(args: TreeArgs) -> anyhow::Result<()> {
-    let base = args.url.trim_end_matches('/');
-    let url = if args.json {
-        format!("{base}/actors")
-    } else {
-        format!("{base}/actors?format=text")
-    };
-    let response = reqwest::get(&url)
-        .await
-        .with_context(|| format!("cannot reach the node at {base}"))?;
-    let status = response.status();
-    let body = response.text().await.context("reading the answer")?;
-    if !status.is_success() {
-        anyhow::bail!("{url} answered {status}: {body}");
-    }
-    print!("{body}");
-    Ok(())
 }
