@@ -284,6 +284,15 @@ pub trait Broker: Send + Sync + 'static {
         error: &str,
     ) -> impl Future<Output = Result<(), BrokerError>> + Send;
 
+    /// Puts the entry back as a delayed one due at `at`, attempt unchanged (a deferral: the
+    /// task did not run, e.g. its resource's breaker is open).
+    fn defer(
+        &self,
+        delivery: &Delivery,
+        at: SystemTime,
+        reason: &str,
+    ) -> impl Future<Output = Result<(), BrokerError>> + Send;
+
     /// Ends the delivery as a dead letter with `reason`.
     fn dead_letter(
         &self,
@@ -438,6 +447,14 @@ impl Broker for AnyBroker {
         error: &str,
     ) -> Result<(), BrokerError> {
         delegate!(self, b => b.retry(delivery, at, error))
+    }
+    async fn defer(
+        &self,
+        delivery: &Delivery,
+        at: SystemTime,
+        reason: &str,
+    ) -> Result<(), BrokerError> {
+        delegate!(self, b => b.defer(delivery, at, reason))
     }
     async fn dead_letter(&self, delivery: &Delivery, reason: &str) -> Result<(), BrokerError> {
         delegate!(self, b => b.dead_letter(delivery, reason))

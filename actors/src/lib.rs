@@ -6,12 +6,20 @@
 //!
 //! # Layout
 //! - [`broker`] — the broker contract (`Broker`), the task `Envelope`, the `memory://` broker.
+//! - [`consumer`] — `ConsumerActor`: one queue's bulkhead (fetcher, admission, task actors).
+//! - [`task`] — `TaskActor`: one attempt under its limits; records its own outcome.
+//! - [`gate`] — `ResourceGate`: deferral of tasks whose resources are closed.
+//! - [`handler`] — what runs a task: `Handler`, `TaskError`, `TaskDef`; native, http, exec.
 //! - [`supervisor`] — `SupervisorActor`: OTP strategies, restart types, intensity, backoff,
 //!   ordered start and reverse-ordered stop.
 //! - [`tree`] — the tree registry every actor is recorded in; read by the introspection routes.
 //! - [`heartbeat`] — `HeartbeatActor`: records uptime and event-loop lag.
 
 pub mod broker;
+pub mod consumer;
+pub mod gate;
+pub mod handler;
 pub mod heartbeat;
 pub mod supervisor;
+pub mod task;
 pub mod tree;

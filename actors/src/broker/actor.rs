@@ -311,7 +311,7 @@ mod tests {
             .await
             .unwrap();
         // node-a runs the first task (holds its lease); the second's owner "died".
-        leases.hold("chat", "node-a", &got[0].entry);
+        leases.hold("node-a", &Arc::new(got[0].clone()));
 
         tokio::time::sleep(LEASE).await;
         tree.cell("root/broker").unwrap().kill();

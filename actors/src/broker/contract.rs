@@ -203,6 +203,29 @@ pub(crate) async fn retries_are_delayed_with_the_next_attempt<B: Broker>(b: &B, 
     );
 }
 
+pub(crate) async fn deferral_keeps_the_attempt<B: Broker>(b: &B, q: &str) {
+    let sent = b.enqueue(vec![task(q, 1)]).await.unwrap();
+    let got = b.reserve(q, "c", 1, NO_WAIT).await.unwrap();
+    let at = SystemTime::now() + Duration::from_millis(50);
+    b.defer(&got[0], at, "breaker zep open").await.unwrap();
+    let depth = b.depth(q).await.unwrap();
+    assert_eq!((depth.ready, depth.delayed, depth.in_flight), (0, 1, 0));
+    assert!(
+        b.record(&sent[0].id).await.unwrap().is_none(),
+        "a deferral records nothing"
+    );
+    assert_eq!(b.promote_due(q, at).await.unwrap(), 1);
+    let again = b.reserve(q, "c", 1, NO_WAIT).await.unwrap();
+    assert_eq!(again[0].envelope.id, sent[0].id);
+    assert_eq!(again[0].envelope.attempt, 0, "no attempt spent");
+    let events = b.events(None, 10_000).await.unwrap();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.kind == "deferred" && e.task_id.as_deref() == Some(sent[0].id.as_str()))
+    );
+}
+
 pub(crate) async fn idempotent_enqueue_returns_the_first_id<B: Broker>(b: &B, q: &str) {
     let key = format!("{q}:msg-42");
     let mut first = task(q, 1);
@@ -357,7 +380,8 @@ macro_rules! contract_suite {
             fifo_with_ids, prefetch_is_bounded, reserve_waits_for_an_entry,
             renewed_leases_are_never_recovered, expired_leases_come_back_to_another_consumer,
             poison_entries_are_dead_lettered, delays_fire_on_time,
-            retries_are_delayed_with_the_next_attempt, idempotent_enqueue_returns_the_first_id,
+            retries_are_delayed_with_the_next_attempt, deferral_keeps_the_attempt,
+            idempotent_enqueue_returns_the_first_id,
             records_keep_results_for_their_ttl, dead_letters_can_be_listed_and_requeued,
             purge_removes_ready_and_delayed_only, malformed_entries_are_dead_lettered_not_delivered,
             bad_envelopes_are_refused_whole, events_tell_the_life_of_a_task);

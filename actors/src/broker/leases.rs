@@ -2,16 +2,21 @@
 //!
 //! Kept outside every actor (an `Arc` shared by the consumers and the broker actor) so that a
 //! restarted `BrokerActor` goes on renewing what the consumers still run: a crash of the
-//! renewer must not let a long task's lease expire and be run again by another node.
+//! renewer must not let a long task's lease expire and be run again by another node. It
+//! keeps each delivery too, so a restarted consumer finds the entries its previous
+//! incarnation held (their task actors died with it) and runs them again at once.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
+use std::sync::Arc;
 
 use dashmap::DashMap;
+
+use super::Delivery;
 
 /// Leased entries of this node.
 #[derive(Debug, Default)]
 pub struct Leases {
-    held: DashMap<(String, String), HashSet<String>>,
+    held: DashMap<(String, String), HashMap<String, Arc<Delivery>>>,
     lost: DashMap<String, ()>,
 }
 
@@ -27,12 +32,24 @@ pub struct Held {
 }
 
 impl Leases {
-    /// Records that `consumer` holds `entry` of `queue`.
-    pub fn hold(&self, queue: &str, consumer: &str, entry: &str) {
+    /// Records that `consumer` holds `delivery`.
+    pub fn hold(&self, consumer: &str, delivery: &Arc<Delivery>) {
         self.held
-            .entry((queue.to_string(), consumer.to_string()))
+            .entry((delivery.queue.clone(), consumer.to_string()))
             .or_default()
-            .insert(entry.to_string());
+            .insert(delivery.entry.clone(), Arc::clone(delivery));
+    }
+
+    /// Takes every delivery `consumer` holds in `queue` (a restarted consumer adopting what
+    /// its previous incarnation left).
+    pub fn take(&self, queue: &str, consumer: &str) -> Vec<Arc<Delivery>> {
+        let mut taken: Vec<Arc<Delivery>> = self
+            .held
+            .remove(&(queue.to_string(), consumer.to_string()))
+            .map(|(_, held)| held.into_values().collect())
+            .unwrap_or_default();
+        taken.sort_by(|a, b| a.entry.cmp(&b.entry));
+        taken
     }
 
     /// Forgets `entry` (acked, retried or dead-lettered); true if it was held.
@@ -42,7 +59,7 @@ impl Leases {
             .held
             .get_mut(&(queue.to_string(), consumer.to_string()))
         {
-            Some(mut set) => set.remove(entry),
+            Some(mut held) => held.remove(entry).is_some(),
             None => false,
         }
     }
@@ -55,19 +72,19 @@ impl Leases {
             .map(|e| Held {
                 queue: e.key().0.clone(),
                 consumer: e.key().1.clone(),
-                entries: e.value().iter().cloned().collect(),
+                entries: e.value().keys().cloned().collect(),
             })
             .collect()
     }
 
     /// Marks entries whose lease another node took over (after it expired here).
     pub fn mark_lost(&self, queue: &str, consumer: &str, entries: &[String]) {
-        if let Some(mut set) = self
+        if let Some(mut held) = self
             .held
             .get_mut(&(queue.to_string(), consumer.to_string()))
         {
             for entry in entries {
-                set.remove(entry);
+                held.remove(entry);
                 self.lost.insert(entry.clone(), ());
             }
         }
@@ -88,12 +105,23 @@ impl Leases {
 mod tests {
     use super::*;
 
+    use crate::broker::Envelope;
+
+    fn delivery(queue: &str, entry: &str) -> Arc<Delivery> {
+        Arc::new(Delivery {
+            queue: queue.into(),
+            entry: entry.into(),
+            deliveries: 1,
+            envelope: Envelope::new("t", queue),
+        })
+    }
+
     #[test]
-    fn hold_release_and_lose() {
+    fn hold_release_lose_and_take() {
         let leases = Leases::default();
-        leases.hold("chat", "node-a", "1-0");
-        leases.hold("chat", "node-a", "2-0");
-        leases.hold("default", "node-a", "3-0");
+        leases.hold("node-a", &delivery("chat", "1-0"));
+        leases.hold("node-a", &delivery("chat", "2-0"));
+        leases.hold("node-a", &delivery("default", "3-0"));
         assert_eq!(leases.count(), 3);
         assert!(leases.release("chat", "node-a", "1-0"));
         assert!(!leases.release("chat", "node-a", "1-0"));
@@ -108,5 +136,9 @@ mod tests {
                 entries: vec!["2-0".into()]
             }]
         );
+        let taken = leases.take("chat", "node-a");
+        assert_eq!(taken.len(), 1);
+        assert_eq!(taken[0].entry, "2-0");
+        assert_eq!(leases.count(), 0);
     }
 }

@@ -378,6 +378,23 @@ impl Broker for MemoryBroker {
         Ok(())
     }
 
+    async fn defer(
+        &self,
+        delivery: &Delivery,
+        at: SystemTime,
+        reason: &str,
+    ) -> Result<(), BrokerError> {
+        let mut state = self.lock();
+        self.release(&mut state, delivery);
+        state.push_delayed(&delivery.queue, epoch_ms(at), &delivery.envelope);
+        let detail = serde_json::json!({ "reason": reason, "until": rfc3339(at) });
+        state.event(
+            Event::about("deferred", &delivery.envelope, detail),
+            self.settings.events_maxlen,
+        );
+        Ok(())
+    }
+
     async fn dead_letter(&self, delivery: &Delivery, reason: &str) -> Result<(), BrokerError> {
         let mut state = self.lock();
         self.release(&mut state, delivery);

@@ -1,0 +1,433 @@
+//! `ConsumerActor`: one queue's bulkhead on this node — its own concurrency, its own fetcher,
+//! its own task actors — so a saturated queue (long chat tasks) cannot delay another.
+//!
+//! - A **fetcher** task reserves entries only into free slots (`concurrency + prefetch`, a
+//!   semaphore): never more in memory than the bulkhead can run. It sends them to the actor.
+//! - The actor checks each delivery (unknown task → dead letter `no such task`; past its
+//!   `expires` → dead letter; a closed [`ResourceGate`] → deferred without spending an
+//!   attempt), holds its lease in [`Leases`], and starts a [`TaskActor`] per task, up to
+//!   `concurrency` at once; the rest wait in arrival order.
+//! - A task actor records its own outcome and stops with the reason `"done"`. Any other exit
+//!   (panic, kill) is a crash: the consumer records a retry per the task's policy.
+//! - A restarted consumer adopts the deliveries its previous incarnation still held (their
+//!   task actors died with it) and runs them again at once: nothing waits for a lease.
+//! - `Drain` stops fetching; an orderly stop waits for running tasks up to `drain`, then
+//!   kills what is left (their entries come back through lease recovery).
+//!
+//! Snapshot (every second): concurrency, prefetch, running tasks (id, task, attempt,
+//! elapsed, deadline), waiting, counters.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
+use serde_json::json;
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use crate::broker::{AnyBroker, Broker, Delivery, Leases, parse_time};
+use crate::gate::ResourceGate;
+use crate::handler::{TaskDef, TaskDefs, TaskError};
+use crate::task::{DONE, TaskActor, TaskArgs, limits, record};
+use crate::tree::TreeHandle;
+
+/// How often the snapshot is refreshed.
+const SNAPSHOT_EVERY: Duration = Duration::from_secs(1);
+/// Pause after a failed reserve.
+const FETCH_RETRY: Duration = Duration::from_millis(500);
+
+/// What a consumer shares with its task actors.
+#[derive(Debug)]
+pub struct Work {
+    /// The broker.
+    pub broker: Arc<AnyBroker>,
+    /// This node's leases.
+    pub leases: Arc<Leases>,
+    /// Every task definition (callbacks route by them).
+    pub tasks: Arc<TaskDefs>,
+    /// This node's consumer name.
+    pub consumer: String,
+}
+
+/// Spawn arguments.
+#[derive(Debug, Clone)]
+pub struct ConsumerArgs {
+    /// Place in the tree.
+    pub node: TreeHandle,
+    /// The queue.
+    pub queue: String,
+    /// Tasks run at once.
+    pub concurrency: usize,
+    /// Entries reserved beyond the running ones.
+    pub prefetch: usize,
+    /// How long one reserve waits for an entry.
+    pub poll: Duration,
+    /// Time an orderly stop waits for running tasks.
+    pub drain: Duration,
+    /// Shared with the task actors.
+    pub work: Arc<Work>,
+    /// Asked before starting a task that uses resources.
+    pub gate: Arc<dyn ResourceGate>,
+}
+
+/// Messages.
+#[derive(Debug)]
+pub enum ConsumerMessage {
+    /// Entries reserved by the fetcher.
+    Fetched(Vec<Delivery>),
+    /// Stop fetching (node shutdown); running and waiting tasks go on.
+    Drain,
+    /// Refresh the snapshot.
+    Snapshot,
+}
+
+/// The consumer actor.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ConsumerActor;
+
+struct Running {
+    delivery: Arc<Delivery>,
+    def: Arc<TaskDef>,
+    started: Instant,
+    cell: ActorCell,
+}
+
+#[derive(Debug, Default, serde::Serialize)]
+struct Counters {
+    started: u64,
+    finished: u64,
+    crashed: u64,
+    deferred: u64,
+    rejected: u64,
+}
+
+/// Consumer state.
+pub struct ConsumerState {
+    args: ConsumerArgs,
+    slots: Arc<Semaphore>,
+    fetcher: Option<JoinHandle<()>>,
+    running: HashMap<ActorId, Running>,
+    waiting: VecDeque<(Arc<Delivery>, Arc<TaskDef>)>,
+    draining: bool,
+    counters: Counters,
+}
+
+impl std::fmt::Debug for ConsumerState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsumerState")
+            .field("queue", &self.args.queue)
+            .field("running", &self.running.len())
+            .field("waiting", &self.waiting.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for ConsumerState {
+    fn drop(&mut self) {
+        if let Some(fetcher) = self.fetcher.take() {
+            fetcher.abort();
+        }
+    }
+}
+
+impl Actor for ConsumerActor {
+    type Msg = ConsumerMessage;
+    type State = ConsumerState;
+    type Arguments = ConsumerArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: ConsumerArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let slots = Arc::new(Semaphore::new(args.concurrency + args.prefetch));
+        let mut state = ConsumerState {
+            slots,
+            fetcher: None,
+            running: HashMap::new(),
+            waiting: VecDeque::new(),
+            draining: false,
+            counters: Counters::default(),
+            args,
+        };
+        // Deliveries a previous incarnation held: their task actors died with it.
+        let orphans = state
+            .args
+            .work
+            .leases
+            .take(&state.args.queue, &state.args.work.consumer);
+        if !orphans.is_empty() {
+            info!(queue = %state.args.queue, count = orphans.len(), "adopting the deliveries of the previous incarnation");
+        }
+        for delivery in orphans {
+            match state.slots.clone().try_acquire_owned() {
+                Ok(permit) => permit.forget(),
+                Err(_) => {
+                    warn!(queue = %state.args.queue, "more orphans than slots; running them anyway")
+                }
+            }
+            state.admit(delivery).await;
+        }
+        state.fill(&myself).await;
+        state.fetcher = Some(tokio::spawn(fetch(
+            myself.clone(),
+            state.args.clone(),
+            Arc::clone(&state.slots),
+        )));
+        myself.send_after(SNAPSHOT_EVERY, || ConsumerMessage::Snapshot);
+        state.publish();
+        Ok(state)
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            ConsumerMessage::Fetched(deliveries) => {
+                for delivery in deliveries {
+                    state.admit(Arc::new(delivery)).await;
+                }
+                state.fill(&myself).await;
+            }
+            ConsumerMessage::Drain => {
+                state.draining = true;
+                if let Some(fetcher) = state.fetcher.take() {
+                    fetcher.abort();
+                }
+                info!(queue = %state.args.queue, running = state.running.len(), waiting = state.waiting.len(), "draining: no more fetching");
+                state.publish();
+            }
+            ConsumerMessage::Snapshot => {
+                state.publish();
+                myself.send_after(SNAPSHOT_EVERY, || ConsumerMessage::Snapshot);
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        event: SupervisionEvent,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        let (cell, crash) = match event {
+            SupervisionEvent::ActorTerminated(cell, _, reason)
+                if reason.as_deref() == Some(DONE) =>
+            {
+                (cell, None)
+            }
+            SupervisionEvent::ActorTerminated(cell, _, reason) => {
+                (cell, Some(reason.unwrap_or_else(|| "stopped".into())))
+            }
+            SupervisionEvent::ActorFailed(cell, err) => (cell, Some(format!("panicked: {err}"))),
+            _ => return Ok(()),
+        };
+        let Some(running) = state.running.remove(&cell.get_id()) else {
+            return Ok(());
+        };
+        state.counters.finished += 1;
+        state.slots.add_permits(1);
+        if let Some(why) = crash {
+            state.counters.crashed += 1;
+            let work = &state.args.work;
+            // Recorded already if its lease is gone (it was killed after recording).
+            if work.leases.release(
+                &running.delivery.queue,
+                &work.consumer,
+                &running.delivery.entry,
+            ) {
+                warn!(task_id = %running.delivery.envelope.id, task = %running.def.name, %why, "task actor crashed; recording a retry");
+                work.leases.hold(&work.consumer, &running.delivery);
+                let args = TaskArgs {
+                    delivery: running.delivery,
+                    def: running.def,
+                    work: Arc::clone(work),
+                };
+                tokio::spawn(async move {
+                    record(&args, Err(TaskError::retry(format!("task actor {why}")))).await;
+                });
+            }
+        }
+        state.fill(&myself).await;
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        if let Some(fetcher) = state.fetcher.take() {
+            fetcher.abort();
+        }
+        let deadline = Instant::now() + state.args.drain;
+        for running in state.running.values() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if running.cell.wait(Some(left)).await.is_err() {
+                warn!(task_id = %running.delivery.envelope.id, task = %running.def.name,
+                    "still running at the drain deadline; killed (its entry comes back through lease recovery)");
+                running.cell.kill();
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ConsumerState {
+    /// Checks a delivery and queues it to run, or settles it at once.
+    async fn admit(&mut self, delivery: Arc<Delivery>) {
+        let work = Arc::clone(&self.args.work);
+        let envelope = &delivery.envelope;
+        let Some(def) = work.tasks.get(&envelope.task).cloned() else {
+            self.settle(&delivery, format!("no such task `{}`", envelope.task))
+                .await;
+            return;
+        };
+        if let Some(expires) = &envelope.expires {
+            if parse_time(expires).is_ok_and(|at| at <= SystemTime::now()) {
+                self.settle(&delivery, format!("expired at {expires} before it ran"))
+                    .await;
+                return;
+            }
+        }
+        if let Some((resource, until)) = self.args.gate.closed_until(&def.uses) {
+            self.counters.deferred += 1;
+            let reason = format!("resource {resource} closed");
+            if let Err(err) = work.broker.defer(&delivery, until, &reason).await {
+                warn!(task_id = %envelope.id, error = %err, "deferral failed; the entry comes back through lease recovery");
+            }
+            self.slots.add_permits(1);
+            return;
+        }
+        work.leases.hold(&work.consumer, &delivery);
+        self.waiting.push_back((delivery, def));
+    }
+
+    /// Dead-letters a delivery that cannot run.
+    async fn settle(&mut self, delivery: &Delivery, reason: String) {
+        warn!(task_id = %delivery.envelope.id, queue = %delivery.queue, %reason, "dead-lettered without running");
+        self.counters.rejected += 1;
+        if let Err(err) = self.args.work.broker.dead_letter(delivery, &reason).await {
+            warn!(task_id = %delivery.envelope.id, error = %err, "dead-lettering failed; the entry comes back through lease recovery");
+        }
+        self.slots.add_permits(1);
+    }
+
+    /// Starts waiting tasks while there is room.
+    async fn fill(&mut self, myself: &ActorRef<ConsumerMessage>) {
+        while self.running.len() < self.args.concurrency {
+            let Some((delivery, def)) = self.waiting.pop_front() else {
+                break;
+            };
+            let args = TaskArgs {
+                delivery: Arc::clone(&delivery),
+                def: Arc::clone(&def),
+                work: Arc::clone(&self.args.work),
+            };
+            match TaskActor::spawn_linked(None, TaskActor, args, myself.get_cell()).await {
+                Ok((actor, _)) => {
+                    self.counters.started += 1;
+                    let cell = actor.get_cell();
+                    self.running.insert(
+                        cell.get_id(),
+                        Running {
+                            delivery,
+                            def,
+                            started: Instant::now(),
+                            cell,
+                        },
+                    );
+                }
+                Err(err) => {
+                    // pre_start cannot fail today; keep the entry rather than lose it.
+                    warn!(task_id = %delivery.envelope.id, error = %err, "cannot start a task actor; retrying later");
+                    self.waiting.push_front((delivery, def));
+                    break;
+                }
+            }
+        }
+    }
+
+    fn publish(&self) {
+        let now = Instant::now();
+        let running: Vec<_> = self
+            .running
+            .values()
+            .map(|r| {
+                let (hard, _) = limits(&r.delivery.envelope, &r.def);
+                json!({
+                    "id": r.delivery.envelope.id,
+                    "task": r.def.name,
+                    "attempt": r.delivery.envelope.attempt,
+                    "elapsed_ms": now.duration_since(r.started).as_millis() as u64,
+                    "deadline_in_ms": (r.started + hard).saturating_duration_since(now).as_millis() as u64,
+                })
+            })
+            .collect();
+        self.args.node.publish(json!({
+            "queue": self.args.queue,
+            "concurrency": self.args.concurrency,
+            "prefetch": self.args.prefetch,
+            "draining": self.draining,
+            "running": running,
+            "waiting": self.waiting.len(),
+            "counters": self.counters,
+        }));
+    }
+}
+
+/// Reserves entries into free slots and hands them to the consumer, until aborted.
+async fn fetch(consumer: ActorRef<ConsumerMessage>, args: ConsumerArgs, slots: Arc<Semaphore>) {
+    let mut failing = false;
+    loop {
+        let Ok(first) = Arc::clone(&slots).acquire_owned().await else {
+            return;
+        };
+        first.forget();
+        let mut want = 1;
+        while let Ok(more) = Arc::clone(&slots).try_acquire_owned() {
+            more.forget();
+            want += 1;
+        }
+        let got = args
+            .work
+            .broker
+            .reserve(&args.queue, &args.work.consumer, want, args.poll)
+            .await;
+        match got {
+            Ok(deliveries) => {
+                if failing {
+                    info!(queue = %args.queue, "reserving works again");
+                    failing = false;
+                    args.node.set_degraded(None);
+                }
+                slots.add_permits(want - deliveries.len());
+                if !deliveries.is_empty()
+                    && consumer.cast(ConsumerMessage::Fetched(deliveries)).is_err()
+                {
+                    return;
+                }
+            }
+            Err(err) => {
+                slots.add_permits(want);
+                if !failing {
+                    warn!(queue = %args.queue, error = %err, "reserve failed; retrying");
+                    failing = true;
+                    args.node
+                        .set_degraded(Some(format!("cannot reserve: {err}")));
+                }
+                tokio::time::sleep(FETCH_RETRY).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,650 @@
+//! Consumers and task actors over the memory broker, in real time (delays are wall-clock):
+//! bulkheads, limits, retries, callbacks, crashes, deferral.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use serde_json::{Value, json};
+use tokio::time::Instant;
+
+use super::*;
+use crate::broker::memory::MemoryBroker;
+use crate::broker::{BrokerActor, BrokerArgs, BrokerSettings, Envelope, Event, TaskState};
+use crate::gate::AlwaysOpen;
+use crate::handler::native::Natives;
+use crate::handler::{Handler, RetryPolicy, TaskDef};
+use crate::supervisor::{
+    Backoff, ChildSpec, Intensity, Restart, Strategy, SupervisorSpec, start_root,
+};
+use crate::tree::Tree;
+
+struct Queue {
+    name: &'static str,
+    concurrency: usize,
+}
+
+struct Rig {
+    tree: Arc<Tree>,
+    broker: Arc<AnyBroker>,
+    leases: Arc<Leases>,
+    root: ActorRef<crate::supervisor::SupervisorMessage>,
+}
+
+fn def(name: &str, queue: &str, handler: Arc<dyn Handler>) -> TaskDef {
+    TaskDef {
+        name: name.into(),
+        queue: queue.into(),
+        handler,
+        time_limit: Duration::from_secs(30),
+        soft_time_limit: None,
+        retry: RetryPolicy {
+            max_retries: 0,
+            backoff: Backoff::try_new(Duration::from_millis(100), Duration::from_secs(10), 0.0)
+                .unwrap(),
+        },
+        uses: vec![],
+        link: vec![],
+        link_error: vec![],
+    }
+}
+
+impl Rig {
+    async fn start(queues: &[Queue], defs: Vec<TaskDef>, gate: Arc<dyn ResourceGate>) -> Rig {
+        let tree = Tree::new();
+        let broker = Arc::new(AnyBroker::Memory(MemoryBroker::new(
+            BrokerSettings::default(),
+        )));
+        let leases: Arc<Leases> = Arc::default();
+        let work = Arc::new(Work {
+            broker: Arc::clone(&broker),
+            leases: Arc::clone(&leases),
+            tasks: Arc::new(TaskDefs::new(defs)),
+            consumer: "node-test".into(),
+        });
+        let policy = |children| SupervisorSpec {
+            strategy: Strategy::OneForOne,
+            intensity: Intensity::try_new(20, Duration::from_secs(10)).unwrap(),
+            backoff: Backoff::try_new(Duration::from_millis(5), Duration::from_millis(50), 0.0)
+                .unwrap(),
+            shutdown_timeout: Duration::from_secs(5),
+            children,
+        };
+        let consumers = queues
+            .iter()
+            .map(|q| {
+                let (name, concurrency) = (q.name.to_string(), q.concurrency);
+                let work = Arc::clone(&work);
+                let gate = Arc::clone(&gate);
+                ChildSpec::new(q.name, "consumer", Restart::Permanent, move |node| {
+                    let args = ConsumerArgs {
+                        node,
+                        queue: name.clone(),
+                        concurrency,
+                        prefetch: 0,
+                        poll: Duration::from_millis(200),
+                        drain: Duration::from_secs(2),
+                        work: Arc::clone(&work),
+                        gate: Arc::clone(&gate),
+                    };
+                    (ConsumerActor, args)
+                })
+            })
+            .collect();
+        let broker_child = {
+            let broker = Arc::clone(&broker);
+            let leases = Arc::clone(&leases);
+            let queues: Vec<String> = queues.iter().map(|q| q.name.to_string()).collect();
+            ChildSpec::new("broker", "broker", Restart::Permanent, move |node| {
+                let args = BrokerArgs {
+                    node,
+                    broker: Arc::clone(&broker),
+                    leases: Arc::clone(&leases),
+                    queues: queues.clone(),
+                    lease: Duration::from_secs(3),
+                    promote_every: Duration::from_millis(5),
+                };
+                (BrokerActor, args)
+            })
+        };
+        let spec = policy(vec![
+            broker_child,
+            ChildSpec::supervisor("queues", policy(consumers)),
+        ]);
+        let (root, _) = start_root(&tree, "root", spec).await.unwrap();
+        Rig {
+            tree,
+            broker,
+            leases,
+            root,
+        }
+    }
+
+    async fn enqueue(&self, task: &str, queue: &str, kwargs: Value) -> String {
+        let mut env = Envelope::new(task, queue);
+        env.kwargs = kwargs.as_object().cloned().unwrap_or_default();
+        self.broker.enqueue(vec![env]).await.unwrap()[0].id.clone()
+    }
+
+    async fn state_of(&self, id: &str) -> Option<TaskState> {
+        self.broker.record(id).await.unwrap().map(|r| r.state)
+    }
+
+    async fn until_state(
+        &self,
+        id: &str,
+        state: TaskState,
+        limit: Duration,
+    ) -> crate::broker::TaskRecord {
+        let end = Instant::now() + limit;
+        loop {
+            if let Some(record) = self.broker.record(id).await.unwrap() {
+                if record.state == state {
+                    return record;
+                }
+            }
+            assert!(
+                Instant::now() < end,
+                "task {id} never reached {state:?}; now {:?}",
+                self.state_of(id).await
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    async fn events_of(&self, id: &str) -> Vec<Event> {
+        let all = self.broker.events(None, 100_000).await.unwrap();
+        all.into_iter()
+            .filter(|e| e.task_id.as_deref() == Some(id))
+            .collect()
+    }
+}
+
+fn natives() -> Natives {
+    Natives::builtin()
+}
+
+fn native(name: &str) -> Arc<dyn Handler> {
+    natives().handler(name).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_tasks_within_the_bulkhead_concurrency() {
+    let live = Arc::new(AtomicUsize::new(0));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let mut n = Natives::default();
+    {
+        let (live, peak) = (Arc::clone(&live), Arc::clone(&peak));
+        n.register("count", move |_| {
+            let (live, peak) = (Arc::clone(&live), Arc::clone(&peak));
+            async move {
+                let now = live.fetch_add(1, Ordering::SeqCst) + 1;
+                peak.fetch_max(now, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                live.fetch_sub(1, Ordering::SeqCst);
+                Ok(json!("ok"))
+            }
+        });
+    }
+    let rig = Rig::start(
+        &[Queue {
+            name: "background",
+            concurrency: 3,
+        }],
+        vec![def("count", "background", n.handler("count").unwrap())],
+        Arc::new(AlwaysOpen),
+    )
+    .await;
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        ids.push(rig.enqueue("count", "background", json!({})).await);
+    }
+    for id in &ids {
+        let record = rig
+            .until_state(id, TaskState::Succeeded, Duration::from_secs(10))
+            .await;
+        assert_eq!(record.result, Some(json!("ok")));
+    }
+    assert_eq!(
+        peak.load(Ordering::SeqCst),
+        3,
+        "concurrency is the bulkhead's size"
+    );
+    let kinds: Vec<String> = rig
+        .events_of(&ids[0])
+        .await
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(kinds, ["sent", "started", "succeeded"]);
+    assert_eq!(rig.leases.count(), 0);
+    let snapshot = rig.tree.get("root/queues/background").unwrap().snapshot;
+    assert_eq!(snapshot["concurrency"], 3);
+    rig.root.stop(None);
+}
+
+/// The seed incident: long chat tasks must not delay background tasks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saturated_queue_does_not_delay_another() {
+    async fn background_p50(with_chat: bool) -> Duration {
+        let waits = Arc::new(Mutex::new(Vec::new()));
+        let mut n = Natives::builtin();
+        {
+            let waits = Arc::clone(&waits);
+            n.register("quick", move |ctx| {
+                let waits = Arc::clone(&waits);
+                async move {
+                    let enqueued = crate::broker::parse_time(&ctx.envelope.enqueued_at).unwrap();
+                    let wait = SystemTime::now()
+                        .duration_since(enqueued)
+                        .unwrap_or_default();
+                    waits.lock().unwrap().push(wait);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    Ok(Value::Null)
+                }
+            });
+        }
+        let rig = Rig::start(
+            &[
+                Queue {
+                    name: "chat",
+                    concurrency: 4,
+                },
+                Queue {
+                    name: "background",
+                    concurrency: 4,
+                },
+            ],
+            vec![
+                def(
+                    "process_chat_message",
+                    "chat",
+                    n.handler("rt_sleep").unwrap(),
+                ),
+                def("quick", "background", n.handler("quick").unwrap()),
+            ],
+            Arc::new(AlwaysOpen),
+        )
+        .await;
+        if with_chat {
+            for _ in 0..8 {
+                rig.enqueue("process_chat_message", "chat", json!({"ms": 1500}))
+                    .await;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let mut ids = Vec::new();
+        for _ in 0..20 {
+            ids.push(rig.enqueue("quick", "background", json!({})).await);
+        }
+        for id in &ids {
+            rig.until_state(id, TaskState::Succeeded, Duration::from_secs(10))
+                .await;
+        }
+        rig.root.stop(None);
+        let mut waits = waits.lock().unwrap().clone();
+        waits.sort();
+        waits[waits.len() / 2]
+    }
+    let idle = background_p50(false).await;
+    let busy = background_p50(true).await;
+    assert!(
+        busy <= idle.mul_f64(1.2) + Duration::from_millis(25),
+        "background p50 wait {busy:?} with chat saturated vs {idle:?} with chat idle"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_ignoring_its_soft_limit_is_stopped_at_the_hard_limit() {
+    let mut stubborn = def("stubborn", "default", native("rt_sleep"));
+    stubborn.time_limit = Duration::from_millis(300);
+    stubborn.soft_time_limit = Some(Duration::from_millis(100));
+    let mut polite = stubborn.clone();
+    polite.name = "polite".into();
+    let rig = Rig::start(
+        &[Queue {
+            name: "default",
+            concurrency: 2,
+        }],
+        vec![stubborn, polite],
+        Arc::new(AlwaysOpen),
+    )
+    .await;
+    let started = Instant::now();
+    let a = rig
+        .enqueue(
+            "stubborn",
+            "default",
+            json!({"ms": 10_000, "ignore_soft": true}),
+        )
+        .await;
+    let b = rig
+        .enqueue("polite", "default", json!({"ms": 10_000}))
+        .await;
+    let dead = rig
+        .until_state(&a, TaskState::Dead, Duration::from_secs(5))
+        .await;
+    assert_eq!(
+        dead.error.as_deref(),
+        Some("retries exhausted after 1 attempts: hard time limit of 300ms exceeded")
+    );
+    let dead = rig
+        .until_state(&b, TaskState::Dead, Duration::from_secs(5))
+        .await;
+    assert_eq!(
+        dead.error.as_deref(),
+        Some("retries exhausted after 1 attempts: cancelled: soft time limit")
+    );
+    assert!(started.elapsed() < Duration::from_secs(2));
+    rig.root.stop(None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_follow_the_policy_then_dead_letter_with_link_error_once() {
+    let mut flaky = def("zep_write", "default", native("rt_fail"));
+    flaky.retry.max_retries = 2;
+    flaky.link_error = vec!["notify_failure".into()];
+    let rig = Rig::start(
+        &[Queue {
+            name: "default",
+            concurrency: 2,
+        }],
+        vec![flaky, def("notify_failure", "default", native("rt_echo"))],
+        Arc::new(AlwaysOpen),
+    )
+    .await;
+    let id = rig
+        .enqueue(
+            "zep_write",
+            "default",
+            json!({"message": "zep_call_error: 503"}),
+        )
+        .await;
+    let dead = rig
+        .until_state(&id, TaskState::Dead, Duration::from_secs(5))
+        .await;
+    assert_eq!(dead.attempts, 3);
+    assert_eq!(
+        dead.error.as_deref(),
+        Some("retries exhausted after 3 attempts: zep_call_error: 503")
+    );
+    let events = rig.events_of(&id).await;
+    let starts: Vec<SystemTime> = events
+        .iter()
+        .filter(|e| e.kind == "started")
+        .map(|e| crate::broker::parse_time(&e.at).unwrap())
+        .collect();
+    assert_eq!(starts.len(), 3);
+    // backoff 100 ms doubling, no jitter: ~100 ms then ~200 ms between attempts.
+    for (gap, expected) in starts.windows(2).zip([100u64, 200]) {
+        let gap = gap[1].duration_since(gap[0]).unwrap();
+        assert!(
+            gap >= Duration::from_millis(expected) && gap < Duration::from_millis(expected + 80),
+            "gap {gap:?}, expected ~{expected} ms"
+        );
+    }
+    // Exactly one link_error callback, with the failure as its first argument.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let all = rig.broker.events(None, 100_000).await.unwrap();
+    let callbacks: Vec<&Event> = all
+        .iter()
+        .filter(|e| e.kind == "succeeded" && e.task.as_deref() == Some("notify_failure"))
+        .collect();
+    assert_eq!(callbacks.len(), 1);
+    let cb = rig
+        .broker
+        .record(callbacks[0].task_id.as_deref().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(cb.result.unwrap()["args"][0]["id"], json!(id));
+    rig.root.stop(None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_wins_permanent_errors_are_not_retried_and_link_runs_once() {
+    let mut limited = def("openai_call", "default", native("rt_fail"));
+    limited.retry.max_retries = 1;
+    limited.retry.backoff =
+        Backoff::try_new(Duration::from_millis(10), Duration::from_secs(1), 0.0).unwrap();
+    let mut chained = def("extract_preferences_async", "default", native("rt_echo"));
+    chained.link = vec!["store_preferences".into()];
+    let rig = Rig::start(
+        &[Queue {
+            name: "default",
+            concurrency: 4,
+        }],
+        vec![
+            limited,
+            chained,
+            def("store_preferences", "default", native("rt_echo")),
+        ],
+        Arc::new(AlwaysOpen),
+    )
+    .await;
+    let slow = rig
+        .enqueue("openai_call", "default", json!({"retry_after_ms": 400}))
+        .await;
+    let denied = rig
+        .enqueue(
+            "openai_call",
+            "default",
+            json!({"permanent": true, "message": "insufficient_quota"}),
+        )
+        .await;
+    let ok = rig
+        .enqueue("extract_preferences_async", "default", json!({"user": 7}))
+        .await;
+
+    let dead = rig
+        .until_state(&denied, TaskState::Dead, Duration::from_secs(5))
+        .await;
+    assert_eq!(dead.attempts, 1);
+    assert_eq!(dead.error.as_deref(), Some("permanent: insufficient_quota"));
+
+    rig.until_state(&slow, TaskState::Dead, Duration::from_secs(5))
+        .await;
+    let starts: Vec<SystemTime> = rig
+        .events_of(&slow)
+        .await
+        .iter()
+        .filter(|e| e.kind == "started")
+        .map(|e| crate::broker::parse_time(&e.at).unwrap())
+        .collect();
+    let gap = starts[1].duration_since(starts[0]).unwrap();
+    assert!(
+        gap >= Duration::from_millis(400),
+        "Retry-After not honoured: {gap:?}"
+    );
+
+    rig.until_state(&ok, TaskState::Succeeded, Duration::from_secs(5))
+        .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let all = rig.broker.events(None, 100_000).await.unwrap();
+    let linked: Vec<&Event> = all
+        .iter()
+        .filter(|e| e.kind == "succeeded" && e.task.as_deref() == Some("store_preferences"))
+        .collect();
+    assert_eq!(linked.len(), 1);
+    let record = rig
+        .broker
+        .record(linked[0].task_id.as_deref().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(record.result.unwrap()["args"][0]["kwargs"]["user"], 7);
+    rig.root.stop(None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_and_expired_tasks_are_dead_lettered_without_running() {
+    let rig = Rig::start(
+        &[Queue {
+            name: "default",
+            concurrency: 1,
+        }],
+        vec![def("rt_noop", "default", native("rt_noop"))],
+        Arc::new(AlwaysOpen),
+    )
+    .await;
+    let ghost = rig.enqueue("no_such_task", "default", json!({})).await;
+    let mut old = Envelope::new("rt_noop", "default");
+    old.expires = Some(crate::broker::rfc3339(
+        SystemTime::now() - Duration::from_secs(1),
+    ));
+    let old = rig.broker.enqueue(vec![old]).await.unwrap()[0].id.clone();
+    assert_eq!(
+        rig.until_state(&ghost, TaskState::Dead, Duration::from_secs(5))
+            .await
+            .error
+            .as_deref(),
+        Some("no such task `no_such_task`")
+    );
+    let expired = rig
+        .until_state(&old, TaskState::Dead, Duration::from_secs(5))
+        .await;
+    assert!(expired.error.unwrap().starts_with("expired at "));
+    let fine = rig.enqueue("rt_noop", "default", json!({})).await;
+    rig.until_state(&fine, TaskState::Succeeded, Duration::from_secs(5))
+        .await;
+    rig.root.stop(None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_handler_is_retried_and_the_consumer_keeps_running() {
+    let mut n = Natives::default();
+    n.register("fragile", |ctx| async move {
+        if ctx.envelope.attempt == 0 {
+            panic!("index out of range in the handler");
+        }
+        Ok(json!("second time lucky"))
+    });
+    let mut fragile = def("fragile", "default", n.handler("fragile").unwrap());
+    fragile.retry.max_retries = 1;
+    let rig = Rig::start(
+        &[Queue {
+            name: "default",
+            concurrency: 1,
+        }],
+        vec![fragile],
+        Arc::new(AlwaysOpen),
+    )
+    .await;
+    let consumer = rig.tree.get("root/queues/default").unwrap();
+    let id = rig.enqueue("fragile", "default", json!({})).await;
+    let record = rig
+        .until_state(&id, TaskState::Succeeded, Duration::from_secs(5))
+        .await;
+    assert_eq!(record.attempts, 2);
+    let retried = rig
+        .events_of(&id)
+        .await
+        .into_iter()
+        .find(|e| e.kind == "retried")
+        .unwrap();
+    assert!(
+        retried.detail["error"]
+            .as_str()
+            .unwrap()
+            .contains("panicked"),
+        "{retried:?}"
+    );
+    let after = rig.tree.get("root/queues/default").unwrap();
+    assert_eq!(
+        after.restarts, consumer.restarts,
+        "the consumer did not restart"
+    );
+    rig.root.stop(None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_consumer_is_restarted_and_reruns_what_it_held() {
+    let rig = Rig::start(
+        &[Queue {
+            name: "chat",
+            concurrency: 2,
+        }],
+        vec![def("process_chat_message", "chat", native("rt_sleep"))],
+        Arc::new(AlwaysOpen),
+    )
+    .await;
+    let a = rig
+        .enqueue("process_chat_message", "chat", json!({"ms": 400}))
+        .await;
+    let b = rig
+        .enqueue("process_chat_message", "chat", json!({"ms": 400}))
+        .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(rig.leases.count(), 2);
+    rig.tree.cell("root/queues/chat").unwrap().kill();
+    for id in [&a, &b] {
+        let record = rig
+            .until_state(id, TaskState::Succeeded, Duration::from_secs(5))
+            .await;
+        assert_eq!(
+            record.attempts, 1,
+            "re-run by the restarted consumer, same attempt"
+        );
+    }
+    assert_eq!(rig.tree.get("root/queues/chat").unwrap().restarts, 1);
+    assert_eq!(rig.broker.depth("chat").await.unwrap().in_flight, 0);
+    rig.root.stop(None);
+}
+
+#[derive(Debug)]
+struct ClosedFor {
+    until: SystemTime,
+    asked: Mutex<HashMap<String, usize>>,
+}
+
+impl ResourceGate for ClosedFor {
+    fn closed_until(&self, uses: &[String]) -> Option<(String, SystemTime)> {
+        let resource = uses.first()?.clone();
+        *self
+            .asked
+            .lock()
+            .unwrap()
+            .entry(resource.clone())
+            .or_default() += 1;
+        (SystemTime::now() < self.until).then_some((resource, self.until))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_gate_defers_without_spending_an_attempt() {
+    let gate = Arc::new(ClosedFor {
+        until: SystemTime::now() + Duration::from_millis(300),
+        asked: Mutex::default(),
+    });
+    let mut chat = def("process_chat_message", "chat", native("rt_echo"));
+    chat.uses = vec!["zep".into()];
+    let rig = Rig::start(
+        &[Queue {
+            name: "chat",
+            concurrency: 2,
+        }],
+        vec![chat, def("rt_noop", "chat", native("rt_noop"))],
+        gate.clone(),
+    )
+    .await;
+    let started = SystemTime::now();
+    let id = rig.enqueue("process_chat_message", "chat", json!({})).await;
+    let free = rig.enqueue("rt_noop", "chat", json!({})).await;
+    rig.until_state(&free, TaskState::Succeeded, Duration::from_secs(2))
+        .await;
+    let record = rig
+        .until_state(&id, TaskState::Succeeded, Duration::from_secs(5))
+        .await;
+    assert_eq!(record.attempts, 1, "the deferral spent no attempt");
+    assert!(SystemTime::now().duration_since(started).unwrap() >= Duration::from_millis(300));
+    let kinds: Vec<String> = rig
+        .events_of(&id)
+        .await
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(kinds, ["sent", "deferred", "started", "succeeded"]);
+    assert_eq!(gate.asked.lock().unwrap()["zep"], 2);
+    rig.root.stop(None);
+}

@@ -1,0 +1,203 @@
+//! What runs a task: the [`Handler`] trait, the error taxonomy ([`TaskError`]), the context a
+//! handler gets ([`TaskContext`]) and the task definitions a consumer runs ([`TaskDef`]).
+//!
+//! Handler kinds (DESIGN.md §3): [`native`] (Rust async fns registered through the library
+//! API), [`http`] (POST the envelope to the app), [`exec`] (a command, no shell, envelope on
+//! stdin, own process group).
+
+pub mod exec;
+pub mod http;
+pub mod native;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::Envelope;
+use crate::supervisor::Backoff;
+
+/// Why an attempt did not succeed — typed by what happens next.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum TaskError {
+    /// Try again (after `after` when the server said so, e.g. Retry-After), within the retry
+    /// policy.
+    #[error("{reason}")]
+    Retry {
+        /// Why.
+        reason: String,
+        /// The earliest time to try again, when known (it wins over the backoff when larger).
+        after: Option<Duration>,
+    },
+    /// Do not try again: the task is dead-lettered and its `link_error` callbacks run.
+    #[error("{0}")]
+    Permanent(String),
+    /// The hard time limit stopped it (retryable).
+    #[error("hard time limit of {0:?} exceeded")]
+    Timeout(Duration),
+    /// It stopped at its soft time limit (a handler returns this after the token fired; retryable).
+    #[error("cancelled: {0}")]
+    Cancelled(String),
+}
+
+impl TaskError {
+    /// A retryable error without a server-given delay.
+    pub fn retry(reason: impl Into<String>) -> Self {
+        TaskError::Retry {
+            reason: reason.into(),
+            after: None,
+        }
+    }
+
+    /// Whether the retry policy may try again.
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self, TaskError::Permanent(_))
+    }
+}
+
+/// What a handler gets for one attempt.
+#[derive(Clone, Debug)]
+pub struct TaskContext {
+    /// The task.
+    pub envelope: Arc<Envelope>,
+    /// Fires at the soft time limit: finish up and return (native handlers watch it; `exec`
+    /// sends SIGTERM to the process group; `http` sends the deadline in a header).
+    pub soft: CancellationToken,
+    /// When the soft limit fires, if there is one.
+    pub soft_deadline: Option<Instant>,
+    /// When the hard limit stops the attempt.
+    pub deadline: Instant,
+}
+
+/// The future of one attempt.
+pub type Attempt = Pin<Box<dyn Future<Output = Result<Value, TaskError>> + Send>>;
+
+/// Runs attempts of one task.
+pub trait Handler: Send + Sync + fmt::Debug {
+    /// Starts an attempt. Dropping the future aborts it (the hard limit does that): a handler
+    /// must release what it holds on drop (an HTTP request is aborted, a process group killed).
+    fn call(&self, ctx: TaskContext) -> Attempt;
+
+    /// `native`, `http`, `exec`, `pool`.
+    fn kind(&self) -> &'static str;
+}
+
+/// The retry policy of a task: `max_retries` retries after the first attempt, each waiting
+/// `backoff.delay(attempt)` (or the server's Retry-After when larger).
+#[derive(Clone, Copy, Debug)]
+pub struct RetryPolicy {
+    /// Retries after the first attempt.
+    pub max_retries: u32,
+    /// Delay schedule.
+    pub backoff: Backoff,
+}
+
+impl RetryPolicy {
+    /// The delay before the retry that follows attempt number `attempt` (0-based) failing with
+    /// `err`, or `None` when the task must not be retried.
+    pub fn next_delay(&self, attempt: u32, err: &TaskError) -> Option<Duration> {
+        if !err.is_retryable() || attempt >= self.max_retries {
+            return None;
+        }
+        let delay = self.backoff.delay(attempt);
+        Some(match err {
+            TaskError::Retry {
+                after: Some(after), ..
+            } => delay.max(*after),
+            _ => delay,
+        })
+    }
+}
+
+/// One task definition (`[tasks.NAME]` after compilation), as a consumer runs it.
+#[derive(Clone, Debug)]
+pub struct TaskDef {
+    /// Task name.
+    pub name: String,
+    /// Its queue.
+    pub queue: String,
+    /// What runs it.
+    pub handler: Arc<dyn Handler>,
+    /// Effective hard time limit (task → queue → runtime already resolved).
+    pub time_limit: Duration,
+    /// Effective soft time limit.
+    pub soft_time_limit: Option<Duration>,
+    /// Retry policy.
+    pub retry: RetryPolicy,
+    /// Resources it uses (for the deferral gate).
+    pub uses: Vec<String>,
+    /// Tasks enqueued with its result on success.
+    pub link: Vec<String>,
+    /// Tasks enqueued with its error when it fails for good.
+    pub link_error: Vec<String>,
+}
+
+/// Every task definition of a node, by name.
+#[derive(Clone, Debug, Default)]
+pub struct TaskDefs {
+    by_name: HashMap<String, Arc<TaskDef>>,
+}
+
+impl TaskDefs {
+    /// The definitions.
+    pub fn new(defs: impl IntoIterator<Item = TaskDef>) -> Self {
+        Self {
+            by_name: defs
+                .into_iter()
+                .map(|def| (def.name.clone(), Arc::new(def)))
+                .collect(),
+        }
+    }
+
+    /// The definition of `name`.
+    pub fn get(&self, name: &str) -> Option<&Arc<TaskDef>> {
+        self.by_name.get(name)
+    }
+
+    /// The queue `name` runs on.
+    pub fn queue_of(&self, name: &str) -> Option<&str> {
+        self.by_name.get(name).map(|def| def.queue.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_policy_follows_backoff_and_honours_a_larger_retry_after() {
+        let policy = RetryPolicy {
+            max_retries: 3,
+            backoff: Backoff::try_new(Duration::from_secs(1), Duration::from_secs(60), 0.0)
+                .unwrap(),
+        };
+        let err = TaskError::retry("zep_call_error");
+        assert_eq!(policy.next_delay(0, &err), Some(Duration::from_secs(1)));
+        assert_eq!(policy.next_delay(2, &err), Some(Duration::from_secs(4)));
+        assert_eq!(policy.next_delay(3, &err), None, "retries exhausted");
+        let later = TaskError::Retry {
+            reason: "429".into(),
+            after: Some(Duration::from_secs(30)),
+        };
+        assert_eq!(policy.next_delay(0, &later), Some(Duration::from_secs(30)));
+        let sooner = TaskError::Retry {
+            reason: "429".into(),
+            after: Some(Duration::from_millis(10)),
+        };
+        assert_eq!(policy.next_delay(1, &sooner), Some(Duration::from_secs(2)));
+        assert_eq!(
+            policy.next_delay(0, &TaskError::Permanent("400".into())),
+            None
+        );
+        assert_eq!(
+            policy.next_delay(0, &TaskError::Timeout(Duration::from_secs(1))),
+            Some(Duration::from_secs(1))
+        );
+    }
+}

@@ -1,0 +1,241 @@
+//! `TaskActor`: one running task — a temporary child of its queue's consumer.
+//!
+//! It runs one attempt of the handler under the task's limits, records the outcome with the
+//! broker itself (ack + `link` callbacks, a delayed retry, or a dead letter + `link_error`
+//! callbacks), releases its lease and stops with the reason `"done"`. Any other exit (a panic
+//! in a native handler, a kill) leaves the outcome to the consumer, which records a retry.
+//!
+//! Limits: the soft limit fires the attempt's cancellation token (`exec` turns it into SIGTERM
+//! to the process group, `http` sent the deadline in a header); at the hard limit the attempt
+//! is dropped — the HTTP request aborted, the process group SIGKILLed and reaped — and counts
+//! as a retryable failure.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use serde_json::{Value, json};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::broker::{Broker, Callback, Delivery, Envelope, Event};
+use crate::consumer::Work;
+use crate::handler::{TaskContext, TaskDef, TaskError};
+
+/// The exit reason of a task actor that recorded its outcome.
+pub const DONE: &str = "done";
+
+/// How often recording an outcome is tried before it is left to lease recovery.
+const RECORD_TRIES: u32 = 5;
+
+/// Spawn arguments.
+#[derive(Debug)]
+pub struct TaskArgs {
+    /// The entry being run.
+    pub delivery: Arc<Delivery>,
+    /// Its definition.
+    pub def: Arc<TaskDef>,
+    /// What the consumer shares with its tasks.
+    pub work: Arc<Work>,
+}
+
+/// The task actor (it has no messages: it runs once and stops).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TaskActor;
+
+impl Actor for TaskActor {
+    type Msg = ();
+    type State = TaskArgs;
+    type Arguments = TaskArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<()>,
+        args: TaskArgs,
+    ) -> Result<TaskArgs, ActorProcessingErr> {
+        Ok(args)
+    }
+
+    async fn post_start(
+        &self,
+        myself: ActorRef<()>,
+        args: &mut TaskArgs,
+    ) -> Result<(), ActorProcessingErr> {
+        let outcome = attempt(args).await;
+        record(args, outcome).await;
+        myself.stop(Some(DONE.to_string()));
+        Ok(())
+    }
+}
+
+/// The limits of one attempt: the envelope's overrides, else the definition's.
+pub fn limits(envelope: &Envelope, def: &TaskDef) -> (Duration, Option<Duration>) {
+    let hard = envelope
+        .time_limit_ms
+        .map(Duration::from_millis)
+        .unwrap_or(def.time_limit);
+    let soft = envelope
+        .soft_time_limit_ms
+        .map(Duration::from_millis)
+        .or(def.soft_time_limit)
+        .filter(|soft| *soft < hard);
+    (hard, soft)
+}
+
+async fn attempt(args: &TaskArgs) -> Result<Value, TaskError> {
+    let envelope = &args.delivery.envelope;
+    let (hard, soft) = limits(envelope, &args.def);
+    let started = Instant::now();
+    let deadline = started + hard;
+    let soft_deadline = soft.map(|soft| started + soft);
+    let token = CancellationToken::new();
+    let ctx = TaskContext {
+        envelope: Arc::new(envelope.clone()),
+        soft: token.clone(),
+        soft_deadline,
+        deadline,
+    };
+    let started_event = Event::about(
+        "started",
+        envelope,
+        json!({ "attempt": envelope.attempt, "consumer": args.work.consumer }),
+    );
+    if let Err(err) = args.work.broker.publish(started_event).await {
+        debug!(task_id = %envelope.id, error = %err, "started event not written");
+    }
+    let run = args.def.handler.call(ctx);
+    tokio::pin!(run);
+    let soft_timer = tokio::time::sleep_until(soft_deadline.unwrap_or(deadline));
+    tokio::pin!(soft_timer);
+    let mut softened = soft_deadline.is_none();
+    loop {
+        tokio::select! {
+            result = &mut run => return result,
+            () = &mut soft_timer, if !softened => {
+                softened = true;
+                debug!(task_id = %envelope.id, ?soft, "soft time limit");
+                token.cancel();
+            }
+            () = tokio::time::sleep_until(deadline) => {
+                warn!(task_id = %envelope.id, task = %envelope.task, ?hard, "hard time limit: attempt stopped");
+                return Err(TaskError::Timeout(hard));
+            }
+        }
+    }
+}
+
+/// Records `outcome` with the broker (retrying a few times if the broker fails) and
+/// releases the lease.
+pub(crate) async fn record(args: &TaskArgs, outcome: Result<Value, TaskError>) {
+    let work = &args.work;
+    let delivery = &args.delivery;
+    for n in 1..=RECORD_TRIES {
+        match record_once(work, delivery, &args.def, &outcome).await {
+            Ok(()) => break,
+            Err(err) if n < RECORD_TRIES => {
+                warn!(task_id = %delivery.envelope.id, error = %err, "recording the outcome failed; retrying");
+                tokio::time::sleep(Duration::from_millis(200 * u64::from(n))).await;
+            }
+            Err(err) => {
+                warn!(task_id = %delivery.envelope.id, error = %err,
+                    "recording the outcome failed; the entry comes back through lease recovery");
+            }
+        }
+    }
+    work.leases
+        .release(&delivery.queue, &work.consumer, &delivery.entry);
+}
+
+async fn record_once(
+    work: &Work,
+    delivery: &Delivery,
+    def: &TaskDef,
+    outcome: &Result<Value, TaskError>,
+) -> Result<(), crate::broker::BrokerError> {
+    let envelope = &delivery.envelope;
+    match outcome {
+        Ok(value) => {
+            work.broker.ack(delivery, value.clone()).await?;
+            let callbacks = callbacks(work, envelope, &def.link, &envelope.link, value.clone());
+            if !callbacks.is_empty() {
+                work.broker.enqueue(callbacks).await?;
+            }
+        }
+        Err(err) => match def.retry.next_delay(envelope.attempt, err) {
+            Some(delay) => {
+                debug!(task_id = %envelope.id, ?delay, error = %err, "retrying");
+                work.broker
+                    .retry(delivery, SystemTime::now() + delay, &err.to_string())
+                    .await?;
+            }
+            None => {
+                let reason = if err.is_retryable() {
+                    format!(
+                        "retries exhausted after {} attempts: {err}",
+                        envelope.attempt + 1
+                    )
+                } else {
+                    format!("permanent: {err}")
+                };
+                warn!(task_id = %envelope.id, task = %envelope.task, %reason, "dead-lettered");
+                work.broker.dead_letter(delivery, &reason).await?;
+                let failure = json!({
+                    "id": envelope.id, "task": envelope.task,
+                    "error": reason, "attempts": envelope.attempt + 1,
+                });
+                let callbacks = callbacks(
+                    work,
+                    envelope,
+                    &def.link_error,
+                    &envelope.link_error,
+                    failure,
+                );
+                if !callbacks.is_empty() {
+                    work.broker.enqueue(callbacks).await?;
+                }
+            }
+        },
+    }
+    Ok(())
+}
+
+/// The envelopes of a task's callbacks (configured names, then the envelope's own), each
+/// with `value` (the result, or the failure) as its first argument.
+fn callbacks(
+    work: &Work,
+    parent: &Envelope,
+    configured: &[String],
+    own: &[Callback],
+    value: Value,
+) -> Vec<Envelope> {
+    let configured = configured.iter().map(|task| Callback {
+        task: task.clone(),
+        queue: None,
+        args: Vec::new(),
+        kwargs: Default::default(),
+    });
+    configured
+        .chain(own.iter().cloned())
+        .filter_map(|callback| {
+            let queue = callback
+                .queue
+                .clone()
+                .or_else(|| work.tasks.queue_of(&callback.task).map(str::to_string))?;
+            let mut envelope = Envelope::new(callback.task, queue);
+            envelope.args = std::iter::once(value.clone())
+                .chain(callback.args)
+                .collect();
+            envelope.kwargs = callback.kwargs;
+            envelope.parent_id = Some(parent.id.clone());
+            envelope.root_id = Some(parent.root_id.clone().unwrap_or_else(|| parent.id.clone()));
+            envelope.trace_id = parent.trace_id.clone();
+            // One callback per parent outcome, even if recording is retried.
+            envelope.idempotency_key = Some(format!(
+                "cb:{}:{}:{}",
+                parent.id, parent.attempt, envelope.task
+            ));
+            Some(envelope)
+        })
+        .collect()
+}
