@@ -207,3 +207,143 @@ async fn drain(
     }
     last
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use serde_json::json;
+    use tokio::time::Instant;
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+    use crate::broker::Envelope;
+
+    fn script(body: &str) -> ExecHandler {
+        ExecHandler::new("/bin/sh", &["-c".to_string(), body.to_string()], None)
+    }
+
+    fn ctx(hard: Duration) -> TaskContext {
+        let mut envelope = Envelope::new("process_incoming_media_task", "background");
+        envelope.id = "task-1".into();
+        envelope.args = vec![json!("s3://bucket/photo.jpg")];
+        TaskContext {
+            envelope: Arc::new(envelope),
+            soft: CancellationToken::new(),
+            soft_deadline: None,
+            deadline: Instant::now() + hard,
+        }
+    }
+
+    /// State letter of a process, `None` once it is gone (reaped).
+    fn proc_state(pid: u32) -> Option<char> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        stat.rsplit_once(") ")
+            .and_then(|(_, rest)| rest.chars().next())
+    }
+
+    async fn gone(pid: u32) -> bool {
+        for _ in 0..200 {
+            if proc_state(pid).is_none() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
+    }
+
+    #[tokio::test]
+    async fn envelope_on_stdin_result_from_the_last_stdout_line() {
+        let handler = script(
+            r#"read envelope; echo "working"; echo "$envelope" | grep -q 'photo.jpg' && echo '{"thumbnails": 3}'"#,
+        );
+        let result = handler.call(ctx(Duration::from_secs(10))).await.unwrap();
+        assert_eq!(result, json!({"thumbnails": 3}));
+        let text = script("echo plain text")
+            .call(ctx(Duration::from_secs(10)))
+            .await
+            .unwrap();
+        assert_eq!(text, json!("plain text"));
+    }
+
+    #[tokio::test]
+    async fn exit_codes_are_classified() {
+        let err = script("exit 75")
+            .call(ctx(Duration::from_secs(10)))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, TaskError::Retry { .. }), "{err:?}");
+        let err = script("echo 'bad input: no such media' >&2; exit 3")
+            .call(ctx(Duration::from_secs(10)))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err,
+            TaskError::Permanent("/bin/sh exited 3: bad input: no such media".into())
+        );
+        let err = ExecHandler::new("/nonexistent/worker", &[], None)
+            .call(ctx(Duration::from_secs(10)))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, TaskError::Permanent(ref m) if m.starts_with("cannot run /nonexistent/worker")),
+            "{err:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn soft_limit_sends_sigterm_to_the_group() {
+        let context = ctx(Duration::from_secs(10));
+        let token = context.soft.clone();
+        let attempt = script("sleep 30").call(context);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            token.cancel();
+        });
+        let started = Instant::now();
+        let err = attempt.await.unwrap_err();
+        assert!(matches!(err, TaskError::Cancelled(_)), "{err:?}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn dropping_the_attempt_kills_the_whole_group_and_reaps_it() {
+        // A worker that ignores SIGTERM and has a grandchild in its group.
+        let dir = std::env::temp_dir().join(format!("rt-exec-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pids = dir.join("pids");
+        let body = format!(
+            "trap '' TERM; sleep 30 & echo $$ $! > {}; wait",
+            pids.display()
+        );
+        let context = ctx(Duration::from_secs(10));
+        let token = context.soft.clone();
+        let attempt = script(&body).call(context);
+        let hard = tokio::time::timeout(Duration::from_millis(500), async {
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                token.cancel(); // SIGTERM: ignored by the shell
+            });
+            attempt.await
+        })
+        .await;
+        assert!(
+            hard.is_err(),
+            "the attempt should still run at the hard limit"
+        );
+        let text = std::fs::read_to_string(&pids).unwrap();
+        let ids: Vec<u32> = text
+            .split_whitespace()
+            .map(|p| p.parse().unwrap())
+            .collect();
+        for pid in ids {
+            assert!(
+                gone(pid).await,
+                "process {pid} left behind (state {:?})",
+                proc_state(pid)
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -121,3 +121,124 @@ fn describe(err: &reqwest::Error) -> String {
         format!("request failed: {err}")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use axum::Router;
+    use axum::http::{HeaderMap, StatusCode as Code};
+    use axum::routing::post;
+    use serde_json::json;
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+    use crate::broker::Envelope;
+
+    /// A fake Django endpoint on loopback; returns its base URL and the headers it saw.
+    async fn app() -> (String, Arc<Mutex<Vec<HeaderMap>>>) {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = Arc::clone(&seen);
+        let router = Router::new()
+            .route(
+                "/ok",
+                post(move |headers: HeaderMap, body: String| {
+                    let log = Arc::clone(&log);
+                    async move {
+                        log.lock().unwrap().push(headers);
+                        let envelope: Value = serde_json::from_str(&body).unwrap();
+                        axum::Json(json!({ "echo": envelope["args"] }))
+                    }
+                }),
+            )
+            .route("/empty", post(|| async { Code::NO_CONTENT }))
+            .route(
+                "/busy",
+                post(|| async { (Code::TOO_MANY_REQUESTS, [("retry-after", "7")], "slow down") }),
+            )
+            .route(
+                "/down",
+                post(|| async { (Code::BAD_GATEWAY, "upstream down") }),
+            )
+            .route(
+                "/bad",
+                post(|| async { (Code::UNPROCESSABLE_ENTITY, "thread_id missing") }),
+            )
+            .route(
+                "/slow",
+                post(|| async {
+                    tokio::time::sleep(Duration::from_secs(10)).await;
+                    "late"
+                }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        (format!("http://{addr}"), seen)
+    }
+
+    fn ctx() -> TaskContext {
+        let mut envelope = Envelope::new("process_chat_message", "chat");
+        envelope.id = "t-42".into();
+        envelope.args = vec![json!("hello")];
+        TaskContext {
+            envelope: Arc::new(envelope),
+            soft: CancellationToken::new(),
+            soft_deadline: Some(Instant::now() + Duration::from_secs(100)),
+            deadline: Instant::now() + Duration::from_secs(120),
+        }
+    }
+
+    fn handler(base: &str, path: &str, timeout: Option<Duration>) -> HttpHandler {
+        HttpHandler::new(&format!("{base}{path}"), timeout, reqwest::Client::new())
+    }
+
+    #[tokio::test]
+    async fn answers_are_classified_as_design_section_3_says() {
+        let (base, seen) = app().await;
+        let ok = handler(&base, "/ok", None).call(ctx()).await.unwrap();
+        assert_eq!(ok, json!({ "echo": ["hello"] }));
+        let headers = seen.lock().unwrap()[0].clone();
+        assert_eq!(headers["x-task-id"], "t-42");
+        assert_eq!(headers["x-task-attempt"], "0");
+        assert!(headers["x-task-deadline"].to_str().unwrap().ends_with('Z'));
+
+        assert_eq!(
+            handler(&base, "/empty", None).call(ctx()).await.unwrap(),
+            Value::Null
+        );
+
+        let busy = handler(&base, "/busy", None).call(ctx()).await.unwrap_err();
+        assert!(
+            matches!(busy, TaskError::Retry { after: Some(d), .. } if d == Duration::from_secs(7)),
+            "{busy:?}"
+        );
+        let down = handler(&base, "/down", None).call(ctx()).await.unwrap_err();
+        assert!(
+            matches!(down, TaskError::Retry { after: None, .. }),
+            "{down:?}"
+        );
+        let bad = handler(&base, "/bad", None).call(ctx()).await.unwrap_err();
+        assert_eq!(
+            bad,
+            TaskError::Permanent(format!(
+                "HTTP 422 Unprocessable Entity from {base}/bad: thread_id missing"
+            ))
+        );
+    }
+
+    #[tokio::test]
+    async fn timeouts_and_refused_connections_are_retryable() {
+        let (base, _) = app().await;
+        let slow = handler(&base, "/slow", Some(Duration::from_millis(100)))
+            .call(ctx())
+            .await
+            .unwrap_err();
+        assert_eq!(slow, TaskError::retry("request timed out"));
+        let refused = handler("http://127.0.0.1:9", "/x", None)
+            .call(ctx())
+            .await
+            .unwrap_err();
+        assert_eq!(refused, TaskError::retry("cannot connect"));
+    }
+}
