@@ -7,6 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actors::broker::AnyBroker;
+use actors::consumer::{ConsumerMessage, Work};
+use actors::handler::native::Natives;
 use actors::supervisor::start_root;
 use actors::tree::{Status, Tree};
 use tokio::net::TcpListener;
@@ -14,16 +16,37 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
+use crate::check::EX_CONFIG;
 use crate::config::Config;
 use crate::http::{AppState, app};
-use crate::topology::{ROOT, Shared, broker_settings, node_name, root_spec};
+use crate::topology::{ROOT, Shared, broker_settings, node_name, root_spec, task_defs};
 
 /// Time the HTTP server gets to finish open requests once the tree has stopped.
 const HTTP_DRAIN: Duration = Duration::from_secs(2);
 
+/// Tells every consumer to stop fetching at once, so their running tasks finish in parallel
+/// while the tree stops (each consumer waits for its own up to the grace).
+fn drain_consumers(tree: &Tree) {
+    for actor in tree.list().into_iter().filter(|a| a.kind == "consumer") {
+        if let Some(cell) = tree.cell(&actor.path) {
+            let _ = cell.send_message(ConsumerMessage::Drain);
+        }
+    }
+}
+
 /// Says which validated sections this version does not run yet, so nobody mistakes a
 /// quiet node for a working queue.
 fn announce_unrun_sections(config: &Config) {
+    let pool_tasks: Vec<&str> = config
+        .tasks
+        .iter()
+        .filter(|(_, task)| matches!(task.handler, crate::config::Handler::Pool { .. }))
+        .map(|(name, _)| name.as_str())
+        .collect();
+    if !pool_tasks.is_empty() {
+        warn!(tasks = %pool_tasks.join(", "),
+            "these tasks use a pool handler, which this version does not have: they are dead-lettered (requeue them once pools land)");
+    }
     let sections = [
         ("resources", config.resources.len()),
         ("pools", config.pools.len()),
@@ -34,13 +57,6 @@ fn announce_unrun_sections(config: &Config) {
         .filter(|(_, n)| *n > 0)
         .map(|(name, n)| format!("{name} ({n})"))
         .collect();
-    if !config.tasks.is_empty() {
-        warn!(
-            queues = config.queues.len(),
-            tasks = config.tasks.len(),
-            "tasks can be enqueued, listed and dead-lettered, but no queue consumer runs them yet (next issue)"
-        );
-    }
     if !defined.is_empty() {
         warn!(
             sections = %defined.join(", "),
@@ -52,8 +68,28 @@ fn announce_unrun_sections(config: &Config) {
 /// Runs a node until `shutdown` resolves (with the signal's name) or the root supervisor
 /// ends by itself (it gave up, or was killed). Exit 0 after an orderly stop, 1 otherwise.
 pub async fn run(config: Config, shutdown: impl Future<Output = &'static str>) -> ExitCode {
+    run_with(config, Natives::builtin(), shutdown).await
+}
+
+/// [`run`] with the native task functions of an embedding program (`natives` should start
+/// from [`Natives::builtin`] to keep the built-in ones).
+pub async fn run_with(
+    config: Config,
+    natives: Natives,
+    shutdown: impl Future<Output = &'static str>,
+) -> ExitCode {
     let node_started = Instant::now();
     announce_unrun_sections(&config);
+    let client = reqwest::Client::new();
+    let tasks = match task_defs(&config, &natives, &client) {
+        Ok(tasks) => Arc::new(tasks),
+        Err(missing) => {
+            for (path, message) in missing {
+                error!("{path}: {message}");
+            }
+            return ExitCode::from(EX_CONFIG);
+        }
+    };
     let url = config.broker.redacted_url();
     let broker = match AnyBroker::connect(&config.broker.url, broker_settings(&config)).await {
         Ok(broker) => Arc::new(broker),
@@ -63,11 +99,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = &'static str>) -
         }
     };
     let shared = Shared {
-        broker,
-        leases: Arc::default(),
-        node_name: node_name(&config),
+        work: Arc::new(Work {
+            broker,
+            leases: Arc::default(),
+            tasks,
+            consumer: node_name(&config),
+        }),
     };
-    info!(node = %shared.node_name, broker = %url, "broker ready");
+    info!(node = %shared.work.consumer, broker = %url, "broker ready");
     let tree = Tree::new();
     let spec = root_spec(&config, &shared, node_started);
     let (root, mut root_done) = match start_root(&tree, ROOT, spec).await {
@@ -88,7 +127,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = &'static str>) -
         }
     };
     let addr = listener.local_addr().map_or(config.http.bind, |a| a);
-    let state = AppState::new(Arc::clone(&tree), Arc::clone(&shared.broker), &config);
+    let state = AppState::new(Arc::clone(&tree), Arc::clone(shared.broker()), &config);
     if config.chaos.enabled {
         warn!("chaos routes are enabled: POST /chaos/kill/{{path}} kills actors");
     }
@@ -104,7 +143,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = &'static str>) -
     let code = tokio::select! {
         signal = shutdown => {
             let grace = config.runtime.shutdown_grace;
-            info!(signal, ?grace, "shutdown requested; stopping the tree in reverse order");
+            info!(signal, ?grace, "shutdown requested; draining the consumers, then stopping the tree in reverse order");
+            drain_consumers(&tree);
             root.stop(Some(format!("shutdown ({signal})")));
             // Every supervisor enforces the grace on its own children; this is the backstop.
             match tokio::time::timeout(grace + Duration::from_secs(1), &mut root_done).await {

@@ -1,23 +1,32 @@
 //! The supervision tree of a node, built from its validated config.
 //!
 //! ```text
-//! root          SupervisorActor   [supervision] policy, stops within runtime.shutdown_grace
-//! ├── broker    BrokerActor       permanent; delayed mover, lease renewal, recovery sweep
-//! └── heartbeat HeartbeatActor    permanent; uptime and event-loop lag
+//! root            SupervisorActor   [supervision] policy, stops within runtime.shutdown_grace
+//! ├── broker      BrokerActor       permanent; delayed mover, lease renewal, recovery sweep
+//! ├── queues      SupervisorActor   permanent
+//! │   ├── chat    ConsumerActor     permanent; one per [queues.NAME], task actors below it
+//! │   └── …
+//! └── heartbeat   HeartbeatActor    permanent; uptime and event-loop lag
 //! ```
 //!
-//! Resources, pools, queues and the scheduler attach here, after the broker, as their issues
-//! land (DESIGN.md §2). Children start in this order and stop in the reverse one.
+//! Resources and pools attach before `queues`, the scheduler after it, as their issues land
+//! (DESIGN.md §2). Children start in this order and stop in the reverse one.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use actors::broker::{AnyBroker, BrokerActor, BrokerArgs, BrokerSettings, Leases};
+use actors::broker::{AnyBroker, BrokerActor, BrokerArgs, BrokerSettings};
+use actors::consumer::{ConsumerActor, ConsumerArgs, Work};
+use actors::gate::AlwaysOpen;
+use actors::handler::exec::ExecHandler;
+use actors::handler::http::HttpHandler;
+use actors::handler::native::Natives;
+use actors::handler::{Attempt, Handler, RetryPolicy, TaskContext, TaskDef, TaskDefs, TaskError};
 use actors::heartbeat::{HeartbeatActor, HeartbeatArgs};
 use actors::supervisor::{ChildSpec, Restart, SupervisorSpec};
 use tokio::time::Instant;
 
-use crate::config::Config;
+use crate::config::{self, Config};
 
 /// Name of the root supervisor (and first segment of every path).
 pub const ROOT: &str = "root";
@@ -25,15 +34,101 @@ pub const ROOT: &str = "root";
 /// How often the delayed mover runs: an eta or retry fires at most this late.
 pub const PROMOTE_EVERY: Duration = Duration::from_millis(10);
 
+/// How long one reserve waits for an entry before the fetcher loops.
+pub const POLL: Duration = Duration::from_secs(1);
+
 /// What the actors of a node share, created before the tree and outliving every restart.
 #[derive(Debug, Clone)]
 pub struct Shared {
+    /// The broker, the leases, the task definitions and this node's consumer name.
+    pub work: Arc<Work>,
+}
+
+impl Shared {
     /// The broker connection.
-    pub broker: Arc<AnyBroker>,
-    /// Leases held by this node's consumers.
-    pub leases: Arc<Leases>,
-    /// This node's consumer name.
-    pub node_name: String,
+    pub fn broker(&self) -> &Arc<AnyBroker> {
+        &self.work.broker
+    }
+}
+
+/// The task definitions of `config`, with their handlers: native ones from `natives`, HTTP
+/// ones sharing `client`. `Err` lists `(key path, message)` for each native task that has no
+/// registered function.
+pub fn task_defs(
+    config: &Config,
+    natives: &Natives,
+    client: &reqwest::Client,
+) -> Result<TaskDefs, Vec<(String, String)>> {
+    let mut defs = Vec::new();
+    let mut missing = Vec::new();
+    for (name, task) in &config.tasks {
+        let handler: Arc<dyn Handler> = match &task.handler {
+            config::Handler::Http { url, timeout } => {
+                Arc::new(HttpHandler::new(url.as_str(), *timeout, client.clone()))
+            }
+            config::Handler::Exec { command, args, cwd } => {
+                Arc::new(ExecHandler::new(command, args, cwd.clone()))
+            }
+            config::Handler::Native => match natives.handler(name) {
+                Some(handler) => handler,
+                None => {
+                    missing.push((
+                        format!("tasks.{name}.handler"),
+                        format!(
+                            "no native function `{name}` is registered in this binary (built-in: {})",
+                            BUILTIN_NATIVES.join(", ")
+                        ),
+                    ));
+                    continue;
+                }
+            },
+            config::Handler::Pool { pool } => Arc::new(NoPools { pool: pool.clone() }),
+        };
+        defs.push(TaskDef {
+            name: name.clone(),
+            queue: task.queue.clone(),
+            handler,
+            time_limit: task.time_limit,
+            soft_time_limit: task.soft_time_limit,
+            retry: RetryPolicy {
+                max_retries: task.retry.max_retries,
+                backoff: task.retry.backoff,
+            },
+            uses: task.uses.clone(),
+            link: task.link.clone(),
+            link_error: task.link_error.clone(),
+        });
+    }
+    if missing.is_empty() {
+        Ok(TaskDefs::new(defs))
+    } else {
+        Err(missing)
+    }
+}
+
+/// The native functions every `runtime` binary has.
+pub const BUILTIN_NATIVES: [&str; 4] = ["rt_echo", "rt_fail", "rt_noop", "rt_sleep"];
+
+/// The `pool` handler until process pools land: every attempt fails permanently with a reason
+/// that says so (the task is dead-lettered and can be requeued later), and the node warns at
+/// start.
+#[derive(Debug)]
+struct NoPools {
+    pool: String,
+}
+
+impl Handler for NoPools {
+    fn call(&self, _ctx: TaskContext) -> Attempt {
+        let reason = format!(
+            "pool handlers (pool `{}`) are not available in this version; requeue from the dead letters once they are",
+            self.pool
+        );
+        Box::pin(async move { Err(TaskError::Permanent(reason)) })
+    }
+
+    fn kind(&self) -> &'static str {
+        "pool"
+    }
 }
 
 /// The broker tunables of `config`.
@@ -68,13 +163,13 @@ pub fn node_name(config: &Config) -> String {
 /// The root supervisor's spec for `config`; `node_started` anchors the node's uptime.
 pub fn root_spec(config: &Config, shared: &Shared, node_started: Instant) -> SupervisorSpec {
     let broker_args = {
-        let shared = shared.clone();
+        let work = Arc::clone(&shared.work);
         let queues: Vec<String> = config.queues.keys().cloned().collect();
         let lease = config.broker.lease;
         move |node| BrokerArgs {
             node,
-            broker: Arc::clone(&shared.broker),
-            leases: Arc::clone(&shared.leases),
+            broker: Arc::clone(&work.broker),
+            leases: Arc::clone(&work.leases),
             queues: queues.clone(),
             lease,
             promote_every: PROMOTE_EVERY,
@@ -94,11 +189,40 @@ pub fn root_spec(config: &Config, shared: &Shared, node_started: Instant) -> Sup
             },
         )
     });
-    SupervisorSpec {
+    let consumers = config
+        .queues
+        .iter()
+        .map(|(name, queue)| {
+            let queue_name = name.clone();
+            let concurrency = queue.concurrency.get() as usize;
+            let prefetch = queue.prefetch as usize;
+            let drain = config.runtime.shutdown_grace;
+            let work = Arc::clone(&shared.work);
+            ChildSpec::new(name, "consumer", Restart::Permanent, move |node| {
+                let args = ConsumerArgs {
+                    node,
+                    queue: queue_name.clone(),
+                    concurrency,
+                    prefetch,
+                    poll: POLL,
+                    drain,
+                    work: Arc::clone(&work),
+                    gate: Arc::new(AlwaysOpen),
+                };
+                (ConsumerActor, args)
+            })
+        })
+        .collect();
+    let policy = |children| SupervisorSpec {
         strategy: config.supervision.strategy,
         intensity: config.supervision.intensity,
         backoff: config.supervision.backoff,
         shutdown_timeout: config.runtime.shutdown_grace,
-        children: vec![broker, heartbeat],
-    }
+        children,
+    };
+    policy(vec![
+        broker,
+        ChildSpec::supervisor("queues", policy(consumers)),
+        heartbeat,
+    ])
 }

@@ -14,9 +14,12 @@ admin_token_env = "TEST_ADMIN_TOKEN"
 [queues.chat]
 concurrency = 2
 
+# Nothing listens on port 9: every attempt fails to connect, and with no retries the task is
+# dead-lettered at once.
 [tasks.process_chat_message]
 queue = "chat"
-handler = { kind = "native" }
+handler = { kind = "http", url = "http://127.0.0.1:9/internal/tasks/process_chat_message" }
+max_retries = 0
 "#;
 
 fn runtime(node: &Node, args: &[&str], token: Option<&str>) -> (bool, String, String) {
@@ -89,20 +92,39 @@ async fn enqueue_list_dead_letters_and_purge_through_a_running_node() {
     assert!(!ok);
     assert!(err.contains("--args: expected a JSON array"), "{err}");
 
-    let queues = node.get_json("/queues").await;
-    assert_eq!(queues["queues"]["chat"]["ready"], 1);
-
+    // The app is down: the task is dead-lettered with the reason.
+    let at = tokio::time::Instant::now();
+    while node.get_json("/queues").await["queues"]["chat"]["dead"] != 1 {
+        assert!(
+            at.elapsed() < std::time::Duration::from_secs(10),
+            "never dead-lettered"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     let (ok, out, _) = runtime(&node, &["dlq", "list", "chat"], None);
     assert!(ok);
-    assert_eq!(out.trim(), "no dead letters in chat");
-    let (ok, out, _) = runtime(&node, &["dlq", "requeue", "chat"], token);
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines[0].starts_with("at "), "{out}");
+    assert!(lines[1].contains("process_chat_message"), "{out}");
+    assert!(lines[1].contains(&id), "{out}");
+    assert!(
+        lines[1].contains("retries exhausted after 1 attempts: cannot connect"),
+        "{out}"
+    );
+    let (ok, out, _) = runtime(&node, &["dlq", "requeue", "chat", "--limit", "5"], token);
     assert!(ok);
-    assert_eq!(out.trim(), "requeued 0 dead letters of chat");
+    assert_eq!(out.trim(), "requeued 1 dead letters of chat");
 
     let (ok, _, err) = runtime(&node, &["purge", "chat"], token);
     assert!(!ok);
     assert!(err.contains("add --yes"), "{err}");
+    let (ok, _, _) = runtime(
+        &node,
+        &["enqueue", "process_chat_message", "--countdown", "60"],
+        token,
+    );
+    assert!(ok);
     let (ok, out, _) = runtime(&node, &["purge", "chat", "--yes"], token);
     assert!(ok);
-    assert_eq!(out.trim(), "purged 1 ready and 0 delayed entries of chat");
+    assert_eq!(out.trim(), "purged 0 ready and 1 delayed entries of chat");
 }
