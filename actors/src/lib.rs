@@ -5,13 +5,17 @@
 //! program from its validated config.
 //!
 //! # Layout
-//! - [`broker`] — the broker contract (`Broker`), the task `Envelope`, the `memory://` broker.
+//! - [`broker`] — the broker contract (`Broker`), the task `Envelope`, the `memory://` broker,
+//!   the Redis Streams broker (`broker::redis`: key layout and entry fields in its docs).
 //! - [`supervisor`] — `SupervisorActor`: OTP strategies, restart types, intensity, backoff,
 //!   ordered start and reverse-ordered stop.
 //! - [`tree`] — the tree registry every actor is recorded in; read by the introspection routes.
+//! - `test_util` — `RedisServer`, a private redis-server per test (tests / `test-util` feature).
 //! - [`heartbeat`] — `HeartbeatActor`: records uptime and event-loop lag.
 
 pub mod broker;
 pub mod heartbeat;
 pub mod supervisor;
+#[cfg(any(test, feature = "test-util"))]
+pub mod test_util;
 pub mod tree;
