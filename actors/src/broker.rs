@@ -21,6 +21,7 @@
 
 pub mod envelope;
 pub mod memory;
+pub mod redis;
 
 #[cfg(test)]
 mod contract;
