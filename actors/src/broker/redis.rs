@@ -952,7 +952,10 @@ impl Broker for RedisBroker {
             };
             out.requeued += int(requeued) as u64;
             out.dead += int(died) as u64;
-            self.recovery_events(queue, moved).await?;
+            // The entries have moved (atomically); a lost event must not hide that.
+            if let Err(e) = self.recovery_events(queue, moved).await {
+                tracing::warn!(queue, error = %e, "recovery events not written");
+            }
             if int(more) == 0 {
                 return Ok(out);
             }
@@ -1021,10 +1024,7 @@ impl Broker for RedisBroker {
             .arg("COUNT")
             .arg(limit);
         let (reply,): (Value,) = self.query_pipe(&pipe).await?;
-        Ok(stream_entries(reply)
-            .into_iter()
-            .map(|entry| dead_letter(entry).0)
-            .collect())
+        Ok(stream_entries(reply).into_iter().map(dead_letter).collect())
     }
 
     async fn requeue_dead(&self, queue: &str, limit: usize) -> Result<u64, BrokerError> {
@@ -1053,7 +1053,7 @@ impl Broker for RedisBroker {
                 if moved + picked >= limit as u64 {
                     break;
                 }
-                let (letter, _) = dead_letter(entry);
+                let letter = dead_letter(entry);
                 if let Some(mut envelope) = letter.envelope {
                     envelope.attempt = 0;
                     invocation.arg(&letter.entry).arg(envelope.to_json());
@@ -1327,8 +1327,8 @@ fn read_reply(value: Value) -> Vec<StreamEntry> {
     }
 }
 
-/// A dead letter from its stream entry; the bool says whether it was a raw (malformed) one.
-fn dead_letter(entry: StreamEntry) -> (DeadLetter, bool) {
+/// A dead letter from its stream entry (`raw` when `e` is not a valid envelope).
+fn dead_letter(entry: StreamEntry) -> DeadLetter {
     let mut letter = DeadLetter {
         entry: entry.id,
         reason: String::new(),
@@ -1352,11 +1352,10 @@ fn dead_letter(entry: StreamEntry) -> (DeadLetter, bool) {
     if !raw {
         letter.envelope = Envelope::from_json(&e).ok();
     }
-    let raw = letter.envelope.is_none();
-    if raw {
+    if letter.envelope.is_none() {
         letter.raw = Some(e);
     }
-    (letter, raw)
+    letter
 }
 
 /// An event from its stream entry.
