@@ -23,6 +23,7 @@ pub mod actor;
 pub mod envelope;
 pub mod leases;
 pub mod memory;
+pub mod redis;
 
 #[cfg(test)]
 mod contract;
@@ -379,6 +380,8 @@ pub fn parse_time(text: &str) -> Result<SystemTime, String> {
 pub enum AnyBroker {
     /// The embedded broker.
     Memory(memory::MemoryBroker),
+    /// Redis Streams.
+    Redis(redis::RedisBroker),
 }
 
 impl AnyBroker {
@@ -387,8 +390,12 @@ impl AnyBroker {
     pub async fn connect(url: &str, settings: BrokerSettings) -> Result<Self, BrokerError> {
         match url.split_once("://").map(|(scheme, _)| scheme) {
             Some("memory") => Ok(Self::Memory(memory::MemoryBroker::new(settings))),
+            Some("redis" | "rediss") => Ok(Self::Redis(
+                redis::RedisBroker::connect(url, settings).await?,
+            )),
             _ => Err(BrokerError::Invalid(format!(
-                "broker URL `{url}`: this build supports memory:// only"
+                "broker URL: expected memory:// or redis://, got `{}`",
+                url.split("://").next().unwrap_or(url)
             ))),
         }
     }
@@ -397,6 +404,10 @@ impl AnyBroker {
     pub fn degraded(&self) -> Option<String> {
         match self {
             Self::Memory(_) => None,
+            Self::Redis(redis) => {
+                let state = redis.connection_state();
+                (!state.is_connected()).then(|| format!("redis at {}: {state}", redis.url()))
+            }
         }
     }
 
@@ -404,6 +415,11 @@ impl AnyBroker {
     pub fn describe(&self) -> Value {
         match self {
             Self::Memory(_) => serde_json::json!({ "kind": "memory", "connection": "in process" }),
+            Self::Redis(redis) => serde_json::json!({
+                "kind": "redis",
+                "url": redis.url(),
+                "connection": redis.connection_state(),
+            }),
         }
     }
 }
@@ -412,6 +428,7 @@ macro_rules! delegate {
     ($self:ident, $b:ident => $call:expr) => {
         match $self {
             AnyBroker::Memory($b) => $call.await,
+            AnyBroker::Redis($b) => $call.await,
         }
     };
 }

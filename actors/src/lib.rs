@@ -5,7 +5,8 @@
 //! program from its validated config.
 //!
 //! # Layout
-//! - [`broker`] — the broker contract (`Broker`), the task `Envelope`, the `memory://` broker.
+//! - [`broker`] — the broker contract (`Broker`), the task `Envelope`, the `memory://` broker,
+//!   the Redis Streams broker (`broker::redis`: key layout and entry fields in its docs).
 //! - [`consumer`] — `ConsumerActor`: one queue's bulkhead (fetcher, admission, task actors).
 //! - [`task`] — `TaskActor`: one attempt under its limits; records its own outcome.
 //! - [`gate`] — `ResourceGate`: deferral of tasks whose resources are closed.
@@ -13,6 +14,7 @@
 //! - [`supervisor`] — `SupervisorActor`: OTP strategies, restart types, intensity, backoff,
 //!   ordered start and reverse-ordered stop.
 //! - [`tree`] — the tree registry every actor is recorded in; read by the introspection routes.
+//! - `test_util` — `RedisServer`, a private redis-server per test (tests / `test-util` feature).
 //! - [`heartbeat`] — `HeartbeatActor`: records uptime and event-loop lag.
 
 pub mod broker;
@@ -22,4 +24,6 @@ pub mod handler;
 pub mod heartbeat;
 pub mod supervisor;
 pub mod task;
+#[cfg(any(test, feature = "test-util"))]
+pub mod test_util;
 pub mod tree;

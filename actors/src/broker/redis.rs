@@ -1,0 +1,1933 @@
+//! `RedisBroker`: the broker contract (DESIGN.md §4) on Redis Streams, shared by every node.
+//!
+//! # Key layout
+//!
+//! With the key prefix `p` (`BrokerSettings::prefix`, `rt` by default) and a queue `q`. The
+//! queue name is a literal hash tag (`{q}`), so a queue's keys share one Redis Cluster slot and
+//! the Lua scripts over them are legal there.
+//!
+//! | key | type | holds |
+//! |---|---|---|
+//! | `p:{q}:stream` | stream, consumer group `p` | ready and in-flight entries |
+//! | `p:{q}:delayed` | sorted set | score = due time (epoch ms), member = envelope JSON (eta, retries) |
+//! | `p:{q}:dead` | stream | dead letters |
+//! | `p:idem:<key>` | string, `PX` idempotency TTL | the first task id enqueued with that idempotency key |
+//! | `p:result:<id>` | hash, `PEXPIRE` result TTL | the task's record (below) |
+//! | `p:events` | stream, `MAXLEN ~ events_maxlen` | lifecycle events (below) |
+//!
+//! # Entry fields
+//!
+//! - **Stream entry** (`p:{q}:stream`): `e` = the envelope JSON (DESIGN.md §3); `d` =
+//!   deliveries before this entry, absent = 0 (an entry recovered after an expired lease is
+//!   re-added at the tail with `d` + 1). A producer in another language enqueues with
+//!   `XADD p:{q}:stream * e '<envelope json>'` — the envelope needs `task` and `queue`, and
+//!   should carry a unique `id` (the key of its record); the consumer group is created at id
+//!   `0` on first use, so entries added before any consumer existed are delivered too.
+//! - **Dead letter** (`p:{q}:dead`): `e` = envelope JSON (or the raw text that could not be
+//!   parsed), `reason`, `attempts`, `at` (RFC 3339), and `raw` = `1` when `e` is not a valid
+//!   envelope.
+//! - **Record** (`p:result:<id>`): `id`, `task`, `queue`, `state` (`succeeded` | `retrying` |
+//!   `dead`), `result` (JSON; meaningful when succeeded, empty otherwise), `error` (meaningful
+//!   when retrying or dead, empty otherwise), `attempts`, `updated_at` (RFC 3339).
+//! - **Event** (`p:events`): `kind`, `at`, optional `task_id`, `task`, `queue`, and `detail`
+//!   (JSON).
+//!
+//! # How each operation maps onto Redis
+//!
+//! - `enqueue`: envelopes are all validated first (nothing is written if one is invalid); then
+//!   one pipeline of `SET p:idem:<key> <id> NX PX ttl` + `GET` for the envelopes that carry an
+//!   idempotency key (a taken key, also by an earlier envelope of the same batch, answers
+//!   `duplicate` with the stored first id), and one pipeline of `XADD` (or `ZADD` for a future
+//!   eta) and the `sent` events. If that second pipeline fails, the idempotency keys it set are
+//!   deleted again, so retrying the enqueue is not mistaken for a duplicate.
+//! - `reserve`: `XREADGROUP GROUP p <consumer> COUNT max [BLOCK wait] STREAMS p:{q}:stream >`.
+//!   A blocking read holds up its connection, so each (queue, consumer) reserving with a wait
+//!   gets its own connection (created lazily, no response timeout of its own: the call is
+//!   bounded by `wait` + a margin; dropped and re-made after an error). Reads without a wait use
+//!   the shared connection. Malformed entries are dead-lettered (`malformed entry: <error>`)
+//!   with `XACK` + `XDEL`, never returned.
+//! - `renew`: `XCLAIM … 0 <ids> JUSTID` by the owner — resets the idle time, not the delivery
+//!   count. An id missing from the reply was recovered elsewhere.
+//! - `ack`: one pipeline: record `HSET` + `PEXPIRE`, `XACK`, `XDEL`, `succeeded` event.
+//!   `retry`: `MULTI` {`ZADD` delayed (attempt + 1), `XACK`, `XDEL`} + record + event, one
+//!   round trip. `dead_letter`: `MULTI` {`XADD` dead, `XACK`, `XDEL`} + record + event.
+//! - `recover`: `recover.lua`, in batches: `XPENDING … IDLE lease`, each stale entry re-added
+//!   at the tail with `d` + 1 (or dead-lettered once `d` + 1 reaches `max_deliveries`), the old
+//!   id acked and deleted. Re-adding (rather than `XAUTOCLAIM`ing to the sweeping node) keeps the
+//!   prefetch bound: whichever consumer has free slots picks the entry up.
+//! - `promote_due`: `promote.lua`, in batches: due members of the delayed set → `XADD` → `ZREM`.
+//! - `depth`: ready = `XLEN` − pending (acked entries are deleted), in flight = `XPENDING`
+//!   count, delayed = `ZCARD`, dead = `XLEN` of the dead letters.
+//! - `purge`: `purge.lua`: deletes entries after the group's last-delivered-id (never
+//!   reserved) and the delayed set; in-flight entries finish.
+//! - `requeue_dead`: dead letters are read, each parseable one rewritten with `attempt` = 0,
+//!   and `requeue.lua` moves it only if it is still a dead letter (atomic per letter).
+//! - Events and records live outside the queue's slot, so they are written next to (not
+//!   inside) the queue's atomic steps; losing an event to a crash between the two is possible,
+//!   losing a task is not.
+//!
+//! # Known differences and limits
+//!
+//! - Redis ≥ 6.2 (`XPENDING … IDLE`, exclusive `(id` ranges); tested with 7.0.
+//! - Delayed entries due at the same millisecond are promoted in the sorted set's member order
+//!   (the JSON text), not in enqueue order as `memory://` does; entries due at different times
+//!   come in due order, and ready entries are strictly FIFO.
+//! - Idempotency keys are claimed one round trip before the tasks are written (the keys are
+//!   not in the queue's slot, so one script cannot do both in Cluster). If the write fails,
+//!   the claimed keys are deleted again; only if that undo fails too (the connection died
+//!   between the two round trips) does a retried enqueue within the TTL answer `duplicate`
+//!   for a task that was never written. Idempotency keys in the queue's slot
+//!   (`p:{q}:idem:<key>`) would let one script do both, at the price of per-queue keys.
+//!
+//! # Connection
+//!
+//! Ordinary commands go through a `redis::aio::ConnectionManager`, which reconnects by itself
+//! with backoff. [`RedisBroker::connection_state`] turns degraded when a command fails with an
+//! I/O error (the server went away) and back to connected when one succeeds; the broker actor
+//! and `/health` show it. Commands are not retried here: a failed call returns
+//! `BrokerError::Unreachable` and the caller (the broker actor, a consumer) decides when to try
+//! again.
+
+use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime};
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::{AsyncConnectionConfig, Client, Pipeline, RedisError, RedisResult, Script, Value};
+use serde::Serialize;
+use serde_json::json;
+
+use super::memory::prepare;
+use super::{
+    Broker, BrokerError, BrokerSettings, DeadLetter, Delivery, Enqueued, Envelope, Event, Purged,
+    QueueDepth, Recovered, TaskRecord, TaskState, epoch_ms, rfc3339,
+};
+
+/// How long connecting (and the start-up PING) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Response timeout of the shared connection (scripts over big queues included).
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Extra time a blocking read gets beyond its `BLOCK` before its connection is given up.
+const BLOCK_MARGIN: Duration = Duration::from_secs(3);
+/// Entries one script call handles (recovery, promotion, purge); the caller loops.
+const SCRIPT_BATCH: usize = 256;
+/// Dead letters read per page by `requeue_dead`.
+const DEAD_PAGE: usize = 100;
+
+/// Whether the broker can talk to Redis (shown by the broker actor and `/health`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum ConnectionState {
+    /// The last command got an answer.
+    Connected,
+    /// Commands fail with I/O errors; the connection manager is reconnecting with backoff.
+    Reconnecting {
+        /// When the first failure of this outage was seen.
+        #[serde(serialize_with = "serialize_time")]
+        since: SystemTime,
+        /// The most recent failure.
+        last_error: String,
+    },
+}
+
+impl ConnectionState {
+    /// True when connected.
+    pub fn is_connected(&self) -> bool {
+        matches!(self, Self::Connected)
+    }
+}
+
+impl std::fmt::Display for ConnectionState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Connected => f.write_str("connected"),
+            Self::Reconnecting { since, last_error } => {
+                write!(f, "reconnecting since {}: {last_error}", rfc3339(*since))
+            }
+        }
+    }
+}
+
+fn serialize_time<S: serde::Serializer>(at: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&rfc3339(*at))
+}
+
+/// The connection state, updated by every command's outcome.
+#[derive(Debug, Default)]
+struct Health {
+    /// Fast path: false while connected, so a success costs one atomic load.
+    down: AtomicBool,
+    /// Since when and why, while down.
+    outage: Mutex<Option<(SystemTime, String)>>,
+}
+
+impl Health {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(SystemTime, String)>> {
+        self.outage.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn up(&self, url: &str) {
+        if self.down.load(Ordering::Acquire) {
+            let mut outage = self.lock();
+            if let Some((since, _)) = outage.take() {
+                let down_for = SystemTime::now().duration_since(since).unwrap_or_default();
+                tracing::info!(url, ?down_for, "redis broker reconnected");
+            }
+            self.down.store(false, Ordering::Release);
+        }
+    }
+
+    fn failed(&self, url: &str, error: &str) {
+        let mut outage = self.lock();
+        match outage.as_mut() {
+            Some((_, last)) => error.clone_into(last),
+            None => {
+                tracing::warn!(url, error, "redis broker connection lost; reconnecting");
+                *outage = Some((SystemTime::now(), error.to_string()));
+            }
+        }
+        self.down.store(true, Ordering::Release);
+    }
+
+    fn state(&self) -> ConnectionState {
+        match self.lock().as_ref() {
+            None => ConnectionState::Connected,
+            Some((since, last_error)) => ConnectionState::Reconnecting {
+                since: *since,
+                last_error: last_error.clone(),
+            },
+        }
+    }
+}
+
+/// The Lua scripts (`broker/redis/*.lua`), loaded on first use and again after a restart
+/// (`NOSCRIPT` makes redis-rs load and retry).
+struct Scripts {
+    recover: Script,
+    promote: Script,
+    purge: Script,
+    requeue: Script,
+}
+
+impl std::fmt::Debug for Scripts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Scripts")
+    }
+}
+
+/// The Redis Streams broker. Cheap to share behind an `Arc`; every method takes `&self`.
+#[derive(Debug)]
+pub struct RedisBroker {
+    settings: BrokerSettings,
+    /// The URL without credentials, for errors and logs.
+    url: String,
+    client: Client,
+    manager: ConnectionManager,
+    /// Queues whose consumer group is known to exist.
+    groups: Mutex<HashSet<String>>,
+    /// Idle dedicated connections for blocking reads, by (queue, consumer).
+    blocking: Mutex<HashMap<(String, String), MultiplexedConnection>>,
+    health: Health,
+    scripts: Scripts,
+    /// `p:events`.
+    events_key: String,
+    /// `PEXPIRE` of records, in ms (at least 1).
+    result_ttl_ms: u64,
+}
+
+impl RedisBroker {
+    /// Connects to `url` (`redis://[user:password@]host:port[/db]`), failing fast with
+    /// [`BrokerError::Unreachable`] (naming the URL without its password) when Redis does not
+    /// answer a PING within two seconds. After that, lost connections are re-made in the
+    /// background.
+    pub async fn connect(url: &str, settings: BrokerSettings) -> Result<Self, BrokerError> {
+        let shown = redact(url);
+        let unreachable = |reason: String| BrokerError::Unreachable {
+            url: shown.clone(),
+            reason,
+        };
+        let client = Client::open(url)
+            .map_err(|e| BrokerError::Invalid(format!("broker url `{shown}`: {e}")))?;
+
+        let probe = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(CONNECT_TIMEOUT));
+        let ping = async {
+            let mut conn = client
+                .get_multiplexed_async_connection_with_config(&probe)
+                .await?;
+            redis::cmd("PING").query_async::<String>(&mut conn).await
+        };
+        match tokio::time::timeout(CONNECT_TIMEOUT * 2, ping).await {
+            Err(_) => return Err(unreachable(format!("no answer within {CONNECT_TIMEOUT:?}"))),
+            Ok(Err(e)) => return Err(unreachable(e.to_string())),
+            Ok(Ok(_)) => {}
+        }
+
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(RESPONSE_TIMEOUT))
+            .set_number_of_retries(4)
+            .set_max_delay(Duration::from_secs(2));
+        let manager = ConnectionManager::new_with_config(client.clone(), config)
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+
+        let ms = |d: Duration| (d.as_millis() as u64).max(1);
+        Ok(Self {
+            events_key: format!("{}:events", settings.prefix),
+            result_ttl_ms: ms(settings.result_ttl),
+            settings,
+            url: shown,
+            client,
+            manager,
+            groups: Mutex::new(HashSet::new()),
+            blocking: Mutex::new(HashMap::new()),
+            health: Health::default(),
+            scripts: Scripts {
+                recover: Script::new(include_str!("redis/recover.lua")),
+                promote: Script::new(include_str!("redis/promote.lua")),
+                purge: Script::new(include_str!("redis/purge.lua")),
+                requeue: Script::new(include_str!("redis/requeue.lua")),
+            },
+        })
+    }
+
+    /// Connected, or reconnecting since when and why.
+    pub fn connection_state(&self) -> ConnectionState {
+        self.health.state()
+    }
+
+    /// The URL it talks to, without credentials.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    // ----- keys -------------------------------------------------------------------------
+
+    fn stream_key(&self, queue: &str) -> String {
+        format!("{}:{{{queue}}}:stream", self.settings.prefix)
+    }
+
+    fn delayed_key(&self, queue: &str) -> String {
+        format!("{}:{{{queue}}}:delayed", self.settings.prefix)
+    }
+
+    fn dead_key(&self, queue: &str) -> String {
+        format!("{}:{{{queue}}}:dead", self.settings.prefix)
+    }
+
+    fn idempotency_key(&self, key: &str) -> String {
+        format!("{}:idem:{key}", self.settings.prefix)
+    }
+
+    fn result_key(&self, id: &str) -> String {
+        format!("{}:result:{id}", self.settings.prefix)
+    }
+
+    fn group(&self) -> &str {
+        &self.settings.prefix
+    }
+
+    // ----- plumbing ---------------------------------------------------------------------
+
+    /// Notes a command's outcome in the connection state and converts its error.
+    fn observe<T>(&self, result: RedisResult<T>) -> Result<T, BrokerError> {
+        match result {
+            Ok(value) => {
+                self.health.up(&self.url);
+                Ok(value)
+            }
+            Err(e) => Err(self.error(e)),
+        }
+    }
+
+    fn error(&self, e: RedisError) -> BrokerError {
+        if is_connection_error(&e) {
+            let reason = e.to_string();
+            self.health.failed(&self.url, &reason);
+            BrokerError::Unreachable {
+                url: self.url.clone(),
+                reason,
+            }
+        } else {
+            // The server answered: the connection is fine.
+            self.health.up(&self.url);
+            BrokerError::Command(e.to_string())
+        }
+    }
+
+    async fn query_pipe<T: redis::FromRedisValue>(
+        &self,
+        pipe: &Pipeline,
+    ) -> Result<T, BrokerError> {
+        let mut conn = self.manager.clone();
+        self.observe(pipe.query_async(&mut conn).await)
+    }
+
+    /// Runs a pipeline whose only acceptable error is `NOGROUP` (the group vanished with a
+    /// Redis that lost its data: nothing is pending, so acking is moot).
+    async fn exec_tolerating_nogroup(&self, pipe: &Pipeline) -> Result<(), BrokerError> {
+        let mut conn = self.manager.clone();
+        match pipe.exec_async(&mut conn).await {
+            Err(e) if is_nogroup(&e) => {
+                self.health.up(&self.url);
+                Ok(())
+            }
+            other => self.observe(other),
+        }
+    }
+
+    /// Creates the queue's consumer group (at id 0, with the stream) unless known to exist.
+    async fn ensure_group(&self, queue: &str) -> Result<(), BrokerError> {
+        if lock(&self.groups).contains(queue) {
+            return Ok(());
+        }
+        let mut conn = self.manager.clone();
+        let created = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(self.stream_key(queue))
+            .arg(self.group())
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async::<()>(&mut conn)
+            .await;
+        match created {
+            Err(e) if e.code() == Some("BUSYGROUP") => self.health.up(&self.url),
+            other => self.observe(other)?,
+        }
+        lock(&self.groups).insert(queue.to_string());
+        Ok(())
+    }
+
+    /// Runs `op` after making sure the group exists; if Redis says `NOGROUP` anyway (it
+    /// restarted without its data), creates the group again and retries once.
+    async fn grouped<T, F, Fut>(&self, queue: &str, op: F) -> Result<T, BrokerError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        self.ensure_group(queue).await?;
+        match op().await {
+            Err(e) if is_nogroup(&e) => {
+                lock(&self.groups).remove(queue);
+                self.ensure_group(queue).await?;
+                self.observe(op().await)
+            }
+            other => self.observe(other),
+        }
+    }
+
+    /// Appends an event `XADD` to `pipe` (its reply ignored).
+    fn add_event(
+        &self,
+        pipe: &mut Pipeline,
+        kind: &str,
+        at: &str,
+        about: Option<&Envelope>,
+        queue: Option<&str>,
+        detail: &str,
+    ) {
+        let cmd = pipe
+            .cmd("XADD")
+            .arg(&self.events_key)
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(self.settings.events_maxlen)
+            .arg("*")
+            .arg("kind")
+            .arg(kind)
+            .arg("at")
+            .arg(at);
+        if let Some(envelope) = about {
+            cmd.arg("task_id")
+                .arg(&envelope.id)
+                .arg("task")
+                .arg(&envelope.task)
+                .arg("queue")
+                .arg(&envelope.queue);
+        } else if let Some(queue) = queue {
+            cmd.arg("queue").arg(queue);
+        }
+        cmd.arg("detail").arg(detail).ignore();
+    }
+
+    /// Appends the record write (`HSET` + `PEXPIRE`) to `pipe`.
+    fn add_record(
+        &self,
+        pipe: &mut Pipeline,
+        envelope: &Envelope,
+        state: TaskState,
+        result: Option<&serde_json::Value>,
+        error: &str,
+        at: &str,
+    ) {
+        let key = self.result_key(&envelope.id);
+        let result = result.map(|v| v.to_string()).unwrap_or_default();
+        pipe.cmd("HSET")
+            .arg(&key)
+            .arg("id")
+            .arg(&envelope.id)
+            .arg("task")
+            .arg(&envelope.task)
+            .arg("queue")
+            .arg(&envelope.queue)
+            .arg("state")
+            .arg(state_name(state))
+            .arg("result")
+            .arg(result)
+            .arg("error")
+            .arg(error)
+            .arg("attempts")
+            .arg(envelope.attempt + 1)
+            .arg("updated_at")
+            .arg(at)
+            .ignore();
+        pipe.cmd("PEXPIRE")
+            .arg(&key)
+            .arg(self.result_ttl_ms)
+            .ignore();
+    }
+
+    /// Appends `XACK` + `XDEL` of a delivery's entry.
+    fn add_release(&self, pipe: &mut Pipeline, stream: &str, entry: &str) {
+        pipe.cmd("XACK")
+            .arg(stream)
+            .arg(self.group())
+            .arg(entry)
+            .ignore();
+        pipe.cmd("XDEL").arg(stream).arg(entry).ignore();
+    }
+
+    /// Events for what `recover.lua` did (`kind, e, deliveries, consumer` per entry).
+    async fn recovery_events(&self, queue: &str, moved: &[Value]) -> Result<(), BrokerError> {
+        if moved.is_empty() {
+            return Ok(());
+        }
+        let at = rfc3339(SystemTime::now());
+        let mut pipe = redis::pipe();
+        for entry in moved.chunks(4) {
+            let [kind, e, deliveries, consumer] = entry else {
+                continue;
+            };
+            let (kind, e) = (text(kind), text(e));
+            let detail =
+                json!({ "deliveries": int(deliveries), "consumer": text(consumer) }).to_string();
+            match Envelope::from_json(&e) {
+                Ok(envelope) => {
+                    self.add_event(&mut pipe, &kind, &at, Some(&envelope), None, &detail)
+                }
+                Err(_) => self.add_event(&mut pipe, &kind, &at, None, Some(queue), &detail),
+            }
+        }
+        self.query_pipe::<()>(&pipe).await
+    }
+
+    /// Dead-letters malformed entries met by `reserve` (one round trip for all of them).
+    async fn bury_malformed(
+        &self,
+        queue: &str,
+        stream: &str,
+        malformed: Vec<(String, String, String)>,
+    ) -> Result<(), BrokerError> {
+        let at = rfc3339(SystemTime::now());
+        let dead = self.dead_key(queue);
+        let mut pipe = redis::pipe();
+        for (id, raw, reason) in &malformed {
+            tracing::warn!(queue, entry = %id, %reason, "malformed entry dead-lettered");
+            pipe.cmd("MULTI").ignore();
+            pipe.cmd("XADD")
+                .arg(&dead)
+                .arg("*")
+                .arg("e")
+                .arg(raw)
+                .arg("reason")
+                .arg(reason)
+                .arg("attempts")
+                .arg(0)
+                .arg("at")
+                .arg(&at)
+                .arg("raw")
+                .arg("1")
+                .ignore();
+            self.add_release(&mut pipe, stream, id);
+            pipe.cmd("EXEC").ignore();
+            let detail = json!({ "reason": reason, "entry": id }).to_string();
+            self.add_event(&mut pipe, "dead", &at, None, Some(queue), &detail);
+        }
+        self.exec_tolerating_nogroup(&pipe).await
+    }
+
+    /// Turns read entries into deliveries, burying the malformed ones.
+    async fn deliveries(
+        &self,
+        queue: &str,
+        stream: &str,
+        entries: Vec<StreamEntry>,
+    ) -> Result<(Vec<Delivery>, bool), BrokerError> {
+        let mut out = Vec::with_capacity(entries.len());
+        let mut malformed = Vec::new();
+        for entry in entries {
+            let StreamEntry { id, fields } = entry;
+            let mut e = None;
+            let mut d = 0u32;
+            for (name, value) in &fields {
+                match name.as_str() {
+                    "e" => e = Some(value),
+                    "d" => d = value.parse().unwrap_or(0),
+                    _ => {}
+                }
+            }
+            match e.map(|raw| Envelope::from_json(raw)) {
+                Some(Ok(envelope)) => out.push(Delivery {
+                    queue: queue.to_string(),
+                    entry: id,
+                    deliveries: d + 1,
+                    envelope,
+                }),
+                Some(Err(err)) => {
+                    let raw = e.cloned().unwrap_or_default();
+                    malformed.push((id, raw, format!("malformed entry: {err}")));
+                }
+                None => {
+                    let raw = serde_json::to_string(&fields.into_iter().collect::<HashMap<_, _>>())
+                        .unwrap_or_default();
+                    malformed.push((id, raw, "malformed entry: no field `e`".to_string()));
+                }
+            }
+        }
+        let buried = !malformed.is_empty();
+        if buried {
+            self.bury_malformed(queue, stream, malformed).await?;
+        }
+        Ok((out, buried))
+    }
+
+    /// One `XREADGROUP` (blocking on a dedicated connection when `block` is set).
+    async fn read_group(
+        &self,
+        queue: &str,
+        consumer: &str,
+        stream: &str,
+        max: usize,
+        block: Option<Duration>,
+    ) -> Result<Vec<StreamEntry>, BrokerError> {
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
+            .arg(self.group())
+            .arg(consumer)
+            .arg("COUNT")
+            .arg(max);
+        if let Some(block) = block {
+            cmd.arg("BLOCK").arg((block.as_millis() as u64).max(1));
+        }
+        cmd.arg("STREAMS").arg(stream).arg(">");
+        let reply = match block {
+            None => {
+                self.grouped(queue, || {
+                    let mut conn = self.manager.clone();
+                    let cmd = &cmd;
+                    async move { cmd.query_async::<Value>(&mut conn).await }
+                })
+                .await?
+            }
+            Some(block) => {
+                self.grouped(queue, || self.blocking_read(queue, consumer, &cmd, block))
+                    .await?
+            }
+        };
+        Ok(read_reply(reply))
+    }
+
+    /// A blocking `XREADGROUP` on the dedicated connection of (queue, consumer): taken out of
+    /// the idle map for the call, put back after an answer (an error answer included), dropped
+    /// after a connection failure so the next call connects afresh.
+    async fn blocking_read(
+        &self,
+        queue: &str,
+        consumer: &str,
+        cmd: &redis::Cmd,
+        block: Duration,
+    ) -> RedisResult<Value> {
+        let slot = (queue.to_string(), consumer.to_string());
+        let taken = lock(&self.blocking).remove(&slot);
+        let mut conn = match taken {
+            Some(conn) => conn,
+            None => {
+                let config = AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(CONNECT_TIMEOUT))
+                    .set_response_timeout(None);
+                self.client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await?
+            }
+        };
+        let read = tokio::time::timeout(block + BLOCK_MARGIN, cmd.query_async::<Value>(&mut conn));
+        match read.await {
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer to a blocking read of {block:?}"),
+            )
+            .into()),
+            Ok(Err(e)) if is_connection_error(&e) => Err(e),
+            Ok(answer) => {
+                lock(&self.blocking).insert(slot, conn);
+                answer
+            }
+        }
+    }
+}
+
+impl Broker for RedisBroker {
+    async fn enqueue(&self, batch: Vec<Envelope>) -> Result<Vec<Enqueued>, BrokerError> {
+        let now = SystemTime::now();
+        let mut prepared = Vec::with_capacity(batch.len());
+        for mut envelope in batch {
+            let due = prepare(&mut envelope, now)?;
+            prepared.push((envelope, due));
+        }
+        if prepared.is_empty() {
+            return Ok(Vec::new());
+        }
+
+        // Idempotency keys first: `SET NX` claims a key for this id, `GET` then says whose it
+        // is. Pipelined in order, so a key repeated inside the batch is a duplicate of its
+        // first occurrence.
+        let mut first_ids: Vec<Option<String>> = vec![None; prepared.len()];
+        let mut claimed = Vec::new();
+        if prepared.iter().any(|(e, _)| e.idempotency_key.is_some()) {
+            let mut pipe = redis::pipe();
+            let mut keyed = Vec::new();
+            for (i, (envelope, _)) in prepared.iter().enumerate() {
+                if let Some(key) = &envelope.idempotency_key {
+                    let key = self.idempotency_key(key);
+                    let ttl = self.settings.idempotency_ttl_for(&envelope.task);
+                    pipe.cmd("SET")
+                        .arg(&key)
+                        .arg(&envelope.id)
+                        .arg("NX")
+                        .arg("PX")
+                        .arg((ttl.as_millis() as u64).max(1));
+                    pipe.cmd("GET").arg(&key);
+                    keyed.push((i, key));
+                }
+            }
+            let replies: Vec<Value> = self.query_pipe(&pipe).await?;
+            for ((i, key), reply) in keyed.into_iter().zip(replies.chunks(2)) {
+                let set = matches!(reply[0], Value::Okay)
+                    || matches!(&reply[0], Value::SimpleString(s) if s == "OK");
+                if set {
+                    claimed.push(key);
+                } else if !matches!(reply[1], Value::Nil) {
+                    first_ids[i] = Some(text(&reply[1]));
+                }
+            }
+        }
+
+        let at = rfc3339(now);
+        let mut pipe = redis::pipe();
+        let mut out = Vec::with_capacity(prepared.len());
+        for ((envelope, due), first) in prepared.into_iter().zip(first_ids) {
+            if let Some(first) = first {
+                out.push(Enqueued {
+                    id: first,
+                    duplicate: true,
+                });
+                continue;
+            }
+            let json = envelope.to_json();
+            match due {
+                Some(due_ms) => pipe
+                    .cmd("ZADD")
+                    .arg(self.delayed_key(&envelope.queue))
+                    .arg(due_ms)
+                    .arg(json)
+                    .ignore(),
+                None => pipe
+                    .cmd("XADD")
+                    .arg(self.stream_key(&envelope.queue))
+                    .arg("*")
+                    .arg("e")
+                    .arg(json)
+                    .ignore(),
+            };
+            let detail = match &envelope.eta {
+                None => Cow::Borrowed(r#"{"eta":null}"#),
+                Some(eta) => Cow::Owned(json!({ "eta": eta }).to_string()),
+            };
+            self.add_event(&mut pipe, "sent", &at, Some(&envelope), None, &detail);
+            out.push(Enqueued {
+                id: envelope.id,
+                duplicate: false,
+            });
+        }
+        if !pipe.is_empty()
+            && let Err(e) = self.query_pipe::<()>(&pipe).await
+        {
+            // Give the keys back, so retrying this enqueue is not taken for a duplicate of
+            // tasks that were never written.
+            if !claimed.is_empty() {
+                let mut undo = redis::pipe();
+                for key in &claimed {
+                    undo.cmd("DEL").arg(key).ignore();
+                }
+                let mut conn = self.manager.clone();
+                let _ = undo.exec_async(&mut conn).await;
+            }
+            return Err(e);
+        }
+        Ok(out)
+    }
+
+    async fn reserve(
+        &self,
+        queue: &str,
+        consumer: &str,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<Delivery>, BrokerError> {
+        if max == 0 {
+            // `COUNT 0` would mean "no limit".
+            return Ok(Vec::new());
+        }
+        let stream = self.stream_key(queue);
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let block = (!left.is_zero()).then_some(left);
+            let entries = self
+                .read_group(queue, consumer, &stream, max, block)
+                .await?;
+            if entries.is_empty() {
+                return Ok(Vec::new());
+            }
+            let (deliveries, buried) = self.deliveries(queue, &stream, entries).await?;
+            // Only malformed entries came: look again rather than answer empty-handed while
+            // well-formed ones may wait behind them.
+            if deliveries.is_empty() && buried {
+                continue;
+            }
+            return Ok(deliveries);
+        }
+    }
+
+    async fn renew(
+        &self,
+        queue: &str,
+        consumer: &str,
+        entries: &[String],
+    ) -> Result<Vec<String>, BrokerError> {
+        if entries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut cmd = redis::cmd("XCLAIM");
+        cmd.arg(self.stream_key(queue))
+            .arg(self.group())
+            .arg(consumer)
+            .arg(0)
+            .arg(entries)
+            .arg("JUSTID");
+        let held: Vec<String> = self
+            .grouped(queue, || {
+                let mut conn = self.manager.clone();
+                let cmd = &cmd;
+                async move { cmd.query_async(&mut conn).await }
+            })
+            .await?;
+        let held: HashSet<&str> = held.iter().map(String::as_str).collect();
+        Ok(entries
+            .iter()
+            .filter(|id| !held.contains(id.as_str()))
+            .cloned()
+            .collect())
+    }
+
+    async fn ack(&self, delivery: &Delivery, result: serde_json::Value) -> Result<(), BrokerError> {
+        let envelope = &delivery.envelope;
+        let at = rfc3339(SystemTime::now());
+        let mut pipe = redis::pipe();
+        self.add_record(
+            &mut pipe,
+            envelope,
+            TaskState::Succeeded,
+            Some(&result),
+            "",
+            &at,
+        );
+        self.add_release(
+            &mut pipe,
+            &self.stream_key(&delivery.queue),
+            &delivery.entry,
+        );
+        let detail = format!(r#"{{"attempt":{},"error":null}}"#, envelope.attempt);
+        self.add_event(&mut pipe, "succeeded", &at, Some(envelope), None, &detail);
+        self.exec_tolerating_nogroup(&pipe).await
+    }
+
+    async fn retry(
+        &self,
+        delivery: &Delivery,
+        at: SystemTime,
+        error: &str,
+    ) -> Result<(), BrokerError> {
+        let envelope = &delivery.envelope;
+        let mut next = envelope.clone();
+        next.attempt += 1;
+        let now = rfc3339(SystemTime::now());
+        let mut pipe = redis::pipe();
+        pipe.cmd("MULTI").ignore();
+        pipe.cmd("ZADD")
+            .arg(self.delayed_key(&delivery.queue))
+            .arg(epoch_ms(at))
+            .arg(next.to_json())
+            .ignore();
+        self.add_release(
+            &mut pipe,
+            &self.stream_key(&delivery.queue),
+            &delivery.entry,
+        );
+        pipe.cmd("EXEC").ignore();
+        self.add_record(&mut pipe, envelope, TaskState::Retrying, None, error, &now);
+        let detail = json!({ "attempt": envelope.attempt, "error": error }).to_string();
+        self.add_event(&mut pipe, "retried", &now, Some(envelope), None, &detail);
+        self.exec_tolerating_nogroup(&pipe).await
+    }
+
+    async fn defer(
+        &self,
+        delivery: &Delivery,
+        at: SystemTime,
+        reason: &str,
+    ) -> Result<(), BrokerError> {
+        let envelope = &delivery.envelope;
+        let now = rfc3339(SystemTime::now());
+        let mut pipe = redis::pipe();
+        pipe.cmd("MULTI").ignore();
+        pipe.cmd("ZADD")
+            .arg(self.delayed_key(&delivery.queue))
+            .arg(epoch_ms(at))
+            .arg(envelope.to_json())
+            .ignore();
+        self.add_release(
+            &mut pipe,
+            &self.stream_key(&delivery.queue),
+            &delivery.entry,
+        );
+        pipe.cmd("EXEC").ignore();
+        let detail = json!({ "reason": reason, "until": rfc3339(at) }).to_string();
+        self.add_event(&mut pipe, "deferred", &now, Some(envelope), None, &detail);
+        self.exec_tolerating_nogroup(&pipe).await
+    }
+
+    async fn dead_letter(&self, delivery: &Delivery, reason: &str) -> Result<(), BrokerError> {
+        let envelope = &delivery.envelope;
+        let now = rfc3339(SystemTime::now());
+        let mut pipe = redis::pipe();
+        pipe.cmd("MULTI").ignore();
+        pipe.cmd("XADD")
+            .arg(self.dead_key(&delivery.queue))
+            .arg("*")
+            .arg("e")
+            .arg(envelope.to_json())
+            .arg("reason")
+            .arg(reason)
+            .arg("attempts")
+            .arg(envelope.attempt + 1)
+            .arg("at")
+            .arg(&now)
+            .ignore();
+        self.add_release(
+            &mut pipe,
+            &self.stream_key(&delivery.queue),
+            &delivery.entry,
+        );
+        pipe.cmd("EXEC").ignore();
+        self.add_record(&mut pipe, envelope, TaskState::Dead, None, reason, &now);
+        let detail = json!({ "attempt": envelope.attempt, "error": reason }).to_string();
+        self.add_event(&mut pipe, "dead", &now, Some(envelope), None, &detail);
+        self.exec_tolerating_nogroup(&pipe).await
+    }
+
+    async fn recover(&self, queue: &str, lease: Duration) -> Result<Recovered, BrokerError> {
+        let (stream, dead) = (self.stream_key(queue), self.dead_key(queue));
+        let lease_ms = lease.as_millis() as u64;
+        let mut out = Recovered::default();
+        loop {
+            let now = rfc3339(SystemTime::now());
+            let mut invocation = self.scripts.recover.prepare_invoke();
+            invocation
+                .key(&stream)
+                .key(&dead)
+                .arg(self.group())
+                .arg(lease_ms)
+                .arg(self.settings.max_deliveries)
+                .arg(now)
+                .arg(SCRIPT_BATCH);
+            let reply: Vec<Value> = self
+                .grouped(queue, || {
+                    let mut conn = self.manager.clone();
+                    let invocation = &invocation;
+                    async move { invocation.invoke_async(&mut conn).await }
+                })
+                .await?;
+            let [requeued, died, more, moved @ ..] = reply.as_slice() else {
+                return Err(BrokerError::Command("recover.lua: unexpected reply".into()));
+            };
+            out.requeued += int(requeued) as u64;
+            out.dead += int(died) as u64;
+            // The entries have moved (atomically); a lost event must not hide that.
+            if let Err(e) = self.recovery_events(queue, moved).await {
+                tracing::warn!(queue, error = %e, "recovery events not written");
+            }
+            if int(more) == 0 {
+                return Ok(out);
+            }
+        }
+    }
+
+    async fn promote_due(&self, queue: &str, now: SystemTime) -> Result<u64, BrokerError> {
+        let (delayed, stream) = (self.delayed_key(queue), self.stream_key(queue));
+        let now_ms = epoch_ms(now);
+        let mut moved = 0;
+        loop {
+            let mut invocation = self.scripts.promote.prepare_invoke();
+            invocation
+                .key(&delayed)
+                .key(&stream)
+                .arg(now_ms)
+                .arg(SCRIPT_BATCH);
+            let mut conn = self.manager.clone();
+            let n: u64 = self.observe(invocation.invoke_async(&mut conn).await)?;
+            moved += n;
+            if n < SCRIPT_BATCH as u64 {
+                return Ok(moved);
+            }
+        }
+    }
+
+    async fn depth(&self, queue: &str) -> Result<QueueDepth, BrokerError> {
+        let stream = self.stream_key(queue);
+        let mut pipe = redis::pipe();
+        pipe.cmd("XLEN").arg(&stream);
+        pipe.cmd("XPENDING").arg(&stream).arg(self.group());
+        pipe.cmd("ZCARD").arg(self.delayed_key(queue));
+        pipe.cmd("XLEN").arg(self.dead_key(queue));
+        let (length, pending, delayed, dead): (u64, Value, u64, u64) = self
+            .grouped(queue, || {
+                let mut conn = self.manager.clone();
+                let pipe = &pipe;
+                async move { pipe.query_async(&mut conn).await }
+            })
+            .await?;
+        let in_flight = match pending {
+            Value::Array(summary) => summary.first().map_or(0, int) as u64,
+            _ => 0,
+        };
+        Ok(QueueDepth {
+            ready: length.saturating_sub(in_flight),
+            delayed,
+            in_flight,
+            dead,
+        })
+    }
+
+    async fn dead_letters(
+        &self,
+        queue: &str,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, BrokerError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        pipe.cmd("XRANGE")
+            .arg(self.dead_key(queue))
+            .arg("-")
+            .arg("+")
+            .arg("COUNT")
+            .arg(limit);
+        let (reply,): (Value,) = self.query_pipe(&pipe).await?;
+        Ok(stream_entries(reply).into_iter().map(dead_letter).collect())
+    }
+
+    async fn requeue_dead(&self, queue: &str, limit: usize) -> Result<u64, BrokerError> {
+        let (dead, stream) = (self.dead_key(queue), self.stream_key(queue));
+        let mut moved = 0u64;
+        let mut start = "-".to_string();
+        while moved < limit as u64 {
+            let mut pipe = redis::pipe();
+            pipe.cmd("XRANGE")
+                .arg(&dead)
+                .arg(&start)
+                .arg("+")
+                .arg("COUNT")
+                .arg(DEAD_PAGE);
+            let (reply,): (Value,) = self.query_pipe(&pipe).await?;
+            let page = stream_entries(reply);
+            let full = page.len() >= DEAD_PAGE;
+            let Some(last) = page.last() else {
+                break;
+            };
+            start = format!("({}", last.id);
+            let mut invocation = self.scripts.requeue.prepare_invoke();
+            invocation.key(&dead).key(&stream);
+            let mut picked = 0u64;
+            for entry in page {
+                if moved + picked >= limit as u64 {
+                    break;
+                }
+                let letter = dead_letter(entry);
+                if let Some(mut envelope) = letter.envelope {
+                    envelope.attempt = 0;
+                    invocation.arg(&letter.entry).arg(envelope.to_json());
+                    picked += 1;
+                }
+            }
+            if picked > 0 {
+                let mut conn = self.manager.clone();
+                let n: u64 = self.observe(invocation.invoke_async(&mut conn).await)?;
+                moved += n;
+            }
+            if !full {
+                break;
+            }
+        }
+        Ok(moved)
+    }
+
+    async fn purge(&self, queue: &str) -> Result<Purged, BrokerError> {
+        let (stream, delayed) = (self.stream_key(queue), self.delayed_key(queue));
+        let mut out = Purged::default();
+        let mut first = true;
+        loop {
+            let mut invocation = self.scripts.purge.prepare_invoke();
+            invocation
+                .key(&stream)
+                .key(&delayed)
+                .arg(self.group())
+                .arg(SCRIPT_BATCH)
+                .arg(if first { "1" } else { "0" });
+            let (ready, removed, more): (u64, u64, u64) = self
+                .grouped(queue, || {
+                    let mut conn = self.manager.clone();
+                    let invocation = &invocation;
+                    async move { invocation.invoke_async(&mut conn).await }
+                })
+                .await?;
+            out.ready += ready;
+            out.delayed += removed;
+            first = false;
+            if more == 0 {
+                return Ok(out);
+            }
+        }
+    }
+
+    async fn publish(&self, event: Event) -> Result<(), BrokerError> {
+        let mut pipe = redis::pipe();
+        let cmd = pipe
+            .cmd("XADD")
+            .arg(&self.events_key)
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(self.settings.events_maxlen)
+            .arg("*")
+            .arg("kind")
+            .arg(&event.kind)
+            .arg("at")
+            .arg(&event.at);
+        for (name, value) in [
+            ("task_id", &event.task_id),
+            ("task", &event.task),
+            ("queue", &event.queue),
+        ] {
+            if let Some(value) = value {
+                cmd.arg(name).arg(value);
+            }
+        }
+        cmd.arg("detail").arg(event.detail.to_string()).ignore();
+        self.query_pipe::<()>(&pipe).await
+    }
+
+    async fn events(&self, after: Option<&str>, limit: usize) -> Result<Vec<Event>, BrokerError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let start = after.map_or_else(|| "-".to_string(), |id| format!("({id}"));
+        let mut pipe = redis::pipe();
+        pipe.cmd("XRANGE")
+            .arg(&self.events_key)
+            .arg(start)
+            .arg("+")
+            .arg("COUNT")
+            .arg(limit);
+        let (reply,): (Value,) = self.query_pipe(&pipe).await?;
+        Ok(stream_entries(reply).into_iter().map(event).collect())
+    }
+
+    async fn record(&self, id: &str) -> Result<Option<TaskRecord>, BrokerError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("HGETALL").arg(self.result_key(id));
+        let (reply,): (Value,) = self.query_pipe(&pipe).await?;
+        let fields = pairs(reply);
+        if fields.is_empty() {
+            return Ok(None);
+        }
+        let get = |name: &str| {
+            fields
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
+                .unwrap_or_default()
+        };
+        let state = match get("state") {
+            "succeeded" => TaskState::Succeeded,
+            "retrying" => TaskState::Retrying,
+            "dead" => TaskState::Dead,
+            other => {
+                return Err(BrokerError::Command(format!(
+                    "record {id}: unknown state `{other}`"
+                )));
+            }
+        };
+        let succeeded = state == TaskState::Succeeded;
+        Ok(Some(TaskRecord {
+            id: get("id").to_string(),
+            task: get("task").to_string(),
+            queue: get("queue").to_string(),
+            state,
+            result: succeeded
+                .then(|| serde_json::from_str(get("result")).ok())
+                .flatten(),
+            error: (!succeeded).then(|| get("error").to_string()),
+            attempts: get("attempts").parse().unwrap_or(0),
+            updated_at: get("updated_at").to_string(),
+        }))
+    }
+}
+
+/// A poison-tolerant lock (the guarded maps stay consistent whatever panicked).
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// True when Redis answered `NOGROUP` (to a command, or to every failing command of a
+/// pipeline): the queue's consumer group is gone.
+fn is_nogroup(e: &RedisError) -> bool {
+    e.clone().into_server_errors().is_some_and(|errors| {
+        !errors.is_empty() && errors.iter().all(|(_, error)| error.code() == "NOGROUP")
+    })
+}
+
+/// True for failures of the connection itself (as opposed to an answer from the server).
+fn is_connection_error(e: &RedisError) -> bool {
+    e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_timeout()
+        || e.is_unrecoverable_error()
+}
+
+/// `redis://user:secret@host:6379/0?x=y` → `redis://user@host:6379/0`: no password (nor the
+/// query string, where a unix-socket URL may carry one) in errors or logs.
+pub(crate) fn redact(url: &str) -> String {
+    let url = url.split_once('?').map_or(url, |(base, _)| base);
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    match authority.rsplit_once('@') {
+        None => url.to_string(),
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) if !user.is_empty() => format!("{scheme}://{user}@{host}{path}"),
+            // `redis://secret@host` and `redis://:secret@host`: the part before `@` is a
+            // password.
+            _ => format!("{scheme}://{host}{path}"),
+        },
+    }
+}
+
+fn state_name(state: TaskState) -> &'static str {
+    match state {
+        TaskState::Succeeded => "succeeded",
+        TaskState::Retrying => "retrying",
+        TaskState::Dead => "dead",
+    }
+}
+
+/// One stream entry as read: id and fields in order.
+#[derive(Debug)]
+struct StreamEntry {
+    id: String,
+    fields: Vec<(String, String)>,
+}
+
+/// Text of a reply value (bulk strings that are not UTF-8 are decoded lossily).
+fn text(value: &Value) -> String {
+    match value {
+        Value::BulkString(bytes) => String::from_utf8_lossy(bytes).into_owned(),
+        Value::SimpleString(s) => s.clone(),
+        Value::VerbatimString { text, .. } => text.clone(),
+        Value::Int(n) => n.to_string(),
+        Value::Okay => "OK".to_string(),
+        _ => String::new(),
+    }
+}
+
+fn into_text(value: Value) -> String {
+    match value {
+        Value::BulkString(bytes) => String::from_utf8(bytes)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into()),
+        Value::SimpleString(s) => s,
+        other => text(&other),
+    }
+}
+
+fn int(value: &Value) -> i64 {
+    match value {
+        Value::Int(n) => *n,
+        other => text(other).parse().unwrap_or(0),
+    }
+}
+
+/// Field/value pairs of a hash or stream entry reply (a flat array in RESP2, a map in RESP3).
+fn pairs(value: Value) -> Vec<(String, String)> {
+    match value {
+        Value::Map(map) => map
+            .into_iter()
+            .map(|(k, v)| (into_text(k), into_text(v)))
+            .collect(),
+        Value::Array(items) => {
+            let mut out = Vec::with_capacity(items.len() / 2);
+            let mut items = items.into_iter();
+            while let (Some(k), Some(v)) = (items.next(), items.next()) {
+                out.push((into_text(k), into_text(v)));
+            }
+            out
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// Entries of an `XRANGE` reply (or of one stream in an `XREADGROUP` reply).
+fn stream_entries(value: Value) -> Vec<StreamEntry> {
+    let Value::Array(entries) = value else {
+        return Vec::new();
+    };
+    entries
+        .into_iter()
+        .filter_map(|entry| {
+            let Value::Array(parts) = entry else {
+                return None;
+            };
+            let mut parts = parts.into_iter();
+            let id = into_text(parts.next()?);
+            let fields = parts.next().map(pairs).unwrap_or_default();
+            Some(StreamEntry { id, fields })
+        })
+        .collect()
+}
+
+/// Entries of an `XREADGROUP` reply for one stream (nil when the block timed out).
+fn read_reply(value: Value) -> Vec<StreamEntry> {
+    match value {
+        Value::Array(streams) => streams
+            .into_iter()
+            .flat_map(|stream| match stream {
+                Value::Array(parts) => parts
+                    .into_iter()
+                    .nth(1)
+                    .map(stream_entries)
+                    .unwrap_or_default(),
+                _ => Vec::new(),
+            })
+            .collect(),
+        Value::Map(streams) => streams
+            .into_iter()
+            .flat_map(|(_, entries)| stream_entries(entries))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// A dead letter from its stream entry (`raw` when `e` is not a valid envelope).
+fn dead_letter(entry: StreamEntry) -> DeadLetter {
+    let mut letter = DeadLetter {
+        entry: entry.id,
+        reason: String::new(),
+        attempts: 0,
+        at: String::new(),
+        envelope: None,
+        raw: None,
+    };
+    let mut e = String::new();
+    let mut raw = false;
+    for (name, value) in entry.fields {
+        match name.as_str() {
+            "e" => e = value,
+            "reason" => letter.reason = value,
+            "attempts" => letter.attempts = value.parse().unwrap_or(0),
+            "at" => letter.at = value,
+            "raw" => raw = value == "1",
+            _ => {}
+        }
+    }
+    if !raw {
+        letter.envelope = Envelope::from_json(&e).ok();
+    }
+    if letter.envelope.is_none() {
+        letter.raw = Some(e);
+    }
+    letter
+}
+
+/// An event from its stream entry.
+fn event(entry: StreamEntry) -> Event {
+    let mut event = Event {
+        id: entry.id,
+        kind: String::new(),
+        at: String::new(),
+        task_id: None,
+        task: None,
+        queue: None,
+        detail: serde_json::Value::Null,
+    };
+    for (name, value) in entry.fields {
+        match name.as_str() {
+            "kind" => event.kind = value,
+            "at" => event.at = value,
+            "task_id" => event.task_id = Some(value),
+            "task" => event.task = Some(value),
+            "queue" => event.queue = Some(value),
+            "detail" => {
+                event.detail =
+                    serde_json::from_str(&value).unwrap_or(serde_json::Value::String(value))
+            }
+            _ => {}
+        }
+    }
+    event
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use serde_json::{Value, json};
+
+    use super::{RedisBroker, redact};
+    use crate::broker::contract::{RawProducer, contract_suite, settings};
+    use crate::broker::{
+        Broker, BrokerError, BrokerSettings, DeadLetter, Delivery, Enqueued, Envelope, Event,
+        Purged, QueueDepth, Recovered, TaskRecord, TaskState,
+    };
+    use crate::test_util::RedisServer;
+
+    /// A broker with its own redis-server, killed when the test ends.
+    struct Harness {
+        broker: RedisBroker,
+        server: RedisServer,
+    }
+
+    impl Harness {
+        async fn start(settings: BrokerSettings) -> Self {
+            Self::on(RedisServer::start(), settings).await
+        }
+
+        async fn on(server: RedisServer, settings: BrokerSettings) -> Self {
+            let broker = RedisBroker::connect(&server.url(), settings).await.unwrap();
+            Self { broker, server }
+        }
+
+        /// A plain connection, as another program (a Python producer) would have.
+        async fn outsider(&self) -> redis::aio::MultiplexedConnection {
+            redis::Client::open(self.server.url())
+                .unwrap()
+                .get_multiplexed_async_connection()
+                .await
+                .unwrap()
+        }
+    }
+
+    impl RawProducer for Harness {
+        async fn push_raw(&self, queue: &str, raw: &str) {
+            let mut conn = self.outsider().await;
+            redis::cmd("XADD")
+                .arg(format!("rt:{{{queue}}}:stream"))
+                .arg("*")
+                .arg("e")
+                .arg(raw)
+                .query_async::<String>(&mut conn)
+                .await
+                .unwrap();
+        }
+    }
+
+    /// The suite is written against `Broker`; the harness passes every call through.
+    impl Broker for Harness {
+        async fn enqueue(&self, batch: Vec<Envelope>) -> Result<Vec<Enqueued>, BrokerError> {
+            self.broker.enqueue(batch).await
+        }
+        async fn reserve(
+            &self,
+            queue: &str,
+            consumer: &str,
+            max: usize,
+            wait: Duration,
+        ) -> Result<Vec<Delivery>, BrokerError> {
+            self.broker.reserve(queue, consumer, max, wait).await
+        }
+        async fn renew(
+            &self,
+            queue: &str,
+            consumer: &str,
+            entries: &[String],
+        ) -> Result<Vec<String>, BrokerError> {
+            self.broker.renew(queue, consumer, entries).await
+        }
+        async fn ack(&self, delivery: &Delivery, result: Value) -> Result<(), BrokerError> {
+            self.broker.ack(delivery, result).await
+        }
+        async fn retry(
+            &self,
+            delivery: &Delivery,
+            at: SystemTime,
+            error: &str,
+        ) -> Result<(), BrokerError> {
+            self.broker.retry(delivery, at, error).await
+        }
+        async fn defer(
+            &self,
+            delivery: &Delivery,
+            at: SystemTime,
+            reason: &str,
+        ) -> Result<(), BrokerError> {
+            self.broker.defer(delivery, at, reason).await
+        }
+        async fn dead_letter(&self, delivery: &Delivery, reason: &str) -> Result<(), BrokerError> {
+            self.broker.dead_letter(delivery, reason).await
+        }
+        async fn recover(&self, queue: &str, lease: Duration) -> Result<Recovered, BrokerError> {
+            self.broker.recover(queue, lease).await
+        }
+        async fn promote_due(&self, queue: &str, now: SystemTime) -> Result<u64, BrokerError> {
+            self.broker.promote_due(queue, now).await
+        }
+        async fn depth(&self, queue: &str) -> Result<QueueDepth, BrokerError> {
+            self.broker.depth(queue).await
+        }
+        async fn dead_letters(
+            &self,
+            queue: &str,
+            limit: usize,
+        ) -> Result<Vec<DeadLetter>, BrokerError> {
+            self.broker.dead_letters(queue, limit).await
+        }
+        async fn requeue_dead(&self, queue: &str, limit: usize) -> Result<u64, BrokerError> {
+            self.broker.requeue_dead(queue, limit).await
+        }
+        async fn purge(&self, queue: &str) -> Result<Purged, BrokerError> {
+            self.broker.purge(queue).await
+        }
+        async fn publish(&self, event: Event) -> Result<(), BrokerError> {
+            self.broker.publish(event).await
+        }
+        async fn events(
+            &self,
+            after: Option<&str>,
+            limit: usize,
+        ) -> Result<Vec<Event>, BrokerError> {
+            self.broker.events(after, limit).await
+        }
+        async fn record(&self, id: &str) -> Result<Option<TaskRecord>, BrokerError> {
+            self.broker.record(id).await
+        }
+    }
+
+    contract_suite!(Harness::start(settings()));
+
+    fn task(queue: &str, n: u32) -> Envelope {
+        let mut env = Envelope::new("send_whatsapp_message_task", queue);
+        env.args = vec![json!(n)];
+        env
+    }
+
+    #[test]
+    fn urls_lose_their_passwords() {
+        assert_eq!(
+            redact("redis://127.0.0.1:6380/0"),
+            "redis://127.0.0.1:6380/0"
+        );
+        assert_eq!(
+            redact("redis://worker:s3cret@redis.internal:6379/2"),
+            "redis://worker@redis.internal:6379/2"
+        );
+        assert_eq!(redact("redis://:s3cret@h:1"), "redis://h:1");
+        assert_eq!(redact("rediss://s3cret@h:1/"), "rediss://h:1/");
+        assert_eq!(
+            redact("redis+unix:///run/redis.sock?db=1&pass=s3cret"),
+            "redis+unix:///run/redis.sock"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_closed_port_is_unreachable_and_named_without_the_password() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let url = format!("redis://app:hunter2@127.0.0.1:{port}/0");
+        let started = tokio::time::Instant::now();
+        let err = RedisBroker::connect(&url, BrokerSettings::default())
+            .await
+            .unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(5), "not fast");
+        match &err {
+            BrokerError::Unreachable { url, .. } => {
+                assert_eq!(url, &format!("redis://app@127.0.0.1:{port}/0"));
+            }
+            other => panic!("expected Unreachable, got {other:?}"),
+        }
+        let shown = err.to_string();
+        assert!(shown.contains(&format!("127.0.0.1:{port}")), "{shown}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_raw_xadd_from_another_producer_is_delivered() {
+        let h = Harness::start(settings()).await;
+        let mut conn = h.outsider().await;
+        // Added before any consumer (or group) exists, the way a Python producer would.
+        let json = r#"{"id":"py-1","task":"process_chat_message","queue":"chat","args":["hi"],"kwargs":{"user":7},"celery_origin":"web-1"}"#;
+        let _: String = redis::cmd("XADD")
+            .arg("rt:{chat}:stream")
+            .arg("*")
+            .arg("e")
+            .arg(json)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let got = h
+            .broker
+            .reserve("chat", "node-1", 10, Duration::from_millis(200))
+            .await
+            .unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].envelope.id, "py-1");
+        assert_eq!(got[0].envelope.kwargs["user"], 7);
+        assert_eq!(got[0].envelope.extra["celery_origin"], "web-1");
+        assert_eq!(got[0].deliveries, 1);
+        h.broker.ack(&got[0], json!({"ok": true})).await.unwrap();
+        // The record is a plain hash a Python reader can HGETALL.
+        let state: String = redis::cmd("HGET")
+            .arg("rt:result:py-1")
+            .arg("state")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(state, "succeeded");
+        assert_eq!(h.broker.depth("chat").await.unwrap(), QueueDepth::default());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn duplicates_inside_one_batch_return_the_first_id() {
+        let h = Harness::start(settings()).await;
+        let q = "dedupe";
+        let mut batch: Vec<Envelope> = (0..4).map(|n| task(q, n)).collect();
+        batch[0].idempotency_key = Some("k1".into());
+        batch[2].idempotency_key = Some("k1".into());
+        batch[3].idempotency_key = Some("k2".into());
+        let sent = h.broker.enqueue(batch).await.unwrap();
+        let flags: Vec<bool> = sent.iter().map(|e| e.duplicate).collect();
+        assert_eq!(flags, [false, false, true, false]);
+        assert_eq!(sent[2].id, sent[0].id);
+        assert_eq!(h.broker.depth(q).await.unwrap().ready, 3);
+        // Re-sending the very same envelope (same id, same key) is a duplicate too.
+        let mut again = task(q, 9);
+        again.id = sent[3].id.clone();
+        again.idempotency_key = Some("k2".into());
+        let second = h.broker.enqueue(vec![again]).await.unwrap();
+        assert!(second[0].duplicate);
+        assert_eq!(h.broker.depth(q).await.unwrap().ready, 3);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_blocked_reserve_does_not_hold_up_other_commands() {
+        let h = Harness::start(settings()).await;
+        let started = tokio::time::Instant::now();
+        let (got, _) = tokio::join!(
+            h.broker
+                .reserve("idle", "c", 1, Duration::from_millis(1500)),
+            async {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                for n in 0..20 {
+                    h.broker.enqueue(vec![task("other", n)]).await.unwrap();
+                    h.broker.depth("other").await.unwrap();
+                }
+                assert!(
+                    started.elapsed() < Duration::from_millis(1000),
+                    "commands waited for the blocking read"
+                );
+            }
+        );
+        assert!(got.unwrap().is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_redis_restart_loses_no_acknowledged_result_and_no_task() {
+        let settings = BrokerSettings {
+            result_ttl: Duration::from_secs(600),
+            ..settings()
+        };
+        let mut h = Harness::on(RedisServer::start_with_aof(), settings).await;
+        let q = "restart";
+        let sent = h
+            .broker
+            .enqueue((0..20).map(|n| task(q, n)).collect())
+            .await
+            .unwrap();
+        let got = h.broker.reserve(q, "c1", 10, Duration::ZERO).await.unwrap();
+        assert_eq!(got.len(), 10);
+        for d in &got[..5] {
+            h.broker.ack(d, json!(d.envelope.args[0])).await.unwrap();
+        }
+        // A consumer blocked on the queue while the server dies.
+        let blocked = h.broker.reserve("empty", "c1", 1, Duration::from_secs(2));
+        let kill = async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            h.server.stop();
+        };
+        let (blocked, ()) = tokio::join!(blocked, kill);
+        assert!(
+            matches!(blocked, Err(BrokerError::Unreachable { .. })),
+            "{blocked:?}"
+        );
+        let err = h.broker.depth(q).await.unwrap_err();
+        assert!(matches!(err, BrokerError::Unreachable { .. }), "{err:?}");
+        let state = h.broker.connection_state();
+        assert!(!state.is_connected(), "{state}");
+        assert!(
+            state.to_string().starts_with("reconnecting since "),
+            "{state}"
+        );
+
+        h.server.restart();
+        // The broker reconnects by itself; callers just try again.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let depth = loop {
+            match h.broker.depth(q).await {
+                Ok(depth) => break depth,
+                Err(e) => {
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "never reconnected: {e}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        };
+        assert!(h.broker.connection_state().is_connected());
+        assert_eq!((depth.ready, depth.in_flight), (10, 5));
+        for d in &got[..5] {
+            let record = h.broker.record(&d.envelope.id).await.unwrap();
+            let record = record.expect("acknowledged result lost in the restart");
+            assert_eq!(record.state, TaskState::Succeeded);
+            assert_eq!(record.result, Some(d.envelope.args[0].clone()));
+        }
+        // The unacknowledged five come back when their lease expires; with the rest, every
+        // task that was not acknowledged is delivered.
+        let recovered = h.broker.recover(q, Duration::ZERO).await.unwrap();
+        assert_eq!(recovered.requeued, 5);
+        let mut rest = Vec::new();
+        loop {
+            let more = h
+                .broker
+                .reserve(q, "c2", 7, Duration::from_millis(200))
+                .await
+                .unwrap();
+            if more.is_empty() {
+                break;
+            }
+            rest.extend(more);
+        }
+        let mut ids: Vec<String> = rest.iter().map(|d| d.envelope.id.clone()).collect();
+        ids.sort();
+        let mut expected: Vec<String> = sent[5..].iter().map(|e| e.id.clone()).collect();
+        expected.sort();
+        assert_eq!(ids, expected);
+        // The blocking consumer works again too.
+        h.broker.enqueue(vec![task("empty", 1)]).await.unwrap();
+        let got = h
+            .broker
+            .reserve("empty", "c1", 1, Duration::from_secs(2))
+            .await
+            .unwrap();
+        assert_eq!(got.len(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn dead_letter_entries_have_the_documented_fields() {
+        let h = Harness::start(settings()).await;
+        let q = "fields";
+        h.broker.enqueue(vec![task(q, 1)]).await.unwrap();
+        let got = h.broker.reserve(q, "c", 1, Duration::ZERO).await.unwrap();
+        h.broker
+            .dead_letter(&got[0], "permanent: 400")
+            .await
+            .unwrap();
+        let mut conn = h.outsider().await;
+        let reply: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+            .arg("rt:{fields}:dead")
+            .arg("-")
+            .arg("+")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let names: Vec<&str> = reply[0].1.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(names, ["e", "reason", "attempts", "at"]);
+        let depth = h.broker.depth(q).await.unwrap();
+        assert_eq!((depth.in_flight, depth.dead), (0, 1));
+    }
+
+    /// Sizes above one script batch (256) and one dead-letter page (100) take several calls.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn big_queues_are_moved_in_batches() {
+        let h = Harness::start(settings()).await;
+        let q = "big";
+        let n = 700u32;
+        let due = crate::broker::rfc3339(SystemTime::now() + Duration::from_millis(100));
+        let batch: Vec<Envelope> = (0..n)
+            .map(|i| {
+                let mut env = task(q, i);
+                env.eta = Some(due.clone());
+                env
+            })
+            .collect();
+        h.broker.enqueue(batch).await.unwrap();
+        assert_eq!(h.broker.depth(q).await.unwrap().delayed, u64::from(n));
+        let later = SystemTime::now() + Duration::from_secs(1);
+        assert_eq!(h.broker.promote_due(q, later).await.unwrap(), u64::from(n));
+        let got = h
+            .broker
+            .reserve(q, "c", 1000, Duration::ZERO)
+            .await
+            .unwrap();
+        assert_eq!(got.len(), n as usize);
+        let first_order: Vec<u64> = got
+            .iter()
+            .map(|d| d.envelope.args[0].as_u64().unwrap())
+            .collect();
+        let recovered = h.broker.recover(q, Duration::ZERO).await.unwrap();
+        assert_eq!(recovered.requeued, u64::from(n));
+        // Recovered entries keep their order. (Entries due at the same millisecond are
+        // promoted in member order, not enqueue order: see the module docs.)
+        let again = h
+            .broker
+            .reserve(q, "c", 1000, Duration::ZERO)
+            .await
+            .unwrap();
+        let order: Vec<u64> = again
+            .iter()
+            .map(|d| d.envelope.args[0].as_u64().unwrap())
+            .collect();
+        assert_eq!(order, first_order);
+        for d in &again {
+            h.broker.dead_letter(d, "permanent").await.unwrap();
+        }
+        assert_eq!(h.broker.requeue_dead(q, 650).await.unwrap(), 650);
+        assert_eq!(h.broker.depth(q).await.unwrap().dead, 50);
+        assert_eq!(h.broker.purge(q).await.unwrap().ready, 650);
+        assert_eq!(
+            h.broker.depth(q).await.unwrap(),
+            QueueDepth {
+                dead: 50,
+                ..QueueDepth::default()
+            }
+        );
+    }
+
+    /// A Redis that comes back empty (no persistence) loses its consumer groups: the broker
+    /// creates them again instead of failing on NOGROUP forever.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_redis_that_lost_its_data_gets_its_groups_back() {
+        let mut h = Harness::start(settings()).await;
+        let q = "amnesia";
+        h.broker.enqueue(vec![task(q, 1)]).await.unwrap();
+        let got = h.broker.reserve(q, "c", 1, Duration::ZERO).await.unwrap();
+        // Started without AOF and with `--save ""`: it comes back empty.
+        h.server.restart();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while h.broker.depth(q).await.is_err() {
+            assert!(tokio::time::Instant::now() < deadline, "never reconnected");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // The lost delivery can still be settled; new work flows, blocking reads included.
+        h.broker.ack(&got[0], json!(1)).await.unwrap();
+        h.broker.enqueue(vec![task(q, 2)]).await.unwrap();
+        let got = h
+            .broker
+            .reserve(q, "c", 1, Duration::from_secs(1))
+            .await
+            .unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(
+            h.broker
+                .renew(q, "c", &[got[0].entry.clone()])
+                .await
+                .unwrap(),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            h.broker.recover(q, Duration::from_secs(60)).await.unwrap(),
+            Recovered::default()
+        );
+    }
+
+    /// Throughput probe (`cargo test -p actors throughput -- --ignored --nocapture`): a
+    /// debug build is several times slower than release; the targets (≥ 50k enqueues/s
+    /// batched, ≥ 45k/s drained with acks) are for release builds.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "a measurement, not a test"]
+    async fn enqueue_and_drain_throughput() {
+        let server = RedisServer::start();
+        let broker = std::sync::Arc::new(
+            RedisBroker::connect(&server.url(), settings())
+                .await
+                .unwrap(),
+        );
+        let q = "bench";
+        let total = 50_000u32;
+        let started = tokio::time::Instant::now();
+        for chunk in 0..total / 500 {
+            let batch = (0..500).map(|i| task(q, chunk * 500 + i)).collect();
+            broker.enqueue(batch).await.unwrap();
+        }
+        let took = started.elapsed();
+        println!(
+            "enqueue (batches of 500): {total} in {took:?} = {:.0}/s",
+            f64::from(total) / took.as_secs_f64()
+        );
+        let started = tokio::time::Instant::now();
+        let mut done = 0;
+        while done < total as usize {
+            let got = broker.reserve(q, "c", 256, Duration::ZERO).await.unwrap();
+            done += got.len();
+            let mut acks = tokio::task::JoinSet::new();
+            for d in got {
+                let broker = broker.clone();
+                acks.spawn(async move { broker.ack(&d, Value::Null).await });
+            }
+            while let Some(r) = acks.join_next().await {
+                r.unwrap().unwrap();
+            }
+        }
+        let took = started.elapsed();
+        println!(
+            "drain (reserve 256, acks concurrent): {total} in {took:?} = {:.0}/s",
+            f64::from(total) / took.as_secs_f64()
+        );
+    }
+}

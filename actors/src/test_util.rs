@@ -1,0 +1,219 @@
+//! Test harness shared by this crate's tests and (with the `test-util` feature) the `runtime`
+//! crate's: [`RedisServer`], a private `redis-server` on a free loopback port.
+//!
+//! DESIGN.md §4: Redis tests run against a real server started here — never a shared instance
+//! (the system one on 6379 is never touched), never a mock. A machine without `redis-server`
+//! fails the tests with the command that installs it; nothing is skipped.
+//!
+//! Every server is killed and reaped when its [`RedisServer`] is dropped (also while a failing
+//! test unwinds), and its temporary directory is removed, so `cargo test` leaves no
+//! `redis-server` process behind.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+/// How long a server gets to answer PING after it was launched (loading an AOF included).
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often it is asked.
+const POLL_EVERY: Duration = Duration::from_millis(10);
+
+/// A private `redis-server` bound to 127.0.0.1 on a free port, with its own temporary
+/// directory and no RDB snapshots (`--save ""`).
+#[derive(Debug)]
+pub struct RedisServer {
+    port: u16,
+    dir: PathBuf,
+    appendonly: bool,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    /// Launches a server without persistence and waits until it answers PING.
+    ///
+    /// # Panics
+    /// When `redis-server` is not installed (the message says how to install it) or does not
+    /// come up.
+    pub fn start() -> Self {
+        Self::launch(false)
+    }
+
+    /// Launches a server with the append-only file on (`--appendonly yes --appendfsync
+    /// always`), so whatever it acknowledged survives [`stop`](Self::stop) +
+    /// [`restart`](Self::restart).
+    ///
+    /// # Panics
+    /// As [`start`](Self::start).
+    pub fn start_with_aof() -> Self {
+        Self::launch(true)
+    }
+
+    fn launch(appendonly: bool) -> Self {
+        let mut last_failure = String::new();
+        // A free port can be taken by someone else between the probe and redis-server's bind:
+        // try a few.
+        for _ in 0..5 {
+            let port = free_port();
+            let mut server = Self {
+                port,
+                dir: temp_dir(port),
+                appendonly,
+                child: None,
+            };
+            match server.spawn() {
+                Ok(()) => return server,
+                Err(failure) => last_failure = failure,
+            }
+        }
+        panic!("redis-server did not start: {last_failure}");
+    }
+
+    /// `redis://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// The loopback port it listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// True while the server process runs.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|child| matches!(child.try_wait(), Ok(None)))
+    }
+
+    /// Kills the server with SIGKILL (a crash, not a shutdown: nothing is saved on the way
+    /// out) and reaps it. Does nothing when it is not running.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops the server if it runs, then starts it again on the same port and directory with
+    /// `--appendonly yes`, so the data of a server started with
+    /// [`start_with_aof`](Self::start_with_aof) is back.
+    ///
+    /// # Panics
+    /// When the server does not come back.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.appendonly = true;
+        if let Err(failure) = self.spawn() {
+            panic!(
+                "redis-server did not restart on port {}: {failure}",
+                self.port
+            );
+        }
+    }
+
+    /// Launches the process and waits for PING; on failure nothing is left running.
+    fn spawn(&mut self) -> Result<(), String> {
+        assert_ne!(self.port, 6379, "never the system Redis");
+        std::fs::create_dir_all(&self.dir)
+            .map_err(|e| format!("cannot create {}: {e}", self.dir.display()))?;
+        let log = self.dir.join("redis.log");
+        let mut command = Command::new("redis-server");
+        command
+            .arg("--port")
+            .arg(self.port.to_string())
+            .args(["--bind", "127.0.0.1", "--protected-mode", "yes"])
+            .args(["--save", "", "--daemonize", "no"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .arg("--logfile")
+            .arg(&log);
+        if self.appendonly {
+            command.args(["--appendonly", "yes", "--appendfsync", "always"]);
+        } else {
+            command.args(["--appendonly", "no"]);
+        }
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let child = match command.spawn() {
+            Ok(child) => child,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
+                "redis-server is not installed (the Redis tests need a real server); install \
+                 it with `apt-get install -y redis-server` (Debian/Ubuntu) and run the tests again"
+            ),
+            Err(e) => panic!("cannot run redis-server: {e}"),
+        };
+        self.child = Some(child);
+        // Counted polls rather than a clock: a test may have paused tokio's time.
+        let polls = READY_TIMEOUT.as_millis() / POLL_EVERY.as_millis();
+        for _ in 0..polls {
+            if ping(self.port) {
+                return Ok(());
+            }
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|child| child.try_wait().ok().flatten());
+            if let Some(status) = exited {
+                self.child = None;
+                let log = std::fs::read_to_string(&log).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(5).collect();
+                return Err(format!(
+                    "exited with {status} on port {}: {}",
+                    self.port,
+                    tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+                ));
+            }
+            std::thread::sleep(POLL_EVERY);
+        }
+        self.stop();
+        Err(format!(
+            "no PONG on port {} within {READY_TIMEOUT:?}",
+            self.port
+        ))
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A port the OS says is free on 127.0.0.1 right now.
+fn free_port() -> u16 {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind 127.0.0.1:0");
+    listener.local_addr().expect("local address").port()
+}
+
+/// A fresh directory for one server's files (log, AOF).
+fn temp_dir(port: u16) -> PathBuf {
+    static SEQUENCE: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    std::env::temp_dir().join(format!(
+        "actors-redis-{}-{port}-{nanos}-{}",
+        std::process::id(),
+        SEQUENCE.fetch_add(1, Ordering::Relaxed)
+    ))
+}
+
+/// True when a server on `port` answers `PING` with `+PONG` (not `-LOADING`).
+fn ping(port: u16) -> bool {
+    let address = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let Ok(mut stream) = TcpStream::connect_timeout(&address, Duration::from_millis(200)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+    if stream.write_all(b"PING\r\n").is_err() {
+        return false;
+    }
+    let mut reply = [0u8; 7];
+    matches!(stream.read(&mut reply), Ok(n) if reply[..n].starts_with(b"+PONG"))
+}
