@@ -381,7 +381,7 @@ pub enum AnyBroker {
     /// The embedded broker.
     Memory(memory::MemoryBroker),
     /// Redis Streams.
-    Redis(redis::RedisBroker),
+    Redis(Box<redis::RedisBroker>),
 }
 
 impl AnyBroker {
