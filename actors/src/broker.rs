@@ -376,12 +376,14 @@ pub fn parse_time(text: &str) -> Result<SystemTime, String> {
 }
 
 /// The broker a node runs with, chosen by URL: `memory://` or `redis://…`.
+// One per node, behind an `Arc`: the size difference of the variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum AnyBroker {
     /// The embedded broker.
     Memory(memory::MemoryBroker),
     /// Redis Streams.
-    Redis(Box<redis::RedisBroker>),
+    Redis(redis::RedisBroker),
 }
 
 impl AnyBroker {
@@ -390,9 +392,9 @@ impl AnyBroker {
     pub async fn connect(url: &str, settings: BrokerSettings) -> Result<Self, BrokerError> {
         match url.split_once("://").map(|(scheme, _)| scheme) {
             Some("memory") => Ok(Self::Memory(memory::MemoryBroker::new(settings))),
-            Some("redis" | "rediss") => Ok(Self::Redis(Box::new(
+            Some("redis" | "rediss") => Ok(Self::Redis(
                 redis::RedisBroker::connect(url, settings).await?,
-            ))),
+            )),
             _ => Err(BrokerError::Invalid(format!(
                 "broker URL: expected memory:// or redis://, got `{}`",
                 url.split("://").next().unwrap_or(url)
