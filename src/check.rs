@@ -10,20 +10,25 @@
 //!
 //! — then one summary line: `<file>: ok`, or the counts, e.g. `<file>: 2 errors, 1 warning`.
 //! An unreadable file or a TOML syntax error is one error line (a syntax error is named by
-//! `line L, column C`). Exit status: 0 when clean (warnings allowed), 78 (`EX_CONFIG`) on
+//! `line L, column C`). Beyond the file it checks that every native task has a function in
+//! this binary and, unless `--no-environment`, that the broker answers. Exit status: 0 when clean (warnings allowed), 78 (`EX_CONFIG`) on
 //! errors, and on warnings too with `--deny-warnings`.
 
 use std::path::Path;
 use std::process::ExitCode;
 
-use crate::config::{self, Diagnostics, Environment};
+use actors::broker::AnyBroker;
+use actors::handler::native::Natives;
+
+use crate::config::{self, Config, Diagnostics, Environment};
+use crate::topology::{broker_settings, task_defs};
 
 /// sysexits.h EX_CONFIG: the exit code for a bad config.
 pub const EX_CONFIG: u8 = 78;
 
 /// Runs `runtime check`; exit 0 when clean, 78 (EX_CONFIG) on errors (or on warnings with
 /// `deny_warnings`). `no_environment` skips the checks that read the environment.
-pub fn run(path: &Path, deny_warnings: bool, no_environment: bool) -> ExitCode {
+pub async fn run(path: &Path, deny_warnings: bool, no_environment: bool) -> ExitCode {
     let lookup = |name: &str| std::env::var(name).ok();
     let env = if no_environment {
         Environment::Ignored
@@ -31,10 +36,14 @@ pub fn run(path: &Path, deny_warnings: bool, no_environment: bool) -> ExitCode {
         Environment::Lookup(&lookup)
     };
     let diagnostics = match config::load_with(path, env) {
-        Ok(loaded) => Diagnostics {
-            errors: Vec::new(),
-            warnings: loaded.warnings,
-        },
+        Ok(loaded) => {
+            let mut diagnostics = Diagnostics {
+                errors: Vec::new(),
+                warnings: loaded.warnings,
+            };
+            beyond_the_file(&loaded.config, no_environment, &mut diagnostics).await;
+            diagnostics
+        }
         Err(err) => err.diagnostics,
     };
     for diagnostic in diagnostics.iter() {
@@ -47,6 +56,22 @@ pub fn run(path: &Path, deny_warnings: bool, no_environment: bool) -> ExitCode {
         ExitCode::from(EX_CONFIG)
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+/// What a valid config still needs from this binary and this machine: a registered function
+/// for every native task, and (unless `no_environment`) a reachable broker.
+async fn beyond_the_file(config: &Config, no_environment: bool, diagnostics: &mut Diagnostics) {
+    if let Err(missing) = task_defs(config, &Natives::builtin(), &reqwest::Client::new()) {
+        for (path, message) in missing {
+            diagnostics.error(path, message);
+        }
+    }
+    if !no_environment && !config.broker.url.starts_with("memory:") {
+        let settings = broker_settings(config);
+        if let Err(err) = AnyBroker::connect(&config.broker.url, settings).await {
+            diagnostics.error("broker.url".to_string(), err.to_string());
+        }
     }
 }
 

@@ -14,7 +14,7 @@ async fn main() -> ExitCode {
         None => run(cli.run).await,
         Some(Command::Run(args)) => run(args).await,
         Some(Command::Check(args)) => {
-            check::run(&args.config, args.deny_warnings, args.no_environment)
+            check::run(&args.config, args.deny_warnings, args.no_environment).await
         }
         Some(Command::Tree(args)) => report(client::tree(args).await),
         Some(Command::Enqueue(args)) => report(client::enqueue(args).await),

@@ -226,6 +226,24 @@ const CASES: &[Case] = &[
              request first",
         ],
     },
+    Case {
+        fixture: "unregistered_native",
+        flags: &[],
+        vars: &[],
+        expected: &[
+            "error: tasks.summarize_thread.handler: no native function `summarize_thread` is \
+             registered in this binary (built-in: rt_echo, rt_fail, rt_noop, rt_sleep)",
+        ],
+    },
+    Case {
+        fixture: "unreachable_broker",
+        flags: &[],
+        vars: &[],
+        expected: &[
+            "error: broker.url: broker at redis://127.0.0.1:9/0 is unreachable: \
+             Connection refused (os error 111)",
+        ],
+    },
 ];
 
 #[test]
