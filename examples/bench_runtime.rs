@@ -1,0 +1,114 @@
+//! The whole per-task path on a private redis-server: a node (in process, the same code as
+//! the binary) drains no-op native tasks with acks and results; then, at a steady offered
+//! rate, the enqueue → start latency of each task.
+//!
+//! Run with: cargo run --release --example bench_runtime [-- TASKS RATE SECONDS]
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use actors::broker::redis::RedisBroker;
+use actors::broker::{Broker, BrokerSettings, Envelope};
+use actors::handler::native::Natives;
+use actors::test_util::RedisServer;
+use runtime::config::{Environment, compile_str};
+use serde_json::Value;
+use tokio::time::Instant;
+
+const CONFIG: &str = r#"
+[http]
+bind = "127.0.0.1:0"
+[broker]
+url = "REDIS"
+[queues.default]
+concurrency = 64
+[tasks.rt_noop]
+handler = { kind = "native" }
+[tasks.stamp]
+handler = { kind = "native" }
+"#;
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut args = std::env::args().skip(1);
+    let tasks: usize = args.next().map_or(Ok(20_000), |a| a.parse())?;
+    let rate: u64 = args.next().map_or(Ok(200), |a| a.parse())?;
+    let seconds: u64 = args.next().map_or(Ok(10), |a| a.parse())?;
+
+    let redis = RedisServer::start();
+    let config = compile_str(&CONFIG.replace("REDIS", &redis.url()), Environment::Ignored)?.config;
+    let waits = Arc::new(Mutex::new(Vec::with_capacity((rate * seconds) as usize)));
+    let mut natives = Natives::builtin();
+    {
+        let waits = Arc::clone(&waits);
+        natives.register("stamp", move |ctx| {
+            let waits = Arc::clone(&waits);
+            async move {
+                // Microseconds since the epoch, stamped by the producer just before enqueue
+                // (`enqueued_at` has only millisecond precision).
+                if let Some(sent) = ctx.envelope.kwargs.get("sent_us").and_then(Value::as_u64) {
+                    let now = SystemTime::now()
+                        .duration_since(SystemTime::UNIX_EPOCH)
+                        .unwrap_or_default();
+                    let wait = now.saturating_sub(Duration::from_micros(sent));
+                    waits.lock().unwrap().push(wait);
+                }
+                Ok(Value::Null)
+            }
+        });
+    }
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let node = tokio::spawn(runtime::node::run_with(config, natives, async move {
+        let _ = stopped.await;
+        "bench done"
+    }));
+    let producer = RedisBroker::connect(&redis.url(), BrokerSettings::default()).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Drain: enqueue everything first, then time until the queue is empty.
+    let batch: Vec<Envelope> = (0..tasks)
+        .map(|_| Envelope::new("rt_noop", "default"))
+        .collect();
+    for chunk in batch.chunks(500) {
+        producer.enqueue(chunk.to_vec()).await?;
+    }
+    let started = Instant::now();
+    loop {
+        let depth = producer.depth("default").await?;
+        if depth.ready + depth.in_flight == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let drain = tasks as f64 / started.elapsed().as_secs_f64();
+    println!(
+        "drain: {tasks} no-op native tasks with acks and results in {:?}: {drain:.0} tasks/s",
+        started.elapsed()
+    );
+
+    // Latency at a steady offered rate.
+    let period = Duration::from_secs_f64(1.0 / rate as f64);
+    let mut tick = tokio::time::interval(period);
+    for _ in 0..rate * seconds {
+        tick.tick().await;
+        let mut envelope = Envelope::new("stamp", "default");
+        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH)?;
+        envelope
+            .kwargs
+            .insert("sent_us".into(), (now.as_micros() as u64).into());
+        producer.enqueue(vec![envelope]).await?;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut waits = waits.lock().unwrap().clone();
+    waits.sort();
+    let pct = |p: f64| waits[((waits.len() as f64 * p) as usize).min(waits.len() - 1)];
+    println!(
+        "latency at {rate} tasks/s offered for {seconds} s ({} tasks): enqueue→start p50 {:.2} ms, p99 {:.2} ms",
+        waits.len(),
+        pct(0.50).as_secs_f64() * 1000.0,
+        pct(0.99).as_secs_f64() * 1000.0
+    );
+    let _ = stop.send(());
+    let _ = node.await;
+    Ok(())
+}
