@@ -38,6 +38,10 @@ max_retries = 1
 backoff = "10ms"
 backoff_max = "20ms"
 
+[tasks.rt_sleep]
+queue = "default"
+handler = { kind = "native" }
+
 [tasks.resize_image]
 queue = "background"
 handler = { kind = "exec", command = "/bin/sh", args = ["-c", "read envelope; echo '{\"ok\": true}'"] }
@@ -228,4 +232,42 @@ fn an_unreachable_redis_is_a_clear_startup_error() {
     assert!(log.contains("cannot start without the broker"), "{log}");
     assert!(log.contains("127.0.0.1:9"), "{log}");
     assert!(!log.contains("hunter2"), "the password leaked: {log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_running_tasks_finish_before_the_node_exits() {
+    use actors::broker::{Broker, BrokerSettings, redis::RedisBroker};
+    let redis = RedisServer::start();
+    let mut node = Node::start(CONFIG, &[("RT_BROKER_URL", &redis.url())]);
+    let sent = post(
+        &node,
+        json!([{ "task": "rt_sleep", "kwargs": { "ms": 800 } }]),
+    )
+    .await;
+    let id = sent[0]["id"].as_str().unwrap().to_string();
+    // Wait until it runs, then ask the node to stop.
+    let at = Instant::now();
+    while node.get_json("/queues").await["queues"]["default"]["in_flight"] != 1 {
+        assert!(at.elapsed() < Duration::from_secs(5));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    node.signal("TERM");
+    let status = node
+        .wait_exit(Duration::from_secs(6))
+        .expect("exits within the grace");
+    assert_eq!(status.code(), Some(0), "{}", node.log());
+    assert!(
+        node.log().contains("draining: no more fetching"),
+        "{}",
+        node.log()
+    );
+    let broker = RedisBroker::connect(&redis.url(), BrokerSettings::default())
+        .await
+        .unwrap();
+    let record = broker
+        .record(&id)
+        .await
+        .unwrap()
+        .expect("the running task finished and was recorded");
+    assert_eq!(record.result, Some(json!({ "slept_ms": 800 })));
 }

@@ -107,9 +107,17 @@ impl Envelope {
         }
     }
 
-    /// Parses an envelope, naming what is wrong (`missing field `task``, …).
+    /// Parses an envelope as found in a queue, naming what is wrong (`missing field `task``,
+    /// …). A queued envelope must carry its `id` (the key of its record): the broker fills it
+    /// in at enqueue, and a producer writing to the stream directly must set a unique one.
     pub fn from_json(text: &str) -> Result<Self, serde_json::Error> {
-        serde_json::from_str(text)
+        let envelope: Self = serde_json::from_str(text)?;
+        if envelope.id.is_empty() {
+            return Err(serde::de::Error::custom(
+                "missing field `id` (a producer writing to the queue directly must set a unique id)",
+            ));
+        }
+        Ok(envelope)
     }
 
     /// Serialises the envelope (cannot fail: every field is plain JSON).
@@ -124,7 +132,7 @@ mod tests {
 
     #[test]
     fn minimal_producer_json_parses_and_unknown_fields_survive_a_round_trip() {
-        let text = r#"{"task":"process_chat_message","queue":"chat","args":[1],"celery_origin":"web-1","headers":{"x":1}}"#;
+        let text = r#"{"id":"m-1","task":"process_chat_message","queue":"chat","args":[1],"celery_origin":"web-1","headers":{"x":1}}"#;
         let env = Envelope::from_json(text).unwrap();
         assert_eq!(env.task, "process_chat_message");
         assert_eq!(env.attempt, 0);
@@ -140,5 +148,7 @@ mod tests {
         assert!(err.to_string().contains("missing field `task`"), "{err}");
         let err = Envelope::from_json(r#"{"task":"t","queue":"q","attempt":"x"}"#).unwrap_err();
         assert!(err.to_string().contains("invalid type"), "{err}");
+        let err = Envelope::from_json(r#"{"task":"t","queue":"q"}"#).unwrap_err();
+        assert!(err.to_string().starts_with("missing field `id`"), "{err}");
     }
 }

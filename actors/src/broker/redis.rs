@@ -21,7 +21,7 @@
 //!   deliveries before this entry, absent = 0 (an entry recovered after an expired lease is
 //!   re-added at the tail with `d` + 1). A producer in another language enqueues with
 //!   `XADD p:{q}:stream * e '<envelope json>'` — the envelope needs `task` and `queue`, and
-//!   should carry a unique `id` (the key of its record); the consumer group is created at id
+//!   must carry a unique `id` (the key of its record; an entry without one is dead-lettered as malformed); the consumer group is created at id
 //!   `0` on first use, so entries added before any consumer existed are delivered too.
 //! - **Dead letter** (`p:{q}:dead`): `e` = envelope JSON (or the raw text that could not be
 //!   parsed), `reason`, `attempts`, `at` (RFC 3339), and `raw` = `1` when `e` is not a valid
