@@ -33,8 +33,9 @@ async fn actors_lists_the_tree_and_health_is_ok() {
     assert_eq!(tree[0]["path"], "root");
     assert_eq!(tree[0]["status"], "running");
     assert_eq!(tree[0]["children"][0]["path"], "root/broker");
-    assert_eq!(tree[0]["children"][1]["path"], "root/heartbeat");
-    assert_eq!(tree[0]["children"][1]["restart"], "permanent");
+    assert_eq!(tree[0]["children"][1]["path"], "root/queues");
+    assert_eq!(tree[0]["children"][2]["path"], "root/heartbeat");
+    assert_eq!(tree[0]["children"][2]["restart"], "permanent");
 
     let text = node.get("/actors?format=text").await.text().await.unwrap();
     assert!(text.starts_with("root "), "{text}");
