@@ -1,5 +1,5 @@
-//! Broker throughput on a private redis-server: batched enqueue, then drain with acks and
-//! results, in tasks per second. Medians of several rounds (the machine is shared and noisy).
+//! Broker throughput on a private redis-server: batched enqueue, then drain with batched acks
+//! and results (`ack_many`: one pipeline per reserve), in tasks per second. Medians of several rounds (the machine is shared and noisy).
 //!
 //! Run with: cargo run --release --example bench_broker [-- TASKS ROUNDS]
 
@@ -9,7 +9,6 @@ use actors::broker::redis::RedisBroker;
 use actors::broker::{Broker, BrokerSettings, Envelope};
 use actors::test_util::RedisServer;
 use serde_json::json;
-use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 const BATCH: usize = 500;
@@ -50,15 +49,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             let got = broker
                 .reserve(&queue, "bench", RESERVE, Duration::ZERO)
                 .await?;
-            let mut acks = JoinSet::new();
-            for delivery in got {
-                let broker = std::sync::Arc::clone(&broker);
-                acks.spawn(async move { broker.ack(&delivery, json!(null)).await });
-            }
-            while let Some(ack) = acks.join_next().await {
-                ack??;
-                done += 1;
-            }
+            done += got.len();
+            let results: Vec<_> = got.into_iter().map(|d| (d, json!(null))).collect();
+            broker.ack_many(&results).await?;
         }
         drain.push(tasks as f64 / started.elapsed().as_secs_f64());
         println!(

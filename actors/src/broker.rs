@@ -277,6 +277,12 @@ pub trait Broker: Send + Sync + 'static {
         result: Value,
     ) -> impl Future<Output = Result<(), BrokerError>> + Send;
 
+    /// Acknowledges several deliveries with their results in one round trip.
+    fn ack_many(
+        &self,
+        done: &[(Delivery, Value)],
+    ) -> impl Future<Output = Result<(), BrokerError>> + Send;
+
     /// Ends this attempt and schedules the next one (attempt + 1) at `at`.
     fn retry(
         &self,
@@ -458,6 +464,9 @@ impl Broker for AnyBroker {
     }
     async fn ack(&self, delivery: &Delivery, result: Value) -> Result<(), BrokerError> {
         delegate!(self, b => b.ack(delivery, result))
+    }
+    async fn ack_many(&self, done: &[(Delivery, Value)]) -> Result<(), BrokerError> {
+        delegate!(self, b => b.ack_many(done))
     }
     async fn retry(
         &self,

@@ -61,11 +61,19 @@ pub(crate) async fn prefetch_is_bounded<B: Broker>(b: &B, q: &str) {
     assert_eq!(got.len(), 3);
     let depth = b.depth(q).await.unwrap();
     assert_eq!((depth.ready, depth.in_flight), (7, 3));
-    for d in &got {
-        b.ack(d, json!(null)).await.unwrap();
-    }
+    b.ack(&got[0], json!(null)).await.unwrap();
+    let rest: Vec<_> = got[1..]
+        .iter()
+        .map(|d| (d.clone(), json!(nth(&d.envelope))))
+        .collect();
+    b.ack_many(&rest).await.unwrap();
     let depth = b.depth(q).await.unwrap();
     assert_eq!((depth.ready, depth.in_flight), (7, 0));
+    let record = b.record(&got[2].envelope.id).await.unwrap().unwrap();
+    assert_eq!(
+        (record.state, record.result),
+        (TaskState::Succeeded, Some(json!(2)))
+    );
 }
 
 pub(crate) async fn reserve_waits_for_an_entry<B: Broker>(b: &B, q: &str) {

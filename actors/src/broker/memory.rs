@@ -363,6 +363,19 @@ impl Broker for MemoryBroker {
         Ok(())
     }
 
+    async fn ack_many(&self, done: &[(Delivery, Value)]) -> Result<(), BrokerError> {
+        let mut state = self.lock();
+        for (delivery, result) in done {
+            self.release(&mut state, delivery);
+            self.record(
+                &mut state,
+                &delivery.envelope,
+                Outcome::Succeeded(result.clone()),
+            );
+        }
+        Ok(())
+    }
+
     async fn retry(
         &self,
         delivery: &Delivery,

@@ -492,6 +492,21 @@ impl RedisBroker {
     }
 
     /// Appends `XACK` + `XDEL` of a delivery's entry.
+    /// An ack's commands: record, `XACK` + `XDEL`, `succeeded` event.
+    fn add_ack(
+        &self,
+        pipe: &mut Pipeline,
+        delivery: &Delivery,
+        result: &serde_json::Value,
+        at: &str,
+    ) {
+        let envelope = &delivery.envelope;
+        self.add_record(pipe, envelope, TaskState::Succeeded, Some(result), "", at);
+        self.add_release(pipe, &self.stream_key(&delivery.queue), &delivery.entry);
+        let detail = format!(r#"{{"attempt":{},"error":null}}"#, envelope.attempt);
+        self.add_event(pipe, "succeeded", at, Some(envelope), None, &detail);
+    }
+
     fn add_release(&self, pipe: &mut Pipeline, stream: &str, entry: &str) {
         pipe.cmd("XACK")
             .arg(stream)
@@ -845,24 +860,21 @@ impl Broker for RedisBroker {
     }
 
     async fn ack(&self, delivery: &Delivery, result: serde_json::Value) -> Result<(), BrokerError> {
-        let envelope = &delivery.envelope;
         let at = rfc3339(SystemTime::now());
         let mut pipe = redis::pipe();
-        self.add_record(
-            &mut pipe,
-            envelope,
-            TaskState::Succeeded,
-            Some(&result),
-            "",
-            &at,
-        );
-        self.add_release(
-            &mut pipe,
-            &self.stream_key(&delivery.queue),
-            &delivery.entry,
-        );
-        let detail = format!(r#"{{"attempt":{},"error":null}}"#, envelope.attempt);
-        self.add_event(&mut pipe, "succeeded", &at, Some(envelope), None, &detail);
+        self.add_ack(&mut pipe, delivery, &result, &at);
+        self.exec_tolerating_nogroup(&pipe).await
+    }
+
+    async fn ack_many(&self, done: &[(Delivery, serde_json::Value)]) -> Result<(), BrokerError> {
+        if done.is_empty() {
+            return Ok(());
+        }
+        let at = rfc3339(SystemTime::now());
+        let mut pipe = redis::pipe();
+        for (delivery, result) in done {
+            self.add_ack(&mut pipe, delivery, result, &at);
+        }
         self.exec_tolerating_nogroup(&pipe).await
     }
 
@@ -1489,6 +1501,9 @@ mod tests {
         }
         async fn ack(&self, delivery: &Delivery, result: Value) -> Result<(), BrokerError> {
             self.broker.ack(delivery, result).await
+        }
+        async fn ack_many(&self, done: &[(Delivery, Value)]) -> Result<(), BrokerError> {
+            self.broker.ack_many(done).await
         }
         async fn retry(
             &self,
