@@ -21,7 +21,7 @@ bind = "127.0.0.1:0"
 [broker]
 url = "REDIS"
 [queues.default]
-concurrency = 64
+concurrency = 256
 [tasks.rt_noop]
 handler = { kind = "native" }
 [tasks.stamp]

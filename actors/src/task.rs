@@ -62,7 +62,23 @@ impl Actor for TaskActor {
         myself: ActorRef<()>,
         args: &mut TaskArgs,
     ) -> Result<(), ActorProcessingErr> {
+        // The `started` event is written while the handler already runs (it does not delay
+        // the start), and before the outcome (so the stream keeps the order).
+        let envelope = &args.delivery.envelope;
+        let started = Event::about(
+            "started",
+            envelope,
+            json!({ "attempt": envelope.attempt, "consumer": args.work.consumer }),
+        );
+        let broker = Arc::clone(&args.work.broker);
+        let task_id = envelope.id.clone();
+        let published = tokio::spawn(async move {
+            if let Err(err) = broker.publish(started).await {
+                debug!(%task_id, error = %err, "started event not written");
+            }
+        });
         let outcome = attempt(args).await;
+        let _ = published.await;
         record(args, outcome).await;
         myself.stop(Some(DONE.to_string()));
         Ok(())
@@ -96,14 +112,6 @@ async fn attempt(args: &TaskArgs) -> Result<Value, TaskError> {
         soft_deadline,
         deadline,
     };
-    let started_event = Event::about(
-        "started",
-        envelope,
-        json!({ "attempt": envelope.attempt, "consumer": args.work.consumer }),
-    );
-    if let Err(err) = args.work.broker.publish(started_event).await {
-        debug!(task_id = %envelope.id, error = %err, "started event not written");
-    }
     let run = args.def.handler.call(ctx);
     tokio::pin!(run);
     let soft_timer = tokio::time::sleep_until(soft_deadline.unwrap_or(deadline));
