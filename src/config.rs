@@ -281,6 +281,8 @@ pub struct RetryPolicy {
     pub max_retries: u32,
     /// Delay between attempts: `min(max, base · 2ⁿ)` with jitter.
     pub backoff: Backoff,
+    /// Whether a hard-limit stop is retried.
+    pub retry_on_timeout: bool,
 }
 
 /// Deduplicated enqueue.

@@ -93,6 +93,7 @@ pub fn task_defs(
             retry: RetryPolicy {
                 max_retries: task.retry.max_retries,
                 backoff: task.retry.backoff,
+                retry_on_timeout: task.retry.retry_on_timeout,
             },
             uses: task.uses.clone(),
             link: task.link.clone(),

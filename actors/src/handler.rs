@@ -96,13 +96,23 @@ pub struct RetryPolicy {
     pub max_retries: u32,
     /// Delay schedule.
     pub backoff: Backoff,
+    /// Whether an attempt stopped at the hard limit is retried.
+    pub retry_on_timeout: bool,
 }
 
 impl RetryPolicy {
+    /// Whether `err` may be retried at all under this policy.
+    pub fn retries(&self, err: &TaskError) -> bool {
+        match err {
+            TaskError::Timeout(_) => self.retry_on_timeout,
+            other => other.is_retryable(),
+        }
+    }
+
     /// The delay before the retry that follows attempt number `attempt` (0-based) failing with
     /// `err`, or `None` when the task must not be retried.
     pub fn next_delay(&self, attempt: u32, err: &TaskError) -> Option<Duration> {
-        if !err.is_retryable() || attempt >= self.max_retries {
+        if !self.retries(err) || attempt >= self.max_retries {
             return None;
         }
         let delay = self.backoff.delay(attempt);
@@ -176,6 +186,7 @@ mod tests {
             max_retries: 3,
             backoff: Backoff::try_new(Duration::from_secs(1), Duration::from_secs(60), 0.0)
                 .unwrap(),
+            retry_on_timeout: true,
         };
         let err = TaskError::retry("zep_call_error");
         assert_eq!(policy.next_delay(0, &err), Some(Duration::from_secs(1)));
@@ -195,9 +206,13 @@ mod tests {
             policy.next_delay(0, &TaskError::Permanent("400".into())),
             None
         );
-        assert_eq!(
-            policy.next_delay(0, &TaskError::Timeout(Duration::from_secs(1))),
-            Some(Duration::from_secs(1))
-        );
+        let timeout = TaskError::Timeout(Duration::from_secs(1));
+        assert_eq!(policy.next_delay(0, &timeout), Some(Duration::from_secs(1)));
+        let strict = RetryPolicy {
+            retry_on_timeout: false,
+            ..policy
+        };
+        assert_eq!(strict.next_delay(0, &timeout), None);
+        assert_eq!(strict.next_delay(0, &err), Some(Duration::from_secs(1)));
     }
 }

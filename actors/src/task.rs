@@ -178,11 +178,13 @@ async fn record_once(
                     .await?;
             }
             None => {
-                let reason = if err.is_retryable() {
+                let reason = if def.retry.retries(err) {
                     format!(
                         "retries exhausted after {} attempts: {err}",
                         envelope.attempt + 1
                     )
+                } else if matches!(err, TaskError::Timeout(_)) {
+                    format!("not retried (retry_on_timeout = false): {err}")
                 } else {
                     format!("permanent: {err}")
                 };

@@ -965,6 +965,7 @@ impl Compiler<'_> {
             retry: RetryPolicy {
                 max_retries: raw.max_retries.unwrap_or(DEFAULT_MAX_RETRIES),
                 backoff,
+                retry_on_timeout: raw.retry_on_timeout.unwrap_or(true),
             },
             uses: raw.uses.clone(),
             link: raw.link.clone(),

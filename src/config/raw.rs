@@ -158,6 +158,9 @@ pub(crate) struct RawTask {
     pub(crate) backoff_max: Option<RawDuration>,
     /// Fraction (0.0–1.0) by which a retry delay is shortened at random. Default 0.2.
     pub(crate) jitter: Option<f64>,
+    /// Whether an attempt stopped at the hard time limit is retried (like any retryable
+    /// failure) or dead-lettered at once. Default true.
+    pub(crate) retry_on_timeout: Option<bool>,
     /// Resources it calls (`[resources.NAME]`); it is deferred while one of their breakers is
     /// open. Default: none.
     #[serde(default)]

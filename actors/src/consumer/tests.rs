@@ -43,6 +43,7 @@ fn def(name: &str, queue: &str, handler: Arc<dyn Handler>) -> TaskDef {
             max_retries: 0,
             backoff: Backoff::try_new(Duration::from_millis(100), Duration::from_secs(10), 0.0)
                 .unwrap(),
+            retry_on_timeout: true,
         },
         uses: vec![],
         link: vec![],
@@ -302,6 +303,9 @@ async fn a_task_ignoring_its_soft_limit_is_stopped_at_the_hard_limit() {
     stubborn.soft_time_limit = Some(Duration::from_millis(100));
     let mut polite = stubborn.clone();
     polite.name = "polite".into();
+    // Timeouts of this one are not retried, whatever max_retries says.
+    stubborn.retry.max_retries = 3;
+    stubborn.retry.retry_on_timeout = false;
     let rig = Rig::start(
         &[Queue {
             name: "default",
@@ -327,8 +331,9 @@ async fn a_task_ignoring_its_soft_limit_is_stopped_at_the_hard_limit() {
         .await;
     assert_eq!(
         dead.error.as_deref(),
-        Some("retries exhausted after 1 attempts: hard time limit of 300ms exceeded")
+        Some("not retried (retry_on_timeout = false): hard time limit of 300ms exceeded")
     );
+    assert_eq!(dead.attempts, 1);
     let dead = rig
         .until_state(&b, TaskState::Dead, Duration::from_secs(5))
         .await;
