@@ -372,6 +372,13 @@ pub fn epoch_ms(at: SystemTime) -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// The delayed-set score of a due time: milliseconds since the epoch, rounded up, so an entry
+/// is never promoted before its time (the mover compares with `epoch_ms(now)`).
+pub fn due_ms(at: SystemTime) -> u64 {
+    at.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos().div_ceil(1_000_000) as u64)
+}
+
 /// Parses an RFC 3339 time such as `2026-11-23T15:00:00Z` or `…+01:00` (Python's
 /// `isoformat()` with a zone).
 pub fn parse_time(text: &str) -> Result<SystemTime, String> {

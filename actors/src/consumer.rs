@@ -29,7 +29,7 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::broker::{AnyBroker, Broker, Delivery, Leases, parse_time};
-use crate::gate::ResourceGate;
+use crate::gate::{Admission, ResourceGate};
 use crate::handler::{TaskDef, TaskDefs, TaskError};
 use crate::task::{DONE, TaskActor, TaskArgs, limits, record};
 use crate::tree::TreeHandle;
@@ -297,14 +297,31 @@ impl ConsumerState {
                 return;
             }
         }
-        if let Some((resource, until)) = self.args.gate.closed_until(&def.uses) {
-            self.counters.deferred += 1;
-            let reason = format!("resource {resource} closed");
-            if let Err(err) = work.broker.defer(&delivery, until, &reason).await {
-                warn!(task_id = %envelope.id, error = %err, "deferral failed; the entry comes back through lease recovery");
+        match self.args.gate.admit(&def.uses) {
+            Admission::Open => {}
+            Admission::ClosedUntil { resource, until } => {
+                self.counters.deferred += 1;
+                let reason = format!("resource {resource} closed");
+                if let Err(err) = work.broker.defer(&delivery, until, &reason).await {
+                    warn!(task_id = %envelope.id, error = %err, "deferral failed; the entry comes back through lease recovery");
+                }
+                self.slots.add_permits(1);
+                return;
             }
-            self.slots.add_permits(1);
-            return;
+            Admission::Unusable { resource, reason } => {
+                // A permanent failure through the normal outcome path, so link_error fires.
+                self.counters.rejected += 1;
+                work.leases.hold(&work.consumer, &delivery);
+                let error = TaskError::Permanent(format!("resource {resource} unusable: {reason}"));
+                let args = TaskArgs {
+                    delivery,
+                    def,
+                    work: Arc::clone(&work),
+                };
+                record(&args, Err(error)).await;
+                self.slots.add_permits(1);
+                return;
+            }
         }
         work.leases.hold(&work.consumer, &delivery);
         self.waiting.push_back((delivery, def));

@@ -11,6 +11,7 @@
 //! - [`task`] — `TaskActor`: one attempt under its limits; records its own outcome.
 //! - [`gate`] — `ResourceGate`: deferral of tasks whose resources are closed.
 //! - [`handler`] — what runs a task: `Handler`, `TaskError`, `TaskDef`; native, http, exec.
+//! - [`resource`] — shared resources: circuit breaker, Zep client, OpenAI limiter, egress types.
 //! - [`supervisor`] — `SupervisorActor`: OTP strategies, restart types, intensity, backoff,
 //!   ordered start and reverse-ordered stop.
 //! - [`tree`] — the tree registry every actor is recorded in; read by the introspection routes.
@@ -22,6 +23,7 @@ pub mod consumer;
 pub mod gate;
 pub mod handler;
 pub mod heartbeat;
+pub mod resource;
 pub mod supervisor;
 pub mod task;
 #[cfg(any(test, feature = "test-util"))]

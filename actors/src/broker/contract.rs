@@ -38,6 +38,10 @@ fn nth(env: &Envelope) -> u64 {
 
 const NO_WAIT: Duration = Duration::ZERO;
 
+/// Due times are stored rounded up to the millisecond (never early), so "at `at`" is checked
+/// one millisecond later.
+const MS: Duration = Duration::from_millis(1);
+
 pub(crate) async fn fifo_with_ids<B: Broker>(b: &B, q: &str) {
     let sent = b
         .enqueue((0..10).map(|n| task(q, n)).collect())
@@ -161,9 +165,12 @@ pub(crate) async fn poison_entries_are_dead_lettered<B: Broker>(b: &B, q: &str) 
 }
 
 pub(crate) async fn delays_fire_on_time<B: Broker>(b: &B, q: &str) {
-    let due = SystemTime::now() + Duration::from_millis(300);
     let mut env = task(q, 1);
-    env.eta = Some(super::rfc3339(due));
+    env.eta = Some(super::rfc3339(
+        SystemTime::now() + Duration::from_millis(300),
+    ));
+    // The eta as written (RFC 3339 with milliseconds) is the due time.
+    let due = super::parse_time(env.eta.as_deref().unwrap()).unwrap();
     let started = Instant::now();
     b.enqueue(vec![env, task(q, 2)]).await.unwrap();
     assert_eq!(b.depth(q).await.unwrap().delayed, 1);
@@ -201,7 +208,7 @@ pub(crate) async fn retries_are_delayed_with_the_next_attempt<B: Broker>(b: &B, 
     let depth = b.depth(q).await.unwrap();
     assert_eq!((depth.ready, depth.delayed, depth.in_flight), (0, 1, 0));
     assert_eq!(b.promote_due(q, SystemTime::now()).await.unwrap(), 0);
-    assert_eq!(b.promote_due(q, at).await.unwrap(), 1);
+    assert_eq!(b.promote_due(q, at + MS).await.unwrap(), 1);
     let again = b.reserve(q, "c", 1, NO_WAIT).await.unwrap();
     assert_eq!(again[0].envelope.id, sent[0].id);
     assert_eq!(again[0].envelope.attempt, 1);
@@ -222,7 +229,7 @@ pub(crate) async fn deferral_keeps_the_attempt<B: Broker>(b: &B, q: &str) {
         b.record(&sent[0].id).await.unwrap().is_none(),
         "a deferral records nothing"
     );
-    assert_eq!(b.promote_due(q, at).await.unwrap(), 1);
+    assert_eq!(b.promote_due(q, at + MS).await.unwrap(), 1);
     let again = b.reserve(q, "c", 1, NO_WAIT).await.unwrap();
     assert_eq!(again[0].envelope.id, sent[0].id);
     assert_eq!(again[0].envelope.attempt, 0, "no attempt spent");
@@ -360,7 +367,7 @@ pub(crate) async fn events_tell_the_life_of_a_task<B: Broker>(b: &B, q: &str) {
     b.retry(&got[0], SystemTime::now(), "timeout")
         .await
         .unwrap();
-    b.promote_due(q, SystemTime::now()).await.unwrap();
+    b.promote_due(q, SystemTime::now() + MS).await.unwrap();
     let again = b.reserve(q, "c", 1, NO_WAIT).await.unwrap();
     b.ack(&again[0], json!(true)).await.unwrap();
 

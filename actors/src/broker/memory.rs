@@ -15,7 +15,7 @@ use tokio::time::Instant;
 
 use super::{
     Broker, BrokerError, BrokerSettings, DeadLetter, Delivery, Enqueued, Envelope, Event, Purged,
-    QueueDepth, Recovered, TaskRecord, TaskState, epoch_ms, parse_time, rfc3339,
+    QueueDepth, Recovered, TaskRecord, TaskState, due_ms, epoch_ms, parse_time, rfc3339,
 };
 
 /// The in-memory broker.
@@ -262,7 +262,7 @@ pub(crate) fn prepare(
         None => Ok(None),
         Some(eta) => {
             let due = parse_time(eta).map_err(|e| BrokerError::Invalid(format!("eta: {e}")))?;
-            Ok((due > now).then(|| epoch_ms(due)))
+            Ok((due > now).then(|| due_ms(due)))
         }
     }
 }
@@ -386,7 +386,7 @@ impl Broker for MemoryBroker {
         next.attempt += 1;
         let mut state = self.lock();
         self.release(&mut state, delivery);
-        state.push_delayed(&delivery.queue, epoch_ms(at), &next);
+        state.push_delayed(&delivery.queue, due_ms(at), &next);
         self.record(&mut state, &delivery.envelope, Outcome::Retrying(error));
         Ok(())
     }
@@ -399,7 +399,7 @@ impl Broker for MemoryBroker {
     ) -> Result<(), BrokerError> {
         let mut state = self.lock();
         self.release(&mut state, delivery);
-        state.push_delayed(&delivery.queue, epoch_ms(at), &delivery.envelope);
+        state.push_delayed(&delivery.queue, due_ms(at), &delivery.envelope);
         let detail = serde_json::json!({ "reason": reason, "until": rfc3339(at) });
         state.event(
             Event::about("deferred", &delivery.envelope, detail),

@@ -102,7 +102,7 @@ use serde_json::json;
 use super::memory::prepare;
 use super::{
     Broker, BrokerError, BrokerSettings, DeadLetter, Delivery, Enqueued, Envelope, Event, Purged,
-    QueueDepth, Recovered, TaskRecord, TaskState, epoch_ms, rfc3339,
+    QueueDepth, Recovered, TaskRecord, TaskState, due_ms, epoch_ms, rfc3339,
 };
 
 /// How long connecting (and the start-up PING) may take.
@@ -892,7 +892,7 @@ impl Broker for RedisBroker {
         pipe.cmd("MULTI").ignore();
         pipe.cmd("ZADD")
             .arg(self.delayed_key(&delivery.queue))
-            .arg(epoch_ms(at))
+            .arg(due_ms(at))
             .arg(next.to_json())
             .ignore();
         self.add_release(
@@ -919,7 +919,7 @@ impl Broker for RedisBroker {
         pipe.cmd("MULTI").ignore();
         pipe.cmd("ZADD")
             .arg(self.delayed_key(&delivery.queue))
-            .arg(epoch_ms(at))
+            .arg(due_ms(at))
             .arg(envelope.to_json())
             .ignore();
         self.add_release(

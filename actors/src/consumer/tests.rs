@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use super::*;
 use crate::broker::memory::MemoryBroker;
 use crate::broker::{BrokerActor, BrokerArgs, BrokerSettings, Envelope, Event, TaskState};
-use crate::gate::AlwaysOpen;
+use crate::gate::{Admission, AlwaysOpen};
 use crate::handler::native::Natives;
 use crate::handler::{Handler, RetryPolicy, TaskDef};
 use crate::supervisor::{
@@ -604,15 +604,30 @@ struct ClosedFor {
 }
 
 impl ResourceGate for ClosedFor {
-    fn closed_until(&self, uses: &[String]) -> Option<(String, SystemTime)> {
-        let resource = uses.first()?.clone();
+    fn admit(&self, uses: &[String]) -> Admission {
+        let Some(resource) = uses.first().cloned() else {
+            return Admission::Open;
+        };
         *self
             .asked
             .lock()
             .unwrap()
             .entry(resource.clone())
             .or_default() += 1;
-        (SystemTime::now() < self.until).then_some((resource, self.until))
+        if resource == "openai" {
+            return Admission::Unusable {
+                resource,
+                reason: "OPENAI_API_KEY is not set".into(),
+            };
+        }
+        if SystemTime::now() < self.until {
+            Admission::ClosedUntil {
+                resource,
+                until: self.until,
+            }
+        } else {
+            Admission::Open
+        }
     }
 }
 
@@ -651,5 +666,55 @@ async fn a_closed_gate_defers_without_spending_an_attempt() {
         .collect();
     assert_eq!(kinds, ["sent", "deferred", "started", "succeeded"]);
     assert_eq!(gate.asked.lock().unwrap()["zep"], 2);
+    rig.root.stop(None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unusable_resource_fails_the_task_permanently_and_link_error_fires() {
+    let gate = Arc::new(ClosedFor {
+        until: SystemTime::now(),
+        asked: Mutex::default(),
+    });
+    let mut extract = def("extract_preferences_async", "default", native("rt_echo"));
+    extract.uses = vec!["openai".into()];
+    extract.retry.max_retries = 3;
+    extract.link_error = vec!["record_task_failure".into()];
+    let rig = Rig::start(
+        &[Queue {
+            name: "default",
+            concurrency: 2,
+        }],
+        vec![
+            extract,
+            def("record_task_failure", "default", native("rt_echo")),
+        ],
+        gate,
+    )
+    .await;
+    let id = rig
+        .enqueue("extract_preferences_async", "default", json!({}))
+        .await;
+    let dead = rig
+        .until_state(&id, TaskState::Dead, Duration::from_secs(5))
+        .await;
+    assert_eq!(
+        dead.error.as_deref(),
+        Some("permanent: resource openai unusable: OPENAI_API_KEY is not set")
+    );
+    let at = Instant::now();
+    loop {
+        let all = rig.broker.events(None, 100_000).await.unwrap();
+        if all
+            .iter()
+            .any(|e| e.kind == "succeeded" && e.task.as_deref() == Some("record_task_failure"))
+        {
+            break;
+        }
+        assert!(
+            at.elapsed() < Duration::from_secs(5),
+            "link_error never ran"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     rig.root.stop(None);
 }

@@ -1,0 +1,80 @@
+//! Shared resources (DESIGN.md §5): the clients every task of a node shares, each behind
+//! its protection — [`zep`] behind a circuit breaker ([`breaker`]), [`openai`] behind rate
+//! limiters. Their state (breaker, limiters, replay backlog) lives in `Arc`s outside the
+//! actors, so a restarted actor neither closes an open breaker nor forgets a limit.
+//!
+//! Three ways in: native tasks call the clients directly; Python tasks go through the egress
+//! proxy (`/egress/{resource}/…`, built on [`EgressRequest`] / [`EgressResponse`]); consumers
+//! ask the [`crate::gate::ResourceGate`] before starting a task that `uses` a resource.
+
+pub mod breaker;
+pub mod openai;
+pub mod zep;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use reqwest::header::{HeaderMap, HeaderValue, RETRY_AFTER};
+use reqwest::{Method, StatusCode};
+
+/// A call forwarded by the egress proxy, already checked: `path_and_query` starts with `/`,
+/// has no `..` segment and no encoded slash; `headers` no longer carry the caller's
+/// `Authorization`, `Host` or hop-by-hop headers; the body is within the proxy's cap.
+#[derive(Debug, Clone)]
+pub struct EgressRequest {
+    /// Method.
+    pub method: Method,
+    /// Path (relative to the resource's base URL) and query.
+    pub path_and_query: String,
+    /// Headers to forward.
+    pub headers: HeaderMap,
+    /// Body.
+    pub body: Bytes,
+}
+
+/// What the proxy answers.
+#[derive(Debug, Clone)]
+pub struct EgressResponse {
+    /// Status.
+    pub status: StatusCode,
+    /// Headers (the upstream's, minus hop-by-hop ones; or the runtime's own).
+    pub headers: HeaderMap,
+    /// Body.
+    pub body: Bytes,
+}
+
+impl EgressResponse {
+    /// A JSON answer made by the runtime itself.
+    pub fn json(status: StatusCode, body: &serde_json::Value) -> Self {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            reqwest::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        Self {
+            status,
+            headers,
+            body: Bytes::from(body.to_string()),
+        }
+    }
+
+    /// `503` with `Retry-After` (whole seconds, at least 1) and the reason.
+    pub fn unavailable(retry_after: Duration, reason: &str) -> Self {
+        let mut response = Self::json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &serde_json::json!({ "error": reason }),
+        );
+        let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+        if let Ok(value) = HeaderValue::from_str(&secs.to_string()) {
+            response.headers.insert(RETRY_AFTER, value);
+        }
+        response
+    }
+}
+
+/// The URL of `path_and_query` under `base` (`https://api.openai.com/v1` + `/chat/completions`
+/// → `https://api.openai.com/v1/chat/completions`). The proxy has checked `path_and_query`.
+pub fn target_url(base: &reqwest::Url, path_and_query: &str) -> String {
+    let base = base.as_str().trim_end_matches('/');
+    format!("{base}{path_and_query}")
+}

@@ -1,0 +1,1 @@
+//! Circuit breaker (being written).

@@ -1,0 +1,1 @@
+//! Zep client and actor (being written).
