@@ -6,23 +6,26 @@
 //! | `GET /actors` | the supervision tree as JSON; `?format=text` for an indented rendering |
 //! | `POST /tasks`, `GET /tasks/{id}` | enqueue (one or a batch), a task's record ([`tasks`]) |
 //! | `GET /queues`, `GET /dlq/{queue}`, `POST /dlq/{queue}/requeue`, `POST /queues/{queue}/purge` | depths and dead letters ([`queues`]) |
+//! | `ANY /egress/{resource}/{path}` | the egress proxy to a shared resource ([`egress`]) |
 //! | `POST /chaos/kill/{path}` | kill that actor (only with `[chaos] enabled = true`) |
 //!
 //! Mutating routes require `Authorization: Bearer <token>` when `http.admin_token_env` names a
 //! token. Errors are JSON `{"error": "..."}` and never carry internals or secrets.
 
+pub mod egress;
 pub mod queues;
 pub mod tasks;
 
 use std::sync::Arc;
 
 use actors::broker::{AnyBroker, BrokerError};
+use actors::resource::Resources;
 use actors::tree::Tree;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
@@ -38,6 +41,8 @@ pub struct AppState {
     pub tree: Arc<Tree>,
     /// The broker.
     pub broker: Arc<AnyBroker>,
+    /// Shared resources, for the egress proxy.
+    pub resources: Arc<Resources>,
     /// The validated config (task routing, queue names).
     pub config: Arc<Config>,
     /// Bearer token for mutating routes, when configured.
@@ -48,10 +53,16 @@ pub struct AppState {
 
 impl AppState {
     /// The state of a node running `config`.
-    pub fn new(tree: Arc<Tree>, broker: Arc<AnyBroker>, config: &Config) -> Self {
+    pub fn new(
+        tree: Arc<Tree>,
+        broker: Arc<AnyBroker>,
+        resources: Arc<Resources>,
+        config: &Config,
+    ) -> Self {
         Self {
             tree,
             broker,
+            resources,
             admin_token: config.http.admin_token.as_deref().map(Arc::from),
             chaos: config.chaos.enabled,
             config: Arc::new(config.clone()),
@@ -71,6 +82,9 @@ pub enum ApiError {
     /// 404
     #[error("{0}")]
     NotFound(String),
+    /// 413
+    #[error("{0}")]
+    TooLarge(String),
     /// 503: the broker failed the request.
     #[error("broker unavailable: {0}")]
     Unavailable(String),
@@ -91,6 +105,7 @@ impl IntoResponse for ApiError {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         };
         let body = Json(json!({ "error": self.to_string() }));
@@ -118,6 +133,8 @@ pub fn app(state: AppState) -> Router {
         .route("/tasks/{id}", get(tasks::record))
         .route("/queues", get(queues::depths))
         .route("/dlq/{queue}", get(queues::dead_letters))
+        .route("/egress/{resource}", any(egress::forward))
+        .route("/egress/{resource}/{*path}", any(egress::forward))
         .merge(mutating)
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .with_state(state)
@@ -196,6 +213,6 @@ async fn authorize(
 }
 
 /// Compares without an early exit on the first differing byte.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

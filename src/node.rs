@@ -9,6 +9,7 @@ use std::time::Duration;
 use actors::broker::AnyBroker;
 use actors::consumer::{ConsumerMessage, Work};
 use actors::handler::native::Natives;
+use actors::resource::Resources;
 use actors::supervisor::start_root;
 use actors::tree::{Status, Tree};
 use tokio::net::TcpListener;
@@ -99,6 +100,7 @@ pub async fn run_with(
         }
     };
     let shared = Shared {
+        resources: Arc::new(Resources::default()),
         work: Arc::new(Work {
             broker,
             leases: Arc::default(),
@@ -127,7 +129,12 @@ pub async fn run_with(
         }
     };
     let addr = listener.local_addr().map_or(config.http.bind, |a| a);
-    let state = AppState::new(Arc::clone(&tree), Arc::clone(shared.broker()), &config);
+    let state = AppState::new(
+        Arc::clone(&tree),
+        Arc::clone(shared.broker()),
+        Arc::clone(&shared.resources),
+        &config,
+    );
     if config.chaos.enabled {
         warn!("chaos routes are enabled: POST /chaos/kill/{{path}} kills actors");
     }

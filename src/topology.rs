@@ -17,12 +17,13 @@ use std::time::Duration;
 
 use actors::broker::{AnyBroker, BrokerActor, BrokerArgs, BrokerSettings};
 use actors::consumer::{ConsumerActor, ConsumerArgs, Work};
-use actors::gate::AlwaysOpen;
+use actors::gate::ResourceGate;
 use actors::handler::exec::ExecHandler;
 use actors::handler::http::HttpHandler;
 use actors::handler::native::Natives;
 use actors::handler::{Attempt, Handler, RetryPolicy, TaskContext, TaskDef, TaskDefs, TaskError};
 use actors::heartbeat::{HeartbeatActor, HeartbeatArgs};
+use actors::resource::Resources;
 use actors::supervisor::{ChildSpec, Restart, SupervisorSpec};
 use tokio::time::Instant;
 
@@ -42,6 +43,8 @@ pub const POLL: Duration = Duration::from_secs(1);
 pub struct Shared {
     /// The broker, the leases, the task definitions and this node's consumer name.
     pub work: Arc<Work>,
+    /// The shared resources; also the consumers' gate.
+    pub resources: Arc<Resources>,
 }
 
 impl Shared {
@@ -199,6 +202,7 @@ pub fn root_spec(config: &Config, shared: &Shared, node_started: Instant) -> Sup
             let prefetch = queue.prefetch as usize;
             let drain = config.runtime.shutdown_grace;
             let work = Arc::clone(&shared.work);
+            let gate: Arc<dyn ResourceGate> = shared.resources.clone();
             ChildSpec::new(name, "consumer", Restart::Permanent, move |node| {
                 let args = ConsumerArgs {
                     node,
@@ -208,7 +212,7 @@ pub fn root_spec(config: &Config, shared: &Shared, node_started: Instant) -> Sup
                     poll: POLL,
                     drain,
                     work: Arc::clone(&work),
-                    gate: Arc::new(AlwaysOpen),
+                    gate: Arc::clone(&gate),
                 };
                 (ConsumerActor, args)
             })

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use actors::broker::{AnyBroker, BrokerSettings};
 use actors::heartbeat::{HeartbeatActor, HeartbeatArgs};
+use actors::resource::Resources;
 use actors::supervisor::{
     Backoff, ChildSpec, Intensity, Restart, Strategy, SupervisorSpec, start_root,
 };
@@ -34,7 +35,12 @@ async fn state(backoff: Duration, admin_token: Option<&str>, chaos: bool) -> App
     let broker = AnyBroker::connect("memory://", BrokerSettings::default())
         .await
         .unwrap();
-    let mut state = AppState::new(tree(backoff).await, Arc::new(broker), &config);
+    let mut state = AppState::new(
+        tree(backoff).await,
+        Arc::new(broker),
+        Arc::new(Resources::default()),
+        &config,
+    );
     state.admin_token = admin_token.map(Arc::from);
     state.chaos = chaos;
     state
@@ -327,4 +333,195 @@ async fn dead_letters_are_listed_requeued_and_queues_purged() {
     assert_eq!(json(&body)["purged"]["ready"], 2);
     let (_, body) = send(&state, "GET", "/queues", None).await;
     assert_eq!(json(&body)["queues"]["default"]["ready"], 0);
+}
+
+/// A resource that answers with what it was asked, to see what the proxy forwards.
+#[derive(Debug)]
+struct Echo;
+
+impl actors::resource::SharedResource for Echo {
+    fn kind(&self) -> &'static str {
+        "echo"
+    }
+    fn forward(
+        &self,
+        request: actors::resource::EgressRequest,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = actors::resource::EgressResponse> + Send + '_>,
+    > {
+        Box::pin(async move {
+            let headers: serde_json::Map<String, serde_json::Value> = request
+                .headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").into()))
+                .collect();
+            let mut answer = actors::resource::EgressResponse::json(
+                StatusCode::OK,
+                &serde_json::json!({
+                    "method": request.method.as_str(),
+                    "path": request.path_and_query,
+                    "headers": headers,
+                    "body": String::from_utf8_lossy(&request.body),
+                }),
+            );
+            answer
+                .headers
+                .insert("set-cookie", "sid=1".parse().unwrap());
+            answer
+                .headers
+                .insert("x-ratelimit-remaining-requests", "59".parse().unwrap());
+            answer
+        })
+    }
+    fn admission(&self) -> actors::gate::Admission {
+        actors::gate::Admission::Open
+    }
+    fn snapshot(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+}
+
+async fn egress_state(admin_token: Option<&str>) -> AppState {
+    let mut state = state(Duration::from_millis(5), admin_token, false).await;
+    let mut resources = Resources::default();
+    resources.insert("zep", Arc::new(Echo));
+    state.resources = Arc::new(resources);
+    state
+}
+
+async fn raw(state: &AppState, request: Request<Body>) -> (StatusCode, HeaderMapOut, String) {
+    let response = app(state.clone()).oneshot(request).await.unwrap();
+    let status = response.status();
+    let headers = response.headers().clone();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, headers, String::from_utf8_lossy(&body).into_owned())
+}
+
+type HeaderMapOut = axum::http::HeaderMap;
+
+#[tokio::test]
+async fn egress_forwards_to_the_resource_without_the_callers_credentials() {
+    let state = egress_state(None).await;
+    let request = Request::builder()
+        .method("POST")
+        .uri("/egress/zep/api/v2/threads/t-42/messages?limit=5")
+        .header("authorization", "Bearer stolen-from-the-caller")
+        .header("cookie", "session=abc")
+        .header("connection", "x-secret-hop")
+        .header("x-secret-hop", "1")
+        .header("keep-alive", "timeout=5")
+        .header("content-type", "application/json")
+        .header("x-request-id", "r-1")
+        .body(Body::from(
+            r#"{"messages":[{"role":"user","content":"hi"}]}"#,
+        ))
+        .unwrap();
+    let (status, headers, body) = raw(&state, request).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let seen = json(&body);
+    assert_eq!(seen["method"], "POST");
+    assert_eq!(seen["path"], "/api/v2/threads/t-42/messages?limit=5");
+    assert_eq!(
+        seen["body"],
+        r#"{"messages":[{"role":"user","content":"hi"}]}"#
+    );
+    let forwarded = seen["headers"].as_object().unwrap();
+    for gone in [
+        "authorization",
+        "cookie",
+        "connection",
+        "x-secret-hop",
+        "keep-alive",
+        "host",
+    ] {
+        assert!(
+            !forwarded.contains_key(gone),
+            "{gone} was forwarded: {forwarded:?}"
+        );
+    }
+    assert_eq!(forwarded["x-request-id"], "r-1");
+    assert_eq!(forwarded["content-type"], "application/json");
+    assert!(
+        headers.get("set-cookie").is_none(),
+        "upstream cookies are not passed back"
+    );
+    assert_eq!(headers["x-ratelimit-remaining-requests"], "59");
+}
+
+#[tokio::test]
+async fn egress_is_not_an_open_proxy() {
+    let state = egress_state(None).await;
+    for uri in [
+        "/egress/zep/api/../admin",
+        "/egress/zep/..",
+        "/egress/zep/./x",
+        "/egress/zep//evil.example/x",
+        "/egress/zep/http://evil.example/",
+        "/egress/zep/a%2Fb",
+        "/egress/zep/a%2fb",
+        "/egress/zep/%2e%2e/x",
+        "/egress/zep/a%5Cb",
+        "/egress/zep/a\\b",
+    ] {
+        let Ok(request) = Request::builder().uri(uri).body(Body::empty()) else {
+            continue; // not even a valid request target
+        };
+        let (status, _, body) = raw(&state, request).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{uri} → {body}");
+        assert!(
+            json(&body)["error"].as_str().unwrap().starts_with("path: "),
+            "{uri} → {body}"
+        );
+    }
+    let (status, _, body) = raw(
+        &state,
+        Request::builder()
+            .uri("/egress/openai/v1/models")
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(json(&body)["error"], "no such resource `openai`");
+    let big = vec![b'x'; 4 * 1024 * 1024 + 1];
+    let request = Request::builder()
+        .method("POST")
+        .uri("/egress/zep/api")
+        .body(Body::from(big))
+        .unwrap();
+    let (status, _, _) = raw(&state, request).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+}
+
+#[tokio::test]
+async fn egress_needs_the_runtime_token_when_one_is_configured() {
+    let state = egress_state(Some("tok")).await;
+    let plain = Request::builder()
+        .uri("/egress/zep/api")
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(raw(&state, plain).await.0, StatusCode::UNAUTHORIZED);
+    let bearer = Request::builder()
+        .uri("/egress/zep/api")
+        .header("authorization", "Bearer tok")
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(
+        raw(&state, bearer).await.0,
+        StatusCode::UNAUTHORIZED,
+        "Authorization belongs to the upstream"
+    );
+    let good = Request::builder()
+        .uri("/egress/zep/api")
+        .header("x-runtime-token", "tok")
+        .body(Body::empty())
+        .unwrap();
+    let (status, _, body) = raw(&state, good).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        !json(&body)["headers"]
+            .as_object()
+            .unwrap()
+            .contains_key("x-runtime-token")
+    );
 }

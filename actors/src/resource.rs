@@ -11,11 +11,74 @@ pub mod breaker;
 pub mod openai;
 pub mod zep;
 
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use reqwest::header::{HeaderMap, HeaderValue, RETRY_AFTER};
 use reqwest::{Method, StatusCode};
+
+use crate::gate::{Admission, ResourceGate};
+
+/// What the egress proxy, the gate and the snapshots need of a shared resource.
+pub trait SharedResource: Send + Sync + fmt::Debug {
+    /// `zep`, `openai`.
+    fn kind(&self) -> &'static str;
+    /// Forwards a proxied call through the resource's protections.
+    fn forward(
+        &self,
+        request: EgressRequest,
+    ) -> Pin<Box<dyn Future<Output = EgressResponse> + Send + '_>>;
+    /// Whether a task that uses it may start now.
+    fn admission(&self) -> Admission;
+    /// Breaker / limiter state for `/actors` (never a secret).
+    fn snapshot(&self) -> serde_json::Value;
+}
+
+/// Every shared resource of a node, by name; the node's [`ResourceGate`].
+#[derive(Clone, Debug, Default)]
+pub struct Resources {
+    by_name: HashMap<String, Arc<dyn SharedResource>>,
+}
+
+impl Resources {
+    /// Adds (or replaces) the resource `name`.
+    pub fn insert(&mut self, name: &str, resource: Arc<dyn SharedResource>) {
+        self.by_name.insert(name.to_string(), resource);
+    }
+
+    /// The resource `name`.
+    pub fn get(&self, name: &str) -> Option<&Arc<dyn SharedResource>> {
+        self.by_name.get(name)
+    }
+
+    /// The names, sorted.
+    pub fn names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.by_name.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        names
+    }
+}
+
+impl ResourceGate for Resources {
+    /// The first resource of `uses` that is unusable or closed decides; unknown names (the
+    /// config compiler rejects them) are open.
+    fn admit(&self, uses: &[String]) -> Admission {
+        for name in uses {
+            if let Some(resource) = self.by_name.get(name) {
+                match resource.admission() {
+                    Admission::Open => {}
+                    closed => return closed,
+                }
+            }
+        }
+        Admission::Open
+    }
+}
 
 /// A call forwarded by the egress proxy, already checked: `path_and_query` starts with `/`,
 /// has no `..` segment and no encoded slash; `headers` no longer carry the caller's

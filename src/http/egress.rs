@@ -1,0 +1,149 @@
+//! The egress proxy: `/egress/{resource}/{path}` forwards a task's call to the resource's
+//! configured base URL through the node's one breaker / limiter for it, with the API key
+//! injected. Python tasks point their client's base URL at
+//! `http://127.0.0.1:7070/egress/zep` (or `/egress/openai`) and share the node's protections.
+//!
+//! It is never an open proxy:
+//! - only the resource's base URL is reachable: the path is taken raw from the request and
+//!   refused (400) when it has a `.` or `..` segment, an empty segment (`//`), a backslash, an
+//!   encoded slash, backslash or dot (`%2F`, `%5C`, `%2E`), or a control character — so neither
+//!   `..` nor an absolute URL can leave the base;
+//! - the caller's `Authorization`, `Host`, `Cookie`, `Proxy-*` and hop-by-hop headers (and any
+//!   header named in `Connection`) are dropped; the resource adds its own key;
+//! - bodies are capped at [`MAX_BODY`] (413 beyond);
+//! - the resource clients do not follow redirects.
+//!
+//! When an admin token is configured, callers must present it in `X-Runtime-Token` (their
+//! `Authorization` header belongs to the upstream API and is dropped).
+
+use actors::resource::EgressRequest;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderName, header};
+use axum::response::{IntoResponse, Response};
+
+use super::{ApiError, AppState, constant_time_eq};
+
+/// Largest request body forwarded.
+pub const MAX_BODY: usize = 4 * 1024 * 1024;
+
+/// Header carrying the admin token on egress calls.
+pub const TOKEN_HEADER: &str = "x-runtime-token";
+
+/// `ANY /egress/{resource}/{*path}`
+pub async fn forward(
+    State(state): State<AppState>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    if let Some(token) = &state.admin_token {
+        let offered = request
+            .headers()
+            .get(TOKEN_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if !constant_time_eq(offered.as_bytes(), token.as_bytes()) {
+            return Err(ApiError::Unauthorized);
+        }
+    }
+    let (parts, body) = request.into_parts();
+    let raw = parts.uri.path();
+    let rest = raw
+        .strip_prefix("/egress/")
+        .ok_or_else(|| ApiError::NotFound("no such route".into()))?;
+    let (name, path) = match rest.split_once('/') {
+        Some((name, path)) => (name, format!("/{path}")),
+        None => (rest, "/".to_string()),
+    };
+    let resource = state
+        .resources
+        .get(name)
+        .ok_or_else(|| ApiError::NotFound(format!("no such resource `{name}`")))?
+        .clone();
+    check_path(&path).map_err(ApiError::BadRequest)?;
+    let path_and_query = match parts.uri.query() {
+        Some(query) if query.chars().any(char::is_control) => {
+            return Err(ApiError::BadRequest("query: control characters".into()));
+        }
+        Some(query) => format!("{path}?{query}"),
+        None => path,
+    };
+    let body = axum::body::to_bytes(body, MAX_BODY)
+        .await
+        .map_err(|_| ApiError::TooLarge(format!("body: larger than {MAX_BODY} bytes")))?;
+    let egress = EgressRequest {
+        method: parts.method,
+        path_and_query,
+        headers: forwarded_headers(&parts.headers),
+        body,
+    };
+    let answer = resource.forward(egress).await;
+    let mut response = Response::new(Body::from(answer.body));
+    *response.status_mut() = answer.status;
+    *response.headers_mut() = forwarded_headers(&answer.headers);
+    Ok(response.into_response())
+}
+
+/// Refuses a path that could leave the base URL (see the module docs).
+pub fn check_path(path: &str) -> Result<(), String> {
+    if path.chars().any(|c| c.is_control() || c == '\\') {
+        return Err("path: control characters or backslashes are not allowed".into());
+    }
+    let lowered = path.to_ascii_lowercase();
+    for encoded in ["%2f", "%5c", "%2e", "%00"] {
+        if lowered.contains(encoded) {
+            return Err(format!("path: encoded `{encoded}` is not allowed"));
+        }
+    }
+    let segments: Vec<&str> = path.strip_prefix('/').unwrap_or(path).split('/').collect();
+    for (n, segment) in segments.iter().enumerate() {
+        let last = n + 1 == segments.len();
+        if segment.is_empty() && !last {
+            return Err("path: empty segment (`//`) is not allowed".into());
+        }
+        if *segment == "." || *segment == ".." {
+            return Err("path: `.` and `..` segments are not allowed".into());
+        }
+    }
+    Ok(())
+}
+
+/// Headers a proxy must not pass on, in either direction.
+const DROPPED: [HeaderName; 12] = [
+    header::AUTHORIZATION,
+    header::HOST,
+    header::COOKIE,
+    header::CONNECTION,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::CONTENT_LENGTH,
+    header::SET_COOKIE,
+];
+
+/// `headers` without the dropped ones, `Keep-Alive`, the admin token and whatever
+/// `Connection` names.
+pub fn forwarded_headers(headers: &HeaderMap) -> HeaderMap {
+    let named: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|v| v.trim().to_ascii_lowercase())
+        .collect();
+    let mut out = HeaderMap::new();
+    for (name, value) in headers {
+        let lower = name.as_str();
+        if DROPPED.contains(name)
+            || lower == "keep-alive"
+            || lower == TOKEN_HEADER
+            || named.iter().any(|n| n == lower)
+        {
+            continue;
+        }
+        out.append(name.clone(), value.clone());
+    }
+    out
+}
