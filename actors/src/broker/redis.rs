@@ -492,6 +492,25 @@ impl RedisBroker {
     }
 
     /// Appends `XACK` + `XDEL` of a delivery's entry.
+    /// Atomically ends a delivery and puts `next` in the delayed set, due at `at`
+    /// (`MULTI` {`ZADD`, `XACK`, `XDEL`}; the queue's keys share a slot).
+    fn add_reschedule(
+        &self,
+        pipe: &mut Pipeline,
+        delivery: &Delivery,
+        next: &Envelope,
+        at: SystemTime,
+    ) {
+        pipe.cmd("MULTI").ignore();
+        pipe.cmd("ZADD")
+            .arg(self.delayed_key(&delivery.queue))
+            .arg(due_ms(at))
+            .arg(next.to_json())
+            .ignore();
+        self.add_release(pipe, &self.stream_key(&delivery.queue), &delivery.entry);
+        pipe.cmd("EXEC").ignore();
+    }
+
     /// An ack's commands: record, `XACK` + `XDEL`, `succeeded` event.
     fn add_ack(
         &self,
@@ -889,18 +908,7 @@ impl Broker for RedisBroker {
         next.attempt += 1;
         let now = rfc3339(SystemTime::now());
         let mut pipe = redis::pipe();
-        pipe.cmd("MULTI").ignore();
-        pipe.cmd("ZADD")
-            .arg(self.delayed_key(&delivery.queue))
-            .arg(due_ms(at))
-            .arg(next.to_json())
-            .ignore();
-        self.add_release(
-            &mut pipe,
-            &self.stream_key(&delivery.queue),
-            &delivery.entry,
-        );
-        pipe.cmd("EXEC").ignore();
+        self.add_reschedule(&mut pipe, delivery, &next, at);
         self.add_record(&mut pipe, envelope, TaskState::Retrying, None, error, &now);
         let detail = json!({ "attempt": envelope.attempt, "error": error }).to_string();
         self.add_event(&mut pipe, "retried", &now, Some(envelope), None, &detail);
@@ -916,18 +924,7 @@ impl Broker for RedisBroker {
         let envelope = &delivery.envelope;
         let now = rfc3339(SystemTime::now());
         let mut pipe = redis::pipe();
-        pipe.cmd("MULTI").ignore();
-        pipe.cmd("ZADD")
-            .arg(self.delayed_key(&delivery.queue))
-            .arg(due_ms(at))
-            .arg(envelope.to_json())
-            .ignore();
-        self.add_release(
-            &mut pipe,
-            &self.stream_key(&delivery.queue),
-            &delivery.entry,
-        );
-        pipe.cmd("EXEC").ignore();
+        self.add_reschedule(&mut pipe, delivery, envelope, at);
         let detail = json!({ "reason": reason, "until": rfc3339(at) }).to_string();
         self.add_event(&mut pipe, "deferred", &now, Some(envelope), None, &detail);
         self.exec_tolerating_nogroup(&pipe).await
