@@ -1,9 +1,10 @@
 //! OpenAI (`kind = "openai"`, DESIGN.md §5): [`OpenAiClient`], the node's one way to the
-//! OpenAI API — requests/min and tokens/min limiters, a concurrency cap, the key injected.
+//! OpenAI API — requests/min and tokens/min limiters, a concurrency cap, the key injected —
+//! and [`OpenAiActor`], which keeps its snapshot in the tree.
 //!
 //! The client is made by the node (outside the actor) and shared through an `Arc` by native
 //! tasks ([`OpenAiClient::call`]), the egress proxy ([`OpenAiClient::forward`]), the resource
-//! gate ([`OpenAiClient::admission`]). The limiters live in the client, so a
+//! gate ([`OpenAiClient::admission`]) and the actor. The limiters live in the client, so a
 //! restarted actor forgets nothing.
 //!
 //! # A call
@@ -43,10 +44,12 @@
 //! The key never appears in `Debug` output, logs, snapshots or errors (error texts taken from
 //! a response body have it scrubbed).
 
+mod actor;
 mod estimate;
 mod headers;
 mod limiter;
 
+pub use actor::{OpenAiActor, OpenAiArgs, OpenAiMessage, OpenAiState};
 pub use limiter::Limit;
 
 use std::fmt;
