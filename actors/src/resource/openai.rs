@@ -10,8 +10,10 @@
 //! # A call
 //!
 //! 1. a concurrency permit (when `concurrency` is set), then — in FIFO order, one caller at a
-//!    time — the server's hold (below), one request cell and the estimated tokens
-//!    ([`estimate`](self::estimate) documents the estimate; it is clamped to the tokens burst).
+//!    time — the server's hold (below), one request cell and the estimated tokens: one per
+//!    four characters of the prompt fields (`messages`, `input`, `prompt`, `instructions`)
+//!    plus `max_tokens` / `max_completion_tokens` / `max_output_tokens`, clamped to the tokens
+//!    burst (`openai/estimate.rs` has the details).
 //!    Rate limits make calls *wait*; they never defer or fail a task. Waiting calls are counted
 //!    in the snapshot (`calls.waiting`);
 //! 2. the request, with `Authorization: Bearer <key>` (the caller's own `Authorization` is
