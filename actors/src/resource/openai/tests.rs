@@ -136,7 +136,9 @@ async fn answer(path: &str, in_flight: &AtomicU64) -> Response {
             .into_response(),
         "/v1/slow" => {
             let now = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            // Long enough that the snapshot below (at 50 ms) sees the first two in flight even
+            // on a loaded machine.
+            tokio::time::sleep(Duration::from_millis(300)).await;
             in_flight.fetch_sub(1, Ordering::SeqCst);
             (Code::OK, json, json!({ "in_flight": now }).to_string()).into_response()
         }
