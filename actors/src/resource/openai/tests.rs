@@ -1,0 +1,580 @@
+//! Tests of [`OpenAiClient`]: the limiters on paused tokio time (600 calls at 300/min), and
+//! the answers of a fake OpenAI on loopback (429 with Retry-After, `insufficient_quota`, 5xx,
+//! the `x-ratelimit-*` correction, the egress pass-through, a missing key).
+
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::Request;
+use axum::http::{HeaderMap as AxumHeaders, StatusCode as Code};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use super::*;
+use crate::handler::RetryPolicy;
+use crate::resource::openai::limiter::tests::busiest_window;
+use crate::supervisor::Backoff;
+
+const KEY: &str = "sk-test-0123456789";
+const MINUTE: Duration = Duration::from_secs(60);
+
+/// One request the fake received.
+#[derive(Clone, Debug)]
+struct Seen {
+    at: Instant,
+    path: String,
+    headers: AxumHeaders,
+    body: String,
+}
+
+type Log = Arc<Mutex<Vec<Seen>>>;
+
+/// A fake OpenAI under `/v1` on loopback: the path picks the answer. Returns the base URL
+/// and the log of requests.
+async fn fake() -> (Url, Log) {
+    let log: Log = Arc::default();
+    let seen = Arc::clone(&log);
+    let in_flight = Arc::new(AtomicU64::new(0));
+    let router = Router::new().fallback(move |request: Request| {
+        let (seen, in_flight) = (Arc::clone(&seen), Arc::clone(&in_flight));
+        async move {
+            let (parts, body) = request.into_parts();
+            let body = axum::body::to_bytes(body, 1 << 20).await.unwrap();
+            let path = parts.uri.path().to_string();
+            seen.lock().unwrap().push(Seen {
+                at: Instant::now(),
+                path: path.clone(),
+                headers: parts.headers.clone(),
+                body: String::from_utf8_lossy(&body).into_owned(),
+            });
+            answer(&path, &in_flight).await
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    (Url::parse(&format!("http://{addr}/v1")).unwrap(), log)
+}
+
+fn error_body(code: &str, message: &str) -> String {
+    json!({ "error": { "message": message, "type": code, "code": code } }).to_string()
+}
+
+async fn answer(path: &str, in_flight: &AtomicU64) -> Response {
+    let json = [("content-type", "application/json")];
+    match path {
+        "/v1/chat/completions" | "/v1/ok" => (
+            Code::OK,
+            [
+                ("content-type", "application/json"),
+                ("x-request-id", "req-1"),
+                ("x-ratelimit-limit-requests", "300"),
+                ("x-ratelimit-remaining-requests", "299"),
+                ("x-ratelimit-remaining-tokens", "149000"),
+                ("x-ratelimit-reset-tokens", "400ms"),
+            ],
+            json!({ "choices": [{ "message": { "content": "hi" } }],
+                    "usage": { "total_tokens": 42 } })
+            .to_string(),
+        )
+            .into_response(),
+        "/v1/busy-ms" => (
+            Code::TOO_MANY_REQUESTS,
+            [
+                ("content-type", "application/json"),
+                ("retry-after-ms", "150"),
+                ("retry-after", "1"),
+            ],
+            error_body("rate_limit_exceeded", "Rate limit reached for requests"),
+        )
+            .into_response(),
+        "/v1/busy-s" => (
+            Code::TOO_MANY_REQUESTS,
+            [("content-type", "application/json"), ("retry-after", "1")],
+            error_body("rate_limit_exceeded", "Rate limit reached for tokens"),
+        )
+            .into_response(),
+        "/v1/quota" => (
+            Code::TOO_MANY_REQUESTS,
+            [("content-type", "application/json"), ("retry-after", "20")],
+            error_body("insufficient_quota", "You exceeded your current quota"),
+        )
+            .into_response(),
+        "/v1/down" => (
+            Code::INTERNAL_SERVER_ERROR,
+            json,
+            error_body("server_error", "oops"),
+        )
+            .into_response(),
+        "/v1/unavailable" => (
+            Code::SERVICE_UNAVAILABLE,
+            [("retry-after", "3")],
+            "overloaded",
+        )
+            .into_response(),
+        "/v1/bad-key" => (
+            Code::UNAUTHORIZED,
+            json,
+            error_body(
+                "invalid_api_key",
+                &format!("Incorrect API key provided: {KEY}."),
+            ),
+        )
+            .into_response(),
+        "/v1/exhausted" => (
+            Code::OK,
+            [
+                ("content-type", "application/json"),
+                ("x-ratelimit-remaining-requests", "0"),
+                ("x-ratelimit-reset-requests", "250ms"),
+                ("x-ratelimit-remaining-tokens", "5000"),
+                ("x-ratelimit-reset-tokens", "9s"),
+            ],
+            "{}",
+        )
+            .into_response(),
+        "/v1/slow" => {
+            let now = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+            // Long enough that the snapshot below (at 50 ms) sees the first two in flight even
+            // on a loaded machine.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            in_flight.fetch_sub(1, Ordering::SeqCst);
+            (Code::OK, json, json!({ "in_flight": now }).to_string()).into_response()
+        }
+        _ => Response::builder()
+            .status(Code::NOT_FOUND)
+            .body(Body::from(error_body("not_found", "no such route")))
+            .unwrap(),
+    }
+}
+
+fn settings(base: &Url) -> OpenAiSettings {
+    let mut settings = OpenAiSettings::new("OPENAI_API_KEY", Some(KEY.into()));
+    settings.base_url = base.clone();
+    settings
+}
+
+fn client(settings: OpenAiSettings) -> OpenAiClient {
+    OpenAiClient::try_new("openai", settings, reqwest::Client::new()).unwrap()
+}
+
+fn chat(content: &str) -> Value {
+    json!({ "model": "gpt-4o-mini", "messages": [{ "role": "user", "content": content }] })
+}
+
+#[test]
+fn settings_are_validated_and_the_key_never_shows_in_debug() {
+    let base = Url::parse(DEFAULT_BASE_URL).unwrap();
+    let mut bad = settings(&base);
+    bad.base_url = Url::parse("ftp://example.com/v1").unwrap();
+    assert!(OpenAiClient::try_new("openai", bad, reqwest::Client::new()).is_err());
+    let mut bad = settings(&base);
+    bad.concurrency = Some(0);
+    let err = OpenAiClient::try_new("openai", bad, reqwest::Client::new()).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "resources.openai: concurrency must be at least 1"
+    );
+    let mut bad = settings(&base);
+    bad.api_key_env = " ".into();
+    assert!(OpenAiClient::try_new("openai", bad, reqwest::Client::new()).is_err());
+    let mut bad = settings(&base);
+    bad.api_key = Some("sk-with\nnewline".into());
+    let err = OpenAiClient::try_new("openai", bad, reqwest::Client::new()).unwrap_err();
+    assert!(!err.to_string().contains("sk-with"), "{err}");
+
+    let good = settings(&base);
+    assert!(!format!("{good:?}").contains(KEY));
+    let client = client(good);
+    assert!(!format!("{client:?}").contains(KEY));
+    assert!(!client.snapshot().to_string().contains(KEY));
+    assert_eq!(client.admission(), Admission::Open);
+}
+
+#[tokio::test(start_paused = true)]
+async fn six_hundred_calls_at_300_per_minute_spread_over_two_minutes_never_over_the_quota() {
+    let mut settings = settings(&Url::parse(DEFAULT_BASE_URL).unwrap());
+    settings.requests = Some(Limit::per_minute(300).unwrap());
+    let client = Arc::new(client(settings));
+    let start = Instant::now();
+    let granted: Arc<Mutex<Vec<(Duration, u64)>>> = Arc::default();
+    let mut calls = Vec::new();
+    for _ in 0..600 {
+        let (client, granted) = (Arc::clone(&client), Arc::clone(&granted));
+        calls.push(tokio::spawn(async move {
+            // What `call` and `forward` wait for before they send.
+            let _admitted = client.admit(1).await;
+            granted.lock().unwrap().push((start.elapsed(), 1));
+        }));
+    }
+    // Let every caller reach the limiter (paused time does not move while tasks can run).
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let snapshot = client.snapshot();
+    assert_eq!(snapshot["calls"]["started"], 30, "the burst: {snapshot}");
+    assert_eq!(snapshot["calls"]["waiting"], 570, "{snapshot}");
+    assert_eq!(snapshot["limits"]["requests_per_minute"], 300);
+    assert_eq!(snapshot["limits"]["requests_burst"], 30);
+
+    for call in calls {
+        call.await.unwrap();
+    }
+    let mut times = granted.lock().unwrap().clone();
+    times.sort();
+    assert_eq!(times.len(), 600);
+    assert_eq!(busiest_window(&times, MINUTE), 300, "quota exceeded");
+    // 30 at once, then 570 at 271/min: 126 s.
+    let span = times.last().unwrap().0;
+    assert!(
+        span >= Duration::from_secs(126) && span < Duration::from_secs(127),
+        "{span:?}"
+    );
+    assert_eq!(client.snapshot()["calls"]["waiting"], 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn estimated_tokens_are_limited_per_minute() {
+    let mut settings = settings(&Url::parse(DEFAULT_BASE_URL).unwrap());
+    settings.tokens = Some(Limit::try_new(6000, 1000).unwrap());
+    let client = Arc::new(client(settings));
+    // 2000 characters of prompt ("user" and the content) → 500 tokens each.
+    let estimate = estimate_tokens(&chat(&"x".repeat(1996)));
+    assert_eq!(estimate, 500);
+    let start = Instant::now();
+    let granted: Arc<Mutex<Vec<(Duration, u64)>>> = Arc::default();
+    let mut calls = Vec::new();
+    for _ in 0..40 {
+        let (client, granted) = (Arc::clone(&client), Arc::clone(&granted));
+        calls.push(tokio::spawn(async move {
+            let _admitted = client.admit(estimate).await;
+            granted.lock().unwrap().push((start.elapsed(), estimate));
+        }));
+    }
+    for call in calls {
+        call.await.unwrap();
+    }
+    let mut times = granted.lock().unwrap().clone();
+    times.sort();
+    assert_eq!(times.iter().filter(|(t, _)| t.is_zero()).count(), 2);
+    assert!(busiest_window(&times, MINUTE) <= 6000);
+    // 38 × 500 tokens after the burst at 5001 tokens/min: 3.8 minutes.
+    let span = times.last().unwrap().0;
+    let expected = MINUTE * 38 * 500 / 5001;
+    assert!(
+        span >= expected && span < expected + Duration::from_secs(1),
+        "{span:?}"
+    );
+    assert_eq!(client.snapshot()["tokens_estimated"], 40 * 500);
+}
+
+#[tokio::test]
+async fn calls_go_through_the_limiter_with_the_key() {
+    let (base, log) = fake().await;
+    let mut settings = settings(&base);
+    // Two at once, then one every ~100 ms.
+    settings.requests = Some(Limit::try_new(600, 2).unwrap());
+    let client = Arc::new(client(settings));
+    let calls: Vec<_> = (0..6)
+        .map(|_| {
+            let client = Arc::clone(&client);
+            tokio::spawn(async move {
+                client
+                    .call(Method::POST, "/chat/completions", chat("hello"))
+                    .await
+            })
+        })
+        .collect();
+    for call in calls {
+        let answer = call.await.unwrap().unwrap();
+        assert_eq!(answer["choices"][0]["message"]["content"], "hi");
+    }
+    let seen = log.lock().unwrap().clone();
+    assert_eq!(seen.len(), 6);
+    for request in &seen {
+        assert_eq!(request.path, "/v1/chat/completions");
+        assert_eq!(request.headers["authorization"], format!("Bearer {KEY}"));
+        assert_eq!(request.headers["content-type"], "application/json");
+        assert_eq!(
+            serde_json::from_str::<Value>(&request.body).unwrap(),
+            chat("hello")
+        );
+    }
+    // The four after the burst are spaced by the replenish interval (~100 ms).
+    let span = seen[5].at - seen[0].at;
+    assert!(span >= Duration::from_millis(390), "{span:?}");
+    let snapshot = client.snapshot();
+    assert_eq!(snapshot["calls"]["succeeded"], 6);
+    assert_eq!(snapshot["tokens_used"], 6 * 42);
+    assert_eq!(snapshot["server"]["remaining_requests"], 299);
+    assert_eq!(snapshot["server"]["reset_tokens_ms"], 400);
+}
+
+#[tokio::test]
+async fn a_429_is_retried_after_its_retry_after_and_holds_further_calls() {
+    let (base, _) = fake().await;
+    let client = client(settings(&base));
+    let busy = client
+        .call(Method::POST, "/busy-ms", chat("hi"))
+        .await
+        .unwrap_err();
+    let returned = Instant::now();
+    assert_eq!(
+        busy,
+        TaskError::Retry {
+            reason:
+                "OpenAI POST /busy-ms: HTTP 429 Too Many Requests: Rate limit reached for requests"
+                    .into(),
+            after: Some(Duration::from_millis(150)),
+        }
+    );
+    // The retry policy waits at least that long, even with a shorter backoff.
+    let policy = RetryPolicy {
+        max_retries: 3,
+        backoff: Backoff::try_new(Duration::from_millis(10), Duration::from_secs(1), 0.0).unwrap(),
+        retry_on_timeout: true,
+    };
+    assert_eq!(
+        policy.next_delay(0, &busy),
+        Some(Duration::from_millis(150))
+    );
+    // Other calls of the node hold back for as long.
+    client.call(Method::POST, "/ok", chat("hi")).await.unwrap();
+    assert!(returned.elapsed() >= Duration::from_millis(140));
+
+    let busy = client
+        .call(Method::POST, "/busy-s", chat("hi"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(busy, TaskError::Retry { after: Some(d), .. } if d == Duration::from_secs(1)),
+        "{busy:?}"
+    );
+    let snapshot = client.snapshot();
+    assert_eq!(snapshot["rate_limited_429"], 2);
+    assert_eq!(snapshot["holds"], 2);
+    assert!(snapshot["hold_ms"].as_u64().unwrap() > 500, "{snapshot}");
+}
+
+#[tokio::test]
+async fn insufficient_quota_is_permanent_and_not_retried() {
+    let (base, log) = fake().await;
+    let client = client(settings(&base));
+    let quota = client
+        .call(Method::POST, "/quota", chat("hi"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        quota,
+        TaskError::Permanent(
+            "OpenAI POST /quota: HTTP 429 Too Many Requests: You exceeded your current quota"
+                .into()
+        )
+    );
+    let policy = RetryPolicy {
+        max_retries: 5,
+        backoff: Backoff::try_new(Duration::from_secs(1), Duration::from_secs(60), 0.0).unwrap(),
+        retry_on_timeout: true,
+    };
+    assert_eq!(policy.next_delay(0, &quota), None);
+    let snapshot = client.snapshot();
+    assert_eq!(snapshot["insufficient_quota"], 1);
+    assert_eq!(snapshot["rate_limited_429"], 0);
+    assert_eq!(
+        snapshot["holds"], 0,
+        "its retry-after does not hold the node"
+    );
+    assert_eq!(log.lock().unwrap().len(), 1, "called once");
+}
+
+#[tokio::test]
+async fn server_errors_retry_and_other_client_errors_are_permanent_without_the_key() {
+    let (base, _) = fake().await;
+    let client = client(settings(&base));
+    let down = client
+        .call(Method::POST, "/down", chat("hi"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(down, TaskError::Retry { after: None, .. }),
+        "{down:?}"
+    );
+    let unavailable = client
+        .call(Method::GET, "/unavailable", Value::Null)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        unavailable,
+        TaskError::Retry {
+            reason: "OpenAI GET /unavailable: HTTP 503 Service Unavailable: overloaded".into(),
+            after: Some(Duration::from_secs(3)),
+        }
+    );
+    let bad = client
+        .call(Method::POST, "/bad-key", chat("hi"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        bad,
+        TaskError::Permanent(
+            "OpenAI POST /bad-key: HTTP 401 Unauthorized: Incorrect API key provided: <redacted>."
+                .into()
+        )
+    );
+    let missing = client
+        .call(Method::POST, "/nope", chat("hi"))
+        .await
+        .unwrap_err();
+    assert!(!missing.is_retryable(), "{missing:?}");
+    let refused = OpenAiClient::try_new(
+        "openai",
+        settings(&Url::parse("http://127.0.0.1:9/v1").unwrap()),
+        reqwest::Client::new(),
+    )
+    .unwrap()
+    .call(Method::POST, "/chat/completions", chat("hi"))
+    .await
+    .unwrap_err();
+    assert_eq!(
+        refused,
+        TaskError::retry("OpenAI POST /chat/completions: cannot connect")
+    );
+    let snapshot = client.snapshot();
+    assert_eq!(snapshot["server_errors"], 2);
+    assert_eq!(snapshot["calls"]["failed"], 4);
+}
+
+#[tokio::test]
+async fn an_exhausted_limit_reported_by_the_server_holds_calls_until_its_reset() {
+    let (base, log) = fake().await;
+    let client = client(settings(&base));
+    client
+        .call(Method::POST, "/exhausted", Value::Null)
+        .await
+        .unwrap();
+    let snapshot = client.snapshot();
+    assert_eq!(snapshot["server"]["remaining_requests"], 0);
+    assert_eq!(snapshot["server"]["reset_requests_ms"], 250);
+    assert_eq!(snapshot["server"]["remaining_tokens"], 5000);
+    assert!(snapshot["server"]["observed_at"].is_string());
+    assert_eq!(snapshot["holds"], 1);
+    client.call(Method::POST, "/ok", Value::Null).await.unwrap();
+    let seen = log.lock().unwrap().clone();
+    let gap = seen[1].at - seen[0].at;
+    assert!(gap >= Duration::from_millis(240), "{gap:?}");
+    assert!(seen[0].body.is_empty(), "a Null body sends nothing");
+}
+
+#[tokio::test]
+async fn the_concurrency_cap_bounds_calls_in_flight() {
+    let (base, _) = fake().await;
+    let mut settings = settings(&base);
+    settings.concurrency = Some(2);
+    let client = Arc::new(client(settings));
+    let calls: Vec<_> = (0..6)
+        .map(|_| {
+            let client = Arc::clone(&client);
+            tokio::spawn(async move { client.call(Method::POST, "/slow", Value::Null).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let snapshot = client.snapshot();
+    assert_eq!(snapshot["concurrency_in_use"], 2, "{snapshot}");
+    assert_eq!(snapshot["calls"]["in_flight"], 2, "{snapshot}");
+    assert_eq!(snapshot["calls"]["waiting"], 4, "{snapshot}");
+    let mut most = 0;
+    for call in calls {
+        most = most.max(call.await.unwrap().unwrap()["in_flight"].as_u64().unwrap());
+    }
+    assert_eq!(most, 2);
+    assert_eq!(client.snapshot()["concurrency_in_use"], 0);
+}
+
+#[tokio::test]
+async fn forward_injects_the_key_and_passes_the_answer_through() {
+    let (base, log) = fake().await;
+    let client = client(settings(&base));
+    let mut headers = HeaderMap::new();
+    headers.insert(AUTHORIZATION, HeaderValue::from_static("Bearer caller-key"));
+    headers.insert("openai-organization", HeaderValue::from_static("org-1"));
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    let body = chat("from python").to_string();
+    let response = client
+        .forward(EgressRequest {
+            method: Method::POST,
+            path_and_query: "/chat/completions?trace=1".into(),
+            headers,
+            body: Bytes::from(body.clone()),
+        })
+        .await;
+    assert_eq!(response.status, StatusCode::OK);
+    assert_eq!(response.headers["x-request-id"], "req-1");
+    assert_eq!(response.headers["x-ratelimit-remaining-requests"], "299");
+    assert!(response.headers.get("content-length").is_none());
+    let answer: Value = serde_json::from_slice(&response.body).unwrap();
+    assert_eq!(answer["usage"]["total_tokens"], 42);
+
+    let seen = log.lock().unwrap()[0].clone();
+    assert_eq!(seen.path, "/v1/chat/completions");
+    let authorization: Vec<_> = seen.headers.get_all("authorization").iter().collect();
+    assert_eq!(authorization, [format!("Bearer {KEY}").as_str()]);
+    assert_eq!(seen.headers["openai-organization"], "org-1");
+    assert_eq!(seen.body, body);
+
+    // A 429 passes through with its Retry-After, so the Python caller backs off.
+    let busy = client
+        .forward(EgressRequest {
+            method: Method::POST,
+            path_and_query: "/busy-s".into(),
+            headers: HeaderMap::new(),
+            body: Bytes::new(),
+        })
+        .await;
+    assert_eq!(busy.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(busy.headers["retry-after"], "1");
+    let error: Value = serde_json::from_slice(&busy.body).unwrap();
+    assert_eq!(error["error"]["code"], "rate_limit_exceeded");
+    let snapshot = client.snapshot();
+    assert_eq!(snapshot["calls"]["started"], 2);
+    assert_eq!(snapshot["rate_limited_429"], 1);
+    assert_eq!(snapshot["tokens_used"], 42);
+}
+
+#[tokio::test]
+async fn a_missing_key_makes_the_resource_unusable_and_calls_fail_permanently() {
+    let (base, log) = fake().await;
+    for key in [None, Some("  ".to_string())] {
+        let mut settings = settings(&base);
+        settings.api_key_env = "MY_OPENAI_KEY".into();
+        settings.api_key = key;
+        let client = client(settings);
+        assert_eq!(
+            client.admission(),
+            Admission::Unusable {
+                resource: "openai".into(),
+                reason: "MY_OPENAI_KEY is not set".into(),
+            }
+        );
+        let err = client
+            .call(Method::POST, "/chat/completions", chat("hi"))
+            .await
+            .unwrap_err();
+        assert_eq!(err, TaskError::Permanent("MY_OPENAI_KEY is not set".into()));
+        let response = client
+            .forward(EgressRequest {
+                method: Method::POST,
+                path_and_query: "/chat/completions".into(),
+                headers: HeaderMap::new(),
+                body: Bytes::from(chat("hi").to_string()),
+            })
+            .await;
+        assert_eq!(response.status, StatusCode::UNAUTHORIZED);
+        assert!(response.headers.get("retry-after").is_none());
+        let body: Value = serde_json::from_slice(&response.body).unwrap();
+        assert_eq!(body["error"]["message"], "MY_OPENAI_KEY is not set");
+        assert_eq!(body["error"]["code"], "api_key_missing");
+        let snapshot = client.snapshot();
+        assert_eq!(snapshot["api_key_set"], false);
+        assert_eq!(snapshot["api_key_env"], "MY_OPENAI_KEY");
+    }
+    assert!(log.lock().unwrap().is_empty(), "nothing reached OpenAI");
+}
