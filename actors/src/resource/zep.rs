@@ -719,8 +719,9 @@ impl ZepClient {
         }
         let backlog = match self.broker.depth(&self.queue).await {
             Ok(depth) => depth.ready + depth.delayed + depth.in_flight > 0,
-            // Cannot tell: keep the order safe, the write will try to buffer.
-            Err(_) => return true,
+            // Cannot tell (the broker is unreachable, so no replay can run either): send
+            // the write rather than fail it, and look again next time.
+            Err(_) => return false,
         };
         let mut drain = self.drain();
         if drain.seq == seq && drain.backlog.is_none() {
