@@ -16,12 +16,14 @@
 
 use std::path::Path;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use actors::broker::AnyBroker;
+use actors::broker::memory::MemoryBroker;
 use actors::handler::native::Natives;
 
 use crate::config::{self, Config, Diagnostics, Environment};
-use crate::topology::{broker_settings, task_defs};
+use crate::topology::{broker_settings, resources, task_defs};
 
 /// sysexits.h EX_CONFIG: the exit code for a bad config.
 pub const EX_CONFIG: u8 = 78;
@@ -64,6 +66,14 @@ pub async fn run(path: &Path, deny_warnings: bool, no_environment: bool) -> Exit
 async fn beyond_the_file(config: &Config, no_environment: bool, diagnostics: &mut Diagnostics) {
     if let Err(missing) = task_defs(config, &Natives::builtin(), &reqwest::Client::new()) {
         for (path, message) in missing {
+            diagnostics.error(path, message);
+        }
+    }
+    let scratch = Arc::new(AnyBroker::Memory(MemoryBroker::new(broker_settings(
+        config,
+    ))));
+    if let Err(problems) = resources(config, &scratch, "check") {
+        for (path, message) in problems {
             diagnostics.error(path, message);
         }
     }

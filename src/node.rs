@@ -9,7 +9,6 @@ use std::time::Duration;
 use actors::broker::AnyBroker;
 use actors::consumer::{ConsumerMessage, Work};
 use actors::handler::native::Natives;
-use actors::resource::Resources;
 use actors::supervisor::start_root;
 use actors::tree::{Status, Tree};
 use tokio::net::TcpListener;
@@ -20,7 +19,7 @@ use tracing::{error, info, warn};
 use crate::check::EX_CONFIG;
 use crate::config::Config;
 use crate::http::{AppState, app};
-use crate::topology::{ROOT, Shared, broker_settings, node_name, root_spec, task_defs};
+use crate::topology::{ROOT, Shared, broker_settings, node_name, resources, root_spec, task_defs};
 
 /// Time the HTTP server gets to finish open requests once the tree has stopped.
 const HTTP_DRAIN: Duration = Duration::from_secs(2);
@@ -49,7 +48,6 @@ fn announce_unrun_sections(config: &Config) {
             "these tasks use a pool handler, which this version does not have: they are dead-lettered (requeue them once pools land)");
     }
     let sections = [
-        ("resources", config.resources.len()),
         ("pools", config.pools.len()),
         ("schedules", config.schedules.len()),
     ];
@@ -99,18 +97,28 @@ pub async fn run_with(
             return ExitCode::FAILURE;
         }
     };
+    let name = node_name(&config);
+    let (resources, resource_actors) = match resources(&config, &broker, &name) {
+        Ok(built) => built,
+        Err(problems) => {
+            for (path, message) in problems {
+                error!("{path}: {message}");
+            }
+            return ExitCode::from(EX_CONFIG);
+        }
+    };
     let shared = Shared {
-        resources: Arc::new(Resources::default()),
+        resources: Arc::new(resources),
         work: Arc::new(Work {
             broker,
             leases: Arc::default(),
             tasks,
-            consumer: node_name(&config),
+            consumer: name,
         }),
     };
     info!(node = %shared.work.consumer, broker = %url, "broker ready");
     let tree = Tree::new();
-    let spec = root_spec(&config, &shared, node_started);
+    let spec = root_spec(&config, &shared, resource_actors, node_started);
     let (root, mut root_done) = match start_root(&tree, ROOT, spec).await {
         Ok(started) => started,
         Err(err) => {

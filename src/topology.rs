@@ -3,13 +3,16 @@
 //! ```text
 //! root            SupervisorActor   [supervision] policy, stops within runtime.shutdown_grace
 //! ├── broker      BrokerActor       permanent; delayed mover, lease renewal, recovery sweep
+//! ├── resources   SupervisorActor   permanent, when [resources] are configured
+//! │   ├── zep     ZepActor          breaker snapshot, write replay; the client lives outside
+//! │   └── openai  OpenAiActor       limiter snapshot; the client lives outside
 //! ├── queues      SupervisorActor   permanent
 //! │   ├── chat    ConsumerActor     permanent; one per [queues.NAME], task actors below it
 //! │   └── …
 //! └── heartbeat   HeartbeatActor    permanent; uptime and event-loop lag
 //! ```
 //!
-//! Resources and pools attach before `queues`, the scheduler after it, as their issues land
+//! Pools attach before `queues`, the scheduler after it, as their issues land
 //! (DESIGN.md §2). Children start in this order and stop in the reverse one.
 
 use std::sync::Arc;
@@ -24,6 +27,9 @@ use actors::handler::native::Natives;
 use actors::handler::{Attempt, Handler, RetryPolicy, TaskContext, TaskDef, TaskDefs, TaskError};
 use actors::heartbeat::{HeartbeatActor, HeartbeatArgs};
 use actors::resource::Resources;
+use actors::resource::breaker::{BreakerPolicy, BreakerSettings};
+use actors::resource::openai::{Limit, OpenAiActor, OpenAiArgs, OpenAiClient, OpenAiSettings};
+use actors::resource::zep::{ZepActor, ZepArgs, ZepClient, ZepSettings, replay_queue};
 use actors::supervisor::{ChildSpec, Restart, SupervisorSpec};
 use tokio::time::Instant;
 
@@ -54,6 +60,10 @@ impl Shared {
     }
 }
 
+/// Problems a valid config still has with this binary: `(key path, message)` pairs, reported
+/// by `runtime check` and at start like compile errors.
+pub type Problems = Vec<(String, String)>;
+
 /// The task definitions of `config`, with their handlers: native ones from `natives`, HTTP
 /// ones sharing `client`. `Err` lists `(key path, message)` for each native task that has no
 /// registered function.
@@ -61,7 +71,7 @@ pub fn task_defs(
     config: &Config,
     natives: &Natives,
     client: &reqwest::Client,
-) -> Result<TaskDefs, Vec<(String, String)>> {
+) -> Result<TaskDefs, Problems> {
     let mut defs = Vec::new();
     let mut missing = Vec::new();
     for (name, task) in &config.tasks {
@@ -108,6 +118,138 @@ pub fn task_defs(
     } else {
         Err(missing)
     }
+}
+
+/// The shared resources of `config` (`[resources.NAME]`): one client per resource, created
+/// once per node and shared by the tasks, the egress proxy and the gate, plus the permanent
+/// actor of each. `Err` lists `(key path, message)` problems the config compiler cannot see.
+pub fn resources(
+    config: &Config,
+    broker: &Arc<AnyBroker>,
+    node_name: &str,
+) -> Result<(Resources, Vec<ChildSpec>), Problems> {
+    let mut resources = Resources::default();
+    let mut children = Vec::new();
+    let mut problems = Vec::new();
+    for (name, settings) in &config.resources {
+        let at = format!("resources.{name}");
+        match settings {
+            config::ResourceSettings::Zep(zep) => {
+                let replay = replay_queue(name);
+                if config.queues.contains_key(&replay) {
+                    problems.push((
+                        format!("queues.{replay}"),
+                        format!("the name is taken by the replay queue of resources.{name}"),
+                    ));
+                    continue;
+                }
+                let breaker = BreakerSettings {
+                    failure_threshold: zep.breaker.failure_threshold.get(),
+                    failure_rate: None,
+                    open_for: zep.breaker.open_for,
+                    open_for_max: zep.breaker.open_for_max,
+                    probes: zep.breaker.probes.get(),
+                    probe_timeout: zep.breaker.probe_timeout,
+                    slow_call: zep.breaker.slow_call,
+                };
+                let policy = match BreakerPolicy::try_new(breaker) {
+                    Ok(policy) => policy,
+                    Err(err) => {
+                        problems.push((format!("{at}.breaker.{}", err.field), err.reason));
+                        continue;
+                    }
+                };
+                let settings = ZepSettings {
+                    resource: name.clone(),
+                    base_url: zep.base_url.clone(),
+                    api_key: zep.api_key.as_ref().map(|k| k.expose().to_string()),
+                    api_key_env: zep.api_key_env.clone(),
+                    timeout: zep.timeout,
+                    breaker: policy,
+                };
+                match ZepClient::new(settings, Arc::clone(broker), node_name) {
+                    Ok(client) => {
+                        let client = Arc::new(client);
+                        resources.insert(name, client.clone());
+                        children.push(ChildSpec::new(
+                            name,
+                            "zep",
+                            Restart::Permanent,
+                            move |node| {
+                                let args = ZepArgs {
+                                    node,
+                                    client: Arc::clone(&client),
+                                    replay_every: REPLAY_EVERY,
+                                };
+                                (ZepActor, args)
+                            },
+                        ));
+                    }
+                    Err(err) => problems.push((at, err.to_string())),
+                }
+            }
+            config::ResourceSettings::OpenAi(openai) => {
+                let limit = |n: Option<std::num::NonZeroU32>| {
+                    n.map(|n| Limit::per_minute(n.get())).transpose()
+                };
+                let (requests, tokens) = match (
+                    limit(openai.requests_per_minute),
+                    limit(openai.tokens_per_minute),
+                ) {
+                    (Ok(requests), Ok(tokens)) => (requests, tokens),
+                    (Err(err), _) | (_, Err(err)) => {
+                        problems.push((at, err.to_string()));
+                        continue;
+                    }
+                };
+                let settings = OpenAiSettings {
+                    base_url: openai.base_url.clone(),
+                    api_key: openai.api_key.as_ref().map(|k| k.expose().to_string()),
+                    api_key_env: openai.api_key_env.clone(),
+                    requests,
+                    tokens,
+                    concurrency: openai.concurrency.map(|c| c.get() as usize),
+                    timeout: None,
+                };
+                match OpenAiClient::try_new(name, settings, egress_client()) {
+                    Ok(client) => {
+                        let client = Arc::new(client);
+                        resources.insert(name, client.clone());
+                        children.push(ChildSpec::new(
+                            name,
+                            "openai",
+                            Restart::Permanent,
+                            move |node| {
+                                let args = OpenAiArgs {
+                                    node,
+                                    client: Arc::clone(&client),
+                                };
+                                (OpenAiActor, args)
+                            },
+                        ));
+                    }
+                    Err(err) => problems.push((at, err.to_string())),
+                }
+            }
+        }
+    }
+    if problems.is_empty() {
+        Ok((resources, children))
+    } else {
+        Err(problems)
+    }
+}
+
+/// Pause between replay rounds of a resource's write backlog.
+pub const REPLAY_EVERY: Duration = Duration::from_secs(1);
+
+/// An HTTP client that never follows redirects (a redirect could carry an API key to another
+/// host).
+fn egress_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap_or_default()
 }
 
 /// The native functions every `runtime` binary has.
@@ -165,7 +307,12 @@ pub fn node_name(config: &Config) -> String {
 }
 
 /// The root supervisor's spec for `config`; `node_started` anchors the node's uptime.
-pub fn root_spec(config: &Config, shared: &Shared, node_started: Instant) -> SupervisorSpec {
+pub fn root_spec(
+    config: &Config,
+    shared: &Shared,
+    resources: Vec<ChildSpec>,
+    node_started: Instant,
+) -> SupervisorSpec {
     let broker_args = {
         let work = Arc::clone(&shared.work);
         let queues: Vec<String> = config.queues.keys().cloned().collect();
@@ -225,9 +372,11 @@ pub fn root_spec(config: &Config, shared: &Shared, node_started: Instant) -> Sup
         shutdown_timeout: config.runtime.shutdown_grace,
         children,
     };
-    policy(vec![
-        broker,
-        ChildSpec::supervisor("queues", policy(consumers)),
-        heartbeat,
-    ])
+    let mut children = vec![broker];
+    if !resources.is_empty() {
+        children.push(ChildSpec::supervisor("resources", policy(resources)));
+    }
+    children.push(ChildSpec::supervisor("queues", policy(consumers)));
+    children.push(heartbeat);
+    policy(children)
 }

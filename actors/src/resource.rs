@@ -80,6 +80,42 @@ impl ResourceGate for Resources {
     }
 }
 
+impl SharedResource for zep::ZepClient {
+    fn kind(&self) -> &'static str {
+        "zep"
+    }
+    fn forward(
+        &self,
+        request: EgressRequest,
+    ) -> Pin<Box<dyn Future<Output = EgressResponse> + Send + '_>> {
+        Box::pin(zep::ZepClient::forward(self, request))
+    }
+    fn admission(&self) -> Admission {
+        zep::ZepClient::admission(self)
+    }
+    fn snapshot(&self) -> serde_json::Value {
+        zep::ZepClient::snapshot(self)
+    }
+}
+
+impl SharedResource for openai::OpenAiClient {
+    fn kind(&self) -> &'static str {
+        "openai"
+    }
+    fn forward(
+        &self,
+        request: EgressRequest,
+    ) -> Pin<Box<dyn Future<Output = EgressResponse> + Send + '_>> {
+        Box::pin(openai::OpenAiClient::forward(self, request))
+    }
+    fn admission(&self) -> Admission {
+        openai::OpenAiClient::admission(self)
+    }
+    fn snapshot(&self) -> serde_json::Value {
+        openai::OpenAiClient::snapshot(self)
+    }
+}
+
 /// A call forwarded by the egress proxy, already checked: `path_and_query` starts with `/`,
 /// has no `..` segment and no encoded slash; `headers` no longer carry the caller's
 /// `Authorization`, `Host` or hop-by-hop headers; the body is within the proxy's cap.
