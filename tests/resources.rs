@@ -15,12 +15,15 @@ use common::Node;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
+/// What the fake saw of one call: path, body, `Authorization`.
+type Seen = (String, String, Option<String>);
+
 /// A fake Zep: counts calls, answers 503 while `down`, records what it was sent.
 #[derive(Clone, Default)]
 struct FakeZep {
     down: Arc<AtomicBool>,
     calls: Arc<AtomicUsize>,
-    seen: Arc<Mutex<Vec<(String, String, Option<String>)>>>,
+    seen: Arc<Mutex<Vec<Seen>>>,
 }
 
 impl FakeZep {
@@ -193,7 +196,7 @@ async fn a_dead_zep_costs_threshold_plus_probes_not_a_call_per_task() {
     }
     assert_eq!(breaker_state(&node).await, "closed");
     // Every call that reached Zep carried the node's key, never the caller's headers.
-    let seen = zep.seen.lock().unwrap();
+    let seen = zep.seen.lock().unwrap().clone();
     assert!(
         seen.iter()
             .all(|(path, _, auth)| path == "/api/v2/graph/search"

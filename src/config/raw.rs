@@ -260,7 +260,8 @@ pub(crate) enum RawResource {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, expecting = "a [resources.NAME] table")]
 pub(crate) struct RawZep {
-    /// Base URL. Default `"https://api.getzep.com"`.
+    /// Base URL (Zep's API root; operations are relative to it). Default
+    /// `"https://api.getzep.com/api/v2"`.
     pub(crate) base_url: Option<String>,
     /// Name of the environment variable that holds the API key (never the key itself).
     pub(crate) api_key_env: String,
