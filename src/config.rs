@@ -348,6 +348,20 @@ pub struct BreakerSettings {
     pub probe_timeout: Duration,
     /// A call slower than this counts as a failure.
     pub slow_call: Option<Duration>,
+    /// The optional failure-rate rule.
+    pub failure_rate: Option<FailureRate>,
+}
+
+/// `breaker.failure_rate`: open when `rate` of the last `window` calls failed (once at least
+/// `min_calls` were made).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FailureRate {
+    /// Fraction of failures.
+    pub rate: f64,
+    /// Calls looked at.
+    pub window: u32,
+    /// Calls needed before the rule applies.
+    pub min_calls: u32,
 }
 
 /// `kind = "openai"`

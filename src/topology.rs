@@ -27,7 +27,7 @@ use actors::handler::native::Natives;
 use actors::handler::{Attempt, Handler, RetryPolicy, TaskContext, TaskDef, TaskDefs, TaskError};
 use actors::heartbeat::{HeartbeatActor, HeartbeatArgs};
 use actors::resource::Resources;
-use actors::resource::breaker::{BreakerPolicy, BreakerSettings};
+use actors::resource::breaker::{BreakerPolicy, BreakerSettings, FailureRate};
 use actors::resource::openai::{Limit, OpenAiActor, OpenAiArgs, OpenAiClient, OpenAiSettings};
 use actors::resource::zep::{ZepActor, ZepArgs, ZepClient, ZepSettings, replay_queue};
 use actors::supervisor::{ChildSpec, Restart, SupervisorSpec};
@@ -145,7 +145,11 @@ pub fn resources(
                 }
                 let breaker = BreakerSettings {
                     failure_threshold: zep.breaker.failure_threshold.get(),
-                    failure_rate: None,
+                    failure_rate: zep.breaker.failure_rate.map(|r| FailureRate {
+                        rate: r.rate,
+                        window: r.window,
+                        min_calls: r.min_calls,
+                    }),
                     open_for: zep.breaker.open_for,
                     open_for_max: zep.breaker.open_for_max,
                     probes: zep.breaker.probes.get(),

@@ -244,6 +244,12 @@ const CASES: &[Case] = &[
              Connection refused (os error 111)",
         ],
     },
+    Case {
+        fixture: "bad_failure_rate",
+        flags: &["--no-environment"],
+        vars: &[],
+        expected: &["error: resources.zep.breaker.failure_rate.rate: must be in (0, 1], got 1.5"],
+    },
 ];
 
 #[test]

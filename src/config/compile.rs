@@ -29,10 +29,10 @@ use super::raw::{
     RawResource, RawRuntime, RawSchedule, RawSupervision, RawTask, RawZep,
 };
 use super::{
-    BROKER_URL_ENV, BreakerSettings, BrokerSettings, ChaosSettings, Config, Handler, HttpSettings,
-    Idempotency, Loaded, OpenAiSettings, PoolSettings, QueueSettings, ResourceSettings,
-    RetryPolicy, RuntimeSettings, ScheduleSettings, Secret, StopSignal, SupervisionSettings,
-    TaskSettings, Trigger, ZepSettings,
+    BROKER_URL_ENV, BreakerSettings, BrokerSettings, ChaosSettings, Config, FailureRate, Handler,
+    HttpSettings, Idempotency, Loaded, OpenAiSettings, PoolSettings, QueueSettings,
+    ResourceSettings, RetryPolicy, RuntimeSettings, ScheduleSettings, Secret, StopSignal,
+    SupervisionSettings, TaskSettings, Trigger, ZepSettings,
 };
 
 /// Where `compile()` reads environment variables (`RT_BROKER_URL`, secrets).
@@ -697,6 +697,12 @@ impl Compiler<'_> {
             DEFAULT_PROBE_TIMEOUT,
         );
         let slow_call = self.opt_duration(&format!("{at}.slow_call"), &raw.slow_call);
+        // Ranges are checked where the breaker policy is built (`runtime check` reports them).
+        let failure_rate = raw.failure_rate.as_ref().map(|rate| FailureRate {
+            rate: rate.rate,
+            window: rate.window,
+            min_calls: rate.min_calls.unwrap_or(rate.window),
+        });
         BreakerSettings {
             failure_threshold,
             open_for,
@@ -704,6 +710,7 @@ impl Compiler<'_> {
             probes,
             probe_timeout,
             slow_call,
+            failure_rate,
         }
     }
 

@@ -288,6 +288,24 @@ pub(crate) struct RawBreaker {
     pub(crate) probe_timeout: Option<RawDuration>,
     /// A call slower than this counts as a failure. Default: none.
     pub(crate) slow_call: Option<RawDuration>,
+    /// Also open when the failure rate over the last calls reaches a threshold: an inline
+    /// table `{ rate = 0.5, window = 20, min_calls = 10 }`. Default: none.
+    pub(crate) failure_rate: Option<RawFailureRate>,
+}
+
+/// `resources.NAME.breaker.failure_rate`
+#[derive(Debug, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "an inline table { rate, window, min_calls }"
+)]
+pub(crate) struct RawFailureRate {
+    /// Fraction of failed calls (0 < rate ≤ 1) that opens the breaker.
+    pub(crate) rate: f64,
+    /// How many of the most recent calls are looked at (at least 1).
+    pub(crate) window: u32,
+    /// Calls needed in the window before the rule applies (1 to `window`). Default `window`.
+    pub(crate) min_calls: Option<u32>,
 }
 
 /// `kind = "openai"`
