@@ -420,7 +420,7 @@ impl RedisBroker {
         }
     }
 
-    /// Appends an event `XADD` to `pipe` (its reply ignored).
+    /// Appends an event `XADD` about `about` (or just its `queue`) to `pipe` (reply ignored).
     fn add_event(
         &self,
         pipe: &mut Pipeline,
@@ -428,6 +428,33 @@ impl RedisBroker {
         at: &str,
         about: Option<&Envelope>,
         queue: Option<&str>,
+        detail: &str,
+    ) {
+        let (task_id, task, queue) = match about {
+            Some(envelope) => (
+                Some(envelope.id.as_str()),
+                Some(envelope.task.as_str()),
+                Some(envelope.queue.as_str()),
+            ),
+            None => (None, None, queue),
+        };
+        self.add_event_fields(
+            pipe,
+            kind,
+            at,
+            [("task_id", task_id), ("task", task), ("queue", queue)],
+            detail,
+        );
+    }
+
+    /// The one place that writes the events stream: `XADD p:events MAXLEN ~ n * kind … at …
+    /// [task_id …] [task …] [queue …] detail …`.
+    fn add_event_fields(
+        &self,
+        pipe: &mut Pipeline,
+        kind: &str,
+        at: &str,
+        optional: [(&str, Option<&str>); 3],
         detail: &str,
     ) {
         let cmd = pipe
@@ -441,15 +468,10 @@ impl RedisBroker {
             .arg(kind)
             .arg("at")
             .arg(at);
-        if let Some(envelope) = about {
-            cmd.arg("task_id")
-                .arg(&envelope.id)
-                .arg("task")
-                .arg(&envelope.task)
-                .arg("queue")
-                .arg(&envelope.queue);
-        } else if let Some(queue) = queue {
-            cmd.arg("queue").arg(queue);
+        for (name, value) in optional {
+            if let Some(value) = value {
+                cmd.arg(name).arg(value);
+            }
         }
         cmd.arg("detail").arg(detail).ignore();
     }
@@ -1136,27 +1158,18 @@ impl Broker for RedisBroker {
 
     async fn publish(&self, event: Event) -> Result<(), BrokerError> {
         let mut pipe = redis::pipe();
-        let cmd = pipe
-            .cmd("XADD")
-            .arg(&self.events_key)
-            .arg("MAXLEN")
-            .arg("~")
-            .arg(self.settings.events_maxlen)
-            .arg("*")
-            .arg("kind")
-            .arg(&event.kind)
-            .arg("at")
-            .arg(&event.at);
-        for (name, value) in [
-            ("task_id", &event.task_id),
-            ("task", &event.task),
-            ("queue", &event.queue),
-        ] {
-            if let Some(value) = value {
-                cmd.arg(name).arg(value);
-            }
-        }
-        cmd.arg("detail").arg(event.detail.to_string()).ignore();
+        let optional = [
+            ("task_id", event.task_id.as_deref()),
+            ("task", event.task.as_deref()),
+            ("queue", event.queue.as_deref()),
+        ];
+        self.add_event_fields(
+            &mut pipe,
+            &event.kind,
+            &event.at,
+            optional,
+            &event.detail.to_string(),
+        );
         self.query_pipe::<()>(&pipe).await
     }
 
