@@ -7,9 +7,10 @@
 //! - [`client`] — the commands that talk to a running node over HTTP.
 //! - [`config`] — raw TOML structs → one `compile()` → a validated `Config`.
 //! - [`check`] — `runtime check`: every error and warning of a config, exit 78 on errors.
-//! - [`topology`] — the supervision tree a config describes.
+//! - [`topology`] — the supervision tree a config describes, task definitions, resources.
 //! - [`node`] — runs a node: tree + HTTP server, signal handling, ordered stop.
-//! - [`http`] — axum router: health, the tree, tasks, queues, dead letters, chaos.
+//! - [`http`] — axum router: health, the tree, tasks, queues, dead letters, the egress proxy,
+//!   chaos.
 //! - [`shutdown`] — SIGINT/SIGTERM handling (a second signal exits at once).
 //! - [`telemetry`] — tracing subscriber: `RUST_LOG` filter, text or JSON.
 

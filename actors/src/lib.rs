@@ -1,5 +1,5 @@
-//! The actors of the runtime: supervision and the tree registry (later the broker, queue
-//! consumers, task workers, shared resources and process pools).
+//! The actors of the runtime: supervision and the tree registry, the broker (Redis Streams and
+//! an in-memory twin), queue consumers and task actors, and shared resources.
 //!
 //! No TOML, clap or axum in here: everything takes typed arguments, built by the `runtime`
 //! program from its validated config.
