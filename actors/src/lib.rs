@@ -12,6 +12,7 @@
 //! - [`gate`] — `ResourceGate`: deferral of tasks whose resources are closed.
 //! - [`handler`] — what runs a task: `Handler`, `TaskError`, `TaskDef`; native, http, exec.
 //! - [`resource`] — shared resources: circuit breaker, Zep client, OpenAI limiter, egress types.
+//! - [`pool`] — process pools: `Pool` (membership, claim), `PoolActor`, agents' monitors.
 //! - [`supervisor`] — `SupervisorActor`: OTP strategies, restart types, intensity, backoff,
 //!   ordered start and reverse-ordered stop.
 //! - [`tree`] — the tree registry every actor is recorded in; read by the introspection routes.
@@ -23,6 +24,7 @@ pub mod consumer;
 pub mod gate;
 pub mod handler;
 pub mod heartbeat;
+pub mod pool;
 pub mod resource;
 pub mod supervisor;
 pub mod task;

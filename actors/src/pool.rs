@@ -1,0 +1,1025 @@
+//! Process pools (DESIGN.md §6): prewarmed agent processes (voice bots), claimed one per
+//! session.
+//!
+//! - [`PoolSpec`] — one pool's validated settings ([`PoolSpec::try_new`] from [`PoolSettings`]).
+//! - [`Pool`] — the handle made by the node, outside any actor: it owns the pool's membership
+//!   (agent id → pid/pgid, state, start time, last RSS) and the agents' monitor tasks, and
+//!   serves [`Pool::claim`], [`Pool::release`], [`Pool::snapshot`] and [`Pool::health`].
+//! - [`PoolActor`] (kind `pool`, permanent) — keeps `min_idle` warm agents (never above `max`),
+//!   replaces assigned and exited ones, recycles idle agents older than `max_idle_age`, kills
+//!   agents above `memory_limit_mb`, publishes the snapshot and marks itself degraded while the
+//!   pool is in `backoff` or `fatal`.
+//! - `agent` — one agent's life: a task owning the `tokio::process::Child`, draining both pipes,
+//!   watching for the ready / assigned patterns and enforcing the timeouts.
+//! - `process` — spawning (own process group, clean environment), group signals, RSS.
+//!
+//! # Why agents are tasks owned by the [`Pool`], not ractor children of the actor
+//!
+//! A ractor actor that is killed runs no `post_stop`, and its linked children are killed with
+//! it: a process owned by an actor would be orphaned (or killed) by every restart of that
+//! actor. Pool membership is state that must survive a crash (DESIGN.md §2), so each agent's
+//! process and monitor task belong to the [`Pool`]; a restarted [`PoolActor`] re-adopts the
+//! agents whose monitor still runs and kills the process group of any that lost its monitor.
+//! The per-agent "actor" is therefore a monitor task with explicit states
+//! ([`AgentState`]) that is visible, agent by agent, in the pool's snapshot.
+//!
+//! # Agent states
+//!
+//! `starting → idle → assigned → draining → exited`, plus `failed`:
+//!
+//! | state | meaning | leaves to |
+//! |---|---|---|
+//! | `starting` | spawned, `ready_pattern` not seen yet (on stdout **or** stderr) | `idle`; `failed` at `startup_timeout` (SIGKILL to the group) or on an early exit |
+//! | `idle` | ready, waiting in FIFO order for a claim | `assigned`; `draining` (recycled or over the memory limit) |
+//! | `assigned` | the assignment was written to stdin (and `assigned_pattern` seen) | `exited` when the session ends; `draining` on release |
+//! | `draining` | `stop_signal` sent to the group, SIGKILL after `stop_timeout` | `exited` / `failed` |
+//! | `exited`, `failed` | reaped; kept in the snapshot's `recent` list with the reason | — |
+//!
+//! Agents are single-use: an agent exits after its session, is reaped and replaced.
+//!
+//! # Pool health
+//!
+//! A startup failure (spawn error, exit before ready, `startup_timeout`) counts towards
+//! `startretries` once per round (the agents started together, e.g. the first `min_idle`,
+//! fail for one reason and count once); the next start waits the respawn [`Backoff`]
+//! (`backoff`), only one agent starts at a time while failures are counted (a crash loop runs
+//! at the backoff's pace, never faster), and after `startretries` consecutive failures
+//! the pool is `fatal` (supervisord's semantics): no more starts until [`Pool::reset`]. A ready
+//! agent resets the count. Both states are in [`Pool::health`], the snapshot and `/health`
+//! (through the actor's degraded mark).
+
+mod actor;
+mod agent;
+mod process;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use regex::Regex;
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tracing::{error, info, warn};
+
+pub use actor::{PoolActor, PoolArgs, PoolMessage};
+use agent::AgentCommand;
+
+use crate::supervisor::Backoff;
+
+/// Ended agents kept in the snapshot's `recent` list.
+const RECENT: usize = 32;
+/// Env vars the pool sets itself.
+const RESERVED_ENV: [&str; 2] = ["RT_AGENT_ID", "RT_POOL"];
+
+/// One pool's settings, as built by the node from its config; validated by
+/// [`PoolSpec::try_new`].
+#[derive(Debug, Clone)]
+pub struct PoolSettings {
+    /// The pool's name (`voice`): agent ids are `{name}-{n}`, `RT_POOL` is set to it.
+    pub name: String,
+    /// The program (an absolute path, or found through `PATH` given in `env`).
+    pub command: String,
+    /// Its arguments (never a shell).
+    pub args: Vec<String>,
+    /// The agents' whole environment, plus `RT_AGENT_ID` and `RT_POOL` (nothing is inherited).
+    pub env: BTreeMap<String, String>,
+    /// Working directory (the node's when `None`).
+    pub cwd: Option<PathBuf>,
+    /// Ready agents kept warm.
+    pub min_idle: usize,
+    /// Agent processes alive at most (starting, idle, assigned and draining together).
+    pub max: usize,
+    /// Time allowed from spawn to `ready_pattern`.
+    pub startup_timeout: Duration,
+    /// A line matching this, on stdout or stderr, makes a starting agent ready.
+    pub ready_pattern: Regex,
+    /// A line matching this, after the assignment was written, confirms it; `None` confirms
+    /// once the line is written.
+    pub assigned_pattern: Option<Regex>,
+    /// Time allowed from writing the assignment to `assigned_pattern`.
+    pub assign_timeout: Duration,
+    /// How long a claim waits for an idle agent.
+    pub claim_timeout: Duration,
+    /// Resident memory (VmRSS) above which an agent is stopped and replaced.
+    pub memory_limit_mb: Option<u64>,
+    /// Idle agents older than this are recycled.
+    pub max_idle_age: Option<Duration>,
+    /// Signal of an orderly stop, sent to the agent's process group.
+    pub stop_signal: Signal,
+    /// Time from `stop_signal` to SIGKILL.
+    pub stop_timeout: Duration,
+    /// Consecutive startup failures that make the pool `fatal`.
+    pub startretries: u32,
+    /// Delay before the start that follows a startup failure.
+    pub backoff: Backoff,
+    /// How often liveness, RSS and idle age are checked.
+    pub health_every: Duration,
+}
+
+impl PoolSettings {
+    /// Settings with the defaults: `min_idle` 1, `max` 4, `startup_timeout` 30 s,
+    /// `assigned_pattern` none, `assign_timeout` 5 s, `claim_timeout` 10 s, no memory limit,
+    /// no idle age, SIGTERM then SIGKILL after 10 s, `startretries` 3, the default backoff,
+    /// health every 2 s.
+    pub fn new(name: &str, command: &str, ready_pattern: Regex) -> Self {
+        Self {
+            name: name.to_string(),
+            command: command.to_string(),
+            args: Vec::new(),
+            env: BTreeMap::new(),
+            cwd: None,
+            min_idle: 1,
+            max: 4,
+            startup_timeout: Duration::from_secs(30),
+            ready_pattern,
+            assigned_pattern: None,
+            assign_timeout: Duration::from_secs(5),
+            claim_timeout: Duration::from_secs(10),
+            memory_limit_mb: None,
+            max_idle_age: None,
+            stop_signal: Signal::SIGTERM,
+            stop_timeout: Duration::from_secs(10),
+            startretries: 3,
+            backoff: Backoff::default(),
+            health_every: Duration::from_secs(2),
+        }
+    }
+}
+
+/// One invalid pool setting.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct PoolSpecError {
+    /// The setting's name (`min_idle`).
+    pub field: &'static str,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+/// A pool's validated settings: it cannot be built from invalid ones.
+#[derive(Debug, Clone)]
+pub struct PoolSpec(PoolSettings);
+
+impl PoolSpec {
+    /// Validates `settings`, returning every error at once.
+    pub fn try_new(settings: PoolSettings) -> Result<Self, Vec<PoolSpecError>> {
+        let mut errors = Vec::new();
+        let mut bad = |field, reason: &str| {
+            errors.push(PoolSpecError {
+                field,
+                reason: reason.to_string(),
+            })
+        };
+        let s = &settings;
+        if s.name.is_empty() || s.name.contains(['/', ' ']) {
+            bad("name", "must be non-empty, without '/' or spaces");
+        }
+        if s.command.is_empty() {
+            bad("command", "must not be empty");
+        }
+        if s.max == 0 {
+            bad("max", "must be at least 1");
+        }
+        if s.min_idle > s.max {
+            bad("min_idle", "must not exceed max");
+        }
+        for (field, value) in [
+            ("startup_timeout", s.startup_timeout),
+            ("assign_timeout", s.assign_timeout),
+            ("claim_timeout", s.claim_timeout),
+            ("stop_timeout", s.stop_timeout),
+            ("health_every", s.health_every),
+        ] {
+            if value.is_zero() {
+                bad(field, "must be longer than zero");
+            }
+        }
+        if s.max_idle_age.is_some_and(|d| d.is_zero()) {
+            bad("max_idle_age", "must be longer than zero");
+        }
+        if s.memory_limit_mb == Some(0) {
+            bad("memory_limit_mb", "must be at least 1");
+        }
+        if s.startretries == 0 {
+            bad("startretries", "must be at least 1");
+        }
+        if s.stop_signal == Signal::SIGKILL {
+            // Allowed, but it leaves the agent no chance to leave its room cleanly.
+            warn!(pool = %s.name, "stop_signal is SIGKILL: agents cannot stop cleanly");
+        }
+        for key in s.env.keys() {
+            if key.is_empty() || key.contains(['=', '\0']) {
+                bad("env", &format!("invalid variable name {key:?}"));
+            } else if RESERVED_ENV.contains(&key.as_str()) {
+                bad("env", &format!("{key} is set by the pool"));
+            }
+        }
+        if errors.is_empty() {
+            Ok(Self(settings))
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// The settings.
+    pub fn settings(&self) -> &PoolSettings {
+        &self.0
+    }
+}
+
+/// An agent's state (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum AgentState {
+    /// Spawned, not ready yet.
+    Starting,
+    /// Ready, waiting for a claim.
+    Idle,
+    /// Claimed: the assignment was written to its stdin.
+    Assigned,
+    /// Stopping: `stop_signal` sent, SIGKILL at `stop_timeout`.
+    Draining,
+    /// Reaped after its session or an orderly stop.
+    Exited,
+    /// Reaped after a startup failure, a crash, a failed assignment or a kill for memory.
+    Failed,
+}
+
+impl AgentState {
+    /// The state's name in snapshots.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Starting => "starting",
+            Self::Idle => "idle",
+            Self::Assigned => "assigned",
+            Self::Draining => "draining",
+            Self::Exited => "exited",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+/// A successful claim.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claimed {
+    /// The agent's id (`voice-17`), also in its `RT_AGENT_ID`.
+    pub agent_id: String,
+    /// Its process id (and process group id).
+    pub pid: u32,
+}
+
+/// Why a claim got no agent.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClaimError {
+    /// No idle agent within `claim_timeout` (retry later).
+    #[error("pool {pool}: no idle agent within {waited:?}")]
+    Timeout {
+        /// The pool.
+        pool: String,
+        /// How long the claim waited.
+        waited: Duration,
+    },
+    /// The pool gave up starting agents (needs an operator: see the reason).
+    #[error("pool {pool} is fatal: {reason}")]
+    Fatal {
+        /// The pool.
+        pool: String,
+        /// Why it gave up.
+        reason: String,
+    },
+    /// The pool is stopping.
+    #[error("pool {pool} is stopping")]
+    Closed {
+        /// The pool.
+        pool: String,
+    },
+}
+
+/// Why a release did nothing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReleaseError {
+    /// No live agent with that id in this pool.
+    #[error("pool {pool} has no agent {agent_id}")]
+    Unknown {
+        /// The pool.
+        pool: String,
+        /// The id asked for.
+        agent_id: String,
+    },
+}
+
+/// A live agent, as the pool knows it.
+#[derive(Debug)]
+struct Member {
+    id: String,
+    pid: u32,
+    state: AgentState,
+    started: Instant,
+    /// When it became idle (FIFO order of claims).
+    idle_since: Option<Instant>,
+    rss_kb: Option<u64>,
+    commands: mpsc::UnboundedSender<AgentCommand>,
+    /// The pool's failure generation when it was started (see `record_startup_failure`).
+    generation: u64,
+}
+
+/// An agent that ended.
+#[derive(Debug)]
+struct Ended {
+    id: String,
+    pid: u32,
+    state: AgentState,
+    reason: String,
+    lived: Duration,
+}
+
+#[derive(Debug, Default)]
+struct Totals {
+    spawned: u64,
+    ready: u64,
+    claims: u64,
+    exited: u64,
+    failed: u64,
+    startup_failures: u64,
+    assign_failures: u64,
+    recycled: u64,
+    memory_kills: u64,
+    sigkills: u64,
+    adopted: u64,
+}
+
+#[derive(Debug, Default)]
+struct Membership {
+    /// Live agents by sequence number.
+    agents: BTreeMap<u64, Member>,
+    /// Agents being spawned right now (not in `agents` yet).
+    launching: usize,
+    /// Claims waiting for an idle agent.
+    waiters: usize,
+    consecutive_failures: u32,
+    /// Bumped by every counted startup failure: agents started before it are of an older round.
+    failure_generation: u64,
+    next_start_at: Option<Instant>,
+    last_failure: Option<String>,
+    fatal: Option<String>,
+    closed: bool,
+    recent: VecDeque<Ended>,
+    totals: Totals,
+}
+
+impl Membership {
+    fn count(&self, state: AgentState) -> usize {
+        self.agents.values().filter(|m| m.state == state).count()
+    }
+}
+
+struct Shared {
+    spec: PoolSpec,
+    members: Mutex<Membership>,
+    changed: watch::Sender<u64>,
+    next_seq: AtomicU64,
+}
+
+/// A pool: its membership, its agents and the claim API. Cheap to clone; made by the node and
+/// shared by the [`PoolActor`], the `pool` task handler and the HTTP routes.
+#[derive(Clone)]
+pub struct Pool {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("name", &self.name())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Decrements the waiting-claims count when a claim ends, however it ends.
+struct Waiting<'a>(&'a Pool);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.lock().waiters -= 1;
+    }
+}
+
+impl Pool {
+    /// A pool with no agents yet; its [`PoolActor`] starts them.
+    pub fn new(spec: PoolSpec) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                spec,
+                members: Mutex::new(Membership::default()),
+                changed: watch::Sender::new(0),
+                next_seq: AtomicU64::new(1),
+            }),
+        }
+    }
+
+    /// The pool's name.
+    pub fn name(&self) -> &str {
+        &self.shared.spec.0.name
+    }
+
+    /// The pool's settings.
+    pub fn spec(&self) -> &PoolSpec {
+        &self.shared.spec
+    }
+
+    fn settings(&self) -> &PoolSettings {
+        &self.shared.spec.0
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Membership> {
+        // A panic while holding the lock leaves consistent data (no multi-step invariants are
+        // broken half-way that later code relies on), so poisoning is ignored.
+        self.shared
+            .members
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Wakes claims waiting for an agent and the actor.
+    fn touch(&self) {
+        self.shared.changed.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    /// A receiver that sees every change of the membership.
+    pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
+        self.shared.changed.subscribe()
+    }
+
+    /// Claims an idle agent (oldest idle first) and hands it `assignment` as one JSON line on
+    /// its stdin; confirmed by `assigned_pattern` within `assign_timeout`, else that agent is
+    /// killed and another one is tried. Without an idle agent the claim waits up to
+    /// `claim_timeout`, starting an agent if the pool is below `max`.
+    pub async fn claim(&self, assignment: Value) -> Result<Claimed, ClaimError> {
+        let started = Instant::now();
+        let deadline = started + self.settings().claim_timeout;
+        let mut line = assignment.to_string();
+        line.push('\n');
+        let mut changed = self.subscribe();
+        let mut waiting = None;
+        loop {
+            if Instant::now() >= deadline {
+                return Err(ClaimError::Timeout {
+                    pool: self.name().to_string(),
+                    waited: started.elapsed(),
+                });
+            }
+            changed.borrow_and_update();
+            let taken = {
+                let mut m = self.lock();
+                if m.closed {
+                    return Err(ClaimError::Closed {
+                        pool: self.name().to_string(),
+                    });
+                }
+                let oldest = m
+                    .agents
+                    .iter()
+                    .filter(|(_, a)| a.state == AgentState::Idle)
+                    .min_by_key(|(seq, a)| (a.idle_since, **seq))
+                    .map(|(seq, _)| *seq);
+                match oldest.and_then(|seq| m.agents.get_mut(&seq)) {
+                    Some(agent) => {
+                        agent.state = AgentState::Assigned;
+                        agent.idle_since = None;
+                        Some((agent.id.clone(), agent.pid, agent.commands.clone()))
+                    }
+                    None => {
+                        if let Some(reason) = &m.fatal {
+                            return Err(ClaimError::Fatal {
+                                pool: self.name().to_string(),
+                                reason: reason.clone(),
+                            });
+                        }
+                        None
+                    }
+                }
+            };
+            if let Some((agent_id, pid, commands)) = taken {
+                // No longer waiting. The actor starts the replacement (a fork here would sit
+                // on the claim's path).
+                waiting = None;
+                self.touch();
+                let (reply, confirmed) = oneshot::channel();
+                let sent = commands.send(AgentCommand::Assign {
+                    line: line.clone(),
+                    reply,
+                });
+                let outcome = match sent {
+                    Ok(()) => confirmed
+                        .await
+                        .unwrap_or_else(|_| Err("the agent ended".into())),
+                    Err(_) => Err("the agent's monitor is gone".into()),
+                };
+                match outcome {
+                    Ok(()) => {
+                        self.lock().totals.claims += 1;
+                        return Ok(Claimed { agent_id, pid });
+                    }
+                    Err(reason) => {
+                        warn!(pool = %self.name(), agent = %agent_id, %reason, "assignment failed; trying another agent");
+                        self.lock().totals.assign_failures += 1;
+                        continue;
+                    }
+                }
+            }
+            if waiting.is_none() {
+                self.lock().waiters += 1;
+                waiting = Some(Waiting(self));
+            }
+            self.reconcile();
+            if tokio::time::timeout_at(deadline, changed.changed())
+                .await
+                .is_err()
+            {
+                return Err(ClaimError::Timeout {
+                    pool: self.name().to_string(),
+                    waited: started.elapsed(),
+                });
+            }
+        }
+    }
+
+    /// Ends `agent_id`'s session: `stop_signal` to its group, SIGKILL after `stop_timeout`;
+    /// the pool replaces it.
+    pub fn release(&self, agent_id: &str) -> Result<(), ReleaseError> {
+        let found = {
+            let mut m = self.lock();
+            m.agents.values_mut().find(|a| a.id == agent_id).map(|a| {
+                let first = a.state != AgentState::Draining;
+                a.state = AgentState::Draining;
+                (first, a.commands.clone())
+            })
+        };
+        match found {
+            Some((first, commands)) => {
+                if first {
+                    let _ = commands.send(AgentCommand::Stop {
+                        reason: "released".into(),
+                        failed: false,
+                    });
+                }
+                self.touch();
+                Ok(())
+            }
+            None => Err(ReleaseError::Unknown {
+                pool: self.name().to_string(),
+                agent_id: agent_id.to_string(),
+            }),
+        }
+    }
+
+    /// `Some("backoff: …")` or `Some("fatal: …")` while agents cannot be started; `None`
+    /// when healthy.
+    pub fn health(&self) -> Option<String> {
+        let m = self.lock();
+        if let Some(reason) = &m.fatal {
+            return Some(format!("fatal: {reason}"));
+        }
+        if m.consecutive_failures > 0 {
+            let last = m.last_failure.as_deref().unwrap_or("?");
+            return Some(format!(
+                "backoff: {} consecutive startup failure(s) of {}; last: {last}",
+                m.consecutive_failures,
+                self.settings().startretries
+            ));
+        }
+        None
+    }
+
+    /// Leaves `fatal`/`backoff`: the next reconcile starts agents again (an operator's action).
+    pub fn reset(&self) {
+        {
+            let mut m = self.lock();
+            m.fatal = None;
+            m.consecutive_failures = 0;
+            m.next_start_at = None;
+        }
+        info!(pool = %self.name(), "pool reset: starting agents again");
+        self.touch();
+    }
+
+    /// The pool at a glance: health, counts per state, each live agent (id, pid, state, age,
+    /// RSS), the idle agents in claim order, the last ended ones with their reasons, totals.
+    pub fn snapshot(&self) -> Value {
+        let now = Instant::now();
+        let health = self.health();
+        let m = self.lock();
+        let s = self.settings();
+        let agents: Vec<Value> = m
+            .agents
+            .values()
+            .map(|a| {
+                json!({
+                    "id": a.id,
+                    "pid": a.pid,
+                    "state": a.state.as_str(),
+                    "age_secs": secs(now - a.started),
+                    "rss_mb": a.rss_kb.map(|kb| kb / 1024),
+                })
+            })
+            .collect();
+        let mut queue: Vec<(Instant, u64, &str)> = m
+            .agents
+            .iter()
+            .filter_map(|(seq, a)| Some((a.idle_since?, *seq, a.id.as_str())))
+            .collect();
+        queue.sort();
+        let idle_queue: Vec<&str> = queue.into_iter().map(|(_, _, id)| id).collect();
+        let recent: Vec<Value> = m
+            .recent
+            .iter()
+            .map(|e| {
+                json!({
+                    "id": e.id,
+                    "pid": e.pid,
+                    "state": e.state.as_str(),
+                    "reason": e.reason,
+                    "lived_secs": secs(e.lived),
+                })
+            })
+            .collect();
+        let t = &m.totals;
+        json!({
+            "pool": s.name,
+            "health": match (&m.fatal, m.consecutive_failures) {
+                (Some(_), _) => "fatal",
+                (None, 0) => "ok",
+                (None, _) => "backoff",
+            },
+            "reason": health,
+            "min_idle": s.min_idle,
+            "max": s.max,
+            "closed": m.closed,
+            "counts": {
+                "starting": m.count(AgentState::Starting) + m.launching,
+                "idle": m.count(AgentState::Idle),
+                "assigned": m.count(AgentState::Assigned),
+                "draining": m.count(AgentState::Draining),
+                "exited": t.exited,
+                "failed": t.failed,
+            },
+            "idle_queue": idle_queue,
+            "waiting_claims": m.waiters,
+            "consecutive_startup_failures": m.consecutive_failures,
+            "agents": agents,
+            "recent": recent,
+            "totals": {
+                "spawned": t.spawned,
+                "ready": t.ready,
+                "claims": t.claims,
+                "exited": t.exited,
+                "failed": t.failed,
+                "startup_failures": t.startup_failures,
+                "assign_failures": t.assign_failures,
+                "recycled": t.recycled,
+                "memory_kills": t.memory_kills,
+                "sigkills": t.sigkills,
+                "adopted": t.adopted,
+            },
+        })
+    }
+
+    /// Starts agents until `idle + starting` covers `min_idle` plus the waiting claims, never
+    /// above `max`, and not while the pool is closed, fatal or backing off (one start at a time
+    /// while startup failures are counted).
+    pub(crate) fn reconcile(&self) {
+        let s = self.settings();
+        let now = Instant::now();
+        let n = {
+            let mut m = self.lock();
+            if m.closed || m.fatal.is_some() {
+                return;
+            }
+            let starting = m.count(AgentState::Starting) + m.launching;
+            if m.consecutive_failures > 0
+                && (starting > 0 || m.next_start_at.is_some_and(|t| now < t))
+            {
+                return;
+            }
+            let fresh_idle = m
+                .agents
+                .values()
+                .filter(|a| a.state == AgentState::Idle && !self.expired(a, now))
+                .count();
+            let want = s.min_idle + m.waiters;
+            let live = m.agents.len() + m.launching;
+            let mut n = want
+                .saturating_sub(fresh_idle + starting)
+                .min(s.max.saturating_sub(live));
+            if m.consecutive_failures > 0 {
+                n = n.min(1);
+            }
+            m.launching += n;
+            n
+        };
+        for _ in 0..n {
+            self.launch();
+        }
+    }
+
+    fn expired(&self, agent: &Member, now: Instant) -> bool {
+        match (self.settings().max_idle_age, agent.idle_since) {
+            (Some(age), Some(since)) => now.duration_since(since) >= age,
+            _ => false,
+        }
+    }
+
+    /// Spawns one agent (its slot was counted in `launching`) and its monitor task.
+    fn launch(&self) {
+        let seq = self.shared.next_seq.fetch_add(1, Ordering::Relaxed);
+        let id = format!("{}-{seq}", self.name());
+        let generation = self.lock().failure_generation;
+        match process::spawn(self.settings(), &id) {
+            Ok(mut child) => {
+                let Some(pid) = child.id() else {
+                    // Already reaped: cannot happen before the first wait.
+                    let _ = child.start_kill();
+                    self.lock().launching -= 1;
+                    self.record_startup_failure(&id, "no pid after spawn".into(), generation);
+                    return;
+                };
+                let (commands, receiver) = mpsc::unbounded_channel();
+                {
+                    let mut m = self.lock();
+                    m.launching -= 1;
+                    m.totals.spawned += 1;
+                    m.agents.insert(
+                        seq,
+                        Member {
+                            id: id.clone(),
+                            pid,
+                            state: AgentState::Starting,
+                            started: Instant::now(),
+                            idle_since: None,
+                            rss_kb: None,
+                            commands,
+                            generation,
+                        },
+                    );
+                }
+                info!(pool = %self.name(), agent = %id, pid, "agent spawned");
+                tokio::spawn(agent::run(self.clone(), seq, id, pid, child, receiver));
+            }
+            Err(err) => {
+                self.lock().launching -= 1;
+                let reason = format!("cannot run {}: {err}", self.settings().command);
+                self.record_startup_failure(&id, reason, generation);
+            }
+        }
+        self.touch();
+    }
+
+    /// An agent saw its ready pattern.
+    fn agent_ready(&self, seq: u64) {
+        {
+            let mut m = self.lock();
+            let Some(agent) = m.agents.get_mut(&seq) else {
+                return;
+            };
+            if agent.state != AgentState::Starting {
+                return;
+            }
+            agent.state = AgentState::Idle;
+            agent.idle_since = Some(Instant::now());
+            m.totals.ready += 1;
+            m.consecutive_failures = 0;
+            m.next_start_at = None;
+        }
+        self.touch();
+    }
+
+    /// An agent began draining on its own (startup timeout kill, stop).
+    fn agent_draining(&self, seq: u64) {
+        if let Some(agent) = self.lock().agents.get_mut(&seq) {
+            agent.state = AgentState::Draining;
+        }
+        self.touch();
+    }
+
+    /// Counts a startup failure towards `startretries` — once per round: agents started
+    /// together before a counted failure (the initial `min_idle` burst) fail for the same
+    /// reason and count once; after it, starts are single probes spaced by the backoff.
+    fn record_startup_failure(&self, id: &str, reason: String, generation: u64) {
+        let s = self.settings();
+        let mut m = self.lock();
+        m.totals.startup_failures += 1;
+        m.last_failure = Some(format!("{id}: {reason}"));
+        if generation != m.failure_generation || m.fatal.is_some() {
+            warn!(pool = %self.name(), agent = %id, %reason, "agent of an earlier round failed to start too");
+            return;
+        }
+        m.failure_generation += 1;
+        m.consecutive_failures += 1;
+        let n = m.consecutive_failures;
+        if n >= s.startretries {
+            let why = format!("{n} consecutive startup failures; last: {id}: {reason}");
+            error!(pool = %self.name(), reason = %why, "pool is fatal: no more agents are started");
+            m.fatal = Some(why);
+        } else {
+            let delay = s.backoff.delay(n - 1);
+            warn!(pool = %self.name(), agent = %id, %reason, failures = n, ?delay, "agent failed to start; backing off");
+            m.next_start_at = Some(Instant::now() + delay);
+        }
+    }
+
+    /// An agent was reaped.
+    fn agent_ended(&self, seq: u64, end: agent::End) {
+        let now = Instant::now();
+        let (id, pid, lived, generation) = {
+            let mut m = self.lock();
+            let Some(agent) = m.agents.remove(&seq) else {
+                return;
+            };
+            match end.state {
+                AgentState::Failed => m.totals.failed += 1,
+                _ => m.totals.exited += 1,
+            }
+            if end.sigkilled {
+                m.totals.sigkills += 1;
+            }
+            let lived = now - agent.started;
+            if m.recent.len() == RECENT {
+                m.recent.pop_front();
+            }
+            m.recent.push_back(Ended {
+                id: agent.id.clone(),
+                pid: agent.pid,
+                state: end.state,
+                reason: end.reason.clone(),
+                lived,
+            });
+            (agent.id, agent.pid, lived, agent.generation)
+        };
+        info!(pool = %self.name(), agent = %id, pid, state = end.state.as_str(), reason = %end.reason, ?lived, "agent reaped");
+        if end.startup_failure {
+            self.record_startup_failure(&id, end.reason, generation);
+        }
+        self.touch();
+    }
+
+    /// Liveness, RSS and idle age: stops agents above `memory_limit_mb`, recycles expired idle
+    /// agents, kills the group of any agent whose monitor is gone. Reads `/proc` outside the
+    /// lock.
+    pub(crate) fn check_health(&self) {
+        let s = self.settings();
+        let pids: Vec<(u64, u32)> = self
+            .lock()
+            .agents
+            .iter()
+            .map(|(seq, a)| (*seq, a.pid))
+            .collect();
+        let rss: Vec<(u64, Option<u64>)> = pids
+            .into_iter()
+            .map(|(seq, pid)| (seq, process::rss_kb(pid)))
+            .collect();
+        let now = Instant::now();
+        let mut stops = Vec::new();
+        let mut orphans = Vec::new();
+        {
+            let mut m = self.lock();
+            for (seq, kb) in rss {
+                let Some(agent) = m.agents.get_mut(&seq) else {
+                    continue;
+                };
+                agent.rss_kb = kb;
+                if agent.commands.is_closed() {
+                    orphans.push(seq);
+                    continue;
+                }
+                if let (Some(limit), Some(kb)) = (s.memory_limit_mb, kb)
+                    && kb / 1024 > limit
+                    && agent.state != AgentState::Draining
+                {
+                    agent.state = AgentState::Draining;
+                    stops.push((
+                        agent.commands.clone(),
+                        format!("RSS {} MB above memory_limit_mb {limit}", kb / 1024),
+                        true,
+                    ));
+                    m.totals.memory_kills += 1;
+                }
+            }
+            // Recycle expired idle agents once fresh ones cover min_idle (or the pool is
+            // full, so a replacement can only start after one goes).
+            let fresh_idle = m
+                .agents
+                .values()
+                .filter(|a| a.state == AgentState::Idle && !self.expired(a, now))
+                .count();
+            let full = m.agents.len() + m.launching >= s.max;
+            let expired: Vec<u64> = m
+                .agents
+                .iter()
+                .filter(|(_, a)| a.state == AgentState::Idle && self.expired(a, now))
+                .map(|(seq, _)| *seq)
+                .collect();
+            let allowed = if fresh_idle >= s.min_idle {
+                expired.len()
+            } else if full {
+                1
+            } else {
+                0
+            };
+            for seq in expired.into_iter().take(allowed) {
+                if let Some(agent) = m.agents.get_mut(&seq) {
+                    agent.state = AgentState::Draining;
+                    stops.push((
+                        agent.commands.clone(),
+                        "recycled: max_idle_age".into(),
+                        false,
+                    ));
+                }
+                m.totals.recycled += 1;
+            }
+            for seq in &orphans {
+                if let Some(agent) = m.agents.remove(seq) {
+                    error!(pool = %self.name(), agent = %agent.id, pid = agent.pid, "agent lost its monitor: killing its group");
+                    process::signal_group(agent.pid, Signal::SIGKILL);
+                }
+            }
+        }
+        for (commands, reason, failed) in stops {
+            warn!(pool = %self.name(), %reason, "stopping agent");
+            let _ = commands.send(AgentCommand::Stop { reason, failed });
+        }
+        self.touch();
+    }
+
+    /// Called by a (re)started [`PoolActor`]: opens the pool and re-adopts the agents whose
+    /// monitor still runs (killing the group of any that lost it). Returns how many were
+    /// adopted.
+    pub(crate) fn adopt(&self) -> usize {
+        let adopted = {
+            let mut m = self.lock();
+            m.closed = false;
+            let n = m.agents.len();
+            m.totals.adopted += n as u64;
+            n
+        };
+        // Liveness check: orphaned groups are killed here.
+        self.check_health();
+        adopted
+    }
+
+    /// Stops every agent (`stop_signal`, SIGKILL after `stop_timeout`) and waits until all are
+    /// reaped; no agent is started or claimed meanwhile. Returns the agents still alive after
+    /// the deadline (their groups were SIGKILLed; zero unless the system is wedged).
+    pub async fn shutdown(&self) -> usize {
+        let deadline = Instant::now() + self.settings().stop_timeout + Duration::from_secs(2);
+        let mut changed = self.subscribe();
+        let stops: Vec<_> = {
+            let mut m = self.lock();
+            m.closed = true;
+            m.agents
+                .values_mut()
+                .filter(|a| a.state != AgentState::Draining)
+                .map(|a| {
+                    a.state = AgentState::Draining;
+                    a.commands.clone()
+                })
+                .collect()
+        };
+        for commands in stops {
+            let _ = commands.send(AgentCommand::Stop {
+                reason: "pool stopping".into(),
+                failed: false,
+            });
+        }
+        self.touch();
+        loop {
+            changed.borrow_and_update();
+            let left = {
+                let m = self.lock();
+                m.agents.len() + m.launching
+            };
+            if left == 0 {
+                return 0;
+            }
+            if tokio::time::timeout_at(deadline, changed.changed())
+                .await
+                .is_err()
+            {
+                let m = self.lock();
+                for agent in m.agents.values() {
+                    error!(pool = %self.name(), agent = %agent.id, pid = agent.pid, "agent not reaped at shutdown: SIGKILL to its group");
+                    process::signal_group(agent.pid, Signal::SIGKILL);
+                }
+                return m.agents.len();
+            }
+        }
+    }
+}
+
+fn secs(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1000.0).round() / 1000.0
+}
