@@ -23,7 +23,7 @@ use actors::broker::memory::MemoryBroker;
 use actors::handler::native::Natives;
 
 use crate::config::{self, Config, Diagnostics, Environment};
-use crate::topology::{broker_settings, resources, task_defs};
+use crate::topology::{broker_settings, pools, resources, task_defs};
 
 /// sysexits.h EX_CONFIG: the exit code for a bad config.
 pub const EX_CONFIG: u8 = 78;
@@ -64,7 +64,16 @@ pub async fn run(path: &Path, deny_warnings: bool, no_environment: bool) -> Exit
 /// What a valid config still needs from this binary and this machine: a registered function
 /// for every native task, and (unless `no_environment`) a reachable broker.
 async fn beyond_the_file(config: &Config, no_environment: bool, diagnostics: &mut Diagnostics) {
-    if let Err(missing) = task_defs(config, &Natives::builtin(), &reqwest::Client::new()) {
+    let pools = match pools(config) {
+        Ok((pools, _)) => pools,
+        Err(problems) => {
+            for (path, message) in problems {
+                diagnostics.error(path, message);
+            }
+            Default::default()
+        }
+    };
+    if let Err(missing) = task_defs(config, &Natives::builtin(), &reqwest::Client::new(), &pools) {
         for (path, message) in missing {
             diagnostics.error(path, message);
         }

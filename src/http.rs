@@ -7,18 +7,22 @@
 //! | `POST /tasks`, `GET /tasks/{id}` | enqueue (one or a batch), a task's record ([`tasks`]) |
 //! | `GET /queues`, `GET /dlq/{queue}`, `POST /dlq/{queue}/requeue`, `POST /queues/{queue}/purge` | depths and dead letters ([`queues`]) |
 //! | `ANY /egress/{resource}/{path}` | the egress proxy to a shared resource ([`egress`]) |
+//! | `GET /pools`, `POST /pools/{name}/claim` | process pools ([`pools`]) |
 //! | `POST /chaos/kill/{path}` | kill that actor (only with `[chaos] enabled = true`) |
 //!
 //! Mutating routes require `Authorization: Bearer <token>` when `http.admin_token_env` names a
 //! token. Errors are JSON `{"error": "..."}` and never carry internals or secrets.
 
 pub mod egress;
+pub mod pools;
 pub mod queues;
 pub mod tasks;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use actors::broker::{AnyBroker, BrokerError};
+use actors::pool::Pool;
 use actors::resource::Resources;
 use actors::tree::Tree;
 use axum::extract::{Path, Query, Request, State};
@@ -43,6 +47,8 @@ pub struct AppState {
     pub broker: Arc<AnyBroker>,
     /// Shared resources, for the egress proxy.
     pub resources: Arc<Resources>,
+    /// Process pools, by name.
+    pub pools: Arc<BTreeMap<String, Pool>>,
     /// The validated config (task routing, queue names).
     pub config: Arc<Config>,
     /// Bearer token for mutating routes, when configured.
@@ -63,6 +69,7 @@ impl AppState {
             tree,
             broker,
             resources,
+            pools: Arc::default(),
             admin_token: config.http.admin_token.as_deref().map(Arc::from),
             chaos: config.chaos.enabled,
             config: Arc::new(config.clone()),
@@ -122,6 +129,7 @@ pub fn app(state: AppState) -> Router {
     let mut mutating = Router::new()
         .route("/tasks", post(tasks::enqueue))
         .route("/dlq/{queue}/requeue", post(queues::requeue_dead))
+        .route("/pools/{name}/claim", post(pools::claim))
         .route("/queues/{queue}/purge", post(queues::purge));
     if state.chaos {
         mutating = mutating.route("/chaos/kill/{*path}", post(chaos_kill));
@@ -132,6 +140,7 @@ pub fn app(state: AppState) -> Router {
         .route("/actors", get(actors))
         .route("/tasks/{id}", get(tasks::record))
         .route("/queues", get(queues::depths))
+        .route("/pools", get(pools::snapshots))
         .route("/dlq/{queue}", get(queues::dead_letters))
         .route("/egress/{resource}", any(egress::forward))
         .route("/egress/{resource}/{*path}", any(egress::forward))

@@ -19,7 +19,9 @@ use tracing::{error, info, warn};
 use crate::check::EX_CONFIG;
 use crate::config::Config;
 use crate::http::{AppState, app};
-use crate::topology::{ROOT, Shared, broker_settings, node_name, resources, root_spec, task_defs};
+use crate::topology::{
+    ROOT, Shared, broker_settings, node_name, pools, resources, root_spec, task_defs,
+};
 
 /// Time the HTTP server gets to finish open requests once the tree has stopped.
 const HTTP_DRAIN: Duration = Duration::from_secs(2);
@@ -37,20 +39,7 @@ fn drain_consumers(tree: &Tree) {
 /// Says which validated sections this version does not run yet, so nobody mistakes a
 /// quiet node for a working queue.
 fn announce_unrun_sections(config: &Config) {
-    let pool_tasks: Vec<&str> = config
-        .tasks
-        .iter()
-        .filter(|(_, task)| matches!(task.handler, crate::config::Handler::Pool { .. }))
-        .map(|(name, _)| name.as_str())
-        .collect();
-    if !pool_tasks.is_empty() {
-        warn!(tasks = %pool_tasks.join(", "),
-            "these tasks use a pool handler, which this version does not have: they are dead-lettered (requeue them once pools land)");
-    }
-    let sections = [
-        ("pools", config.pools.len()),
-        ("schedules", config.schedules.len()),
-    ];
+    let sections = [("schedules", config.schedules.len())];
     let defined: Vec<String> = sections
         .iter()
         .filter(|(_, n)| *n > 0)
@@ -79,8 +68,17 @@ pub async fn run_with(
 ) -> ExitCode {
     let node_started = Instant::now();
     announce_unrun_sections(&config);
+    let (pools, pool_actors) = match pools(&config) {
+        Ok(built) => built,
+        Err(problems) => {
+            for (path, message) in problems {
+                error!("{path}: {message}");
+            }
+            return ExitCode::from(EX_CONFIG);
+        }
+    };
     let client = reqwest::Client::new();
-    let tasks = match task_defs(&config, &natives, &client) {
+    let tasks = match task_defs(&config, &natives, &client, &pools) {
         Ok(tasks) => Arc::new(tasks),
         Err(missing) => {
             for (path, message) in missing {
@@ -118,7 +116,7 @@ pub async fn run_with(
     };
     info!(node = %shared.work.consumer, broker = %url, "broker ready");
     let tree = Tree::new();
-    let spec = root_spec(&config, &shared, resource_actors, node_started);
+    let spec = root_spec(&config, &shared, resource_actors, pool_actors, node_started);
     let (root, mut root_done) = match start_root(&tree, ROOT, spec).await {
         Ok(started) => started,
         Err(err) => {
@@ -137,12 +135,13 @@ pub async fn run_with(
         }
     };
     let addr = listener.local_addr().map_or(config.http.bind, |a| a);
-    let state = AppState::new(
+    let mut state = AppState::new(
         Arc::clone(&tree),
         Arc::clone(shared.broker()),
         Arc::clone(&shared.resources),
         &config,
     );
+    state.pools = Arc::new(pools);
     if config.chaos.enabled {
         warn!("chaos routes are enabled: POST /chaos/kill/{{path}} kills actors");
     }

@@ -15,6 +15,7 @@
 //! Pools attach before `queues`, the scheduler after it, as their issues land
 //! (DESIGN.md §2). Children start in this order and stop in the reverse one.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,6 +27,7 @@ use actors::handler::http::HttpHandler;
 use actors::handler::native::Natives;
 use actors::handler::{Attempt, Handler, RetryPolicy, TaskContext, TaskDef, TaskDefs, TaskError};
 use actors::heartbeat::{HeartbeatActor, HeartbeatArgs};
+use actors::pool::{ClaimError, Pool, PoolActor, PoolArgs, PoolSettings, PoolSpec};
 use actors::resource::Resources;
 use actors::resource::breaker::{BreakerPolicy, BreakerSettings, FailureRate};
 use actors::resource::openai::{Limit, OpenAiActor, OpenAiArgs, OpenAiClient, OpenAiSettings};
@@ -71,6 +73,7 @@ pub fn task_defs(
     config: &Config,
     natives: &Natives,
     client: &reqwest::Client,
+    pools: &BTreeMap<String, Pool>,
 ) -> Result<TaskDefs, Problems> {
     let mut defs = Vec::new();
     let mut missing = Vec::new();
@@ -95,7 +98,16 @@ pub fn task_defs(
                     continue;
                 }
             },
-            config::Handler::Pool { pool } => Arc::new(NoPools { pool: pool.clone() }),
+            config::Handler::Pool { pool } => match pools.get(pool) {
+                Some(pool) => Arc::new(PoolHandler { pool: pool.clone() }),
+                None => {
+                    missing.push((
+                        format!("tasks.{name}.handler.pool"),
+                        format!("no pool `{pool}`"),
+                    ));
+                    continue;
+                }
+            },
         };
         defs.push(TaskDef {
             name: name.clone(),
@@ -244,6 +256,96 @@ pub fn resources(
     }
 }
 
+/// The process pools of `config` (`[pools.NAME]`): one [`Pool`] per pool, created once per
+/// node (membership outside the actor) and shared by its actor, the `pool` task handler and
+/// the HTTP routes. `Err` lists `(key path, message)` problems of the pool settings.
+pub fn pools(config: &Config) -> Result<(BTreeMap<String, Pool>, Vec<ChildSpec>), Problems> {
+    let mut pools = BTreeMap::new();
+    let mut children = Vec::new();
+    let mut problems = Vec::new();
+    for (name, p) in &config.pools {
+        let mut settings = PoolSettings::new(name, &p.command, p.ready_pattern.clone());
+        settings.args = p.args.clone();
+        settings.env = p.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        for var in &p.pass_env {
+            if let Ok(value) = std::env::var(var) {
+                settings.env.insert(var.clone(), value);
+            }
+        }
+        settings.cwd = p.cwd.clone();
+        settings.min_idle = p.min_idle as usize;
+        settings.max = p.max.get() as usize;
+        settings.startup_timeout = p.startup_timeout;
+        settings.assigned_pattern = p.assigned_pattern.clone();
+        settings.assign_timeout = p.assign_timeout;
+        settings.claim_timeout = p.claim_timeout;
+        settings.memory_limit_mb = p.memory_limit_mb.map(|mb| u64::from(mb.get()));
+        settings.max_idle_age = p.max_idle_age;
+        match p.stop_signal.as_str().parse::<nix::sys::signal::Signal>() {
+            Ok(signal) => settings.stop_signal = signal,
+            Err(err) => problems.push((format!("pools.{name}.stop_signal"), err.to_string())),
+        }
+        settings.stop_timeout = p.stop_timeout;
+        settings.startretries = p.startretries;
+        match PoolSpec::try_new(settings) {
+            Ok(spec) => {
+                let pool = Pool::new(spec);
+                pools.insert(name.clone(), pool.clone());
+                children.push(ChildSpec::new(
+                    name,
+                    "pool",
+                    Restart::Permanent,
+                    move |node| {
+                        let args = PoolArgs {
+                            node,
+                            pool: pool.clone(),
+                        };
+                        (PoolActor, args)
+                    },
+                ));
+            }
+            Err(errors) => {
+                for err in errors {
+                    problems.push((format!("pools.{name}.{}", err.field), err.reason));
+                }
+            }
+        }
+    }
+    if problems.is_empty() {
+        Ok((pools, children))
+    } else {
+        Err(problems)
+    }
+}
+
+/// The `pool` handler: claims an idle agent of the pool and hands it the task's envelope as
+/// its assignment. No idle agent within `claim_timeout` is retryable; a pool that gave up
+/// (`fatal`) is permanent.
+#[derive(Debug)]
+struct PoolHandler {
+    pool: Pool,
+}
+
+impl Handler for PoolHandler {
+    fn call(&self, ctx: TaskContext) -> Attempt {
+        let pool = self.pool.clone();
+        Box::pin(async move {
+            let assignment = serde_json::to_value(&*ctx.envelope).unwrap_or_default();
+            match pool.claim(assignment).await {
+                Ok(claimed) => {
+                    Ok(serde_json::json!({ "agent_id": claimed.agent_id, "pid": claimed.pid }))
+                }
+                Err(err @ ClaimError::Fatal { .. }) => Err(TaskError::Permanent(err.to_string())),
+                Err(err) => Err(TaskError::retry(err.to_string())),
+            }
+        })
+    }
+
+    fn kind(&self) -> &'static str {
+        "pool"
+    }
+}
+
 /// Pause between replay rounds of a resource's write backlog.
 pub const REPLAY_EVERY: Duration = Duration::from_secs(1);
 
@@ -258,28 +360,6 @@ fn egress_client() -> reqwest::Client {
 
 /// The native functions every `runtime` binary has.
 pub const BUILTIN_NATIVES: [&str; 4] = ["rt_echo", "rt_fail", "rt_noop", "rt_sleep"];
-
-/// The `pool` handler until process pools land: every attempt fails permanently with a reason
-/// that says so (the task is dead-lettered and can be requeued later), and the node warns at
-/// start.
-#[derive(Debug)]
-struct NoPools {
-    pool: String,
-}
-
-impl Handler for NoPools {
-    fn call(&self, _ctx: TaskContext) -> Attempt {
-        let reason = format!(
-            "pool handlers (pool `{}`) are not available in this version; requeue from the dead letters once they are",
-            self.pool
-        );
-        Box::pin(async move { Err(TaskError::Permanent(reason)) })
-    }
-
-    fn kind(&self) -> &'static str {
-        "pool"
-    }
-}
 
 /// The broker tunables of `config`.
 pub fn broker_settings(config: &Config) -> BrokerSettings {
@@ -315,6 +395,7 @@ pub fn root_spec(
     config: &Config,
     shared: &Shared,
     resources: Vec<ChildSpec>,
+    pools: Vec<ChildSpec>,
     node_started: Instant,
 ) -> SupervisorSpec {
     let broker_args = {
@@ -379,6 +460,9 @@ pub fn root_spec(
     let mut children = vec![broker];
     if !resources.is_empty() {
         children.push(ChildSpec::supervisor("resources", policy(resources)));
+    }
+    if !pools.is_empty() {
+        children.push(ChildSpec::supervisor("pools", policy(pools)));
     }
     children.push(ChildSpec::supervisor("queues", policy(consumers)));
     children.push(heartbeat);

@@ -1,0 +1,146 @@
+//! Process pools through the binary: a warm pool of fake voice agents, a claim over HTTP, a
+//! task with a `pool` handler, and a clean stop that leaves no agent behind.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::Node;
+use serde_json::{Value, json};
+use tokio::time::Instant;
+
+/// The real interpreter (children get a clean environment: no PATH, no pyenv shims).
+fn python() -> String {
+    let out = std::process::Command::new("python3")
+        .args(["-c", "import sys; print(sys.executable)"])
+        .output()
+        .expect("python3 runs");
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+fn agent_script() -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("examples/fake_voice_agent.py")
+        .display()
+        .to_string()
+}
+
+/// Live processes whose command line holds `tag`.
+fn tagged(tag: &str) -> usize {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .filter(|cmdline| String::from_utf8_lossy(cmdline).contains(tag))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_pool_serves_claims_and_pool_tasks_and_stops_clean() {
+    let tag = format!("pool-e2e-{}", std::process::id());
+    let config = format!(
+        r#"
+[runtime]
+shutdown_grace = "10s"
+
+[http]
+bind = "127.0.0.1:0"
+
+[queues.voice]
+concurrency = 2
+
+[pools.voice]
+command = "{python}"
+args = ["{script}", "--startup-delay", "0.2", "--session", "0.3", "--tag", "{tag}"]
+env = {{ PYTHONUNBUFFERED = "1" }}
+min_idle = 2
+max = 4
+startup_timeout = "10s"
+ready_pattern = "Pipeline ready"
+assigned_pattern = "Connected to"
+assign_timeout = "5s"
+claim_timeout = "5s"
+stop_timeout = "2s"
+
+[tasks.start_voice_session]
+queue = "voice"
+handler = {{ kind = "pool", pool = "voice" }}
+"#,
+        python = python(),
+        script = agent_script(),
+    );
+    let mut node = Node::start(&config, &[]);
+    let at = Instant::now();
+    loop {
+        let pools = node.get_json("/pools").await;
+        if pools["pools"]["voice"]["counts"]["idle"] == 2 {
+            break;
+        }
+        assert!(
+            at.elapsed() < Duration::from_secs(20),
+            "pool never warm: {pools}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(node.actor("root/pools/voice").await.is_some());
+
+    let claimed: Value = reqwest::Client::new()
+        .post(format!("{}/pools/voice/claim", node.url))
+        .json(&json!({ "room": "room-42" }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        claimed["agent_id"].as_str().unwrap().starts_with("voice-"),
+        "{claimed}"
+    );
+    assert!(claimed["pid"].as_u64().unwrap() > 0);
+
+    let sent: Value = reqwest::Client::new()
+        .post(format!("{}/tasks", node.url))
+        .json(&json!({ "task": "start_voice_session", "kwargs": { "room": "room-43" } }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = sent["id"].as_str().unwrap();
+    let at = Instant::now();
+    let record = loop {
+        let response = node.get(&format!("/tasks/{id}")).await;
+        if response.status() == 200 {
+            break response.json::<Value>().await.unwrap();
+        }
+        assert!(
+            at.elapsed() < Duration::from_secs(20),
+            "the pool task never finished"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(record["state"], "succeeded", "{record}");
+    assert!(
+        record["result"]["agent_id"]
+            .as_str()
+            .unwrap()
+            .starts_with("voice-")
+    );
+
+    let missing = reqwest::Client::new()
+        .post(format!("{}/pools/nope/claim", node.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+
+    node.signal("TERM");
+    let status = node.wait_exit(Duration::from_secs(15)).expect("exits");
+    assert_eq!(status.code(), Some(0), "{}", node.log());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(tagged(&tag), 0, "agents left behind after the node stopped");
+}
