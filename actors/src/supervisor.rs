@@ -527,5 +527,19 @@ async fn stop_child(node: &TreeHandle, cell: ActorCell, timeout: Duration, why: 
     }
 }
 
+/// A one-level policy for tests of a single actor under a supervisor: one_for_one, 5
+/// restarts in 10 s, a fixed 5 ms restart delay, 1 s to stop.
+#[cfg(test)]
+pub(crate) fn quick_restarts(children: Vec<ChildSpec>) -> SupervisorSpec {
+    SupervisorSpec {
+        strategy: Strategy::OneForOne,
+        intensity: Intensity::try_new(5, Duration::from_secs(10)).expect("valid intensity"),
+        backoff: Backoff::try_new(Duration::from_millis(5), Duration::from_millis(5), 0.0)
+            .expect("valid backoff"),
+        shutdown_timeout: Duration::from_secs(1),
+        children,
+    }
+}
+
 #[cfg(test)]
 mod tests;

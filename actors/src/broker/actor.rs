@@ -222,9 +222,7 @@ mod tests {
     use super::*;
     use crate::broker::memory::MemoryBroker;
     use crate::broker::{BrokerSettings, Envelope};
-    use crate::supervisor::{
-        Backoff, ChildSpec, Intensity, Restart, Strategy, SupervisorSpec, start_root,
-    };
+    use crate::supervisor::{ChildSpec, Restart, start_root};
     use crate::tree::Tree;
     use tokio::time::Instant;
 
@@ -249,14 +247,7 @@ mod tests {
             };
             (BrokerActor, args)
         });
-        let spec = SupervisorSpec {
-            strategy: Strategy::OneForOne,
-            intensity: Intensity::try_new(5, Duration::from_secs(10)).unwrap(),
-            backoff: Backoff::try_new(Duration::from_millis(5), Duration::from_millis(5), 0.0)
-                .unwrap(),
-            shutdown_timeout: Duration::from_secs(1),
-            children: vec![child],
-        };
+        let spec = crate::supervisor::quick_restarts(vec![child]);
         let (root, _) = start_root(&tree, "root", spec).await.unwrap();
         (tree, root)
     }

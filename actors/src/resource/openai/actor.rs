@@ -80,9 +80,7 @@ mod tests {
 
     use super::*;
     use crate::resource::openai::{Limit, OpenAiSettings};
-    use crate::supervisor::{
-        Backoff, ChildSpec, Intensity, Restart, Strategy, SupervisorSpec, start_root,
-    };
+    use crate::supervisor::{ChildSpec, Restart, start_root};
     use crate::tree::{Status, Tree};
 
     async fn eventually(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
@@ -109,14 +107,7 @@ mod tests {
             };
             (OpenAiActor, args)
         });
-        let spec = SupervisorSpec {
-            strategy: Strategy::OneForOne,
-            intensity: Intensity::try_new(5, Duration::from_secs(10)).unwrap(),
-            backoff: Backoff::try_new(Duration::from_millis(5), Duration::from_millis(5), 0.0)
-                .unwrap(),
-            shutdown_timeout: Duration::from_secs(1),
-            children: vec![child],
-        };
+        let spec = crate::supervisor::quick_restarts(vec![child]);
         let (root, _) = start_root(&tree, "root", spec).await.unwrap();
 
         // Spend the burst (the limiter is all the calls would go through before sending).

@@ -677,9 +677,7 @@ async fn a_missing_key_makes_zep_unusable_and_a_key_never_shows() {
 
 #[tokio::test]
 async fn killing_the_actor_while_open_keeps_the_breaker_open_and_replay_resumes() {
-    use crate::supervisor::{
-        Backoff, ChildSpec, Intensity, Restart, Strategy, SupervisorSpec, start_root,
-    };
+    use crate::supervisor::{ChildSpec, Restart, start_root};
     use crate::tree::{Status, Tree};
 
     let (base, fake) = fake_zep().await;
@@ -702,13 +700,7 @@ async fn killing_the_actor_while_open_keeps_the_breaker_open_and_replay_resumes(
         };
         (ZepActor, args)
     });
-    let spec = SupervisorSpec {
-        strategy: Strategy::OneForOne,
-        intensity: Intensity::try_new(5, Duration::from_secs(10)).unwrap(),
-        backoff: Backoff::try_new(Duration::from_millis(5), Duration::from_millis(5), 0.0).unwrap(),
-        shutdown_timeout: Duration::from_secs(1),
-        children: vec![child],
-    };
+    let spec = crate::supervisor::quick_restarts(vec![child]);
     let (root, _) = start_root(&tree, "root", spec).await.unwrap();
     eventually("first snapshot", Duration::from_secs(2), async || {
         tree.get("root/zep")
