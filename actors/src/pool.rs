@@ -11,7 +11,8 @@
 //!   pool is in `backoff` or `fatal`.
 //! - `agent` — one agent's life: a task owning the `tokio::process::Child`, draining both pipes,
 //!   watching for the ready / assigned patterns and enforcing the timeouts.
-//! - `process` — spawning (own process group, clean environment), group signals, RSS.
+//! - `process` — spawning (own process group, clean environment), group signals, RSS per
+//!   process group.
 //!
 //! # Why agents are tasks owned by the [`Pool`], not ractor children of the actor
 //!
@@ -106,7 +107,8 @@ pub struct PoolSettings {
     pub assign_timeout: Duration,
     /// How long a claim waits for an idle agent.
     pub claim_timeout: Duration,
-    /// Resident memory (VmRSS) above which an agent is stopped and replaced.
+    /// Resident memory (VmRSS summed over the agent's process group) above which an agent is
+    /// stopped and replaced.
     pub memory_limit_mb: Option<u64>,
     /// Idle agents older than this are recycled.
     pub max_idle_age: Option<Duration>,
@@ -878,9 +880,10 @@ impl Pool {
             .iter()
             .map(|(seq, a)| (*seq, a.pid))
             .collect();
+        let by_group = process::group_rss_kb(&pids.iter().map(|(_, pid)| *pid).collect::<Vec<_>>());
         let rss: Vec<(u64, Option<u64>)> = pids
             .into_iter()
-            .map(|(seq, pid)| (seq, process::rss_kb(pid)))
+            .map(|(seq, pid)| (seq, by_group.get(&pid).copied()))
             .collect();
         let now = Instant::now();
         let mut stops = Vec::new();

@@ -333,18 +333,34 @@ async fn warm_pool_claims_fast_and_refills_after_each_claim() {
     f.finish().await;
 }
 
+/// Agents that cost ~1 ms to spawn (a POSIX shell), for churn at scale: ready at once, one
+/// line of session, exit. The tag is an argument so that `/proc/*/cmdline` finds them.
+fn shell_settings(tag: &str) -> PoolSettings {
+    let mut s = settings(tag, 0.0, 0.0, &[]);
+    s.command = "/bin/sh".into();
+    s.args = vec![
+        "-c".into(),
+        "echo 'Pipeline ready'; read -r assignment; echo \"Connected to $assignment\"".into(),
+        "fake-agent".into(),
+        tag.into(),
+    ];
+    s
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn churn_and_random_sigkills_leave_no_zombies_or_orphans() {
+async fn a_thousand_cycles_and_a_hundred_sigkills_leave_no_zombies_or_orphans() {
     let tag = tag("churn");
-    let f = Fixture::start(tag.clone(), settings(&tag, 0.0, 0.0, &[])).await;
+    let f = Fixture::start(tag.clone(), shell_settings(&tag)).await;
     let mut rng = rand::rng();
     let mut kills = 0;
-    for n in 0..220 {
+    let started = Instant::now();
+    for n in 0..1000 {
         f.pool
             .claim(json!({"room": format!("churn-{n}")}))
             .await
             .unwrap();
-        if n % 4 == 0 {
+        // One kill per ten cycles; when every agent is still starting, the next cycle catches up.
+        if kills * 10 <= n {
             let live: Vec<(String, u32)> = [f.agents("idle"), f.agents("assigned")].concat();
             if !live.is_empty() {
                 let (_, pid) = &live[rng.random_range(0..live.len())];
@@ -356,13 +372,18 @@ async fn churn_and_random_sigkills_leave_no_zombies_or_orphans() {
             }
         }
     }
-    assert!(kills >= 50);
+    eprintln!(
+        "1000 spawn/claim/exit cycles and {kills} SIGKILLs in {:?}",
+        started.elapsed()
+    );
+    assert_eq!(kills, 100);
     f.until("back to min_idle", |f| {
         f.count("idle") == 3 && f.count("assigned") == 0 && f.count("starting") == 0
     })
     .await;
     assert_eq!(f.snap()["health"], "ok");
-    assert!(f.total("spawned") >= 220);
+    assert_eq!(f.total("claims"), 1000);
+    assert!(f.total("spawned") >= 1000);
     assert_no_zombies().await;
     // Only the three idle agents are alive.
     assert_eq!(tagged(&f.tag).len(), 3);
