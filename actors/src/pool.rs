@@ -11,8 +11,8 @@
 //!   pool is in `backoff` or `fatal`.
 //! - `agent` — one agent's life: a task owning the `tokio::process::Child`, draining both pipes,
 //!   watching for the ready / assigned patterns and enforcing the timeouts.
-//! - `process` — spawning (own process group, clean environment), group signals, RSS per
-//!   process group.
+//! - `process` — spawning (own process group, clean environment), group signals, RSS of an
+//!   agent with its descendants.
 //!
 //! # Why agents are tasks owned by the [`Pool`], not ractor children of the actor
 //!
@@ -107,7 +107,7 @@ pub struct PoolSettings {
     pub assign_timeout: Duration,
     /// How long a claim waits for an idle agent.
     pub claim_timeout: Duration,
-    /// Resident memory (VmRSS summed over the agent's process group) above which an agent is
+    /// Resident memory (VmRSS of the agent and its descendants) above which an agent is
     /// stopped and replaced.
     pub memory_limit_mb: Option<u64>,
     /// Idle agents older than this are recycled.
@@ -870,9 +870,10 @@ impl Pool {
     }
 
     /// Liveness, RSS and idle age: stops agents above `memory_limit_mb`, recycles expired idle
-    /// agents, kills the group of any agent whose monitor is gone. Reads `/proc` outside the
-    /// lock.
-    pub(crate) fn check_health(&self) {
+    /// agents, kills the group of any agent whose monitor is gone. Reads `/proc` (a pass over
+    /// every process, milliseconds) on a blocking thread, outside the lock: a claim in flight
+    /// never waits for it.
+    pub(crate) async fn check_health(&self) {
         let s = self.settings();
         let pids: Vec<(u64, u32)> = self
             .lock()
@@ -880,7 +881,10 @@ impl Pool {
             .iter()
             .map(|(seq, a)| (*seq, a.pid))
             .collect();
-        let by_group = process::group_rss_kb(&pids.iter().map(|(_, pid)| *pid).collect::<Vec<_>>());
+        let leaders: Vec<u32> = pids.iter().map(|(_, pid)| *pid).collect();
+        let by_group = tokio::task::spawn_blocking(move || process::group_rss_kb(&leaders))
+            .await
+            .unwrap_or_default();
         let rss: Vec<(u64, Option<u64>)> = pids
             .into_iter()
             .map(|(seq, pid)| (seq, by_group.get(&pid).copied()))
@@ -961,7 +965,7 @@ impl Pool {
     /// Called by a (re)started [`PoolActor`]: opens the pool and re-adopts the agents whose
     /// monitor still runs (killing the group of any that lost it). Returns how many were
     /// adopted.
-    pub(crate) fn adopt(&self) -> usize {
+    pub(crate) async fn adopt(&self) -> usize {
         let adopted = {
             let mut m = self.lock();
             m.closed = false;
@@ -970,7 +974,7 @@ impl Pool {
             n
         };
         // Liveness check: orphaned groups are killed here.
-        self.check_health();
+        self.check_health().await;
         adopted
     }
 

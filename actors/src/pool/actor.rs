@@ -75,7 +75,7 @@ impl Actor for PoolActor {
         myself: ActorRef<Self::Msg>,
         args: PoolArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
-        let adopted = args.pool.adopt();
+        let adopted = args.pool.adopt().await;
         if adopted > 0 {
             info!(pool = %args.pool.name(), adopted, "re-adopted the pool's agents");
         }
@@ -123,7 +123,7 @@ impl Actor for PoolActor {
                 myself.send_after(TICK, || PoolMessage::Tick);
             }
             PoolMessage::Health => {
-                pool.check_health();
+                pool.check_health().await;
                 pool.reconcile();
                 myself.send_after(pool.settings().health_every, || PoolMessage::Health);
             }
