@@ -1,5 +1,6 @@
 //! The command line: `runtime [run] --config FILE`, `runtime check`, and the commands that
-//! talk to a running node over HTTP: `tree`, `enqueue`, `dlq`, `purge`.
+//! talk to a running node over HTTP: `inspect` (`tree`, `queues`, `active`, `stats`, `ping`,
+//! `events`), `tree` (short for `inspect tree`), `enqueue`, `dlq`, `purge`.
 
 use std::path::PathBuf;
 
@@ -32,7 +33,9 @@ pub enum Command {
     Run(RunArgs),
     /// Compile a config and print every error and warning (exit 78 on errors).
     Check(CheckArgs),
-    /// Print the supervision tree of a running node.
+    /// Look at a running node: tree, queues, active tasks, stats, ping, events.
+    Inspect(InspectArgs),
+    /// Print the supervision tree of a running node (short for `inspect tree`).
     Tree(TreeArgs),
     /// Enqueue a task through a running node.
     Enqueue(EnqueueArgs),
@@ -154,6 +157,60 @@ pub struct TreeArgs {
     /// Print the JSON tree instead of the text rendering.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `runtime inspect …`
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// What to look at.
+    #[command(subcommand)]
+    pub what: InspectCommand,
+    /// Base URL of the node's HTTP server.
+    #[arg(
+        long,
+        env = "RT_URL",
+        default_value = "http://127.0.0.1:7070",
+        global = true
+    )]
+    pub url: String,
+    /// Print JSON for scripts instead of tables (`events`: one event per line).
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+/// `runtime inspect` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum InspectCommand {
+    /// The supervision tree: status, restarts, uptime and last error of every actor.
+    Tree,
+    /// Every queue's depths (ready, delayed, in flight, dead) and its running tasks.
+    Queues,
+    /// The tasks running on the node right now, with their elapsed time.
+    Active,
+    /// Per queue: tasks processed, failed, retried and dead-lettered on this node, and depths.
+    Stats,
+    /// Whether the node answers and is healthy (exit 1 when it is not).
+    Ping,
+    /// The latest events; with `--follow`, new ones as they happen.
+    Events(EventsArgs),
+}
+
+/// `runtime inspect events`
+#[derive(Debug, Args)]
+pub struct EventsArgs {
+    /// Keep printing new events until interrupted.
+    #[arg(long, short)]
+    pub follow: bool,
+    /// Only these kinds, comma-separated (`started,succeeded`; `actor_` or `pool_*` for
+    /// prefixes).
+    #[arg(long)]
+    pub types: Option<String>,
+    /// How many of the latest events to print first (at most 1000).
+    #[arg(long, short = 'n', default_value_t = 20)]
+    pub limit: usize,
+    /// Start after this event id instead of with the latest events (`0`: the oldest kept).
+    #[arg(long)]
+    pub after: Option<String>,
 }
 
 /// Log line format.

@@ -1,11 +1,37 @@
-//! The commands that talk to a running node over its HTTP API: `tree`, `enqueue`, `dlq`,
-//! `purge`. Errors name the node and repeat its JSON error; nothing here panics on a bad
-//! answer.
+//! The commands that talk to a running node over its HTTP API: `inspect` ([`inspect`]),
+//! `tree`, `enqueue`, `dlq`, `purge`. Errors name the node and repeat its JSON error; nothing
+//! here panics on a bad answer. A node that does not answer at all is an [`Unreachable`]
+//! error, which the binary turns into exit status [`EX_UNAVAILABLE`].
+
+pub mod inspect;
+
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
 use crate::cli::{DlqArgs, DlqCommand, EnqueueArgs, NodeArgs, PurgeArgs, TreeArgs};
+
+/// Exit status when the node cannot be reached (`EX_UNAVAILABLE` of sysexits.h).
+pub const EX_UNAVAILABLE: u8 = 69;
+
+/// Time to open the connection to a node.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time for a whole request/answer (not for an event stream).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The node did not answer: nothing listens there, the name does not resolve, or it timed
+/// out.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "cannot reach the node at {url}: {reason} (is it running? the URL comes from --url or RT_URL)"
+)]
+pub struct Unreachable {
+    /// The node's base URL.
+    pub url: String,
+    /// What the connection attempt said.
+    pub reason: String,
+}
 
 /// A node's HTTP API.
 struct Node {
@@ -16,19 +42,26 @@ struct Node {
 
 impl Node {
     fn new(args: &NodeArgs) -> Self {
+        let http = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .build()
+            .unwrap_or_default();
         Self {
             base: args.url.trim_end_matches('/').to_string(),
             token: args.token.clone(),
-            http: reqwest::Client::new(),
+            http,
         }
     }
 
-    async fn send(
+    /// Sends a request and returns the response whatever its status; `timeout` bounds the
+    /// whole exchange (`None` for a stream).
+    async fn open(
         &self,
         method: reqwest::Method,
         path: &str,
         body: Option<Value>,
-    ) -> Result<String> {
+        timeout: Option<Duration>,
+    ) -> Result<reqwest::Response> {
         let url = format!("{}{path}", self.base);
         let mut request = self.http.request(method, &url);
         if let Some(token) = &self.token {
@@ -37,20 +70,49 @@ impl Node {
         if let Some(body) = body {
             request = request.json(&body);
         }
-        let response = request
-            .send()
-            .await
-            .with_context(|| format!("cannot reach the node at {}", self.base))?;
-        let status = response.status();
-        let text = response.text().await.context("reading the answer")?;
-        if !status.is_success() {
-            let error = serde_json::from_str::<Value>(&text)
-                .ok()
-                .and_then(|v| v["error"].as_str().map(str::to_string))
-                .unwrap_or(text);
-            bail!("{path}: {status}: {error}");
+        if let Some(timeout) = timeout {
+            request = request.timeout(timeout);
         }
-        Ok(text)
+        request.send().await.map_err(|err| {
+            if err.is_builder() {
+                anyhow::anyhow!("invalid node URL `{}`: {}", self.base, innermost(&err))
+            } else {
+                Unreachable {
+                    url: self.base.clone(),
+                    reason: if err.is_timeout() {
+                        "no answer in time".to_string()
+                    } else {
+                        innermost(&err)
+                    },
+                }
+                .into()
+            }
+        })
+    }
+
+    /// Fails with the node's JSON error when `response` is not a success.
+    async fn check(path: &str, response: reqwest::Response) -> Result<reqwest::Response> {
+        let status = response.status();
+        if status.is_success() {
+            return Ok(response);
+        }
+        let text = response.text().await.unwrap_or_default();
+        let error = serde_json::from_str::<Value>(&text)
+            .ok()
+            .and_then(|v| v["error"].as_str().map(str::to_string))
+            .unwrap_or(text);
+        bail!("{path}: {status}: {error}");
+    }
+
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<String> {
+        let response = self.open(method, path, body, Some(REQUEST_TIMEOUT)).await?;
+        let response = Self::check(path, response).await?;
+        response.text().await.context("reading the answer")
     }
 
     async fn get(&self, path: &str) -> Result<String> {
@@ -62,23 +124,27 @@ impl Node {
     }
 }
 
+/// The last error in `err`'s source chain (`Connection refused (os error 111)` rather than
+/// `error sending request for url …`).
+fn innermost(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut last = err;
+    while let Some(source) = last.source() {
+        last = source;
+    }
+    last.to_string()
+}
+
 fn parse(text: &str) -> Result<Value> {
     serde_json::from_str(text).context("the node answered something that is not JSON")
 }
 
-/// `runtime tree`
+/// `runtime tree`: the same as `runtime inspect tree`.
 pub async fn tree(args: TreeArgs) -> Result<()> {
     let node = Node::new(&NodeArgs {
         url: args.url,
         token: None,
     });
-    let path = if args.json {
-        "/actors"
-    } else {
-        "/actors?format=text"
-    };
-    print!("{}", node.get(path).await?);
-    Ok(())
+    inspect::tree(&node, args.json).await
 }
 
 /// `runtime enqueue`: prints the task id.

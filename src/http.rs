@@ -8,12 +8,14 @@
 //! | `GET /queues`, `GET /dlq/{queue}`, `POST /dlq/{queue}/requeue`, `POST /queues/{queue}/purge` | depths and dead letters ([`queues`]) |
 //! | `ANY /egress/{resource}/{path}` | the egress proxy to a shared resource ([`egress`]) |
 //! | `GET /pools`, `POST /pools/{name}/claim` | process pools ([`pools`]) |
+//! | `GET /events` | the events stream as Server-Sent Events ([`events`]) |
 //! | `POST /chaos/kill/{path}` | kill that actor (only with `[chaos] enabled = true`) |
 //!
 //! Mutating routes require `Authorization: Bearer <token>` when `http.admin_token_env` names a
 //! token. Errors are JSON `{"error": "..."}` and never carry internals or secrets.
 
 pub mod egress;
+pub mod events;
 pub mod pools;
 pub mod queues;
 pub mod tasks;
@@ -55,6 +57,8 @@ pub struct AppState {
     pub admin_token: Option<Arc<str>>,
     /// Whether the chaos routes exist.
     pub chaos: bool,
+    /// The bound on open `/events` streams.
+    pub event_streams: Arc<events::EventStreams>,
 }
 
 impl AppState {
@@ -72,6 +76,7 @@ impl AppState {
             pools: Arc::default(),
             admin_token: config.http.admin_token.as_deref().map(Arc::from),
             chaos: config.chaos.enabled,
+            event_streams: Arc::default(),
             config: Arc::new(config.clone()),
         }
     }
@@ -142,6 +147,7 @@ pub fn app(state: AppState) -> Router {
         .route("/queues", get(queues::depths))
         .route("/pools", get(pools::snapshots))
         .route("/dlq/{queue}", get(queues::dead_letters))
+        .route("/events", get(events::stream))
         .route("/egress/{resource}", any(egress::forward))
         .route("/egress/{resource}/{*path}", any(egress::forward))
         .merge(mutating)

@@ -3,16 +3,19 @@
 //! `actors` library) plus its HTTP surface; `main.rs` only dispatches the command line.
 //!
 //! # Layout
-//! - [`cli`] — clap definitions: `run` (default), `check`, `tree`, `enqueue`, `dlq`, `purge`.
-//! - [`client`] — the commands that talk to a running node over HTTP.
+//! - [`cli`] — clap definitions: `run` (default), `check`, `inspect`, `tree`, `enqueue`, `dlq`,
+//!   `purge`.
+//! - [`client`] — the commands that talk to a running node over HTTP; `client::inspect` is
+//!   `runtime inspect` (tree, queues, active, stats, ping, events).
 //! - [`config`] — raw TOML structs → one `compile()` → a validated `Config`.
 //! - [`check`] — `runtime check`: every error and warning of a config, exit 78 on errors.
 //! - [`topology`] — the supervision tree a config describes, task definitions, resources.
 //! - [`node`] — runs a node: tree + HTTP server, signal handling, ordered stop.
 //! - [`http`] — axum router: health, the tree, tasks, queues, dead letters, the egress proxy,
-//!   chaos.
+//!   pools, the events stream over SSE (`http::events`), chaos.
 //! - [`shutdown`] — SIGINT/SIGTERM handling (a second signal exits at once).
-//! - [`telemetry`] — tracing subscriber: `RUST_LOG` filter, text or JSON.
+//! - [`telemetry`] — tracing subscriber: `RUST_LOG` filter, text or flat JSON (span fields
+//!   such as a task's `task_id` and `trace_id` at the top level).
 
 pub mod check;
 pub mod cli;

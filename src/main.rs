@@ -16,6 +16,7 @@ async fn main() -> ExitCode {
         Some(Command::Check(args)) => {
             check::run(&args.config, args.deny_warnings, args.no_environment).await
         }
+        Some(Command::Inspect(args)) => report(client::inspect::run(args).await),
         Some(Command::Tree(args)) => report(client::tree(args).await),
         Some(Command::Enqueue(args)) => report(client::enqueue(args).await),
         Some(Command::Dlq(command)) => report(client::dlq(command).await),
@@ -23,12 +24,18 @@ async fn main() -> ExitCode {
     }
 }
 
+/// Exit 0 on success; 69 (`EX_UNAVAILABLE`) when the node could not be reached; 1 for any
+/// other error (the node refused, answered unhealthy, bad arguments).
 fn report(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err:#}");
-            ExitCode::FAILURE
+            if err.downcast_ref::<client::Unreachable>().is_some() {
+                ExitCode::from(client::EX_UNAVAILABLE)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

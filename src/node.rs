@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use actors::broker::AnyBroker;
+use actors::broker::{AnyBroker, EventSink};
 use actors::consumer::{ConsumerMessage, Work};
 use actors::handler::native::Natives;
 use actors::supervisor::start_root;
@@ -95,6 +95,11 @@ pub async fn run_with(
             return ExitCode::FAILURE;
         }
     };
+    // Supervision, breaker and pool events reach the events stream through one writer task.
+    let events = EventSink::spawn(Arc::clone(&broker));
+    for pool in pools.values() {
+        pool.attach_events(events.clone());
+    }
     let name = node_name(&config);
     let (resources, resource_actors) = match resources(&config, &broker, &name) {
         Ok(built) => built,
@@ -105,6 +110,7 @@ pub async fn run_with(
             return ExitCode::from(EX_CONFIG);
         }
     };
+    resources.attach_events(&events);
     let shared = Shared {
         resources: Arc::new(resources),
         work: Arc::new(Work {
@@ -116,6 +122,7 @@ pub async fn run_with(
     };
     info!(node = %shared.work.consumer, broker = %url, "broker ready");
     let tree = Tree::new();
+    tree.attach_events(events);
     let spec = root_spec(&config, &shared, resource_actors, pool_actors, node_started);
     let (root, mut root_done) = match start_root(&tree, ROOT, spec).await {
         Ok(started) => started,

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actors::broker::{AnyBroker, BrokerActor, BrokerArgs, BrokerSettings};
-use actors::consumer::{ConsumerActor, ConsumerArgs, Work};
+use actors::consumer::{ConsumerActor, ConsumerArgs, Outcomes, Work};
 use actors::gate::ResourceGate;
 use actors::handler::exec::ExecHandler;
 use actors::handler::http::HttpHandler;
@@ -435,6 +435,7 @@ pub fn root_spec(
             let drain = config.runtime.shutdown_grace;
             let work = Arc::clone(&shared.work);
             let gate: Arc<dyn ResourceGate> = shared.resources.clone();
+            let outcomes = Arc::new(Outcomes::default());
             ChildSpec::new(name, "consumer", Restart::Permanent, move |node| {
                 let args = ConsumerArgs {
                     node,
@@ -445,6 +446,7 @@ pub fn root_spec(
                     drain,
                     work: Arc::clone(&work),
                     gate: Arc::clone(&gate),
+                    outcomes: Arc::clone(&outcomes),
                 };
                 (ConsumerActor, args)
             })

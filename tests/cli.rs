@@ -128,3 +128,235 @@ async fn enqueue_list_dead_letters_and_purge_through_a_running_node() {
     assert!(ok);
     assert_eq!(out.trim(), "purged 0 ready and 1 delayed entries of chat");
 }
+
+const INSPECTED: &str = r#"
+[http]
+bind = "127.0.0.1:0"
+
+[queues.default]
+concurrency = 2
+
+[tasks.rt_noop]
+handler = { kind = "native" }
+
+[tasks.rt_sleep]
+handler = { kind = "native" }
+
+[tasks.rt_fail]
+handler = { kind = "native" }
+max_retries = 1
+backoff = "10ms"
+backoff_max = "20ms"
+"#;
+
+/// Runs `runtime inspect ARGS… --url URL`: (exit code, stdout, stderr).
+fn inspect(url: &str, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(common::binary())
+        .arg("inspect")
+        .args(args)
+        .args(["--url", url])
+        .env_remove("RT_URL")
+        .output()
+        .expect("run runtime inspect");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn json_of(out: &str) -> serde_json::Value {
+    serde_json::from_str(out).unwrap_or_else(|e| panic!("--json output is not JSON ({e}): {out}"))
+}
+
+#[tokio::test]
+async fn inspect_shows_active_tasks_stats_queues_ping_tree_and_events() {
+    let node = Node::start(INSPECTED, &[]);
+    let client = reqwest::Client::new();
+    let mut ids = Vec::new();
+    for body in [
+        serde_json::json!({ "task": "rt_sleep", "kwargs": { "ms": 60_000 } }),
+        serde_json::json!({ "task": "rt_noop" }),
+        serde_json::json!({ "task": "rt_noop" }),
+        serde_json::json!({ "task": "rt_fail", "kwargs": { "message": "boom" } }),
+    ] {
+        let answer = client
+            .post(format!("{}/tasks", node.url))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 202);
+        let answer: serde_json::Value = answer.json().await.unwrap();
+        ids.push(answer["id"].as_str().unwrap().to_string());
+    }
+    // Two succeed, one fails twice (one retry, then a dead letter), one keeps running.
+    let at = tokio::time::Instant::now();
+    loop {
+        let (code, out, err) = inspect(&node.url, &["stats", "--json"]);
+        assert_eq!(code, 0, "{err}");
+        let stats = json_of(&out);
+        let default = &stats["queues"][0];
+        if default["succeeded"] == 2 && default["dead_lettered"] == 1 && default["running"] == 1 {
+            assert_eq!(default["queue"], "default");
+            assert_eq!(default["processed"], 4);
+            assert_eq!(default["failed"], 2);
+            assert_eq!(default["retried"], 1);
+            assert_eq!(default["dead"], 1, "the dead-letter depth");
+            assert_eq!(default["in_flight"], 1);
+            break;
+        }
+        assert!(
+            at.elapsed() < std::time::Duration::from_secs(10),
+            "stats never settled: {out}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    let (code, out, _) = inspect(&node.url, &["stats"]);
+    assert_eq!(code, 0);
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines[0].starts_with("QUEUE"), "{out}");
+    assert!(
+        lines[0].contains("PROCESSED") && lines[0].contains("DEAD_LETTERED"),
+        "{out}"
+    );
+    let row: Vec<&str> = lines[1].split_whitespace().collect();
+    assert_eq!(row[..6], ["default", "4", "2", "2", "1", "1"], "{out}");
+
+    let (code, out, _) = inspect(&node.url, &["active"]);
+    assert_eq!(code, 0);
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(
+        lines[0].starts_with("QUEUE") && lines[0].contains("ELAPSED"),
+        "{out}"
+    );
+    assert_eq!(lines.len(), 2, "{out}");
+    assert!(
+        lines[1].contains("rt_sleep") && lines[1].contains(&ids[0]),
+        "{out}"
+    );
+    let (code, out, _) = inspect(&node.url, &["--json", "active"]);
+    assert_eq!(code, 0);
+    let active = json_of(&out);
+    assert_eq!(active["active"][0]["id"], ids[0].as_str());
+    assert_eq!(active["active"][0]["task"], "rt_sleep");
+    assert_eq!(active["active"][0]["queue"], "default");
+    assert!(
+        active["active"][0]["elapsed_ms"].as_u64().is_some(),
+        "{out}"
+    );
+
+    let (code, out, _) = inspect(&node.url, &["queues"]);
+    assert_eq!(code, 0);
+    assert!(out.lines().next().unwrap().starts_with("QUEUE"), "{out}");
+    let row: Vec<&str> = out.lines().nth(1).unwrap().split_whitespace().collect();
+    assert_eq!(row, ["default", "0", "0", "1", "1", "1", "0", "2"], "{out}");
+    let (code, out, _) = inspect(&node.url, &["queues", "--json"]);
+    assert_eq!(code, 0);
+    assert_eq!(json_of(&out)["queues"][0]["running"], 1);
+
+    let (code, out, _) = inspect(&node.url, &["ping"]);
+    assert_eq!(code, 0);
+    assert!(out.starts_with(&format!("{}: ok (", node.url)), "{out}");
+    let (code, out, _) = inspect(&node.url, &["ping", "--json"]);
+    assert_eq!(code, 0);
+    assert_eq!(json_of(&out)["healthy"], true);
+
+    let (code, out, _) = inspect(&node.url, &["tree"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.starts_with("root ") && out.contains("consumer"),
+        "{out}"
+    );
+    let (code, out, _) = inspect(&node.url, &["tree", "--json"]);
+    assert_eq!(code, 0);
+    assert_eq!(json_of(&out)[0]["path"], "root");
+
+    // The latest events, filtered; --json prints one event per line.
+    let (code, out, err) = inspect(&node.url, &["events", "--types", "dead", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 1, "{out}");
+    let dead = json_of(lines[0]);
+    assert_eq!(dead["kind"], "dead");
+    assert_eq!(dead["task_id"], ids[3].as_str());
+    let (code, out, _) = inspect(&node.url, &["events", "-n", "2", "--types", "sent"]);
+    assert_eq!(code, 0);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert!(
+        lines[1].contains(" sent ") && lines[1].contains(&ids[3]),
+        "{out}"
+    );
+
+    // --follow prints new events as they happen.
+    let mut follow = std::process::Command::new(common::binary())
+        .args([
+            "inspect",
+            "events",
+            "--follow",
+            "-n",
+            "0",
+            "--types",
+            "succeeded",
+        ])
+        .args(["--url", &node.url])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = follow.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    // The follower may not be connected yet: enqueue until one of ours shows up.
+    let mut seen = None;
+    for _ in 0..50 {
+        let answer: serde_json::Value = client
+            .post(format!("{}/tasks", node.url))
+            .json(&serde_json::json!({ "task": "rt_noop" }))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if let Ok(line) = rx.recv_timeout(std::time::Duration::from_millis(200)) {
+            seen = Some((line, answer));
+            break;
+        }
+    }
+    let _ = follow.kill();
+    let _ = follow.wait();
+    let (line, _) = seen.expect("--follow printed nothing");
+    assert!(
+        line.contains("succeeded") && line.contains("rt_noop"),
+        "{line}"
+    );
+}
+
+#[test]
+fn inspect_names_the_url_and_exits_69_when_the_node_is_unreachable() {
+    for what in [&["ping"][..], &["stats", "--json"], &["events", "--follow"]] {
+        let (code, out, err) = inspect("http://127.0.0.1:9", what);
+        assert_eq!(code, 69, "{what:?}: {err}");
+        assert!(out.is_empty(), "{out}");
+        assert!(
+            err.contains("cannot reach the node at http://127.0.0.1:9"),
+            "{what:?}: {err}"
+        );
+    }
+    // The older `runtime tree` shares the code and the exit status.
+    let out = Command::new(common::binary())
+        .args(["tree", "--url", "http://127.0.0.1:9"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(69));
+}

@@ -15,6 +15,7 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
 use http_body_util::BodyExt;
 use runtime::config::{Environment, compile_str};
+use runtime::http::events::EventStreams;
 use runtime::http::{AppState, app};
 use tower::ServiceExt;
 
@@ -524,4 +525,36 @@ async fn egress_needs_the_runtime_token_when_one_is_configured() {
             .unwrap()
             .contains_key("x-runtime-token")
     );
+}
+
+#[tokio::test]
+async fn event_streams_are_bounded_and_a_closed_one_frees_its_slot() {
+    let mut state = state(Duration::from_millis(5), None, false).await;
+    state.event_streams = Arc::new(EventStreams::new(1));
+    let open = |state: &AppState| {
+        let request = Request::builder()
+            .uri("/events")
+            .body(Body::empty())
+            .unwrap();
+        app(state.clone()).oneshot(request)
+    };
+    let first = open(&state).await.unwrap();
+    assert_eq!(first.status(), StatusCode::OK);
+    assert_eq!(state.event_streams.open(), 1);
+
+    let refused = open(&state).await.unwrap();
+    assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(refused.headers()[header::RETRY_AFTER], "5");
+    let body = refused.into_body().collect().await.unwrap().to_bytes();
+    let body = String::from_utf8_lossy(&body);
+    assert!(
+        body.contains("too many event streams: 1 are open"),
+        "{body}"
+    );
+
+    // The client goes away: its body is dropped and the slot is free again.
+    drop(first);
+    assert_eq!(state.event_streams.open(), 0);
+    let again = open(&state).await.unwrap();
+    assert_eq!(again.status(), StatusCode::OK);
 }

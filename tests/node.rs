@@ -129,27 +129,6 @@ async fn sigterm_stops_the_tree_and_exits_zero_naming_the_signal() {
 }
 
 #[tokio::test]
-async fn json_logs_are_one_object_per_line() {
-    let mut node = Node::start(CHAOS, &[("RT_LOG_FORMAT", "json")]);
-    node.signal("TERM");
-    node.wait_exit(Duration::from_secs(5)).expect("exits");
-    let log = node.log();
-    let lines: Vec<serde_json::Value> = log
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
-        .collect();
-    assert!(
-        lines.iter().any(|l| l["message"] == "tree stopped"),
-        "{log}"
-    );
-    assert!(
-        lines
-            .iter()
-            .all(|l| l["level"].is_string() && l["timestamp"].is_string())
-    );
-}
-
-#[tokio::test]
 async fn chaos_routes_do_not_exist_unless_enabled() {
     let node = Node::start("[http]\nbind = \"127.0.0.1:0\"\n", &[]);
     assert_eq!(node.post("/chaos/kill/heartbeat", None).await.status(), 404);
@@ -176,4 +155,122 @@ async fn runtime_tree_prints_the_text_tree_of_a_running_node() {
         String::from_utf8_lossy(&down.stderr)
             .contains("cannot reach the node at http://127.0.0.1:9")
     );
+}
+
+const JSON_LOGS: &str = r##"
+[http]
+bind = "127.0.0.1:0"
+
+[queues.default]
+
+# The first attempt fails (exit 75: retried), the second succeeds and links a callback.
+[tasks.flaky]
+handler = { kind = "exec", command = "/bin/sh", args = ["-c", '''read envelope; case "$envelope" in *'"attempt":0'*) echo "first try fails" >&2; exit 75;; esac; echo working >&2; echo '{"ok": true}' '''] }
+max_retries = 2
+backoff = "10ms"
+backoff_max = "20ms"
+link = ["after_flaky"]
+
+[tasks.after_flaky]
+handler = { kind = "exec", command = "/bin/sh", args = ["-c", "read envelope; echo 'callback ran' >&2"] }
+"##;
+
+#[tokio::test]
+async fn json_logs_are_one_object_per_line_and_task_lines_carry_the_task_fields() {
+    let mut node = Node::start_with_args(JSON_LOGS, &["--log-format", "json"], &[]);
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let client = reqwest::Client::new();
+    let post = |body: serde_json::Value| {
+        client
+            .post(format!("{}/tasks", node.url))
+            .json(&body)
+            .send()
+    };
+    let answer = post(serde_json::json!({ "task": "flaky", "trace_id": trace }))
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 202);
+    let flaky: serde_json::Value = answer.json().await.unwrap();
+    let answer = post(serde_json::json!({ "task": "after_flaky" }))
+        .await
+        .unwrap();
+    let untraced: serde_json::Value = answer.json().await.unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while node.log().matches("callback ran").count() < 2 {
+        assert!(Instant::now() < deadline, "log:\n{}", node.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    node.signal("TERM");
+    assert!(node.wait_exit(Duration::from_secs(10)).unwrap().success());
+
+    let log = node.log();
+    let mut lines = Vec::new();
+    for line in log.lines().chain(node.stdout().lines()) {
+        let value: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not a JSON object ({e}): {line}\nlog:\n{log}"));
+        assert!(value.is_object(), "{line}");
+        assert!(
+            value["timestamp"].is_string() && value["level"].is_string(),
+            "{line}"
+        );
+        lines.push(value);
+    }
+    assert!(
+        lines.iter().any(|l| l["message"] == "tree stopped"),
+        "{log}"
+    );
+    let task_lines: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|l| l.get("task_id").is_some())
+        .collect();
+    for line in &task_lines {
+        for field in ["task", "queue", "attempt", "trace_id"] {
+            assert!(line.get(field).is_some(), "no {field}: {line}");
+        }
+        assert_eq!(line["queue"], "default", "{line}");
+    }
+    let said = |message: &str| -> Vec<&serde_json::Value> {
+        task_lines
+            .iter()
+            .copied()
+            .filter(|l| l["message"] == message)
+            .collect()
+    };
+    let first = said("first try fails");
+    assert_eq!(first.len(), 1, "{log}");
+    assert_eq!(first[0]["task_id"], flaky["id"]);
+    assert_eq!(first[0]["task"], "flaky");
+    assert_eq!(first[0]["attempt"], 0);
+    assert_eq!(first[0]["trace_id"], trace);
+    let second = said("working");
+    assert_eq!(second.len(), 1, "{log}");
+    assert_eq!(
+        second[0]["task_id"], flaky["id"],
+        "the retry is the same task"
+    );
+    assert_eq!(second[0]["attempt"], 1);
+    assert_eq!(second[0]["trace_id"], trace, "the retry keeps the trace");
+    let callbacks = said("callback ran");
+    assert_eq!(callbacks.len(), 2, "{log}");
+    let linked = callbacks
+        .iter()
+        .find(|l| l["task_id"] != untraced["id"])
+        .unwrap();
+    assert_eq!(linked["task"], "after_flaky");
+    assert_eq!(
+        linked["trace_id"], trace,
+        "the callback joins its parent's trace"
+    );
+    let own = callbacks
+        .iter()
+        .find(|l| l["task_id"] == untraced["id"])
+        .unwrap();
+    let own_trace = own["trace_id"].as_str().unwrap();
+    assert_eq!(
+        own_trace.len(),
+        32,
+        "a new trace gets a W3C-shaped id: {own_trace}"
+    );
+    assert!(own_trace.chars().all(|c| c.is_ascii_hexdigit()));
 }

@@ -24,6 +24,7 @@ pub mod envelope;
 pub mod leases;
 pub mod memory;
 pub mod redis;
+pub mod sink;
 
 #[cfg(test)]
 mod contract;
@@ -38,6 +39,7 @@ use serde_json::Value;
 pub use actor::{BrokerActor, BrokerArgs, BrokerMessage};
 pub use envelope::{Callback, Envelope};
 pub use leases::Leases;
+pub use sink::EventSink;
 
 /// What can go wrong talking to a broker.
 #[derive(Debug, thiserror::Error)]
@@ -192,8 +194,12 @@ pub struct DeadLetter {
     pub raw: Option<String>,
 }
 
-/// A lifecycle event (the capped events stream): `sent`, `started`, `succeeded`, `retried`,
-/// `dead`, `recovered`, and actor events such as `actor_restarted`.
+/// An event of the capped events stream: task lifecycle (`sent`, `started`, `succeeded`,
+/// `retried`, `deferred`, `dead`, `recovered`), supervision (`actor_exited`,
+/// `actor_restarted`, `actor_start_failed`, `actor_gave_up`), breakers (`breaker_opened`,
+/// `breaker_half_opened`, `breaker_closed`) and pools (`pool_agent_<state>`, `pool_backoff`,
+/// `pool_fatal`, `pool_reset`). Task events name the task; the others say what they are about
+/// in `detail` (`path`, `resource`, `pool`, …).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Event {
     /// Position in the events stream (assigned by the broker; empty when publishing).
@@ -218,6 +224,19 @@ pub struct Event {
 }
 
 impl Event {
+    /// An event of `kind` about no task (an actor, a breaker, a pool), now.
+    pub fn new(kind: &str, detail: Value) -> Self {
+        Self {
+            id: String::new(),
+            kind: kind.to_string(),
+            at: rfc3339(SystemTime::now()),
+            task_id: None,
+            task: None,
+            queue: None,
+            detail,
+        }
+    }
+
     /// An event of `kind` about `envelope`, now.
     pub fn about(kind: &str, envelope: &Envelope, detail: Value) -> Self {
         Self {
@@ -347,10 +366,19 @@ pub trait Broker: Send + Sync + 'static {
     /// `dead_letter` and `recover` write their own).
     fn publish(&self, event: Event) -> impl Future<Output = Result<(), BrokerError>> + Send;
 
-    /// Up to `limit` events after the event id `after` (from the oldest kept when `None`).
+    /// Up to `limit` events after the event id `after` (from the oldest kept when `None`),
+    /// oldest first.
     fn events(
         &self,
         after: Option<&str>,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<Event>, BrokerError>> + Send;
+
+    /// Up to `limit` events just before the event id `before` (the newest ones when `None`),
+    /// oldest first: `events_before(None, 1)` is the newest event.
+    fn events_before(
+        &self,
+        before: Option<&str>,
         limit: usize,
     ) -> impl Future<Output = Result<Vec<Event>, BrokerError>> + Send;
 
@@ -521,6 +549,13 @@ impl Broker for AnyBroker {
     }
     async fn events(&self, after: Option<&str>, limit: usize) -> Result<Vec<Event>, BrokerError> {
         delegate!(self, b => b.events(after, limit))
+    }
+    async fn events_before(
+        &self,
+        before: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Event>, BrokerError> {
+        delegate!(self, b => b.events_before(before, limit))
     }
     async fn record(&self, id: &str) -> Result<Option<TaskRecord>, BrokerError> {
         delegate!(self, b => b.record(id))

@@ -15,10 +15,14 @@
 //!   kills what is left (their entries come back through lease recovery).
 //!
 //! Snapshot (every second): concurrency, prefetch, running tasks (id, task, attempt,
-//! elapsed, deadline), waiting, counters.
+//! elapsed, deadline), waiting, counters, and the queue's recorded outcomes on this node
+//! ([`Outcomes`]: succeeded, retried, dead — kept across restarts of the consumer).
+//!
+//! Log lines about one task carry its fields through [`task_span`].
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
@@ -26,12 +30,12 @@ use serde_json::json;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tracing::{info, warn};
+use tracing::{Instrument, info, warn};
 
 use crate::broker::{AnyBroker, Broker, Delivery, Leases, parse_time};
 use crate::gate::{Admission, ResourceGate};
 use crate::handler::{TaskDef, TaskDefs, TaskError};
-use crate::task::{DONE, TaskActor, TaskArgs, limits, record};
+use crate::task::{DONE, Recorded, TaskActor, TaskArgs, limits, record, task_span};
 use crate::tree::TreeHandle;
 
 /// How often the snapshot is refreshed.
@@ -50,6 +54,36 @@ pub struct Work {
     pub tasks: Arc<TaskDefs>,
     /// This node's consumer name.
     pub consumer: String,
+}
+
+/// Outcomes recorded for one queue on this node since it started: made by the node, shared by
+/// every incarnation of the queue's consumer and its task actors.
+#[derive(Debug, Default)]
+pub struct Outcomes {
+    succeeded: AtomicU64,
+    retried: AtomicU64,
+    dead: AtomicU64,
+}
+
+impl Outcomes {
+    pub(crate) fn count(&self, recorded: Recorded) {
+        let counter = match recorded {
+            Recorded::Succeeded => &self.succeeded,
+            Recorded::Retried => &self.retried,
+            Recorded::Dead => &self.dead,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `{"succeeded", "retried", "dead"}`: attempts that succeeded, attempts that failed and
+    /// were retried, tasks dead-lettered (after running, or unrunnable: unknown, expired).
+    pub fn snapshot(&self) -> serde_json::Value {
+        json!({
+            "succeeded": self.succeeded.load(Ordering::Relaxed),
+            "retried": self.retried.load(Ordering::Relaxed),
+            "dead": self.dead.load(Ordering::Relaxed),
+        })
+    }
 }
 
 /// Spawn arguments.
@@ -71,6 +105,8 @@ pub struct ConsumerArgs {
     pub work: Arc<Work>,
     /// Asked before starting a task that uses resources.
     pub gate: Arc<dyn ResourceGate>,
+    /// The queue's outcome counters (outlive the consumer's restarts).
+    pub outcomes: Arc<Outcomes>,
 }
 
 /// Messages.
@@ -243,16 +279,21 @@ impl Actor for ConsumerActor {
                 &work.consumer,
                 &running.delivery.entry,
             ) {
-                warn!(task_id = %running.delivery.envelope.id, task = %running.def.name, %why, "task actor crashed; recording a retry");
+                let span = task_span(&running.delivery.envelope);
+                span.in_scope(|| warn!(%why, "task actor crashed; recording a retry"));
                 work.leases.hold(&work.consumer, &running.delivery);
                 let args = TaskArgs {
                     delivery: running.delivery,
                     def: running.def,
                     work: Arc::clone(work),
+                    outcomes: Arc::clone(&state.args.outcomes),
                 };
-                tokio::spawn(async move {
-                    record(&args, Err(TaskError::retry(format!("task actor {why}")))).await;
-                });
+                tokio::spawn(
+                    async move {
+                        record(&args, Err(TaskError::retry(format!("task actor {why}")))).await;
+                    }
+                    .instrument(span),
+                );
             }
         }
         state.fill(&myself).await;
@@ -271,8 +312,9 @@ impl Actor for ConsumerActor {
         for running in state.running.values() {
             let left = deadline.saturating_duration_since(Instant::now());
             if running.cell.wait(Some(left)).await.is_err() {
-                warn!(task_id = %running.delivery.envelope.id, task = %running.def.name,
-                    "still running at the drain deadline; killed (its entry comes back through lease recovery)");
+                task_span(&running.delivery.envelope).in_scope(|| {
+                    warn!("still running at the drain deadline; killed (its entry comes back through lease recovery)");
+                });
                 running.cell.kill();
             }
         }
@@ -303,7 +345,9 @@ impl ConsumerState {
                 self.counters.deferred += 1;
                 let reason = format!("resource {resource} closed");
                 if let Err(err) = work.broker.defer(&delivery, until, &reason).await {
-                    warn!(task_id = %envelope.id, error = %err, "deferral failed; the entry comes back through lease recovery");
+                    task_span(envelope).in_scope(|| {
+                        warn!(error = %err, "deferral failed; the entry comes back through lease recovery");
+                    });
                 }
                 self.slots.add_permits(1);
                 return;
@@ -313,12 +357,14 @@ impl ConsumerState {
                 self.counters.rejected += 1;
                 work.leases.hold(&work.consumer, &delivery);
                 let error = TaskError::Permanent(format!("resource {resource} unusable: {reason}"));
+                let span = task_span(envelope);
                 let args = TaskArgs {
-                    delivery,
+                    delivery: Arc::clone(&delivery),
                     def,
                     work: Arc::clone(&work),
+                    outcomes: Arc::clone(&self.args.outcomes),
                 };
-                record(&args, Err(error)).await;
+                record(&args, Err(error)).instrument(span).await;
                 self.slots.add_permits(1);
                 return;
             }
@@ -329,10 +375,14 @@ impl ConsumerState {
 
     /// Dead-letters a delivery that cannot run.
     async fn settle(&mut self, delivery: &Delivery, reason: String) {
-        warn!(task_id = %delivery.envelope.id, queue = %delivery.queue, %reason, "dead-lettered without running");
+        let span = task_span(&delivery.envelope);
+        span.in_scope(|| warn!(%reason, "dead-lettered without running"));
         self.counters.rejected += 1;
-        if let Err(err) = self.args.work.broker.dead_letter(delivery, &reason).await {
-            warn!(task_id = %delivery.envelope.id, error = %err, "dead-lettering failed; the entry comes back through lease recovery");
+        match self.args.work.broker.dead_letter(delivery, &reason).await {
+            Ok(()) => self.args.outcomes.count(Recorded::Dead),
+            Err(err) => span.in_scope(|| {
+                warn!(error = %err, "dead-lettering failed; the entry comes back through lease recovery");
+            }),
         }
         self.slots.add_permits(1);
     }
@@ -347,6 +397,7 @@ impl ConsumerState {
                 delivery: Arc::clone(&delivery),
                 def: Arc::clone(&def),
                 work: Arc::clone(&self.args.work),
+                outcomes: Arc::clone(&self.args.outcomes),
             };
             match TaskActor::spawn_linked(None, TaskActor, args, myself.get_cell()).await {
                 Ok((actor, _)) => {
@@ -364,7 +415,9 @@ impl ConsumerState {
                 }
                 Err(err) => {
                     // pre_start cannot fail today; keep the entry rather than lose it.
-                    warn!(task_id = %delivery.envelope.id, error = %err, "cannot start a task actor; retrying later");
+                    task_span(&delivery.envelope).in_scope(|| {
+                        warn!(error = %err, "cannot start a task actor; retrying later");
+                    });
                     self.waiting.push_front((delivery, def));
                     break;
                 }
@@ -396,6 +449,7 @@ impl ConsumerState {
             "running": running,
             "waiting": self.waiting.len(),
             "counters": self.counters,
+            "outcomes": self.args.outcomes.snapshot(),
         }));
     }
 }

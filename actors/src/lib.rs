@@ -6,9 +6,11 @@
 //!
 //! # Layout
 //! - [`broker`] — the broker contract (`Broker`), the task `Envelope`, the `memory://` broker,
-//!   the Redis Streams broker (`broker::redis`: key layout and entry fields in its docs).
+//!   the Redis Streams broker (`broker::redis`: key layout and entry fields in its docs), and
+//!   `EventSink` (non-blocking publishing of supervision, breaker and pool events).
 //! - [`consumer`] — `ConsumerActor`: one queue's bulkhead (fetcher, admission, task actors).
-//! - [`task`] — `TaskActor`: one attempt under its limits; records its own outcome.
+//! - [`task`] — `TaskActor`: one attempt under its limits; records its own outcome; the
+//!   `task_span` every task log line carries.
 //! - [`gate`] — `ResourceGate`: deferral of tasks whose resources are closed.
 //! - [`handler`] — what runs a task: `Handler`, `TaskError`, `TaskDef`; native, http, exec.
 //! - [`resource`] — shared resources: circuit breaker, Zep client, OpenAI limiter, egress types.

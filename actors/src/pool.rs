@@ -48,6 +48,14 @@
 //! the pool is `fatal` (supervisord's semantics): no more starts until [`Pool::reset`]. A ready
 //! agent resets the count. Both states are in [`Pool::health`], the snapshot and `/health`
 //! (through the actor's degraded mark).
+//!
+//! # Events
+//!
+//! With an [`EventSink`] attached ([`Pool::attach_events`]) the pool puts its changes on the
+//! events stream without waiting: `pool_agent_starting`, `pool_agent_idle`,
+//! `pool_agent_assigned`, `pool_agent_draining`, `pool_agent_exited`, `pool_agent_failed`
+//! (detail: `pool`, `agent`, `pid`, `reason` where there is one), `pool_backoff`,
+//! `pool_fatal` and `pool_reset`.
 
 mod actor;
 mod agent;
@@ -58,7 +66,7 @@ mod tests;
 use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
@@ -71,6 +79,7 @@ use tracing::{error, info, warn};
 pub use actor::{PoolActor, PoolArgs, PoolMessage};
 use agent::AgentCommand;
 
+use crate::broker::{Event, EventSink};
 use crate::supervisor::Backoff;
 
 /// Ended agents kept in the snapshot's `recent` list.
@@ -385,6 +394,7 @@ struct Shared {
     members: Mutex<Membership>,
     changed: watch::Sender<u64>,
     next_seq: AtomicU64,
+    events: OnceLock<EventSink>,
 }
 
 /// A pool: its membership, its agents and the claim API. Cheap to clone; made by the node and
@@ -420,7 +430,33 @@ impl Pool {
                 members: Mutex::new(Membership::default()),
                 changed: watch::Sender::new(0),
                 next_seq: AtomicU64::new(1),
+                events: OnceLock::new(),
             }),
+        }
+    }
+
+    /// Puts the pool's changes on the events stream through `sink` (the first sink attached
+    /// stays).
+    pub fn attach_events(&self, sink: EventSink) {
+        let _ = self.shared.events.set(sink);
+    }
+
+    /// Emits `kind` with `detail` plus the pool's name (never waits).
+    fn emit(&self, kind: &str, mut detail: Value) {
+        if let Some(sink) = self.shared.events.get() {
+            detail["pool"] = json!(self.name());
+            sink.emit(Event::new(kind, detail));
+        }
+    }
+
+    /// Emits `pool_agent_<state>` for one agent.
+    fn emit_agent(&self, state: AgentState, agent: &str, pid: u32, reason: Option<&str>) {
+        if self.shared.events.get().is_some() {
+            let kind = format!("pool_agent_{}", state.as_str());
+            self.emit(
+                &kind,
+                json!({ "agent": agent, "pid": pid, "reason": reason }),
+            );
         }
     }
 
@@ -525,6 +561,7 @@ impl Pool {
                 match outcome {
                     Ok(()) => {
                         self.lock().totals.claims += 1;
+                        self.emit_agent(AgentState::Assigned, &agent_id, pid, None);
                         return Ok(Claimed { agent_id, pid });
                     }
                     Err(reason) => {
@@ -559,12 +596,13 @@ impl Pool {
             m.agents.values_mut().find(|a| a.id == agent_id).map(|a| {
                 let first = a.state != AgentState::Draining;
                 a.state = AgentState::Draining;
-                (first, a.commands.clone())
+                (first, a.pid, a.commands.clone())
             })
         };
         match found {
-            Some((first, commands)) => {
+            Some((first, pid, commands)) => {
                 if first {
+                    self.emit_agent(AgentState::Draining, agent_id, pid, Some("released"));
                     let _ = commands.send(AgentCommand::Stop {
                         reason: "released".into(),
                         failed: false,
@@ -607,6 +645,7 @@ impl Pool {
             m.next_start_at = None;
         }
         info!(pool = %self.name(), "pool reset: starting agents again");
+        self.emit("pool_reset", json!({}));
         self.touch();
     }
 
@@ -770,6 +809,7 @@ impl Pool {
                     );
                 }
                 info!(pool = %self.name(), agent = %id, pid, "agent spawned");
+                self.emit_agent(AgentState::Starting, &id, pid, None);
                 tokio::spawn(agent::run(self.clone(), seq, id, pid, child, receiver));
             }
             Err(err) => {
@@ -783,7 +823,7 @@ impl Pool {
 
     /// An agent saw its ready pattern.
     fn agent_ready(&self, seq: u64) {
-        {
+        let (id, pid) = {
             let mut m = self.lock();
             let Some(agent) = m.agents.get_mut(&seq) else {
                 return;
@@ -793,17 +833,25 @@ impl Pool {
             }
             agent.state = AgentState::Idle;
             agent.idle_since = Some(Instant::now());
+            let ready = (agent.id.clone(), agent.pid);
             m.totals.ready += 1;
             m.consecutive_failures = 0;
             m.next_start_at = None;
-        }
+            ready
+        };
+        self.emit_agent(AgentState::Idle, &id, pid, None);
         self.touch();
     }
 
     /// An agent began draining on its own (startup timeout kill, stop).
     fn agent_draining(&self, seq: u64) {
-        if let Some(agent) = self.lock().agents.get_mut(&seq) {
+        let draining = self.lock().agents.get_mut(&seq).and_then(|agent| {
+            let first = agent.state != AgentState::Draining;
             agent.state = AgentState::Draining;
+            first.then(|| (agent.id.clone(), agent.pid))
+        });
+        if let Some((id, pid)) = draining {
+            self.emit_agent(AgentState::Draining, &id, pid, None);
         }
         self.touch();
     }
@@ -826,10 +874,18 @@ impl Pool {
         if n >= s.startretries {
             let why = format!("{n} consecutive startup failures; last: {id}: {reason}");
             error!(pool = %self.name(), reason = %why, "pool is fatal: no more agents are started");
+            self.emit("pool_fatal", json!({ "reason": why, "failures": n }));
             m.fatal = Some(why);
         } else {
             let delay = s.backoff.delay(n - 1);
             warn!(pool = %self.name(), agent = %id, %reason, failures = n, ?delay, "agent failed to start; backing off");
+            self.emit(
+                "pool_backoff",
+                json!({
+                    "agent": id, "reason": reason, "failures": n,
+                    "delay_ms": delay.as_millis() as u64,
+                }),
+            );
             m.next_start_at = Some(Instant::now() + delay);
         }
     }
@@ -863,6 +919,7 @@ impl Pool {
             (agent.id, agent.pid, lived, agent.generation)
         };
         info!(pool = %self.name(), agent = %id, pid, state = end.state.as_str(), reason = %end.reason, ?lived, "agent reaped");
+        self.emit_agent(end.state, &id, pid, Some(&end.reason));
         if end.startup_failure {
             self.record_startup_failure(&id, end.reason, generation);
         }
@@ -908,11 +965,9 @@ impl Pool {
                     && agent.state != AgentState::Draining
                 {
                     agent.state = AgentState::Draining;
-                    stops.push((
-                        agent.commands.clone(),
-                        format!("RSS {} MB above memory_limit_mb {limit}", kb / 1024),
-                        true,
-                    ));
+                    let reason = format!("RSS {} MB above memory_limit_mb {limit}", kb / 1024);
+                    self.emit_agent(AgentState::Draining, &agent.id, agent.pid, Some(&reason));
+                    stops.push((agent.commands.clone(), reason, true));
                     m.totals.memory_kills += 1;
                 }
             }
@@ -940,17 +995,17 @@ impl Pool {
             for seq in expired.into_iter().take(allowed) {
                 if let Some(agent) = m.agents.get_mut(&seq) {
                     agent.state = AgentState::Draining;
-                    stops.push((
-                        agent.commands.clone(),
-                        "recycled: max_idle_age".into(),
-                        false,
-                    ));
+                    let reason = "recycled: max_idle_age";
+                    self.emit_agent(AgentState::Draining, &agent.id, agent.pid, Some(reason));
+                    stops.push((agent.commands.clone(), reason.into(), false));
                 }
                 m.totals.recycled += 1;
             }
             for seq in &orphans {
                 if let Some(agent) = m.agents.remove(seq) {
                     error!(pool = %self.name(), agent = %agent.id, pid = agent.pid, "agent lost its monitor: killing its group");
+                    let reason = Some("lost its monitor: group killed");
+                    self.emit_agent(AgentState::Failed, &agent.id, agent.pid, reason);
                     process::signal_group(agent.pid, Signal::SIGKILL);
                 }
             }
@@ -992,6 +1047,7 @@ impl Pool {
                 .filter(|a| a.state != AgentState::Draining)
                 .map(|a| {
                     a.state = AgentState::Draining;
+                    self.emit_agent(AgentState::Draining, &a.id, a.pid, Some("pool stopping"));
                     a.commands.clone()
                 })
                 .collect()

@@ -22,6 +22,7 @@ use bytes::Bytes;
 use reqwest::header::{HeaderMap, HeaderValue, RETRY_AFTER};
 use reqwest::{Method, StatusCode};
 
+use crate::broker::EventSink;
 use crate::gate::{Admission, ResourceGate};
 
 /// What the egress proxy, the gate and the snapshots need of a shared resource.
@@ -37,6 +38,8 @@ pub trait SharedResource: Send + Sync + fmt::Debug {
     fn admission(&self) -> Admission;
     /// Breaker / limiter state for `/actors` (never a secret).
     fn snapshot(&self) -> serde_json::Value;
+    /// Puts the resource's state changes (breaker transitions) on the events stream.
+    fn attach_events(&self, _sink: &EventSink) {}
 }
 
 /// Every shared resource of a node, by name; the node's [`ResourceGate`].
@@ -54,6 +57,13 @@ impl Resources {
     /// The resource `name`.
     pub fn get(&self, name: &str) -> Option<&Arc<dyn SharedResource>> {
         self.by_name.get(name)
+    }
+
+    /// Puts every resource's state changes on the events stream through `sink`.
+    pub fn attach_events(&self, sink: &EventSink) {
+        for resource in self.by_name.values() {
+            resource.attach_events(sink);
+        }
     }
 
     /// The names, sorted.
@@ -95,6 +105,9 @@ impl SharedResource for zep::ZepClient {
     }
     fn snapshot(&self) -> serde_json::Value {
         zep::ZepClient::snapshot(self)
+    }
+    fn attach_events(&self, sink: &EventSink) {
+        self.breaker().attach_events(sink.clone());
     }
 }
 

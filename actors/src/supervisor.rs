@@ -16,6 +16,10 @@
 //!   stop stops them last-first, each within what is left of `shutdown_timeout`, and kills
 //!   (and logs) any that does not stop in time.
 //!
+//! Every exit, restart, failed restart and surrender is also put on the events stream
+//! through the tree's sink (`actor_exited`, `actor_restarted`, `actor_start_failed`,
+//! `actor_gave_up`, with the actor's `path` in the detail), without waiting on the broker.
+//!
 //! A child that fails to start again (`SpawnErr`, e.g. an `Err` from its `pre_start`) counts
 //! as a restart and is retried after the backoff — it never takes the supervisor down by
 //! itself. Children are spawned unnamed (ractor's registry is process-wide); they are known
@@ -29,6 +33,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SpawnErr, SupervisionEvent};
+use serde_json::json;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{error, info, warn};
@@ -36,6 +41,7 @@ use tracing::{error, info, warn};
 use policy::RestartWindow;
 pub use policy::{Backoff, Intensity, Restart, Strategy};
 
+use crate::broker::Event;
 use crate::tree::{Status, Tree, TreeHandle};
 
 /// An invalid restart policy value.
@@ -334,6 +340,11 @@ async fn start_child(
             child.cell = Some(cell);
             if restarted {
                 info!(actor = path, "restarted");
+                let restarts = tree.get(path).map_or(0, |info| info.restarts);
+                tree.emit(Event::new(
+                    "actor_restarted",
+                    json!({ "path": path, "kind": child.spec.kind, "restarts": restarts }),
+                ));
             }
             Ok(())
         }
@@ -343,7 +354,14 @@ async fn start_child(
             } else {
                 Status::Failed
             };
-            tree.set_status(path, status, Some(format!("start failed: {err}")));
+            let error = format!("start failed: {err}");
+            if restarted {
+                tree.emit(Event::new(
+                    "actor_start_failed",
+                    json!({ "path": path, "kind": child.spec.kind, "error": error }),
+                ));
+            }
+            tree.set_status(path, status, Some(error));
             Err(err)
         }
     }
@@ -370,7 +388,15 @@ impl SupervisorState {
         let path = child.node.path().to_string();
         let tree = Arc::clone(child.node.tree());
         let restart = child.spec.restart;
-        if !restart.restarts_after(abnormal) {
+        let restarting = restart.restarts_after(abnormal);
+        tree.emit(Event::new(
+            "actor_exited",
+            json!({
+                "path": path, "kind": child.spec.kind, "reason": reason,
+                "abnormal": abnormal, "restarting": restarting,
+            }),
+        ));
+        if !restarting {
             if restart == Restart::Temporary {
                 info!(actor = %path, %reason, "temporary actor exited");
                 tree.remove_subtree(&path);
@@ -447,6 +473,10 @@ impl SupervisorState {
         err: SupervisorError,
     ) -> ActorProcessingErr {
         error!(supervisor = self.node.path(), error = %err, "restart intensity exceeded; escalating");
+        self.node.tree().emit(Event::new(
+            "actor_gave_up",
+            json!({ "path": self.node.path(), "error": err.to_string() }),
+        ));
         self.stop_children(myself, "supervisor gave up").await;
         self.node
             .tree()

@@ -9,6 +9,10 @@
 //! to the process group, `http` sent the deadline in a header); at the hard limit the attempt
 //! is dropped — the HTTP request aborted, the process group SIGKILLed and reaped — and counts
 //! as a retryable failure.
+//!
+//! Logs: the attempt and its recording run inside the [`task_span`] (`task_id`, `task`,
+//! `queue`, `attempt`, `trace_id`), so every line logged on their behalf — by the handler, a
+//! native function, the drained output of an `exec` command — carries those fields.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -17,10 +21,10 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{Instrument, Span, debug, info_span, warn};
 
 use crate::broker::{Broker, Callback, Delivery, Envelope, Event};
-use crate::consumer::Work;
+use crate::consumer::{Outcomes, Work};
 use crate::handler::{TaskContext, TaskDef, TaskError};
 
 /// The exit reason of a task actor that recorded its outcome.
@@ -38,6 +42,22 @@ pub struct TaskArgs {
     pub def: Arc<TaskDef>,
     /// What the consumer shares with its tasks.
     pub work: Arc<Work>,
+    /// Where the recorded outcome is counted (the queue's counters on this node).
+    pub outcomes: Arc<Outcomes>,
+}
+
+/// The span every log line about one attempt of a task runs in: `task_id`, `task`, `queue`,
+/// `attempt` and `trace_id` (the envelope's, else its `root_id`, else its id — stable across
+/// retries and shared with its callbacks).
+pub fn task_span(envelope: &Envelope) -> Span {
+    info_span!(
+        "task",
+        task_id = %envelope.id,
+        task = %envelope.task,
+        queue = %envelope.queue,
+        attempt = envelope.attempt,
+        trace_id = %envelope.trace(),
+    )
 }
 
 /// The task actor (it has no messages: it runs once and stops).
@@ -70,16 +90,23 @@ impl Actor for TaskActor {
             envelope,
             json!({ "attempt": envelope.attempt, "consumer": args.work.consumer }),
         );
+        let span = task_span(envelope);
         let broker = Arc::clone(&args.work.broker);
-        let task_id = envelope.id.clone();
-        let published = tokio::spawn(async move {
-            if let Err(err) = broker.publish(started).await {
-                debug!(%task_id, error = %err, "started event not written");
+        let published = tokio::spawn(
+            async move {
+                if let Err(err) = broker.publish(started).await {
+                    debug!(error = %err, "started event not written");
+                }
             }
-        });
-        let outcome = attempt(args).await;
-        let _ = published.await;
-        record(args, outcome).await;
+            .instrument(span.clone()),
+        );
+        async {
+            let outcome = attempt(args).await;
+            let _ = published.await;
+            record(args, outcome).await;
+        }
+        .instrument(span)
+        .await;
         myself.stop(Some(DONE.to_string()));
         Ok(())
     }
@@ -122,31 +149,34 @@ async fn attempt(args: &TaskArgs) -> Result<Value, TaskError> {
             result = &mut run => return result,
             () = &mut soft_timer, if !softened => {
                 softened = true;
-                debug!(task_id = %envelope.id, ?soft, "soft time limit");
+                debug!(?soft, "soft time limit");
                 token.cancel();
             }
             () = tokio::time::sleep_until(deadline) => {
-                warn!(task_id = %envelope.id, task = %envelope.task, ?hard, "hard time limit: attempt stopped");
+                warn!(?hard, "hard time limit: attempt stopped");
                 return Err(TaskError::Timeout(hard));
             }
         }
     }
 }
 
-/// Records `outcome` with the broker (retrying a few times if the broker fails) and
-/// releases the lease.
+/// Records `outcome` with the broker (retrying a few times if the broker fails), counts it
+/// and releases the lease. Call it inside the task's [`task_span`].
 pub(crate) async fn record(args: &TaskArgs, outcome: Result<Value, TaskError>) {
     let work = &args.work;
     let delivery = &args.delivery;
     for n in 1..=RECORD_TRIES {
         match record_once(work, delivery, &args.def, &outcome).await {
-            Ok(()) => break,
+            Ok(recorded) => {
+                args.outcomes.count(recorded);
+                break;
+            }
             Err(err) if n < RECORD_TRIES => {
-                warn!(task_id = %delivery.envelope.id, error = %err, "recording the outcome failed; retrying");
+                warn!(error = %err, "recording the outcome failed; retrying");
                 tokio::time::sleep(Duration::from_millis(200 * u64::from(n))).await;
             }
             Err(err) => {
-                warn!(task_id = %delivery.envelope.id, error = %err,
+                warn!(error = %err,
                     "recording the outcome failed; the entry comes back through lease recovery");
             }
         }
@@ -155,27 +185,40 @@ pub(crate) async fn record(args: &TaskArgs, outcome: Result<Value, TaskError>) {
         .release(&delivery.queue, &work.consumer, &delivery.entry);
 }
 
+/// What a recorded outcome was, for the queue's counters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Recorded {
+    /// Acked with its result.
+    Succeeded,
+    /// Failed; the next attempt is scheduled.
+    Retried,
+    /// Failed for good; dead-lettered.
+    Dead,
+}
+
 async fn record_once(
     work: &Work,
     delivery: &Delivery,
     def: &TaskDef,
     outcome: &Result<Value, TaskError>,
-) -> Result<(), crate::broker::BrokerError> {
+) -> Result<Recorded, crate::broker::BrokerError> {
     let envelope = &delivery.envelope;
-    match outcome {
+    let recorded = match outcome {
         Ok(value) => {
             work.broker.ack(delivery, value.clone()).await?;
             let callbacks = callbacks(work, envelope, &def.link, &envelope.link, value.clone());
             if !callbacks.is_empty() {
                 work.broker.enqueue(callbacks).await?;
             }
+            Recorded::Succeeded
         }
         Err(err) => match def.retry.next_delay(envelope.attempt, err) {
             Some(delay) => {
-                debug!(task_id = %envelope.id, ?delay, error = %err, "retrying");
+                debug!(?delay, error = %err, "retrying");
                 work.broker
                     .retry(delivery, SystemTime::now() + delay, &err.to_string())
                     .await?;
+                Recorded::Retried
             }
             None => {
                 let reason = if def.retry.retries(err) {
@@ -188,7 +231,7 @@ async fn record_once(
                 } else {
                     format!("permanent: {err}")
                 };
-                warn!(task_id = %envelope.id, task = %envelope.task, %reason, "dead-lettered");
+                warn!(%reason, "dead-lettered");
                 work.broker.dead_letter(delivery, &reason).await?;
                 let failure = json!({
                     "id": envelope.id, "task": envelope.task,
@@ -204,10 +247,11 @@ async fn record_once(
                 if !callbacks.is_empty() {
                     work.broker.enqueue(callbacks).await?;
                 }
+                Recorded::Dead
             }
         },
-    }
-    Ok(())
+    };
+    Ok(recorded)
 }
 
 /// The envelopes of a task's callbacks (configured names, then the envelope's own), each
@@ -239,7 +283,7 @@ fn callbacks(
             envelope.kwargs = callback.kwargs;
             envelope.parent_id = Some(parent.id.clone());
             envelope.root_id = Some(parent.root_id.clone().unwrap_or_else(|| parent.id.clone()));
-            envelope.trace_id = parent.trace_id.clone();
+            envelope.trace_id = Some(parent.trace().to_string());
             // One callback per parent outcome, even if recording is retried.
             envelope.idempotency_key = Some(format!(
                 "cb:{}:{}:{}",

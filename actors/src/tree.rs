@@ -5,10 +5,13 @@
 //! routes) copy entries out of a [`DashMap`] and never wait on an actor's mailbox.
 //!
 //! Paths are `/`-separated names from the root: `root`, `root/queues`, `root/queues/chat`.
+//!
+//! With an [`EventSink`] attached ([`Tree::attach_events`]) the supervisors also put what
+//! happens to their children on the events stream (`actor_exited`, `actor_restarted`, …).
 
 use std::fmt::Write as _;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::SystemTime;
 
 use dashmap::DashMap;
@@ -16,6 +19,7 @@ use ractor::ActorCell;
 use serde::Serialize;
 use tokio::time::Instant;
 
+use crate::broker::{Event, EventSink};
 use crate::supervisor::Restart;
 
 /// Lifecycle status of an actor as its supervisor last saw it.
@@ -112,6 +116,7 @@ struct Entry {
 pub struct Tree {
     entries: DashMap<String, Entry>,
     next_order: AtomicU64,
+    events: OnceLock<EventSink>,
 }
 
 impl Tree {
@@ -125,6 +130,19 @@ impl Tree {
         TreeHandle {
             tree: Arc::clone(self),
             path: name.to_string(),
+        }
+    }
+
+    /// Publishes the supervision events of this tree through `sink` (the first sink attached
+    /// stays).
+    pub fn attach_events(&self, sink: EventSink) {
+        let _ = self.events.set(sink);
+    }
+
+    /// Puts `event` on the events stream, if a sink is attached (never waits).
+    pub fn emit(&self, event: Event) {
+        if let Some(sink) = self.events.get() {
+            sink.emit(event);
         }
     }
 

@@ -44,11 +44,13 @@ impl Drop for Scratch {
     }
 }
 
-/// A running node: the child process, its base URL and everything it logged so far.
+/// A running node: the child process, its base URL and everything it logged so far (stderr)
+/// and printed (stdout).
 pub struct Node {
     child: Child,
     pub url: String,
     log: Arc<Mutex<Vec<String>>>,
+    out: Arc<Mutex<Vec<String>>>,
     _scratch: Scratch,
 }
 
@@ -56,21 +58,36 @@ impl Node {
     /// Starts the binary on `config` (TOML text; use `bind = "127.0.0.1:0"`) with `envs`, and
     /// waits until its HTTP server listens.
     pub fn start(config: &str, envs: &[(&str, &str)]) -> Node {
+        Self::start_with_args(config, &[], envs)
+    }
+
+    /// [`Node::start`] with more command-line arguments (e.g. `--log-format json`).
+    pub fn start_with_args(config: &str, args: &[&str], envs: &[(&str, &str)]) -> Node {
         let scratch = Scratch::new();
         let path = scratch.write("actors.toml", config);
         let mut cmd = Command::new(binary());
         cmd.arg("--config")
             .arg(&path)
+            .args(args)
             .env("RUST_LOG", "info")
             .env_remove("RT_BROKER_URL")
             .env_remove("RT_CONFIG")
+            .env_remove("RT_LOG_FORMAT")
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         for (k, v) in envs {
             cmd.env(k, v);
         }
         let mut child = cmd.spawn().expect("spawn runtime");
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let stdout = child.stdout.take().expect("stdout");
+        let printed = Arc::clone(&out);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                printed.lock().unwrap().push(line);
+            }
+        });
         let log = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = std::sync::mpsc::channel();
         let stderr = child.stderr.take().expect("stderr");
@@ -102,6 +119,7 @@ impl Node {
             child,
             url,
             log,
+            out,
             _scratch: scratch,
         }
     }
@@ -113,6 +131,11 @@ impl Node {
     /// Everything logged so far.
     pub fn log(&self) -> String {
         self.log.lock().unwrap().join("\n")
+    }
+
+    /// Everything printed on stdout so far.
+    pub fn stdout(&self) -> String {
+        self.out.lock().unwrap().join("\n")
     }
 
     /// Sends `signal` (e.g. "TERM", "INT") to the process.

@@ -387,6 +387,36 @@ pub(crate) async fn events_tell_the_life_of_a_task<B: Broker>(b: &B, q: &str) {
     assert_eq!(kinds, ["retried", "succeeded"]);
 }
 
+pub(crate) async fn events_page_forwards_and_backwards<B: Broker>(b: &B, q: &str) {
+    assert!(b.events_before(None, 5).await.unwrap().is_empty());
+    for n in 0..5 {
+        let event = super::Event::new("actor_restarted", json!({ "n": n, "queue": q }));
+        b.publish(event).await.unwrap();
+    }
+    let all = b.events(None, 100).await.unwrap();
+    let ns: Vec<u64> = all
+        .iter()
+        .map(|e| e.detail["n"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ns, [0, 1, 2, 3, 4]);
+    assert_eq!(all[0].task_id, None);
+    let newest = b.events_before(None, 1).await.unwrap();
+    assert_eq!(newest.len(), 1);
+    assert_eq!(newest[0].id, all[4].id);
+    let page = b.events_before(None, 2).await.unwrap();
+    assert_eq!(page, all[3..].to_vec(), "oldest first");
+    let page = b.events_before(Some(&all[3].id), 2).await.unwrap();
+    assert_eq!(page, all[1..3].to_vec());
+    let page = b.events_before(Some(&all[1].id), 10).await.unwrap();
+    assert_eq!(page, all[..1].to_vec());
+    assert!(b.events(Some(&all[4].id), 10).await.unwrap().is_empty());
+    assert_eq!(b.events(Some("0"), 2).await.unwrap(), all[..2].to_vec());
+    assert_eq!(
+        b.events(Some(&all[1].id), 2).await.unwrap(),
+        all[2..4].to_vec()
+    );
+}
+
 /// Instantiates every property as a `#[tokio::test]` for the broker `$make` builds (an async
 /// expression evaluated once per test).
 macro_rules! contract_suite {
@@ -399,7 +429,8 @@ macro_rules! contract_suite {
             idempotent_enqueue_returns_the_first_id,
             records_keep_results_for_their_ttl, dead_letters_can_be_listed_and_requeued,
             purge_removes_ready_and_delayed_only, malformed_entries_are_dead_lettered_not_delivered,
-            bad_envelopes_are_refused_whole, events_tell_the_life_of_a_task);
+            bad_envelopes_are_refused_whole, events_tell_the_life_of_a_task,
+            events_page_forwards_and_backwards);
     };
     (@each $make:expr; $($name:ident),* $(,)?) => {
         $(

@@ -120,6 +120,16 @@ impl Envelope {
         Ok(envelope)
     }
 
+    /// The trace this task belongs to: its `trace_id` (set at enqueue when the producer gave
+    /// none), else — for an envelope a producer wrote to the queue directly without one — its
+    /// `root_id`, else its own id. Stable across retries; callbacks inherit it.
+    pub fn trace(&self) -> &str {
+        self.trace_id
+            .as_deref()
+            .or(self.root_id.as_deref())
+            .unwrap_or(&self.id)
+    }
+
     /// Serialises the envelope (cannot fail: every field is plain JSON).
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).unwrap_or_default()

@@ -199,6 +199,14 @@ enum Outcome<'a> {
     Dead(&'a str),
 }
 
+/// The position of an event id (`N-0`; a bare `N` is accepted, anything else is 0).
+fn event_seq(id: &str) -> u64 {
+    id.split('-')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
 impl State {
     fn event(&mut self, mut event: Event, cap: usize) {
         self.next_event += 1;
@@ -240,7 +248,7 @@ impl State {
     }
 }
 
-/// Fills in the id and enqueue time; returns the wall-clock due time when the eta is in the
+/// Fills in the id, enqueue time and trace id; returns the wall-clock due time when the eta is in the
 /// future.
 pub(crate) fn prepare(
     envelope: &mut Envelope,
@@ -252,11 +260,20 @@ pub(crate) fn prepare(
     if envelope.queue.is_empty() {
         return Err(BrokerError::Invalid("queue: must not be empty".into()));
     }
+    // A new trace gets the W3C trace-id shape (32 lowercase hex digits); a fresh task id and
+    // its trace id share one random UUID.
+    let mut fresh = None;
     if envelope.id.is_empty() {
-        envelope.id = uuid::Uuid::new_v4().to_string();
+        let uuid = uuid::Uuid::new_v4();
+        envelope.id = uuid.to_string();
+        fresh = Some(uuid);
     }
     if envelope.enqueued_at.is_empty() {
         envelope.enqueued_at = rfc3339(now);
+    }
+    if envelope.trace_id.is_none() {
+        let uuid = fresh.unwrap_or_else(uuid::Uuid::new_v4);
+        envelope.trace_id = Some(uuid.simple().to_string());
     }
     match &envelope.eta {
         None => Ok(None),
@@ -573,16 +590,28 @@ impl Broker for MemoryBroker {
     }
 
     async fn events(&self, after: Option<&str>, limit: usize) -> Result<Vec<Event>, BrokerError> {
-        let seq = |id: &str| id.split('-').next().and_then(|n| n.parse::<u64>().ok());
-        let after = after.and_then(seq).unwrap_or(0);
+        let after = after.map_or(0, event_seq);
         let state = self.lock();
-        Ok(state
-            .events
-            .iter()
-            .filter(|e| seq(&e.id).is_some_and(|n| n > after))
-            .take(limit)
-            .cloned()
-            .collect())
+        // Ids grow with the position: a binary search finds the first one after `after`.
+        let from = state.events.partition_point(|e| event_seq(&e.id) <= after);
+        Ok(state.events.range(from..).take(limit).cloned().collect())
+    }
+
+    async fn events_before(
+        &self,
+        before: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Event>, BrokerError> {
+        let state = self.lock();
+        let end = match before {
+            Some(id) => {
+                let before = event_seq(id);
+                state.events.partition_point(|e| event_seq(&e.id) < before)
+            }
+            None => state.events.len(),
+        };
+        let from = end.saturating_sub(limit);
+        Ok(state.events.range(from..end).cloned().collect())
     }
 
     async fn record(&self, id: &str) -> Result<Option<TaskRecord>, BrokerError> {

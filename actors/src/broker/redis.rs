@@ -1189,6 +1189,28 @@ impl Broker for RedisBroker {
         Ok(stream_entries(reply).into_iter().map(event).collect())
     }
 
+    async fn events_before(
+        &self,
+        before: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Event>, BrokerError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let end = before.map_or_else(|| "+".to_string(), |id| format!("({id}"));
+        let mut pipe = redis::pipe();
+        pipe.cmd("XREVRANGE")
+            .arg(&self.events_key)
+            .arg(end)
+            .arg("-")
+            .arg("COUNT")
+            .arg(limit);
+        let (reply,): (Value,) = self.query_pipe(&pipe).await?;
+        let mut events: Vec<Event> = stream_entries(reply).into_iter().map(event).collect();
+        events.reverse();
+        Ok(events)
+    }
+
     async fn record(&self, id: &str) -> Result<Option<TaskRecord>, BrokerError> {
         let mut pipe = redis::pipe();
         pipe.cmd("HGETALL").arg(self.result_key(id));
@@ -1565,6 +1587,13 @@ mod tests {
             limit: usize,
         ) -> Result<Vec<Event>, BrokerError> {
             self.broker.events(after, limit).await
+        }
+        async fn events_before(
+            &self,
+            before: Option<&str>,
+            limit: usize,
+        ) -> Result<Vec<Event>, BrokerError> {
+            self.broker.events_before(before, limit).await
         }
         async fn record(&self, id: &str) -> Result<Option<TaskRecord>, BrokerError> {
             self.broker.record(id).await

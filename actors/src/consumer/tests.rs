@@ -78,6 +78,7 @@ impl Rig {
                 let (name, concurrency) = (q.name.to_string(), q.concurrency);
                 let work = Arc::clone(&work);
                 let gate = Arc::clone(&gate);
+                let outcomes = Arc::new(Outcomes::default());
                 ChildSpec::new(q.name, "consumer", Restart::Permanent, move |node| {
                     let args = ConsumerArgs {
                         node,
@@ -88,6 +89,7 @@ impl Rig {
                         drain: Duration::from_secs(2),
                         work: Arc::clone(&work),
                         gate: Arc::clone(&gate),
+                        outcomes: Arc::clone(&outcomes),
                     };
                     (ConsumerActor, args)
                 })

@@ -22,7 +22,7 @@ use nix::unistd::Pid;
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
-use tracing::{debug, info};
+use tracing::{Instrument, debug, info};
 
 use super::{Attempt, Handler, TaskContext, TaskError};
 
@@ -88,7 +88,6 @@ impl Drop for Group {
 
 impl ExecHandler {
     async fn run(self, ctx: TaskContext) -> Result<Value, TaskError> {
-        let task_id = ctx.envelope.id.clone();
         let mut command = Command::new(&self.command);
         command
             .args(&self.args)
@@ -118,8 +117,9 @@ impl ExecHandler {
             let _ = stdin.write_all(payload.as_bytes()).await;
             let _ = stdin.write_all(b"\n").await;
         }
-        let out_task = tokio::spawn(drain(stdout, task_id.clone(), "stdout"));
-        let err_task = tokio::spawn(drain(stderr, task_id.clone(), "stderr"));
+        // The drains log in the task's span (task id, name, queue, attempt, trace id).
+        let out_task = tokio::spawn(drain(stdout, "stdout").in_current_span());
+        let err_task = tokio::spawn(drain(stderr, "stderr").in_current_span());
 
         let mut softened = false;
         let status = {
@@ -133,7 +133,7 @@ impl ExecHandler {
                     status = &mut wait => break status,
                     () = ctx.soft.cancelled(), if !softened => {
                         softened = true;
-                        info!(task_id = %task_id, "soft time limit: SIGTERM to the process group");
+                        info!("soft time limit: SIGTERM to the process group");
                         group_signal(pgid, Signal::SIGTERM);
                     }
                 }
@@ -186,20 +186,19 @@ fn suffix(line: &Option<String>) -> String {
     line.as_ref().map(|l| format!(": {l}")).unwrap_or_default()
 }
 
-/// Reads a pipe to its end, logging each line with the task id; returns the last non-empty
-/// line.
+/// Reads a pipe to its end, logging each line (in the caller's span); returns the last
+/// non-empty line.
 async fn drain(
     pipe: Option<impl tokio::io::AsyncRead + Unpin>,
-    task_id: String,
     stream: &'static str,
 ) -> Option<String> {
     let mut lines = BufReader::new(pipe?).lines();
     let mut last = None;
     while let Ok(Some(line)) = lines.next_line().await {
         if stream == "stderr" {
-            info!(task_id = %task_id, stream, "{line}");
+            info!(stream, "{line}");
         } else {
-            debug!(task_id = %task_id, stream, "{line}");
+            debug!(stream, "{line}");
         }
         if !line.trim().is_empty() {
             last = Some(line);

@@ -16,6 +16,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::*;
+use crate::broker::EventSink;
 use crate::supervisor::{
     ChildSpec, Intensity, Restart, Strategy, SupervisorMessage, SupervisorSpec, start_root,
 };
@@ -84,7 +85,19 @@ struct Fixture {
 
 impl Fixture {
     async fn start(tag: String, settings: PoolSettings) -> Self {
+        Self::start_with_events(tag, settings, None).await
+    }
+
+    /// [`Fixture::start`] with the pool's events going to `sink` from the very first agent.
+    async fn start_with_events(
+        tag: String,
+        settings: PoolSettings,
+        sink: Option<EventSink>,
+    ) -> Self {
         let pool = Pool::new(PoolSpec::try_new(settings).unwrap());
+        if let Some(sink) = sink {
+            pool.attach_events(sink);
+        }
         let tree = Tree::new();
         let child = {
             let pool = pool.clone();
@@ -622,4 +635,48 @@ async fn ready_on_stdout_counts_and_a_silent_assignment_is_retried_elsewhere() {
             .contains("no assigned_pattern within assign_timeout")
     }));
     f.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_state_changes_are_put_on_the_events_stream() {
+    let tag = tag("events");
+    let mut s = settings(&tag, 0.1, 0.0, &[]);
+    s.min_idle = 1;
+    let (sink, mut events) = EventSink::channel(256);
+    let f = Fixture::start_with_events(tag, s, Some(sink)).await;
+    f.until("1 idle", |f| f.count("idle") == 1).await;
+    let claimed = f.pool.claim(json!({"room": "r-1"})).await.unwrap();
+    f.until("session reaped", |f| f.total("exited") == 1).await;
+    f.until("refilled", |f| f.count("idle") == 1).await;
+    let (replacement, _) = f.agents("idle")[0].clone();
+    f.finish().await;
+
+    let mut by_agent: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    while let Ok(event) = events.try_recv() {
+        assert_eq!(event.detail["pool"], "voice", "{event:?}");
+        if let Some(agent) = event.detail["agent"].as_str() {
+            by_agent
+                .entry(agent.to_string())
+                .or_default()
+                .push(event.kind.clone());
+        }
+    }
+    assert_eq!(
+        by_agent[&claimed.agent_id],
+        [
+            "pool_agent_starting",
+            "pool_agent_idle",
+            "pool_agent_assigned",
+            "pool_agent_exited"
+        ]
+    );
+    assert_eq!(
+        by_agent[&replacement],
+        [
+            "pool_agent_starting",
+            "pool_agent_idle",
+            "pool_agent_draining",
+            "pool_agent_exited"
+        ]
+    );
 }

@@ -26,13 +26,18 @@
 //! closed cannot re-open a breaker that has since recovered, nor can a late success close it).
 //!
 //! The lock is a `std::sync::Mutex` held for a few arithmetic steps, never across an await.
+//!
+//! With an [`EventSink`] attached ([`Breaker::attach_events`]) every transition is also put on
+//! the events stream — `breaker_opened`, `breaker_half_opened`, `breaker_closed`, with
+//! `resource`, `from`, `to` (and `reason`, `open_for_ms` when it opens) — by a non-blocking
+//! `try_send`, so emitting under the lock costs nothing that can wait.
 
 #[cfg(test)]
 mod tests;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
@@ -40,7 +45,7 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use crate::broker::rfc3339;
+use crate::broker::{Event, EventSink, rfc3339};
 
 /// Calls kept for the failure rate shown in snapshots when no rate rule is configured.
 const DISPLAY_WINDOW: u32 = 20;
@@ -227,6 +232,7 @@ struct Shared {
     name: String,
     policy: BreakerPolicy,
     inner: Mutex<Inner>,
+    events: OnceLock<EventSink>,
 }
 
 #[derive(Debug)]
@@ -299,8 +305,15 @@ impl Breaker {
                     last_transition: None,
                     last_reason: None,
                 }),
+                events: OnceLock::new(),
             }),
         }
+    }
+
+    /// Puts this breaker's transitions on the events stream through `sink` (the first sink
+    /// attached stays).
+    pub fn attach_events(&self, sink: EventSink) {
+        let _ = self.shared.events.set(sink);
     }
 
     /// The resource it protects.
@@ -617,6 +630,27 @@ impl Shared {
     }
 
     fn transition(&self, inner: &mut Inner, at: Instant, now: Instant, phase: Phase) {
+        if let Some(sink) = self.events.get() {
+            let name = |phase: &Phase| match phase {
+                Phase::Closed => BreakerState::Closed,
+                Phase::Open { .. } => BreakerState::Open,
+                Phase::HalfOpen { .. } => BreakerState::HalfOpen,
+            };
+            let (from, to) = (name(&inner.phase), name(&phase));
+            let mut detail =
+                json!({ "resource": self.name, "from": from.as_str(), "to": to.as_str() });
+            let kind = match &phase {
+                Phase::Closed => "breaker_closed",
+                Phase::HalfOpen { .. } => "breaker_half_opened",
+                Phase::Open { until } => {
+                    detail["reason"] = json!(inner.last_reason);
+                    detail["open_for_ms"] = json!(until.duration_since(at).as_millis() as u64);
+                    detail["opens"] = json!(inner.opens);
+                    "breaker_opened"
+                }
+            };
+            sink.emit(Event::new(kind, detail));
+        }
         inner.phase = phase;
         inner.generation += 1;
         inner.transitions += 1;

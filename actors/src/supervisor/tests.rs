@@ -380,6 +380,8 @@ async fn a_child_that_cannot_restart_is_retried_after_backoff() {
 #[tokio::test(start_paused = true)]
 async fn intensity_exceeded_escalates_to_the_parent_which_restarts_the_subtree() {
     let f = Fixture::new();
+    let (sink, mut events) = crate::broker::EventSink::channel(64);
+    f.tree.attach_events(sink);
     let mut inner = spec(
         Strategy::OneForOne,
         vec![f.probe("worker", Restart::Permanent)],
@@ -422,6 +424,27 @@ async fn intensity_exceeded_escalates_to_the_parent_which_restarts_the_subtree()
     assert_eq!(f.restarts("root/inner/worker"), 0);
     assert_eq!(f.id("root/bystander"), bystander);
     root.stop(None);
+
+    // Every step is on the events stream, in order.
+    let mut seen = Vec::new();
+    while let Ok(event) = events.try_recv() {
+        let path = event.detail["path"].as_str().unwrap_or("").to_string();
+        seen.push(format!("{} {path}", event.kind));
+    }
+    assert_eq!(
+        seen[..8],
+        [
+            "actor_exited root/inner/worker",
+            "actor_restarted root/inner/worker",
+            "actor_exited root/inner/worker",
+            "actor_restarted root/inner/worker",
+            "actor_exited root/inner/worker",
+            "actor_gave_up root/inner",
+            "actor_exited root/inner",
+            "actor_restarted root/inner",
+        ],
+        "{seen:#?}"
+    );
 }
 
 #[tokio::test(start_paused = true)]

@@ -414,3 +414,34 @@ async fn clones_share_one_state() {
     assert_eq!(breaker.state(), BreakerState::Open);
     assert_eq!(breaker.name(), "zep");
 }
+
+#[tokio::test(start_paused = true)]
+async fn transitions_are_put_on_the_events_stream() {
+    let (sink, mut events) = EventSink::channel(16);
+    let breaker = breaker(settings());
+    breaker.attach_events(sink);
+    fail_n(&breaker, 3);
+    advance(OPEN_FOR).await;
+    assert_eq!(breaker.state(), BreakerState::HalfOpen);
+    breaker.try_acquire().unwrap().succeed();
+    breaker.try_acquire().unwrap().succeed();
+    assert_eq!(breaker.state(), BreakerState::Closed);
+    let mut got = Vec::new();
+    while let Ok(event) = events.try_recv() {
+        got.push(event);
+    }
+    let kinds: Vec<&str> = got.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(
+        kinds,
+        ["breaker_opened", "breaker_half_opened", "breaker_closed"]
+    );
+    let opened = &got[0].detail;
+    assert_eq!(opened["resource"], "zep");
+    assert_eq!(opened["from"], "closed");
+    assert_eq!(opened["to"], "open");
+    assert_eq!(opened["reason"], "3 consecutive failures");
+    assert_eq!(opened["open_for_ms"], 10_000);
+    assert_eq!(got[1].detail["from"], "open");
+    assert_eq!(got[2].detail["to"], "closed");
+    assert_eq!(got[0].task_id, None);
+}
