@@ -18,6 +18,8 @@ Flags (the start-up delay can also come from FAKE_AGENT_STARTUP_DELAY):
   --leak-mb N         once ready, allocate and touch N MB (in 16 MB steps)
   --ignore-sigterm    ignore SIGTERM (only SIGKILL ends it)
   --ready-on-stdout   print the ready line to stdout (flushed) instead of stderr
+  --sessions N        serve N sessions, logging the ready line again after each (default 1;
+                      for pools with `reusable = true`)
   --tag T             ignored; lets tests find their own processes in /proc
 """
 
@@ -49,6 +51,7 @@ def main():
     parser.add_argument("--leak-mb", type=int, default=0)
     parser.add_argument("--ignore-sigterm", action="store_true")
     parser.add_argument("--ready-on-stdout", action="store_true")
+    parser.add_argument("--sessions", type=int, default=1)
     parser.add_argument("--tag", default="")
     args = parser.parse_args()
 
@@ -94,19 +97,28 @@ def main():
         left -= step
         time.sleep(0.02)
 
-    line = sys.stdin.readline()
-    if not line:
-        log("INFO", "__main__:main:160", "stdin closed before an assignment; exiting")
-        return 0
-    try:
-        assignment = json.loads(line)
-    except ValueError as err:
-        log("ERROR", "__main__:main:165", f"bad assignment: {err}")
-        return 2
-    room = assignment.get("room", "unknown") if isinstance(assignment, dict) else "unknown"
-    log("INFO", "pipecat.transports.livekit:connect:412", f"Connected to {room}")
-    time.sleep(args.session)
-    log("INFO", "__main__:on_participant_left:190", "Participant left; session ended")
+    for session in range(args.sessions):
+        if session > 0:
+            log("INFO", "__main__:main:150", ready)
+        line = sys.stdin.readline()
+        if not line:
+            log("INFO", "__main__:main:160", "stdin closed before an assignment; exiting")
+            return 0
+        try:
+            assignment = json.loads(line)
+        except ValueError as err:
+            log("ERROR", "__main__:main:165", f"bad assignment: {err}")
+            return 2
+        # A claim's body ({"room": ...}) or, from the `pool` task handler, the task's envelope
+        # ({"id": ..., "task": ..., "kwargs": {"room": ...}, ...}).
+        room = "unknown"
+        if isinstance(assignment, dict):
+            kwargs = assignment.get("kwargs")
+            room = (assignment.get("room")
+                    or (kwargs.get("room") if isinstance(kwargs, dict) else None) or room)
+        log("INFO", "pipecat.transports.livekit:connect:412", f"Connected to {room}")
+        time.sleep(args.session)
+        log("INFO", "__main__:on_participant_left:190", "Participant left; session ended")
     return 0
 
 

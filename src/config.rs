@@ -412,6 +412,8 @@ pub struct PoolSettings {
     pub memory_limit_mb: Option<NonZeroU32>,
     /// Idle agents older than this are replaced.
     pub max_idle_age: Option<Duration>,
+    /// Agents that log `ready_pattern` again after a session go back to idle.
+    pub reusable: bool,
     /// Stop signal.
     pub stop_signal: StopSignal,
     /// Time between the stop signal and SIGKILL.

@@ -281,6 +281,7 @@ pub fn pools(config: &Config) -> Result<(BTreeMap<String, Pool>, Vec<ChildSpec>)
         settings.claim_timeout = p.claim_timeout;
         settings.memory_limit_mb = p.memory_limit_mb.map(|mb| u64::from(mb.get()));
         settings.max_idle_age = p.max_idle_age;
+        settings.reusable = p.reusable;
         match p.stop_signal.as_str().parse::<nix::sys::signal::Signal>() {
             Ok(signal) => settings.stop_signal = signal,
             Err(err) => problems.push((format!("pools.{name}.stop_signal"), err.to_string())),

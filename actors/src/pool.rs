@@ -36,7 +36,9 @@
 //! | `draining` | `stop_signal` sent to the group, SIGKILL after `stop_timeout` | `exited` / `failed` |
 //! | `exited`, `failed` | reaped; kept in the snapshot's `recent` list with the reason | — |
 //!
-//! Agents are single-use: an agent exits after its session, is reaped and replaced.
+//! Agents are single-use by default: an agent exits after its session, is reaped and
+//! replaced. With `reusable`, an assigned agent that logs `ready_pattern` again has ended its
+//! session and goes back to `idle` (at the end of the FIFO); one that exits is replaced as usual.
 //!
 //! # Pool health
 //!
@@ -121,6 +123,10 @@ pub struct PoolSettings {
     pub memory_limit_mb: Option<u64>,
     /// Idle agents older than this are recycled.
     pub max_idle_age: Option<Duration>,
+    /// An assigned agent that logs `ready_pattern` again has finished its session and goes
+    /// back to idle (at the end of the FIFO); `false`: single-use agents, replaced after
+    /// their session.
+    pub reusable: bool,
     /// Signal of an orderly stop, sent to the agent's process group.
     pub stop_signal: Signal,
     /// Time from `stop_signal` to SIGKILL.
@@ -154,6 +160,7 @@ impl PoolSettings {
             claim_timeout: Duration::from_secs(10),
             memory_limit_mb: None,
             max_idle_age: None,
+            reusable: false,
             stop_signal: Signal::SIGTERM,
             stop_timeout: Duration::from_secs(10),
             startretries: 3,
@@ -359,6 +366,7 @@ struct Totals {
     startup_failures: u64,
     assign_failures: u64,
     recycled: u64,
+    reused: u64,
     memory_kills: u64,
     sigkills: u64,
     adopted: u64,
@@ -723,6 +731,7 @@ impl Pool {
                 "startup_failures": t.startup_failures,
                 "assign_failures": t.assign_failures,
                 "recycled": t.recycled,
+                "reused": t.reused,
                 "memory_kills": t.memory_kills,
                 "sigkills": t.sigkills,
                 "adopted": t.adopted,
@@ -828,15 +837,21 @@ impl Pool {
             let Some(agent) = m.agents.get_mut(&seq) else {
                 return;
             };
-            if agent.state != AgentState::Starting {
-                return;
-            }
+            let reused = match agent.state {
+                AgentState::Starting => false,
+                AgentState::Assigned if self.settings().reusable => true,
+                _ => return,
+            };
             agent.state = AgentState::Idle;
             agent.idle_since = Some(Instant::now());
             let ready = (agent.id.clone(), agent.pid);
-            m.totals.ready += 1;
-            m.consecutive_failures = 0;
-            m.next_start_at = None;
+            if reused {
+                m.totals.reused += 1;
+            } else {
+                m.totals.ready += 1;
+                m.consecutive_failures = 0;
+                m.next_start_at = None;
+            }
             ready
         };
         self.emit_agent(AgentState::Idle, &id, pid, None);

@@ -840,6 +840,7 @@ impl Compiler<'_> {
             claim_timeout,
             memory_limit_mb,
             max_idle_age,
+            reusable: raw.reusable.unwrap_or(false),
             stop_signal,
             stop_timeout,
             startretries: raw.startretries.unwrap_or(DEFAULT_STARTRETRIES),

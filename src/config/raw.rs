@@ -362,6 +362,9 @@ pub(crate) struct RawPool {
     pub(crate) memory_limit_mb: Option<u32>,
     /// Idle agents older than this are replaced. Default: never.
     pub(crate) max_idle_age: Option<RawDuration>,
+    /// An agent that logs `ready_pattern` again after its session goes back to idle instead
+    /// of being replaced. Default `false` (single-use agents).
+    pub(crate) reusable: Option<bool>,
     /// Signal sent to the agent's process group to stop it: `SIGTERM`, `SIGINT`, `SIGHUP`,
     /// `SIGQUIT`, `SIGUSR1`, `SIGUSR2` or `SIGKILL`. Default `"SIGTERM"`.
     pub(crate) stop_signal: Option<String>,

@@ -355,6 +355,7 @@ fn handler_kinds_compile() {
         command = "python"
         max = 2
         ready_pattern = "Pipeline started"
+        reusable = true
         [tasks.h]
         handler = { kind = "http", url = "https://app.internal/tasks/h", timeout = "5s" }
         [tasks.e]
@@ -371,6 +372,7 @@ fn handler_kinds_compile() {
     assert!(matches!(config.tasks["n"].handler, Handler::Native));
     assert!(matches!(&config.tasks["p"].handler, Handler::Pool { pool } if pool == "voice"));
     assert_eq!(config.tasks["n"].retry.max_retries, 3);
+    assert!(config.pools["voice"].reusable);
 }
 
 #[test]
@@ -392,6 +394,8 @@ fn pool_sizes_are_checked() {
         fails(&format!("{pool}max = 0\n")),
         ["error: pools.voice.max: must be at least 1, got 0"]
     );
+    let wrong_type = fails(&format!("{pool}reusable = \"yes\"\n"));
+    assert!(wrong_type[0].contains("reusable"), "{wrong_type:?}");
 }
 
 #[test]

@@ -148,6 +148,11 @@ pub(super) async fn run(
                         pool.agent_ready(seq);
                         Phase::Idle
                     }
+                    (Event::Ready, Phase::Assigned) if settings.reusable => {
+                        info!(agent = %id, pid, "session ended; agent idle again (reusable)");
+                        pool.agent_ready(seq);
+                        Phase::Idle
+                    }
                     (Event::Assigned, Phase::Assigning { reply, .. }) => {
                         let _ = reply.send(Ok(()));
                         Phase::Assigned

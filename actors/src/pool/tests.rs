@@ -680,3 +680,32 @@ async fn agent_state_changes_are_put_on_the_events_stream() {
         ]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reusable_agent_serves_sessions_until_it_exits_then_is_replaced() {
+    let tag = tag("reuse");
+    let mut s = settings(&tag, 0.0, 0.1, &["--sessions", "3"]);
+    s.reusable = true;
+    s.min_idle = 1;
+    s.max = 1;
+    let f = Fixture::start(tag.clone(), s).await;
+    let mut served = Vec::new();
+    for n in 0..4 {
+        let claimed = f
+            .pool
+            .claim(json!({"room": format!("reuse-{n}")}))
+            .await
+            .unwrap();
+        served.push((claimed.agent_id, claimed.pid));
+    }
+    // Three sessions on the first agent (the same process), the fourth on its replacement.
+    assert_eq!(served[0], served[1]);
+    assert_eq!(served[0], served[2]);
+    assert_ne!(served[3].0, served[0].0);
+    assert_ne!(served[3].1, served[0].1);
+    assert_eq!(f.total("reused"), 2);
+    assert_eq!(f.total("claims"), 4);
+    f.until("the first agent reaped", |f| f.total("exited") >= 1)
+        .await;
+    f.finish().await;
+}
