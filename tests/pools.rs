@@ -1,5 +1,6 @@
-//! Process pools through the binary: a warm pool of fake voice agents, a claim over HTTP, a
-//! task with a `pool` handler, and a clean stop that leaves no agent behind.
+//! Process pools through the binary: a warm pool of fake voice agents, the pool actor killed
+//! through the chaos route (it comes back with the same agents), a claim over HTTP, a task
+//! with a `pool` handler, and a clean stop that leaves no agent behind.
 
 mod common;
 
@@ -48,6 +49,9 @@ shutdown_grace = "10s"
 [http]
 bind = "127.0.0.1:0"
 
+[chaos]
+enabled = true
+
 [queues.voice]
 concurrency = 2
 
@@ -85,6 +89,43 @@ handler = {{ kind = "pool", pool = "voice" }}
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(node.actor("root/pools/voice").await.is_some());
+
+    // Kill the pool actor: it restarts and re-adopts the agents it had — same pids, none
+    // leaked, none replaced.
+    let pids = |pools: &Value| -> Vec<u64> {
+        let mut pids: Vec<u64> = pools["pools"]["voice"]["agents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["pid"].as_u64().unwrap())
+            .collect();
+        pids.sort();
+        pids
+    };
+    let before = pids(&node.get_json("/pools").await);
+    assert_eq!(before.len(), 2);
+    let killed = reqwest::Client::new()
+        .post(format!("{}/chaos/kill/root/pools/voice", node.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(killed.status(), 202);
+    let at = Instant::now();
+    loop {
+        let actor = node.actor("root/pools/voice").await.unwrap();
+        if actor["restarts"] == 1 && actor["status"] == "running" {
+            break;
+        }
+        assert!(
+            at.elapsed() < Duration::from_secs(10),
+            "pool actor not back: {actor}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let pools = node.get_json("/pools").await;
+    assert_eq!(pids(&pools), before, "{pools}");
+    assert_eq!(pools["pools"]["voice"]["totals"]["adopted"], 2, "{pools}");
+    assert_eq!(tagged(&tag), 2, "no agent leaked or duplicated");
 
     let claimed: Value = reqwest::Client::new()
         .post(format!("{}/pools/voice/claim", node.url))
