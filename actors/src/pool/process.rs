@@ -47,51 +47,45 @@ fn rss_kb(pid: u32) -> Option<u64> {
     parse_vm_rss(&status)
 }
 
-/// The resident memory in kB of each of the process groups led by `leaders`: the sum of
-/// `VmRSS` over every live process of the group (an agent's helpers — ffmpeg, a model
-/// server — count towards its limit). One pass over `/proc`; a group whose leader is gone or
-/// a zombie is absent, even if members linger (they are killed with the group on stop).
+/// The resident memory in kB of each agent led by `leaders`: the sum of `VmRSS` over the
+/// leader and all its live descendants (an agent's helpers — ffmpeg, a model server — count
+/// towards its limit). Walks `/proc/<pid>/task/<tid>/children` down from each leader, so the
+/// cost is per agent process, not per process on the machine. A leader that is gone or a
+/// zombie is absent.
 pub(super) fn group_rss_kb(leaders: &[u32]) -> HashMap<u32, u64> {
-    let mut totals: HashMap<u32, u64> = leaders
+    leaders
         .iter()
-        .filter_map(|&pid| rss_kb(pid).map(|kb| (pid, kb)))
-        .collect();
-    if totals.is_empty() {
-        return totals;
-    }
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return totals;
-    };
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if totals.contains_key(&pid) {
-            continue; // a leader, already counted
-        }
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        if let Some(pgid) = parse_pgrp(&stat)
-            && let Some(total) = totals.get_mut(&pgid)
-            && let Some(kb) = rss_kb(pid)
-        {
-            *total += kb;
-        }
-    }
-    totals
+        .filter_map(|&leader| {
+            let mut total = rss_kb(leader)?;
+            let mut stack = children(leader);
+            // A bound against a pid-reuse cycle, far above any agent's process count.
+            let mut budget = 4096;
+            while let Some(pid) = stack.pop()
+                && budget > 0
+            {
+                budget -= 1;
+                total += rss_kb(pid).unwrap_or(0);
+                stack.extend(children(pid));
+            }
+            Some((leader, total))
+        })
+        .collect()
 }
 
-/// The process group (field 5) of a `/proc/<pid>/stat` line; the command (field 2) is in
-/// parentheses and may itself contain spaces and parentheses, so parse after the last `)`.
-fn parse_pgrp(stat: &str) -> Option<u32> {
-    let rest = &stat[stat.rfind(')')? + 1..];
-    // state, ppid, pgrp
-    rest.split_whitespace().nth(2)?.parse().ok()
+/// The children of every thread of `pid` (`/proc/<pid>/task/<tid>/children`).
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
+        .flat_map(|list| {
+            list.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
 }
 
 fn parse_vm_rss(status: &str) -> Option<u64> {
@@ -114,16 +108,9 @@ mod tests {
         assert!(rss_kb(std::process::id()).is_some_and(|kb| kb > 0));
     }
 
-    #[test]
-    fn parses_the_process_group_after_an_awkward_command_name() {
-        let stat = "4242 (bot (v2) x) S 1 4240 4240 0 -1 4194560 123 0 0 0";
-        assert_eq!(parse_pgrp(stat), Some(4240));
-        assert_eq!(parse_pgrp("garbage"), None);
-    }
-
     #[tokio::test]
-    async fn sums_the_rss_of_every_process_in_the_group() {
-        // A group of three: the shell leader and two sleeping children.
+    async fn sums_the_rss_of_the_agent_and_its_descendants() {
+        // The shell leader and two sleeping children.
         let mut child = Command::new("/bin/sh")
             .args(["-c", "sleep 30 & sleep 30 & wait"])
             .process_group(0)
@@ -131,27 +118,20 @@ mod tests {
             .spawn()
             .unwrap();
         let pid = child.id().unwrap();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        let members = || {
-            std::fs::read_dir("/proc")
-                .unwrap()
-                .flatten()
-                .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-                .filter(|p| {
-                    std::fs::read_to_string(format!("/proc/{p}/stat"))
-                        .ok()
-                        .and_then(|s| parse_pgrp(&s))
-                        == Some(pid)
-                })
-                .count()
-        };
-        while members() < 3 {
-            assert!(std::time::Instant::now() < deadline, "children not started");
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        while children(pid).len() < 2 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "children not started"
+            );
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
         let leader = rss_kb(pid).unwrap();
         let total = group_rss_kb(&[pid])[&pid];
-        assert!(total > leader, "group {total} kB vs leader {leader} kB");
+        assert!(
+            total > leader,
+            "with children {total} kB vs leader {leader} kB"
+        );
         signal_group(pid, Signal::SIGKILL);
         child.wait().await.unwrap();
         assert!(group_rss_kb(&[pid]).is_empty(), "a reaped group has no RSS");
