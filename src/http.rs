@@ -2,6 +2,7 @@
 //!
 //! | route | what |
 //! |---|---|
+//! | `GET /` | the live tree page ([`page`]): tree, snapshots, queues, in-flight tasks, events |
 //! | `GET /health` | 200 when the root and every permanent actor are running, else 503 with reasons |
 //! | `GET /actors` | the supervision tree as JSON; `?format=text` for an indented rendering |
 //! | `POST /tasks`, `GET /tasks/{id}` | enqueue (one or a batch), a task's record ([`tasks`]) |
@@ -16,6 +17,7 @@
 
 pub mod egress;
 pub mod events;
+pub mod page;
 pub mod pools;
 pub mod queues;
 pub mod tasks;
@@ -141,6 +143,7 @@ pub fn app(state: AppState) -> Router {
     }
     let mutating = mutating.route_layer(middleware::from_fn_with_state(state.clone(), authorize));
     Router::new()
+        .route("/", get(page::page))
         .route("/health", get(health))
         .route("/actors", get(actors))
         .route("/tasks/{id}", get(tasks::record))

@@ -12,7 +12,8 @@
 //! - [`topology`] — the supervision tree a config describes, task definitions, resources.
 //! - [`node`] — runs a node: tree + HTTP server, signal handling, ordered stop.
 //! - [`http`] — axum router: health, the tree, tasks, queues, dead letters, the egress proxy,
-//!   pools, the events stream over SSE (`http::events`), chaos.
+//!   pools, the events stream over SSE (`http::events`), the live tree page (`http::page`),
+//!   chaos.
 //! - [`shutdown`] — SIGINT/SIGTERM handling (a second signal exits at once).
 //! - [`telemetry`] — tracing subscriber: `RUST_LOG` filter, text or flat JSON (span fields
 //!   such as a task's `task_id` and `trace_id` at the top level).

@@ -1,5 +1,5 @@
 //! The router as a function (`tower::ServiceExt::oneshot`) over a real supervision tree:
-//! health reasons, bearer-token checks on mutating routes, JSON errors.
+//! health reasons, bearer-token checks on mutating routes, JSON errors, the live page at `/`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -557,4 +557,43 @@ async fn event_streams_are_bounded_and_a_closed_one_frees_its_slot() {
     assert_eq!(state.event_streams.open(), 0);
     let again = open(&state).await.unwrap();
     assert_eq!(again.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn the_live_page_is_served_at_the_root_without_a_token_and_loads_nothing_from_elsewhere() {
+    let state = state(Duration::from_millis(5), Some("s3cret-token"), false).await;
+    let response = app(state)
+        .oneshot(Request::builder().uri("/").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let headers = response.headers().clone();
+    assert_eq!(headers[header::CONTENT_TYPE], "text/html; charset=utf-8");
+    assert_eq!(headers[header::X_CONTENT_TYPE_OPTIONS], "nosniff");
+    let policy = headers[header::CONTENT_SECURITY_POLICY].to_str().unwrap();
+    for rule in [
+        "default-src 'none'",
+        "connect-src 'self'",
+        "frame-ancestors 'none'",
+        "require-trusted-types-for 'script'",
+    ] {
+        assert!(policy.contains(rule), "{rule} missing from {policy}");
+    }
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let page = String::from_utf8(body.to_vec()).unwrap();
+    assert!(page.starts_with("<!doctype html>"));
+    assert!(page.contains(r#"role="tree""#) && page.contains(r#"role="log""#));
+    // Rendering is text-only, and nothing comes from another origin (no CDN, no fonts).
+    for banned in [
+        "innerHTML",
+        "outerHTML",
+        "insertAdjacentHTML",
+        "document.write",
+        "eval(",
+        "http://",
+        "https://",
+        "@import",
+    ] {
+        assert!(!page.contains(banned), "the page uses {banned}");
+    }
 }
