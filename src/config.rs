@@ -118,6 +118,8 @@ pub struct Config {
     pub schedules: IndexMap<String, ScheduleSettings>,
     /// `[chaos]`
     pub chaos: ChaosSettings,
+    /// `[celery]`, when present.
+    pub celery: Option<CelerySettings>,
 }
 
 /// `[runtime]`
@@ -509,6 +511,32 @@ pub enum Missed {
     Skip,
     /// Run once at once, however many were missed.
     RunOnce,
+}
+
+/// `[celery]`: the Celery bridge.
+#[derive(Debug, Clone)]
+pub struct CelerySettings {
+    /// Redis of Celery's result backend (may hold a password; never printed).
+    pub backend_url: String,
+    /// Prefix of kombu list names and result keys.
+    pub key_prefix: String,
+    /// kombu queues taken over.
+    pub queues: Vec<String>,
+    /// Runtime queue whose dead letters take malformed Celery messages.
+    pub dead_letter_queue: String,
+    /// kombu queue of tasks sent to Celery workers without a `queue` option.
+    pub default_queue: String,
+    /// TTL of Celery results.
+    pub result_ttl: Duration,
+    /// Pause between polls of an empty kombu queue.
+    pub poll: Duration,
+    /// Messages moved per script call.
+    pub batch: NonZeroU32,
+    /// Celery task name → runtime task (every runtime task maps its own name too, unless
+    /// that name is mapped elsewhere).
+    pub tasks: IndexMap<String, String>,
+    /// Runtime tasks whose `STARTED` state is written.
+    pub track_started: Vec<String>,
 }
 
 /// `[chaos]`

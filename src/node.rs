@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actors::broker::{AnyBroker, EventSink};
+use actors::celery::Celery;
 use actors::consumer::{ConsumerMessage, Work};
 use actors::handler::native::Natives;
 use actors::supervisor::start_root;
@@ -20,7 +21,8 @@ use crate::check::EX_CONFIG;
 use crate::config::Config;
 use crate::http::{AppState, app};
 use crate::topology::{
-    ROOT, Shared, broker_settings, node_name, pools, resources, root_spec, task_defs,
+    ROOT, Shared, broker_settings, celery_settings, node_name, pools, resources, root_spec,
+    task_defs,
 };
 
 /// Time the HTTP server gets to finish open requests once the tree has stopped.
@@ -111,6 +113,16 @@ pub async fn run_with(
         }
     };
     resources.attach_events(&events);
+    let celery = match celery_settings(&config, &name) {
+        None => None,
+        Some(settings) => match Celery::connect(settings).await {
+            Ok(celery) => Some(Arc::new(celery)),
+            Err(err) => {
+                error!(error = %err, "cannot start the Celery bridge ([celery])");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
     let shared = Shared {
         resources: Arc::new(resources),
         work: Arc::new(Work {
@@ -118,6 +130,7 @@ pub async fn run_with(
             leases: Arc::default(),
             tasks,
             consumer: name,
+            celery,
         }),
     };
     info!(node = %shared.work.consumer, broker = %url, "broker ready");

@@ -9,6 +9,8 @@
 //! ├── queues      SupervisorActor   permanent
 //! │   ├── chat    ConsumerActor     permanent; one per [queues.NAME], task actors below it
 //! │   └── …
+//! ├── celery      SupervisorActor   permanent, when [celery] takes over kombu queues
+//! │   └── celery  BridgeActor       permanent; one per taken-over kombu queue
 //! └── heartbeat   HeartbeatActor    permanent; uptime and event-loop lag
 //! ```
 //!
@@ -20,6 +22,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actors::broker::{AnyBroker, BrokerActor, BrokerArgs, BrokerSettings};
+use actors::celery::CelerySettings;
+use actors::celery::bridge::{BridgeActor, BridgeArgs, BridgeCounters};
 use actors::consumer::{ConsumerActor, ConsumerArgs, Outcomes, Work};
 use actors::gate::ResourceGate;
 use actors::handler::exec::ExecHandler;
@@ -360,7 +364,36 @@ fn egress_client() -> reqwest::Client {
 }
 
 /// The native functions every `runtime` binary has.
-pub const BUILTIN_NATIVES: [&str; 4] = ["rt_echo", "rt_fail", "rt_noop", "rt_sleep"];
+pub const BUILTIN_NATIVES: [&str; 5] = ["rt_add", "rt_echo", "rt_fail", "rt_noop", "rt_sleep"];
+
+/// The Celery bridge's settings for `config` (`None` without `[celery]`).
+pub fn celery_settings(config: &Config, node_name: &str) -> Option<CelerySettings> {
+    let celery = config.celery.as_ref()?;
+    let tasks = celery
+        .tasks
+        .iter()
+        .filter_map(|(name, task)| {
+            let queue = config.tasks.get(task)?.queue.clone();
+            Some((name.clone(), (task.clone(), queue)))
+        })
+        .collect();
+    Some(CelerySettings {
+        broker_url: config.broker.url.clone(),
+        backend_url: celery.backend_url.clone(),
+        key_prefix: celery.key_prefix.clone(),
+        runtime_prefix: config.broker.prefix.clone(),
+        queues: celery.queues.clone(),
+        tasks,
+        track_started: celery.track_started.iter().cloned().collect(),
+        dead_letter_queue: celery.dead_letter_queue.clone(),
+        default_queue: celery.default_queue.clone(),
+        result_ttl: celery.result_ttl,
+        poll: celery.poll,
+        batch: celery.batch.get() as usize,
+        events_maxlen: BrokerSettings::default().events_maxlen,
+        node: node_name.to_string(),
+    })
+}
 
 /// The broker tunables of `config`.
 pub fn broker_settings(config: &Config) -> BrokerSettings {
@@ -468,6 +501,30 @@ pub fn root_spec(
         children.push(ChildSpec::supervisor("pools", policy(pools)));
     }
     children.push(ChildSpec::supervisor("queues", policy(consumers)));
+    if let Some(celery) = &shared.work.celery {
+        let bridges: Vec<ChildSpec> = celery
+            .settings()
+            .queues
+            .iter()
+            .map(|queue| {
+                let celery = Arc::clone(celery);
+                let queue_name = queue.clone();
+                let counters = Arc::new(BridgeCounters::default());
+                ChildSpec::new(queue, "celery_bridge", Restart::Permanent, move |node| {
+                    let args = BridgeArgs {
+                        node,
+                        celery: Arc::clone(&celery),
+                        queue: queue_name.clone(),
+                        counters: Arc::clone(&counters),
+                    };
+                    (BridgeActor, args)
+                })
+            })
+            .collect();
+        if !bridges.is_empty() {
+            children.push(ChildSpec::supervisor("celery", policy(bridges)));
+        }
+    }
     children.push(heartbeat);
     policy(children)
 }

@@ -33,6 +33,7 @@ use tokio::time::Instant;
 use tracing::{Instrument, info, warn};
 
 use crate::broker::{AnyBroker, Broker, Delivery, Leases, parse_time};
+use crate::celery::{self, Celery};
 use crate::gate::{Admission, ResourceGate};
 use crate::handler::{TaskDef, TaskDefs, TaskError};
 use crate::task::{DONE, Recorded, TaskActor, TaskArgs, limits, record, task_span};
@@ -54,6 +55,9 @@ pub struct Work {
     pub tasks: Arc<TaskDefs>,
     /// This node's consumer name.
     pub consumer: String,
+    /// The Celery bridge, when `[celery]` is configured: Celery-origin tasks write their
+    /// results in Celery's format and send Celery callbacks through it.
+    pub celery: Option<Arc<Celery>>,
 }
 
 /// Outcomes recorded for one queue on this node since it started: made by the node, shared by
@@ -326,6 +330,15 @@ impl ConsumerState {
     /// Checks a delivery and queues it to run, or settles it at once.
     async fn admit(&mut self, delivery: Arc<Delivery>) {
         let work = Arc::clone(&self.args.work);
+        // A message the Celery bridge moved is decoded first (one map lookup otherwise).
+        let delivery = if delivery.envelope.extra.contains_key(celery::RAW_FIELD) {
+            match self.expand_celery(delivery).await {
+                Some(delivery) => delivery,
+                None => return,
+            }
+        } else {
+            delivery
+        };
         let envelope = &delivery.envelope;
         let Some(def) = work.tasks.get(&envelope.task).cloned() else {
             self.settle(&delivery, format!("no such task `{}`", envelope.task))
@@ -371,6 +384,39 @@ impl ConsumerState {
         }
         work.leases.hold(&work.consumer, &delivery);
         self.waiting.push_back((delivery, def));
+    }
+
+    /// Decodes a bridged Celery message ([`celery::expand`]): `None` when it was settled here
+    /// — dead-lettered (undecodable, a chord; Celery's result says FAILURE) or deferred to
+    /// its `eta`.
+    async fn expand_celery(&mut self, delivery: Arc<Delivery>) -> Option<Arc<Delivery>> {
+        let mut expanded = (*delivery).clone();
+        if let Err(reason) = celery::expand(&mut expanded.envelope) {
+            if let Some(celery) = &self.args.work.celery
+                && let Err(err) = celery.rejected(&delivery.envelope.id, &reason).await
+            {
+                warn!(error = %err, "celery FAILURE result not written");
+            }
+            self.settle(&delivery, reason).await;
+            return None;
+        }
+        let expanded = Arc::new(expanded);
+        let eta = expanded
+            .envelope
+            .eta
+            .as_deref()
+            .and_then(|eta| parse_time(eta).ok());
+        if let Some(at) = eta.filter(|at| *at > SystemTime::now()) {
+            self.counters.deferred += 1;
+            if let Err(err) = self.args.work.broker.defer(&expanded, at, "eta").await {
+                task_span(&expanded.envelope).in_scope(|| {
+                    warn!(error = %err, "deferral to the eta failed; the entry comes back through lease recovery");
+                });
+            }
+            self.slots.add_permits(1);
+            return None;
+        }
+        Some(expanded)
     }
 
     /// Dead-letters a delivery that cannot run.

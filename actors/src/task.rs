@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, Span, debug, info_span, warn};
 
 use crate::broker::{Broker, Callback, Delivery, Envelope, Event};
+use crate::celery::{ORIGIN_FIELD, Settled};
 use crate::consumer::{Outcomes, Work};
 use crate::handler::{TaskContext, TaskDef, TaskError};
 
@@ -92,10 +93,21 @@ impl Actor for TaskActor {
         );
         let span = task_span(envelope);
         let broker = Arc::clone(&args.work.broker);
+        let celery = args
+            .work
+            .celery
+            .clone()
+            .filter(|_| envelope.extra.contains_key(ORIGIN_FIELD))
+            .map(|celery| (celery, envelope.clone()));
         let published = tokio::spawn(
             async move {
                 if let Err(err) = broker.publish(started).await {
                     debug!(error = %err, "started event not written");
+                }
+                if let Some((celery, envelope)) = celery
+                    && let Err(err) = celery.started(&envelope).await
+                {
+                    debug!(error = %err, "celery STARTED state not written");
                 }
             }
             .instrument(span.clone()),
@@ -203,8 +215,19 @@ async fn record_once(
     outcome: &Result<Value, TaskError>,
 ) -> Result<Recorded, crate::broker::BrokerError> {
     let envelope = &delivery.envelope;
+    // A Celery-origin task's result is written in Celery's format before the runtime records
+    // it (a crash in between re-runs the task and writes it again, never loses it).
+    let celery = work
+        .celery
+        .as_ref()
+        .filter(|_| envelope.extra.contains_key(ORIGIN_FIELD));
     let recorded = match outcome {
         Ok(value) => {
+            if let Some(celery) = celery {
+                celery
+                    .settled(work, envelope, Settled::Succeeded(value))
+                    .await?;
+            }
             work.broker.ack(delivery, value.clone()).await?;
             let callbacks = callbacks(work, envelope, &def.link, &envelope.link, value.clone());
             if !callbacks.is_empty() {
@@ -215,6 +238,11 @@ async fn record_once(
         Err(err) => match def.retry.next_delay(envelope.attempt, err) {
             Some(delay) => {
                 debug!(?delay, error = %err, "retrying");
+                if let Some(celery) = celery {
+                    celery
+                        .settled(work, envelope, Settled::Retrying(err))
+                        .await?;
+                }
                 work.broker
                     .retry(delivery, SystemTime::now() + delay, &err.to_string())
                     .await?;
@@ -232,6 +260,13 @@ async fn record_once(
                     format!("permanent: {err}")
                 };
                 warn!(%reason, "dead-lettered");
+                if let Some(celery) = celery {
+                    let settled = Settled::Failed {
+                        error: Some(err),
+                        reason: &reason,
+                    };
+                    celery.settled(work, envelope, settled).await?;
+                }
                 work.broker.dead_letter(delivery, &reason).await?;
                 let failure = json!({
                     "id": envelope.id, "task": envelope.task,

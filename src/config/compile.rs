@@ -25,14 +25,14 @@ use reqwest::Url;
 use super::diagnostic::Diagnostics;
 use super::duration::{self, RawDuration};
 use super::raw::{
-    RawBreaker, RawBroker, RawConfig, RawHandler, RawHttp, RawOpenAi, RawPool, RawQueue,
+    RawBreaker, RawBroker, RawCelery, RawConfig, RawHandler, RawHttp, RawOpenAi, RawPool, RawQueue,
     RawResource, RawRuntime, RawSchedule, RawSupervision, RawTask, RawZep,
 };
 use super::{
-    BROKER_URL_ENV, BreakerSettings, BrokerSettings, ChaosSettings, Config, FailureRate, Handler,
-    HttpSettings, Idempotency, Loaded, OpenAiSettings, PoolSettings, QueueSettings,
-    ResourceSettings, RetryPolicy, RuntimeSettings, ScheduleSettings, Secret, StopSignal,
-    SupervisionSettings, TaskSettings, Trigger, ZepSettings,
+    BROKER_URL_ENV, BreakerSettings, BrokerSettings, CelerySettings, ChaosSettings, Config,
+    FailureRate, Handler, HttpSettings, Idempotency, Loaded, OpenAiSettings, PoolSettings,
+    QueueSettings, ResourceSettings, RetryPolicy, RuntimeSettings, ScheduleSettings, Secret,
+    StopSignal, SupervisionSettings, TaskSettings, Trigger, ZepSettings,
 };
 
 /// Where `compile()` reads environment variables (`RT_BROKER_URL`, secrets).
@@ -110,6 +110,10 @@ pub(crate) fn compile(raw: RawConfig, env: Environment<'_>) -> Result<Loaded, Di
     let chaos = ChaosSettings {
         enabled: raw.chaos.enabled.unwrap_or(false),
     };
+    let celery = raw
+        .celery
+        .as_ref()
+        .and_then(|celery| c.celery(celery, broker.as_ref(), &raw));
 
     let Compiler { diagnostics, .. } = c;
     match (broker, http, supervision) {
@@ -126,6 +130,7 @@ pub(crate) fn compile(raw: RawConfig, env: Environment<'_>) -> Result<Loaded, Di
                     pools,
                     schedules,
                     chaos,
+                    celery,
                 },
                 warnings: diagnostics.warnings,
             })
@@ -1050,6 +1055,101 @@ impl Compiler<'_> {
                 })
             }
         }
+    }
+
+    fn celery(
+        &mut self,
+        raw: &RawCelery,
+        broker: Option<&BrokerSettings>,
+        config: &RawConfig,
+    ) -> Option<CelerySettings> {
+        let broker_url = broker.map(|b| b.url.as_str()).unwrap_or_default();
+        if broker.is_some() && !broker_url.starts_with("redis") {
+            self.error(
+                "celery",
+                "the Celery bridge needs a Redis broker (broker.url = the Celery broker's redis://…)",
+            );
+        }
+        let backend_url = raw
+            .backend_url
+            .clone()
+            .unwrap_or_else(|| broker_url.to_string());
+        if raw.backend_url.is_some() && !backend_url.starts_with("redis") {
+            self.error("celery.backend_url", "expected a redis:// or rediss:// URL");
+        }
+        self.no_duplicates("celery.queues", &raw.queues);
+        for (i, queue) in raw.queues.iter().enumerate() {
+            if queue.is_empty() {
+                self.error(format!("celery.queues[{i}]"), "empty queue name");
+            }
+        }
+        let dead_letter_queue = match &raw.dead_letter_queue {
+            Some(queue) => {
+                if !config.queues.contains_key(queue) {
+                    let message = undefined("queue", queue, &config.queues);
+                    self.error("celery.dead_letter_queue", message);
+                }
+                queue.clone()
+            }
+            None => match config.queues.keys().next() {
+                Some(first) => first.clone(),
+                None => {
+                    self.error(
+                        "celery.dead_letter_queue",
+                        "no [queues.NAME] is defined to hold malformed Celery messages",
+                    );
+                    String::new()
+                }
+            },
+        };
+        let mut tasks = IndexMap::new();
+        let mut track_started = Vec::new();
+        for (name, task) in &raw.tasks {
+            let at = format!("celery.tasks.\"{name}\"");
+            let runtime = task.task.clone().unwrap_or_else(|| name.clone());
+            if !config.tasks.contains_key(&runtime) {
+                let path = if task.task.is_some() {
+                    format!("{at}.task")
+                } else {
+                    at.clone()
+                };
+                let mut message = format!(
+                    "Celery task `{name}` is mapped to nothing: {}",
+                    undefined("task", &runtime, &config.tasks)
+                );
+                if task.task.is_none() {
+                    message.push_str(" (set `task` to the runtime task that runs it)");
+                }
+                self.error(path, message);
+                continue;
+            }
+            if task.track_started == Some(true) {
+                track_started.push(runtime.clone());
+            }
+            tasks.insert(name.clone(), runtime);
+        }
+        for name in config.tasks.keys() {
+            if !tasks.contains_key(name) {
+                tasks.insert(name.clone(), name.clone());
+            }
+        }
+        let batch = self.nonzero("celery.batch", raw.batch.unwrap_or(100));
+        Some(CelerySettings {
+            backend_url,
+            key_prefix: raw.key_prefix.clone().unwrap_or_default(),
+            queues: raw.queues.clone(),
+            dead_letter_queue,
+            default_queue: raw.default_queue.clone().unwrap_or_else(|| "celery".into()),
+            result_ttl: self.positive_duration(
+                "celery.result_ttl",
+                &raw.result_ttl,
+                Duration::from_secs(24 * 3600),
+            ),
+            poll: self.positive_duration("celery.poll", &raw.poll, Duration::from_millis(50)),
+            batch,
+            tasks,
+            track_started,
+        })
     }
 
     fn schedules(&mut self, raw: &RawConfig) -> IndexMap<String, ScheduleSettings> {

@@ -53,6 +53,9 @@ pub(crate) struct RawConfig {
     /// `[chaos]`: fault injection for tests and drills.
     #[serde(default)]
     pub(crate) chaos: RawChaos,
+    /// `[celery]`: the Celery bridge (take over kombu queues, answer `AsyncResult`).
+    #[serde(default)]
+    pub(crate) celery: Option<RawCelery>,
 }
 
 /// `[runtime]`
@@ -399,6 +402,47 @@ pub(crate) struct RawSchedule {
     /// What happens to runs missed while no node was leader: `skip` them or `run_once`.
     /// Default `skip`.
     pub(crate) missed: Option<super::Missed>,
+}
+
+/// `[celery]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a [celery] table")]
+pub(crate) struct RawCelery {
+    /// Redis of Celery's result backend (`CELERY_RESULT_BACKEND`). Default: `broker.url`.
+    /// The Celery *broker* must be the runtime's broker Redis (`broker.url`): the take-over
+    /// pops the kombu list and adds to the runtime's stream in one Lua script.
+    pub(crate) backend_url: Option<String>,
+    /// Prefix of kombu list names and result keys (kombu's `global_keyprefix`). Default `""`.
+    pub(crate) key_prefix: Option<String>,
+    /// The kombu queues the runtime takes over (one bridge actor each). Default: none.
+    #[serde(default)]
+    pub(crate) queues: Vec<String>,
+    /// Runtime queue whose dead letters take malformed or unmapped Celery messages.
+    /// Default: the first `[queues.NAME]`.
+    pub(crate) dead_letter_queue: Option<String>,
+    /// kombu queue of tasks sent to Celery workers without a `queue` option. Default
+    /// `"celery"`.
+    pub(crate) default_queue: Option<String>,
+    /// How long `celery-task-meta-<id>` is kept (`result_expires`). Default `"1d"`.
+    pub(crate) result_ttl: Option<RawDuration>,
+    /// Pause between polls of an empty kombu queue. Default `"50ms"`.
+    pub(crate) poll: Option<RawDuration>,
+    /// Messages moved per script call. Default 100.
+    pub(crate) batch: Option<u32>,
+    /// `[celery.tasks."CELERY.NAME"]`: Celery task names the runtime runs. A name not listed
+    /// runs the runtime task of the same name, if there is one.
+    #[serde(default)]
+    pub(crate) tasks: IndexMap<String, RawCeleryTask>,
+}
+
+/// `[celery.tasks."CELERY.NAME"]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a [celery.tasks.NAME] table")]
+pub(crate) struct RawCeleryTask {
+    /// The runtime task (`[tasks.NAME]`) that runs it. Default: the same name.
+    pub(crate) task: Option<String>,
+    /// Write the `STARTED` state when it starts (Celery's `track_started`). Default false.
+    pub(crate) track_started: Option<bool>,
 }
 
 /// `[chaos]`

@@ -98,7 +98,7 @@ fn unknown_keys_are_named_by_path_with_position() {
     assert_eq!(
         fails("[queus.chat]\n")[0],
         "error: queus: unknown key, expected one of `runtime`, `broker`, `http`, \
-         `supervision`, `queues`, `tasks`, `resources`, `pools`, `schedules`, `chaos` \
+         `supervision`, `queues`, `tasks`, `resources`, `pools`, `schedules`, `chaos`, `celery` \
          (line 1, column 2)"
     );
     // Inside a tagged handler table too.
@@ -679,4 +679,37 @@ fn every_error_of_a_file_is_reported_in_one_pass() {
     "#,
     );
     assert_eq!(lines.len(), 5, "{lines:?}");
+}
+
+#[test]
+fn celery_names_mapped_to_nothing_are_named_by_key_path() {
+    let base = "[broker]\nurl = \"redis://127.0.0.1:1/0\"\n[queues.default]\n[tasks.rt_add]\nhandler = { kind = \"native\" }\n";
+    let (config, _) = ok(&format!(
+        "{base}[celery]\nqueues = [\"celery\"]\n[celery.tasks.\"tasks.add\"]\ntask = \"rt_add\"\ntrack_started = true\n"
+    ));
+    let celery = config.celery.expect("[celery]");
+    assert_eq!(celery.tasks["tasks.add"], "rt_add");
+    assert_eq!(
+        celery.tasks["rt_add"], "rt_add",
+        "a runtime task maps its own name"
+    );
+    assert_eq!(celery.track_started, ["rt_add"]);
+    assert_eq!(celery.dead_letter_queue, "default");
+    assert_eq!(celery.default_queue, "celery");
+
+    let lines = fails(&format!(
+        "{base}[celery]\n[celery.tasks.\"a.b\"]\ntask = \"nope\"\n[celery.tasks.\"c.d\"]\n"
+    ));
+    assert_eq!(
+        lines,
+        [
+            "error: celery.tasks.\"a.b\".task: Celery task `a.b` is mapped to nothing: task \"nope\" is not defined; defined tasks: rt_add",
+            "error: celery.tasks.\"c.d\": Celery task `c.d` is mapped to nothing: task \"c.d\" is not defined; defined tasks: rt_add (set `task` to the runtime task that runs it)",
+        ]
+    );
+    let lines = fails("[queues.default]\n[celery]\nqueues = [\"celery\"]\n");
+    assert!(
+        lines[0].contains("celery: the Celery bridge needs a Redis broker"),
+        "{lines:?}"
+    );
 }

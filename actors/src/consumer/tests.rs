@@ -63,6 +63,7 @@ impl Rig {
             leases: Arc::clone(&leases),
             tasks: Arc::new(TaskDefs::new(defs)),
             consumer: "node-test".into(),
+            celery: None,
         });
         let policy = |children| SupervisorSpec {
             strategy: Strategy::OneForOne,

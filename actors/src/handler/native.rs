@@ -29,12 +29,33 @@ impl fmt::Debug for Natives {
 }
 
 impl Natives {
-    /// The built-in functions: `rt_noop` (returns null), `rt_echo` (returns `{args, kwargs}`),
+    /// The built-in functions: `rt_noop` (returns null), `rt_add` (the sum of its numeric
+    /// `args`), `rt_echo` (returns `{args, kwargs}`),
     /// `rt_sleep` (`kwargs.ms`; stops early at the soft limit unless `kwargs.ignore_soft`),
     /// `rt_fail` (`kwargs.permanent`, `kwargs.message`, `kwargs.retry_after_ms`).
     pub fn builtin() -> Self {
         let mut natives = Self::default();
         natives.register("rt_noop", |_| async { Ok(Value::Null) });
+        natives.register("rt_add", |ctx| async move {
+            let numbers: Option<Vec<f64>> = ctx.envelope.args.iter().map(Value::as_f64).collect();
+            let Some(numbers) = numbers else {
+                return Err(TaskError::Permanent(
+                    "rt_add: every argument must be a number".into(),
+                ));
+            };
+            let ints = ctx.envelope.args.iter().all(|a| a.is_i64());
+            Ok(if ints {
+                json!(
+                    ctx.envelope
+                        .args
+                        .iter()
+                        .filter_map(Value::as_i64)
+                        .sum::<i64>()
+                )
+            } else {
+                json!(numbers.iter().sum::<f64>())
+            })
+        });
         natives.register("rt_echo", |ctx| async move {
             Ok(json!({ "args": ctx.envelope.args, "kwargs": ctx.envelope.kwargs }))
         });

@@ -1,0 +1,678 @@
+//! The Celery bridge: Python code keeps calling `.delay()` and `AsyncResult(id).get()` while
+//! the runtime runs the task (Celery protocol v2 over kombu's Redis transport, Redis result
+//! backend; checked against Celery 5.7).
+//!
+//! # The path of a message
+//!
+//! 1. **Taken over** — a [`bridge::BridgeActor`] per kombu queue runs `celery/take.lua`, which
+//!    `RPOP`s messages from the kombu lists (`q`, then the priority sub-queues `q\x06\x163`,
+//!    `\x06\x166`, `\x06\x169`: lower number first) and `XADD`s each into the stream of the
+//!    runtime queue its task is mapped to, in **one script**: a crash between pop and add
+//!    cannot lose or duplicate a message. Messages that are not kombu JSON, lack `id`/`task`,
+//!    or name an unmapped task go to the dead letters of [`CelerySettings::dead_letter_queue`]
+//!    with the reason, in the same script.
+//! 2. **Expanded** — the stream entry carries the raw kombu message in `celery_raw`; the
+//!    consumer turns it into a full envelope ([`expand`]) before admission: the body
+//!    (base64 JSON `[args, kwargs, embed]`), `eta` (a future one is deferred, not run),
+//!    `expires`, `retries` → `attempt`, `timelimit` `[hard, soft]` → limits, `root_id`,
+//!    `parent_id`. Decoding happens in Rust, not Lua, because Redis' Lua has no base64 and
+//!    its cjson re-encodes `[]` as `{}`: doing it in the script would corrupt arguments. The
+//!    raw message is kept in the stream entry until the task settles, so a message that
+//!    cannot be decoded is dead-lettered with the reason (and the raw text), never dropped.
+//!    The Celery side of the envelope (`celery`: task name, callbacks, errbacks, chain) stays
+//!    in the envelope's extra fields.
+//! 3. **Results** — for an envelope with `celery` origin, the task actor writes
+//!    `celery-task-meta-<id>` (SUCCESS / FAILURE / RETRY, STARTED when `track_started`)
+//!    with the result TTL and `PUBLISH`es it on the channel of that name: that wakes `.get()`.
+//!    Tasks without Celery origin pay one map lookup.
+//! 4. **Callbacks** — Celery's `link` (callbacks), `link_error` (errbacks) and chains are
+//!    settled here, not through the runtime's `link`: a signature whose task is mapped to a
+//!    runtime task is enqueued on the runtime (with the id Celery froze into it, so its
+//!    `AsyncResult` works, and with Celery origin so its result is written too); any other
+//!    is sent to Celery workers as a protocol v2 message (`LPUSH` onto the kombu list of its
+//!    `queue` option, else [`CelerySettings::default_queue`]) — the reverse direction, also
+//!    open to native handlers through [`Celery::send_task`]. Callbacks get the result as first
+//!    argument (unless immutable); errbacks get the failed task's id (Celery's remote-errback
+//!    convention); a chain's next step gets the result and the rest of the chain.
+//!
+//! # Limits
+//!
+//! The kombu lists must live on the runtime broker's Redis (one script touches both), a
+//! single Redis (not Cluster — kombu's lists have no hash tags either). Groups run (each
+//! member is an ordinary message; `GroupResult.get()` reads each member's result); **chords
+//! are not supported**: a message with a chord is dead-lettered with that reason. Only the
+//! JSON serializer is supported. Reverse sends are at least once (a send retried after a
+//! Redis error may repeat).
+
+pub mod bridge;
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, SystemTime};
+
+use base64::Engine;
+use redis::aio::ConnectionManager;
+use serde_json::{Map, Value, json};
+
+use crate::broker::{Broker, BrokerError, Envelope, parse_time, rfc3339};
+use crate::consumer::Work;
+use crate::handler::TaskError;
+
+/// The envelope field holding the raw kombu message until [`expand`] decodes it.
+pub const RAW_FIELD: &str = "celery_raw";
+/// The envelope field marking Celery origin: `{task, callbacks, errbacks, chain}`.
+pub const ORIGIN_FIELD: &str = "celery";
+/// kombu's priority separator: sub-queue `n` of `q` is `q\x06\x16n`.
+pub const PRIORITY_SEP: &str = "\x06\x16";
+/// kombu's priority steps besides 0 (the queue itself), lower first.
+pub const PRIORITY_STEPS: [u8; 3] = [3, 6, 9];
+
+/// What the bridge needs to know, built from `[celery]`.
+#[derive(Clone, Debug)]
+pub struct CelerySettings {
+    /// The runtime broker's Redis (the kombu lists live there too).
+    pub broker_url: String,
+    /// Redis of Celery's result backend.
+    pub backend_url: String,
+    /// Prefix of kombu list names and result keys (kombu's `global_keyprefix`).
+    pub key_prefix: String,
+    /// The runtime's key prefix (`rt`).
+    pub runtime_prefix: String,
+    /// The kombu queues taken over, one bridge actor each.
+    pub queues: Vec<String>,
+    /// Celery task name → (runtime task, runtime queue).
+    pub tasks: HashMap<String, (String, String)>,
+    /// Runtime tasks whose `STARTED` state is written.
+    pub track_started: HashSet<String>,
+    /// Runtime queue whose dead letters take malformed messages.
+    pub dead_letter_queue: String,
+    /// kombu queue for reverse sends without a `queue` option.
+    pub default_queue: String,
+    /// TTL of `celery-task-meta-<id>`.
+    pub result_ttl: Duration,
+    /// Pause between polls of an empty kombu queue.
+    pub poll: Duration,
+    /// Messages moved per script call.
+    pub batch: usize,
+    /// Cap of the runtime's events stream.
+    pub events_maxlen: usize,
+    /// This node's name (the `origin` header of reverse sends).
+    pub node: String,
+}
+
+/// The bridge's shared half: settings and the two Redis connections. One per node.
+#[derive(Clone)]
+pub struct Celery {
+    settings: CelerySettings,
+    broker: ConnectionManager,
+    backend: ConnectionManager,
+    runtime_of: HashMap<String, String>,
+}
+
+impl std::fmt::Debug for Celery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Celery")
+            .field("queues", &self.settings.queues)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How a Celery-origin task ended this attempt.
+#[derive(Debug)]
+pub enum Settled<'a> {
+    /// Succeeded with this value.
+    Succeeded(&'a Value),
+    /// Failed; another attempt is scheduled.
+    Retrying(&'a TaskError),
+    /// Failed for good (`error` is the handler's error, when it ran).
+    Failed {
+        /// The handler's error.
+        error: Option<&'a TaskError>,
+        /// Why it is dead.
+        reason: &'a str,
+    },
+}
+
+async fn manager(url: &str) -> Result<ConnectionManager, BrokerError> {
+    let shown = crate::broker::redis::redact(url);
+    let client = redis::Client::open(url)
+        .map_err(|e| BrokerError::Invalid(format!("celery redis url `{shown}`: {e}")))?;
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(2)))
+        .set_response_timeout(Some(Duration::from_secs(5)))
+        .set_number_of_retries(4)
+        .set_max_delay(Duration::from_secs(2));
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        ConnectionManager::new_with_config(client, config),
+    )
+    .await
+    .map_err(|_| BrokerError::Unreachable {
+        url: shown.clone(),
+        reason: "no answer within 5s".into(),
+    })?
+    .map_err(|e| BrokerError::Unreachable {
+        url: shown,
+        reason: e.to_string(),
+    })
+}
+
+impl Celery {
+    /// Connects to the broker and backend Redis.
+    pub async fn connect(settings: CelerySettings) -> Result<Self, BrokerError> {
+        let broker = manager(&settings.broker_url).await?;
+        let backend = if settings.backend_url == settings.broker_url {
+            broker.clone()
+        } else {
+            manager(&settings.backend_url).await?
+        };
+        let runtime_of = settings
+            .tasks
+            .iter()
+            .map(|(celery, (runtime, _))| (celery.clone(), runtime.clone()))
+            .collect();
+        Ok(Self {
+            settings,
+            broker,
+            backend,
+            runtime_of,
+        })
+    }
+
+    /// The settings.
+    pub fn settings(&self) -> &CelerySettings {
+        &self.settings
+    }
+
+    /// The kombu lists of `queue`, in the order they are consumed.
+    pub fn lists(&self, queue: &str) -> Vec<String> {
+        let base = format!("{}{queue}", self.settings.key_prefix);
+        std::iter::once(base.clone())
+            .chain(
+                PRIORITY_STEPS
+                    .iter()
+                    .map(|n| format!("{base}{PRIORITY_SEP}{n}")),
+            )
+            .collect()
+    }
+
+    fn meta_key(&self, id: &str) -> String {
+        format!("{}celery-task-meta-{id}", self.settings.key_prefix)
+    }
+
+    /// Writes `celery-task-meta-<id>` and publishes it (what wakes `.get()`).
+    async fn store(
+        &self,
+        id: &str,
+        status: &str,
+        result: Value,
+        traceback: Option<&str>,
+    ) -> Result<(), BrokerError> {
+        let done = matches!(status, "SUCCESS" | "FAILURE");
+        let meta = json!({
+            "status": status,
+            "result": result,
+            "traceback": traceback,
+            "children": [],
+            "date_done": done.then(|| rfc3339(SystemTime::now())),
+            "task_id": id,
+        })
+        .to_string();
+        let key = self.meta_key(id);
+        let ttl = (self.settings.result_ttl.as_millis() as u64).max(1);
+        let mut pipe = redis::pipe();
+        pipe.cmd("SET")
+            .arg(&key)
+            .arg(&meta)
+            .arg("PX")
+            .arg(ttl)
+            .ignore();
+        pipe.cmd("PUBLISH").arg(&key).arg(&meta).ignore();
+        let mut conn = self.backend.clone();
+        pipe.query_async::<()>(&mut conn)
+            .await
+            .map_err(|e| BrokerError::Command(format!("celery backend: {e}")))
+    }
+
+    /// Writes `STARTED` for a Celery-origin task whose runtime task has `track_started`.
+    pub async fn started(&self, envelope: &Envelope) -> Result<(), BrokerError> {
+        if !envelope.extra.contains_key(ORIGIN_FIELD)
+            || !self.settings.track_started.contains(&envelope.task)
+        {
+            return Ok(());
+        }
+        let started = json!({ "pid": std::process::id(), "hostname": self.settings.node });
+        self.store(&envelope.id, "STARTED", started, None).await
+    }
+
+    /// Writes a Celery-origin task's result and sends its callbacks, errbacks or next chain
+    /// step. Called before the runtime records the outcome (a crash in between re-runs the
+    /// task, whose result is then written again).
+    pub async fn settled(
+        &self,
+        work: &Work,
+        envelope: &Envelope,
+        settled: Settled<'_>,
+    ) -> Result<(), BrokerError> {
+        let Some(origin) = envelope.extra.get(ORIGIN_FIELD) else {
+            return Ok(());
+        };
+        let ignore_result = origin["ignore_result"].as_bool() == Some(true);
+        let list = |name: &str| origin[name].as_array().cloned().unwrap_or_default();
+        match settled {
+            Settled::Succeeded(value) => {
+                if !ignore_result {
+                    self.store(&envelope.id, "SUCCESS", value.clone(), None)
+                        .await?;
+                }
+                for callback in list("callbacks") {
+                    self.send_signature(work, envelope, &callback, Some(value), None)
+                        .await?;
+                }
+                let mut chain = list("chain");
+                if let Some(next) = chain.pop() {
+                    self.send_signature(work, envelope, &next, Some(value), Some(chain))
+                        .await?;
+                }
+            }
+            Settled::Retrying(error) => {
+                if !ignore_result {
+                    let exc = exception(Some(error), &error.to_string());
+                    self.store(&envelope.id, "RETRY", exc, Some(&error.to_string()))
+                        .await?;
+                }
+            }
+            Settled::Failed { error, reason } => {
+                self.store(
+                    &envelope.id,
+                    "FAILURE",
+                    exception(error, reason),
+                    Some(reason),
+                )
+                .await?;
+                let id = Value::String(envelope.id.clone());
+                for errback in list("errbacks") {
+                    self.send_signature(work, envelope, &errback, Some(&id), None)
+                        .await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `FAILURE` for a Celery message the runtime could not run (malformed body,
+    /// chord), so `.get()` raises instead of waiting.
+    pub async fn rejected(&self, id: &str, reason: &str) -> Result<(), BrokerError> {
+        let exc = json!({ "exc_type": "RuntimeError", "exc_message": [reason], "exc_module": "builtins" });
+        self.store(id, "FAILURE", exc, Some(reason)).await
+    }
+
+    /// Sends one signature (`{task, args, kwargs, options, immutable}`) on: to the runtime
+    /// when its task is mapped, else to Celery workers.
+    async fn send_signature(
+        &self,
+        work: &Work,
+        parent: &Envelope,
+        signature: &Value,
+        first: Option<&Value>,
+        chain: Option<Vec<Value>>,
+    ) -> Result<(), BrokerError> {
+        let Some(name) = signature["task"].as_str() else {
+            tracing::warn!(%signature, "celery signature without a task name; not sent");
+            return Ok(());
+        };
+        let options = signature["options"]
+            .as_object()
+            .cloned()
+            .unwrap_or_default();
+        let immutable = signature["immutable"].as_bool() == Some(true);
+        let mut args: Vec<Value> = match (first, immutable) {
+            (Some(first), false) => vec![first.clone()],
+            _ => Vec::new(),
+        };
+        args.extend(signature["args"].as_array().cloned().unwrap_or_default());
+        let kwargs = signature["kwargs"].as_object().cloned().unwrap_or_default();
+        let id = options
+            .get("task_id")
+            .and_then(Value::as_str)
+            .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_string);
+        let root = parent.root_id.clone().unwrap_or_else(|| parent.id.clone());
+        let embed = json!({
+            "callbacks": options.get("link").cloned().map(one_or_many),
+            "errbacks": options.get("link_error").cloned().map(one_or_many),
+            "chain": chain,
+            "chord": null,
+        });
+        match self.settings.tasks.get(name) {
+            Some((task, queue)) => {
+                let mut envelope = Envelope::new(task.clone(), queue.clone());
+                envelope.id = id.clone();
+                envelope.args = args;
+                envelope.kwargs = kwargs;
+                envelope.parent_id = Some(parent.id.clone());
+                envelope.root_id = Some(root);
+                envelope.trace_id = Some(parent.trace().to_string());
+                envelope.idempotency_key = Some(format!("celery:{}:{id}", parent.id));
+                let mut origin = embed.as_object().cloned().unwrap_or_default();
+                origin.insert("task".into(), name.into());
+                envelope
+                    .extra
+                    .insert(ORIGIN_FIELD.into(), Value::Object(origin));
+                work.broker.enqueue(vec![envelope]).await?;
+            }
+            None => {
+                let queue = options
+                    .get("queue")
+                    .and_then(queue_name)
+                    .or_else(|| options.get("routing_key").and_then(Value::as_str))
+                    .unwrap_or(&self.settings.default_queue)
+                    .to_string();
+                let message = OutMessage {
+                    id: &id,
+                    task: name,
+                    queue: &queue,
+                    args: &args,
+                    kwargs: &kwargs,
+                    embed,
+                    parent_id: Some(&parent.id),
+                    root_id: Some(&root),
+                    origin: &self.settings.node,
+                };
+                self.lpush(&queue, &message.to_json()).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn lpush(&self, queue: &str, message: &str) -> Result<(), BrokerError> {
+        let mut conn = self.broker.clone();
+        redis::cmd("LPUSH")
+            .arg(format!("{}{queue}", self.settings.key_prefix))
+            .arg(message)
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(|e| BrokerError::Command(format!("celery broker: {e}")))
+    }
+
+    /// Sends task `task` to Celery workers on kombu queue `queue` (protocol v2, as
+    /// `send_task` would); returns its id, for `AsyncResult(id)` in Python.
+    pub async fn send_task(
+        &self,
+        task: &str,
+        queue: &str,
+        args: &[Value],
+        kwargs: &Map<String, Value>,
+    ) -> Result<String, BrokerError> {
+        let id = uuid::Uuid::new_v4().to_string();
+        let message = OutMessage {
+            id: &id,
+            task,
+            queue,
+            args,
+            kwargs,
+            embed: json!({ "callbacks": null, "errbacks": null, "chain": null, "chord": null }),
+            parent_id: None,
+            root_id: None,
+            origin: &self.settings.node,
+        };
+        self.lpush(queue, &message.to_json()).await?;
+        Ok(id)
+    }
+
+    /// The runtime task a Celery task name maps to, if any.
+    pub fn runtime_task(&self, celery: &str) -> Option<&str> {
+        self.runtime_of.get(celery).map(String::as_str)
+    }
+}
+
+/// A `queue` option is a name or a kombu `Queue` serialised as a dict with a `name`.
+fn queue_name(value: &Value) -> Option<&str> {
+    value
+        .as_str()
+        .or_else(|| value.get("name").and_then(Value::as_str))
+}
+
+/// `link` options hold one signature or a list of them.
+fn one_or_many(value: Value) -> Value {
+    match value {
+        Value::Array(_) | Value::Null => value,
+        one => Value::Array(vec![one]),
+    }
+}
+
+/// Celery's serialised exception for a failure.
+fn exception(error: Option<&TaskError>, reason: &str) -> Value {
+    let (exc_type, module, message) = match error {
+        Some(TaskError::Timeout(limit)) => (
+            "TimeLimitExceeded",
+            "celery.exceptions",
+            format!("{:?}", limit.as_secs_f64()),
+        ),
+        Some(error) => ("RuntimeError", "builtins", error.to_string()),
+        None => ("RuntimeError", "builtins", reason.to_string()),
+    };
+    json!({ "exc_type": exc_type, "exc_message": [message], "exc_module": module })
+}
+
+/// A protocol v2 message to Celery workers.
+struct OutMessage<'a> {
+    id: &'a str,
+    task: &'a str,
+    queue: &'a str,
+    args: &'a [Value],
+    kwargs: &'a Map<String, Value>,
+    embed: Value,
+    parent_id: Option<&'a str>,
+    root_id: Option<&'a str>,
+    origin: &'a str,
+}
+
+impl OutMessage<'_> {
+    fn to_json(&self) -> String {
+        let body = json!([self.args, self.kwargs, self.embed]).to_string();
+        let body = base64::engine::general_purpose::STANDARD.encode(body);
+        json!({
+            "body": body,
+            "content-encoding": "utf-8",
+            "content-type": "application/json",
+            "headers": {
+                "lang": "py",
+                "task": self.task,
+                "id": self.id,
+                "shadow": null,
+                "eta": null,
+                "expires": null,
+                "group": null,
+                "group_index": null,
+                "retries": 0,
+                "timelimit": [null, null],
+                "root_id": self.root_id.unwrap_or(self.id),
+                "parent_id": self.parent_id,
+                "argsrepr": Value::from(self.args.to_vec()).to_string(),
+                "kwargsrepr": Value::from(self.kwargs.clone()).to_string(),
+                "origin": format!("runtime@{}", self.origin),
+                "ignore_result": false,
+                "replaced_task_nesting": 0,
+                "stamped_headers": null,
+                "stamps": {},
+            },
+            "properties": {
+                "correlation_id": self.id,
+                "reply_to": "",
+                "delivery_mode": 2,
+                "delivery_info": { "exchange": "", "routing_key": self.queue },
+                "priority": 0,
+                "body_encoding": "base64",
+                "delivery_tag": uuid::Uuid::new_v4().to_string(),
+            },
+        })
+        .to_string()
+    }
+}
+
+/// A Celery time (`isoformat()`, with or without a zone; naive = UTC) as RFC 3339.
+fn celery_time(value: &Value, what: &str) -> Result<Option<String>, String> {
+    let Some(text) = value.as_str() else {
+        return match value {
+            Value::Null => Ok(None),
+            other => Err(format!("celery: `{what}` is not a time: {other}")),
+        };
+    };
+    let zoned = parse_time(text)
+        .or_else(|_| parse_time(&format!("{text}Z")))
+        .map_err(|e| format!("celery: `{what}`: {e}"))?;
+    Ok(Some(rfc3339(zoned)))
+}
+
+/// Seconds (a JSON number or null) as milliseconds.
+fn seconds_ms(value: Option<&Value>) -> Option<u64> {
+    value
+        .and_then(Value::as_f64)
+        .filter(|s| *s > 0.0)
+        .map(|s| (s * 1000.0).round() as u64)
+}
+
+/// Decodes the raw kombu message of a bridged envelope (`celery_raw`) into the envelope:
+/// arguments, eta, expires, attempt, limits, ids, and the Celery origin (`celery`: task
+/// name, callbacks, errbacks, chain). `Err` is the reason to dead-letter it.
+pub fn expand(envelope: &mut Envelope) -> Result<(), String> {
+    let Some(Value::String(raw)) = envelope.extra.remove(RAW_FIELD) else {
+        return Err("celery: `celery_raw` is not the raw message text".into());
+    };
+    let message: Value =
+        serde_json::from_str(&raw).map_err(|e| format!("celery: message is not JSON: {e}"))?;
+    let headers = &message["headers"];
+    let properties = &message["properties"];
+    let content_type = message["content-type"]
+        .as_str()
+        .unwrap_or("application/json");
+    if content_type != "application/json" {
+        return Err(format!(
+            "celery: content-type `{content_type}` is not supported (only json)"
+        ));
+    }
+    let body = message["body"]
+        .as_str()
+        .ok_or("celery: message without a `body` string")?;
+    let body = match properties["body_encoding"].as_str() {
+        Some("base64") => base64::engine::general_purpose::STANDARD
+            .decode(body)
+            .map_err(|e| format!("celery: body is not base64: {e}"))?,
+        _ => body.as_bytes().to_vec(),
+    };
+    let body: Value =
+        serde_json::from_slice(&body).map_err(|e| format!("celery: body is not JSON: {e}"))?;
+    let Value::Array(mut parts) = body else {
+        return Err("celery: body is not [args, kwargs, embed] (protocol v2)".into());
+    };
+    parts.resize(3, Value::Null);
+    let embed = parts.pop().unwrap_or_default();
+    envelope.kwargs = match parts.pop() {
+        Some(Value::Object(kwargs)) => kwargs,
+        Some(Value::Null) | None => Map::new(),
+        Some(other) => return Err(format!("celery: kwargs is not an object: {other}")),
+    };
+    envelope.args = match parts.pop() {
+        Some(Value::Array(args)) => args,
+        Some(Value::Null) | None => Vec::new(),
+        Some(other) => return Err(format!("celery: args is not a list: {other}")),
+    };
+    if !embed["chord"].is_null() {
+        return Err("celery: chords are not supported by the runtime".into());
+    }
+    envelope.eta = celery_time(&headers["eta"], "eta")?;
+    envelope.expires = celery_time(&headers["expires"], "expires")?;
+    envelope.attempt = headers["retries"].as_u64().unwrap_or(0) as u32;
+    if let Some(limits) = headers["timelimit"].as_array() {
+        // Celery sends [hard, soft].
+        envelope.time_limit_ms = seconds_ms(limits.first());
+        envelope.soft_time_limit_ms = seconds_ms(limits.get(1));
+    }
+    envelope.root_id = headers["root_id"].as_str().map(str::to_string);
+    envelope.parent_id = headers["parent_id"].as_str().map(str::to_string);
+    let origin = json!({
+        "task": headers["task"],
+        "callbacks": embed["callbacks"],
+        "errbacks": embed["errbacks"],
+        "chain": embed["chain"],
+        "ignore_result": headers["ignore_result"],
+    });
+    envelope.extra.insert(ORIGIN_FIELD.into(), origin);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(body: &Value, headers: Value) -> String {
+        let body = base64::engine::general_purpose::STANDARD.encode(body.to_string());
+        json!({ "body": body, "content-type": "application/json", "content-encoding": "utf-8",
+                "headers": headers, "properties": { "body_encoding": "base64" } })
+        .to_string()
+    }
+
+    fn bridged(raw: String) -> Envelope {
+        let mut envelope = Envelope::new("rt_add", "default");
+        envelope.id = "c-1".into();
+        envelope.extra.insert(RAW_FIELD.into(), raw.into());
+        envelope
+    }
+
+    #[test]
+    fn a_protocol_v2_message_expands_into_the_envelope() {
+        let body = json!([[2, 3], {"x": 1}, {"callbacks": null, "errbacks": [{"task": "t"}], "chain": null, "chord": null}]);
+        let headers = json!({ "id": "c-1", "task": "tasks.add", "eta": "2026-01-01T00:00:00.5+00:00",
+            "expires": "2026-01-02T00:00:00", "retries": 2, "timelimit": [3, 1.5], "root_id": "r", "parent_id": null });
+        let mut envelope = bridged(raw(&body, headers));
+        expand(&mut envelope).unwrap();
+        assert_eq!(envelope.args, vec![json!(2), json!(3)]);
+        assert_eq!(envelope.kwargs["x"], 1);
+        assert_eq!(envelope.attempt, 2);
+        assert_eq!(envelope.time_limit_ms, Some(3000));
+        assert_eq!(envelope.soft_time_limit_ms, Some(1500));
+        assert_eq!(envelope.eta.as_deref(), Some("2026-01-01T00:00:00.500Z"));
+        assert_eq!(
+            envelope.expires.as_deref(),
+            Some("2026-01-02T00:00:00.000Z")
+        );
+        assert_eq!(envelope.root_id.as_deref(), Some("r"));
+        assert!(!envelope.extra.contains_key(RAW_FIELD));
+        assert_eq!(envelope.extra[ORIGIN_FIELD]["task"], "tasks.add");
+        assert_eq!(envelope.extra[ORIGIN_FIELD]["errbacks"][0]["task"], "t");
+    }
+
+    #[test]
+    fn undecodable_messages_and_chords_are_named() {
+        let mut envelope = bridged(
+            json!({"body": "%%%", "headers": {}, "properties": {"body_encoding": "base64"}})
+                .to_string(),
+        );
+        assert!(expand(&mut envelope).unwrap_err().contains("not base64"));
+        let body = json!([[], {}, {"chord": {"task": "x"}}]);
+        let mut envelope = bridged(raw(&body, json!({"id": "c-1", "task": "t"})));
+        assert!(expand(&mut envelope).unwrap_err().contains("chords"));
+        let mut envelope = bridged(raw(&json!({"a": 1}), json!({"id": "c-1", "task": "t"})));
+        assert!(expand(&mut envelope).unwrap_err().contains("protocol v2"));
+    }
+
+    #[test]
+    fn outgoing_messages_are_protocol_v2() {
+        let kwargs = Map::new();
+        let message = OutMessage {
+            id: "i",
+            task: "tasks.mul",
+            queue: "py",
+            args: &[json!(5)],
+            kwargs: &kwargs,
+            embed: json!({"callbacks": null, "errbacks": null, "chain": [], "chord": null}),
+            parent_id: Some("p"),
+            root_id: Some("r"),
+            origin: "n",
+        };
+        let mut envelope = bridged(message.to_json());
+        expand(&mut envelope).unwrap();
+        assert_eq!(envelope.args, vec![json!(5)]);
+        assert_eq!(envelope.parent_id.as_deref(), Some("p"));
+        assert_eq!(envelope.extra[ORIGIN_FIELD]["task"], "tasks.mul");
+    }
+}

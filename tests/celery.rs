@@ -1,0 +1,255 @@
+//! The Celery bridge end to end with real Python Celery (5.x, installed by `.ci/run` into
+//! `target/celery-venv`; `CELERY_PYTHON` overrides the interpreter) on a private
+//! redis-server: `.delay()` → the runtime runs it → `AsyncResult.get()`; failures, countdown,
+//! time limits, `link_error`, a chain Python → runtime → Python worker, and a kill of the
+//! bridge actor while 1,000 messages flow. The Python side is `tests/celery/app.py`.
+//!
+//! Without the venv: the tests fail under CI (`CI` set) and are skipped with a message
+//! otherwise.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use actors::test_util::RedisServer;
+use common::Node;
+use serde_json::Value;
+use tokio::time::Instant;
+
+fn config(extra: &str) -> String {
+    format!(
+        r#"
+[runtime]
+shutdown_grace = "3s"
+
+[http]
+bind = "127.0.0.1:0"
+
+[broker]
+lease = "5s"
+
+[queues.default]
+concurrency = 8
+prefetch = 8
+
+[tasks.rt_add]
+handler = {{ kind = "native" }}
+
+[tasks.rt_fail]
+handler = {{ kind = "native" }}
+max_retries = 0
+
+[tasks.rt_echo]
+handler = {{ kind = "native" }}
+
+[tasks.rt_noop]
+handler = {{ kind = "native" }}
+
+[tasks.sleep5]
+handler = {{ kind = "exec", command = "/bin/sleep", args = ["5"] }}
+max_retries = 0
+
+[celery]
+queues = ["celery"]
+default_queue = "py"
+poll = "20ms"
+
+[celery.tasks."tasks.add"]
+task = "rt_add"
+track_started = true
+[celery.tasks."tasks.fail"]
+task = "rt_fail"
+[celery.tasks."tasks.sleep"]
+task = "sleep5"
+[celery.tasks."tasks.noop"]
+task = "rt_noop"
+[celery.tasks."tasks.on_error"]
+task = "rt_echo"
+{extra}
+"#
+    )
+}
+
+/// The venv's python, or `None` (skip) outside CI; panics under CI.
+fn python() -> Option<PathBuf> {
+    let path = std::env::var_os("CELERY_PYTHON").map_or_else(
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/celery-venv/bin/python"),
+        PathBuf::from,
+    );
+    let works = Command::new(&path)
+        .args(["-c", "import celery, redis"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if works {
+        return Some(path);
+    }
+    let message = format!(
+        "Python Celery is missing at {} (run .ci/run, or: python3 -m venv target/celery-venv && \
+         target/celery-venv/bin/pip install 'celery[redis]==5.*'; or set CELERY_PYTHON)",
+        path.display()
+    );
+    if std::env::var_os("CI").is_some() {
+        panic!("{message}");
+    }
+    eprintln!("SKIPPED: {message}");
+    None
+}
+
+fn app_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/celery")
+}
+
+/// Runs `app.py SCENARIO` and returns its last JSON line.
+fn scenario(python: &PathBuf, redis: &RedisServer, name: &str) -> Value {
+    let output = Command::new(python)
+        .arg("app.py")
+        .arg(name)
+        .current_dir(app_dir())
+        .env("CELERY_BROKER", redis.url())
+        .output()
+        .expect("run python");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "scenario {name} failed: {}\nstdout: {stdout}\nstderr: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_str(stdout.lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("scenario {name}: {e}: {stdout}"))
+}
+
+fn start(redis: &RedisServer, extra: &str) -> Node {
+    Node::start(&config(extra), &[("RT_BROKER_URL", redis.url().as_str())])
+}
+
+#[tokio::test]
+async fn delay_runs_on_the_runtime_and_get_returns_the_result() {
+    let Some(python) = python() else { return };
+    let redis = RedisServer::start();
+    let node = start(&redis, "");
+    let out = scenario(&python, &redis, "add");
+    assert_eq!(out["value"], 5, "{out}");
+    assert_eq!(out["state"], "SUCCESS");
+    // The bridge is a permanent actor in the tree, with its counters.
+    let bridge = node
+        .actor("root/celery/celery")
+        .await
+        .expect("bridge in /actors");
+    assert_eq!(bridge["kind"], "celery_bridge", "{bridge}");
+    assert_eq!(bridge["snapshot"]["moved"], 1, "{bridge}");
+
+    let out = scenario(&python, &redis, "fail");
+    assert_eq!(out["type"], "RuntimeError", "{out}");
+    assert!(
+        out["message"]
+            .as_str()
+            .unwrap()
+            .contains("boom from the handler"),
+        "{out}"
+    );
+    assert_eq!(out["state"], "FAILURE");
+}
+
+#[tokio::test]
+async fn countdown_waits_and_time_limit_kills() {
+    let Some(python) = python() else { return };
+    let redis = RedisServer::start();
+    let _node = start(&redis, "");
+    let out = scenario(&python, &redis, "countdown");
+    assert_eq!(out["value"], 2, "{out}");
+    let started = out["started_after"].as_array().unwrap();
+    assert_eq!(started.len(), 1, "started exactly once: {out}");
+    assert!(
+        started[0].as_f64().unwrap() >= 1.99,
+        "started too early: {out}"
+    );
+
+    let out = scenario(&python, &redis, "time_limit");
+    assert_eq!(out["type"], "TimeLimitExceeded", "{out}");
+    assert_eq!(out["state"], "FAILURE", "{out}");
+    assert!(
+        out["elapsed"].as_f64().unwrap() < 4.5,
+        "not killed at 1 s: {out}"
+    );
+}
+
+#[tokio::test]
+async fn link_error_fires_once_on_failure() {
+    let Some(python) = python() else { return };
+    let redis = RedisServer::start();
+    let _node = start(&redis, "");
+    let out = scenario(&python, &redis, "link_error");
+    assert_eq!(out["type"], "RuntimeError", "{out}");
+    // The errback (run by the runtime's rt_echo) got the failed task's id.
+    assert_eq!(out["errback"]["args"][0], out["failed_id"], "{out}");
+    assert_eq!(out["errback_runs"], 1, "{out}");
+}
+
+#[tokio::test]
+async fn a_chain_goes_python_to_runtime_to_a_python_worker() {
+    let Some(python) = python() else { return };
+    let redis = RedisServer::start();
+    let node = start(&redis, "");
+    let out = scenario(&python, &redis, "chain");
+    // add(2, 3) on the runtime, mul(5, 10) on the Celery worker consuming `py`.
+    assert_eq!(out["value"], 50, "{out}\n{}", node.log());
+    assert_eq!(out["parent"], 5, "{out}");
+    // The worker and the runtime share the broker without interfering.
+    assert_eq!(out["python_only"], 42, "{out}");
+}
+
+#[tokio::test]
+async fn killing_the_bridge_while_1000_messages_flow_loses_and_repeats_none() {
+    let Some(python) = python() else { return };
+    let redis = RedisServer::start();
+    let node = start(&redis, "[chaos]\nenabled = true\n");
+    let flood = Command::new(&python)
+        .arg("app.py")
+        .arg("flood")
+        .current_dir(app_dir())
+        .env("CELERY_BROKER", redis.url())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run python");
+    let end = Instant::now() + Duration::from_secs(3);
+    let mut kills = 0;
+    while Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        if node
+            .post("/chaos/kill/root/celery/celery", None)
+            .await
+            .status()
+            .is_success()
+        {
+            kills += 1;
+        }
+    }
+    let output = tokio::task::spawn_blocking(move || flood.wait_with_output())
+        .await
+        .unwrap()
+        .expect("python output");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "flood failed: {stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let out: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert!(kills >= 5, "the bridge was killed only {kills} times");
+    assert_eq!(out["done"], 1000, "{out}");
+    assert_eq!(out["min_runs"], 1, "a message was lost: {out}");
+    assert_eq!(out["max_runs"], 1, "a message ran twice: {out}");
+    assert_eq!(out["left_in_kombu"], 0, "{out}");
+    let bridge = node.actor("root/celery/celery").await.unwrap();
+    // A batch whose script ran while its actor was killed is moved but not counted (the
+    // reply was lost with the actor): the counter is a lower bound.
+    let moved = bridge["snapshot"]["moved"].as_u64().unwrap();
+    assert!(moved > 0 && moved <= 1000, "{bridge}");
+    assert!(bridge["restarts"].as_u64().unwrap() >= 1, "{bridge}");
+}

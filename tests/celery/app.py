@@ -1,0 +1,144 @@
+"""The Python side of tests/celery.rs: a Celery 5 app whose tasks the runtime runs (queue
+`celery`, taken over) or a real Celery worker runs (`tasks.mul`, queue `py`).
+
+Usage: python app.py SCENARIO  (CELERY_BROKER = the private redis URL). Prints one JSON line.
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+
+from celery import Celery, chain
+from celery.result import AsyncResult
+
+BROKER = os.environ["CELERY_BROKER"]
+app = Celery("tasks", broker=BROKER, backend=BROKER)
+app.conf.broker_connection_retry_on_startup = True
+app.conf.task_routes = {"tasks.mul": {"queue": "py"}}
+
+
+@app.task(name="tasks.add")
+def add(x, y):  # run by the runtime (rt_add)
+    raise RuntimeError("the runtime runs tasks.add, not Python")
+
+
+@app.task(name="tasks.fail")
+def fail(**kwargs):  # run by the runtime (rt_fail)
+    raise RuntimeError("the runtime runs tasks.fail, not Python")
+
+
+@app.task(name="tasks.sleep")
+def sleep():  # run by the runtime (an exec task sleeping 5 s)
+    raise RuntimeError("the runtime runs tasks.sleep, not Python")
+
+
+@app.task(name="tasks.noop")
+def noop(n):  # run by the runtime (rt_noop)
+    raise RuntimeError("the runtime runs tasks.noop, not Python")
+
+
+@app.task(name="tasks.on_error")
+def on_error(task_id):  # run by the runtime (rt_echo)
+    raise RuntimeError("the runtime runs tasks.on_error, not Python")
+
+
+@app.task(name="tasks.mul")
+def mul(x, y):  # run by the Python worker on queue `py`
+    return x * y
+
+
+def events(kind):
+    """(task_id, at) of the runtime's events of `kind`."""
+    client = app.backend.client
+    out = []
+    for _id, fields in client.xrange("rt:events"):
+        fields = {k.decode(): v.decode() for k, v in fields.items()}
+        if fields.get("kind") == kind:
+            out.append((fields.get("task_id"), fields.get("at")))
+    return out
+
+
+def epoch(at):
+    from datetime import datetime
+
+    return datetime.fromisoformat(at.replace("Z", "+00:00")).timestamp()
+
+
+def error_of(result, timeout):
+    try:
+        value = result.get(timeout=timeout)
+        return {"value": value}
+    except Exception as exc:  # noqa: BLE001 — the test looks at what was raised
+        return {"type": type(exc).__name__, "message": str(exc), "state": result.state}
+
+
+def scenario(name):
+    if name == "add":
+        result = add.delay(2, 3)
+        return {"id": result.id, "value": result.get(timeout=10), "state": result.state}
+    if name == "fail":
+        result = fail.apply_async(kwargs={"message": "boom from the handler", "permanent": True})
+        return error_of(result, 10)
+    if name == "countdown":
+        sent = time.time()
+        result = add.apply_async((1, 1), countdown=2)
+        value = result.get(timeout=10)
+        started = [epoch(at) for (tid, at) in events("started") if tid == result.id]
+        return {"value": value, "started_after": [s - sent for s in started]}
+    if name == "time_limit":
+        sent = time.time()
+        result = sleep.apply_async(time_limit=1)
+        out = error_of(result, 10)
+        out["elapsed"] = time.time() - sent
+        return out
+    if name == "link_error":
+        errback = on_error.s().set(task_id="errback-1")
+        result = fail.apply_async(kwargs={"message": "no", "permanent": True}, link_error=errback)
+        out = error_of(result, 10)
+        out["errback"] = AsyncResult("errback-1", app=app).get(timeout=10)
+        out["failed_id"] = result.id
+        time.sleep(1.0)
+        out["errback_runs"] = sum(1 for (tid, _) in events("started") if tid == "errback-1")
+        return out
+    if name == "chain":
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "app", "worker", "-Q", "py", "--pool=solo",
+             "--concurrency=1", "--without-mingle", "--without-gossip", "--without-heartbeat",
+             "-l", "warning"],
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+        )
+        try:
+            result = chain(add.s(2, 3), mul.s(10)).apply_async()
+            value = result.get(timeout=20)
+            side = mul.delay(6, 7).get(timeout=20)
+            return {"value": value, "python_only": side, "parent": result.parent.get(timeout=5)}
+        finally:
+            worker.terminate()
+            worker.wait(timeout=10)
+    if name == "flood":
+        n = int(os.environ.get("FLOOD", "1000"))
+        ids = [noop.delay(i).id for i in range(n)]
+        print(json.dumps({"sent": n}), flush=True)
+        client = app.backend.client
+        keys = [f"celery-task-meta-{i}" for i in ids]
+        deadline = time.time() + 25
+        done = 0
+        while time.time() < deadline:
+            metas = client.mget(keys)
+            done = sum(1 for m in metas if m and json.loads(m)["status"] == "SUCCESS")
+            if done == n:
+                break
+            time.sleep(0.2)
+        time.sleep(0.5)
+        started = {}
+        for tid, _ in events("started"):
+            started[tid] = started.get(tid, 0) + 1
+        runs = [started.get(i, 0) for i in ids]
+        return {"done": done, "min_runs": min(runs), "max_runs": max(runs),
+                "left_in_kombu": client.llen("celery")}
+    raise SystemExit(f"unknown scenario {name}")
+
+
+if __name__ == "__main__":
+    print(json.dumps(scenario(sys.argv[1])), flush=True)
