@@ -232,7 +232,7 @@ const CASES: &[Case] = &[
         vars: &[],
         expected: &[
             "error: tasks.summarize_thread.handler: no native function `summarize_thread` is \
-             registered in this binary (built-in: rt_echo, rt_fail, rt_noop, rt_sleep)",
+             registered in this binary (built-in: rt_add, rt_echo, rt_fail, rt_noop, rt_sleep)",
         ],
     },
     Case {
