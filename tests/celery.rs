@@ -1,7 +1,7 @@
 //! The Celery bridge end to end with real Python Celery (5.x, installed by `.ci/run` into
 //! `target/celery-venv`; `CELERY_PYTHON` overrides the interpreter) on a private
 //! redis-server: `.delay()` → the runtime runs it → `AsyncResult.get()`; failures, countdown,
-//! time limits, `link_error`, a chain Python → runtime → Python worker, and a kill of the
+//! time limits and `track_started`, malformed messages, `link_error`, a chain Python → runtime → Python worker, and a kill of the
 //! bridge actor while 1,000 messages flow. The Python side is `tests/celery/app.py`.
 //!
 //! Without the venv: the tests fail under CI (`CI` set) and are skipped with a message
@@ -63,6 +63,7 @@ track_started = true
 task = "rt_fail"
 [celery.tasks."tasks.sleep"]
 task = "sleep5"
+track_started = true
 [celery.tasks."tasks.noop"]
 task = "rt_noop"
 [celery.tasks."tasks.on_error"]
@@ -156,6 +157,36 @@ async fn delay_runs_on_the_runtime_and_get_returns_the_result() {
 }
 
 #[tokio::test]
+async fn malformed_and_unmapped_messages_are_dead_lettered_with_the_reason() {
+    let Some(python) = python() else { return };
+    let redis = RedisServer::start();
+    let node = start(&redis, "");
+    let out = scenario(&python, &redis, "malformed");
+    // An undecodable body: dead-lettered, and `.get()` raises instead of waiting forever.
+    assert_eq!(out["type"], "RuntimeError", "{out}");
+    assert!(
+        out["message"].as_str().unwrap().contains("not base64"),
+        "{out}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let dead = loop {
+        let dead = node.get_json("/dlq/default").await.to_string();
+        if dead.matches("\"reason\"").count() >= 3 || Instant::now() > deadline {
+            break dead;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(dead.contains("celery: not a kombu message"), "{dead}");
+    assert!(
+        dead.contains("celery: task `tasks.unknown` is not mapped to a runtime task"),
+        "{dead}"
+    );
+    assert!(dead.contains("celery: body is not base64"), "{dead}");
+    let bridge = node.actor("root/celery/celery").await.unwrap();
+    assert_eq!(bridge["snapshot"]["dead_lettered"], 2, "{bridge}");
+}
+
+#[tokio::test]
 async fn countdown_waits_and_time_limit_kills() {
     let Some(python) = python() else { return };
     let redis = RedisServer::start();
@@ -171,6 +202,8 @@ async fn countdown_waits_and_time_limit_kills() {
 
     let out = scenario(&python, &redis, "time_limit");
     assert_eq!(out["type"], "TimeLimitExceeded", "{out}");
+    // track_started: STARTED while the command sleeps.
+    assert_eq!(out["state_while_running"], "STARTED", "{out}");
     assert_eq!(out["state"], "FAILURE", "{out}");
     assert!(
         out["elapsed"].as_f64().unwrap() < 4.5,

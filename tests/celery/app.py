@@ -89,7 +89,10 @@ def scenario(name):
     if name == "time_limit":
         sent = time.time()
         result = sleep.apply_async(time_limit=1)
+        time.sleep(0.5)
+        running = AsyncResult(result.id, app=app).state
         out = error_of(result, 10)
+        out["state_while_running"] = running
         out["elapsed"] = time.time() - sent
         return out
     if name == "link_error":
@@ -116,6 +119,17 @@ def scenario(name):
         finally:
             worker.terminate()
             worker.wait(timeout=10)
+    if name == "malformed":
+        client = app.backend.client
+        client.lpush("celery", "not json at all")
+        unmapped = app.send_task("tasks.unknown", args=(1,))
+        bad = {"body": "%%%", "content-type": "application/json", "content-encoding": "utf-8",
+               "headers": {"id": "bad-body-1", "task": "tasks.add", "lang": "py"},
+               "properties": {"body_encoding": "base64"}}
+        client.lpush("celery", json.dumps(bad))
+        out = error_of(AsyncResult("bad-body-1", app=app), 10)
+        out["unmapped"] = unmapped.id
+        return out
     if name == "flood":
         n = int(os.environ.get("FLOOD", "1000"))
         ids = [noop.delay(i).id for i in range(n)]
