@@ -184,6 +184,23 @@ async fn malformed_and_unmapped_messages_are_dead_lettered_with_the_reason() {
     assert!(dead.contains("celery: body is not base64"), "{dead}");
     let bridge = node.actor("root/celery/celery").await.unwrap();
     assert_eq!(bridge["snapshot"]["dead_lettered"], 2, "{bridge}");
+    // An unmapped task and an expired one: FAILURE with the reason, not a `.get()` timeout.
+    assert_eq!(out["unmapped"]["type"], "RuntimeError", "{out}");
+    assert!(
+        out["unmapped"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("is not mapped to a runtime task"),
+        "{out}"
+    );
+    assert_eq!(out["expired"]["type"], "RuntimeError", "{out}");
+    assert!(
+        out["expired"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("expired at"),
+        "{out}"
+    );
 }
 
 #[tokio::test]

@@ -392,11 +392,7 @@ impl ConsumerState {
     async fn expand_celery(&mut self, delivery: Arc<Delivery>) -> Option<Arc<Delivery>> {
         let mut expanded = (*delivery).clone();
         if let Err(reason) = celery::expand(&mut expanded.envelope) {
-            if let Some(celery) = &self.args.work.celery
-                && let Err(err) = celery.rejected(&delivery.envelope.id, &reason).await
-            {
-                warn!(error = %err, "celery FAILURE result not written");
-            }
+            self.reject_celery(&delivery.envelope.id, &reason).await;
             self.settle(&delivery, reason).await;
             return None;
         }
@@ -419,8 +415,22 @@ impl ConsumerState {
         Some(expanded)
     }
 
-    /// Dead-letters a delivery that cannot run.
+    /// Writes Celery's `FAILURE` result for a Celery message that will not run, so `.get()`
+    /// raises with `reason` instead of waiting.
+    async fn reject_celery(&self, id: &str, reason: &str) {
+        if let Some(celery) = &self.args.work.celery
+            && let Err(err) = celery.rejected(id, reason).await
+        {
+            warn!(error = %err, "celery FAILURE result not written");
+        }
+    }
+
+    /// Dead-letters a delivery that cannot run (a Celery-origin one also gets its `FAILURE`
+    /// result: unknown task, expired).
     async fn settle(&mut self, delivery: &Delivery, reason: String) {
+        if delivery.envelope.extra.contains_key(celery::ORIGIN_FIELD) {
+            self.reject_celery(&delivery.envelope.id, &reason).await;
+        }
         let span = task_span(&delivery.envelope);
         span.in_scope(|| warn!(%reason, "dead-lettered without running"));
         self.counters.rejected += 1;

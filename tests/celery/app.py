@@ -128,7 +128,10 @@ def scenario(name):
                "properties": {"body_encoding": "base64"}}
         client.lpush("celery", json.dumps(bad))
         out = error_of(AsyncResult("bad-body-1", app=app), 10)
-        out["unmapped"] = unmapped.id
+        out["unmapped"] = error_of(unmapped, 10)
+        expired = add.apply_async((1, 2), expires=0.01)
+        time.sleep(0.05)  # expired before it reaches the runtime's consumer
+        out["expired"] = error_of(expired, 10)
         return out
     if name == "flood":
         n = int(os.environ.get("FLOOD", "1000"))

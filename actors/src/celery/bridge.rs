@@ -100,12 +100,19 @@ impl Actor for BridgeActor {
                 let counters = &state.args.counters;
                 counters.polls.fetch_add(1, Ordering::Relaxed);
                 let next = match state.take(batch).await {
-                    Ok((moved, dead)) => {
+                    Ok((moved, dead, rejected)) => {
                         counters.moved.fetch_add(moved, Ordering::Relaxed);
                         counters.dead_lettered.fetch_add(dead, Ordering::Relaxed);
                         if dead > 0 {
                             tracing::warn!(queue = %state.args.queue, dead,
                                 "malformed celery messages dead-lettered");
+                        }
+                        // Unmapped tasks: FAILURE in Celery's backend, so `.get()` raises.
+                        for pair in rejected.chunks_exact(2) {
+                            if let Err(err) = state.args.celery.rejected(&pair[0], &pair[1]).await {
+                                tracing::warn!(task_id = %pair[0], error = %err,
+                                    "celery FAILURE result not written");
+                            }
                         }
                         if moved + dead >= batch as u64 {
                             Duration::ZERO
@@ -137,7 +144,7 @@ impl Actor for BridgeActor {
 }
 
 impl BridgeState {
-    async fn take(&self, batch: usize) -> redis::RedisResult<(u64, u64)> {
+    async fn take(&self, batch: usize) -> redis::RedisResult<(u64, u64, Vec<String>)> {
         let settings = self.args.celery.settings();
         let mut invocation = self.script.prepare_invoke();
         for list in &self.lists {

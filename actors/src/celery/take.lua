@@ -12,12 +12,14 @@
 -- The runtime stream entry is an envelope with `id` (Celery's, kept), `task`, `queue` and
 -- `celery_raw` (the kombu message as it came); the body is decoded by the consumer
 -- (celery::expand), which dead-letters what it cannot decode.
--- Returns {moved, dead letters}.
+-- Returns {moved, dead letters, {id, reason, id, reason, ...}}: the dead-lettered messages that
+-- had an id, for the bridge to write their FAILURE result (so `.get()` raises).
 local prefix, batch = ARGV[1], tonumber(ARGV[2])
 local map = cjson.decode(ARGV[3])
 local dlq, at, maxlen = ARGV[4], ARGV[5], ARGV[6]
 local events = prefix .. ':events'
 local moved, dead = 0, 0
+local rejected = {}
 
 local function bury(raw, reason)
   redis.call('XADD', prefix .. ':{' .. dlq .. '}:dead', '*', 'e', raw, 'reason', reason,
@@ -42,7 +44,10 @@ for _, list in ipairs(KEYS) do
     else
       local target = map[headers.task]
       if type(target) ~= 'table' then
-        bury(raw, 'celery: task `' .. headers.task .. '` is not mapped to a runtime task')
+        local reason = 'celery: task `' .. headers.task .. '` is not mapped to a runtime task'
+        bury(raw, reason)
+        table.insert(rejected, headers.id)
+        table.insert(rejected, reason)
       else
         local envelope = '{"id":' .. cjson.encode(headers.id)
           .. ',"task":' .. cjson.encode(target[1])
@@ -58,4 +63,4 @@ for _, list in ipairs(KEYS) do
     end
   end
 end
-return { moved, dead }
+return { moved, dead, rejected }
