@@ -118,6 +118,8 @@ pub struct Config {
     pub schedules: IndexMap<String, ScheduleSettings>,
     /// `[chaos]`
     pub chaos: ChaosSettings,
+    /// `[metrics]`
+    pub metrics: MetricsSettings,
 }
 
 /// `[runtime]`
@@ -513,5 +515,12 @@ pub enum Missed {
 #[derive(Debug, Clone)]
 pub struct ChaosSettings {
     /// Whether `POST /chaos/kill/{path}` exists.
+    pub enabled: bool,
+}
+
+/// `[metrics]`
+#[derive(Debug, Clone)]
+pub struct MetricsSettings {
+    /// Whether metrics are recorded and `GET /metrics` serves them (else it answers 404).
     pub enabled: bool,
 }

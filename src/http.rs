@@ -8,12 +8,14 @@
 //! | `GET /queues`, `GET /dlq/{queue}`, `POST /dlq/{queue}/requeue`, `POST /queues/{queue}/purge` | depths and dead letters ([`queues`]) |
 //! | `ANY /egress/{resource}/{path}` | the egress proxy to a shared resource ([`egress`]) |
 //! | `GET /pools`, `POST /pools/{name}/claim` | process pools ([`pools`]) |
+//! | `GET /metrics` | Prometheus text format ([`metrics`]) |
 //! | `POST /chaos/kill/{path}` | kill that actor (only with `[chaos] enabled = true`) |
 //!
 //! Mutating routes require `Authorization: Bearer <token>` when `http.admin_token_env` names a
 //! token. Errors are JSON `{"error": "..."}` and never carry internals or secrets.
 
 pub mod egress;
+pub mod metrics;
 pub mod pools;
 pub mod queues;
 pub mod tasks;
@@ -22,6 +24,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use actors::broker::{AnyBroker, BrokerError};
+use actors::metrics::Metrics;
 use actors::pool::Pool;
 use actors::resource::Resources;
 use actors::tree::Tree;
@@ -49,6 +52,8 @@ pub struct AppState {
     pub resources: Arc<Resources>,
     /// Process pools, by name.
     pub pools: Arc<BTreeMap<String, Pool>>,
+    /// The node's metrics (disabled unless the node sets them).
+    pub metrics: Arc<Metrics>,
     /// The validated config (task routing, queue names).
     pub config: Arc<Config>,
     /// Bearer token for mutating routes, when configured.
@@ -70,6 +75,7 @@ impl AppState {
             broker,
             resources,
             pools: Arc::default(),
+            metrics: Arc::default(),
             admin_token: config.http.admin_token.as_deref().map(Arc::from),
             chaos: config.chaos.enabled,
             config: Arc::new(config.clone()),
@@ -141,6 +147,7 @@ pub fn app(state: AppState) -> Router {
         .route("/tasks/{id}", get(tasks::record))
         .route("/queues", get(queues::depths))
         .route("/pools", get(pools::snapshots))
+        .route("/metrics", get(metrics::scrape))
         .route("/dlq/{queue}", get(queues::dead_letters))
         .route("/egress/{resource}", any(egress::forward))
         .route("/egress/{resource}/{*path}", any(egress::forward))

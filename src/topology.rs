@@ -27,6 +27,7 @@ use actors::handler::http::HttpHandler;
 use actors::handler::native::Natives;
 use actors::handler::{Attempt, Handler, RetryPolicy, TaskContext, TaskDef, TaskDefs, TaskError};
 use actors::heartbeat::{HeartbeatActor, HeartbeatArgs};
+use actors::metrics::Metrics;
 use actors::pool::{ClaimError, Pool, PoolActor, PoolArgs, PoolSettings, PoolSpec};
 use actors::resource::Resources;
 use actors::resource::breaker::{BreakerPolicy, BreakerSettings, FailureRate};
@@ -361,6 +362,29 @@ fn egress_client() -> reqwest::Client {
 /// The native functions every `runtime` binary has.
 pub const BUILTIN_NATIVES: [&str; 4] = ["rt_echo", "rt_fail", "rt_noop", "rt_sleep"];
 
+/// The metrics registry of a node running `config` (disabled by `[metrics] enabled = false`):
+/// the configured tasks on their queues, the consumers' queues, and the breakers, limiters
+/// and pools read at scrape time.
+pub fn metrics(
+    config: &Config,
+    resources: &Arc<Resources>,
+    pools: &BTreeMap<String, Pool>,
+) -> Metrics {
+    if !config.metrics.enabled {
+        return Metrics::disabled();
+    }
+    let mut metrics = Metrics::new(
+        config
+            .tasks
+            .iter()
+            .map(|(name, task)| (name.as_str(), task.queue.as_str())),
+        config.queues.keys().map(String::as_str),
+    );
+    metrics.watch_resources(Arc::clone(resources));
+    metrics.watch_pools(pools.values().cloned().collect());
+    metrics
+}
+
 /// The broker tunables of `config`.
 pub fn broker_settings(config: &Config) -> BrokerSettings {
     BrokerSettings {
@@ -409,6 +433,7 @@ pub fn root_spec(
             queues: queues.clone(),
             lease,
             promote_every: PROMOTE_EVERY,
+            metrics: Arc::clone(&work.metrics),
         }
     };
     let broker = ChildSpec::new("broker", "broker", Restart::Permanent, move |node| {

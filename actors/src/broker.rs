@@ -426,6 +426,14 @@ impl AnyBroker {
         }
     }
 
+    /// The round trip of a PING to the broker (zero for `memory://`).
+    pub async fn ping(&self) -> Result<Duration, BrokerError> {
+        match self {
+            Self::Memory(_) => Ok(Duration::ZERO),
+            Self::Redis(redis) => redis.ping().await,
+        }
+    }
+
     /// Connection facts for snapshots.
     pub fn describe(&self) -> Value {
         match self {

@@ -31,6 +31,7 @@ use tracing::{info, warn};
 use crate::broker::{AnyBroker, Broker, Delivery, Leases, parse_time};
 use crate::gate::{Admission, ResourceGate};
 use crate::handler::{TaskDef, TaskDefs, TaskError};
+use crate::metrics::{ConsumerSeries, DeadReason, Metrics, TaskSeries};
 use crate::task::{DONE, TaskActor, TaskArgs, limits, record};
 use crate::tree::TreeHandle;
 
@@ -50,6 +51,8 @@ pub struct Work {
     pub tasks: Arc<TaskDefs>,
     /// This node's consumer name.
     pub consumer: String,
+    /// The node's metrics (task lifecycle, in-flight gauges).
+    pub metrics: Arc<Metrics>,
 }
 
 /// Spawn arguments.
@@ -91,8 +94,16 @@ pub struct ConsumerActor;
 struct Running {
     delivery: Arc<Delivery>,
     def: Arc<TaskDef>,
+    series: Option<Arc<TaskSeries>>,
     started: Instant,
     cell: ActorCell,
+}
+
+/// An admitted delivery waiting for a free slot.
+struct Waiting {
+    delivery: Arc<Delivery>,
+    def: Arc<TaskDef>,
+    series: Option<Arc<TaskSeries>>,
 }
 
 #[derive(Debug, Default, serde::Serialize)]
@@ -110,9 +121,10 @@ pub struct ConsumerState {
     slots: Arc<Semaphore>,
     fetcher: Option<JoinHandle<()>>,
     running: HashMap<ActorId, Running>,
-    waiting: VecDeque<(Arc<Delivery>, Arc<TaskDef>)>,
+    waiting: VecDeque<Waiting>,
     draining: bool,
     counters: Counters,
+    gauges: Option<ConsumerSeries>,
 }
 
 impl std::fmt::Debug for ConsumerState {
@@ -144,7 +156,13 @@ impl Actor for ConsumerActor {
         args: ConsumerArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
         let slots = Arc::new(Semaphore::new(args.concurrency + args.prefetch));
+        let gauges = args.work.metrics.consumer(&args.queue);
+        if let Some(gauges) = &gauges {
+            gauges.concurrency(args.concurrency);
+            gauges.in_flight(0);
+        }
         let mut state = ConsumerState {
+            gauges,
             slots,
             fetcher: None,
             running: HashMap::new(),
@@ -234,6 +252,9 @@ impl Actor for ConsumerActor {
         };
         state.counters.finished += 1;
         state.slots.add_permits(1);
+        if let Some(gauges) = &state.gauges {
+            gauges.in_flight(state.running.len());
+        }
         if let Some(why) = crash {
             state.counters.crashed += 1;
             let work = &state.args.work;
@@ -245,13 +266,16 @@ impl Actor for ConsumerActor {
             ) {
                 warn!(task_id = %running.delivery.envelope.id, task = %running.def.name, %why, "task actor crashed; recording a retry");
                 work.leases.hold(&work.consumer, &running.delivery);
+                let ran = running.started.elapsed();
                 let args = TaskArgs {
                     delivery: running.delivery,
                     def: running.def,
                     work: Arc::clone(work),
+                    series: running.series,
                 };
                 tokio::spawn(async move {
-                    record(&args, Err(TaskError::retry(format!("task actor {why}")))).await;
+                    let error = TaskError::retry(format!("task actor {why}"));
+                    record(&args, Err(error), Some(ran)).await;
                 });
             }
         }
@@ -285,15 +309,16 @@ impl ConsumerState {
     async fn admit(&mut self, delivery: Arc<Delivery>) {
         let work = Arc::clone(&self.args.work);
         let envelope = &delivery.envelope;
+        let series = work.metrics.task(&envelope.task, &delivery.queue);
         let Some(def) = work.tasks.get(&envelope.task).cloned() else {
-            self.settle(&delivery, format!("no such task `{}`", envelope.task))
-                .await;
+            let reason = format!("no such task `{}`", envelope.task);
+            self.settle(&delivery, series, reason).await;
             return;
         };
         if let Some(expires) = &envelope.expires {
             if parse_time(expires).is_ok_and(|at| at <= SystemTime::now()) {
-                self.settle(&delivery, format!("expired at {expires} before it ran"))
-                    .await;
+                let reason = format!("expired at {expires} before it ran");
+                self.settle(&delivery, series, reason).await;
                 return;
             }
         }
@@ -302,8 +327,15 @@ impl ConsumerState {
             Admission::ClosedUntil { resource, until } => {
                 self.counters.deferred += 1;
                 let reason = format!("resource {resource} closed");
-                if let Err(err) = work.broker.defer(&delivery, until, &reason).await {
-                    warn!(task_id = %envelope.id, error = %err, "deferral failed; the entry comes back through lease recovery");
+                match work.broker.defer(&delivery, until, &reason).await {
+                    Ok(()) => {
+                        if let Some(series) = &series {
+                            series.deferred();
+                        }
+                    }
+                    Err(err) => {
+                        warn!(task_id = %envelope.id, error = %err, "deferral failed; the entry comes back through lease recovery");
+                    }
                 }
                 self.slots.add_permits(1);
                 return;
@@ -317,46 +349,69 @@ impl ConsumerState {
                     delivery,
                     def,
                     work: Arc::clone(&work),
+                    series,
                 };
-                record(&args, Err(error)).await;
+                record(&args, Err(error), None).await;
                 self.slots.add_permits(1);
                 return;
             }
         }
         work.leases.hold(&work.consumer, &delivery);
-        self.waiting.push_back((delivery, def));
+        self.waiting.push_back(Waiting {
+            delivery,
+            def,
+            series,
+        });
     }
 
     /// Dead-letters a delivery that cannot run.
-    async fn settle(&mut self, delivery: &Delivery, reason: String) {
+    async fn settle(
+        &mut self,
+        delivery: &Delivery,
+        series: Option<Arc<TaskSeries>>,
+        reason: String,
+    ) {
         warn!(task_id = %delivery.envelope.id, queue = %delivery.queue, %reason, "dead-lettered without running");
         self.counters.rejected += 1;
-        if let Err(err) = self.args.work.broker.dead_letter(delivery, &reason).await {
-            warn!(task_id = %delivery.envelope.id, error = %err, "dead-lettering failed; the entry comes back through lease recovery");
+        match self.args.work.broker.dead_letter(delivery, &reason).await {
+            Ok(()) => {
+                if let Some(series) = series {
+                    series.dead_lettered(DeadReason::Rejected);
+                }
+            }
+            Err(err) => {
+                warn!(task_id = %delivery.envelope.id, error = %err, "dead-lettering failed; the entry comes back through lease recovery");
+            }
         }
         self.slots.add_permits(1);
     }
 
     /// Starts waiting tasks while there is room.
     async fn fill(&mut self, myself: &ActorRef<ConsumerMessage>) {
+        let before = self.running.len();
         while self.running.len() < self.args.concurrency {
-            let Some((delivery, def)) = self.waiting.pop_front() else {
+            let Some(next) = self.waiting.pop_front() else {
                 break;
             };
             let args = TaskArgs {
-                delivery: Arc::clone(&delivery),
-                def: Arc::clone(&def),
+                delivery: Arc::clone(&next.delivery),
+                def: Arc::clone(&next.def),
                 work: Arc::clone(&self.args.work),
+                series: next.series.clone(),
             };
             match TaskActor::spawn_linked(None, TaskActor, args, myself.get_cell()).await {
                 Ok((actor, _)) => {
                     self.counters.started += 1;
+                    if let Some(series) = &next.series {
+                        series.started();
+                    }
                     let cell = actor.get_cell();
                     self.running.insert(
                         cell.get_id(),
                         Running {
-                            delivery,
-                            def,
+                            delivery: next.delivery,
+                            def: next.def,
+                            series: next.series,
                             started: Instant::now(),
                             cell,
                         },
@@ -364,11 +419,16 @@ impl ConsumerState {
                 }
                 Err(err) => {
                     // pre_start cannot fail today; keep the entry rather than lose it.
-                    warn!(task_id = %delivery.envelope.id, error = %err, "cannot start a task actor; retrying later");
-                    self.waiting.push_front((delivery, def));
+                    warn!(task_id = %next.delivery.envelope.id, error = %err, "cannot start a task actor; retrying later");
+                    self.waiting.push_front(next);
                     break;
                 }
             }
+        }
+        if let Some(gauges) = &self.gauges
+            && self.running.len() != before
+        {
+            gauges.in_flight(self.running.len());
         }
     }
 

@@ -61,6 +61,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
+use prometheus_client::metrics::histogram::Histogram;
 use regex::Regex;
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -383,6 +384,17 @@ struct Shared {
     members: Mutex<Membership>,
     changed: watch::Sender<u64>,
     next_seq: AtomicU64,
+    /// Time from a claim to its confirmed assignment (successful claims), for `/metrics`.
+    claim_latency: Histogram,
+}
+
+/// A pool's numbers for `/metrics`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Live agents per state (`starting` includes agents being spawned).
+    pub agents: [(AgentState, usize); 4],
+    /// Agents that failed to start, ever.
+    pub startup_failures: u64,
 }
 
 /// A pool: its membership, its agents and the claim API. Cheap to clone; made by the node and
@@ -418,6 +430,7 @@ impl Pool {
                 members: Mutex::new(Membership::default()),
                 changed: watch::Sender::new(0),
                 next_seq: AtomicU64::new(1),
+                claim_latency: crate::metrics::seconds_histogram(),
             }),
         }
     }
@@ -523,6 +536,9 @@ impl Pool {
                 match outcome {
                     Ok(()) => {
                         self.lock().totals.claims += 1;
+                        self.shared
+                            .claim_latency
+                            .observe(started.elapsed().as_secs_f64());
                         return Ok(Claimed { agent_id, pid });
                     }
                     Err(reason) => {
@@ -606,6 +622,28 @@ impl Pool {
         }
         info!(pool = %self.name(), "pool reset: starting agents again");
         self.touch();
+    }
+
+    /// Live agents per state and startup failures, for `/metrics`.
+    pub fn stats(&self) -> PoolStats {
+        let m = self.lock();
+        PoolStats {
+            agents: [
+                (
+                    AgentState::Starting,
+                    m.count(AgentState::Starting) + m.launching,
+                ),
+                (AgentState::Idle, m.count(AgentState::Idle)),
+                (AgentState::Assigned, m.count(AgentState::Assigned)),
+                (AgentState::Draining, m.count(AgentState::Draining)),
+            ],
+            startup_failures: m.totals.startup_failures,
+        }
+    }
+
+    /// How long successful claims took (seconds), for `/metrics`.
+    pub fn claim_latency(&self) -> &Histogram {
+        &self.shared.claim_latency
     }
 
     /// The pool at a glance: health, counts per state, each live agent (id, pid, state, age,

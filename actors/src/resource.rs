@@ -37,6 +37,23 @@ pub trait SharedResource: Send + Sync + fmt::Debug {
     fn admission(&self) -> Admission;
     /// Breaker / limiter state for `/actors` (never a secret).
     fn snapshot(&self) -> serde_json::Value;
+    /// Its circuit breaker, if it has one (read by `/metrics`).
+    fn breaker(&self) -> Option<&breaker::Breaker> {
+        None
+    }
+    /// Its rate limiters' waits, if it has limiters (read by `/metrics`).
+    fn limiter(&self) -> Option<LimiterStats<'_>> {
+        None
+    }
+}
+
+/// What `/metrics` reads of a resource's rate limiters.
+#[derive(Debug)]
+pub struct LimiterStats<'a> {
+    /// Calls waiting for the limiters (or the concurrency cap, or a server hold) now.
+    pub waiting: u64,
+    /// How long admitted calls waited, in seconds.
+    pub waits: &'a prometheus_client::metrics::histogram::Histogram,
 }
 
 /// Every shared resource of a node, by name; the node's [`ResourceGate`].
@@ -96,6 +113,9 @@ impl SharedResource for zep::ZepClient {
     fn snapshot(&self) -> serde_json::Value {
         zep::ZepClient::snapshot(self)
     }
+    fn breaker(&self) -> Option<&breaker::Breaker> {
+        Some(zep::ZepClient::breaker(self))
+    }
 }
 
 impl SharedResource for openai::OpenAiClient {
@@ -113,6 +133,9 @@ impl SharedResource for openai::OpenAiClient {
     }
     fn snapshot(&self) -> serde_json::Value {
         openai::OpenAiClient::snapshot(self)
+    }
+    fn limiter(&self) -> Option<LimiterStats<'_>> {
+        Some(openai::OpenAiClient::limiter_stats(self))
     }
 }
 

@@ -22,6 +22,7 @@ use tracing::{debug, warn};
 use crate::broker::{Broker, Callback, Delivery, Envelope, Event};
 use crate::consumer::Work;
 use crate::handler::{TaskContext, TaskDef, TaskError};
+use crate::metrics::{DeadReason, TaskSeries};
 
 /// The exit reason of a task actor that recorded its outcome.
 pub const DONE: &str = "done";
@@ -38,6 +39,8 @@ pub struct TaskArgs {
     pub def: Arc<TaskDef>,
     /// What the consumer shares with its tasks.
     pub work: Arc<Work>,
+    /// Its metrics series (`None` when metrics are off).
+    pub series: Option<Arc<TaskSeries>>,
 }
 
 /// The task actor (it has no messages: it runs once and stops).
@@ -77,9 +80,14 @@ impl Actor for TaskActor {
                 debug!(%task_id, error = %err, "started event not written");
             }
         });
+        if let Some(series) = &args.series {
+            series.first_start(&args.delivery.envelope);
+        }
+        let began = Instant::now();
         let outcome = attempt(args).await;
+        let took = began.elapsed();
         let _ = published.await;
-        record(args, outcome).await;
+        record(args, outcome, Some(took)).await;
         myself.stop(Some(DONE.to_string()));
         Ok(())
     }
@@ -133,14 +141,42 @@ async fn attempt(args: &TaskArgs) -> Result<Value, TaskError> {
     }
 }
 
+/// What recording an outcome did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Recorded {
+    Succeeded,
+    Retried,
+    DeadLettered,
+}
+
 /// Records `outcome` with the broker (retrying a few times if the broker fails) and
-/// releases the lease.
-pub(crate) async fn record(args: &TaskArgs, outcome: Result<Value, TaskError>) {
+/// releases the lease. `ran` is how long the attempt ran (`None`: it never started, e.g. a
+/// resource it uses is unusable).
+pub(crate) async fn record(
+    args: &TaskArgs,
+    outcome: Result<Value, TaskError>,
+    ran: Option<Duration>,
+) {
     let work = &args.work;
     let delivery = &args.delivery;
+    if let (Some(series), Some(took)) = (&args.series, ran) {
+        series.ran(took, outcome.is_err());
+    }
     for n in 1..=RECORD_TRIES {
         match record_once(work, delivery, &args.def, &outcome).await {
-            Ok(()) => break,
+            Ok(recorded) => {
+                if let Some(series) = &args.series {
+                    match recorded {
+                        Recorded::Succeeded => series.succeeded(),
+                        Recorded::Retried => series.retried(),
+                        Recorded::DeadLettered if ran.is_some() => {
+                            series.dead_lettered(DeadReason::Failed)
+                        }
+                        Recorded::DeadLettered => series.dead_lettered(DeadReason::Rejected),
+                    }
+                }
+                break;
+            }
             Err(err) if n < RECORD_TRIES => {
                 warn!(task_id = %delivery.envelope.id, error = %err, "recording the outcome failed; retrying");
                 tokio::time::sleep(Duration::from_millis(200 * u64::from(n))).await;
@@ -160,15 +196,14 @@ async fn record_once(
     delivery: &Delivery,
     def: &TaskDef,
     outcome: &Result<Value, TaskError>,
-) -> Result<(), crate::broker::BrokerError> {
+) -> Result<Recorded, crate::broker::BrokerError> {
     let envelope = &delivery.envelope;
-    match outcome {
+    let recorded = match outcome {
         Ok(value) => {
             work.broker.ack(delivery, value.clone()).await?;
             let callbacks = callbacks(work, envelope, &def.link, &envelope.link, value.clone());
-            if !callbacks.is_empty() {
-                work.broker.enqueue(callbacks).await?;
-            }
+            enqueue_callbacks(work, callbacks).await?;
+            Recorded::Succeeded
         }
         Err(err) => match def.retry.next_delay(envelope.attempt, err) {
             Some(delay) => {
@@ -176,6 +211,7 @@ async fn record_once(
                 work.broker
                     .retry(delivery, SystemTime::now() + delay, &err.to_string())
                     .await?;
+                Recorded::Retried
             }
             None => {
                 let reason = if def.retry.retries(err) {
@@ -201,12 +237,26 @@ async fn record_once(
                     &envelope.link_error,
                     failure,
                 );
-                if !callbacks.is_empty() {
-                    work.broker.enqueue(callbacks).await?;
-                }
+                enqueue_callbacks(work, callbacks).await?;
+                Recorded::DeadLettered
             }
         },
+    };
+    Ok(recorded)
+}
+
+/// Enqueues callbacks (each counted once: a repeated recording finds their idempotency keys
+/// taken).
+async fn enqueue_callbacks(
+    work: &Work,
+    callbacks: Vec<Envelope>,
+) -> Result<(), crate::broker::BrokerError> {
+    if callbacks.is_empty() {
+        return Ok(());
     }
+    let counting = work.metrics.enqueuing(&callbacks);
+    let answers = work.broker.enqueue(callbacks).await?;
+    counting.done(&answers);
     Ok(())
 }
 

@@ -16,6 +16,7 @@ use ractor::ActorCell;
 use serde::Serialize;
 use tokio::time::Instant;
 
+use crate::metrics::Metrics;
 use crate::supervisor::Restart;
 
 /// Lifecycle status of an actor as its supervisor last saw it.
@@ -112,12 +113,23 @@ struct Entry {
 pub struct Tree {
     entries: DashMap<String, Entry>,
     next_order: AtomicU64,
+    /// Where restarts are counted for `/metrics` (disabled unless given).
+    metrics: Arc<Metrics>,
 }
 
 impl Tree {
-    /// An empty registry.
+    /// An empty registry (restarts are not counted in any [`Metrics`]).
     pub fn new() -> Arc<Self> {
         Arc::new(Self::default())
+    }
+
+    /// An empty registry whose restarts are also counted in `metrics`
+    /// (`rt_actor_restarts_total`).
+    pub fn with_metrics(metrics: Arc<Metrics>) -> Arc<Self> {
+        Arc::new(Self {
+            metrics,
+            ..Self::default()
+        })
     }
 
     /// The handle of the root actor, named `name` (conventionally `root`).
@@ -171,6 +183,7 @@ impl Tree {
             e.started = Instant::now();
             if restarted {
                 e.restarts += 1;
+                self.metrics.actor_restarted(path, &e.kind);
             }
         }
     }

@@ -30,9 +30,9 @@ use super::raw::{
 };
 use super::{
     BROKER_URL_ENV, BreakerSettings, BrokerSettings, ChaosSettings, Config, FailureRate, Handler,
-    HttpSettings, Idempotency, Loaded, OpenAiSettings, PoolSettings, QueueSettings,
-    ResourceSettings, RetryPolicy, RuntimeSettings, ScheduleSettings, Secret, StopSignal,
-    SupervisionSettings, TaskSettings, Trigger, ZepSettings,
+    HttpSettings, Idempotency, Loaded, MetricsSettings, OpenAiSettings, PoolSettings,
+    QueueSettings, ResourceSettings, RetryPolicy, RuntimeSettings, ScheduleSettings, Secret,
+    StopSignal, SupervisionSettings, TaskSettings, Trigger, ZepSettings,
 };
 
 /// Where `compile()` reads environment variables (`RT_BROKER_URL`, secrets).
@@ -110,6 +110,9 @@ pub(crate) fn compile(raw: RawConfig, env: Environment<'_>) -> Result<Loaded, Di
     let chaos = ChaosSettings {
         enabled: raw.chaos.enabled.unwrap_or(false),
     };
+    let metrics = MetricsSettings {
+        enabled: raw.metrics.enabled.unwrap_or(true),
+    };
 
     let Compiler { diagnostics, .. } = c;
     match (broker, http, supervision) {
@@ -126,6 +129,7 @@ pub(crate) fn compile(raw: RawConfig, env: Environment<'_>) -> Result<Loaded, Di
                     pools,
                     schedules,
                     chaos,
+                    metrics,
                 },
                 warnings: diagnostics.warnings,
             })

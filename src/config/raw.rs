@@ -53,6 +53,9 @@ pub(crate) struct RawConfig {
     /// `[chaos]`: fault injection for tests and drills.
     #[serde(default)]
     pub(crate) chaos: RawChaos,
+    /// `[metrics]`: the Prometheus endpoint.
+    #[serde(default)]
+    pub(crate) metrics: RawMetrics,
 }
 
 /// `[runtime]`
@@ -403,6 +406,15 @@ pub(crate) struct RawSchedule {
 #[serde(deny_unknown_fields, expecting = "a [chaos] table")]
 pub(crate) struct RawChaos {
     /// Whether `POST /chaos/kill/{actor path}` exists. Default false.
+    pub(crate) enabled: Option<bool>,
+}
+
+/// `[metrics]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a [metrics] table")]
+pub(crate) struct RawMetrics {
+    /// Whether task, consumer, actor and broker metrics are recorded and `GET /metrics`
+    /// serves them. Default true.
     pub(crate) enabled: Option<bool>,
 }
 

@@ -305,6 +305,15 @@ impl RedisBroker {
         &self.url
     }
 
+    /// Sends a PING on the shared connection; the round trip it took.
+    pub async fn ping(&self) -> Result<Duration, BrokerError> {
+        let started = tokio::time::Instant::now();
+        let mut conn = self.manager.clone();
+        let pong: RedisResult<String> = redis::cmd("PING").query_async(&mut conn).await;
+        self.observe(pong)?;
+        Ok(started.elapsed())
+    }
+
     // ----- keys -------------------------------------------------------------------------
 
     fn stream_key(&self, queue: &str) -> String {
