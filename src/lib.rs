@@ -10,7 +10,7 @@
 //! - [`topology`] — the supervision tree a config describes, task definitions, resources.
 //! - [`node`] — runs a node: tree + HTTP server, signal handling, ordered stop.
 //! - [`http`] — axum router: health, the tree, tasks, queues, dead letters, the egress proxy,
-//!   chaos.
+//!   pools, metrics, chaos.
 //! - [`shutdown`] — SIGINT/SIGTERM handling (a second signal exits at once).
 //! - [`telemetry`] — tracing subscriber: `RUST_LOG` filter, text or JSON.
 

@@ -31,7 +31,7 @@ use tracing::{info, warn};
 use crate::broker::{AnyBroker, Broker, Delivery, Leases, parse_time};
 use crate::gate::{Admission, ResourceGate};
 use crate::handler::{TaskDef, TaskDefs, TaskError};
-use crate::metrics::{ConsumerSeries, DeadReason, Metrics, TaskSeries};
+use crate::metrics::{ConsumerSeries, DeadReason, Metrics, SeriesId};
 use crate::task::{DONE, TaskActor, TaskArgs, limits, record};
 use crate::tree::TreeHandle;
 
@@ -94,7 +94,7 @@ pub struct ConsumerActor;
 struct Running {
     delivery: Arc<Delivery>,
     def: Arc<TaskDef>,
-    series: Option<Arc<TaskSeries>>,
+    series: Option<SeriesId>,
     started: Instant,
     cell: ActorCell,
 }
@@ -103,7 +103,7 @@ struct Running {
 struct Waiting {
     delivery: Arc<Delivery>,
     def: Arc<TaskDef>,
-    series: Option<Arc<TaskSeries>>,
+    series: Option<SeriesId>,
 }
 
 #[derive(Debug, Default, serde::Serialize)]
@@ -329,7 +329,7 @@ impl ConsumerState {
                 let reason = format!("resource {resource} closed");
                 match work.broker.defer(&delivery, until, &reason).await {
                     Ok(()) => {
-                        if let Some(series) = &series {
+                        if let Some(series) = work.metrics.of(series) {
                             series.deferred();
                         }
                     }
@@ -365,17 +365,12 @@ impl ConsumerState {
     }
 
     /// Dead-letters a delivery that cannot run.
-    async fn settle(
-        &mut self,
-        delivery: &Delivery,
-        series: Option<Arc<TaskSeries>>,
-        reason: String,
-    ) {
+    async fn settle(&mut self, delivery: &Delivery, series: Option<SeriesId>, reason: String) {
         warn!(task_id = %delivery.envelope.id, queue = %delivery.queue, %reason, "dead-lettered without running");
         self.counters.rejected += 1;
         match self.args.work.broker.dead_letter(delivery, &reason).await {
             Ok(()) => {
-                if let Some(series) = series {
+                if let Some(series) = self.args.work.metrics.of(series) {
                     series.dead_lettered(DeadReason::Rejected);
                 }
             }
@@ -397,12 +392,12 @@ impl ConsumerState {
                 delivery: Arc::clone(&next.delivery),
                 def: Arc::clone(&next.def),
                 work: Arc::clone(&self.args.work),
-                series: next.series.clone(),
+                series: next.series,
             };
             match TaskActor::spawn_linked(None, TaskActor, args, myself.get_cell()).await {
                 Ok((actor, _)) => {
                     self.counters.started += 1;
-                    if let Some(series) = &next.series {
+                    if let Some(series) = self.args.work.metrics.of(next.series) {
                         series.started();
                     }
                     let cell = actor.get_cell();

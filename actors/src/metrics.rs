@@ -15,10 +15,11 @@
 //!
 //! # The hot path
 //!
-//! Every `(task, queue)` series of the configured tasks on their own queue is created up front
-//! ([`TaskSeries`], a set of handles into the label families), so recording is a lookup of two
-//! borrowed strings, an `Arc` clone and atomic adds — no label allocation per task. A consumer
-//! resolves a task's series once, when it admits it, and hands it to the task actor.
+//! Every `(task, queue)` series has a fixed slot ([`SeriesId`]); those of the configured tasks
+//! on their own queue are created up front ([`TaskSeries`], a set of handles into the label
+//! families). A consumer resolves a task's slot once, when it admits it (two lookups of
+//! borrowed strings), and hands the id to the task actor: recording is then an index and
+//! atomic adds — no refcount, no lock of ours, no label allocation per task.
 //!
 //! # Bounded labels
 //!
@@ -33,10 +34,10 @@
 //! `None`, and [`Metrics::render`] too (the route answers 404). Measured against the drain
 //! benchmark in `BENCHMARKS.md`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use prometheus_client::collector::Collector;
@@ -132,6 +133,20 @@ struct ActorLabels {
 }
 
 type Histograms<S> = Family<S, Histogram, fn() -> Histogram>;
+
+/// Names → index in first-seen order, and the names by index with [`UNKNOWN`] last.
+fn index<'a>(names: impl IntoIterator<Item = &'a str>) -> (HashMap<String, usize>, Vec<String>) {
+    let mut by_name = HashMap::new();
+    let mut names_by_index = Vec::new();
+    for name in names {
+        if !by_name.contains_key(name) {
+            by_name.insert(name.to_string(), names_by_index.len());
+            names_by_index.push(name.to_string());
+        }
+    }
+    names_by_index.push(UNKNOWN.to_string());
+    (by_name, names_by_index)
+}
 
 /// The label families the registry encodes.
 #[derive(Debug)]
@@ -347,16 +362,24 @@ impl TaskSeries {
     }
 }
 
+/// Where one `(task, queue)` series lives in its [`Metrics`]: resolved once per task (two
+/// borrowed-string lookups), then used by index — no refcount, no lock, no label allocation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SeriesId(u32);
+
 /// The series of one enqueued batch, resolved before the batch goes to the broker; counted
 /// once the broker answered, duplicates left out. See [`Metrics::enqueuing`].
 #[derive(Debug)]
-pub struct Enqueuing(Vec<Option<Arc<TaskSeries>>>);
+pub struct Enqueuing<'a> {
+    metrics: &'a Metrics,
+    series: Vec<Option<SeriesId>>,
+}
 
-impl Enqueuing {
+impl Enqueuing<'_> {
     /// Counts every envelope the broker enqueued (`answers` in batch order).
     pub fn done(self, answers: &[Enqueued]) {
-        for (series, answer) in self.0.iter().zip(answers) {
-            if let (Some(series), false) = (series, answer.duplicate) {
+        for (id, answer) in self.series.iter().zip(answers) {
+            if let (Some(series), false) = (self.metrics.of(*id), answer.duplicate) {
                 series.enqueued.inc();
             }
         }
@@ -387,20 +410,24 @@ pub struct Metrics {
     enabled: bool,
     registry: Registry,
     families: Families,
-    /// Task → queue → series, for the configured tasks on their own queue.
-    series: HashMap<String, HashMap<String, Arc<TaskSeries>>>,
-    /// Other `(task, queue)` pairs met at run time (a task enqueued on another queue, an
-    /// unknown name), made on first use. Bounded by the label rules.
-    late: Mutex<HashMap<(String, String), Arc<TaskSeries>>>,
-    queues: Vec<String>,
-    known_queues: HashSet<String>,
+    /// Configured task names → their index; [`UNKNOWN`] is the last index.
+    task_index: HashMap<String, usize>,
+    /// Configured queue names → their index; [`UNKNOWN`] is the last index.
+    queue_index: HashMap<String, usize>,
+    /// Label values by index (configured names, then [`UNKNOWN`]).
+    task_names: Vec<String>,
+    queue_names: Vec<String>,
+    /// Every possible `(task, queue)` series, `task × queues + queue`: the configured tasks
+    /// on their own queue are made up front, the others on first use.
+    series: Box<[OnceLock<TaskSeries>]>,
 }
 
 impl fmt::Debug for Metrics {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Metrics")
             .field("enabled", &self.enabled)
-            .field("queues", &self.queues)
+            .field("tasks", &self.task_names)
+            .field("queues", &self.queue_names)
             .finish_non_exhaustive()
     }
 }
@@ -419,10 +446,11 @@ impl Metrics {
             enabled: false,
             registry: Registry::default(),
             families: Families::new(),
-            series: HashMap::new(),
-            late: Mutex::default(),
-            queues: Vec::new(),
-            known_queues: HashSet::new(),
+            task_index: HashMap::new(),
+            queue_index: HashMap::new(),
+            task_names: Vec::new(),
+            queue_names: Vec::new(),
+            series: Box::default(),
         }
     }
 
@@ -436,24 +464,28 @@ impl Metrics {
         let families = Families::new();
         let mut registry = Registry::default();
         families.register(&mut registry);
-        let queues: Vec<String> = queues.into_iter().map(str::to_string).collect();
-        let mut series: HashMap<String, HashMap<String, Arc<TaskSeries>>> = HashMap::new();
-        for (task, queue) in tasks {
-            let made = Arc::new(TaskSeries::new(&families, task, queue));
-            series
-                .entry(task.to_string())
-                .or_default()
-                .insert(queue.to_string(), made);
-        }
-        Self {
+        let tasks: Vec<(&str, &str)> = tasks.into_iter().collect();
+        let (task_index, task_names) = index(tasks.iter().map(|(task, _)| *task));
+        let (queue_index, queue_names) = index(queues);
+        let series = (0..task_names.len() * queue_names.len())
+            .map(|_| OnceLock::new())
+            .collect();
+        let metrics = Self {
             enabled: true,
             registry,
             families,
+            task_index,
+            queue_index,
+            task_names,
+            queue_names,
             series,
-            late: Mutex::default(),
-            known_queues: queues.iter().cloned().collect(),
-            queues,
+        };
+        for (task, queue) in tasks {
+            if let Some(id) = metrics.task(task, queue) {
+                metrics.series(id);
+            }
         }
+        metrics
     }
 
     /// Adds breakers and rate limiters of `resources`, read at every scrape.
@@ -479,43 +511,52 @@ impl Metrics {
 
     /// The series of `task` on `queue` (`None` when disabled). Names outside the configured
     /// sets are recorded as [`UNKNOWN`].
-    pub fn task(&self, task: &str, queue: &str) -> Option<Arc<TaskSeries>> {
+    pub fn task(&self, task: &str, queue: &str) -> Option<SeriesId> {
         if !self.enabled {
             return None;
         }
-        if let Some(series) = self.series.get(task).and_then(|q| q.get(queue)) {
-            return Some(Arc::clone(series));
-        }
-        let task = if self.series.contains_key(task) {
-            task
-        } else {
-            UNKNOWN
-        };
-        let queue = if self.known_queues.contains(queue) {
-            queue
-        } else {
-            UNKNOWN
-        };
-        let mut late = self.late.lock().unwrap_or_else(|e| e.into_inner());
-        let key = (task.to_string(), queue.to_string());
-        let series = late
-            .entry(key)
-            .or_insert_with(|| Arc::new(TaskSeries::new(&self.families, task, queue)));
-        Some(Arc::clone(series))
+        let unknown = |names: &Vec<String>| names.len() - 1;
+        let t = (self.task_index.get(task).copied()).unwrap_or_else(|| unknown(&self.task_names));
+        let q =
+            (self.queue_index.get(queue).copied()).unwrap_or_else(|| unknown(&self.queue_names));
+        u32::try_from(t * self.queue_names.len() + q)
+            .ok()
+            .map(SeriesId)
+    }
+
+    /// The handles of series `id` (made on first use).
+    pub fn series(&self, id: SeriesId) -> &TaskSeries {
+        let k = id.0 as usize;
+        self.series[k].get_or_init(|| {
+            let queues = self.queue_names.len();
+            TaskSeries::new(
+                &self.families,
+                &self.task_names[k / queues],
+                &self.queue_names[k % queues],
+            )
+        })
+    }
+
+    /// [`series`](Self::series) of `id`, if there is one.
+    pub fn of(&self, id: Option<SeriesId>) -> Option<&TaskSeries> {
+        id.map(|id| self.series(id))
     }
 
     /// Resolves the series of a batch about to be enqueued; call [`Enqueuing::done`] with the
     /// broker's answers.
-    pub fn enqueuing(&self, batch: &[Envelope]) -> Enqueuing {
-        if !self.enabled {
-            return Enqueuing(Vec::new());
-        }
-        Enqueuing(
+    pub fn enqueuing(&self, batch: &[Envelope]) -> Enqueuing<'_> {
+        let series = if self.enabled {
             batch
                 .iter()
                 .map(|envelope| self.task(&envelope.task, &envelope.queue))
-                .collect(),
-        )
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Enqueuing {
+            metrics: self,
+            series,
+        }
     }
 
     /// The gauges of `queue`'s consumer (`None` when disabled).
@@ -523,8 +564,9 @@ impl Metrics {
         if !self.enabled {
             return None;
         }
+        let q = self.queue_index.get(queue).copied();
         let labels = QueueLabels {
-            queue: self.queue_label(queue).to_string(),
+            queue: q.map_or(UNKNOWN, |q| &self.queue_names[q]).to_string(),
         };
         Some(ConsumerSeries {
             in_flight: self.families.in_flight.get_or_create_owned(&labels),
@@ -547,7 +589,7 @@ impl Metrics {
     /// (their task names are not known to the sweep: recorded as [`UNKNOWN`]).
     pub fn poisoned(&self, queue: &str, n: u64) {
         if n > 0
-            && let Some(series) = self.task(UNKNOWN, queue)
+            && let Some(series) = self.of(self.task(UNKNOWN, queue))
         {
             series.dead_lettered[DeadReason::Poison as usize].inc_by(n);
         }
@@ -560,14 +602,6 @@ impl Metrics {
         }
     }
 
-    fn queue_label<'a>(&self, queue: &'a str) -> &'a str {
-        if self.known_queues.contains(queue) {
-            queue
-        } else {
-            UNKNOWN
-        }
-    }
-
     /// The exposition text (Prometheus text format 0.0.4), after reading the queue depths
     /// and the connection from `broker`; `None` when disabled. Depths that cannot be read
     /// within two seconds are left out (and `rt_broker_connected` says why).
@@ -575,9 +609,10 @@ impl Metrics {
         if !self.enabled {
             return None;
         }
+        let queues = &self.queue_names[..self.queue_names.len() - 1];
         let depths = tokio::time::timeout(DEPTH_TIMEOUT, async {
-            let mut depths = Vec::with_capacity(self.queues.len());
-            for queue in &self.queues {
+            let mut depths = Vec::with_capacity(queues.len());
+            for queue in queues {
                 depths.push((queue.as_str(), broker.depth(queue).await?));
             }
             Ok::<_, crate::broker::BrokerError>(depths)

@@ -22,7 +22,7 @@ use tracing::{debug, warn};
 use crate::broker::{Broker, Callback, Delivery, Envelope, Event};
 use crate::consumer::Work;
 use crate::handler::{TaskContext, TaskDef, TaskError};
-use crate::metrics::{DeadReason, TaskSeries};
+use crate::metrics::{DeadReason, SeriesId};
 
 /// The exit reason of a task actor that recorded its outcome.
 pub const DONE: &str = "done";
@@ -40,7 +40,7 @@ pub struct TaskArgs {
     /// What the consumer shares with its tasks.
     pub work: Arc<Work>,
     /// Its metrics series (`None` when metrics are off).
-    pub series: Option<Arc<TaskSeries>>,
+    pub series: Option<SeriesId>,
 }
 
 /// The task actor (it has no messages: it runs once and stops).
@@ -80,7 +80,7 @@ impl Actor for TaskActor {
                 debug!(%task_id, error = %err, "started event not written");
             }
         });
-        if let Some(series) = &args.series {
+        if let Some(series) = args.work.metrics.of(args.series) {
             series.first_start(&args.delivery.envelope);
         }
         let began = Instant::now();
@@ -159,13 +159,14 @@ pub(crate) async fn record(
 ) {
     let work = &args.work;
     let delivery = &args.delivery;
-    if let (Some(series), Some(took)) = (&args.series, ran) {
+    let series = work.metrics.of(args.series);
+    if let (Some(series), Some(took)) = (series, ran) {
         series.ran(took, outcome.is_err());
     }
     for n in 1..=RECORD_TRIES {
         match record_once(work, delivery, &args.def, &outcome).await {
             Ok(recorded) => {
-                if let Some(series) = &args.series {
+                if let Some(series) = series {
                     match recorded {
                         Recorded::Succeeded => series.succeeded(),
                         Recorded::Retried => series.retried(),

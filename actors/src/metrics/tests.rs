@@ -41,7 +41,7 @@ async fn no_task_id_reaches_the_labels() {
             id: envelope.id.clone(),
             duplicate: false,
         }]);
-        let series = metrics.task(&envelope.task, &envelope.queue).unwrap();
+        let series = metrics.series(metrics.task(&envelope.task, &envelope.queue).unwrap());
         series.started();
         series.first_start(&envelope);
         series.ran(Duration::from_millis(3), n % 2 == 0);
@@ -88,6 +88,10 @@ async fn duplicates_are_not_counted_as_enqueued_and_depths_are_read_at_scrape() 
     let mut answers = answers;
     answers[1].duplicate = true;
     counting.done(&answers);
+    // A configured task on another configured queue gets its own series on first use.
+    let elsewhere = metrics.task("rt_noop", "chat").unwrap();
+    assert_ne!(Some(elsewhere), metrics.task("rt_noop", "default"));
+    metrics.series(elsewhere).started();
     let text = metrics.render(&broker).await.unwrap();
     assert_eq!(
         sample(
@@ -95,6 +99,13 @@ async fn duplicates_are_not_counted_as_enqueued_and_depths_are_read_at_scrape() 
             r#"rt_tasks_enqueued_total{task="rt_noop",queue="default"}"#
         ),
         Some(2.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            r#"rt_tasks_started_total{task="rt_noop",queue="chat"}"#
+        ),
+        Some(1.0)
     );
     assert_eq!(
         sample(&text, r#"rt_queue_depth{queue="default",state="ready"}"#),
@@ -114,7 +125,7 @@ async fn duplicates_are_not_counted_as_enqueued_and_depths_are_read_at_scrape() 
 #[tokio::test]
 async fn the_wait_is_observed_for_first_attempts_only() {
     let metrics = metrics();
-    let series = metrics.task("rt_noop", "default").unwrap();
+    let series = metrics.series(metrics.task("rt_noop", "default").unwrap());
     let mut envelope = Envelope::new("rt_noop", "default");
     envelope.enqueued_at = rfc3339(SystemTime::now() - Duration::from_millis(40));
     series.first_start(&envelope);
