@@ -585,13 +585,13 @@ impl Metrics {
         }
     }
 
-    /// The recovery sweep dead-lettered `n` entries of `queue` that hit `max_deliveries`
-    /// (their task names are not known to the sweep: recorded as [`UNKNOWN`]).
-    pub fn poisoned(&self, queue: &str, n: u64) {
-        if n > 0
-            && let Some(series) = self.of(self.task(UNKNOWN, queue))
-        {
-            series.dead_lettered[DeadReason::Poison as usize].inc_by(n);
+    /// The recovery sweep dead-lettered entries of these `tasks` from `queue`: they hit
+    /// `max_deliveries` (poison messages).
+    pub fn poisoned(&self, queue: &str, tasks: &[String]) {
+        for task in tasks {
+            if let Some(series) = self.of(self.task(task, queue)) {
+                series.dead_lettered(DeadReason::Poison);
+            }
         }
     }
 

@@ -193,7 +193,7 @@ impl BrokerState {
             }
             self.recovered += recovered.requeued;
             self.poisoned += recovered.dead;
-            args.metrics.poisoned(queue, recovered.dead);
+            args.metrics.poisoned(queue, &recovered.dead_tasks);
         }
         self.last_sweep = Some(rfc3339(SystemTime::now()));
         Ok(())

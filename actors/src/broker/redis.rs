@@ -1017,6 +1017,14 @@ impl Broker for RedisBroker {
             };
             out.requeued += int(requeued) as u64;
             out.dead += int(died) as u64;
+            for entry in moved.chunks(4) {
+                if let [kind, e, ..] = entry
+                    && text(kind) == "dead"
+                    && let Ok(envelope) = Envelope::from_json(&text(e))
+                {
+                    out.dead_tasks.push(envelope.task);
+                }
+            }
             // The entries have moved (atomically); a lost event must not hide that.
             if let Err(e) = self.recovery_events(queue, moved).await {
                 tracing::warn!(queue, error = %e, "recovery events not written");

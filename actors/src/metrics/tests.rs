@@ -92,6 +92,8 @@ async fn duplicates_are_not_counted_as_enqueued_and_depths_are_read_at_scrape() 
     let elsewhere = metrics.task("rt_noop", "chat").unwrap();
     assert_ne!(Some(elsewhere), metrics.task("rt_noop", "default"));
     metrics.series(elsewhere).started();
+    // Poison messages found by the recovery sweep, by their task names.
+    metrics.poisoned("chat", &["process_chat_message".into(), "gone_task".into()]);
     let text = metrics.render(&broker).await.unwrap();
     assert_eq!(
         sample(
@@ -107,6 +109,14 @@ async fn duplicates_are_not_counted_as_enqueued_and_depths_are_read_at_scrape() 
         ),
         Some(1.0)
     );
+    let poison = |task: &str| {
+        let series = format!(
+            r#"rt_tasks_dead_lettered_total{{task="{task}",queue="chat",reason="poison"}}"#
+        );
+        sample(&text, &series)
+    };
+    assert_eq!(poison("process_chat_message"), Some(1.0));
+    assert_eq!(poison("unknown"), Some(1.0));
     assert_eq!(
         sample(&text, r#"rt_queue_depth{queue="default",state="ready"}"#),
         Some(3.0)
