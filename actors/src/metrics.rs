@@ -9,9 +9,10 @@
 //!   task and queue, in-flight tasks per consumer, actor restarts, the broker's round trip;
 //! - **read at scrape time** from state that already counts it, so nothing is counted twice:
 //!   queue depths (the broker's `depth`, as `GET /queues`), the broker connection, breakers
-//!   (state, transitions, rejected calls — the [`Breaker`]'s own counters), rate limiters
-//!   (callers waiting, wait times) and process pools (agents per state, startup failures,
-//!   claim latency — the [`Pool`]'s own membership and totals).
+//!   (state, transitions, rejected calls — the breaker's own counters,
+//!   [`Breaker::stats`](crate::resource::breaker::Breaker::stats)), rate limiters (callers
+//!   waiting, wait times) and process pools (agents per state, startup failures, claim
+//!   latency — the [`Pool`]'s own membership and totals).
 //!
 //! # The hot path
 //!
