@@ -2,7 +2,10 @@
 //! the binary) drains no-op native tasks with acks and results; then, at a steady offered
 //! rate, the enqueue → start latency of each task.
 //!
-//! Run with: cargo run --release --example bench_runtime [-- TASKS RATE SECONDS]
+//! Run with: cargo run --release --example bench_runtime [-- TASKS RATE SECONDS [METRICS]]
+//!
+//! `METRICS` is `on` (the default) or `off` (`[metrics] enabled = false`), to measure what
+//! recording metrics costs the per-task path.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -26,6 +29,8 @@ concurrency = 256
 handler = { kind = "native" }
 [tasks.stamp]
 handler = { kind = "native" }
+[metrics]
+enabled = METRICS
 "#;
 
 #[tokio::main]
@@ -34,9 +39,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let tasks: usize = args.next().map_or(Ok(20_000), |a| a.parse())?;
     let rate: u64 = args.next().map_or(Ok(200), |a| a.parse())?;
     let seconds: u64 = args.next().map_or(Ok(10), |a| a.parse())?;
+    let metrics = match args.next().as_deref() {
+        None | Some("on") => true,
+        Some("off") => false,
+        Some(other) => return Err(format!("METRICS: expected on or off, got {other}").into()),
+    };
 
     let redis = RedisServer::start();
-    let config = compile_str(&CONFIG.replace("REDIS", &redis.url()), Environment::Ignored)?.config;
+    let text = CONFIG
+        .replace("REDIS", &redis.url())
+        .replace("METRICS", &metrics.to_string());
+    let config = compile_str(&text, Environment::Ignored)?.config;
     let waits = Arc::new(Mutex::new(Vec::with_capacity((rate * seconds) as usize)));
     let mut natives = Natives::builtin();
     {
@@ -82,7 +95,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let drain = tasks as f64 / started.elapsed().as_secs_f64();
     println!(
-        "drain: {tasks} no-op native tasks with acks and results in {:?}: {drain:.0} tasks/s",
+        "drain (metrics {}): {tasks} no-op native tasks with acks and results in {:?}: {drain:.0} tasks/s",
+        if metrics { "on" } else { "off" },
         started.elapsed()
     );
 

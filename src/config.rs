@@ -120,6 +120,8 @@ pub struct Config {
     pub chaos: ChaosSettings,
     /// `[celery]`, when present.
     pub celery: Option<CelerySettings>,
+    /// `[metrics]`
+    pub metrics: MetricsSettings,
 }
 
 /// `[runtime]`
@@ -543,5 +545,12 @@ pub struct CelerySettings {
 #[derive(Debug, Clone)]
 pub struct ChaosSettings {
     /// Whether `POST /chaos/kill/{path}` exists.
+    pub enabled: bool,
+}
+
+/// `[metrics]`
+#[derive(Debug, Clone)]
+pub struct MetricsSettings {
+    /// Whether metrics are recorded and `GET /metrics` serves them (else it answers 404).
     pub enabled: bool,
 }

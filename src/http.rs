@@ -10,6 +10,7 @@
 //! | `ANY /egress/{resource}/{path}` | the egress proxy to a shared resource ([`egress`]) |
 //! | `GET /pools`, `POST /pools/{name}/claim` | process pools ([`pools`]) |
 //! | `GET /events` | the events stream as Server-Sent Events ([`events`]) |
+//! | `GET /metrics` | Prometheus text format ([`metrics`]) |
 //! | `POST /chaos/kill/{path}` | kill that actor (only with `[chaos] enabled = true`) |
 //!
 //! Mutating routes require `Authorization: Bearer <token>` when `http.admin_token_env` names a
@@ -17,6 +18,7 @@
 
 pub mod egress;
 pub mod events;
+pub mod metrics;
 pub mod page;
 pub mod pools;
 pub mod queues;
@@ -26,6 +28,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use actors::broker::{AnyBroker, BrokerError};
+use actors::metrics::Metrics;
 use actors::pool::Pool;
 use actors::resource::Resources;
 use actors::tree::Tree;
@@ -53,6 +56,8 @@ pub struct AppState {
     pub resources: Arc<Resources>,
     /// Process pools, by name.
     pub pools: Arc<BTreeMap<String, Pool>>,
+    /// The node's metrics (disabled unless the node sets them).
+    pub metrics: Arc<Metrics>,
     /// The validated config (task routing, queue names).
     pub config: Arc<Config>,
     /// Bearer token for mutating routes, when configured.
@@ -76,6 +81,7 @@ impl AppState {
             broker,
             resources,
             pools: Arc::default(),
+            metrics: Arc::default(),
             admin_token: config.http.admin_token.as_deref().map(Arc::from),
             chaos: config.chaos.enabled,
             event_streams: Arc::default(),
@@ -149,6 +155,7 @@ pub fn app(state: AppState) -> Router {
         .route("/tasks/{id}", get(tasks::record))
         .route("/queues", get(queues::depths))
         .route("/pools", get(pools::snapshots))
+        .route("/metrics", get(metrics::scrape))
         .route("/dlq/{queue}", get(queues::dead_letters))
         .route("/events", get(events::stream))
         .route("/egress/{resource}", any(egress::forward))

@@ -13,6 +13,7 @@
 //! - [`node`] — runs a node: tree + HTTP server, signal handling, ordered stop.
 //! - [`http`] — axum router: health, the tree, tasks, queues, dead letters, the egress proxy,
 //!   pools, the events stream over SSE (`http::events`), the live tree page (`http::page`),
+//!   metrics (`http::metrics`),
 //!   chaos.
 //! - [`shutdown`] — SIGINT/SIGTERM handling (a second signal exits at once).
 //! - [`telemetry`] — tracing subscriber: `RUST_LOG` filter, text or flat JSON (span fields

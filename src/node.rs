@@ -21,8 +21,8 @@ use crate::check::EX_CONFIG;
 use crate::config::Config;
 use crate::http::{AppState, app};
 use crate::topology::{
-    ROOT, Shared, broker_settings, celery_settings, node_name, pools, resources, root_spec,
-    task_defs,
+    ROOT, Shared, broker_settings, celery_settings, metrics, node_name, pools, resources,
+    root_spec, task_defs,
 };
 
 /// Time the HTTP server gets to finish open requests once the tree has stopped.
@@ -123,18 +123,21 @@ pub async fn run_with(
             }
         },
     };
+    let resources = Arc::new(resources);
+    let metrics = Arc::new(metrics(&config, &resources, &pools));
     let shared = Shared {
-        resources: Arc::new(resources),
+        resources,
         work: Arc::new(Work {
             broker,
             leases: Arc::default(),
             tasks,
             consumer: name,
             celery,
+            metrics: Arc::clone(&metrics),
         }),
     };
     info!(node = %shared.work.consumer, broker = %url, "broker ready");
-    let tree = Tree::new();
+    let tree = Tree::with_metrics(Arc::clone(&metrics));
     tree.attach_events(events);
     let spec = root_spec(&config, &shared, resource_actors, pool_actors, node_started);
     let (root, mut root_done) = match start_root(&tree, ROOT, spec).await {
@@ -162,6 +165,7 @@ pub async fn run_with(
         &config,
     );
     state.pools = Arc::new(pools);
+    state.metrics = metrics;
     if config.chaos.enabled {
         warn!("chaos routes are enabled: POST /chaos/kill/{{path}} kills actors");
     }

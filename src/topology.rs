@@ -31,6 +31,7 @@ use actors::handler::http::HttpHandler;
 use actors::handler::native::Natives;
 use actors::handler::{Attempt, Handler, RetryPolicy, TaskContext, TaskDef, TaskDefs, TaskError};
 use actors::heartbeat::{HeartbeatActor, HeartbeatArgs};
+use actors::metrics::Metrics;
 use actors::pool::{ClaimError, Pool, PoolActor, PoolArgs, PoolSettings, PoolSpec};
 use actors::resource::Resources;
 use actors::resource::breaker::{BreakerPolicy, BreakerSettings, FailureRate};
@@ -395,6 +396,29 @@ pub fn celery_settings(config: &Config, node_name: &str) -> Option<CelerySetting
     })
 }
 
+/// The metrics registry of a node running `config` (disabled by `[metrics] enabled = false`):
+/// the configured tasks on their queues, the consumers' queues, and the breakers, limiters
+/// and pools read at scrape time.
+pub fn metrics(
+    config: &Config,
+    resources: &Arc<Resources>,
+    pools: &BTreeMap<String, Pool>,
+) -> Metrics {
+    if !config.metrics.enabled {
+        return Metrics::disabled();
+    }
+    let mut metrics = Metrics::new(
+        config
+            .tasks
+            .iter()
+            .map(|(name, task)| (name.as_str(), task.queue.as_str())),
+        config.queues.keys().map(String::as_str),
+    );
+    metrics.watch_resources(Arc::clone(resources));
+    metrics.watch_pools(pools.values().cloned().collect());
+    metrics
+}
+
 /// The broker tunables of `config`.
 pub fn broker_settings(config: &Config) -> BrokerSettings {
     BrokerSettings {
@@ -443,6 +467,7 @@ pub fn root_spec(
             queues: queues.clone(),
             lease,
             promote_every: PROMOTE_EVERY,
+            metrics: Arc::clone(&work.metrics),
         }
     };
     let broker = ChildSpec::new("broker", "broker", Restart::Permanent, move |node| {

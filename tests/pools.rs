@@ -172,6 +172,18 @@ handler = {{ kind = "pool", pool = "voice" }}
             .starts_with("voice-")
     );
 
+    // Two claims (HTTP, then the pool task), each timed; agents per state from the pool.
+    let claims = r#"rt_pool_claim_seconds_count{pool="voice"}"#;
+    assert_eq!(node.metric(claims).await, Some(2.0));
+    let failures = r#"rt_pool_startup_failures_total{pool="voice"}"#;
+    assert_eq!(node.metric(failures).await, Some(0.0));
+    let mut live = 0.0;
+    for state in ["starting", "idle", "assigned", "draining"] {
+        let series = format!(r#"rt_pool_agents{{pool="voice",state="{state}"}}"#);
+        live += node.metric(&series).await.expect("agents per state");
+    }
+    assert!((1.0..=4.0).contains(&live), "{live} live agents");
+
     let missing = reqwest::Client::new()
         .post(format!("{}/pools/nope/claim", node.url))
         .send()

@@ -142,6 +142,13 @@ async fn a_dead_zep_costs_threshold_plus_probes_not_a_call_per_task() {
         "{during} calls reached a dead Zep for 500 tasks (≤ 0.1 per task allowed)"
     );
     assert_eq!(breaker_state(&node).await, "open", "{}", node.log());
+    // The same, in /metrics: open, entered once or more, calls refused, tasks deferred.
+    let open = r#"rt_breaker_state{resource="zep",state="open"}"#;
+    assert_eq!(node.metric(open).await, Some(1.0));
+    let opened = r#"rt_breaker_transitions_total{resource="zep",to="open"}"#;
+    assert!(node.metric(opened).await.unwrap() >= 1.0);
+    let deferred = r#"rt_tasks_deferred_total{task="recall_memory",queue="chat"}"#;
+    assert!(node.metric(deferred).await.unwrap() >= 1.0);
 
     // Killing the ZepActor (chaos route) does not close the breaker.
     assert_eq!(
@@ -195,6 +202,12 @@ async fn a_dead_zep_costs_threshold_plus_probes_not_a_call_per_task() {
         }
     }
     assert_eq!(breaker_state(&node).await, "closed");
+    let closed = r#"rt_breaker_transitions_total{resource="zep",to="closed"}"#;
+    assert!(node.metric(closed).await.unwrap() >= 1.0);
+    let restarts = r#"rt_actor_restarts_total{path="root/resources/zep",kind="zep"}"#;
+    assert_eq!(node.metric(restarts).await, Some(1.0));
+    let succeeded = r#"rt_tasks_succeeded_total{task="recall_memory",queue="chat"}"#;
+    assert_eq!(node.metric(succeeded).await, Some(500.0));
     // Every call that reached Zep carried the node's key, never the caller's headers.
     let seen = zep.seen.lock().unwrap().clone();
     assert!(

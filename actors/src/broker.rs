@@ -136,12 +136,14 @@ pub struct QueueDepth {
 }
 
 /// Outcome of a recovery sweep.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Recovered {
     /// Entries whose lease had expired, back in the ready queue.
     pub requeued: u64,
     /// Entries that hit `max_deliveries` and were dead-lettered instead.
     pub dead: u64,
+    /// The task names of those dead-lettered entries that were valid envelopes (for metrics).
+    pub dead_tasks: Vec<String>,
 }
 
 /// State of a task as recorded by the broker.
@@ -451,6 +453,14 @@ impl AnyBroker {
                 let state = redis.connection_state();
                 (!state.is_connected()).then(|| format!("redis at {}: {state}", redis.url()))
             }
+        }
+    }
+
+    /// The round trip of a PING to the broker (zero for `memory://`).
+    pub async fn ping(&self) -> Result<Duration, BrokerError> {
+        match self {
+            Self::Memory(_) => Ok(Duration::ZERO),
+            Self::Redis(redis) => redis.ping().await,
         }
     }
 

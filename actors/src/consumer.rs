@@ -36,6 +36,7 @@ use crate::broker::{AnyBroker, Broker, Delivery, Leases, parse_time};
 use crate::celery::{self, Celery};
 use crate::gate::{Admission, ResourceGate};
 use crate::handler::{TaskDef, TaskDefs, TaskError};
+use crate::metrics::{ConsumerSeries, DeadReason, Metrics, SeriesId};
 use crate::task::{DONE, Recorded, TaskActor, TaskArgs, limits, record, task_span};
 use crate::tree::TreeHandle;
 
@@ -58,6 +59,8 @@ pub struct Work {
     /// The Celery bridge, when `[celery]` is configured: Celery-origin tasks write their
     /// results in Celery's format and send Celery callbacks through it.
     pub celery: Option<Arc<Celery>>,
+    /// The node's metrics (task lifecycle, in-flight gauges).
+    pub metrics: Arc<Metrics>,
 }
 
 /// Outcomes recorded for one queue on this node since it started: made by the node, shared by
@@ -131,8 +134,16 @@ pub struct ConsumerActor;
 struct Running {
     delivery: Arc<Delivery>,
     def: Arc<TaskDef>,
+    series: Option<SeriesId>,
     started: Instant,
     cell: ActorCell,
+}
+
+/// An admitted delivery waiting for a free slot.
+struct Waiting {
+    delivery: Arc<Delivery>,
+    def: Arc<TaskDef>,
+    series: Option<SeriesId>,
 }
 
 #[derive(Debug, Default, serde::Serialize)]
@@ -150,9 +161,10 @@ pub struct ConsumerState {
     slots: Arc<Semaphore>,
     fetcher: Option<JoinHandle<()>>,
     running: HashMap<ActorId, Running>,
-    waiting: VecDeque<(Arc<Delivery>, Arc<TaskDef>)>,
+    waiting: VecDeque<Waiting>,
     draining: bool,
     counters: Counters,
+    gauges: Option<ConsumerSeries>,
 }
 
 impl std::fmt::Debug for ConsumerState {
@@ -184,7 +196,13 @@ impl Actor for ConsumerActor {
         args: ConsumerArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
         let slots = Arc::new(Semaphore::new(args.concurrency + args.prefetch));
+        let gauges = args.work.metrics.consumer(&args.queue);
+        if let Some(gauges) = &gauges {
+            gauges.concurrency(args.concurrency);
+            gauges.in_flight(0);
+        }
         let mut state = ConsumerState {
+            gauges,
             slots,
             fetcher: None,
             running: HashMap::new(),
@@ -274,6 +292,9 @@ impl Actor for ConsumerActor {
         };
         state.counters.finished += 1;
         state.slots.add_permits(1);
+        if let Some(gauges) = &state.gauges {
+            gauges.in_flight(state.running.len());
+        }
         if let Some(why) = crash {
             state.counters.crashed += 1;
             let work = &state.args.work;
@@ -286,15 +307,18 @@ impl Actor for ConsumerActor {
                 let span = task_span(&running.delivery.envelope);
                 span.in_scope(|| warn!(%why, "task actor crashed; recording a retry"));
                 work.leases.hold(&work.consumer, &running.delivery);
+                let ran = running.started.elapsed();
                 let args = TaskArgs {
                     delivery: running.delivery,
                     def: running.def,
                     work: Arc::clone(work),
                     outcomes: Arc::clone(&state.args.outcomes),
+                    series: running.series,
                 };
                 tokio::spawn(
                     async move {
-                        record(&args, Err(TaskError::retry(format!("task actor {why}")))).await;
+                        let error = TaskError::retry(format!("task actor {why}"));
+                        record(&args, Err(error), Some(ran)).await;
                     }
                     .instrument(span),
                 );
@@ -340,15 +364,16 @@ impl ConsumerState {
             delivery
         };
         let envelope = &delivery.envelope;
+        let series = work.metrics.task(&envelope.task, &delivery.queue);
         let Some(def) = work.tasks.get(&envelope.task).cloned() else {
-            self.settle(&delivery, format!("no such task `{}`", envelope.task))
-                .await;
+            let reason = format!("no such task `{}`", envelope.task);
+            self.settle(&delivery, series, reason).await;
             return;
         };
         if let Some(expires) = &envelope.expires {
             if parse_time(expires).is_ok_and(|at| at <= SystemTime::now()) {
-                self.settle(&delivery, format!("expired at {expires} before it ran"))
-                    .await;
+                let reason = format!("expired at {expires} before it ran");
+                self.settle(&delivery, series, reason).await;
                 return;
             }
         }
@@ -357,10 +382,17 @@ impl ConsumerState {
             Admission::ClosedUntil { resource, until } => {
                 self.counters.deferred += 1;
                 let reason = format!("resource {resource} closed");
-                if let Err(err) = work.broker.defer(&delivery, until, &reason).await {
-                    task_span(envelope).in_scope(|| {
-                        warn!(error = %err, "deferral failed; the entry comes back through lease recovery");
-                    });
+                match work.broker.defer(&delivery, until, &reason).await {
+                    Ok(()) => {
+                        if let Some(series) = work.metrics.of(series) {
+                            series.deferred();
+                        }
+                    }
+                    Err(err) => {
+                        task_span(envelope).in_scope(|| {
+                            warn!(error = %err, "deferral failed; the entry comes back through lease recovery");
+                        });
+                    }
                 }
                 self.slots.add_permits(1);
                 return;
@@ -376,14 +408,19 @@ impl ConsumerState {
                     def,
                     work: Arc::clone(&work),
                     outcomes: Arc::clone(&self.args.outcomes),
+                    series,
                 };
-                record(&args, Err(error)).instrument(span).await;
+                record(&args, Err(error), None).instrument(span).await;
                 self.slots.add_permits(1);
                 return;
             }
         }
         work.leases.hold(&work.consumer, &delivery);
-        self.waiting.push_back((delivery, def));
+        self.waiting.push_back(Waiting {
+            delivery,
+            def,
+            series,
+        });
     }
 
     /// Decodes a bridged Celery message ([`celery::expand`]): `None` when it was settled here
@@ -393,7 +430,8 @@ impl ConsumerState {
         let mut expanded = (*delivery).clone();
         if let Err(reason) = celery::expand(&mut expanded.envelope) {
             self.reject_celery(&delivery.envelope.id, &reason).await;
-            self.settle(&delivery, reason).await;
+            let series = (self.args.work.metrics).task(&delivery.envelope.task, &delivery.queue);
+            self.settle(&delivery, series, reason).await;
             return None;
         }
         let expanded = Arc::new(expanded);
@@ -427,7 +465,7 @@ impl ConsumerState {
 
     /// Dead-letters a delivery that cannot run (a Celery-origin one also gets its `FAILURE`
     /// result: unknown task, expired).
-    async fn settle(&mut self, delivery: &Delivery, reason: String) {
+    async fn settle(&mut self, delivery: &Delivery, series: Option<SeriesId>, reason: String) {
         if delivery.envelope.extra.contains_key(celery::ORIGIN_FIELD) {
             self.reject_celery(&delivery.envelope.id, &reason).await;
         }
@@ -435,7 +473,12 @@ impl ConsumerState {
         span.in_scope(|| warn!(%reason, "dead-lettered without running"));
         self.counters.rejected += 1;
         match self.args.work.broker.dead_letter(delivery, &reason).await {
-            Ok(()) => self.args.outcomes.count(Recorded::Dead),
+            Ok(()) => {
+                self.args.outcomes.count(Recorded::Dead);
+                if let Some(series) = self.args.work.metrics.of(series) {
+                    series.dead_lettered(DeadReason::Rejected);
+                }
+            }
             Err(err) => span.in_scope(|| {
                 warn!(error = %err, "dead-lettering failed; the entry comes back through lease recovery");
             }),
@@ -445,25 +488,31 @@ impl ConsumerState {
 
     /// Starts waiting tasks while there is room.
     async fn fill(&mut self, myself: &ActorRef<ConsumerMessage>) {
+        let before = self.running.len();
         while self.running.len() < self.args.concurrency {
-            let Some((delivery, def)) = self.waiting.pop_front() else {
+            let Some(next) = self.waiting.pop_front() else {
                 break;
             };
             let args = TaskArgs {
-                delivery: Arc::clone(&delivery),
-                def: Arc::clone(&def),
+                delivery: Arc::clone(&next.delivery),
+                def: Arc::clone(&next.def),
                 work: Arc::clone(&self.args.work),
                 outcomes: Arc::clone(&self.args.outcomes),
+                series: next.series,
             };
             match TaskActor::spawn_linked(None, TaskActor, args, myself.get_cell()).await {
                 Ok((actor, _)) => {
                     self.counters.started += 1;
+                    if let Some(series) = self.args.work.metrics.of(next.series) {
+                        series.started();
+                    }
                     let cell = actor.get_cell();
                     self.running.insert(
                         cell.get_id(),
                         Running {
-                            delivery,
-                            def,
+                            delivery: next.delivery,
+                            def: next.def,
+                            series: next.series,
                             started: Instant::now(),
                             cell,
                         },
@@ -471,13 +520,18 @@ impl ConsumerState {
                 }
                 Err(err) => {
                     // pre_start cannot fail today; keep the entry rather than lose it.
-                    task_span(&delivery.envelope).in_scope(|| {
+                    task_span(&next.delivery.envelope).in_scope(|| {
                         warn!(error = %err, "cannot start a task actor; retrying later");
                     });
-                    self.waiting.push_front((delivery, def));
+                    self.waiting.push_front(next);
                     break;
                 }
             }
+        }
+        if let Some(gauges) = &self.gauges
+            && self.running.len() != before
+        {
+            gauges.in_flight(self.running.len());
         }
     }
 

@@ -16,6 +16,8 @@
 //! - [`gate`] — `ResourceGate`: deferral of tasks whose resources are closed.
 //! - [`handler`] — what runs a task: `Handler`, `TaskError`, `TaskDef`; native, http, exec.
 //! - [`resource`] — shared resources: circuit breaker, Zep client, OpenAI limiter, egress types.
+//! - [`metrics`] — `Metrics`: the Prometheus registry (`GET /metrics`), recorded by the
+//!   consumers, task actors, supervisors and broker actor; resources and pools read at scrape.
 //! - [`pool`] — process pools: `Pool` (membership, claim), `PoolActor`, agents' monitors.
 //! - [`supervisor`] — `SupervisorActor`: OTP strategies, restart types, intensity, backoff,
 //!   ordered start and reverse-ordered stop.
@@ -29,6 +31,7 @@ pub mod consumer;
 pub mod gate;
 pub mod handler;
 pub mod heartbeat;
+pub mod metrics;
 pub mod pool;
 pub mod resource;
 pub mod supervisor;

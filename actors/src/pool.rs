@@ -72,6 +72,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
+use prometheus_client::metrics::histogram::Histogram;
 use regex::Regex;
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -403,6 +404,17 @@ struct Shared {
     changed: watch::Sender<u64>,
     next_seq: AtomicU64,
     events: OnceLock<EventSink>,
+    /// Time from a claim to its confirmed assignment (successful claims), for `/metrics`.
+    claim_latency: Histogram,
+}
+
+/// A pool's numbers for `/metrics`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Live agents per state (`starting` includes agents being spawned).
+    pub agents: [(AgentState, usize); 4],
+    /// Agents that failed to start, ever.
+    pub startup_failures: u64,
 }
 
 /// A pool: its membership, its agents and the claim API. Cheap to clone; made by the node and
@@ -439,6 +451,7 @@ impl Pool {
                 changed: watch::Sender::new(0),
                 next_seq: AtomicU64::new(1),
                 events: OnceLock::new(),
+                claim_latency: crate::metrics::seconds_histogram(),
             }),
         }
     }
@@ -570,6 +583,9 @@ impl Pool {
                     Ok(()) => {
                         self.lock().totals.claims += 1;
                         self.emit_agent(AgentState::Assigned, &agent_id, pid, None);
+                        self.shared
+                            .claim_latency
+                            .observe(started.elapsed().as_secs_f64());
                         return Ok(Claimed { agent_id, pid });
                     }
                     Err(reason) => {
@@ -655,6 +671,28 @@ impl Pool {
         info!(pool = %self.name(), "pool reset: starting agents again");
         self.emit("pool_reset", json!({}));
         self.touch();
+    }
+
+    /// Live agents per state and startup failures, for `/metrics`.
+    pub fn stats(&self) -> PoolStats {
+        let m = self.lock();
+        PoolStats {
+            agents: [
+                (
+                    AgentState::Starting,
+                    m.count(AgentState::Starting) + m.launching,
+                ),
+                (AgentState::Idle, m.count(AgentState::Idle)),
+                (AgentState::Assigned, m.count(AgentState::Assigned)),
+                (AgentState::Draining, m.count(AgentState::Draining)),
+            ],
+            startup_failures: m.totals.startup_failures,
+        }
+    }
+
+    /// How long successful claims took (seconds), for `/metrics`.
+    pub fn claim_latency(&self) -> &Histogram {
+        &self.shared.claim_latency
     }
 
     /// The pool at a glance: health, counts per state, each live agent (id, pid, state, age,

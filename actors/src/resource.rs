@@ -40,6 +40,23 @@ pub trait SharedResource: Send + Sync + fmt::Debug {
     fn snapshot(&self) -> serde_json::Value;
     /// Puts the resource's state changes (breaker transitions) on the events stream.
     fn attach_events(&self, _sink: &EventSink) {}
+    /// Its circuit breaker, if it has one (read by `/metrics`).
+    fn breaker(&self) -> Option<&breaker::Breaker> {
+        None
+    }
+    /// Its rate limiters' waits, if it has limiters (read by `/metrics`).
+    fn limiter(&self) -> Option<LimiterStats<'_>> {
+        None
+    }
+}
+
+/// What `/metrics` reads of a resource's rate limiters.
+#[derive(Debug)]
+pub struct LimiterStats<'a> {
+    /// Calls waiting for the limiters (or the concurrency cap, or a server hold) now.
+    pub waiting: u64,
+    /// How long admitted calls waited, in seconds.
+    pub waits: &'a prometheus_client::metrics::histogram::Histogram,
 }
 
 /// Every shared resource of a node, by name; the node's [`ResourceGate`].
@@ -107,7 +124,10 @@ impl SharedResource for zep::ZepClient {
         zep::ZepClient::snapshot(self)
     }
     fn attach_events(&self, sink: &EventSink) {
-        self.breaker().attach_events(sink.clone());
+        zep::ZepClient::breaker(self).attach_events(sink.clone());
+    }
+    fn breaker(&self) -> Option<&breaker::Breaker> {
+        Some(zep::ZepClient::breaker(self))
     }
 }
 
@@ -126,6 +146,9 @@ impl SharedResource for openai::OpenAiClient {
     }
     fn snapshot(&self) -> serde_json::Value {
         openai::OpenAiClient::snapshot(self)
+    }
+    fn limiter(&self) -> Option<LimiterStats<'_>> {
+        Some(openai::OpenAiClient::limiter_stats(self))
     }
 }
 

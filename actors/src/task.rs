@@ -27,6 +27,7 @@ use crate::broker::{Broker, Callback, Delivery, Envelope, Event};
 use crate::celery::{ORIGIN_FIELD, Settled};
 use crate::consumer::{Outcomes, Work};
 use crate::handler::{TaskContext, TaskDef, TaskError};
+use crate::metrics::{DeadReason, SeriesId};
 
 /// The exit reason of a task actor that recorded its outcome.
 pub const DONE: &str = "done";
@@ -45,6 +46,8 @@ pub struct TaskArgs {
     pub work: Arc<Work>,
     /// Where the recorded outcome is counted (the queue's counters on this node).
     pub outcomes: Arc<Outcomes>,
+    /// Its metrics series (`None` when metrics are off).
+    pub series: Option<SeriesId>,
 }
 
 /// The span every log line about one attempt of a task runs in: `task_id`, `task`, `queue`,
@@ -112,10 +115,15 @@ impl Actor for TaskActor {
             }
             .instrument(span.clone()),
         );
+        if let Some(series) = args.work.metrics.of(args.series) {
+            series.first_start(&args.delivery.envelope);
+        }
         async {
+            let began = Instant::now();
             let outcome = attempt(args).await;
+            let took = began.elapsed();
             let _ = published.await;
-            record(args, outcome).await;
+            record(args, outcome, Some(took)).await;
         }
         .instrument(span)
         .await;
@@ -173,14 +181,31 @@ async fn attempt(args: &TaskArgs) -> Result<Value, TaskError> {
 }
 
 /// Records `outcome` with the broker (retrying a few times if the broker fails), counts it
-/// and releases the lease. Call it inside the task's [`task_span`].
-pub(crate) async fn record(args: &TaskArgs, outcome: Result<Value, TaskError>) {
+/// and releases the lease. `ran` is how long the attempt ran (`None`: it never started, e.g. a
+/// resource it uses is unusable). Call it inside the task's [`task_span`].
+pub(crate) async fn record(
+    args: &TaskArgs,
+    outcome: Result<Value, TaskError>,
+    ran: Option<Duration>,
+) {
     let work = &args.work;
     let delivery = &args.delivery;
+    let series = work.metrics.of(args.series);
+    if let (Some(series), Some(took)) = (series, ran) {
+        series.ran(took, outcome.is_err());
+    }
     for n in 1..=RECORD_TRIES {
         match record_once(work, delivery, &args.def, &outcome).await {
             Ok(recorded) => {
                 args.outcomes.count(recorded);
+                if let Some(series) = series {
+                    match recorded {
+                        Recorded::Succeeded => series.succeeded(),
+                        Recorded::Retried => series.retried(),
+                        Recorded::Dead if ran.is_some() => series.dead_lettered(DeadReason::Failed),
+                        Recorded::Dead => series.dead_lettered(DeadReason::Rejected),
+                    }
+                }
                 break;
             }
             Err(err) if n < RECORD_TRIES => {
@@ -230,9 +255,7 @@ async fn record_once(
             }
             work.broker.ack(delivery, value.clone()).await?;
             let callbacks = callbacks(work, envelope, &def.link, &envelope.link, value.clone());
-            if !callbacks.is_empty() {
-                work.broker.enqueue(callbacks).await?;
-            }
+            enqueue_callbacks(work, callbacks).await?;
             Recorded::Succeeded
         }
         Err(err) => match def.retry.next_delay(envelope.attempt, err) {
@@ -279,14 +302,27 @@ async fn record_once(
                     &envelope.link_error,
                     failure,
                 );
-                if !callbacks.is_empty() {
-                    work.broker.enqueue(callbacks).await?;
-                }
+                enqueue_callbacks(work, callbacks).await?;
                 Recorded::Dead
             }
         },
     };
     Ok(recorded)
+}
+
+/// Enqueues callbacks (each counted once: a repeated recording finds their idempotency keys
+/// taken).
+async fn enqueue_callbacks(
+    work: &Work,
+    callbacks: Vec<Envelope>,
+) -> Result<(), crate::broker::BrokerError> {
+    if callbacks.is_empty() {
+        return Ok(());
+    }
+    let counting = work.metrics.enqueuing(&callbacks);
+    let answers = work.broker.enqueue(callbacks).await?;
+    counting.done(&answers);
+    Ok(())
 }
 
 /// The envelopes of a task's callbacks (configured names, then the envelope's own), each

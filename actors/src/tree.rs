@@ -20,6 +20,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::broker::{Event, EventSink};
+use crate::metrics::Metrics;
 use crate::supervisor::Restart;
 
 /// Lifecycle status of an actor as its supervisor last saw it.
@@ -117,12 +118,23 @@ pub struct Tree {
     entries: DashMap<String, Entry>,
     next_order: AtomicU64,
     events: OnceLock<EventSink>,
+    /// Where restarts are counted for `/metrics` (disabled unless given).
+    metrics: Arc<Metrics>,
 }
 
 impl Tree {
-    /// An empty registry.
+    /// An empty registry (restarts are not counted in any [`Metrics`]).
     pub fn new() -> Arc<Self> {
         Arc::new(Self::default())
+    }
+
+    /// An empty registry whose restarts are also counted in `metrics`
+    /// (`rt_actor_restarts_total`).
+    pub fn with_metrics(metrics: Arc<Metrics>) -> Arc<Self> {
+        Arc::new(Self {
+            metrics,
+            ..Self::default()
+        })
     }
 
     /// The handle of the root actor, named `name` (conventionally `root`).
@@ -189,6 +201,7 @@ impl Tree {
             e.started = Instant::now();
             if restarted {
                 e.restarts += 1;
+                self.metrics.actor_restarted(path, &e.kind);
             }
         }
     }

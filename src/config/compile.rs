@@ -30,9 +30,9 @@ use super::raw::{
 };
 use super::{
     BROKER_URL_ENV, BreakerSettings, BrokerSettings, CelerySettings, ChaosSettings, Config,
-    FailureRate, Handler, HttpSettings, Idempotency, Loaded, OpenAiSettings, PoolSettings,
-    QueueSettings, ResourceSettings, RetryPolicy, RuntimeSettings, ScheduleSettings, Secret,
-    StopSignal, SupervisionSettings, TaskSettings, Trigger, ZepSettings,
+    FailureRate, Handler, HttpSettings, Idempotency, Loaded, MetricsSettings, OpenAiSettings,
+    PoolSettings, QueueSettings, ResourceSettings, RetryPolicy, RuntimeSettings, ScheduleSettings,
+    Secret, StopSignal, SupervisionSettings, TaskSettings, Trigger, ZepSettings,
 };
 
 /// Where `compile()` reads environment variables (`RT_BROKER_URL`, secrets).
@@ -114,6 +114,9 @@ pub(crate) fn compile(raw: RawConfig, env: Environment<'_>) -> Result<Loaded, Di
         .celery
         .as_ref()
         .and_then(|celery| c.celery(celery, broker.as_ref(), &raw));
+    let metrics = MetricsSettings {
+        enabled: raw.metrics.enabled.unwrap_or(true),
+    };
 
     let Compiler { diagnostics, .. } = c;
     match (broker, http, supervision) {
@@ -131,6 +134,7 @@ pub(crate) fn compile(raw: RawConfig, env: Environment<'_>) -> Result<Loaded, Di
                     schedules,
                     chaos,
                     celery,
+                    metrics,
                 },
                 warnings: diagnostics.warnings,
             })

@@ -56,6 +56,9 @@ pub(crate) struct RawConfig {
     /// `[celery]`: the Celery bridge (take over kombu queues, answer `AsyncResult`).
     #[serde(default)]
     pub(crate) celery: Option<RawCelery>,
+    /// `[metrics]`: the Prometheus endpoint.
+    #[serde(default)]
+    pub(crate) metrics: RawMetrics,
 }
 
 /// `[runtime]`
@@ -450,6 +453,15 @@ pub(crate) struct RawCeleryTask {
 #[serde(deny_unknown_fields, expecting = "a [chaos] table")]
 pub(crate) struct RawChaos {
     /// Whether `POST /chaos/kill/{actor path}` exists. Default false.
+    pub(crate) enabled: Option<bool>,
+}
+
+/// `[metrics]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a [metrics] table")]
+pub(crate) struct RawMetrics {
+    /// Whether task, consumer, actor and broker metrics are recorded and `GET /metrics`
+    /// serves them. Default true.
     pub(crate) enabled: Option<bool>,
 }
 

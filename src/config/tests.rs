@@ -76,6 +76,7 @@ fn an_empty_file_compiles_to_the_documented_defaults() {
         Duration::from_secs(5)
     );
     assert!(!config.chaos.enabled);
+    assert!(config.metrics.enabled);
     assert!(config.queues.is_empty() && config.tasks.is_empty());
 }
 
@@ -98,7 +99,8 @@ fn unknown_keys_are_named_by_path_with_position() {
     assert_eq!(
         fails("[queus.chat]\n")[0],
         "error: queus: unknown key, expected one of `runtime`, `broker`, `http`, \
-         `supervision`, `queues`, `tasks`, `resources`, `pools`, `schedules`, `chaos`, `celery` \
+         `supervision`, `queues`, `tasks`, `resources`, `pools`, `schedules`, `chaos`, `celery`, \
+         `metrics` \
          (line 1, column 2)"
     );
     // Inside a tagged handler table too.

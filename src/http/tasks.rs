@@ -105,7 +105,9 @@ pub async fn enqueue(
             ApiError::BadRequest(format!("{prefix}: {why}"))
         })?);
     }
+    let counting = state.metrics.enqueuing(&envelopes);
     let enqueued: Vec<Enqueued> = state.broker.enqueue(envelopes).await?;
+    counting.done(&enqueued);
     let body = if batch {
         json!(enqueued)
     } else {

@@ -185,6 +185,19 @@ impl Node {
             .unwrap_or_else(|e| panic!("POST {path}: {e}"))
     }
 
+    /// One sample of `GET /metrics`, named as it is written there
+    /// (`rt_breaker_state{resource="zep",state="open"}`), if present.
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        let text = self
+            .get("/metrics")
+            .await
+            .text()
+            .await
+            .expect("metrics text");
+        text.lines()
+            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
     /// The actor at `path` in `GET /actors`, if listed.
     pub async fn actor(&self, path: &str) -> Option<serde_json::Value> {
         fn find(nodes: &serde_json::Value, path: &str) -> Option<serde_json::Value> {

@@ -10,8 +10,8 @@
 //! - **recovery sweep** every `lease / 4`: entries whose lease expired (their node died) go
 //!   back to the ready queue, or to the dead letters past `max_deliveries`.
 //!
-//! And a snapshot every second: per queue ready / delayed / in flight / dead, the last sweep,
-//! counters, the connection. A broker that cannot be reached marks the actor degraded (so
+//! And a snapshot every second: a PING's round trip (also in `/metrics`), per queue ready /
+//! delayed / in flight / dead, the last sweep, counters, the connection. A broker that cannot be reached marks the actor degraded (so
 //! `/health` says 503 with the reason); nothing is dropped — the loops go on and catch up.
 //!
 //! The connection and the leases live outside the actor (`Arc`s in its arguments), so a
@@ -26,6 +26,7 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use super::{AnyBroker, Broker, BrokerError, Leases, QueueDepth, rfc3339};
+use crate::metrics::Metrics;
 use crate::tree::TreeHandle;
 
 /// How often the snapshot is refreshed.
@@ -46,6 +47,8 @@ pub struct BrokerArgs {
     pub lease: Duration,
     /// Period of the delayed mover.
     pub promote_every: Duration,
+    /// The node's metrics (round trip, poison messages).
+    pub metrics: Arc<Metrics>,
 }
 
 /// Messages (each a timer the actor sends itself).
@@ -190,12 +193,15 @@ impl BrokerState {
             }
             self.recovered += recovered.requeued;
             self.poisoned += recovered.dead;
+            args.metrics.poisoned(queue, &recovered.dead_tasks);
         }
         self.last_sweep = Some(rfc3339(SystemTime::now()));
         Ok(())
     }
 
     async fn snapshot(&mut self, args: &BrokerArgs) -> Result<(), BrokerError> {
+        let rtt = args.broker.ping().await?;
+        args.metrics.broker_round_trip(rtt);
         for queue in &args.queues {
             let depth = args.broker.depth(queue).await?;
             self.depths.insert(queue.clone(), depth);
@@ -204,6 +210,7 @@ impl BrokerState {
         args.node.publish(json!({
             "broker": args.broker.describe(),
             "queues": self.depths,
+            "round_trip_ms": rtt.as_secs_f64() * 1000.0,
             "leases_held": args.leases.count(),
             "lease_ms": args.lease.as_millis() as u64,
             "last_sweep": self.last_sweep,
@@ -244,6 +251,7 @@ mod tests {
                 queues: vec!["chat".into(), "default".into()],
                 lease: LEASE,
                 promote_every: Duration::from_millis(10),
+                metrics: Arc::default(),
             };
             (BrokerActor, args)
         });

@@ -150,6 +150,7 @@ pub(crate) async fn poison_entries_are_dead_lettered<B: Broker>(b: &B, q: &str) 
             assert_eq!(recovered.requeued, 1);
         } else {
             assert_eq!(recovered.dead, 1);
+            assert_eq!(recovered.dead_tasks, ["send_whatsapp_message_task"]);
         }
     }
     assert!(b.reserve(q, "c", 1, NO_WAIT).await.unwrap().is_empty());

@@ -467,6 +467,7 @@ impl Broker for MemoryBroker {
             if delivered >= max {
                 if let Some(envelope) = &envelope {
                     events.push(Event::about("dead", envelope, detail));
+                    out.dead_tasks.push(envelope.task.clone());
                 }
                 q.dead.push_back(DeadLetter {
                     entry: leased.entry.id,

@@ -305,6 +305,15 @@ impl RedisBroker {
         &self.url
     }
 
+    /// Sends a PING on the shared connection; the round trip it took.
+    pub async fn ping(&self) -> Result<Duration, BrokerError> {
+        let started = tokio::time::Instant::now();
+        let mut conn = self.manager.clone();
+        let pong: RedisResult<String> = redis::cmd("PING").query_async(&mut conn).await;
+        self.observe(pong)?;
+        Ok(started.elapsed())
+    }
+
     // ----- keys -------------------------------------------------------------------------
 
     fn stream_key(&self, queue: &str) -> String {
@@ -1008,6 +1017,14 @@ impl Broker for RedisBroker {
             };
             out.requeued += int(requeued) as u64;
             out.dead += int(died) as u64;
+            for entry in moved.chunks(4) {
+                if let [kind, e, ..] = entry
+                    && text(kind) == "dead"
+                    && let Ok(envelope) = Envelope::from_json(&text(e))
+                {
+                    out.dead_tasks.push(envelope.task);
+                }
+            }
             // The entries have moved (atomically); a lost event must not hide that.
             if let Err(e) = self.recovery_events(queue, moved).await {
                 tracing::warn!(queue, error = %e, "recovery events not written");

@@ -53,7 +53,12 @@ fn def(name: &str, queue: &str, handler: Arc<dyn Handler>) -> TaskDef {
 
 impl Rig {
     async fn start(queues: &[Queue], defs: Vec<TaskDef>, gate: Arc<dyn ResourceGate>) -> Rig {
-        let tree = Tree::new();
+        // Metrics on, so every recording path runs under these tests too.
+        let metrics = Arc::new(Metrics::new(
+            defs.iter().map(|d| (d.name.as_str(), d.queue.as_str())),
+            queues.iter().map(|q| q.name),
+        ));
+        let tree = Tree::with_metrics(Arc::clone(&metrics));
         let broker = Arc::new(AnyBroker::Memory(MemoryBroker::new(
             BrokerSettings::default(),
         )));
@@ -64,6 +69,7 @@ impl Rig {
             tasks: Arc::new(TaskDefs::new(defs)),
             consumer: "node-test".into(),
             celery: None,
+            metrics: Arc::clone(&metrics),
         });
         let policy = |children| SupervisorSpec {
             strategy: Strategy::OneForOne,
@@ -97,6 +103,7 @@ impl Rig {
             })
             .collect();
         let broker_child = {
+            let metrics = Arc::clone(&metrics);
             let broker = Arc::clone(&broker);
             let leases = Arc::clone(&leases);
             let queues: Vec<String> = queues.iter().map(|q| q.name.to_string()).collect();
@@ -108,6 +115,7 @@ impl Rig {
                     queues: queues.clone(),
                     lease: Duration::from_secs(3),
                     promote_every: Duration::from_millis(5),
+                    metrics: Arc::clone(&metrics),
                 };
                 (BrokerActor, args)
             })

@@ -189,6 +189,13 @@ pub enum BreakerState {
 }
 
 impl BreakerState {
+    /// Every state, in the order of [`BreakerStats::transitions`].
+    pub const ALL: [BreakerState; 3] = [
+        BreakerState::Closed,
+        BreakerState::Open,
+        BreakerState::HalfOpen,
+    ];
+
     /// The JSON spelling.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -203,6 +210,17 @@ impl fmt::Display for BreakerState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
+}
+
+/// The breaker's numbers for `/metrics` (monotonic except `state`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BreakerStats {
+    /// Where it is now.
+    pub state: BreakerState,
+    /// Transitions by the state entered, in [`BreakerState::ALL`] order.
+    pub transitions: [(BreakerState, u64); 3],
+    /// Calls refused.
+    pub rejected: u64,
 }
 
 /// A refused call: the breaker is open (or half-open with every probe slot taken).
@@ -266,7 +284,8 @@ struct Inner {
     slow_calls: u64,
     stale: u64,
     rejected: u64,
-    transitions: u64,
+    /// Transitions by the state entered, indexed like [`BreakerState::ALL`].
+    transitions: [u64; 3],
     last_transition: Option<SystemTime>,
     last_reason: Option<String>,
 }
@@ -301,7 +320,7 @@ impl Breaker {
                     slow_calls: 0,
                     stale: 0,
                     rejected: 0,
-                    transitions: 0,
+                    transitions: [0; 3],
                     last_transition: None,
                     last_reason: None,
                 }),
@@ -408,6 +427,28 @@ impl Breaker {
         }
     }
 
+    /// State, transitions by the state entered, and rejected calls (time-driven transitions
+    /// applied first), for `/metrics`.
+    pub fn stats(&self) -> BreakerStats {
+        let mut inner = self.shared.lock();
+        self.shared.refresh(&mut inner, Instant::now());
+        let state = match inner.phase {
+            Phase::Closed => BreakerState::Closed,
+            Phase::Open { .. } => BreakerState::Open,
+            Phase::HalfOpen { .. } => BreakerState::HalfOpen,
+        };
+        let t = inner.transitions;
+        BreakerStats {
+            state,
+            transitions: [
+                (BreakerState::Closed, t[0]),
+                (BreakerState::Open, t[1]),
+                (BreakerState::HalfOpen, t[2]),
+            ],
+            rejected: inner.rejected,
+        }
+    }
+
     /// What `/actors` shows: state, consecutive failures, failure rate over the recent calls,
     /// time until half-open, rejected calls, transitions, last transition, totals, policy.
     pub fn snapshot(&self) -> Value {
@@ -436,7 +477,7 @@ impl Breaker {
             "probes_in_flight": probes_in_flight,
             "consecutive_opens": inner.opens,
             "rejected": inner.rejected,
-            "transitions": inner.transitions,
+            "transitions": inner.transitions.iter().sum::<u64>(),
             "last_transition": inner.last_transition.map(rfc3339),
             "last_reason": inner.last_reason,
             "calls": inner.calls,
@@ -651,9 +692,14 @@ impl Shared {
             };
             sink.emit(Event::new(kind, detail));
         }
+        let entered = match phase {
+            Phase::Closed => 0,
+            Phase::Open { .. } => 1,
+            Phase::HalfOpen { .. } => 2,
+        };
         inner.phase = phase;
         inner.generation += 1;
-        inner.transitions += 1;
+        inner.transitions[entered] += 1;
         inner.last_transition = Some(wall(at, now));
     }
 

@@ -217,6 +217,8 @@ pub struct OpenAiClient {
     /// No call starts before this (the server said its limit is exhausted, or a 429).
     hold_until: Mutex<Option<Instant>>,
     stats: Stats,
+    /// How long admitted calls waited in `admit` (seconds), for `/metrics`.
+    waits: prometheus_client::metrics::histogram::Histogram,
     server: Mutex<ServerView>,
 }
 
@@ -294,6 +296,7 @@ impl OpenAiClient {
             queue: tokio::sync::Mutex::new(()),
             hold_until: Mutex::new(None),
             stats: Stats::default(),
+            waits: crate::metrics::seconds_histogram(),
             server: Mutex::new(ServerView::default()),
         })
     }
@@ -433,6 +436,14 @@ impl OpenAiClient {
         }
     }
 
+    /// Callers waiting now and the waits of admitted calls, for `/metrics`.
+    pub fn limiter_stats(&self) -> super::LimiterStats<'_> {
+        super::LimiterStats {
+            waiting: self.stats.waiting.load(Ordering::Relaxed),
+            waits: &self.waits,
+        }
+    }
+
     /// The client's state for `/actors` (never the key): `resource`, `base_url`,
     /// `api_key_env`, `api_key_set`; `limits` (`requests_per_minute`, `requests_burst`,
     /// `tokens_per_minute`, `tokens_burst`, `concurrency` — `null` when not limited);
@@ -515,6 +526,7 @@ impl OpenAiClient {
     /// Waits for a concurrency permit, then (FIFO, one caller at a time) for the server's
     /// hold, one request cell and `estimate` tokens.
     async fn admit(&self, estimate: u64) -> Admitted<'_> {
+        let entered = Instant::now();
         let waiting = Gauge::enter(&self.stats.waiting);
         let permit = match &self.concurrency {
             // The semaphore is never closed, so `acquire` cannot fail.
@@ -532,6 +544,7 @@ impl OpenAiClient {
             }
         }
         drop(waiting);
+        self.waits.observe(entered.elapsed().as_secs_f64());
         self.stats.started.fetch_add(1, Ordering::Relaxed);
         self.stats
             .tokens_estimated

@@ -196,6 +196,18 @@ async fn half_open_admits_exactly_probes_calls_and_closes_when_all_succeed() {
     assert_eq!(snapshot["transitions"], 3, "closed→open→half_open→closed");
     assert_eq!(snapshot["consecutive_failures"], 0);
     assert_eq!(snapshot["consecutive_opens"], 0);
+    // What /metrics reads: one transition into each state, the one refused call.
+    let stats = breaker.stats();
+    assert_eq!(stats.state, BreakerState::Closed);
+    assert_eq!(
+        stats.transitions,
+        [
+            (BreakerState::Closed, 1),
+            (BreakerState::Open, 1),
+            (BreakerState::HalfOpen, 1)
+        ]
+    );
+    assert_eq!(stats.rejected, 1);
     let permit = breaker.try_acquire().unwrap();
     assert!(!permit.is_probe());
     permit.succeed();

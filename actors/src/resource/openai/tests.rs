@@ -197,6 +197,7 @@ async fn six_hundred_calls_at_300_per_minute_spread_over_two_minutes_never_over_
     let mut settings = settings(&Url::parse(DEFAULT_BASE_URL).unwrap());
     settings.requests = Some(Limit::per_minute(300).unwrap());
     let client = Arc::new(client(settings));
+    let metrics = metrics_of(&client);
     let start = Instant::now();
     let granted: Arc<Mutex<Vec<(Duration, u64)>>> = Arc::default();
     let mut calls = Vec::new();
@@ -215,6 +216,8 @@ async fn six_hundred_calls_at_300_per_minute_spread_over_two_minutes_never_over_
     assert_eq!(snapshot["calls"]["waiting"], 570, "{snapshot}");
     assert_eq!(snapshot["limits"]["requests_per_minute"], 300);
     assert_eq!(snapshot["limits"]["requests_burst"], 30);
+    let waiting = r#"rt_limiter_waiting{resource="openai"}"#;
+    assert_eq!(scrape(&metrics, waiting).await, Some(570.0));
 
     for call in calls {
         call.await.unwrap();
@@ -230,6 +233,34 @@ async fn six_hundred_calls_at_300_per_minute_spread_over_two_minutes_never_over_
         "{span:?}"
     );
     assert_eq!(client.snapshot()["calls"]["waiting"], 0);
+    // /metrics: nobody waits now; 600 waits observed, of which the burst's 30 took no time.
+    assert_eq!(scrape(&metrics, waiting).await, Some(0.0));
+    let count = r#"rt_limiter_wait_seconds_count{resource="openai"}"#;
+    assert_eq!(scrape(&metrics, count).await, Some(600.0));
+    let quick = r#"rt_limiter_wait_seconds_bucket{resource="openai",le="0.001"}"#;
+    assert_eq!(scrape(&metrics, quick).await, Some(30.0));
+}
+
+/// A metrics registry reading `client` at scrape time.
+fn metrics_of(client: &Arc<OpenAiClient>) -> crate::metrics::Metrics {
+    let mut resources = crate::resource::Resources::default();
+    resources.insert(
+        "openai",
+        Arc::clone(client) as Arc<dyn crate::resource::SharedResource>,
+    );
+    let mut metrics = crate::metrics::Metrics::new([], []);
+    metrics.watch_resources(Arc::new(resources));
+    metrics
+}
+
+/// One sample of `metrics`' exposition, named as written there.
+async fn scrape(metrics: &crate::metrics::Metrics, series: &str) -> Option<f64> {
+    let broker = crate::broker::AnyBroker::Memory(crate::broker::memory::MemoryBroker::new(
+        crate::broker::BrokerSettings::default(),
+    ));
+    let text = metrics.render(&broker).await.unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
 #[tokio::test(start_paused = true)]

@@ -1,0 +1,785 @@
+//! `Metrics`: the node's Prometheus registry (`GET /metrics`), built on `prometheus-client`.
+//!
+//! One [`Metrics`] per node, made before the tree and shared through an `Arc`: the consumers
+//! and task actors record through [`crate::consumer::Work`], the supervisors through the
+//! [`crate::tree::Tree`] (every restart they record there is counted here too), the broker
+//! actor through its arguments. Two ways in, each used for one kind of number:
+//!
+//! - **recorded as it happens** (atomic counters, gauges and histograms): the task lifecycle by
+//!   task and queue, in-flight tasks per consumer, actor restarts, the broker's round trip;
+//! - **read at scrape time** from state that already counts it, so nothing is counted twice:
+//!   queue depths (the broker's `depth`, as `GET /queues`), the broker connection, breakers
+//!   (state, transitions, rejected calls — the breaker's own counters,
+//!   [`Breaker::stats`](crate::resource::breaker::Breaker::stats)), rate limiters (callers
+//!   waiting, wait times) and process pools (agents per state, startup failures, claim
+//!   latency — the [`Pool`]'s own membership and totals).
+//!
+//! # The hot path
+//!
+//! Every `(task, queue)` series has a fixed slot ([`SeriesId`]); those of the configured tasks
+//! on their own queue are created up front ([`TaskSeries`], a set of handles into the label
+//! families). A consumer resolves a task's slot once, when it admits it (two lookups of
+//! borrowed strings), and hands the id to the task actor: recording is then an index and
+//! atomic adds — no refcount, no lock of ours, no label allocation per task.
+//!
+//! # Bounded labels
+//!
+//! Labels never carry task ids, agent ids or anything a caller chooses freely: a task name
+//! outside the configured set is recorded as [`UNKNOWN`], and so is a queue outside the
+//! configured queues. Actor paths are those of the supervision tree (task actors and agents are
+//! not in it). The number of series is therefore bounded by `(tasks + 1) × (queues + 1)`.
+//!
+//! # Switched off
+//!
+//! [`Metrics::disabled`] (`[metrics] enabled = false`) records nothing: every lookup answers
+//! `None`, and [`Metrics::render`] too (the route answers 404). Measured against the drain
+//! benchmark in `BENCHMARKS.md`.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeLabelSet, EncodeMetric, prometheus_text,
+};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::broker::{AnyBroker, Broker, Enqueued, Envelope, QueueDepth, parse_time};
+use crate::pool::Pool;
+use crate::resource::Resources;
+use crate::resource::breaker::BreakerState;
+
+/// The label value of a task or queue name outside the configured set.
+pub const UNKNOWN: &str = "unknown";
+
+/// `Content-Type` of [`Metrics::render`]: the Prometheus text format, version 0.0.4.
+pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
+
+/// Bucket bounds (seconds) of every duration histogram: 1 ms to 5 min.
+const SECONDS: [f64; 17] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    120.0, 300.0,
+];
+
+/// How long a scrape waits for the queue depths before it leaves them out.
+const DEPTH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A histogram of durations in seconds with the runtime's buckets (1 ms to 5 min). Pools and
+/// rate limiters keep theirs with their own state; the scrape reads them.
+pub fn seconds_histogram() -> Histogram {
+    Histogram::new(SECONDS)
+}
+
+/// Why a task was dead-lettered (the `reason` label).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DeadReason {
+    /// It ran and failed for good: a permanent error, retries exhausted, or a time limit
+    /// with `retry_on_timeout = false`.
+    Failed = 0,
+    /// It never ran: unknown task, expired, or a resource it uses is unusable.
+    Rejected = 1,
+    /// Delivered `max_deliveries` times without an ack (lease recovery).
+    Poison = 2,
+}
+
+impl DeadReason {
+    const ALL: [DeadReason; 3] = [DeadReason::Failed, DeadReason::Rejected, DeadReason::Poison];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeadReason::Failed => "failed",
+            DeadReason::Rejected => "rejected",
+            DeadReason::Poison => "poison",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TaskLabels {
+    task: String,
+    queue: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DeadLabels {
+    task: String,
+    queue: String,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct QueueLabels {
+    queue: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DepthLabels {
+    queue: String,
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ActorLabels {
+    path: String,
+    kind: String,
+}
+
+type Histograms<S> = Family<S, Histogram, fn() -> Histogram>;
+
+/// Names → index in first-seen order, and the names by index with [`UNKNOWN`] last.
+fn index<'a>(names: impl IntoIterator<Item = &'a str>) -> (HashMap<String, usize>, Vec<String>) {
+    let mut by_name = HashMap::new();
+    let mut names_by_index = Vec::new();
+    for name in names {
+        if !by_name.contains_key(name) {
+            by_name.insert(name.to_string(), names_by_index.len());
+            names_by_index.push(name.to_string());
+        }
+    }
+    names_by_index.push(UNKNOWN.to_string());
+    (by_name, names_by_index)
+}
+
+/// The label families the registry encodes.
+#[derive(Debug)]
+struct Families {
+    enqueued: Family<TaskLabels, Counter>,
+    started: Family<TaskLabels, Counter>,
+    succeeded: Family<TaskLabels, Counter>,
+    failed: Family<TaskLabels, Counter>,
+    retried: Family<TaskLabels, Counter>,
+    deferred: Family<TaskLabels, Counter>,
+    dead_lettered: Family<DeadLabels, Counter>,
+    duration: Histograms<TaskLabels>,
+    wait: Histograms<TaskLabels>,
+    in_flight: Family<QueueLabels, Gauge>,
+    concurrency: Family<QueueLabels, Gauge>,
+    depth: Family<DepthLabels, Gauge>,
+    restarts: Family<ActorLabels, Counter>,
+    broker_connected: Gauge,
+    broker_round_trip: Gauge<f64, AtomicU64>,
+}
+
+impl Families {
+    fn new() -> Self {
+        Self {
+            enqueued: Family::default(),
+            started: Family::default(),
+            succeeded: Family::default(),
+            failed: Family::default(),
+            retried: Family::default(),
+            deferred: Family::default(),
+            dead_lettered: Family::default(),
+            duration: Family::new_with_constructor(seconds_histogram),
+            wait: Family::new_with_constructor(seconds_histogram),
+            in_flight: Family::default(),
+            concurrency: Family::default(),
+            depth: Family::default(),
+            restarts: Family::default(),
+            broker_connected: Gauge::default(),
+            broker_round_trip: Gauge::default(),
+        }
+    }
+
+    fn register(&self, registry: &mut Registry) {
+        let r = registry;
+        r.register(
+            "rt_tasks_enqueued",
+            "Tasks enqueued by this node (HTTP API, callbacks), duplicates excluded",
+            self.enqueued.clone(),
+        );
+        r.register(
+            "rt_tasks_started",
+            "Task attempts started (a task actor spawned)",
+            self.started.clone(),
+        );
+        r.register(
+            "rt_tasks_succeeded",
+            "Task attempts that succeeded and were acked",
+            self.succeeded.clone(),
+        );
+        r.register(
+            "rt_tasks_failed",
+            "Task attempts that ended in an error (handler error, time limit, crash)",
+            self.failed.clone(),
+        );
+        r.register(
+            "rt_tasks_retried",
+            "Failed attempts scheduled again as a delayed retry",
+            self.retried.clone(),
+        );
+        r.register(
+            "rt_tasks_deferred",
+            "Tasks put back without an attempt because a resource they use is closed",
+            self.deferred.clone(),
+        );
+        r.register(
+            "rt_tasks_dead_lettered",
+            "Tasks moved to the dead letters, by reason (failed, rejected, poison)",
+            self.dead_lettered.clone(),
+        );
+        r.register(
+            "rt_task_duration_seconds",
+            "Run time of task attempts, from the handler's start to its outcome",
+            self.duration.clone(),
+        );
+        r.register(
+            "rt_task_wait_seconds",
+            "Wait of first attempts from enqueue (or eta) to start",
+            self.wait.clone(),
+        );
+        r.register(
+            "rt_consumer_in_flight",
+            "Tasks running in the queue's consumer on this node",
+            self.in_flight.clone(),
+        );
+        r.register(
+            "rt_consumer_concurrency",
+            "Tasks the queue's consumer runs at once (its bulkhead)",
+            self.concurrency.clone(),
+        );
+        r.register(
+            "rt_queue_depth",
+            "Entries per queue and state (ready, delayed, in_flight, dead), read at scrape",
+            self.depth.clone(),
+        );
+        r.register(
+            "rt_actor_restarts",
+            "Restarts of an actor by its supervisor, by tree path and kind",
+            self.restarts.clone(),
+        );
+        r.register(
+            "rt_broker_connected",
+            "1 while the broker is reachable, 0 while its connection is lost",
+            self.broker_connected.clone(),
+        );
+        r.register(
+            "rt_broker_round_trip_seconds",
+            "Round trip of the broker actor's last PING (every second)",
+            self.broker_round_trip.clone(),
+        );
+    }
+}
+
+/// The handles of one `(task, queue)` series: resolved once per task, then atomic adds.
+#[derive(Debug)]
+pub struct TaskSeries {
+    enqueued: Counter,
+    started: Counter,
+    succeeded: Counter,
+    failed: Counter,
+    retried: Counter,
+    deferred: Counter,
+    dead_lettered: [Counter; 3],
+    duration: Histogram,
+    wait: Histogram,
+}
+
+impl TaskSeries {
+    fn new(families: &Families, task: &str, queue: &str) -> Self {
+        let labels = TaskLabels {
+            task: task.to_string(),
+            queue: queue.to_string(),
+        };
+        let dead = |reason: DeadReason| {
+            families.dead_lettered.get_or_create_owned(&DeadLabels {
+                task: task.to_string(),
+                queue: queue.to_string(),
+                reason: reason.as_str(),
+            })
+        };
+        Self {
+            enqueued: families.enqueued.get_or_create_owned(&labels),
+            started: families.started.get_or_create_owned(&labels),
+            succeeded: families.succeeded.get_or_create_owned(&labels),
+            failed: families.failed.get_or_create_owned(&labels),
+            retried: families.retried.get_or_create_owned(&labels),
+            deferred: families.deferred.get_or_create_owned(&labels),
+            dead_lettered: DeadReason::ALL.map(dead),
+            duration: families.duration.get_or_create_owned(&labels),
+            wait: families.wait.get_or_create_owned(&labels),
+        }
+    }
+
+    /// An attempt started.
+    pub fn started(&self) {
+        self.started.inc();
+    }
+
+    /// The first attempt of `envelope` starts now: observes its wait since it was enqueued,
+    /// or since its `eta` when that is later. Retries are not observed (their wait is the
+    /// backoff their policy chose).
+    pub fn first_start(&self, envelope: &Envelope) {
+        if envelope.attempt != 0 {
+            return;
+        }
+        let Ok(enqueued) = parse_time(&envelope.enqueued_at) else {
+            return;
+        };
+        let due = envelope
+            .eta
+            .as_deref()
+            .and_then(|eta| parse_time(eta).ok())
+            .map_or(enqueued, |eta| eta.max(enqueued));
+        let wait = SystemTime::now().duration_since(due).unwrap_or_default();
+        self.wait.observe(wait.as_secs_f64());
+    }
+
+    /// An attempt ran for `took` and ended (`failed`: in an error).
+    pub fn ran(&self, took: Duration, failed: bool) {
+        self.duration.observe(took.as_secs_f64());
+        if failed {
+            self.failed.inc();
+        }
+    }
+
+    /// The outcome was recorded: acked.
+    pub fn succeeded(&self) {
+        self.succeeded.inc();
+    }
+
+    /// The outcome was recorded: a delayed retry.
+    pub fn retried(&self) {
+        self.retried.inc();
+    }
+
+    /// Put back without an attempt (a resource it uses is closed).
+    pub fn deferred(&self) {
+        self.deferred.inc();
+    }
+
+    /// Moved to the dead letters.
+    pub fn dead_lettered(&self, reason: DeadReason) {
+        self.dead_lettered[reason as usize].inc();
+    }
+}
+
+/// Where one `(task, queue)` series lives in its [`Metrics`]: resolved once per task (two
+/// borrowed-string lookups), then used by index — no refcount, no lock, no label allocation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SeriesId(u32);
+
+/// The series of one enqueued batch, resolved before the batch goes to the broker; counted
+/// once the broker answered, duplicates left out. See [`Metrics::enqueuing`].
+#[derive(Debug)]
+pub struct Enqueuing<'a> {
+    metrics: &'a Metrics,
+    series: Vec<Option<SeriesId>>,
+}
+
+impl Enqueuing<'_> {
+    /// Counts every envelope the broker enqueued (`answers` in batch order).
+    pub fn done(self, answers: &[Enqueued]) {
+        for (id, answer) in self.series.iter().zip(answers) {
+            if let (Some(series), false) = (self.metrics.of(*id), answer.duplicate) {
+                series.enqueued.inc();
+            }
+        }
+    }
+}
+
+/// One queue's consumer gauges.
+#[derive(Clone, Debug)]
+pub struct ConsumerSeries {
+    in_flight: Gauge,
+    concurrency: Gauge,
+}
+
+impl ConsumerSeries {
+    /// The consumer's concurrency.
+    pub fn concurrency(&self, n: usize) {
+        self.concurrency.set(n as i64);
+    }
+
+    /// Tasks running now.
+    pub fn in_flight(&self, n: usize) {
+        self.in_flight.set(n as i64);
+    }
+}
+
+/// The node's registry; see the module docs.
+pub struct Metrics {
+    enabled: bool,
+    registry: Registry,
+    families: Families,
+    /// Configured task names → their index; [`UNKNOWN`] is the last index.
+    task_index: HashMap<String, usize>,
+    /// Configured queue names → their index; [`UNKNOWN`] is the last index.
+    queue_index: HashMap<String, usize>,
+    /// Label values by index (configured names, then [`UNKNOWN`]).
+    task_names: Vec<String>,
+    queue_names: Vec<String>,
+    /// Every possible `(task, queue)` series, `task × queues + queue`: the configured tasks
+    /// on their own queue are made up front, the others on first use.
+    series: Box<[OnceLock<TaskSeries>]>,
+}
+
+impl fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Metrics")
+            .field("enabled", &self.enabled)
+            .field("tasks", &self.task_names)
+            .field("queues", &self.queue_names)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    /// [`Metrics::disabled`].
+    fn default() -> Self {
+        Self::disabled()
+    }
+}
+
+impl Metrics {
+    /// Metrics that record nothing and render nothing (`[metrics] enabled = false`).
+    pub fn disabled() -> Self {
+        Self {
+            enabled: false,
+            registry: Registry::default(),
+            families: Families::new(),
+            task_index: HashMap::new(),
+            queue_index: HashMap::new(),
+            task_names: Vec::new(),
+            queue_names: Vec::new(),
+            series: Box::default(),
+        }
+    }
+
+    /// A registry for a node running `tasks` (`(name, queue)` pairs) and consuming `queues`.
+    /// Add the scrape-time sources with [`watch_resources`](Self::watch_resources) and
+    /// [`watch_pools`](Self::watch_pools) before sharing it.
+    pub fn new<'a>(
+        tasks: impl IntoIterator<Item = (&'a str, &'a str)>,
+        queues: impl IntoIterator<Item = &'a str>,
+    ) -> Self {
+        let families = Families::new();
+        let mut registry = Registry::default();
+        families.register(&mut registry);
+        let tasks: Vec<(&str, &str)> = tasks.into_iter().collect();
+        let (task_index, task_names) = index(tasks.iter().map(|(task, _)| *task));
+        let (queue_index, queue_names) = index(queues);
+        let series = (0..task_names.len() * queue_names.len())
+            .map(|_| OnceLock::new())
+            .collect();
+        let metrics = Self {
+            enabled: true,
+            registry,
+            families,
+            task_index,
+            queue_index,
+            task_names,
+            queue_names,
+            series,
+        };
+        for (task, queue) in tasks {
+            if let Some(id) = metrics.task(task, queue) {
+                metrics.series(id);
+            }
+        }
+        metrics
+    }
+
+    /// Adds breakers and rate limiters of `resources`, read at every scrape.
+    pub fn watch_resources(&mut self, resources: Arc<Resources>) {
+        if self.enabled {
+            self.registry
+                .register_collector(Box::new(ResourceCollector(resources)));
+        }
+    }
+
+    /// Adds the process pools, read at every scrape.
+    pub fn watch_pools(&mut self, pools: Vec<Pool>) {
+        if self.enabled && !pools.is_empty() {
+            self.registry
+                .register_collector(Box::new(PoolCollector(pools)));
+        }
+    }
+
+    /// Whether anything is recorded.
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// The series of `task` on `queue` (`None` when disabled). Names outside the configured
+    /// sets are recorded as [`UNKNOWN`].
+    pub fn task(&self, task: &str, queue: &str) -> Option<SeriesId> {
+        if !self.enabled {
+            return None;
+        }
+        let unknown = |names: &Vec<String>| names.len() - 1;
+        let t = (self.task_index.get(task).copied()).unwrap_or_else(|| unknown(&self.task_names));
+        let q =
+            (self.queue_index.get(queue).copied()).unwrap_or_else(|| unknown(&self.queue_names));
+        u32::try_from(t * self.queue_names.len() + q)
+            .ok()
+            .map(SeriesId)
+    }
+
+    /// The handles of series `id` (made on first use).
+    pub fn series(&self, id: SeriesId) -> &TaskSeries {
+        let k = id.0 as usize;
+        self.series[k].get_or_init(|| {
+            let queues = self.queue_names.len();
+            TaskSeries::new(
+                &self.families,
+                &self.task_names[k / queues],
+                &self.queue_names[k % queues],
+            )
+        })
+    }
+
+    /// [`series`](Self::series) of `id`, if there is one.
+    pub fn of(&self, id: Option<SeriesId>) -> Option<&TaskSeries> {
+        id.map(|id| self.series(id))
+    }
+
+    /// Resolves the series of a batch about to be enqueued; call [`Enqueuing::done`] with the
+    /// broker's answers.
+    pub fn enqueuing(&self, batch: &[Envelope]) -> Enqueuing<'_> {
+        let series = if self.enabled {
+            batch
+                .iter()
+                .map(|envelope| self.task(&envelope.task, &envelope.queue))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Enqueuing {
+            metrics: self,
+            series,
+        }
+    }
+
+    /// The gauges of `queue`'s consumer (`None` when disabled).
+    pub fn consumer(&self, queue: &str) -> Option<ConsumerSeries> {
+        if !self.enabled {
+            return None;
+        }
+        let q = self.queue_index.get(queue).copied();
+        let labels = QueueLabels {
+            queue: q.map_or(UNKNOWN, |q| &self.queue_names[q]).to_string(),
+        };
+        Some(ConsumerSeries {
+            in_flight: self.families.in_flight.get_or_create_owned(&labels),
+            concurrency: self.families.concurrency.get_or_create_owned(&labels),
+        })
+    }
+
+    /// The supervisor restarted the actor at `path`, of `kind`.
+    pub fn actor_restarted(&self, path: &str, kind: &str) {
+        if self.enabled {
+            let labels = ActorLabels {
+                path: path.to_string(),
+                kind: kind.to_string(),
+            };
+            self.families.restarts.get_or_create(&labels).inc();
+        }
+    }
+
+    /// The recovery sweep dead-lettered entries of these `tasks` from `queue`: they hit
+    /// `max_deliveries` (poison messages).
+    pub fn poisoned(&self, queue: &str, tasks: &[String]) {
+        for task in tasks {
+            if let Some(series) = self.of(self.task(task, queue)) {
+                series.dead_lettered(DeadReason::Poison);
+            }
+        }
+    }
+
+    /// The broker answered a PING in `rtt`.
+    pub fn broker_round_trip(&self, rtt: Duration) {
+        if self.enabled {
+            self.families.broker_round_trip.set(rtt.as_secs_f64());
+        }
+    }
+
+    /// The exposition text (Prometheus text format 0.0.4), after reading the queue depths
+    /// and the connection from `broker`; `None` when disabled. Depths that cannot be read
+    /// within two seconds are left out (and `rt_broker_connected` says why).
+    pub async fn render(&self, broker: &AnyBroker) -> Option<String> {
+        if !self.enabled {
+            return None;
+        }
+        let queues = &self.queue_names[..self.queue_names.len() - 1];
+        let depths = tokio::time::timeout(DEPTH_TIMEOUT, async {
+            let mut depths = Vec::with_capacity(queues.len());
+            for queue in queues {
+                depths.push((queue.as_str(), broker.depth(queue).await?));
+            }
+            Ok::<_, crate::broker::BrokerError>(depths)
+        })
+        .await;
+        let connected = broker.degraded().is_none() && matches!(depths, Ok(Ok(_)));
+        self.families.broker_connected.set(i64::from(connected));
+        match depths {
+            Ok(Ok(depths)) => {
+                for (queue, depth) in depths {
+                    self.set_depth(queue, depth);
+                }
+            }
+            _ => self.families.depth.clear(),
+        }
+        let mut out = String::new();
+        prometheus_text::encode(&mut out, &self.registry).ok()?;
+        Some(out)
+    }
+
+    fn set_depth(&self, queue: &str, depth: QueueDepth) {
+        for (state, n) in [
+            ("ready", depth.ready),
+            ("delayed", depth.delayed),
+            ("in_flight", depth.in_flight),
+            ("dead", depth.dead),
+        ] {
+            let labels = DepthLabels {
+                queue: queue.to_string(),
+                state,
+            };
+            self.families
+                .depth
+                .get_or_create(&labels)
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+    }
+}
+
+/// Breakers and rate limiters, read at scrape time.
+#[derive(Debug)]
+struct ResourceCollector(Arc<Resources>);
+
+impl Collector for ResourceCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let resources: Vec<_> = self
+            .0
+            .names()
+            .into_iter()
+            .filter_map(|name| Some((name, self.0.get(name)?)))
+            .collect();
+        let breakers: Vec<_> = resources
+            .iter()
+            .filter_map(|(name, r)| Some((*name, r.breaker()?.stats())))
+            .collect();
+        if !breakers.is_empty() {
+            let mut m = encoder.encode_descriptor(
+                "rt_breaker_state",
+                "1 for the breaker's current state (closed, open, half_open), 0 for the others",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (name, stats) in &breakers {
+                for state in BreakerState::ALL {
+                    let labels = [("resource", *name), ("state", state.as_str())];
+                    ConstGauge::new(i64::from(stats.state == state))
+                        .encode(m.encode_family(&labels)?)?;
+                }
+            }
+            let mut m = encoder.encode_descriptor(
+                "rt_breaker_transitions",
+                "Breaker transitions, by the state entered",
+                None,
+                MetricType::Counter,
+            )?;
+            for (name, stats) in &breakers {
+                for (state, n) in stats.transitions {
+                    let labels = [("resource", *name), ("to", state.as_str())];
+                    ConstCounter::new(n).encode(m.encode_family(&labels)?)?;
+                }
+            }
+            let mut m = encoder.encode_descriptor(
+                "rt_breaker_rejected",
+                "Calls refused by the breaker (open, or half-open with every probe slot taken)",
+                None,
+                MetricType::Counter,
+            )?;
+            for (name, stats) in &breakers {
+                ConstCounter::new(stats.rejected)
+                    .encode(m.encode_family(&[("resource", *name)])?)?;
+            }
+        }
+        let limiters: Vec<_> = resources
+            .iter()
+            .filter_map(|(name, r)| Some((*name, r.limiter()?)))
+            .collect();
+        if !limiters.is_empty() {
+            let mut m = encoder.encode_descriptor(
+                "rt_limiter_waiting",
+                "Calls waiting for the resource's rate limiters or concurrency cap now",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (name, limiter) in &limiters {
+                ConstGauge::new(i64::try_from(limiter.waiting).unwrap_or(i64::MAX))
+                    .encode(m.encode_family(&[("resource", *name)])?)?;
+            }
+            let mut m = encoder.encode_descriptor(
+                "rt_limiter_wait_seconds",
+                "Time calls waited for the rate limiters, the concurrency cap and server holds",
+                None,
+                MetricType::Histogram,
+            )?;
+            for (name, limiter) in &limiters {
+                limiter
+                    .waits
+                    .encode(m.encode_family(&[("resource", *name)])?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Process pools, read at scrape time.
+#[derive(Debug)]
+struct PoolCollector(Vec<Pool>);
+
+impl Collector for PoolCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let stats: Vec<_> = self.0.iter().map(|pool| (pool, pool.stats())).collect();
+        let mut m = encoder.encode_descriptor(
+            "rt_pool_agents",
+            "Live agents per pool and state (starting, idle, assigned, draining)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (pool, stats) in &stats {
+            for (state, n) in stats.agents {
+                let labels = [("pool", pool.name()), ("state", state.as_str())];
+                ConstGauge::new(i64::try_from(n).unwrap_or(i64::MAX))
+                    .encode(m.encode_family(&labels)?)?;
+            }
+        }
+        let mut m = encoder.encode_descriptor(
+            "rt_pool_startup_failures",
+            "Agents that failed to start (spawn error, exit before ready, startup_timeout)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (pool, stats) in &stats {
+            ConstCounter::new(stats.startup_failures)
+                .encode(m.encode_family(&[("pool", pool.name())])?)?;
+        }
+        let mut m = encoder.encode_descriptor(
+            "rt_pool_claim_seconds",
+            "Time from a claim to a confirmed assignment (successful claims)",
+            None,
+            MetricType::Histogram,
+        )?;
+        for (pool, _) in &stats {
+            pool.claim_latency()
+                .encode(m.encode_family(&[("pool", pool.name())])?)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;
