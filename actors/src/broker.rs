@@ -43,7 +43,7 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-pub use actor::{BrokerActor, BrokerArgs, BrokerMessage};
+pub use actor::{BrokerActor, BrokerArgs, BrokerMessage, Presence};
 pub use envelope::{Callback, Envelope};
 pub use leases::Leases;
 pub use sink::EventSink;

@@ -11,8 +11,10 @@
 //!   (panic, kill) is a crash: the consumer records a retry per the task's policy.
 //! - A restarted consumer adopts the deliveries its previous incarnation still held (their
 //!   task actors died with it) and runs them again at once: nothing waits for a lease.
-//! - `Drain` stops fetching; an orderly stop waits for running tasks up to `drain`, then
-//!   kills what is left (their entries come back through lease recovery).
+//! - `Drain` stops fetching and hands the waiting deliveries (reserved, not started) back to
+//!   the broker (`Broker::hand_back`): other nodes take them at once, nobody waits for their
+//!   lease. An orderly stop waits for running tasks up to `drain`, then kills what is left
+//!   (their entries come back through lease recovery).
 //!
 //! Snapshot (every second): concurrency, prefetch, running tasks (id, task, attempt,
 //! elapsed, deadline), waiting, counters, and the queue's recorded outcomes on this node
@@ -230,6 +232,10 @@ impl Actor for ConsumerActor {
                     state.admit(Arc::new(delivery)).await;
                 }
                 state.fill(&myself).await;
+                if state.draining {
+                    // Fetched just before the fetcher was stopped.
+                    state.hand_back().await;
+                }
             }
             ConsumerMessage::Drain => {
                 state.draining = true;
@@ -237,6 +243,7 @@ impl Actor for ConsumerActor {
                     fetcher.abort();
                 }
                 info!(queue = %state.args.queue, running = state.running.len(), waiting = state.waiting.len(), "draining: no more fetching");
+                state.hand_back().await;
                 state.publish();
             }
             ConsumerMessage::Snapshot => {
@@ -371,6 +378,35 @@ impl ConsumerState {
         }
         work.leases.hold(&work.consumer, &delivery);
         self.waiting.push_back((delivery, def));
+    }
+
+    /// Gives the broker back what waits here without having started (a node leaving
+    /// cleanly), so other nodes take it at once instead of after its lease. If the broker
+    /// cannot be reached, the entries stay and run here before the node stops.
+    async fn hand_back(&mut self) {
+        if self.waiting.is_empty() {
+            return;
+        }
+        let work = Arc::clone(&self.args.work);
+        let entries: Vec<String> = self.waiting.iter().map(|(d, _)| d.entry.clone()).collect();
+        match work
+            .broker
+            .hand_back(&self.args.queue, &work.consumer, &entries)
+            .await
+        {
+            Ok(moved) => {
+                for (delivery, _) in self.waiting.drain(..) {
+                    work.leases
+                        .release(&delivery.queue, &work.consumer, &delivery.entry);
+                }
+                self.slots.add_permits(entries.len());
+                info!(queue = %self.args.queue, handed_back = moved, "handed back the entries reserved here but not started");
+            }
+            Err(err) => {
+                warn!(queue = %self.args.queue, error = %err, waiting = entries.len(),
+                    "cannot hand back the waiting entries; they run here before the node stops");
+            }
+        }
     }
 
     /// Dead-letters a delivery that cannot run.

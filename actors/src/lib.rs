@@ -15,6 +15,8 @@
 //! - [`handler`] — what runs a task: `Handler`, `TaskError`, `TaskDef`; native, http, exec.
 //! - [`resource`] — shared resources: circuit breaker, Zep client, OpenAI limiter, egress types.
 //! - [`pool`] — process pools: `Pool` (membership, claim), `PoolActor`, agents' monitors.
+//! - [`scheduler`] — `SchedulerActor`: beat (interval and cron schedules) enqueued by one
+//!   leader across nodes, at most once per due time; the leader lease; missed-run policies.
 //! - [`supervisor`] — `SupervisorActor`: OTP strategies, restart types, intensity, backoff,
 //!   ordered start and reverse-ordered stop.
 //! - [`tree`] — the tree registry every actor is recorded in; read by the introspection routes.
@@ -28,6 +30,7 @@ pub mod handler;
 pub mod heartbeat;
 pub mod pool;
 pub mod resource;
+pub mod scheduler;
 pub mod supervisor;
 pub mod task;
 #[cfg(any(test, feature = "test-util"))]

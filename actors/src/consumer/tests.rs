@@ -107,6 +107,7 @@ impl Rig {
                     queues: queues.clone(),
                     lease: Duration::from_secs(3),
                     promote_every: Duration::from_millis(5),
+                    presence: None,
                 };
                 (BrokerActor, args)
             })
