@@ -9,6 +9,7 @@
 //! | `ANY /egress/{resource}/{path}` | the egress proxy to a shared resource ([`egress`]) |
 //! | `GET /pools`, `POST /pools/{name}/claim` | process pools ([`pools`]) |
 //! | `GET /events` | the events stream as Server-Sent Events ([`events`]) |
+//! | `GET /nodes` | the nodes consuming from the broker, from their presence records ([`nodes`]) |
 //! | `POST /chaos/kill/{path}` | kill that actor (only with `[chaos] enabled = true`) |
 //!
 //! Mutating routes require `Authorization: Bearer <token>` when `http.admin_token_env` names a
@@ -16,6 +17,7 @@
 
 pub mod egress;
 pub mod events;
+pub mod nodes;
 pub mod pools;
 pub mod queues;
 pub mod tasks;
@@ -148,6 +150,7 @@ pub fn app(state: AppState) -> Router {
         .route("/pools", get(pools::snapshots))
         .route("/dlq/{queue}", get(queues::dead_letters))
         .route("/events", get(events::stream))
+        .route("/nodes", get(nodes::list))
         .route("/egress/{resource}", any(egress::forward))
         .route("/egress/{resource}/{*path}", any(egress::forward))
         .merge(mutating)

@@ -50,6 +50,9 @@ pub(crate) struct RawConfig {
     /// `[schedules.NAME]`: periodic tasks (beat).
     #[serde(default)]
     pub(crate) schedules: IndexMap<String, RawSchedule>,
+    /// `[beat]`: how the nodes elect the one that enqueues the schedules.
+    #[serde(default)]
+    pub(crate) beat: RawBeat,
     /// `[chaos]`: fault injection for tests and drills.
     #[serde(default)]
     pub(crate) chaos: RawChaos,
@@ -399,6 +402,16 @@ pub(crate) struct RawSchedule {
     /// What happens to runs missed while no node was leader: `skip` them or `run_once`.
     /// Default `skip`.
     pub(crate) missed: Option<super::Missed>,
+}
+
+/// `[beat]`: the scheduler's leader election.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a [beat] table")]
+pub(crate) struct RawBeat {
+    /// The leader lease: the leader renews it every lease/3; when the leader dies another node
+    /// takes over within one lease (so a schedule's runs pause at most about this long).
+    /// Default `"10s"`.
+    pub(crate) lease: Option<RawDuration>,
 }
 
 /// `[chaos]`

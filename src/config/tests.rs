@@ -98,7 +98,8 @@ fn unknown_keys_are_named_by_path_with_position() {
     assert_eq!(
         fails("[queus.chat]\n")[0],
         "error: queus: unknown key, expected one of `runtime`, `broker`, `http`, \
-         `supervision`, `queues`, `tasks`, `resources`, `pools`, `schedules`, `chaos` \
+         `supervision`, `queues`, `tasks`, `resources`, `pools`, `schedules`, `beat`, \
+         `chaos` \
          (line 1, column 2)"
     );
     // Inside a tagged handler table too.
