@@ -32,6 +32,7 @@ use serde_json::json;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, warn};
 
 use crate::broker::{AnyBroker, Broker, Delivery, Leases, parse_time};
@@ -44,6 +45,8 @@ use crate::tree::TreeHandle;
 const SNAPSHOT_EVERY: Duration = Duration::from_secs(1);
 /// Pause after a failed reserve.
 const FETCH_RETRY: Duration = Duration::from_millis(500);
+/// Time a draining consumer gives the fetcher's last reserve beyond `poll`.
+const FETCH_STOP_MARGIN: Duration = Duration::from_secs(4);
 
 /// What a consumer shares with its task actors.
 #[derive(Debug)]
@@ -147,6 +150,8 @@ pub struct ConsumerState {
     args: ConsumerArgs,
     slots: Arc<Semaphore>,
     fetcher: Option<JoinHandle<()>>,
+    /// Tells the fetcher to stop after its current reserve (a drain).
+    stop_fetching: CancellationToken,
     running: HashMap<ActorId, Running>,
     waiting: VecDeque<(Arc<Delivery>, Arc<TaskDef>)>,
     draining: bool,
@@ -185,6 +190,7 @@ impl Actor for ConsumerActor {
         let mut state = ConsumerState {
             slots,
             fetcher: None,
+            stop_fetching: CancellationToken::new(),
             running: HashMap::new(),
             waiting: VecDeque::new(),
             draining: false,
@@ -214,6 +220,7 @@ impl Actor for ConsumerActor {
             myself.clone(),
             state.args.clone(),
             Arc::clone(&state.slots),
+            state.stop_fetching.clone(),
         )));
         myself.send_after(SNAPSHOT_EVERY, || ConsumerMessage::Snapshot);
         state.publish();
@@ -239,7 +246,15 @@ impl Actor for ConsumerActor {
             }
             ConsumerMessage::Drain => {
                 state.draining = true;
-                if let Some(fetcher) = state.fetcher.take() {
+                // Let a reserve in progress finish (at most `poll`), so that whatever it took
+                // reaches this mailbox and is handed back too: an aborted read could leave
+                // entries reserved by nobody until their lease expires.
+                state.stop_fetching.cancel();
+                if let Some(mut fetcher) = state.fetcher.take()
+                    && tokio::time::timeout(state.args.poll + FETCH_STOP_MARGIN, &mut fetcher)
+                        .await
+                        .is_err()
+                {
                     fetcher.abort();
                 }
                 info!(queue = %state.args.queue, running = state.running.len(), waiting = state.waiting.len(), "draining: no more fetching");
@@ -491,12 +506,24 @@ impl ConsumerState {
 }
 
 /// Reserves entries into free slots and hands them to the consumer, until aborted.
-async fn fetch(consumer: ActorRef<ConsumerMessage>, args: ConsumerArgs, slots: Arc<Semaphore>) {
+async fn fetch(
+    consumer: ActorRef<ConsumerMessage>,
+    args: ConsumerArgs,
+    slots: Arc<Semaphore>,
+    stop: CancellationToken,
+) {
     let mut failing = false;
     loop {
-        let Ok(first) = Arc::clone(&slots).acquire_owned().await else {
+        let first = tokio::select! {
+            () = stop.cancelled() => return,
+            first = Arc::clone(&slots).acquire_owned() => first,
+        };
+        let Ok(first) = first else {
             return;
         };
+        if stop.is_cancelled() {
+            return;
+        }
         first.forget();
         let mut want = 1;
         while let Ok(more) = Arc::clone(&slots).try_acquire_owned() {

@@ -42,8 +42,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use rand::Rng;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
+use rand::Rng;
 use serde_json::{Map, Value, json};
 use tokio::time::Instant;
 use tracing::{info, warn};
@@ -292,8 +292,15 @@ impl Actor for SchedulerActor {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         if state.leader {
-            match state.args.broker.resign_leadership(&state.args.node_name).await {
-                Ok(_) => info!(node = %state.args.node_name, "beat: leadership given up (stopping)"),
+            match state
+                .args
+                .broker
+                .resign_leadership(&state.args.node_name)
+                .await
+            {
+                Ok(_) => {
+                    info!(node = %state.args.node_name, "beat: leadership given up (stopping)")
+                }
                 Err(err) => {
                     warn!(error = %err, "beat: cannot give up the leader lease; it expires by itself")
                 }

@@ -29,10 +29,10 @@ use super::raw::{
     RawResource, RawRuntime, RawSchedule, RawSupervision, RawTask, RawZep,
 };
 use super::{
-    BROKER_URL_ENV, BeatSettings, BreakerSettings, BrokerSettings, ChaosSettings, Config, FailureRate, Handler,
-    HttpSettings, Idempotency, Loaded, OpenAiSettings, PoolSettings, QueueSettings,
-    ResourceSettings, RetryPolicy, RuntimeSettings, ScheduleSettings, Secret, StopSignal,
-    SupervisionSettings, TaskSettings, Trigger, ZepSettings,
+    BROKER_URL_ENV, BeatSettings, BreakerSettings, BrokerSettings, ChaosSettings, Config,
+    FailureRate, Handler, HttpSettings, Idempotency, Loaded, OpenAiSettings, PoolSettings,
+    QueueSettings, ResourceSettings, RetryPolicy, RuntimeSettings, ScheduleSettings, Secret,
+    StopSignal, SupervisionSettings, TaskSettings, Trigger, ZepSettings,
 };
 
 /// Where `compile()` reads environment variables (`RT_BROKER_URL`, secrets).

@@ -434,7 +434,10 @@ pub(crate) async fn handed_back_entries_are_ready_at_once<B: Broker>(b: &B, q: &
     assert_eq!(b.hand_back(q, "leaving", &waiting).await.unwrap(), 0);
     let again = b.reserve(q, "staying", 10, NO_WAIT).await.unwrap();
     let ids: Vec<&str> = again.iter().map(|d| d.envelope.id.as_str()).collect();
-    assert_eq!(ids, [&sent[1].id, &sent[2].id, &sent[3].id].map(String::as_str));
+    assert_eq!(
+        ids,
+        [&sent[1].id, &sent[2].id, &sent[3].id].map(String::as_str)
+    );
     // Not counted as a delivery: they never ran.
     assert!(again.iter().all(|d| d.deliveries == 1));
     // The leaving consumer no longer holds them; the one it started it still does.
@@ -497,7 +500,10 @@ pub(crate) async fn last_runs_and_presence_records<B: Broker>(b: &B, _q: &str) {
         .await
         .unwrap();
     let names = |nodes: Vec<NodeRecord>| nodes.into_iter().map(|n| n.name).collect::<Vec<_>>();
-    assert_eq!(names(b.nodes().await.unwrap()), ["node-a", "node-b", "node-c"]);
+    assert_eq!(
+        names(b.nodes().await.unwrap()),
+        ["node-a", "node-b", "node-c"]
+    );
     assert_eq!(b.nodes().await.unwrap()[0], record("node-a"));
     // node-b stops writing: gone after its TTL; node-c leaves cleanly: gone at once.
     b.forget_node("node-c").await.unwrap();

@@ -15,8 +15,8 @@ use tokio::time::Instant;
 
 use super::{
     Broker, BrokerError, BrokerSettings, DeadLetter, Delivery, Enqueued, Envelope, Event, LastRun,
-    NodeRecord, Purged, QueueDepth, Recovered, TaskRecord, TaskState, due_ms, epoch_ms,
-    parse_time, rfc3339,
+    NodeRecord, Purged, QueueDepth, Recovered, TaskRecord, TaskState, due_ms, epoch_ms, parse_time,
+    rfc3339,
 };
 
 /// The in-memory broker.
@@ -683,7 +683,8 @@ impl Broker for MemoryBroker {
     async fn resign_leadership(&self, node: &str) -> Result<bool, BrokerError> {
         let mut state = self.lock();
         let now = Instant::now();
-        let held = matches!(&state.leader, Some((holder, expires)) if holder == node && *expires > now);
+        let held =
+            matches!(&state.leader, Some((holder, expires)) if holder == node && *expires > now);
         if held {
             state.leader = None;
         }
@@ -721,7 +722,10 @@ impl Broker for MemoryBroker {
 
 /// The sequence number of an entry id (ids are given in order).
 fn entry_seq(id: &str) -> u64 {
-    id.split('-').next().and_then(|n| n.parse().ok()).unwrap_or(0)
+    id.split('-')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
 }
 
 #[cfg(test)]

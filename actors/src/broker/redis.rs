@@ -1773,7 +1773,8 @@ mod tests {
         }
         async fn last_runs(
             &self,
-        ) -> Result<std::collections::HashMap<String, crate::broker::LastRun>, BrokerError> {
+        ) -> Result<std::collections::HashMap<String, crate::broker::LastRun>, BrokerError>
+        {
             self.broker.last_runs().await
         }
         async fn record_run(

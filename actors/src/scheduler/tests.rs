@@ -38,7 +38,11 @@ fn cron(expression: &str, timezone: chrono_tz::Tz) -> Trigger {
 fn every_is_aligned_to_the_epoch_so_every_node_agrees() {
     let every = Trigger::Every(Duration::from_secs(1));
     assert_eq!(every.next_after(at_ms(1_234)), Some(at_ms(2_000)));
-    assert_eq!(every.next_after(at_ms(2_000)), Some(at_ms(3_000)), "strictly after");
+    assert_eq!(
+        every.next_after(at_ms(2_000)),
+        Some(at_ms(3_000)),
+        "strictly after"
+    );
     assert_eq!(every.latest_at_or_before(at_ms(2_000)), Some(at_ms(2_000)));
     assert_eq!(every.latest_at_or_before(at_ms(2_999)), Some(at_ms(2_000)));
     let five = Trigger::Every(Duration::from_secs(300));
@@ -132,7 +136,9 @@ fn missed_runs_are_skipped_or_run_once_on_takeover() {
 }
 
 fn memory() -> Arc<AnyBroker> {
-    Arc::new(AnyBroker::Memory(MemoryBroker::new(BrokerSettings::default())))
+    Arc::new(AnyBroker::Memory(MemoryBroker::new(
+        BrokerSettings::default(),
+    )))
 }
 
 fn schedule(name: &str, every: Duration, missed: Missed) -> Schedule {
@@ -191,12 +197,18 @@ async fn one_leader_renews_its_lease_and_another_takes_over_within_one_lease() {
     // Ten leases later node-a still leads: its renewals keep the lease.
     for _ in 0..30 {
         tokio::time::sleep(lease / 3).await;
-        assert_eq!(broker.claim_leadership("probe", lease).await.unwrap(), "node-a");
+        assert_eq!(
+            broker.claim_leadership("probe", lease).await.unwrap(),
+            "node-a"
+        );
     }
     tokio::time::sleep(Duration::from_millis(1_100)).await;
     assert_eq!(role(&a), "leader");
     assert_eq!(role(&b), "follower");
-    assert_eq!(b.get("root/scheduler").unwrap().snapshot["holder"], "node-a");
+    assert_eq!(
+        b.get("root/scheduler").unwrap().snapshot["holder"],
+        "node-a"
+    );
 
     // node-a dies without resigning: node-b leads within one lease (+ one follower round).
     let killed = tokio::time::Instant::now();
@@ -208,18 +220,26 @@ async fn one_leader_renews_its_lease_and_another_takes_over_within_one_lease() {
         assert!(killed.elapsed() < lease * 3, "no takeover");
     }
     let took = killed.elapsed();
-    assert!(took <= lease + lease / 10 + Duration::from_millis(50), "{took:?}");
+    assert!(
+        took <= lease + lease / 10 + Duration::from_millis(50),
+        "{took:?}"
+    );
 
     // A clean stop resigns: another claimant gets the lease at once.
     b.cell("root/scheduler").unwrap().stop(None);
     loop {
         tokio::time::sleep(Duration::from_millis(10)).await;
-        if b.get("root/scheduler").is_none_or(|s| s.status != Status::Running) {
+        if b.get("root/scheduler")
+            .is_none_or(|s| s.status != Status::Running)
+        {
             break;
         }
     }
     tokio::time::sleep(Duration::from_millis(50)).await;
-    assert_eq!(broker.claim_leadership("probe", lease).await.unwrap(), "probe");
+    assert_eq!(
+        broker.claim_leadership("probe", lease).await.unwrap(),
+        "probe"
+    );
     root_a.stop(None);
     root_b.stop(None);
 }
@@ -245,7 +265,10 @@ async fn the_leader_fires_each_due_time_once_with_its_idempotency_key() {
         .collect();
     assert!((9..=11).contains(&dues.len()), "{dues:?}");
     dues.sort_unstable();
-    assert!(dues.windows(2).all(|w| w[1] - w[0] == 100), "consecutive: {dues:?}");
+    assert!(
+        dues.windows(2).all(|w| w[1] - w[0] == 100),
+        "consecutive: {dues:?}"
+    );
     assert!(dues.iter().all(|d| d % 100 == 0), "aligned: {dues:?}");
     let runs = broker.last_runs().await.unwrap();
     assert_eq!(runs["tick"].node, "node-a");
