@@ -520,6 +520,21 @@ fn schedules_need_exactly_one_valid_trigger() {
 }
 
 #[test]
+fn the_beat_lease_defaults_to_ten_seconds_and_must_be_positive() {
+    let (config, _) = ok("[queues.default]\n");
+    assert_eq!(config.beat.lease, std::time::Duration::from_secs(10));
+    let (config, _) = ok("[beat]\nlease = \"3s\"\n");
+    assert_eq!(config.beat.lease, std::time::Duration::from_secs(3));
+    let lines = fails("[beat]\nlease = \"0s\"\n");
+    assert!(lines[0].starts_with("error: beat.lease: "), "{lines:?}");
+    let lines = fails("[beat]\nleese = \"3s\"\n");
+    assert!(
+        lines[0].starts_with("error: beat.leese: unknown key"),
+        "{lines:?}"
+    );
+}
+
+#[test]
 fn a_missing_secret_is_a_warning_a_set_one_is_resolved_and_no_environment_skips_both() {
     let text = "[resources.openai]\nkind = \"openai\"\napi_key_env = \"OPENAI_API_KEY\"\n";
     let (_, warnings) = ok(text);
