@@ -1,6 +1,6 @@
 //! The command line: `runtime [run] --config FILE`, `runtime check`, and the commands that
 //! talk to a running node over HTTP: `inspect` (`tree`, `queues`, `active`, `stats`, `ping`,
-//! `events`), `tree` (short for `inspect tree`), `enqueue`, `dlq`, `purge`.
+//! `events`), `tree` (short for `inspect tree`), `enqueue`, `dlq`, `purge`, `nodes`.
 
 use std::path::PathBuf;
 
@@ -44,6 +44,19 @@ pub enum Command {
     Dlq(DlqCommand),
     /// Drop every ready and delayed entry of a queue (running tasks finish).
     Purge(PurgeArgs),
+    /// The nodes consuming from the node's broker: queues, entries held, started, last seen.
+    Nodes(NodesArgs),
+}
+
+/// `runtime nodes`
+#[derive(Debug, Args)]
+pub struct NodesArgs {
+    /// Print the JSON answer of `GET /nodes` instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// The node.
+    #[command(flatten)]
+    pub node: NodeArgs,
 }
 
 /// How to reach a running node.

@@ -1,5 +1,5 @@
 //! The commands that talk to a running node over its HTTP API: `inspect` ([`inspect`]),
-//! `tree`, `enqueue`, `dlq`, `purge`. Errors name the node and repeat its JSON error; nothing
+//! `tree`, `enqueue`, `dlq`, `purge`, `nodes`. Errors name the node and repeat its JSON error; nothing
 //! here panics on a bad answer. A node that does not answer at all is an [`Unreachable`]
 //! error, which the binary turns into exit status [`EX_UNAVAILABLE`].
 
@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
-use crate::cli::{DlqArgs, DlqCommand, EnqueueArgs, NodeArgs, PurgeArgs, TreeArgs};
+use crate::cli::{DlqArgs, DlqCommand, EnqueueArgs, NodeArgs, NodesArgs, PurgeArgs, TreeArgs};
 
 /// Exit status when the node cannot be reached (`EX_UNAVAILABLE` of sysexits.h).
 pub const EX_UNAVAILABLE: u8 = 69;
@@ -239,4 +239,77 @@ pub async fn purge(args: PurgeArgs) -> Result<()> {
         answer["purged"]["ready"], answer["purged"]["delayed"], args.queue
     );
     Ok(())
+}
+
+/// `runtime nodes`: one line per node consuming from the broker.
+pub async fn nodes(args: NodesArgs) -> Result<()> {
+    let text = Node::new(&args.node).get("/nodes").await?;
+    if args.json {
+        println!("{text}");
+        return Ok(());
+    }
+    let answer = parse(&text)?;
+    let nodes = answer["nodes"].as_array().cloned().unwrap_or_default();
+    print!("{}", nodes_table(&nodes));
+    Ok(())
+}
+
+/// The table `runtime nodes` prints: `NODE`, `QUEUES`, `IN_FLIGHT` (total, then per queue),
+/// `STARTED_AT`, `LAST_SEEN`.
+pub fn nodes_table(nodes: &[Value]) -> String {
+    if nodes.is_empty() {
+        return "no nodes\n".to_string();
+    }
+    let rows: Vec<[String; 5]> = nodes
+        .iter()
+        .map(|n| {
+            let queues: Vec<&str> = n["queues"]
+                .as_array()
+                .map(|q| q.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            let held = n["in_flight"].as_object().cloned().unwrap_or_default();
+            let total: u64 = held.values().filter_map(Value::as_u64).sum();
+            let per: Vec<String> = held
+                .iter()
+                .filter(|(_, v)| v.as_u64().unwrap_or(0) > 0)
+                .map(|(q, v)| format!("{q}={v}"))
+                .collect();
+            let in_flight = if per.is_empty() {
+                total.to_string()
+            } else {
+                format!("{total} ({})", per.join(" "))
+            };
+            [
+                n["name"].as_str().unwrap_or("").to_string(),
+                queues.join(","),
+                in_flight,
+                n["started_at"].as_str().unwrap_or("").to_string(),
+                n["last_seen"].as_str().unwrap_or("").to_string(),
+            ]
+        })
+        .collect();
+    let header = ["NODE", "QUEUES", "IN_FLIGHT", "STARTED_AT", "LAST_SEEN"];
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let line = |cells: [&str; 5]| {
+        let mut out = String::new();
+        for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
+            if i + 1 == cells.len() {
+                out.push_str(cell);
+            } else {
+                out.push_str(&format!("{cell:<w$}  "));
+            }
+        }
+        out.push('\n');
+        out
+    };
+    let mut out = line(header);
+    for row in &rows {
+        out.push_str(&line([&row[0], &row[1], &row[2], &row[3], &row[4]]));
+    }
+    out
 }

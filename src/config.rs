@@ -116,12 +116,21 @@ pub struct Config {
     pub pools: IndexMap<String, PoolSettings>,
     /// `[schedules.NAME]`, in declaration order.
     pub schedules: IndexMap<String, ScheduleSettings>,
+    /// `[beat]`
+    pub beat: BeatSettings,
     /// `[chaos]`
     pub chaos: ChaosSettings,
     /// `[celery]`, when present.
     pub celery: Option<CelerySettings>,
     /// `[metrics]`
     pub metrics: MetricsSettings,
+}
+
+/// `[beat]`
+#[derive(Debug, Clone)]
+pub struct BeatSettings {
+    /// The scheduler's leader lease.
+    pub lease: Duration,
 }
 
 /// `[runtime]`

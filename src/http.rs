@@ -11,6 +11,7 @@
 //! | `GET /pools`, `POST /pools/{name}/claim` | process pools ([`pools`]) |
 //! | `GET /events` | the events stream as Server-Sent Events ([`events`]) |
 //! | `GET /metrics` | Prometheus text format ([`metrics`]) |
+//! | `GET /nodes` | the nodes consuming from the broker, from their presence records ([`nodes`]) |
 //! | `POST /chaos/kill/{path}` | kill that actor (only with `[chaos] enabled = true`) |
 //!
 //! Mutating routes require `Authorization: Bearer <token>` when `http.admin_token_env` names a
@@ -19,6 +20,7 @@
 pub mod egress;
 pub mod events;
 pub mod metrics;
+pub mod nodes;
 pub mod page;
 pub mod pools;
 pub mod queues;
@@ -158,6 +160,7 @@ pub fn app(state: AppState) -> Router {
         .route("/metrics", get(metrics::scrape))
         .route("/dlq/{queue}", get(queues::dead_letters))
         .route("/events", get(events::stream))
+        .route("/nodes", get(nodes::list))
         .route("/egress/{resource}", any(egress::forward))
         .route("/egress/{resource}/{*path}", any(egress::forward))
         .merge(mutating)

@@ -21,6 +21,7 @@ async fn main() -> ExitCode {
         Some(Command::Enqueue(args)) => report(client::enqueue(args).await),
         Some(Command::Dlq(command)) => report(client::dlq(command).await),
         Some(Command::Purge(args)) => report(client::purge(args).await),
+        Some(Command::Nodes(args)) => report(client::nodes(args).await),
     }
 }
 

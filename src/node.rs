@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use actors::broker::{AnyBroker, EventSink};
+use actors::broker::{AnyBroker, Broker, EventSink};
 use actors::celery::Celery;
 use actors::consumer::{ConsumerMessage, Work};
 use actors::handler::native::Natives;
@@ -38,23 +38,6 @@ fn drain_consumers(tree: &Tree) {
     }
 }
 
-/// Says which validated sections this version does not run yet, so nobody mistakes a
-/// quiet node for a working queue.
-fn announce_unrun_sections(config: &Config) {
-    let sections = [("schedules", config.schedules.len())];
-    let defined: Vec<String> = sections
-        .iter()
-        .filter(|(_, n)| *n > 0)
-        .map(|(name, n)| format!("{name} ({n})"))
-        .collect();
-    if !defined.is_empty() {
-        warn!(
-            sections = %defined.join(", "),
-            "validated but not run by this version: these sections land with their issues"
-        );
-    }
-}
-
 /// Runs a node until `shutdown` resolves (with the signal's name) or the root supervisor
 /// ends by itself (it gave up, or was killed). Exit 0 after an orderly stop, 1 otherwise.
 pub async fn run(config: Config, shutdown: impl Future<Output = &'static str>) -> ExitCode {
@@ -69,7 +52,6 @@ pub async fn run_with(
     shutdown: impl Future<Output = &'static str>,
 ) -> ExitCode {
     let node_started = Instant::now();
-    announce_unrun_sections(&config);
     let (pools, pool_actors) = match pools(&config) {
         Ok(built) => built,
         Err(problems) => {
@@ -178,6 +160,8 @@ pub async fn run_with(
     });
     info!("http listening on http://{addr}");
 
+    let broker = Arc::clone(shared.broker());
+    let node = shared.work.consumer.clone();
     let code = tokio::select! {
         signal = shutdown => {
             let grace = config.runtime.shutdown_grace;
@@ -188,6 +172,10 @@ pub async fn run_with(
             match tokio::time::timeout(grace + Duration::from_secs(1), &mut root_done).await {
                 Ok(_) => {
                     info!(elapsed = ?node_started.elapsed(), "tree stopped");
+                    // Leaving cleanly: out of `GET /nodes` at once, not after the record's TTL.
+                    if let Err(err) = broker.forget_node(&node).await {
+                        warn!(error = %err, "presence record not removed; it expires by itself");
+                    }
                     ExitCode::SUCCESS
                 }
                 Err(_) => {

@@ -11,17 +11,18 @@
 //! │   └── …
 //! ├── celery      SupervisorActor   permanent, when [celery] takes over kombu queues
 //! │   └── celery  BridgeActor       permanent; one per taken-over kombu queue
+//! ├── scheduler   SchedulerActor    permanent, when [schedules] are configured (beat)
 //! └── heartbeat   HeartbeatActor    permanent; uptime and event-loop lag
 //! ```
 //!
-//! Pools attach before `queues`, the scheduler after it, as their issues land
-//! (DESIGN.md §2). Children start in this order and stop in the reverse one.
+//! Pools attach before `queues` (DESIGN.md §2). Children start in this order and stop in the
+//! reverse one: the scheduler stops (and resigns its leader lease) before the consumers.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use actors::broker::{AnyBroker, BrokerActor, BrokerArgs, BrokerSettings};
+use actors::broker::{AnyBroker, BrokerActor, BrokerArgs, BrokerSettings, Presence};
 use actors::celery::CelerySettings;
 use actors::celery::bridge::{BridgeActor, BridgeArgs, BridgeCounters};
 use actors::consumer::{ConsumerActor, ConsumerArgs, Outcomes, Work};
@@ -37,6 +38,7 @@ use actors::resource::Resources;
 use actors::resource::breaker::{BreakerPolicy, BreakerSettings, FailureRate};
 use actors::resource::openai::{Limit, OpenAiActor, OpenAiArgs, OpenAiClient, OpenAiSettings};
 use actors::resource::zep::{ZepActor, ZepArgs, ZepClient, ZepSettings, replay_queue};
+use actors::scheduler::{self, Schedule, SchedulerActor, SchedulerArgs};
 use actors::supervisor::{ChildSpec, Restart, SupervisorSpec};
 use tokio::time::Instant;
 
@@ -50,6 +52,45 @@ pub const PROMOTE_EVERY: Duration = Duration::from_millis(10);
 
 /// How long one reserve waits for an entry before the fetcher loops.
 pub const POLL: Duration = Duration::from_secs(1);
+
+/// How often the scheduler checks due times: a run is enqueued at most this late (+ jitter).
+pub const BEAT_TICK: Duration = Duration::from_millis(50);
+
+/// How long a node's presence record (`GET /nodes`) outlives its last write (written every
+/// second by the broker actor).
+pub const PRESENCE_TTL: Duration = Duration::from_secs(5);
+
+/// The schedules of `config`, in the scheduler's terms.
+pub fn schedules(config: &Config) -> Vec<Schedule> {
+    config
+        .schedules
+        .iter()
+        .map(|(name, s)| Schedule {
+            name: name.clone(),
+            task: s.task.clone(),
+            queue: config
+                .tasks
+                .get(&s.task)
+                .map(|t| t.queue.clone())
+                .unwrap_or_default(),
+            args: s.args.clone(),
+            kwargs: s.kwargs.clone(),
+            trigger: match &s.trigger {
+                config::Trigger::Every(every) => scheduler::Trigger::Every(*every),
+                config::Trigger::Cron { expression, cron } => scheduler::Trigger::Cron {
+                    expression: expression.clone(),
+                    cron: cron.clone(),
+                    timezone: s.timezone,
+                },
+            },
+            jitter: s.jitter,
+            missed: match s.missed {
+                config::Missed::Skip => scheduler::Missed::Skip,
+                config::Missed::RunOnce => scheduler::Missed::RunOnce,
+            },
+        })
+        .collect()
+}
 
 /// What the actors of a node share, created before the tree and outliving every restart.
 #[derive(Debug, Clone)]
@@ -456,6 +497,7 @@ pub fn root_spec(
     pools: Vec<ChildSpec>,
     node_started: Instant,
 ) -> SupervisorSpec {
+    let started_at = std::time::SystemTime::now() - node_started.elapsed();
     let broker_args = {
         let work = Arc::clone(&shared.work);
         let queues: Vec<String> = config.queues.keys().cloned().collect();
@@ -468,6 +510,11 @@ pub fn root_spec(
             lease,
             promote_every: PROMOTE_EVERY,
             metrics: Arc::clone(&work.metrics),
+            presence: Some(Presence {
+                node: work.consumer.clone(),
+                started_at,
+                ttl: PRESENCE_TTL,
+            }),
         }
     };
     let broker = ChildSpec::new("broker", "broker", Restart::Permanent, move |node| {
@@ -549,6 +596,27 @@ pub fn root_spec(
         if !bridges.is_empty() {
             children.push(ChildSpec::supervisor("celery", policy(bridges)));
         }
+    }
+    let schedules = schedules(config);
+    if !schedules.is_empty() {
+        let work = Arc::clone(&shared.work);
+        let lease = config.beat.lease;
+        children.push(ChildSpec::new(
+            "scheduler",
+            "scheduler",
+            Restart::Permanent,
+            move |node| {
+                let args = SchedulerArgs {
+                    node,
+                    broker: Arc::clone(&work.broker),
+                    node_name: work.consumer.clone(),
+                    lease,
+                    tick: BEAT_TICK,
+                    schedules: schedules.clone(),
+                };
+                (SchedulerActor, args)
+            },
+        ));
     }
     children.push(heartbeat);
     policy(children)

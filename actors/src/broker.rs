@@ -16,6 +16,13 @@
 //!   in flight, lease expired ──recover──> ready (deliveries + 1) or dead (poison cap)
 //! ```
 //!
+//! A node leaving cleanly hands back what it reserved but did not start (`hand_back`): the
+//! entries are ready again at once, nobody waits for their lease to expire.
+//!
+//! Beside the queues, the broker keeps what several nodes must agree on: the beat leader lease
+//! (`claim_leadership`, `resign_leadership`), each schedule's last run (`last_runs`,
+//! `record_run`) and the nodes' presence records (`announce_node`, `nodes`, `forget_node`).
+//!
 //! Malformed entries met by `reserve` (not JSON, missing fields) are moved to the dead letters
 //! with the parse error; they never reach a consumer, never block the queue, never panic.
 
@@ -29,14 +36,14 @@ pub mod sink;
 #[cfg(test)]
 mod contract;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-pub use actor::{BrokerActor, BrokerArgs, BrokerMessage};
+pub use actor::{BrokerActor, BrokerArgs, BrokerMessage, Presence};
 pub use envelope::{Callback, Envelope};
 pub use leases::Leases;
 pub use sink::EventSink;
@@ -262,6 +269,33 @@ pub struct Purged {
     pub delayed: u64,
 }
 
+/// One node's presence record (`GET /nodes`), rewritten by the node every second and kept
+/// for a TTL: a node that stops writing it (killed, partitioned) drops out of the list.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    /// The node's consumer name.
+    pub name: String,
+    /// The queues it consumes.
+    pub queues: Vec<String>,
+    /// Entries it holds (running or waiting to run), per queue.
+    pub in_flight: BTreeMap<String, u64>,
+    /// When the node started (RFC 3339).
+    pub started_at: String,
+    /// When it last wrote this record (RFC 3339).
+    pub last_seen: String,
+}
+
+/// The last run of a schedule, as the beat leader recorded it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastRun {
+    /// The due time it ran for, in ms since the epoch (the same on every node).
+    pub due_ms: u64,
+    /// The enqueued task's id (the first one's, if the enqueue was a duplicate).
+    pub task_id: String,
+    /// The node that enqueued it.
+    pub node: String,
+}
+
 /// The broker operations every implementation provides.
 pub trait Broker: Send + Sync + 'static {
     /// Enqueues a batch (ids and `enqueued_at` filled in when empty; a future `eta` goes to
@@ -389,6 +423,56 @@ pub trait Broker: Send + Sync + 'static {
         &self,
         id: &str,
     ) -> impl Future<Output = Result<Option<TaskRecord>, BrokerError>> + Send;
+
+    /// Hands back entries `consumer` reserved but did not start (a node leaving cleanly):
+    /// each one still held by `consumer` is ready again at once for any consumer, its delivery
+    /// count unchanged; entries it no longer holds are left alone. Returns how many moved.
+    fn hand_back(
+        &self,
+        queue: &str,
+        consumer: &str,
+        entries: &[String],
+    ) -> impl Future<Output = Result<u64, BrokerError>> + Send;
+
+    /// The beat leader lease: renews it when `node` holds it, takes it (for `lease`) when
+    /// nobody does; returns the holder after the call (`node` when it leads).
+    fn claim_leadership(
+        &self,
+        node: &str,
+        lease: Duration,
+    ) -> impl Future<Output = Result<String, BrokerError>> + Send;
+
+    /// Gives the beat leader lease up if `node` holds it (a clean stop), so another node
+    /// takes over at its next round instead of after the lease; true if it held it.
+    fn resign_leadership(
+        &self,
+        node: &str,
+    ) -> impl Future<Output = Result<bool, BrokerError>> + Send;
+
+    /// The last recorded run of every schedule.
+    fn last_runs(
+        &self,
+    ) -> impl Future<Output = Result<HashMap<String, LastRun>, BrokerError>> + Send;
+
+    /// Records `run` as the last run of `schedule`.
+    fn record_run(
+        &self,
+        schedule: &str,
+        run: &LastRun,
+    ) -> impl Future<Output = Result<(), BrokerError>> + Send;
+
+    /// Writes this node's presence record, kept for `ttl` unless written again.
+    fn announce_node(
+        &self,
+        record: &NodeRecord,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<(), BrokerError>> + Send;
+
+    /// The presence records not yet expired, by name.
+    fn nodes(&self) -> impl Future<Output = Result<Vec<NodeRecord>, BrokerError>> + Send;
+
+    /// Removes `name`'s presence record (a clean stop).
+    fn forget_node(&self, name: &str) -> impl Future<Output = Result<(), BrokerError>> + Send;
 }
 
 /// RFC 3339 for `at` (UTC, milliseconds).
@@ -569,5 +653,34 @@ impl Broker for AnyBroker {
     }
     async fn record(&self, id: &str) -> Result<Option<TaskRecord>, BrokerError> {
         delegate!(self, b => b.record(id))
+    }
+    async fn hand_back(
+        &self,
+        queue: &str,
+        consumer: &str,
+        entries: &[String],
+    ) -> Result<u64, BrokerError> {
+        delegate!(self, b => b.hand_back(queue, consumer, entries))
+    }
+    async fn claim_leadership(&self, node: &str, lease: Duration) -> Result<String, BrokerError> {
+        delegate!(self, b => b.claim_leadership(node, lease))
+    }
+    async fn resign_leadership(&self, node: &str) -> Result<bool, BrokerError> {
+        delegate!(self, b => b.resign_leadership(node))
+    }
+    async fn last_runs(&self) -> Result<HashMap<String, LastRun>, BrokerError> {
+        delegate!(self, b => b.last_runs())
+    }
+    async fn record_run(&self, schedule: &str, run: &LastRun) -> Result<(), BrokerError> {
+        delegate!(self, b => b.record_run(schedule, run))
+    }
+    async fn announce_node(&self, record: &NodeRecord, ttl: Duration) -> Result<(), BrokerError> {
+        delegate!(self, b => b.announce_node(record, ttl))
+    }
+    async fn nodes(&self) -> Result<Vec<NodeRecord>, BrokerError> {
+        delegate!(self, b => b.nodes())
+    }
+    async fn forget_node(&self, name: &str) -> Result<(), BrokerError> {
+        delegate!(self, b => b.forget_node(name))
     }
 }

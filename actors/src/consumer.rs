@@ -11,8 +11,10 @@
 //!   (panic, kill) is a crash: the consumer records a retry per the task's policy.
 //! - A restarted consumer adopts the deliveries its previous incarnation still held (their
 //!   task actors died with it) and runs them again at once: nothing waits for a lease.
-//! - `Drain` stops fetching; an orderly stop waits for running tasks up to `drain`, then
-//!   kills what is left (their entries come back through lease recovery).
+//! - `Drain` stops fetching and hands the waiting deliveries (reserved, not started) back to
+//!   the broker (`Broker::hand_back`): other nodes take them at once, nobody waits for their
+//!   lease. An orderly stop waits for running tasks up to `drain`, then kills what is left
+//!   (their entries come back through lease recovery).
 //!
 //! Snapshot (every second): concurrency, prefetch, running tasks (id, task, attempt,
 //! elapsed, deadline), waiting, counters, and the queue's recorded outcomes on this node
@@ -30,6 +32,7 @@ use serde_json::json;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, warn};
 
 use crate::broker::{AnyBroker, Broker, Delivery, Leases, parse_time};
@@ -44,6 +47,8 @@ use crate::tree::TreeHandle;
 const SNAPSHOT_EVERY: Duration = Duration::from_secs(1);
 /// Pause after a failed reserve.
 const FETCH_RETRY: Duration = Duration::from_millis(500);
+/// Time a draining consumer gives the fetcher's last reserve beyond `poll`.
+const FETCH_STOP_MARGIN: Duration = Duration::from_secs(4);
 
 /// What a consumer shares with its task actors.
 #[derive(Debug)]
@@ -160,6 +165,8 @@ pub struct ConsumerState {
     args: ConsumerArgs,
     slots: Arc<Semaphore>,
     fetcher: Option<JoinHandle<()>>,
+    /// Tells the fetcher to stop after its current reserve (a drain).
+    stop_fetching: CancellationToken,
     running: HashMap<ActorId, Running>,
     waiting: VecDeque<Waiting>,
     draining: bool,
@@ -205,6 +212,7 @@ impl Actor for ConsumerActor {
             gauges,
             slots,
             fetcher: None,
+            stop_fetching: CancellationToken::new(),
             running: HashMap::new(),
             waiting: VecDeque::new(),
             draining: false,
@@ -234,6 +242,7 @@ impl Actor for ConsumerActor {
             myself.clone(),
             state.args.clone(),
             Arc::clone(&state.slots),
+            state.stop_fetching.clone(),
         )));
         myself.send_after(SNAPSHOT_EVERY, || ConsumerMessage::Snapshot);
         state.publish();
@@ -252,13 +261,26 @@ impl Actor for ConsumerActor {
                     state.admit(Arc::new(delivery)).await;
                 }
                 state.fill(&myself).await;
+                if state.draining {
+                    // Fetched just before the fetcher was stopped.
+                    state.hand_back().await;
+                }
             }
             ConsumerMessage::Drain => {
                 state.draining = true;
-                if let Some(fetcher) = state.fetcher.take() {
+                // Let a reserve in progress finish (at most `poll`), so that whatever it took
+                // reaches this mailbox and is handed back too: an aborted read could leave
+                // entries reserved by nobody until their lease expires.
+                state.stop_fetching.cancel();
+                if let Some(mut fetcher) = state.fetcher.take()
+                    && tokio::time::timeout(state.args.poll + FETCH_STOP_MARGIN, &mut fetcher)
+                        .await
+                        .is_err()
+                {
                     fetcher.abort();
                 }
                 info!(queue = %state.args.queue, running = state.running.len(), waiting = state.waiting.len(), "draining: no more fetching");
+                state.hand_back().await;
                 state.publish();
             }
             ConsumerMessage::Snapshot => {
@@ -423,6 +445,39 @@ impl ConsumerState {
         });
     }
 
+    /// Gives the broker back what waits here without having started (a node leaving
+    /// cleanly), so other nodes take it at once instead of after its lease. If the broker
+    /// cannot be reached, the entries stay and run here before the node stops.
+    async fn hand_back(&mut self) {
+        if self.waiting.is_empty() {
+            return;
+        }
+        let work = Arc::clone(&self.args.work);
+        let entries: Vec<String> = self
+            .waiting
+            .iter()
+            .map(|w| w.delivery.entry.clone())
+            .collect();
+        match work
+            .broker
+            .hand_back(&self.args.queue, &work.consumer, &entries)
+            .await
+        {
+            Ok(moved) => {
+                for w in self.waiting.drain(..) {
+                    work.leases
+                        .release(&w.delivery.queue, &work.consumer, &w.delivery.entry);
+                }
+                self.slots.add_permits(entries.len());
+                info!(queue = %self.args.queue, handed_back = moved, "handed back the entries reserved here but not started");
+            }
+            Err(err) => {
+                warn!(queue = %self.args.queue, error = %err, waiting = entries.len(),
+                    "cannot hand back the waiting entries; they run here before the node stops");
+            }
+        }
+    }
+
     /// Decodes a bridged Celery message ([`celery::expand`]): `None` when it was settled here
     /// — dead-lettered (undecodable, a chord; Celery's result says FAILURE) or deferred to
     /// its `eta`.
@@ -565,12 +620,24 @@ impl ConsumerState {
 }
 
 /// Reserves entries into free slots and hands them to the consumer, until aborted.
-async fn fetch(consumer: ActorRef<ConsumerMessage>, args: ConsumerArgs, slots: Arc<Semaphore>) {
+async fn fetch(
+    consumer: ActorRef<ConsumerMessage>,
+    args: ConsumerArgs,
+    slots: Arc<Semaphore>,
+    stop: CancellationToken,
+) {
     let mut failing = false;
     loop {
-        let Ok(first) = Arc::clone(&slots).acquire_owned().await else {
+        let first = tokio::select! {
+            () = stop.cancelled() => return,
+            first = Arc::clone(&slots).acquire_owned() => first,
+        };
+        let Ok(first) = first else {
             return;
         };
+        if stop.is_cancelled() {
+            return;
+        }
         first.forget();
         let mut want = 1;
         while let Ok(more) = Arc::clone(&slots).try_acquire_owned() {

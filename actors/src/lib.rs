@@ -19,6 +19,8 @@
 //! - [`metrics`] — `Metrics`: the Prometheus registry (`GET /metrics`), recorded by the
 //!   consumers, task actors, supervisors and broker actor; resources and pools read at scrape.
 //! - [`pool`] — process pools: `Pool` (membership, claim), `PoolActor`, agents' monitors.
+//! - [`scheduler`] — `SchedulerActor`: beat (interval and cron schedules) enqueued by one
+//!   leader across nodes, at most once per due time; the leader lease; missed-run policies.
 //! - [`supervisor`] — `SupervisorActor`: OTP strategies, restart types, intensity, backoff,
 //!   ordered start and reverse-ordered stop.
 //! - [`tree`] — the tree registry every actor is recorded in; read by the introspection routes.
@@ -34,6 +36,7 @@ pub mod heartbeat;
 pub mod metrics;
 pub mod pool;
 pub mod resource;
+pub mod scheduler;
 pub mod supervisor;
 pub mod task;
 #[cfg(any(test, feature = "test-util"))]

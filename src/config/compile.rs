@@ -29,10 +29,10 @@ use super::raw::{
     RawResource, RawRuntime, RawSchedule, RawSupervision, RawTask, RawZep,
 };
 use super::{
-    BROKER_URL_ENV, BreakerSettings, BrokerSettings, CelerySettings, ChaosSettings, Config,
-    FailureRate, Handler, HttpSettings, Idempotency, Loaded, MetricsSettings, OpenAiSettings,
-    PoolSettings, QueueSettings, ResourceSettings, RetryPolicy, RuntimeSettings, ScheduleSettings,
-    Secret, StopSignal, SupervisionSettings, TaskSettings, Trigger, ZepSettings,
+    BROKER_URL_ENV, BeatSettings, BreakerSettings, BrokerSettings, CelerySettings, ChaosSettings,
+    Config, FailureRate, Handler, HttpSettings, Idempotency, Loaded, MetricsSettings,
+    OpenAiSettings, PoolSettings, QueueSettings, ResourceSettings, RetryPolicy, RuntimeSettings,
+    ScheduleSettings, Secret, StopSignal, SupervisionSettings, TaskSettings, Trigger, ZepSettings,
 };
 
 /// Where `compile()` reads environment variables (`RT_BROKER_URL`, secrets).
@@ -66,6 +66,7 @@ const DEFAULT_TIME_LIMIT: Duration = Duration::from_secs(300);
 const DEFAULT_BROKER_URL: &str = "memory://";
 const DEFAULT_PREFIX: &str = "rt";
 const DEFAULT_LEASE: Duration = Duration::from_secs(30);
+const DEFAULT_BEAT_LEASE: Duration = Duration::from_secs(10);
 const DEFAULT_MAX_DELIVERIES: u32 = 5;
 const DEFAULT_RESULT_TTL: Duration = Duration::from_secs(24 * 3600);
 const DEFAULT_BIND: &str = "127.0.0.1:7070";
@@ -117,6 +118,9 @@ pub(crate) fn compile(raw: RawConfig, env: Environment<'_>) -> Result<Loaded, Di
     let metrics = MetricsSettings {
         enabled: raw.metrics.enabled.unwrap_or(true),
     };
+    let beat = BeatSettings {
+        lease: c.positive_duration("beat.lease", &raw.beat.lease, DEFAULT_BEAT_LEASE),
+    };
 
     let Compiler { diagnostics, .. } = c;
     match (broker, http, supervision) {
@@ -132,6 +136,7 @@ pub(crate) fn compile(raw: RawConfig, env: Environment<'_>) -> Result<Loaded, Di
                     resources,
                     pools,
                     schedules,
+                    beat,
                     chaos,
                     celery,
                     metrics,

@@ -50,6 +50,9 @@ pub(crate) struct RawConfig {
     /// `[schedules.NAME]`: periodic tasks (beat).
     #[serde(default)]
     pub(crate) schedules: IndexMap<String, RawSchedule>,
+    /// `[beat]`: how the nodes elect the one that enqueues the schedules.
+    #[serde(default)]
+    pub(crate) beat: RawBeat,
     /// `[chaos]`: fault injection for tests and drills.
     #[serde(default)]
     pub(crate) chaos: RawChaos,
@@ -446,6 +449,16 @@ pub(crate) struct RawCeleryTask {
     pub(crate) task: Option<String>,
     /// Write the `STARTED` state when it starts (Celery's `track_started`). Default false.
     pub(crate) track_started: Option<bool>,
+}
+
+/// `[beat]`: the scheduler's leader election.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a [beat] table")]
+pub(crate) struct RawBeat {
+    /// The leader lease: the leader renews it every lease/3; when the leader dies another node
+    /// takes over within one lease (so a schedule's runs pause at most about this long).
+    /// Default `"10s"`.
+    pub(crate) lease: Option<RawDuration>,
 }
 
 /// `[chaos]`

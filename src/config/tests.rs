@@ -99,8 +99,8 @@ fn unknown_keys_are_named_by_path_with_position() {
     assert_eq!(
         fails("[queus.chat]\n")[0],
         "error: queus: unknown key, expected one of `runtime`, `broker`, `http`, \
-         `supervision`, `queues`, `tasks`, `resources`, `pools`, `schedules`, `chaos`, `celery`, \
-         `metrics` \
+         `supervision`, `queues`, `tasks`, `resources`, `pools`, `schedules`, `beat`, `chaos`, \
+         `celery`, `metrics` \
          (line 1, column 2)"
     );
     // Inside a tagged handler table too.
@@ -518,6 +518,21 @@ fn schedules_need_exactly_one_valid_trigger() {
     );
     assert_eq!(schedule.timezone, chrono_tz::Europe::Istanbul);
     assert_eq!(schedule.missed, super::Missed::RunOnce);
+}
+
+#[test]
+fn the_beat_lease_defaults_to_ten_seconds_and_must_be_positive() {
+    let (config, _) = ok("[queues.default]\n");
+    assert_eq!(config.beat.lease, std::time::Duration::from_secs(10));
+    let (config, _) = ok("[beat]\nlease = \"3s\"\n");
+    assert_eq!(config.beat.lease, std::time::Duration::from_secs(3));
+    let lines = fails("[beat]\nlease = \"0s\"\n");
+    assert!(lines[0].starts_with("error: beat.lease: "), "{lines:?}");
+    let lines = fails("[beat]\nleese = \"3s\"\n");
+    assert!(
+        lines[0].starts_with("error: beat.leese: unknown key"),
+        "{lines:?}"
+    );
 }
 
 #[test]

@@ -10,8 +10,13 @@
 //! - **recovery sweep** every `lease / 4`: entries whose lease expired (their node died) go
 //!   back to the ready queue, or to the dead letters past `max_deliveries`.
 //!
-//! And a snapshot every second: a PING's round trip (also in `/metrics`), per queue ready /
-//! delayed / in flight / dead, the last sweep, counters, the connection. A broker that cannot be reached marks the actor degraded (so
+//! And a snapshot every second: a PING's round trip (also in `/metrics`); it also rewrites
+//! this node's presence record ([`Presence`]: queues, entries held per queue, start time; kept
+//! for `ttl`), which `GET /nodes` lists — a node that dies drops out of the list when its
+//! record expires.
+//!
+//! The snapshot: per queue ready / delayed / in flight / dead, the last sweep,
+//! counters, the connection. A broker that cannot be reached marks the actor degraded (so
 //! `/health` says 503 with the reason); nothing is dropped — the loops go on and catch up.
 //!
 //! The connection and the leases live outside the actor (`Arc`s in its arguments), so a
@@ -25,7 +30,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use serde_json::json;
 use tracing::{info, warn};
 
-use super::{AnyBroker, Broker, BrokerError, Leases, QueueDepth, rfc3339};
+use super::{AnyBroker, Broker, BrokerError, Leases, NodeRecord, QueueDepth, rfc3339};
 use crate::metrics::Metrics;
 use crate::tree::TreeHandle;
 
@@ -49,6 +54,19 @@ pub struct BrokerArgs {
     pub promote_every: Duration,
     /// The node's metrics (round trip, poison messages).
     pub metrics: Arc<Metrics>,
+    /// This node's presence record, written every snapshot round (none: not written).
+    pub presence: Option<Presence>,
+}
+
+/// What a node says about itself in its presence record.
+#[derive(Debug, Clone)]
+pub struct Presence {
+    /// The node's consumer name.
+    pub node: String,
+    /// When the node started.
+    pub started_at: SystemTime,
+    /// How long a record is kept unless written again.
+    pub ttl: Duration,
 }
 
 /// Messages (each a timer the actor sends itself).
@@ -207,6 +225,23 @@ impl BrokerState {
             self.depths.insert(queue.clone(), depth);
         }
         self.last_error = None;
+        if let Some(presence) = &args.presence {
+            let mut in_flight: BTreeMap<String, u64> =
+                args.queues.iter().map(|q| (q.clone(), 0)).collect();
+            for held in args.leases.held() {
+                if held.consumer == presence.node {
+                    *in_flight.entry(held.queue).or_default() += held.entries.len() as u64;
+                }
+            }
+            let record = NodeRecord {
+                name: presence.node.clone(),
+                queues: args.queues.clone(),
+                in_flight,
+                started_at: rfc3339(presence.started_at),
+                last_seen: rfc3339(SystemTime::now()),
+            };
+            args.broker.announce_node(&record, presence.ttl).await?;
+        }
         args.node.publish(json!({
             "broker": args.broker.describe(),
             "queues": self.depths,
@@ -252,6 +287,11 @@ mod tests {
                 lease: LEASE,
                 promote_every: Duration::from_millis(10),
                 metrics: Arc::default(),
+                presence: Some(Presence {
+                    node: "node-a".into(),
+                    started_at: SystemTime::now(),
+                    ttl: Duration::from_secs(5),
+                }),
             };
             (BrokerActor, args)
         });
@@ -292,6 +332,10 @@ mod tests {
         .await;
         let snapshot = tree.get("root/broker").unwrap().snapshot;
         assert_eq!(snapshot["broker"]["kind"], "memory");
+        let nodes = broker.nodes().await.unwrap();
+        assert_eq!(nodes.len(), 1);
+        assert_eq!(nodes[0].name, "node-a");
+        assert_eq!(nodes[0].queues, ["chat", "default"]);
         assert_eq!(snapshot["queues"]["chat"]["ready"], 0);
         root.stop(None);
     }

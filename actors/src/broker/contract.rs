@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 use serde_json::json;
 use tokio::time::Instant;
 
-use super::{Broker, BrokerSettings, Envelope, TaskState};
+use super::{Broker, BrokerSettings, Envelope, LastRun, NodeRecord, TaskState};
 
 /// Lets the suite write an entry the way a careless producer could.
 pub(crate) trait RawProducer {
@@ -418,6 +418,100 @@ pub(crate) async fn events_page_forwards_and_backwards<B: Broker>(b: &B, q: &str
     );
 }
 
+pub(crate) async fn handed_back_entries_are_ready_at_once<B: Broker>(b: &B, q: &str) {
+    let sent = b
+        .enqueue((0..4).map(|n| task(q, n)).collect())
+        .await
+        .unwrap();
+    let got = b.reserve(q, "leaving", 4, NO_WAIT).await.unwrap();
+    assert_eq!(got.len(), 4);
+    // It started the first; the other three waited. Another consumer's entries are not its.
+    let waiting: Vec<String> = got[1..].iter().map(|d| d.entry.clone()).collect();
+    assert_eq!(b.hand_back(q, "someone-else", &waiting).await.unwrap(), 0);
+    assert_eq!(b.hand_back(q, "leaving", &waiting).await.unwrap(), 3);
+    let depth = b.depth(q).await.unwrap();
+    assert_eq!((depth.ready, depth.in_flight), (3, 1), "{depth:?}");
+    // Twice is harmless: they are no longer its.
+    assert_eq!(b.hand_back(q, "leaving", &waiting).await.unwrap(), 0);
+    let again = b.reserve(q, "staying", 10, NO_WAIT).await.unwrap();
+    let ids: Vec<&str> = again.iter().map(|d| d.envelope.id.as_str()).collect();
+    assert_eq!(
+        ids,
+        [&sent[1].id, &sent[2].id, &sent[3].id].map(String::as_str)
+    );
+    // Not counted as a delivery: they never ran.
+    assert!(again.iter().all(|d| d.deliveries == 1));
+    // The leaving consumer no longer holds them; the one it started it still does.
+    assert_eq!(b.renew(q, "leaving", &waiting).await.unwrap().len(), 3);
+    assert!(
+        b.renew(q, "leaving", std::slice::from_ref(&got[0].entry))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+pub(crate) async fn one_beat_leader_at_a_time<B: Broker>(b: &B, _q: &str) {
+    let lease = Duration::from_millis(300);
+    assert_eq!(b.claim_leadership("node-a", lease).await.unwrap(), "node-a");
+    assert_eq!(b.claim_leadership("node-b", lease).await.unwrap(), "node-a");
+    // Renewed by its holder every lease/3: never taken over.
+    for _ in 0..4 {
+        tokio::time::sleep(lease / 3).await;
+        assert_eq!(b.claim_leadership("node-a", lease).await.unwrap(), "node-a");
+        assert_eq!(b.claim_leadership("node-b", lease).await.unwrap(), "node-a");
+    }
+    // The holder stops renewing: another node takes over after one lease.
+    tokio::time::sleep(lease + Duration::from_millis(50)).await;
+    assert_eq!(b.claim_leadership("node-b", lease).await.unwrap(), "node-b");
+    assert_eq!(b.claim_leadership("node-a", lease).await.unwrap(), "node-b");
+    // Resigning frees it at once, and only its holder can.
+    assert!(!b.resign_leadership("node-a").await.unwrap());
+    assert!(b.resign_leadership("node-b").await.unwrap());
+    assert_eq!(b.claim_leadership("node-a", lease).await.unwrap(), "node-a");
+}
+
+pub(crate) async fn last_runs_and_presence_records<B: Broker>(b: &B, _q: &str) {
+    assert!(b.last_runs().await.unwrap().is_empty());
+    let run = |due_ms| LastRun {
+        due_ms,
+        task_id: format!("t-{due_ms}"),
+        node: "node-a".into(),
+    };
+    b.record_run("health_check", &run(1000)).await.unwrap();
+    b.record_run("health_check", &run(2000)).await.unwrap();
+    b.record_run("sweep", &run(3000)).await.unwrap();
+    let runs = b.last_runs().await.unwrap();
+    assert_eq!(runs.len(), 2);
+    assert_eq!(runs["health_check"], run(2000));
+
+    let record = |name: &str| NodeRecord {
+        name: name.into(),
+        queues: vec!["chat".into()],
+        in_flight: [("chat".to_string(), 2)].into_iter().collect(),
+        started_at: "2026-11-23T15:00:00.000Z".into(),
+        last_seen: "2026-11-23T15:00:01.000Z".into(),
+    };
+    let ttl = Duration::from_millis(300);
+    b.announce_node(&record("node-b"), ttl).await.unwrap();
+    b.announce_node(&record("node-a"), Duration::from_secs(60))
+        .await
+        .unwrap();
+    b.announce_node(&record("node-c"), Duration::from_secs(60))
+        .await
+        .unwrap();
+    let names = |nodes: Vec<NodeRecord>| nodes.into_iter().map(|n| n.name).collect::<Vec<_>>();
+    assert_eq!(
+        names(b.nodes().await.unwrap()),
+        ["node-a", "node-b", "node-c"]
+    );
+    assert_eq!(b.nodes().await.unwrap()[0], record("node-a"));
+    // node-b stops writing: gone after its TTL; node-c leaves cleanly: gone at once.
+    b.forget_node("node-c").await.unwrap();
+    tokio::time::sleep(ttl + Duration::from_millis(50)).await;
+    assert_eq!(names(b.nodes().await.unwrap()), ["node-a"]);
+}
+
 /// Instantiates every property as a `#[tokio::test]` for the broker `$make` builds (an async
 /// expression evaluated once per test).
 macro_rules! contract_suite {
@@ -431,7 +525,8 @@ macro_rules! contract_suite {
             records_keep_results_for_their_ttl, dead_letters_can_be_listed_and_requeued,
             purge_removes_ready_and_delayed_only, malformed_entries_are_dead_lettered_not_delivered,
             bad_envelopes_are_refused_whole, events_tell_the_life_of_a_task,
-            events_page_forwards_and_backwards);
+            events_page_forwards_and_backwards, handed_back_entries_are_ready_at_once,
+            one_beat_leader_at_a_time, last_runs_and_presence_records);
     };
     (@each $make:expr; $($name:ident),* $(,)?) => {
         $(

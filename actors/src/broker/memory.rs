@@ -14,8 +14,9 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::{
-    Broker, BrokerError, BrokerSettings, DeadLetter, Delivery, Enqueued, Envelope, Event, Purged,
-    QueueDepth, Recovered, TaskRecord, TaskState, due_ms, epoch_ms, parse_time, rfc3339,
+    Broker, BrokerError, BrokerSettings, DeadLetter, Delivery, Enqueued, Envelope, Event, LastRun,
+    NodeRecord, Purged, QueueDepth, Recovered, TaskRecord, TaskState, due_ms, epoch_ms, parse_time,
+    rfc3339,
 };
 
 /// The in-memory broker.
@@ -34,6 +35,12 @@ struct State {
     events: VecDeque<Event>,
     next_entry: u64,
     next_event: u64,
+    /// The beat leader lease: holder and expiry.
+    leader: Option<(String, Instant)>,
+    /// Last run per schedule.
+    runs: HashMap<String, LastRun>,
+    /// Presence records and their expiry.
+    nodes: BTreeMap<String, (NodeRecord, Instant)>,
 }
 
 #[derive(Debug, Default)]
@@ -627,6 +634,99 @@ impl Broker for MemoryBroker {
             None => Ok(None),
         }
     }
+
+    async fn hand_back(
+        &self,
+        queue: &str,
+        consumer: &str,
+        entries: &[String],
+    ) -> Result<u64, BrokerError> {
+        let mut state = self.lock();
+        let q = state.queue(queue);
+        let mut back = Vec::new();
+        for id in entries {
+            if q.in_flight.get(id).is_some_and(|l| l.consumer == consumer)
+                && let Some(leased) = q.in_flight.remove(id)
+            {
+                back.push(leased.entry);
+            }
+        }
+        // First in line again, in their original order: they were next before being reserved.
+        back.sort_by_key(|e| entry_seq(&e.id));
+        let moved = back.len() as u64;
+        for entry in back.into_iter().rev() {
+            q.ready.push_front(entry);
+        }
+        drop(state);
+        if moved > 0 {
+            self.arrived.notify_waiters();
+        }
+        Ok(moved)
+    }
+
+    async fn claim_leadership(&self, node: &str, lease: Duration) -> Result<String, BrokerError> {
+        let mut state = self.lock();
+        let now = Instant::now();
+        match &mut state.leader {
+            Some((holder, expires)) if *expires > now => {
+                if holder == node {
+                    *expires = now + lease;
+                }
+                Ok(holder.clone())
+            }
+            _ => {
+                state.leader = Some((node.to_string(), now + lease));
+                Ok(node.to_string())
+            }
+        }
+    }
+
+    async fn resign_leadership(&self, node: &str) -> Result<bool, BrokerError> {
+        let mut state = self.lock();
+        let now = Instant::now();
+        let held =
+            matches!(&state.leader, Some((holder, expires)) if holder == node && *expires > now);
+        if held {
+            state.leader = None;
+        }
+        Ok(held)
+    }
+
+    async fn last_runs(&self) -> Result<HashMap<String, LastRun>, BrokerError> {
+        Ok(self.lock().runs.clone())
+    }
+
+    async fn record_run(&self, schedule: &str, run: &LastRun) -> Result<(), BrokerError> {
+        self.lock().runs.insert(schedule.to_string(), run.clone());
+        Ok(())
+    }
+
+    async fn announce_node(&self, record: &NodeRecord, ttl: Duration) -> Result<(), BrokerError> {
+        self.lock()
+            .nodes
+            .insert(record.name.clone(), (record.clone(), Instant::now() + ttl));
+        Ok(())
+    }
+
+    async fn nodes(&self) -> Result<Vec<NodeRecord>, BrokerError> {
+        let mut state = self.lock();
+        let now = Instant::now();
+        state.nodes.retain(|_, (_, expires)| *expires > now);
+        Ok(state.nodes.values().map(|(r, _)| r.clone()).collect())
+    }
+
+    async fn forget_node(&self, name: &str) -> Result<(), BrokerError> {
+        self.lock().nodes.remove(name);
+        Ok(())
+    }
+}
+
+/// The sequence number of an entry id (ids are given in order).
+fn entry_seq(id: &str) -> u64 {
+    id.split('-')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
 }
 
 #[cfg(test)]

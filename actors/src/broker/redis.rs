@@ -14,6 +14,10 @@
 //! | `p:idem:<key>` | string, `PX` idempotency TTL | the first task id enqueued with that idempotency key |
 //! | `p:result:<id>` | hash, `PEXPIRE` result TTL | the task's record (below) |
 //! | `p:events` | stream, `MAXLEN ~ events_maxlen` | lifecycle events (below) |
+//! | `p:{beat}:leader` | string, `PX` beat lease | the node that leads the beat scheduler |
+//! | `p:{beat}:runs` | hash | per schedule: its last run, JSON `{"due_ms", "task_id", "node"}` |
+//! | `p:{nodes}:node:<name>` | string, `PX` presence TTL | a node's presence record (JSON, `NodeRecord`) |
+//! | `p:{nodes}:index` | sorted set | names of the nodes that wrote a presence record (score = last write, ms) |
 //!
 //! # Entry fields
 //!
@@ -62,6 +66,17 @@
 //!   reserved) and the delayed set; in-flight entries finish.
 //! - `requeue_dead`: dead letters are read, each parseable one rewritten with `attempt` = 0,
 //!   and `requeue.lua` moves it only if it is still a dead letter (atomic per letter).
+//! - `hand_back`: `hand_back.lua`: each entry still pending for the consumer is acked,
+//!   deleted and re-added at the tail with the same fields (envelope, delivery count). Chosen
+//!   over `XCLAIM … IDLE <huge>` (which would let the next recovery sweep take it): the
+//!   handed-back entry is readable by `XREADGROUP >` at once instead of a quarter lease later,
+//!   and it is not counted as a delivery (it never ran), so handing back cannot push an entry
+//!   towards the poison cap. The price: it goes behind entries enqueued since.
+//! - `claim_leadership`: `claim_leadership.lua`: `GET`; the holder renews with `PEXPIRE`
+//!   (compare-and-pexpire), anyone takes a free lease with `SET NX PX`; the holder is returned.
+//!   `resign_leadership`: compare-and-`DEL`.
+//! - Presence: `SET p:{nodes}:node:<name> <json> PX ttl` + `ZADD p:{nodes}:index`; `nodes`
+//!   reads the index, `MGET`s the records and drops the names whose record expired.
 //! - Events and records live outside the queue's slot, so they are written next to (not
 //!   inside) the queue's atomic steps; losing an event to a crash between the two is possible,
 //!   losing a task is not.
@@ -101,8 +116,8 @@ use serde_json::json;
 
 use super::memory::prepare;
 use super::{
-    Broker, BrokerError, BrokerSettings, DeadLetter, Delivery, Enqueued, Envelope, Event, Purged,
-    QueueDepth, Recovered, TaskRecord, TaskState, due_ms, epoch_ms, rfc3339,
+    Broker, BrokerError, BrokerSettings, DeadLetter, Delivery, Enqueued, Envelope, Event, LastRun,
+    NodeRecord, Purged, QueueDepth, Recovered, TaskRecord, TaskState, due_ms, epoch_ms, rfc3339,
 };
 
 /// How long connecting (and the start-up PING) may take.
@@ -209,6 +224,9 @@ struct Scripts {
     promote: Script,
     purge: Script,
     requeue: Script,
+    hand_back: Script,
+    claim_leadership: Script,
+    resign_leadership: Script,
 }
 
 impl std::fmt::Debug for Scripts {
@@ -291,6 +309,9 @@ impl RedisBroker {
                 promote: Script::new(include_str!("redis/promote.lua")),
                 purge: Script::new(include_str!("redis/purge.lua")),
                 requeue: Script::new(include_str!("redis/requeue.lua")),
+                hand_back: Script::new(include_str!("redis/hand_back.lua")),
+                claim_leadership: Script::new(include_str!("redis/claim_leadership.lua")),
+                resign_leadership: Script::new(include_str!("redis/resign_leadership.lua")),
             },
         })
     }
@@ -334,6 +355,22 @@ impl RedisBroker {
 
     fn result_key(&self, id: &str) -> String {
         format!("{}:result:{id}", self.settings.prefix)
+    }
+
+    fn leader_key(&self) -> String {
+        format!("{}:{{beat}}:leader", self.settings.prefix)
+    }
+
+    fn runs_key(&self) -> String {
+        format!("{}:{{beat}}:runs", self.settings.prefix)
+    }
+
+    fn nodes_key(&self) -> String {
+        format!("{}:{{nodes}}:index", self.settings.prefix)
+    }
+
+    fn node_key(&self, name: &str) -> String {
+        format!("{}:{{nodes}}:node:{name}", self.settings.prefix)
     }
 
     fn group(&self) -> &str {
@@ -1267,6 +1304,124 @@ impl Broker for RedisBroker {
             updated_at: get("updated_at").to_string(),
         }))
     }
+
+    async fn hand_back(
+        &self,
+        queue: &str,
+        consumer: &str,
+        entries: &[String],
+    ) -> Result<u64, BrokerError> {
+        if entries.is_empty() {
+            return Ok(0);
+        }
+        let mut invocation = self.scripts.hand_back.prepare_invoke();
+        invocation
+            .key(self.stream_key(queue))
+            .arg(self.group())
+            .arg(consumer);
+        for entry in entries {
+            invocation.arg(entry);
+        }
+        self.grouped(queue, || {
+            let mut conn = self.manager.clone();
+            let invocation = &invocation;
+            async move { invocation.invoke_async(&mut conn).await }
+        })
+        .await
+    }
+
+    async fn claim_leadership(&self, node: &str, lease: Duration) -> Result<String, BrokerError> {
+        let mut invocation = self.scripts.claim_leadership.prepare_invoke();
+        invocation
+            .key(self.leader_key())
+            .arg(node)
+            .arg((lease.as_millis() as u64).max(1));
+        let mut conn = self.manager.clone();
+        self.observe(invocation.invoke_async(&mut conn).await)
+    }
+
+    async fn resign_leadership(&self, node: &str) -> Result<bool, BrokerError> {
+        let mut invocation = self.scripts.resign_leadership.prepare_invoke();
+        invocation.key(self.leader_key()).arg(node);
+        let mut conn = self.manager.clone();
+        let held: u64 = self.observe(invocation.invoke_async(&mut conn).await)?;
+        Ok(held == 1)
+    }
+
+    async fn last_runs(&self) -> Result<HashMap<String, LastRun>, BrokerError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("HGETALL").arg(self.runs_key());
+        let (reply,): (Value,) = self.query_pipe(&pipe).await?;
+        Ok(pairs(reply)
+            .into_iter()
+            .filter_map(|(name, run)| Some((name, serde_json::from_str(&run).ok()?)))
+            .collect())
+    }
+
+    async fn record_run(&self, schedule: &str, run: &LastRun) -> Result<(), BrokerError> {
+        let mut pipe = redis::pipe();
+        let json = serde_json::to_string(run).unwrap_or_default();
+        pipe.cmd("HSET")
+            .arg(self.runs_key())
+            .arg(schedule)
+            .arg(json)
+            .ignore();
+        self.query_pipe::<()>(&pipe).await
+    }
+
+    async fn announce_node(&self, record: &NodeRecord, ttl: Duration) -> Result<(), BrokerError> {
+        let mut pipe = redis::pipe();
+        let json = serde_json::to_string(record).unwrap_or_default();
+        pipe.cmd("SET")
+            .arg(self.node_key(&record.name))
+            .arg(json)
+            .arg("PX")
+            .arg((ttl.as_millis() as u64).max(1))
+            .ignore();
+        pipe.cmd("ZADD")
+            .arg(self.nodes_key())
+            .arg(epoch_ms(SystemTime::now()))
+            .arg(&record.name)
+            .ignore();
+        self.query_pipe::<()>(&pipe).await
+    }
+
+    async fn nodes(&self) -> Result<Vec<NodeRecord>, BrokerError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("ZRANGE").arg(self.nodes_key()).arg(0).arg(-1);
+        let (names,): (Vec<String>,) = self.query_pipe(&pipe).await?;
+        if names.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        let keys: Vec<String> = names.iter().map(|n| self.node_key(n)).collect();
+        pipe.cmd("MGET").arg(&keys);
+        let (records,): (Vec<Option<String>>,) = self.query_pipe(&pipe).await?;
+        let mut out = Vec::new();
+        let mut gone = Vec::new();
+        for (name, record) in names.into_iter().zip(records) {
+            match record.and_then(|r| serde_json::from_str::<NodeRecord>(&r).ok()) {
+                Some(record) => out.push(record),
+                None => gone.push(name),
+            }
+        }
+        // Expired records leave the index too (a node that wrote again meanwhile is re-added
+        // by its next write, within a second).
+        if !gone.is_empty() {
+            let mut pipe = redis::pipe();
+            pipe.cmd("ZREM").arg(self.nodes_key()).arg(&gone).ignore();
+            self.query_pipe::<()>(&pipe).await?;
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    async fn forget_node(&self, name: &str) -> Result<(), BrokerError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("DEL").arg(self.node_key(name)).ignore();
+        pipe.cmd("ZREM").arg(self.nodes_key()).arg(name).ignore();
+        self.query_pipe::<()>(&pipe).await
+    }
 }
 
 /// A poison-tolerant lock (the guarded maps stay consistent whatever panicked).
@@ -1614,6 +1769,50 @@ mod tests {
         }
         async fn record(&self, id: &str) -> Result<Option<TaskRecord>, BrokerError> {
             self.broker.record(id).await
+        }
+        async fn hand_back(
+            &self,
+            queue: &str,
+            consumer: &str,
+            entries: &[String],
+        ) -> Result<u64, BrokerError> {
+            self.broker.hand_back(queue, consumer, entries).await
+        }
+        async fn claim_leadership(
+            &self,
+            node: &str,
+            lease: Duration,
+        ) -> Result<String, BrokerError> {
+            self.broker.claim_leadership(node, lease).await
+        }
+        async fn resign_leadership(&self, node: &str) -> Result<bool, BrokerError> {
+            self.broker.resign_leadership(node).await
+        }
+        async fn last_runs(
+            &self,
+        ) -> Result<std::collections::HashMap<String, crate::broker::LastRun>, BrokerError>
+        {
+            self.broker.last_runs().await
+        }
+        async fn record_run(
+            &self,
+            schedule: &str,
+            run: &crate::broker::LastRun,
+        ) -> Result<(), BrokerError> {
+            self.broker.record_run(schedule, run).await
+        }
+        async fn announce_node(
+            &self,
+            record: &crate::broker::NodeRecord,
+            ttl: Duration,
+        ) -> Result<(), BrokerError> {
+            self.broker.announce_node(record, ttl).await
+        }
+        async fn nodes(&self) -> Result<Vec<crate::broker::NodeRecord>, BrokerError> {
+            self.broker.nodes().await
+        }
+        async fn forget_node(&self, name: &str) -> Result<(), BrokerError> {
+            self.broker.forget_node(name).await
         }
     }
 

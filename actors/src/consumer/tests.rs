@@ -116,6 +116,7 @@ impl Rig {
                     lease: Duration::from_secs(3),
                     promote_every: Duration::from_millis(5),
                     metrics: Arc::clone(&metrics),
+                    presence: None,
                 };
                 (BrokerActor, args)
             })
