@@ -564,10 +564,10 @@ impl Pool {
                 }
             };
             if let Some((agent_id, pid, commands)) = taken {
-                // No longer waiting. The actor starts the replacement (a fork here would sit
-                // on the claim's path).
+                // No longer waiting. The actor starts the replacement once the assignment is
+                // confirmed (or failed): a replacement's interpreter starting up beside the
+                // claimed agent would compete with it for the CPU while the claim waits.
                 waiting = None;
-                self.touch();
                 let (reply, confirmed) = oneshot::channel();
                 let sent = commands.send(AgentCommand::Assign {
                     line: line.clone(),
@@ -582,6 +582,7 @@ impl Pool {
                 match outcome {
                     Ok(()) => {
                         self.lock().totals.claims += 1;
+                        self.touch();
                         self.emit_agent(AgentState::Assigned, &agent_id, pid, None);
                         self.shared
                             .claim_latency
@@ -591,6 +592,7 @@ impl Pool {
                     Err(reason) => {
                         warn!(pool = %self.name(), agent = %agent_id, %reason, "assignment failed; trying another agent");
                         self.lock().totals.assign_failures += 1;
+                        self.touch();
                         continue;
                     }
                 }
