@@ -24,7 +24,7 @@ mod common;
 use std::collections::{BTreeMap, HashMap};
 use std::process::Command;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use actors::test_util::RedisServer;
@@ -146,16 +146,21 @@ backoff_max = "100ms"
 }
 
 /// The ledger task: reads the envelope, appends `MARK START_MS` to `runs` (every execution),
-/// and for an `idem-` mark performs its side effect once per key (`mkdir` of the key is the
-/// guard, the line in `effects` the effect).
-fn ledger_script(dir: &std::path::Path) -> String {
+/// and for an `idem-` mark performs its side effect once per key: one Lua script on the
+/// private Redis takes the key (`SET chaos:idem:MARK NX`) and, only if it got it, appends the
+/// mark to the `chaos:effects` list — guard and effect in one atomic step, stored with the
+/// AOF, so neither a re-run nor the Redis restart can repeat or lose it. Redis unreachable →
+/// exit 75 (retryable).
+fn ledger_script(dir: &std::path::Path, redis_port: u16) -> String {
     let d = dir.display();
     format!(
         r#"read -r envelope
 mark=$(printf '%s\n' "$envelope" | grep -o '"mark":"[^"]*"' | cut -d'"' -f4)
 echo "$mark $(date +%s%3N)" >> {d}/runs
 case "$mark" in
-  idem-*) if mkdir "{d}/keys/$mark" 2>/dev/null; then echo "$mark" >> {d}/effects; fi ;;
+  idem-*)
+    out=$(redis-cli -p {redis_port} EVAL "if redis.call('SET', KEYS[1], '1', 'NX') then return redis.call('RPUSH', 'chaos:effects', ARGV[1]) end return 0" 1 "chaos:idem:$mark" "$mark") || exit 75
+    case "$out" in ''|*[!0-9]*) exit 75 ;; esac ;;
 esac
 echo '{{"ok": true}}'
 "#
@@ -242,6 +247,9 @@ fn now_ms() -> u64 {
 /// (`None`: every queue).
 #[derive(Debug, Clone)]
 struct Disruption {
+    /// `node SIGKILL`, `Redis restart`, `consumer kill`, `supervisor kill`, `broker kill`, or
+    /// `other kill` (cannot re-run a task).
+    what: String,
     start: u64,
     end: u64,
     queue: Option<String>,
@@ -397,8 +405,7 @@ async fn tasks_survive_actor_kills_node_sigkills_and_a_redis_restart() {
     let began = Instant::now();
     let mut redis = RedisServer::start_with_aof();
     let ledger = Scratch::new();
-    std::fs::create_dir_all(ledger.path().join("keys")).unwrap();
-    let script = ledger.write("ledger.sh", &ledger_script(ledger.path()));
+    let script = ledger.write("ledger.sh", &ledger_script(ledger.path(), redis.port()));
     let config = config(&script.display().to_string());
     let redis_url = redis.url();
     let start = |config: &str| Node::start(config, &[("RT_BROKER_URL", &redis_url)]);
@@ -410,13 +417,14 @@ async fn tasks_survive_actor_kills_node_sigkills_and_a_redis_restart() {
         .build()
         .unwrap();
 
-    // The producer: one batch per `batch_every` to node A (never killed), paused while Redis
-    // is down; the idempotent tasks of each batch are submitted again with the next one.
-    let paused = Arc::new(AtomicBool::new(false));
+    // The producer: one batch per `batch_every` to node A (never killed); it holds `gate`
+    // while it posts, and the chaos holds it while Redis is down (no post is cut in half). The
+    // idempotent tasks of each batch are submitted again with the next one.
+    let gate = Arc::new(tokio::sync::Mutex::new(()));
     let produced = Arc::new(AtomicUsize::new(0));
     let producer = {
         let (http, url, profile) = (http.clone(), node_a.url.clone(), profile.clone());
-        let (paused, produced) = (Arc::clone(&paused), Arc::clone(&produced));
+        let (gate, produced) = (Arc::clone(&gate), Arc::clone(&produced));
         tokio::spawn(async move {
             let mut submitted = Vec::new();
             let mut resent: Vec<(String, String)> = Vec::new();
@@ -436,9 +444,7 @@ async fn tasks_survive_actor_kills_node_sigkills_and_a_redis_restart() {
                 }
                 n = (n + profile.batch).min(profile.tasks);
                 loop {
-                    while paused.load(Ordering::SeqCst) {
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
+                    let posting = gate.lock().await;
                     let response = http
                         .post(format!("{url}/tasks"))
                         .json(&Value::Array(bodies.clone()))
@@ -456,6 +462,7 @@ async fn tasks_survive_actor_kills_node_sigkills_and_a_redis_restart() {
                             break;
                         }
                         other => {
+                            drop(posting);
                             eprintln!("producer: batch refused ({other:?}); retrying");
                             tokio::time::sleep(Duration::from_millis(200)).await;
                         }
@@ -500,6 +507,7 @@ async fn tasks_survive_actor_kills_node_sigkills_and_a_redis_restart() {
             let restarted = tokio::task::block_in_place(|| start(&config));
             node_restarts += 1;
             disruptions.push(Disruption {
+                what: "node SIGKILL".into(),
                 start: at,
                 // Its entries come back after one lease (2 s) and the sweep.
                 end: now_ms() + 5_000,
@@ -508,7 +516,7 @@ async fn tasks_survive_actor_kills_node_sigkills_and_a_redis_restart() {
             node_b = Some(restarted);
         }
         if redis_restarts == 0 && elapsed >= profile.redis_restart {
-            paused.store(true, Ordering::SeqCst);
+            let held = gate.lock().await;
             let at = now_ms();
             redis.stop();
             tokio::time::sleep(Duration::from_millis(300)).await;
@@ -523,11 +531,12 @@ async fn tasks_survive_actor_kills_node_sigkills_and_a_redis_restart() {
                 now_ms() - at
             );
             disruptions.push(Disruption {
+                what: "Redis restart".into(),
                 start: at,
                 end: now_ms() + 5_000,
                 queue: None,
             });
-            paused.store(false, Ordering::SeqCst);
+            drop(held);
             tick = Instant::now();
         }
         let on_b = rng.random_bool(0.5);
@@ -544,6 +553,14 @@ async fn tasks_survive_actor_kills_node_sigkills_and_a_redis_restart() {
             None => Some(String::from("-")), // cannot re-run a task
         };
         disruptions.push(Disruption {
+            what: format!(
+                "{} kill",
+                if kill.kind == "consumer" || kill.kind == "broker" || kill.kind == "supervisor" {
+                    kill.kind.as_str()
+                } else {
+                    "other"
+                }
+            ),
             start: at,
             end: now_ms(),
             queue,
@@ -624,12 +641,24 @@ async fn tasks_survive_actor_kills_node_sigkills_and_a_redis_restart() {
             runs.entry(mark.to_string()).or_default().push(at);
         }
     }
-    let effects_text = std::fs::read_to_string(ledger.path().join("effects")).unwrap_or_default();
+    let effects_out = Command::new("redis-cli")
+        .args([
+            "-p",
+            &redis.port().to_string(),
+            "LRANGE",
+            "chaos:effects",
+            "0",
+            "-1",
+        ])
+        .output()
+        .expect("run redis-cli");
+    let effects_text = String::from_utf8_lossy(&effects_out.stdout).into_owned();
     let mut effects: HashMap<&str, usize> = HashMap::new();
-    for mark in effects_text.lines() {
+    for mark in effects_text.lines().filter(|l| !l.is_empty()) {
         *effects.entry(mark).or_default() += 1;
     }
     let mut duplicates = 0;
+    let mut explained_by: BTreeMap<String, usize> = BTreeMap::new();
     let mut unexplained = Vec::new();
     let mut never_ran = Vec::new();
     let (mut idempotent, mut duplicate_effects, mut missing_effects) = (0, 0, 0);
@@ -643,13 +672,27 @@ async fn tasks_survive_actor_kills_node_sigkills_and_a_redis_restart() {
         for pair in times.windows(2) {
             duplicates += 1;
             let (first, later) = (pair[0].saturating_sub(100), pair[1] + 100);
-            let explained = disruptions.iter().any(|d| {
-                d.start <= later
-                    && d.end >= first
-                    && d.queue.as_deref().is_none_or(|q| q == sub.queue)
-            });
-            if !explained {
-                unexplained.push(format!("{mark} ran at {times:?}"));
+            let around: Vec<&Disruption> = disruptions
+                .iter()
+                .filter(|d| {
+                    d.start <= later
+                        && d.end >= first
+                        && d.queue.as_deref().is_none_or(|q| q == sub.queue)
+                })
+                .collect();
+            // Named by the gravest one around it.
+            let grave = [
+                "node SIGKILL",
+                "Redis restart",
+                "supervisor kill",
+                "consumer kill",
+                "broker kill",
+            ]
+            .into_iter()
+            .find(|what| around.iter().any(|d| d.what == *what));
+            match grave {
+                Some(what) => *explained_by.entry(what.to_string()).or_default() += 1,
+                None => unexplained.push(format!("{mark} ran at {times:?}")),
             }
         }
         if mark.starts_with("idem-") {
@@ -694,8 +737,8 @@ async fn tasks_survive_actor_kills_node_sigkills_and_a_redis_restart() {
         "\n== chaos summary (profile {}) ==\n\
          tasks: {} over 3 queues ({} native, {} exec of which {} idempotent and submitted twice), 2 nodes on one Redis (AOF)\n\
          chaos: {:.1} s, actor kills {} ({:?}), node SIGKILLs {}, node restarts {}, Redis restarts {}\n\
-         outcome: succeeded {}, dead-lettered as configured {}, lost {}, unexpected outcome {}, retried attempts {}\n\
-         duplicates: executions {} (unexplained by a disruption {}), side effects of idempotent tasks {} (missing {}), second submissions not deduplicated {}\n\
+         outcome: succeeded {}, dead-lettered as configured {}, lost {}, unexpected outcome {}, extra attempts recorded {}\n\
+         duplicates: executions {} (around {:?}; unexplained by a disruption {}), side effects of idempotent tasks {} (missing {}), second submissions not deduplicated {}\n\
          processes: zombies {}, leftover task processes {}, panics {}\n\
          tree whole after an actor kill: max {} ms, p99 {} ms, p50 {} ms\n\
          time: settle {:.1} s, total {:.1} s\n",
@@ -716,6 +759,7 @@ async fn tasks_survive_actor_kills_node_sigkills_and_a_redis_restart() {
         unexpected.len(),
         retried_attempts,
         duplicates,
+        explained_by,
         unexplained.len(),
         duplicate_effects,
         missing_effects,
