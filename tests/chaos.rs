@@ -989,3 +989,104 @@ async fn runtime_chaos_says_when_chaos_is_disabled_or_the_node_is_unreachable() 
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runtime_chaos_kill_kind_agent_sigkills_a_pool_agent_and_kind_pool_its_actor() {
+    let python = String::from_utf8(
+        Command::new("python3")
+            .args(["-c", "import sys; print(sys.executable)"])
+            .output()
+            .expect("python3 runs")
+            .stdout,
+    )
+    .unwrap()
+    .trim()
+    .to_string();
+    let script =
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/fake_voice_agent.py");
+    let config = format!(
+        r#"
+[http]
+bind = "127.0.0.1:0"
+
+[chaos]
+enabled = true
+
+[queues.voice]
+concurrency = 1
+
+[pools.voice]
+command = "{python}"
+args = ["{script}", "--startup-delay", "0.1", "--session", "0.3"]
+env = {{ PYTHONUNBUFFERED = "1" }}
+min_idle = 2
+max = 3
+startup_timeout = "10s"
+ready_pattern = "Pipeline ready"
+stop_timeout = "1s"
+"#,
+        script = script.display(),
+    );
+    let mut node = Node::start(&config, &[]);
+    let idle_pids = || async {
+        let pools = node.get_json("/pools").await;
+        pools["pools"]["voice"]["agents"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|a| a["state"] == "idle")
+            .filter_map(|a| a["pid"].as_u64())
+            .collect::<Vec<u64>>()
+    };
+    let at = Instant::now();
+    while idle_pids().await.len() < 2 {
+        assert!(at.elapsed() < Duration::from_secs(15), "no warm agents");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let before = idle_pids().await;
+
+    let url = node.url.clone();
+    let (code, out, err) = tokio::task::spawn_blocking(move || {
+        chaos_cli(&url, &["kill", "--kind", "agent", "--seed", "3"])
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("killed agent voice-"), "{out}");
+    assert!(out.contains("of pool voice (pid "), "{out}");
+    assert!(out.contains("tree whole again after "), "{out}");
+    let killed: u64 = out
+        .split("(pid ")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .and_then(|p| p.parse().ok())
+        .expect("the pid in the output");
+    assert!(before.contains(&killed), "{killed} not in {before:?}");
+    // The pool replaces it.
+    let at = Instant::now();
+    loop {
+        let pids = idle_pids().await;
+        if pids.len() >= 2 && !pids.contains(&killed) {
+            break;
+        }
+        assert!(
+            at.elapsed() < Duration::from_secs(15),
+            "not replaced: {pids:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let url = node.url.clone();
+    let (code, out, err) =
+        tokio::task::spawn_blocking(move || chaos_cli(&url, &["kill", "--kind", "pool"]))
+            .await
+            .unwrap();
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.contains("killed root/pools/voice (pool); tree whole again after "),
+        "{out}"
+    );
+    // A clean stop, so the pool stops its agents (a SIGKILLed node would leave them).
+    node.signal("TERM");
+    assert!(node.wait_exit(Duration::from_secs(10)).is_some());
+}
