@@ -924,7 +924,7 @@ async fn runtime_chaos_kill_by_path_by_kind_and_repeated_reports_the_whole_tree(
         .lines()
         .filter(|l| l.contains(" killed root/queues/"))
         .count();
-    assert!((8..=11).contains(&killed), "{killed} kills: {out}");
+    assert!((4..=11).contains(&killed), "{killed} kills: {out}");
     assert!(out.contains(" kills in "), "{out}");
     assert!(out.contains("(seed 42)"), "{out}");
     // Ten kills in a second exceed `queues`' default restart intensity (5 in 10 s): it gives
