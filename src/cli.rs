@@ -1,6 +1,6 @@
 //! The command line: `runtime [run] --config FILE`, `runtime check`, and the commands that
 //! talk to a running node over HTTP: `inspect` (`tree`, `queues`, `active`, `stats`, `ping`,
-//! `events`), `tree` (short for `inspect tree`), `enqueue`, `dlq`, `purge`, `nodes`.
+//! `events`), `tree` (short for `inspect tree`), `enqueue`, `dlq`, `purge`, `nodes`, `chaos`.
 
 use std::path::PathBuf;
 
@@ -46,6 +46,46 @@ pub enum Command {
     Purge(PurgeArgs),
     /// The nodes consuming from the node's broker: queues, entries held, started, last seen.
     Nodes(NodesArgs),
+    /// Kill actors of a running node (needs `[chaos] enabled = true`) and report when its
+    /// tree is whole again.
+    #[command(subcommand)]
+    Chaos(ChaosCommand),
+}
+
+/// `runtime chaos …`
+#[derive(Debug, Subcommand)]
+pub enum ChaosCommand {
+    /// Kill one actor by path, or a random one of a kind, once or every `--every` for `--for`.
+    Kill(ChaosKillArgs),
+}
+
+/// `runtime chaos kill [PATH] [--kind KIND] [--every D --for D] [--seed N]`
+#[derive(Debug, Args)]
+pub struct ChaosKillArgs {
+    /// The actor to kill (`root/queues/chat` or `queues/chat`). Exclusive with `--kind`.
+    #[arg(required_unless_present = "kind", conflicts_with = "kind")]
+    pub path: Option<String>,
+    /// Kill a random actor of this kind (a `kind` of `/actors`: `consumer`, `broker`,
+    /// `resource` kinds such as `zep`, `pool`, `scheduler`, `heartbeat`, `supervisor`; or
+    /// `agent`: SIGKILL a random pool agent process, which must run on this machine). The
+    /// root is never picked.
+    #[arg(long)]
+    pub kind: Option<String>,
+    /// Kill again at this interval (`100ms`, `1s`); needs `--for`.
+    #[arg(long, value_parser = humantime::parse_duration, requires = "duration")]
+    pub every: Option<std::time::Duration>,
+    /// How long to keep killing with `--every` (`10s`).
+    #[arg(long = "for", id = "duration", value_parser = humantime::parse_duration, requires = "every")]
+    pub duration: Option<std::time::Duration>,
+    /// Seed of the random picks (the same seed picks the same sequence on the same tree).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Longest wait for the tree to be whole again after the last kill (exit 1 past it).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    pub whole_timeout: std::time::Duration,
+    /// The node.
+    #[command(flatten)]
+    pub node: NodeArgs,
 }
 
 /// `runtime nodes`

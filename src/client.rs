@@ -1,8 +1,9 @@
 //! The commands that talk to a running node over its HTTP API: `inspect` ([`inspect`]),
-//! `tree`, `enqueue`, `dlq`, `purge`, `nodes`. Errors name the node and repeat its JSON error; nothing
+//! `tree`, `enqueue`, `dlq`, `purge`, `nodes`, `chaos` ([`chaos`]). Errors name the node and repeat its JSON error; nothing
 //! here panics on a bad answer. A node that does not answer at all is an [`Unreachable`]
 //! error, which the binary turns into exit status [`EX_UNAVAILABLE`].
 
+pub mod chaos;
 pub mod inspect;
 
 use std::time::Duration;
