@@ -11,11 +11,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use actors::resource::target_url;
 use axum::Router;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::IntoResponse;
 use axum::routing::any;
 use common::{Node, Scratch, binary, raw_http};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use runtime::http::egress::check_path;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
@@ -137,7 +141,18 @@ handler = {{ kind = "exec", command = "/bin/sh", args = ["{script}", "fixed arg"
 [tasks.rt_fail]
 handler = {{ kind = "native" }}
 max_retries = 0
-"#
+
+[pools.probe]
+command = "/bin/sh"
+args = ["{agent}", "fixed arg"]
+env = {{ PATH = "/usr/bin:/bin" }}
+min_idle = 1
+max = 2
+startup_timeout = "5s"
+ready_pattern = "^READY$"
+assigned_pattern = "^GOT$"
+"#,
+        agent = script.replace("probe.sh", "agent.sh"),
     )
 }
 
@@ -147,6 +162,25 @@ const ENVS: [(&str, &str); 4] = [
     ("SEC_OPENAI_KEY", OPENAI_KEY),
     ("RUST_LOG", "debug"),
 ];
+
+/// The script each pool agent runs: ready, then the assignment from stdin, its argv and its
+/// environment saved beside it, keyed by its pid.
+fn agent_script(scratch: &Scratch) {
+    let dir = scratch.path().display();
+    scratch.write(
+        "agent.sh",
+        &format!(
+            "echo READY\n\
+             read -r assignment\n\
+             printf '%s\\n' \"$assignment\" > {dir}/assignment-$$.json\n\
+             env > {dir}/env-$$.txt\n\
+             tr '\\000' '|' < /proc/$$/cmdline > {dir}/argv-$$.tmp\n\
+             mv {dir}/argv-$$.tmp {dir}/argv-$$.txt\n\
+             echo GOT\n\
+             sleep 1\n"
+        ),
+    );
+}
 
 /// The script the exec task runs: its own argv (from `/proc/$$/cmdline`) as the result, the
 /// envelope it read on stdin saved beside it.
@@ -200,6 +234,73 @@ async fn enqueue(node: &Node, body: Value) -> String {
     assert_eq!(response.status(), 202);
     let answer: Value = response.json().await.unwrap();
     answer["id"].as_str().unwrap().to_string()
+}
+
+/// Property: a path the proxy accepts, joined to a base URL, stays on the base URL's host and
+/// port and under its path — over 20,000 seeded paths built from the pieces that usually
+/// break out (dot segments plain and encoded, slashes, backslashes, schemes, `@`, `?`, `#`).
+#[test]
+fn a_path_the_proxy_accepts_never_leaves_the_base_url() {
+    let pieces = [
+        "a",
+        "v1",
+        "..",
+        ".",
+        "",
+        "%2e",
+        "%2E%2e",
+        ".%2e",
+        "%2f",
+        "%2F",
+        "%5c",
+        "\\",
+        "http:",
+        "evil.example",
+        "@evil",
+        "user@evil",
+        "?",
+        "#",
+        "%00",
+        "%252e%252e",
+        ";",
+        "..;",
+        "~",
+        "%40",
+        "%3a",
+        ":",
+        "%",
+        "%zz",
+        "\u{2025}",
+        "\u{ff0e}\u{ff0e}",
+        "\t",
+        "x\ny",
+    ];
+    let base = reqwest::Url::parse("http://127.0.0.1:9/api/v2").unwrap();
+    let mut rng = StdRng::seed_from_u64(0x5ec);
+    let mut accepted = 0;
+    for _ in 0..20_000 {
+        let n = rng.random_range(1..6);
+        let segments: Vec<&str> = (0..n)
+            .map(|_| pieces[rng.random_range(0..pieces.len())])
+            .collect();
+        let path = format!("/{}", segments.join("/"));
+        if check_path(&path).is_err() {
+            continue;
+        }
+        accepted += 1;
+        let target = target_url(&base, &path);
+        let Ok(url) = reqwest::Url::parse(&target) else {
+            continue; // not a URL at all: the client refuses to send it
+        };
+        assert_eq!(url.host_str(), Some("127.0.0.1"), "{path:?} → {url}");
+        assert_eq!(url.port(), Some(9), "{path:?} → {url}");
+        assert!(url.username().is_empty(), "{path:?} → {url}");
+        assert!(
+            url.path() == "/api/v2" || url.path().starts_with("/api/v2/"),
+            "{path:?} → {url}"
+        );
+    }
+    assert!(accepted > 1_000, "{accepted}");
 }
 
 #[test]
@@ -264,6 +365,7 @@ async fn tokens_secrets_argv_and_the_egress_proxy_hold_up() {
     let upstream_url = upstream.start(Some(elsewhere_url.clone())).await;
     let scratch = Scratch::new();
     let script = probe_script(&scratch);
+    agent_script(&scratch);
     let node = Node::start_with_args(
         &config(&upstream_url, &script),
         &["--log-format", "json"],
@@ -361,6 +463,54 @@ async fn tokens_secrets_argv_and_the_egress_proxy_hold_up() {
         serde_json::from_str(&std::fs::read_to_string(scratch.path().join("stdin.json")).unwrap())
             .unwrap();
     assert_eq!(stdin["args"], nasty, "the payload reached stdin intact");
+
+    // The same for a pool agent: its assignment goes to stdin, never to argv or a shell, and
+    // its environment is only what the pool config gives it.
+    let assignment = json!({
+        "room": format!("; touch {dir}/pool-semicolon"),
+        "token": format!("$(touch {dir}/pool-subst)"),
+        "tick": format!("`touch {dir}/pool-backtick`"),
+    });
+    let response = client
+        .post(format!("{}/pools/probe/claim", node.url))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&assignment)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "{}", node.log());
+    let claimed: Value = response.json().await.unwrap();
+    let pid = claimed["pid"].as_u64().unwrap();
+    let argv_file = scratch.path().join(format!("argv-{pid}.txt"));
+    let at = Instant::now();
+    while !argv_file.exists() {
+        assert!(
+            at.elapsed() < Duration::from_secs(10),
+            "the agent wrote nothing"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let agent = scratch.path().join("agent.sh").display().to_string();
+    assert_eq!(
+        std::fs::read_to_string(&argv_file).unwrap(),
+        format!("/bin/sh|{agent}|fixed arg|")
+    );
+    let got =
+        std::fs::read_to_string(scratch.path().join(format!("assignment-{pid}.json"))).unwrap();
+    assert_eq!(serde_json::from_str::<Value>(&got).unwrap(), assignment);
+    for marker in ["pool-semicolon", "pool-subst", "pool-backtick"] {
+        assert!(
+            !scratch.path().join(marker).exists(),
+            "an assignment ran a shell command ({marker})"
+        );
+    }
+    let env = std::fs::read_to_string(scratch.path().join(format!("env-{pid}.txt"))).unwrap();
+    for secret in [ADMIN_TOKEN, ZEP_KEY, OPENAI_KEY] {
+        assert!(
+            !env.contains(secret),
+            "{secret} reached a pool agent: {env}"
+        );
+    }
 
     // 3. The egress proxy, for both resources.
     let evil = elsewhere_url.trim_start_matches("http://").to_string();
