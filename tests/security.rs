@@ -303,6 +303,44 @@ fn a_path_the_proxy_accepts_never_leaves_the_base_url() {
     assert!(accepted > 1_000, "{accepted}");
 }
 
+/// A broker password — in the user info or in the query string — is in no log line and no
+/// error, whether the node starts or `runtime check` looks.
+#[test]
+fn a_broker_password_never_reaches_the_output() {
+    let scratch = Scratch::new();
+    let path = scratch.write(
+        "broker.toml",
+        "[queues.default]\n[tasks.rt_echo]\nhandler = { kind = \"native\" }\n",
+    );
+    for url in [
+        "redis://user:hunter2-pw@127.0.0.1:1/0",
+        "redis://:hunter2-pw@127.0.0.1:1/0",
+        "redis://hunter2-pw@127.0.0.1:1/0",
+        "redis://user:hunter2-pw@127.0.0.1:1/0?password=hunter2-pw",
+        "redis://127.0.0.1:1/0?password=hunter2-pw",
+        "redis://:hunter2-pw@[::1",
+        "redis+unix:///tmp/no.sock?pass=hunter2-pw",
+    ] {
+        for args in [&["--config"][..], &["check", "--config"][..]] {
+            let output = Command::new(binary())
+                .env("RT_BROKER_URL", url)
+                .env("RUST_LOG", "debug")
+                .env_remove("RT_CONFIG")
+                .args(args)
+                .arg(&path)
+                .output()
+                .unwrap();
+            assert!(!output.status.success(), "{url}: {args:?} succeeded");
+            let said = format!(
+                "{}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+            assert!(!said.contains("hunter2-pw"), "{url} {args:?}:\n{said}");
+        }
+    }
+}
+
 #[test]
 fn a_non_loopback_bind_without_a_token_is_refused_by_check_and_at_start() {
     let scratch = Scratch::new();
