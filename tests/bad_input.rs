@@ -367,7 +367,7 @@ const ROUTES: [&str; 17] = [
 ];
 
 /// Paths that are broken in themselves.
-const BAD_PATHS: [&str; 14] = [
+const BAD_PATHS: [&str; 27] = [
     "/tasks/%ff%fe",
     "/tasks/%",
     "/tasks/%zz",
@@ -382,6 +382,19 @@ const BAD_PATHS: [&str; 14] = [
     "/actors?format=%ff",
     "/queues?limit=%ff",
     "/dlq/chat?limit=99999999999999999999999",
+    "/dlq/chat?limit=0",
+    "/dlq/no-such-queue",
+    "/dlq/chat/requeue?limit=-1",
+    "/queues/no-such-queue/purge",
+    "/actors?format=xml",
+    "/actors?nope=1",
+    "/events?after=not-an-id",
+    "/events?last=-5",
+    "/events?last=99999999999999999999999",
+    "/events?follow=maybe",
+    "/events?types=%ff",
+    "/events?nope=1",
+    "/tasks/..%2F..%2Fetc%2Fpasswd",
 ];
 
 fn nested(depth: usize) -> Vec<u8> {
