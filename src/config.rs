@@ -165,15 +165,22 @@ pub struct BrokerSettings {
 }
 
 impl BrokerSettings {
-    /// The URL with its password, if any, replaced by `***`.
+    /// The URL with its password, if any, replaced by `***` (a user name alone, which Redis
+    /// takes as the password, too) and without its query string (where a password can be given
+    /// as well: `?password=…`). A URL that does not parse is not shown at all.
     pub fn redacted_url(&self) -> String {
         match Url::parse(&self.url) {
-            Ok(mut url) if url.password().is_some() => {
-                // Only fails for URLs that cannot have a password, which this one has.
-                let _ = url.set_password(Some("***"));
+            Ok(mut url) => {
+                // These only fail for URLs that cannot have credentials, which then have none.
+                if url.password().is_some() {
+                    let _ = url.set_password(Some("***"));
+                } else if !url.username().is_empty() {
+                    let _ = url.set_username("***");
+                }
+                url.set_query(None);
                 url.to_string()
             }
-            _ => self.url.clone(),
+            Err(_) => "<not a valid URL>".to_string(),
         }
     }
 }

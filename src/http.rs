@@ -165,7 +165,47 @@ pub fn app(state: AppState) -> Router {
         .route("/egress/{resource}/{*path}", any(egress::forward))
         .merge(mutating)
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
+        .layer(middleware::from_fn(json_errors))
         .with_state(state)
+}
+
+/// Axum's own rejections — a method not allowed (405, empty body), a path parameter that is
+/// not UTF-8 (400, text), a body over the extractor's limit (413, text) — are not the JSON
+/// error every route promises: this rewrites any error answer that is not JSON into
+/// `{"error": "<its text, or the status reason>"}`, keeping its status and headers (`Allow`).
+/// Egress answers are the upstream's own and pass untouched.
+async fn json_errors(request: Request, next: Next) -> Response {
+    let egress = request.uri().path().starts_with("/egress/");
+    let response = next.run(request).await;
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if egress || is_json || !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 4096)
+        .await
+        .map(|bytes| String::from_utf8_lossy(&bytes).trim().to_string())
+        .unwrap_or_default();
+    let error = if text.is_empty() {
+        status
+            .canonical_reason()
+            .unwrap_or("error")
+            .to_ascii_lowercase()
+    } else {
+        text
+    };
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    let body = axum::body::Body::from(json!({ "error": error }).to_string());
+    Response::from_parts(parts, body)
 }
 
 async fn health(State(state): State<AppState>) -> Response {

@@ -11,18 +11,21 @@
 //! - the caller's `Authorization`, `Host`, `Cookie`, `Proxy-*` and hop-by-hop headers (and any
 //!   header named in `Connection`) are dropped; the resource adds its own key;
 //! - bodies are capped at [`MAX_BODY`] (413 beyond);
-//! - the resource clients do not follow redirects.
+//! - the resource clients do not follow redirects;
+//! - an upstream answer that reflects the injected key (in a header or the body) has it
+//!   replaced by `<redacted>` before it reaches the caller.
 //!
 //! When an admin token is configured, callers must present it in `X-Runtime-Token` (their
 //! `Authorization` header belongs to the upstream API and is dropped).
 
 use actors::resource::EgressRequest;
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, HeaderName, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 
 use super::{ApiError, AppState, constant_time_eq};
+use crate::config::ResourceSettings;
 
 /// Largest request body forwarded.
 pub const MAX_BODY: usize = 4 * 1024 * 1024;
@@ -77,10 +80,60 @@ pub async fn forward(
         body,
     };
     let answer = resource.forward(egress).await;
-    let mut response = Response::new(Body::from(answer.body));
+    let key = injected_key(&state, name);
+    let mut headers = forwarded_headers(&answer.headers);
+    let body = match key.as_deref() {
+        Some(key) => {
+            scrub_headers(&mut headers, key);
+            Bytes::from(scrub(&answer.body, key.as_bytes()))
+        }
+        None => answer.body,
+    };
+    let mut response = Response::new(Body::from(body));
     *response.status_mut() = answer.status;
-    *response.headers_mut() = forwarded_headers(&answer.headers);
+    *response.headers_mut() = headers;
     Ok(response.into_response())
+}
+
+/// The API key the proxy injects for resource `name`, if it has one.
+fn injected_key(state: &AppState, name: &str) -> Option<String> {
+    let key = match state.config.resources.get(name)? {
+        ResourceSettings::Zep(zep) => zep.api_key.as_ref(),
+        ResourceSettings::OpenAi(openai) => openai.api_key.as_ref(),
+    }?;
+    Some(key.expose().to_string()).filter(|key| !key.is_empty())
+}
+
+/// `bytes` with every occurrence of `key` replaced by `<redacted>`.
+pub fn scrub(bytes: &[u8], key: &[u8]) -> Vec<u8> {
+    if key.is_empty() {
+        return bytes.to_vec();
+    }
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut at = 0;
+    while at < bytes.len() {
+        if bytes[at..].starts_with(key) {
+            out.extend_from_slice(REDACTED.as_bytes());
+            at += key.len();
+        } else {
+            out.push(bytes[at]);
+            at += 1;
+        }
+    }
+    out
+}
+
+const REDACTED: &str = "<redacted>";
+
+/// Replaces `key` in every header value that carries it.
+fn scrub_headers(headers: &mut HeaderMap, key: &str) {
+    for value in headers.values_mut() {
+        let scrubbed = scrub(value.as_bytes(), key.as_bytes());
+        if scrubbed != value.as_bytes() {
+            *value = HeaderValue::from_bytes(&scrubbed)
+                .unwrap_or_else(|_| HeaderValue::from_static(REDACTED));
+        }
+    }
 }
 
 /// Refuses a path that could leave the base URL (see the module docs).

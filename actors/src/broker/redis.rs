@@ -49,7 +49,8 @@
 //!   gets its own connection (created lazily, no response timeout of its own: the call is
 //!   bounded by `wait` + a margin; dropped and re-made after an error). Reads without a wait use
 //!   the shared connection. Malformed entries are dead-lettered (`malformed entry: <error>`)
-//!   with `XACK` + `XDEL`, never returned.
+//!   with `XACK` + `XDEL`, never returned — an `e` that is not valid UTF-8 among them (it is
+//!   never decoded lossily into a task that would run on altered arguments).
 //! - `renew`: `XCLAIM … 0 <ids> JUSTID` by the owner — resets the idle time, not the delivery
 //!   count. An id missing from the reply was recovered elsewhere.
 //! - `ack`: one pipeline: record `HSET` + `PEXPIRE`, `XACK`, `XDEL`, `succeeded` event.
@@ -672,7 +673,11 @@ impl RedisBroker {
         let mut out = Vec::with_capacity(entries.len());
         let mut malformed = Vec::new();
         for entry in entries {
-            let StreamEntry { id, fields } = entry;
+            let StreamEntry {
+                id,
+                fields,
+                not_utf8,
+            } = entry;
             let mut e = None;
             let mut d = 0u32;
             for (name, value) in &fields {
@@ -681,6 +686,15 @@ impl RedisBroker {
                     "d" => d = value.parse().unwrap_or(0),
                     _ => {}
                 }
+            }
+            if e.is_some() && not_utf8.iter().any(|name| name == "e") {
+                let raw = e.cloned().unwrap_or_default();
+                malformed.push((
+                    id,
+                    raw,
+                    "malformed entry: `e` is not valid UTF-8".to_string(),
+                ));
+                continue;
             }
             match e.map(|raw| Envelope::from_json(raw)) {
                 Some(Ok(envelope)) => out.push(Delivery {
@@ -1478,6 +1492,8 @@ fn state_name(state: TaskState) -> &'static str {
 struct StreamEntry {
     id: String,
     fields: Vec<(String, String)>,
+    /// Names of the fields whose value was not valid UTF-8 (decoded lossily in `fields`).
+    not_utf8: Vec<String>,
 }
 
 /// Text of a reply value (bulk strings that are not UTF-8 are decoded lossily).
@@ -1527,6 +1543,25 @@ fn pairs(value: Value) -> Vec<(String, String)> {
     }
 }
 
+/// Names of the fields of a stream entry reply whose value is a bulk string that is not UTF-8.
+fn not_utf8_fields(value: &Value) -> Vec<String> {
+    let bad =
+        |v: &Value| matches!(v, Value::BulkString(bytes) if std::str::from_utf8(bytes).is_err());
+    match value {
+        Value::Map(map) => map
+            .iter()
+            .filter(|(_, v)| bad(v))
+            .map(|(k, _)| text(k))
+            .collect(),
+        Value::Array(items) => items
+            .chunks(2)
+            .filter(|pair| pair.len() == 2 && bad(&pair[1]))
+            .map(|pair| text(&pair[0]))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
 /// Entries of an `XRANGE` reply (or of one stream in an `XREADGROUP` reply).
 fn stream_entries(value: Value) -> Vec<StreamEntry> {
     let Value::Array(entries) = value else {
@@ -1540,8 +1575,14 @@ fn stream_entries(value: Value) -> Vec<StreamEntry> {
             };
             let mut parts = parts.into_iter();
             let id = into_text(parts.next()?);
-            let fields = parts.next().map(pairs).unwrap_or_default();
-            Some(StreamEntry { id, fields })
+            let raw = parts.next();
+            let not_utf8 = raw.as_ref().map(not_utf8_fields).unwrap_or_default();
+            let fields = raw.map(pairs).unwrap_or_default();
+            Some(StreamEntry {
+                id,
+                fields,
+                not_utf8,
+            })
         })
         .collect()
 }
