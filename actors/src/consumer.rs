@@ -358,6 +358,12 @@ impl Actor for ConsumerActor {
         if let Some(fetcher) = state.fetcher.take() {
             fetcher.abort();
         }
+        // Stopped before a `Drain` was handled (a stop overtakes queued messages): hand back
+        // what waits here now, or it would sit reserved until its lease expires.
+        if !state.draining {
+            state.draining = true;
+            state.hand_back().await;
+        }
         let deadline = Instant::now() + state.args.drain;
         for running in state.running.values() {
             let left = deadline.saturating_duration_since(Instant::now());
