@@ -124,6 +124,35 @@ fn scenario(python: &PathBuf, redis: &RedisServer, name: &str) -> Value {
         .unwrap_or_else(|e| panic!("scenario {name}: {e}: {stdout}"))
 }
 
+/// Starts `app.py flood`: Python sends `n` `tasks.noop` messages, then waits for their results.
+fn flood(python: &PathBuf, redis: &RedisServer, n: usize) -> std::process::Child {
+    Command::new(python)
+        .arg("app.py")
+        .arg("flood")
+        .current_dir(app_dir())
+        .env("CELERY_BROKER", redis.url())
+        .env("FLOOD", n.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run python")
+}
+
+/// The flood's verdict: `{done, min_runs, max_runs, left_in_kombu}`.
+async fn flood_outcome(flood: std::process::Child) -> Value {
+    let output = tokio::task::spawn_blocking(move || flood.wait_with_output())
+        .await
+        .unwrap()
+        .expect("python output");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "flood failed: {stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
+}
+
 fn start(redis: &RedisServer, extra: &str) -> Node {
     Node::start(&config(extra), &[("RT_BROKER_URL", redis.url().as_str())])
 }
@@ -258,15 +287,7 @@ async fn killing_the_bridge_while_1000_messages_flow_loses_and_repeats_none() {
     let Some(python) = python() else { return };
     let redis = RedisServer::start();
     let node = start(&redis, "[chaos]\nenabled = true\n");
-    let flood = Command::new(&python)
-        .arg("app.py")
-        .arg("flood")
-        .current_dir(app_dir())
-        .env("CELERY_BROKER", redis.url())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run python");
+    let flood = flood(&python, &redis, 1000);
     let end = Instant::now() + Duration::from_secs(3);
     let mut kills = 0;
     while Instant::now() < end {
@@ -280,17 +301,7 @@ async fn killing_the_bridge_while_1000_messages_flow_loses_and_repeats_none() {
             kills += 1;
         }
     }
-    let output = tokio::task::spawn_blocking(move || flood.wait_with_output())
-        .await
-        .unwrap()
-        .expect("python output");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "flood failed: {stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let out: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let out = flood_outcome(flood).await;
     assert!(kills >= 5, "the bridge was killed only {kills} times");
     assert_eq!(out["done"], 1000, "{out}");
     assert_eq!(out["min_runs"], 1, "a message was lost: {out}");
@@ -309,33 +320,14 @@ async fn sigkilling_the_node_while_python_produces_loses_no_message() {
     let Some(python) = python() else { return };
     let redis = RedisServer::start();
     let mut node = start(&redis, "");
-    let flood = Command::new(&python)
-        .arg("app.py")
-        .arg("flood")
-        .current_dir(app_dir())
-        .env("CELERY_BROKER", redis.url())
-        .env("FLOOD", "600")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run python");
+    let flood = flood(&python, &redis, 600);
     // Kill the node while Python is still sending and the bridge is moving, then start a new
     // one on the same Redis: what the dead node held comes back after its lease (5 s).
     tokio::time::sleep(Duration::from_millis(300)).await;
     node.signal("KILL");
     assert!(node.wait_exit(Duration::from_secs(5)).is_some());
     let _node = start(&redis, "");
-    let output = tokio::task::spawn_blocking(move || flood.wait_with_output())
-        .await
-        .unwrap()
-        .expect("python output");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "flood failed: {stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let out: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let out = flood_outcome(flood).await;
     eprintln!("node SIGKILL during a Celery flood: {out}");
     assert_eq!(out["done"], 600, "{out}");
     assert_eq!(out["min_runs"], 1, "a message was lost: {out}");
