@@ -8,7 +8,8 @@
 //!   agent, waits for its ready line, then assigns it.
 //!
 //! Run with: cargo run --release --example bench_pool [-- WARM_CLAIMS COLD_CLAIMS STARTUP]
-//! (defaults 50, 10, 1.5; needs python3 on PATH).
+//! (defaults 50, 10, 1.5; needs python3 on PATH). It also prints the three slowest claims with
+//! their position in the run; `BENCH_HEALTH_MS` sets the pool's health-check period (500 ms).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -84,6 +85,8 @@ async fn measure(
         pool.claim(json!({"room": format!("bench-{n}")})).await?;
         latencies.push(t.elapsed());
     }
+    let mut slowest: Vec<(usize, Duration)> = latencies.iter().copied().enumerate().collect();
+    slowest.sort_by_key(|(_, took)| std::cmp::Reverse(*took));
     latencies.sort();
     let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
     let (p50, p99) = (pct(0.50), pct(0.99));
@@ -92,6 +95,12 @@ async fn measure(
         p50.as_secs_f64() * 1000.0,
         p99.as_secs_f64() * 1000.0
     );
+    let slowest: Vec<String> = slowest
+        .iter()
+        .take(3)
+        .map(|(n, took)| format!("#{n} {:.2} ms", took.as_secs_f64() * 1000.0))
+        .collect();
+    println!("  slowest claims: {}", slowest.join(", "));
     root.stop(Some("bench done".into()));
     let _ = handle.await;
     pool.shutdown().await;
@@ -118,6 +127,9 @@ fn settings(min_idle: usize, startup: f64) -> Result<PoolSettings, Box<dyn std::
     s.startup_timeout = Duration::from_secs(30);
     s.assigned_pattern = Some(Regex::new("Connected to")?);
     s.claim_timeout = Duration::from_secs(30);
-    s.health_every = Duration::from_millis(500);
+    s.health_every = std::env::var("BENCH_HEALTH_MS")
+        .ok()
+        .and_then(|ms| ms.parse().ok())
+        .map_or(Duration::from_millis(500), Duration::from_millis);
     Ok(s)
 }
