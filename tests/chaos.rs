@@ -31,6 +31,7 @@ use actors::test_util::RedisServer;
 use common::{Node, Scratch};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use runtime::client::chaos::{Actor, flatten};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
@@ -260,28 +261,6 @@ struct Disruption {
 struct Kill {
     kind: String,
     took: Duration,
-}
-
-/// One actor of `/actors`: path, kind, restarts, status, started at.
-type Actor = (String, String, u64, String, String);
-
-/// Every actor of an `/actors` answer.
-fn flatten(tree: &Value) -> Vec<Actor> {
-    fn walk(nodes: &Value, out: &mut Vec<Actor>) {
-        for node in nodes.as_array().into_iter().flatten() {
-            out.push((
-                node["path"].as_str().unwrap_or("").to_string(),
-                node["kind"].as_str().unwrap_or("").to_string(),
-                node["restarts"].as_u64().unwrap_or(0),
-                node["status"].as_str().unwrap_or("").to_string(),
-                node["started_at"].as_str().unwrap_or("").to_string(),
-            ));
-            walk(&node["children"], out);
-        }
-    }
-    let mut out = Vec::new();
-    walk(tree, &mut out);
-    out
 }
 
 async fn actors(http: &reqwest::Client, url: &str) -> Vec<Actor> {

@@ -204,10 +204,10 @@ fn qualified(path: &str) -> String {
 }
 
 /// One actor of `/actors`: path, kind, restarts, status, started at.
-type Actor = (String, String, u64, String, String);
+pub type Actor = (String, String, u64, String, String);
 
-/// Every actor of an `/actors` answer.
-fn flatten(tree: &Value) -> Vec<Actor> {
+/// Every actor of an `/actors` answer, depth first.
+pub fn flatten(tree: &Value) -> Vec<Actor> {
     fn walk(nodes: &Value, out: &mut Vec<Actor>) {
         for node in nodes.as_array().into_iter().flatten() {
             out.push((
