@@ -2,10 +2,12 @@
 //! the binary) drains no-op native tasks with acks and results; then, at a steady offered
 //! rate, the enqueue → start latency of each task.
 //!
-//! Run with: cargo run --release --example bench_runtime [-- TASKS RATE SECONDS [METRICS]]
+//! Run with: cargo run --release --example bench_runtime [-- TASKS RATE SECONDS [OBSERVE]]
 //!
-//! `METRICS` is `on` (the default) or `off` (`[metrics] enabled = false`), to measure what
-//! recording metrics costs the per-task path.
+//! `OBSERVE` says what is recorded, to measure what observability costs the per-task path:
+//! `on` (the default: metrics and events), `off` (neither), `no-metrics`
+//! (`[metrics] enabled = false`) or `no-events` (`[events] enabled = false`; the producer writes
+//! no `sent` events either).
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -31,6 +33,8 @@ handler = { kind = "native" }
 handler = { kind = "native" }
 [metrics]
 enabled = METRICS
+[events]
+enabled = EVENTS
 "#;
 
 #[tokio::main]
@@ -39,16 +43,24 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let tasks: usize = args.next().map_or(Ok(20_000), |a| a.parse())?;
     let rate: u64 = args.next().map_or(Ok(200), |a| a.parse())?;
     let seconds: u64 = args.next().map_or(Ok(10), |a| a.parse())?;
-    let metrics = match args.next().as_deref() {
-        None | Some("on") => true,
-        Some("off") => false,
-        Some(other) => return Err(format!("METRICS: expected on or off, got {other}").into()),
+    let observe = args.next().unwrap_or_else(|| "on".into());
+    let (metrics, events) = match observe.as_str() {
+        "on" => (true, true),
+        "off" => (false, false),
+        "no-metrics" => (false, true),
+        "no-events" => (true, false),
+        other => {
+            return Err(
+                format!("OBSERVE: expected on, off, no-metrics or no-events, got {other}").into(),
+            );
+        }
     };
 
     let redis = RedisServer::start();
     let text = CONFIG
         .replace("REDIS", &redis.url())
-        .replace("METRICS", &metrics.to_string());
+        .replace("METRICS", &metrics.to_string())
+        .replace("EVENTS", &events.to_string());
     let config = compile_str(&text, Environment::Ignored)?.config;
     let waits = Arc::new(Mutex::new(Vec::with_capacity((rate * seconds) as usize)));
     let mut natives = Natives::builtin();
@@ -75,7 +87,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let _ = stopped.await;
         "bench done"
     }));
-    let producer = RedisBroker::connect(&redis.url(), BrokerSettings::default()).await?;
+    let producer_settings = BrokerSettings {
+        events_maxlen: if events {
+            BrokerSettings::default().events_maxlen
+        } else {
+            0
+        },
+        ..BrokerSettings::default()
+    };
+    let producer = RedisBroker::connect(&redis.url(), producer_settings).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     // Drain: enqueue everything first, then time until the queue is empty.
@@ -95,8 +115,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let drain = tasks as f64 / started.elapsed().as_secs_f64();
     println!(
-        "drain (metrics {}): {tasks} no-op native tasks with acks and results in {:?}: {drain:.0} tasks/s",
-        if metrics { "on" } else { "off" },
+        "drain (observe {observe}): {tasks} no-op native tasks with acks and results in {:?}: {drain:.0} tasks/s",
         started.elapsed()
     );
 

@@ -124,6 +124,8 @@ pub struct Config {
     pub celery: Option<CelerySettings>,
     /// `[metrics]`
     pub metrics: MetricsSettings,
+    /// `[events]`
+    pub events: EventsSettings,
 }
 
 /// `[beat]`
@@ -562,6 +564,15 @@ pub struct CelerySettings {
 pub struct ChaosSettings {
     /// Whether `POST /chaos/kill/{path}` exists.
     pub enabled: bool,
+}
+
+/// `[events]`
+#[derive(Debug, Clone)]
+pub struct EventsSettings {
+    /// Whether lifecycle events are written (else nothing is, and `GET /events` answers 404).
+    pub enabled: bool,
+    /// Approximate cap of the events stream (`XADD … MAXLEN ~ maxlen`).
+    pub maxlen: NonZeroU32,
 }
 
 /// `[metrics]`

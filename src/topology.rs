@@ -432,7 +432,7 @@ pub fn celery_settings(config: &Config, node_name: &str) -> Option<CelerySetting
         result_ttl: celery.result_ttl,
         poll: celery.poll,
         batch: celery.batch.get() as usize,
-        events_maxlen: BrokerSettings::default().events_maxlen,
+        events_maxlen: events_maxlen(config),
         node: node_name.to_string(),
     })
 }
@@ -471,7 +471,17 @@ pub fn broker_settings(config: &Config) -> BrokerSettings {
             .iter()
             .filter_map(|(name, task)| task.idempotency.as_ref().map(|i| (name.clone(), i.ttl)))
             .collect(),
+        events_maxlen: events_maxlen(config),
         ..BrokerSettings::default()
+    }
+}
+
+/// The events stream's cap, `0` when `[events] enabled = false`.
+fn events_maxlen(config: &Config) -> usize {
+    if config.events.enabled {
+        config.events.maxlen.get() as usize
+    } else {
+        0
     }
 }
 

@@ -300,3 +300,24 @@ async fn the_reader_stops_when_its_client_disconnects() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test]
+async fn events_can_be_switched_off_without_touching_the_tasks() {
+    let node = Node::start(&format!("{CONFIG}\n[events]\nenabled = false\n"), &[]);
+    let id = enqueue(&node, "rt_noop").await;
+    wait_succeeded(&node, &id).await;
+    assert_eq!(node.post("/chaos/kill/heartbeat", None).await.status(), 202);
+    let response = node.get("/events?last=10&follow=false").await;
+    assert_eq!(response.status(), 404);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(
+        body["error"], "events are disabled ([events] enabled = false)",
+        "{body}"
+    );
+    // The restart happened all the same; only its event is not written.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while node.actor("root/heartbeat").await.unwrap()["restarts"] != 1 {
+        assert!(Instant::now() < deadline, "heartbeat never restarted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

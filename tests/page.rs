@@ -584,6 +584,35 @@ max_retries = 0
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_events_off_the_feed_says_so_and_the_tree_still_renders() {
+    let Some(chromium) = chromium() else { return };
+    let node = Node::start(
+        "[http]\nbind = \"127.0.0.1:0\"\n[queues.default]\n[events]\nenabled = false\n",
+        &[],
+    );
+    let mut browser = Browser::launch(&chromium).await;
+    browser.goto(&format!("{}/", node.url)).await;
+    let default = item("root/queues/default");
+    browser
+        .wait_for(
+            "root/queues/default, running",
+            &format!("{default}?.dataset.status === 'running'"),
+        )
+        .await;
+    browser
+        .wait_for(
+            "the feed marked off",
+            "document.getElementById('events-state').textContent === 'off on this node'",
+        )
+        .await;
+    assert!(
+        browser.exceptions.is_empty(),
+        "the page threw: {:?}",
+        browser.exceptions
+    );
+}
+
 /// Rewrites `docs/live-tree.png`: the page under load. Ignored (run it by hand, see the module
 /// docs); it needs Chromium and `python3` (the fake voice agents).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

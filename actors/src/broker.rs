@@ -80,7 +80,8 @@ pub struct BrokerSettings {
     pub idempotency_ttl: Duration,
     /// Per-task idempotency TTLs (`tasks.NAME.idempotency.ttl`).
     pub task_idempotency_ttl: HashMap<String, Duration>,
-    /// Approximate cap of the events stream.
+    /// Approximate cap of the events stream; `0`: no events are written at all
+    /// (`[events] enabled = false`).
     pub events_maxlen: usize,
 }
 

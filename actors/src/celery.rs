@@ -93,7 +93,7 @@ pub struct CelerySettings {
     pub poll: Duration,
     /// Messages moved per script call.
     pub batch: usize,
-    /// Cap of the runtime's events stream.
+    /// Cap of the runtime's events stream (`0`: no events).
     pub events_maxlen: usize,
     /// This node's name (the `origin` header of reverse sends).
     pub node: String,

@@ -30,9 +30,10 @@ use super::raw::{
 };
 use super::{
     BROKER_URL_ENV, BeatSettings, BreakerSettings, BrokerSettings, CelerySettings, ChaosSettings,
-    Config, FailureRate, Handler, HttpSettings, Idempotency, Loaded, MetricsSettings,
-    OpenAiSettings, PoolSettings, QueueSettings, ResourceSettings, RetryPolicy, RuntimeSettings,
-    ScheduleSettings, Secret, StopSignal, SupervisionSettings, TaskSettings, Trigger, ZepSettings,
+    Config, EventsSettings, FailureRate, Handler, HttpSettings, Idempotency, Loaded,
+    MetricsSettings, OpenAiSettings, PoolSettings, QueueSettings, ResourceSettings, RetryPolicy,
+    RuntimeSettings, ScheduleSettings, Secret, StopSignal, SupervisionSettings, TaskSettings,
+    Trigger, ZepSettings,
 };
 
 /// Where `compile()` reads environment variables (`RT_BROKER_URL`, secrets).
@@ -68,6 +69,8 @@ const DEFAULT_PREFIX: &str = "rt";
 const DEFAULT_LEASE: Duration = Duration::from_secs(30);
 const DEFAULT_BEAT_LEASE: Duration = Duration::from_secs(10);
 const DEFAULT_MAX_DELIVERIES: u32 = 5;
+/// Default approximate cap of the events stream.
+const DEFAULT_EVENTS_MAXLEN: u32 = 10_000;
 const DEFAULT_RESULT_TTL: Duration = Duration::from_secs(24 * 3600);
 const DEFAULT_BIND: &str = "127.0.0.1:7070";
 const DEFAULT_MAX_RESTARTS: u32 = 5;
@@ -118,6 +121,13 @@ pub(crate) fn compile(raw: RawConfig, env: Environment<'_>) -> Result<Loaded, Di
     let metrics = MetricsSettings {
         enabled: raw.metrics.enabled.unwrap_or(true),
     };
+    let events = EventsSettings {
+        enabled: raw.events.enabled.unwrap_or(true),
+        maxlen: c.nonzero(
+            "events.maxlen",
+            raw.events.maxlen.unwrap_or(DEFAULT_EVENTS_MAXLEN),
+        ),
+    };
     let beat = BeatSettings {
         lease: c.positive_duration("beat.lease", &raw.beat.lease, DEFAULT_BEAT_LEASE),
     };
@@ -140,6 +150,7 @@ pub(crate) fn compile(raw: RawConfig, env: Environment<'_>) -> Result<Loaded, Di
                     chaos,
                     celery,
                     metrics,
+                    events,
                 },
                 warnings: diagnostics.warnings,
             })

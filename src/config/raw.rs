@@ -62,6 +62,9 @@ pub(crate) struct RawConfig {
     /// `[metrics]`: the Prometheus endpoint.
     #[serde(default)]
     pub(crate) metrics: RawMetrics,
+    /// `[events]`: the lifecycle events stream.
+    #[serde(default)]
+    pub(crate) events: RawEvents,
 }
 
 /// `[runtime]`
@@ -476,6 +479,17 @@ pub(crate) struct RawMetrics {
     /// Whether task, consumer, actor and broker metrics are recorded and `GET /metrics`
     /// serves them. Default true.
     pub(crate) enabled: Option<bool>,
+}
+
+/// `[events]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a [events] table")]
+pub(crate) struct RawEvents {
+    /// Whether lifecycle events are written to the events stream and `GET /events` serves
+    /// them. Default true.
+    pub(crate) enabled: Option<bool>,
+    /// Approximate cap of the events stream. Default 10000.
+    pub(crate) maxlen: Option<u32>,
 }
 
 /// Parses TOML text into the raw structs. A syntax error is named by its position; a shape

@@ -77,6 +77,8 @@ fn an_empty_file_compiles_to_the_documented_defaults() {
     );
     assert!(!config.chaos.enabled);
     assert!(config.metrics.enabled);
+    assert!(config.events.enabled);
+    assert_eq!(config.events.maxlen.get(), 10_000);
     assert!(config.queues.is_empty() && config.tasks.is_empty());
 }
 
@@ -100,7 +102,7 @@ fn unknown_keys_are_named_by_path_with_position() {
         fails("[queus.chat]\n")[0],
         "error: queus: unknown key, expected one of `runtime`, `broker`, `http`, \
          `supervision`, `queues`, `tasks`, `resources`, `pools`, `schedules`, `beat`, `chaos`, \
-         `celery`, `metrics` \
+         `celery`, `metrics`, `events` \
          (line 1, column 2)"
     );
     // Inside a tagged handler table too.
@@ -382,6 +384,23 @@ fn concurrency_zero_is_an_error() {
     assert_eq!(
         fails("[queues.chat]\nconcurrency = 0\n"),
         ["error: queues.chat.concurrency: must be at least 1, got 0"]
+    );
+}
+
+#[test]
+fn events_can_be_switched_off_and_their_cap_is_checked() {
+    let (config, _) = ok("[events]\nenabled = false\nmaxlen = 500\n");
+    assert!(!config.events.enabled);
+    assert_eq!(config.events.maxlen.get(), 500);
+    assert_eq!(
+        fails("[events]\nmaxlen = 0\n"),
+        ["error: events.maxlen: must be at least 1, got 0"]
+    );
+    assert_eq!(
+        fails("[events]\nenabled = \"no\"\n"),
+        [
+            "error: events.enabled: invalid type: string \"no\", expected a boolean (line 2, column 11)"
+        ]
     );
 }
 

@@ -25,6 +25,8 @@
 //!   the response body is dropped.
 //! - **Bounded.** At most [`MAX_STREAMS`] streams are open at once per node; beyond that the
 //!   answer is `503` with `Retry-After` and a JSON error.
+//! - **Off.** With `[events] enabled = false` nothing writes the stream and the route answers
+//!   `404` with a JSON error.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -164,6 +166,11 @@ pub async fn stream(
     headers: HeaderMap,
     query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
+    if !state.config.events.enabled {
+        return Err(ApiError::NotFound(
+            "events are disabled ([events] enabled = false)".into(),
+        ));
+    }
     let Query(query) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let kinds = Kinds::parse(query.types.as_deref())?;
     let resume = match headers.get("last-event-id") {

@@ -388,6 +388,34 @@ pub(crate) async fn events_tell_the_life_of_a_task<B: Broker>(b: &B, q: &str) {
     assert_eq!(kinds, ["retried", "succeeded"]);
 }
 
+/// With `events_maxlen = 0` (`[events] enabled = false`) a task's whole life — sent, started,
+/// retried, succeeded, and a dead letter — writes no event; the tasks themselves are unchanged.
+/// Not part of [`contract_suite!`]: it needs a broker built with those settings.
+pub(crate) async fn events_off_write_nothing<B: Broker>(b: &B, q: &str) {
+    assert_eq!(
+        b.enqueue(vec![task(q, 1), task(q, 2)]).await.unwrap().len(),
+        2
+    );
+    let got = b.reserve(q, "c", 2, NO_WAIT).await.unwrap();
+    let started = super::Event::about("started", &got[0].envelope, json!({ "consumer": "c" }));
+    b.publish(started).await.unwrap();
+    b.retry(&got[0], SystemTime::now(), "timeout")
+        .await
+        .unwrap();
+    b.dead_letter(&got[1], "ValueError: bad phone number")
+        .await
+        .unwrap();
+    b.promote_due(q, SystemTime::now() + MS).await.unwrap();
+    let again = b.reserve(q, "c", 1, NO_WAIT).await.unwrap();
+    assert_eq!(again[0].envelope.attempt, 1);
+    b.ack(&again[0], json!(true)).await.unwrap();
+    let record = b.record(&again[0].envelope.id).await.unwrap().unwrap();
+    assert_eq!(record.state, TaskState::Succeeded);
+    assert_eq!(b.dead_letters(q, 10).await.unwrap().len(), 1);
+    assert!(b.events(None, 100).await.unwrap().is_empty());
+    assert!(b.events_before(None, 100).await.unwrap().is_empty());
+}
+
 pub(crate) async fn events_page_forwards_and_backwards<B: Broker>(b: &B, q: &str) {
     assert!(b.events_before(None, 5).await.unwrap().is_empty());
     for n in 0..5 {

@@ -216,6 +216,9 @@ fn event_seq(id: &str) -> u64 {
 
 impl State {
     fn event(&mut self, mut event: Event, cap: usize) {
+        if cap == 0 {
+            return;
+        }
         self.next_event += 1;
         event.id = format!("{}-0", self.next_event);
         if self.events.len() >= cap {
@@ -732,6 +735,7 @@ fn entry_seq(id: &str) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::MemoryBroker;
+    use crate::broker::BrokerSettings;
     use crate::broker::contract::{RawProducer, contract_suite, settings};
 
     impl RawProducer for MemoryBroker {
@@ -741,4 +745,14 @@ mod tests {
     }
 
     contract_suite!(async { MemoryBroker::new(settings()) });
+
+    #[tokio::test]
+    async fn events_off_write_nothing() {
+        let settings = BrokerSettings {
+            events_maxlen: 0,
+            ..settings()
+        };
+        crate::broker::contract::events_off_write_nothing(&MemoryBroker::new(settings), "chat")
+            .await;
+    }
 }

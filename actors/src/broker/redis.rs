@@ -467,6 +467,11 @@ impl RedisBroker {
         }
     }
 
+    /// Whether events are written (`[events] enabled`).
+    fn events_on(&self) -> bool {
+        self.settings.events_maxlen > 0
+    }
+
     /// Appends an event `XADD` about `about` (or just its `queue`) to `pipe` (reply ignored).
     fn add_event(
         &self,
@@ -504,6 +509,9 @@ impl RedisBroker {
         optional: [(&str, Option<&str>); 3],
         detail: &str,
     ) {
+        if !self.events_on() {
+            return;
+        }
         let cmd = pipe
             .cmd("XADD")
             .arg(&self.events_key)
@@ -606,7 +614,7 @@ impl RedisBroker {
 
     /// Events for what `recover.lua` did (`kind, e, deliveries, consumer` per entry).
     async fn recovery_events(&self, queue: &str, moved: &[Value]) -> Result<(), BrokerError> {
-        if moved.is_empty() {
+        if moved.is_empty() || !self.events_on() {
             return Ok(());
         }
         let at = rfc3339(SystemTime::now());
@@ -1225,6 +1233,9 @@ impl Broker for RedisBroker {
     }
 
     async fn publish(&self, event: Event) -> Result<(), BrokerError> {
+        if !self.events_on() {
+            return Ok(());
+        }
         let mut pipe = redis::pipe();
         let optional = [
             ("task_id", event.task_id.as_deref()),
@@ -1858,6 +1869,23 @@ mod tests {
     }
 
     contract_suite!(Harness::start(settings()));
+
+    #[tokio::test]
+    async fn events_off_write_nothing() {
+        let h = Harness::start(BrokerSettings {
+            events_maxlen: 0,
+            ..settings()
+        })
+        .await;
+        crate::broker::contract::events_off_write_nothing(&h, "chat").await;
+        let mut conn = h.outsider().await;
+        let exists: bool = redis::cmd("EXISTS")
+            .arg("rt:events")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(!exists, "rt:events written with events off");
+    }
 
     fn task(queue: &str, n: u32) -> Envelope {
         let mut env = Envelope::new("send_whatsapp_message_task", queue);

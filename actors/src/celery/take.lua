@@ -7,7 +7,8 @@
 -- ARGV[1] = runtime key prefix (`rt`), ARGV[2] = batch size,
 -- ARGV[3] = JSON {celery task name: [runtime task, runtime queue]},
 -- ARGV[4] = runtime queue whose dead letters take malformed messages,
--- ARGV[5] = now (RFC 3339), ARGV[6] = events stream MAXLEN.
+-- ARGV[5] = now (RFC 3339), ARGV[6] = events stream MAXLEN
+-- ('0': no events).
 -- Producers LPUSH, so the oldest message is at the right end: RPOP keeps FIFO.
 -- The runtime stream entry is an envelope with `id` (Celery's, kept), `task`, `queue` and
 -- `celery_raw` (the kombu message as it came); the body is decoded by the consumer
@@ -24,8 +25,10 @@ local rejected = {}
 local function bury(raw, reason)
   redis.call('XADD', prefix .. ':{' .. dlq .. '}:dead', '*', 'e', raw, 'reason', reason,
     'attempts', 0, 'at', at, 'raw', '1')
-  redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 'kind', 'dead', 'at', at,
-    'queue', dlq, 'detail', cjson.encode({ reason = reason }))
+  if maxlen ~= '0' then
+    redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 'kind', 'dead', 'at', at,
+      'queue', dlq, 'detail', cjson.encode({ reason = reason }))
+  end
   dead = dead + 1
 end
 
@@ -55,9 +58,11 @@ for _, list in ipairs(KEYS) do
           .. ',"enqueued_at":' .. cjson.encode(at)
           .. ',"celery_raw":' .. cjson.encode(raw) .. '}'
         redis.call('XADD', prefix .. ':{' .. target[2] .. '}:stream', '*', 'e', envelope)
-        redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 'kind', 'sent', 'at', at,
-          'task_id', headers.id, 'task', target[1], 'queue', target[2],
-          'detail', '{"eta":null,"celery":true}')
+        if maxlen ~= '0' then
+          redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 'kind', 'sent', 'at', at,
+            'task_id', headers.id, 'task', target[1], 'queue', target[2],
+            'detail', '{"eta":null,"celery":true}')
+        end
         moved = moved + 1
       end
     end
