@@ -10,6 +10,8 @@
 //! Run with: cargo run --release --example bench_pool [-- WARM_CLAIMS COLD_CLAIMS STARTUP]
 //! (defaults 50, 10, 1.5; needs python3 on PATH). It also prints the three slowest claims with
 //! their position in the run; `BENCH_HEALTH_MS` sets the pool's health-check period (500 ms).
+//! `RUST_LOG=debug` traces every claim (the bench's claim/claimed lines, the agent monitor's
+//! "assignment written"/"confirmed", each agent output line) on stderr.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -26,6 +28,11 @@ use tokio::time::Instant;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // RUST_LOG=debug traces each claim (bench and agent lines, microsecond timestamps).
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
     let mut args = std::env::args().skip(1);
     let warm_claims: usize = args.next().map_or(Ok(50), |a| a.parse())?;
     let cold_claims: usize = args.next().map_or(Ok(10), |a| a.parse())?;
@@ -82,8 +89,10 @@ async fn measure(
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let t = Instant::now();
+        tracing::debug!(n, "claim");
         pool.claim(json!({"room": format!("bench-{n}")})).await?;
         latencies.push(t.elapsed());
+        tracing::debug!(n, took_us = t.elapsed().as_micros() as u64, "claimed");
     }
     let mut slowest: Vec<(usize, Duration)> = latencies.iter().copied().enumerate().collect();
     slowest.sort_by_key(|(_, took)| std::cmp::Reverse(*took));
@@ -100,7 +109,11 @@ async fn measure(
         .take(3)
         .map(|(n, took)| format!("#{n} {:.2} ms", took.as_secs_f64() * 1000.0))
         .collect();
-    println!("  slowest claims: {}", slowest.join(", "));
+    println!(
+        "  slowest claims: {}; assignments retried on another agent: {}",
+        slowest.join(", "),
+        pool.snapshot()["totals"]["assign_failures"]
+    );
     root.stop(Some("bench done".into()));
     let _ = handle.await;
     pool.shutdown().await;

@@ -10,19 +10,23 @@
 
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
+use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use regex::Regex;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin};
 use tokio::sync::{mpsc, oneshot};
-use tokio::time::{Instant, sleep_until, timeout};
-use tracing::{info, warn};
+use tokio::time::{Instant, sleep_until, timeout, timeout_at};
+use tracing::{debug, info, warn};
 
 use super::{AgentState, Pool, process};
 
 /// Longest piece of a line handled at once (a longer line is split).
 const MAX_LINE: u64 = 64 * 1024;
+/// How long the pipes of an agent that exited during its assignment are still read for the
+/// `assigned_pattern` it may have printed just before.
+const LEFTOVERS: Duration = Duration::from_millis(200);
 
 /// What the pool asks of an agent's monitor.
 #[derive(Debug)]
@@ -154,6 +158,7 @@ pub(super) async fn run(
                         Phase::Idle
                     }
                     (Event::Assigned, Phase::Assigning { reply, .. }) => {
+                        debug!(agent = %id, pid, "assignment confirmed");
                         let _ = reply.send(Ok(()));
                         Phase::Assigned
                     }
@@ -168,10 +173,13 @@ pub(super) async fn run(
                                 let _ = reply.send(Ok(()));
                                 Phase::Assigned
                             }
-                            Ok(()) => Phase::Assigning {
-                                deadline: Instant::now() + settings.assign_timeout,
-                                reply,
-                            },
+                            Ok(()) => {
+                                debug!(agent = %id, pid, "assignment written");
+                                Phase::Assigning {
+                                    deadline: Instant::now() + settings.assign_timeout,
+                                    reply,
+                                }
+                            }
                             Err(err) => {
                                 let reason = format!("cannot write the assignment: {err}");
                                 let _ = reply.send(Err(reason.clone()));
@@ -236,6 +244,9 @@ pub(super) async fn run(
             }
         }
     };
+    if matches!(phase, Phase::Assigning { .. }) {
+        phase = leftovers(phase, &mut events).await;
+    }
     guard.reaped = true;
     // Grandchildren left in the group go with it.
     process::signal_group(pid, Signal::SIGKILL);
@@ -301,14 +312,36 @@ fn kill(pool: &Pool, seq: u64, pid: u32, id: &str, reason: &str, sigkilled: &mut
     pool.agent_draining(seq);
 }
 
+/// An agent that exits right after its `assigned_pattern` (a short session) is often reaped
+/// before its drain task has read that line: what its pipes still hold decides. Taking the
+/// exit for a failed assignment would retry the claim with another agent — the same
+/// assignment served twice.
+async fn leftovers(phase: Phase, events: &mut mpsc::UnboundedReceiver<Event>) -> Phase {
+    let Phase::Assigning { deadline, reply } = phase else {
+        return phase;
+    };
+    let until = Instant::now() + LEFTOVERS;
+    loop {
+        // `None`: both pipes are closed and read to their end.
+        match timeout_at(until, events.recv()).await {
+            Ok(Some(Event::Assigned)) => {
+                let _ = reply.send(Ok(()));
+                return Phase::Assigned;
+            }
+            Ok(Some(Event::Ready)) => {}
+            Ok(None) | Err(_) => return Phase::Assigning { deadline, reply },
+        }
+    }
+}
+
 fn far_future() -> Instant {
-    Instant::now() + std::time::Duration::from_secs(86_400 * 365)
+    Instant::now() + Duration::from_secs(86_400 * 365)
 }
 
 async fn write_line(
     stdin: &mut Option<ChildStdin>,
     line: &str,
-    limit: std::time::Duration,
+    limit: Duration,
 ) -> std::io::Result<()> {
     let Some(stdin) = stdin.as_mut() else {
         return Err(std::io::Error::other("stdin already closed"));

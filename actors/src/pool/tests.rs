@@ -335,6 +335,9 @@ async fn warm_pool_claims_fast_and_refills_after_each_claim() {
     f.until("refilled after the last claim", |f| f.count("idle") == 3)
         .await;
     assert_eq!(f.total("claims"), 50);
+    // Sessions of 0 s: each agent exits right after "Connected to", often before that line
+    // was read; that is still a confirmed assignment, never a failure retried elsewhere.
+    assert_eq!(f.total("assign_failures"), 0);
     f.until("all sessions reaped", |f| f.total("exited") == 50)
         .await;
     assert!(
@@ -401,6 +404,28 @@ async fn a_thousand_cycles_and_a_hundred_sigkills_leave_no_zombies_or_orphans() 
     assert_no_zombies().await;
     // Only the three idle agents are alive.
     assert_eq!(tagged(&f.tag).len(), 3);
+    f.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_exits_right_after_its_assigned_line_is_confirmed_not_retried() {
+    // Shell agents print "Connected to …" and exit at once: the exit is often reaped before
+    // the line is read. Each assignment must still be served by exactly one agent.
+    let tag = tag("short");
+    let f = Fixture::start(tag.clone(), shell_settings(&tag)).await;
+    for n in 0..200 {
+        f.pool
+            .claim(json!({"room": format!("short-{n}")}))
+            .await
+            .unwrap();
+    }
+    f.until("back to min_idle", |f| {
+        f.count("idle") == 3 && f.count("assigned") == 0 && f.count("starting") == 0
+    })
+    .await;
+    assert_eq!(f.total("claims"), 200);
+    assert_eq!(f.total("assign_failures"), 0);
+    assert_eq!(f.total("exited"), 200, "{}", f.snap()["totals"]);
     f.finish().await;
 }
 
