@@ -164,6 +164,8 @@ pub struct BrokerSettings {
     pub max_deliveries: NonZeroU32,
     /// How long results are kept.
     pub result_ttl: Duration,
+    /// Largest envelope (bytes of its JSON) enqueued or run.
+    pub max_entry_bytes: usize,
 }
 
 impl BrokerSettings {
@@ -195,6 +197,7 @@ impl fmt::Debug for BrokerSettings {
             .field("lease", &self.lease)
             .field("max_deliveries", &self.max_deliveries)
             .field("result_ttl", &self.result_ttl)
+            .field("max_entry_bytes", &self.max_entry_bytes)
             .finish()
     }
 }

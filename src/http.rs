@@ -116,6 +116,7 @@ impl From<BrokerError> for ApiError {
     fn from(err: BrokerError) -> Self {
         match err {
             BrokerError::Invalid(why) => ApiError::BadRequest(why),
+            too_large @ BrokerError::TooLarge { .. } => ApiError::TooLarge(too_large.to_string()),
             other => ApiError::Unavailable(other.to_string()),
         }
     }

@@ -466,6 +466,7 @@ pub fn broker_settings(config: &Config) -> BrokerSettings {
         prefix: config.broker.prefix.clone(),
         max_deliveries: config.broker.max_deliveries.get(),
         result_ttl: config.broker.result_ttl,
+        max_entry_bytes: config.broker.max_entry_bytes,
         task_idempotency_ttl: config
             .tasks
             .iter()

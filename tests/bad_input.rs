@@ -169,9 +169,58 @@ async fn malformed_stream_entries_are_dead_lettered_while_good_tasks_succeed() {
         let fields: Vec<(&str, &[u8])> = fields.iter().map(|(k, v)| (*k, v.as_slice())).collect();
         xadd(&mut conn, &fields).await;
     }
-    // A valid envelope with a 2 MB argument is not malformed: it runs (or is dead-lettered
-    // with a reason), and never takes the node down.
+    // A valid envelope with a 2 MB argument is not malformed, but it is over the broker's
+    // `max_entry_bytes` (1 MiB by default): it is dead-lettered unrun with its size and the
+    // limit, and the good tasks sent right after it still run.
     xadd(&mut conn, &[("e", huge_envelope.as_bytes())]).await;
+    let after_huge: Value = reqwest::Client::new()
+        .post(format!("{}/tasks", node.url))
+        .json(&json!([
+            { "task": "rt_echo", "args": ["after huge"] },
+            { "task": "rt_echo", "args": ["after huge", 2] },
+        ]))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    good.extend(
+        after_huge
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["id"].as_str().unwrap().to_string()),
+    );
+    // Through the API the same envelope is refused at once: a JSON 413 naming size and limit.
+    let refused = reqwest::Client::new()
+        .post(format!("{}/tasks", node.url))
+        .json(&json!({ "task": "rt_echo", "id": "huge-2", "args": [huge_text] }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 413);
+    assert_eq!(
+        refused.headers()[reqwest::header::CONTENT_TYPE],
+        "application/json"
+    );
+    let refused: Value = refused.json().await.unwrap();
+    let error = refused["error"].as_str().unwrap();
+    assert!(
+        error.starts_with("task `rt_echo`: the envelope is ")
+            && error.ends_with(" bytes, over the broker's max_entry_bytes of 1048576"),
+        "{error}"
+    );
+    let sent: Value = reqwest::Client::new()
+        .post(format!("{}/tasks", node.url))
+        .json(&json!({ "task": "rt_echo", "args": ["after the 413"] }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    good.push(sent["id"].as_str().unwrap().to_string());
 
     let at = Instant::now();
     for id in &good {
@@ -192,13 +241,18 @@ async fn malformed_stream_entries_are_dead_lettered_while_good_tasks_succeed() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-    // The 2 MB envelope settles one way or the other.
+    // The 2 MB envelope is dead, never started, with its size and the limit as the reason.
+    let huge_reason = format!(
+        "entry too large: {} bytes, over the broker's max_entry_bytes of 1048576",
+        huge_envelope.len()
+    );
     loop {
         let response = node.get("/tasks/huge-1").await;
         if response.status() == 200 {
             let record: Value = response.json().await.unwrap();
-            if record["state"] == "succeeded" || record["state"] == "dead" {
-                eprintln!("a 2 MB envelope: {}", record["state"]);
+            assert_ne!(record["state"], "succeeded", "{record}");
+            if record["state"] == "dead" {
+                assert_eq!(record["error"], huge_reason.as_str(), "{record}");
                 break;
             }
         }
@@ -208,6 +262,38 @@ async fn malformed_stream_entries_are_dead_lettered_while_good_tasks_succeed() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let huge_letter = node.get_json("/dlq/chat").await["dead_letters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["envelope"]["id"] == "huge-1")
+        .cloned()
+        .expect("huge-1 is a dead letter");
+    assert_eq!(huge_letter["reason"], huge_reason.as_str());
+    let log = node.log();
+    assert!(
+        log.lines().any(|line| line.contains("WARN")
+            && line.contains("dead-lettered without running")
+            && line.contains(&huge_reason)),
+        "no warn line with the reason; log:\n{log}"
+    );
+    // Its events (read straight from Redis): sent by nobody, never started, dead.
+    let events: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg("rt:events")
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let kinds: Vec<String> = events
+        .ids
+        .iter()
+        .filter(|e| e.get::<String>("task_id").as_deref() == Some("huge-1"))
+        .filter_map(|e| e.get::<String>("kind"))
+        .collect();
+    assert_eq!(kinds, ["dead"], "the events of huge-1");
+    // The refused one was never enqueued.
+    assert_eq!(node.get("/tasks/huge-2").await.status(), 404);
 
     // Every bad entry is dead-lettered, in order, with its reason.
     let letters = loop {

@@ -125,6 +125,15 @@ const CASES: &[Case] = &[
         ],
     },
     Case {
+        fixture: "max_entry_bytes_zero",
+        flags: &[],
+        vars: &[],
+        expected: &[
+            "error: broker.max_entry_bytes: must be from 1024 to 536870912 bytes (512 MiB, \
+             Redis' largest string), got 0",
+        ],
+    },
+    Case {
         fixture: "bad_duration",
         flags: &[],
         vars: &[],

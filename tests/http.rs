@@ -216,6 +216,106 @@ async fn tasks_are_enqueued_singly_or_in_batches_and_routed_by_the_config() {
 }
 
 #[tokio::test]
+async fn envelopes_over_max_entry_bytes_and_bodies_over_the_limit_are_json_413s() {
+    let mut state = state(Duration::from_millis(5), None, false).await;
+    let settings = BrokerSettings {
+        max_entry_bytes: 1024,
+        ..BrokerSettings::default()
+    };
+    state.broker = Arc::new(AnyBroker::connect("memory://", settings).await.unwrap());
+    let big = "x".repeat(1024);
+    let expect_413 = |status: StatusCode, body: &str, prefix: &str| {
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
+        let error = json(body)["error"].as_str().unwrap().to_string();
+        assert!(error.starts_with(prefix), "{error}");
+        error
+    };
+
+    // One task: its size and the limit.
+    let (status, body) = send_body(
+        &state,
+        "POST",
+        "/tasks",
+        None,
+        &serde_json::json!({ "task": "process_chat_message", "args": [big] }).to_string(),
+    )
+    .await;
+    let error = expect_413(
+        status,
+        &body,
+        "task `process_chat_message`: the envelope is ",
+    );
+    let size: usize = error
+        .trim_start_matches("task `process_chat_message`: the envelope is ")
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(size > big.len(), "the whole envelope is counted: {error}");
+    assert!(
+        error.ends_with(" bytes, over the broker's max_entry_bytes of 1024"),
+        "{error}"
+    );
+
+    // In a batch, its place; nothing of the batch is enqueued.
+    let (status, body) = send_body(
+        &state,
+        "POST",
+        "/tasks",
+        None,
+        &serde_json::json!([
+            { "task": "notify_chat_failure" },
+            { "task": "notify_chat_failure", "kwargs": { "text": big } },
+        ])
+        .to_string(),
+    )
+    .await;
+    expect_413(
+        status,
+        &body,
+        "[1]: task `notify_chat_failure`: the envelope is ",
+    );
+    let (_, body) = send(&state, "GET", "/queues", None).await;
+    assert_eq!(json(&body)["queues"]["default"]["ready"], 0, "{body}");
+
+    // A body over the request limit (2 MiB here: 4 × 1024 is less) is not read to its end.
+    let huge = serde_json::json!({ "task": "notify_chat_failure", "args": ["y".repeat(2 << 20)] })
+        .to_string();
+    let request = Request::builder()
+        .method("POST")
+        .uri("/tasks")
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CONTENT_LENGTH, huge.len())
+        .body(Body::from(huge.clone()))
+        .unwrap();
+    let response = app(state.clone()).oneshot(request).await.unwrap();
+    let status = response.status();
+    assert_eq!(response.headers()[header::CONTENT_TYPE], "application/json");
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let error = expect_413(status, std::str::from_utf8(&body).unwrap(), "body (");
+    assert_eq!(
+        error,
+        format!(
+            "body ({} bytes): over the limit of 2097152 bytes for one request (4 × the \
+             broker's max_entry_bytes of 1024, at least 2097152)",
+            huge.len()
+        )
+    );
+
+    // A task under the cap still goes in.
+    let (status, body) = send_body(
+        &state,
+        "POST",
+        "/tasks",
+        None,
+        r#"{"task":"notify_chat_failure","args":["small"]}"#,
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+}
+
+#[tokio::test]
 async fn bad_task_requests_are_400_naming_the_field_and_enqueue_nothing() {
     let state = state(Duration::from_millis(5), None, false).await;
     let cases = [

@@ -25,6 +25,13 @@
 //!
 //! Malformed entries met by `reserve` (not JSON, missing fields) are moved to the dead letters
 //! with the parse error; they never reach a consumer, never block the queue, never panic.
+//!
+//! Entry size: `enqueue` refuses an envelope whose JSON is over
+//! [`BrokerSettings::max_entry_bytes`] ([`BrokerError::TooLarge`]). An oversized entry that
+//! is in a queue anyway (another producer `XADD`ed it) is delivered with its [`Delivery::size`]
+//! and the consumer dead-letters it without running it ([`BrokerSettings::too_large`] is the
+//! reason): that way it gets a task record, metrics and, for a Celery message, Celery's
+//! `FAILURE` result, like any other task that cannot run.
 
 pub mod actor;
 pub mod envelope;
@@ -65,6 +72,21 @@ pub enum BrokerError {
     /// Bad input from a caller (an envelope without a task name, a bad queue name).
     #[error("{0}")]
     Invalid(String),
+    /// An envelope whose JSON is over [`BrokerSettings::max_entry_bytes`]: nothing of its
+    /// batch was enqueued.
+    #[error(
+        "task `{task}`: the envelope is {size} bytes, over the broker's max_entry_bytes of {limit}"
+    )]
+    TooLarge {
+        /// Its position in the batch.
+        index: usize,
+        /// Its task name.
+        task: String,
+        /// Bytes of its JSON as it would be stored.
+        size: usize,
+        /// The cap.
+        limit: usize,
+    },
 }
 
 /// Tunables shared by both implementations.
@@ -83,7 +105,14 @@ pub struct BrokerSettings {
     /// Approximate cap of the events stream; `0`: no events are written at all
     /// (`[events] enabled = false`).
     pub events_maxlen: usize,
+    /// Largest envelope, in bytes of its JSON as stored, that `enqueue` accepts; a larger
+    /// entry found in a queue (written by another producer) is dead-lettered unrun by the
+    /// consumer (see [`BrokerSettings::too_large`]).
+    pub max_entry_bytes: usize,
 }
+
+/// The default [`BrokerSettings::max_entry_bytes`]: 1 MiB.
+pub const DEFAULT_MAX_ENTRY_BYTES: usize = 1024 * 1024;
 
 impl Default for BrokerSettings {
     fn default() -> Self {
@@ -94,6 +123,7 @@ impl Default for BrokerSettings {
             idempotency_ttl: Duration::from_secs(24 * 3600),
             task_idempotency_ttl: HashMap::new(),
             events_maxlen: 10_000,
+            max_entry_bytes: DEFAULT_MAX_ENTRY_BYTES,
         }
     }
 }
@@ -105,6 +135,17 @@ impl BrokerSettings {
             .get(task)
             .copied()
             .unwrap_or(self.idempotency_ttl)
+    }
+
+    /// The dead-letter reason for an entry of `size` bytes when it is over
+    /// `max_entry_bytes`, else `None`.
+    pub fn too_large(&self, size: usize) -> Option<String> {
+        (size > self.max_entry_bytes).then(|| {
+            format!(
+                "entry too large: {size} bytes, over the broker's max_entry_bytes of {}",
+                self.max_entry_bytes
+            )
+        })
     }
 }
 
@@ -126,6 +167,8 @@ pub struct Delivery {
     pub entry: String,
     /// How many times it has been delivered, this time included.
     pub deliveries: u32,
+    /// Bytes of the envelope's JSON as the entry holds it (what `max_entry_bytes` caps).
+    pub size: usize,
     /// The task.
     pub envelope: Envelope,
 }
@@ -301,7 +344,9 @@ pub struct LastRun {
 pub trait Broker: Send + Sync + 'static {
     /// Enqueues a batch (ids and `enqueued_at` filled in when empty; a future `eta` goes to
     /// the delayed set; a taken idempotency key returns the first id). All or nothing per
-    /// envelope, answers in order.
+    /// envelope, answers in order. An invalid envelope, or one whose JSON is over
+    /// `max_entry_bytes` ([`BrokerError::TooLarge`]), fails the whole batch before anything
+    /// is written.
     fn enqueue(
         &self,
         batch: Vec<Envelope>,
@@ -527,6 +572,14 @@ impl AnyBroker {
                 "broker URL: expected memory:// or redis://, got `{}`",
                 url.split("://").next().unwrap_or(url)
             ))),
+        }
+    }
+
+    /// The tunables it runs with.
+    pub fn settings(&self) -> &BrokerSettings {
+        match self {
+            Self::Memory(memory) => memory.settings(),
+            Self::Redis(redis) => redis.settings(),
         }
     }
 

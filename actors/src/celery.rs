@@ -357,7 +357,17 @@ impl Celery {
                 envelope
                     .extra
                     .insert(ORIGIN_FIELD.into(), Value::Object(origin));
-                work.broker.enqueue(vec![envelope]).await?;
+                match work.broker.enqueue(vec![envelope]).await {
+                    Ok(_) => {}
+                    // It can never be enqueued (a large result as its first argument): its
+                    // result says so, rather than the parent being recorded again and again.
+                    Err(err @ BrokerError::TooLarge { .. }) => {
+                        let reason = err.to_string();
+                        tracing::warn!(callback = %id, %reason, "celery callback not enqueued; its result is FAILURE");
+                        self.rejected(&id, &reason).await?;
+                    }
+                    Err(err) => return Err(err),
+                }
             }
             None => {
                 let queue = options

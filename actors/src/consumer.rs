@@ -3,9 +3,9 @@
 //!
 //! - A **fetcher** task reserves entries only into free slots (`concurrency + prefetch`, a
 //!   semaphore): never more in memory than the bulkhead can run. It sends them to the actor.
-//! - The actor checks each delivery (unknown task → dead letter `no such task`; past its
-//!   `expires` → dead letter; a closed [`ResourceGate`] → deferred without spending an
-//!   attempt), holds its lease in [`Leases`], and starts a [`TaskActor`] per task, up to
+//! - The actor checks each delivery (over the broker's `max_entry_bytes` → dead letter
+//!   `entry too large`; unknown task → dead letter `no such task`; past its `expires` → dead
+//!   letter; a closed [`ResourceGate`] → deferred without spending an attempt), holds its lease in [`Leases`], and starts a [`TaskActor`] per task, up to
 //!   `concurrency` at once; the rest wait in arrival order.
 //! - A task actor records its own outcome and stops with the reason `"done"`. Any other exit
 //!   (panic, kill) is a crash: the consumer records a retry per the task's policy.
@@ -382,6 +382,17 @@ impl ConsumerState {
     /// Checks a delivery and queues it to run, or settles it at once.
     async fn admit(&mut self, delivery: Arc<Delivery>) {
         let work = Arc::clone(&self.args.work);
+        // An entry over the size cap (another producer wrote it; `enqueue` refuses them) is
+        // not run, nor decoded further. A Celery message gets its FAILURE result here: it is
+        // not expanded, so `settle` does not know its origin yet.
+        if let Some(reason) = work.broker.settings().too_large(delivery.size) {
+            if delivery.envelope.extra.contains_key(celery::RAW_FIELD) {
+                self.reject_celery(&delivery.envelope.id, &reason).await;
+            }
+            let series = work.metrics.task(&delivery.envelope.task, &delivery.queue);
+            self.settle(&delivery, series, reason).await;
+            return;
+        }
         // A message the Celery bridge moved is decoded first (one map lookup otherwise).
         let delivery = if delivery.envelope.extra.contains_key(celery::RAW_FIELD) {
             match self.expand_celery(delivery).await {

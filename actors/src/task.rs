@@ -311,17 +311,28 @@ async fn record_once(
 }
 
 /// Enqueues callbacks (each counted once: a repeated recording finds their idempotency keys
-/// taken).
+/// taken). A callback over the broker's `max_entry_bytes` (a large result as its first
+/// argument) can never be enqueued: it is left out with a warning naming its size and the
+/// limit, and the others go in — retrying the recording, or re-running the task through lease
+/// recovery, would only fail the same way.
 async fn enqueue_callbacks(
     work: &Work,
-    callbacks: Vec<Envelope>,
+    mut callbacks: Vec<Envelope>,
 ) -> Result<(), crate::broker::BrokerError> {
-    if callbacks.is_empty() {
-        return Ok(());
+    while !callbacks.is_empty() {
+        let counting = work.metrics.enqueuing(&callbacks);
+        match work.broker.enqueue(callbacks.clone()).await {
+            Ok(answers) => {
+                counting.done(&answers);
+                return Ok(());
+            }
+            Err(err @ crate::broker::BrokerError::TooLarge { index, .. }) => {
+                let callback = callbacks.remove(index);
+                warn!(error = %err, callback = %callback.task, "callback not enqueued");
+            }
+            Err(err) => return Err(err),
+        }
     }
-    let counting = work.metrics.enqueuing(&callbacks);
-    let answers = work.broker.enqueue(callbacks).await?;
-    counting.done(&answers);
     Ok(())
 }
 

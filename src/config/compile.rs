@@ -72,6 +72,11 @@ const DEFAULT_MAX_DELIVERIES: u32 = 5;
 /// Default approximate cap of the events stream.
 const DEFAULT_EVENTS_MAXLEN: u32 = 10_000;
 const DEFAULT_RESULT_TTL: Duration = Duration::from_secs(24 * 3600);
+const DEFAULT_MAX_ENTRY_BYTES: u64 = actors::broker::DEFAULT_MAX_ENTRY_BYTES as u64;
+/// The smallest `broker.max_entry_bytes`: an envelope without arguments takes a few hundred.
+const MIN_MAX_ENTRY_BYTES: u64 = 1024;
+/// The largest `broker.max_entry_bytes`: Redis' largest string (`proto-max-bulk-len`).
+const MAX_MAX_ENTRY_BYTES: u64 = 512 * 1024 * 1024;
 const DEFAULT_BIND: &str = "127.0.0.1:7070";
 const DEFAULT_MAX_RESTARTS: u32 = 5;
 const DEFAULT_WITHIN: Duration = Duration::from_secs(10);
@@ -464,12 +469,24 @@ impl Compiler<'_> {
         );
         let result_ttl =
             self.positive_duration("broker.result_ttl", &raw.result_ttl, DEFAULT_RESULT_TTL);
+        let max_entry_bytes = raw.max_entry_bytes.unwrap_or(DEFAULT_MAX_ENTRY_BYTES);
+        if !(MIN_MAX_ENTRY_BYTES..=MAX_MAX_ENTRY_BYTES).contains(&max_entry_bytes) {
+            self.error(
+                "broker.max_entry_bytes",
+                format!(
+                    "must be from {MIN_MAX_ENTRY_BYTES} to {MAX_MAX_ENTRY_BYTES} bytes (512 MiB, \
+                     Redis' largest string), got {max_entry_bytes}"
+                ),
+            );
+        }
         url_ok.then_some(BrokerSettings {
             url,
             prefix,
             lease,
             max_deliveries,
             result_ttl,
+            max_entry_bytes: max_entry_bytes.clamp(MIN_MAX_ENTRY_BYTES, MAX_MAX_ENTRY_BYTES)
+                as usize,
         })
     }
 

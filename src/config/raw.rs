@@ -102,6 +102,12 @@ pub(crate) struct RawBroker {
     pub(crate) max_deliveries: Option<u32>,
     /// How long a task's result is kept. Default `"24h"`.
     pub(crate) result_ttl: Option<RawDuration>,
+    /// Largest task envelope, in bytes of its JSON as stored, that is enqueued (`POST /tasks`
+    /// answers 413 above it; callbacks, beat and native enqueues get an error) or run (a larger
+    /// entry another producer wrote into a queue is dead-lettered unrun, reason
+    /// `entry too large: …`). An integer; default 1048576 (1 MiB); from 1024 to 536870912
+    /// (512 MiB, Redis' largest string).
+    pub(crate) max_entry_bytes: Option<u64>,
 }
 
 /// `[http]`

@@ -59,6 +59,7 @@ fn an_empty_file_compiles_to_the_documented_defaults() {
     assert_eq!(config.broker.lease, Duration::from_secs(30));
     assert_eq!(config.broker.max_deliveries.get(), 5);
     assert_eq!(config.broker.result_ttl, Duration::from_secs(86_400));
+    assert_eq!(config.broker.max_entry_bytes, 1024 * 1024);
     assert_eq!(config.http.bind.to_string(), "127.0.0.1:7070");
     assert_eq!(config.http.admin_token, None);
     assert_eq!(config.supervision.strategy, Strategy::OneForOne);
@@ -629,6 +630,50 @@ fn a_non_loopback_bind_needs_an_admin_token() {
         fails("[http]\nbind = \"localhost:7070\"\n"),
         ["error: http.bind: \"localhost:7070\" is not IP:PORT (e.g. \"127.0.0.1:7070\")"]
     );
+}
+
+#[test]
+fn max_entry_bytes_is_an_integer_within_bounds_named_when_wrong() {
+    let (config, warnings) = ok("[broker]\nmax_entry_bytes = 4194304\n");
+    assert_eq!(config.broker.max_entry_bytes, 4 * 1024 * 1024);
+    assert!(warnings.is_empty(), "{warnings:?}");
+    assert_eq!(
+        ok("[broker]\nmax_entry_bytes = 1024\n")
+            .0
+            .broker
+            .max_entry_bytes,
+        1024
+    );
+    let bounds = "must be from 1024 to 536870912 bytes (512 MiB, Redis' largest string)";
+    assert_eq!(
+        fails("[broker]\nmax_entry_bytes = 0\n"),
+        [format!("error: broker.max_entry_bytes: {bounds}, got 0")]
+    );
+    assert_eq!(
+        fails("[broker]\nmax_entry_bytes = 1023\n"),
+        [format!("error: broker.max_entry_bytes: {bounds}, got 1023")]
+    );
+    assert_eq!(
+        fails("[broker]\nmax_entry_bytes = 536870913\n"),
+        [format!(
+            "error: broker.max_entry_bytes: {bounds}, got 536870913"
+        )]
+    );
+    // Not a size string, not negative, not a float: named by path with the position.
+    for (value, expected) in [
+        ("\"1MiB\"", "invalid type: string \"1MiB\", expected u64"),
+        ("-1", "invalid value: integer `-1`, expected u64"),
+        ("1.5", "invalid type: floating point `1.5`, expected u64"),
+    ] {
+        let lines = fails(&format!("[broker]\nmax_entry_bytes = {value}\n"));
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(
+            lines[0].starts_with(&format!(
+                "error: broker.max_entry_bytes: {expected} (line 2"
+            )),
+            "{lines:?}"
+        );
+    }
 }
 
 #[test]

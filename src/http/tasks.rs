@@ -4,13 +4,20 @@
 //! unless the request routes it to another defined queue. Every problem is a 400 that names
 //! the field (`[1].args: invalid type: …`, `[0].task: no such task `x``); a batch with one bad
 //! item enqueues nothing.
+//!
+//! Sizes: an envelope whose JSON is over the broker's `max_entry_bytes` is a 413 naming its
+//! size and the limit (`[2]: task `x`: the envelope is … bytes, over …`), and so is a body
+//! over [`body_limit`] (read no further). Both are JSON errors like every other; the body is
+//! read here with its own limit, not through axum's `DefaultBodyLimit` (whose 2 MB rejection
+//! would come before the per-envelope check and say less).
 
 use std::time::{Duration, SystemTime};
 
-use actors::broker::{Broker, Callback, Enqueued, Envelope, parse_time, rfc3339};
+use actors::broker::{Broker, BrokerError, Callback, Enqueued, Envelope, parse_time, rfc3339};
 use axum::Json;
+use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
@@ -19,6 +26,16 @@ use super::{ApiError, AppState};
 
 /// Most tasks one request may enqueue.
 pub const MAX_BATCH: usize = 10_000;
+
+/// The smallest [`body_limit`]: axum's default body limit, so a batch that fitted before a
+/// small `max_entry_bytes` was configured still fits.
+pub const MIN_BODY_LIMIT: usize = 2 * 1024 * 1024;
+
+/// The largest `POST /tasks` body read: four times `max_entry_bytes` (a single task somewhat
+/// over the cap still gets the precise per-envelope 413), at least [`MIN_BODY_LIMIT`].
+pub fn body_limit(max_entry_bytes: usize) -> usize {
+    max_entry_bytes.saturating_mul(4).max(MIN_BODY_LIMIT)
+}
 
 /// One task to enqueue, as posted.
 #[derive(Debug, Deserialize)]
@@ -55,8 +72,21 @@ struct TaskRequest {
 /// an array of those, in order).
 pub async fn enqueue(
     State(state): State<AppState>,
-    body: axum::body::Bytes,
+    headers: HeaderMap,
+    body: Body,
 ) -> Result<Response, ApiError> {
+    let max_entry_bytes = state.broker.settings().max_entry_bytes;
+    let limit = body_limit(max_entry_bytes);
+    let body = axum::body::to_bytes(body, limit).await.map_err(|_| {
+        let sent = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .map_or(String::new(), |n| format!(" ({n} bytes)"));
+        ApiError::TooLarge(format!(
+            "body{sent}: over the limit of {limit} bytes for one request (4 × the broker's \
+             max_entry_bytes of {max_entry_bytes}, at least {MIN_BODY_LIMIT})"
+        ))
+    })?;
     let value: Value = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("body: not JSON: {e}")))?;
     let (items, batch) = match value {
@@ -106,7 +136,13 @@ pub async fn enqueue(
         })?);
     }
     let counting = state.metrics.enqueuing(&envelopes);
-    let enqueued: Vec<Enqueued> = state.broker.enqueue(envelopes).await?;
+    let enqueued: Vec<Enqueued> = state.broker.enqueue(envelopes).await.map_err(|err| {
+        // An envelope over the size cap: name its place in a batch.
+        if let (true, BrokerError::TooLarge { index, .. }) = (batch, &err) {
+            return ApiError::TooLarge(format!("[{index}]: {err}"));
+        }
+        ApiError::from(err)
+    })?;
     counting.done(&enqueued);
     let body = if batch {
         json!(enqueued)

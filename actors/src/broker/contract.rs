@@ -17,11 +17,12 @@ pub(crate) trait RawProducer {
     async fn push_raw(&self, queue: &str, raw: &str);
 }
 
-/// Settings the suite expects: poison cap 3, records kept 1 s.
+/// Settings the suite expects: poison cap 3, records kept 1 s, entries up to 4 KiB.
 pub(crate) fn settings() -> BrokerSettings {
     BrokerSettings {
         max_deliveries: 3,
         result_ttl: Duration::from_secs(1),
+        max_entry_bytes: 4096,
         ..BrokerSettings::default()
     }
 }
@@ -359,6 +360,76 @@ pub(crate) async fn bad_envelopes_are_refused_whole<B: Broker>(b: &B, q: &str) {
     assert_eq!(err.to_string(), "task: must not be empty");
 }
 
+pub(crate) async fn oversized_entries_are_refused_or_delivered_with_their_size<
+    B: Broker + RawProducer,
+>(
+    b: &B,
+    q: &str,
+) {
+    let limit = settings().max_entry_bytes;
+    let mut big = task(q, 2);
+    big.kwargs.insert("text".into(), json!("x".repeat(limit)));
+    let err = b.enqueue(vec![task(q, 1), big]).await.unwrap_err();
+    match &err {
+        super::BrokerError::TooLarge {
+            index,
+            task,
+            size,
+            limit: cap,
+        } => {
+            assert_eq!(
+                (*index, task.as_str(), *cap),
+                (1, "send_whatsapp_message_task", limit)
+            );
+            assert!(*size > limit, "{size}");
+        }
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
+    let text = err.to_string();
+    assert!(
+        text.contains(" bytes, over the broker's max_entry_bytes of 4096"),
+        "{text}"
+    );
+    assert_eq!(
+        b.depth(q).await.unwrap(),
+        Default::default(),
+        "nothing enqueued"
+    );
+
+    // What another producer wrote is delivered with its size, the consumer's to refuse.
+    let sent = b.enqueue(vec![task(q, 3)]).await.unwrap();
+    let raw = json!({ "id": "raw-big", "task": "t", "queue": q, "args": ["y".repeat(limit)] })
+        .to_string();
+    b.push_raw(q, &raw).await;
+    let got = b.reserve(q, "c", 10, NO_WAIT).await.unwrap();
+    assert_eq!(got.len(), 2);
+    assert_eq!(got[0].envelope.id, sent[0].id);
+    assert_eq!(got[0].size, got[0].envelope.to_json().len());
+    assert!(settings().too_large(got[0].size).is_none());
+    assert_eq!(
+        (got[1].envelope.id.as_str(), got[1].size),
+        ("raw-big", raw.len())
+    );
+    let reason = settings().too_large(got[1].size).unwrap();
+    assert_eq!(
+        reason,
+        format!(
+            "entry too large: {} bytes, over the broker's max_entry_bytes of 4096",
+            raw.len()
+        )
+    );
+    b.dead_letter(&got[1], &reason).await.unwrap();
+    let dead = b.dead_letters(q, 10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].reason, reason);
+    assert_eq!(dead[0].envelope.as_ref().unwrap().id, "raw-big");
+    let record = b.record("raw-big").await.unwrap().unwrap();
+    assert_eq!(
+        (record.state, record.error.as_deref()),
+        (TaskState::Dead, Some(reason.as_str()))
+    );
+}
+
 pub(crate) async fn events_tell_the_life_of_a_task<B: Broker>(b: &B, q: &str) {
     let sent = b.enqueue(vec![task(q, 1)]).await.unwrap();
     let id = sent[0].id.clone();
@@ -552,7 +623,9 @@ macro_rules! contract_suite {
             idempotent_enqueue_returns_the_first_id,
             records_keep_results_for_their_ttl, dead_letters_can_be_listed_and_requeued,
             purge_removes_ready_and_delayed_only, malformed_entries_are_dead_lettered_not_delivered,
-            bad_envelopes_are_refused_whole, events_tell_the_life_of_a_task,
+            bad_envelopes_are_refused_whole,
+            oversized_entries_are_refused_or_delivered_with_their_size,
+            events_tell_the_life_of_a_task,
             events_page_forwards_and_backwards, handed_back_entries_are_ready_at_once,
             one_beat_leader_at_a_time, last_runs_and_presence_records);
     };

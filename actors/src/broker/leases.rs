@@ -112,6 +112,7 @@ mod tests {
             queue: queue.into(),
             entry: entry.into(),
             deliveries: 1,
+            size: 0,
             envelope: Envelope::new("t", queue),
         })
     }

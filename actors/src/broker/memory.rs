@@ -78,6 +78,11 @@ impl MemoryBroker {
         }
     }
 
+    /// The tunables it runs with.
+    pub fn settings(&self) -> &BrokerSettings {
+        &self.settings
+    }
+
     /// Appends a raw entry as a producer could (tests of malformed input use it).
     pub fn push_raw(&self, queue: &str, raw: &str) {
         let mut state = self.lock();
@@ -115,6 +120,7 @@ impl MemoryBroker {
                         queue: queue.to_string(),
                         entry: entry.id.clone(),
                         deliveries: entry.delivered + 1,
+                        size: entry.raw.len(),
                         envelope,
                     });
                     q.in_flight.insert(
@@ -242,28 +248,54 @@ impl State {
     }
 
     fn push_ready(&mut self, queue: &str, envelope: &Envelope, delivered: u32) {
+        self.push_ready_raw(queue, envelope.to_json(), delivered);
+    }
+
+    fn push_ready_raw(&mut self, queue: &str, raw: String, delivered: u32) {
         let id = self.next_id();
-        self.queue(queue).ready.push_back(Entry {
-            id,
-            raw: envelope.to_json(),
-            delivered,
-        });
+        self.queue(queue)
+            .ready
+            .push_back(Entry { id, raw, delivered });
     }
 
     fn push_delayed(&mut self, queue: &str, due_ms: u64, envelope: &Envelope) {
-        let seq = self.next_seq();
-        self.queue(queue)
-            .delayed
-            .insert((due_ms, seq), envelope.to_json());
+        self.push_delayed_raw(queue, due_ms, envelope.to_json());
     }
+
+    fn push_delayed_raw(&mut self, queue: &str, due_ms: u64, raw: String) {
+        let seq = self.next_seq();
+        self.queue(queue).delayed.insert((due_ms, seq), raw);
+    }
+}
+
+/// Checks and completes every envelope of a batch (see [`prepare`]), in order; the first
+/// problem fails the whole batch. Each comes back with its JSON, as it will be stored, and its
+/// due time when the eta is in the future.
+pub(crate) fn prepare_batch(
+    batch: Vec<Envelope>,
+    now: SystemTime,
+    settings: &BrokerSettings,
+) -> Result<Vec<(Envelope, String, Option<u64>)>, BrokerError> {
+    let mut prepared = Vec::with_capacity(batch.len());
+    for (index, mut envelope) in batch.into_iter().enumerate() {
+        let due = prepare(&mut envelope, now)?;
+        let json = envelope.to_json();
+        if json.len() > settings.max_entry_bytes {
+            return Err(BrokerError::TooLarge {
+                index,
+                task: envelope.task,
+                size: json.len(),
+                limit: settings.max_entry_bytes,
+            });
+        }
+        prepared.push((envelope, json, due));
+    }
+    Ok(prepared)
 }
 
 /// Fills in the id, enqueue time and trace id; returns the wall-clock due time when the eta is in the
 /// future.
-pub(crate) fn prepare(
-    envelope: &mut Envelope,
-    now: SystemTime,
-) -> Result<Option<u64>, BrokerError> {
+fn prepare(envelope: &mut Envelope, now: SystemTime) -> Result<Option<u64>, BrokerError> {
     if envelope.task.is_empty() {
         return Err(BrokerError::Invalid("task: must not be empty".into()));
     }
@@ -296,17 +328,12 @@ pub(crate) fn prepare(
 
 impl Broker for MemoryBroker {
     async fn enqueue(&self, batch: Vec<Envelope>) -> Result<Vec<Enqueued>, BrokerError> {
-        let now = SystemTime::now();
-        let mut prepared = Vec::with_capacity(batch.len());
-        for mut envelope in batch {
-            let due = prepare(&mut envelope, now)?;
-            prepared.push((envelope, due));
-        }
+        let prepared = prepare_batch(batch, SystemTime::now(), &self.settings)?;
         let mut out = Vec::with_capacity(prepared.len());
         {
             let mut state = self.lock();
             let clock = Instant::now();
-            for (envelope, due) in prepared {
+            for (envelope, json, due) in prepared {
                 if let Some(key) = &envelope.idempotency_key {
                     match state.idempotency.get(key) {
                         Some((first, expires)) if *expires > clock => {
@@ -326,8 +353,8 @@ impl Broker for MemoryBroker {
                     }
                 }
                 match due {
-                    Some(due_ms) => state.push_delayed(&envelope.queue, due_ms, &envelope),
-                    None => state.push_ready(&envelope.queue, &envelope, 0),
+                    Some(due_ms) => state.push_delayed_raw(&envelope.queue, due_ms, json),
+                    None => state.push_ready_raw(&envelope.queue, json, 0),
                 }
                 let detail = serde_json::json!({ "eta": envelope.eta });
                 state.event(

@@ -42,7 +42,8 @@
 //!   one pipeline of `SET p:idem:<key> <id> NX PX ttl` + `GET` for the envelopes that carry an
 //!   idempotency key (a taken key, also by an earlier envelope of the same batch, answers
 //!   `duplicate` with the stored first id), and one pipeline of `XADD` (or `ZADD` for a future
-//!   eta) and the `sent` events. If that second pipeline fails, the idempotency keys it set are
+//!   eta) and the `sent` events. An envelope whose JSON is over `max_entry_bytes` fails the
+//!   batch before the first round trip. If that second pipeline fails, the idempotency keys it set are
 //!   deleted again, so retrying the enqueue is not mistaken for a duplicate.
 //! - `reserve`: `XREADGROUP GROUP p <consumer> COUNT max [BLOCK wait] STREAMS p:{q}:stream >`.
 //!   A blocking read holds up its connection, so each (queue, consumer) reserving with a wait
@@ -51,6 +52,8 @@
 //!   the shared connection. Malformed entries are dead-lettered (`malformed entry: <error>`)
 //!   with `XACK` + `XDEL`, never returned — an `e` that is not valid UTF-8 among them (it is
 //!   never decoded lossily into a task that would run on altered arguments).
+//!   Each delivery carries the length of its `e` in bytes (`Delivery::size`): the consumer
+//!   dead-letters one over `max_entry_bytes` unrun.
 //! - `renew`: `XCLAIM … 0 <ids> JUSTID` by the owner — resets the idle time, not the delivery
 //!   count. An id missing from the reply was recovered elsewhere.
 //! - `ack`: one pipeline: record `HSET` + `PEXPIRE`, `XACK`, `XDEL`, `succeeded` event.
@@ -115,7 +118,7 @@ use redis::{AsyncConnectionConfig, Client, Pipeline, RedisError, RedisResult, Sc
 use serde::Serialize;
 use serde_json::json;
 
-use super::memory::prepare;
+use super::memory::prepare_batch;
 use super::{
     Broker, BrokerError, BrokerSettings, DeadLetter, Delivery, Enqueued, Envelope, Event, LastRun,
     NodeRecord, Purged, QueueDepth, Recovered, TaskRecord, TaskState, due_ms, epoch_ms, rfc3339,
@@ -320,6 +323,11 @@ impl RedisBroker {
     /// Connected, or reconnecting since when and why.
     pub fn connection_state(&self) -> ConnectionState {
         self.health.state()
+    }
+
+    /// The tunables it runs with.
+    pub fn settings(&self) -> &BrokerSettings {
+        &self.settings
     }
 
     /// The URL it talks to, without credentials.
@@ -709,6 +717,7 @@ impl RedisBroker {
                     queue: queue.to_string(),
                     entry: id,
                     deliveries: d + 1,
+                    size: e.map_or(0, String::len),
                     envelope,
                 }),
                 Some(Err(err)) => {
@@ -807,11 +816,7 @@ impl RedisBroker {
 impl Broker for RedisBroker {
     async fn enqueue(&self, batch: Vec<Envelope>) -> Result<Vec<Enqueued>, BrokerError> {
         let now = SystemTime::now();
-        let mut prepared = Vec::with_capacity(batch.len());
-        for mut envelope in batch {
-            let due = prepare(&mut envelope, now)?;
-            prepared.push((envelope, due));
-        }
+        let prepared = prepare_batch(batch, now, &self.settings)?;
         if prepared.is_empty() {
             return Ok(Vec::new());
         }
@@ -821,10 +826,10 @@ impl Broker for RedisBroker {
         // first occurrence.
         let mut first_ids: Vec<Option<String>> = vec![None; prepared.len()];
         let mut claimed = Vec::new();
-        if prepared.iter().any(|(e, _)| e.idempotency_key.is_some()) {
+        if prepared.iter().any(|(e, _, _)| e.idempotency_key.is_some()) {
             let mut pipe = redis::pipe();
             let mut keyed = Vec::new();
-            for (i, (envelope, _)) in prepared.iter().enumerate() {
+            for (i, (envelope, _, _)) in prepared.iter().enumerate() {
                 if let Some(key) = &envelope.idempotency_key {
                     let key = self.idempotency_key(key);
                     let ttl = self.settings.idempotency_ttl_for(&envelope.task);
@@ -853,7 +858,7 @@ impl Broker for RedisBroker {
         let at = rfc3339(now);
         let mut pipe = redis::pipe();
         let mut out = Vec::with_capacity(prepared.len());
-        for ((envelope, due), first) in prepared.into_iter().zip(first_ids) {
+        for ((envelope, json, due), first) in prepared.into_iter().zip(first_ids) {
             if let Some(first) = first {
                 out.push(Enqueued {
                     id: first,
@@ -861,7 +866,6 @@ impl Broker for RedisBroker {
                 });
                 continue;
             }
-            let json = envelope.to_json();
             match due {
                 Some(due_ms) => pipe
                     .cmd("ZADD")

@@ -529,6 +529,119 @@ async fn unknown_and_expired_tasks_are_dead_lettered_without_running() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_over_max_entry_bytes_is_dead_lettered_without_running() {
+    let rig = Rig::start(
+        &[Queue {
+            name: "default",
+            concurrency: 1,
+        }],
+        vec![def("rt_noop", "default", native("rt_noop"))],
+        Arc::new(AlwaysOpen),
+    )
+    .await;
+    let limit = rig.broker.settings().max_entry_bytes;
+    // As another producer would write it: `enqueue` refuses it.
+    let raw = json!({ "id": "big-1", "task": "rt_noop", "queue": "default",
+        "args": ["z".repeat(limit)] })
+    .to_string();
+    let AnyBroker::Memory(memory) = &*rig.broker else {
+        unreachable!("the rig runs on memory://")
+    };
+    memory.push_raw("default", &raw);
+    let fine = rig.enqueue("rt_noop", "default", json!({})).await;
+    let record = rig
+        .until_state("big-1", TaskState::Dead, Duration::from_secs(5))
+        .await;
+    assert_eq!(
+        record.error.unwrap(),
+        format!(
+            "entry too large: {} bytes, over the broker's max_entry_bytes of {limit}",
+            raw.len()
+        )
+    );
+    let kinds: Vec<String> = rig
+        .events_of("big-1")
+        .await
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert!(!kinds.iter().any(|k| k == "started"), "{kinds:?}");
+    assert!(kinds.iter().any(|k| k == "dead"), "{kinds:?}");
+    rig.until_state(&fine, TaskState::Succeeded, Duration::from_secs(5))
+        .await;
+    let dead = rig.broker.dead_letters("default", 10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].envelope.as_ref().unwrap().id, "big-1");
+    rig.root.stop(None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callback_over_max_entry_bytes_is_left_out_and_the_others_run() {
+    // A result of 60 % of the limit: it fits into one callback, not beside a second
+    // callback's own kwargs of the same size.
+    let limit = crate::broker::DEFAULT_MAX_ENTRY_BYTES;
+    let part = "p".repeat(limit * 6 / 10);
+    let mut natives = natives();
+    let result = part.clone();
+    natives.register("rt_big", move |_| {
+        let result = result.clone();
+        async move { Ok(json!(result)) }
+    });
+    let mut chained = def(
+        "extract_preferences_async",
+        "default",
+        natives.handler("rt_big").unwrap(),
+    );
+    chained.link = vec!["store_preferences".into()];
+    let rig = Rig::start(
+        &[Queue {
+            name: "default",
+            concurrency: 2,
+        }],
+        vec![
+            chained,
+            def("store_preferences", "default", native("rt_echo")),
+            def("store_everything", "default", native("rt_echo")),
+        ],
+        Arc::new(AlwaysOpen),
+    )
+    .await;
+    assert_eq!(rig.broker.settings().max_entry_bytes, limit);
+    let mut parent = Envelope::new("extract_preferences_async", "default");
+    parent.link = vec![crate::broker::Callback {
+        task: "store_everything".into(),
+        queue: None,
+        args: vec![],
+        kwargs: [("more".to_string(), json!(part))].into_iter().collect(),
+    }];
+    let id = rig.broker.enqueue(vec![parent]).await.unwrap()[0]
+        .id
+        .clone();
+    rig.until_state(&id, TaskState::Succeeded, Duration::from_secs(5))
+        .await;
+    let end = Instant::now() + Duration::from_secs(5);
+    loop {
+        let all = rig.broker.events(None, 100_000).await.unwrap();
+        let done = |task: &str| {
+            all.iter()
+                .filter(|e| e.kind == "succeeded" && e.task.as_deref() == Some(task))
+                .count()
+        };
+        if done("store_preferences") == 1 {
+            assert_eq!(done("extract_preferences_async"), 1, "the parent ran once");
+            let sent_big = all
+                .iter()
+                .any(|e| e.task.as_deref() == Some("store_everything"));
+            assert!(!sent_big, "the oversized callback was enqueued");
+            break;
+        }
+        assert!(Instant::now() < end, "store_preferences never ran");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    rig.root.stop(None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_handler_is_retried_and_the_consumer_keeps_running() {
     let mut n = Natives::default();
     n.register("fragile", |ctx| async move {
