@@ -10,6 +10,8 @@
 //! Run with: cargo run --release --example bench_pool [-- WARM_CLAIMS COLD_CLAIMS STARTUP]
 //! (defaults 50, 10, 1.5; needs python3 on PATH). It also prints the three slowest claims with
 //! their position in the run; `BENCH_HEALTH_MS` sets the pool's health-check period (500 ms).
+//! `BENCH_SESSION` sets the agents' session length in seconds (default 0: each claimed agent
+//! exits right after "Connected to", inside the next claims' window — the harshest case).
 //! `RUST_LOG=debug` traces every claim (the bench's claim/claimed lines, the agent monitor's
 //! "assignment written"/"confirmed", each agent output line) on stderr.
 
@@ -133,7 +135,7 @@ fn settings(min_idle: usize, startup: f64) -> Result<PoolSettings, Box<dyn std::
         "--startup-delay".into(),
         startup.to_string(),
         "--session".into(),
-        "0".into(),
+        std::env::var("BENCH_SESSION").unwrap_or_else(|_| "0".into()),
     ];
     s.min_idle = min_idle;
     s.max = 8;

@@ -430,6 +430,41 @@ async fn an_agent_that_exits_right_after_its_assigned_line_is_confirmed_not_retr
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claimed_agent_is_replaced_shortly_after_the_claim_returns_not_during_it() {
+    let tag = tag("deferred");
+    let f = Fixture::start(tag.clone(), settings(&tag, 0.1, 30.0, &[])).await;
+    let mut checked = 0;
+    for n in 0..5 {
+        f.until("3 idle", |f| {
+            f.count("idle") == 3 && f.count("starting") == 0
+        })
+        .await;
+        let spawned = f.total("spawned");
+        f.pool
+            .claim(json!({"room": format!("room-{n}")}))
+            .await
+            .unwrap();
+        let returned = Instant::now();
+        let now = f.total("spawned");
+        // Only meaningful while the hold-back lasts (a loaded machine may read it later).
+        if returned.elapsed() < REPLACE_AFTER / 2 {
+            assert_eq!(
+                now, spawned,
+                "a replacement started before the claim returned"
+            );
+            checked += 1;
+        }
+        f.until("the replacement started", |f| {
+            f.total("spawned") == spawned + 1
+        })
+        .await;
+    }
+    eprintln!("{checked} of 5 claims checked within the hold-back");
+    assert_eq!(f.count("assigned"), 5);
+    f.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hanging_startup_is_killed_at_startup_timeout_and_the_pool_goes_fatal() {
     let tag = tag("hang");
     let mut s = settings(&tag, 0.0, 0.0, &["--hang"]);
