@@ -17,7 +17,8 @@
 //! 3 node SIGKILLs each followed by a restart, 1 Redis restart.
 //!
 //! The other tests drive `runtime chaos kill` (by path, by kind, repeated; chaos disabled;
-//! node unreachable).
+//! node unreachable; a pool agent; running `exec` tasks killed one by one with `--kind task`
+//! and by their path, then retried, with no process left behind).
 
 mod common;
 
@@ -912,13 +913,35 @@ async fn runtime_chaos_kill_by_path_by_kind_and_repeated_reports_the_whole_tree(
         assert_eq!(node.actor(path).await.unwrap()["status"], "running");
     }
 
+    // No task runs on this node: one kill is an error, a series skips and says so.
     let url = node.url.clone();
     let (code, _, err) =
         tokio::task::spawn_blocking(move || chaos_cli(&url, &["kill", "--kind", "task"]))
             .await
             .unwrap();
     assert_eq!(code, Some(1));
-    assert!(err.contains("--kind task is not supported"), "{err}");
+    assert!(err.contains("no task is running on the node at"), "{err}");
+    let url = node.url.clone();
+    let (code, out, err) = tokio::task::spawn_blocking(move || {
+        chaos_cli(
+            &url,
+            &[
+                "kill", "--kind", "task", "--every", "100ms", "--for", "300ms",
+            ],
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, Some(0), "{out}{err}");
+    let skipped = out
+        .lines()
+        .filter(|l| l.ends_with(" no task running; skipped this kill"))
+        .count();
+    assert!((2..=4).contains(&skipped), "{out}");
+    assert!(
+        out.contains("0 kills in ") && out.contains(&format!("{skipped} skipped")),
+        "{out}"
+    );
 
     let url = node.url.clone();
     let (code, _, err) =
@@ -1068,4 +1091,196 @@ stop_timeout = "1s"
     // A clean stop, so the pool stops its agents (a SIGKILLed node would leave them).
     node.signal("TERM");
     assert!(node.wait_exit(Duration::from_secs(10)).is_some());
+}
+
+/// A node on a private Redis running slow `exec` tasks (`sleep 30` on their first attempt,
+/// an immediate result after): `runtime chaos kill --kind task` and the path form
+/// `root/queues/slow/<task id>` kill them one at a time; each is retried and succeeds, its
+/// `sleep` (the command itself, `exec`ed by the shell) is gone and nothing is left a zombie.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runtime_chaos_kill_kind_task_kills_a_running_exec_task_which_is_retried() {
+    let redis = RedisServer::start();
+    let scratch = Scratch::new();
+    let pids = scratch.path().join("pids");
+    // `ID PID` per first attempt; then the shell becomes `sleep 30`.
+    let script = scratch.write(
+        "slow.sh",
+        &format!(
+            r#"read -r envelope
+id=$(printf '%s' "$envelope" | sed 's/.*"id":"\([^"]*\)".*/\1/')
+case "$envelope" in
+  *'"attempt":0'*) echo "$id $$" >> {pids}; exec sleep 30 ;;
+esac
+echo '"ok"'
+"#,
+            pids = pids.display()
+        ),
+    );
+    let config = format!(
+        r#"
+[http]
+bind = "127.0.0.1:0"
+
+[chaos]
+enabled = true
+
+[queues.slow]
+concurrency = 2
+
+[tasks.slow_exec]
+queue = "slow"
+handler = {{ kind = "exec", command = "/bin/sh", args = ["{script}"] }}
+max_retries = 3
+backoff = "10ms"
+backoff_max = "100ms"
+"#,
+        script = script.display()
+    );
+    let node = Node::start(&config, &[("RT_BROKER_URL", &redis.url())]);
+    let http = reqwest::Client::new();
+    let ids = ["slow-1", "slow-2"];
+    let batch: Vec<Value> = ids
+        .iter()
+        .map(|id| json!({ "task": "slow_exec", "id": id }))
+        .collect();
+    let response = http
+        .post(format!("{}/tasks", node.url))
+        .json(&batch)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+
+    // Both run: their commands wrote their pids, the consumer's snapshot lists them.
+    let at = Instant::now();
+    let started = loop {
+        let listed = node.actor("root/queues/slow").await.unwrap()["snapshot"]["running"]
+            .as_array()
+            .map_or(0, Vec::len);
+        let text = std::fs::read_to_string(&pids).unwrap_or_default();
+        let started: HashMap<String, u32> = text
+            .lines()
+            .filter_map(|l| {
+                let (id, pid) = l.split_once(' ')?;
+                Some((id.to_string(), pid.parse().ok()?))
+            })
+            .collect();
+        if listed == 2 && started.len() == 2 {
+            break started;
+        }
+        assert!(
+            at.elapsed() < Duration::from_secs(10),
+            "not both running: {listed} listed, pids {text:?}; log:\n{}",
+            node.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    for pid in started.values() {
+        assert_eq!(proc_state(*pid), Some('S'), "pid {pid} sleeps");
+    }
+
+    // A random one, by kind.
+    let url = node.url.clone();
+    let (code, out, err) = tokio::task::spawn_blocking(move || {
+        chaos_cli(&url, &["kill", "--kind", "task", "--seed", "5"])
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, Some(0), "{out}{err}");
+    let first = ids
+        .into_iter()
+        .find(|id| out.contains(&format!("killed task {id} (slow_exec, attempt 0) of root/queues/slow; tree whole again after ")))
+        .unwrap_or_else(|| panic!("no task named in: {out}"));
+    let other = ids.into_iter().find(|id| *id != first).unwrap();
+    assert_gone(started[first]).await;
+    assert_eq!(
+        proc_state(started[other]),
+        Some('S'),
+        "the other one still runs"
+    );
+
+    // The other one, by its path.
+    let url = node.url.clone();
+    let path = format!("root/queues/slow/{other}");
+    let (code, out, err) = tokio::task::spawn_blocking(move || chaos_cli(&url, &["kill", &path]))
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.contains(&format!(
+            "killed task {other} (slow_exec, attempt 0) of root/queues/slow; tree whole again after "
+        )),
+        "{out}"
+    );
+    assert_gone(started[other]).await;
+
+    // Both retried (attempt 1 runs the quick branch) and succeeded.
+    for id in ids {
+        let at = Instant::now();
+        let record = loop {
+            let response = node.get(&format!("/tasks/{id}")).await;
+            if response.status() == 200 {
+                let record: Value = response.json().await.unwrap();
+                if record["state"] == "succeeded" {
+                    break record;
+                }
+            }
+            assert!(
+                at.elapsed() < Duration::from_secs(10),
+                "{id} did not succeed; log:\n{}",
+                node.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(record["attempts"], 2, "{record}");
+        assert_eq!(record["result"], "ok", "{record}");
+    }
+    // Nothing in flight, the consumer never restarted, no zombie child of the node.
+    let at = Instant::now();
+    loop {
+        let queues = node.get_json("/queues").await;
+        if queues["queues"]["slow"]["in_flight"] == 0 {
+            break;
+        }
+        assert!(at.elapsed() < Duration::from_secs(5), "{queues}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let consumer = node.actor("root/queues/slow").await.unwrap();
+    assert_eq!(consumer["restarts"], 0);
+    assert_eq!(consumer["status"], "running");
+    assert_eq!(zombies(&[node.pid()]).await, Vec::<u32>::new());
+    let log = node.log();
+    assert_eq!(log.matches("chaos: killed task actor").count(), 2, "{log}");
+    assert!(!log.contains("panicked at"), "{log}");
+
+    // A task that does not run (any more) is refused by path.
+    let url = node.url.clone();
+    let (code, _, err) =
+        tokio::task::spawn_blocking(move || chaos_cli(&url, &["kill", "root/queues/slow/slow-1"]))
+            .await
+            .unwrap();
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("no running task `slow-1` in root/queues/slow"),
+        "{err}"
+    );
+}
+
+/// The state letter of `/proc/PID/stat`; `None` once the pid is gone.
+fn proc_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(") ")
+        .and_then(|(_, rest)| rest.chars().next())
+}
+
+/// Waits up to 2 s for `pid` to be gone (killed and reaped: not even a zombie).
+async fn assert_gone(pid: u32) {
+    let at = Instant::now();
+    while let Some(state) = proc_state(pid) {
+        assert!(
+            at.elapsed() < Duration::from_secs(2),
+            "process {pid} is still there (state {state})"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
