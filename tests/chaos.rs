@@ -4,10 +4,12 @@
 //! Redis; a producer posts tasks over three queues (native `rt_sleep`, `rt_noop`, `rt_fail`
 //! and an `exec` shell script that writes a side-effect ledger, a subset of them with
 //! idempotency keys and submitted twice) while the test kills a random actor of a random live
-//! node every 100 ms (`POST /chaos/kill`), SIGKILLs node B mid-run and restarts it, and
-//! restarts Redis mid-run. It then checks: every task completed or dead-lettered as configured
+//! node every 100 ms (`POST /chaos/kill`) and, every other time, a random running task of that
+//! node too (`POST /chaos/kill/root/queues/Q/TASK_ID`), SIGKILLs node B mid-run and restarts
+//! it, and restarts Redis mid-run. It then checks: every task completed or dead-lettered as configured
 //! (0 lost, from `GET /tasks/{id}`), duplicate executions only around a disruption (a kill of
-//! the task's consumer, its supervisor or a broker actor, a node SIGKILL, the Redis restart),
+//! the task's consumer, its supervisor or a broker actor, a kill of a task on its queue, a node
+//! SIGKILL, the Redis restart), at least one task killed,
 //! 0 duplicate side effects for the idempotent tasks, 0 zombie children of the nodes, no
 //! leftover task process, no panic in any log, and the tree whole again ≤ 1 s after each
 //! actor kill. It prints a summary (run with `--nocapture` to see it).
@@ -249,8 +251,8 @@ fn now_ms() -> u64 {
 /// (`None`: every queue).
 #[derive(Debug, Clone)]
 struct Disruption {
-    /// `node SIGKILL`, `Redis restart`, `consumer kill`, `supervisor kill`, `broker kill`, or
-    /// `other kill` (cannot re-run a task).
+    /// `node SIGKILL`, `Redis restart`, `consumer kill`, `supervisor kill`, `broker kill`,
+    /// `task kill` (one running task of the queue), or `other kill` (cannot re-run a task).
     what: String,
     start: u64,
     end: u64,
@@ -312,6 +314,49 @@ async fn kill_one(http: &reqwest::Client, url: &str, rng: &mut StdRng) -> (Strin
         );
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
+}
+
+/// Kills a random running task of the node at `url` through the chaos route
+/// (`root/queues/Q/TASK_ID`), as `runtime chaos kill --kind task` does: the tasks the
+/// consumers' snapshots list, in a random order, until one still runs (a snapshot is up to a
+/// second old and these tasks are short). Returns its queue, or `None` if none was running.
+async fn kill_a_task(http: &reqwest::Client, url: &str, rng: &mut StdRng) -> Option<String> {
+    let tree: Value = http
+        .get(format!("{url}/actors"))
+        .send()
+        .await
+        .expect("GET /actors")
+        .json()
+        .await
+        .expect("/actors JSON");
+    fn walk(nodes: &Value, out: &mut Vec<(String, String)>) {
+        for node in nodes.as_array().into_iter().flatten() {
+            if node["kind"] == "consumer" {
+                for task in node["snapshot"]["running"].as_array().into_iter().flatten() {
+                    let path = node["path"].as_str().unwrap_or("").to_string();
+                    out.push((path, task["id"].as_str().unwrap_or("").to_string()));
+                }
+            }
+            walk(&node["children"], out);
+        }
+    }
+    let mut running = Vec::new();
+    walk(&tree, &mut running);
+    for _ in 0..running.len().min(8) {
+        let (consumer, id) = running.swap_remove(rng.random_range(0..running.len()));
+        let response = http
+            .post(format!("{url}/chaos/kill/{consumer}/{id}"))
+            .send()
+            .await
+            .expect("POST /chaos/kill");
+        match response.status().as_u16() {
+            202 => return consumer.strip_prefix("root/queues/").map(str::to_string),
+            // Finished since the snapshot, or its consumer is being restarted.
+            404 => continue,
+            other => panic!("killing task {id} of {consumer}: {other}"),
+        }
+    }
+    None
 }
 
 /// Processes: (pid, ppid, state, command line).
@@ -461,6 +506,8 @@ async fn tasks_survive_actor_kills_node_sigkills_and_a_redis_restart() {
     let production = profile.production();
     let mut rng = StdRng::seed_from_u64(42);
     let mut kills: Vec<Kill> = Vec::new();
+    // Every other tick also kills a running task (`None`: none was running then).
+    let mut task_kills: Vec<Option<String>> = Vec::new();
     let mut disruptions: Vec<Disruption> = Vec::new();
     let mut node_kills_done = 0;
     let mut node_restarts = 0;
@@ -546,6 +593,19 @@ async fn tasks_survive_actor_kills_node_sigkills_and_a_redis_restart() {
             queue,
         });
         kills.push(kill);
+        if kills.len() % 2 == 0 {
+            let at = now_ms();
+            let queue = kill_a_task(&http, &url, &mut rng).await;
+            if let Some(queue) = &queue {
+                disruptions.push(Disruption {
+                    what: "task kill".into(),
+                    start: at,
+                    end: now_ms(),
+                    queue: Some(queue.clone()),
+                });
+            }
+            task_kills.push(queue);
+        }
         tick += profile.kill_every;
         if tick < Instant::now() {
             tick = Instant::now();
@@ -667,6 +727,7 @@ async fn tasks_survive_actor_kills_node_sigkills_and_a_redis_restart() {
                 "supervisor kill",
                 "consumer kill",
                 "broker kill",
+                "task kill",
             ]
             .into_iter()
             .find(|what| around.iter().any(|d| d.what == *what));
@@ -740,7 +801,7 @@ async fn tasks_survive_actor_kills_node_sigkills_and_a_redis_restart() {
     eprintln!(
         "\n== chaos summary (profile {}) ==\n\
          tasks: {} over 3 queues ({} native, {} exec of which {} idempotent and submitted twice), 2 nodes on one Redis (AOF)\n\
-         chaos: {:.1} s, actor kills {} ({:?}), node SIGKILLs {}, node restarts {}, Redis restarts {}\n\
+         chaos: {:.1} s, actor kills {} ({:?}), task kills {} (tried {}, nothing running {}), node SIGKILLs {}, node restarts {}, Redis restarts {}\n\
          outcome: succeeded {}, dead-lettered as configured {}, lost {}, unexpected outcome {}, extra attempts recorded {}\n\
          duplicates: executions {} (around {:?}; unexplained by a disruption {}), side effects of idempotent tasks {} (missing {}), second submissions not deduplicated {}\n\
          processes: zombies {}, leftover task processes {}, panics {}, task actors failed (retried) {}\n\
@@ -754,6 +815,9 @@ async fn tasks_survive_actor_kills_node_sigkills_and_a_redis_restart() {
         chaos_time.as_secs_f64(),
         kills.len(),
         by_kind,
+        task_kills.iter().flatten().count(),
+        task_kills.len(),
+        task_kills.iter().filter(|k| k.is_none()).count(),
         node_kills_done,
         node_restarts,
         redis_restarts,
@@ -780,6 +844,11 @@ async fn tasks_survive_actor_kills_node_sigkills_and_a_redis_restart() {
     );
 
     assert_eq!(submitted.len(), profile.tasks);
+    assert!(
+        task_kills.iter().flatten().count() > 0,
+        "no task was running at any of the {} task kills",
+        task_kills.len()
+    );
     assert!(lost.is_empty(), "lost tasks: {lost:?}");
     assert!(
         unexpected.is_empty(),
