@@ -62,13 +62,16 @@ pub enum ChaosCommand {
 /// `runtime chaos kill [PATH] [--kind KIND] [--every D --for D] [--seed N]`
 #[derive(Debug, Args)]
 pub struct ChaosKillArgs {
-    /// The actor to kill (`root/queues/chat` or `queues/chat`). Exclusive with `--kind`.
+    /// The actor to kill (`root/queues/chat` or `queues/chat`), or a running task
+    /// (`root/queues/chat/<task id>`). Exclusive with `--kind`.
     #[arg(required_unless_present = "kind", conflicts_with = "kind")]
     pub path: Option<String>,
     /// Kill a random actor of this kind (a `kind` of `/actors`: `consumer`, `broker`,
     /// `resource` kinds such as `zep`, `pool`, `scheduler`, `heartbeat`, `supervisor`; or
-    /// `agent`: SIGKILL a random pool agent process, which must run on this machine). The
-    /// root is never picked.
+    /// `agent`: SIGKILL a random pool agent process, which must run on this machine; or
+    /// `task`: kill a random running task's actor through its consumer — the attempt counts
+    /// as a retryable failure, an `exec` command's process group is SIGKILLed). The root is
+    /// never picked. With `--every`, a moment with no task running skips that kill.
     #[arg(long)]
     pub kind: Option<String>,
     /// Kill again at this interval (`100ms`, `1s`); needs `--for`.

@@ -12,7 +12,7 @@
 //! | `GET /events` | the events stream as Server-Sent Events ([`events`]) |
 //! | `GET /metrics` | Prometheus text format ([`metrics`]) |
 //! | `GET /nodes` | the nodes consuming from the broker, from their presence records ([`nodes`]) |
-//! | `POST /chaos/kill/{path}` | kill that actor (only with `[chaos] enabled = true`) |
+//! | `POST /chaos/kill/{path}` | kill that actor, or with `{consumer path}/{task id}` that running task's actor (only with `[chaos] enabled = true`) |
 //!
 //! Mutating routes require `Authorization: Bearer <token>` when `http.admin_token_env` names a
 //! token. Errors are JSON `{"error": "..."}` and never carry internals or secrets.
@@ -28,8 +28,10 @@ pub mod tasks;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use actors::broker::{AnyBroker, BrokerError};
+use actors::consumer::KillTaskError;
 use actors::metrics::Metrics;
 use actors::pool::Pool;
 use actors::resource::Resources;
@@ -107,6 +109,9 @@ pub enum ApiError {
     /// 413
     #[error("{0}")]
     TooLarge(String),
+    /// 503: an actor did not answer in time.
+    #[error("{0}")]
+    NoAnswer(String),
     /// 503: the broker failed the request.
     #[error("broker unavailable: {0}")]
     Unavailable(String),
@@ -129,7 +134,7 @@ impl IntoResponse for ApiError {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::NoAnswer(_) => StatusCode::SERVICE_UNAVAILABLE,
         };
         let body = Json(json!({ "error": self.to_string() }));
         if status == StatusCode::UNAUTHORIZED {
@@ -243,6 +248,13 @@ async fn actors(
     }
 }
 
+/// How long the chaos route waits for a consumer to answer a task kill.
+const KILL_TASK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// `POST /chaos/kill/{path}`: kills the actor at `path`; or, when `path` is
+/// `{consumer path}/{task id}`, asks that consumer to kill the task actor running that task
+/// (task actors are not tree nodes; their consumer keeps them). The task id is everything
+/// after the consumer's path, so it may contain `/` (sent percent-encoded).
 async fn chaos_kill(
     State(state): State<AppState>,
     Path(path): Path<String>,
@@ -253,13 +265,52 @@ async fn chaos_kill(
     } else {
         format!("{ROOT}/{path}")
     };
+    if let Some(cell) = state.tree.cell(&path) {
+        warn!(actor = %path, "chaos: killing actor");
+        cell.kill();
+        return Ok((StatusCode::ACCEPTED, Json(json!({ "killed": path }))).into_response());
+    }
+    let Some((consumer, id)) = consumer_and_task(&state.tree, &path) else {
+        return Err(ApiError::NotFound(format!("no running actor at {path}")));
+    };
     let cell = state
         .tree
-        .cell(&path)
-        .ok_or_else(|| ApiError::NotFound(format!("no running actor at {path}")))?;
-    warn!(actor = %path, "chaos: killing actor");
-    cell.kill();
-    Ok((StatusCode::ACCEPTED, Json(json!({ "killed": path }))).into_response())
+        .cell(consumer)
+        .ok_or_else(|| ApiError::NotFound(format!("no running consumer at {consumer}")))?;
+    match actors::consumer::kill_task(&cell, id, KILL_TASK_TIMEOUT).await {
+        Ok(killed) => {
+            warn!(actor = %consumer, task_id = %killed.id, task = %killed.task,
+                attempt = killed.attempt, "chaos: killed task actor");
+            let body = json!({
+                "killed": path,
+                "consumer": consumer,
+                "task_id": killed.id,
+                "task": killed.task,
+                "queue": killed.queue,
+                "attempt": killed.attempt,
+            });
+            Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+        }
+        Err(KillTaskError::NotRunning(id)) => Err(ApiError::NotFound(format!(
+            "no running task `{id}` in {consumer}"
+        ))),
+        Err(KillTaskError::NotAConsumer) => Err(ApiError::NotFound(format!(
+            "no running consumer at {consumer}"
+        ))),
+        Err(err @ KillTaskError::NoAnswer(_)) => {
+            Err(ApiError::NoAnswer(format!("{consumer}: {err}")))
+        }
+    }
+}
+
+/// Splits `root/queues/chat/<task id>` into the path of a consumer of the tree and the rest
+/// (the task id, possibly with `/` in it); `None` when no prefix of `path` is a consumer.
+fn consumer_and_task<'a>(tree: &Tree, path: &'a str) -> Option<(&'a str, &'a str)> {
+    path.match_indices('/').find_map(|(at, _)| {
+        let (consumer, id) = (&path[..at], &path[at + 1..]);
+        let is_consumer = tree.get(consumer).is_some_and(|a| a.kind == "consumer");
+        (is_consumer && !id.is_empty()).then_some((consumer, id))
+    })
 }
 
 async fn authorize(

@@ -4,10 +4,12 @@
 //! Redis; a producer posts tasks over three queues (native `rt_sleep`, `rt_noop`, `rt_fail`
 //! and an `exec` shell script that writes a side-effect ledger, a subset of them with
 //! idempotency keys and submitted twice) while the test kills a random actor of a random live
-//! node every 100 ms (`POST /chaos/kill`), SIGKILLs node B mid-run and restarts it, and
-//! restarts Redis mid-run. It then checks: every task completed or dead-lettered as configured
+//! node every 100 ms (`POST /chaos/kill`) and, every other time, a random running task of that
+//! node too (`POST /chaos/kill/root/queues/Q/TASK_ID`), SIGKILLs node B mid-run and restarts
+//! it, and restarts Redis mid-run. It then checks: every task completed or dead-lettered as configured
 //! (0 lost, from `GET /tasks/{id}`), duplicate executions only around a disruption (a kill of
-//! the task's consumer, its supervisor or a broker actor, a node SIGKILL, the Redis restart),
+//! the task's consumer, its supervisor or a broker actor, a kill of a task on its queue, a node
+//! SIGKILL, the Redis restart), at least one task killed,
 //! 0 duplicate side effects for the idempotent tasks, 0 zombie children of the nodes, no
 //! leftover task process, no panic in any log, and the tree whole again ≤ 1 s after each
 //! actor kill. It prints a summary (run with `--nocapture` to see it).
@@ -17,7 +19,8 @@
 //! 3 node SIGKILLs each followed by a restart, 1 Redis restart.
 //!
 //! The other tests drive `runtime chaos kill` (by path, by kind, repeated; chaos disabled;
-//! node unreachable).
+//! node unreachable; a pool agent; running `exec` tasks killed one by one with `--kind task`
+//! and by their path, then retried, with no process left behind).
 
 mod common;
 
@@ -248,8 +251,8 @@ fn now_ms() -> u64 {
 /// (`None`: every queue).
 #[derive(Debug, Clone)]
 struct Disruption {
-    /// `node SIGKILL`, `Redis restart`, `consumer kill`, `supervisor kill`, `broker kill`, or
-    /// `other kill` (cannot re-run a task).
+    /// `node SIGKILL`, `Redis restart`, `consumer kill`, `supervisor kill`, `broker kill`,
+    /// `task kill` (one running task of the queue), or `other kill` (cannot re-run a task).
     what: String,
     start: u64,
     end: u64,
@@ -311,6 +314,49 @@ async fn kill_one(http: &reqwest::Client, url: &str, rng: &mut StdRng) -> (Strin
         );
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
+}
+
+/// Kills a random running task of the node at `url` through the chaos route
+/// (`root/queues/Q/TASK_ID`), as `runtime chaos kill --kind task` does: the tasks the
+/// consumers' snapshots list, in a random order, until one still runs (a snapshot is up to a
+/// second old and these tasks are short). Returns its queue, or `None` if none was running.
+async fn kill_a_task(http: &reqwest::Client, url: &str, rng: &mut StdRng) -> Option<String> {
+    let tree: Value = http
+        .get(format!("{url}/actors"))
+        .send()
+        .await
+        .expect("GET /actors")
+        .json()
+        .await
+        .expect("/actors JSON");
+    fn walk(nodes: &Value, out: &mut Vec<(String, String)>) {
+        for node in nodes.as_array().into_iter().flatten() {
+            if node["kind"] == "consumer" {
+                for task in node["snapshot"]["running"].as_array().into_iter().flatten() {
+                    let path = node["path"].as_str().unwrap_or("").to_string();
+                    out.push((path, task["id"].as_str().unwrap_or("").to_string()));
+                }
+            }
+            walk(&node["children"], out);
+        }
+    }
+    let mut running = Vec::new();
+    walk(&tree, &mut running);
+    for _ in 0..running.len().min(8) {
+        let (consumer, id) = running.swap_remove(rng.random_range(0..running.len()));
+        let response = http
+            .post(format!("{url}/chaos/kill/{consumer}/{id}"))
+            .send()
+            .await
+            .expect("POST /chaos/kill");
+        match response.status().as_u16() {
+            202 => return consumer.strip_prefix("root/queues/").map(str::to_string),
+            // Finished since the snapshot, or its consumer is being restarted.
+            404 => continue,
+            other => panic!("killing task {id} of {consumer}: {other}"),
+        }
+    }
+    None
 }
 
 /// Processes: (pid, ppid, state, command line).
@@ -460,6 +506,8 @@ async fn tasks_survive_actor_kills_node_sigkills_and_a_redis_restart() {
     let production = profile.production();
     let mut rng = StdRng::seed_from_u64(42);
     let mut kills: Vec<Kill> = Vec::new();
+    // Every other tick also kills a running task (`None`: none was running then).
+    let mut task_kills: Vec<Option<String>> = Vec::new();
     let mut disruptions: Vec<Disruption> = Vec::new();
     let mut node_kills_done = 0;
     let mut node_restarts = 0;
@@ -545,6 +593,19 @@ async fn tasks_survive_actor_kills_node_sigkills_and_a_redis_restart() {
             queue,
         });
         kills.push(kill);
+        if kills.len() % 2 == 0 {
+            let at = now_ms();
+            let queue = kill_a_task(&http, &url, &mut rng).await;
+            if let Some(queue) = &queue {
+                disruptions.push(Disruption {
+                    what: "task kill".into(),
+                    start: at,
+                    end: now_ms(),
+                    queue: Some(queue.clone()),
+                });
+            }
+            task_kills.push(queue);
+        }
         tick += profile.kill_every;
         if tick < Instant::now() {
             tick = Instant::now();
@@ -666,6 +727,7 @@ async fn tasks_survive_actor_kills_node_sigkills_and_a_redis_restart() {
                 "supervisor kill",
                 "consumer kill",
                 "broker kill",
+                "task kill",
             ]
             .into_iter()
             .find(|what| around.iter().any(|d| d.what == *what));
@@ -739,7 +801,7 @@ async fn tasks_survive_actor_kills_node_sigkills_and_a_redis_restart() {
     eprintln!(
         "\n== chaos summary (profile {}) ==\n\
          tasks: {} over 3 queues ({} native, {} exec of which {} idempotent and submitted twice), 2 nodes on one Redis (AOF)\n\
-         chaos: {:.1} s, actor kills {} ({:?}), node SIGKILLs {}, node restarts {}, Redis restarts {}\n\
+         chaos: {:.1} s, actor kills {} ({:?}), task kills {} (tried {}, nothing running {}), node SIGKILLs {}, node restarts {}, Redis restarts {}\n\
          outcome: succeeded {}, dead-lettered as configured {}, lost {}, unexpected outcome {}, extra attempts recorded {}\n\
          duplicates: executions {} (around {:?}; unexplained by a disruption {}), side effects of idempotent tasks {} (missing {}), second submissions not deduplicated {}\n\
          processes: zombies {}, leftover task processes {}, panics {}, task actors failed (retried) {}\n\
@@ -753,6 +815,9 @@ async fn tasks_survive_actor_kills_node_sigkills_and_a_redis_restart() {
         chaos_time.as_secs_f64(),
         kills.len(),
         by_kind,
+        task_kills.iter().flatten().count(),
+        task_kills.len(),
+        task_kills.iter().filter(|k| k.is_none()).count(),
         node_kills_done,
         node_restarts,
         redis_restarts,
@@ -779,6 +844,11 @@ async fn tasks_survive_actor_kills_node_sigkills_and_a_redis_restart() {
     );
 
     assert_eq!(submitted.len(), profile.tasks);
+    assert!(
+        task_kills.iter().flatten().count() > 0,
+        "no task was running at any of the {} task kills",
+        task_kills.len()
+    );
     assert!(lost.is_empty(), "lost tasks: {lost:?}");
     assert!(
         unexpected.is_empty(),
@@ -912,13 +982,35 @@ async fn runtime_chaos_kill_by_path_by_kind_and_repeated_reports_the_whole_tree(
         assert_eq!(node.actor(path).await.unwrap()["status"], "running");
     }
 
+    // No task runs on this node: one kill is an error, a series skips and says so.
     let url = node.url.clone();
     let (code, _, err) =
         tokio::task::spawn_blocking(move || chaos_cli(&url, &["kill", "--kind", "task"]))
             .await
             .unwrap();
     assert_eq!(code, Some(1));
-    assert!(err.contains("--kind task is not supported"), "{err}");
+    assert!(err.contains("no task is running on the node at"), "{err}");
+    let url = node.url.clone();
+    let (code, out, err) = tokio::task::spawn_blocking(move || {
+        chaos_cli(
+            &url,
+            &[
+                "kill", "--kind", "task", "--every", "100ms", "--for", "300ms",
+            ],
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, Some(0), "{out}{err}");
+    let skipped = out
+        .lines()
+        .filter(|l| l.ends_with(" no task running; skipped this kill"))
+        .count();
+    assert!((2..=4).contains(&skipped), "{out}");
+    assert!(
+        out.contains("0 kills in ") && out.contains(&format!("{skipped} skipped")),
+        "{out}"
+    );
 
     let url = node.url.clone();
     let (code, _, err) =
@@ -1068,4 +1160,196 @@ stop_timeout = "1s"
     // A clean stop, so the pool stops its agents (a SIGKILLed node would leave them).
     node.signal("TERM");
     assert!(node.wait_exit(Duration::from_secs(10)).is_some());
+}
+
+/// A node on a private Redis running slow `exec` tasks (`sleep 30` on their first attempt,
+/// an immediate result after): `runtime chaos kill --kind task` and the path form
+/// `root/queues/slow/<task id>` kill them one at a time; each is retried and succeeds, its
+/// `sleep` (the command itself, `exec`ed by the shell) is gone and nothing is left a zombie.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runtime_chaos_kill_kind_task_kills_a_running_exec_task_which_is_retried() {
+    let redis = RedisServer::start();
+    let scratch = Scratch::new();
+    let pids = scratch.path().join("pids");
+    // `ID PID` per first attempt; then the shell becomes `sleep 30`.
+    let script = scratch.write(
+        "slow.sh",
+        &format!(
+            r#"read -r envelope
+id=$(printf '%s' "$envelope" | sed 's/.*"id":"\([^"]*\)".*/\1/')
+case "$envelope" in
+  *'"attempt":0'*) echo "$id $$" >> {pids}; exec sleep 30 ;;
+esac
+echo '"ok"'
+"#,
+            pids = pids.display()
+        ),
+    );
+    let config = format!(
+        r#"
+[http]
+bind = "127.0.0.1:0"
+
+[chaos]
+enabled = true
+
+[queues.slow]
+concurrency = 2
+
+[tasks.slow_exec]
+queue = "slow"
+handler = {{ kind = "exec", command = "/bin/sh", args = ["{script}"] }}
+max_retries = 3
+backoff = "10ms"
+backoff_max = "100ms"
+"#,
+        script = script.display()
+    );
+    let node = Node::start(&config, &[("RT_BROKER_URL", &redis.url())]);
+    let http = reqwest::Client::new();
+    let ids = ["slow-1", "slow-2"];
+    let batch: Vec<Value> = ids
+        .iter()
+        .map(|id| json!({ "task": "slow_exec", "id": id }))
+        .collect();
+    let response = http
+        .post(format!("{}/tasks", node.url))
+        .json(&batch)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+
+    // Both run: their commands wrote their pids, the consumer's snapshot lists them.
+    let at = Instant::now();
+    let started = loop {
+        let listed = node.actor("root/queues/slow").await.unwrap()["snapshot"]["running"]
+            .as_array()
+            .map_or(0, Vec::len);
+        let text = std::fs::read_to_string(&pids).unwrap_or_default();
+        let started: HashMap<String, u32> = text
+            .lines()
+            .filter_map(|l| {
+                let (id, pid) = l.split_once(' ')?;
+                Some((id.to_string(), pid.parse().ok()?))
+            })
+            .collect();
+        if listed == 2 && started.len() == 2 {
+            break started;
+        }
+        assert!(
+            at.elapsed() < Duration::from_secs(10),
+            "not both running: {listed} listed, pids {text:?}; log:\n{}",
+            node.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    for pid in started.values() {
+        assert_eq!(proc_state(*pid), Some('S'), "pid {pid} sleeps");
+    }
+
+    // A random one, by kind.
+    let url = node.url.clone();
+    let (code, out, err) = tokio::task::spawn_blocking(move || {
+        chaos_cli(&url, &["kill", "--kind", "task", "--seed", "5"])
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, Some(0), "{out}{err}");
+    let first = ids
+        .into_iter()
+        .find(|id| out.contains(&format!("killed task {id} (slow_exec, attempt 0) of root/queues/slow; tree whole again after ")))
+        .unwrap_or_else(|| panic!("no task named in: {out}"));
+    let other = ids.into_iter().find(|id| *id != first).unwrap();
+    assert_gone(started[first]).await;
+    assert_eq!(
+        proc_state(started[other]),
+        Some('S'),
+        "the other one still runs"
+    );
+
+    // The other one, by its path.
+    let url = node.url.clone();
+    let path = format!("root/queues/slow/{other}");
+    let (code, out, err) = tokio::task::spawn_blocking(move || chaos_cli(&url, &["kill", &path]))
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.contains(&format!(
+            "killed task {other} (slow_exec, attempt 0) of root/queues/slow; tree whole again after "
+        )),
+        "{out}"
+    );
+    assert_gone(started[other]).await;
+
+    // Both retried (attempt 1 runs the quick branch) and succeeded.
+    for id in ids {
+        let at = Instant::now();
+        let record = loop {
+            let response = node.get(&format!("/tasks/{id}")).await;
+            if response.status() == 200 {
+                let record: Value = response.json().await.unwrap();
+                if record["state"] == "succeeded" {
+                    break record;
+                }
+            }
+            assert!(
+                at.elapsed() < Duration::from_secs(10),
+                "{id} did not succeed; log:\n{}",
+                node.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(record["attempts"], 2, "{record}");
+        assert_eq!(record["result"], "ok", "{record}");
+    }
+    // Nothing in flight, the consumer never restarted, no zombie child of the node.
+    let at = Instant::now();
+    loop {
+        let queues = node.get_json("/queues").await;
+        if queues["queues"]["slow"]["in_flight"] == 0 {
+            break;
+        }
+        assert!(at.elapsed() < Duration::from_secs(5), "{queues}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let consumer = node.actor("root/queues/slow").await.unwrap();
+    assert_eq!(consumer["restarts"], 0);
+    assert_eq!(consumer["status"], "running");
+    assert_eq!(zombies(&[node.pid()]).await, Vec::<u32>::new());
+    let log = node.log();
+    assert_eq!(log.matches("chaos: killed task actor").count(), 2, "{log}");
+    assert!(!log.contains("panicked at"), "{log}");
+
+    // A task that does not run (any more) is refused by path.
+    let url = node.url.clone();
+    let (code, _, err) =
+        tokio::task::spawn_blocking(move || chaos_cli(&url, &["kill", "root/queues/slow/slow-1"]))
+            .await
+            .unwrap();
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("no running task `slow-1` in root/queues/slow"),
+        "{err}"
+    );
+}
+
+/// The state letter of `/proc/PID/stat`; `None` once the pid is gone.
+fn proc_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(") ")
+        .and_then(|(_, rest)| rest.chars().next())
+}
+
+/// Waits up to 2 s for `pid` to be gone (killed and reaped: not even a zombie).
+async fn assert_gone(pid: u32) {
+    let at = Instant::now();
+    while let Some(state) = proc_state(pid) {
+        assert!(
+            at.elapsed() < Duration::from_secs(2),
+            "process {pid} is still there (state {state})"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }

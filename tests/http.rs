@@ -121,6 +121,32 @@ async fn health_is_503_with_the_reason_while_a_permanent_actor_is_down() {
 }
 
 #[tokio::test]
+async fn a_chaos_kill_below_an_actor_that_is_not_a_consumer_is_not_a_task_kill() {
+    // Only a consumer's path followed by a task id names a running task; below any other
+    // actor (or nothing) it is an unknown actor.
+    let state = state(Duration::from_millis(5), None, true).await;
+    for (path, missing) in [
+        (
+            "/chaos/kill/root/heartbeat/some-task",
+            "root/heartbeat/some-task",
+        ),
+        (
+            "/chaos/kill/queues/chat/some-task",
+            "root/queues/chat/some-task",
+        ),
+    ] {
+        let (status, body) = send(&state, "POST", path, None).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+        assert_eq!(
+            json(&body)["error"],
+            format!("no running actor at {missing}")
+        );
+    }
+    let heartbeat = state.tree.get("root/heartbeat").unwrap();
+    assert_eq!(heartbeat.restarts, 0, "nothing was killed");
+}
+
+#[tokio::test]
 async fn mutating_routes_need_the_bearer_token_when_one_is_configured() {
     let state = state(Duration::from_millis(5), Some("s3cret-token"), true).await;
     let (status, body) = send(&state, "POST", "/chaos/kill/heartbeat", None).await;

@@ -9,6 +9,10 @@
 //!   `concurrency` at once; the rest wait in arrival order.
 //! - A task actor records its own outcome and stops with the reason `"done"`. Any other exit
 //!   (panic, kill) is a crash: the consumer records a retry per the task's policy.
+//! - [`kill_task`] (`ConsumerMessage::KillTask`, the chaos route's `{consumer path}/{task id}`)
+//!   kills the task actor running that task here: its attempt is dropped (an `exec` command's
+//!   process group is SIGKILLed and reaped) and counts as a retryable failure like any other
+//!   crash. Task actors are not tree nodes (too costly per task), so their consumer finds them.
 //! - A restarted consumer adopts the deliveries its previous incarnation still held (their
 //!   task actors died with it) and runs them again at once: nothing waits for a lease.
 //! - `Drain` stops fetching and hands the waiting deliveries (reserved, not started) back to
@@ -27,7 +31,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
-use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
+use ractor::rpc::CallResult;
+use ractor::{
+    Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent,
+};
 use serde_json::json;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
@@ -130,6 +137,68 @@ pub enum ConsumerMessage {
     Drain,
     /// Refresh the snapshot.
     Snapshot,
+    /// Kill the task actor running the task with this id (fault injection): answers what it
+    /// killed, `None` when no such task runs here. The consumer then records the attempt as a
+    /// retryable failure, as for any crashed task actor.
+    KillTask {
+        /// The task's id (its envelope's `id`).
+        id: String,
+        /// Where the answer goes.
+        reply: RpcReplyPort<Option<KilledTask>>,
+    },
+}
+
+/// A running task killed by [`kill_task`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct KilledTask {
+    /// The task's id.
+    pub id: String,
+    /// Its name.
+    pub task: String,
+    /// Its queue.
+    pub queue: String,
+    /// The attempt that was killed (0 for the first run).
+    pub attempt: u32,
+}
+
+/// Why [`kill_task`] killed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum KillTaskError {
+    /// No task with that id runs in this consumer (finished, waiting, or never here).
+    #[error("no running task `{0}`")]
+    NotRunning(String),
+    /// The cell is not a running consumer.
+    #[error("not a running consumer")]
+    NotAConsumer,
+    /// The consumer did not answer in time.
+    #[error("the consumer did not answer within {0:?}")]
+    NoAnswer(Duration),
+}
+
+/// Asks the consumer at `consumer` to kill the task actor running task `id` (see
+/// [`ConsumerMessage::KillTask`]), waiting at most `timeout` for its answer.
+pub async fn kill_task(
+    consumer: &ActorCell,
+    id: &str,
+    timeout: Duration,
+) -> Result<KilledTask, KillTaskError> {
+    let id = id.to_string();
+    let asked = ractor::rpc::call(
+        consumer,
+        |reply| ConsumerMessage::KillTask {
+            id: id.clone(),
+            reply,
+        },
+        Some(timeout),
+    )
+    .await;
+    match asked {
+        Ok(CallResult::Success(Some(killed))) => Ok(killed),
+        Ok(CallResult::Success(None)) => Err(KillTaskError::NotRunning(id)),
+        Ok(CallResult::Timeout) => Err(KillTaskError::NoAnswer(timeout)),
+        // The consumer stopped before answering, or the cell is another kind of actor.
+        Ok(CallResult::SenderError) | Err(_) => Err(KillTaskError::NotAConsumer),
+    }
 }
 
 /// The consumer actor.
@@ -287,6 +356,11 @@ impl Actor for ConsumerActor {
                 state.publish();
                 myself.send_after(SNAPSHOT_EVERY, || ConsumerMessage::Snapshot);
             }
+            ConsumerMessage::KillTask { id, reply } => {
+                let killed = state.kill_task(&id);
+                // The asker may have given up (timeout): nothing to do about it.
+                let _ = reply.send(killed);
+            }
         }
         Ok(())
     }
@@ -379,6 +453,24 @@ impl Actor for ConsumerActor {
 }
 
 impl ConsumerState {
+    /// Kills the task actor running task `id`, if one runs here. Its supervision event
+    /// (`"killed"`) then comes back through `handle_supervisor_evt`, which records the retry.
+    fn kill_task(&self, id: &str) -> Option<KilledTask> {
+        let running = self
+            .running
+            .values()
+            .find(|r| r.delivery.envelope.id == id)?;
+        let envelope = &running.delivery.envelope;
+        task_span(envelope).in_scope(|| warn!("killing the task actor on request"));
+        running.cell.kill();
+        Some(KilledTask {
+            id: envelope.id.clone(),
+            task: envelope.task.clone(),
+            queue: running.delivery.queue.clone(),
+            attempt: envelope.attempt,
+        })
+    }
+
     /// Checks a delivery and queues it to run, or settles it at once.
     async fn admit(&mut self, delivery: Arc<Delivery>) {
         let work = Arc::clone(&self.args.work);

@@ -843,3 +843,195 @@ async fn an_unusable_resource_fails_the_task_permanently_and_link_error_fires() 
     }
     rig.root.stop(None);
 }
+
+/// Waits until `n` leases are held here (the consumer admitted and started that many).
+async fn until_leases(rig: &Rig, n: usize) {
+    let end = Instant::now() + Duration::from_secs(5);
+    while rig.leases.count() != n {
+        assert!(
+            Instant::now() < end,
+            "{} leases, expected {n}",
+            rig.leases.count()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_task_is_retried_or_dead_lettered_and_its_consumer_keeps_running() {
+    // Hangs on its first attempt, succeeds on the next one.
+    let mut n = Natives::default();
+    n.register("hang_once", |ctx| async move {
+        if ctx.envelope.attempt == 0 {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+        }
+        Ok(json!("second time"))
+    });
+    let mut retried = def("hang_once", "default", n.handler("hang_once").unwrap());
+    retried.retry.max_retries = 1;
+    let mut no_retry = def("hang_once_dead", "default", n.handler("hang_once").unwrap());
+    no_retry.link_error = vec!["on_dead".into()];
+    let on_dead = def("on_dead", "default", native("rt_echo"));
+    let rig = Rig::start(
+        &[Queue {
+            name: "default",
+            concurrency: 1,
+        }],
+        vec![retried, no_retry, on_dead],
+        Arc::new(AlwaysOpen),
+    )
+    .await;
+    let before = rig.tree.get("root/queues/default").unwrap();
+    let cell = rig.tree.cell("root/queues/default").unwrap();
+
+    // Retried: the next attempt runs and succeeds.
+    let id = rig.enqueue("hang_once", "default", json!({})).await;
+    until_leases(&rig, 1).await;
+    let killed = kill_task(&cell, &id, Duration::from_secs(1)).await.unwrap();
+    assert_eq!(
+        killed,
+        KilledTask {
+            id: id.clone(),
+            task: "hang_once".into(),
+            queue: "default".into(),
+            attempt: 0,
+        }
+    );
+    let record = rig
+        .until_state(&id, TaskState::Succeeded, Duration::from_secs(5))
+        .await;
+    assert_eq!(record.attempts, 2, "{record:?}");
+    let events = rig.events_of(&id).await;
+    let retry = events.iter().find(|e| e.kind == "retried").unwrap();
+    assert_eq!(retry.detail["error"], "task actor killed", "{retry:?}");
+    assert_eq!(
+        events.iter().filter(|e| e.kind == "started").count(),
+        2,
+        "{events:?}"
+    );
+
+    // Not retryable any more (max_retries = 0): dead-lettered, link_error fired.
+    let dead = rig.enqueue("hang_once_dead", "default", json!({})).await;
+    until_leases(&rig, 1).await;
+    let killed = kill_task(&cell, &dead, Duration::from_secs(1))
+        .await
+        .unwrap();
+    assert_eq!(killed.attempt, 0);
+    let record = rig
+        .until_state(&dead, TaskState::Dead, Duration::from_secs(5))
+        .await;
+    assert!(
+        record
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("retries exhausted after 1 attempts: task actor killed"),
+        "{record:?}"
+    );
+
+    // A task that is not running here (finished; never existed) is not found.
+    for unknown in [id.as_str(), "no-such-task"] {
+        let err = kill_task(&cell, unknown, Duration::from_secs(1))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, KillTaskError::NotRunning(ref i) if i == unknown),
+            "{err:?}"
+        );
+    }
+
+    // Nothing leaked, nothing restarted, the outcomes counted.
+    let end = Instant::now() + Duration::from_secs(5);
+    while rig.leases.count() != 0 || rig.broker.depth("default").await.unwrap().in_flight != 0 {
+        assert!(
+            Instant::now() < end,
+            "a lease or an in-flight entry is left"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let after = rig.tree.get("root/queues/default").unwrap();
+    assert_eq!(
+        after.restarts, before.restarts,
+        "the consumer did not restart"
+    );
+    assert_eq!(after.started_at, before.started_at);
+    let end = Instant::now() + Duration::from_secs(3);
+    loop {
+        let outcomes = rig.tree.get("root/queues/default").unwrap().snapshot["outcomes"].clone();
+        // hang_once: retried, then succeeded; hang_once_dead: dead; its on_dead: succeeded.
+        if outcomes == json!({"succeeded": 2, "retried": 1, "dead": 1}) {
+            break;
+        }
+        assert!(Instant::now() < end, "outcomes {outcomes}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    rig.root.stop(None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_an_exec_task_kills_and_reaps_its_process_group() {
+    let dir = std::env::temp_dir().join(format!("rt-killtask-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pids = dir.join("pids");
+    // First attempt: a shell with a `sleep` child in its group, both written down; later
+    // attempts print a result.
+    let body = format!(
+        r#"read -r envelope; case "$envelope" in *'"attempt":0'*) sleep 30 & echo $$ $! > {pids}.tmp; mv {pids}.tmp {pids}; wait;; esac; echo '"done"'"#,
+        pids = pids.display()
+    );
+    let handler = Arc::new(crate::handler::exec::ExecHandler::new(
+        "/bin/sh",
+        &["-c".to_string(), body],
+        None,
+    ));
+    let mut task = def("slow_exec", "default", handler);
+    task.retry.max_retries = 1;
+    let rig = Rig::start(
+        &[Queue {
+            name: "default",
+            concurrency: 1,
+        }],
+        vec![task],
+        Arc::new(AlwaysOpen),
+    )
+    .await;
+    let id = rig.enqueue("slow_exec", "default", json!({})).await;
+    let end = Instant::now() + Duration::from_secs(5);
+    while !pids.exists() {
+        assert!(Instant::now() < end, "the command never started");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let ids: Vec<u32> = std::fs::read_to_string(&pids)
+        .unwrap()
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 2);
+    let cell = rig.tree.cell("root/queues/default").unwrap();
+    kill_task(&cell, &id, Duration::from_secs(1)).await.unwrap();
+    let record = rig
+        .until_state(&id, TaskState::Succeeded, Duration::from_secs(5))
+        .await;
+    assert_eq!(record.attempts, 2);
+    assert_eq!(record.result, Some(json!("done")));
+    // The shell (our child: a zombie if not reaped) and its `sleep` are gone.
+    for pid in ids {
+        let end = Instant::now() + Duration::from_secs(2);
+        while let Some(state) = proc_state(pid) {
+            assert!(
+                Instant::now() < end,
+                "process {pid} left behind (state {state})"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    rig.root.stop(None);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The state letter of `/proc/PID/stat` (`Z` for a zombie); `None` once the pid is gone.
+fn proc_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(") ")
+        .and_then(|(_, rest)| rest.chars().next())
+}
