@@ -114,6 +114,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let drain = tasks as f64 / started.elapsed().as_secs_f64();
+    // Every task must have succeeded: none retried (delayed) or dead-lettered.
+    let depth = producer.depth("default").await?;
+    if depth.delayed + depth.dead > 0 {
+        return Err(format!(
+            "drain: {} delayed, {} dead — tasks failed",
+            depth.delayed, depth.dead
+        )
+        .into());
+    }
     println!(
         "drain (observe {observe}): {tasks} no-op native tasks with acks and results in {:?}: {drain:.0} tasks/s",
         started.elapsed()

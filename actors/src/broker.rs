@@ -89,6 +89,9 @@ pub enum BrokerError {
     },
 }
 
+/// How long an event handed to [`Broker::publish_soon`] may wait for an outcome to travel with.
+pub const EVENT_FLUSH: Duration = Duration::from_millis(50);
+
 /// Tunables shared by both implementations.
 #[derive(Clone, Debug)]
 pub struct BrokerSettings {
@@ -448,6 +451,12 @@ pub trait Broker: Send + Sync + 'static {
     /// `dead_letter` and `recover` write their own).
     fn publish(&self, event: Event) -> impl Future<Output = Result<(), BrokerError>> + Send;
 
+    /// Appends an event without a round trip of its own (a task's `started`): it is written
+    /// with the next outcome this broker records (`ack`, `retry`, `defer`, `dead_letter`) —
+    /// ahead of it, so a task's `started` stays before its outcome in the stream — or within
+    /// [`EVENT_FLUSH`] when no outcome comes. Best effort, like every event.
+    fn publish_soon(&self, event: Event);
+
     /// Up to `limit` events after the event id `after` (from the oldest kept when `None`),
     /// oldest first.
     fn events(
@@ -694,6 +703,12 @@ impl Broker for AnyBroker {
     }
     async fn publish(&self, event: Event) -> Result<(), BrokerError> {
         delegate!(self, b => b.publish(event))
+    }
+    fn publish_soon(&self, event: Event) {
+        match self {
+            AnyBroker::Memory(b) => b.publish_soon(event),
+            AnyBroker::Redis(b) => b.publish_soon(event),
+        }
     }
     async fn events(&self, after: Option<&str>, limit: usize) -> Result<Vec<Event>, BrokerError> {
         delegate!(self, b => b.events(after, limit))

@@ -86,35 +86,34 @@ impl Actor for TaskActor {
         myself: ActorRef<()>,
         args: &mut TaskArgs,
     ) -> Result<(), ActorProcessingErr> {
-        // The `started` event is written while the handler already runs (it does not delay
-        // the start), and before the outcome (so the stream keeps the order).
+        // The `started` event costs no round trip of its own: it travels with the outcome
+        // (written ahead of it, so the stream keeps the order), or is flushed within
+        // EVENT_FLUSH while the task still runs.
         let envelope = &args.delivery.envelope;
-        let started = Event::about(
+        args.work.broker.publish_soon(Event::about(
             "started",
             envelope,
             json!({ "attempt": envelope.attempt, "consumer": args.work.consumer }),
-        );
+        ));
         let span = task_span(envelope);
-        let broker = Arc::clone(&args.work.broker);
-        let celery = args
+        // Celery's STARTED state is written while the handler already runs, and before the
+        // outcome's result.
+        let published = args
             .work
             .celery
             .clone()
             .filter(|_| envelope.extra.contains_key(ORIGIN_FIELD))
-            .map(|celery| (celery, envelope.clone()));
-        let published = tokio::spawn(
-            async move {
-                if let Err(err) = broker.publish(started).await {
-                    debug!(error = %err, "started event not written");
-                }
-                if let Some((celery, envelope)) = celery
-                    && let Err(err) = celery.started(&envelope).await
-                {
-                    debug!(error = %err, "celery STARTED state not written");
-                }
-            }
-            .instrument(span.clone()),
-        );
+            .map(|celery| {
+                let envelope = envelope.clone();
+                tokio::spawn(
+                    async move {
+                        if let Err(err) = celery.started(&envelope).await {
+                            debug!(error = %err, "celery STARTED state not written");
+                        }
+                    }
+                    .instrument(span.clone()),
+                )
+            });
         if let Some(series) = args.work.metrics.of(args.series) {
             series.first_start(&args.delivery.envelope);
         }
@@ -122,7 +121,9 @@ impl Actor for TaskActor {
             let began = Instant::now();
             let outcome = attempt(args).await;
             let took = began.elapsed();
-            let _ = published.await;
+            if let Some(published) = published {
+                let _ = published.await;
+            }
             record(args, outcome, Some(took)).await;
         }
         .instrument(span)

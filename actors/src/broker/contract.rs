@@ -459,6 +459,48 @@ pub(crate) async fn events_tell_the_life_of_a_task<B: Broker>(b: &B, q: &str) {
     assert_eq!(kinds, ["retried", "succeeded"]);
 }
 
+/// `publish_soon` costs no round trip: the event travels ahead of the next outcome, or is
+/// flushed on its own within `EVENT_FLUSH` when no outcome comes.
+pub(crate) async fn soon_events_precede_the_outcome_or_are_flushed<B: Broker>(b: &B, q: &str) {
+    let sent = b.enqueue(vec![task(q, 1), task(q, 2)]).await.unwrap();
+    let got = b.reserve(q, "c", 2, NO_WAIT).await.unwrap();
+    for delivery in &got {
+        b.publish_soon(super::Event::about(
+            "started",
+            &delivery.envelope,
+            json!({}),
+        ));
+    }
+    b.ack(&got[0], json!(true)).await.unwrap();
+    let kinds_of = |events: &[super::Event], id: &str| -> Vec<String> {
+        events
+            .iter()
+            .filter(|e| e.task_id.as_deref() == Some(id))
+            .map(|e| e.kind.clone())
+            .collect()
+    };
+    let all = b.events(None, 10_000).await.unwrap();
+    assert_eq!(
+        kinds_of(&all, &sent[0].id),
+        ["sent", "started", "succeeded"]
+    );
+    // The second task's `started` went along with the first one's ack.
+    assert_eq!(kinds_of(&all, &sent[1].id), ["sent", "started"]);
+    // Alone, it is flushed soon.
+    let third = b.enqueue(vec![task(q, 3)]).await.unwrap();
+    let got = b.reserve(q, "c", 1, NO_WAIT).await.unwrap();
+    b.publish_soon(super::Event::about("started", &got[0].envelope, json!({})));
+    let deadline = Instant::now() + super::EVENT_FLUSH * 20;
+    loop {
+        let all = b.events(None, 10_000).await.unwrap();
+        if kinds_of(&all, &third[0].id) == ["sent", "started"] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "started never flushed");
+        tokio::time::sleep(super::EVENT_FLUSH / 5).await;
+    }
+}
+
 /// With `events_maxlen = 0` (`[events] enabled = false`) a task's whole life — sent, started,
 /// retried, succeeded, and a dead letter — writes no event; the tasks themselves are unchanged.
 /// Not part of [`contract_suite!`]: it needs a broker built with those settings.
@@ -469,7 +511,8 @@ pub(crate) async fn events_off_write_nothing<B: Broker>(b: &B, q: &str) {
     );
     let got = b.reserve(q, "c", 2, NO_WAIT).await.unwrap();
     let started = super::Event::about("started", &got[0].envelope, json!({ "consumer": "c" }));
-    b.publish(started).await.unwrap();
+    b.publish(started.clone()).await.unwrap();
+    b.publish_soon(started);
     b.retry(&got[0], SystemTime::now(), "timeout")
         .await
         .unwrap();
@@ -625,7 +668,7 @@ macro_rules! contract_suite {
             purge_removes_ready_and_delayed_only, malformed_entries_are_dead_lettered_not_delivered,
             bad_envelopes_are_refused_whole,
             oversized_entries_are_refused_or_delivered_with_their_size,
-            events_tell_the_life_of_a_task,
+            events_tell_the_life_of_a_task, soon_events_precede_the_outcome_or_are_flushed,
             events_page_forwards_and_backwards, handed_back_entries_are_ready_at_once,
             one_beat_leader_at_a_time, last_runs_and_presence_records);
     };

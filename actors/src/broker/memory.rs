@@ -627,6 +627,11 @@ impl Broker for MemoryBroker {
         Ok(())
     }
 
+    fn publish_soon(&self, event: Event) {
+        // No round trip to save: written at once, so before any later outcome.
+        self.lock().event(event, self.settings.events_maxlen);
+    }
+
     async fn events(&self, after: Option<&str>, limit: usize) -> Result<Vec<Event>, BrokerError> {
         let after = after.map_or(0, event_seq);
         let state = self.lock();

@@ -109,8 +109,8 @@
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
@@ -120,8 +120,9 @@ use serde_json::json;
 
 use super::memory::prepare_batch;
 use super::{
-    Broker, BrokerError, BrokerSettings, DeadLetter, Delivery, Enqueued, Envelope, Event, LastRun,
-    NodeRecord, Purged, QueueDepth, Recovered, TaskRecord, TaskState, due_ms, epoch_ms, rfc3339,
+    Broker, BrokerError, BrokerSettings, DeadLetter, Delivery, EVENT_FLUSH, Enqueued, Envelope,
+    Event, LastRun, NodeRecord, Purged, QueueDepth, Recovered, TaskRecord, TaskState, due_ms,
+    epoch_ms, rfc3339,
 };
 
 /// How long connecting (and the start-up PING) may take.
@@ -257,6 +258,8 @@ pub struct RedisBroker {
     events_key: String,
     /// `PEXPIRE` of records, in ms (at least 1).
     result_ttl_ms: u64,
+    /// Events handed to `publish_soon`, written with the next outcome or by the flusher.
+    soon: Arc<Mutex<Vec<Event>>>,
 }
 
 impl RedisBroker {
@@ -298,8 +301,17 @@ impl RedisBroker {
             .map_err(|e| unreachable(e.to_string()))?;
 
         let ms = |d: Duration| (d.as_millis() as u64).max(1);
+        let soon = Arc::default();
+        let events_key = format!("{}:events", settings.prefix);
+        tokio::spawn(flush_soon(
+            Arc::downgrade(&soon),
+            manager.clone(),
+            events_key.clone(),
+            settings.events_maxlen,
+        ));
         Ok(Self {
-            events_key: format!("{}:events", settings.prefix),
+            soon,
+            events_key,
             result_ttl_ms: ms(settings.result_ttl),
             settings,
             url: shown,
@@ -507,8 +519,7 @@ impl RedisBroker {
         );
     }
 
-    /// The one place that writes the events stream: `XADD p:events MAXLEN ~ n * kind … at …
-    /// [task_id …] [task …] [queue …] detail …`.
+    /// Appends an event's `XADD` ([`xadd_event`]) to `pipe`, unless events are off.
     fn add_event_fields(
         &self,
         pipe: &mut Pipeline,
@@ -520,25 +531,107 @@ impl RedisBroker {
         if !self.events_on() {
             return;
         }
-        let cmd = pipe
-            .cmd("XADD")
-            .arg(&self.events_key)
-            .arg("MAXLEN")
-            .arg("~")
-            .arg(self.settings.events_maxlen)
-            .arg("*")
-            .arg("kind")
-            .arg(kind)
-            .arg("at")
-            .arg(at);
-        for (name, value) in optional {
-            if let Some(value) = value {
-                cmd.arg(name).arg(value);
-            }
-        }
-        cmd.arg("detail").arg(detail).ignore();
+        xadd_event(
+            pipe,
+            &self.events_key,
+            self.settings.events_maxlen,
+            kind,
+            at,
+            optional,
+            detail,
+        );
     }
 
+    /// Moves the events handed to `publish_soon` into `pipe` (ahead of what follows).
+    fn add_soon(&self, pipe: &mut Pipeline) {
+        let soon = std::mem::take(&mut *lock(&self.soon));
+        for event in &soon {
+            self.add_event_fields(
+                pipe,
+                &event.kind,
+                &event.at,
+                event_optional(event),
+                &event.detail.to_string(),
+            );
+        }
+    }
+}
+
+/// The fields of `event` that may be absent.
+fn event_optional(event: &Event) -> [(&'static str, Option<&str>); 3] {
+    [
+        ("task_id", event.task_id.as_deref()),
+        ("task", event.task.as_deref()),
+        ("queue", event.queue.as_deref()),
+    ]
+}
+
+/// Writes the events handed to `publish_soon` that no outcome took along, every
+/// [`EVENT_FLUSH`], until the broker is dropped.
+async fn flush_soon(
+    soon: Weak<Mutex<Vec<Event>>>,
+    mut conn: ConnectionManager,
+    key: String,
+    maxlen: usize,
+) {
+    loop {
+        tokio::time::sleep(EVENT_FLUSH).await;
+        let Some(soon) = soon.upgrade() else { return };
+        let events = std::mem::take(&mut *lock(&soon));
+        drop(soon);
+        if events.is_empty() || maxlen == 0 {
+            continue;
+        }
+        let mut pipe = redis::pipe();
+        for event in &events {
+            let detail = event.detail.to_string();
+            xadd_event(
+                &mut pipe,
+                &key,
+                maxlen,
+                &event.kind,
+                &event.at,
+                event_optional(event),
+                &detail,
+            );
+        }
+        if let Err(err) = pipe.query_async::<()>(&mut conn).await {
+            tracing::debug!(error = %err, events = events.len(), "events not written");
+        }
+    }
+}
+
+/// The one place that writes the events stream: `XADD p:events MAXLEN ~ n * kind … at …
+/// [task_id …] [task …] [queue …] detail …` (reply ignored).
+fn xadd_event(
+    pipe: &mut Pipeline,
+    key: &str,
+    maxlen: usize,
+    kind: &str,
+    at: &str,
+    optional: [(&str, Option<&str>); 3],
+    detail: &str,
+) {
+    let cmd = pipe
+        .cmd("XADD")
+        .arg(key)
+        .arg("MAXLEN")
+        .arg("~")
+        .arg(maxlen)
+        .arg("*")
+        .arg("kind")
+        .arg(kind)
+        .arg("at")
+        .arg(at);
+    for (name, value) in optional {
+        if let Some(value) = value {
+            cmd.arg(name).arg(value);
+        }
+    }
+    cmd.arg("detail").arg(detail).ignore();
+}
+
+impl RedisBroker {
     /// Appends the record write (`HSET` + `PEXPIRE`) to `pipe`.
     fn add_record(
         &self,
@@ -975,6 +1068,7 @@ impl Broker for RedisBroker {
     async fn ack(&self, delivery: &Delivery, result: serde_json::Value) -> Result<(), BrokerError> {
         let at = rfc3339(SystemTime::now());
         let mut pipe = redis::pipe();
+        self.add_soon(&mut pipe);
         self.add_ack(&mut pipe, delivery, &result, &at);
         self.exec_tolerating_nogroup(&pipe).await
     }
@@ -985,6 +1079,7 @@ impl Broker for RedisBroker {
         }
         let at = rfc3339(SystemTime::now());
         let mut pipe = redis::pipe();
+        self.add_soon(&mut pipe);
         for (delivery, result) in done {
             self.add_ack(&mut pipe, delivery, result, &at);
         }
@@ -1002,6 +1097,7 @@ impl Broker for RedisBroker {
         next.attempt += 1;
         let now = rfc3339(SystemTime::now());
         let mut pipe = redis::pipe();
+        self.add_soon(&mut pipe);
         self.add_reschedule(&mut pipe, delivery, &next, at);
         self.add_record(&mut pipe, envelope, TaskState::Retrying, None, error, &now);
         let detail = json!({ "attempt": envelope.attempt, "error": error }).to_string();
@@ -1018,6 +1114,7 @@ impl Broker for RedisBroker {
         let envelope = &delivery.envelope;
         let now = rfc3339(SystemTime::now());
         let mut pipe = redis::pipe();
+        self.add_soon(&mut pipe);
         self.add_reschedule(&mut pipe, delivery, envelope, at);
         let detail = json!({ "reason": reason, "until": rfc3339(at) }).to_string();
         self.add_event(&mut pipe, "deferred", &now, Some(envelope), None, &detail);
@@ -1028,6 +1125,7 @@ impl Broker for RedisBroker {
         let envelope = &delivery.envelope;
         let now = rfc3339(SystemTime::now());
         let mut pipe = redis::pipe();
+        self.add_soon(&mut pipe);
         pipe.cmd("MULTI").ignore();
         pipe.cmd("XADD")
             .arg(self.dead_key(&delivery.queue))
@@ -1241,19 +1339,20 @@ impl Broker for RedisBroker {
             return Ok(());
         }
         let mut pipe = redis::pipe();
-        let optional = [
-            ("task_id", event.task_id.as_deref()),
-            ("task", event.task.as_deref()),
-            ("queue", event.queue.as_deref()),
-        ];
         self.add_event_fields(
             &mut pipe,
             &event.kind,
             &event.at,
-            optional,
+            event_optional(&event),
             &event.detail.to_string(),
         );
         self.query_pipe::<()>(&pipe).await
+    }
+
+    fn publish_soon(&self, event: Event) {
+        if self.events_on() {
+            lock(&self.soon).push(event);
+        }
     }
 
     async fn events(&self, after: Option<&str>, limit: usize) -> Result<Vec<Event>, BrokerError> {
@@ -1808,6 +1907,9 @@ mod tests {
         }
         async fn publish(&self, event: Event) -> Result<(), BrokerError> {
             self.broker.publish(event).await
+        }
+        fn publish_soon(&self, event: Event) {
+            self.broker.publish_soon(event);
         }
         async fn events(
             &self,
