@@ -5,8 +5,9 @@
 //!   semaphore): never more in memory than the bulkhead can run. It sends them to the actor.
 //! - The actor checks each delivery (over the broker's `max_entry_bytes` → dead letter
 //!   `entry too large`; unknown task → dead letter `no such task`; past its `expires` → dead
-//!   letter; a closed [`ResourceGate`] → deferred without spending an attempt), holds its lease in [`Leases`], and starts a [`TaskActor`] per task, up to
-//!   `concurrency` at once; the rest wait in arrival order.
+//!   letter; a closed [`ResourceGate`] → deferred without spending an attempt), holds its
+//!   lease in [`Leases`], and starts a [`TaskActor`] per task, up to `concurrency` at once;
+//!   the rest wait in arrival order.
 //! - A task actor records its own outcome and stops with the reason `"done"`. Any other exit
 //!   (panic, kill) is a crash: the consumer records a retry per the task's policy.
 //! - [`kill_task`] (`ConsumerMessage::KillTask`, the chaos route's `{consumer path}/{task id}`)

@@ -544,26 +544,31 @@ impl RedisBroker {
 
     /// Moves the events handed to `publish_soon` into `pipe` (ahead of what follows).
     fn add_soon(&self, pipe: &mut Pipeline) {
+        if !self.events_on() {
+            return;
+        }
         let soon = std::mem::take(&mut *lock(&self.soon));
         for event in &soon {
-            self.add_event_fields(
-                pipe,
-                &event.kind,
-                &event.at,
-                event_optional(event),
-                &event.detail.to_string(),
-            );
+            xadd_whole(pipe, &self.events_key, self.settings.events_maxlen, event);
         }
     }
 }
 
-/// The fields of `event` that may be absent.
-fn event_optional(event: &Event) -> [(&'static str, Option<&str>); 3] {
-    [
-        ("task_id", event.task_id.as_deref()),
-        ("task", event.task.as_deref()),
-        ("queue", event.queue.as_deref()),
-    ]
+/// [`xadd_event`] for a whole [`Event`].
+fn xadd_whole(pipe: &mut Pipeline, key: &str, maxlen: usize, event: &Event) {
+    xadd_event(
+        pipe,
+        key,
+        maxlen,
+        &event.kind,
+        &event.at,
+        [
+            ("task_id", event.task_id.as_deref()),
+            ("task", event.task.as_deref()),
+            ("queue", event.queue.as_deref()),
+        ],
+        &event.detail.to_string(),
+    );
 }
 
 /// Writes the events handed to `publish_soon` that no outcome took along, every
@@ -579,21 +584,12 @@ async fn flush_soon(
         let Some(soon) = soon.upgrade() else { return };
         let events = std::mem::take(&mut *lock(&soon));
         drop(soon);
-        if events.is_empty() || maxlen == 0 {
+        if events.is_empty() {
             continue;
         }
         let mut pipe = redis::pipe();
         for event in &events {
-            let detail = event.detail.to_string();
-            xadd_event(
-                &mut pipe,
-                &key,
-                maxlen,
-                &event.kind,
-                &event.at,
-                event_optional(event),
-                &detail,
-            );
+            xadd_whole(&mut pipe, &key, maxlen, event);
         }
         if let Err(err) = pipe.query_async::<()>(&mut conn).await {
             tracing::debug!(error = %err, events = events.len(), "events not written");
@@ -1339,12 +1335,11 @@ impl Broker for RedisBroker {
             return Ok(());
         }
         let mut pipe = redis::pipe();
-        self.add_event_fields(
+        xadd_whole(
             &mut pipe,
-            &event.kind,
-            &event.at,
-            event_optional(&event),
-            &event.detail.to_string(),
+            &self.events_key,
+            self.settings.events_maxlen,
+            &event,
         );
         self.query_pipe::<()>(&pipe).await
     }
