@@ -43,8 +43,8 @@
 //!   idempotency key (a taken key, also by an earlier envelope of the same batch, answers
 //!   `duplicate` with the stored first id), and one pipeline of `XADD` (or `ZADD` for a future
 //!   eta) and the `sent` events. An envelope whose JSON is over `max_entry_bytes` fails the
-//!   batch before the first round trip. If that second pipeline fails, the idempotency keys it set are
-//!   deleted again, so retrying the enqueue is not mistaken for a duplicate.
+//!   batch before the first round trip. If that second pipeline fails, the idempotency keys it
+//!   set are deleted again, so retrying the enqueue is not mistaken for a duplicate.
 //! - `reserve`: `XREADGROUP GROUP p <consumer> COUNT max [BLOCK wait] STREAMS p:{q}:stream >`.
 //!   A blocking read holds up its connection, so each (queue, consumer) reserving with a wait
 //!   gets its own connection (created lazily, no response timeout of its own: the call is
