@@ -484,8 +484,17 @@ async fn a_zep_refusing_the_key_is_misconfigured_fails_its_users_and_recovers_af
         calls as u128 <= periods + 1,
         "{calls} calls in {periods} periods"
     );
+    // The snapshot is published every second.
+    wait_for(
+        "the snapshot to show it",
+        Duration::from_secs(3),
+        async || {
+            node.actor("root/resources/zep").await.unwrap()["snapshot"]["auth"]["misconfigured"]
+                == true
+        },
+    )
+    .await;
     let snapshot = node.actor("root/resources/zep").await.unwrap()["snapshot"].clone();
-    assert_eq!(snapshot["auth"]["misconfigured"], true, "{snapshot}");
     assert_eq!(snapshot["auth"]["status"], 401);
     assert_eq!(
         snapshot["breaker"]["state"], "closed",
