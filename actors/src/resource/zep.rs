@@ -7,7 +7,7 @@
 //!
 //! # Operations (Zep's `/api/v2` REST shape; every path is relative to `base_url`)
 //!
-//! | operation | call | while the breaker is open, or Zep fails (5xx, timeout, refused) |
+//! | operation | call | while the breaker is open, Zep fails (5xx, timeout, refused) or is misconfigured (401/403) |
 //! |---|---|---|
 //! | [`ensure_user`](ZepClient::ensure_user) | `POST /users` | buffered for replay |
 //! | [`ensure_thread`](ZepClient::ensure_thread) | `POST /threads` | buffered for replay |
@@ -17,9 +17,9 @@
 //! Nobody waits and no task retries because of Zep: a read degrades at once, a write is
 //! appended to the replay queue at once (so a failed write costs one call, never a retry
 //! storm). An "already exists" answer (409, or 400 saying so) to `POST /users` or
-//! `POST /threads` is [`Write::AlreadyExists`]; other 4xx answers are [`ZepError::Rejected`]
-//! (the caller's bug, permanent); a 404 on a context read is an empty, non-degraded context
-//! (a thread with no memory yet).
+//! `POST /threads` is [`Write::AlreadyExists`]; other 4xx answers but 401/403 are
+//! [`ZepError::Rejected`] (the caller's bug, permanent); a 404 on a context read is an empty,
+//! non-degraded context (a thread with no memory yet).
 //!
 //! # Replay
 //!
@@ -31,8 +31,9 @@
 //! time is reserved and held (the *head*, kept in the client, its lease renewed), sent
 //! through the breaker, and acked on success; a 5xx / timeout / 408 / 429 keeps the head and
 //! ends the round (the breaker decides when to try again: a half-open breaker's probe may be
-//! the head itself); another 4xx dead-letters it with Zep's answer (visible with the DLQ
-//! routes, never silently lost) and replay goes on.
+//! the head itself); a 401 / 403 keeps the head too and marks Zep misconfigured (below) —
+//! the key is wrong, not the write; another 4xx dead-letters it with Zep's answer (visible
+//! with the DLQ routes, never silently lost) and replay goes on.
 //!
 //! While a backlog exists, new writes are appended to it too instead of overtaking it, so a
 //! thread's messages reach Zep in the order they were written. Limits: the order holds per
