@@ -31,6 +31,8 @@ use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use actors::gate::Use;
+use actors::resource::auth::AuthProbe;
 use actors::supervisor::{Backoff, Intensity, Strategy};
 use indexmap::IndexMap;
 use regex::Regex;
@@ -261,8 +263,9 @@ pub struct TaskSettings {
     pub soft_time_limit: Option<Duration>,
     /// Retry policy.
     pub retry: RetryPolicy,
-    /// Resources it calls (defined in [`Config::resources`]).
-    pub uses: Vec<String>,
+    /// Resources it calls (defined in [`Config::resources`]): `uses` then `degrades`, each with
+    /// how much it needs it.
+    pub uses: Vec<Use>,
     /// Tasks enqueued with its result on success.
     pub link: Vec<String>,
     /// Tasks enqueued with its error on final failure.
@@ -356,6 +359,8 @@ pub struct ZepSettings {
     pub timeout: Duration,
     /// The circuit breaker.
     pub breaker: BreakerSettings,
+    /// The probe sent while the key is refused.
+    pub auth_probe: AuthProbe,
 }
 
 /// A circuit breaker.
@@ -404,6 +409,8 @@ pub struct OpenAiSettings {
     pub tokens_per_minute: Option<NonZeroU32>,
     /// Calls in flight at once.
     pub concurrency: Option<NonZeroU32>,
+    /// The probe sent while the key is refused.
+    pub auth_probe: AuthProbe,
 }
 
 /// `[pools.NAME]`

@@ -228,6 +228,7 @@ pub fn resources(
                     api_key_env: zep.api_key_env.clone(),
                     timeout: zep.timeout,
                     breaker: policy,
+                    auth_probe: zep.auth_probe.clone(),
                 };
                 match ZepClient::new(settings, Arc::clone(broker), node_name) {
                     Ok(client) => {
@@ -272,6 +273,7 @@ pub fn resources(
                     tokens,
                     concurrency: openai.concurrency.map(|c| c.get() as usize),
                     timeout: None,
+                    auth_probe: openai.auth_probe.clone(),
                 };
                 match OpenAiClient::try_new(name, settings, egress_client()) {
                     Ok(client) => {

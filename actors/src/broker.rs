@@ -253,7 +253,8 @@ pub struct DeadLetter {
 /// An event of the capped events stream: task lifecycle (`sent`, `started`, `succeeded`,
 /// `retried`, `deferred`, `dead`, `recovered`), supervision (`actor_exited`,
 /// `actor_restarted`, `actor_start_failed`, `actor_gave_up`), breakers (`breaker_opened`,
-/// `breaker_half_opened`, `breaker_closed`) and pools (`pool_agent_<state>`, `pool_backoff`,
+/// `breaker_half_opened`, `breaker_closed`), resource credentials (`resource_misconfigured`,
+/// `resource_restored`) and pools (`pool_agent_<state>`, `pool_backoff`,
 /// `pool_fatal`, `pool_reset`). Task events name the task; the others say what they are about
 /// in `detail` (`path`, `resource`, `pool`, …).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -509,8 +509,8 @@ impl ConsumerState {
                 return;
             }
         }
-        match self.args.gate.admit(&def.uses) {
-            Admission::Open => {}
+        let refused = match self.args.gate.admit(&def.uses) {
+            Admission::Open => None,
             Admission::ClosedUntil { resource, until } => {
                 self.counters.deferred += 1;
                 let reason = format!("resource {resource} closed");
@@ -529,23 +529,30 @@ impl ConsumerState {
                 self.slots.add_permits(1);
                 return;
             }
-            Admission::Unusable { resource, reason } => {
-                // A permanent failure through the normal outcome path, so link_error fires.
-                self.counters.rejected += 1;
-                work.leases.hold(&work.consumer, &delivery);
-                let error = TaskError::Permanent(format!("resource {resource} unusable: {reason}"));
-                let span = task_span(envelope);
-                let args = TaskArgs {
-                    delivery: Arc::clone(&delivery),
-                    def,
-                    work: Arc::clone(&work),
-                    outcomes: Arc::clone(&self.args.outcomes),
-                    series,
-                };
-                record(&args, Err(error), None).instrument(span).await;
-                self.slots.add_permits(1);
-                return;
+            Admission::Misconfigured { resource, reason } => {
+                Some(format!("resource {resource} misconfigured: {reason}"))
             }
+            Admission::Unusable { resource, reason } => {
+                Some(format!("resource {resource} unusable: {reason}"))
+            }
+        };
+        if let Some(reason) = refused {
+            // A permanent failure through the normal outcome path, so link_error fires.
+            self.counters.rejected += 1;
+            work.leases.hold(&work.consumer, &delivery);
+            let span = task_span(envelope);
+            let args = TaskArgs {
+                delivery: Arc::clone(&delivery),
+                def,
+                work: Arc::clone(&work),
+                outcomes: Arc::clone(&self.args.outcomes),
+                series,
+            };
+            record(&args, Err(TaskError::Permanent(reason)), None)
+                .instrument(span)
+                .await;
+            self.slots.add_permits(1);
+            return;
         }
         work.leases.hold(&work.consumer, &delivery);
         self.waiting.push_back(Waiting {

@@ -140,8 +140,9 @@ pub struct TaskDef {
     pub soft_time_limit: Option<Duration>,
     /// Retry policy.
     pub retry: RetryPolicy,
-    /// Resources it uses (for the deferral gate).
-    pub uses: Vec<String>,
+    /// Resources it declares, each with how much it needs it (for the resource gate:
+    /// deferral, degraded run, or permanent failure — [`crate::gate`]).
+    pub uses: Vec<crate::gate::Use>,
     /// Tasks enqueued with its result on success.
     pub link: Vec<String>,
     /// Tasks enqueued with its error when it fails for good.

@@ -13,9 +13,11 @@
 //! - [`consumer`] — `ConsumerActor`: one queue's bulkhead (fetcher, admission, task actors).
 //! - [`task`] — `TaskActor`: one attempt under its limits; records its own outcome; the
 //!   `task_span` every task log line carries.
-//! - [`gate`] — `ResourceGate`: deferral of tasks whose resources are closed.
+//! - [`gate`] — `ResourceGate`: deferral, degraded run or failure of tasks whose resources
+//!   cannot be called.
 //! - [`handler`] — what runs a task: `Handler`, `TaskError`, `TaskDef`; native, http, exec.
-//! - [`resource`] — shared resources: circuit breaker, Zep client, OpenAI limiter, egress types.
+//! - [`resource`] — shared resources: circuit breaker, misconfiguration (refused keys), Zep
+//!   client, OpenAI limiter, egress types.
 //! - [`metrics`] — `Metrics`: the Prometheus registry (`GET /metrics`), recorded by the
 //!   consumers, task actors, supervisors and broker actor; resources and pools read at scrape.
 //! - [`pool`] — process pools: `Pool` (membership, claim), `PoolActor`, agents' monitors.

@@ -10,8 +10,9 @@
 //! - **read at scrape time** from state that already counts it, so nothing is counted twice:
 //!   queue depths (the broker's `depth`, as `GET /queues`), the broker connection, breakers
 //!   (state, transitions, rejected calls — the breaker's own counters,
-//!   [`Breaker::stats`](crate::resource::breaker::Breaker::stats)), rate limiters (callers
-//!   waiting, wait times) and process pools (agents per state, startup failures, claim
+//!   [`Breaker::stats`](crate::resource::breaker::Breaker::stats)), whether a resource is
+//!   misconfigured (its [`AuthState`](crate::resource::auth::AuthState)), rate limiters
+//!   (callers waiting, wait times) and process pools (agents per state, startup failures, claim
 //!   latency — the [`Pool`]'s own membership and totals).
 //!
 //! # The hot path
@@ -653,7 +654,7 @@ impl Metrics {
     }
 }
 
-/// Breakers and rate limiters, read at scrape time.
+/// Misconfiguration, breakers and rate limiters, read at scrape time.
 #[derive(Debug)]
 struct ResourceCollector(Arc<Resources>);
 
@@ -665,6 +666,23 @@ impl Collector for ResourceCollector {
             .into_iter()
             .filter_map(|name| Some((name, self.0.get(name)?)))
             .collect();
+        let auths: Vec<_> = resources
+            .iter()
+            .filter_map(|(name, r)| Some((*name, r.auth()?.refused().is_some())))
+            .collect();
+        if !auths.is_empty() {
+            let mut m = encoder.encode_descriptor(
+                "rt_resource_misconfigured",
+                "1 while the resource refuses the node's credentials (it answered 401/403 and no \
+                 probe has been accepted since), else 0",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (name, refused) in &auths {
+                ConstGauge::new(i64::from(*refused))
+                    .encode(m.encode_family(&[("resource", *name)])?)?;
+            }
+        }
         let breakers: Vec<_> = resources
             .iter()
             .filter_map(|(name, r)| Some((*name, r.breaker()?.stats())))

@@ -1,12 +1,15 @@
 //! Shared resources (DESIGN.md §5): the clients every task of a node shares, each behind
 //! its protection — [`zep`] behind a circuit breaker ([`breaker`]), [`openai`] behind rate
-//! limiters. Their state (breaker, limiters, replay backlog) lives in `Arc`s outside the
-//! actors, so a restarted actor neither closes an open breaker nor forgets a limit.
+//! limiters, both stopped while their upstream refuses the node's credentials ([`auth`]).
+//! Their state (breaker, limiters, replay backlog, misconfiguration) lives in `Arc`s outside
+//! the actors, so a restarted actor neither closes an open breaker, nor forgets a limit or a
+//! refused key.
 //!
 //! Three ways in: native tasks call the clients directly; Python tasks go through the egress
 //! proxy (`/egress/{resource}/…`, built on [`EgressRequest`] / [`EgressResponse`]); consumers
-//! ask the [`crate::gate::ResourceGate`] before starting a task that `uses` a resource.
+//! ask the [`crate::gate::ResourceGate`] before starting a task that declares a resource.
 
+pub mod auth;
 pub mod breaker;
 pub mod openai;
 pub mod zep;
@@ -23,7 +26,7 @@ use reqwest::header::{HeaderMap, HeaderValue, RETRY_AFTER};
 use reqwest::{Method, StatusCode};
 
 use crate::broker::EventSink;
-use crate::gate::{Admission, ResourceGate};
+use crate::gate::{Admission, ResourceGate, Use};
 
 /// What the egress proxy, the gate and the snapshots need of a shared resource.
 pub trait SharedResource: Send + Sync + fmt::Debug {
@@ -34,12 +37,22 @@ pub trait SharedResource: Send + Sync + fmt::Debug {
         &self,
         request: EgressRequest,
     ) -> Pin<Box<dyn Future<Output = EgressResponse> + Send + '_>>;
-    /// Whether a task that uses it may start now.
+    /// Its state for the gate: open, closed until a time, misconfigured or unusable.
     fn admission(&self) -> Admission;
+    /// Whether its upstream accepts the node's credentials, if it has credentials (read by
+    /// `/metrics`).
+    fn auth(&self) -> Option<&auth::AuthState> {
+        None
+    }
     /// Breaker / limiter state for `/actors` (never a secret).
     fn snapshot(&self) -> serde_json::Value;
-    /// Puts the resource's state changes (breaker transitions) on the events stream.
-    fn attach_events(&self, _sink: &EventSink) {}
+    /// Puts the resource's state changes (breaker transitions, misconfiguration) on the
+    /// events stream.
+    fn attach_events(&self, sink: &EventSink) {
+        if let Some(auth) = self.auth() {
+            auth.attach_events(sink.clone());
+        }
+    }
     /// Its circuit breaker, if it has one (read by `/metrics`).
     fn breaker(&self) -> Option<&breaker::Breaker> {
         None
@@ -92,18 +105,24 @@ impl Resources {
 }
 
 impl ResourceGate for Resources {
-    /// The first resource of `uses` that is unusable or closed decides; unknown names (the
-    /// config compiler rejects them) are open.
-    fn admit(&self, uses: &[String]) -> Admission {
-        for name in uses {
-            if let Some(resource) = self.by_name.get(name) {
-                match resource.admission() {
-                    Admission::Open => {}
-                    closed => return closed,
+    /// Each declared resource's state, weighed by the task's need of it
+    /// ([`Admission::for_need`]); a permanent failure wins over a deferral, the first
+    /// declared among equals. Unknown names (the config compiler rejects them) are open.
+    fn admit(&self, uses: &[Use]) -> Admission {
+        let mut deferral = None;
+        for declared in uses {
+            let Some(resource) = self.by_name.get(&declared.resource) else {
+                continue;
+            };
+            match resource.admission().for_need(declared.need) {
+                Admission::Open => {}
+                permanent if permanent.is_permanent() => return permanent,
+                closed => {
+                    deferral.get_or_insert(closed);
                 }
             }
         }
-        Admission::Open
+        deferral.unwrap_or(Admission::Open)
     }
 }
 
@@ -120,11 +139,15 @@ impl SharedResource for zep::ZepClient {
     fn admission(&self) -> Admission {
         zep::ZepClient::admission(self)
     }
+    fn auth(&self) -> Option<&auth::AuthState> {
+        Some(zep::ZepClient::auth(self))
+    }
     fn snapshot(&self) -> serde_json::Value {
         zep::ZepClient::snapshot(self)
     }
     fn attach_events(&self, sink: &EventSink) {
         zep::ZepClient::breaker(self).attach_events(sink.clone());
+        zep::ZepClient::auth(self).attach_events(sink.clone());
     }
     fn breaker(&self) -> Option<&breaker::Breaker> {
         Some(zep::ZepClient::breaker(self))
@@ -143,6 +166,9 @@ impl SharedResource for openai::OpenAiClient {
     }
     fn admission(&self) -> Admission {
         openai::OpenAiClient::admission(self)
+    }
+    fn auth(&self) -> Option<&auth::AuthState> {
+        Some(openai::OpenAiClient::auth(self))
     }
     fn snapshot(&self) -> serde_json::Value {
         openai::OpenAiClient::snapshot(self)
@@ -212,4 +238,93 @@ impl EgressResponse {
 pub fn target_url(base: &reqwest::Url, path_and_query: &str) -> String {
     let base = base.as_str().trim_end_matches('/');
     format!("{base}{path_and_query}")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::breaker::{BreakerPolicy, BreakerSettings};
+    use super::openai::{OpenAiClient, OpenAiSettings};
+    use super::zep::{DEFAULT_AUTH_PROBE_PATH, ZepClient, ZepSettings};
+    use super::*;
+    use crate::broker::memory::MemoryBroker;
+    use crate::broker::{AnyBroker, BrokerSettings};
+    use crate::gate::Use;
+
+    /// A Zep client whose breaker is open (its one call found nobody listening).
+    async fn open_zep() -> Arc<ZepClient> {
+        let policy = BreakerPolicy::try_new(BreakerSettings {
+            failure_threshold: 1,
+            failure_rate: None,
+            open_for: Duration::from_secs(60),
+            open_for_max: Duration::from_secs(60),
+            probes: 1,
+            probe_timeout: Duration::from_secs(1),
+            slow_call: None,
+        })
+        .unwrap();
+        let settings = ZepSettings {
+            resource: "zep".into(),
+            base_url: "http://127.0.0.1:9/api/v2".parse().unwrap(),
+            api_key: Some("zk".into()),
+            api_key_env: "ZEP_API_KEY".into(),
+            timeout: Duration::from_secs(1),
+            breaker: policy,
+            auth_probe: auth::AuthProbe::try_new(
+                DEFAULT_AUTH_PROBE_PATH,
+                auth::DEFAULT_PROBE_EVERY,
+            )
+            .unwrap(),
+        };
+        let broker = Arc::new(AnyBroker::Memory(MemoryBroker::new(
+            BrokerSettings::default(),
+        )));
+        let zep = Arc::new(ZepClient::new(settings, broker, "node").unwrap());
+        assert!(zep.get_context("t1").await.unwrap().degraded);
+        zep
+    }
+
+    fn openai(name: &str, key: Option<&str>) -> Arc<OpenAiClient> {
+        let settings = OpenAiSettings::new("OPENAI_API_KEY", key.map(str::to_string));
+        Arc::new(OpenAiClient::try_new(name, settings, reqwest::Client::new()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn the_gate_weighs_each_resource_by_the_tasks_need_of_it() {
+        let mut resources = Resources::default();
+        resources.insert("zep", open_zep().await);
+        resources.insert("keyless", openai("keyless", None));
+        let refused = openai("openai", Some("sk-1"));
+        refused
+            .auth()
+            .refuse(reqwest::StatusCode::UNAUTHORIZED, "POST /chat/completions");
+        resources.insert("openai", refused);
+
+        let admit = |uses: &[Use]| resources.admit(uses);
+        assert!(matches!(
+            admit(&[Use::required("zep")]),
+            Admission::ClosedUntil { resource, .. } if resource == "zep"
+        ));
+        assert_eq!(admit(&[Use::degradable("zep")]), Admission::Open);
+        assert!(matches!(
+            admit(&[Use::required("openai")]),
+            Admission::Misconfigured { resource, .. } if resource == "openai"
+        ));
+        assert_eq!(
+            admit(&[Use::degradable("zep"), Use::degradable("openai")]),
+            Admission::Open
+        );
+        // A missing key fails even a task that can do without the resource.
+        assert!(matches!(
+            admit(&[Use::degradable("keyless")]),
+            Admission::Unusable { .. }
+        ));
+        // A permanent failure wins over a deferral, whatever the order.
+        assert!(matches!(
+            admit(&[Use::required("zep"), Use::required("openai")]),
+            Admission::Misconfigured { .. }
+        ));
+        assert_eq!(admit(&[]), Admission::Open);
+    }
 }

@@ -16,6 +16,9 @@ use std::num::NonZeroU32;
 use std::str::FromStr;
 use std::time::Duration;
 
+use actors::gate::Use;
+use actors::resource::auth::{AuthProbe, DEFAULT_PROBE_EVERY};
+use actors::resource::{openai, zep};
 use actors::supervisor::{Backoff, Intensity, PolicyError};
 use croner::parser::{CronParser, Seconds};
 use indexmap::IndexMap;
@@ -698,13 +701,43 @@ impl Compiler<'_> {
         let timeout =
             self.positive_duration(&format!("{at}.timeout"), &raw.timeout, DEFAULT_ZEP_TIMEOUT);
         let breaker = self.breaker(&format!("{at}.breaker"), &raw.breaker);
+        let auth_probe = self.auth_probe(
+            at,
+            raw.auth_probe_path.as_deref(),
+            &raw.auth_probe_every,
+            zep::DEFAULT_AUTH_PROBE_PATH,
+        );
         Some(ZepSettings {
             base_url: base_url?,
             api_key_env: raw.api_key_env.clone(),
             api_key,
             timeout,
             breaker,
+            auth_probe: auth_probe?,
         })
+    }
+
+    /// `auth_probe_path` / `auth_probe_every` of the resource at `at`; `None` when invalid
+    /// (reported).
+    fn auth_probe(
+        &mut self,
+        at: &str,
+        path: Option<&str>,
+        every: &Option<RawDuration>,
+        default_path: &str,
+    ) -> Option<AuthProbe> {
+        let every = self.positive_duration(
+            &format!("{at}.auth_probe_every"),
+            every,
+            DEFAULT_PROBE_EVERY,
+        );
+        match AuthProbe::try_new(path.unwrap_or(default_path), every) {
+            Ok(probe) => Some(probe),
+            Err(err) => {
+                self.error(format!("{at}.{}", err.field), err.reason);
+                None
+            }
+        }
     }
 
     fn breaker(&mut self, at: &str, raw: &RawBreaker) -> BreakerSettings {
@@ -773,6 +806,12 @@ impl Compiler<'_> {
         let tokens_per_minute =
             self.opt_nonzero(&format!("{at}.tokens_per_minute"), raw.tokens_per_minute);
         let concurrency = self.opt_nonzero(&format!("{at}.concurrency"), raw.concurrency);
+        let auth_probe = self.auth_probe(
+            at,
+            raw.auth_probe_path.as_deref(),
+            &raw.auth_probe_every,
+            openai::DEFAULT_AUTH_PROBE_PATH,
+        );
         Some(OpenAiSettings {
             base_url: base_url?,
             api_key_env: raw.api_key_env.clone(),
@@ -780,6 +819,7 @@ impl Compiler<'_> {
             requests_per_minute,
             tokens_per_minute,
             concurrency,
+            auth_probe: auth_probe?,
         })
     }
 
@@ -988,6 +1028,24 @@ impl Compiler<'_> {
         let uses_at = format!("{at}.uses");
         self.no_duplicates(&uses_at, &raw.uses);
         self.references(&uses_at, &raw.uses, "resource", &config.resources);
+        let degrades_at = format!("{at}.degrades");
+        self.no_duplicates(&degrades_at, &raw.degrades);
+        self.references(&degrades_at, &raw.degrades, "resource", &config.resources);
+        for name in raw.degrades.iter().filter(|name| raw.uses.contains(name)) {
+            self.error(
+                &degrades_at,
+                format!(
+                    "\"{name}\" is also in uses: a task either waits for a resource (uses) or \
+                     runs without it (degrades)"
+                ),
+            );
+        }
+        let uses = raw
+            .uses
+            .iter()
+            .map(|name| Use::required(name))
+            .chain(raw.degrades.iter().map(|name| Use::degradable(name)))
+            .collect();
         for (key, links) in [("link", &raw.link), ("link_error", &raw.link_error)] {
             let path = format!("{at}.{key}");
             self.no_duplicates(&path, links);
@@ -1017,7 +1075,7 @@ impl Compiler<'_> {
                 backoff,
                 retry_on_timeout: raw.retry_on_timeout.unwrap_or(true),
             },
-            uses: raw.uses.clone(),
+            uses,
             link: raw.link.clone(),
             link_error: raw.link_error.clone(),
             idempotency,

@@ -179,10 +179,18 @@ pub(crate) struct RawTask {
     /// Whether an attempt stopped at the hard time limit is retried (like any retryable
     /// failure) or dead-lettered at once. Default true.
     pub(crate) retry_on_timeout: Option<bool>,
-    /// Resources it calls (`[resources.NAME]`); it is deferred while one of their breakers is
-    /// open. Default: none.
+    /// Resources it calls and cannot do without (`[resources.NAME]`): while one's circuit
+    /// breaker is open the task is deferred (no attempt spent); while one is misconfigured
+    /// (it refused the key with 401/403) or has no key the task fails permanently. Default:
+    /// none.
     #[serde(default)]
     pub(crate) uses: Vec<String>,
+    /// Resources it calls but can do without: while one's breaker is open or it is
+    /// misconfigured the task runs anyway, and its calls get the resource's degraded answers
+    /// (Zep: reads an empty context, writes buffered and replayed later); a missing key still
+    /// fails it. Not also in `uses`. Default: none.
+    #[serde(default)]
+    pub(crate) degrades: Vec<String>,
     /// Tasks enqueued with its result when it succeeds. Default: none.
     #[serde(default)]
     pub(crate) link: Vec<String>,
@@ -285,6 +293,11 @@ pub(crate) struct RawZep {
     pub(crate) api_key_env: String,
     /// Timeout of one call. Default `"5s"`.
     pub(crate) timeout: Option<RawDuration>,
+    /// Path (and query) of the authenticated `GET` that probes Zep while it refuses the key
+    /// (after a 401/403). Default `"/users-ordered?pageNumber=1&pageSize=1"`.
+    pub(crate) auth_probe_path: Option<String>,
+    /// Pause between two such probes. Default `"30s"`; above zero.
+    pub(crate) auth_probe_every: Option<RawDuration>,
     /// The circuit breaker: an inline table or `[resources.NAME.breaker]`.
     #[serde(default)]
     pub(crate) breaker: RawBreaker,
@@ -340,6 +353,11 @@ pub(crate) struct RawOpenAi {
     pub(crate) tokens_per_minute: Option<u32>,
     /// Calls in flight at once. Default: no limit; at least 1.
     pub(crate) concurrency: Option<u32>,
+    /// Path (and query) of the authenticated `GET` that probes OpenAI while it refuses the
+    /// key (after a 401/403). Default `"/models"`.
+    pub(crate) auth_probe_path: Option<String>,
+    /// Pause between two such probes. Default `"30s"`; above zero.
+    pub(crate) auth_probe_every: Option<RawDuration>,
 }
 
 /// `[pools.NAME]`: prewarmed processes (voice agents).

@@ -794,3 +794,114 @@ fn celery_names_mapped_to_nothing_are_named_by_key_path() {
         "{lines:?}"
     );
 }
+
+#[test]
+fn degrades_compiles_into_the_gates_uses_and_its_names_are_checked() {
+    use actors::gate::Use;
+
+    let (config, _) = ok(r#"
+        [queues.default]
+        [resources.zep]
+        kind = "zep"
+        api_key_env = "ZEP_API_KEY"
+        [resources.openai]
+        kind = "openai"
+        api_key_env = "OPENAI_API_KEY"
+        [tasks.chat]
+        handler = { kind = "native" }
+        uses = ["openai"]
+        degrades = ["zep"]
+    "#);
+    assert_eq!(
+        config.tasks["chat"].uses,
+        [Use::required("openai"), Use::degradable("zep")]
+    );
+
+    let lines = fails(
+        r#"
+        [queues.default]
+        [resources.zep]
+        kind = "zep"
+        api_key_env = "ZEP_API_KEY"
+        [tasks.chat]
+        handler = { kind = "native" }
+        uses = ["zep"]
+        degrades = ["zep", "memory", "memory"]
+    "#,
+    );
+    let errors: Vec<&String> = lines.iter().filter(|l| l.starts_with("error")).collect();
+    assert_eq!(
+        errors,
+        [
+            "error: tasks.chat.degrades: \"memory\" is listed more than once",
+            "error: tasks.chat.degrades: resource \"memory\" is not defined; defined resources: \
+             zep",
+            "error: tasks.chat.degrades: resource \"memory\" is not defined; defined resources: \
+             zep",
+            "error: tasks.chat.degrades: \"zep\" is also in uses: a task either waits for a \
+             resource (uses) or runs without it (degrades)",
+        ]
+    );
+    let lines = fails(
+        r#"
+        [queues.default]
+        [tasks.chat]
+        handler = { kind = "native" }
+        degrades = ["zep"]
+    "#,
+    );
+    assert_eq!(
+        lines,
+        ["error: tasks.chat.degrades: resource \"zep\" is not defined (no resources are defined)"]
+    );
+}
+
+#[test]
+fn auth_probes_default_per_kind_and_are_checked() {
+    use actors::resource::auth::DEFAULT_PROBE_EVERY;
+
+    let (config, _) = ok(r#"
+        [resources.zep]
+        kind = "zep"
+        api_key_env = "ZEP_API_KEY"
+        [resources.openai]
+        kind = "openai"
+        api_key_env = "OPENAI_API_KEY"
+        auth_probe_path = "/models/gpt-4o-mini"
+        auth_probe_every = "2m"
+    "#);
+    let ResourceSettings::Zep(zep) = &config.resources["zep"] else {
+        panic!("zep")
+    };
+    assert_eq!(
+        zep.auth_probe.path(),
+        "/users-ordered?pageNumber=1&pageSize=1"
+    );
+    assert_eq!(zep.auth_probe.every(), DEFAULT_PROBE_EVERY);
+    let ResourceSettings::OpenAi(openai) = &config.resources["openai"] else {
+        panic!("openai")
+    };
+    assert_eq!(openai.auth_probe.path(), "/models/gpt-4o-mini");
+    assert_eq!(openai.auth_probe.every(), Duration::from_secs(120));
+
+    let lines = fails(
+        r#"
+        [resources.zep]
+        kind = "zep"
+        api_key_env = "ZEP_API_KEY"
+        auth_probe_path = "users"
+        [resources.openai]
+        kind = "openai"
+        api_key_env = "OPENAI_API_KEY"
+        auth_probe_every = "0s"
+    "#,
+    );
+    let errors: Vec<&String> = lines.iter().filter(|l| l.starts_with("error")).collect();
+    assert_eq!(
+        errors,
+        [
+            "error: resources.zep.auth_probe_path: must start with `/`",
+            "error: resources.openai.auth_probe_every: must be longer than zero",
+        ]
+    );
+}

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use super::*;
 use crate::broker::memory::MemoryBroker;
 use crate::broker::{BrokerActor, BrokerArgs, BrokerSettings, Envelope, Event, TaskState};
-use crate::gate::{Admission, AlwaysOpen};
+use crate::gate::{Admission, AlwaysOpen, Use};
 use crate::handler::native::Natives;
 use crate::handler::{Handler, RetryPolicy, TaskDef};
 use crate::supervisor::{
@@ -728,31 +728,34 @@ struct ClosedFor {
     asked: Mutex<HashMap<String, usize>>,
 }
 
+/// `openai` is unusable, every other resource closed until `until`; weighed by the first
+/// declared use's need, as the node's gate does.
 impl ResourceGate for ClosedFor {
-    fn admit(&self, uses: &[String]) -> Admission {
-        let Some(resource) = uses.first().cloned() else {
+    fn admit(&self, uses: &[Use]) -> Admission {
+        let Some(declared) = uses.first() else {
             return Admission::Open;
         };
+        let resource = declared.resource.clone();
         *self
             .asked
             .lock()
             .unwrap()
             .entry(resource.clone())
             .or_default() += 1;
-        if resource == "openai" {
-            return Admission::Unusable {
+        let state = if resource == "openai" {
+            Admission::Unusable {
                 resource,
                 reason: "OPENAI_API_KEY is not set".into(),
-            };
-        }
-        if SystemTime::now() < self.until {
+            }
+        } else if SystemTime::now() < self.until {
             Admission::ClosedUntil {
                 resource,
                 until: self.until,
             }
         } else {
             Admission::Open
-        }
+        };
+        state.for_need(declared.need)
     }
 }
 
@@ -763,7 +766,7 @@ async fn a_closed_gate_defers_without_spending_an_attempt() {
         asked: Mutex::default(),
     });
     let mut chat = def("process_chat_message", "chat", native("rt_echo"));
-    chat.uses = vec!["zep".into()];
+    chat.uses = vec![Use::required("zep")];
     let rig = Rig::start(
         &[Queue {
             name: "chat",
@@ -795,13 +798,55 @@ async fn a_closed_gate_defers_without_spending_an_attempt() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_that_degrades_a_closed_resource_runs_at_once_while_one_that_uses_it_waits() {
+    let gate = Arc::new(ClosedFor {
+        until: SystemTime::now() + Duration::from_secs(30),
+        asked: Mutex::default(),
+    });
+    let mut chat = def("process_chat_message", "chat", native("rt_echo"));
+    chat.uses = vec![Use::degradable("zep")];
+    let mut recall = def("recall_memory", "chat", native("rt_echo"));
+    recall.uses = vec![Use::required("zep")];
+    let rig = Rig::start(
+        &[Queue {
+            name: "chat",
+            concurrency: 2,
+        }],
+        vec![chat, recall],
+        gate.clone(),
+    )
+    .await;
+    let waits = rig.enqueue("recall_memory", "chat", json!({})).await;
+    let runs = rig.enqueue("process_chat_message", "chat", json!({})).await;
+    let record = rig
+        .until_state(&runs, TaskState::Succeeded, Duration::from_secs(5))
+        .await;
+    assert_eq!(record.attempts, 1);
+    let kinds = |events: Vec<crate::broker::Event>| -> Vec<String> {
+        events.into_iter().map(|e| e.kind).collect()
+    };
+    assert_eq!(
+        kinds(rig.events_of(&runs).await),
+        ["sent", "started", "succeeded"]
+    );
+    let end = Instant::now() + Duration::from_secs(5);
+    while !kinds(rig.events_of(&waits).await).contains(&"deferred".to_string()) {
+        assert!(Instant::now() < end, "recall_memory was not deferred");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(kinds(rig.events_of(&waits).await), ["sent", "deferred"]);
+    assert!(rig.broker.record(&waits).await.unwrap().is_none());
+    rig.root.stop(None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unusable_resource_fails_the_task_permanently_and_link_error_fires() {
     let gate = Arc::new(ClosedFor {
         until: SystemTime::now(),
         asked: Mutex::default(),
     });
     let mut extract = def("extract_preferences_async", "default", native("rt_echo"));
-    extract.uses = vec!["openai".into()];
+    extract.uses = vec![Use::required("openai")];
     extract.retry.max_retries = 3;
     extract.link_error = vec!["record_task_failure".into()];
     let rig = Rig::start(

@@ -34,6 +34,7 @@
 //! | other 4xx | `Permanent` | passed through |
 //! | cannot connect, timeout | `Retry { after: None }` | `502` / `504`, OpenAI-shaped error body |
 //! | no API key | `Permanent("<ENV> is not set")` | `401`, OpenAI-shaped error body |
+//! | misconfigured (an earlier `401`/`403`) | `Permanent("openai is misconfigured: …")`, no call | that status, OpenAI-shaped error body (code `resource_misconfigured`), no call |
 //!
 //! `call` does not retry by itself: the task's retry policy decides (and delays the retry in
 //! Redis, not in a sleeping actor).
@@ -42,6 +43,16 @@
 //! own, so a 503 would make a Python task spin through its SDK retries and then look
 //! retryable to its task policy; a 401 raises `AuthenticationError` at once, which is what the
 //! missing key is — a permanent failure for every task that needs the key (DESIGN.md §5).
+//!
+//! # Misconfigured
+//!
+//! The first `401` or `403` answer (a wrong key, a revoked one, a base URL of another
+//! service) marks the resource misconfigured ([`super::auth`]): from then on no call goes to
+//! OpenAI — `call` fails permanently and the proxy answers the refused status itself, for the
+//! same reason as the missing key — except the probe the actor sends every
+//! `auth_probe_every`: `GET auth_probe_path` (default [`DEFAULT_AUTH_PROBE_PATH`], the model
+//! list: cheap, authenticated, no tokens), with the key, outside the limiters, bounded by the
+//! client's `timeout` or [`PROBE_TIMEOUT`]. Once one is accepted, calls resume.
 //!
 //! The key never appears in `Debug` output, logs, snapshots or errors (error texts taken from
 //! a response body have it scrubbed).
@@ -69,6 +80,7 @@ use tokio::time::Instant;
 use self::estimate::{estimate_raw, estimate_tokens};
 use self::headers::{RateHeaders, is_insufficient_quota, retry_after};
 use self::limiter::RateGate;
+use super::auth::{AuthProbe, AuthState, DEFAULT_PROBE_EVERY, ProbeOutcome, refuses};
 use super::{EgressRequest, EgressResponse, target_url};
 use crate::broker::rfc3339;
 use crate::gate::Admission;
@@ -76,6 +88,12 @@ use crate::handler::TaskError;
 
 /// OpenAI's API root, the default base URL.
 pub const DEFAULT_BASE_URL: &str = "https://api.openai.com/v1";
+
+/// The probe of a misconfigured OpenAI resource: the model list.
+pub const DEFAULT_AUTH_PROBE_PATH: &str = "/models";
+
+/// Bound of a probe when the client has no `timeout`.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Characters of an error message kept in a task error.
 const MESSAGE_SNIPPET: usize = 300;
@@ -121,6 +139,8 @@ pub struct OpenAiSettings {
     pub concurrency: Option<usize>,
     /// Timeout of one request; `None`: bounded only by the task's time limit.
     pub timeout: Option<Duration>,
+    /// The probe sent while the key is refused (module docs).
+    pub auth_probe: AuthProbe,
 }
 
 impl fmt::Debug for OpenAiSettings {
@@ -133,6 +153,7 @@ impl fmt::Debug for OpenAiSettings {
             .field("tokens", &self.tokens)
             .field("concurrency", &self.concurrency)
             .field("timeout", &self.timeout)
+            .field("auth_probe", &self.auth_probe)
             .finish()
     }
 }
@@ -148,6 +169,8 @@ impl OpenAiSettings {
             tokens: None,
             concurrency: None,
             timeout: None,
+            auth_probe: AuthProbe::try_new(DEFAULT_AUTH_PROBE_PATH, DEFAULT_PROBE_EVERY)
+                .expect("the default probe is valid"),
         }
     }
 }
@@ -220,6 +243,7 @@ pub struct OpenAiClient {
     /// How long admitted calls waited in `admit` (seconds), for `/metrics`.
     waits: prometheus_client::metrics::histogram::Histogram,
     server: Mutex<ServerView>,
+    auth: AuthState,
 }
 
 impl fmt::Debug for OpenAiClient {
@@ -282,7 +306,9 @@ impl OpenAiClient {
                 }
             },
         };
+        let auth = AuthState::new(resource, &settings.api_key_env, settings.auth_probe);
         Ok(Self {
+            auth,
             resource: resource.to_string(),
             base_url: settings.base_url,
             authorization,
@@ -306,16 +332,48 @@ impl OpenAiClient {
         &self.resource
     }
 
-    /// `Unusable` (reason `"<ENV> is not set"`) without a key, else `Open`: rate limits make
-    /// calls wait, they do not defer tasks.
+    /// `Unusable` (reason `"<ENV> is not set"`) without a key, `Misconfigured` while the key
+    /// is refused, else `Open`: rate limits make calls wait, they do not defer tasks.
     pub fn admission(&self) -> Admission {
-        match self.authorization {
-            Some(_) => Admission::Open,
-            None => Admission::Unusable {
+        if self.authorization.is_none() {
+            return Admission::Unusable {
                 resource: self.resource.clone(),
                 reason: self.missing_key(),
-            },
+            };
         }
+        match self.auth.refused() {
+            Some(refusal) => Admission::Misconfigured {
+                resource: self.resource.clone(),
+                reason: refusal.reason,
+            },
+            None => Admission::Open,
+        }
+    }
+
+    /// Whether OpenAI accepts the key (shared: every holder of the client sees the same).
+    pub fn auth(&self) -> &AuthState {
+        &self.auth
+    }
+
+    /// Sends the probe of a misconfigured resource when it is due (module docs); nothing
+    /// happens while the key is accepted or before the probe time. Run by the actor.
+    pub async fn probe(&self) {
+        let Some(authorization) = self.authorization.clone() else {
+            return;
+        };
+        if !self.auth.probe_due() {
+            return;
+        }
+        let request = self
+            .http
+            .get(target_url(&self.base_url, self.auth.probe().path()))
+            .header(AUTHORIZATION, authorization)
+            .timeout(self.timeout.unwrap_or(PROBE_TIMEOUT));
+        let outcome = match request.send().await {
+            Ok(response) => ProbeOutcome::of(response.status()),
+            Err(err) => ProbeOutcome::Inconclusive(describe(&err)),
+        };
+        self.auth.probed(outcome);
     }
 
     /// Calls `method path` (relative to the base URL, e.g. `/chat/completions`) with `body`
@@ -325,6 +383,9 @@ impl OpenAiClient {
         let Some(authorization) = self.authorization.clone() else {
             return Err(TaskError::Permanent(self.missing_key()));
         };
+        if let Some(refusal) = self.auth.refused() {
+            return Err(TaskError::Permanent(self.auth.describe(&refusal)));
+        }
         let _admitted = self.admit(estimate_tokens(&body)).await;
         let mut request = self
             .http
@@ -347,6 +408,9 @@ impl OpenAiClient {
         let bytes = response.bytes().await.map_err(fail)?;
         let json = serde_json::from_slice::<Value>(&bytes).ok();
         self.observe(status, &headers, json.as_ref());
+        if refuses(status) {
+            self.auth.refuse(status, &format!("{method} {path}"));
+        }
         if status.is_success() {
             return Ok(json.unwrap_or_else(|| Value::String(lossy(&bytes))));
         }
@@ -377,6 +441,14 @@ impl OpenAiClient {
                 "api_key_missing",
             );
         };
+        if let Some(refusal) = self.auth.refused() {
+            return runtime_error(
+                refusal.status,
+                &self.auth.describe(&refusal),
+                "resource_misconfigured",
+            );
+        }
+        let operation = format!("{} {}", request.method, request.path_and_query);
         let _admitted = self.admit(estimate_raw(&request.body)).await;
         let mut headers = request.headers;
         for name in [AUTHORIZATION, HOST, CONTENT_LENGTH] {
@@ -426,6 +498,9 @@ impl OpenAiClient {
             .then(|| serde_json::from_slice::<Value>(&body).ok())
             .flatten();
         self.observe(status, &headers, json.as_ref());
+        if refuses(status) {
+            self.auth.refuse(status, &operation);
+        }
         for name in HOP_BY_HOP {
             headers.remove(name);
         }
@@ -453,7 +528,8 @@ impl OpenAiClient {
     /// (left of the current hold, `null` when none); `tokens_estimated` (debited) and
     /// `tokens_used` (the responses' `usage.total_tokens`); `server` (the last
     /// `x-ratelimit-*` values seen: `limit_requests`, `limit_tokens`, `remaining_requests`,
-    /// `remaining_tokens`, `reset_requests_ms`, `reset_tokens_ms`, `observed_at`).
+    /// `remaining_tokens`, `reset_requests_ms`, `reset_tokens_ms`, `observed_at`); `auth`
+    /// (whether the key is refused: [`AuthState::snapshot`]).
     pub fn snapshot(&self) -> Value {
         let count = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         let stats = &self.stats;
@@ -516,6 +592,7 @@ impl OpenAiClient {
                 "reset_tokens_ms": ms(server.headers.reset_tokens),
                 "observed_at": server.at.map(rfc3339),
             },
+            "auth": self.auth.snapshot(),
         })
     }
 

@@ -7,7 +7,7 @@
 //!
 //! # Operations (Zep's `/api/v2` REST shape; every path is relative to `base_url`)
 //!
-//! | operation | call | while the breaker is open, or Zep fails (5xx, timeout, refused) |
+//! | operation | call | while the breaker is open, Zep fails (5xx, timeout, refused) or is misconfigured (401/403) |
 //! |---|---|---|
 //! | [`ensure_user`](ZepClient::ensure_user) | `POST /users` | buffered for replay |
 //! | [`ensure_thread`](ZepClient::ensure_thread) | `POST /threads` | buffered for replay |
@@ -17,9 +17,9 @@
 //! Nobody waits and no task retries because of Zep: a read degrades at once, a write is
 //! appended to the replay queue at once (so a failed write costs one call, never a retry
 //! storm). An "already exists" answer (409, or 400 saying so) to `POST /users` or
-//! `POST /threads` is [`Write::AlreadyExists`]; other 4xx answers are [`ZepError::Rejected`]
-//! (the caller's bug, permanent); a 404 on a context read is an empty, non-degraded context
-//! (a thread with no memory yet).
+//! `POST /threads` is [`Write::AlreadyExists`]; other 4xx answers but 401/403 are
+//! [`ZepError::Rejected`] (the caller's bug, permanent); a 404 on a context read is an empty,
+//! non-degraded context (a thread with no memory yet).
 //!
 //! # Replay
 //!
@@ -31,8 +31,9 @@
 //! time is reserved and held (the *head*, kept in the client, its lease renewed), sent
 //! through the breaker, and acked on success; a 5xx / timeout / 408 / 429 keeps the head and
 //! ends the round (the breaker decides when to try again: a half-open breaker's probe may be
-//! the head itself); another 4xx dead-letters it with Zep's answer (visible with the DLQ
-//! routes, never silently lost) and replay goes on.
+//! the head itself); a 401 / 403 keeps the head too and marks Zep misconfigured (below) —
+//! the key is wrong, not the write; another 4xx dead-letters it with Zep's answer (visible
+//! with the DLQ routes, never silently lost) and replay goes on.
 //!
 //! While a backlog exists, new writes are appended to it too instead of overtaking it, so a
 //! thread's messages reach Zep in the order they were written. Limits: the order holds per
@@ -53,6 +54,22 @@
 //! [`Admission::Unusable`] naming the env var (never its value), the operations return
 //! [`ZepError::Unusable`], the proxy answers `424`. The key is never logged, never in a
 //! snapshot, error or `Debug` output.
+//!
+//! # Misconfigured
+//!
+//! A `401` or `403` answer to any call marks the resource misconfigured ([`super::auth`]):
+//! the call that got it is answered like a failure (a read degrades, a write is buffered; a
+//! replayed write stays the head instead of being dead-lettered) and from then on nothing
+//! goes to Zep but the probe — `GET auth_probe_path` (default
+//! [`DEFAULT_AUTH_PROBE_PATH`]) every `auth_probe_every`, sent by the actor through the
+//! breaker — until one is accepted. Meanwhile Zep is treated as while its breaker is open:
+//! reads answer an empty, degraded context, writes are buffered for replay (so nothing is
+//! lost and the backlog reaches Zep once the key is right), other egress calls get `503`
+//! with `Retry-After` (the time to the next probe), and the answers the runtime makes carry
+//! `x-runtime-degraded: zep misconfigured`. [`ZepClient::admission`] says
+//! [`Admission::Misconfigured`]: tasks that `uses` Zep fail permanently, those that
+//! `degrades` it run. A `401`/`403` is not a breaker failure (Zep answered): the breaker and
+//! the misconfiguration are separate states.
 
 pub mod actor;
 #[cfg(test)]
@@ -73,6 +90,7 @@ use tracing::warn;
 
 pub use actor::{ZepActor, ZepArgs, ZepMessage};
 
+use super::auth::{AuthProbe, AuthState, ProbeOutcome, refuses};
 use super::breaker::{Breaker, BreakerPolicy, BreakerState, Permit};
 use super::{EgressRequest, EgressResponse, target_url};
 use crate::broker::rfc3339;
@@ -88,6 +106,10 @@ const RENEW_EVERY: Duration = Duration::from_secs(10);
 const BODY_SNIPPET: usize = 300;
 /// Header on the answers the proxy makes itself while Zep is unavailable.
 const DEGRADED_HEADER: &str = "x-runtime-degraded";
+
+/// The probe of a misconfigured Zep: the first page of one user (Zep's `/api/v2`), one
+/// cheap authenticated read.
+pub const DEFAULT_AUTH_PROBE_PATH: &str = "/users-ordered?pageNumber=1&pageSize=1";
 
 /// The broker queue holding `resource`'s buffered writes: `{resource}-replay`.
 pub fn replay_queue(resource: &str) -> String {
@@ -109,6 +131,8 @@ pub struct ZepSettings {
     pub timeout: Duration,
     /// The breaker's policy.
     pub breaker: BreakerPolicy,
+    /// The probe sent while Zep refuses the key (module docs).
+    pub auth_probe: AuthProbe,
 }
 
 impl fmt::Debug for ZepSettings {
@@ -120,6 +144,7 @@ impl fmt::Debug for ZepSettings {
             .field("api_key_env", &self.api_key_env)
             .field("timeout", &self.timeout)
             .field("breaker", &self.breaker)
+            .field("auth_probe", &self.auth_probe)
             .finish()
     }
 }
@@ -411,6 +436,7 @@ pub struct ZepClient {
     timeout: Duration,
     http: reqwest::Client,
     breaker: Breaker,
+    auth: AuthState,
     broker: Arc<AnyBroker>,
     queue: String,
     consumer: String,
@@ -514,6 +540,11 @@ impl ZepClient {
             .build()
             .map_err(|e| setup(format!("HTTP client: {e}")))?;
         let breaker = Breaker::new(&settings.resource, settings.breaker);
+        let auth = AuthState::new(
+            &settings.resource,
+            &settings.api_key_env,
+            settings.auth_probe,
+        );
         Ok(Self {
             queue: replay_queue(&settings.resource),
             consumer: format!("{node}-{}-replay", settings.resource),
@@ -524,6 +555,7 @@ impl ZepClient {
             timeout: settings.timeout,
             http,
             breaker,
+            auth,
             broker,
             drain: Mutex::new(Drain {
                 backlog: None,
@@ -546,6 +578,11 @@ impl ZepClient {
         &self.breaker
     }
 
+    /// Whether Zep accepts the key (shared: clones see the same state).
+    pub fn auth(&self) -> &AuthState {
+        &self.auth
+    }
+
     /// The replay queue's name.
     pub fn replay_queue(&self) -> &str {
         &self.queue
@@ -558,13 +595,20 @@ impl ZepClient {
             .then(|| format!("{} is not set", self.api_key_env))
     }
 
-    /// The gate's answer for this resource: unusable without a key, closed until the next
-    /// probe while the breaker refuses calls, open otherwise.
+    /// The gate's answer for this resource: unusable without a key, misconfigured while Zep
+    /// refuses the key, closed until the next probe while the breaker refuses calls, open
+    /// otherwise.
     pub fn admission(&self) -> Admission {
         if let Some(reason) = self.unusable() {
             return Admission::Unusable {
                 resource: self.resource.clone(),
                 reason,
+            };
+        }
+        if let Some(refusal) = self.auth.refused() {
+            return Admission::Misconfigured {
+                resource: self.resource.clone(),
+                reason: refusal.reason,
             };
         }
         match self.breaker.next_probe_at() {
@@ -673,13 +717,22 @@ impl ZepClient {
         }
     }
 
-    /// A read: Zep's answer, or `None` (degraded) when the breaker refuses or Zep fails.
+    /// A read: Zep's answer, or `None` (degraded) when the breaker refuses, Zep fails, or
+    /// Zep refuses the key (now or before).
     async fn read(&self, call: Call) -> Option<Upstream> {
         bump(&self.counters.reads);
-        let answer = match self.breaker.try_acquire() {
-            Err(_) => None,
-            Ok(permit) => match self.send(&call, permit).await {
-                Sent::Answered(upstream) if !upstream.status.is_server_error() => Some(upstream),
+        let permit = match self.auth.refused() {
+            Some(_) => None,
+            None => self.breaker.try_acquire().ok(),
+        };
+        let answer = match permit {
+            None => None,
+            Some(permit) => match self.send(&call, permit).await {
+                Sent::Answered(upstream)
+                    if !upstream.status.is_server_error() && !refuses(upstream.status) =>
+                {
+                    Some(upstream)
+                }
                 Sent::Answered(_) | Sent::Unreachable(_) => None,
             },
         };
@@ -690,13 +743,16 @@ impl ZepClient {
     }
 
     /// A write: Zep's answer (2xx, or a 4xx that is not worth retrying), or `None` when it
-    /// was buffered for replay (breaker refused, backlog pending, or Zep failed).
+    /// was buffered for replay (breaker refused, backlog pending, Zep failed, or Zep refuses
+    /// the key).
     async fn write(&self, call: Call) -> Result<Option<Upstream>, ZepError> {
         bump(&self.counters.writes);
-        if !self.has_backlog().await {
+        if self.auth.refused().is_none() && !self.has_backlog().await {
             if let Ok(permit) = self.breaker.try_acquire() {
                 match self.send(&call, permit).await {
-                    Sent::Answered(upstream) if !upstream.transient() => {
+                    Sent::Answered(upstream)
+                        if !upstream.transient() && !refuses(upstream.status) =>
+                    {
                         return Ok(Some(upstream));
                     }
                     Sent::Answered(_) | Sent::Unreachable(_) => {}
@@ -764,9 +820,20 @@ impl ZepClient {
         Ok(())
     }
 
+    /// [`send_raw`](Self::send_raw), and a `401`/`403` answer marks Zep misconfigured.
+    async fn send(&self, call: &Call, permit: Permit) -> Sent {
+        let sent = self.send_raw(call, permit).await;
+        if let Sent::Answered(upstream) = &sent
+            && refuses(upstream.status)
+        {
+            self.auth.refuse(upstream.status, &call.operation());
+        }
+        sent
+    }
+
     /// Sends `call` under `permit`, reporting the result to the breaker: 5xx, timeouts and
     /// failed connections are failures, every other answer a success (a slow one a failure).
-    async fn send(&self, call: &Call, permit: Permit) -> Sent {
+    async fn send_raw(&self, call: &Call, permit: Permit) -> Sent {
         let Some(key) = &self.api_key else {
             // Unreachable through the public API (checked first); not Zep's fault.
             drop(permit);
@@ -849,6 +916,7 @@ impl ZepClient {
                 ),
                 Err(err) => EgressResponse::unavailable(Duration::from_secs(1), &err.to_string()),
             },
+            _ if self.auth.refused().is_some() => self.misconfigured(),
             _ => match self.breaker.try_acquire() {
                 Err(rejected) => EgressResponse::unavailable(
                     rejected.retry_after,
@@ -865,10 +933,24 @@ impl ZepClient {
         }
     }
 
-    /// An answer the runtime makes itself while Zep is unavailable.
+    /// `503` naming the refusal, with `Retry-After` until the next probe (no call to Zep).
+    fn misconfigured(&self) -> EgressResponse {
+        let reason = self.auth.refused().map_or_else(
+            || format!("{} is misconfigured", self.resource),
+            |refusal| self.auth.describe(&refusal),
+        );
+        let retry_after = self.auth.until_probe().unwrap_or_default();
+        EgressResponse::unavailable(retry_after, &reason)
+    }
+
+    /// An answer the runtime makes itself while Zep is unavailable (or misconfigured).
     fn degraded(&self, body: Value, status: StatusCode) -> EgressResponse {
         let mut response = EgressResponse::json(status, &body);
-        if let Ok(value) = HeaderValue::from_str(&format!("{} unavailable", self.resource)) {
+        let why = match self.auth.refused() {
+            Some(_) => "misconfigured",
+            None => "unavailable",
+        };
+        if let Ok(value) = HeaderValue::from_str(&format!("{} {why}", self.resource)) {
             response
                 .headers
                 .insert(HeaderName::from_static(DEGRADED_HEADER), value);
@@ -896,6 +978,10 @@ impl ZepClient {
             return Ok(round);
         }
         while ((round.replayed + round.dead_lettered) as usize) < max {
+            if let Some(refusal) = self.auth.refused() {
+                round.stopped = Some(self.auth.describe(&refusal));
+                break;
+            }
             if self.breaker.state() == BreakerState::Open {
                 round.stopped = Some(format!("{} circuit breaker is open", self.resource));
                 break;
@@ -936,7 +1022,8 @@ impl ZepClient {
                     bump(&self.counters.replayed);
                     round.replayed += 1;
                 }
-                Sent::Answered(upstream) if upstream.transient() => {
+                Sent::Answered(upstream) if upstream.transient() || refuses(upstream.status) => {
+                    // A refused key is the node's fault, not the write's: it stays the head.
                     round.stopped = Some(format!("{} answered {}", self.resource, upstream.status));
                     break;
                 }
@@ -1017,6 +1104,33 @@ impl ZepClient {
         Ok(())
     }
 
+    /// Sends the probe of a misconfigured Zep when it is due (module docs): through the
+    /// breaker, with the key, answered by [`ProbeOutcome::of`]. Nothing happens while Zep
+    /// accepts the key or before the probe time; run by the actor.
+    pub async fn probe(&self) {
+        if !self.auth.probe_due() || self.api_key.is_none() {
+            return;
+        }
+        let outcome = match self.breaker.try_acquire() {
+            Err(_) => {
+                ProbeOutcome::Inconclusive(format!("{} circuit breaker is open", self.resource))
+            }
+            Ok(permit) => {
+                let call = Call {
+                    method: Method::GET,
+                    path: self.auth.probe().path().to_string(),
+                    headers: HeaderMap::new(),
+                    body: Bytes::new(),
+                };
+                match self.send_raw(&call, permit).await {
+                    Sent::Answered(upstream) => ProbeOutcome::of(upstream.status),
+                    Sent::Unreachable(why) => ProbeOutcome::Inconclusive(why),
+                }
+            }
+        };
+        self.auth.probed(outcome);
+    }
+
     /// Returns entries held longer than [`REPLAY_LEASE`] by a replayer that died.
     pub async fn recover_replay(&self) -> Result<Recovered, BrokerError> {
         self.broker.recover(&self.queue, REPLAY_LEASE).await
@@ -1043,6 +1157,7 @@ impl ZepClient {
             "api_key": { "env": self.api_key_env, "set": self.api_key.is_some() },
             "timeout_ms": self.timeout.as_millis() as u64,
             "breaker": self.breaker.snapshot(),
+            "auth": self.auth.snapshot(),
             "replay": {
                 "queue": self.queue,
                 "writes_queue_behind_backlog": backlog_known,

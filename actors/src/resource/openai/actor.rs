@@ -1,10 +1,13 @@
 //! `OpenAiActor` (`kind = "openai"`, permanent): the OpenAI resource's place in the tree. It
 //! holds the node's [`OpenAiClient`] and publishes its snapshot every second (a timer it sends
-//! itself, rescheduled after each round).
+//! itself, rescheduled after each round), and, while OpenAI refuses the key, sends the probe
+//! when it is due ([`OpenAiClient::probe`]). While misconfigured it is marked degraded
+//! (`/health` names it and the refusal).
 //!
-//! Everything that must survive a crash — the limiters, the server's hold, the counters —
-//! lives in the client's `Arc`, which the supervisor hands to every incarnation: a killed and
-//! restarted actor neither refills the limiters nor forgets a hold.
+//! Everything that must survive a crash — the limiters, the server's hold, the counters, the
+//! misconfiguration and its next probe time — lives in the client's `Arc`, which the
+//! supervisor hands to every incarnation: a killed and restarted actor neither refills the
+//! limiters, nor forgets a hold or a refused key.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,6 +34,8 @@ pub struct OpenAiArgs {
 pub enum OpenAiMessage {
     /// Refresh the snapshot.
     Snapshot,
+    /// Probe a misconfigured resource when it is due.
+    Probe,
 }
 
 /// The OpenAI resource actor.
@@ -55,6 +60,7 @@ impl Actor for OpenAiActor {
     ) -> Result<Self::State, ActorProcessingErr> {
         // A first snapshot right away, so the tree shows the limits from the start.
         myself.cast(OpenAiMessage::Snapshot)?;
+        myself.cast(OpenAiMessage::Probe)?;
         Ok(OpenAiState { args })
     }
 
@@ -64,12 +70,25 @@ impl Actor for OpenAiActor {
         message: Self::Msg,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
+        let client = &state.args.client;
         match message {
             OpenAiMessage::Snapshot => {
-                state.args.node.publish(state.args.client.snapshot());
+                state.args.node.publish(client.snapshot());
                 myself.send_after(SNAPSHOT_EVERY, || OpenAiMessage::Snapshot);
             }
+            OpenAiMessage::Probe => {
+                client.probe().await;
+                myself.send_after(client.auth().next_check(), || OpenAiMessage::Probe);
+            }
         }
+        let degraded = client.auth().refused().map(|refusal| {
+            format!(
+                "{}; calls are refused without reaching it, tasks that use it fail until a \
+                 probe is accepted",
+                client.auth().describe(&refusal)
+            )
+        });
+        state.args.node.set_degraded(degraded);
         Ok(())
     }
 }

@@ -440,6 +440,12 @@ async fn server_errors_retry_and_other_client_errors_are_permanent_without_the_k
             after: Some(Duration::from_secs(3)),
         }
     );
+    let missing = client
+        .call(Method::POST, "/nope", chat("hi"))
+        .await
+        .unwrap_err();
+    assert!(!missing.is_retryable(), "{missing:?}");
+    // Last: a 401 marks the resource misconfigured, and later calls would not reach it.
     let bad = client
         .call(Method::POST, "/bad-key", chat("hi"))
         .await
@@ -451,11 +457,6 @@ async fn server_errors_retry_and_other_client_errors_are_permanent_without_the_k
                 .into()
         )
     );
-    let missing = client
-        .call(Method::POST, "/nope", chat("hi"))
-        .await
-        .unwrap_err();
-    assert!(!missing.is_retryable(), "{missing:?}");
     let refused = OpenAiClient::try_new(
         "openai",
         settings(&Url::parse("http://127.0.0.1:9/v1").unwrap()),
@@ -608,4 +609,130 @@ async fn a_missing_key_makes_the_resource_unusable_and_calls_fail_permanently() 
         assert_eq!(snapshot["api_key_env"], "MY_OPENAI_KEY");
     }
     assert!(log.lock().unwrap().is_empty(), "nothing reached OpenAI");
+}
+
+/// A fake OpenAI answering every request with the status in `status` (200 with a model list
+/// or a chat answer, else an `invalid_api_key` error). Returns the base URL and the paths
+/// received with their `Authorization`.
+async fn fake_with_status(status: Arc<std::sync::atomic::AtomicU16>) -> (Url, Log) {
+    let log: Log = Arc::default();
+    let seen = Arc::clone(&log);
+    let router = Router::new().fallback(move |request: Request| {
+        let (seen, status) = (Arc::clone(&seen), Arc::clone(&status));
+        async move {
+            let (parts, _) = request.into_parts();
+            seen.lock().unwrap().push(Seen {
+                at: Instant::now(),
+                path: parts.uri.path().to_string(),
+                headers: parts.headers.clone(),
+                body: String::new(),
+            });
+            let code = Code::from_u16(status.load(Ordering::SeqCst)).unwrap();
+            let body = if code.is_success() {
+                json!({ "object": "list", "data": [], "choices": [] }).to_string()
+            } else {
+                error_body("invalid_api_key", "Incorrect API key provided")
+            };
+            (code, [("content-type", "application/json")], body).into_response()
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    (Url::parse(&format!("http://{addr}/v1")).unwrap(), log)
+}
+
+#[tokio::test]
+async fn a_refused_key_marks_openai_misconfigured_and_only_the_probe_reaches_it() {
+    let every = Duration::from_millis(150);
+    let status = Arc::new(std::sync::atomic::AtomicU16::new(401));
+    let (base, log) = fake_with_status(Arc::clone(&status)).await;
+    let mut settings = settings(&base);
+    settings.auth_probe = AuthProbe::try_new(DEFAULT_AUTH_PROBE_PATH, every).unwrap();
+    let client = client(settings);
+    let egress = || EgressRequest {
+        method: Method::POST,
+        path_and_query: "/chat/completions".into(),
+        headers: HeaderMap::new(),
+        body: Bytes::from(chat("hi").to_string()),
+    };
+
+    let first = client.forward(egress()).await;
+    assert_eq!(
+        first.status,
+        StatusCode::UNAUTHORIZED,
+        "the upstream's answer"
+    );
+    let reason = "openai answered 401 Unauthorized to POST /chat/completions: check \
+                  OPENAI_API_KEY and base_url";
+    assert_eq!(
+        client.admission(),
+        Admission::Misconfigured {
+            resource: "openai".into(),
+            reason: reason.into(),
+        }
+    );
+    for _ in 0..10 {
+        let err = client
+            .call(Method::POST, "/chat/completions", chat("hi"))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err,
+            TaskError::Permanent(format!("openai is misconfigured: {reason}"))
+        );
+        let answer = client.forward(egress()).await;
+        assert_eq!(answer.status, StatusCode::UNAUTHORIZED);
+        let body: Value = serde_json::from_slice(&answer.body).unwrap();
+        assert_eq!(body["error"]["code"], "resource_misconfigured");
+        assert_eq!(
+            body["error"]["message"],
+            format!("openai is misconfigured: {reason}")
+        );
+    }
+    assert_eq!(
+        log.lock().unwrap().len(),
+        1,
+        "only the first call reached it"
+    );
+    let auth = client.snapshot()["auth"].clone();
+    assert_eq!(auth["misconfigured"], true);
+    assert_eq!(auth["probe"]["path"], "/models");
+
+    client.probe().await;
+    assert_eq!(log.lock().unwrap().len(), 1, "not due yet");
+    tokio::time::sleep(every).await;
+    client.probe().await;
+    assert_eq!(log.lock().unwrap().len(), 2);
+    assert!(client.auth().refused().is_some());
+    status.store(200, Ordering::SeqCst);
+    tokio::time::sleep(every).await;
+    client.probe().await;
+    assert_eq!(client.admission(), Admission::Open);
+    let probes: Vec<Seen> = log.lock().unwrap()[1..].to_vec();
+    for probe in &probes {
+        assert_eq!(probe.path, "/v1/models");
+        assert_eq!(
+            probe.headers["authorization"],
+            format!("Bearer {KEY}").as_str()
+        );
+    }
+    client
+        .call(Method::POST, "/chat/completions", chat("hi"))
+        .await
+        .unwrap();
+    assert_eq!(log.lock().unwrap().len(), 4, "calls resume");
+
+    // A 403 (a key without access) is a refusal too.
+    status.store(403, Ordering::SeqCst);
+    let forbidden = client
+        .call(Method::POST, "/chat/completions", chat("hi"))
+        .await
+        .unwrap_err();
+    assert!(!forbidden.is_retryable());
+    assert!(matches!(
+        client.admission(),
+        Admission::Misconfigured { reason, .. } if reason.contains("403 Forbidden")
+    ));
+    assert!(!client.snapshot().to_string().contains(KEY));
 }

@@ -10,9 +10,13 @@
 //! - **replay** every `replay_every` (at once again while a full batch was replayed): buffered
 //!   writes go to Zep in order while the breaker admits calls ([`ZepClient::replay`]);
 //! - **sweep** every [`REPLAY_LEASE`]` / 4`: replay entries held by a dead node come back;
-//! - **snapshot** every second: the client's snapshot plus the replay queue's depth.
+//! - **snapshot** every second: the client's snapshot plus the replay queue's depth;
+//! - **probe** while Zep refuses the key: one probe when it is due ([`ZepClient::probe`]),
+//!   looked for every `auth_probe_every` (at most every second) — the probe time is kept in
+//!   the client, so a restarted actor does not probe early.
 //!
-//! While the breaker is not closed the actor is marked degraded (`/health` says why).
+//! While Zep is misconfigured or the breaker is not closed the actor is marked degraded
+//! (`/health` says why, the misconfiguration first).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -53,6 +57,8 @@ pub enum ZepMessage {
     Sweep,
     /// Refresh the snapshot.
     Snapshot,
+    /// Probe a misconfigured Zep when it is due.
+    Probe,
 }
 
 /// The Zep actor.
@@ -81,6 +87,7 @@ impl Actor for ZepActor {
         args.replay_every = args.replay_every.max(MIN_REPLAY_EVERY);
         myself.cast(ZepMessage::Snapshot)?;
         myself.cast(ZepMessage::Replay)?;
+        myself.cast(ZepMessage::Probe)?;
         myself.send_after(REPLAY_LEASE / 4, || ZepMessage::Sweep);
         Ok(ZepState {
             args,
@@ -146,6 +153,10 @@ impl Actor for ZepActor {
                 state.args.node.publish(state.snapshot());
                 SNAPSHOT_EVERY
             }
+            ZepMessage::Probe => {
+                client.probe().await;
+                client.auth().next_check()
+            }
         };
         state.mark_degraded();
         if next.is_zero() {
@@ -167,12 +178,23 @@ impl ZepState {
 
     fn mark_degraded(&self) {
         let client = &self.args.client;
+        let waiting = || {
+            self.backlog
+                .map_or_else(|| "unknown".to_string(), |d| backlog(&d).to_string())
+        };
+        if let Some(refusal) = client.auth().refused() {
+            self.args.node.set_degraded(Some(format!(
+                "{}; reads answer an empty context, writes are buffered for replay ({} \
+                 waiting), tasks that use it fail until a probe is accepted",
+                client.auth().describe(&refusal),
+                waiting()
+            )));
+            return;
+        }
         let reason = match client.breaker().state() {
             BreakerState::Closed => None,
             state => {
-                let waiting = self
-                    .backlog
-                    .map_or_else(|| "unknown".to_string(), |d| backlog(&d).to_string());
+                let waiting = waiting();
                 Some(format!(
                     "{} circuit breaker is {state}: reads answer an empty context, writes are \
                      buffered for replay ({waiting} waiting)",

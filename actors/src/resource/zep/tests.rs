@@ -20,13 +20,18 @@ use tokio::time::Instant;
 use super::*;
 use crate::broker::memory::MemoryBroker;
 use crate::broker::{AnyBroker, Broker, BrokerSettings};
+use crate::resource::auth::AuthProbe;
 use crate::resource::breaker::{BreakerSettings, BreakerState};
 use crate::resource::{EgressRequest, EgressResponse};
 
 const UP: u8 = 0;
 const DOWN: u8 = 1;
 const HANG: u8 = 2;
+/// Answers 401 to everything (a wrong key or base URL).
+const REFUSE: u8 = 3;
 const KEY: &str = "zk-test-7f3a9c";
+/// The pause between probes of a misconfigured Zep in these tests.
+const PROBE_EVERY: Duration = Duration::from_millis(150);
 
 /// A fake Zep Cloud under `/api/v2`.
 #[derive(Default)]
@@ -39,6 +44,8 @@ struct Fake {
     users: Mutex<HashSet<String>>,
     threads: Mutex<HashSet<String>>,
     auth: Mutex<Vec<Option<String>>>,
+    /// `METHOD path?query` of every request received, whatever the mode.
+    requests: Mutex<Vec<String>>,
 }
 
 impl Fake {
@@ -84,8 +91,19 @@ async fn zep_handler(
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
     fake.auth.lock().unwrap().push(auth.clone());
+    fake.requests.lock().unwrap().push(format!(
+        "{method} {}",
+        uri.path_and_query().map_or("", |p| p.as_str())
+    ));
     match fake.mode.load(Ordering::SeqCst) {
         DOWN => return (Code::SERVICE_UNAVAILABLE, "zep is down").into_response(),
+        REFUSE => {
+            return (
+                Code::UNAUTHORIZED,
+                axum::Json(json!({ "message": "unauthorized" })),
+            )
+                .into_response();
+        }
         HANG => {
             tokio::time::sleep(Duration::from_secs(30)).await;
             return "too late".into_response();
@@ -134,6 +152,9 @@ async fn zep_handler(
         ("POST", ["threads", _, "messages"]) => {
             accept(body);
             axum::Json(json!({ "message": "OK" })).into_response()
+        }
+        ("GET", ["users-ordered"]) => {
+            axum::Json(json!({ "users": [], "row_count": 0, "total_count": 0 })).into_response()
         }
         ("GET", ["threads", thread, "context"]) => {
             if *thread == "unknown" {
@@ -198,6 +219,7 @@ fn client(
         api_key_env: "ZEP_API_KEY".into(),
         timeout: Duration::from_secs(5),
         breaker: policy,
+        auth_probe: AuthProbe::try_new(DEFAULT_AUTH_PROBE_PATH, PROBE_EVERY).unwrap(),
     };
     Arc::new(ZepClient::new(settings, broker, "node-a").unwrap())
 }
@@ -666,6 +688,7 @@ async fn a_missing_key_makes_zep_unusable_and_a_key_never_shows() {
             api_key_env: "ZEP_API_KEY".into(),
             timeout: Duration::from_secs(1),
             breaker: breaker(1, open_for, Duration::from_secs(1)),
+            auth_probe: AuthProbe::try_new(DEFAULT_AUTH_PROBE_PATH, PROBE_EVERY).unwrap(),
         },
         memory(),
         "node-a",
@@ -806,4 +829,133 @@ async fn the_backlog_lives_in_redis_and_a_new_client_replays_it_in_order() {
     drain(&second).await;
     assert_eq!(fake.messages()["t1"], ["m1", "m2", "m3", "m4", "m5", "m6"]);
     assert_eq!(second.backlog().await.unwrap(), QueueDepth::default());
+}
+
+/// The seed's real root cause: Zep answers 401 (a wrong key or base URL). The first 401 marks
+/// Zep misconfigured; after it nothing reaches Zep but one probe per period, reads degrade,
+/// writes are buffered (never dead-lettered), and the first accepted probe brings calls back.
+#[tokio::test]
+async fn a_refused_key_marks_zep_misconfigured_until_a_probe_is_accepted() {
+    let (base, fake) = fake_zep().await;
+    let zep = client(
+        &base,
+        memory(),
+        breaker(3, Duration::from_secs(5), Duration::from_secs(1)),
+        Some(KEY),
+    );
+    fake.set(REFUSE);
+    let first = zep.get_context("t1").await.unwrap();
+    assert!(first.degraded, "the refused read degrades: {first:?}");
+    assert_eq!(fake.calls(), 1);
+    let reason = "zep answered 401 Unauthorized to GET /threads/t1/context: check ZEP_API_KEY \
+                  and base_url";
+    assert_eq!(
+        zep.admission(),
+        Admission::Misconfigured {
+            resource: "zep".into(),
+            reason: reason.into(),
+        }
+    );
+    assert_eq!(
+        zep.breaker().state(),
+        BreakerState::Closed,
+        "a 401 is an answer, not a breaker failure"
+    );
+
+    // A call per task no more: reads degrade, writes are buffered, other calls get 503.
+    for n in 0..20 {
+        assert!(zep.get_context("t1").await.unwrap().degraded);
+        let write = zep.add_messages("t1", &[says(&format!("m{n}"))]).await;
+        assert_eq!(write.unwrap(), Write::Buffered);
+    }
+    let read = zep
+        .forward(egress(Method::GET, "/threads/t1/context", Value::Null))
+        .await;
+    assert_eq!(read.status, StatusCode::OK);
+    assert_eq!(body(&read), json!({ "context": "", "degraded": true }));
+    assert_eq!(read.headers["x-runtime-degraded"], "zep misconfigured");
+    let write = zep
+        .forward(egress(
+            Method::POST,
+            "/threads/t1/messages",
+            json!({ "messages": [{ "role": "user", "content": "m20" }] }),
+        ))
+        .await;
+    assert_eq!(write.status, StatusCode::ACCEPTED);
+    let search = zep
+        .forward(egress(Method::POST, "/graph/search", json!({})))
+        .await;
+    assert_eq!(search.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        body(&search)["error"],
+        format!("zep is misconfigured: {reason}")
+    );
+    assert!(search.headers.contains_key(RETRY_AFTER));
+    let round = zep.replay(100).await.unwrap();
+    assert_eq!((round.replayed, round.dead_lettered), (0, 0));
+    assert!(round.stopped.unwrap().contains("misconfigured"));
+    assert_eq!(fake.calls(), 1, "nothing but the first call reached Zep");
+    let auth = zep.snapshot()["auth"].clone();
+    assert_eq!(auth["misconfigured"], true);
+    assert_eq!(auth["status"], 401);
+    assert_eq!(auth["reason"], reason);
+
+    // The probe: not before its time, then one call per period, with the key.
+    zep.probe().await;
+    assert_eq!(fake.calls(), 1, "the probe is not due yet");
+    tokio::time::sleep(PROBE_EVERY).await;
+    zep.probe().await;
+    assert_eq!(fake.calls(), 2);
+    assert!(zep.auth().refused().is_some(), "refused again");
+    assert_eq!(
+        zep.snapshot()["auth"]["last_probe"],
+        "refused: 401 Unauthorized"
+    );
+    fake.set(UP);
+    zep.probe().await;
+    assert_eq!(fake.calls(), 2, "a refused probe waits a whole period");
+    tokio::time::sleep(PROBE_EVERY).await;
+    zep.probe().await;
+    assert_eq!(fake.calls(), 3);
+    assert_eq!(zep.admission(), Admission::Open);
+    let requests = fake.requests.lock().unwrap().clone();
+    assert_eq!(
+        requests[1..],
+        [
+            "GET /api/v2/users-ordered?pageNumber=1&pageSize=1",
+            "GET /api/v2/users-ordered?pageNumber=1&pageSize=1"
+        ]
+    );
+    assert!(
+        fake.auth
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|a| a.as_deref() == Some(&format!("Api-Key {KEY}")[..]))
+    );
+
+    // Every buffered write reaches Zep in order; none was dead-lettered.
+    drain(&zep).await;
+    let expected: Vec<String> = (0..=20).map(|n| format!("m{n}")).collect();
+    assert_eq!(fake.messages()["t1"], expected);
+    assert_eq!(zep.snapshot()["replay"]["dead_lettered"], 0);
+    assert_eq!(zep.get_context("t1").await.unwrap().context, "facts of t1");
+
+    // A replayed write that meets a refused key stays the head instead of dying.
+    fake.set(DOWN);
+    assert_eq!(
+        zep.add_messages("t2", &[says("late")]).await.unwrap(),
+        Write::Buffered
+    );
+    fake.set(REFUSE);
+    let round = zep.replay(100).await.unwrap();
+    assert_eq!((round.replayed, round.dead_lettered), (0, 0));
+    assert!(zep.auth().refused().is_some());
+    assert_eq!(zep.auth().snapshot()["times"], 2);
+    fake.set(UP);
+    tokio::time::sleep(PROBE_EVERY).await;
+    zep.probe().await;
+    drain(&zep).await;
+    assert_eq!(fake.messages()["t2"], ["late"]);
+    assert_eq!(zep.snapshot()["replay"]["dead_lettered"], 0);
 }
