@@ -400,6 +400,77 @@ async fn bad_task_requests_are_400_naming_the_field_and_enqueue_nothing() {
     assert_eq!(queues["chat"]["ready"], 0);
 }
 
+/// `GET /queues` with one queue's stream key holding a string (Redis answers WRONGTYPE for
+/// it): the other queues are answered, the bad one carries its error; `/metrics` keeps the
+/// good queue's depths. With no queue readable it is a 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_bad_queue_does_not_hide_the_others() {
+    let redis = actors::test_util::RedisServer::start();
+    let config = compile_str(CONFIG, Environment::Ignored).unwrap().config;
+    let broker = AnyBroker::connect(&redis.url(), BrokerSettings::default())
+        .await
+        .unwrap();
+    let mut state = AppState::new(
+        tree(Duration::from_secs(1)).await,
+        Arc::new(broker),
+        Arc::new(Resources::default()),
+        &config,
+    );
+    state.metrics = Arc::new(actors::metrics::Metrics::new(
+        [("process_chat_message", "chat")],
+        ["chat", "default"],
+    ));
+    let (status, body) = send_body(
+        &state,
+        "POST",
+        "/tasks",
+        None,
+        r#"{"task":"process_chat_message"}"#,
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg("rt:{default}:stream")
+        .arg("x")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    let (status, body) = send(&state, "GET", "/queues", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let queues = json(&body)["queues"].clone();
+    assert_eq!(queues["chat"]["ready"], 1, "{body}");
+    let error = queues["default"]["error"].as_str().unwrap();
+    assert!(error.contains("WRONGTYPE"), "{body}");
+    assert_eq!(queues["default"]["concurrency"], 1, "{body}");
+    let (status, metrics) = send(&state, "GET", "/metrics", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        metrics.contains(r#"rt_queue_depth{queue="chat",state="ready"} 1"#),
+        "{metrics}"
+    );
+    assert!(!metrics.contains(r#"queue="default",state="#), "{metrics}");
+    assert!(metrics.contains("rt_broker_connected 1"), "{metrics}");
+
+    let _: () = redis::cmd("SET")
+        .arg("rt:{chat}:stream")
+        .arg("x")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let (status, body) = send(&state, "GET", "/queues", None).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(
+        json(&body)["error"].as_str().unwrap().contains("WRONGTYPE"),
+        "{body}"
+    );
+}
+
 #[tokio::test]
 async fn dead_letters_are_listed_requeued_and_queues_purged() {
     use actors::broker::Broker;
