@@ -29,16 +29,16 @@ while i <= #ARGV do
     commands[c] = { unpack(ARGV, i + 1, i + n) }
     i = i + 1 + n
   end
-  local problem
+  local problem, held = nil, {}
   for _, command in ipairs(commands) do
     local name, key = string.upper(command[1]), command[2]
     local need = needs[name]
     if need == nil then
       problem = 'ERR commit.lua: unsupported command ' .. name
     elseif need then
-      local held = redis.call('TYPE', key).ok
-      if held ~= 'none' and held ~= need then
-        problem = 'WRONGTYPE ' .. key .. ' holds a ' .. held .. ', not a ' .. need
+      held[key] = held[key] or redis.call('TYPE', key).ok
+      if held[key] ~= 'none' and held[key] ~= need then
+        problem = 'WRONGTYPE ' .. key .. ' holds a ' .. held[key] .. ', not a ' .. need
           .. ' (nothing of this outcome was written)'
       end
     end
