@@ -136,6 +136,11 @@ pub struct EnqueueArgs {
     /// A second enqueue with the same key returns the first task's id.
     #[arg(long)]
     pub idempotency_key: Option<String>,
+    /// The task's id (a UUID is generated otherwise): at most 256 bytes, no control
+    /// characters; while a task with this id is queued, running, or ended less than
+    /// `broker.result_ttl` ago, the enqueue is a duplicate and nothing runs again.
+    #[arg(long)]
+    pub id: Option<String>,
     /// The node.
     #[command(flatten)]
     pub node: NodeArgs,

@@ -160,6 +160,7 @@ pub async fn enqueue(args: EnqueueArgs) -> Result<()> {
         ("countdown", args.countdown.map(Value::from)),
         ("eta", args.eta.map(Value::from)),
         ("idempotency_key", args.idempotency_key.map(Value::from)),
+        ("id", args.id.map(Value::from)),
     ] {
         if let Some(value) = value {
             body[key] = value;
@@ -168,7 +169,7 @@ pub async fn enqueue(args: EnqueueArgs) -> Result<()> {
     let answer = parse(&Node::new(&args.node).post("/tasks", Some(body)).await?)?;
     let id = answer["id"].as_str().unwrap_or_default();
     if answer["duplicate"] == true {
-        println!("{id} (duplicate: the idempotency key was already used)");
+        println!("{id} (duplicate: a task with this id or idempotency key exists; not enqueued)");
     } else {
         println!("{id}");
     }

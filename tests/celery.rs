@@ -335,3 +335,136 @@ async fn sigkilling_the_node_while_python_produces_loses_no_message() {
     assert!(out["max_runs"].as_u64().unwrap() <= 2, "{out}");
     assert_eq!(out["left_in_kombu"], 0, "{out}");
 }
+
+/// A Celery protocol v2 message for `tasks.noop` with the task id `id`, as kombu stores it.
+fn kombu_message(id: &str) -> String {
+    use base64::Engine;
+    let body = serde_json::json!([[], {}, {"callbacks": null, "errbacks": null, "chain": null, "chord": null}]);
+    serde_json::json!({
+        "body": base64::engine::general_purpose::STANDARD.encode(body.to_string()),
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": { "lang": "py", "task": "tasks.noop", "id": id, "retries": 0,
+                     "root_id": id, "parent_id": null, "eta": null, "expires": null },
+        "properties": { "body_encoding": "base64", "delivery_tag": id },
+    })
+    .to_string()
+}
+
+async fn redis_conn(redis: &RedisServer) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+/// Waits until the bridge's snapshot satisfies `done`.
+async fn bridge_until(node: &Node, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let snapshot = node.actor("root/celery/celery").await.unwrap()["snapshot"].clone();
+        if done(&snapshot) {
+            return snapshot;
+        }
+        assert!(Instant::now() < deadline, "bridge: {snapshot}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Celery's task id is kept and follows the runtime's id rule (no Python needed): the same
+/// message published twice runs once (the second is dropped as a duplicate and counted), an
+/// id with a control character is dead-lettered with the reason, a good one runs.
+#[tokio::test]
+async fn celery_ids_are_checked_and_a_message_published_twice_runs_once() {
+    let redis = RedisServer::start();
+    let node = start(&redis, "");
+    let mut conn = redis_conn(&redis).await;
+    for id in ["dup-1", "dup-1", "bad\u{1}id", "ok-1"] {
+        let _: () = redis::cmd("LPUSH")
+            .arg("celery")
+            .arg(kombu_message(id))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let bridge = bridge_until(&node, |s| s["moved"] == 2 && s["duplicates"] == 1).await;
+    assert_eq!(bridge["dead_lettered"], 1, "{bridge}");
+    for id in ["dup-1", "ok-1"] {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while node.get_json(&format!("/tasks/{id}")).await["state"] != "succeeded" {
+            assert!(Instant::now() < deadline, "{id} never ran");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // Ran once: one `succeeded` event for dup-1.
+    let events: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+        .arg("rt:events")
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let succeeded = events
+        .iter()
+        .filter(|(_, fields)| {
+            fields.contains(&("kind".into(), "succeeded".into()))
+                && fields.contains(&("task_id".into(), "dup-1".into()))
+        })
+        .count();
+    assert_eq!(succeeded, 1);
+    let dead = node.get_json("/dlq/default").await.to_string();
+    assert!(
+        dead.contains("celery: `headers.id` holds a control character"),
+        "{dead}"
+    );
+    assert!(
+        node.log().contains("celery message dropped"),
+        "{}",
+        node.log()
+    );
+}
+
+/// A runtime stream holding another type (`SET rt:{default}:stream x`) makes the bridge's
+/// move fail before it pops anything: the message waits in its kombu list (before, it was
+/// popped, the XADD failed, and it was gone) and runs once the key is fixed.
+#[tokio::test]
+async fn a_wrong_type_runtime_stream_loses_no_celery_message() {
+    let redis = RedisServer::start();
+    let node = start(&redis, "");
+    let mut conn = redis_conn(&redis).await;
+    let _: () = redis::cmd("SET")
+        .arg("rt:{default}:stream")
+        .arg("x")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("LPUSH")
+        .arg("celery")
+        .arg(kombu_message("kept-1"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let bridge = bridge_until(&node, |s| s["errors"].as_u64() > Some(0)).await;
+    let error = bridge["last_error"].as_str().unwrap();
+    assert!(
+        error.contains("rt:{default}:stream holds a string, not a stream"),
+        "{bridge}"
+    );
+    let waiting: u64 = redis::cmd("LLEN")
+        .arg("celery")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(waiting, 1, "the message stays in its kombu list");
+    let _: () = redis::cmd("DEL")
+        .arg("rt:{default}:stream")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while node.get_json("/tasks/kept-1").await["state"] != "succeeded" {
+        assert!(Instant::now() < deadline, "never ran: {}", node.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -78,7 +78,7 @@ async fn enqueue_list_dead_letters_and_purge_through_a_running_node() {
     assert!(ok);
     assert_eq!(
         out.trim(),
-        format!("{id} (duplicate: the idempotency key was already used)")
+        format!("{id} (duplicate: a task with this id or idempotency key exists; not enqueued)")
     );
 
     let (ok, _, err) = runtime(&node, &["enqueue", "nope"], token);
@@ -127,6 +127,42 @@ async fn enqueue_list_dead_letters_and_purge_through_a_running_node() {
     let (ok, out, _) = runtime(&node, &["purge", "chat", "--yes"], token);
     assert!(ok);
     assert_eq!(out.trim(), "purged 0 ready and 1 delayed entries of chat");
+
+    // A chosen id: once while the task waits; refused when it breaks the id rule.
+    let chosen = |id: &str| {
+        let args = [
+            "enqueue",
+            "process_chat_message",
+            "--id",
+            id,
+            "--countdown",
+            "60",
+        ];
+        runtime(&node, &args, token)
+    };
+    let (ok, out, err) = chosen("telegram:process:a1b2c3d4");
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "telegram:process:a1b2c3d4");
+    let (ok, out, _) = chosen("telegram:process:a1b2c3d4");
+    assert!(ok);
+    assert_eq!(
+        out.trim(),
+        "telegram:process:a1b2c3d4 (duplicate: a task with this id or idempotency key exists; \
+         not enqueued)"
+    );
+    let (ok, _, err) = chosen("two\nlines");
+    assert!(!ok);
+    assert!(
+        err.contains("400 Bad Request: id: holds a control character (U+000A at byte 3)"),
+        "{err}"
+    );
+    // Purged, nothing of it is left: the id is free again.
+    let (ok, out, _) = runtime(&node, &["purge", "chat", "--yes"], token);
+    assert!(ok);
+    assert_eq!(out.trim(), "purged 0 ready and 1 delayed entries of chat");
+    let (ok, out, _) = chosen("telegram:process:a1b2c3d4");
+    assert!(ok);
+    assert_eq!(out.trim(), "telegram:process:a1b2c3d4");
 }
 
 const INSPECTED: &str = r#"

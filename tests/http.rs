@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use actors::broker::{AnyBroker, BrokerSettings};
+use actors::broker::{AnyBroker, Broker, BrokerSettings};
 use actors::heartbeat::{HeartbeatActor, HeartbeatArgs};
 use actors::resource::Resources;
 use actors::supervisor::{
@@ -398,6 +398,183 @@ async fn bad_task_requests_are_400_naming_the_field_and_enqueue_nothing() {
     let queues = json(&body)["queues"].clone();
     assert_eq!(queues["default"]["ready"], 0);
     assert_eq!(queues["chat"]["ready"], 0);
+}
+
+/// `id` as one percent-encoded URL path segment (everything but unreserved characters).
+fn segment(id: &str) -> String {
+    id.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                char::from(b).to_string()
+            }
+            other => format!("%{other:02X}"),
+        })
+        .collect()
+}
+
+/// A chosen id (the seed's deterministic `telegram:process:<hash>`) is accepted once: posting
+/// it again answers `duplicate: true` with the same id and enqueues nothing. Bad ids are 400s
+/// naming `[n].id`; ids with `/`, `%`, spaces or Unicode are read back percent-encoded.
+#[tokio::test]
+async fn chosen_ids_are_checked_unique_and_read_back_percent_encoded() {
+    let state = state(Duration::from_millis(5), None, false).await;
+    let post = |body: String| {
+        let state = state.clone();
+        async move { send_body(&state, "POST", "/tasks", None, &body).await }
+    };
+    let task = |id: &str| serde_json::json!({ "task": "notify_chat_failure", "id": id });
+    let id = "telegram:process:a1b2c3d4";
+    let (status, body) = post(task(id).to_string()).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert_eq!(
+        json(&body),
+        serde_json::json!({ "id": id, "duplicate": false })
+    );
+    let (status, body) = post(task(id).to_string()).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert_eq!(
+        json(&body),
+        serde_json::json!({ "id": id, "duplicate": true })
+    );
+    let (_, body) = post(serde_json::json!([task("other-1"), task(id)]).to_string()).await;
+    assert_eq!(
+        json(&body),
+        serde_json::json!([{ "id": "other-1", "duplicate": false }, { "id": id, "duplicate": true }])
+    );
+
+    let long = "x".repeat(300);
+    let refused = [
+        (
+            task("a\u{0}b"),
+            "id: holds a control character (U+0000 at byte 1)",
+        ),
+        (
+            task("tab\there"),
+            "id: holds a control character (U+0009 at byte 3)",
+        ),
+        (task(&long), "id: is 300 bytes, over the limit of 256"),
+        (
+            task(""),
+            "id: must not be empty (leave `id` out to get a generated one)",
+        ),
+        (
+            task(".."),
+            "id: `..` cannot be read back at GET /tasks/{id}",
+        ),
+        (
+            serde_json::json!([task("fine-1"), task("fine-2"), task("bell\u{7}")]),
+            "[2].id: holds a control character (U+0007 at byte 4)",
+        ),
+    ];
+    for (body, expected) in refused {
+        let (status, answer) = post(body.to_string()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body} → {answer}");
+        let error = json(&answer)["error"].as_str().unwrap().to_string();
+        assert!(error.starts_with(expected), "{body}: {error}");
+    }
+    let (_, body) = send(&state, "GET", "/queues", None).await;
+    assert_eq!(json(&body)["queues"]["default"]["ready"], 2, "{body}");
+
+    let odd = [
+        "a/b",
+        "100%",
+        "with spaces",
+        "привіт ✓",
+        "?q=1#frag",
+        "a%2Fb",
+    ];
+    let batch: Vec<_> = odd.iter().map(|id| task(id)).collect();
+    let (status, body) = post(serde_json::Value::Array(batch).to_string()).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let got = state
+        .broker
+        .reserve("default", "c", 100, Duration::ZERO)
+        .await
+        .unwrap();
+    for delivery in &got {
+        let result = serde_json::json!({ "for": delivery.envelope.id });
+        state.broker.ack(delivery, result).await.unwrap();
+    }
+    for id in odd {
+        let (status, body) = send(&state, "GET", &format!("/tasks/{}", segment(id)), None).await;
+        assert_eq!(status, StatusCode::OK, "{id}: {body}");
+        let record = json(&body);
+        assert_eq!(
+            (record["id"].as_str(), &record["result"]["for"]),
+            (Some(id), &serde_json::json!(id))
+        );
+    }
+}
+
+/// `GET /queues` with one queue's stream key holding a string (Redis answers WRONGTYPE for
+/// it): the other queues are answered, the bad one carries its error; `/metrics` keeps the
+/// good queue's depths. With no queue readable it is a 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_bad_queue_does_not_hide_the_others() {
+    let redis = actors::test_util::RedisServer::start();
+    let config = compile_str(CONFIG, Environment::Ignored).unwrap().config;
+    let broker = AnyBroker::connect(&redis.url(), BrokerSettings::default())
+        .await
+        .unwrap();
+    let mut state = AppState::new(
+        tree(Duration::from_secs(1)).await,
+        Arc::new(broker),
+        Arc::new(Resources::default()),
+        &config,
+    );
+    state.metrics = Arc::new(actors::metrics::Metrics::new(
+        [("process_chat_message", "chat")],
+        ["chat", "default"],
+    ));
+    let (status, body) = send_body(
+        &state,
+        "POST",
+        "/tasks",
+        None,
+        r#"{"task":"process_chat_message"}"#,
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg("rt:{default}:stream")
+        .arg("x")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    let (status, body) = send(&state, "GET", "/queues", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let queues = json(&body)["queues"].clone();
+    assert_eq!(queues["chat"]["ready"], 1, "{body}");
+    let error = queues["default"]["error"].as_str().unwrap();
+    assert!(error.contains("WRONGTYPE"), "{body}");
+    assert_eq!(queues["default"]["concurrency"], 1, "{body}");
+    let (status, metrics) = send(&state, "GET", "/metrics", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        metrics.contains(r#"rt_queue_depth{queue="chat",state="ready"} 1"#),
+        "{metrics}"
+    );
+    assert!(!metrics.contains(r#"queue="default",state="#), "{metrics}");
+    assert!(metrics.contains("rt_broker_connected 1"), "{metrics}");
+
+    let _: () = redis::cmd("SET")
+        .arg("rt:{chat}:stream")
+        .arg("x")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let (status, body) = send(&state, "GET", "/queues", None).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(
+        json(&body)["error"].as_str().unwrap().contains("WRONGTYPE"),
+        "{body}"
+    );
 }
 
 #[tokio::test]

@@ -271,3 +271,75 @@ async fn sigterm_lets_running_tasks_finish_before_the_node_exits() {
         .expect("the running task finished and was recorded");
     assert_eq!(record.result, Some(json!({ "slept_ms": 800 })));
 }
+
+/// A key of the wrong type where a task's record goes (`SET rt:result:<id> x`): the outcome
+/// is not written at all — the log names the key and Redis' error, the entry stays in flight
+/// (not acked, so it really does come back) — and once the key is fixed the task comes back
+/// through lease recovery and its record is written. Also: a chosen id posted again while the
+/// task is pending is a duplicate. (Before: the entry was acked without a record, the task was
+/// gone while the log said it would come back.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outcome_that_cannot_be_written_comes_back_instead_of_being_lost() {
+    let redis = RedisServer::start();
+    let node = Node::start(CONFIG, &[("RT_BROKER_URL", &redis.url())]);
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let id = "telegram:process:wrongtype-1";
+    let record_key = format!("rt:result:{id}");
+    let _: () = redis::cmd("SET")
+        .arg(&record_key)
+        .arg("x")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let task = json!({ "task": "rt_echo", "id": id, "args": ["hi"] });
+    assert_eq!(
+        post(&node, task.clone()).await,
+        json!({ "id": id, "duplicate": false })
+    );
+    let at = Instant::now();
+    while !node.log().contains("comes back through lease recovery") {
+        assert!(at.elapsed() < Duration::from_secs(15), "{}", node.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = node.log();
+    assert!(
+        log.contains(&format!(
+            "WRONGTYPE {record_key} holds a string, not a hash"
+        )),
+        "{log}"
+    );
+    let chat = node.get_json("/queues").await["queues"]["chat"].clone();
+    assert_eq!(chat["in_flight"], 1, "the entry was not acked: {chat}");
+    assert_eq!(
+        post(&node, task).await["duplicate"],
+        true,
+        "its entry exists"
+    );
+
+    let _: () = redis::cmd("DEL")
+        .arg(&record_key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let path = format!("/tasks/{}", id.replace(':', "%3A"));
+    let at = Instant::now();
+    let record = loop {
+        let response = node.get(&path).await;
+        if response.status() == 200 {
+            break response.json::<Value>().await.unwrap();
+        }
+        assert!(
+            at.elapsed() < Duration::from_secs(20),
+            "never recorded: {}",
+            node.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(record["state"], "succeeded", "{record}");
+    assert_eq!(record["id"], id);
+    settled(&node, Duration::from_secs(5)).await;
+}

@@ -23,8 +23,22 @@
 //! (`claim_leadership`, `resign_leadership`), each schedule's last run (`last_runs`,
 //! `record_run`) and the nodes' presence records (`announce_node`, `nodes`, `forget_node`).
 //!
-//! Malformed entries met by `reserve` (not JSON, missing fields) are moved to the dead letters
-//! with the parse error; they never reach a consumer, never block the queue, never panic.
+//! Malformed entries met by `reserve` (not JSON, missing fields, an `id` that breaks
+//! [`check_id`]) are moved to the dead letters with the parse error; they never reach a
+//! consumer, never block the queue, never panic.
+//!
+//! Task ids: a producer may choose a task's id ([`check_id`] says which ids are accepted).
+//! A chosen id is unique while its task lives: while its entry exists (ready, delayed, in
+//! flight, retried, requeued from the dead letters) and for `result_ttl` after its outcome
+//! (acked, dead-lettered, poisoned), enqueueing it again is a duplicate — answered with
+//! [`Enqueued::duplicate`], not written. A task's own retries and redeliveries are not
+//! enqueues, so they are never duplicates; a purge frees the ids of what it removed. Generated
+//! ids (UUIDs) are not checked. With an idempotency key too, the key is claimed first.
+//!
+//! Outcomes (`ack`, `retry`, `defer`, `dead_letter`, and the burial of a malformed entry)
+//! commit whole: the record, the ack of the entry, its next place and its events are all
+//! written or none is. An outcome that cannot be written (Redis refuses a key of the wrong
+//! type) returns an error and leaves the entry pending: it comes back through lease recovery.
 //!
 //! Entry size: `enqueue` refuses an envelope whose JSON is over
 //! [`BrokerSettings::max_entry_bytes`] ([`BrokerError::TooLarge`]). An oversized entry that
@@ -51,7 +65,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 pub use actor::{BrokerActor, BrokerArgs, BrokerMessage, Presence};
-pub use envelope::{Callback, Envelope};
+pub use envelope::{Callback, Envelope, MAX_ID_BYTES, check_id};
 pub use leases::Leases;
 pub use sink::EventSink;
 
@@ -155,9 +169,11 @@ impl BrokerSettings {
 /// The answer to one enqueued envelope.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Enqueued {
-    /// The task id (the first task's id for a duplicate).
+    /// The task id (for a duplicate: the id of the task it duplicates).
     pub id: String,
-    /// True when the idempotency key was already taken and nothing was enqueued.
+    /// True when nothing was enqueued because its idempotency key was already taken, or its
+    /// chosen id is (a task with that id is queued, running, or ended less than `result_ttl`
+    /// ago).
     pub duplicate: bool,
 }
 
@@ -347,8 +363,8 @@ pub struct LastRun {
 /// The broker operations every implementation provides.
 pub trait Broker: Send + Sync + 'static {
     /// Enqueues a batch (ids and `enqueued_at` filled in when empty; a future `eta` goes to
-    /// the delayed set; a taken idempotency key returns the first id). All or nothing per
-    /// envelope, answers in order. An invalid envelope, or one whose JSON is over
+    /// the delayed set; a taken idempotency key returns the first id; a chosen id that is
+    /// taken is a duplicate of itself). All or nothing per envelope, answers in order. An invalid envelope, or one whose JSON is over
     /// `max_entry_bytes` ([`BrokerError::TooLarge`]), fails the whole batch before anything
     /// is written.
     fn enqueue(
@@ -382,7 +398,8 @@ pub trait Broker: Send + Sync + 'static {
         result: Value,
     ) -> impl Future<Output = Result<(), BrokerError>> + Send;
 
-    /// Acknowledges several deliveries with their results in one round trip.
+    /// Acknowledges several deliveries with their results in one round trip. Each is its
+    /// own outcome: an `Err` names those that were not written; the others were.
     fn ack_many(
         &self,
         done: &[(Delivery, Value)],

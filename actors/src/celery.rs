@@ -10,7 +10,12 @@
 //!    runtime queue its task is mapped to, in **one script**: a crash between pop and add
 //!    cannot lose or duplicate a message. Messages that are not kombu JSON, lack `id`/`task`,
 //!    or name an unmapped task go to the dead letters of [`CelerySettings::dead_letter_queue`]
-//!    with the reason, in the same script.
+//!    with the reason, in the same script. Celery's task id is kept and follows the runtime's
+//!    rule for chosen ids ([`crate::broker::check_id`]: refused ids are dead-lettered; a
+//!    taken id — its task queued, running, or ended less than `broker.result_ttl` ago — makes
+//!    the message a duplicate, dropped in the same script, so a message published twice runs
+//!    once). The id guard is set in the step that adds the message, so a message is never
+//!    mistaken for a duplicate of itself.
 //! 2. **Expanded** — the stream entry carries the raw kombu message in `celery_raw`; the
 //!    consumer turns it into a full envelope ([`expand`]) before admission: the body
 //!    (base64 JSON `[args, kwargs, embed]`), `eta` (a future one is deferred, not run),
@@ -365,6 +370,12 @@ impl Celery {
                         let reason = err.to_string();
                         tracing::warn!(callback = %id, %reason, "celery callback not enqueued; its result is FAILURE");
                         self.rejected(&id, &reason).await?;
+                    }
+                    // Its frozen `task_id` breaks the id rule (it would be refused every time
+                    // the parent is recorded again); no result can be written under it either.
+                    Err(err @ BrokerError::Invalid(_)) => {
+                        tracing::warn!(parent = %parent.id, error = %err,
+                            "celery callback not enqueued: its task id is refused");
                     }
                     Err(err) => return Err(err),
                 }

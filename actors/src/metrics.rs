@@ -70,6 +70,9 @@ const SECONDS: [f64; 17] = [
     120.0, 300.0,
 ];
 
+/// The `state` label of `rt_queue_depth`, in `QueueDepth`'s field order.
+const DEPTH_STATES: [&str; 4] = ["ready", "delayed", "in_flight", "dead"];
+
 /// How long a scrape waits for the queue depths before it leaves them out.
 const DEPTH_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -606,7 +609,8 @@ impl Metrics {
 
     /// The exposition text (Prometheus text format 0.0.4), after reading the queue depths
     /// and the connection from `broker`; `None` when disabled. Depths that cannot be read
-    /// within two seconds are left out (and `rt_broker_connected` says why).
+    /// within two seconds are left out (and `rt_broker_connected` says why); a queue whose
+    /// depth the broker refuses (a key of the wrong type) is left out alone, the others stay.
     pub async fn render(&self, broker: &AnyBroker) -> Option<String> {
         if !self.enabled {
             return None;
@@ -615,33 +619,44 @@ impl Metrics {
         let depths = tokio::time::timeout(DEPTH_TIMEOUT, async {
             let mut depths = Vec::with_capacity(queues.len());
             for queue in queues {
-                depths.push((queue.as_str(), broker.depth(queue).await?));
+                depths.push((queue.as_str(), broker.depth(queue).await));
             }
-            Ok::<_, crate::broker::BrokerError>(depths)
+            depths
         })
         .await;
-        let connected = broker.degraded().is_none() && matches!(depths, Ok(Ok(_)));
+        let answered = depths
+            .as_ref()
+            .is_ok_and(|depths| depths.is_empty() || depths.iter().any(|(_, depth)| depth.is_ok()));
+        let connected = broker.degraded().is_none() && answered;
         self.families.broker_connected.set(i64::from(connected));
         match depths {
-            Ok(Ok(depths)) => {
+            Ok(depths) => {
                 for (queue, depth) in depths {
-                    self.set_depth(queue, depth);
+                    match depth {
+                        Ok(depth) => self.set_depth(queue, depth),
+                        Err(_) => self.clear_depth(queue),
+                    }
                 }
             }
-            _ => self.families.depth.clear(),
+            Err(_) => self.families.depth.clear(),
         }
         let mut out = String::new();
         prometheus_text::encode(&mut out, &self.registry).ok()?;
         Some(out)
     }
 
+    fn clear_depth(&self, queue: &str) {
+        for state in DEPTH_STATES {
+            self.families.depth.remove(&DepthLabels {
+                queue: queue.to_string(),
+                state,
+            });
+        }
+    }
+
     fn set_depth(&self, queue: &str, depth: QueueDepth) {
-        for (state, n) in [
-            ("ready", depth.ready),
-            ("delayed", depth.delayed),
-            ("in_flight", depth.in_flight),
-            ("dead", depth.dead),
-        ] {
+        let counts = [depth.ready, depth.delayed, depth.in_flight, depth.dead];
+        for (state, n) in DEPTH_STATES.into_iter().zip(counts) {
             let labels = DepthLabels {
                 queue: queue.to_string(),
                 state,

@@ -46,21 +46,36 @@ fn limit(query: LimitQuery) -> Result<usize, ApiError> {
     limit.get()
 }
 
-/// `GET /queues`: every configured queue with its depth and concurrency.
+/// `GET /queues`: every configured queue with its depth and concurrency. One bad queue never
+/// hides the others: a queue whose depth cannot be read (a key of the wrong type in its place)
+/// is answered as `{"error", "concurrency"}` beside the good ones. A 503 only when no queue
+/// could be read at all (the broker is down).
 pub async fn depths(State(state): State<AppState>) -> Result<Response, ApiError> {
     let mut queues = Map::new();
+    let mut failed = None;
+    let mut read = 0usize;
     for (name, queue) in &state.config.queues {
-        let depth = state.broker.depth(name).await?;
-        queues.insert(
-            name.clone(),
-            json!({
-                "ready": depth.ready,
-                "delayed": depth.delayed,
-                "in_flight": depth.in_flight,
-                "dead": depth.dead,
-                "concurrency": queue.concurrency,
-            }),
-        );
+        let answer = match state.broker.depth(name).await {
+            Ok(depth) => {
+                read += 1;
+                json!({
+                    "ready": depth.ready,
+                    "delayed": depth.delayed,
+                    "in_flight": depth.in_flight,
+                    "dead": depth.dead,
+                    "concurrency": queue.concurrency,
+                })
+            }
+            Err(err) => {
+                let answer = json!({ "error": err.to_string(), "concurrency": queue.concurrency });
+                failed.get_or_insert(err);
+                answer
+            }
+        };
+        queues.insert(name.clone(), answer);
+    }
+    if let (0, Some(err)) = (read, failed) {
+        return Err(err.into());
     }
     Ok(Json(json!({ "queues": queues })).into_response())
 }

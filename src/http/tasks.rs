@@ -10,10 +10,18 @@
 //! over [`body_limit`] (read no further). Both are JSON errors like every other; the body is
 //! read here with its own limit, not through axum's `DefaultBodyLimit` (whose 2 MB rejection
 //! would come before the per-envelope check and say less).
+//!
+//! Ids: a chosen `id` must pass the broker's rule ([`check_id`]: at most 256 bytes, no control
+//! character, not `.`/`..`; a 400 naming `[n].id` otherwise) and is unique while its task is
+//! queued or running and while its record lasts: posting it again answers
+//! `{"id", "duplicate": true}` and runs nothing. `GET /tasks/{id}` takes the id
+//! percent-encoded (`a%2Fb` for `a/b`).
 
 use std::time::{Duration, SystemTime};
 
-use actors::broker::{Broker, BrokerError, Callback, Enqueued, Envelope, parse_time, rfc3339};
+use actors::broker::{
+    Broker, BrokerError, Callback, Enqueued, Envelope, check_id, parse_time, rfc3339,
+};
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -48,7 +56,7 @@ struct TaskRequest {
     kwargs: Map<String, Value>,
     /// Another defined queue than the task's own.
     queue: Option<String>,
-    /// Chosen id (a UUID is generated otherwise).
+    /// Chosen id (a UUID is generated otherwise): unique while its task lives.
     id: Option<String>,
     /// Not before (RFC 3339).
     eta: Option<String>,
@@ -158,6 +166,9 @@ fn envelope(
     request: TaskRequest,
     now: SystemTime,
 ) -> Result<Envelope, (String, String)> {
+    if let Some(id) = &request.id {
+        check_id(id).map_err(|why| ("id".to_string(), why))?;
+    }
     let config = &state.config;
     let defined = |name: &str| config.tasks.get(name);
     let Some(task) = defined(&request.task) else {

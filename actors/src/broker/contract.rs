@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 use serde_json::json;
 use tokio::time::Instant;
 
-use super::{Broker, BrokerSettings, Envelope, LastRun, NodeRecord, TaskState};
+use super::{Broker, BrokerSettings, Enqueued, Envelope, LastRun, NodeRecord, TaskState};
 
 /// Lets the suite write an entry the way a careless producer could.
 pub(crate) trait RawProducer {
@@ -255,6 +255,234 @@ pub(crate) async fn idempotent_enqueue_returns_the_first_id<B: Broker>(b: &B, q:
     assert!(c[0].duplicate);
     assert_eq!(a[0].id, c[0].id);
     assert_eq!(b.depth(q).await.unwrap().ready, 1);
+}
+
+/// `task(q, n)` with the id `id`, chosen by the producer.
+fn chosen(q: &str, id: &str, n: u32) -> Envelope {
+    let mut env = task(q, n);
+    env.id = id.to_string();
+    env
+}
+
+fn fresh(id: &str) -> Enqueued {
+    Enqueued {
+        id: id.to_string(),
+        duplicate: false,
+    }
+}
+
+fn duplicate(id: &str) -> Enqueued {
+    Enqueued {
+        id: id.to_string(),
+        duplicate: true,
+    }
+}
+
+/// A chosen id (the seed's deterministic `telegram:process:<hash>`) is unique while its task
+/// lives — ready, in flight, retried, redelivered — and while its record lasts
+/// (`result_ttl`): enqueueing it again is a duplicate, not run again. The task's own retries
+/// and redeliveries are not duplicates. Generated ids are never checked.
+pub(crate) async fn chosen_ids_are_unique_while_their_task_lives<B: Broker>(b: &B, q: &str) {
+    let id = format!("telegram:process:{q}");
+    let again = || async { b.enqueue(vec![chosen(q, &id, 9)]).await.unwrap().remove(0) };
+    let sent = b
+        .enqueue(vec![chosen(q, &id, 1), chosen(q, &id, 2)])
+        .await
+        .unwrap();
+    assert_eq!(
+        sent,
+        [fresh(&id), duplicate(&id)],
+        "the same id twice in a batch"
+    );
+    assert_eq!(again().await, duplicate(&id), "ready");
+    let got = b.reserve(q, "c", 5, NO_WAIT).await.unwrap();
+    assert_eq!(got.len(), 1, "the duplicates were not enqueued");
+    assert_eq!(
+        (got[0].envelope.id.as_str(), nth(&got[0].envelope)),
+        (id.as_str(), 1)
+    );
+    assert_eq!(again().await, duplicate(&id), "in flight");
+    b.retry(&got[0], SystemTime::now(), "zep_call_error: 503")
+        .await
+        .unwrap();
+    assert_eq!(again().await, duplicate(&id), "waiting for its retry");
+    b.promote_due(q, SystemTime::now() + MS).await.unwrap();
+    let retried = b.reserve(q, "c", 5, NO_WAIT).await.unwrap();
+    assert_eq!((retried.len(), retried[0].envelope.attempt), (1, 1));
+    // Its node dies: the entry comes back through lease recovery, the same envelope again.
+    assert_eq!(b.recover(q, Duration::ZERO).await.unwrap().requeued, 1);
+    assert_eq!(again().await, duplicate(&id), "redelivered");
+    let redelivered = b.reserve(q, "c", 5, NO_WAIT).await.unwrap();
+    assert_eq!(redelivered.len(), 1);
+    assert_eq!(
+        (
+            redelivered[0].envelope.id.as_str(),
+            redelivered[0].deliveries
+        ),
+        (id.as_str(), 2)
+    );
+    b.ack(&redelivered[0], json!("sent")).await.unwrap();
+    assert_eq!(again().await, duplicate(&id), "its record exists");
+    assert_eq!(b.depth(q).await.unwrap(), Default::default());
+    // result_ttl = 1 s in `settings()`: record gone, id free.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(again().await, fresh(&id));
+    assert_eq!(b.depth(q).await.unwrap().ready, 1);
+    // Generated ids are UUIDs: never duplicates of each other.
+    let generated = b.enqueue(vec![task(q, 1), task(q, 1)]).await.unwrap();
+    assert!(generated.iter().all(|e| !e.duplicate));
+    assert_eq!(b.depth(q).await.unwrap().ready, 3);
+}
+
+/// How the other ways an entry ends or comes back treat its id: a dead-lettered task's id
+/// is taken while its record lasts; a requeued dead letter runs again under its id (not a
+/// duplicate of itself) and takes it again; a poisoned entry (delivered `max_deliveries`
+/// times) keeps it `result_ttl` like any ended task; a purge frees the ids of what it removed.
+pub(crate) async fn dead_requeued_poisoned_and_purged_ids<B: Broker>(b: &B, q: &str) {
+    let [dead, poison, ready, delayed] =
+        ["dead", "poison", "ready", "delayed"].map(|what| format!("{q}:{what}"));
+    b.enqueue(vec![chosen(q, &dead, 1)]).await.unwrap();
+    let got = b.reserve(q, "c", 1, NO_WAIT).await.unwrap();
+    b.dead_letter(&got[0], "permanent: 400").await.unwrap();
+    let again = |id: &str| {
+        let env = chosen(q, id, 9);
+        async move { b.enqueue(vec![env]).await.unwrap().remove(0) }
+    };
+    assert_eq!(again(&dead).await, duplicate(&dead), "its record exists");
+    assert_eq!(b.requeue_dead(q, 10).await.unwrap(), 1);
+    assert_eq!(
+        again(&dead).await,
+        duplicate(&dead),
+        "requeued: its entry exists"
+    );
+    let requeued = b.reserve(q, "c", 5, NO_WAIT).await.unwrap();
+    assert_eq!(requeued.len(), 1);
+    assert_eq!(requeued[0].envelope.id, dead);
+    b.ack(&requeued[0], json!(true)).await.unwrap();
+
+    b.enqueue(vec![chosen(q, &poison, 2)]).await.unwrap();
+    for _ in 0..3 {
+        assert_eq!(b.reserve(q, "c", 5, NO_WAIT).await.unwrap().len(), 1);
+        b.recover(q, Duration::ZERO).await.unwrap();
+    }
+    assert_eq!(b.depth(q).await.unwrap().dead, 1, "poisoned");
+    assert_eq!(
+        again(&poison).await,
+        duplicate(&poison),
+        "it ended just now"
+    );
+
+    let mut later = chosen(q, &delayed, 3);
+    later.eta = Some(super::rfc3339(SystemTime::now() + Duration::from_secs(60)));
+    b.enqueue(vec![chosen(q, &ready, 4), later]).await.unwrap();
+    assert_eq!(again(&ready).await, duplicate(&ready));
+    assert_eq!(again(&delayed).await, duplicate(&delayed));
+    let purged = b.purge(q).await.unwrap();
+    assert_eq!((purged.ready, purged.delayed), (1, 1));
+    assert_eq!(
+        again(&ready).await,
+        fresh(&ready),
+        "purged: nothing of it is left"
+    );
+    assert_eq!(again(&delayed).await, fresh(&delayed));
+
+    // result_ttl = 1 s in `settings()`: the ended tasks' ids are free again.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(again(&dead).await, fresh(&dead));
+    assert_eq!(again(&poison).await, fresh(&poison));
+}
+
+/// An id and an idempotency key together: the key is claimed first (taken → the id it
+/// holds), then the id (taken → that id); a key claimed by an enqueue that turned out a
+/// duplicate of an id holds that id.
+pub(crate) async fn ids_and_idempotency_keys_together<B: Broker>(b: &B, q: &str) {
+    let with = |id: &str, key: &str| {
+        let mut env = chosen(q, id, 1);
+        env.idempotency_key = Some(format!("{q}:{key}"));
+        env
+    };
+    let (x, y, z) = (format!("{q}:x"), format!("{q}:y"), format!("{q}:z"));
+    assert_eq!(b.enqueue(vec![with(&x, "k1")]).await.unwrap(), [fresh(&x)]);
+    assert_eq!(
+        b.enqueue(vec![with(&y, "k1"), with(&x, "k2"), with(&z, "k2")])
+            .await
+            .unwrap(),
+        [duplicate(&x), duplicate(&x), duplicate(&x)]
+    );
+    assert_eq!(b.enqueue(vec![with(&y, "k3")]).await.unwrap(), [fresh(&y)]);
+    let got = b.reserve(q, "c", 10, NO_WAIT).await.unwrap();
+    let ids: Vec<&str> = got.iter().map(|d| d.envelope.id.as_str()).collect();
+    assert_eq!(ids, [x.as_str(), y.as_str()]);
+}
+
+/// Ids are checked at enqueue (the whole batch is refused, naming the rule) and when read from
+/// a queue (another producer's entry: dead-lettered as malformed with the reason).
+pub(crate) async fn bad_ids_are_refused_or_dead_lettered<B: Broker + RawProducer>(b: &B, q: &str) {
+    for (id, why) in [
+        (
+            "line\nbreak",
+            "id: holds a control character (U+000A at byte 4)",
+        ),
+        (&"x".repeat(300), "id: is 300 bytes, over the limit of 256"),
+        (
+            "..",
+            "id: `..` cannot be read back at GET /tasks/{id} (HTTP clients resolve it away)",
+        ),
+    ] {
+        let err = b
+            .enqueue(vec![task(q, 1), chosen(q, id, 2)])
+            .await
+            .unwrap_err();
+        assert!(matches!(err, super::BrokerError::Invalid(_)), "{err:?}");
+        assert_eq!(err.to_string(), why);
+    }
+    assert_eq!(
+        b.depth(q).await.unwrap(),
+        Default::default(),
+        "nothing enqueued"
+    );
+    // What the rule lets through, ids that need percent-encoding in a URL included.
+    let odd = ["a/b", "100%", "with spaces", "привіт ✓", "?x=1#y"];
+    let batch = odd
+        .iter()
+        .enumerate()
+        .map(|(n, id)| chosen(q, id, n as u32));
+    let sent = b.enqueue(batch.collect()).await.unwrap();
+    assert!(sent.iter().all(|e| !e.duplicate));
+    let got = b.reserve(q, "c", 10, NO_WAIT).await.unwrap();
+    for d in &got {
+        b.ack(d, json!(nth(&d.envelope))).await.unwrap();
+    }
+    for (n, id) in odd.iter().enumerate() {
+        let record = b.record(id).await.unwrap().unwrap();
+        assert_eq!((record.id.as_str(), record.result), (*id, Some(json!(n))));
+    }
+
+    b.push_raw(
+        q,
+        &json!({ "id": "bell\u{7}", "task": "t", "queue": q }).to_string(),
+    )
+    .await;
+    b.push_raw(
+        q,
+        &json!({ "id": "y".repeat(257), "task": "t", "queue": q }).to_string(),
+    )
+    .await;
+    assert!(b.reserve(q, "c", 10, NO_WAIT).await.unwrap().is_empty());
+    let dead = b.dead_letters(q, 10).await.unwrap();
+    let reasons: Vec<&str> = dead.iter().map(|d| d.reason.as_str()).collect();
+    assert_eq!(reasons.len(), 2, "{reasons:?}");
+    assert!(
+        reasons[0].starts_with(
+            "malformed entry: invalid `id`: holds a control character (U+0007 at byte 4)"
+        ),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons[1]
+            .starts_with("malformed entry: invalid `id`: is 257 bytes, over the limit of 256"),
+        "{reasons:?}"
+    );
 }
 
 pub(crate) async fn records_keep_results_for_their_ttl<B: Broker>(b: &B, q: &str) {
@@ -664,6 +892,8 @@ macro_rules! contract_suite {
             poison_entries_are_dead_lettered, delays_fire_on_time,
             retries_are_delayed_with_the_next_attempt, deferral_keeps_the_attempt,
             idempotent_enqueue_returns_the_first_id,
+            chosen_ids_are_unique_while_their_task_lives, dead_requeued_poisoned_and_purged_ids,
+            ids_and_idempotency_keys_together, bad_ids_are_refused_or_dead_lettered,
             records_keep_results_for_their_ttl, dead_letters_can_be_listed_and_requeued,
             purge_removes_ready_and_delayed_only, malformed_entries_are_dead_lettered_not_delivered,
             bad_envelopes_are_refused_whole,

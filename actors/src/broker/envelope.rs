@@ -4,9 +4,50 @@
 //! (missing `args`, `kwargs`, `attempt`, … default) and strict where it must be (`task` and
 //! `queue` are required). Fields this version does not know are kept in `extra` and written
 //! back unchanged: a newer producer's data is never dropped by an older node.
+//!
+//! Task ids ([`check_id`]): a producer may choose a task's id (a Celery id, a deterministic
+//! `telegram:process:a1b2c3d4`) instead of getting a UUID. Every way in checks it with the one
+//! rule here — `POST /tasks` (a 400 naming `[n].id`), `Broker::enqueue`, an entry read from a
+//! queue ([`Envelope::from_json`]: dead-lettered as malformed with the reason), and the Celery
+//! bridge's `take.lua` (the same rule in Lua, with [`MAX_ID_BYTES`] passed in).
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+
+/// The longest task id accepted, in bytes of UTF-8. Ids are Redis key parts
+/// (`p:result:<id>`, `p:id:<id>`), log fields and URL path segments; 256 holds a UUID, a Celery
+/// id or a composed `source:action:hash` id with room to spare.
+pub const MAX_ID_BYTES: usize = 256;
+
+/// Checks a task id chosen by a producer: not empty, at most [`MAX_ID_BYTES`] bytes, no control
+/// character (C0, DEL, C1: they would split log lines and cannot be typed into a URL), and not
+/// `.` or `..` (HTTP clients resolve those path segments away, so `GET /tasks/{id}` could never
+/// read them back). Anything else — `/`, `%`, spaces, `?`, any Unicode — is accepted and read
+/// back percent-encoded (`GET /tasks/a%2Fb` is the record of `a/b`). `Err` says why, without
+/// repeating the id (it may be long or unprintable).
+pub fn check_id(id: &str) -> Result<(), String> {
+    if id.is_empty() {
+        return Err("must not be empty (leave `id` out to get a generated one)".into());
+    }
+    if id.len() > MAX_ID_BYTES {
+        return Err(format!(
+            "is {} bytes, over the limit of {MAX_ID_BYTES}",
+            id.len()
+        ));
+    }
+    if let Some((at, c)) = id.char_indices().find(|(_, c)| c.is_control()) {
+        return Err(format!(
+            "holds a control character (U+{:04X} at byte {at})",
+            u32::from(c)
+        ));
+    }
+    if id == "." || id == ".." {
+        return Err(format!(
+            "`{id}` cannot be read back at GET /tasks/{{id}} (HTTP clients resolve it away)"
+        ));
+    }
+    Ok(())
+}
 
 /// A callback (`link` / `link_error`): a task to enqueue when this one succeeds or fails.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -109,7 +150,8 @@ impl Envelope {
 
     /// Parses an envelope as found in a queue, naming what is wrong (`missing field `task``,
     /// …). A queued envelope must carry its `id` (the key of its record): the broker fills it
-    /// in at enqueue, and a producer writing to the stream directly must set a unique one.
+    /// in at enqueue, and a producer writing to the stream directly must set a unique one that
+    /// passes [`check_id`].
     pub fn from_json(text: &str) -> Result<Self, serde_json::Error> {
         let envelope: Self = serde_json::from_str(text)?;
         if envelope.id.is_empty() {
@@ -117,7 +159,21 @@ impl Envelope {
                 "missing field `id` (a producer writing to the queue directly must set a unique id)",
             ));
         }
+        check_id(&envelope.id)
+            .map_err(|why| serde::de::Error::custom(format!("invalid `id`: {why}")))?;
         Ok(envelope)
+    }
+
+    /// The `id` an entry's text carries, read even when the entry is not a valid envelope
+    /// (JSON with a string `id` that passes [`check_id`]): the brokers use it to end the id
+    /// guard of an entry that leaves without a task outcome (malformed, purged).
+    pub fn id_in(text: &str) -> Option<String> {
+        #[derive(Deserialize)]
+        struct IdOnly {
+            id: String,
+        }
+        let IdOnly { id } = serde_json::from_str(text).ok()?;
+        check_id(&id).is_ok().then_some(id)
     }
 
     /// The trace this task belongs to: its `trace_id` (set at enqueue when the producer gave
@@ -160,5 +216,51 @@ mod tests {
         assert!(err.to_string().contains("invalid type"), "{err}");
         let err = Envelope::from_json(r#"{"task":"t","queue":"q"}"#).unwrap_err();
         assert!(err.to_string().starts_with("missing field `id`"), "{err}");
+        let err = Envelope::from_json(r#"{"id":"a\nb","task":"t","queue":"q"}"#).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("invalid `id`: holds a control character (U+000A at byte 1)"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn ids_are_checked_by_one_rule() {
+        for good in [
+            "telegram:process:a1b2c3d4",
+            "0b9c5d1e-6f7a-4b8c-9d0e-1f2a3b4c5d6e",
+            "a/b",
+            "100%",
+            "with spaces",
+            "?#&=+",
+            "привіт-✓",
+            "...",
+            &"x".repeat(MAX_ID_BYTES),
+        ] {
+            assert_eq!(check_id(good), Ok(()), "{good:?}");
+        }
+        let why = |id: &str| check_id(id).unwrap_err();
+        assert!(why("").starts_with("must not be empty"));
+        assert_eq!(
+            why(&"é".repeat(MAX_ID_BYTES / 2 + 1)),
+            "is 258 bytes, over the limit of 256"
+        );
+        assert_eq!(
+            why("a\u{7f}"),
+            "holds a control character (U+007F at byte 1)"
+        );
+        assert_eq!(
+            why("tab\there"),
+            "holds a control character (U+0009 at byte 3)"
+        );
+        assert!(why("c1\u{85}").contains("U+0085"));
+        assert!(why("..").contains("cannot be read back"));
+        assert!(why(".").contains("cannot be read back"));
+        assert_eq!(
+            Envelope::id_in(r#"{"id":"x-1","task":7}"#).as_deref(),
+            Some("x-1")
+        );
+        assert_eq!(Envelope::id_in(r#"{"id":"a\u0000"}"#), None);
+        assert_eq!(Envelope::id_in("not json"), None);
     }
 }

@@ -4,6 +4,12 @@
 //!
 //! Lease ages use `tokio::time::Instant` (so tests can pause time); due times of delayed
 //! entries are wall-clock, like the envelope's `eta`.
+//!
+//! Chosen task ids are guarded as in Redis (`p:id:<id>`): a guard is taken at enqueue and lives
+//! while the entry does (ready, delayed, in flight, retried, requeued), then `result_ttl` after
+//! the task's outcome (acked, dead-lettered, poisoned, malformed); a purge drops the guards of
+//! what it removed. Everything a call changes happens under one lock, so an outcome's record,
+//! ack and event are always written together.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Mutex;
@@ -15,8 +21,8 @@ use tokio::time::Instant;
 
 use super::{
     Broker, BrokerError, BrokerSettings, DeadLetter, Delivery, Enqueued, Envelope, Event, LastRun,
-    NodeRecord, Purged, QueueDepth, Recovered, TaskRecord, TaskState, due_ms, epoch_ms, parse_time,
-    rfc3339,
+    NodeRecord, Purged, QueueDepth, Recovered, TaskRecord, TaskState, check_id, due_ms, epoch_ms,
+    parse_time, rfc3339,
 };
 
 /// The in-memory broker.
@@ -32,6 +38,9 @@ struct State {
     queues: HashMap<String, Queue>,
     records: HashMap<String, (TaskRecord, Instant)>,
     idempotency: HashMap<String, (String, Instant)>,
+    /// Id guards of chosen task ids: `None` while the task's entry exists, then until when the
+    /// id stays taken (`result_ttl` after its outcome).
+    ids: HashMap<String, Option<Instant>>,
     events: VecDeque<Event>,
     next_entry: u64,
     next_event: u64,
@@ -136,6 +145,9 @@ impl MemoryBroker {
             }
         }
         for (entry, err) in malformed {
+            if let Some(id) = Envelope::id_in(&entry.raw) {
+                state.id_ended(&id, now + self.settings.result_ttl);
+            }
             let reason = format!("malformed entry: {err}");
             let event = Event {
                 id: String::new(),
@@ -184,6 +196,10 @@ impl MemoryBroker {
             Event::about(kind, envelope, detail),
             self.settings.events_maxlen,
         );
+        let now = Instant::now();
+        if task_state != TaskState::Retrying {
+            state.id_ended(&envelope.id, now + self.settings.result_ttl);
+        }
         let record = TaskRecord {
             id: envelope.id.clone(),
             task: envelope.task.clone(),
@@ -194,12 +210,14 @@ impl MemoryBroker {
             attempts: envelope.attempt + 1,
             updated_at: rfc3339(SystemTime::now()),
         };
-        let now = Instant::now();
-        // Expired records and idempotency keys are dropped every so often, so a long-running
-        // node keeps only what its TTLs promise.
+        // Expired records, idempotency keys and id guards are dropped every so often, so a
+        // long-running node keeps only what its TTLs promise.
         if state.records.len() % 4096 == 4095 {
             state.records.retain(|_, (_, expires)| *expires > now);
             state.idempotency.retain(|_, (_, expires)| *expires > now);
+            state
+                .ids
+                .retain(|_, until| until.is_none_or(|until| until > now));
         }
         let expires = now + self.settings.result_ttl;
         state.records.insert(envelope.id.clone(), (record, expires));
@@ -221,6 +239,23 @@ fn event_seq(id: &str) -> u64 {
 }
 
 impl State {
+    /// Whether the chosen id `id` is taken (its entry exists, or its task ended less than
+    /// `result_ttl` ago).
+    fn id_taken(&self, id: &str, now: Instant) -> bool {
+        match self.ids.get(id) {
+            Some(None) => true,
+            Some(Some(until)) => *until > now,
+            None => false,
+        }
+    }
+
+    /// The task of `id` ended: its guard, if it has one, lasts until `until`.
+    fn id_ended(&mut self, id: &str, until: Instant) {
+        if let Some(guard) = self.ids.get_mut(id) {
+            *guard = Some(until);
+        }
+    }
+
     fn event(&mut self, mut event: Event, cap: usize) {
         if cap == 0 {
             return;
@@ -268,16 +303,29 @@ impl State {
     }
 }
 
+/// An envelope checked and completed for enqueue.
+#[derive(Debug)]
+pub(crate) struct Prepared {
+    pub(crate) envelope: Envelope,
+    /// Its JSON, as it will be stored.
+    pub(crate) json: String,
+    /// Its due time (delayed-set score) when the eta is in the future.
+    pub(crate) due: Option<u64>,
+    /// The producer chose its id (guarded: a second enqueue of it is a duplicate); false for a
+    /// generated UUID.
+    pub(crate) chosen: bool,
+}
+
 /// Checks and completes every envelope of a batch (see [`prepare`]), in order; the first
-/// problem fails the whole batch. Each comes back with its JSON, as it will be stored, and its
-/// due time when the eta is in the future.
+/// problem fails the whole batch.
 pub(crate) fn prepare_batch(
     batch: Vec<Envelope>,
     now: SystemTime,
     settings: &BrokerSettings,
-) -> Result<Vec<(Envelope, String, Option<u64>)>, BrokerError> {
+) -> Result<Vec<Prepared>, BrokerError> {
     let mut prepared = Vec::with_capacity(batch.len());
     for (index, mut envelope) in batch.into_iter().enumerate() {
+        let chosen = !envelope.id.is_empty();
         let due = prepare(&mut envelope, now)?;
         let json = envelope.to_json();
         if json.len() > settings.max_entry_bytes {
@@ -288,19 +336,27 @@ pub(crate) fn prepare_batch(
                 limit: settings.max_entry_bytes,
             });
         }
-        prepared.push((envelope, json, due));
+        prepared.push(Prepared {
+            envelope,
+            json,
+            due,
+            chosen,
+        });
     }
     Ok(prepared)
 }
 
-/// Fills in the id, enqueue time and trace id; returns the wall-clock due time when the eta is in the
-/// future.
+/// Checks a chosen id ([`check_id`]), fills in the id, enqueue time and trace id; returns the
+/// wall-clock due time when the eta is in the future.
 fn prepare(envelope: &mut Envelope, now: SystemTime) -> Result<Option<u64>, BrokerError> {
     if envelope.task.is_empty() {
         return Err(BrokerError::Invalid("task: must not be empty".into()));
     }
     if envelope.queue.is_empty() {
         return Err(BrokerError::Invalid("queue: must not be empty".into()));
+    }
+    if !envelope.id.is_empty() {
+        check_id(&envelope.id).map_err(|why| BrokerError::Invalid(format!("id: {why}")))?;
     }
     // A new trace gets the W3C trace-id shape (32 lowercase hex digits); a fresh task id and
     // its trace id share one random UUID.
@@ -333,7 +389,13 @@ impl Broker for MemoryBroker {
         {
             let mut state = self.lock();
             let clock = Instant::now();
-            for (envelope, json, due) in prepared {
+            for Prepared {
+                envelope,
+                json,
+                due,
+                chosen,
+            } in prepared
+            {
                 if let Some(key) = &envelope.idempotency_key {
                     match state.idempotency.get(key) {
                         Some((first, expires)) if *expires > clock => {
@@ -351,6 +413,16 @@ impl Broker for MemoryBroker {
                                 .insert(key.clone(), (envelope.id.clone(), expires));
                         }
                     }
+                }
+                if chosen {
+                    if state.id_taken(&envelope.id, clock) {
+                        out.push(Enqueued {
+                            id: envelope.id,
+                            duplicate: true,
+                        });
+                        continue;
+                    }
+                    state.ids.insert(envelope.id.clone(), None);
                 }
                 match due {
                     Some(due_ms) => state.push_delayed_raw(&envelope.queue, due_ms, json),
@@ -493,6 +565,7 @@ impl Broker for MemoryBroker {
         expired.sort_by_key(|id| id.split('-').next().and_then(|n| n.parse::<u64>().ok()));
         let mut out = Recovered::default();
         let mut events = Vec::new();
+        let mut poisoned = Vec::new();
         for id in expired {
             let Some(leased) = q.in_flight.remove(&id) else {
                 continue;
@@ -505,6 +578,9 @@ impl Broker for MemoryBroker {
                 if let Some(envelope) = &envelope {
                     events.push(Event::about("dead", envelope, detail));
                     out.dead_tasks.push(envelope.task.clone());
+                }
+                if let Some(id) = Envelope::id_in(&leased.entry.raw) {
+                    poisoned.push(id);
                 }
                 q.dead.push_back(DeadLetter {
                     entry: leased.entry.id,
@@ -530,6 +606,9 @@ impl Broker for MemoryBroker {
         }
         for event in events {
             state.event(event, self.settings.events_maxlen);
+        }
+        for id in poisoned {
+            state.id_ended(&id, now + self.settings.result_ttl);
         }
         drop(state);
         if out.requeued > 0 {
@@ -596,6 +675,8 @@ impl Broker for MemoryBroker {
                 (Some(envelope), true) => {
                     let mut envelope = envelope.clone();
                     envelope.attempt = 0;
+                    // Its entry exists again: its id is taken until its next outcome.
+                    state.ids.insert(envelope.id.clone(), None);
                     state.push_ready(queue, &envelope, 0);
                     moved += 1;
                 }
@@ -617,8 +698,16 @@ impl Broker for MemoryBroker {
             ready: q.ready.len() as u64,
             delayed: q.delayed.len() as u64,
         };
-        q.ready.clear();
-        q.delayed.clear();
+        let ready = std::mem::take(&mut q.ready);
+        let delayed = std::mem::take(&mut q.delayed);
+        // Their ids are free again: nothing of them is left.
+        let raws = ready.iter().map(|e| &e.raw).chain(delayed.values());
+        for id in raws
+            .filter_map(|raw| Envelope::id_in(raw))
+            .collect::<Vec<_>>()
+        {
+            state.ids.remove(&id);
+        }
         Ok(purged)
     }
 

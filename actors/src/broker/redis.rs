@@ -12,6 +12,7 @@
 //! | `p:{q}:delayed` | sorted set | score = due time (epoch ms), member = envelope JSON (eta, retries) |
 //! | `p:{q}:dead` | stream | dead letters |
 //! | `p:idem:<key>` | string, `PX` idempotency TTL | the first task id enqueued with that idempotency key |
+//! | `p:id:<id>` | string (the queue), no TTL while the task's entry exists, then `PEXPIRE` result TTL | the id guard of a task id chosen by its producer (below) |
 //! | `p:result:<id>` | hash, `PEXPIRE` result TTL | the task's record (below) |
 //! | `p:events` | stream, `MAXLEN ~ events_maxlen` | lifecycle events (below) |
 //! | `p:{beat}:leader` | string, `PX` beat lease | the node that leads the beat scheduler |
@@ -25,8 +26,10 @@
 //!   deliveries before this entry, absent = 0 (an entry recovered after an expired lease is
 //!   re-added at the tail with `d` + 1). A producer in another language enqueues with
 //!   `XADD p:{q}:stream * e '<envelope json>'` — the envelope needs `task` and `queue`, and
-//!   must carry a unique `id` (the key of its record; an entry without one is dead-lettered as malformed); the consumer group is created at id
-//!   `0` on first use, so entries added before any consumer existed are delivered too.
+//!   must carry a unique `id` that passes `check_id` (the key of its record; an entry without
+//!   one, or with a refused one, is dead-lettered as malformed). Such an entry bypasses the
+//!   id guard. The consumer group is created at id `0` on first use, so entries added before
+//!   any consumer existed are delivered too.
 //! - **Dead letter** (`p:{q}:dead`): `e` = envelope JSON (or the raw text that could not be
 //!   parsed), `reason`, `attempts`, `at` (RFC 3339), and `raw` = `1` when `e` is not a valid
 //!   envelope.
@@ -35,30 +38,46 @@
 //!   when retrying or dead, empty otherwise), `attempts`, `updated_at` (RFC 3339).
 //! - **Event** (`p:events`): `kind`, `at`, optional `task_id`, `task`, `queue`, and `detail`
 //!   (JSON).
+//! - **Id guard** (`p:id:<id>`): set (`SET NX`, no TTL) when a task whose id its producer chose
+//!   is enqueued — through `enqueue` or the Celery bridge — in the same script as its entry;
+//!   taken, the enqueue is a duplicate. It lives while the entry does (ready, delayed, in
+//!   flight, retried, deferred, handed back, recovered: none of these touch it), gets the
+//!   result TTL when the task ends (ack, dead letter, poison, burial as malformed: `PEXPIRE`
+//!   in the same step), is set again by a requeue from the dead letters and deleted by a
+//!   purge with the entry. Generated ids (UUIDs) get none, so their enqueue checks nothing.
 //!
 //! # How each operation maps onto Redis
 //!
-//! - `enqueue`: envelopes are all validated first (nothing is written if one is invalid); then
-//!   one pipeline of `SET p:idem:<key> <id> NX PX ttl` + `GET` for the envelopes that carry an
-//!   idempotency key (a taken key, also by an earlier envelope of the same batch, answers
-//!   `duplicate` with the stored first id), and one pipeline of `XADD` (or `ZADD` for a future
-//!   eta) and the `sent` events. An envelope whose JSON is over `max_entry_bytes` fails the
-//!   batch before the first round trip. If that second pipeline fails, the idempotency keys it
-//!   set are deleted again, so retrying the enqueue is not mistaken for a duplicate.
+//! - `enqueue`: envelopes are all validated first (nothing is written if one is invalid; an
+//!   envelope whose JSON is over `max_entry_bytes` fails the batch before any round trip). A
+//!   batch of generated ids without idempotency keys — the hot path — is one pipeline of `XADD`
+//!   (or `ZADD` for a future eta) and the `sent` events: nothing to claim. A batch where some
+//!   envelope has an idempotency key or a chosen id is one call of `enqueue.lua`: per
+//!   envelope, `SET p:idem:<key> <id> NX PX ttl` (taken, also by an earlier envelope of the
+//!   batch → `duplicate` with the stored first id), then `SET p:id:<id> <queue> NX` for a
+//!   chosen id (taken → `duplicate` with that id), then the write and its event — claims and
+//!   writes in one atomic step, so a claimed key or guard always has its entry.
 //! - `reserve`: `XREADGROUP GROUP p <consumer> COUNT max [BLOCK wait] STREAMS p:{q}:stream >`.
 //!   A blocking read holds up its connection, so each (queue, consumer) reserving with a wait
 //!   gets its own connection (created lazily, no response timeout of its own: the call is
 //!   bounded by `wait` + a margin; dropped and re-made after an error). Reads without a wait use
 //!   the shared connection. Malformed entries are dead-lettered (`malformed entry: <error>`)
-//!   with `XACK` + `XDEL`, never returned — an `e` that is not valid UTF-8 among them (it is
-//!   never decoded lossily into a task that would run on altered arguments).
+//!   with `XACK` + `XDEL` through `commit.lua` (one outcome each; one that cannot be written
+//!   stays pending and comes back after the lease, the read's good entries are still returned),
+//!   never returned — an `e` that is not valid UTF-8 among them (it is never decoded lossily
+//!   into a task that would run on altered arguments).
 //!   Each delivery carries the length of its `e` in bytes (`Delivery::size`): the consumer
 //!   dead-letters one over `max_entry_bytes` unrun.
 //! - `renew`: `XCLAIM … 0 <ids> JUSTID` by the owner — resets the idle time, not the delivery
 //!   count. An id missing from the reply was recovered elsewhere.
-//! - `ack`: one pipeline: record `HSET` + `PEXPIRE`, `XACK`, `XDEL`, `succeeded` event.
-//!   `retry`: `MULTI` {`ZADD` delayed (attempt + 1), `XACK`, `XDEL`} + record + event, one
-//!   round trip. `dead_letter`: `MULTI` {`XADD` dead, `XACK`, `XDEL`} + record + event.
+//! - Outcomes, each one call of `commit.lua` (one round trip, all or nothing — see
+//!   *Atomic outcomes* below): `ack` = record `HSET` + `PEXPIRE`, `XACK`, `XDEL`, the id
+//!   guard's `PEXPIRE`, `succeeded` event; `retry` = `ZADD` delayed (attempt + 1), `XACK`,
+//!   `XDEL`, record, `retried` event; `defer` = `ZADD` delayed (attempt unchanged), `XACK`,
+//!   `XDEL`, `deferred` event; `dead_letter` = `XADD` dead, `XACK`, `XDEL`, record, guard,
+//!   `dead` event. `ack_many` sends several outcomes in the same call, each committed on its
+//!   own. The `started` events waiting in `publish_soon` travel in the same call, ahead, as an
+//!   outcome of their own.
 //! - `recover`: `recover.lua`, in batches: `XPENDING … IDLE lease`, each stale entry re-added
 //!   at the tail with `d` + 1 (or dead-lettered once `d` + 1 reaches `max_deliveries`), the old
 //!   id acked and deleted. Re-adding (rather than `XAUTOCLAIM`ing to the sweeping node) keeps the
@@ -66,10 +85,12 @@
 //! - `promote_due`: `promote.lua`, in batches: due members of the delayed set → `XADD` → `ZREM`.
 //! - `depth`: ready = `XLEN` − pending (acked entries are deleted), in flight = `XPENDING`
 //!   count, delayed = `ZCARD`, dead = `XLEN` of the dead letters.
-//! - `purge`: `purge.lua`: deletes entries after the group's last-delivered-id (never
-//!   reserved) and the delayed set; in-flight entries finish.
+//! - `purge`: `purge.lua`, in batches: deletes entries after the group's last-delivered-id
+//!   (never reserved) and the delayed set's members, and the id guards of both; in-flight
+//!   entries finish.
 //! - `requeue_dead`: dead letters are read, each parseable one rewritten with `attempt` = 0,
-//!   and `requeue.lua` moves it only if it is still a dead letter (atomic per letter).
+//!   and `requeue.lua` moves it only if it is still a dead letter (atomic per letter), setting
+//!   its id guard again (its entry exists again).
 //! - `hand_back`: `hand_back.lua`: each entry still pending for the consumer is acked,
 //!   deleted and re-added at the tail with the same fields (envelope, delivery count). Chosen
 //!   over `XCLAIM … IDLE <huge>` (which would let the next recovery sweep take it): the
@@ -81,9 +102,25 @@
 //!   `resign_leadership`: compare-and-`DEL`.
 //! - Presence: `SET p:{nodes}:node:<name> <json> PX ttl` + `ZADD p:{nodes}:index`; `nodes`
 //!   reads the index, `MGET`s the records and drops the names whose record expired.
-//! - Events and records live outside the queue's slot, so they are written next to (not
-//!   inside) the queue's atomic steps; losing an event to a crash between the two is possible,
-//!   losing a task is not.
+//!
+//! # Atomic outcomes
+//!
+//! An outcome's record, the ack of its entry, the entry's next place and its events commit
+//! together or not at all. A pipeline or `MULTI`/`EXEC` cannot promise that: a command that
+//! fails at run time — `WRONGTYPE` from a key of another type in the runtime's namespace
+//! (`SET p:result:<id> x`, a string at `p:events`) — fails alone, and the others (the ack
+//! among them) go through; Redis has no rollback. A Lua script has none either, so
+//! `commit.lua` checks first: every key an outcome writes must hold the type its command needs
+//! (or nothing) before the first write, and past that nothing can fail (well-formed arguments,
+//! `*` stream ids; Redis refuses a script's writes for `maxmemory` only before its first one).
+//! An outcome that fails the check writes nothing and returns an error naming the key
+//! (`WRONGTYPE p:result:<id> holds a string, not a hash (nothing of this outcome was
+//! written)`): its entry stays pending, unacked, and comes back through lease recovery once
+//! its task actor gave up (the log line names the key and Redis' error). `enqueue.lua`,
+//! `requeue.lua`, `purge.lua` and the Celery bridge's `take.lua` check their keys the same way
+//! before they write (or pop) anything. `recover.lua` and `promote.lua` need no check: each
+//! entry's first write there is the one that can fail, and nothing of that entry is done
+//! before it.
 //!
 //! # Known differences and limits
 //!
@@ -91,12 +128,12 @@
 //! - Delayed entries due at the same millisecond are promoted in the sorted set's member order
 //!   (the JSON text), not in enqueue order as `memory://` does; entries due at different times
 //!   come in due order, and ready entries are strictly FIFO.
-//! - Idempotency keys are claimed one round trip before the tasks are written (the keys are
-//!   not in the queue's slot, so one script cannot do both in Cluster). If the write fails,
-//!   the claimed keys are deleted again; only if that undo fails too (the connection died
-//!   between the two round trips) does a retried enqueue within the TTL answer `duplicate`
-//!   for a task that was never written. Idempotency keys in the queue's slot
-//!   (`p:{q}:idem:<key>`) would let one script do both, at the price of per-queue keys.
+//! - One Redis server, not Cluster: `commit.lua` and `enqueue.lua` write keys in several slots
+//!   in one step (the queue's, the record's, the id guard's, the idempotency key's, the events
+//!   stream's), as the outcome pipelines they replace already did. It is what makes an outcome
+//!   atomic; on Cluster these keys would have to move into the queue's slot (or the step be
+//!   split and lose that). `purge.lua` and `recover.lua` name the id guards they touch in
+//!   their arguments rather than in `KEYS` (they learn the ids from the entries).
 //!
 //! # Connection
 //!
@@ -118,7 +155,7 @@ use redis::{AsyncConnectionConfig, Client, Pipeline, RedisError, RedisResult, Sc
 use serde::Serialize;
 use serde_json::json;
 
-use super::memory::prepare_batch;
+use super::memory::{Prepared, prepare_batch};
 use super::{
     Broker, BrokerError, BrokerSettings, DeadLetter, Delivery, EVENT_FLUSH, Enqueued, Envelope,
     Event, LastRun, NodeRecord, Purged, QueueDepth, Recovered, TaskRecord, TaskState, due_ms,
@@ -225,6 +262,8 @@ impl Health {
 /// The Lua scripts (`broker/redis/*.lua`), loaded on first use and again after a restart
 /// (`NOSCRIPT` makes redis-rs load and retry).
 struct Scripts {
+    commit: Script,
+    enqueue: Script,
     recover: Script,
     promote: Script,
     purge: Script,
@@ -321,6 +360,8 @@ impl RedisBroker {
             blocking: Mutex::new(HashMap::new()),
             health: Health::default(),
             scripts: Scripts {
+                commit: Script::new(include_str!("redis/commit.lua")),
+                enqueue: Script::new(include_str!("redis/enqueue.lua")),
                 recover: Script::new(include_str!("redis/recover.lua")),
                 promote: Script::new(include_str!("redis/promote.lua")),
                 purge: Script::new(include_str!("redis/purge.lua")),
@@ -376,6 +417,15 @@ impl RedisBroker {
 
     fn result_key(&self, id: &str) -> String {
         format!("{}:result:{id}", self.settings.prefix)
+    }
+
+    /// `p:id:` — the id guard of task `id` is this prefix followed by the id.
+    fn guard_prefix(&self) -> String {
+        format!("{}:id:", self.settings.prefix)
+    }
+
+    fn guard_key(&self, id: &str) -> String {
+        format!("{}:id:{id}", self.settings.prefix)
     }
 
     fn leader_key(&self) -> String {
@@ -434,16 +484,55 @@ impl RedisBroker {
         self.observe(pipe.query_async(&mut conn).await)
     }
 
-    /// Runs a pipeline whose only acceptable error is `NOGROUP` (the group vanished with a
-    /// Redis that lost its data: nothing is pending, so acking is moot).
-    async fn exec_tolerating_nogroup(&self, pipe: &Pipeline) -> Result<(), BrokerError> {
-        let mut conn = self.manager.clone();
-        match pipe.exec_async(&mut conn).await {
-            Err(e) if is_nogroup(&e) => {
-                self.health.up(&self.url);
-                Ok(())
+    /// Writes outcomes with `commit.lua`, in one round trip: each pipeline's commands are one
+    /// outcome, written whole or not at all (its keys are type-checked first). The events
+    /// handed to `publish_soon` go first, as an outcome of their own (best effort: their
+    /// failure is logged, not returned). `Err` when the call failed, or naming every outcome
+    /// that was not written — with the key and Redis' error — while the others were.
+    async fn write_outcomes(&self, outcomes: Vec<Pipeline>) -> Result<(), BrokerError> {
+        let soon = self.take_soon();
+        let all: Vec<&Pipeline> = soon.iter().chain(&outcomes).collect();
+        let mut invocation = self.scripts.commit.prepare_invoke();
+        let mut keys: Vec<&[u8]> = Vec::new();
+        for pipe in &all {
+            invocation.arg(pipe.len());
+            for cmd in pipe.cmd_iter() {
+                let args: Vec<&[u8]> = cmd
+                    .args_iter()
+                    .filter_map(|arg| match arg {
+                        redis::Arg::Simple(bytes) => Some(bytes),
+                        // No cursor command is ever built here.
+                        _ => None,
+                    })
+                    .collect();
+                keys.extend(args.get(1));
+                invocation.arg(args.len()).arg(args);
             }
-            other => self.observe(other),
+        }
+        keys.sort_unstable();
+        keys.dedup();
+        invocation.key(keys);
+        let mut conn = self.manager.clone();
+        let answers: Vec<Value> = self.observe(invocation.invoke_async(&mut conn).await)?;
+        let mut answers = answers.into_iter();
+        if soon.is_some()
+            && let Some(answer) = answers.next()
+            && !matches!(answer, Value::Int(1))
+        {
+            tracing::warn!(error = %text(&answer), "events of started tasks not written");
+        }
+        let failed: Vec<String> = answers
+            .filter(|answer| !matches!(answer, Value::Int(1)))
+            .map(|answer| text(&answer))
+            .collect();
+        match failed.len() {
+            0 => Ok(()),
+            1 if outcomes.len() == 1 => Err(BrokerError::Command(failed.concat())),
+            n => Err(BrokerError::Command(format!(
+                "{n} of {} outcomes not written (the others were): {}",
+                outcomes.len(),
+                failed.join("; ")
+            ))),
         }
     }
 
@@ -542,15 +631,26 @@ impl RedisBroker {
         );
     }
 
-    /// Moves the events handed to `publish_soon` into `pipe` (ahead of what follows).
-    fn add_soon(&self, pipe: &mut Pipeline) {
+    /// The events handed to `publish_soon`, taken out of the buffer as one pipeline of
+    /// `XADD`s (`None` when there are none).
+    fn take_soon(&self) -> Option<Pipeline> {
         if !self.events_on() {
-            return;
+            return None;
         }
         let soon = std::mem::take(&mut *lock(&self.soon));
-        for event in &soon {
-            xadd_whole(pipe, &self.events_key, self.settings.events_maxlen, event);
+        if soon.is_empty() {
+            return None;
         }
+        let mut pipe = redis::pipe();
+        for event in &soon {
+            xadd_whole(
+                &mut pipe,
+                &self.events_key,
+                self.settings.events_maxlen,
+                event,
+            );
+        }
+        Some(pipe)
     }
 }
 
@@ -665,9 +765,8 @@ impl RedisBroker {
             .ignore();
     }
 
-    /// Appends `XACK` + `XDEL` of a delivery's entry.
-    /// Atomically ends a delivery and puts `next` in the delayed set, due at `at`
-    /// (`MULTI` {`ZADD`, `XACK`, `XDEL`}; the queue's keys share a slot).
+    /// Ends a delivery and puts `next` in the delayed set, due at `at` (`ZADD`, `XACK`,
+    /// `XDEL`).
     fn add_reschedule(
         &self,
         pipe: &mut Pipeline,
@@ -675,17 +774,24 @@ impl RedisBroker {
         next: &Envelope,
         at: SystemTime,
     ) {
-        pipe.cmd("MULTI").ignore();
         pipe.cmd("ZADD")
             .arg(self.delayed_key(&delivery.queue))
             .arg(due_ms(at))
             .arg(next.to_json())
             .ignore();
         self.add_release(pipe, &self.stream_key(&delivery.queue), &delivery.entry);
-        pipe.cmd("EXEC").ignore();
     }
 
-    /// An ack's commands: record, `XACK` + `XDEL`, `succeeded` event.
+    /// The task `id` ended: its id guard, if it has one, lives `result_ttl` more (as its
+    /// record does), then the id is free (`PEXPIRE`, nothing when there is no guard).
+    fn add_guard_end(&self, pipe: &mut Pipeline, id: &str) {
+        pipe.cmd("PEXPIRE")
+            .arg(self.guard_key(id))
+            .arg(self.result_ttl_ms)
+            .ignore();
+    }
+
+    /// An ack's commands: record, `XACK` + `XDEL`, the id guard's end, `succeeded` event.
     fn add_ack(
         &self,
         pipe: &mut Pipeline,
@@ -696,10 +802,12 @@ impl RedisBroker {
         let envelope = &delivery.envelope;
         self.add_record(pipe, envelope, TaskState::Succeeded, Some(result), "", at);
         self.add_release(pipe, &self.stream_key(&delivery.queue), &delivery.entry);
+        self.add_guard_end(pipe, &envelope.id);
         let detail = format!(r#"{{"attempt":{},"error":null}}"#, envelope.attempt);
         self.add_event(pipe, "succeeded", at, Some(envelope), None, &detail);
     }
 
+    /// `XACK` + `XDEL` of an entry.
     fn add_release(&self, pipe: &mut Pipeline, stream: &str, entry: &str) {
         pipe.cmd("XACK")
             .arg(stream)
@@ -733,19 +841,21 @@ impl RedisBroker {
         self.query_pipe::<()>(&pipe).await
     }
 
-    /// Dead-letters malformed entries met by `reserve` (one round trip for all of them).
+    /// Dead-letters malformed entries met by `reserve` (one round trip for all of them, each
+    /// an outcome of its own). One that cannot be written stays pending and comes back after
+    /// the lease: that is logged, not returned, so the good entries of the read still run.
     async fn bury_malformed(
         &self,
         queue: &str,
         stream: &str,
         malformed: Vec<(String, String, String)>,
-    ) -> Result<(), BrokerError> {
+    ) {
         let at = rfc3339(SystemTime::now());
         let dead = self.dead_key(queue);
-        let mut pipe = redis::pipe();
+        let mut outcomes = Vec::with_capacity(malformed.len());
         for (id, raw, reason) in &malformed {
             tracing::warn!(queue, entry = %id, %reason, "malformed entry dead-lettered");
-            pipe.cmd("MULTI").ignore();
+            let mut pipe = redis::pipe();
             pipe.cmd("XADD")
                 .arg(&dead)
                 .arg("*")
@@ -761,11 +871,18 @@ impl RedisBroker {
                 .arg("1")
                 .ignore();
             self.add_release(&mut pipe, stream, id);
-            pipe.cmd("EXEC").ignore();
+            // A task id that can still be read from it: its guard ends with it.
+            if let Some(task_id) = Envelope::id_in(raw) {
+                self.add_guard_end(&mut pipe, &task_id);
+            }
             let detail = json!({ "reason": reason, "entry": id }).to_string();
             self.add_event(&mut pipe, "dead", &at, None, Some(queue), &detail);
+            outcomes.push(pipe);
         }
-        self.exec_tolerating_nogroup(&pipe).await
+        if let Err(err) = self.write_outcomes(outcomes).await {
+            tracing::warn!(queue, error = %err,
+                "malformed entries not dead-lettered; they stay pending and come back after the lease");
+        }
     }
 
     /// Turns read entries into deliveries, burying the malformed ones.
@@ -822,7 +939,7 @@ impl RedisBroker {
         }
         let buried = !malformed.is_empty();
         if buried {
-            self.bury_malformed(queue, stream, malformed).await?;
+            self.bury_malformed(queue, stream, malformed).await;
         }
         Ok((out, buried))
     }
@@ -902,6 +1019,92 @@ impl RedisBroker {
     }
 }
 
+impl RedisBroker {
+    /// Enqueues a batch with idempotency keys or chosen ids through `enqueue.lua`: per
+    /// envelope, claim its key and its id guard, then write it — or answer the id it
+    /// duplicates — in one atomic step and one round trip.
+    async fn enqueue_claiming(
+        &self,
+        prepared: Vec<Prepared>,
+        at: &str,
+    ) -> Result<Vec<Enqueued>, BrokerError> {
+        let maxlen = if self.events_on() {
+            self.settings.events_maxlen
+        } else {
+            0
+        };
+        let mut invocation = self.scripts.enqueue.prepare_invoke();
+        invocation.arg(&self.events_key).arg(maxlen).arg(at);
+        let mut keys = Vec::with_capacity(prepared.len() * 3 + 1);
+        if maxlen > 0 {
+            keys.push(self.events_key.clone());
+        }
+        for p in &prepared {
+            let envelope = &p.envelope;
+            let target = match p.due {
+                Some(_) => self.delayed_key(&envelope.queue),
+                None => self.stream_key(&envelope.queue),
+            };
+            let guard = if p.chosen {
+                self.guard_key(&envelope.id)
+            } else {
+                String::new()
+            };
+            let (idem, ttl) = match &envelope.idempotency_key {
+                Some(key) => {
+                    let ttl = self.settings.idempotency_ttl_for(&envelope.task);
+                    (self.idempotency_key(key), (ttl.as_millis() as u64).max(1))
+                }
+                None => (String::new(), 0),
+            };
+            invocation
+                .arg(&target)
+                .arg(p.due.map(|due| due.to_string()).unwrap_or_default())
+                .arg(&p.json)
+                .arg(&envelope.id)
+                .arg(&guard)
+                .arg(&envelope.queue)
+                .arg(&idem)
+                .arg(ttl)
+                .arg(&envelope.task)
+                .arg(&envelope.queue)
+                .arg(sent_detail(envelope).as_ref());
+            keys.push(target);
+            keys.extend([guard, idem].into_iter().filter(|k| !k.is_empty()));
+        }
+        keys.sort_unstable();
+        keys.dedup();
+        invocation.key(keys);
+        let mut conn = self.manager.clone();
+        let answers: Vec<String> = self.observe(invocation.invoke_async(&mut conn).await)?;
+        if answers.len() != prepared.len() {
+            return Err(BrokerError::Command("enqueue.lua: unexpected reply".into()));
+        }
+        Ok(prepared
+            .into_iter()
+            .zip(answers)
+            .map(|(p, first)| match first.is_empty() {
+                true => Enqueued {
+                    id: p.envelope.id,
+                    duplicate: false,
+                },
+                false => Enqueued {
+                    id: first,
+                    duplicate: true,
+                },
+            })
+            .collect())
+    }
+}
+
+/// The `detail` of a `sent` event: the eta.
+fn sent_detail(envelope: &Envelope) -> Cow<'static, str> {
+    match &envelope.eta {
+        None => Cow::Borrowed(r#"{"eta":null}"#),
+        Some(eta) => Cow::Owned(json!({ "eta": eta }).to_string()),
+    }
+}
+
 impl Broker for RedisBroker {
     async fn enqueue(&self, batch: Vec<Envelope>) -> Result<Vec<Enqueued>, BrokerError> {
         let now = SystemTime::now();
@@ -909,52 +1112,24 @@ impl Broker for RedisBroker {
         if prepared.is_empty() {
             return Ok(Vec::new());
         }
-
-        // Idempotency keys first: `SET NX` claims a key for this id, `GET` then says whose it
-        // is. Pipelined in order, so a key repeated inside the batch is a duplicate of its
-        // first occurrence.
-        let mut first_ids: Vec<Option<String>> = vec![None; prepared.len()];
-        let mut claimed = Vec::new();
-        if prepared.iter().any(|(e, _, _)| e.idempotency_key.is_some()) {
-            let mut pipe = redis::pipe();
-            let mut keyed = Vec::new();
-            for (i, (envelope, _, _)) in prepared.iter().enumerate() {
-                if let Some(key) = &envelope.idempotency_key {
-                    let key = self.idempotency_key(key);
-                    let ttl = self.settings.idempotency_ttl_for(&envelope.task);
-                    pipe.cmd("SET")
-                        .arg(&key)
-                        .arg(&envelope.id)
-                        .arg("NX")
-                        .arg("PX")
-                        .arg((ttl.as_millis() as u64).max(1));
-                    pipe.cmd("GET").arg(&key);
-                    keyed.push((i, key));
-                }
-            }
-            let replies: Vec<Value> = self.query_pipe(&pipe).await?;
-            for ((i, key), reply) in keyed.into_iter().zip(replies.chunks(2)) {
-                let set = matches!(reply[0], Value::Okay)
-                    || matches!(&reply[0], Value::SimpleString(s) if s == "OK");
-                if set {
-                    claimed.push(key);
-                } else if !matches!(reply[1], Value::Nil) {
-                    first_ids[i] = Some(text(&reply[1]));
-                }
-            }
-        }
-
         let at = rfc3339(now);
+        // Something to claim (an idempotency key, a chosen id): claims and writes in one script.
+        if prepared
+            .iter()
+            .any(|p| p.chosen || p.envelope.idempotency_key.is_some())
+        {
+            return self.enqueue_claiming(prepared, &at).await;
+        }
+        // Generated ids only, no keys: nothing can be a duplicate, one pipeline.
         let mut pipe = redis::pipe();
         let mut out = Vec::with_capacity(prepared.len());
-        for ((envelope, json, due), first) in prepared.into_iter().zip(first_ids) {
-            if let Some(first) = first {
-                out.push(Enqueued {
-                    id: first,
-                    duplicate: true,
-                });
-                continue;
-            }
+        for Prepared {
+            envelope,
+            json,
+            due,
+            ..
+        } in prepared
+        {
             match due {
                 Some(due_ms) => pipe
                     .cmd("ZADD")
@@ -970,31 +1145,14 @@ impl Broker for RedisBroker {
                     .arg(json)
                     .ignore(),
             };
-            let detail = match &envelope.eta {
-                None => Cow::Borrowed(r#"{"eta":null}"#),
-                Some(eta) => Cow::Owned(json!({ "eta": eta }).to_string()),
-            };
+            let detail = sent_detail(&envelope);
             self.add_event(&mut pipe, "sent", &at, Some(&envelope), None, &detail);
             out.push(Enqueued {
                 id: envelope.id,
                 duplicate: false,
             });
         }
-        if !pipe.is_empty()
-            && let Err(e) = self.query_pipe::<()>(&pipe).await
-        {
-            // Give the keys back, so retrying this enqueue is not taken for a duplicate of
-            // tasks that were never written.
-            if !claimed.is_empty() {
-                let mut undo = redis::pipe();
-                for key in &claimed {
-                    undo.cmd("DEL").arg(key).ignore();
-                }
-                let mut conn = self.manager.clone();
-                let _ = undo.exec_async(&mut conn).await;
-            }
-            return Err(e);
-        }
+        self.query_pipe::<()>(&pipe).await?;
         Ok(out)
     }
 
@@ -1064,9 +1222,8 @@ impl Broker for RedisBroker {
     async fn ack(&self, delivery: &Delivery, result: serde_json::Value) -> Result<(), BrokerError> {
         let at = rfc3339(SystemTime::now());
         let mut pipe = redis::pipe();
-        self.add_soon(&mut pipe);
         self.add_ack(&mut pipe, delivery, &result, &at);
-        self.exec_tolerating_nogroup(&pipe).await
+        self.write_outcomes(vec![pipe]).await
     }
 
     async fn ack_many(&self, done: &[(Delivery, serde_json::Value)]) -> Result<(), BrokerError> {
@@ -1074,12 +1231,15 @@ impl Broker for RedisBroker {
             return Ok(());
         }
         let at = rfc3339(SystemTime::now());
-        let mut pipe = redis::pipe();
-        self.add_soon(&mut pipe);
-        for (delivery, result) in done {
-            self.add_ack(&mut pipe, delivery, result, &at);
-        }
-        self.exec_tolerating_nogroup(&pipe).await
+        let outcomes = done
+            .iter()
+            .map(|(delivery, result)| {
+                let mut pipe = redis::pipe();
+                self.add_ack(&mut pipe, delivery, result, &at);
+                pipe
+            })
+            .collect();
+        self.write_outcomes(outcomes).await
     }
 
     async fn retry(
@@ -1093,12 +1253,11 @@ impl Broker for RedisBroker {
         next.attempt += 1;
         let now = rfc3339(SystemTime::now());
         let mut pipe = redis::pipe();
-        self.add_soon(&mut pipe);
         self.add_reschedule(&mut pipe, delivery, &next, at);
         self.add_record(&mut pipe, envelope, TaskState::Retrying, None, error, &now);
         let detail = json!({ "attempt": envelope.attempt, "error": error }).to_string();
         self.add_event(&mut pipe, "retried", &now, Some(envelope), None, &detail);
-        self.exec_tolerating_nogroup(&pipe).await
+        self.write_outcomes(vec![pipe]).await
     }
 
     async fn defer(
@@ -1110,19 +1269,16 @@ impl Broker for RedisBroker {
         let envelope = &delivery.envelope;
         let now = rfc3339(SystemTime::now());
         let mut pipe = redis::pipe();
-        self.add_soon(&mut pipe);
         self.add_reschedule(&mut pipe, delivery, envelope, at);
         let detail = json!({ "reason": reason, "until": rfc3339(at) }).to_string();
         self.add_event(&mut pipe, "deferred", &now, Some(envelope), None, &detail);
-        self.exec_tolerating_nogroup(&pipe).await
+        self.write_outcomes(vec![pipe]).await
     }
 
     async fn dead_letter(&self, delivery: &Delivery, reason: &str) -> Result<(), BrokerError> {
         let envelope = &delivery.envelope;
         let now = rfc3339(SystemTime::now());
         let mut pipe = redis::pipe();
-        self.add_soon(&mut pipe);
-        pipe.cmd("MULTI").ignore();
         pipe.cmd("XADD")
             .arg(self.dead_key(&delivery.queue))
             .arg("*")
@@ -1140,11 +1296,11 @@ impl Broker for RedisBroker {
             &self.stream_key(&delivery.queue),
             &delivery.entry,
         );
-        pipe.cmd("EXEC").ignore();
         self.add_record(&mut pipe, envelope, TaskState::Dead, None, reason, &now);
+        self.add_guard_end(&mut pipe, &envelope.id);
         let detail = json!({ "attempt": envelope.attempt, "error": reason }).to_string();
         self.add_event(&mut pipe, "dead", &now, Some(envelope), None, &detail);
-        self.exec_tolerating_nogroup(&pipe).await
+        self.write_outcomes(vec![pipe]).await
     }
 
     async fn recover(&self, queue: &str, lease: Duration) -> Result<Recovered, BrokerError> {
@@ -1161,7 +1317,9 @@ impl Broker for RedisBroker {
                 .arg(lease_ms)
                 .arg(self.settings.max_deliveries)
                 .arg(now)
-                .arg(SCRIPT_BATCH);
+                .arg(SCRIPT_BATCH)
+                .arg(self.guard_prefix())
+                .arg(self.result_ttl_ms);
             let reply: Vec<Value> = self
                 .grouped(queue, || {
                     let mut conn = self.manager.clone();
@@ -1277,7 +1435,7 @@ impl Broker for RedisBroker {
             };
             start = format!("({}", last.id);
             let mut invocation = self.scripts.requeue.prepare_invoke();
-            invocation.key(&dead).key(&stream);
+            invocation.key(&dead).key(&stream).arg(queue);
             let mut picked = 0u64;
             for entry in page {
                 if moved + picked >= limit as u64 {
@@ -1286,7 +1444,10 @@ impl Broker for RedisBroker {
                 let letter = dead_letter(entry);
                 if let Some(mut envelope) = letter.envelope {
                     envelope.attempt = 0;
-                    invocation.arg(&letter.entry).arg(envelope.to_json());
+                    invocation
+                        .arg(&letter.entry)
+                        .arg(envelope.to_json())
+                        .arg(self.guard_key(&envelope.id));
                     picked += 1;
                 }
             }
@@ -1305,7 +1466,6 @@ impl Broker for RedisBroker {
     async fn purge(&self, queue: &str) -> Result<Purged, BrokerError> {
         let (stream, delayed) = (self.stream_key(queue), self.delayed_key(queue));
         let mut out = Purged::default();
-        let mut first = true;
         loop {
             let mut invocation = self.scripts.purge.prepare_invoke();
             invocation
@@ -1313,7 +1473,7 @@ impl Broker for RedisBroker {
                 .key(&delayed)
                 .arg(self.group())
                 .arg(SCRIPT_BATCH)
-                .arg(if first { "1" } else { "0" });
+                .arg(self.guard_prefix());
             let (ready, removed, more): (u64, u64, u64) = self
                 .grouped(queue, || {
                     let mut conn = self.manager.clone();
@@ -1323,7 +1483,6 @@ impl Broker for RedisBroker {
                 .await?;
             out.ready += ready;
             out.delayed += removed;
-            first = false;
             if more == 0 {
                 return Ok(out);
             }
@@ -2323,6 +2482,260 @@ mod tests {
         assert_eq!(
             h.broker.recover(q, Duration::from_secs(60)).await.unwrap(),
             Recovered::default()
+        );
+    }
+
+    /// Runs `cmd` on another connection (a careless tool or program writing into the
+    /// runtime's namespace).
+    async fn redis_cli(h: &Harness, cmd: &[&str]) -> redis::Value {
+        let mut conn = h.outsider().await;
+        redis::cmd(cmd[0])
+            .arg(&cmd[1..])
+            .query_async(&mut conn)
+            .await
+            .unwrap()
+    }
+
+    /// Entries of `queue` reserved and not settled (`XPENDING`), from outside the broker.
+    async fn pending(h: &Harness, queue: &str) -> i64 {
+        let stream = format!("rt:{{{queue}}}:stream");
+        match redis_cli(h, &["XPENDING", &stream, "rt"]).await {
+            redis::Value::Array(summary) => super::int(&summary[0]),
+            other => panic!("XPENDING: {other:?}"),
+        }
+    }
+
+    /// Event kinds written about task `id`.
+    async fn kinds(h: &Harness, id: &str) -> Vec<String> {
+        let events = h.broker.events(None, 10_000).await.unwrap();
+        events
+            .into_iter()
+            .filter(|e| e.task_id.as_deref() == Some(id))
+            .map(|e| e.kind)
+            .collect()
+    }
+
+    /// A key of the wrong type where an outcome writes (`SET rt:result:<id> x`, a string at
+    /// the delayed set, the dead letters or the events stream) fails that outcome whole: the
+    /// error names the key, the entry stays pending (it comes back after its lease — it was
+    /// not acked), no record, no event, nothing moved. With the key fixed, the entry comes back
+    /// and its outcome is written. (Before: the record write failed, the ack went through, and
+    /// the task was gone with no record.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_outcome_that_cannot_be_written_is_not_written_at_all() {
+        let h = Harness::start(settings()).await;
+        let q = "wrongtype";
+        let sent = h
+            .broker
+            .enqueue((0..4).map(|n| task(q, n)).collect())
+            .await
+            .unwrap();
+        let got = h.broker.reserve(q, "c", 4, Duration::ZERO).await.unwrap();
+        assert_eq!(got.len(), 4);
+        let id = |n: usize| sent[n].id.as_str();
+
+        // The record key holds a string.
+        let record_key = format!("rt:result:{}", id(0));
+        redis_cli(&h, &["SET", &record_key, "x"]).await;
+        let err = h.broker.ack(&got[0], json!("r")).await.unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "broker command failed: WRONGTYPE {record_key} holds a string, not a hash \
+                 (nothing of this outcome was written)"
+            )
+        );
+        // The delayed set is a string: neither a retry nor a deferral is written.
+        redis_cli(&h, &["SET", "rt:{wrongtype}:delayed", "x"]).await;
+        let at = SystemTime::now();
+        let err = h.broker.retry(&got[1], at, "timeout").await.unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("rt:{wrongtype}:delayed holds a string, not a zset"),
+            "{err}"
+        );
+        let err = h.broker.defer(&got[1], at, "breaker").await.unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("rt:{wrongtype}:delayed holds a string"),
+            "{err}"
+        );
+        // The dead letters are a list.
+        redis_cli(&h, &["LPUSH", "rt:{wrongtype}:dead", "x"]).await;
+        let err = h
+            .broker
+            .dead_letter(&got[2], "permanent")
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("rt:{wrongtype}:dead holds a list, not a stream"),
+            "{err}"
+        );
+        // Several acks at once: the good one is written, the bad one named.
+        let err = h
+            .broker
+            .ack_many(&[(got[0].clone(), json!("r")), (got[3].clone(), json!("ok"))])
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string().starts_with(
+                "broker command failed: 1 of 2 outcomes not written (the others were): WRONGTYPE"
+            ),
+            "{err}"
+        );
+        assert_eq!(
+            h.broker.record(id(3)).await.unwrap().unwrap().state,
+            TaskState::Succeeded
+        );
+
+        // Nothing of the three failed outcomes was written.
+        assert_eq!(pending(&h, q).await, 3, "their entries were not acked");
+        for n in 0..3 {
+            assert_eq!(
+                kinds(&h, id(n)).await,
+                ["sent"],
+                "task {n}: no outcome event"
+            );
+        }
+        assert_eq!(
+            redis_cli(&h, &["GET", &record_key]).await,
+            redis::Value::BulkString(b"x".to_vec())
+        );
+        for n in 1..3 {
+            assert!(h.broker.record(id(n)).await.unwrap().is_none(), "task {n}");
+        }
+        let dead = redis_cli(&h, &["LLEN", "rt:{wrongtype}:dead"]).await;
+        assert_eq!(dead, redis::Value::Int(1), "the list is as it was");
+
+        // Fixed: the entries come back through lease recovery and their outcomes are written.
+        for key in [
+            record_key.as_str(),
+            "rt:{wrongtype}:delayed",
+            "rt:{wrongtype}:dead",
+        ] {
+            redis_cli(&h, &["DEL", key]).await;
+        }
+        assert_eq!(
+            h.broker.recover(q, Duration::ZERO).await.unwrap().requeued,
+            3
+        );
+        let again = h.broker.reserve(q, "c", 4, Duration::ZERO).await.unwrap();
+        let ids: Vec<&str> = again.iter().map(|d| d.envelope.id.as_str()).collect();
+        assert_eq!(ids, [id(0), id(1), id(2)]);
+        h.broker.ack(&again[0], json!("r")).await.unwrap();
+        h.broker.retry(&again[1], at, "timeout").await.unwrap();
+        h.broker.dead_letter(&again[2], "permanent").await.unwrap();
+        for (n, state) in [TaskState::Succeeded, TaskState::Retrying, TaskState::Dead]
+            .into_iter()
+            .enumerate()
+        {
+            let record = h.broker.record(id(n)).await.unwrap().unwrap();
+            assert_eq!(record.state, state, "task {n}");
+        }
+        assert_eq!(kinds(&h, id(0)).await, ["sent", "recovered", "succeeded"]);
+        assert_eq!(
+            h.broker.depth(q).await.unwrap(),
+            QueueDepth {
+                delayed: 1,
+                dead: 1,
+                ..QueueDepth::default()
+            }
+        );
+    }
+
+    /// The events stream is part of every outcome: a string there fails the outcome whole
+    /// (the task stays pending), and the `started` events waiting to travel with it are
+    /// reported, not written half.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_wrong_type_events_stream_fails_the_outcome_whole() {
+        let h = Harness::start(settings()).await;
+        let q = "events-wrongtype";
+        let sent = h.broker.enqueue(vec![task(q, 1)]).await.unwrap();
+        let got = h.broker.reserve(q, "c", 1, Duration::ZERO).await.unwrap();
+        h.broker
+            .publish_soon(Event::about("started", &got[0].envelope, json!({})));
+        redis_cli(&h, &["DEL", "rt:events"]).await;
+        redis_cli(&h, &["SET", "rt:events", "x"]).await;
+        let err = h.broker.ack(&got[0], json!(1)).await.unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("rt:events holds a string, not a stream"),
+            "{err}"
+        );
+        assert_eq!(pending(&h, q).await, 1);
+        assert!(h.broker.record(&sent[0].id).await.unwrap().is_none());
+        redis_cli(&h, &["DEL", "rt:events"]).await;
+        h.broker.ack(&got[0], json!(1)).await.unwrap();
+        assert_eq!(pending(&h, q).await, 0);
+        assert_eq!(kinds(&h, &sent[0].id).await, ["succeeded"]);
+    }
+
+    /// Requeuing dead letters, purging, enqueueing with ids or keys, and a malformed entry's
+    /// burial check their keys before writing: a wrong-type stream loses no dead letter, a
+    /// wrong-type idempotency key enqueues nothing, a malformed entry whose dead letters
+    /// cannot be written stays pending (and the good entries read with it still run).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_other_scripts_check_their_keys_before_writing() {
+        let h = Harness::start(settings()).await;
+        let q = "scripts-wrongtype";
+        h.broker.enqueue(vec![task(q, 1)]).await.unwrap();
+        let got = h.broker.reserve(q, "c", 1, Duration::ZERO).await.unwrap();
+        h.broker.dead_letter(&got[0], "permanent").await.unwrap();
+        let stream = format!("rt:{{{q}}}:stream");
+        redis_cli(&h, &["DEL", &stream]).await;
+        redis_cli(&h, &["SET", &stream, "x"]).await;
+        let err = h.broker.requeue_dead(q, 10).await.unwrap_err();
+        assert!(
+            err.to_string().contains("holds a string, not a stream"),
+            "{err}"
+        );
+        assert_eq!(
+            h.broker.dead_letters(q, 10).await.unwrap().len(),
+            1,
+            "not lost"
+        );
+        let err = h.broker.purge(q).await.unwrap_err();
+        assert!(
+            err.to_string().contains("holds a string, not a stream"),
+            "{err}"
+        );
+        redis_cli(&h, &["DEL", &stream]).await;
+
+        redis_cli(&h, &["HSET", "rt:idem:k", "f", "v"]).await;
+        let mut keyed = task(q, 2);
+        keyed.idempotency_key = Some("k".into());
+        let mut chosen = task(q, 3);
+        chosen.id = "chosen-1".into();
+        let err = h
+            .broker
+            .enqueue(vec![chosen.clone(), keyed])
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("rt:idem:k holds a hash, not a string"),
+            "{err}"
+        );
+        assert_eq!(h.broker.depth(q).await.unwrap().ready, 0);
+        // Its id guard was not taken either: it enqueues once the key is fixed.
+        assert!(!h.broker.enqueue(vec![chosen]).await.unwrap()[0].duplicate);
+
+        let dead = format!("rt:{{{q}}}:dead");
+        redis_cli(&h, &["DEL", &dead]).await;
+        redis_cli(&h, &["SET", &dead, "x"]).await;
+        h.push_raw(q, "not json").await;
+        h.broker.enqueue(vec![task(q, 4)]).await.unwrap();
+        let got = h.broker.reserve(q, "c", 10, Duration::ZERO).await.unwrap();
+        let ns: Vec<u64> = got
+            .iter()
+            .map(|d| d.envelope.args[0].as_u64().unwrap())
+            .collect();
+        assert_eq!(ns, [3, 4], "the good entries run");
+        assert_eq!(
+            pending(&h, q).await,
+            3,
+            "the malformed one is pending, not lost"
         );
     }
 

@@ -6,7 +6,12 @@
 //! the atomicity). Killing it at any point loses nothing: a script either ran whole or not at
 //! all. Counters live outside the actor ([`BridgeCounters`]) and survive its restarts.
 //!
-//! Snapshot: `{kombu_queue, lists, moved, dead_lettered, polls, errors, last_error}`.
+//! A message whose Celery task id is taken (its task is queued, running or ended less than
+//! `broker.result_ttl` ago — the runtime's rule for chosen ids) is a duplicate: `take.lua`
+//! drops it in the same step, and it is counted and logged here with its id.
+//!
+//! Snapshot: `{kombu_queue, lists, moved, dead_lettered, duplicates, polls, errors,
+//! last_error}`.
 
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -18,7 +23,7 @@ use redis::Script;
 use serde_json::json;
 
 use super::Celery;
-use crate::broker::rfc3339;
+use crate::broker::{MAX_ID_BYTES, rfc3339};
 use crate::tree::TreeHandle;
 
 /// What a bridge did, kept across its restarts.
@@ -26,6 +31,7 @@ use crate::tree::TreeHandle;
 pub struct BridgeCounters {
     moved: AtomicU64,
     dead_lettered: AtomicU64,
+    duplicates: AtomicU64,
     polls: AtomicU64,
     errors: AtomicU64,
     last_error: Mutex<Option<String>>,
@@ -100,9 +106,15 @@ impl Actor for BridgeActor {
                 let counters = &state.args.counters;
                 counters.polls.fetch_add(1, Ordering::Relaxed);
                 let next = match state.take(batch).await {
-                    Ok((moved, dead, rejected)) => {
+                    Ok((moved, dead, rejected, duplicates)) => {
                         counters.moved.fetch_add(moved, Ordering::Relaxed);
                         counters.dead_lettered.fetch_add(dead, Ordering::Relaxed);
+                        let dropped = duplicates.len() as u64;
+                        counters.duplicates.fetch_add(dropped, Ordering::Relaxed);
+                        for id in &duplicates {
+                            tracing::warn!(queue = %state.args.queue, task_id = %id,
+                                "celery message dropped: a task with its id exists (a duplicate)");
+                        }
                         if dead > 0 {
                             tracing::warn!(queue = %state.args.queue, dead,
                                 "malformed celery messages dead-lettered");
@@ -114,7 +126,7 @@ impl Actor for BridgeActor {
                                     "celery FAILURE result not written");
                             }
                         }
-                        if moved + dead >= batch as u64 {
+                        if moved + dead + dropped >= batch as u64 {
                             Duration::ZERO
                         } else {
                             settings.poll
@@ -144,7 +156,7 @@ impl Actor for BridgeActor {
 }
 
 impl BridgeState {
-    async fn take(&self, batch: usize) -> redis::RedisResult<(u64, u64, Vec<String>)> {
+    async fn take(&self, batch: usize) -> redis::RedisResult<(u64, u64, Vec<String>, Vec<String>)> {
         let settings = self.args.celery.settings();
         let mut invocation = self.script.prepare_invoke();
         for list in &self.lists {
@@ -156,7 +168,8 @@ impl BridgeState {
             .arg(&self.mapping)
             .arg(&settings.dead_letter_queue)
             .arg(rfc3339(SystemTime::now()))
-            .arg(settings.events_maxlen);
+            .arg(settings.events_maxlen)
+            .arg(MAX_ID_BYTES);
         let mut conn = self.args.celery.broker.clone();
         invocation.invoke_async(&mut conn).await
     }
@@ -168,6 +181,7 @@ impl BridgeState {
             "lists": self.lists.len(),
             "moved": c.moved.load(Ordering::Relaxed),
             "dead_lettered": c.dead_lettered.load(Ordering::Relaxed),
+            "duplicates": c.duplicates.load(Ordering::Relaxed),
             "polls": c.polls.load(Ordering::Relaxed),
             "errors": c.errors.load(Ordering::Relaxed),
             "last_error": *c.last_error.lock().unwrap_or_else(|e| e.into_inner()),

@@ -1,11 +1,12 @@
 -- recover.lua: one batch of the recovery sweep of one queue (RedisBroker::recover).
 -- Entries pending longer than the lease go back to the stream tail with d + 1, or to the dead
 -- letters once d + 1 reaches max_deliveries; the old entry is acked and deleted. Atomic, so
--- every node may sweep at once without duplicating anything.
+-- every node may sweep at once without duplicating anything. A dead-lettered entry's id guard
+-- (`p:id:<id>`, if it has one) gets the result TTL, as for any task that ended.
 --
 -- KEYS[1] = p:{q}:stream, KEYS[2] = p:{q}:dead
 -- ARGV[1] = group, ARGV[2] = lease (ms), ARGV[3] = max_deliveries, ARGV[4] = now (RFC 3339),
--- ARGV[5] = batch size
+-- ARGV[5] = batch size, ARGV[6] = id guard prefix (`p:id:`), ARGV[7] = result TTL (ms)
 -- Returns { requeued, dead, more (0/1), then per entry: kind, e, deliveries, consumer }.
 local stream, dead = KEYS[1], KEYS[2]
 local group, lease, max = ARGV[1], ARGV[2], tonumber(ARGV[3])
@@ -33,12 +34,15 @@ for _, p in ipairs(pending) do
       out[1] = out[1] + 1
       kind = 'recovered'
     else
-      local reason, attempts, raw
+      local reason, attempts, raw, task_id
       if e then
         reason = 'delivered ' .. delivered .. ' times without an ack (max_deliveries = ' .. max .. ')'
         local ok, envelope = pcall(cjson.decode, e)
         if ok and type(envelope) == 'table' then
           attempts = (tonumber(envelope.attempt) or 0) + 1
+          if type(envelope.id) == 'string' and envelope.id ~= '' then
+            task_id = envelope.id
+          end
         else
           attempts, raw = 0, true
         end
@@ -50,6 +54,9 @@ for _, p in ipairs(pending) do
           'at', now, 'raw', '1')
       else
         redis.call('XADD', dead, '*', 'e', e, 'reason', reason, 'attempts', attempts, 'at', now)
+      end
+      if task_id then
+        redis.call('PEXPIRE', ARGV[6] .. task_id, ARGV[7])
       end
       out[2] = out[2] + 1
       kind = 'dead'

@@ -1,0 +1,66 @@
+-- enqueue.lua: enqueues a batch in which some envelope carries an idempotency key or an id the
+-- producer chose (RedisBroker::enqueue; a batch of generated ids without keys is a plain
+-- pipeline). Per envelope, in order: its idempotency key is claimed (SET NX PX; taken → a
+-- duplicate of the id the key holds), then — for a chosen id — its id guard (SET NX, no TTL:
+-- it lives as long as the entry; outcomes give it result_ttl; taken → a duplicate of that id),
+-- then the entry is written (XADD to the stream, or ZADD to the delayed set for a future eta)
+-- with its `sent` event. Claim and write are one atomic step: a key or guard is never taken
+-- for an entry that was not written.
+--
+-- Every key written is type-checked before the first write (see commit.lua for why): a key of
+-- the wrong type fails the whole batch with nothing written.
+--
+-- KEYS = every key it may write (declared; the arguments name them).
+-- ARGV[1] = events stream, ARGV[2] = its MAXLEN ('0': no events), ARGV[3] = now (RFC 3339),
+-- then 11 fields per envelope: target key (stream or delayed set), due ms ('' → stream),
+-- envelope JSON, id, guard key ('' → not guarded), guard value (the queue), idempotency key
+-- ('' → none), its TTL (ms), task, queue, `sent` detail (JSON).
+-- Returns per envelope '' (written) or the id it duplicates.
+local events, maxlen, at = ARGV[1], ARGV[2], ARGV[3]
+local FIELDS, FIRST = 11, 4
+
+local function check(key, need)
+  local held = redis.call('TYPE', key).ok
+  if held ~= 'none' and held ~= need then
+    return redis.error_reply('WRONGTYPE ' .. key .. ' holds a ' .. held .. ', not a ' .. need
+      .. ' (nothing of this batch was enqueued)')
+  end
+end
+
+local problem = maxlen ~= '0' and check(events, 'stream')
+for i = FIRST, #ARGV, FIELDS do
+  if problem then return problem end
+  problem = check(ARGV[i], ARGV[i + 1] == '' and 'stream' or 'zset')
+  if not problem and ARGV[i + 6] ~= '' then
+    problem = check(ARGV[i + 6], 'string')
+  end
+end
+if problem then return problem end
+
+local out = {}
+for i = FIRST, #ARGV, FIELDS do
+  local target, due, json, id, guard, queue, idem, ttl, task, q, detail =
+    unpack(ARGV, i, i + FIELDS - 1)
+  local first
+  if idem ~= '' and not redis.call('SET', idem, id, 'NX', 'PX', ttl) then
+    first = redis.call('GET', idem)
+  end
+  if not first and guard ~= '' and not redis.call('SET', guard, queue, 'NX') then
+    first = id
+  end
+  if first then
+    table.insert(out, first)
+  else
+    if due == '' then
+      redis.call('XADD', target, '*', 'e', json)
+    else
+      redis.call('ZADD', target, due, json)
+    end
+    if maxlen ~= '0' then
+      redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 'kind', 'sent', 'at', at,
+        'task_id', id, 'task', task, 'queue', q, 'detail', detail)
+    end
+    table.insert(out, '')
+  end
+end
+return out
