@@ -15,7 +15,8 @@
 //!   `task_span` every task log line carries.
 //! - [`gate`] — `ResourceGate`: deferral of tasks whose resources are closed.
 //! - [`handler`] — what runs a task: `Handler`, `TaskError`, `TaskDef`; native, http, exec.
-//! - [`resource`] — shared resources: circuit breaker, Zep client, OpenAI limiter, egress types.
+//! - [`resource`] — shared resources: circuit breaker, Zep client, OpenAI limiter, egress types,
+//!   decoding of answers (any `Content-Encoding`) and redaction of the key from them.
 //! - [`metrics`] — `Metrics`: the Prometheus registry (`GET /metrics`), recorded by the
 //!   consumers, task actors, supervisors and broker actor; resources and pools read at scrape.
 //! - [`pool`] — process pools: `Pool` (membership, claim), `PoolActor`, agents' monitors.
