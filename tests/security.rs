@@ -2,10 +2,13 @@
 //! need it; secrets never show up in logs, errors or any read route; exec commands never go
 //! through a shell and payloads never reach argv; the egress proxy only reaches each resource's
 //! base URL, drops the caller's credentials and hop-by-hop headers, caps bodies and never
-//! echoes the injected key — against fake upstreams on 127.0.0.1 that record what they got.
+//! echoes the injected key — whatever the upstream's `Content-Encoding`, escaped in JSON,
+//! percent-encoded, or split across the chunks of a streamed answer, which reaches the caller
+//! chunk by chunk — against fake upstreams on 127.0.0.1 that record what they got.
 
 mod common;
 
+use std::io::{Read, Write};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -13,10 +16,13 @@ use std::time::Duration;
 
 use actors::resource::target_url;
 use axum::Router;
+use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 use common::{Node, Scratch, binary, raw_http};
+use flate2::Compression;
+use flate2::write::{DeflateEncoder, GzEncoder, ZlibEncoder};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use runtime::http::egress::check_path;
@@ -25,7 +31,8 @@ use tokio::time::Instant;
 
 const ADMIN_TOKEN: &str = "adm-9f3c2e7a51d84b06";
 const ZEP_KEY: &str = "zk-5e1b7c0d93a24f68";
-const OPENAI_KEY: &str = "sk-a71c4e9b20d358f6";
+// With a `/`, which JSON may write as `\/`.
+const OPENAI_KEY: &str = "sk-a71c4e9b/20d358f6";
 
 /// One request a fake upstream received: method, path and query, headers (lower-case names).
 #[derive(Clone, Debug)]
@@ -46,11 +53,125 @@ impl Seen {
 
 /// A fake upstream: records every request; `…/redirect` answers 302 to `elsewhere`,
 /// `…/reflect` answers with the request's `Authorization` in a header and in the body,
-/// anything else 200 `{"ok": true}`.
+/// `…/reflect-{form}` the same written another way ([`reflection`]), `…/sse/…` an event
+/// stream that pauses after its first event, `…/split-{form}-{at}` an event stream whose
+/// event with the key is cut in two at byte `at`, anything else 200 `{"ok": true}`.
 #[derive(Clone, Default)]
 struct Upstream {
     seen: Arc<Mutex<Vec<Seen>>>,
     hits: Arc<AtomicUsize>,
+    /// When `…/sse/…` sent its first event, and when it sent the rest.
+    sse: Arc<Mutex<(Option<Instant>, Option<Instant>)>>,
+}
+
+/// How long `…/sse/…` waits between its first event and the rest.
+const SSE_PAUSE: Duration = Duration::from_millis(1500);
+
+/// The key written as `form`: `plain`, `escaped` (JSON `\u` escapes in both cases of hex,
+/// `\/`, a few characters as they are) or `percent`.
+fn written(key: &str, form: &str) -> String {
+    match form {
+        "escaped" => key
+            .chars()
+            .enumerate()
+            .map(|(n, c)| match (c, n % 3) {
+                ('/', _) => "\\/".to_string(),
+                (c, 0) => format!("\\u{:04X}", c as u32),
+                (c, 1) => format!("\\u{:04x}", c as u32),
+                (c, _) => c.to_string(),
+            })
+            .collect(),
+        "percent" => key.bytes().map(|b| format!("%{b:02x}")).collect(),
+        _ => key.to_string(),
+    }
+}
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    let mut encoder = GzEncoder::new(Vec::new(), Compression::default());
+    encoder.write_all(bytes).unwrap();
+    encoder.finish().unwrap()
+}
+
+/// A 400 (an upstream echoing the request in its error; not a 401, which would mark the
+/// resource misconfigured and stop the calls after it) whose JSON body and `x-reflected`
+/// header carry the caller's key (from
+/// `authorization`) in `mode`: `gzip`, `deflate` (zlib), `rawdeflate`, `gzip-gzip` (stacked),
+/// `escaped`, `percent`, `gzip-escaped`, or `br` (a coding the proxy does not decode; the body
+/// is plain text with the key).
+fn reflection(mode: &str, authorization: &str) -> Response {
+    let key = authorization
+        .split_once(' ')
+        .map_or(authorization, |(_, key)| key);
+    let form = match mode {
+        "escaped" | "gzip-escaped" => "escaped",
+        "percent" => "percent",
+        _ => "plain",
+    };
+    let body = format!(
+        r#"{{"error": {{"message": "Incorrect API key provided: {}", "type": "invalid_request_error"}}}}"#,
+        written(key, form)
+    )
+    .into_bytes();
+    let (encoding, body) = match mode {
+        "gzip" | "gzip-escaped" => (Some("gzip"), gzip(&body)),
+        "gzip-gzip" => (Some("gzip, gzip"), gzip(&gzip(&body))),
+        "deflate" => {
+            let mut encoder = ZlibEncoder::new(Vec::new(), Compression::default());
+            encoder.write_all(&body).unwrap();
+            (Some("deflate"), encoder.finish().unwrap())
+        }
+        "rawdeflate" => {
+            let mut encoder = DeflateEncoder::new(Vec::new(), Compression::default());
+            encoder.write_all(&body).unwrap();
+            (Some("deflate"), encoder.finish().unwrap())
+        }
+        "br" => (Some("br"), body),
+        _ => (None, body),
+    };
+    let mut response = Response::builder()
+        .status(StatusCode::BAD_REQUEST)
+        .header("content-type", "application/json")
+        .header("x-reflected", written(key, "percent"))
+        .header("x-reflected-plain", authorization);
+    if let Some(encoding) = encoding {
+        response = response.header("content-encoding", encoding);
+    }
+    response.body(Body::from(body)).unwrap()
+}
+
+/// Decoded size of [`bomb`].
+const BOMB: usize = 64 << 20;
+
+/// 64 MiB of zeros in 64 KiB of gzip (one member of 1 MiB, 64 times: gzip allows that).
+fn bomb() -> &'static [u8] {
+    static BOMB_GZ: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    BOMB_GZ.get_or_init(|| gzip(&vec![0u8; 1 << 20]).repeat(BOMB >> 20))
+}
+
+/// An event stream of `events`, each sent `pause` after the one before; `on_send(n)` is called
+/// as event `n` goes out.
+fn event_stream(
+    events: Vec<Vec<u8>>,
+    pause: Duration,
+    on_send: impl Fn(usize) + Send + Sync + 'static,
+) -> Response {
+    let on_send = Arc::new(on_send);
+    let stream = futures_util::stream::unfold((events.into_iter(), 0), move |(mut events, n)| {
+        let on_send = Arc::clone(&on_send);
+        async move {
+            let event = events.next()?;
+            if n > 0 {
+                tokio::time::sleep(pause).await;
+            }
+            on_send(n);
+            Some((Ok::<_, std::io::Error>(Bytes::from(event)), (events, n + 1)))
+        }
+    });
+    Response::builder()
+        .header("content-type", "text/event-stream")
+        .header("cache-control", "no-cache")
+        .body(Body::from_stream(stream))
+        .unwrap()
 }
 
 impl Upstream {
@@ -82,9 +203,51 @@ impl Upstream {
                         return (StatusCode::FOUND, [("location", to)], String::new())
                             .into_response();
                     }
+                    if let Some(rest) = uri.path().split("/reflect-").nth(1) {
+                        let mode = rest.split('/').next().unwrap_or("");
+                        return reflection(mode, &auth);
+                    }
+                    if uri.path().contains("/sse/") {
+                        let sse = Arc::clone(&me.sse);
+                        let chunk = |text: &str| {
+                            format!(
+                                "data: {{\"object\":\"chat.completion.chunk\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{text}\"}}}}]}}\n\n"
+                            )
+                            .into_bytes()
+                        };
+                        let events = vec![
+                            chunk("Hel"),
+                            [chunk("lo"), chunk(" there"), b"data: [DONE]\n\n".to_vec()].concat(),
+                        ];
+                        return event_stream(events, SSE_PAUSE, move |n| {
+                            let mut sse = sse.lock().unwrap();
+                            let at = Some(Instant::now());
+                            if n == 0 { sse.0 = at } else { sse.1 = at }
+                        });
+                    }
+                    if let Some(rest) = uri.path().split("/split-").nth(1) {
+                        let key = auth.split_once(' ').map_or(auth.as_str(), |(_, key)| key);
+                        let (form, at) = rest.split_once('-').unwrap();
+                        let event = format!("data: {{\"k\": \"{}\"}}\n\n", written(key, form));
+                        let at: usize = at.parse::<usize>().unwrap().min(event.len());
+                        let (head, tail) = event.as_bytes().split_at(at);
+                        let events = vec![head.to_vec(), tail.to_vec(), b"data: [DONE]\n\n".to_vec()];
+                        return event_stream(events, Duration::from_millis(5), |_| {});
+                    }
+                    if uri.path().ends_with("/bomb") {
+                        return (
+                            StatusCode::OK,
+                            [
+                                ("content-type", "application/octet-stream"),
+                                ("content-encoding", "gzip"),
+                            ],
+                            bomb().to_vec(),
+                        )
+                            .into_response();
+                    }
                     if uri.path().contains("/reflect") {
                         return (
-                            StatusCode::UNAUTHORIZED,
+                            StatusCode::BAD_REQUEST,
                             [
                                 ("content-type", "application/json".to_string()),
                                 ("x-reflected", auth.clone()),
@@ -762,4 +925,386 @@ async fn tokens_secrets_argv_and_the_egress_proxy_hold_up() {
             assert!(!text.contains(secret), "{secret} leaked into {place}");
         }
     }
+}
+
+/// What a client that decodes like an SDK reads: `body` with its `Content-Encoding` undone.
+fn client_decoded(headers: &reqwest::header::HeaderMap, body: &[u8]) -> Vec<u8> {
+    let codings: Vec<String> = headers
+        .get_all("content-encoding")
+        .iter()
+        .flat_map(|v| v.to_str().unwrap().split(','))
+        .map(|c| c.trim().to_ascii_lowercase())
+        .filter(|c| !c.is_empty())
+        .collect();
+    let mut body = body.to_vec();
+    for coding in codings.iter().rev() {
+        let mut out = Vec::new();
+        match coding.as_str() {
+            "gzip" => {
+                flate2::read::MultiGzDecoder::new(&body[..])
+                    .read_to_end(&mut out)
+                    .unwrap();
+            }
+            "deflate" => {
+                if flate2::read::ZlibDecoder::new(&body[..])
+                    .read_to_end(&mut out)
+                    .is_err()
+                {
+                    out.clear();
+                    flate2::read::DeflateDecoder::new(&body[..])
+                        .read_to_end(&mut out)
+                        .unwrap();
+                }
+            }
+            _ => out = body.clone(),
+        }
+        body = out;
+    }
+    body
+}
+
+/// Whether `bytes` hold `key`: as itself, in JSON (escapes undone; also in each `data:` line
+/// of an event stream), or percent-encoded.
+fn holds_key(bytes: &[u8], key: &str) -> bool {
+    let text = String::from_utf8_lossy(bytes);
+    let in_json = |text: &str| {
+        serde_json::from_str::<Value>(text).is_ok_and(|value| value.to_string().contains(key))
+    };
+    let percent_decoded = {
+        let mut out = Vec::new();
+        let mut at = 0;
+        let raw = text.as_bytes();
+        while at < raw.len() {
+            let hex = raw
+                .get(at + 1..at + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok());
+            match (raw[at], hex) {
+                (b'%', Some(byte)) => {
+                    out.push(byte);
+                    at += 3;
+                }
+                (byte, _) => {
+                    out.push(byte);
+                    at += 1;
+                }
+            }
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    text.contains(key)
+        || in_json(&text)
+        || text
+            .lines()
+            .filter_map(|line| line.strip_prefix("data: "))
+            .any(in_json)
+        || percent_decoded.contains(key)
+}
+
+/// A node with both resources against one fake upstream. The OpenAI key's variable ends in a
+/// newline (as a key read from a file does): the key sent, and so the one to redact, is the
+/// trimmed one.
+async fn egress_node() -> (Upstream, Node, Scratch) {
+    let upstream = Upstream::default();
+    let upstream_url = upstream.start(None).await;
+    let scratch = Scratch::new();
+    let script = probe_script(&scratch);
+    agent_script(&scratch);
+    let padded = format!("{OPENAI_KEY}\n");
+    let envs = ENVS.map(|(name, value)| match name {
+        "SEC_OPENAI_KEY" => (name, padded.as_str()),
+        _ => (name, value),
+    });
+    let node = Node::start(&config(&upstream_url, &script), &envs);
+    (upstream, node, scratch)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_key_never_comes_back_whatever_the_encoding_and_events_stream_as_they_come() {
+    let (upstream, node, _scratch) = egress_node().await;
+    let client = reqwest::Client::new();
+    let get = |path: String| {
+        client
+            .get(format!("{}{path}", node.url))
+            .header("x-runtime-token", ADMIN_TOKEN)
+            // What OpenAI's Python SDK asks for (httpx), and more.
+            .header("accept-encoding", "gzip, deflate, br")
+            .send()
+    };
+
+    // 1. A reflected key, compressed, stacked, escaped, percent-encoded: decoded (as a client
+    // decodes it) it is nowhere in the body or the headers; the answer goes out decoded.
+    for (resource, key) in [("zep", ZEP_KEY), ("openai", OPENAI_KEY)] {
+        for mode in [
+            "gzip",
+            "deflate",
+            "rawdeflate",
+            "gzip-gzip",
+            "escaped",
+            "percent",
+            "gzip-escaped",
+        ] {
+            let response = get(format!("/egress/{resource}/x/reflect-{mode}"))
+                .await
+                .unwrap();
+            let status = response.status();
+            let headers = response.headers().clone();
+            let raw = response.bytes().await.unwrap();
+            let body = client_decoded(&headers, &raw);
+            assert!(
+                !holds_key(&body, key),
+                "{resource} {mode}: the key came back: {}",
+                String::from_utf8_lossy(&body)
+            );
+            for (name, value) in &headers {
+                assert!(
+                    !holds_key(value.as_bytes(), key),
+                    "{resource} {mode}: the key came back in {name}: {value:?}"
+                );
+            }
+            assert_eq!(status, 400, "{resource} {mode}: {headers:?}");
+            assert!(headers.get("content-encoding").is_none(), "{headers:?}");
+            assert_eq!(headers["content-length"], raw.len().to_string());
+            let error: Value = serde_json::from_slice(&raw).unwrap();
+            assert_eq!(
+                error["error"]["message"], "Incorrect API key provided: <redacted>",
+                "{resource} {mode}"
+            );
+            assert_eq!(headers["x-reflected"], "<redacted>");
+            assert!(
+                headers["x-reflected-plain"]
+                    .to_str()
+                    .unwrap()
+                    .ends_with(" <redacted>")
+            );
+            let seen = upstream.seen.lock().unwrap().last().cloned().unwrap();
+            assert_eq!(
+                seen.header("accept-encoding"),
+                Some("identity"),
+                "{resource} asks for no encoding"
+            );
+            assert!(
+                seen.header("authorization")
+                    .is_some_and(|auth| auth.ends_with(&format!(" {key}"))),
+                "{seen:?}"
+            );
+        }
+        // A coding the proxy cannot decode is not passed on: OpenAI answers 502 naming it, Zep
+        // counts a failed call and degrades the read.
+        let response = get(format!("/egress/{resource}/x/reflect-br"))
+            .await
+            .unwrap();
+        let status = response.status();
+        let headers = response.headers().clone();
+        let body = response.bytes().await.unwrap();
+        assert!(!holds_key(&body, key), "{resource} br: {body:?}");
+        assert!(headers.get("content-encoding").is_none(), "{headers:?}");
+        let body: Value = serde_json::from_slice(&body).unwrap();
+        if resource == "openai" {
+            assert_eq!(status, 502, "{body}");
+            let message = body["error"]["message"].as_str().unwrap();
+            assert!(message.contains("Content-Encoding `br`"), "{message}");
+        } else {
+            assert_eq!(status, 200, "{body}");
+            assert_eq!(body, json!({ "context": "", "degraded": true }));
+        }
+    }
+
+    // 2. A streamed completion reaches the caller event by event: its first event arrives
+    // while the upstream is still holding the rest back.
+    let mut response = client
+        .post(format!("{}/egress/openai/sse/chat/completions", node.url))
+        .header("x-runtime-token", ADMIN_TOKEN)
+        .header("accept-encoding", "gzip, deflate")
+        .header("content-type", "application/json")
+        .body(r#"{"model": "gpt-4o-mini", "stream": true, "messages": []}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    assert!(response.headers().get("content-length").is_none());
+    let first = response.chunk().await.unwrap().unwrap();
+    let got_first = Instant::now();
+    let (sent_first, sent_rest) = *upstream.sse.lock().unwrap();
+    assert!(
+        sent_rest.is_none(),
+        "the first event came only after the upstream had sent everything"
+    );
+    let since_sent = got_first.duration_since(sent_first.expect("the first event was sent"));
+    assert!(
+        since_sent < Duration::from_millis(500),
+        "the first event took {since_sent:?} through the proxy"
+    );
+    assert!(
+        String::from_utf8_lossy(&first).contains(r#""content":"Hel""#),
+        "{first:?}"
+    );
+    let mut all = first.to_vec();
+    while let Some(chunk) = response.chunk().await.unwrap() {
+        all.extend_from_slice(&chunk);
+    }
+    let all = String::from_utf8(all).unwrap();
+    assert!(upstream.sse.lock().unwrap().1.is_some());
+    assert_eq!(all.matches("data: ").count(), 4, "{all}");
+    assert!(all.ends_with("data: [DONE]\n\n"), "{all}");
+
+    // 3. A key cut in two between the chunks of a stream, at every byte, as itself and
+    // JSON-escaped: redacted all the same, and the rest of the stream intact.
+    for form in ["plain", "escaped"] {
+        let event = format!("data: {{\"k\": \"{}\"}}\n\n", written(OPENAI_KEY, form));
+        for at in 0..=event.len() {
+            let response = get(format!("/egress/openai/split-{form}-{at}"))
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200);
+            let text = response.text().await.unwrap();
+            assert_eq!(
+                text, "data: {\"k\": \"<redacted>\"}\n\ndata: [DONE]\n\n",
+                "{form} cut at {at}"
+            );
+        }
+    }
+    // 4. A gzip bomb: Zep's whole-body read stops at 4 MiB (a failed call, the read degrades);
+    // OpenAI's answer is streamed past its first 4 MiB, decoded piece by piece. The node's
+    // peak memory does not grow by anything like the 64 MiB that went through it.
+    let peak = || {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", node.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmHWM:"))
+            .and_then(|kb| kb.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap()
+            * 1024
+    };
+    let before = peak();
+    let response = get("/egress/zep/x/bomb".into()).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.json::<Value>().await.unwrap(),
+        json!({ "context": "", "degraded": true })
+    );
+    let mut response = get("/egress/openai/x/bomb".into()).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(response.headers().get("content-encoding").is_none());
+    let mut received = 0;
+    while let Some(chunk) = response.chunk().await.unwrap() {
+        assert!(chunk.iter().all(|&b| b == 0));
+        received += chunk.len();
+    }
+    assert_eq!(received, BOMB);
+    let grown = peak().saturating_sub(before);
+    assert!(
+        grown < (BOMB / 2) as u64,
+        "the node's peak memory grew by {} MiB",
+        grown >> 20
+    );
+
+    let log = node.log();
+    assert!(
+        log.contains("egress answer refused"),
+        "the br answer was logged"
+    );
+    assert!(
+        log.contains("larger than 4194304 bytes decoded"),
+        "Zep's bomb was logged"
+    );
+    for key in [ZEP_KEY, OPENAI_KEY] {
+        assert!(!holds_key(log.as_bytes(), key), "the key is in the log");
+    }
+}
+
+/// A Python client as OpenAI's SDK behaves (stdlib only): it asks for gzip and decodes what
+/// it gets, and reads an event stream as it comes.
+const PYTHON_CLIENT: &str = r#"
+import gzip, http.client, json, sys, time, zlib
+
+host, port, token, key = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+headers = {"X-Runtime-Token": token, "Accept-Encoding": "gzip, deflate"}
+
+def decoded(body, encoding):
+    for coding in reversed([c.strip().lower() for c in (encoding or "").split(",") if c.strip()]):
+        if coding in ("gzip", "x-gzip"):
+            body = gzip.decompress(body)
+        elif coding == "deflate":
+            try:
+                body = zlib.decompress(body)
+            except zlib.error:
+                body = zlib.decompress(body, -15)
+    return body
+
+conn = http.client.HTTPConnection(host, port, timeout=10)
+conn.request("GET", "/egress/openai/x/reflect-gzip-escaped", headers=headers)
+response = conn.getresponse()
+body = decoded(response.read(), response.getheader("Content-Encoding"))
+text = body.decode("utf-8", "replace")
+try:
+    unescaped = json.dumps(json.loads(text), ensure_ascii=False)
+except ValueError:
+    unescaped = text
+leaked = key in text or key in unescaped or any(key in v for _, v in response.getheaders())
+reflect = {"status": response.status, "leaked": leaked, "body": unescaped}
+
+conn = http.client.HTTPConnection(host, port, timeout=10)
+request = {"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+started = time.monotonic()
+conn.request("POST", "/egress/openai/sse/chat/completions", body=json.dumps(request),
+             headers=dict(headers, **{"Content-Type": "application/json", "Accept": "text/event-stream"}))
+response = conn.getresponse()
+first, data = None, b""
+while True:
+    chunk = response.read1(65536)
+    if not chunk:
+        break
+    if first is None:
+        first = time.monotonic() - started
+    data += chunk
+total = time.monotonic() - started
+data = decoded(data, response.getheader("Content-Encoding")).decode()
+events = [line for line in data.splitlines() if line.startswith("data: ")]
+stream = {"status": response.status, "first_s": first, "total_s": total, "events": len(events),
+          "leaked": key in data}
+print(json.dumps({"reflect": reflect, "stream": stream}))
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_client_that_asks_for_gzip_gets_no_key_and_its_stream_as_it_comes() {
+    let (_upstream, node, scratch) = egress_node().await;
+    let script = scratch.write("client.py", PYTHON_CLIENT);
+    let (host, port) = node
+        .url
+        .trim_start_matches("http://")
+        .split_once(':')
+        .unwrap();
+    let out = tokio::process::Command::new("python3")
+        .arg(&script)
+        .args([host, port, ADMIN_TOKEN, OPENAI_KEY])
+        .output()
+        .await
+        .expect("python3 runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let report: Value = serde_json::from_slice(&out.stdout).expect("the client's report");
+    assert_eq!(report["reflect"]["status"], 400, "{report}");
+    assert_eq!(report["reflect"]["leaked"], false, "{report}");
+    assert!(
+        report["reflect"]["body"]
+            .as_str()
+            .unwrap()
+            .contains("Incorrect API key provided: <redacted>"),
+        "{report}"
+    );
+    let stream = &report["stream"];
+    assert_eq!(stream["status"], 200, "{report}");
+    assert_eq!(stream["events"], 4, "{report}");
+    assert_eq!(stream["leaked"], false, "{report}");
+    let (first, total) = (
+        stream["first_s"].as_f64().unwrap(),
+        stream["total_s"].as_f64().unwrap(),
+    );
+    assert!(
+        total - first > SSE_PAUSE.as_secs_f64() * 0.6,
+        "the first event came {first:.3} s after asking, the stream ended at {total:.3} s: \
+         it was held back"
+    );
 }

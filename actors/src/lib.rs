@@ -17,7 +17,8 @@
 //!   cannot be called.
 //! - [`handler`] — what runs a task: `Handler`, `TaskError`, `TaskDef`; native, http, exec.
 //! - [`resource`] — shared resources: circuit breaker, misconfiguration (refused keys), Zep
-//!   client, OpenAI limiter, egress types.
+//!   client, OpenAI limiter, egress types, decoding of answers (any `Content-Encoding`) and
+//!   redaction of the key from them.
 //! - [`metrics`] — `Metrics`: the Prometheus registry (`GET /metrics`), recorded by the
 //!   consumers, task actors, supervisors and broker actor; resources and pools read at scrape.
 //! - [`pool`] — process pools: `Pool` (membership, claim), `PoolActor`, agents' monitors.

@@ -8,10 +8,16 @@
 //! Three ways in: native tasks call the clients directly; Python tasks go through the egress
 //! proxy (`/egress/{resource}/…`, built on [`EgressRequest`] / [`EgressResponse`]); consumers
 //! ask the [`crate::gate::ResourceGate`] before starting a task that declares a resource.
+//!
+//! What comes back from an upstream is read by [`decode`] (any `Content-Encoding` undone,
+//! bounded memory) and, on its way to an egress caller, kept free of the injected key by
+//! [`redact`] — the resource hands the proxy its [`SharedResource::redactor`].
 
 pub mod auth;
 pub mod breaker;
+pub mod decode;
 pub mod openai;
+pub mod redact;
 pub mod zep;
 
 use std::collections::HashMap;
@@ -25,8 +31,15 @@ use bytes::Bytes;
 use reqwest::header::{HeaderMap, HeaderValue, RETRY_AFTER};
 use reqwest::{Method, StatusCode};
 
+use self::decode::{BodyError, Decoded};
+use self::redact::Redactor;
 use crate::broker::EventSink;
 use crate::gate::{Admission, ResourceGate, Use};
+
+/// The largest body the egress proxy takes from a caller, and the most of an upstream's
+/// decoded answer a client keeps in memory whole (4 MiB). Longer egress answers are streamed
+/// ([`EgressBody::read`]); Zep and native calls fail beyond it.
+pub const MAX_BODY: usize = 4 * 1024 * 1024;
 
 /// What the egress proxy, the gate and the snapshots need of a shared resource.
 pub trait SharedResource: Send + Sync + fmt::Debug {
@@ -59,6 +72,11 @@ pub trait SharedResource: Send + Sync + fmt::Debug {
     }
     /// Its rate limiters' waits, if it has limiters (read by `/metrics`).
     fn limiter(&self) -> Option<LimiterStats<'_>> {
+        None
+    }
+    /// What the egress proxy keeps out of every answer it passes back: the key this resource
+    /// injects (`None` without one).
+    fn redactor(&self) -> Option<Arc<Redactor>> {
         None
     }
 }
@@ -152,6 +170,9 @@ impl SharedResource for zep::ZepClient {
     fn breaker(&self) -> Option<&breaker::Breaker> {
         Some(zep::ZepClient::breaker(self))
     }
+    fn redactor(&self) -> Option<Arc<Redactor>> {
+        zep::ZepClient::redactor(self)
+    }
 }
 
 impl SharedResource for openai::OpenAiClient {
@@ -176,6 +197,9 @@ impl SharedResource for openai::OpenAiClient {
     fn limiter(&self) -> Option<LimiterStats<'_>> {
         Some(openai::OpenAiClient::limiter_stats(self))
     }
+    fn redactor(&self) -> Option<Arc<Redactor>> {
+        openai::OpenAiClient::redactor(self)
+    }
 }
 
 /// A call forwarded by the egress proxy, already checked: `path_and_query` starts with `/`,
@@ -194,14 +218,90 @@ pub struct EgressRequest {
 }
 
 /// What the proxy answers.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct EgressResponse {
     /// Status.
     pub status: StatusCode,
-    /// Headers (the upstream's, minus hop-by-hop ones; or the runtime's own).
+    /// Headers (the upstream's, minus hop-by-hop ones and the `Content-Encoding` /
+    /// `Content-Length` of the bytes as sent; or the runtime's own).
     pub headers: HeaderMap,
-    /// Body.
-    pub body: Bytes,
+    /// Body, decoded.
+    pub body: EgressBody,
+}
+
+/// The body of an [`EgressResponse`], always decoded (no `Content-Encoding` left to undo).
+#[derive(Debug)]
+pub enum EgressBody {
+    /// All of it.
+    Full(Bytes),
+    /// Passed on as it arrives.
+    Stream(EgressStream),
+}
+
+impl EgressBody {
+    /// How the proxy passes an upstream's `body` on: an event stream (`Content-Type:
+    /// text/event-stream`, such as an OpenAI `stream: true` completion) as it arrives;
+    /// anything else whole when it is at most [`MAX_BODY`] decoded, and as it arrives after
+    /// its first [`MAX_BODY`] otherwise (so memory stays bounded). `hold` (a concurrency
+    /// permit, say) is kept until the body has been read.
+    pub async fn read(
+        mut body: Decoded,
+        headers: &HeaderMap,
+        hold: Box<dyn Send>,
+    ) -> Result<Self, BodyError> {
+        let event_stream = headers
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| {
+                v.split(';')
+                    .next()
+                    .is_some_and(|t| t.trim().eq_ignore_ascii_case("text/event-stream"))
+            });
+        if !event_stream {
+            if let Some(whole) = body.up_to(MAX_BODY).await? {
+                return Ok(Self::Full(whole));
+            }
+        }
+        Ok(Self::Stream(EgressStream {
+            body,
+            hold: Some(hold),
+        }))
+    }
+
+    /// The body when it is [`EgressBody::Full`].
+    pub fn as_full(&self) -> Option<&Bytes> {
+        match self {
+            Self::Full(bytes) => Some(bytes),
+            Self::Stream(_) => None,
+        }
+    }
+}
+
+/// An upstream body passed on as it arrives, with what its call holds until it has been read.
+pub struct EgressStream {
+    body: Decoded,
+    hold: Option<Box<dyn Send>>,
+}
+
+impl fmt::Debug for EgressStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EgressStream")
+            .field("body", &self.body)
+            .field("held", &self.hold.is_some())
+            .finish()
+    }
+}
+
+impl EgressStream {
+    /// The next piece of the body, `None` at its end; the hold is let go at the end or at an
+    /// error (and when the stream is dropped: a caller that went away).
+    pub async fn chunk(&mut self) -> Result<Option<Bytes>, BodyError> {
+        let chunk = self.body.chunk().await;
+        if !matches!(chunk, Ok(Some(_))) {
+            self.hold = None;
+        }
+        chunk
+    }
 }
 
 impl EgressResponse {
@@ -215,7 +315,7 @@ impl EgressResponse {
         Self {
             status,
             headers,
-            body: Bytes::from(body.to_string()),
+            body: EgressBody::Full(Bytes::from(body.to_string())),
         }
     }
 

@@ -12,23 +12,38 @@
 //!   header named in `Connection`) are dropped; the resource adds its own key;
 //! - bodies are capped at [`MAX_BODY`] (413 beyond);
 //! - the resource clients do not follow redirects;
-//! - an upstream answer that reflects the injected key (in a header or the body) has it
-//!   replaced by `<redacted>` before it reaches the caller.
+//! - the injected key never comes back: the resource clients replace the caller's
+//!   `Accept-Encoding` with `identity` and decode whatever encoding the upstream uses anyway
+//!   (gzip, deflate; any other is never passed on — OpenAI answers `502` naming it, Zep counts a
+//!   failed call: see [`actors::resource::decode`]), and the proxy runs every header and the
+//!   decoded body through the resource's [`Redactor`] — the key as itself, as JSON `\u`
+//!   escapes or percent-encoded becomes `<redacted>` ([`actors::resource::redact`] says what is
+//!   and is not caught). The answer goes out without `Content-Encoding`, with the
+//!   `Content-Length` of what is sent (or chunked).
+//!
+//! Answers are streamed when the resource streams them ([`EgressBody::Stream`]: an OpenAI
+//! event stream, or an answer over [`MAX_BODY`]): each decoded chunk is redacted and sent as it
+//! arrives, holding back only a tail that could still be the start of the key. A stream that
+//! breaks off upstream is cut off to the caller too (logged), never completed as if whole.
 //!
 //! When an admin token is configured, callers must present it in `X-Runtime-Token` (their
 //! `Authorization` header belongs to the upstream API and is dropped).
 
-use actors::resource::EgressRequest;
+use std::sync::Arc;
+
+use actors::resource::redact::{Redaction, Redactor};
+use actors::resource::{EgressBody, EgressRequest, EgressStream};
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
+use axum::http::{HeaderMap, HeaderName, header};
 use axum::response::{IntoResponse, Response};
+use futures_util::Stream;
+use tracing::warn;
 
 use super::{ApiError, AppState, constant_time_eq};
-use crate::config::ResourceSettings;
 
-/// Largest request body forwarded.
-pub const MAX_BODY: usize = 4 * 1024 * 1024;
+/// Largest request body forwarded (and the most of an answer a resource keeps whole).
+pub use actors::resource::MAX_BODY;
 
 /// Header carrying the admin token on egress calls.
 pub const TOKEN_HEADER: &str = "x-runtime-token";
@@ -80,60 +95,63 @@ pub async fn forward(
         body,
     };
     let answer = resource.forward(egress).await;
-    let key = injected_key(&state, name);
+    let redactor = resource.redactor();
     let mut headers = forwarded_headers(&answer.headers);
-    let body = match key.as_deref() {
-        Some(key) => {
-            scrub_headers(&mut headers, key);
-            Bytes::from(scrub(&answer.body, key.as_bytes()))
+    // The body below is decoded: what it was sent as no longer applies.
+    headers.remove(header::CONTENT_ENCODING);
+    if let Some(redactor) = &redactor {
+        redactor.redact_headers(&mut headers);
+    }
+    let body = match answer.body {
+        EgressBody::Full(bytes) => Body::from(match &redactor {
+            Some(redactor) => Bytes::from(redactor.redact(&bytes).into_owned()),
+            None => bytes,
+        }),
+        EgressBody::Stream(stream) => {
+            Body::from_stream(redacted(stream, redactor, name.to_string()))
         }
-        None => answer.body,
     };
-    let mut response = Response::new(Body::from(body));
+    let mut response = Response::new(body);
     *response.status_mut() = answer.status;
     *response.headers_mut() = headers;
     Ok(response.into_response())
 }
 
-/// The API key the proxy injects for resource `name`, if it has one.
-fn injected_key(state: &AppState, name: &str) -> Option<String> {
-    let key = match state.config.resources.get(name)? {
-        ResourceSettings::Zep(zep) => zep.api_key.as_ref(),
-        ResourceSettings::OpenAi(openai) => openai.api_key.as_ref(),
-    }?;
-    Some(key.expose().to_string()).filter(|key| !key.is_empty())
-}
-
-/// `bytes` with every occurrence of `key` replaced by `<redacted>`.
-pub fn scrub(bytes: &[u8], key: &[u8]) -> Vec<u8> {
-    if key.is_empty() {
-        return bytes.to_vec();
-    }
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut at = 0;
-    while at < bytes.len() {
-        if bytes[at..].starts_with(key) {
-            out.extend_from_slice(REDACTED.as_bytes());
-            at += key.len();
-        } else {
-            out.push(bytes[at]);
-            at += 1;
+/// `stream`, redacted chunk by chunk (module docs); an upstream failure ends it with an error,
+/// so the caller's response is cut off rather than looking complete.
+fn redacted(
+    stream: EgressStream,
+    redactor: Option<Arc<Redactor>>,
+    resource: String,
+) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
+    let redaction = redactor.map(Redaction::new);
+    futures_util::stream::unfold(Some((stream, redaction)), move |state| {
+        let resource = resource.clone();
+        async move {
+            let (mut stream, mut redaction) = state?;
+            loop {
+                match stream.chunk().await {
+                    Ok(Some(chunk)) => {
+                        let out = match &mut redaction {
+                            Some(redaction) => redaction.push(&chunk),
+                            None => chunk,
+                        };
+                        if !out.is_empty() {
+                            return Some((Ok(out), Some((stream, redaction))));
+                        }
+                    }
+                    Ok(None) => {
+                        let rest = redaction.as_mut().map(Redaction::finish)?;
+                        return (!rest.is_empty()).then_some((Ok(rest), None));
+                    }
+                    Err(err) => {
+                        warn!(%resource, error = %err, "egress answer cut off");
+                        return Some((Err(std::io::Error::other(err)), None));
+                    }
+                }
+            }
         }
-    }
-    out
-}
-
-const REDACTED: &str = "<redacted>";
-
-/// Replaces `key` in every header value that carries it.
-fn scrub_headers(headers: &mut HeaderMap, key: &str) {
-    for value in headers.values_mut() {
-        let scrubbed = scrub(value.as_bytes(), key.as_bytes());
-        if scrubbed != value.as_bytes() {
-            *value = HeaderValue::from_bytes(&scrubbed)
-                .unwrap_or_else(|_| HeaderValue::from_static(REDACTED));
-        }
-    }
+    })
 }
 
 /// Refuses a path that could leave the base URL (see the module docs).

@@ -33,11 +33,25 @@
 //! | other 429, 408, 5xx | `Retry { after }` from `retry-after-ms` / `retry-after` | passed through with its headers, so the caller backs off |
 //! | other 4xx | `Permanent` | passed through |
 //! | cannot connect, timeout | `Retry { after: None }` | `502` / `504`, OpenAI-shaped error body |
+//! | a body that breaks off or does not decode | `Retry { after: None }` | `502`, OpenAI-shaped error body |
+//! | a `Content-Encoding` other than gzip / deflate | `Permanent` | `502` naming it, OpenAI-shaped (`upstream_unreadable`) |
+//! | an answer over 4 MiB decoded | `Permanent` | streamed (below) |
 //! | no API key | `Permanent("<ENV> is not set")` | `401`, OpenAI-shaped error body |
 //! | misconfigured (an earlier `401`/`403`) | `Permanent("openai is misconfigured: …")`, no call | that status, OpenAI-shaped error body (code `resource_misconfigured`), no call |
 //!
 //! `call` does not retry by itself: the task's retry policy decides (and delays the retry in
 //! Redis, not in a sleeping actor).
+//!
+//! # Streamed answers
+//!
+//! Every request asks for `Accept-Encoding: identity`; whatever encoding comes back anyway is
+//! decoded ([`super::decode`]). [`forward`](OpenAiClient::forward) passes an event stream
+//! (`stream: true` completions) on as it arrives, and any other answer whole up to 4 MiB
+//! decoded, streamed beyond that ([`EgressBody::read`]). A streamed call is judged by its
+//! status and headers, when they arrive: that is when it counts as succeeded or failed and when
+//! the `x-ratelimit-*` correction is taken (a stream's `usage` is not read: `tokens_used`
+//! counts the answers read whole). It keeps its concurrency permit and its place in
+//! `in_flight` until the stream has been read to its end or the caller went away.
 //!
 //! **A missing key answers `401`, not `503`**: OpenAI's SDKs retry 408/409/429/5xx on their
 //! own, so a 503 would make a Python task spin through its SDK retries and then look
@@ -66,22 +80,25 @@ pub use actor::{OpenAiActor, OpenAiArgs, OpenAiMessage, OpenAiState};
 pub use limiter::Limit;
 
 use std::fmt;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use reqwest::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderMap, HeaderValue};
 use reqwest::{Method, StatusCode, Url};
 use serde_json::{Value, json};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
+use tracing::warn;
 
 use self::estimate::{estimate_raw, estimate_tokens};
 use self::headers::{RateHeaders, is_insufficient_quota, retry_after};
 use self::limiter::RateGate;
 use super::auth::{AuthProbe, AuthState, DEFAULT_PROBE_EVERY, ProbeOutcome, refuses};
-use super::{EgressRequest, EgressResponse, target_url};
+use super::decode::{BodyError, Decoded, ask_identity};
+use super::redact::Redactor;
+use super::{EgressBody, EgressRequest, EgressResponse, MAX_BODY, target_url};
 use crate::broker::rfc3339;
 use crate::gate::Admission;
 use crate::handler::TaskError;
@@ -199,26 +216,33 @@ struct ServerView {
     at: Option<SystemTime>,
 }
 
-/// A gauge held up while a guard lives (dropped futures decrement it too).
-struct Gauge<'a>(&'a AtomicU64);
+/// A gauge of [`Stats`] held up while a guard lives (dropped futures decrement it too).
+struct Gauge {
+    stats: Arc<Stats>,
+    counter: fn(&Stats) -> &AtomicU64,
+}
 
-impl<'a> Gauge<'a> {
-    fn enter(counter: &'a AtomicU64) -> Self {
-        counter.fetch_add(1, Ordering::Relaxed);
-        Self(counter)
+impl Gauge {
+    fn enter(stats: &Arc<Stats>, counter: fn(&Stats) -> &AtomicU64) -> Self {
+        counter(stats).fetch_add(1, Ordering::Relaxed);
+        Self {
+            stats: Arc::clone(stats),
+            counter,
+        }
     }
 }
 
-impl Drop for Gauge<'_> {
+impl Drop for Gauge {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        (self.counter)(&self.stats).fetch_sub(1, Ordering::Relaxed);
     }
 }
 
-/// What a call holds while it runs: its concurrency permit and its place in `in_flight`.
-struct Admitted<'a> {
-    _permit: Option<tokio::sync::SemaphorePermit<'a>>,
-    _in_flight: Gauge<'a>,
+/// What a call holds while it runs — its concurrency permit and its place in `in_flight` — for
+/// as long as its answer is being read (a streamed one too).
+struct Admitted {
+    _permit: Option<OwnedSemaphorePermit>,
+    _in_flight: Gauge,
 }
 
 /// The node's OpenAI client (module docs). Shared through an `Arc`.
@@ -227,19 +251,19 @@ pub struct OpenAiClient {
     base_url: Url,
     /// `Bearer <key>`, marked sensitive.
     authorization: Option<HeaderValue>,
-    /// The key itself, only to scrub it from error texts.
-    key: Option<String>,
+    /// Keeps the key out of error texts and (through the proxy) out of egress answers.
+    redactor: Option<Arc<Redactor>>,
     api_key_env: String,
     http: reqwest::Client,
     timeout: Option<Duration>,
     requests: Option<RateGate>,
     tokens: Option<RateGate>,
-    concurrency: Option<(Semaphore, usize)>,
+    concurrency: Option<(Arc<Semaphore>, usize)>,
     /// Callers waiting for the limiters, in FIFO order.
     queue: tokio::sync::Mutex<()>,
     /// No call starts before this (the server said its limit is exhausted, or a 429).
     hold_until: Mutex<Option<Instant>>,
-    stats: Stats,
+    stats: Arc<Stats>,
     /// How long admitted calls waited in `admit` (seconds), for `/metrics`.
     waits: prometheus_client::metrics::histogram::Histogram,
     server: Mutex<ServerView>,
@@ -312,16 +336,18 @@ impl OpenAiClient {
             resource: resource.to_string(),
             base_url: settings.base_url,
             authorization,
-            key,
+            redactor: key.as_deref().and_then(Redactor::new).map(Arc::new),
             api_key_env: settings.api_key_env,
             http,
             timeout: settings.timeout,
             requests: settings.requests.map(RateGate::new),
             tokens: settings.tokens.map(RateGate::new),
-            concurrency: settings.concurrency.map(|n| (Semaphore::new(n), n)),
+            concurrency: settings
+                .concurrency
+                .map(|n| (Arc::new(Semaphore::new(n)), n)),
             queue: tokio::sync::Mutex::new(()),
             hold_until: Mutex::new(None),
-            stats: Stats::default(),
+            stats: Arc::default(),
             waits: crate::metrics::seconds_histogram(),
             server: Mutex::new(ServerView::default()),
         })
@@ -330,6 +356,11 @@ impl OpenAiClient {
     /// The resource's name.
     pub fn resource(&self) -> &str {
         &self.resource
+    }
+
+    /// What keeps the key out of egress answers (`None` without a key).
+    pub fn redactor(&self) -> Option<Arc<Redactor>> {
+        self.redactor.clone()
     }
 
     /// `Unusable` (reason `"<ENV> is not set"`) without a key, `Misconfigured` while the key
@@ -387,10 +418,13 @@ impl OpenAiClient {
             return Err(TaskError::Permanent(self.auth.describe(&refusal)));
         }
         let _admitted = self.admit(estimate_tokens(&body)).await;
+        let mut headers = HeaderMap::new();
+        ask_identity(&mut headers);
+        headers.insert(AUTHORIZATION, authorization);
         let mut request = self
             .http
             .request(method.clone(), target_url(&self.base_url, path))
-            .header(AUTHORIZATION, authorization);
+            .headers(headers);
         if !body.is_null() {
             request = request.json(&body);
         }
@@ -404,8 +438,28 @@ impl OpenAiClient {
         };
         let response = request.send().await.map_err(fail)?;
         let status = response.status();
-        let headers = response.headers().clone();
-        let bytes = response.bytes().await.map_err(fail)?;
+        let mut headers = response.headers().clone();
+        let read = match Decoded::new(response, &mut headers) {
+            Ok(body) => body.whole(MAX_BODY).await,
+            Err(err) => Err(err),
+        };
+        let bytes = match read {
+            Ok(bytes) => bytes,
+            Err(err) => {
+                self.observe_limits(&headers);
+                self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                let reason = self.scrub(&format!("OpenAI {method} {path}: {err}"));
+                return Err(match err {
+                    BodyError::Broken(_) | BodyError::Corrupt(_) => {
+                        self.stats.transport_errors.fetch_add(1, Ordering::Relaxed);
+                        TaskError::retry(reason)
+                    }
+                    BodyError::Unsupported(_) | BodyError::TooLarge(_) => {
+                        TaskError::Permanent(reason)
+                    }
+                });
+            }
+        };
         let json = serde_json::from_slice::<Value>(&bytes).ok();
         self.observe(status, &headers, json.as_ref());
         if refuses(status) {
@@ -449,12 +503,13 @@ impl OpenAiClient {
             );
         }
         let operation = format!("{} {}", request.method, request.path_and_query);
-        let _admitted = self.admit(estimate_raw(&request.body)).await;
+        let admitted = self.admit(estimate_raw(&request.body)).await;
         let mut headers = request.headers;
         for name in [AUTHORIZATION, HOST, CONTENT_LENGTH] {
             headers.remove(name);
         }
         headers.insert(AUTHORIZATION, authorization);
+        ask_identity(&mut headers);
         let mut upstream = self
             .http
             .request(
@@ -486,17 +541,22 @@ impl OpenAiClient {
         };
         let status = response.status();
         let mut headers = response.headers().clone();
-        let body = match response.bytes().await {
+        let read = match Decoded::new(response, &mut headers) {
+            Ok(body) => EgressBody::read(body, &headers, Box::new(admitted)).await,
+            Err(err) => Err(err),
+        };
+        let body = match read {
             Ok(body) => body,
-            Err(err) => return fail(err),
+            Err(err) => return self.unreadable(status, &headers, &err),
         };
         let is_json = headers
             .get(CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("application/json"));
-        let json = is_json
-            .then(|| serde_json::from_slice::<Value>(&body).ok())
-            .flatten();
+        let json = match body.as_full() {
+            Some(bytes) if is_json => serde_json::from_slice::<Value>(bytes).ok(),
+            _ => None,
+        };
         self.observe(status, &headers, json.as_ref());
         if refuses(status) {
             self.auth.refuse(status, &operation);
@@ -600,14 +660,32 @@ impl OpenAiClient {
         format!("{} is not set", self.api_key_env)
     }
 
+    /// The proxy's answer when the upstream's body cannot be passed on (`err`): a `502`
+    /// naming why. The call counts as failed; the server's rate-limit headers still count.
+    fn unreadable(
+        &self,
+        status: StatusCode,
+        headers: &HeaderMap,
+        err: &BodyError,
+    ) -> EgressResponse {
+        self.observe_limits(headers);
+        self.stats.failed.fetch_add(1, Ordering::Relaxed);
+        if matches!(err, BodyError::Broken(_) | BodyError::Corrupt(_)) {
+            self.stats.transport_errors.fetch_add(1, Ordering::Relaxed);
+        }
+        let message = self.scrub(&format!("OpenAI answered {status}, but {err}"));
+        warn!(resource = %self.resource, %message, "egress answer refused");
+        runtime_error(StatusCode::BAD_GATEWAY, &message, "upstream_unreadable")
+    }
+
     /// Waits for a concurrency permit, then (FIFO, one caller at a time) for the server's
     /// hold, one request cell and `estimate` tokens.
-    async fn admit(&self, estimate: u64) -> Admitted<'_> {
+    async fn admit(&self, estimate: u64) -> Admitted {
         let entered = Instant::now();
-        let waiting = Gauge::enter(&self.stats.waiting);
+        let waiting = Gauge::enter(&self.stats, |s| &s.waiting);
         let permit = match &self.concurrency {
             // The semaphore is never closed, so `acquire` cannot fail.
-            Some((semaphore, _)) => semaphore.acquire().await.ok(),
+            Some((semaphore, _)) => Arc::clone(semaphore).acquire_owned().await.ok(),
             None => None,
         };
         {
@@ -628,7 +706,7 @@ impl OpenAiClient {
             .fetch_add(estimate, Ordering::Relaxed);
         Admitted {
             _permit: permit,
-            _in_flight: Gauge::enter(&self.stats.in_flight),
+            _in_flight: Gauge::enter(&self.stats, |s| &s.in_flight),
         }
     }
 
@@ -652,9 +730,8 @@ impl OpenAiClient {
         }
     }
 
-    /// Counts the outcome and takes the server's correction (module docs).
-    fn observe(&self, status: StatusCode, headers: &HeaderMap, body: Option<&Value>) {
-        let stats = &self.stats;
+    /// Takes the server's correction from its `x-ratelimit-*` headers (module docs).
+    fn observe_limits(&self, headers: &HeaderMap) {
         let rate = RateHeaders::read(headers);
         if rate.any() {
             let mut server = self.server.lock().unwrap_or_else(|e| e.into_inner());
@@ -664,6 +741,12 @@ impl OpenAiClient {
         if let Some(exhausted) = rate.exhausted_for() {
             self.hold_for(exhausted);
         }
+    }
+
+    /// Counts the outcome and takes the server's correction (module docs).
+    fn observe(&self, status: StatusCode, headers: &HeaderMap, body: Option<&Value>) {
+        let stats = &self.stats;
+        self.observe_limits(headers);
         let verdict = Verdict::of(status, body);
         match verdict {
             Verdict::Success => {
@@ -693,8 +776,8 @@ impl OpenAiClient {
 
     /// `text` with the key replaced.
     fn scrub(&self, text: &str) -> String {
-        match &self.key {
-            Some(key) => text.replace(key.as_str(), "<redacted>"),
+        match &self.redactor {
+            Some(redactor) => redactor.redact_text(text),
             None => text.to_string(),
         }
     }

@@ -50,6 +50,14 @@
 //! queries) is buffered and gets `202 {"buffered": true}`, anything else gets `503` with
 //! `Retry-After`. Responses the runtime makes itself carry `x-runtime-degraded`.
 //!
+//! Every request asks for `Accept-Encoding: identity`; an answer encoded anyway is decoded
+//! ([`super::decode`]) and read whole, up to 4 MiB decoded ([`super::MAX_BODY`]). An answer
+//! whose body cannot be read — it breaks off, does not decode, uses a coding other than gzip /
+//! deflate, or is larger — counts as a failed call, like a timeout (logged with the reason when
+//! it is not a broken connection): the proxy degrades or buffers as above. Zep's API has no
+//! streamed answers, so nothing is streamed here. The key is kept out of egress answers by the
+//! proxy ([`ZepClient::redactor`]) and out of error texts here.
+//!
 //! A missing API key makes the resource unusable: [`ZepClient::admission`] says
 //! [`Admission::Unusable`] naming the env var (never its value), the operations return
 //! [`ZepError::Unusable`], the proxy answers `424`. The key is never logged, never in a
@@ -92,7 +100,9 @@ pub use actor::{ZepActor, ZepArgs, ZepMessage};
 
 use super::auth::{AuthProbe, AuthState, ProbeOutcome, refuses};
 use super::breaker::{Breaker, BreakerPolicy, BreakerState, Permit};
-use super::{EgressRequest, EgressResponse, target_url};
+use super::decode::{BodyError, Decoded, ask_identity};
+use super::redact::Redactor;
+use super::{EgressBody, EgressRequest, EgressResponse, MAX_BODY, target_url};
 use crate::broker::rfc3339;
 use crate::broker::{AnyBroker, Broker, BrokerError, Delivery, Envelope, QueueDepth, Recovered};
 use crate::gate::Admission;
@@ -123,7 +133,8 @@ pub struct ZepSettings {
     pub resource: String,
     /// Zep's API root, e.g. `https://api.getzep.com/api/v2`.
     pub base_url: reqwest::Url,
-    /// The API key, read from the environment by the node; `None` makes the resource unusable.
+    /// The API key, read from the environment by the node (surrounding whitespace is ignored);
+    /// `None` or a blank one makes the resource unusable.
     pub api_key: Option<String>,
     /// The env var the key is read from (`ZEP_API_KEY`), named when it is missing.
     pub api_key_env: String,
@@ -432,6 +443,8 @@ pub struct ZepClient {
     resource: String,
     base_url: reqwest::Url,
     api_key: Option<HeaderValue>,
+    /// Keeps the key out of error texts and (through the proxy) out of egress answers.
+    redactor: Option<Arc<Redactor>>,
     api_key_env: String,
     timeout: Duration,
     http: reqwest::Client,
@@ -520,7 +533,14 @@ impl ZepClient {
             resource: settings.resource.clone(),
             reason,
         };
-        let api_key = match &settings.api_key {
+        // Trimmed, as the OpenAI client does: a key read from a file often ends in a newline,
+        // and the redactor must look for the key as it is sent.
+        let key = settings
+            .api_key
+            .as_deref()
+            .map(str::trim)
+            .filter(|key| !key.is_empty());
+        let api_key = match key {
             None => None,
             Some(key) => {
                 let mut value = HeaderValue::from_str(&format!("Api-Key {key}")).map_err(|_| {
@@ -545,7 +565,9 @@ impl ZepClient {
             &settings.api_key_env,
             settings.auth_probe,
         );
+        let redactor = key.and_then(Redactor::new).map(Arc::new);
         Ok(Self {
+            redactor,
             queue: replay_queue(&settings.resource),
             consumer: format!("{node}-{}-replay", settings.resource),
             resource: settings.resource,
@@ -571,6 +593,19 @@ impl ZepClient {
     /// The resource's name.
     pub fn resource(&self) -> &str {
         &self.resource
+    }
+
+    /// What keeps the key out of egress answers (`None` without a key).
+    pub fn redactor(&self) -> Option<Arc<Redactor>> {
+        self.redactor.clone()
+    }
+
+    /// `text` with the key replaced.
+    fn scrub(&self, text: &str) -> String {
+        match &self.redactor {
+            Some(redactor) => redactor.redact_text(text),
+            None => text.to_string(),
+        }
     }
 
     /// The breaker (shared: clones see the same state).
@@ -701,7 +736,7 @@ impl ZepClient {
             resource: self.resource.clone(),
             operation,
             status: upstream.status,
-            detail: upstream.snippet(),
+            detail: self.scrub(&upstream.snippet()),
         }
     }
 
@@ -849,6 +884,7 @@ impl ZepClient {
         headers.remove(reqwest::header::CONTENT_LENGTH);
         headers.remove(reqwest::header::HOST);
         headers.insert(AUTHORIZATION, key.clone());
+        ask_identity(&mut headers);
         let request = self
             .http
             .request(call.method.clone(), target_url(&self.base_url, &call.path))
@@ -863,12 +899,21 @@ impl ZepClient {
             }
         };
         let status = response.status();
-        let headers = response.headers().clone();
-        let body = match response.bytes().await {
+        let mut headers = response.headers().clone();
+        let read = match Decoded::new(response, &mut headers) {
+            Ok(body) => body.whole(MAX_BODY).await,
+            Err(err) => Err(err),
+        };
+        let body = match read {
             Ok(body) => body,
             Err(err) => {
                 permit.fail();
-                return Sent::Unreachable(describe(&err));
+                let why = self.scrub(&format!("answered {status}, but {err}"));
+                if !matches!(err, BodyError::Broken(_)) {
+                    warn!(resource = %self.resource, operation = %call.operation(), %why,
+                        "answer refused; counted as a failed call");
+                }
+                return Sent::Unreachable(why);
             }
         };
         if status.is_server_error() {
@@ -1033,7 +1078,7 @@ impl ZepClient {
                         self.resource,
                         call.operation(),
                         upstream.status,
-                        upstream.snippet()
+                        self.scrub(&upstream.snippet())
                     );
                     warn!(resource = %self.resource, entry = %delivery.entry, %reason,
                         "replayed write refused; dead-lettered");
@@ -1185,6 +1230,6 @@ fn passthrough(upstream: Upstream) -> EgressResponse {
     EgressResponse {
         status: upstream.status,
         headers,
-        body: upstream.body,
+        body: EgressBody::Full(upstream.body),
     }
 }

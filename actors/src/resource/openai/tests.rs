@@ -1,6 +1,7 @@
 //! Tests of [`OpenAiClient`]: the limiters on paused tokio time (600 calls at 300/min), and
 //! the answers of a fake OpenAI on loopback (429 with Retry-After, `insufficient_quota`, 5xx,
-//! the `x-ratelimit-*` correction, the egress pass-through, a missing key).
+//! the `x-ratelimit-*` correction, the egress pass-through, streamed and encoded answers, a
+//! missing key).
 
 use std::sync::{Arc, Mutex};
 
@@ -132,6 +133,53 @@ async fn answer(path: &str, in_flight: &AtomicU64) -> Response {
                 ("x-ratelimit-reset-tokens", "9s"),
             ],
             "{}",
+        )
+            .into_response(),
+        // An event stream: one event, a pause, the rest.
+        "/v1/stream" => {
+            let events = futures_util::stream::unfold(0, |n| async move {
+                let event = match n {
+                    0 => "data: {\"choices\":[{\"delta\":{\"content\":\"Hel\"}}]}\n\n",
+                    1 => {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        "data: {\"choices\":[{\"delta\":{\"content\":\"lo\"}}]}\n\n"
+                    }
+                    2 => "data: [DONE]\n\n",
+                    _ => return None,
+                };
+                Some((Ok::<_, std::io::Error>(Bytes::from(event)), n + 1))
+            });
+            Response::builder()
+                .header("content-type", "text/event-stream; charset=utf-8")
+                .header("x-ratelimit-remaining-requests", "298")
+                .body(Body::from_stream(events))
+                .unwrap()
+        }
+        "/v1/gzip" => {
+            use std::io::Write;
+            let body = json!({ "choices": [], "usage": { "total_tokens": 7 } }).to_string();
+            let mut encoder =
+                flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+            encoder.write_all(body.as_bytes()).unwrap();
+            (
+                Code::OK,
+                [
+                    ("content-type", "application/json"),
+                    ("content-encoding", "gzip"),
+                ],
+                encoder.finish().unwrap(),
+            )
+                .into_response()
+        }
+        "/v1/zstd" => (
+            Code::OK,
+            [
+                ("content-type", "application/json"),
+                ("content-encoding", "zstd"),
+                ("x-ratelimit-remaining-requests", "0"),
+                ("x-ratelimit-reset-requests", "50ms"),
+            ],
+            format!("{{\"key\": \"{KEY}\"}}"),
         )
             .into_response(),
         "/v1/slow" => {
@@ -542,7 +590,7 @@ async fn forward_injects_the_key_and_passes_the_answer_through() {
     assert_eq!(response.headers["x-request-id"], "req-1");
     assert_eq!(response.headers["x-ratelimit-remaining-requests"], "299");
     assert!(response.headers.get("content-length").is_none());
-    let answer: Value = serde_json::from_slice(&response.body).unwrap();
+    let answer: Value = serde_json::from_slice(response.body.as_full().unwrap()).unwrap();
     assert_eq!(answer["usage"]["total_tokens"], 42);
 
     let seen = log.lock().unwrap()[0].clone();
@@ -563,7 +611,7 @@ async fn forward_injects_the_key_and_passes_the_answer_through() {
         .await;
     assert_eq!(busy.status, StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(busy.headers["retry-after"], "1");
-    let error: Value = serde_json::from_slice(&busy.body).unwrap();
+    let error: Value = serde_json::from_slice(busy.body.as_full().unwrap()).unwrap();
     assert_eq!(error["error"]["code"], "rate_limit_exceeded");
     let snapshot = client.snapshot();
     assert_eq!(snapshot["calls"]["started"], 2);
@@ -601,7 +649,7 @@ async fn a_missing_key_makes_the_resource_unusable_and_calls_fail_permanently() 
             .await;
         assert_eq!(response.status, StatusCode::UNAUTHORIZED);
         assert!(response.headers.get("retry-after").is_none());
-        let body: Value = serde_json::from_slice(&response.body).unwrap();
+        let body: Value = serde_json::from_slice(response.body.as_full().unwrap()).unwrap();
         assert_eq!(body["error"]["message"], "MY_OPENAI_KEY is not set");
         assert_eq!(body["error"]["code"], "api_key_missing");
         let snapshot = client.snapshot();
@@ -683,7 +731,7 @@ async fn a_refused_key_marks_openai_misconfigured_and_only_the_probe_reaches_it(
         );
         let answer = client.forward(egress()).await;
         assert_eq!(answer.status, StatusCode::UNAUTHORIZED);
-        let body: Value = serde_json::from_slice(&answer.body).unwrap();
+        let body: Value = serde_json::from_slice(answer.body.as_full().unwrap()).unwrap();
         assert_eq!(body["error"]["code"], "resource_misconfigured");
         assert_eq!(
             body["error"]["message"],
@@ -735,4 +783,103 @@ async fn a_refused_key_marks_openai_misconfigured_and_only_the_probe_reaches_it(
         Admission::Misconfigured { reason, .. } if reason.contains("403 Forbidden")
     ));
     assert!(!client.snapshot().to_string().contains(KEY));
+}
+
+#[tokio::test]
+async fn a_streamed_answer_counts_at_its_headers_and_holds_its_permit_until_read() {
+    let (base, log) = fake().await;
+    let mut settings = settings(&base);
+    settings.concurrency = Some(1);
+    let client = Arc::new(client(settings));
+    let stream_call = || EgressRequest {
+        method: Method::POST,
+        path_and_query: "/stream".into(),
+        headers: HeaderMap::new(),
+        body: Bytes::from(r#"{"stream": true}"#),
+    };
+    let response = client.forward(stream_call()).await;
+    assert_eq!(response.status, StatusCode::OK);
+    assert_eq!(
+        log.lock().unwrap()[0].headers["accept-encoding"],
+        "identity"
+    );
+    let EgressBody::Stream(mut stream) = response.body else {
+        panic!("an event stream is passed on as it arrives");
+    };
+    // Judged by its status and headers as soon as they came.
+    let snapshot = client.snapshot();
+    assert_eq!(snapshot["calls"]["succeeded"], 1, "{snapshot}");
+    assert_eq!(snapshot["server"]["remaining_requests"], 298, "{snapshot}");
+    assert_eq!(snapshot["calls"]["in_flight"], 1, "{snapshot}");
+    assert_eq!(snapshot["concurrency_in_use"], 1, "{snapshot}");
+    let first = stream.chunk().await.unwrap().unwrap();
+    assert!(first.starts_with(b"data: {"), "{first:?}");
+
+    // While it is read, the one permit is taken: the next call waits.
+    let next = tokio::spawn({
+        let client = Arc::clone(&client);
+        async move { client.forward(stream_call()).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!next.is_finished());
+    assert_eq!(client.snapshot()["calls"]["waiting"], 1);
+    let mut rest = Vec::new();
+    while let Some(chunk) = stream.chunk().await.unwrap() {
+        rest.extend_from_slice(&chunk);
+    }
+    assert!(rest.ends_with(b"data: [DONE]\n\n"));
+    let next = next.await.unwrap();
+    assert_eq!(next.status, StatusCode::OK);
+
+    // A caller that goes away mid-stream gives the permit back too.
+    drop(next);
+    let snapshot = client.snapshot();
+    assert_eq!(snapshot["calls"]["in_flight"], 0, "{snapshot}");
+    assert_eq!(snapshot["concurrency_in_use"], 0, "{snapshot}");
+    assert_eq!(snapshot["tokens_used"], 0, "a stream's usage is not read");
+}
+
+#[tokio::test]
+async fn encoded_answers_are_decoded_and_an_unknown_coding_is_refused() {
+    let (base, _log) = fake().await;
+    let client = client(settings(&base));
+    let call = |path: &str| EgressRequest {
+        method: Method::GET,
+        path_and_query: path.into(),
+        headers: HeaderMap::new(),
+        body: Bytes::new(),
+    };
+    let response = client.forward(call("/gzip")).await;
+    assert_eq!(response.status, StatusCode::OK);
+    assert!(response.headers.get("content-encoding").is_none());
+    let body: Value = serde_json::from_slice(response.body.as_full().unwrap()).unwrap();
+    assert_eq!(body["usage"]["total_tokens"], 7);
+    assert_eq!(client.snapshot()["tokens_used"], 7);
+    let native = client
+        .call(Method::GET, "/gzip", Value::Null)
+        .await
+        .unwrap();
+    assert_eq!(native["usage"]["total_tokens"], 7);
+
+    let refused = client.forward(call("/zstd")).await;
+    assert_eq!(refused.status, StatusCode::BAD_GATEWAY);
+    let error: Value = serde_json::from_slice(refused.body.as_full().unwrap()).unwrap();
+    let message = error["error"]["message"].as_str().unwrap();
+    assert!(message.contains("`zstd`"), "{message}");
+    assert!(!error.to_string().contains(KEY));
+    assert_eq!(error["error"]["code"], "upstream_unreadable");
+    let snapshot = client.snapshot();
+    assert_eq!(snapshot["calls"]["failed"], 1, "{snapshot}");
+    assert_eq!(
+        snapshot["server"]["remaining_requests"], 0,
+        "its limits still count"
+    );
+    let err = client
+        .call(Method::GET, "/zstd", Value::Null)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, TaskError::Permanent(reason) if reason.contains("`zstd`")),
+        "{err:?}"
+    );
 }

@@ -249,7 +249,7 @@ fn egress(method: Method, path: &str, body: Value) -> EgressRequest {
 }
 
 fn body(response: &EgressResponse) -> Value {
-    serde_json::from_slice(&response.body).unwrap()
+    serde_json::from_slice(response.body.as_full().unwrap()).unwrap()
 }
 
 async fn eventually(what: &str, limit: Duration, mut cond: impl AsyncFnMut() -> bool) {
@@ -696,6 +696,32 @@ async fn a_missing_key_makes_zep_unusable_and_a_key_never_shows() {
     .unwrap_err();
     assert!(!bad.to_string().contains("secret"), "{bad}");
     assert!(bad.to_string().contains("ZEP_API_KEY"), "{bad}");
+    // Surrounding whitespace is not part of the key: not sent, not what is redacted; a blank
+    // key is no key.
+    for (key, usable) in [(" zk-padded-1234\n", true), ("  ", false)] {
+        let zep = ZepClient::new(
+            ZepSettings {
+                resource: "zep".into(),
+                base_url: base.clone(),
+                api_key: Some(key.into()),
+                api_key_env: "ZEP_API_KEY".into(),
+                timeout: Duration::from_secs(1),
+                breaker: breaker(1, open_for, Duration::from_secs(1)),
+                auth_probe: AuthProbe::try_new(DEFAULT_AUTH_PROBE_PATH, PROBE_EVERY).unwrap(),
+            },
+            memory(),
+            "node-a",
+        )
+        .unwrap();
+        assert_eq!(zep.unusable().is_none(), usable, "{key:?}");
+        if usable {
+            let redactor = zep.redactor().unwrap();
+            assert_eq!(
+                redactor.redact_text("bad key: zk-padded-1234."),
+                "bad key: <redacted>."
+            );
+        }
+    }
 }
 
 #[tokio::test]
