@@ -655,7 +655,7 @@ impl RedisBroker {
             .arg("error")
             .arg(error)
             .arg("attempts")
-            .arg(envelope.attempt + 1)
+            .arg(envelope.attempt.saturating_add(1))
             .arg("updated_at")
             .arg(at)
             .ignore();
@@ -805,7 +805,7 @@ impl RedisBroker {
                 Some(Ok(envelope)) => out.push(Delivery {
                     queue: queue.to_string(),
                     entry: id,
-                    deliveries: d + 1,
+                    deliveries: d.saturating_add(1),
                     size: e.map_or(0, String::len),
                     envelope,
                 }),
@@ -1090,7 +1090,7 @@ impl Broker for RedisBroker {
     ) -> Result<(), BrokerError> {
         let envelope = &delivery.envelope;
         let mut next = envelope.clone();
-        next.attempt += 1;
+        next.attempt = next.attempt.saturating_add(1);
         let now = rfc3339(SystemTime::now());
         let mut pipe = redis::pipe();
         self.add_soon(&mut pipe);
@@ -1131,7 +1131,7 @@ impl Broker for RedisBroker {
             .arg("reason")
             .arg(reason)
             .arg("attempts")
-            .arg(envelope.attempt + 1)
+            .arg(envelope.attempt.saturating_add(1))
             .arg("at")
             .arg(&now)
             .ignore();
