@@ -127,8 +127,8 @@ pub struct EnqueueArgs {
     /// Route to this (defined) queue instead of the task's own.
     #[arg(long)]
     pub queue: Option<String>,
-    /// Run no sooner than this many seconds from now.
-    #[arg(long, conflicts_with = "eta")]
+    /// Run no sooner than this many seconds from now (at most 365 days).
+    #[arg(long, conflicts_with = "eta", value_parser = countdown)]
     pub countdown: Option<f64>,
     /// Run no sooner than this time (RFC 3339).
     #[arg(long)]
@@ -281,4 +281,16 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line.
     Json,
+}
+
+/// `--countdown`: seconds ≥ 0 within the cap on delays (`actors::caps::MAX_DELAY`), refused
+/// here rather than sent — `inf` or `NaN` has no JSON form and would arrive as no countdown.
+fn countdown(text: &str) -> Result<f64, String> {
+    let secs: f64 = text
+        .trim()
+        .parse()
+        .map_err(|e| format!("`{text}` is not a number of seconds: {e}"))?;
+    actors::caps::checked(secs, actors::caps::Unit::Seconds, actors::caps::MAX_DELAY)
+        .map_err(|e| e.to_string())?;
+    Ok(secs)
 }

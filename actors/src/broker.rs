@@ -65,7 +65,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 pub use actor::{BrokerActor, BrokerArgs, BrokerMessage, Presence};
-pub use envelope::{Callback, Envelope, MAX_ID_BYTES, check_id};
+pub use envelope::{Callback, Envelope, FieldError, MAX_ID_BYTES, check_id};
 pub use leases::Leases;
 pub use sink::EventSink;
 
@@ -548,31 +548,58 @@ pub trait Broker: Send + Sync + 'static {
     fn forget_node(&self, name: &str) -> impl Future<Output = Result<(), BrokerError>> + Send;
 }
 
-/// RFC 3339 for `at` (UTC, milliseconds).
+/// The latest time [`rfc3339`] writes: RFC 3339 has four-digit years.
+const LAST_RFC3339_MS: u64 = 253_402_300_799_999;
+
+/// RFC 3339 for `at` (UTC, milliseconds). Total: a time before 1970 is written as the epoch and
+/// one after the year 9999 as `9999-12-31T23:59:59.999Z` (times from outside are kept in range
+/// by [`parse_time`] and the caps of [`crate::caps`]; this only keeps formatting from panicking).
 pub fn rfc3339(at: SystemTime) -> String {
-    humantime::format_rfc3339_millis(at).to_string()
+    let latest = SystemTime::UNIX_EPOCH + Duration::from_millis(LAST_RFC3339_MS);
+    humantime::format_rfc3339_millis(at.clamp(SystemTime::UNIX_EPOCH, latest)).to_string()
 }
 
-/// Milliseconds since the Unix epoch.
+/// Milliseconds since the Unix epoch (0 before it, saturating far after it).
 pub fn epoch_ms(at: SystemTime) -> u64 {
     at.duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// The delayed-set score of a due time: milliseconds since the epoch, rounded up, so an entry
-/// is never promoted before its time (the mover compares with `epoch_ms(now)`).
+/// is never promoted before its time (the mover compares with `epoch_ms(now)`). Saturating: a
+/// far due time never wraps round to an early one.
 pub fn due_ms(at: SystemTime) -> u64 {
-    at.duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos().div_ceil(1_000_000) as u64)
+    at.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| {
+        u64::try_from(d.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX)
+    })
 }
 
 /// Parses an RFC 3339 time such as `2026-11-23T15:00:00Z` or `…+01:00` (Python's
-/// `isoformat()` with a zone).
+/// `isoformat()` with a zone): every time RFC 3339 can write, `0000-01-01T00:00:00Z` to
+/// `9999-12-31T23:59:59.999999999Z` and beyond it by an offset. (`jiff` stops a day short of
+/// the year's end, 9999-12-30T22:00Z, so the last day is computed here.)
 pub fn parse_time(text: &str) -> Result<SystemTime, String> {
-    let ts: jiff::Timestamp = text
-        .parse()
-        .map_err(|e| format!("`{text}` is not an RFC 3339 time: {e}"))?;
-    Ok(SystemTime::from(ts))
+    match text.parse::<jiff::Timestamp>() {
+        Ok(ts) => Ok(SystemTime::from(ts)),
+        Err(e) => {
+            last_day_of_9999(text).ok_or_else(|| format!("`{text}` is not an RFC 3339 time: {e}"))
+        }
+    }
+}
+
+/// A time of the year 9999 past `jiff`'s range, from its date, time and offset.
+fn last_day_of_9999(text: &str) -> Option<SystemTime> {
+    use jiff::civil::date;
+    let pieces = jiff::fmt::temporal::Pieces::parse(text).ok()?;
+    let offset = pieces.offset()?.to_numeric_offset();
+    let local = pieces.date().to_datetime(pieces.time()?);
+    if local.year() != 9999 {
+        return None;
+    }
+    let since_epoch = local.duration_since(date(1970, 1, 1).at(0, 0, 0, 0))
+        - jiff::SignedDuration::from_secs(i64::from(offset.seconds()));
+    let since_epoch = Duration::try_from(since_epoch).ok()?;
+    SystemTime::UNIX_EPOCH.checked_add(since_epoch)
 }
 
 /// The broker a node runs with, chosen by URL: `memory://` or `redis://…`.
@@ -769,5 +796,40 @@ impl Broker for AnyBroker {
     }
     async fn forget_node(&self, name: &str) -> Result<(), BrokerError> {
         delegate!(self, b => b.forget_node(name))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_far_from_now_are_written_and_scored_without_a_panic_or_a_wrap() {
+        let epoch = SystemTime::UNIX_EPOCH;
+        // 19e15 s after the epoch: more milliseconds than a u64 holds.
+        let far = epoch + Duration::from_secs(19_000_000_000_000_000);
+        assert_eq!(rfc3339(far), "9999-12-31T23:59:59.999Z");
+        assert_eq!(
+            due_ms(far),
+            u64::MAX,
+            "saturated, not wrapped round to an early time"
+        );
+        assert_eq!(epoch_ms(far), u64::MAX);
+        let before = epoch - Duration::from_secs(86_400);
+        assert_eq!(rfc3339(before), "1970-01-01T00:00:00.000Z");
+        assert_eq!((due_ms(before), epoch_ms(before)), (0, 0));
+        // RFC 3339's last second, in UTC and through an offset; one past it is no time.
+        let last = parse_time("9999-12-31T23:59:59.999Z").unwrap();
+        assert_eq!(rfc3339(last), "9999-12-31T23:59:59.999Z");
+        assert_eq!(epoch_ms(last), 253_402_300_799_999);
+        let west = parse_time("9999-12-31T23:59:59-01:00").unwrap();
+        assert_eq!(epoch_ms(west), 253_402_304_399_000);
+        assert!(parse_time("9999-12-31T23:59:59").is_err(), "no offset");
+        assert!(parse_time("9999-12-32T00:00:00Z").is_err());
+        assert!(parse_time("10000-01-01T00:00:00Z").is_err());
+        assert_eq!(
+            parse_time("2026-11-23T16:00:00+01:00").unwrap(),
+            parse_time("2026-11-23T15:00:00Z").unwrap()
+        );
     }
 }

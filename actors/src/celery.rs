@@ -19,8 +19,9 @@
 //! 2. **Expanded** — the stream entry carries the raw kombu message in `celery_raw`; the
 //!    consumer turns it into a full envelope ([`expand`]) before admission: the body
 //!    (base64 JSON `[args, kwargs, embed]`), `eta` (a future one is deferred, not run),
-//!    `expires`, `retries` → `attempt`, `timelimit` `[hard, soft]` → limits, `root_id`,
-//!    `parent_id`. Decoding happens in Rust, not Lua, because Redis' Lua has no base64 and
+//!    `expires`, `retries` → `attempt`, `timelimit` `[hard, soft]` → limits (each at most
+//!    [`MAX_TIME_LIMIT`]), `root_id`, `parent_id`. The consumer then checks the times and
+//!    limits as it checks any entry's: one out of range dead-letters the message, naming it. Decoding happens in Rust, not Lua, because Redis' Lua has no base64 and
 //!    its cjson re-encodes `[]` as `{}`: doing it in the script would corrupt arguments. The
 //!    raw message is kept in the stream entry until the task settles, so a message that
 //!    cannot be decoded is dead-lettered with the reason (and the raw text), never dropped.
@@ -59,6 +60,7 @@ use redis::aio::ConnectionManager;
 use serde_json::{Map, Value, json};
 
 use crate::broker::{Broker, BrokerError, Envelope, parse_time, rfc3339};
+use crate::caps::{self, MAX_TIME_LIMIT, Unit};
 use crate::consumer::Work;
 use crate::handler::TaskError;
 
@@ -544,12 +546,18 @@ fn celery_time(value: &Value, what: &str) -> Result<Option<String>, String> {
     Ok(Some(rfc3339(zoned)))
 }
 
-/// Seconds (a JSON number or null) as milliseconds.
-fn seconds_ms(value: Option<&Value>) -> Option<u64> {
-    value
-        .and_then(Value::as_f64)
-        .filter(|s| *s > 0.0)
-        .map(|s| (s * 1000.0).round() as u64)
+/// A time limit in seconds (a JSON number; null, 0 or absent: none) as milliseconds, at most
+/// [`MAX_TIME_LIMIT`]; `what` names it in the error.
+fn seconds_ms(value: Option<&Value>, what: &str) -> Result<Option<u64>, String> {
+    let Some(secs) = value.and_then(Value::as_f64).filter(|s| *s != 0.0) else {
+        return Ok(None);
+    };
+    let limit = caps::checked(secs, Unit::Seconds, MAX_TIME_LIMIT)
+        .map_err(|e| format!("celery: `{what}`: {e}"))?;
+    // Rounded up: a limit of a fraction of a millisecond is 1 ms, not none.
+    Ok(Some(
+        u64::try_from(limit.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX),
+    ))
 }
 
 /// Decodes the raw kombu message of a bridged envelope (`celery_raw`) into the envelope:
@@ -602,11 +610,14 @@ pub fn expand(envelope: &mut Envelope) -> Result<(), String> {
     }
     envelope.eta = celery_time(&headers["eta"], "eta")?;
     envelope.expires = celery_time(&headers["expires"], "expires")?;
-    envelope.attempt = headers["retries"].as_u64().unwrap_or(0) as u32;
+    // A count past u32 is as good as exhausted: never wrapped round to a first attempt.
+    envelope.attempt = headers["retries"]
+        .as_u64()
+        .map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX));
     if let Some(limits) = headers["timelimit"].as_array() {
         // Celery sends [hard, soft].
-        envelope.time_limit_ms = seconds_ms(limits.first());
-        envelope.soft_time_limit_ms = seconds_ms(limits.get(1));
+        envelope.time_limit_ms = seconds_ms(limits.first(), "timelimit[0]")?;
+        envelope.soft_time_limit_ms = seconds_ms(limits.get(1), "timelimit[1]")?;
     }
     envelope.root_id = headers["root_id"].as_str().map(str::to_string);
     envelope.parent_id = headers["parent_id"].as_str().map(str::to_string);
@@ -674,6 +685,53 @@ mod tests {
         assert!(expand(&mut envelope).unwrap_err().contains("chords"));
         let mut envelope = bridged(raw(&json!({"a": 1}), json!({"id": "c-1", "task": "t"})));
         assert!(expand(&mut envelope).unwrap_err().contains("protocol v2"));
+    }
+
+    #[test]
+    fn numbers_out_of_range_are_named_never_wrapped_or_panicked_on() {
+        let body = json!([[], {}, {}]);
+        let message = |headers: Value| bridged(raw(&body, headers));
+        for (limits, expected) in [
+            (
+                json!([1e300, null]),
+                "celery: `timelimit[0]`: 1e300 seconds is over the limit of 604800 seconds (7 days)",
+            ),
+            (
+                json!([10, 18446744073709551615u64]),
+                "celery: `timelimit[1]`: 1.8446744073709552e19 seconds is over the limit of \
+                 604800 seconds (7 days)",
+            ),
+            (
+                json!([-1, null]),
+                "celery: `timelimit[0]`: must be ≥ 0 seconds, got -1",
+            ),
+        ] {
+            let mut envelope = message(json!({ "id": "c-1", "task": "t", "timelimit": limits }));
+            assert_eq!(expand(&mut envelope).unwrap_err(), expected);
+        }
+        let mut envelope = message(json!({ "id": "c-1", "task": "t", "timelimit": [0.0001, 0],
+            "retries": 1u64 << 40, "eta": "9999-12-31T23:59:59", "expires": "1960-01-01T00:00:00" }));
+        expand(&mut envelope).unwrap();
+        assert_eq!(envelope.time_limit_ms, Some(1));
+        assert_eq!(envelope.soft_time_limit_ms, None);
+        assert_eq!(
+            envelope.attempt,
+            u32::MAX,
+            "never wrapped round to a first attempt"
+        );
+        // A far eta is a time (the consumer refuses it as too far ahead, naming `eta`); a
+        // time before 1970 is written as the epoch: as past as it was.
+        assert_eq!(envelope.eta.as_deref(), Some("9999-12-31T23:59:59.000Z"));
+        assert_eq!(
+            envelope.expires.as_deref(),
+            Some("1970-01-01T00:00:00.000Z")
+        );
+        let err = envelope.due(std::time::SystemTime::now()).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("eta: `9999-12-31T23:59:59.000Z` is more than 365 days ahead"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -4,8 +4,11 @@
 //! - A **fetcher** task reserves entries only into free slots (`concurrency + prefetch`, a
 //!   semaphore): never more in memory than the bulkhead can run. It sends them to the actor.
 //! - The actor checks each delivery (over the broker's `max_entry_bytes` → dead letter
-//!   `entry too large`; unknown task → dead letter `no such task`; past its `expires` → dead
-//!   letter; a closed [`ResourceGate`] → deferred without spending an attempt), holds its
+//!   `entry too large`; unknown task → dead letter `no such task`; an `eta`, `expires` or time
+//!   limit that is not usable — not a time, past its cap, a zero or contradictory limit — →
+//!   dead letter naming the field; past its `expires` → dead letter; before its `eta` (an
+//!   entry written to the stream directly, a Celery message) → deferred to it; a closed
+//!   [`ResourceGate`] → deferred without spending an attempt), holds its
 //!   lease in [`Leases`], and starts a [`TaskActor`] per task, up to `concurrency` at once;
 //!   the rest wait in arrival order.
 //! - A task actor records its own outcome and stops with the reason `"done"`. Any other exit
@@ -43,7 +46,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, warn};
 
-use crate::broker::{AnyBroker, Broker, Delivery, Leases, parse_time};
+use crate::broker::{AnyBroker, Broker, Delivery, Leases};
 use crate::celery::{self, Celery};
 use crate::gate::{Admission, ResourceGate};
 use crate::handler::{TaskDef, TaskDefs, TaskError};
@@ -502,12 +505,37 @@ impl ConsumerState {
             self.settle(&delivery, series, reason).await;
             return;
         };
-        if let Some(expires) = &envelope.expires {
-            if parse_time(expires).is_ok_and(|at| at <= SystemTime::now()) {
-                let reason = format!("expired at {expires} before it ran");
-                self.settle(&delivery, series, reason).await;
+        // Its times and limits are checked before anything else happens to it: one out of
+        // range is dead-lettered naming the field (`time_limit_ms: must be longer than zero`).
+        let now = SystemTime::now();
+        let checked = envelope.expiry().and_then(|expires| {
+            envelope.limits(def.time_limit, def.soft_time_limit)?;
+            Ok((expires, envelope.due(now)?))
+        });
+        let (expires, due) = match checked {
+            Ok(checked) => checked,
+            Err(err) => {
+                self.settle(&delivery, series, err.to_string()).await;
                 return;
             }
+        };
+        if expires.is_some_and(|at| at <= now) {
+            let expires = envelope.expires.as_deref().unwrap_or_default();
+            let reason = format!("expired at {expires} before it ran");
+            self.settle(&delivery, series, reason).await;
+            return;
+        }
+        // An entry written to the stream (a Celery message, another producer) before its eta:
+        // deferred to it, not run.
+        if let Some(at) = due.filter(|at| *at > now) {
+            self.counters.deferred += 1;
+            if let Err(err) = work.broker.defer(&delivery, at, "eta").await {
+                task_span(envelope).in_scope(|| {
+                    warn!(error = %err, "deferral to the eta failed; the entry comes back through lease recovery");
+                });
+            }
+            self.slots.add_permits(1);
+            return;
         }
         let refused = match self.args.gate.admit(&def.uses) {
             Admission::Open => None,
@@ -595,9 +623,9 @@ impl ConsumerState {
         }
     }
 
-    /// Decodes a bridged Celery message ([`celery::expand`]): `None` when it was settled here
-    /// — dead-lettered (undecodable, a chord; Celery's result says FAILURE) or deferred to
-    /// its `eta`.
+    /// Decodes a bridged Celery message ([`celery::expand`]): `None` when it was dead-lettered
+    /// here (undecodable, a chord, a number out of range; Celery's result says FAILURE). Its
+    /// `eta` is then honoured like any entry's.
     async fn expand_celery(&mut self, delivery: Arc<Delivery>) -> Option<Arc<Delivery>> {
         let mut expanded = (*delivery).clone();
         if let Err(reason) = celery::expand(&mut expanded.envelope) {
@@ -606,23 +634,7 @@ impl ConsumerState {
             self.settle(&delivery, series, reason).await;
             return None;
         }
-        let expanded = Arc::new(expanded);
-        let eta = expanded
-            .envelope
-            .eta
-            .as_deref()
-            .and_then(|eta| parse_time(eta).ok());
-        if let Some(at) = eta.filter(|at| *at > SystemTime::now()) {
-            self.counters.deferred += 1;
-            if let Err(err) = self.args.work.broker.defer(&expanded, at, "eta").await {
-                task_span(&expanded.envelope).in_scope(|| {
-                    warn!(error = %err, "deferral to the eta failed; the entry comes back through lease recovery");
-                });
-            }
-            self.slots.add_permits(1);
-            return None;
-        }
-        Some(expanded)
+        Some(Arc::new(expanded))
     }
 
     /// Writes Celery's `FAILURE` result for a Celery message that will not run, so `.get()`

@@ -89,7 +89,8 @@ pub trait Handler: Send + Sync + fmt::Debug {
 }
 
 /// The retry policy of a task: `max_retries` retries after the first attempt, each waiting
-/// `backoff.delay(attempt)` (or the server's Retry-After when larger).
+/// `backoff.delay(attempt)` (or the server's Retry-After when larger). The retry is scheduled
+/// at most [`crate::caps::MAX_DELAY`] ahead, whatever the delay says.
 #[derive(Clone, Copy, Debug)]
 pub struct RetryPolicy {
     /// Retries after the first attempt.

@@ -8,6 +8,8 @@
 //! - [`broker`] — the broker contract (`Broker`), the task `Envelope`, the `memory://` broker,
 //!   the Redis Streams broker (`broker::redis`: key layout and entry fields in its docs), and
 //!   `EventSink` (non-blocking publishing of supervision, breaker and pool events).
+//! - [`caps`] — the caps on durations from outside (countdown, eta, time limits, an upstream's
+//!   `Retry-After`) and the one checked conversion every such number goes through.
 //! - [`celery`] — the Celery bridge: `BridgeActor` per kombu queue (atomic take-over), decoding
 //!   protocol v2, results in Celery's Redis-backend format, sends to Celery workers.
 //! - [`consumer`] — `ConsumerActor`: one queue's bulkhead (fetcher, admission, task actors).
@@ -31,6 +33,7 @@
 //! - [`heartbeat`] — `HeartbeatActor`: records uptime and event-loop lag.
 
 pub mod broker;
+pub mod caps;
 pub mod celery;
 pub mod consumer;
 pub mod gate;

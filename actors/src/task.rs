@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, Span, debug, info_span, warn};
 
 use crate::broker::{Broker, Callback, Delivery, Envelope, Event};
+use crate::caps;
 use crate::celery::{ORIGIN_FIELD, Settled};
 use crate::consumer::{Outcomes, Work};
 use crate::handler::{TaskContext, TaskDef, TaskError};
@@ -133,18 +134,14 @@ impl Actor for TaskActor {
     }
 }
 
-/// The limits of one attempt: the envelope's overrides, else the definition's.
+/// The limits of one attempt: the envelope's overrides, else the definition's
+/// ([`Envelope::limits`]). The consumer dead-letters an entry whose overrides are out of range
+/// before it gets here, so the definition's limits stand in only for such an entry met
+/// outside a consumer.
 pub fn limits(envelope: &Envelope, def: &TaskDef) -> (Duration, Option<Duration>) {
-    let hard = envelope
-        .time_limit_ms
-        .map(Duration::from_millis)
-        .unwrap_or(def.time_limit);
-    let soft = envelope
-        .soft_time_limit_ms
-        .map(Duration::from_millis)
-        .or(def.soft_time_limit)
-        .filter(|soft| *soft < hard);
-    (hard, soft)
+    envelope
+        .limits(def.time_limit, def.soft_time_limit)
+        .unwrap_or((def.time_limit, def.soft_time_limit))
 }
 
 async fn attempt(args: &TaskArgs) -> Result<Value, TaskError> {
@@ -267,16 +264,15 @@ async fn record_once(
                         .settled(work, envelope, Settled::Retrying(err))
                         .await?;
                 }
-                work.broker
-                    .retry(delivery, SystemTime::now() + delay, &err.to_string())
-                    .await?;
+                let at = caps::due_after(SystemTime::now(), delay);
+                work.broker.retry(delivery, at, &err.to_string()).await?;
                 Recorded::Retried
             }
             None => {
                 let reason = if def.retry.retries(err) {
                     format!(
                         "retries exhausted after {} attempts: {err}",
-                        envelope.attempt + 1
+                        envelope.attempt.saturating_add(1)
                     )
                 } else if matches!(err, TaskError::Timeout(_)) {
                     format!("not retried (retry_on_timeout = false): {err}")
@@ -294,7 +290,7 @@ async fn record_once(
                 work.broker.dead_letter(delivery, &reason).await?;
                 let failure = json!({
                     "id": envelope.id, "task": envelope.task,
-                    "error": reason, "attempts": envelope.attempt + 1,
+                    "error": reason, "attempts": envelope.attempt.saturating_add(1),
                 });
                 let callbacks = callbacks(
                     work,

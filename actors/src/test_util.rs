@@ -1,5 +1,6 @@
 //! Test harness shared by this crate's tests and (with the `test-util` feature) the `runtime`
-//! crate's: [`RedisServer`], a private `redis-server` on a free loopback port.
+//! crate's: [`RedisServer`], a private `redis-server` on a free loopback port, and
+//! [`fuzz_cases`], how many cases a property test runs.
 //!
 //! DESIGN.md §4: Redis tests run against a real server started here — never a shared instance
 //! (the system one on 6379 is never touched), never a mock. A machine without `redis-server`
@@ -20,6 +21,28 @@ use std::time::{Duration, SystemTime};
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often it is asked.
 const POLL_EVERY: Duration = Duration::from_millis(10);
+
+/// The variable that sets how many cases each property test runs (`RT_FUZZ_CASES=100000` for a
+/// long run); unset, each runs its own short default.
+pub const FUZZ_CASES_ENV: &str = "RT_FUZZ_CASES";
+
+/// How many cases a property test runs: [`FUZZ_CASES_ENV`] when set to a number, else
+/// `default` (a profile of a few seconds, what `cargo test` and CI run).
+///
+/// # Panics
+/// When the variable is set but is not a positive number (a typo must not shorten a long run
+/// silently).
+pub fn fuzz_cases(default: u32) -> u32 {
+    match std::env::var(FUZZ_CASES_ENV) {
+        Err(_) => default,
+        Ok(text) => text
+            .trim()
+            .parse()
+            .ok()
+            .filter(|n| *n > 0)
+            .unwrap_or_else(|| panic!("{FUZZ_CASES_ENV}={text:?}: expected a positive number")),
+    }
+}
 
 /// A private `redis-server` bound to 127.0.0.1 on a free port, with its own temporary
 /// directory and no RDB snapshots (`--save ""`).

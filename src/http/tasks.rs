@@ -5,6 +5,12 @@
 //! the field (`[1].args: invalid type: …`, `[0].task: no such task `x``); a batch with one bad
 //! item enqueues nothing.
 //!
+//! Times and limits: `countdown` (seconds), `eta`, `expires` (RFC 3339), `time_limit_ms` and
+//! `soft_time_limit_ms` are checked as the consumer will read them ([`actors::caps`],
+//! `Envelope::due` / `expiry` / `limits`): a countdown or eta more than 365 days ahead, a time
+//! that is not RFC 3339, a limit of zero, over 7 days, or a soft limit not below the hard one
+//! it ends up with is a 400 naming the field and the limit — never a panic.
+//!
 //! Sizes: an envelope whose JSON is over the broker's `max_entry_bytes` is a 413 naming its
 //! size and the limit (`[2]: task `x`: the envelope is … bytes, over …`), and so is a body
 //! over [`body_limit`] (read no further). Both are JSON errors like every other; the body is
@@ -17,11 +23,12 @@
 //! `{"id", "duplicate": true}` and runs nothing. `GET /tasks/{id}` takes the id
 //! percent-encoded (`a%2Fb` for `a/b`).
 
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use actors::broker::{
-    Broker, BrokerError, Callback, Enqueued, Envelope, check_id, parse_time, rfc3339,
+    Broker, BrokerError, Callback, Enqueued, Envelope, FieldError, check_id, rfc3339,
 };
+use actors::caps::{self, MAX_DELAY, Unit};
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -203,24 +210,14 @@ fn envelope(
         (Some(_), Some(_)) => {
             return Err(("countdown".into(), "give eta or countdown, not both".into()));
         }
-        (Some(eta), None) => {
-            parse_time(&eta).map_err(|e| ("eta".to_string(), e))?;
-            Some(eta)
-        }
-        (None, Some(secs)) if secs.is_finite() && secs >= 0.0 => {
-            Some(rfc3339(now + Duration::from_secs_f64(secs)))
-        }
         (None, Some(secs)) => {
-            return Err((
-                "countdown".into(),
-                format!("must be ≥ 0 seconds, got {secs}"),
-            ));
+            let countdown = caps::checked(secs, Unit::Seconds, MAX_DELAY)
+                .map_err(|e| ("countdown".to_string(), e.to_string()))?;
+            Some(rfc3339(caps::due_after(now, countdown)))
         }
-        (None, None) => None,
+        (eta, None) => eta,
     };
-    if let Some(expires) = &request.expires {
-        parse_time(expires).map_err(|e| ("expires".to_string(), e))?;
-    }
+    let (hard, soft) = (task.time_limit, task.soft_time_limit);
     let mut envelope = Envelope::new(request.task, queue);
     envelope.id = request.id.unwrap_or_default();
     envelope.args = request.args;
@@ -235,6 +232,11 @@ fn envelope(
     envelope.trace_id = request.trace_id;
     envelope.parent_id = request.parent_id;
     envelope.root_id = request.root_id;
+    // Its times and limits, as the consumer will read them (caps, the soft < hard rule).
+    let field = |e: FieldError| (e.field.to_string(), e.why);
+    envelope.due(now).map_err(field)?;
+    envelope.expiry().map_err(field)?;
+    envelope.limits(hard, soft).map_err(field)?;
     Ok(envelope)
 }
 

@@ -10,9 +10,40 @@
 //! rule here — `POST /tasks` (a 400 naming `[n].id`), `Broker::enqueue`, an entry read from a
 //! queue ([`Envelope::from_json`]: dead-lettered as malformed with the reason), and the Celery
 //! bridge's `take.lua` (the same rule in Lua, with [`MAX_ID_BYTES`] passed in).
+//!
+//! Its times and limits are text and numbers from outside: they are read through
+//! [`Envelope::due`], [`Envelope::expiry`] and [`Envelope::limits`], which check them against
+//! the caps of [`crate::caps`] and name the field that is wrong ([`FieldError`]). `POST /tasks`
+//! answers such an error with a `400`, `enqueue` refuses the envelope, and the consumer
+//! dead-letters an entry that carries one with the error as the reason.
+
+use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+
+use super::parse_time;
+use crate::caps::{self, MAX_DELAY, MAX_TIME_LIMIT, Unit};
+
+/// A field of an envelope whose value cannot be used, and why (`time_limit_ms: must be longer
+/// than zero`).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {why}")]
+pub struct FieldError {
+    /// The field's name.
+    pub field: &'static str,
+    /// What is wrong with its value.
+    pub why: String,
+}
+
+impl FieldError {
+    fn new(field: &'static str, why: impl Into<String>) -> Self {
+        Self {
+            field,
+            why: why.into(),
+        }
+    }
+}
 
 /// The longest task id accepted, in bytes of UTF-8. Ids are Redis key parts
 /// (`p:result:<id>`, `p:id:<id>`), log fields and URL path segments; 256 holds a UUID, a Celery
@@ -186,6 +217,84 @@ impl Envelope {
             .unwrap_or(&self.id)
     }
 
+    /// When it may run: `None` as soon as possible, else its `eta` — an RFC 3339 time at most
+    /// [`MAX_DELAY`] after `now` (a time in the past runs at once).
+    pub fn due(&self, now: SystemTime) -> Result<Option<SystemTime>, FieldError> {
+        let Some(eta) = &self.eta else {
+            return Ok(None);
+        };
+        let at = parse_time(eta).map_err(|why| FieldError::new("eta", why))?;
+        if at
+            .duration_since(now)
+            .is_ok_and(|ahead| ahead > MAX_DELAY.max)
+        {
+            return Err(FieldError::new(
+                "eta",
+                format!(
+                    "`{eta}` is more than {} ahead (the furthest a task is scheduled)",
+                    MAX_DELAY
+                ),
+            ));
+        }
+        Ok(Some(at))
+    }
+
+    /// When it expires, if it does: its `expires` (any RFC 3339 time; a far one is as good as
+    /// never, a past one is expired).
+    pub fn expiry(&self) -> Result<Option<SystemTime>, FieldError> {
+        self.expires
+            .as_deref()
+            .map(|expires| parse_time(expires).map_err(|why| FieldError::new("expires", why)))
+            .transpose()
+    }
+
+    /// The (hard, soft) limits of an attempt: the envelope's `time_limit_ms` and
+    /// `soft_time_limit_ms` over the task's own `hard` and `soft`. Like the config's rule, a
+    /// limit is longer than zero, and a soft limit the envelope sets must be below the hard one
+    /// it ends up with (else it would never fire); each is at most [`MAX_TIME_LIMIT`]. The task's
+    /// own soft limit is dropped when the envelope's hard limit is not above it.
+    pub fn limits(
+        &self,
+        hard: Duration,
+        soft: Option<Duration>,
+    ) -> Result<(Duration, Option<Duration>), FieldError> {
+        let millis = |field: &'static str, ms: Option<u64>| {
+            ms.map(
+                |ms| match caps::checked(ms as f64, Unit::Millis, MAX_TIME_LIMIT) {
+                    Ok(limit) if limit.is_zero() => {
+                        Err(FieldError::new(field, "must be longer than zero"))
+                    }
+                    Ok(limit) => Ok(limit),
+                    Err(err) => Err(FieldError::new(field, err.to_string())),
+                },
+            )
+            .transpose()
+        };
+        let own_hard = millis("time_limit_ms", self.time_limit_ms)?;
+        let own_soft = millis("soft_time_limit_ms", self.soft_time_limit_ms)?;
+        let hard = own_hard.unwrap_or(hard);
+        match own_soft {
+            Some(soft) if soft >= hard => {
+                let hard_text = match own_hard {
+                    Some(_) => format!("time_limit_ms {}", hard.as_millis()),
+                    None => format!(
+                        "the task's time_limit of {}",
+                        humantime::format_duration(hard)
+                    ),
+                };
+                Err(FieldError::new(
+                    "soft_time_limit_ms",
+                    format!(
+                        "{} is not below {hard_text}: the soft limit would never fire",
+                        soft.as_millis()
+                    ),
+                ))
+            }
+            Some(soft) => Ok((hard, Some(soft))),
+            None => Ok((hard, soft.filter(|soft| *soft < hard))),
+        }
+    }
+
     /// Serialises the envelope (cannot fail: every field is plain JSON).
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).unwrap_or_default()
@@ -262,5 +371,104 @@ mod tests {
         );
         assert_eq!(Envelope::id_in(r#"{"id":"a\u0000"}"#), None);
         assert_eq!(Envelope::id_in("not json"), None);
+    }
+
+    #[test]
+    fn eta_and_expires_are_rfc3339_times_and_an_eta_is_at_most_the_cap_ahead() {
+        let now = SystemTime::now();
+        let mut env = Envelope::new("t", "q");
+        assert_eq!(env.due(now), Ok(None));
+        assert_eq!(env.expiry(), Ok(None));
+        env.eta = Some("2026-01-01T00:00:00+01:00".into());
+        let due = env.due(now).unwrap().unwrap();
+        assert_eq!(crate::broker::rfc3339(due), "2025-12-31T23:00:00.000Z");
+        env.eta = Some(crate::broker::rfc3339(
+            now + Duration::from_secs(364 * 86_400),
+        ));
+        assert!(env.due(now).unwrap().is_some());
+        // The last second RFC 3339 can write is a time; as an eta it is too far ahead.
+        env.eta = Some("9999-12-31T23:59:59Z".into());
+        assert_eq!(
+            env.due(now).unwrap_err().to_string(),
+            "eta: `9999-12-31T23:59:59Z` is more than 365 days ahead (the furthest a task is \
+             scheduled)"
+        );
+        env.eta = Some("soon".into());
+        assert!(
+            env.due(now)
+                .unwrap_err()
+                .to_string()
+                .starts_with("eta: `soon` is not an RFC 3339 time")
+        );
+        // A past eta (1960 included) runs at once.
+        env.eta = Some("1960-01-01T00:00:00Z".into());
+        assert!(env.due(now).unwrap().unwrap() < now);
+        // As an expiry the year 9999 is as good as never.
+        env.expires = Some("9999-12-31T23:59:59Z".into());
+        assert!(env.expiry().unwrap().unwrap() > now);
+        env.expires = Some("10000-01-01T00:00:00Z".into());
+        assert!(
+            env.expiry()
+                .unwrap_err()
+                .to_string()
+                .starts_with("expires: `10000-01-01T00:00:00Z` is not an RFC 3339 time")
+        );
+    }
+
+    #[test]
+    fn limits_follow_the_config_rule_and_the_cap() {
+        let s = Duration::from_secs;
+        let mut env = Envelope::new("t", "q");
+        assert_eq!(env.limits(s(60), Some(s(50))), Ok((s(60), Some(s(50)))));
+        env.time_limit_ms = Some(10_000);
+        assert_eq!(
+            env.limits(s(60), Some(s(50))),
+            Ok((s(10), None)),
+            "the task's soft is dropped"
+        );
+        env.soft_time_limit_ms = Some(5_000);
+        assert_eq!(env.limits(s(60), Some(s(50))), Ok((s(10), Some(s(5)))));
+        let cases = [
+            (Some(0), None, "time_limit_ms: must be longer than zero"),
+            (
+                None,
+                Some(0),
+                "soft_time_limit_ms: must be longer than zero",
+            ),
+            (
+                Some(u64::MAX),
+                None,
+                "time_limit_ms: 1.8446744073709552e19 ms is over the limit of 604800000 ms (7 days)",
+            ),
+            (
+                Some(604_800_001),
+                None,
+                "time_limit_ms: 604800001 ms is over the limit of 604800000 ms (7 days)",
+            ),
+            (
+                None,
+                Some(u64::MAX),
+                "soft_time_limit_ms: 1.8446744073709552e19 ms is over the limit of 604800000 ms (7 days)",
+            ),
+            (
+                Some(5_000),
+                Some(5_000),
+                "soft_time_limit_ms: 5000 is not below time_limit_ms 5000: the soft limit would never fire",
+            ),
+            (
+                None,
+                Some(60_000),
+                "soft_time_limit_ms: 60000 is not below the task's time_limit of 1m: the soft limit would never fire",
+            ),
+        ];
+        for (hard, soft, expected) in cases {
+            env.time_limit_ms = hard;
+            env.soft_time_limit_ms = soft;
+            let err = env.limits(s(60), None).unwrap_err();
+            assert_eq!(err.to_string(), expected);
+        }
+        env.time_limit_ms = Some(604_800_000);
+        env.soft_time_limit_ms = None;
+        assert_eq!(env.limits(s(60), None), Ok((s(604_800), None)));
     }
 }

@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use super::{
     Broker, BrokerError, BrokerSettings, DeadLetter, Delivery, Enqueued, Envelope, Event, LastRun,
     NodeRecord, Purged, QueueDepth, Recovered, TaskRecord, TaskState, check_id, due_ms, epoch_ms,
-    parse_time, rfc3339,
+    rfc3339,
 };
 
 /// The in-memory broker.
@@ -207,7 +207,7 @@ impl MemoryBroker {
             state: task_state,
             result,
             error,
-            attempts: envelope.attempt + 1,
+            attempts: envelope.attempt.saturating_add(1),
             updated_at: rfc3339(SystemTime::now()),
         };
         // Expired records, idempotency keys and id guards are dropped every so often, so a
@@ -347,7 +347,8 @@ pub(crate) fn prepare_batch(
 }
 
 /// Checks a chosen id ([`check_id`]), fills in the id, enqueue time and trace id; returns the
-/// wall-clock due time when the eta is in the future.
+/// wall-clock due time when the eta is in the future. An `eta` or `expires` that is not a time,
+/// or an eta past the cap, is refused ([`Envelope::due`], [`Envelope::expiry`]).
 fn prepare(envelope: &mut Envelope, now: SystemTime) -> Result<Option<u64>, BrokerError> {
     if envelope.task.is_empty() {
         return Err(BrokerError::Invalid("task: must not be empty".into()));
@@ -373,13 +374,10 @@ fn prepare(envelope: &mut Envelope, now: SystemTime) -> Result<Option<u64>, Brok
         let uuid = fresh.unwrap_or_else(uuid::Uuid::new_v4);
         envelope.trace_id = Some(uuid.simple().to_string());
     }
-    match &envelope.eta {
-        None => Ok(None),
-        Some(eta) => {
-            let due = parse_time(eta).map_err(|e| BrokerError::Invalid(format!("eta: {e}")))?;
-            Ok((due > now).then(|| due_ms(due)))
-        }
-    }
+    let invalid = |err: super::FieldError| BrokerError::Invalid(err.to_string());
+    envelope.expiry().map_err(invalid)?;
+    let due = envelope.due(now).map_err(invalid)?;
+    Ok(due.filter(|due| *due > now).map(due_ms))
 }
 
 impl Broker for MemoryBroker {
@@ -509,7 +507,7 @@ impl Broker for MemoryBroker {
         error: &str,
     ) -> Result<(), BrokerError> {
         let mut next = delivery.envelope.clone();
-        next.attempt += 1;
+        next.attempt = next.attempt.saturating_add(1);
         let mut state = self.lock();
         self.release(&mut state, delivery);
         state.push_delayed(&delivery.queue, due_ms(at), &next);
@@ -541,7 +539,7 @@ impl Broker for MemoryBroker {
         state.queue(&delivery.queue).dead.push_back(DeadLetter {
             entry: id,
             reason: reason.to_string(),
-            attempts: delivery.envelope.attempt + 1,
+            attempts: delivery.envelope.attempt.saturating_add(1),
             at: rfc3339(SystemTime::now()),
             envelope: Some(delivery.envelope.clone()),
             raw: None,
@@ -587,7 +585,7 @@ impl Broker for MemoryBroker {
                     reason: format!(
                         "delivered {delivered} times without an ack (max_deliveries = {max})"
                     ),
-                    attempts: envelope.as_ref().map_or(0, |e| e.attempt + 1),
+                    attempts: envelope.as_ref().map_or(0, |e| e.attempt.saturating_add(1)),
                     at: rfc3339(SystemTime::now()),
                     raw: envelope.is_none().then_some(leased.entry.raw),
                     envelope,

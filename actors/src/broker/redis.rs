@@ -755,7 +755,7 @@ impl RedisBroker {
             .arg("error")
             .arg(error)
             .arg("attempts")
-            .arg(envelope.attempt + 1)
+            .arg(envelope.attempt.saturating_add(1))
             .arg("updated_at")
             .arg(at)
             .ignore();
@@ -922,7 +922,7 @@ impl RedisBroker {
                 Some(Ok(envelope)) => out.push(Delivery {
                     queue: queue.to_string(),
                     entry: id,
-                    deliveries: d + 1,
+                    deliveries: d.saturating_add(1),
                     size: e.map_or(0, String::len),
                     envelope,
                 }),
@@ -1250,7 +1250,7 @@ impl Broker for RedisBroker {
     ) -> Result<(), BrokerError> {
         let envelope = &delivery.envelope;
         let mut next = envelope.clone();
-        next.attempt += 1;
+        next.attempt = next.attempt.saturating_add(1);
         let now = rfc3339(SystemTime::now());
         let mut pipe = redis::pipe();
         self.add_reschedule(&mut pipe, delivery, &next, at);
@@ -1287,7 +1287,7 @@ impl Broker for RedisBroker {
             .arg("reason")
             .arg(reason)
             .arg("attempts")
-            .arg(envelope.attempt + 1)
+            .arg(envelope.attempt.saturating_add(1))
             .arg("at")
             .arg(&now)
             .ignore();

@@ -3,7 +3,7 @@
 //! | answer | outcome |
 //! |---|---|
 //! | 2xx | success; the JSON body is the result (an empty body is `null`, other text a string) |
-//! | connect error, timeout, 408, 429, 5xx | retryable; `Retry-After` (seconds) is honoured |
+//! | connect error, timeout, 408, 429, 5xx | retryable; `Retry-After` (seconds) is honoured, up to [`crate::caps::MAX_UPSTREAM_WAIT`] (a longer one is cut to it, with a warning) |
 //! | other 4xx | permanent |
 //!
 //! Headers sent: `X-Task-Id`, `X-Task-Attempt`, `X-Task-Deadline` (RFC 3339: the soft limit,
@@ -19,6 +19,7 @@ use tokio::time::Instant;
 
 use super::{Attempt, Handler, TaskContext, TaskError};
 use crate::broker::rfc3339;
+use crate::caps::{self, Unit};
 
 /// Characters of an error body kept in a task error.
 const BODY_SNIPPET: usize = 300;
@@ -71,13 +72,8 @@ impl HttpHandler {
             .await
             .map_err(|err| TaskError::retry(describe(&err)))?;
         let status = response.status();
-        let retry_after = response
-            .headers()
-            .get(RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .filter(|secs| secs.is_finite() && *secs >= 0.0)
-            .map(Duration::from_secs_f64);
+        let retry_after =
+            caps::upstream_wait(response.headers(), RETRY_AFTER.as_str(), Unit::Seconds);
         let body = response
             .bytes()
             .await
@@ -225,6 +221,78 @@ mod tests {
                 "HTTP 422 Unprocessable Entity from {base}/bad: thread_id missing"
             ))
         );
+    }
+
+    /// A fake app that answers every request with the status and `Retry-After` the
+    /// envelope's kwargs ask for (`status`, `retry_after`).
+    async fn echoing_app() -> String {
+        let router = Router::new().route(
+            "/",
+            post(|body: String| async move {
+                let envelope: Value = serde_json::from_str(&body).unwrap();
+                let kwargs = &envelope["kwargs"];
+                let status = kwargs["status"].as_u64().unwrap_or(503) as u16;
+                let mut response = axum::response::Response::new(axum::body::Body::from("{}"));
+                *response.status_mut() = Code::from_u16(status).unwrap();
+                let value = kwargs["retry_after"].as_str().unwrap_or_default();
+                if let Ok(value) = axum::http::HeaderValue::from_bytes(value.as_bytes()) {
+                    response.headers_mut().insert("retry-after", value);
+                }
+                response
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        format!("http://{addr}/")
+    }
+
+    fn asking(status: u16, retry_after: &str) -> TaskContext {
+        let mut context = ctx();
+        let mut envelope = (*context.envelope).clone();
+        envelope.kwargs.insert("status".into(), json!(status));
+        envelope
+            .kwargs
+            .insert("retry_after".into(), json!(retry_after));
+        context.envelope = Arc::new(envelope);
+        context
+    }
+
+    #[tokio::test]
+    async fn a_retry_after_past_the_cap_is_cut_to_it_never_a_panic() {
+        let url = echoing_app().await;
+        let day = Duration::from_secs(86_400);
+        for retry_after in ["18446744073709551615", "1e300", "inf", "86401"] {
+            let handler = HttpHandler::new(&url, None, reqwest::Client::new());
+            let err = handler.call(asking(503, retry_after)).await.unwrap_err();
+            assert!(
+                matches!(err, TaskError::Retry { after: Some(d), .. } if d == day),
+                "{retry_after}: {err:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn generated_answers_never_panic_the_handler() {
+        use proptest::prelude::*;
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let url = runtime.block_on(echoing_app());
+        let client = reqwest::Client::new();
+        let statuses = prop::sample::select(vec![200u16, 204, 408, 429, 500, 502, 503, 404, 422]);
+        let config = ProptestConfig::with_cases(crate::test_util::fuzz_cases(200));
+        proptest!(config, |(status in statuses, retry_after in crate::caps::tests::hostile_waits())| {
+            let handler = HttpHandler::new(&url, None, client.clone());
+            let outcome = runtime.block_on(handler.call(asking(status, &retry_after)));
+            match outcome {
+                Ok(_) => prop_assert!(status < 300),
+                Err(TaskError::Retry { after, .. }) => {
+                    prop_assert!([408, 429, 500, 502, 503].contains(&status));
+                    prop_assert!(after.is_none_or(|d| d <= crate::caps::MAX_UPSTREAM_WAIT.max));
+                }
+                Err(TaskError::Permanent(_)) => prop_assert!([404, 422].contains(&status)),
+                Err(other) => prop_assert!(false, "{:?}", other),
+            }
+        });
     }
 
     #[tokio::test]

@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use super::{Attempt, Handler, TaskContext, TaskError};
+use crate::caps::{self, MAX_DELAY, Unit};
 
 type NativeFn = Arc<dyn Fn(TaskContext) -> Attempt + Send + Sync>;
 
@@ -32,7 +33,8 @@ impl Natives {
     /// The built-in functions: `rt_noop` (returns null), `rt_add` (the sum of its numeric
     /// `args`), `rt_echo` (returns `{args, kwargs}`),
     /// `rt_sleep` (`kwargs.ms`; stops early at the soft limit unless `kwargs.ignore_soft`),
-    /// `rt_fail` (`kwargs.permanent`, `kwargs.message`, `kwargs.retry_after_ms`).
+    /// `rt_fail` (`kwargs.permanent`, `kwargs.message`, `kwargs.retry_after_ms`: at most
+    /// [`MAX_DELAY`], a longer one is cut to it).
     pub fn builtin() -> Self {
         let mut natives = Self::default();
         natives.register("rt_noop", |_| async { Ok(Value::Null) });
@@ -88,8 +90,8 @@ impl Natives {
             }
             let after = kwargs
                 .get("retry_after_ms")
-                .and_then(Value::as_u64)
-                .map(Duration::from_millis);
+                .and_then(Value::as_f64)
+                .and_then(|ms| caps::capped("retry_after_ms", ms, Unit::Millis, MAX_DELAY));
             Err(TaskError::Retry {
                 reason: message,
                 after,

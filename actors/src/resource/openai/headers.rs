@@ -2,11 +2,15 @@
 //! `retry-after-ms` / `retry-after` delay, and whether a 429 is `insufficient_quota`.
 //!
 //! The reset headers are Go-style durations (`1s`, `6m0s`, `20ms`, `7.66s`, `1h2m3.5s`).
+//! Every wait read here is capped at [`MAX_UPSTREAM_WAIT`] (a longer one is cut to it and
+//! logged): a hostile or broken upstream cannot hold the node's calls for years, nor panic it.
 
 use std::time::Duration;
 
 use reqwest::header::{HeaderMap, RETRY_AFTER};
 use serde_json::Value;
+
+use crate::caps::{self, MAX_UPSTREAM_WAIT, Unit, upstream_wait};
 
 /// The `x-ratelimit-*` headers of one response (each when present and readable).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -30,7 +34,10 @@ impl RateHeaders {
     pub(crate) fn read(headers: &HeaderMap) -> Self {
         let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
         let number = |name: &str| text(name).and_then(|v| v.trim().parse::<u64>().ok());
-        let duration = |name: &str| text(name).and_then(parse_go_duration);
+        let duration = |name: &str| {
+            let secs = text(name).and_then(parse_go_duration)?;
+            caps::capped(name, secs, Unit::Seconds, MAX_UPSTREAM_WAIT)
+        };
         Self {
             limit_requests: number("x-ratelimit-limit-requests"),
             limit_tokens: number("x-ratelimit-limit-tokens"),
@@ -62,16 +69,8 @@ impl RateHeaders {
 /// The server's delay: `retry-after-ms` (milliseconds) first, else `retry-after` (seconds,
 /// possibly fractional). HTTP dates are not used by OpenAI and are ignored.
 pub(crate) fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let number = |name: &str| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .filter(|n| n.is_finite() && *n >= 0.0)
-    };
-    number("retry-after-ms")
-        .map(|ms| Duration::from_secs_f64(ms / 1000.0))
-        .or_else(|| number(RETRY_AFTER.as_str()).map(Duration::from_secs_f64))
+    upstream_wait(headers, "retry-after-ms", Unit::Millis)
+        .or_else(|| upstream_wait(headers, RETRY_AFTER.as_str(), Unit::Seconds))
 }
 
 /// Whether an error body says the account is out of quota (`error.code` or `error.type` is
@@ -81,8 +80,9 @@ pub(crate) fn is_insufficient_quota(body: &Value) -> bool {
     error["code"] == "insufficient_quota" || error["type"] == "insufficient_quota"
 }
 
-/// A Go-style duration (`6m0s`, `20ms`, `1.5s`, `1h2m`); `None` when unreadable.
-pub(crate) fn parse_go_duration(text: &str) -> Option<Duration> {
+/// A Go-style duration (`6m0s`, `20ms`, `1.5s`, `1h2m`) in seconds; `None` when unreadable.
+/// (The caller caps it: `99999999999h` is a number of seconds here, not yet a `Duration`.)
+pub(crate) fn parse_go_duration(text: &str) -> Option<f64> {
     let mut rest = text.trim();
     if rest.is_empty() {
         return None;
@@ -109,24 +109,28 @@ pub(crate) fn parse_go_duration(text: &str) -> Option<Duration> {
         rest = &rest[unit_len..];
         total += value * seconds;
     }
-    Some(Duration::from_secs_f64(total))
+    Some(total)
 }
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
     use reqwest::header::HeaderValue;
     use serde_json::json;
 
     use super::*;
+    use crate::caps::tests::hostile_waits;
+    use crate::test_util::fuzz_cases;
 
     #[test]
     fn go_durations() {
-        let ms = Duration::from_millis;
-        assert_eq!(parse_go_duration("1s"), Some(ms(1000)));
-        assert_eq!(parse_go_duration("6m0s"), Some(ms(360_000)));
-        assert_eq!(parse_go_duration("20ms"), Some(ms(20)));
-        assert_eq!(parse_go_duration("1h2m3.5s"), Some(ms(3_723_500)));
-        assert_eq!(parse_go_duration("7.66s"), Some(ms(7660)));
+        let ms = |ms| Some(Duration::from_millis(ms));
+        let parse = |text| parse_go_duration(text).map(Duration::from_secs_f64);
+        assert_eq!(parse("1s"), ms(1000));
+        assert_eq!(parse("6m0s"), ms(360_000));
+        assert_eq!(parse("20ms"), ms(20));
+        assert_eq!(parse("1h2m3.5s"), ms(3_723_500));
+        assert_eq!(parse("7.66s"), ms(7660));
         for bad in ["", "s", "12", "3 days", "1x"] {
             assert_eq!(parse_go_duration(bad), None, "{bad:?}");
         }
@@ -169,6 +173,70 @@ mod tests {
         assert_eq!(retry_after(&secs), Some(Duration::from_secs(2)));
         let date = headers(&[("retry-after", "Wed, 21 Oct 2015 07:28:00 GMT")]);
         assert_eq!(retry_after(&date), None);
+    }
+
+    #[test]
+    fn waits_past_the_cap_are_cut_to_it_never_a_panic() {
+        let cap = Duration::from_secs(86_400);
+        for (name, value) in [
+            ("retry-after-ms", "18446744073709551615"),
+            ("retry-after-ms", "1e300"),
+            ("retry-after", "18446744073709551615"),
+            ("retry-after", "9223372036854775808"),
+            ("retry-after", "inf"),
+        ] {
+            assert_eq!(
+                retry_after(&headers(&[(name, value)])),
+                Some(cap),
+                "{name}: {value}"
+            );
+        }
+        let read = RateHeaders::read(&headers(&[
+            ("x-ratelimit-remaining-requests", "0"),
+            ("x-ratelimit-reset-requests", "99999999999999999999h"),
+            ("x-ratelimit-remaining-tokens", "0"),
+            (
+                "x-ratelimit-reset-tokens",
+                "1000000000000000000000000000000.5s",
+            ),
+        ]));
+        assert_eq!(read.reset_requests, Some(cap));
+        assert_eq!(read.reset_tokens, Some(cap));
+        assert_eq!(read.exhausted_for(), Some(cap));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(fuzz_cases(1000)))]
+
+        /// Every header OpenAI's answers are read for, at once, with hostile values: the waits
+        /// read from them are at most the cap, the counts are numbers or nothing.
+        #[test]
+        fn hostile_rate_headers_never_panic_and_waits_stay_under_the_cap(
+            values in prop::collection::vec(hostile_waits(), 8),
+        ) {
+            const NAMES: [&str; 8] = [
+                "retry-after",
+                "retry-after-ms",
+                "x-ratelimit-reset-requests",
+                "x-ratelimit-reset-tokens",
+                "x-ratelimit-remaining-requests",
+                "x-ratelimit-remaining-tokens",
+                "x-ratelimit-limit-requests",
+                "x-ratelimit-limit-tokens",
+            ];
+            let mut map = HeaderMap::new();
+            for (name, value) in NAMES.iter().zip(&values) {
+                if let Ok(value) = HeaderValue::from_bytes(value.as_bytes()) {
+                    map.insert(*name, value);
+                }
+            }
+            let cap = MAX_UPSTREAM_WAIT.max;
+            prop_assert!(retry_after(&map).is_none_or(|d| d <= cap));
+            let read = RateHeaders::read(&map);
+            for wait in [read.reset_requests, read.reset_tokens, read.exhausted_for()] {
+                prop_assert!(wait.is_none_or(|d| d <= cap), "{:?}", wait);
+            }
+        }
     }
 
     #[test]
