@@ -14,6 +14,8 @@
 //! - [`task`] — `TaskActor`: one attempt under its limits; records its own outcome; the
 //!   `task_span` every task log line carries.
 //! - [`gate`] — `ResourceGate`: deferral of tasks whose resources are closed.
+//! - [`child`] — child processes (`exec` commands, pool agents): clean environment, own process
+//!   group, capped line reader, and the watchdog that kills them when the node dies.
 //! - [`handler`] — what runs a task: `Handler`, `TaskError`, `TaskDef`; native, http, exec.
 //! - [`resource`] — shared resources: circuit breaker, Zep client, OpenAI limiter, egress types.
 //! - [`metrics`] — `Metrics`: the Prometheus registry (`GET /metrics`), recorded by the
@@ -29,6 +31,7 @@
 
 pub mod broker;
 pub mod celery;
+pub mod child;
 pub mod consumer;
 pub mod gate;
 pub mod handler;
