@@ -23,6 +23,7 @@ use actors::broker::memory::MemoryBroker;
 use actors::handler::native::Natives;
 
 use crate::config::{self, Config, Diagnostics, Environment};
+use crate::http::egress::EgressAccess;
 use crate::topology::{broker_settings, pools, resources, task_defs};
 
 /// sysexits.h EX_CONFIG: the exit code for a bad config.
@@ -64,7 +65,9 @@ pub async fn run(path: &Path, deny_warnings: bool, no_environment: bool) -> Exit
 /// What a valid config still needs from this binary and this machine: a registered function
 /// for every native task, and (unless `no_environment`) a reachable broker.
 async fn beyond_the_file(config: &Config, no_environment: bool, diagnostics: &mut Diagnostics) {
-    let pools = match pools(config) {
+    // Nothing listens in a check: the egress URL is the configured one.
+    let egress = EgressAccess::new(config.http.bind);
+    let pools = match pools(config, &egress) {
         Ok((pools, _)) => pools,
         Err(problems) => {
             for (path, message) in problems {
@@ -73,7 +76,8 @@ async fn beyond_the_file(config: &Config, no_environment: bool, diagnostics: &mu
             Default::default()
         }
     };
-    if let Err(missing) = task_defs(config, &Natives::builtin(), &reqwest::Client::new(), &pools) {
+    let client = reqwest::Client::new();
+    if let Err(missing) = task_defs(config, &Natives::builtin(), &client, &pools, &egress) {
         for (path, message) in missing {
             diagnostics.error(path, message);
         }

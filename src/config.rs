@@ -292,6 +292,10 @@ pub enum Handler {
         args: Vec<String>,
         /// Working directory.
         cwd: Option<PathBuf>,
+        /// The command's environment as configured (nothing else is inherited).
+        env: IndexMap<String, String>,
+        /// Variables copied from the runtime's environment when the handler is built.
+        pass_env: Vec<String>,
     },
     /// A registered Rust function named like the task.
     Native,

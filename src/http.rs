@@ -66,6 +66,9 @@ pub struct AppState {
     pub config: Arc<Config>,
     /// Bearer token for mutating routes, when configured.
     pub admin_token: Option<Arc<str>>,
+    /// The token the node's children present to the egress proxy instead of the admin token
+    /// ([`egress::EgressAccess`]); `None`: only the admin token opens it.
+    pub egress_token: Option<Arc<str>>,
     /// Whether the chaos routes exist.
     pub chaos: bool,
     /// The bound on open `/events` streams.
@@ -87,6 +90,7 @@ impl AppState {
             pools: Arc::default(),
             metrics: Arc::default(),
             admin_token: config.http.admin_token.as_deref().map(Arc::from),
+            egress_token: None,
             chaos: config.chaos.enabled,
             event_streams: Arc::default(),
             config: Arc::new(config.clone()),

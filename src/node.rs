@@ -1,5 +1,7 @@
-//! Running a node: start the supervision tree and the HTTP server, wait for a shutdown
-//! signal or for the root to end by itself, then stop in reverse order within the grace.
+//! Running a node: start the watchdog of its child processes (which also kills what dead
+//! nodes left), bind the listener (its address is the children's egress URL), start the
+//! supervision tree and the HTTP server, wait for a shutdown signal or for the root to end by
+//! itself, then stop in reverse order within the grace.
 
 use std::future::Future;
 use std::process::ExitCode;
@@ -19,6 +21,7 @@ use tracing::{error, info, warn};
 
 use crate::check::EX_CONFIG;
 use crate::config::Config;
+use crate::http::egress::EgressAccess;
 use crate::http::{AppState, app};
 use crate::topology::{
     ROOT, Shared, broker_settings, celery_settings, metrics, node_name, pools, resources,
@@ -52,7 +55,20 @@ pub async fn run_with(
     shutdown: impl Future<Output = &'static str>,
 ) -> ExitCode {
     let node_started = Instant::now();
-    let (pools, pool_actors) = match pools(&config) {
+    // Before any child starts: the watchdog that kills the children if this process dies, and
+    // what earlier processes that died with their watchdog left behind killed.
+    actors::child::watchdog::start();
+    // The listener comes first: the children's egress URL needs its port.
+    let listener = match TcpListener::bind(config.http.bind).await {
+        Ok(listener) => listener,
+        Err(err) => {
+            error!(bind = %config.http.bind, error = %err, "cannot listen (http.bind)");
+            return ExitCode::FAILURE;
+        }
+    };
+    let addr = listener.local_addr().map_or(config.http.bind, |a| a);
+    let egress = EgressAccess::new(addr);
+    let (pools, pool_actors) = match pools(&config, &egress) {
         Ok(built) => built,
         Err(problems) => {
             for (path, message) in problems {
@@ -62,7 +78,7 @@ pub async fn run_with(
         }
     };
     let client = reqwest::Client::new();
-    let tasks = match task_defs(&config, &natives, &client, &pools) {
+    let tasks = match task_defs(&config, &natives, &client, &pools, &egress) {
         Ok(tasks) => Arc::new(tasks),
         Err(missing) => {
             for (path, message) in missing {
@@ -130,16 +146,6 @@ pub async fn run_with(
         }
     };
 
-    let listener = match TcpListener::bind(config.http.bind).await {
-        Ok(listener) => listener,
-        Err(err) => {
-            error!(bind = %config.http.bind, error = %err, "cannot listen (http.bind)");
-            root.stop(Some("startup failed".into()));
-            let _ = tokio::time::timeout(config.runtime.shutdown_grace, root_done).await;
-            return ExitCode::FAILURE;
-        }
-    };
-    let addr = listener.local_addr().map_or(config.http.bind, |a| a);
     let mut state = AppState::new(
         Arc::clone(&tree),
         Arc::clone(shared.broker()),
@@ -147,6 +153,7 @@ pub async fn run_with(
         &config,
     );
     state.pools = Arc::new(pools);
+    state.egress_token = Some(Arc::from(egress.token()));
     state.metrics = metrics;
     if config.chaos.enabled {
         warn!("chaos routes are enabled: POST /chaos/kill/{{path}} kills actors");

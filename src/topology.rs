@@ -43,6 +43,7 @@ use actors::supervisor::{ChildSpec, Restart, SupervisorSpec};
 use tokio::time::Instant;
 
 use crate::config::{self, Config};
+use crate::http::egress::EgressAccess;
 
 /// Name of the root supervisor (and first segment of every path).
 pub const ROOT: &str = "root";
@@ -112,14 +113,34 @@ impl Shared {
 /// by `runtime check` and at start like compile errors.
 pub type Problems = Vec<(String, String)>;
 
+/// The whole environment of a child of the node (an `exec` command, a pool agent): `env` and
+/// `pass_env` as configured (and `PATH`, see [`actors::child::environment`]), plus the
+/// node's egress URL and the children's egress token.
+fn child_env(
+    env: &indexmap::IndexMap<String, String>,
+    pass_env: &[String],
+    egress: &EgressAccess,
+) -> BTreeMap<String, String> {
+    let mut vars = actors::child::environment(
+        env.iter()
+            .map(|(name, value)| (name.as_str(), value.as_str())),
+        pass_env,
+    );
+    for (name, value) in egress.vars() {
+        vars.insert(name.to_string(), value.to_string());
+    }
+    vars
+}
+
 /// The task definitions of `config`, with their handlers: native ones from `natives`, HTTP
-/// ones sharing `client`. `Err` lists `(key path, message)` for each native task that has no
-/// registered function.
+/// ones sharing `client`, exec ones with their environment and the node's `egress`. `Err`
+/// lists `(key path, message)` for each native task that has no registered function.
 pub fn task_defs(
     config: &Config,
     natives: &Natives,
     client: &reqwest::Client,
     pools: &BTreeMap<String, Pool>,
+    egress: &EgressAccess,
 ) -> Result<TaskDefs, Problems> {
     let mut defs = Vec::new();
     let mut missing = Vec::new();
@@ -128,9 +149,17 @@ pub fn task_defs(
             config::Handler::Http { url, timeout } => {
                 Arc::new(HttpHandler::new(url.as_str(), *timeout, client.clone()))
             }
-            config::Handler::Exec { command, args, cwd } => {
-                Arc::new(ExecHandler::new(command, args, cwd.clone()))
-            }
+            config::Handler::Exec {
+                command,
+                args,
+                cwd,
+                env,
+                pass_env,
+            } => Arc::new(
+                ExecHandler::new(command, args, cwd.clone())
+                    .with_env(child_env(env, pass_env, egress))
+                    .with_max_result_bytes(config.broker.max_entry_bytes),
+            ),
             config::Handler::Native => match natives.handler(name) {
                 Some(handler) => handler,
                 None => {
@@ -306,20 +335,19 @@ pub fn resources(
 
 /// The process pools of `config` (`[pools.NAME]`): one [`Pool`] per pool, created once per
 /// node (membership outside the actor) and shared by its actor, the `pool` task handler and
-/// the HTTP routes. `Err` lists `(key path, message)` problems of the pool settings.
-pub fn pools(config: &Config) -> Result<(BTreeMap<String, Pool>, Vec<ChildSpec>), Problems> {
+/// the HTTP routes; agents get the node's `egress`. `Err` lists `(key path, message)`
+/// problems of the pool settings.
+pub fn pools(
+    config: &Config,
+    egress: &EgressAccess,
+) -> Result<(BTreeMap<String, Pool>, Vec<ChildSpec>), Problems> {
     let mut pools = BTreeMap::new();
     let mut children = Vec::new();
     let mut problems = Vec::new();
     for (name, p) in &config.pools {
         let mut settings = PoolSettings::new(name, &p.command, p.ready_pattern.clone());
         settings.args = p.args.clone();
-        settings.env = p.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        for var in &p.pass_env {
-            if let Ok(value) = std::env::var(var) {
-                settings.env.insert(var.clone(), value);
-            }
-        }
+        settings.env = child_env(&p.env, &p.pass_env, egress);
         settings.cwd = p.cwd.clone();
         settings.min_idle = p.min_idle as usize;
         settings.max = p.max.get() as usize;

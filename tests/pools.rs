@@ -11,7 +11,8 @@ use common::Node;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
-/// The real interpreter (children get a clean environment: no PATH, no pyenv shims).
+/// The real interpreter, not a pyenv shim (children get a clean environment: a shim would find
+/// no `PYENV_*` variables).
 fn python() -> String {
     let out = std::process::Command::new("python3")
         .args(["-c", "import sys; print(sys.executable)"])

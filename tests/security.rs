@@ -466,6 +466,148 @@ fn a_path_the_proxy_accepts_never_leaves_the_base_url() {
     assert!(accepted > 1_000, "{accepted}");
 }
 
+/// An `exec` child's environment (`/proc/<pid>/environ`, as the kernel started it) holds its
+/// `env`, its `pass_env` variables, `PATH`, the attempt's `RT_TASK_ID`, `RT_TASK`, `RT_QUEUE`
+/// and the node's `RT_EGRESS_URL` / `RT_EGRESS_TOKEN` — nothing else of the node's environment:
+/// no admin token, no API key, no variable it was not given. Its egress token opens the egress
+/// proxy and nothing else; a pool agent gets the same egress variables.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_children_get_a_clean_environment_and_an_egress_token_of_their_own() {
+    let upstream = Upstream::default();
+    let upstream_url = upstream.start(None).await;
+    let scratch = Scratch::new();
+    let dir = scratch.path().display().to_string();
+    let config = format!(
+        r#"
+[http]
+bind = "127.0.0.1:0"
+admin_token_env = "SEC_ADMIN_TOKEN"
+
+[queues.default]
+
+[resources.zep]
+kind = "zep"
+base_url = "{upstream_url}/api/v2"
+api_key_env = "SEC_ZEP_KEY"
+
+[resources.openai]
+kind = "openai"
+base_url = "{upstream_url}/v1"
+api_key_env = "SEC_OPENAI_KEY"
+
+[tasks.index_document]
+handler = {{ kind = "exec", command = "/bin/sh", args = ["-c", "tr '\\000' '\\n' < /proc/$$/environ > {dir}/environ-$$.tmp; mv {dir}/environ-$$.tmp {dir}/environ.txt; echo '{{}}'"], env = {{ GREETING = "merhaba", PYTHONUNBUFFERED = "1" }}, pass_env = ["SEC_PASSED"] }}
+
+[pools.probe]
+command = "/bin/sh"
+args = ["-c", "tr '\\000' '\\n' < /proc/$$/environ > {dir}/agent-environ.tmp; mv {dir}/agent-environ.tmp {dir}/agent-environ.txt; echo READY; sleep 30"]
+min_idle = 1
+max = 1
+ready_pattern = "^READY$"
+"#
+    );
+    let mut envs = ENVS.to_vec();
+    envs.push(("SEC_PASSED", "passed-7c1e93"));
+    envs.push(("SEC_KEPT_OUT", "kept-out-4d2a61"));
+    let node = Node::start(&config, &envs);
+    let id = enqueue(&node, json!({ "task": "index_document", "args": [1] })).await;
+    let record = wait_task(&node, &id).await;
+    assert_eq!(record["state"], "succeeded", "{record}\n{}", node.log());
+    let environ = std::fs::read_to_string(scratch.path().join("environ.txt")).unwrap();
+    let vars: std::collections::BTreeMap<&str, &str> = environ
+        .lines()
+        .filter_map(|line| line.split_once('='))
+        .collect();
+    let names: Vec<&str> = vars.keys().copied().collect();
+    assert_eq!(
+        names,
+        [
+            "GREETING",
+            "PATH",
+            "PYTHONUNBUFFERED",
+            "RT_EGRESS_TOKEN",
+            "RT_EGRESS_URL",
+            "RT_QUEUE",
+            "RT_TASK",
+            "RT_TASK_ID",
+            "SEC_PASSED"
+        ],
+        "{environ}"
+    );
+    for secret in [ADMIN_TOKEN, ZEP_KEY, OPENAI_KEY, "kept-out-4d2a61"] {
+        assert!(!environ.contains(secret), "{secret} reached the child");
+    }
+    assert_eq!(vars["GREETING"], "merhaba");
+    assert_eq!(vars["SEC_PASSED"], "passed-7c1e93");
+    assert_eq!(vars["PATH"], std::env::var("PATH").unwrap());
+    assert_eq!(vars["RT_TASK_ID"], id);
+    assert_eq!(vars["RT_TASK"], "index_document");
+    assert_eq!(vars["RT_QUEUE"], "default");
+    assert_eq!(vars["RT_EGRESS_URL"], format!("{}/egress", node.url));
+    let token = vars["RT_EGRESS_TOKEN"];
+    assert!(token.len() >= 32 && token != ADMIN_TOKEN, "{token}");
+
+    // The child's token opens the egress proxy (the key is injected upstream) …
+    let client = reqwest::Client::new();
+    let egress = |token: Option<&str>| {
+        let mut request = client.get(format!("{}/zep/users", vars["RT_EGRESS_URL"]));
+        if let Some(token) = token {
+            request = request.header("x-runtime-token", token);
+        }
+        request.send()
+    };
+    let response = egress(Some(token)).await.unwrap();
+    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+    let seen = upstream.seen.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(
+        seen.header("authorization"),
+        Some(format!("Api-Key {ZEP_KEY}").as_str())
+    );
+    for wrong in [None, Some("wrong"), Some(&token[..token.len() - 1])] {
+        assert_eq!(egress(wrong).await.unwrap().status(), 401, "{wrong:?}");
+    }
+    // … and no other route.
+    for (path, body) in [
+        ("/tasks", r#"{"task": "index_document"}"#),
+        ("/pools/probe/claim", "{}"),
+    ] {
+        let response = client
+            .post(format!("{}{path}", node.url))
+            .bearer_auth(token)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 401, "{path}");
+    }
+
+    // A pool agent: the same clean environment, with its own variables.
+    let agent = scratch.path().join("agent-environ.txt");
+    let at = Instant::now();
+    while !agent.exists() {
+        assert!(at.elapsed() < Duration::from_secs(10), "{}", node.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let environ = std::fs::read_to_string(&agent).unwrap();
+    let mut names: Vec<&str> = environ
+        .lines()
+        .filter_map(|line| Some(line.split_once('=')?.0))
+        .collect();
+    names.sort_unstable();
+    assert_eq!(
+        names,
+        [
+            "PATH",
+            "RT_AGENT_ID",
+            "RT_EGRESS_TOKEN",
+            "RT_EGRESS_URL",
+            "RT_POOL"
+        ],
+        "{environ}"
+    );
+    assert!(environ.contains(&format!("RT_EGRESS_TOKEN={token}\n")));
+}
+
 /// A broker password — in the user info or in the query string — is in no log line and no
 /// error, whether the node starts or `runtime check` looks.
 #[test]

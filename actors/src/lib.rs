@@ -17,6 +17,8 @@
 //!   `task_span` every task log line carries.
 //! - [`gate`] — `ResourceGate`: deferral, degraded run or failure of tasks whose resources
 //!   cannot be called.
+//! - [`child`] — child processes (`exec` commands, pool agents): clean environment, own process
+//!   group, capped line reader, and the watchdog that kills them when the node dies.
 //! - [`handler`] — what runs a task: `Handler`, `TaskError`, `TaskDef`; native, http, exec.
 //! - [`resource`] — shared resources: circuit breaker, misconfiguration (refused keys), Zep
 //!   client, OpenAI limiter, egress types, decoding of answers (any `Content-Encoding`) and
@@ -35,6 +37,7 @@
 pub mod broker;
 pub mod caps;
 pub mod celery;
+pub mod child;
 pub mod consumer;
 pub mod gate;
 pub mod handler;

@@ -855,14 +855,8 @@ impl Pool {
         let id = format!("{}-{seq}", self.name());
         let generation = self.lock().failure_generation;
         match process::spawn(self.settings(), &id) {
-            Ok(mut child) => {
-                let Some(pid) = child.id() else {
-                    // Already reaped: cannot happen before the first wait.
-                    let _ = child.start_kill();
-                    self.lock().launching -= 1;
-                    self.record_startup_failure(&id, "no pid after spawn".into(), generation);
-                    return;
-                };
+            Ok((child, group)) => {
+                let pid = group.id();
                 let (commands, receiver) = mpsc::unbounded_channel();
                 {
                     let mut m = self.lock();
@@ -884,7 +878,7 @@ impl Pool {
                 }
                 info!(pool = %self.name(), agent = %id, pid, "agent spawned");
                 self.emit_agent(AgentState::Starting, &id, pid, None);
-                tokio::spawn(agent::run(self.clone(), seq, id, pid, child, receiver));
+                tokio::spawn(agent::run(self.clone(), seq, id, (child, group), receiver));
             }
             Err(err) => {
                 self.lock().launching -= 1;

@@ -287,6 +287,51 @@ impl Compiler<'_> {
         }
     }
 
+    /// A child's `env` table and `pass_env` list (`at` is the pool or the exec handler): valid
+    /// names, none the runtime sets itself, no name listed twice, a warning for a passed
+    /// variable that is not set (`who` says what then goes without it).
+    fn child_env(
+        &mut self,
+        at: &str,
+        env: &IndexMap<String, String>,
+        pass_env: &[String],
+        who: &str,
+    ) {
+        for key in env.keys() {
+            let path = format!("{at}.env.{key}");
+            self.env_key(&path, key);
+            self.not_reserved(&path, key);
+        }
+        let path = format!("{at}.pass_env");
+        for (n, name) in pass_env.iter().enumerate() {
+            let first = !pass_env[..n].contains(name);
+            if self.env_name(&path, name)
+                && self.not_reserved(&path, name)
+                && first
+                && !self.env.is_ignored()
+                && self.env.get(name).is_none()
+            {
+                self.warning(
+                    &path,
+                    format!("environment variable {name} is not set: {who} without it"),
+                );
+            }
+        }
+        self.no_duplicates(&path, pass_env);
+    }
+
+    /// A variable the runtime sets in its children cannot be configured.
+    fn not_reserved(&mut self, path: &str, name: &str) -> bool {
+        let reserved = actors::child::RESERVED.contains(&name);
+        if reserved {
+            self.error(
+                path,
+                format!("{name} is set by the runtime in every child; choose another name"),
+            );
+        }
+        !reserved
+    }
+
     /// The value of the secret named at `path`; unset → a warning saying what will fail.
     fn secret(&mut self, path: &str, name: &str, consequence: &str) -> Option<Secret> {
         if !self.env_name(path, name) || self.env.is_ignored() {
@@ -839,21 +884,7 @@ impl Compiler<'_> {
         if raw.command.trim().is_empty() {
             self.error(format!("{at}.command"), "must not be empty");
         }
-        for key in raw.env.keys() {
-            self.env_key(&format!("{at}.env.{key}"), key);
-        }
-        for name in &raw.pass_env {
-            if self.env_name(&format!("{at}.pass_env"), name)
-                && !self.env.is_ignored()
-                && self.env.get(name).is_none()
-            {
-                self.warning(
-                    format!("{at}.pass_env"),
-                    format!("environment variable {name} is not set: agents start without it"),
-                );
-            }
-        }
-        self.no_duplicates(&format!("{at}.pass_env"), &raw.pass_env);
+        self.child_env(at, &raw.env, &raw.pass_env, "agents start");
         let max = self.nonzero(&format!("{at}.max"), raw.max);
         let min_idle = raw.min_idle.unwrap_or(0);
         if min_idle > raw.max {
@@ -1134,10 +1165,13 @@ impl Compiler<'_> {
                 if exec.command.trim().is_empty() {
                     self.error(format!("{at}.command"), "must not be empty");
                 }
+                self.child_env(at, &exec.env, &exec.pass_env, "its commands run");
                 Some(Handler::Exec {
                     command: exec.command.clone(),
                     args: exec.args.clone(),
                     cwd: exec.cwd.clone(),
+                    env: exec.env.clone(),
+                    pass_env: exec.pass_env.clone(),
                 })
             }
             RawHandler::Native(_) => Some(Handler::Native),

@@ -240,6 +240,16 @@ pub(crate) struct RawExecHandler {
     pub(crate) args: Vec<String>,
     /// Working directory. Default: the runtime's.
     pub(crate) cwd: Option<PathBuf>,
+    /// The command's environment (a clean one: nothing else is inherited), e.g.
+    /// `{ PYTHONPATH = "/srv/app" }`. `PATH` is the runtime's own unless set here or in
+    /// `pass_env`; `RT_TASK_ID`, `RT_TASK`, `RT_QUEUE`, `RT_EGRESS_URL` and `RT_EGRESS_TOKEN`
+    /// are added by the runtime. Default: empty. No secrets here: see `pass_env`.
+    #[serde(default)]
+    pub(crate) env: IndexMap<String, String>,
+    /// Names of variables copied from the runtime's own environment into the command's (the
+    /// way to hand it secrets). Default: none.
+    #[serde(default)]
+    pub(crate) pass_env: Vec<String>,
 }
 
 /// `handler = { kind = "native" }`: no options.
@@ -369,8 +379,10 @@ pub(crate) struct RawPool {
     /// Its arguments. Default: none.
     #[serde(default)]
     pub(crate) args: Vec<String>,
-    /// The agent's whole environment (a clean one: nothing else is inherited), e.g.
-    /// `{ PYTHONUNBUFFERED = "1" }`. Default: empty. No secrets here: see `pass_env`.
+    /// The agent's environment (a clean one: nothing else is inherited), e.g.
+    /// `{ PYTHONUNBUFFERED = "1" }`. `PATH` is the runtime's own unless set here or in
+    /// `pass_env`; `RT_AGENT_ID`, `RT_POOL`, `RT_EGRESS_URL` and `RT_EGRESS_TOKEN` are added by
+    /// the runtime. Default: empty. No secrets here: see `pass_env`.
     #[serde(default)]
     pub(crate) env: IndexMap<String, String>,
     /// Names of variables copied from the runtime's own environment into the agent's (the

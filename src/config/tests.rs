@@ -421,6 +421,52 @@ fn pool_sizes_are_checked() {
 }
 
 #[test]
+fn exec_env_and_pass_env_are_checked_like_a_pools() {
+    let task =
+        "[tasks.resize_image]\nhandler = { kind = \"exec\", command = \"/usr/bin/python3\", ";
+    let (config, warnings) = ok(&format!(
+        "{QUEUE}{task}env = {{ PYTHONPATH = \"/srv/app\" }}, pass_env = [\"AWS_SECRET_ACCESS_KEY\"] }}\n"
+    ));
+    let Handler::Exec { env, pass_env, .. } = &config.tasks["resize_image"].handler else {
+        panic!("not an exec handler");
+    };
+    assert_eq!(env["PYTHONPATH"], "/srv/app");
+    assert_eq!(pass_env, &["AWS_SECRET_ACCESS_KEY"]);
+    assert_eq!(
+        warnings,
+        [
+            "warning: tasks.resize_image.handler.pass_env: environment variable \
+          AWS_SECRET_ACCESS_KEY is not set: its commands run without it"
+        ]
+    );
+    let lines = fails(&format!(
+        "{QUEUE}{task}env = {{ \"BAD NAME\" = \"1\", RT_TASK_ID = \"x\" }}, \
+         pass_env = [\"sk-not-a-name\", \"RT_EGRESS_TOKEN\", \"HOME\", \"HOME\"] }}\n\
+         [pools.voice]\ncommand = \"python\"\nmax = 1\nready_pattern = \"ready\"\n\
+         env = {{ RT_POOL = \"x\" }}\n"
+    ));
+    assert_eq!(
+        lines,
+        [
+            "error: pools.voice.env.RT_POOL: RT_POOL is set by the runtime in every child; \
+             choose another name",
+            "error: tasks.resize_image.handler.env.BAD NAME: not a valid environment variable \
+             name ([A-Za-z_][A-Za-z0-9_]*)",
+            "error: tasks.resize_image.handler.env.RT_TASK_ID: RT_TASK_ID is set by the runtime \
+             in every child; choose another name",
+            "error: tasks.resize_image.handler.pass_env: must name an environment variable \
+             ([A-Za-z_][A-Za-z0-9_]*), not hold its value",
+            "error: tasks.resize_image.handler.pass_env: RT_EGRESS_TOKEN is set by the runtime \
+             in every child; choose another name",
+            "error: tasks.resize_image.handler.pass_env: \"HOME\" is listed more than once",
+            "warning: tasks.resize_image.handler.pass_env: environment variable HOME is not set: \
+             its commands run without it",
+        ],
+        "{lines:#?}"
+    );
+}
+
+#[test]
 fn pool_regexes_signals_and_env_names_are_checked() {
     let lines = fails(
         "[pools.voice]\ncommand = \"python\"\nmax = 1\nready_pattern = \"(unclosed\"\n\

@@ -27,7 +27,12 @@
 //! breaks off upstream is cut off to the caller too (logged), never completed as if whole.
 //!
 //! When an admin token is configured, callers must present it in `X-Runtime-Token` (their
-//! `Authorization` header belongs to the upstream API and is dropped).
+//! `Authorization` header belongs to the upstream API and is dropped) — or the node's egress
+//! token ([`EgressAccess`]), which the node's own children get instead of the admin token and
+//! which opens nothing but this proxy.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use std::sync::Arc;
 
@@ -48,6 +53,61 @@ pub use actors::resource::MAX_BODY;
 /// Header carrying the admin token on egress calls.
 pub const TOKEN_HEADER: &str = "x-runtime-token";
 
+/// How the node's children (`exec` commands, pool agents) reach the egress proxy: its base
+/// URL and a token of their own, handed to them as `RT_EGRESS_URL` and `RT_EGRESS_TOKEN`.
+///
+/// Children never get the admin token. The egress token is random for each start of the node
+/// and, where an admin token is configured, the proxy accepts it in `X-Runtime-Token` in its
+/// place; every other route refuses it. Without an admin token the proxy asks for no token.
+#[derive(Clone)]
+pub struct EgressAccess {
+    url: String,
+    token: String,
+}
+
+impl EgressAccess {
+    /// The access to the proxy of a node listening on `addr` (an unspecified address is
+    /// reached on loopback), with a fresh random token.
+    pub fn new(addr: SocketAddr) -> Self {
+        let ip = match addr.ip() {
+            IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+            ip => ip,
+        };
+        Self {
+            url: format!("http://{}/egress", SocketAddr::new(ip, addr.port())),
+            token: format!("{:032x}", rand::random::<u128>()),
+        }
+    }
+
+    /// `http://IP:PORT/egress`: a resource is at `{url}/{resource}/…`.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The token the proxy accepts from the node's children.
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// The variables every child of the node gets: `RT_EGRESS_URL` and `RT_EGRESS_TOKEN`.
+    pub fn vars(&self) -> [(&'static str, &str); 2] {
+        [
+            ("RT_EGRESS_URL", &self.url),
+            ("RT_EGRESS_TOKEN", &self.token),
+        ]
+    }
+}
+
+impl fmt::Debug for EgressAccess {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EgressAccess")
+            .field("url", &self.url)
+            .field("token", &"***")
+            .finish()
+    }
+}
+
 /// `ANY /egress/{resource}/{*path}`
 pub async fn forward(
     State(state): State<AppState>,
@@ -58,8 +118,11 @@ pub async fn forward(
             .headers()
             .get(TOKEN_HEADER)
             .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        if !constant_time_eq(offered.as_bytes(), token.as_bytes()) {
+            .unwrap_or("")
+            .as_bytes();
+        let children = state.egress_token.as_deref().unwrap_or_default();
+        let child = !children.is_empty() && constant_time_eq(offered, children.as_bytes());
+        if !constant_time_eq(offered, token.as_bytes()) && !child {
             return Err(ApiError::Unauthorized);
         }
     }

@@ -1,47 +1,98 @@
 //! `exec` handler: run a command (never through a shell) in its own process group, the
-//! envelope as JSON on stdin, the result as the last stdout line (JSON, else a string).
+//! envelope as JSON on stdin, the result as the last non-empty stdout line (JSON, else a
+//! string).
 //!
 //! | exit | outcome |
 //! |---|---|
 //! | 0 | success |
+//! | 0, but the result line is longer than `max_result_bytes` | permanent, naming the cap |
 //! | 75 (`EX_TEMPFAIL`) | retryable |
 //! | killed after the soft limit's SIGTERM | cancelled (retryable) |
 //! | killed by another signal | retryable |
 //! | any other code | permanent, with the last stderr line |
 //!
-//! stdout and stderr are drained for the whole life of the process (a full pipe would block
-//! it) and logged with the task id. At the soft limit the group gets SIGTERM; when the
-//! attempt is dropped (hard limit, shutdown) the group gets SIGKILL and the child is reaped.
-//! Task payloads go to stdin only — never to argv.
+//! **Environment.** The child gets only its handler's environment (built by
+//! [`crate::child::environment`] from `env` and `pass_env`; `PATH` alone by default) plus
+//! `RT_TASK_ID`, `RT_TASK` and `RT_QUEUE` of the attempt — never the runtime's own variables.
+//!
+//! **Output.** stdout and stderr are drained for the whole life of the process (a full pipe
+//! would block it) and logged with the task id, each line cut at
+//! [`LOG_LINE_BYTES`](crate::child::lines::LOG_LINE_BYTES) with a marker. Of stdout only the
+//! last non-empty line is kept, up to `max_result_bytes` (the broker's `max_entry_bytes`); of
+//! stderr the last non-empty line, up to `LOG_LINE_BYTES`, for the error. Whatever the child
+//! prints, an attempt holds at most twice each cap.
+//!
+//! **Limits.** At the soft limit the group gets SIGTERM; when the attempt is dropped (hard
+//! limit, shutdown) the group gets SIGKILL and the child is reaped; after a normal exit the
+//! group is SIGKILLed too (grandchildren left in it). The group is listed with the
+//! [`watchdog`](crate::child::watchdog) while it runs, so it dies with the node. Task payloads
+//! go to stdin only — never to argv.
 
+use std::collections::BTreeMap;
+use std::fmt;
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::Arc;
 
-use nix::sys::signal::{Signal, killpg};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, AsyncWriteExt};
 use tokio::process::{Child, Command};
 use tracing::{Instrument, debug, info};
 
 use super::{Attempt, Handler, TaskContext, TaskError};
+use crate::broker::DEFAULT_MAX_ENTRY_BYTES;
+use crate::child::lines::{LOG_LINE_BYTES, Line, Lines};
+use crate::child::{self, ProcessGroup};
 
 /// Runs one command per attempt.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ExecHandler {
     command: String,
     args: Vec<String>,
     cwd: Option<PathBuf>,
+    env: Arc<BTreeMap<String, String>>,
+    max_result_bytes: usize,
 }
 
 impl ExecHandler {
-    /// A handler running `command args…` in `cwd`.
+    /// A handler running `command args…` in `cwd`, with only `PATH` in its environment (see
+    /// [`ExecHandler::with_env`]) and results up to the broker's default `max_entry_bytes`.
     pub fn new(command: &str, args: &[String], cwd: Option<PathBuf>) -> Self {
         Self {
             command: command.to_string(),
             args: args.to_vec(),
             cwd,
+            env: Arc::new(child::environment([], &[])),
+            max_result_bytes: DEFAULT_MAX_ENTRY_BYTES,
         }
+    }
+
+    /// The child's whole environment (e.g. from [`child::environment`]); `RT_TASK_ID`,
+    /// `RT_TASK` and `RT_QUEUE` are added to it for each attempt.
+    pub fn with_env(mut self, env: BTreeMap<String, String>) -> Self {
+        self.env = Arc::new(env);
+        self
+    }
+
+    /// The longest result line kept (the broker's `max_entry_bytes`): a longer one fails the
+    /// attempt permanently.
+    pub fn with_max_result_bytes(mut self, bytes: usize) -> Self {
+        self.max_result_bytes = bytes;
+        self
+    }
+}
+
+/// The environment's names only: its values may be secrets (`pass_env`, the egress token).
+impl fmt::Debug for ExecHandler {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ExecHandler")
+            .field("command", &self.command)
+            .field("args", &self.args)
+            .field("cwd", &self.cwd)
+            .field("env", &self.env.keys().collect::<Vec<_>>())
+            .field("max_result_bytes", &self.max_result_bytes)
+            .finish()
     }
 }
 
@@ -59,15 +110,7 @@ impl Handler for ExecHandler {
 /// Kills the process group and reaps the child when the attempt ends early.
 struct Group {
     child: Option<Child>,
-    pgid: Option<Pid>,
-}
-
-impl Group {
-    fn signal(&self, signal: Signal) {
-        if let Some(pgid) = self.pgid {
-            let _ = killpg(pgid, signal);
-        }
-    }
+    group: ProcessGroup,
 }
 
 impl Drop for Group {
@@ -75,7 +118,7 @@ impl Drop for Group {
         let Some(mut child) = self.child.take() else {
             return;
         };
-        self.signal(Signal::SIGKILL);
+        self.group.signal(Signal::SIGKILL);
         let _ = child.start_kill();
         // Reap it so no zombie is left; without a runtime tokio's orphan queue does it.
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
@@ -93,33 +136,40 @@ impl ExecHandler {
             .args(&self.args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0)
-            .kill_on_drop(true);
+            .stderr(Stdio::piped());
         if let Some(cwd) = &self.cwd {
             command.current_dir(cwd);
         }
-        let mut child = command
-            .spawn()
+        let envelope = &ctx.envelope;
+        let own = [
+            ("RT_TASK_ID", envelope.id.as_str()),
+            ("RT_TASK", envelope.task.as_str()),
+            ("RT_QUEUE", envelope.queue.as_str()),
+        ];
+        let (mut child, group) = child::spawn(&mut command, &self.env, &own)
             .map_err(|err| TaskError::Permanent(format!("cannot run {}: {err}", self.command)))?;
-        let pgid = child.id().map(|pid| Pid::from_raw(pid as i32));
         let stdin = child.stdin.take();
         let stdout = child.stdout.take();
         let stderr = child.stderr.take();
         let mut group = Group {
             child: Some(child),
-            pgid,
+            group,
         };
 
+        // The drains log in the task's span (task id, name, queue, attempt, trace id).
+        let out_task =
+            tokio::spawn(drain(stdout, "stdout", self.max_result_bytes).in_current_span());
+        let err_task = tokio::spawn(drain(stderr, "stderr", LOG_LINE_BYTES).in_current_span());
         if let Some(mut stdin) = stdin {
             let payload = ctx.envelope.to_json();
-            // A command that does not read stdin closes it: that is not an error.
-            let _ = stdin.write_all(payload.as_bytes()).await;
-            let _ = stdin.write_all(b"\n").await;
+            // Written beside the wait: a child that reads nothing while its stdin pipe is
+            // full must not hold up the soft limit. One that does not read stdin closes it:
+            // that is not an error.
+            tokio::spawn(async move {
+                let _ = stdin.write_all(payload.as_bytes()).await;
+                let _ = stdin.write_all(b"\n").await;
+            });
         }
-        // The drains log in the task's span (task id, name, queue, attempt, trace id).
-        let out_task = tokio::spawn(drain(stdout, "stdout").in_current_span());
-        let err_task = tokio::spawn(drain(stderr, "stderr").in_current_span());
 
         let mut softened = false;
         let status = {
@@ -134,7 +184,7 @@ impl ExecHandler {
                     () = ctx.soft.cancelled(), if !softened => {
                         softened = true;
                         info!("soft time limit: SIGTERM to the process group");
-                        group_signal(pgid, Signal::SIGTERM);
+                        group.group.signal(Signal::SIGTERM);
                     }
                 }
             }
@@ -142,7 +192,7 @@ impl ExecHandler {
         // Exited and reaped: nothing left for Drop to kill (its group may still hold
         // grandchildren, which the SIGKILL below takes down).
         group.child = None;
-        group_signal(pgid, Signal::SIGKILL);
+        drop(group);
         let status = status
             .map_err(|err| TaskError::retry(format!("waiting for {}: {err}", self.command)))?;
         let last_out = out_task.await.ok().flatten();
@@ -150,9 +200,19 @@ impl ExecHandler {
 
         use std::os::unix::process::ExitStatusExt;
         match (status.code(), status.signal()) {
-            (Some(0), _) => Ok(last_out.map_or(Value::Null, |line| {
-                serde_json::from_str(&line).unwrap_or(Value::String(line))
-            })),
+            (Some(0), _) => match last_out {
+                None => Ok(Value::Null),
+                Some(line) => match line.whole() {
+                    Some(text) => Ok(serde_json::from_str(&text)
+                        .unwrap_or_else(|_| Value::String(text.into_owned()))),
+                    None => Err(TaskError::Permanent(format!(
+                        "{}: result line of {} bytes, over the broker's max_entry_bytes of {}",
+                        self.command,
+                        line.len(),
+                        self.max_result_bytes
+                    ))),
+                },
+            },
             (Some(75), _) => Err(TaskError::retry(format!(
                 "{} exited 75 (EX_TEMPFAIL){}",
                 self.command,
@@ -176,31 +236,30 @@ impl ExecHandler {
     }
 }
 
-fn group_signal(pgid: Option<Pid>, signal: Signal) {
-    if let Some(pgid) = pgid {
-        let _ = killpg(pgid, signal);
-    }
+fn suffix(line: &Option<Line>) -> String {
+    line.as_ref()
+        .map(|l| format!(": {}", l.shown(LOG_LINE_BYTES)))
+        .unwrap_or_default()
 }
 
-fn suffix(line: &Option<String>) -> String {
-    line.as_ref().map(|l| format!(": {l}")).unwrap_or_default()
-}
-
-/// Reads a pipe to its end, logging each line (in the caller's span); returns the last
-/// non-empty line.
+/// Reads a pipe to its end, logging each line (in the caller's span, cut at
+/// [`LOG_LINE_BYTES`]); returns the last non-empty line, of which at most `keep` bytes are
+/// kept.
 async fn drain(
-    pipe: Option<impl tokio::io::AsyncRead + Unpin>,
+    pipe: Option<impl AsyncRead + Unpin>,
     stream: &'static str,
-) -> Option<String> {
-    let mut lines = BufReader::new(pipe?).lines();
+    keep: usize,
+) -> Option<Line> {
+    let mut lines = Lines::new(pipe?, keep);
     let mut last = None;
     while let Ok(Some(line)) = lines.next_line().await {
+        let shown = line.shown(LOG_LINE_BYTES);
         if stream == "stderr" {
-            info!(stream, "{line}");
+            info!(stream, "{shown}");
         } else {
-            debug!(stream, "{line}");
+            debug!(stream, "{shown}");
         }
-        if !line.trim().is_empty() {
+        if !line.is_blank() {
             last = Some(line);
         }
     }
@@ -264,6 +323,93 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(text, json!("plain text"));
+    }
+
+    #[tokio::test]
+    async fn the_child_gets_only_its_environment_and_the_attempts_variables() {
+        // Every variable on one line (the result), sorted.
+        let handler = script("env | sort | tr '\\n' ' '").with_env(child::environment(
+            [("GREETING", "merhaba")],
+            &["HOME".to_string()],
+        ));
+        let text = handler.call(ctx(Duration::from_secs(10))).await.unwrap();
+        let text = text.as_str().unwrap();
+        let names: Vec<&str> = text
+            .split_whitespace()
+            .filter_map(|pair| pair.split_once('=').map(|(name, _)| name))
+            .filter(|name| *name != "PWD") // the shell's own
+            .collect();
+        let mut expected = vec!["GREETING", "PATH", "RT_QUEUE", "RT_TASK", "RT_TASK_ID"];
+        if std::env::var("HOME").is_ok() {
+            expected.insert(1, "HOME");
+        }
+        assert_eq!(names, expected, "{text}");
+        assert!(text.contains("GREETING=merhaba") && text.contains("RT_TASK_ID=task-1"));
+        assert!(text.contains("RT_QUEUE=background RT_TASK=process_incoming_media_task"));
+    }
+
+    #[test]
+    fn debug_shows_the_environments_names_not_its_values() {
+        let handler = script("true").with_env(child::environment([("API_KEY", "sk-secret")], &[]));
+        let text = format!("{handler:?}");
+        assert!(
+            text.contains("API_KEY") && !text.contains("sk-secret"),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_result_line_over_the_cap_fails_permanently_and_output_is_not_kept() {
+        let err = script("head -c 100000 /dev/zero | tr '\\0' x; echo")
+            .with_max_result_bytes(1024)
+            .call(ctx(Duration::from_secs(10)))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err,
+            TaskError::Permanent(
+                "/bin/sh: result line of 100000 bytes, over the broker's max_entry_bytes of 1024"
+                    .into()
+            )
+        );
+        // A long log line before the result, a long stderr line: the result is intact.
+        let ok = script(
+            "head -c 100000 /dev/zero | tr '\\0' x; echo; head -c 100000 /dev/zero | tr '\\0' y >&2; echo '[1, 2]'",
+        )
+        .with_max_result_bytes(1024)
+        .call(ctx(Duration::from_secs(10)))
+        .await
+        .unwrap();
+        assert_eq!(ok, json!([1, 2]));
+        // The last stderr line in the error is cut with a marker.
+        let err = script("head -c 100000 /dev/zero | tr '\\0' z >&2; exit 4")
+            .call(ctx(Duration::from_secs(10)))
+            .await
+            .unwrap_err();
+        let TaskError::Permanent(message) = err else {
+            panic!("{err:?}")
+        };
+        assert!(message.starts_with("/bin/sh exited 4: zzz"), "{message}");
+        assert!(message.ends_with("… [truncated: 100000 bytes in all]"));
+        assert!(message.len() < LOG_LINE_BYTES + 100);
+    }
+
+    #[tokio::test]
+    async fn a_child_that_never_reads_a_large_envelope_still_gets_its_soft_limit() {
+        let mut context = ctx(Duration::from_secs(10));
+        let mut envelope = (*context.envelope).clone();
+        envelope.args = vec![json!("x".repeat(1024 * 1024))];
+        context.envelope = Arc::new(envelope);
+        let token = context.soft.clone();
+        let attempt = script("sleep 30").call(context);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            token.cancel();
+        });
+        let started = Instant::now();
+        let err = attempt.await.unwrap_err();
+        assert!(matches!(err, TaskError::Cancelled(_)), "{err:?}");
+        assert!(started.elapsed() < Duration::from_secs(5));
     }
 
     #[tokio::test]

@@ -4,9 +4,11 @@
 //! `startup_timeout`, `assign_timeout` and `stop_timeout`, and reaps it.
 //!
 //! Every path ends in a reap: the monitor's only exit is `child.wait()` returning. The group is
-//! SIGKILLed after the reap too (grandchildren left in it). If the monitor itself is dropped
-//! before the reap (runtime shutdown), [`GroupGuard`] SIGKILLs the group and `kill_on_drop`
-//! hands the child to tokio's orphan reaper.
+//! SIGKILLed after the reap too (grandchildren left in it) and unlisted from the watchdog by
+//! dropping its [`ProcessGroup`]. If the monitor itself is dropped before the reap (runtime
+//! shutdown), the same drop SIGKILLs the group and `kill_on_drop` hands the child to tokio's
+//! orphan reaper. Lines are read with the shared capped reader: each is logged and matched on
+//! at most [`LOG_LINE_BYTES`] bytes, however long the agent makes it.
 
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
@@ -14,16 +16,15 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use regex::Regex;
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, AsyncWriteExt};
 use tokio::process::{Child, ChildStdin};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, sleep_until, timeout, timeout_at};
 use tracing::{debug, info, warn};
 
 use super::{AgentState, Pool, process};
-
-/// Longest piece of a line handled at once (a longer line is split).
-const MAX_LINE: u64 = 64 * 1024;
+use crate::child::ProcessGroup;
+use crate::child::lines::{LOG_LINE_BYTES, Lines};
 /// How long the pipes of an agent that exited during its assignment are still read for the
 /// `assigned_pattern` it may have printed just before.
 const LEFTOVERS: Duration = Duration::from_millis(200);
@@ -89,31 +90,17 @@ impl Phase {
     }
 }
 
-/// SIGKILLs the group if the monitor is dropped before the agent was reaped.
-struct GroupGuard {
-    pid: u32,
-    reaped: bool,
-}
-
-impl Drop for GroupGuard {
-    fn drop(&mut self) {
-        if !self.reaped {
-            process::signal_group(self.pid, Signal::SIGKILL);
-        }
-    }
-}
-
-/// Monitors agent `id` (`pid`, also its pgid) until it is reaped, then reports to `pool`.
+/// Monitors agent `id` (its child and process group, whose id is its pid) until it is reaped,
+/// then reports to `pool`.
 pub(super) async fn run(
     pool: Pool,
     seq: u64,
     id: String,
-    pid: u32,
-    mut child: Child,
+    (mut child, group): (Child, ProcessGroup),
     mut commands: mpsc::UnboundedReceiver<AgentCommand>,
 ) {
     let settings = pool.settings().clone();
-    let mut guard = GroupGuard { pid, reaped: false };
+    let pid = group.id();
     let mut stdin = child.stdin.take();
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let patterns = (
@@ -247,9 +234,8 @@ pub(super) async fn run(
     if matches!(phase, Phase::Assigning { .. }) {
         phase = leftovers(phase, &mut events).await;
     }
-    guard.reaped = true;
-    // Grandchildren left in the group go with it.
-    process::signal_group(pid, Signal::SIGKILL);
+    // Grandchildren left in the group go with it; then it is unlisted from the watchdog.
+    drop(group);
     let exit = describe(&status);
     let sigkilled = matches!(&status, Ok(s) if s.signal() == Some(Signal::SIGKILL as i32));
     let end = match phase {
@@ -377,25 +363,15 @@ async fn drain(
     events: mpsc::UnboundedSender<Event>,
 ) {
     let Some(pipe) = pipe else { return };
-    let mut reader = BufReader::new(pipe);
-    let mut buf = Vec::new();
-    loop {
-        buf.clear();
-        match (&mut reader)
-            .take(MAX_LINE)
-            .read_until(b'\n', &mut buf)
-            .await
-        {
-            Ok(0) | Err(_) => break,
-            Ok(_) => {}
-        }
-        let text = String::from_utf8_lossy(&buf);
-        let line = text.trim_end();
-        info!(agent = %id, stream, "{line}");
-        if ready.is_match(line) {
+    let mut lines = Lines::new(pipe, LOG_LINE_BYTES);
+    while let Ok(Some(line)) = lines.next_line().await {
+        info!(agent = %id, stream, "{}", line.shown(LOG_LINE_BYTES).trim_end());
+        let kept = line.kept();
+        let text = kept.trim_end();
+        if ready.is_match(text) {
             let _ = events.send(Event::Ready);
         }
-        if assigned.as_ref().is_some_and(|p| p.is_match(line)) {
+        if assigned.as_ref().is_some_and(|p| p.is_match(text)) {
             let _ = events.send(Event::Assigned);
         }
     }

@@ -1,5 +1,6 @@
-//! The OS side of an agent: spawning it (own process group, clean environment, three pipes),
-//! signalling its group, reading its resident memory.
+//! The OS side of an agent: spawning it (through [`crate::child::spawn`]: own process group,
+//! clean environment, listed with the watchdog; three pipes), signalling its group, reading
+//! its resident memory.
 
 use std::collections::HashMap;
 use std::io;
@@ -10,27 +11,26 @@ use nix::unistd::Pid;
 use tokio::process::{Child, Command};
 
 use super::PoolSettings;
+use crate::child::{self, ProcessGroup};
 
 /// Spawns one agent: `command args…` with only the configured env plus `RT_AGENT_ID` and
-/// `RT_POOL`, in a new process group (its pgid is its pid), stdin/stdout/stderr piped, killed
-/// (and reaped by tokio) if its `Child` is ever dropped unreaped.
-pub(super) fn spawn(settings: &PoolSettings, agent_id: &str) -> io::Result<Child> {
+/// `RT_POOL`, in a new process group (its pgid is its pid) listed with the watchdog, stdin/
+/// stdout/stderr piped, killed (and reaped by tokio) if its `Child` is ever dropped unreaped.
+pub(super) fn spawn(settings: &PoolSettings, agent_id: &str) -> io::Result<(Child, ProcessGroup)> {
     let mut command = Command::new(&settings.command);
     command
         .args(&settings.args)
-        .env_clear()
-        .envs(&settings.env)
-        .env("RT_AGENT_ID", agent_id)
-        .env("RT_POOL", &settings.name)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true);
+        .stderr(Stdio::piped());
     if let Some(cwd) = &settings.cwd {
         command.current_dir(cwd);
     }
-    command.spawn()
+    let own = [
+        ("RT_AGENT_ID", agent_id),
+        ("RT_POOL", settings.name.as_str()),
+    ];
+    child::spawn(&mut command, &settings.env, &own)
 }
 
 /// Sends `signal` to the process group led by `pid` (ignoring a group that is already gone).
