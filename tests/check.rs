@@ -116,6 +116,16 @@ const CASES: &[Case] = &[
         ],
     },
     Case {
+        fixture: "blank_admin_token",
+        flags: &[],
+        vars: &[("RT_ADMIN_TOKEN", " \t ")],
+        expected: &[
+            "error: http.admin_token_env: environment variable RT_ADMIN_TOKEN holds only \
+             whitespace: no request could present that token, so the mutating routes would \
+             refuse everyone",
+        ],
+    },
+    Case {
         fixture: "missing_secret",
         flags: &["--deny-warnings"],
         vars: &[],

@@ -581,11 +581,39 @@ impl Compiler<'_> {
                 )
                 .map(|secret| secret.0),
         };
+        let admin_token = match (admin_token, &raw.admin_token_env) {
+            (Some(token), Some(name)) => self.usable_token(name, token),
+            _ => None,
+        };
         Some(HttpSettings {
             bind: bind?,
             admin_token_env: raw.admin_token_env.clone(),
             admin_token,
         })
+    }
+
+    /// The admin token read from `name`, when a request could present it: a value of only
+    /// whitespace, with whitespace around it (HTTP trims header values, so no `Authorization`
+    /// header could carry it) or with control characters (no header can) is an error that
+    /// names the variable, never the value.
+    fn usable_token(&mut self, name: &str, token: String) -> Option<String> {
+        let problem = if token.trim().is_empty() {
+            "holds only whitespace"
+        } else if token.trim() != token {
+            "starts or ends with whitespace, which HTTP trims from header values"
+        } else if token.chars().any(char::is_control) {
+            "holds control characters (a newline?), which no HTTP header can carry"
+        } else {
+            return Some(token);
+        };
+        self.error(
+            "http.admin_token_env",
+            format!(
+                "environment variable {name} {problem}: no request could present that token, \
+                 so the mutating routes would refuse everyone"
+            ),
+        );
+        None
     }
 
     fn supervision(&mut self, raw: &RawSupervision) -> Option<SupervisionSettings> {
