@@ -246,6 +246,28 @@ const CASES: &[Case] = &[
         ],
     },
     Case {
+        fixture: "ready_matches_assigned",
+        flags: &["--deny-warnings"],
+        vars: &[],
+        expected: &[
+            "warning: pools.voice.ready_pattern: this and assigned_pattern both match the line \
+             \"LiveKit transport created for room\": an agent confirming an assignment could \
+             be taken for ready, or a ready one for confirming (checked on the literal text of \
+             each pattern, not on every possible line)",
+        ],
+    },
+    Case {
+        fixture: "python_buffered",
+        flags: &["--deny-warnings"],
+        vars: &[],
+        expected: &[
+            "warning: pools.voice.env: python3 runs without -u and without PYTHONUNBUFFERED: \
+             its stdout is block-buffered on a pipe, so the lines ready_pattern and \
+             assigned_pattern wait for arrive late or only at exit (add PYTHONUNBUFFERED = \
+             \"1\" to env, or -u to args)",
+        ],
+    },
+    Case {
         fixture: "unregistered_native",
         flags: &[],
         vars: &[],

@@ -863,6 +863,30 @@ impl Compiler<'_> {
             .assigned_pattern
             .as_ref()
             .map(|pattern| self.regex(&format!("{at}.assigned_pattern"), pattern));
+        if let (Some(ready), Some(Some(assigned))) = (&ready_pattern, &assigned_pattern)
+            && let Some(line) = line_matching_both(ready, assigned)
+        {
+            self.warning(
+                format!("{at}.ready_pattern"),
+                format!(
+                    "this and assigned_pattern both match the line {line:?}: an agent \
+                     confirming an assignment could be taken for ready, or a ready one for \
+                     confirming (checked on the literal text of each pattern, not on every \
+                     possible line)"
+                ),
+            );
+        }
+        if let Some(program) = buffered_python(raw) {
+            self.warning(
+                format!("{at}.env"),
+                format!(
+                    "{program} runs without -u and without PYTHONUNBUFFERED: its stdout is \
+                     block-buffered on a pipe, so the lines ready_pattern and assigned_pattern \
+                     wait for arrive late or only at exit (add PYTHONUNBUFFERED = \"1\" to env, \
+                     or -u to args)"
+                ),
+            );
+        }
         let assign_timeout = self.positive_duration(
             &format!("{at}.assign_timeout"),
             &raw.assign_timeout,
@@ -1371,6 +1395,83 @@ fn one_line(message: &str) -> String {
         .filter(|line| !line.is_empty())
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// A line that both patterns match, looked for among the literal text each pattern requires
+/// (the alternatives of `a|b`, the fixed prefix and suffix of `Connected to \w+`): patterns
+/// that only overlap on other lines are not found — two regexes cannot be compared in
+/// general, but the agent's own log lines are usually those literals.
+fn line_matching_both(ready: &Regex, assigned: &Regex) -> Option<String> {
+    use regex_syntax::hir::literal::{ExtractKind, Extractor};
+    let mut samples = Vec::new();
+    for pattern in [ready.as_str(), assigned.as_str()] {
+        let Ok(hir) = regex_syntax::Parser::new().parse(pattern) else {
+            continue;
+        };
+        for kind in [ExtractKind::Prefix, ExtractKind::Suffix] {
+            let literals = Extractor::new().kind(kind).extract(&hir);
+            for literal in literals.literals().unwrap_or_default() {
+                if let Ok(text) = std::str::from_utf8(literal.as_bytes())
+                    && !text.trim().is_empty()
+                {
+                    samples.push(text.to_string());
+                }
+            }
+        }
+    }
+    samples
+        .into_iter()
+        .find(|line| ready.is_match(line) && assigned.is_match(line))
+}
+
+/// The program's name when a pool runs Python with a buffered stdout: the command is
+/// `python`, `python3`, `python3.12`… (any directory), no `-u` among the interpreter's own
+/// options (those before the script, `-m` or `-c`; `-Bu` counts) and no `PYTHONUNBUFFERED`
+/// in `env` (set to anything non-empty, as Python reads it) or `pass_env`.
+fn buffered_python(raw: &RawPool) -> Option<String> {
+    let program = std::path::Path::new(raw.command.trim())
+        .file_name()?
+        .to_str()?
+        .to_string();
+    let version = program.strip_prefix("python")?;
+    if !version.chars().all(|c| c.is_ascii_digit() || c == '.') {
+        return None;
+    }
+    let unbuffered_env = raw
+        .env
+        .get("PYTHONUNBUFFERED")
+        .is_some_and(|value| !value.is_empty())
+        || raw.pass_env.iter().any(|name| name == "PYTHONUNBUFFERED");
+    let mut args = raw.args.iter();
+    while let Some(arg) = args.next() {
+        let Some(flags) = arg.strip_prefix('-') else {
+            break; // the script: what follows is its own
+        };
+        if flags.is_empty() || flags.starts_with('-') {
+            if arg == "--" {
+                break;
+            }
+            continue; // `--long` options of the interpreter
+        }
+        // Short options, possibly bundled (`-Bu`); `-c`, `-m`, `-W`, `-X` take a value, the
+        // rest of this argument or the next one, and `-c`/`-m` end the interpreter's options.
+        for (at, flag) in flags.char_indices() {
+            match flag {
+                'u' => return None,
+                'c' | 'm' | 'W' | 'X' => {
+                    if at + 1 == flags.len() {
+                        args.next();
+                    }
+                    if matches!(flag, 'c' | 'm') {
+                        return (!unbuffered_env).then_some(program);
+                    }
+                    break;
+                }
+                _ => {}
+            }
+        }
+    }
+    (!unbuffered_env).then_some(program)
 }
 
 fn is_env_name(name: &str) -> bool {
