@@ -8,7 +8,7 @@
 //! | `POST /tasks`, `GET /tasks/{id}` | enqueue (one or a batch), a task's record ([`tasks`]) |
 //! | `GET /queues`, `GET /dlq/{queue}`, `POST /dlq/{queue}/requeue`, `POST /queues/{queue}/purge` | depths and dead letters ([`queues`]) |
 //! | `ANY /egress/{resource}/{path}` | the egress proxy to a shared resource ([`egress`]) |
-//! | `GET /pools`, `POST /pools/{name}/claim` | process pools ([`pools`]) |
+//! | `GET /pools`, `POST /pools/{name}/claim`, `POST /pools/{name}/reset` | process pools ([`pools`]) |
 //! | `GET /events` | the events stream as Server-Sent Events ([`events`]) |
 //! | `GET /metrics` | Prometheus text format ([`metrics`]) |
 //! | `GET /nodes` | the nodes consuming from the broker, from their presence records ([`nodes`]) |
@@ -151,6 +151,7 @@ pub fn app(state: AppState) -> Router {
         .route("/tasks", post(tasks::enqueue))
         .route("/dlq/{queue}/requeue", post(queues::requeue_dead))
         .route("/pools/{name}/claim", post(pools::claim))
+        .route("/pools/{name}/reset", post(pools::reset))
         .route("/queues/{queue}/purge", post(queues::purge));
     if state.chaos {
         mutating = mutating.route("/chaos/kill/{*path}", post(chaos_kill));

@@ -470,6 +470,7 @@ async fn tokens_secrets_argv_and_the_egress_proxy_hold_up() {
         ("POST", "/dlq/default/requeue"),
         ("POST", "/queues/default/purge"),
         ("POST", "/pools/none/claim"),
+        ("POST", "/pools/none/reset"),
         ("POST", "/chaos/kill/heartbeat"),
     ] {
         for token in [
