@@ -166,6 +166,8 @@ pub struct BrokerSettings {
     pub result_ttl: Duration,
     /// Largest envelope (bytes of its JSON) enqueued or run.
     pub max_entry_bytes: usize,
+    /// `memory://`: run the ready tasks, within `runtime.shutdown_grace`, before stopping.
+    pub drain_on_shutdown: bool,
 }
 
 impl BrokerSettings {
@@ -198,6 +200,7 @@ impl fmt::Debug for BrokerSettings {
             .field("max_deliveries", &self.max_deliveries)
             .field("result_ttl", &self.result_ttl)
             .field("max_entry_bytes", &self.max_entry_bytes)
+            .field("drain_on_shutdown", &self.drain_on_shutdown)
             .finish()
     }
 }

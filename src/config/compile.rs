@@ -479,7 +479,18 @@ impl Compiler<'_> {
                 ),
             );
         }
+        let drain_on_shutdown = raw.drain_on_shutdown.unwrap_or(false);
+        if drain_on_shutdown && url_ok && !url.starts_with("memory:") {
+            self.warning(
+                "broker.drain_on_shutdown",
+                format!(
+                    "has no effect with a Redis broker{origin}: its queues outlive the node, \
+                     another node (or this one, restarted) runs what is left"
+                ),
+            );
+        }
         url_ok.then_some(BrokerSettings {
+            drain_on_shutdown,
             url,
             prefix,
             lease,

@@ -108,6 +108,12 @@ pub(crate) struct RawBroker {
     /// `entry too large: …`). An integer; default 1048576 (1 MiB); from 1024 to 536870912
     /// (512 MiB, Redis' largest string).
     pub(crate) max_entry_bytes: Option<u64>,
+    /// `memory://` only (its queues live in the node's process and end with it): on SIGTERM or
+    /// SIGINT the consumers keep taking ready tasks until every queue is empty (nothing
+    /// ready, nothing running) or `runtime.shutdown_grace` runs out, and only then stop; what
+    /// is left is counted in the log. Default `false`: stop fetching at once (what is left is
+    /// counted in the log all the same). Has no effect with Redis, which keeps the entries.
+    pub(crate) drain_on_shutdown: Option<bool>,
 }
 
 /// `[http]`

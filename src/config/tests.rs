@@ -899,3 +899,21 @@ fn a_line_that_both_agent_patterns_match_is_a_warning() {
     // The blind spot README names: both match `Pipeline joined`, a line neither spells out.
     assert_eq!(pool("Pipeline \\w+", "\\w+ joined"), Vec::<String>::new());
 }
+
+#[test]
+fn drain_on_shutdown_is_off_by_default_and_a_warning_with_redis() {
+    let (config, warnings) = ok("");
+    assert!(!config.broker.drain_on_shutdown);
+    let (config, warnings_on) = ok("[broker]\ndrain_on_shutdown = true\n");
+    assert!(config.broker.drain_on_shutdown);
+    assert!(warnings.is_empty() && warnings_on.is_empty());
+    let (_, warnings) =
+        ok("[broker]\nurl = \"redis://127.0.0.1:6379/0\"\ndrain_on_shutdown = true\n");
+    assert_eq!(
+        warnings,
+        [
+            "warning: broker.drain_on_shutdown: has no effect with a Redis broker: its queues \
+          outlive the node, another node (or this one, restarted) runs what is left"
+        ]
+    );
+}
