@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 use crate::cli::{
     DlqArgs, DlqCommand, EnqueueArgs, NodeArgs, NodesArgs, PoolsCommand, PurgeArgs, TreeArgs,
 };
+use crate::innermost;
 
 /// Exit status when the node cannot be reached (`EX_UNAVAILABLE` of sysexits.h).
 pub const EX_UNAVAILABLE: u8 = 69;
@@ -125,16 +126,6 @@ impl Node {
     async fn post(&self, path: &str, body: Option<Value>) -> Result<String> {
         self.send(reqwest::Method::POST, path, body).await
     }
-}
-
-/// The last error in `err`'s source chain (`Connection refused (os error 111)` rather than
-/// `error sending request for url …`).
-fn innermost(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut last = err;
-    while let Some(source) = last.source() {
-        last = source;
-    }
-    last.to_string()
 }
 
 fn parse(text: &str) -> Result<Value> {

@@ -215,6 +215,12 @@ pub struct HttpSettings {
     /// Bearer token for mutating routes (the value of `admin_token_env`; `None` when unset or
     /// when the environment was not consulted).
     pub admin_token: Option<String>,
+    /// Time allowed to send a request's line and headers.
+    pub header_read_timeout: Duration,
+    /// Time allowed, after the headers, to send the whole body.
+    pub body_read_timeout: Duration,
+    /// Connections open at once.
+    pub max_connections: NonZeroU32,
 }
 
 impl fmt::Debug for HttpSettings {
@@ -223,6 +229,9 @@ impl fmt::Debug for HttpSettings {
             .field("bind", &self.bind)
             .field("admin_token_env", &self.admin_token_env)
             .field("admin_token", &self.admin_token.as_ref().map(|_| "***"))
+            .field("header_read_timeout", &self.header_read_timeout)
+            .field("body_read_timeout", &self.body_read_timeout)
+            .field("max_connections", &self.max_connections)
             .finish()
     }
 }

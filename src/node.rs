@@ -25,6 +25,7 @@ use tracing::{error, info, warn};
 
 use crate::check::EX_CONFIG;
 use crate::config::Config;
+use crate::http::serve::serve;
 use crate::http::{AppState, app};
 use crate::topology::{
     ROOT, Shared, broker_settings, celery_settings, metrics, node_name, pools, resources,
@@ -211,10 +212,12 @@ pub async fn run_with(
     }
     let http_stop = Arc::new(Notify::new());
     let stopped = Arc::clone(&http_stop);
+    let http = config.http.clone();
     let mut server = tokio::spawn(async move {
-        axum::serve(listener, app(state))
-            .with_graceful_shutdown(async move { stopped.notified().await })
-            .await
+        serve(listener, app(state), &http, async move {
+            stopped.notified().await
+        })
+        .await
     });
     info!("http listening on http://{addr}");
 

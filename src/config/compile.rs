@@ -78,6 +78,9 @@ const MIN_MAX_ENTRY_BYTES: u64 = 1024;
 /// The largest `broker.max_entry_bytes`: Redis' largest string (`proto-max-bulk-len`).
 const MAX_MAX_ENTRY_BYTES: u64 = 512 * 1024 * 1024;
 const DEFAULT_BIND: &str = "127.0.0.1:7070";
+const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+const DEFAULT_MAX_CONNECTIONS: u32 = 512;
 const DEFAULT_MAX_RESTARTS: u32 = 5;
 const DEFAULT_WITHIN: Duration = Duration::from_secs(10);
 const DEFAULT_RESTART_BACKOFF: Duration = Duration::from_millis(20);
@@ -596,10 +599,27 @@ impl Compiler<'_> {
             (Some(token), Some(name)) => self.usable_token(name, token),
             _ => None,
         };
+        let header_read_timeout = self.positive_duration(
+            "http.header_read_timeout",
+            &raw.header_read_timeout,
+            DEFAULT_HEADER_READ_TIMEOUT,
+        );
+        let body_read_timeout = self.positive_duration(
+            "http.body_read_timeout",
+            &raw.body_read_timeout,
+            DEFAULT_BODY_READ_TIMEOUT,
+        );
+        let max_connections = self.nonzero(
+            "http.max_connections",
+            raw.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
+        );
         Some(HttpSettings {
             bind: bind?,
             admin_token_env: raw.admin_token_env.clone(),
             admin_token,
+            header_read_timeout,
+            body_read_timeout,
+            max_connections,
         })
     }
 

@@ -917,3 +917,27 @@ fn drain_on_shutdown_is_off_by_default_and_a_warning_with_redis() {
         ]
     );
 }
+
+#[test]
+fn http_read_timeouts_and_the_connection_cap_have_defaults_and_must_be_above_zero() {
+    let (config, _) = ok("");
+    assert_eq!(config.http.header_read_timeout, Duration::from_secs(10));
+    assert_eq!(config.http.body_read_timeout, Duration::from_secs(30));
+    assert_eq!(config.http.max_connections.get(), 512);
+    let (config, _) = ok(
+        "[http]\nheader_read_timeout = \"2s\"\nbody_read_timeout = \"1m\"\nmax_connections = 64\n",
+    );
+    assert_eq!(config.http.header_read_timeout, Duration::from_secs(2));
+    assert_eq!(config.http.body_read_timeout, Duration::from_secs(60));
+    assert_eq!(config.http.max_connections.get(), 64);
+    assert_eq!(
+        fails(
+            "[http]\nheader_read_timeout = \"0s\"\nbody_read_timeout = \"0s\"\nmax_connections = 0\n"
+        ),
+        [
+            "error: http.header_read_timeout: must be longer than zero",
+            "error: http.body_read_timeout: must be longer than zero",
+            "error: http.max_connections: must be at least 1, got 0",
+        ]
+    );
+}
