@@ -270,8 +270,15 @@ startretries = 2
             .contains("exited before ready"),
         "{fatal}"
     );
-    // Fatal stays fatal: nothing starts by itself.
+    // Fatal stays fatal: nothing starts by itself, and /health names the pool.
     tokio::time::sleep(Duration::from_millis(500)).await;
+    let health = node.get("/health").await;
+    assert_eq!(health.status(), 503);
+    let health = health.text().await.unwrap();
+    assert!(
+        health.contains("root/pools/voice") && health.contains("fatal"),
+        "{health}"
+    );
     let still = node.get_json("/pools").await["pools"]["voice"].clone();
     assert_eq!(still["health"], "fatal");
     assert_eq!(
@@ -305,6 +312,14 @@ startretries = 2
     let healthy = until("idle again", |p| p["counts"]["idle"] == 2).await;
     assert_eq!(healthy["health"], "ok", "{healthy}");
     assert_eq!(healthy["consecutive_startup_failures"], 0);
+    let at = Instant::now();
+    while node.get("/health").await.status() != 200 {
+        assert!(
+            at.elapsed() < Duration::from_secs(5),
+            "/health still unhealthy"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // A healthy pool: nothing to reset, nothing restarted.
     let again = reset("voice", Some(token)).await.unwrap();
