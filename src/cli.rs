@@ -1,6 +1,7 @@
 //! The command line: `runtime [run] --config FILE`, `runtime check`, and the commands that
 //! talk to a running node over HTTP: `inspect` (`tree`, `queues`, `active`, `stats`, `ping`,
-//! `events`), `tree` (short for `inspect tree`), `enqueue`, `dlq`, `purge`, `nodes`, `chaos`.
+//! `events`), `tree` (short for `inspect tree`), `enqueue`, `dlq`, `purge`, `nodes`, `pools`,
+//! `chaos`.
 
 use std::path::PathBuf;
 
@@ -46,6 +47,9 @@ pub enum Command {
     Purge(PurgeArgs),
     /// The nodes consuming from the node's broker: queues, entries held, started, last seen.
     Nodes(NodesArgs),
+    /// Act on a running node's process pools.
+    #[command(subcommand)]
+    Pools(PoolsCommand),
     /// Kill actors of a running node (needs `[chaos] enabled = true`) and report when its
     /// tree is whole again.
     #[command(subcommand)]
@@ -86,6 +90,24 @@ pub struct ChaosKillArgs {
     /// Longest wait for the tree to be whole again after the last kill (exit 1 past it).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
     pub whole_timeout: std::time::Duration,
+    /// The node.
+    #[command(flatten)]
+    pub node: NodeArgs,
+}
+
+/// `runtime pools …`
+#[derive(Debug, Subcommand)]
+pub enum PoolsCommand {
+    /// Take a `fatal` (or backing-off) pool out of that state once its cause is fixed: it
+    /// starts agents again at once. A healthy pool is left alone.
+    Reset(PoolResetArgs),
+}
+
+/// `runtime pools reset NAME`
+#[derive(Debug, Args)]
+pub struct PoolResetArgs {
+    /// The pool, as named under `[pools.NAME]`.
+    pub name: String,
     /// The node.
     #[command(flatten)]
     pub node: NodeArgs,

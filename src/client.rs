@@ -1,5 +1,5 @@
 //! The commands that talk to a running node over its HTTP API: `inspect` ([`inspect`]),
-//! `tree`, `enqueue`, `dlq`, `purge`, `nodes`, `chaos` ([`chaos`]). Errors name the node and repeat its JSON error; nothing
+//! `tree`, `enqueue`, `dlq`, `purge`, `nodes`, `pools`, `chaos` ([`chaos`]). Errors name the node and repeat its JSON error; nothing
 //! here panics on a bad answer. A node that does not answer at all is an [`Unreachable`]
 //! error, which the binary turns into exit status [`EX_UNAVAILABLE`].
 
@@ -11,7 +11,10 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
-use crate::cli::{DlqArgs, DlqCommand, EnqueueArgs, NodeArgs, NodesArgs, PurgeArgs, TreeArgs};
+use crate::cli::{
+    DlqArgs, DlqCommand, EnqueueArgs, NodeArgs, NodesArgs, PoolsCommand, PurgeArgs, TreeArgs,
+};
+use crate::innermost;
 
 /// Exit status when the node cannot be reached (`EX_UNAVAILABLE` of sysexits.h).
 pub const EX_UNAVAILABLE: u8 = 69;
@@ -125,16 +128,6 @@ impl Node {
     }
 }
 
-/// The last error in `err`'s source chain (`Connection refused (os error 111)` rather than
-/// `error sending request for url …`).
-fn innermost(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut last = err;
-    while let Some(source) = last.source() {
-        last = source;
-    }
-    last.to_string()
-}
-
 fn parse(text: &str) -> Result<Value> {
     serde_json::from_str(text).context("the node answered something that is not JSON")
 }
@@ -241,6 +234,28 @@ pub async fn purge(args: PurgeArgs) -> Result<()> {
         answer["purged"]["ready"], answer["purged"]["delayed"], args.queue
     );
     Ok(())
+}
+
+/// `runtime pools reset NAME`: says what the pool was and that it starts agents again, or
+/// that it was healthy and nothing was done.
+pub async fn pools(command: PoolsCommand) -> Result<()> {
+    match command {
+        PoolsCommand::Reset(args) => {
+            let path = format!("/pools/{}/reset", args.name);
+            let answer = parse(&Node::new(&args.node).post(&path, None).await?)?;
+            let was = answer["was"].as_str().unwrap_or("?");
+            if answer["reset"] == true {
+                let (state, reason) = was.split_once(": ").unwrap_or((was, ""));
+                println!(
+                    "pool {} was {state} ({reason}); it starts agents again",
+                    args.name
+                );
+            } else {
+                println!("pool {} is healthy: nothing to reset", args.name);
+            }
+            Ok(())
+        }
+    }
 }
 
 /// `runtime nodes`: one line per node consuming from the broker.

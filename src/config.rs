@@ -168,6 +168,8 @@ pub struct BrokerSettings {
     pub result_ttl: Duration,
     /// Largest envelope (bytes of its JSON) enqueued or run.
     pub max_entry_bytes: usize,
+    /// `memory://`: run the ready tasks, within `runtime.shutdown_grace`, before stopping.
+    pub drain_on_shutdown: bool,
 }
 
 impl BrokerSettings {
@@ -200,6 +202,7 @@ impl fmt::Debug for BrokerSettings {
             .field("max_deliveries", &self.max_deliveries)
             .field("result_ttl", &self.result_ttl)
             .field("max_entry_bytes", &self.max_entry_bytes)
+            .field("drain_on_shutdown", &self.drain_on_shutdown)
             .finish()
     }
 }
@@ -214,6 +217,12 @@ pub struct HttpSettings {
     /// Bearer token for mutating routes (the value of `admin_token_env`; `None` when unset or
     /// when the environment was not consulted).
     pub admin_token: Option<String>,
+    /// Time allowed to send a request's line and headers.
+    pub header_read_timeout: Duration,
+    /// Time allowed, after the headers, to send the whole body.
+    pub body_read_timeout: Duration,
+    /// Connections open at once.
+    pub max_connections: NonZeroU32,
 }
 
 impl fmt::Debug for HttpSettings {
@@ -222,6 +231,9 @@ impl fmt::Debug for HttpSettings {
             .field("bind", &self.bind)
             .field("admin_token_env", &self.admin_token_env)
             .field("admin_token", &self.admin_token.as_ref().map(|_| "***"))
+            .field("header_read_timeout", &self.header_read_timeout)
+            .field("body_read_timeout", &self.body_read_timeout)
+            .field("max_connections", &self.max_connections)
             .finish()
     }
 }

@@ -8,14 +8,17 @@
 //! | `POST /tasks`, `GET /tasks/{id}` | enqueue (one or a batch), a task's record ([`tasks`]) |
 //! | `GET /queues`, `GET /dlq/{queue}`, `POST /dlq/{queue}/requeue`, `POST /queues/{queue}/purge` | depths and dead letters ([`queues`]) |
 //! | `ANY /egress/{resource}/{path}` | the egress proxy to a shared resource ([`egress`]) |
-//! | `GET /pools`, `POST /pools/{name}/claim` | process pools ([`pools`]) |
+//! | `GET /pools`, `POST /pools/{name}/claim`, `POST /pools/{name}/reset` | process pools ([`pools`]) |
 //! | `GET /events` | the events stream as Server-Sent Events ([`events`]) |
 //! | `GET /metrics` | Prometheus text format ([`metrics`]) |
 //! | `GET /nodes` | the nodes consuming from the broker, from their presence records ([`nodes`]) |
 //! | `POST /chaos/kill/{path}` | kill that actor, or with `{consumer path}/{task id}` that running task's actor (only with `[chaos] enabled = true`) |
 //!
 //! Mutating routes require `Authorization: Bearer <token>` when `http.admin_token_env` names a
-//! token. Errors are JSON `{"error": "..."}` and never carry internals or secrets.
+//! token. Errors are JSON `{"error": "..."}` and never carry internals or secrets — except
+//! what hyper answers itself before a route runs ([`serve`] lists it). Every request body
+//! must arrive within `http.body_read_timeout` ([`serve::guard_body`]); the server is
+//! [`serve::serve`].
 
 pub mod egress;
 pub mod events;
@@ -24,6 +27,7 @@ pub mod nodes;
 pub mod page;
 pub mod pools;
 pub mod queues;
+pub mod serve;
 pub mod tasks;
 
 use std::collections::BTreeMap;
@@ -155,6 +159,7 @@ pub fn app(state: AppState) -> Router {
         .route("/tasks", post(tasks::enqueue))
         .route("/dlq/{queue}/requeue", post(queues::requeue_dead))
         .route("/pools/{name}/claim", post(pools::claim))
+        .route("/pools/{name}/reset", post(pools::reset))
         .route("/queues/{queue}/purge", post(queues::purge));
     if state.chaos {
         mutating = mutating.route("/chaos/kill/{*path}", post(chaos_kill));
@@ -175,7 +180,7 @@ pub fn app(state: AppState) -> Router {
         .route("/egress/{resource}/{*path}", any(egress::forward))
         .merge(mutating)
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
-        .layer(middleware::from_fn(json_errors))
+        .layer(middleware::from_fn_with_state(state.clone(), json_errors))
         .with_state(state)
 }
 
@@ -184,10 +189,22 @@ pub fn app(state: AppState) -> Router {
 /// error every route promises: this rewrites any error answer that is not JSON into
 /// `{"error": "<its text, or the status reason>"}`, keeping its status and headers (`Allow`).
 /// Egress answers are the upstream's own and pass untouched.
-async fn json_errors(request: Request, next: Next) -> Response {
+///
+/// It also puts the request body under `http.body_read_timeout` ([`serve::guard_body`]):
+/// when the body timed out or broke, the handler's error answer (whatever it made of the
+/// failed read: a 413 from a size-limited read, a 400 from an extractor, an egress error) is
+/// replaced by the JSON `408` or `400` that says what happened.
+async fn json_errors(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let egress = request.uri().path().starts_with("/egress/");
-    let response = next.run(request).await;
+    let (parts, body) = request.into_parts();
+    let (body, body_watch) = serve::guard_body(body, state.config.http.body_read_timeout);
+    let response = next.run(Request::from_parts(parts, body)).await;
     let status = response.status();
+    if status.is_client_error() || status.is_server_error() {
+        if let Some(failure) = body_watch.take() {
+            return failure.into_response();
+        }
+    }
     let is_json = response
         .headers()
         .get(header::CONTENT_TYPE)

@@ -14,7 +14,7 @@
 //! - [`http`] — axum router: health, the tree, tasks, queues, dead letters, the egress proxy,
 //!   pools, the events stream over SSE (`http::events`), the live tree page (`http::page`),
 //!   metrics (`http::metrics`),
-//!   chaos.
+//!   chaos; `http::serve` is the server (connection cap, header and body read timeouts).
 //! - [`shutdown`] — SIGINT/SIGTERM handling (a second signal exits at once).
 //! - [`telemetry`] — tracing subscriber: `RUST_LOG` filter, text or flat JSON (span fields
 //!   such as a task's `task_id` and `trace_id` at the top level).
@@ -28,3 +28,14 @@ pub mod node;
 pub mod shutdown;
 pub mod telemetry;
 pub mod topology;
+
+/// The last error in `err`'s source chain: `Connection refused (os error 111)` rather than
+/// `error sending request for url …`, `Invalid chunk size line: Invalid Size` rather than
+/// `error reading a body from connection`.
+pub(crate) fn innermost(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut last = err;
+    while let Some(source) = last.source() {
+        last = source;
+    }
+    last.to_string()
+}

@@ -22,6 +22,7 @@ async fn main() -> ExitCode {
         Some(Command::Dlq(command)) => report(client::dlq(command).await),
         Some(Command::Purge(args)) => report(client::purge(args).await),
         Some(Command::Nodes(args)) => report(client::nodes(args).await),
+        Some(Command::Pools(command)) => report(client::pools(command).await),
         Some(Command::Chaos(command)) => report(client::chaos::run(command).await),
     }
 }

@@ -2,6 +2,12 @@
 //! nodes left), bind the listener (its address is the children's egress URL), start the
 //! supervision tree and the HTTP server, wait for a shutdown signal or for the root to end by
 //! itself, then stop in reverse order within the grace.
+//!
+//! With `memory://` the queues live in this process and end with it. On a signal, with
+//! `broker.drain_on_shutdown`, the consumers first go on taking ready tasks until no queue has
+//! a ready or running entry, or `runtime.shutdown_grace` runs out ([`drain_memory`]); then the
+//! usual stop follows. However the node ends, it then logs at WARN, queue by queue, what the
+//! memory broker still held and takes with it ([`report_dropped`]).
 
 use std::future::Future;
 use std::process::ExitCode;
@@ -22,6 +28,7 @@ use tracing::{error, info, warn};
 use crate::check::EX_CONFIG;
 use crate::config::Config;
 use crate::http::egress::EgressAccess;
+use crate::http::serve::serve;
 use crate::http::{AppState, app};
 use crate::topology::{
     ROOT, Shared, broker_settings, celery_settings, metrics, node_name, pools, resources,
@@ -30,6 +37,58 @@ use crate::topology::{
 
 /// Time the HTTP server gets to finish open requests once the tree has stopped.
 const HTTP_DRAIN: Duration = Duration::from_secs(2);
+
+/// How often a memory drain looks at the queues.
+const DRAIN_POLL: Duration = Duration::from_millis(50);
+
+/// `broker.drain_on_shutdown` with `memory://`: the consumers keep running until none of
+/// `queues` has a ready or in-flight entry, or `until`. Returns whether they emptied. New
+/// work that keeps arriving meanwhile (`POST /tasks`, beat, callbacks) is run too, within the
+/// same deadline.
+async fn drain_memory(broker: &AnyBroker, queues: &[String], until: Instant) -> bool {
+    loop {
+        let mut busy = false;
+        for queue in queues {
+            match broker.depth(queue).await {
+                Ok(depth) => busy |= depth.ready + depth.in_flight > 0,
+                Err(_) => busy = true,
+            }
+        }
+        if !busy {
+            return true;
+        }
+        if Instant::now() + DRAIN_POLL > until {
+            return false;
+        }
+        tokio::time::sleep(DRAIN_POLL).await;
+    }
+}
+
+/// With `memory://`, what the process takes with it as it ends: one WARN line per queue that
+/// still holds entries (ready, delayed, in flight — running tasks that were killed —, how many
+/// of those are callbacks, dead letters), or one INFO line when nothing is left. Results and
+/// events go too; nothing to say with Redis, which keeps them.
+fn report_dropped(broker: &AnyBroker) {
+    let AnyBroker::Memory(memory) = broker else {
+        return;
+    };
+    let leftovers = memory.leftovers();
+    if leftovers.is_empty() {
+        info!("memory:// broker: nothing left to drop");
+    }
+    for left in leftovers {
+        warn!(
+            queue = %left.queue,
+            ready = left.ready,
+            delayed = left.delayed,
+            in_flight = left.in_flight,
+            callbacks = left.callbacks,
+            dead = left.dead,
+            "memory:// broker: dropping what this queue still holds (its entries live in this \
+             process; see broker.drain_on_shutdown)"
+        );
+    }
+}
 
 /// Tells every consumer to stop fetching at once, so their running tasks finish in parallel
 /// while the tree stops (each consumer waits for its own up to the grace).
@@ -160,10 +219,12 @@ pub async fn run_with(
     }
     let http_stop = Arc::new(Notify::new());
     let stopped = Arc::clone(&http_stop);
+    let http = config.http.clone();
     let mut server = tokio::spawn(async move {
-        axum::serve(listener, app(state))
-            .with_graceful_shutdown(async move { stopped.notified().await })
-            .await
+        serve(listener, app(state), &http, async move {
+            stopped.notified().await
+        })
+        .await
     });
     info!("http listening on http://{addr}");
 
@@ -173,6 +234,16 @@ pub async fn run_with(
         signal = shutdown => {
             let grace = config.runtime.shutdown_grace;
             info!(signal, ?grace, "shutdown requested; draining the consumers, then stopping the tree in reverse order");
+            if config.broker.drain_on_shutdown && matches!(*broker, AnyBroker::Memory(_)) {
+                info!("draining memory:// before stopping: the consumers keep taking ready tasks until the queues are empty or the grace runs out");
+                let started = Instant::now();
+                let queues: Vec<String> = config.queues.keys().cloned().collect();
+                if drain_memory(&broker, &queues, started + grace).await {
+                    info!(elapsed = ?started.elapsed(), "memory:// queues drained");
+                } else {
+                    warn!(?grace, "shutdown_grace ran out while draining memory://; stopping with what is left");
+                }
+            }
             drain_consumers(&tree);
             root.stop(Some(format!("shutdown ({signal})")));
             // Every supervisor enforces the grace on its own children; this is the backstop.
@@ -210,6 +281,7 @@ pub async fn run_with(
             error!(reason = %why, "the http server ended; stopping the node");
             root.stop(Some("http server ended".into()));
             let _ = tokio::time::timeout(config.runtime.shutdown_grace, &mut root_done).await;
+            report_dropped(&broker);
             return ExitCode::FAILURE;
         }
     };
@@ -218,5 +290,6 @@ pub async fn run_with(
     if tokio::time::timeout(HTTP_DRAIN, server).await.is_err() {
         warn!(?HTTP_DRAIN, "http server did not drain in time");
     }
+    report_dropped(&broker);
     code
 }

@@ -432,7 +432,7 @@ async fn router_state() -> AppState {
 }
 
 /// Every route of the router, with a path that reaches its handler.
-const ROUTES: [&str; 17] = [
+const ROUTES: [&str; 18] = [
     "/",
     "/health",
     "/actors",
@@ -446,6 +446,7 @@ const ROUTES: [&str; 17] = [
     "/egress/zep/api/v2/x",
     "/pools",
     "/pools/agents/claim",
+    "/pools/agents/reset",
     "/events",
     "/metrics",
     "/nodes",

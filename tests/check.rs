@@ -116,6 +116,16 @@ const CASES: &[Case] = &[
         ],
     },
     Case {
+        fixture: "blank_admin_token",
+        flags: &[],
+        vars: &[("RT_ADMIN_TOKEN", " \t ")],
+        expected: &[
+            "error: http.admin_token_env: environment variable RT_ADMIN_TOKEN holds only \
+             whitespace: no request could present that token, so the mutating routes would \
+             refuse everyone",
+        ],
+    },
+    Case {
         fixture: "missing_secret",
         flags: &["--deny-warnings"],
         vars: &[],
@@ -233,6 +243,28 @@ const CASES: &[Case] = &[
             "warning: tasks.send_whatsapp_message_task.handler.timeout: 45s is above the task's \
              time_limit 30s (from queues.notifications.time_limit): the hard limit stops the \
              request first",
+        ],
+    },
+    Case {
+        fixture: "ready_matches_assigned",
+        flags: &["--deny-warnings"],
+        vars: &[],
+        expected: &[
+            "warning: pools.voice.ready_pattern: this and assigned_pattern both match the line \
+             \"LiveKit transport created for room\": an agent confirming an assignment could \
+             be taken for ready, or a ready one for confirming (checked on the literal text of \
+             each pattern, not on every possible line)",
+        ],
+    },
+    Case {
+        fixture: "python_buffered",
+        flags: &["--deny-warnings"],
+        vars: &[],
+        expected: &[
+            "warning: pools.voice.env: python3 runs without -u and without PYTHONUNBUFFERED: \
+             its stdout is block-buffered on a pipe, so the lines ready_pattern and \
+             assigned_pattern wait for arrive late or only at exit (add PYTHONUNBUFFERED = \
+             \"1\" to env, or -u to args)",
         ],
     },
     Case {

@@ -274,3 +274,174 @@ async fn json_logs_are_one_object_per_line_and_task_lines_carry_the_task_fields(
     );
     assert!(own_trace.chars().all(|c| c.is_ascii_hexdigit()));
 }
+
+/// A node on `memory://` with `shutdown_grace` = `grace`: `slow` tasks (queue `work`,
+/// one at a time) and `note` tasks (queue `notes`, one at a time) sleep `sleep` seconds, then
+/// append their envelope to `out`; `rt_noop` tasks (queue `fast`) succeed at once and call
+/// back `note`. Returns the config and the path of `out`.
+fn memory_node_config(
+    scratch: &common::Scratch,
+    grace: &str,
+    sleep: &str,
+    drain: bool,
+) -> (String, std::path::PathBuf) {
+    let out = scratch.path().join("ran.jsonl");
+    // Only shell builtins and absolute paths: the child's environment may be empty.
+    let script = scratch.write(
+        "work.sh",
+        &format!(
+            "#!/bin/sh\nread -r envelope\n/bin/sleep {sleep}\nprintf '%s\\n' \"$envelope\" >> '{}'\n\
+             echo '{{}}'\n",
+            out.display()
+        ),
+    );
+    let handler = format!(
+        "{{ kind = \"exec\", command = \"/bin/sh\", args = [\"{}\"] }}",
+        script.display()
+    );
+    // Without `drain`, the config is one that today's main accepts too.
+    let broker = if drain {
+        "[broker]\ndrain_on_shutdown = true\n"
+    } else {
+        ""
+    };
+    let config = format!(
+        r#"
+[runtime]
+shutdown_grace = "{grace}"
+
+{broker}
+[http]
+bind = "127.0.0.1:0"
+
+[queues.work]
+concurrency = 1
+[queues.notes]
+concurrency = 1
+[queues.fast]
+concurrency = 4
+
+[tasks.slow]
+queue = "work"
+handler = {handler}
+
+[tasks.note]
+queue = "notes"
+handler = {handler}
+
+[tasks.rt_noop]
+queue = "fast"
+handler = {{ kind = "native" }}
+link = ["note"]
+"#
+    );
+    (config, out)
+}
+
+/// Enqueues one `note`, `slow` `slow` tasks and four `rt_noop` ones (whose callbacks queue up
+/// behind the running note), then waits until `work` holds `slow - 1` ready entries and
+/// `notes` four.
+async fn fill_memory_queues(node: &Node, slow: usize) {
+    let client = reqwest::Client::new();
+    let mut batch = vec![serde_json::json!({ "task": "note" })];
+    batch.extend((0..slow).map(|_| serde_json::json!({ "task": "slow" })));
+    batch.extend((0..4).map(|_| serde_json::json!({ "task": "rt_noop" })));
+    let sent = client
+        .post(format!("{}/tasks", node.url))
+        .json(&batch)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sent.status(), 202, "{}", sent.text().await.unwrap());
+    let at = Instant::now();
+    loop {
+        let queues = node.get_json("/queues").await;
+        let ready = |q: &str| queues["queues"][q]["ready"].as_u64().unwrap_or(0);
+        if ready("work") == slow as u64 - 1 && ready("notes") == 4 {
+            break;
+        }
+        assert!(at.elapsed() < Duration::from_secs(10), "{queues}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn lines(path: &std::path::Path) -> usize {
+    std::fs::read_to_string(path).map_or(0, |text| text.lines().count())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_on_memory_logs_what_it_drops_per_queue() {
+    let scratch = common::Scratch::new();
+    let (config, out) = memory_node_config(&scratch, "10s", "1", false);
+    let mut node = Node::start(&config, &[]);
+    fill_memory_queues(&node, 17).await;
+    node.signal("TERM");
+    let status = node.wait_exit(Duration::from_secs(10)).expect("exits");
+    assert_eq!(status.code(), Some(0), "{}", node.log());
+    let log = node.log();
+    // The running slow task and the running note finished within the grace; the rest is gone,
+    // and the log says so, queue by queue.
+    assert_eq!(lines(&out), 2, "{log}");
+    let dropped: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("memory:// broker: dropping"))
+        .collect();
+    assert_eq!(dropped.len(), 2, "{log}");
+    assert!(
+        dropped
+            .iter()
+            .any(|l| l.contains("queue=work ready=16 delayed=0 in_flight=0 callbacks=0 dead=0")),
+        "{log}"
+    );
+    assert!(
+        dropped
+            .iter()
+            .any(|l| l.contains("queue=notes ready=4 delayed=0 in_flight=0 callbacks=4 dead=0")),
+        "{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_on_memory_with_drain_on_shutdown_runs_the_ready_tasks_first() {
+    let scratch = common::Scratch::new();
+    let (config, out) = memory_node_config(&scratch, "20s", "0.3", true);
+    let mut node = Node::start(&config, &[]);
+    fill_memory_queues(&node, 6).await;
+    let at = Instant::now();
+    node.signal("TERM");
+    let status = node.wait_exit(Duration::from_secs(20)).expect("exits");
+    assert_eq!(status.code(), Some(0), "{}", node.log());
+    let log = node.log();
+    // One note, six slow tasks and the four callbacks: all ran before the process ended.
+    assert_eq!(lines(&out), 11, "{log}");
+    assert!(at.elapsed() < Duration::from_secs(15), "{log}");
+    assert!(log.contains("draining memory:// before stopping"), "{log}");
+    assert!(
+        log.contains("memory:// broker: nothing left to drop"),
+        "{log}"
+    );
+    assert!(!log.contains("memory:// broker: dropping"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_cut_by_the_grace_logs_what_is_left() {
+    let scratch = common::Scratch::new();
+    let (config, out) = memory_node_config(&scratch, "1s", "0.6", true);
+    let mut node = Node::start(&config, &[]);
+    fill_memory_queues(&node, 9).await;
+    node.signal("TERM");
+    let status = node.wait_exit(Duration::from_secs(10)).expect("exits");
+    assert_eq!(status.code(), Some(0), "{}", node.log());
+    let log = node.log();
+    let ran = lines(&out);
+    assert!((2..14).contains(&ran), "{ran} ran\n{log}");
+    assert!(
+        log.contains("shutdown_grace ran out while draining memory://"),
+        "{log}"
+    );
+    let dropped: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("memory:// broker: dropping"))
+        .collect();
+    assert!(dropped.iter().any(|l| l.contains("queue=work ")), "{log}");
+}

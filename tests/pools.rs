@@ -198,3 +198,138 @@ handler = {{ kind = "pool", pool = "voice" }}
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(tagged(&tag), 0, "agents left behind after the node stopped");
 }
+
+/// Runs `runtime ARGS` against `node` with `RT_ADMIN_TOKEN` = `token`.
+fn cli(node: &Node, args: &[&str], token: &str) -> (bool, String, String) {
+    let out = std::process::Command::new(common::binary())
+        .args(args)
+        .env("RT_URL", &node.url)
+        .env("RT_ADMIN_TOKEN", token)
+        .output()
+        .expect("run runtime");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fatal_pool_is_reset_over_http_and_the_cli_once_its_cause_is_fixed() {
+    let scratch = common::Scratch::new();
+    let flag = scratch.path().join("fixed");
+    // Fails to start until the flag file exists, then is ready and waits to be stopped.
+    let agent = scratch.write(
+        "agent.sh",
+        "#!/bin/sh\nif [ -f \"$FLAG\" ]; then echo 'Pipeline ready'; exec /bin/sleep 600; fi\n\
+         echo 'cannot load the model' >&2\nexit 1\n",
+    );
+    let config = format!(
+        r#"
+[http]
+bind = "127.0.0.1:0"
+admin_token_env = "POOL_TEST_TOKEN"
+
+[pools.voice]
+command = "/bin/sh"
+args = ["{agent}"]
+env = {{ FLAG = "{flag}" }}
+min_idle = 2
+max = 3
+startup_timeout = "5s"
+ready_pattern = "Pipeline ready"
+stop_timeout = "1s"
+startretries = 2
+"#,
+        agent = agent.display(),
+        flag = flag.display(),
+    );
+    let token = "p00l-t0k3n";
+    let node = Node::start(&config, &[("POOL_TEST_TOKEN", token)]);
+    let until = |what: &'static str, done: fn(&Value) -> bool| {
+        let node = &node;
+        async move {
+            let at = Instant::now();
+            loop {
+                let pools = node.get_json("/pools").await;
+                if done(&pools["pools"]["voice"]) {
+                    return pools["pools"]["voice"].clone();
+                }
+                assert!(
+                    at.elapsed() < Duration::from_secs(20),
+                    "never {what}: {pools}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let fatal = until("fatal", |p| p["health"] == "fatal").await;
+    assert!(
+        fatal["reason"]
+            .as_str()
+            .unwrap()
+            .contains("exited before ready"),
+        "{fatal}"
+    );
+    // Fatal stays fatal: nothing starts by itself, and /health names the pool.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let health = node.get("/health").await;
+    assert_eq!(health.status(), 503);
+    let health = health.text().await.unwrap();
+    assert!(
+        health.contains("root/pools/voice") && health.contains("fatal"),
+        "{health}"
+    );
+    let still = node.get_json("/pools").await["pools"]["voice"].clone();
+    assert_eq!(still["health"], "fatal");
+    assert_eq!(
+        still["totals"]["spawned"], fatal["totals"]["spawned"],
+        "{still}"
+    );
+
+    std::fs::write(&flag, "").unwrap();
+    // The reset is an operator's action: it needs the token; an unknown pool is a 404.
+    let client = reqwest::Client::new();
+    let reset = |name: &str, token: Option<&str>| {
+        let mut request = client.post(format!("{}/pools/{name}/reset", node.url));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        request.send()
+    };
+    assert_eq!(reset("voice", None).await.unwrap().status(), 401);
+    let missing = reset("nope", Some(token)).await.unwrap();
+    assert_eq!(missing.status(), 404);
+    let missing: Value = missing.json().await.unwrap();
+    assert_eq!(missing["error"], "no such pool `nope`");
+
+    let (ok, out, err) = cli(&node, &["pools", "reset", "voice"], token);
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.starts_with("pool voice was fatal (2 consecutive startup failures"),
+        "{out}"
+    );
+    assert!(out.contains("it starts agents again"), "{out}");
+    let healthy = until("idle again", |p| p["counts"]["idle"] == 2).await;
+    assert_eq!(healthy["health"], "ok", "{healthy}");
+    assert_eq!(healthy["consecutive_startup_failures"], 0);
+    let at = Instant::now();
+    while node.get("/health").await.status() != 200 {
+        assert!(
+            at.elapsed() < Duration::from_secs(5),
+            "/health still unhealthy"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // A healthy pool: nothing to reset, nothing restarted.
+    let again = reset("voice", Some(token)).await.unwrap();
+    assert_eq!(again.status(), 200);
+    let again: Value = again.json().await.unwrap();
+    assert_eq!(again["reset"], false, "{again}");
+    assert_eq!(again["was"], "ok", "{again}");
+    assert_eq!(again["state"]["counts"]["idle"], 2, "{again}");
+    let (ok, out, _) = cli(&node, &["pools", "reset", "voice"], token);
+    assert!(ok);
+    assert_eq!(out.trim(), "pool voice is healthy: nothing to reset");
+}

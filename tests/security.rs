@@ -700,6 +700,36 @@ fn a_non_loopback_bind_without_a_token_is_refused_by_check_and_at_start() {
     assert!(!start.status.success());
 }
 
+#[test]
+fn a_blank_admin_token_is_refused_at_start_without_echoing_it() {
+    let scratch = Scratch::new();
+    let path = scratch.write(
+        "blank.toml",
+        "[http]\nbind = \"127.0.0.1:0\"\nadmin_token_env = \"SEC_BLANK_TOKEN\"\n[queues.default]\n",
+    );
+    for blank in ["   ", "\t", "tok\n"] {
+        let start = Command::new(binary())
+            .env("SEC_BLANK_TOKEN", blank)
+            .env_remove("RT_BROKER_URL")
+            .env_remove("RT_CONFIG")
+            .arg("--config")
+            .arg(&path)
+            .output()
+            .unwrap();
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&start.stdout),
+            String::from_utf8_lossy(&start.stderr)
+        );
+        assert_eq!(start.status.code(), Some(78), "{blank:?}: {said}");
+        assert!(
+            said.contains("http.admin_token_env: environment variable SEC_BLANK_TOKEN"),
+            "{blank:?}: {said}"
+        );
+        assert!(!said.contains("http listening on"), "{said}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_secrets_argv_and_the_egress_proxy_hold_up() {
     let elsewhere = Upstream::default();
@@ -745,6 +775,7 @@ async fn tokens_secrets_argv_and_the_egress_proxy_hold_up() {
         ("POST", "/dlq/default/requeue"),
         ("POST", "/queues/default/purge"),
         ("POST", "/pools/none/claim"),
+        ("POST", "/pools/none/reset"),
         ("POST", "/chaos/kill/heartbeat"),
     ] {
         for token in [

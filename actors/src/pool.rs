@@ -671,7 +671,10 @@ impl Pool {
     /// `Some("backoff: …")` or `Some("fatal: …")` while agents cannot be started; `None`
     /// when healthy.
     pub fn health(&self) -> Option<String> {
-        let m = self.lock();
+        self.health_of(&self.lock())
+    }
+
+    fn health_of(&self, m: &Membership) -> Option<String> {
         if let Some(reason) = &m.fatal {
             return Some(format!("fatal: {reason}"));
         }
@@ -686,17 +689,26 @@ impl Pool {
         None
     }
 
-    /// Leaves `fatal`/`backoff`: the next reconcile starts agents again (an operator's action).
-    pub fn reset(&self) {
-        {
+    /// Leaves `fatal`/`backoff` (an operator's action, once the cause is fixed): the failure
+    /// count and the backoff deadline are cleared and the next reconcile starts agents again,
+    /// as for a new pool. Agents started before the reset belong to the earlier round: if one
+    /// of them still fails to start, it does not count against the new one. Returns what the
+    /// pool's health was ([`Pool::health`]), or `None` — and does nothing — when it was
+    /// healthy: live agents are never touched.
+    pub fn reset(&self) -> Option<String> {
+        let was = {
             let mut m = self.lock();
+            let was = self.health_of(&m)?;
             m.fatal = None;
             m.consecutive_failures = 0;
             m.next_start_at = None;
-        }
-        info!(pool = %self.name(), "pool reset: starting agents again");
-        self.emit("pool_reset", json!({}));
+            m.failure_generation += 1;
+            was
+        };
+        info!(pool = %self.name(), was = %was, "pool reset: starting agents again");
+        self.emit("pool_reset", json!({ "was": was }));
         self.touch();
+        Some(was)
     }
 
     /// Live agents per state and startup failures, for `/metrics`.

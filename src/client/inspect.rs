@@ -323,7 +323,7 @@ async fn events(node: &Node, args: EventsArgs, json: bool) -> Result<()> {
             Err(err) => bail!(
                 "the event stream of {} broke off: {}",
                 node.base,
-                super::innermost(&err)
+                crate::innermost(&err)
             ),
         };
         for data in parser.feed(&chunk) {

@@ -81,6 +81,9 @@ const MIN_MAX_ENTRY_BYTES: u64 = 1024;
 /// The largest `broker.max_entry_bytes`: Redis' largest string (`proto-max-bulk-len`).
 const MAX_MAX_ENTRY_BYTES: u64 = 512 * 1024 * 1024;
 const DEFAULT_BIND: &str = "127.0.0.1:7070";
+const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+const DEFAULT_MAX_CONNECTIONS: u32 = 512;
 const DEFAULT_MAX_RESTARTS: u32 = 5;
 const DEFAULT_WITHIN: Duration = Duration::from_secs(10);
 const DEFAULT_RESTART_BACKOFF: Duration = Duration::from_millis(20);
@@ -527,7 +530,18 @@ impl Compiler<'_> {
                 ),
             );
         }
+        let drain_on_shutdown = raw.drain_on_shutdown.unwrap_or(false);
+        if drain_on_shutdown && url_ok && !url.starts_with("memory:") {
+            self.warning(
+                "broker.drain_on_shutdown",
+                format!(
+                    "has no effect with a Redis broker{origin}: its queues outlive the node, \
+                     another node (or this one, restarted) runs what is left"
+                ),
+            );
+        }
         url_ok.then_some(BrokerSettings {
+            drain_on_shutdown,
             url,
             prefix,
             lease,
@@ -629,11 +643,56 @@ impl Compiler<'_> {
                 )
                 .map(|secret| secret.0),
         };
+        let admin_token = match (admin_token, &raw.admin_token_env) {
+            (Some(token), Some(name)) => self.usable_token(name, token),
+            _ => None,
+        };
+        let header_read_timeout = self.positive_duration(
+            "http.header_read_timeout",
+            &raw.header_read_timeout,
+            DEFAULT_HEADER_READ_TIMEOUT,
+        );
+        let body_read_timeout = self.positive_duration(
+            "http.body_read_timeout",
+            &raw.body_read_timeout,
+            DEFAULT_BODY_READ_TIMEOUT,
+        );
+        let max_connections = self.nonzero(
+            "http.max_connections",
+            raw.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
+        );
         Some(HttpSettings {
             bind: bind?,
             admin_token_env: raw.admin_token_env.clone(),
             admin_token,
+            header_read_timeout,
+            body_read_timeout,
+            max_connections,
         })
+    }
+
+    /// The admin token read from `name`, when a request could present it: a value of only
+    /// whitespace, with whitespace around it (HTTP trims header values, so no `Authorization`
+    /// header could carry it) or with control characters (no header can) is an error that
+    /// names the variable, never the value.
+    fn usable_token(&mut self, name: &str, token: String) -> Option<String> {
+        let problem = if token.trim().is_empty() {
+            "holds only whitespace"
+        } else if token.trim() != token {
+            "starts or ends with whitespace, which HTTP trims from header values"
+        } else if token.chars().any(char::is_control) {
+            "holds control characters (a newline?), which no HTTP header can carry"
+        } else {
+            return Some(token);
+        };
+        self.error(
+            "http.admin_token_env",
+            format!(
+                "environment variable {name} {problem}: no request could present that token, \
+                 so the mutating routes would refuse everyone"
+            ),
+        );
+        None
     }
 
     fn supervision(&mut self, raw: &RawSupervision) -> Option<SupervisionSettings> {
@@ -906,6 +965,30 @@ impl Compiler<'_> {
             .assigned_pattern
             .as_ref()
             .map(|pattern| self.regex(&format!("{at}.assigned_pattern"), pattern));
+        if let (Some(ready), Some(Some(assigned))) = (&ready_pattern, &assigned_pattern)
+            && let Some(line) = line_matching_both(ready, assigned)
+        {
+            self.warning(
+                format!("{at}.ready_pattern"),
+                format!(
+                    "this and assigned_pattern both match the line {line:?}: an agent \
+                     confirming an assignment could be taken for ready, or a ready one for \
+                     confirming (checked on the literal text of each pattern, not on every \
+                     possible line)"
+                ),
+            );
+        }
+        if let Some(program) = buffered_python(raw) {
+            self.warning(
+                format!("{at}.env"),
+                format!(
+                    "{program} runs without -u and without PYTHONUNBUFFERED: its stdout is \
+                     block-buffered on a pipe, so the lines ready_pattern and assigned_pattern \
+                     wait for arrive late or only at exit (add PYTHONUNBUFFERED = \"1\" to env, \
+                     or -u to args)"
+                ),
+            );
+        }
         let assign_timeout = self.positive_duration(
             &format!("{at}.assign_timeout"),
             &raw.assign_timeout,
@@ -1435,6 +1518,83 @@ fn one_line(message: &str) -> String {
         .filter(|line| !line.is_empty())
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// A line that both patterns match, looked for among the literal text each pattern requires
+/// (the alternatives of `a|b`, the fixed prefix and suffix of `Connected to \w+`): patterns
+/// that only overlap on other lines are not found — two regexes cannot be compared in
+/// general, but the agent's own log lines are usually those literals.
+fn line_matching_both(ready: &Regex, assigned: &Regex) -> Option<String> {
+    use regex_syntax::hir::literal::{ExtractKind, Extractor};
+    let mut samples = Vec::new();
+    for pattern in [ready.as_str(), assigned.as_str()] {
+        let Ok(hir) = regex_syntax::Parser::new().parse(pattern) else {
+            continue;
+        };
+        for kind in [ExtractKind::Prefix, ExtractKind::Suffix] {
+            let literals = Extractor::new().kind(kind).extract(&hir);
+            for literal in literals.literals().unwrap_or_default() {
+                if let Ok(text) = std::str::from_utf8(literal.as_bytes())
+                    && !text.trim().is_empty()
+                {
+                    samples.push(text.to_string());
+                }
+            }
+        }
+    }
+    samples
+        .into_iter()
+        .find(|line| ready.is_match(line) && assigned.is_match(line))
+}
+
+/// The program's name when a pool runs Python with a buffered stdout: the command is
+/// `python`, `python3`, `python3.12`… (any directory), no `-u` among the interpreter's own
+/// options (those before the script, `-m` or `-c`; `-Bu` counts) and no `PYTHONUNBUFFERED`
+/// in `env` (set to anything non-empty, as Python reads it) or `pass_env`.
+fn buffered_python(raw: &RawPool) -> Option<String> {
+    let program = std::path::Path::new(raw.command.trim())
+        .file_name()?
+        .to_str()?
+        .to_string();
+    let version = program.strip_prefix("python")?;
+    if !version.chars().all(|c| c.is_ascii_digit() || c == '.') {
+        return None;
+    }
+    let unbuffered_env = raw
+        .env
+        .get("PYTHONUNBUFFERED")
+        .is_some_and(|value| !value.is_empty())
+        || raw.pass_env.iter().any(|name| name == "PYTHONUNBUFFERED");
+    let mut args = raw.args.iter();
+    while let Some(arg) = args.next() {
+        let Some(flags) = arg.strip_prefix('-') else {
+            break; // the script: what follows is its own
+        };
+        if flags.is_empty() || flags.starts_with('-') {
+            if arg == "--" {
+                break;
+            }
+            continue; // `--long` options of the interpreter
+        }
+        // Short options, possibly bundled (`-Bu`); `-c`, `-m`, `-W`, `-X` take a value, the
+        // rest of this argument or the next one, and `-c`/`-m` end the interpreter's options.
+        for (at, flag) in flags.char_indices() {
+            match flag {
+                'u' => return None,
+                'c' | 'm' | 'W' | 'X' => {
+                    if at + 1 == flags.len() {
+                        args.next();
+                    }
+                    if matches!(flag, 'c' | 'm') {
+                        return (!unbuffered_env).then_some(program);
+                    }
+                    break;
+                }
+                _ => {}
+            }
+        }
+    }
+    (!unbuffered_env).then_some(program)
 }
 
 fn is_env_name(name: &str) -> bool {

@@ -108,6 +108,12 @@ pub(crate) struct RawBroker {
     /// `entry too large: …`). An integer; default 1048576 (1 MiB); from 1024 to 536870912
     /// (512 MiB, Redis' largest string).
     pub(crate) max_entry_bytes: Option<u64>,
+    /// `memory://` only (its queues live in the node's process and end with it): on SIGTERM or
+    /// SIGINT the consumers keep taking ready tasks until every queue is empty (nothing
+    /// ready, nothing running) or `runtime.shutdown_grace` runs out, and only then stop; what
+    /// is left is counted in the log. Default `false`: stop fetching at once (what is left is
+    /// counted in the log all the same). Has no effect with Redis, which keeps the entries.
+    pub(crate) drain_on_shutdown: Option<bool>,
 }
 
 /// `[http]`
@@ -120,6 +126,19 @@ pub(crate) struct RawHttp {
     /// Name of the environment variable that holds the bearer token required by mutating
     /// routes (never the token itself). Default: none (no token on loopback).
     pub(crate) admin_token_env: Option<String>,
+    /// Time a client has to send a request's line and headers, from the moment the server
+    /// waits for them (a new connection, or the end of the previous answer on a kept-alive
+    /// one); past it the connection is closed without an answer. Bounds slow and idle
+    /// connections. Default `"10s"`; must be above zero.
+    pub(crate) header_read_timeout: Option<RawDuration>,
+    /// Time a client has, once its headers are read, to send the whole request body; past it
+    /// the request is answered `408` (JSON) and the connection closed. Answers, such as the
+    /// `/events` stream or an egress response, are not limited. Default `"30s"`; must be
+    /// above zero.
+    pub(crate) body_read_timeout: Option<RawDuration>,
+    /// Connections open at once (`/events` streams and kept-alive ones included); further
+    /// ones wait in the kernel's listen backlog until one closes. Default 512; at least 1.
+    pub(crate) max_connections: Option<u32>,
 }
 
 /// `[supervision]`

@@ -407,7 +407,7 @@ fn events_can_be_switched_off_and_their_cap_is_checked() {
 
 #[test]
 fn pool_sizes_are_checked() {
-    let pool = "[pools.voice]\ncommand = \"python\"\nready_pattern = \"ready\"\n";
+    let pool = "[pools.voice]\ncommand = \"voice-agent\"\nready_pattern = \"ready\"\n";
     assert_eq!(
         fails(&format!("{pool}max = 2\nmin_idle = 3\n")),
         ["error: pools.voice.min_idle: 3 is above max 2: the pool could never keep that many idle"]
@@ -469,7 +469,7 @@ fn exec_env_and_pass_env_are_checked_like_a_pools() {
 #[test]
 fn pool_regexes_signals_and_env_names_are_checked() {
     let lines = fails(
-        "[pools.voice]\ncommand = \"python\"\nmax = 1\nready_pattern = \"(unclosed\"\n\
+        "[pools.voice]\ncommand = \"voice-agent\"\nmax = 1\nready_pattern = \"(unclosed\"\n\
          assigned_pattern = \"[\"\nstop_signal = \"TERM\"\nenv = { \"BAD NAME\" = \"1\" }\n",
     );
     assert_eq!(lines.len(), 4, "{lines:?}");
@@ -795,7 +795,7 @@ fn every_error_of_a_file_is_reported_in_one_pass() {
         [queues.chat]
         concurrency = 0
         [pools.voice]
-        command = "python"
+        command = "voice-agent"
         max = 1
         min_idle = 2
         ready_pattern = "ready"
@@ -948,6 +948,153 @@ fn auth_probes_default_per_kind_and_are_checked() {
         [
             "error: resources.zep.auth_probe_path: must start with `/`",
             "error: resources.openai.auth_probe_every: must be longer than zero",
+        ]
+    );
+}
+
+#[test]
+fn a_python_agent_with_a_buffered_stdout_is_a_warning() {
+    let pool = |command: &str, args: &str, env: &str| {
+        let text = format!(
+            "[pools.voice]\ncommand = \"{command}\"\nargs = {args}\nenv = {env}\nmax = 1\n\
+             ready_pattern = \"Pipeline ready\"\n"
+        );
+        ok(&text).1
+    };
+    let warned = |warnings: Vec<String>| {
+        warnings.len() == 1 && warnings[0].starts_with("warning: pools.voice.env: ")
+    };
+    for command in [
+        "python",
+        "python3",
+        "/usr/bin/python3.12",
+        "/app/.venv/bin/python",
+    ] {
+        assert!(warned(pool(command, "[\"bot.py\"]", "{}")), "{command}");
+    }
+    // -u among the interpreter's options, bundled or not, or PYTHONUNBUFFERED: no warning.
+    for args in [
+        "[\"-u\", \"bot.py\"]",
+        "[\"-Bu\", \"-m\", \"bot\"]",
+        "[\"-X\", \"utf8\", \"-u\", \"bot.py\"]",
+        "[\"-W\", \"ignore\", \"-u\", \"-m\", \"bot\"]",
+    ] {
+        assert_eq!(pool("python3", args, "{}"), Vec::<String>::new(), "{args}");
+    }
+    let set = "{ PYTHONUNBUFFERED = \"1\" }";
+    assert_eq!(pool("python3", "[\"bot.py\"]", set), Vec::<String>::new());
+    // A -u after the script or the module is the program's own argument, not Python's.
+    assert!(warned(pool("python3", "[\"bot.py\", \"-u\"]", "{}")));
+    assert!(warned(pool("python3", "[\"-m\", \"bot\", \"-u\"]", "{}")));
+    assert!(warned(pool(
+        "python3",
+        "[\"-c\", \"import bot\", \"-u\"]",
+        "{}"
+    )));
+    // An empty PYTHONUNBUFFERED does nothing for Python.
+    assert!(warned(pool("python3", "[]", "{ PYTHONUNBUFFERED = \"\" }")));
+    // Passing it through from the node's environment is trusted.
+    let passed = ok(
+        "[pools.voice]\ncommand = \"python3\"\npass_env = [\"PYTHONUNBUFFERED\"]\n\
+                     max = 1\nready_pattern = \"ready\"\n",
+    )
+    .1;
+    let unset = "warning: pools.voice.pass_env: environment variable PYTHONUNBUFFERED is not set";
+    assert!(
+        passed.len() == 1 && passed[0].starts_with(unset),
+        "{passed:?}"
+    );
+    // Not Python.
+    for command in ["node", "/usr/bin/pythonista", "python-agent"] {
+        assert_eq!(pool(command, "[]", "{}"), Vec::<String>::new(), "{command}");
+    }
+}
+
+#[test]
+fn a_line_that_both_agent_patterns_match_is_a_warning() {
+    let pool = |ready: &str, assigned: &str| {
+        let text = format!(
+            "[pools.voice]\ncommand = \"/opt/voice-agent\"\nmax = 1\nready_pattern = '{ready}'\n\
+             assigned_pattern = '{assigned}'\n"
+        );
+        ok(&text).1
+    };
+    let overlap = |ready: &str, assigned: &str, line: &str| {
+        let warnings = pool(ready, assigned);
+        assert_eq!(warnings.len(), 1, "{ready} / {assigned}: {warnings:?}");
+        assert!(
+            warnings[0].starts_with(&format!(
+                "warning: pools.voice.ready_pattern: this and assigned_pattern both match the \
+                 line {line:?}: "
+            )),
+            "{warnings:?}"
+        );
+    };
+    // The assignment line reads as ready, or the ready line as a confirmation.
+    overlap(
+        "ready",
+        "Room ready for participant",
+        "Room ready for participant",
+    );
+    overlap(
+        "Pipeline ready|Connected",
+        "Connected to room",
+        "Connected to room",
+    );
+    overlap("Agent (started|ready)", "started", "Agent started");
+    overlap("(?i)READY", "Pipeline ready", "Pipeline ready");
+    // Distinct lines, as in the shipped voice configs: nothing to say.
+    assert_eq!(pool("Pipeline ready", "Connected to"), Vec::<String>::new());
+    assert_eq!(
+        pool(
+            "Pipeline started|LiveKit transport created|Inworld TTS service initialized",
+            "Participant joined|Room joined"
+        ),
+        Vec::<String>::new()
+    );
+    assert_eq!(pool("^ready$", "ready for room \\d+"), Vec::<String>::new());
+    // The blind spot README names: both match `Pipeline joined`, a line neither spells out.
+    assert_eq!(pool("Pipeline \\w+", "\\w+ joined"), Vec::<String>::new());
+}
+
+#[test]
+fn drain_on_shutdown_is_off_by_default_and_a_warning_with_redis() {
+    let (config, warnings) = ok("");
+    assert!(!config.broker.drain_on_shutdown);
+    let (config, warnings_on) = ok("[broker]\ndrain_on_shutdown = true\n");
+    assert!(config.broker.drain_on_shutdown);
+    assert!(warnings.is_empty() && warnings_on.is_empty());
+    let (_, warnings) =
+        ok("[broker]\nurl = \"redis://127.0.0.1:6379/0\"\ndrain_on_shutdown = true\n");
+    assert_eq!(
+        warnings,
+        [
+            "warning: broker.drain_on_shutdown: has no effect with a Redis broker: its queues \
+          outlive the node, another node (or this one, restarted) runs what is left"
+        ]
+    );
+}
+
+#[test]
+fn http_read_timeouts_and_the_connection_cap_have_defaults_and_must_be_above_zero() {
+    let (config, _) = ok("");
+    assert_eq!(config.http.header_read_timeout, Duration::from_secs(10));
+    assert_eq!(config.http.body_read_timeout, Duration::from_secs(30));
+    assert_eq!(config.http.max_connections.get(), 512);
+    let (config, _) = ok(
+        "[http]\nheader_read_timeout = \"2s\"\nbody_read_timeout = \"1m\"\nmax_connections = 64\n",
+    );
+    assert_eq!(config.http.header_read_timeout, Duration::from_secs(2));
+    assert_eq!(config.http.body_read_timeout, Duration::from_secs(60));
+    assert_eq!(config.http.max_connections.get(), 64);
+    assert_eq!(
+        fails(
+            "[http]\nheader_read_timeout = \"0s\"\nbody_read_timeout = \"0s\"\nmax_connections = 0\n"
+        ),
+        [
+            "error: http.header_read_timeout: must be longer than zero",
+            "error: http.body_read_timeout: must be longer than zero",
+            "error: http.max_connections: must be at least 1, got 0",
         ]
     );
 }

@@ -1,5 +1,6 @@
-//! Process pools: `GET /pools` (every pool's snapshot) and `POST /pools/{name}/claim` (take
-//! an idle agent and hand it the JSON body as its assignment).
+//! Process pools: `GET /pools` (every pool's snapshot), `POST /pools/{name}/claim` (take
+//! an idle agent and hand it the JSON body as its assignment) and `POST /pools/{name}/reset`
+//! (an operator leaves `fatal`/`backoff` once the cause is fixed).
 
 use std::time::Duration;
 
@@ -63,4 +64,25 @@ pub async fn claim(
             Ok(response)
         }
     }
+}
+
+/// `POST /pools/{name}/reset`: clears a `fatal` or `backoff` pool's failure count
+/// ([`Pool::reset`](actors::pool::Pool::reset)) so it starts agents again at once: `202
+/// {"pool", "reset": true, "was": "fatal: …", "state": {snapshot}}`. A healthy pool is left
+/// alone (no agent is stopped or started): `200` with `"reset": false, "was": "ok"`. `404`
+/// for an unknown pool.
+pub async fn reset(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let pool = state
+        .pools
+        .get(&name)
+        .ok_or_else(|| ApiError::NotFound(format!("no such pool `{name}`")))?;
+    let (status, reset, was) = match pool.reset() {
+        Some(was) => (StatusCode::ACCEPTED, true, was),
+        None => (StatusCode::OK, false, "ok".to_string()),
+    };
+    let body = json!({ "pool": name, "reset": reset, "was": was, "state": pool.snapshot() });
+    Ok((status, Json(body)).into_response())
 }

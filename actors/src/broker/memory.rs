@@ -10,6 +10,9 @@
 //! the task's outcome (acked, dead-lettered, poisoned, malformed); a purge drops the guards of
 //! what it removed. Everything a call changes happens under one lock, so an outcome's record,
 //! ack and event are always written together.
+//!
+//! Everything lives in this process: when it ends, what the queues still hold is gone.
+//! [`MemoryBroker::leftovers`] counts it, queue by queue, so the node can say so as it stops.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Mutex;
@@ -61,6 +64,45 @@ struct Queue {
     dead: VecDeque<DeadLetter>,
 }
 
+/// What one queue of a [`MemoryBroker`] still holds ([`MemoryBroker::leftovers`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Leftover {
+    /// The queue.
+    pub queue: String,
+    /// Entries waiting to be reserved.
+    pub ready: u64,
+    /// Entries waiting for their time (eta, retry backoff, deferral).
+    pub delayed: u64,
+    /// Entries reserved by a consumer and not settled (a task still running, or killed).
+    pub in_flight: u64,
+    /// How many of the ready, delayed and in-flight entries are `link`/`link_error` callbacks
+    /// the runtime enqueued for a finished task.
+    pub callbacks: u64,
+    /// Dead letters.
+    pub dead: u64,
+}
+
+impl Leftover {
+    /// Whether the queue holds nothing at all.
+    pub fn is_empty(&self) -> bool {
+        self.ready + self.delayed + self.in_flight + self.dead == 0
+    }
+}
+
+/// Whether a stored entry is a callback the runtime enqueued (`link` / `link_error`): it has a
+/// parent and the idempotency key `cb:{parent}:…` the task gave it.
+fn is_callback(raw: &str) -> bool {
+    Envelope::from_json(raw).is_ok_and(|envelope| {
+        envelope.parent_id.as_ref().is_some_and(|parent| {
+            envelope
+                .idempotency_key
+                .as_deref()
+                .and_then(|key| key.strip_prefix("cb:"))
+                .is_some_and(|key| key.starts_with(&format!("{parent}:")))
+        })
+    })
+}
+
 #[derive(Debug)]
 struct Entry {
     id: String,
@@ -103,6 +145,36 @@ impl MemoryBroker {
         });
         drop(state);
         self.arrived.notify_waiters();
+    }
+
+    /// What every queue still holds, by queue name, leaving out the empty ones: what would be
+    /// lost if the process ended now. Parses each waiting entry once to count the callbacks
+    /// (meant for a stop, not for a hot path).
+    pub fn leftovers(&self) -> Vec<Leftover> {
+        let state = self.lock();
+        let mut out: Vec<Leftover> = state
+            .queues
+            .iter()
+            .map(|(name, q)| {
+                let waiting = q
+                    .ready
+                    .iter()
+                    .map(|e| e.raw.as_str())
+                    .chain(q.delayed.values().map(String::as_str))
+                    .chain(q.in_flight.values().map(|l| l.entry.raw.as_str()));
+                Leftover {
+                    queue: name.clone(),
+                    ready: q.ready.len() as u64,
+                    delayed: q.delayed.len() as u64,
+                    in_flight: q.in_flight.len() as u64,
+                    callbacks: waiting.filter(|raw| is_callback(raw)).count() as u64,
+                    dead: q.dead.len() as u64,
+                }
+            })
+            .filter(|leftover| !leftover.is_empty())
+            .collect();
+        out.sort_by(|a, b| a.queue.cmp(&b.queue));
+        out
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -864,6 +936,69 @@ mod tests {
     }
 
     contract_suite!(async { MemoryBroker::new(settings()) });
+
+    #[tokio::test]
+    async fn leftovers_count_what_each_queue_still_holds_callbacks_included() {
+        use super::Leftover;
+        use crate::broker::{Broker, Envelope};
+        use std::time::{Duration, SystemTime};
+        let broker = MemoryBroker::new(settings());
+        assert_eq!(broker.leftovers(), Vec::<Leftover>::new());
+        let mut callback = Envelope::new("notify", "notes");
+        callback.parent_id = Some("p-1".into());
+        callback.idempotency_key = Some("cb:p-1:0:notify".into());
+        // A caller's own key that merely looks like one is not a callback.
+        let mut lookalike = Envelope::new("notify", "notes");
+        lookalike.idempotency_key = Some("cb:p-2:0:notify".into());
+        let mut later = Envelope::new("work", "chat");
+        later.eta = Some("2999-01-01T00:00:00Z".into());
+        let batch = vec![
+            Envelope::new("work", "chat"),
+            Envelope::new("work", "chat"),
+            Envelope::new("work", "chat"),
+            later,
+            callback,
+            lookalike,
+        ];
+        broker.enqueue(batch).await.unwrap();
+        let taken = broker
+            .reserve("chat", "n1", 2, Duration::ZERO)
+            .await
+            .unwrap();
+        broker.dead_letter(&taken[0], "boom").await.unwrap();
+        broker
+            .retry(
+                &taken[1],
+                SystemTime::now() + Duration::from_secs(60),
+                "again",
+            )
+            .await
+            .unwrap();
+        broker
+            .reserve("chat", "n1", 1, Duration::ZERO)
+            .await
+            .unwrap();
+        broker.depth("empty").await.unwrap();
+        assert_eq!(
+            broker.leftovers(),
+            [
+                Leftover {
+                    queue: "chat".into(),
+                    ready: 0,
+                    delayed: 2,
+                    in_flight: 1,
+                    callbacks: 0,
+                    dead: 1,
+                },
+                Leftover {
+                    queue: "notes".into(),
+                    ready: 2,
+                    callbacks: 1,
+                    ..Leftover::default()
+                },
+            ]
+        );
+    }
 
     #[tokio::test]
     async fn events_off_write_nothing() {

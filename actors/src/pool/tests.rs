@@ -288,6 +288,9 @@ async fn warm_pool_claims_fast_and_refills_after_each_claim() {
         0,
         "never above min_idle while nobody claims"
     );
+    // A healthy pool has nothing to reset: no agent is touched, nothing starts.
+    assert_eq!(f.pool.reset(), None);
+    assert_eq!((f.count("idle"), f.count("starting")), (3, 0));
 
     // The agents' environment is exactly the configured one plus RT_AGENT_ID / RT_POOL.
     let (id, pid) = f.agents("idle")[0].clone();
@@ -549,8 +552,12 @@ async fn crash_loop_never_outpaces_the_backoff() {
             .unwrap()
             .contains("exited before ready (exit 1)")
     );
-    // An operator's reset starts again.
-    f.pool.reset();
+    // An operator's reset starts again; it says what it left.
+    let was = f.pool.reset().expect("a fatal pool is reset");
+    assert!(
+        was.starts_with("fatal: 5 consecutive startup failures"),
+        "{was}"
+    );
     f.until("a new start after reset", |f| f.total("spawned") > 7)
         .await;
     f.finish().await;
