@@ -951,7 +951,9 @@ mod tests {
         let mut lookalike = Envelope::new("notify", "notes");
         lookalike.idempotency_key = Some("cb:p-2:0:notify".into());
         let mut later = Envelope::new("work", "chat");
-        later.eta = Some("2999-01-01T00:00:00Z".into());
+        later.eta = Some(crate::broker::rfc3339(
+            SystemTime::now() + Duration::from_secs(86_400),
+        ));
         let batch = vec![
             Envelope::new("work", "chat"),
             Envelope::new("work", "chat"),
