@@ -442,7 +442,7 @@ fn exec_env_and_pass_env_are_checked_like_a_pools() {
     let lines = fails(&format!(
         "{QUEUE}{task}env = {{ \"BAD NAME\" = \"1\", RT_TASK_ID = \"x\" }}, \
          pass_env = [\"sk-not-a-name\", \"RT_EGRESS_TOKEN\", \"HOME\", \"HOME\"] }}\n\
-         [pools.voice]\ncommand = \"python\"\nmax = 1\nready_pattern = \"ready\"\n\
+         [pools.voice]\ncommand = \"/opt/voice-agent\"\nmax = 1\nready_pattern = \"ready\"\n\
          env = {{ RT_POOL = \"x\" }}\n"
     ));
     assert_eq!(
