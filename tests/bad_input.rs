@@ -15,14 +15,8 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::time::Duration;
 
-use actors::broker::{AnyBroker, BrokerSettings};
-use actors::heartbeat::{HeartbeatActor, HeartbeatArgs};
 use actors::resource::Resources;
-use actors::supervisor::{
-    Backoff, ChildSpec, Intensity, Restart, Strategy, SupervisorSpec, start_root,
-};
 use actors::test_util::RedisServer;
-use actors::tree::Tree;
 use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
 use common::{Node, raw_http};
@@ -399,34 +393,9 @@ impl actors::resource::SharedResource for Answer {
 }
 
 async fn router_state() -> AppState {
-    let config = compile_str(ROUTER_CONFIG, Environment::Ignored)
-        .unwrap()
-        .config;
-    let broker = AnyBroker::connect("memory://", BrokerSettings::default())
-        .await
-        .unwrap();
-    let tree = Tree::new();
-    let heartbeat = ChildSpec::new("heartbeat", "heartbeat", Restart::Permanent, |node| {
-        (
-            HeartbeatActor,
-            HeartbeatArgs {
-                node,
-                interval: Duration::from_secs(1),
-                node_started: tokio::time::Instant::now(),
-            },
-        )
-    });
-    let spec = SupervisorSpec {
-        strategy: Strategy::OneForOne,
-        intensity: Intensity::try_new(5, Duration::from_secs(10)).unwrap(),
-        backoff: Backoff::try_new(Duration::from_millis(5), Duration::from_millis(5), 0.0).unwrap(),
-        shutdown_timeout: Duration::from_secs(1),
-        children: vec![heartbeat],
-    };
-    start_root(&tree, "root", spec).await.unwrap();
     let mut resources = Resources::default();
     resources.insert("zep", Arc::new(Answer));
-    let mut state = AppState::new(tree, Arc::new(broker), Arc::new(resources), &config);
+    let mut state = common::router_state(ROUTER_CONFIG, resources).await;
     state.chaos = true;
     state
 }

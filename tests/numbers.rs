@@ -14,17 +14,10 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use actors::broker::{AnyBroker, BrokerSettings};
-use actors::heartbeat::{HeartbeatActor, HeartbeatArgs};
 use actors::resource::Resources;
-use actors::supervisor::{
-    self, Backoff, ChildSpec, Intensity, Restart, SupervisorSpec, start_root,
-};
 use actors::test_util::{RedisServer, fuzz_cases};
-use actors::tree::Tree;
 use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
 use common::Node;
@@ -32,7 +25,6 @@ use http_body_util::BodyExt;
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::{Config as ProptestConfig, TestRunner};
-use runtime::config::{Environment, compile_str};
 use runtime::http::{AppState, app};
 use serde_json::{Value, json};
 use tokio::time::Instant;
@@ -53,37 +45,7 @@ time_limit = "30s"
 
 /// A node's HTTP state over `memory://`, with a running tree.
 async fn router_state() -> AppState {
-    let config = compile_str(ROUTER_CONFIG, Environment::Ignored)
-        .unwrap()
-        .config;
-    let broker = AnyBroker::connect("memory://", BrokerSettings::default())
-        .await
-        .unwrap();
-    let tree = Tree::new();
-    let heartbeat = ChildSpec::new("heartbeat", "heartbeat", Restart::Permanent, |node| {
-        (
-            HeartbeatActor,
-            HeartbeatArgs {
-                node,
-                interval: Duration::from_secs(1),
-                node_started: tokio::time::Instant::now(),
-            },
-        )
-    });
-    let spec = SupervisorSpec {
-        strategy: supervisor::Strategy::OneForOne,
-        intensity: Intensity::try_new(5, Duration::from_secs(10)).unwrap(),
-        backoff: Backoff::try_new(Duration::from_millis(5), Duration::from_millis(5), 0.0).unwrap(),
-        shutdown_timeout: Duration::from_secs(1),
-        children: vec![heartbeat],
-    };
-    start_root(&tree, "root", spec).await.unwrap();
-    AppState::new(
-        tree,
-        Arc::new(broker),
-        Arc::new(Resources::default()),
-        &config,
-    )
+    common::router_state(ROUTER_CONFIG, Resources::default()).await
 }
 
 /// `POST /tasks` with `body` → status, content type and body.

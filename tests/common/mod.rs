@@ -8,6 +8,15 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use actors::broker::{AnyBroker, BrokerSettings};
+use actors::heartbeat::{HeartbeatActor, HeartbeatArgs};
+use actors::resource::Resources;
+use actors::supervisor::{
+    Backoff, ChildSpec, Intensity, Restart, Strategy, SupervisorSpec, start_root,
+};
+use actors::tree::Tree;
+use runtime::config::{Environment, compile_str};
+use runtime::http::AppState;
 use tokio::time::Instant;
 
 /// The built binary.
@@ -243,4 +252,33 @@ pub async fn raw_http(url: &str, request: &[u8]) -> (u16, String) {
         .unwrap_or("")
         .to_string();
     (status, body)
+}
+
+/// The HTTP state of a node on `config` over `memory://`, with a running tree (a root and its
+/// heartbeat) and `resources`: the router driven in process (`tower::ServiceExt::oneshot`).
+pub async fn router_state(config: &str, resources: Resources) -> AppState {
+    let config = compile_str(config, Environment::Ignored).unwrap().config;
+    let broker = AnyBroker::connect("memory://", BrokerSettings::default())
+        .await
+        .unwrap();
+    let tree = Tree::new();
+    let heartbeat = ChildSpec::new("heartbeat", "heartbeat", Restart::Permanent, |node| {
+        (
+            HeartbeatActor,
+            HeartbeatArgs {
+                node,
+                interval: Duration::from_secs(1),
+                node_started: Instant::now(),
+            },
+        )
+    });
+    let spec = SupervisorSpec {
+        strategy: Strategy::OneForOne,
+        intensity: Intensity::try_new(5, Duration::from_secs(10)).unwrap(),
+        backoff: Backoff::try_new(Duration::from_millis(5), Duration::from_millis(5), 0.0).unwrap(),
+        shutdown_timeout: Duration::from_secs(1),
+        children: vec![heartbeat],
+    };
+    start_root(&tree, "root", spec).await.unwrap();
+    AppState::new(tree, Arc::new(broker), Arc::new(resources), &config)
 }
