@@ -92,33 +92,109 @@ fn tables_keep_declaration_order() {
 
 #[test]
 fn unknown_keys_are_named_by_path_with_position() {
+    // A misspelt key: the closest one is suggested.
     assert_eq!(
         fails("[queues.chat]\nconcurency = 3\n"),
         [
-            "error: queues.chat.concurency: unknown key, expected one of `concurrency`, \
-          `prefetch`, `time_limit`, `soft_time_limit` (line 2, column 1)"
+            "error: queues.chat.concurency: unknown key, did you mean `concurrency`? (line 2, column 1)"
         ]
     );
     assert_eq!(
-        fails("[queus.chat]\n")[0],
-        "error: queus: unknown key, expected one of `runtime`, `broker`, `http`, \
-         `supervision`, `queues`, `tasks`, `resources`, `pools`, `schedules`, `beat`, `chaos`, \
-         `celery`, `metrics`, `events` \
-         (line 1, column 2)"
+        fails("[queus.chat]\n"),
+        ["error: queus: unknown key, did you mean `queues`? (line 1, column 2)"]
     );
-    // Inside a tagged handler table too.
+    // Nothing close: the keys that are allowed.
+    assert_eq!(
+        fails("[queues.chat]\nflavour = 3\n"),
+        [
+            "error: queues.chat.flavour: unknown key, expected one of `concurrency`, \
+             `prefetch`, `time_limit`, `soft_time_limit` (line 2, column 1)"
+        ]
+    );
+    assert_eq!(
+        fails("[broker]\nhostname = \"x\"\n"),
+        [
+            "error: broker.hostname: unknown key, expected one of `url`, `prefix`, `lease`, \
+             `max_deliveries`, `result_ttl`, `max_entry_bytes`, `drain_on_shutdown` \
+             (line 2, column 1)"
+        ]
+    );
+    // Inside a tagged handler table too, and for its kind.
     assert_eq!(
         fails(&format!(
             "{QUEUE}[tasks.t]\nhandler = {{ kind = \"http\", urll = \"http://x\" }}\n"
         )),
-        [
-            "error: tasks.t.handler.urll: unknown key, expected `url` or `timeout` (line 3, column 11)"
-        ]
+        ["error: tasks.t.handler.urll: unknown key, did you mean `url`? (line 3, column 11)"]
     );
     assert_eq!(
         fails("[resources.r]\nkind = \"redis\"\n"),
         [
             "error: resources.r.kind: unknown variant `redis`, expected `zep` or `openai` (line 2, column 8)"
+        ]
+    );
+    assert_eq!(
+        fails(&format!(
+            "{QUEUE}[tasks.t]\nhandler = {{ kind = \"htpp\", url = \"http://x\" }}\n"
+        )),
+        [
+            "error: tasks.t.handler.kind: unknown variant `htpp`, did you mean `http`? (line 3, column 20)"
+        ]
+    );
+}
+
+/// One run reports every shape error, however many tables have them, then the meaning
+/// errors of what could be read — without a second error caused by the first.
+#[test]
+fn every_shape_error_is_reported_in_one_pass() {
+    let text = "\
+[runtime]
+shutdown_grase = \"10s\"
+
+[queues.chat]
+concurency = 4
+prefetch = \"two\"
+
+[queues.default]
+
+[tasks.t]
+queue = \"chat\"
+handler = \"native\"
+
+[tasks.u]
+queue = \"chat\"
+handler = { kind = \"native\" }
+link = [\"t\", \"w\"]
+
+[pools.voice]
+command = \"python3\"
+max = 1
+
+[tasks.v]
+queue = \"defualt\"
+handler = { kind = \"pool\", pool = \"voice\" }
+
+[schedules.s]
+task = \"u\"
+every = \"0s\"
+";
+    assert_eq!(
+        fails(text),
+        [
+            "error: runtime.shutdown_grase: unknown key, did you mean `shutdown_grace`? (line 2, \
+             column 1)",
+            "error: queues.chat.concurency: unknown key, did you mean `concurrency`? (line 5, \
+             column 1)",
+            "error: queues.chat.prefetch: invalid type: string \"two\", expected u32 (line 6, \
+             column 12)",
+            "error: tasks.t.handler: invalid type: string \"native\", expected an inline table \
+             with kind = \"http\", \"exec\", \"native\" or \"pool\" (line 12, column 11)",
+            "error: pools.voice.ready_pattern: required key is missing (line 19, column 1)",
+            // Meaning errors: `chat`, `t` and `voice` are defined, only unreadable (reported
+            // above), so tasks.u and tasks.v are told nothing about them.
+            "error: tasks.u.link: task \"w\" is not defined; defined tasks: t, u, v",
+            "error: tasks.v.queue: queue \"defualt\" is not defined; did you mean \"default\"? \
+             defined queues: chat, default",
+            "error: schedules.s.every: must be longer than zero",
         ]
     );
 }
@@ -188,7 +264,10 @@ fn a_task_routed_to_an_undefined_queue_lists_the_defined_ones() {
         fails(
             "[queues.chat]\n[queues.default]\n[tasks.t]\nqueue = \"chatt\"\nhandler = { kind = \"native\" }\n"
         ),
-        ["error: tasks.t.queue: queue \"chatt\" is not defined; defined queues: chat, default"]
+        [
+            "error: tasks.t.queue: queue \"chatt\" is not defined; did you mean \"chat\"? \
+             defined queues: chat, default"
+        ]
     );
     assert_eq!(
         fails("[tasks.t]\nhandler = { kind = \"native\" }\n"),
