@@ -14,7 +14,7 @@ use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
 use crate::cli::{
-    DlqArgs, DlqCommand, EnqueueArgs, NodeArgs, NodesArgs, PoolsCommand, PurgeArgs, TreeArgs,
+    DlqCommand, DlqListArgs, EnqueueArgs, NodeArgs, NodesArgs, PoolsCommand, PurgeArgs, TreeArgs,
 };
 use crate::innermost;
 
@@ -177,7 +177,12 @@ pub async fn dlq(command: DlqCommand) -> Result<()> {
         DlqCommand::List(args) => dlq_list(args).await,
         DlqCommand::Requeue(args) => {
             let path = format!("/dlq/{}/requeue?limit={}", args.queue, args.limit);
-            let answer = parse(&Node::new(&args.node).post(&path, None).await?)?;
+            let text = Node::new(&args.node).post(&path, None).await?;
+            if args.json {
+                println!("{}", text.trim_end());
+                return Ok(());
+            }
+            let answer = parse(&text)?;
             println!(
                 "requeued {} dead letters of {}",
                 answer["requeued"], args.queue
@@ -187,7 +192,7 @@ pub async fn dlq(command: DlqCommand) -> Result<()> {
     }
 }
 
-async fn dlq_list(args: DlqArgs) -> Result<()> {
+async fn dlq_list(args: DlqListArgs) -> Result<()> {
     let path = format!("/dlq/{}?limit={}", args.queue, args.limit);
     let text = Node::new(&args.node).get(&path).await?;
     if args.json {
