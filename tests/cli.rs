@@ -112,8 +112,18 @@ async fn enqueue_list_dead_letters_and_purge_through_a_running_node() {
     assert!(lines[1].contains("process_chat_message"), "{out}");
     assert!(lines[1].contains(&id), "{out}");
     assert!(
-        lines[1].contains("retries exhausted after 1 attempts: cannot connect"),
+        lines[1].contains(
+            "retries exhausted after 1 attempts: cannot connect to \
+             http://127.0.0.1:9/internal/tasks/process_chat_message: Connection refused"
+        ),
         "{out}"
+    );
+    // The node's log names the URL it could not reach, as the dead letter does.
+    assert!(
+        node.log()
+            .contains("cannot connect to http://127.0.0.1:9/internal/tasks/process_chat_message"),
+        "{}",
+        node.log()
     );
     let (ok, out, _) = runtime(&node, &["dlq", "requeue", "chat", "--limit", "5"], token);
     assert!(ok);

@@ -516,7 +516,10 @@ async fn server_errors_retry_and_other_client_errors_are_permanent_without_the_k
     .unwrap_err();
     assert_eq!(
         refused,
-        TaskError::retry("OpenAI POST /chat/completions: cannot connect")
+        TaskError::retry(
+            "OpenAI POST /chat/completions: cannot connect to \
+             http://127.0.0.1:9/v1/chat/completions: Connection refused (os error 111)"
+        )
     );
     let snapshot = client.snapshot();
     assert_eq!(snapshot["server_errors"], 2);
