@@ -310,6 +310,7 @@ pub fn nodes_table(nodes: &[Value]) -> String {
             };
             vec![
                 n["name"].as_str().unwrap_or("").to_string(),
+                n["state"].as_str().unwrap_or("running").to_string(),
                 queues.join(","),
                 in_flight,
                 n["started_at"].as_str().unwrap_or("").to_string(),
@@ -318,7 +319,14 @@ pub fn nodes_table(nodes: &[Value]) -> String {
         })
         .collect();
     table::render(
-        &["node", "queues", "in_flight", "started_at", "last_seen"],
+        &[
+            "node",
+            "state",
+            "queues",
+            "in_flight",
+            "started_at",
+            "last_seen",
+        ],
         &rows,
     )
 }

@@ -22,7 +22,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use actors::broker::{AnyBroker, BrokerActor, BrokerArgs, BrokerSettings, Presence};
+use actors::broker::{AnyBroker, BrokerActor, BrokerArgs, BrokerSettings, NodeStatus, Presence};
 use actors::celery::CelerySettings;
 use actors::celery::bridge::{BridgeActor, BridgeArgs, BridgeCounters};
 use actors::consumer::{ConsumerActor, ConsumerArgs, Outcomes, Work};
@@ -530,13 +530,15 @@ pub fn node_name(config: &Config) -> String {
     })
 }
 
-/// The root supervisor's spec for `config`; `node_started` anchors the node's uptime.
+/// The root supervisor's spec for `config`; `node_started` anchors the node's uptime, and
+/// `status` is the state its presence record shows (moved by the program as it stops).
 pub fn root_spec(
     config: &Config,
     shared: &Shared,
     resources: Vec<ChildSpec>,
     pools: Vec<ChildSpec>,
     node_started: Instant,
+    status: Arc<NodeStatus>,
 ) -> SupervisorSpec {
     let started_at = std::time::SystemTime::now() - node_started.elapsed();
     let broker_args = {
@@ -555,6 +557,7 @@ pub fn root_spec(
                 node: work.consumer.clone(),
                 started_at,
                 ttl: PRESENCE_TTL,
+                status: Arc::clone(&status),
             }),
         }
     };
