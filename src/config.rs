@@ -41,6 +41,7 @@ use reqwest::Url;
 use serde::Deserialize;
 
 pub use compile::Environment;
+pub(crate) use diagnostic::did_you_mean;
 pub use diagnostic::{Diagnostic, Diagnostics, Severity};
 
 /// The environment variable that overrides `broker.url`.

@@ -163,10 +163,14 @@ pub fn task_defs(
             config::Handler::Native => match natives.handler(name) {
                 Some(handler) => handler,
                 None => {
+                    let suggestion = config::did_you_mean(name, BUILTIN_NATIVES)
+                        .map(|close| format!("; did you mean `{close}`?"))
+                        .unwrap_or_default();
                     missing.push((
                         format!("tasks.{name}.handler"),
                         format!(
-                            "no native function `{name}` is registered in this binary (built-in: {})",
+                            "no native function `{name}` is registered in this binary{suggestion} \
+                             (built-in: {})",
                             BUILTIN_NATIVES.join(", ")
                         ),
                     ));

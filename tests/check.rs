@@ -277,6 +277,16 @@ const CASES: &[Case] = &[
         ],
     },
     Case {
+        fixture: "misspelt_native",
+        flags: &[],
+        vars: &[],
+        expected: &[
+            "error: tasks.rt_ecko.handler: no native function `rt_ecko` is registered in this \
+             binary; did you mean `rt_echo`? (built-in: rt_add, rt_echo, rt_fail, rt_noop, \
+             rt_sleep)",
+        ],
+    },
+    Case {
         fixture: "unreachable_broker",
         flags: &[],
         vars: &[],

@@ -1486,9 +1486,14 @@ impl Compiler<'_> {
             Some(text) => match text.parse::<chrono_tz::Tz>() {
                 Ok(timezone) => timezone,
                 Err(_) => {
+                    let zones = chrono_tz::TZ_VARIANTS.iter().map(|zone| zone.name());
+                    let hint = match did_you_mean(text, zones) {
+                        Some(close) => format!("did you mean \"{close}\"?"),
+                        None => "use an IANA name such as \"UTC\" or \"Europe/Istanbul\"".into(),
+                    };
                     self.error(
                         format!("{at}.timezone"),
-                        format!("unknown time zone \"{text}\": use an IANA name such as \"UTC\" or \"Europe/Istanbul\""),
+                        format!("unknown time zone \"{text}\": {hint}"),
                     );
                     return None;
                 }
@@ -1580,6 +1585,7 @@ fn cron_problem(parser: &CronParser, expression: &str, err: &croner::errors::Cro
     .find_map(|prefix| reason.strip_prefix(prefix))
     .unwrap_or(&reason)
     .trim()
+    .trim_start_matches("CronPattern ")
     .trim_end_matches('.');
     let mut chars = reason.chars();
     let reason: String = chars

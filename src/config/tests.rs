@@ -639,12 +639,37 @@ fn schedules_need_exactly_one_valid_trigger() {
         fails(base),
         ["error: schedules.s: sets neither `every` nor `cron`: set exactly one"]
     );
-    let lines = fails(&format!("{base}cron = \"0 25 * * *\"\n"));
-    assert_eq!(lines.len(), 1);
-    assert!(
-        lines[0].starts_with("error: schedules.s.cron: invalid cron expression \"0 25 * * *\""),
-        "{lines:?}"
-    );
+    // The field at fault is named, with the values it takes.
+    for (expression, expected) in [
+        (
+            "0 25 * * *",
+            "the hour field \"25\": number out of bounds (hour is 0-23; five fields: minute \
+             hour day-of-month month day-of-week)",
+        ),
+        (
+            "61 * * * *",
+            "the minute field \"61\": number out of bounds (minute is 0-59; five fields: \
+             minute hour day-of-month month day-of-week)",
+        ),
+        (
+            "0 2 * FOO *",
+            "the month field \"FOO\": contains illegal character 'F' in part 'FOO' (month is \
+             1-12 or JAN-DEC;",
+        ),
+        ("0 2 * * 9", "the day-of-week field \"9\": "),
+        (
+            "0 2 * *",
+            "4 fields, expected five: minute hour day-of-month month day-of-week (no seconds \
+             field)",
+        ),
+    ] {
+        let lines = fails(&format!("{base}cron = \"{expression}\"\n"));
+        let prefix = format!(
+            "error: schedules.s.cron: invalid cron expression \"{expression}\": {expected}"
+        );
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(lines[0].starts_with(&prefix), "{lines:?}");
+    }
     assert_eq!(
         fails(&format!(
             "{base}cron = \"0 2 * * *\"\ntimezone = \"Mars/Olympus\"\n"
@@ -652,6 +677,15 @@ fn schedules_need_exactly_one_valid_trigger() {
         [
             "error: schedules.s.timezone: unknown time zone \"Mars/Olympus\": use an IANA name such \
           as \"UTC\" or \"Europe/Istanbul\""
+        ]
+    );
+    assert_eq!(
+        fails(&format!(
+            "{base}cron = \"0 2 * * *\"\ntimezone = \"Europe/Instanbul\"\n"
+        )),
+        [
+            "error: schedules.s.timezone: unknown time zone \"Europe/Instanbul\": did you mean \
+             \"Europe/Istanbul\"?"
         ]
     );
     let (config, _) = ok(&format!(
