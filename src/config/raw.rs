@@ -653,6 +653,13 @@ pub(crate) fn parse(text: &str) -> Result<Parsed, Diagnostic> {
         {
             units.push(unit);
         }
+        if errors.len() >= MAX_SHAPE_ERRORS {
+            errors.push(Diagnostic {
+                severity: Severity::Error,
+                path: "(file)".to_owned(),
+                message: format!("stopped after {MAX_SHAPE_ERRORS} shape errors"),
+            });
+        }
         // Every round takes something out of the tree, or gives up: it ends.
         if errors.len() >= MAX_SHAPE_ERRORS || target.is_empty() || !remove(tree.get_mut(), &target)
         {
