@@ -660,9 +660,17 @@ pub(crate) fn parse(text: &str) -> Result<Parsed, Diagnostic> {
                 message: format!("stopped after {MAX_SHAPE_ERRORS} shape errors"),
             });
         }
-        // Every round takes something out of the tree, or gives up: it ends.
-        if errors.len() >= MAX_SHAPE_ERRORS || target.is_empty() || !remove(tree.get_mut(), &target)
-        {
+        // Every round takes something out of the tree — the key, else the table around it,
+        // else its section — or gives up: it ends.
+        let taken_out = errors.len() < MAX_SHAPE_ERRORS
+            && [
+                &target[..],
+                &target[..target.len().min(2)],
+                &target[..target.len().min(1)],
+            ]
+            .into_iter()
+            .any(|keys| remove(tree.get_mut(), keys));
+        if !taken_out {
             return Ok(Parsed {
                 config: RawConfig::default(),
                 errors,

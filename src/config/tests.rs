@@ -147,7 +147,10 @@ fn a_file_of_nothing_but_mistakes_stops_after_a_hundred() {
     let text: String = (0..500).map(|n| format!("nope_{n} = 1\n")).collect();
     let lines = fails(&text);
     assert_eq!(lines.len(), 101, "{lines:?}");
-    assert_eq!(lines[0], "error: nope_0: unknown key, expected one of `runtime`, `broker`, `http`, `supervision`, `queues`, `tasks`, `resources`, `pools`, `schedules`, `beat`, `chaos`, `celery`, `metrics`, `events` (line 1, column 1)");
+    assert_eq!(
+        lines[0],
+        "error: nope_0: unknown key, expected one of `runtime`, `broker`, `http`, `supervision`, `queues`, `tasks`, `resources`, `pools`, `schedules`, `beat`, `chaos`, `celery`, `metrics`, `events` (line 1, column 1)"
+    );
     assert_eq!(lines[100], "error: (file): stopped after 100 shape errors");
 }
 
