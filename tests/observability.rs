@@ -6,15 +6,15 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use actors::test_util::RedisServer;
 use axum::Router;
 use axum::http::StatusCode;
 use axum::routing::post;
-use common::Node;
 use common::scrape::Scrape;
+use common::{Node, repo};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 use yaml_rust2::YamlLoader;
@@ -431,6 +431,8 @@ struct Uses {
     /// Label names used in groupings and templates (each must exist on one of the metrics of
     /// the same expression).
     grouped: BTreeSet<String>,
+    /// Whether it uses Prometheus' own `up` (of the scrape, not of the node).
+    up: bool,
 }
 
 fn is_name_char(c: char) -> bool {
@@ -467,6 +469,9 @@ fn uses_of(expr: &str) -> Uses {
         }
         let word = word_at(i);
         i += word.len();
+        if word == "up" && chars.get(i) == Some(&'{') {
+            uses.up = true;
+        }
         if word.starts_with("rt_") {
             let labels = uses.metrics.entry(word).or_default();
             if chars.get(i) == Some(&'{') {
@@ -532,6 +537,9 @@ fn template_labels(text: &str) -> BTreeSet<String> {
     out
 }
 
+/// Labels Prometheus adds to every scraped series (the node does not serve them).
+const FROM_SCRAPE: [&str; 2] = ["instance", "job"];
+
 /// Checks `uses` (plus `templates`) of one expression against a scrape; the problems found.
 fn check_uses(
     what: &str,
@@ -547,7 +555,7 @@ fn check_uses(
             Some(has) => {
                 available.extend(has.iter().cloned());
                 for label in labels {
-                    if !has.contains(label) {
+                    if !has.contains(label) && !FROM_SCRAPE.contains(&label.as_str()) {
                         problems.push(format!("{what}: `{metric}` has no label `{label}`"));
                     }
                 }
@@ -555,16 +563,14 @@ fn check_uses(
         }
     }
     for label in uses.grouped.iter().chain(templates) {
-        // `le` comes with every histogram bucket; `instance`/`job` come from the scrape.
-        let from_scrape = ["instance", "job"].contains(&label.as_str());
-        if !from_scrape && !available.contains(label) {
+        if !FROM_SCRAPE.contains(&label.as_str()) && !available.contains(label) {
             problems.push(format!(
                 "{what}: label `{label}` is on none of its metrics {:?}",
                 uses.metrics.keys().collect::<Vec<_>>()
             ));
         }
     }
-    if uses.metrics.is_empty() {
+    if uses.metrics.is_empty() && !uses.up {
         problems.push(format!("{what}: uses no rt_ metric"));
     }
     problems
@@ -578,10 +584,7 @@ fn expand_grafana(expr: &str) -> String {
         .replace("${queue:regex}", "chat")
         .replace("$queue", "chat")
         .replace("$task", "rt_echo")
-}
-
-fn repo(path: &str) -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+        .replace("$instance", ".*")
 }
 
 #[tokio::test]
@@ -692,4 +695,92 @@ fn the_expression_scan_finds_metrics_matchers_and_groupings() {
         template_labels("{{queue}} / {{ task }} $labels.resource"),
         BTreeSet::from(["queue".into(), "task".into(), "resource".into()])
     );
+}
+
+/// promtool (Debian's `prometheus` package ships it; .ci/run unpacks it into target/tools).
+fn promtool() -> Option<PathBuf> {
+    common::tool(
+        "PROMTOOL",
+        &["promtool"],
+        &[repo("target/tools")],
+        "`apt-get download prometheus` and unpack usr/bin/promtool, as .ci/run does into \
+         target/tools",
+        true,
+    )
+}
+
+/// Runs `promtool args…` (with `stdin`), asserting it succeeds.
+fn run_promtool(promtool: &Path, args: &[&str], stdin: Option<&str>) {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(promtool)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run promtool");
+    let mut input = child.stdin.take().unwrap();
+    input.write_all(stdin.unwrap_or("").as_bytes()).unwrap();
+    drop(input);
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool {args:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn rules_dashboard_queries_and_the_exposition_pass_promtool() {
+    let Some(promtool) = promtool() else {
+        return;
+    };
+    let prometheus = repo("deploy/prometheus");
+    let path = |name: &str| prometheus.join(name).display().to_string();
+    // The rules parse, their unit tests pass (each alert fires on what should fire it, with
+    // its labels and annotations), and the compose Prometheus config loads them.
+    run_promtool(&promtool, &["check", "rules", &path("alerts.yml")], None);
+    run_promtool(
+        &promtool,
+        &["test", "rules", &path("alerts.test.yml")],
+        None,
+    );
+    run_promtool(
+        &promtool,
+        &["check", "config", &path("prometheus.yml")],
+        None,
+    );
+
+    // Every dashboard query is valid PromQL: checked as recording rules of a scratch file.
+    let text = std::fs::read_to_string(repo("deploy/grafana/runtime.json")).unwrap();
+    let dashboard: Value = serde_json::from_str(&text).unwrap();
+    let mut rules = String::from("groups:\n  - name: dashboard\n    rules:\n");
+    for (n, target) in dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|panel| panel["targets"].as_array().into_iter().flatten())
+        .enumerate()
+    {
+        let expr = expand_grafana(target["expr"].as_str().unwrap());
+        rules.push_str(&format!(
+            "      - record: dashboard:query_{n}\n        expr: {}\n",
+            serde_json::to_string(&expr).unwrap()
+        ));
+    }
+    let scratch = common::Scratch::new();
+    let file = scratch.write("dashboard-rules.yml", &rules);
+    run_promtool(
+        &promtool,
+        &["check", "rules", &file.display().to_string()],
+        None,
+    );
+
+    // The exposition of a node with every kind of series follows Prometheus' conventions.
+    let redis = RedisServer::start();
+    let node = start_full(&redis);
+    let m = settled_scrape(&node).await;
+    run_promtool(&promtool, &["check", "metrics"], Some(&m.text));
 }
