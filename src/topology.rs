@@ -30,9 +30,11 @@ use actors::gate::ResourceGate;
 use actors::handler::exec::ExecHandler;
 use actors::handler::http::HttpHandler;
 use actors::handler::native::Natives;
-use actors::handler::{Attempt, Handler, RetryPolicy, TaskContext, TaskDef, TaskDefs, TaskError};
+use actors::handler::{
+    Attempt, ErrorClass, Handler, RetryPolicy, TaskContext, TaskDef, TaskDefs, TaskError,
+};
 use actors::heartbeat::{HeartbeatActor, HeartbeatArgs};
-use actors::metrics::Metrics;
+use actors::metrics::{BuildInfo, Metrics};
 use actors::pool::{ClaimError, Pool, PoolActor, PoolArgs, PoolSettings, PoolSpec};
 use actors::resource::Resources;
 use actors::resource::breaker::{BreakerPolicy, BreakerSettings, FailureRate};
@@ -417,7 +419,7 @@ impl Handler for PoolHandler {
                     Ok(serde_json::json!({ "agent_id": claimed.agent_id, "pid": claimed.pid }))
                 }
                 Err(err @ ClaimError::Fatal { .. }) => Err(TaskError::Permanent(err.to_string())),
-                Err(err) => Err(TaskError::retry(err.to_string())),
+                Err(err) => Err(TaskError::retry_as(ErrorClass::NoAgent, err.to_string())),
             }
         })
     }
@@ -471,9 +473,17 @@ pub fn celery_settings(config: &Config, node_name: &str) -> Option<CelerySetting
     })
 }
 
+/// What this binary is, for `rt_build_info`: its version, the git commit and the compiler it
+/// was built from and with (set by `build.rs`; `unknown` where it could not tell).
+pub const BUILD: BuildInfo = BuildInfo {
+    version: env!("CARGO_PKG_VERSION"),
+    git_sha: env!("RT_GIT_SHA"),
+    rustc: env!("RT_RUSTC"),
+};
+
 /// The metrics registry of a node running `config` (disabled by `[metrics] enabled = false`):
-/// the configured tasks on their queues, the consumers' queues, and the breakers, limiters
-/// and pools read at scrape time.
+/// the configured tasks on their queues, the consumers' queues, the breakers, limiters and
+/// pools read at scrape time, and [`BUILD`].
 pub fn metrics(
     config: &Config,
     resources: &Arc<Resources>,
@@ -491,6 +501,7 @@ pub fn metrics(
     );
     metrics.watch_resources(Arc::clone(resources));
     metrics.watch_pools(pools.values().cloned().collect());
+    metrics.build_info(BUILD);
     metrics
 }
 

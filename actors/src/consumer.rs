@@ -49,7 +49,7 @@ use tracing::{Instrument, info, warn};
 use crate::broker::{AnyBroker, Broker, Delivery, Leases};
 use crate::celery::{self, Celery};
 use crate::gate::{Admission, ResourceGate};
-use crate::handler::{TaskDef, TaskDefs, TaskError};
+use crate::handler::{ErrorClass, TaskDef, TaskDefs, TaskError};
 use crate::metrics::{ConsumerSeries, DeadReason, Metrics, SeriesId};
 use crate::task::{DONE, Recorded, TaskActor, TaskArgs, limits, record, task_span};
 use crate::tree::TreeHandle;
@@ -417,7 +417,8 @@ impl Actor for ConsumerActor {
                 };
                 tokio::spawn(
                     async move {
-                        let error = TaskError::retry(format!("task actor {why}"));
+                        let error =
+                            TaskError::retry_as(ErrorClass::Crashed, format!("task actor {why}"));
                         record(&args, Err(error), Some(ran)).await;
                     }
                     .instrument(span),

@@ -6,14 +6,26 @@
 //! actor through its arguments. Two ways in, each used for one kind of number:
 //!
 //! - **recorded as it happens** (atomic counters, gauges and histograms): the task lifecycle by
-//!   task and queue, in-flight tasks per consumer, actor restarts, the broker's round trip;
+//!   task and queue (retries also by [`ErrorClass`]), in-flight tasks per consumer, actor
+//!   restarts, the broker's round trip;
 //! - **read at scrape time** from state that already counts it, so nothing is counted twice:
 //!   queue depths (the broker's `depth`, as `GET /queues`), the broker connection, breakers
 //!   (state, transitions, rejected calls — the breaker's own counters,
 //!   [`Breaker::stats`](crate::resource::breaker::Breaker::stats)), whether a resource is
 //!   misconfigured (its [`AuthState`](crate::resource::auth::AuthState)), rate limiters
 //!   (callers waiting, wait times) and process pools (agents per state, startup failures, claim
-//!   latency — the [`Pool`]'s own membership and totals).
+//!   latency, health — the [`Pool`]'s own membership and totals).
+//!
+//! # Present from the start
+//!
+//! A series that appears only once something happened cannot be alerted on with `increase()`
+//! (its first increment is lost) and leaves holes in dashboards. So every series whose labels
+//! are known when the node starts is there, at 0, from the first scrape: every counter and
+//! histogram of each configured task on its own queue (retries once per retryable class, dead
+//! letters once per reason), each consumer's gauges, `rt_actor_restarts_total` of every actor
+//! as soon as it is in the tree, the breakers', limiters' and pools' numbers, and
+//! `rt_build_info` (version, git commit, compiler). Only the `unknown` task and queue series
+//! appear on first use.
 //!
 //! # The hot path
 //!
@@ -54,7 +66,8 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::broker::{AnyBroker, Broker, Enqueued, Envelope, QueueDepth, parse_time};
-use crate::pool::Pool;
+use crate::handler::ErrorClass;
+use crate::pool::{Pool, PoolHealth};
 use crate::resource::Resources;
 use crate::resource::breaker::BreakerState;
 
@@ -114,6 +127,32 @@ struct TaskLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RetryLabels {
+    task: String,
+    queue: String,
+    class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+    git_sha: &'static str,
+    rustc: &'static str,
+}
+
+/// What `rt_build_info` says about the binary: set once by the program that builds the node
+/// ([`Metrics::build_info`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BuildInfo {
+    /// The program's version (`CARGO_PKG_VERSION`).
+    pub version: &'static str,
+    /// The git commit it was built from, or `unknown` (built outside a git checkout).
+    pub git_sha: &'static str,
+    /// The compiler's version (`rustc 1.95.0 (…)` → `1.95.0`), or `unknown`.
+    pub rustc: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DeadLabels {
     task: String,
     queue: String,
@@ -160,7 +199,7 @@ struct Families {
     started: Family<TaskLabels, Counter>,
     succeeded: Family<TaskLabels, Counter>,
     failed: Family<TaskLabels, Counter>,
-    retried: Family<TaskLabels, Counter>,
+    retried: Family<RetryLabels, Counter>,
     deferred: Family<TaskLabels, Counter>,
     dead_lettered: Family<DeadLabels, Counter>,
     duration: Histograms<TaskLabels>,
@@ -171,6 +210,7 @@ struct Families {
     restarts: Family<ActorLabels, Counter>,
     broker_connected: Gauge,
     broker_round_trip: Gauge<f64, AtomicU64>,
+    build: Family<BuildLabels, Gauge>,
 }
 
 impl Families {
@@ -191,6 +231,7 @@ impl Families {
             restarts: Family::default(),
             broker_connected: Gauge::default(),
             broker_round_trip: Gauge::default(),
+            build: Family::default(),
         }
     }
 
@@ -218,7 +259,7 @@ impl Families {
         );
         r.register(
             "rt_tasks_retried",
-            "Failed attempts scheduled again as a delayed retry",
+            "Failed attempts scheduled again as a delayed retry, by error class",
             self.retried.clone(),
         );
         r.register(
@@ -271,6 +312,11 @@ impl Families {
             "Round trip of the broker actor's last PING (every second)",
             self.broker_round_trip.clone(),
         );
+        r.register(
+            "rt_build_info",
+            "1, labelled with the binary's version, git commit and compiler",
+            self.build.clone(),
+        );
     }
 }
 
@@ -281,7 +327,8 @@ pub struct TaskSeries {
     started: Counter,
     succeeded: Counter,
     failed: Counter,
-    retried: Counter,
+    /// By class, in [`ErrorClass::RETRYABLE`] order (the enum's declaration order).
+    retried: [Counter; ErrorClass::RETRYABLE.len()],
     deferred: Counter,
     dead_lettered: [Counter; 3],
     duration: Histogram,
@@ -301,12 +348,19 @@ impl TaskSeries {
                 reason: reason.as_str(),
             })
         };
+        let retried = |class: ErrorClass| {
+            families.retried.get_or_create_owned(&RetryLabels {
+                task: task.to_string(),
+                queue: queue.to_string(),
+                class: class.as_str(),
+            })
+        };
         Self {
             enqueued: families.enqueued.get_or_create_owned(&labels),
             started: families.started.get_or_create_owned(&labels),
             succeeded: families.succeeded.get_or_create_owned(&labels),
             failed: families.failed.get_or_create_owned(&labels),
-            retried: families.retried.get_or_create_owned(&labels),
+            retried: ErrorClass::RETRYABLE.map(retried),
             deferred: families.deferred.get_or_create_owned(&labels),
             dead_lettered: DeadReason::ALL.map(dead),
             duration: families.duration.get_or_create_owned(&labels),
@@ -351,9 +405,12 @@ impl TaskSeries {
         self.succeeded.inc();
     }
 
-    /// The outcome was recorded: a delayed retry.
-    pub fn retried(&self) {
-        self.retried.inc();
+    /// The outcome was recorded: a delayed retry after a failure of `class`. (A permanent
+    /// error is never retried; it would not be counted.)
+    pub fn retried(&self, class: ErrorClass) {
+        if let Some(counter) = self.retried.get(class as usize) {
+            counter.inc();
+        }
     }
 
     /// Put back without an attempt (a resource it uses is closed).
@@ -579,6 +636,31 @@ impl Metrics {
         })
     }
 
+    /// The actor at `path`, of `kind`, is in the tree: its restart counter is listed (at 0
+    /// until its first restart).
+    pub fn actor_registered(&self, path: &str, kind: &str) {
+        if self.enabled {
+            let labels = ActorLabels {
+                path: path.to_string(),
+                kind: kind.to_string(),
+            };
+            drop(self.families.restarts.get_or_create(&labels));
+        }
+    }
+
+    /// Sets `rt_build_info` (1, with the binary's version, commit and compiler as labels).
+    pub fn build_info(&self, info: BuildInfo) {
+        if self.enabled {
+            self.families.build.clear();
+            let labels = BuildLabels {
+                version: info.version,
+                git_sha: info.git_sha,
+                rustc: info.rustc,
+            };
+            self.families.build.get_or_create(&labels).set(1);
+        }
+    }
+
     /// The supervisor restarted the actor at `path`, of `kind`.
     pub fn actor_restarted(&self, path: &str, kind: &str) {
         if self.enabled {
@@ -787,6 +869,19 @@ impl Collector for PoolCollector {
             for (state, n) in stats.agents {
                 let labels = [("pool", pool.name()), ("state", state.as_str())];
                 ConstGauge::new(i64::try_from(n).unwrap_or(i64::MAX))
+                    .encode(m.encode_family(&labels)?)?;
+            }
+        }
+        let mut m = encoder.encode_descriptor(
+            "rt_pool_health",
+            "1 for the pool's current health (ok, backoff, fatal), 0 for the others",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (pool, stats) in &stats {
+            for health in PoolHealth::ALL {
+                let labels = [("pool", pool.name()), ("state", health.as_str())];
+                ConstGauge::new(i64::from(stats.health == health))
                     .encode(m.encode_family(&labels)?)?;
             }
         }

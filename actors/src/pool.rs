@@ -402,6 +402,39 @@ impl Membership {
     fn count(&self, state: AgentState) -> usize {
         self.agents.values().filter(|m| m.state == state).count()
     }
+
+    fn health(&self) -> PoolHealth {
+        match (&self.fatal, self.consecutive_failures) {
+            (Some(_), _) => PoolHealth::Fatal,
+            (None, 0) => PoolHealth::Ok,
+            (None, _) => PoolHealth::Backoff,
+        }
+    }
+}
+
+/// A pool's health (see "Pool health" in the module docs; [`Pool::health`] says why).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolHealth {
+    /// Starting agents as needed.
+    Ok,
+    /// Waiting before the next start after consecutive startup failures.
+    Backoff,
+    /// Gave up starting agents (`startretries` reached) until reset.
+    Fatal,
+}
+
+impl PoolHealth {
+    /// Every health, in label order.
+    pub const ALL: [PoolHealth; 3] = [PoolHealth::Ok, PoolHealth::Backoff, PoolHealth::Fatal];
+
+    /// The name in snapshots and labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PoolHealth::Ok => "ok",
+            PoolHealth::Backoff => "backoff",
+            PoolHealth::Fatal => "fatal",
+        }
+    }
 }
 
 struct Shared {
@@ -421,6 +454,8 @@ pub struct PoolStats {
     pub agents: [(AgentState, usize); 4],
     /// Agents that failed to start, ever.
     pub startup_failures: u64,
+    /// Its health now.
+    pub health: PoolHealth,
 }
 
 /// A pool: its membership, its agents and the claim API. Cheap to clone; made by the node and
@@ -725,6 +760,7 @@ impl Pool {
                 (AgentState::Draining, m.count(AgentState::Draining)),
             ],
             startup_failures: m.totals.startup_failures,
+            health: m.health(),
         }
     }
 
@@ -776,11 +812,7 @@ impl Pool {
         let t = &m.totals;
         json!({
             "pool": s.name,
-            "health": match (&m.fatal, m.consecutive_failures) {
-                (Some(_), _) => "fatal",
-                (None, 0) => "ok",
-                (None, _) => "backoff",
-            },
+            "health": m.health().as_str(),
             "reason": health,
             "min_idle": s.min_idle,
             "max": s.max,

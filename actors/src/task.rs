@@ -199,7 +199,11 @@ pub(crate) async fn record(
                 if let Some(series) = series {
                     match recorded {
                         Recorded::Succeeded => series.succeeded(),
-                        Recorded::Retried => series.retried(),
+                        Recorded::Retried => {
+                            if let Err(err) = &outcome {
+                                series.retried(err.class());
+                            }
+                        }
                         Recorded::Dead if ran.is_some() => series.dead_lettered(DeadReason::Failed),
                         Recorded::Dead => series.dead_lettered(DeadReason::Rejected),
                     }

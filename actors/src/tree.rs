@@ -167,6 +167,7 @@ impl Tree {
         restart: Option<Restart>,
     ) {
         let name = path.rsplit('/').next().unwrap_or(path).to_string();
+        self.metrics.actor_registered(path, kind);
         let mut entry = self
             .entries
             .entry(path.to_string())

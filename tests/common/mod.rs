@@ -2,6 +2,8 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+pub mod scrape;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -22,6 +24,46 @@ use tokio::time::Instant;
 /// The built binary.
 pub fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_runtime")
+}
+
+/// A command-line tool a test drives (promtool, systemd-analyze): `$env_var` when set, else the
+/// first of `names` on `PATH` or in `extra_dirs`. Where there is none it prints `SKIPPED: …`
+/// with `install` (how to get it) and answers `None` — except under CI (`CI` set) when
+/// `required_in_ci`, where a missing tool fails the test (.ci/run installs those).
+pub fn tool(
+    env_var: &str,
+    names: &[&str],
+    extra_dirs: &[PathBuf],
+    install: &str,
+    required_in_ci: bool,
+) -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os(env_var) {
+        return Some(PathBuf::from(path));
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let dirs: Vec<PathBuf> = std::env::split_paths(&path)
+        .chain(extra_dirs.iter().cloned())
+        .collect();
+    let found = names
+        .iter()
+        .find_map(|name| dirs.iter().map(|dir| dir.join(name)).find(|p| p.is_file()));
+    if found.is_none() {
+        assert!(
+            !required_in_ci || std::env::var_os("CI").is_none(),
+            "{} is not installed, and CI must run this check ({install})",
+            names[0]
+        );
+        println!(
+            "SKIPPED: this check needs {} ({install}, or set {env_var}); none found",
+            names[0]
+        );
+    }
+    found
+}
+
+/// A path inside the repository.
+pub fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
 }
 
 /// A scratch directory removed on drop.

@@ -40,7 +40,7 @@ use tokio::io::{AsyncRead, AsyncWriteExt};
 use tokio::process::{Child, Command};
 use tracing::{Instrument, debug, info};
 
-use super::{Attempt, Handler, TaskContext, TaskError};
+use super::{Attempt, ErrorClass, Handler, TaskContext, TaskError};
 use crate::broker::DEFAULT_MAX_ENTRY_BYTES;
 use crate::child::lines::{LOG_LINE_BYTES, Line, Lines};
 use crate::child::{self, ProcessGroup};
@@ -193,8 +193,12 @@ impl ExecHandler {
         // grandchildren, which the SIGKILL below takes down).
         group.child = None;
         drop(group);
-        let status = status
-            .map_err(|err| TaskError::retry(format!("waiting for {}: {err}", self.command)))?;
+        let status = status.map_err(|err| {
+            TaskError::retry_as(
+                ErrorClass::Crashed,
+                format!("waiting for {}: {err}", self.command),
+            )
+        })?;
         let last_out = out_task.await.ok().flatten();
         let last_err = err_task.await.ok().flatten();
 
@@ -213,11 +217,14 @@ impl ExecHandler {
                     ))),
                 },
             },
-            (Some(75), _) => Err(TaskError::retry(format!(
-                "{} exited 75 (EX_TEMPFAIL){}",
-                self.command,
-                suffix(&last_err)
-            ))),
+            (Some(75), _) => Err(TaskError::retry_as(
+                ErrorClass::ExitCode,
+                format!(
+                    "{} exited 75 (EX_TEMPFAIL){}",
+                    self.command,
+                    suffix(&last_err)
+                ),
+            )),
             (Some(code), _) => Err(TaskError::Permanent(format!(
                 "{} exited {code}{}",
                 self.command,
@@ -227,11 +234,14 @@ impl ExecHandler {
                 "soft time limit: {} ended by signal {signal}",
                 self.command
             ))),
-            (None, signal) => Err(TaskError::retry(format!(
-                "{} killed by signal {}",
-                self.command,
-                signal.unwrap_or_default()
-            ))),
+            (None, signal) => Err(TaskError::retry_as(
+                ErrorClass::Signal,
+                format!(
+                    "{} killed by signal {}",
+                    self.command,
+                    signal.unwrap_or_default()
+                ),
+            )),
         }
     }
 }

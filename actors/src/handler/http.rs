@@ -3,7 +3,7 @@
 //! | answer | outcome |
 //! |---|---|
 //! | 2xx | success; the JSON body is the result (an empty body is `null`, other text a string) |
-//! | connect error, timeout, 408, 429, 5xx | retryable (the reason names the URL, without credentials or query); `Retry-After` (seconds) is honoured, up to [`crate::caps::MAX_UPSTREAM_WAIT`] (a longer one is cut to it, with a warning) |
+//! | connect error, timeout, 408, 429, 5xx | retryable (the reason names the URL, without credentials or query); `Retry-After` (seconds) is honoured, up to [`crate::caps::MAX_UPSTREAM_WAIT`] (a longer one is cut to it, with a warning); classed by [`request_class`] and [`status_class`] |
 //! | other 4xx | permanent |
 //!
 //! Headers sent: `X-Task-Id`, `X-Task-Attempt`, `X-Task-Deadline` (RFC 3339: the soft limit,
@@ -17,7 +17,7 @@ use reqwest::header::RETRY_AFTER;
 use serde_json::Value;
 use tokio::time::Instant;
 
-use super::{Attempt, Handler, TaskContext, TaskError};
+use super::{Attempt, ErrorClass, Handler, TaskContext, TaskError};
 use crate::broker::rfc3339;
 use crate::caps::{self, Unit};
 use crate::shown;
@@ -71,14 +71,15 @@ impl HttpHandler {
             .json(&*ctx.envelope)
             .send()
             .await
-            .map_err(|err| TaskError::retry(shown::no_answer(&err, &self.url)))?;
+            .map_err(|err| {
+                TaskError::retry_as(request_class(&err), shown::no_answer(&err, &self.url))
+            })?;
         let status = response.status();
         let retry_after =
             caps::upstream_wait(response.headers(), RETRY_AFTER.as_str(), Unit::Seconds);
-        let body = response
-            .bytes()
-            .await
-            .map_err(|err| TaskError::retry(shown::no_answer(&err, &self.url)))?;
+        let body = response.bytes().await.map_err(|err| {
+            TaskError::retry_as(request_class(&err), shown::no_answer(&err, &self.url))
+        })?;
         if status.is_success() {
             return Ok(parse_body(&body));
         }
@@ -94,10 +95,34 @@ impl HttpHandler {
             Err(TaskError::Retry {
                 reason,
                 after: retry_after,
+                class: status_class(status),
             })
         } else {
             Err(TaskError::Permanent(reason))
         }
+    }
+}
+
+/// The class of a request that got no answer: [`ErrorClass::RequestTimeout`] (its own
+/// timeout), [`ErrorClass::Connect`], else [`ErrorClass::Transport`]. Shared with the OpenAI
+/// resource's calls.
+pub(crate) fn request_class(err: &reqwest::Error) -> ErrorClass {
+    if err.is_timeout() {
+        ErrorClass::RequestTimeout
+    } else if err.is_connect() {
+        ErrorClass::Connect
+    } else {
+        ErrorClass::Transport
+    }
+}
+
+/// The class of a retryable status: `429` → [`ErrorClass::Http429`], `408` →
+/// [`ErrorClass::RequestTimeout`], anything else (the 5xx) → [`ErrorClass::Http5xx`].
+pub(crate) fn status_class(status: StatusCode) -> ErrorClass {
+    match status {
+        StatusCode::TOO_MANY_REQUESTS => ErrorClass::Http429,
+        StatusCode::REQUEST_TIMEOUT => ErrorClass::RequestTimeout,
+        _ => ErrorClass::Http5xx,
     }
 }
 
@@ -200,11 +225,13 @@ mod tests {
             matches!(busy, TaskError::Retry { after: Some(d), .. } if d == Duration::from_secs(7)),
             "{busy:?}"
         );
+        assert_eq!(busy.class(), ErrorClass::Http429);
         let down = handler(&base, "/down", None).call(ctx()).await.unwrap_err();
         assert!(
             matches!(down, TaskError::Retry { after: None, .. }),
             "{down:?}"
         );
+        assert_eq!(down.class(), ErrorClass::Http5xx);
         let bad = handler(&base, "/bad", None).call(ctx()).await.unwrap_err();
         assert_eq!(
             bad,
@@ -295,7 +322,10 @@ mod tests {
             .unwrap_err();
         assert_eq!(
             slow,
-            TaskError::retry(format!("request to {base}/slow timed out"))
+            TaskError::retry_as(
+                ErrorClass::RequestTimeout,
+                format!("request to {base}/slow timed out")
+            )
         );
         let refused = handler("http://127.0.0.1:9", "/x?token=s3cret", None)
             .call(ctx())
@@ -303,7 +333,8 @@ mod tests {
             .unwrap_err();
         assert_eq!(
             refused,
-            TaskError::retry(
+            TaskError::retry_as(
+                ErrorClass::Connect,
                 "cannot connect to http://127.0.0.1:9/x: Connection refused (os error 111)"
             )
         );

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use super::{Attempt, Handler, TaskContext, TaskError};
+use super::{Attempt, ErrorClass, Handler, TaskContext, TaskError};
 use crate::caps::{self, MAX_DELAY, Unit};
 
 type NativeFn = Arc<dyn Fn(TaskContext) -> Attempt + Send + Sync>;
@@ -95,6 +95,7 @@ impl Natives {
             Err(TaskError::Retry {
                 reason: message,
                 after,
+                class: ErrorClass::Native,
             })
         });
         natives

@@ -101,7 +101,8 @@ use super::redact::Redactor;
 use super::{EgressBody, EgressRequest, EgressResponse, MAX_BODY, target_url};
 use crate::broker::rfc3339;
 use crate::gate::Admission;
-use crate::handler::TaskError;
+use crate::handler::http::{request_class, status_class};
+use crate::handler::{ErrorClass, TaskError};
 use crate::shown;
 
 /// OpenAI's API root, the default base URL.
@@ -434,10 +435,13 @@ impl OpenAiClient {
         let fail = |err: reqwest::Error| {
             self.stats.transport_errors.fetch_add(1, Ordering::Relaxed);
             self.stats.failed.fetch_add(1, Ordering::Relaxed);
-            TaskError::retry(format!(
-                "OpenAI {method} {path}: {}",
-                shown::no_answer(&err, &target)
-            ))
+            TaskError::retry_as(
+                request_class(&err),
+                format!(
+                    "OpenAI {method} {path}: {}",
+                    shown::no_answer(&err, &target)
+                ),
+            )
         };
         let response = request.send().await.map_err(fail)?;
         let status = response.status();
@@ -455,7 +459,7 @@ impl OpenAiClient {
                 return Err(match err {
                     BodyError::Broken(_) | BodyError::Corrupt(_) => {
                         self.stats.transport_errors.fetch_add(1, Ordering::Relaxed);
-                        TaskError::retry(reason)
+                        TaskError::retry_as(ErrorClass::Transport, reason)
                     }
                     BodyError::Unsupported(_) | BodyError::TooLarge(_) => {
                         TaskError::Permanent(reason)
@@ -481,6 +485,7 @@ impl OpenAiClient {
             Verdict::Retry => TaskError::Retry {
                 reason,
                 after: retry_after(&headers),
+                class: status_class(status),
             },
             Verdict::Quota | Verdict::Permanent => TaskError::Permanent(reason),
             Verdict::Success => unreachable!("success returned above"),

@@ -404,6 +404,7 @@ async fn a_429_is_retried_after_its_retry_after_and_holds_further_calls() {
                 "OpenAI POST /busy-ms: HTTP 429 Too Many Requests: Rate limit reached for requests"
                     .into(),
             after: Some(Duration::from_millis(150)),
+            class: ErrorClass::Http429,
         }
     );
     // The retry policy waits at least that long, even with a shorter backoff.
@@ -486,6 +487,7 @@ async fn server_errors_retry_and_other_client_errors_are_permanent_without_the_k
         TaskError::Retry {
             reason: "OpenAI GET /unavailable: HTTP 503 Service Unavailable: overloaded".into(),
             after: Some(Duration::from_secs(3)),
+            class: ErrorClass::Http5xx,
         }
     );
     let missing = client
@@ -516,7 +518,8 @@ async fn server_errors_retry_and_other_client_errors_are_permanent_without_the_k
     .unwrap_err();
     assert_eq!(
         refused,
-        TaskError::retry(
+        TaskError::retry_as(
+            ErrorClass::Connect,
             "OpenAI POST /chat/completions: cannot connect to \
              http://127.0.0.1:9/v1/chat/completions: Connection refused (os error 111)"
         )
