@@ -2,6 +2,9 @@
 //! talk to a running node over HTTP: `inspect` (`tree`, `queues`, `active`, `stats`, `ping`,
 //! `events`), `tree` (short for `inspect tree`), `enqueue`, `dlq`, `purge`, `nodes`, `pools`,
 //! `chaos`.
+//!
+//! Every command's help ends with `Examples:`, lines that start with `runtime` and that the
+//! parser accepts (tests/help.rs runs `--help` of each command and parses its examples).
 
 use std::path::PathBuf;
 
@@ -16,7 +19,12 @@ pub const DEFAULT_CONFIG: &str = "config/actors.toml";
     name = "runtime",
     version,
     about,
-    args_conflicts_with_subcommands = true
+    args_conflicts_with_subcommands = true,
+    after_help = "Examples:
+  runtime --config config/actors.toml
+  runtime check --config config/actors.toml
+  runtime enqueue rt_echo --args '[\"hello\"]'
+  runtime inspect queues"
 )]
 pub struct Cli {
     /// What to do; without a subcommand the node runs (`runtime --config FILE`).
@@ -31,28 +39,71 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a node (the default).
+    #[command(after_help = "Examples:
+  runtime run --config config/actors.toml
+  runtime run --config config/actors.toml --log-format json")]
     Run(RunArgs),
     /// Compile a config and print every error and warning (exit 78 on errors).
+    ///
+    /// Reports every mistake in one run: unknown keys, wrong types and missing required
+    /// keys (with "did you mean" for a misspelt key), then what the values mean (limits,
+    /// references to queues, tasks, resources and pools, with "did you mean" for a
+    /// misspelt name), each named by its key path. Then, unless --no-environment, the
+    /// environment: secrets, RT_BROKER_URL, and whether the broker answers.
+    #[command(after_help = "Examples:
+  runtime check --config config/actors.toml
+  runtime check --config config/actors.toml --no-environment --deny-warnings")]
     Check(CheckArgs),
     /// Look at a running node: tree, queues, active tasks, stats, ping, events.
+    #[command(after_help = "Examples:
+  runtime inspect queues
+  runtime inspect active --json
+  runtime inspect events --follow --url http://127.0.0.1:7070")]
     Inspect(InspectArgs),
     /// Print the supervision tree of a running node (short for `inspect tree`).
+    #[command(after_help = "Examples:
+  runtime tree
+  runtime tree --json --url http://127.0.0.1:7070")]
     Tree(TreeArgs),
-    /// Enqueue a task through a running node.
+    /// Enqueue a task through a running node and print its id.
+    #[command(after_help = "Examples:
+  runtime enqueue rt_echo --args '[\"hello\"]'
+  runtime enqueue process_chat_message --kwargs '{\"message_id\": 42}' --countdown 30
+  runtime enqueue send_digest --id digest:2026-11-23 --idempotency-key digest:2026-11-23")]
     Enqueue(EnqueueArgs),
     /// List or requeue a queue's dead letters.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:
+  runtime dlq list chat
+  runtime dlq requeue chat --limit 10"
+    )]
     Dlq(DlqCommand),
     /// Drop every ready and delayed entry of a queue (running tasks finish).
+    #[command(after_help = "Examples:
+  runtime purge background --yes")]
     Purge(PurgeArgs),
-    /// The nodes consuming from the node's broker: queues, entries held, started, last seen.
+    /// The nodes consuming from the node's broker: state (running, draining, stopping),
+    /// queues, entries held, started, last seen.
+    #[command(after_help = "Examples:
+  runtime nodes
+  runtime nodes --json")]
     Nodes(NodesArgs),
     /// Act on a running node's process pools.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:
+  runtime pools reset voice"
+    )]
     Pools(PoolsCommand),
     /// Kill actors of a running node (needs `[chaos] enabled = true`) and report when its
     /// tree is whole again.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:
+  runtime chaos kill root/queues/chat
+  runtime chaos kill --kind consumer --every 1s --for 30s --seed 7"
+    )]
     Chaos(ChaosCommand),
 }
 
@@ -60,6 +111,9 @@ pub enum Command {
 #[derive(Debug, Subcommand)]
 pub enum ChaosCommand {
     /// Kill one actor by path, or a random one of a kind, once or every `--every` for `--for`.
+    #[command(after_help = "Examples:
+  runtime chaos kill root/queues/chat
+  runtime chaos kill --kind task --every 500ms --for 10s")]
     Kill(ChaosKillArgs),
 }
 
@@ -100,6 +154,8 @@ pub struct ChaosKillArgs {
 pub enum PoolsCommand {
     /// Take a `fatal` (or backing-off) pool out of that state once its cause is fixed: it
     /// starts agents again at once. A healthy pool is left alone.
+    #[command(after_help = "Examples:
+  runtime pools reset voice --token \"$RT_ADMIN_TOKEN\"")]
     Reset(PoolResetArgs),
 }
 
@@ -171,21 +227,44 @@ pub struct EnqueueArgs {
 /// `runtime dlq …`
 #[derive(Debug, Subcommand)]
 pub enum DlqCommand {
-    /// Print a queue's oldest dead letters.
-    List(DlqArgs),
-    /// Move dead letters back to the ready queue (attempts reset).
-    Requeue(DlqArgs),
+    /// Print a queue's oldest dead letters: time, task, attempts, id, reason.
+    #[command(after_help = "Examples:
+  runtime dlq list chat
+  runtime dlq list chat --limit 5 --json")]
+    List(DlqListArgs),
+    /// Move dead letters back to the ready queue, oldest first (attempts reset; malformed
+    /// ones stay).
+    #[command(after_help = "Examples:
+  runtime dlq requeue chat
+  runtime dlq requeue chat --limit 10 --json")]
+    Requeue(DlqRequeueArgs),
 }
 
-/// `runtime dlq list|requeue QUEUE`
+/// `runtime dlq list QUEUE`
 #[derive(Debug, Args)]
-pub struct DlqArgs {
+pub struct DlqListArgs {
     /// Queue name.
     pub queue: String,
-    /// How many.
+    /// How many dead letters to print, oldest first.
     #[arg(long, default_value_t = 100)]
     pub limit: usize,
-    /// Print JSON instead of a table (list).
+    /// Print the node's JSON answer (`GET /dlq/QUEUE`) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// The node.
+    #[command(flatten)]
+    pub node: NodeArgs,
+}
+
+/// `runtime dlq requeue QUEUE`
+#[derive(Debug, Args)]
+pub struct DlqRequeueArgs {
+    /// Queue name.
+    pub queue: String,
+    /// How many dead letters to move back, oldest first.
+    #[arg(long, default_value_t = 100)]
+    pub limit: usize,
+    /// Print the node's JSON answer (`{"queue", "requeued"}`) instead of a sentence.
     #[arg(long)]
     pub json: bool,
     /// The node.
@@ -226,7 +305,8 @@ pub struct CheckArgs {
     /// Exit 78 on warnings too.
     #[arg(long)]
     pub deny_warnings: bool,
-    /// Skip the checks that look outside the file (environment variables, broker reachability).
+    /// Check the file alone: read no environment variable (RT_BROKER_URL is not applied,
+    /// secrets and the admin token are not looked up) and do not connect to the broker.
     #[arg(long)]
     pub no_environment: bool,
 }
@@ -256,7 +336,7 @@ pub struct InspectArgs {
         global = true
     )]
     pub url: String,
-    /// Print JSON for scripts instead of tables (`events`: one event per line).
+    /// Print JSON for scripts instead of the text for people.
     #[arg(long, global = true)]
     pub json: bool,
 }
@@ -265,16 +345,52 @@ pub struct InspectArgs {
 #[derive(Debug, Subcommand)]
 pub enum InspectCommand {
     /// The supervision tree: status, restarts, uptime and last error of every actor.
+    ///
+    /// With --json: the `GET /actors` tree.
+    #[command(after_help = "Examples:
+  runtime inspect tree
+  runtime inspect tree --json")]
     Tree,
     /// Every queue's depths (ready, delayed, in flight, dead) and its running tasks.
+    ///
+    /// With --json: `{"queues": [{"queue", "ready", "delayed", "in_flight", "dead",
+    /// "running", "waiting", "concurrency"}]}`.
+    #[command(after_help = "Examples:
+  runtime inspect queues
+  runtime inspect queues --json")]
     Queues,
     /// The tasks running on the node right now, with their elapsed time.
+    ///
+    /// Longest-running first. With --json: `{"active": [{"queue", "id", "task", "attempt",
+    /// "elapsed_ms", "deadline_in_ms"}]}`.
+    #[command(after_help = "Examples:
+  runtime inspect active
+  runtime inspect active --json")]
     Active,
     /// Per queue: tasks processed, failed, retried and dead-lettered on this node, and depths.
+    ///
+    /// Counted since the node started. With --json: `{"queues": [{"queue", "processed",
+    /// "succeeded", "failed", "retried", "dead_lettered", "deferred", "running", "ready",
+    /// "delayed", "in_flight", "dead"}]}`.
+    #[command(after_help = "Examples:
+  runtime inspect stats
+  runtime inspect stats --json")]
     Stats,
     /// Whether the node answers and is healthy (exit 1 when it is not).
+    ///
+    /// With --json: `{"url", "healthy", "status", "latency_ms", "problems"}`.
+    #[command(after_help = "Examples:
+  runtime inspect ping
+  runtime inspect ping --url http://10.0.0.7:7070")]
     Ping,
     /// The latest events; with `--follow`, new ones as they happen.
+    ///
+    /// One line per event: time, kind, what it is about, details. With --json: one event
+    /// per line, exactly the `data` of the `GET /events` stream.
+    #[command(after_help = "Examples:
+  runtime inspect events -n 50
+  runtime inspect events --follow --types retried,dead
+  runtime inspect events --after 0 --json")]
     Events(EventsArgs),
 }
 

@@ -1,10 +1,12 @@
 //! The commands that talk to a running node over its HTTP API: `inspect` ([`inspect`]),
-//! `tree`, `enqueue`, `dlq`, `purge`, `nodes`, `pools`, `chaos` ([`chaos`]). Errors name the node and repeat its JSON error; nothing
-//! here panics on a bad answer. A node that does not answer at all is an [`Unreachable`]
+//! `tree`, `enqueue`, `dlq`, `purge`, `nodes`, `pools`, `chaos` ([`chaos`]); their tables all
+//! come from [`table`]. Errors name the node and repeat its JSON error; nothing here panics
+//! on a bad answer. A node that does not answer at all is an [`Unreachable`]
 //! error, which the binary turns into exit status [`EX_UNAVAILABLE`].
 
 pub mod chaos;
 pub mod inspect;
+pub mod table;
 
 use std::time::Duration;
 
@@ -12,7 +14,7 @@ use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
 use crate::cli::{
-    DlqArgs, DlqCommand, EnqueueArgs, NodeArgs, NodesArgs, PoolsCommand, PurgeArgs, TreeArgs,
+    DlqCommand, DlqListArgs, EnqueueArgs, NodeArgs, NodesArgs, PoolsCommand, PurgeArgs, TreeArgs,
 };
 use crate::innermost;
 
@@ -175,7 +177,12 @@ pub async fn dlq(command: DlqCommand) -> Result<()> {
         DlqCommand::List(args) => dlq_list(args).await,
         DlqCommand::Requeue(args) => {
             let path = format!("/dlq/{}/requeue?limit={}", args.queue, args.limit);
-            let answer = parse(&Node::new(&args.node).post(&path, None).await?)?;
+            let text = Node::new(&args.node).post(&path, None).await?;
+            if args.json {
+                println!("{}", text.trim_end());
+                return Ok(());
+            }
+            let answer = parse(&text)?;
             println!(
                 "requeued {} dead letters of {}",
                 answer["requeued"], args.queue
@@ -185,7 +192,7 @@ pub async fn dlq(command: DlqCommand) -> Result<()> {
     }
 }
 
-async fn dlq_list(args: DlqArgs) -> Result<()> {
+async fn dlq_list(args: DlqListArgs) -> Result<()> {
     let path = format!("/dlq/{}?limit={}", args.queue, args.limit);
     let text = Node::new(&args.node).get(&path).await?;
     if args.json {
@@ -201,21 +208,26 @@ async fn dlq_list(args: DlqArgs) -> Result<()> {
         println!("no dead letters in {}", args.queue);
         return Ok(());
     }
-    println!(
-        "{:<26} {:<24} {:>8}  {:<36}  reason",
-        "at", "task", "attempts", "id"
+    let rows: Vec<Vec<String>> = letters
+        .iter()
+        .map(|letter| {
+            let envelope = &letter["envelope"];
+            vec![
+                letter["at"].as_str().unwrap_or("").to_string(),
+                envelope["task"]
+                    .as_str()
+                    .unwrap_or("(malformed)")
+                    .to_string(),
+                letter["attempts"].to_string(),
+                envelope["id"].as_str().unwrap_or("").to_string(),
+                letter["reason"].as_str().unwrap_or("").to_string(),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        table::render(&["at", "task", "attempts", "id", "reason"], &rows)
     );
-    for letter in letters {
-        let envelope = &letter["envelope"];
-        println!(
-            "{:<26} {:<24} {:>8}  {:<36}  {}",
-            letter["at"].as_str().unwrap_or(""),
-            envelope["task"].as_str().unwrap_or("(malformed)"),
-            letter["attempts"],
-            envelope["id"].as_str().unwrap_or(""),
-            letter["reason"].as_str().unwrap_or(""),
-        );
-    }
     Ok(())
 }
 
@@ -271,13 +283,13 @@ pub async fn nodes(args: NodesArgs) -> Result<()> {
     Ok(())
 }
 
-/// The table `runtime nodes` prints: `NODE`, `QUEUES`, `IN_FLIGHT` (total, then per queue),
-/// `STARTED_AT`, `LAST_SEEN`.
+/// The table `runtime nodes` prints: `NODE`, `STATE`, `QUEUES`, `IN_FLIGHT` (total, then per
+/// queue), `STARTED_AT`, `LAST_SEEN`.
 pub fn nodes_table(nodes: &[Value]) -> String {
     if nodes.is_empty() {
         return "no nodes\n".to_string();
     }
-    let rows: Vec<[String; 5]> = nodes
+    let rows: Vec<Vec<String>> = nodes
         .iter()
         .map(|n| {
             let queues: Vec<&str> = n["queues"]
@@ -296,8 +308,9 @@ pub fn nodes_table(nodes: &[Value]) -> String {
             } else {
                 format!("{total} ({})", per.join(" "))
             };
-            [
+            vec![
                 n["name"].as_str().unwrap_or("").to_string(),
+                n["state"].as_str().unwrap_or("running").to_string(),
                 queues.join(","),
                 in_flight,
                 n["started_at"].as_str().unwrap_or("").to_string(),
@@ -305,28 +318,15 @@ pub fn nodes_table(nodes: &[Value]) -> String {
             ]
         })
         .collect();
-    let header = ["NODE", "QUEUES", "IN_FLIGHT", "STARTED_AT", "LAST_SEEN"];
-    let mut widths = header.map(str::len);
-    for row in &rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.len());
-        }
-    }
-    let line = |cells: [&str; 5]| {
-        let mut out = String::new();
-        for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
-            if i + 1 == cells.len() {
-                out.push_str(cell);
-            } else {
-                out.push_str(&format!("{cell:<w$}  "));
-            }
-        }
-        out.push('\n');
-        out
-    };
-    let mut out = line(header);
-    for row in &rows {
-        out.push_str(&line([&row[0], &row[1], &row[2], &row[3], &row[4]]));
-    }
-    out
+    table::render(
+        &[
+            "node",
+            "state",
+            "queues",
+            "in_flight",
+            "started_at",
+            "last_seen",
+        ],
+        &rows,
+    )
 }

@@ -2,7 +2,8 @@
 //!
 //! # Layout
 //! - `raw` — the file as written (serde, `deny_unknown_fields`, declaration order kept); its
-//!   `///` comments are the user documentation of every key.
+//!   `///` comments are the user documentation of every key. Every shape error is reported,
+//!   not only the first.
 //! - `compile` — raw → [`Config`]: defaults, the limits precedence (task → queue → runtime,
 //!   most specific wins), cross-references, environment; every error and warning in one pass.
 //! - `duration` — `"120s"`-style durations.
@@ -40,6 +41,7 @@ use reqwest::Url;
 use serde::Deserialize;
 
 pub use compile::Environment;
+pub(crate) use diagnostic::did_you_mean;
 pub use diagnostic::{Diagnostic, Diagnostics, Severity};
 
 /// The environment variable that overrides `broker.url`.
@@ -86,15 +88,42 @@ pub fn load_with(path: &Path, env: Environment<'_>) -> Result<Loaded, ConfigErro
     compile_str(&text, env)
 }
 
-/// Parses and compiles TOML text against `env`.
+/// Parses and compiles TOML text against `env`: every shape error of the file, then every
+/// error and warning of what could be read.
 pub fn compile_str(text: &str, env: Environment<'_>) -> Result<Loaded, ConfigError> {
-    let raw = raw::parse(text).map_err(|diagnostic| ConfigError {
+    let parsed = raw::parse(text).map_err(|diagnostic| ConfigError {
         diagnostics: Diagnostics {
             errors: vec![diagnostic],
             warnings: Vec::new(),
         },
     })?;
-    compile::compile(raw, env).map_err(|diagnostics| ConfigError { diagnostics })
+    let compiled = compile::compile(
+        parsed.config,
+        &compile::LeftOut {
+            unreadable: &parsed.unreadable,
+            declared: &parsed.declared,
+        },
+        env,
+    );
+    let mut errors = parsed.errors;
+    match compiled {
+        Ok(loaded) if errors.is_empty() => Ok(loaded),
+        Ok(loaded) => Err(ConfigError {
+            diagnostics: Diagnostics {
+                errors,
+                warnings: loaded.warnings,
+            },
+        }),
+        Err(diagnostics) => {
+            errors.extend(diagnostics.errors);
+            Err(ConfigError {
+                diagnostics: Diagnostics {
+                    errors,
+                    warnings: diagnostics.warnings,
+                },
+            })
+        }
+    }
 }
 
 /// A validated configuration.

@@ -29,13 +29,4 @@ pub mod shutdown;
 pub mod telemetry;
 pub mod topology;
 
-/// The last error in `err`'s source chain: `Connection refused (os error 111)` rather than
-/// `error sending request for url …`, `Invalid chunk size line: Invalid Size` rather than
-/// `error reading a body from connection`.
-pub(crate) fn innermost(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut last = err;
-    while let Some(source) = last.source() {
-        last = source;
-    }
-    last.to_string()
-}
+pub(crate) use actors::shown::innermost;

@@ -14,7 +14,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use actors::broker::{AnyBroker, Broker, EventSink};
+use actors::broker::{AnyBroker, Broker, BrokerMessage, EventSink, NodeState, NodeStatus};
 use actors::celery::Celery;
 use actors::consumer::{ConsumerMessage, Work};
 use actors::handler::native::Natives;
@@ -92,6 +92,15 @@ fn report_dropped(broker: &AnyBroker) {
 
 /// Tells every consumer to stop fetching at once, so their running tasks finish in parallel
 /// while the tree stops (each consumer waits for its own up to the grace).
+/// Moves the node to `state` and has the broker actor write its presence record at once, so
+/// that `GET /nodes` on every node shows it within a round trip, not at the next round.
+fn announce(tree: &Tree, status: &NodeStatus, state: NodeState) {
+    status.set(state);
+    if let Some(cell) = tree.cell(&format!("{ROOT}/broker")) {
+        let _ = cell.send_message(BrokerMessage::Announce);
+    }
+}
+
 fn drain_consumers(tree: &Tree) {
     for actor in tree.list().into_iter().filter(|a| a.kind == "consumer") {
         if let Some(cell) = tree.cell(&actor.path) {
@@ -196,7 +205,15 @@ pub async fn run_with(
     info!(node = %shared.work.consumer, broker = %url, "broker ready");
     let tree = Tree::with_metrics(Arc::clone(&metrics));
     tree.attach_events(events);
-    let spec = root_spec(&config, &shared, resource_actors, pool_actors, node_started);
+    let status = Arc::new(NodeStatus::default());
+    let spec = root_spec(
+        &config,
+        &shared,
+        resource_actors,
+        pool_actors,
+        node_started,
+        Arc::clone(&status),
+    );
     let (root, mut root_done) = match start_root(&tree, ROOT, spec).await {
         Ok(started) => started,
         Err(err) => {
@@ -232,9 +249,11 @@ pub async fn run_with(
     let node = shared.work.consumer.clone();
     let code = tokio::select! {
         signal = shutdown => {
+            let stopping = Instant::now();
             let grace = config.runtime.shutdown_grace;
             info!(signal, ?grace, "shutdown requested; draining the consumers, then stopping the tree in reverse order");
             if config.broker.drain_on_shutdown && matches!(*broker, AnyBroker::Memory(_)) {
+                announce(&tree, &status, NodeState::Draining);
                 info!("draining memory:// before stopping: the consumers keep taking ready tasks until the queues are empty or the grace runs out");
                 let started = Instant::now();
                 let queues: Vec<String> = config.queues.keys().cloned().collect();
@@ -244,12 +263,14 @@ pub async fn run_with(
                     warn!(?grace, "shutdown_grace ran out while draining memory://; stopping with what is left");
                 }
             }
+            announce(&tree, &status, NodeState::Stopping);
             drain_consumers(&tree);
             root.stop(Some(format!("shutdown ({signal})")));
             // Every supervisor enforces the grace on its own children; this is the backstop.
             match tokio::time::timeout(grace + Duration::from_secs(1), &mut root_done).await {
                 Ok(_) => {
-                    info!(elapsed = ?node_started.elapsed(), "tree stopped");
+                    // `elapsed`: the stop itself, from the signal; `uptime`: the node's life.
+                    info!(elapsed = ?stopping.elapsed(), uptime = ?node_started.elapsed(), "tree stopped");
                     // Leaving cleanly: out of `GET /nodes` at once, not after the record's TTL.
                     if let Err(err) = broker.forget_node(&node).await {
                         warn!(error = %err, "presence record not removed; it expires by itself");

@@ -22,7 +22,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use actors::broker::{AnyBroker, BrokerActor, BrokerArgs, BrokerSettings, Presence};
+use actors::broker::{AnyBroker, BrokerActor, BrokerArgs, BrokerSettings, NodeStatus, Presence};
 use actors::celery::CelerySettings;
 use actors::celery::bridge::{BridgeActor, BridgeArgs, BridgeCounters};
 use actors::consumer::{ConsumerActor, ConsumerArgs, Outcomes, Work};
@@ -165,10 +165,14 @@ pub fn task_defs(
             config::Handler::Native => match natives.handler(name) {
                 Some(handler) => handler,
                 None => {
+                    let suggestion = config::did_you_mean(name, BUILTIN_NATIVES)
+                        .map(|close| format!("; did you mean `{close}`?"))
+                        .unwrap_or_default();
                     missing.push((
                         format!("tasks.{name}.handler"),
                         format!(
-                            "no native function `{name}` is registered in this binary (built-in: {})",
+                            "no native function `{name}` is registered in this binary{suggestion} \
+                             (built-in: {})",
                             BUILTIN_NATIVES.join(", ")
                         ),
                     ));
@@ -541,13 +545,15 @@ pub fn node_name(config: &Config) -> String {
     })
 }
 
-/// The root supervisor's spec for `config`; `node_started` anchors the node's uptime.
+/// The root supervisor's spec for `config`; `node_started` anchors the node's uptime, and
+/// `status` is the state its presence record shows (moved by the program as it stops).
 pub fn root_spec(
     config: &Config,
     shared: &Shared,
     resources: Vec<ChildSpec>,
     pools: Vec<ChildSpec>,
     node_started: Instant,
+    status: Arc<NodeStatus>,
 ) -> SupervisorSpec {
     let started_at = std::time::SystemTime::now() - node_started.elapsed();
     let broker_args = {
@@ -566,6 +572,7 @@ pub fn root_spec(
                 node: work.consumer.clone(),
                 started_at,
                 ttl: PRESENCE_TTL,
+                status: Arc::clone(&status),
             }),
         }
     };

@@ -50,8 +50,8 @@ const CASES: &[Case] = &[
         flags: &[],
         vars: &[],
         expected: &[
-            "error: queues.chat.tiem_limit: unknown key, expected one of `concurrency`, \
-             `prefetch`, `time_limit`, `soft_time_limit` (line 4, column 1)",
+            "error: queues.chat.tiem_limit: unknown key, did you mean `time_limit`? (line 4, \
+             column 1)",
         ],
     },
     Case {
@@ -59,8 +59,8 @@ const CASES: &[Case] = &[
         flags: &[],
         vars: &[],
         expected: &[
-            "error: tasks.process_chat_message.queue: queue \"chats\" is not defined; defined \
-             queues: chat, default",
+            "error: tasks.process_chat_message.queue: queue \"chats\" is not defined; did you \
+             mean \"chat\"? defined queues: chat, default",
         ],
     },
     Case {
@@ -170,8 +170,8 @@ const CASES: &[Case] = &[
         vars: &[],
         expected: &[
             "error: schedules.update-router-centroids.cron: invalid cron expression \
-             \"0 25 * * *\": Component error: Number out of bounds. (five fields: minute hour \
-             day-of-month month day-of-week)",
+             \"0 25 * * *\": the hour field \"25\": number out of bounds (hour is 0-23; five \
+             fields: minute hour day-of-month month day-of-week)",
         ],
     },
     Case {
@@ -277,12 +277,39 @@ const CASES: &[Case] = &[
         ],
     },
     Case {
+        fixture: "misspelt_native",
+        flags: &[],
+        vars: &[],
+        expected: &[
+            "error: tasks.rt_ecko.handler: no native function `rt_ecko` is registered in this \
+             binary; did you mean `rt_echo`? (built-in: rt_add, rt_echo, rt_fail, rt_noop, \
+             rt_sleep)",
+        ],
+    },
+    Case {
         fixture: "unreachable_broker",
         flags: &[],
         vars: &[],
         expected: &[
             "error: broker.url: broker at redis://127.0.0.1:9/0 is unreachable: \
              Connection refused (os error 111)",
+        ],
+    },
+    Case {
+        fixture: "five_mistakes",
+        flags: &[],
+        vars: &[],
+        expected: &[
+            "error: queues.chat.concurency: unknown key, did you mean `concurrency`? (line 4, \
+             column 1)",
+            "error: queues.background.prefetch: invalid type: string \"two\", expected u32 \
+             (line 7, column 12)",
+            "error: pools.voice.ready_pattern: required key is missing (line 9, column 1)",
+            "error: tasks.process_chat_message.queue: queue \"chta\" is not defined; did you \
+             mean \"chat\"? defined queues: chat, background",
+            "error: schedules.update-router-centroids.cron: invalid cron expression \
+             \"0 25 * * *\": the hour field \"25\": number out of bounds (hour is 0-23; five \
+             fields: minute hour day-of-month month day-of-week)",
         ],
     },
     Case {
@@ -304,9 +331,11 @@ fn every_broken_fixture_prints_its_diagnostic_and_exits_78() {
             .filter(|l| l.starts_with("error:"))
             .count();
         let warnings = case.expected.len() - errors;
+        // Each fixture breaks one rule, but for the one that shows that a run reports all.
         let summary = match (errors, warnings) {
-            (1, 0) => "1 error",
-            (0, 1) => "1 warning",
+            (1, 0) => "1 error".to_string(),
+            (0, 1) => "1 warning".to_string(),
+            (n, 0) if case.fixture == "five_mistakes" => format!("{n} errors"),
             _ => panic!("each fixture breaks one rule: {}", case.fixture),
         };
         let summary = format!("{config}: {summary}");

@@ -104,12 +104,26 @@ async fn enqueue_list_dead_letters_and_purge_through_a_running_node() {
     let (ok, out, _) = runtime(&node, &["dlq", "list", "chat"], None);
     assert!(ok);
     let lines: Vec<&str> = out.lines().collect();
-    assert!(lines[0].starts_with("at "), "{out}");
+    assert_eq!(
+        lines[0].split_whitespace().collect::<Vec<_>>(),
+        ["AT", "TASK", "ATTEMPTS", "ID", "REASON"],
+        "{out}"
+    );
     assert!(lines[1].contains("process_chat_message"), "{out}");
     assert!(lines[1].contains(&id), "{out}");
     assert!(
-        lines[1].contains("retries exhausted after 1 attempts: cannot connect"),
+        lines[1].contains(
+            "retries exhausted after 1 attempts: cannot connect to \
+             http://127.0.0.1:9/internal/tasks/process_chat_message: Connection refused"
+        ),
         "{out}"
+    );
+    // The node's log names the URL it could not reach, as the dead letter does.
+    assert!(
+        node.log()
+            .contains("cannot connect to http://127.0.0.1:9/internal/tasks/process_chat_message"),
+        "{}",
+        node.log()
     );
     let (ok, out, _) = runtime(&node, &["dlq", "requeue", "chat", "--limit", "5"], token);
     assert!(ok);
@@ -252,9 +266,21 @@ async fn inspect_shows_active_tasks_stats_queues_ping_tree_and_events() {
     let (code, out, _) = inspect(&node.url, &["stats"]);
     assert_eq!(code, 0);
     let lines: Vec<&str> = out.lines().collect();
-    assert!(lines[0].starts_with("QUEUE"), "{out}");
-    assert!(
-        lines[0].contains("PROCESSED") && lines[0].contains("DEAD_LETTERED"),
+    assert_eq!(
+        lines[0].split_whitespace().collect::<Vec<_>>(),
+        [
+            "QUEUE",
+            "PROCESSED",
+            "SUCCEEDED",
+            "FAILED",
+            "RETRIED",
+            "DEAD_LETTERED",
+            "RUNNING",
+            "READY",
+            "DELAYED",
+            "IN_FLIGHT",
+            "DEAD"
+        ],
         "{out}"
     );
     let row: Vec<&str> = lines[1].split_whitespace().collect();
@@ -263,8 +289,9 @@ async fn inspect_shows_active_tasks_stats_queues_ping_tree_and_events() {
     let (code, out, _) = inspect(&node.url, &["active"]);
     assert_eq!(code, 0);
     let lines: Vec<&str> = out.lines().collect();
-    assert!(
-        lines[0].starts_with("QUEUE") && lines[0].contains("ELAPSED"),
+    assert_eq!(
+        lines[0].split_whitespace().collect::<Vec<_>>(),
+        ["QUEUE", "TASK", "ID", "ATTEMPT", "ELAPSED", "DEADLINE_IN"],
         "{out}"
     );
     assert_eq!(lines.len(), 2, "{out}");
@@ -285,7 +312,24 @@ async fn inspect_shows_active_tasks_stats_queues_ping_tree_and_events() {
 
     let (code, out, _) = inspect(&node.url, &["queues"]);
     assert_eq!(code, 0);
-    assert!(out.lines().next().unwrap().starts_with("QUEUE"), "{out}");
+    assert_eq!(
+        out.lines()
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .collect::<Vec<_>>(),
+        [
+            "QUEUE",
+            "READY",
+            "DELAYED",
+            "IN_FLIGHT",
+            "DEAD",
+            "RUNNING",
+            "WAITING",
+            "CONCURRENCY"
+        ],
+        "{out}"
+    );
     let row: Vec<&str> = out.lines().nth(1).unwrap().split_whitespace().collect();
     assert_eq!(row, ["default", "0", "0", "1", "1", "1", "0", "2"], "{out}");
     let (code, out, _) = inspect(&node.url, &["queues", "--json"]);

@@ -196,11 +196,14 @@ async fn json_logs_are_one_object_per_line_and_task_lines_carry_the_task_fields(
         .unwrap();
     let untraced: serde_json::Value = answer.json().await.unwrap();
 
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(10);
     while node.log().matches("callback ran").count() < 2 {
         assert!(Instant::now() < deadline, "log:\n{}", node.log());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // Up for two seconds at least: `tree stopped` must not report that as its stop time.
+    tokio::time::sleep_until(started + Duration::from_secs(2)).await;
     node.signal("TERM");
     assert!(node.wait_exit(Duration::from_secs(10)).unwrap().success());
 
@@ -216,10 +219,17 @@ async fn json_logs_are_one_object_per_line_and_task_lines_carry_the_task_fields(
         );
         lines.push(value);
     }
-    assert!(
-        lines.iter().any(|l| l["message"] == "tree stopped"),
-        "{log}"
-    );
+    // `elapsed` is the stop itself (an idle node stops in well under a second); `uptime` the
+    // node's life (two seconds at least).
+    let stopped: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|l| l["message"] == "tree stopped")
+        .collect();
+    assert_eq!(stopped.len(), 1, "{log}");
+    let elapsed = debug_duration(&stopped[0]["elapsed"]);
+    let uptime = debug_duration(&stopped[0]["uptime"]);
+    assert!(uptime >= Duration::from_secs(2), "{}", stopped[0]);
+    assert!(elapsed < Duration::from_secs(1), "{}", stopped[0]);
     let task_lines: Vec<&serde_json::Value> = lines
         .iter()
         .filter(|l| l.get("task_id").is_some())
@@ -237,6 +247,18 @@ async fn json_logs_are_one_object_per_line_and_task_lines_carry_the_task_fields(
             .filter(|l| l["message"] == message)
             .collect()
     };
+    // The retry is told at the default level: one INFO line, in the task's span (task, id,
+    // the attempt that failed), with the delay and the reason.
+    let retries = said("retry scheduled");
+    assert_eq!(retries.len(), 1, "{log}");
+    assert_eq!(retries[0]["level"], "INFO");
+    assert_eq!(retries[0]["task"], "flaky");
+    assert_eq!(retries[0]["task_id"], flaky["id"]);
+    assert_eq!(retries[0]["attempt"], 0);
+    let delay = retries[0]["delay"].as_str().unwrap_or_default();
+    assert!(delay.ends_with("ms"), "{}", retries[0]);
+    let reason = retries[0]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("75"), "{}", retries[0]);
     let first = said("first try fails");
     assert_eq!(first.len(), 1, "{log}");
     assert_eq!(first[0]["task_id"], flaky["id"]);
@@ -273,6 +295,26 @@ async fn json_logs_are_one_object_per_line_and_task_lines_carry_the_task_fields(
         "a new trace gets a W3C-shaped id: {own_trace}"
     );
     assert!(own_trace.chars().all(|c| c.is_ascii_hexdigit()));
+}
+
+/// A `Duration` as its `Debug` writes it in a JSON log field: `"3.2ms"`, `"2.000118s"`.
+fn debug_duration(value: &serde_json::Value) -> Duration {
+    let text = value
+        .as_str()
+        .unwrap_or_else(|| panic!("not a duration: {value}"));
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number.parse().unwrap_or_else(|_| panic!("{text}"));
+    let seconds = match unit {
+        "s" => number,
+        "ms" => number / 1e3,
+        "µs" => number / 1e6,
+        "ns" => number / 1e9,
+        _ => panic!("unknown unit in {text}"),
+    };
+    Duration::from_secs_f64(seconds)
 }
 
 /// A node on `memory://` with `shutdown_grace` = `grace`: `slow` tasks (queue `work`,
@@ -444,4 +486,90 @@ async fn a_drain_cut_by_the_grace_logs_what_is_left() {
         .filter(|l| l.contains("WARN") && l.contains("memory:// broker: dropping"))
         .collect();
     assert!(dropped.iter().any(|l| l.contains("queue=work ")), "{log}");
+}
+
+/// `runtime nodes` on a node that was asked to stop: `stopping` while its running task
+/// finishes (table and JSON, with the time it began), `draining` while `memory://` with
+/// `drain_on_shutdown` still works off its queue.
+#[tokio::test]
+async fn runtime_nodes_shows_a_node_that_is_stopping_or_draining() {
+    for (drain, expected) in [(false, "stopping"), (true, "draining")] {
+        let config = format!(
+            "[runtime]\nshutdown_grace = \"20s\"\n\
+             [broker]\ndrain_on_shutdown = {drain}\n\
+             [http]\nbind = \"127.0.0.1:0\"\n\
+             [queues.default]\nconcurrency = 1\n\
+             [tasks.rt_sleep]\nhandler = {{ kind = \"native\" }}\n"
+        );
+        let mut node = Node::start(&config, &[]);
+        let nodes = |json: bool| {
+            let mut cmd = std::process::Command::new(common::binary());
+            cmd.args(["nodes", "--url", &node.url]);
+            if json {
+                cmd.arg("--json");
+            }
+            let out = cmd.output().expect("run runtime nodes");
+            assert!(out.status.success(), "{out:?}");
+            String::from_utf8(out.stdout).unwrap()
+        };
+        let table = nodes(false);
+        let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
+        assert_eq!(
+            header,
+            [
+                "NODE",
+                "STATE",
+                "QUEUES",
+                "IN_FLIGHT",
+                "STARTED_AT",
+                "LAST_SEEN"
+            ]
+        );
+        assert_eq!(
+            table.lines().nth(1).unwrap().split_whitespace().nth(1),
+            Some("running")
+        );
+        // Two tasks of 1.5 s, one at a time: the second waits in the queue.
+        let client = reqwest::Client::new();
+        for _ in 0..2 {
+            let answer = client
+                .post(format!("{}/tasks", node.url))
+                .json(&serde_json::json!({ "task": "rt_sleep", "kwargs": { "ms": 1500 } }))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(answer.status(), 202);
+        }
+        let at = Instant::now();
+        while node.get_json("/queues").await["queues"]["default"]["ready"] != 1 {
+            assert!(
+                at.elapsed() < Duration::from_secs(5),
+                "the first task never started"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        node.signal("TERM");
+        let at = Instant::now();
+        let record = loop {
+            let listed: serde_json::Value = serde_json::from_str(&nodes(true)).unwrap();
+            let record = listed["nodes"][0].clone();
+            if record["state"] == expected {
+                break record;
+            }
+            assert_eq!(record["state"], "running", "{listed}");
+            assert!(
+                at.elapsed() < Duration::from_secs(1),
+                "not {expected} within a second of SIGTERM: {listed}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert!(record["state_since"].is_string(), "{record}");
+        let table = nodes(false);
+        assert_eq!(
+            table.lines().nth(1).unwrap().split_whitespace().nth(1),
+            Some(expected),
+            "{table}"
+        );
+        assert!(node.wait_exit(Duration::from_secs(15)).unwrap().success());
+    }
 }

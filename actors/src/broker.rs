@@ -64,7 +64,7 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-pub use actor::{BrokerActor, BrokerArgs, BrokerMessage, Presence};
+pub use actor::{BrokerActor, BrokerArgs, BrokerMessage, NodeStatus, Presence};
 pub use envelope::{Callback, Envelope, FieldError, MAX_ID_BYTES, check_id};
 pub use leases::Leases;
 pub use sink::EventSink;
@@ -347,6 +347,39 @@ pub struct NodeRecord {
     pub started_at: String,
     /// When it last wrote this record (RFC 3339).
     pub last_seen: String,
+    /// Whether it takes tasks or is on its way out (a record without one, from an older
+    /// node, reads as running).
+    #[serde(default)]
+    pub state: NodeState,
+    /// When it entered `state` (RFC 3339); `None` while running.
+    #[serde(default)]
+    pub state_since: Option<String>,
+}
+
+/// What a node is doing, as its presence record says (`GET /nodes`, `runtime nodes`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeState {
+    /// It takes tasks.
+    #[default]
+    Running,
+    /// Asked to stop, it keeps taking the ready tasks until its queues are empty or the grace
+    /// runs out (`memory://` with `drain_on_shutdown`), then stops.
+    Draining,
+    /// Asked to stop: it takes no new task; the running ones finish within the grace, then
+    /// the node leaves the list.
+    Stopping,
+}
+
+impl NodeState {
+    /// `running`, `draining` or `stopping`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeState::Running => "running",
+            NodeState::Draining => "draining",
+            NodeState::Stopping => "stopping",
+        }
+    }
 }
 
 /// The last run of a schedule, as the beat leader recorded it.
@@ -802,6 +835,21 @@ impl Broker for AnyBroker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_presence_record_without_a_state_reads_as_running() {
+        let older = r#"{"name":"w1","queues":["chat"],"in_flight":{"chat":0},
+            "started_at":"2026-11-23T15:00:00.000Z","last_seen":"2026-11-23T15:00:01.000Z"}"#;
+        let record: NodeRecord = serde_json::from_str(older).unwrap();
+        assert_eq!(record.state, NodeState::Running);
+        assert_eq!(record.state_since, None);
+        let written = serde_json::to_value(NodeRecord {
+            state: NodeState::Draining,
+            ..record
+        })
+        .unwrap();
+        assert_eq!(written["state"], "draining");
+    }
 
     #[test]
     fn times_far_from_now_are_written_and_scored_without_a_panic_or_a_wrap() {

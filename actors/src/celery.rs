@@ -140,7 +140,7 @@ pub enum Settled<'a> {
 }
 
 async fn manager(url: &str) -> Result<ConnectionManager, BrokerError> {
-    let shown = crate::broker::redis::redact(url);
+    let shown = crate::shown::url(url);
     let client = redis::Client::open(url)
         .map_err(|e| BrokerError::Invalid(format!("celery redis url `{shown}`: {e}")))?;
     let config = redis::aio::ConnectionManagerConfig::new()

@@ -30,6 +30,7 @@
 //!   leader across nodes, at most once per due time; the leader lease; missed-run policies.
 //! - [`supervisor`] — `SupervisorActor`: OTP strategies, restart types, intensity, backoff,
 //!   ordered start and reverse-ordered stop.
+//! - [`shown`] — what may be shown of a URL or an error in logs: no credentials, the cause.
 //! - [`tree`] — the tree registry every actor is recorded in; read by the introspection routes.
 //! - `test_util` — `RedisServer`, a private redis-server per test (tests / `test-util` feature).
 //! - [`heartbeat`] — `HeartbeatActor`: records uptime and event-loop lag.
@@ -46,6 +47,7 @@ pub mod metrics;
 pub mod pool;
 pub mod resource;
 pub mod scheduler;
+pub mod shown;
 pub mod supervisor;
 pub mod task;
 #[cfg(any(test, feature = "test-util"))]

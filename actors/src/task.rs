@@ -21,7 +21,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, Span, debug, info_span, warn};
+use tracing::{Instrument, Span, debug, info, info_span, warn};
 
 use crate::broker::{Broker, Callback, Delivery, Envelope, Event};
 use crate::caps;
@@ -262,7 +262,14 @@ async fn record_once(
         }
         Err(err) => match def.retry.next_delay(envelope.attempt, err) {
             Some(delay) => {
-                debug!(?delay, error = %err, "retrying");
+                // At the default level: a retry is the first sign of a failing dependency.
+                // The span names the task, its id and the attempt that failed.
+                let shown = Duration::from_millis(delay.as_millis().try_into().unwrap_or(u64::MAX));
+                info!(
+                    delay = %humantime::format_duration(shown),
+                    reason = %err,
+                    "retry scheduled"
+                );
                 if let Some(celery) = celery {
                     celery
                         .settled(work, envelope, Settled::Retrying(err))

@@ -10,7 +10,7 @@
 //! The environment is a parameter ([`Environment`]) so that tests are deterministic and
 //! `runtime check --no-environment` can skip it.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::str::FromStr;
@@ -25,7 +25,7 @@ use indexmap::IndexMap;
 use regex::Regex;
 use reqwest::Url;
 
-use super::diagnostic::Diagnostics;
+use super::diagnostic::{Diagnostics, did_you_mean};
 use super::duration::{self, RawDuration};
 use super::raw::{
     RawBreaker, RawBroker, RawCelery, RawConfig, RawHandler, RawHttp, RawOpenAi, RawPool, RawQueue,
@@ -108,10 +108,26 @@ const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_STARTRETRIES: u32 = 3;
 
 /// Compiles `raw` against `env`: the config and its warnings, or every error and warning.
-pub(crate) fn compile(raw: RawConfig, env: Environment<'_>) -> Result<Loaded, Diagnostics> {
+/// What the parser left out of `raw` for its shape errors (already reported).
+pub(crate) struct LeftOut<'a> {
+    /// Tables left out (`pools.voice`): a reference to one is not reported as undefined.
+    pub(crate) unreadable: &'a HashSet<String>,
+    /// Every name written under each top-level table, left-out ones included, in file order:
+    /// what an undefined reference is compared with for "did you mean".
+    pub(crate) declared: &'a HashMap<String, Vec<String>>,
+}
+
+/// Compiles `raw` against `env`; `left_out` says what the parser could not read.
+pub(crate) fn compile(
+    raw: RawConfig,
+    left_out: &LeftOut<'_>,
+    env: Environment<'_>,
+) -> Result<Loaded, Diagnostics> {
     let mut c = Compiler {
         diagnostics: Diagnostics::default(),
         env,
+        unreadable: left_out.unreadable,
+        declared: left_out.declared,
     };
     let runtime = c.runtime(&raw.runtime);
     let broker = c.broker(&raw.broker);
@@ -193,9 +209,37 @@ impl Limit {
 struct Compiler<'e> {
     diagnostics: Diagnostics,
     env: Environment<'e>,
+    /// Tables left out for shape errors (`pools.voice`), already reported.
+    unreadable: &'e HashSet<String>,
+    /// The names written under each top-level table, left-out ones included.
+    declared: &'e HashMap<String, Vec<String>>,
 }
 
 impl Compiler<'_> {
+    /// Reports that `name` is not defined among `defined` (the `what`s, e.g. queues), unless
+    /// it is defined but was left out for a shape error (already reported).
+    fn undefined<T>(
+        &mut self,
+        path: impl Into<String>,
+        what: &str,
+        name: &str,
+        defined: &IndexMap<String, T>,
+        note: &str,
+    ) {
+        if !self.unreadable.contains(&format!("{what}s.{name}")) {
+            let message = undefined(what, name, &self.declared_or(what, defined));
+            self.error(path, format!("{message}{note}"));
+        }
+    }
+
+    /// The names of the `what`s written in the file (left-out ones too), or else `defined`'s.
+    fn declared_or<T>(&self, what: &str, defined: &IndexMap<String, T>) -> Vec<String> {
+        self.declared
+            .get(&format!("{what}s"))
+            .cloned()
+            .unwrap_or_else(|| defined.keys().cloned().collect())
+    }
+
     fn error(&mut self, path: impl Into<String>, message: impl Into<String>) {
         self.diagnostics.error(path, message);
     }
@@ -409,7 +453,7 @@ impl Compiler<'_> {
     ) {
         for name in names {
             if !defined.contains_key(name) {
-                self.error(path, undefined(section, name, defined));
+                self.undefined(path, section, name, defined, "");
             }
         }
     }
@@ -1071,11 +1115,18 @@ impl Compiler<'_> {
     ) -> Option<TaskSettings> {
         let queue_name = raw.queue.as_deref().unwrap_or(DEFAULT_QUEUE);
         if !config.queues.contains_key(queue_name) {
-            let mut message = undefined("queue", queue_name, &config.queues);
-            if raw.queue.is_none() {
-                message.push_str(" (a task without `queue` goes to \"default\")");
-            }
-            self.error(format!("{at}.queue"), message);
+            let note = if raw.queue.is_none() {
+                " (a task without `queue` goes to \"default\")"
+            } else {
+                ""
+            };
+            self.undefined(
+                format!("{at}.queue"),
+                "queue",
+                queue_name,
+                &config.queues,
+                note,
+            );
         }
 
         let handler = self.handler(&format!("{at}.handler"), &raw.handler, &config.pools);
@@ -1260,7 +1311,7 @@ impl Compiler<'_> {
             RawHandler::Native(_) => Some(Handler::Native),
             RawHandler::Pool(pool) => {
                 if !pools.contains_key(&pool.pool) {
-                    self.error(format!("{at}.pool"), undefined("pool", &pool.pool, pools));
+                    self.undefined(format!("{at}.pool"), "pool", &pool.pool, pools, "");
                 }
                 Some(Handler::Pool {
                     pool: pool.pool.clone(),
@@ -1298,8 +1349,13 @@ impl Compiler<'_> {
         let dead_letter_queue = match &raw.dead_letter_queue {
             Some(queue) => {
                 if !config.queues.contains_key(queue) {
-                    let message = undefined("queue", queue, &config.queues);
-                    self.error("celery.dead_letter_queue", message);
+                    self.undefined(
+                        "celery.dead_letter_queue",
+                        "queue",
+                        queue,
+                        &config.queues,
+                        "",
+                    );
                 }
                 queue.clone()
             }
@@ -1320,6 +1376,9 @@ impl Compiler<'_> {
             let at = format!("celery.tasks.\"{name}\"");
             let runtime = task.task.clone().unwrap_or_else(|| name.clone());
             if !config.tasks.contains_key(&runtime) {
+                if self.unreadable.contains(&format!("tasks.{runtime}")) {
+                    continue;
+                }
                 let path = if task.task.is_some() {
                     format!("{at}.task")
                 } else {
@@ -1327,7 +1386,7 @@ impl Compiler<'_> {
                 };
                 let mut message = format!(
                     "Celery task `{name}` is mapped to nothing: {}",
-                    undefined("task", &runtime, &config.tasks)
+                    undefined("task", &runtime, &self.declared_or("task", &config.tasks))
                 );
                 if task.task.is_none() {
                     message.push_str(" (set `task` to the runtime task that runs it)");
@@ -1383,7 +1442,7 @@ impl Compiler<'_> {
         tasks: &IndexMap<String, RawTask>,
     ) -> Option<ScheduleSettings> {
         if !tasks.contains_key(&raw.task) {
-            self.error(format!("{at}.task"), undefined("task", &raw.task, tasks));
+            self.undefined(format!("{at}.task"), "task", &raw.task, tasks, "");
         }
         let trigger = match (&raw.every, &raw.cron) {
             (Some(every), None) => {
@@ -1405,8 +1464,8 @@ impl Compiler<'_> {
                         self.error(
                             format!("{at}.cron"),
                             format!(
-                                "invalid cron expression \"{expression}\": {err} (five fields: \
-                                 minute hour day-of-month month day-of-week)"
+                                "invalid cron expression \"{expression}\": {}",
+                                cron_problem(&parser, expression, &err)
                             ),
                         );
                         return None;
@@ -1427,9 +1486,14 @@ impl Compiler<'_> {
             Some(text) => match text.parse::<chrono_tz::Tz>() {
                 Ok(timezone) => timezone,
                 Err(_) => {
+                    let zones = chrono_tz::TZ_VARIANTS.iter().map(|zone| zone.name());
+                    let hint = match did_you_mean(text, zones) {
+                        Some(close) => format!("did you mean \"{close}\"?"),
+                        None => "use an IANA name such as \"UTC\" or \"Europe/Istanbul\"".into(),
+                    };
                     self.error(
                         format!("{at}.timezone"),
-                        format!("unknown time zone \"{text}\": use an IANA name such as \"UTC\" or \"Europe/Istanbul\""),
+                        format!("unknown time zone \"{text}\": {hint}"),
                     );
                     return None;
                 }
@@ -1498,14 +1562,69 @@ fn effective_limits(
     (hard, soft)
 }
 
-/// "queue "chatt" is not defined; defined: chat, default" (or "none are defined").
-fn undefined<T>(what: &str, name: &str, defined: &IndexMap<String, T>) -> String {
+/// The fields of a cron expression, in order, with the values each takes.
+const CRON_FIELDS: [(&str, &str); 5] = [
+    ("minute", "0-59"),
+    ("hour", "0-23"),
+    ("day-of-month", "1-31"),
+    ("month", "1-12 or JAN-DEC"),
+    ("day-of-week", "0-7 or SUN-SAT, 0 and 7 both Sunday"),
+];
+
+/// Why `expression` is not a cron expression, naming the field at fault: croner says only
+/// what is wrong ("Number out of bounds."), so each of the five fields is parsed alone (the
+/// others `*`) to find the one it is about.
+fn cron_problem(parser: &CronParser, expression: &str, err: &croner::errors::CronError) -> String {
+    let reason = err.to_string();
+    let reason = [
+        "Component error: ",
+        "Invalid pattern: ",
+        "Pattern contains illegal characters: ",
+    ]
+    .iter()
+    .find_map(|prefix| reason.strip_prefix(prefix))
+    .unwrap_or(&reason)
+    .trim()
+    .trim_start_matches("CronPattern ")
+    .trim_end_matches('.');
+    let mut chars = reason.chars();
+    let reason: String = chars
+        .next()
+        .map(|first| first.to_lowercase().chain(chars).collect())
+        .unwrap_or_default();
+    let names = CRON_FIELDS.map(|(name, _)| name).join(" ");
+    let fields: Vec<&str> = expression.split_whitespace().collect();
+    if fields.len() != CRON_FIELDS.len() {
+        return format!(
+            "{} fields, expected five: {names} (no seconds field)",
+            fields.len()
+        );
+    }
+    for (i, (name, values)) in CRON_FIELDS.iter().enumerate() {
+        let mut alone = ["*"; 5];
+        alone[i] = fields[i];
+        if parser.parse(&alone.join(" ")).is_err() {
+            return format!(
+                "the {name} field \"{}\": {reason} ({name} is {values}; five fields: {names})",
+                fields[i]
+            );
+        }
+    }
+    format!("{reason} (five fields: {names})")
+}
+
+/// `queue "chta" is not defined; did you mean "chat"? defined queues: chat, default` (or
+/// "no queues are defined").
+fn undefined(what: &str, name: &str, defined: &[String]) -> String {
     if defined.is_empty() {
         format!("{what} \"{name}\" is not defined (no {what}s are defined)")
     } else {
-        let names: Vec<&str> = defined.keys().map(String::as_str).collect();
+        let names: Vec<&str> = defined.iter().map(String::as_str).collect();
+        let suggestion = did_you_mean(name, names.iter().copied())
+            .map(|close| format!(" did you mean \"{close}\"?"))
+            .unwrap_or_default();
         format!(
-            "{what} \"{name}\" is not defined; defined {what}s: {}",
+            "{what} \"{name}\" is not defined;{suggestion} defined {what}s: {}",
             names.join(", ")
         )
     }

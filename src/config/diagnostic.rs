@@ -82,3 +82,44 @@ impl fmt::Display for Diagnostics {
         Ok(())
     }
 }
+
+/// The candidate closest to `written`, when it is close enough to be a slip of the keyboard:
+/// at most one edit per three characters (a transposition is one edit). Names shorter than
+/// three characters, or longer than 128 (the comparison is quadratic), get no suggestion.
+pub(crate) fn did_you_mean<'a>(
+    written: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<&'a str> {
+    const LONGEST: usize = 128;
+    let length = written.chars().count();
+    if !(3..=LONGEST).contains(&length) {
+        return None;
+    }
+    let allowed = length / 3;
+    candidates
+        .into_iter()
+        .filter(|candidate| *candidate != written)
+        .filter(|candidate| candidate.chars().count().abs_diff(length) <= allowed)
+        .map(|candidate| (strsim::osa_distance(written, candidate), candidate))
+        .filter(|(distance, _)| *distance <= allowed)
+        .min_by_key(|(distance, _)| *distance)
+        .map(|(_, candidate)| candidate)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::did_you_mean;
+
+    #[test]
+    fn close_names_are_suggested_and_far_ones_are_not() {
+        let keys = ["concurrency", "prefetch", "time_limit", "soft_time_limit"];
+        assert_eq!(did_you_mean("concurency", keys), Some("concurrency"));
+        assert_eq!(did_you_mean("tiem_limit", keys), Some("time_limit"));
+        assert_eq!(did_you_mean("soft_limit", keys), None);
+        assert_eq!(did_you_mean("chta", ["chat", "background"]), Some("chat"));
+        assert_eq!(did_you_mean("x", ["chat"]), None);
+        assert_eq!(did_you_mean("w", ["t", "u"]), None);
+        assert_eq!(did_you_mean("", ["a"]), None);
+        assert_eq!(did_you_mean(&"a".repeat(1000), ["a"]), None);
+    }
+}

@@ -3,20 +3,24 @@
 //!
 //! Nothing here is validated beyond the shape of the TOML: durations, URLs, regexes, cron
 //! expressions and cross-references stay text, and `compile()` checks them all in one pass.
-//! A shape error (an unknown key, a wrong type, a missing required key) stops parsing at the
-//! first one, because serde cannot go on after it; [`parse`] turns it into one diagnostic
-//! named by its key path, with the line and column.
+//! serde stops at the first shape error (an unknown key, a wrong type, a missing required
+//! key); [`parse`] reads the file again without what it stopped at until it reads, so that
+//! every shape error is reported in one run, each named by its key path, with the line and
+//! column, and "did you mean" for a misspelt key — the derives here stay the only list of
+//! keys.
 //!
 //! The `///` comments on these fields are the user documentation of the config; defaults are
 //! stated here and applied in `compile()`.
 
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 
 use actors::supervisor::Strategy;
 use indexmap::IndexMap;
 use serde::Deserialize;
+use toml::de::{DeTable, DeValue};
 
-use super::diagnostic::{Diagnostic, Severity};
+use super::diagnostic::{Diagnostic, Severity, did_you_mean};
 use super::duration::RawDuration;
 
 /// The whole file.
@@ -547,10 +551,36 @@ pub(crate) struct RawEvents {
     pub(crate) maxlen: Option<u32>,
 }
 
-/// Parses TOML text into the raw structs. A syntax error is named by its position; a shape
-/// error by its key path, with its position appended.
-pub(crate) fn parse(text: &str) -> Result<RawConfig, Diagnostic> {
-    let deserializer = toml::de::Deserializer::parse(text).map_err(|err| {
+/// The file as read: the raw structs, with the parts that had shape errors left out.
+#[derive(Debug)]
+pub(crate) struct Parsed {
+    /// What could be read.
+    pub(crate) config: RawConfig,
+    /// Every shape error, in the order of the file.
+    pub(crate) errors: Vec<Diagnostic>,
+    /// Key paths left out because of a shape error (`pools.voice`, `queues.background`):
+    /// a reference to one of them is not reported again as undefined.
+    pub(crate) unreadable: HashSet<String>,
+    /// The names written under each top-level table (`queues` → `chat`, `background`), in
+    /// file order, left-out ones included: what a reference may mean.
+    pub(crate) declared: HashMap<String, Vec<String>>,
+}
+
+/// Shape errors reported at most (a file of nothing but mistakes stops there).
+const MAX_SHAPE_ERRORS: usize = 100;
+
+/// Parses TOML text into the raw structs, reporting every shape error (an unknown key, a
+/// wrong type, a missing required key) rather than the first.
+///
+/// The keys are known only to the serde derives above, so the file is read the way serde
+/// reads it, repeatedly: the TOML is parsed once into a spanned tree, each error serde
+/// stops at is recorded (named by its key path, with its line and column) and the key it is
+/// about is taken out of the tree, and the tree is read again, until it reads. A named
+/// table with an error (`[queues.chat]`, `[pools.voice]`) is then left out whole: it is
+/// reported once, its name goes to [`Parsed::unreadable`], and `compile()` does not check
+/// what is left of it against the rest. A syntax error stops at once, named by its position.
+pub(crate) fn parse(text: &str) -> Result<Parsed, Diagnostic> {
+    let mut tree = DeTable::parse(text).map_err(|err| {
         let mut message = one_line(err.message());
         let span = err.span();
         // toml says only "duplicate key": name it.
@@ -565,31 +595,190 @@ pub(crate) fn parse(text: &str) -> Result<RawConfig, Diagnostic> {
             message,
         }
     })?;
-    serde_path_to_error::deserialize(deserializer).map_err(|err| {
+    let declared: HashMap<String, Vec<String>> = tree
+        .get_ref()
+        .iter()
+        .filter_map(|(section, value)| match value.get_ref() {
+            DeValue::Table(table) => Some((
+                section.get_ref().to_string(),
+                table.keys().map(|key| key.get_ref().to_string()).collect(),
+            )),
+            _ => None,
+        })
+        .collect();
+    let mut errors = Vec::new();
+    let mut unreadable = HashSet::new();
+    // Named tables to leave out, and keys taken out (a required one then reads as missing,
+    // which is not a second mistake).
+    let mut units: Vec<Vec<String>> = Vec::new();
+    let mut removed: HashSet<Vec<String>> = HashSet::new();
+    loop {
+        let attempt = serde_path_to_error::deserialize::<_, RawConfig>(
+            toml::de::Deserializer::from(tree.clone()),
+        );
+        let err = match attempt {
+            Ok(config) => {
+                let mut left_out = false;
+                for unit in &units {
+                    left_out |= remove(tree.get_mut(), unit);
+                }
+                if left_out {
+                    continue;
+                }
+                return Ok(Parsed {
+                    config,
+                    errors,
+                    unreadable,
+                    declared,
+                });
+            }
+            Err(err) => err,
+        };
+        let shape = Shape::of(err, text);
+        let unit = (shape.keys.len() >= 3 && is_table(tree.get_ref(), &shape.keys[..2]))
+            .then(|| shape.keys[..2].to_vec());
+        let repeat = shape.missing && removed.contains(&shape.keys);
+        if !repeat && errors.len() < MAX_SHAPE_ERRORS {
+            errors.push(shape.diagnostic);
+        }
+        let target = match (&unit, shape.missing) {
+            // A missing key cannot be taken out: the table that lacks it goes.
+            (Some(unit), true) => unit.clone(),
+            (None, true) => shape.keys[..shape.keys.len().saturating_sub(1)].to_vec(),
+            (_, false) => shape.keys.clone(),
+        };
+        unreadable.insert(unit.as_ref().unwrap_or(&target).join("."));
+        if let Some(unit) = unit
+            && !units.contains(&unit)
+        {
+            units.push(unit);
+        }
+        if errors.len() >= MAX_SHAPE_ERRORS {
+            errors.push(Diagnostic {
+                severity: Severity::Error,
+                path: "(file)".to_owned(),
+                message: format!("stopped after {MAX_SHAPE_ERRORS} shape errors"),
+            });
+        }
+        // Every round takes something out of the tree — the key, else the table around it,
+        // else its section — or gives up: it ends.
+        let taken_out = errors.len() < MAX_SHAPE_ERRORS
+            && [
+                &target[..],
+                &target[..target.len().min(2)],
+                &target[..target.len().min(1)],
+            ]
+            .into_iter()
+            .any(|keys| remove(tree.get_mut(), keys));
+        if !taken_out {
+            return Ok(Parsed {
+                config: RawConfig::default(),
+                errors,
+                unreadable,
+                declared,
+            });
+        }
+        if let Some(meant) = shape.meant {
+            let mut keys = shape.keys[..shape.keys.len().saturating_sub(1)].to_vec();
+            keys.push(meant);
+            removed.insert(keys);
+        }
+        removed.insert(target);
+    }
+}
+
+/// One shape error: its diagnostic, and the keys it is about.
+struct Shape {
+    diagnostic: Diagnostic,
+    /// The key path in the tree (an array item stands for its array: the key that holds it).
+    keys: Vec<String>,
+    /// A required key is missing (it cannot be taken out of the tree).
+    missing: bool,
+    /// The key suggested for an unknown one: if it is required, its absence is the same
+    /// mistake.
+    meant: Option<String>,
+}
+
+impl Shape {
+    fn of(err: serde_path_to_error::Error<toml::de::Error>, text: &str) -> Self {
+        let mut keys = Vec::new();
+        for segment in err.path() {
+            match segment {
+                serde_path_to_error::Segment::Map { key } => keys.push(key.clone()),
+                _ => break,
+            }
+        }
         let path = match err.path().to_string() {
             root if root == "." => String::new(),
             path => path,
         };
         let inner = err.into_inner();
-        let (path, mut message) = name_the_key(path, one_line(inner.message()));
+        let message = one_line(inner.message());
+        let (path, mut message, named) = name_the_key(path, message);
+        let (key, missing, meant) = match named {
+            Some(named) => (Some(named.key), named.missing, named.meant),
+            None => (None, false, None),
+        };
+        if let Some(key) = key
+            && keys.last() != Some(&key)
+        {
+            keys.push(key);
+        }
         if let Some(span) = inner.span() {
             message.push_str(&format!(" ({})", position(text, span.start)));
         }
-        Diagnostic {
-            severity: Severity::Error,
-            path,
-            message,
+        Shape {
+            diagnostic: Diagnostic {
+                severity: Severity::Error,
+                path,
+                message,
+            },
+            keys,
+            missing,
+            meant,
         }
-    })
+    }
+}
+
+/// Whether `keys` leads to a table in `tree`.
+fn is_table(tree: &DeTable<'_>, keys: &[String]) -> bool {
+    let Some((first, rest)) = keys.split_first() else {
+        return true;
+    };
+    match tree.get(first.as_str()).map(|value| value.get_ref()) {
+        Some(DeValue::Table(table)) => is_table(table, rest),
+        _ => false,
+    }
+}
+
+/// Takes the key at `keys` out of `tree`; whether it was there.
+fn remove(tree: &mut DeTable<'_>, keys: &[String]) -> bool {
+    match keys {
+        [] => false,
+        [last] => tree.remove(last.as_str()).is_some(),
+        [first, rest @ ..] => match tree.get_mut(first.as_str()).map(|value| value.get_mut()) {
+            Some(DeValue::Table(table)) => remove(table, rest),
+            _ => false,
+        },
+    }
+}
+
+/// The key an unknown-key or missing-key error is about.
+struct NamedKey {
+    key: String,
+    missing: bool,
+    /// The suggestion for an unknown key.
+    meant: Option<String>,
 }
 
 /// serde reports an unknown or missing key at the table that holds it; move the key into
 /// the path so that the path names it: `tasks.x: unknown field `y`, …` → `tasks.x.y: unknown
-/// key, …`.
-fn name_the_key(path: String, message: String) -> (String, String) {
-    for (prefix, replacement) in [
-        ("unknown field `", "unknown key"),
-        ("missing field `", "required key is missing"),
+/// key, …`. A misspelt key or variant gets the closest expected one as a suggestion, in place
+/// of the list. Returns the path, the message, and the key named (if any).
+fn name_the_key(path: String, message: String) -> (String, String, Option<NamedKey>) {
+    for (prefix, replacement, missing) in [
+        ("unknown field `", "unknown key", false),
+        ("missing field `", "required key is missing", true),
     ] {
         let Some(rest) = message.strip_prefix(prefix) else {
             continue;
@@ -605,14 +794,40 @@ fn name_the_key(path: String, message: String) -> (String, String) {
         } else {
             format!("{path}.{key}")
         };
-        return (full, format!("{replacement}{tail}"));
+        let meant = (!missing).then(|| suggestion(key, tail)).flatten();
+        let tail = match meant {
+            Some(suggested) => format!(", did you mean `{suggested}`?"),
+            None => tail.to_owned(),
+        };
+        let named = NamedKey {
+            key: key.to_owned(),
+            missing,
+            meant: meant.map(str::to_owned),
+        };
+        return (full, format!("{replacement}{tail}"), Some(named));
+    }
+    if let Some(rest) = message.strip_prefix("unknown variant `")
+        && let Some((variant, tail)) = rest.split_once('`')
+        && let Some(suggested) = suggestion(variant, tail)
+    {
+        let message = format!("unknown variant `{variant}`, did you mean `{suggested}`?");
+        return (path, message, None);
     }
     let path = if path.is_empty() {
         "(top level)".to_owned()
     } else {
         path
     };
-    (path, message)
+    (path, message, None)
+}
+
+/// The expected name closest to `written`, from serde's own list in the rest of its message
+/// (`, expected one of `a`, `b`` or `, expected `a` or `b``): the derives stay the one list of
+/// keys.
+fn suggestion<'a>(written: &str, tail: &'a str) -> Option<&'a str> {
+    let expected = tail.strip_prefix(", expected ")?;
+    let names = expected.split('`').skip(1).step_by(2);
+    did_you_mean(written, names)
 }
 
 /// `line L, column C` (both from 1, column in characters) of a byte offset.

@@ -92,33 +92,121 @@ fn tables_keep_declaration_order() {
 
 #[test]
 fn unknown_keys_are_named_by_path_with_position() {
+    // A misspelt key: the closest one is suggested.
     assert_eq!(
         fails("[queues.chat]\nconcurency = 3\n"),
         [
-            "error: queues.chat.concurency: unknown key, expected one of `concurrency`, \
-          `prefetch`, `time_limit`, `soft_time_limit` (line 2, column 1)"
+            "error: queues.chat.concurency: unknown key, did you mean `concurrency`? (line 2, column 1)"
         ]
     );
     assert_eq!(
-        fails("[queus.chat]\n")[0],
-        "error: queus: unknown key, expected one of `runtime`, `broker`, `http`, \
-         `supervision`, `queues`, `tasks`, `resources`, `pools`, `schedules`, `beat`, `chaos`, \
-         `celery`, `metrics`, `events` \
-         (line 1, column 2)"
+        fails("[queus.chat]\n"),
+        ["error: queus: unknown key, did you mean `queues`? (line 1, column 2)"]
     );
-    // Inside a tagged handler table too.
+    // Nothing close: the keys that are allowed.
+    assert_eq!(
+        fails("[queues.chat]\nflavour = 3\n"),
+        [
+            "error: queues.chat.flavour: unknown key, expected one of `concurrency`, \
+             `prefetch`, `time_limit`, `soft_time_limit` (line 2, column 1)"
+        ]
+    );
+    assert_eq!(
+        fails("[broker]\nhostname = \"x\"\n"),
+        [
+            "error: broker.hostname: unknown key, expected one of `url`, `prefix`, `lease`, \
+             `max_deliveries`, `result_ttl`, `max_entry_bytes`, `drain_on_shutdown` \
+             (line 2, column 1)"
+        ]
+    );
+    // Inside a tagged handler table too, and for its kind.
     assert_eq!(
         fails(&format!(
             "{QUEUE}[tasks.t]\nhandler = {{ kind = \"http\", urll = \"http://x\" }}\n"
         )),
-        [
-            "error: tasks.t.handler.urll: unknown key, expected `url` or `timeout` (line 3, column 11)"
-        ]
+        ["error: tasks.t.handler.urll: unknown key, did you mean `url`? (line 3, column 11)"]
     );
     assert_eq!(
         fails("[resources.r]\nkind = \"redis\"\n"),
         [
             "error: resources.r.kind: unknown variant `redis`, expected `zep` or `openai` (line 2, column 8)"
+        ]
+    );
+    assert_eq!(
+        fails(&format!(
+            "{QUEUE}[tasks.t]\nhandler = {{ kind = \"htpp\", url = \"http://x\" }}\n"
+        )),
+        [
+            "error: tasks.t.handler.kind: unknown variant `htpp`, did you mean `http`? (line 3, column 20)"
+        ]
+    );
+}
+
+#[test]
+fn a_file_of_nothing_but_mistakes_stops_after_a_hundred() {
+    let text: String = (0..500).map(|n| format!("nope_{n} = 1\n")).collect();
+    let lines = fails(&text);
+    assert_eq!(lines.len(), 101, "{lines:?}");
+    assert_eq!(
+        lines[0],
+        "error: nope_0: unknown key, expected one of `runtime`, `broker`, `http`, `supervision`, `queues`, `tasks`, `resources`, `pools`, `schedules`, `beat`, `chaos`, `celery`, `metrics`, `events` (line 1, column 1)"
+    );
+    assert_eq!(lines[100], "error: (file): stopped after 100 shape errors");
+}
+
+/// One run reports every shape error, however many tables have them, then the meaning
+/// errors of what could be read — without a second error caused by the first.
+#[test]
+fn every_shape_error_is_reported_in_one_pass() {
+    let text = "\
+[runtime]
+shutdown_grase = \"10s\"
+
+[queues.chat]
+concurency = 4
+prefetch = \"two\"
+
+[queues.default]
+
+[tasks.t]
+queue = \"chat\"
+handler = \"native\"
+
+[tasks.u]
+queue = \"chat\"
+handler = { kind = \"native\" }
+link = [\"t\", \"w\"]
+
+[pools.voice]
+command = \"python3\"
+max = 1
+
+[tasks.v]
+queue = \"defualt\"
+handler = { kind = \"pool\", pool = \"voice\" }
+
+[schedules.s]
+task = \"u\"
+every = \"0s\"
+";
+    assert_eq!(
+        fails(text),
+        [
+            "error: runtime.shutdown_grase: unknown key, did you mean `shutdown_grace`? (line 2, \
+             column 1)",
+            "error: queues.chat.concurency: unknown key, did you mean `concurrency`? (line 5, \
+             column 1)",
+            "error: queues.chat.prefetch: invalid type: string \"two\", expected u32 (line 6, \
+             column 12)",
+            "error: tasks.t.handler: invalid type: string \"native\", expected an inline table \
+             with kind = \"http\", \"exec\", \"native\" or \"pool\" (line 12, column 11)",
+            "error: pools.voice.ready_pattern: required key is missing (line 19, column 1)",
+            // Meaning errors: `chat`, `t` and `voice` are defined, only unreadable (reported
+            // above), so tasks.u and tasks.v are told nothing about them.
+            "error: tasks.u.link: task \"w\" is not defined; defined tasks: t, u, v",
+            "error: tasks.v.queue: queue \"defualt\" is not defined; did you mean \"default\"? \
+             defined queues: chat, default",
+            "error: schedules.s.every: must be longer than zero",
         ]
     );
 }
@@ -188,7 +276,10 @@ fn a_task_routed_to_an_undefined_queue_lists_the_defined_ones() {
         fails(
             "[queues.chat]\n[queues.default]\n[tasks.t]\nqueue = \"chatt\"\nhandler = { kind = \"native\" }\n"
         ),
-        ["error: tasks.t.queue: queue \"chatt\" is not defined; defined queues: chat, default"]
+        [
+            "error: tasks.t.queue: queue \"chatt\" is not defined; did you mean \"chat\"? \
+             defined queues: chat, default"
+        ]
     );
     assert_eq!(
         fails("[tasks.t]\nhandler = { kind = \"native\" }\n"),
@@ -560,12 +651,37 @@ fn schedules_need_exactly_one_valid_trigger() {
         fails(base),
         ["error: schedules.s: sets neither `every` nor `cron`: set exactly one"]
     );
-    let lines = fails(&format!("{base}cron = \"0 25 * * *\"\n"));
-    assert_eq!(lines.len(), 1);
-    assert!(
-        lines[0].starts_with("error: schedules.s.cron: invalid cron expression \"0 25 * * *\""),
-        "{lines:?}"
-    );
+    // The field at fault is named, with the values it takes.
+    for (expression, expected) in [
+        (
+            "0 25 * * *",
+            "the hour field \"25\": number out of bounds (hour is 0-23; five fields: minute \
+             hour day-of-month month day-of-week)",
+        ),
+        (
+            "61 * * * *",
+            "the minute field \"61\": number out of bounds (minute is 0-59; five fields: \
+             minute hour day-of-month month day-of-week)",
+        ),
+        (
+            "0 2 * FOO *",
+            "the month field \"FOO\": contains illegal character 'F' in part 'FOO' (month is \
+             1-12 or JAN-DEC;",
+        ),
+        ("0 2 * * 9", "the day-of-week field \"9\": "),
+        (
+            "0 2 * *",
+            "4 fields, expected five: minute hour day-of-month month day-of-week (no seconds \
+             field)",
+        ),
+    ] {
+        let lines = fails(&format!("{base}cron = \"{expression}\"\n"));
+        let prefix = format!(
+            "error: schedules.s.cron: invalid cron expression \"{expression}\": {expected}"
+        );
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(lines[0].starts_with(&prefix), "{lines:?}");
+    }
     assert_eq!(
         fails(&format!(
             "{base}cron = \"0 2 * * *\"\ntimezone = \"Mars/Olympus\"\n"
@@ -573,6 +689,15 @@ fn schedules_need_exactly_one_valid_trigger() {
         [
             "error: schedules.s.timezone: unknown time zone \"Mars/Olympus\": use an IANA name such \
           as \"UTC\" or \"Europe/Istanbul\""
+        ]
+    );
+    assert_eq!(
+        fails(&format!(
+            "{base}cron = \"0 2 * * *\"\ntimezone = \"Europe/Instanbul\"\n"
+        )),
+        [
+            "error: schedules.s.timezone: unknown time zone \"Europe/Instanbul\": did you mean \
+             \"Europe/Istanbul\"?"
         ]
     );
     let (config, _) = ok(&format!(

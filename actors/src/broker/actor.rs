@@ -11,9 +11,10 @@
 //!   back to the ready queue, or to the dead letters past `max_deliveries`.
 //!
 //! And a snapshot every second: a PING's round trip (also in `/metrics`); it also rewrites
-//! this node's presence record ([`Presence`]: queues, entries held per queue, start time; kept
-//! for `ttl`), which `GET /nodes` lists — a node that dies drops out of the list when its
-//! record expires.
+//! this node's presence record ([`Presence`]: queues, entries held per queue, start time, and
+//! whether it is running, draining or stopping — [`NodeStatus`]; kept for `ttl`), which
+//! `GET /nodes` lists — a node that dies drops out of the list when its record expires. When
+//! the node starts to stop, [`BrokerMessage::Announce`] writes the record at once.
 //!
 //! The snapshot: per queue ready / delayed / in flight / dead, the last sweep,
 //! counters, the connection. A broker that cannot be reached marks the actor degraded (so
@@ -23,14 +24,14 @@
 //! restart of the actor neither drops the connection nor forgets a lease.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use serde_json::json;
 use tracing::{info, warn};
 
-use super::{AnyBroker, Broker, BrokerError, Leases, NodeRecord, QueueDepth, rfc3339};
+use super::{AnyBroker, Broker, BrokerError, Leases, NodeRecord, NodeState, QueueDepth, rfc3339};
 use crate::metrics::Metrics;
 use crate::tree::TreeHandle;
 
@@ -67,6 +68,29 @@ pub struct Presence {
     pub started_at: SystemTime,
     /// How long a record is kept unless written again.
     pub ttl: Duration,
+    /// Running, draining or stopping: moved by the program as the node stops.
+    pub status: Arc<NodeStatus>,
+}
+
+/// A node's [`NodeState`] and since when, shared by the program (which moves it when a
+/// signal asks the node to stop) and the broker actor (which writes it in the presence
+/// record, at once when told with [`BrokerMessage::Announce`]).
+#[derive(Debug, Default)]
+pub struct NodeStatus(Mutex<Option<(NodeState, SystemTime)>>);
+
+impl NodeStatus {
+    /// Moves the node to `state`, as of now.
+    pub fn set(&self, state: NodeState) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = Some((state, SystemTime::now()));
+    }
+
+    /// The state and when it was entered (`None` for a node that is running as it started).
+    pub fn get(&self) -> (NodeState, Option<SystemTime>) {
+        match *self.0.lock().unwrap_or_else(PoisonError::into_inner) {
+            Some((state, since)) => (state, Some(since)),
+            None => (NodeState::Running, None),
+        }
+    }
 }
 
 /// Messages (each a timer the actor sends itself).
@@ -80,6 +104,8 @@ pub enum BrokerMessage {
     Sweep,
     /// Refresh the snapshot.
     Snapshot,
+    /// Write the presence record now (the node's state changed); not a timer.
+    Announce,
 }
 
 /// The broker actor.
@@ -106,7 +132,7 @@ impl BrokerMessage {
             BrokerMessage::Promote => args.promote_every,
             BrokerMessage::Renew => args.lease / 3,
             BrokerMessage::Sweep => args.lease / 4,
-            BrokerMessage::Snapshot => SNAPSHOT_EVERY,
+            BrokerMessage::Snapshot | BrokerMessage::Announce => SNAPSHOT_EVERY,
         }
     }
 }
@@ -150,6 +176,7 @@ impl Actor for BrokerActor {
             BrokerMessage::Renew => state.renew(&args).await,
             BrokerMessage::Sweep => state.sweep(&args).await,
             BrokerMessage::Snapshot => state.snapshot(&args).await,
+            BrokerMessage::Announce => announce(&args).await,
         };
         match result {
             Ok(()) => {
@@ -166,9 +193,35 @@ impl Actor for BrokerActor {
                 state.last_error = Some(why);
             }
         }
-        myself.send_after(message.period(&args), move || message);
+        if !matches!(message, BrokerMessage::Announce) {
+            myself.send_after(message.period(&args), move || message);
+        }
         Ok(())
     }
+}
+
+/// Writes this node's presence record (if it keeps one): queues, entries held, state.
+async fn announce(args: &BrokerArgs) -> Result<(), BrokerError> {
+    let Some(presence) = &args.presence else {
+        return Ok(());
+    };
+    let mut in_flight: BTreeMap<String, u64> = args.queues.iter().map(|q| (q.clone(), 0)).collect();
+    for held in args.leases.held() {
+        if held.consumer == presence.node {
+            *in_flight.entry(held.queue).or_default() += held.entries.len() as u64;
+        }
+    }
+    let (state, since) = presence.status.get();
+    let record = NodeRecord {
+        name: presence.node.clone(),
+        queues: args.queues.clone(),
+        in_flight,
+        started_at: rfc3339(presence.started_at),
+        last_seen: rfc3339(SystemTime::now()),
+        state,
+        state_since: since.map(rfc3339),
+    };
+    args.broker.announce_node(&record, presence.ttl).await
 }
 
 /// The snapshot round reads every queue, so its success means the broker is reachable.
@@ -225,23 +278,7 @@ impl BrokerState {
             self.depths.insert(queue.clone(), depth);
         }
         self.last_error = None;
-        if let Some(presence) = &args.presence {
-            let mut in_flight: BTreeMap<String, u64> =
-                args.queues.iter().map(|q| (q.clone(), 0)).collect();
-            for held in args.leases.held() {
-                if held.consumer == presence.node {
-                    *in_flight.entry(held.queue).or_default() += held.entries.len() as u64;
-                }
-            }
-            let record = NodeRecord {
-                name: presence.node.clone(),
-                queues: args.queues.clone(),
-                in_flight,
-                started_at: rfc3339(presence.started_at),
-                last_seen: rfc3339(SystemTime::now()),
-            };
-            args.broker.announce_node(&record, presence.ttl).await?;
-        }
+        announce(args).await?;
         args.node.publish(json!({
             "broker": args.broker.describe(),
             "queues": self.depths,
@@ -273,6 +310,7 @@ mod tests {
     async fn start(
         broker: Arc<AnyBroker>,
         leases: Arc<Leases>,
+        status: Arc<NodeStatus>,
     ) -> (
         Arc<Tree>,
         ractor::ActorRef<crate::supervisor::SupervisorMessage>,
@@ -291,6 +329,7 @@ mod tests {
                     node: "node-a".into(),
                     started_at: SystemTime::now(),
                     ttl: Duration::from_secs(5),
+                    status: Arc::clone(&status),
                 }),
             };
             (BrokerActor, args)
@@ -317,7 +356,8 @@ mod tests {
     #[tokio::test]
     async fn moves_due_delayed_entries_and_publishes_depths() {
         let broker = memory();
-        let (tree, root) = start(Arc::clone(&broker), Arc::default()).await;
+        let status: Arc<NodeStatus> = Arc::default();
+        let (tree, root) = start(Arc::clone(&broker), Arc::default(), Arc::clone(&status)).await;
         let mut env = Envelope::new("send_whatsapp_message_task", "default");
         env.eta = Some(rfc3339(SystemTime::now() + Duration::from_millis(100)));
         broker.enqueue(vec![env]).await.unwrap();
@@ -336,7 +376,23 @@ mod tests {
         assert_eq!(nodes.len(), 1);
         assert_eq!(nodes[0].name, "node-a");
         assert_eq!(nodes[0].queues, ["chat", "default"]);
+        assert_eq!(nodes[0].state, NodeState::Running);
+        assert_eq!(nodes[0].state_since, None);
         assert_eq!(snapshot["queues"]["chat"]["ready"], 0);
+
+        // The node starts to stop: its record says so at once, not at the next round.
+        status.set(NodeState::Stopping);
+        tree.cell("root/broker")
+            .unwrap()
+            .send_message(BrokerMessage::Announce)
+            .unwrap();
+        eventually(
+            "the stopping state",
+            Duration::from_millis(500),
+            async || broker.nodes().await.unwrap()[0].state == NodeState::Stopping,
+        )
+        .await;
+        assert!(broker.nodes().await.unwrap()[0].state_since.is_some());
         root.stop(None);
     }
 
@@ -344,7 +400,7 @@ mod tests {
     async fn held_leases_are_renewed_even_across_a_restart_and_unheld_ones_recovered() {
         let broker = memory();
         let leases: Arc<Leases> = Arc::default();
-        let (tree, root) = start(Arc::clone(&broker), Arc::clone(&leases)).await;
+        let (tree, root) = start(Arc::clone(&broker), Arc::clone(&leases), Arc::default()).await;
         broker
             .enqueue(vec![Envelope::new("process_chat_message", "chat"); 2])
             .await

@@ -9,7 +9,9 @@ use std::time::{Duration, SystemTime};
 use serde_json::json;
 use tokio::time::Instant;
 
-use super::{Broker, BrokerSettings, Enqueued, Envelope, LastRun, NodeRecord, TaskState};
+use super::{
+    Broker, BrokerSettings, Enqueued, Envelope, LastRun, NodeRecord, NodeState, TaskState,
+};
 
 /// Lets the suite write an entry the way a careless producer could.
 pub(crate) trait RawProducer {
@@ -861,6 +863,12 @@ pub(crate) async fn last_runs_and_presence_records<B: Broker>(b: &B, _q: &str) {
         in_flight: [("chat".to_string(), 2)].into_iter().collect(),
         started_at: "2026-11-23T15:00:00.000Z".into(),
         last_seen: "2026-11-23T15:00:01.000Z".into(),
+        state: if name == "node-a" {
+            NodeState::Stopping
+        } else {
+            NodeState::Running
+        },
+        state_since: (name == "node-a").then(|| "2026-11-23T15:00:01.000Z".into()),
     };
     let ttl = Duration::from_millis(300);
     b.announce_node(&record("node-b"), ttl).await.unwrap();

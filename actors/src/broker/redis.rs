@@ -307,7 +307,7 @@ impl RedisBroker {
     /// answer a PING within two seconds. After that, lost connections are re-made in the
     /// background.
     pub async fn connect(url: &str, settings: BrokerSettings) -> Result<Self, BrokerError> {
-        let shown = redact(url);
+        let shown = crate::shown::url(url);
         let unreachable = |reason: String| BrokerError::Unreachable {
             url: shown.clone(),
             reason,
@@ -1728,25 +1728,6 @@ fn is_connection_error(e: &RedisError) -> bool {
         || e.is_unrecoverable_error()
 }
 
-/// `redis://user:secret@host:6379/0?x=y` → `redis://user@host:6379/0`: no password (nor the
-/// query string, where a unix-socket URL may carry one) in errors or logs.
-pub(crate) fn redact(url: &str) -> String {
-    let url = url.split_once('?').map_or(url, |(base, _)| base);
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    match authority.rsplit_once('@') {
-        None => url.to_string(),
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _)) if !user.is_empty() => format!("{scheme}://{user}@{host}{path}"),
-            // `redis://secret@host` and `redis://:secret@host`: the part before `@` is a
-            // password.
-            _ => format!("{scheme}://{host}{path}"),
-        },
-    }
-}
-
 fn state_name(state: TaskState) -> &'static str {
     match state {
         TaskState::Succeeded => "succeeded",
@@ -1942,7 +1923,7 @@ mod tests {
 
     use serde_json::{Value, json};
 
-    use super::{RedisBroker, redact};
+    use super::RedisBroker;
     use crate::broker::contract::{RawProducer, contract_suite, settings};
     use crate::broker::{
         Broker, BrokerError, BrokerSettings, DeadLetter, Delivery, Enqueued, Envelope, Event,
@@ -2151,24 +2132,6 @@ mod tests {
         let mut env = Envelope::new("send_whatsapp_message_task", queue);
         env.args = vec![json!(n)];
         env
-    }
-
-    #[test]
-    fn urls_lose_their_passwords() {
-        assert_eq!(
-            redact("redis://127.0.0.1:6380/0"),
-            "redis://127.0.0.1:6380/0"
-        );
-        assert_eq!(
-            redact("redis://worker:s3cret@redis.internal:6379/2"),
-            "redis://worker@redis.internal:6379/2"
-        );
-        assert_eq!(redact("redis://:s3cret@h:1"), "redis://h:1");
-        assert_eq!(redact("rediss://s3cret@h:1/"), "rediss://h:1/");
-        assert_eq!(
-            redact("redis+unix:///run/redis.sock?db=1&pass=s3cret"),
-            "redis+unix:///run/redis.sock"
-        );
     }
 
     #[tokio::test]

@@ -3,7 +3,7 @@
 //! | answer | outcome |
 //! |---|---|
 //! | 2xx | success; the JSON body is the result (an empty body is `null`, other text a string) |
-//! | connect error, timeout, 408, 429, 5xx | retryable; `Retry-After` (seconds) is honoured, up to [`crate::caps::MAX_UPSTREAM_WAIT`] (a longer one is cut to it, with a warning); classed by [`request_class`] and [`status_class`] |
+//! | connect error, timeout, 408, 429, 5xx | retryable (the reason names the URL, without credentials or query); `Retry-After` (seconds) is honoured, up to [`crate::caps::MAX_UPSTREAM_WAIT`] (a longer one is cut to it, with a warning); classed by [`request_class`] and [`status_class`] |
 //! | other 4xx | permanent |
 //!
 //! Headers sent: `X-Task-Id`, `X-Task-Attempt`, `X-Task-Deadline` (RFC 3339: the soft limit,
@@ -20,6 +20,7 @@ use tokio::time::Instant;
 use super::{Attempt, ErrorClass, Handler, TaskContext, TaskError};
 use crate::broker::rfc3339;
 use crate::caps::{self, Unit};
+use crate::shown;
 
 /// Characters of an error body kept in a task error.
 const BODY_SNIPPET: usize = 300;
@@ -70,14 +71,15 @@ impl HttpHandler {
             .json(&*ctx.envelope)
             .send()
             .await
-            .map_err(|err| TaskError::retry_as(request_class(&err), describe(&err)))?;
+            .map_err(|err| {
+                TaskError::retry_as(request_class(&err), shown::no_answer(&err, &self.url))
+            })?;
         let status = response.status();
         let retry_after =
             caps::upstream_wait(response.headers(), RETRY_AFTER.as_str(), Unit::Seconds);
-        let body = response
-            .bytes()
-            .await
-            .map_err(|err| TaskError::retry_as(request_class(&err), describe(&err)))?;
+        let body = response.bytes().await.map_err(|err| {
+            TaskError::retry_as(request_class(&err), shown::no_answer(&err, &self.url))
+        })?;
         if status.is_success() {
             return Ok(parse_body(&body));
         }
@@ -85,7 +87,7 @@ impl HttpHandler {
             .chars()
             .take(BODY_SNIPPET)
             .collect();
-        let reason = format!("HTTP {status} from {}: {snippet}", self.url);
+        let reason = format!("HTTP {status} from {}: {snippet}", shown::url(&self.url));
         if status == StatusCode::REQUEST_TIMEOUT
             || status == StatusCode::TOO_MANY_REQUESTS
             || status.is_server_error()
@@ -130,16 +132,6 @@ fn parse_body(body: &[u8]) -> Value {
     }
     serde_json::from_slice(body)
         .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(body).into_owned()))
-}
-
-fn describe(err: &reqwest::Error) -> String {
-    if err.is_timeout() {
-        "request timed out".to_string()
-    } else if err.is_connect() {
-        "cannot connect".to_string()
-    } else {
-        format!("request failed: {err}")
-    }
 }
 
 #[cfg(test)]
@@ -330,15 +322,21 @@ mod tests {
             .unwrap_err();
         assert_eq!(
             slow,
-            TaskError::retry_as(ErrorClass::RequestTimeout, "request timed out")
+            TaskError::retry_as(
+                ErrorClass::RequestTimeout,
+                format!("request to {base}/slow timed out")
+            )
         );
-        let refused = handler("http://127.0.0.1:9", "/x", None)
+        let refused = handler("http://127.0.0.1:9", "/x?token=s3cret", None)
             .call(ctx())
             .await
             .unwrap_err();
         assert_eq!(
             refused,
-            TaskError::retry_as(ErrorClass::Connect, "cannot connect")
+            TaskError::retry_as(
+                ErrorClass::Connect,
+                "cannot connect to http://127.0.0.1:9/x: Connection refused (os error 111)"
+            )
         );
     }
 }

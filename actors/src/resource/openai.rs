@@ -103,6 +103,7 @@ use crate::broker::rfc3339;
 use crate::gate::Admission;
 use crate::handler::http::{request_class, status_class};
 use crate::handler::{ErrorClass, TaskError};
+use crate::shown;
 
 /// OpenAI's API root, the default base URL.
 pub const DEFAULT_BASE_URL: &str = "https://api.openai.com/v1";
@@ -396,14 +397,15 @@ impl OpenAiClient {
         if !self.auth.probe_due() {
             return;
         }
+        let target = target_url(&self.base_url, self.auth.probe().path());
         let request = self
             .http
-            .get(target_url(&self.base_url, self.auth.probe().path()))
+            .get(&target)
             .header(AUTHORIZATION, authorization)
             .timeout(self.timeout.unwrap_or(PROBE_TIMEOUT));
         let outcome = match request.send().await {
             Ok(response) => ProbeOutcome::of(response.status()),
-            Err(err) => ProbeOutcome::Inconclusive(describe(&err)),
+            Err(err) => ProbeOutcome::Inconclusive(shown::no_answer(&err, &target)),
         };
         self.auth.probed(outcome);
     }
@@ -422,10 +424,8 @@ impl OpenAiClient {
         let mut headers = HeaderMap::new();
         ask_identity(&mut headers);
         headers.insert(AUTHORIZATION, authorization);
-        let mut request = self
-            .http
-            .request(method.clone(), target_url(&self.base_url, path))
-            .headers(headers);
+        let target = target_url(&self.base_url, path);
+        let mut request = self.http.request(method.clone(), &target).headers(headers);
         if !body.is_null() {
             request = request.json(&body);
         }
@@ -437,7 +437,10 @@ impl OpenAiClient {
             self.stats.failed.fetch_add(1, Ordering::Relaxed);
             TaskError::retry_as(
                 request_class(&err),
-                format!("OpenAI {method} {path}: {}", describe(&err)),
+                format!(
+                    "OpenAI {method} {path}: {}",
+                    shown::no_answer(&err, &target)
+                ),
             )
         };
         let response = request.send().await.map_err(fail)?;
@@ -515,12 +518,10 @@ impl OpenAiClient {
         }
         headers.insert(AUTHORIZATION, authorization);
         ask_identity(&mut headers);
+        let target = target_url(&self.base_url, &request.path_and_query);
         let mut upstream = self
             .http
-            .request(
-                request.method,
-                target_url(&self.base_url, &request.path_and_query),
-            )
+            .request(request.method, &target)
             .headers(headers)
             .body(request.body);
         if let Some(timeout) = self.timeout {
@@ -536,7 +537,7 @@ impl OpenAiClient {
             };
             runtime_error(
                 status,
-                &format!("OpenAI: {}", describe(&err)),
+                &format!("OpenAI: {}", shown::no_answer(&err, &target)),
                 "upstream_unreachable",
             )
         };
@@ -826,16 +827,6 @@ fn runtime_error(status: StatusCode, message: &str, code: &str) -> EgressRespons
 
 fn lossy(bytes: &Bytes) -> String {
     String::from_utf8_lossy(bytes).into_owned()
-}
-
-fn describe(err: &reqwest::Error) -> String {
-    if err.is_timeout() {
-        "request timed out".to_string()
-    } else if err.is_connect() {
-        "cannot connect".to_string()
-    } else {
-        format!("request failed: {err}")
-    }
 }
 
 #[cfg(test)]

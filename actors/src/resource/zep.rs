@@ -106,6 +106,7 @@ use super::{EgressBody, EgressRequest, EgressResponse, MAX_BODY, target_url};
 use crate::broker::rfc3339;
 use crate::broker::{AnyBroker, Broker, BrokerError, Delivery, Envelope, QueueDepth, Recovered};
 use crate::gate::Admission;
+use crate::shown;
 
 /// How long the replayer's hold on the head entry lasts without renewal; entries held longer
 /// by a dead node are recovered by any node's sweep (see [`ZepClient::recover_replay`]).
@@ -495,19 +496,6 @@ fn segment(id: &str) -> String {
     out
 }
 
-/// Why reqwest got no answer, without the URL's secrets (reqwest never shows headers).
-fn describe(err: &reqwest::Error) -> String {
-    if err.is_timeout() {
-        "timed out".into()
-    } else if err.is_connect() {
-        "connection failed".into()
-    } else if err.is_body() || err.is_decode() {
-        "broken response body".into()
-    } else {
-        "request failed".into()
-    }
-}
-
 /// Headers never passed back from upstream (hop-by-hop, or recomputed by the server).
 const DROPPED_RESPONSE_HEADERS: [&str; 9] = [
     "connection",
@@ -885,9 +873,10 @@ impl ZepClient {
         headers.remove(reqwest::header::HOST);
         headers.insert(AUTHORIZATION, key.clone());
         ask_identity(&mut headers);
+        let target = target_url(&self.base_url, &call.path);
         let request = self
             .http
-            .request(call.method.clone(), target_url(&self.base_url, &call.path))
+            .request(call.method.clone(), &target)
             .headers(headers)
             .body(call.body.clone())
             .timeout(timeout);
@@ -895,7 +884,7 @@ impl ZepClient {
             Ok(response) => response,
             Err(err) => {
                 permit.fail();
-                return Sent::Unreachable(describe(&err));
+                return Sent::Unreachable(shown::no_answer(&err, &target));
             }
         };
         let status = response.status();

@@ -520,7 +520,8 @@ async fn server_errors_retry_and_other_client_errors_are_permanent_without_the_k
         refused,
         TaskError::retry_as(
             ErrorClass::Connect,
-            "OpenAI POST /chat/completions: cannot connect"
+            "OpenAI POST /chat/completions: cannot connect to \
+             http://127.0.0.1:9/v1/chat/completions: Connection refused (os error 111)"
         )
     );
     let snapshot = client.snapshot();
