@@ -84,7 +84,14 @@ def scenario(name):
         sent = time.time()
         result = add.apply_async((1, 1), countdown=2)
         value = result.get(timeout=10)
-        started = [epoch(at) for (tid, at) in events("started") if tid == result.id]
+        # The bridge publishes Celery's SUCCESS before the runtime's own outcome (which carries
+        # the `started` event) is committed: wait a moment for the event, do not race it.
+        deadline = time.time() + 3
+        while True:
+            started = [epoch(at) for (tid, at) in events("started") if tid == result.id]
+            if started or time.time() > deadline:
+                break
+            time.sleep(0.02)
         return {"value": value, "started_after": [s - sent for s in started]}
     if name == "time_limit":
         sent = time.time()
