@@ -44,6 +44,10 @@ pub enum TaskError {
     /// It stopped at its soft time limit (a handler returns this after the token fired; retryable).
     #[error("cancelled: {0}")]
     Cancelled(String),
+    /// It was revoked (`POST /tasks/{id}/revoke`): dead-lettered with the reason `revoked`,
+    /// never retried; its `link_error` callbacks run.
+    #[error("revoked")]
+    Revoked,
 }
 
 impl TaskError {
@@ -57,7 +61,7 @@ impl TaskError {
 
     /// Whether the retry policy may try again.
     pub fn is_retryable(&self) -> bool {
-        !matches!(self, TaskError::Permanent(_))
+        !matches!(self, TaskError::Permanent(_) | TaskError::Revoked)
     }
 }
 
