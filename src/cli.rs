@@ -1,7 +1,7 @@
 //! The command line: `runtime [run] --config FILE`, `runtime check`, and the commands that
 //! talk to a running node over HTTP: `inspect` (`tree`, `queues`, `active`, `stats`, `ping`,
-//! `events`), `tree` (short for `inspect tree`), `enqueue`, `dlq`, `purge`, `nodes`, `pools`,
-//! `chaos`.
+//! `events`), `tree` (short for `inspect tree`), `enqueue`, `result`, `revoke`, `dlq`, `purge`,
+//! `nodes`, `pools`, `chaos`.
 
 use std::path::PathBuf;
 
@@ -38,8 +38,13 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Print the supervision tree of a running node (short for `inspect tree`).
     Tree(TreeArgs),
-    /// Enqueue a task through a running node.
+    /// Enqueue a task through a running node (with `--wait`, print its result when it ends).
     Enqueue(EnqueueArgs),
+    /// Print a task's state and result (with `--wait`, once it has ended). Exit 0 succeeded, 3
+    /// dead (failed for good, or revoked), 75 not ended (or `--wait` timed out).
+    Result(ResultArgs),
+    /// Revoke a task: queued or delayed, it never runs; running, `--terminate` stops it.
+    Revoke(RevokeArgs),
     /// List or requeue a queue's dead letters.
     #[command(subcommand)]
     Dlq(DlqCommand),
@@ -163,6 +168,46 @@ pub struct EnqueueArgs {
     /// `broker.result_ttl` ago, the enqueue is a duplicate and nothing runs again.
     #[arg(long)]
     pub id: Option<String>,
+    /// After printing the id, wait until the task ends and print its state and result (exit
+    /// status as `runtime result`).
+    #[arg(long)]
+    pub wait: bool,
+    /// Longest wait with `--wait` (exit 75 past it).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "60s", requires = "wait")]
+    pub timeout: std::time::Duration,
+    /// The node.
+    #[command(flatten)]
+    pub node: NodeArgs,
+}
+
+/// `runtime result ID [--wait [--timeout D]] [--json]`
+#[derive(Debug, Args)]
+pub struct ResultArgs {
+    /// The task id (as `enqueue` printed it).
+    pub id: String,
+    /// Wait until the task has ended (succeeded or dead).
+    #[arg(long)]
+    pub wait: bool,
+    /// Longest wait with `--wait` (exit 75 past it).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "60s", requires = "wait")]
+    pub timeout: std::time::Duration,
+    /// Print the record as JSON (`GET /tasks/{id}`) instead of lines.
+    #[arg(long)]
+    pub json: bool,
+    /// The node.
+    #[command(flatten)]
+    pub node: NodeArgs,
+}
+
+/// `runtime revoke ID [--terminate]`
+#[derive(Debug, Args)]
+pub struct RevokeArgs {
+    /// The task id.
+    pub id: String,
+    /// Also stop it if it runs: the soft signal at once, the hard stop after
+    /// `runtime.terminate_grace`.
+    #[arg(long)]
+    pub terminate: bool,
     /// The node.
     #[command(flatten)]
     pub node: NodeArgs,
