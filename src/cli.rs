@@ -1,7 +1,7 @@
 //! The command line: `runtime [run] --config FILE`, `runtime check`, and the commands that
 //! talk to a running node over HTTP: `inspect` (`tree`, `queues`, `active`, `stats`, `ping`,
-//! `events`), `tree` (short for `inspect tree`), `enqueue`, `dlq`, `purge`, `nodes`, `pools`,
-//! `chaos`.
+//! `events`), `tree` (short for `inspect tree`), `enqueue`, `result`, `revoke`, `dlq`, `purge`,
+//! `nodes`, `pools`, `chaos`.
 //!
 //! Every command's help ends with `Examples:`, lines that start with `runtime` and that the
 //! parser accepts (tests/help.rs runs `--help` of each command and parses its examples).
@@ -65,12 +65,17 @@ pub enum Command {
   runtime tree
   runtime tree --json --url http://127.0.0.1:7070")]
     Tree(TreeArgs),
-    /// Enqueue a task through a running node and print its id.
+    /// Enqueue a task through a running node (with `--wait`, print its result when it ends).
     #[command(after_help = "Examples:
-  runtime enqueue rt_echo --args '[\"hello\"]'
+  runtime enqueue rt_echo --args '[\"hello\"]' --wait
   runtime enqueue process_chat_message --kwargs '{\"message_id\": 42}' --countdown 30
   runtime enqueue send_digest --id digest:2026-11-23 --idempotency-key digest:2026-11-23")]
     Enqueue(EnqueueArgs),
+    /// Print a task's state and result (with `--wait`, once it has ended). Exit 0 succeeded, 3
+    /// dead (failed for good, or revoked), 75 not ended (or `--wait` timed out).
+    Result(ResultArgs),
+    /// Revoke a task: queued or delayed, it never runs; running, `--terminate` stops it.
+    Revoke(RevokeArgs),
     /// List or requeue a queue's dead letters.
     #[command(
         subcommand,
@@ -219,6 +224,46 @@ pub struct EnqueueArgs {
     /// `broker.result_ttl` ago, the enqueue is a duplicate and nothing runs again.
     #[arg(long)]
     pub id: Option<String>,
+    /// After printing the id, wait until the task ends and print its state and result (exit
+    /// status as `runtime result`).
+    #[arg(long)]
+    pub wait: bool,
+    /// Longest wait with `--wait` (exit 75 past it).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "60s", requires = "wait")]
+    pub timeout: std::time::Duration,
+    /// The node.
+    #[command(flatten)]
+    pub node: NodeArgs,
+}
+
+/// `runtime result ID [--wait [--timeout D]] [--json]`
+#[derive(Debug, Args)]
+pub struct ResultArgs {
+    /// The task id (as `enqueue` printed it).
+    pub id: String,
+    /// Wait until the task has ended (succeeded or dead).
+    #[arg(long)]
+    pub wait: bool,
+    /// Longest wait with `--wait` (exit 75 past it).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "60s", requires = "wait")]
+    pub timeout: std::time::Duration,
+    /// Print the record as JSON (`GET /tasks/{id}`) instead of lines.
+    #[arg(long)]
+    pub json: bool,
+    /// The node.
+    #[command(flatten)]
+    pub node: NodeArgs,
+}
+
+/// `runtime revoke ID [--terminate]`
+#[derive(Debug, Args)]
+pub struct RevokeArgs {
+    /// The task id.
+    pub id: String,
+    /// Also stop it if it runs: the soft signal at once, the hard stop after
+    /// `runtime.terminate_grace`.
+    #[arg(long)]
+    pub terminate: bool,
     /// The node.
     #[command(flatten)]
     pub node: NodeArgs,

@@ -1,8 +1,10 @@
 //! The commands that talk to a running node over its HTTP API: `inspect` ([`inspect`]),
-//! `tree`, `enqueue`, `dlq`, `purge`, `nodes`, `pools`, `chaos` ([`chaos`]); their tables all
-//! come from [`table`]. Errors name the node and repeat its JSON error; nothing here panics
-//! on a bad answer. A node that does not answer at all is an [`Unreachable`]
-//! error, which the binary turns into exit status [`EX_UNAVAILABLE`].
+//! `tree`, `enqueue`, `result`, `revoke`, `dlq`, `purge`, `nodes`, `pools`, `chaos`
+//! ([`chaos`]); their tables all come from [`table`]. Errors name the node and repeat its JSON
+//! error; nothing here panics on a bad answer. A node that does not answer at all is an
+//! [`Unreachable`] error, which the binary turns into exit status [`EX_UNAVAILABLE`]. `result`
+//! and `enqueue --wait` say how the task ended through their [`Ended`] (exit 0, [`EX_DEAD`] or
+//! [`EX_TEMPFAIL`]).
 
 pub mod chaos;
 pub mod inspect;
@@ -14,12 +16,48 @@ use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
 use crate::cli::{
-    DlqCommand, DlqListArgs, EnqueueArgs, NodeArgs, NodesArgs, PoolsCommand, PurgeArgs, TreeArgs,
+    DlqCommand, DlqListArgs, EnqueueArgs, NodeArgs, NodesArgs, PoolsCommand, PurgeArgs, ResultArgs,
+    RevokeArgs, TreeArgs,
 };
 use crate::innermost;
 
 /// Exit status when the node cannot be reached (`EX_UNAVAILABLE` of sysexits.h).
 pub const EX_UNAVAILABLE: u8 = 69;
+
+/// Exit status of `result` / `enqueue --wait` for a task that is dead (failed for good, or
+/// revoked).
+pub const EX_DEAD: u8 = 3;
+
+/// Exit status of `result` / `enqueue --wait` for a task that has not ended (without
+/// `--wait`), or still had not when `--timeout` passed (`EX_TEMPFAIL` of sysexits.h: try
+/// again later).
+pub const EX_TEMPFAIL: u8 = 75;
+
+/// Where a task stood when `result` or `enqueue --wait` printed it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// It succeeded (exit 0).
+    Succeeded,
+    /// It is dead: failed for good, or revoked ([`EX_DEAD`]).
+    Dead,
+    /// Not yet (no `--wait`, or the wait timed out: [`EX_TEMPFAIL`]).
+    NotYet,
+}
+
+impl Ended {
+    /// The exit status that says it.
+    pub fn exit_status(self) -> u8 {
+        match self {
+            Self::Succeeded => 0,
+            Self::Dead => EX_DEAD,
+            Self::NotYet => EX_TEMPFAIL,
+        }
+    }
+}
+
+/// First and longest pause between two looks at a task's record while waiting for it.
+const POLL_FIRST: Duration = Duration::from_millis(20);
+const POLL_MAX: Duration = Duration::from_millis(500);
 
 /// Time to open the connection to a node.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -143,8 +181,23 @@ pub async fn tree(args: TreeArgs) -> Result<()> {
     inspect::tree(&node, args.json).await
 }
 
-/// `runtime enqueue`: prints the task id.
-pub async fn enqueue(args: EnqueueArgs) -> Result<()> {
+/// Percent-encodes one path segment (a task id may hold `/`, `?`, `%`…).
+pub(crate) fn encode_segment(segment: &str) -> String {
+    segment
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                char::from(b).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// `runtime enqueue`: prints the task id; with `--wait`, then its state and result once it
+/// ended ([`Ended`]).
+pub async fn enqueue(args: EnqueueArgs) -> Result<Ended> {
     let positional: Value =
         serde_json::from_str(&args.args).context("--args: expected a JSON array")?;
     let keywords: Value =
@@ -161,13 +214,123 @@ pub async fn enqueue(args: EnqueueArgs) -> Result<()> {
             body[key] = value;
         }
     }
-    let answer = parse(&Node::new(&args.node).post("/tasks", Some(body)).await?)?;
+    let node = Node::new(&args.node);
+    let answer = parse(&node.post("/tasks", Some(body)).await?)?;
     let id = answer["id"].as_str().unwrap_or_default();
     if answer["duplicate"] == true {
         println!("{id} (duplicate: a task with this id or idempotency key exists; not enqueued)");
     } else {
         println!("{id}");
     }
+    if !args.wait {
+        return Ok(Ended::Succeeded);
+    }
+    let (record, ended) = wait_for(&node, id, Some(args.timeout)).await?;
+    print!("{}", record_lines(&record, false));
+    Ok(ended)
+}
+
+/// `runtime result ID`: the task's state and result (its whole record), once it ended with
+/// `--wait`.
+pub async fn result(args: ResultArgs) -> Result<Ended> {
+    let node = Node::new(&args.node);
+    let timeout = args.wait.then_some(args.timeout);
+    let (record, ended) = wait_for(&node, &args.id, timeout).await?;
+    if args.json {
+        println!("{record}");
+    } else {
+        print!("{}", record_lines(&record, true));
+    }
+    Ok(ended)
+}
+
+/// Reads task `id`'s record — again and again until it has ended when `wait` is given, for at
+/// most that long — and says where it stands.
+async fn wait_for(node: &Node, id: &str, wait: Option<Duration>) -> Result<(Value, Ended)> {
+    let path = format!("/tasks/{}", encode_segment(id));
+    let deadline = wait.map(|wait| tokio::time::Instant::now() + wait);
+    let mut pause = POLL_FIRST;
+    loop {
+        let record = parse(&node.get(&path).await?)?;
+        let ended = match record["state"].as_str() {
+            Some("succeeded") => Ended::Succeeded,
+            Some("dead") => Ended::Dead,
+            _ => Ended::NotYet,
+        };
+        let now = tokio::time::Instant::now();
+        match deadline {
+            Some(deadline) if ended == Ended::NotYet && now < deadline => {
+                tokio::time::sleep(pause.min(deadline - now)).await;
+                pause = (pause * 2).min(POLL_MAX);
+            }
+            _ => return Ok((record, ended)),
+        }
+    }
+}
+
+/// A record as `name  value` lines: with `whole`, the id, task, queue and times too; else
+/// what `enqueue --wait` adds after the id (state, attempts, eta, error, result).
+pub fn record_lines(record: &Value, whole: bool) -> String {
+    let text = |name: &str| match &record[name] {
+        Value::Null => None,
+        Value::String(s) => Some(s.clone()),
+        other => Some(other.to_string()),
+    };
+    let mut lines: Vec<(&str, Option<String>)> = Vec::new();
+    if whole {
+        lines.extend([
+            ("id", text("id")),
+            ("task", text("task")),
+            ("queue", text("queue")),
+        ]);
+    }
+    lines.extend([
+        ("state", text("state")),
+        ("attempts", text("attempts")),
+        ("eta", text("eta")),
+    ]);
+    if whole {
+        lines.extend([
+            ("enqueued", text("enqueued_at")),
+            ("started", text("started_at")),
+            ("node", text("node")),
+            ("updated", text("updated_at")),
+        ]);
+    }
+    lines.push(("error", text("error")));
+    if record["state"] == "succeeded" {
+        // `null` is a result too.
+        lines.push(("result", Some(record["result"].to_string())));
+    }
+    lines
+        .into_iter()
+        .filter_map(|(name, value)| Some(format!("{name:<9} {}\n", value?)))
+        .collect()
+}
+
+/// `runtime revoke ID [--terminate]`: says what the task was and what happens to it now.
+pub async fn revoke(args: RevokeArgs) -> Result<()> {
+    let path = format!("/tasks/{}/revoke", encode_segment(&args.id));
+    let body = json!({ "terminate": args.terminate });
+    let answer = parse(&Node::new(&args.node).post(&path, Some(body)).await?)?;
+    let id = &args.id;
+    let what = match (answer["was"].as_str().unwrap_or(""), args.terminate) {
+        ("revoked", _) => format!("{id} was revoked already"),
+        ("unknown", _) => format!(
+            "revoked {id}: no such task yet; the revocation is kept for broker.result_ttl, so \
+             a task with this id that comes in that time does not run"
+        ),
+        ("running", true) => format!(
+            "revoked {id}: it was running; it is being stopped (the soft signal now, the hard \
+             stop after runtime.terminate_grace) and recorded dead/revoked"
+        ),
+        ("running", false) => format!(
+            "revoked {id}: it was running; its attempt finishes and it is not retried \
+             (--terminate stops it)"
+        ),
+        (was, _) => format!("revoked {id}: it was {was}; it will not run"),
+    };
+    println!("{what}");
     Ok(())
 }
 

@@ -47,6 +47,9 @@ pub use diagnostic::{Diagnostic, Diagnostics, Severity};
 /// The environment variable that overrides `broker.url`.
 pub const BROKER_URL_ENV: &str = "RT_BROKER_URL";
 
+/// Overrides `http.bind` (e.g. `RT_HTTP_BIND=127.0.0.1:0` for a free port).
+pub const HTTP_BIND_ENV: &str = "RT_HTTP_BIND";
+
 /// A config that compiled, with the warnings found on the way.
 #[derive(Debug)]
 pub struct Loaded {
@@ -179,6 +182,8 @@ pub struct RuntimeSettings {
     pub soft_time_limit: Option<Duration>,
     /// This node's name, when configured.
     pub node_name: Option<String>,
+    /// Time a task revoked with terminate has between its soft signal and its hard stop.
+    pub terminate_grace: Duration,
 }
 
 /// `[broker]`

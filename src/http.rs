@@ -5,7 +5,7 @@
 //! | `GET /` | the live tree page ([`page`]): tree, snapshots, queues, in-flight tasks, events |
 //! | `GET /health` | 200 when the root and every permanent actor are running, else 503 with reasons |
 //! | `GET /actors` | the supervision tree as JSON; `?format=text` for an indented rendering |
-//! | `POST /tasks`, `GET /tasks/{id}` | enqueue (one or a batch), a task's record ([`tasks`]) |
+//! | `POST /tasks`, `GET /tasks/{id}`, `POST /tasks/{id}/revoke` | enqueue (one or a batch), a task's record, revoke ([`tasks`]) |
 //! | `GET /queues`, `GET /dlq/{queue}`, `POST /dlq/{queue}/requeue`, `POST /queues/{queue}/purge` | depths and dead letters ([`queues`]) |
 //! | `ANY /egress/{resource}/{path}` | the egress proxy to a shared resource ([`egress`]) |
 //! | `GET /pools`, `POST /pools/{name}/claim`, `POST /pools/{name}/reset` | process pools ([`pools`]) |
@@ -114,6 +114,9 @@ pub enum ApiError {
     /// 404
     #[error("{0}")]
     NotFound(String),
+    /// 409: the request does not fit the resource's state (revoking a task that ended).
+    #[error("{0}")]
+    Conflict(String),
     /// 413
     #[error("{0}")]
     TooLarge(String),
@@ -141,6 +144,7 @@ impl IntoResponse for ApiError {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unavailable(_) | ApiError::NoAnswer(_) => StatusCode::SERVICE_UNAVAILABLE,
         };
@@ -157,6 +161,7 @@ impl IntoResponse for ApiError {
 pub fn app(state: AppState) -> Router {
     let mut mutating = Router::new()
         .route("/tasks", post(tasks::enqueue))
+        .route("/tasks/{id}/revoke", post(tasks::revoke))
         .route("/dlq/{queue}/requeue", post(queues::requeue_dead))
         .route("/pools/{name}/claim", post(pools::claim))
         .route("/pools/{name}/reset", post(pools::reset))

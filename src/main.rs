@@ -18,7 +18,9 @@ async fn main() -> ExitCode {
         }
         Some(Command::Inspect(args)) => report(client::inspect::run(args).await),
         Some(Command::Tree(args)) => report(client::tree(args).await),
-        Some(Command::Enqueue(args)) => report(client::enqueue(args).await),
+        Some(Command::Enqueue(args)) => ended(client::enqueue(args).await),
+        Some(Command::Result(args)) => ended(client::result(args).await),
+        Some(Command::Revoke(args)) => report(client::revoke(args).await),
         Some(Command::Dlq(command)) => report(client::dlq(command).await),
         Some(Command::Purge(args)) => report(client::purge(args).await),
         Some(Command::Nodes(args)) => report(client::nodes(args).await),
@@ -40,6 +42,15 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
                 ExitCode::FAILURE
             }
         }
+    }
+}
+
+/// `result` and `enqueue --wait`: the exit status says how the task ended (0 succeeded, 3
+/// dead, 75 not yet); an error is reported as by [`report`].
+fn ended(result: anyhow::Result<client::Ended>) -> ExitCode {
+    match result {
+        Ok(ended) => ExitCode::from(ended.exit_status()),
+        Err(err) => report(Err(err)),
     }
 }
 

@@ -200,6 +200,7 @@ pub async fn run_with(
             consumer: name,
             celery,
             metrics: Arc::clone(&metrics),
+            terminate_grace: config.runtime.terminate_grace,
         }),
     };
     info!(node = %shared.work.consumer, broker = %url, "broker ready");

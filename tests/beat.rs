@@ -322,7 +322,7 @@ async fn work_spreads_over_three_nodes_and_a_killed_nodes_tasks_finish_within_on
         wait_until(
             "a killed node's task done elsewhere",
             Duration::from_secs(20),
-            async || nodes[0].get(&format!("/tasks/{id}")).await.status() == 200,
+            async || nodes[0].ended(id).await,
         )
         .await;
     }
@@ -340,7 +340,7 @@ async fn work_spreads_over_three_nodes_and_a_killed_nodes_tasks_finish_within_on
         wait_until(
             "every long task done",
             Duration::from_secs(30),
-            async || nodes[0].get(&format!("/tasks/{id}")).await.status() == 200,
+            async || nodes[0].ended(id).await,
         )
         .await;
     }
@@ -405,7 +405,7 @@ async fn a_node_that_stops_cleanly_hands_back_what_it_reserved() {
     // sooner than the 60 s lease.
     for id in &ids {
         wait_until("every task done", Duration::from_secs(40), async || {
-            nodes[0].get(&format!("/tasks/{id}")).await.status() == 200
+            nodes[0].ended(id).await
         })
         .await;
     }

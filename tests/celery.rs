@@ -106,11 +106,22 @@ fn app_dir() -> PathBuf {
 
 /// Runs `app.py SCENARIO` and returns its last JSON line.
 fn scenario(python: &PathBuf, redis: &RedisServer, name: &str) -> Value {
+    scenario_with(python, redis, name, &[])
+}
+
+/// [`scenario`] with more environment variables (`RT_URL`: the node's API).
+fn scenario_with(
+    python: &PathBuf,
+    redis: &RedisServer,
+    name: &str,
+    envs: &[(&str, &str)],
+) -> Value {
     let output = Command::new(python)
         .arg("app.py")
         .arg(name)
         .current_dir(app_dir())
         .env("CELERY_BROKER", redis.url())
+        .envs(envs.iter().copied())
         .output()
         .expect("run python");
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -255,6 +266,23 @@ async fn countdown_waits_and_time_limit_kills() {
         out["elapsed"].as_f64().unwrap() < 4.5,
         "not killed at 1 s: {out}"
     );
+}
+
+/// A Celery task revoked through the runtime before it ran: it never runs, and its result is
+/// Celery's `REVOKED` (`.get()` raises `TaskRevokedError`).
+#[tokio::test]
+async fn a_celery_task_revoked_through_the_runtime_is_revoked_for_celery() {
+    let Some(python) = python() else { return };
+    let redis = RedisServer::start();
+    let node = start(&redis, "");
+    let out = scenario_with(&python, &redis, "revoked", &[("RT_URL", &node.url)]);
+    assert_eq!(out["type"], "TaskRevokedError", "{out}");
+    assert_eq!(out["state"], "REVOKED", "{out}");
+    assert!(
+        ["queued", "scheduled"].contains(&out["answer"]["was"].as_str().unwrap_or("")),
+        "{out}"
+    );
+    assert_eq!(out["ran"], 0, "{out}");
 }
 
 #[tokio::test]

@@ -667,7 +667,8 @@ async fn tasks_survive_actor_kills_node_sigkills_and_a_redis_restart() {
         match (record["state"].as_str(), sub.expect_dead) {
             (Some("succeeded"), false) => succeeded += 1,
             (Some("dead"), true) => dead += 1,
-            (Some("retrying"), _) => lost.push(sub.id.clone()),
+            // Not ended (yet): counted with the lost.
+            (Some("retrying" | "queued" | "scheduled" | "running"), _) => lost.push(sub.id.clone()),
             _ => unexpected.push(format!("{} ({}): {record}", sub.id, sub.task)),
         }
     }

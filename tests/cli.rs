@@ -440,3 +440,142 @@ fn inspect_names_the_url_and_exits_69_when_the_node_is_unreachable() {
         .unwrap();
     assert_eq!(out.status.code(), Some(69));
 }
+
+const TASKS: &str = r#"
+[http]
+bind = "127.0.0.1:0"
+[runtime]
+terminate_grace = "200ms"
+[queues.default]
+concurrency = 2
+[tasks.rt_echo]
+handler = { kind = "native" }
+[tasks.rt_sleep]
+handler = { kind = "native" }
+[tasks.rt_fail]
+handler = { kind = "native" }
+max_retries = 0
+"#;
+
+/// `runtime ARGS…` against `node`: exit status, stdout, stderr.
+fn run(node: &Node, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(common::binary())
+        .args(args)
+        .env("RT_URL", &node.url)
+        .env_remove("RT_ADMIN_TOKEN")
+        .output()
+        .expect("run runtime");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `enqueue --wait`, `result [--wait] [--json]` and `revoke [--terminate]`, with the exit
+/// status that says how the task ended: 0 succeeded, 3 dead (failed or revoked), 75 not ended
+/// (or `--wait` timed out), 1 for the node's refusals (unknown id, ended task).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_and_revocations_through_the_cli() {
+    let node = Node::start(TASKS, &[]);
+
+    let (code, out, err) = run(
+        &node,
+        &["enqueue", "rt_echo", "--args", r#"["hi"]"#, "--wait"],
+    );
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0].len(), 36, "the id first: {out}");
+    assert_eq!(
+        &lines[1..],
+        [
+            "state     succeeded",
+            "attempts  1",
+            r#"result    {"args":["hi"],"kwargs":{}}"#
+        ]
+    );
+    let echoed = lines[0].to_string();
+    let (code, out, _) = run(&node, &["result", &echoed, "--json"]);
+    assert_eq!(code, 0);
+    let record: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(record["state"], "succeeded", "{out}");
+
+    let (code, out, _) = run(&node, &["enqueue", "rt_fail", "--wait"]);
+    assert_eq!(code, 3, "dead: {out}");
+    assert!(out.contains("state     dead\n"), "{out}");
+    assert!(
+        out.contains("error     permanent: rt_fail") || out.contains("error     retries exhausted"),
+        "{out}"
+    );
+
+    let (code, out, err) = run(
+        &node,
+        &["enqueue", "rt_sleep", "--kwargs", r#"{"ms": 60000}"#],
+    );
+    assert_eq!(code, 0, "{err}");
+    let sleeping = out.trim().to_string();
+    let at = tokio::time::Instant::now();
+    loop {
+        let (code, out, _) = run(&node, &["result", &sleeping]);
+        assert_eq!(code, 75, "not ended: {out}");
+        if out.contains("state     running\n") {
+            assert!(
+                out.starts_with(&format!(
+                    "id        {sleeping}\ntask      rt_sleep\nqueue     default\n"
+                )),
+                "{out}"
+            );
+            break;
+        }
+        assert!(
+            at.elapsed() < std::time::Duration::from_secs(10),
+            "never running: {out}"
+        );
+    }
+    let (code, _, _) = run(
+        &node,
+        &["result", &sleeping, "--wait", "--timeout", "300ms"],
+    );
+    assert_eq!(code, 75, "--wait timed out");
+
+    let (code, out, err) = run(&node, &["revoke", &sleeping, "--terminate"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.starts_with(&format!(
+            "revoked {sleeping}: it was running; it is being stopped"
+        )),
+        "{out}"
+    );
+    let (code, out, _) = run(&node, &["result", &sleeping, "--wait", "--timeout", "10s"]);
+    assert_eq!(code, 3, "{out}");
+    assert!(
+        out.contains("state     dead\n") && out.contains("error     revoked\n"),
+        "{out}"
+    );
+    let (code, out, _) = run(&node, &["revoke", &sleeping]);
+    assert_eq!(
+        (code, out.trim()),
+        (0, format!("{sleeping} was revoked already").as_str())
+    );
+
+    let (code, _, err) = run(&node, &["revoke", &echoed]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("409 Conflict") && err.contains("has ended (succeeded): nothing to revoke"),
+        "{err}"
+    );
+    let (code, _, err) = run(&node, &["result", "nobody"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("404 Not Found: no task nobody"), "{err}");
+
+    // Revoked before it exists: the task that comes with that id does not run.
+    let (code, out, _) = run(&node, &["revoke", "later/1"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.starts_with("revoked later/1: no such task yet"),
+        "{out}"
+    );
+    let (code, out, _) = run(&node, &["enqueue", "rt_echo", "--id", "later/1", "--wait"]);
+    assert_eq!(code, 3, "{out}");
+    assert!(out.contains("error     revoked\n"), "{out}");
+}

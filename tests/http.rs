@@ -237,8 +237,16 @@ async fn tasks_are_enqueued_singly_or_in_batches_and_routed_by_the_config() {
         None,
     )
     .await;
-    assert_eq!(status, StatusCode::NOT_FOUND, "not finished yet: {body}");
-    assert!(body.contains("not finished yet"), "{body}");
+    assert_eq!(status, StatusCode::OK, "a record from its enqueue: {body}");
+    let record = json(&body);
+    assert_eq!(
+        (record["state"].as_str(), record["attempts"].as_u64()),
+        (Some("queued"), Some(0)),
+        "{body}"
+    );
+    let (status, body) = send(&state, "GET", "/tasks/no-such-task", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    assert!(body.contains("no task no-such-task: unknown"), "{body}");
 }
 
 #[tokio::test]
@@ -898,5 +906,157 @@ async fn the_live_page_is_served_at_the_root_without_a_token_and_loads_nothing_f
         "@import",
     ] {
         assert!(!page.contains(banned), "the page uses {banned}");
+    }
+}
+
+/// `GET /tasks/{id}` answers every state of a task's life (`queued`, `scheduled` with its eta,
+/// `running`, `retrying`, `succeeded`, `dead`) and 404 only for an unknown id;
+/// `POST /tasks/{id}/revoke` (token; body optional `{"terminate": true}`) answers what the task
+/// was: 202 for a queued, scheduled or running one and an unknown id (kept), 200 when revoked
+/// already, 409 once it ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn task_states_and_revocations_over_http() {
+    let state = state(Duration::from_secs(30), Some("t0k3n"), false).await;
+    let token = Some("t0k3n");
+    let enqueue = |body: serde_json::Value| {
+        let state = state.clone();
+        async move {
+            let (status, answer) =
+                send_body(&state, "POST", "/tasks", token, &body.to_string()).await;
+            assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+            json(&answer)["id"].as_str().unwrap().to_string()
+        }
+    };
+    let record = |id: String| {
+        let state = state.clone();
+        async move {
+            let (status, body) = send(&state, "GET", &format!("/tasks/{id}"), None).await;
+            assert_eq!(status, StatusCode::OK, "{id}: {body}");
+            json(&body)
+        }
+    };
+    let queued = enqueue(serde_json::json!({ "task": "process_chat_message" })).await;
+    let later =
+        enqueue(serde_json::json!({ "task": "process_chat_message", "countdown": 3600 })).await;
+    let running = enqueue(serde_json::json!({ "task": "notify_chat_failure", "id": "r-1" })).await;
+    let failing = enqueue(serde_json::json!({ "task": "notify_chat_failure", "id": "f-1" })).await;
+    let done = enqueue(serde_json::json!({ "task": "notify_chat_failure", "id": "d-1" })).await;
+    assert_eq!(record(queued.clone()).await["state"], "queued");
+    let scheduled = record(later.clone()).await;
+    assert_eq!(scheduled["state"], "scheduled");
+    assert!(scheduled["eta"].as_str().is_some(), "{scheduled}");
+    let got = state
+        .broker
+        .reserve("default", "node-1", 10, Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 3);
+    let of = |id: &str| got.iter().find(|d| d.envelope.id == id).unwrap();
+    state.broker.started(&of(&running).envelope, "node-1");
+    let retry_at = std::time::SystemTime::now() + Duration::from_secs(60);
+    state
+        .broker
+        .retry(of(&failing), retry_at, "boom")
+        .await
+        .unwrap();
+    state
+        .broker
+        .ack(of(&done), serde_json::json!({ "ok": true }))
+        .await
+        .unwrap();
+    let r = record(running.clone()).await;
+    assert_eq!(
+        (&r["state"], &r["attempts"], &r["attempt"], &r["node"]),
+        (
+            &serde_json::json!("running"),
+            &serde_json::json!(1),
+            &serde_json::json!(0),
+            &serde_json::json!("node-1")
+        ),
+        "{r}"
+    );
+    let r = record(failing.clone()).await;
+    assert_eq!(
+        (&r["state"], &r["error"]),
+        (&serde_json::json!("retrying"), &serde_json::json!("boom"))
+    );
+    assert!(r["eta"].as_str().is_some(), "{r}");
+    let r = record(done.clone()).await;
+    assert_eq!(
+        (&r["state"], &r["result"]),
+        (
+            &serde_json::json!("succeeded"),
+            &serde_json::json!({ "ok": true })
+        )
+    );
+    let (status, body) = send(&state, "GET", "/tasks/nobody", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+
+    // Revoke: the token is needed.
+    let revoke = |id: String, body: &'static str, token: Option<&'static str>| {
+        let state = state.clone();
+        async move {
+            let (status, answer) =
+                send_body(&state, "POST", &format!("/tasks/{id}/revoke"), token, body).await;
+            (status, json(&answer))
+        }
+    };
+    let (status, _) = revoke(queued.clone(), "", None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, answer) = revoke(queued.clone(), "", token).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    assert_eq!(
+        answer,
+        serde_json::json!({ "id": queued, "was": "queued", "terminate": false })
+    );
+    let (status, answer) = revoke(later.clone(), "{}", token).await;
+    assert_eq!(
+        (status, &answer["was"]),
+        (StatusCode::ACCEPTED, &serde_json::json!("scheduled"))
+    );
+    let (status, answer) = revoke(failing.clone(), "", token).await;
+    assert_eq!(
+        (status, &answer["was"]),
+        (StatusCode::ACCEPTED, &serde_json::json!("retrying"))
+    );
+    let (status, answer) = revoke(running.clone(), r#"{"terminate": true}"#, token).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    assert_eq!(
+        answer,
+        serde_json::json!({ "id": running, "was": "running", "terminate": true })
+    );
+    let (status, answer) = revoke("later-1".into(), "", token).await;
+    assert_eq!(
+        (status, &answer["was"]),
+        (StatusCode::ACCEPTED, &serde_json::json!("unknown"))
+    );
+    let (status, answer) = revoke(queued.clone(), "", token).await;
+    assert_eq!(
+        (status, &answer["was"]),
+        (StatusCode::OK, &serde_json::json!("revoked"))
+    );
+    let (status, answer) = revoke(done.clone(), "", token).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{answer}");
+    assert_eq!(
+        answer["error"],
+        "task d-1 has ended (succeeded): nothing to revoke"
+    );
+    let (status, answer) = revoke(done.clone(), r#"{"terminate": "yes"}"#, token).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("body: invalid type"),
+        "{answer}"
+    );
+    // A revoked task that had not started says dead/revoked at once.
+    for id in [queued, later, failing] {
+        let r = record(id).await;
+        assert_eq!(
+            (&r["state"], &r["error"]),
+            (&serde_json::json!("dead"), &serde_json::json!("revoked")),
+            "{r}"
+        );
     }
 }

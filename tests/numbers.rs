@@ -485,8 +485,13 @@ async fn numbers_out_of_range_in_entries_and_headers_never_panic_a_node() {
             && line.contains("the cap applies")),
         "no WARN line for the capped Retry-After; log:\n{log}"
     );
-    // The entry with an eta in an hour has not run: it waits in the delayed set.
-    assert_eq!(node.get("/tasks/eta-hour").await.status(), 404);
+    // The entry with an eta in an hour has not run: it waits in the delayed set, scheduled.
+    let record = node.get_json("/tasks/eta-hour").await;
+    assert_eq!(
+        (record["state"].as_str(), record["attempts"].as_u64()),
+        (Some("scheduled"), Some(0)),
+        "{record}"
+    );
     let due = delayed(&mut conn, "eta-hour").await;
     assert_eq!(due.len(), 1, "eta-hour is deferred to its eta: {due:?}");
     assert!(due[0].1 - epoch_ms_now() > 3_500_000.0, "{due:?}");
@@ -965,9 +970,15 @@ async fn generated_entries_and_requests_at_a_node_never_panic_it_and_good_tasks_
             let waiting = delayed_ids.contains(id);
             if let Some(secs) = entry.waits_secs {
                 let early = written.elapsed().unwrap_or_default() < Duration::from_secs(secs);
+                // Deferred to its eta without running (scheduled), or retrying after its one
+                // run, or running that one run (its start marker written before the outcome).
                 if early && let Some(record) = &record {
+                    let not_run = record["state"] == "scheduled" && record["attempts"] == 0;
+                    let ran_once = ["retrying", "running"]
+                        .contains(&record["state"].as_str().unwrap_or(""))
+                        && record["attempts"] == 1;
                     assert!(
-                        record["state"] == "retrying" && record["attempts"] == 1,
+                        not_run || ran_once,
                         "{}: ran before its time: {record}",
                         entry.text
                     );
@@ -984,11 +995,16 @@ async fn generated_entries_and_requests_at_a_node_never_panic_it_and_good_tasks_
                         field.chars().take(40).collect::<String>()
                     ))
                 }
-                Some("retrying") | None if waiting => Some("waiting".to_string()),
-                Some("retrying") | None if dead.contains(&format!("\"{id}\"")) => {
+                // Not ended yet: in the delayed set (an eta, a retry), or on its way.
+                Some("retrying" | "scheduled" | "queued" | "running") | None if waiting => {
+                    Some("waiting".to_string())
+                }
+                Some("retrying" | "scheduled" | "queued" | "running") | None
+                    if dead.contains(&format!("\"{id}\"")) =>
+                {
                     Some("dead letter without a record".to_string())
                 }
-                Some("retrying") | None => None,
+                Some("retrying" | "scheduled" | "queued" | "running") | None => None,
                 Some(other) => panic!("{id}: state {other}"),
             };
             match outcome {

@@ -153,18 +153,7 @@ handler = {{ kind = "pool", pool = "voice" }}
         .await
         .unwrap();
     let id = sent["id"].as_str().unwrap();
-    let at = Instant::now();
-    let record = loop {
-        let response = node.get(&format!("/tasks/{id}")).await;
-        if response.status() == 200 {
-            break response.json::<Value>().await.unwrap();
-        }
-        assert!(
-            at.elapsed() < Duration::from_secs(20),
-            "the pool task never finished"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let record = node.until_ended(id, Duration::from_secs(20)).await;
     assert_eq!(record["state"], "succeeded", "{record}");
     assert!(
         record["result"]["agent_id"]

@@ -272,12 +272,13 @@ async fn sigterm_lets_running_tasks_finish_before_the_node_exits() {
     assert_eq!(record.result, Some(json!({ "slept_ms": 800 })));
 }
 
-/// A key of the wrong type where a task's record goes (`SET rt:result:<id> x`): the outcome
-/// is not written at all — the log names the key and Redis' error, the entry stays in flight
-/// (not acked, so it really does come back) — and once the key is fixed the task comes back
-/// through lease recovery and its record is written. Also: a chosen id posted again while the
-/// task is pending is a duplicate. (Before: the entry was acked without a record, the task was
-/// gone while the log said it would come back.)
+/// A key of the wrong type where a task's record goes (`SET rt:result:<id> x`, after the task
+/// was enqueued): the outcome is not written at all — the log names the key and Redis' error,
+/// the entry stays in flight (not acked, so it really does come back) — and once the key is
+/// fixed the task comes back through lease recovery and its record is written. Also: the same
+/// id posted again meanwhile is refused naming the key (the record is the id's guard; nothing
+/// is enqueued). (Before: the entry was acked without a record, the task was gone while the log
+/// said it would come back.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outcome_that_cannot_be_written_comes_back_instead_of_being_lost() {
     let redis = RedisServer::start();
@@ -289,17 +290,17 @@ async fn an_outcome_that_cannot_be_written_comes_back_instead_of_being_lost() {
         .unwrap();
     let id = "telegram:process:wrongtype-1";
     let record_key = format!("rt:result:{id}");
+    let task = json!({ "task": "rt_echo", "id": id, "args": ["hi"], "countdown": 1 });
+    assert_eq!(
+        post(&node, task.clone()).await,
+        json!({ "id": id, "duplicate": false })
+    );
     let _: () = redis::cmd("SET")
         .arg(&record_key)
         .arg("x")
         .query_async(&mut conn)
         .await
         .unwrap();
-    let task = json!({ "task": "rt_echo", "id": id, "args": ["hi"] });
-    assert_eq!(
-        post(&node, task.clone()).await,
-        json!({ "id": id, "duplicate": false })
-    );
     let at = Instant::now();
     while !node.log().contains("comes back through lease recovery") {
         assert!(at.elapsed() < Duration::from_secs(15), "{}", node.log());
@@ -314,10 +315,20 @@ async fn an_outcome_that_cannot_be_written_comes_back_instead_of_being_lost() {
     );
     let chat = node.get_json("/queues").await["queues"]["chat"].clone();
     assert_eq!(chat["in_flight"], 1, "the entry was not acked: {chat}");
-    assert_eq!(
-        post(&node, task).await["duplicate"],
-        true,
-        "its entry exists"
+    let again = reqwest::Client::new()
+        .post(format!("{}/tasks", node.url))
+        .json(&task)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 503);
+    let error = again.json::<Value>().await.unwrap()["error"].to_string();
+    assert!(
+        error.contains("WRONGTYPE")
+            && error.contains(&format!(
+                "{record_key} holds a string, not a hash (nothing of this batch was enqueued)"
+            )),
+        "{error}"
     );
 
     let _: () = redis::cmd("DEL")
@@ -325,21 +336,190 @@ async fn an_outcome_that_cannot_be_written_comes_back_instead_of_being_lost() {
         .query_async(&mut conn)
         .await
         .unwrap();
-    let path = format!("/tasks/{}", id.replace(':', "%3A"));
-    let at = Instant::now();
-    let record = loop {
-        let response = node.get(&path).await;
-        if response.status() == 200 {
-            break response.json::<Value>().await.unwrap();
-        }
-        assert!(
-            at.elapsed() < Duration::from_secs(20),
-            "never recorded: {}",
-            node.log()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let record = node
+        .until_ended(&id.replace(':', "%3A"), Duration::from_secs(20))
+        .await;
     assert_eq!(record["state"], "succeeded", "{record}");
     assert_eq!(record["id"], id);
     settled(&node, Duration::from_secs(5)).await;
+}
+
+/// A node of the revocation test: queue `work` of concurrency 1 (so each node runs one long
+/// task at a time), and queue `late` only when `late` (the node started later).
+fn revoke_config(name: &str, late: bool) -> String {
+    let late = if late {
+        "[queues.late]\n[tasks.rt_echo]\nqueue = \"late\"\nhandler = { kind = \"native\" }\n"
+    } else {
+        ""
+    };
+    format!(
+        r#"
+[runtime]
+node_name = "{name}"
+terminate_grace = "300ms"
+shutdown_grace = "2s"
+[http]
+bind = "127.0.0.1:0"
+[queues.work]
+concurrency = 1
+[tasks.rt_sleep]
+queue = "work"
+handler = {{ kind = "native" }}
+max_retries = 3
+{late}"#
+    )
+}
+
+/// Revocations across nodes on one Redis: two nodes each run one long task; each task is
+/// revoked with terminate through the *other* node's HTTP API and stopped where it runs — one
+/// that honours the soft signal at once, one that ignores it after the grace — recorded
+/// dead/revoked and not retried. A queued task and a delayed one revoked meanwhile never run:
+/// the node that frees a slot meets them and dead-letters them as revoked. A node started
+/// after a revocation (of an id not enqueued yet) still honours it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocations_reach_the_node_running_the_task_and_nodes_started_later() {
+    let redis = RedisServer::start();
+    let env = [("RT_BROKER_URL", redis.url())];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let nodes = [
+        Node::start(&revoke_config("node-a", false), &env),
+        Node::start(&revoke_config("node-b", false), &env),
+    ];
+    let polite = post(
+        &nodes[0],
+        json!({ "task": "rt_sleep", "id": "polite", "kwargs": { "ms": 60_000 } }),
+    )
+    .await;
+    let stubborn = post(
+        &nodes[0],
+        json!({ "task": "rt_sleep", "id": "stubborn", "kwargs": { "ms": 60_000, "ignore_soft": true } }),
+    )
+    .await;
+    assert_eq!(
+        (polite["duplicate"].clone(), stubborn["duplicate"].clone()),
+        (json!(false), json!(false))
+    );
+    // Each node runs one of them (concurrency 1 each).
+    let mut ran_on = std::collections::HashMap::new();
+    let at = Instant::now();
+    while ran_on.len() < 2 {
+        for id in ["polite", "stubborn"] {
+            let record = nodes[0].get_json(&format!("/tasks/{id}")).await;
+            if record["state"] == "running" {
+                ran_on.insert(id, record["node"].as_str().unwrap().to_string());
+            }
+        }
+        assert!(at.elapsed() < Duration::from_secs(10), "{ran_on:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_ne!(ran_on["polite"], ran_on["stubborn"], "one on each node");
+    // Waiting behind them: one queued, one delayed an hour.
+    post(
+        &nodes[1],
+        json!({ "task": "rt_sleep", "id": "queued", "kwargs": { "ms": 1 } }),
+    )
+    .await;
+    post(
+        &nodes[1],
+        json!({ "task": "rt_sleep", "id": "delayed", "countdown": 3600 }),
+    )
+    .await;
+    let revoke = async |node: &Node, id: &str, body: Value| -> (u16, Value) {
+        let response = reqwest::Client::new()
+            .post(format!("{}/tasks/{id}/revoke", node.url))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        (response.status().as_u16(), response.json().await.unwrap())
+    };
+    for id in ["queued", "delayed"] {
+        let (status, answer) = revoke(&nodes[0], id, json!({})).await;
+        assert_eq!(status, 202, "{answer}");
+    }
+    // Through the node that does not run it.
+    let other = |id: &str| {
+        if ran_on[id] == "node-a" {
+            &nodes[1]
+        } else {
+            &nodes[0]
+        }
+    };
+    let asked = Instant::now();
+    let (status, answer) = revoke(other("polite"), "polite", json!({ "terminate": true })).await;
+    assert_eq!(
+        (status, answer["was"].clone()),
+        (202, json!("running")),
+        "{answer}"
+    );
+    let record = nodes[0].until_ended("polite", Duration::from_secs(5)).await;
+    assert!(
+        asked.elapsed() < Duration::from_secs(2),
+        "soft signal honoured at once"
+    );
+    assert_eq!(
+        (record["state"].clone(), record["error"].clone()),
+        (json!("dead"), json!("revoked"))
+    );
+    let asked = Instant::now();
+    let (status, _) = revoke(other("stubborn"), "stubborn", json!({ "terminate": true })).await;
+    assert_eq!(status, 202);
+    let record = nodes[1]
+        .until_ended("stubborn", Duration::from_secs(5))
+        .await;
+    assert!(
+        asked.elapsed() >= Duration::from_millis(250),
+        "stopped after the grace"
+    );
+    assert_eq!(
+        (record["state"].clone(), record["error"].clone()),
+        (json!("dead"), json!("revoked"))
+    );
+    for id in ["queued", "delayed"] {
+        let record = nodes[0].until_ended(id, Duration::from_secs(5)).await;
+        assert_eq!(record["error"], "revoked", "{record}");
+        assert_eq!(
+            record["started_at"],
+            Value::Null,
+            "{id} never started: {record}"
+        );
+    }
+    // All four in the dead letters as revoked; nothing retried, nothing left.
+    let at = Instant::now();
+    loop {
+        let depth = nodes[0].get_json("/queues").await["queues"]["work"].clone();
+        if depth["dead"] == 4 {
+            assert_eq!(
+                (
+                    depth["ready"].clone(),
+                    depth["delayed"].clone(),
+                    depth["in_flight"].clone()
+                ),
+                (json!(0), json!(0), json!(0)),
+                "{depth}"
+            );
+            break;
+        }
+        assert!(at.elapsed() < Duration::from_secs(10), "{depth}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let letters = nodes[0].get_json("/dlq/work").await;
+    let reasons: Vec<&str> = letters["dead_letters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["reason"].as_str().unwrap())
+        .collect();
+    assert_eq!(reasons, ["revoked"; 4], "{letters}");
+
+    // Revoked before it exists, then a node starts, then the task comes: it does not run.
+    let (status, answer) = revoke(&nodes[0], "future-1", json!({})).await;
+    assert_eq!((status, answer["was"].clone()), (202, json!("unknown")));
+    let late = Node::start(&revoke_config("node-c", true), &env);
+    post(&late, json!({ "task": "rt_echo", "id": "future-1" })).await;
+    let record = late.until_ended("future-1", Duration::from_secs(5)).await;
+    assert_eq!(
+        (record["state"].clone(), record["error"].clone()),
+        (json!("dead"), json!("revoked"))
+    );
 }

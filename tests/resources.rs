@@ -369,7 +369,7 @@ async fn records(node: &Node, ids: &[String], state: &str, limit: Duration) -> V
                     break;
                 }
                 assert!(
-                    record["state"] == "retrying",
+                    record["state"] != "succeeded" && record["state"] != "dead",
                     "task {id} is {record}, expected {state}"
                 );
             }
@@ -458,7 +458,10 @@ async fn a_zep_refusing_the_key_is_misconfigured_fails_its_users_and_recovers_af
             "permanent: resource zep misconfigured: zep answered 401 Unauthorized to POST \
              /graph/search: check TEST_ZEP_KEY and base_url",
         );
-        assert_eq!(record["attempts"], 1, "{record}");
+        assert_eq!(
+            record["attempts"], 0,
+            "failed before it could run: {record}"
+        );
     }
     for record in records(&node, &chats, "succeeded", Duration::from_secs(20)).await {
         let result = &record["result"];
@@ -620,10 +623,11 @@ async fn chat_goes_on_without_memory_while_zep_is_down_and_its_writes_are_replay
     )
     .await;
     for id in &recalls {
-        assert_eq!(
-            node.get(&format!("/tasks/{id}")).await.status(),
-            404,
-            "recall_memory ran while Zep was down"
+        let record = node.get_json(&format!("/tasks/{id}")).await;
+        assert!(
+            ["scheduled", "queued"].contains(&record["state"].as_str().unwrap_or(""))
+                && record["attempts"] == 0,
+            "recall_memory ran while Zep was down: {record}"
         );
     }
     let chat_deferred = r#"rt_tasks_deferred_total{task="process_chat_message",queue="chat"}"#;

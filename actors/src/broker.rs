@@ -27,13 +27,29 @@
 //! [`check_id`]) are moved to the dead letters with the parse error; they never reach a
 //! consumer, never block the queue, never panic.
 //!
+//! Records: every task has one ([`TaskRecord`], kept as a [`StoredRecord`]), written in the
+//! round trips the task's life already makes — at enqueue (`queued` or `scheduled`, in the
+//! same step as the entry), at the start of an attempt (a start marker that rides with the
+//! next outcome or the [`EVENT_FLUSH`] like the `started` event: `running`), and by every
+//! outcome. It has no expiry while the task's entry exists (ready, delayed, in flight,
+//! requeued) and lives `result_ttl` after the task ended (acked, dead-lettered, poisoned); a
+//! purge deletes the records of what it removed. An entry another producer wrote to a stream
+//! has none until a consumer takes it.
+//!
 //! Task ids: a producer may choose a task's id ([`check_id`] says which ids are accepted).
-//! A chosen id is unique while its task lives: while its entry exists (ready, delayed, in
-//! flight, retried, requeued from the dead letters) and for `result_ttl` after its outcome
-//! (acked, dead-lettered, poisoned), enqueueing it again is a duplicate — answered with
-//! [`Enqueued::duplicate`], not written. A task's own retries and redeliveries are not
-//! enqueues, so they are never duplicates; a purge frees the ids of what it removed. Generated
-//! ids (UUIDs) are not checked. With an idempotency key too, the key is claimed first.
+//! A chosen id is unique while its task has a record: enqueueing it again while the record
+//! exists — the task is ready, delayed, in flight, retried, requeued from the dead letters, or
+//! ended less than `result_ttl` ago — is a duplicate (answered with [`Enqueued::duplicate`],
+//! not written). The record is the id's guard: one key per task. A task's own retries and
+//! redeliveries are not enqueues, so they are never duplicates; a purge frees the ids of what
+//! it removed. Generated ids (UUIDs) are not checked. With an idempotency key too, the key is
+//! claimed first.
+//!
+//! Revocations ([`Broker::revoke`]): kept `result_ttl` by the broker, learnt by every node
+//! sharing it — by each `reserve` (in the read's own round trip: a node started later knows
+//! every revocation still kept) and as they are made ([`Broker::revocations`]: the node
+//! running a revoked task stops it when asked to terminate). A revoked entry that reaches a
+//! consumer is dead-lettered as `revoked` without running.
 //!
 //! Outcomes (`ack`, `retry`, `defer`, `dead_letter`, and the burial of a malformed entry)
 //! commit whole: the record, the ack of the entry, its next place and its events are all
@@ -52,6 +68,7 @@ pub mod envelope;
 pub mod leases;
 pub mod memory;
 pub mod redis;
+mod revocations;
 pub mod sink;
 
 #[cfg(test)]
@@ -103,7 +120,7 @@ pub enum BrokerError {
     },
 }
 
-/// How long an event handed to [`Broker::publish_soon`] may wait for an outcome to travel with.
+/// How long what [`Broker::started`] hands over may wait for an outcome to travel with.
 pub const EVENT_FLUSH: Duration = Duration::from_millis(50);
 
 /// Tunables shared by both implementations.
@@ -216,19 +233,72 @@ pub struct Recovered {
     pub dead_tasks: Vec<String>,
 }
 
-/// State of a task as recorded by the broker.
+/// The state of a task (`GET /tasks/{id}`, `runtime result`), from its record.
+///
+/// | state | meaning | Celery's name |
+/// |---|---|---|
+/// | `queued` | waiting to be taken (ready, or reserved by a consumer and not started yet) | `PENDING` |
+/// | `scheduled` | waiting for a time: its eta, or a deferral (a resource it uses is closed) | `PENDING` |
+/// | `running` | an attempt has started and has no outcome yet | `STARTED` |
+/// | `retrying` | an attempt failed; the next one is due at `eta` | `RETRY` |
+/// | `succeeded` | done: `result` holds the handler's value | `SUCCESS` |
+/// | `dead` | failed for good, or revoked (`error` = `revoked`); in the dead letters | `FAILURE` (`REVOKED`) |
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TaskState {
-    /// Done; `result` holds the handler's value.
-    Succeeded,
+    /// Waiting to be taken.
+    Queued,
+    /// Waiting for its eta or a deferral's end.
+    Scheduled,
+    /// An attempt runs (never stored: derived from the record's start marker).
+    Running,
     /// Failed an attempt; another is scheduled.
     Retrying,
-    /// Failed for good (permanent error, retries exhausted, poison, expired); in the dead letters.
+    /// Done; `result` holds the handler's value.
+    Succeeded,
+    /// Failed for good (permanent error, retries exhausted, poison, expired, revoked); in the
+    /// dead letters.
     Dead,
 }
 
-/// What `GET /tasks/{id}` shows: the last recorded state of a task (kept `result_ttl`).
+impl TaskState {
+    /// Its name in records and JSON (`queued`, …).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Scheduled => "scheduled",
+            Self::Running => "running",
+            Self::Retrying => "retrying",
+            Self::Succeeded => "succeeded",
+            Self::Dead => "dead",
+        }
+    }
+
+    /// The state named `name` (as [`TaskState::name`] writes it).
+    pub fn from_name(name: &str) -> Option<Self> {
+        [
+            Self::Queued,
+            Self::Scheduled,
+            Self::Running,
+            Self::Retrying,
+            Self::Succeeded,
+            Self::Dead,
+        ]
+        .into_iter()
+        .find(|state| state.name() == name)
+    }
+
+    /// Whether the task has ended (succeeded or dead): its record then lives `result_ttl`.
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Dead)
+    }
+}
+
+/// The `error` of a task that was revoked (its record, its dead letter's reason).
+pub const REVOKED: &str = "revoked";
+
+/// What `GET /tasks/{id}` shows: a task's record, from its enqueue until `result_ttl` after
+/// its outcome (see [`TaskState`]).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TaskRecord {
     /// Task id.
@@ -239,14 +309,157 @@ pub struct TaskRecord {
     pub queue: String,
     /// State.
     pub state: TaskState,
-    /// The handler's result (succeeded).
+    /// The handler's result (succeeded; else `null`).
     pub result: Option<Value>,
-    /// The last error (retrying, dead).
+    /// The last error (retrying, dead; and scheduled or running after a failed attempt; else
+    /// `null`). `revoked` for a revoked task.
     pub error: Option<String>,
-    /// Attempts made so far.
+    /// How many attempts have started, the running one included: 0 while none has, and for
+    /// a task dead-lettered before it could run (unknown task, expired, revoked before it
+    /// started). (A dead letter's own `attempts` counts such an entry as one.)
     pub attempts: u32,
-    /// When this state was recorded (RFC 3339).
+    /// The index of the latest attempt (0 = the first run), the number the envelope, the
+    /// task's events (`detail.attempt`) and its log lines (`attempt`) carry; `null` while
+    /// `attempts` is 0. Always `attempts - 1`.
+    pub attempt: Option<u32>,
+    /// When it is due (scheduled: its eta or the deferral's end; retrying: the next attempt);
+    /// RFC 3339, else `null`.
+    pub eta: Option<String>,
+    /// When it was enqueued (`null` for an entry another producer wrote to the stream).
+    pub enqueued_at: Option<String>,
+    /// When its latest attempt started, if one did.
+    pub started_at: Option<String>,
+    /// The node (consumer name) that ran its latest attempt, if one did.
+    pub node: Option<String>,
+    /// When the record was last written (RFC 3339).
     pub updated_at: String,
+}
+
+/// A task's record as a broker stores it; [`StoredRecord::view`] derives what
+/// [`TaskRecord`] shows. Written whole or in parts by every step of the task's life, each in
+/// the round trip it already had: the enqueue (`queued`/`scheduled`), the start of an
+/// attempt (the start marker, through [`Broker::started`]), each outcome, a deferral, a
+/// requeue, a revocation. `running` is never stored: an attempt runs while its start marker
+/// (`started`, an attempt index) is at least the number of attempts with an outcome
+/// (`attempts`) and was not lost since (lease recovery, a deferral), so a start marker written
+/// late (it travels within [`EVENT_FLUSH`]) can never hide the outcome that followed it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(crate) struct StoredRecord {
+    pub(crate) id: String,
+    pub(crate) task: String,
+    pub(crate) queue: String,
+    /// `None` for a record that only a start marker wrote (an entry another producer `XADD`ed).
+    pub(crate) state: Option<TaskState>,
+    /// Due time of a scheduled or retrying task (the delayed set's score, epoch ms).
+    pub(crate) due_ms: Option<u64>,
+    pub(crate) result: Option<Value>,
+    pub(crate) error: Option<String>,
+    /// Attempts that ran to an outcome of their own (the envelope's `attempt` + 1 of the
+    /// latest success or retry; a dead letter leaves it: the start marker counts that one).
+    pub(crate) attempts: u32,
+    /// Index of the latest attempt that started.
+    pub(crate) started: Option<u32>,
+    /// That attempt was lost (its node's lease expired, or the entry was deferred before it
+    /// started again): it no longer runs, but it counts.
+    pub(crate) lost: bool,
+    pub(crate) started_at: Option<String>,
+    pub(crate) node: Option<String>,
+    pub(crate) enqueued_at: Option<String>,
+    pub(crate) updated_at: String,
+}
+
+impl StoredRecord {
+    /// The record a task gets when it is enqueued (or requeued): `queued`, or `scheduled`
+    /// until `due_ms`.
+    pub(crate) fn enqueued(envelope: &Envelope, due_ms: Option<u64>, at: &str) -> Self {
+        Self {
+            id: envelope.id.clone(),
+            task: envelope.task.clone(),
+            queue: envelope.queue.clone(),
+            state: Some(match due_ms {
+                Some(_) => TaskState::Scheduled,
+                None => TaskState::Queued,
+            }),
+            due_ms,
+            enqueued_at: (!envelope.enqueued_at.is_empty()).then(|| envelope.enqueued_at.clone()),
+            updated_at: at.to_string(),
+            ..Self::default()
+        }
+    }
+
+    /// What `GET /tasks/{id}` shows at `now_ms` (epoch ms).
+    pub(crate) fn view(self, now_ms: u64) -> TaskRecord {
+        let stored = self.state.unwrap_or(TaskState::Queued);
+        let running =
+            !stored.is_final() && !self.lost && self.started.is_some_and(|s| s >= self.attempts);
+        let state = if running {
+            TaskState::Running
+        } else if stored == TaskState::Scheduled && self.due_ms.is_none_or(|due| due <= now_ms) {
+            // Due: promoted to the ready queue (within the mover's 10 ms), waiting to be taken.
+            TaskState::Queued
+        } else {
+            stored
+        };
+        let attempts = self
+            .started
+            .map_or(0, |s| s.saturating_add(1))
+            .max(self.attempts);
+        let eta = matches!(state, TaskState::Scheduled | TaskState::Retrying)
+            .then(|| {
+                self.due_ms
+                    .map(|due| rfc3339(SystemTime::UNIX_EPOCH + Duration::from_millis(due)))
+            })
+            .flatten();
+        TaskRecord {
+            id: self.id,
+            task: self.task,
+            queue: self.queue,
+            state,
+            result: (state == TaskState::Succeeded)
+                .then_some(self.result)
+                .flatten(),
+            error: (state != TaskState::Succeeded)
+                .then_some(self.error)
+                .flatten()
+                .filter(|e| !e.is_empty()),
+            attempts,
+            attempt: attempts.checked_sub(1),
+            eta,
+            enqueued_at: self.enqueued_at,
+            started_at: self.started_at,
+            node: self.node,
+            updated_at: self.updated_at,
+        }
+    }
+}
+
+/// A revocation as every node sharing the broker learns it ([`Broker::revocations`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revocation {
+    /// The task id.
+    pub id: String,
+    /// Whether a running attempt is to be stopped (soft, then hard after a grace).
+    pub terminate: bool,
+}
+
+/// What [`Broker::revoke`] found, and so what it did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Revoked {
+    /// No record: unknown, or expired. The revocation is kept `result_ttl`, so a task with
+    /// that id met later (enqueued by a slow producer, written to a stream by another program)
+    /// does not run.
+    Unknown,
+    /// It had not started (`queued`, `scheduled`, `retrying`): it never runs. Its record says
+    /// dead/revoked at once; a delayed entry is made ready at once, and the consumer that
+    /// meets it dead-letters it as `revoked` and runs its `link_error` callbacks.
+    Pending(TaskState),
+    /// An attempt runs: with `terminate` the node running it stops it (soft, then hard) and
+    /// records it revoked; without, it finishes, and a retry it schedules is revoked.
+    Running,
+    /// It was revoked already: nothing more was done.
+    AlreadyRevoked,
+    /// It had ended (`succeeded`, or dead for another reason): nothing was done.
+    Ended(TaskState),
 }
 
 /// One dead letter.
@@ -498,15 +711,16 @@ pub trait Broker: Send + Sync + 'static {
     /// Removes every ready and delayed entry (in-flight ones finish).
     fn purge(&self, queue: &str) -> impl Future<Output = Result<Purged, BrokerError>> + Send;
 
-    /// Appends an event to the capped events stream (`enqueue`, `ack`, `retry`,
+    /// Appends an event to the capped events stream (`enqueue`, `started`, `ack`, `retry`,
     /// `dead_letter` and `recover` write their own).
     fn publish(&self, event: Event) -> impl Future<Output = Result<(), BrokerError>> + Send;
 
-    /// Appends an event without a round trip of its own (a task's `started`): it is written
-    /// with the next outcome this broker records (`ack`, `retry`, `defer`, `dead_letter`) —
-    /// ahead of it, so a task's `started` stays before its outcome in the stream — or within
-    /// [`EVENT_FLUSH`] when no outcome comes. Best effort, like every event.
-    fn publish_soon(&self, event: Event);
+    /// Records that an attempt of `envelope` started on `consumer` — its record's start
+    /// marker (so it shows `running`) and the `started` event — without a round trip of its
+    /// own: both are written with the next outcome this broker records (`ack`, `retry`,
+    /// `defer`, `dead_letter`) — ahead of it, so a task's `started` stays before its outcome
+    /// in the stream — or within [`EVENT_FLUSH`] when no outcome comes. Best effort.
+    fn started(&self, envelope: &Envelope, consumer: &str);
 
     /// Up to `limit` events after the event id `after` (from the oldest kept when `None`),
     /// oldest first.
@@ -524,11 +738,31 @@ pub trait Broker: Send + Sync + 'static {
         limit: usize,
     ) -> impl Future<Output = Result<Vec<Event>, BrokerError>> + Send;
 
-    /// The recorded state of task `id`, if any (none yet, or expired).
+    /// The record of task `id` (see [`TaskRecord`]): from its enqueue until `result_ttl`
+    /// after its outcome. `None` for an unknown id, an expired record, or an entry another
+    /// producer wrote to a stream that no consumer has taken yet.
     fn record(
         &self,
         id: &str,
     ) -> impl Future<Output = Result<Option<TaskRecord>, BrokerError>> + Send;
+
+    /// Revokes task `id` (see [`Revoked`] for what happens in each state). The revocation is
+    /// kept `result_ttl` and reaches every node sharing the broker ([`Broker::revocations`]);
+    /// `terminate` asks the node running it to stop a running attempt.
+    fn revoke(
+        &self,
+        id: &str,
+        terminate: bool,
+    ) -> impl Future<Output = Result<Revoked, BrokerError>> + Send;
+
+    /// Whether task `id` is revoked, as far as this node knows — from what it learnt at its
+    /// last `reserve` (which catches up with every revocation made before its read, in the
+    /// read's own round trip) and since (each revocation as it is made). No round trip.
+    fn is_revoked(&self, id: &str) -> bool;
+
+    /// Revocations as they are made, by any node sharing the broker (and, after a lost
+    /// connection, every revocation still kept, again).
+    fn revocations(&self) -> tokio::sync::broadcast::Receiver<Revocation>;
 
     /// Hands back entries `consumer` reserved but did not start (a node leaving cleanly):
     /// each one still held by `consumer` is ready again at once for any consumer, its delivery
@@ -782,10 +1016,10 @@ impl Broker for AnyBroker {
     async fn publish(&self, event: Event) -> Result<(), BrokerError> {
         delegate!(self, b => b.publish(event))
     }
-    fn publish_soon(&self, event: Event) {
+    fn started(&self, envelope: &Envelope, consumer: &str) {
         match self {
-            AnyBroker::Memory(b) => b.publish_soon(event),
-            AnyBroker::Redis(b) => b.publish_soon(event),
+            AnyBroker::Memory(b) => b.started(envelope, consumer),
+            AnyBroker::Redis(b) => b.started(envelope, consumer),
         }
     }
     async fn events(&self, after: Option<&str>, limit: usize) -> Result<Vec<Event>, BrokerError> {
@@ -800,6 +1034,21 @@ impl Broker for AnyBroker {
     }
     async fn record(&self, id: &str) -> Result<Option<TaskRecord>, BrokerError> {
         delegate!(self, b => b.record(id))
+    }
+    async fn revoke(&self, id: &str, terminate: bool) -> Result<Revoked, BrokerError> {
+        delegate!(self, b => b.revoke(id, terminate))
+    }
+    fn is_revoked(&self, id: &str) -> bool {
+        match self {
+            AnyBroker::Memory(b) => b.is_revoked(id),
+            AnyBroker::Redis(b) => b.is_revoked(id),
+        }
+    }
+    fn revocations(&self) -> tokio::sync::broadcast::Receiver<Revocation> {
+        match self {
+            AnyBroker::Memory(b) => b.revocations(),
+            AnyBroker::Redis(b) => b.revocations(),
+        }
     }
     async fn hand_back(
         &self,

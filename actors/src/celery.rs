@@ -14,8 +14,8 @@
 //!    rule for chosen ids ([`crate::broker::check_id`]: refused ids are dead-lettered; a
 //!    taken id — its task queued, running, or ended less than `broker.result_ttl` ago — makes
 //!    the message a duplicate, dropped in the same script, so a message published twice runs
-//!    once). The id guard is set in the step that adds the message, so a message is never
-//!    mistaken for a duplicate of itself.
+//!    once). Its task record (`queued`) is written in the step that adds the message, so a
+//!    message is never mistaken for a duplicate of itself.
 //! 2. **Expanded** — the stream entry carries the raw kombu message in `celery_raw`; the
 //!    consumer turns it into a full envelope ([`expand`]) before admission: the body
 //!    (base64 JSON `[args, kwargs, embed]`), `eta` (a future one is deferred, not run),
@@ -28,7 +28,7 @@
 //!    The Celery side of the envelope (`celery`: task name, callbacks, errbacks, chain) stays
 //!    in the envelope's extra fields.
 //! 3. **Results** — for an envelope with `celery` origin, the task actor writes
-//!    `celery-task-meta-<id>` (SUCCESS / FAILURE / RETRY, STARTED when `track_started`)
+//!    `celery-task-meta-<id>` (SUCCESS / FAILURE / RETRY / REVOKED, STARTED when `track_started`)
 //!    with the result TTL and `PUBLISH`es it on the channel of that name: that wakes `.get()`.
 //!    Tasks without Celery origin pay one map lookup.
 //! 4. **Callbacks** — Celery's `link` (callbacks), `link_error` (errbacks) and chains are
@@ -214,7 +214,7 @@ impl Celery {
         result: Value,
         traceback: Option<&str>,
     ) -> Result<(), BrokerError> {
-        let done = matches!(status, "SUCCESS" | "FAILURE");
+        let done = matches!(status, "SUCCESS" | "FAILURE" | "REVOKED");
         let meta = json!({
             "status": status,
             "result": result,
@@ -289,13 +289,13 @@ impl Celery {
                 }
             }
             Settled::Failed { error, reason } => {
-                self.store(
-                    &envelope.id,
-                    "FAILURE",
-                    exception(error, reason),
-                    Some(reason),
-                )
-                .await?;
+                // A revoked task is Celery's REVOKED (`.get()` raises TaskRevokedError).
+                let status = match error {
+                    Some(TaskError::Revoked) => "REVOKED",
+                    _ => "FAILURE",
+                };
+                self.store(&envelope.id, status, exception(error, reason), Some(reason))
+                    .await?;
                 let id = Value::String(envelope.id.clone());
                 for errback in list("errbacks") {
                     self.send_signature(work, envelope, &errback, Some(&id), None)
@@ -470,6 +470,7 @@ fn exception(error: Option<&TaskError>, reason: &str) -> Value {
             "celery.exceptions",
             format!("{:?}", limit.as_secs_f64()),
         ),
+        Some(TaskError::Revoked) => ("TaskRevokedError", "celery.exceptions", reason.to_string()),
         Some(error) => ("RuntimeError", "builtins", error.to_string()),
         None => ("RuntimeError", "builtins", reason.to_string()),
     };

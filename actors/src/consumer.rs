@@ -13,6 +13,13 @@
 //!   the rest wait in arrival order.
 //! - A task actor records its own outcome and stops with the reason `"done"`. Any other exit
 //!   (panic, kill) is a crash: the consumer records a retry per the task's policy.
+//! - Revocations ([`Broker::revocations`], forwarded to the actor as
+//!   `ConsumerMessage::Revoke`): an admitted task revoked before it is started is dead-lettered
+//!   as `revoked` (with its `link_error` callbacks); a running one is terminated when the
+//!   revocation asks for it — its task actor fires the handler's soft signal, stops the attempt
+//!   `terminate_grace` later and records it revoked — and otherwise finishes its attempt. An
+//!   entry fetched after its revocation is dead-lettered the same way at admission
+//!   ([`Broker::is_revoked`], no round trip).
 //! - [`kill_task`] (`ConsumerMessage::KillTask`, the chaos route's `{consumer path}/{task id}`)
 //!   kills the task actor running that task here: its attempt is dropped (an `exec` command's
 //!   process group is SIGKILLed and reaped) and counts as a retryable failure like any other
@@ -46,7 +53,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, warn};
 
-use crate::broker::{AnyBroker, Broker, Delivery, Leases};
+use crate::broker::{AnyBroker, Broker, Delivery, Leases, Revocation};
 use crate::celery::{self, Celery};
 use crate::gate::{Admission, ResourceGate};
 use crate::handler::{ErrorClass, TaskDef, TaskDefs, TaskError};
@@ -77,6 +84,9 @@ pub struct Work {
     pub celery: Option<Arc<Celery>>,
     /// The node's metrics (task lifecycle, in-flight gauges).
     pub metrics: Arc<Metrics>,
+    /// How long a task revoked with terminate has, after its soft signal, before its attempt
+    /// is stopped (`runtime.terminate_grace`).
+    pub terminate_grace: Duration,
 }
 
 /// Outcomes recorded for one queue on this node since it started: made by the node, shared by
@@ -141,6 +151,9 @@ pub enum ConsumerMessage {
     Drain,
     /// Refresh the snapshot.
     Snapshot,
+    /// A task was revoked (on any node): dead-letter it if it waits here, terminate it if it
+    /// runs here and the revocation asks for that.
+    Revoke(Revocation),
     /// Kill the task actor running the task with this id (fault injection): answers what it
     /// killed, `None` when no such task runs here. The consumer then records the attempt as a
     /// retryable failure, as for any crashed task actor.
@@ -215,6 +228,8 @@ struct Running {
     series: Option<SeriesId>,
     started: Instant,
     cell: ActorCell,
+    /// Fires the task actor's termination (a revocation with terminate).
+    revoked: CancellationToken,
 }
 
 /// An admitted delivery waiting for a free slot.
@@ -238,6 +253,8 @@ pub struct ConsumerState {
     args: ConsumerArgs,
     slots: Arc<Semaphore>,
     fetcher: Option<JoinHandle<()>>,
+    /// Forwards the broker's revocations to the actor.
+    revocations: Option<JoinHandle<()>>,
     /// Tells the fetcher to stop after its current reserve (a drain).
     stop_fetching: CancellationToken,
     running: HashMap<ActorId, Running>,
@@ -262,6 +279,9 @@ impl Drop for ConsumerState {
         if let Some(fetcher) = self.fetcher.take() {
             fetcher.abort();
         }
+        if let Some(revocations) = self.revocations.take() {
+            revocations.abort();
+        }
     }
 }
 
@@ -285,6 +305,7 @@ impl Actor for ConsumerActor {
             gauges,
             slots,
             fetcher: None,
+            revocations: None,
             stop_fetching: CancellationToken::new(),
             running: HashMap::new(),
             waiting: VecDeque::new(),
@@ -311,6 +332,10 @@ impl Actor for ConsumerActor {
             state.admit(delivery).await;
         }
         state.fill(&myself).await;
+        state.revocations = Some(tokio::spawn(forward_revocations(
+            myself.clone(),
+            state.args.work.broker.revocations(),
+        )));
         state.fetcher = Some(tokio::spawn(fetch(
             myself.clone(),
             state.args.clone(),
@@ -359,6 +384,10 @@ impl Actor for ConsumerActor {
             ConsumerMessage::Snapshot => {
                 state.publish();
                 myself.send_after(SNAPSHOT_EVERY, || ConsumerMessage::Snapshot);
+            }
+            ConsumerMessage::Revoke(revocation) => {
+                state.revoke(&revocation).await;
+                state.fill(&myself).await;
             }
             ConsumerMessage::KillTask { id, reply } => {
                 let killed = state.kill_task(&id);
@@ -414,6 +443,7 @@ impl Actor for ConsumerActor {
                     work: Arc::clone(work),
                     outcomes: Arc::clone(&state.args.outcomes),
                     series: running.series,
+                    revoked: running.revoked,
                 };
                 tokio::spawn(
                     async move {
@@ -506,6 +536,12 @@ impl ConsumerState {
             self.settle(&delivery, series, reason).await;
             return;
         };
+        // Revoked (before or since it was enqueued): dead-lettered as `revoked`, unrun.
+        if work.broker.is_revoked(&envelope.id) {
+            self.counters.rejected += 1;
+            self.unrun(delivery, def, series, TaskError::Revoked).await;
+            return;
+        }
         // Its times and limits are checked before anything else happens to it: one out of
         // range is dead-lettered naming the field (`time_limit_ms: must be longer than zero`).
         let now = SystemTime::now();
@@ -566,21 +602,9 @@ impl ConsumerState {
             }
         };
         if let Some(reason) = refused {
-            // A permanent failure through the normal outcome path, so link_error fires.
             self.counters.rejected += 1;
-            work.leases.hold(&work.consumer, &delivery);
-            let span = task_span(envelope);
-            let args = TaskArgs {
-                delivery: Arc::clone(&delivery),
-                def,
-                work: Arc::clone(&work),
-                outcomes: Arc::clone(&self.args.outcomes),
-                series,
-            };
-            record(&args, Err(TaskError::Permanent(reason)), None)
-                .instrument(span)
+            self.unrun(delivery, def, series, TaskError::Permanent(reason))
                 .await;
-            self.slots.add_permits(1);
             return;
         }
         work.leases.hold(&work.consumer, &delivery);
@@ -588,6 +612,68 @@ impl ConsumerState {
             delivery,
             def,
             series,
+        });
+    }
+
+    /// Ends a delivery that will not run with `error` (permanent, revoked) through the normal
+    /// outcome path — dead letter, record, `link_error` callbacks — and frees its slot.
+    async fn unrun(
+        &mut self,
+        delivery: Arc<Delivery>,
+        def: Arc<TaskDef>,
+        series: Option<SeriesId>,
+        error: TaskError,
+    ) {
+        let work = Arc::clone(&self.args.work);
+        work.leases.hold(&work.consumer, &delivery);
+        let span = task_span(&delivery.envelope);
+        let args = TaskArgs {
+            delivery,
+            def,
+            work,
+            outcomes: Arc::clone(&self.args.outcomes),
+            series,
+            revoked: CancellationToken::new(),
+        };
+        record(&args, Err(error), None).instrument(span).await;
+        self.slots.add_permits(1);
+    }
+
+    /// Acts on a revocation: a task waiting here is dead-lettered as revoked; a running one is
+    /// terminated when asked (its task actor records it), else left to finish.
+    async fn revoke(&mut self, revocation: &Revocation) {
+        if let Some(at) = self
+            .waiting
+            .iter()
+            .position(|w| w.delivery.envelope.id == revocation.id)
+            && let Some(waiting) = self.waiting.remove(at)
+        {
+            task_span(&waiting.delivery.envelope)
+                .in_scope(|| info!("revoked while waiting to start: dead-lettered"));
+            self.counters.rejected += 1;
+            // Its lease is held already (admitted): `record` releases it.
+            self.unrun(
+                waiting.delivery,
+                waiting.def,
+                waiting.series,
+                TaskError::Revoked,
+            )
+            .await;
+            return;
+        }
+        let Some(running) = self
+            .running
+            .values()
+            .find(|r| r.delivery.envelope.id == revocation.id)
+        else {
+            return;
+        };
+        task_span(&running.delivery.envelope).in_scope(|| {
+            if revocation.terminate {
+                running.revoked.cancel();
+            } else {
+                info!("revoked while running: the attempt finishes (revoke with terminate to stop it); it is not retried");
+            }
         });
     }
 
@@ -678,12 +764,14 @@ impl ConsumerState {
             let Some(next) = self.waiting.pop_front() else {
                 break;
             };
+            let revoked = CancellationToken::new();
             let args = TaskArgs {
                 delivery: Arc::clone(&next.delivery),
                 def: Arc::clone(&next.def),
                 work: Arc::clone(&self.args.work),
                 outcomes: Arc::clone(&self.args.outcomes),
                 series: next.series,
+                revoked: revoked.clone(),
             };
             match TaskActor::spawn_linked(None, TaskActor, args, myself.get_cell()).await {
                 Ok((actor, _)) => {
@@ -700,6 +788,7 @@ impl ConsumerState {
                             series: next.series,
                             started: Instant::now(),
                             cell,
+                            revoked,
                         },
                     );
                 }
@@ -746,6 +835,31 @@ impl ConsumerState {
             "counters": self.counters,
             "outcomes": self.args.outcomes.snapshot(),
         }));
+    }
+}
+
+/// Forwards the broker's revocations to the consumer, until aborted (or the consumer is gone).
+/// A consumer that lagged behind misses some: their tasks are still refused at admission.
+async fn forward_revocations(
+    consumer: ActorRef<ConsumerMessage>,
+    mut revocations: tokio::sync::broadcast::Receiver<Revocation>,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        match revocations.recv().await {
+            Ok(revocation) => {
+                if consumer.cast(ConsumerMessage::Revoke(revocation)).is_err() {
+                    return;
+                }
+            }
+            Err(RecvError::Lagged(missed)) => {
+                warn!(
+                    missed,
+                    "revocations missed by a busy consumer (their tasks are still refused when admitted)"
+                );
+            }
+            Err(RecvError::Closed) => return,
+        }
     }
 }
 

@@ -47,6 +47,10 @@ pub enum TaskError {
     /// It stopped at its soft time limit (a handler returns this after the token fired; retryable).
     #[error("cancelled: {0}")]
     Cancelled(String),
+    /// It was revoked (`POST /tasks/{id}/revoke`): dead-lettered with the reason `revoked`,
+    /// never retried; its `link_error` callbacks run.
+    #[error("revoked")]
+    Revoked,
 }
 
 impl TaskError {
@@ -67,11 +71,11 @@ impl TaskError {
 
     /// What kind of failure this is: the class a [`Retry`](TaskError::Retry) carries,
     /// [`ErrorClass::Timeout`] for the hard limit, [`ErrorClass::SoftTimeout`] for the soft
-    /// one, [`ErrorClass::Permanent`] for a permanent error.
+    /// one, [`ErrorClass::Permanent`] for a permanent error or a revocation (never retried).
     pub fn class(&self) -> ErrorClass {
         match self {
             TaskError::Retry { class, .. } => *class,
-            TaskError::Permanent(_) => ErrorClass::Permanent,
+            TaskError::Permanent(_) | TaskError::Revoked => ErrorClass::Permanent,
             TaskError::Timeout(_) => ErrorClass::Timeout,
             TaskError::Cancelled(_) => ErrorClass::SoftTimeout,
         }
@@ -79,7 +83,7 @@ impl TaskError {
 
     /// Whether the retry policy may try again.
     pub fn is_retryable(&self) -> bool {
-        !matches!(self, TaskError::Permanent(_))
+        !matches!(self, TaskError::Permanent(_) | TaskError::Revoked)
     }
 }
 

@@ -10,6 +10,12 @@
 //! is dropped — the HTTP request aborted, the process group SIGKILLed and reaped — and counts
 //! as a retryable failure.
 //!
+//! Revoked with terminate ([`TaskArgs::revoked`] fires, the consumer's doing): the same two
+//! steps — the soft signal at once, the hard stop `terminate_grace` later (or at the hard
+//! limit, if sooner) unless the handler returned first — and the attempt is recorded as
+//! revoked ([`TaskError::Revoked`]: dead-lettered with the reason `revoked`, `link_error`
+//! run, never retried) whatever the handler returned.
+//!
 //! Logs: the attempt and its recording run inside the [`task_span`] (`task_id`, `task`,
 //! `queue`, `attempt`, `trace_id`), so every line logged on their behalf — by the handler, a
 //! native function, the drained output of an `exec` command — carries those fields.
@@ -23,7 +29,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, Span, debug, info, info_span, warn};
 
-use crate::broker::{Broker, Callback, Delivery, Envelope, Event};
+use crate::broker::{Broker, Callback, Delivery, Envelope};
 use crate::caps;
 use crate::celery::{ORIGIN_FIELD, Settled};
 use crate::consumer::{Outcomes, Work};
@@ -49,6 +55,8 @@ pub struct TaskArgs {
     pub outcomes: Arc<Outcomes>,
     /// Its metrics series (`None` when metrics are off).
     pub series: Option<SeriesId>,
+    /// Fired by the consumer when the task is revoked with terminate.
+    pub revoked: CancellationToken,
 }
 
 /// The span every log line about one attempt of a task runs in: `task_id`, `task`, `queue`,
@@ -91,11 +99,7 @@ impl Actor for TaskActor {
         // (written ahead of it, so the stream keeps the order), or is flushed within
         // EVENT_FLUSH while the task still runs.
         let envelope = &args.delivery.envelope;
-        args.work.broker.publish_soon(Event::about(
-            "started",
-            envelope,
-            json!({ "attempt": envelope.attempt, "consumer": args.work.consumer }),
-        ));
+        args.work.broker.started(envelope, &args.work.consumer);
         let span = task_span(envelope);
         // Celery's STARTED state is written while the handler already runs, and before the
         // outcome's result.
@@ -162,15 +166,32 @@ async fn attempt(args: &TaskArgs) -> Result<Value, TaskError> {
     let soft_timer = tokio::time::sleep_until(soft_deadline.unwrap_or(deadline));
     tokio::pin!(soft_timer);
     let mut softened = soft_deadline.is_none();
+    // Set once revoked with terminate: the hard stop comes `terminate_grace` later (`grace`).
+    let mut terminating = false;
+    let grace = tokio::time::sleep_until(deadline);
+    tokio::pin!(grace);
     loop {
         tokio::select! {
-            result = &mut run => return result,
+            result = &mut run => {
+                return if terminating { Err(TaskError::Revoked) } else { result };
+            }
+            () = args.revoked.cancelled(), if !terminating => {
+                let stop = (Instant::now() + args.work.terminate_grace).min(deadline);
+                info!(grace = ?args.work.terminate_grace, "revoked: terminating (soft signal now, hard stop after the grace)");
+                terminating = true;
+                grace.as_mut().reset(stop);
+                token.cancel();
+            }
             () = &mut soft_timer, if !softened => {
                 softened = true;
                 debug!(?soft, "soft time limit");
                 token.cancel();
             }
-            () = tokio::time::sleep_until(deadline) => {
+            () = &mut grace, if terminating => {
+                warn!("revoked: still running after the grace; attempt stopped");
+                return Err(TaskError::Revoked);
+            }
+            () = tokio::time::sleep_until(deadline), if !terminating => {
                 warn!(?hard, "hard time limit: attempt stopped");
                 return Err(TaskError::Timeout(hard));
             }
@@ -280,7 +301,9 @@ async fn record_once(
                 Recorded::Retried
             }
             None => {
-                let reason = if def.retry.retries(err) {
+                let reason = if matches!(err, TaskError::Revoked) {
+                    crate::broker::REVOKED.to_string()
+                } else if def.retry.retries(err) {
                     format!(
                         "retries exhausted after {} attempts: {err}",
                         envelope.attempt.saturating_add(1)

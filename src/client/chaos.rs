@@ -30,7 +30,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::Value;
 use tokio::time::Instant;
 
-use super::{Node, REQUEST_TIMEOUT, parse};
+use super::{Node, REQUEST_TIMEOUT, encode_segment, parse};
 use crate::cli::{ChaosCommand, ChaosKillArgs};
 
 /// Pause between two reads of `/actors` while waiting for the tree to be whole.
@@ -223,20 +223,6 @@ fn killed_task(consumer: &str, id: &str, answer: &Value) -> Victim {
         task: answer["task"].as_str().unwrap_or("").to_string(),
         attempt: answer["attempt"].as_u64().unwrap_or(0),
     }
-}
-
-/// Percent-encodes one path segment (a task id may hold `/`, `?`, `%`…).
-fn encode_segment(segment: &str) -> String {
-    segment
-        .bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-                char::from(b).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
 }
 
 /// The next victim: the named actor, or a random one of `--kind`.

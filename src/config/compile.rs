@@ -33,20 +33,20 @@ use super::raw::{
 };
 use super::{
     BROKER_URL_ENV, BeatSettings, BreakerSettings, BrokerSettings, CelerySettings, ChaosSettings,
-    Config, EventsSettings, FailureRate, Handler, HttpSettings, Idempotency, Loaded,
+    Config, EventsSettings, FailureRate, HTTP_BIND_ENV, Handler, HttpSettings, Idempotency, Loaded,
     MetricsSettings, OpenAiSettings, PoolSettings, QueueSettings, ResourceSettings, RetryPolicy,
     RuntimeSettings, ScheduleSettings, Secret, StopSignal, SupervisionSettings, TaskSettings,
     Trigger, ZepSettings,
 };
 
-/// Where `compile()` reads environment variables (`RT_BROKER_URL`, secrets).
+/// Where `compile()` reads environment variables (`RT_BROKER_URL`, `RT_HTTP_BIND`, secrets).
 #[derive(Clone, Copy)]
 pub enum Environment<'a> {
     /// Look variables up with this function: the process environment in `load`, a map in
     /// tests. An empty value counts as unset.
     Lookup(&'a dyn Fn(&str) -> Option<String>),
-    /// `--no-environment`: consult nothing. `RT_BROKER_URL` is not applied, secrets stay
-    /// unresolved and unset ones are not reported.
+    /// `--no-environment`: consult nothing. `RT_BROKER_URL` and `RT_HTTP_BIND` are not
+    /// applied, secrets stay unresolved and unset ones are not reported.
     Ignored,
 }
 
@@ -65,6 +65,7 @@ impl Environment<'_> {
 }
 
 const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+const DEFAULT_TERMINATE_GRACE: Duration = Duration::from_secs(10);
 const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(1);
 const DEFAULT_TIME_LIMIT: Duration = Duration::from_secs(300);
 const DEFAULT_BROKER_URL: &str = "memory://";
@@ -534,6 +535,11 @@ impl Compiler<'_> {
         if let Some(name) = &raw.node_name {
             self.name("runtime.node_name", name);
         }
+        let terminate_grace = self.duration(
+            "runtime.terminate_grace",
+            &raw.terminate_grace,
+            DEFAULT_TERMINATE_GRACE,
+        );
         CompiledRuntime {
             settings: RuntimeSettings {
                 shutdown_grace,
@@ -541,6 +547,7 @@ impl Compiler<'_> {
                 time_limit,
                 soft_time_limit,
                 node_name: raw.node_name.clone(),
+                terminate_grace,
             },
             time_limit_written: written.is_some(),
         }
@@ -636,13 +643,19 @@ impl Compiler<'_> {
     }
 
     fn http(&mut self, raw: &RawHttp) -> Option<HttpSettings> {
-        let text = raw.bind.as_deref().unwrap_or(DEFAULT_BIND);
-        let bind = match SocketAddr::from_str(text) {
+        let (text, origin) = match self.env.get(HTTP_BIND_ENV) {
+            Some(bind) => (bind, format!(" (set by {HTTP_BIND_ENV})")),
+            None => (
+                raw.bind.clone().unwrap_or_else(|| DEFAULT_BIND.into()),
+                String::new(),
+            ),
+        };
+        let bind = match SocketAddr::from_str(&text) {
             Ok(bind) => Some(bind),
             Err(_) => {
                 self.error(
                     "http.bind",
-                    format!("\"{text}\" is not IP:PORT (e.g. \"127.0.0.1:7070\")"),
+                    format!("\"{text}\"{origin} is not IP:PORT (e.g. \"127.0.0.1:7070\")"),
                 );
                 None
             }

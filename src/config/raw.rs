@@ -87,6 +87,11 @@ pub(crate) struct RawRuntime {
     /// Name of this node in events, leases and the beat leader key (`[A-Za-z0-9_-]+`).
     /// Default: none (the node derives one when it starts).
     pub(crate) node_name: Option<String>,
+    /// How long a running task revoked with terminate (`runtime revoke ID --terminate`) has
+    /// between the soft signal (its cancellation token, SIGTERM to an `exec` command's process
+    /// group) and the hard stop. Default `"10s"`; the task's hard time limit still applies if
+    /// it comes first.
+    pub(crate) terminate_grace: Option<RawDuration>,
 }
 
 /// `[broker]`
@@ -124,8 +129,8 @@ pub(crate) struct RawBroker {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, expecting = "an [http] table")]
 pub(crate) struct RawHttp {
-    /// Listen address, `IP:PORT`. Default `"127.0.0.1:7070"`. A non-loopback address needs
-    /// `admin_token_env`.
+    /// Listen address, `IP:PORT`. Default `"127.0.0.1:7070"`. The environment variable
+    /// `RT_HTTP_BIND` overrides it. A non-loopback address needs `admin_token_env`.
     pub(crate) bind: Option<String>,
     /// Name of the environment variable that holds the bearer token required by mutating
     /// routes (never the token itself). Default: none (no token on loopback).

@@ -874,6 +874,30 @@ fn the_broker_url_scheme_is_checked_and_rt_broker_url_overrides_it() {
 }
 
 #[test]
+fn rt_http_bind_overrides_http_bind_and_terminate_grace_has_a_default() {
+    let text = "[http]\nbind = \"127.0.0.1:7070\"\n";
+    let (config, _) = ok(text);
+    assert_eq!(config.http.bind.to_string(), "127.0.0.1:7070");
+    assert_eq!(config.runtime.terminate_grace, Duration::from_secs(10));
+    let loaded = compile_env(text, &[("RT_HTTP_BIND", "127.0.0.1:0")]).expect("valid");
+    assert_eq!(loaded.config.http.bind.to_string(), "127.0.0.1:0");
+    assert_eq!(
+        fails_env(text, &[("RT_HTTP_BIND", "localhost")]),
+        [
+            "error: http.bind: \"localhost\" (set by RT_HTTP_BIND) is not IP:PORT (e.g. \"127.0.0.1:7070\")"
+        ]
+    );
+    // The same rule as the file's: exposed without a token is refused.
+    assert!(
+        fails_env(text, &[("RT_HTTP_BIND", "0.0.0.0:7070")])[0].starts_with("error: http.bind")
+    );
+    let loaded = compile_str(text, Environment::Ignored).expect("valid");
+    assert_eq!(loaded.config.http.bind.to_string(), "127.0.0.1:7070");
+    let (config, _) = ok("[runtime]\nterminate_grace = \"2s\"\n");
+    assert_eq!(config.runtime.terminate_grace, Duration::from_secs(2));
+}
+
+#[test]
 fn supervision_values_are_built_by_their_validating_constructors() {
     let lines = fails("[supervision]\nwithin = \"0s\"\nbackoff = \"2s\"\nbackoff_max = \"1s\"\n");
     assert_eq!(

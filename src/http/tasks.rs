@@ -1,4 +1,5 @@
-//! `POST /tasks` (enqueue one task or a batch) and `GET /tasks/{id}` (a task's record).
+//! `POST /tasks` (enqueue one task or a batch), `GET /tasks/{id}` (a task's record: its
+//! state from enqueue to outcome) and `POST /tasks/{id}/revoke`.
 //!
 //! A request names a task defined under `[tasks.NAME]`; its queue comes from the config
 //! unless the request routes it to another defined queue. Every problem is a 400 that names
@@ -22,11 +23,18 @@
 //! queued or running and while its record lasts: posting it again answers
 //! `{"id", "duplicate": true}` and runs nothing. `GET /tasks/{id}` takes the id
 //! percent-encoded (`a%2Fb` for `a/b`).
+//!
+//! Revoke: `POST /tasks/{id}/revoke` with an optional body `{"terminate": true}` answers what
+//! the task was when revoked — `202 {"id", "was", "terminate"}` with `was` = `queued`,
+//! `scheduled`, `retrying` (it will not run), `running` (stopped when `terminate`, else it
+//! finishes and is not retried) or `unknown` (kept `broker.result_ttl` for a task not met
+//! yet); `200` with `was` = `revoked` when it was revoked already; `409` when it had ended.
 
 use std::time::SystemTime;
 
 use actors::broker::{
-    Broker, BrokerError, Callback, Enqueued, Envelope, FieldError, check_id, rfc3339,
+    Broker, BrokerError, Callback, Enqueued, Envelope, FieldError, Revoked, TaskState, check_id,
+    rfc3339,
 };
 use actors::caps::{self, MAX_DELAY, Unit};
 use axum::Json;
@@ -240,7 +248,7 @@ fn envelope(
     Ok(envelope)
 }
 
-/// `GET /tasks/{id}`: the task's last recorded state, or 404.
+/// `GET /tasks/{id}`: the task's record (its state from enqueue to outcome), or 404.
 pub async fn record(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -248,7 +256,48 @@ pub async fn record(
     match state.broker.record(&id).await? {
         Some(record) => Ok(Json(record).into_response()),
         None => Err(ApiError::NotFound(format!(
-            "no record of task {id}: unknown, not finished yet, or expired (broker.result_ttl)"
+            "no task {id}: unknown, or ended more than broker.result_ttl ago (an entry \
+             another program wrote to a stream has a record once a consumer takes it)"
         ))),
     }
+}
+
+/// The optional body of `POST /tasks/{id}/revoke`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevokeRequest {
+    /// Stop a running attempt (soft signal, then hard after `runtime.terminate_grace`).
+    #[serde(default)]
+    terminate: bool,
+}
+
+/// `POST /tasks/{id}/revoke` (body optional: `{"terminate": true}`).
+pub async fn revoke(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let request: RevokeRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        RevokeRequest::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("body: {e}")))?
+    };
+    check_id(&id).map_err(|why| ApiError::BadRequest(format!("id: {why}")))?;
+    let was = match state.broker.revoke(&id, request.terminate).await? {
+        Revoked::Ended(ended) => {
+            return Err(ApiError::Conflict(format!(
+                "task {id} has ended ({}): nothing to revoke",
+                ended.name()
+            )));
+        }
+        Revoked::AlreadyRevoked => {
+            let body = json!({ "id": id, "was": "revoked", "terminate": request.terminate });
+            return Ok((StatusCode::OK, Json(body)).into_response());
+        }
+        Revoked::Unknown => "unknown",
+        Revoked::Running => TaskState::Running.name(),
+        Revoked::Pending(pending) => pending.name(),
+    };
+    let body = json!({ "id": id, "was": was, "terminate": request.terminate });
+    Ok((StatusCode::ACCEPTED, Json(body)).into_response())
 }

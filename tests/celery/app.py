@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 
 from celery import Celery, chain
 from celery.result import AsyncResult
@@ -101,6 +103,27 @@ def scenario(name):
         out = error_of(result, 10)
         out["state_while_running"] = running
         out["elapsed"] = time.time() - sent
+        return out
+    if name == "revoked":
+        # Revoked through the runtime (RT_URL) while it waits for its countdown: never runs,
+        # and .get() raises Celery's TaskRevokedError.
+        url = os.environ["RT_URL"]
+        result = add.apply_async((1, 1), countdown=30)
+        deadline = time.time() + 10
+        while True:  # until the bridge moved it (its record exists)
+            try:
+                urllib.request.urlopen(f"{url}/tasks/{result.id}")
+                break
+            except urllib.error.HTTPError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.05)
+        revoke = urllib.request.Request(f"{url}/tasks/{result.id}/revoke", data=b"",
+                                        method="POST")
+        answer = json.load(urllib.request.urlopen(revoke))
+        out = error_of(result, 10)
+        out["answer"] = answer
+        out["ran"] = sum(1 for (tid, _) in events("started") if tid == result.id)
         return out
     if name == "link_error":
         errback = on_error.s().set(task_id="errback-1")

@@ -122,6 +122,7 @@ impl Node {
             .args(args)
             .env("RUST_LOG", "info")
             .env_remove("RT_BROKER_URL")
+            .env_remove("RT_HTTP_BIND")
             .env_remove("RT_CONFIG")
             .env_remove("RT_LOG_FORMAT")
             .stdin(Stdio::null())
@@ -234,6 +235,35 @@ impl Node {
             .send()
             .await
             .unwrap_or_else(|e| panic!("POST {path}: {e}"))
+    }
+
+    /// Whether task `id` has ended (its record says `succeeded` or `dead`). A task has a
+    /// record from its enqueue (`queued`, `scheduled`, `running`, `retrying` before it ends).
+    pub async fn ended(&self, id: &str) -> bool {
+        let response = self.get(&format!("/tasks/{id}")).await;
+        if response.status() != 200 {
+            return false;
+        }
+        let record: serde_json::Value = response.json().await.expect("JSON record");
+        record["state"] == "succeeded" || record["state"] == "dead"
+    }
+
+    /// Waits up to `limit` for task `id` to end ([`Node::ended`]); its record.
+    pub async fn until_ended(&self, id: &str, limit: Duration) -> serde_json::Value {
+        let end = Instant::now() + limit;
+        while !self.ended(id).await {
+            assert!(
+                Instant::now() < end,
+                "task {id} did not end within {limit:?}: {}",
+                self.get(&format!("/tasks/{id}"))
+                    .await
+                    .text()
+                    .await
+                    .unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.get_json(&format!("/tasks/{id}")).await
     }
 
     /// One sample of `GET /metrics`, named as it is written there

@@ -45,6 +45,12 @@ const NO_WAIT: Duration = Duration::ZERO;
 /// one millisecond later.
 const MS: Duration = Duration::from_millis(1);
 
+/// The `eta` a record shows for a due time `at`: its delayed-set score (rounded up to the
+/// millisecond) in RFC 3339.
+fn eta_of(at: SystemTime) -> String {
+    super::rfc3339(SystemTime::UNIX_EPOCH + Duration::from_millis(super::due_ms(at)))
+}
+
 pub(crate) async fn fifo_with_ids<B: Broker>(b: &B, q: &str) {
     let sent = b
         .enqueue((0..10).map(|n| task(q, n)).collect())
@@ -229,9 +235,11 @@ pub(crate) async fn deferral_keeps_the_attempt<B: Broker>(b: &B, q: &str) {
     b.defer(&got[0], at, "breaker zep open").await.unwrap();
     let depth = b.depth(q).await.unwrap();
     assert_eq!((depth.ready, depth.delayed, depth.in_flight), (0, 1, 0));
-    assert!(
-        b.record(&sent[0].id).await.unwrap().is_none(),
-        "a deferral records nothing"
+    let record = b.record(&sent[0].id).await.unwrap().unwrap();
+    assert_eq!(
+        (record.state, record.attempts, record.eta),
+        (TaskState::Scheduled, 0, Some(eta_of(at))),
+        "a deferral: scheduled until then, no attempt"
     );
     assert_eq!(b.promote_due(q, at + MS).await.unwrap(), 1);
     let again = b.reserve(q, "c", 1, NO_WAIT).await.unwrap();
@@ -490,7 +498,11 @@ pub(crate) async fn bad_ids_are_refused_or_dead_lettered<B: Broker + RawProducer
 pub(crate) async fn records_keep_results_for_their_ttl<B: Broker>(b: &B, q: &str) {
     // result_ttl = 1 s in `settings()`.
     let sent = b.enqueue(vec![task(q, 1)]).await.unwrap();
-    assert!(b.record(&sent[0].id).await.unwrap().is_none());
+    let queued = b.record(&sent[0].id).await.unwrap().unwrap();
+    assert_eq!((queued.state, queued.attempts), (TaskState::Queued, 0));
+    // Kept while the task waits, however long: no TTL before its outcome.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(b.record(&sent[0].id).await.unwrap().is_some());
     let got = b.reserve(q, "c", 1, NO_WAIT).await.unwrap();
     b.ack(&got[0], json!({"reply": "hello"})).await.unwrap();
     let record = b.record(&sent[0].id).await.unwrap().unwrap();
@@ -689,17 +701,13 @@ pub(crate) async fn events_tell_the_life_of_a_task<B: Broker>(b: &B, q: &str) {
     assert_eq!(kinds, ["retried", "succeeded"]);
 }
 
-/// `publish_soon` costs no round trip: the event travels ahead of the next outcome, or is
-/// flushed on its own within `EVENT_FLUSH` when no outcome comes.
+/// `started` costs no round trip: the start marker and `started` event travel ahead of the
+/// next outcome, or are flushed on their own within `EVENT_FLUSH` when no outcome comes.
 pub(crate) async fn soon_events_precede_the_outcome_or_are_flushed<B: Broker>(b: &B, q: &str) {
     let sent = b.enqueue(vec![task(q, 1), task(q, 2)]).await.unwrap();
     let got = b.reserve(q, "c", 2, NO_WAIT).await.unwrap();
     for delivery in &got {
-        b.publish_soon(super::Event::about(
-            "started",
-            &delivery.envelope,
-            json!({}),
-        ));
+        b.started(&delivery.envelope, "c");
     }
     b.ack(&got[0], json!(true)).await.unwrap();
     let kinds_of = |events: &[super::Event], id: &str| -> Vec<String> {
@@ -714,21 +722,294 @@ pub(crate) async fn soon_events_precede_the_outcome_or_are_flushed<B: Broker>(b:
         kinds_of(&all, &sent[0].id),
         ["sent", "started", "succeeded"]
     );
-    // The second task's `started` went along with the first one's ack.
+    // The second task's `started` went along with the first one's ack, and its record says
+    // it runs.
     assert_eq!(kinds_of(&all, &sent[1].id), ["sent", "started"]);
+    let running = b.record(&sent[1].id).await.unwrap().unwrap();
+    assert_eq!(
+        (running.state, running.node.as_deref()),
+        (TaskState::Running, Some("c"))
+    );
     // Alone, it is flushed soon.
     let third = b.enqueue(vec![task(q, 3)]).await.unwrap();
     let got = b.reserve(q, "c", 1, NO_WAIT).await.unwrap();
-    b.publish_soon(super::Event::about("started", &got[0].envelope, json!({})));
+    b.started(&got[0].envelope, "c");
     let deadline = Instant::now() + super::EVENT_FLUSH * 20;
     loop {
         let all = b.events(None, 10_000).await.unwrap();
-        if kinds_of(&all, &third[0].id) == ["sent", "started"] {
+        let state = b.record(&third[0].id).await.unwrap().unwrap().state;
+        if kinds_of(&all, &third[0].id) == ["sent", "started"] && state == TaskState::Running {
             break;
         }
         assert!(Instant::now() < deadline, "started never flushed");
         tokio::time::sleep(super::EVENT_FLUSH / 5).await;
     }
+}
+
+/// Waits (up to 20 × `EVENT_FLUSH`) until task `id`'s record is in `state`: a start marker
+/// is written within `EVENT_FLUSH`.
+async fn until_state<B: Broker>(b: &B, id: &str, state: TaskState) -> super::TaskRecord {
+    let deadline = Instant::now() + super::EVENT_FLUSH * 20;
+    loop {
+        let record = b.record(id).await.unwrap().unwrap();
+        if record.state == state {
+            return record;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{id}: still {:?}, not {state:?}",
+            record.state
+        );
+        tokio::time::sleep(super::EVENT_FLUSH / 5).await;
+    }
+}
+
+/// A task's record follows its whole life: `queued` at enqueue (`scheduled` with an eta, and
+/// `queued` again once due), `running` once an attempt started, `retrying` with the next
+/// attempt's time, `succeeded` or `dead` — and counts attempts as its events do. A start
+/// marker that arrives after the outcome (it travels within `EVENT_FLUSH`) changes nothing; a
+/// recovered attempt is no longer running; a poisoned task is dead with the reason; a
+/// requeued dead letter starts afresh; a purge forgets what it removed.
+pub(crate) async fn records_follow_the_life_of_a_task<B: Broker>(b: &B, q: &str) {
+    let mut later = task(q, 2);
+    let due = SystemTime::now() + Duration::from_millis(300);
+    later.eta = Some(super::rfc3339(due));
+    let sent = b.enqueue(vec![task(q, 1), later]).await.unwrap();
+    let (now, soon) = (sent[0].id.clone(), sent[1].id.clone());
+    let record = b.record(&now).await.unwrap().unwrap();
+    assert_eq!(
+        (
+            record.state,
+            record.attempts,
+            record.attempt,
+            record.eta.as_deref()
+        ),
+        (TaskState::Queued, 0, None, None)
+    );
+    assert!(record.enqueued_at.is_some() && record.started_at.is_none());
+    let record = b.record(&soon).await.unwrap().unwrap();
+    assert_eq!(record.state, TaskState::Scheduled);
+    assert_eq!(record.eta, Some(super::rfc3339(due)));
+
+    // First attempt: running, then failed and retrying with the time of the next one.
+    let got = b.reserve(q, "node-a", 1, NO_WAIT).await.unwrap();
+    assert_eq!(
+        b.record(&now).await.unwrap().unwrap().state,
+        TaskState::Queued,
+        "reserved, not started"
+    );
+    b.started(&got[0].envelope, "node-a");
+    let running = until_state(b, &now, TaskState::Running).await;
+    assert_eq!((running.attempts, running.attempt), (1, Some(0)));
+    assert_eq!(running.node.as_deref(), Some("node-a"));
+    assert!(running.started_at.is_some());
+    let retry_at = SystemTime::now() + Duration::from_millis(100);
+    b.retry(&got[0], retry_at, "zep_call_error: 503")
+        .await
+        .unwrap();
+    let retrying = b.record(&now).await.unwrap().unwrap();
+    assert_eq!(
+        (retrying.state, retrying.attempts, retrying.attempt),
+        (TaskState::Retrying, 1, Some(0))
+    );
+    assert_eq!(retrying.error.as_deref(), Some("zep_call_error: 503"));
+    assert_eq!(retrying.eta, Some(eta_of(retry_at)));
+
+    // Second attempt: its node dies; recovered, it waits again (not running).
+    b.promote_due(q, retry_at + MS).await.unwrap();
+    let again = b.reserve(q, "node-a", 5, NO_WAIT).await.unwrap();
+    assert_eq!(again.len(), 1);
+    b.started(&again[0].envelope, "node-a");
+    let running = until_state(b, &now, TaskState::Running).await;
+    assert_eq!((running.attempts, running.attempt), (2, Some(1)));
+    assert_eq!(b.recover(q, Duration::ZERO).await.unwrap().requeued, 1);
+    let waiting = b.record(&now).await.unwrap().unwrap();
+    assert_eq!(waiting.state, TaskState::Retrying, "recovered: not running");
+    let again = b.reserve(q, "node-b", 5, NO_WAIT).await.unwrap();
+    b.started(&again[0].envelope, "node-b");
+    until_state(b, &now, TaskState::Running).await;
+    b.ack(&again[0], json!({"reply": "hi"})).await.unwrap();
+    // A start marker that comes late changes nothing.
+    b.started(&again[0].envelope, "node-b");
+    tokio::time::sleep(super::EVENT_FLUSH * 3).await;
+    let done = b.record(&now).await.unwrap().unwrap();
+    assert_eq!(
+        (done.state, done.result, done.attempts, done.attempt),
+        (
+            TaskState::Succeeded,
+            Some(json!({"reply": "hi"})),
+            2,
+            Some(1)
+        )
+    );
+    assert_eq!((done.error, done.eta), (None, None));
+    assert_eq!(done.node.as_deref(), Some("node-b"));
+
+    // The eta passed: due, it is queued (promoted within the mover's 10 ms).
+    tokio::time::sleep(due.duration_since(SystemTime::now()).unwrap_or_default() + MS).await;
+    assert_eq!(
+        b.record(&soon).await.unwrap().unwrap().state,
+        TaskState::Queued
+    );
+    b.promote_due(q, SystemTime::now()).await.unwrap();
+    let got = b.reserve(q, "node-a", 5, NO_WAIT).await.unwrap();
+    b.started(&got[0].envelope, "node-a");
+    b.dead_letter(&got[0], "permanent: 400").await.unwrap();
+    let dead = b.record(&soon).await.unwrap().unwrap();
+    assert_eq!(
+        (dead.state, dead.error.as_deref(), dead.attempts),
+        (TaskState::Dead, Some("permanent: 400"), 1)
+    );
+    // The record and the events count the same attempt.
+    let events = b.events(None, 10_000).await.unwrap();
+    let event = events
+        .iter()
+        .rfind(|e| e.kind == "dead" && e.task_id.as_deref() == Some(soon.as_str()))
+        .unwrap();
+    assert_eq!(event.detail["attempt"], json!(dead.attempt.unwrap()));
+
+    // Requeued: afresh.
+    assert_eq!(b.requeue_dead(q, 10).await.unwrap(), 1);
+    let requeued = b.record(&soon).await.unwrap().unwrap();
+    assert_eq!(
+        (requeued.state, requeued.attempts, requeued.error),
+        (TaskState::Queued, 0, None)
+    );
+    // Poisoned: delivered max_deliveries (3) times without an ack.
+    for _ in 0..3 {
+        assert_eq!(b.reserve(q, "c", 5, NO_WAIT).await.unwrap().len(), 1);
+        b.recover(q, Duration::ZERO).await.unwrap();
+    }
+    let poisoned = b.record(&soon).await.unwrap().unwrap();
+    assert_eq!(poisoned.state, TaskState::Dead);
+    assert!(
+        poisoned
+            .error
+            .as_deref()
+            .unwrap()
+            .starts_with("delivered 3 times without an ack"),
+        "{poisoned:?}"
+    );
+    // Purged: forgotten.
+    let purged = b.enqueue(vec![task(q, 3)]).await.unwrap();
+    assert!(b.record(&purged[0].id).await.unwrap().is_some());
+    b.purge(q).await.unwrap();
+    assert!(b.record(&purged[0].id).await.unwrap().is_none());
+}
+
+/// Revoking a task in each state: queued, delayed (an eta, a retry) — its record says
+/// dead/revoked at once and a delayed entry is made ready, so a consumer meets it now —,
+/// running (the record is left to its node; every node hears of it), unknown (kept, in case it
+/// comes), ended (nothing done), revoked already (nothing more). A requeued dead letter is no
+/// longer revoked.
+pub(crate) async fn revocations_in_every_state<B: Broker>(b: &B, q: &str) {
+    use super::Revoked;
+    let mut heard = b.revocations();
+    let mut later = task(q, 2);
+    later.eta = Some(super::rfc3339(SystemTime::now() + Duration::from_secs(60)));
+    let sent = b
+        .enqueue(vec![task(q, 1), later, task(q, 3), task(q, 4), task(q, 5)])
+        .await
+        .unwrap();
+    let id = |n: usize| sent[n].id.clone();
+    let got = b.reserve(q, "c", 4, NO_WAIT).await.unwrap();
+    assert_eq!(got.len(), 4);
+    let by_n = |n: u64| got.iter().find(|d| nth(&d.envelope) == n).unwrap().clone();
+    // Task 3 fails and waits a minute for its retry; task 4 runs; task 5 succeeded.
+    b.retry(
+        &by_n(3),
+        SystemTime::now() + Duration::from_secs(60),
+        "timeout",
+    )
+    .await
+    .unwrap();
+    b.started(&by_n(4).envelope, "c");
+    until_state(b, &id(3), TaskState::Running).await;
+    b.ack(&by_n(5), json!(5)).await.unwrap();
+    let queued = b.enqueue(vec![task(q, 6)]).await.unwrap()[0].id.clone();
+    assert_eq!(b.depth(q).await.unwrap().delayed, 2);
+
+    assert_eq!(
+        b.revoke(&queued, false).await.unwrap(),
+        Revoked::Pending(TaskState::Queued)
+    );
+    assert_eq!(
+        b.revoke(&id(1), false).await.unwrap(),
+        Revoked::Pending(TaskState::Scheduled)
+    );
+    assert_eq!(
+        b.revoke(&id(2), false).await.unwrap(),
+        Revoked::Pending(TaskState::Retrying)
+    );
+    for revoked in [&queued, &id(1), &id(2)] {
+        let record = b.record(revoked).await.unwrap().unwrap();
+        assert_eq!(
+            (record.state, record.error.as_deref()),
+            (TaskState::Dead, Some("revoked")),
+            "{revoked}"
+        );
+        assert!(b.is_revoked(revoked));
+    }
+    let depth = b.depth(q).await.unwrap();
+    assert_eq!(
+        (depth.ready, depth.delayed),
+        (3, 0),
+        "the delayed ones are ready now"
+    );
+    assert_eq!(b.revoke(&id(3), true).await.unwrap(), Revoked::Running);
+    assert_eq!(
+        b.record(&id(3)).await.unwrap().unwrap().state,
+        TaskState::Running,
+        "left to the node running it"
+    );
+    assert_eq!(
+        b.revoke(&id(4), false).await.unwrap(),
+        Revoked::Ended(TaskState::Succeeded)
+    );
+    assert!(!b.is_revoked(&id(4)), "nothing done");
+    assert_eq!(
+        b.revoke(&queued, true).await.unwrap(),
+        Revoked::AlreadyRevoked
+    );
+    let unknown = format!("{q}:not-yet");
+    assert_eq!(b.revoke(&unknown, false).await.unwrap(), Revoked::Unknown);
+    assert!(b.is_revoked(&unknown));
+    assert!(!b.is_revoked(&id(0)));
+
+    // Every revocation was told, with its terminate flag.
+    let mut told = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while told.len() < 5 {
+        match tokio::time::timeout(Duration::from_millis(100), heard.recv()).await {
+            Ok(Ok(revocation)) => {
+                if !told.contains(&revocation) {
+                    told.push(revocation);
+                }
+            }
+            _ => assert!(Instant::now() < deadline, "told only {told:?}"),
+        }
+    }
+    let running = told.iter().find(|r| r.id == id(3)).unwrap();
+    assert!(running.terminate);
+    assert!(told.iter().any(|r| r.id == unknown && !r.terminate));
+
+    // The consumer that meets a revoked entry dead-letters it; requeued, it may run again.
+    let met = b.reserve(q, "c", 10, NO_WAIT).await.unwrap();
+    assert_eq!(met.len(), 3);
+    for delivery in &met {
+        assert!(b.is_revoked(&delivery.envelope.id));
+        b.dead_letter(delivery, "revoked").await.unwrap();
+    }
+    // Dead-lettered without running: no attempt counted (the retried one ran once).
+    let never = b.record(&queued).await.unwrap().unwrap();
+    assert_eq!((never.attempts, never.attempt), (0, None));
+    assert_eq!(b.record(&id(2)).await.unwrap().unwrap().attempts, 1);
+    assert_eq!(b.requeue_dead(q, 1).await.unwrap(), 1);
+    let again = b.reserve(q, "c", 10, NO_WAIT).await.unwrap();
+    assert_eq!(again.len(), 1);
+    assert!(!b.is_revoked(&again[0].envelope.id), "requeued on purpose");
+    let record = b.record(&again[0].envelope.id).await.unwrap().unwrap();
+    assert_eq!(record.state, TaskState::Queued);
 }
 
 /// With `events_maxlen = 0` (`[events] enabled = false`) a task's whole life — sent, started,
@@ -741,8 +1022,8 @@ pub(crate) async fn events_off_write_nothing<B: Broker>(b: &B, q: &str) {
     );
     let got = b.reserve(q, "c", 2, NO_WAIT).await.unwrap();
     let started = super::Event::about("started", &got[0].envelope, json!({ "consumer": "c" }));
-    b.publish(started.clone()).await.unwrap();
-    b.publish_soon(started);
+    b.publish(started).await.unwrap();
+    b.started(&got[0].envelope, "c");
     b.retry(&got[0], SystemTime::now(), "timeout")
         .await
         .unwrap();
@@ -907,6 +1188,7 @@ macro_rules! contract_suite {
             bad_envelopes_are_refused_whole,
             oversized_entries_are_refused_or_delivered_with_their_size,
             events_tell_the_life_of_a_task, soon_events_precede_the_outcome_or_are_flushed,
+            records_follow_the_life_of_a_task, revocations_in_every_state,
             events_page_forwards_and_backwards, handed_back_entries_are_ready_at_once,
             one_beat_leader_at_a_time, last_runs_and_presence_records);
     };

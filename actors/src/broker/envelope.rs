@@ -46,7 +46,7 @@ impl FieldError {
 }
 
 /// The longest task id accepted, in bytes of UTF-8. Ids are Redis key parts
-/// (`p:result:<id>`, `p:id:<id>`), log fields and URL path segments; 256 holds a UUID, a Celery
+/// (`p:result:<id>`, members of `p:revoked`), log fields and URL path segments; 256 holds a UUID, a Celery
 /// id or a composed `source:action:hash` id with room to spare.
 pub const MAX_ID_BYTES: usize = 256;
 
@@ -196,8 +196,8 @@ impl Envelope {
     }
 
     /// The `id` an entry's text carries, read even when the entry is not a valid envelope
-    /// (JSON with a string `id` that passes [`check_id`]): the brokers use it to end the id
-    /// guard of an entry that leaves without a task outcome (malformed, purged).
+    /// (JSON with a string `id` that passes [`check_id`]): the brokers use it to end (or
+    /// delete) the record of an entry that leaves without a task outcome (malformed, purged).
     pub fn id_in(text: &str) -> Option<String> {
         #[derive(Deserialize)]
         struct IdOnly {

@@ -5,11 +5,13 @@
 //! Lease ages use `tokio::time::Instant` (so tests can pause time); due times of delayed
 //! entries are wall-clock, like the envelope's `eta`.
 //!
-//! Chosen task ids are guarded as in Redis (`p:id:<id>`): a guard is taken at enqueue and lives
-//! while the entry does (ready, delayed, in flight, retried, requeued), then `result_ttl` after
-//! the task's outcome (acked, dead-lettered, poisoned, malformed); a purge drops the guards of
-//! what it removed. Everything a call changes happens under one lock, so an outcome's record,
-//! ack and event are always written together.
+//! Records are kept as in Redis ([`StoredRecord`]): written at enqueue, without expiry while
+//! the entry exists (ready, delayed, in flight, retried, requeued), then `result_ttl` after the
+//! task's outcome (acked, dead-lettered, poisoned); a purge drops the records of what it
+//! removed. A chosen id is taken while its record exists. Everything a call changes happens
+//! under one lock, so an outcome's record, ack and event are always written together; the
+//! start marker and `started` event ([`Broker::started`]) are written at once (no round trip
+//! to save). Revocations are kept in [`Revocations`] for `result_ttl`.
 //!
 //! Everything lives in this process: when it ends, what the queues still hold is gone.
 //! [`MemoryBroker::leftovers`] counts it, queue by queue, so the node can say so as it stops.
@@ -22,10 +24,11 @@ use serde_json::Value;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use super::revocations::Revocations;
 use super::{
     Broker, BrokerError, BrokerSettings, DeadLetter, Delivery, Enqueued, Envelope, Event, LastRun,
-    NodeRecord, Purged, QueueDepth, Recovered, TaskRecord, TaskState, check_id, due_ms, epoch_ms,
-    rfc3339,
+    NodeRecord, Purged, QueueDepth, REVOKED, Recovered, Revocation, Revoked, StoredRecord,
+    TaskRecord, TaskState, check_id, due_ms, epoch_ms, rfc3339,
 };
 
 /// The in-memory broker.
@@ -34,16 +37,16 @@ pub struct MemoryBroker {
     settings: BrokerSettings,
     state: Mutex<State>,
     arrived: Notify,
+    revocations: Revocations,
 }
 
 #[derive(Debug, Default)]
 struct State {
     queues: HashMap<String, Queue>,
-    records: HashMap<String, (TaskRecord, Instant)>,
+    /// Records and until when they are kept: `None` while the task's entry exists, then
+    /// `result_ttl` after its outcome.
+    records: HashMap<String, (StoredRecord, Option<Instant>)>,
     idempotency: HashMap<String, (String, Instant)>,
-    /// Id guards of chosen task ids: `None` while the task's entry exists, then until when the
-    /// id stays taken (`result_ttl` after its outcome).
-    ids: HashMap<String, Option<Instant>>,
     events: VecDeque<Event>,
     next_entry: u64,
     next_event: u64,
@@ -126,6 +129,7 @@ impl MemoryBroker {
             settings,
             state: Mutex::new(State::default()),
             arrived: Notify::new(),
+            revocations: Revocations::default(),
         }
     }
 
@@ -218,7 +222,7 @@ impl MemoryBroker {
         }
         for (entry, err) in malformed {
             if let Some(id) = Envelope::id_in(&entry.raw) {
-                state.id_ended(&id, now + self.settings.result_ttl);
+                state.record_ended(&id, now + self.settings.result_ttl);
             }
             let reason = format!("malformed entry: {err}");
             let event = Event {
@@ -251,9 +255,16 @@ impl MemoryBroker {
             .remove(&delivery.entry)
     }
 
-    /// Records the task's new state and its event.
-    fn record(&self, state: &mut State, envelope: &Envelope, record: Outcome<'_>) {
-        let (task_state, result, error) = match record {
+    /// Records an outcome of `envelope`'s attempt — its record and its event. A retry is due
+    /// at `due_ms`.
+    fn settle(
+        &self,
+        state: &mut State,
+        envelope: &Envelope,
+        outcome: Outcome<'_>,
+        due_ms: Option<u64>,
+    ) {
+        let (task_state, result, error) = match outcome {
             Outcome::Succeeded(value) => (TaskState::Succeeded, Some(value), None),
             Outcome::Retrying(err) => (TaskState::Retrying, None, Some(err.to_string())),
             Outcome::Dead(err) => (TaskState::Dead, None, Some(err.to_string())),
@@ -261,7 +272,7 @@ impl MemoryBroker {
         let kind = match task_state {
             TaskState::Succeeded => "succeeded",
             TaskState::Retrying => "retried",
-            TaskState::Dead => "dead",
+            _ => "dead",
         };
         let detail = serde_json::json!({ "attempt": envelope.attempt, "error": error });
         state.event(
@@ -269,30 +280,28 @@ impl MemoryBroker {
             self.settings.events_maxlen,
         );
         let now = Instant::now();
-        if task_state != TaskState::Retrying {
-            state.id_ended(&envelope.id, now + self.settings.result_ttl);
-        }
-        let record = TaskRecord {
-            id: envelope.id.clone(),
-            task: envelope.task.clone(),
-            queue: envelope.queue.clone(),
-            state: task_state,
-            result,
-            error,
-            attempts: envelope.attempt.saturating_add(1),
-            updated_at: rfc3339(SystemTime::now()),
-        };
-        // Expired records, idempotency keys and id guards are dropped every so often, so a
-        // long-running node keeps only what its TTLs promise.
+        let until = task_state
+            .is_final()
+            .then(|| now + self.settings.result_ttl);
+        // Expired records and idempotency keys are dropped every so often, so a long-running
+        // node keeps only what its TTLs promise.
         if state.records.len() % 4096 == 4095 {
-            state.records.retain(|_, (_, expires)| *expires > now);
-            state.idempotency.retain(|_, (_, expires)| *expires > now);
             state
-                .ids
-                .retain(|_, until| until.is_none_or(|until| until > now));
+                .records
+                .retain(|_, (_, until)| until.is_none_or(|until| until > now));
+            state.idempotency.retain(|_, (_, expires)| *expires > now);
         }
-        let expires = now + self.settings.result_ttl;
-        state.records.insert(envelope.id.clone(), (record, expires));
+        let record = state.record_of(envelope);
+        record.state = Some(task_state);
+        record.result = result;
+        record.error = error;
+        // An attempt ran (a dead letter may come before any did: its start marker counts).
+        if task_state != TaskState::Dead {
+            record.attempts = envelope.attempt.saturating_add(1);
+        }
+        record.due_ms = due_ms;
+        record.updated_at = rfc3339(SystemTime::now());
+        state.keep_record(&envelope.id, until);
     }
 }
 
@@ -311,21 +320,43 @@ fn event_seq(id: &str) -> u64 {
 }
 
 impl State {
-    /// Whether the chosen id `id` is taken (its entry exists, or its task ended less than
-    /// `result_ttl` ago).
-    fn id_taken(&self, id: &str, now: Instant) -> bool {
-        match self.ids.get(id) {
-            Some(None) => true,
-            Some(Some(until)) => *until > now,
-            None => false,
+    /// Whether task `id` has a record (its entry exists, or it ended less than `result_ttl`
+    /// ago): a chosen id is then taken.
+    fn record_exists(&self, id: &str, now: Instant) -> bool {
+        self.records
+            .get(id)
+            .is_some_and(|(_, until)| until.is_none_or(|until| until > now))
+    }
+
+    /// The record of `envelope`'s task, made (empty) when it has none or it expired (an entry
+    /// another producer wrote); its id, task and queue set from the envelope.
+    fn record_of(&mut self, envelope: &Envelope) -> &mut StoredRecord {
+        let now = Instant::now();
+        let (record, until) = self
+            .records
+            .entry(envelope.id.clone())
+            .or_insert_with(|| (StoredRecord::default(), None));
+        if until.is_some_and(|until| until <= now) {
+            *record = StoredRecord::default();
+            *until = None;
+        }
+        envelope.id.clone_into(&mut record.id);
+        envelope.task.clone_into(&mut record.task);
+        envelope.queue.clone_into(&mut record.queue);
+        record
+    }
+
+    /// Sets until when the record of `id` is kept (`None`: while its entry exists).
+    fn keep_record(&mut self, id: &str, until: Option<Instant>) {
+        if let Some((_, kept)) = self.records.get_mut(id) {
+            *kept = until;
         }
     }
 
-    /// The task of `id` ended: its guard, if it has one, lasts until `until`.
-    fn id_ended(&mut self, id: &str, until: Instant) {
-        if let Some(guard) = self.ids.get_mut(id) {
-            *guard = Some(until);
-        }
+    /// The task of `id` ended without an outcome of its own (a malformed entry): its record,
+    /// if it has one, lasts until `until`.
+    fn record_ended(&mut self, id: &str, until: Instant) {
+        self.keep_record(id, Some(until));
     }
 
     fn event(&mut self, mut event: Event, cap: usize) {
@@ -484,16 +515,15 @@ impl Broker for MemoryBroker {
                         }
                     }
                 }
-                if chosen {
-                    if state.id_taken(&envelope.id, clock) {
-                        out.push(Enqueued {
-                            id: envelope.id,
-                            duplicate: true,
-                        });
-                        continue;
-                    }
-                    state.ids.insert(envelope.id.clone(), None);
+                if chosen && state.record_exists(&envelope.id, clock) {
+                    out.push(Enqueued {
+                        id: envelope.id,
+                        duplicate: true,
+                    });
+                    continue;
                 }
+                let record = StoredRecord::enqueued(&envelope, due, &envelope.enqueued_at);
+                state.records.insert(envelope.id.clone(), (record, None));
                 match due {
                     Some(due_ms) => state.push_delayed_raw(&envelope.queue, due_ms, json),
                     None => state.push_ready_raw(&envelope.queue, json, 0),
@@ -555,7 +585,8 @@ impl Broker for MemoryBroker {
     async fn ack(&self, delivery: &Delivery, result: Value) -> Result<(), BrokerError> {
         let mut state = self.lock();
         self.release(&mut state, delivery);
-        self.record(&mut state, &delivery.envelope, Outcome::Succeeded(result));
+        let succeeded = Outcome::Succeeded(result);
+        self.settle(&mut state, &delivery.envelope, succeeded, None);
         Ok(())
     }
 
@@ -563,11 +594,8 @@ impl Broker for MemoryBroker {
         let mut state = self.lock();
         for (delivery, result) in done {
             self.release(&mut state, delivery);
-            self.record(
-                &mut state,
-                &delivery.envelope,
-                Outcome::Succeeded(result.clone()),
-            );
+            let succeeded = Outcome::Succeeded(result.clone());
+            self.settle(&mut state, &delivery.envelope, succeeded, None);
         }
         Ok(())
     }
@@ -583,7 +611,8 @@ impl Broker for MemoryBroker {
         let mut state = self.lock();
         self.release(&mut state, delivery);
         state.push_delayed(&delivery.queue, due_ms(at), &next);
-        self.record(&mut state, &delivery.envelope, Outcome::Retrying(error));
+        let retrying = Outcome::Retrying(error);
+        self.settle(&mut state, &delivery.envelope, retrying, Some(due_ms(at)));
         Ok(())
     }
 
@@ -596,6 +625,11 @@ impl Broker for MemoryBroker {
         let mut state = self.lock();
         self.release(&mut state, delivery);
         state.push_delayed(&delivery.queue, due_ms(at), &delivery.envelope);
+        let record = state.record_of(&delivery.envelope);
+        record.state = Some(TaskState::Scheduled);
+        record.due_ms = Some(due_ms(at));
+        record.lost = true;
+        record.updated_at = rfc3339(SystemTime::now());
         let detail = serde_json::json!({ "reason": reason, "until": rfc3339(at) });
         state.event(
             Event::about("deferred", &delivery.envelope, detail),
@@ -616,7 +650,7 @@ impl Broker for MemoryBroker {
             envelope: Some(delivery.envelope.clone()),
             raw: None,
         });
-        self.record(&mut state, &delivery.envelope, Outcome::Dead(reason));
+        self.settle(&mut state, &delivery.envelope, Outcome::Dead(reason), None);
         Ok(())
     }
 
@@ -636,6 +670,7 @@ impl Broker for MemoryBroker {
         let mut out = Recovered::default();
         let mut events = Vec::new();
         let mut poisoned = Vec::new();
+        let mut requeued = Vec::new();
         for id in expired {
             let Some(leased) = q.in_flight.remove(&id) else {
                 continue;
@@ -649,14 +684,14 @@ impl Broker for MemoryBroker {
                     events.push(Event::about("dead", envelope, detail));
                     out.dead_tasks.push(envelope.task.clone());
                 }
-                if let Some(id) = Envelope::id_in(&leased.entry.raw) {
-                    poisoned.push(id);
+                let reason =
+                    format!("delivered {delivered} times without an ack (max_deliveries = {max})");
+                if let Some(envelope) = &envelope {
+                    poisoned.push((envelope.clone(), reason.clone()));
                 }
                 q.dead.push_back(DeadLetter {
                     entry: leased.entry.id,
-                    reason: format!(
-                        "delivered {delivered} times without an ack (max_deliveries = {max})"
-                    ),
+                    reason,
                     attempts: envelope.as_ref().map_or(0, |e| e.attempt.saturating_add(1)),
                     at: rfc3339(SystemTime::now()),
                     raw: envelope.is_none().then_some(leased.entry.raw),
@@ -666,6 +701,7 @@ impl Broker for MemoryBroker {
             } else {
                 if let Some(envelope) = &envelope {
                     events.push(Event::about("recovered", envelope, detail));
+                    requeued.push(envelope.id.clone());
                 }
                 q.ready.push_back(Entry {
                     delivered,
@@ -677,8 +713,18 @@ impl Broker for MemoryBroker {
         for event in events {
             state.event(event, self.settings.events_maxlen);
         }
-        for id in poisoned {
-            state.id_ended(&id, now + self.settings.result_ttl);
+        for (envelope, reason) in poisoned {
+            let record = state.record_of(&envelope);
+            record.state = Some(TaskState::Dead);
+            record.error = Some(reason);
+            record.updated_at = rfc3339(SystemTime::now());
+            state.keep_record(&envelope.id, Some(now + self.settings.result_ttl));
+        }
+        // Their attempt is over (its node lost the lease): no longer running, still counted.
+        for id in requeued {
+            if let Some((record, _)) = state.records.get_mut(&id) {
+                record.lost = true;
+            }
         }
         drop(state);
         if out.requeued > 0 {
@@ -745,8 +791,15 @@ impl Broker for MemoryBroker {
                 (Some(envelope), true) => {
                     let mut envelope = envelope.clone();
                     envelope.attempt = 0;
-                    // Its entry exists again: its id is taken until its next outcome.
-                    state.ids.insert(envelope.id.clone(), None);
+                    // Its entry exists again: a fresh record, kept until its next outcome.
+                    let mut record =
+                        StoredRecord::enqueued(&envelope, None, &rfc3339(SystemTime::now()));
+                    if let Some((old, _)) = state.records.get(&envelope.id) {
+                        record.enqueued_at = old.enqueued_at.clone();
+                    }
+                    state.records.insert(envelope.id.clone(), (record, None));
+                    // Requeued on purpose: a revocation no longer holds it back.
+                    self.revocations.remove(&envelope.id);
                     state.push_ready(queue, &envelope, 0);
                     moved += 1;
                 }
@@ -770,13 +823,13 @@ impl Broker for MemoryBroker {
         };
         let ready = std::mem::take(&mut q.ready);
         let delayed = std::mem::take(&mut q.delayed);
-        // Their ids are free again: nothing of them is left.
+        // Their records go with them (their ids are free again): nothing of them is left.
         let raws = ready.iter().map(|e| &e.raw).chain(delayed.values());
         for id in raws
             .filter_map(|raw| Envelope::id_in(raw))
             .collect::<Vec<_>>()
         {
-            state.ids.remove(&id);
+            state.records.remove(&id);
         }
         Ok(purged)
     }
@@ -786,9 +839,21 @@ impl Broker for MemoryBroker {
         Ok(())
     }
 
-    fn publish_soon(&self, event: Event) {
+    fn started(&self, envelope: &Envelope, consumer: &str) {
         // No round trip to save: written at once, so before any later outcome.
-        self.lock().event(event, self.settings.events_maxlen);
+        let at = rfc3339(SystemTime::now());
+        let mut state = self.lock();
+        let record = state.record_of(envelope);
+        record.started = Some(envelope.attempt);
+        record.lost = false;
+        record.started_at = Some(at.clone());
+        record.node = Some(consumer.to_string());
+        record.updated_at = at;
+        let detail = serde_json::json!({ "attempt": envelope.attempt, "consumer": consumer });
+        state.event(
+            Event::about("started", envelope, detail),
+            self.settings.events_maxlen,
+        );
     }
 
     async fn events(&self, after: Option<&str>, limit: usize) -> Result<Vec<Event>, BrokerError> {
@@ -819,14 +884,77 @@ impl Broker for MemoryBroker {
     async fn record(&self, id: &str) -> Result<Option<TaskRecord>, BrokerError> {
         let mut state = self.lock();
         let now = Instant::now();
-        match state.records.get(id) {
-            Some((record, expires)) if *expires > now => Ok(Some(record.clone())),
-            Some(_) => {
-                state.records.remove(id);
-                Ok(None)
-            }
-            None => Ok(None),
+        if !state.record_exists(id, now) {
+            state.records.remove(id);
+            return Ok(None);
         }
+        let now_ms = epoch_ms(SystemTime::now());
+        Ok(state
+            .records
+            .get(id)
+            .map(|(record, _)| record.clone().view(now_ms)))
+    }
+
+    async fn revoke(&self, id: &str, terminate: bool) -> Result<Revoked, BrokerError> {
+        let now = SystemTime::now();
+        let until = epoch_ms(now).saturating_add(
+            u64::try_from(self.settings.result_ttl.as_millis()).unwrap_or(u64::MAX),
+        );
+        let mut state = self.lock();
+        let clock = Instant::now();
+        let record = state
+            .record_exists(id, clock)
+            .then(|| state.records.get(id).map(|(r, _)| r.clone()))
+            .flatten();
+        let answer = match &record {
+            None => Revoked::Unknown,
+            Some(record) => match record.clone().view(epoch_ms(now)) {
+                view if view.state == TaskState::Dead && view.error.as_deref() == Some(REVOKED) => {
+                    Revoked::AlreadyRevoked
+                }
+                view if view.state.is_final() => Revoked::Ended(view.state),
+                view if view.state == TaskState::Running => Revoked::Running,
+                view => Revoked::Pending(view.state),
+            },
+        };
+        if matches!(answer, Revoked::AlreadyRevoked | Revoked::Ended(_)) {
+            return Ok(answer);
+        }
+        if let (Revoked::Pending(_), Some(stored)) = (answer, &record) {
+            // A delayed entry is made ready now, so a consumer dead-letters it at once.
+            if let Some(due) = stored.due_ms {
+                let q = state.queue(&stored.queue);
+                let key = q
+                    .delayed
+                    .range((due, 0)..=(due, u64::MAX))
+                    .find(|(_, raw)| Envelope::id_in(raw).as_deref() == Some(id))
+                    .map(|(key, _)| *key);
+                if let Some(raw) = key.and_then(|key| q.delayed.remove(&key)) {
+                    state.push_ready_raw(&stored.queue, raw, 0);
+                }
+            }
+            if let Some((record, _)) = state.records.get_mut(id) {
+                record.state = Some(TaskState::Dead);
+                record.error = Some(REVOKED.to_string());
+                record.updated_at = rfc3339(now);
+            }
+        }
+        drop(state);
+        let revocation = Revocation {
+            id: id.to_string(),
+            terminate,
+        };
+        self.revocations.add(revocation, until);
+        self.arrived.notify_waiters();
+        Ok(answer)
+    }
+
+    fn is_revoked(&self, id: &str) -> bool {
+        self.revocations.contains(id, epoch_ms(SystemTime::now()))
+    }
+
+    fn revocations(&self) -> tokio::sync::broadcast::Receiver<Revocation> {
+        self.revocations.subscribe()
     }
 
     async fn hand_back(

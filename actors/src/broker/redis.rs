@@ -12,8 +12,9 @@
 //! | `p:{q}:delayed` | sorted set | score = due time (epoch ms), member = envelope JSON (eta, retries) |
 //! | `p:{q}:dead` | stream | dead letters |
 //! | `p:idem:<key>` | string, `PX` idempotency TTL | the first task id enqueued with that idempotency key |
-//! | `p:id:<id>` | string (the queue), no TTL while the task's entry exists, then `PEXPIRE` result TTL | the id guard of a task id chosen by its producer (below) |
-//! | `p:result:<id>` | hash, `PEXPIRE` result TTL | the task's record (below) |
+//! | `p:result:<id>` | hash; no TTL while the task's entry exists, then `PEXPIRE` result TTL | the task's record, and the guard of a chosen id (below) |
+//! | `p:revoked` | sorted set, members `r:<id>` / `t:<id>` (terminate), score = kept until (epoch ms) | the kept revocations |
+//! | `p:revoked:seq` | string, a counter | changes of `p:revoked`, read with each `reserve` |
 //! | `p:events` | stream, `MAXLEN ~ events_maxlen` | lifecycle events (below) |
 //! | `p:{beat}:leader` | string, `PX` beat lease | the node that leads the beat scheduler |
 //! | `p:{beat}:runs` | hash | per schedule: its last run, JSON `{"due_ms", "task_id", "node"}` |
@@ -28,36 +29,43 @@
 //!   `XADD p:{q}:stream * e '<envelope json>'` — the envelope needs `task` and `queue`, and
 //!   must carry a unique `id` that passes `check_id` (the key of its record; an entry without
 //!   one, or with a refused one, is dead-lettered as malformed). Such an entry bypasses the
-//!   id guard. The consumer group is created at id `0` on first use, so entries added before
-//!   any consumer existed are delivered too.
+//!   id check and has no record until a consumer takes it (its start marker, or a deferral to
+//!   its eta, makes one). The consumer group is created at id `0` on first use, so entries
+//!   added before any consumer existed are delivered too.
 //! - **Dead letter** (`p:{q}:dead`): `e` = envelope JSON (or the raw text that could not be
 //!   parsed), `reason`, `attempts`, `at` (RFC 3339), and `raw` = `1` when `e` is not a valid
 //!   envelope.
-//! - **Record** (`p:result:<id>`): `id`, `task`, `queue`, `state` (`succeeded` | `retrying` |
-//!   `dead`), `result` (JSON; meaningful when succeeded, empty otherwise), `error` (meaningful
-//!   when retrying or dead, empty otherwise), `attempts`, `updated_at` (RFC 3339).
+//! - **Record** (`p:result:<id>`, a [`StoredRecord`]): `id`, `task`, `queue`, `state`
+//!   (`queued` | `scheduled` | `retrying` | `succeeded` | `dead`; never `running`), `due`
+//!   (epoch ms, the delayed-set score of a scheduled or retrying task), `result` (JSON;
+//!   meaningful when succeeded), `error`, `attempts` (attempts that ran to a success or a
+//!   retry), `started` / `started_at` / `node` / `lost` (the start marker of the latest
+//!   attempt, and whether it was lost), `enqueued_at`, `updated_at` (RFC 3339). Written at
+//!   enqueue (`HSET`, no TTL, in the step that writes the entry), by the start marker, by each
+//!   outcome (`PEXPIRE` result TTL when the task ended, `PERSIST` otherwise), a deferral, a
+//!   requeue, a revocation and a poisoning; deleted by a purge. It is also the guard of a chosen
+//!   id: an enqueue (or a Celery message moved by the bridge) whose id has a record is a
+//!   duplicate — one key per task, where issue 16 had a second one (`p:id:<id>`).
 //! - **Event** (`p:events`): `kind`, `at`, optional `task_id`, `task`, `queue`, and `detail`
 //!   (JSON).
-//! - **Id guard** (`p:id:<id>`): set (`SET NX`, no TTL) when a task whose id its producer chose
-//!   is enqueued — through `enqueue` or the Celery bridge — in the same script as its entry;
-//!   taken, the enqueue is a duplicate. It lives while the entry does (ready, delayed, in
-//!   flight, retried, deferred, handed back, recovered: none of these touch it), gets the
-//!   result TTL when the task ends (ack, dead letter, poison, burial as malformed: `PEXPIRE`
-//!   in the same step), is set again by a requeue from the dead letters and deleted by a
-//!   purge with the entry. Generated ids (UUIDs) get none, so their enqueue checks nothing.
 //!
 //! # How each operation maps onto Redis
 //!
 //! - `enqueue`: envelopes are all validated first (nothing is written if one is invalid; an
 //!   envelope whose JSON is over `max_entry_bytes` fails the batch before any round trip). A
 //!   batch of generated ids without idempotency keys — the hot path — is one pipeline of `XADD`
-//!   (or `ZADD` for a future eta) and the `sent` events: nothing to claim. A batch where some
-//!   envelope has an idempotency key or a chosen id is one call of `enqueue.lua`: per
-//!   envelope, `SET p:idem:<key> <id> NX PX ttl` (taken, also by an earlier envelope of the
-//!   batch → `duplicate` with the stored first id), then `SET p:id:<id> <queue> NX` for a
-//!   chosen id (taken → `duplicate` with that id), then the write and its event — claims and
-//!   writes in one atomic step, so a claimed key or guard always has its entry.
-//! - `reserve`: `XREADGROUP GROUP p <consumer> COUNT max [BLOCK wait] STREAMS p:{q}:stream >`.
+//!   (or `ZADD` for a future eta), the records' `HSET` and the `sent` events: nothing to claim.
+//!   A batch where some envelope has an idempotency key or a chosen id is one call of
+//!   `enqueue.lua`: per envelope, `SET p:idem:<key> <id> NX PX ttl` (taken, also by an earlier
+//!   envelope of the batch → `duplicate` with the stored first id), then `EXISTS
+//!   p:result:<id>` for a chosen id (there → `duplicate` with that id), then the write, its
+//!   record and its event — claims and writes in one atomic step, so a claimed key always has
+//!   its entry and an entry its record.
+//! - `reserve`: `XREADGROUP GROUP p <consumer> COUNT max [BLOCK wait] STREAMS p:{q}:stream >`
+//!   pipelined with `GET p:revoked:seq` (run after the read, in its round trip): when entries
+//!   came and the counter moved since this node last looked, `p:revoked` is read again (one
+//!   more round trip, only then), so a revocation made before the read is known when the
+//!   consumer admits what it read ([`Broker::is_revoked`] is a local lookup).
 //!   A blocking read holds up its connection, so each (queue, consumer) reserving with a wait
 //!   gets its own connection (created lazily, no response timeout of its own: the call is
 //!   bounded by `wait` + a margin; dropped and re-made after an error). Reads without a wait use
@@ -71,26 +79,36 @@
 //! - `renew`: `XCLAIM … 0 <ids> JUSTID` by the owner — resets the idle time, not the delivery
 //!   count. An id missing from the reply was recovered elsewhere.
 //! - Outcomes, each one call of `commit.lua` (one round trip, all or nothing — see
-//!   *Atomic outcomes* below): `ack` = record `HSET` + `PEXPIRE`, `XACK`, `XDEL`, the id
-//!   guard's `PEXPIRE`, `succeeded` event; `retry` = `ZADD` delayed (attempt + 1), `XACK`,
-//!   `XDEL`, record, `retried` event; `defer` = `ZADD` delayed (attempt unchanged), `XACK`,
-//!   `XDEL`, `deferred` event; `dead_letter` = `XADD` dead, `XACK`, `XDEL`, record, guard,
-//!   `dead` event. `ack_many` sends several outcomes in the same call, each committed on its
-//!   own. The `started` events waiting in `publish_soon` travel in the same call, ahead, as an
-//!   outcome of their own.
+//!   *Atomic outcomes* below): `ack` = record `HSET` + `PEXPIRE`, `XACK`, `XDEL`,
+//!   `succeeded` event; `retry` = `ZADD` delayed (attempt + 1), `XACK`, `XDEL`, record
+//!   (`due`) and `PERSIST`, `retried` event; `defer` = `ZADD` delayed (attempt unchanged),
+//!   `XACK`, `XDEL`, record (`scheduled`, `due`, `lost`) and `PERSIST`, `deferred` event;
+//!   `dead_letter` = `XADD` dead, `XACK`, `XDEL`, record and `PEXPIRE`, `dead` event. `ack_many` sends several
+//!   outcomes in the same call, each committed on its own. The starts handed to `started`
+//!   (record start marker `HSET` + `started` event, per attempt) travel in the same call,
+//!   ahead, as an outcome of their own — or are written by a flusher within `EVENT_FLUSH`: an
+//!   attempt's start costs no round trip of its own.
 //! - `recover`: `recover.lua`, in batches: `XPENDING … IDLE lease`, each stale entry re-added
-//!   at the tail with `d` + 1 (or dead-lettered once `d` + 1 reaches `max_deliveries`), the old
-//!   id acked and deleted. Re-adding (rather than `XAUTOCLAIM`ing to the sweeping node) keeps the
+//!   at the tail with `d` + 1 and its record's attempt marked `lost` (or dead-lettered once
+//!   `d` + 1 reaches `max_deliveries`, its record dead with the reason), the old id acked and
+//!   deleted. Re-adding (rather than `XAUTOCLAIM`ing to the sweeping node) keeps the
 //!   prefetch bound: whichever consumer has free slots picks the entry up.
 //! - `promote_due`: `promote.lua`, in batches: due members of the delayed set → `XADD` → `ZREM`.
 //! - `depth`: ready = `XLEN` − pending (acked entries are deleted), in flight = `XPENDING`
 //!   count, delayed = `ZCARD`, dead = `XLEN` of the dead letters.
 //! - `purge`: `purge.lua`, in batches: deletes entries after the group's last-delivered-id
-//!   (never reserved) and the delayed set's members, and the id guards of both; in-flight
+//!   (never reserved) and the delayed set's members, and the records of both; in-flight
 //!   entries finish.
 //! - `requeue_dead`: dead letters are read, each parseable one rewritten with `attempt` = 0,
-//!   and `requeue.lua` moves it only if it is still a dead letter (atomic per letter), setting
-//!   its id guard again (its entry exists again).
+//!   and `requeue.lua` moves it only if it is still a dead letter (atomic per letter), giving
+//!   it a fresh record (`queued`, no TTL: its entry exists again) and dropping a revocation of
+//!   it (`ZREM`, the counter moves).
+//! - `revoke`: `revoke.lua` (see it for each state): reads the record; unless the task ended,
+//!   `ZADD p:revoked`, `INCR p:revoked:seq`, `PUBLISH p:revocations`; a task not started yet
+//!   is recorded dead/revoked and its delayed entry (found by the record's `due`) moved to the
+//!   stream. Each node listens on `p:revocations` (its own connection, subscribed again after
+//!   a loss — then `p:revoked` is read again and every revocation in it told once more) and
+//!   tells its consumers ([`Broker::revocations`]).
 //! - `hand_back`: `hand_back.lua`: each entry still pending for the consumer is acked,
 //!   deleted and re-added at the tail with the same fields (envelope, delivery count). Chosen
 //!   over `XCLAIM … IDLE <huge>` (which would let the next recovery sweep take it): the
@@ -129,11 +147,12 @@
 //!   (the JSON text), not in enqueue order as `memory://` does; entries due at different times
 //!   come in due order, and ready entries are strictly FIFO.
 //! - One Redis server, not Cluster: `commit.lua` and `enqueue.lua` write keys in several slots
-//!   in one step (the queue's, the record's, the id guard's, the idempotency key's, the events
-//!   stream's), as the outcome pipelines they replace already did. It is what makes an outcome
-//!   atomic; on Cluster these keys would have to move into the queue's slot (or the step be
-//!   split and lose that). `purge.lua` and `recover.lua` name the id guards they touch in
-//!   their arguments rather than in `KEYS` (they learn the ids from the entries).
+//!   in one step (the queue's, the record's, the idempotency key's, the events stream's), as
+//!   the outcome pipelines they replace already did. It is what makes an outcome atomic; on
+//!   Cluster these keys would have to move into the queue's slot (or the step be split and
+//!   lose that). `purge.lua` and `recover.lua` name the records they touch in their arguments
+//!   rather than in `KEYS` (they learn the ids from the entries), and `revoke.lua` names the
+//!   queue's keys it learns from the record.
 //!
 //! # Connection
 //!
@@ -156,10 +175,11 @@ use serde::Serialize;
 use serde_json::json;
 
 use super::memory::{Prepared, prepare_batch};
+use super::revocations::Revocations;
 use super::{
     Broker, BrokerError, BrokerSettings, DeadLetter, Delivery, EVENT_FLUSH, Enqueued, Envelope,
-    Event, LastRun, NodeRecord, Purged, QueueDepth, Recovered, TaskRecord, TaskState, due_ms,
-    epoch_ms, rfc3339,
+    Event, LastRun, NodeRecord, Purged, QueueDepth, Recovered, Revocation, Revoked, StoredRecord,
+    TaskRecord, TaskState, due_ms, epoch_ms, rfc3339,
 };
 
 /// How long connecting (and the start-up PING) may take.
@@ -269,6 +289,7 @@ struct Scripts {
     purge: Script,
     requeue: Script,
     hand_back: Script,
+    revoke: Script,
     claim_leadership: Script,
     resign_leadership: Script,
 }
@@ -297,8 +318,22 @@ pub struct RedisBroker {
     events_key: String,
     /// `PEXPIRE` of records, in ms (at least 1).
     result_ttl_ms: u64,
-    /// Events handed to `publish_soon`, written with the next outcome or by the flusher.
-    soon: Arc<Mutex<Vec<Event>>>,
+    /// Starts handed to `started`, written with the next outcome or by the flusher.
+    soon: Arc<Mutex<Vec<Start>>>,
+    /// What this node knows of the kept revocations (shared with the subscriber task).
+    revocations: Arc<Revocations>,
+}
+
+/// An attempt's start, handed to [`Broker::started`]: its record's start marker and its
+/// `started` event, written later in one go ([`soon_pipeline`]).
+#[derive(Debug)]
+struct Start {
+    /// `p:result:<id>`.
+    record: String,
+    /// The `started` event (its `at` is the marker's time).
+    event: Event,
+    attempt: u32,
+    consumer: String,
 }
 
 impl RedisBroker {
@@ -348,8 +383,16 @@ impl RedisBroker {
             events_key.clone(),
             settings.events_maxlen,
         ));
+        let revocations = Arc::new(Revocations::default());
+        tokio::spawn(listen_revocations(
+            Arc::downgrade(&revocations),
+            client.clone(),
+            manager.clone(),
+            settings.prefix.clone(),
+        ));
         Ok(Self {
             soon,
+            revocations,
             events_key,
             result_ttl_ms: ms(settings.result_ttl),
             settings,
@@ -367,6 +410,7 @@ impl RedisBroker {
                 purge: Script::new(include_str!("redis/purge.lua")),
                 requeue: Script::new(include_str!("redis/requeue.lua")),
                 hand_back: Script::new(include_str!("redis/hand_back.lua")),
+                revoke: Script::new(include_str!("redis/revoke.lua")),
                 claim_leadership: Script::new(include_str!("redis/claim_leadership.lua")),
                 resign_leadership: Script::new(include_str!("redis/resign_leadership.lua")),
             },
@@ -419,13 +463,9 @@ impl RedisBroker {
         format!("{}:result:{id}", self.settings.prefix)
     }
 
-    /// `p:id:` — the id guard of task `id` is this prefix followed by the id.
-    fn guard_prefix(&self) -> String {
-        format!("{}:id:", self.settings.prefix)
-    }
-
-    fn guard_key(&self, id: &str) -> String {
-        format!("{}:id:{id}", self.settings.prefix)
+    /// `p:result:` — the record of task `id` is this prefix followed by the id.
+    fn result_prefix(&self) -> String {
+        format!("{}:result:", self.settings.prefix)
     }
 
     fn leader_key(&self) -> String {
@@ -485,9 +525,9 @@ impl RedisBroker {
     }
 
     /// Writes outcomes with `commit.lua`, in one round trip: each pipeline's commands are one
-    /// outcome, written whole or not at all (its keys are type-checked first). The events
-    /// handed to `publish_soon` go first, as an outcome of their own (best effort: their
-    /// failure is logged, not returned). `Err` when the call failed, or naming every outcome
+    /// outcome, written whole or not at all (its keys are type-checked first). The starts
+    /// handed to `started` go first, as an outcome of their own (best effort: their failure
+    /// is logged, not returned). `Err` when the call failed, or naming every outcome
     /// that was not written — with the key and Redis' error — while the others were.
     async fn write_outcomes(&self, outcomes: Vec<Pipeline>) -> Result<(), BrokerError> {
         let soon = self.take_soon();
@@ -519,7 +559,7 @@ impl RedisBroker {
             && let Some(answer) = answers.next()
             && !matches!(answer, Value::Int(1))
         {
-            tracing::warn!(error = %text(&answer), "events of started tasks not written");
+            tracing::warn!(error = %text(&answer), "starts of tasks (records, events) not written");
         }
         let failed: Vec<String> = answers
             .filter(|answer| !matches!(answer, Value::Int(1)))
@@ -631,26 +671,18 @@ impl RedisBroker {
         );
     }
 
-    /// The events handed to `publish_soon`, taken out of the buffer as one pipeline of
-    /// `XADD`s (`None` when there are none).
+    /// The starts handed to `started`, taken out of the buffer as one pipeline
+    /// ([`soon_pipeline`]; `None` when there are none).
     fn take_soon(&self) -> Option<Pipeline> {
-        if !self.events_on() {
-            return None;
-        }
         let soon = std::mem::take(&mut *lock(&self.soon));
         if soon.is_empty() {
             return None;
         }
-        let mut pipe = redis::pipe();
-        for event in &soon {
-            xadd_whole(
-                &mut pipe,
-                &self.events_key,
-                self.settings.events_maxlen,
-                event,
-            );
-        }
-        Some(pipe)
+        Some(soon_pipeline(
+            &soon,
+            &self.events_key,
+            self.settings.events_maxlen,
+        ))
     }
 }
 
@@ -671,10 +703,44 @@ fn xadd_whole(pipe: &mut Pipeline, key: &str, maxlen: usize, event: &Event) {
     );
 }
 
-/// Writes the events handed to `publish_soon` that no outcome took along, every
+/// The writes of attempts' starts: per start, its record's start marker (`HSET` of `id`,
+/// `task`, `queue`, `started` = the attempt, `started_at`, `node`, `lost` = 0, `updated_at`: a record
+/// this makes — an entry another producer wrote — has no state, read as `running`) and its
+/// `started` event (unless events are off: `maxlen` 0).
+fn soon_pipeline(starts: &[Start], events_key: &str, maxlen: usize) -> Pipeline {
+    let mut pipe = redis::pipe();
+    for start in starts {
+        let event = &start.event;
+        pipe.cmd("HSET")
+            .arg(&start.record)
+            .arg("id")
+            .arg(event.task_id.as_deref().unwrap_or_default())
+            .arg("task")
+            .arg(event.task.as_deref().unwrap_or_default())
+            .arg("queue")
+            .arg(event.queue.as_deref().unwrap_or_default())
+            .arg("started")
+            .arg(start.attempt)
+            .arg("started_at")
+            .arg(&event.at)
+            .arg("node")
+            .arg(&start.consumer)
+            .arg("lost")
+            .arg("0")
+            .arg("updated_at")
+            .arg(&event.at)
+            .ignore();
+        if maxlen > 0 {
+            xadd_whole(&mut pipe, events_key, maxlen, event);
+        }
+    }
+    pipe
+}
+
+/// Writes the starts handed to `started` that no outcome took along, every
 /// [`EVENT_FLUSH`], until the broker is dropped.
 async fn flush_soon(
-    soon: Weak<Mutex<Vec<Event>>>,
+    soon: Weak<Mutex<Vec<Start>>>,
     mut conn: ConnectionManager,
     key: String,
     maxlen: usize,
@@ -682,17 +748,14 @@ async fn flush_soon(
     loop {
         tokio::time::sleep(EVENT_FLUSH).await;
         let Some(soon) = soon.upgrade() else { return };
-        let events = std::mem::take(&mut *lock(&soon));
+        let starts = std::mem::take(&mut *lock(&soon));
         drop(soon);
-        if events.is_empty() {
+        if starts.is_empty() {
             continue;
         }
-        let mut pipe = redis::pipe();
-        for event in &events {
-            xadd_whole(&mut pipe, &key, maxlen, event);
-        }
+        let pipe = soon_pipeline(&starts, &key, maxlen);
         if let Err(err) = pipe.query_async::<()>(&mut conn).await {
-            tracing::debug!(error = %err, events = events.len(), "events not written");
+            tracing::debug!(error = %err, starts = starts.len(), "starts (records, events) not written");
         }
     }
 }
@@ -728,7 +791,13 @@ fn xadd_event(
 }
 
 impl RedisBroker {
-    /// Appends the record write (`HSET` + `PEXPIRE`) to `pipe`.
+    /// Appends an outcome's record write to `pipe`: `HSET` of the state, result, error,
+    /// attempts (the envelope's `attempt` + 1, for an outcome of an attempt that ran: a
+    /// success or a retry; a dead letter leaves it, since the entry may never have run),
+    /// due time (`due_ms` of a retry, else empty) and time — with the id, task and queue, for
+    /// a record that an enqueue did not make — then `PEXPIRE` result TTL when the task ended,
+    /// else `PERSIST` (its entry lives on).
+    #[allow(clippy::too_many_arguments)]
     fn add_record(
         &self,
         pipe: &mut Pipeline,
@@ -736,33 +805,55 @@ impl RedisBroker {
         state: TaskState,
         result: Option<&serde_json::Value>,
         error: &str,
+        due_ms: Option<u64>,
         at: &str,
     ) {
         let key = self.result_key(&envelope.id);
         let result = result.map(|v| v.to_string()).unwrap_or_default();
-        pipe.cmd("HSET")
-            .arg(&key)
-            .arg("id")
+        let cmd = pipe.cmd("HSET");
+        if matches!(state, TaskState::Succeeded | TaskState::Retrying) {
+            cmd.arg(&key)
+                .arg("attempts")
+                .arg(envelope.attempt.saturating_add(1));
+        } else {
+            cmd.arg(&key);
+        }
+        cmd.arg("id")
             .arg(&envelope.id)
             .arg("task")
             .arg(&envelope.task)
             .arg("queue")
             .arg(&envelope.queue)
             .arg("state")
-            .arg(state_name(state))
+            .arg(state.name())
             .arg("result")
             .arg(result)
             .arg("error")
             .arg(error)
-            .arg("attempts")
-            .arg(envelope.attempt.saturating_add(1))
+            .arg("due")
+            .arg(due_ms.map(|due| due.to_string()).unwrap_or_default())
             .arg("updated_at")
             .arg(at)
             .ignore();
-        pipe.cmd("PEXPIRE")
-            .arg(&key)
-            .arg(self.result_ttl_ms)
-            .ignore();
+        if state.is_final() {
+            pipe.cmd("PEXPIRE")
+                .arg(&key)
+                .arg(self.result_ttl_ms)
+                .ignore();
+        } else {
+            pipe.cmd("PERSIST").arg(&key).ignore();
+        }
+    }
+
+    /// The record of an enqueued envelope ([`enqueued_fields`]: `queued`, or `scheduled` until
+    /// `due_ms`). A new key has no TTL: it lives while its entry does.
+    fn add_enqueued_record(&self, pipe: &mut Pipeline, envelope: &Envelope, due_ms: Option<u64>) {
+        let fields = enqueued_fields(envelope, due_ms);
+        let cmd = pipe.cmd("HSET").arg(self.result_key(&envelope.id));
+        for (name, value) in &fields {
+            cmd.arg(*name).arg(value.as_ref());
+        }
+        cmd.ignore();
     }
 
     /// Ends a delivery and puts `next` in the delayed set, due at `at` (`ZADD`, `XACK`,
@@ -782,16 +873,16 @@ impl RedisBroker {
         self.add_release(pipe, &self.stream_key(&delivery.queue), &delivery.entry);
     }
 
-    /// The task `id` ended: its id guard, if it has one, lives `result_ttl` more (as its
-    /// record does), then the id is free (`PEXPIRE`, nothing when there is no guard).
-    fn add_guard_end(&self, pipe: &mut Pipeline, id: &str) {
+    /// The task `id` ended without an outcome of its own (a malformed entry): its record, if
+    /// it has one, lives `result_ttl` more, then the id is free (`PEXPIRE`).
+    fn add_record_end(&self, pipe: &mut Pipeline, id: &str) {
         pipe.cmd("PEXPIRE")
-            .arg(self.guard_key(id))
+            .arg(self.result_key(id))
             .arg(self.result_ttl_ms)
             .ignore();
     }
 
-    /// An ack's commands: record, `XACK` + `XDEL`, the id guard's end, `succeeded` event.
+    /// An ack's commands: record (with its TTL), `XACK` + `XDEL`, `succeeded` event.
     fn add_ack(
         &self,
         pipe: &mut Pipeline,
@@ -800,9 +891,16 @@ impl RedisBroker {
         at: &str,
     ) {
         let envelope = &delivery.envelope;
-        self.add_record(pipe, envelope, TaskState::Succeeded, Some(result), "", at);
+        self.add_record(
+            pipe,
+            envelope,
+            TaskState::Succeeded,
+            Some(result),
+            "",
+            None,
+            at,
+        );
         self.add_release(pipe, &self.stream_key(&delivery.queue), &delivery.entry);
-        self.add_guard_end(pipe, &envelope.id);
         let detail = format!(r#"{{"attempt":{},"error":null}}"#, envelope.attempt);
         self.add_event(pipe, "succeeded", at, Some(envelope), None, &detail);
     }
@@ -871,9 +969,9 @@ impl RedisBroker {
                 .arg("1")
                 .ignore();
             self.add_release(&mut pipe, stream, id);
-            // A task id that can still be read from it: its guard ends with it.
+            // A task id that can still be read from it: its record ends with it.
             if let Some(task_id) = Envelope::id_in(raw) {
-                self.add_guard_end(&mut pipe, &task_id);
+                self.add_record_end(&mut pipe, &task_id);
             }
             let detail = json!({ "reason": reason, "entry": id }).to_string();
             self.add_event(&mut pipe, "dead", &at, None, Some(queue), &detail);
@@ -944,7 +1042,9 @@ impl RedisBroker {
         Ok((out, buried))
     }
 
-    /// One `XREADGROUP` (blocking on a dedicated connection when `block` is set).
+    /// One `XREADGROUP` (blocking on a dedicated connection when `block` is set), and in the
+    /// same round trip — after it — the revocation counter (`GET p:revoked:seq`, `None` while
+    /// nothing was ever revoked): any revocation made before the read returned is counted.
     async fn read_group(
         &self,
         queue: &str,
@@ -952,8 +1052,9 @@ impl RedisBroker {
         stream: &str,
         max: usize,
         block: Option<Duration>,
-    ) -> Result<Vec<StreamEntry>, BrokerError> {
-        let mut cmd = redis::cmd("XREADGROUP");
+    ) -> Result<(Vec<StreamEntry>, Option<i64>), BrokerError> {
+        let mut pipe = redis::pipe();
+        let cmd = pipe.cmd("XREADGROUP");
         cmd.arg("GROUP")
             .arg(self.group())
             .arg(consumer)
@@ -963,21 +1064,38 @@ impl RedisBroker {
             cmd.arg("BLOCK").arg((block.as_millis() as u64).max(1));
         }
         cmd.arg("STREAMS").arg(stream).arg(">");
-        let reply = match block {
+        pipe.cmd("GET").arg(revoked_seq_key(&self.settings.prefix));
+        let (reply, seq) = match block {
             None => {
                 self.grouped(queue, || {
                     let mut conn = self.manager.clone();
-                    let cmd = &cmd;
-                    async move { cmd.query_async::<Value>(&mut conn).await }
+                    let pipe = &pipe;
+                    async move { pipe.query_async::<(Value, Option<i64>)>(&mut conn).await }
                 })
                 .await?
             }
             Some(block) => {
-                self.grouped(queue, || self.blocking_read(queue, consumer, &cmd, block))
+                self.grouped(queue, || self.blocking_read(queue, consumer, &pipe, block))
                     .await?
             }
         };
-        Ok(read_reply(reply))
+        Ok((read_reply(reply), seq))
+    }
+
+    /// Brings this node's copy of the kept revocations up to date when the broker's counter
+    /// says there were revocations it has not seen (`seq` from the read): one round trip, only
+    /// then. A failure leaves the copy as it was (the next read tries again).
+    async fn catch_up_revocations(&self, seq: Option<i64>) {
+        let seq = seq.unwrap_or(0);
+        if seq == self.revocations.seq() {
+            return;
+        }
+        match load_revocations(&mut self.manager.clone(), &self.settings.prefix).await {
+            Ok((kept, seq)) => self.revocations.replace(kept, seq, false),
+            Err(err) => {
+                tracing::warn!(error = %err, "revocations not read; tasks revoked since the last read may run")
+            }
+        }
     }
 
     /// A blocking `XREADGROUP` on the dedicated connection of (queue, consumer): taken out of
@@ -987,9 +1105,9 @@ impl RedisBroker {
         &self,
         queue: &str,
         consumer: &str,
-        cmd: &redis::Cmd,
+        pipe: &Pipeline,
         block: Duration,
-    ) -> RedisResult<Value> {
+    ) -> RedisResult<(Value, Option<i64>)> {
         let slot = (queue.to_string(), consumer.to_string());
         let taken = lock(&self.blocking).remove(&slot);
         let mut conn = match taken {
@@ -1003,7 +1121,10 @@ impl RedisBroker {
                     .await?
             }
         };
-        let read = tokio::time::timeout(block + BLOCK_MARGIN, cmd.query_async::<Value>(&mut conn));
+        let read = tokio::time::timeout(
+            block + BLOCK_MARGIN,
+            pipe.query_async::<(Value, Option<i64>)>(&mut conn),
+        );
         match read.await {
             Err(_) => Err(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
@@ -1021,8 +1142,8 @@ impl RedisBroker {
 
 impl RedisBroker {
     /// Enqueues a batch with idempotency keys or chosen ids through `enqueue.lua`: per
-    /// envelope, claim its key and its id guard, then write it — or answer the id it
-    /// duplicates — in one atomic step and one round trip.
+    /// envelope, claim its key and check its id (its record), then write it and its record —
+    /// or answer the id it duplicates — in one atomic step and one round trip.
     async fn enqueue_claiming(
         &self,
         prepared: Vec<Prepared>,
@@ -1045,11 +1166,7 @@ impl RedisBroker {
                 Some(_) => self.delayed_key(&envelope.queue),
                 None => self.stream_key(&envelope.queue),
             };
-            let guard = if p.chosen {
-                self.guard_key(&envelope.id)
-            } else {
-                String::new()
-            };
+            let record = self.result_key(&envelope.id);
             let (idem, ttl) = match &envelope.idempotency_key {
                 Some(key) => {
                     let ttl = self.settings.idempotency_ttl_for(&envelope.task);
@@ -1062,15 +1179,17 @@ impl RedisBroker {
                 .arg(p.due.map(|due| due.to_string()).unwrap_or_default())
                 .arg(&p.json)
                 .arg(&envelope.id)
-                .arg(&guard)
-                .arg(&envelope.queue)
+                .arg(&record)
+                .arg(if p.chosen { "1" } else { "" })
                 .arg(&idem)
                 .arg(ttl)
                 .arg(&envelope.task)
                 .arg(&envelope.queue)
-                .arg(sent_detail(envelope).as_ref());
+                .arg(sent_detail(envelope).as_ref())
+                .arg(&envelope.enqueued_at);
             keys.push(target);
-            keys.extend([guard, idem].into_iter().filter(|k| !k.is_empty()));
+            keys.push(record);
+            keys.extend((!idem.is_empty()).then_some(idem));
         }
         keys.sort_unstable();
         keys.dedup();
@@ -1095,6 +1214,27 @@ impl RedisBroker {
             })
             .collect())
     }
+}
+
+/// The fields of an enqueued task's record ([`RedisBroker::add_enqueued_record`]; `enqueue.lua`
+/// writes the same): `task`, `queue`, `state`, `enqueued_at`, and `due` for a scheduled task.
+/// Kept to what cannot be read elsewhere — the id is the key's, and `updated_at` reads as
+/// `enqueued_at` until something else writes the record — because every enqueue pays for it.
+fn enqueued_fields(envelope: &Envelope, due_ms: Option<u64>) -> Vec<(&'static str, Cow<'_, str>)> {
+    let state = match due_ms {
+        Some(_) => TaskState::Scheduled,
+        None => TaskState::Queued,
+    };
+    let mut fields = vec![
+        ("task", Cow::Borrowed(envelope.task.as_str())),
+        ("queue", Cow::Borrowed(envelope.queue.as_str())),
+        ("state", Cow::Borrowed(state.name())),
+        ("enqueued_at", Cow::Borrowed(envelope.enqueued_at.as_str())),
+    ];
+    if let Some(due) = due_ms {
+        fields.push(("due", Cow::Owned(due.to_string())));
+    }
+    fields
 }
 
 /// The `detail` of a `sent` event: the eta.
@@ -1130,6 +1270,7 @@ impl Broker for RedisBroker {
             ..
         } in prepared
         {
+            self.add_enqueued_record(&mut pipe, &envelope, due);
             match due {
                 Some(due_ms) => pipe
                     .cmd("ZADD")
@@ -1172,12 +1313,13 @@ impl Broker for RedisBroker {
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             let block = (!left.is_zero()).then_some(left);
-            let entries = self
+            let (entries, seq) = self
                 .read_group(queue, consumer, &stream, max, block)
                 .await?;
             if entries.is_empty() {
                 return Ok(Vec::new());
             }
+            self.catch_up_revocations(seq).await;
             let (deliveries, buried) = self.deliveries(queue, &stream, entries).await?;
             // Only malformed entries came: look again rather than answer empty-handed while
             // well-formed ones may wait behind them.
@@ -1254,7 +1396,16 @@ impl Broker for RedisBroker {
         let now = rfc3339(SystemTime::now());
         let mut pipe = redis::pipe();
         self.add_reschedule(&mut pipe, delivery, &next, at);
-        self.add_record(&mut pipe, envelope, TaskState::Retrying, None, error, &now);
+        let due = Some(due_ms(at));
+        self.add_record(
+            &mut pipe,
+            envelope,
+            TaskState::Retrying,
+            None,
+            error,
+            due,
+            &now,
+        );
         let detail = json!({ "attempt": envelope.attempt, "error": error }).to_string();
         self.add_event(&mut pipe, "retried", &now, Some(envelope), None, &detail);
         self.write_outcomes(vec![pipe]).await
@@ -1270,6 +1421,26 @@ impl Broker for RedisBroker {
         let now = rfc3339(SystemTime::now());
         let mut pipe = redis::pipe();
         self.add_reschedule(&mut pipe, delivery, envelope, at);
+        // Its record: scheduled until then (not running: it did not start).
+        let record = self.result_key(&envelope.id);
+        pipe.cmd("HSET")
+            .arg(&record)
+            .arg("id")
+            .arg(&envelope.id)
+            .arg("task")
+            .arg(&envelope.task)
+            .arg("queue")
+            .arg(&envelope.queue)
+            .arg("state")
+            .arg(TaskState::Scheduled.name())
+            .arg("due")
+            .arg(due_ms(at))
+            .arg("lost")
+            .arg("1")
+            .arg("updated_at")
+            .arg(&now)
+            .ignore();
+        pipe.cmd("PERSIST").arg(&record).ignore();
         let detail = json!({ "reason": reason, "until": rfc3339(at) }).to_string();
         self.add_event(&mut pipe, "deferred", &now, Some(envelope), None, &detail);
         self.write_outcomes(vec![pipe]).await
@@ -1296,8 +1467,15 @@ impl Broker for RedisBroker {
             &self.stream_key(&delivery.queue),
             &delivery.entry,
         );
-        self.add_record(&mut pipe, envelope, TaskState::Dead, None, reason, &now);
-        self.add_guard_end(&mut pipe, &envelope.id);
+        self.add_record(
+            &mut pipe,
+            envelope,
+            TaskState::Dead,
+            None,
+            reason,
+            None,
+            &now,
+        );
         let detail = json!({ "attempt": envelope.attempt, "error": reason }).to_string();
         self.add_event(&mut pipe, "dead", &now, Some(envelope), None, &detail);
         self.write_outcomes(vec![pipe]).await
@@ -1318,7 +1496,7 @@ impl Broker for RedisBroker {
                 .arg(self.settings.max_deliveries)
                 .arg(now)
                 .arg(SCRIPT_BATCH)
-                .arg(self.guard_prefix())
+                .arg(self.result_prefix())
                 .arg(self.result_ttl_ms);
             let reply: Vec<Value> = self
                 .grouped(queue, || {
@@ -1434,8 +1612,14 @@ impl Broker for RedisBroker {
                 break;
             };
             start = format!("({}", last.id);
+            let prefix = &self.settings.prefix;
             let mut invocation = self.scripts.requeue.prepare_invoke();
-            invocation.key(&dead).key(&stream).arg(queue);
+            invocation
+                .key(&dead)
+                .key(&stream)
+                .key(revoked_key(prefix))
+                .key(revoked_seq_key(prefix))
+                .arg(rfc3339(SystemTime::now()));
             let mut picked = 0u64;
             for entry in page {
                 if moved + picked >= limit as u64 {
@@ -1444,10 +1628,16 @@ impl Broker for RedisBroker {
                 let letter = dead_letter(entry);
                 if let Some(mut envelope) = letter.envelope {
                     envelope.attempt = 0;
+                    let record = self.result_key(&envelope.id);
+                    invocation.key(&record);
                     invocation
                         .arg(&letter.entry)
                         .arg(envelope.to_json())
-                        .arg(self.guard_key(&envelope.id));
+                        .arg(record)
+                        .arg(&envelope.id)
+                        .arg(&envelope.task)
+                        .arg(&envelope.queue)
+                        .arg(&envelope.enqueued_at);
                     picked += 1;
                 }
             }
@@ -1473,7 +1663,7 @@ impl Broker for RedisBroker {
                 .key(&delayed)
                 .arg(self.group())
                 .arg(SCRIPT_BATCH)
-                .arg(self.guard_prefix());
+                .arg(self.result_prefix());
             let (ready, removed, more): (u64, u64, u64) = self
                 .grouped(queue, || {
                     let mut conn = self.manager.clone();
@@ -1503,10 +1693,14 @@ impl Broker for RedisBroker {
         self.query_pipe::<()>(&pipe).await
     }
 
-    fn publish_soon(&self, event: Event) {
-        if self.events_on() {
-            lock(&self.soon).push(event);
-        }
+    fn started(&self, envelope: &Envelope, consumer: &str) {
+        let detail = json!({ "attempt": envelope.attempt, "consumer": consumer });
+        lock(&self.soon).push(Start {
+            record: self.result_key(&envelope.id),
+            event: Event::about("started", envelope, detail),
+            attempt: envelope.attempt,
+            consumer: consumer.to_string(),
+        });
     }
 
     async fn events(&self, after: Option<&str>, limit: usize) -> Result<Vec<Event>, BrokerError> {
@@ -1555,36 +1749,55 @@ impl Broker for RedisBroker {
         if fields.is_empty() {
             return Ok(None);
         }
-        let get = |name: &str| {
-            fields
-                .iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.as_str())
-                .unwrap_or_default()
+        let stored = stored_record(id, &fields).map_err(BrokerError::Command)?;
+        Ok(Some(stored.view(epoch_ms(SystemTime::now()))))
+    }
+
+    async fn revoke(&self, id: &str, terminate: bool) -> Result<Revoked, BrokerError> {
+        let now = SystemTime::now();
+        let now_ms = epoch_ms(now);
+        let until = now_ms.saturating_add(self.result_ttl_ms);
+        let prefix = &self.settings.prefix;
+        let mut invocation = self.scripts.revoke.prepare_invoke();
+        invocation
+            .key(self.result_key(id))
+            .key(revoked_key(prefix))
+            .key(revoked_seq_key(prefix))
+            .arg(id)
+            .arg(if terminate { "1" } else { "0" })
+            .arg(now_ms)
+            .arg(until)
+            .arg(revocations_channel(prefix))
+            .arg(prefix)
+            .arg(rfc3339(now));
+        let mut conn = self.manager.clone();
+        let reply: Vec<String> = self.observe(invocation.invoke_async(&mut conn).await)?;
+        let state = |at: usize| reply.get(at).and_then(|name| TaskState::from_name(name));
+        let answer = match reply.first().map(String::as_str) {
+            Some("unknown") => Revoked::Unknown,
+            Some("running") => Revoked::Running,
+            Some("revoked") => Revoked::AlreadyRevoked,
+            Some("pending") => Revoked::Pending(state(1).unwrap_or(TaskState::Queued)),
+            Some("ended") => Revoked::Ended(state(1).unwrap_or(TaskState::Dead)),
+            _ => return Err(BrokerError::Command("revoke.lua: unexpected reply".into())),
         };
-        let state = match get("state") {
-            "succeeded" => TaskState::Succeeded,
-            "retrying" => TaskState::Retrying,
-            "dead" => TaskState::Dead,
-            other => {
-                return Err(BrokerError::Command(format!(
-                    "record {id}: unknown state `{other}`"
-                )));
-            }
-        };
-        let succeeded = state == TaskState::Succeeded;
-        Ok(Some(TaskRecord {
-            id: get("id").to_string(),
-            task: get("task").to_string(),
-            queue: get("queue").to_string(),
-            state,
-            result: succeeded
-                .then(|| serde_json::from_str(get("result")).ok())
-                .flatten(),
-            error: (!succeeded).then(|| get("error").to_string()),
-            attempts: get("attempts").parse().unwrap_or(0),
-            updated_at: get("updated_at").to_string(),
-        }))
+        if !matches!(answer, Revoked::AlreadyRevoked | Revoked::Ended(_)) {
+            // This node knows at once (its subscription tells it again, harmlessly).
+            let revocation = Revocation {
+                id: id.to_string(),
+                terminate,
+            };
+            self.revocations.add(revocation, until);
+        }
+        Ok(answer)
+    }
+
+    fn is_revoked(&self, id: &str) -> bool {
+        self.revocations.contains(id, epoch_ms(SystemTime::now()))
+    }
+
+    fn revocations(&self) -> tokio::sync::broadcast::Receiver<Revocation> {
+        self.revocations.subscribe()
     }
 
     async fn hand_back(
@@ -1728,11 +1941,170 @@ fn is_connection_error(e: &RedisError) -> bool {
         || e.is_unrecoverable_error()
 }
 
-fn state_name(state: TaskState) -> &'static str {
-    match state {
-        TaskState::Succeeded => "succeeded",
-        TaskState::Retrying => "retrying",
-        TaskState::Dead => "dead",
+/// `p:revoked`: the kept revocations (members `r:<id>`, `t:<id>` to terminate; score = until
+/// when, epoch ms).
+fn revoked_key(prefix: &str) -> String {
+    format!("{prefix}:revoked")
+}
+
+/// `p:revoked:seq`: counts the changes of `p:revoked` (revocations, and requeues that drop
+/// one).
+fn revoked_seq_key(prefix: &str) -> String {
+    format!("{prefix}:revoked:seq")
+}
+
+/// The pub/sub channel each revocation is published on (`{"id", "terminate", "until"}`).
+fn revocations_channel(prefix: &str) -> String {
+    format!("{prefix}:revocations")
+}
+
+/// A record as read from its hash (`HGETALL p:result:<id>`). Fields a careless writer left
+/// out or garbled read as absent; only a `state` that is no state is an error.
+fn stored_record(id: &str, fields: &[(String, String)]) -> Result<StoredRecord, String> {
+    let get = |name: &str| {
+        fields
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+            .filter(|v| !v.is_empty())
+    };
+    let state = match get("state") {
+        None => None,
+        Some(name) => match TaskState::from_name(name).filter(|s| *s != TaskState::Running) {
+            Some(state) => Some(state),
+            None => return Err(format!("record {id}: unknown state `{name}`")),
+        },
+    };
+    let owned = |name: &str| get(name).map(str::to_string);
+    Ok(StoredRecord {
+        id: get("id").unwrap_or(id).to_string(),
+        task: owned("task").unwrap_or_default(),
+        queue: owned("queue").unwrap_or_default(),
+        state,
+        due_ms: get("due").and_then(|due| due.parse().ok()),
+        result: get("result").and_then(|result| serde_json::from_str(result).ok()),
+        error: owned("error"),
+        attempts: get("attempts").and_then(|n| n.parse().ok()).unwrap_or(0),
+        started: get("started").and_then(|n| n.parse().ok()),
+        lost: get("lost") == Some("1"),
+        started_at: owned("started_at"),
+        node: owned("node"),
+        enqueued_at: owned("enqueued_at"),
+        updated_at: owned("updated_at")
+            .or_else(|| owned("enqueued_at"))
+            .unwrap_or_default(),
+    })
+}
+
+/// Reads the kept revocations: `(id, until ms, terminate)` of each member of `p:revoked` not
+/// expired, and the counter they reflect (read first: a revocation made between the two reads
+/// is seen at the next catch-up again, never missed).
+async fn load_revocations(
+    conn: &mut ConnectionManager,
+    prefix: &str,
+) -> RedisResult<(Vec<(String, u64, bool)>, i64)> {
+    let now = epoch_ms(SystemTime::now());
+    let mut pipe = redis::pipe();
+    pipe.cmd("GET").arg(revoked_seq_key(prefix));
+    pipe.cmd("ZRANGEBYSCORE")
+        .arg(revoked_key(prefix))
+        .arg(format!("({now}"))
+        .arg("+inf")
+        .arg("WITHSCORES");
+    let (seq, members): (Option<i64>, Vec<(String, f64)>) = pipe.query_async(conn).await?;
+    let kept = members
+        .into_iter()
+        .filter_map(|(member, until)| {
+            let (kind, id) = member.split_at_checked(2)?;
+            let terminate = match kind {
+                "t:" => true,
+                "r:" => false,
+                _ => return None,
+            };
+            // Scores are whole milliseconds, far below 2^53.
+            Some((id.to_string(), until.max(0.0) as u64, terminate))
+        })
+        .collect();
+    Ok((kept, seq.unwrap_or(0)))
+}
+
+/// How long the revocation listener waits before subscribing again after losing its
+/// connection, and how often it looks whether its broker is gone.
+const LISTEN_RETRY: Duration = Duration::from_secs(1);
+
+/// Keeps this node's copy of the revocations current as they are made: subscribed to the
+/// revocations channel, it adds each one (and tells the consumers). After (re)subscribing it
+/// reads the whole set again and tells the consumers of every revocation in it, so a running
+/// task revoked while the connection was down is still stopped. Ends when the broker is
+/// dropped.
+async fn listen_revocations(
+    revocations: Weak<Revocations>,
+    client: Client,
+    mut manager: ConnectionManager,
+    prefix: String,
+) {
+    use futures_util::StreamExt;
+    let channel = revocations_channel(&prefix);
+    loop {
+        if revocations.strong_count() == 0 {
+            return;
+        }
+        let subscribed = async {
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe(&channel).await?;
+            RedisResult::Ok(pubsub)
+        };
+        let mut pubsub = match tokio::time::timeout(CONNECT_TIMEOUT * 2, subscribed).await {
+            Ok(Ok(pubsub)) => pubsub,
+            _ => {
+                tokio::time::sleep(LISTEN_RETRY).await;
+                continue;
+            }
+        };
+        match load_revocations(&mut manager, &prefix).await {
+            Ok((kept, seq)) => match revocations.upgrade() {
+                Some(revocations) => revocations.replace(kept, seq, true),
+                None => return,
+            },
+            Err(err) => tracing::debug!(error = %err, "revocations not read after subscribing"),
+        }
+        let mut messages = pubsub.on_message();
+        loop {
+            let message = tokio::select! {
+                message = messages.next() => message,
+                () = tokio::time::sleep(LISTEN_RETRY) => {
+                    if revocations.strong_count() == 0 {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            let Some(message) = message else {
+                // The connection is gone: subscribe again.
+                break;
+            };
+            let Some(revocations) = revocations.upgrade() else {
+                return;
+            };
+            let payload: Vec<u8> = message.get_payload_bytes().to_vec();
+            #[derive(serde::Deserialize)]
+            struct Published {
+                id: String,
+                terminate: bool,
+                until: String,
+            }
+            match serde_json::from_slice::<Published>(&payload) {
+                Ok(published) => revocations.add(
+                    Revocation {
+                        id: published.id,
+                        terminate: published.terminate,
+                    },
+                    published.until.parse().unwrap_or(0),
+                ),
+                Err(err) => tracing::debug!(error = %err, "a revocation message not understood"),
+            }
+        }
+        tokio::time::sleep(LISTEN_RETRY).await;
     }
 }
 
@@ -2043,8 +2415,8 @@ mod tests {
         async fn publish(&self, event: Event) -> Result<(), BrokerError> {
             self.broker.publish(event).await
         }
-        fn publish_soon(&self, event: Event) {
-            self.broker.publish_soon(event);
+        fn started(&self, envelope: &Envelope, consumer: &str) {
+            self.broker.started(envelope, consumer);
         }
         async fn events(
             &self,
@@ -2062,6 +2434,19 @@ mod tests {
         }
         async fn record(&self, id: &str) -> Result<Option<TaskRecord>, BrokerError> {
             self.broker.record(id).await
+        }
+        async fn revoke(
+            &self,
+            id: &str,
+            terminate: bool,
+        ) -> Result<crate::broker::Revoked, BrokerError> {
+            self.broker.revoke(id, terminate).await
+        }
+        fn is_revoked(&self, id: &str) -> bool {
+            self.broker.is_revoked(id)
+        }
+        fn revocations(&self) -> tokio::sync::broadcast::Receiver<crate::broker::Revocation> {
+            self.broker.revocations()
         }
         async fn hand_back(
             &self,
@@ -2566,7 +2951,8 @@ mod tests {
             redis::Value::BulkString(b"x".to_vec())
         );
         for n in 1..3 {
-            assert!(h.broker.record(id(n)).await.unwrap().is_none(), "task {n}");
+            let record = h.broker.record(id(n)).await.unwrap().unwrap();
+            assert_eq!(record.state, TaskState::Queued, "task {n}: as enqueued");
         }
         let dead = redis_cli(&h, &["LLEN", "rt:{wrongtype}:dead"]).await;
         assert_eq!(dead, redis::Value::Int(1), "the list is as it was");
@@ -2616,8 +3002,7 @@ mod tests {
         let q = "events-wrongtype";
         let sent = h.broker.enqueue(vec![task(q, 1)]).await.unwrap();
         let got = h.broker.reserve(q, "c", 1, Duration::ZERO).await.unwrap();
-        h.broker
-            .publish_soon(Event::about("started", &got[0].envelope, json!({})));
+        h.broker.started(&got[0].envelope, "c");
         redis_cli(&h, &["DEL", "rt:events"]).await;
         redis_cli(&h, &["SET", "rt:events", "x"]).await;
         let err = h.broker.ack(&got[0], json!(1)).await.unwrap_err();
@@ -2627,7 +3012,8 @@ mod tests {
             "{err}"
         );
         assert_eq!(pending(&h, q).await, 1);
-        assert!(h.broker.record(&sent[0].id).await.unwrap().is_none());
+        let record = h.broker.record(&sent[0].id).await.unwrap().unwrap();
+        assert_eq!(record.state, TaskState::Queued, "neither started nor acked");
         redis_cli(&h, &["DEL", "rt:events"]).await;
         h.broker.ack(&got[0], json!(1)).await.unwrap();
         assert_eq!(pending(&h, q).await, 0);
@@ -2681,7 +3067,7 @@ mod tests {
             "{err}"
         );
         assert_eq!(h.broker.depth(q).await.unwrap().ready, 0);
-        // Its id guard was not taken either: it enqueues once the key is fixed.
+        // Its id was not taken either (no record written): it enqueues once the key is fixed.
         assert!(!h.broker.enqueue(vec![chosen]).await.unwrap()[0].duplicate);
 
         let dead = format!("rt:{{{q}}}:dead");
@@ -2700,6 +3086,59 @@ mod tests {
             3,
             "the malformed one is pending, not lost"
         );
+    }
+
+    /// Revocations reach every node sharing the Redis: one listening hears it as it is made
+    /// (the node running the task acts on it), and one that starts later knows it from its
+    /// first read (its consumers refuse the task at admission).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn revocations_reach_other_nodes_and_nodes_started_later() {
+        let a = Harness::start(settings()).await;
+        let b = RedisBroker::connect(&a.server.url(), settings())
+            .await
+            .unwrap();
+        let mut heard = b.revocations();
+        let q = "revoke-nodes";
+        let sent = a
+            .broker
+            .enqueue(vec![task(q, 1), task(q, 2)])
+            .await
+            .unwrap();
+        let got = b.reserve(q, "node-b", 1, Duration::ZERO).await.unwrap();
+        b.started(&got[0].envelope, "node-b");
+        // The start travels within EVENT_FLUSH.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while a.broker.record(&sent[0].id).await.unwrap().unwrap().state != TaskState::Running {
+            assert!(tokio::time::Instant::now() < deadline, "never running");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            a.broker.revoke(&sent[0].id, true).await.unwrap(),
+            crate::broker::Revoked::Running
+        );
+        let told = tokio::time::timeout(Duration::from_secs(5), heard.recv())
+            .await
+            .expect("node b never heard of it")
+            .unwrap();
+        assert_eq!(
+            told,
+            crate::broker::Revocation {
+                id: sent[0].id.clone(),
+                terminate: true
+            }
+        );
+        assert!(b.is_revoked(&sent[0].id));
+        a.broker.revoke(&sent[1].id, false).await.unwrap();
+        // A node that starts now: it knows both once it reads (in the read's round trip).
+        let c = RedisBroker::connect(&a.server.url(), settings())
+            .await
+            .unwrap();
+        let got = c.reserve(q, "node-c", 5, Duration::ZERO).await.unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].envelope.id, sent[1].id);
+        assert!(c.is_revoked(&sent[1].id));
+        assert!(c.is_revoked(&sent[0].id));
+        assert!(!c.is_revoked("someone-else"));
     }
 
     /// Throughput probe (`cargo test -p actors throughput -- --ignored --nocapture`): a

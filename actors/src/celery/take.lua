@@ -16,11 +16,11 @@
 --
 -- Task ids follow the runtime's rule (broker::check_id, the same checks here): an id that is
 -- empty, too long, holds a control character or is `.`/`..` is dead-lettered. A good id is
--- guarded like any chosen id (`p:id:<id>`, SET NX in this same step): a message whose id is
--- taken — its task is queued, running, retried, or ended less than result_ttl ago — is a
--- duplicate (a producer that published twice, a message restored after a crash) and is
--- dropped, not run again. Guard and XADD happen together, so a message is never taken for a
--- duplicate of itself.
+-- checked like any chosen id, against its record (`p:result:<id>`, in this same step): a
+-- message whose id has one — its task is queued, running, retried, or ended less than
+-- result_ttl ago — is a duplicate (a producer that published twice, a message restored after
+-- a crash) and is dropped, not run again. Otherwise its record is written (`queued`, no TTL)
+-- with its XADD, so a message is never taken for a duplicate of itself.
 --
 -- Every key it writes is type-checked before the first RPOP: a runtime stream, the dead
 -- letters or the events stream holding another type fails the call with nothing moved (a
@@ -123,7 +123,7 @@ for _, list in ipairs(KEYS) do
         bury(raw, reason)
         table.insert(rejected, headers.id)
         table.insert(rejected, reason)
-      elseif not redis.call('SET', prefix .. ':id:' .. headers.id, target[2], 'NX') then
+      elseif redis.call('EXISTS', prefix .. ':result:' .. headers.id) == 1 then
         table.insert(duplicates, headers.id)
       else
         local envelope = '{"id":' .. cjson.encode(headers.id)
@@ -132,6 +132,9 @@ for _, list in ipairs(KEYS) do
           .. ',"enqueued_at":' .. cjson.encode(at)
           .. ',"celery_raw":' .. cjson.encode(raw) .. '}'
         redis.call('XADD', stream_of(target[2]), '*', 'e', envelope)
+        redis.call('HSET', prefix .. ':result:' .. headers.id, 'id', headers.id,
+          'task', target[1], 'queue', target[2], 'state', 'queued', 'enqueued_at', at,
+          'updated_at', at)
         if maxlen ~= '0' then
           redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 'kind', 'sent', 'at', at,
             'task_id', headers.id, 'task', target[1], 'queue', target[2],

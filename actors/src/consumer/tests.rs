@@ -53,6 +53,16 @@ fn def(name: &str, queue: &str, handler: Arc<dyn Handler>) -> TaskDef {
 
 impl Rig {
     async fn start(queues: &[Queue], defs: Vec<TaskDef>, gate: Arc<dyn ResourceGate>) -> Rig {
+        Self::start_prefetching(queues, defs, gate, 0).await
+    }
+
+    /// [`Rig::start`] with every queue's `prefetch`: deliveries wait in the consumer.
+    async fn start_prefetching(
+        queues: &[Queue],
+        defs: Vec<TaskDef>,
+        gate: Arc<dyn ResourceGate>,
+        prefetch: usize,
+    ) -> Rig {
         // Metrics on, so every recording path runs under these tests too.
         let metrics = Arc::new(Metrics::new(
             defs.iter().map(|d| (d.name.as_str(), d.queue.as_str())),
@@ -70,6 +80,7 @@ impl Rig {
             consumer: "node-test".into(),
             celery: None,
             metrics: Arc::clone(&metrics),
+            terminate_grace: Duration::from_millis(300),
         });
         let policy = |children| SupervisorSpec {
             strategy: Strategy::OneForOne,
@@ -91,7 +102,7 @@ impl Rig {
                         node,
                         queue: name.clone(),
                         concurrency,
-                        prefetch: 0,
+                        prefetch,
                         poll: Duration::from_millis(200),
                         drain: Duration::from_secs(2),
                         work: Arc::clone(&work),
@@ -835,7 +846,11 @@ async fn a_task_that_degrades_a_closed_resource_runs_at_once_while_one_that_uses
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(kinds(rig.events_of(&waits).await), ["sent", "deferred"]);
-    assert!(rig.broker.record(&waits).await.unwrap().is_none());
+    let deferred = rig.broker.record(&waits).await.unwrap().unwrap();
+    assert_eq!(
+        (deferred.state, deferred.attempts),
+        (TaskState::Scheduled, 0)
+    );
     rig.root.stop(None);
 }
 
@@ -1079,4 +1094,227 @@ fn proc_state(pid: u32) -> Option<char> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     stat.rsplit_once(") ")
         .and_then(|(_, rest)| rest.chars().next())
+}
+
+/// A native handler that notes the id of each task it runs, then sleeps `kwargs.ms`
+/// (stopping at the soft signal unless `kwargs.ignore_soft`).
+fn noting(ran: &Arc<Mutex<Vec<String>>>) -> Arc<dyn Handler> {
+    let mut n = Natives::default();
+    let ran = Arc::clone(ran);
+    n.register("note", move |ctx| {
+        let ran = Arc::clone(&ran);
+        async move {
+            ran.lock().unwrap().push(ctx.envelope.id.clone());
+            let ms = ctx
+                .envelope
+                .kwargs
+                .get("ms")
+                .and_then(Value::as_u64)
+                .unwrap_or(0);
+            let sleep = tokio::time::sleep(Duration::from_millis(ms));
+            if ctx.envelope.kwargs.get("ignore_soft") == Some(&json!(true)) {
+                sleep.await;
+            } else {
+                tokio::select! {
+                    () = sleep => {}
+                    () = ctx.soft.cancelled() => return Err(TaskError::Cancelled("soft".into())),
+                }
+            }
+            match ctx.envelope.kwargs.get("fail") {
+                Some(_) => Err(TaskError::retry("flaky")),
+                None => Ok(json!("ran")),
+            }
+        }
+    });
+    n.handler("note").unwrap()
+}
+
+/// Revoked before they start — queued in the broker, delayed by an eta, waiting in the
+/// consumer (prefetched) — tasks never run: each is dead-lettered as `revoked`, its record
+/// says dead/revoked, its `link_error` callback runs with the error `revoked`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_tasks_that_did_not_start_never_run_and_their_link_error_fires() {
+    let ran = Arc::new(Mutex::new(Vec::new()));
+    let mut work = def("work", "chat", noting(&ran));
+    work.link_error = vec!["on_failure".into()];
+    let rig = Rig::start_prefetching(
+        &[
+            Queue {
+                name: "chat",
+                concurrency: 1,
+            },
+            Queue {
+                name: "notes",
+                concurrency: 1,
+            },
+        ],
+        vec![work, def("on_failure", "notes", native("rt_echo"))],
+        Arc::new(AlwaysOpen),
+        1,
+    )
+    .await;
+    let busy = rig.enqueue("work", "chat", json!({ "ms": 800 })).await;
+    rig.until_state(&busy, TaskState::Running, Duration::from_secs(5))
+        .await;
+    // Prefetched (one slot beyond the running one): it waits in the consumer.
+    let waiting = rig.enqueue("work", "chat", json!({})).await;
+    let end = Instant::now() + Duration::from_secs(5);
+    while rig.broker.depth("chat").await.unwrap().in_flight < 2 {
+        assert!(Instant::now() < end, "never prefetched");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let queued = rig.enqueue("work", "chat", json!({})).await;
+    let mut later = Envelope::new("work", "chat");
+    later.eta = Some(crate::broker::rfc3339(
+        SystemTime::now() + Duration::from_secs(60),
+    ));
+    let delayed = rig.broker.enqueue(vec![later]).await.unwrap()[0].id.clone();
+    for id in [&waiting, &queued, &delayed] {
+        rig.broker.revoke(id, false).await.unwrap();
+    }
+    for id in [&waiting, &queued, &delayed] {
+        let record = rig
+            .until_state(id, TaskState::Dead, Duration::from_secs(5))
+            .await;
+        assert_eq!(record.error.as_deref(), Some("revoked"), "{id}");
+    }
+    rig.until_state(&busy, TaskState::Succeeded, Duration::from_secs(5))
+        .await;
+    // Each is in the dead letters, and its link_error ran with the error.
+    let end = Instant::now() + Duration::from_secs(5);
+    loop {
+        let depth = rig.broker.depth("chat").await.unwrap();
+        if depth.dead == 3 && depth.ready + depth.delayed + depth.in_flight == 0 {
+            break;
+        }
+        assert!(Instant::now() < end, "{depth:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let letters = rig.broker.dead_letters("chat", 10).await.unwrap();
+    assert!(letters.iter().all(|l| l.reason == "revoked"), "{letters:?}");
+    let end = Instant::now() + Duration::from_secs(5);
+    loop {
+        let echoed: Vec<Event> = rig
+            .broker
+            .events(None, 10_000)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.kind == "succeeded" && e.task.as_deref() == Some("on_failure"))
+            .collect();
+        if echoed.len() == 3 {
+            for event in echoed {
+                let id = event.task_id.unwrap();
+                let record = rig.broker.record(&id).await.unwrap().unwrap();
+                let failure = &record.result.unwrap()["args"][0];
+                assert_eq!(failure["error"], "revoked", "{failure}");
+            }
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "link_error ran {} times",
+            echoed.len()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(*ran.lock().unwrap(), [busy], "only the unrevoked task ran");
+    rig.root.stop(None);
+}
+
+/// A running task revoked with terminate gets the soft signal at once; one that honours it
+/// ends at once, one that ignores it is stopped `terminate_grace` (300 ms here) later. Both
+/// are recorded dead/revoked, not retried (their policy would retry them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_task_revoked_with_terminate_is_stopped_soft_then_hard_and_not_retried() {
+    let ran = Arc::new(Mutex::new(Vec::new()));
+    let mut work = def("work", "chat", noting(&ran));
+    work.retry.max_retries = 3;
+    let rig = Rig::start(
+        &[Queue {
+            name: "chat",
+            concurrency: 2,
+        }],
+        vec![work],
+        Arc::new(AlwaysOpen),
+    )
+    .await;
+    let polite = rig.enqueue("work", "chat", json!({ "ms": 30_000 })).await;
+    let stubborn = rig
+        .enqueue("work", "chat", json!({ "ms": 30_000, "ignore_soft": true }))
+        .await;
+    for id in [&polite, &stubborn] {
+        rig.until_state(id, TaskState::Running, Duration::from_secs(5))
+            .await;
+    }
+    let asked = Instant::now();
+    assert_eq!(
+        rig.broker.revoke(&polite, true).await.unwrap(),
+        crate::broker::Revoked::Running
+    );
+    let record = rig
+        .until_state(&polite, TaskState::Dead, Duration::from_secs(5))
+        .await;
+    assert!(
+        asked.elapsed() < Duration::from_millis(250),
+        "soft: at once"
+    );
+    assert_eq!(
+        (record.error.as_deref(), record.attempts),
+        (Some("revoked"), 1)
+    );
+    let asked = Instant::now();
+    rig.broker.revoke(&stubborn, true).await.unwrap();
+    let record = rig
+        .until_state(&stubborn, TaskState::Dead, Duration::from_secs(5))
+        .await;
+    let took = asked.elapsed();
+    assert!(
+        took >= Duration::from_millis(280) && took < Duration::from_secs(3),
+        "hard stop after the grace, took {took:?}"
+    );
+    assert_eq!(record.error.as_deref(), Some("revoked"));
+    let depth = rig.broker.depth("chat").await.unwrap();
+    assert_eq!((depth.delayed, depth.dead), (0, 2), "not retried");
+    rig.root.stop(None);
+}
+
+/// Revoked without terminate, a running task finishes its attempt; the retry it schedules
+/// is refused at admission (dead/revoked), so it does not run again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_task_revoked_without_terminate_finishes_and_its_retry_is_revoked() {
+    let ran = Arc::new(Mutex::new(Vec::new()));
+    let mut work = def("work", "chat", noting(&ran));
+    work.retry.max_retries = 3;
+    let rig = Rig::start(
+        &[Queue {
+            name: "chat",
+            concurrency: 1,
+        }],
+        vec![work],
+        Arc::new(AlwaysOpen),
+    )
+    .await;
+    let id = rig
+        .enqueue("work", "chat", json!({ "ms": 300, "fail": true }))
+        .await;
+    rig.until_state(&id, TaskState::Running, Duration::from_secs(5))
+        .await;
+    assert_eq!(
+        rig.broker.revoke(&id, false).await.unwrap(),
+        crate::broker::Revoked::Running
+    );
+    let record = rig
+        .until_state(&id, TaskState::Dead, Duration::from_secs(5))
+        .await;
+    assert_eq!(record.error.as_deref(), Some("revoked"));
+    assert_eq!(ran.lock().unwrap().len(), 1, "ran once, not again");
+    let kinds: Vec<String> = rig
+        .events_of(&id)
+        .await
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(kinds, ["sent", "started", "retried", "dead"]);
+    rig.root.stop(None);
 }

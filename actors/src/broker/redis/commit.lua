@@ -16,7 +16,7 @@
 -- Returns one value per outcome: 1 when written, else the error (nothing of it was written).
 local needs = {
   XADD = 'stream', XACK = 'stream', XDEL = 'stream',
-  HSET = 'hash', ZADD = 'zset', PEXPIRE = false,
+  HSET = 'hash', HDEL = 'hash', ZADD = 'zset', PEXPIRE = false, PERSIST = false,
 }
 
 local i, out = 1, {}

@@ -1,23 +1,24 @@
 -- enqueue.lua: enqueues a batch in which some envelope carries an idempotency key or an id the
 -- producer chose (RedisBroker::enqueue; a batch of generated ids without keys is a plain
 -- pipeline). Per envelope, in order: its idempotency key is claimed (SET NX PX; taken → a
--- duplicate of the id the key holds), then — for a chosen id — its id guard (SET NX, no TTL:
--- it lives as long as the entry; outcomes give it result_ttl; taken → a duplicate of that id),
--- then the entry is written (XADD to the stream, or ZADD to the delayed set for a future eta)
--- with its `sent` event. Claim and write are one atomic step: a key or guard is never taken
--- for an entry that was not written.
+-- duplicate of the id the key holds), then — for a chosen id — its record is looked at (the
+-- id's guard: a record exists while the task's entry does and result_ttl after its outcome;
+-- there → a duplicate of that id), then the entry is written (XADD to the stream, or ZADD to
+-- the delayed set for a future eta) with its record (HSET, no TTL: `queued`, or `scheduled`
+-- with `due`) and its `sent` event. Claim and write are one atomic step: a key is never taken
+-- for an entry that was not written, and an entry never lacks its record.
 --
 -- Every key written is type-checked before the first write (see commit.lua for why): a key of
 -- the wrong type fails the whole batch with nothing written.
 --
 -- KEYS = every key it may write (declared; the arguments name them).
 -- ARGV[1] = events stream, ARGV[2] = its MAXLEN ('0': no events), ARGV[3] = now (RFC 3339),
--- then 11 fields per envelope: target key (stream or delayed set), due ms ('' → stream),
--- envelope JSON, id, guard key ('' → not guarded), guard value (the queue), idempotency key
--- ('' → none), its TTL (ms), task, queue, `sent` detail (JSON).
+-- then 12 fields per envelope: target key (stream or delayed set), due ms ('' → stream),
+-- envelope JSON, id, record key, chosen ('1' → the id is checked), idempotency key ('' →
+-- none), its TTL (ms), task, queue, `sent` detail (JSON), enqueued_at (RFC 3339).
 -- Returns per envelope '' (written) or the id it duplicates.
 local events, maxlen, at = ARGV[1], ARGV[2], ARGV[3]
-local FIELDS, FIRST = 11, 4
+local FIELDS, FIRST = 12, 4
 
 local function check(key, need)
   local held = redis.call('TYPE', key).ok
@@ -31,6 +32,7 @@ local problem = maxlen ~= '0' and check(events, 'stream')
 for i = FIRST, #ARGV, FIELDS do
   if problem then return problem end
   problem = check(ARGV[i], ARGV[i + 1] == '' and 'stream' or 'zset')
+    or check(ARGV[i + 4], 'hash')
   if not problem and ARGV[i + 6] ~= '' then
     problem = check(ARGV[i + 6], 'string')
   end
@@ -39,13 +41,13 @@ if problem then return problem end
 
 local out = {}
 for i = FIRST, #ARGV, FIELDS do
-  local target, due, json, id, guard, queue, idem, ttl, task, q, detail =
+  local target, due, json, id, record, chosen, idem, ttl, task, q, detail, enqueued_at =
     unpack(ARGV, i, i + FIELDS - 1)
   local first
   if idem ~= '' and not redis.call('SET', idem, id, 'NX', 'PX', ttl) then
     first = redis.call('GET', idem)
   end
-  if not first and guard ~= '' and not redis.call('SET', guard, queue, 'NX') then
+  if not first and chosen == '1' and redis.call('EXISTS', record) == 1 then
     first = id
   end
   if first then
@@ -55,6 +57,13 @@ for i = FIRST, #ARGV, FIELDS do
       redis.call('XADD', target, '*', 'e', json)
     else
       redis.call('ZADD', target, due, json)
+    end
+    if due == '' then
+      redis.call('HSET', record, 'task', task, 'queue', q, 'state', 'queued',
+        'enqueued_at', enqueued_at)
+    else
+      redis.call('HSET', record, 'task', task, 'queue', q, 'state', 'scheduled',
+        'enqueued_at', enqueued_at, 'due', due)
     end
     if maxlen ~= '0' then
       redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 'kind', 'sent', 'at', at,

@@ -1,13 +1,13 @@
 -- purge.lua: removes one batch of the ready entries of one queue — those after the consumer
 -- group's last-delivered-id, which nobody has reserved — and one batch of its delayed set
--- (RedisBroker::purge). In-flight entries are left to finish. The id guard of every removed
+-- (RedisBroker::purge). In-flight entries are left to finish. The record of every removed
 -- entry is deleted with it (its id is free again: nothing of the task is left).
 --
 -- KEYS[1] = p:{q}:stream, KEYS[2] = p:{q}:delayed
--- ARGV[1] = group, ARGV[2] = batch size, ARGV[3] = id guard prefix (`p:id:`)
+-- ARGV[1] = group, ARGV[2] = batch size, ARGV[3] = record prefix (`p:result:`)
 -- Returns { ready removed, delayed removed, more (0/1) }.
 local stream, delayed = KEYS[1], KEYS[2]
-local group, batch, guards = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local group, batch, records = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 
 for key, need in pairs({ [stream] = 'stream', [delayed] = 'zset' }) do
   local held = redis.call('TYPE', key).ok
@@ -16,11 +16,11 @@ for key, need in pairs({ [stream] = 'stream', [delayed] = 'zset' }) do
   end
 end
 
--- Deletes the id guard of the envelope JSON `e`, if it names an id.
+-- Deletes the record of the envelope JSON `e`, if it names an id.
 local function free(e)
   local ok, envelope = pcall(cjson.decode, e)
   if ok and type(envelope) == 'table' and type(envelope.id) == 'string' and envelope.id ~= '' then
-    redis.call('DEL', guards .. envelope.id)
+    redis.call('DEL', records .. envelope.id)
   end
 end
 

@@ -1,26 +1,46 @@
 -- requeue.lua: moves dead letters back to the stream (RedisBroker::requeue_dead). The caller
 -- read them and rewrote each envelope with attempt = 0; a letter moves only if it is still in
 -- the dead-letter stream (XDEL says so), so two nodes requeuing at once never duplicate one.
--- A moved letter's id guard is set again, without TTL: its entry exists again, so its id is
--- taken until its next outcome. Both streams are type-checked before the first write, so a
--- letter is never deleted without being re-added.
+-- A moved letter's record starts afresh — `queued`, no attempts, no start marker, no error,
+-- no TTL: its entry exists again, so its id is taken until its next outcome — and a
+-- revocation of it is dropped (requeued on purpose, it is meant to run; the revocation
+-- counter moves, so every node forgets it at its next read). Every key is type-checked before
+-- the first write, so a letter is never deleted without being re-added.
 --
--- KEYS[1] = p:{q}:dead, KEYS[2] = p:{q}:stream
--- ARGV[1] = the queue (the guards' value), then per letter: dead entry id, new envelope JSON,
--- id guard key.
+-- KEYS[1] = p:{q}:dead, KEYS[2] = p:{q}:stream, KEYS[3] = p:revoked, KEYS[4] = p:revoked:seq,
+-- then the records' keys.
+-- ARGV[1] = now (RFC 3339), then per letter 7 fields: dead entry id, new envelope JSON,
+-- record key, task id, task, queue, enqueued_at.
 -- Returns how many moved.
-for _, key in ipairs(KEYS) do
+local FIELDS = 7
+local function check(key, need)
   local held = redis.call('TYPE', key).ok
-  if held ~= 'none' and held ~= 'stream' then
-    return redis.error_reply('WRONGTYPE ' .. key .. ' holds a ' .. held .. ', not a stream')
+  if held ~= 'none' and held ~= need then
+    return redis.error_reply('WRONGTYPE ' .. key .. ' holds a ' .. held .. ', not a ' .. need)
   end
 end
-local moved = 0
-for i = 2, #ARGV, 3 do
-  if redis.call('XDEL', KEYS[1], ARGV[i]) == 1 then
-    redis.call('XADD', KEYS[2], '*', 'e', ARGV[i + 1])
-    redis.call('SET', ARGV[i + 2], ARGV[1])
+local problem = check(KEYS[1], 'stream') or check(KEYS[2], 'stream') or check(KEYS[3], 'zset')
+  or check(KEYS[4], 'string')
+for i = 2, #ARGV, FIELDS do
+  problem = problem or check(ARGV[i + 2], 'hash')
+end
+if problem then return problem end
+
+local now, moved, unrevoked = ARGV[1], 0, 0
+for i = 2, #ARGV, FIELDS do
+  local entry, json, record, id, task, queue, enqueued_at = unpack(ARGV, i, i + FIELDS - 1)
+  if redis.call('XDEL', KEYS[1], entry) == 1 then
+    redis.call('XADD', KEYS[2], '*', 'e', json)
+    redis.call('HSET', record, 'id', id, 'task', task, 'queue', queue, 'state', 'queued',
+      'due', '', 'result', '', 'error', '', 'attempts', 0, 'enqueued_at', enqueued_at,
+      'updated_at', now)
+    redis.call('HDEL', record, 'started', 'lost')
+    redis.call('PERSIST', record)
+    unrevoked = unrevoked + redis.call('ZREM', KEYS[3], 'r:' .. id, 't:' .. id)
     moved = moved + 1
   end
+end
+if unrevoked > 0 then
+  redis.call('INCR', KEYS[4])
 end
 return moved
