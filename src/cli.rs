@@ -73,8 +73,14 @@ pub enum Command {
     Enqueue(EnqueueArgs),
     /// Print a task's state and result (with `--wait`, once it has ended). Exit 0 succeeded, 3
     /// dead (failed for good, or revoked), 75 not ended (or `--wait` timed out).
+    #[command(after_help = "Examples:
+  runtime result 0b9c5d1e-6f7a-4b8c-9d0e-1f2a3b4c5d6e
+  runtime result digest:2026-11-23 --wait --timeout 2m --json")]
     Result(ResultArgs),
     /// Revoke a task: queued or delayed, it never runs; running, `--terminate` stops it.
+    #[command(after_help = "Examples:
+  runtime revoke 0b9c5d1e-6f7a-4b8c-9d0e-1f2a3b4c5d6e
+  runtime revoke digest:2026-11-23 --terminate")]
     Revoke(RevokeArgs),
     /// List or requeue a queue's dead letters.
     #[command(
