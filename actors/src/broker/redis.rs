@@ -90,7 +90,12 @@
 //!   entries finish.
 //! - `requeue_dead`: dead letters are read, each parseable one rewritten with `attempt` = 0,
 //!   and `requeue.lua` moves it only if it is still a dead letter (atomic per letter), setting
-//!   its id guard again (its entry exists again).
+//!   its id guard again (its entry exists again). `requeue_dead_entry` does the same for one
+//!   letter (`XRANGE p:{q}:dead <entry> <entry>`, then `requeue.lua` with it).
+//! - `dead_letters_after`: `XRANGE p:{q}:dead (<after> + COUNT n` (from `-` without `after`);
+//!   `delete_dead`: `XDEL p:{q}:dead <entry>`; `purge_dead`: `XTRIM p:{q}:dead MAXLEN 0` (one
+//!   command: it counts what it removes). Entry ids from outside are checked first
+//!   (`check_entry`: `<ms>-<seq>`), so `-`, `+` or `$` never reach a range.
 //! - `hand_back`: `hand_back.lua`: each entry still pending for the consumer is acked,
 //!   deleted and re-added at the tail with the same fields (envelope, delivery count). Chosen
 //!   over `XCLAIM … IDLE <huge>` (which would let the next recovery sweep take it): the
@@ -144,7 +149,6 @@
 //! `BrokerError::Unreachable` and the caller (the broker actor, a consumer) decides when to try
 //! again.
 
-use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -158,8 +162,8 @@ use serde_json::json;
 use super::memory::{Prepared, prepare_batch};
 use super::{
     Broker, BrokerError, BrokerSettings, DeadLetter, Delivery, EVENT_FLUSH, Enqueued, Envelope,
-    Event, LastRun, NodeRecord, Purged, QueueDepth, Recovered, TaskRecord, TaskState, due_ms,
-    epoch_ms, rfc3339,
+    Event, LastRun, NodeRecord, Purged, QueueDepth, Recovered, SentDetail, TaskRecord, TaskState,
+    due_ms, entry_arg, epoch_ms, malformed_letter, rfc3339,
 };
 
 /// How long connecting (and the start-up PING) may take.
@@ -1068,7 +1072,7 @@ impl RedisBroker {
                 .arg(ttl)
                 .arg(&envelope.task)
                 .arg(&envelope.queue)
-                .arg(sent_detail(envelope).as_ref());
+                .arg(sent_detail(envelope));
             keys.push(target);
             keys.extend([guard, idem].into_iter().filter(|k| !k.is_empty()));
         }
@@ -1097,12 +1101,9 @@ impl RedisBroker {
     }
 }
 
-/// The `detail` of a `sent` event: the eta.
-fn sent_detail(envelope: &Envelope) -> Cow<'static, str> {
-    match &envelope.eta {
-        None => Cow::Borrowed(r#"{"eta":null}"#),
-        Some(eta) => Cow::Owned(json!({ "eta": eta }).to_string()),
-    }
+/// The `detail` of a `sent` event ([`SentDetail`]).
+fn sent_detail(envelope: &Envelope) -> String {
+    serde_json::to_string(&SentDetail::of(envelope)).unwrap_or_else(|_| "{}".to_string())
 }
 
 impl Broker for RedisBroker {
@@ -1145,8 +1146,10 @@ impl Broker for RedisBroker {
                     .arg(json)
                     .ignore(),
             };
-            let detail = sent_detail(&envelope);
-            self.add_event(&mut pipe, "sent", &at, Some(&envelope), None, &detail);
+            if self.events_on() {
+                let detail = sent_detail(&envelope);
+                self.add_event(&mut pipe, "sent", &at, Some(&envelope), None, &detail);
+            }
             out.push(Enqueued {
                 id: envelope.id,
                 duplicate: false,
@@ -1396,18 +1399,26 @@ impl Broker for RedisBroker {
         })
     }
 
-    async fn dead_letters(
+    async fn dead_letters_after(
         &self,
         queue: &str,
+        after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<DeadLetter>, BrokerError> {
+        let start = match after {
+            Some(after) => {
+                entry_arg(after)?;
+                format!("({after}")
+            }
+            None => "-".to_string(),
+        };
         if limit == 0 {
             return Ok(Vec::new());
         }
         let mut pipe = redis::pipe();
         pipe.cmd("XRANGE")
             .arg(self.dead_key(queue))
-            .arg("-")
+            .arg(start)
             .arg("+")
             .arg("COUNT")
             .arg(limit);
@@ -1461,6 +1472,55 @@ impl Broker for RedisBroker {
             }
         }
         Ok(moved)
+    }
+
+    async fn requeue_dead_entry(
+        &self,
+        queue: &str,
+        entry: &str,
+    ) -> Result<Option<String>, BrokerError> {
+        entry_arg(entry)?;
+        let (dead, stream) = (self.dead_key(queue), self.stream_key(queue));
+        let mut pipe = redis::pipe();
+        pipe.cmd("XRANGE").arg(&dead).arg(entry).arg(entry);
+        let (reply,): (Value,) = self.query_pipe(&pipe).await?;
+        let Some(found) = stream_entries(reply).into_iter().next() else {
+            return Ok(None);
+        };
+        let Some(mut envelope) = dead_letter(found).envelope else {
+            return Err(malformed_letter(queue, entry));
+        };
+        envelope.attempt = 0;
+        let mut invocation = self.scripts.requeue.prepare_invoke();
+        invocation
+            .key(&dead)
+            .key(&stream)
+            .arg(queue)
+            .arg(entry)
+            .arg(envelope.to_json())
+            .arg(self.guard_key(&envelope.id));
+        let mut conn = self.manager.clone();
+        let moved: u64 = self.observe(invocation.invoke_async(&mut conn).await)?;
+        // Not moved: another caller requeued or deleted it between the read and the script.
+        Ok((moved == 1).then_some(envelope.id))
+    }
+
+    async fn delete_dead(&self, queue: &str, entry: &str) -> Result<bool, BrokerError> {
+        entry_arg(entry)?;
+        let mut pipe = redis::pipe();
+        pipe.cmd("XDEL").arg(self.dead_key(queue)).arg(entry);
+        let (deleted,): (u64,) = self.query_pipe(&pipe).await?;
+        Ok(deleted == 1)
+    }
+
+    async fn purge_dead(&self, queue: &str) -> Result<u64, BrokerError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("XTRIM")
+            .arg(self.dead_key(queue))
+            .arg("MAXLEN")
+            .arg(0);
+        let (deleted,): (u64,) = self.query_pipe(&pipe).await?;
+        Ok(deleted)
     }
 
     async fn purge(&self, queue: &str) -> Result<Purged, BrokerError> {
@@ -2046,15 +2106,29 @@ mod tests {
         async fn depth(&self, queue: &str) -> Result<QueueDepth, BrokerError> {
             self.broker.depth(queue).await
         }
-        async fn dead_letters(
+        async fn dead_letters_after(
             &self,
             queue: &str,
+            after: Option<&str>,
             limit: usize,
         ) -> Result<Vec<DeadLetter>, BrokerError> {
-            self.broker.dead_letters(queue, limit).await
+            self.broker.dead_letters_after(queue, after, limit).await
         }
         async fn requeue_dead(&self, queue: &str, limit: usize) -> Result<u64, BrokerError> {
             self.broker.requeue_dead(queue, limit).await
+        }
+        async fn requeue_dead_entry(
+            &self,
+            queue: &str,
+            entry: &str,
+        ) -> Result<Option<String>, BrokerError> {
+            self.broker.requeue_dead_entry(queue, entry).await
+        }
+        async fn delete_dead(&self, queue: &str, entry: &str) -> Result<bool, BrokerError> {
+            self.broker.delete_dead(queue, entry).await
+        }
+        async fn purge_dead(&self, queue: &str) -> Result<u64, BrokerError> {
+            self.broker.purge_dead(queue).await
         }
         async fn purge(&self, queue: &str) -> Result<Purged, BrokerError> {
             self.broker.purge(queue).await
@@ -2695,6 +2769,14 @@ mod tests {
             1,
             "not lost"
         );
+        // One letter by its entry: the same script, the same check.
+        let entry = h.broker.dead_letters(q, 1).await.unwrap()[0].entry.clone();
+        let err = h.broker.requeue_dead_entry(q, &entry).await.unwrap_err();
+        assert!(
+            err.to_string().contains("holds a string, not a stream"),
+            "{err}"
+        );
+        assert_eq!(h.broker.dead_letters(q, 10).await.unwrap().len(), 1);
         let err = h.broker.purge(q).await.unwrap_err();
         assert!(
             err.to_string().contains("holds a string, not a stream"),
