@@ -1,21 +1,32 @@
-//! The live tree page (`GET /`) in headless Chromium against the `runtime` binary, driven over
-//! the DevTools protocol (a small client over one websocket: `Runtime.evaluate`,
-//! `Input.dispatchKeyEvent`, `Page.captureScreenshot`).
+//! The live page — the dashboard, `GET /` — in headless Chromium against the `runtime`
+//! binary, driven over the DevTools protocol (a small client over one websocket:
+//! `Runtime.evaluate`, `Input.dispatchKeyEvent`, `Input.dispatchMouseEvent` for clicks at an
+//! element's centre, `Input.insertText` for typing, `Page.captureScreenshot`).
 //!
-//! The test loads the page from a node that has an admin token (the page only reads, so it
-//! needs none), waits for the tree, the queues, the in-flight tasks and the events feed to
-//! render, checks that an error carrying markup is shown as text, walks the tree with the
-//! keyboard, kills `root/queues/default` through the chaos route and waits for the page to show
-//! its restart counter go from 0 to 1 — then checks the page did not scroll sideways at
-//! 1366 px, threw nothing and broke no rule of its Content-Security-Policy.
+//! - `the_page_renders_the_tree_and_shows_a_chaos_kill_as_a_restart`: a node with an admin
+//!   token (reading needs none); the tree, queues, in-flight tasks and events feed render, an
+//!   error carrying markup shows as text, the tree is walked with the keyboard, and a chaos kill
+//!   of `root/queues/default` shows as its restart counter going from 0 to 1.
+//! - `a_task_is_searched_opened_and_retried_from_its_dead_letter_once_the_token_is_given`:
+//!   search, the task's detail (timeline, error, envelope, trace), and its retry clicked
+//!   without a token (401, the dialog, Cancel), with a wrong one (refused, forgotten), then with
+//!   the right one: the task runs again and the page shows it succeed.
+//! - `dead_letters_are_retried_deleted_and_purged_and_a_queue_purged_from_the_page`: the token
+//!   set from the header; a queue's dead letters retried (and followed to success), shown,
+//!   deleted one by one and all at once; a queue's delayed tasks purged from the overview;
+//!   the charts and the nodes.
 //!
-//! It needs Chromium (`chromium` or `chromium-browser` on `PATH`, or the binary named by
-//! `RT_CHROMIUM`); where there is none it prints why and passes, except under CI (`CI` set),
-//! where a missing Chromium fails it — `.ci/run` installs Debian's `chromium`.
+//! Each checks the page did not scroll sideways at 1366 px, threw nothing and broke no rule of
+//! its Content-Security-Policy.
+//!
+//! They need Chromium (`chromium` or `chromium-browser` on `PATH`, or the binary named by
+//! `RT_CHROMIUM`); where there is none they print why and pass, except under CI (`CI` set),
+//! where a missing Chromium fails them — `.ci/run` installs Debian's `chromium`.
 //!
 //! `screenshot_of_the_page_under_load` (ignored; run it with `cargo test --test page --
-//! --ignored`) rewrites `docs/live-tree.png`: a node with a few hundred tasks flowing through
-//! four queues, a pool of fake voice agents and a Zep resource whose breaker is open.
+//! --ignored`) rewrites `docs/dashboard-overview.png`, `docs/dashboard-task.png` and
+//! `docs/dashboard-dead-letters.png`: a node with a few hundred tasks flowing through five
+//! queues, a pool of fake voice agents and a Zep resource whose breaker is open.
 
 mod common;
 
@@ -704,15 +715,15 @@ async fn dead_letters_are_retried_deleted_and_purged_and_a_queue_purged_from_the
     let flaky_letter = letter_of(&node, "default", &ids[0]).await;
 
     let mut browser = Browser::launch(&chromium).await;
-    browser.open(&format!("{}/", node.url)).await;
+    // Opened at the dead letters without a queue: the page picks the queue that has some.
+    browser.open(&format!("{}/#/dlq", node.url)).await;
     // The token first, through the header.
     browser.click("#token-set").await;
     browser.fill("#token-input", TOKEN).await;
     browser.click("#token-save").await;
     assert_eq!(browser.text("#token-state").await, "set (this tab)");
 
-    // The dead letters of `default` (the navigation picks the queue that has some).
-    browser.click("nav.views a[data-view=dlq]").await;
+    // The dead letters of `default`.
     browser
         .wait_for(
             "three dead letters",

@@ -568,6 +568,7 @@
 
   /** The queues of the node as `GET /queues` last answered (name → depths), for every view. */
   let lastQueues = {};
+  let queuesLoaded = false;
   // One row per queue, kept across updates so that its buttons stay under the pointer.
   const queueRows = new Map();
 
@@ -662,6 +663,8 @@
    * queue pickers of the search and the dead letters. */
   function queuesChanged(queues) {
     lastQueues = queues || {};
+    const first = !queuesLoaded;
+    queuesLoaded = true;
     let dead = 0;
     for (const q of Object.values(lastQueues)) dead += typeof q.dead === "number" ? q.dead : 0;
     const total = $("dead-total");
@@ -669,7 +672,11 @@
     setText(total, dead > 0 ? num(dead) : "");
     fillQueueSelect(document.querySelector('#search select[name="queue"]'), "any");
     fillQueueSelect($("chart-queue"), "all queues");
-    if (currentView === "dlq") renderQueuePick();
+    if (currentView === "dlq") {
+      // Opened at #/dlq before the queues were known: pick one now.
+      if (first && !dlqView.queue) dlqView.enter(null);
+      else renderQueuePick();
+    }
   }
   function fillQueueSelect(select, anyLabel) {
     const names = Object.keys(lastQueues);
@@ -1338,7 +1345,7 @@
       if (!queue) {
         setChildren($("letters").tBodies[0]);
         $("letters-empty").hidden = false;
-        setText($("letters-empty"), "No queue is configured.");
+        setText($("letters-empty"), queuesLoaded ? "No queue is configured." : "Loading the queues…");
         return;
       }
       const query = new URLSearchParams({ limit: String(DLQ_PAGE) });
