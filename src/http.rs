@@ -2,11 +2,13 @@
 //!
 //! | route | what |
 //! |---|---|
-//! | `GET /` | the live tree page ([`page`]): tree, snapshots, queues, in-flight tasks, events |
+//! | `GET /`, `GET /page.css`, `GET /page.js` | the live page ([`page`]): tree, queues, events, charts, task search and detail, dead letters, nodes |
 //! | `GET /health` | 200 when the root and every permanent actor are running, else 503 with reasons |
 //! | `GET /actors` | the supervision tree as JSON; `?format=text` for an indented rendering |
 //! | `POST /tasks`, `GET /tasks/{id}`, `POST /tasks/{id}/revoke` | enqueue (one or a batch), a task's record, revoke ([`tasks`]) |
-//! | `GET /queues`, `GET /dlq/{queue}`, `POST /dlq/{queue}/requeue`, `POST /queues/{queue}/purge` | depths and dead letters ([`queues`]) |
+//! | `GET /tasks`, `GET /tasks/{id}/timeline` | search tasks over the recent events, one task's events and dead letter ([`search`]) |
+//! | `GET /queues`, `GET /dlq/{queue}`, `POST /dlq/{queue}/requeue`, `POST /dlq/{queue}/purge`, `POST /dlq/{queue}/{entry}/requeue`, `DELETE /dlq/{queue}/{entry}`, `POST /queues/{queue}/purge` | depths and dead letters ([`queues`]) |
+//! | `GET /stats/history` | throughput, wait and run time per queue over the last minutes ([`stats`]) |
 //! | `ANY /egress/{resource}/{path}` | the egress proxy to a shared resource ([`egress`]) |
 //! | `GET /pools`, `POST /pools/{name}/claim`, `POST /pools/{name}/reset` | process pools ([`pools`]) |
 //! | `GET /events` | the events stream as Server-Sent Events ([`events`]) |
@@ -27,7 +29,9 @@ pub mod nodes;
 pub mod page;
 pub mod pools;
 pub mod queues;
+pub mod search;
 pub mod serve;
+pub mod stats;
 pub mod tasks;
 
 use std::collections::BTreeMap;
@@ -36,6 +40,7 @@ use std::time::Duration;
 
 use actors::broker::{AnyBroker, BrokerError};
 use actors::consumer::KillTaskError;
+use actors::history::History;
 use actors::metrics::Metrics;
 use actors::pool::Pool;
 use actors::resource::Resources;
@@ -44,7 +49,7 @@ use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{any, get, post};
+use axum::routing::{any, delete, get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
@@ -77,6 +82,9 @@ pub struct AppState {
     pub chaos: bool,
     /// The bound on open `/events` streams.
     pub event_streams: Arc<events::EventStreams>,
+    /// The node's throughput, wait and run time over the last minutes (`GET /stats/history`;
+    /// empty unless the node samples it).
+    pub history: Arc<History>,
 }
 
 impl AppState {
@@ -97,6 +105,7 @@ impl AppState {
             egress_token: None,
             chaos: config.chaos.enabled,
             event_streams: Arc::default(),
+            history: Arc::default(),
             config: Arc::new(config.clone()),
         }
     }
@@ -163,6 +172,12 @@ pub fn app(state: AppState) -> Router {
         .route("/tasks", post(tasks::enqueue))
         .route("/tasks/{id}/revoke", post(tasks::revoke))
         .route("/dlq/{queue}/requeue", post(queues::requeue_dead))
+        .route("/dlq/{queue}/purge", post(queues::purge_dead))
+        .route(
+            "/dlq/{queue}/{entry}/requeue",
+            post(queues::requeue_dead_entry),
+        )
+        .route("/dlq/{queue}/{entry}", delete(queues::delete_dead))
         .route("/pools/{name}/claim", post(pools::claim))
         .route("/pools/{name}/reset", post(pools::reset))
         .route("/queues/{queue}/purge", post(queues::purge));
@@ -172,6 +187,11 @@ pub fn app(state: AppState) -> Router {
     let mutating = mutating.route_layer(middleware::from_fn_with_state(state.clone(), authorize));
     Router::new()
         .route("/", get(page::page))
+        .route("/page.css", get(page::style))
+        .route("/page.js", get(page::script))
+        .route("/tasks", get(search::search))
+        .route("/tasks/{id}/timeline", get(search::timeline))
+        .route("/stats/history", get(stats::history))
         .route("/health", get(health))
         .route("/actors", get(actors))
         .route("/tasks/{id}", get(tasks::record))

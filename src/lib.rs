@@ -12,8 +12,9 @@
 //! - [`topology`] — the supervision tree a config describes, task definitions, resources.
 //! - [`node`] — runs a node: tree + HTTP server, signal handling, ordered stop.
 //! - [`http`] — axum router: health, the tree, tasks, queues, dead letters, the egress proxy,
-//!   pools, the events stream over SSE (`http::events`), the live tree page (`http::page`),
-//!   metrics (`http::metrics`),
+//!   pools, the events stream over SSE (`http::events`), task search (`http::search`), the
+//!   history (`http::stats`), the live page — the dashboard (`http::page`), metrics
+//!   (`http::metrics`),
 //!   chaos; `http::serve` is the server (connection cap, header and body read timeouts).
 //! - [`shutdown`] — SIGINT/SIGTERM handling (a second signal exits at once).
 //! - [`telemetry`] — tracing subscriber: `RUST_LOG` filter, text or flat JSON (span fields

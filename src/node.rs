@@ -9,6 +9,7 @@
 //! usual stop follows. However the node ends, it then logs at WARN, queue by queue, what the
 //! memory broker still held and takes with it ([`report_dropped`]).
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -16,8 +17,9 @@ use std::time::Duration;
 
 use actors::broker::{AnyBroker, Broker, BrokerMessage, EventSink, NodeState, NodeStatus};
 use actors::celery::Celery;
-use actors::consumer::{ConsumerMessage, Work};
+use actors::consumer::{ConsumerMessage, Outcomes, Work};
 use actors::handler::native::Natives;
+use actors::history::{self, History, Source};
 use actors::supervisor::start_root;
 use actors::tree::{Status, Tree};
 use tokio::net::TcpListener;
@@ -191,8 +193,12 @@ pub async fn run_with(
     };
     let resources = Arc::new(resources);
     let metrics = Arc::new(metrics(&config, &resources, &pools));
+    let outcomes: BTreeMap<String, Arc<Outcomes>> = (config.queues.keys())
+        .map(|queue| (queue.clone(), Arc::default()))
+        .collect();
     let shared = Shared {
         resources,
+        outcomes,
         work: Arc::new(Work {
             broker,
             leases: Arc::default(),
@@ -223,6 +229,26 @@ pub async fn run_with(
         }
     };
 
+    // The history the page draws: each queue's counters and depth, sampled every 5 s.
+    let history = Arc::new(History::default());
+    // Sampling stops when `_sampling` is dropped, as this function returns.
+    let (_sampling, stop_sampling) = tokio::sync::oneshot::channel::<()>();
+    let sources = (shared.outcomes.iter())
+        .map(|(queue, outcomes)| {
+            let outcomes = Arc::clone(outcomes);
+            let source: Source = Box::new(move || outcomes.totals());
+            (queue.clone(), source)
+        })
+        .collect();
+    tokio::spawn(Arc::clone(&history).run(
+        sources,
+        Arc::clone(shared.broker()),
+        history::EVERY,
+        async {
+            let _ = stop_sampling.await;
+        },
+    ));
+
     let mut state = AppState::new(
         Arc::clone(&tree),
         Arc::clone(shared.broker()),
@@ -232,6 +258,7 @@ pub async fn run_with(
     state.pools = Arc::new(pools);
     state.egress_token = Some(Arc::from(egress.token()));
     state.metrics = metrics;
+    state.history = history;
     if config.chaos.enabled {
         warn!("chaos routes are enabled: POST /chaos/kill/{{path}} kills actors");
     }

@@ -102,6 +102,9 @@ pub struct Shared {
     pub work: Arc<Work>,
     /// The shared resources; also the consumers' gate.
     pub resources: Arc<Resources>,
+    /// Each queue's outcome counters on this node (by queue name): kept across restarts of
+    /// its consumer, sampled by the node's history.
+    pub outcomes: BTreeMap<String, Arc<Outcomes>>,
 }
 
 impl Shared {
@@ -600,7 +603,7 @@ pub fn root_spec(
             let drain = config.runtime.shutdown_grace;
             let work = Arc::clone(&shared.work);
             let gate: Arc<dyn ResourceGate> = shared.resources.clone();
-            let outcomes = Arc::new(Outcomes::default());
+            let outcomes = shared.outcomes.get(name).cloned().unwrap_or_default();
             ChildSpec::new(name, "consumer", Restart::Permanent, move |node| {
                 let args = ConsumerArgs {
                     node,

@@ -873,39 +873,68 @@ async fn event_streams_are_bounded_and_a_closed_one_frees_its_slot() {
 #[tokio::test]
 async fn the_live_page_is_served_at_the_root_without_a_token_and_loads_nothing_from_elsewhere() {
     let state = state(Duration::from_millis(5), Some("s3cret-token"), false).await;
-    let response = app(state)
-        .oneshot(Request::builder().uri("/").body(Body::empty()).unwrap())
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
-    let headers = response.headers().clone();
-    assert_eq!(headers[header::CONTENT_TYPE], "text/html; charset=utf-8");
-    assert_eq!(headers[header::X_CONTENT_TYPE_OPTIONS], "nosniff");
-    let policy = headers[header::CONTENT_SECURITY_POLICY].to_str().unwrap();
-    for rule in [
-        "default-src 'none'",
-        "connect-src 'self'",
-        "frame-ancestors 'none'",
-        "require-trusted-types-for 'script'",
+    let mut files = Vec::new();
+    for (uri, content_type) in [
+        ("/", "text/html; charset=utf-8"),
+        ("/page.css", "text/css; charset=utf-8"),
+        ("/page.js", "text/javascript; charset=utf-8"),
     ] {
-        assert!(policy.contains(rule), "{rule} missing from {policy}");
+        let response = app(state.clone())
+            .oneshot(Request::builder().uri(uri).body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "{uri}");
+        let headers = response.headers().clone();
+        assert_eq!(headers[header::CONTENT_TYPE], content_type, "{uri}");
+        assert_eq!(headers[header::X_CONTENT_TYPE_OPTIONS], "nosniff");
+        let policy = headers[header::CONTENT_SECURITY_POLICY].to_str().unwrap();
+        for rule in [
+            "default-src 'none'",
+            "script-src 'self';",
+            "style-src 'self';",
+            "connect-src 'self'",
+            "form-action 'none'",
+            "frame-ancestors 'none'",
+            "require-trusted-types-for 'script'",
+        ] {
+            assert!(policy.contains(rule), "{rule} missing from {policy}");
+        }
+        assert!(
+            !policy.contains("unsafe-inline"),
+            "no inline script or style is allowed: {policy}"
+        );
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        files.push((uri, String::from_utf8(body.to_vec()).unwrap()));
     }
-    let body = response.into_body().collect().await.unwrap().to_bytes();
-    let page = String::from_utf8(body.to_vec()).unwrap();
+    let page = &files[0].1;
     assert!(page.starts_with("<!doctype html>"));
     assert!(page.contains(r#"role="tree""#) && page.contains(r#"role="log""#));
-    // Rendering is text-only, and nothing comes from another origin (no CDN, no fonts).
-    for banned in [
-        "innerHTML",
-        "outerHTML",
-        "insertAdjacentHTML",
-        "document.write",
-        "eval(",
-        "http://",
-        "https://",
-        "@import",
-    ] {
-        assert!(!page.contains(banned), "the page uses {banned}");
+    assert!(
+        page.contains(r#"<script src="/page.js" defer></script>"#)
+            && page.contains(r#"<link rel="stylesheet" href="/page.css">"#)
+    );
+    assert!(
+        !page.contains("<style") && !page.contains(" style=") && !page.contains("<script>"),
+        "nothing inline: the policy would refuse it"
+    );
+    // Rendering is text-only, and nothing comes from another origin (no CDN, no fonts). The
+    // one URL written is the SVG namespace of the charts' elements (a name, never loaded).
+    for (uri, text) in &files {
+        let text = text.replace("\"http://www.w3.org/2000/svg\"", "SVG_NAMESPACE");
+        for banned in [
+            "innerHTML",
+            "outerHTML",
+            "insertAdjacentHTML",
+            "document.write",
+            "eval(",
+            "new Function",
+            "http://",
+            "https://",
+            "@import",
+            "url(",
+        ] {
+            assert!(!text.contains(banned), "{uri} uses {banned}");
+        }
     }
 }
 
@@ -1059,4 +1088,441 @@ async fn task_states_and_revocations_over_http() {
             "{r}"
         );
     }
+}
+
+/// Enqueues `body` through the router; the ids, in order.
+async fn enqueued(state: &AppState, body: &str) -> Vec<String> {
+    let (status, answer) = send_body(state, "POST", "/tasks", Some("tok"), body).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    let answer = json(&answer);
+    let items = answer.as_array().cloned().unwrap_or_else(|| vec![answer]);
+    items
+        .iter()
+        .map(|a| a["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// `GET` through the router → status and JSON.
+async fn get(state: &AppState, uri: &str) -> (StatusCode, serde_json::Value) {
+    let (status, body) = send(state, "GET", uri, None).await;
+    (status, json(&body))
+}
+
+/// The ids of a search answer's tasks, in order.
+fn found(answer: &serde_json::Value) -> Vec<&str> {
+    answer["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_str().unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn tasks_are_found_by_id_name_queue_state_and_trace_over_the_recent_events() {
+    let state = state(Duration::from_millis(5), Some("tok"), false).await;
+    // Two chat messages (the second with a callback) and a failure notice.
+    let ids = enqueued(
+        &state,
+        r#"[{"task":"process_chat_message","id":"chat-1"},
+            {"task":"process_chat_message","id":"chat-2","link":[{"task":"notify_chat_failure"}]},
+            {"task":"notify_chat_failure","id":"notice-1","countdown":3600}]"#,
+    )
+    .await;
+    assert_eq!(ids, ["chat-1", "chat-2", "notice-1"]);
+    // chat-1 succeeds; chat-2 runs and fails once (its next attempt is scheduled).
+    let got = state
+        .broker
+        .reserve("chat", "node", 2, Duration::ZERO)
+        .await
+        .unwrap();
+    let (one, two) = (&got[0], &got[1]);
+    state
+        .broker
+        .ack(one, serde_json::json!({"reply": "hi"}))
+        .await
+        .unwrap();
+    let started = actors::broker::Event::about(
+        "started",
+        &two.envelope,
+        serde_json::json!({"attempt": 0, "consumer": "node"}),
+    );
+    state.broker.publish(started).await.unwrap();
+    state
+        .broker
+        .retry(
+            two,
+            std::time::SystemTime::now() + Duration::from_secs(60),
+            "zep timed out",
+        )
+        .await
+        .unwrap();
+
+    // Everything, newest activity first.
+    let (status, all) = get(&state, "/tasks").await;
+    assert_eq!(status, StatusCode::OK, "{all}");
+    assert_eq!(found(&all), ["chat-2", "chat-1", "notice-1"]);
+    assert_eq!(
+        (all["complete"].clone(), all["events"].clone()),
+        (true.into(), "on".into())
+    );
+    let by_id = |answer: &serde_json::Value, id: &str| {
+        answer["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["id"] == id)
+            .cloned()
+            .unwrap()
+    };
+    let chat2 = by_id(&all, "chat-2");
+    assert_eq!(chat2["state"], "retrying");
+    assert_eq!(chat2["attempts"], 1);
+    assert_eq!(chat2["error"], "zep timed out");
+    assert_eq!(chat2["recorded"], true);
+    let trace = chat2["trace_id"].as_str().unwrap().to_string();
+    assert!(
+        trace.len() == 32 && trace.bytes().all(|b| b.is_ascii_hexdigit()),
+        "a new trace, from its sent event: {trace}"
+    );
+    let chat1 = by_id(&all, "chat-1");
+    assert_eq!(
+        (chat1["state"].as_str(), chat1["queue"].as_str()),
+        (Some("succeeded"), Some("chat"))
+    );
+    assert_eq!(
+        by_id(&all, "notice-1")["state"],
+        "scheduled",
+        "its eta is ahead"
+    );
+    assert_eq!(by_id(&all, "notice-1")["recorded"], false);
+
+    // Each filter, and several at once.
+    for (query, expected) in [
+        ("id=chat-", vec!["chat-2", "chat-1"]),
+        ("id=chat-1", vec!["chat-1"]),
+        ("task=CHAT_MESS", vec!["chat-2", "chat-1"]),
+        ("task=failure", vec!["notice-1"]),
+        ("queue=default", vec!["notice-1"]),
+        ("state=succeeded", vec!["chat-1"]),
+        ("state=retrying&queue=chat", vec!["chat-2"]),
+        ("state=dead", vec![]),
+        ("queue=chat&limit=1", vec!["chat-2"]),
+        (
+            "id=&task=&queue=&state=",
+            vec!["chat-2", "chat-1", "notice-1"],
+        ),
+    ] {
+        let (status, answer) = get(&state, &format!("/tasks?{query}")).await;
+        assert_eq!(status, StatusCode::OK, "{query}: {answer}");
+        assert_eq!(found(&answer), expected, "{query}");
+    }
+    let (_, answer) = get(&state, &format!("/tasks?trace={trace}")).await;
+    assert_eq!(found(&answer), ["chat-2"]);
+
+    // A scan that stops short says so.
+    let (_, answer) = get(&state, "/tasks?scan=2").await;
+    assert_eq!(answer["scanned"], 2);
+    assert_eq!(answer["complete"], false);
+
+    // Bad filters are 400s naming the field.
+    for (query, field) in [
+        ("state=pending", "state: expected one of queued, scheduled"),
+        ("limit=0", "limit: expected 1 to 200, got 0"),
+        ("limit=201", "limit: expected 1 to 200"),
+        ("scan=20001", "scan: expected 1 to 20000"),
+        ("colour=red", "unknown field `colour`"),
+    ] {
+        let (status, answer) = get(&state, &format!("/tasks?{query}")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{query}: {answer}");
+        assert!(
+            answer["error"].as_str().unwrap().contains(field),
+            "{query}: {answer}"
+        );
+    }
+    let long = "x".repeat(300);
+    let (status, answer) = get(&state, &format!("/tasks?task={long}")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(answer["error"], "task: 300 bytes, over the limit of 256");
+}
+
+#[tokio::test]
+async fn with_events_off_a_search_finds_a_task_by_its_exact_id_only() {
+    let config = compile_str(CONFIG, Environment::Ignored).unwrap().config;
+    let settings = BrokerSettings {
+        events_maxlen: 0,
+        ..BrokerSettings::default()
+    };
+    let broker = AnyBroker::connect("memory://", settings).await.unwrap();
+    let mut state = AppState::new(
+        tree(Duration::from_millis(5)).await,
+        Arc::new(broker),
+        Arc::new(Resources::default()),
+        &config,
+    );
+    state.admin_token = Some(Arc::from("tok"));
+    enqueued(&state, r#"{"task":"notify_chat_failure","id":"n-1"}"#).await;
+    let got = state
+        .broker
+        .reserve("default", "node", 1, Duration::ZERO)
+        .await
+        .unwrap();
+    state
+        .broker
+        .dead_letter(&got[0], "permanent: 400")
+        .await
+        .unwrap();
+    let (_, answer) = get(&state, "/tasks").await;
+    assert_eq!(answer["events"], "off");
+    assert!(found(&answer).is_empty());
+    let (_, answer) = get(&state, "/tasks?id=n-1").await;
+    assert_eq!(found(&answer), ["n-1"]);
+    assert_eq!(answer["tasks"][0]["state"], "dead");
+    assert_eq!(answer["tasks"][0]["error"], "permanent: 400");
+}
+
+#[tokio::test]
+async fn a_task_timeline_lists_its_events_state_trace_and_dead_letter() {
+    let state = state(Duration::from_millis(5), Some("tok"), false).await;
+    enqueued(
+        &state,
+        r#"[{"task":"notify_chat_failure","id":"a/b","trace_id":"trace-7","parent_id":"p-1"},
+            {"task":"notify_chat_failure","id":"other"}]"#,
+    )
+    .await;
+    let got = state
+        .broker
+        .reserve("default", "node", 2, Duration::ZERO)
+        .await
+        .unwrap();
+    for delivery in &got {
+        state
+            .broker
+            .dead_letter(delivery, "permanent: <b>400</b>")
+            .await
+            .unwrap();
+    }
+    let (status, timeline) = get(&state, "/tasks/a%2Fb/timeline").await;
+    assert_eq!(status, StatusCode::OK, "{timeline}");
+    let kinds: Vec<&str> = timeline["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["sent", "dead"]);
+    assert_eq!(timeline["state"], "dead");
+    assert_eq!(timeline["attempts"], 1);
+    assert_eq!(timeline["task"], "notify_chat_failure");
+    assert_eq!(timeline["queue"], "default");
+    assert_eq!(timeline["trace_id"], "trace-7");
+    assert_eq!(timeline["parent_id"], "p-1");
+    assert_eq!(timeline["complete"], true, "it reached the task's `sent`");
+    assert_eq!(timeline["dead_letter"]["envelope"]["id"], "a/b");
+    assert_eq!(timeline["dead_letter"]["reason"], "permanent: <b>400</b>");
+
+    // Requeued and running again: no dead letter, the state follows the newest event.
+    let entry = timeline["dead_letter"]["entry"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (status, _) = send(
+        &state,
+        "POST",
+        &format!("/dlq/default/{entry}/requeue"),
+        Some("tok"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let again = state
+        .broker
+        .reserve("default", "node", 1, Duration::ZERO)
+        .await
+        .unwrap();
+    let started = actors::broker::Event::about(
+        "started",
+        &again[0].envelope,
+        serde_json::json!({"attempt": 0, "consumer": "node"}),
+    );
+    state.broker.publish(started).await.unwrap();
+    let (_, timeline) = get(&state, "/tasks/a%2Fb/timeline").await;
+    assert_eq!(timeline["state"], "running", "newer than its record (dead)");
+    assert_eq!(timeline["dead_letter"], serde_json::Value::Null);
+
+    // Nothing known: an empty timeline, no state.
+    let (status, timeline) = get(&state, "/tasks/nobody/timeline").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(timeline["events"], serde_json::json!([]));
+    assert_eq!(timeline["state"], serde_json::Value::Null);
+    let (status, _) = get(&state, "/tasks/x/timeline?scan=0").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn dead_letters_are_paged_requeued_and_deleted_one_by_one_and_purged() {
+    let state = state(Duration::from_millis(5), Some("tok"), false).await;
+    enqueued(
+        &state,
+        r#"[{"task":"notify_chat_failure","id":"d-0"},{"task":"notify_chat_failure","id":"d-1"},
+            {"task":"notify_chat_failure","id":"d-2"},{"task":"notify_chat_failure","id":"d-3"}]"#,
+    )
+    .await;
+    let got = state
+        .broker
+        .reserve("default", "node", 4, Duration::ZERO)
+        .await
+        .unwrap();
+    for delivery in &got {
+        state
+            .broker
+            .dead_letter(delivery, "permanent")
+            .await
+            .unwrap();
+    }
+    let letter_ids = |answer: &serde_json::Value| -> Vec<String> {
+        answer["dead_letters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["envelope"]["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    // Pages of three: `next` leads on, and is null on the last page.
+    let (status, first) = get(&state, "/dlq/default?limit=3").await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+    assert_eq!(letter_ids(&first), ["d-0", "d-1", "d-2"]);
+    let next = first["next"].as_str().unwrap().to_string();
+    assert_eq!(next, first["dead_letters"][2]["entry"].as_str().unwrap());
+    let (_, rest) = get(&state, &format!("/dlq/default?limit=3&after={next}")).await;
+    assert_eq!(letter_ids(&rest), ["d-3"]);
+    assert_eq!(rest["next"], serde_json::Value::Null);
+    let entry = |n: usize| {
+        first["dead_letters"][n]["entry"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+
+    // One letter back to the queue; again: gone. Without the token: 401, nothing moves.
+    let requeue = format!("/dlq/default/{}/requeue", entry(1));
+    assert_eq!(
+        send(&state, "POST", &requeue, None).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        send(
+            &state,
+            "DELETE",
+            &format!("/dlq/default/{}", entry(0)),
+            None
+        )
+        .await
+        .0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        send(&state, "POST", "/dlq/default/purge", None).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    let (status, body) = send(&state, "POST", &requeue, Some("tok")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(json(&body)["requeued"], "d-1");
+    let (status, body) = send(&state, "POST", &requeue, Some("tok")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    assert!(
+        json(&body)["error"]
+            .as_str()
+            .unwrap()
+            .contains("no dead letter")
+    );
+    let again = state
+        .broker
+        .reserve("default", "node", 5, Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(
+        (again[0].envelope.id.as_str(), again[0].envelope.attempt),
+        ("d-1", 0)
+    );
+
+    // One deleted; twice: 404.
+    let delete = format!("/dlq/default/{}", entry(0));
+    let (status, body) = send(&state, "DELETE", &delete, Some("tok")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(json(&body)["deleted"], true);
+    assert_eq!(
+        send(&state, "DELETE", &delete, Some("tok")).await.0,
+        StatusCode::NOT_FOUND
+    );
+    let (_, left) = get(&state, "/dlq/default").await;
+    assert_eq!(letter_ids(&left), ["d-2", "d-3"]);
+
+    // Entry ids are checked; unknown queues are 404s.
+    for bad in ["-", "%2B", "1", "x-1", "1-0-0"] {
+        for (method, uri) in [
+            ("POST", format!("/dlq/default/{bad}/requeue")),
+            ("DELETE", format!("/dlq/default/{bad}")),
+            ("GET", format!("/dlq/default?after={bad}")),
+        ] {
+            let (status, body) = send(&state, method, &uri, Some("tok")).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{method} {uri}: {body}");
+            let error = json(&body)["error"].as_str().unwrap().to_string();
+            assert!(
+                error.starts_with("entry: ") || error.starts_with("after: "),
+                "{error}"
+            );
+        }
+    }
+    assert_eq!(
+        send(&state, "POST", "/dlq/nope/purge", Some("tok")).await.0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        send(&state, "DELETE", "/dlq/nope/1-0", Some("tok")).await.0,
+        StatusCode::NOT_FOUND
+    );
+
+    // The rest, at once.
+    let (status, body) = send(&state, "POST", "/dlq/default/purge", Some("tok")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(json(&body)["purged"], 2);
+    let (_, queues) = get(&state, "/queues").await;
+    assert_eq!(queues["queues"]["default"]["dead"], 0);
+    // Records stay.
+    let (status, record) = get(&state, "/tasks/d-3").await;
+    assert_eq!(
+        (status, record["state"].as_str()),
+        (StatusCode::OK, Some("dead"))
+    );
+}
+
+#[tokio::test]
+async fn the_history_route_answers_the_nodes_samples() {
+    use actors::history::{Timings, Totals};
+    let state = state(Duration::from_millis(5), None, false).await;
+    let (status, empty) = get(&state, "/stats/history").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(empty["samples"], serde_json::json!([]));
+    assert_eq!(
+        (empty["every_ms"].as_u64(), empty["keep"].as_u64()),
+        (Some(5000), Some(180))
+    );
+    let runs = Timings::default();
+    runs.observe(Duration::from_millis(120));
+    let totals = Totals {
+        succeeded: 3,
+        runs: runs.totals(),
+        ..Totals::default()
+    };
+    state.history.record(
+        std::time::SystemTime::now(),
+        vec![("chat".into(), totals, None)],
+    );
+    let (_, history) = get(&state, "/stats/history").await;
+    let sample = &history["samples"][0];
+    assert_eq!(sample["queues"]["chat"]["succeeded"], 3);
+    assert_eq!(sample["queues"]["chat"]["run"]["mean_ms"], 120.0);
+    assert_eq!(sample["all"]["succeeded"], 3);
+    assert_eq!(sample["queues"]["chat"]["depth"], serde_json::Value::Null);
 }

@@ -1,21 +1,32 @@
-//! The live tree page (`GET /`) in headless Chromium against the `runtime` binary, driven over
-//! the DevTools protocol (a small client over one websocket: `Runtime.evaluate`,
-//! `Input.dispatchKeyEvent`, `Page.captureScreenshot`).
+//! The live page — the dashboard, `GET /` — in headless Chromium against the `runtime`
+//! binary, driven over the DevTools protocol (a small client over one websocket:
+//! `Runtime.evaluate`, `Input.dispatchKeyEvent`, `Input.dispatchMouseEvent` for clicks at an
+//! element's centre, `Input.insertText` for typing, `Page.captureScreenshot`).
 //!
-//! The test loads the page from a node that has an admin token (the page only reads, so it
-//! needs none), waits for the tree, the queues, the in-flight tasks and the events feed to
-//! render, checks that an error carrying markup is shown as text, walks the tree with the
-//! keyboard, kills `root/queues/default` through the chaos route and waits for the page to show
-//! its restart counter go from 0 to 1 — then checks the page did not scroll sideways at
-//! 1366 px, threw nothing and broke no rule of its Content-Security-Policy.
+//! - `the_page_renders_the_tree_and_shows_a_chaos_kill_as_a_restart`: a node with an admin
+//!   token (reading needs none); the tree, queues, in-flight tasks and events feed render, an
+//!   error carrying markup shows as text, the tree is walked with the keyboard, and a chaos kill
+//!   of `root/queues/default` shows as its restart counter going from 0 to 1.
+//! - `a_task_is_searched_opened_and_retried_from_its_dead_letter_once_the_token_is_given`:
+//!   search, the task's detail (timeline, error, envelope, trace), and its retry clicked
+//!   without a token (401, the dialog, Cancel), with a wrong one (refused, forgotten), then with
+//!   the right one: the task runs again and the page shows it succeed.
+//! - `dead_letters_are_retried_deleted_and_purged_and_a_queue_purged_from_the_page`: the token
+//!   set from the header; a queue's dead letters retried (and followed to success), shown,
+//!   deleted one by one and all at once; a queue's delayed tasks purged from the overview;
+//!   the charts and the nodes.
 //!
-//! It needs Chromium (`chromium` or `chromium-browser` on `PATH`, or the binary named by
-//! `RT_CHROMIUM`); where there is none it prints why and passes, except under CI (`CI` set),
-//! where a missing Chromium fails it — `.ci/run` installs Debian's `chromium`.
+//! Each checks the page did not scroll sideways at 1366 px, threw nothing and broke no rule of
+//! its Content-Security-Policy.
+//!
+//! They need Chromium (`chromium` or `chromium-browser` on `PATH`, or the binary named by
+//! `RT_CHROMIUM`); where there is none they print why and pass, except under CI (`CI` set),
+//! where a missing Chromium fails them — `.ci/run` installs Debian's `chromium`.
 //!
 //! `screenshot_of_the_page_under_load` (ignored; run it with `cargo test --test page --
-//! --ignored`) rewrites `docs/live-tree.png`: a node with a few hundred tasks flowing through
-//! four queues, a pool of fake voice agents and a Zep resource whose breaker is open.
+//! --ignored`) rewrites `docs/dashboard-overview.png`, `docs/dashboard-task.png` and
+//! `docs/dashboard-dead-letters.png`: a node with a few hundred tasks flowing through five
+//! queues, a pool of fake voice agents and a Zep resource whose breaker is open.
 
 mod common;
 
@@ -218,6 +229,16 @@ impl Browser {
         self.call("Page.navigate", json!({ "url": url })).await;
     }
 
+    /// [`goto`](Self::goto), then waits until the page's script has wired everything up.
+    async fn open(&mut self, url: &str) {
+        self.goto(url).await;
+        self.wait_for(
+            "the page's script ready",
+            "document.documentElement?.dataset.ready === 'true' && document.readyState === 'complete'",
+        )
+        .await;
+    }
+
     /// The value of a JavaScript expression in the page.
     async fn eval(&mut self, expression: &str) -> Value {
         let result = self
@@ -278,10 +299,94 @@ impl Browser {
         }
     }
 
+    /// Clicks the element `selector` names with the mouse (pressed and released at its
+    /// centre, after scrolling it into view), once it is on screen and enabled: what a user
+    /// does, so whatever covers it (a modal dialog) gets the click instead.
+    async fn click(&mut self, selector: &str) {
+        let element = format!("document.querySelector({})", json!(selector));
+        // Its centre, once the element is there, enabled, and what the pointer would hit
+        // there (not something covering it).
+        let at = self
+            .wait_for(
+                &format!("{selector} on screen, enabled and uncovered"),
+                &format!(
+                    r#"(() => {{
+                        const e = {element};
+                        if (!e || e.disabled || !e.getClientRects().length) return null;
+                        e.scrollIntoView({{ block: "center" }});
+                        const r = e.getBoundingClientRect();
+                        const x = r.x + r.width / 2, y = r.y + r.height / 2;
+                        const hit = document.elementFromPoint(x, y);
+                        return hit && (hit === e || e.contains(hit)) ? [x, y] : null;
+                    }})()"#
+                ),
+            )
+            .await;
+        let (x, y) = (at[0].as_f64().unwrap(), at[1].as_f64().unwrap());
+        self.call(
+            "Input.dispatchMouseEvent",
+            json!({ "type": "mouseMoved", "x": x, "y": y }),
+        )
+        .await;
+        for kind in ["mousePressed", "mouseReleased"] {
+            self.call(
+                "Input.dispatchMouseEvent",
+                json!({ "type": kind, "x": x, "y": y, "button": "left", "buttons": 1, "clickCount": 1 }),
+            )
+            .await;
+        }
+    }
+
+    /// Types `text` into the focused element, as a keyboard would (`Input.insertText`).
+    async fn type_text(&mut self, text: &str) {
+        self.call("Input.insertText", json!({ "text": text })).await;
+    }
+
+    /// Focuses the element `selector` names (after waiting for it), then types `text`.
+    async fn fill(&mut self, selector: &str, text: &str) {
+        self.click(selector).await;
+        self.type_text(text).await;
+    }
+
+    /// The text of the element `selector` names (`null` when there is none).
+    async fn text(&mut self, selector: &str) -> Value {
+        self.eval(&format!(
+            "document.querySelector({})?.textContent ?? null",
+            json!(selector)
+        ))
+        .await
+    }
+
+    /// Fails the test if the page threw, broke its Content-Security-Policy, or scrolls
+    /// sideways at 1366 px (`view` names where it is, for the message).
+    async fn assert_clean(&mut self, view: &str) {
+        assert_eq!(
+            self.eval("document.documentElement.scrollWidth <= window.innerWidth")
+                .await,
+            true,
+            "{view}: the page is wider than 1366 px"
+        );
+        assert_eq!(self.eval("window.__violations").await, json!([]), "{view}");
+        assert!(
+            self.exceptions.is_empty(),
+            "{view}: the page threw: {:?}",
+            self.exceptions
+        );
+    }
+
     /// The `data-path` of the focused element (`null` when it has none).
     async fn focused(&mut self) -> Value {
         self.eval("document.activeElement && document.activeElement.dataset ? document.activeElement.dataset.path ?? null : null")
             .await
+    }
+
+    /// Sets the page's size (the window stays 1366 wide for the layout tests).
+    async fn resize(&mut self, width: u32, height: u32) {
+        self.call(
+            "Emulation.setDeviceMetricsOverride",
+            json!({ "width": width, "height": height, "deviceScaleFactor": 1, "mobile": false }),
+        )
+        .await;
     }
 
     async fn screenshot(&mut self, to: &Path) {
@@ -306,8 +411,8 @@ impl Drop for Browser {
 
 const TOKEN: &str = "page-test-token";
 
-/// Enqueues a batch through the node (with the admin token).
-async fn enqueue(node: &Node, batch: Value) {
+/// Enqueues a batch through the node (with the admin token); the tasks' ids, in order.
+async fn enqueue(node: &Node, batch: Value) -> Vec<String> {
     let response = reqwest::Client::new()
         .post(format!("{}/tasks", node.url))
         .bearer_auth(TOKEN)
@@ -316,6 +421,471 @@ async fn enqueue(node: &Node, batch: Value) {
         .await
         .expect("POST /tasks");
     assert_eq!(response.status(), 202, "{}", response.text().await.unwrap());
+    let answers: Vec<Value> = response.json().await.expect("JSON answers");
+    answers
+        .iter()
+        .map(|a| a["id"].as_str().expect("an id").to_string())
+        .collect()
+}
+
+/// Waits until the record of task `id` says `state` (through the node's HTTP API).
+async fn until_state(node: &Node, id: &str, state: &str) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let record = node.get_json(&format!("/tasks/{id}")).await;
+        if record["state"] == state {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "task {id} did not reach {state} within {WAIT:?}: {record}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The dead-letter entry of task `id` in `queue` (through the node's HTTP API).
+async fn letter_of(node: &Node, queue: &str, id: &str) -> String {
+    let dlq = node.get_json(&format!("/dlq/{queue}")).await;
+    dlq["dead_letters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["envelope"]["id"] == id)
+        .unwrap_or_else(|| panic!("no dead letter of {id} in {dlq}"))["entry"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// A node with the admin token: `default` and `chat` queues; `flaky` (an `exec` task that
+/// fails for good unless the file `flag` exists, then answers `{"ran": true}`), `rt_fail`
+/// and `rt_noop` on `default`, never retried.
+fn dashboard_node(flag: &Path) -> Node {
+    let config = format!(
+        r#"
+[http]
+bind = "127.0.0.1:0"
+admin_token_env = "RT_PAGE_TEST_TOKEN"
+
+[queues.default]
+concurrency = 2
+
+[queues.chat]
+concurrency = 1
+
+[tasks.flaky]
+max_retries = 0
+handler = {{ kind = "exec", command = "sh", args = ["-c", "if test -e '{flag}'; then echo '{{\"ran\": true}}'; else echo 'the flag file is missing' >&2; exit 2; fi"] }}
+
+[tasks.rt_fail]
+handler = {{ kind = "native" }}
+max_retries = 0
+
+[tasks.rt_noop]
+handler = {{ kind = "native" }}
+"#,
+        flag = flag.display()
+    );
+    Node::start(&config, &[("RT_PAGE_TEST_TOKEN", TOKEN)])
+}
+
+/// The `data-kind`s of the task detail's timeline, oldest first.
+const TIMELINE_KINDS: &str =
+    "Array.from(document.querySelectorAll('#timeline li[data-kind]')).map((li) => li.dataset.kind)";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_is_searched_opened_and_retried_from_its_dead_letter_once_the_token_is_given() {
+    let Some(chromium) = chromium() else { return };
+    let scratch = Scratch::new();
+    let flag = scratch.path().join("flag");
+    let node = dashboard_node(&flag);
+    let ids = enqueue(
+        &node,
+        json!([
+            { "task": "flaky" },
+            { "task": "rt_noop", "link": [{ "task": "rt_noop" }] },
+        ]),
+    )
+    .await;
+    let (flaky, parent) = (ids[0].as_str(), ids[1].as_str());
+    until_state(&node, flaky, "dead").await;
+
+    let mut browser = Browser::launch(&chromium).await;
+    browser.open(&format!("{}/#/tasks", node.url)).await;
+
+    // Search by part of the name; the dead task is found with its state.
+    browser.fill("#search input[name=task]", "FLAK").await;
+    browser.click("#search button[type=submit]").await;
+    let row = format!("#results tbody tr[data-id=\"{flaky}\"]");
+    // Only the task whose name holds `flak` (the search without filters, run as the view
+    // opened, found three).
+    browser
+        .wait_for(
+            "the flaky task alone in the results, dead",
+            &format!(
+                "document.querySelectorAll('#results tbody tr').length === 1 && \
+                 document.querySelector({})?.querySelector('.badge')?.textContent === 'dead'",
+                json!(row)
+            ),
+        )
+        .await;
+    assert!(
+        location(&mut browser).await.contains("task=FLAK"),
+        "the search is in the address"
+    );
+    let coverage = browser.text("#results-coverage").await;
+    assert!(
+        coverage
+            .as_str()
+            .unwrap()
+            .contains("everything the events stream still holds"),
+        "{coverage}"
+    );
+
+    // Open it: its state, timeline, error and envelope (from its dead letter).
+    browser.click(&format!("{row} a")).await;
+    browser
+        .wait_for(
+            "the task's detail, dead",
+            "document.getElementById('task-state').textContent === 'dead'",
+        )
+        .await;
+    assert_eq!(
+        browser.eval(TIMELINE_KINDS).await,
+        json!(["sent", "started", "dead"])
+    );
+    let outcome = browser.text("#task-outcome").await;
+    assert!(
+        outcome
+            .as_str()
+            .unwrap()
+            .contains("the flag file is missing"),
+        "{outcome}"
+    );
+    let envelope = browser.text("#task-envelope pre").await;
+    assert!(
+        envelope.as_str().unwrap().contains(r#""task": "flaky""#),
+        "{envelope}"
+    );
+    assert_eq!(
+        browser.text("#task-fields [data-field='trace id']").await,
+        flaky.replace('-', "")
+    );
+
+    // Retry without the token: the node answers 401, the page says so and asks for it.
+    browser.click("[data-action=retry-task]").await;
+    browser
+        .wait_for(
+            "the token dialog",
+            "document.getElementById('token-dialog').open",
+        )
+        .await;
+    let why = browser.text("#token-why").await;
+    assert!(why.as_str().unwrap().contains("refused (401)"), "{why}");
+    browser.click("#token-cancel").await;
+    browser
+        .wait_for(
+            "the notice that nothing was done",
+            "document.getElementById('notice').textContent.includes('Not done')",
+        )
+        .await;
+    assert_eq!(
+        node.get_json("/dlq/default").await["dead_letters"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1,
+        "still a dead letter"
+    );
+
+    // A wrong token: refused again, and forgotten.
+    std::fs::write(&flag, "").unwrap();
+    browser.click("[data-action=retry-task]").await;
+    browser
+        .wait_for(
+            "the token dialog",
+            "document.getElementById('token-dialog').open",
+        )
+        .await;
+    browser.fill("#token-input", "not-the-token").await;
+    browser.click("#token-save").await;
+    browser
+        .wait_for(
+            "the refusal of the wrong token",
+            "document.getElementById('notice').textContent.includes('did not accept the admin token')",
+        )
+        .await;
+    assert_eq!(browser.text("#token-state").await, "not set");
+
+    // The right one: the retry goes through and the task runs again, to success.
+    browser.click("[data-action=retry-task]").await;
+    browser
+        .wait_for(
+            "the token dialog",
+            "document.getElementById('token-dialog').open",
+        )
+        .await;
+    browser.fill("#token-input", TOKEN).await;
+    browser.click("#token-save").await;
+    browser
+        .wait_for(
+            "the notice of the requeue",
+            &format!(
+                "document.getElementById('notice').textContent.includes('Requeued task {flaky}')"
+            ),
+        )
+        .await;
+    assert_eq!(browser.text("#token-state").await, "set (this tab)");
+    browser
+        .wait_for(
+            "the task's detail, succeeded",
+            "document.getElementById('task-state').textContent === 'succeeded'",
+        )
+        .await;
+    let outcome = browser.text("#task-outcome").await;
+    assert!(
+        outcome.as_str().unwrap().contains(r#""ran": true"#),
+        "{outcome}"
+    );
+    browser
+        .wait_for(
+            "the second run in the timeline",
+            &format!("{TIMELINE_KINDS}.join() === 'sent,started,dead,started,succeeded'"),
+        )
+        .await;
+    assert!(
+        node.get_json("/dlq/default").await["dead_letters"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+
+    // A task with a callback: both are tasks of one trace.
+    browser.open(&format!("{}/#/task/{parent}", node.url)).await;
+    browser
+        .wait_for(
+            "the parent and its callback in the trace",
+            "document.querySelectorAll('#trace-tasks tbody tr').length === 2",
+        )
+        .await;
+    assert_eq!(
+        browser
+            .eval(&format!(
+                "document.querySelector('#trace-tasks tr[aria-current=true]')?.dataset.id === '{parent}'"
+            ))
+            .await,
+        true
+    );
+    browser.assert_clean("task detail").await;
+}
+
+/// The page's address.
+async fn location(browser: &mut Browser) -> String {
+    browser
+        .eval("location.href")
+        .await
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_retried_deleted_and_purged_and_a_queue_purged_from_the_page() {
+    let Some(chromium) = chromium() else { return };
+    let scratch = Scratch::new();
+    let flag = scratch.path().join("flag");
+    let node = dashboard_node(&flag);
+    let markup = "<img src=x onerror=\"window.__xss=1\"><b>bold</b>";
+    let ids = enqueue(
+        &node,
+        json!([
+            { "task": "flaky" },
+            { "task": "rt_fail", "kwargs": { "permanent": true, "message": markup } },
+            { "task": "rt_fail", "kwargs": { "permanent": true, "message": "second" } },
+            { "task": "rt_noop", "countdown": 3600 },
+            { "task": "rt_noop", "countdown": 3600 },
+            { "task": "rt_noop", "countdown": 3600 },
+        ]),
+    )
+    .await;
+    for id in &ids[..3] {
+        until_state(&node, id, "dead").await;
+    }
+    let flaky_letter = letter_of(&node, "default", &ids[0]).await;
+
+    let mut browser = Browser::launch(&chromium).await;
+    // Opened at the dead letters without a queue: the page picks the queue that has some.
+    browser.open(&format!("{}/#/dlq", node.url)).await;
+    // The token first, through the header.
+    browser.click("#token-set").await;
+    browser.fill("#token-input", TOKEN).await;
+    browser.click("#token-save").await;
+    assert_eq!(browser.text("#token-state").await, "set (this tab)");
+
+    // The dead letters of `default`.
+    browser
+        .wait_for(
+            "three dead letters",
+            "document.querySelectorAll('#letters tbody tr[data-entry]').length === 3",
+        )
+        .await;
+    assert!(location(&mut browser).await.ends_with("#/dlq/default"));
+    // A reason made of markup is text.
+    let reasons = browser.text("#letters tbody").await;
+    assert!(reasons.as_str().unwrap().contains(markup), "{reasons}");
+    assert_eq!(
+        browser
+            .eval("document.querySelectorAll('#letters img, #letters b').length")
+            .await,
+        0
+    );
+
+    // Retry the flaky one (its flag is there now), follow the notice's link, see it run.
+    std::fs::write(&flag, "").unwrap();
+    browser
+        .click(&format!(
+            "#letters tr[data-entry=\"{flaky_letter}\"] [data-action=retry]"
+        ))
+        .await;
+    browser
+        .wait_for(
+            "the notice of the requeue",
+            &format!(
+                "document.getElementById('notice').textContent.includes('Requeued task {}')",
+                ids[0]
+            ),
+        )
+        .await;
+    browser.click("#notice a").await;
+    browser
+        .wait_for(
+            "the retried task succeeded",
+            "document.getElementById('task-state').textContent === 'succeeded'",
+        )
+        .await;
+
+    // Back to the dead letters: two left. Show one's envelope, delete it, then the rest.
+    browser.click("nav.views a[data-view=dlq]").await;
+    browser
+        .wait_for(
+            "two dead letters",
+            "document.querySelectorAll('#letters tbody tr[data-entry]').length === 2",
+        )
+        .await;
+    let second = letter_of(&node, "default", &ids[2]).await;
+    let second_row = format!("#letters tr[data-entry=\"{second}\"]");
+    browser
+        .click(&format!("{second_row} [data-action=envelope]"))
+        .await;
+    let envelope = browser
+        .wait_for(
+            "the envelope under its row",
+            &format!(
+                "(() => {{ const more = document.querySelector({})?.nextElementSibling; return more && !more.hidden ? more.textContent : null; }})()",
+                json!(second_row)
+            ),
+        )
+        .await;
+    assert!(
+        envelope
+            .as_str()
+            .unwrap()
+            .contains(r#""message": "second""#),
+        "{envelope}"
+    );
+    browser
+        .click(&format!("{second_row} [data-action=delete]"))
+        .await;
+    browser
+        .wait_for(
+            "the confirmation",
+            "document.getElementById('confirm-dialog').open",
+        )
+        .await;
+    browser.click("#confirm-ok").await;
+    browser
+        .wait_for(
+            "one dead letter",
+            "document.querySelectorAll('#letters tbody tr[data-entry]').length === 1",
+        )
+        .await;
+    assert_eq!(
+        node.get_json("/queues").await["queues"]["default"]["dead"],
+        1
+    );
+    browser.click("#dlq-purge").await;
+    browser
+        .wait_for(
+            "the confirmation",
+            "document.getElementById('confirm-dialog').open",
+        )
+        .await;
+    browser.click("#confirm-ok").await;
+    browser
+        .wait_for(
+            "no dead letter",
+            "document.getElementById('letters-empty').textContent === 'No dead letter in default.' && !document.getElementById('letters-empty').hidden",
+        )
+        .await;
+    assert_eq!(
+        node.get_json("/queues").await["queues"]["default"]["dead"],
+        0
+    );
+
+    // Purge a queue from the overview: its three delayed tasks go.
+    browser.click("nav.views a[data-view=overview]").await;
+    let delayed =
+        "document.querySelector('#queues tr[data-queue=default]')?.children[2]?.textContent";
+    browser
+        .wait_for("three delayed tasks", &format!("{delayed} === '3'"))
+        .await;
+    browser
+        .click("#queues tr[data-queue=default] button.purge")
+        .await;
+    browser
+        .wait_for(
+            "the confirmation",
+            "document.getElementById('confirm-dialog').open",
+        )
+        .await;
+    browser.click("#confirm-ok").await;
+    let notice = browser
+        .wait_for(
+            "the notice of the purge",
+            "(() => { const t = document.getElementById('notice').textContent; return t.startsWith('Purge') ? t : null; })()",
+        )
+        .await;
+    assert_eq!(
+        notice,
+        "Purged default: 0 ready and 3 delayed entries removed."
+    );
+    browser
+        .wait_for("no delayed task", &format!("{delayed} === '0'"))
+        .await;
+    assert_eq!(
+        node.get_json("/queues").await["queues"]["default"]["delayed"],
+        0
+    );
+
+    // The charts of the last minutes (a sample every 5 s) and the nodes.
+    browser
+        .wait_for(
+            "a throughput line",
+            "document.querySelector('#chart-throughput svg')?.getAttribute('aria-label')?.includes('succeeded') && !!document.querySelector('#chart-throughput svg polyline')",
+        )
+        .await;
+    browser.click("nav.views a[data-view=nodes]").await;
+    browser
+        .wait_for(
+            "this node in the list",
+            "document.querySelectorAll('#nodes tbody tr').length === 1",
+        )
+        .await;
+    assert_eq!(browser.eval("window.__xss ?? null").await, Value::Null);
+    browser
+        .assert_clean("dead letters, overview and nodes")
+        .await;
 }
 
 /// The `<li>` of the actor at `path`, as a JavaScript expression.
@@ -613,10 +1183,12 @@ async fn with_events_off_the_feed_says_so_and_the_tree_still_renders() {
     );
 }
 
-/// Rewrites `docs/live-tree.png`: the page under load. Ignored (run it by hand, see the module
-/// docs); it needs Chromium and `python3` (the fake voice agents).
+/// Rewrites `docs/dashboard-overview.png`, `docs/dashboard-task.png` and
+/// `docs/dashboard-dead-letters.png`: the page under load. Ignored (run it by hand, see the
+/// module docs; it takes about a minute); it needs Chromium and `python3` (the fake voice
+/// agents).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "rewrites docs/live-tree.png; run with --ignored"]
+#[ignore = "rewrites docs/dashboard-*.png; run with --ignored"]
 async fn screenshot_of_the_page_under_load() {
     let Some(chromium) = chromium() else { return };
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -680,6 +1252,10 @@ handler = {{ kind = "http", url = "http://127.0.0.1:{port}/egress/zep/graph/sear
 queue = "background"
 handler = {background}
 
+[tasks.notify_ops]
+queue = "default"
+handler = {default}
+
 [tasks.send_whatsapp_message_task]
 queue = "notifications"
 max_retries = 1
@@ -720,7 +1296,11 @@ ready_pattern = "Pipeline ready"
             8 => "send_whatsapp_message_task",
             _ => "recall_memory",
         };
-        batch.push(json!({ "task": task, "args": [n] }));
+        let mut item = json!({ "task": task, "args": [n] });
+        if task == "send_whatsapp_message_task" {
+            item["link_error"] = json!([{ "task": "notify_ops", "args": [n] }]);
+        }
+        batch.push(item);
     }
     for n in 0..3 {
         batch.push(
@@ -728,7 +1308,7 @@ ready_pattern = "Pipeline ready"
         );
     }
     let mut browser = Browser::launch(&chromium).await;
-    browser.goto(&format!("{}/", node.url)).await;
+    browser.open(&format!("{}/", node.url)).await;
     browser
         .wait_for("the tree", &format!("!!{}", item("root/queues/chat")))
         .await;
@@ -750,10 +1330,57 @@ ready_pattern = "Pipeline ready"
             ),
         )
         .await;
+    // Enough samples for the charts to have a shape (one every 5 s).
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while node.get_json("/stats/history").await["samples"]
+        .as_array()
+        .map_or(0, Vec::len)
+        < 8
+    {
+        assert!(Instant::now() < deadline, "no history after 90 s");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let to = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/live-tree.png");
-    browser.screenshot(&to).await;
-    println!("wrote {}", to.display());
+    let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs");
+    browser.resize(1366, 1500).await;
+    browser
+        .screenshot(&docs.join("dashboard-overview.png"))
+        .await;
+    browser.resize(1366, 900).await;
+
+    // A task that died after its retry, with its failure callback in the same trace.
+    let dlq = node.get_json("/dlq/notifications").await;
+    let dead = dlq["dead_letters"][0]["envelope"]["id"]
+        .as_str()
+        .expect("a dead whatsapp message")
+        .to_string();
+    browser.open(&format!("{}/#/task/{dead}", node.url)).await;
+    browser
+        .wait_for(
+            "the dead task with its trace",
+            "document.getElementById('task-state').textContent === 'dead' && document.querySelectorAll('#trace-tasks tbody tr').length >= 2",
+        )
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    browser.screenshot(&docs.join("dashboard-task.png")).await;
+
+    browser
+        .open(&format!("{}/#/dlq/notifications", node.url))
+        .await;
+    browser
+        .wait_for(
+            "the dead letters",
+            "document.querySelectorAll('#letters tbody tr[data-entry]').length > 3",
+        )
+        .await;
+    browser
+        .click("#letters tbody tr[data-entry] [data-action=envelope]")
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    browser
+        .screenshot(&docs.join("dashboard-dead-letters.png"))
+        .await;
+    println!("wrote docs/dashboard-*.png");
     drop(browser);
     // An orderly stop, so the pool's agents are stopped with the node.
     let mut node = node;

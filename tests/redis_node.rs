@@ -142,6 +142,73 @@ async fn a_thousand_mixed_tasks_complete_or_dead_letter_as_configured() {
             || reason == "retries exhausted after 2 attempts: zep_call_error",
         "{reason}"
     );
+
+    // The dashboard's routes on Redis: a search over the events stream, a dead task's
+    // timeline with its dead letter, dead letters paged, requeued, deleted and purged by
+    // their stream entry ids.
+    let found = node
+        .get_json("/tasks?state=dead&queue=default&limit=5")
+        .await;
+    let tasks = found["tasks"].as_array().unwrap();
+    assert_eq!(tasks.len(), 5, "{found}");
+    assert!(
+        tasks
+            .iter()
+            .all(|t| t["state"] == "dead" && t["task"] == "rt_fail")
+    );
+    let dead_id = tasks[0]["id"].as_str().unwrap();
+    let timeline = node.get_json(&format!("/tasks/{dead_id}/timeline")).await;
+    assert_eq!(timeline["state"], "dead");
+    assert_eq!(timeline["dead_letter"]["envelope"]["id"], dead_id);
+    let kinds: Vec<&str> = timeline["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds.first(), Some(&"sent"), "{kinds:?}");
+    assert_eq!(kinds.last(), Some(&"dead"), "{kinds:?}");
+    let first = node.get_json("/dlq/default?limit=150").await;
+    let next = first["next"].as_str().unwrap().to_string();
+    let rest = node
+        .get_json(&format!("/dlq/default?limit=150&after={next}"))
+        .await;
+    assert_eq!(rest["dead_letters"].as_array().unwrap().len(), 50);
+    assert_eq!(rest["next"], Value::Null);
+    let entry = |n: usize| {
+        first["dead_letters"][n]["entry"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let requeued = node
+        .post(&format!("/dlq/default/{}/requeue", entry(0)), None)
+        .await;
+    assert_eq!(requeued.status(), 200);
+    let requeued: Value = requeued.json().await.unwrap();
+    assert_eq!(
+        requeued["requeued"],
+        first["dead_letters"][0]["envelope"]["id"]
+    );
+    let deleted = reqwest::Client::new()
+        .delete(format!("{}/dlq/default/{}", node.url, entry(1)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 200);
+    settled(&node, Duration::from_secs(30)).await;
+    // The requeued task failed again: 200 − 1 deleted.
+    let purged: Value = node
+        .post("/dlq/default/purge", None)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(purged["purged"], 199, "{purged}");
+    assert_eq!(
+        node.get_json("/queues").await["queues"]["default"]["dead"],
+        0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

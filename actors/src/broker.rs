@@ -12,7 +12,8 @@
 //!    └───────────────────────────────────────────────> ready ──reserve──> in flight (leased)
 //!   in flight ──ack──> done (result recorded)                               │   ^ renew
 //!   in flight ──retry──> delayed (attempt + 1)                              │
-//!   in flight ──dead_letter──> dead ──requeue_dead──> ready                 │
+//!   in flight ──dead_letter──> dead ──requeue_dead(_entry)──> ready         │
+//!   dead ──delete_dead / purge_dead──> gone (the task's record stays)       │
 //!   in flight, lease expired ──recover──> ready (deliveries + 1) or dead (poison cap)
 //! ```
 //!
@@ -537,6 +538,27 @@ impl Event {
     }
 }
 
+/// The `detail` of a `sent` event, written by both backends: the eta, and the trace the task
+/// belongs to (`trace_id`, and `parent_id` for a callback or a sub-task) — what lets the live
+/// page list the tasks of one trace from the events stream (`GET /tasks?trace=`).
+#[derive(Debug, Serialize)]
+pub(crate) struct SentDetail<'a> {
+    eta: &'a Option<String>,
+    trace_id: &'a Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parent_id: &'a Option<String>,
+}
+
+impl<'a> SentDetail<'a> {
+    pub(crate) fn of(envelope: &'a Envelope) -> Self {
+        Self {
+            eta: &envelope.eta,
+            trace_id: &envelope.trace_id,
+            parent_id: &envelope.parent_id,
+        }
+    }
+}
+
 /// Removed by a purge.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Purged {
@@ -698,6 +720,18 @@ pub trait Broker: Send + Sync + 'static {
         &self,
         queue: &str,
         limit: usize,
+    ) -> impl Future<Output = Result<Vec<DeadLetter>, BrokerError>> + Send {
+        self.dead_letters_after(queue, None, limit)
+    }
+
+    /// Up to `limit` dead letters after the entry id `after` (from the oldest when `None`),
+    /// oldest first: the next page of a listing starts after the last entry of the previous
+    /// one. `after` is an entry id ([`check_entry`]); it need not exist any more.
+    fn dead_letters_after(
+        &self,
+        queue: &str,
+        after: Option<&str>,
+        limit: usize,
     ) -> impl Future<Output = Result<Vec<DeadLetter>, BrokerError>> + Send;
 
     /// Moves up to `limit` dead letters back to the ready queue (attempts reset); malformed
@@ -707,6 +741,26 @@ pub trait Broker: Send + Sync + 'static {
         queue: &str,
         limit: usize,
     ) -> impl Future<Output = Result<u64, BrokerError>> + Send;
+
+    /// Moves the one dead letter `entry` back to the ready queue (attempt reset, id guard
+    /// taken again), as [`requeue_dead`](Broker::requeue_dead) does for many: its task id,
+    /// or `None` when there is no such dead letter (requeued or deleted meanwhile — also by
+    /// another node). A malformed letter stays: [`BrokerError::Invalid`].
+    fn requeue_dead_entry(
+        &self,
+        queue: &str,
+        entry: &str,
+    ) -> impl Future<Output = Result<Option<String>, BrokerError>> + Send;
+
+    /// Deletes the one dead letter `entry`; false when there is none.
+    fn delete_dead(
+        &self,
+        queue: &str,
+        entry: &str,
+    ) -> impl Future<Output = Result<bool, BrokerError>> + Send;
+
+    /// Deletes every dead letter of `queue`; returns how many.
+    fn purge_dead(&self, queue: &str) -> impl Future<Output = Result<u64, BrokerError>> + Send;
 
     /// Removes every ready and delayed entry (in-flight ones finish).
     fn purge(&self, queue: &str) -> impl Future<Output = Result<Purged, BrokerError>> + Send;
@@ -813,6 +867,36 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Removes `name`'s presence record (a clean stop).
     fn forget_node(&self, name: &str) -> impl Future<Output = Result<(), BrokerError>> + Send;
+}
+
+/// Checks an entry id from outside (a dead letter to requeue or delete, a page's start): the
+/// `<ms>-<seq>` form of a Redis stream id — two decimal numbers that fit a `u64`, joined by
+/// `-` — which `memory://` uses too. Anything else (`-`, `+`, `$`, `>`: Redis' special ids; an
+/// incomplete id; text) is refused before it reaches a command. `Err` says why.
+pub fn check_entry(entry: &str) -> Result<(), String> {
+    let fits = |part: &str| {
+        !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()) && part.parse::<u64>().is_ok()
+    };
+    match entry.split_once('-') {
+        Some((ms, seq)) if fits(ms) && fits(seq) => Ok(()),
+        _ => Err(format!(
+            "`{}` is not an entry id (expected two numbers joined by `-`, as `1732374000123-0`)",
+            entry.chars().take(64).collect::<String>()
+        )),
+    }
+}
+
+/// [`check_entry`] as a [`BrokerError::Invalid`] naming the field.
+fn entry_arg(entry: &str) -> Result<(), BrokerError> {
+    check_entry(entry).map_err(|why| BrokerError::Invalid(format!("entry: {why}")))
+}
+
+/// The error of a requeue of a malformed dead letter (it stays for inspection).
+fn malformed_letter(queue: &str, entry: &str) -> BrokerError {
+    BrokerError::Invalid(format!(
+        "dead letter {entry} of `{queue}` is not a valid envelope: it cannot be requeued (it \
+         stays for inspection; delete it when done)"
+    ))
 }
 
 /// The latest time [`rfc3339`] writes: RFC 3339 has four-digit years.
@@ -1000,15 +1084,29 @@ impl Broker for AnyBroker {
     async fn depth(&self, queue: &str) -> Result<QueueDepth, BrokerError> {
         delegate!(self, b => b.depth(queue))
     }
-    async fn dead_letters(
+    async fn dead_letters_after(
         &self,
         queue: &str,
+        after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<DeadLetter>, BrokerError> {
-        delegate!(self, b => b.dead_letters(queue, limit))
+        delegate!(self, b => b.dead_letters_after(queue, after, limit))
     }
     async fn requeue_dead(&self, queue: &str, limit: usize) -> Result<u64, BrokerError> {
         delegate!(self, b => b.requeue_dead(queue, limit))
+    }
+    async fn requeue_dead_entry(
+        &self,
+        queue: &str,
+        entry: &str,
+    ) -> Result<Option<String>, BrokerError> {
+        delegate!(self, b => b.requeue_dead_entry(queue, entry))
+    }
+    async fn delete_dead(&self, queue: &str, entry: &str) -> Result<bool, BrokerError> {
+        delegate!(self, b => b.delete_dead(queue, entry))
+    }
+    async fn purge_dead(&self, queue: &str) -> Result<u64, BrokerError> {
+        delegate!(self, b => b.purge_dead(queue))
     }
     async fn purge(&self, queue: &str) -> Result<Purged, BrokerError> {
         delegate!(self, b => b.purge(queue))

@@ -57,6 +57,7 @@ use crate::broker::{AnyBroker, Broker, Delivery, Leases, Revocation};
 use crate::celery::{self, Celery};
 use crate::gate::{Admission, ResourceGate};
 use crate::handler::{ErrorClass, TaskDef, TaskDefs, TaskError};
+use crate::history::{Timings, Totals};
 use crate::metrics::{ConsumerSeries, DeadReason, Metrics, SeriesId};
 use crate::task::{DONE, Recorded, TaskActor, TaskArgs, limits, record, task_span};
 use crate::tree::TreeHandle;
@@ -90,12 +91,16 @@ pub struct Work {
 }
 
 /// Outcomes recorded for one queue on this node since it started: made by the node, shared by
-/// every incarnation of the queue's consumer and its task actors.
+/// every incarnation of the queue's consumer and its task actors. Beside the counts, the wait
+/// of first attempts and the run time of attempts ([`Timings`]), which the node's
+/// [`History`](crate::history::History) samples.
 #[derive(Debug, Default)]
 pub struct Outcomes {
     succeeded: AtomicU64,
     retried: AtomicU64,
     dead: AtomicU64,
+    waits: Timings,
+    runs: Timings,
 }
 
 impl Outcomes {
@@ -106,6 +111,27 @@ impl Outcomes {
             Recorded::Dead => &self.dead,
         };
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A first attempt started after waiting `wait`.
+    pub(crate) fn waited(&self, wait: Duration) {
+        self.waits.observe(wait);
+    }
+
+    /// An attempt ran for `took`.
+    pub(crate) fn ran(&self, took: Duration) {
+        self.runs.observe(took);
+    }
+
+    /// The running totals, for the node's history.
+    pub fn totals(&self) -> Totals {
+        Totals {
+            succeeded: self.succeeded.load(Ordering::Relaxed),
+            retried: self.retried.load(Ordering::Relaxed),
+            dead: self.dead.load(Ordering::Relaxed),
+            waits: self.waits.totals(),
+            runs: self.runs.totals(),
+        }
     }
 
     /// `{"succeeded", "retried", "dead"}`: attempts that succeeded, attempts that failed and

@@ -34,6 +34,8 @@
 //! - [`tree`] — the tree registry every actor is recorded in; read by the introspection routes.
 //! - `test_util` — `RedisServer`, a private redis-server per test (tests / `test-util` feature).
 //! - [`heartbeat`] — `HeartbeatActor`: records uptime and event-loop lag.
+//! - [`history`] — `History`: this node's throughput, wait and run time per queue over the
+//!   last minutes (a ring buffer sampled from the queues' outcome counters and depths).
 
 pub mod broker;
 pub mod caps;
@@ -43,6 +45,7 @@ pub mod consumer;
 pub mod gate;
 pub mod handler;
 pub mod heartbeat;
+pub mod history;
 pub mod metrics;
 pub mod pool;
 pub mod resource;

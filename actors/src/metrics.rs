@@ -52,7 +52,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{
@@ -65,7 +65,7 @@ use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::broker::{AnyBroker, Broker, Enqueued, Envelope, QueueDepth, parse_time};
+use crate::broker::{AnyBroker, Broker, Enqueued, Envelope, QueueDepth};
 use crate::handler::ErrorClass;
 use crate::pool::{Pool, PoolHealth};
 use crate::resource::Resources;
@@ -78,7 +78,7 @@ pub const UNKNOWN: &str = "unknown";
 pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
 
 /// Bucket bounds (seconds) of every duration histogram: 1 ms to 5 min.
-const SECONDS: [f64; 17] = [
+pub(crate) const SECONDS: [f64; 17] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
     120.0, 300.0,
 ];
@@ -373,22 +373,9 @@ impl TaskSeries {
         self.started.inc();
     }
 
-    /// The first attempt of `envelope` starts now: observes its wait since it was enqueued,
-    /// or since its `eta` when that is later. Retries are not observed (their wait is the
-    /// backoff their policy chose).
-    pub fn first_start(&self, envelope: &Envelope) {
-        if envelope.attempt != 0 {
-            return;
-        }
-        let Ok(enqueued) = parse_time(&envelope.enqueued_at) else {
-            return;
-        };
-        let due = envelope
-            .eta
-            .as_deref()
-            .and_then(|eta| parse_time(eta).ok())
-            .map_or(enqueued, |eta| eta.max(enqueued));
-        let wait = SystemTime::now().duration_since(due).unwrap_or_default();
+    /// A first attempt starts after waiting `wait` ([`Envelope::first_wait`]; retries are not
+    /// observed: their wait is the backoff their policy chose).
+    pub fn waited(&self, wait: Duration) {
         self.wait.observe(wait.as_secs_f64());
     }
 

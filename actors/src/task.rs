@@ -119,8 +119,11 @@ impl Actor for TaskActor {
                     .instrument(span.clone()),
                 )
             });
-        if let Some(series) = args.work.metrics.of(args.series) {
-            series.first_start(&args.delivery.envelope);
+        if let Some(wait) = envelope.first_wait(SystemTime::now()) {
+            args.outcomes.waited(wait);
+            if let Some(series) = args.work.metrics.of(args.series) {
+                series.waited(wait);
+            }
         }
         async {
             let began = Instant::now();
@@ -210,8 +213,11 @@ pub(crate) async fn record(
     let work = &args.work;
     let delivery = &args.delivery;
     let series = work.metrics.of(args.series);
-    if let (Some(series), Some(took)) = (series, ran) {
-        series.ran(took, outcome.is_err());
+    if let Some(took) = ran {
+        args.outcomes.ran(took);
+        if let Some(series) = series {
+            series.ran(took, outcome.is_err());
+        }
     }
     for n in 1..=RECORD_TRIES {
         match record_once(work, delivery, &args.def, &outcome).await {

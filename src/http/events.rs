@@ -53,12 +53,13 @@ pub const MAX_STREAMS: usize = 64;
 pub const POLL: Duration = Duration::from_millis(250);
 /// Interval of the keep-alive comments.
 pub const KEEP_ALIVE: Duration = Duration::from_secs(15);
-/// Events read from the broker per round trip.
-const PAGE: usize = 500;
+/// Events read from the broker per round trip (here and by the task search).
+pub const PAGE: usize = 500;
 /// The most `?last=` may ask for.
 const MAX_LAST: usize = 1000;
-/// Events looked at, newest first, to find the last N that pass a filter.
-const MAX_SCAN: usize = 20_000;
+/// Events looked at, newest first, to find the last N that pass a filter (here and by the
+/// task search).
+pub const MAX_SCAN: usize = 20_000;
 /// Pause after a failed read.
 const ERROR_PAUSE: Duration = Duration::from_secs(1);
 

@@ -1,7 +1,12 @@
-//! Queue depths and dead letters: `GET /queues`, `GET /dlq/{queue}`,
-//! `POST /dlq/{queue}/requeue`, `POST /queues/{queue}/purge`.
+//! Queue depths and dead letters: `GET /queues`, `GET /dlq/{queue}` (paged by `?after=`),
+//! `POST /dlq/{queue}/requeue` (many), `POST /dlq/{queue}/{entry}/requeue` and
+//! `DELETE /dlq/{queue}/{entry}` (one, by its entry id), `POST /dlq/{queue}/purge` (every dead
+//! letter), `POST /queues/{queue}/purge` (ready and delayed entries).
+//!
+//! An entry id is checked before it reaches the broker (`<ms>-<seq>`,
+//! [`actors::broker::check_entry`]): anything else is a 400 naming `entry` or `after`.
 
-use actors::broker::Broker;
+use actors::broker::{Broker, check_entry};
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
@@ -80,15 +85,90 @@ pub async fn depths(State(state): State<AppState>) -> Result<Response, ApiError>
     Ok(Json(json!({ "queues": queues })).into_response())
 }
 
-/// `GET /dlq/{queue}?limit=N`: the oldest dead letters.
+/// `?limit=N&after=ENTRY`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Page {
+    limit: Option<usize>,
+    after: Option<String>,
+}
+
+/// `GET /dlq/{queue}?limit=N&after=ENTRY`: the oldest dead letters (after the entry `after`,
+/// for the next page), and `next`: the `after` of the next page, `null` when this one was the
+/// last.
 pub async fn dead_letters(
     State(state): State<AppState>,
     Path(queue): Path<String>,
-    query: LimitQuery,
+    query: Result<Query<Page>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     known(&state, &queue)?;
-    let letters = state.broker.dead_letters(&queue, limit(query)?).await?;
-    Ok(Json(json!({ "queue": queue, "dead_letters": letters })).into_response())
+    let Query(page) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let limit = Limit { limit: page.limit }.get()?;
+    let after = page.after.filter(|a| !a.is_empty());
+    if let Some(after) = &after {
+        check_entry(after).map_err(|why| ApiError::BadRequest(format!("after: {why}")))?;
+    }
+    let letters = (state.broker)
+        .dead_letters_after(&queue, after.as_deref(), limit)
+        .await?;
+    let next = (letters.len() == limit)
+        .then(|| letters.last().map(|l| l.entry.clone()))
+        .flatten();
+    Ok(Json(json!({ "queue": queue, "dead_letters": letters, "next": next })).into_response())
+}
+
+/// Checks the `{entry}` of a route.
+fn entry_param(entry: &str) -> Result<(), ApiError> {
+    check_entry(entry).map_err(|why| ApiError::BadRequest(format!("entry: {why}")))
+}
+
+/// `POST /dlq/{queue}/{entry}/requeue`: that one dead letter back to the ready queue,
+/// attempts reset → `{"queue", "entry", "requeued": task id}`; `404` when there is no such
+/// letter (requeued or deleted already), `400` for a malformed one (it stays).
+pub async fn requeue_dead_entry(
+    State(state): State<AppState>,
+    Path((queue, entry)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    known(&state, &queue)?;
+    entry_param(&entry)?;
+    match state.broker.requeue_dead_entry(&queue, &entry).await? {
+        Some(id) => {
+            Ok(Json(json!({ "queue": queue, "entry": entry, "requeued": id })).into_response())
+        }
+        None => Err(no_letter(&queue, &entry)),
+    }
+}
+
+/// `DELETE /dlq/{queue}/{entry}`: deletes that one dead letter → `{"queue", "entry",
+/// "deleted": true}`; `404` when there is none. The task's record stays.
+pub async fn delete_dead(
+    State(state): State<AppState>,
+    Path((queue, entry)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    known(&state, &queue)?;
+    entry_param(&entry)?;
+    if state.broker.delete_dead(&queue, &entry).await? {
+        Ok(Json(json!({ "queue": queue, "entry": entry, "deleted": true })).into_response())
+    } else {
+        Err(no_letter(&queue, &entry))
+    }
+}
+
+fn no_letter(queue: &str, entry: &str) -> ApiError {
+    ApiError::NotFound(format!(
+        "no dead letter {entry} in `{queue}` (requeued or deleted already?)"
+    ))
+}
+
+/// `POST /dlq/{queue}/purge`: deletes every dead letter of the queue → `{"queue",
+/// "purged": n}`. The tasks' records stay.
+pub async fn purge_dead(
+    State(state): State<AppState>,
+    Path(queue): Path<String>,
+) -> Result<Response, ApiError> {
+    known(&state, &queue)?;
+    let purged = state.broker.purge_dead(&queue).await?;
+    Ok(Json(json!({ "queue": queue, "purged": purged })).into_response())
 }
 
 /// `POST /dlq/{queue}/requeue?limit=N`: back to the ready queue, attempts reset.

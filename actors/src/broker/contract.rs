@@ -10,7 +10,8 @@ use serde_json::json;
 use tokio::time::Instant;
 
 use super::{
-    Broker, BrokerSettings, Enqueued, Envelope, LastRun, NodeRecord, NodeState, TaskState,
+    Broker, BrokerError, BrokerSettings, Enqueued, Envelope, LastRun, NodeRecord, NodeState,
+    TaskState,
 };
 
 /// Lets the suite write an entry the way a careless producer could.
@@ -537,6 +538,159 @@ pub(crate) async fn dead_letters_can_be_listed_and_requeued<B: Broker>(b: &B, q:
     let again = b.reserve(q, "c", 1, NO_WAIT).await.unwrap();
     assert_eq!(again[0].envelope.id, sent[0].id);
     assert_eq!(again[0].envelope.attempt, 0);
+}
+
+/// One dead letter at a time: listed in pages (`after` the last entry of a page, even one
+/// that is gone), requeued by its entry id (once: a second requeue finds nothing), deleted;
+/// a malformed letter cannot be requeued and stays; entry ids that are not `<ms>-<seq>` are
+/// refused before any command; `purge_dead` empties the dead letters and counts them.
+pub(crate) async fn single_dead_letters_are_paged_requeued_deleted_and_purged<
+    B: Broker + RawProducer,
+>(
+    b: &B,
+    q: &str,
+) {
+    let sent = b
+        .enqueue((0..3).map(|n| task(q, n)).collect())
+        .await
+        .unwrap();
+    b.push_raw(q, "not json at all").await;
+    let got = b.reserve(q, "c", 10, NO_WAIT).await.unwrap();
+    assert_eq!(got.len(), 3, "the malformed entry is buried, not delivered");
+    for delivery in &got {
+        b.dead_letter(delivery, "permanent: 400").await.unwrap();
+    }
+    let dead = b.dead_letters(q, 10).await.unwrap();
+    assert_eq!(dead.len(), 4);
+    let entries: Vec<&str> = dead.iter().map(|l| l.entry.as_str()).collect();
+
+    // Pages: two, then the rest after the second; nothing after the last.
+    let page = b.dead_letters_after(q, None, 2).await.unwrap();
+    assert_eq!(
+        page.iter().map(|l| l.entry.as_str()).collect::<Vec<_>>(),
+        entries[..2]
+    );
+    let rest = b
+        .dead_letters_after(q, Some(&page[1].entry), 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        rest.iter().map(|l| l.entry.as_str()).collect::<Vec<_>>(),
+        entries[2..]
+    );
+    assert!(
+        b.dead_letters_after(q, Some(entries[3]), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // Requeue one by its entry: it runs again under its id, from attempt 0.
+    let of = |id: &str| {
+        dead.iter()
+            .find(|l| l.envelope.as_ref().is_some_and(|e| e.id == id))
+            .unwrap()
+            .entry
+            .clone()
+    };
+    let second = of(&sent[1].id);
+    assert_eq!(
+        b.requeue_dead_entry(q, &second).await.unwrap(),
+        Some(sent[1].id.clone())
+    );
+    assert_eq!(
+        b.requeue_dead_entry(q, &second).await.unwrap(),
+        None,
+        "moved once"
+    );
+    let again = b.reserve(q, "c", 10, NO_WAIT).await.unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(
+        (again[0].envelope.id.as_str(), again[0].envelope.attempt),
+        (sent[1].id.as_str(), 0)
+    );
+    b.ack(&again[0], json!("ok")).await.unwrap();
+    // A page may start after an entry that is gone.
+    let at = entries.iter().position(|e| *e == second).unwrap();
+    let after_gone = b.dead_letters_after(q, Some(&second), 10).await.unwrap();
+    assert_eq!(
+        after_gone
+            .iter()
+            .map(|l| l.entry.as_str())
+            .collect::<Vec<_>>(),
+        entries[at + 1..]
+    );
+
+    // The malformed letter stays; it can be deleted.
+    let malformed = dead.iter().find(|l| l.raw.is_some()).unwrap().entry.clone();
+    match b.requeue_dead_entry(q, &malformed).await {
+        Err(BrokerError::Invalid(why)) => assert!(why.contains("not a valid envelope"), "{why}"),
+        other => panic!("a malformed letter was requeued: {other:?}"),
+    }
+    assert!(b.delete_dead(q, &malformed).await.unwrap());
+    assert!(!b.delete_dead(q, &malformed).await.unwrap(), "deleted once");
+    assert_eq!(b.depth(q).await.unwrap().dead, 2);
+
+    // Entry ids from outside are checked first.
+    for bad in [
+        "-",
+        "+",
+        "$",
+        ">",
+        "1",
+        "1-",
+        "-1",
+        "x-1",
+        "1-0 ",
+        "99999999999999999999-0",
+    ] {
+        for result in [
+            b.requeue_dead_entry(q, bad).await.map(|_| ()),
+            b.delete_dead(q, bad).await.map(|_| ()),
+            b.dead_letters_after(q, Some(bad), 1).await.map(|_| ()),
+        ] {
+            assert!(
+                matches!(result, Err(BrokerError::Invalid(_))),
+                "{bad}: {result:?}"
+            );
+        }
+    }
+    assert_eq!(b.dead_letters(q, 10).await.unwrap().len(), 2);
+
+    // Purge the rest.
+    assert_eq!(b.purge_dead(q).await.unwrap(), 2);
+    assert!(b.dead_letters(q, 10).await.unwrap().is_empty());
+    assert_eq!(b.purge_dead(q).await.unwrap(), 0);
+    assert_eq!(b.depth(q).await.unwrap().dead, 0);
+    // The records stay: purging dead letters does not forget outcomes.
+    let record = b.record(&sent[0].id).await.unwrap().unwrap();
+    assert_eq!(record.state, TaskState::Dead);
+}
+
+/// A `sent` event names the trace its task belongs to, and the parent of a sub-task.
+pub(crate) async fn sent_events_name_the_trace<B: Broker>(b: &B, q: &str) {
+    let root = task(q, 1);
+    let mut child = task(q, 2);
+    child.trace_id = Some("4bf92f3577b34da6a3ce929d0e0e4736".into());
+    child.parent_id = Some("the-parent".into());
+    let sent = b.enqueue(vec![root, child]).await.unwrap();
+    let events = b.events(None, 10_000).await.unwrap();
+    let sent_event = |id: &str| {
+        events
+            .iter()
+            .find(|e| e.kind == "sent" && e.task_id.as_deref() == Some(id))
+            .unwrap()
+            .detail
+            .clone()
+    };
+    let root = sent_event(&sent[0].id);
+    // A new trace: its id is the task id's UUID without dashes.
+    assert_eq!(root["trace_id"], sent[0].id.replace('-', ""));
+    assert!(root.get("parent_id").is_none(), "{root}");
+    assert_eq!(root["eta"], serde_json::Value::Null);
+    let child = sent_event(&sent[1].id);
+    assert_eq!(child["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_eq!(child["parent_id"], "the-parent");
 }
 
 pub(crate) async fn purge_removes_ready_and_delayed_only<B: Broker>(b: &B, q: &str) {
@@ -1185,6 +1339,7 @@ macro_rules! contract_suite {
             ids_and_idempotency_keys_together, bad_ids_are_refused_or_dead_lettered,
             records_keep_results_for_their_ttl, dead_letters_can_be_listed_and_requeued,
             purge_removes_ready_and_delayed_only, malformed_entries_are_dead_lettered_not_delivered,
+            single_dead_letters_are_paged_requeued_deleted_and_purged, sent_events_name_the_trace,
             bad_envelopes_are_refused_whole,
             oversized_entries_are_refused_or_delivered_with_their_size,
             events_tell_the_life_of_a_task, soon_events_precede_the_outcome_or_are_flushed,

@@ -239,6 +239,20 @@ impl Envelope {
         Ok(Some(at))
     }
 
+    /// How long its first attempt waited to start at `now`: since it was enqueued, or since
+    /// its `eta` when that is later. `None` for a retry (its wait is the backoff its policy
+    /// chose) and when `enqueued_at` is not a time.
+    pub fn first_wait(&self, now: SystemTime) -> Option<Duration> {
+        if self.attempt != 0 {
+            return None;
+        }
+        let enqueued = parse_time(&self.enqueued_at).ok()?;
+        let due = (self.eta.as_deref())
+            .and_then(|eta| parse_time(eta).ok())
+            .map_or(enqueued, |eta| eta.max(enqueued));
+        Some(now.duration_since(due).unwrap_or_default())
+    }
+
     /// When it expires, if it does: its `expires` (any RFC 3339 time; a far one is as good as
     /// never, a past one is expired).
     pub fn expiry(&self) -> Result<Option<SystemTime>, FieldError> {

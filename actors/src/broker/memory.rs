@@ -27,8 +27,9 @@ use tokio::time::Instant;
 use super::revocations::Revocations;
 use super::{
     Broker, BrokerError, BrokerSettings, DeadLetter, Delivery, Enqueued, Envelope, Event, LastRun,
-    NodeRecord, Purged, QueueDepth, REVOKED, Recovered, Revocation, Revoked, StoredRecord,
-    TaskRecord, TaskState, check_id, due_ms, epoch_ms, rfc3339,
+    NodeRecord, Purged, QueueDepth, REVOKED, Recovered, Revocation, Revoked, SentDetail,
+    StoredRecord, TaskRecord, TaskState, check_id, due_ms, entry_arg, epoch_ms, malformed_letter,
+    rfc3339,
 };
 
 /// The in-memory broker.
@@ -123,6 +124,21 @@ struct Leased {
 }
 
 impl MemoryBroker {
+    /// Puts a dead letter's envelope back on `queue` with its attempts reset: its entry exists
+    /// again, so it gets a fresh record (kept until its next outcome, its first enqueue time
+    /// kept), and — requeued on purpose — a revocation no longer holds it back.
+    fn revive(&self, state: &mut State, queue: &str, envelope: &Envelope) {
+        let mut envelope = envelope.clone();
+        envelope.attempt = 0;
+        let mut record = StoredRecord::enqueued(&envelope, None, &rfc3339(SystemTime::now()));
+        if let Some((old, _)) = state.records.get(&envelope.id) {
+            record.enqueued_at = old.enqueued_at.clone();
+        }
+        state.records.insert(envelope.id.clone(), (record, None));
+        self.revocations.remove(&envelope.id);
+        state.push_ready(queue, &envelope, 0);
+    }
+
     /// An empty broker.
     pub fn new(settings: BrokerSettings) -> Self {
         Self {
@@ -234,8 +250,11 @@ impl MemoryBroker {
                 queue: Some(queue.to_string()),
                 detail: serde_json::json!({ "reason": reason, "entry": entry.id }),
             };
+            // A dead letter gets an id of its own, as in Redis (a new entry of the dead
+            // stream): dead letters are then in id order, which paging relies on.
+            let dead_id = state.next_id();
             state.queue(queue).dead.push_back(DeadLetter {
-                entry: entry.id,
+                entry: dead_id,
                 reason,
                 attempts: 0,
                 at: rfc3339(SystemTime::now()),
@@ -528,7 +547,7 @@ impl Broker for MemoryBroker {
                     Some(due_ms) => state.push_delayed_raw(&envelope.queue, due_ms, json),
                     None => state.push_ready_raw(&envelope.queue, json, 0),
                 }
-                let detail = serde_json::json!({ "eta": envelope.eta });
+                let detail = serde_json::to_value(SentDetail::of(&envelope)).unwrap_or(Value::Null);
                 state.event(
                     Event::about("sent", &envelope, detail),
                     self.settings.events_maxlen,
@@ -671,6 +690,7 @@ impl Broker for MemoryBroker {
         let mut events = Vec::new();
         let mut poisoned = Vec::new();
         let mut requeued = Vec::new();
+        let mut letters = Vec::new();
         for id in expired {
             let Some(leased) = q.in_flight.remove(&id) else {
                 continue;
@@ -689,8 +709,8 @@ impl Broker for MemoryBroker {
                 if let Some(envelope) = &envelope {
                     poisoned.push((envelope.clone(), reason.clone()));
                 }
-                q.dead.push_back(DeadLetter {
-                    entry: leased.entry.id,
+                letters.push(DeadLetter {
+                    entry: String::new(),
                     reason,
                     attempts: envelope.as_ref().map_or(0, |e| e.attempt.saturating_add(1)),
                     at: rfc3339(SystemTime::now()),
@@ -709,6 +729,10 @@ impl Broker for MemoryBroker {
                 });
                 out.requeued += 1;
             }
+        }
+        for mut letter in letters {
+            letter.entry = state.next_id();
+            state.queue(queue).dead.push_back(letter);
         }
         for event in events {
             state.event(event, self.settings.events_maxlen);
@@ -766,19 +790,26 @@ impl Broker for MemoryBroker {
         })
     }
 
-    async fn dead_letters(
+    async fn dead_letters_after(
         &self,
         queue: &str,
+        after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<DeadLetter>, BrokerError> {
+        let after = match after {
+            Some(after) => {
+                entry_arg(after)?;
+                Some(entry_seq(after))
+            }
+            None => None,
+        };
         let mut state = self.lock();
-        Ok(state
-            .queue(queue)
-            .dead
-            .iter()
-            .take(limit)
-            .cloned()
-            .collect())
+        let dead = &state.queue(queue).dead;
+        // Dead letters are in id order: a binary search finds the first one after `after`.
+        let from = after.map_or(0, |after| {
+            dead.partition_point(|l| entry_seq(&l.entry) <= after)
+        });
+        Ok(dead.range(from..).take(limit).cloned().collect())
     }
 
     async fn requeue_dead(&self, queue: &str, limit: usize) -> Result<u64, BrokerError> {
@@ -789,18 +820,7 @@ impl Broker for MemoryBroker {
         for letter in dead {
             match (&letter.envelope, moved < limit as u64) {
                 (Some(envelope), true) => {
-                    let mut envelope = envelope.clone();
-                    envelope.attempt = 0;
-                    // Its entry exists again: a fresh record, kept until its next outcome.
-                    let mut record =
-                        StoredRecord::enqueued(&envelope, None, &rfc3339(SystemTime::now()));
-                    if let Some((old, _)) = state.records.get(&envelope.id) {
-                        record.enqueued_at = old.enqueued_at.clone();
-                    }
-                    state.records.insert(envelope.id.clone(), (record, None));
-                    // Requeued on purpose: a revocation no longer holds it back.
-                    self.revocations.remove(&envelope.id);
-                    state.push_ready(queue, &envelope, 0);
+                    self.revive(&mut state, queue, envelope);
                     moved += 1;
                 }
                 _ => kept.push_back(letter),
@@ -812,6 +832,41 @@ impl Broker for MemoryBroker {
             self.arrived.notify_waiters();
         }
         Ok(moved)
+    }
+
+    async fn requeue_dead_entry(
+        &self,
+        queue: &str,
+        entry: &str,
+    ) -> Result<Option<String>, BrokerError> {
+        entry_arg(entry)?;
+        let mut state = self.lock();
+        let dead = &mut state.queue(queue).dead;
+        let Some(at) = dead.iter().position(|l| l.entry == entry) else {
+            return Ok(None);
+        };
+        let Some(envelope) = dead[at].envelope.clone() else {
+            return Err(malformed_letter(queue, entry));
+        };
+        dead.remove(at);
+        self.revive(&mut state, queue, &envelope);
+        drop(state);
+        self.arrived.notify_waiters();
+        Ok(Some(envelope.id))
+    }
+
+    async fn delete_dead(&self, queue: &str, entry: &str) -> Result<bool, BrokerError> {
+        entry_arg(entry)?;
+        let mut state = self.lock();
+        let dead = &mut state.queue(queue).dead;
+        let at = dead.iter().position(|l| l.entry == entry);
+        Ok(at.and_then(|at| dead.remove(at)).is_some())
+    }
+
+    async fn purge_dead(&self, queue: &str) -> Result<u64, BrokerError> {
+        let mut state = self.lock();
+        let dead = std::mem::take(&mut state.queue(queue).dead);
+        Ok(dead.len() as u64)
     }
 
     async fn purge(&self, queue: &str) -> Result<Purged, BrokerError> {

@@ -109,6 +109,12 @@
 //!   stream. Each node listens on `p:revocations` (its own connection, subscribed again after
 //!   a loss — then `p:revoked` is read again and every revocation in it told once more) and
 //!   tells its consumers ([`Broker::revocations`]).
+//!   `requeue_dead_entry` does the same for one letter (`XRANGE p:{q}:dead <entry> <entry>`,
+//!   then `requeue.lua` with it).
+//! - `dead_letters_after`: `XRANGE p:{q}:dead (<after> + COUNT n` (from `-` without `after`);
+//!   `delete_dead`: `XDEL p:{q}:dead <entry>`; `purge_dead`: `XTRIM p:{q}:dead MAXLEN 0` (one
+//!   command: it counts what it removes). Entry ids from outside are checked first
+//!   (`check_entry`: `<ms>-<seq>`), so `-`, `+` or `$` never reach a range.
 //! - `hand_back`: `hand_back.lua`: each entry still pending for the consumer is acked,
 //!   deleted and re-added at the tail with the same fields (envelope, delivery count). Chosen
 //!   over `XCLAIM … IDLE <huge>` (which would let the next recovery sweep take it): the
@@ -178,8 +184,8 @@ use super::memory::{Prepared, prepare_batch};
 use super::revocations::Revocations;
 use super::{
     Broker, BrokerError, BrokerSettings, DeadLetter, Delivery, EVENT_FLUSH, Enqueued, Envelope,
-    Event, LastRun, NodeRecord, Purged, QueueDepth, Recovered, Revocation, Revoked, StoredRecord,
-    TaskRecord, TaskState, due_ms, epoch_ms, rfc3339,
+    Event, LastRun, NodeRecord, Purged, QueueDepth, Recovered, Revocation, Revoked, SentDetail,
+    StoredRecord, TaskRecord, TaskState, due_ms, entry_arg, epoch_ms, malformed_letter, rfc3339,
 };
 
 /// How long connecting (and the start-up PING) may take.
@@ -1185,7 +1191,7 @@ impl RedisBroker {
                 .arg(ttl)
                 .arg(&envelope.task)
                 .arg(&envelope.queue)
-                .arg(sent_detail(envelope).as_ref())
+                .arg(sent_detail(envelope))
                 .arg(&envelope.enqueued_at);
             keys.push(target);
             keys.push(record);
@@ -1237,11 +1243,46 @@ fn enqueued_fields(envelope: &Envelope, due_ms: Option<u64>) -> Vec<(&'static st
     fields
 }
 
-/// The `detail` of a `sent` event: the eta.
-fn sent_detail(envelope: &Envelope) -> Cow<'static, str> {
-    match &envelope.eta {
-        None => Cow::Borrowed(r#"{"eta":null}"#),
-        Some(eta) => Cow::Owned(json!({ "eta": eta }).to_string()),
+/// The `detail` of a `sent` event ([`SentDetail`]).
+fn sent_detail(envelope: &Envelope) -> String {
+    serde_json::to_string(&SentDetail::of(envelope)).unwrap_or_else(|_| "{}".to_string())
+}
+
+impl RedisBroker {
+    /// Moves `letters` (dead entry id, envelope) of `queue` back to its stream in one
+    /// `requeue.lua` call, each with its attempts reset and a fresh record; how many moved (a
+    /// letter another caller requeued or deleted meanwhile does not).
+    async fn requeue_letters(
+        &self,
+        queue: &str,
+        letters: Vec<(String, Envelope)>,
+    ) -> Result<u64, BrokerError> {
+        if letters.is_empty() {
+            return Ok(0);
+        }
+        let prefix = &self.settings.prefix;
+        let mut invocation = self.scripts.requeue.prepare_invoke();
+        invocation
+            .key(self.dead_key(queue))
+            .key(self.stream_key(queue))
+            .key(revoked_key(prefix))
+            .key(revoked_seq_key(prefix))
+            .arg(rfc3339(SystemTime::now()));
+        for (entry, mut envelope) in letters {
+            envelope.attempt = 0;
+            let record = self.result_key(&envelope.id);
+            invocation.key(&record);
+            invocation
+                .arg(entry)
+                .arg(envelope.to_json())
+                .arg(record)
+                .arg(&envelope.id)
+                .arg(&envelope.task)
+                .arg(&envelope.queue)
+                .arg(&envelope.enqueued_at);
+        }
+        let mut conn = self.manager.clone();
+        self.observe(invocation.invoke_async(&mut conn).await)
     }
 }
 
@@ -1286,8 +1327,10 @@ impl Broker for RedisBroker {
                     .arg(json)
                     .ignore(),
             };
-            let detail = sent_detail(&envelope);
-            self.add_event(&mut pipe, "sent", &at, Some(&envelope), None, &detail);
+            if self.events_on() {
+                let detail = sent_detail(&envelope);
+                self.add_event(&mut pipe, "sent", &at, Some(&envelope), None, &detail);
+            }
             out.push(Enqueued {
                 id: envelope.id,
                 duplicate: false,
@@ -1574,18 +1617,26 @@ impl Broker for RedisBroker {
         })
     }
 
-    async fn dead_letters(
+    async fn dead_letters_after(
         &self,
         queue: &str,
+        after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<DeadLetter>, BrokerError> {
+        let start = match after {
+            Some(after) => {
+                entry_arg(after)?;
+                format!("({after}")
+            }
+            None => "-".to_string(),
+        };
         if limit == 0 {
             return Ok(Vec::new());
         }
         let mut pipe = redis::pipe();
         pipe.cmd("XRANGE")
             .arg(self.dead_key(queue))
-            .arg("-")
+            .arg(start)
             .arg("+")
             .arg("COUNT")
             .arg(limit);
@@ -1594,7 +1645,7 @@ impl Broker for RedisBroker {
     }
 
     async fn requeue_dead(&self, queue: &str, limit: usize) -> Result<u64, BrokerError> {
-        let (dead, stream) = (self.dead_key(queue), self.stream_key(queue));
+        let dead = self.dead_key(queue);
         let mut moved = 0u64;
         let mut start = "-".to_string();
         while moved < limit as u64 {
@@ -1612,45 +1663,61 @@ impl Broker for RedisBroker {
                 break;
             };
             start = format!("({}", last.id);
-            let prefix = &self.settings.prefix;
-            let mut invocation = self.scripts.requeue.prepare_invoke();
-            invocation
-                .key(&dead)
-                .key(&stream)
-                .key(revoked_key(prefix))
-                .key(revoked_seq_key(prefix))
-                .arg(rfc3339(SystemTime::now()));
-            let mut picked = 0u64;
-            for entry in page {
-                if moved + picked >= limit as u64 {
-                    break;
-                }
-                let letter = dead_letter(entry);
-                if let Some(mut envelope) = letter.envelope {
-                    envelope.attempt = 0;
-                    let record = self.result_key(&envelope.id);
-                    invocation.key(&record);
-                    invocation
-                        .arg(&letter.entry)
-                        .arg(envelope.to_json())
-                        .arg(record)
-                        .arg(&envelope.id)
-                        .arg(&envelope.task)
-                        .arg(&envelope.queue)
-                        .arg(&envelope.enqueued_at);
-                    picked += 1;
-                }
-            }
-            if picked > 0 {
-                let mut conn = self.manager.clone();
-                let n: u64 = self.observe(invocation.invoke_async(&mut conn).await)?;
-                moved += n;
-            }
+            let room = usize::try_from(limit as u64 - moved).unwrap_or(usize::MAX);
+            let letters: Vec<(String, Envelope)> = page
+                .into_iter()
+                .map(dead_letter)
+                .filter_map(|letter| Some((letter.entry, letter.envelope?)))
+                .take(room)
+                .collect();
+            moved += self.requeue_letters(queue, letters).await?;
             if !full {
                 break;
             }
         }
         Ok(moved)
+    }
+
+    async fn requeue_dead_entry(
+        &self,
+        queue: &str,
+        entry: &str,
+    ) -> Result<Option<String>, BrokerError> {
+        entry_arg(entry)?;
+        let dead = self.dead_key(queue);
+        let mut pipe = redis::pipe();
+        pipe.cmd("XRANGE").arg(&dead).arg(entry).arg(entry);
+        let (reply,): (Value,) = self.query_pipe(&pipe).await?;
+        let Some(found) = stream_entries(reply).into_iter().next() else {
+            return Ok(None);
+        };
+        let Some(envelope) = dead_letter(found).envelope else {
+            return Err(malformed_letter(queue, entry));
+        };
+        let id = envelope.id.clone();
+        let moved = self
+            .requeue_letters(queue, vec![(entry.to_string(), envelope)])
+            .await?;
+        // Not moved: another caller requeued or deleted it between the read and the script.
+        Ok((moved == 1).then_some(id))
+    }
+
+    async fn delete_dead(&self, queue: &str, entry: &str) -> Result<bool, BrokerError> {
+        entry_arg(entry)?;
+        let mut pipe = redis::pipe();
+        pipe.cmd("XDEL").arg(self.dead_key(queue)).arg(entry);
+        let (deleted,): (u64,) = self.query_pipe(&pipe).await?;
+        Ok(deleted == 1)
+    }
+
+    async fn purge_dead(&self, queue: &str) -> Result<u64, BrokerError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("XTRIM")
+            .arg(self.dead_key(queue))
+            .arg("MAXLEN")
+            .arg(0);
+        let (deleted,): (u64,) = self.query_pipe(&pipe).await?;
+        Ok(deleted)
     }
 
     async fn purge(&self, queue: &str) -> Result<Purged, BrokerError> {
@@ -2399,15 +2466,29 @@ mod tests {
         async fn depth(&self, queue: &str) -> Result<QueueDepth, BrokerError> {
             self.broker.depth(queue).await
         }
-        async fn dead_letters(
+        async fn dead_letters_after(
             &self,
             queue: &str,
+            after: Option<&str>,
             limit: usize,
         ) -> Result<Vec<DeadLetter>, BrokerError> {
-            self.broker.dead_letters(queue, limit).await
+            self.broker.dead_letters_after(queue, after, limit).await
         }
         async fn requeue_dead(&self, queue: &str, limit: usize) -> Result<u64, BrokerError> {
             self.broker.requeue_dead(queue, limit).await
+        }
+        async fn requeue_dead_entry(
+            &self,
+            queue: &str,
+            entry: &str,
+        ) -> Result<Option<String>, BrokerError> {
+            self.broker.requeue_dead_entry(queue, entry).await
+        }
+        async fn delete_dead(&self, queue: &str, entry: &str) -> Result<bool, BrokerError> {
+            self.broker.delete_dead(queue, entry).await
+        }
+        async fn purge_dead(&self, queue: &str) -> Result<u64, BrokerError> {
+            self.broker.purge_dead(queue).await
         }
         async fn purge(&self, queue: &str) -> Result<Purged, BrokerError> {
             self.broker.purge(queue).await
@@ -3044,6 +3125,14 @@ mod tests {
             1,
             "not lost"
         );
+        // One letter by its entry: the same script, the same check.
+        let entry = h.broker.dead_letters(q, 1).await.unwrap()[0].entry.clone();
+        let err = h.broker.requeue_dead_entry(q, &entry).await.unwrap_err();
+        assert!(
+            err.to_string().contains("holds a string, not a stream"),
+            "{err}"
+        );
+        assert_eq!(h.broker.dead_letters(q, 10).await.unwrap().len(), 1);
         let err = h.broker.purge(q).await.unwrap_err();
         assert!(
             err.to_string().contains("holds a string, not a stream"),

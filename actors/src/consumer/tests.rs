@@ -28,6 +28,8 @@ struct Queue {
 struct Rig {
     tree: Arc<Tree>,
     broker: Arc<AnyBroker>,
+    /// Each queue's outcome counters (what the node's history samples).
+    outcomes: std::collections::HashMap<String, Arc<Outcomes>>,
     leases: Arc<Leases>,
     root: ActorRef<crate::supervisor::SupervisorMessage>,
 }
@@ -90,13 +92,17 @@ impl Rig {
             shutdown_timeout: Duration::from_secs(5),
             children,
         };
+        let outcomes: std::collections::HashMap<String, Arc<Outcomes>> = queues
+            .iter()
+            .map(|q| (q.name.to_string(), Arc::default()))
+            .collect();
         let consumers = queues
             .iter()
             .map(|q| {
                 let (name, concurrency) = (q.name.to_string(), q.concurrency);
                 let work = Arc::clone(&work);
                 let gate = Arc::clone(&gate);
-                let outcomes = Arc::new(Outcomes::default());
+                let outcomes = Arc::clone(&outcomes[q.name]);
                 ChildSpec::new(q.name, "consumer", Restart::Permanent, move |node| {
                     let args = ConsumerArgs {
                         node,
@@ -139,6 +145,7 @@ impl Rig {
         let (root, _) = start_root(&tree, "root", spec).await.unwrap();
         Rig {
             tree,
+            outcomes,
             broker,
             leases,
             root,
@@ -234,6 +241,17 @@ async fn runs_tasks_within_the_bulkhead_concurrency() {
         peak.load(Ordering::SeqCst),
         3,
         "concurrency is the bulkhead's size"
+    );
+    // The queue's totals (the node's history) saw every first wait and every run.
+    let totals = rig.outcomes["background"].totals();
+    assert_eq!(
+        (totals.succeeded, totals.waits.count, totals.runs.count),
+        (20, 20, 20)
+    );
+    assert!(totals.runs.sum_us >= 20 * 20_000, "{totals:?}");
+    assert!(
+        totals.waits.sum_us > totals.runs.sum_us / 3,
+        "17 of 20 tasks waited for a slot: {totals:?}"
     );
     let kinds: Vec<String> = rig
         .events_of(&ids[0])

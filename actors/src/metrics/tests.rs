@@ -1,6 +1,7 @@
 use super::*;
 use crate::broker::memory::MemoryBroker;
 use crate::broker::{BrokerSettings, rfc3339};
+use std::time::SystemTime;
 
 fn memory() -> AnyBroker {
     AnyBroker::Memory(MemoryBroker::new(BrokerSettings::default()))
@@ -43,7 +44,7 @@ async fn no_task_id_reaches_the_labels() {
         }]);
         let series = metrics.series(metrics.task(&envelope.task, &envelope.queue).unwrap());
         series.started();
-        series.first_start(&envelope);
+        series.waited(envelope.first_wait(SystemTime::now()).unwrap());
         series.ran(Duration::from_millis(3), n % 2 == 0);
         series.dead_lettered(DeadReason::Failed);
     }
@@ -138,9 +139,15 @@ async fn the_wait_is_observed_for_first_attempts_only() {
     let series = metrics.series(metrics.task("rt_noop", "default").unwrap());
     let mut envelope = Envelope::new("rt_noop", "default");
     envelope.enqueued_at = rfc3339(SystemTime::now() - Duration::from_millis(40));
-    series.first_start(&envelope);
+    // What the task actor does as an attempt starts: a retry has no first wait.
+    let start = |envelope: &Envelope| {
+        if let Some(wait) = envelope.first_wait(SystemTime::now()) {
+            series.waited(wait);
+        }
+    };
+    start(&envelope);
     envelope.attempt = 1;
-    series.first_start(&envelope);
+    start(&envelope);
     let text = metrics.render(&memory()).await.unwrap();
     let wait = |what: &str| {
         sample(
