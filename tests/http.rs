@@ -1195,7 +1195,7 @@ async fn tasks_are_found_by_id_name_queue_state_and_trace_over_the_recent_events
         "scheduled",
         "its eta is ahead"
     );
-    assert_eq!(by_id(&all, "notice-1")["recorded"], false);
+    assert_eq!(by_id(&all, "notice-1")["recorded"], true, "recorded at its enqueue");
 
     // Each filter, and several at once.
     for (query, expected) in [
@@ -1339,14 +1339,9 @@ async fn a_task_timeline_lists_its_events_state_trace_and_dead_letter() {
         .reserve("default", "node", 1, Duration::ZERO)
         .await
         .unwrap();
-    let started = actors::broker::Event::about(
-        "started",
-        &again[0].envelope,
-        serde_json::json!({"attempt": 0, "consumer": "node"}),
-    );
-    state.broker.publish(started).await.unwrap();
+    state.broker.started(&again[0].envelope, "node");
     let (_, timeline) = get(&state, "/tasks/a%2Fb/timeline").await;
-    assert_eq!(timeline["state"], "running", "newer than its record (dead)");
+    assert_eq!(timeline["state"], "running", "its record, started again");
     assert_eq!(timeline["dead_letter"], serde_json::Value::Null);
 
     // Nothing known: an empty timeline, no state.

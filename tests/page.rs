@@ -459,8 +459,9 @@ async fn letter_of(node: &Node, queue: &str, id: &str) -> String {
 }
 
 /// A node with the admin token: `default` and `chat` queues; `flaky` (an `exec` task that
-/// fails for good unless the file `flag` exists, then answers `{"ran": true}`), `rt_fail`
-/// and `rt_noop` on `default`, never retried.
+/// fails for good unless the file `flag` exists, then answers `{"ran": true}`, never
+/// retried), `rt_fail` (never retried), `rt_noop` and `rt_sleep` (kwarg `ms`); a terminated
+/// task gets 200 ms between its soft and its hard cancel.
 fn dashboard_node(flag: &Path) -> Node {
     let config = format!(
         r#"
@@ -484,6 +485,12 @@ max_retries = 0
 
 [tasks.rt_noop]
 handler = {{ kind = "native" }}
+
+[tasks.rt_sleep]
+handler = {{ kind = "native" }}
+
+[runtime]
+terminate_grace = "200ms"
 "#,
         flag = flag.display()
     );
@@ -678,6 +685,130 @@ async fn a_task_is_searched_opened_and_retried_from_its_dead_letter_once_the_tok
         true
     );
     browser.assert_clean("task detail").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delayed_task_is_revoked_and_a_running_one_terminated_from_its_detail() {
+    let Some(chromium) = chromium() else { return };
+    let scratch = Scratch::new();
+    let node = dashboard_node(&scratch.path().join("flag"));
+    let ids = enqueue(
+        &node,
+        json!([
+            { "task": "rt_noop", "countdown": 3600 },
+            { "task": "rt_sleep", "queue": "chat", "kwargs": { "ms": 60_000 } },
+            { "task": "rt_noop" },
+        ]),
+    )
+    .await;
+    let (delayed, sleeping, done) = (ids[0].as_str(), ids[1].as_str(), ids[2].as_str());
+    until_state(&node, delayed, "scheduled").await;
+    until_state(&node, sleeping, "running").await;
+    until_state(&node, done, "succeeded").await;
+
+    // A task that has ended offers no revoke.
+    let mut browser = Browser::launch(&chromium).await;
+    browser.open(&format!("{}/#/task/{done}", node.url)).await;
+    browser
+        .wait_for(
+            "the finished task's detail",
+            "document.getElementById('task-state').textContent === 'succeeded'",
+        )
+        .await;
+    assert_eq!(
+        browser
+            .eval("document.querySelector('[data-action=revoke-task]') === null")
+            .await,
+        true
+    );
+
+    // The delayed task: revoked after a confirmation and the token, it never runs.
+    browser.open(&format!("{}/#/task/{delayed}", node.url)).await;
+    browser
+        .wait_for(
+            "the delayed task's detail",
+            "document.getElementById('task-state').textContent === 'scheduled'",
+        )
+        .await;
+    assert_eq!(browser.text("[data-action=revoke-task]").await, "Revoke…");
+    browser.click("[data-action=revoke-task]").await;
+    browser
+        .wait_for(
+            "the confirmation",
+            "document.getElementById('confirm-dialog').open",
+        )
+        .await;
+    browser.click("#confirm-ok").await;
+    browser
+        .wait_for(
+            "the token dialog",
+            "document.getElementById('token-dialog').open",
+        )
+        .await;
+    browser.fill("#token-input", TOKEN).await;
+    browser.click("#token-save").await;
+    browser
+        .wait_for(
+            "the notice of the revocation",
+            &format!(
+                "document.getElementById('notice').textContent.includes('Revoked task {delayed} (it was scheduled)')"
+            ),
+        )
+        .await;
+    browser
+        .wait_for(
+            "the revoked task's detail, dead",
+            "document.getElementById('task-state').textContent === 'dead' && \
+             document.getElementById('task-outcome').textContent === 'revoked'",
+        )
+        .await;
+    // Dead-lettered now (its delayed entry moved to the stream for a consumer to meet), never
+    // started.
+    let entry = letter_of(&node, "default", delayed).await;
+    assert!(!entry.is_empty());
+    let timeline = node.get_json(&format!("/tasks/{delayed}/timeline")).await;
+    let kinds: Vec<&str> = timeline["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert!(!kinds.contains(&"started"), "{timeline}");
+
+    // The running task: "Terminate…" cancels it where it runs (the token is held now).
+    browser.open(&format!("{}/#/task/{sleeping}", node.url)).await;
+    browser
+        .wait_for(
+            "the running task's detail",
+            "document.getElementById('task-state').textContent === 'running'",
+        )
+        .await;
+    assert_eq!(browser.text("[data-action=revoke-task]").await, "Terminate…");
+    browser.click("[data-action=revoke-task]").await;
+    browser
+        .wait_for(
+            "the confirmation",
+            "document.getElementById('confirm-dialog').open",
+        )
+        .await;
+    browser.click("#confirm-ok").await;
+    browser
+        .wait_for(
+            "the notice of the termination",
+            &format!(
+                "document.getElementById('notice').textContent.includes('Revoked task {sleeping} (it was running)')"
+            ),
+        )
+        .await;
+    browser
+        .wait_for(
+            "the terminated task's detail, dead and without the button",
+            "document.getElementById('task-state').textContent === 'dead' && \
+             document.getElementById('task-outcome').textContent === 'revoked' && \
+             document.querySelector('[data-action=revoke-task]') === null",
+        )
+        .await;
+    browser.assert_clean("task detail after revoke").await;
 }
 
 /// The page's address.

@@ -115,6 +115,8 @@
   const BREAKER_TONE = { closed: "ok", half_open: "warn", open: "bad" };
   const POOL_TONE = { ok: "ok", backoff: "warn", fatal: "bad" };
   const AGENT_TONE = { idle: "ok", starting: "info", assigned: "info", draining: "warn", exited: "idle", failed: "bad" };
+  /** The states a task can be revoked in (`POST /tasks/{id}/revoke`): it has not ended. */
+  const REVOCABLE = ["queued", "scheduled", "retrying", "running"];
   const TASK_TONE = { queued: "idle", scheduled: "info", running: "info", retrying: "warn", succeeded: "ok", dead: "bad" };
   const taskBadge = (state) => badge(state || "unknown", TASK_TONE[state] || "idle");
   /** The page's address of a task, a search, the dead letters of a queue. */
@@ -231,16 +233,22 @@
   /**
    * Calls a mutating route with the admin token; `what` names the action in the notices.
    * A 401 says so and asks for the token (then tries once more with it); any other error is
-   * shown with the node's message. Resolves with the JSON answer, or null when not done.
+   * shown with the node's message. `json`, when given, is sent as the request's JSON body.
+   * Resolves with the JSON answer, or null when not done.
    */
-  async function act(what, method, url) {
+  async function act(what, method, url, json) {
     for (let attempt = 0; attempt < 2; attempt++) {
       const held = token.get();
       const headers = { Accept: "application/json" };
       if (held) headers.Authorization = "Bearer " + held;
+      const init = { method, headers, cache: "no-store" };
+      if (json !== undefined) {
+        headers["Content-Type"] = "application/json";
+        init.body = JSON.stringify(json);
+      }
       let res, body;
       try {
-        res = await fetch(url, { method, headers, cache: "no-store" });
+        res = await fetch(url, init);
         body = await res.json().catch(() => ({}));
       } catch (err) {
         notify(what + ": not done, the node cannot be reached (" + String((err && err.message) || err) + ")", "bad");
@@ -1238,14 +1246,32 @@
   }
 
   /**
-   * The buttons of a task's detail. Today: retry (requeue) or delete its dead letter. This is
-   * where the actions on a live task go (e.g. revoke once the node has it): each button is an
-   * `act()` call on the node's route, then `taskView.load()`.
+   * The buttons of a task's detail: revoke a task that has not ended (queued or scheduled: it
+   * never runs; running: cancelled, soft then hard, when "terminate" is ticked), retry
+   * (requeue) or delete its dead letter. Each button is an `act()` call on the node's route,
+   * then `taskView.load()`.
    */
   function taskActions(t) {
     const tl = t.timeline || {};
     const letter = tl.dead_letter;
     const out = [];
+    if (REVOCABLE.includes(t.state)) {
+      const running = t.state === "running";
+      out.push(button(running ? "Terminate…" : "Revoke…", "revoke-task", async (b) => {
+        const sure = await confirmAction(running ? "Terminate this running task?" : "Revoke this task?",
+          running
+            ? "Task " + t.id + " is cancelled where it runs: its soft time limit fires now, then the hard one after the queue's grace. It is dead-lettered as revoked and its link_error runs."
+            : "Task " + t.id + " never runs: it is dead-lettered as revoked when a node takes it, and its link_error runs.",
+          running ? "Terminate" : "Revoke");
+        if (!sure) return;
+        b.disabled = true;
+        const done = await act("Revoke task " + shortId(t.id), "POST", path("tasks", t.id, "revoke"), { terminate: running });
+        if (done) notify("Revoked task " + t.id + " (it was " + done.was + ").", "ok");
+        b.disabled = false;
+        taskView.load();
+        pollSoon();
+      }, { class: "small danger" }));
+    }
     if (letter && tl.queue) {
       out.push(button("Retry", "retry-task", async (b) => {
         b.disabled = true;

@@ -1,8 +1,8 @@
 //! Finding tasks: `GET /tasks` (search) and `GET /tasks/{id}/timeline` (one task's events,
 //! and its dead letter).
 //!
-//! There is no index of tasks: a task leaves its record (`p:result:<id>`, kept
-//! `broker.result_ttl`, written at each outcome) and its events in the capped events stream
+//! There is no index of tasks: a task leaves its record (`p:result:<id>`, from its enqueue
+//! until `broker.result_ttl` after it ended) and its events in the capped events stream
 //! (`p:events`, about `[events] maxlen` long: `sent`, `started`, `retried`, `deferred`,
 //! `recovered`, `succeeded`, `dead`, each with the task's id, name and queue). A search reads
 //! the newest events backwards, in pages of [`PAGE`], at most `scan` of them
@@ -13,11 +13,13 @@
 //! back it looked (`scanned`, `oldest`) and whether it reached the start of the stream
 //! (`complete`). An exact `id` also finds a task whose events are gone, by its record.
 //!
-//! The state of a task, from its newest event: `sent` → `queued` (`scheduled` while its eta is
-//! ahead), `started` → `running`, `retried` → `retrying`, `deferred` → `scheduled`,
-//! `recovered` → `queued`, `succeeded`, `dead`. Its record wins when it is as recent as that
-//! event (an outcome writes both at once); a newer event wins over an older record (a retried
-//! task that runs again is `running`, though its record still says `retrying`).
+//! The state of a task is its record's: every task has one from its enqueue until
+//! `broker.result_ttl` after it ended, written at each step of its life (see
+//! [`actors::broker::TaskRecord`]). Only a task without one — its record expired, or an entry
+//! another program wrote to a stream and no consumer took yet — is given the state its newest
+//! event implies: `sent` → `queued` (`scheduled` while its eta is ahead), `started` →
+//! `running`, `retried` → `retrying`, `deferred` → `scheduled`, `recovered` → `queued`,
+//! `succeeded`, `dead`.
 //!
 //! Filters (all optional, combined): `id` (a prefix of the task id), `task` (part of the task
 //! name, any case), `queue` (exact), `state` (one of [`STATES`]), `trace` (the exact trace id
@@ -390,8 +392,8 @@ fn state_name(record: &TaskRecord) -> String {
     }
 }
 
-/// Reads the records of `tasks` (at once) and lets each one win where it is as recent as the
-/// task's newest event (see the module docs).
+/// Reads the records of `tasks` (at once): a task's record, where it has one, says its state
+/// (see the module docs).
 async fn join_records(state: &AppState, tasks: &mut [Found]) -> Result<(), ApiError> {
     let reads = join_all(tasks.iter().map(|t| state.broker.record(&t.id))).await;
     for (task, read) in tasks.iter_mut().zip(reads) {
@@ -399,20 +401,14 @@ async fn join_records(state: &AppState, tasks: &mut [Found]) -> Result<(), ApiEr
             continue;
         };
         task.recorded = true;
-        let newer_event = match (parse_time(&task.updated_at), parse_time(&record.updated_at)) {
-            (Ok(event), Ok(record)) => event > record,
-            _ => false,
-        };
-        task.attempts = task.attempts.max(record.attempts);
-        if !newer_event {
-            task.state = state_name(&record);
-            task.updated_at = record.updated_at.clone();
-            task.error = record
-                .error
-                .clone()
-                .filter(|e| !e.is_empty())
-                .or(task.error.take());
-        }
+        task.state = state_name(&record);
+        task.attempts = record.attempts;
+        task.updated_at = record.updated_at.clone();
+        task.error = record
+            .error
+            .clone()
+            .filter(|e| !e.is_empty())
+            .or(task.error.take());
     }
     Ok(())
 }
