@@ -402,7 +402,7 @@ async fn join_records(state: &AppState, tasks: &mut [Found]) -> Result<(), ApiEr
         };
         task.recorded = true;
         task.state = state_name(&record);
-        task.attempts = record.attempts;
+        task.attempts = task.attempts.max(record.attempts);
         task.updated_at = record.updated_at.clone();
         task.error = record
             .error
