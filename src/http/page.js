@@ -22,7 +22,7 @@
   const TOKEN_KEY = "rt.adminToken";
   const FINAL = new Set(["succeeded", "dead"]);
   // Every message of /events has an `event:` field, so onmessage never fires: listen per kind
-  // (README, "Live events").
+  // (docs/http-api.md, "Live events").
   const KINDS = [
     "sent", "started", "succeeded", "retried", "deferred", "dead", "recovered",
     "actor_exited", "actor_restarted", "actor_start_failed", "actor_gave_up",
