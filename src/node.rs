@@ -216,8 +216,7 @@ impl Node {
             .map(Arc::new)
             .map_err(config_problems)?;
         let url = config.broker.redacted_url();
-        let broker = match AnyBroker::connect(&config.broker.url, broker_settings(&config)).await
-        {
+        let broker = match AnyBroker::connect(&config.broker.url, broker_settings(&config)).await {
             Ok(broker) => Arc::new(broker),
             Err(err) => {
                 error!(broker = %url, error = %err, "cannot start without the broker (broker.url / RT_BROKER_URL)");

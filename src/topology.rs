@@ -30,16 +30,14 @@ use actors::gate::ResourceGate;
 use actors::handler::exec::ExecHandler;
 use actors::handler::http::HttpHandler;
 use actors::handler::native::Natives;
-use actors::handler::{
-    Attempt, ErrorClass, Handler, RetryPolicy, TaskContext, TaskDef, TaskDefs, TaskError,
-};
+use actors::handler::pool::PoolHandler;
+use actors::handler::{Handler, RetryPolicy, TaskDef, TaskDefs};
 use actors::heartbeat::{HeartbeatActor, HeartbeatArgs};
 use actors::metrics::{BuildInfo, Metrics};
-use actors::pool::{ClaimError, Pool, PoolActor, PoolArgs, PoolSettings, PoolSpec};
+use actors::pool::{Pool, PoolActor, PoolArgs};
 use actors::resource::Resources;
-use actors::resource::breaker::{BreakerPolicy, BreakerSettings, FailureRate};
-use actors::resource::openai::{Limit, OpenAiActor, OpenAiArgs, OpenAiClient, OpenAiSettings};
-use actors::resource::zep::{ZepActor, ZepArgs, ZepClient, ZepSettings, replay_queue};
+use actors::resource::openai::{OpenAiActor, OpenAiArgs, OpenAiClient};
+use actors::resource::zep::{ZepActor, ZepArgs, ZepClient, replay_queue};
 use actors::scheduler::{self, Schedule, SchedulerActor, SchedulerArgs};
 use actors::supervisor::{ChildSpec, Restart, SupervisorSpec};
 use tokio::time::Instant;
@@ -121,13 +119,13 @@ pub type Problems = Vec<(String, String)>;
 /// The whole environment of a child of the node (an `exec` command, a pool agent): `env` and
 /// `pass_env` as configured (and `PATH`, see [`actors::child::environment`]), plus the
 /// node's egress URL and the children's egress token.
-fn child_env(
-    env: &indexmap::IndexMap<String, String>,
+fn child_env<'a>(
+    env: impl IntoIterator<Item = (&'a String, &'a String)>,
     pass_env: &[String],
     egress: &EgressAccess,
 ) -> BTreeMap<String, String> {
     let mut vars = actors::child::environment(
-        env.iter()
+        env.into_iter()
             .map(|(name, value)| (name.as_str(), value.as_str())),
         pass_env,
     );
@@ -183,7 +181,7 @@ pub fn task_defs(
                 }
             },
             config::Handler::Pool { pool } => match pools.get(pool) {
-                Some(pool) => Arc::new(PoolHandler { pool: pool.clone() }),
+                Some(pool) => Arc::new(PoolHandler::new(pool.clone())),
                 None => {
                     missing.push((
                         format!("tasks.{name}.handler.pool"),
@@ -239,36 +237,7 @@ pub fn resources(
                     ));
                     continue;
                 }
-                let breaker = BreakerSettings {
-                    failure_threshold: zep.breaker.failure_threshold.get(),
-                    failure_rate: zep.breaker.failure_rate.map(|r| FailureRate {
-                        rate: r.rate,
-                        window: r.window,
-                        min_calls: r.min_calls,
-                    }),
-                    open_for: zep.breaker.open_for,
-                    open_for_max: zep.breaker.open_for_max,
-                    probes: zep.breaker.probes.get(),
-                    probe_timeout: zep.breaker.probe_timeout,
-                    slow_call: zep.breaker.slow_call,
-                };
-                let policy = match BreakerPolicy::try_new(breaker) {
-                    Ok(policy) => policy,
-                    Err(err) => {
-                        problems.push((format!("{at}.breaker.{}", err.field), err.reason));
-                        continue;
-                    }
-                };
-                let settings = ZepSettings {
-                    resource: name.clone(),
-                    base_url: zep.base_url.clone(),
-                    api_key: zep.api_key.as_ref().map(|k| k.expose().to_string()),
-                    api_key_env: zep.api_key_env.clone(),
-                    timeout: zep.timeout,
-                    breaker: policy,
-                    auth_probe: zep.auth_probe.clone(),
-                };
-                match ZepClient::new(settings, Arc::clone(broker), node_name) {
+                match ZepClient::new(zep.clone(), Arc::clone(broker), node_name) {
                     Ok(client) => {
                         let client = Arc::new(client);
                         resources.insert(name, client.clone());
@@ -290,30 +259,7 @@ pub fn resources(
                 }
             }
             config::ResourceSettings::OpenAi(openai) => {
-                let limit = |n: Option<std::num::NonZeroU32>| {
-                    n.map(|n| Limit::per_minute(n.get())).transpose()
-                };
-                let (requests, tokens) = match (
-                    limit(openai.requests_per_minute),
-                    limit(openai.tokens_per_minute),
-                ) {
-                    (Ok(requests), Ok(tokens)) => (requests, tokens),
-                    (Err(err), _) | (_, Err(err)) => {
-                        problems.push((at, err.to_string()));
-                        continue;
-                    }
-                };
-                let settings = OpenAiSettings {
-                    base_url: openai.base_url.clone(),
-                    api_key: openai.api_key.as_ref().map(|k| k.expose().to_string()),
-                    api_key_env: openai.api_key_env.clone(),
-                    requests,
-                    tokens,
-                    concurrency: openai.concurrency.map(|c| c.get() as usize),
-                    timeout: None,
-                    auth_probe: openai.auth_probe.clone(),
-                };
-                match OpenAiClient::try_new(name, settings, egress_client()) {
+                match OpenAiClient::try_new(name, openai.clone(), egress_client()) {
                     Ok(client) => {
                         let client = Arc::new(client);
                         resources.insert(name, client.clone());
@@ -354,26 +300,8 @@ pub fn pools(
     let mut children = Vec::new();
     let mut problems = Vec::new();
     for (name, p) in &config.pools {
-        let mut settings = PoolSettings::new(name, &p.command, p.ready_pattern.clone());
-        settings.args = p.args.clone();
-        settings.env = child_env(&p.env, &p.pass_env, egress);
-        settings.cwd = p.cwd.clone();
-        settings.min_idle = p.min_idle as usize;
-        settings.max = p.max.get() as usize;
-        settings.startup_timeout = p.startup_timeout;
-        settings.assigned_pattern = p.assigned_pattern.clone();
-        settings.assign_timeout = p.assign_timeout;
-        settings.claim_timeout = p.claim_timeout;
-        settings.memory_limit_mb = p.memory_limit_mb.map(|mb| u64::from(mb.get()));
-        settings.max_idle_age = p.max_idle_age;
-        settings.reusable = p.reusable;
-        match p.stop_signal.as_str().parse::<nix::sys::signal::Signal>() {
-            Ok(signal) => settings.stop_signal = signal,
-            Err(err) => problems.push((format!("pools.{name}.stop_signal"), err.to_string())),
-        }
-        settings.stop_timeout = p.stop_timeout;
-        settings.startretries = p.startretries;
-        match PoolSpec::try_new(settings) {
+        let env = child_env(&p.spec.settings().env, &p.pass_env, egress);
+        match p.spec.clone().with_env(env) {
             Ok(spec) => {
                 let pool = Pool::new(spec);
                 pools.insert(name.clone(), pool.clone());
@@ -401,34 +329,6 @@ pub fn pools(
         Ok((pools, children))
     } else {
         Err(problems)
-    }
-}
-
-/// The `pool` handler: claims an idle agent of the pool and hands it the task's envelope as
-/// its assignment. No idle agent within `claim_timeout` is retryable; a pool that gave up
-/// (`fatal`) is permanent.
-#[derive(Debug)]
-struct PoolHandler {
-    pool: Pool,
-}
-
-impl Handler for PoolHandler {
-    fn call(&self, ctx: TaskContext) -> Attempt {
-        let pool = self.pool.clone();
-        Box::pin(async move {
-            let assignment = serde_json::to_value(&*ctx.envelope).unwrap_or_default();
-            match pool.claim(assignment).await {
-                Ok(claimed) => {
-                    Ok(serde_json::json!({ "agent_id": claimed.agent_id, "pid": claimed.pid }))
-                }
-                Err(err @ ClaimError::Fatal { .. }) => Err(TaskError::Permanent(err.to_string())),
-                Err(err) => Err(TaskError::retry_as(ErrorClass::NoAgent, err.to_string())),
-            }
-        })
-    }
-
-    fn kind(&self) -> &'static str {
-        "pool"
     }
 }
 

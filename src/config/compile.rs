@@ -17,11 +17,15 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use actors::gate::Use;
+use actors::pool::{PoolSettings, PoolSpec};
 use actors::resource::auth::{AuthProbe, DEFAULT_PROBE_EVERY};
-use actors::resource::{openai, zep};
+use actors::resource::breaker::{BreakerPolicy, BreakerSettings, FailureRate};
+use actors::resource::openai::{self, Limit as RateLimit, OpenAiError, OpenAiSettings};
+use actors::resource::zep::{self, ZepSettings};
 use actors::supervisor::{Backoff, Intensity, PolicyError};
 use croner::parser::{CronParser, Seconds};
 use indexmap::IndexMap;
+use nix::sys::signal::Signal;
 use regex::Regex;
 use reqwest::Url;
 
@@ -32,11 +36,10 @@ use super::raw::{
     RawResource, RawRuntime, RawSchedule, RawSupervision, RawTask, RawZep,
 };
 use super::{
-    BROKER_URL_ENV, BeatSettings, BreakerSettings, BrokerSettings, CelerySettings, ChaosSettings,
-    Config, EventsSettings, FailureRate, HTTP_BIND_ENV, Handler, HttpSettings, Idempotency, Loaded,
-    MetricsSettings, OpenAiSettings, PoolSettings, QueueSettings, ResourceSettings, RetryPolicy,
-    RuntimeSettings, ScheduleSettings, Secret, StopSignal, SupervisionSettings, TaskSettings,
-    Trigger, ZepSettings,
+    BROKER_URL_ENV, BeatSettings, BrokerSettings, CelerySettings, ChaosSettings, Config,
+    EventsSettings, HTTP_BIND_ENV, Handler, HttpSettings, Idempotency, Loaded, MetricsSettings,
+    PoolConfig, QueueSettings, ResourceSettings, RetryPolicy, RuntimeSettings, ScheduleSettings,
+    SupervisionSettings, TaskSettings, Trigger,
 };
 
 /// Where `compile()` reads environment variables (`RT_BROKER_URL`, `RT_HTTP_BIND`, secrets).
@@ -96,17 +99,17 @@ const DEFAULT_RETRY_BACKOFF: Duration = Duration::from_secs(1);
 const DEFAULT_RETRY_BACKOFF_MAX: Duration = Duration::from_secs(60);
 const DEFAULT_ZEP_URL: &str = "https://api.getzep.com/api/v2";
 const DEFAULT_ZEP_TIMEOUT: Duration = Duration::from_secs(5);
-const DEFAULT_FAILURE_THRESHOLD: u32 = 5;
-const DEFAULT_OPEN_FOR: Duration = Duration::from_secs(30);
-const DEFAULT_OPEN_FOR_MAX: Duration = Duration::from_secs(300);
-const DEFAULT_PROBES: u32 = 1;
-const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 const DEFAULT_OPENAI_URL: &str = "https://api.openai.com/v1";
-const DEFAULT_STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
-const DEFAULT_ASSIGN_TIMEOUT: Duration = Duration::from_secs(10);
-const DEFAULT_CLAIM_TIMEOUT: Duration = Duration::from_secs(5);
-const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
-const DEFAULT_STARTRETRIES: u32 = 3;
+/// The signals `pools.NAME.stop_signal` may name, in the order the docs list them.
+const STOP_SIGNALS: [Signal; 7] = [
+    Signal::SIGTERM,
+    Signal::SIGINT,
+    Signal::SIGHUP,
+    Signal::SIGQUIT,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+    Signal::SIGKILL,
+];
 
 /// Compiles `raw` against `env`: the config and its warnings, or every error and warning.
 /// What the parser left out of `raw` for its shape errors (already reported).
@@ -381,7 +384,7 @@ impl Compiler<'_> {
     }
 
     /// The value of the secret named at `path`; unset → a warning saying what will fail.
-    fn secret(&mut self, path: &str, name: &str, consequence: &str) -> Option<Secret> {
+    fn secret(&mut self, path: &str, name: &str, consequence: &str) -> Option<String> {
         if !self.env_name(path, name) || self.env.is_ignored() {
             return None;
         }
@@ -392,7 +395,7 @@ impl Compiler<'_> {
                 format!("environment variable {name} is not set: {consequence}"),
             );
         }
-        value.map(Secret)
+        value
     }
 
     /// An `http`/`https` URL.
@@ -692,13 +695,11 @@ impl Compiler<'_> {
                     token
                 }
             }
-            Some(name) => self
-                .secret(
-                    "http.admin_token_env",
-                    name,
-                    "the mutating routes accept requests without a token",
-                )
-                .map(|secret| secret.0),
+            Some(name) => self.secret(
+                "http.admin_token_env",
+                name,
+                "the mutating routes accept requests without a token",
+            ),
         };
         let admin_token = match (admin_token, &raw.admin_token_env) {
             (Some(token), Some(name)) => self.usable_token(name, token),
@@ -869,11 +870,12 @@ impl Compiler<'_> {
             zep::DEFAULT_AUTH_PROBE_PATH,
         );
         Some(ZepSettings {
+            resource: name.to_string(),
             base_url: base_url?,
             api_key_env: raw.api_key_env.clone(),
             api_key,
             timeout,
-            breaker,
+            breaker: breaker?,
             auth_probe: auth_probe?,
         })
     }
@@ -901,52 +903,45 @@ impl Compiler<'_> {
         }
     }
 
-    fn breaker(&mut self, at: &str, raw: &RawBreaker) -> BreakerSettings {
-        let failure_threshold = self.nonzero(
-            &format!("{at}.failure_threshold"),
-            raw.failure_threshold.unwrap_or(DEFAULT_FAILURE_THRESHOLD),
-        );
-        let open_for =
-            self.positive_duration(&format!("{at}.open_for"), &raw.open_for, DEFAULT_OPEN_FOR);
-        let open_for_max = self.duration(
-            &format!("{at}.open_for_max"),
-            &raw.open_for_max,
-            DEFAULT_OPEN_FOR_MAX,
-        );
-        if open_for_max < open_for {
-            self.error(
-                format!("{at}.open_for_max"),
-                format!(
-                    "{} is below open_for {}",
-                    duration::display(open_for_max),
-                    duration::display(open_for)
-                ),
-            );
+    /// The breaker's policy: its defaults and rules are [`BreakerSettings::default`]'s and
+    /// [`BreakerPolicy::try_new`]'s, each problem reported at `{at}.{field}`.
+    fn breaker(&mut self, at: &str, raw: &RawBreaker) -> Option<BreakerPolicy> {
+        let default = BreakerSettings::default();
+        let mut duration = |key: &str, raw: &Option<RawDuration>, default: Duration| {
+            self.duration(&format!("{at}.{key}"), raw, default)
+        };
+        let settings = BreakerSettings {
+            failure_threshold: raw.failure_threshold.unwrap_or(default.failure_threshold),
+            open_for: duration("open_for", &raw.open_for, default.open_for),
+            open_for_max: duration("open_for_max", &raw.open_for_max, default.open_for_max),
+            probes: raw.probes.unwrap_or(default.probes),
+            probe_timeout: duration("probe_timeout", &raw.probe_timeout, default.probe_timeout),
+            slow_call: self.opt_duration(&format!("{at}.slow_call"), &raw.slow_call),
+            failure_rate: raw.failure_rate.as_ref().map(|rate| FailureRate {
+                rate: rate.rate,
+                window: rate.window,
+                min_calls: rate.min_calls.unwrap_or(rate.window),
+            }),
+        };
+        match BreakerPolicy::try_new(settings) {
+            Ok(policy) => Some(policy),
+            Err(errors) => {
+                for err in errors {
+                    self.error(format!("{at}.{}", err.field), err.reason);
+                }
+                None
+            }
         }
-        let probes = self.nonzero(
-            &format!("{at}.probes"),
-            raw.probes.unwrap_or(DEFAULT_PROBES),
-        );
-        let probe_timeout = self.positive_duration(
-            &format!("{at}.probe_timeout"),
-            &raw.probe_timeout,
-            DEFAULT_PROBE_TIMEOUT,
-        );
-        let slow_call = self.opt_duration(&format!("{at}.slow_call"), &raw.slow_call);
-        // Ranges are checked where the breaker policy is built (`runtime check` reports them).
-        let failure_rate = raw.failure_rate.as_ref().map(|rate| FailureRate {
-            rate: rate.rate,
-            window: rate.window,
-            min_calls: rate.min_calls.unwrap_or(rate.window),
-        });
-        BreakerSettings {
-            failure_threshold,
-            open_for,
-            open_for_max,
-            probes,
-            probe_timeout,
-            slow_call,
-            failure_rate,
+    }
+
+    /// A per-minute limit of an OpenAI resource (its rule is [`RateLimit::per_minute`]'s).
+    fn per_minute(&mut self, path: &str, value: Option<u32>) -> Option<RateLimit> {
+        match RateLimit::per_minute(value?) {
+            Ok(limit) => Some(limit),
+            Err(OpenAiError::Invalid(reason)) => {
+                self.error(path, reason);
+                None
+            }
         }
     }
 
@@ -960,12 +955,11 @@ impl Compiler<'_> {
             &raw.api_key_env,
             &format!("calls to resource {name} will fail and the tasks that use it with them"),
         );
-        let requests_per_minute = self.opt_nonzero(
+        let requests = self.per_minute(
             &format!("{at}.requests_per_minute"),
             raw.requests_per_minute,
         );
-        let tokens_per_minute =
-            self.opt_nonzero(&format!("{at}.tokens_per_minute"), raw.tokens_per_minute);
+        let tokens = self.per_minute(&format!("{at}.tokens_per_minute"), raw.tokens_per_minute);
         let concurrency = self.opt_nonzero(&format!("{at}.concurrency"), raw.concurrency);
         let auth_probe = self.auth_probe(
             at,
@@ -977,46 +971,32 @@ impl Compiler<'_> {
             base_url: base_url?,
             api_key_env: raw.api_key_env.clone(),
             api_key,
-            requests_per_minute,
-            tokens_per_minute,
-            concurrency,
+            requests,
+            tokens,
+            concurrency: concurrency.map(|n| n.get() as usize),
+            timeout: None,
             auth_probe: auth_probe?,
         })
     }
 
-    fn pools(&mut self, raw: &IndexMap<String, RawPool>) -> IndexMap<String, PoolSettings> {
+    fn pools(&mut self, raw: &IndexMap<String, RawPool>) -> IndexMap<String, PoolConfig> {
         let mut pools = IndexMap::new();
         for (name, pool) in raw {
             let at = format!("pools.{name}");
             self.name(&at, name);
-            if let Some(compiled) = self.pool(&at, pool) {
+            if let Some(compiled) = self.pool(&at, name, pool) {
                 pools.insert(name.clone(), compiled);
             }
         }
         pools
     }
 
-    fn pool(&mut self, at: &str, raw: &RawPool) -> Option<PoolSettings> {
-        if raw.command.trim().is_empty() {
-            self.error(format!("{at}.command"), "must not be empty");
-        }
+    /// Builds the pool's [`PoolSpec`]: this checks what only a config has (regexes, signal
+    /// names, environment names, durations as written, Python's buffering); the library's
+    /// own rules (`min_idle` not above `max`, no zero timeout…) and defaults are
+    /// [`PoolSpec::try_new`]'s and [`PoolSettings::new`]'s, reported at `{at}.{field}`.
+    fn pool(&mut self, at: &str, name: &str, raw: &RawPool) -> Option<PoolConfig> {
         self.child_env(at, &raw.env, &raw.pass_env, "agents start");
-        let max = self.nonzero(&format!("{at}.max"), raw.max);
-        let min_idle = raw.min_idle.unwrap_or(0);
-        if min_idle > raw.max {
-            self.error(
-                format!("{at}.min_idle"),
-                format!(
-                    "{min_idle} is above max {}: the pool could never keep that many idle",
-                    raw.max
-                ),
-            );
-        }
-        let startup_timeout = self.positive_duration(
-            &format!("{at}.startup_timeout"),
-            &raw.startup_timeout,
-            DEFAULT_STARTUP_TIMEOUT,
-        );
         let ready_pattern = self.regex(&format!("{at}.ready_pattern"), &raw.ready_pattern);
         let assigned_pattern = raw
             .assigned_pattern
@@ -1046,58 +1026,61 @@ impl Compiler<'_> {
                 ),
             );
         }
-        let assign_timeout = self.positive_duration(
-            &format!("{at}.assign_timeout"),
-            &raw.assign_timeout,
-            DEFAULT_ASSIGN_TIMEOUT,
-        );
-        let claim_timeout = self.positive_duration(
-            &format!("{at}.claim_timeout"),
-            &raw.claim_timeout,
-            DEFAULT_CLAIM_TIMEOUT,
-        );
-        let memory_limit_mb =
-            self.opt_nonzero(&format!("{at}.memory_limit_mb"), raw.memory_limit_mb);
-        let max_idle_age = self.opt_duration(&format!("{at}.max_idle_age"), &raw.max_idle_age);
-        let stop_signal = match raw.stop_signal.as_deref() {
-            None => StopSignal::Term,
-            Some(text) => match StopSignal::ALL.into_iter().find(|s| s.as_str() == text) {
-                Some(signal) => signal,
+        // A bad `ready_pattern` (reported) stands in as one that matches nothing, so that the
+        // spec still reports every other problem in this pass.
+        let ready = (ready_pattern.clone()).unwrap_or_else(|| Regex::new("[^\\s\\S]").unwrap());
+        let mut s = PoolSettings::new(name, &raw.command, ready);
+        s.args = raw.args.clone();
+        // Names `child_env` reported are left out: the config is refused anyway, and the
+        // spec would report them a second time.
+        s.env = (raw.env.iter())
+            .filter(|(key, _)| is_env_name(key) && !actors::child::RESERVED.contains(&key.as_str()))
+            .map(|(key, value)| (key.clone(), value.clone()))
+            .collect();
+        s.cwd = raw.cwd.clone();
+        s.max = raw.max as usize;
+        s.min_idle = raw.min_idle.map_or(s.min_idle, |n| n as usize);
+        s.assigned_pattern = assigned_pattern.flatten();
+        s.memory_limit_mb = raw.memory_limit_mb.map(u64::from);
+        s.max_idle_age = self.opt_duration(&format!("{at}.max_idle_age"), &raw.max_idle_age);
+        s.reusable = raw.reusable.unwrap_or(s.reusable);
+        s.startretries = raw.startretries.unwrap_or(s.startretries);
+        for (key, raw_value, value) in [
+            (
+                "startup_timeout",
+                &raw.startup_timeout,
+                &mut s.startup_timeout,
+            ),
+            ("assign_timeout", &raw.assign_timeout, &mut s.assign_timeout),
+            ("claim_timeout", &raw.claim_timeout, &mut s.claim_timeout),
+            ("stop_timeout", &raw.stop_timeout, &mut s.stop_timeout),
+        ] {
+            *value = self.duration(&format!("{at}.{key}"), raw_value, *value);
+        }
+        if let Some(text) = raw.stop_signal.as_deref() {
+            match STOP_SIGNALS.into_iter().find(|s| s.as_str() == text) {
+                Some(signal) => s.stop_signal = signal,
                 None => {
-                    let names: Vec<_> = StopSignal::ALL.iter().map(|s| s.as_str()).collect();
+                    let names: Vec<_> = STOP_SIGNALS.iter().map(|s| s.as_str()).collect();
                     self.error(
                         format!("{at}.stop_signal"),
                         format!("unknown signal \"{text}\": use one of {}", names.join(", ")),
                     );
-                    StopSignal::Term
                 }
-            },
-        };
-        let stop_timeout = self.duration(
-            &format!("{at}.stop_timeout"),
-            &raw.stop_timeout,
-            DEFAULT_STOP_TIMEOUT,
-        );
-        Some(PoolSettings {
-            command: raw.command.clone(),
-            args: raw.args.clone(),
-            env: raw.env.clone(),
-            pass_env: raw.pass_env.clone(),
-            cwd: raw.cwd.clone(),
-            min_idle,
-            max,
-            startup_timeout,
-            ready_pattern: ready_pattern?,
-            assigned_pattern: assigned_pattern.flatten(),
-            assign_timeout,
-            claim_timeout,
-            memory_limit_mb,
-            max_idle_age,
-            reusable: raw.reusable.unwrap_or(false),
-            stop_signal,
-            stop_timeout,
-            startretries: raw.startretries.unwrap_or(DEFAULT_STARTRETRIES),
-        })
+            }
+        }
+        match PoolSpec::try_new(s) {
+            Ok(spec) => ready_pattern.map(|_| PoolConfig {
+                spec,
+                pass_env: raw.pass_env.clone(),
+            }),
+            Err(errors) => {
+                for err in errors {
+                    self.error(format!("{at}.{}", err.field), err.reason);
+                }
+                None
+            }
+        }
     }
 
     fn tasks(

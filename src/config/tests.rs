@@ -468,7 +468,7 @@ fn handler_kinds_compile() {
     assert!(matches!(config.tasks["n"].handler, Handler::Native));
     assert!(matches!(&config.tasks["p"].handler, Handler::Pool { pool } if pool == "voice"));
     assert_eq!(config.tasks["n"].retry.max_retries, 3);
-    assert!(config.pools["voice"].reusable);
+    assert!(config.pools["voice"].spec.settings().reusable);
 }
 
 #[test]
@@ -742,10 +742,7 @@ fn a_missing_secret_is_a_warning_a_set_one_is_resolved_and_no_environment_skips_
     let ResourceSettings::OpenAi(openai) = &loaded.config.resources["openai"] else {
         panic!("expected openai");
     };
-    assert_eq!(
-        openai.api_key.as_ref().map(|key| key.expose()),
-        Some("sk-test")
-    );
+    assert_eq!(openai.api_key.as_deref(), Some("sk-test"));
     assert!(
         !format!("{:?}", loaded.config).contains("sk-test"),
         "Debug leaks the key"
