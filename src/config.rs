@@ -36,13 +36,14 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use actors::gate::Use;
+use actors::handler::RetryPolicy;
 use actors::pool::PoolSpec;
 use actors::resource::openai::OpenAiSettings;
 use actors::resource::zep::ZepSettings;
+use actors::scheduler::Schedule;
 use actors::supervisor::{Backoff, Intensity, Strategy};
 use indexmap::IndexMap;
 use reqwest::Url;
-use serde::Deserialize;
 
 pub use compile::Environment;
 pub(crate) use diagnostic::did_you_mean;
@@ -152,8 +153,8 @@ pub struct Config {
     pub resources: IndexMap<String, ResourceSettings>,
     /// `[pools.NAME]`, in declaration order.
     pub pools: IndexMap<String, PoolConfig>,
-    /// `[schedules.NAME]`, in declaration order.
-    pub schedules: IndexMap<String, ScheduleSettings>,
+    /// `[schedules.NAME]`, in declaration order, with the queue of each one's task.
+    pub schedules: IndexMap<String, Schedule>,
     /// `[beat]`
     pub beat: BeatSettings,
     /// `[chaos]`
@@ -356,17 +357,6 @@ pub enum Handler {
     },
 }
 
-/// Retries of a task.
-#[derive(Debug, Clone)]
-pub struct RetryPolicy {
-    /// Retries after the first attempt.
-    pub max_retries: u32,
-    /// Delay between attempts: `min(max, base · 2ⁿ)` with jitter.
-    pub backoff: Backoff,
-    /// Whether a hard-limit stop is retried.
-    pub retry_on_timeout: bool,
-}
-
 /// Deduplicated enqueue.
 #[derive(Debug, Clone)]
 pub struct Idempotency {
@@ -392,50 +382,6 @@ pub struct PoolConfig {
     pub spec: PoolSpec,
     /// Variables copied from the runtime's environment when the node starts.
     pub pass_env: Vec<String>,
-}
-
-/// `[schedules.NAME]`
-#[derive(Debug, Clone)]
-pub struct ScheduleSettings {
-    /// The task it enqueues (defined in [`Config::tasks`]).
-    pub task: String,
-    /// Positional arguments.
-    pub args: Vec<serde_json::Value>,
-    /// Keyword arguments.
-    pub kwargs: serde_json::Map<String, serde_json::Value>,
-    /// When it runs.
-    pub trigger: Trigger,
-    /// Time zone of `cron`.
-    pub timezone: chrono_tz::Tz,
-    /// Random delay added to each run.
-    pub jitter: Option<Duration>,
-    /// What happens to missed runs.
-    pub missed: Missed,
-}
-
-/// When a schedule runs.
-#[derive(Debug, Clone)]
-pub enum Trigger {
-    /// Every interval.
-    Every(Duration),
-    /// On a cron expression.
-    Cron {
-        /// As written.
-        expression: String,
-        /// Parsed.
-        cron: Box<croner::Cron>,
-    },
-}
-
-/// What happens to the runs of a schedule missed while no node was leader.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Missed {
-    /// Forget them; run at the next due time.
-    #[default]
-    Skip,
-    /// Run once at once, however many were missed.
-    RunOnce,
 }
 
 /// `[celery]`: the Celery bridge.

@@ -31,14 +31,14 @@ use actors::handler::exec::ExecHandler;
 use actors::handler::http::HttpHandler;
 use actors::handler::native::Natives;
 use actors::handler::pool::PoolHandler;
-use actors::handler::{Handler, RetryPolicy, TaskDef, TaskDefs};
+use actors::handler::{Handler, TaskDef, TaskDefs};
 use actors::heartbeat::{HeartbeatActor, HeartbeatArgs};
 use actors::metrics::{BuildInfo, Metrics};
 use actors::pool::{Pool, PoolActor, PoolArgs};
 use actors::resource::Resources;
 use actors::resource::openai::{OpenAiActor, OpenAiArgs, OpenAiClient};
 use actors::resource::zep::{ZepActor, ZepArgs, ZepClient, replay_queue};
-use actors::scheduler::{self, Schedule, SchedulerActor, SchedulerArgs};
+use actors::scheduler::{Schedule, SchedulerActor, SchedulerArgs};
 use actors::supervisor::{ChildSpec, Restart, SupervisorSpec};
 use tokio::time::Instant;
 
@@ -60,38 +60,6 @@ pub const BEAT_TICK: Duration = Duration::from_millis(50);
 /// How long a node's presence record (`GET /nodes`) outlives its last write (written every
 /// second by the broker actor).
 pub const PRESENCE_TTL: Duration = Duration::from_secs(5);
-
-/// The schedules of `config`, in the scheduler's terms.
-pub fn schedules(config: &Config) -> Vec<Schedule> {
-    config
-        .schedules
-        .iter()
-        .map(|(name, s)| Schedule {
-            name: name.clone(),
-            task: s.task.clone(),
-            queue: config
-                .tasks
-                .get(&s.task)
-                .map(|t| t.queue.clone())
-                .unwrap_or_default(),
-            args: s.args.clone(),
-            kwargs: s.kwargs.clone(),
-            trigger: match &s.trigger {
-                config::Trigger::Every(every) => scheduler::Trigger::Every(*every),
-                config::Trigger::Cron { expression, cron } => scheduler::Trigger::Cron {
-                    expression: expression.clone(),
-                    cron: cron.clone(),
-                    timezone: s.timezone,
-                },
-            },
-            jitter: s.jitter,
-            missed: match s.missed {
-                config::Missed::Skip => scheduler::Missed::Skip,
-                config::Missed::RunOnce => scheduler::Missed::RunOnce,
-            },
-        })
-        .collect()
-}
 
 /// What the actors of a node share, created before the tree and outliving every restart.
 #[derive(Debug, Clone)]
@@ -197,11 +165,7 @@ pub fn task_defs(
             handler,
             time_limit: task.time_limit,
             soft_time_limit: task.soft_time_limit,
-            retry: RetryPolicy {
-                max_retries: task.retry.max_retries,
-                backoff: task.retry.backoff,
-                retry_on_timeout: task.retry.retry_on_timeout,
-            },
+            retry: task.retry,
             uses: task.uses.clone(),
             link: task.link.clone(),
             link_error: task.link_error.clone(),
@@ -559,7 +523,7 @@ pub fn root_spec(
             children.push(ChildSpec::supervisor("celery", policy(bridges)));
         }
     }
-    let schedules = schedules(config);
+    let schedules: Vec<Schedule> = config.schedules.values().cloned().collect();
     if !schedules.is_empty() {
         let work = Arc::clone(&shared.work);
         let lease = config.beat.lease;

@@ -17,11 +17,13 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use actors::gate::Use;
+use actors::handler::RetryPolicy;
 use actors::pool::{PoolSettings, PoolSpec};
 use actors::resource::auth::{AuthProbe, DEFAULT_PROBE_EVERY};
 use actors::resource::breaker::{BreakerPolicy, BreakerSettings, FailureRate};
 use actors::resource::openai::{self, Limit as RateLimit, OpenAiError, OpenAiSettings};
 use actors::resource::zep::{self, ZepSettings};
+use actors::scheduler::{Schedule, Trigger};
 use actors::supervisor::{Backoff, Intensity, PolicyError};
 use croner::parser::{CronParser, Seconds};
 use indexmap::IndexMap;
@@ -38,8 +40,8 @@ use super::raw::{
 use super::{
     BROKER_URL_ENV, BeatSettings, BrokerSettings, CelerySettings, ChaosSettings, Config,
     EventsSettings, HTTP_BIND_ENV, Handler, HttpSettings, Idempotency, Loaded, MetricsSettings,
-    PoolConfig, QueueSettings, ResourceSettings, RetryPolicy, RuntimeSettings, ScheduleSettings,
-    SupervisionSettings, TaskSettings, Trigger,
+    PoolConfig, QueueSettings, ResourceSettings, RuntimeSettings, SupervisionSettings,
+    TaskSettings,
 };
 
 /// Where `compile()` reads environment variables (`RT_BROKER_URL`, `RT_HTTP_BIND`, secrets).
@@ -141,7 +143,7 @@ pub(crate) fn compile(
     let resources = c.resources(&raw.resources);
     let pools = c.pools(&raw.pools);
     let tasks = c.tasks(&raw, &runtime, &queues);
-    let schedules = c.schedules(&raw);
+    let schedules = c.schedules(&raw, &tasks);
     let chaos = ChaosSettings {
         enabled: raw.chaos.enabled.unwrap_or(false),
     };
@@ -1419,12 +1421,17 @@ impl Compiler<'_> {
         })
     }
 
-    fn schedules(&mut self, raw: &RawConfig) -> IndexMap<String, ScheduleSettings> {
+    /// The schedules, each with the queue of its task (from `tasks`, compiled).
+    fn schedules(
+        &mut self,
+        raw: &RawConfig,
+        tasks: &IndexMap<String, TaskSettings>,
+    ) -> IndexMap<String, Schedule> {
         let mut schedules = IndexMap::new();
         for (name, schedule) in &raw.schedules {
             let at = format!("schedules.{name}");
             self.name(&at, name);
-            if let Some(compiled) = self.schedule(&at, schedule, &raw.tasks) {
+            if let Some(compiled) = self.schedule(&at, name, schedule, &raw.tasks, tasks) {
                 schedules.insert(name.clone(), compiled);
             }
         }
@@ -1434,9 +1441,11 @@ impl Compiler<'_> {
     fn schedule(
         &mut self,
         at: &str,
+        name: &str,
         raw: &RawSchedule,
         tasks: &IndexMap<String, RawTask>,
-    ) -> Option<ScheduleSettings> {
+        compiled: &IndexMap<String, TaskSettings>,
+    ) -> Option<Schedule> {
         if !tasks.contains_key(&raw.task) {
             self.undefined(format!("{at}.task"), "task", &raw.task, tasks, "");
         }
@@ -1455,6 +1464,7 @@ impl Compiler<'_> {
                     Ok(cron) => Trigger::Cron {
                         expression: expression.clone(),
                         cron: Box::new(cron),
+                        timezone: chrono_tz::UTC,
                     },
                     Err(err) => {
                         self.error(
@@ -1495,13 +1505,26 @@ impl Compiler<'_> {
                 }
             },
         };
+        let trigger = match trigger {
+            Trigger::Cron {
+                expression, cron, ..
+            } => Trigger::Cron {
+                expression,
+                cron,
+                timezone,
+            },
+            every => every,
+        };
         let jitter = self.opt_duration(&format!("{at}.jitter"), &raw.jitter);
-        Some(ScheduleSettings {
+        Some(Schedule {
+            name: name.to_string(),
             task: raw.task.clone(),
+            queue: (compiled.get(&raw.task))
+                .map(|task| task.queue.clone())
+                .unwrap_or_default(),
             args: raw.args.clone(),
             kwargs: raw.kwargs.clone(),
             trigger,
-            timezone,
             jitter,
             missed: raw.missed.unwrap_or_default(),
         })

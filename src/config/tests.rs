@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use actors::supervisor::Strategy;
 
-use super::{Config, Environment, Handler, Loaded, ResourceSettings, Trigger, compile_str};
+use super::{Config, Environment, Handler, Loaded, ResourceSettings, compile_str};
+use actors::scheduler::{Missed, Trigger};
 
 /// Compiles `text` with exactly `vars` in the environment.
 fn compile_env(text: &str, vars: &[(&str, &str)]) -> Result<Loaded, Vec<String>> {
@@ -704,11 +705,12 @@ fn schedules_need_exactly_one_valid_trigger() {
         "{base}cron = \"0 2 * * *\"\ntimezone = \"Europe/Istanbul\"\nmissed = \"run_once\"\n"
     ));
     let schedule = &config.schedules["s"];
-    assert!(
-        matches!(&schedule.trigger, Trigger::Cron { expression, .. } if expression == "0 2 * * *")
-    );
-    assert_eq!(schedule.timezone, chrono_tz::Europe::Istanbul);
-    assert_eq!(schedule.missed, super::Missed::RunOnce);
+    assert!(matches!(
+        &schedule.trigger,
+        Trigger::Cron { expression, timezone, .. }
+            if expression == "0 2 * * *" && *timezone == chrono_tz::Europe::Istanbul
+    ));
+    assert_eq!(schedule.missed, Missed::RunOnce);
 }
 
 #[test]
