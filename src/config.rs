@@ -197,18 +197,14 @@ pub struct BrokerSettings {
     /// `memory://`, `redis://…` or `rediss://…` (after the `RT_BROKER_URL` override). May
     /// hold a password: print it with [`BrokerSettings::redacted_url`].
     pub url: String,
-    /// Prefix of every Redis key.
-    pub prefix: String,
     /// Lease of a running task's message.
     pub lease: Duration,
-    /// Deliveries after which a message is dead-lettered.
-    pub max_deliveries: NonZeroU32,
-    /// How long results are kept.
-    pub result_ttl: Duration,
-    /// Largest envelope (bytes of its JSON) enqueued or run.
-    pub max_entry_bytes: usize,
     /// `memory://`: run the ready tasks, within `runtime.shutdown_grace`, before stopping.
     pub drain_on_shutdown: bool,
+    /// What the broker itself is built with: `prefix`, `max_deliveries`, `result_ttl`,
+    /// `max_entry_bytes`, and the events stream's cap (`[events]`, 0 when off) and the tasks'
+    /// idempotency TTLs (`tasks.NAME.idempotency.ttl`).
+    pub settings: actors::broker::BrokerSettings,
 }
 
 impl BrokerSettings {
@@ -236,12 +232,9 @@ impl fmt::Debug for BrokerSettings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("BrokerSettings")
             .field("url", &self.redacted_url())
-            .field("prefix", &self.prefix)
             .field("lease", &self.lease)
-            .field("max_deliveries", &self.max_deliveries)
-            .field("result_ttl", &self.result_ttl)
-            .field("max_entry_bytes", &self.max_entry_bytes)
             .field("drain_on_shutdown", &self.drain_on_shutdown)
+            .field("settings", &self.settings)
             .finish()
     }
 }

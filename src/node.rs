@@ -35,8 +35,8 @@ use crate::http::egress::EgressAccess;
 use crate::http::serve::serve;
 use crate::http::{AppState, app};
 use crate::topology::{
-    Problems, ROOT, Shared, broker_settings, celery_settings, metrics, node_name, pools, resources,
-    root_spec, task_defs,
+    Problems, ROOT, Shared, celery_settings, metrics, node_name, pools, resources, root_spec,
+    task_defs,
 };
 
 /// Time the HTTP server gets to finish open requests once the tree has stopped.
@@ -216,7 +216,9 @@ impl Node {
             .map(Arc::new)
             .map_err(config_problems)?;
         let url = config.broker.redacted_url();
-        let broker = match AnyBroker::connect(&config.broker.url, broker_settings(&config)).await {
+        let broker = match AnyBroker::connect(&config.broker.url, config.broker.settings.clone())
+            .await
+        {
             Ok(broker) => Arc::new(broker),
             Err(err) => {
                 error!(broker = %url, error = %err, "cannot start without the broker (broker.url / RT_BROKER_URL)");

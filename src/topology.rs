@@ -22,7 +22,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use actors::broker::{AnyBroker, BrokerActor, BrokerArgs, BrokerSettings, NodeStatus, Presence};
+use actors::broker::{AnyBroker, BrokerActor, BrokerArgs, NodeStatus, Presence};
 use actors::celery::CelerySettings;
 use actors::celery::bridge::{BridgeActor, BridgeArgs, BridgeCounters};
 use actors::consumer::{ConsumerActor, ConsumerArgs, Outcomes, Work};
@@ -129,7 +129,7 @@ pub fn task_defs(
             } => Arc::new(
                 ExecHandler::new(command, args, cwd.clone())
                     .with_env(child_env(env, pass_env, egress))
-                    .with_max_result_bytes(config.broker.max_entry_bytes),
+                    .with_max_result_bytes(config.broker.settings.max_entry_bytes),
             ),
             config::Handler::Native => match natives.handler(name) {
                 Some(handler) => handler,
@@ -326,7 +326,7 @@ pub fn celery_settings(config: &Config, node_name: &str) -> Option<CelerySetting
         broker_url: config.broker.url.clone(),
         backend_url: celery.backend_url.clone(),
         key_prefix: celery.key_prefix.clone(),
-        runtime_prefix: config.broker.prefix.clone(),
+        runtime_prefix: config.broker.settings.prefix.clone(),
         queues: celery.queues.clone(),
         tasks,
         track_started: celery.track_started.iter().cloned().collect(),
@@ -335,7 +335,7 @@ pub fn celery_settings(config: &Config, node_name: &str) -> Option<CelerySetting
         result_ttl: celery.result_ttl,
         poll: celery.poll,
         batch: celery.batch.get() as usize,
-        events_maxlen: events_maxlen(config),
+        events_maxlen: config.broker.settings.events_maxlen,
         node: node_name.to_string(),
     })
 }
@@ -370,32 +370,6 @@ pub fn metrics(
     metrics.watch_pools(pools.values().cloned().collect());
     metrics.build_info(BUILD);
     metrics
-}
-
-/// The broker tunables of `config`.
-pub fn broker_settings(config: &Config) -> BrokerSettings {
-    BrokerSettings {
-        prefix: config.broker.prefix.clone(),
-        max_deliveries: config.broker.max_deliveries.get(),
-        result_ttl: config.broker.result_ttl,
-        max_entry_bytes: config.broker.max_entry_bytes,
-        task_idempotency_ttl: config
-            .tasks
-            .iter()
-            .filter_map(|(name, task)| task.idempotency.as_ref().map(|i| (name.clone(), i.ttl)))
-            .collect(),
-        events_maxlen: events_maxlen(config),
-        ..BrokerSettings::default()
-    }
-}
-
-/// The events stream's cap, `0` when `[events] enabled = false`.
-fn events_maxlen(config: &Config) -> usize {
-    if config.events.enabled {
-        config.events.maxlen.get() as usize
-    } else {
-        0
-    }
 }
 
 /// This node's name: `runtime.node_name`, else `<host>-<pid>-<random>` (unique per process,

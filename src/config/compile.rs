@@ -74,14 +74,8 @@ const DEFAULT_TERMINATE_GRACE: Duration = Duration::from_secs(10);
 const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(1);
 const DEFAULT_TIME_LIMIT: Duration = Duration::from_secs(300);
 const DEFAULT_BROKER_URL: &str = "memory://";
-const DEFAULT_PREFIX: &str = "rt";
 const DEFAULT_LEASE: Duration = Duration::from_secs(30);
 const DEFAULT_BEAT_LEASE: Duration = Duration::from_secs(10);
-const DEFAULT_MAX_DELIVERIES: u32 = 5;
-/// Default approximate cap of the events stream.
-const DEFAULT_EVENTS_MAXLEN: u32 = 10_000;
-const DEFAULT_RESULT_TTL: Duration = Duration::from_secs(24 * 3600);
-const DEFAULT_MAX_ENTRY_BYTES: u64 = actors::broker::DEFAULT_MAX_ENTRY_BYTES as u64;
 /// The smallest `broker.max_entry_bytes`: an envelope without arguments takes a few hundred.
 const MIN_MAX_ENTRY_BYTES: u64 = 1024;
 /// The largest `broker.max_entry_bytes`: Redis' largest string (`proto-max-bulk-len`).
@@ -154,13 +148,22 @@ pub(crate) fn compile(
     let metrics = MetricsSettings {
         enabled: raw.metrics.enabled.unwrap_or(true),
     };
+    let default_maxlen = actors::broker::BrokerSettings::default().events_maxlen as u32;
     let events = EventsSettings {
         enabled: raw.events.enabled.unwrap_or(true),
-        maxlen: c.nonzero(
-            "events.maxlen",
-            raw.events.maxlen.unwrap_or(DEFAULT_EVENTS_MAXLEN),
-        ),
+        maxlen: c.nonzero("events.maxlen", raw.events.maxlen.unwrap_or(default_maxlen)),
     };
+    let broker = broker.map(|mut broker| {
+        broker.settings.events_maxlen = if events.enabled {
+            events.maxlen.get() as usize
+        } else {
+            0
+        };
+        broker.settings.task_idempotency_ttl = (tasks.iter())
+            .filter_map(|(name, task)| task.idempotency.as_ref().map(|i| (name.clone(), i.ttl)))
+            .collect();
+        broker
+    });
     let beat = BeatSettings {
         lease: c.positive_duration("beat.lease", &raw.beat.lease, DEFAULT_BEAT_LEASE),
     };
@@ -567,16 +570,21 @@ impl Compiler<'_> {
             ),
         };
         let url_ok = self.broker_url(&url, &origin);
-        let prefix = raw.prefix.clone().unwrap_or_else(|| DEFAULT_PREFIX.into());
+        // The library's defaults; `events_maxlen` and the tasks' idempotency TTLs are filled
+        // in once `[events]` and `[tasks]` are compiled.
+        let default = actors::broker::BrokerSettings::default();
+        let prefix = raw.prefix.clone().unwrap_or(default.prefix.clone());
         self.name("broker.prefix", &prefix);
         let lease = self.positive_duration("broker.lease", &raw.lease, DEFAULT_LEASE);
         let max_deliveries = self.nonzero(
             "broker.max_deliveries",
-            raw.max_deliveries.unwrap_or(DEFAULT_MAX_DELIVERIES),
+            raw.max_deliveries.unwrap_or(default.max_deliveries),
         );
         let result_ttl =
-            self.positive_duration("broker.result_ttl", &raw.result_ttl, DEFAULT_RESULT_TTL);
-        let max_entry_bytes = raw.max_entry_bytes.unwrap_or(DEFAULT_MAX_ENTRY_BYTES);
+            self.positive_duration("broker.result_ttl", &raw.result_ttl, default.result_ttl);
+        let max_entry_bytes = raw
+            .max_entry_bytes
+            .unwrap_or(default.max_entry_bytes as u64);
         if !(MIN_MAX_ENTRY_BYTES..=MAX_MAX_ENTRY_BYTES).contains(&max_entry_bytes) {
             self.error(
                 "broker.max_entry_bytes",
@@ -599,12 +607,15 @@ impl Compiler<'_> {
         url_ok.then_some(BrokerSettings {
             drain_on_shutdown,
             url,
-            prefix,
             lease,
-            max_deliveries,
-            result_ttl,
-            max_entry_bytes: max_entry_bytes.clamp(MIN_MAX_ENTRY_BYTES, MAX_MAX_ENTRY_BYTES)
-                as usize,
+            settings: actors::broker::BrokerSettings {
+                prefix,
+                max_deliveries: max_deliveries.get(),
+                result_ttl,
+                max_entry_bytes: max_entry_bytes.clamp(MIN_MAX_ENTRY_BYTES, MAX_MAX_ENTRY_BYTES)
+                    as usize,
+                ..default
+            },
         })
     }
 

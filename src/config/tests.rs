@@ -56,11 +56,14 @@ fn an_empty_file_compiles_to_the_documented_defaults() {
     assert_eq!(config.runtime.time_limit, Duration::from_secs(300));
     assert_eq!(config.runtime.soft_time_limit, None);
     assert_eq!(config.broker.url, "memory://");
-    assert_eq!(config.broker.prefix, "rt");
+    assert_eq!(config.broker.settings.prefix, "rt");
     assert_eq!(config.broker.lease, Duration::from_secs(30));
-    assert_eq!(config.broker.max_deliveries.get(), 5);
-    assert_eq!(config.broker.result_ttl, Duration::from_secs(86_400));
-    assert_eq!(config.broker.max_entry_bytes, 1024 * 1024);
+    assert_eq!(config.broker.settings.max_deliveries, 5);
+    assert_eq!(
+        config.broker.settings.result_ttl,
+        Duration::from_secs(86_400)
+    );
+    assert_eq!(config.broker.settings.max_entry_bytes, 1024 * 1024);
     assert_eq!(config.http.bind.to_string(), "127.0.0.1:7070");
     assert_eq!(config.http.admin_token, None);
     assert_eq!(config.supervision.strategy, Strategy::OneForOne);
@@ -805,12 +808,13 @@ fn a_non_loopback_bind_needs_an_admin_token() {
 #[test]
 fn max_entry_bytes_is_an_integer_within_bounds_named_when_wrong() {
     let (config, warnings) = ok("[broker]\nmax_entry_bytes = 4194304\n");
-    assert_eq!(config.broker.max_entry_bytes, 4 * 1024 * 1024);
+    assert_eq!(config.broker.settings.max_entry_bytes, 4 * 1024 * 1024);
     assert!(warnings.is_empty(), "{warnings:?}");
     assert_eq!(
         ok("[broker]\nmax_entry_bytes = 1024\n")
             .0
             .broker
+            .settings
             .max_entry_bytes,
         1024
     );
