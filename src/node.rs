@@ -120,7 +120,7 @@ pub enum NodeError {
     /// The config asks for something this binary cannot build: `(key path, message)` pairs,
     /// like `runtime check` reports them (a native task without a function, a bad pool or
     /// resource setting).
-    #[error("invalid config: {}", .0.iter().map(|(path, message)| format!("{path}: {message}")).collect::<Vec<_>>().join("; "))]
+    #[error("invalid config: {}", list(.0))]
     Config(Problems),
     /// The broker did not answer (`broker.url` / `RT_BROKER_URL`).
     #[error("cannot start without the broker {url}: {error}")]
@@ -146,6 +146,14 @@ pub enum NodeError {
     /// The tree did not stop within `runtime.shutdown_grace` (plus one second); it was killed.
     #[error("the tree did not stop within the grace of {0:?}")]
     StopTimeout(Duration),
+}
+
+/// `path: message; path: message`.
+fn list(problems: &Problems) -> String {
+    let lines: Vec<String> = (problems.iter())
+        .map(|(path, message)| format!("{path}: {message}"))
+        .collect();
+    lines.join("; ")
 }
 
 /// Logs `problems` one per line, as at start, and wraps them.
@@ -197,8 +205,9 @@ impl std::fmt::Debug for Node {
 impl Node {
     /// Starts a node running `config` with the native task functions `natives` (start from
     /// [`Natives::builtin`] to keep the built-in ones), serving HTTP on `listener` (its
-    /// address is also the children's egress URL). When this returns the tree is up and the
-    /// server accepts connections on [`Node::addr`].
+    /// address is also the children's egress URL; `http.bind` is not read — binding it is the
+    /// caller's choice). When this returns the tree is up and the server accepts connections
+    /// on [`Node::addr`].
     pub async fn start(
         config: Config,
         natives: Natives,

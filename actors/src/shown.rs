@@ -50,6 +50,18 @@ pub fn no_answer(err: &reqwest::Error, url: &str) -> String {
     }
 }
 
+/// A duration as a config spells it: `600s`, `250ms`, `1.5s` (not `10m`: the unit stays the
+/// one a reader compares with).
+pub fn duration(duration: std::time::Duration) -> String {
+    if duration.subsec_nanos() == 0 {
+        format!("{}s", duration.as_secs())
+    } else if duration.subsec_nanos() % 1_000_000 == 0 {
+        format!("{}ms", duration.as_millis())
+    } else {
+        format!("{}s", duration.as_secs_f64())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -88,17 +100,5 @@ mod tests {
             "{said}"
         );
         assert!(!said.contains("s3cret"), "{said}");
-    }
-}
-
-/// A duration as a config spells it: `600s`, `250ms`, `1.5s` (not `10m`: the unit stays the
-/// one a reader compares with).
-pub fn duration(duration: std::time::Duration) -> String {
-    if duration.subsec_nanos() == 0 {
-        format!("{}s", duration.as_secs())
-    } else if duration.subsec_nanos() % 1_000_000 == 0 {
-        format!("{}ms", duration.as_millis())
-    } else {
-        format!("{}s", duration.as_secs_f64())
     }
 }
