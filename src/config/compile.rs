@@ -84,18 +84,12 @@ const DEFAULT_BIND: &str = "127.0.0.1:7070";
 const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_MAX_CONNECTIONS: u32 = 512;
-const DEFAULT_MAX_RESTARTS: u32 = 5;
-const DEFAULT_WITHIN: Duration = Duration::from_secs(10);
-const DEFAULT_RESTART_BACKOFF: Duration = Duration::from_millis(20);
-const DEFAULT_RESTART_BACKOFF_MAX: Duration = Duration::from_secs(5);
-const DEFAULT_JITTER: f64 = 0.2;
 const DEFAULT_QUEUE: &str = "default";
 const DEFAULT_MAX_RETRIES: u32 = 3;
 const DEFAULT_RETRY_BACKOFF: Duration = Duration::from_secs(1);
 const DEFAULT_RETRY_BACKOFF_MAX: Duration = Duration::from_secs(60);
 const DEFAULT_ZEP_URL: &str = "https://api.getzep.com/api/v2";
 const DEFAULT_ZEP_TIMEOUT: Duration = Duration::from_secs(5);
-const DEFAULT_OPENAI_URL: &str = "https://api.openai.com/v1";
 /// The signals `pools.NAME.stop_signal` may name, in the order the docs list them.
 const STOP_SIGNALS: [Signal; 7] = [
     Signal::SIGTERM,
@@ -767,26 +761,23 @@ impl Compiler<'_> {
     }
 
     fn supervision(&mut self, raw: &RawSupervision) -> Option<SupervisionSettings> {
-        let within = self.duration("supervision.within", &raw.within, DEFAULT_WITHIN);
-        let intensity =
-            match Intensity::try_new(raw.max_restarts.unwrap_or(DEFAULT_MAX_RESTARTS), within) {
-                Ok(intensity) => Some(intensity),
-                Err(err) => {
-                    self.error("supervision.within", err.to_string());
-                    None
-                }
-            };
-        let base = self.duration("supervision.backoff", &raw.backoff, DEFAULT_RESTART_BACKOFF);
-        let max = self.duration(
-            "supervision.backoff_max",
-            &raw.backoff_max,
-            DEFAULT_RESTART_BACKOFF_MAX,
-        );
+        let (intensity, backoff) = (Intensity::default(), Backoff::default());
+        let within = self.duration("supervision.within", &raw.within, intensity.within());
+        let max_restarts = raw.max_restarts.unwrap_or(intensity.max_restarts());
+        let intensity = match Intensity::try_new(max_restarts, within) {
+            Ok(intensity) => Some(intensity),
+            Err(err) => {
+                self.error("supervision.within", err.to_string());
+                None
+            }
+        };
+        let base = self.duration("supervision.backoff", &raw.backoff, backoff.base());
+        let max = self.duration("supervision.backoff_max", &raw.backoff_max, backoff.max());
         let backoff = self.backoff(
             "supervision",
             base,
             max,
-            raw.jitter.unwrap_or(DEFAULT_JITTER),
+            raw.jitter.unwrap_or(backoff.jitter()),
         );
         Some(SupervisionSettings {
             strategy: raw.strategy.unwrap_or_default(),
@@ -961,7 +952,7 @@ impl Compiler<'_> {
     fn openai(&mut self, at: &str, name: &str, raw: &RawOpenAi) -> Option<OpenAiSettings> {
         let base_url = self.http_url(
             &format!("{at}.base_url"),
-            raw.base_url.as_deref().unwrap_or(DEFAULT_OPENAI_URL),
+            raw.base_url.as_deref().unwrap_or(openai::DEFAULT_BASE_URL),
         );
         let api_key = self.secret(
             &format!("{at}.api_key_env"),
@@ -1197,7 +1188,8 @@ impl Compiler<'_> {
             &raw.backoff_max,
             DEFAULT_RETRY_BACKOFF_MAX,
         );
-        let backoff = self.backoff(at, base, max, raw.jitter.unwrap_or(DEFAULT_JITTER));
+        let jitter = raw.jitter.unwrap_or(Backoff::default().jitter());
+        let backoff = self.backoff(at, base, max, jitter);
 
         let uses_at = format!("{at}.uses");
         self.no_duplicates(&uses_at, &raw.uses);
