@@ -166,7 +166,9 @@ fn config_problems(problems: Problems) -> NodeError {
 
 /// A running node: its supervision tree and its HTTP server on the listener it was given.
 /// [`Node::start`] builds it from a compiled config; [`Node::run`] keeps it running until a
-/// shutdown future resolves, then stops it in reverse order within the grace.
+/// shutdown future resolves, then stops it in reverse order within the grace — the only
+/// orderly stop: a `Node` dropped without `run` leaves its tree and server to the end of the
+/// tokio runtime.
 ///
 /// ```no_run
 /// # async fn example(config: runtime::config::Config) -> Result<(), Box<dyn std::error::Error>> {
