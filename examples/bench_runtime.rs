@@ -21,8 +21,6 @@ use serde_json::Value;
 use tokio::time::Instant;
 
 const CONFIG: &str = r#"
-[http]
-bind = "127.0.0.1:0"
 [broker]
 url = "REDIS"
 [queues.default]
@@ -83,7 +81,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         });
     }
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let node = tokio::spawn(runtime::node::run_with(config, natives, async move {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let node = runtime::node::Node::start(config, natives, listener).await?;
+    let node = tokio::spawn(node.run(async move {
         let _ = stopped.await;
         "bench done"
     }));

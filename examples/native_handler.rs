@@ -3,22 +3,21 @@
 //! Run with: cargo run --example native_handler
 //!
 //! A program registers async functions by task name (`Natives::register`), compiles a config
-//! whose tasks use `handler = { kind = "native" }`, and runs a node with
-//! `runtime::node::run_with` — the same node the `runtime` binary runs, with its HTTP surface
-//! and supervision tree. This example enqueues a few tasks through the node's own HTTP API,
-//! prints their records and stops.
+//! whose tasks use `handler = { kind = "native" }`, and starts a `runtime::node::Node` on a
+//! listener it binds itself (port 0: the system picks a free port, read back from the node) —
+//! the same node the `runtime` binary runs, with its HTTP surface and supervision tree. This
+//! example enqueues a few tasks through the node's own HTTP API, prints their records and
+//! stops.
 
 use std::time::Duration;
 
 use actors::handler::TaskError;
 use actors::handler::native::Natives;
 use runtime::config::{Environment, compile_str};
+use runtime::node::Node;
 use serde_json::{Value, json};
 
 const CONFIG: &str = r#"
-[http]
-bind = "127.0.0.1:7171"
-
 [queues.default]
 concurrency = 4
 
@@ -51,15 +50,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     });
 
     let config = compile_str(CONFIG, Environment::Ignored)?.config;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let node = Node::start(config, natives, listener).await?;
+    let base = format!("http://{}", node.addr());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let node = tokio::spawn(runtime::node::run_with(config, natives, async move {
+    let node = tokio::spawn(node.run(async move {
         let _ = stopped.await;
         "example done"
     }));
-    tokio::time::sleep(Duration::from_millis(300)).await;
 
     let http = reqwest::Client::new();
-    let base = "http://127.0.0.1:7171";
     let sent: Vec<Value> = http
         .post(format!("{base}/tasks"))
         .json(&json!([
@@ -90,6 +90,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
     let _ = stop.send(());
-    node.await?;
+    node.await??;
     Ok(())
 }

@@ -24,7 +24,7 @@ use actors::handler::native::Natives;
 
 use crate::config::{self, Config, Diagnostics, Environment};
 use crate::http::egress::EgressAccess;
-use crate::topology::{broker_settings, pools, resources, task_defs};
+use crate::topology::{pools, resources, task_defs};
 
 /// sysexits.h EX_CONFIG: the exit code for a bad config.
 pub const EX_CONFIG: u8 = 78;
@@ -82,16 +82,16 @@ async fn beyond_the_file(config: &Config, no_environment: bool, diagnostics: &mu
             diagnostics.error(path, message);
         }
     }
-    let scratch = Arc::new(AnyBroker::Memory(MemoryBroker::new(broker_settings(
-        config,
-    ))));
+    let scratch = Arc::new(AnyBroker::Memory(MemoryBroker::new(
+        config.broker.settings.clone(),
+    )));
     if let Err(problems) = resources(config, &scratch, "check") {
         for (path, message) in problems {
             diagnostics.error(path, message);
         }
     }
     if !no_environment && !config.broker.url.starts_with("memory:") {
-        let settings = broker_settings(config);
+        let settings = config.broker.settings.clone();
         if let Err(err) = AnyBroker::connect(&config.broker.url, settings).await {
             diagnostics.error("broker.url".to_string(), err.to_string());
         }

@@ -345,6 +345,11 @@ pub struct RunArgs {
     /// Log line format (filter with RUST_LOG, e.g. `RUST_LOG=info,actors=debug`).
     #[arg(long, value_enum, env = "RT_LOG_FORMAT", default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Once the node serves HTTP, write its address (`IP:PORT`, then a newline) to this file:
+    /// how a script or a test learns the port the system chose for `http.bind` port 0. The
+    /// file appears whole (written aside, then renamed).
+    #[arg(long, env = "RT_ADDRESS_FILE", value_name = "PATH")]
+    pub address_file: Option<PathBuf>,
 }
 
 /// `runtime check`

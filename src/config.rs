@@ -12,9 +12,12 @@
 //! Tables keyed by name (`queues`, `tasks`, …) are [`IndexMap`]s in declaration order, which
 //! is the order the tree starts them in.
 //!
-//! The compiled types below are what the rest of the program reads. Secrets are resolved from
-//! the environment at load time and never printed: the `Debug` of every type holding one
-//! redacts it.
+//! The compiled types below are what the rest of the program reads; where the library has a
+//! type for a table, the config holds it (a pool's [`PoolSpec`], a resource's settings with
+//! its breaker policy, the supervisor's `Intensity` and `Backoff`), built by the library's own
+//! constructors, so each rule and each default is the library's. Secrets are resolved from the
+//! environment at load time and never printed: the `Debug` of every type holding one redacts
+//! it.
 //!
 //! Nothing in this module runs anything: queues, pools and schedules are data until the
 //! actors that run them exist.
@@ -33,12 +36,14 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use actors::gate::Use;
-use actors::resource::auth::AuthProbe;
+use actors::handler::RetryPolicy;
+use actors::pool::PoolSpec;
+use actors::resource::openai::OpenAiSettings;
+use actors::resource::zep::ZepSettings;
+use actors::scheduler::Schedule;
 use actors::supervisor::{Backoff, Intensity, Strategy};
 use indexmap::IndexMap;
-use regex::Regex;
 use reqwest::Url;
-use serde::Deserialize;
 
 pub use compile::Environment;
 pub(crate) use diagnostic::did_you_mean;
@@ -147,9 +152,9 @@ pub struct Config {
     /// `[resources.NAME]`, in declaration order.
     pub resources: IndexMap<String, ResourceSettings>,
     /// `[pools.NAME]`, in declaration order.
-    pub pools: IndexMap<String, PoolSettings>,
-    /// `[schedules.NAME]`, in declaration order.
-    pub schedules: IndexMap<String, ScheduleSettings>,
+    pub pools: IndexMap<String, PoolConfig>,
+    /// `[schedules.NAME]`, in declaration order, with the queue of each one's task.
+    pub schedules: IndexMap<String, Schedule>,
     /// `[beat]`
     pub beat: BeatSettings,
     /// `[chaos]`
@@ -192,18 +197,14 @@ pub struct BrokerSettings {
     /// `memory://`, `redis://…` or `rediss://…` (after the `RT_BROKER_URL` override). May
     /// hold a password: print it with [`BrokerSettings::redacted_url`].
     pub url: String,
-    /// Prefix of every Redis key.
-    pub prefix: String,
     /// Lease of a running task's message.
     pub lease: Duration,
-    /// Deliveries after which a message is dead-lettered.
-    pub max_deliveries: NonZeroU32,
-    /// How long results are kept.
-    pub result_ttl: Duration,
-    /// Largest envelope (bytes of its JSON) enqueued or run.
-    pub max_entry_bytes: usize,
     /// `memory://`: run the ready tasks, within `runtime.shutdown_grace`, before stopping.
     pub drain_on_shutdown: bool,
+    /// What the broker itself is built with: `prefix`, `max_deliveries`, `result_ttl`,
+    /// `max_entry_bytes`, and the events stream's cap (`[events]`, 0 when off) and the tasks'
+    /// idempotency TTLs (`tasks.NAME.idempotency.ttl`).
+    pub settings: actors::broker::BrokerSettings,
 }
 
 impl BrokerSettings {
@@ -231,12 +232,9 @@ impl fmt::Debug for BrokerSettings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("BrokerSettings")
             .field("url", &self.redacted_url())
-            .field("prefix", &self.prefix)
             .field("lease", &self.lease)
-            .field("max_deliveries", &self.max_deliveries)
-            .field("result_ttl", &self.result_ttl)
-            .field("max_entry_bytes", &self.max_entry_bytes)
             .field("drain_on_shutdown", &self.drain_on_shutdown)
+            .field("settings", &self.settings)
             .finish()
     }
 }
@@ -352,17 +350,6 @@ pub enum Handler {
     },
 }
 
-/// Retries of a task.
-#[derive(Debug, Clone)]
-pub struct RetryPolicy {
-    /// Retries after the first attempt.
-    pub max_retries: u32,
-    /// Delay between attempts: `min(max, base · 2ⁿ)` with jitter.
-    pub backoff: Backoff,
-    /// Whether a hard-limit stop is retried.
-    pub retry_on_timeout: bool,
-}
-
 /// Deduplicated enqueue.
 #[derive(Debug, Clone)]
 pub struct Idempotency {
@@ -370,7 +357,8 @@ pub struct Idempotency {
     pub ttl: Duration,
 }
 
-/// `[resources.NAME]`
+/// `[resources.NAME]`: the settings its client is built from (the node makes the client, which
+/// needs the broker or an HTTP client). Their `Debug` hides the API key.
 #[derive(Debug, Clone)]
 pub enum ResourceSettings {
     /// `kind = "zep"`
@@ -379,218 +367,14 @@ pub enum ResourceSettings {
     OpenAi(OpenAiSettings),
 }
 
-/// A secret read from the environment; `Debug` prints `***`.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    /// The secret itself: for the request header, never for a log line.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("***")
-    }
-}
-
-/// `kind = "zep"`
+/// `[pools.NAME]`: the pool as the library runs it, and what the node adds at start.
 #[derive(Debug, Clone)]
-pub struct ZepSettings {
-    /// Base URL.
-    pub base_url: Url,
-    /// Name of the variable holding the API key.
-    pub api_key_env: String,
-    /// The API key (`None` when unset or when the environment was not consulted).
-    pub api_key: Option<Secret>,
-    /// Timeout of one call.
-    pub timeout: Duration,
-    /// The circuit breaker.
-    pub breaker: BreakerSettings,
-    /// The probe sent while the key is refused.
-    pub auth_probe: AuthProbe,
-}
-
-/// A circuit breaker.
-#[derive(Debug, Clone)]
-pub struct BreakerSettings {
-    /// Consecutive failures that open it.
-    pub failure_threshold: NonZeroU32,
-    /// First open time.
-    pub open_for: Duration,
-    /// Cap of the open time; not below `open_for`.
-    pub open_for_max: Duration,
-    /// Calls let through while half-open.
-    pub probes: NonZeroU32,
-    /// Timeout of a probe call.
-    pub probe_timeout: Duration,
-    /// A call slower than this counts as a failure.
-    pub slow_call: Option<Duration>,
-    /// The optional failure-rate rule.
-    pub failure_rate: Option<FailureRate>,
-}
-
-/// `breaker.failure_rate`: open when `rate` of the last `window` calls failed (once at least
-/// `min_calls` were made).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct FailureRate {
-    /// Fraction of failures.
-    pub rate: f64,
-    /// Calls looked at.
-    pub window: u32,
-    /// Calls needed before the rule applies.
-    pub min_calls: u32,
-}
-
-/// `kind = "openai"`
-#[derive(Debug, Clone)]
-pub struct OpenAiSettings {
-    /// Base URL.
-    pub base_url: Url,
-    /// Name of the variable holding the API key.
-    pub api_key_env: String,
-    /// The API key (`None` when unset or when the environment was not consulted).
-    pub api_key: Option<Secret>,
-    /// Requests per minute.
-    pub requests_per_minute: Option<NonZeroU32>,
-    /// Tokens per minute.
-    pub tokens_per_minute: Option<NonZeroU32>,
-    /// Calls in flight at once.
-    pub concurrency: Option<NonZeroU32>,
-    /// The probe sent while the key is refused.
-    pub auth_probe: AuthProbe,
-}
-
-/// `[pools.NAME]`
-#[derive(Debug, Clone)]
-pub struct PoolSettings {
-    /// Program of each agent.
-    pub command: String,
-    /// Its arguments.
-    pub args: Vec<String>,
-    /// The agent's whole environment.
-    pub env: IndexMap<String, String>,
-    /// Variables copied from the runtime's environment when an agent is spawned.
+pub struct PoolConfig {
+    /// The validated pool; its `env` is the configured table, to which the node adds the
+    /// `pass_env` variables and its egress URL and token at start ([`PoolSpec::with_env`]).
+    pub spec: PoolSpec,
+    /// Variables copied from the runtime's environment when the node starts.
     pub pass_env: Vec<String>,
-    /// Working directory.
-    pub cwd: Option<PathBuf>,
-    /// Idle agents kept warm; not above `max`.
-    pub min_idle: u32,
-    /// Agents alive at once.
-    pub max: NonZeroU32,
-    /// Spawn-to-ready deadline.
-    pub startup_timeout: Duration,
-    /// Readiness line (stdout and stderr).
-    pub ready_pattern: Regex,
-    /// Assignment confirmation line, when configured.
-    pub assigned_pattern: Option<Regex>,
-    /// Deadline of an assignment confirmation.
-    pub assign_timeout: Duration,
-    /// Wait for an idle agent.
-    pub claim_timeout: Duration,
-    /// Memory limit per agent.
-    pub memory_limit_mb: Option<NonZeroU32>,
-    /// Idle agents older than this are replaced.
-    pub max_idle_age: Option<Duration>,
-    /// Agents that log `ready_pattern` again after a session go back to idle.
-    pub reusable: bool,
-    /// Stop signal.
-    pub stop_signal: StopSignal,
-    /// Time between the stop signal and SIGKILL.
-    pub stop_timeout: Duration,
-    /// Consecutive startup failures before the pool stops spawning.
-    pub startretries: u32,
-}
-
-/// A signal that stops an agent's process group.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StopSignal {
-    /// `SIGTERM`
-    Term,
-    /// `SIGINT`
-    Int,
-    /// `SIGHUP`
-    Hup,
-    /// `SIGQUIT`
-    Quit,
-    /// `SIGUSR1`
-    Usr1,
-    /// `SIGUSR2`
-    Usr2,
-    /// `SIGKILL`
-    Kill,
-}
-
-impl StopSignal {
-    /// Every signal, in the order the docs list them.
-    pub const ALL: [StopSignal; 7] = [
-        StopSignal::Term,
-        StopSignal::Int,
-        StopSignal::Hup,
-        StopSignal::Quit,
-        StopSignal::Usr1,
-        StopSignal::Usr2,
-        StopSignal::Kill,
-    ];
-
-    /// The config spelling, e.g. `SIGTERM`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            StopSignal::Term => "SIGTERM",
-            StopSignal::Int => "SIGINT",
-            StopSignal::Hup => "SIGHUP",
-            StopSignal::Quit => "SIGQUIT",
-            StopSignal::Usr1 => "SIGUSR1",
-            StopSignal::Usr2 => "SIGUSR2",
-            StopSignal::Kill => "SIGKILL",
-        }
-    }
-}
-
-/// `[schedules.NAME]`
-#[derive(Debug, Clone)]
-pub struct ScheduleSettings {
-    /// The task it enqueues (defined in [`Config::tasks`]).
-    pub task: String,
-    /// Positional arguments.
-    pub args: Vec<serde_json::Value>,
-    /// Keyword arguments.
-    pub kwargs: serde_json::Map<String, serde_json::Value>,
-    /// When it runs.
-    pub trigger: Trigger,
-    /// Time zone of `cron`.
-    pub timezone: chrono_tz::Tz,
-    /// Random delay added to each run.
-    pub jitter: Option<Duration>,
-    /// What happens to missed runs.
-    pub missed: Missed,
-}
-
-/// When a schedule runs.
-#[derive(Debug, Clone)]
-pub enum Trigger {
-    /// Every interval.
-    Every(Duration),
-    /// On a cron expression.
-    Cron {
-        /// As written.
-        expression: String,
-        /// Parsed.
-        cron: Box<croner::Cron>,
-    },
-}
-
-/// What happens to the runs of a schedule missed while no node was leader.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Missed {
-    /// Forget them; run at the next due time.
-    #[default]
-    Skip,
-    /// Run once at once, however many were missed.
-    RunOnce,
 }
 
 /// `[celery]`: the Celery bridge.

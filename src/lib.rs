@@ -10,7 +10,9 @@
 //! - [`config`] — raw TOML structs → one `compile()` → a validated `Config`.
 //! - [`check`] — `runtime check`: every error and warning of a config, exit 78 on errors.
 //! - [`topology`] — the supervision tree a config describes, task definitions, resources.
-//! - [`node`] — runs a node: tree + HTTP server, signal handling, ordered stop.
+//! - [`node`] — [`node::Node`]: a node started from a compiled config and native functions,
+//!   serving on a listener the caller binds, stopped by a future the caller passes (ordered
+//!   stop); `main` binds `http.bind`, maps its errors to exit codes and handles signals.
 //! - [`http`] — axum router: health, the tree, tasks, queues, dead letters, the egress proxy,
 //!   pools, the events stream over SSE (`http::events`), task search (`http::search`), the
 //!   history (`http::stats`), the live page — the dashboard (`http::page`), metrics

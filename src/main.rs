@@ -1,10 +1,15 @@
 //! The `runtime` binary: parses the command line and dispatches (see the `runtime` library).
 
+use std::net::SocketAddr;
+use std::path::Path;
 use std::process::ExitCode;
 
+use actors::handler::native::Natives;
 use clap::Parser;
 use runtime::cli::{Cli, Command, RunArgs};
-use runtime::{check, client, config, node, shutdown, telemetry};
+use runtime::node::{Node, NodeError};
+use runtime::{check, client, config, shutdown, telemetry};
+use tokio::net::TcpListener;
 use tracing::{error, info, warn};
 
 #[tokio::main]
@@ -74,10 +79,50 @@ async fn run(args: RunArgs) -> ExitCode {
         warn!("{}: {warning}", args.config.display());
     }
     info!(config = %args.config.display(), version = env!("CARGO_PKG_VERSION"), "starting node");
+    let bind = loaded.config.http.bind;
+    let listener = match TcpListener::bind(bind).await {
+        Ok(listener) => listener,
+        Err(err) => {
+            error!(bind = %bind, error = %err, "cannot listen (http.bind)");
+            return ExitCode::FAILURE;
+        }
+    };
+    let node = match Node::start(loaded.config, Natives::builtin(), listener).await {
+        Ok(node) => node,
+        Err(err) => return exit_code(&err),
+    };
+    info!("http listening on http://{}", node.addr());
+    if let Some(path) = &args.address_file
+        && let Err(err) = write_address(path, node.addr())
+    {
+        error!(path = %path.display(), error = %err, "cannot write the address file (--address-file)");
+        return ExitCode::FAILURE;
+    }
     let shutdown = async move {
         let name = signals.recv().await;
         signals.exit_on_second();
         name
     };
-    node::run(loaded.config, shutdown).await
+    match node.run(shutdown).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => exit_code(&err),
+    }
+}
+
+/// A node's error (already logged by the node) as its exit code: 78 (`EX_CONFIG`) for what
+/// the config asks and this binary cannot build, 1 for the rest.
+fn exit_code(err: &NodeError) -> ExitCode {
+    match err {
+        NodeError::Config(_) => ExitCode::from(check::EX_CONFIG),
+        _ => ExitCode::FAILURE,
+    }
+}
+
+/// Writes `addr` and a newline to `path`, through a file beside it renamed into place, so a
+/// reader never sees it half written.
+fn write_address(path: &Path, addr: SocketAddr) -> std::io::Result<()> {
+    let mut aside = path.as_os_str().to_owned();
+    aside.push(".tmp");
+    std::fs::write(&aside, format!("{addr}\n"))?;
+    std::fs::rename(&aside, path)
 }

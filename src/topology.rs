@@ -22,7 +22,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use actors::broker::{AnyBroker, BrokerActor, BrokerArgs, BrokerSettings, NodeStatus, Presence};
+use actors::broker::{AnyBroker, BrokerActor, BrokerArgs, NodeStatus, Presence};
 use actors::celery::CelerySettings;
 use actors::celery::bridge::{BridgeActor, BridgeArgs, BridgeCounters};
 use actors::consumer::{ConsumerActor, ConsumerArgs, Outcomes, Work};
@@ -30,17 +30,15 @@ use actors::gate::ResourceGate;
 use actors::handler::exec::ExecHandler;
 use actors::handler::http::HttpHandler;
 use actors::handler::native::Natives;
-use actors::handler::{
-    Attempt, ErrorClass, Handler, RetryPolicy, TaskContext, TaskDef, TaskDefs, TaskError,
-};
+use actors::handler::pool::PoolHandler;
+use actors::handler::{Handler, TaskDef, TaskDefs};
 use actors::heartbeat::{HeartbeatActor, HeartbeatArgs};
 use actors::metrics::{BuildInfo, Metrics};
-use actors::pool::{ClaimError, Pool, PoolActor, PoolArgs, PoolSettings, PoolSpec};
+use actors::pool::{Pool, PoolActor, PoolArgs};
 use actors::resource::Resources;
-use actors::resource::breaker::{BreakerPolicy, BreakerSettings, FailureRate};
-use actors::resource::openai::{Limit, OpenAiActor, OpenAiArgs, OpenAiClient, OpenAiSettings};
-use actors::resource::zep::{ZepActor, ZepArgs, ZepClient, ZepSettings, replay_queue};
-use actors::scheduler::{self, Schedule, SchedulerActor, SchedulerArgs};
+use actors::resource::openai::{OpenAiActor, OpenAiArgs, OpenAiClient};
+use actors::resource::zep::{ZepActor, ZepArgs, ZepClient, replay_queue};
+use actors::scheduler::{Schedule, SchedulerActor, SchedulerArgs};
 use actors::supervisor::{ChildSpec, Restart, SupervisorSpec};
 use tokio::time::Instant;
 
@@ -62,38 +60,6 @@ pub const BEAT_TICK: Duration = Duration::from_millis(50);
 /// How long a node's presence record (`GET /nodes`) outlives its last write (written every
 /// second by the broker actor).
 pub const PRESENCE_TTL: Duration = Duration::from_secs(5);
-
-/// The schedules of `config`, in the scheduler's terms.
-pub fn schedules(config: &Config) -> Vec<Schedule> {
-    config
-        .schedules
-        .iter()
-        .map(|(name, s)| Schedule {
-            name: name.clone(),
-            task: s.task.clone(),
-            queue: config
-                .tasks
-                .get(&s.task)
-                .map(|t| t.queue.clone())
-                .unwrap_or_default(),
-            args: s.args.clone(),
-            kwargs: s.kwargs.clone(),
-            trigger: match &s.trigger {
-                config::Trigger::Every(every) => scheduler::Trigger::Every(*every),
-                config::Trigger::Cron { expression, cron } => scheduler::Trigger::Cron {
-                    expression: expression.clone(),
-                    cron: cron.clone(),
-                    timezone: s.timezone,
-                },
-            },
-            jitter: s.jitter,
-            missed: match s.missed {
-                config::Missed::Skip => scheduler::Missed::Skip,
-                config::Missed::RunOnce => scheduler::Missed::RunOnce,
-            },
-        })
-        .collect()
-}
 
 /// What the actors of a node share, created before the tree and outliving every restart.
 #[derive(Debug, Clone)]
@@ -121,13 +87,13 @@ pub type Problems = Vec<(String, String)>;
 /// The whole environment of a child of the node (an `exec` command, a pool agent): `env` and
 /// `pass_env` as configured (and `PATH`, see [`actors::child::environment`]), plus the
 /// node's egress URL and the children's egress token.
-fn child_env(
-    env: &indexmap::IndexMap<String, String>,
+fn child_env<'a>(
+    env: impl IntoIterator<Item = (&'a String, &'a String)>,
     pass_env: &[String],
     egress: &EgressAccess,
 ) -> BTreeMap<String, String> {
     let mut vars = actors::child::environment(
-        env.iter()
+        env.into_iter()
             .map(|(name, value)| (name.as_str(), value.as_str())),
         pass_env,
     );
@@ -163,7 +129,7 @@ pub fn task_defs(
             } => Arc::new(
                 ExecHandler::new(command, args, cwd.clone())
                     .with_env(child_env(env, pass_env, egress))
-                    .with_max_result_bytes(config.broker.max_entry_bytes),
+                    .with_max_result_bytes(config.broker.settings.max_entry_bytes),
             ),
             config::Handler::Native => match natives.handler(name) {
                 Some(handler) => handler,
@@ -183,7 +149,7 @@ pub fn task_defs(
                 }
             },
             config::Handler::Pool { pool } => match pools.get(pool) {
-                Some(pool) => Arc::new(PoolHandler { pool: pool.clone() }),
+                Some(pool) => Arc::new(PoolHandler::new(pool.clone())),
                 None => {
                     missing.push((
                         format!("tasks.{name}.handler.pool"),
@@ -199,11 +165,7 @@ pub fn task_defs(
             handler,
             time_limit: task.time_limit,
             soft_time_limit: task.soft_time_limit,
-            retry: RetryPolicy {
-                max_retries: task.retry.max_retries,
-                backoff: task.retry.backoff,
-                retry_on_timeout: task.retry.retry_on_timeout,
-            },
+            retry: task.retry,
             uses: task.uses.clone(),
             link: task.link.clone(),
             link_error: task.link_error.clone(),
@@ -239,36 +201,7 @@ pub fn resources(
                     ));
                     continue;
                 }
-                let breaker = BreakerSettings {
-                    failure_threshold: zep.breaker.failure_threshold.get(),
-                    failure_rate: zep.breaker.failure_rate.map(|r| FailureRate {
-                        rate: r.rate,
-                        window: r.window,
-                        min_calls: r.min_calls,
-                    }),
-                    open_for: zep.breaker.open_for,
-                    open_for_max: zep.breaker.open_for_max,
-                    probes: zep.breaker.probes.get(),
-                    probe_timeout: zep.breaker.probe_timeout,
-                    slow_call: zep.breaker.slow_call,
-                };
-                let policy = match BreakerPolicy::try_new(breaker) {
-                    Ok(policy) => policy,
-                    Err(err) => {
-                        problems.push((format!("{at}.breaker.{}", err.field), err.reason));
-                        continue;
-                    }
-                };
-                let settings = ZepSettings {
-                    resource: name.clone(),
-                    base_url: zep.base_url.clone(),
-                    api_key: zep.api_key.as_ref().map(|k| k.expose().to_string()),
-                    api_key_env: zep.api_key_env.clone(),
-                    timeout: zep.timeout,
-                    breaker: policy,
-                    auth_probe: zep.auth_probe.clone(),
-                };
-                match ZepClient::new(settings, Arc::clone(broker), node_name) {
+                match ZepClient::new(zep.clone(), Arc::clone(broker), node_name) {
                     Ok(client) => {
                         let client = Arc::new(client);
                         resources.insert(name, client.clone());
@@ -290,30 +223,7 @@ pub fn resources(
                 }
             }
             config::ResourceSettings::OpenAi(openai) => {
-                let limit = |n: Option<std::num::NonZeroU32>| {
-                    n.map(|n| Limit::per_minute(n.get())).transpose()
-                };
-                let (requests, tokens) = match (
-                    limit(openai.requests_per_minute),
-                    limit(openai.tokens_per_minute),
-                ) {
-                    (Ok(requests), Ok(tokens)) => (requests, tokens),
-                    (Err(err), _) | (_, Err(err)) => {
-                        problems.push((at, err.to_string()));
-                        continue;
-                    }
-                };
-                let settings = OpenAiSettings {
-                    base_url: openai.base_url.clone(),
-                    api_key: openai.api_key.as_ref().map(|k| k.expose().to_string()),
-                    api_key_env: openai.api_key_env.clone(),
-                    requests,
-                    tokens,
-                    concurrency: openai.concurrency.map(|c| c.get() as usize),
-                    timeout: None,
-                    auth_probe: openai.auth_probe.clone(),
-                };
-                match OpenAiClient::try_new(name, settings, egress_client()) {
+                match OpenAiClient::try_new(name, openai.clone(), egress_client()) {
                     Ok(client) => {
                         let client = Arc::new(client);
                         resources.insert(name, client.clone());
@@ -354,26 +264,8 @@ pub fn pools(
     let mut children = Vec::new();
     let mut problems = Vec::new();
     for (name, p) in &config.pools {
-        let mut settings = PoolSettings::new(name, &p.command, p.ready_pattern.clone());
-        settings.args = p.args.clone();
-        settings.env = child_env(&p.env, &p.pass_env, egress);
-        settings.cwd = p.cwd.clone();
-        settings.min_idle = p.min_idle as usize;
-        settings.max = p.max.get() as usize;
-        settings.startup_timeout = p.startup_timeout;
-        settings.assigned_pattern = p.assigned_pattern.clone();
-        settings.assign_timeout = p.assign_timeout;
-        settings.claim_timeout = p.claim_timeout;
-        settings.memory_limit_mb = p.memory_limit_mb.map(|mb| u64::from(mb.get()));
-        settings.max_idle_age = p.max_idle_age;
-        settings.reusable = p.reusable;
-        match p.stop_signal.as_str().parse::<nix::sys::signal::Signal>() {
-            Ok(signal) => settings.stop_signal = signal,
-            Err(err) => problems.push((format!("pools.{name}.stop_signal"), err.to_string())),
-        }
-        settings.stop_timeout = p.stop_timeout;
-        settings.startretries = p.startretries;
-        match PoolSpec::try_new(settings) {
+        let env = child_env(&p.spec.settings().env, &p.pass_env, egress);
+        match p.spec.clone().with_env(env) {
             Ok(spec) => {
                 let pool = Pool::new(spec);
                 pools.insert(name.clone(), pool.clone());
@@ -401,34 +293,6 @@ pub fn pools(
         Ok((pools, children))
     } else {
         Err(problems)
-    }
-}
-
-/// The `pool` handler: claims an idle agent of the pool and hands it the task's envelope as
-/// its assignment. No idle agent within `claim_timeout` is retryable; a pool that gave up
-/// (`fatal`) is permanent.
-#[derive(Debug)]
-struct PoolHandler {
-    pool: Pool,
-}
-
-impl Handler for PoolHandler {
-    fn call(&self, ctx: TaskContext) -> Attempt {
-        let pool = self.pool.clone();
-        Box::pin(async move {
-            let assignment = serde_json::to_value(&*ctx.envelope).unwrap_or_default();
-            match pool.claim(assignment).await {
-                Ok(claimed) => {
-                    Ok(serde_json::json!({ "agent_id": claimed.agent_id, "pid": claimed.pid }))
-                }
-                Err(err @ ClaimError::Fatal { .. }) => Err(TaskError::Permanent(err.to_string())),
-                Err(err) => Err(TaskError::retry_as(ErrorClass::NoAgent, err.to_string())),
-            }
-        })
-    }
-
-    fn kind(&self) -> &'static str {
-        "pool"
     }
 }
 
@@ -462,7 +326,7 @@ pub fn celery_settings(config: &Config, node_name: &str) -> Option<CelerySetting
         broker_url: config.broker.url.clone(),
         backend_url: celery.backend_url.clone(),
         key_prefix: celery.key_prefix.clone(),
-        runtime_prefix: config.broker.prefix.clone(),
+        runtime_prefix: config.broker.settings.prefix.clone(),
         queues: celery.queues.clone(),
         tasks,
         track_started: celery.track_started.iter().cloned().collect(),
@@ -471,7 +335,7 @@ pub fn celery_settings(config: &Config, node_name: &str) -> Option<CelerySetting
         result_ttl: celery.result_ttl,
         poll: celery.poll,
         batch: celery.batch.get() as usize,
-        events_maxlen: events_maxlen(config),
+        events_maxlen: config.broker.settings.events_maxlen,
         node: node_name.to_string(),
     })
 }
@@ -506,32 +370,6 @@ pub fn metrics(
     metrics.watch_pools(pools.values().cloned().collect());
     metrics.build_info(BUILD);
     metrics
-}
-
-/// The broker tunables of `config`.
-pub fn broker_settings(config: &Config) -> BrokerSettings {
-    BrokerSettings {
-        prefix: config.broker.prefix.clone(),
-        max_deliveries: config.broker.max_deliveries.get(),
-        result_ttl: config.broker.result_ttl,
-        max_entry_bytes: config.broker.max_entry_bytes,
-        task_idempotency_ttl: config
-            .tasks
-            .iter()
-            .filter_map(|(name, task)| task.idempotency.as_ref().map(|i| (name.clone(), i.ttl)))
-            .collect(),
-        events_maxlen: events_maxlen(config),
-        ..BrokerSettings::default()
-    }
-}
-
-/// The events stream's cap, `0` when `[events] enabled = false`.
-fn events_maxlen(config: &Config) -> usize {
-    if config.events.enabled {
-        config.events.maxlen.get() as usize
-    } else {
-        0
-    }
 }
 
 /// This node's name: `runtime.node_name`, else `<host>-<pid>-<random>` (unique per process,
@@ -659,7 +497,7 @@ pub fn root_spec(
             children.push(ChildSpec::supervisor("celery", policy(bridges)));
         }
     }
-    let schedules = schedules(config);
+    let schedules: Vec<Schedule> = config.schedules.values().cloned().collect();
     if !schedules.is_empty() {
         let work = Arc::clone(&shared.work);
         let lease = config.beat.lease;

@@ -8,12 +8,11 @@
 //! Two things differ from a reader's terminal, and only through the environment, so the
 //! commands stay verbatim: `runtime` on `PATH` is the binary this test build made (the reader
 //! installs one with `cargo install --path .`), and the node listens on a free port
-//! (`RT_HTTP_BIND=127.0.0.1:0`, the port read from its `http listening on` line) which the
+//! (`RT_HTTP_BIND=127.0.0.1:0`, the address read from the file `RT_ADDRESS_FILE` names) which the
 //! commands reach through `RT_URL`, instead of 127.0.0.1:7070, which may be taken here.
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -89,38 +88,28 @@ async fn the_readme_quick_start_runs_as_written() {
         std::env::var("PATH").unwrap_or_default()
     );
 
+    let scratch = common::Scratch::new();
+    let address = scratch.path().join("address");
     let mut child = Command::new("sh")
         .arg("-c")
         .arg(format!("exec {}", steps.node.trim()))
         .current_dir(root)
         .env("PATH", &path)
         .env("RT_HTTP_BIND", "127.0.0.1:0")
+        .env("RT_ADDRESS_FILE", &address)
         .env("RUST_LOG", "info")
         .env_remove("RT_BROKER_URL")
         .env_remove("RT_CONFIG")
         .env_remove("RT_URL")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        .stderr(Stdio::null())
         .spawn()
         .expect("run the node command through sh");
-    let stderr = child.stderr.take().unwrap();
-    let node = Running(child);
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(at) = line.find("http listening on ") {
-                let url: String = line[at + "http listening on ".len()..]
-                    .chars()
-                    .take_while(|c| !c.is_whitespace())
-                    .collect();
-                let _ = tx.send(url);
-            }
-        }
-    });
-    let url = rx
-        .recv_timeout(Duration::from_secs(30))
+    let addr = common::wait_address(&mut child, &address, Duration::from_secs(30))
         .expect("the node command started a node");
+    let url = format!("http://{addr}");
+    let node = Running(child);
 
     for (commands, expected) in &steps.runs {
         let out = Command::new("sh")

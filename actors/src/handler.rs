@@ -3,11 +3,12 @@
 //!
 //! Handler kinds (DESIGN.md §3): [`native`] (Rust async fns registered through the library
 //! API), [`http`] (POST the envelope to the app), [`exec`] (a command, no shell, envelope on
-//! stdin, own process group).
+//! stdin, own process group), [`pool`] (an idle agent of a process pool takes the envelope).
 
 pub mod exec;
 pub mod http;
 pub mod native;
+pub mod pool;
 
 use std::collections::HashMap;
 use std::fmt;

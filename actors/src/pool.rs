@@ -145,10 +145,11 @@ pub struct PoolSettings {
 }
 
 impl PoolSettings {
-    /// Settings with the defaults: `min_idle` 1, `max` 4, `startup_timeout` 30 s,
-    /// `assigned_pattern` none, `assign_timeout` 5 s, `claim_timeout` 10 s, no memory limit,
-    /// no idle age, SIGTERM then SIGKILL after 10 s, `startretries` 3, the default backoff,
-    /// health every 2 s.
+    /// Settings with the defaults — those of a `[pools.NAME]` table, which the node's config
+    /// compiles to: `min_idle` 0, `max` 4, `startup_timeout` 30 s, `assigned_pattern` none,
+    /// `assign_timeout` 10 s, `claim_timeout` 5 s, no memory limit, no idle age, single-use
+    /// agents, SIGTERM then SIGKILL after 10 s, `startretries` 3, the default backoff, health
+    /// every 2 s.
     pub fn new(name: &str, command: &str, ready_pattern: Regex) -> Self {
         Self {
             name: name.to_string(),
@@ -156,13 +157,13 @@ impl PoolSettings {
             args: Vec::new(),
             env: BTreeMap::new(),
             cwd: None,
-            min_idle: 1,
+            min_idle: 0,
             max: 4,
             startup_timeout: Duration::from_secs(30),
             ready_pattern,
             assigned_pattern: None,
-            assign_timeout: Duration::from_secs(5),
-            claim_timeout: Duration::from_secs(10),
+            assign_timeout: Duration::from_secs(10),
+            claim_timeout: Duration::from_secs(5),
             memory_limit_mb: None,
             max_idle_age: None,
             reusable: false,
@@ -203,14 +204,20 @@ impl PoolSpec {
         if s.name.is_empty() || s.name.contains(['/', ' ']) {
             bad("name", "must be non-empty, without '/' or spaces");
         }
-        if s.command.is_empty() {
+        if s.command.trim().is_empty() {
             bad("command", "must not be empty");
         }
         if s.max == 0 {
-            bad("max", "must be at least 1");
+            bad("max", "must be at least 1, got 0");
         }
         if s.min_idle > s.max {
-            bad("min_idle", "must not exceed max");
+            bad(
+                "min_idle",
+                &format!(
+                    "{} is above max {}: the pool could never keep that many idle",
+                    s.min_idle, s.max
+                ),
+            );
         }
         for (field, value) in [
             ("startup_timeout", s.startup_timeout),
@@ -227,10 +234,10 @@ impl PoolSpec {
             bad("max_idle_age", "must be longer than zero");
         }
         if s.memory_limit_mb == Some(0) {
-            bad("memory_limit_mb", "must be at least 1");
+            bad("memory_limit_mb", "must be at least 1, got 0");
         }
         if s.startretries == 0 {
-            bad("startretries", "must be at least 1");
+            bad("startretries", "must be at least 1, got 0");
         }
         if s.stop_signal == Signal::SIGKILL {
             // Allowed, but it leaves the agent no chance to leave its room cleanly.
@@ -253,6 +260,12 @@ impl PoolSpec {
     /// The settings.
     pub fn settings(&self) -> &PoolSettings {
         &self.0
+    }
+
+    /// The same spec with the agents' whole environment replaced by `env` (a node adds the
+    /// variables it resolves at start, e.g. `pass_env` and its egress URL), validated again.
+    pub fn with_env(self, env: BTreeMap<String, String>) -> Result<Self, Vec<PoolSpecError>> {
+        Self::try_new(PoolSettings { env, ..self.0 })
     }
 }
 

@@ -124,8 +124,10 @@ fn from_ms(ms: u64) -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_millis(ms)
 }
 
-/// What happens to the due times that passed while no node led.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// What happens to the due times that passed while no node led (`missed = "skip"` or
+/// `"run_once"` in a schedule's table).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Missed {
     /// Forget them; run at the next due time.
     #[default]

@@ -1,6 +1,6 @@
 //! What may be shown of an outside address or error in a log line, an error or an event: a
 //! URL without the secrets it can carry ([`url`]), and the one cause that says what went wrong
-//! ([`innermost`]). The broker's URL and the `http` handler's go through here, and so do the
+//! ([`innermost`]); and a duration as a config spells it ([`duration`]). The broker's URL and the `http` handler's go through here, and so do the
 //! resources' when a call gets no answer.
 
 /// `redis://user:secret@host:6379/0?x=y` → `redis://user@host:6379/0`,
@@ -47,6 +47,18 @@ pub fn no_answer(err: &reqwest::Error, url: &str) -> String {
     } else {
         // reqwest's own text names the whole URL (query included): only its cause is kept.
         format!("request to {shown} failed: {}", innermost(err))
+    }
+}
+
+/// A duration as a config spells it: `600s`, `250ms`, `1.5s` (not `10m`: the unit stays the
+/// one a reader compares with).
+pub fn duration(duration: std::time::Duration) -> String {
+    if duration.subsec_nanos() == 0 {
+        format!("{}s", duration.as_secs())
+    } else if duration.subsec_nanos() % 1_000_000 == 0 {
+        format!("{}ms", duration.as_millis())
+    } else {
+        format!("{}s", duration.as_secs_f64())
     }
 }
 

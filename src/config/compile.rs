@@ -17,11 +17,17 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use actors::gate::Use;
+use actors::handler::RetryPolicy;
+use actors::pool::{PoolSettings, PoolSpec};
 use actors::resource::auth::{AuthProbe, DEFAULT_PROBE_EVERY};
-use actors::resource::{openai, zep};
+use actors::resource::breaker::{BreakerPolicy, BreakerSettings, FailureRate};
+use actors::resource::openai::{self, Limit as RateLimit, OpenAiError, OpenAiSettings};
+use actors::resource::zep::{self, ZepSettings};
+use actors::scheduler::{Schedule, Trigger};
 use actors::supervisor::{Backoff, Intensity, PolicyError};
 use croner::parser::{CronParser, Seconds};
 use indexmap::IndexMap;
+use nix::sys::signal::Signal;
 use regex::Regex;
 use reqwest::Url;
 
@@ -32,11 +38,10 @@ use super::raw::{
     RawResource, RawRuntime, RawSchedule, RawSupervision, RawTask, RawZep,
 };
 use super::{
-    BROKER_URL_ENV, BeatSettings, BreakerSettings, BrokerSettings, CelerySettings, ChaosSettings,
-    Config, EventsSettings, FailureRate, HTTP_BIND_ENV, Handler, HttpSettings, Idempotency, Loaded,
-    MetricsSettings, OpenAiSettings, PoolSettings, QueueSettings, ResourceSettings, RetryPolicy,
-    RuntimeSettings, ScheduleSettings, Secret, StopSignal, SupervisionSettings, TaskSettings,
-    Trigger, ZepSettings,
+    BROKER_URL_ENV, BeatSettings, BrokerSettings, CelerySettings, ChaosSettings, Config,
+    EventsSettings, HTTP_BIND_ENV, Handler, HttpSettings, Idempotency, Loaded, MetricsSettings,
+    PoolConfig, QueueSettings, ResourceSettings, RuntimeSettings, SupervisionSettings,
+    TaskSettings,
 };
 
 /// Where `compile()` reads environment variables (`RT_BROKER_URL`, `RT_HTTP_BIND`, secrets).
@@ -69,14 +74,8 @@ const DEFAULT_TERMINATE_GRACE: Duration = Duration::from_secs(10);
 const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(1);
 const DEFAULT_TIME_LIMIT: Duration = Duration::from_secs(300);
 const DEFAULT_BROKER_URL: &str = "memory://";
-const DEFAULT_PREFIX: &str = "rt";
 const DEFAULT_LEASE: Duration = Duration::from_secs(30);
 const DEFAULT_BEAT_LEASE: Duration = Duration::from_secs(10);
-const DEFAULT_MAX_DELIVERIES: u32 = 5;
-/// Default approximate cap of the events stream.
-const DEFAULT_EVENTS_MAXLEN: u32 = 10_000;
-const DEFAULT_RESULT_TTL: Duration = Duration::from_secs(24 * 3600);
-const DEFAULT_MAX_ENTRY_BYTES: u64 = actors::broker::DEFAULT_MAX_ENTRY_BYTES as u64;
 /// The smallest `broker.max_entry_bytes`: an envelope without arguments takes a few hundred.
 const MIN_MAX_ENTRY_BYTES: u64 = 1024;
 /// The largest `broker.max_entry_bytes`: Redis' largest string (`proto-max-bulk-len`).
@@ -85,28 +84,22 @@ const DEFAULT_BIND: &str = "127.0.0.1:7070";
 const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_MAX_CONNECTIONS: u32 = 512;
-const DEFAULT_MAX_RESTARTS: u32 = 5;
-const DEFAULT_WITHIN: Duration = Duration::from_secs(10);
-const DEFAULT_RESTART_BACKOFF: Duration = Duration::from_millis(20);
-const DEFAULT_RESTART_BACKOFF_MAX: Duration = Duration::from_secs(5);
-const DEFAULT_JITTER: f64 = 0.2;
 const DEFAULT_QUEUE: &str = "default";
 const DEFAULT_MAX_RETRIES: u32 = 3;
 const DEFAULT_RETRY_BACKOFF: Duration = Duration::from_secs(1);
 const DEFAULT_RETRY_BACKOFF_MAX: Duration = Duration::from_secs(60);
 const DEFAULT_ZEP_URL: &str = "https://api.getzep.com/api/v2";
 const DEFAULT_ZEP_TIMEOUT: Duration = Duration::from_secs(5);
-const DEFAULT_FAILURE_THRESHOLD: u32 = 5;
-const DEFAULT_OPEN_FOR: Duration = Duration::from_secs(30);
-const DEFAULT_OPEN_FOR_MAX: Duration = Duration::from_secs(300);
-const DEFAULT_PROBES: u32 = 1;
-const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
-const DEFAULT_OPENAI_URL: &str = "https://api.openai.com/v1";
-const DEFAULT_STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
-const DEFAULT_ASSIGN_TIMEOUT: Duration = Duration::from_secs(10);
-const DEFAULT_CLAIM_TIMEOUT: Duration = Duration::from_secs(5);
-const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
-const DEFAULT_STARTRETRIES: u32 = 3;
+/// The signals `pools.NAME.stop_signal` may name, in the order the docs list them.
+const STOP_SIGNALS: [Signal; 7] = [
+    Signal::SIGTERM,
+    Signal::SIGINT,
+    Signal::SIGHUP,
+    Signal::SIGQUIT,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+    Signal::SIGKILL,
+];
 
 /// Compiles `raw` against `env`: the config and its warnings, or every error and warning.
 /// What the parser left out of `raw` for its shape errors (already reported).
@@ -138,7 +131,7 @@ pub(crate) fn compile(
     let resources = c.resources(&raw.resources);
     let pools = c.pools(&raw.pools);
     let tasks = c.tasks(&raw, &runtime, &queues);
-    let schedules = c.schedules(&raw);
+    let schedules = c.schedules(&raw, &tasks);
     let chaos = ChaosSettings {
         enabled: raw.chaos.enabled.unwrap_or(false),
     };
@@ -149,13 +142,22 @@ pub(crate) fn compile(
     let metrics = MetricsSettings {
         enabled: raw.metrics.enabled.unwrap_or(true),
     };
+    let default_maxlen = actors::broker::BrokerSettings::default().events_maxlen as u32;
     let events = EventsSettings {
         enabled: raw.events.enabled.unwrap_or(true),
-        maxlen: c.nonzero(
-            "events.maxlen",
-            raw.events.maxlen.unwrap_or(DEFAULT_EVENTS_MAXLEN),
-        ),
+        maxlen: c.nonzero("events.maxlen", raw.events.maxlen.unwrap_or(default_maxlen)),
     };
+    let broker = broker.map(|mut broker| {
+        broker.settings.events_maxlen = if events.enabled {
+            events.maxlen.get() as usize
+        } else {
+            0
+        };
+        broker.settings.task_idempotency_ttl = (tasks.iter())
+            .filter_map(|(name, task)| task.idempotency.as_ref().map(|i| (name.clone(), i.ttl)))
+            .collect();
+        broker
+    });
     let beat = BeatSettings {
         lease: c.positive_duration("beat.lease", &raw.beat.lease, DEFAULT_BEAT_LEASE),
     };
@@ -381,7 +383,7 @@ impl Compiler<'_> {
     }
 
     /// The value of the secret named at `path`; unset → a warning saying what will fail.
-    fn secret(&mut self, path: &str, name: &str, consequence: &str) -> Option<Secret> {
+    fn secret(&mut self, path: &str, name: &str, consequence: &str) -> Option<String> {
         if !self.env_name(path, name) || self.env.is_ignored() {
             return None;
         }
@@ -392,7 +394,7 @@ impl Compiler<'_> {
                 format!("environment variable {name} is not set: {consequence}"),
             );
         }
-        value.map(Secret)
+        value
     }
 
     /// An `http`/`https` URL.
@@ -562,16 +564,21 @@ impl Compiler<'_> {
             ),
         };
         let url_ok = self.broker_url(&url, &origin);
-        let prefix = raw.prefix.clone().unwrap_or_else(|| DEFAULT_PREFIX.into());
+        // The library's defaults; `events_maxlen` and the tasks' idempotency TTLs are filled
+        // in once `[events]` and `[tasks]` are compiled.
+        let default = actors::broker::BrokerSettings::default();
+        let prefix = raw.prefix.clone().unwrap_or(default.prefix.clone());
         self.name("broker.prefix", &prefix);
         let lease = self.positive_duration("broker.lease", &raw.lease, DEFAULT_LEASE);
         let max_deliveries = self.nonzero(
             "broker.max_deliveries",
-            raw.max_deliveries.unwrap_or(DEFAULT_MAX_DELIVERIES),
+            raw.max_deliveries.unwrap_or(default.max_deliveries),
         );
         let result_ttl =
-            self.positive_duration("broker.result_ttl", &raw.result_ttl, DEFAULT_RESULT_TTL);
-        let max_entry_bytes = raw.max_entry_bytes.unwrap_or(DEFAULT_MAX_ENTRY_BYTES);
+            self.positive_duration("broker.result_ttl", &raw.result_ttl, default.result_ttl);
+        let max_entry_bytes = raw
+            .max_entry_bytes
+            .unwrap_or(default.max_entry_bytes as u64);
         if !(MIN_MAX_ENTRY_BYTES..=MAX_MAX_ENTRY_BYTES).contains(&max_entry_bytes) {
             self.error(
                 "broker.max_entry_bytes",
@@ -594,12 +601,15 @@ impl Compiler<'_> {
         url_ok.then_some(BrokerSettings {
             drain_on_shutdown,
             url,
-            prefix,
             lease,
-            max_deliveries,
-            result_ttl,
-            max_entry_bytes: max_entry_bytes.clamp(MIN_MAX_ENTRY_BYTES, MAX_MAX_ENTRY_BYTES)
-                as usize,
+            settings: actors::broker::BrokerSettings {
+                prefix,
+                max_deliveries: max_deliveries.get(),
+                result_ttl,
+                max_entry_bytes: max_entry_bytes.clamp(MIN_MAX_ENTRY_BYTES, MAX_MAX_ENTRY_BYTES)
+                    as usize,
+                ..default
+            },
         })
     }
 
@@ -692,13 +702,11 @@ impl Compiler<'_> {
                     token
                 }
             }
-            Some(name) => self
-                .secret(
-                    "http.admin_token_env",
-                    name,
-                    "the mutating routes accept requests without a token",
-                )
-                .map(|secret| secret.0),
+            Some(name) => self.secret(
+                "http.admin_token_env",
+                name,
+                "the mutating routes accept requests without a token",
+            ),
         };
         let admin_token = match (admin_token, &raw.admin_token_env) {
             (Some(token), Some(name)) => self.usable_token(name, token),
@@ -753,26 +761,23 @@ impl Compiler<'_> {
     }
 
     fn supervision(&mut self, raw: &RawSupervision) -> Option<SupervisionSettings> {
-        let within = self.duration("supervision.within", &raw.within, DEFAULT_WITHIN);
-        let intensity =
-            match Intensity::try_new(raw.max_restarts.unwrap_or(DEFAULT_MAX_RESTARTS), within) {
-                Ok(intensity) => Some(intensity),
-                Err(err) => {
-                    self.error("supervision.within", err.to_string());
-                    None
-                }
-            };
-        let base = self.duration("supervision.backoff", &raw.backoff, DEFAULT_RESTART_BACKOFF);
-        let max = self.duration(
-            "supervision.backoff_max",
-            &raw.backoff_max,
-            DEFAULT_RESTART_BACKOFF_MAX,
-        );
+        let (intensity, backoff) = (Intensity::default(), Backoff::default());
+        let within = self.duration("supervision.within", &raw.within, intensity.within());
+        let max_restarts = raw.max_restarts.unwrap_or(intensity.max_restarts());
+        let intensity = match Intensity::try_new(max_restarts, within) {
+            Ok(intensity) => Some(intensity),
+            Err(err) => {
+                self.error("supervision.within", err.to_string());
+                None
+            }
+        };
+        let base = self.duration("supervision.backoff", &raw.backoff, backoff.base());
+        let max = self.duration("supervision.backoff_max", &raw.backoff_max, backoff.max());
         let backoff = self.backoff(
             "supervision",
             base,
             max,
-            raw.jitter.unwrap_or(DEFAULT_JITTER),
+            raw.jitter.unwrap_or(backoff.jitter()),
         );
         Some(SupervisionSettings {
             strategy: raw.strategy.unwrap_or_default(),
@@ -869,11 +874,12 @@ impl Compiler<'_> {
             zep::DEFAULT_AUTH_PROBE_PATH,
         );
         Some(ZepSettings {
+            resource: name.to_string(),
             base_url: base_url?,
             api_key_env: raw.api_key_env.clone(),
             api_key,
             timeout,
-            breaker,
+            breaker: breaker?,
             auth_probe: auth_probe?,
         })
     }
@@ -901,71 +907,63 @@ impl Compiler<'_> {
         }
     }
 
-    fn breaker(&mut self, at: &str, raw: &RawBreaker) -> BreakerSettings {
-        let failure_threshold = self.nonzero(
-            &format!("{at}.failure_threshold"),
-            raw.failure_threshold.unwrap_or(DEFAULT_FAILURE_THRESHOLD),
-        );
-        let open_for =
-            self.positive_duration(&format!("{at}.open_for"), &raw.open_for, DEFAULT_OPEN_FOR);
-        let open_for_max = self.duration(
-            &format!("{at}.open_for_max"),
-            &raw.open_for_max,
-            DEFAULT_OPEN_FOR_MAX,
-        );
-        if open_for_max < open_for {
-            self.error(
-                format!("{at}.open_for_max"),
-                format!(
-                    "{} is below open_for {}",
-                    duration::display(open_for_max),
-                    duration::display(open_for)
-                ),
-            );
+    /// The breaker's policy: its defaults and rules are [`BreakerSettings::default`]'s and
+    /// [`BreakerPolicy::try_new`]'s, each problem reported at `{at}.{field}`.
+    fn breaker(&mut self, at: &str, raw: &RawBreaker) -> Option<BreakerPolicy> {
+        let default = BreakerSettings::default();
+        let mut duration = |key: &str, raw: &Option<RawDuration>, default: Duration| {
+            self.duration(&format!("{at}.{key}"), raw, default)
+        };
+        let settings = BreakerSettings {
+            failure_threshold: raw.failure_threshold.unwrap_or(default.failure_threshold),
+            open_for: duration("open_for", &raw.open_for, default.open_for),
+            open_for_max: duration("open_for_max", &raw.open_for_max, default.open_for_max),
+            probes: raw.probes.unwrap_or(default.probes),
+            probe_timeout: duration("probe_timeout", &raw.probe_timeout, default.probe_timeout),
+            slow_call: self.opt_duration(&format!("{at}.slow_call"), &raw.slow_call),
+            failure_rate: raw.failure_rate.as_ref().map(|rate| FailureRate {
+                rate: rate.rate,
+                window: rate.window,
+                min_calls: rate.min_calls.unwrap_or(rate.window),
+            }),
+        };
+        match BreakerPolicy::try_new(settings) {
+            Ok(policy) => Some(policy),
+            Err(errors) => {
+                for err in errors {
+                    self.error(format!("{at}.{}", err.field), err.reason);
+                }
+                None
+            }
         }
-        let probes = self.nonzero(
-            &format!("{at}.probes"),
-            raw.probes.unwrap_or(DEFAULT_PROBES),
-        );
-        let probe_timeout = self.positive_duration(
-            &format!("{at}.probe_timeout"),
-            &raw.probe_timeout,
-            DEFAULT_PROBE_TIMEOUT,
-        );
-        let slow_call = self.opt_duration(&format!("{at}.slow_call"), &raw.slow_call);
-        // Ranges are checked where the breaker policy is built (`runtime check` reports them).
-        let failure_rate = raw.failure_rate.as_ref().map(|rate| FailureRate {
-            rate: rate.rate,
-            window: rate.window,
-            min_calls: rate.min_calls.unwrap_or(rate.window),
-        });
-        BreakerSettings {
-            failure_threshold,
-            open_for,
-            open_for_max,
-            probes,
-            probe_timeout,
-            slow_call,
-            failure_rate,
+    }
+
+    /// A per-minute limit of an OpenAI resource (its rule is [`RateLimit::per_minute`]'s).
+    fn per_minute(&mut self, path: &str, value: Option<u32>) -> Option<RateLimit> {
+        match RateLimit::per_minute(value?) {
+            Ok(limit) => Some(limit),
+            Err(OpenAiError::Invalid(reason)) => {
+                self.error(path, reason);
+                None
+            }
         }
     }
 
     fn openai(&mut self, at: &str, name: &str, raw: &RawOpenAi) -> Option<OpenAiSettings> {
         let base_url = self.http_url(
             &format!("{at}.base_url"),
-            raw.base_url.as_deref().unwrap_or(DEFAULT_OPENAI_URL),
+            raw.base_url.as_deref().unwrap_or(openai::DEFAULT_BASE_URL),
         );
         let api_key = self.secret(
             &format!("{at}.api_key_env"),
             &raw.api_key_env,
             &format!("calls to resource {name} will fail and the tasks that use it with them"),
         );
-        let requests_per_minute = self.opt_nonzero(
+        let requests = self.per_minute(
             &format!("{at}.requests_per_minute"),
             raw.requests_per_minute,
         );
-        let tokens_per_minute =
-            self.opt_nonzero(&format!("{at}.tokens_per_minute"), raw.tokens_per_minute);
+        let tokens = self.per_minute(&format!("{at}.tokens_per_minute"), raw.tokens_per_minute);
         let concurrency = self.opt_nonzero(&format!("{at}.concurrency"), raw.concurrency);
         let auth_probe = self.auth_probe(
             at,
@@ -977,46 +975,32 @@ impl Compiler<'_> {
             base_url: base_url?,
             api_key_env: raw.api_key_env.clone(),
             api_key,
-            requests_per_minute,
-            tokens_per_minute,
-            concurrency,
+            requests,
+            tokens,
+            concurrency: concurrency.map(|n| n.get() as usize),
+            timeout: None,
             auth_probe: auth_probe?,
         })
     }
 
-    fn pools(&mut self, raw: &IndexMap<String, RawPool>) -> IndexMap<String, PoolSettings> {
+    fn pools(&mut self, raw: &IndexMap<String, RawPool>) -> IndexMap<String, PoolConfig> {
         let mut pools = IndexMap::new();
         for (name, pool) in raw {
             let at = format!("pools.{name}");
             self.name(&at, name);
-            if let Some(compiled) = self.pool(&at, pool) {
+            if let Some(compiled) = self.pool(&at, name, pool) {
                 pools.insert(name.clone(), compiled);
             }
         }
         pools
     }
 
-    fn pool(&mut self, at: &str, raw: &RawPool) -> Option<PoolSettings> {
-        if raw.command.trim().is_empty() {
-            self.error(format!("{at}.command"), "must not be empty");
-        }
+    /// Builds the pool's [`PoolSpec`]: this checks what only a config has (regexes, signal
+    /// names, environment names, durations as written, Python's buffering); the library's
+    /// own rules (`min_idle` not above `max`, no zero timeout…) and defaults are
+    /// [`PoolSpec::try_new`]'s and [`PoolSettings::new`]'s, reported at `{at}.{field}`.
+    fn pool(&mut self, at: &str, name: &str, raw: &RawPool) -> Option<PoolConfig> {
         self.child_env(at, &raw.env, &raw.pass_env, "agents start");
-        let max = self.nonzero(&format!("{at}.max"), raw.max);
-        let min_idle = raw.min_idle.unwrap_or(0);
-        if min_idle > raw.max {
-            self.error(
-                format!("{at}.min_idle"),
-                format!(
-                    "{min_idle} is above max {}: the pool could never keep that many idle",
-                    raw.max
-                ),
-            );
-        }
-        let startup_timeout = self.positive_duration(
-            &format!("{at}.startup_timeout"),
-            &raw.startup_timeout,
-            DEFAULT_STARTUP_TIMEOUT,
-        );
         let ready_pattern = self.regex(&format!("{at}.ready_pattern"), &raw.ready_pattern);
         let assigned_pattern = raw
             .assigned_pattern
@@ -1046,58 +1030,61 @@ impl Compiler<'_> {
                 ),
             );
         }
-        let assign_timeout = self.positive_duration(
-            &format!("{at}.assign_timeout"),
-            &raw.assign_timeout,
-            DEFAULT_ASSIGN_TIMEOUT,
-        );
-        let claim_timeout = self.positive_duration(
-            &format!("{at}.claim_timeout"),
-            &raw.claim_timeout,
-            DEFAULT_CLAIM_TIMEOUT,
-        );
-        let memory_limit_mb =
-            self.opt_nonzero(&format!("{at}.memory_limit_mb"), raw.memory_limit_mb);
-        let max_idle_age = self.opt_duration(&format!("{at}.max_idle_age"), &raw.max_idle_age);
-        let stop_signal = match raw.stop_signal.as_deref() {
-            None => StopSignal::Term,
-            Some(text) => match StopSignal::ALL.into_iter().find(|s| s.as_str() == text) {
-                Some(signal) => signal,
+        // A bad `ready_pattern` (reported) stands in as one that matches nothing, so that the
+        // spec still reports every other problem in this pass.
+        let ready = (ready_pattern.clone()).unwrap_or_else(|| Regex::new("[^\\s\\S]").unwrap());
+        let mut s = PoolSettings::new(name, &raw.command, ready);
+        s.args = raw.args.clone();
+        // Names `child_env` reported are left out: the config is refused anyway, and the
+        // spec would report them a second time.
+        s.env = (raw.env.iter())
+            .filter(|(key, _)| is_env_name(key) && !actors::child::RESERVED.contains(&key.as_str()))
+            .map(|(key, value)| (key.clone(), value.clone()))
+            .collect();
+        s.cwd = raw.cwd.clone();
+        s.max = raw.max as usize;
+        s.min_idle = raw.min_idle.map_or(s.min_idle, |n| n as usize);
+        s.assigned_pattern = assigned_pattern.flatten();
+        s.memory_limit_mb = raw.memory_limit_mb.map(u64::from);
+        s.max_idle_age = self.opt_duration(&format!("{at}.max_idle_age"), &raw.max_idle_age);
+        s.reusable = raw.reusable.unwrap_or(s.reusable);
+        s.startretries = raw.startretries.unwrap_or(s.startretries);
+        for (key, raw_value, value) in [
+            (
+                "startup_timeout",
+                &raw.startup_timeout,
+                &mut s.startup_timeout,
+            ),
+            ("assign_timeout", &raw.assign_timeout, &mut s.assign_timeout),
+            ("claim_timeout", &raw.claim_timeout, &mut s.claim_timeout),
+            ("stop_timeout", &raw.stop_timeout, &mut s.stop_timeout),
+        ] {
+            *value = self.duration(&format!("{at}.{key}"), raw_value, *value);
+        }
+        if let Some(text) = raw.stop_signal.as_deref() {
+            match STOP_SIGNALS.into_iter().find(|s| s.as_str() == text) {
+                Some(signal) => s.stop_signal = signal,
                 None => {
-                    let names: Vec<_> = StopSignal::ALL.iter().map(|s| s.as_str()).collect();
+                    let names: Vec<_> = STOP_SIGNALS.iter().map(|s| s.as_str()).collect();
                     self.error(
                         format!("{at}.stop_signal"),
                         format!("unknown signal \"{text}\": use one of {}", names.join(", ")),
                     );
-                    StopSignal::Term
                 }
-            },
-        };
-        let stop_timeout = self.duration(
-            &format!("{at}.stop_timeout"),
-            &raw.stop_timeout,
-            DEFAULT_STOP_TIMEOUT,
-        );
-        Some(PoolSettings {
-            command: raw.command.clone(),
-            args: raw.args.clone(),
-            env: raw.env.clone(),
-            pass_env: raw.pass_env.clone(),
-            cwd: raw.cwd.clone(),
-            min_idle,
-            max,
-            startup_timeout,
-            ready_pattern: ready_pattern?,
-            assigned_pattern: assigned_pattern.flatten(),
-            assign_timeout,
-            claim_timeout,
-            memory_limit_mb,
-            max_idle_age,
-            reusable: raw.reusable.unwrap_or(false),
-            stop_signal,
-            stop_timeout,
-            startretries: raw.startretries.unwrap_or(DEFAULT_STARTRETRIES),
-        })
+            }
+        }
+        match PoolSpec::try_new(s) {
+            Ok(spec) => ready_pattern.map(|_| PoolConfig {
+                spec,
+                pass_env: raw.pass_env.clone(),
+            }),
+            Err(errors) => {
+                for err in errors {
+                    self.error(format!("{at}.{}", err.field), err.reason);
+                }
+                None
+            }
+        }
     }
 
     fn tasks(
@@ -1201,7 +1188,8 @@ impl Compiler<'_> {
             &raw.backoff_max,
             DEFAULT_RETRY_BACKOFF_MAX,
         );
-        let backoff = self.backoff(at, base, max, raw.jitter.unwrap_or(DEFAULT_JITTER));
+        let jitter = raw.jitter.unwrap_or(Backoff::default().jitter());
+        let backoff = self.backoff(at, base, max, jitter);
 
         let uses_at = format!("{at}.uses");
         self.no_duplicates(&uses_at, &raw.uses);
@@ -1436,12 +1424,17 @@ impl Compiler<'_> {
         })
     }
 
-    fn schedules(&mut self, raw: &RawConfig) -> IndexMap<String, ScheduleSettings> {
+    /// The schedules, each with the queue of its task (from `tasks`, compiled).
+    fn schedules(
+        &mut self,
+        raw: &RawConfig,
+        tasks: &IndexMap<String, TaskSettings>,
+    ) -> IndexMap<String, Schedule> {
         let mut schedules = IndexMap::new();
         for (name, schedule) in &raw.schedules {
             let at = format!("schedules.{name}");
             self.name(&at, name);
-            if let Some(compiled) = self.schedule(&at, schedule, &raw.tasks) {
+            if let Some(compiled) = self.schedule(&at, name, schedule, &raw.tasks, tasks) {
                 schedules.insert(name.clone(), compiled);
             }
         }
@@ -1451,9 +1444,11 @@ impl Compiler<'_> {
     fn schedule(
         &mut self,
         at: &str,
+        name: &str,
         raw: &RawSchedule,
         tasks: &IndexMap<String, RawTask>,
-    ) -> Option<ScheduleSettings> {
+        compiled: &IndexMap<String, TaskSettings>,
+    ) -> Option<Schedule> {
         if !tasks.contains_key(&raw.task) {
             self.undefined(format!("{at}.task"), "task", &raw.task, tasks, "");
         }
@@ -1472,6 +1467,7 @@ impl Compiler<'_> {
                     Ok(cron) => Trigger::Cron {
                         expression: expression.clone(),
                         cron: Box::new(cron),
+                        timezone: chrono_tz::UTC,
                     },
                     Err(err) => {
                         self.error(
@@ -1512,13 +1508,26 @@ impl Compiler<'_> {
                 }
             },
         };
+        let trigger = match trigger {
+            Trigger::Cron {
+                expression, cron, ..
+            } => Trigger::Cron {
+                expression,
+                cron,
+                timezone,
+            },
+            every => every,
+        };
         let jitter = self.opt_duration(&format!("{at}.jitter"), &raw.jitter);
-        Some(ScheduleSettings {
+        Some(Schedule {
+            name: name.to_string(),
             task: raw.task.clone(),
+            queue: (compiled.get(&raw.task))
+                .map(|task| task.queue.clone())
+                .unwrap_or_default(),
             args: raw.args.clone(),
             kwargs: raw.kwargs.clone(),
             trigger,
-            timezone,
             jitter,
             missed: raw.missed.unwrap_or_default(),
         })

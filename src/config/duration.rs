@@ -60,16 +60,8 @@ pub(crate) fn parse(text: &str) -> Result<Duration, String> {
     })
 }
 
-/// Formats a duration the way the config writes it: `120s`, `500ms` (`1.5s` for the rest).
-pub(crate) fn display(duration: Duration) -> String {
-    if duration.subsec_nanos() == 0 {
-        format!("{}s", duration.as_secs())
-    } else if duration.subsec_nanos() % 1_000_000 == 0 {
-        format!("{}ms", duration.as_millis())
-    } else {
-        format!("{}s", duration.as_secs_f64())
-    }
-}
+/// A duration as the config spells it (`600s`, `250ms`), in messages.
+pub(crate) use actors::shown::duration as display;
 
 #[cfg(test)]
 mod tests {

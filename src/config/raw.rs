@@ -474,7 +474,7 @@ pub(crate) struct RawSchedule {
     pub(crate) jitter: Option<RawDuration>,
     /// What happens to runs missed while no node was leader: `skip` them or `run_once`.
     /// Default `skip`.
-    pub(crate) missed: Option<super::Missed>,
+    pub(crate) missed: Option<actors::scheduler::Missed>,
 }
 
 /// `[celery]`

@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use actors::supervisor::Strategy;
 
-use super::{Config, Environment, Handler, Loaded, ResourceSettings, Trigger, compile_str};
+use super::{Config, Environment, Handler, Loaded, ResourceSettings, compile_str};
+use actors::scheduler::{Missed, Trigger};
 
 /// Compiles `text` with exactly `vars` in the environment.
 fn compile_env(text: &str, vars: &[(&str, &str)]) -> Result<Loaded, Vec<String>> {
@@ -55,11 +56,14 @@ fn an_empty_file_compiles_to_the_documented_defaults() {
     assert_eq!(config.runtime.time_limit, Duration::from_secs(300));
     assert_eq!(config.runtime.soft_time_limit, None);
     assert_eq!(config.broker.url, "memory://");
-    assert_eq!(config.broker.prefix, "rt");
+    assert_eq!(config.broker.settings.prefix, "rt");
     assert_eq!(config.broker.lease, Duration::from_secs(30));
-    assert_eq!(config.broker.max_deliveries.get(), 5);
-    assert_eq!(config.broker.result_ttl, Duration::from_secs(86_400));
-    assert_eq!(config.broker.max_entry_bytes, 1024 * 1024);
+    assert_eq!(config.broker.settings.max_deliveries, 5);
+    assert_eq!(
+        config.broker.settings.result_ttl,
+        Duration::from_secs(86_400)
+    );
+    assert_eq!(config.broker.settings.max_entry_bytes, 1024 * 1024);
     assert_eq!(config.http.bind.to_string(), "127.0.0.1:7070");
     assert_eq!(config.http.admin_token, None);
     assert_eq!(config.supervision.strategy, Strategy::OneForOne);
@@ -468,7 +472,7 @@ fn handler_kinds_compile() {
     assert!(matches!(config.tasks["n"].handler, Handler::Native));
     assert!(matches!(&config.tasks["p"].handler, Handler::Pool { pool } if pool == "voice"));
     assert_eq!(config.tasks["n"].retry.max_retries, 3);
-    assert!(config.pools["voice"].reusable);
+    assert!(config.pools["voice"].spec.settings().reusable);
 }
 
 #[test]
@@ -704,11 +708,12 @@ fn schedules_need_exactly_one_valid_trigger() {
         "{base}cron = \"0 2 * * *\"\ntimezone = \"Europe/Istanbul\"\nmissed = \"run_once\"\n"
     ));
     let schedule = &config.schedules["s"];
-    assert!(
-        matches!(&schedule.trigger, Trigger::Cron { expression, .. } if expression == "0 2 * * *")
-    );
-    assert_eq!(schedule.timezone, chrono_tz::Europe::Istanbul);
-    assert_eq!(schedule.missed, super::Missed::RunOnce);
+    assert!(matches!(
+        &schedule.trigger,
+        Trigger::Cron { expression, timezone, .. }
+            if expression == "0 2 * * *" && *timezone == chrono_tz::Europe::Istanbul
+    ));
+    assert_eq!(schedule.missed, Missed::RunOnce);
 }
 
 #[test]
@@ -742,10 +747,7 @@ fn a_missing_secret_is_a_warning_a_set_one_is_resolved_and_no_environment_skips_
     let ResourceSettings::OpenAi(openai) = &loaded.config.resources["openai"] else {
         panic!("expected openai");
     };
-    assert_eq!(
-        openai.api_key.as_ref().map(|key| key.expose()),
-        Some("sk-test")
-    );
+    assert_eq!(openai.api_key.as_deref(), Some("sk-test"));
     assert!(
         !format!("{:?}", loaded.config).contains("sk-test"),
         "Debug leaks the key"
@@ -806,12 +808,13 @@ fn a_non_loopback_bind_needs_an_admin_token() {
 #[test]
 fn max_entry_bytes_is_an_integer_within_bounds_named_when_wrong() {
     let (config, warnings) = ok("[broker]\nmax_entry_bytes = 4194304\n");
-    assert_eq!(config.broker.max_entry_bytes, 4 * 1024 * 1024);
+    assert_eq!(config.broker.settings.max_entry_bytes, 4 * 1024 * 1024);
     assert!(warnings.is_empty(), "{warnings:?}");
     assert_eq!(
         ok("[broker]\nmax_entry_bytes = 1024\n")
             .0
             .broker
+            .settings
             .max_entry_bytes,
         1024
     );

@@ -66,6 +66,21 @@ pub fn repo(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
 }
 
+/// The address a `runtime` child wrote to `path` (its `RT_ADDRESS_FILE`, written once it
+/// serves HTTP), waiting up to `limit`; `None` when it exited or the time ran out first.
+pub fn wait_address(child: &mut Child, path: &Path, limit: Duration) -> Option<String> {
+    let end = Instant::now() + limit;
+    loop {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            return Some(text.trim().to_string());
+        }
+        if child.try_wait().ok().flatten().is_some() || Instant::now() > end {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// A scratch directory removed on drop.
 pub struct Scratch(PathBuf);
 
@@ -116,10 +131,12 @@ impl Node {
     pub fn start_with_args(config: &str, args: &[&str], envs: &[(&str, &str)]) -> Node {
         let scratch = Scratch::new();
         let path = scratch.write("actors.toml", config);
+        let address = scratch.path().join("address");
         let mut cmd = Command::new(binary());
         cmd.arg("--config")
             .arg(&path)
             .args(args)
+            .env("RT_ADDRESS_FILE", &address)
             .env("RUST_LOG", "info")
             .env_remove("RT_BROKER_URL")
             .env_remove("RT_HTTP_BIND")
@@ -141,26 +158,20 @@ impl Node {
             }
         });
         let log = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
         let stderr = child.stderr.take().expect("stderr");
         let sink = Arc::clone(&log);
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(at) = line.find("http listening on ") {
-                    let url: String = line[at + "http listening on ".len()..]
-                        .chars()
-                        .take_while(|c| c.is_ascii_alphanumeric() || ":/.[]".contains(*c))
-                        .collect();
-                    let _ = tx.send(url);
-                }
                 sink.lock().unwrap().push(line);
             }
         });
-        let url = match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(url) => url,
-            Err(_) => {
+        let url = match wait_address(&mut child, &address, Duration::from_secs(30)) {
+            Some(addr) => format!("http://{addr}"),
+            None => {
                 let _ = child.kill();
                 let _ = child.wait();
+                // Let the reader thread take the last lines.
+                std::thread::sleep(Duration::from_millis(50));
                 panic!(
                     "node did not start; log:\n{}",
                     log.lock().unwrap().join("\n")

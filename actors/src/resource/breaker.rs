@@ -46,6 +46,7 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::broker::{Event, EventSink, rfc3339};
+use crate::shown;
 
 /// Calls kept for the failure rate shown in snapshots when no rate rule is configured.
 const DISPLAY_WINDOW: u32 = 20;
@@ -63,22 +64,38 @@ pub struct FailureRate {
 }
 
 /// The raw breaker parameters, as read from the config; [`BreakerPolicy::try_new`] checks them.
+/// The [`Default`] is a `breaker` table with nothing written.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct BreakerSettings {
-    /// Consecutive failures that open the breaker (at least 1).
+    /// Consecutive failures that open the breaker (at least 1; default 5).
     pub failure_threshold: u32,
-    /// The optional failure-rate rule.
+    /// The optional failure-rate rule (default none).
     pub failure_rate: Option<FailureRate>,
-    /// How long the first opening lasts (> 0); each consecutive re-opening doubles it.
+    /// How long the first opening lasts (> 0; default 30 s); each consecutive re-opening
+    /// doubles it.
     pub open_for: Duration,
-    /// The cap of the growing open time (≥ `open_for`).
+    /// The cap of the growing open time (≥ `open_for`; default 300 s).
     pub open_for_max: Duration,
-    /// Calls admitted while half-open; all must succeed to close (at least 1).
+    /// Calls admitted while half-open; all must succeed to close (at least 1; default 1).
     pub probes: u32,
-    /// How long a probe may take before it counts as a failure (> 0).
+    /// How long a probe may take before it counts as a failure (> 0; default 2 s).
     pub probe_timeout: Duration,
-    /// A success slower than this counts as a failure (> 0 when set).
+    /// A success slower than this counts as a failure (> 0 when set; default none).
     pub slow_call: Option<Duration>,
+}
+
+impl Default for BreakerSettings {
+    fn default() -> Self {
+        Self {
+            failure_threshold: 5,
+            failure_rate: None,
+            open_for: Duration::from_secs(30),
+            open_for_max: Duration::from_secs(300),
+            probes: 1,
+            probe_timeout: Duration::from_secs(2),
+            slow_call: None,
+        }
+    }
 }
 
 /// A breaker parameter that cannot be used; `field` is the config key below the breaker's
@@ -92,13 +109,6 @@ pub struct InvalidBreaker {
     pub reason: String,
 }
 
-fn invalid(field: &'static str, reason: impl Into<String>) -> InvalidBreaker {
-    InvalidBreaker {
-        field,
-        reason: reason.into(),
-    }
-}
-
 /// Validated breaker parameters: an invalid policy cannot be built.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct BreakerPolicy {
@@ -106,53 +116,60 @@ pub struct BreakerPolicy {
 }
 
 impl BreakerPolicy {
-    /// Checks `settings`; the first problem found is returned, naming its field.
-    pub fn try_new(settings: BreakerSettings) -> Result<Self, InvalidBreaker> {
-        if settings.failure_threshold == 0 {
-            return Err(invalid("failure_threshold", "must be at least 1"));
+    /// Checks `settings`, returning every problem at once, each naming its field.
+    pub fn try_new(settings: BreakerSettings) -> Result<Self, Vec<InvalidBreaker>> {
+        let mut errors = Vec::new();
+        let mut invalid = |field, reason: String| errors.push(InvalidBreaker { field, reason });
+        let s = &settings;
+        if s.failure_threshold == 0 {
+            invalid("failure_threshold", "must be at least 1, got 0".into());
         }
-        if settings.open_for.is_zero() {
-            return Err(invalid("open_for", "must be longer than zero"));
+        if s.open_for.is_zero() {
+            invalid("open_for", "must be longer than zero".into());
         }
-        if settings.open_for_max < settings.open_for {
-            return Err(invalid(
+        if s.open_for_max < s.open_for {
+            invalid(
                 "open_for_max",
                 format!(
-                    "({:?}) must not be below open_for ({:?})",
-                    settings.open_for_max, settings.open_for
+                    "{} is below open_for {}",
+                    shown::duration(s.open_for_max),
+                    shown::duration(s.open_for)
                 ),
-            ));
+            );
         }
-        if settings.probes == 0 {
-            return Err(invalid("probes", "must be at least 1"));
+        if s.probes == 0 {
+            invalid("probes", "must be at least 1, got 0".into());
         }
-        if settings.probe_timeout.is_zero() {
-            return Err(invalid("probe_timeout", "must be longer than zero"));
+        if s.probe_timeout.is_zero() {
+            invalid("probe_timeout", "must be longer than zero".into());
         }
-        if settings.slow_call.is_some_and(|slow| slow.is_zero()) {
-            return Err(invalid("slow_call", "must be longer than zero when set"));
+        if s.slow_call.is_some_and(|slow| slow.is_zero()) {
+            invalid("slow_call", "must be longer than zero when set".into());
         }
-        if let Some(rule) = settings.failure_rate {
+        if let Some(rule) = s.failure_rate {
             if !(rule.rate > 0.0 && rule.rate <= 1.0) {
-                return Err(invalid(
+                invalid(
                     "failure_rate.rate",
                     format!("must be in (0, 1], got {}", rule.rate),
-                ));
+                );
             }
             if rule.window == 0 {
-                return Err(invalid("failure_rate.window", "must be at least 1"));
-            }
-            if rule.min_calls == 0 || rule.min_calls > rule.window {
-                return Err(invalid(
+                invalid("failure_rate.window", "must be at least 1, got 0".into());
+            } else if rule.min_calls == 0 || rule.min_calls > rule.window {
+                invalid(
                     "failure_rate.min_calls",
                     format!(
                         "must be between 1 and the window ({}), got {}",
                         rule.window, rule.min_calls
                     ),
-                ));
+                );
             }
         }
-        Ok(Self { settings })
+        if errors.is_empty() {
+            Ok(Self { settings })
+        } else {
+            Err(errors)
+        }
     }
 
     /// The checked parameters.

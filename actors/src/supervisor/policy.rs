@@ -169,6 +169,21 @@ impl Backoff {
         Ok(Self { base, max, jitter })
     }
 
+    /// The first delay.
+    pub fn base(&self) -> Duration {
+        self.base
+    }
+
+    /// The cap of the delay.
+    pub fn max(&self) -> Duration {
+        self.max
+    }
+
+    /// The largest fraction cut from a delay at random.
+    pub fn jitter(&self) -> f64 {
+        self.jitter
+    }
+
     /// The delay before the restart that follows `consecutive` earlier restarts, with jitter.
     pub fn delay(&self, consecutive: u32) -> Duration {
         let full = self.ceiling(consecutive);

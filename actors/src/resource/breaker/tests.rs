@@ -130,7 +130,9 @@ fn invalid_policies_cannot_be_built_and_name_their_field() {
         ),
     ];
     for (field, bad) in cases {
-        let err = BreakerPolicy::try_new(bad).unwrap_err();
+        let errors = BreakerPolicy::try_new(bad).unwrap_err();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        let err = &errors[0];
         assert_eq!(err.field, field, "{err}");
         assert!(err.to_string().starts_with(field), "{err}");
     }

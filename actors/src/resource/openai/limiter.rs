@@ -55,7 +55,7 @@ impl Limit {
     /// `per_minute` with `burst` cells allowed at once; `1 ≤ burst ≤ per_minute`.
     pub fn try_new(per_minute: u32, burst: u32) -> Result<Self, OpenAiError> {
         let per_minute = NonZeroU32::new(per_minute)
-            .ok_or_else(|| OpenAiError::Invalid("a per-minute limit must be at least 1".into()))?;
+            .ok_or_else(|| OpenAiError::Invalid("must be at least 1, got 0".into()))?;
         let burst = NonZeroU32::new(burst)
             .filter(|b| *b <= per_minute)
             .ok_or_else(|| {
