@@ -4,7 +4,7 @@
 //! `nodes`, `pools`, `chaos`.
 //!
 //! Every command's help ends with `Examples:`, lines that start with `runtime` and that the
-//! parser accepts (tests/help.rs runs `--help` of each command and parses its examples).
+//! parser accepts (tests/it/help.rs runs `--help` of each command and parses its examples).
 
 use std::path::PathBuf;
 

@@ -1,4 +1,4 @@
-"""The Python side of tests/celery.rs: a Celery 5 app whose tasks the runtime runs (queue
+"""The Python side of tests/it/celery.rs: a Celery 5 app whose tasks the runtime runs (queue
 `celery`, taken over) or a real Celery worker runs (`tasks.mul`, queue `py`).
 
 Usage: python app.py SCENARIO  (CELERY_BROKER = the private redis URL). Prints one JSON line.

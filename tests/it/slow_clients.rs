@@ -2,8 +2,6 @@
 //! bodies trickled a byte at a time, more connections than `http.max_connections`, malformed
 //! heads and bodies — while the normal routes and a live `/events` stream keep working.
 
-mod common;
-
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -11,7 +9,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use common::Node;
+use crate::common::Node;
 
 /// A node with short limits, so the tests run in seconds.
 fn config(max_connections: u32, header_timeout: &str) -> String {

@@ -23,12 +23,10 @@
 //! `RT_CHROMIUM`); where there is none they print why and pass, except under CI (`CI` set),
 //! where a missing Chromium fails them — `.ci/run` installs Debian's `chromium`.
 //!
-//! `screenshot_of_the_page_under_load` (ignored; run it with `cargo test --test page --
+//! `screenshot_of_the_page_under_load` (ignored; run it with `cargo test --test it page:: --
 //! --ignored`) rewrites `docs/dashboard-overview.png`, `docs/dashboard-task.png` and
 //! `docs/dashboard-dead-letters.png`: a node with a few hundred tasks flowing through five
 //! queues, a pool of fake voice agents and a Zep resource whose breaker is open.
-
-mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -42,7 +40,7 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use common::{Node, Scratch};
+use crate::common::{Node, Scratch};
 
 /// Generous on a loaded two-core machine; a passing run takes a few seconds.
 const WAIT: Duration = Duration::from_secs(20);

@@ -2,12 +2,12 @@
 //! through the chaos route (it comes back with the same agents), a claim over HTTP, a task
 //! with a `pool` handler, and a clean stop that leaves no agent behind.
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::Node;
+use crate::common::Node;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 

@@ -2,14 +2,12 @@
 //! a task's lifecycle in order, `?types=` filters, resuming with `Last-Event-ID`, supervision
 //! events from a chaos kill, and a reader that stops when its client goes away.
 
-mod common;
-
 use std::time::Duration;
 
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
-use common::Node;
+use crate::common::Node;
 
 const CONFIG: &str = r#"
 [http]

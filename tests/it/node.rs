@@ -1,13 +1,13 @@
 //! End-to-end: the `runtime` binary on a real port — tree introspection, chaos kills and
 //! restarts, escalation past the restart intensity, signals.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-use common::Node;
+use crate::common::Node;
 
 const CHAOS: &str = r#"
 [runtime]

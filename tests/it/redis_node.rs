@@ -1,12 +1,12 @@
 //! End to end through the binary on a private redis-server: mixed tasks across three queues
 //! each complete or dead-letter exactly as configured; Redis dies and comes back mid-run.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
+use crate::common::Node;
 use actors::test_util::RedisServer;
-use common::Node;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 

@@ -7,14 +7,12 @@
 //! Without the venv: the tests fail under CI (`CI` set) and are skipped with a message
 //! otherwise.
 
-mod common;
-
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use crate::common::Node;
 use actors::test_util::RedisServer;
-use common::Node;
 use serde_json::Value;
 use tokio::time::Instant;
 

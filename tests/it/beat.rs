@@ -3,14 +3,14 @@
 //! the nodes; a killed node's tasks come back within one lease; a node that stops cleanly hands
 //! back what it reserved so nothing waits for a lease; `GET /nodes` and `runtime nodes`.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::Duration;
 
+use crate::common::Node;
 use actors::test_util::RedisServer;
-use common::Node;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 

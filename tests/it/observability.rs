@@ -3,18 +3,18 @@
 //! retries are counted by error class, and the Grafana dashboard and the Prometheus alert
 //! rules in `deploy/` use only metrics and labels a node serves (so they cannot drift from it).
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::common::scrape::Scrape;
+use crate::common::{Node, repo};
 use actors::test_util::RedisServer;
 use axum::Router;
 use axum::http::StatusCode;
 use axum::routing::post;
-use common::scrape::Scrape;
-use common::{Node, repo};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 use yaml_rust2::YamlLoader;

@@ -7,15 +7,15 @@
 //! its tasks, `/health` and the image's health check. (No container is built: the machines
 //! that run this have the docker CLI but no engine.)
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
+use crate::common::{Node, Scratch, repo};
 use actors::test_util::RedisServer;
-use common::{Node, Scratch, repo};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 use yaml_rust2::{Yaml, YamlLoader};

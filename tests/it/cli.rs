@@ -1,10 +1,10 @@
 //! The commands that talk to a running node: enqueue, dlq, purge (through the binary).
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 
-use common::Node;
+use crate::common::Node;
 
 const CONFIG: &str = r#"
 [http]

@@ -6,21 +6,19 @@
 //! percent-encoded, or split across the chunks of a streamed answer, which reaches the caller
 //! chunk by chunk — against fake upstreams on 127.0.0.1 that record what they got.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::common::{Node, Scratch, binary, raw_http};
 use actors::resource::target_url;
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
-use common::{Node, Scratch, binary, raw_http};
 use flate2::Compression;
 use flate2::write::{DeflateEncoder, GzEncoder, ZlibEncoder};
 use rand::rngs::StdRng;

@@ -11,7 +11,7 @@
 //! (`RT_HTTP_BIND=127.0.0.1:0`, the address read from the file `RT_ADDRESS_FILE` names) which the
 //! commands reach through `RT_URL`, instead of 127.0.0.1:7070, which may be taken here.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};

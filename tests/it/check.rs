@@ -355,7 +355,7 @@ fn every_fixture_file_has_a_case() {
             .unwrap_or_default();
         assert!(
             CASES.iter().any(|case| case.fixture == stem),
-            "{} has no case in tests/check.rs",
+            "{} has no case in tests/it/check.rs",
             path.display()
         );
     }

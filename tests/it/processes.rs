@@ -4,13 +4,11 @@
 //! finish no side effect — also when the watchdog that kills them was killed too, in which case
 //! the next node to start on the machine kills what was left.
 
-mod common;
-
 use std::path::Path;
 use std::time::Duration;
 
+use crate::common::{Node, Scratch};
 use actors::test_util::RedisServer;
-use common::{Node, Scratch};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 

@@ -2,13 +2,11 @@
 //! workload — the counters match the workload exactly and the histograms' counts match the
 //! attempts; no task id reaches a label.
 
-mod common;
-
 use std::time::Duration;
 
+use crate::common::Node;
+use crate::common::scrape::Scrape;
 use actors::test_util::RedisServer;
-use common::Node;
-use common::scrape::Scrape;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 

@@ -22,7 +22,7 @@
 //! node unreachable; a pool agent; running `exec` tasks killed one by one with `--kind task`
 //! and by their path, then retried, with no process left behind).
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, HashMap};
 use std::process::Command;
@@ -30,8 +30,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
+use crate::common::{Node, Scratch};
 use actors::test_util::RedisServer;
-use common::{Node, Scratch};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use runtime::client::chaos::{Actor, flatten};

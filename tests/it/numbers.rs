@@ -12,15 +12,15 @@
 //!   and requests at a node, with good tasks between them. `RT_FUZZ_CASES` sets how many cases
 //!   each runs (a short profile by default, e.g. `RT_FUZZ_CASES=100000` for a long run).
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, SystemTime};
 
+use crate::common::Node;
 use actors::resource::Resources;
 use actors::test_util::{RedisServer, fuzz_cases};
 use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
-use common::Node;
 use http_body_util::BodyExt;
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;

@@ -9,17 +9,17 @@
 //! - [`mutated_configs_compile_or_name_a_key_path_and_never_panic`]: a few hundred seeded
 //!   mutations of `config/actors.toml` and `config/examples/*.toml` through the compiler.
 
-mod common;
+use crate::common;
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::common::{Node, raw_http};
 use actors::resource::Resources;
 use actors::test_util::RedisServer;
 use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
-use common::{Node, raw_http};
 use http_body_util::BodyExt;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

@@ -5,16 +5,14 @@
 //! once, it costs one probe per period — until a probe is accepted; and chat goes on without
 //! memory while Zep is down or misconfigured (`degrades`), its writes replayed later.
 
-mod common;
-
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::common::Node;
 use axum::Router;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::any;
-use common::Node;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
