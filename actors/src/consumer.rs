@@ -56,9 +56,7 @@ use crate::broker::{Broker, Delivery, Revocation};
 use crate::gate::{Admission, ResourceGate};
 use crate::handler::{ErrorClass, TaskDef, TaskError};
 use crate::metrics::ConsumerSeries;
-use crate::task::{
-    DONE, Deferral, End, Held, Settler, TaskActor, TaskArgs, limits, task_span,
-};
+use crate::task::{DONE, Deferral, End, Held, Settler, TaskActor, TaskArgs, limits, task_span};
 pub use crate::task::{Outcomes, Work};
 use crate::tree::TreeHandle;
 

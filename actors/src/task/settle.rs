@@ -101,7 +101,9 @@ pub struct Work {
 impl Work {
     /// The origin owning `envelope`, if any.
     pub(crate) fn origin_of(&self, envelope: &Envelope) -> Option<&dyn Origin> {
-        self.origin.as_deref().filter(|origin| origin.owns(envelope))
+        self.origin
+            .as_deref()
+            .filter(|origin| origin.owns(envelope))
     }
 }
 
