@@ -1195,11 +1195,7 @@ async fn tasks_are_found_by_id_name_queue_state_and_trace_over_the_recent_events
         "scheduled",
         "its eta is ahead"
     );
-    assert_eq!(
-        by_id(&all, "notice-1")["recorded"],
-        true,
-        "recorded at its enqueue"
-    );
+    assert_eq!(by_id(&all, "notice-1")["recorded"], true, "recorded at its enqueue");
 
     // Each filter, and several at once.
     for (query, expected) in [

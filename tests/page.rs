@@ -723,9 +723,7 @@ async fn a_delayed_task_is_revoked_and_a_running_one_terminated_from_its_detail(
     );
 
     // The delayed task: revoked after a confirmation and the token, it never runs.
-    browser
-        .open(&format!("{}/#/task/{delayed}", node.url))
-        .await;
+    browser.open(&format!("{}/#/task/{delayed}", node.url)).await;
     browser
         .wait_for(
             "the delayed task's detail",
@@ -778,19 +776,14 @@ async fn a_delayed_task_is_revoked_and_a_running_one_terminated_from_its_detail(
     assert!(!kinds.contains(&"started"), "{timeline}");
 
     // The running task: "Terminate…" cancels it where it runs (the token is held now).
-    browser
-        .open(&format!("{}/#/task/{sleeping}", node.url))
-        .await;
+    browser.open(&format!("{}/#/task/{sleeping}", node.url)).await;
     browser
         .wait_for(
             "the running task's detail",
             "document.getElementById('task-state').textContent === 'running'",
         )
         .await;
-    assert_eq!(
-        browser.text("[data-action=revoke-task]").await,
-        "Terminate…"
-    );
+    assert_eq!(browser.text("[data-action=revoke-task]").await, "Terminate…");
     browser.click("[data-action=revoke-task]").await;
     browser
         .wait_for(
