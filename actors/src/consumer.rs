@@ -788,14 +788,23 @@ async fn fetch(
         if stop.is_cancelled() {
             return;
         }
-        let mut free = vec![first];
-        while let Ok(more) = Arc::clone(&slots).try_acquire_owned() {
-            free.push(more);
+        // Every free slot, in one permit: split per delivery below, the rest freed at once.
+        let mut free = first;
+        let more = slots.available_permits();
+        if more > 0
+            && let Ok(more) = Arc::clone(&slots).try_acquire_many_owned(more as u32)
+        {
+            free.merge(more);
         }
         let got = args
             .work
             .broker
-            .reserve(&args.queue, &args.work.consumer, free.len(), args.poll)
+            .reserve(
+                &args.queue,
+                &args.work.consumer,
+                free.num_permits(),
+                args.poll,
+            )
             .await;
         match got {
             Ok(deliveries) => {
@@ -805,7 +814,10 @@ async fn fetch(
                     args.node.set_degraded(None);
                 }
                 // The slots left unfilled are freed as `free` drops.
-                let fetched: Vec<_> = deliveries.into_iter().zip(free).collect();
+                let fetched: Vec<_> = deliveries
+                    .into_iter()
+                    .map_while(|delivery| Some((delivery, free.split(1)?)))
+                    .collect();
                 if !fetched.is_empty() && consumer.cast(ConsumerMessage::Fetched(fetched)).is_err()
                 {
                     return;
