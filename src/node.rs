@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actors::broker::{AnyBroker, Broker, BrokerMessage, EventSink, NodeState, NodeStatus};
-use actors::celery::Celery;
+use actors::celery::{Celery, CeleryOrigin};
 use actors::consumer::{ConsumerMessage, Outcomes, Work};
 use actors::handler::native::Natives;
 use actors::history::{self, History, Source};
@@ -271,10 +271,11 @@ impl Node {
                 leases: Arc::default(),
                 tasks,
                 consumer: name,
-                celery,
+                origin: Some(Arc::new(CeleryOrigin::new(celery.clone()))),
                 metrics: Arc::clone(&metrics),
                 terminate_grace: config.runtime.terminate_grace,
             }),
+            celery,
         };
         info!(node = %shared.work.consumer, broker = %url, "broker ready");
         let tree = Tree::with_metrics(Arc::clone(&metrics));

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actors::broker::{AnyBroker, BrokerActor, BrokerArgs, NodeStatus, Presence};
-use actors::celery::CelerySettings;
+use actors::celery::{Celery, CelerySettings};
 use actors::celery::bridge::{BridgeActor, BridgeArgs, BridgeCounters};
 use actors::consumer::{ConsumerActor, ConsumerArgs, Outcomes, Work};
 use actors::gate::ResourceGate;
@@ -71,6 +71,8 @@ pub struct Shared {
     /// Each queue's outcome counters on this node (by queue name): kept across restarts of
     /// its consumer, sampled by the node's history.
     pub outcomes: BTreeMap<String, Arc<Outcomes>>,
+    /// The Celery bridge, when `[celery]` takes over kombu queues.
+    pub celery: Option<Arc<Celery>>,
 }
 
 impl Shared {
@@ -473,7 +475,7 @@ pub fn root_spec(
         children.push(ChildSpec::supervisor("pools", policy(pools)));
     }
     children.push(ChildSpec::supervisor("queues", policy(consumers)));
-    if let Some(celery) = &shared.work.celery {
+    if let Some(celery) = &shared.celery {
         let bridges: Vec<ChildSpec> = celery
             .settings()
             .queues

@@ -53,16 +53,18 @@
 pub mod bridge;
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use base64::Engine;
 use redis::aio::ConnectionManager;
 use serde_json::{Map, Value, json};
 
-use crate::broker::{Broker, BrokerError, Envelope, parse_time, rfc3339};
+use crate::broker::{AnyBroker, Broker, BrokerError, Envelope, parse_time, rfc3339};
 use crate::caps::{self, MAX_TIME_LIMIT, Unit};
-use crate::consumer::Work;
 use crate::handler::TaskError;
+use crate::task::settle::BoxFuture;
+use crate::task::{Origin, Settled};
 
 /// The envelope field holding the raw kombu message until [`expand`] decodes it.
 pub const RAW_FIELD: &str = "celery_raw";
@@ -121,22 +123,6 @@ impl std::fmt::Debug for Celery {
             .field("queues", &self.settings.queues)
             .finish_non_exhaustive()
     }
-}
-
-/// How a Celery-origin task ended this attempt.
-#[derive(Debug)]
-pub enum Settled<'a> {
-    /// Succeeded with this value.
-    Succeeded(&'a Value),
-    /// Failed; another attempt is scheduled.
-    Retrying(&'a TaskError),
-    /// Failed for good (`error` is the handler's error, when it ran).
-    Failed {
-        /// The handler's error.
-        error: Option<&'a TaskError>,
-        /// Why it is dead.
-        reason: &'a str,
-    },
 }
 
 async fn manager(url: &str) -> Result<ConnectionManager, BrokerError> {
@@ -256,10 +242,13 @@ impl Celery {
     /// task, whose result is then written again).
     pub async fn settled(
         &self,
-        work: &Work,
+        broker: &AnyBroker,
         envelope: &Envelope,
         settled: Settled<'_>,
     ) -> Result<(), BrokerError> {
+        if let Settled::Rejected(reason) = settled {
+            return self.rejected(&envelope.id, reason).await;
+        }
         let Some(origin) = envelope.extra.get(ORIGIN_FIELD) else {
             return Ok(());
         };
@@ -272,12 +261,12 @@ impl Celery {
                         .await?;
                 }
                 for callback in list("callbacks") {
-                    self.send_signature(work, envelope, &callback, Some(value), None)
+                    self.send_signature(broker, envelope, &callback, Some(value), None)
                         .await?;
                 }
                 let mut chain = list("chain");
                 if let Some(next) = chain.pop() {
-                    self.send_signature(work, envelope, &next, Some(value), Some(chain))
+                    self.send_signature(broker, envelope, &next, Some(value), Some(chain))
                         .await?;
                 }
             }
@@ -288,6 +277,7 @@ impl Celery {
                         .await?;
                 }
             }
+            Settled::Rejected(_) => {}
             Settled::Failed { error, reason } => {
                 // A revoked task is Celery's REVOKED (`.get()` raises TaskRevokedError).
                 let status = match error {
@@ -298,7 +288,7 @@ impl Celery {
                     .await?;
                 let id = Value::String(envelope.id.clone());
                 for errback in list("errbacks") {
-                    self.send_signature(work, envelope, &errback, Some(&id), None)
+                    self.send_signature(broker, envelope, &errback, Some(&id), None)
                         .await?;
                 }
             }
@@ -317,7 +307,7 @@ impl Celery {
     /// when its task is mapped, else to Celery workers.
     async fn send_signature(
         &self,
-        work: &Work,
+        broker: &AnyBroker,
         parent: &Envelope,
         signature: &Value,
         first: Option<&Value>,
@@ -364,7 +354,7 @@ impl Celery {
                 envelope
                     .extra
                     .insert(ORIGIN_FIELD.into(), Value::Object(origin));
-                match work.broker.enqueue(vec![envelope]).await {
+                match broker.enqueue(vec![envelope]).await {
                     Ok(_) => {}
                     // It can never be enqueued (a large result as its first argument): its
                     // result says so, rather than the parent being recorded again and again.
@@ -444,6 +434,60 @@ impl Celery {
     /// The runtime task a Celery task name maps to, if any.
     pub fn runtime_task(&self, celery: &str) -> Option<&str> {
         self.runtime_of.get(celery).map(String::as_str)
+    }
+}
+
+/// The bridge as the consumer sees it ([`Origin`]): envelopes carrying `celery_raw` or
+/// `celery` are its own. Installed on every node, with or without `[celery]`: a node without
+/// the bridge still decodes the raw messages another node moved (it writes no results then).
+#[derive(Debug, Default)]
+pub struct CeleryOrigin {
+    celery: Option<Arc<Celery>>,
+}
+
+impl CeleryOrigin {
+    /// The origin writing results through `celery`, when the bridge is configured.
+    pub fn new(celery: Option<Arc<Celery>>) -> Self {
+        Self { celery }
+    }
+}
+
+impl Origin for CeleryOrigin {
+    fn owns(&self, envelope: &Envelope) -> bool {
+        envelope.extra.contains_key(ORIGIN_FIELD) || envelope.extra.contains_key(RAW_FIELD)
+    }
+
+    fn decode(&self, envelope: &Envelope) -> Result<Option<Envelope>, String> {
+        if !envelope.extra.contains_key(RAW_FIELD) {
+            return Ok(None);
+        }
+        let mut expanded = envelope.clone();
+        expand(&mut expanded)?;
+        Ok(Some(expanded))
+    }
+
+    fn started(&self, envelope: &Envelope) -> Option<BoxFuture<'static, ()>> {
+        let celery = self.celery.clone()?;
+        let envelope = envelope.clone();
+        Some(Box::pin(async move {
+            if let Err(err) = celery.started(&envelope).await {
+                tracing::debug!(error = %err, "celery STARTED state not written");
+            }
+        }))
+    }
+
+    fn settled<'a>(
+        &'a self,
+        broker: &'a AnyBroker,
+        envelope: &'a Envelope,
+        settled: Settled<'a>,
+    ) -> BoxFuture<'a, Result<(), BrokerError>> {
+        Box::pin(async move {
+            match &self.celery {
+                Some(celery) => celery.settled(broker, envelope, settled).await,
+                None => Ok(()),
+            }
+        })
     }
 }
 

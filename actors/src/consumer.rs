@@ -7,7 +7,7 @@
 //!   `entry too large`; unknown task → dead letter `no such task`; an `eta`, `expires` or time
 //!   limit that is not usable — not a time, past its cap, a zero or contradictory limit — →
 //!   dead letter naming the field; past its `expires` → dead letter; before its `eta` (an
-//!   entry written to the stream directly, a Celery message) → deferred to it; a closed
+//!   entry written to the stream directly, a bridged message) → deferred to it; a closed
 //!   [`ResourceGate`] → deferred without spending an attempt), holds its
 //!   lease in [`Leases`], and starts a [`TaskActor`] per task, up to `concurrency` at once;
 //!   the rest wait in arrival order.
@@ -39,7 +39,6 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use ractor::rpc::CallResult;
@@ -47,19 +46,18 @@ use ractor::{
     Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent,
 };
 use serde_json::json;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, warn};
 
-use crate::broker::{AnyBroker, Broker, Delivery, Leases, Revocation};
-use crate::celery::{self, Celery};
+use crate::broker::{Broker, Delivery, Revocation};
 use crate::gate::{Admission, ResourceGate};
-use crate::handler::{ErrorClass, TaskDef, TaskDefs, TaskError};
-use crate::history::{Timings, Totals};
-use crate::metrics::{ConsumerSeries, DeadReason, Metrics, SeriesId};
-use crate::task::{DONE, Recorded, TaskActor, TaskArgs, limits, record, task_span};
+use crate::handler::{ErrorClass, TaskDef, TaskError};
+use crate::metrics::ConsumerSeries;
+use crate::task::{DONE, Deferral, End, Held, Settler, TaskActor, TaskArgs, limits, task_span};
+pub use crate::task::{Outcomes, Work};
 use crate::tree::TreeHandle;
 
 /// How often the snapshot is refreshed.
@@ -69,81 +67,10 @@ const FETCH_RETRY: Duration = Duration::from_millis(500);
 /// Time a draining consumer gives the fetcher's last reserve beyond `poll`.
 const FETCH_STOP_MARGIN: Duration = Duration::from_secs(4);
 
-/// What a consumer shares with its task actors.
-#[derive(Debug)]
-pub struct Work {
-    /// The broker.
-    pub broker: Arc<AnyBroker>,
-    /// This node's leases.
-    pub leases: Arc<Leases>,
-    /// Every task definition (callbacks route by them).
-    pub tasks: Arc<TaskDefs>,
-    /// This node's consumer name.
-    pub consumer: String,
-    /// The Celery bridge, when `[celery]` is configured: Celery-origin tasks write their
-    /// results in Celery's format and send Celery callbacks through it.
-    pub celery: Option<Arc<Celery>>,
-    /// The node's metrics (task lifecycle, in-flight gauges).
-    pub metrics: Arc<Metrics>,
-    /// How long a task revoked with terminate has, after its soft signal, before its attempt
-    /// is stopped (`runtime.terminate_grace`).
-    pub terminate_grace: Duration,
-}
-
-/// Outcomes recorded for one queue on this node since it started: made by the node, shared by
-/// every incarnation of the queue's consumer and its task actors. Beside the counts, the wait
-/// of first attempts and the run time of attempts ([`Timings`]), which the node's
-/// [`History`](crate::history::History) samples.
-#[derive(Debug, Default)]
-pub struct Outcomes {
-    succeeded: AtomicU64,
-    retried: AtomicU64,
-    dead: AtomicU64,
-    waits: Timings,
-    runs: Timings,
-}
-
-impl Outcomes {
-    pub(crate) fn count(&self, recorded: Recorded) {
-        let counter = match recorded {
-            Recorded::Succeeded => &self.succeeded,
-            Recorded::Retried => &self.retried,
-            Recorded::Dead => &self.dead,
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// A first attempt started after waiting `wait`.
-    pub(crate) fn waited(&self, wait: Duration) {
-        self.waits.observe(wait);
-    }
-
-    /// An attempt ran for `took`.
-    pub(crate) fn ran(&self, took: Duration) {
-        self.runs.observe(took);
-    }
-
-    /// The running totals, for the node's history.
-    pub fn totals(&self) -> Totals {
-        Totals {
-            succeeded: self.succeeded.load(Ordering::Relaxed),
-            retried: self.retried.load(Ordering::Relaxed),
-            dead: self.dead.load(Ordering::Relaxed),
-            waits: self.waits.totals(),
-            runs: self.runs.totals(),
-        }
-    }
-
-    /// `{"succeeded", "retried", "dead"}`: attempts that succeeded, attempts that failed and
-    /// were retried, tasks dead-lettered (after running, or unrunnable: unknown, expired).
-    pub fn snapshot(&self) -> serde_json::Value {
-        json!({
-            "succeeded": self.succeeded.load(Ordering::Relaxed),
-            "retried": self.retried.load(Ordering::Relaxed),
-            "dead": self.dead.load(Ordering::Relaxed),
-        })
-    }
-}
+/// A concurrency slot: one of the consumer's `concurrency + prefetch`, held by a delivery
+/// from its reserve until it is settled (or handed back); dropping it frees the slot. `None`
+/// for an adopted delivery beyond the slots.
+type Slot = Option<OwnedSemaphorePermit>;
 
 /// Spawn arguments.
 #[derive(Debug, Clone)]
@@ -171,8 +98,8 @@ pub struct ConsumerArgs {
 /// Messages.
 #[derive(Debug)]
 pub enum ConsumerMessage {
-    /// Entries reserved by the fetcher.
-    Fetched(Vec<Delivery>),
+    /// Entries reserved by the fetcher, each with the slot it was reserved into.
+    Fetched(Vec<(Delivery, OwnedSemaphorePermit)>),
     /// Stop fetching (node shutdown); running and waiting tasks go on.
     Drain,
     /// Refresh the snapshot.
@@ -249,9 +176,9 @@ pub async fn kill_task(
 pub struct ConsumerActor;
 
 struct Running {
-    delivery: Arc<Delivery>,
+    held: Held,
     def: Arc<TaskDef>,
-    series: Option<SeriesId>,
+    slot: Slot,
     started: Instant,
     cell: ActorCell,
     /// Fires the task actor's termination (a revocation with terminate).
@@ -260,9 +187,9 @@ struct Running {
 
 /// An admitted delivery waiting for a free slot.
 struct Waiting {
-    delivery: Arc<Delivery>,
+    held: Held,
     def: Arc<TaskDef>,
-    series: Option<SeriesId>,
+    slot: Slot,
 }
 
 #[derive(Debug, Default, serde::Serialize)]
@@ -278,6 +205,8 @@ struct Counters {
 pub struct ConsumerState {
     args: ConsumerArgs,
     slots: Arc<Semaphore>,
+    /// Finishes this queue's deliveries (shared with its task actors).
+    settler: Arc<Settler>,
     fetcher: Option<JoinHandle<()>>,
     /// Forwards the broker's revocations to the actor.
     revocations: Option<JoinHandle<()>>,
@@ -327,9 +256,14 @@ impl Actor for ConsumerActor {
             gauges.concurrency(args.concurrency);
             gauges.in_flight(0);
         }
+        let settler = Arc::new(Settler {
+            work: Arc::clone(&args.work),
+            outcomes: Arc::clone(&args.outcomes),
+        });
         let mut state = ConsumerState {
             gauges,
             slots,
+            settler,
             fetcher: None,
             revocations: None,
             stop_fetching: CancellationToken::new(),
@@ -349,13 +283,11 @@ impl Actor for ConsumerActor {
             info!(queue = %state.args.queue, count = orphans.len(), "adopting the deliveries of the previous incarnation");
         }
         for delivery in orphans {
-            match state.slots.clone().try_acquire_owned() {
-                Ok(permit) => permit.forget(),
-                Err(_) => {
-                    warn!(queue = %state.args.queue, "more orphans than slots; running them anyway")
-                }
+            let slot = state.slots.clone().try_acquire_owned().ok();
+            if slot.is_none() {
+                warn!(queue = %state.args.queue, "more orphans than slots; running them anyway");
             }
-            state.admit(delivery).await;
+            state.admit(delivery, slot).await;
         }
         state.fill(&myself).await;
         state.revocations = Some(tokio::spawn(forward_revocations(
@@ -381,8 +313,8 @@ impl Actor for ConsumerActor {
     ) -> Result<(), ActorProcessingErr> {
         match message {
             ConsumerMessage::Fetched(deliveries) => {
-                for delivery in deliveries {
-                    state.admit(Arc::new(delivery)).await;
+                for (delivery, slot) in deliveries {
+                    state.admit(Arc::new(delivery), Some(slot)).await;
                 }
                 state.fill(&myself).await;
                 if state.draining {
@@ -446,36 +378,38 @@ impl Actor for ConsumerActor {
             return Ok(());
         };
         state.counters.finished += 1;
-        state.slots.add_permits(1);
         if let Some(gauges) = &state.gauges {
             gauges.in_flight(state.running.len());
         }
         if let Some(why) = crash {
             state.counters.crashed += 1;
             let work = &state.args.work;
-            // Recorded already if its lease is gone (it was killed after recording).
-            if work.leases.release(
-                &running.delivery.queue,
-                &work.consumer,
-                &running.delivery.entry,
-            ) {
-                let span = task_span(&running.delivery.envelope);
+            let delivery = &running.held.delivery;
+            // Settled already if its lease is gone (it was killed after settling).
+            if work
+                .leases
+                .release(&delivery.queue, &work.consumer, &delivery.entry)
+            {
+                let span = task_span(&delivery.envelope);
                 span.in_scope(|| warn!(%why, "task actor crashed; recording a retry"));
-                work.leases.hold(&work.consumer, &running.delivery);
-                let ran = running.started.elapsed();
-                let args = TaskArgs {
-                    delivery: running.delivery,
-                    def: running.def,
-                    work: Arc::clone(work),
-                    outcomes: Arc::clone(&state.args.outcomes),
-                    series: running.series,
-                    revoked: running.revoked,
-                };
+                work.leases.hold(&work.consumer, delivery);
+                let ran = Some(running.started.elapsed());
+                let settler = Arc::clone(&state.settler);
+                // Its slot stays taken until the retry is recorded.
+                let Running {
+                    held, def, slot, ..
+                } = running;
                 tokio::spawn(
                     async move {
                         let error =
                             TaskError::retry_as(ErrorClass::Crashed, format!("task actor {why}"));
-                        record(&args, Err(error), Some(ran)).await;
+                        let end = End::Attempt {
+                            def,
+                            outcome: Err(error),
+                            ran,
+                        };
+                        settler.settle(&held, end).await;
+                        drop(slot);
                     }
                     .instrument(span),
                 );
@@ -503,7 +437,7 @@ impl Actor for ConsumerActor {
         for running in state.running.values() {
             let left = deadline.saturating_duration_since(Instant::now());
             if running.cell.wait(Some(left)).await.is_err() {
-                task_span(&running.delivery.envelope).in_scope(|| {
+                task_span(&running.held.delivery.envelope).in_scope(|| {
                     warn!("still running at the drain deadline; killed (its entry comes back through lease recovery)");
                 });
                 running.cell.kill();
@@ -520,52 +454,61 @@ impl ConsumerState {
         let running = self
             .running
             .values()
-            .find(|r| r.delivery.envelope.id == id)?;
-        let envelope = &running.delivery.envelope;
+            .find(|r| r.held.delivery.envelope.id == id)?;
+        let envelope = &running.held.delivery.envelope;
         task_span(envelope).in_scope(|| warn!("killing the task actor on request"));
         running.cell.kill();
         Some(KilledTask {
             id: envelope.id.clone(),
             task: envelope.task.clone(),
-            queue: running.delivery.queue.clone(),
+            queue: running.held.delivery.queue.clone(),
             attempt: envelope.attempt,
         })
     }
 
-    /// Checks a delivery and queues it to run, or settles it at once.
-    async fn admit(&mut self, delivery: Arc<Delivery>) {
+    /// Checks a delivery and queues it to run with its `slot`, or settles it at once (the
+    /// slot is then freed).
+    async fn admit(&mut self, delivery: Arc<Delivery>, slot: Slot) {
         let work = Arc::clone(&self.args.work);
         // An entry over the size cap (another producer wrote it; `enqueue` refuses them) is
-        // not run, nor decoded further. A Celery message gets its FAILURE result here: it is
-        // not expanded, so `settle` does not know its origin yet.
+        // not run, nor decoded further.
         if let Some(reason) = work.broker.settings().too_large(delivery.size) {
-            if delivery.envelope.extra.contains_key(celery::RAW_FIELD) {
-                self.reject_celery(&delivery.envelope.id, &reason).await;
-            }
             let series = work.metrics.task(&delivery.envelope.task, &delivery.queue);
-            self.settle(&delivery, series, reason).await;
+            self.end(&Held { delivery, series }, End::Rejected(reason))
+                .await;
             return;
         }
-        // A message the Celery bridge moved is decoded first (one map lookup otherwise).
-        let delivery = if delivery.envelope.extra.contains_key(celery::RAW_FIELD) {
-            match self.expand_celery(delivery).await {
-                Some(delivery) => delivery,
-                None => return,
+        // An entry its origin wrote in its own format is decoded first; its times are then
+        // checked like any entry's.
+        let decoded = match work.origin_of(&delivery.envelope) {
+            Some(origin) => origin.decode(&delivery.envelope),
+            None => Ok(None),
+        };
+        let delivery = match decoded {
+            Ok(None) => delivery,
+            Ok(Some(envelope)) => Arc::new(Delivery {
+                envelope,
+                ..(*delivery).clone()
+            }),
+            Err(reason) => {
+                let series = work.metrics.task(&delivery.envelope.task, &delivery.queue);
+                self.end(&Held { delivery, series }, End::Rejected(reason))
+                    .await;
+                return;
             }
-        } else {
-            delivery
         };
         let envelope = &delivery.envelope;
         let series = work.metrics.task(&envelope.task, &delivery.queue);
         let Some(def) = work.tasks.get(&envelope.task).cloned() else {
             let reason = format!("no such task `{}`", envelope.task);
-            self.settle(&delivery, series, reason).await;
+            self.end(&Held { delivery, series }, End::Rejected(reason))
+                .await;
             return;
         };
         // Revoked (before or since it was enqueued): dead-lettered as `revoked`, unrun.
         if work.broker.is_revoked(&envelope.id) {
-            self.counters.rejected += 1;
-            self.unrun(delivery, def, series, TaskError::Revoked).await;
+            self.unrun(Held { delivery, series }, def, TaskError::Revoked)
+                .await;
             return;
         }
         // Its times and limits are checked before anything else happens to it: one out of
@@ -578,46 +521,36 @@ impl ConsumerState {
         let (expires, due) = match checked {
             Ok(checked) => checked,
             Err(err) => {
-                self.settle(&delivery, series, err.to_string()).await;
+                self.end(&Held { delivery, series }, End::Rejected(err.to_string()))
+                    .await;
                 return;
             }
         };
         if expires.is_some_and(|at| at <= now) {
             let expires = envelope.expires.as_deref().unwrap_or_default();
             let reason = format!("expired at {expires} before it ran");
-            self.settle(&delivery, series, reason).await;
+            self.end(&Held { delivery, series }, End::Rejected(reason))
+                .await;
             return;
         }
-        // An entry written to the stream (a Celery message, another producer) before its eta:
+        // An entry written to the stream (a bridged message, another producer) before its eta:
         // deferred to it, not run.
         if let Some(at) = due.filter(|at| *at > now) {
-            self.counters.deferred += 1;
-            if let Err(err) = work.broker.defer(&delivery, at, "eta").await {
-                task_span(envelope).in_scope(|| {
-                    warn!(error = %err, "deferral to the eta failed; the entry comes back through lease recovery");
-                });
-            }
-            self.slots.add_permits(1);
+            let end = End::Deferred {
+                at,
+                cause: Deferral::Eta,
+            };
+            self.end(&Held { delivery, series }, end).await;
             return;
         }
         let refused = match self.args.gate.admit(&def.uses) {
             Admission::Open => None,
             Admission::ClosedUntil { resource, until } => {
-                self.counters.deferred += 1;
-                let reason = format!("resource {resource} closed");
-                match work.broker.defer(&delivery, until, &reason).await {
-                    Ok(()) => {
-                        if let Some(series) = work.metrics.of(series) {
-                            series.deferred();
-                        }
-                    }
-                    Err(err) => {
-                        task_span(envelope).in_scope(|| {
-                            warn!(error = %err, "deferral failed; the entry comes back through lease recovery");
-                        });
-                    }
-                }
-                self.slots.add_permits(1);
+                let end = End::Deferred {
+                    at: until,
+                    cause: Deferral::Closed(resource),
+                };
+                self.end(&Held { delivery, series }, end).await;
                 return;
             }
             Admission::Misconfigured { resource, reason } => {
@@ -628,41 +561,40 @@ impl ConsumerState {
             }
         };
         if let Some(reason) = refused {
-            self.counters.rejected += 1;
-            self.unrun(delivery, def, series, TaskError::Permanent(reason))
+            self.unrun(Held { delivery, series }, def, TaskError::Permanent(reason))
                 .await;
             return;
         }
         work.leases.hold(&work.consumer, &delivery);
         self.waiting.push_back(Waiting {
-            delivery,
+            held: Held { delivery, series },
             def,
-            series,
+            slot,
         });
     }
 
-    /// Ends a delivery that will not run with `error` (permanent, revoked) through the normal
-    /// outcome path — dead letter, record, `link_error` callbacks — and frees its slot.
-    async fn unrun(
-        &mut self,
-        delivery: Arc<Delivery>,
-        def: Arc<TaskDef>,
-        series: Option<SeriesId>,
-        error: TaskError,
-    ) {
-        let work = Arc::clone(&self.args.work);
-        work.leases.hold(&work.consumer, &delivery);
-        let span = task_span(&delivery.envelope);
-        let args = TaskArgs {
-            delivery,
+    /// Settles a delivery that does not start here (rejected, deferred, or ended unrun), in
+    /// its task's span.
+    async fn end(&mut self, held: &Held, end: End) {
+        match end {
+            End::Deferred { .. } => self.counters.deferred += 1,
+            End::Rejected(_) | End::Attempt { .. } => self.counters.rejected += 1,
+        }
+        let span = task_span(&held.delivery.envelope);
+        self.settler.settle(held, end).instrument(span).await;
+    }
+
+    /// Ends a delivery that will not run with `error` (permanent, revoked) as an attempt that
+    /// never started — dead letter, record, `link_error` callbacks.
+    async fn unrun(&mut self, held: Held, def: Arc<TaskDef>, error: TaskError) {
+        let work = &self.args.work;
+        work.leases.hold(&work.consumer, &held.delivery);
+        let end = End::Attempt {
             def,
-            work,
-            outcomes: Arc::clone(&self.args.outcomes),
-            series,
-            revoked: CancellationToken::new(),
+            outcome: Err(error),
+            ran: None,
         };
-        record(&args, Err(error), None).instrument(span).await;
-        self.slots.add_permits(1);
+        self.end(&held, end).await;
     }
 
     /// Acts on a revocation: a task waiting here is dead-lettered as revoked; a running one is
@@ -671,30 +603,24 @@ impl ConsumerState {
         if let Some(at) = self
             .waiting
             .iter()
-            .position(|w| w.delivery.envelope.id == revocation.id)
+            .position(|w| w.held.delivery.envelope.id == revocation.id)
             && let Some(waiting) = self.waiting.remove(at)
         {
-            task_span(&waiting.delivery.envelope)
+            task_span(&waiting.held.delivery.envelope)
                 .in_scope(|| info!("revoked while waiting to start: dead-lettered"));
-            self.counters.rejected += 1;
-            // Its lease is held already (admitted): `record` releases it.
-            self.unrun(
-                waiting.delivery,
-                waiting.def,
-                waiting.series,
-                TaskError::Revoked,
-            )
-            .await;
+            // Its slot is freed when `waiting` drops, once it is settled.
+            self.unrun(waiting.held, waiting.def, TaskError::Revoked)
+                .await;
             return;
         }
         let Some(running) = self
             .running
             .values()
-            .find(|r| r.delivery.envelope.id == revocation.id)
+            .find(|r| r.held.delivery.envelope.id == revocation.id)
         else {
             return;
         };
-        task_span(&running.delivery.envelope).in_scope(|| {
+        task_span(&running.held.delivery.envelope).in_scope(|| {
             if revocation.terminate {
                 running.revoked.cancel();
             } else {
@@ -714,7 +640,7 @@ impl ConsumerState {
         let entries: Vec<String> = self
             .waiting
             .iter()
-            .map(|w| w.delivery.entry.clone())
+            .map(|w| w.held.delivery.entry.clone())
             .collect();
         match work
             .broker
@@ -722,11 +648,12 @@ impl ConsumerState {
             .await
         {
             Ok(moved) => {
+                // Their slots are freed as they drop.
                 for w in self.waiting.drain(..) {
+                    let delivery = &w.held.delivery;
                     work.leases
-                        .release(&w.delivery.queue, &work.consumer, &w.delivery.entry);
+                        .release(&delivery.queue, &work.consumer, &delivery.entry);
                 }
-                self.slots.add_permits(entries.len());
                 info!(queue = %self.args.queue, handed_back = moved, "handed back the entries reserved here but not started");
             }
             Err(err) => {
@@ -734,53 +661,6 @@ impl ConsumerState {
                     "cannot hand back the waiting entries; they run here before the node stops");
             }
         }
-    }
-
-    /// Decodes a bridged Celery message ([`celery::expand`]): `None` when it was dead-lettered
-    /// here (undecodable, a chord, a number out of range; Celery's result says FAILURE). Its
-    /// `eta` is then honoured like any entry's.
-    async fn expand_celery(&mut self, delivery: Arc<Delivery>) -> Option<Arc<Delivery>> {
-        let mut expanded = (*delivery).clone();
-        if let Err(reason) = celery::expand(&mut expanded.envelope) {
-            self.reject_celery(&delivery.envelope.id, &reason).await;
-            let series = (self.args.work.metrics).task(&delivery.envelope.task, &delivery.queue);
-            self.settle(&delivery, series, reason).await;
-            return None;
-        }
-        Some(Arc::new(expanded))
-    }
-
-    /// Writes Celery's `FAILURE` result for a Celery message that will not run, so `.get()`
-    /// raises with `reason` instead of waiting.
-    async fn reject_celery(&self, id: &str, reason: &str) {
-        if let Some(celery) = &self.args.work.celery
-            && let Err(err) = celery.rejected(id, reason).await
-        {
-            warn!(error = %err, "celery FAILURE result not written");
-        }
-    }
-
-    /// Dead-letters a delivery that cannot run (a Celery-origin one also gets its `FAILURE`
-    /// result: unknown task, expired).
-    async fn settle(&mut self, delivery: &Delivery, series: Option<SeriesId>, reason: String) {
-        if delivery.envelope.extra.contains_key(celery::ORIGIN_FIELD) {
-            self.reject_celery(&delivery.envelope.id, &reason).await;
-        }
-        let span = task_span(&delivery.envelope);
-        span.in_scope(|| warn!(%reason, "dead-lettered without running"));
-        self.counters.rejected += 1;
-        match self.args.work.broker.dead_letter(delivery, &reason).await {
-            Ok(()) => {
-                self.args.outcomes.count(Recorded::Dead);
-                if let Some(series) = self.args.work.metrics.of(series) {
-                    series.dead_lettered(DeadReason::Rejected);
-                }
-            }
-            Err(err) => span.in_scope(|| {
-                warn!(error = %err, "dead-lettering failed; the entry comes back through lease recovery");
-            }),
-        }
-        self.slots.add_permits(1);
     }
 
     /// Starts waiting tasks while there is room.
@@ -792,26 +672,24 @@ impl ConsumerState {
             };
             let revoked = CancellationToken::new();
             let args = TaskArgs {
-                delivery: Arc::clone(&next.delivery),
+                held: next.held.clone(),
                 def: Arc::clone(&next.def),
-                work: Arc::clone(&self.args.work),
-                outcomes: Arc::clone(&self.args.outcomes),
-                series: next.series,
+                settler: Arc::clone(&self.settler),
                 revoked: revoked.clone(),
             };
             match TaskActor::spawn_linked(None, TaskActor, args, myself.get_cell()).await {
                 Ok((actor, _)) => {
                     self.counters.started += 1;
-                    if let Some(series) = self.args.work.metrics.of(next.series) {
+                    if let Some(series) = self.args.work.metrics.of(next.held.series) {
                         series.started();
                     }
                     let cell = actor.get_cell();
                     self.running.insert(
                         cell.get_id(),
                         Running {
-                            delivery: next.delivery,
+                            held: next.held,
                             def: next.def,
-                            series: next.series,
+                            slot: next.slot,
                             started: Instant::now(),
                             cell,
                             revoked,
@@ -820,7 +698,7 @@ impl ConsumerState {
                 }
                 Err(err) => {
                     // pre_start cannot fail today; keep the entry rather than lose it.
-                    task_span(&next.delivery.envelope).in_scope(|| {
+                    task_span(&next.held.delivery.envelope).in_scope(|| {
                         warn!(error = %err, "cannot start a task actor; retrying later");
                     });
                     self.waiting.push_front(next);
@@ -841,11 +719,12 @@ impl ConsumerState {
             .running
             .values()
             .map(|r| {
-                let (hard, _) = limits(&r.delivery.envelope, &r.def);
+                let envelope = &r.held.delivery.envelope;
+                let (hard, _) = limits(envelope, &r.def);
                 json!({
-                    "id": r.delivery.envelope.id,
+                    "id": envelope.id,
                     "task": r.def.name,
-                    "attempt": r.delivery.envelope.attempt,
+                    "attempt": envelope.attempt,
                     "elapsed_ms": now.duration_since(r.started).as_millis() as u64,
                     "deadline_in_ms": (r.started + hard).saturating_duration_since(now).as_millis() as u64,
                 })
@@ -889,7 +768,8 @@ async fn forward_revocations(
     }
 }
 
-/// Reserves entries into free slots and hands them to the consumer, until aborted.
+/// Reserves entries into free slots and hands them to the consumer, each with its slot,
+/// until aborted.
 async fn fetch(
     consumer: ActorRef<ConsumerMessage>,
     args: ConsumerArgs,
@@ -908,16 +788,23 @@ async fn fetch(
         if stop.is_cancelled() {
             return;
         }
-        first.forget();
-        let mut want = 1;
-        while let Ok(more) = Arc::clone(&slots).try_acquire_owned() {
-            more.forget();
-            want += 1;
+        // Every free slot, in one permit: split per delivery below, the rest freed at once.
+        let mut free = first;
+        let more = slots.available_permits();
+        if more > 0
+            && let Ok(more) = Arc::clone(&slots).try_acquire_many_owned(more as u32)
+        {
+            free.merge(more);
         }
         let got = args
             .work
             .broker
-            .reserve(&args.queue, &args.work.consumer, want, args.poll)
+            .reserve(
+                &args.queue,
+                &args.work.consumer,
+                free.num_permits(),
+                args.poll,
+            )
             .await;
         match got {
             Ok(deliveries) => {
@@ -926,15 +813,18 @@ async fn fetch(
                     failing = false;
                     args.node.set_degraded(None);
                 }
-                slots.add_permits(want - deliveries.len());
-                if !deliveries.is_empty()
-                    && consumer.cast(ConsumerMessage::Fetched(deliveries)).is_err()
+                // The slots left unfilled are freed as `free` drops.
+                let fetched: Vec<_> = deliveries
+                    .into_iter()
+                    .map_while(|delivery| Some((delivery, free.split(1)?)))
+                    .collect();
+                if !fetched.is_empty() && consumer.cast(ConsumerMessage::Fetched(fetched)).is_err()
                 {
                     return;
                 }
             }
             Err(err) => {
-                slots.add_permits(want);
+                drop(free);
                 if !failing {
                     warn!(queue = %args.queue, error = %err, "reserve failed; retrying");
                     failing = true;

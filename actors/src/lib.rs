@@ -11,10 +11,13 @@
 //! - [`caps`] — the caps on durations from outside (countdown, eta, time limits, an upstream's
 //!   `Retry-After`) and the one checked conversion every such number goes through.
 //! - [`celery`] — the Celery bridge: `BridgeActor` per kombu queue (atomic take-over), decoding
-//!   protocol v2, results in Celery's Redis-backend format, sends to Celery workers.
-//! - [`consumer`] — `ConsumerActor`: one queue's bulkhead (fetcher, admission, task actors).
-//! - [`task`] — `TaskActor`: one attempt under its limits; records its own outcome; the
-//!   `task_span` every task log line carries.
+//!   protocol v2, results in Celery's Redis-backend format, sends to Celery workers; plugs into
+//!   the consumer as `CeleryOrigin` (a [`task::Origin`]).
+//! - [`consumer`] — `ConsumerActor`: one queue's bulkhead (fetcher, admission, task actors);
+//!   each waiting or running delivery owns its concurrency slot (a semaphore permit).
+//! - [`task`] — `TaskActor`: one attempt under its limits; the `task_span` every task log line
+//!   carries; `task::settle`: the `Settler` that finishes every delivery (ack, retry, dead
+//!   letter, callbacks, lease, metrics) and the `Origin` hook a foreign producer plugs into.
 //! - [`gate`] — `ResourceGate`: deferral, degraded run or failure of tasks whose resources
 //!   cannot be called.
 //! - [`child`] — child processes (`exec` commands, pool agents): clean environment, own process

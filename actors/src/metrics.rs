@@ -14,7 +14,7 @@
 //!   [`Breaker::stats`](crate::resource::breaker::Breaker::stats)), whether a resource is
 //!   misconfigured (its [`AuthState`](crate::resource::auth::AuthState)), rate limiters
 //!   (callers waiting, wait times) and process pools (agents per state, startup failures, claim
-//!   latency, health — the [`Pool`]'s own membership and totals).
+//!   latency, health — the pool's own membership and totals).
 //!
 //! # Present from the start
 //!
@@ -50,26 +50,20 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::OnceLock;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{
-    DescriptorEncoder, EncodeLabelSet, EncodeMetric, prometheus_text,
-};
-use prometheus_client::metrics::MetricType;
-use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::encoding::{EncodeLabelSet, prometheus_text};
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::broker::{AnyBroker, Broker, Enqueued, Envelope, QueueDepth};
 use crate::handler::ErrorClass;
-use crate::pool::{Pool, PoolHealth};
-use crate::resource::Resources;
-use crate::resource::breaker::BreakerState;
 
 /// The label value of a task or queue name outside the configured set.
 pub const UNKNOWN: &str = "unknown";
@@ -537,19 +531,11 @@ impl Metrics {
         metrics
     }
 
-    /// Adds breakers and rate limiters of `resources`, read at every scrape.
-    pub fn watch_resources(&mut self, resources: Arc<Resources>) {
+    /// Adds state read at every scrape (pools and resources keep their own and describe it
+    /// in a [`Collector`]: `watch_pools`, `watch_resources`).
+    pub(crate) fn watch(&mut self, collector: Box<dyn Collector>) {
         if self.enabled {
-            self.registry
-                .register_collector(Box::new(ResourceCollector(resources)));
-        }
-    }
-
-    /// Adds the process pools, read at every scrape.
-    pub fn watch_pools(&mut self, pools: Vec<Pool>) {
-        if self.enabled && !pools.is_empty() {
-            self.registry
-                .register_collector(Box::new(PoolCollector(pools)));
+            self.registry.register_collector(collector);
         }
     }
 
@@ -735,164 +721,6 @@ impl Metrics {
                 .get_or_create(&labels)
                 .set(i64::try_from(n).unwrap_or(i64::MAX));
         }
-    }
-}
-
-/// Misconfiguration, breakers and rate limiters, read at scrape time.
-#[derive(Debug)]
-struct ResourceCollector(Arc<Resources>);
-
-impl Collector for ResourceCollector {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
-        let resources: Vec<_> = self
-            .0
-            .names()
-            .into_iter()
-            .filter_map(|name| Some((name, self.0.get(name)?)))
-            .collect();
-        let auths: Vec<_> = resources
-            .iter()
-            .filter_map(|(name, r)| Some((*name, r.auth()?.refused().is_some())))
-            .collect();
-        if !auths.is_empty() {
-            let mut m = encoder.encode_descriptor(
-                "rt_resource_misconfigured",
-                "1 while the resource refuses the node's credentials (it answered 401/403 and no \
-                 probe has been accepted since), else 0",
-                None,
-                MetricType::Gauge,
-            )?;
-            for (name, refused) in &auths {
-                ConstGauge::new(i64::from(*refused))
-                    .encode(m.encode_family(&[("resource", *name)])?)?;
-            }
-        }
-        let breakers: Vec<_> = resources
-            .iter()
-            .filter_map(|(name, r)| Some((*name, r.breaker()?.stats())))
-            .collect();
-        if !breakers.is_empty() {
-            let mut m = encoder.encode_descriptor(
-                "rt_breaker_state",
-                "1 for the breaker's current state (closed, open, half_open), 0 for the others",
-                None,
-                MetricType::Gauge,
-            )?;
-            for (name, stats) in &breakers {
-                for state in BreakerState::ALL {
-                    let labels = [("resource", *name), ("state", state.as_str())];
-                    ConstGauge::new(i64::from(stats.state == state))
-                        .encode(m.encode_family(&labels)?)?;
-                }
-            }
-            let mut m = encoder.encode_descriptor(
-                "rt_breaker_transitions",
-                "Breaker transitions, by the state entered",
-                None,
-                MetricType::Counter,
-            )?;
-            for (name, stats) in &breakers {
-                for (state, n) in stats.transitions {
-                    let labels = [("resource", *name), ("to", state.as_str())];
-                    ConstCounter::new(n).encode(m.encode_family(&labels)?)?;
-                }
-            }
-            let mut m = encoder.encode_descriptor(
-                "rt_breaker_rejected",
-                "Calls refused by the breaker (open, or half-open with every probe slot taken)",
-                None,
-                MetricType::Counter,
-            )?;
-            for (name, stats) in &breakers {
-                ConstCounter::new(stats.rejected)
-                    .encode(m.encode_family(&[("resource", *name)])?)?;
-            }
-        }
-        let limiters: Vec<_> = resources
-            .iter()
-            .filter_map(|(name, r)| Some((*name, r.limiter()?)))
-            .collect();
-        if !limiters.is_empty() {
-            let mut m = encoder.encode_descriptor(
-                "rt_limiter_waiting",
-                "Calls waiting for the resource's rate limiters or concurrency cap now",
-                None,
-                MetricType::Gauge,
-            )?;
-            for (name, limiter) in &limiters {
-                ConstGauge::new(i64::try_from(limiter.waiting).unwrap_or(i64::MAX))
-                    .encode(m.encode_family(&[("resource", *name)])?)?;
-            }
-            let mut m = encoder.encode_descriptor(
-                "rt_limiter_wait_seconds",
-                "Time calls waited for the rate limiters, the concurrency cap and server holds",
-                None,
-                MetricType::Histogram,
-            )?;
-            for (name, limiter) in &limiters {
-                limiter
-                    .waits
-                    .encode(m.encode_family(&[("resource", *name)])?)?;
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Process pools, read at scrape time.
-#[derive(Debug)]
-struct PoolCollector(Vec<Pool>);
-
-impl Collector for PoolCollector {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
-        let stats: Vec<_> = self.0.iter().map(|pool| (pool, pool.stats())).collect();
-        let mut m = encoder.encode_descriptor(
-            "rt_pool_agents",
-            "Live agents per pool and state (starting, idle, assigned, draining)",
-            None,
-            MetricType::Gauge,
-        )?;
-        for (pool, stats) in &stats {
-            for (state, n) in stats.agents {
-                let labels = [("pool", pool.name()), ("state", state.as_str())];
-                ConstGauge::new(i64::try_from(n).unwrap_or(i64::MAX))
-                    .encode(m.encode_family(&labels)?)?;
-            }
-        }
-        let mut m = encoder.encode_descriptor(
-            "rt_pool_health",
-            "1 for the pool's current health (ok, backoff, fatal), 0 for the others",
-            None,
-            MetricType::Gauge,
-        )?;
-        for (pool, stats) in &stats {
-            for health in PoolHealth::ALL {
-                let labels = [("pool", pool.name()), ("state", health.as_str())];
-                ConstGauge::new(i64::from(stats.health == health))
-                    .encode(m.encode_family(&labels)?)?;
-            }
-        }
-        let mut m = encoder.encode_descriptor(
-            "rt_pool_startup_failures",
-            "Agents that failed to start (spawn error, exit before ready, startup_timeout)",
-            None,
-            MetricType::Counter,
-        )?;
-        for (pool, stats) in &stats {
-            ConstCounter::new(stats.startup_failures)
-                .encode(m.encode_family(&[("pool", pool.name())])?)?;
-        }
-        let mut m = encoder.encode_descriptor(
-            "rt_pool_claim_seconds",
-            "Time from a claim to a confirmed assignment (successful claims)",
-            None,
-            MetricType::Histogram,
-        )?;
-        for (pool, _) in &stats {
-            pool.claim_latency()
-                .encode(m.encode_family(&[("pool", pool.name())])?)?;
-        }
-        Ok(())
     }
 }
 

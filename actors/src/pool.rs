@@ -62,6 +62,7 @@
 mod actor;
 mod agent;
 mod process;
+mod scrape;
 #[cfg(test)]
 mod tests;
 

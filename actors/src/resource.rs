@@ -18,6 +18,7 @@ pub mod breaker;
 pub mod decode;
 pub mod openai;
 pub mod redact;
+mod scrape;
 pub mod zep;
 
 use std::collections::HashMap;

@@ -11,10 +11,13 @@ use tokio::time::Instant;
 
 use super::*;
 use crate::broker::memory::MemoryBroker;
-use crate::broker::{BrokerActor, BrokerArgs, BrokerSettings, Envelope, Event, TaskState};
+use crate::broker::{
+    AnyBroker, BrokerActor, BrokerArgs, BrokerSettings, Envelope, Event, Leases, TaskState,
+};
 use crate::gate::{Admission, AlwaysOpen, Use};
 use crate::handler::native::Natives;
-use crate::handler::{Handler, RetryPolicy, TaskDef};
+use crate::handler::{Handler, RetryPolicy, TaskDef, TaskDefs};
+use crate::metrics::Metrics;
 use crate::supervisor::{
     Backoff, ChildSpec, Intensity, Restart, Strategy, SupervisorSpec, start_root,
 };
@@ -80,7 +83,7 @@ impl Rig {
             leases: Arc::clone(&leases),
             tasks: Arc::new(TaskDefs::new(defs)),
             consumer: "node-test".into(),
-            celery: None,
+            origin: None,
             metrics: Arc::clone(&metrics),
             terminate_grace: Duration::from_millis(300),
         });
