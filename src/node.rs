@@ -15,7 +15,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use actors::broker::{AnyBroker, Broker, BrokerMessage, EventSink, NodeState, NodeStatus};
+use actors::broker::{
+    Admin, AnyBroker, BrokerMessage, Coordination, EventSink, NodeState, NodeStatus,
+};
 use actors::celery::Celery;
 use actors::consumer::{ConsumerMessage, Outcomes, Work};
 use actors::handler::native::Natives;

@@ -59,7 +59,7 @@ use base64::Engine;
 use redis::aio::ConnectionManager;
 use serde_json::{Map, Value, json};
 
-use crate::broker::{Broker, BrokerError, Envelope, parse_time, rfc3339};
+use crate::broker::{BrokerError, Envelope, TaskQueue, parse_time, rfc3339};
 use crate::caps::{self, MAX_TIME_LIMIT, Unit};
 use crate::consumer::Work;
 use crate::handler::TaskError;

@@ -53,7 +53,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, warn};
 
-use crate::broker::{AnyBroker, Broker, Delivery, Leases, Revocation};
+use crate::broker::{AnyBroker, Delivery, Leases, Records, Revocation, TaskQueue};
 use crate::celery::{self, Celery};
 use crate::gate::{Admission, ResourceGate};
 use crate::handler::{ErrorClass, TaskDef, TaskDefs, TaskError};

@@ -65,7 +65,7 @@ use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::broker::{AnyBroker, Broker, Enqueued, Envelope, QueueDepth};
+use crate::broker::{Admin, AnyBroker, Enqueued, Envelope, QueueDepth};
 use crate::handler::ErrorClass;
 use crate::pool::{Pool, PoolHealth};
 use crate::resource::Resources;

@@ -48,7 +48,9 @@ use serde_json::{Map, Value, json};
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use crate::broker::{AnyBroker, Broker, BrokerError, Envelope, LastRun, epoch_ms, rfc3339};
+use crate::broker::{
+    AnyBroker, BrokerError, Coordination, Envelope, LastRun, TaskQueue, epoch_ms, rfc3339,
+};
 use crate::tree::TreeHandle;
 
 /// Due times a leader fires per schedule and round when it fell behind; the rest are skipped.

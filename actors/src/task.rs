@@ -29,7 +29,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, Span, debug, info, info_span, warn};
 
-use crate::broker::{Broker, Callback, Delivery, Envelope};
+use crate::broker::{Callback, Delivery, Envelope, TaskQueue};
 use crate::caps;
 use crate::celery::{ORIGIN_FIELD, Settled};
 use crate::consumer::{Outcomes, Work};

@@ -33,8 +33,8 @@
 use std::time::SystemTime;
 
 use actors::broker::{
-    Broker, BrokerError, Callback, Enqueued, Envelope, FieldError, Revoked, TaskState, check_id,
-    rfc3339,
+    BrokerError, Callback, Enqueued, Envelope, FieldError, Records, Revoked, TaskQueue, TaskState,
+    check_id, rfc3339,
 };
 use actors::caps::{self, MAX_DELAY, Unit};
 use axum::Json;

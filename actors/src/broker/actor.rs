@@ -31,7 +31,10 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use serde_json::json;
 use tracing::{info, warn};
 
-use super::{AnyBroker, Broker, BrokerError, Leases, NodeRecord, NodeState, QueueDepth, rfc3339};
+use super::{
+    Admin, AnyBroker, BrokerError, Coordination, Leases, NodeRecord, NodeState, QueueDepth,
+    TaskQueue, rfc3339,
+};
 use crate::metrics::Metrics;
 use crate::tree::TreeHandle;
 

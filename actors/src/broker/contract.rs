@@ -1328,8 +1328,8 @@ pub(crate) async fn last_runs_and_presence_records<B: Broker>(b: &B, _q: &str) {
 /// Instantiates every property as a `#[tokio::test]` for the broker `$make` builds (an async
 /// expression evaluated once per test).
 macro_rules! contract_suite {
-    ($make:expr) => {
-        contract_suite!(@each $make;
+    ($make:expr $(=> $field:ident)?) => {
+        contract_suite!(@each [$make $(=> $field)?];
             fifo_with_ids, prefetch_is_bounded, reserve_waits_for_an_entry,
             renewed_leases_are_never_recovered, expired_leases_come_back_to_another_consumer,
             poison_entries_are_dead_lettered, delays_fire_on_time,
@@ -1347,13 +1347,24 @@ macro_rules! contract_suite {
             events_page_forwards_and_backwards, handed_back_entries_are_ready_at_once,
             one_beat_leader_at_a_time, last_runs_and_presence_records);
     };
-    (@each $make:expr; $($name:ident),* $(,)?) => {
+    (@each [$make:expr]; $($name:ident),* $(,)?) => {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $name() {
                 let broker = $make.await;
                 let queue = format!("{}-{}", stringify!($name), uuid::Uuid::new_v4().simple());
                 $crate::broker::contract::$name(&broker, &queue).await;
+            }
+        )*
+    };
+    // `$make` holds the broker in `$field` (and keeps what it needs alive: a redis-server).
+    (@each [$make:expr => $field:ident]; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let made = $make.await;
+                let queue = format!("{}-{}", stringify!($name), uuid::Uuid::new_v4().simple());
+                $crate::broker::contract::$name(&made.$field, &queue).await;
             }
         )*
     };

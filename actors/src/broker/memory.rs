@@ -10,7 +10,7 @@
 //! task's outcome (acked, dead-lettered, poisoned); a purge drops the records of what it
 //! removed. A chosen id is taken while its record exists. Everything a call changes happens
 //! under one lock, so an outcome's record, ack and event are always written together; the
-//! start marker and `started` event ([`Broker::started`]) are written at once (no round trip
+//! start marker and `started` event ([`TaskQueue::started`]) are written at once (no round trip
 //! to save). Revocations are kept in [`Revocations`] for `result_ttl`.
 //!
 //! Everything lives in this process: when it ends, what the queues still hold is gone.
@@ -26,10 +26,10 @@ use tokio::time::Instant;
 
 use super::revocations::Revocations;
 use super::{
-    Broker, BrokerError, BrokerSettings, DeadLetter, Delivery, Enqueued, Envelope, Event, LastRun,
-    NodeRecord, Purged, QueueDepth, REVOKED, Recovered, Revocation, Revoked, SentDetail,
-    StoredRecord, TaskRecord, TaskState, check_id, due_ms, entry_arg, epoch_ms, malformed_letter,
-    rfc3339,
+    Admin, BrokerError, BrokerSettings, Coordination, DeadLetter, Delivery, Enqueued, Envelope,
+    Event, LastRun, NodeRecord, Purged, QueueDepth, REVOKED, Records, Recovered, Revocation,
+    Revoked, SentDetail, StoredRecord, TaskQueue, TaskRecord, TaskState, check_id, due_ms,
+    entry_arg, epoch_ms, malformed_letter, rfc3339,
 };
 
 /// The in-memory broker.
@@ -502,7 +502,7 @@ fn prepare(envelope: &mut Envelope, now: SystemTime) -> Result<Option<u64>, Brok
     Ok(due.filter(|due| *due > now).map(due_ms))
 }
 
-impl Broker for MemoryBroker {
+impl TaskQueue for MemoryBroker {
     async fn enqueue(&self, batch: Vec<Envelope>) -> Result<Vec<Enqueued>, BrokerError> {
         let prepared = prepare_batch(batch, SystemTime::now(), &self.settings)?;
         let mut out = Vec::with_capacity(prepared.len());
@@ -779,6 +779,220 @@ impl Broker for MemoryBroker {
         Ok(moved)
     }
 
+    fn started(&self, envelope: &Envelope, consumer: &str) {
+        // No round trip to save: written at once, so before any later outcome.
+        let at = rfc3339(SystemTime::now());
+        let mut state = self.lock();
+        let record = state.record_of(envelope);
+        record.started = Some(envelope.attempt);
+        record.lost = false;
+        record.started_at = Some(at.clone());
+        record.node = Some(consumer.to_string());
+        record.updated_at = at;
+        let detail = serde_json::json!({ "attempt": envelope.attempt, "consumer": consumer });
+        state.event(
+            Event::about("started", envelope, detail),
+            self.settings.events_maxlen,
+        );
+    }
+
+    async fn hand_back(
+        &self,
+        queue: &str,
+        consumer: &str,
+        entries: &[String],
+    ) -> Result<u64, BrokerError> {
+        let mut state = self.lock();
+        let q = state.queue(queue);
+        let mut back = Vec::new();
+        for id in entries {
+            if q.in_flight.get(id).is_some_and(|l| l.consumer == consumer)
+                && let Some(leased) = q.in_flight.remove(id)
+            {
+                back.push(leased.entry);
+            }
+        }
+        // First in line again, in their original order: they were next before being reserved.
+        back.sort_by_key(|e| entry_seq(&e.id));
+        let moved = back.len() as u64;
+        for entry in back.into_iter().rev() {
+            q.ready.push_front(entry);
+        }
+        drop(state);
+        if moved > 0 {
+            self.arrived.notify_waiters();
+        }
+        Ok(moved)
+    }
+}
+
+impl Records for MemoryBroker {
+    async fn publish(&self, event: Event) -> Result<(), BrokerError> {
+        self.lock().event(event, self.settings.events_maxlen);
+        Ok(())
+    }
+
+    async fn events(&self, after: Option<&str>, limit: usize) -> Result<Vec<Event>, BrokerError> {
+        let after = after.map_or(0, event_seq);
+        let state = self.lock();
+        // Ids grow with the position: a binary search finds the first one after `after`.
+        let from = state.events.partition_point(|e| event_seq(&e.id) <= after);
+        Ok(state.events.range(from..).take(limit).cloned().collect())
+    }
+
+    async fn events_before(
+        &self,
+        before: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Event>, BrokerError> {
+        let state = self.lock();
+        let end = match before {
+            Some(id) => {
+                let before = event_seq(id);
+                state.events.partition_point(|e| event_seq(&e.id) < before)
+            }
+            None => state.events.len(),
+        };
+        let from = end.saturating_sub(limit);
+        Ok(state.events.range(from..end).cloned().collect())
+    }
+
+    async fn record(&self, id: &str) -> Result<Option<TaskRecord>, BrokerError> {
+        let mut state = self.lock();
+        let now = Instant::now();
+        if !state.record_exists(id, now) {
+            state.records.remove(id);
+            return Ok(None);
+        }
+        let now_ms = epoch_ms(SystemTime::now());
+        Ok(state
+            .records
+            .get(id)
+            .map(|(record, _)| record.clone().view(now_ms)))
+    }
+
+    async fn revoke(&self, id: &str, terminate: bool) -> Result<Revoked, BrokerError> {
+        let now = SystemTime::now();
+        let until = epoch_ms(now).saturating_add(
+            u64::try_from(self.settings.result_ttl.as_millis()).unwrap_or(u64::MAX),
+        );
+        let mut state = self.lock();
+        let clock = Instant::now();
+        let record = state
+            .record_exists(id, clock)
+            .then(|| state.records.get(id).map(|(r, _)| r.clone()))
+            .flatten();
+        let answer = match &record {
+            None => Revoked::Unknown,
+            Some(record) => match record.clone().view(epoch_ms(now)) {
+                view if view.state == TaskState::Dead && view.error.as_deref() == Some(REVOKED) => {
+                    Revoked::AlreadyRevoked
+                }
+                view if view.state.is_final() => Revoked::Ended(view.state),
+                view if view.state == TaskState::Running => Revoked::Running,
+                view => Revoked::Pending(view.state),
+            },
+        };
+        if matches!(answer, Revoked::AlreadyRevoked | Revoked::Ended(_)) {
+            return Ok(answer);
+        }
+        if let (Revoked::Pending(_), Some(stored)) = (answer, &record) {
+            // A delayed entry is made ready now, so a consumer dead-letters it at once.
+            if let Some(due) = stored.due_ms {
+                let q = state.queue(&stored.queue);
+                let key = q
+                    .delayed
+                    .range((due, 0)..=(due, u64::MAX))
+                    .find(|(_, raw)| Envelope::id_in(raw).as_deref() == Some(id))
+                    .map(|(key, _)| *key);
+                if let Some(raw) = key.and_then(|key| q.delayed.remove(&key)) {
+                    state.push_ready_raw(&stored.queue, raw, 0);
+                }
+            }
+            if let Some((record, _)) = state.records.get_mut(id) {
+                record.state = Some(TaskState::Dead);
+                record.error = Some(REVOKED.to_string());
+                record.updated_at = rfc3339(now);
+            }
+        }
+        drop(state);
+        let revocation = Revocation {
+            id: id.to_string(),
+            terminate,
+        };
+        self.revocations.add(revocation, until);
+        self.arrived.notify_waiters();
+        Ok(answer)
+    }
+
+    fn is_revoked(&self, id: &str) -> bool {
+        self.revocations.contains(id, epoch_ms(SystemTime::now()))
+    }
+
+    fn revocations(&self) -> tokio::sync::broadcast::Receiver<Revocation> {
+        self.revocations.subscribe()
+    }
+}
+
+impl Coordination for MemoryBroker {
+    async fn claim_leadership(&self, node: &str, lease: Duration) -> Result<String, BrokerError> {
+        let mut state = self.lock();
+        let now = Instant::now();
+        match &mut state.leader {
+            Some((holder, expires)) if *expires > now => {
+                if holder == node {
+                    *expires = now + lease;
+                }
+                Ok(holder.clone())
+            }
+            _ => {
+                state.leader = Some((node.to_string(), now + lease));
+                Ok(node.to_string())
+            }
+        }
+    }
+
+    async fn resign_leadership(&self, node: &str) -> Result<bool, BrokerError> {
+        let mut state = self.lock();
+        let now = Instant::now();
+        let held =
+            matches!(&state.leader, Some((holder, expires)) if holder == node && *expires > now);
+        if held {
+            state.leader = None;
+        }
+        Ok(held)
+    }
+
+    async fn last_runs(&self) -> Result<HashMap<String, LastRun>, BrokerError> {
+        Ok(self.lock().runs.clone())
+    }
+
+    async fn record_run(&self, schedule: &str, run: &LastRun) -> Result<(), BrokerError> {
+        self.lock().runs.insert(schedule.to_string(), run.clone());
+        Ok(())
+    }
+
+    async fn announce_node(&self, record: &NodeRecord, ttl: Duration) -> Result<(), BrokerError> {
+        self.lock()
+            .nodes
+            .insert(record.name.clone(), (record.clone(), Instant::now() + ttl));
+        Ok(())
+    }
+
+    async fn nodes(&self) -> Result<Vec<NodeRecord>, BrokerError> {
+        let mut state = self.lock();
+        let now = Instant::now();
+        state.nodes.retain(|_, (_, expires)| *expires > now);
+        Ok(state.nodes.values().map(|(r, _)| r.clone()).collect())
+    }
+
+    async fn forget_node(&self, name: &str) -> Result<(), BrokerError> {
+        self.lock().nodes.remove(name);
+        Ok(())
+    }
+}
+
+impl Admin for MemoryBroker {
     async fn depth(&self, queue: &str) -> Result<QueueDepth, BrokerError> {
         let mut state = self.lock();
         let q = state.queue(queue);
@@ -888,214 +1102,6 @@ impl Broker for MemoryBroker {
         }
         Ok(purged)
     }
-
-    async fn publish(&self, event: Event) -> Result<(), BrokerError> {
-        self.lock().event(event, self.settings.events_maxlen);
-        Ok(())
-    }
-
-    fn started(&self, envelope: &Envelope, consumer: &str) {
-        // No round trip to save: written at once, so before any later outcome.
-        let at = rfc3339(SystemTime::now());
-        let mut state = self.lock();
-        let record = state.record_of(envelope);
-        record.started = Some(envelope.attempt);
-        record.lost = false;
-        record.started_at = Some(at.clone());
-        record.node = Some(consumer.to_string());
-        record.updated_at = at;
-        let detail = serde_json::json!({ "attempt": envelope.attempt, "consumer": consumer });
-        state.event(
-            Event::about("started", envelope, detail),
-            self.settings.events_maxlen,
-        );
-    }
-
-    async fn events(&self, after: Option<&str>, limit: usize) -> Result<Vec<Event>, BrokerError> {
-        let after = after.map_or(0, event_seq);
-        let state = self.lock();
-        // Ids grow with the position: a binary search finds the first one after `after`.
-        let from = state.events.partition_point(|e| event_seq(&e.id) <= after);
-        Ok(state.events.range(from..).take(limit).cloned().collect())
-    }
-
-    async fn events_before(
-        &self,
-        before: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<Event>, BrokerError> {
-        let state = self.lock();
-        let end = match before {
-            Some(id) => {
-                let before = event_seq(id);
-                state.events.partition_point(|e| event_seq(&e.id) < before)
-            }
-            None => state.events.len(),
-        };
-        let from = end.saturating_sub(limit);
-        Ok(state.events.range(from..end).cloned().collect())
-    }
-
-    async fn record(&self, id: &str) -> Result<Option<TaskRecord>, BrokerError> {
-        let mut state = self.lock();
-        let now = Instant::now();
-        if !state.record_exists(id, now) {
-            state.records.remove(id);
-            return Ok(None);
-        }
-        let now_ms = epoch_ms(SystemTime::now());
-        Ok(state
-            .records
-            .get(id)
-            .map(|(record, _)| record.clone().view(now_ms)))
-    }
-
-    async fn revoke(&self, id: &str, terminate: bool) -> Result<Revoked, BrokerError> {
-        let now = SystemTime::now();
-        let until = epoch_ms(now).saturating_add(
-            u64::try_from(self.settings.result_ttl.as_millis()).unwrap_or(u64::MAX),
-        );
-        let mut state = self.lock();
-        let clock = Instant::now();
-        let record = state
-            .record_exists(id, clock)
-            .then(|| state.records.get(id).map(|(r, _)| r.clone()))
-            .flatten();
-        let answer = match &record {
-            None => Revoked::Unknown,
-            Some(record) => match record.clone().view(epoch_ms(now)) {
-                view if view.state == TaskState::Dead && view.error.as_deref() == Some(REVOKED) => {
-                    Revoked::AlreadyRevoked
-                }
-                view if view.state.is_final() => Revoked::Ended(view.state),
-                view if view.state == TaskState::Running => Revoked::Running,
-                view => Revoked::Pending(view.state),
-            },
-        };
-        if matches!(answer, Revoked::AlreadyRevoked | Revoked::Ended(_)) {
-            return Ok(answer);
-        }
-        if let (Revoked::Pending(_), Some(stored)) = (answer, &record) {
-            // A delayed entry is made ready now, so a consumer dead-letters it at once.
-            if let Some(due) = stored.due_ms {
-                let q = state.queue(&stored.queue);
-                let key = q
-                    .delayed
-                    .range((due, 0)..=(due, u64::MAX))
-                    .find(|(_, raw)| Envelope::id_in(raw).as_deref() == Some(id))
-                    .map(|(key, _)| *key);
-                if let Some(raw) = key.and_then(|key| q.delayed.remove(&key)) {
-                    state.push_ready_raw(&stored.queue, raw, 0);
-                }
-            }
-            if let Some((record, _)) = state.records.get_mut(id) {
-                record.state = Some(TaskState::Dead);
-                record.error = Some(REVOKED.to_string());
-                record.updated_at = rfc3339(now);
-            }
-        }
-        drop(state);
-        let revocation = Revocation {
-            id: id.to_string(),
-            terminate,
-        };
-        self.revocations.add(revocation, until);
-        self.arrived.notify_waiters();
-        Ok(answer)
-    }
-
-    fn is_revoked(&self, id: &str) -> bool {
-        self.revocations.contains(id, epoch_ms(SystemTime::now()))
-    }
-
-    fn revocations(&self) -> tokio::sync::broadcast::Receiver<Revocation> {
-        self.revocations.subscribe()
-    }
-
-    async fn hand_back(
-        &self,
-        queue: &str,
-        consumer: &str,
-        entries: &[String],
-    ) -> Result<u64, BrokerError> {
-        let mut state = self.lock();
-        let q = state.queue(queue);
-        let mut back = Vec::new();
-        for id in entries {
-            if q.in_flight.get(id).is_some_and(|l| l.consumer == consumer)
-                && let Some(leased) = q.in_flight.remove(id)
-            {
-                back.push(leased.entry);
-            }
-        }
-        // First in line again, in their original order: they were next before being reserved.
-        back.sort_by_key(|e| entry_seq(&e.id));
-        let moved = back.len() as u64;
-        for entry in back.into_iter().rev() {
-            q.ready.push_front(entry);
-        }
-        drop(state);
-        if moved > 0 {
-            self.arrived.notify_waiters();
-        }
-        Ok(moved)
-    }
-
-    async fn claim_leadership(&self, node: &str, lease: Duration) -> Result<String, BrokerError> {
-        let mut state = self.lock();
-        let now = Instant::now();
-        match &mut state.leader {
-            Some((holder, expires)) if *expires > now => {
-                if holder == node {
-                    *expires = now + lease;
-                }
-                Ok(holder.clone())
-            }
-            _ => {
-                state.leader = Some((node.to_string(), now + lease));
-                Ok(node.to_string())
-            }
-        }
-    }
-
-    async fn resign_leadership(&self, node: &str) -> Result<bool, BrokerError> {
-        let mut state = self.lock();
-        let now = Instant::now();
-        let held =
-            matches!(&state.leader, Some((holder, expires)) if holder == node && *expires > now);
-        if held {
-            state.leader = None;
-        }
-        Ok(held)
-    }
-
-    async fn last_runs(&self) -> Result<HashMap<String, LastRun>, BrokerError> {
-        Ok(self.lock().runs.clone())
-    }
-
-    async fn record_run(&self, schedule: &str, run: &LastRun) -> Result<(), BrokerError> {
-        self.lock().runs.insert(schedule.to_string(), run.clone());
-        Ok(())
-    }
-
-    async fn announce_node(&self, record: &NodeRecord, ttl: Duration) -> Result<(), BrokerError> {
-        self.lock()
-            .nodes
-            .insert(record.name.clone(), (record.clone(), Instant::now() + ttl));
-        Ok(())
-    }
-
-    async fn nodes(&self) -> Result<Vec<NodeRecord>, BrokerError> {
-        let mut state = self.lock();
-        let now = Instant::now();
-        state.nodes.retain(|_, (_, expires)| *expires > now);
-        Ok(state.nodes.values().map(|(r, _)| r.clone()).collect())
-    }
-
-    async fn forget_node(&self, name: &str) -> Result<(), BrokerError> {
-        self.lock().nodes.remove(name);
-        Ok(())
-    }
 }
 
 /// The sequence number of an entry id (ids are given in order).
@@ -1123,7 +1129,7 @@ mod tests {
     #[tokio::test]
     async fn leftovers_count_what_each_queue_still_holds_callbacks_included() {
         use super::Leftover;
-        use crate::broker::{Broker, Envelope};
+        use crate::broker::{Admin, Envelope, TaskQueue};
         use std::time::{Duration, SystemTime};
         let broker = MemoryBroker::new(settings());
         assert_eq!(broker.leftovers(), Vec::<Leftover>::new());

@@ -65,7 +65,7 @@
 //!   pipelined with `GET p:revoked:seq` (run after the read, in its round trip): when entries
 //!   came and the counter moved since this node last looked, `p:revoked` is read again (one
 //!   more round trip, only then), so a revocation made before the read is known when the
-//!   consumer admits what it read ([`Broker::is_revoked`] is a local lookup).
+//!   consumer admits what it read ([`Records::is_revoked`] is a local lookup).
 //!   A blocking read holds up its connection, so each (queue, consumer) reserving with a wait
 //!   gets its own connection (created lazily, no response timeout of its own: the call is
 //!   bounded by `wait` + a margin; dropped and re-made after an error). Reads without a wait use
@@ -108,7 +108,7 @@
 //!   is recorded dead/revoked and its delayed entry (found by the record's `due`) moved to the
 //!   stream. Each node listens on `p:revocations` (its own connection, subscribed again after
 //!   a loss — then `p:revoked` is read again and every revocation in it told once more) and
-//!   tells its consumers ([`Broker::revocations`]).
+//!   tells its consumers ([`Records::revocations`]).
 //!   `requeue_dead_entry` does the same for one letter (`XRANGE p:{q}:dead <entry> <entry>`,
 //!   then `requeue.lua` with it).
 //! - `dead_letters_after`: `XRANGE p:{q}:dead (<after> + COUNT n` (from `-` without `after`);
@@ -187,17 +187,20 @@ use serde_json::json;
 use super::memory::{Prepared, prepare_batch};
 use super::revocations::Revocations;
 use super::{
-    Broker, BrokerError, BrokerSettings, DeadLetter, Delivery, Enqueued, Envelope,
-    Event, LastRun, NodeRecord, Purged, QueueDepth, Recovered, Revocation, Revoked,
-    TaskRecord, TaskState, due_ms, entry_arg, epoch_ms, malformed_letter, rfc3339,
+    Admin, BrokerError, BrokerSettings, Coordination, DeadLetter, Delivery, Enqueued, Envelope,
+    Event, LastRun, NodeRecord, Purged, QueueDepth, Records, Recovered, Revocation, Revoked,
+    TaskQueue, TaskRecord, TaskState, due_ms, entry_arg, epoch_ms, malformed_letter, rfc3339,
 };
 
-use codec::{StreamEntry, dead_letter, enqueued_fields, event, int, pairs, sent_detail, stored_record, stream_entries, text};
-pub use connection::ConnectionState;
-use connection::{Health, lock, CONNECT_TIMEOUT, RESPONSE_TIMEOUT};
-use events::{Start, flush_soon, xadd_whole};
-use keys::{Keys, revoked_key, revoked_seq_key, revocations_channel};
 use self::revocations::listen_revocations;
+use codec::{
+    StreamEntry, dead_letter, enqueued_fields, event, int, pairs, sent_detail, stored_record,
+    stream_entries, text,
+};
+pub use connection::ConnectionState;
+use connection::{CONNECT_TIMEOUT, Health, RESPONSE_TIMEOUT, lock};
+use events::{Start, flush_soon, xadd_whole};
+use keys::{Keys, revocations_channel, revoked_key, revoked_seq_key};
 /// Entries one script call handles (recovery, promotion, purge); the caller loops.
 const SCRIPT_BATCH: usize = 256;
 /// Dead letters read per page by `requeue_dead`.
@@ -750,7 +753,7 @@ impl RedisBroker {
     }
 }
 
-impl Broker for RedisBroker {
+impl TaskQueue for RedisBroker {
     async fn enqueue(&self, batch: Vec<Envelope>) -> Result<Vec<Enqueued>, BrokerError> {
         let now = SystemTime::now();
         let prepared = prepare_batch(batch, now, &self.settings)?;
@@ -1055,6 +1058,260 @@ impl Broker for RedisBroker {
         }
     }
 
+    fn started(&self, envelope: &Envelope, consumer: &str) {
+        let detail = json!({ "attempt": envelope.attempt, "consumer": consumer });
+        lock(&self.soon).push(Start {
+            record: self.keys.result(&envelope.id),
+            event: Event::about("started", envelope, detail),
+            attempt: envelope.attempt,
+            consumer: consumer.to_string(),
+        });
+    }
+
+    async fn hand_back(
+        &self,
+        queue: &str,
+        consumer: &str,
+        entries: &[String],
+    ) -> Result<u64, BrokerError> {
+        if entries.is_empty() {
+            return Ok(0);
+        }
+        let mut invocation = self.scripts.hand_back.prepare_invoke();
+        invocation
+            .key(self.keys.stream(queue))
+            .arg(self.keys.group())
+            .arg(consumer);
+        for entry in entries {
+            invocation.arg(entry);
+        }
+        self.grouped(queue, || {
+            let mut conn = self.manager.clone();
+            let invocation = &invocation;
+            async move { invocation.invoke_async(&mut conn).await }
+        })
+        .await
+    }
+}
+
+impl Records for RedisBroker {
+    async fn publish(&self, event: Event) -> Result<(), BrokerError> {
+        if !self.events_on() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        xadd_whole(
+            &mut pipe,
+            &self.events_key,
+            self.settings.events_maxlen,
+            &event,
+        );
+        self.query_pipe::<()>(&pipe).await
+    }
+
+    async fn events(&self, after: Option<&str>, limit: usize) -> Result<Vec<Event>, BrokerError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let start = after.map_or_else(|| "-".to_string(), |id| format!("({id}"));
+        let mut pipe = redis::pipe();
+        pipe.cmd("XRANGE")
+            .arg(&self.events_key)
+            .arg(start)
+            .arg("+")
+            .arg("COUNT")
+            .arg(limit);
+        let (reply,): (Value,) = self.query_pipe(&pipe).await?;
+        Ok(stream_entries(reply).into_iter().map(event).collect())
+    }
+
+    async fn events_before(
+        &self,
+        before: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Event>, BrokerError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let end = before.map_or_else(|| "+".to_string(), |id| format!("({id}"));
+        let mut pipe = redis::pipe();
+        pipe.cmd("XREVRANGE")
+            .arg(&self.events_key)
+            .arg(end)
+            .arg("-")
+            .arg("COUNT")
+            .arg(limit);
+        let (reply,): (Value,) = self.query_pipe(&pipe).await?;
+        let mut events: Vec<Event> = stream_entries(reply).into_iter().map(event).collect();
+        events.reverse();
+        Ok(events)
+    }
+
+    async fn record(&self, id: &str) -> Result<Option<TaskRecord>, BrokerError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("HGETALL").arg(self.keys.result(id));
+        let (reply,): (Value,) = self.query_pipe(&pipe).await?;
+        let fields = pairs(reply);
+        if fields.is_empty() {
+            return Ok(None);
+        }
+        let stored = stored_record(id, &fields).map_err(BrokerError::Command)?;
+        Ok(Some(stored.view(epoch_ms(SystemTime::now()))))
+    }
+
+    async fn revoke(&self, id: &str, terminate: bool) -> Result<Revoked, BrokerError> {
+        let now = SystemTime::now();
+        let now_ms = epoch_ms(now);
+        let until = now_ms.saturating_add(self.result_ttl_ms);
+        let prefix = &self.settings.prefix;
+        let mut invocation = self.scripts.revoke.prepare_invoke();
+        invocation
+            .key(self.keys.result(id))
+            .key(revoked_key(prefix))
+            .key(revoked_seq_key(prefix))
+            .arg(id)
+            .arg(if terminate { "1" } else { "0" })
+            .arg(now_ms)
+            .arg(until)
+            .arg(revocations_channel(prefix))
+            .arg(prefix)
+            .arg(rfc3339(now));
+        let mut conn = self.manager.clone();
+        let reply: Vec<String> = self.observe(invocation.invoke_async(&mut conn).await)?;
+        let state = |at: usize| reply.get(at).and_then(|name| TaskState::from_name(name));
+        let answer = match reply.first().map(String::as_str) {
+            Some("unknown") => Revoked::Unknown,
+            Some("running") => Revoked::Running,
+            Some("revoked") => Revoked::AlreadyRevoked,
+            Some("pending") => Revoked::Pending(state(1).unwrap_or(TaskState::Queued)),
+            Some("ended") => Revoked::Ended(state(1).unwrap_or(TaskState::Dead)),
+            _ => return Err(BrokerError::Command("revoke.lua: unexpected reply".into())),
+        };
+        if !matches!(answer, Revoked::AlreadyRevoked | Revoked::Ended(_)) {
+            // This node knows at once (its subscription tells it again, harmlessly).
+            let revocation = Revocation {
+                id: id.to_string(),
+                terminate,
+            };
+            self.revocations.add(revocation, until);
+        }
+        Ok(answer)
+    }
+
+    fn is_revoked(&self, id: &str) -> bool {
+        self.revocations.contains(id, epoch_ms(SystemTime::now()))
+    }
+
+    fn revocations(&self) -> tokio::sync::broadcast::Receiver<Revocation> {
+        self.revocations.subscribe()
+    }
+}
+
+impl Coordination for RedisBroker {
+    async fn claim_leadership(&self, node: &str, lease: Duration) -> Result<String, BrokerError> {
+        let mut invocation = self.scripts.claim_leadership.prepare_invoke();
+        invocation
+            .key(self.keys.leader())
+            .arg(node)
+            .arg((lease.as_millis() as u64).max(1));
+        let mut conn = self.manager.clone();
+        self.observe(invocation.invoke_async(&mut conn).await)
+    }
+
+    async fn resign_leadership(&self, node: &str) -> Result<bool, BrokerError> {
+        let mut invocation = self.scripts.resign_leadership.prepare_invoke();
+        invocation.key(self.keys.leader()).arg(node);
+        let mut conn = self.manager.clone();
+        let held: u64 = self.observe(invocation.invoke_async(&mut conn).await)?;
+        Ok(held == 1)
+    }
+
+    async fn last_runs(&self) -> Result<HashMap<String, LastRun>, BrokerError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("HGETALL").arg(self.keys.runs());
+        let (reply,): (Value,) = self.query_pipe(&pipe).await?;
+        Ok(pairs(reply)
+            .into_iter()
+            .filter_map(|(name, run)| Some((name, serde_json::from_str(&run).ok()?)))
+            .collect())
+    }
+
+    async fn record_run(&self, schedule: &str, run: &LastRun) -> Result<(), BrokerError> {
+        let mut pipe = redis::pipe();
+        let json = serde_json::to_string(run).unwrap_or_default();
+        pipe.cmd("HSET")
+            .arg(self.keys.runs())
+            .arg(schedule)
+            .arg(json)
+            .ignore();
+        self.query_pipe::<()>(&pipe).await
+    }
+
+    async fn announce_node(&self, record: &NodeRecord, ttl: Duration) -> Result<(), BrokerError> {
+        let mut pipe = redis::pipe();
+        let json = serde_json::to_string(record).unwrap_or_default();
+        pipe.cmd("SET")
+            .arg(self.keys.node(&record.name))
+            .arg(json)
+            .arg("PX")
+            .arg((ttl.as_millis() as u64).max(1))
+            .ignore();
+        pipe.cmd("ZADD")
+            .arg(self.keys.nodes_index())
+            .arg(epoch_ms(SystemTime::now()))
+            .arg(&record.name)
+            .ignore();
+        self.query_pipe::<()>(&pipe).await
+    }
+
+    async fn nodes(&self) -> Result<Vec<NodeRecord>, BrokerError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("ZRANGE")
+            .arg(self.keys.nodes_index())
+            .arg(0)
+            .arg(-1);
+        let (names,): (Vec<String>,) = self.query_pipe(&pipe).await?;
+        if names.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        let keys: Vec<String> = names.iter().map(|n| self.keys.node(n)).collect();
+        pipe.cmd("MGET").arg(&keys);
+        let (records,): (Vec<Option<String>>,) = self.query_pipe(&pipe).await?;
+        let mut out = Vec::new();
+        let mut gone = Vec::new();
+        for (name, record) in names.into_iter().zip(records) {
+            match record.and_then(|r| serde_json::from_str::<NodeRecord>(&r).ok()) {
+                Some(record) => out.push(record),
+                None => gone.push(name),
+            }
+        }
+        // Expired records leave the index too (a node that wrote again meanwhile is re-added
+        // by its next write, within a second).
+        if !gone.is_empty() {
+            let mut pipe = redis::pipe();
+            pipe.cmd("ZREM")
+                .arg(self.keys.nodes_index())
+                .arg(&gone)
+                .ignore();
+            self.query_pipe::<()>(&pipe).await?;
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    async fn forget_node(&self, name: &str) -> Result<(), BrokerError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("DEL").arg(self.keys.node(name)).ignore();
+        pipe.cmd("ZREM")
+            .arg(self.keys.nodes_index())
+            .arg(name)
+            .ignore();
+        self.query_pipe::<()>(&pipe).await
+    }
+}
+
+impl Admin for RedisBroker {
     async fn depth(&self, queue: &str) -> Result<QueueDepth, BrokerError> {
         let stream = self.keys.stream(queue);
         let mut pipe = redis::pipe();
@@ -1208,244 +1465,5 @@ impl Broker for RedisBroker {
                 return Ok(out);
             }
         }
-    }
-
-    async fn publish(&self, event: Event) -> Result<(), BrokerError> {
-        if !self.events_on() {
-            return Ok(());
-        }
-        let mut pipe = redis::pipe();
-        xadd_whole(
-            &mut pipe,
-            &self.events_key,
-            self.settings.events_maxlen,
-            &event,
-        );
-        self.query_pipe::<()>(&pipe).await
-    }
-
-    fn started(&self, envelope: &Envelope, consumer: &str) {
-        let detail = json!({ "attempt": envelope.attempt, "consumer": consumer });
-        lock(&self.soon).push(Start {
-            record: self.keys.result(&envelope.id),
-            event: Event::about("started", envelope, detail),
-            attempt: envelope.attempt,
-            consumer: consumer.to_string(),
-        });
-    }
-
-    async fn events(&self, after: Option<&str>, limit: usize) -> Result<Vec<Event>, BrokerError> {
-        if limit == 0 {
-            return Ok(Vec::new());
-        }
-        let start = after.map_or_else(|| "-".to_string(), |id| format!("({id}"));
-        let mut pipe = redis::pipe();
-        pipe.cmd("XRANGE")
-            .arg(&self.events_key)
-            .arg(start)
-            .arg("+")
-            .arg("COUNT")
-            .arg(limit);
-        let (reply,): (Value,) = self.query_pipe(&pipe).await?;
-        Ok(stream_entries(reply).into_iter().map(event).collect())
-    }
-
-    async fn events_before(
-        &self,
-        before: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<Event>, BrokerError> {
-        if limit == 0 {
-            return Ok(Vec::new());
-        }
-        let end = before.map_or_else(|| "+".to_string(), |id| format!("({id}"));
-        let mut pipe = redis::pipe();
-        pipe.cmd("XREVRANGE")
-            .arg(&self.events_key)
-            .arg(end)
-            .arg("-")
-            .arg("COUNT")
-            .arg(limit);
-        let (reply,): (Value,) = self.query_pipe(&pipe).await?;
-        let mut events: Vec<Event> = stream_entries(reply).into_iter().map(event).collect();
-        events.reverse();
-        Ok(events)
-    }
-
-    async fn record(&self, id: &str) -> Result<Option<TaskRecord>, BrokerError> {
-        let mut pipe = redis::pipe();
-        pipe.cmd("HGETALL").arg(self.keys.result(id));
-        let (reply,): (Value,) = self.query_pipe(&pipe).await?;
-        let fields = pairs(reply);
-        if fields.is_empty() {
-            return Ok(None);
-        }
-        let stored = stored_record(id, &fields).map_err(BrokerError::Command)?;
-        Ok(Some(stored.view(epoch_ms(SystemTime::now()))))
-    }
-
-    async fn revoke(&self, id: &str, terminate: bool) -> Result<Revoked, BrokerError> {
-        let now = SystemTime::now();
-        let now_ms = epoch_ms(now);
-        let until = now_ms.saturating_add(self.result_ttl_ms);
-        let prefix = &self.settings.prefix;
-        let mut invocation = self.scripts.revoke.prepare_invoke();
-        invocation
-            .key(self.keys.result(id))
-            .key(revoked_key(prefix))
-            .key(revoked_seq_key(prefix))
-            .arg(id)
-            .arg(if terminate { "1" } else { "0" })
-            .arg(now_ms)
-            .arg(until)
-            .arg(revocations_channel(prefix))
-            .arg(prefix)
-            .arg(rfc3339(now));
-        let mut conn = self.manager.clone();
-        let reply: Vec<String> = self.observe(invocation.invoke_async(&mut conn).await)?;
-        let state = |at: usize| reply.get(at).and_then(|name| TaskState::from_name(name));
-        let answer = match reply.first().map(String::as_str) {
-            Some("unknown") => Revoked::Unknown,
-            Some("running") => Revoked::Running,
-            Some("revoked") => Revoked::AlreadyRevoked,
-            Some("pending") => Revoked::Pending(state(1).unwrap_or(TaskState::Queued)),
-            Some("ended") => Revoked::Ended(state(1).unwrap_or(TaskState::Dead)),
-            _ => return Err(BrokerError::Command("revoke.lua: unexpected reply".into())),
-        };
-        if !matches!(answer, Revoked::AlreadyRevoked | Revoked::Ended(_)) {
-            // This node knows at once (its subscription tells it again, harmlessly).
-            let revocation = Revocation {
-                id: id.to_string(),
-                terminate,
-            };
-            self.revocations.add(revocation, until);
-        }
-        Ok(answer)
-    }
-
-    fn is_revoked(&self, id: &str) -> bool {
-        self.revocations.contains(id, epoch_ms(SystemTime::now()))
-    }
-
-    fn revocations(&self) -> tokio::sync::broadcast::Receiver<Revocation> {
-        self.revocations.subscribe()
-    }
-
-    async fn hand_back(
-        &self,
-        queue: &str,
-        consumer: &str,
-        entries: &[String],
-    ) -> Result<u64, BrokerError> {
-        if entries.is_empty() {
-            return Ok(0);
-        }
-        let mut invocation = self.scripts.hand_back.prepare_invoke();
-        invocation
-            .key(self.keys.stream(queue))
-            .arg(self.keys.group())
-            .arg(consumer);
-        for entry in entries {
-            invocation.arg(entry);
-        }
-        self.grouped(queue, || {
-            let mut conn = self.manager.clone();
-            let invocation = &invocation;
-            async move { invocation.invoke_async(&mut conn).await }
-        })
-        .await
-    }
-
-    async fn claim_leadership(&self, node: &str, lease: Duration) -> Result<String, BrokerError> {
-        let mut invocation = self.scripts.claim_leadership.prepare_invoke();
-        invocation
-            .key(self.keys.leader())
-            .arg(node)
-            .arg((lease.as_millis() as u64).max(1));
-        let mut conn = self.manager.clone();
-        self.observe(invocation.invoke_async(&mut conn).await)
-    }
-
-    async fn resign_leadership(&self, node: &str) -> Result<bool, BrokerError> {
-        let mut invocation = self.scripts.resign_leadership.prepare_invoke();
-        invocation.key(self.keys.leader()).arg(node);
-        let mut conn = self.manager.clone();
-        let held: u64 = self.observe(invocation.invoke_async(&mut conn).await)?;
-        Ok(held == 1)
-    }
-
-    async fn last_runs(&self) -> Result<HashMap<String, LastRun>, BrokerError> {
-        let mut pipe = redis::pipe();
-        pipe.cmd("HGETALL").arg(self.keys.runs());
-        let (reply,): (Value,) = self.query_pipe(&pipe).await?;
-        Ok(pairs(reply)
-            .into_iter()
-            .filter_map(|(name, run)| Some((name, serde_json::from_str(&run).ok()?)))
-            .collect())
-    }
-
-    async fn record_run(&self, schedule: &str, run: &LastRun) -> Result<(), BrokerError> {
-        let mut pipe = redis::pipe();
-        let json = serde_json::to_string(run).unwrap_or_default();
-        pipe.cmd("HSET")
-            .arg(self.keys.runs())
-            .arg(schedule)
-            .arg(json)
-            .ignore();
-        self.query_pipe::<()>(&pipe).await
-    }
-
-    async fn announce_node(&self, record: &NodeRecord, ttl: Duration) -> Result<(), BrokerError> {
-        let mut pipe = redis::pipe();
-        let json = serde_json::to_string(record).unwrap_or_default();
-        pipe.cmd("SET")
-            .arg(self.keys.node(&record.name))
-            .arg(json)
-            .arg("PX")
-            .arg((ttl.as_millis() as u64).max(1))
-            .ignore();
-        pipe.cmd("ZADD")
-            .arg(self.keys.nodes_index())
-            .arg(epoch_ms(SystemTime::now()))
-            .arg(&record.name)
-            .ignore();
-        self.query_pipe::<()>(&pipe).await
-    }
-
-    async fn nodes(&self) -> Result<Vec<NodeRecord>, BrokerError> {
-        let mut pipe = redis::pipe();
-        pipe.cmd("ZRANGE").arg(self.keys.nodes_index()).arg(0).arg(-1);
-        let (names,): (Vec<String>,) = self.query_pipe(&pipe).await?;
-        if names.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut pipe = redis::pipe();
-        let keys: Vec<String> = names.iter().map(|n| self.keys.node(n)).collect();
-        pipe.cmd("MGET").arg(&keys);
-        let (records,): (Vec<Option<String>>,) = self.query_pipe(&pipe).await?;
-        let mut out = Vec::new();
-        let mut gone = Vec::new();
-        for (name, record) in names.into_iter().zip(records) {
-            match record.and_then(|r| serde_json::from_str::<NodeRecord>(&r).ok()) {
-                Some(record) => out.push(record),
-                None => gone.push(name),
-            }
-        }
-        // Expired records leave the index too (a node that wrote again meanwhile is re-added
-        // by its next write, within a second).
-        if !gone.is_empty() {
-            let mut pipe = redis::pipe();
-            pipe.cmd("ZREM").arg(self.keys.nodes_index()).arg(&gone).ignore();
-            self.query_pipe::<()>(&pipe).await?;
-        }
-        out.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(out)
-    }
-
-    async fn forget_node(&self, name: &str) -> Result<(), BrokerError> {
-        let mut pipe = redis::pipe();
-        pipe.cmd("DEL").arg(self.keys.node(name)).ignore();
-        pipe.cmd("ZREM").arg(self.keys.nodes_index()).arg(name).ignore();
-        self.query_pipe::<()>(&pipe).await
     }
 }

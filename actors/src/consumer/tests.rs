@@ -11,7 +11,7 @@ use tokio::time::Instant;
 
 use super::*;
 use crate::broker::memory::MemoryBroker;
-use crate::broker::{BrokerActor, BrokerArgs, BrokerSettings, Envelope, Event, TaskState};
+use crate::broker::{Admin, BrokerActor, BrokerArgs, BrokerSettings, Envelope, Event, TaskState};
 use crate::gate::{Admission, AlwaysOpen, Use};
 use crate::handler::native::Natives;
 use crate::handler::{Handler, RetryPolicy, TaskDef};

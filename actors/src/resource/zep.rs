@@ -104,7 +104,9 @@ use super::decode::{BodyError, Decoded, ask_identity};
 use super::redact::Redactor;
 use super::{EgressBody, EgressRequest, EgressResponse, MAX_BODY, target_url};
 use crate::broker::rfc3339;
-use crate::broker::{AnyBroker, Broker, BrokerError, Delivery, Envelope, QueueDepth, Recovered};
+use crate::broker::{
+    Admin, AnyBroker, BrokerError, Delivery, Envelope, QueueDepth, Recovered, TaskQueue,
+};
 use crate::gate::Admission;
 use crate::shown;
 

@@ -11,7 +11,10 @@ use crate::broker::{DeadLetter, Envelope, Event, SentDetail, StoredRecord, TaskS
 /// writes the same): `task`, `queue`, `state`, `enqueued_at`, and `due` for a scheduled task.
 /// Kept to what cannot be read elsewhere — the id is the key's, and `updated_at` reads as
 /// `enqueued_at` until something else writes the record — because every enqueue pays for it.
-pub(super) fn enqueued_fields(envelope: &Envelope, due_ms: Option<u64>) -> Vec<(&'static str, Cow<'_, str>)> {
+pub(super) fn enqueued_fields(
+    envelope: &Envelope,
+    due_ms: Option<u64>,
+) -> Vec<(&'static str, Cow<'_, str>)> {
     let state = match due_ms {
         Some(_) => TaskState::Scheduled,
         None => TaskState::Queued,

@@ -53,7 +53,10 @@ impl std::fmt::Display for ConnectionState {
     }
 }
 
-pub(super) fn serialize_time<S: serde::Serializer>(at: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+pub(super) fn serialize_time<S: serde::Serializer>(
+    at: &SystemTime,
+    s: S,
+) -> Result<S::Ok, S::Error> {
     s.serialize_str(&rfc3339(*at))
 }
 

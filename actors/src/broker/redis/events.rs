@@ -5,16 +5,16 @@ use std::sync::{Mutex, Weak};
 use std::time::SystemTime;
 
 use redis::Pipeline;
+use redis::Value;
 use redis::aio::ConnectionManager;
 use serde_json::json;
-use redis::Value;
 
 use super::RedisBroker;
 use super::codec::{int, text};
 use super::connection::lock;
 use crate::broker::{BrokerError, EVENT_FLUSH, Envelope, Event, rfc3339};
 
-/// An attempt's start, handed to [`Broker::started`]: its record's start marker and its
+/// An attempt's start, handed to [`TaskQueue::started`](crate::broker::TaskQueue::started): its record's start marker and its
 /// `started` event, written later in one go ([`soon_pipeline`]).
 #[derive(Debug)]
 pub(super) struct Start {
@@ -203,7 +203,11 @@ pub(super) fn xadd_event(
 
 impl RedisBroker {
     /// Events for what `recover.lua` did (`kind, e, deliveries, consumer` per entry).
-    pub(super) async fn recovery_events(&self, queue: &str, moved: &[Value]) -> Result<(), BrokerError> {
+    pub(super) async fn recovery_events(
+        &self,
+        queue: &str,
+        moved: &[Value],
+    ) -> Result<(), BrokerError> {
         if moved.is_empty() || !self.events_on() {
             return Ok(());
         }

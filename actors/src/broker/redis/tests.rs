@@ -5,8 +5,8 @@ use serde_json::{Value, json};
 use super::RedisBroker;
 use crate::broker::contract::{RawProducer, contract_suite, settings};
 use crate::broker::{
-    Broker, BrokerError, BrokerSettings, DeadLetter, Delivery, Enqueued, Envelope, Event,
-    Purged, QueueDepth, Recovered, TaskRecord, TaskState,
+    Admin, BrokerError, BrokerSettings, Envelope, QueueDepth, Records, Recovered, TaskQueue,
+    TaskState,
 };
 use crate::test_util::RedisServer;
 
@@ -36,11 +36,24 @@ impl Harness {
     }
 }
 
-impl RawProducer for Harness {
+/// The calls of the suite and of these tests go to the broker the harness started.
+impl std::ops::Deref for Harness {
+    type Target = RedisBroker;
+    fn deref(&self) -> &RedisBroker {
+        &self.broker
+    }
+}
+
+/// A raw `XADD`, as another program (a Python producer) would write it.
+impl RawProducer for RedisBroker {
     async fn push_raw(&self, queue: &str, raw: &str) {
-        let mut conn = self.outsider().await;
+        let mut conn = self
+            .client
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
         redis::cmd("XADD")
-            .arg(format!("rt:{{{queue}}}:stream"))
+            .arg(self.keys.stream(queue))
             .arg("*")
             .arg("e")
             .arg(raw)
@@ -50,172 +63,7 @@ impl RawProducer for Harness {
     }
 }
 
-/// The suite is written against `Broker`; the harness passes every call through.
-impl Broker for Harness {
-    async fn enqueue(&self, batch: Vec<Envelope>) -> Result<Vec<Enqueued>, BrokerError> {
-        self.broker.enqueue(batch).await
-    }
-    async fn reserve(
-        &self,
-        queue: &str,
-        consumer: &str,
-        max: usize,
-        wait: Duration,
-    ) -> Result<Vec<Delivery>, BrokerError> {
-        self.broker.reserve(queue, consumer, max, wait).await
-    }
-    async fn renew(
-        &self,
-        queue: &str,
-        consumer: &str,
-        entries: &[String],
-    ) -> Result<Vec<String>, BrokerError> {
-        self.broker.renew(queue, consumer, entries).await
-    }
-    async fn ack(&self, delivery: &Delivery, result: Value) -> Result<(), BrokerError> {
-        self.broker.ack(delivery, result).await
-    }
-    async fn ack_many(&self, done: &[(Delivery, Value)]) -> Result<(), BrokerError> {
-        self.broker.ack_many(done).await
-    }
-    async fn retry(
-        &self,
-        delivery: &Delivery,
-        at: SystemTime,
-        error: &str,
-    ) -> Result<(), BrokerError> {
-        self.broker.retry(delivery, at, error).await
-    }
-    async fn defer(
-        &self,
-        delivery: &Delivery,
-        at: SystemTime,
-        reason: &str,
-    ) -> Result<(), BrokerError> {
-        self.broker.defer(delivery, at, reason).await
-    }
-    async fn dead_letter(&self, delivery: &Delivery, reason: &str) -> Result<(), BrokerError> {
-        self.broker.dead_letter(delivery, reason).await
-    }
-    async fn recover(&self, queue: &str, lease: Duration) -> Result<Recovered, BrokerError> {
-        self.broker.recover(queue, lease).await
-    }
-    async fn promote_due(&self, queue: &str, now: SystemTime) -> Result<u64, BrokerError> {
-        self.broker.promote_due(queue, now).await
-    }
-    async fn depth(&self, queue: &str) -> Result<QueueDepth, BrokerError> {
-        self.broker.depth(queue).await
-    }
-    async fn dead_letters_after(
-        &self,
-        queue: &str,
-        after: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<DeadLetter>, BrokerError> {
-        self.broker.dead_letters_after(queue, after, limit).await
-    }
-    async fn requeue_dead(&self, queue: &str, limit: usize) -> Result<u64, BrokerError> {
-        self.broker.requeue_dead(queue, limit).await
-    }
-    async fn requeue_dead_entry(
-        &self,
-        queue: &str,
-        entry: &str,
-    ) -> Result<Option<String>, BrokerError> {
-        self.broker.requeue_dead_entry(queue, entry).await
-    }
-    async fn delete_dead(&self, queue: &str, entry: &str) -> Result<bool, BrokerError> {
-        self.broker.delete_dead(queue, entry).await
-    }
-    async fn purge_dead(&self, queue: &str) -> Result<u64, BrokerError> {
-        self.broker.purge_dead(queue).await
-    }
-    async fn purge(&self, queue: &str) -> Result<Purged, BrokerError> {
-        self.broker.purge(queue).await
-    }
-    async fn publish(&self, event: Event) -> Result<(), BrokerError> {
-        self.broker.publish(event).await
-    }
-    fn started(&self, envelope: &Envelope, consumer: &str) {
-        self.broker.started(envelope, consumer);
-    }
-    async fn events(
-        &self,
-        after: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<Event>, BrokerError> {
-        self.broker.events(after, limit).await
-    }
-    async fn events_before(
-        &self,
-        before: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<Event>, BrokerError> {
-        self.broker.events_before(before, limit).await
-    }
-    async fn record(&self, id: &str) -> Result<Option<TaskRecord>, BrokerError> {
-        self.broker.record(id).await
-    }
-    async fn revoke(
-        &self,
-        id: &str,
-        terminate: bool,
-    ) -> Result<crate::broker::Revoked, BrokerError> {
-        self.broker.revoke(id, terminate).await
-    }
-    fn is_revoked(&self, id: &str) -> bool {
-        self.broker.is_revoked(id)
-    }
-    fn revocations(&self) -> tokio::sync::broadcast::Receiver<crate::broker::Revocation> {
-        self.broker.revocations()
-    }
-    async fn hand_back(
-        &self,
-        queue: &str,
-        consumer: &str,
-        entries: &[String],
-    ) -> Result<u64, BrokerError> {
-        self.broker.hand_back(queue, consumer, entries).await
-    }
-    async fn claim_leadership(
-        &self,
-        node: &str,
-        lease: Duration,
-    ) -> Result<String, BrokerError> {
-        self.broker.claim_leadership(node, lease).await
-    }
-    async fn resign_leadership(&self, node: &str) -> Result<bool, BrokerError> {
-        self.broker.resign_leadership(node).await
-    }
-    async fn last_runs(
-        &self,
-    ) -> Result<std::collections::HashMap<String, crate::broker::LastRun>, BrokerError>
-    {
-        self.broker.last_runs().await
-    }
-    async fn record_run(
-        &self,
-        schedule: &str,
-        run: &crate::broker::LastRun,
-    ) -> Result<(), BrokerError> {
-        self.broker.record_run(schedule, run).await
-    }
-    async fn announce_node(
-        &self,
-        record: &crate::broker::NodeRecord,
-        ttl: Duration,
-    ) -> Result<(), BrokerError> {
-        self.broker.announce_node(record, ttl).await
-    }
-    async fn nodes(&self) -> Result<Vec<crate::broker::NodeRecord>, BrokerError> {
-        self.broker.nodes().await
-    }
-    async fn forget_node(&self, name: &str) -> Result<(), BrokerError> {
-        self.broker.forget_node(name).await
-    }
-}
-
-contract_suite!(Harness::start(settings()));
+contract_suite!(Harness::start(settings()) => broker);
 
 #[tokio::test]
 async fn events_off_write_nothing() {
@@ -224,7 +72,7 @@ async fn events_off_write_nothing() {
         ..settings()
     })
     .await;
-    crate::broker::contract::events_off_write_nothing(&h, "chat").await;
+    crate::broker::contract::events_off_write_nothing(&h.broker, "chat").await;
     let mut conn = h.outsider().await;
     let exists: bool = redis::cmd("EXISTS")
         .arg("rt:events")
