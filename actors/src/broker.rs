@@ -68,6 +68,7 @@ pub mod actor;
 pub mod envelope;
 pub mod leases;
 pub mod memory;
+mod outcome;
 pub mod redis;
 mod revocations;
 pub mod sink;
@@ -493,7 +494,7 @@ pub struct Event {
     #[serde(default)]
     pub id: String,
     /// What happened.
-    pub kind: String,
+    pub kind: EventKind,
     /// When (RFC 3339).
     pub at: String,
     /// The task concerned, if any.
@@ -512,10 +513,10 @@ pub struct Event {
 
 impl Event {
     /// An event of `kind` about no task (an actor, a breaker, a pool), now.
-    pub fn new(kind: &str, detail: Value) -> Self {
+    pub fn new(kind: impl Into<EventKind>, detail: Value) -> Self {
         Self {
             id: String::new(),
-            kind: kind.to_string(),
+            kind: kind.into(),
             at: rfc3339(SystemTime::now()),
             task_id: None,
             task: None,
@@ -525,16 +526,128 @@ impl Event {
     }
 
     /// An event of `kind` about `envelope`, now.
-    pub fn about(kind: &str, envelope: &Envelope, detail: Value) -> Self {
+    pub fn about(kind: impl Into<EventKind>, envelope: &Envelope, detail: Value) -> Self {
         Self {
             id: String::new(),
-            kind: kind.to_string(),
+            kind: kind.into(),
             at: rfc3339(SystemTime::now()),
             task_id: Some(envelope.id.clone()),
             task: Some(envelope.task.clone()),
             queue: Some(envelope.queue.clone()),
             detail,
         }
+    }
+}
+
+/// The kind of an event. The brokers write the task lifecycle kinds; supervision, breakers,
+/// resources and pools write their own (`actor_exited`, `breaker_opened`, `pool_agent_<state>`,
+/// …), kept as [`EventKind::Other`]. On the wire (the events stream, JSON) a kind is its name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum EventKind {
+    /// Enqueued (`detail`: eta, trace).
+    Sent,
+    /// An attempt started (`detail`: attempt, consumer).
+    Started,
+    /// An attempt failed and the next is scheduled (`detail`: attempt, error).
+    Retried,
+    /// Put back unrun until a time (`detail`: reason, until).
+    Deferred,
+    /// Back in the ready queue after its lease expired (`detail`: deliveries, consumer).
+    Recovered,
+    /// Done (`detail`: attempt).
+    Succeeded,
+    /// Dead-lettered: failed for good, poisoned, malformed, revoked (`detail`: attempt and
+    /// error, or deliveries, or reason and entry).
+    Dead,
+    /// Any other kind, by name.
+    Other(String),
+}
+
+impl EventKind {
+    const TASK: [EventKind; 7] = [
+        Self::Sent,
+        Self::Started,
+        Self::Retried,
+        Self::Deferred,
+        Self::Recovered,
+        Self::Succeeded,
+        Self::Dead,
+    ];
+
+    /// Its name on the wire (`sent`, …, or the other kind's own).
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::Sent => "sent",
+            Self::Started => "started",
+            Self::Retried => "retried",
+            Self::Deferred => "deferred",
+            Self::Recovered => "recovered",
+            Self::Succeeded => "succeeded",
+            Self::Dead => "dead",
+            Self::Other(name) => name,
+        }
+    }
+}
+
+impl From<&str> for EventKind {
+    fn from(name: &str) -> Self {
+        Self::TASK
+            .into_iter()
+            .find(|kind| kind.as_str() == name)
+            .unwrap_or_else(|| Self::Other(name.to_string()))
+    }
+}
+
+impl From<String> for EventKind {
+    fn from(name: String) -> Self {
+        match Self::from(name.as_str()) {
+            Self::Other(_) => Self::Other(name),
+            kind => kind,
+        }
+    }
+}
+
+impl std::fmt::Display for EventKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A kind reads as its name where text is expected (`&event.kind` as a `&str`).
+impl std::ops::Deref for EventKind {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl AsRef<str> for EventKind {
+    fn as_ref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl PartialEq<str> for EventKind {
+    fn eq(&self, name: &str) -> bool {
+        self.as_str() == name
+    }
+}
+
+impl PartialEq<&str> for EventKind {
+    fn eq(&self, name: &&str) -> bool {
+        self.as_str() == *name
+    }
+}
+
+impl Serialize for EventKind {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for EventKind {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(Self::from)
     }
 }
 

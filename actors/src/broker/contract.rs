@@ -868,7 +868,7 @@ pub(crate) async fn soon_events_precede_the_outcome_or_are_flushed<B: Broker>(b:
         events
             .iter()
             .filter(|e| e.task_id.as_deref() == Some(id))
-            .map(|e| e.kind.clone())
+            .map(|e| e.kind.to_string())
             .collect()
     };
     let all = b.events(None, 10_000).await.unwrap();

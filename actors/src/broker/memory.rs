@@ -24,12 +24,13 @@ use serde_json::Value;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use super::outcome::{Next, Outcome, Writes};
 use super::revocations::Revocations;
 use super::{
     Admin, BrokerError, BrokerSettings, Coordination, DeadLetter, Delivery, Enqueued, Envelope,
-    Event, LastRun, NodeRecord, Purged, QueueDepth, REVOKED, Records, Recovered, Revocation,
-    Revoked, SentDetail, StoredRecord, TaskQueue, TaskRecord, TaskState, check_id, due_ms,
-    entry_arg, epoch_ms, malformed_letter, rfc3339,
+    Event, EventKind, LastRun, NodeRecord, Purged, QueueDepth, REVOKED, Records, Recovered,
+    Revocation, Revoked, SentDetail, StoredRecord, TaskQueue, TaskRecord, TaskState, check_id,
+    due_ms, entry_arg, epoch_ms, malformed_letter, rfc3339,
 };
 
 /// The in-memory broker.
@@ -243,7 +244,7 @@ impl MemoryBroker {
             let reason = format!("malformed entry: {err}");
             let event = Event {
                 id: String::new(),
-                kind: "dead".into(),
+                kind: EventKind::Dead,
                 at: rfc3339(SystemTime::now()),
                 task_id: None,
                 task: None,
@@ -274,34 +275,36 @@ impl MemoryBroker {
             .remove(&delivery.entry)
     }
 
-    /// Records an outcome of `envelope`'s attempt — its record and its event. A retry is due
-    /// at `due_ms`.
-    fn settle(
-        &self,
-        state: &mut State,
-        envelope: &Envelope,
-        outcome: Outcome<'_>,
-        due_ms: Option<u64>,
-    ) {
-        let (task_state, result, error) = match outcome {
-            Outcome::Succeeded(value) => (TaskState::Succeeded, Some(value), None),
-            Outcome::Retrying(err) => (TaskState::Retrying, None, Some(err.to_string())),
-            Outcome::Dead(err) => (TaskState::Dead, None, Some(err.to_string())),
-        };
-        let kind = match task_state {
-            TaskState::Succeeded => "succeeded",
-            TaskState::Retrying => "retried",
-            _ => "dead",
-        };
-        let detail = serde_json::json!({ "attempt": envelope.attempt, "error": error });
-        state.event(
-            Event::about(kind, envelope, detail),
-            self.settings.events_maxlen,
-        );
+    /// Writes an outcome of `delivery` ([`Outcome::writes`]): releases its entry, puts it
+    /// where it goes next, changes its record and adds its event.
+    fn settle(&self, state: &mut State, delivery: &Delivery, outcome: Outcome<'_>) {
+        let at = rfc3339(SystemTime::now());
+        let Writes {
+            next,
+            record: change,
+            event,
+        } = outcome.writes(&delivery.envelope, &at);
+        let envelope = &delivery.envelope;
+        self.release(state, delivery);
+        match next {
+            Next::Gone => {}
+            Next::Delayed { due_ms, envelope } => {
+                state.push_delayed(&delivery.queue, due_ms, &envelope);
+            }
+            Next::Dead { reason, attempts } => {
+                let id = state.next_id();
+                state.queue(&delivery.queue).dead.push_back(DeadLetter {
+                    entry: id,
+                    reason,
+                    attempts,
+                    at: at.clone(),
+                    envelope: Some(envelope.clone()),
+                    raw: None,
+                });
+            }
+        }
+        state.event(event, self.settings.events_maxlen);
         let now = Instant::now();
-        let until = task_state
-            .is_final()
-            .then(|| now + self.settings.result_ttl);
         // Expired records and idempotency keys are dropped every so often, so a long-running
         // node keeps only what its TTLs promise.
         if state.records.len() % 4096 == 4095 {
@@ -310,24 +313,10 @@ impl MemoryBroker {
                 .retain(|_, (_, until)| until.is_none_or(|until| until > now));
             state.idempotency.retain(|_, (_, expires)| *expires > now);
         }
-        let record = state.record_of(envelope);
-        record.state = Some(task_state);
-        record.result = result;
-        record.error = error;
-        // An attempt ran (a dead letter may come before any did: its start marker counts).
-        if task_state != TaskState::Dead {
-            record.attempts = envelope.attempt.saturating_add(1);
-        }
-        record.due_ms = due_ms;
-        record.updated_at = rfc3339(SystemTime::now());
+        change.apply(state.record_of(envelope), &at);
+        let until = change.ends().then(|| now + self.settings.result_ttl);
         state.keep_record(&envelope.id, until);
     }
-}
-
-enum Outcome<'a> {
-    Succeeded(Value),
-    Retrying(&'a str),
-    Dead(&'a str),
 }
 
 /// The position of an event id (`N-0`; a bare `N` is accepted, anything else is 0).
@@ -549,7 +538,7 @@ impl TaskQueue for MemoryBroker {
                 }
                 let detail = serde_json::to_value(SentDetail::of(&envelope)).unwrap_or(Value::Null);
                 state.event(
-                    Event::about("sent", &envelope, detail),
+                    Event::about(EventKind::Sent, &envelope, detail),
                     self.settings.events_maxlen,
                 );
                 out.push(Enqueued {
@@ -602,19 +591,14 @@ impl TaskQueue for MemoryBroker {
     }
 
     async fn ack(&self, delivery: &Delivery, result: Value) -> Result<(), BrokerError> {
-        let mut state = self.lock();
-        self.release(&mut state, delivery);
-        let succeeded = Outcome::Succeeded(result);
-        self.settle(&mut state, &delivery.envelope, succeeded, None);
+        self.settle(&mut self.lock(), delivery, Outcome::Succeeded(&result));
         Ok(())
     }
 
     async fn ack_many(&self, done: &[(Delivery, Value)]) -> Result<(), BrokerError> {
         let mut state = self.lock();
         for (delivery, result) in done {
-            self.release(&mut state, delivery);
-            let succeeded = Outcome::Succeeded(result.clone());
-            self.settle(&mut state, &delivery.envelope, succeeded, None);
+            self.settle(&mut state, delivery, Outcome::Succeeded(result));
         }
         Ok(())
     }
@@ -625,13 +609,7 @@ impl TaskQueue for MemoryBroker {
         at: SystemTime,
         error: &str,
     ) -> Result<(), BrokerError> {
-        let mut next = delivery.envelope.clone();
-        next.attempt = next.attempt.saturating_add(1);
-        let mut state = self.lock();
-        self.release(&mut state, delivery);
-        state.push_delayed(&delivery.queue, due_ms(at), &next);
-        let retrying = Outcome::Retrying(error);
-        self.settle(&mut state, &delivery.envelope, retrying, Some(due_ms(at)));
+        self.settle(&mut self.lock(), delivery, Outcome::Retried { at, error });
         Ok(())
     }
 
@@ -641,35 +619,12 @@ impl TaskQueue for MemoryBroker {
         at: SystemTime,
         reason: &str,
     ) -> Result<(), BrokerError> {
-        let mut state = self.lock();
-        self.release(&mut state, delivery);
-        state.push_delayed(&delivery.queue, due_ms(at), &delivery.envelope);
-        let record = state.record_of(&delivery.envelope);
-        record.state = Some(TaskState::Scheduled);
-        record.due_ms = Some(due_ms(at));
-        record.lost = true;
-        record.updated_at = rfc3339(SystemTime::now());
-        let detail = serde_json::json!({ "reason": reason, "until": rfc3339(at) });
-        state.event(
-            Event::about("deferred", &delivery.envelope, detail),
-            self.settings.events_maxlen,
-        );
+        self.settle(&mut self.lock(), delivery, Outcome::Deferred { at, reason });
         Ok(())
     }
 
     async fn dead_letter(&self, delivery: &Delivery, reason: &str) -> Result<(), BrokerError> {
-        let mut state = self.lock();
-        self.release(&mut state, delivery);
-        let id = state.next_id();
-        state.queue(&delivery.queue).dead.push_back(DeadLetter {
-            entry: id,
-            reason: reason.to_string(),
-            attempts: delivery.envelope.attempt.saturating_add(1),
-            at: rfc3339(SystemTime::now()),
-            envelope: Some(delivery.envelope.clone()),
-            raw: None,
-        });
-        self.settle(&mut state, &delivery.envelope, Outcome::Dead(reason), None);
+        self.settle(&mut self.lock(), delivery, Outcome::Dead(reason));
         Ok(())
     }
 
@@ -701,7 +656,7 @@ impl TaskQueue for MemoryBroker {
                 serde_json::json!({ "deliveries": delivered, "consumer": leased.consumer });
             if delivered >= max {
                 if let Some(envelope) = &envelope {
-                    events.push(Event::about("dead", envelope, detail));
+                    events.push(Event::about(EventKind::Dead, envelope, detail));
                     out.dead_tasks.push(envelope.task.clone());
                 }
                 let reason =
@@ -720,7 +675,7 @@ impl TaskQueue for MemoryBroker {
                 out.dead += 1;
             } else {
                 if let Some(envelope) = &envelope {
-                    events.push(Event::about("recovered", envelope, detail));
+                    events.push(Event::about(EventKind::Recovered, envelope, detail));
                     requeued.push(envelope.id.clone());
                 }
                 q.ready.push_back(Entry {
@@ -791,7 +746,7 @@ impl TaskQueue for MemoryBroker {
         record.updated_at = at;
         let detail = serde_json::json!({ "attempt": envelope.attempt, "consumer": consumer });
         state.event(
-            Event::about("started", envelope, detail),
+            Event::about(EventKind::Started, envelope, detail),
             self.settings.events_maxlen,
         );
     }

@@ -188,11 +188,12 @@ use super::memory::{Prepared, prepare_batch};
 use super::revocations::Revocations;
 use super::{
     Admin, BrokerError, BrokerSettings, Coordination, DeadLetter, Delivery, Enqueued, Envelope,
-    Event, LastRun, NodeRecord, Purged, QueueDepth, Records, Recovered, Revocation, Revoked,
-    TaskQueue, TaskRecord, TaskState, due_ms, entry_arg, epoch_ms, malformed_letter, rfc3339,
+    Event, EventKind, LastRun, NodeRecord, Purged, QueueDepth, Records, Recovered, Revocation,
+    Revoked, TaskQueue, TaskRecord, TaskState, entry_arg, epoch_ms, malformed_letter, rfc3339,
 };
 
 use self::revocations::listen_revocations;
+use super::outcome::{Next, Outcome, RecordChange, Writes};
 use codec::{
     StreamEntry, dead_letter, enqueued_fields, event, int, pairs, sent_detail, stored_record,
     stream_entries, text,
@@ -412,51 +413,85 @@ impl RedisBroker {
 }
 
 impl RedisBroker {
-    /// Appends an outcome's record write to `pipe`: `HSET` of the state, result, error,
-    /// attempts (the envelope's `attempt` + 1, for an outcome of an attempt that ran: a
-    /// success or a retry; a dead letter leaves it, since the entry may never have run),
-    /// due time (`due_ms` of a retry, else empty) and time — with the id, task and queue, for
-    /// a record that an enqueue did not make — then `PEXPIRE` result TTL when the task ended,
-    /// else `PERSIST` (its entry lives on).
-    #[allow(clippy::too_many_arguments)]
+    /// Appends what an outcome writes ([`Writes`]) to `pipe`, with the release (`XACK` +
+    /// `XDEL`) of its entry: the entry's next place (`ZADD` delayed, or `XADD` dead), its
+    /// record and its event.
+    fn add_writes(&self, pipe: &mut Pipeline, delivery: &Delivery, writes: &Writes<'_>, at: &str) {
+        let envelope = &delivery.envelope;
+        match &writes.next {
+            Next::Gone => {}
+            Next::Delayed { due_ms, envelope } => {
+                pipe.cmd("ZADD")
+                    .arg(self.keys.delayed(&delivery.queue))
+                    .arg(*due_ms)
+                    .arg(envelope.to_json())
+                    .ignore();
+            }
+            Next::Dead { reason, attempts } => {
+                pipe.cmd("XADD")
+                    .arg(self.keys.dead(&delivery.queue))
+                    .arg("*")
+                    .arg("e")
+                    .arg(envelope.to_json())
+                    .arg("reason")
+                    .arg(reason)
+                    .arg("attempts")
+                    .arg(*attempts)
+                    .arg("at")
+                    .arg(at)
+                    .ignore();
+            }
+        }
+        self.add_release(pipe, &self.keys.stream(&delivery.queue), &delivery.entry);
+        self.add_record(pipe, envelope, &writes.record, at);
+        if self.events_on() {
+            xadd_whole(
+                pipe,
+                &self.events_key,
+                self.settings.events_maxlen,
+                &writes.event,
+            );
+        }
+    }
+
+    /// Appends a record change ([`RecordChange`]) to `pipe`: `HSET` of the id, task and queue
+    /// (for a record that an enqueue did not make), the state, the verdict (result, error), the
+    /// attempts, the due time (empty when none), `lost` and the time — then `PEXPIRE` result
+    /// TTL when the task ended, else `PERSIST` (its entry lives on).
     fn add_record(
         &self,
         pipe: &mut Pipeline,
         envelope: &Envelope,
-        state: TaskState,
-        result: Option<&serde_json::Value>,
-        error: &str,
-        due_ms: Option<u64>,
+        change: &RecordChange<'_>,
         at: &str,
     ) {
         let key = self.keys.result(&envelope.id);
-        let result = result.map(|v| v.to_string()).unwrap_or_default();
         let cmd = pipe.cmd("HSET");
-        if matches!(state, TaskState::Succeeded | TaskState::Retrying) {
-            cmd.arg(&key)
-                .arg("attempts")
-                .arg(envelope.attempt.saturating_add(1));
-        } else {
-            cmd.arg(&key);
-        }
-        cmd.arg("id")
+        cmd.arg(&key)
+            .arg("id")
             .arg(&envelope.id)
             .arg("task")
             .arg(&envelope.task)
             .arg("queue")
             .arg(&envelope.queue)
             .arg("state")
-            .arg(state.name())
-            .arg("result")
-            .arg(result)
-            .arg("error")
-            .arg(error)
-            .arg("due")
-            .arg(due_ms.map(|due| due.to_string()).unwrap_or_default())
-            .arg("updated_at")
-            .arg(at)
-            .ignore();
-        if state.is_final() {
+            .arg(change.state.name());
+        if let Some((result, error)) = change.verdict {
+            cmd.arg("result")
+                .arg(result.map(|v| v.to_string()).unwrap_or_default())
+                .arg("error")
+                .arg(error.unwrap_or_default());
+        }
+        if let Some(attempts) = change.attempts {
+            cmd.arg("attempts").arg(attempts);
+        }
+        cmd.arg("due")
+            .arg(change.due_ms.map(|due| due.to_string()).unwrap_or_default());
+        if change.lost {
+            cmd.arg("lost").arg("1");
+        }
+        cmd.arg("updated_at").arg(at).ignore();
+        if change.ends() {
             pipe.cmd("PEXPIRE")
                 .arg(&key)
                 .arg(self.result_ttl_ms)
@@ -477,23 +512,6 @@ impl RedisBroker {
         cmd.ignore();
     }
 
-    /// Ends a delivery and puts `next` in the delayed set, due at `at` (`ZADD`, `XACK`,
-    /// `XDEL`).
-    fn add_reschedule(
-        &self,
-        pipe: &mut Pipeline,
-        delivery: &Delivery,
-        next: &Envelope,
-        at: SystemTime,
-    ) {
-        pipe.cmd("ZADD")
-            .arg(self.keys.delayed(&delivery.queue))
-            .arg(due_ms(at))
-            .arg(next.to_json())
-            .ignore();
-        self.add_release(pipe, &self.keys.stream(&delivery.queue), &delivery.entry);
-    }
-
     /// The task `id` ended without an outcome of its own (a malformed entry): its record, if
     /// it has one, lives `result_ttl` more, then the id is free (`PEXPIRE`).
     fn add_record_end(&self, pipe: &mut Pipeline, id: &str) {
@@ -503,27 +521,13 @@ impl RedisBroker {
             .ignore();
     }
 
-    /// An ack's commands: record (with its TTL), `XACK` + `XDEL`, `succeeded` event.
-    fn add_ack(
-        &self,
-        pipe: &mut Pipeline,
-        delivery: &Delivery,
-        result: &serde_json::Value,
-        at: &str,
-    ) {
-        let envelope = &delivery.envelope;
-        self.add_record(
-            pipe,
-            envelope,
-            TaskState::Succeeded,
-            Some(result),
-            "",
-            None,
-            at,
-        );
-        self.add_release(pipe, &self.keys.stream(&delivery.queue), &delivery.entry);
-        let detail = format!(r#"{{"attempt":{},"error":null}}"#, envelope.attempt);
-        self.add_event(pipe, "succeeded", at, Some(envelope), None, &detail);
+    /// Writes one outcome of `delivery` in one `commit.lua` call.
+    async fn settle(&self, delivery: &Delivery, outcome: Outcome<'_>) -> Result<(), BrokerError> {
+        let at = rfc3339(SystemTime::now());
+        let writes = outcome.writes(&delivery.envelope, &at);
+        let mut pipe = redis::pipe();
+        self.add_writes(&mut pipe, delivery, &writes, &at);
+        self.write_outcomes(vec![pipe]).await
     }
 
     /// `XACK` + `XDEL` of an entry.
@@ -571,7 +575,7 @@ impl RedisBroker {
                 self.add_record_end(&mut pipe, &task_id);
             }
             let detail = json!({ "reason": reason, "entry": id }).to_string();
-            self.add_event(&mut pipe, "dead", &at, None, Some(queue), &detail);
+            self.add_event(&mut pipe, &EventKind::Dead, &at, None, Some(queue), &detail);
             outcomes.push(pipe);
         }
         if let Err(err) = self.write_outcomes(outcomes).await {
@@ -796,7 +800,14 @@ impl TaskQueue for RedisBroker {
             };
             if self.events_on() {
                 let detail = sent_detail(&envelope);
-                self.add_event(&mut pipe, "sent", &at, Some(&envelope), None, &detail);
+                self.add_event(
+                    &mut pipe,
+                    &EventKind::Sent,
+                    &at,
+                    Some(&envelope),
+                    None,
+                    &detail,
+                );
             }
             out.push(Enqueued {
                 id: envelope.id,
@@ -872,10 +883,7 @@ impl TaskQueue for RedisBroker {
     }
 
     async fn ack(&self, delivery: &Delivery, result: serde_json::Value) -> Result<(), BrokerError> {
-        let at = rfc3339(SystemTime::now());
-        let mut pipe = redis::pipe();
-        self.add_ack(&mut pipe, delivery, &result, &at);
-        self.write_outcomes(vec![pipe]).await
+        self.settle(delivery, Outcome::Succeeded(&result)).await
     }
 
     async fn ack_many(&self, done: &[(Delivery, serde_json::Value)]) -> Result<(), BrokerError> {
@@ -886,8 +894,9 @@ impl TaskQueue for RedisBroker {
         let outcomes = done
             .iter()
             .map(|(delivery, result)| {
+                let writes = Outcome::Succeeded(result).writes(&delivery.envelope, &at);
                 let mut pipe = redis::pipe();
-                self.add_ack(&mut pipe, delivery, result, &at);
+                self.add_writes(&mut pipe, delivery, &writes, &at);
                 pipe
             })
             .collect();
@@ -900,25 +909,7 @@ impl TaskQueue for RedisBroker {
         at: SystemTime,
         error: &str,
     ) -> Result<(), BrokerError> {
-        let envelope = &delivery.envelope;
-        let mut next = envelope.clone();
-        next.attempt = next.attempt.saturating_add(1);
-        let now = rfc3339(SystemTime::now());
-        let mut pipe = redis::pipe();
-        self.add_reschedule(&mut pipe, delivery, &next, at);
-        let due = Some(due_ms(at));
-        self.add_record(
-            &mut pipe,
-            envelope,
-            TaskState::Retrying,
-            None,
-            error,
-            due,
-            &now,
-        );
-        let detail = json!({ "attempt": envelope.attempt, "error": error }).to_string();
-        self.add_event(&mut pipe, "retried", &now, Some(envelope), None, &detail);
-        self.write_outcomes(vec![pipe]).await
+        self.settle(delivery, Outcome::Retried { at, error }).await
     }
 
     async fn defer(
@@ -927,68 +918,12 @@ impl TaskQueue for RedisBroker {
         at: SystemTime,
         reason: &str,
     ) -> Result<(), BrokerError> {
-        let envelope = &delivery.envelope;
-        let now = rfc3339(SystemTime::now());
-        let mut pipe = redis::pipe();
-        self.add_reschedule(&mut pipe, delivery, envelope, at);
-        // Its record: scheduled until then (not running: it did not start).
-        let record = self.keys.result(&envelope.id);
-        pipe.cmd("HSET")
-            .arg(&record)
-            .arg("id")
-            .arg(&envelope.id)
-            .arg("task")
-            .arg(&envelope.task)
-            .arg("queue")
-            .arg(&envelope.queue)
-            .arg("state")
-            .arg(TaskState::Scheduled.name())
-            .arg("due")
-            .arg(due_ms(at))
-            .arg("lost")
-            .arg("1")
-            .arg("updated_at")
-            .arg(&now)
-            .ignore();
-        pipe.cmd("PERSIST").arg(&record).ignore();
-        let detail = json!({ "reason": reason, "until": rfc3339(at) }).to_string();
-        self.add_event(&mut pipe, "deferred", &now, Some(envelope), None, &detail);
-        self.write_outcomes(vec![pipe]).await
+        self.settle(delivery, Outcome::Deferred { at, reason })
+            .await
     }
 
     async fn dead_letter(&self, delivery: &Delivery, reason: &str) -> Result<(), BrokerError> {
-        let envelope = &delivery.envelope;
-        let now = rfc3339(SystemTime::now());
-        let mut pipe = redis::pipe();
-        pipe.cmd("XADD")
-            .arg(self.keys.dead(&delivery.queue))
-            .arg("*")
-            .arg("e")
-            .arg(envelope.to_json())
-            .arg("reason")
-            .arg(reason)
-            .arg("attempts")
-            .arg(envelope.attempt.saturating_add(1))
-            .arg("at")
-            .arg(&now)
-            .ignore();
-        self.add_release(
-            &mut pipe,
-            &self.keys.stream(&delivery.queue),
-            &delivery.entry,
-        );
-        self.add_record(
-            &mut pipe,
-            envelope,
-            TaskState::Dead,
-            None,
-            reason,
-            None,
-            &now,
-        );
-        let detail = json!({ "attempt": envelope.attempt, "error": reason }).to_string();
-        self.add_event(&mut pipe, "dead", &now, Some(envelope), None, &detail);
-        self.write_outcomes(vec![pipe]).await
+        self.settle(delivery, Outcome::Dead(reason)).await
     }
 
     async fn recover(&self, queue: &str, lease: Duration) -> Result<Recovered, BrokerError> {
@@ -1062,7 +997,7 @@ impl TaskQueue for RedisBroker {
         let detail = json!({ "attempt": envelope.attempt, "consumer": consumer });
         lock(&self.soon).push(Start {
             record: self.keys.result(&envelope.id),
-            event: Event::about("started", envelope, detail),
+            event: Event::about(EventKind::Started, envelope, detail),
             attempt: envelope.attempt,
             consumer: consumer.to_string(),
         });

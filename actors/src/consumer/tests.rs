@@ -257,7 +257,7 @@ async fn runs_tasks_within_the_bulkhead_concurrency() {
         .events_of(&ids[0])
         .await
         .into_iter()
-        .map(|e| e.kind)
+        .map(|e| e.kind.to_string())
         .collect();
     assert_eq!(kinds, ["sent", "started", "succeeded"]);
     assert_eq!(rig.leases.count(), 0);
@@ -592,7 +592,7 @@ async fn an_entry_over_max_entry_bytes_is_dead_lettered_without_running() {
         .events_of("big-1")
         .await
         .into_iter()
-        .map(|e| e.kind)
+        .map(|e| e.kind.to_string())
         .collect();
     assert!(!kinds.iter().any(|k| k == "started"), "{kinds:?}");
     assert!(kinds.iter().any(|k| k == "dead"), "{kinds:?}");
@@ -819,7 +819,7 @@ async fn a_closed_gate_defers_without_spending_an_attempt() {
         .events_of(&id)
         .await
         .into_iter()
-        .map(|e| e.kind)
+        .map(|e| e.kind.to_string())
         .collect();
     assert_eq!(kinds, ["sent", "deferred", "started", "succeeded"]);
     assert_eq!(gate.asked.lock().unwrap()["zep"], 2);
@@ -852,7 +852,7 @@ async fn a_task_that_degrades_a_closed_resource_runs_at_once_while_one_that_uses
         .await;
     assert_eq!(record.attempts, 1);
     let kinds = |events: Vec<crate::broker::Event>| -> Vec<String> {
-        events.into_iter().map(|e| e.kind).collect()
+        events.into_iter().map(|e| e.kind.to_string()).collect()
     };
     assert_eq!(
         kinds(rig.events_of(&runs).await),
@@ -1331,7 +1331,7 @@ async fn a_running_task_revoked_without_terminate_finishes_and_its_retry_is_revo
         .events_of(&id)
         .await
         .into_iter()
-        .map(|e| e.kind)
+        .map(|e| e.kind.to_string())
         .collect();
     assert_eq!(kinds, ["sent", "started", "retried", "dead"]);
     rig.root.stop(None);

@@ -5,7 +5,7 @@ use std::borrow::Cow;
 
 use redis::Value;
 
-use crate::broker::{DeadLetter, Envelope, Event, SentDetail, StoredRecord, TaskState};
+use crate::broker::{DeadLetter, Envelope, Event, EventKind, SentDetail, StoredRecord, TaskState};
 
 /// The fields of an enqueued task's record ([`RedisBroker::add_enqueued_record`]; `enqueue.lua`
 /// writes the same): `task`, `queue`, `state`, `enqueued_at`, and `due` for a scheduled task.
@@ -231,7 +231,7 @@ pub(super) fn dead_letter(entry: StreamEntry) -> DeadLetter {
 pub(super) fn event(entry: StreamEntry) -> Event {
     let mut event = Event {
         id: entry.id,
-        kind: String::new(),
+        kind: EventKind::Other(String::new()),
         at: String::new(),
         task_id: None,
         task: None,
@@ -240,7 +240,7 @@ pub(super) fn event(entry: StreamEntry) -> Event {
     };
     for (name, value) in entry.fields {
         match name.as_str() {
-            "kind" => event.kind = value,
+            "kind" => event.kind = value.into(),
             "at" => event.at = value,
             "task_id" => event.task_id = Some(value),
             "task" => event.task = Some(value),

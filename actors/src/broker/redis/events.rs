@@ -12,7 +12,7 @@ use serde_json::json;
 use super::RedisBroker;
 use super::codec::{int, text};
 use super::connection::lock;
-use crate::broker::{BrokerError, EVENT_FLUSH, Envelope, Event, rfc3339};
+use crate::broker::{BrokerError, EVENT_FLUSH, Envelope, Event, EventKind, rfc3339};
 
 /// An attempt's start, handed to [`TaskQueue::started`](crate::broker::TaskQueue::started): its record's start marker and its
 /// `started` event, written later in one go ([`soon_pipeline`]).
@@ -36,7 +36,7 @@ impl RedisBroker {
     pub(super) fn add_event(
         &self,
         pipe: &mut Pipeline,
-        kind: &str,
+        kind: &EventKind,
         at: &str,
         about: Option<&Envelope>,
         queue: Option<&str>,
@@ -52,7 +52,7 @@ impl RedisBroker {
         };
         self.add_event_fields(
             pipe,
-            kind,
+            kind.as_str(),
             at,
             [("task_id", task_id), ("task", task), ("queue", queue)],
             detail,
@@ -103,7 +103,7 @@ pub(super) fn xadd_whole(pipe: &mut Pipeline, key: &str, maxlen: usize, event: &
         pipe,
         key,
         maxlen,
-        &event.kind,
+        event.kind.as_str(),
         &event.at,
         [
             ("task_id", event.task_id.as_deref()),
@@ -217,7 +217,7 @@ impl RedisBroker {
             let [kind, e, deliveries, consumer] = entry else {
                 continue;
             };
-            let (kind, e) = (text(kind), text(e));
+            let (kind, e) = (EventKind::from(text(kind)), text(e));
             let detail =
                 json!({ "deliveries": int(deliveries), "consumer": text(consumer) }).to_string();
             match Envelope::from_json(&e) {

@@ -428,7 +428,7 @@ async fn kinds(h: &Harness, id: &str) -> Vec<String> {
     events
         .into_iter()
         .filter(|e| e.task_id.as_deref() == Some(id))
-        .map(|e| e.kind)
+        .map(|e| e.kind.to_string())
         .collect()
 }
 
