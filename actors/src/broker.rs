@@ -4,6 +4,14 @@
 //! (`broker/contract.rs`): [`memory::MemoryBroker`] (`memory://`, single node, fast tests) and
 //! the Redis Streams broker. [`AnyBroker`] picks one at run time.
 //!
+//! The contract comes in four traits, by concern: [`TaskQueue`] (enqueue, reserve, leases,
+//! outcomes, recovery), [`Records`] (task records, the events stream, revocations),
+//! [`Coordination`] (beat leadership, schedules' last runs, node presence) and [`Admin`]
+//! (depth, dead letters, purge). [`Broker`] is all four, for generic code; a caller on a
+//! concrete broker imports the traits whose methods it calls. What each outcome writes (the
+//! entry's next place, the record's change, the event) is decided once, in `outcome.rs`, and
+//! applied by both backends.
+//!
 //! The life of an entry:
 //!
 //! ```text
@@ -1226,6 +1234,33 @@ dispatch!(Admin {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn event_kinds_are_written_and_read_by_their_names() {
+        for name in [
+            "sent",
+            "started",
+            "retried",
+            "deferred",
+            "recovered",
+            "succeeded",
+            "dead",
+            "actor_exited",
+        ] {
+            let kind = EventKind::from(name);
+            assert_eq!(kind.as_str(), name);
+            assert_eq!(serde_json::to_value(&kind).unwrap(), name);
+            assert_eq!(
+                serde_json::from_value::<EventKind>(name.into()).unwrap(),
+                kind
+            );
+        }
+        assert_eq!(EventKind::from("dead"), EventKind::Dead);
+        assert_eq!(
+            EventKind::from("pool_agent_ready".to_string()),
+            EventKind::Other("pool_agent_ready".into())
+        );
+    }
 
     #[test]
     fn a_presence_record_without_a_state_reads_as_running() {

@@ -24,7 +24,7 @@ use serde_json::Value;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::outcome::{Next, Outcome, Writes};
+use super::outcome::{Next, Outcome, Writes, malformed_event, recovery_event, started_event};
 use super::revocations::Revocations;
 use super::{
     Admin, BrokerError, BrokerSettings, Coordination, DeadLetter, Delivery, Enqueued, Envelope,
@@ -242,15 +242,8 @@ impl MemoryBroker {
                 state.record_ended(&id, now + self.settings.result_ttl);
             }
             let reason = format!("malformed entry: {err}");
-            let event = Event {
-                id: String::new(),
-                kind: EventKind::Dead,
-                at: rfc3339(SystemTime::now()),
-                task_id: None,
-                task: None,
-                queue: Some(queue.to_string()),
-                detail: serde_json::json!({ "reason": reason, "entry": entry.id }),
-            };
+            let at = rfc3339(SystemTime::now());
+            let event = malformed_event(queue, &entry.id, &reason, &at);
             // A dead letter gets an id of its own, as in Redis (a new entry of the dead
             // stream): dead letters are then in id order, which paging relies on.
             let dead_id = state.next_id();
@@ -288,9 +281,7 @@ impl MemoryBroker {
         self.release(state, delivery);
         match next {
             Next::Gone => {}
-            Next::Delayed { due_ms, envelope } => {
-                state.push_delayed(&delivery.queue, due_ms, &envelope);
-            }
+            Next::Delayed { due_ms, json } => state.push_delayed_raw(&delivery.queue, due_ms, json),
             Next::Dead { reason, attempts } => {
                 let id = state.next_id();
                 state.queue(&delivery.queue).dead.push_back(DeadLetter {
@@ -402,10 +393,6 @@ impl State {
         self.queue(queue)
             .ready
             .push_back(Entry { id, raw, delivered });
-    }
-
-    fn push_delayed(&mut self, queue: &str, due_ms: u64, envelope: &Envelope) {
-        self.push_delayed_raw(queue, due_ms, envelope.to_json());
     }
 
     fn push_delayed_raw(&mut self, queue: &str, due_ms: u64, raw: String) {
@@ -631,6 +618,7 @@ impl TaskQueue for MemoryBroker {
     async fn recover(&self, queue: &str, lease: Duration) -> Result<Recovered, BrokerError> {
         let mut state = self.lock();
         let now = Instant::now();
+        let at = rfc3339(SystemTime::now());
         let max = self.settings.max_deliveries;
         let q = state.queue(queue);
         let mut expired: Vec<String> = q
@@ -652,11 +640,21 @@ impl TaskQueue for MemoryBroker {
             };
             let delivered = leased.entry.delivered + 1;
             let envelope = Envelope::from_json(&leased.entry.raw).ok();
-            let detail =
-                serde_json::json!({ "deliveries": delivered, "consumer": leased.consumer });
-            if delivered >= max {
+            let dead = delivered >= max;
+            let event = |envelope| {
+                let deliveries = u64::from(delivered);
+                recovery_event(
+                    dead,
+                    Some(envelope),
+                    queue,
+                    deliveries,
+                    &leased.consumer,
+                    &at,
+                )
+            };
+            if dead {
                 if let Some(envelope) = &envelope {
-                    events.push(Event::about(EventKind::Dead, envelope, detail));
+                    events.push(event(envelope));
                     out.dead_tasks.push(envelope.task.clone());
                 }
                 let reason =
@@ -675,7 +673,7 @@ impl TaskQueue for MemoryBroker {
                 out.dead += 1;
             } else {
                 if let Some(envelope) = &envelope {
-                    events.push(Event::about(EventKind::Recovered, envelope, detail));
+                    events.push(event(envelope));
                     requeued.push(envelope.id.clone());
                 }
                 q.ready.push_back(Entry {
@@ -744,9 +742,8 @@ impl TaskQueue for MemoryBroker {
         record.started_at = Some(at.clone());
         record.node = Some(consumer.to_string());
         record.updated_at = at;
-        let detail = serde_json::json!({ "attempt": envelope.attempt, "consumer": consumer });
         state.event(
-            Event::about(EventKind::Started, envelope, detail),
+            started_event(envelope, consumer),
             self.settings.events_maxlen,
         );
     }

@@ -34,8 +34,8 @@ pub(crate) enum Outcome<'a> {
 pub(crate) enum Next {
     /// Nowhere: the task is done.
     Gone,
-    /// To the delayed set, due at `due_ms` (the score), as `envelope`.
-    Delayed { due_ms: u64, envelope: Envelope },
+    /// To the delayed set, due at `due_ms` (the score), as the envelope JSON `json`.
+    Delayed { due_ms: u64, json: String },
     /// To the dead letters, with its reason and the attempts made.
     Dead { reason: String, attempts: u32 },
 }
@@ -113,7 +113,7 @@ impl<'a> Outcome<'a> {
                 (
                     Next::Delayed {
                         due_ms: due,
-                        envelope: next,
+                        json: next.to_json(),
                     },
                     RecordChange {
                         state: TaskState::Retrying,
@@ -131,7 +131,7 @@ impl<'a> Outcome<'a> {
                 (
                     Next::Delayed {
                         due_ms: due,
-                        envelope: envelope.clone(),
+                        json: envelope.to_json(),
                     },
                     RecordChange {
                         state: TaskState::Scheduled,
@@ -168,4 +168,49 @@ impl<'a> Outcome<'a> {
             event,
         }
     }
+}
+
+/// The `started` event of an attempt of `envelope` on `consumer` (it travels with the record's
+/// start marker: [`TaskQueue::started`](super::TaskQueue::started)).
+pub(crate) fn started_event(envelope: &Envelope, consumer: &str) -> Event {
+    let detail = json!({ "attempt": envelope.attempt, "consumer": consumer });
+    Event::about(EventKind::Started, envelope, detail)
+}
+
+/// The event of an entry a recovery sweep moved, at `at`: `recovered` (ready again) or, when
+/// `poisoned` (`max_deliveries` reached), `dead`; about its envelope, or only its queue when the
+/// entry is not a valid envelope.
+pub(crate) fn recovery_event(
+    poisoned: bool,
+    envelope: Option<&Envelope>,
+    queue: &str,
+    deliveries: u64,
+    consumer: &str,
+    at: &str,
+) -> Event {
+    let kind = if poisoned {
+        EventKind::Dead
+    } else {
+        EventKind::Recovered
+    };
+    let detail = json!({ "deliveries": deliveries, "consumer": consumer });
+    let mut event = match envelope {
+        Some(envelope) => Event::about(kind, envelope, detail),
+        None => {
+            let mut event = Event::new(kind, detail);
+            event.queue = Some(queue.to_string());
+            event
+        }
+    };
+    at.clone_into(&mut event.at);
+    event
+}
+
+/// The `dead` event of a malformed entry met by `reserve`, at `at`: about its queue (it names
+/// no task), with the reason and the entry id.
+pub(crate) fn malformed_event(queue: &str, entry: &str, reason: &str, at: &str) -> Event {
+    let mut event = Event::new(EventKind::Dead, json!({ "reason": reason, "entry": entry }));
+    event.queue = Some(queue.to_string());
+    at.clone_into(&mut event.at);
+    event
 }

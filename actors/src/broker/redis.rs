@@ -182,7 +182,6 @@ use std::time::{Duration, SystemTime};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use redis::{AsyncConnectionConfig, Client, Pipeline, RedisResult, Script, Value};
-use serde_json::json;
 
 use super::memory::{Prepared, prepare_batch};
 use super::revocations::Revocations;
@@ -193,7 +192,7 @@ use super::{
 };
 
 use self::revocations::listen_revocations;
-use super::outcome::{Next, Outcome, RecordChange, Writes};
+use super::outcome::{Next, Outcome, RecordChange, Writes, malformed_event, started_event};
 use codec::{
     StreamEntry, dead_letter, enqueued_fields, event, int, pairs, sent_detail, stored_record,
     stream_entries, text,
@@ -420,11 +419,11 @@ impl RedisBroker {
         let envelope = &delivery.envelope;
         match &writes.next {
             Next::Gone => {}
-            Next::Delayed { due_ms, envelope } => {
+            Next::Delayed { due_ms, json } => {
                 pipe.cmd("ZADD")
                     .arg(self.keys.delayed(&delivery.queue))
                     .arg(*due_ms)
-                    .arg(envelope.to_json())
+                    .arg(json)
                     .ignore();
             }
             Next::Dead { reason, attempts } => {
@@ -444,14 +443,7 @@ impl RedisBroker {
         }
         self.add_release(pipe, &self.keys.stream(&delivery.queue), &delivery.entry);
         self.add_record(pipe, envelope, &writes.record, at);
-        if self.events_on() {
-            xadd_whole(
-                pipe,
-                &self.events_key,
-                self.settings.events_maxlen,
-                &writes.event,
-            );
-        }
+        self.add_whole_event(pipe, &writes.event);
     }
 
     /// Appends a record change ([`RecordChange`]) to `pipe`: `HSET` of the id, task and queue
@@ -574,8 +566,7 @@ impl RedisBroker {
             if let Some(task_id) = Envelope::id_in(raw) {
                 self.add_record_end(&mut pipe, &task_id);
             }
-            let detail = json!({ "reason": reason, "entry": id }).to_string();
-            self.add_event(&mut pipe, &EventKind::Dead, &at, None, Some(queue), &detail);
+            self.add_whole_event(&mut pipe, &malformed_event(queue, id, reason, &at));
             outcomes.push(pipe);
         }
         if let Err(err) = self.write_outcomes(outcomes).await {
@@ -994,10 +985,9 @@ impl TaskQueue for RedisBroker {
     }
 
     fn started(&self, envelope: &Envelope, consumer: &str) {
-        let detail = json!({ "attempt": envelope.attempt, "consumer": consumer });
         lock(&self.soon).push(Start {
             record: self.keys.result(&envelope.id),
-            event: Event::about(EventKind::Started, envelope, detail),
+            event: started_event(envelope, consumer),
             attempt: envelope.attempt,
             consumer: consumer.to_string(),
         });

@@ -7,11 +7,11 @@ use std::time::SystemTime;
 use redis::Pipeline;
 use redis::Value;
 use redis::aio::ConnectionManager;
-use serde_json::json;
 
 use super::RedisBroker;
 use super::codec::{int, text};
 use super::connection::lock;
+use crate::broker::outcome::recovery_event;
 use crate::broker::{BrokerError, EVENT_FLUSH, Envelope, Event, EventKind, rfc3339};
 
 /// An attempt's start, handed to [`TaskQueue::started`](crate::broker::TaskQueue::started): its record's start marker and its
@@ -57,6 +57,13 @@ impl RedisBroker {
             [("task_id", task_id), ("task", task), ("queue", queue)],
             detail,
         );
+    }
+
+    /// Appends `event`'s `XADD` ([`xadd_whole`]) to `pipe`, unless events are off.
+    pub(super) fn add_whole_event(&self, pipe: &mut Pipeline, event: &Event) {
+        if self.events_on() {
+            xadd_whole(pipe, &self.events_key, self.settings.events_maxlen, event);
+        }
     }
 
     /// Appends an event's `XADD` ([`xadd_event`]) to `pipe`, unless events are off.
@@ -217,15 +224,16 @@ impl RedisBroker {
             let [kind, e, deliveries, consumer] = entry else {
                 continue;
             };
-            let (kind, e) = (EventKind::from(text(kind)), text(e));
-            let detail =
-                json!({ "deliveries": int(deliveries), "consumer": text(consumer) }).to_string();
-            match Envelope::from_json(&e) {
-                Ok(envelope) => {
-                    self.add_event(&mut pipe, &kind, &at, Some(&envelope), None, &detail)
-                }
-                Err(_) => self.add_event(&mut pipe, &kind, &at, None, Some(queue), &detail),
-            }
+            let envelope = Envelope::from_json(&text(e)).ok();
+            let event = recovery_event(
+                text(kind) == "dead",
+                envelope.as_ref(),
+                queue,
+                u64::try_from(int(deliveries)).unwrap_or(0),
+                &text(consumer),
+                &at,
+            );
+            self.add_whole_event(&mut pipe, &event);
         }
         self.query_pipe::<()>(&pipe).await
     }
