@@ -92,7 +92,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 pub use actor::{BrokerActor, BrokerArgs, BrokerMessage, NodeStatus, Presence};
-pub use envelope::{Callback, Envelope, FieldError, MAX_ID_BYTES, check_id};
+pub use envelope::{Callback, Envelope, FieldError, MAX_ID_BYTES, Timestamp, check_id};
 pub use leases::Leases;
 pub use sink::EventSink;
 
@@ -664,7 +664,7 @@ impl<'de> Deserialize<'de> for EventKind {
 /// page list the tasks of one trace from the events stream (`GET /tasks?trace=`).
 #[derive(Debug, Serialize)]
 pub(crate) struct SentDetail<'a> {
-    eta: &'a Option<String>,
+    eta: &'a Option<Timestamp>,
     trace_id: &'a Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     parent_id: &'a Option<String>,

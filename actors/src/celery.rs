@@ -609,8 +609,8 @@ pub fn expand(envelope: &mut Envelope) -> Result<(), String> {
     if !embed["chord"].is_null() {
         return Err("celery: chords are not supported by the runtime".into());
     }
-    envelope.eta = celery_time(&headers["eta"], "eta")?;
-    envelope.expires = celery_time(&headers["expires"], "expires")?;
+    envelope.eta = celery_time(&headers["eta"], "eta")?.map(Into::into);
+    envelope.expires = celery_time(&headers["expires"], "expires")?.map(Into::into);
     // A count past u32 is as good as exhausted: never wrapped round to a first attempt.
     envelope.attempt = headers["retries"]
         .as_u64()

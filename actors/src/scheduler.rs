@@ -49,7 +49,8 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::broker::{
-    AnyBroker, BrokerError, Coordination, Envelope, LastRun, TaskQueue, epoch_ms, rfc3339,
+    AnyBroker, BrokerError, Coordination, Envelope, LastRun, TaskQueue, Timestamp, epoch_ms,
+    rfc3339,
 };
 use crate::tree::TreeHandle;
 
@@ -414,7 +415,7 @@ impl SchedulerState {
         envelope.idempotency_key = Some(idempotency_key(&schedule.name, due));
         let start = jittered(due, schedule.jitter, &mut rand::rng());
         if start > due {
-            envelope.eta = Some(rfc3339(start));
+            envelope.eta = Some(Timestamp::at(start));
         }
         let sent = self.args.broker.enqueue(vec![envelope]).await?;
         let Some(sent) = sent.into_iter().next() else {

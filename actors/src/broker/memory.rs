@@ -1092,7 +1092,7 @@ mod tests {
         let mut lookalike = Envelope::new("notify", "notes");
         lookalike.idempotency_key = Some("cb:p-2:0:notify".into());
         let mut later = Envelope::new("work", "chat");
-        later.eta = Some(crate::broker::rfc3339(
+        later.eta = Some(crate::broker::Timestamp::at(
             SystemTime::now() + Duration::from_secs(86_400),
         ));
         let batch = vec![

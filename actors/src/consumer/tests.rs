@@ -536,7 +536,7 @@ async fn unknown_and_expired_tasks_are_dead_lettered_without_running() {
     .await;
     let ghost = rig.enqueue("no_such_task", "default", json!({})).await;
     let mut old = Envelope::new("rt_noop", "default");
-    old.expires = Some(crate::broker::rfc3339(
+    old.expires = Some(crate::broker::Timestamp::at(
         SystemTime::now() - Duration::from_secs(1),
     ));
     let old = rig.broker.enqueue(vec![old]).await.unwrap()[0].id.clone();
@@ -1183,7 +1183,7 @@ async fn revoked_tasks_that_did_not_start_never_run_and_their_link_error_fires()
     }
     let queued = rig.enqueue("work", "chat", json!({})).await;
     let mut later = Envelope::new("work", "chat");
-    later.eta = Some(crate::broker::rfc3339(
+    later.eta = Some(crate::broker::Timestamp::at(
         SystemTime::now() + Duration::from_secs(60),
     ));
     let delayed = rig.broker.enqueue(vec![later]).await.unwrap()[0].id.clone();

@@ -318,7 +318,7 @@ async fn big_queues_are_moved_in_batches() {
     let batch: Vec<Envelope> = (0..n)
         .map(|i| {
             let mut env = task(q, i);
-            env.eta = Some(due.clone());
+            env.eta = Some(due.clone().into());
             env
         })
         .collect();
