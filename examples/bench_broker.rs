@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use actors::broker::redis::RedisBroker;
-use actors::broker::{Broker, BrokerSettings, Envelope};
+use actors::broker::{BrokerSettings, Envelope, TaskQueue};
 use actors::test_util::RedisServer;
 use serde_json::json;
 use tokio::time::Instant;

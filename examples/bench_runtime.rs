@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use actors::broker::redis::RedisBroker;
-use actors::broker::{Broker, BrokerSettings, Envelope};
+use actors::broker::{Admin, BrokerSettings, Envelope, TaskQueue};
 use actors::handler::native::Natives;
 use actors::test_util::RedisServer;
 use runtime::config::{Environment, compile_str};

@@ -16,7 +16,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use actors::broker::{AnyBroker, Broker, BrokerMessage, EventSink, NodeState, NodeStatus};
+use actors::broker::{
+    Admin, AnyBroker, BrokerMessage, Coordination, EventSink, NodeState, NodeStatus,
+};
 use actors::celery::{Celery, CeleryOrigin};
 use actors::consumer::{ConsumerMessage, Outcomes, Work};
 use actors::handler::native::Natives;

@@ -23,8 +23,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actors::broker::{AnyBroker, BrokerActor, BrokerArgs, NodeStatus, Presence};
-use actors::celery::{Celery, CelerySettings};
 use actors::celery::bridge::{BridgeActor, BridgeArgs, BridgeCounters};
+use actors::celery::{Celery, CelerySettings};
 use actors::consumer::{ConsumerActor, ConsumerArgs, Outcomes, Work};
 use actors::gate::ResourceGate;
 use actors::handler::exec::ExecHandler;

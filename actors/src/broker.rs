@@ -4,6 +4,14 @@
 //! (`broker/contract.rs`): [`memory::MemoryBroker`] (`memory://`, single node, fast tests) and
 //! the Redis Streams broker. [`AnyBroker`] picks one at run time.
 //!
+//! The contract comes in four traits, by concern: [`TaskQueue`] (enqueue, reserve, leases,
+//! outcomes, recovery), [`Records`] (task records, the events stream, revocations),
+//! [`Coordination`] (beat leadership, schedules' last runs, node presence) and [`Admin`]
+//! (depth, dead letters, purge). [`Broker`] is all four, for generic code; a caller on a
+//! concrete broker imports the traits whose methods it calls. What each outcome writes (the
+//! entry's next place, the record's change, the event) is decided once, in `outcome.rs`, and
+//! applied by both backends.
+//!
 //! The life of an entry:
 //!
 //! ```text
@@ -46,9 +54,9 @@
 //! it removed. Generated ids (UUIDs) are not checked. With an idempotency key too, the key is
 //! claimed first.
 //!
-//! Revocations ([`Broker::revoke`]): kept `result_ttl` by the broker, learnt by every node
+//! Revocations ([`Records::revoke`]): kept `result_ttl` by the broker, learnt by every node
 //! sharing it — by each `reserve` (in the read's own round trip: a node started later knows
-//! every revocation still kept) and as they are made ([`Broker::revocations`]: the node
+//! every revocation still kept) and as they are made ([`Records::revocations`]: the node
 //! running a revoked task stops it when asked to terminate). A revoked entry that reaches a
 //! consumer is dead-lettered as `revoked` without running.
 //!
@@ -68,6 +76,7 @@ pub mod actor;
 pub mod envelope;
 pub mod leases;
 pub mod memory;
+mod outcome;
 pub mod redis;
 mod revocations;
 pub mod sink;
@@ -83,7 +92,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 pub use actor::{BrokerActor, BrokerArgs, BrokerMessage, NodeStatus, Presence};
-pub use envelope::{Callback, Envelope, FieldError, MAX_ID_BYTES, check_id};
+pub use envelope::{Callback, Envelope, FieldError, MAX_ID_BYTES, Timestamp, check_id};
 pub use leases::Leases;
 pub use sink::EventSink;
 
@@ -121,7 +130,7 @@ pub enum BrokerError {
     },
 }
 
-/// How long what [`Broker::started`] hands over may wait for an outcome to travel with.
+/// How long what [`TaskQueue::started`] hands over may wait for an outcome to travel with.
 pub const EVENT_FLUSH: Duration = Duration::from_millis(50);
 
 /// Tunables shared by both implementations.
@@ -339,7 +348,7 @@ pub struct TaskRecord {
 /// A task's record as a broker stores it; [`StoredRecord::view`] derives what
 /// [`TaskRecord`] shows. Written whole or in parts by every step of the task's life, each in
 /// the round trip it already had: the enqueue (`queued`/`scheduled`), the start of an
-/// attempt (the start marker, through [`Broker::started`]), each outcome, a deferral, a
+/// attempt (the start marker, through [`TaskQueue::started`]), each outcome, a deferral, a
 /// requeue, a revocation. `running` is never stored: an attempt runs while its start marker
 /// (`started`, an attempt index) is at least the number of attempts with an outcome
 /// (`attempts`) and was not lost since (lease recovery, a deferral), so a start marker written
@@ -434,7 +443,7 @@ impl StoredRecord {
     }
 }
 
-/// A revocation as every node sharing the broker learns it ([`Broker::revocations`]).
+/// A revocation as every node sharing the broker learns it ([`Records::revocations`]).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Revocation {
     /// The task id.
@@ -443,7 +452,7 @@ pub struct Revocation {
     pub terminate: bool,
 }
 
-/// What [`Broker::revoke`] found, and so what it did.
+/// What [`Records::revoke`] found, and so what it did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Revoked {
     /// No record: unknown, or expired. The revocation is kept `result_ttl`, so a task with
@@ -493,7 +502,7 @@ pub struct Event {
     #[serde(default)]
     pub id: String,
     /// What happened.
-    pub kind: String,
+    pub kind: EventKind,
     /// When (RFC 3339).
     pub at: String,
     /// The task concerned, if any.
@@ -512,10 +521,10 @@ pub struct Event {
 
 impl Event {
     /// An event of `kind` about no task (an actor, a breaker, a pool), now.
-    pub fn new(kind: &str, detail: Value) -> Self {
+    pub fn new(kind: impl Into<EventKind>, detail: Value) -> Self {
         Self {
             id: String::new(),
-            kind: kind.to_string(),
+            kind: kind.into(),
             at: rfc3339(SystemTime::now()),
             task_id: None,
             task: None,
@@ -525,10 +534,10 @@ impl Event {
     }
 
     /// An event of `kind` about `envelope`, now.
-    pub fn about(kind: &str, envelope: &Envelope, detail: Value) -> Self {
+    pub fn about(kind: impl Into<EventKind>, envelope: &Envelope, detail: Value) -> Self {
         Self {
             id: String::new(),
-            kind: kind.to_string(),
+            kind: kind.into(),
             at: rfc3339(SystemTime::now()),
             task_id: Some(envelope.id.clone()),
             task: Some(envelope.task.clone()),
@@ -538,12 +547,124 @@ impl Event {
     }
 }
 
+/// The kind of an event. The brokers write the task lifecycle kinds; supervision, breakers,
+/// resources and pools write their own (`actor_exited`, `breaker_opened`, `pool_agent_<state>`,
+/// …), kept as [`EventKind::Other`]. On the wire (the events stream, JSON) a kind is its name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum EventKind {
+    /// Enqueued (`detail`: eta, trace).
+    Sent,
+    /// An attempt started (`detail`: attempt, consumer).
+    Started,
+    /// An attempt failed and the next is scheduled (`detail`: attempt, error).
+    Retried,
+    /// Put back unrun until a time (`detail`: reason, until).
+    Deferred,
+    /// Back in the ready queue after its lease expired (`detail`: deliveries, consumer).
+    Recovered,
+    /// Done (`detail`: attempt).
+    Succeeded,
+    /// Dead-lettered: failed for good, poisoned, malformed, revoked (`detail`: attempt and
+    /// error, or deliveries, or reason and entry).
+    Dead,
+    /// Any other kind, by name.
+    Other(String),
+}
+
+impl EventKind {
+    const TASK: [EventKind; 7] = [
+        Self::Sent,
+        Self::Started,
+        Self::Retried,
+        Self::Deferred,
+        Self::Recovered,
+        Self::Succeeded,
+        Self::Dead,
+    ];
+
+    /// Its name on the wire (`sent`, …, or the other kind's own).
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::Sent => "sent",
+            Self::Started => "started",
+            Self::Retried => "retried",
+            Self::Deferred => "deferred",
+            Self::Recovered => "recovered",
+            Self::Succeeded => "succeeded",
+            Self::Dead => "dead",
+            Self::Other(name) => name,
+        }
+    }
+}
+
+impl From<&str> for EventKind {
+    fn from(name: &str) -> Self {
+        Self::TASK
+            .into_iter()
+            .find(|kind| kind.as_str() == name)
+            .unwrap_or_else(|| Self::Other(name.to_string()))
+    }
+}
+
+impl From<String> for EventKind {
+    fn from(name: String) -> Self {
+        match Self::from(name.as_str()) {
+            Self::Other(_) => Self::Other(name),
+            kind => kind,
+        }
+    }
+}
+
+impl std::fmt::Display for EventKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A kind reads as its name where text is expected (`&event.kind` as a `&str`).
+impl std::ops::Deref for EventKind {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl AsRef<str> for EventKind {
+    fn as_ref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl PartialEq<str> for EventKind {
+    fn eq(&self, name: &str) -> bool {
+        self.as_str() == name
+    }
+}
+
+impl PartialEq<&str> for EventKind {
+    fn eq(&self, name: &&str) -> bool {
+        self.as_str() == *name
+    }
+}
+
+impl Serialize for EventKind {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for EventKind {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(Self::from)
+    }
+}
+
 /// The `detail` of a `sent` event, written by both backends: the eta, and the trace the task
 /// belongs to (`trace_id`, and `parent_id` for a callback or a sub-task) — what lets the live
 /// page list the tasks of one trace from the events stream (`GET /tasks?trace=`).
 #[derive(Debug, Serialize)]
 pub(crate) struct SentDetail<'a> {
-    eta: &'a Option<String>,
+    eta: &'a Option<Timestamp>,
     trace_id: &'a Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     parent_id: &'a Option<String>,
@@ -628,8 +749,9 @@ pub struct LastRun {
     pub node: String,
 }
 
-/// The broker operations every implementation provides.
-pub trait Broker: Send + Sync + 'static {
+/// The life of a delivery: enqueue, reserve and lease, the outcomes (ack, retry, defer, dead
+/// letter), and what moves entries between places (recovery, promotion, hand back).
+pub trait TaskQueue: Send + Sync + 'static {
     /// Enqueues a batch (ids and `enqueued_at` filled in when empty; a future `eta` goes to
     /// the delayed set; a taken idempotency key returns the first id; a chosen id that is
     /// taken is a duplicate of itself). All or nothing per envelope, answers in order. An invalid envelope, or one whose JSON is over
@@ -712,69 +834,30 @@ pub trait Broker: Send + Sync + 'static {
         now: SystemTime,
     ) -> impl Future<Output = Result<u64, BrokerError>> + Send;
 
-    /// Entries per state.
-    fn depth(&self, queue: &str) -> impl Future<Output = Result<QueueDepth, BrokerError>> + Send;
-
-    /// The oldest `limit` dead letters.
-    fn dead_letters(
-        &self,
-        queue: &str,
-        limit: usize,
-    ) -> impl Future<Output = Result<Vec<DeadLetter>, BrokerError>> + Send {
-        self.dead_letters_after(queue, None, limit)
-    }
-
-    /// Up to `limit` dead letters after the entry id `after` (from the oldest when `None`),
-    /// oldest first: the next page of a listing starts after the last entry of the previous
-    /// one. `after` is an entry id ([`check_entry`]); it need not exist any more.
-    fn dead_letters_after(
-        &self,
-        queue: &str,
-        after: Option<&str>,
-        limit: usize,
-    ) -> impl Future<Output = Result<Vec<DeadLetter>, BrokerError>> + Send;
-
-    /// Moves up to `limit` dead letters back to the ready queue (attempts reset); malformed
-    /// ones stay. Returns how many moved.
-    fn requeue_dead(
-        &self,
-        queue: &str,
-        limit: usize,
-    ) -> impl Future<Output = Result<u64, BrokerError>> + Send;
-
-    /// Moves the one dead letter `entry` back to the ready queue (attempt reset, id guard
-    /// taken again), as [`requeue_dead`](Broker::requeue_dead) does for many: its task id,
-    /// or `None` when there is no such dead letter (requeued or deleted meanwhile — also by
-    /// another node). A malformed letter stays: [`BrokerError::Invalid`].
-    fn requeue_dead_entry(
-        &self,
-        queue: &str,
-        entry: &str,
-    ) -> impl Future<Output = Result<Option<String>, BrokerError>> + Send;
-
-    /// Deletes the one dead letter `entry`; false when there is none.
-    fn delete_dead(
-        &self,
-        queue: &str,
-        entry: &str,
-    ) -> impl Future<Output = Result<bool, BrokerError>> + Send;
-
-    /// Deletes every dead letter of `queue`; returns how many.
-    fn purge_dead(&self, queue: &str) -> impl Future<Output = Result<u64, BrokerError>> + Send;
-
-    /// Removes every ready and delayed entry (in-flight ones finish).
-    fn purge(&self, queue: &str) -> impl Future<Output = Result<Purged, BrokerError>> + Send;
-
-    /// Appends an event to the capped events stream (`enqueue`, `started`, `ack`, `retry`,
-    /// `dead_letter` and `recover` write their own).
-    fn publish(&self, event: Event) -> impl Future<Output = Result<(), BrokerError>> + Send;
-
     /// Records that an attempt of `envelope` started on `consumer` — its record's start
     /// marker (so it shows `running`) and the `started` event — without a round trip of its
     /// own: both are written with the next outcome this broker records (`ack`, `retry`,
     /// `defer`, `dead_letter`) — ahead of it, so a task's `started` stays before its outcome
     /// in the stream — or within [`EVENT_FLUSH`] when no outcome comes. Best effort.
     fn started(&self, envelope: &Envelope, consumer: &str);
+
+    /// Hands back entries `consumer` reserved but did not start (a node leaving cleanly):
+    /// each one still held by `consumer` is ready again at once for any consumer, its delivery
+    /// count unchanged; entries it no longer holds are left alone. Returns how many moved.
+    fn hand_back(
+        &self,
+        queue: &str,
+        consumer: &str,
+        entries: &[String],
+    ) -> impl Future<Output = Result<u64, BrokerError>> + Send;
+}
+
+/// What the broker remembers about tasks beside their entries: records, the events stream and
+/// the kept revocations.
+pub trait Records: Send + Sync + 'static {
+    /// Appends an event to the capped events stream (`enqueue`, `started`, `ack`, `retry`,
+    /// `dead_letter` and `recover` write their own).
+    fn publish(&self, event: Event) -> impl Future<Output = Result<(), BrokerError>> + Send;
 
     /// Up to `limit` events after the event id `after` (from the oldest kept when `None`),
     /// oldest first.
@@ -801,7 +884,7 @@ pub trait Broker: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Option<TaskRecord>, BrokerError>> + Send;
 
     /// Revokes task `id` (see [`Revoked`] for what happens in each state). The revocation is
-    /// kept `result_ttl` and reaches every node sharing the broker ([`Broker::revocations`]);
+    /// kept `result_ttl` and reaches every node sharing the broker ([`Records::revocations`]);
     /// `terminate` asks the node running it to stop a running attempt.
     fn revoke(
         &self,
@@ -817,17 +900,11 @@ pub trait Broker: Send + Sync + 'static {
     /// Revocations as they are made, by any node sharing the broker (and, after a lost
     /// connection, every revocation still kept, again).
     fn revocations(&self) -> tokio::sync::broadcast::Receiver<Revocation>;
+}
 
-    /// Hands back entries `consumer` reserved but did not start (a node leaving cleanly):
-    /// each one still held by `consumer` is ready again at once for any consumer, its delivery
-    /// count unchanged; entries it no longer holds are left alone. Returns how many moved.
-    fn hand_back(
-        &self,
-        queue: &str,
-        consumer: &str,
-        entries: &[String],
-    ) -> impl Future<Output = Result<u64, BrokerError>> + Send;
-
+/// What several nodes sharing the broker agree on: the beat leader lease, each schedule's last
+/// run, and the nodes' presence records.
+pub trait Coordination: Send + Sync + 'static {
     /// The beat leader lease: renews it when `node` holds it, takes it (for `lease`) when
     /// nobody does; returns the holder after the call (`node` when it leads).
     fn claim_leadership(
@@ -868,6 +945,70 @@ pub trait Broker: Send + Sync + 'static {
     /// Removes `name`'s presence record (a clean stop).
     fn forget_node(&self, name: &str) -> impl Future<Output = Result<(), BrokerError>> + Send;
 }
+
+/// Inspection and operator actions on a queue: depth, dead letters (list, requeue, delete,
+/// purge) and purge.
+pub trait Admin: Send + Sync + 'static {
+    /// Entries per state.
+    fn depth(&self, queue: &str) -> impl Future<Output = Result<QueueDepth, BrokerError>> + Send;
+
+    /// The oldest `limit` dead letters.
+    fn dead_letters(
+        &self,
+        queue: &str,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<DeadLetter>, BrokerError>> + Send {
+        self.dead_letters_after(queue, None, limit)
+    }
+
+    /// Up to `limit` dead letters after the entry id `after` (from the oldest when `None`),
+    /// oldest first: the next page of a listing starts after the last entry of the previous
+    /// one. `after` is an entry id ([`check_entry`]); it need not exist any more.
+    fn dead_letters_after(
+        &self,
+        queue: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<DeadLetter>, BrokerError>> + Send;
+
+    /// Moves up to `limit` dead letters back to the ready queue (attempts reset); malformed
+    /// ones stay. Returns how many moved.
+    fn requeue_dead(
+        &self,
+        queue: &str,
+        limit: usize,
+    ) -> impl Future<Output = Result<u64, BrokerError>> + Send;
+
+    /// Moves the one dead letter `entry` back to the ready queue (attempt reset, id guard
+    /// taken again), as [`requeue_dead`](Admin::requeue_dead) does for many: its task id,
+    /// or `None` when there is no such dead letter (requeued or deleted meanwhile — also by
+    /// another node). A malformed letter stays: [`BrokerError::Invalid`].
+    fn requeue_dead_entry(
+        &self,
+        queue: &str,
+        entry: &str,
+    ) -> impl Future<Output = Result<Option<String>, BrokerError>> + Send;
+
+    /// Deletes the one dead letter `entry`; false when there is none.
+    fn delete_dead(
+        &self,
+        queue: &str,
+        entry: &str,
+    ) -> impl Future<Output = Result<bool, BrokerError>> + Send;
+
+    /// Deletes every dead letter of `queue`; returns how many.
+    fn purge_dead(&self, queue: &str) -> impl Future<Output = Result<u64, BrokerError>> + Send;
+
+    /// Removes every ready and delayed entry (in-flight ones finish).
+    fn purge(&self, queue: &str) -> impl Future<Output = Result<Purged, BrokerError>> + Send;
+}
+
+/// Every concern of the broker contract, implemented by [`memory::MemoryBroker`],
+/// [`redis::RedisBroker`] and [`AnyBroker`]: what generic code (the contract suite, the event
+/// sink) asks for.
+pub trait Broker: TaskQueue + Records + Coordination + Admin {}
+
+impl<B: TaskQueue + Records + Coordination + Admin> Broker for B {}
 
 /// Checks an entry id from outside (a dead letter to requeue or delete, a page's start): the
 /// `<ms>-<seq>` form of a Redis stream id — two decimal numbers that fit a `u64`, joined by
@@ -1020,168 +1161,106 @@ impl AnyBroker {
     }
 }
 
-macro_rules! delegate {
-    ($self:ident, $b:ident => $call:expr) => {
-        match $self {
-            AnyBroker::Memory($b) => $call.await,
-            AnyBroker::Redis($b) => $call.await,
+/// Implements a broker trait for [`AnyBroker`] by handing each call to the backend it holds.
+macro_rules! dispatch {
+    ($trait:ident {
+        $(async fn $name:ident(&self $(, $arg:ident: $ty:ty)*) -> $ret:ty;)*
+        $(fn $sync:ident(&self $(, $sarg:ident: $sty:ty)*) -> $sret:ty;)*
+    }) => {
+        impl $trait for AnyBroker {
+            $(async fn $name(&self $(, $arg: $ty)*) -> $ret {
+                match self {
+                    AnyBroker::Memory(b) => b.$name($($arg),*).await,
+                    AnyBroker::Redis(b) => b.$name($($arg),*).await,
+                }
+            })*
+            $(fn $sync(&self $(, $sarg: $sty)*) -> $sret {
+                match self {
+                    AnyBroker::Memory(b) => b.$sync($($sarg),*),
+                    AnyBroker::Redis(b) => b.$sync($($sarg),*),
+                }
+            })*
         }
     };
 }
 
-impl Broker for AnyBroker {
-    async fn enqueue(&self, batch: Vec<Envelope>) -> Result<Vec<Enqueued>, BrokerError> {
-        delegate!(self, b => b.enqueue(batch))
-    }
-    async fn reserve(
-        &self,
-        queue: &str,
-        consumer: &str,
-        max: usize,
-        wait: Duration,
-    ) -> Result<Vec<Delivery>, BrokerError> {
-        delegate!(self, b => b.reserve(queue, consumer, max, wait))
-    }
-    async fn renew(
-        &self,
-        queue: &str,
-        consumer: &str,
-        entries: &[String],
-    ) -> Result<Vec<String>, BrokerError> {
-        delegate!(self, b => b.renew(queue, consumer, entries))
-    }
-    async fn ack(&self, delivery: &Delivery, result: Value) -> Result<(), BrokerError> {
-        delegate!(self, b => b.ack(delivery, result))
-    }
-    async fn ack_many(&self, done: &[(Delivery, Value)]) -> Result<(), BrokerError> {
-        delegate!(self, b => b.ack_many(done))
-    }
-    async fn retry(
-        &self,
-        delivery: &Delivery,
-        at: SystemTime,
-        error: &str,
-    ) -> Result<(), BrokerError> {
-        delegate!(self, b => b.retry(delivery, at, error))
-    }
-    async fn defer(
-        &self,
-        delivery: &Delivery,
-        at: SystemTime,
-        reason: &str,
-    ) -> Result<(), BrokerError> {
-        delegate!(self, b => b.defer(delivery, at, reason))
-    }
-    async fn dead_letter(&self, delivery: &Delivery, reason: &str) -> Result<(), BrokerError> {
-        delegate!(self, b => b.dead_letter(delivery, reason))
-    }
-    async fn recover(&self, queue: &str, lease: Duration) -> Result<Recovered, BrokerError> {
-        delegate!(self, b => b.recover(queue, lease))
-    }
-    async fn promote_due(&self, queue: &str, now: SystemTime) -> Result<u64, BrokerError> {
-        delegate!(self, b => b.promote_due(queue, now))
-    }
-    async fn depth(&self, queue: &str) -> Result<QueueDepth, BrokerError> {
-        delegate!(self, b => b.depth(queue))
-    }
-    async fn dead_letters_after(
-        &self,
-        queue: &str,
-        after: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<DeadLetter>, BrokerError> {
-        delegate!(self, b => b.dead_letters_after(queue, after, limit))
-    }
-    async fn requeue_dead(&self, queue: &str, limit: usize) -> Result<u64, BrokerError> {
-        delegate!(self, b => b.requeue_dead(queue, limit))
-    }
-    async fn requeue_dead_entry(
-        &self,
-        queue: &str,
-        entry: &str,
-    ) -> Result<Option<String>, BrokerError> {
-        delegate!(self, b => b.requeue_dead_entry(queue, entry))
-    }
-    async fn delete_dead(&self, queue: &str, entry: &str) -> Result<bool, BrokerError> {
-        delegate!(self, b => b.delete_dead(queue, entry))
-    }
-    async fn purge_dead(&self, queue: &str) -> Result<u64, BrokerError> {
-        delegate!(self, b => b.purge_dead(queue))
-    }
-    async fn purge(&self, queue: &str) -> Result<Purged, BrokerError> {
-        delegate!(self, b => b.purge(queue))
-    }
-    async fn publish(&self, event: Event) -> Result<(), BrokerError> {
-        delegate!(self, b => b.publish(event))
-    }
-    fn started(&self, envelope: &Envelope, consumer: &str) {
-        match self {
-            AnyBroker::Memory(b) => b.started(envelope, consumer),
-            AnyBroker::Redis(b) => b.started(envelope, consumer),
-        }
-    }
-    async fn events(&self, after: Option<&str>, limit: usize) -> Result<Vec<Event>, BrokerError> {
-        delegate!(self, b => b.events(after, limit))
-    }
-    async fn events_before(
-        &self,
-        before: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<Event>, BrokerError> {
-        delegate!(self, b => b.events_before(before, limit))
-    }
-    async fn record(&self, id: &str) -> Result<Option<TaskRecord>, BrokerError> {
-        delegate!(self, b => b.record(id))
-    }
-    async fn revoke(&self, id: &str, terminate: bool) -> Result<Revoked, BrokerError> {
-        delegate!(self, b => b.revoke(id, terminate))
-    }
-    fn is_revoked(&self, id: &str) -> bool {
-        match self {
-            AnyBroker::Memory(b) => b.is_revoked(id),
-            AnyBroker::Redis(b) => b.is_revoked(id),
-        }
-    }
-    fn revocations(&self) -> tokio::sync::broadcast::Receiver<Revocation> {
-        match self {
-            AnyBroker::Memory(b) => b.revocations(),
-            AnyBroker::Redis(b) => b.revocations(),
-        }
-    }
-    async fn hand_back(
-        &self,
-        queue: &str,
-        consumer: &str,
-        entries: &[String],
-    ) -> Result<u64, BrokerError> {
-        delegate!(self, b => b.hand_back(queue, consumer, entries))
-    }
-    async fn claim_leadership(&self, node: &str, lease: Duration) -> Result<String, BrokerError> {
-        delegate!(self, b => b.claim_leadership(node, lease))
-    }
-    async fn resign_leadership(&self, node: &str) -> Result<bool, BrokerError> {
-        delegate!(self, b => b.resign_leadership(node))
-    }
-    async fn last_runs(&self) -> Result<HashMap<String, LastRun>, BrokerError> {
-        delegate!(self, b => b.last_runs())
-    }
-    async fn record_run(&self, schedule: &str, run: &LastRun) -> Result<(), BrokerError> {
-        delegate!(self, b => b.record_run(schedule, run))
-    }
-    async fn announce_node(&self, record: &NodeRecord, ttl: Duration) -> Result<(), BrokerError> {
-        delegate!(self, b => b.announce_node(record, ttl))
-    }
-    async fn nodes(&self) -> Result<Vec<NodeRecord>, BrokerError> {
-        delegate!(self, b => b.nodes())
-    }
-    async fn forget_node(&self, name: &str) -> Result<(), BrokerError> {
-        delegate!(self, b => b.forget_node(name))
-    }
-}
+type Done<T> = Result<T, BrokerError>;
+
+dispatch!(TaskQueue {
+    async fn enqueue(&self, batch: Vec<Envelope>) -> Done<Vec<Enqueued>>;
+    async fn reserve(&self, queue: &str, consumer: &str, max: usize, wait: Duration) -> Done<Vec<Delivery>>;
+    async fn renew(&self, queue: &str, consumer: &str, entries: &[String]) -> Done<Vec<String>>;
+    async fn ack(&self, delivery: &Delivery, result: Value) -> Done<()>;
+    async fn ack_many(&self, done: &[(Delivery, Value)]) -> Done<()>;
+    async fn retry(&self, delivery: &Delivery, at: SystemTime, error: &str) -> Done<()>;
+    async fn defer(&self, delivery: &Delivery, at: SystemTime, reason: &str) -> Done<()>;
+    async fn dead_letter(&self, delivery: &Delivery, reason: &str) -> Done<()>;
+    async fn recover(&self, queue: &str, lease: Duration) -> Done<Recovered>;
+    async fn promote_due(&self, queue: &str, now: SystemTime) -> Done<u64>;
+    async fn hand_back(&self, queue: &str, consumer: &str, entries: &[String]) -> Done<u64>;
+    fn started(&self, envelope: &Envelope, consumer: &str) -> ();
+});
+
+dispatch!(Records {
+    async fn record(&self, id: &str) -> Done<Option<TaskRecord>>;
+    async fn publish(&self, event: Event) -> Done<()>;
+    async fn events(&self, after: Option<&str>, limit: usize) -> Done<Vec<Event>>;
+    async fn events_before(&self, before: Option<&str>, limit: usize) -> Done<Vec<Event>>;
+    async fn revoke(&self, id: &str, terminate: bool) -> Done<Revoked>;
+    fn is_revoked(&self, id: &str) -> bool;
+    fn revocations(&self) -> tokio::sync::broadcast::Receiver<Revocation>;
+});
+
+dispatch!(Coordination {
+    async fn claim_leadership(&self, node: &str, lease: Duration) -> Done<String>;
+    async fn resign_leadership(&self, node: &str) -> Done<bool>;
+    async fn last_runs(&self) -> Done<HashMap<String, LastRun>>;
+    async fn record_run(&self, schedule: &str, run: &LastRun) -> Done<()>;
+    async fn announce_node(&self, record: &NodeRecord, ttl: Duration) -> Done<()>;
+    async fn nodes(&self) -> Done<Vec<NodeRecord>>;
+    async fn forget_node(&self, name: &str) -> Done<()>;
+});
+
+dispatch!(Admin {
+    async fn depth(&self, queue: &str) -> Done<QueueDepth>;
+    async fn dead_letters_after(&self, queue: &str, after: Option<&str>, limit: usize) -> Done<Vec<DeadLetter>>;
+    async fn requeue_dead(&self, queue: &str, limit: usize) -> Done<u64>;
+    async fn requeue_dead_entry(&self, queue: &str, entry: &str) -> Done<Option<String>>;
+    async fn delete_dead(&self, queue: &str, entry: &str) -> Done<bool>;
+    async fn purge_dead(&self, queue: &str) -> Done<u64>;
+    async fn purge(&self, queue: &str) -> Done<Purged>;
+});
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn event_kinds_are_written_and_read_by_their_names() {
+        for name in [
+            "sent",
+            "started",
+            "retried",
+            "deferred",
+            "recovered",
+            "succeeded",
+            "dead",
+            "actor_exited",
+        ] {
+            let kind = EventKind::from(name);
+            assert_eq!(kind.as_str(), name);
+            assert_eq!(serde_json::to_value(&kind).unwrap(), name);
+            assert_eq!(
+                serde_json::from_value::<EventKind>(name.into()).unwrap(),
+                kind
+            );
+        }
+        assert_eq!(EventKind::from("dead"), EventKind::Dead);
+        assert_eq!(
+            EventKind::from("pool_agent_ready".to_string()),
+            EventKind::Other("pool_agent_ready".into())
+        );
+    }
 
     #[test]
     fn a_presence_record_without_a_state_reads_as_running() {

@@ -60,7 +60,7 @@ use base64::Engine;
 use redis::aio::ConnectionManager;
 use serde_json::{Map, Value, json};
 
-use crate::broker::{AnyBroker, Broker, BrokerError, Envelope, parse_time, rfc3339};
+use crate::broker::{AnyBroker, BrokerError, Envelope, TaskQueue, parse_time, rfc3339};
 use crate::caps::{self, MAX_TIME_LIMIT, Unit};
 use crate::handler::TaskError;
 use crate::task::settle::BoxFuture;
@@ -653,8 +653,8 @@ pub fn expand(envelope: &mut Envelope) -> Result<(), String> {
     if !embed["chord"].is_null() {
         return Err("celery: chords are not supported by the runtime".into());
     }
-    envelope.eta = celery_time(&headers["eta"], "eta")?;
-    envelope.expires = celery_time(&headers["expires"], "expires")?;
+    envelope.eta = celery_time(&headers["eta"], "eta")?.map(Into::into);
+    envelope.expires = celery_time(&headers["expires"], "expires")?.map(Into::into);
     // A count past u32 is as good as exhausted: never wrapped round to a first attempt.
     envelope.attempt = headers["retries"]
         .as_u64()

@@ -52,7 +52,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, warn};
 
-use crate::broker::{Broker, Delivery, Revocation};
+use crate::broker::{Delivery, Records, Revocation, TaskQueue};
 use crate::gate::{Admission, ResourceGate};
 use crate::handler::{ErrorClass, TaskDef, TaskError};
 use crate::metrics::ConsumerSeries;

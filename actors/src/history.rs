@@ -42,7 +42,7 @@ use serde::Serialize;
 
 #[cfg(doc)]
 use crate::broker::Envelope;
-use crate::broker::{AnyBroker, Broker, QueueDepth, rfc3339};
+use crate::broker::{Admin, AnyBroker, QueueDepth, rfc3339};
 use crate::metrics::SECONDS;
 
 /// How often the node samples.
@@ -367,6 +367,7 @@ impl History {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::broker::TaskQueue;
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)

@@ -62,7 +62,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::broker::{AnyBroker, Broker, Enqueued, Envelope, QueueDepth};
+use crate::broker::{Admin, AnyBroker, Enqueued, Envelope, QueueDepth};
 use crate::handler::ErrorClass;
 
 /// The label value of a task or queue name outside the configured set.

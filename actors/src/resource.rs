@@ -334,6 +334,28 @@ impl EgressResponse {
     }
 }
 
+/// Headers that belong to one connection (hop-by-hop: `Connection`, `Keep-Alive`, `TE`, …) and
+/// the length, which whoever sends a body sets for it: a proxy passes none of them on, in
+/// either direction.
+pub const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+];
+
+/// Removes the [`HOP_BY_HOP`] headers (an upstream's answer, before it is passed back).
+pub fn drop_hop_by_hop(headers: &mut HeaderMap) {
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
 /// The URL of `path_and_query` under `base` (`https://api.openai.com/v1` + `/chat/completions`
 /// → `https://api.openai.com/v1/chat/completions`). The proxy has checked `path_and_query`.
 pub fn target_url(base: &reqwest::Url, path_and_query: &str) -> String {

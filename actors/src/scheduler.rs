@@ -48,7 +48,10 @@ use serde_json::{Map, Value, json};
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use crate::broker::{AnyBroker, Broker, BrokerError, Envelope, LastRun, epoch_ms, rfc3339};
+use crate::broker::{
+    AnyBroker, BrokerError, Coordination, Envelope, LastRun, TaskQueue, Timestamp, epoch_ms,
+    rfc3339,
+};
 use crate::tree::TreeHandle;
 
 /// Due times a leader fires per schedule and round when it fell behind; the rest are skipped.
@@ -414,7 +417,7 @@ impl SchedulerState {
         envelope.idempotency_key = Some(idempotency_key(&schedule.name, due));
         let start = jittered(due, schedule.jitter, &mut rand::rng());
         if start > due {
-            envelope.eta = Some(rfc3339(start));
+            envelope.eta = Some(Timestamp::at(start));
         }
         let sent = self.args.broker.enqueue(vec![envelope]).await?;
         let Some(sent) = sent.into_iter().next() else {

@@ -31,7 +31,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, Span, debug, info, info_span, warn};
 
-use crate::broker::{Broker, Envelope};
+use crate::broker::{Envelope, TaskQueue};
 use crate::handler::{TaskContext, TaskDef, TaskError};
 pub(crate) use settle::{Deferral, End, Held};
 pub use settle::{Origin, Outcomes, Settled, Settler, Work};

@@ -37,7 +37,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
 use actors::resource::redact::{Redaction, Redactor};
-use actors::resource::{EgressBody, EgressRequest, EgressStream};
+use actors::resource::{EgressBody, EgressRequest, EgressStream, HOP_BY_HOP};
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderName, header};
@@ -241,19 +241,12 @@ pub fn check_path(path: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Headers a proxy must not pass on, in either direction.
-const DROPPED: [HeaderName; 12] = [
+/// Headers a proxy must not pass on besides the hop-by-hop ones ([`HOP_BY_HOP`]): the
+/// caller's credentials and the host it called.
+const CREDENTIALS: [HeaderName; 4] = [
     header::AUTHORIZATION,
     header::HOST,
     header::COOKIE,
-    header::CONNECTION,
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    header::CONTENT_LENGTH,
     header::SET_COOKIE,
 ];
 
@@ -270,8 +263,8 @@ pub fn forwarded_headers(headers: &HeaderMap) -> HeaderMap {
     let mut out = HeaderMap::new();
     for (name, value) in headers {
         let lower = name.as_str();
-        if DROPPED.contains(name)
-            || lower == "keep-alive"
+        if CREDENTIALS.contains(name)
+            || HOP_BY_HOP.contains(&lower)
             || lower == TOKEN_HEADER
             || named.iter().any(|n| n == lower)
         {

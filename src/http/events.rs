@@ -33,7 +33,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use actors::broker::{AnyBroker, Broker, Event};
+use actors::broker::{AnyBroker, Event, Records};
 use axum::Json;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderName, StatusCode, header};

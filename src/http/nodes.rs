@@ -3,7 +3,7 @@
 //! queues, entries held per queue, start time, last write, and whether it is running,
 //! draining or stopping (and since when). With `memory://` it is this node.
 
-use actors::broker::Broker;
+use actors::broker::Coordination;
 use axum::Json;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};

@@ -6,7 +6,7 @@
 //! An entry id is checked before it reaches the broker (`<ms>-<seq>`,
 //! [`actors::broker::check_entry`]): anything else is a 400 naming `entry` or `after`.
 
-use actors::broker::{Broker, check_entry};
+use actors::broker::{Admin, check_entry};
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};

@@ -28,7 +28,7 @@
 use std::collections::HashMap;
 use std::time::SystemTime;
 
-use actors::broker::{Broker, DeadLetter, Event, MAX_ID_BYTES, TaskRecord, parse_time};
+use actors::broker::{Admin, DeadLetter, Event, MAX_ID_BYTES, Records, TaskRecord, parse_time};
 use axum::Json;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};

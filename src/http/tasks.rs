@@ -33,8 +33,8 @@
 use std::time::SystemTime;
 
 use actors::broker::{
-    Broker, BrokerError, Callback, Enqueued, Envelope, FieldError, Revoked, TaskState, check_id,
-    rfc3339,
+    BrokerError, Callback, Enqueued, Envelope, FieldError, Records, Revoked, TaskQueue, TaskState,
+    Timestamp, check_id,
 };
 use actors::caps::{self, MAX_DELAY, Unit};
 use axum::Json;
@@ -221,9 +221,9 @@ fn envelope(
         (None, Some(secs)) => {
             let countdown = caps::checked(secs, Unit::Seconds, MAX_DELAY)
                 .map_err(|e| ("countdown".to_string(), e.to_string()))?;
-            Some(rfc3339(caps::due_after(now, countdown)))
+            Some(Timestamp::at(caps::due_after(now, countdown)))
         }
-        (eta, None) => eta,
+        (eta, None) => eta.map(Timestamp::from),
     };
     let (hard, soft) = (task.time_limit, task.soft_time_limit);
     let mut envelope = Envelope::new(request.task, queue);
@@ -231,7 +231,7 @@ fn envelope(
     envelope.args = request.args;
     envelope.kwargs = request.kwargs;
     envelope.eta = eta;
-    envelope.expires = request.expires;
+    envelope.expires = request.expires.map(Timestamp::from);
     envelope.idempotency_key = request.idempotency_key;
     envelope.time_limit_ms = request.time_limit_ms;
     envelope.soft_time_limit_ms = request.soft_time_limit_ms;

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use actors::broker::{AnyBroker, Broker, BrokerSettings};
+use actors::broker::{AnyBroker, BrokerSettings, Records, TaskQueue};
 use actors::heartbeat::{HeartbeatActor, HeartbeatArgs};
 use actors::resource::Resources;
 use actors::supervisor::{
@@ -587,7 +587,6 @@ async fn one_bad_queue_does_not_hide_the_others() {
 
 #[tokio::test]
 async fn dead_letters_are_listed_requeued_and_queues_purged() {
-    use actors::broker::Broker;
     let state = state(Duration::from_millis(5), Some("tok"), false).await;
     let (_, body) = send_body(
         &state,

@@ -303,7 +303,7 @@ fn an_unreachable_redis_is_a_clear_startup_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_running_tasks_finish_before_the_node_exits() {
-    use actors::broker::{Broker, BrokerSettings, redis::RedisBroker};
+    use actors::broker::{BrokerSettings, Records, redis::RedisBroker};
     let redis = RedisServer::start();
     let mut node = Node::start(CONFIG, &[("RT_BROKER_URL", &redis.url())]);
     let sent = post(

@@ -31,7 +31,10 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use serde_json::json;
 use tracing::{info, warn};
 
-use super::{AnyBroker, Broker, BrokerError, Leases, NodeRecord, NodeState, QueueDepth, rfc3339};
+use super::{
+    Admin, AnyBroker, BrokerError, Coordination, Leases, NodeRecord, NodeState, QueueDepth,
+    TaskQueue, rfc3339,
+};
 use crate::metrics::Metrics;
 use crate::tree::TreeHandle;
 
@@ -359,7 +362,9 @@ mod tests {
         let status: Arc<NodeStatus> = Arc::default();
         let (tree, root) = start(Arc::clone(&broker), Arc::default(), Arc::clone(&status)).await;
         let mut env = Envelope::new("send_whatsapp_message_task", "default");
-        env.eta = Some(rfc3339(SystemTime::now() + Duration::from_millis(100)));
+        env.eta = Some(crate::broker::Timestamp::at(
+            SystemTime::now() + Duration::from_millis(100),
+        ));
         broker.enqueue(vec![env]).await.unwrap();
         assert_eq!(broker.depth("default").await.unwrap().delayed, 1);
         eventually("promotion", Duration::from_secs(2), async || {

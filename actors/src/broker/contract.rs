@@ -177,7 +177,7 @@ pub(crate) async fn poison_entries_are_dead_lettered<B: Broker>(b: &B, q: &str) 
 
 pub(crate) async fn delays_fire_on_time<B: Broker>(b: &B, q: &str) {
     let mut env = task(q, 1);
-    env.eta = Some(super::rfc3339(
+    env.eta = Some(super::Timestamp::at(
         SystemTime::now() + Duration::from_millis(300),
     ));
     // The eta as written (RFC 3339 with milliseconds) is the due time.
@@ -384,7 +384,9 @@ pub(crate) async fn dead_requeued_poisoned_and_purged_ids<B: Broker>(b: &B, q: &
     );
 
     let mut later = chosen(q, &delayed, 3);
-    later.eta = Some(super::rfc3339(SystemTime::now() + Duration::from_secs(60)));
+    later.eta = Some(super::Timestamp::at(
+        SystemTime::now() + Duration::from_secs(60),
+    ));
     b.enqueue(vec![chosen(q, &ready, 4), later]).await.unwrap();
     assert_eq!(again(&ready).await, duplicate(&ready));
     assert_eq!(again(&delayed).await, duplicate(&delayed));
@@ -697,7 +699,9 @@ pub(crate) async fn purge_removes_ready_and_delayed_only<B: Broker>(b: &B, q: &s
     let mut batch: Vec<Envelope> = (0..5).map(|n| task(q, n)).collect();
     for n in 5..7 {
         let mut env = task(q, n);
-        env.eta = Some(super::rfc3339(SystemTime::now() + Duration::from_secs(60)));
+        env.eta = Some(super::Timestamp::at(
+            SystemTime::now() + Duration::from_secs(60),
+        ));
         batch.push(env);
     }
     b.enqueue(batch).await.unwrap();
@@ -868,7 +872,7 @@ pub(crate) async fn soon_events_precede_the_outcome_or_are_flushed<B: Broker>(b:
         events
             .iter()
             .filter(|e| e.task_id.as_deref() == Some(id))
-            .map(|e| e.kind.clone())
+            .map(|e| e.kind.to_string())
             .collect()
     };
     let all = b.events(None, 10_000).await.unwrap();
@@ -927,7 +931,7 @@ async fn until_state<B: Broker>(b: &B, id: &str, state: TaskState) -> super::Tas
 pub(crate) async fn records_follow_the_life_of_a_task<B: Broker>(b: &B, q: &str) {
     let mut later = task(q, 2);
     let due = SystemTime::now() + Duration::from_millis(300);
-    later.eta = Some(super::rfc3339(due));
+    later.eta = Some(super::Timestamp::at(due));
     let sent = b.enqueue(vec![task(q, 1), later]).await.unwrap();
     let (now, soon) = (sent[0].id.clone(), sent[1].id.clone());
     let record = b.record(&now).await.unwrap().unwrap();
@@ -1060,7 +1064,9 @@ pub(crate) async fn revocations_in_every_state<B: Broker>(b: &B, q: &str) {
     use super::Revoked;
     let mut heard = b.revocations();
     let mut later = task(q, 2);
-    later.eta = Some(super::rfc3339(SystemTime::now() + Duration::from_secs(60)));
+    later.eta = Some(super::Timestamp::at(
+        SystemTime::now() + Duration::from_secs(60),
+    ));
     let sent = b
         .enqueue(vec![task(q, 1), later, task(q, 3), task(q, 4), task(q, 5)])
         .await
@@ -1328,8 +1334,8 @@ pub(crate) async fn last_runs_and_presence_records<B: Broker>(b: &B, _q: &str) {
 /// Instantiates every property as a `#[tokio::test]` for the broker `$make` builds (an async
 /// expression evaluated once per test).
 macro_rules! contract_suite {
-    ($make:expr) => {
-        contract_suite!(@each $make;
+    ($make:expr $(=> $field:ident)?) => {
+        contract_suite!(@each [$make $(=> $field)?];
             fifo_with_ids, prefetch_is_bounded, reserve_waits_for_an_entry,
             renewed_leases_are_never_recovered, expired_leases_come_back_to_another_consumer,
             poison_entries_are_dead_lettered, delays_fire_on_time,
@@ -1347,13 +1353,24 @@ macro_rules! contract_suite {
             events_page_forwards_and_backwards, handed_back_entries_are_ready_at_once,
             one_beat_leader_at_a_time, last_runs_and_presence_records);
     };
-    (@each $make:expr; $($name:ident),* $(,)?) => {
+    (@each [$make:expr]; $($name:ident),* $(,)?) => {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $name() {
                 let broker = $make.await;
                 let queue = format!("{}-{}", stringify!($name), uuid::Uuid::new_v4().simple());
                 $crate::broker::contract::$name(&broker, &queue).await;
+            }
+        )*
+    };
+    // `$make` holds the broker in `$field` (and keeps what it needs alive: a redis-server).
+    (@each [$make:expr => $field:ident]; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let made = $make.await;
+                let queue = format!("{}-{}", stringify!($name), uuid::Uuid::new_v4().simple());
+                $crate::broker::contract::$name(&made.$field, &queue).await;
             }
         )*
     };

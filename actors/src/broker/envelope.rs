@@ -117,10 +117,10 @@ pub struct Envelope {
     pub attempt: u32,
     /// Not before this time (RFC 3339); `None` runs as soon as possible.
     #[serde(default)]
-    pub eta: Option<String>,
+    pub eta: Option<Timestamp>,
     /// Not after this time (RFC 3339): an expired task is dead-lettered unrun.
     #[serde(default)]
-    pub expires: Option<String>,
+    pub expires: Option<Timestamp>,
     /// A duplicate enqueue with the same key (within the idempotency TTL) returns the first
     /// task's id instead of enqueuing again.
     #[serde(default)]
@@ -152,6 +152,73 @@ pub struct Envelope {
     /// Fields this version does not know, kept as they came.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
+}
+
+/// A time field of an envelope (`eta`, `expires`): the text as it came, parsed once when the
+/// envelope is read or built. It is written back as that same text, so an entry keeps its wire
+/// form (older nodes and foreign producers read and write RFC 3339 text); a text that is not a
+/// time is kept with its parse error, which whoever checks the field reports (an enqueue is
+/// refused, a delivery dead-lettered naming the field) — never ignored.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Timestamp {
+    text: String,
+    parsed: Result<SystemTime, String>,
+}
+
+impl Timestamp {
+    /// `at` as RFC 3339 (milliseconds, UTC), as the runtime writes times.
+    pub fn at(at: SystemTime) -> Self {
+        Self::from(super::rfc3339(at))
+    }
+
+    /// The time, or why the text is not one (`` `soon` is not an RFC 3339 time: … ``).
+    pub fn time(&self) -> Result<SystemTime, String> {
+        self.parsed.clone()
+    }
+
+    /// The text as it came.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+}
+
+impl From<String> for Timestamp {
+    fn from(text: String) -> Self {
+        let parsed = parse_time(&text);
+        Self { text, parsed }
+    }
+}
+
+impl From<&str> for Timestamp {
+    fn from(text: &str) -> Self {
+        Self::from(text.to_string())
+    }
+}
+
+/// A timestamp reads as its text where text is expected (`envelope.eta.as_deref()`).
+impl std::ops::Deref for Timestamp {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.text
+    }
+}
+
+impl std::fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl Serialize for Timestamp {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.text)
+    }
+}
+
+impl<'de> Deserialize<'de> for Timestamp {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(Self::from)
+    }
 }
 
 impl Envelope {
@@ -223,7 +290,7 @@ impl Envelope {
         let Some(eta) = &self.eta else {
             return Ok(None);
         };
-        let at = parse_time(eta).map_err(|why| FieldError::new("eta", why))?;
+        let at = eta.time().map_err(|why| FieldError::new("eta", why))?;
         if at
             .duration_since(now)
             .is_ok_and(|ahead| ahead > MAX_DELAY.max)
@@ -247,8 +314,8 @@ impl Envelope {
             return None;
         }
         let enqueued = parse_time(&self.enqueued_at).ok()?;
-        let due = (self.eta.as_deref())
-            .and_then(|eta| parse_time(eta).ok())
+        let due = (self.eta.as_ref())
+            .and_then(|eta| eta.time().ok())
             .map_or(enqueued, |eta| eta.max(enqueued));
         Some(now.duration_since(due).unwrap_or_default())
     }
@@ -257,8 +324,12 @@ impl Envelope {
     /// never, a past one is expired).
     pub fn expiry(&self) -> Result<Option<SystemTime>, FieldError> {
         self.expires
-            .as_deref()
-            .map(|expires| parse_time(expires).map_err(|why| FieldError::new("expires", why)))
+            .as_ref()
+            .map(|expires| {
+                expires
+                    .time()
+                    .map_err(|why| FieldError::new("expires", why))
+            })
             .transpose()
     }
 
@@ -388,6 +459,29 @@ mod tests {
     }
 
     #[test]
+    fn times_keep_their_text_on_the_wire_and_are_parsed_once_when_read() {
+        let json = r#"{"id":"t1","task":"t","queue":"q","eta":"2026-01-01T00:00:00+01:00","expires":"tomorrow"}"#;
+        let env = Envelope::from_json(json).unwrap();
+        let eta = env.eta.as_ref().unwrap();
+        assert_eq!(eta.as_str(), "2026-01-01T00:00:00+01:00");
+        assert_eq!(
+            crate::broker::rfc3339(eta.time().unwrap()),
+            "2025-12-31T23:00:00.000Z"
+        );
+        // A bad time is read (kept with its error), and refused where it is checked.
+        let expires = env.expires.as_ref().unwrap();
+        assert!(
+            expires
+                .time()
+                .unwrap_err()
+                .starts_with("`tomorrow` is not an RFC 3339 time")
+        );
+        let written = serde_json::to_value(&env).unwrap();
+        assert_eq!(written["eta"], "2026-01-01T00:00:00+01:00");
+        assert_eq!(written["expires"], "tomorrow");
+    }
+
+    #[test]
     fn eta_and_expires_are_rfc3339_times_and_an_eta_is_at_most_the_cap_ahead() {
         let now = SystemTime::now();
         let mut env = Envelope::new("t", "q");
@@ -396,7 +490,7 @@ mod tests {
         env.eta = Some("2026-01-01T00:00:00+01:00".into());
         let due = env.due(now).unwrap().unwrap();
         assert_eq!(crate::broker::rfc3339(due), "2025-12-31T23:00:00.000Z");
-        env.eta = Some(crate::broker::rfc3339(
+        env.eta = Some(crate::broker::Timestamp::at(
             now + Duration::from_secs(364 * 86_400),
         ));
         assert!(env.due(now).unwrap().is_some());

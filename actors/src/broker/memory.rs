@@ -10,7 +10,7 @@
 //! task's outcome (acked, dead-lettered, poisoned); a purge drops the records of what it
 //! removed. A chosen id is taken while its record exists. Everything a call changes happens
 //! under one lock, so an outcome's record, ack and event are always written together; the
-//! start marker and `started` event ([`Broker::started`]) are written at once (no round trip
+//! start marker and `started` event ([`TaskQueue::started`]) are written at once (no round trip
 //! to save). Revocations are kept in [`Revocations`] for `result_ttl`.
 //!
 //! Everything lives in this process: when it ends, what the queues still hold is gone.
@@ -24,12 +24,13 @@ use serde_json::Value;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use super::outcome::{Next, Outcome, Writes, malformed_event, recovery_event, started_event};
 use super::revocations::Revocations;
 use super::{
-    Broker, BrokerError, BrokerSettings, DeadLetter, Delivery, Enqueued, Envelope, Event, LastRun,
-    NodeRecord, Purged, QueueDepth, REVOKED, Recovered, Revocation, Revoked, SentDetail,
-    StoredRecord, TaskRecord, TaskState, check_id, due_ms, entry_arg, epoch_ms, malformed_letter,
-    rfc3339,
+    Admin, BrokerError, BrokerSettings, Coordination, DeadLetter, Delivery, Enqueued, Envelope,
+    Event, EventKind, LastRun, NodeRecord, Purged, QueueDepth, REVOKED, Records, Recovered,
+    Revocation, Revoked, SentDetail, StoredRecord, TaskQueue, TaskRecord, TaskState, check_id,
+    due_ms, entry_arg, epoch_ms, malformed_letter, rfc3339,
 };
 
 /// The in-memory broker.
@@ -241,15 +242,8 @@ impl MemoryBroker {
                 state.record_ended(&id, now + self.settings.result_ttl);
             }
             let reason = format!("malformed entry: {err}");
-            let event = Event {
-                id: String::new(),
-                kind: "dead".into(),
-                at: rfc3339(SystemTime::now()),
-                task_id: None,
-                task: None,
-                queue: Some(queue.to_string()),
-                detail: serde_json::json!({ "reason": reason, "entry": entry.id }),
-            };
+            let at = rfc3339(SystemTime::now());
+            let event = malformed_event(queue, &entry.id, &reason, &at);
             // A dead letter gets an id of its own, as in Redis (a new entry of the dead
             // stream): dead letters are then in id order, which paging relies on.
             let dead_id = state.next_id();
@@ -274,34 +268,34 @@ impl MemoryBroker {
             .remove(&delivery.entry)
     }
 
-    /// Records an outcome of `envelope`'s attempt — its record and its event. A retry is due
-    /// at `due_ms`.
-    fn settle(
-        &self,
-        state: &mut State,
-        envelope: &Envelope,
-        outcome: Outcome<'_>,
-        due_ms: Option<u64>,
-    ) {
-        let (task_state, result, error) = match outcome {
-            Outcome::Succeeded(value) => (TaskState::Succeeded, Some(value), None),
-            Outcome::Retrying(err) => (TaskState::Retrying, None, Some(err.to_string())),
-            Outcome::Dead(err) => (TaskState::Dead, None, Some(err.to_string())),
-        };
-        let kind = match task_state {
-            TaskState::Succeeded => "succeeded",
-            TaskState::Retrying => "retried",
-            _ => "dead",
-        };
-        let detail = serde_json::json!({ "attempt": envelope.attempt, "error": error });
-        state.event(
-            Event::about(kind, envelope, detail),
-            self.settings.events_maxlen,
-        );
+    /// Writes an outcome of `delivery` ([`Outcome::writes`]): releases its entry, puts it
+    /// where it goes next, changes its record and adds its event.
+    fn settle(&self, state: &mut State, delivery: &Delivery, outcome: Outcome<'_>) {
+        let at = rfc3339(SystemTime::now());
+        let Writes {
+            next,
+            record: change,
+            event,
+        } = outcome.writes(&delivery.envelope, &at);
+        let envelope = &delivery.envelope;
+        self.release(state, delivery);
+        match next {
+            Next::Gone => {}
+            Next::Delayed { due_ms, json } => state.push_delayed_raw(&delivery.queue, due_ms, json),
+            Next::Dead { reason, attempts } => {
+                let id = state.next_id();
+                state.queue(&delivery.queue).dead.push_back(DeadLetter {
+                    entry: id,
+                    reason,
+                    attempts,
+                    at: at.clone(),
+                    envelope: Some(envelope.clone()),
+                    raw: None,
+                });
+            }
+        }
+        state.event(event, self.settings.events_maxlen);
         let now = Instant::now();
-        let until = task_state
-            .is_final()
-            .then(|| now + self.settings.result_ttl);
         // Expired records and idempotency keys are dropped every so often, so a long-running
         // node keeps only what its TTLs promise.
         if state.records.len() % 4096 == 4095 {
@@ -310,24 +304,10 @@ impl MemoryBroker {
                 .retain(|_, (_, until)| until.is_none_or(|until| until > now));
             state.idempotency.retain(|_, (_, expires)| *expires > now);
         }
-        let record = state.record_of(envelope);
-        record.state = Some(task_state);
-        record.result = result;
-        record.error = error;
-        // An attempt ran (a dead letter may come before any did: its start marker counts).
-        if task_state != TaskState::Dead {
-            record.attempts = envelope.attempt.saturating_add(1);
-        }
-        record.due_ms = due_ms;
-        record.updated_at = rfc3339(SystemTime::now());
+        change.apply(state.record_of(envelope), &at);
+        let until = change.ends().then(|| now + self.settings.result_ttl);
         state.keep_record(&envelope.id, until);
     }
-}
-
-enum Outcome<'a> {
-    Succeeded(Value),
-    Retrying(&'a str),
-    Dead(&'a str),
 }
 
 /// The position of an event id (`N-0`; a bare `N` is accepted, anything else is 0).
@@ -415,10 +395,6 @@ impl State {
             .push_back(Entry { id, raw, delivered });
     }
 
-    fn push_delayed(&mut self, queue: &str, due_ms: u64, envelope: &Envelope) {
-        self.push_delayed_raw(queue, due_ms, envelope.to_json());
-    }
-
     fn push_delayed_raw(&mut self, queue: &str, due_ms: u64, raw: String) {
         let seq = self.next_seq();
         self.queue(queue).delayed.insert((due_ms, seq), raw);
@@ -502,7 +478,7 @@ fn prepare(envelope: &mut Envelope, now: SystemTime) -> Result<Option<u64>, Brok
     Ok(due.filter(|due| *due > now).map(due_ms))
 }
 
-impl Broker for MemoryBroker {
+impl TaskQueue for MemoryBroker {
     async fn enqueue(&self, batch: Vec<Envelope>) -> Result<Vec<Enqueued>, BrokerError> {
         let prepared = prepare_batch(batch, SystemTime::now(), &self.settings)?;
         let mut out = Vec::with_capacity(prepared.len());
@@ -549,7 +525,7 @@ impl Broker for MemoryBroker {
                 }
                 let detail = serde_json::to_value(SentDetail::of(&envelope)).unwrap_or(Value::Null);
                 state.event(
-                    Event::about("sent", &envelope, detail),
+                    Event::about(EventKind::Sent, &envelope, detail),
                     self.settings.events_maxlen,
                 );
                 out.push(Enqueued {
@@ -602,19 +578,14 @@ impl Broker for MemoryBroker {
     }
 
     async fn ack(&self, delivery: &Delivery, result: Value) -> Result<(), BrokerError> {
-        let mut state = self.lock();
-        self.release(&mut state, delivery);
-        let succeeded = Outcome::Succeeded(result);
-        self.settle(&mut state, &delivery.envelope, succeeded, None);
+        self.settle(&mut self.lock(), delivery, Outcome::Succeeded(&result));
         Ok(())
     }
 
     async fn ack_many(&self, done: &[(Delivery, Value)]) -> Result<(), BrokerError> {
         let mut state = self.lock();
         for (delivery, result) in done {
-            self.release(&mut state, delivery);
-            let succeeded = Outcome::Succeeded(result.clone());
-            self.settle(&mut state, &delivery.envelope, succeeded, None);
+            self.settle(&mut state, delivery, Outcome::Succeeded(result));
         }
         Ok(())
     }
@@ -625,13 +596,7 @@ impl Broker for MemoryBroker {
         at: SystemTime,
         error: &str,
     ) -> Result<(), BrokerError> {
-        let mut next = delivery.envelope.clone();
-        next.attempt = next.attempt.saturating_add(1);
-        let mut state = self.lock();
-        self.release(&mut state, delivery);
-        state.push_delayed(&delivery.queue, due_ms(at), &next);
-        let retrying = Outcome::Retrying(error);
-        self.settle(&mut state, &delivery.envelope, retrying, Some(due_ms(at)));
+        self.settle(&mut self.lock(), delivery, Outcome::Retried { at, error });
         Ok(())
     }
 
@@ -641,41 +606,19 @@ impl Broker for MemoryBroker {
         at: SystemTime,
         reason: &str,
     ) -> Result<(), BrokerError> {
-        let mut state = self.lock();
-        self.release(&mut state, delivery);
-        state.push_delayed(&delivery.queue, due_ms(at), &delivery.envelope);
-        let record = state.record_of(&delivery.envelope);
-        record.state = Some(TaskState::Scheduled);
-        record.due_ms = Some(due_ms(at));
-        record.lost = true;
-        record.updated_at = rfc3339(SystemTime::now());
-        let detail = serde_json::json!({ "reason": reason, "until": rfc3339(at) });
-        state.event(
-            Event::about("deferred", &delivery.envelope, detail),
-            self.settings.events_maxlen,
-        );
+        self.settle(&mut self.lock(), delivery, Outcome::Deferred { at, reason });
         Ok(())
     }
 
     async fn dead_letter(&self, delivery: &Delivery, reason: &str) -> Result<(), BrokerError> {
-        let mut state = self.lock();
-        self.release(&mut state, delivery);
-        let id = state.next_id();
-        state.queue(&delivery.queue).dead.push_back(DeadLetter {
-            entry: id,
-            reason: reason.to_string(),
-            attempts: delivery.envelope.attempt.saturating_add(1),
-            at: rfc3339(SystemTime::now()),
-            envelope: Some(delivery.envelope.clone()),
-            raw: None,
-        });
-        self.settle(&mut state, &delivery.envelope, Outcome::Dead(reason), None);
+        self.settle(&mut self.lock(), delivery, Outcome::Dead(reason));
         Ok(())
     }
 
     async fn recover(&self, queue: &str, lease: Duration) -> Result<Recovered, BrokerError> {
         let mut state = self.lock();
         let now = Instant::now();
+        let at = rfc3339(SystemTime::now());
         let max = self.settings.max_deliveries;
         let q = state.queue(queue);
         let mut expired: Vec<String> = q
@@ -697,11 +640,21 @@ impl Broker for MemoryBroker {
             };
             let delivered = leased.entry.delivered + 1;
             let envelope = Envelope::from_json(&leased.entry.raw).ok();
-            let detail =
-                serde_json::json!({ "deliveries": delivered, "consumer": leased.consumer });
-            if delivered >= max {
+            let dead = delivered >= max;
+            let event = |envelope| {
+                let deliveries = u64::from(delivered);
+                recovery_event(
+                    dead,
+                    Some(envelope),
+                    queue,
+                    deliveries,
+                    &leased.consumer,
+                    &at,
+                )
+            };
+            if dead {
                 if let Some(envelope) = &envelope {
-                    events.push(Event::about("dead", envelope, detail));
+                    events.push(event(envelope));
                     out.dead_tasks.push(envelope.task.clone());
                 }
                 let reason =
@@ -720,7 +673,7 @@ impl Broker for MemoryBroker {
                 out.dead += 1;
             } else {
                 if let Some(envelope) = &envelope {
-                    events.push(Event::about("recovered", envelope, detail));
+                    events.push(event(envelope));
                     requeued.push(envelope.id.clone());
                 }
                 q.ready.push_back(Entry {
@@ -779,6 +732,219 @@ impl Broker for MemoryBroker {
         Ok(moved)
     }
 
+    fn started(&self, envelope: &Envelope, consumer: &str) {
+        // No round trip to save: written at once, so before any later outcome.
+        let at = rfc3339(SystemTime::now());
+        let mut state = self.lock();
+        let record = state.record_of(envelope);
+        record.started = Some(envelope.attempt);
+        record.lost = false;
+        record.started_at = Some(at.clone());
+        record.node = Some(consumer.to_string());
+        record.updated_at = at;
+        state.event(
+            started_event(envelope, consumer),
+            self.settings.events_maxlen,
+        );
+    }
+
+    async fn hand_back(
+        &self,
+        queue: &str,
+        consumer: &str,
+        entries: &[String],
+    ) -> Result<u64, BrokerError> {
+        let mut state = self.lock();
+        let q = state.queue(queue);
+        let mut back = Vec::new();
+        for id in entries {
+            if q.in_flight.get(id).is_some_and(|l| l.consumer == consumer)
+                && let Some(leased) = q.in_flight.remove(id)
+            {
+                back.push(leased.entry);
+            }
+        }
+        // First in line again, in their original order: they were next before being reserved.
+        back.sort_by_key(|e| entry_seq(&e.id));
+        let moved = back.len() as u64;
+        for entry in back.into_iter().rev() {
+            q.ready.push_front(entry);
+        }
+        drop(state);
+        if moved > 0 {
+            self.arrived.notify_waiters();
+        }
+        Ok(moved)
+    }
+}
+
+impl Records for MemoryBroker {
+    async fn publish(&self, event: Event) -> Result<(), BrokerError> {
+        self.lock().event(event, self.settings.events_maxlen);
+        Ok(())
+    }
+
+    async fn events(&self, after: Option<&str>, limit: usize) -> Result<Vec<Event>, BrokerError> {
+        let after = after.map_or(0, event_seq);
+        let state = self.lock();
+        // Ids grow with the position: a binary search finds the first one after `after`.
+        let from = state.events.partition_point(|e| event_seq(&e.id) <= after);
+        Ok(state.events.range(from..).take(limit).cloned().collect())
+    }
+
+    async fn events_before(
+        &self,
+        before: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Event>, BrokerError> {
+        let state = self.lock();
+        let end = match before {
+            Some(id) => {
+                let before = event_seq(id);
+                state.events.partition_point(|e| event_seq(&e.id) < before)
+            }
+            None => state.events.len(),
+        };
+        let from = end.saturating_sub(limit);
+        Ok(state.events.range(from..end).cloned().collect())
+    }
+
+    async fn record(&self, id: &str) -> Result<Option<TaskRecord>, BrokerError> {
+        let mut state = self.lock();
+        let now = Instant::now();
+        if !state.record_exists(id, now) {
+            state.records.remove(id);
+            return Ok(None);
+        }
+        let now_ms = epoch_ms(SystemTime::now());
+        Ok(state
+            .records
+            .get(id)
+            .map(|(record, _)| record.clone().view(now_ms)))
+    }
+
+    async fn revoke(&self, id: &str, terminate: bool) -> Result<Revoked, BrokerError> {
+        let now = SystemTime::now();
+        let until = epoch_ms(now).saturating_add(
+            u64::try_from(self.settings.result_ttl.as_millis()).unwrap_or(u64::MAX),
+        );
+        let mut state = self.lock();
+        let clock = Instant::now();
+        let record = state
+            .record_exists(id, clock)
+            .then(|| state.records.get(id).map(|(r, _)| r.clone()))
+            .flatten();
+        let answer = match &record {
+            None => Revoked::Unknown,
+            Some(record) => match record.clone().view(epoch_ms(now)) {
+                view if view.state == TaskState::Dead && view.error.as_deref() == Some(REVOKED) => {
+                    Revoked::AlreadyRevoked
+                }
+                view if view.state.is_final() => Revoked::Ended(view.state),
+                view if view.state == TaskState::Running => Revoked::Running,
+                view => Revoked::Pending(view.state),
+            },
+        };
+        if matches!(answer, Revoked::AlreadyRevoked | Revoked::Ended(_)) {
+            return Ok(answer);
+        }
+        if let (Revoked::Pending(_), Some(stored)) = (answer, &record) {
+            // A delayed entry is made ready now, so a consumer dead-letters it at once.
+            if let Some(due) = stored.due_ms {
+                let q = state.queue(&stored.queue);
+                let key = q
+                    .delayed
+                    .range((due, 0)..=(due, u64::MAX))
+                    .find(|(_, raw)| Envelope::id_in(raw).as_deref() == Some(id))
+                    .map(|(key, _)| *key);
+                if let Some(raw) = key.and_then(|key| q.delayed.remove(&key)) {
+                    state.push_ready_raw(&stored.queue, raw, 0);
+                }
+            }
+            if let Some((record, _)) = state.records.get_mut(id) {
+                record.state = Some(TaskState::Dead);
+                record.error = Some(REVOKED.to_string());
+                record.updated_at = rfc3339(now);
+            }
+        }
+        drop(state);
+        let revocation = Revocation {
+            id: id.to_string(),
+            terminate,
+        };
+        self.revocations.add(revocation, until);
+        self.arrived.notify_waiters();
+        Ok(answer)
+    }
+
+    fn is_revoked(&self, id: &str) -> bool {
+        self.revocations.contains(id, epoch_ms(SystemTime::now()))
+    }
+
+    fn revocations(&self) -> tokio::sync::broadcast::Receiver<Revocation> {
+        self.revocations.subscribe()
+    }
+}
+
+impl Coordination for MemoryBroker {
+    async fn claim_leadership(&self, node: &str, lease: Duration) -> Result<String, BrokerError> {
+        let mut state = self.lock();
+        let now = Instant::now();
+        match &mut state.leader {
+            Some((holder, expires)) if *expires > now => {
+                if holder == node {
+                    *expires = now + lease;
+                }
+                Ok(holder.clone())
+            }
+            _ => {
+                state.leader = Some((node.to_string(), now + lease));
+                Ok(node.to_string())
+            }
+        }
+    }
+
+    async fn resign_leadership(&self, node: &str) -> Result<bool, BrokerError> {
+        let mut state = self.lock();
+        let now = Instant::now();
+        let held =
+            matches!(&state.leader, Some((holder, expires)) if holder == node && *expires > now);
+        if held {
+            state.leader = None;
+        }
+        Ok(held)
+    }
+
+    async fn last_runs(&self) -> Result<HashMap<String, LastRun>, BrokerError> {
+        Ok(self.lock().runs.clone())
+    }
+
+    async fn record_run(&self, schedule: &str, run: &LastRun) -> Result<(), BrokerError> {
+        self.lock().runs.insert(schedule.to_string(), run.clone());
+        Ok(())
+    }
+
+    async fn announce_node(&self, record: &NodeRecord, ttl: Duration) -> Result<(), BrokerError> {
+        self.lock()
+            .nodes
+            .insert(record.name.clone(), (record.clone(), Instant::now() + ttl));
+        Ok(())
+    }
+
+    async fn nodes(&self) -> Result<Vec<NodeRecord>, BrokerError> {
+        let mut state = self.lock();
+        let now = Instant::now();
+        state.nodes.retain(|_, (_, expires)| *expires > now);
+        Ok(state.nodes.values().map(|(r, _)| r.clone()).collect())
+    }
+
+    async fn forget_node(&self, name: &str) -> Result<(), BrokerError> {
+        self.lock().nodes.remove(name);
+        Ok(())
+    }
+}
+
+impl Admin for MemoryBroker {
     async fn depth(&self, queue: &str) -> Result<QueueDepth, BrokerError> {
         let mut state = self.lock();
         let q = state.queue(queue);
@@ -888,214 +1054,6 @@ impl Broker for MemoryBroker {
         }
         Ok(purged)
     }
-
-    async fn publish(&self, event: Event) -> Result<(), BrokerError> {
-        self.lock().event(event, self.settings.events_maxlen);
-        Ok(())
-    }
-
-    fn started(&self, envelope: &Envelope, consumer: &str) {
-        // No round trip to save: written at once, so before any later outcome.
-        let at = rfc3339(SystemTime::now());
-        let mut state = self.lock();
-        let record = state.record_of(envelope);
-        record.started = Some(envelope.attempt);
-        record.lost = false;
-        record.started_at = Some(at.clone());
-        record.node = Some(consumer.to_string());
-        record.updated_at = at;
-        let detail = serde_json::json!({ "attempt": envelope.attempt, "consumer": consumer });
-        state.event(
-            Event::about("started", envelope, detail),
-            self.settings.events_maxlen,
-        );
-    }
-
-    async fn events(&self, after: Option<&str>, limit: usize) -> Result<Vec<Event>, BrokerError> {
-        let after = after.map_or(0, event_seq);
-        let state = self.lock();
-        // Ids grow with the position: a binary search finds the first one after `after`.
-        let from = state.events.partition_point(|e| event_seq(&e.id) <= after);
-        Ok(state.events.range(from..).take(limit).cloned().collect())
-    }
-
-    async fn events_before(
-        &self,
-        before: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<Event>, BrokerError> {
-        let state = self.lock();
-        let end = match before {
-            Some(id) => {
-                let before = event_seq(id);
-                state.events.partition_point(|e| event_seq(&e.id) < before)
-            }
-            None => state.events.len(),
-        };
-        let from = end.saturating_sub(limit);
-        Ok(state.events.range(from..end).cloned().collect())
-    }
-
-    async fn record(&self, id: &str) -> Result<Option<TaskRecord>, BrokerError> {
-        let mut state = self.lock();
-        let now = Instant::now();
-        if !state.record_exists(id, now) {
-            state.records.remove(id);
-            return Ok(None);
-        }
-        let now_ms = epoch_ms(SystemTime::now());
-        Ok(state
-            .records
-            .get(id)
-            .map(|(record, _)| record.clone().view(now_ms)))
-    }
-
-    async fn revoke(&self, id: &str, terminate: bool) -> Result<Revoked, BrokerError> {
-        let now = SystemTime::now();
-        let until = epoch_ms(now).saturating_add(
-            u64::try_from(self.settings.result_ttl.as_millis()).unwrap_or(u64::MAX),
-        );
-        let mut state = self.lock();
-        let clock = Instant::now();
-        let record = state
-            .record_exists(id, clock)
-            .then(|| state.records.get(id).map(|(r, _)| r.clone()))
-            .flatten();
-        let answer = match &record {
-            None => Revoked::Unknown,
-            Some(record) => match record.clone().view(epoch_ms(now)) {
-                view if view.state == TaskState::Dead && view.error.as_deref() == Some(REVOKED) => {
-                    Revoked::AlreadyRevoked
-                }
-                view if view.state.is_final() => Revoked::Ended(view.state),
-                view if view.state == TaskState::Running => Revoked::Running,
-                view => Revoked::Pending(view.state),
-            },
-        };
-        if matches!(answer, Revoked::AlreadyRevoked | Revoked::Ended(_)) {
-            return Ok(answer);
-        }
-        if let (Revoked::Pending(_), Some(stored)) = (answer, &record) {
-            // A delayed entry is made ready now, so a consumer dead-letters it at once.
-            if let Some(due) = stored.due_ms {
-                let q = state.queue(&stored.queue);
-                let key = q
-                    .delayed
-                    .range((due, 0)..=(due, u64::MAX))
-                    .find(|(_, raw)| Envelope::id_in(raw).as_deref() == Some(id))
-                    .map(|(key, _)| *key);
-                if let Some(raw) = key.and_then(|key| q.delayed.remove(&key)) {
-                    state.push_ready_raw(&stored.queue, raw, 0);
-                }
-            }
-            if let Some((record, _)) = state.records.get_mut(id) {
-                record.state = Some(TaskState::Dead);
-                record.error = Some(REVOKED.to_string());
-                record.updated_at = rfc3339(now);
-            }
-        }
-        drop(state);
-        let revocation = Revocation {
-            id: id.to_string(),
-            terminate,
-        };
-        self.revocations.add(revocation, until);
-        self.arrived.notify_waiters();
-        Ok(answer)
-    }
-
-    fn is_revoked(&self, id: &str) -> bool {
-        self.revocations.contains(id, epoch_ms(SystemTime::now()))
-    }
-
-    fn revocations(&self) -> tokio::sync::broadcast::Receiver<Revocation> {
-        self.revocations.subscribe()
-    }
-
-    async fn hand_back(
-        &self,
-        queue: &str,
-        consumer: &str,
-        entries: &[String],
-    ) -> Result<u64, BrokerError> {
-        let mut state = self.lock();
-        let q = state.queue(queue);
-        let mut back = Vec::new();
-        for id in entries {
-            if q.in_flight.get(id).is_some_and(|l| l.consumer == consumer)
-                && let Some(leased) = q.in_flight.remove(id)
-            {
-                back.push(leased.entry);
-            }
-        }
-        // First in line again, in their original order: they were next before being reserved.
-        back.sort_by_key(|e| entry_seq(&e.id));
-        let moved = back.len() as u64;
-        for entry in back.into_iter().rev() {
-            q.ready.push_front(entry);
-        }
-        drop(state);
-        if moved > 0 {
-            self.arrived.notify_waiters();
-        }
-        Ok(moved)
-    }
-
-    async fn claim_leadership(&self, node: &str, lease: Duration) -> Result<String, BrokerError> {
-        let mut state = self.lock();
-        let now = Instant::now();
-        match &mut state.leader {
-            Some((holder, expires)) if *expires > now => {
-                if holder == node {
-                    *expires = now + lease;
-                }
-                Ok(holder.clone())
-            }
-            _ => {
-                state.leader = Some((node.to_string(), now + lease));
-                Ok(node.to_string())
-            }
-        }
-    }
-
-    async fn resign_leadership(&self, node: &str) -> Result<bool, BrokerError> {
-        let mut state = self.lock();
-        let now = Instant::now();
-        let held =
-            matches!(&state.leader, Some((holder, expires)) if holder == node && *expires > now);
-        if held {
-            state.leader = None;
-        }
-        Ok(held)
-    }
-
-    async fn last_runs(&self) -> Result<HashMap<String, LastRun>, BrokerError> {
-        Ok(self.lock().runs.clone())
-    }
-
-    async fn record_run(&self, schedule: &str, run: &LastRun) -> Result<(), BrokerError> {
-        self.lock().runs.insert(schedule.to_string(), run.clone());
-        Ok(())
-    }
-
-    async fn announce_node(&self, record: &NodeRecord, ttl: Duration) -> Result<(), BrokerError> {
-        self.lock()
-            .nodes
-            .insert(record.name.clone(), (record.clone(), Instant::now() + ttl));
-        Ok(())
-    }
-
-    async fn nodes(&self) -> Result<Vec<NodeRecord>, BrokerError> {
-        let mut state = self.lock();
-        let now = Instant::now();
-        state.nodes.retain(|_, (_, expires)| *expires > now);
-        Ok(state.nodes.values().map(|(r, _)| r.clone()).collect())
-    }
-
-    async fn forget_node(&self, name: &str) -> Result<(), BrokerError> {
-        self.lock().nodes.remove(name);
-        Ok(())
-    }
 }
 
 /// The sequence number of an entry id (ids are given in order).
@@ -1123,7 +1081,7 @@ mod tests {
     #[tokio::test]
     async fn leftovers_count_what_each_queue_still_holds_callbacks_included() {
         use super::Leftover;
-        use crate::broker::{Broker, Envelope};
+        use crate::broker::{Admin, Envelope, TaskQueue};
         use std::time::{Duration, SystemTime};
         let broker = MemoryBroker::new(settings());
         assert_eq!(broker.leftovers(), Vec::<Leftover>::new());
@@ -1134,7 +1092,7 @@ mod tests {
         let mut lookalike = Envelope::new("notify", "notes");
         lookalike.idempotency_key = Some("cb:p-2:0:notify".into());
         let mut later = Envelope::new("work", "chat");
-        later.eta = Some(crate::broker::rfc3339(
+        later.eta = Some(crate::broker::Timestamp::at(
             SystemTime::now() + Duration::from_secs(86_400),
         ));
         let batch = vec![

@@ -1,6 +1,6 @@
 //! `Revocations`: what one node knows of the revocations kept by its broker — the ids and
 //! until when they are kept — and the channel that tells this node's consumers of each one
-//! ([`crate::broker::Broker::revocations`]). Both brokers keep one: `memory://` as the
+//! ([`crate::broker::Records::revocations`]). Both brokers keep one: `memory://` as the
 //! revocations themselves, Redis as a copy of `p:revoked`, caught up by `reserve` and by the
 //! pub/sub subscription.
 //!

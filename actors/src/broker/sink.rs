@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
-use super::{Broker, Event};
+use super::{Event, Records};
 
 /// Events buffered while the writer is busy; beyond it new ones are dropped.
 pub const SINK_CAPACITY: usize = 4096;
@@ -31,7 +31,7 @@ pub struct EventSink {
 impl EventSink {
     /// A sink whose events `broker` publishes, through a writer task spawned on the current
     /// tokio runtime. The task ends when the last handle is dropped.
-    pub fn spawn<B: Broker>(broker: Arc<B>) -> Self {
+    pub fn spawn<B: Records>(broker: Arc<B>) -> Self {
         let (sink, mut rx) = Self::channel(SINK_CAPACITY);
         tokio::spawn(async move {
             let mut failing = false;

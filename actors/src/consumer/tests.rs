@@ -1,6 +1,7 @@
 //! Consumers and task actors over the memory broker, in real time (delays are wall-clock):
 //! bulkheads, limits, retries, callbacks, crashes, deferral.
 
+use crate::broker::Admin;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -260,7 +261,7 @@ async fn runs_tasks_within_the_bulkhead_concurrency() {
         .events_of(&ids[0])
         .await
         .into_iter()
-        .map(|e| e.kind)
+        .map(|e| e.kind.to_string())
         .collect();
     assert_eq!(kinds, ["sent", "started", "succeeded"]);
     assert_eq!(rig.leases.count(), 0);
@@ -539,7 +540,7 @@ async fn unknown_and_expired_tasks_are_dead_lettered_without_running() {
     .await;
     let ghost = rig.enqueue("no_such_task", "default", json!({})).await;
     let mut old = Envelope::new("rt_noop", "default");
-    old.expires = Some(crate::broker::rfc3339(
+    old.expires = Some(crate::broker::Timestamp::at(
         SystemTime::now() - Duration::from_secs(1),
     ));
     let old = rig.broker.enqueue(vec![old]).await.unwrap()[0].id.clone();
@@ -595,7 +596,7 @@ async fn an_entry_over_max_entry_bytes_is_dead_lettered_without_running() {
         .events_of("big-1")
         .await
         .into_iter()
-        .map(|e| e.kind)
+        .map(|e| e.kind.to_string())
         .collect();
     assert!(!kinds.iter().any(|k| k == "started"), "{kinds:?}");
     assert!(kinds.iter().any(|k| k == "dead"), "{kinds:?}");
@@ -822,7 +823,7 @@ async fn a_closed_gate_defers_without_spending_an_attempt() {
         .events_of(&id)
         .await
         .into_iter()
-        .map(|e| e.kind)
+        .map(|e| e.kind.to_string())
         .collect();
     assert_eq!(kinds, ["sent", "deferred", "started", "succeeded"]);
     assert_eq!(gate.asked.lock().unwrap()["zep"], 2);
@@ -855,7 +856,7 @@ async fn a_task_that_degrades_a_closed_resource_runs_at_once_while_one_that_uses
         .await;
     assert_eq!(record.attempts, 1);
     let kinds = |events: Vec<crate::broker::Event>| -> Vec<String> {
-        events.into_iter().map(|e| e.kind).collect()
+        events.into_iter().map(|e| e.kind.to_string()).collect()
     };
     assert_eq!(
         kinds(rig.events_of(&runs).await),
@@ -1186,7 +1187,7 @@ async fn revoked_tasks_that_did_not_start_never_run_and_their_link_error_fires()
     }
     let queued = rig.enqueue("work", "chat", json!({})).await;
     let mut later = Envelope::new("work", "chat");
-    later.eta = Some(crate::broker::rfc3339(
+    later.eta = Some(crate::broker::Timestamp::at(
         SystemTime::now() + Duration::from_secs(60),
     ));
     let delayed = rig.broker.enqueue(vec![later]).await.unwrap()[0].id.clone();
@@ -1334,7 +1335,7 @@ async fn a_running_task_revoked_without_terminate_finishes_and_its_retry_is_revo
         .events_of(&id)
         .await
         .into_iter()
-        .map(|e| e.kind)
+        .map(|e| e.kind.to_string())
         .collect();
     assert_eq!(kinds, ["sent", "started", "retried", "dead"]);
     rig.root.stop(None);

@@ -1,4 +1,5 @@
 use super::*;
+use crate::broker::TaskQueue;
 use crate::broker::memory::MemoryBroker;
 use crate::broker::{BrokerSettings, rfc3339};
 use std::time::SystemTime;

@@ -726,7 +726,7 @@ async fn agent_state_changes_are_put_on_the_events_stream() {
             by_agent
                 .entry(agent.to_string())
                 .or_default()
-                .push(event.kind.clone());
+                .push(event.kind.to_string());
         }
     }
     assert_eq!(

@@ -117,20 +117,6 @@ pub const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Characters of an error message kept in a task error.
 const MESSAGE_SNIPPET: usize = 300;
 
-/// Response headers never passed back through the proxy (hop-by-hop, and the length, which
-/// the proxy's server sets for the body it sends).
-const HOP_BY_HOP: [&str; 9] = [
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "content-length",
-];
-
 /// Why a client cannot be built.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum OpenAiError {
@@ -567,9 +553,7 @@ impl OpenAiClient {
         if refuses(status) {
             self.auth.refuse(status, &operation);
         }
-        for name in HOP_BY_HOP {
-            headers.remove(name);
-        }
+        super::drop_hop_by_hop(&mut headers);
         EgressResponse {
             status,
             headers,

@@ -18,7 +18,7 @@ use std::time::{Duration, SystemTime};
 use serde_json::{Value, json};
 use tracing::{info, warn};
 
-use crate::broker::{AnyBroker, Broker, BrokerError, Callback, Delivery, Envelope, Leases};
+use crate::broker::{AnyBroker, BrokerError, Callback, Delivery, Envelope, Leases, TaskQueue};
 use crate::caps;
 use crate::handler::{TaskDef, TaskDefs, TaskError};
 use crate::history::{Timings, Totals};

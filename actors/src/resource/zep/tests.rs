@@ -19,7 +19,7 @@ use tokio::time::Instant;
 
 use super::*;
 use crate::broker::memory::MemoryBroker;
-use crate::broker::{AnyBroker, Broker, BrokerSettings};
+use crate::broker::{Admin, AnyBroker, BrokerSettings, QueueDepth};
 use crate::resource::auth::AuthProbe;
 use crate::resource::breaker::{BreakerSettings, BreakerState};
 use crate::resource::{EgressRequest, EgressResponse};
