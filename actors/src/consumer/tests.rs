@@ -1,7 +1,6 @@
 //! Consumers and task actors over the memory broker, in real time (delays are wall-clock):
 //! bulkheads, limits, retries, callbacks, crashes, deferral.
 
-use crate::broker::Admin;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -13,7 +12,7 @@ use tokio::time::Instant;
 use super::*;
 use crate::broker::memory::MemoryBroker;
 use crate::broker::{
-    AnyBroker, BrokerActor, BrokerArgs, BrokerSettings, Envelope, Event, Leases, TaskState,
+    Admin, AnyBroker, BrokerActor, BrokerArgs, BrokerSettings, Envelope, Event, Leases, TaskState,
 };
 use crate::gate::{Admission, AlwaysOpen, Use};
 use crate::handler::native::Natives;
