@@ -61,9 +61,7 @@ use crate::topology::ROOT;
 /// What the handlers read.
 #[derive(Clone, Debug)]
 pub struct AppState {
-    /// The node's tree registry.
     pub tree: Arc<Tree>,
-    /// The broker.
     pub broker: Arc<AnyBroker>,
     /// Shared resources, for the egress proxy.
     pub resources: Arc<Resources>,
