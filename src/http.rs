@@ -19,7 +19,7 @@
 //! Mutating routes require `Authorization: Bearer <token>` when `http.admin_token_env` names a
 //! token. Errors are JSON `{"error": "..."}` and never carry internals or secrets — except
 //! what hyper answers itself before a route runs ([`serve`] lists it). Every request body
-//! must arrive within `http.body_read_timeout` ([`serve::guard_body`]); the server is
+//! must arrive within `http.body_read_timeout` (`serve::guard_body`); the server is
 //! [`serve::serve`].
 
 pub mod egress;

@@ -19,7 +19,7 @@
 //! # Wait and run time
 //!
 //! Each [`Timings`] counts observations in fixed buckets — the bounds of the Prometheus
-//! histograms, 1 ms to 5 min ([`crate::metrics::SECONDS`]) — beside their count and sum. A
+//! histograms, 1 ms to 5 min (`metrics::SECONDS`) — beside their count and sum. A
 //! sample gives the mean and an estimated 95th percentile of what was observed during its
 //! interval: the p95 is interpolated inside the bucket that holds it, as Prometheus'
 //! `histogram_quantile` does (an estimate, exact to a bucket; past the last bound it is
