@@ -57,6 +57,7 @@ pub const HTTP_BIND_ENV: &str = "RT_HTTP_BIND";
 
 /// A config that compiled, with the warnings found on the way.
 #[derive(Debug)]
+#[warn(missing_docs)]
 pub struct Loaded {
     /// The validated configuration.
     pub config: Config,
@@ -66,6 +67,7 @@ pub struct Loaded {
 
 /// A config that cannot be used: unreadable, not TOML, or with errors.
 #[derive(Debug)]
+#[warn(missing_docs)]
 pub struct ConfigError {
     /// Every diagnostic: the single read or parse error, or every compile error and warning.
     pub diagnostics: Diagnostics,
@@ -81,12 +83,14 @@ impl fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 /// Reads and compiles `path` against the process environment.
+#[warn(missing_docs)]
 pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
     let lookup = |name: &str| std::env::var(name).ok();
     load_with(path, Environment::Lookup(&lookup))
 }
 
 /// Reads and compiles `path` against `env`.
+#[warn(missing_docs)]
 pub fn load_with(path: &Path, env: Environment<'_>) -> Result<Loaded, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|err| {
         let mut diagnostics = Diagnostics::default();
@@ -98,6 +102,7 @@ pub fn load_with(path: &Path, env: Environment<'_>) -> Result<Loaded, ConfigErro
 
 /// Parses and compiles TOML text against `env`: every shape error of the file, then every
 /// error and warning of what could be read.
+#[warn(missing_docs)]
 pub fn compile_str(text: &str, env: Environment<'_>) -> Result<Loaded, ConfigError> {
     let parsed = raw::parse(text).map_err(|diagnostic| ConfigError {
         diagnostics: Diagnostics {

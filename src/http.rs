@@ -19,7 +19,7 @@
 //! Mutating routes require `Authorization: Bearer <token>` when `http.admin_token_env` names a
 //! token. Errors are JSON `{"error": "..."}` and never carry internals or secrets — except
 //! what hyper answers itself before a route runs ([`serve`] lists it). Every request body
-//! must arrive within `http.body_read_timeout` ([`serve::guard_body`]); the server is
+//! must arrive within `http.body_read_timeout` (`serve::guard_body`); the server is
 //! [`serve::serve`].
 
 pub mod egress;
@@ -61,9 +61,7 @@ use crate::topology::ROOT;
 /// What the handlers read.
 #[derive(Clone, Debug)]
 pub struct AppState {
-    /// The node's tree registry.
     pub tree: Arc<Tree>,
-    /// The broker.
     pub broker: Arc<AnyBroker>,
     /// Shared resources, for the egress proxy.
     pub resources: Arc<Resources>,

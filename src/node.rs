@@ -10,6 +10,8 @@
 //! usual stop follows. However the node ends, it then logs at WARN, queue by queue, what the
 //! memory broker still held and takes with it ([`report_dropped`]).
 
+#![warn(missing_docs)]
+
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;

@@ -17,7 +17,6 @@ pub struct Signals {
 }
 
 impl Signals {
-    /// Registers the handlers.
     pub fn register() -> io::Result<Self> {
         Ok(Self {
             interrupt: signal(SignalKind::interrupt())?,

@@ -751,6 +751,7 @@ pub struct LastRun {
 
 /// The life of a delivery: enqueue, reserve and lease, the outcomes (ack, retry, defer, dead
 /// letter), and what moves entries between places (recovery, promotion, hand back).
+#[warn(missing_docs)]
 pub trait TaskQueue: Send + Sync + 'static {
     /// Enqueues a batch (ids and `enqueued_at` filled in when empty; a future `eta` goes to
     /// the delayed set; a taken idempotency key returns the first id; a chosen id that is
@@ -854,6 +855,7 @@ pub trait TaskQueue: Send + Sync + 'static {
 
 /// What the broker remembers about tasks beside their entries: records, the events stream and
 /// the kept revocations.
+#[warn(missing_docs)]
 pub trait Records: Send + Sync + 'static {
     /// Appends an event to the capped events stream (`enqueue`, `started`, `ack`, `retry`,
     /// `dead_letter` and `recover` write their own).
@@ -904,6 +906,7 @@ pub trait Records: Send + Sync + 'static {
 
 /// What several nodes sharing the broker agree on: the beat leader lease, each schedule's last
 /// run, and the nodes' presence records.
+#[warn(missing_docs)]
 pub trait Coordination: Send + Sync + 'static {
     /// The beat leader lease: renews it when `node` holds it, takes it (for `lease`) when
     /// nobody does; returns the holder after the call (`node` when it leads).
@@ -948,6 +951,7 @@ pub trait Coordination: Send + Sync + 'static {
 
 /// Inspection and operator actions on a queue: depth, dead letters (list, requeue, delete,
 /// purge) and purge.
+#[warn(missing_docs)]
 pub trait Admin: Send + Sync + 'static {
     /// Entries per state.
     fn depth(&self, queue: &str) -> impl Future<Output = Result<QueueDepth, BrokerError>> + Send;
@@ -1006,6 +1010,7 @@ pub trait Admin: Send + Sync + 'static {
 /// Every concern of the broker contract, implemented by [`memory::MemoryBroker`],
 /// [`redis::RedisBroker`] and [`AnyBroker`]: what generic code (the contract suite, the event
 /// sink) asks for.
+#[warn(missing_docs)]
 pub trait Broker: TaskQueue + Records + Coordination + Admin {}
 
 impl<B: TaskQueue + Records + Coordination + Admin> Broker for B {}

@@ -64,7 +64,6 @@ pub const MAX_UPSTREAM_WAIT: Cap = Cap {
 pub enum Unit {
     /// Seconds (may be fractional).
     Seconds,
-    /// Milliseconds.
     Millis,
 }
 
@@ -92,7 +91,6 @@ pub enum OutOfRange {
     Negative {
         /// The number as received.
         got: f64,
-        /// Its unit.
         unit: Unit,
     },
     /// Above the cap (infinity included).
@@ -101,9 +99,7 @@ pub enum OutOfRange {
     OverCap {
         /// The number as received.
         got: f64,
-        /// Its unit.
         unit: Unit,
-        /// The cap it is over.
         cap: Cap,
     },
 }

@@ -1,7 +1,7 @@
 //! Child processes of the node — `exec` commands and pool agents — are started, read and killed
 //! one way:
 //!
-//! - [`spawn`]: a clean environment (only what [`environment`] built from the configuration,
+//! - `spawn`: a clean environment (only what [`environment`] built from the configuration,
 //!   plus the variables the runtime sets itself), a new process group whose id is the child's
 //!   pid, `kill_on_drop`, and the group listed with the [`watchdog`] as a [`ProcessGroup`];
 //! - [`lines`]: each pipe read to its end, at most a cap of each line kept;

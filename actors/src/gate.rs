@@ -10,10 +10,11 @@
 //! | unusable (its API key is not set) | fails permanently with the reason | fails permanently with the reason |
 //!
 //! Deferral bounds the calls to a dead dependency by the breaker, not by the number of
-//! messages (DESIGN.md §3); a permanent failure runs the task's `link_error` callbacks —
-//! never a silent skip. A task that can do without a resource (chat without its memory)
-//! declares it `degrades` and goes on while it is down. A missing key fails even those: it is
-//! a deployment error known at start (`runtime check` warns), not an outage.
+//! messages (docs/tasks.md, "Running tasks"); a permanent failure runs the task's
+//! `link_error` callbacks — never a silent skip. A task that can do without a resource (chat
+//! without its memory) declares it `degrades` and goes on while it is down. A missing key
+//! fails even those: it is a deployment error known at start (`runtime check` warns), not an
+//! outage.
 //!
 //! When several resources disagree, a permanent failure wins over a deferral (deferring a task
 //! that would then fail gains nothing), and among the same kind the first declared decides.
@@ -64,25 +65,18 @@ pub enum Admission {
     Open,
     /// `resource` is closed until `until`: defer the task to then.
     ClosedUntil {
-        /// The closed resource.
         resource: String,
         /// Its next probe time.
         until: SystemTime,
     },
     /// `resource` refused the node's credentials (`401`/`403`): fail the task permanently.
     Misconfigured {
-        /// The resource.
         resource: String,
         /// What it refused, and what to check.
         reason: String,
     },
     /// `resource` cannot be used (e.g. its API key is missing): fail the task permanently.
-    Unusable {
-        /// The resource.
-        resource: String,
-        /// Why.
-        reason: String,
-    },
+    Unusable { resource: String, reason: String },
 }
 
 impl Admission {
@@ -97,7 +91,6 @@ impl Admission {
         }
     }
 
-    /// Whether the task fails permanently.
     pub fn is_permanent(&self) -> bool {
         matches!(
             self,
@@ -112,7 +105,6 @@ pub trait ResourceGate: Send + Sync + fmt::Debug {
     fn admit(&self, uses: &[Use]) -> Admission;
 }
 
-/// A gate that never closes.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct AlwaysOpen;
 

@@ -5,6 +5,8 @@
 //! API), [`http`] (POST the envelope to the app), [`exec`] (a command, no shell, envelope on
 //! stdin, own process group), [`pool`] (an idle agent of a process pool takes the envelope).
 
+#![warn(missing_docs)]
+
 pub mod exec;
 pub mod http;
 pub mod native;

@@ -13,10 +13,8 @@ use tokio::time::Instant;
 
 use crate::tree::TreeHandle;
 
-/// Spawn arguments.
 #[derive(Debug)]
 pub struct HeartbeatArgs {
-    /// The actor's place in the tree.
     pub node: TreeHandle,
     /// Time between beats.
     pub interval: Duration,
@@ -24,18 +22,15 @@ pub struct HeartbeatArgs {
     pub node_started: Instant,
 }
 
-/// Messages.
 #[derive(Debug)]
 pub enum HeartbeatMessage {
     /// A tick, sent to itself every interval.
     Beat,
 }
 
-/// The heartbeat actor.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct HeartbeatActor;
 
-/// Heartbeat state.
 #[derive(Debug)]
 pub struct HeartbeatState {
     args: HeartbeatArgs,

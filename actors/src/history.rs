@@ -19,7 +19,7 @@
 //! # Wait and run time
 //!
 //! Each [`Timings`] counts observations in fixed buckets — the bounds of the Prometheus
-//! histograms, 1 ms to 5 min ([`crate::metrics::SECONDS`]) — beside their count and sum. A
+//! histograms, 1 ms to 5 min (`metrics::SECONDS`) — beside their count and sum. A
 //! sample gives the mean and an estimated 95th percentile of what was observed during its
 //! interval: the p95 is interpolated inside the bucket that holds it, as Prometheus'
 //! `histogram_quantile` does (an estimate, exact to a bucket; past the last bound it is
@@ -64,7 +64,6 @@ pub struct Timings {
 }
 
 impl Timings {
-    /// Observes one duration.
     pub fn observe(&self, took: Duration) {
         let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
         let secs = took.as_secs_f64();
@@ -77,7 +76,6 @@ impl Timings {
         self.buckets[bucket.unwrap_or(BUCKETS - 1)].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The running totals.
     pub fn totals(&self) -> TimingTotals {
         TimingTotals {
             count: self.count.load(Ordering::Relaxed),
@@ -90,7 +88,6 @@ impl Timings {
 /// A reading of a [`Timings`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TimingTotals {
-    /// Observations.
     pub count: u64,
     /// Their sum, in microseconds.
     pub sum_us: u64,

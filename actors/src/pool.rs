@@ -1,5 +1,5 @@
-//! Process pools (DESIGN.md §6): prewarmed agent processes (voice bots), claimed one per
-//! session.
+//! Process pools (docs/resources.md, "Process pools"): prewarmed agent processes (voice
+//! bots), claimed one per session.
 //!
 //! - [`PoolSpec`] — one pool's validated settings ([`PoolSpec::try_new`] from [`PoolSettings`]).
 //! - [`Pool`] — the handle made by the node, outside any actor: it owns the pool's membership
@@ -18,7 +18,7 @@
 //!
 //! A ractor actor that is killed runs no `post_stop`, and its linked children are killed with
 //! it: a process owned by an actor would be orphaned (or killed) by every restart of that
-//! actor. Pool membership is state that must survive a crash (DESIGN.md §2), so each agent's
+//! actor. Pool membership is state that must survive a crash, so each agent's
 //! process and monitor task belong to the [`Pool`]; a restarted [`PoolActor`] re-adopts the
 //! agents whose monitor still runs and kills the process group of any that lost its monitor.
 //! The per-agent "actor" is therefore a monitor task with explicit states
@@ -183,7 +183,6 @@ impl PoolSettings {
 pub struct PoolSpecError {
     /// The setting's name (`min_idle`).
     pub field: &'static str,
-    /// What is wrong with it.
     pub reason: String,
 }
 
@@ -258,7 +257,6 @@ impl PoolSpec {
         }
     }
 
-    /// The settings.
     pub fn settings(&self) -> &PoolSettings {
         &self.0
     }
@@ -316,25 +314,16 @@ pub enum ClaimError {
     /// No idle agent within `claim_timeout` (retry later).
     #[error("pool {pool}: no idle agent within {waited:?}")]
     Timeout {
-        /// The pool.
         pool: String,
         /// How long the claim waited.
         waited: Duration,
     },
     /// The pool gave up starting agents (needs an operator: see the reason).
     #[error("pool {pool} is fatal: {reason}")]
-    Fatal {
-        /// The pool.
-        pool: String,
-        /// Why it gave up.
-        reason: String,
-    },
+    Fatal { pool: String, reason: String },
     /// The pool is stopping.
     #[error("pool {pool} is stopping")]
-    Closed {
-        /// The pool.
-        pool: String,
-    },
+    Closed { pool: String },
 }
 
 /// Why a release did nothing.
@@ -343,7 +332,6 @@ pub enum ReleaseError {
     /// No live agent with that id in this pool.
     #[error("pool {pool} has no agent {agent_id}")]
     Unknown {
-        /// The pool.
         pool: String,
         /// The id asked for.
         agent_id: String,
@@ -468,7 +456,6 @@ pub struct PoolStats {
     pub agents: [(AgentState, usize); 4],
     /// Agents that failed to start, ever.
     pub startup_failures: u64,
-    /// Its health now.
     pub health: PoolHealth,
 }
 
@@ -548,12 +535,10 @@ impl Pool {
         }
     }
 
-    /// The pool's name.
     pub fn name(&self) -> &str {
         &self.shared.spec.0.name
     }
 
-    /// The pool's settings.
     pub fn spec(&self) -> &PoolSpec {
         &self.shared.spec
     }

@@ -1,4 +1,4 @@
-//! Shared resources (DESIGN.md §5): the clients every task of a node shares, each behind
+//! Shared resources (docs/resources.md): the clients every task of a node shares, each behind
 //! its protection — [`zep`] behind a circuit breaker ([`breaker`]), [`openai`] behind rate
 //! limiters, both stopped while their upstream refuses the node's credentials ([`auth`]).
 //! Their state (breaker, limiters, replay backlog, misconfiguration) lives in `Arc`s outside
@@ -103,7 +103,6 @@ impl Resources {
         self.by_name.insert(name.to_string(), resource);
     }
 
-    /// The resource `name`.
     pub fn get(&self, name: &str) -> Option<&Arc<dyn SharedResource>> {
         self.by_name.get(name)
     }
@@ -208,20 +207,17 @@ impl SharedResource for openai::OpenAiClient {
 /// `Authorization`, `Host` or hop-by-hop headers; the body is within the proxy's cap.
 #[derive(Debug, Clone)]
 pub struct EgressRequest {
-    /// Method.
     pub method: Method,
     /// Path (relative to the resource's base URL) and query.
     pub path_and_query: String,
     /// Headers to forward.
     pub headers: HeaderMap,
-    /// Body.
     pub body: Bytes,
 }
 
 /// What the proxy answers.
 #[derive(Debug)]
 pub struct EgressResponse {
-    /// Status.
     pub status: StatusCode,
     /// Headers (the upstream's, minus hop-by-hop ones and the `Content-Encoding` /
     /// `Content-Length` of the bytes as sent; or the runtime's own).

@@ -1,5 +1,5 @@
 //! `SchedulerActor`: beat — periodic tasks (`every` or `cron`) enqueued by exactly one leader
-//! among the nodes that share a broker (DESIGN.md §2, §4, §9).
+//! among the nodes that share a broker (docs/tasks.md, "Schedules (beat)").
 //!
 //! # Leadership
 //!
@@ -146,7 +146,6 @@ pub struct Schedule {
     pub name: String,
     /// The task it enqueues.
     pub task: String,
-    /// The task's queue.
     pub queue: String,
     /// Positional arguments.
     pub args: Vec<Value>,
@@ -195,20 +194,17 @@ pub fn first_due_on_takeover(
     trigger.next_after(now)
 }
 
-/// Spawn arguments.
 #[derive(Debug, Clone)]
 pub struct SchedulerArgs {
-    /// Place in the tree.
     pub node: TreeHandle,
     /// The broker (the lease, the last runs, the enqueues).
     pub broker: Arc<AnyBroker>,
     /// This node's name (the lease holder's value).
     pub node_name: String,
-    /// The leader lease.
+    /// How long the leader lease lasts without a renewal (renewed every third of it).
     pub lease: Duration,
     /// How often due times are checked (a run starts at most this late, plus jitter).
     pub tick: Duration,
-    /// The schedules.
     pub schedules: Vec<Schedule>,
 }
 
@@ -219,11 +215,9 @@ pub enum SchedulerMessage {
     Tick,
 }
 
-/// The scheduler actor.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SchedulerActor;
 
-/// Scheduler state.
 #[derive(Debug)]
 pub struct SchedulerState {
     args: SchedulerArgs,

@@ -25,6 +25,8 @@
 //! itself. Children are spawned unnamed (ractor's registry is process-wide); they are known
 //! by their tree path.
 
+#![warn(missing_docs)]
+
 mod policy;
 
 use std::future::Future;

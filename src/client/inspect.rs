@@ -10,7 +10,7 @@
 //! | `ping` | `GET /health` | answers and is healthy, with the round-trip time |
 //! | `events` | `GET /events` (SSE) | the latest events; `--follow` keeps tailing |
 //!
-//! Tables by default (in the CLI's one style: [`table`](super::table)); `--json` prints one
+//! Tables by default (in the CLI's one style: [`super::table`]); `--json` prints one
 //! JSON document (for `events`: one event per line,
 //! exactly the `data` of the SSE messages).
 

@@ -139,11 +139,8 @@ impl SearchQuery {
 /// One task as a search finds it.
 #[derive(Clone, Debug, Serialize)]
 pub struct Found {
-    /// Task id.
     pub id: String,
-    /// Task name.
     pub task: Option<String>,
-    /// Queue.
     pub queue: Option<String>,
     /// State (see the module docs).
     pub state: String,

@@ -17,7 +17,7 @@
 //!   `accept`: at the cap the server stops accepting and new connections wait in the kernel's
 //!   listen backlog (a client sees a slow connect, not a refusal) until one closes. Reaching
 //!   the cap is logged once, until a slot frees again.
-//! - **`http.body_read_timeout`** — applied by [`guard_body`] in the router (the body only
+//! - **`http.body_read_timeout`** — applied by `guard_body` in the router (the body only
 //!   exists there): the whole request body must arrive within it, counted from when the
 //!   router got the request; past it the body fails, the handler's error answer is replaced
 //!   by a JSON `408` and the connection is closed. Answers — the `/events` stream, a streamed
@@ -29,7 +29,7 @@
 //! line with `content-length: 0`, then the connection is closed — and a head that is not
 //! complete within `header_read_timeout` (the connection is closed, no answer). A request
 //! body that breaks off or is malformed (a bad chunk size, a connection closed mid-body) is
-//! seen by the router: [`guard_body`] turns the handler's answer into a JSON `400` saying
+//! seen by the router: `guard_body` turns the handler's answer into a JSON `400` saying
 //! why.
 //!
 //! Stopping: the accept loop ends when `shutdown` resolves, every connection is told to

@@ -1,6 +1,6 @@
 //! `GET /stats/history`: this node's throughput, wait and run time per queue over the last
 //! minutes, from its [`History`](actors::history::History) (one sample every
-//! [`EVERY`](actors::history::EVERY), the newest [`KEEP`](actors::history::KEEP) kept). The
+//! [`EVERY`], the newest [`KEEP`] kept). The
 //! live page draws it. Works with `[metrics] enabled = false` too: the history reads the
 //! queues' own counters, not the Prometheus registry.
 

@@ -17,6 +17,8 @@
 //! answers such an error with a `400`, `enqueue` refuses the envelope, and the consumer
 //! dead-letters an entry that carries one with the error as the reason.
 
+#![warn(missing_docs)]
+
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};

@@ -30,7 +30,6 @@ impl Line {
         self.len
     }
 
-    /// Whether the line had no bytes.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }

@@ -25,10 +25,8 @@ use crate::tree::TreeHandle;
 /// How often the pool is reconciled without a change (a backoff deadline may have passed).
 const TICK: Duration = Duration::from_millis(100);
 
-/// Spawn arguments.
 #[derive(Debug, Clone)]
 pub struct PoolArgs {
-    /// Place in the tree.
     pub node: TreeHandle,
     /// The pool (made by the node; shared with claimers).
     pub pool: Pool,
@@ -45,7 +43,6 @@ pub enum PoolMessage {
     Health,
 }
 
-/// The pool actor.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PoolActor;
 

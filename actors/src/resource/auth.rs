@@ -60,9 +60,7 @@ pub struct AuthProbe {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{field}: {reason}")]
 pub struct InvalidProbe {
-    /// The offending field.
     pub field: &'static str,
-    /// What is wrong with it.
     pub reason: String,
 }
 
@@ -118,7 +116,6 @@ pub struct Refusal {
     /// What was refused and what to check, e.g. ``zep answered 401 Unauthorized to GET
     /// /threads/t1/context: check ZEP_API_KEY and base_url``.
     pub reason: String,
-    /// Since when.
     pub since: SystemTime,
 }
 
@@ -203,7 +200,6 @@ impl AuthState {
         let _ = self.events.set(sink);
     }
 
-    /// The probe settings.
     pub fn probe(&self) -> &AuthProbe {
         &self.probe
     }
@@ -277,7 +273,6 @@ impl AuthState {
             .max(Duration::from_millis(10))
     }
 
-    /// Whether a probe is due now.
     pub fn probe_due(&self) -> bool {
         self.until_probe().is_some_and(|left| left.is_zero())
     }

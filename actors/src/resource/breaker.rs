@@ -1,4 +1,4 @@
-//! Circuit breaker (DESIGN.md §5): a pure state machine on [`tokio::time::Instant`], shared
+//! Circuit breaker (docs/resources.md): a pure state machine on [`tokio::time::Instant`], shared
 //! through an `Arc` and held outside any actor, so a restarted actor never closes an open
 //! breaker (which would restart the retry storm).
 //!
@@ -103,9 +103,7 @@ impl Default for BreakerSettings {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{field}: {reason}")]
 pub struct InvalidBreaker {
-    /// The offending field.
     pub field: &'static str,
-    /// What is wrong with it.
     pub reason: String,
 }
 
@@ -172,7 +170,6 @@ impl BreakerPolicy {
         }
     }
 
-    /// The checked parameters.
     pub fn settings(&self) -> &BreakerSettings {
         &self.settings
     }
@@ -193,7 +190,6 @@ impl BreakerPolicy {
     }
 }
 
-/// Where the breaker is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BreakerState {
@@ -232,7 +228,6 @@ impl fmt::Display for BreakerState {
 /// The breaker's numbers for `/metrics` (monotonic except `state`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BreakerStats {
-    /// Where it is now.
     pub state: BreakerState,
     /// Transitions by the state entered, in [`BreakerState::ALL`] order.
     pub transitions: [(BreakerState, u64); 3],
@@ -357,7 +352,6 @@ impl Breaker {
         &self.shared.name
     }
 
-    /// Its policy.
     pub fn policy(&self) -> &BreakerPolicy {
         &self.shared.policy
     }

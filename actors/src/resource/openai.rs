@@ -1,4 +1,4 @@
-//! OpenAI (`kind = "openai"`, DESIGN.md §5): [`OpenAiClient`], the node's one way to the
+//! OpenAI (`kind = "openai"`, docs/resources.md): [`OpenAiClient`], the node's one way to the
 //! OpenAI API — requests/min and tokens/min limiters, a concurrency cap, the key injected —
 //! and [`OpenAiActor`], which keeps its snapshot in the tree.
 //!
@@ -56,7 +56,7 @@
 //! **A missing key answers `401`, not `503`**: OpenAI's SDKs retry 408/409/429/5xx on their
 //! own, so a 503 would make a Python task spin through its SDK retries and then look
 //! retryable to its task policy; a 401 raises `AuthenticationError` at once, which is what the
-//! missing key is — a permanent failure for every task that needs the key (DESIGN.md §5).
+//! missing key is — a permanent failure for every task that needs the key.
 //!
 //! # Misconfigured
 //!
@@ -341,7 +341,6 @@ impl OpenAiClient {
         })
     }
 
-    /// The resource's name.
     pub fn resource(&self) -> &str {
         &self.resource
     }

@@ -1,4 +1,4 @@
-//! The Zep Cloud client (DESIGN.md §5) and its actor ([`actor::ZepActor`]).
+//! The Zep Cloud client (docs/resources.md) and its actor ([`actor::ZepActor`]).
 //!
 //! [`ZepClient`] is created by the node, outside any actor, and shared through an `Arc` by the
 //! native tasks, the egress proxy, the resource gate and the [`actor::ZepActor`]: the
@@ -140,7 +140,6 @@ pub struct ZepSettings {
     pub api_key_env: String,
     /// Bound of one HTTP call (a half-open probe is bounded by its `probe_timeout` too).
     pub timeout: Duration,
-    /// The breaker's policy.
     pub breaker: BreakerPolicy,
     /// The probe sent while Zep refuses the key (module docs).
     pub auth_probe: AuthProbe,
@@ -166,20 +165,13 @@ impl fmt::Debug for ZepSettings {
 pub enum ZepError {
     /// The resource cannot be used at all (its API key is not set): permanent.
     #[error("{resource} cannot be used: {reason}")]
-    Unusable {
-        /// The resource.
-        resource: String,
-        /// Why.
-        reason: String,
-    },
+    Unusable { resource: String, reason: String },
     /// Zep refused the call (4xx): permanent, the request is wrong.
     #[error("{resource} refused {operation}: {status} {detail}")]
     Rejected {
-        /// The resource.
         resource: String,
         /// What was asked (`POST /threads/{id}/messages`).
         operation: String,
-        /// Zep's status.
         status: StatusCode,
         /// The start of Zep's answer.
         detail: String,
@@ -187,7 +179,6 @@ pub enum ZepError {
     /// Zep answered 2xx with a body that is not what its API promises.
     #[error("{resource} answered {operation} with an unexpected body: {detail}")]
     Malformed {
-        /// The resource.
         resource: String,
         /// What was asked.
         operation: String,
@@ -197,19 +188,12 @@ pub enum ZepError {
     /// A write could not be sent nor buffered (the broker is unreachable too).
     #[error("{resource}: write could not be buffered for replay: {source}")]
     Buffer {
-        /// The resource.
         resource: String,
-        /// The broker's error.
         source: BrokerError,
     },
     /// The client could not be built.
     #[error("{resource}: {reason}")]
-    Setup {
-        /// The resource.
-        resource: String,
-        /// Why.
-        reason: String,
-    },
+    Setup { resource: String, reason: String },
 }
 
 /// A user, as `POST /users` takes it.
@@ -217,13 +201,10 @@ pub enum ZepError {
 pub struct ZepUser {
     /// Your id for the user.
     pub user_id: String,
-    /// Email.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub email: Option<String>,
-    /// First name.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub first_name: Option<String>,
-    /// Last name.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_name: Option<String>,
     /// Anything else.
@@ -239,7 +220,6 @@ pub struct ThreadMessage {
     /// The speaker's name.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
-    /// The text.
     pub content: String,
 }
 
@@ -422,7 +402,6 @@ impl ZepClient {
         })
     }
 
-    /// The resource's name.
     pub fn resource(&self) -> &str {
         &self.resource
     }
@@ -450,7 +429,6 @@ impl ZepClient {
         &self.auth
     }
 
-    /// The replay queue's name.
     pub fn replay_queue(&self) -> &str {
         &self.queue
     }

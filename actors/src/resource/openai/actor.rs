@@ -20,10 +20,8 @@ use crate::tree::TreeHandle;
 /// How often the snapshot is refreshed.
 const SNAPSHOT_EVERY: Duration = Duration::from_secs(1);
 
-/// Spawn arguments.
 #[derive(Debug, Clone)]
 pub struct OpenAiArgs {
-    /// Place in the tree.
     pub node: TreeHandle,
     /// The node's client (shared with tasks, the egress proxy and the gate).
     pub client: Arc<OpenAiClient>,
@@ -38,7 +36,6 @@ pub enum OpenAiMessage {
     Probe,
 }
 
-/// The OpenAI resource actor.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct OpenAiActor;
 

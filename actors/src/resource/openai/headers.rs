@@ -30,7 +30,6 @@ pub(crate) struct RateHeaders {
 }
 
 impl RateHeaders {
-    /// Reads them from `headers`.
     pub(crate) fn read(headers: &HeaderMap) -> Self {
         let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
         let number = |name: &str| text(name).and_then(|v| v.trim().parse::<u64>().ok());

@@ -126,7 +126,6 @@ impl RateGate {
         }
     }
 
-    /// The limit.
     pub(crate) fn limit(&self) -> Limit {
         self.limit
     }

@@ -37,10 +37,8 @@ const SNAPSHOT_EVERY: Duration = Duration::from_secs(1);
 /// The shortest replay period accepted (a zero period would spin).
 const MIN_REPLAY_EVERY: Duration = Duration::from_millis(10);
 
-/// Spawn arguments.
 #[derive(Debug, Clone)]
 pub struct ZepArgs {
-    /// Place in the tree.
     pub node: TreeHandle,
     /// The node's Zep client (shared with tasks, the egress proxy and the gate).
     pub client: Arc<ZepClient>,
@@ -61,7 +59,6 @@ pub enum ZepMessage {
     Probe,
 }
 
-/// The Zep actor.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ZepActor;
 
