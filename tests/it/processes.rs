@@ -265,7 +265,17 @@ fn side_effects(dir: &Path) -> Vec<String> {
 /// grandchild in its group that touches a file 2 s later — and returns once all six wrote
 /// their pids: `(node, leaders, grandchildren)`.
 async fn busy_node(config: &str, redis: &RedisServer, dir: &Path) -> (Node, Vec<u32>, Vec<u32>) {
-    let node = Node::start(config, &[("RT_BROKER_URL", &redis.url())]);
+    // The watchdog's ledger of children in this test's own directory: a node of another
+    // test starting meanwhile must not kill (as leftovers of a dead node) what this test
+    // wants to see orphaned.
+    let ledger = dir.display().to_string();
+    let node = Node::start(
+        config,
+        &[
+            ("RT_BROKER_URL", &redis.url()),
+            ("XDG_RUNTIME_DIR", &ledger),
+        ],
+    );
     let at = Instant::now();
     while node.get_json("/pools").await["pools"]["voice"]["counts"]["idle"] != 2 {
         assert!(at.elapsed() < Duration::from_secs(10), "{}", node.log());
@@ -365,9 +375,17 @@ async fn the_next_node_kills_what_a_node_and_its_watchdog_left() {
     let orphans = alive(&leaders, &leaders);
     assert!(!orphans.is_empty(), "the children outlived both");
 
-    // A new node on the machine (here: the same config, restarted) kills them at start.
+    // A new node on the machine (here: the same config and ledger, restarted) kills them at
+    // start.
     let started = Instant::now();
-    let _next = Node::start(&config, &[("RT_BROKER_URL", &redis.url())]);
+    let ledger = scratch.path().display().to_string();
+    let _next = Node::start(
+        &config,
+        &[
+            ("RT_BROKER_URL", &redis.url()),
+            ("XDG_RUNTIME_DIR", &ledger),
+        ],
+    );
     let left = gone_within(&leaders, &grandchildren, Duration::from_secs(1)).await;
     assert!(
         left.is_empty(),
