@@ -35,6 +35,8 @@ use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use actors::celery::CelerySettings;
+use actors::consumer::QueueSettings;
 use actors::gate::Use;
 use actors::handler::RetryPolicy;
 use actors::pool::PoolSpec;
@@ -151,7 +153,7 @@ pub struct Config {
     /// `[supervision]`
     pub supervision: SupervisionSettings,
     /// `[queues.NAME]`, in declaration order.
-    pub queues: IndexMap<String, QueueSettings>,
+    pub queues: IndexMap<String, QueueConfig>,
     /// `[tasks.NAME]`, in declaration order.
     pub tasks: IndexMap<String, TaskSettings>,
     /// `[resources.NAME]`, in declaration order.
@@ -164,7 +166,8 @@ pub struct Config {
     pub beat: BeatSettings,
     /// `[chaos]`
     pub chaos: ChaosSettings,
-    /// `[celery]`, when present.
+    /// `[celery]`, when present: the bridge's settings, each Celery task mapped to its runtime
+    /// task and that task's queue.
     pub celery: Option<CelerySettings>,
     /// `[metrics]`
     pub metrics: MetricsSettings,
@@ -286,13 +289,11 @@ pub struct SupervisionSettings {
     pub backoff: Backoff,
 }
 
-/// `[queues.NAME]`: one bulkhead.
+/// `[queues.NAME]`: one bulkhead, as its consumer runs it, and the limits its tasks inherit.
 #[derive(Debug, Clone)]
-pub struct QueueSettings {
-    /// Tasks running at once on this node.
-    pub concurrency: NonZeroU32,
-    /// Messages fetched ahead beyond the running ones.
-    pub prefetch: u32,
+pub struct QueueConfig {
+    /// Concurrency and prefetch, for the queue's consumer on this node.
+    pub settings: QueueSettings,
     /// The queue's own hard limit (tasks' effective limits are resolved in [`TaskSettings`]).
     pub time_limit: Option<Duration>,
     /// The queue's own soft limit.
@@ -380,32 +381,6 @@ pub struct PoolConfig {
     pub spec: PoolSpec,
     /// Variables copied from the runtime's environment when the node starts.
     pub pass_env: Vec<String>,
-}
-
-/// `[celery]`: the Celery bridge.
-#[derive(Debug, Clone)]
-pub struct CelerySettings {
-    /// Redis of Celery's result backend (may hold a password; never printed).
-    pub backend_url: String,
-    /// Prefix of kombu list names and result keys.
-    pub key_prefix: String,
-    /// kombu queues taken over.
-    pub queues: Vec<String>,
-    /// Runtime queue whose dead letters take malformed Celery messages.
-    pub dead_letter_queue: String,
-    /// kombu queue of tasks sent to Celery workers without a `queue` option.
-    pub default_queue: String,
-    /// TTL of Celery results.
-    pub result_ttl: Duration,
-    /// Pause between polls of an empty kombu queue.
-    pub poll: Duration,
-    /// Messages moved per script call.
-    pub batch: NonZeroU32,
-    /// Celery task name → runtime task (every runtime task maps its own name too, unless
-    /// that name is mapped elsewhere).
-    pub tasks: IndexMap<String, String>,
-    /// Runtime tasks whose `STARTED` state is written.
-    pub track_started: Vec<String>,
 }
 
 /// `[chaos]`

@@ -39,8 +39,7 @@ use crate::http::egress::EgressAccess;
 use crate::http::serve::serve;
 use crate::http::{AppState, app};
 use crate::topology::{
-    Problems, ROOT, Shared, celery_settings, metrics, node_name, pools, resources, root_spec,
-    task_defs,
+    Problems, ROOT, Shared, metrics, node_name, pools, resources, root_spec, task_defs,
 };
 
 /// Time the HTTP server gets to finish open requests once the tree has stopped.
@@ -252,9 +251,16 @@ impl Node {
         let (resources, resource_actors) =
             resources(&config, &broker, &name).map_err(config_problems)?;
         resources.attach_events(&events);
-        let celery = match celery_settings(&config, &name) {
+        let celery = match &config.celery {
             None => None,
-            Some(settings) => match Celery::connect(settings).await {
+            Some(settings) => match Celery::connect(
+                settings.clone(),
+                &config.broker.url,
+                &config.broker.settings,
+                &name,
+            )
+            .await
+            {
                 Ok(celery) => Some(Arc::new(celery)),
                 Err(err) => {
                     error!(error = %err, "cannot start the Celery bridge ([celery])");

@@ -23,8 +23,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actors::broker::{AnyBroker, BrokerActor, BrokerArgs, NodeStatus, Presence};
+use actors::celery::Celery;
 use actors::celery::bridge::{BridgeActor, BridgeArgs, BridgeCounters};
-use actors::celery::{Celery, CelerySettings};
 use actors::consumer::{ConsumerActor, ConsumerArgs, Outcomes, Work};
 use actors::gate::ResourceGate;
 use actors::handler::exec::ExecHandler;
@@ -50,9 +50,6 @@ pub const ROOT: &str = "root";
 
 /// How often the delayed mover runs: an eta or retry fires at most this late.
 pub const PROMOTE_EVERY: Duration = Duration::from_millis(10);
-
-/// How long one reserve waits for an entry before the fetcher loops.
-pub const POLL: Duration = Duration::from_secs(1);
 
 /// How often the scheduler checks due times: a run is enqueued at most this late (+ jitter).
 pub const BEAT_TICK: Duration = Duration::from_millis(50);
@@ -313,35 +310,6 @@ fn egress_client() -> reqwest::Client {
 /// The native functions every `runtime` binary has.
 pub const BUILTIN_NATIVES: [&str; 5] = ["rt_add", "rt_echo", "rt_fail", "rt_noop", "rt_sleep"];
 
-/// The Celery bridge's settings for `config` (`None` without `[celery]`).
-pub fn celery_settings(config: &Config, node_name: &str) -> Option<CelerySettings> {
-    let celery = config.celery.as_ref()?;
-    let tasks = celery
-        .tasks
-        .iter()
-        .filter_map(|(name, task)| {
-            let queue = config.tasks.get(task)?.queue.clone();
-            Some((name.clone(), (task.clone(), queue)))
-        })
-        .collect();
-    Some(CelerySettings {
-        broker_url: config.broker.url.clone(),
-        backend_url: celery.backend_url.clone(),
-        key_prefix: celery.key_prefix.clone(),
-        runtime_prefix: config.broker.settings.prefix.clone(),
-        queues: celery.queues.clone(),
-        tasks,
-        track_started: celery.track_started.iter().cloned().collect(),
-        dead_letter_queue: celery.dead_letter_queue.clone(),
-        default_queue: celery.default_queue.clone(),
-        result_ttl: celery.result_ttl,
-        poll: celery.poll,
-        batch: celery.batch.get() as usize,
-        events_maxlen: config.broker.settings.events_maxlen,
-        node: node_name.to_string(),
-    })
-}
-
 /// What this binary is, for `rt_build_info`: its version, the git commit and the compiler it
 /// was built from and with (set by `build.rs`; `unknown` where it could not tell).
 pub const BUILD: BuildInfo = BuildInfo {
@@ -438,8 +406,7 @@ pub fn root_spec(
         .iter()
         .map(|(name, queue)| {
             let queue_name = name.clone();
-            let concurrency = queue.concurrency.get() as usize;
-            let prefetch = queue.prefetch as usize;
+            let settings = queue.settings;
             let drain = config.runtime.shutdown_grace;
             let work = Arc::clone(&shared.work);
             let gate: Arc<dyn ResourceGate> = shared.resources.clone();
@@ -448,9 +415,7 @@ pub fn root_spec(
                 let args = ConsumerArgs {
                     node,
                     queue: queue_name.clone(),
-                    concurrency,
-                    prefetch,
-                    poll: POLL,
+                    settings,
                     drain,
                     work: Arc::clone(&work),
                     gate: Arc::clone(&gate),

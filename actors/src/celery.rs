@@ -60,7 +60,9 @@ use base64::Engine;
 use redis::aio::ConnectionManager;
 use serde_json::{Map, Value, json};
 
-use crate::broker::{AnyBroker, BrokerError, Envelope, TaskQueue, parse_time, rfc3339};
+use crate::broker::{
+    AnyBroker, BrokerError, BrokerSettings, Envelope, TaskQueue, parse_time, rfc3339,
+};
 use crate::caps::{self, MAX_TIME_LIMIT, Unit};
 use crate::handler::TaskError;
 use crate::task::settle::BoxFuture;
@@ -75,17 +77,24 @@ pub const PRIORITY_SEP: &str = "\x06\x16";
 /// kombu's priority steps besides 0 (the queue itself), lower first.
 pub const PRIORITY_STEPS: [u8; 3] = [3, 6, 9];
 
-/// What the bridge needs to know, built from `[celery]`.
-#[derive(Clone, Debug)]
+/// `celery.batch` when not set: messages moved per script call.
+pub const DEFAULT_BATCH: usize = 100;
+/// `celery.poll` when not set: the pause between polls of an empty kombu queue.
+pub const DEFAULT_POLL: Duration = Duration::from_millis(50);
+/// `celery.result_ttl` when not set: Celery's own `result_expires` default (one day).
+pub const DEFAULT_RESULT_TTL: Duration = Duration::from_secs(24 * 3600);
+/// `celery.default_queue` when not set: Celery's default queue.
+pub const DEFAULT_QUEUE: &str = "celery";
+
+/// The bridge's settings (`[celery]`): defaults from [`CelerySettings::new`], rules in
+/// [`CelerySettings::check`]. What a node adds when it starts (its broker's URL, key prefix
+/// and events cap, its own name) is given to [`Celery::connect`].
+#[derive(Clone)]
 pub struct CelerySettings {
-    /// The runtime broker's Redis (the kombu lists live there too).
-    pub broker_url: String,
-    /// Redis of Celery's result backend.
-    pub backend_url: String,
+    /// Redis of Celery's result backend; `None`: the runtime broker's Redis.
+    pub backend_url: Option<String>,
     /// Prefix of kombu list names and result keys (kombu's `global_keyprefix`).
     pub key_prefix: String,
-    /// The runtime's key prefix (`rt`).
-    pub runtime_prefix: String,
     /// The kombu queues taken over, one bridge actor each.
     pub queues: Vec<String>,
     /// Celery task name → (runtime task, runtime queue).
@@ -102,10 +111,93 @@ pub struct CelerySettings {
     pub poll: Duration,
     /// Messages moved per script call.
     pub batch: usize,
-    /// Cap of the runtime's events stream (`0`: no events).
-    pub events_maxlen: usize,
-    /// This node's name (the `origin` header of reverse sends).
-    pub node: String,
+}
+
+impl std::fmt::Debug for CelerySettings {
+    /// The backend URL without its password (see [`crate::shown::url`]).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CelerySettings")
+            .field(
+                "backend_url",
+                &self.backend_url.as_deref().map(crate::shown::url),
+            )
+            .field("key_prefix", &self.key_prefix)
+            .field("queues", &self.queues)
+            .field("tasks", &self.tasks)
+            .field("track_started", &self.track_started)
+            .field("dead_letter_queue", &self.dead_letter_queue)
+            .field("default_queue", &self.default_queue)
+            .field("result_ttl", &self.result_ttl)
+            .field("poll", &self.poll)
+            .field("batch", &self.batch)
+            .finish()
+    }
+}
+
+/// One broken rule of [`CelerySettings::check`]: the field (`batch`, `queues[2]`) and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidCelery {
+    /// The field, as the `[celery]` key that sets it.
+    pub field: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+impl CelerySettings {
+    /// No queue taken over, no task mapped, malformed messages dead-lettered on
+    /// `dead_letter_queue`; every other field its `DEFAULT_*`.
+    pub fn new(dead_letter_queue: impl Into<String>) -> Self {
+        Self {
+            backend_url: None,
+            key_prefix: String::new(),
+            queues: Vec::new(),
+            tasks: HashMap::new(),
+            track_started: HashSet::new(),
+            dead_letter_queue: dead_letter_queue.into(),
+            default_queue: DEFAULT_QUEUE.to_string(),
+            result_ttl: DEFAULT_RESULT_TTL,
+            poll: DEFAULT_POLL,
+            batch: DEFAULT_BATCH,
+        }
+    }
+
+    /// Every broken rule: a backend that is not Redis, an empty or repeated queue name, a
+    /// zero `batch`, `result_ttl` or `poll`. [`Celery::connect`] refuses settings with any.
+    pub fn check(&self) -> Vec<InvalidCelery> {
+        let mut errors = Vec::new();
+        let mut bad = |field: String, reason: String| errors.push(InvalidCelery { field, reason });
+        if let Some(url) = &self.backend_url
+            && !url.starts_with("redis")
+        {
+            bad(
+                "backend_url".into(),
+                "expected a redis:// or rediss:// URL".into(),
+            );
+        }
+        let mut seen = HashSet::new();
+        for queue in &self.queues {
+            if !seen.insert(queue) {
+                bad(
+                    "queues".into(),
+                    format!("\"{queue}\" is listed more than once"),
+                );
+            }
+        }
+        for (i, queue) in self.queues.iter().enumerate() {
+            if queue.is_empty() {
+                bad(format!("queues[{i}]"), "empty queue name".into());
+            }
+        }
+        if self.batch == 0 {
+            bad("batch".into(), "must be at least 1, got 0".into());
+        }
+        for (field, value) in [("result_ttl", self.result_ttl), ("poll", self.poll)] {
+            if value.is_zero() {
+                bad(field.into(), "must be longer than zero".into());
+            }
+        }
+        errors
+    }
 }
 
 /// The bridge's shared half: settings and the two Redis connections. One per node.
@@ -115,6 +207,12 @@ pub struct Celery {
     broker: ConnectionManager,
     backend: ConnectionManager,
     runtime_of: HashMap<String, String>,
+    /// The runtime broker's key prefix (`rt`).
+    runtime_prefix: String,
+    /// Cap of the runtime's events stream (`0`: no events).
+    events_maxlen: usize,
+    /// This node's name (the `origin` header of reverse sends, `hostname` of `STARTED`).
+    node: String,
 }
 
 impl std::fmt::Debug for Celery {
@@ -150,13 +248,25 @@ async fn manager(url: &str) -> Result<ConnectionManager, BrokerError> {
 }
 
 impl Celery {
-    /// Connects to the broker and backend Redis.
-    pub async fn connect(settings: CelerySettings) -> Result<Self, BrokerError> {
-        let broker = manager(&settings.broker_url).await?;
-        let backend = if settings.backend_url == settings.broker_url {
-            broker.clone()
-        } else {
-            manager(&settings.backend_url).await?
+    /// Connects to the kombu lists on the runtime broker's Redis (`broker_url`, whose key
+    /// prefix and events cap are `broker`'s) and to the result backend, for node `node`.
+    /// Settings that break a rule of [`CelerySettings::check`] are refused.
+    pub async fn connect(
+        settings: CelerySettings,
+        broker_url: &str,
+        broker: &BrokerSettings,
+        node: &str,
+    ) -> Result<Self, BrokerError> {
+        if let Some(err) = settings.check().into_iter().next() {
+            return Err(BrokerError::Invalid(format!(
+                "celery.{}: {}",
+                err.field, err.reason
+            )));
+        }
+        let broker_conn = manager(broker_url).await?;
+        let backend = match &settings.backend_url {
+            Some(url) if url != broker_url => manager(url).await?,
+            _ => broker_conn.clone(),
         };
         let runtime_of = settings
             .tasks
@@ -165,9 +275,12 @@ impl Celery {
             .collect();
         Ok(Self {
             settings,
-            broker,
+            broker: broker_conn,
             backend,
             runtime_of,
+            runtime_prefix: broker.prefix.clone(),
+            events_maxlen: broker.events_maxlen,
+            node: node.to_string(),
         })
     }
 
@@ -233,7 +346,7 @@ impl Celery {
         {
             return Ok(());
         }
-        let started = json!({ "pid": std::process::id(), "hostname": self.settings.node });
+        let started = json!({ "pid": std::process::id(), "hostname": self.node });
         self.store(&envelope.id, "STARTED", started, None).await
     }
 
@@ -388,7 +501,7 @@ impl Celery {
                     embed,
                     parent_id: Some(&parent.id),
                     root_id: Some(&root),
-                    origin: &self.settings.node,
+                    origin: &self.node,
                 };
                 self.lpush(&queue, &message.to_json()).await?;
             }
@@ -425,7 +538,7 @@ impl Celery {
             embed: json!({ "callbacks": null, "errbacks": null, "chain": null, "chord": null }),
             parent_id: None,
             root_id: None,
-            origin: &self.settings.node,
+            origin: &self.node,
         };
         self.lpush(queue, &message.to_json()).await?;
         Ok(id)

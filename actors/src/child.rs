@@ -21,6 +21,11 @@ pub use watchdog::ProcessGroup;
 /// `PATH` of a child when neither its configuration nor the runtime's own environment has one.
 pub const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 
+/// A pool agent's id (`voice-17`), set by the pool in each agent.
+pub const AGENT_ID_VAR: &str = "RT_AGENT_ID";
+/// A pool agent's pool name, set by the pool in each agent.
+pub const POOL_VAR: &str = "RT_POOL";
+
 /// Variables the runtime sets in its children itself: a configuration's `env` or `pass_env`
 /// cannot name them.
 pub const RESERVED: [&str; 7] = [
@@ -29,8 +34,8 @@ pub const RESERVED: [&str; 7] = [
     "RT_QUEUE",
     "RT_EGRESS_URL",
     "RT_EGRESS_TOKEN",
-    "RT_AGENT_ID",
-    "RT_POOL",
+    AGENT_ID_VAR,
+    POOL_VAR,
 ];
 
 /// The whole environment of a child built from its configuration: `env` as written, then each

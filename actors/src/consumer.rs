@@ -38,6 +38,7 @@
 //! Log lines about one task carry its fields through [`task_span`].
 
 use std::collections::{HashMap, VecDeque};
+use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -72,6 +73,32 @@ const FETCH_STOP_MARGIN: Duration = Duration::from_secs(4);
 /// for an adopted delivery beyond the slots.
 type Slot = Option<OwnedSemaphorePermit>;
 
+/// How long one reserve waits for an entry before the fetcher loops: also how late a drain
+/// stops the fetcher.
+pub const DEFAULT_POLL: Duration = Duration::from_secs(1);
+
+/// One queue's bulkhead on a node (`[queues.NAME]`). The default runs one task at a time and
+/// fetches none ahead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueSettings {
+    /// Tasks run at once.
+    pub concurrency: NonZeroUsize,
+    /// Entries reserved beyond the running ones.
+    pub prefetch: usize,
+    /// How long one reserve waits for an entry ([`DEFAULT_POLL`]).
+    pub poll: Duration,
+}
+
+impl Default for QueueSettings {
+    fn default() -> Self {
+        Self {
+            concurrency: NonZeroUsize::MIN,
+            prefetch: 0,
+            poll: DEFAULT_POLL,
+        }
+    }
+}
+
 /// Spawn arguments.
 #[derive(Debug, Clone)]
 pub struct ConsumerArgs {
@@ -79,12 +106,8 @@ pub struct ConsumerArgs {
     pub node: TreeHandle,
     /// The queue.
     pub queue: String,
-    /// Tasks run at once.
-    pub concurrency: usize,
-    /// Entries reserved beyond the running ones.
-    pub prefetch: usize,
-    /// How long one reserve waits for an entry.
-    pub poll: Duration,
+    /// Its concurrency, prefetch and poll.
+    pub settings: QueueSettings,
     /// Time an orderly stop waits for running tasks.
     pub drain: Duration,
     /// Shared with the task actors.
@@ -250,10 +273,12 @@ impl Actor for ConsumerActor {
         myself: ActorRef<Self::Msg>,
         args: ConsumerArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
-        let slots = Arc::new(Semaphore::new(args.concurrency + args.prefetch));
+        let slots = Arc::new(Semaphore::new(
+            args.settings.concurrency.get() + args.settings.prefetch,
+        ));
         let gauges = args.work.metrics.consumer(&args.queue);
         if let Some(gauges) = &gauges {
-            gauges.concurrency(args.concurrency);
+            gauges.concurrency(args.settings.concurrency.get());
             gauges.in_flight(0);
         }
         let settler = Arc::new(Settler {
@@ -329,9 +354,12 @@ impl Actor for ConsumerActor {
                 // entries reserved by nobody until their lease expires.
                 state.stop_fetching.cancel();
                 if let Some(mut fetcher) = state.fetcher.take()
-                    && tokio::time::timeout(state.args.poll + FETCH_STOP_MARGIN, &mut fetcher)
-                        .await
-                        .is_err()
+                    && tokio::time::timeout(
+                        state.args.settings.poll + FETCH_STOP_MARGIN,
+                        &mut fetcher,
+                    )
+                    .await
+                    .is_err()
                 {
                     fetcher.abort();
                 }
@@ -666,7 +694,7 @@ impl ConsumerState {
     /// Starts waiting tasks while there is room.
     async fn fill(&mut self, myself: &ActorRef<ConsumerMessage>) {
         let before = self.running.len();
-        while self.running.len() < self.args.concurrency {
+        while self.running.len() < self.args.settings.concurrency.get() {
             let Some(next) = self.waiting.pop_front() else {
                 break;
             };
@@ -732,8 +760,8 @@ impl ConsumerState {
             .collect();
         self.args.node.publish(json!({
             "queue": self.args.queue,
-            "concurrency": self.args.concurrency,
-            "prefetch": self.args.prefetch,
+            "concurrency": self.args.settings.concurrency,
+            "prefetch": self.args.settings.prefetch,
             "draining": self.draining,
             "running": running,
             "waiting": self.waiting.len(),
@@ -803,7 +831,7 @@ async fn fetch(
                 &args.queue,
                 &args.work.consumer,
                 free.num_permits(),
-                args.poll,
+                args.settings.poll,
             )
             .await;
         match got {

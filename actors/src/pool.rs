@@ -92,8 +92,9 @@ const RECENT: usize = 32;
 /// starting up (tens of ms of CPU) preempted the claiming task between the confirmation and
 /// its return — on 2 cores, 1–3 claims in 50 took 5–10 ms instead of 0.5 ms.
 const REPLACE_AFTER: Duration = Duration::from_millis(20);
-/// Env vars the pool sets itself.
-const RESERVED_ENV: [&str; 2] = ["RT_AGENT_ID", "RT_POOL"];
+/// Env vars the pool sets itself (the runtime reserves them in every child:
+/// [`crate::child::RESERVED`]).
+const RESERVED_ENV: [&str; 2] = [crate::child::AGENT_ID_VAR, crate::child::POOL_VAR];
 
 /// One pool's settings, as built by the node from its config; validated by
 /// [`PoolSpec::try_new`].

@@ -12,10 +12,12 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::num::NonZeroU32;
+use std::num::{NonZeroU32, NonZeroUsize};
 use std::str::FromStr;
 use std::time::Duration;
 
+use actors::celery::CelerySettings;
+use actors::consumer::QueueSettings;
 use actors::gate::Use;
 use actors::handler::RetryPolicy;
 use actors::pool::{PoolSettings, PoolSpec};
@@ -38,10 +40,9 @@ use super::raw::{
     RawResource, RawRuntime, RawSchedule, RawSupervision, RawTask, RawZep,
 };
 use super::{
-    BROKER_URL_ENV, BeatSettings, BrokerSettings, CelerySettings, ChaosSettings, Config,
-    EventsSettings, HTTP_BIND_ENV, Handler, HttpSettings, Idempotency, Loaded, MetricsSettings,
-    PoolConfig, QueueSettings, ResourceSettings, RuntimeSettings, SupervisionSettings,
-    TaskSettings,
+    BROKER_URL_ENV, BeatSettings, BrokerSettings, ChaosSettings, Config, EventsSettings,
+    HTTP_BIND_ENV, Handler, HttpSettings, Idempotency, Loaded, MetricsSettings, PoolConfig,
+    QueueConfig, ResourceSettings, RuntimeSettings, SupervisionSettings, TaskSettings,
 };
 
 /// Where `compile()` reads environment variables (`RT_BROKER_URL`, `RT_HTTP_BIND`, secrets).
@@ -88,8 +89,6 @@ const DEFAULT_QUEUE: &str = "default";
 const DEFAULT_MAX_RETRIES: u32 = 3;
 const DEFAULT_RETRY_BACKOFF: Duration = Duration::from_secs(1);
 const DEFAULT_RETRY_BACKOFF_MAX: Duration = Duration::from_secs(60);
-const DEFAULT_ZEP_URL: &str = "https://api.getzep.com/api/v2";
-const DEFAULT_ZEP_TIMEOUT: Duration = Duration::from_secs(5);
 /// The signals `pools.NAME.stop_signal` may name, in the order the docs list them.
 const STOP_SIGNALS: [Signal; 7] = [
     Signal::SIGTERM,
@@ -138,7 +137,7 @@ pub(crate) fn compile(
     let celery = raw
         .celery
         .as_ref()
-        .and_then(|celery| c.celery(celery, broker.as_ref(), &raw));
+        .and_then(|celery| c.celery(celery, broker.as_ref(), &raw, &tasks));
     let metrics = MetricsSettings {
         enabled: raw.metrics.enabled.unwrap_or(true),
     };
@@ -790,22 +789,25 @@ impl Compiler<'_> {
         &mut self,
         raw: &IndexMap<String, RawQueue>,
         runtime: &CompiledRuntime,
-    ) -> IndexMap<String, QueueSettings> {
+    ) -> IndexMap<String, QueueConfig> {
         let mut queues = IndexMap::new();
         for (name, queue) in raw {
             let at = format!("queues.{name}");
             self.name(&at, name);
-            let concurrency =
-                self.nonzero(&format!("{at}.concurrency"), queue.concurrency.unwrap_or(1));
+            let mut consumer = QueueSettings::default();
+            if let Some(n) = queue.concurrency {
+                let n = self.nonzero(&format!("{at}.concurrency"), n);
+                consumer.concurrency = NonZeroUsize::try_from(n).unwrap_or(consumer.concurrency);
+            }
+            consumer.prefetch = queue.prefetch.map_or(consumer.prefetch, |n| n as usize);
             let time_limit = self.opt_duration(&format!("{at}.time_limit"), &queue.time_limit);
             let soft_time_limit =
                 self.opt_duration(&format!("{at}.soft_time_limit"), &queue.soft_time_limit);
             if time_limit.is_some_and(|limit| limit.is_zero()) {
                 self.error(format!("{at}.time_limit"), "must be longer than zero");
             }
-            let settings = QueueSettings {
-                concurrency,
-                prefetch: queue.prefetch.unwrap_or(0),
+            let settings = QueueConfig {
+                settings: consumer,
                 time_limit,
                 soft_time_limit,
             };
@@ -857,7 +859,7 @@ impl Compiler<'_> {
     fn zep(&mut self, at: &str, name: &str, raw: &RawZep) -> Option<ZepSettings> {
         let base_url = self.http_url(
             &format!("{at}.base_url"),
-            raw.base_url.as_deref().unwrap_or(DEFAULT_ZEP_URL),
+            raw.base_url.as_deref().unwrap_or(zep::DEFAULT_BASE_URL),
         );
         let api_key = self.secret(
             &format!("{at}.api_key_env"),
@@ -865,7 +867,7 @@ impl Compiler<'_> {
             &format!("calls to resource {name} will fail and the tasks that use it with them"),
         );
         let timeout =
-            self.positive_duration(&format!("{at}.timeout"), &raw.timeout, DEFAULT_ZEP_TIMEOUT);
+            self.positive_duration(&format!("{at}.timeout"), &raw.timeout, zep::DEFAULT_TIMEOUT);
         let breaker = self.breaker(&format!("{at}.breaker"), &raw.breaker);
         let auth_probe = self.auth_probe(
             at,
@@ -1091,7 +1093,7 @@ impl Compiler<'_> {
         &mut self,
         raw: &RawConfig,
         runtime: &CompiledRuntime,
-        queues: &IndexMap<String, QueueSettings>,
+        queues: &IndexMap<String, QueueConfig>,
     ) -> IndexMap<String, TaskSettings> {
         let mut tasks = IndexMap::new();
         for (name, task) in &raw.tasks {
@@ -1111,7 +1113,7 @@ impl Compiler<'_> {
         raw: &RawTask,
         config: &RawConfig,
         runtime: &CompiledRuntime,
-        queues: &IndexMap<String, QueueSettings>,
+        queues: &IndexMap<String, QueueConfig>,
     ) -> Option<TaskSettings> {
         let queue_name = raw.queue.as_deref().unwrap_or(DEFAULT_QUEUE);
         if !config.queues.contains_key(queue_name) {
@@ -1143,9 +1145,8 @@ impl Compiler<'_> {
         };
         // A queue that failed to compile (or is undefined) contributes no limits.
         let queue = queues.get(queue_name);
-        let empty = QueueSettings {
-            concurrency: NonZeroU32::MIN,
-            prefetch: 0,
+        let empty = QueueConfig {
+            settings: QueueSettings::default(),
             time_limit: None,
             soft_time_limit: None,
         };
@@ -1255,7 +1256,7 @@ impl Compiler<'_> {
         at: &str,
         queue_name: &str,
         limit: Duration,
-        queue: Option<&QueueSettings>,
+        queue: Option<&QueueConfig>,
         runtime: &CompiledRuntime,
     ) {
         let fallback = match queue.and_then(|queue| queue.time_limit) {
@@ -1321,31 +1322,22 @@ impl Compiler<'_> {
         }
     }
 
+    /// The bridge's settings: this checks what only a config knows (a Redis broker, the
+    /// dead-letter queue and the mapped tasks defined, durations as written); the defaults
+    /// and the bridge's own rules are [`CelerySettings::new`]'s and
+    /// [`CelerySettings::check`]'s, reported at `celery.{field}`.
     fn celery(
         &mut self,
         raw: &RawCelery,
         broker: Option<&BrokerSettings>,
         config: &RawConfig,
+        compiled: &IndexMap<String, TaskSettings>,
     ) -> Option<CelerySettings> {
-        let broker_url = broker.map(|b| b.url.as_str()).unwrap_or_default();
-        if broker.is_some() && !broker_url.starts_with("redis") {
+        if broker.is_some_and(|b| !b.url.starts_with("redis")) {
             self.error(
                 "celery",
                 "the Celery bridge needs a Redis broker (broker.url = the Celery broker's redis://…)",
             );
-        }
-        let backend_url = raw
-            .backend_url
-            .clone()
-            .unwrap_or_else(|| broker_url.to_string());
-        if raw.backend_url.is_some() && !backend_url.starts_with("redis") {
-            self.error("celery.backend_url", "expected a redis:// or rediss:// URL");
-        }
-        self.no_duplicates("celery.queues", &raw.queues);
-        for (i, queue) in raw.queues.iter().enumerate() {
-            if queue.is_empty() {
-                self.error(format!("celery.queues[{i}]"), "empty queue name");
-            }
         }
         let dead_letter_queue = match &raw.dead_letter_queue {
             Some(queue) => {
@@ -1371,8 +1363,19 @@ impl Compiler<'_> {
                 }
             },
         };
-        let mut tasks = IndexMap::new();
-        let mut track_started = Vec::new();
+        let mut s = CelerySettings::new(dead_letter_queue);
+        s.backend_url = raw.backend_url.clone();
+        s.key_prefix = raw.key_prefix.clone().unwrap_or(s.key_prefix);
+        s.queues = raw.queues.clone();
+        s.default_queue = raw.default_queue.clone().unwrap_or(s.default_queue);
+        s.result_ttl = self.duration("celery.result_ttl", &raw.result_ttl, s.result_ttl);
+        s.poll = self.duration("celery.poll", &raw.poll, s.poll);
+        s.batch = raw.batch.map_or(s.batch, |n| n as usize);
+        // Each runtime task runs on its queue; one that did not compile is reported already.
+        let mapped = |runtime: &str| {
+            let task = compiled.get(runtime)?;
+            Some((runtime.to_string(), task.queue.clone()))
+        };
         for (name, task) in &raw.tasks {
             let at = format!("celery.tasks.\"{name}\"");
             let runtime = task.task.clone().unwrap_or_else(|| name.clone());
@@ -1396,32 +1399,25 @@ impl Compiler<'_> {
                 continue;
             }
             if task.track_started == Some(true) {
-                track_started.push(runtime.clone());
+                s.track_started.insert(runtime.clone());
             }
-            tasks.insert(name.clone(), runtime);
-        }
-        for name in config.tasks.keys() {
-            if !tasks.contains_key(name) {
-                tasks.insert(name.clone(), name.clone());
+            if let Some(target) = mapped(&runtime) {
+                s.tasks.insert(name.clone(), target);
             }
         }
-        let batch = self.nonzero("celery.batch", raw.batch.unwrap_or(100));
-        Some(CelerySettings {
-            backend_url,
-            key_prefix: raw.key_prefix.clone().unwrap_or_default(),
-            queues: raw.queues.clone(),
-            dead_letter_queue,
-            default_queue: raw.default_queue.clone().unwrap_or_else(|| "celery".into()),
-            result_ttl: self.positive_duration(
-                "celery.result_ttl",
-                &raw.result_ttl,
-                Duration::from_secs(24 * 3600),
-            ),
-            poll: self.positive_duration("celery.poll", &raw.poll, Duration::from_millis(50)),
-            batch,
-            tasks,
-            track_started,
-        })
+        // Every runtime task maps its own name too, unless that name is mapped elsewhere.
+        for name in compiled.keys() {
+            if !s.tasks.contains_key(name)
+                && let Some(target) = mapped(name)
+            {
+                s.tasks.insert(name.clone(), target);
+            }
+        }
+        let errors = s.check();
+        for err in &errors {
+            self.error(format!("celery.{}", err.field), err.reason.clone());
+        }
+        errors.is_empty().then_some(s)
     }
 
     /// The schedules, each with the queue of its task (from `tasks`, compiled).
@@ -1544,7 +1540,7 @@ struct TaskLimits {
 fn effective_limits(
     runtime: &RuntimeSettings,
     queue_name: &str,
-    queue: &QueueSettings,
+    queue: &QueueConfig,
     task: Option<(&str, &TaskLimits)>,
 ) -> (Limit, Option<Limit>) {
     let hard = task

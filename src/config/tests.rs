@@ -967,12 +967,13 @@ fn celery_names_mapped_to_nothing_are_named_by_key_path() {
         "{base}[celery]\nqueues = [\"celery\"]\n[celery.tasks.\"tasks.add\"]\ntask = \"rt_add\"\ntrack_started = true\n"
     ));
     let celery = config.celery.expect("[celery]");
-    assert_eq!(celery.tasks["tasks.add"], "rt_add");
+    let on_default = ("rt_add".to_string(), "default".to_string());
+    assert_eq!(celery.tasks["tasks.add"], on_default);
     assert_eq!(
-        celery.tasks["rt_add"], "rt_add",
+        celery.tasks["rt_add"], on_default,
         "a runtime task maps its own name"
     );
-    assert_eq!(celery.track_started, ["rt_add"]);
+    assert_eq!(celery.track_started, ["rt_add".to_string()].into());
     assert_eq!(celery.dead_letter_queue, "default");
     assert_eq!(celery.default_queue, "celery");
 

@@ -68,11 +68,12 @@ pub async fn depths(State(state): State<AppState>) -> Result<Response, ApiError>
                     "delayed": depth.delayed,
                     "in_flight": depth.in_flight,
                     "dead": depth.dead,
-                    "concurrency": queue.concurrency,
+                    "concurrency": queue.settings.concurrency,
                 })
             }
             Err(err) => {
-                let answer = json!({ "error": err.to_string(), "concurrency": queue.concurrency });
+                let answer =
+                    json!({ "error": err.to_string(), "concurrency": queue.settings.concurrency });
                 failed.get_or_insert(err);
                 answer
             }

@@ -163,12 +163,12 @@ impl BridgeState {
             invocation.key(list);
         }
         invocation
-            .arg(&settings.runtime_prefix)
+            .arg(&self.args.celery.runtime_prefix)
             .arg(batch)
             .arg(&self.mapping)
             .arg(&settings.dead_letter_queue)
             .arg(rfc3339(SystemTime::now()))
-            .arg(settings.events_maxlen)
+            .arg(self.args.celery.events_maxlen)
             .arg(MAX_ID_BYTES);
         let mut conn = self.args.celery.broker.clone();
         invocation.invoke_async(&mut conn).await

@@ -110,9 +110,11 @@ impl Rig {
                     let args = ConsumerArgs {
                         node,
                         queue: name.clone(),
-                        concurrency,
-                        prefetch,
-                        poll: Duration::from_millis(200),
+                        settings: QueueSettings {
+                            concurrency: NonZeroUsize::new(concurrency).expect("concurrency ≥ 1"),
+                            prefetch,
+                            poll: Duration::from_millis(200),
+                        },
                         drain: Duration::from_secs(2),
                         work: Arc::clone(&work),
                         gate: Arc::clone(&gate),

@@ -27,8 +27,8 @@ pub(super) fn spawn(settings: &PoolSettings, agent_id: &str) -> io::Result<(Chil
         command.current_dir(cwd);
     }
     let own = [
-        ("RT_AGENT_ID", agent_id),
-        ("RT_POOL", settings.name.as_str()),
+        (child::AGENT_ID_VAR, agent_id),
+        (child::POOL_VAR, settings.name.as_str()),
     ];
     child::spawn(&mut command, &settings.env, &own)
 }

@@ -117,6 +117,11 @@ const BODY_SNIPPET: usize = 300;
 /// Header on the answers the proxy makes itself while Zep is unavailable.
 const DEGRADED_HEADER: &str = "x-runtime-degraded";
 
+/// Zep Cloud's API root: `base_url` when the config sets none.
+pub const DEFAULT_BASE_URL: &str = "https://api.getzep.com/api/v2";
+/// Time allowed for one call to Zep when the config sets no `timeout`.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The probe of a misconfigured Zep: the first page of one user (Zep's `/api/v2`), one
 /// cheap authenticated read.
 pub const DEFAULT_AUTH_PROBE_PATH: &str = "/users-ordered?pageNumber=1&pageSize=1";
@@ -131,7 +136,7 @@ pub fn replay_queue(resource: &str) -> String {
 pub struct ZepSettings {
     /// The resource's name (`zep`): logs, snapshots, the gate, the replay queue.
     pub resource: String,
-    /// Zep's API root, e.g. `https://api.getzep.com/api/v2`.
+    /// Zep's API root ([`DEFAULT_BASE_URL`] for Zep Cloud).
     pub base_url: reqwest::Url,
     /// The API key, read from the environment by the node (surrounding whitespace is ignored);
     /// `None` or a blank one makes the resource unusable.
