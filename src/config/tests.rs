@@ -995,6 +995,25 @@ fn celery_names_mapped_to_nothing_are_named_by_key_path() {
 }
 
 #[test]
+fn the_celery_tables_own_rules_are_the_librarys_each_named_at_its_key() {
+    let base = "[broker]\nurl = \"redis://127.0.0.1:1/0\"\n[queues.default]\n";
+    let lines = fails(&format!(
+        "{base}[celery]\nbackend_url = \"http://x\"\nqueues = [\"celery\", \"\", \"celery\"]\nbatch = 0\nresult_ttl = \"0s\"\npoll = \"0ms\"\n"
+    ));
+    assert_eq!(
+        lines,
+        [
+            "error: celery.backend_url: expected a redis:// or rediss:// URL",
+            "error: celery.queues: \"celery\" is listed more than once",
+            "error: celery.queues[1]: empty queue name",
+            "error: celery.batch: must be at least 1, got 0",
+            "error: celery.result_ttl: must be longer than zero",
+            "error: celery.poll: must be longer than zero",
+        ]
+    );
+}
+
+#[test]
 fn degrades_compiles_into_the_gates_uses_and_its_names_are_checked() {
     use actors::gate::Use;
 
