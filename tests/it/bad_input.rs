@@ -218,44 +218,19 @@ async fn malformed_stream_entries_are_dead_lettered_while_good_tasks_succeed() {
 
     let at = Instant::now();
     for id in &good {
-        loop {
-            let response = node.get(&format!("/tasks/{id}")).await;
-            if response.status() == 200 {
-                let record: Value = response.json().await.unwrap();
-                if record["state"] == "succeeded" {
-                    break;
-                }
-                assert_ne!(record["state"], "dead", "{record}");
-            }
-            assert!(
-                at.elapsed() < Duration::from_secs(30),
-                "good task {id} never succeeded; log:\n{}",
-                node.log()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let left = Duration::from_secs(30).saturating_sub(at.elapsed());
+        let record = node.until_ended(id, left).await;
+        assert_eq!(record["state"], "succeeded", "good task {id}: {record}");
     }
     // The 2 MB envelope is dead, never started, with its size and the limit as the reason.
     let huge_reason = format!(
         "entry too large: {} bytes, over the broker's max_entry_bytes of 1048576",
         huge_envelope.len()
     );
-    loop {
-        let response = node.get("/tasks/huge-1").await;
-        if response.status() == 200 {
-            let record: Value = response.json().await.unwrap();
-            assert_ne!(record["state"], "succeeded", "{record}");
-            if record["state"] == "dead" {
-                assert_eq!(record["error"], huge_reason.as_str(), "{record}");
-                break;
-            }
-        }
-        assert!(
-            at.elapsed() < Duration::from_secs(30),
-            "huge-1 never settled"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let left = Duration::from_secs(30).saturating_sub(at.elapsed());
+    let record = node.until_ended("huge-1", left).await;
+    assert_eq!(record["state"], "dead", "{record}");
+    assert_eq!(record["error"], huge_reason.as_str(), "{record}");
     let huge_letter = node.get_json("/dlq/chat").await["dead_letters"]
         .as_array()
         .unwrap()
@@ -290,7 +265,8 @@ async fn malformed_stream_entries_are_dead_lettered_while_good_tasks_succeed() {
     assert_eq!(node.get("/tasks/huge-2").await.status(), 404);
 
     // Every bad entry is dead-lettered, in order, with its reason.
-    let letters = loop {
+    let left = Duration::from_secs(30).saturating_sub(at.elapsed());
+    let letters = common::eventually("every bad entry dead-lettered", left, async || {
         let dlq = node.get_json("/dlq/chat").await;
         let letters = dlq["dead_letters"].as_array().cloned().unwrap_or_default();
         let letters: Vec<Value> = letters
@@ -298,14 +274,12 @@ async fn malformed_stream_entries_are_dead_lettered_while_good_tasks_succeed() {
             .filter(|l| l["envelope"]["id"] != "huge-1")
             .collect();
         if letters.len() >= bad.len() {
-            break letters;
+            Ok(letters)
+        } else {
+            Err(dlq)
         }
-        assert!(
-            at.elapsed() < Duration::from_secs(30),
-            "dead letters so far: {dlq}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    })
+    .await;
     assert_eq!(letters.len(), bad.len(), "{letters:?}");
     for (letter, (_, reason)) in letters.iter().zip(&bad) {
         let got = letter["reason"].as_str().unwrap();

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::Duration;
 
-use crate::common::Node;
+use crate::common::{Node, eventually};
 use actors::test_util::RedisServer;
 use serde_json::{Value, json};
 use tokio::time::Instant;
@@ -93,14 +93,6 @@ async fn events(node: &Node, kinds: &str) -> Vec<Value> {
         .filter_map(|l| l.strip_prefix("data: "))
         .map(|d| serde_json::from_str(d).unwrap())
         .collect()
-}
-
-async fn wait_until(what: &str, limit: Duration, mut cond: impl AsyncFnMut() -> bool) {
-    let end = Instant::now() + limit;
-    while !cond().await {
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 const BEAT_LEASE_SECS: u64 = 3;
@@ -236,7 +228,7 @@ async fn work_spreads_over_three_nodes_and_a_killed_nodes_tasks_finish_within_on
         .map(|n| start(&redis, &config(n, "2s", "3s", queue)))
         .collect();
     // Every node is listed, by the others too.
-    wait_until(
+    eventually(
         "three nodes in /nodes",
         Duration::from_secs(5),
         async || {
@@ -269,7 +261,7 @@ async fn work_spreads_over_three_nodes_and_a_killed_nodes_tasks_finish_within_on
     post(&nodes[0], Value::Array(batch)).await;
     let started = Instant::now();
     let mut counts = Vec::new();
-    wait_until("3,000 tasks done", Duration::from_secs(120), async || {
+    eventually("3,000 tasks done", Duration::from_secs(120), async || {
         counts.clear();
         for node in &nodes {
             counts.push(succeeded_on(node).await);
@@ -300,7 +292,7 @@ async fn work_spreads_over_three_nodes_and_a_killed_nodes_tasks_finish_within_on
         .collect();
     let victim = &nodes[2];
     let mut running: Vec<String> = Vec::new();
-    wait_until(
+    eventually(
         "the victim runs tasks",
         Duration::from_secs(10),
         async || {
@@ -319,12 +311,7 @@ async fn work_spreads_over_three_nodes_and_a_killed_nodes_tasks_finish_within_on
     let killed = Instant::now();
     let lease = Duration::from_secs(2);
     for id in &running {
-        wait_until(
-            "a killed node's task done elsewhere",
-            Duration::from_secs(20),
-            async || nodes[0].ended(id).await,
-        )
-        .await;
+        nodes[0].until_ended(id, Duration::from_secs(20)).await;
     }
     let took = killed.elapsed();
     eprintln!(
@@ -337,15 +324,10 @@ async fn work_spreads_over_three_nodes_and_a_killed_nodes_tasks_finish_within_on
         "{took:?}"
     );
     for id in &ids {
-        wait_until(
-            "every long task done",
-            Duration::from_secs(30),
-            async || nodes[0].ended(id).await,
-        )
-        .await;
+        nodes[0].until_ended(id, Duration::from_secs(30)).await;
     }
     // The dead node drops out of /nodes when its record expires.
-    wait_until(
+    eventually(
         "the dead node is gone from /nodes",
         Duration::from_secs(10),
         async || {
@@ -378,7 +360,7 @@ async fn a_node_that_stops_cleanly_hands_back_what_it_reserved() {
         .collect();
     // The leaving node holds waiting entries (reserved, not started).
     let leaving = &nodes[2];
-    wait_until(
+    eventually(
         "the leaving node holds waiting entries",
         Duration::from_secs(10),
         async || {
@@ -404,10 +386,7 @@ async fn a_node_that_stops_cleanly_hands_back_what_it_reserved() {
     // Everything finishes on the other two at their pace (60 × 1 s over 4 slots ≈ 15 s), far
     // sooner than the 60 s lease.
     for id in &ids {
-        wait_until("every task done", Duration::from_secs(40), async || {
-            nodes[0].ended(id).await
-        })
-        .await;
+        nodes[0].until_ended(id, Duration::from_secs(40)).await;
     }
     let took = stopped.elapsed();
     eprintln!("handed back {handed}; all 60 done {took:?} after the SIGTERM");

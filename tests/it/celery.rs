@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::common::Node;
+use crate::common::{self, Node};
 use actors::test_util::RedisServer;
 use serde_json::Value;
 use tokio::time::Instant;
@@ -206,14 +206,17 @@ async fn malformed_and_unmapped_messages_are_dead_lettered_with_the_reason() {
         out["message"].as_str().unwrap().contains("not base64"),
         "{out}"
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let dead = loop {
+    // Three letters, or what there is after 10 s (the assertions below name what is missing).
+    let dead = common::try_eventually(Duration::from_secs(10), async || {
         let dead = node.get_json("/dlq/default").await.to_string();
-        if dead.matches("\"reason\"").count() >= 3 || Instant::now() > deadline {
-            break dead;
+        if dead.matches("\"reason\"").count() >= 3 {
+            Ok(dead)
+        } else {
+            Err(dead)
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    })
+    .await
+    .unwrap_or_else(|dead| dead);
     assert!(dead.contains("celery: not a kombu message"), "{dead}");
     assert!(
         dead.contains("celery: task `tasks.unknown` is not mapped to a runtime task"),
@@ -387,15 +390,19 @@ async fn redis_conn(redis: &RedisServer) -> redis::aio::MultiplexedConnection {
 
 /// Waits until the bridge's snapshot satisfies `done`.
 async fn bridge_until(node: &Node, done: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let snapshot = node.actor("root/celery/celery").await.unwrap()["snapshot"].clone();
-        if done(&snapshot) {
-            return snapshot;
-        }
-        assert!(Instant::now() < deadline, "bridge: {snapshot}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    common::eventually(
+        "the bridge's snapshot",
+        Duration::from_secs(10),
+        async || {
+            let snapshot = node.actor("root/celery/celery").await.unwrap()["snapshot"].clone();
+            if done(&snapshot) {
+                Ok(snapshot)
+            } else {
+                Err(snapshot)
+            }
+        },
+    )
+    .await
 }
 
 /// Celery's task id is kept and follows the runtime's id rule (no Python needed): the same
@@ -417,11 +424,8 @@ async fn celery_ids_are_checked_and_a_message_published_twice_runs_once() {
     let bridge = bridge_until(&node, |s| s["moved"] == 2 && s["duplicates"] == 1).await;
     assert_eq!(bridge["dead_lettered"], 1, "{bridge}");
     for id in ["dup-1", "ok-1"] {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while node.get_json(&format!("/tasks/{id}")).await["state"] != "succeeded" {
-            assert!(Instant::now() < deadline, "{id} never ran");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        node.until_state(id, &["succeeded"], Duration::from_secs(10))
+            .await;
     }
     // Ran once: one `succeeded` event for dup-1.
     let events: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
@@ -488,9 +492,6 @@ async fn a_wrong_type_runtime_stream_loses_no_celery_message() {
         .query_async(&mut conn)
         .await
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while node.get_json("/tasks/kept-1").await["state"] != "succeeded" {
-        assert!(Instant::now() < deadline, "never ran: {}", node.log());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    node.until_state("kept-1", &["succeeded"], Duration::from_secs(15))
+        .await;
 }

@@ -404,16 +404,16 @@ async fn zombies(parents: &[u32]) -> Vec<u32> {
 }
 
 async fn wait_healthy(http: &reqwest::Client, url: &str, limit: Duration) {
-    let at = Instant::now();
-    loop {
-        if let Ok(r) = http.get(format!("{url}/health")).send().await
-            && r.status() == 200
-        {
-            return;
-        }
-        assert!(at.elapsed() < limit, "{url} not healthy within {limit:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    common::eventually(
+        &format!("{url}/health to answer 200"),
+        limit,
+        async || match http.get(format!("{url}/health")).send().await {
+            Ok(r) if r.status() == 200 => Ok(()),
+            Ok(r) => Err(r.status().to_string()),
+            Err(e) => Err(e.to_string()),
+        },
+    )
+    .await;
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -1110,11 +1110,15 @@ stop_timeout = "1s"
             .filter_map(|a| a["pid"].as_u64())
             .collect::<Vec<u64>>()
     };
-    let at = Instant::now();
-    while idle_pids().await.len() < 2 {
-        assert!(at.elapsed() < Duration::from_secs(15), "no warm agents");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    common::eventually("two warm agents", Duration::from_secs(15), async || {
+        let pids = idle_pids().await;
+        if pids.len() >= 2 {
+            Ok(())
+        } else {
+            Err(format!("{pids:?}"))
+        }
+    })
+    .await;
     let before = idle_pids().await;
 
     let url = node.url.clone();
@@ -1135,18 +1139,19 @@ stop_timeout = "1s"
         .expect("the pid in the output");
     assert!(before.contains(&killed), "{killed} not in {before:?}");
     // The pool replaces it.
-    let at = Instant::now();
-    loop {
-        let pids = idle_pids().await;
-        if pids.len() >= 2 && !pids.contains(&killed) {
-            break;
-        }
-        assert!(
-            at.elapsed() < Duration::from_secs(15),
-            "not replaced: {pids:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    common::eventually(
+        "the killed agent replaced",
+        Duration::from_secs(15),
+        async || {
+            let pids = idle_pids().await;
+            if pids.len() >= 2 && !pids.contains(&killed) {
+                Ok(())
+            } else {
+                Err(format!("{pids:?}"))
+            }
+        },
+    )
+    .await;
 
     let url = node.url.clone();
     let (code, out, err) =
@@ -1222,8 +1227,7 @@ backoff_max = "100ms"
     assert_eq!(response.status(), 202);
 
     // Both run: their commands wrote their pids, the consumer's snapshot lists them.
-    let at = Instant::now();
-    let started = loop {
+    let started = common::eventually("both running", Duration::from_secs(10), async || {
         let listed = node.actor("root/queues/slow").await.unwrap()["snapshot"]["running"]
             .as_array()
             .map_or(0, Vec::len);
@@ -1236,15 +1240,15 @@ backoff_max = "100ms"
             })
             .collect();
         if listed == 2 && started.len() == 2 {
-            break started;
+            Ok(started)
+        } else {
+            Err(format!(
+                "{listed} listed, pids {text:?}; log:\n{}",
+                node.log()
+            ))
         }
-        assert!(
-            at.elapsed() < Duration::from_secs(10),
-            "not both running: {listed} listed, pids {text:?}; log:\n{}",
-            node.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    })
+    .await;
     for pid in started.values() {
         assert_eq!(proc_state(*pid), Some('S'), "pid {pid} sleeps");
     }
@@ -1286,35 +1290,22 @@ backoff_max = "100ms"
 
     // Both retried (attempt 1 runs the quick branch) and succeeded.
     for id in ids {
-        let at = Instant::now();
-        let record = loop {
-            let response = node.get(&format!("/tasks/{id}")).await;
-            if response.status() == 200 {
-                let record: Value = response.json().await.unwrap();
-                if record["state"] == "succeeded" {
-                    break record;
-                }
-            }
-            assert!(
-                at.elapsed() < Duration::from_secs(10),
-                "{id} did not succeed; log:\n{}",
-                node.log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
+        let record = node
+            .until_state(id, &["succeeded"], Duration::from_secs(10))
+            .await;
         assert_eq!(record["attempts"], 2, "{record}");
         assert_eq!(record["result"], "ok", "{record}");
     }
     // Nothing in flight, the consumer never restarted, no zombie child of the node.
-    let at = Instant::now();
-    loop {
+    common::eventually("nothing in flight", Duration::from_secs(5), async || {
         let queues = node.get_json("/queues").await;
         if queues["queues"]["slow"]["in_flight"] == 0 {
-            break;
+            Ok(())
+        } else {
+            Err(queues)
         }
-        assert!(at.elapsed() < Duration::from_secs(5), "{queues}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
     let consumer = node.actor("root/queues/slow").await.unwrap();
     assert_eq!(consumer["restarts"], 0);
     assert_eq!(consumer["status"], "running");
@@ -1345,12 +1336,13 @@ fn proc_state(pid: u32) -> Option<char> {
 
 /// Waits up to 2 s for `pid` to be gone (killed and reaped: not even a zombie).
 async fn assert_gone(pid: u32) {
-    let at = Instant::now();
-    while let Some(state) = proc_state(pid) {
-        assert!(
-            at.elapsed() < Duration::from_secs(2),
-            "process {pid} is still there (state {state})"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    common::eventually(
+        &format!("process {pid} gone"),
+        Duration::from_secs(2),
+        async || match proc_state(pid) {
+            None => Ok(()),
+            Some(state) => Err(format!("state {state}")),
+        },
+    )
+    .await;
 }

@@ -93,14 +93,15 @@ async fn enqueue_list_dead_letters_and_purge_through_a_running_node() {
     assert!(err.contains("--args: expected a JSON array"), "{err}");
 
     // The app is down: the task is dead-lettered with the reason.
-    let at = tokio::time::Instant::now();
-    while node.get_json("/queues").await["queues"]["chat"]["dead"] != 1 {
-        assert!(
-            at.elapsed() < std::time::Duration::from_secs(10),
-            "never dead-lettered"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    common::eventually(
+        "the task dead-lettered",
+        std::time::Duration::from_secs(10),
+        async || {
+            let chat = node.get_json("/queues").await["queues"]["chat"].clone();
+            if chat["dead"] == 1 { Ok(()) } else { Err(chat) }
+        },
+    )
+    .await;
     let (ok, out, _) = runtime(&node, &["dlq", "list", "chat"], None);
     assert!(ok);
     let lines: Vec<&str> = out.lines().collect();
@@ -241,27 +242,28 @@ async fn inspect_shows_active_tasks_stats_queues_ping_tree_and_events() {
         ids.push(answer["id"].as_str().unwrap().to_string());
     }
     // Two succeed, one fails twice (one retry, then a dead letter), one keeps running.
-    let at = tokio::time::Instant::now();
-    loop {
-        let (code, out, err) = inspect(&node.url, &["stats", "--json"]);
-        assert_eq!(code, 0, "{err}");
-        let stats = json_of(&out);
-        let default = &stats["queues"][0];
-        if default["succeeded"] == 2 && default["dead_lettered"] == 1 && default["running"] == 1 {
-            assert_eq!(default["queue"], "default");
-            assert_eq!(default["processed"], 4);
-            assert_eq!(default["failed"], 2);
-            assert_eq!(default["retried"], 1);
-            assert_eq!(default["dead"], 1, "the dead-letter depth");
-            assert_eq!(default["in_flight"], 1);
-            break;
-        }
-        assert!(
-            at.elapsed() < std::time::Duration::from_secs(10),
-            "stats never settled: {out}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    let stats = common::eventually(
+        "the stats settled",
+        std::time::Duration::from_secs(10),
+        async || {
+            let (code, out, err) = inspect(&node.url, &["stats", "--json"]);
+            assert_eq!(code, 0, "{err}");
+            let stats = json_of(&out);
+            let default = &stats["queues"][0];
+            let settled = default["succeeded"] == 2
+                && default["dead_lettered"] == 1
+                && default["running"] == 1;
+            if settled { Ok(stats) } else { Err(out) }
+        },
+    )
+    .await;
+    let default = &stats["queues"][0];
+    assert_eq!(default["queue"], "default");
+    assert_eq!(default["processed"], 4);
+    assert_eq!(default["failed"], 2);
+    assert_eq!(default["retried"], 1);
+    assert_eq!(default["dead"], 1, "the dead-letter depth");
+    assert_eq!(default["in_flight"], 1);
 
     let (code, out, _) = inspect(&node.url, &["stats"]);
     assert_eq!(code, 0);
@@ -514,24 +516,26 @@ async fn results_and_revocations_through_the_cli() {
     );
     assert_eq!(code, 0, "{err}");
     let sleeping = out.trim().to_string();
-    let at = tokio::time::Instant::now();
-    loop {
-        let (code, out, _) = run(&node, &["result", &sleeping]);
-        assert_eq!(code, 75, "not ended: {out}");
-        if out.contains("state     running\n") {
-            assert!(
-                out.starts_with(&format!(
-                    "id        {sleeping}\ntask      rt_sleep\nqueue     default\n"
-                )),
-                "{out}"
-            );
-            break;
-        }
-        assert!(
-            at.elapsed() < std::time::Duration::from_secs(10),
-            "never running: {out}"
-        );
-    }
+    let out = common::eventually(
+        "the task running",
+        std::time::Duration::from_secs(10),
+        async || {
+            let (code, out, _) = run(&node, &["result", &sleeping]);
+            assert_eq!(code, 75, "not ended: {out}");
+            if out.contains("state     running\n") {
+                Ok(out)
+            } else {
+                Err(out)
+            }
+        },
+    )
+    .await;
+    assert!(
+        out.starts_with(&format!(
+            "id        {sleeping}\ntask      rt_sleep\nqueue     default\n"
+        )),
+        "{out}"
+    );
     let (code, _, _) = run(
         &node,
         &["result", &sleeping, "--wait", "--timeout", "300ms"],

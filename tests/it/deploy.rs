@@ -670,11 +670,7 @@ struct Worker {
 
 impl Worker {
     fn start() -> Worker {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = common::fakes::free_port();
         let child = Command::new("python3")
             .arg(repo("deploy/worker/app.py"))
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
@@ -771,28 +767,23 @@ async fn the_container_config_runs_its_tasks_on_the_example_worker_and_answers_t
     }
     let at = Instant::now();
     for (task, id) in &ids {
-        loop {
-            let response = node.get(&format!("/tasks/{id}")).await;
-            if response.status() == 200 {
-                let record: Value = response.json().await.unwrap();
-                if record["state"] == "succeeded" {
-                    break;
-                }
-                assert_ne!(record["state"], "dead", "{task}: {record}");
-            }
-            assert!(
-                at.elapsed() < Duration::from_secs(30),
-                "{task} did not succeed:\n{}",
-                node.log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let left = Duration::from_secs(30).saturating_sub(at.elapsed());
+        let record = node.until_ended(id, left).await;
+        assert_eq!(record["state"], "succeeded", "{task}: {record}");
     }
     // process_chat_message's link ran on the worker too (extract_preferences_async).
     let metric = "rt_tasks_succeeded_total{task=\"extract_preferences_async\",queue=\"default\"}";
-    let at = Instant::now();
-    while node.metric(metric).await != Some(2.0) {
-        assert!(at.elapsed() < Duration::from_secs(30), "{}", node.log());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    common::eventually(
+        "two extract_preferences_async",
+        Duration::from_secs(30),
+        async || {
+            let seen = node.metric(metric).await;
+            if seen == Some(2.0) {
+                Ok(())
+            } else {
+                Err(format!("{seen:?}; log:\n{}", node.log()))
+            }
+        },
+    )
+    .await;
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
-use crate::common::Node;
+use crate::common::{Node, eventually};
 
 const CONFIG: &str = r#"
 [http]
@@ -122,14 +122,6 @@ async fn enqueue(node: &Node, task: &str) -> String {
         .to_string()
 }
 
-async fn wait_succeeded(node: &Node, id: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while node.get_json(&format!("/tasks/{id}")).await["state"] != "succeeded" {
-        assert!(Instant::now() < deadline, "task {id} never succeeded");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 fn kinds_of(messages: &[Message], task_id: &str) -> Vec<String> {
     messages
         .iter()
@@ -180,9 +172,11 @@ async fn a_task_s_lifecycle_streams_in_order_filters_apply_and_resume_gets_exact
     let last_seen = seen.last().unwrap().id.clone();
     drop(live);
     let second = enqueue(&node, "rt_noop").await;
-    wait_succeeded(&node, &second).await;
+    node.until_state(&second, &["succeeded"], Duration::from_secs(10))
+        .await;
     let third = enqueue(&node, "rt_noop").await;
-    wait_succeeded(&node, &third).await;
+    node.until_state(&third, &["succeeded"], Duration::from_secs(10))
+        .await;
 
     // Reconnecting with Last-Event-ID (the header wins over ?after=0) gets exactly what it
     // missed, in order, and nothing it had.
@@ -229,7 +223,8 @@ async fn a_task_s_lifecycle_streams_in_order_filters_apply_and_resume_gets_exact
 async fn recent_events_without_follow_end_the_response() {
     let node = Node::start(CONFIG, &[]);
     let id = enqueue(&node, "rt_noop").await;
-    wait_succeeded(&node, &id).await;
+    node.until_state(&id, &["succeeded"], Duration::from_secs(10))
+        .await;
     let text = node
         .get("/events?last=2&follow=false")
         .await
@@ -279,31 +274,30 @@ async fn the_reader_stops_when_its_client_disconnects() {
     let stream = Sse::open(&node, "", None).await;
     let opened = |log: &str| log.matches("event stream opened").count();
     let closed = |log: &str| log.matches("event stream closed").count();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while opened(&node.log()) == 0 {
-        assert!(Instant::now() < deadline, "no debug line:\n{}", node.log());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(
+        "the debug line `event stream opened`",
+        Duration::from_secs(5),
+        async || opened(&node.log()) > 0,
+    )
+    .await;
     // It keeps running while the client is there.
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(closed(&node.log()), 0, "{}", node.log());
     drop(stream);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while closed(&node.log()) == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the reader still runs 5 s after its client left:\n{}",
-            node.log()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(
+        "the reader to stop after its client left",
+        Duration::from_secs(5),
+        async || closed(&node.log()) > 0,
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn events_can_be_switched_off_without_touching_the_tasks() {
     let node = Node::start(&format!("{CONFIG}\n[events]\nenabled = false\n"), &[]);
     let id = enqueue(&node, "rt_noop").await;
-    wait_succeeded(&node, &id).await;
+    node.until_state(&id, &["succeeded"], Duration::from_secs(10))
+        .await;
     assert_eq!(node.post("/chaos/kill/heartbeat", None).await.status(), 202);
     let response = node.get("/events?last=10&follow=false").await;
     assert_eq!(response.status(), 404);
@@ -313,9 +307,13 @@ async fn events_can_be_switched_off_without_touching_the_tasks() {
         "{body}"
     );
     // The restart happened all the same; only its event is not written.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while node.actor("root/heartbeat").await.unwrap()["restarts"] != 1 {
-        assert!(Instant::now() < deadline, "heartbeat never restarted");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(
+        "the heartbeat restarted",
+        Duration::from_secs(5),
+        async || {
+            let restarts = node.actor("root/heartbeat").await.unwrap()["restarts"].clone();
+            if restarts == 1 { Ok(()) } else { Err(restarts) }
+        },
+    )
+    .await;
 }

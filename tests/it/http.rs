@@ -5,19 +5,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actors::broker::{AnyBroker, BrokerSettings, Records, TaskQueue};
-use actors::heartbeat::{HeartbeatActor, HeartbeatArgs};
 use actors::resource::Resources;
-use actors::supervisor::{
-    Backoff, ChildSpec, Intensity, Restart, Strategy, SupervisorSpec, start_root,
-};
-use actors::tree::Tree;
 use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
 use http_body_util::BodyExt;
-use runtime::config::{Environment, compile_str};
 use runtime::http::events::EventStreams;
 use runtime::http::{AppState, app};
 use tower::ServiceExt;
+
+use crate::common;
 
 const CONFIG: &str = r#"
 [queues.chat]
@@ -32,43 +28,11 @@ handler = { kind = "native" }
 
 /// The state of a node with `CONFIG`, a memory broker and the given token/chaos.
 async fn state(backoff: Duration, admin_token: Option<&str>, chaos: bool) -> AppState {
-    let config = compile_str(CONFIG, Environment::Ignored).unwrap().config;
-    let broker = AnyBroker::connect("memory://", BrokerSettings::default())
-        .await
-        .unwrap();
-    let mut state = AppState::new(
-        tree(backoff).await,
-        Arc::new(broker),
-        Arc::new(Resources::default()),
-        &config,
-    );
+    let broker = common::memory_broker(BrokerSettings::default()).await;
+    let mut state = common::app_state(CONFIG, broker, Resources::default(), backoff).await;
     state.admin_token = admin_token.map(Arc::from);
     state.chaos = chaos;
     state
-}
-
-/// A root with one heartbeat child whose restarts wait `backoff`.
-async fn tree(backoff: Duration) -> Arc<Tree> {
-    let tree = Tree::new();
-    let heartbeat = ChildSpec::new("heartbeat", "heartbeat", Restart::Permanent, |node| {
-        (
-            HeartbeatActor,
-            HeartbeatArgs {
-                node,
-                interval: Duration::from_secs(1),
-                node_started: tokio::time::Instant::now(),
-            },
-        )
-    });
-    let spec = SupervisorSpec {
-        strategy: Strategy::OneForOne,
-        intensity: Intensity::try_new(5, Duration::from_secs(10)).unwrap(),
-        backoff: Backoff::try_new(backoff, backoff, 0.0).unwrap(),
-        shutdown_timeout: Duration::from_secs(1),
-        children: vec![heartbeat],
-    };
-    start_root(&tree, "root", spec).await.unwrap();
-    tree
 }
 
 async fn send(
@@ -256,7 +220,7 @@ async fn envelopes_over_max_entry_bytes_and_bodies_over_the_limit_are_json_413s(
         max_entry_bytes: 1024,
         ..BrokerSettings::default()
     };
-    state.broker = Arc::new(AnyBroker::connect("memory://", settings).await.unwrap());
+    state.broker = Arc::new(common::memory_broker(settings).await);
     let big = "x".repeat(1024);
     let expect_413 = |status: StatusCode, body: &str, prefix: &str| {
         assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
@@ -520,16 +484,11 @@ async fn chosen_ids_are_checked_unique_and_read_back_percent_encoded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_bad_queue_does_not_hide_the_others() {
     let redis = actors::test_util::RedisServer::start();
-    let config = compile_str(CONFIG, Environment::Ignored).unwrap().config;
     let broker = AnyBroker::connect(&redis.url(), BrokerSettings::default())
         .await
         .unwrap();
-    let mut state = AppState::new(
-        tree(Duration::from_secs(1)).await,
-        Arc::new(broker),
-        Arc::new(Resources::default()),
-        &config,
-    );
+    let mut state =
+        common::app_state(CONFIG, broker, Resources::default(), Duration::from_secs(1)).await;
     state.metrics = Arc::new(actors::metrics::Metrics::new(
         [("process_chat_message", "chat")],
         ["chat", "default"],
@@ -1251,18 +1210,18 @@ async fn tasks_are_found_by_id_name_queue_state_and_trace_over_the_recent_events
 
 #[tokio::test]
 async fn with_events_off_a_search_finds_a_task_by_its_exact_id_only() {
-    let config = compile_str(CONFIG, Environment::Ignored).unwrap().config;
     let settings = BrokerSettings {
         events_maxlen: 0,
         ..BrokerSettings::default()
     };
-    let broker = AnyBroker::connect("memory://", settings).await.unwrap();
-    let mut state = AppState::new(
-        tree(Duration::from_millis(5)).await,
-        Arc::new(broker),
-        Arc::new(Resources::default()),
-        &config,
-    );
+    let broker = common::memory_broker(settings).await;
+    let mut state = common::app_state(
+        CONFIG,
+        broker,
+        Resources::default(),
+        Duration::from_millis(5),
+    )
+    .await;
     state.admin_token = Some(Arc::from("tok"));
     enqueued(&state, r#"{"task":"notify_chat_failure","id":"n-1"}"#).await;
     let got = state

@@ -4,11 +4,11 @@
 
 use std::time::Duration;
 
+use crate::common;
 use crate::common::Node;
 use crate::common::scrape::Scrape;
 use actors::test_util::RedisServer;
 use serde_json::{Value, json};
-use tokio::time::Instant;
 
 const CONFIG: &str = r#"
 [runtime]
@@ -103,8 +103,7 @@ async fn counters_match_a_mixed_workload_exactly() {
         202
     );
 
-    let at = Instant::now();
-    let metrics = loop {
+    let metrics = common::eventually("the workload done", Duration::from_secs(30), async || {
         let m = scrape(&node).await;
         let done = m.task("rt_tasks_succeeded_total", "rt_noop", "default") >= 111.0
             && m.sum("rt_tasks_dead_lettered_total", &[("task", "rt_fail")]) >= 5.0
@@ -114,16 +113,12 @@ async fn counters_match_a_mixed_workload_exactly() {
             )
             .is_some();
         if done {
-            break m;
+            Ok(m)
+        } else {
+            Err(format!("{}\nlog:\n{}", m.text, node.log()))
         }
-        assert!(
-            at.elapsed() < Duration::from_secs(30),
-            "workload not done:\n{}\nlog:\n{}",
-            m.text,
-            node.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    })
+    .await;
     // Settled: nothing moves any more, so the numbers below are final.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let again = scrape(&node).await;

@@ -86,16 +86,22 @@ async fn killing_past_the_intensity_escalates_and_the_process_exits_non_zero() {
     let mut node = Node::start(CHAOS, &[]);
     for n in 1..=3 {
         assert_eq!(node.post("/chaos/kill/heartbeat", None).await.status(), 202);
-        let at = Instant::now();
-        while node
-            .actor("root/heartbeat")
-            .await
-            .map(|h| h["restarts"] == n && h["status"] == "running")
-            != Some(true)
-        {
-            assert!(at.elapsed() < Duration::from_secs(5), "restart {n} missing");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        common::eventually(
+            &format!("restart {n}"),
+            Duration::from_secs(5),
+            async || {
+                let heartbeat = node.actor("root/heartbeat").await;
+                let done = heartbeat
+                    .as_ref()
+                    .is_some_and(|h| h["restarts"] == n && h["status"] == "running");
+                if done {
+                    Ok(())
+                } else {
+                    Err(format!("{heartbeat:?}"))
+                }
+            },
+        )
+        .await;
     }
     // The fourth kill within 30 s is one more than max_restarts = 3: the root gives up.
     assert_eq!(node.post("/chaos/kill/heartbeat", None).await.status(), 202);
@@ -197,11 +203,19 @@ async fn json_logs_are_one_object_per_line_and_task_lines_carry_the_task_fields(
     let untraced: serde_json::Value = answer.json().await.unwrap();
 
     let started = Instant::now();
-    let deadline = started + Duration::from_secs(10);
-    while node.log().matches("callback ran").count() < 2 {
-        assert!(Instant::now() < deadline, "log:\n{}", node.log());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    common::eventually(
+        "two `callback ran` lines",
+        Duration::from_secs(10),
+        async || {
+            let log = node.log();
+            if log.matches("callback ran").count() >= 2 {
+                Ok(())
+            } else {
+                Err(log)
+            }
+        },
+    )
+    .await;
     // Up for two seconds at least: `tree stopped` must not report that as its stop time.
     tokio::time::sleep_until(started + Duration::from_secs(2)).await;
     node.signal("TERM");
@@ -395,16 +409,16 @@ async fn fill_memory_queues(node: &Node, slow: usize) {
         .await
         .unwrap();
     assert_eq!(sent.status(), 202, "{}", sent.text().await.unwrap());
-    let at = Instant::now();
-    loop {
+    common::eventually("the queues filled", Duration::from_secs(10), async || {
         let queues = node.get_json("/queues").await;
         let ready = |q: &str| queues["queues"][q]["ready"].as_u64().unwrap_or(0);
         if ready("work") == slow as u64 - 1 && ready("notes") == 4 {
-            break;
+            Ok(())
+        } else {
+            Err(queues)
         }
-        assert!(at.elapsed() < Duration::from_secs(10), "{queues}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
 }
 
 fn lines(path: &std::path::Path) -> usize {
@@ -540,29 +554,31 @@ async fn runtime_nodes_shows_a_node_that_is_stopping_or_draining() {
                 .unwrap();
             assert_eq!(answer.status(), 202);
         }
-        let at = Instant::now();
-        while node.get_json("/queues").await["queues"]["default"]["ready"] != 1 {
-            assert!(
-                at.elapsed() < Duration::from_secs(5),
-                "the first task never started"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        common::eventually(
+            "the first task started",
+            Duration::from_secs(5),
+            async || {
+                let default = node.get_json("/queues").await["queues"]["default"].clone();
+                if default["ready"] == 1 {
+                    Ok(())
+                } else {
+                    Err(default)
+                }
+            },
+        )
+        .await;
         node.signal("TERM");
-        let at = Instant::now();
-        let record = loop {
+        let what = format!("{expected} within a second of SIGTERM");
+        let record = common::eventually(&what, Duration::from_secs(1), async || {
             let listed: serde_json::Value = serde_json::from_str(&nodes(true)).unwrap();
             let record = listed["nodes"][0].clone();
             if record["state"] == expected {
-                break record;
+                return Ok(record);
             }
             assert_eq!(record["state"], "running", "{listed}");
-            assert!(
-                at.elapsed() < Duration::from_secs(1),
-                "not {expected} within a second of SIGTERM: {listed}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
+            Err(listed)
+        })
+        .await;
         assert!(record["state_since"].is_string(), "{record}");
         let table = nodes(false);
         assert_eq!(

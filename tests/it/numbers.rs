@@ -262,10 +262,7 @@ async fn fake_app() -> String {
             )
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, router).await });
-    format!("http://{addr}")
+    format!("http://{}", common::fakes::serve(router).await)
 }
 
 async fn redis_conn(redis: &RedisServer) -> redis::aio::MultiplexedConnection {
@@ -303,26 +300,6 @@ async fn post(node: &Node, body: &Value) -> String {
         .as_str()
         .unwrap_or_else(|| panic!("{body} → {answer}"))
         .to_string()
-}
-
-/// The record of task `id`, once it is in one of `states`.
-async fn wait_for(node: &Node, id: &str, states: &[&str]) -> Value {
-    let at = Instant::now();
-    loop {
-        let response = node.get(&format!("/tasks/{id}")).await;
-        if response.status() == 200 {
-            let record: Value = response.json().await.unwrap();
-            if states.iter().any(|s| record["state"] == *s) {
-                return record;
-            }
-        }
-        assert!(
-            at.elapsed() < Duration::from_secs(30),
-            "task {id} never reached {states:?}; log:\n{}",
-            node.log()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// The delayed-set members of `chat` whose envelope has `id`, with their scores (due, ms).
@@ -450,11 +427,14 @@ async fn numbers_out_of_range_in_entries_and_headers_never_panic_a_node() {
     good.push(post(&node, &json!({ "task": "rt_echo", "args": ["last"] })).await);
 
     for id in &good {
-        wait_for(&node, id, &["succeeded"]).await;
+        node.until_state(id, &["succeeded"], Duration::from_secs(30))
+            .await;
     }
     for (entry, reason) in &dead {
         let id = entry["id"].as_str().unwrap();
-        let record = wait_for(&node, id, &["dead", "succeeded"]).await;
+        let record = node
+            .until_state(id, &["dead", "succeeded"], Duration::from_secs(30))
+            .await;
         assert_eq!(record["state"], "dead", "{entry}: {record}");
         let error = record["error"].as_str().unwrap();
         assert!(
@@ -467,7 +447,13 @@ async fn numbers_out_of_range_in_entries_and_headers_never_panic_a_node() {
         (busy.as_str(), 0.99 * day_ms),
         (busy_float.as_str(), 0.99 * day_ms),
     ] {
-        let record = wait_for(&node, id, &["retrying", "dead", "succeeded"]).await;
+        let record = node
+            .until_state(
+                id,
+                &["retrying", "dead", "succeeded"],
+                Duration::from_secs(30),
+            )
+            .await;
         assert_eq!(record["state"], "retrying", "{id}: {record}");
         assert_eq!(record["attempts"], 1, "{id}: it ran once: {record}");
         let due = delayed(&mut conn, id).await;
@@ -946,7 +932,8 @@ async fn generated_entries_and_requests_at_a_node_never_panic_it_and_good_tasks_
     }
 
     for id in &good {
-        wait_for(&node, id, &["succeeded"]).await;
+        node.until_state(id, &["succeeded"], Duration::from_secs(30))
+            .await;
     }
     // Every entry with an id is accounted for: recorded, waiting in the delayed set, or a dead
     // letter; those that promised to wait did not run (again) before their time.

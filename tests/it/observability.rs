@@ -10,13 +10,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::common::scrape::Scrape;
-use crate::common::{Node, repo};
+use crate::common::{Node, eventually, repo};
 use actors::test_util::RedisServer;
 use axum::Router;
 use axum::http::StatusCode;
 use axum::routing::post;
 use serde_json::{Value, json};
-use tokio::time::Instant;
 use yaml_rust2::YamlLoader;
 
 /// Every class a retry is counted under (the `class` label of `rt_tasks_retried_total`).
@@ -91,10 +90,7 @@ stop_timeout = "1s"
 
 /// A base URL where nothing listens (a port bound, then released).
 fn closed_url() -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    drop(listener);
-    format!("http://127.0.0.1:{port}")
+    format!("http://127.0.0.1:{}", common::fakes::free_port())
 }
 
 fn start_full(redis: &RedisServer) -> Node {
@@ -118,21 +114,20 @@ fn actors(tree: &Value, out: &mut Vec<(String, String)>) {
 
 /// Scrapes until the pool has its idle agent (so every collector has something to say).
 async fn settled_scrape(node: &Node) -> Scrape {
-    let at = Instant::now();
-    loop {
-        let m = Scrape::of(node).await;
-        let idle = m.get("rt_pool_agents", &[("pool", "voice"), ("state", "idle")]);
-        if idle == Some(1.0) {
-            return m;
-        }
-        assert!(
-            at.elapsed() < Duration::from_secs(20),
-            "the pool never had its idle agent:\n{}\nlog:\n{}",
-            m.text,
-            node.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(
+        "the pool's idle agent",
+        Duration::from_secs(20),
+        async || {
+            let m = Scrape::of(node).await;
+            let idle = m.get("rt_pool_agents", &[("pool", "voice"), ("state", "idle")]);
+            if idle == Some(1.0) {
+                Ok(m)
+            } else {
+                Err(format!("{}\nlog:\n{}", m.text, node.log()))
+            }
+        },
+    )
+    .await
 }
 
 #[tokio::test]
@@ -299,10 +294,7 @@ async fn fake_app() -> String {
                 StatusCode::OK
             }),
         );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    format!("http://{addr}")
+    format!("http://{}", common::fakes::serve(app).await)
 }
 
 #[tokio::test]
@@ -389,20 +381,19 @@ async fn retries_are_counted_by_error_class() {
             .unwrap();
         assert_eq!(response.status(), 202, "{task}");
     }
-    let at = Instant::now();
-    let m = loop {
-        let m = Scrape::of(&node).await;
-        if m.sum("rt_tasks_dead_lettered_total", &[]) >= tasks.len() as f64 {
-            break m;
-        }
-        assert!(
-            at.elapsed() < Duration::from_secs(30),
-            "not every task was dead-lettered:\n{}\nlog:\n{}",
-            m.text,
-            node.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let m = eventually(
+        "every task dead-lettered",
+        Duration::from_secs(30),
+        async || {
+            let m = Scrape::of(&node).await;
+            if m.sum("rt_tasks_dead_lettered_total", &[]) >= tasks.len() as f64 {
+                Ok(m)
+            } else {
+                Err(format!("{}\nlog:\n{}", m.text, node.log()))
+            }
+        },
+    )
+    .await;
     for (task, class, ..) in &tasks {
         for other in CLASSES {
             let labels = [("task", *task), ("queue", "default"), ("class", other)];

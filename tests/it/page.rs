@@ -40,7 +40,7 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use crate::common::{Node, Scratch};
+use crate::common::{self, Node, Scratch};
 
 /// Generous on a loaded two-core machine; a passing run takes a few seconds.
 const WAIT: Duration = Duration::from_secs(20);
@@ -253,18 +253,16 @@ impl Browser {
 
     /// Polls `expression` until it is neither `null` nor `false`, and returns it.
     async fn wait_for(&mut self, what: &str, expression: &str) -> Value {
-        let deadline = Instant::now() + WAIT;
-        loop {
+        let what = format!("the page to show {what} (`{expression}`)");
+        common::eventually(&what, WAIT, async || {
             let value = self.eval(expression).await;
-            if !value.is_null() && value != json!(false) {
-                return value;
+            if value.is_null() || value == json!(false) {
+                Err(value)
+            } else {
+                Ok(value)
             }
-            assert!(
-                Instant::now() < deadline,
-                "the page did not show {what} within {WAIT:?}; last value of `{expression}`: {value}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        })
+        .await
     }
 
     /// Presses and releases one key.
@@ -426,22 +424,6 @@ async fn enqueue(node: &Node, batch: Value) -> Vec<String> {
         .collect()
 }
 
-/// Waits until the record of task `id` says `state` (through the node's HTTP API).
-async fn until_state(node: &Node, id: &str, state: &str) {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let record = node.get_json(&format!("/tasks/{id}")).await;
-        if record["state"] == state {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "task {id} did not reach {state} within {WAIT:?}: {record}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// The dead-letter entry of task `id` in `queue` (through the node's HTTP API).
 async fn letter_of(node: &Node, queue: &str, id: &str) -> String {
     let dlq = node.get_json(&format!("/dlq/{queue}")).await;
@@ -514,7 +496,7 @@ async fn a_task_is_searched_opened_and_retried_from_its_dead_letter_once_the_tok
     )
     .await;
     let (flaky, parent) = (ids[0].as_str(), ids[1].as_str());
-    until_state(&node, flaky, "dead").await;
+    node.until_state(flaky, &["dead"], WAIT).await;
 
     let mut browser = Browser::launch(&chromium).await;
     browser.open(&format!("{}/#/tasks", node.url)).await;
@@ -700,9 +682,9 @@ async fn a_delayed_task_is_revoked_and_a_running_one_terminated_from_its_detail(
     )
     .await;
     let (delayed, sleeping, done) = (ids[0].as_str(), ids[1].as_str(), ids[2].as_str());
-    until_state(&node, delayed, "scheduled").await;
-    until_state(&node, sleeping, "running").await;
-    until_state(&node, done, "succeeded").await;
+    node.until_state(delayed, &["scheduled"], WAIT).await;
+    node.until_state(sleeping, &["running"], WAIT).await;
+    node.until_state(done, &["succeeded"], WAIT).await;
 
     // A task that has ended offers no revoke.
     let mut browser = Browser::launch(&chromium).await;
@@ -846,7 +828,7 @@ async fn dead_letters_are_retried_deleted_and_purged_and_a_queue_purged_from_the
     )
     .await;
     for id in &ids[..3] {
-        until_state(&node, id, "dead").await;
+        node.until_state(id, &["dead"], WAIT).await;
     }
     let flaky_letter = letter_of(&node, "default", &ids[0]).await;
 
@@ -1327,11 +1309,7 @@ async fn with_events_off_the_feed_says_so_and_the_tree_still_renders() {
 #[ignore = "rewrites docs/dashboard-*.png; run with --ignored"]
 async fn screenshot_of_the_page_under_load() {
     let Some(chromium) = chromium() else { return };
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::fakes::free_port();
     let python = Command::new("python3")
         .args(["-c", "import sys; print(sys.executable)"])
         .output()
@@ -1467,15 +1445,17 @@ ready_pattern = "Pipeline ready"
         )
         .await;
     // Enough samples for the charts to have a shape (one every 5 s).
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while node.get_json("/stats/history").await["samples"]
-        .as_array()
-        .map_or(0, Vec::len)
-        < 8
-    {
-        assert!(Instant::now() < deadline, "no history after 90 s");
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
+    common::eventually(
+        "8 samples of history",
+        Duration::from_secs(90),
+        async || {
+            let samples = node.get_json("/stats/history").await["samples"]
+                .as_array()
+                .map_or(0, Vec::len);
+            if samples >= 8 { Ok(()) } else { Err(samples) }
+        },
+    )
+    .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs");
     browser.resize(1366, 1500).await;

@@ -7,9 +7,8 @@ use crate::common;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::common::Node;
+use crate::common::{Node, eventually};
 use serde_json::{Value, json};
-use tokio::time::Instant;
 
 /// The real interpreter, not a pyenv shim (children get a clean environment: a shim would find
 /// no `PYENV_*` variables).
@@ -77,18 +76,15 @@ handler = {{ kind = "pool", pool = "voice" }}
         script = agent_script(),
     );
     let mut node = Node::start(&config, &[]);
-    let at = Instant::now();
-    loop {
+    eventually("the pool warm", Duration::from_secs(20), async || {
         let pools = node.get_json("/pools").await;
         if pools["pools"]["voice"]["counts"]["idle"] == 2 {
-            break;
+            Ok(())
+        } else {
+            Err(pools)
         }
-        assert!(
-            at.elapsed() < Duration::from_secs(20),
-            "pool never warm: {pools}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
     assert!(node.actor("root/pools/voice").await.is_some());
 
     // Kill the pool actor: it restarts and re-adopts the agents it had — same pids, none
@@ -111,18 +107,15 @@ handler = {{ kind = "pool", pool = "voice" }}
         .await
         .unwrap();
     assert_eq!(killed.status(), 202);
-    let at = Instant::now();
-    loop {
+    eventually("the pool actor back", Duration::from_secs(10), async || {
         let actor = node.actor("root/pools/voice").await.unwrap();
         if actor["restarts"] == 1 && actor["status"] == "running" {
-            break;
+            Ok(())
+        } else {
+            Err(actor)
         }
-        assert!(
-            at.elapsed() < Duration::from_secs(10),
-            "pool actor not back: {actor}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
     let pools = node.get_json("/pools").await;
     assert_eq!(pids(&pools), before, "{pools}");
     assert_eq!(pools["pools"]["voice"]["totals"]["adopted"], 2, "{pools}");
@@ -238,18 +231,12 @@ startretries = 2
     let until = |what: &'static str, done: fn(&Value) -> bool| {
         let node = &node;
         async move {
-            let at = Instant::now();
-            loop {
+            eventually(what, Duration::from_secs(20), async || {
                 let pools = node.get_json("/pools").await;
-                if done(&pools["pools"]["voice"]) {
-                    return pools["pools"]["voice"].clone();
-                }
-                assert!(
-                    at.elapsed() < Duration::from_secs(20),
-                    "never {what}: {pools}"
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+                let voice = pools["pools"]["voice"].clone();
+                if done(&voice) { Ok(voice) } else { Err(pools) }
+            })
+            .await
         }
     };
     let fatal = until("fatal", |p| p["health"] == "fatal").await;
@@ -302,14 +289,11 @@ startretries = 2
     let healthy = until("idle again", |p| p["counts"]["idle"] == 2).await;
     assert_eq!(healthy["health"], "ok", "{healthy}");
     assert_eq!(healthy["consecutive_startup_failures"], 0);
-    let at = Instant::now();
-    while node.get("/health").await.status() != 200 {
-        assert!(
-            at.elapsed() < Duration::from_secs(5),
-            "/health still unhealthy"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually("/health healthy", Duration::from_secs(5), async || {
+        let status = node.get("/health").await.status();
+        if status == 200 { Ok(()) } else { Err(status) }
+    })
+    .await;
 
     // A healthy pool: nothing to reset, nothing restarted.
     let again = reset("voice", Some(token)).await.unwrap();

@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use crate::common::{Node, Scratch};
+use crate::common::{Node, Scratch, eventually};
 use actors::test_util::RedisServer;
 use serde_json::{Value, json};
 use tokio::time::Instant;
@@ -33,22 +33,6 @@ async fn enqueue(node: &Node, body: Value) -> String {
     assert_eq!(response.status(), 202);
     let answer: Value = response.json().await.unwrap();
     answer["id"].as_str().unwrap().to_string()
-}
-
-async fn settled(node: &Node, id: &str, limit: Duration) -> Value {
-    let at = Instant::now();
-    loop {
-        let record = node.get_json(&format!("/tasks/{id}")).await;
-        if record["state"] == "succeeded" || record["state"] == "dead" {
-            return record;
-        }
-        assert!(
-            at.elapsed() < limit,
-            "task {id} never settled: {record}\n{}",
-            node.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 const OUTPUT_CONFIG: &str = r#"
@@ -96,15 +80,15 @@ async fn a_child_printing_hundreds_of_megabytes_leaves_the_node_memory_flat() {
     let node = Node::start(OUTPUT_CONFIG, &[]);
     // Warm up the paths a task takes (the first task allocates pools, buffers, log state).
     let warm = enqueue(&node, json!({ "task": "binary_output" })).await;
-    let warm = settled(&node, &warm, Duration::from_secs(60)).await;
+    let warm = node.until_ended(&warm, Duration::from_secs(60)).await;
     let before = status_kb(node.pid(), "VmHWM");
 
     let huge = enqueue(&node, json!({ "task": "huge_result" })).await;
     let mixed = enqueue(&node, json!({ "task": "huge_log_then_result" })).await;
-    let huge = settled(&node, &huge, Duration::from_secs(60)).await;
-    let mixed = settled(&node, &mixed, Duration::from_secs(60)).await;
+    let huge = node.until_ended(&huge, Duration::from_secs(60)).await;
+    let mixed = node.until_ended(&mixed, Duration::from_secs(60)).await;
     let failed = enqueue(&node, json!({ "task": "huge_error" })).await;
-    let failed = settled(&node, &failed, Duration::from_secs(60)).await;
+    let failed = node.until_ended(&failed, Duration::from_secs(60)).await;
     let after = status_kb(node.pid(), "VmHWM");
     let grown_mb = after.saturating_sub(before) / 1024;
     eprintln!("peak memory: {before} kB before, {after} kB after");
@@ -276,11 +260,15 @@ async fn busy_node(config: &str, redis: &RedisServer, dir: &Path) -> (Node, Vec<
             ("XDG_RUNTIME_DIR", &ledger),
         ],
     );
-    let at = Instant::now();
-    while node.get_json("/pools").await["pools"]["voice"]["counts"]["idle"] != 2 {
-        assert!(at.elapsed() < Duration::from_secs(10), "{}", node.log());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually("two idle agents", Duration::from_secs(10), async || {
+        let voice = node.get_json("/pools").await["pools"]["voice"].clone();
+        if voice["counts"]["idle"] == 2 {
+            Ok(())
+        } else {
+            Err(voice)
+        }
+    })
+    .await;
     for n in 0..4 {
         enqueue(&node, json!({ "task": "write_report", "args": [n] })).await;
     }
@@ -293,20 +281,19 @@ async fn busy_node(config: &str, redis: &RedisServer, dir: &Path) -> (Node, Vec<
             .unwrap();
         assert_eq!(response.status(), 200, "{}", node.log());
     }
-    let at = Instant::now();
-    let pids = loop {
-        let pids = written_pids(dir);
-        if pids.len() == 6 {
-            break pids;
-        }
-        assert!(
-            at.elapsed() < Duration::from_millis(1500),
-            "only {} children running: {}",
-            pids.len(),
-            node.log()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    let pids = eventually(
+        "six children running",
+        Duration::from_millis(1500),
+        async || {
+            let pids = written_pids(dir);
+            if pids.len() == 6 {
+                Ok(pids)
+            } else {
+                Err(format!("{pids:?}"))
+            }
+        },
+    )
+    .await;
     let (leaders, grandchildren) = pids.into_iter().unzip();
     (node, leaders, grandchildren)
 }

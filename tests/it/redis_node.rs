@@ -59,8 +59,7 @@ async fn post(node: &Node, body: Value) -> Value {
 }
 
 async fn settled(node: &Node, limit: Duration) {
-    let at = Instant::now();
-    loop {
+    common::eventually("every queue empty", limit, async || {
         let queues = node.get_json("/queues").await["queues"].clone();
         let busy: u64 = ["chat", "default", "background"]
             .iter()
@@ -71,12 +70,9 @@ async fn settled(node: &Node, limit: Duration) {
                     + d["in_flight"].as_u64().unwrap()
             })
             .sum();
-        if busy == 0 {
-            return;
-        }
-        assert!(at.elapsed() < limit, "still busy: {queues}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        if busy == 0 { Ok(()) } else { Err(queues) }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -224,21 +220,22 @@ async fn redis_dies_and_comes_back_health_says_so_and_nothing_is_lost() {
     settled(&node, Duration::from_secs(10)).await;
 
     redis.stop();
-    let at = Instant::now();
-    loop {
-        let health = node.get("/health").await;
-        if health.status() == 503 {
-            let body: Value = health.json().await.unwrap();
-            let problems = body["problems"].to_string();
-            assert!(problems.contains("degraded"), "{problems}");
-            break;
-        }
-        assert!(
-            at.elapsed() < Duration::from_secs(10),
-            "health never said degraded"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let problems = common::eventually(
+        "/health to say degraded",
+        Duration::from_secs(10),
+        async || {
+            let health = node.get("/health").await;
+            let status = health.status();
+            if status == 503 {
+                let body: Value = health.json().await.unwrap();
+                Ok(body["problems"].to_string())
+            } else {
+                Err(status)
+            }
+        },
+    )
+    .await;
+    assert!(problems.contains("degraded"), "{problems}");
     let refused = reqwest::Client::new()
         .post(format!("{}/tasks", node.url))
         .json(&json!({ "task": "rt_echo" }))
@@ -252,15 +249,15 @@ async fn redis_dies_and_comes_back_health_says_so_and_nothing_is_lost() {
     );
 
     redis.restart();
-    let at = Instant::now();
-    while node.get("/health").await.status() != 200 {
-        assert!(
-            at.elapsed() < Duration::from_secs(15),
-            "never healthy again: {}",
-            node.get_json("/health").await
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    common::eventually("healthy again", Duration::from_secs(15), async || {
+        let health = node.get("/health").await;
+        if health.status() == 200 {
+            Ok(())
+        } else {
+            Err(health.text().await.unwrap_or_default())
+        }
+    })
+    .await;
     let after: Vec<Value> = post(&node, json!([{ "task": "rt_echo", "args": [2] }]))
         .await
         .as_array()
@@ -313,11 +310,15 @@ async fn sigterm_lets_running_tasks_finish_before_the_node_exits() {
     .await;
     let id = sent[0]["id"].as_str().unwrap().to_string();
     // Wait until it runs, then ask the node to stop.
-    let at = Instant::now();
-    while node.get_json("/queues").await["queues"]["default"]["in_flight"] != 1 {
-        assert!(at.elapsed() < Duration::from_secs(5));
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    common::eventually("the task running", Duration::from_secs(5), async || {
+        let default = node.get_json("/queues").await["queues"]["default"].clone();
+        if default["in_flight"] == 1 {
+            Ok(())
+        } else {
+            Err(default)
+        }
+    })
+    .await;
     node.signal("TERM");
     let status = node
         .wait_exit(Duration::from_secs(6))
@@ -368,11 +369,19 @@ async fn an_outcome_that_cannot_be_written_comes_back_instead_of_being_lost() {
         .query_async(&mut conn)
         .await
         .unwrap();
-    let at = Instant::now();
-    while !node.log().contains("comes back through lease recovery") {
-        assert!(at.elapsed() < Duration::from_secs(15), "{}", node.log());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    common::eventually(
+        "`comes back through lease recovery`",
+        Duration::from_secs(15),
+        async || {
+            let log = node.log();
+            if log.contains("comes back through lease recovery") {
+                Ok(())
+            } else {
+                Err(log)
+            }
+        },
+    )
+    .await;
     let log = node.log();
     assert!(
         log.contains(&format!(
@@ -468,17 +477,20 @@ async fn revocations_reach_the_node_running_the_task_and_nodes_started_later() {
     );
     // Each node runs one of them (concurrency 1 each).
     let mut ran_on = std::collections::HashMap::new();
-    let at = Instant::now();
-    while ran_on.len() < 2 {
+    common::eventually("both running", Duration::from_secs(10), async || {
         for id in ["polite", "stubborn"] {
             let record = nodes[0].get_json(&format!("/tasks/{id}")).await;
             if record["state"] == "running" {
                 ran_on.insert(id, record["node"].as_str().unwrap().to_string());
             }
         }
-        assert!(at.elapsed() < Duration::from_secs(10), "{ran_on:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        if ran_on.len() == 2 {
+            Ok(())
+        } else {
+            Err(format!("{ran_on:?}"))
+        }
+    })
+    .await;
     assert_ne!(ran_on["polite"], ran_on["stubborn"], "one on each node");
     // Waiting behind them: one queued, one delayed an hour.
     post(
@@ -552,24 +564,24 @@ async fn revocations_reach_the_node_running_the_task_and_nodes_started_later() {
         );
     }
     // All four in the dead letters as revoked; nothing retried, nothing left.
-    let at = Instant::now();
-    loop {
+    let depth = common::eventually("four dead letters", Duration::from_secs(10), async || {
         let depth = nodes[0].get_json("/queues").await["queues"]["work"].clone();
         if depth["dead"] == 4 {
-            assert_eq!(
-                (
-                    depth["ready"].clone(),
-                    depth["delayed"].clone(),
-                    depth["in_flight"].clone()
-                ),
-                (json!(0), json!(0), json!(0)),
-                "{depth}"
-            );
-            break;
+            Ok(depth)
+        } else {
+            Err(depth)
         }
-        assert!(at.elapsed() < Duration::from_secs(10), "{depth}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
+    assert_eq!(
+        (
+            depth["ready"].clone(),
+            depth["delayed"].clone(),
+            depth["in_flight"].clone()
+        ),
+        (json!(0), json!(0), json!(0)),
+        "{depth}"
+    );
     let letters = nodes[0].get_json("/dlq/work").await;
     let reasons: Vec<&str> = letters["dead_letters"]
         .as_array()

@@ -5,46 +5,38 @@
 //! once, it costs one probe per period — until a probe is accepted; and chat goes on without
 //! memory while Zep is down or misconfigured (`degrades`), its writes replayed later.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use crate::common::Node;
+use crate::common::fakes::{self, Upstream, free_port};
+use crate::common::{Node, eventually};
 use axum::Router;
-use axum::http::{HeaderMap, StatusCode};
-use axum::routing::any;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
 /// What the fake saw of one call: path, body, `Authorization`.
 type Seen = (String, String, Option<String>);
 
-/// A fake Zep: counts calls, answers 503 while `down` and 401 while `refuse`, records what
-/// it was sent.
+/// A fake Zep: answers 503 while `down` and 401 while `refuse`, else a memory; counts and
+/// records the calls it gets.
 #[derive(Clone, Default)]
 struct FakeZep {
     down: Arc<AtomicBool>,
     refuse: Arc<AtomicBool>,
-    calls: Arc<AtomicUsize>,
-    seen: Arc<Mutex<Vec<Seen>>>,
+    upstream: Upstream,
 }
 
 impl FakeZep {
     async fn start(&self) -> String {
         let zep = self.clone();
-        let router = Router::new().fallback(any(
-            move |uri: axum::http::Uri, headers: HeaderMap, body: String| {
+        let url = self
+            .upstream
+            .start(move |_| {
                 let zep = zep.clone();
                 async move {
-                    zep.calls.fetch_add(1, Ordering::SeqCst);
-                    let auth = headers
-                        .get("authorization")
-                        .and_then(|v| v.to_str().ok())
-                        .map(str::to_string);
-                    zep.seen
-                        .lock()
-                        .unwrap()
-                        .push((uri.path().to_string(), body, auth));
                     if zep.down.load(Ordering::SeqCst) {
                         (StatusCode::SERVICE_UNAVAILABLE, "zep is down".to_string())
                     } else if zep.refuse.load(Ordering::SeqCst) {
@@ -58,22 +50,27 @@ impl FakeZep {
                             json!({ "context": "user likes boats" }).to_string(),
                         )
                     }
+                    .into_response()
                 }
-            },
-        ));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, router).await });
-        format!("http://{addr}/api/v2")
+            })
+            .await;
+        format!("{url}/api/v2")
     }
-}
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    fn calls(&self) -> usize {
+        self.upstream.calls()
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.upstream
+            .seen()
+            .into_iter()
+            .map(|r| {
+                let auth = r.header("authorization").map(str::to_string);
+                (r.uri.path().to_string(), r.body, auth)
+            })
+            .collect()
+    }
 }
 
 fn config(port: u16, zep: &str) -> String {
@@ -139,11 +136,8 @@ async fn a_dead_zep_costs_threshold_plus_probes_not_a_call_per_task() {
     assert_eq!(sent.len(), 500);
 
     // Zep stays down for 3 s while 500 tasks want it.
-    let at = Instant::now();
-    while at.elapsed() < Duration::from_secs(3) {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let during = zep.calls.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let during = zep.calls();
     eprintln!("calls that reached the dead Zep for 500 tasks in 3 s: {during}");
     assert!(
         during <= 50,
@@ -163,22 +157,18 @@ async fn a_dead_zep_costs_threshold_plus_probes_not_a_call_per_task() {
         node.post("/chaos/kill/resources/zep", None).await.status(),
         202
     );
-    let at = Instant::now();
-    loop {
+    let zep_actor = eventually("the zep actor back", Duration::from_secs(5), async || {
         let zep_actor = node.actor("root/resources/zep").await.unwrap();
-        if zep_actor["restarts"] == 1
+        let back = zep_actor["restarts"] == 1
             && zep_actor["status"] == "running"
-            && zep_actor["snapshot"].is_object()
-        {
-            assert_ne!(
-                zep_actor["snapshot"]["breaker"]["state"], "closed",
-                "a restart closed the breaker"
-            );
-            break;
-        }
-        assert!(at.elapsed() < Duration::from_secs(5), "zep actor not back");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+            && zep_actor["snapshot"].is_object();
+        if back { Ok(zep_actor) } else { Err(zep_actor) }
+    })
+    .await;
+    assert_ne!(
+        zep_actor["snapshot"]["breaker"]["state"], "closed",
+        "a restart closed the breaker"
+    );
     let health = node.get_json("/health").await;
     assert!(
         health["problems"]
@@ -189,25 +179,12 @@ async fn a_dead_zep_costs_threshold_plus_probes_not_a_call_per_task() {
 
     // Zep recovers: every task completes, none lost.
     zep.down.store(false, Ordering::SeqCst);
-    let at = Instant::now();
-    for task in &sent {
-        let id = task["id"].as_str().unwrap();
-        loop {
-            let response = node.get(&format!("/tasks/{id}")).await;
-            if response.status() == 200 {
-                let record: Value = response.json().await.unwrap();
-                if record["state"] == "succeeded" {
-                    assert_eq!(record["result"]["context"], "user likes boats");
-                    break;
-                }
-                assert_ne!(record["state"], "dead", "{record}");
-            }
-            assert!(
-                at.elapsed() < Duration::from_secs(60),
-                "task {id} never completed"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    let ids: Vec<String> = sent
+        .iter()
+        .map(|t| t["id"].as_str().unwrap().to_string())
+        .collect();
+    for record in records(&node, &ids, "succeeded", Duration::from_secs(60)).await {
+        assert_eq!(record["result"]["context"], "user likes boats");
     }
     assert_eq!(breaker_state(&node).await, "closed");
     let closed = r#"rt_breaker_transitions_total{resource="zep",to="closed"}"#;
@@ -217,7 +194,7 @@ async fn a_dead_zep_costs_threshold_plus_probes_not_a_call_per_task() {
     let succeeded = r#"rt_tasks_succeeded_total{task="recall_memory",queue="chat"}"#;
     assert_eq!(node.metric(succeeded).await, Some(500.0));
     // Every call that reached Zep carried the node's key, never the caller's headers.
-    let seen = zep.seen.lock().unwrap().clone();
+    let seen = zep.seen();
     assert!(
         seen.iter()
             .all(|(path, _, auth)| path == "/api/v2/graph/search"
@@ -273,10 +250,7 @@ async fn start_chat_app(node_port: u16) -> String {
             }
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, router).await });
-    format!("http://{addr}")
+    format!("http://{}", fakes::serve(router).await)
 }
 
 /// A chat system on the fake Zep: `recall_memory` cannot do without Zep (`uses`),
@@ -358,36 +332,17 @@ async fn records(node: &Node, ids: &[String], state: &str, limit: Duration) -> V
     let at = Instant::now();
     let mut out = Vec::new();
     for id in ids {
-        loop {
-            let response = node.get(&format!("/tasks/{id}")).await;
-            if response.status() == 200 {
-                let record: Value = response.json().await.unwrap();
-                if record["state"] == state {
-                    out.push(record);
-                    break;
-                }
-                assert!(
-                    record["state"] != "succeeded" && record["state"] != "dead",
-                    "task {id} is {record}, expected {state}"
-                );
-            }
-            assert!(
-                at.elapsed() < limit,
-                "task {id} never reached {state}; log:\n{}",
-                node.log()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let left = limit.saturating_sub(at.elapsed());
+        let record = node
+            .until_state(id, &[state, "succeeded", "dead"], left)
+            .await;
+        assert_eq!(
+            record["state"], state,
+            "task {id} is {record}, expected {state}"
+        );
+        out.push(record);
     }
     out
-}
-
-async fn wait_for(what: &str, limit: Duration, mut cond: impl AsyncFnMut() -> bool) {
-    let at = Instant::now();
-    while !cond().await {
-        assert!(at.elapsed() < limit, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 async fn event_kinds(node: &Node) -> Vec<Value> {
@@ -427,14 +382,14 @@ async fn a_zep_refusing_the_key_is_misconfigured_fails_its_users_and_recovers_af
         let health = node.get("/health").await;
         (health.status(), health.json::<Value>().await.unwrap())
     };
-    wait_for(
+    eventually(
         "/health to name the misconfiguration",
         Duration::from_secs(5),
         async || problems().await.0 == 503,
     )
     .await;
     let marked_at = Instant::now();
-    let calls_at_mark = zep.calls.load(Ordering::SeqCst);
+    let calls_at_mark = zep.calls();
     let (_, health) = problems().await;
     let said = health["problems"].to_string();
     assert!(
@@ -468,7 +423,7 @@ async fn a_zep_refusing_the_key_is_misconfigured_fails_its_users_and_recovers_af
         assert_eq!(result["write_status"], 202, "{result}");
     }
     let failures = r#"rt_tasks_succeeded_total{task="rt_echo",queue="default"}"#;
-    wait_for(
+    eventually(
         "every link_error callback",
         Duration::from_secs(10),
         async || node.metric(failures).await == Some(201.0),
@@ -478,7 +433,7 @@ async fn a_zep_refusing_the_key_is_misconfigured_fails_its_users_and_recovers_af
         r#"rt_tasks_dead_lettered_total{task="recall_memory",queue="chat",reason="rejected"}"#;
     assert_eq!(node.metric(rejected).await, Some(200.0));
     // What reached Zep since: its probes, one per period (400 ms), not a call per task.
-    let calls = zep.calls.load(Ordering::SeqCst) - calls_at_mark;
+    let calls = zep.calls() - calls_at_mark;
     let periods = marked_at.elapsed().as_millis() / 400;
     eprintln!("calls to a Zep refusing the key for 220 tasks: {calls} in {periods} probe periods");
     assert!(
@@ -486,7 +441,7 @@ async fn a_zep_refusing_the_key_is_misconfigured_fails_its_users_and_recovers_af
         "{calls} calls in {periods} periods"
     );
     // The snapshot is published every second.
-    wait_for(
+    eventually(
         "the snapshot to show it",
         Duration::from_secs(3),
         async || {
@@ -507,7 +462,7 @@ async fn a_zep_refusing_the_key_is_misconfigured_fails_its_users_and_recovers_af
         node.post("/chaos/kill/resources/zep", None).await.status(),
         202
     );
-    wait_for("the zep actor back", Duration::from_secs(5), async || {
+    eventually("the zep actor back", Duration::from_secs(5), async || {
         node.actor("root/resources/zep").await.is_some_and(|a| {
             a["restarts"] == 1 && a["status"] == "running" && a["snapshot"].is_object()
         })
@@ -515,7 +470,7 @@ async fn a_zep_refusing_the_key_is_misconfigured_fails_its_users_and_recovers_af
     .await;
     let actor = node.actor("root/resources/zep").await.unwrap();
     assert_eq!(actor["snapshot"]["auth"]["misconfigured"], true);
-    wait_for(
+    eventually(
         "the new incarnation to say so",
         Duration::from_secs(3),
         async || {
@@ -529,7 +484,7 @@ async fn a_zep_refusing_the_key_is_misconfigured_fails_its_users_and_recovers_af
 
     // The key is fixed (the fake accepts it): the next probe brings Zep back.
     zep.refuse.store(false, Ordering::SeqCst);
-    wait_for("/health ok again", Duration::from_secs(5), async || {
+    eventually("/health ok again", Duration::from_secs(5), async || {
         problems().await.0 == 200
     })
     .await;
@@ -539,13 +494,11 @@ async fn a_zep_refusing_the_key_is_misconfigured_fails_its_users_and_recovers_af
         assert_eq!(record["result"]["context"], "user likes boats");
     }
     // The chat's buffered memory writes reach Zep.
-    wait_for(
+    eventually(
         "the buffered writes replayed",
         Duration::from_secs(10),
         async || {
-            zep.seen
-                .lock()
-                .unwrap()
+            zep.seen()
                 .iter()
                 .filter(|(path, _, _)| path == "/api/v2/threads/t1/messages")
                 .count()
@@ -553,7 +506,7 @@ async fn a_zep_refusing_the_key_is_misconfigured_fails_its_users_and_recovers_af
         },
     )
     .await;
-    let seen = zep.seen.lock().unwrap().clone();
+    let seen = zep.seen();
     assert!(
         seen.iter()
             .any(|(path, _, _)| path == "/api/v2/users-ordered"),
@@ -588,13 +541,13 @@ async fn chat_goes_on_without_memory_while_zep_is_down_and_its_writes_are_replay
         record["result"]["memory"],
         json!({ "context": "", "degraded": true })
     );
-    wait_for(
+    eventually(
         "the breaker open in the snapshot",
         Duration::from_secs(3),
         async || breaker_state(&node).await == "open",
     )
     .await;
-    let calls_when_open = zep.calls.load(Ordering::SeqCst);
+    let calls_when_open = zep.calls();
 
     // While it is open: chat runs at once, reads degraded, writes buffered; the task that
     // cannot do without Zep waits, without an attempt.
@@ -614,7 +567,7 @@ async fn chat_goes_on_without_memory_while_zep_is_down_and_its_writes_are_replay
         "chat did not wait for the breaker"
     );
     let deferred = r#"rt_tasks_deferred_total{task="recall_memory",queue="chat"}"#;
-    wait_for(
+    eventually(
         "recall_memory deferred",
         Duration::from_secs(5),
         async || node.metric(deferred).await.is_some_and(|n| n >= 5.0),
@@ -631,7 +584,7 @@ async fn chat_goes_on_without_memory_while_zep_is_down_and_its_writes_are_replay
     let chat_deferred = r#"rt_tasks_deferred_total{task="process_chat_message",queue="chat"}"#;
     assert_eq!(node.metric(chat_deferred).await, Some(0.0));
     assert_eq!(
-        zep.calls.load(Ordering::SeqCst),
+        zep.calls(),
         calls_when_open,
         "no chat turn called the dead Zep"
     );
@@ -641,13 +594,11 @@ async fn chat_goes_on_without_memory_while_zep_is_down_and_its_writes_are_replay
     for record in records(&node, &recalls, "succeeded", Duration::from_secs(20)).await {
         assert_eq!(record["result"]["context"], "user likes boats");
     }
-    wait_for(
+    eventually(
         "the buffered writes replayed",
         Duration::from_secs(10),
         async || {
-            zep.seen
-                .lock()
-                .unwrap()
+            zep.seen()
                 .iter()
                 .filter(|(path, _, _)| path == "/api/v2/threads/t1/messages")
                 .count()
@@ -655,7 +606,7 @@ async fn chat_goes_on_without_memory_while_zep_is_down_and_its_writes_are_replay
         },
     )
     .await;
-    let seen = zep.seen.lock().unwrap().clone();
+    let seen = zep.seen();
     let mut written: Vec<String> = seen
         .iter()
         .filter(|(path, _, _)| path == "/api/v2/threads/t1/messages")

@@ -8,17 +8,14 @@
 
 use std::io::{Read, Write};
 use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::common::{Node, Scratch, binary, raw_http};
+use crate::common::{self, Node, Scratch, binary, fakes, raw_http};
 use actors::resource::target_url;
-use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::any;
 use flate2::Compression;
 use flate2::write::{DeflateEncoder, GzEncoder, ZlibEncoder};
 use rand::rngs::StdRng;
@@ -32,23 +29,6 @@ const ZEP_KEY: &str = "zk-5e1b7c0d93a24f68";
 // With a `/`, which JSON may write as `\/`.
 const OPENAI_KEY: &str = "sk-a71c4e9b/20d358f6";
 
-/// One request a fake upstream received: method, path and query, headers (lower-case names).
-#[derive(Clone, Debug)]
-struct Seen {
-    method: String,
-    target: String,
-    headers: Vec<(String, String)>,
-}
-
-impl Seen {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
-    }
-}
-
 /// A fake upstream: records every request; `…/redirect` answers 302 to `elsewhere`,
 /// `…/reflect` answers with the request's `Authorization` in a header and in the body,
 /// `…/reflect-{form}` the same written another way ([`reflection`]), `…/sse/…` an event
@@ -56,8 +36,7 @@ impl Seen {
 /// event with the key is cut in two at byte `at`, anything else 200 `{"ok": true}`.
 #[derive(Clone, Default)]
 struct Upstream {
-    seen: Arc<Mutex<Vec<Seen>>>,
-    hits: Arc<AtomicUsize>,
+    fake: fakes::Upstream,
     /// When `…/sse/…` sent its first event, and when it sent the rest.
     sse: Arc<Mutex<(Option<Instant>, Option<Instant>)>>,
 }
@@ -175,27 +154,13 @@ fn event_stream(
 impl Upstream {
     async fn start(&self, elsewhere: Option<String>) -> String {
         let me = self.clone();
-        let router =
-            Router::new().fallback(any(move |method: Method, uri: Uri, headers: HeaderMap| {
+        self.fake
+            .start(move |request: fakes::Request| {
                 let me = me.clone();
                 let elsewhere = elsewhere.clone();
                 async move {
-                    me.hits.fetch_add(1, Ordering::SeqCst);
-                    let auth = headers
-                        .get("authorization")
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("")
-                        .to_string();
-                    me.seen.lock().unwrap().push(Seen {
-                        method: method.to_string(),
-                        target: uri.to_string(),
-                        headers: headers
-                            .iter()
-                            .map(|(k, v)| {
-                                (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into())
-                            })
-                            .collect(),
-                    });
+                    let auth = request.header("authorization").unwrap_or("").to_string();
+                    let uri = request.uri;
                     if uri.path().contains("/redirect") {
                         let to = format!("{}/stolen", elsewhere.unwrap_or_default());
                         return (StatusCode::FOUND, [("location", to)], String::new())
@@ -261,11 +226,8 @@ impl Upstream {
                     )
                         .into_response()
                 }
-            }));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, router).await });
-        format!("http://{addr}")
+            })
+            .await
     }
 }
 
@@ -359,29 +321,6 @@ fn probe_script(scratch: &Scratch) -> String {
         )
         .display()
         .to_string()
-}
-
-async fn wait_task(node: &Node, id: &str) -> Value {
-    let at = Instant::now();
-    loop {
-        let response = reqwest::Client::new()
-            .get(format!("{}/tasks/{id}", node.url))
-            .send()
-            .await
-            .unwrap();
-        if response.status() == 200 {
-            let record: Value = response.json().await.unwrap();
-            if record["state"] == "succeeded" || record["state"] == "dead" {
-                return record;
-            }
-        }
-        assert!(
-            at.elapsed() < Duration::from_secs(20),
-            "task {id} never settled; log:\n{}",
-            node.log()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 async fn enqueue(node: &Node, body: Value) -> String {
@@ -509,7 +448,7 @@ ready_pattern = "^READY$"
     envs.push(("SEC_KEPT_OUT", "kept-out-4d2a61"));
     let node = Node::start(&config, &envs);
     let id = enqueue(&node, json!({ "task": "index_document", "args": [1] })).await;
-    let record = wait_task(&node, &id).await;
+    let record = node.until_ended(&id, Duration::from_secs(20)).await;
     assert_eq!(record["state"], "succeeded", "{record}\n{}", node.log());
     let environ = std::fs::read_to_string(scratch.path().join("environ.txt")).unwrap();
     let vars: std::collections::BTreeMap<&str, &str> = environ
@@ -556,7 +495,7 @@ ready_pattern = "^READY$"
     };
     let response = egress(Some(token)).await.unwrap();
     assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
-    let seen = upstream.seen.lock().unwrap().last().cloned().unwrap();
+    let seen = upstream.fake.seen().last().cloned().unwrap();
     assert_eq!(
         seen.header("authorization"),
         Some(format!("Api-Key {ZEP_KEY}").as_str())
@@ -581,11 +520,18 @@ ready_pattern = "^READY$"
 
     // A pool agent: the same clean environment, with its own variables.
     let agent = scratch.path().join("agent-environ.txt");
-    let at = Instant::now();
-    while !agent.exists() {
-        assert!(at.elapsed() < Duration::from_secs(10), "{}", node.log());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    common::eventually(
+        "the agent's environment file",
+        Duration::from_secs(10),
+        async || {
+            if agent.exists() {
+                Ok(())
+            } else {
+                Err(node.log())
+            }
+        },
+    )
+    .await;
     let environ = std::fs::read_to_string(&agent).unwrap();
     let mut names: Vec<&str> = environ
         .lines()
@@ -800,7 +746,7 @@ async fn tokens_secrets_argv_and_the_egress_proxy_hold_up() {
         .await
         .unwrap();
     assert_eq!(response.status(), 401);
-    assert_eq!(upstream.hits.load(Ordering::SeqCst), 0);
+    assert_eq!(upstream.fake.calls(), 0);
 
     // 2. Exec: no shell, payloads on stdin only, argv exactly as configured.
     let markers = ["semicolon", "subst", "backtick", "pipe", "and", "newline"];
@@ -818,7 +764,7 @@ async fn tokens_secrets_argv_and_the_egress_proxy_hold_up() {
         json!({ "task": "probe_argv", "args": nasty, "kwargs": { "cmd": format!("$(touch {dir}/subst)") } }),
     )
     .await;
-    let record = wait_task(&node, &id).await;
+    let record = node.until_ended(&id, Duration::from_secs(20)).await;
     assert_eq!(record["state"], "succeeded", "{record}\n{}", node.log());
     assert_eq!(
         record["result"]["argv"],
@@ -854,14 +800,12 @@ async fn tokens_secrets_argv_and_the_egress_proxy_hold_up() {
     let claimed: Value = response.json().await.unwrap();
     let pid = claimed["pid"].as_u64().unwrap();
     let argv_file = scratch.path().join(format!("argv-{pid}.txt"));
-    let at = Instant::now();
-    while !argv_file.exists() {
-        assert!(
-            at.elapsed() < Duration::from_secs(10),
-            "the agent wrote nothing"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    common::eventually(
+        "the agent's argv file",
+        Duration::from_secs(10),
+        async || argv_file.exists(),
+    )
+    .await;
     let agent = scratch.path().join("agent.sh").display().to_string();
     assert_eq!(
         std::fs::read_to_string(&argv_file).unwrap(),
@@ -891,7 +835,7 @@ async fn tokens_secrets_argv_and_the_egress_proxy_hold_up() {
         ("openai", "/v1", OPENAI_KEY, "Bearer"),
     ] {
         // Paths that try to leave the base: each a 400 and nothing sent anywhere.
-        let before = upstream.hits.load(Ordering::SeqCst);
+        let before = upstream.fake.calls();
         for target in [
             format!("/egress/{resource}/http://{evil}/x"),
             format!("/egress/{resource}//{evil}/x"),
@@ -911,7 +855,7 @@ async fn tokens_secrets_argv_and_the_egress_proxy_hold_up() {
             assert_eq!(status, 400, "{target} → {status} {body}");
             assert!(body.contains("\"error\":\"path: "), "{target} → {body}");
         }
-        assert_eq!(upstream.hits.load(Ordering::SeqCst), before);
+        assert_eq!(upstream.fake.calls(), before);
 
         // An absolute-form request target and a forged Host reach the configured base only.
         for request in [
@@ -950,8 +894,8 @@ async fn tokens_secrets_argv_and_the_egress_proxy_hold_up() {
             .await
             .unwrap();
         assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
-        let seen = upstream.seen.lock().unwrap().last().cloned().unwrap();
-        assert_eq!(seen.target, format!("{base}/echo/search?q=1"));
+        let seen = upstream.fake.seen().last().cloned().unwrap();
+        assert_eq!(seen.target(), format!("{base}/echo/search?q=1"));
         assert_eq!(seen.method, "POST");
         assert_eq!(
             seen.header("authorization"),
@@ -987,10 +931,10 @@ async fn tokens_secrets_argv_and_the_egress_proxy_hold_up() {
         let body = response.text().await.unwrap();
         assert!(!body.contains(key), "{resource}: {body}");
         assert_eq!(
-            elsewhere.hits.load(Ordering::SeqCst),
+            elsewhere.fake.calls(),
             0,
             "{resource}: the proxy followed a redirect to another host ({status}): {:?}",
-            elsewhere.seen.lock().unwrap()
+            elsewhere.fake.seen()
         );
 
         // An upstream that reflects the key: the caller never sees it.
@@ -1027,14 +971,14 @@ async fn tokens_secrets_argv_and_the_egress_proxy_hold_up() {
         assert_eq!(response.status(), 413);
     }
     // Everything the upstream got stayed under a configured base URL.
-    for seen in upstream.seen.lock().unwrap().iter() {
+    for seen in upstream.fake.seen() {
         assert!(
-            (seen.target.starts_with("/api/v2/") || seen.target.starts_with("/v1/"))
-                && !seen.target.contains(".."),
+            (seen.target().starts_with("/api/v2/") || seen.target().starts_with("/v1/"))
+                && !seen.target().contains(".."),
             "{seen:?}"
         );
     }
-    assert_eq!(elsewhere.hits.load(Ordering::SeqCst), 0);
+    assert_eq!(elsewhere.fake.calls(), 0);
 
     // 4. A failed task and a few errors, then: no secret anywhere a client or a log can see.
     let id = enqueue(
@@ -1042,7 +986,7 @@ async fn tokens_secrets_argv_and_the_egress_proxy_hold_up() {
         json!({ "task": "rt_fail", "kwargs": { "permanent": true, "message": "nope" } }),
     )
     .await;
-    wait_task(&node, &id).await;
+    node.until_ended(&id, Duration::from_secs(20)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut seen = String::new();
     for path in [
@@ -1248,7 +1192,7 @@ async fn the_key_never_comes_back_whatever_the_encoding_and_events_stream_as_the
                     .unwrap()
                     .ends_with(" <redacted>")
             );
-            let seen = upstream.seen.lock().unwrap().last().cloned().unwrap();
+            let seen = upstream.fake.seen().last().cloned().unwrap();
             assert_eq!(
                 seen.header("accept-encoding"),
                 Some("identity"),

@@ -2,6 +2,7 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+pub mod fakes;
 pub mod scrape;
 
 use std::io::{BufRead, BufReader};
@@ -78,6 +79,68 @@ pub fn wait_address(child: &mut Child, path: &Path, limit: Duration) -> Option<S
             return None;
         }
         std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// What a probe of [`eventually`] answers: done (with a value), or not yet (with what it saw,
+/// for the panic message).
+pub trait Probe {
+    type Done;
+    fn done(self) -> Result<Self::Done, String>;
+}
+
+impl Probe for bool {
+    type Done = ();
+    fn done(self) -> Result<(), String> {
+        if self { Ok(()) } else { Err("false".into()) }
+    }
+}
+
+impl<T> Probe for Option<T> {
+    type Done = T;
+    fn done(self) -> Result<T, String> {
+        self.ok_or_else(|| "nothing yet".into())
+    }
+}
+
+impl<T, E: std::fmt::Display> Probe for Result<T, E> {
+    type Done = T;
+    fn done(self) -> Result<T, String> {
+        self.map_err(|seen| seen.to_string())
+    }
+}
+
+/// Polls `probe` (first at once, then after 5 ms, doubling up to 50 ms) until it is done or
+/// `limit` has passed; what it saw last when the time ran out.
+pub async fn try_eventually<P: Probe>(
+    limit: Duration,
+    mut probe: impl AsyncFnMut() -> P,
+) -> Result<P::Done, String> {
+    let end = Instant::now() + limit;
+    let mut pause = Duration::from_millis(5);
+    loop {
+        let seen = match probe().await.done() {
+            Ok(done) => return Ok(done),
+            Err(seen) => seen,
+        };
+        if Instant::now() >= end {
+            return Err(seen);
+        }
+        tokio::time::sleep(pause.min(end.saturating_duration_since(Instant::now()))).await;
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+}
+
+/// [`try_eventually`], panicking with `what`, `limit` and the last thing seen when the time
+/// runs out. `probe` answers `bool`, `Option<T>` or `Result<T, seen>`.
+pub async fn eventually<P: Probe>(
+    what: &str,
+    limit: Duration,
+    probe: impl AsyncFnMut() -> P,
+) -> P::Done {
+    match try_eventually(limit, probe).await {
+        Ok(done) => done,
+        Err(seen) => panic!("timed out after {limit:?} waiting for {what}; last seen: {seen}"),
     }
 }
 
@@ -248,33 +311,39 @@ impl Node {
             .unwrap_or_else(|e| panic!("POST {path}: {e}"))
     }
 
-    /// Whether task `id` has ended (its record says `succeeded` or `dead`). A task has a
-    /// record from its enqueue (`queued`, `scheduled`, `running`, `retrying` before it ends).
-    pub async fn ended(&self, id: &str) -> bool {
-        let response = self.get(&format!("/tasks/{id}")).await;
-        if response.status() != 200 {
-            return false;
-        }
-        let record: serde_json::Value = response.json().await.expect("JSON record");
-        record["state"] == "succeeded" || record["state"] == "dead"
+    /// The record of task `id` once its state is one of `states`, waiting up to `limit`;
+    /// panics with the last record and the node's log when it is not.
+    pub async fn until_state(
+        &self,
+        id: &str,
+        states: &[&str],
+        limit: Duration,
+    ) -> serde_json::Value {
+        let path = format!("/tasks/{id}");
+        let found = try_eventually(limit, async || {
+            let response = self.get(&path).await;
+            let status = response.status();
+            let text = response.text().await.unwrap_or_default();
+            match serde_json::from_str::<serde_json::Value>(&text) {
+                Ok(record) if status == 200 && states.iter().any(|s| record["state"] == *s) => {
+                    Ok(record)
+                }
+                _ => Err(format!("{status} {text}")),
+            }
+        })
+        .await;
+        found.unwrap_or_else(|seen| {
+            panic!(
+                "task {id} did not reach {states:?} within {limit:?}; last seen: {seen}; log:\n{}",
+                self.log()
+            )
+        })
     }
 
-    /// Waits up to `limit` for task `id` to end ([`Node::ended`]); its record.
+    /// The record of task `id` once it has ended (`succeeded` or `dead`; before that a record
+    /// says `queued`, `scheduled`, `running` or `retrying`), waiting up to `limit`.
     pub async fn until_ended(&self, id: &str, limit: Duration) -> serde_json::Value {
-        let end = Instant::now() + limit;
-        while !self.ended(id).await {
-            assert!(
-                Instant::now() < end,
-                "task {id} did not end within {limit:?}: {}",
-                self.get(&format!("/tasks/{id}"))
-                    .await
-                    .text()
-                    .await
-                    .unwrap_or_default()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        self.get_json(&format!("/tasks/{id}")).await
+        self.until_state(id, &["succeeded", "dead"], limit).await
     }
 
     /// One sample of `GET /metrics`, named as it is written there
@@ -340,10 +409,23 @@ pub async fn raw_http(url: &str, request: &[u8]) -> (u16, String) {
 /// The HTTP state of a node on `config` over `memory://`, with a running tree (a root and its
 /// heartbeat) and `resources`: the router driven in process (`tower::ServiceExt::oneshot`).
 pub async fn router_state(config: &str, resources: Resources) -> AppState {
+    let broker = memory_broker(BrokerSettings::default()).await;
+    app_state(config, broker, resources, Duration::from_millis(5)).await
+}
+
+/// A `memory://` broker with `settings`.
+pub async fn memory_broker(settings: BrokerSettings) -> AnyBroker {
+    AnyBroker::connect("memory://", settings).await.unwrap()
+}
+
+/// [`router_state`] over `broker`, the root restarting its heartbeat after `backoff`.
+pub async fn app_state(
+    config: &str,
+    broker: AnyBroker,
+    resources: Resources,
+    backoff: Duration,
+) -> AppState {
     let config = compile_str(config, Environment::Ignored).unwrap().config;
-    let broker = AnyBroker::connect("memory://", BrokerSettings::default())
-        .await
-        .unwrap();
     let tree = Tree::new();
     let heartbeat = ChildSpec::new("heartbeat", "heartbeat", Restart::Permanent, |node| {
         (
@@ -358,7 +440,7 @@ pub async fn router_state(config: &str, resources: Resources) -> AppState {
     let spec = SupervisorSpec {
         strategy: Strategy::OneForOne,
         intensity: Intensity::try_new(5, Duration::from_secs(10)).unwrap(),
-        backoff: Backoff::try_new(Duration::from_millis(5), Duration::from_millis(5), 0.0).unwrap(),
+        backoff: Backoff::try_new(backoff, backoff, 0.0).unwrap(),
         shutdown_timeout: Duration::from_secs(1),
         children: vec![heartbeat],
     };
