@@ -72,7 +72,6 @@
 //! reason): that way it gets a task record, metrics and, for a Celery message, Celery's
 //! `FAILURE` result, like any other task that cannot run.
 
-pub mod actor;
 pub mod envelope;
 pub mod leases;
 pub mod memory;
@@ -91,7 +90,6 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-pub use actor::{BrokerActor, BrokerArgs, BrokerMessage, NodeStatus, Presence};
 pub use envelope::{Callback, Envelope, FieldError, MAX_ID_BYTES, Timestamp, check_id};
 pub use leases::Leases;
 pub use sink::EventSink;
