@@ -657,27 +657,6 @@ impl<'de> Deserialize<'de> for EventKind {
     }
 }
 
-/// The `detail` of a `sent` event, written by both backends: the eta, and the trace the task
-/// belongs to (`trace_id`, and `parent_id` for a callback or a sub-task) — what lets the live
-/// page list the tasks of one trace from the events stream (`GET /tasks?trace=`).
-#[derive(Debug, Serialize)]
-pub(crate) struct SentDetail<'a> {
-    eta: &'a Option<Timestamp>,
-    trace_id: &'a Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    parent_id: &'a Option<String>,
-}
-
-impl<'a> SentDetail<'a> {
-    pub(crate) fn of(envelope: &'a Envelope) -> Self {
-        Self {
-            eta: &envelope.eta,
-            trace_id: &envelope.trace_id,
-            parent_id: &envelope.parent_id,
-        }
-    }
-}
-
 /// Removed by a purge.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Purged {
