@@ -18,9 +18,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use actors::broker::{
-    Admin, AnyBroker, BrokerMessage, Coordination, EventSink, NodeState, NodeStatus,
-};
+use actors::broker::{Admin, AnyBroker, Coordination, EventSink, NodeState};
+use actors::broker_actor::{BrokerMessage, NodeStatus};
 use actors::celery::{Celery, CeleryOrigin};
 use actors::consumer::{ConsumerMessage, Outcomes, Work};
 use actors::handler::native::Natives;

@@ -22,7 +22,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use actors::broker::{AnyBroker, BrokerActor, BrokerArgs, NodeStatus, Presence};
+use actors::broker::AnyBroker;
+use actors::broker_actor::{BrokerActor, BrokerArgs, NodeStatus, Presence};
 use actors::celery::Celery;
 use actors::celery::bridge::{BridgeActor, BridgeArgs, BridgeCounters};
 use actors::consumer::{ConsumerActor, ConsumerArgs, Outcomes, Work};

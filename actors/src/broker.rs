@@ -72,7 +72,6 @@
 //! reason): that way it gets a task record, metrics and, for a Celery message, Celery's
 //! `FAILURE` result, like any other task that cannot run.
 
-pub mod actor;
 pub mod envelope;
 pub mod leases;
 pub mod memory;
@@ -91,7 +90,6 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-pub use actor::{BrokerActor, BrokerArgs, BrokerMessage, NodeStatus, Presence};
 pub use envelope::{Callback, Envelope, FieldError, MAX_ID_BYTES, Timestamp, check_id};
 pub use leases::Leases;
 pub use sink::EventSink;
@@ -656,27 +654,6 @@ impl Serialize for EventKind {
 impl<'de> Deserialize<'de> for EventKind {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         String::deserialize(d).map(Self::from)
-    }
-}
-
-/// The `detail` of a `sent` event, written by both backends: the eta, and the trace the task
-/// belongs to (`trace_id`, and `parent_id` for a callback or a sub-task) — what lets the live
-/// page list the tasks of one trace from the events stream (`GET /tasks?trace=`).
-#[derive(Debug, Serialize)]
-pub(crate) struct SentDetail<'a> {
-    eta: &'a Option<Timestamp>,
-    trace_id: &'a Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    parent_id: &'a Option<String>,
-}
-
-impl<'a> SentDetail<'a> {
-    pub(crate) fn of(envelope: &'a Envelope) -> Self {
-        Self {
-            eta: &envelope.eta,
-            trace_id: &envelope.trace_id,
-            parent_id: &envelope.parent_id,
-        }
     }
 }
 

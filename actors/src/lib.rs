@@ -8,6 +8,8 @@
 //! - [`broker`] — the broker contract (`Broker`), the task `Envelope`, the `memory://` broker,
 //!   the Redis Streams broker (`broker::redis`: key layout and entry fields in its docs), and
 //!   `EventSink` (non-blocking publishing of supervision, breaker and pool events).
+//! - [`broker_actor`] — `BrokerActor`: the node's broker housekeeping in the tree (delayed
+//!   mover, lease renewal, recovery sweep, presence record).
 //! - [`caps`] — the caps on durations from outside (countdown, eta, time limits, an upstream's
 //!   `Retry-After`) and the one checked conversion every such number goes through.
 //! - [`celery`] — the Celery bridge: `BridgeActor` per kombu queue (atomic take-over), decoding
@@ -22,7 +24,8 @@
 //!   cannot be called.
 //! - [`child`] — child processes (`exec` commands, pool agents): clean environment, own process
 //!   group, capped line reader, and the watchdog that kills them when the node dies.
-//! - [`handler`] — what runs a task: `Handler`, `TaskError`, `TaskDef`; native, http, exec.
+//! - [`handler`] — what runs a task: `Handler`, `TaskDef`; native, http, exec, pool.
+//! - [`error`] — `TaskError` and its `ErrorClass` (re-exported by `handler`).
 //! - [`resource`] — shared resources: circuit breaker, misconfiguration (refused keys), Zep
 //!   client, OpenAI limiter, egress types, decoding of answers (any `Content-Encoding`) and
 //!   redaction of the key from them.
@@ -33,23 +36,34 @@
 //!   leader across nodes, at most once per due time; the leader lease; missed-run policies.
 //! - [`supervisor`] — `SupervisorActor`: OTP strategies, restart types, intensity, backoff,
 //!   ordered start and reverse-ordered stop.
+//! - [`policy`] — the restart policy values (`Strategy`, `Restart`, `Intensity`, `Backoff`;
+//!   re-exported by `supervisor`).
 //! - [`shown`] — what may be shown of a URL or an error in logs: no credentials, the cause.
 //! - [`tree`] — the tree registry every actor is recorded in; read by the introspection routes.
 //! - `test_util` — `RedisServer`, a private redis-server per test (tests / `test-util` feature).
 //! - [`heartbeat`] — `HeartbeatActor`: records uptime and event-loop lag.
 //! - [`history`] — `History`: this node's throughput, wait and run time per queue over the
 //!   last minutes (a ring buffer sampled from the queues' outcome counters and depths).
+//!
+//! No module imports one that imports it back (a unit test, `import_cycles`, reads the sources
+//! and fails naming any cycle): leaves (`caps`, `shown`, `error`, `policy`) below `broker`,
+//! then `metrics`, `tree`, `supervisor`, and the actors above them.
 
 pub mod broker;
+pub mod broker_actor;
 pub mod caps;
 pub mod celery;
 pub mod child;
 pub mod consumer;
+pub mod error;
 pub mod gate;
 pub mod handler;
 pub mod heartbeat;
 pub mod history;
+#[cfg(test)]
+mod import_cycles;
 pub mod metrics;
+pub mod policy;
 pub mod pool;
 pub mod resource;
 pub mod scheduler;

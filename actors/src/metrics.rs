@@ -63,7 +63,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::broker::{Admin, AnyBroker, Enqueued, Envelope, QueueDepth};
-use crate::handler::ErrorClass;
+use crate::error::ErrorClass;
 
 /// The label value of a task or queue name outside the configured set.
 pub const UNKNOWN: &str = "unknown";

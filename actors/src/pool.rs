@@ -84,7 +84,7 @@ pub use actor::{PoolActor, PoolArgs, PoolMessage};
 use agent::AgentCommand;
 
 use crate::broker::{Event, EventSink};
-use crate::supervisor::Backoff;
+use crate::policy::Backoff;
 
 /// Ended agents kept in the snapshot's `recent` list.
 const RECENT: usize = 32;

@@ -27,8 +27,6 @@
 
 #![warn(missing_docs)]
 
-mod policy;
-
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -40,30 +38,10 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
-use policy::RestartWindow;
-pub use policy::{Backoff, Intensity, Restart, Strategy};
-
 use crate::broker::Event;
+use crate::policy::RestartWindow;
+pub use crate::policy::{Backoff, Intensity, PolicyError, Restart, Strategy};
 use crate::tree::{Status, Tree, TreeHandle};
-
-/// An invalid restart policy value.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum PolicyError {
-    /// `within` must be longer than zero.
-    #[error("restart window must be longer than zero")]
-    ZeroWindow,
-    /// The backoff cap is below its base.
-    #[error("backoff_max ({max:?}) is below backoff ({base:?})")]
-    BackoffCapBelowBase {
-        /// The base delay.
-        base: Duration,
-        /// The cap.
-        max: Duration,
-    },
-    /// Jitter outside 0..=1.
-    #[error("jitter must be between 0.0 and 1.0, got {0}")]
-    Jitter(f64),
-}
 
 /// Why a supervisor failed.
 #[derive(Debug, thiserror::Error)]

@@ -21,7 +21,7 @@ use tokio::time::Instant;
 
 use crate::broker::{Event, EventSink};
 use crate::metrics::Metrics;
-use crate::supervisor::Restart;
+use crate::policy::Restart;
 
 /// Lifecycle status of an actor as its supervisor last saw it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]

@@ -24,13 +24,15 @@ use serde_json::Value;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::outcome::{Next, Outcome, Writes, malformed_event, recovery_event, started_event};
+use super::outcome::{
+    Next, Outcome, Writes, malformed_event, recovery_event, sent_event, started_event,
+};
 use super::revocations::Revocations;
 use super::{
     Admin, BrokerError, BrokerSettings, Coordination, DeadLetter, Delivery, Enqueued, Envelope,
-    Event, EventKind, LastRun, NodeRecord, Purged, QueueDepth, REVOKED, Records, Recovered,
-    Revocation, Revoked, SentDetail, StoredRecord, TaskQueue, TaskRecord, TaskState, check_id,
-    due_ms, entry_arg, epoch_ms, malformed_letter, rfc3339,
+    Event, LastRun, NodeRecord, Purged, QueueDepth, REVOKED, Records, Recovered, Revocation,
+    Revoked, StoredRecord, TaskQueue, TaskRecord, TaskState, check_id, due_ms, entry_arg, epoch_ms,
+    malformed_letter, rfc3339,
 };
 
 /// The in-memory broker.
@@ -523,11 +525,8 @@ impl TaskQueue for MemoryBroker {
                     Some(due_ms) => state.push_delayed_raw(&envelope.queue, due_ms, json),
                     None => state.push_ready_raw(&envelope.queue, json, 0),
                 }
-                let detail = serde_json::to_value(SentDetail::of(&envelope)).unwrap_or(Value::Null);
-                state.event(
-                    Event::about(EventKind::Sent, &envelope, detail),
-                    self.settings.events_maxlen,
-                );
+                let event = sent_event(&envelope, &envelope.enqueued_at);
+                state.event(event, self.settings.events_maxlen);
                 out.push(Enqueued {
                     id: envelope.id,
                     duplicate: false,

@@ -12,9 +12,10 @@
 
 use std::time::SystemTime;
 
+use serde::Serialize;
 use serde_json::{Value, json};
 
-use super::{Envelope, Event, EventKind, StoredRecord, TaskState, due_ms, rfc3339};
+use super::{Envelope, Event, EventKind, StoredRecord, TaskState, Timestamp, due_ms, rfc3339};
 
 /// How a delivery ends.
 #[derive(Clone, Copy, Debug)]
@@ -167,6 +168,48 @@ impl<'a> Outcome<'a> {
             record,
             event,
         }
+    }
+}
+
+/// The `detail` of a `sent` event, written by both backends: the eta, and the trace the task
+/// belongs to (`trace_id`, and `parent_id` for a callback or a sub-task) — what lets the live
+/// page list the tasks of one trace from the events stream (`GET /tasks?trace=`).
+#[derive(Debug, Serialize)]
+struct SentDetail<'a> {
+    eta: &'a Option<Timestamp>,
+    trace_id: &'a Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parent_id: &'a Option<String>,
+}
+
+impl<'a> SentDetail<'a> {
+    fn of(envelope: &'a Envelope) -> Self {
+        Self {
+            eta: &envelope.eta,
+            trace_id: &envelope.trace_id,
+            parent_id: &envelope.parent_id,
+        }
+    }
+}
+
+/// The `detail` of `envelope`'s `sent` event ([`SentDetail`]): the one encoding both backends
+/// write (`memory://` in [`sent_event`], Redis in its enqueue pipeline and as `enqueue.lua`'s
+/// argument).
+pub(crate) fn sent_detail(envelope: &Envelope) -> Value {
+    serde_json::to_value(SentDetail::of(envelope)).unwrap_or(Value::Null)
+}
+
+/// The `sent` event of an enqueued `envelope`, at `at` (RFC 3339). Its record is
+/// [`StoredRecord::enqueued`].
+pub(crate) fn sent_event(envelope: &Envelope, at: &str) -> Event {
+    Event {
+        id: String::new(),
+        kind: EventKind::Sent,
+        at: at.to_string(),
+        task_id: Some(envelope.id.clone()),
+        task: Some(envelope.task.clone()),
+        queue: Some(envelope.queue.clone()),
+        detail: sent_detail(envelope),
     }
 }
 

@@ -187,15 +187,16 @@ use super::memory::{Prepared, prepare_batch};
 use super::revocations::Revocations;
 use super::{
     Admin, BrokerError, BrokerSettings, Coordination, DeadLetter, Delivery, Enqueued, Envelope,
-    Event, EventKind, LastRun, NodeRecord, Purged, QueueDepth, Records, Recovered, Revocation,
-    Revoked, TaskQueue, TaskRecord, TaskState, entry_arg, epoch_ms, malformed_letter, rfc3339,
+    Event, LastRun, NodeRecord, Purged, QueueDepth, Records, Recovered, Revocation, Revoked,
+    StoredRecord, TaskQueue, TaskRecord, TaskState, entry_arg, epoch_ms, malformed_letter, rfc3339,
 };
 
 use self::revocations::listen_revocations;
-use super::outcome::{Next, Outcome, RecordChange, Writes, malformed_event, started_event};
+use super::outcome::{
+    Next, Outcome, RecordChange, Writes, malformed_event, sent_detail, sent_event, started_event,
+};
 use codec::{
-    StreamEntry, dead_letter, enqueued_fields, event, int, pairs, sent_detail, stored_record,
-    stream_entries, text,
+    StreamEntry, dead_letter, event, int, pairs, record_fields, stored_record, stream_entries, text,
 };
 pub use connection::ConnectionState;
 use connection::{CONNECT_TIMEOUT, Health, RESPONSE_TIMEOUT, lock};
@@ -493,12 +494,12 @@ impl RedisBroker {
         }
     }
 
-    /// The record of an enqueued envelope ([`enqueued_fields`]: `queued`, or `scheduled` until
-    /// `due_ms`). A new key has no TTL: it lives while its entry does.
+    /// The record of an enqueued envelope ([`StoredRecord::enqueued`]: `queued`, or
+    /// `scheduled` until `due_ms`). A new key has no TTL: it lives while its entry does.
     fn add_enqueued_record(&self, pipe: &mut Pipeline, envelope: &Envelope, due_ms: Option<u64>) {
-        let fields = enqueued_fields(envelope, due_ms);
+        let record = StoredRecord::enqueued(envelope, due_ms, &envelope.enqueued_at);
         let cmd = pipe.cmd("HSET").arg(self.keys.result(&envelope.id));
-        for (name, value) in &fields {
+        for (name, value) in &record_fields(&record) {
             cmd.arg(*name).arg(value.as_ref());
         }
         cmd.ignore();
@@ -634,6 +635,18 @@ impl RedisBroker {
         Ok((out, buried))
     }
 }
+/// `envelope`'s record at enqueue ([`StoredRecord::enqueued`]) as `enqueue.lua` takes it: its
+/// hash fields ([`record_fields`]) as one JSON array, name, value, name, value, ….
+fn enqueued_record_json(envelope: &Envelope, due_ms: Option<u64>) -> String {
+    let record = StoredRecord::enqueued(envelope, due_ms, &envelope.enqueued_at);
+    let fields = record_fields(&record);
+    let flat: Vec<&str> = fields
+        .iter()
+        .flat_map(|(name, value)| [*name, value.as_ref()])
+        .collect();
+    serde_json::to_string(&flat).unwrap_or_else(|_| "[]".to_string())
+}
+
 impl RedisBroker {
     /// Enqueues a batch with idempotency keys or chosen ids through `enqueue.lua`: per
     /// envelope, claim its key and check its id (its record), then write it and its record —
@@ -679,8 +692,8 @@ impl RedisBroker {
                 .arg(ttl)
                 .arg(&envelope.task)
                 .arg(&envelope.queue)
-                .arg(sent_detail(envelope))
-                .arg(&envelope.enqueued_at);
+                .arg(sent_detail(envelope).to_string())
+                .arg(enqueued_record_json(envelope, p.due));
             keys.push(target);
             keys.push(record);
             keys.extend((!idem.is_empty()).then_some(idem));
@@ -790,15 +803,7 @@ impl TaskQueue for RedisBroker {
                     .ignore(),
             };
             if self.events_on() {
-                let detail = sent_detail(&envelope);
-                self.add_event(
-                    &mut pipe,
-                    &EventKind::Sent,
-                    &at,
-                    Some(&envelope),
-                    None,
-                    &detail,
-                );
+                self.add_whole_event(&mut pipe, &sent_event(&envelope, &at));
             }
             out.push(Enqueued {
                 id: envelope.id,

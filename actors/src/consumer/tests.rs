@@ -11,9 +11,8 @@ use tokio::time::Instant;
 
 use super::*;
 use crate::broker::memory::MemoryBroker;
-use crate::broker::{
-    Admin, AnyBroker, BrokerActor, BrokerArgs, BrokerSettings, Envelope, Event, Leases, TaskState,
-};
+use crate::broker::{Admin, AnyBroker, BrokerSettings, Envelope, Event, Leases, TaskState};
+use crate::broker_actor::{BrokerActor, BrokerArgs};
 use crate::gate::{Admission, AlwaysOpen, Use};
 use crate::handler::native::Natives;
 use crate::handler::{Handler, RetryPolicy, TaskDef, TaskDefs};

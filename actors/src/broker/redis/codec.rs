@@ -5,35 +5,48 @@ use std::borrow::Cow;
 
 use redis::Value;
 
-use crate::broker::{DeadLetter, Envelope, Event, EventKind, SentDetail, StoredRecord, TaskState};
+use crate::broker::{DeadLetter, Envelope, Event, EventKind, StoredRecord, TaskState};
 
-/// The fields of an enqueued task's record ([`RedisBroker::add_enqueued_record`]; `enqueue.lua`
-/// writes the same): `task`, `queue`, `state`, `enqueued_at`, and `due` for a scheduled task.
-/// Kept to what cannot be read elsewhere — the id is the key's, and `updated_at` reads as
-/// `enqueued_at` until something else writes the record — because every enqueue pays for it.
-pub(super) fn enqueued_fields(
-    envelope: &Envelope,
-    due_ms: Option<u64>,
-) -> Vec<(&'static str, Cow<'_, str>)> {
-    let state = match due_ms {
-        Some(_) => TaskState::Scheduled,
-        None => TaskState::Queued,
-    };
-    let mut fields = vec![
-        ("task", Cow::Borrowed(envelope.task.as_str())),
-        ("queue", Cow::Borrowed(envelope.queue.as_str())),
-        ("state", Cow::Borrowed(state.name())),
-        ("enqueued_at", Cow::Borrowed(envelope.enqueued_at.as_str())),
+/// A record as the fields of its hash (`HSET p:result:<id>`), the inverse of
+/// [`stored_record`]: what it holds, nothing for what is absent. The id is the key's, and
+/// `updated_at` is left out while it equals `enqueued_at` (it reads as that) — an enqueue,
+/// which writes [`StoredRecord::enqueued`] this way (in its pipeline or as `enqueue.lua`'s
+/// argument), pays for no more than `task`, `queue`, `state`, `enqueued_at` and a `due`.
+pub(super) fn record_fields(record: &StoredRecord) -> Vec<(&'static str, Cow<'_, str>)> {
+    let updated_at =
+        Some(record.updated_at.as_str()).filter(|&at| record.enqueued_at.as_deref() != Some(at));
+    let texts = [
+        ("task", Some(record.task.as_str())),
+        ("queue", Some(record.queue.as_str())),
+        ("state", record.state.map(TaskState::name)),
+        ("error", record.error.as_deref()),
+        ("started_at", record.started_at.as_deref()),
+        ("node", record.node.as_deref()),
+        ("enqueued_at", record.enqueued_at.as_deref()),
+        ("updated_at", updated_at),
     ];
-    if let Some(due) = due_ms {
-        fields.push(("due", Cow::Owned(due.to_string())));
+    let mut fields: Vec<(&'static str, Cow<'_, str>)> = texts
+        .into_iter()
+        .filter_map(|(name, value)| Some((name, Cow::Borrowed(value.filter(|v| !v.is_empty())?))))
+        .collect();
+    let numbers = [
+        ("due", record.due_ms),
+        (
+            "attempts",
+            Some(u64::from(record.attempts)).filter(|&n| n > 0),
+        ),
+        ("started", record.started.map(u64::from)),
+        ("lost", record.lost.then_some(1)),
+    ];
+    for (name, value) in numbers {
+        if let Some(value) = value {
+            fields.push((name, Cow::Owned(value.to_string())));
+        }
+    }
+    if let Some(result) = &record.result {
+        fields.push(("result", Cow::Owned(result.to_string())));
     }
     fields
-}
-
-/// The `detail` of a `sent` event ([`SentDetail`]).
-pub(super) fn sent_detail(envelope: &Envelope) -> String {
-    serde_json::to_string(&SentDetail::of(envelope)).unwrap_or_else(|_| "{}".to_string())
 }
 
 /// A record as read from its hash (`HGETALL p:result:<id>`). Fields a careless writer left
@@ -253,4 +266,39 @@ pub(super) fn event(entry: StreamEntry) -> Event {
         }
     }
     event
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A record written as its fields reads back as itself: the enqueued one (its few fields)
+    /// and one with every field set.
+    #[test]
+    fn record_fields_read_back_as_the_record() {
+        let mut envelope = Envelope::new("t1", "default");
+        envelope.enqueued_at = "2026-01-01T00:00:00.000Z".into();
+        let enqueued = StoredRecord::enqueued(&envelope, Some(42), &envelope.enqueued_at);
+        let names: Vec<&str> = record_fields(&enqueued).iter().map(|(n, _)| *n).collect();
+        assert_eq!(names, ["task", "queue", "state", "enqueued_at", "due"]);
+        let full = StoredRecord {
+            state: Some(TaskState::Retrying),
+            result: Some(serde_json::json!({"a": [1, 2]})),
+            error: Some("boom".into()),
+            attempts: 2,
+            started: Some(1),
+            lost: true,
+            started_at: Some("2026-01-01T00:00:01.000Z".into()),
+            node: Some("n1".into()),
+            updated_at: "2026-01-01T00:00:02.000Z".into(),
+            ..enqueued.clone()
+        };
+        for record in [enqueued, full] {
+            let fields: Vec<(String, String)> = record_fields(&record)
+                .into_iter()
+                .map(|(n, v)| (n.to_string(), v.into_owned()))
+                .collect();
+            assert_eq!(stored_record(&record.id, &fields).unwrap(), record);
+        }
+    }
 }

@@ -4,8 +4,7 @@
 -- duplicate of the id the key holds), then — for a chosen id — its record is looked at (the
 -- id's guard: a record exists while the task's entry does and result_ttl after its outcome;
 -- there → a duplicate of that id), then the entry is written (XADD to the stream, or ZADD to
--- the delayed set for a future eta) with its record (HSET, no TTL: `queued`, or `scheduled`
--- with `due`) and its `sent` event. Claim and write are one atomic step: a key is never taken
+-- the delayed set for a future eta) with its record (HSET of the fields it is given, no TTL) and its `sent` event. Claim and write are one atomic step: a key is never taken
 -- for an entry that was not written, and an entry never lacks its record.
 --
 -- Every key written is type-checked before the first write (see commit.lua for why): a key of
@@ -15,7 +14,8 @@
 -- ARGV[1] = events stream, ARGV[2] = its MAXLEN ('0': no events), ARGV[3] = now (RFC 3339),
 -- then 12 fields per envelope: target key (stream or delayed set), due ms ('' → stream),
 -- envelope JSON, id, record key, chosen ('1' → the id is checked), idempotency key ('' →
--- none), its TTL (ms), task, queue, `sent` detail (JSON), enqueued_at (RFC 3339).
+-- none), its TTL (ms), task, queue, `sent` detail (JSON), record (its hash fields as a JSON
+-- array name, value, …: StoredRecord::enqueued, encoded by codec::record_fields).
 -- Returns per envelope '' (written) or the id it duplicates.
 local events, maxlen, at = ARGV[1], ARGV[2], ARGV[3]
 local FIELDS, FIRST = 12, 4
@@ -41,7 +41,7 @@ if problem then return problem end
 
 local out = {}
 for i = FIRST, #ARGV, FIELDS do
-  local target, due, json, id, record, chosen, idem, ttl, task, q, detail, enqueued_at =
+  local target, due, json, id, record, chosen, idem, ttl, task, q, detail, fields =
     unpack(ARGV, i, i + FIELDS - 1)
   local first
   if idem ~= '' and not redis.call('SET', idem, id, 'NX', 'PX', ttl) then
@@ -58,13 +58,7 @@ for i = FIRST, #ARGV, FIELDS do
     else
       redis.call('ZADD', target, due, json)
     end
-    if due == '' then
-      redis.call('HSET', record, 'task', task, 'queue', q, 'state', 'queued',
-        'enqueued_at', enqueued_at)
-    else
-      redis.call('HSET', record, 'task', task, 'queue', q, 'state', 'scheduled',
-        'enqueued_at', enqueued_at, 'due', due)
-    end
+    redis.call('HSET', record, unpack(cjson.decode(fields)))
     if maxlen ~= '0' then
       redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 'kind', 'sent', 'at', at,
         'task_id', id, 'task', task, 'queue', q, 'detail', detail)

@@ -12,7 +12,7 @@ use super::RedisBroker;
 use super::codec::{int, text};
 use super::connection::lock;
 use crate::broker::outcome::recovery_event;
-use crate::broker::{BrokerError, EVENT_FLUSH, Envelope, Event, EventKind, rfc3339};
+use crate::broker::{BrokerError, EVENT_FLUSH, Envelope, Event, rfc3339};
 
 /// An attempt's start, handed to [`TaskQueue::started`](crate::broker::TaskQueue::started): its record's start marker and its
 /// `started` event, written later in one go ([`soon_pipeline`]).
@@ -32,61 +32,11 @@ impl RedisBroker {
         self.settings.events_maxlen > 0
     }
 
-    /// Appends an event `XADD` about `about` (or just its `queue`) to `pipe` (reply ignored).
-    pub(super) fn add_event(
-        &self,
-        pipe: &mut Pipeline,
-        kind: &EventKind,
-        at: &str,
-        about: Option<&Envelope>,
-        queue: Option<&str>,
-        detail: &str,
-    ) {
-        let (task_id, task, queue) = match about {
-            Some(envelope) => (
-                Some(envelope.id.as_str()),
-                Some(envelope.task.as_str()),
-                Some(envelope.queue.as_str()),
-            ),
-            None => (None, None, queue),
-        };
-        self.add_event_fields(
-            pipe,
-            kind.as_str(),
-            at,
-            [("task_id", task_id), ("task", task), ("queue", queue)],
-            detail,
-        );
-    }
-
     /// Appends `event`'s `XADD` ([`xadd_whole`]) to `pipe`, unless events are off.
     pub(super) fn add_whole_event(&self, pipe: &mut Pipeline, event: &Event) {
         if self.events_on() {
             xadd_whole(pipe, &self.events_key, self.settings.events_maxlen, event);
         }
-    }
-
-    /// Appends an event's `XADD` ([`xadd_event`]) to `pipe`, unless events are off.
-    pub(super) fn add_event_fields(
-        &self,
-        pipe: &mut Pipeline,
-        kind: &str,
-        at: &str,
-        optional: [(&str, Option<&str>); 3],
-        detail: &str,
-    ) {
-        if !self.events_on() {
-            return;
-        }
-        xadd_event(
-            pipe,
-            &self.events_key,
-            self.settings.events_maxlen,
-            kind,
-            at,
-            optional,
-            detail,
-        );
     }
 
     /// The starts handed to `started`, taken out of the buffer as one pipeline

@@ -14,8 +14,8 @@ use serde_json::json;
 
 use super::*;
 use crate::handler::RetryPolicy;
+use crate::policy::Backoff;
 use crate::resource::openai::limiter::tests::busiest_window;
-use crate::supervisor::Backoff;
 
 const KEY: &str = "sk-test-0123456789";
 const MINUTE: Duration = Duration::from_secs(60);

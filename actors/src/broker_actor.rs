@@ -31,7 +31,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use serde_json::json;
 use tracing::{info, warn};
 
-use super::{
+use crate::broker::{
     Admin, AnyBroker, BrokerError, Coordination, Leases, NodeRecord, NodeState, QueueDepth,
     TaskQueue, rfc3339,
 };

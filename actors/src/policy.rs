@@ -1,7 +1,11 @@
-//! Restart policy values: strategy, restart type, restart intensity and restart backoff.
+//! Restart policy values: strategy, restart type, restart intensity and restart backoff —
+//! plain values with no actor behind them, so the tree, the handlers' retry policy and the
+//! pools use them without depending on the supervisor (which re-exports them).
 //!
 //! Constructors validate (`try_new`): an intensity of zero restarts over a zero window or a
 //! backoff whose cap is below its base cannot be built, so it never reaches a supervisor.
+
+#![warn(missing_docs)]
 
 use std::time::Duration;
 
@@ -9,7 +13,24 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use crate::supervisor::PolicyError;
+/// An invalid restart policy value.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum PolicyError {
+    /// `within` must be longer than zero.
+    #[error("restart window must be longer than zero")]
+    ZeroWindow,
+    /// The backoff cap is below its base.
+    #[error("backoff_max ({max:?}) is below backoff ({base:?})")]
+    BackoffCapBelowBase {
+        /// The base delay.
+        base: Duration,
+        /// The cap.
+        max: Duration,
+    },
+    /// Jitter outside 0..=1.
+    #[error("jitter must be between 0.0 and 1.0, got {0}")]
+    Jitter(f64),
+}
 
 /// Which children a supervisor restarts when one of them has to be restarted (OTP names).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
