@@ -6,9 +6,9 @@
 //!
 //! With `memory://` the queues live in this process and end with it. On a signal, with
 //! `broker.drain_on_shutdown`, the consumers first go on taking ready tasks until no queue has
-//! a ready or running entry, or `runtime.shutdown_grace` runs out ([`drain_memory`]); then the
+//! a ready or running entry, or `runtime.shutdown_grace` runs out (`drain_memory`); then the
 //! usual stop follows. However the node ends, it then logs at WARN, queue by queue, what the
-//! memory broker still held and takes with it ([`report_dropped`]).
+//! memory broker still held and takes with it (`report_dropped`).
 
 #![warn(missing_docs)]
 

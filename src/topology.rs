@@ -15,7 +15,7 @@
 //! └── heartbeat   HeartbeatActor    permanent; uptime and event-loop lag
 //! ```
 //!
-//! Pools attach before `queues` (DESIGN.md §2). Children start in this order and stop in the
+//! Pools attach before `queues` (a task may claim an agent as soon as it runs). Children start in this order and stop in the
 //! reverse one: the scheduler stops (and resigns its leader lease) before the consumers.
 
 use std::collections::BTreeMap;

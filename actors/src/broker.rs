@@ -1,4 +1,4 @@
-//! The broker contract (DESIGN.md §4): at-least-once delivery with leases.
+//! The broker contract (docs/architecture.md): at-least-once delivery with leases.
 //!
 //! Two implementations keep the same semantics and pass one contract suite
 //! (`broker/contract.rs`): [`memory::MemoryBroker`] (`memory://`, single node, fast tests) and
@@ -36,7 +36,7 @@
 //! [`check_id`]) are moved to the dead letters with the parse error; they never reach a
 //! consumer, never block the queue, never panic.
 //!
-//! Records: every task has one ([`TaskRecord`], kept as a [`StoredRecord`]), written in the
+//! Records: every task has one ([`TaskRecord`], kept as a `StoredRecord`), written in the
 //! round trips the task's life already makes — at enqueue (`queued` or `scheduled`, in the
 //! same step as the entry), at the start of an attempt (a start marker that rides with the
 //! next outcome or the [`EVENT_FLUSH`] like the `started` event: `running`), and by every

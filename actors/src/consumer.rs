@@ -9,17 +9,17 @@
 //!   dead letter naming the field; past its `expires` → dead letter; before its `eta` (an
 //!   entry written to the stream directly, a bridged message) → deferred to it; a closed
 //!   [`ResourceGate`] → deferred without spending an attempt), holds its
-//!   lease in [`Leases`], and starts a [`TaskActor`] per task, up to `concurrency` at once;
+//!   lease in [`Leases`](crate::broker::Leases), and starts a [`TaskActor`] per task, up to `concurrency` at once;
 //!   the rest wait in arrival order.
 //! - A task actor records its own outcome and stops with the reason `"done"`. Any other exit
 //!   (panic, kill) is a crash: the consumer records a retry per the task's policy.
-//! - Revocations ([`Broker::revocations`], forwarded to the actor as
+//! - Revocations ([`Records::revocations`], forwarded to the actor as
 //!   `ConsumerMessage::Revoke`): an admitted task revoked before it is started is dead-lettered
 //!   as `revoked` (with its `link_error` callbacks); a running one is terminated when the
 //!   revocation asks for it — its task actor fires the handler's soft signal, stops the attempt
 //!   `terminate_grace` later and records it revoked — and otherwise finishes its attempt. An
 //!   entry fetched after its revocation is dead-lettered the same way at admission
-//!   ([`Broker::is_revoked`], no round trip).
+//!   ([`Records::is_revoked`], no round trip).
 //! - [`kill_task`] (`ConsumerMessage::KillTask`, the chaos route's `{consumer path}/{task id}`)
 //!   kills the task actor running that task here: its attempt is dropped (an `exec` command's
 //!   process group is SIGKILLed and reaped) and counts as a retryable failure like any other

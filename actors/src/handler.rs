@@ -1,7 +1,7 @@
 //! What runs a task: the [`Handler`] trait, the error taxonomy ([`TaskError`]), the context a
 //! handler gets ([`TaskContext`]) and the task definitions a consumer runs ([`TaskDef`]).
 //!
-//! Handler kinds (DESIGN.md §3): [`native`] (Rust async fns registered through the library
+//! Handler kinds (docs/tasks.md, "Running tasks"): [`native`] (Rust async fns registered through the library
 //! API), [`http`] (POST the envelope to the app), [`exec`] (a command, no shell, envelope on
 //! stdin, own process group), [`pool`] (an idle agent of a process pool takes the envelope).
 

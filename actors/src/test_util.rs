@@ -2,7 +2,7 @@
 //! crate's: [`RedisServer`], a private `redis-server` on a free loopback port, and
 //! [`fuzz_cases`], how many cases a property test runs.
 //!
-//! DESIGN.md §4: Redis tests run against a real server started here — never a shared instance
+//! Redis tests run against a real server started here — never a shared instance
 //! (the system one on 6379 is never touched), never a mock. A machine without `redis-server`
 //! fails the tests with the command that installs it; nothing is skipped.
 //!

@@ -1,4 +1,4 @@
-//! The broker contract suite: every property DESIGN.md §4 promises, written once against
+//! The broker contract suite: every property the broker contract promises (docs/architecture.md), written once against
 //! [`Broker`] and run for each implementation (`contract_suite!` below). Each property uses
 //! its own queue names, so one broker (one Redis server) can serve a whole test binary.
 //!

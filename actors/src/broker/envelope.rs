@@ -1,4 +1,4 @@
-//! The task envelope (DESIGN.md §3): what travels through the broker, as JSON.
+//! The task envelope (docs/tasks.md, "Tasks and delivery guarantees"): what travels through the broker, as JSON.
 //!
 //! Producers may be Python code that `XADD`s directly, so parsing is lenient where it can be
 //! (missing `args`, `kwargs`, `attempt`, … default) and strict where it must be (`task` and

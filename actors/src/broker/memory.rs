@@ -5,13 +5,13 @@
 //! Lease ages use `tokio::time::Instant` (so tests can pause time); due times of delayed
 //! entries are wall-clock, like the envelope's `eta`.
 //!
-//! Records are kept as in Redis ([`StoredRecord`]): written at enqueue, without expiry while
+//! Records are kept as in Redis (`StoredRecord`): written at enqueue, without expiry while
 //! the entry exists (ready, delayed, in flight, retried, requeued), then `result_ttl` after the
 //! task's outcome (acked, dead-lettered, poisoned); a purge drops the records of what it
 //! removed. A chosen id is taken while its record exists. Everything a call changes happens
 //! under one lock, so an outcome's record, ack and event are always written together; the
 //! start marker and `started` event ([`TaskQueue::started`]) are written at once (no round trip
-//! to save). Revocations are kept in [`Revocations`] for `result_ttl`.
+//! to save). Revocations are kept in `Revocations` for `result_ttl`.
 //!
 //! Everything lives in this process: when it ends, what the queues still hold is gone.
 //! [`MemoryBroker::leftovers`] counts it, queue by queue, so the node can say so as it stops.

@@ -1,4 +1,4 @@
-//! `RedisBroker`: the broker contract (DESIGN.md §4) on Redis Streams, shared by every node.
+//! `RedisBroker`: the broker contract (docs/architecture.md) on Redis Streams, shared by every node.
 //!
 //! # Key layout
 //!
@@ -23,7 +23,7 @@
 //!
 //! # Entry fields
 //!
-//! - **Stream entry** (`p:{q}:stream`): `e` = the envelope JSON (DESIGN.md §3); `d` =
+//! - **Stream entry** (`p:{q}:stream`): `e` = the envelope JSON; `d` =
 //!   deliveries before this entry, absent = 0 (an entry recovered after an expired lease is
 //!   re-added at the tail with `d` + 1). A producer in another language enqueues with
 //!   `XADD p:{q}:stream * e '<envelope json>'` — the envelope needs `task` and `queue`, and
@@ -35,7 +35,7 @@
 //! - **Dead letter** (`p:{q}:dead`): `e` = envelope JSON (or the raw text that could not be
 //!   parsed), `reason`, `attempts`, `at` (RFC 3339), and `raw` = `1` when `e` is not a valid
 //!   envelope.
-//! - **Record** (`p:result:<id>`, a [`StoredRecord`]): `id`, `task`, `queue`, `state`
+//! - **Record** (`p:result:<id>`, a `StoredRecord`): `id`, `task`, `queue`, `state`
 //!   (`queued` | `scheduled` | `retrying` | `succeeded` | `dead`; never `running`), `due`
 //!   (epoch ms, the delayed-set score of a scheduled or retrying task), `result` (JSON;
 //!   meaningful when succeeded), `error`, `attempts` (attempts that ran to a success or a

@@ -2,7 +2,7 @@
 //! its lock, a pool under its membership lock) puts an [`Event`] on the events stream.
 //!
 //! [`EventSink::emit`] is a `try_send` on a bounded channel: it never blocks and never awaits.
-//! One writer task per node drains the channel and calls [`Broker::publish`] for each event,
+//! One writer task per node drains the channel and calls [`Records::publish`] for each event,
 //! in emission order. When the broker is slow or down and the channel is full, new events
 //! are dropped and counted ([`EventSink::dropped`]) rather than slowing the emitter — the
 //! events stream is for observation; the task records and the tree stay authoritative.

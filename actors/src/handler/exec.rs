@@ -17,7 +17,7 @@
 //!
 //! **Output.** stdout and stderr are drained for the whole life of the process (a full pipe
 //! would block it) and logged with the task id, each line cut at
-//! [`LOG_LINE_BYTES`](crate::child::lines::LOG_LINE_BYTES) with a marker. Of stdout only the
+//! [`LOG_LINE_BYTES`] with a marker. Of stdout only the
 //! last non-empty line is kept, up to `max_result_bytes` (the broker's `max_entry_bytes`); of
 //! stderr the last non-empty line, up to `LOG_LINE_BYTES`, for the error. Whatever the child
 //! prints, an attempt holds at most twice each cap.

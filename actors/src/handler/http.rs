@@ -1,9 +1,9 @@
-//! `http` handler: POST the envelope as JSON to the app's internal endpoint (DESIGN.md §3).
+//! `http` handler: POST the envelope as JSON to the app's internal endpoint (docs/tasks.md, "Running tasks").
 //!
 //! | answer | outcome |
 //! |---|---|
 //! | 2xx | success; the JSON body is the result (an empty body is `null`, other text a string) |
-//! | connect error, timeout, 408, 429, 5xx | retryable (the reason names the URL, without credentials or query); `Retry-After` (seconds) is honoured, up to [`crate::caps::MAX_UPSTREAM_WAIT`] (a longer one is cut to it, with a warning); classed by [`request_class`] and [`status_class`] |
+//! | connect error, timeout, 408, 429, 5xx | retryable (the reason names the URL, without credentials or query); `Retry-After` (seconds) is honoured, up to [`crate::caps::MAX_UPSTREAM_WAIT`] (a longer one is cut to it, with a warning); classed by `request_class` and `status_class` |
 //! | other 4xx | permanent |
 //!
 //! Headers sent: `X-Task-Id`, `X-Task-Attempt`, `X-Task-Deadline` (RFC 3339: the soft limit,

@@ -1,4 +1,4 @@
-//! The one place a delivery is finished: [`Settler::settle`]. Every way a delivery ends on
+//! The one place a delivery is finished: `Settler::settle`. Every way a delivery ends on
 //! this node goes through it — an attempt that ran (or crashed, or was never started:
 //! revoked, a resource unusable), an entry that cannot run (too large, unknown task, bad
 //! times, expired, undecodable), a deferral (its `eta`, a closed resource) — so ack, retry,
