@@ -509,7 +509,6 @@ pub struct Event {
     /// Its name.
     #[serde(default)]
     pub task: Option<String>,
-    /// Its queue.
     #[serde(default)]
     pub queue: Option<String>,
     /// Anything else (error, attempt, actor path).

@@ -111,7 +111,6 @@ pub enum BrokerMessage {
     Announce,
 }
 
-/// The broker actor.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct BrokerActor;
 

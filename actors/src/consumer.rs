@@ -104,7 +104,6 @@ impl Default for QueueSettings {
 pub struct ConsumerArgs {
     /// Place in the tree.
     pub node: TreeHandle,
-    /// The queue.
     pub queue: String,
     /// Its concurrency, prefetch and poll.
     pub settings: QueueSettings,
@@ -148,7 +147,6 @@ pub struct KilledTask {
     pub id: String,
     /// Its name.
     pub task: String,
-    /// Its queue.
     pub queue: String,
     /// The attempt that was killed (0 for the first run).
     pub attempt: u32,
@@ -194,7 +192,6 @@ pub async fn kill_task(
     }
 }
 
-/// The consumer actor.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ConsumerActor;
 

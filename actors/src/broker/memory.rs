@@ -74,7 +74,6 @@ struct Queue {
 /// What one queue of a [`MemoryBroker`] still holds ([`MemoryBroker::leftovers`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Leftover {
-    /// The queue.
     pub queue: String,
     /// Entries waiting to be reserved.
     pub ready: u64,

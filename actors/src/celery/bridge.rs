@@ -57,7 +57,6 @@ pub enum BridgeMessage {
     Poll,
 }
 
-/// The bridge actor.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct BridgeActor;
 

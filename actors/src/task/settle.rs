@@ -68,7 +68,6 @@ pub enum Settled<'a> {
     Retrying(&'a TaskError),
     /// Failed for good (`error` is the handler's error, or why it never started).
     Failed {
-        /// The error.
         error: Option<&'a TaskError>,
         /// Why it is dead.
         reason: &'a str,
@@ -81,7 +80,6 @@ pub enum Settled<'a> {
 /// What a consumer shares with its task actors.
 #[derive(Debug)]
 pub struct Work {
-    /// The broker.
     pub broker: Arc<AnyBroker>,
     /// This node's leases.
     pub leases: Arc<Leases>,
