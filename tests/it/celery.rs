@@ -188,6 +188,15 @@ async fn delay_runs_on_the_runtime_and_get_returns_the_result() {
         bridge["snapshot"]["take_ms"]["samples"].as_u64() <= Some(1),
         "{bridge}"
     );
+    let metrics = node.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics.contains("rt_celery_moved_total{kombu_queue=\"celery\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("rt_celery_take_seconds_count{kombu_queue=\"celery\"}"),
+        "{metrics}"
+    );
 
     let out = scenario(&python, &redis, "fail");
     assert_eq!(out["type"], "RuntimeError", "{out}");

@@ -48,6 +48,7 @@ use tokio::time::Instant;
 
 use super::Celery;
 use crate::broker::{MAX_ID_BYTES, rfc3339};
+use crate::metrics::BridgeSeries;
 use crate::tree::TreeHandle;
 
 /// How often a bridge looks for other nodes' holding lists that hold messages.
@@ -58,6 +59,8 @@ pub const LATENCY_SAMPLES: usize = 1000;
 /// What a bridge did, kept across its restarts.
 #[derive(Debug, Default)]
 pub struct BridgeCounters {
+    /// `rt_celery_moved` and `rt_celery_take_seconds` of its kombu queue, when metrics are on.
+    metrics: Option<BridgeSeries>,
     moved: AtomicU64,
     dead_lettered: AtomicU64,
     duplicates: AtomicU64,
@@ -70,6 +73,16 @@ pub struct BridgeCounters {
 }
 
 impl BridgeCounters {
+    /// Counters at zero that also feed `metrics` (from [`Metrics::celery_bridge`]).
+    ///
+    /// [`Metrics::celery_bridge`]: crate::metrics::Metrics::celery_bridge
+    pub fn new(metrics: Option<BridgeSeries>) -> Self {
+        Self {
+            metrics,
+            ..Self::default()
+        }
+    }
+
     fn failed(&self, queue: &str, what: &str, err: &redis::RedisError) {
         self.errors.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(queue = %queue, error = %err, "celery bridge: {what} failed; trying again");
@@ -77,6 +90,9 @@ impl BridgeCounters {
     }
 
     fn took(&self, latency: Duration) {
+        if let Some(metrics) = &self.metrics {
+            metrics.took(latency);
+        }
         let mut samples = self.take_us.lock().unwrap_or_else(|e| e.into_inner());
         if samples.len() == LATENCY_SAMPLES {
             samples.pop_front();
@@ -220,36 +236,7 @@ impl Actor for BridgeActor {
                 }
                 counters.polls.fetch_add(1, Ordering::Relaxed);
                 let full = match state.take(batch).await {
-                    Ok((moved, dead, rejected, duplicates)) => {
-                        if let Some(waited) = state.waited.take() {
-                            counters.took(waited.elapsed());
-                        }
-                        counters.moved.fetch_add(moved, Ordering::Relaxed);
-                        counters.dead_lettered.fetch_add(dead, Ordering::Relaxed);
-                        let dropped = duplicates.len() as u64;
-                        counters.duplicates.fetch_add(dropped, Ordering::Relaxed);
-                        for id in &duplicates {
-                            tracing::warn!(queue = %state.args.queue, task_id = %id,
-                                "celery message dropped: a task with its id exists (a duplicate)");
-                        }
-                        if dead > 0 {
-                            tracing::warn!(queue = %state.args.queue, dead,
-                                "malformed celery messages dead-lettered");
-                        }
-                        // Unmapped tasks: FAILURE in Celery's backend, so `.get()` raises.
-                        for pair in rejected.chunks_exact(2) {
-                            if let Err(err) = state.args.celery.rejected(&pair[0], &pair[1]).await {
-                                tracing::warn!(task_id = %pair[0], error = %err,
-                                    "celery FAILURE result not written");
-                            }
-                        }
-                        let full = moved + dead + dropped >= batch as u64;
-                        if !full {
-                            // Every list in the take, the orphans too, is empty now.
-                            state.orphans.clear();
-                        }
-                        full
-                    }
+                    Ok(result) => state.took(batch, result).await,
                     Err(err) => {
                         counters.failed(&state.args.queue, "moving messages", &err);
                         state.publish();
@@ -271,9 +258,71 @@ impl Actor for BridgeActor {
         }
         Ok(())
     }
+
+    /// A message the last wait moved into the holding list is taken on before the bridge
+    /// stops (else it would wait there for this node's next start or another node's sweep).
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        if state.waited.is_some() {
+            let batch = state.args.celery.settings().batch.max(1);
+            match state.take(batch).await {
+                Ok(result) => {
+                    state.took(batch, result).await;
+                }
+                Err(err) => {
+                    let counters = Arc::clone(&state.args.counters);
+                    counters.failed(&state.args.queue, "moving messages", &err);
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 impl BridgeState {
+    /// Count and log one take's result; whether the batch was full.
+    async fn took(
+        &mut self,
+        batch: usize,
+        (moved, dead, rejected, duplicates): (u64, u64, Vec<String>, Vec<String>),
+    ) -> bool {
+        let counters = &self.args.counters;
+        if let Some(waited) = self.waited.take() {
+            counters.took(waited.elapsed());
+        }
+        counters.moved.fetch_add(moved, Ordering::Relaxed);
+        if let Some(metrics) = &counters.metrics {
+            metrics.moved(moved);
+        }
+        counters.dead_lettered.fetch_add(dead, Ordering::Relaxed);
+        let dropped = duplicates.len() as u64;
+        counters.duplicates.fetch_add(dropped, Ordering::Relaxed);
+        for id in &duplicates {
+            tracing::warn!(queue = %self.args.queue, task_id = %id,
+                "celery message dropped: a task with its id exists (a duplicate)");
+        }
+        if dead > 0 {
+            tracing::warn!(queue = %self.args.queue, dead,
+                "malformed celery messages dead-lettered");
+        }
+        // Unmapped tasks: FAILURE in Celery's backend, so `.get()` raises.
+        for pair in rejected.chunks_exact(2) {
+            if let Err(err) = self.args.celery.rejected(&pair[0], &pair[1]).await {
+                tracing::warn!(task_id = %pair[0], error = %err,
+                    "celery FAILURE result not written");
+            }
+        }
+        let full = moved + dead + dropped >= batch as u64;
+        if !full {
+            // Every list in the take, the orphans too, is empty now.
+            self.orphans.clear();
+        }
+        full
+    }
+
     async fn take(&self, batch: usize) -> redis::RedisResult<(u64, u64, Vec<String>, Vec<String>)> {
         let settings = self.args.celery.settings();
         let mut invocation = self.script.prepare_invoke();
