@@ -449,7 +449,9 @@ pub fn root_spec(
             .map(|queue| {
                 let celery = Arc::clone(celery);
                 let queue_name = queue.clone();
-                let counters = Arc::new(BridgeCounters::default());
+                let counters = Arc::new(BridgeCounters::new(
+                    shared.work.metrics.celery_bridge(queue),
+                ));
                 ChildSpec::new(queue, "celery_bridge", Restart::Permanent, move |node| {
                     let args = BridgeArgs {
                         node,

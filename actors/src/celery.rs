@@ -4,8 +4,9 @@
 //!
 //! # The path of a message
 //!
-//! 1. **Taken over** — a [`bridge::BridgeActor`] per kombu queue runs `celery/take.lua`, which
-//!    `RPOP`s messages from the kombu lists (`q`, then the priority sub-queues `q\x06\x163`,
+//! 1. **Taken over** — a [`bridge::BridgeActor`] per kombu queue waits on the queue's list with
+//!    `BLMOVE` into its holding list, then runs `celery/take.lua`, which `RPOP`s messages from
+//!    the holding list, then the kombu lists (`q`, then the priority sub-queues `q\x06\x163`,
 //!    `\x06\x166`, `\x06\x169`: lower number first) and `XADD`s each into the stream of the
 //!    runtime queue its task is mapped to, in **one script**: a crash between pop and add
 //!    cannot lose or duplicate a message. Messages that are not kombu JSON, lack `id`/`task`,
@@ -79,7 +80,8 @@ pub const PRIORITY_STEPS: [u8; 3] = [3, 6, 9];
 
 /// `celery.batch` when not set: messages moved per script call.
 pub const DEFAULT_BATCH: usize = 100;
-/// `celery.poll` when not set: the pause between polls of an empty kombu queue.
+/// `celery.poll` when not set: the longest wait of a bridge's `BLMOVE` on an empty kombu queue
+/// (so the latest a message on a priority sub-queue is moved).
 pub const DEFAULT_POLL: Duration = Duration::from_millis(50);
 /// `celery.result_ttl` when not set: Celery's own `result_expires` default (one day).
 pub const DEFAULT_RESULT_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -107,7 +109,8 @@ pub struct CelerySettings {
     pub default_queue: String,
     /// TTL of `celery-task-meta-<id>`.
     pub result_ttl: Duration,
-    /// Pause between polls of an empty kombu queue.
+    /// Timeout of a bridge's blocking wait on the kombu queue's own list: a message there is
+    /// moved at once, one on a priority sub-queue at most this late.
     pub poll: Duration,
     /// Messages moved per script call.
     pub batch: usize,
@@ -205,6 +208,8 @@ impl CelerySettings {
 pub struct Celery {
     settings: CelerySettings,
     broker: ConnectionManager,
+    /// The runtime broker's Redis, for each bridge's own blocking connection.
+    broker_client: redis::Client,
     backend: ConnectionManager,
     runtime_of: HashMap<String, String>,
     /// The runtime broker's key prefix (`rt`).
@@ -264,6 +269,12 @@ impl Celery {
             )));
         }
         let broker_conn = manager(broker_url).await?;
+        let broker_client = redis::Client::open(broker_url).map_err(|e| {
+            BrokerError::Invalid(format!(
+                "celery redis url `{}`: {e}",
+                crate::shown::url(broker_url)
+            ))
+        })?;
         let backend = match &settings.backend_url {
             Some(url) if url != broker_url => manager(url).await?,
             _ => broker_conn.clone(),
@@ -276,6 +287,7 @@ impl Celery {
         Ok(Self {
             settings,
             broker: broker_conn,
+            broker_client,
             backend,
             runtime_of,
             runtime_prefix: broker.prefix.clone(),
@@ -299,6 +311,17 @@ impl Celery {
                     .map(|n| format!("{base}{PRIORITY_SEP}{n}")),
             )
             .collect()
+    }
+
+    /// The holding list of this node's bridge of `queue`: `<prefix>:celery:held:<node>:<queue>`
+    /// (the blocking take moves a message there, `take.lua` moves it on).
+    pub fn held_list(&self, queue: &str) -> String {
+        format!("{}:celery:held:{}:{queue}", self.runtime_prefix, self.node)
+    }
+
+    /// The set of the nodes that may hold messages of `queue`: `<prefix>:celery:holders:<queue>`.
+    pub fn holders_key(&self, queue: &str) -> String {
+        format!("{}:celery:holders:{queue}", self.runtime_prefix)
     }
 
     fn meta_key(&self, id: &str) -> String {

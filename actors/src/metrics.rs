@@ -7,7 +7,8 @@
 //!
 //! - **recorded as it happens** (atomic counters, gauges and histograms): the task lifecycle by
 //!   task and queue (retries also by [`ErrorClass`]), in-flight tasks per consumer, actor
-//!   restarts, the broker's round trip;
+//!   restarts, the broker's round trip, the Celery bridge's moves and take latency per kombu
+//!   queue ([`BridgeSeries`], labelled with the configured kombu queue);
 //! - **read at scrape time** from state that already counts it, so nothing is counted twice:
 //!   queue depths (the broker's `depth`, as `GET /queues`), the broker connection, breakers
 //!   (state, transitions, rejected calls — the breaker's own counters,
@@ -23,7 +24,8 @@
 //! are known when the node starts is there, at 0, from the first scrape: every counter and
 //! histogram of each configured task on its own queue (retries once per retryable class, dead
 //! letters once per reason), each consumer's gauges, `rt_actor_restarts_total` of every actor
-//! as soon as it is in the tree, the breakers', limiters' and pools' numbers, and
+//! as soon as it is in the tree, each Celery bridge's moves and take latency, the breakers',
+//! limiters' and pools' numbers, and
 //! `rt_build_info` (version, git commit, compiler). Only the `unknown` task and queue series
 //! appear on first use.
 //!
@@ -165,6 +167,20 @@ struct DepthLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KombuLabels {
+    kombu_queue: String,
+}
+
+/// Bucket bounds (seconds) of the Celery bridge's take latency: 50 µs to 1 s.
+const TAKE_SECONDS: [f64; 12] = [
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.1, 0.25, 1.0,
+];
+
+fn take_histogram() -> Histogram {
+    Histogram::new(TAKE_SECONDS)
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ActorLabels {
     path: String,
     kind: String,
@@ -202,6 +218,8 @@ struct Families {
     concurrency: Family<QueueLabels, Gauge>,
     depth: Family<DepthLabels, Gauge>,
     restarts: Family<ActorLabels, Counter>,
+    celery_moved: Family<KombuLabels, Counter>,
+    celery_take: Histograms<KombuLabels>,
     broker_connected: Gauge,
     broker_round_trip: Gauge<f64, AtomicU64>,
     build: Family<BuildLabels, Gauge>,
@@ -223,6 +241,8 @@ impl Families {
             concurrency: Family::default(),
             depth: Family::default(),
             restarts: Family::default(),
+            celery_moved: Family::default(),
+            celery_take: Family::new_with_constructor(take_histogram),
             broker_connected: Gauge::default(),
             broker_round_trip: Gauge::default(),
             build: Family::default(),
@@ -295,6 +315,17 @@ impl Families {
             "rt_actor_restarts",
             "Restarts of an actor by its supervisor, by tree path and kind",
             self.restarts.clone(),
+        );
+        r.register(
+            "rt_celery_moved",
+            "Celery messages the bridge moved from a kombu queue into the runtime's streams",
+            self.celery_moved.clone(),
+        );
+        r.register(
+            "rt_celery_take_seconds",
+            "Celery bridge: from its blocking wait's return with a message to the commit of \
+             the take that moved it",
+            self.celery_take.clone(),
         );
         r.register(
             "rt_broker_connected",
@@ -445,6 +476,25 @@ impl ConsumerSeries {
     /// Tasks running now.
     pub fn in_flight(&self, n: usize) {
         self.in_flight.set(n as i64);
+    }
+}
+
+/// The series of the Celery bridge of one kombu queue.
+#[derive(Debug, Clone)]
+pub struct BridgeSeries {
+    moved: Counter,
+    take: Histogram,
+}
+
+impl BridgeSeries {
+    /// `n` messages moved into the runtime's streams.
+    pub fn moved(&self, n: u64) {
+        self.moved.inc_by(n);
+    }
+
+    /// A take committed `latency` after its wait returned with a message.
+    pub fn took(&self, latency: Duration) {
+        self.take.observe(latency.as_secs_f64());
     }
 }
 
@@ -606,6 +656,20 @@ impl Metrics {
         Some(ConsumerSeries {
             in_flight: self.families.in_flight.get_or_create_owned(&labels),
             concurrency: self.families.concurrency.get_or_create_owned(&labels),
+        })
+    }
+
+    /// The series of the Celery bridge of `kombu_queue` (`None` when disabled).
+    pub fn celery_bridge(&self, kombu_queue: &str) -> Option<BridgeSeries> {
+        if !self.enabled {
+            return None;
+        }
+        let labels = KombuLabels {
+            kombu_queue: kombu_queue.to_string(),
+        };
+        Some(BridgeSeries {
+            moved: self.families.celery_moved.get_or_create_owned(&labels),
+            take: self.families.celery_take.get_or_create_owned(&labels),
         })
     }
 

@@ -498,7 +498,8 @@ pub(crate) struct RawCelery {
     pub(crate) default_queue: Option<String>,
     /// How long `celery-task-meta-<id>` is kept (`result_expires`). Default `"1d"`.
     pub(crate) result_ttl: Option<RawDuration>,
-    /// Pause between polls of an empty kombu queue. Default `"50ms"`.
+    /// Timeout of the bridge's blocking wait on an empty kombu queue: a message on the queue
+    /// is taken at once, one on a priority sub-queue at most this late. Default `"50ms"`.
     pub(crate) poll: Option<RawDuration>,
     /// Messages moved per script call. Default 100.
     pub(crate) batch: Option<u32>,

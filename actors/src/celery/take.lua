@@ -3,13 +3,16 @@
 -- list or in exactly one runtime stream (or, when malformed, in the dead letters) — never in
 -- two places and never in none, whenever the calling process dies.
 --
--- KEYS = the kombu lists in priority order (`q`, `q\x06\x163`, `q\x06\x166`, `q\x06\x169`).
+-- KEYS = the lists drained, in order: holding lists of other nodes' bridges found holding
+-- messages (sweep.lua), this bridge's holding list (filled by its BLMOVE), then the kombu lists
+-- in priority order (`q`, `q\x06\x163`, `q\x06\x166`, `q\x06\x169`).
 -- ARGV[1] = runtime key prefix (`rt`), ARGV[2] = batch size,
 -- ARGV[3] = JSON {celery task name: [runtime task, runtime queue]},
 -- ARGV[4] = runtime queue whose dead letters take malformed messages,
 -- ARGV[5] = now (RFC 3339), ARGV[6] = events stream MAXLEN
 -- ('0': no events), ARGV[7] = the longest task id (bytes, broker::MAX_ID_BYTES).
--- Producers LPUSH, so the oldest message is at the right end: RPOP keeps FIFO.
+-- Producers LPUSH (and BLMOVE pushes LEFT), so the oldest message is at the right end: RPOP
+-- keeps FIFO.
 -- The runtime stream entry is an envelope with `id` (Celery's, kept), `task`, `queue` and
 -- `celery_raw` (the kombu message as it came); the body is decoded by the consumer
 -- (celery::expand), which dead-letters what it cannot decode.
