@@ -815,9 +815,9 @@ async fn fetch(
         }
         // Every free slot, in one permit: split per delivery below, the rest freed at once.
         let mut free = first;
-        let more = slots.available_permits();
+        let more = u32::try_from(slots.available_permits()).unwrap_or(u32::MAX);
         if more > 0
-            && let Ok(more) = Arc::clone(&slots).try_acquire_many_owned(more as u32)
+            && let Ok(more) = Arc::clone(&slots).try_acquire_many_owned(more)
         {
             free.merge(more);
         }
