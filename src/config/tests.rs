@@ -1270,3 +1270,90 @@ fn http_read_timeouts_and_the_connection_cap_have_defaults_and_must_be_above_zer
         ]
     );
 }
+
+#[test]
+fn worker_pools_compile_to_warm_pools_that_run_python_tasks() {
+    let (config, warnings) = ok(r#"
+        [queues.chat]
+        concurrency = 4
+        [workers.app]
+        python = "/srv/app/.venv/bin/python"
+        modules = ["chat.tasks", "memory.tasks"]
+        processes = 4
+        concurrency = 1
+        max_tasks_per_process = 500
+        memory_limit_mb = 512
+        db_close = "always"
+        env = { DJANGO_SETTINGS_MODULE = "mysite.settings" }
+        [tasks.process_chat_message]
+        queue = "chat"
+        handler = { kind = "python", workers = "app" }
+        [tasks.zep_write]
+        queue = "chat"
+        handler = { kind = "python", workers = "app", function = "memory.tasks.zep_write" }
+    "#);
+    assert!(warnings.is_empty(), "{warnings:?}");
+    assert!(matches!(
+        &config.tasks["process_chat_message"].handler,
+        Handler::Python { pool, function } if pool == "app" && function == "process_chat_message"
+    ));
+    assert!(matches!(
+        &config.tasks["zep_write"].handler,
+        Handler::Python { function, .. } if function == "memory.tasks.zep_write"
+    ));
+    let s = config.pools["app"].spec.settings();
+    let w = s.worker.as_ref().expect("a worker pool");
+    assert_eq!(
+        (s.max, s.min_idle),
+        (5, 5),
+        "processes + one spare, all kept warm"
+    );
+    assert_eq!(s.command, "/srv/app/.venv/bin/python");
+    assert_eq!(s.args, ["-u", "-m", "taskrt.worker"]);
+    assert_eq!((w.capacity(), w.max_tasks_per_process), (4, Some(500)));
+    assert_eq!(w.db_close, "always");
+}
+
+#[test]
+fn worker_pool_mistakes_are_named() {
+    let task = "[queues.default]\n[tasks.t]\nhandler = { kind = \"python\", workers = \"app\" }\n";
+    assert_eq!(
+        fails(task),
+        ["error: tasks.t.handler.workers: worker \"app\" is not defined (no workers are defined)"]
+    );
+    let agent_pool = "[pools.app]\ncommand = \"agent\"\nmax = 1\nready_pattern = \"ready\"\n";
+    let lines = fails(&format!("{task}{agent_pool}"));
+    assert!(
+        lines[0].contains("a python task runs on [workers.NAME]"),
+        "{lines:?}"
+    );
+    let lines = fails(&format!(
+        "{agent_pool}[workers.app]\nmodules = [\"tasks\"]\n"
+    ));
+    assert!(
+        lines[0].starts_with("error: workers.app: [pools.app] has this name"),
+        "{lines:?}"
+    );
+    let lines = fails(
+        "[workers.app]\nmodules = [\"tasks\", \"my-app.tasks\"]\nprocesses = 0\nconcurrency = 0\n\
+         max_tasks_per_process = 0\ndb_close = \"never\"\nenv = { RT_WORKER_MODULES = \"x\" }\n",
+    );
+    for expected in [
+        "error: workers.app.modules: \"my-app.tasks\" is not a Python module name",
+        "error: workers.app.processes: must be at least 1, got 0",
+        "error: workers.app.concurrency: must be at least 1, got 0",
+        "error: workers.app.max_tasks_per_process: must be at least 1, got 0",
+        "error: workers.app.db_close: expected \"stale\" or \"always\", got \"never\"",
+        "error: workers.app.env: RT_WORKER_MODULES is set by the pool",
+    ] {
+        assert!(
+            lines.iter().any(|line| line == expected),
+            "{expected}\n{lines:#?}"
+        );
+    }
+    let lines = fails("[workers.app]\nmodules = []\n");
+    assert_eq!(
+        lines,
+        ["error: workers.app.modules: name at least one module to import"]
+    );
+}

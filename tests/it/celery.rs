@@ -1,5 +1,5 @@
-//! The Celery bridge end to end with real Python Celery (5.x, installed by `.ci/run` into
-//! `target/celery-venv`; `CELERY_PYTHON` overrides the interpreter) on a private
+//! The Celery bridge end to end with real Python Celery (5.x, installed into
+//! `target/py-venv`, made by `tests/run`; `RT_TEST_PYTHON` overrides the interpreter) on a private
 //! redis-server: `.delay()` → the runtime runs it → `AsyncResult.get()`; failures, countdown,
 //! time limits and `track_started`, malformed messages, `link_error`, a chain Python → runtime → Python worker, and a kill of the
 //! bridge actor while 1,000 messages flow. The Python side is `tests/celery/app.py`.
@@ -73,29 +73,7 @@ task = "rt_echo"
 
 /// The venv's python, or `None` (skip) outside CI; panics under CI.
 fn python() -> Option<PathBuf> {
-    let path = std::env::var_os("CELERY_PYTHON").map_or_else(
-        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/celery-venv/bin/python"),
-        PathBuf::from,
-    );
-    let works = Command::new(&path)
-        .args(["-c", "import celery, redis"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if works {
-        return Some(path);
-    }
-    let message = format!(
-        "Python Celery is missing at {} (run .ci/run, or: python3 -m venv target/celery-venv && \
-         target/celery-venv/bin/pip install 'celery[redis]==5.*'; or set CELERY_PYTHON)",
-        path.display()
-    );
-    if std::env::var_os("CI").is_some() {
-        panic!("{message}");
-    }
-    eprintln!("SKIPPED: {message}");
-    None
+    common::venv_python("celery, redis")
 }
 
 fn app_dir() -> PathBuf {

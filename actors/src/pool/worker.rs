@@ -37,7 +37,7 @@ use super::agent::{AgentCommand, End, describe};
 use super::{AgentState, Pool, WorkerSettings, process};
 use crate::broker::Envelope;
 use crate::child::ProcessGroup;
-use crate::child::lines::{LOG_LINE_BYTES, Lines};
+use crate::child::lines::{LOG_LINE_BYTES, Line, Lines};
 use crate::error::{ErrorClass, TaskError};
 
 /// The protocol channel's fd number in the worker.
@@ -56,6 +56,8 @@ pub(super) const RESERVED_ENV: [&str; 5] = [
 const EXIT_GRACE: Duration = Duration::from_secs(2);
 /// How long writing one `run` line may take before the worker counts as wedged.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the channel of a worker that exited is still read for its last messages.
+const LEFTOVERS: Duration = Duration::from_millis(200);
 /// Longest traceback kept in a task's error (its end: where it was raised).
 const TRACEBACK_BYTES: usize = 8 * 1024;
 
@@ -371,6 +373,157 @@ fn run_line(
     line
 }
 
+/// What the monitor of one worker keeps besides its phase.
+struct Monitor {
+    pool: Pool,
+    seq: u64,
+    id: String,
+    pid: u32,
+    max_message_bytes: usize,
+    memory_limit_mb: Option<u64>,
+    /// What the log lines of the worker's output are tagged with.
+    current: Arc<Mutex<Shown>>,
+    inflight: HashMap<String, Reply>,
+    channel_open: bool,
+    sigkilled_by_us: bool,
+}
+
+impl Monitor {
+    /// Handles one line of the channel (or its end) in `phase`; returns the next phase.
+    fn on_line(&mut self, line: std::io::Result<Option<Line>>, phase: Phase) -> Phase {
+        let parsed = match line {
+            Ok(Some(line)) if line.is_truncated() => Err(format!(
+                "a message over max_message_bytes ({} bytes)",
+                self.max_message_bytes
+            )),
+            Ok(Some(line)) => serde_json::from_str::<FromWorker>(&line.kept()).map_err(|err| {
+                format!(
+                    "not a worker message ({err}): {}",
+                    line.shown(200).trim_end()
+                )
+            }),
+            Ok(None) | Err(_) => {
+                self.channel_open = false;
+                return match phase {
+                    Phase::Stopping { .. } | Phase::Ending { .. } => phase,
+                    _ => Phase::Ending {
+                        deadline: Some(Instant::now() + EXIT_GRACE),
+                        reason: "closed its protocol channel".into(),
+                        startup_failure: matches!(phase, Phase::Starting { .. }),
+                    },
+                };
+            }
+        };
+        let (id, pid) = (self.id.as_str(), self.pid);
+        match (parsed, phase) {
+            (Err(problem), phase) => {
+                let reason = format!("protocol error: {problem}");
+                self.kill(&reason);
+                // Nothing more is read from a channel that carried garbage.
+                self.channel_open = false;
+                Phase::Ending {
+                    deadline: None,
+                    reason,
+                    startup_failure: matches!(phase, Phase::Starting { .. }),
+                }
+            }
+            (Ok(FromWorker::Ready { python, tasks }), Phase::Starting { .. }) => {
+                info!(agent = %id, pid, %python, tasks = tasks.len(), "worker ready");
+                self.pool.agent_ready(self.seq);
+                Phase::Running
+            }
+            (Ok(FromWorker::Ready { .. }), phase) => {
+                warn!(agent = %id, pid, "worker said ready twice");
+                phase
+            }
+            (Ok(FromWorker::Fatal { error }), phase) => {
+                let reason = format!("cannot start: {}", error.headline());
+                error!(agent = %id, pid, %reason, traceback = %error.traceback.trim_end(), "worker failed to start");
+                Phase::Ending {
+                    deadline: Some(Instant::now() + EXIT_GRACE),
+                    reason,
+                    startup_failure: matches!(
+                        phase,
+                        Phase::Starting { .. }
+                            | Phase::Ending {
+                                startup_failure: true,
+                                ..
+                            }
+                    ),
+                }
+            }
+            (
+                Ok(FromWorker::Done {
+                    id: task_id,
+                    ok,
+                    result,
+                    error,
+                }),
+                phase,
+            ) => {
+                match self.inflight.remove(&task_id) {
+                    Some(reply) => {
+                        let outcome = match (ok, error) {
+                            (true, _) => Ok(result),
+                            (false, Some(error)) => Err(error.into_task_error()),
+                            (false, None) => Err(TaskError::Permanent(
+                                "the worker reported a failure without an error".into(),
+                            )),
+                        };
+                        let memory = over_memory(pid, self.memory_limit_mb);
+                        self.pool.worker_done(self.seq, &task_id, memory);
+                        let _ = reply.send(outcome);
+                        self.show_running(Some(&task_id));
+                    }
+                    None => {
+                        warn!(agent = %id, pid, task_id = %task_id, "worker finished a task it was not running")
+                    }
+                }
+                phase
+            }
+        }
+    }
+
+    /// Tags the worker's output with the running tasks; `ended`: a task that just finished.
+    fn show_running(&self, ended: Option<&str>) {
+        let mut ids: Vec<&str> = self.inflight.keys().map(String::as_str).collect();
+        ids.sort_unstable();
+        let mut shown = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        shown.running = ids.join(",");
+        if let Some(ended) = ended {
+            shown.ended = Some((ended.to_string(), Instant::now()));
+        }
+    }
+
+    /// SIGKILL to the worker's group (it is reaped by the monitor's wait).
+    fn kill(&mut self, reason: &str) {
+        warn!(agent = %self.id, pid = self.pid, %reason, "SIGKILL to the worker's process group");
+        process::signal_group(self.pid, Signal::SIGKILL);
+        self.sigkilled_by_us = true;
+        self.pool.agent_draining(self.seq);
+    }
+}
+
+/// The tasks a worker's output lines are tagged with.
+#[derive(Debug, Default)]
+struct Shown {
+    /// The running tasks' ids, comma-separated.
+    running: String,
+    /// The task that ended last, and when: its output may be read just after its `done` (the
+    /// pipes and the channel are read independently).
+    ended: Option<(String, Instant)>,
+}
+
+impl Shown {
+    /// The running tasks, else the one that ended within [`LEFTOVERS`].
+    fn tag(&self) -> String {
+        match &self.ended {
+            Some((id, at)) if self.running.is_empty() && at.elapsed() < LEFTOVERS => id.clone(),
+            _ => self.running.clone(),
+        }
+    }
+}
+
 /// What a worker's monitor is doing.
 enum Phase {
     /// Spawned, no `ready` yet.
@@ -415,7 +568,7 @@ pub(super) async fn run(
         return;
     };
     let pid = group.id();
-    let current: Arc<Mutex<String>> = Arc::default();
+    let current: Arc<Mutex<Shown>> = Arc::default();
     for (pipe, stream) in [
         (child.stdout.take().map(Pipe::Out), "stdout"),
         (child.stderr.take().map(Pipe::Err), "stderr"),
@@ -424,105 +577,48 @@ pub(super) async fn run(
     }
     let (read, mut write) = socket.into_split();
     let mut messages = Lines::new(BufReader::new(read), worker.max_message_bytes);
-    let mut channel_open = true;
-    let mut inflight: HashMap<String, Reply> = HashMap::new();
+    let mut m = Monitor {
+        pool: pool.clone(),
+        seq,
+        id: id.clone(),
+        pid,
+        max_message_bytes: worker.max_message_bytes,
+        memory_limit_mb: settings.memory_limit_mb,
+        current,
+        inflight: HashMap::new(),
+        channel_open: true,
+        sigkilled_by_us: false,
+    };
     let mut phase = Phase::Starting {
         deadline: Instant::now() + settings.startup_timeout,
     };
-    let mut sigkilled_by_us = false;
     let wait = child.wait();
     tokio::pin!(wait);
     let status = loop {
         let deadline = phase.deadline();
         tokio::select! {
             status = &mut wait => break status,
-            line = messages.next_line(), if channel_open => {
-                let parsed = match line {
-                    Ok(Some(line)) if line.is_truncated() => Err(format!(
-                        "a message over max_message_bytes ({} bytes)", worker.max_message_bytes
-                    )),
-                    Ok(Some(line)) => {
-                        serde_json::from_str::<FromWorker>(&line.kept()).map_err(|err| {
-                            format!("not a worker message ({err}): {}", line.shown(200).trim_end())
-                        })
-                    }
-                    Ok(None) | Err(_) => {
-                        channel_open = false;
-                        if !matches!(phase, Phase::Stopping { .. } | Phase::Ending { .. }) {
-                            phase = Phase::Ending {
-                                deadline: Some(Instant::now() + EXIT_GRACE),
-                                reason: "closed its protocol channel".into(),
-                                startup_failure: matches!(phase, Phase::Starting { .. }),
-                            };
-                        }
-                        continue;
-                    }
-                };
-                phase = match (parsed, phase) {
-                    (Err(problem), phase) => {
-                        let reason = format!("protocol error: {problem}");
-                        kill(&pool, seq, pid, &id, &reason, &mut sigkilled_by_us);
-                        Phase::Ending {
-                            deadline: None,
-                            reason,
-                            startup_failure: matches!(phase, Phase::Starting { .. }),
-                        }
-                    }
-                    (Ok(FromWorker::Ready { python, tasks }), Phase::Starting { .. }) => {
-                        info!(agent = %id, pid, %python, tasks = tasks.len(), "worker ready");
-                        pool.agent_ready(seq);
-                        Phase::Running
-                    }
-                    (Ok(FromWorker::Fatal { error }), phase) => {
-                        let reason = format!("cannot start: {}", error.headline());
-                        error!(agent = %id, pid, %reason, traceback = %error.traceback.trim_end(), "worker failed to start");
-                        Phase::Ending {
-                            deadline: Some(Instant::now() + EXIT_GRACE),
-                            reason,
-                            startup_failure: matches!(phase, Phase::Starting { .. }),
-                        }
-                    }
-                    (Ok(FromWorker::Done { id: task_id, ok, result, error }), phase) => {
-                        match inflight.remove(&task_id) {
-                            Some(reply) => {
-                                let outcome = match (ok, error) {
-                                    (true, _) => Ok(result),
-                                    (false, Some(error)) => Err(error.into_task_error()),
-                                    (false, None) => Err(TaskError::Permanent(
-                                        "the worker reported a failure without an error".into(),
-                                    )),
-                                };
-                                pool.worker_done(seq, &task_id, over_memory(pid, settings.memory_limit_mb));
-                                let _ = reply.send(outcome);
-                                show_running(&current, &inflight);
-                            }
-                            None => warn!(agent = %id, pid, task_id = %task_id, "worker finished a task it was not running"),
-                        }
-                        phase
-                    }
-                    (Ok(FromWorker::Ready { .. }), phase) => {
-                        warn!(agent = %id, pid, "worker said ready twice");
-                        phase
-                    }
-                };
+            line = messages.next_line(), if m.channel_open => {
+                phase = m.on_line(line, phase);
             }
             Some(command) = commands.recv() => {
                 phase = match (command, phase) {
                     (AgentCommand::Run { task_id, line, reply }, Phase::Running) => {
+                        // Counted (and shown on its output) before the worker can start it.
+                        m.inflight.insert(task_id.clone(), reply);
+                        m.show_running(None);
                         match timeout(WRITE_TIMEOUT, write_line(&mut write, &line)).await {
-                            Ok(Ok(())) => {
-                                inflight.insert(task_id, reply);
-                                show_running(&current, &inflight);
-                                Phase::Running
-                            }
+                            Ok(Ok(())) => Phase::Running,
                             failed => {
                                 let why = match failed {
                                     Ok(Err(err)) => err.to_string(),
                                     _ => format!("not written within {WRITE_TIMEOUT:?}"),
                                 };
                                 let reason = format!("cannot send a task: {why}");
-                                let _ = reply.send(Err(lost(format!("worker {id}: {reason}"))));
-                                kill(&pool, seq, pid, &id, &reason, &mut sigkilled_by_us);
+                                if let Some(reply) = m.inflight.remove(&task_id) {
+                                    let _ = reply.send(Err(lost(format!("worker {id}: {reason}"))));
+                                }
+                                m.kill(&reason);
                                 Phase::Ending { deadline: None, reason, startup_failure: false }
                             }
                         }
@@ -532,9 +628,9 @@ pub(super) async fn run(
                         phase
                     }
                     (AgentCommand::Abort { task_id }, phase) => {
-                        if inflight.remove(&task_id).is_some() && !matches!(phase, Phase::Ending { .. }) {
+                        if m.inflight.remove(&task_id).is_some() && !matches!(phase, Phase::Ending { .. }) {
                             let reason = format!("attempt of task {task_id} stopped (time limit or terminate)");
-                            kill(&pool, seq, pid, &id, &reason, &mut sigkilled_by_us);
+                            m.kill(&reason);
                             Phase::Ending { deadline: None, reason, startup_failure: false }
                         } else {
                             phase
@@ -557,12 +653,12 @@ pub(super) async fn run(
                 phase = match phase {
                     Phase::Starting { .. } => {
                         let reason = format!("not ready within startup_timeout ({:?})", settings.startup_timeout);
-                        kill(&pool, seq, pid, &id, &reason, &mut sigkilled_by_us);
+                        m.kill(&reason);
                         Phase::Ending { deadline: None, reason, startup_failure: true }
                     }
                     Phase::Stopping { reason, failed, .. } => {
                         let reason = format!("{reason}; SIGKILL after stop_timeout ({:?})", settings.stop_timeout);
-                        kill(&pool, seq, pid, &id, &reason, &mut sigkilled_by_us);
+                        m.kill(&reason);
                         if failed {
                             Phase::Ending { deadline: None, reason, startup_failure: false }
                         } else {
@@ -570,7 +666,7 @@ pub(super) async fn run(
                         }
                     }
                     Phase::Ending { reason, startup_failure, .. } => {
-                        kill(&pool, seq, pid, &id, &reason, &mut sigkilled_by_us);
+                        m.kill(&reason);
                         Phase::Ending { deadline: None, reason, startup_failure }
                     }
                     Phase::Running => Phase::Running,
@@ -578,6 +674,14 @@ pub(super) async fn run(
             }
         }
     };
+    // What the worker wrote just before it exited (a `fatal`, a task's `done`) may still be
+    // unread: the reap can win the race against the channel.
+    let until = Instant::now() + LEFTOVERS;
+    while m.channel_open
+        && let Ok(line) = timeout_at(until, messages.next_line()).await
+    {
+        phase = m.on_line(line, phase);
+    }
     drop(group);
     let exit = describe(&status);
     let sigkilled = matches!(&status, Ok(s) if s.signal() == Some(Signal::SIGKILL as i32));
@@ -587,7 +691,7 @@ pub(super) async fn run(
             format!("exited before ready ({exit})"),
             true,
         ),
-        Phase::Running if inflight.is_empty() => (
+        Phase::Running if m.inflight.is_empty() => (
             AgentState::Failed,
             format!("exited while idle ({exit})"),
             false,
@@ -616,7 +720,7 @@ pub(super) async fn run(
             startup_failure,
         ),
     };
-    for (task_id, reply) in inflight {
+    for (task_id, reply) in m.inflight {
         warn!(agent = %id, pid, task_id = %task_id, %reason, "worker ended with the task running");
         let _ = reply.send(Err(lost(format!("worker {id} {reason}"))));
     }
@@ -626,7 +730,7 @@ pub(super) async fn run(
             state,
             reason,
             startup_failure,
-            sigkilled: sigkilled || sigkilled_by_us,
+            sigkilled: sigkilled || m.sigkilled_by_us,
         },
     );
 }
@@ -641,22 +745,6 @@ fn over_memory(pid: u32, limit: Option<u64>) -> Option<String> {
             kb / 1024
         )
     })
-}
-
-/// The ids of the running tasks, for the log lines of the worker's output.
-fn show_running(current: &Mutex<String>, inflight: &HashMap<String, Reply>) {
-    let mut ids: Vec<&str> = inflight.keys().map(String::as_str).collect();
-    ids.sort_unstable();
-    let mut shown = current.lock().unwrap_or_else(|p| p.into_inner());
-    *shown = ids.join(",");
-}
-
-/// SIGKILL to the worker's group (it is reaped by the monitor's wait).
-fn kill(pool: &Pool, seq: u64, pid: u32, id: &str, reason: &str, sigkilled: &mut bool) {
-    warn!(agent = %id, pid, %reason, "SIGKILL to the worker's process group");
-    process::signal_group(pid, Signal::SIGKILL);
-    *sigkilled = true;
-    pool.agent_draining(seq);
 }
 
 async fn write_line(write: &mut OwnedWriteHalf, line: &str) -> std::io::Result<()> {
@@ -674,17 +762,17 @@ async fn log_lines(
     pipe: Option<Pipe>,
     id: String,
     stream: &'static str,
-    current: Arc<Mutex<String>>,
+    current: Arc<Mutex<Shown>>,
 ) {
     async fn each(
         pipe: impl tokio::io::AsyncRead + Unpin,
         id: &str,
         stream: &'static str,
-        current: &Mutex<String>,
+        current: &Mutex<Shown>,
     ) {
         let mut lines = Lines::new(pipe, LOG_LINE_BYTES);
         while let Ok(Some(line)) = lines.next_line().await {
-            let tasks = current.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            let tasks = current.lock().unwrap_or_else(|p| p.into_inner()).tag();
             info!(agent = %id, task_id = %tasks, stream, "{}", line.shown(LOG_LINE_BYTES).trim_end());
         }
     }
@@ -692,5 +780,105 @@ async fn log_lines(
         Some(Pipe::Out(out)) => each(out, &id, stream, &current).await,
         Some(Pipe::Err(err)) => each(err, &id, stream, &current).await,
         None => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error(kind: &str, traceback: &str) -> PyError {
+        PyError {
+            kind: kind.to_string(),
+            type_name: "ValueError".into(),
+            message: "bad input".into(),
+            traceback: traceback.into(),
+            retry_after_ms: Some(1500),
+        }
+    }
+
+    #[test]
+    fn a_workers_error_kind_decides_what_happens_next() {
+        match error("retry", "").into_task_error() {
+            TaskError::Retry {
+                reason,
+                after,
+                class,
+            } => {
+                assert_eq!(reason, "ValueError: bad input");
+                assert_eq!(after, Some(Duration::from_millis(1500)));
+                assert_eq!(class, ErrorClass::Python);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            error("permanent", "").into_task_error(),
+            TaskError::Permanent(reason) if reason == "ValueError: bad input"
+        ));
+        assert!(matches!(
+            error("soft_timeout", "").into_task_error(),
+            TaskError::Cancelled(reason) if reason.starts_with("soft time limit: ")
+        ));
+        // An unknown kind from a newer or broken worker is retried, not trusted as permanent.
+        assert!(matches!(
+            error("whatever", "").into_task_error(),
+            TaskError::Retry { .. }
+        ));
+    }
+
+    #[test]
+    fn a_long_traceback_keeps_its_end_on_a_char_boundary() {
+        let traceback = format!("{}é raise ValueError", "é".repeat(TRACEBACK_BYTES));
+        let described = error("retry", &traceback).described();
+        assert!(
+            described.starts_with("ValueError: bad input\n…"),
+            "{described}"
+        );
+        assert!(described.ends_with("raise ValueError"));
+        assert!(described.len() <= "ValueError: bad input\n…".len() + TRACEBACK_BYTES + 1);
+    }
+
+    #[test]
+    fn the_run_line_carries_the_limits_as_milliseconds_from_now() {
+        let envelope: Envelope = serde_json::from_value(json!({
+            "id": "t-1", "task": "process_chat_message", "queue": "chat", "attempt": 2,
+            "args": ["c-42"], "kwargs": {"text": "hi"},
+        }))
+        .unwrap();
+        let now = Instant::now();
+        let line = run_line(
+            &envelope,
+            "chat.process",
+            Some(now + Duration::from_secs(120)),
+            now + Duration::from_secs(150),
+            now,
+        );
+        assert!(line.ends_with('\n') && !line.trim_end().contains('\n'));
+        let run: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(
+            run,
+            json!({"t": "run", "id": "t-1", "task": "chat.process", "queue": "chat",
+                   "attempt": 2, "args": ["c-42"], "kwargs": {"text": "hi"},
+                   "soft_ms": 120_000, "hard_ms": 150_000})
+        );
+        let late = run_line(&envelope, "f", None, now, now + Duration::from_secs(1));
+        let late: Value = serde_json::from_str(&late).unwrap();
+        assert_eq!(
+            (late["soft_ms"].clone(), late["hard_ms"].clone()),
+            (Value::Null, json!(0))
+        );
+    }
+
+    #[test]
+    fn output_is_tagged_with_the_running_task_or_the_one_that_just_ended() {
+        let mut shown = Shown::default();
+        assert_eq!(shown.tag(), "");
+        shown.running = "a".into();
+        assert_eq!(shown.tag(), "a");
+        shown.running.clear();
+        shown.ended = Some(("a".into(), Instant::now()));
+        assert_eq!(shown.tag(), "a");
+        shown.ended = Some(("a".into(), Instant::now() - LEFTOVERS));
+        assert_eq!(shown.tag(), "");
     }
 }

@@ -447,3 +447,24 @@ pub async fn app_state(
     start_root(&tree, "root", spec).await.unwrap();
     AppState::new(tree, Arc::new(broker), Arc::new(resources), &config)
 }
+
+/// The project's venv (`target/py-venv`; `RT_TEST_PYTHON` overrides) if it imports `modules`;
+/// `None` (the test skips) outside CI, a panic under CI.
+pub fn venv_python(modules: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("RT_TEST_PYTHON")
+        .map_or_else(|| repo("target/py-venv/bin/python"), PathBuf::from);
+    let works = std::process::Command::new(&path)
+        .args(["-c", &format!("import {modules}")])
+        .output()
+        .is_ok_and(|out| out.status.success());
+    if works {
+        return Some(path);
+    }
+    let message = format!(
+        "{} cannot import {modules} (run .ci/run, which makes target/py-venv, or set RT_TEST_PYTHON)",
+        path.display()
+    );
+    assert!(std::env::var_os("CI").is_none(), "{message}");
+    eprintln!("SKIPPED: {message}");
+    None
+}
