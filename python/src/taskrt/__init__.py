@@ -12,7 +12,7 @@ Importing taskrt does not import httpx (the worker runs without it).
 from ._api import Enqueued, Revoked, TaskRecord
 from .client import AsyncClient, AsyncTaskHandle, Client, TaskHandle
 from .context import TaskInfo, current_task
-from .eager import AsyncEagerResult, EagerResult, EagerSession, eager
+from ._eager import AsyncEagerResult, EagerResult, EagerSession, eager
 from .errors import (
     ApiError,
     EncodeError,
@@ -26,8 +26,8 @@ from .errors import (
     TaskrtError,
     Unreachable,
 )
-from .signature import Signature, signature
-from .task import Task, configure, get_task, registry, shared_task, task
+from ._signature import Signature, signature
+from ._task import Task, configure, get_task, registry, shared_task, task
 
 #: Celery's ``celery.exceptions.TimeoutError`` (also a builtin ``TimeoutError``).
 TimeoutError = ResultTimeout  # noqa: A001 - the name Celery users catch

@@ -18,7 +18,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 from . import _json
 from .errors import ApiError, EncodeError, NotFound
-from .signature import ENQUEUE_OPTIONS, Signature
+from ._signature import ENQUEUE_OPTIONS, Signature
 
 __all__ = [
     "DEFAULT_URL",
@@ -239,13 +239,21 @@ def _name_of(task: Any, field: str) -> tuple[str, dict[str, Any]]:
     if isinstance(task, str):
         return _check_str(task, field), {}
     if isinstance(task, Signature):
-        return task.task, {}
+        return task.task, _registered_defaults(task.task)
     name = getattr(task, "name", None)
     defaults = getattr(task, "_taskrt_defaults", None)
     if isinstance(name, str) and callable(defaults):
         found = defaults()
         return name, dict(found) if isinstance(found, dict) else {}
     raise TypeError(f"{field}: expected a task, a Signature or a task name, got {type(task).__name__}")
+
+
+def _registered_defaults(name: str) -> dict[str, Any]:
+    """The defaults of the task registered here under ``name`` (none if there is none)."""
+    from ._task import registry
+
+    found = registry.get(name)
+    return found._taskrt_defaults() if found is not None else {}
 
 
 def _callbacks(value: Any, field: str) -> list[dict[str, Any]]:
@@ -260,6 +268,9 @@ def _callbacks(value: Any, field: str) -> list[dict[str, Any]]:
         else:
             name, _ = _name_of(item, where)
             sig = Signature(name)
+        queue = _registered_defaults(sig.task).get("queue")
+        if queue is not None and "queue" not in sig.options:
+            sig = sig.set(queue=queue)
         out.append(sig.to_callback(where))
     return out
 
@@ -282,7 +293,7 @@ def enqueue_item(
         raise TypeError(f"{at}unknown option(s): {', '.join(unknown)}")
     name, defaults = _name_of(task, f"{at}task")
     if isinstance(task, Signature):
-        defaults = dict(task.options)
+        defaults = {**defaults, **{k: v for k, v in task.options.items() if v is not None}}
         args = list(args or ()) + list(task.args)
         kwargs = {**task.kwargs, **(kwargs or {})}
     if args is None:
@@ -324,7 +335,16 @@ def enqueue_item(
     if merged.get("soft_time_limit") is not None:
         item["soft_time_limit_ms"] = millis(merged["soft_time_limit"], f"{at}soft_time_limit")
     if "time_limit_ms" in item and "soft_time_limit_ms" in item:
-        if item["soft_time_limit_ms"] >= item["time_limit_ms"]:
+        given = {k for k, v in options.items() if v is not None}
+        if (
+            item["soft_time_limit_ms"] >= item["time_limit_ms"]
+            and "time_limit" in given
+            and "soft_time_limit" not in given
+        ):
+            # A shorter hard limit given for this call drops the task's default soft one
+            # (as the runtime does with its configured soft limit).
+            del item["soft_time_limit_ms"]
+        elif item["soft_time_limit_ms"] >= item["time_limit_ms"]:
             raise ValueError(
                 f"{at}soft_time_limit: {item['soft_time_limit_ms']} ms is not below "
                 f"time_limit {item['time_limit_ms']} ms: the soft limit would never fire"
@@ -393,7 +413,8 @@ def parse_enqueued(body: Any, count: int, batch: bool, what: str = "POST /tasks"
     for n, item in enumerate(items):
         where = f"[{n}]." if batch else ""
         if not isinstance(item, dict):
-            raise _BadAnswer(what, f"{where or 'answer '}expected an object, got {_kind(item)}", 202)
+            at = f"{where[:-1]}: " if where else ""
+            raise _BadAnswer(what, f"{at}expected an object, got {_kind(item)}", 202)
         out.append(
             Enqueued(
                 id=_field(item, "id", (str,), what, where),

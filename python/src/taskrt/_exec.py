@@ -18,7 +18,7 @@ from . import _json
 from .errors import Permanent, Retry, SoftTimeLimitExceeded
 
 if TYPE_CHECKING:
-    from .task import Task
+    from ._task import Task
 
 __all__ = [
     "Failure",

@@ -59,7 +59,7 @@ def _unreachable(url: str, exc: Exception) -> Unreachable:
 def _items(
     tasks: Iterable[Any], context: Mapping[str, Any] | None
 ) -> list[dict[str, Any]]:
-    from .signature import Signature
+    from ._signature import Signature
 
     items = []
     for n, entry in enumerate(tasks):

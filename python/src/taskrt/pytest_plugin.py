@@ -25,7 +25,7 @@ from typing import Iterator
 import pytest
 
 from .client import Client
-from .eager import EagerSession, eager
+from ._eager import EagerSession, eager
 
 __all__ = ["DEFAULT_CONFIG", "NodeClient", "TaskrtNode", "start_node"]
 

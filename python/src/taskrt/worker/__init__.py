@@ -40,7 +40,7 @@ from typing import Any, Callable
 
 from .. import _exec, _json
 from ..context import TaskInfo, _current
-from ..task import Task, registry
+from .._task import Task, registry
 
 __all__ = ["main"]
 

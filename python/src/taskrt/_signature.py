@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .eager import EagerResult
+    from ._eager import EagerResult
     from .client import TaskHandle
 
 __all__ = ["ENQUEUE_OPTIONS", "Signature", "signature"]
@@ -87,7 +87,7 @@ class Signature:
         **options: Any,
     ) -> TaskHandle | EagerResult:
         """Enqueue it with more arguments and options (see ``Task.apply_async``)."""
-        from .task import dispatch
+        from ._task import dispatch
 
         return dispatch(self.clone(tuple(args or ()), kwargs).set(**options))
 

@@ -25,11 +25,11 @@ from typing import (
 from . import _api
 from .context import current_task
 from .errors import NotRegistered
-from .signature import Signature
+from ._signature import Signature
 
 if TYPE_CHECKING:
-    from .client import AsyncTaskHandle, Client, TaskHandle
-    from .eager import AsyncEagerResult, EagerResult
+    from .client import AsyncClient, AsyncTaskHandle, Client, TaskHandle
+    from ._eager import AsyncEagerResult, EagerResult
 
 __all__ = [
     "Task",
@@ -292,6 +292,7 @@ class _Settings:
         self.enforce_limits = False
         self.client: Client | None = None
         self.own_client = False
+        self.async_client: AsyncClient | None = None
 
 
 _settings = _Settings()
@@ -307,12 +308,14 @@ def configure(
     propagate: bool | _Unset = UNSET,
     enforce_limits: bool | _Unset = UNSET,
     client: Client | None | _Unset = UNSET,
+    async_client: AsyncClient | None | _Unset = UNSET,
 ) -> None:
     """Set up what ``.delay()`` / ``.apply_async()`` use; only the arguments given change.
 
     ``url`` and ``token`` of the node (default: env ``TASKRT_URL``, else
     ``http://127.0.0.1:7070``; env ``TASKRT_TOKEN``), ``timeout`` per request (10 s), or a
-    ready ``client``. ``eager=True`` runs tasks in-process instead (env ``TASKRT_EAGER=1``;
+    ready ``client`` (and ``async_client`` for ``adelay()``, which otherwise opens a client
+    per call; you close the clients you give). ``eager=True`` runs tasks in-process instead (env ``TASKRT_EAGER=1``;
     ``None`` goes back to the environment), with ``propagate`` (raise a failure, default
     True) and ``enforce_limits`` (soft limits, default False).
     """
@@ -331,6 +334,8 @@ def configure(
             _settings.propagate = bool(propagate)
         if enforce_limits is not UNSET:
             _settings.enforce_limits = bool(enforce_limits)
+        if async_client is not UNSET:
+            _settings.async_client = async_client
         if client is not UNSET:
             _settings.client, _settings.own_client = client, False
         elif url is not UNSET or token is not UNSET or timeout is not UNSET:
@@ -360,7 +365,7 @@ def default_client() -> Client:
 
 
 def eager_enabled() -> bool:
-    from .eager import _override
+    from ._eager import _override
 
     if _override:
         return _override[-1].enabled
@@ -383,7 +388,7 @@ def dispatch(
     """Enqueue ``target`` through the default client, or run it eagerly in eager mode."""
     options = {k: v for k, v in (options or {}).items() if v is not None}
     if eager_enabled():
-        from .eager import apply_eager
+        from ._eager import apply_eager
 
         return apply_eager(target, args, kwargs, options)
     return default_client().enqueue(target, args or (), kwargs, **options)
@@ -397,13 +402,16 @@ async def adispatch(
 ) -> AsyncTaskHandle | AsyncEagerResult:
     options = {k: v for k, v in options.items() if v is not None}
     if eager_enabled():
-        from .eager import AsyncEagerResult, aapply_eager
+        from ._eager import AsyncEagerResult, aapply_eager
 
         return AsyncEagerResult(await aapply_eager(target, args, kwargs, options))
     from .client import AsyncClient
 
     with _settings_lock:
         client_args = _client_args()
+        given = _settings.async_client
+    if given is not None:
+        return await given.enqueue(target, args or (), kwargs, **options)
     async with AsyncClient(**client_args) as client:
         handle = await client.enqueue(target, args or (), kwargs, **options)
     # The handle outlives the client of this call: it reads with a client of its own.

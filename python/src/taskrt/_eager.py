@@ -26,8 +26,8 @@ from . import _api, _exec
 from ._api import Revoked, TaskRecord
 from .context import TaskInfo, _current
 from .errors import ApiError, TaskFailed
-from .signature import Signature
-from .task import Task, get_task
+from ._signature import Signature
+from ._task import Task, get_task
 
 if TYPE_CHECKING:
     pass
@@ -181,7 +181,7 @@ def eager(
 def _mode() -> _Mode:
     if _override:
         return _override[-1]
-    from .task import _settings
+    from ._task import _settings
 
     return _Mode(True, _settings.propagate, _settings.enforce_limits, _global_session)
 
