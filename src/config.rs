@@ -158,7 +158,8 @@ pub struct Config {
     pub tasks: IndexMap<String, TaskSettings>,
     /// `[resources.NAME]`, in declaration order.
     pub resources: IndexMap<String, ResourceSettings>,
-    /// `[pools.NAME]`, in declaration order.
+    /// `[pools.NAME]`, then `[workers.NAME]` (worker pools), in declaration order; a name is
+    /// used once across both.
     pub pools: IndexMap<String, PoolConfig>,
     /// `[schedules.NAME]`, in declaration order, with the queue of each one's task.
     pub schedules: IndexMap<String, Schedule>,
@@ -353,6 +354,14 @@ pub enum Handler {
     Pool {
         /// Pool name.
         pool: String,
+    },
+    /// Run `function` on a process of the worker pool `pool` (`[workers.NAME]`, kept in
+    /// [`Config::pools`]).
+    Python {
+        /// Worker pool name.
+        pool: String,
+        /// The name the function registered under (`@task(name=…)`).
+        function: String,
     },
 }
 

@@ -32,6 +32,7 @@ use actors::handler::exec::ExecHandler;
 use actors::handler::http::HttpHandler;
 use actors::handler::native::Natives;
 use actors::handler::pool::PoolHandler;
+use actors::handler::python::PythonHandler;
 use actors::handler::{Handler, TaskDef, TaskDefs};
 use actors::heartbeat::{HeartbeatActor, HeartbeatArgs};
 use actors::metrics::{BuildInfo, Metrics};
@@ -144,6 +145,16 @@ pub fn task_defs(
                              (built-in: {})",
                             BUILTIN_NATIVES.join(", ")
                         ),
+                    ));
+                    continue;
+                }
+            },
+            config::Handler::Python { pool, function } => match pools.get(pool) {
+                Some(pool) => Arc::new(PythonHandler::new(pool.clone(), function.clone())),
+                None => {
+                    missing.push((
+                        format!("tasks.{name}.handler.workers"),
+                        format!("no worker pool `{pool}`"),
                     ));
                     continue;
                 }

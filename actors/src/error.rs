@@ -101,6 +101,9 @@ pub enum ErrorClass {
     Crashed,
     /// A native function asked for a retry ([`TaskError::retry`], `Retry` with this class).
     Native,
+    /// A Python task raised an exception its policy retries (`taskrt.Retry` or any other
+    /// retryable exception), in a `python` worker pool.
+    Python,
     /// A permanent error: never retried, so never on the retry counter.
     Permanent,
 }
@@ -109,7 +112,7 @@ impl ErrorClass {
     /// Every class an attempt can be retried for, in label order ([`Permanent`] is not one).
     ///
     /// [`Permanent`]: ErrorClass::Permanent
-    pub const RETRYABLE: [ErrorClass; 12] = [
+    pub const RETRYABLE: [ErrorClass; 13] = [
         ErrorClass::Timeout,
         ErrorClass::SoftTimeout,
         ErrorClass::Connect,
@@ -122,6 +125,7 @@ impl ErrorClass {
         ErrorClass::NoAgent,
         ErrorClass::Crashed,
         ErrorClass::Native,
+        ErrorClass::Python,
     ];
 
     /// The label value.
@@ -139,6 +143,7 @@ impl ErrorClass {
             ErrorClass::NoAgent => "no_agent",
             ErrorClass::Crashed => "crashed",
             ErrorClass::Native => "native",
+            ErrorClass::Python => "python",
             ErrorClass::Permanent => "permanent",
         }
     }

@@ -3,7 +3,8 @@
 //!
 //! Handler kinds (docs/tasks.md, "Running tasks"): [`native`] (Rust async fns registered through the library
 //! API), [`http`] (POST the envelope to the app), [`exec`] (a command, no shell, envelope on
-//! stdin, own process group), [`pool`] (an idle agent of a process pool takes the envelope).
+//! stdin, own process group), [`pool`] (an idle agent of a process pool takes the envelope),
+//! [`python`] (a process of a Python worker pool runs the task's function).
 
 #![warn(missing_docs)]
 
@@ -11,6 +12,7 @@ pub mod exec;
 pub mod http;
 pub mod native;
 pub mod pool;
+pub mod python;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -50,7 +52,7 @@ pub trait Handler: Send + Sync + fmt::Debug {
     /// must release what it holds on drop (an HTTP request is aborted, a process group killed).
     fn call(&self, ctx: TaskContext) -> Attempt;
 
-    /// `native`, `http`, `exec`, `pool`.
+    /// `native`, `http`, `exec`, `pool`, `python`.
     fn kind(&self) -> &'static str;
 }
 

@@ -65,6 +65,7 @@ mod process;
 mod scrape;
 #[cfg(test)]
 mod tests;
+mod worker;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
@@ -76,7 +77,7 @@ use nix::sys::signal::Signal;
 use prometheus_client::metrics::histogram::Histogram;
 use regex::Regex;
 use serde_json::{Value, json};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
@@ -144,6 +145,48 @@ pub struct PoolSettings {
     pub backoff: Backoff,
     /// How often liveness, RSS and idle age are checked.
     pub health_every: Duration,
+    /// `Some`: the agents are Python worker processes that run tasks over the worker protocol
+    /// ([`Pool::run`]; `[workers.NAME]`), not agents claimed for a session.
+    pub worker: Option<WorkerSettings>,
+}
+
+/// A worker pool's own settings (`[workers.NAME]`, docs/python.md): its agents are
+/// `python -u -m taskrt.worker` processes that import `modules` once, then run tasks sent over
+/// a socket. The pool keeps `processes + spares` of them warm (its `min_idle` and `max`) and
+/// runs at most `processes × concurrency` tasks at once.
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    /// Modules each process imports at start (their `@task` functions register).
+    pub modules: Vec<String>,
+    /// Processes that run tasks at once.
+    pub processes: usize,
+    /// Tasks at once in one process (1: prefork semantics; more: `async def` tasks share it).
+    pub concurrency: usize,
+    /// A process is replaced after this many tasks; `None`: never.
+    pub max_tasks_per_process: Option<u64>,
+    /// Django's connections between tasks: `stale` (`close_old_connections`) or `always`.
+    pub db_close: String,
+    /// The longest line a process may send (a result); longer is a protocol error.
+    pub max_message_bytes: usize,
+}
+
+impl WorkerSettings {
+    /// Defaults: `concurrency` 1, no recycling, `db_close = "stale"`, messages up to 16 MiB.
+    pub fn new(modules: Vec<String>, processes: usize) -> Self {
+        Self {
+            modules,
+            processes,
+            concurrency: 1,
+            max_tasks_per_process: None,
+            db_close: "stale".to_string(),
+            max_message_bytes: worker::MAX_MESSAGE_BYTES,
+        }
+    }
+
+    /// Tasks the pool runs at once.
+    pub fn capacity(&self) -> usize {
+        self.processes.saturating_mul(self.concurrency)
+    }
 }
 
 impl PoolSettings {
@@ -174,6 +217,7 @@ impl PoolSettings {
             startretries: 3,
             backoff: Backoff::default(),
             health_every: Duration::from_secs(2),
+            worker: None,
         }
     }
 }
@@ -247,8 +291,43 @@ impl PoolSpec {
         for key in s.env.keys() {
             if key.is_empty() || key.contains(['=', '\0']) {
                 bad("env", &format!("invalid variable name {key:?}"));
-            } else if RESERVED_ENV.contains(&key.as_str()) {
+            } else if RESERVED_ENV.contains(&key.as_str())
+                || (s.worker.is_some() && worker::RESERVED_ENV.contains(&key.as_str()))
+            {
                 bad("env", &format!("{key} is set by the pool"));
+            }
+        }
+        if let Some(w) = &s.worker {
+            if w.modules.is_empty() {
+                bad("modules", "name at least one module to import");
+            }
+            for module in &w.modules {
+                let valid = !module.is_empty()
+                    && module.split('.').all(|part| {
+                        part.chars().next().is_some_and(|c| !c.is_ascii_digit())
+                            && part.chars().all(|c| c.is_alphanumeric() || c == '_')
+                    });
+                if !valid {
+                    bad(
+                        "modules",
+                        &format!("{module:?} is not a Python module name"),
+                    );
+                }
+            }
+            if w.processes == 0 {
+                bad("processes", "must be at least 1, got 0");
+            }
+            if w.concurrency == 0 {
+                bad("concurrency", "must be at least 1, got 0");
+            }
+            if w.max_tasks_per_process == Some(0) {
+                bad("max_tasks_per_process", "must be at least 1, got 0");
+            }
+            if !matches!(w.db_close.as_str(), "stale" | "always") {
+                bad(
+                    "db_close",
+                    &format!("expected \"stale\" or \"always\", got {:?}", w.db_close),
+                );
             }
         }
         if errors.is_empty() {
@@ -325,6 +404,9 @@ pub enum ClaimError {
     /// The pool is stopping.
     #[error("pool {pool} is stopping")]
     Closed { pool: String },
+    /// A worker pool runs tasks; it has no agents to claim.
+    #[error("pool {pool} is a Python worker pool: it runs tasks and takes no claims")]
+    Workers { pool: String },
 }
 
 /// Why a release did nothing.
@@ -352,6 +434,12 @@ struct Member {
     commands: mpsc::UnboundedSender<AgentCommand>,
     /// The pool's failure generation when it was started (see `record_startup_failure`).
     generation: u64,
+    /// Worker pools: the ids of the tasks it runs now (at most `concurrency`).
+    running: Vec<String>,
+    /// Worker pools: tasks it finished.
+    served: u64,
+    /// Worker pools: replaced once its running tasks finish (recycled or over memory).
+    retiring: Option<String>,
 }
 
 /// An agent that ended.
@@ -378,6 +466,8 @@ struct Totals {
     memory_kills: u64,
     sigkills: u64,
     adopted: u64,
+    /// Worker pools: tasks run (finished, however they ended).
+    tasks: u64,
 }
 
 #[derive(Debug, Default)]
@@ -448,6 +538,8 @@ struct Shared {
     events: OnceLock<EventSink>,
     /// Time from a claim to its confirmed assignment (successful claims), for `/metrics`.
     claim_latency: Histogram,
+    /// Worker pools: one permit per task the pool runs at once.
+    slots: Option<Arc<Semaphore>>,
 }
 
 /// A pool's numbers for `/metrics`.
@@ -501,12 +593,14 @@ impl Pool {
     pub fn new(spec: PoolSpec) -> Self {
         Self {
             shared: Arc::new(Shared {
-                spec,
                 members: Mutex::new(Membership::default()),
                 changed: watch::Sender::new(0),
                 next_seq: AtomicU64::new(1),
                 events: OnceLock::new(),
                 claim_latency: crate::metrics::seconds_histogram(),
+                slots: (spec.0.worker.as_ref())
+                    .map(|w| Arc::new(Semaphore::new(w.capacity().min(Semaphore::MAX_PERMITS)))),
+                spec,
             }),
         }
     }
@@ -572,6 +666,11 @@ impl Pool {
     /// killed and another one is tried. Without an idle agent the claim waits up to
     /// `claim_timeout`, starting an agent if the pool is below `max`.
     pub async fn claim(&self, assignment: Value) -> Result<Claimed, ClaimError> {
+        if self.is_worker() {
+            return Err(ClaimError::Workers {
+                pool: self.name().to_string(),
+            });
+        }
         let started = Instant::now();
         let deadline = started + self.settings().claim_timeout;
         let mut line = assignment.to_string();
@@ -786,6 +885,8 @@ impl Pool {
                     "state": a.state.as_str(),
                     "age_secs": secs(now - a.started),
                     "rss_mb": a.rss_kb.map(|kb| kb / 1024),
+                    "running": a.running,
+                    "served": a.served,
                 })
             })
             .collect();
@@ -810,8 +911,20 @@ impl Pool {
             })
             .collect();
         let t = &m.totals;
+        let worker = s.worker.as_ref().map(|w| {
+            json!({
+                "modules": w.modules,
+                "processes": w.processes,
+                "concurrency": w.concurrency,
+                "capacity": w.capacity(),
+                "running": m.agents.values().map(|a| a.running.len()).sum::<usize>(),
+                "max_tasks_per_process": w.max_tasks_per_process,
+            })
+        });
         json!({
             "pool": s.name,
+            "kind": if worker.is_some() { "python" } else { "agent" },
+            "worker": worker,
             "health": m.health().as_str(),
             "reason": health,
             "min_idle": s.min_idle,
@@ -843,6 +956,7 @@ impl Pool {
                 "memory_kills": t.memory_kills,
                 "sigkills": t.sigkills,
                 "adopted": t.adopted,
+                "tasks": t.tasks,
             },
         })
     }
@@ -899,7 +1013,7 @@ impl Pool {
         let id = format!("{}-{seq}", self.name());
         let generation = self.lock().failure_generation;
         match process::spawn(self.settings(), &id) {
-            Ok((child, group)) => {
+            Ok((child, group, socket)) => {
                 let pid = group.id();
                 let (commands, receiver) = mpsc::unbounded_channel();
                 {
@@ -917,12 +1031,23 @@ impl Pool {
                             rss_kb: None,
                             commands,
                             generation,
+                            running: Vec::new(),
+                            served: 0,
+                            retiring: None,
                         },
                     );
                 }
                 info!(pool = %self.name(), agent = %id, pid, "agent spawned");
                 self.emit_agent(AgentState::Starting, &id, pid, None);
-                tokio::spawn(agent::run(self.clone(), seq, id, (child, group), receiver));
+                match socket {
+                    Some(socket) => {
+                        let process = (child, group, socket);
+                        tokio::spawn(worker::run(self.clone(), seq, id, process, receiver));
+                    }
+                    None => {
+                        tokio::spawn(agent::run(self.clone(), seq, id, (child, group), receiver));
+                    }
+                }
             }
             Err(err) => {
                 self.lock().launching -= 1;

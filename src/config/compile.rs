@@ -20,7 +20,7 @@ use actors::celery::CelerySettings;
 use actors::consumer::QueueSettings;
 use actors::gate::Use;
 use actors::handler::RetryPolicy;
-use actors::pool::{PoolSettings, PoolSpec};
+use actors::pool::{PoolSettings, PoolSpec, WorkerSettings};
 use actors::resource::auth::{AuthProbe, DEFAULT_PROBE_EVERY};
 use actors::resource::breaker::{BreakerPolicy, BreakerSettings, FailureRate};
 use actors::resource::openai::{self, Limit as RateLimit, OpenAiError, OpenAiSettings};
@@ -37,7 +37,7 @@ use super::diagnostic::{Diagnostics, did_you_mean};
 use super::duration::{self, RawDuration};
 use super::raw::{
     RawBreaker, RawBroker, RawCelery, RawConfig, RawHandler, RawHttp, RawOpenAi, RawPool, RawQueue,
-    RawResource, RawRuntime, RawSchedule, RawSupervision, RawTask, RawZep,
+    RawResource, RawRuntime, RawSchedule, RawSupervision, RawTask, RawWorkers, RawZep,
 };
 use super::{
     BROKER_URL_ENV, BeatSettings, BrokerSettings, ChaosSettings, Config, EventsSettings,
@@ -128,7 +128,8 @@ pub(crate) fn compile(
     let supervision = c.supervision(&raw.supervision);
     let queues = c.queues(&raw.queues, &runtime);
     let resources = c.resources(&raw.resources);
-    let pools = c.pools(&raw.pools);
+    let mut pools = c.pools(&raw.pools);
+    c.workers(&raw.workers, &raw.pools, &mut pools);
     let tasks = c.tasks(&raw, &runtime, &queues);
     let schedules = c.schedules(&raw, &tasks);
     let chaos = ChaosSettings {
@@ -997,6 +998,83 @@ impl Compiler<'_> {
         pools
     }
 
+    /// `[workers.NAME]`: each compiles to a worker pool ([`WorkerSettings`]) kept beside the
+    /// agent pools (one name space: a name of `[pools]` cannot be used again here).
+    fn workers(
+        &mut self,
+        raw: &IndexMap<String, RawWorkers>,
+        agent_pools: &IndexMap<String, RawPool>,
+        pools: &mut IndexMap<String, PoolConfig>,
+    ) {
+        for (name, workers) in raw {
+            let at = format!("workers.{name}");
+            self.name(&at, name);
+            if agent_pools.contains_key(name) {
+                self.error(
+                    &at,
+                    format!("[pools.{name}] has this name already: pools and workers share one name space"),
+                );
+                continue;
+            }
+            if let Some(compiled) = self.worker_pool(&at, name, workers) {
+                pools.insert(name.clone(), compiled);
+            }
+        }
+    }
+
+    /// One worker pool: `processes + spares` processes kept warm (`min_idle` = `max`), each
+    /// `python -u -m taskrt.worker`; the library's rules are [`PoolSpec::try_new`]'s.
+    fn worker_pool(&mut self, at: &str, name: &str, raw: &RawWorkers) -> Option<PoolConfig> {
+        self.child_env(at, &raw.env, &raw.pass_env, "worker processes start");
+        let python = raw.python.clone().unwrap_or_else(|| "python3".to_string());
+        // Never matched: a worker says it is ready over its channel, not on its output.
+        let never = Regex::new("[^\\s\\S]").expect("a valid regex");
+        let mut s = PoolSettings::new(name, &python, never);
+        s.args = ["-u", "-m", "taskrt.worker"].map(String::from).to_vec();
+        s.env = (raw.env.iter())
+            .filter(|(key, _)| is_env_name(key) && !actors::child::RESERVED.contains(&key.as_str()))
+            .map(|(key, value)| (key.clone(), value.clone()))
+            .collect();
+        s.cwd = raw.cwd.clone();
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let processes = raw.processes.map_or(cores, |n| n as usize);
+        let spares = raw.spares.map_or(1, |n| n as usize);
+        let mut w = WorkerSettings::new(raw.modules.clone(), processes);
+        w.concurrency = raw.concurrency.map_or(w.concurrency, |n| n as usize);
+        w.max_tasks_per_process = raw.max_tasks_per_process;
+        if let Some(db_close) = &raw.db_close {
+            w.db_close = db_close.clone();
+        }
+        s.max = processes.saturating_add(spares);
+        s.min_idle = s.max;
+        s.memory_limit_mb = raw.memory_limit_mb.map(u64::from);
+        s.startretries = raw.startretries.unwrap_or(s.startretries);
+        for (key, raw_value, value) in [
+            (
+                "startup_timeout",
+                &raw.startup_timeout,
+                &mut s.startup_timeout,
+            ),
+            ("claim_timeout", &raw.claim_timeout, &mut s.claim_timeout),
+            ("stop_timeout", &raw.stop_timeout, &mut s.stop_timeout),
+        ] {
+            *value = self.duration(&format!("{at}.{key}"), raw_value, *value);
+        }
+        s.worker = Some(w);
+        match PoolSpec::try_new(s) {
+            Ok(spec) => Some(PoolConfig {
+                spec,
+                pass_env: raw.pass_env.clone(),
+            }),
+            Err(errors) => {
+                for err in errors {
+                    self.error(format!("{at}.{}", err.field), err.reason);
+                }
+                None
+            }
+        }
+    }
+
     /// Builds the pool's [`PoolSpec`]: this checks what only a config has (regexes, signal
     /// names, environment names, durations as written, Python's buffering); the library's
     /// own rules (`min_idle` not above `max`, no zero timeout…) and defaults are
@@ -1131,7 +1209,7 @@ impl Compiler<'_> {
             );
         }
 
-        let handler = self.handler(&format!("{at}.handler"), &raw.handler, &config.pools);
+        let handler = self.handler(&format!("{at}.handler"), name, &raw.handler, config);
 
         let time_limit = self.opt_duration(&format!("{at}.time_limit"), &raw.time_limit);
         if time_limit.is_some_and(|limit| limit.is_zero()) {
@@ -1285,9 +1363,11 @@ impl Compiler<'_> {
     fn handler(
         &mut self,
         at: &str,
+        task: &str,
         raw: &RawHandler,
-        pools: &IndexMap<String, RawPool>,
+        config: &RawConfig,
     ) -> Option<Handler> {
+        let pools = &config.pools;
         match raw {
             RawHandler::Http(http) => {
                 let url = self.http_url(&format!("{at}.url"), &http.url);
@@ -1317,6 +1397,31 @@ impl Compiler<'_> {
                 }
                 Some(Handler::Pool {
                     pool: pool.pool.clone(),
+                })
+            }
+            RawHandler::Python(python) => {
+                let workers = &config.workers;
+                if !workers.contains_key(&python.workers) {
+                    let note = if pools.contains_key(&python.workers) {
+                        " ([pools.NAME] are agent pools: a python task runs on [workers.NAME])"
+                    } else {
+                        ""
+                    };
+                    self.undefined(
+                        format!("{at}.workers"),
+                        "worker",
+                        &python.workers,
+                        workers,
+                        note,
+                    );
+                }
+                let function = python.function.clone().unwrap_or_else(|| task.to_string());
+                if function.trim().is_empty() {
+                    self.error(format!("{at}.function"), "must not be empty");
+                }
+                Some(Handler::Python {
+                    pool: python.workers.clone(),
+                    function,
                 })
             }
         }

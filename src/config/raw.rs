@@ -51,6 +51,9 @@ pub(crate) struct RawConfig {
     /// `[pools.NAME]`: pools of prewarmed processes.
     #[serde(default)]
     pub(crate) pools: IndexMap<String, RawPool>,
+    /// `[workers.NAME]`: pools of Python worker processes that run `python` tasks.
+    #[serde(default)]
+    pub(crate) workers: IndexMap<String, RawWorkers>,
     /// `[schedules.NAME]`: periodic tasks (beat).
     #[serde(default)]
     pub(crate) schedules: IndexMap<String, RawSchedule>,
@@ -189,7 +192,8 @@ pub(crate) struct RawQueue {
 pub(crate) struct RawTask {
     /// The queue it is routed to. Default `"default"` (which must then be defined).
     pub(crate) queue: Option<String>,
-    /// What runs it: an inline table with `kind` = `http`, `exec`, `native` or `pool`.
+    /// What runs it: an inline table with `kind` = `http`, `exec`, `native`, `pool` or
+    /// `python`.
     pub(crate) handler: RawHandler,
     /// Hard time limit. Default: the queue's, then `runtime.time_limit` (most specific wins).
     pub(crate) time_limit: Option<RawDuration>,
@@ -234,7 +238,7 @@ pub(crate) struct RawTask {
 #[serde(
     tag = "kind",
     rename_all = "snake_case",
-    expecting = "an inline table with kind = \"http\", \"exec\", \"native\" or \"pool\""
+    expecting = "an inline table with kind = \"http\", \"exec\", \"native\", \"pool\" or \"python\""
 )]
 pub(crate) enum RawHandler {
     /// POST the task envelope as JSON to a URL.
@@ -245,6 +249,8 @@ pub(crate) enum RawHandler {
     Native(RawNativeHandler),
     /// Claim an idle agent of a pool and hand it the task.
     Pool(RawPoolHandler),
+    /// Run a Python function on a process of a worker pool.
+    Python(RawPythonHandler),
 }
 
 /// `handler = { kind = "http", … }`
@@ -291,6 +297,16 @@ pub(crate) struct RawNativeHandler {}
 pub(crate) struct RawPoolHandler {
     /// The pool (`[pools.NAME]`) whose agent takes the task.
     pub(crate) pool: String,
+}
+
+/// `handler = { kind = "python", workers = "app" }`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a handler table")]
+pub(crate) struct RawPythonHandler {
+    /// The worker pool (`[workers.NAME]`) whose processes run the task.
+    pub(crate) workers: String,
+    /// The name the function registered with `@task(name=…)`. Default: the task's name.
+    pub(crate) function: Option<String>,
 }
 
 /// `tasks.NAME.idempotency`
@@ -449,6 +465,54 @@ pub(crate) struct RawPool {
     /// Consecutive startup failures after which the pool stops spawning (`fatal`).
     /// Default 3.
     pub(crate) startretries: Option<u32>,
+}
+
+/// `[workers.NAME]`: long-lived Python processes (`python -m taskrt.worker`) that import the
+/// task modules once and run `python` tasks.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a [workers.NAME] table")]
+pub(crate) struct RawWorkers {
+    /// The interpreter (a path, or a name looked up in `PATH`); `taskrt` must be importable
+    /// by it. Default `"python3"`.
+    pub(crate) python: Option<String>,
+    /// Modules each process imports once at start (their `@task` functions register).
+    pub(crate) modules: Vec<String>,
+    /// Processes running tasks at once. Default: the machine's cores.
+    pub(crate) processes: Option<u32>,
+    /// Tasks at once in one process: 1 (prefork: one task per process) or more (`async def`
+    /// tasks share a process, sync ones run in its threads). Default 1.
+    pub(crate) concurrency: Option<u32>,
+    /// Warm processes kept beyond `processes`, so a process killed at its hard limit or
+    /// recycled is replaced without waiting for an interpreter to start. Default 1.
+    pub(crate) spares: Option<u32>,
+    /// A process is replaced after this many tasks. Default: never.
+    pub(crate) max_tasks_per_process: Option<u64>,
+    /// Resident memory (the process and its children) above which a process is replaced:
+    /// after its task when checked between tasks, at once when found by the health check.
+    /// Default: no limit.
+    pub(crate) memory_limit_mb: Option<u32>,
+    /// The processes' environment (a clean one), e.g. `{ DJANGO_SETTINGS_MODULE =
+    /// "mysite.settings", PYTHONPATH = "/srv/app" }`. Default: empty.
+    #[serde(default)]
+    pub(crate) env: IndexMap<String, String>,
+    /// Variables copied from the runtime's environment (secrets). Default: none.
+    #[serde(default)]
+    pub(crate) pass_env: Vec<String>,
+    /// Working directory (the project's root, for imports). Default: the runtime's.
+    pub(crate) cwd: Option<PathBuf>,
+    /// Time from spawn to the worker's `ready`. Default `"30s"`.
+    pub(crate) startup_timeout: Option<RawDuration>,
+    /// Time a task waits for a free process before it is retried. Default `"5s"`.
+    pub(crate) claim_timeout: Option<RawDuration>,
+    /// Time from SIGTERM to SIGKILL when a process is stopped. Default `"10s"`.
+    pub(crate) stop_timeout: Option<RawDuration>,
+    /// Consecutive startup failures (an import error) after which no process is started
+    /// (`fatal`). Default 3.
+    pub(crate) startretries: Option<u32>,
+    /// Django's database connections between tasks: `"stale"` (close those too old or
+    /// broken, `close_old_connections()`) or `"always"` (close all, as Celery does). Default
+    /// `"stale"`.
+    pub(crate) db_close: Option<String>,
 }
 
 /// `[schedules.NAME]`: enqueue a task periodically.

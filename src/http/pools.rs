@@ -26,7 +26,8 @@ pub async fn snapshots(State(state): State<AppState>) -> Response {
 
 /// `POST /pools/{name}/claim` with the assignment as the JSON body (empty → `{}`): `200
 /// {"agent_id", "pid"}`; `503` with `Retry-After` when no agent was idle within
-/// `claim_timeout`, `503` with the reason when the pool is fatal or stopping.
+/// `claim_timeout`, `503` with the reason when the pool is fatal or stopping; `409` for a
+/// worker pool (it runs tasks, it has no agents to claim).
 pub async fn claim(
     State(state): State<AppState>,
     Path(name): Path<String>,
@@ -36,6 +37,11 @@ pub async fn claim(
         .pools
         .get(&name)
         .ok_or_else(|| ApiError::NotFound(format!("no such pool `{name}`")))?;
+    if pool.is_worker() {
+        return Err(ApiError::Conflict(
+            ClaimError::Workers { pool: name }.to_string(),
+        ));
+    }
     let assignment: Value = if body.is_empty() {
         json!({})
     } else {

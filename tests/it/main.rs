@@ -22,6 +22,7 @@ mod observability;
 mod page;
 mod pools;
 mod processes;
+mod python;
 mod quickstart;
 mod redis_node;
 mod resources;

@@ -40,6 +40,14 @@ pub(super) enum AgentCommand {
     /// `stop_signal` to the group, SIGKILL after `stop_timeout`; `failed` marks the end as a
     /// failure (memory limit) rather than an orderly exit.
     Stop { reason: String, failed: bool },
+    /// Worker pools: send the `run` line of `task_id` and answer with its outcome.
+    Run {
+        task_id: String,
+        line: String,
+        reply: oneshot::Sender<Result<serde_json::Value, crate::error::TaskError>>,
+    },
+    /// Worker pools: the attempt of `task_id` was dropped: SIGKILL the group.
+    Abort { task_id: String },
 }
 
 /// How an agent ended, reported to the pool after the reap.
@@ -179,6 +187,13 @@ pub(super) async fn run(
                         let _ = reply.send(Err("the agent is not idle".into()));
                         phase
                     }
+                    (AgentCommand::Run { reply, .. }, phase) => {
+                        let _ = reply.send(Err(crate::error::TaskError::Permanent(
+                            "an agent takes assignments, not tasks".into(),
+                        )));
+                        phase
+                    }
+                    (AgentCommand::Abort { .. }, phase) => phase,
                     (AgentCommand::Stop { .. }, phase @ (Phase::Stopping { .. } | Phase::Killed { .. })) => phase,
                     (AgentCommand::Stop { reason, failed }, phase) => {
                         if let Phase::Assigning { reply, .. } = phase {
@@ -320,7 +335,7 @@ async fn leftovers(phase: Phase, events: &mut mpsc::UnboundedReceiver<Event>) ->
     }
 }
 
-fn far_future() -> Instant {
+pub(super) fn far_future() -> Instant {
     Instant::now() + Duration::from_secs(86_400 * 365)
 }
 
@@ -340,7 +355,7 @@ async fn write_line(
     .unwrap_or_else(|_| Err(std::io::Error::other("stdin write timed out")))
 }
 
-fn describe(status: &std::io::Result<ExitStatus>) -> String {
+pub(super) fn describe(status: &std::io::Result<ExitStatus>) -> String {
     match status {
         Ok(s) => match (s.code(), s.signal()) {
             (Some(code), _) => format!("exit {code}"),

@@ -6,17 +6,29 @@ use std::collections::HashMap;
 use std::io;
 use std::process::Stdio;
 
+use std::os::fd::OwnedFd;
+
+use command_fds::{CommandFdExt, FdMapping};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
+use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
 
-use super::PoolSettings;
+use super::{PoolSettings, worker};
 use crate::child::{self, ProcessGroup};
 
 /// Spawns one agent: `command args…` with only the configured env plus `RT_AGENT_ID` and
 /// `RT_POOL`, in a new process group (its pgid is its pid) listed with the watchdog, stdin/
 /// stdout/stderr piped, killed (and reaped by tokio) if its `Child` is ever dropped unreaped.
-pub(super) fn spawn(settings: &PoolSettings, agent_id: &str) -> io::Result<(Child, ProcessGroup)> {
+///
+/// A worker pool's process gets no stdin but one end of a socket pair as its fd
+/// [`worker::CHILD_FD`] (the protocol channel; the other end is returned) and the worker's
+/// variables (`RT_WORKER_FD`, `RT_WORKER_MODULES`, …). The parent's copy of the child's end is
+/// closed when `command` is dropped at the return, so the channel sees EOF when the child dies.
+pub(super) fn spawn(
+    settings: &PoolSettings,
+    agent_id: &str,
+) -> io::Result<(Child, ProcessGroup, Option<UnixStream>)> {
     let mut command = Command::new(&settings.command);
     command
         .args(&settings.args)
@@ -26,11 +38,27 @@ pub(super) fn spawn(settings: &PoolSettings, agent_id: &str) -> io::Result<(Chil
     if let Some(cwd) = &settings.cwd {
         command.current_dir(cwd);
     }
-    let own = [
-        (child::AGENT_ID_VAR, agent_id),
-        (child::POOL_VAR, settings.name.as_str()),
+    let mut own = vec![
+        (child::AGENT_ID_VAR, agent_id.to_string()),
+        (child::POOL_VAR, settings.name.clone()),
     ];
-    child::spawn(&mut command, &settings.env, &own)
+    let mut socket = None;
+    if let Some(w) = &settings.worker {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+        ours.set_nonblocking(true)?;
+        command
+            .stdin(Stdio::null())
+            .fd_mappings(vec![FdMapping {
+                parent_fd: OwnedFd::from(theirs),
+                child_fd: worker::CHILD_FD,
+            }])
+            .map_err(|err| io::Error::other(format!("fd mapping: {err}")))?;
+        own.extend(worker::env(w));
+        socket = Some(UnixStream::from_std(ours)?);
+    }
+    let own: Vec<(&str, &str)> = own.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let (child, group) = child::spawn(&mut command, &settings.env, &own)?;
+    Ok((child, group, socket))
 }
 
 /// Sends `signal` to the process group led by `pid` (ignoring a group that is already gone).

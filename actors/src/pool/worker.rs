@@ -1,0 +1,696 @@
+//! Python worker processes (`[workers.NAME]`, docs/python.md): the monitor of one process and
+//! the pool's side of running a task on one ([`Pool::run`]).
+//!
+//! A worker is an agent of a pool whose settings have a [`WorkerSettings`]: spawned the same
+//! way (own process group, clean environment, watchdog, reaped by its monitor), but instead of
+//! a stdin assignment and output patterns it speaks the worker protocol over a socket pair (its
+//! fd [`CHILD_FD`]): JSON lines, `ready` / `fatal` / `done` from the worker, `run` to it. Its
+//! stdout and stderr are logs only (each line tagged with the agent and the task it runs), so
+//! `print()` in a task can never corrupt the channel.
+//!
+//! | event | what the monitor does |
+//! |---|---|
+//! | `ready` | the process becomes idle (counts as a successful start) |
+//! | `fatal` (an import failed) | a startup failure whose reason is the error; the pool backs off, then goes `fatal` |
+//! | `done` | the task's result or error goes to its caller; the process is recycled at `max_tasks_per_process` or above `memory_limit_mb` once its tasks are done |
+//! | a line over `max_message_bytes`, not JSON, or of no known type | protocol error: the group is SIGKILLed, its tasks fail (retryable), a new process starts |
+//! | an attempt dropped (hard time limit, terminate, node stop) | the group is SIGKILLed; the process's other tasks fail (retryable) |
+//! | the process exits with tasks running (a crash, `os._exit`, a signal) | they fail (retryable, class `crashed`); a new process starts |
+
+use std::collections::HashMap;
+use std::os::unix::process::ExitStatusExt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::process::Child;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::{Instant, sleep_until, timeout, timeout_at};
+use tracing::{error, info, warn};
+
+use super::agent::{AgentCommand, End, describe};
+use super::{AgentState, Pool, WorkerSettings, process};
+use crate::broker::Envelope;
+use crate::child::ProcessGroup;
+use crate::child::lines::{LOG_LINE_BYTES, Lines};
+use crate::error::{ErrorClass, TaskError};
+
+/// The protocol channel's fd number in the worker.
+pub(super) const CHILD_FD: i32 = 3;
+/// Default cap of one line from a worker (a task's result): 16 MiB.
+pub(super) const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+/// Variables the pool sets in a worker (a config's `env` cannot name them).
+pub(super) const RESERVED_ENV: [&str; 5] = [
+    "RT_WORKER_FD",
+    "RT_WORKER_MODULES",
+    "RT_WORKER_CONCURRENCY",
+    "RT_WORKER_DB_CLOSE",
+    "PYTHONUNBUFFERED",
+];
+/// How long a worker that closed its channel (after `fatal`, say) has to exit before SIGKILL.
+const EXIT_GRACE: Duration = Duration::from_secs(2);
+/// How long writing one `run` line may take before the worker counts as wedged.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest traceback kept in a task's error (its end: where it was raised).
+const TRACEBACK_BYTES: usize = 8 * 1024;
+
+/// The worker's own variables.
+pub(super) fn env(w: &WorkerSettings) -> [(&'static str, String); 5] {
+    [
+        ("RT_WORKER_FD", CHILD_FD.to_string()),
+        ("RT_WORKER_MODULES", w.modules.join(",")),
+        ("RT_WORKER_CONCURRENCY", w.concurrency.to_string()),
+        ("RT_WORKER_DB_CLOSE", w.db_close.clone()),
+        ("PYTHONUNBUFFERED", "1".to_string()),
+    ]
+}
+
+type Reply = oneshot::Sender<Result<Value, TaskError>>;
+
+/// A message from a worker.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "t", rename_all = "snake_case")]
+enum FromWorker {
+    Ready {
+        #[serde(default)]
+        python: String,
+        #[serde(default)]
+        tasks: Vec<String>,
+    },
+    Fatal {
+        error: PyError,
+    },
+    Done {
+        id: String,
+        ok: bool,
+        #[serde(default)]
+        result: Value,
+        error: Option<PyError>,
+    },
+}
+
+/// An exception as a worker reports it.
+#[derive(Debug, Deserialize)]
+struct PyError {
+    #[serde(default)]
+    kind: String,
+    #[serde(default, rename = "type")]
+    type_name: String,
+    #[serde(default)]
+    message: String,
+    #[serde(default)]
+    traceback: String,
+    retry_after_ms: Option<u64>,
+}
+
+impl PyError {
+    /// `ValueError: bad input`.
+    fn headline(&self) -> String {
+        match (self.type_name.is_empty(), self.message.is_empty()) {
+            (true, _) => self.message.clone(),
+            (false, true) => self.type_name.clone(),
+            (false, false) => format!("{}: {}", self.type_name, self.message),
+        }
+    }
+
+    /// The headline, then the traceback's last [`TRACEBACK_BYTES`].
+    fn described(&self) -> String {
+        let headline = self.headline();
+        let tb = self.traceback.trim_end();
+        if tb.is_empty() {
+            return headline;
+        }
+        let mut start = tb.len().saturating_sub(TRACEBACK_BYTES);
+        while !tb.is_char_boundary(start) {
+            start += 1;
+        }
+        let cut = if start > 0 { "…" } else { "" };
+        format!("{headline}\n{cut}{}", &tb[start..])
+    }
+
+    /// What the runtime does next.
+    fn into_task_error(self) -> TaskError {
+        let described = self.described();
+        match self.kind.as_str() {
+            "permanent" => TaskError::Permanent(described),
+            "soft_timeout" => TaskError::Cancelled(format!("soft time limit: {described}")),
+            _ => TaskError::Retry {
+                reason: described,
+                after: self.retry_after_ms.map(Duration::from_millis),
+                class: ErrorClass::Python,
+            },
+        }
+    }
+}
+
+/// A retryable failure of an attempt whose process went away.
+fn lost(reason: String) -> TaskError {
+    TaskError::retry_as(ErrorClass::Crashed, reason)
+}
+
+impl Pool {
+    /// Whether this is a worker pool (its agents run tasks: [`Pool::run`]).
+    pub fn is_worker(&self) -> bool {
+        self.settings().worker.is_some()
+    }
+
+    /// Runs `envelope` as `function` on a process of this worker pool and returns its result.
+    /// Waits up to `claim_timeout` for a free process (retryable, class `no_agent`, when none
+    /// is free). The worker arms the soft limit itself from `soft`; `hard` is for its stack
+    /// dump. Dropping the future (the hard limit, a terminate) SIGKILLs the process's group.
+    pub async fn run(
+        &self,
+        envelope: &Envelope,
+        function: &str,
+        soft: Option<Instant>,
+        hard: Instant,
+    ) -> Result<Value, TaskError> {
+        let no_agent = |why: String| TaskError::retry_as(ErrorClass::NoAgent, why);
+        let Some(slots) = self.shared.slots.clone() else {
+            return Err(TaskError::Permanent(format!(
+                "pool {} is not a worker pool",
+                self.name()
+            )));
+        };
+        let started = Instant::now();
+        let deadline = started + self.settings().claim_timeout;
+        let waited = |what: &str| {
+            no_agent(format!(
+                "pool {}: {what} within claim_timeout ({:?})",
+                self.name(),
+                self.settings().claim_timeout
+            ))
+        };
+        let _permit = match timeout_at(deadline, slots.acquire_owned()).await {
+            Ok(Ok(permit)) => permit,
+            Ok(Err(_)) => return Err(no_agent(format!("pool {} is stopping", self.name()))),
+            Err(_) => return Err(waited("no free slot")),
+        };
+        let now = Instant::now();
+        let line = run_line(envelope, function, soft, hard, now);
+        let mut changed = self.subscribe();
+        let mut waiting = None;
+        let commands = loop {
+            changed.borrow_and_update();
+            {
+                let mut m = self.lock();
+                if m.closed {
+                    return Err(no_agent(format!("pool {} is stopping", self.name())));
+                }
+                if let Some(taken) = self.take_worker(&mut m, &envelope.id) {
+                    break taken;
+                }
+                if let Some(reason) = &m.fatal {
+                    return Err(no_agent(format!("pool {} is fatal: {reason}", self.name())));
+                }
+            }
+            if waiting.is_none() {
+                self.lock().waiters += 1;
+                waiting = Some(super::Waiting(self));
+            }
+            self.reconcile();
+            if timeout_at(deadline, changed.changed()).await.is_err() {
+                return Err(waited("no idle worker process"));
+            }
+        };
+        drop(waiting);
+        let (reply, result) = oneshot::channel();
+        let mut guard = InFlight {
+            commands: commands.clone(),
+            task_id: Some(envelope.id.clone()),
+        };
+        let sent = commands.send(AgentCommand::Run {
+            task_id: envelope.id.clone(),
+            line,
+            reply,
+        });
+        let outcome = match sent {
+            Ok(()) => result
+                .await
+                .unwrap_or_else(|_| Err(lost("the worker's monitor ended".into()))),
+            Err(_) => Err(lost("the worker's monitor is gone".into())),
+        };
+        guard.task_id = None;
+        outcome
+    }
+
+    /// Picks the idle worker with the fewest running tasks (the longest idle among them) and
+    /// counts `task_id` on it; a worker at `concurrency` is `assigned` (busy).
+    fn take_worker(
+        &self,
+        m: &mut super::Membership,
+        task_id: &str,
+    ) -> Option<mpsc::UnboundedSender<AgentCommand>> {
+        let concurrency = self.settings().worker.as_ref()?.concurrency;
+        let seq = m
+            .agents
+            .iter()
+            .filter(|(_, a)| {
+                a.state == AgentState::Idle && a.retiring.is_none() && a.running.len() < concurrency
+            })
+            .min_by_key(|(seq, a)| (a.running.len(), a.idle_since, **seq))
+            .map(|(seq, _)| *seq)?;
+        let agent = m.agents.get_mut(&seq)?;
+        agent.running.push(task_id.to_string());
+        if agent.running.len() >= concurrency {
+            agent.state = AgentState::Assigned;
+            agent.idle_since = None;
+        }
+        Some(agent.commands.clone())
+    }
+
+    /// Worker `seq` finished `task_id` (its monitor says so before it hands the outcome on):
+    /// free again, or retired — at `max_tasks_per_process`, or when `over_memory` says its RSS
+    /// was above the limit — and stopped once nothing else runs on it.
+    fn worker_done(&self, seq: u64, task_id: &str, over_memory: Option<String>) {
+        let max = self
+            .settings()
+            .worker
+            .as_ref()
+            .and_then(|w| w.max_tasks_per_process);
+        let stop = {
+            let mut m = self.lock();
+            m.totals.tasks += 1;
+            let Some(agent) = m.agents.get_mut(&seq) else {
+                return;
+            };
+            agent.running.retain(|id| id != task_id);
+            agent.served += 1;
+            if agent.state == AgentState::Assigned {
+                agent.state = AgentState::Idle;
+                agent.idle_since = Some(Instant::now());
+            }
+            let mut memory = false;
+            if agent.retiring.is_none() {
+                if max.is_some_and(|max| agent.served >= max) {
+                    agent.retiring = Some(format!(
+                        "recycled after {} tasks (max_tasks_per_process)",
+                        agent.served
+                    ));
+                } else if let Some(reason) = over_memory {
+                    agent.retiring = Some(reason);
+                    memory = true;
+                }
+            }
+            let stop = match &agent.retiring {
+                Some(reason) if agent.running.is_empty() && agent.state != AgentState::Draining => {
+                    agent.state = AgentState::Draining;
+                    Some((
+                        agent.commands.clone(),
+                        reason.clone(),
+                        agent.id.clone(),
+                        agent.pid,
+                    ))
+                }
+                _ => None,
+            };
+            if stop.is_some() {
+                if memory {
+                    m.totals.memory_kills += 1;
+                } else {
+                    m.totals.recycled += 1;
+                }
+            }
+            stop
+        };
+        if let Some((commands, reason, id, pid)) = stop {
+            self.emit_agent(AgentState::Draining, &id, pid, Some(&reason));
+            let _ = commands.send(AgentCommand::Stop {
+                reason,
+                failed: false,
+            });
+        }
+        self.touch();
+    }
+}
+
+/// Kills the worker's group if its attempt is dropped before its result came (see
+/// [`Pool::run`]).
+struct InFlight {
+    commands: mpsc::UnboundedSender<AgentCommand>,
+    task_id: Option<String>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Some(task_id) = self.task_id.take() {
+            let _ = self.commands.send(AgentCommand::Abort { task_id });
+        }
+    }
+}
+
+/// The `run` line of one task.
+fn run_line(
+    envelope: &Envelope,
+    function: &str,
+    soft: Option<Instant>,
+    hard: Instant,
+    now: Instant,
+) -> String {
+    let ms = |at: Instant| {
+        u64::try_from(at.saturating_duration_since(now).as_millis()).unwrap_or(u64::MAX)
+    };
+    let mut line = json!({
+        "t": "run",
+        "id": envelope.id,
+        "task": function,
+        "queue": envelope.queue,
+        "attempt": envelope.attempt,
+        "args": envelope.args,
+        "kwargs": Value::Object(envelope.kwargs.clone()),
+        "soft_ms": soft.map(ms),
+        "hard_ms": ms(hard),
+    })
+    .to_string();
+    line.push('\n');
+    line
+}
+
+/// What a worker's monitor is doing.
+enum Phase {
+    /// Spawned, no `ready` yet.
+    Starting { deadline: Instant },
+    /// Ready: takes tasks.
+    Running,
+    /// `stop_signal` sent (recycled, pool stopping): SIGKILL at the deadline.
+    Stopping {
+        deadline: Instant,
+        reason: String,
+        failed: bool,
+    },
+    /// SIGKILLed, or its channel closed: waiting for the reap.
+    Ending {
+        deadline: Option<Instant>,
+        reason: String,
+        startup_failure: bool,
+    },
+}
+
+impl Phase {
+    fn deadline(&self) -> Option<Instant> {
+        match self {
+            Self::Starting { deadline } | Self::Stopping { deadline, .. } => Some(*deadline),
+            Self::Ending { deadline, .. } => *deadline,
+            Self::Running => None,
+        }
+    }
+}
+
+/// The monitor of worker `id`: owns its child, process group and channel until the reap, then
+/// reports to `pool`.
+pub(super) async fn run(
+    pool: Pool,
+    seq: u64,
+    id: String,
+    (mut child, group, socket): (Child, ProcessGroup, UnixStream),
+    mut commands: mpsc::UnboundedReceiver<AgentCommand>,
+) {
+    let settings = pool.settings().clone();
+    let Some(worker) = settings.worker.clone() else {
+        return;
+    };
+    let pid = group.id();
+    let current: Arc<Mutex<String>> = Arc::default();
+    for (pipe, stream) in [
+        (child.stdout.take().map(Pipe::Out), "stdout"),
+        (child.stderr.take().map(Pipe::Err), "stderr"),
+    ] {
+        tokio::spawn(log_lines(pipe, id.clone(), stream, current.clone()));
+    }
+    let (read, mut write) = socket.into_split();
+    let mut messages = Lines::new(BufReader::new(read), worker.max_message_bytes);
+    let mut channel_open = true;
+    let mut inflight: HashMap<String, Reply> = HashMap::new();
+    let mut phase = Phase::Starting {
+        deadline: Instant::now() + settings.startup_timeout,
+    };
+    let mut sigkilled_by_us = false;
+    let wait = child.wait();
+    tokio::pin!(wait);
+    let status = loop {
+        let deadline = phase.deadline();
+        tokio::select! {
+            status = &mut wait => break status,
+            line = messages.next_line(), if channel_open => {
+                let parsed = match line {
+                    Ok(Some(line)) if line.is_truncated() => Err(format!(
+                        "a message over max_message_bytes ({} bytes)", worker.max_message_bytes
+                    )),
+                    Ok(Some(line)) => {
+                        serde_json::from_str::<FromWorker>(&line.kept()).map_err(|err| {
+                            format!("not a worker message ({err}): {}", line.shown(200).trim_end())
+                        })
+                    }
+                    Ok(None) | Err(_) => {
+                        channel_open = false;
+                        if !matches!(phase, Phase::Stopping { .. } | Phase::Ending { .. }) {
+                            phase = Phase::Ending {
+                                deadline: Some(Instant::now() + EXIT_GRACE),
+                                reason: "closed its protocol channel".into(),
+                                startup_failure: matches!(phase, Phase::Starting { .. }),
+                            };
+                        }
+                        continue;
+                    }
+                };
+                phase = match (parsed, phase) {
+                    (Err(problem), phase) => {
+                        let reason = format!("protocol error: {problem}");
+                        kill(&pool, seq, pid, &id, &reason, &mut sigkilled_by_us);
+                        Phase::Ending {
+                            deadline: None,
+                            reason,
+                            startup_failure: matches!(phase, Phase::Starting { .. }),
+                        }
+                    }
+                    (Ok(FromWorker::Ready { python, tasks }), Phase::Starting { .. }) => {
+                        info!(agent = %id, pid, %python, tasks = tasks.len(), "worker ready");
+                        pool.agent_ready(seq);
+                        Phase::Running
+                    }
+                    (Ok(FromWorker::Fatal { error }), phase) => {
+                        let reason = format!("cannot start: {}", error.headline());
+                        error!(agent = %id, pid, %reason, traceback = %error.traceback.trim_end(), "worker failed to start");
+                        Phase::Ending {
+                            deadline: Some(Instant::now() + EXIT_GRACE),
+                            reason,
+                            startup_failure: matches!(phase, Phase::Starting { .. }),
+                        }
+                    }
+                    (Ok(FromWorker::Done { id: task_id, ok, result, error }), phase) => {
+                        match inflight.remove(&task_id) {
+                            Some(reply) => {
+                                let outcome = match (ok, error) {
+                                    (true, _) => Ok(result),
+                                    (false, Some(error)) => Err(error.into_task_error()),
+                                    (false, None) => Err(TaskError::Permanent(
+                                        "the worker reported a failure without an error".into(),
+                                    )),
+                                };
+                                pool.worker_done(seq, &task_id, over_memory(pid, settings.memory_limit_mb));
+                                let _ = reply.send(outcome);
+                                show_running(&current, &inflight);
+                            }
+                            None => warn!(agent = %id, pid, task_id = %task_id, "worker finished a task it was not running"),
+                        }
+                        phase
+                    }
+                    (Ok(FromWorker::Ready { .. }), phase) => {
+                        warn!(agent = %id, pid, "worker said ready twice");
+                        phase
+                    }
+                };
+            }
+            Some(command) = commands.recv() => {
+                phase = match (command, phase) {
+                    (AgentCommand::Run { task_id, line, reply }, Phase::Running) => {
+                        match timeout(WRITE_TIMEOUT, write_line(&mut write, &line)).await {
+                            Ok(Ok(())) => {
+                                inflight.insert(task_id, reply);
+                                show_running(&current, &inflight);
+                                Phase::Running
+                            }
+                            failed => {
+                                let why = match failed {
+                                    Ok(Err(err)) => err.to_string(),
+                                    _ => format!("not written within {WRITE_TIMEOUT:?}"),
+                                };
+                                let reason = format!("cannot send a task: {why}");
+                                let _ = reply.send(Err(lost(format!("worker {id}: {reason}"))));
+                                kill(&pool, seq, pid, &id, &reason, &mut sigkilled_by_us);
+                                Phase::Ending { deadline: None, reason, startup_failure: false }
+                            }
+                        }
+                    }
+                    (AgentCommand::Run { reply, .. }, phase) => {
+                        let _ = reply.send(Err(lost(format!("worker {id} is not running"))));
+                        phase
+                    }
+                    (AgentCommand::Abort { task_id }, phase) => {
+                        if inflight.remove(&task_id).is_some() && !matches!(phase, Phase::Ending { .. }) {
+                            let reason = format!("attempt of task {task_id} stopped (time limit or terminate)");
+                            kill(&pool, seq, pid, &id, &reason, &mut sigkilled_by_us);
+                            Phase::Ending { deadline: None, reason, startup_failure: false }
+                        } else {
+                            phase
+                        }
+                    }
+                    (AgentCommand::Stop { .. }, phase @ (Phase::Stopping { .. } | Phase::Ending { .. })) => phase,
+                    (AgentCommand::Stop { reason, failed }, _) => {
+                        info!(agent = %id, pid, %reason, signal = %settings.stop_signal, "stopping worker");
+                        process::signal_group(pid, settings.stop_signal);
+                        pool.agent_draining(seq);
+                        Phase::Stopping { deadline: Instant::now() + settings.stop_timeout, reason, failed }
+                    }
+                    (AgentCommand::Assign { reply, .. }, phase) => {
+                        let _ = reply.send(Err("a worker process takes tasks, not assignments".into()));
+                        phase
+                    }
+                };
+            }
+            () = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
+                phase = match phase {
+                    Phase::Starting { .. } => {
+                        let reason = format!("not ready within startup_timeout ({:?})", settings.startup_timeout);
+                        kill(&pool, seq, pid, &id, &reason, &mut sigkilled_by_us);
+                        Phase::Ending { deadline: None, reason, startup_failure: true }
+                    }
+                    Phase::Stopping { reason, failed, .. } => {
+                        let reason = format!("{reason}; SIGKILL after stop_timeout ({:?})", settings.stop_timeout);
+                        kill(&pool, seq, pid, &id, &reason, &mut sigkilled_by_us);
+                        if failed {
+                            Phase::Ending { deadline: None, reason, startup_failure: false }
+                        } else {
+                            Phase::Stopping { deadline: super::agent::far_future(), reason, failed }
+                        }
+                    }
+                    Phase::Ending { reason, startup_failure, .. } => {
+                        kill(&pool, seq, pid, &id, &reason, &mut sigkilled_by_us);
+                        Phase::Ending { deadline: None, reason, startup_failure }
+                    }
+                    Phase::Running => Phase::Running,
+                };
+            }
+        }
+    };
+    drop(group);
+    let exit = describe(&status);
+    let sigkilled = matches!(&status, Ok(s) if s.signal() == Some(Signal::SIGKILL as i32));
+    let (state, reason, startup_failure) = match phase {
+        Phase::Starting { .. } => (
+            AgentState::Failed,
+            format!("exited before ready ({exit})"),
+            true,
+        ),
+        Phase::Running if inflight.is_empty() => (
+            AgentState::Failed,
+            format!("exited while idle ({exit})"),
+            false,
+        ),
+        Phase::Running => (
+            AgentState::Failed,
+            format!("exited during a task ({exit})"),
+            false,
+        ),
+        Phase::Stopping { reason, failed, .. } => (
+            if failed {
+                AgentState::Failed
+            } else {
+                AgentState::Exited
+            },
+            format!("{reason} ({exit})"),
+            false,
+        ),
+        Phase::Ending {
+            reason,
+            startup_failure,
+            ..
+        } => (
+            AgentState::Failed,
+            format!("{reason} ({exit})"),
+            startup_failure,
+        ),
+    };
+    for (task_id, reply) in inflight {
+        warn!(agent = %id, pid, task_id = %task_id, %reason, "worker ended with the task running");
+        let _ = reply.send(Err(lost(format!("worker {id} {reason}"))));
+    }
+    pool.agent_ended(
+        seq,
+        End {
+            state,
+            reason,
+            startup_failure,
+            sigkilled: sigkilled || sigkilled_by_us,
+        },
+    );
+}
+
+/// `Some(reason)` when the worker led by `pid` (with its descendants) is above `limit` MB.
+fn over_memory(pid: u32, limit: Option<u64>) -> Option<String> {
+    let limit = limit?;
+    let kb = process::group_rss_kb(&[pid]).get(&pid).copied()?;
+    (kb / 1024 > limit).then(|| {
+        format!(
+            "RSS {} MB above memory_limit_mb {limit} after a task",
+            kb / 1024
+        )
+    })
+}
+
+/// The ids of the running tasks, for the log lines of the worker's output.
+fn show_running(current: &Mutex<String>, inflight: &HashMap<String, Reply>) {
+    let mut ids: Vec<&str> = inflight.keys().map(String::as_str).collect();
+    ids.sort_unstable();
+    let mut shown = current.lock().unwrap_or_else(|p| p.into_inner());
+    *shown = ids.join(",");
+}
+
+/// SIGKILL to the worker's group (it is reaped by the monitor's wait).
+fn kill(pool: &Pool, seq: u64, pid: u32, id: &str, reason: &str, sigkilled: &mut bool) {
+    warn!(agent = %id, pid, %reason, "SIGKILL to the worker's process group");
+    process::signal_group(pid, Signal::SIGKILL);
+    *sigkilled = true;
+    pool.agent_draining(seq);
+}
+
+async fn write_line(write: &mut OwnedWriteHalf, line: &str) -> std::io::Result<()> {
+    write.write_all(line.as_bytes()).await?;
+    write.flush().await
+}
+
+enum Pipe {
+    Out(tokio::process::ChildStdout),
+    Err(tokio::process::ChildStderr),
+}
+
+/// Logs each line of a worker's stdout or stderr with its agent id and the tasks it runs.
+async fn log_lines(
+    pipe: Option<Pipe>,
+    id: String,
+    stream: &'static str,
+    current: Arc<Mutex<String>>,
+) {
+    async fn each(
+        pipe: impl tokio::io::AsyncRead + Unpin,
+        id: &str,
+        stream: &'static str,
+        current: &Mutex<String>,
+    ) {
+        let mut lines = Lines::new(pipe, LOG_LINE_BYTES);
+        while let Ok(Some(line)) = lines.next_line().await {
+            let tasks = current.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            info!(agent = %id, task_id = %tasks, stream, "{}", line.shown(LOG_LINE_BYTES).trim_end());
+        }
+    }
+    match pipe {
+        Some(Pipe::Out(out)) => each(out, &id, stream, &current).await,
+        Some(Pipe::Err(err)) => each(err, &id, stream, &current).await,
+        None => {}
+    }
+}
