@@ -119,6 +119,15 @@ class Worker:
     def err(self) -> str:
         return b"".join(self.stderr).decode(errors="replace")
 
+    def wait_err(self, text: str, timeout: float = 5.0) -> str:
+        """stderr once it holds ``text`` (it is read by another thread)."""
+        deadline = time.monotonic() + timeout
+        while text not in self.err():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{text!r} not in stderr: {self.err()}")
+            time.sleep(0.01)
+        return self.err()
+
     def out(self) -> str:
         return b"".join(self.stdout).decode(errors="replace")
 
@@ -348,8 +357,8 @@ def test_unknown_messages_and_bad_lines_are_ignored(worker: Worker) -> None:
     assert done["id"] == "bad"
     assert error_of(done)["message"] == "bad run message: `args`: expected an array, got str"
     assert worker.run("add", 4)["result"] == 4
-    assert "unknown type 'ping'" in worker.err()
-    assert "not JSON" in worker.err()
+    worker.wait_err("unknown type 'ping'")
+    worker.wait_err("not JSON")
 
 
 def test_eof_exits_0_and_sigterm_exits_0() -> None:
@@ -391,9 +400,8 @@ def test_soft_limit_of_an_async_task(worker: Worker) -> None:
 
 def test_the_stack_is_logged_before_the_hard_limit(worker: Worker) -> None:
     assert worker.run("sleepy", 0.8, hard_ms=400)["result"] == "slept"
-    err = worker.err()
+    err = worker.wait_err("in sleepy")
     assert "Most recent call first" in err or "Current thread" in err or "Thread 0x" in err
-    assert "sleepy" in err
     # cancelled after the task: a later long task logs no second dump
     lines = len(worker.stderr)
     assert worker.run("sleepy", 0.6, hard_ms=60_000, id="t2")["result"] == "slept"
