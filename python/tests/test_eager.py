@@ -299,3 +299,14 @@ def test_eager_checks_options_like_an_enqueue(taskrt_eager: EagerSession) -> Non
         "TypeError: arguments do not fit e_add(a, b): missing a required argument: 'b'"
     )
     assert calls == {}
+
+
+def test_apply_runs_here_whatever_the_mode() -> None:
+    from taskrt._task import eager_enabled
+
+    assert not eager_enabled()
+    result = add.apply((2, 2))
+    assert (result.get(), result.attempts) == (4, 1)
+    assert flaky.apply((1,)).retries == [None]
+    with pytest.raises(TaskFailed):
+        permanent.apply()

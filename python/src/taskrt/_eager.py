@@ -20,7 +20,7 @@ import datetime as _dt
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 from . import _api, _exec
 from ._api import Revoked, TaskRecord
@@ -28,9 +28,6 @@ from .context import TaskInfo, _current
 from .errors import ApiError, TaskFailed
 from ._signature import Signature
 from ._task import Task, get_task
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = ["AsyncEagerResult", "EagerResult", "EagerSession", "apply_eager", "eager"]
 

@@ -171,6 +171,18 @@ class Task(Generic[P, R]):
         """``apply_async`` for async code (same options)."""
         return await adispatch(self, list(args or ()), dict(kwargs or {}), options)
 
+    def apply(
+        self,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> EagerResult:
+        """Run it here and now as eager mode does (JSON round trip, retries, callbacks),
+        whatever the mode (Celery's ``apply()``); ``options`` as for ``apply_async``."""
+        from ._eager import apply_eager
+
+        return apply_eager(self, list(args or ()), dict(kwargs or {}), options)
+
     def s(self, *args: Any, **kwargs: Any) -> Signature:
         """A :class:`Signature` of this task (for ``link=``, ``enqueue_many``, later)."""
         return Signature(self.name, args, kwargs)
