@@ -1,0 +1,3 @@
+"""A module whose import fails (the worker reports `fatal`)."""
+
+raise RuntimeError("settings are broken")
