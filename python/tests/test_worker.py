@@ -398,13 +398,16 @@ def test_soft_limit_of_an_async_task(worker: Worker) -> None:
     assert worker.run("asleepy", 0.05, soft_ms=5000, id="t2")["result"] == "slept"
 
 
-def test_the_stack_is_logged_before_the_hard_limit(worker: Worker) -> None:
-    assert worker.run("sleepy", 0.8, hard_ms=400)["result"] == "slept"
+def test_sigusr2_logs_the_stack_of_a_running_task(worker: Worker) -> None:
+    """What the runtime sends just before its SIGKILL at a task's hard limit."""
+    timer = threading.Timer(0.3, lambda: os.kill(worker.proc.pid, signal.SIGUSR2))
+    timer.start()
+    assert worker.run("sleepy", 0.8)["result"] == "slept"
     err = worker.wait_err("in sleepy")
     assert "Most recent call first" in err or "Current thread" in err or "Thread 0x" in err
-    # cancelled after the task: a later long task logs no second dump
+    # Nothing is dumped without the signal.
     lines = len(worker.stderr)
-    assert worker.run("sleepy", 0.6, hard_ms=60_000, id="t2")["result"] == "slept"
+    assert worker.run("sleepy", 0.6, id="t2")["result"] == "slept"
     assert worker.stderr[lines:] == []
 
 

@@ -288,6 +288,11 @@ async fn limits_crashes_and_a_broken_channel_replace_the_process_and_leave_no_zo
         "{record}"
     );
     let _ = running;
+    let log = node.log();
+    assert!(
+        log.contains("in spin"),
+        "the worker's stack dump (SIGUSR2 before the SIGKILL) names the function:\n{log}"
+    );
 
     let exit = enqueue(&node, json!({"task": "py_exit"})).await;
     let record = node.until_ended(&exit, limit).await;

@@ -68,6 +68,13 @@ pub(super) fn signal_group(pid: u32, signal: Signal) {
     }
 }
 
+/// Sends `signal` to the process `pid` alone (ignoring one that is already gone).
+pub(super) fn signal_pid(pid: u32, signal: Signal) {
+    if let Ok(pid) = i32::try_from(pid) {
+        let _ = nix::sys::signal::kill(Pid::from_raw(pid), signal);
+    }
+}
+
 /// The resident set size of `pid` in kB (`VmRSS` of `/proc/<pid>/status`); `None` when the
 /// process is gone or a zombie.
 fn rss_kb(pid: u32) -> Option<u64> {

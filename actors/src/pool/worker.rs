@@ -54,6 +54,8 @@ pub(super) const RESERVED_ENV: [&str; 5] = [
 ];
 /// How long a worker that closed its channel (after `fatal`, say) has to exit before SIGKILL.
 const EXIT_GRACE: Duration = Duration::from_secs(2);
+/// From the stack-dump signal to the SIGKILL of a worker whose attempt was stopped.
+const DUMP_GRACE: Duration = Duration::from_millis(100);
 /// How long writing one `run` line may take before the worker counts as wedged.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the channel of a worker that exited is still read for its last messages.
@@ -275,6 +277,7 @@ impl Pool {
             .worker
             .as_ref()
             .and_then(|w| w.max_tasks_per_process);
+        let mut wake;
         let stop = {
             let mut m = self.lock();
             m.totals.tasks += 1;
@@ -318,6 +321,9 @@ impl Pool {
                     m.totals.recycled += 1;
                 }
             }
+            // Only a task waiting for a process needs to hear of a free one: a change for the
+            // actor on every task would rebuild the snapshot thousands of times a second.
+            wake = m.waiters > 0;
             stop
         };
         if let Some((commands, reason, id, pid)) = stop {
@@ -326,8 +332,11 @@ impl Pool {
                 reason,
                 failed: false,
             });
+            wake = true;
         }
-        self.touch();
+        if wake {
+            self.touch();
+        }
     }
 }
 
@@ -630,8 +639,12 @@ pub(super) async fn run(
                     (AgentCommand::Abort { task_id }, phase) => {
                         if m.inflight.remove(&task_id).is_some() && !matches!(phase, Phase::Ending { .. }) {
                             let reason = format!("attempt of task {task_id} stopped (time limit or terminate)");
-                            m.kill(&reason);
-                            Phase::Ending { deadline: None, reason, startup_failure: false }
+                            // Its stacks to its stderr first (the worker's faulthandler), then
+                            // SIGKILL to the group when the deadline below passes.
+                            warn!(agent = %id, pid, %reason, "SIGUSR2 (stack dump), then SIGKILL in {DUMP_GRACE:?}");
+                            process::signal_pid(pid, Signal::SIGUSR2);
+                            pool.agent_draining(seq);
+                            Phase::Ending { deadline: Some(Instant::now() + DUMP_GRACE), reason, startup_failure: false }
                         } else {
                             phase
                         }

@@ -350,6 +350,10 @@ def main() -> int:
     sock.setblocking(True)
     channel = Channel(sock)
     signal.signal(signal.SIGTERM, lambda signum, frame: _exit_now(0))
+    # The runtime sends SIGUSR2 just before it SIGKILLs the process at a task's hard limit: the
+    # stacks go to stderr (its log) from C, even while the task is stuck in a long C call. Set
+    # once here: arming a timer per task (dump_traceback_later) starts a thread per task.
+    faulthandler.register(signal.SIGUSR2, file=sys.stderr, all_threads=True)
     try:
         cfg = _config(fd)
         db = _Db(cfg.db_close)
@@ -423,10 +427,6 @@ def _run_one(run: Run, loop: asyncio.AbstractEventLoop, cfg: _Config, db: _Db) -
     failure: _exec.Failure | None = None
     db.close("before")
     token = _current.set(run.info(task))
-    if run.hard_ms is not None:
-        faulthandler.dump_traceback_later(
-            max(run.hard_ms / 1000 - 0.2, 0.05), exit=False, file=sys.stderr
-        )
     try:
         bound = _exec.bind(task, run.args, run.kwargs)
         if task.is_async:
@@ -439,8 +439,6 @@ def _run_one(run: Run, loop: asyncio.AbstractEventLoop, cfg: _Config, db: _Db) -
     except BaseException as exc:  # noqa: BLE001 - the policy decides
         failure = _exec.classify(task, exc, run.attempt)
     finally:
-        if run.hard_ms is not None:
-            faulthandler.cancel_dump_traceback_later()
         _current.reset(token)
         db.close("after")
     return done_message(run.id, value, failure, cfg.max_message)
