@@ -304,7 +304,8 @@ url = "{self.redis_url}"
 bind = "127.0.0.1:0"
 
 [queues.{QUEUE}]
-concurrency = {self.args.processes}
+concurrency = {self.args.queue_concurrency or self.args.processes}
+prefetch = {self.args.prefetch}
 """
         if not python_pool:
             # The pre-filling node: the same queue and task names, nothing that runs Python
@@ -633,7 +634,8 @@ def report(args: argparse.Namespace, bench: Bench, rt: dict[str, Any] | None, cy
         "N-th task has INCRed the counter. CPU is utime+stime of the consumer's process tree "
         "(/proc), start-up included in \"whole drain\". Celery: Redis broker and result "
         "backend, task_acks_late=True, prefetch multiplier 4 (default). Runtime: Redis "
-        "broker, queue concurrency 2, prefetch 0 (default), every result recorded; its backlog "
+        f"broker, queue concurrency {args.queue_concurrency or args.processes}, prefetch "
+        f"{args.prefetch}, every result recorded; its backlog "
         "waits in the queue's delayed set (all due) and is moved to the stream by the node as "
         "it starts, which is inside the drain's time. Latency: "
         "time.time() at `.delay()` in the producer to time.time() at the task's first line.",
@@ -649,6 +651,10 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=200.0, help="latency: tasks per second (200)")
     parser.add_argument("--duration", type=float, default=10.0, help="latency: seconds (10)")
     parser.add_argument("--processes", type=int, default=2, help="worker processes of each side (2)")
+    parser.add_argument("--queue-concurrency", type=int, default=None,
+                        help="runtime: the queue's concurrency (default: --processes)")
+    parser.add_argument("--prefetch", type=int, default=0,
+                        help="runtime: the queue's prefetch (0, the runtime's default)")
     parser.add_argument("--batch", type=int, default=1000, help="tasks per POST /tasks in the pre-fill (1000)")
     parser.add_argument("--timeout", type=float, default=900.0, help="longest drain, seconds (900)")
     parser.add_argument("--only", choices=("runtime", "celery"), help="run one side")

@@ -7,7 +7,9 @@
 //! `PYTHONPATH`); the Django test needs the project's venv (`target/py-venv`, made by .ci/run).
 
 use std::collections::HashSet;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use serde_json::{Value, json};
 
