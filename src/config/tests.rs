@@ -153,7 +153,7 @@ fn a_file_of_nothing_but_mistakes_stops_after_a_hundred() {
     assert_eq!(lines.len(), 101, "{lines:?}");
     assert_eq!(
         lines[0],
-        "error: nope_0: unknown key, expected one of `runtime`, `broker`, `http`, `supervision`, `queues`, `tasks`, `resources`, `pools`, `schedules`, `beat`, `chaos`, `celery`, `metrics`, `events` (line 1, column 1)"
+        "error: nope_0: unknown key, expected one of `runtime`, `broker`, `http`, `supervision`, `queues`, `tasks`, `resources`, `pools`, `workers`, `schedules`, `beat`, `chaos`, `celery`, `metrics`, `events` (line 1, column 1)"
     );
     assert_eq!(lines[100], "error: (file): stopped after 100 shape errors");
 }
@@ -203,7 +203,7 @@ every = \"0s\"
             "error: queues.chat.prefetch: invalid type: string \"two\", expected u32 (line 6, \
              column 12)",
             "error: tasks.t.handler: invalid type: string \"native\", expected an inline table \
-             with kind = \"http\", \"exec\", \"native\" or \"pool\" (line 12, column 11)",
+             with kind = \"http\", \"exec\", \"native\", \"pool\" or \"python\" (line 12, column 11)",
             "error: pools.voice.ready_pattern: required key is missing (line 19, column 1)",
             // Meaning errors: `chat`, `t` and `voice` are defined, only unreadable (reported
             // above), so tasks.u and tasks.v are told nothing about them.
@@ -225,7 +225,7 @@ fn missing_required_keys_and_wrong_types_are_named() {
         fails(&format!("{QUEUE}[tasks.t]\nhandler = \"native\"\n")),
         [
             "error: tasks.t.handler: invalid type: string \"native\", expected an inline table \
-          with kind = \"http\", \"exec\", \"native\" or \"pool\" (line 3, column 11)"
+          with kind = \"http\", \"exec\", \"native\", \"pool\" or \"python\" (line 3, column 11)"
         ]
     );
     assert_eq!(
