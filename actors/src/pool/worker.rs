@@ -45,11 +45,12 @@ pub(super) const CHILD_FD: i32 = 3;
 /// Default cap of one line from a worker (a task's result): 16 MiB.
 pub(super) const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 /// Variables the pool sets in a worker (a config's `env` cannot name them).
-pub(super) const RESERVED_ENV: [&str; 5] = [
+pub(super) const RESERVED_ENV: [&str; 6] = [
     "RT_WORKER_FD",
     "RT_WORKER_MODULES",
     "RT_WORKER_CONCURRENCY",
     "RT_WORKER_DB_CLOSE",
+    "RT_WORKER_MAX_MESSAGE_BYTES",
     "PYTHONUNBUFFERED",
 ];
 /// How long a worker that closed its channel (after `fatal`, say) has to exit before SIGKILL.
@@ -64,12 +65,15 @@ const LEFTOVERS: Duration = Duration::from_millis(200);
 const TRACEBACK_BYTES: usize = 8 * 1024;
 
 /// The worker's own variables.
-pub(super) fn env(w: &WorkerSettings) -> [(&'static str, String); 5] {
+/// (The worker fails a task whose `done` would be over `max_message_bytes` itself, naming
+/// the size, rather than send a line the node would take for a protocol error.)
+pub(super) fn env(w: &WorkerSettings) -> [(&'static str, String); 6] {
     [
         ("RT_WORKER_FD", CHILD_FD.to_string()),
         ("RT_WORKER_MODULES", w.modules.join(",")),
         ("RT_WORKER_CONCURRENCY", w.concurrency.to_string()),
         ("RT_WORKER_DB_CLOSE", w.db_close.clone()),
+        ("RT_WORKER_MAX_MESSAGE_BYTES", w.max_message_bytes.to_string()),
         ("PYTHONUNBUFFERED", "1".to_string()),
     ]
 }
