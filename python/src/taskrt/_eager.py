@@ -415,11 +415,11 @@ async def aapply_eager(
 
 def _call(run: _Run) -> Any:
     """One attempt, in this thread (an ``async def`` task on a loop of its own)."""
-    bound = _exec.bind(run.task, run.args, run.kwargs)
+    args, kwargs = _exec.call_args(run.task, run.args, run.kwargs)
     token = _current.set(run.info())
     try:
         if run.task.is_async:
-            coro = run.task.fn(*bound.args, **bound.kwargs)
+            coro = run.task.fn(*args, **kwargs)
             runner = _exec.with_soft_cancel(coro, run.soft)
             try:
                 asyncio.get_running_loop()
@@ -430,16 +430,16 @@ def _call(run: _Run) -> Any:
             with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="taskrt-eager") as pool:
                 return pool.submit(context.run, asyncio.run, runner).result()
         with _exec.soft_alarm(run.soft):
-            return run.task.fn(*bound.args, **bound.kwargs)
+            return run.task.fn(*args, **kwargs)
     finally:
         _current.reset(token)
 
 
 async def _call_async(run: _Run) -> Any:
-    bound = _exec.bind(run.task, run.args, run.kwargs)
+    args, kwargs = _exec.call_args(run.task, run.args, run.kwargs)
     token = _current.set(run.info())
     try:
-        coro = run.task.fn(*bound.args, **bound.kwargs)
+        coro = run.task.fn(*args, **kwargs)
         return await _exec.with_soft_cancel(coro, run.soft)
     finally:
         _current.reset(token)
