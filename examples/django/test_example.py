@@ -5,15 +5,14 @@ their arguments and result through JSON and their retries applied, as a node wou
     pip install django pytest-django -e ./python     # once, in a venv
     pytest examples/django                           # from the repo's root
 
-GET /tasks/<id> reads the record through `taskrt.Client`; here that client talks to a fake
-node (httpx.MockTransport) that answers from the eager runs, as GET /tasks/{id} would.
+GET /tasks/<id> reads the record with `taskrt.handle(id)`, which in eager mode finds the run of
+that id in the eager session (an unknown id is `taskrt.NotFound`, as on a node).
 """
 
 from __future__ import annotations
 
 import json
 
-import httpx
 import pytest
 
 import taskrt
@@ -24,33 +23,6 @@ from chat.models import Message
 @pytest.fixture(autouse=True)
 def instant_llm(settings):
     settings.CHAT_FAKE_LLM_SECONDS = 0
-
-
-@pytest.fixture
-def fake_node(taskrt_eager, monkeypatch):
-    """`chat.views.node()` answers GET /tasks/{id} from the runs of `taskrt_eager`."""
-
-    def answer(request: httpx.Request) -> httpx.Response:
-        prefix = "/tasks/"
-        if request.method != "GET" or not request.url.path.startswith(prefix):
-            return httpx.Response(404, json={"error": f"no route {request.url.path}"})
-        task_id = request.url.path[len(prefix):]
-        for run in taskrt_eager.results:
-            if run.id == task_id:
-                r = run.status()
-                return httpx.Response(200, json={
-                    "id": r.id, "task": r.task, "queue": r.queue, "state": r.state,
-                    "result": r.result, "error": r.error, "attempts": r.attempts,
-                    "attempt": r.attempt, "eta": None,
-                    "enqueued_at": "2026-01-01T00:00:00Z", "started_at": "2026-01-01T00:00:00Z",
-                    "node": "fake", "updated_at": "2026-01-01T00:00:01Z",
-                })
-        return httpx.Response(404, json={"error": f"no task {task_id}"})
-
-    client = taskrt.Client("http://node.invalid", transport=httpx.MockTransport(answer))
-    monkeypatch.setattr(views, "node", lambda: client)
-    yield taskrt_eager
-    client.close()
 
 
 def post(client, conversation_id, body):
@@ -131,7 +103,7 @@ def test_a_conversation_without_messages_fails_for_good_without_a_retry():
 
 
 @pytest.mark.django_db
-def test_the_result_is_read_back_through_the_client(client, fake_node):
+def test_the_result_is_read_back_by_id(client, taskrt_eager):
     task_id = post(client, "alice-1", {"text": "Hello"}).json()["task_id"]
 
     response = client.get(f"/tasks/{task_id}")
@@ -149,7 +121,19 @@ def test_the_result_is_read_back_through_the_client(client, fake_node):
 
 
 @pytest.mark.django_db
-def test_unknown_and_malformed_task_ids(client, fake_node):
+def test_a_dead_task_is_read_back_with_the_first_line_of_its_error(client):
+    with taskrt.eager(propagate=False):
+        failed = views.process_chat_message.delay("nobody-9", "hello")
+        response = client.get(f"/tasks/{failed.id}")
+
+    assert response.status_code == 200, response.content
+    answer = response.json()
+    assert (answer["state"], answer["attempts"], answer["result"]) == ("dead", 1, None)
+    assert answer["error"] == "Permanent: conversation 'nobody-9' has no user message"
+
+
+@pytest.mark.django_db
+def test_unknown_and_malformed_task_ids(client, taskrt_eager):
     assert client.get("/tasks/no-such-task").status_code == 404
     assert "no task no-such-task" in client.get("/tasks/no-such-task").json()["error"]
     response = client.get("/tasks/" + "x" * 300)
@@ -158,13 +142,16 @@ def test_unknown_and_malformed_task_ids(client, fake_node):
 
 
 @pytest.mark.django_db
-def test_an_unreachable_node_is_a_503_naming_no_secret(client, monkeypatch, settings):
+def test_an_unreachable_node_is_a_503_naming_no_secret(client):
     # A port nothing listens on (the discard port, refused on loopback).
     unreachable = taskrt.Client("http://127.0.0.1:9", token="s3cret-token", timeout=2.0)
-    monkeypatch.setattr(views, "node", lambda: unreachable)
-
-    response = client.get("/tasks/some-id")
+    taskrt.configure(client=unreachable)
+    try:
+        with taskrt.eager(False):  # through the client, whatever TASKRT_EAGER says
+            response = client.get("/tasks/some-id")
+    finally:
+        taskrt.configure(client=None)
+        unreachable.close()
 
     assert response.status_code == 503
     assert "s3cret-token" not in response.content.decode()
-    unreachable.close()

@@ -449,3 +449,62 @@ async def test_async_client_errors() -> None:
     async with down.aclient() as client:
         with pytest.raises(Unreachable, match="cannot reach the node at http://node.test:7070: refused"):
             await client.status("t1")
+
+
+# ---- taskrt.handle / taskrt.result through the default client -----------------------------
+
+
+def test_handle_and_result_by_id_use_the_default_client() -> None:
+    server = Server(
+        (200, record("running", id="t/1")),
+        (200, record("succeeded", id="t/1", result={"sum": 3})),
+        (200, record("succeeded", id="t/1", result={"sum": 3})),
+        (404, {"error": "no task gone: unknown, or ended more than broker.result_ttl ago"}),
+        (200, record("dead", id="t2", error="ValueError: boom")),
+    )
+    taskrt.configure(client=server.client())
+    handle = taskrt.handle("t/1")
+    assert isinstance(handle, taskrt.TaskHandle) and handle.id == "t/1" and not handle.duplicate
+    assert server.requests == [], "a handle reads nothing until asked"
+    assert handle.state == "running"
+    assert taskrt.result("t/1", timeout=5) == {"sum": 3}
+    assert taskrt.result("t/1") == {"sum": 3}
+    assert [r.url.raw_path for r in server.requests] == [b"/tasks/t%2F1"] * 3
+    with pytest.raises(NotFound, match="HTTP 404: no task gone: unknown"):
+        taskrt.result("gone")
+    with pytest.raises(TaskFailed, match="ValueError: boom"):
+        taskrt.result("t2", timeout=1)
+    assert all(r.headers["authorization"] == f"Bearer {TOKEN}" for r in server.requests)
+    with pytest.raises(ValueError, match="id: is empty"):
+        taskrt.handle("")
+    assert len(server.requests) == 5
+
+
+def test_result_by_id_times_out_like_the_client() -> None:
+    server = Server((200, record("queued")))
+    taskrt.configure(client=server.client())
+    with pytest.raises(ResultTimeout, match=r"task t1 did not end within 0.05s \(state: queued\)"):
+        taskrt.result("t1", timeout=0.05)
+    with pytest.raises(ResultTimeout, match="pass timeout= to wait"):
+        taskrt.result("t1")
+
+
+async def test_ahandle_and_aresult_use_the_configured_async_client() -> None:
+    server = Server((200, record("queued")), (200, record("succeeded", result=[1])))
+    async with server.aclient() as client:
+        taskrt.configure(async_client=client)
+        handle = taskrt.ahandle("t1")
+        assert isinstance(handle, taskrt.AsyncTaskHandle) and server.requests == []
+        assert (await handle.status()).state == "queued"
+        assert await taskrt.aresult("t1", timeout=5) == [1]
+    assert len(server.requests) == 2
+
+
+async def test_aresult_without_an_async_client_opens_its_own() -> None:
+    # Nothing listens on the discard port of loopback: the configured URL and token are used.
+    taskrt.configure(url="http://127.0.0.1:9", token="s3cret-token", timeout=2)
+    with pytest.raises(Unreachable) as raised:
+        await taskrt.aresult("t1")
+    assert raised.value.url == "http://127.0.0.1:9" and "s3cret-token" not in str(raised.value)
+    with pytest.raises(ValueError, match="id: is empty"):
+        taskrt.ahandle("")

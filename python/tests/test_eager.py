@@ -310,3 +310,93 @@ def test_apply_runs_here_whatever_the_mode() -> None:
     assert flaky.apply((1,)).retries == [None]
     with pytest.raises(TaskFailed):
         permanent.apply()
+
+
+# ---- taskrt.handle / taskrt.result by id --------------------------------------------------
+
+
+def test_handle_and_result_find_a_run_by_id(taskrt_eager: EagerSession) -> None:
+    run = add.apply_async((2, 3), link=record.s("cb"))
+    assert isinstance(run, EagerResult)
+    found = taskrt.handle(run.id)
+    assert found is run and not found.duplicate
+    assert (found.state, found.status().result) == ("succeeded", 5)
+    assert taskrt.result(run.id) == 5
+    assert taskrt.result(run.id, timeout=2.5) == 5
+    (child,) = run.children
+    assert taskrt.handle(child.id) is child, "a callback's run is found by its id too"
+    chosen = add.apply_async((1, 1), id="my/id")
+    assert taskrt.result("my/id") == 2 and taskrt.handle("my/id") is chosen
+
+
+def test_result_of_a_dead_run_raises_task_failed_with_its_cause() -> None:
+    with taskrt.eager(propagate=False):
+        failed = permanent.delay()
+        with pytest.raises(TaskFailed) as raised:
+            taskrt.result(failed.id)
+        assert raised.value.error == "Permanent: bad input"
+        assert isinstance(raised.value.__cause__, Permanent)
+        assert taskrt.handle(failed.id).state == "dead"
+
+
+def test_an_unknown_id_is_not_found_and_a_bad_one_is_refused(taskrt_eager: EagerSession) -> None:
+    add.delay(1, 1)
+    with pytest.raises(taskrt.NotFound) as raised:
+        taskrt.handle("no-such-id")
+    assert raised.value.status == 404
+    assert str(raised.value).startswith("HTTP 404: no task no-such-id: no eager run has this id")
+    with pytest.raises(taskrt.NotFound):
+        taskrt.result("no-such-id", timeout=1)
+    with pytest.raises(ValueError, match="id: is 257 bytes, over the limit of 256"):
+        taskrt.handle("x" * 257)
+    with pytest.raises(ValueError, match=r"id: holds a control character \(U\+000A\)"):
+        taskrt.result("a\nb")
+    with pytest.raises(TypeError, match="id: expected a string, got int"):
+        taskrt.handle(7)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="timeout: expected seconds or None, got str"):
+        taskrt.result("x", timeout="5")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="timeout: expected a finite number of seconds >= 0, got -1"):
+        taskrt.result("x", timeout=-1)
+
+
+def test_nested_blocks_see_the_outer_runs_and_duplicates_are_not_new_runs(
+    taskrt_eager: EagerSession,
+) -> None:
+    outer = add.apply_async((1, 2), idempotency_key="k")
+    with taskrt.eager(propagate=False) as inner:
+        assert taskrt.handle(outer.id) is outer
+        mine = add.delay(3, 4)
+    assert inner.get(mine.id) is mine and taskrt_eager.get(mine.id) is None
+    again = add.apply_async((9, 9), idempotency_key="k")
+    assert again.duplicate and taskrt.handle(again.id) is outer
+
+
+def test_eager_mode_outside_a_block_keeps_the_last_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    from taskrt import _eager
+
+    monkeypatch.setattr(_eager, "MAX_UNRECORDED_IDS", 3)
+    monkeypatch.setattr(_eager, "_global_session", EagerSession(record=False))
+    taskrt.configure(eager=True)
+    runs = [add.delay(n, n) for n in range(5)]
+    assert [taskrt.result(r.id) for r in runs[2:]] == [4, 6, 8]
+    for old in runs[:2]:
+        with pytest.raises(taskrt.NotFound):
+            taskrt.handle(old.id)
+    assert _eager._global_session.results == [], "outside a block the runs are not listed"
+    taskrt.configure(eager=None)
+    monkeypatch.setenv("TASKRT_EAGER", "1")
+    assert taskrt.result(add.delay(10, 10).id) == 20
+
+
+async def test_ahandle_and_aresult_in_eager_mode(taskrt_eager: EagerSession) -> None:
+    run = await async_add.adelay(2, 3)
+    assert isinstance(run, taskrt.AsyncEagerResult)
+    found = taskrt.ahandle(run.id)
+    assert isinstance(found, taskrt.AsyncEagerResult) and found.eager is run.eager
+    assert (await found.result(timeout=1))["sum"] == 5
+    assert (await found.status()).state == "succeeded"
+    assert (await taskrt.aresult(run.id))["sum"] == 5
+    with pytest.raises(taskrt.NotFound):
+        await taskrt.aresult("nope")
+    with pytest.raises(taskrt.NotFound):
+        taskrt.ahandle("nope")

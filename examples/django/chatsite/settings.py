@@ -38,7 +38,7 @@ USE_TZ = True
 TIME_ZONE = "UTC"
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
-# The runtime node the views enqueue on and read results from (taskrt's client).
+# The runtime node the views enqueue on and read results from (taskrt.configure in chat/apps.py).
 TASKRT_URL = os.environ.get("TASKRT_URL", "http://127.0.0.1:7070")
 TASKRT_TOKEN = os.environ.get("TASKRT_TOKEN") or None
 

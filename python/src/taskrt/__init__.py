@@ -2,6 +2,8 @@
 
 * ``@task`` / ``@shared_task`` register a function; ``.delay()`` / ``.apply_async()`` enqueue it
   on a node (or run it here in eager mode); ``.s()`` makes a callback signature.
+* ``taskrt.handle(id)`` / ``taskrt.result(id)`` (``ahandle`` / ``aresult``) read a task by
+  its id (Celery's ``AsyncResult(id)``) through the default client, or in eager mode.
 * :class:`Client` / :class:`AsyncClient` talk to a node's HTTP API.
 * ``python -m taskrt.worker`` is the worker process the runtime's Python pool starts.
 * ``taskrt.eager()`` and the pytest fixtures ``taskrt_eager`` / ``taskrt_node`` are for tests.
@@ -27,7 +29,18 @@ from .errors import (
     Unreachable,
 )
 from ._signature import Signature, signature
-from ._task import Task, configure, get_task, registry, shared_task, task
+from ._task import (
+    Task,
+    ahandle,
+    aresult,
+    configure,
+    get_task,
+    handle,
+    registry,
+    result,
+    shared_task,
+    task,
+)
 
 #: Celery's ``celery.exceptions.TimeoutError`` (also a builtin ``TimeoutError``).
 TimeoutError = ResultTimeout  # noqa: A001 - the name Celery users catch
@@ -60,11 +73,15 @@ __all__ = [
     "TaskrtError",
     "TimeoutError",
     "Unreachable",
+    "ahandle",
+    "aresult",
     "configure",
     "current_task",
     "eager",
     "get_task",
+    "handle",
     "registry",
+    "result",
     "shared_task",
     "signature",
     "task",

@@ -9,6 +9,10 @@ among the registered tasks; an idempotency key or id used twice in one ``eager()
 duplicate that runs nothing. With ``enforce_limits=True`` the soft time limit is raised into a
 sync task (SIGALRM, main thread only) and cancels an ``async def`` one. Not imitated: the hard
 limit, ``countdown``/``eta``/``expires`` (the task runs at once), queues.
+
+``taskrt.handle(id)`` / ``taskrt.result(id)`` find a run by its id: every run of the active
+``eager()`` blocks, and the last ``MAX_UNRECORDED_IDS`` runs outside a block; an id not
+among them is :class:`taskrt.NotFound`, as an unknown id is on a node.
 """
 
 from __future__ import annotations
@@ -25,14 +29,18 @@ from typing import Any, Iterator, Mapping
 from . import _api, _exec
 from ._api import Revoked, TaskRecord
 from .context import TaskInfo, _current
-from .errors import ApiError, TaskFailed
+from .errors import ApiError, NotFound, TaskFailed
 from ._signature import Signature
 from ._task import Task, get_task
 
-__all__ = ["AsyncEagerResult", "EagerResult", "EagerSession", "apply_eager", "eager"]
+__all__ = ["AsyncEagerResult", "EagerResult", "EagerSession", "apply_eager", "eager", "find"]
 
 #: ``max_retries=None`` in eager mode: the runtime's default.
 RUNTIME_DEFAULT_MAX_RETRIES = 3
+#: Runs kept for ``taskrt.handle(id)`` when eager mode is on outside an ``eager()`` block
+#: (``configure(eager=True)``, ``TASKRT_EAGER=1``): the oldest are forgotten, as a node forgets
+#: a result after ``broker.result_ttl``.
+MAX_UNRECORDED_IDS = 10_000
 
 
 @dataclass
@@ -128,12 +136,19 @@ class EagerSession:
         self.results: list[EagerResult] = []
         self._record = record
         self._seen: dict[str, EagerResult] = {}
+        #: Runs by id (``taskrt.handle(id)``): all of a block's; the last
+        #: ``MAX_UNRECORDED_IDS`` of the session eager mode uses outside any block.
+        self._by_id: dict[str, EagerResult] = {}
 
     def _add(self, result: EagerResult, keys: list[str]) -> None:
+        self._by_id.pop(result.id, None)  # a block never runs an id twice; outside one, the last
+        self._by_id[result.id] = result
         if self._record:
             self.results.append(result)
             for key in keys:
                 self._seen.setdefault(key, result)
+        elif len(self._by_id) > MAX_UNRECORDED_IDS:
+            del self._by_id[next(iter(self._by_id))]  # the oldest
 
     def _duplicate(self, keys: list[str]) -> EagerResult | None:
         for key in keys:
@@ -144,6 +159,10 @@ class EagerSession:
     def by_task(self, name: str) -> list[EagerResult]:
         """The runs of the task of that name."""
         return [r for r in self.results if r.task == name]
+
+    def get(self, id: str) -> EagerResult | None:
+        """The run of that id in this session, or ``None``."""
+        return self._by_id.get(id)
 
 
 @dataclass
@@ -173,6 +192,23 @@ def eager(
         yield mode.session
     finally:
         _override.remove(mode)
+
+
+def find(id: str) -> EagerResult:
+    """The eager run of that id: in the active ``eager()`` blocks (innermost first), then
+    among the last runs outside any block; :class:`NotFound` if none has it."""
+    for mode in reversed(_override):
+        found = mode.session.get(id)
+        if found is not None:
+            return found
+    found = _global_session.get(id)
+    if found is not None:
+        return found
+    raise NotFound(
+        404,
+        f"no task {id}: no eager run has this id (eager mode looks ids up among the runs of "
+        f"its eager() blocks, and the last {MAX_UNRECORDED_IDS} runs outside one)",
+    )
 
 
 def _mode() -> _Mode:
@@ -379,11 +415,11 @@ async def aapply_eager(
 
 def _call(run: _Run) -> Any:
     """One attempt, in this thread (an ``async def`` task on a loop of its own)."""
-    bound = _exec.bind(run.task, run.args, run.kwargs)
+    args, kwargs = _exec.call_args(run.task, run.args, run.kwargs)
     token = _current.set(run.info())
     try:
         if run.task.is_async:
-            coro = run.task.fn(*bound.args, **bound.kwargs)
+            coro = run.task.fn(*args, **kwargs)
             runner = _exec.with_soft_cancel(coro, run.soft)
             try:
                 asyncio.get_running_loop()
@@ -394,16 +430,16 @@ def _call(run: _Run) -> Any:
             with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="taskrt-eager") as pool:
                 return pool.submit(context.run, asyncio.run, runner).result()
         with _exec.soft_alarm(run.soft):
-            return run.task.fn(*bound.args, **bound.kwargs)
+            return run.task.fn(*args, **kwargs)
     finally:
         _current.reset(token)
 
 
 async def _call_async(run: _Run) -> Any:
-    bound = _exec.bind(run.task, run.args, run.kwargs)
+    args, kwargs = _exec.call_args(run.task, run.args, run.kwargs)
     token = _current.set(run.info())
     try:
-        coro = run.task.fn(*bound.args, **bound.kwargs)
+        coro = run.task.fn(*args, **kwargs)
         return await _exec.with_soft_cancel(coro, run.soft)
     finally:
         _current.reset(token)

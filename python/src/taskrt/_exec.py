@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Failure",
     "bind",
+    "call_args",
     "classify",
     "encode_result",
     "soft_alarm",
@@ -143,6 +144,89 @@ def bind(task: Task[Any, Any], args: list[Any], kwargs: dict[str, Any]) -> inspe
             return_annotation=inspect.Signature.empty,
         )
         raise ArgumentsMismatch(f"arguments do not fit {task.name}{plain}: {exc}") from None
+
+
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
+class _Plan:
+    """What a signature takes, to see at once that arguments fit it - and call with them as
+    :func:`bind` would - without ``inspect.Signature.bind`` (which costs more than a no-op
+    task). ``ok`` is False for a signature of another shape than a ``def`` has: :func:`bind`
+    then decides every call."""
+
+    __slots__ = ("signature", "ok", "min_pos", "max_pos", "var_pos", "keyword_required", "names", "required", "order")
+
+    def __init__(self, signature: inspect.Signature) -> None:
+        self.signature = signature
+        params = list(signature.parameters.values())
+        positional = [p for p in params if p.kind in _POSITIONAL]
+        keyword_only = [p for p in params if p.kind == inspect.Parameter.KEYWORD_ONLY]
+        self.max_pos = len(positional)
+        self.min_pos = sum(1 for p in positional if p.default is p.empty)
+        self.var_pos = any(p.kind == inspect.Parameter.VAR_POSITIONAL for p in params)
+        self.keyword_required = any(p.default is p.empty for p in keyword_only)
+        #: The names a keyword may give: positional-or-keyword ones with their index,
+        #: keyword-only ones with -1.
+        self.names = {p.name: n for n, p in enumerate(positional) if p.kind == inspect.Parameter.POSITIONAL_OR_KEYWORD}
+        self.names.update((p.name, -1) for p in keyword_only)
+        #: The required parameters (name, index or -1), a call's keywords must give those
+        #: its positional arguments do not.
+        self.required = [(p.name, n) for n, p in enumerate(positional) if p.default is p.empty]
+        self.required += [(p.name, -1) for p in keyword_only if p.default is p.empty]
+        #: Positional names, then keyword-only ones (the order of ``BoundArguments.kwargs``).
+        self.order = [p.name for p in positional] + [p.name for p in keyword_only]
+        # The positional parameters first, the required ones before the others.
+        self.ok = params[: len(positional)] == positional and all(
+            p.default is p.empty for p in positional[: self.min_pos]
+        )
+
+
+def _plan(task: Task[Any, Any]) -> _Plan:
+    plan = task.__dict__.get("_taskrt_plan")
+    if type(plan) is not _Plan or plan.signature is not task.signature_:
+        plan = _Plan(task.signature_)
+        task.__dict__["_taskrt_plan"] = plan
+    return plan
+
+
+def call_args(
+    task: Task[Any, Any], args: list[Any], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...] | list[Any], dict[str, Any]]:
+    """What to call the task's function with: ``bind(task, args, kwargs)``'s ``.args`` and
+    ``.kwargs`` (or its ``ArgumentsMismatch``). Arguments that plainly fit the signature
+    (each positional one and keyword a parameter, every required one given, none twice) are
+    taken as they are, without ``inspect.Signature.bind``."""
+    plan = _plan(task)
+    count = len(args)
+    if plan.ok and (count <= plan.max_pos or plan.var_pos):
+        if not kwargs:
+            if count >= plan.min_pos and not plan.keyword_required:
+                return args, {}
+        elif _keywords_fit(plan, count, kwargs):
+            # As BoundArguments does: the keywords of the positional parameters right after
+            # the given ones become positional; the rest stay keywords, in signature order.
+            positional = list(args)
+            order = plan.order
+            at = min(count, plan.max_pos)
+            while at < plan.max_pos and order[at] in kwargs:
+                positional.append(kwargs[order[at]])
+                at += 1
+            return positional, {name: kwargs[name] for name in order[at:] if name in kwargs}
+    bound = bind(task, args, kwargs)
+    return bound.args, bound.kwargs
+
+
+def _keywords_fit(plan: _Plan, count: int, kwargs: dict[str, Any]) -> bool:
+    names = plan.names
+    for key in kwargs:
+        at = names.get(key)
+        if at is None or 0 <= at < count:  # no parameter of that name, or given twice
+            return False
+    for name, at in plan.required:
+        if (at < 0 or at >= count) and name not in kwargs:
+            return False
+    return True
 
 
 def encode_result(value: Any) -> tuple[str | None, Failure | None]:

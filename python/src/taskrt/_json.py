@@ -14,12 +14,20 @@ from typing import Any
 __all__ = ["dumps", "find_problem", "roundtrip"]
 
 
+#: What ``json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))``
+#: builds per call, built once (it keeps no state between calls).
+_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
 def dumps(value: Any) -> str:
     """Compact JSON text of ``value``; raises ``TypeError``/``ValueError`` when it has no
     strict JSON form (use :func:`find_problem` for where)."""
-    text = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-    # Lone surrogates survive json.dumps(ensure_ascii=False) and only fail here.
-    text.encode("utf-8")
+    if value is None:
+        return "null"
+    text = _ENCODER.encode(value)
+    # Lone surrogates survive ensure_ascii=False and only fail here (ASCII text has none).
+    if not text.isascii():
+        text.encode("utf-8")
     return text
 
 

@@ -33,10 +33,14 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Task",
+    "ahandle",
+    "aresult",
     "configure",
     "dispatch",
     "get_task",
+    "handle",
     "registry",
+    "result",
     "shared_task",
     "task",
 ]
@@ -428,3 +432,69 @@ async def adispatch(
         handle = await client.enqueue(target, args or (), kwargs, **options)
     # The handle outlives the client of this call: it reads with a client of its own.
     return handle.detached(client_args)
+
+
+# ---- a task by id ---------------------------------------------------------------------------
+
+
+def _check_wait(timeout: Any) -> float | None:
+    """``timeout`` of :func:`result`: ``None`` (read once) or seconds >= 0."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"timeout: expected seconds or None, got {type(timeout).__name__}")
+    if not (timeout >= 0 and timeout != float("inf")):
+        raise ValueError(f"timeout: expected a finite number of seconds >= 0, got {timeout!r}")
+    return float(timeout)
+
+
+def handle(id: str) -> TaskHandle | EagerResult:
+    """The task of this id (Celery's ``AsyncResult(id)``): ``get()``, ``status()``,
+    ``state``, ``ready()``, ``revoke()``.
+
+    Through the default client (:func:`configure`, env ``TASKRT_URL`` / ``TASKRT_TOKEN``);
+    nothing is read until a method is called (an unknown id is :class:`NotFound` then). In
+    eager mode, the run of that id (:class:`EagerResult`): :class:`NotFound` at once if no
+    eager run has it. An id the runtime would refuse is a ``TypeError`` / ``ValueError``.
+    """
+    _api.check_id(id)
+    if eager_enabled():
+        from ._eager import find
+
+        return find(id)
+    return default_client().handle(id)
+
+
+def result(id: str, timeout: float | None = None) -> Any:
+    """The result of the task of this id, as ``handle(id).get(timeout)``: ``timeout=None``
+    reads once, else waits up to ``timeout`` seconds. :class:`TaskFailed` if it died,
+    :class:`ResultTimeout` if it has not ended, :class:`NotFound` for an unknown id."""
+    wait = _check_wait(timeout)
+    return handle(id).get(wait)
+
+
+def ahandle(id: str) -> AsyncTaskHandle | AsyncEagerResult:
+    """:func:`handle` for async code: a handle whose methods are awaited
+    (``await taskrt.ahandle(id).result(timeout=5)``). It reads through the ``async_client``
+    given to :func:`configure`, else through a client of its own per call. Not a coroutine:
+    nothing is read until a method is awaited."""
+    _api.check_id(id)
+    if eager_enabled():
+        from ._eager import AsyncEagerResult, find
+
+        return AsyncEagerResult(find(id))
+    from ._api import Enqueued
+    from .client import AsyncTaskHandle
+
+    with _settings_lock:
+        client_args = _client_args()
+        given = _settings.async_client
+    if given is not None:
+        return given.handle(id)
+    return AsyncTaskHandle(None, Enqueued(id, False), None, client_args)
+
+
+async def aresult(id: str, timeout: float | None = None) -> Any:
+    """:func:`result` for async code (the wait does not block the event loop)."""
+    wait = _check_wait(timeout)
+    return await ahandle(id).result(wait)

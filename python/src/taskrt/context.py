@@ -44,6 +44,30 @@ class TaskInfo:
         return out
 
 
+def _task_info(
+    id: str,
+    name: str,
+    queue: str | None,
+    attempt: int,
+    soft_deadline: float | None,
+    trace_id: str | None,
+    root_id: str | None,
+    eager: bool = False,
+) -> TaskInfo:
+    """``TaskInfo(...)`` of these fields, made as the worker makes one per task: without
+    the frozen dataclass's ``__init__`` (a ``object.__setattr__`` per field), which costs
+    it more than a no-op task's own code. The same object in every respect."""
+    info = _new(TaskInfo)
+    _setattr(info, "__dict__", {
+        "id": id, "name": name, "queue": queue, "attempt": attempt,
+        "soft_deadline": soft_deadline, "trace_id": trace_id, "root_id": root_id, "eager": eager,
+    })
+    return info
+
+
+_new = object.__new__
+_setattr = object.__setattr__
+
 _current: contextvars.ContextVar[TaskInfo | None] = contextvars.ContextVar(
     "taskrt_current_task", default=None
 )

@@ -35,11 +35,12 @@ import stat
 import sys
 import threading
 import traceback
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from .. import _exec, _json
-from ..context import TaskInfo, _current
+from ..context import TaskInfo, _current, _task_info
 from .._task import Task, registry
 
 __all__ = ["main"]
@@ -166,8 +167,10 @@ def done_message(id: str, value: Any, failure: _exec.Failure | None, max_message
     return line
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Run:
+    """A checked ``run`` message."""
+
     id: str
     task: str
     queue: str | None
@@ -180,13 +183,8 @@ class Run:
     root_id: str | None
 
     def info(self, task: Task[Any, Any]) -> TaskInfo:
-        import time
-
         soft = time.monotonic() + self.soft_ms / 1000 if self.soft_ms is not None else None
-        return TaskInfo(
-            id=self.id, name=task.name, queue=self.queue, attempt=self.attempt,
-            soft_deadline=soft, trace_id=self.trace_id, root_id=self.root_id,
-        )
+        return _task_info(self.id, task.name, self.queue, self.attempt, soft, self.trace_id, self.root_id)
 
     @property
     def soft(self) -> float | None:
@@ -199,6 +197,35 @@ def _is_int(value: Any) -> bool:
 
 def parse_run(msg: dict[str, Any]) -> Run:
     """A ``run`` message, checked (``ValueError`` naming the field)."""
+    # What the runtime sends: exact JSON types, taken as they are. Anything else (a missing
+    # or wrong field, or a subclass of a JSON type) is checked field by field, in order, by
+    # _parse_run_checked, which names the first bad one.
+    get = msg.get
+    id_, task, queue, attempt = get("id"), get("task"), get("queue"), get("attempt")
+    args, kwargs, soft_ms, hard_ms = get("args"), get("kwargs"), get("soft_ms"), get("hard_ms")
+    trace_id, root_id = get("trace_id"), get("root_id")
+    if (
+        type(id_) is str
+        and id_
+        and type(task) is str
+        and (queue is None or type(queue) is str)
+        and (attempt is None or (type(attempt) is int and attempt >= 0))
+        and (args is None or type(args) is list)
+        and (kwargs is None or type(kwargs) is dict)
+        and (soft_ms is None or (type(soft_ms) is int and soft_ms >= 0))
+        and (hard_ms is None or (type(hard_ms) is int and hard_ms >= 0))
+        and (trace_id is None or type(trace_id) is str)
+        and (root_id is None or type(root_id) is str)
+    ):
+        return Run(
+            id_, task, queue, 0 if attempt is None else attempt, [] if args is None else args,
+            {} if kwargs is None else kwargs, soft_ms, hard_ms, trace_id, root_id,
+        )
+    return _parse_run_checked(msg)
+
+
+def _parse_run_checked(msg: dict[str, Any]) -> Run:
+    """:func:`parse_run` field by field: the ``ValueError`` names the first bad field."""
 
     def want(key: str, ok: Callable[[Any], bool], kind: str, default: Any = ..., none: bool = False) -> Any:
         if key not in msg or (none and msg[key] is None):
@@ -236,10 +263,26 @@ def _lookup(name: str) -> Task[Any, Any] | _exec.Failure:
     )
 
 
+#: json's parser of one value at an index (what ``json.loads`` runs between its checks).
+_scan: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
+
+
+def _loads(text: str) -> Any:
+    """``json.loads(text)``, without its checks around the parse for a line that is one JSON
+    value from its first character to its last (any other goes through ``json.loads``)."""
+    try:
+        value, end = _scan(text, 0)
+    except StopIteration:  # not a value at the first character (whitespace, a BOM, ...)
+        return json.loads(text)
+    if end != len(text):
+        return json.loads(text)
+    return value
+
+
 def _incoming(line: bytes) -> Run | tuple[str, str] | None:
     """A ``run`` to do, ``(id, why)`` for a run that cannot be done, or ``None`` (logged)."""
     try:
-        msg = json.loads(line.decode("utf-8"))
+        msg = _loads(line.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         log(f"ignoring a line that is not JSON ({exc}): {line[:200]!r}")
         return None
@@ -425,22 +468,26 @@ def _run_one(run: Run, loop: asyncio.AbstractEventLoop, cfg: _Config, db: _Db) -
         return done_message(run.id, None, task, cfg.max_message)
     value: Any = None
     failure: _exec.Failure | None = None
-    db.close("before")
+    if db.active:
+        db.close("before")
     token = _current.set(run.info(task))
     try:
-        bound = _exec.bind(task, run.args, run.kwargs)
+        args, kwargs = _exec.call_args(task, run.args, run.kwargs)
         if task.is_async:
-            coro = task.fn(*bound.args, **bound.kwargs)
+            coro = task.fn(*args, **kwargs)
             value = loop.run_until_complete(_exec.with_soft_cancel(coro, run.soft))
+        elif run.soft_ms is None:
+            value = task.fn(*args, **kwargs)
         else:
             # Disarmed on the way out with SIGALRM blocked: it cannot fire past this block.
             with _exec.soft_alarm(run.soft):
-                value = task.fn(*bound.args, **bound.kwargs)
+                value = task.fn(*args, **kwargs)
     except BaseException as exc:  # noqa: BLE001 - the policy decides
         failure = _exec.classify(task, exc, run.attempt)
     finally:
         _current.reset(token)
-        db.close("after")
+        if db.active:
+            db.close("after")
     return done_message(run.id, value, failure, cfg.max_message)
 
 
@@ -516,8 +563,8 @@ async def _run_many(
 
         async def attempt() -> Any:
             _current.set(info)  # this asyncio task's own context
-            bound = _exec.bind(task, run.args, run.kwargs)
-            return await _exec.with_soft_cancel(task.fn(*bound.args, **bound.kwargs), run.soft)
+            args, kwargs = _exec.call_args(task, run.args, run.kwargs)
+            return await _exec.with_soft_cancel(task.fn(*args, **kwargs), run.soft)
 
         try:
             value = await asyncio.create_task(attempt())
@@ -531,8 +578,8 @@ async def _run_many(
             token = _current.set(info)
             db.close("before")
             try:
-                bound = _exec.bind(task, run.args, run.kwargs)
-                return task.fn(*bound.args, **bound.kwargs)
+                args, kwargs = _exec.call_args(task, run.args, run.kwargs)
+                return task.fn(*args, **kwargs)
             finally:
                 db.close("after")
                 _current.reset(token)
