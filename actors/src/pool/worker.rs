@@ -73,7 +73,10 @@ pub(super) fn env(w: &WorkerSettings) -> [(&'static str, String); 6] {
         ("RT_WORKER_MODULES", w.modules.join(",")),
         ("RT_WORKER_CONCURRENCY", w.concurrency.to_string()),
         ("RT_WORKER_DB_CLOSE", w.db_close.clone()),
-        ("RT_WORKER_MAX_MESSAGE_BYTES", w.max_message_bytes.to_string()),
+        (
+            "RT_WORKER_MAX_MESSAGE_BYTES",
+            w.max_message_bytes.to_string(),
+        ),
         ("PYTHONUNBUFFERED", "1".to_string()),
     ]
 }
