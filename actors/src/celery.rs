@@ -4,13 +4,17 @@
 //!
 //! # The path of a message
 //!
-//! 1. **Taken over** — a [`bridge::BridgeActor`] per kombu queue waits on the queue's list with
-//!    `BLMOVE` into its holding list, then runs `celery/take.lua`, which `RPOP`s messages from
-//!    the holding list, then the kombu lists (`q`, then the priority sub-queues `q\x06\x163`,
-//!    `\x06\x166`, `\x06\x169`: lower number first) and `XADD`s each into the stream of the
-//!    runtime queue its task is mapped to, in **one script**: a crash between pop and add
-//!    cannot lose or duplicate a message. Messages that are not kombu JSON, lack `id`/`task`,
-//!    or name an unmapped task go to the dead letters of [`CelerySettings::dead_letter_queue`]
+//! 1. **Taken over** — a [`bridge::BridgeActor`] per kombu queue runs `celery.movers`
+//!    movers. A mover's call of `celery/take.lua` moves the oldest messages of the kombu lists
+//!    (`q`, then the priority sub-queues `q\x06\x163`, `\x06\x166`, `\x06\x169`: lower number
+//!    first) into the mover's holding list and returns them; the node decodes their headers
+//!    ([`bridge::placement`]) and the mover's next call places them — checking each against
+//!    the holding list byte for byte — `XADD`ing each into the stream of the runtime queue its
+//!    task is mapped to, in **one script**: a crash at any moment cannot lose or duplicate a
+//!    message (it is in a kombu list, a holding list, or one stream). When the queue is empty
+//!    the bridge waits on each of its lists with `BLMOVE` into a holding list, so a message of
+//!    any priority is taken at once. Messages that are not kombu JSON, lack `id`/`task`, or
+//!    name an unmapped task go to the dead letters of [`CelerySettings::dead_letter_queue`]
 //!    with the reason, in the same script. Celery's task id is kept and follows the runtime's
 //!    rule for chosen ids ([`crate::broker::check_id`]: refused ids are dead-lettered; a
 //!    taken id — its task queued, running, or ended less than `broker.result_ttl` ago — makes
@@ -31,6 +35,8 @@
 //! 3. **Results** — for an envelope with `celery` origin, the task actor writes
 //!    `celery-task-meta-<id>` (SUCCESS / FAILURE / RETRY / REVOKED, STARTED when `track_started`)
 //!    with the result TTL and `PUBLISH`es it on the channel of that name: that wakes `.get()`.
+//!    Results are written in batches (one pipeline for whatever is queued, up to
+//!    [`RESULT_BATCH`]); each task's outcome is recorded only once its own result is written.
 //!    Tasks without Celery origin pay one map lookup.
 //! 4. **Callbacks** — Celery's `link` (callbacks), `link_error` (errbacks) and chains are
 //!    settled here, not through the runtime's `link`: a signature whose task is mapped to a
@@ -60,6 +66,7 @@ use std::time::{Duration, SystemTime};
 use base64::Engine;
 use redis::aio::ConnectionManager;
 use serde_json::{Map, Value, json};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::broker::{
     AnyBroker, BrokerError, BrokerSettings, Envelope, TaskQueue, parse_time, rfc3339,
@@ -78,11 +85,24 @@ pub const PRIORITY_SEP: &str = "\x06\x16";
 /// kombu's priority steps besides 0 (the queue itself), lower first.
 pub const PRIORITY_STEPS: [u8; 3] = [3, 6, 9];
 
-/// `celery.batch` when not set: messages moved per script call.
+/// `celery.batch` when not set: messages a mover fetches per script call.
 pub const DEFAULT_BATCH: usize = 100;
-/// `celery.poll` when not set: the longest wait of a bridge's `BLMOVE` on an empty kombu queue
-/// (so the latest a message on a priority sub-queue is moved).
-pub const DEFAULT_POLL: Duration = Duration::from_millis(50);
+/// The largest `celery.batch` (a fetch returns that many messages to the node at once).
+pub const MAX_BATCH: usize = 10_000;
+/// `celery.movers` when not set: movers per kombu queue on a node (each its own holding list
+/// and script calls, so one's calls run in Redis while another decodes).
+pub const DEFAULT_MOVERS: usize = 2;
+/// The largest `celery.movers`.
+pub const MAX_MOVERS: usize = 32;
+/// `celery.poll` when not set: the timeout of a bridge's blocking waits on an empty kombu queue
+/// (every list of the queue is waited on, so a message is moved at once whatever its
+/// priority; the timeout only paces the bridge's housekeeping while the queue is empty).
+pub const DEFAULT_POLL: Duration = Duration::from_secs(1);
+/// The longest `celery.poll`: a holding list's registration outlives its wait by
+/// [`bridge::HOLD_GRACE`], so this bounds how late a dead node's holding list is adopted.
+pub const MAX_POLL: Duration = Duration::from_secs(300);
+/// Results (`celery-task-meta-*` SET + PUBLISH) written in one pipeline at most.
+pub const RESULT_BATCH: usize = 256;
 /// `celery.result_ttl` when not set: Celery's own `result_expires` default (one day).
 pub const DEFAULT_RESULT_TTL: Duration = Duration::from_secs(24 * 3600);
 /// `celery.default_queue` when not set: Celery's default queue.
@@ -109,11 +129,13 @@ pub struct CelerySettings {
     pub default_queue: String,
     /// TTL of `celery-task-meta-<id>`.
     pub result_ttl: Duration,
-    /// Timeout of a bridge's blocking wait on the kombu queue's own list: a message there is
-    /// moved at once, one on a priority sub-queue at most this late.
+    /// Timeout of a bridge's blocking waits on an empty kombu queue (every list of the queue,
+    /// priority sub-queues too, is waited on: a message is moved at once).
     pub poll: Duration,
-    /// Messages moved per script call.
+    /// Messages a mover fetches per script call.
     pub batch: usize,
+    /// Movers per kombu queue on this node.
+    pub movers: usize,
 }
 
 impl std::fmt::Debug for CelerySettings {
@@ -133,6 +155,7 @@ impl std::fmt::Debug for CelerySettings {
             .field("result_ttl", &self.result_ttl)
             .field("poll", &self.poll)
             .field("batch", &self.batch)
+            .field("movers", &self.movers)
             .finish()
     }
 }
@@ -161,11 +184,14 @@ impl CelerySettings {
             result_ttl: DEFAULT_RESULT_TTL,
             poll: DEFAULT_POLL,
             batch: DEFAULT_BATCH,
+            movers: DEFAULT_MOVERS,
         }
     }
 
     /// Every broken rule: a backend that is not Redis, an empty or repeated queue name, a
-    /// zero `batch`, `result_ttl` or `poll`. [`Celery::connect`] refuses settings with any.
+    /// `batch` outside 1..=[`MAX_BATCH`], `movers` outside 1..=[`MAX_MOVERS`], a zero
+    /// `result_ttl` or `poll`, a `poll` over [`MAX_POLL`]. [`Celery::connect`] refuses
+    /// settings with any.
     pub fn check(&self) -> Vec<InvalidCelery> {
         let mut errors = Vec::new();
         let mut bad = |field: String, reason: String| errors.push(InvalidCelery { field, reason });
@@ -191,13 +217,30 @@ impl CelerySettings {
                 bad(format!("queues[{i}]"), "empty queue name".into());
             }
         }
-        if self.batch == 0 {
-            bad("batch".into(), "must be at least 1, got 0".into());
+        for (field, value, max) in [
+            ("batch", self.batch, MAX_BATCH),
+            ("movers", self.movers, MAX_MOVERS),
+        ] {
+            if value == 0 {
+                bad(field.into(), "must be at least 1, got 0".into());
+            } else if value > max {
+                bad(field.into(), format!("must be at most {max}, got {value}"));
+            }
         }
         for (field, value) in [("result_ttl", self.result_ttl), ("poll", self.poll)] {
             if value.is_zero() {
                 bad(field.into(), "must be longer than zero".into());
             }
+        }
+        if self.poll > MAX_POLL {
+            bad(
+                "poll".into(),
+                format!(
+                    "must be at most {}, got {}",
+                    humantime::format_duration(MAX_POLL),
+                    humantime::format_duration(self.poll)
+                ),
+            );
         }
         errors
     }
@@ -210,7 +253,8 @@ pub struct Celery {
     broker: ConnectionManager,
     /// The runtime broker's Redis, for each bridge's own blocking connection.
     broker_client: redis::Client,
-    backend: ConnectionManager,
+    /// Writes results in batches (over the backend connection).
+    results: ResultWriter,
     runtime_of: HashMap<String, String>,
     /// The runtime broker's key prefix (`rt`).
     runtime_prefix: String,
@@ -279,6 +323,7 @@ impl Celery {
             Some(url) if url != broker_url => manager(url).await?,
             _ => broker_conn.clone(),
         };
+        let results = ResultWriter::spawn(backend);
         let runtime_of = settings
             .tasks
             .iter()
@@ -288,7 +333,7 @@ impl Celery {
             settings,
             broker: broker_conn,
             broker_client,
-            backend,
+            results,
             runtime_of,
             runtime_prefix: broker.prefix.clone(),
             events_maxlen: broker.events_maxlen,
@@ -313,15 +358,38 @@ impl Celery {
             .collect()
     }
 
-    /// The holding list of this node's bridge of `queue`: `<prefix>:celery:held:<node>:<queue>`
-    /// (the blocking take moves a message there, `take.lua` moves it on).
-    pub fn held_list(&self, queue: &str) -> String {
-        format!("{}:celery:held:{}:{queue}", self.runtime_prefix, self.node)
+    /// The holding list of mover `mover` of this node's bridge of `queue`:
+    /// `<prefix>:celery:held:<node>:<queue>` for mover 0 (the blocking waits move into it too),
+    /// `<prefix>:celery:held:<node>#<mover>:<queue>` for the others (`#` is in no node name,
+    /// so no other node's or queue's list has the name). A fetch moves messages there and the
+    /// next `take.lua` call places them.
+    pub fn held_list(&self, queue: &str, mover: usize) -> String {
+        match mover {
+            0 => format!("{}:celery:held:{}:{queue}", self.runtime_prefix, self.node),
+            n => format!(
+                "{}:celery:held:{}#{n}:{queue}",
+                self.runtime_prefix, self.node
+            ),
+        }
     }
 
-    /// The set of the nodes that may hold messages of `queue`: `<prefix>:celery:holders:<queue>`.
-    pub fn holders_key(&self, queue: &str) -> String {
+    /// The registry of the holding lists of `queue`: `<prefix>:celery:holding:<queue>`, a sorted
+    /// set of list keys, each scored with the time (Redis' clock, epoch ms) until which its
+    /// mover may still move messages into it. A list past its time that holds messages is an
+    /// orphan (its node died): another node's bridge adopts its messages.
+    pub fn holding_key(&self, queue: &str) -> String {
+        format!("{}:celery:holding:{queue}", self.runtime_prefix)
+    }
+
+    /// The set of node names an earlier version registered holding lists in:
+    /// `<prefix>:celery:holders:<queue>`; read by the sweep, never written.
+    pub fn legacy_holders_key(&self, queue: &str) -> String {
         format!("{}:celery:holders:{queue}", self.runtime_prefix)
+    }
+
+    /// The runtime broker's key prefix (`rt`).
+    pub fn runtime_prefix(&self) -> &str {
+        &self.runtime_prefix
     }
 
     fn meta_key(&self, id: &str) -> String {
@@ -347,19 +415,10 @@ impl Celery {
         })
         .to_string();
         let key = self.meta_key(id);
-        let ttl = (self.settings.result_ttl.as_millis() as u64).max(1);
-        let mut pipe = redis::pipe();
-        pipe.cmd("SET")
-            .arg(&key)
-            .arg(&meta)
-            .arg("PX")
-            .arg(ttl)
-            .ignore();
-        pipe.cmd("PUBLISH").arg(&key).arg(&meta).ignore();
-        let mut conn = self.backend.clone();
-        pipe.query_async::<()>(&mut conn)
-            .await
-            .map_err(|e| BrokerError::Command(format!("celery backend: {e}")))
+        let ttl = u64::try_from(self.settings.result_ttl.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        self.results.write(key, meta, ttl).await
     }
 
     /// Writes `STARTED` for a Celery-origin task whose runtime task has `track_started`.
@@ -573,6 +632,81 @@ impl Celery {
     }
 }
 
+/// One result to write (`SET key meta PX ttl` + `PUBLISH key meta`) and who waits for it.
+struct PendingResult {
+    key: String,
+    meta: String,
+    ttl_ms: u64,
+    done: oneshot::Sender<Result<(), String>>,
+}
+
+/// Writes results in batches: a caller queues its result and waits until it is written; one
+/// task sends whatever is queued as one pipeline (up to [`RESULT_BATCH`]), so under load many
+/// results share a round trip, and at a trickle each goes at once. Each caller still learns
+/// whether its own result was written: the runtime records a task's outcome only after (a
+/// crash in between re-runs the task and writes the result again, never loses it).
+#[derive(Clone)]
+struct ResultWriter {
+    queue: mpsc::Sender<PendingResult>,
+}
+
+impl ResultWriter {
+    /// The writer task (on the current tokio runtime) and its handle; the task ends when the
+    /// last handle is dropped.
+    fn spawn(mut conn: ConnectionManager) -> Self {
+        let (queue, mut pending) = mpsc::channel::<PendingResult>(RESULT_BATCH * 4);
+        tokio::spawn(async move {
+            let mut batch = Vec::with_capacity(RESULT_BATCH);
+            while pending.recv_many(&mut batch, RESULT_BATCH).await > 0 {
+                let written = result_pipeline(&batch)
+                    .query_async::<()>(&mut conn)
+                    .await
+                    .map_err(|e| e.to_string());
+                for result in batch.drain(..) {
+                    let _ = result.done.send(written.clone());
+                }
+            }
+        });
+        Self { queue }
+    }
+
+    /// Queues one result and waits until the pipeline carrying it has been answered.
+    async fn write(&self, key: String, meta: String, ttl_ms: u64) -> Result<(), BrokerError> {
+        let stopped = || BrokerError::Command("celery backend: the result writer stopped".into());
+        let (done, written) = oneshot::channel();
+        let result = PendingResult {
+            key,
+            meta,
+            ttl_ms,
+            done,
+        };
+        self.queue.send(result).await.map_err(|_| stopped())?;
+        written
+            .await
+            .map_err(|_| stopped())?
+            .map_err(|e| BrokerError::Command(format!("celery backend: {e}")))
+    }
+}
+
+/// The pipeline of a batch of results: per result its `SET … PX` then its `PUBLISH` (a `.get()`
+/// woken by the message finds the value stored).
+fn result_pipeline(batch: &[PendingResult]) -> redis::Pipeline {
+    let mut pipe = redis::pipe();
+    for result in batch {
+        pipe.cmd("SET")
+            .arg(&result.key)
+            .arg(&result.meta)
+            .arg("PX")
+            .arg(result.ttl_ms)
+            .ignore();
+        pipe.cmd("PUBLISH")
+            .arg(&result.key)
+            .arg(&result.meta)
+            .ignore();
+    }
+    pipe
+}
+
 /// The bridge as the consumer sees it ([`Origin`]): envelopes carrying `celery_raw` or
 /// `celery` are its own. Installed on every node, with or without `[celery]`: a node without
 /// the bridge still decodes the raw messages another node moved (it writes no results then).
@@ -603,7 +737,14 @@ impl Origin for CeleryOrigin {
     }
 
     fn started(&self, envelope: &Envelope) -> Option<BoxFuture<'static, ()>> {
-        let celery = self.celery.clone()?;
+        let celery = self.celery.as_ref()?;
+        // Nothing to write (most tasks): no copy of the envelope, no task spawned for it.
+        if !envelope.extra.contains_key(ORIGIN_FIELD)
+            || !celery.settings.track_started.contains(&envelope.task)
+        {
+            return None;
+        }
+        let celery = Arc::clone(celery);
         let envelope = envelope.clone();
         Some(Box::pin(async move {
             if let Err(err) = celery.started(&envelope).await {
@@ -934,5 +1075,70 @@ mod tests {
         assert_eq!(envelope.args, vec![json!(5)]);
         assert_eq!(envelope.parent_id.as_deref(), Some("p"));
         assert_eq!(envelope.extra[ORIGIN_FIELD]["task"], "tasks.mul");
+    }
+
+    /// Results written concurrently share pipelines, and each caller learns when its own is
+    /// stored and published — or that it was not.
+    #[tokio::test]
+    async fn results_are_written_in_batches_and_each_caller_is_answered() {
+        let mut server = crate::test_util::RedisServer::start();
+        let client = redis::Client::open(server.url()).unwrap();
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(100))
+            .set_response_timeout(Some(Duration::from_secs(2)));
+        let conn = ConnectionManager::new_with_config(client.clone(), config)
+            .await
+            .unwrap();
+        let writer = ResultWriter::spawn(conn.clone());
+        let mut pubsub = client.get_async_pubsub().await.unwrap();
+        pubsub.psubscribe("celery-task-meta-*").await.unwrap();
+        let writes = (0..600).map(|n| {
+            let writer = writer.clone();
+            async move {
+                let key = format!("celery-task-meta-{n}");
+                writer.write(key, format!("{{\"n\":{n}}}"), 60_000).await
+            }
+        });
+        for written in futures_util::future::join_all(writes).await {
+            written.unwrap();
+        }
+        let mut check = conn.clone();
+        let keys: Vec<String> = (0..600).map(|n| format!("celery-task-meta-{n}")).collect();
+        let values: Vec<Option<String>> = redis::cmd("MGET")
+            .arg(&keys)
+            .query_async(&mut check)
+            .await
+            .unwrap();
+        for (n, value) in values.iter().enumerate() {
+            assert_eq!(value.as_deref(), Some(format!("{{\"n\":{n}}}").as_str()));
+        }
+        let ttl: i64 = redis::cmd("PTTL")
+            .arg(&keys[0])
+            .query_async(&mut check)
+            .await
+            .unwrap();
+        assert!(ttl > 50_000 && ttl <= 60_000, "{ttl}");
+        use futures_util::StreamExt;
+        let mut messages = pubsub.on_message();
+        for _ in 0..600 {
+            let message = tokio::time::timeout(Duration::from_secs(5), messages.next())
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(message.get_channel_name().starts_with("celery-task-meta-"));
+        }
+        drop(messages);
+        // Redis gone: the caller is told its result was not written (the runtime then retries
+        // recording the outcome), not left waiting.
+        server.stop();
+        let err = tokio::time::timeout(
+            Duration::from_secs(20),
+            writer.write("celery-task-meta-x".into(), "{}".into(), 1000),
+        )
+        .await
+        .expect("an answer")
+        .unwrap_err();
+        assert!(err.to_string().contains("celery backend: "), "{err}");
     }
 }
