@@ -262,9 +262,11 @@ prefetch = {self.args.concurrency}
 
 [tasks.rt_noop]
 handler = {{ kind = "native" }}
+{self.args.events}
 
 [celery]
 queues = ["{QUEUE}"]
+{self.args.celery_extra}
 
 [celery.tasks."bench.noop"]
 task = "rt_noop"
@@ -417,8 +419,17 @@ def main():
     parser.add_argument("--runs", type=int, default=1, help="runs of each phase (medians shown)")
     parser.add_argument("--concurrency", type=int, default=256,
                         help="the bridge node's queue concurrency (and prefetch)")
+    parser.add_argument("--batch", type=int, help="the bridge's celery.batch (default: its default)")
+    parser.add_argument("--movers", type=int,
+                        help="the bridge's celery.movers (default: its default)")
+    parser.add_argument("--no-events", action="store_true",
+                        help="the bridge node with [events] enabled = false")
     parser.add_argument("--only", choices=["celery", "bridge"], help="one consumer only")
     args = parser.parse_args()
+    args.celery_extra = "".join(
+        f"{key} = {value}\n" for key, value in (("batch", args.batch), ("movers", args.movers))
+        if value is not None)
+    args.events = "" if not args.no_events else "\n[events]\nenabled = false\n"
     args.runtime = os.path.abspath(args.runtime)
     if not os.access(args.runtime, os.X_OK):
         raise SystemExit(f"no runtime binary at {args.runtime} (cargo build --release)")

@@ -58,13 +58,17 @@
 //! Redis error may repeat).
 
 pub mod bridge;
+mod lenient;
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use base64::Engine;
 use redis::aio::ConnectionManager;
+use serde::Deserialize;
+use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde_json::{Map, Value, json};
 use tokio::sync::{mpsc, oneshot};
 
@@ -889,22 +893,31 @@ pub fn expand(envelope: &mut Envelope) -> Result<(), String> {
     let Some(Value::String(raw)) = envelope.extra.remove(RAW_FIELD) else {
         return Err("celery: `celery_raw` is not the raw message text".into());
     };
-    let message: Value =
-        serde_json::from_str(&raw).map_err(|e| format!("celery: message is not JSON: {e}"))?;
-    let headers = &message["headers"];
-    let properties = &message["properties"];
-    let content_type = message["content-type"]
-        .as_str()
+    let message = serde_json::from_str::<lenient::Object<Kombu<'_>>>(&raw)
+        .map_err(|e| format!("celery: message is not JSON: {e}"))?
+        .0
+        .unwrap_or_default();
+    let header = |name: &str| -> Value {
+        HEADERS
+            .iter()
+            .position(|field| *field == name)
+            .and_then(|at| message.headers.get(at).cloned().flatten())
+            .unwrap_or(Value::Null)
+    };
+    let content_type = message
+        .content_type
+        .as_deref()
         .unwrap_or("application/json");
     if content_type != "application/json" {
         return Err(format!(
             "celery: content-type `{content_type}` is not supported (only json)"
         ));
     }
-    let body = message["body"]
-        .as_str()
+    let body = message
+        .body
+        .as_deref()
         .ok_or("celery: message without a `body` string")?;
-    let body = match properties["body_encoding"].as_str() {
+    let body = match message.body_encoding.as_ref().and_then(Value::as_str) {
         Some("base64") => base64::engine::general_purpose::STANDARD
             .decode(body)
             .map_err(|e| format!("celery: body is not base64: {e}"))?,
@@ -916,7 +929,7 @@ pub fn expand(envelope: &mut Envelope) -> Result<(), String> {
         return Err("celery: body is not [args, kwargs, embed] (protocol v2)".into());
     };
     parts.resize(3, Value::Null);
-    let embed = parts.pop().unwrap_or_default();
+    let mut embed = parts.pop().unwrap_or_default();
     envelope.kwargs = match parts.pop() {
         Some(Value::Object(kwargs)) => kwargs,
         Some(Value::Null) | None => Map::new(),
@@ -930,33 +943,253 @@ pub fn expand(envelope: &mut Envelope) -> Result<(), String> {
     if !embed["chord"].is_null() {
         return Err("celery: chords are not supported by the runtime".into());
     }
-    envelope.eta = celery_time(&headers["eta"], "eta")?.map(Into::into);
-    envelope.expires = celery_time(&headers["expires"], "expires")?.map(Into::into);
+    envelope.eta = celery_time(&header("eta"), "eta")?.map(Into::into);
+    envelope.expires = celery_time(&header("expires"), "expires")?.map(Into::into);
     // A count past u32 is as good as exhausted: never wrapped round to a first attempt.
-    envelope.attempt = headers["retries"]
+    envelope.attempt = header("retries")
         .as_u64()
         .map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX));
-    if let Some(limits) = headers["timelimit"].as_array() {
+    if let Some(limits) = header("timelimit").as_array() {
         // Celery sends [hard, soft].
         envelope.time_limit_ms = seconds_ms(limits.first(), "timelimit[0]")?;
         envelope.soft_time_limit_ms = seconds_ms(limits.get(1), "timelimit[1]")?;
     }
-    envelope.root_id = headers["root_id"].as_str().map(str::to_string);
-    envelope.parent_id = headers["parent_id"].as_str().map(str::to_string);
+    envelope.root_id = header("root_id").as_str().map(str::to_string);
+    envelope.parent_id = header("parent_id").as_str().map(str::to_string);
+    let mut take = |name: &str| embed.get_mut(name).map(Value::take).unwrap_or_default();
     let origin = json!({
-        "task": headers["task"],
-        "callbacks": embed["callbacks"],
-        "errbacks": embed["errbacks"],
-        "chain": embed["chain"],
-        "ignore_result": headers["ignore_result"],
+        "task": header("task"),
+        "callbacks": take("callbacks"),
+        "errbacks": take("errbacks"),
+        "chain": take("chain"),
+        "ignore_result": header("ignore_result"),
     });
     envelope.extra.insert(ORIGIN_FIELD.into(), origin);
     Ok(())
 }
 
+/// The fields of a message's `headers` that [`expand`] reads.
+const HEADERS: [&str; 8] = [
+    "eta",
+    "expires",
+    "retries",
+    "timelimit",
+    "root_id",
+    "parent_id",
+    "task",
+    "ignore_result",
+];
+
+/// A kombu message as [`expand`] reads it: `body` and `content-type` when strings, the
+/// [`HEADERS`] of `headers` and `properties.body_encoding` (the rest skipped unbuilt; a
+/// repeated key's last value kept, as parsing into a `Value` keeps it).
+#[derive(Default)]
+struct Kombu<'a> {
+    body: Option<Cow<'a, str>>,
+    content_type: Option<Cow<'a, str>>,
+    /// [`HEADERS`], in order (empty when `headers` is absent).
+    headers: Vec<Option<Value>>,
+    body_encoding: Option<Value>,
+}
+
+impl<'de> Deserialize<'de> for Kombu<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Fields;
+        impl<'de> Visitor<'de> for Fields {
+            type Value = Kombu<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a kombu message")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut message = Kombu::default();
+                while let Some(lenient::Text(key)) = map.next_key()? {
+                    match key.as_ref() {
+                        "body" => message.body = map.next_value::<lenient::Lenient<'de>>()?.0,
+                        "content-type" => {
+                            message.content_type = map.next_value::<lenient::Lenient<'de>>()?.0;
+                        }
+                        "headers" => {
+                            message.headers = map.next_value_seed(lenient::Pick(&HEADERS))?
+                        }
+                        "properties" => {
+                            message.body_encoding = map
+                                .next_value_seed(lenient::Pick(&["body_encoding"]))?
+                                .pop()
+                                .flatten();
+                        }
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(message)
+            }
+        }
+        deserializer.deserialize_map(Fields)
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
+    use crate::test_util::fuzz_cases;
+
+    /// [`expand`] as it was written first, parsing the whole message into a `Value`: the lean
+    /// reader must decide every message as it did.
+    fn expand_whole(envelope: &mut Envelope) -> Result<(), String> {
+        let Some(Value::String(raw)) = envelope.extra.remove(RAW_FIELD) else {
+            return Err("celery: `celery_raw` is not the raw message text".into());
+        };
+        let message: Value =
+            serde_json::from_str(&raw).map_err(|e| format!("celery: message is not JSON: {e}"))?;
+        let headers = &message["headers"];
+        let properties = &message["properties"];
+        let content_type = message["content-type"]
+            .as_str()
+            .unwrap_or("application/json");
+        if content_type != "application/json" {
+            return Err(format!(
+                "celery: content-type `{content_type}` is not supported (only json)"
+            ));
+        }
+        let body = message["body"]
+            .as_str()
+            .ok_or("celery: message without a `body` string")?;
+        let body = match properties["body_encoding"].as_str() {
+            Some("base64") => base64::engine::general_purpose::STANDARD
+                .decode(body)
+                .map_err(|e| format!("celery: body is not base64: {e}"))?,
+            _ => body.as_bytes().to_vec(),
+        };
+        let body: Value =
+            serde_json::from_slice(&body).map_err(|e| format!("celery: body is not JSON: {e}"))?;
+        let Value::Array(mut parts) = body else {
+            return Err("celery: body is not [args, kwargs, embed] (protocol v2)".into());
+        };
+        parts.resize(3, Value::Null);
+        let embed = parts.pop().unwrap_or_default();
+        envelope.kwargs = match parts.pop() {
+            Some(Value::Object(kwargs)) => kwargs,
+            Some(Value::Null) | None => Map::new(),
+            Some(other) => return Err(format!("celery: kwargs is not an object: {other}")),
+        };
+        envelope.args = match parts.pop() {
+            Some(Value::Array(args)) => args,
+            Some(Value::Null) | None => Vec::new(),
+            Some(other) => return Err(format!("celery: args is not a list: {other}")),
+        };
+        if !embed["chord"].is_null() {
+            return Err("celery: chords are not supported by the runtime".into());
+        }
+        envelope.eta = celery_time(&headers["eta"], "eta")?.map(Into::into);
+        envelope.expires = celery_time(&headers["expires"], "expires")?.map(Into::into);
+        envelope.attempt = headers["retries"]
+            .as_u64()
+            .map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX));
+        if let Some(limits) = headers["timelimit"].as_array() {
+            envelope.time_limit_ms = seconds_ms(limits.first(), "timelimit[0]")?;
+            envelope.soft_time_limit_ms = seconds_ms(limits.get(1), "timelimit[1]")?;
+        }
+        envelope.root_id = headers["root_id"].as_str().map(str::to_string);
+        envelope.parent_id = headers["parent_id"].as_str().map(str::to_string);
+        let origin = json!({
+            "task": headers["task"],
+            "callbacks": embed["callbacks"],
+            "errbacks": embed["errbacks"],
+            "chain": embed["chain"],
+            "ignore_result": headers["ignore_result"],
+        });
+        envelope.extra.insert(ORIGIN_FIELD.into(), origin);
+        Ok(())
+    }
+
+    /// A JSON value for a header: mostly plausible ones, some hostile.
+    fn header_value() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            Just(Value::Null),
+            Just(json!("2026-01-01T00:00:00")),
+            Just(json!("not a time")),
+            Just(json!([3, 1.5])),
+            Just(json!([1e300, null])),
+            Just(json!({"a": [1, {"b": null}]})),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<bool>().prop_map(Value::from),
+            "\\PC{0,6}".prop_map(Value::from),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(fuzz_cases(2000)))]
+
+        /// Hostile messages — headers of any type, repeated keys, bodies that are not base64
+        /// or not protocol v2 — expand exactly as parsing the whole message did.
+        #[test]
+        fn the_lean_reader_expands_as_the_whole_message_did(
+            fields in prop::collection::vec(
+                (prop::sample::select(HEADERS.to_vec()), header_value()), 0..10),
+            headers_kind in 0..4u8,
+            body_kind in 0..6u8,
+            encoding in prop_oneof![Just(json!("base64")), Just(json!("utf-8")), Just(json!(7))],
+            content_type in prop_oneof![
+                Just(None), Just(Some(json!("application/json"))),
+                Just(Some(json!("application/x-python-serialize"))), Just(Some(json!(1)))],
+            repeat in any::<bool>(),
+        ) {
+            // Headers written by hand, so keys can repeat.
+            let pairs: Vec<String> = fields
+                .iter()
+                .map(|(k, v)| format!("{}:{v}", json!(k)))
+                .collect();
+            let headers = match headers_kind {
+                0 => format!("{{{}}}", pairs.join(",")),
+                1 => "[1,2]".to_string(),
+                2 => "null".to_string(),
+                _ => format!("{{\"argsrepr\":\"(1,)\",{}}}", pairs.join(",")),
+            };
+            let body = match body_kind {
+                0 => json!([[1, "a"], {"k": [1]}, {"callbacks": [{"task": "t"}], "chain": null, "chord": null}]),
+                1 => json!([[], {}, {"chord": {"task": "x"}}]),
+                2 => json!({"not": "v2"}),
+                3 => json!([{"x": 1}, {}, {}]),
+                4 => json!([[], [1], "embed"]),
+                _ => json!([]),
+            }
+            .to_string();
+            let body = if encoding == json!("base64") && body_kind != 5 {
+                json!(base64::engine::general_purpose::STANDARD.encode(&body))
+            } else if body_kind == 5 {
+                json!("%%% not base64")
+            } else {
+                json!(body)
+            };
+            let mut top = vec![
+                format!("\"body\":{body}"),
+                format!("\"headers\":{headers}"),
+                format!("\"properties\":{{\"body_encoding\":{encoding},\"delivery_tag\":\"x\"}}"),
+            ];
+            if let Some(content_type) = &content_type {
+                top.push(format!("\"content-type\":{content_type}"));
+            }
+            if repeat {
+                top.push("\"headers\":{\"retries\":2}".to_string());
+                top.push("\"properties\":{}".to_string());
+            }
+            let raw = format!("{{{}}}", top.join(","));
+            for raw in [raw.clone(), format!("{raw} x"), "[1]".to_string(), "7".to_string()] {
+                let mut lean = Envelope::new("rt_add", "default");
+                lean.extra.insert(RAW_FIELD.into(), raw.clone().into());
+                let mut whole = lean.clone();
+                let (a, b) = (expand(&mut lean), expand_whole(&mut whole));
+                prop_assert_eq!(&a, &b, "{}", raw);
+                if a.is_ok() {
+                    prop_assert_eq!(&lean, &whole, "{}", raw);
+                }
+            }
+        }
+    }
 
     fn raw(body: &Value, headers: Value) -> String {
         let body = base64::engine::general_purpose::STANDARD.encode(body.to_string());

@@ -65,14 +65,15 @@ use redis::Script;
 use redis::aio::MultiplexedConnection;
 use std::borrow::Cow;
 
-use serde::de::value::MapAccessDeserializer;
-use serde::de::{Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::Celery;
+use super::lenient::{Lenient, Object, Text};
+use crate::broker::redis::evalsha;
 use crate::broker::{check_id, rfc3339};
 use crate::metrics::BridgeSeries;
 use crate::tree::TreeHandle;
@@ -319,108 +320,6 @@ impl<'de> Deserialize<'de> for Headers<'de> {
     }
 }
 
-/// A JSON string, borrowed from the input when it has no escapes.
-struct Text<'a>(Cow<'a, str>);
-
-impl<'de> Deserialize<'de> for Text<'de> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer
-            .deserialize_str(Strings)
-            .map(|text| Text(text.unwrap_or_default()))
-    }
-}
-
-/// Any JSON value: `Some` text when it is a string, `None` (skipped) otherwise.
-struct Lenient<'a>(Option<Cow<'a, str>>);
-
-impl<'de> Deserialize<'de> for Lenient<'de> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_any(Strings).map(Lenient)
-    }
-}
-
-/// Strings as text; every other value skipped as `None`.
-struct Strings;
-
-impl<'de> Visitor<'de> for Strings {
-    type Value = Option<Cow<'de, str>>;
-    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("any JSON value")
-    }
-    fn visit_borrowed_str<E: serde::de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
-        Ok(Some(Cow::Borrowed(v)))
-    }
-    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
-        Ok(Some(Cow::Owned(v.to_owned())))
-    }
-    fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Self::Value, E> {
-        Ok(Some(Cow::Owned(v)))
-    }
-    fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-    fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-    fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-    fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-    fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-        while seq.next_element::<IgnoredAny>()?.is_some() {}
-        Ok(None)
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-        Ok(None)
-    }
-}
-
-/// Any JSON value: `Some(T)` read from it when it is an object, `None` (skipped) otherwise.
-struct Object<T>(Option<T>);
-
-impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct Any<T>(std::marker::PhantomData<T>);
-        impl<'de, T: Deserialize<'de>> Visitor<'de> for Any<T> {
-            type Value = Object<T>;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("any JSON value")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
-                T::deserialize(MapAccessDeserializer::new(map)).map(|t| Object(Some(t)))
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
-                Strings.visit_seq(seq).map(|_| Object(None))
-            }
-            fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<Self::Value, E> {
-                Ok(Object(None))
-            }
-            fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Self::Value, E> {
-                Ok(Object(None))
-            }
-            fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Self::Value, E> {
-                Ok(Object(None))
-            }
-            fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Self::Value, E> {
-                Ok(Object(None))
-            }
-            fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Self::Value, E> {
-                Ok(Object(None))
-            }
-            fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
-                Ok(Object(None))
-            }
-        }
-        deserializer.deserialize_any(Any(std::marker::PhantomData))
-    }
-}
-
 /// A fetched message and where it goes.
 #[derive(Debug)]
 pub struct Planned {
@@ -479,8 +378,8 @@ struct Call {
 }
 
 impl Call {
-    /// `EVALSHA` (the script loaded first if Redis does not have it), built in one buffer:
-    /// each message's bytes are copied once on their way out.
+    /// `EVALSHA` built directly ([`evalsha`]: each message's bytes are copied once on their
+    /// way out; the script is loaded first if Redis does not have it).
     async fn run(mut self, plan: &Plan) -> redis::RedisResult<TakeReply> {
         let mut invocation = redis::cmd("EVALSHA");
         invocation
@@ -515,19 +414,7 @@ impl Call {
                     .arg(json!({ "reason": reason }).to_string()),
             };
         }
-        match invocation.query_async(&mut self.conn).await {
-            Err(err)
-                if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
-            {
-                redis::cmd("SCRIPT")
-                    .arg("LOAD")
-                    .arg(TAKE)
-                    .query_async::<()>(&mut self.conn)
-                    .await?;
-                invocation.query_async(&mut self.conn).await
-            }
-            answer => answer,
-        }
+        evalsha(&mut self.conn, &invocation, TAKE).await
     }
 }
 
@@ -1501,6 +1388,13 @@ mod tests {
             fetched,
             "fetched = held, not popped"
         );
+        // Redis lost the script (a restart, `SCRIPT FLUSH`): it is loaded again.
+        let mut conn = rig.conn.clone();
+        let _: () = redis::cmd("SCRIPT")
+            .arg("FLUSH")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
         let plan = Plan::of(fetched, &tasks());
         let (placed, codes, stopped, fetched) = rig.call(&plan, 2).await;
         assert_eq!((placed, codes.as_str(), stopped), (2, "mm", 0));
