@@ -4,13 +4,17 @@
 //!
 //! # The path of a message
 //!
-//! 1. **Taken over** — a [`bridge::BridgeActor`] per kombu queue waits on the queue's list with
-//!    `BLMOVE` into its holding list, then runs `celery/take.lua`, which `RPOP`s messages from
-//!    the holding list, then the kombu lists (`q`, then the priority sub-queues `q\x06\x163`,
-//!    `\x06\x166`, `\x06\x169`: lower number first) and `XADD`s each into the stream of the
-//!    runtime queue its task is mapped to, in **one script**: a crash between pop and add
-//!    cannot lose or duplicate a message. Messages that are not kombu JSON, lack `id`/`task`,
-//!    or name an unmapped task go to the dead letters of [`CelerySettings::dead_letter_queue`]
+//! 1. **Taken over** — a [`bridge::BridgeActor`] per kombu queue runs `celery.movers`
+//!    movers. A mover's call of `celery/take.lua` moves the oldest messages of the kombu lists
+//!    (`q`, then the priority sub-queues `q\x06\x163`, `\x06\x166`, `\x06\x169`: lower number
+//!    first) into the mover's holding list and returns them; the node decodes their headers
+//!    ([`bridge::placement`]) and the mover's next call places them — checking each against
+//!    the holding list byte for byte — `XADD`ing each into the stream of the runtime queue its
+//!    task is mapped to, in **one script**: a crash at any moment cannot lose or duplicate a
+//!    message (it is in a kombu list, a holding list, or one stream). When the queue is empty
+//!    the bridge waits on each of its lists with `BLMOVE` into a holding list, so a message of
+//!    any priority is taken at once. Messages that are not kombu JSON, lack `id`/`task`, or
+//!    name an unmapped task go to the dead letters of [`CelerySettings::dead_letter_queue`]
 //!    with the reason, in the same script. Celery's task id is kept and follows the runtime's
 //!    rule for chosen ids ([`crate::broker::check_id`]: refused ids are dead-lettered; a
 //!    taken id — its task queued, running, or ended less than `broker.result_ttl` ago — makes
@@ -31,6 +35,8 @@
 //! 3. **Results** — for an envelope with `celery` origin, the task actor writes
 //!    `celery-task-meta-<id>` (SUCCESS / FAILURE / RETRY / REVOKED, STARTED when `track_started`)
 //!    with the result TTL and `PUBLISH`es it on the channel of that name: that wakes `.get()`.
+//!    Results are written in batches (one pipeline for whatever is queued, up to
+//!    [`RESULT_BATCH`]); each task's outcome is recorded only once its own result is written.
 //!    Tasks without Celery origin pay one map lookup.
 //! 4. **Callbacks** — Celery's `link` (callbacks), `link_error` (errbacks) and chains are
 //!    settled here, not through the runtime's `link`: a signature whose task is mapped to a
@@ -52,14 +58,19 @@
 //! Redis error may repeat).
 
 pub mod bridge;
+mod lenient;
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use base64::Engine;
 use redis::aio::ConnectionManager;
+use serde::Deserialize;
+use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde_json::{Map, Value, json};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::broker::{
     AnyBroker, BrokerError, BrokerSettings, Envelope, TaskQueue, parse_time, rfc3339,
@@ -78,11 +89,24 @@ pub const PRIORITY_SEP: &str = "\x06\x16";
 /// kombu's priority steps besides 0 (the queue itself), lower first.
 pub const PRIORITY_STEPS: [u8; 3] = [3, 6, 9];
 
-/// `celery.batch` when not set: messages moved per script call.
+/// `celery.batch` when not set: messages a mover fetches per script call.
 pub const DEFAULT_BATCH: usize = 100;
-/// `celery.poll` when not set: the longest wait of a bridge's `BLMOVE` on an empty kombu queue
-/// (so the latest a message on a priority sub-queue is moved).
-pub const DEFAULT_POLL: Duration = Duration::from_millis(50);
+/// The largest `celery.batch` (a fetch returns that many messages to the node at once).
+pub const MAX_BATCH: usize = 10_000;
+/// `celery.movers` when not set: movers per kombu queue on a node (each its own holding list
+/// and script calls, so one's calls run in Redis while another decodes).
+pub const DEFAULT_MOVERS: usize = 2;
+/// The largest `celery.movers`.
+pub const MAX_MOVERS: usize = 32;
+/// `celery.poll` when not set: the timeout of a bridge's blocking waits on an empty kombu queue
+/// (every list of the queue is waited on, so a message is moved at once whatever its
+/// priority; the timeout only paces the bridge's housekeeping while the queue is empty).
+pub const DEFAULT_POLL: Duration = Duration::from_secs(1);
+/// The longest `celery.poll`: a holding list's registration outlives its wait by
+/// [`bridge::HOLD_GRACE`], so this bounds how late a dead node's holding list is adopted.
+pub const MAX_POLL: Duration = Duration::from_secs(300);
+/// Results (`celery-task-meta-*` SET + PUBLISH) written in one pipeline at most.
+pub const RESULT_BATCH: usize = 256;
 /// `celery.result_ttl` when not set: Celery's own `result_expires` default (one day).
 pub const DEFAULT_RESULT_TTL: Duration = Duration::from_secs(24 * 3600);
 /// `celery.default_queue` when not set: Celery's default queue.
@@ -109,11 +133,13 @@ pub struct CelerySettings {
     pub default_queue: String,
     /// TTL of `celery-task-meta-<id>`.
     pub result_ttl: Duration,
-    /// Timeout of a bridge's blocking wait on the kombu queue's own list: a message there is
-    /// moved at once, one on a priority sub-queue at most this late.
+    /// Timeout of a bridge's blocking waits on an empty kombu queue (every list of the queue,
+    /// priority sub-queues too, is waited on: a message is moved at once).
     pub poll: Duration,
-    /// Messages moved per script call.
+    /// Messages a mover fetches per script call.
     pub batch: usize,
+    /// Movers per kombu queue on this node.
+    pub movers: usize,
 }
 
 impl std::fmt::Debug for CelerySettings {
@@ -133,6 +159,7 @@ impl std::fmt::Debug for CelerySettings {
             .field("result_ttl", &self.result_ttl)
             .field("poll", &self.poll)
             .field("batch", &self.batch)
+            .field("movers", &self.movers)
             .finish()
     }
 }
@@ -161,11 +188,14 @@ impl CelerySettings {
             result_ttl: DEFAULT_RESULT_TTL,
             poll: DEFAULT_POLL,
             batch: DEFAULT_BATCH,
+            movers: DEFAULT_MOVERS,
         }
     }
 
     /// Every broken rule: a backend that is not Redis, an empty or repeated queue name, a
-    /// zero `batch`, `result_ttl` or `poll`. [`Celery::connect`] refuses settings with any.
+    /// `batch` outside 1..=[`MAX_BATCH`], `movers` outside 1..=[`MAX_MOVERS`], a zero
+    /// `result_ttl` or `poll`, a `poll` over [`MAX_POLL`]. [`Celery::connect`] refuses
+    /// settings with any.
     pub fn check(&self) -> Vec<InvalidCelery> {
         let mut errors = Vec::new();
         let mut bad = |field: String, reason: String| errors.push(InvalidCelery { field, reason });
@@ -191,13 +221,30 @@ impl CelerySettings {
                 bad(format!("queues[{i}]"), "empty queue name".into());
             }
         }
-        if self.batch == 0 {
-            bad("batch".into(), "must be at least 1, got 0".into());
+        for (field, value, max) in [
+            ("batch", self.batch, MAX_BATCH),
+            ("movers", self.movers, MAX_MOVERS),
+        ] {
+            if value == 0 {
+                bad(field.into(), "must be at least 1, got 0".into());
+            } else if value > max {
+                bad(field.into(), format!("must be at most {max}, got {value}"));
+            }
         }
         for (field, value) in [("result_ttl", self.result_ttl), ("poll", self.poll)] {
             if value.is_zero() {
                 bad(field.into(), "must be longer than zero".into());
             }
+        }
+        if self.poll > MAX_POLL {
+            bad(
+                "poll".into(),
+                format!(
+                    "must be at most {}, got {}",
+                    humantime::format_duration(MAX_POLL),
+                    humantime::format_duration(self.poll)
+                ),
+            );
         }
         errors
     }
@@ -210,7 +257,8 @@ pub struct Celery {
     broker: ConnectionManager,
     /// The runtime broker's Redis, for each bridge's own blocking connection.
     broker_client: redis::Client,
-    backend: ConnectionManager,
+    /// Writes results in batches (over the backend connection).
+    results: ResultWriter,
     runtime_of: HashMap<String, String>,
     /// The runtime broker's key prefix (`rt`).
     runtime_prefix: String,
@@ -279,6 +327,7 @@ impl Celery {
             Some(url) if url != broker_url => manager(url).await?,
             _ => broker_conn.clone(),
         };
+        let results = ResultWriter::spawn(backend);
         let runtime_of = settings
             .tasks
             .iter()
@@ -288,7 +337,7 @@ impl Celery {
             settings,
             broker: broker_conn,
             broker_client,
-            backend,
+            results,
             runtime_of,
             runtime_prefix: broker.prefix.clone(),
             events_maxlen: broker.events_maxlen,
@@ -313,15 +362,38 @@ impl Celery {
             .collect()
     }
 
-    /// The holding list of this node's bridge of `queue`: `<prefix>:celery:held:<node>:<queue>`
-    /// (the blocking take moves a message there, `take.lua` moves it on).
-    pub fn held_list(&self, queue: &str) -> String {
-        format!("{}:celery:held:{}:{queue}", self.runtime_prefix, self.node)
+    /// The holding list of mover `mover` of this node's bridge of `queue`:
+    /// `<prefix>:celery:held:<node>:<queue>` for mover 0 (the blocking waits move into it too),
+    /// `<prefix>:celery:held:<node>#<mover>:<queue>` for the others (`#` is in no node name,
+    /// so no other node's or queue's list has the name). A fetch moves messages there and the
+    /// next `take.lua` call places them.
+    pub fn held_list(&self, queue: &str, mover: usize) -> String {
+        match mover {
+            0 => format!("{}:celery:held:{}:{queue}", self.runtime_prefix, self.node),
+            n => format!(
+                "{}:celery:held:{}#{n}:{queue}",
+                self.runtime_prefix, self.node
+            ),
+        }
     }
 
-    /// The set of the nodes that may hold messages of `queue`: `<prefix>:celery:holders:<queue>`.
-    pub fn holders_key(&self, queue: &str) -> String {
+    /// The registry of the holding lists of `queue`: `<prefix>:celery:holding:<queue>`, a sorted
+    /// set of list keys, each scored with the time (Redis' clock, epoch ms) until which its
+    /// mover may still move messages into it. A list past its time that holds messages is an
+    /// orphan (its node died): another node's bridge adopts its messages.
+    pub fn holding_key(&self, queue: &str) -> String {
+        format!("{}:celery:holding:{queue}", self.runtime_prefix)
+    }
+
+    /// The set of node names an earlier version registered holding lists in:
+    /// `<prefix>:celery:holders:<queue>`; read by the sweep, never written.
+    pub fn legacy_holders_key(&self, queue: &str) -> String {
         format!("{}:celery:holders:{queue}", self.runtime_prefix)
+    }
+
+    /// The runtime broker's key prefix (`rt`).
+    pub fn runtime_prefix(&self) -> &str {
+        &self.runtime_prefix
     }
 
     fn meta_key(&self, id: &str) -> String {
@@ -347,19 +419,10 @@ impl Celery {
         })
         .to_string();
         let key = self.meta_key(id);
-        let ttl = (self.settings.result_ttl.as_millis() as u64).max(1);
-        let mut pipe = redis::pipe();
-        pipe.cmd("SET")
-            .arg(&key)
-            .arg(&meta)
-            .arg("PX")
-            .arg(ttl)
-            .ignore();
-        pipe.cmd("PUBLISH").arg(&key).arg(&meta).ignore();
-        let mut conn = self.backend.clone();
-        pipe.query_async::<()>(&mut conn)
-            .await
-            .map_err(|e| BrokerError::Command(format!("celery backend: {e}")))
+        let ttl = u64::try_from(self.settings.result_ttl.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        self.results.write(key, meta, ttl).await
     }
 
     /// Writes `STARTED` for a Celery-origin task whose runtime task has `track_started`.
@@ -573,6 +636,81 @@ impl Celery {
     }
 }
 
+/// One result to write (`SET key meta PX ttl` + `PUBLISH key meta`) and who waits for it.
+struct PendingResult {
+    key: String,
+    meta: String,
+    ttl_ms: u64,
+    done: oneshot::Sender<Result<(), String>>,
+}
+
+/// Writes results in batches: a caller queues its result and waits until it is written; one
+/// task sends whatever is queued as one pipeline (up to [`RESULT_BATCH`]), so under load many
+/// results share a round trip, and at a trickle each goes at once. Each caller still learns
+/// whether its own result was written: the runtime records a task's outcome only after (a
+/// crash in between re-runs the task and writes the result again, never loses it).
+#[derive(Clone)]
+struct ResultWriter {
+    queue: mpsc::Sender<PendingResult>,
+}
+
+impl ResultWriter {
+    /// The writer task (on the current tokio runtime) and its handle; the task ends when the
+    /// last handle is dropped.
+    fn spawn(mut conn: ConnectionManager) -> Self {
+        let (queue, mut pending) = mpsc::channel::<PendingResult>(RESULT_BATCH * 4);
+        tokio::spawn(async move {
+            let mut batch = Vec::with_capacity(RESULT_BATCH);
+            while pending.recv_many(&mut batch, RESULT_BATCH).await > 0 {
+                let written = result_pipeline(&batch)
+                    .query_async::<()>(&mut conn)
+                    .await
+                    .map_err(|e| e.to_string());
+                for result in batch.drain(..) {
+                    let _ = result.done.send(written.clone());
+                }
+            }
+        });
+        Self { queue }
+    }
+
+    /// Queues one result and waits until the pipeline carrying it has been answered.
+    async fn write(&self, key: String, meta: String, ttl_ms: u64) -> Result<(), BrokerError> {
+        let stopped = || BrokerError::Command("celery backend: the result writer stopped".into());
+        let (done, written) = oneshot::channel();
+        let result = PendingResult {
+            key,
+            meta,
+            ttl_ms,
+            done,
+        };
+        self.queue.send(result).await.map_err(|_| stopped())?;
+        written
+            .await
+            .map_err(|_| stopped())?
+            .map_err(|e| BrokerError::Command(format!("celery backend: {e}")))
+    }
+}
+
+/// The pipeline of a batch of results: per result its `SET … PX` then its `PUBLISH` (a `.get()`
+/// woken by the message finds the value stored).
+fn result_pipeline(batch: &[PendingResult]) -> redis::Pipeline {
+    let mut pipe = redis::pipe();
+    for result in batch {
+        pipe.cmd("SET")
+            .arg(&result.key)
+            .arg(&result.meta)
+            .arg("PX")
+            .arg(result.ttl_ms)
+            .ignore();
+        pipe.cmd("PUBLISH")
+            .arg(&result.key)
+            .arg(&result.meta)
+            .ignore();
+    }
+    pipe
+}
+
 /// The bridge as the consumer sees it ([`Origin`]): envelopes carrying `celery_raw` or
 /// `celery` are its own. Installed on every node, with or without `[celery]`: a node without
 /// the bridge still decodes the raw messages another node moved (it writes no results then).
@@ -603,7 +741,14 @@ impl Origin for CeleryOrigin {
     }
 
     fn started(&self, envelope: &Envelope) -> Option<BoxFuture<'static, ()>> {
-        let celery = self.celery.clone()?;
+        let celery = self.celery.as_ref()?;
+        // Nothing to write (most tasks): no copy of the envelope, no task spawned for it.
+        if !envelope.extra.contains_key(ORIGIN_FIELD)
+            || !celery.settings.track_started.contains(&envelope.task)
+        {
+            return None;
+        }
+        let celery = Arc::clone(celery);
         let envelope = envelope.clone();
         Some(Box::pin(async move {
             if let Err(err) = celery.started(&envelope).await {
@@ -748,22 +893,31 @@ pub fn expand(envelope: &mut Envelope) -> Result<(), String> {
     let Some(Value::String(raw)) = envelope.extra.remove(RAW_FIELD) else {
         return Err("celery: `celery_raw` is not the raw message text".into());
     };
-    let message: Value =
-        serde_json::from_str(&raw).map_err(|e| format!("celery: message is not JSON: {e}"))?;
-    let headers = &message["headers"];
-    let properties = &message["properties"];
-    let content_type = message["content-type"]
-        .as_str()
+    let message = serde_json::from_str::<lenient::Object<Kombu<'_>>>(&raw)
+        .map_err(|e| format!("celery: message is not JSON: {e}"))?
+        .0
+        .unwrap_or_default();
+    let header = |name: &str| -> Value {
+        HEADERS
+            .iter()
+            .position(|field| *field == name)
+            .and_then(|at| message.headers.get(at).cloned().flatten())
+            .unwrap_or(Value::Null)
+    };
+    let content_type = message
+        .content_type
+        .as_deref()
         .unwrap_or("application/json");
     if content_type != "application/json" {
         return Err(format!(
             "celery: content-type `{content_type}` is not supported (only json)"
         ));
     }
-    let body = message["body"]
-        .as_str()
+    let body = message
+        .body
+        .as_deref()
         .ok_or("celery: message without a `body` string")?;
-    let body = match properties["body_encoding"].as_str() {
+    let body = match message.body_encoding.as_ref().and_then(Value::as_str) {
         Some("base64") => base64::engine::general_purpose::STANDARD
             .decode(body)
             .map_err(|e| format!("celery: body is not base64: {e}"))?,
@@ -775,7 +929,7 @@ pub fn expand(envelope: &mut Envelope) -> Result<(), String> {
         return Err("celery: body is not [args, kwargs, embed] (protocol v2)".into());
     };
     parts.resize(3, Value::Null);
-    let embed = parts.pop().unwrap_or_default();
+    let mut embed = parts.pop().unwrap_or_default();
     envelope.kwargs = match parts.pop() {
         Some(Value::Object(kwargs)) => kwargs,
         Some(Value::Null) | None => Map::new(),
@@ -789,33 +943,253 @@ pub fn expand(envelope: &mut Envelope) -> Result<(), String> {
     if !embed["chord"].is_null() {
         return Err("celery: chords are not supported by the runtime".into());
     }
-    envelope.eta = celery_time(&headers["eta"], "eta")?.map(Into::into);
-    envelope.expires = celery_time(&headers["expires"], "expires")?.map(Into::into);
+    envelope.eta = celery_time(&header("eta"), "eta")?.map(Into::into);
+    envelope.expires = celery_time(&header("expires"), "expires")?.map(Into::into);
     // A count past u32 is as good as exhausted: never wrapped round to a first attempt.
-    envelope.attempt = headers["retries"]
+    envelope.attempt = header("retries")
         .as_u64()
         .map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX));
-    if let Some(limits) = headers["timelimit"].as_array() {
+    if let Some(limits) = header("timelimit").as_array() {
         // Celery sends [hard, soft].
         envelope.time_limit_ms = seconds_ms(limits.first(), "timelimit[0]")?;
         envelope.soft_time_limit_ms = seconds_ms(limits.get(1), "timelimit[1]")?;
     }
-    envelope.root_id = headers["root_id"].as_str().map(str::to_string);
-    envelope.parent_id = headers["parent_id"].as_str().map(str::to_string);
+    envelope.root_id = header("root_id").as_str().map(str::to_string);
+    envelope.parent_id = header("parent_id").as_str().map(str::to_string);
+    let mut take = |name: &str| embed.get_mut(name).map(Value::take).unwrap_or_default();
     let origin = json!({
-        "task": headers["task"],
-        "callbacks": embed["callbacks"],
-        "errbacks": embed["errbacks"],
-        "chain": embed["chain"],
-        "ignore_result": headers["ignore_result"],
+        "task": header("task"),
+        "callbacks": take("callbacks"),
+        "errbacks": take("errbacks"),
+        "chain": take("chain"),
+        "ignore_result": header("ignore_result"),
     });
     envelope.extra.insert(ORIGIN_FIELD.into(), origin);
     Ok(())
 }
 
+/// The fields of a message's `headers` that [`expand`] reads.
+const HEADERS: [&str; 8] = [
+    "eta",
+    "expires",
+    "retries",
+    "timelimit",
+    "root_id",
+    "parent_id",
+    "task",
+    "ignore_result",
+];
+
+/// A kombu message as [`expand`] reads it: `body` and `content-type` when strings, the
+/// [`HEADERS`] of `headers` and `properties.body_encoding` (the rest skipped unbuilt; a
+/// repeated key's last value kept, as parsing into a `Value` keeps it).
+#[derive(Default)]
+struct Kombu<'a> {
+    body: Option<Cow<'a, str>>,
+    content_type: Option<Cow<'a, str>>,
+    /// [`HEADERS`], in order (empty when `headers` is absent).
+    headers: Vec<Option<Value>>,
+    body_encoding: Option<Value>,
+}
+
+impl<'de> Deserialize<'de> for Kombu<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Fields;
+        impl<'de> Visitor<'de> for Fields {
+            type Value = Kombu<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a kombu message")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut message = Kombu::default();
+                while let Some(lenient::Text(key)) = map.next_key()? {
+                    match key.as_ref() {
+                        "body" => message.body = map.next_value::<lenient::Lenient<'de>>()?.0,
+                        "content-type" => {
+                            message.content_type = map.next_value::<lenient::Lenient<'de>>()?.0;
+                        }
+                        "headers" => {
+                            message.headers = map.next_value_seed(lenient::Pick(&HEADERS))?
+                        }
+                        "properties" => {
+                            message.body_encoding = map
+                                .next_value_seed(lenient::Pick(&["body_encoding"]))?
+                                .pop()
+                                .flatten();
+                        }
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(message)
+            }
+        }
+        deserializer.deserialize_map(Fields)
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
+    use crate::test_util::fuzz_cases;
+
+    /// [`expand`] as it was written first, parsing the whole message into a `Value`: the lean
+    /// reader must decide every message as it did.
+    fn expand_whole(envelope: &mut Envelope) -> Result<(), String> {
+        let Some(Value::String(raw)) = envelope.extra.remove(RAW_FIELD) else {
+            return Err("celery: `celery_raw` is not the raw message text".into());
+        };
+        let message: Value =
+            serde_json::from_str(&raw).map_err(|e| format!("celery: message is not JSON: {e}"))?;
+        let headers = &message["headers"];
+        let properties = &message["properties"];
+        let content_type = message["content-type"]
+            .as_str()
+            .unwrap_or("application/json");
+        if content_type != "application/json" {
+            return Err(format!(
+                "celery: content-type `{content_type}` is not supported (only json)"
+            ));
+        }
+        let body = message["body"]
+            .as_str()
+            .ok_or("celery: message without a `body` string")?;
+        let body = match properties["body_encoding"].as_str() {
+            Some("base64") => base64::engine::general_purpose::STANDARD
+                .decode(body)
+                .map_err(|e| format!("celery: body is not base64: {e}"))?,
+            _ => body.as_bytes().to_vec(),
+        };
+        let body: Value =
+            serde_json::from_slice(&body).map_err(|e| format!("celery: body is not JSON: {e}"))?;
+        let Value::Array(mut parts) = body else {
+            return Err("celery: body is not [args, kwargs, embed] (protocol v2)".into());
+        };
+        parts.resize(3, Value::Null);
+        let embed = parts.pop().unwrap_or_default();
+        envelope.kwargs = match parts.pop() {
+            Some(Value::Object(kwargs)) => kwargs,
+            Some(Value::Null) | None => Map::new(),
+            Some(other) => return Err(format!("celery: kwargs is not an object: {other}")),
+        };
+        envelope.args = match parts.pop() {
+            Some(Value::Array(args)) => args,
+            Some(Value::Null) | None => Vec::new(),
+            Some(other) => return Err(format!("celery: args is not a list: {other}")),
+        };
+        if !embed["chord"].is_null() {
+            return Err("celery: chords are not supported by the runtime".into());
+        }
+        envelope.eta = celery_time(&headers["eta"], "eta")?.map(Into::into);
+        envelope.expires = celery_time(&headers["expires"], "expires")?.map(Into::into);
+        envelope.attempt = headers["retries"]
+            .as_u64()
+            .map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX));
+        if let Some(limits) = headers["timelimit"].as_array() {
+            envelope.time_limit_ms = seconds_ms(limits.first(), "timelimit[0]")?;
+            envelope.soft_time_limit_ms = seconds_ms(limits.get(1), "timelimit[1]")?;
+        }
+        envelope.root_id = headers["root_id"].as_str().map(str::to_string);
+        envelope.parent_id = headers["parent_id"].as_str().map(str::to_string);
+        let origin = json!({
+            "task": headers["task"],
+            "callbacks": embed["callbacks"],
+            "errbacks": embed["errbacks"],
+            "chain": embed["chain"],
+            "ignore_result": headers["ignore_result"],
+        });
+        envelope.extra.insert(ORIGIN_FIELD.into(), origin);
+        Ok(())
+    }
+
+    /// A JSON value for a header: mostly plausible ones, some hostile.
+    fn header_value() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            Just(Value::Null),
+            Just(json!("2026-01-01T00:00:00")),
+            Just(json!("not a time")),
+            Just(json!([3, 1.5])),
+            Just(json!([1e300, null])),
+            Just(json!({"a": [1, {"b": null}]})),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<bool>().prop_map(Value::from),
+            "\\PC{0,6}".prop_map(Value::from),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(fuzz_cases(2000)))]
+
+        /// Hostile messages — headers of any type, repeated keys, bodies that are not base64
+        /// or not protocol v2 — expand exactly as parsing the whole message did.
+        #[test]
+        fn the_lean_reader_expands_as_the_whole_message_did(
+            fields in prop::collection::vec(
+                (prop::sample::select(HEADERS.to_vec()), header_value()), 0..10),
+            headers_kind in 0..4u8,
+            body_kind in 0..6u8,
+            encoding in prop_oneof![Just(json!("base64")), Just(json!("utf-8")), Just(json!(7))],
+            content_type in prop_oneof![
+                Just(None), Just(Some(json!("application/json"))),
+                Just(Some(json!("application/x-python-serialize"))), Just(Some(json!(1)))],
+            repeat in any::<bool>(),
+        ) {
+            // Headers written by hand, so keys can repeat.
+            let pairs: Vec<String> = fields
+                .iter()
+                .map(|(k, v)| format!("{}:{v}", json!(k)))
+                .collect();
+            let headers = match headers_kind {
+                0 => format!("{{{}}}", pairs.join(",")),
+                1 => "[1,2]".to_string(),
+                2 => "null".to_string(),
+                _ => format!("{{\"argsrepr\":\"(1,)\",{}}}", pairs.join(",")),
+            };
+            let body = match body_kind {
+                0 => json!([[1, "a"], {"k": [1]}, {"callbacks": [{"task": "t"}], "chain": null, "chord": null}]),
+                1 => json!([[], {}, {"chord": {"task": "x"}}]),
+                2 => json!({"not": "v2"}),
+                3 => json!([{"x": 1}, {}, {}]),
+                4 => json!([[], [1], "embed"]),
+                _ => json!([]),
+            }
+            .to_string();
+            let body = if encoding == json!("base64") && body_kind != 5 {
+                json!(base64::engine::general_purpose::STANDARD.encode(&body))
+            } else if body_kind == 5 {
+                json!("%%% not base64")
+            } else {
+                json!(body)
+            };
+            let mut top = vec![
+                format!("\"body\":{body}"),
+                format!("\"headers\":{headers}"),
+                format!("\"properties\":{{\"body_encoding\":{encoding},\"delivery_tag\":\"x\"}}"),
+            ];
+            if let Some(content_type) = &content_type {
+                top.push(format!("\"content-type\":{content_type}"));
+            }
+            if repeat {
+                top.push("\"headers\":{\"retries\":2}".to_string());
+                top.push("\"properties\":{}".to_string());
+            }
+            let raw = format!("{{{}}}", top.join(","));
+            for raw in [raw.clone(), format!("{raw} x"), "[1]".to_string(), "7".to_string()] {
+                let mut lean = Envelope::new("rt_add", "default");
+                lean.extra.insert(RAW_FIELD.into(), raw.clone().into());
+                let mut whole = lean.clone();
+                let (a, b) = (expand(&mut lean), expand_whole(&mut whole));
+                prop_assert_eq!(&a, &b, "{}", raw);
+                if a.is_ok() {
+                    prop_assert_eq!(&lean, &whole, "{}", raw);
+                }
+            }
+        }
+    }
 
     fn raw(body: &Value, headers: Value) -> String {
         let body = base64::engine::general_purpose::STANDARD.encode(body.to_string());
@@ -934,5 +1308,70 @@ mod tests {
         assert_eq!(envelope.args, vec![json!(5)]);
         assert_eq!(envelope.parent_id.as_deref(), Some("p"));
         assert_eq!(envelope.extra[ORIGIN_FIELD]["task"], "tasks.mul");
+    }
+
+    /// Results written concurrently share pipelines, and each caller learns when its own is
+    /// stored and published — or that it was not.
+    #[tokio::test]
+    async fn results_are_written_in_batches_and_each_caller_is_answered() {
+        let mut server = crate::test_util::RedisServer::start();
+        let client = redis::Client::open(server.url()).unwrap();
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(100))
+            .set_response_timeout(Some(Duration::from_secs(2)));
+        let conn = ConnectionManager::new_with_config(client.clone(), config)
+            .await
+            .unwrap();
+        let writer = ResultWriter::spawn(conn.clone());
+        let mut pubsub = client.get_async_pubsub().await.unwrap();
+        pubsub.psubscribe("celery-task-meta-*").await.unwrap();
+        let writes = (0..600).map(|n| {
+            let writer = writer.clone();
+            async move {
+                let key = format!("celery-task-meta-{n}");
+                writer.write(key, format!("{{\"n\":{n}}}"), 60_000).await
+            }
+        });
+        for written in futures_util::future::join_all(writes).await {
+            written.unwrap();
+        }
+        let mut check = conn.clone();
+        let keys: Vec<String> = (0..600).map(|n| format!("celery-task-meta-{n}")).collect();
+        let values: Vec<Option<String>> = redis::cmd("MGET")
+            .arg(&keys)
+            .query_async(&mut check)
+            .await
+            .unwrap();
+        for (n, value) in values.iter().enumerate() {
+            assert_eq!(value.as_deref(), Some(format!("{{\"n\":{n}}}").as_str()));
+        }
+        let ttl: i64 = redis::cmd("PTTL")
+            .arg(&keys[0])
+            .query_async(&mut check)
+            .await
+            .unwrap();
+        assert!(ttl > 50_000 && ttl <= 60_000, "{ttl}");
+        use futures_util::StreamExt;
+        let mut messages = pubsub.on_message();
+        for _ in 0..600 {
+            let message = tokio::time::timeout(Duration::from_secs(5), messages.next())
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(message.get_channel_name().starts_with("celery-task-meta-"));
+        }
+        drop(messages);
+        // Redis gone: the caller is told its result was not written (the runtime then retries
+        // recording the outcome), not left waiting.
+        server.stop();
+        let err = tokio::time::timeout(
+            Duration::from_secs(20),
+            writer.write("celery-task-meta-x".into(), "{}".into(), 1000),
+        )
+        .await
+        .expect("an answer")
+        .unwrap_err();
+        assert!(err.to_string().contains("celery backend: "), "{err}");
     }
 }

@@ -1476,6 +1476,7 @@ impl Compiler<'_> {
         s.result_ttl = self.duration("celery.result_ttl", &raw.result_ttl, s.result_ttl);
         s.poll = self.duration("celery.poll", &raw.poll, s.poll);
         s.batch = raw.batch.map_or(s.batch, |n| n as usize);
+        s.movers = raw.movers.map_or(s.movers, |n| n as usize);
         // Each runtime task runs on its queue; one that did not compile is reported already.
         let mapped = |runtime: &str| {
             let task = compiled.get(runtime)?;

@@ -562,11 +562,13 @@ pub(crate) struct RawCelery {
     pub(crate) default_queue: Option<String>,
     /// How long `celery-task-meta-<id>` is kept (`result_expires`). Default `"1d"`.
     pub(crate) result_ttl: Option<RawDuration>,
-    /// Timeout of the bridge's blocking wait on an empty kombu queue: a message on the queue
-    /// is taken at once, one on a priority sub-queue at most this late. Default `"50ms"`.
+    /// Timeout of the bridge's blocking waits on an empty kombu queue (each of its lists is
+    /// waited on, so a message is taken at once whatever its priority). Default `"1s"`.
     pub(crate) poll: Option<RawDuration>,
-    /// Messages moved per script call. Default 100.
+    /// Messages a mover fetches per script call. Default 100.
     pub(crate) batch: Option<u32>,
+    /// Movers per kombu queue on this node. Default 2.
+    pub(crate) movers: Option<u32>,
     /// `[celery.tasks."CELERY.NAME"]`: Celery task names the runtime runs. A name not listed
     /// runs the runtime task of the same name, if there is one.
     #[serde(default)]

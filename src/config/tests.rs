@@ -1011,6 +1011,32 @@ fn the_celery_tables_own_rules_are_the_librarys_each_named_at_its_key() {
             "error: celery.poll: must be longer than zero",
         ]
     );
+    let lines = fails(&format!(
+        "{base}[celery]\nqueues = [\"celery\"]\nbatch = 10001\nmovers = 0\npoll = \"6m\"\n"
+    ));
+    assert_eq!(
+        lines,
+        [
+            "error: celery.batch: must be at most 10000, got 10001",
+            "error: celery.movers: must be at least 1, got 0",
+            "error: celery.poll: must be at most 5m, got 6m",
+        ]
+    );
+    let lines = fails(&format!("{base}[celery]\nmovers = 33\n"));
+    assert_eq!(lines, ["error: celery.movers: must be at most 32, got 33"]);
+    let (config, _) = ok(&format!(
+        "{base}[celery]\nqueues = [\"celery\"]\nbatch = 500\nmovers = 4\npoll = \"5m\"\n"
+    ));
+    let celery = config.celery.expect("[celery]");
+    assert_eq!((celery.batch, celery.movers), (500, 4));
+    assert_eq!(celery.poll, std::time::Duration::from_secs(300));
+    let (config, _) = ok(&format!("{base}[celery]\nqueues = [\"celery\"]\n"));
+    let celery = config.celery.expect("[celery]");
+    assert_eq!(
+        (celery.batch, celery.movers, celery.poll),
+        (100, 2, std::time::Duration::from_secs(1)),
+        "the defaults"
+    );
 }
 
 #[test]

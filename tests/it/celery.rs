@@ -475,21 +475,18 @@ async fn a_wrong_type_runtime_stream_loses_no_celery_message() {
         error.contains("rt:{default}:stream holds a string, not a stream"),
         "{bridge}"
     );
-    // The bridge's blocking take may have moved it into its holding list (whence the next
-    // take moves it on): it is in exactly one of the two.
-    let held = bridge["held_list"].as_str().unwrap();
-    let (waiting, in_held): (u64, u64) = redis::pipe()
-        .cmd("LLEN")
-        .arg("celery")
-        .cmd("LLEN")
-        .arg(held)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    // A fetch (or a wait) has moved it into a holding list, whence the next call places it:
+    // it is in exactly one list.
+    let mut pipe = redis::pipe();
+    pipe.cmd("LLEN").arg("celery");
+    for held in bridge["held_lists"].as_array().unwrap() {
+        pipe.cmd("LLEN").arg(held.as_str().unwrap());
+    }
+    let lengths: Vec<u64> = pipe.query_async(&mut conn).await.unwrap();
     assert_eq!(
-        waiting + in_held,
+        lengths.iter().sum::<u64>(),
         1,
-        "the message stays in its kombu list or the holding list"
+        "the message stays in its kombu list or a holding list: {lengths:?}"
     );
     let _: () = redis::cmd("DEL")
         .arg("rt:{default}:stream")
@@ -501,13 +498,16 @@ async fn a_wrong_type_runtime_stream_loses_no_celery_message() {
 }
 
 /// Messages left in holding lists when a node starts — its own (a node of the same name killed
-/// between its `BLMOVE` and its take) and a dead node's (named in the holders set, no presence
-/// record) — are moved first, once each: a copy of the held message still in the kombu list
-/// is dropped as a duplicate, not run again.
+/// between a move into its holding list and placing the message), a dead node's (its
+/// registration in the holding registry ran out) and one of a node of the earlier version
+/// (named in the legacy holders set, no presence record) — are moved first, once each: a copy
+/// of the held message still in the kombu list is dropped as a duplicate, not run again. A
+/// list whose node's registration still runs is left alone until it runs out.
 #[tokio::test]
 async fn messages_in_holding_lists_when_a_node_starts_run_once() {
     let redis = RedisServer::start();
     let mut conn = redis_conn(&redis).await;
+    let far = 4_000_000_000_000u64; // epoch ms, in 2096
     let _: () = redis::pipe()
         .cmd("LPUSH")
         .arg("rt:celery:held:n1:celery")
@@ -522,6 +522,21 @@ async fn messages_in_holding_lists_when_a_node_starts_run_once() {
         .arg("gone")
         .ignore()
         .cmd("LPUSH")
+        .arg("rt:celery:held:dead#1:celery")
+        .arg(kombu_message("held-dead"))
+        .ignore()
+        .cmd("LPUSH")
+        .arg("rt:celery:held:alive:celery")
+        .arg(kombu_message("held-alive"))
+        .ignore()
+        .cmd("ZADD")
+        .arg("rt:celery:holding:celery")
+        .arg(0)
+        .arg("rt:celery:held:dead#1:celery")
+        .arg(far)
+        .arg("rt:celery:held:alive:celery")
+        .ignore()
+        .cmd("LPUSH")
         .arg("celery")
         .arg(kombu_message("held-own"))
         .ignore()
@@ -530,23 +545,54 @@ async fn messages_in_holding_lists_when_a_node_starts_run_once() {
         .unwrap();
     let config = config("").replace("[runtime]\n", "[runtime]\nnode_name = \"n1\"\n");
     let node = Node::start(&config, &[("RT_BROKER_URL", redis.url().as_str())]);
-    let bridge = bridge_until(&node, |s| s["moved"] == 2 && s["duplicates"] == 1).await;
+    let bridge = bridge_until(&node, |s| s["moved"] == 3 && s["duplicates"] == 1).await;
     assert_eq!(bridge["held_list"], "rt:celery:held:n1:celery", "{bridge}");
-    for id in ["held-own", "held-orphan"] {
+    for id in ["held-own", "held-orphan", "held-dead"] {
         node.until_state(id, &["succeeded"], Duration::from_secs(10))
             .await;
     }
-    let (own, orphan, kombu): (u64, u64, u64) = redis::pipe()
+    let lengths: Vec<u64> = redis::pipe()
         .cmd("LLEN")
         .arg("rt:celery:held:n1:celery")
         .cmd("LLEN")
         .arg("rt:celery:held:gone:celery")
         .cmd("LLEN")
+        .arg("rt:celery:held:dead#1:celery")
+        .cmd("LLEN")
         .arg("celery")
+        .cmd("LLEN")
+        .arg("rt:celery:held:alive:celery")
         .query_async(&mut conn)
         .await
         .unwrap();
-    assert_eq!((own, orphan, kombu), (0, 0, 0));
+    assert_eq!(
+        lengths,
+        [0, 0, 0, 0, 1],
+        "the live node's list is left alone"
+    );
+    // Its node stops renewing the registration: the next sweep (every 10 s) adopts it.
+    let _: () = redis::cmd("ZADD")
+        .arg("rt:celery:holding:celery")
+        .arg(0)
+        .arg("rt:celery:held:alive:celery")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    common::eventually(
+        "the run-out list adopted",
+        Duration::from_secs(20),
+        async || {
+            let snapshot = node.actor("root/celery/celery").await.unwrap()["snapshot"].clone();
+            if snapshot["moved"] == 4 {
+                Ok(())
+            } else {
+                Err(snapshot)
+            }
+        },
+    )
+    .await;
+    node.until_state("held-alive", &["succeeded"], Duration::from_secs(10))
+        .await;
     let events: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
         .arg("rt:events")
         .arg("-")
@@ -554,7 +600,7 @@ async fn messages_in_holding_lists_when_a_node_starts_run_once() {
         .query_async(&mut conn)
         .await
         .unwrap();
-    for id in ["held-own", "held-orphan"] {
+    for id in ["held-own", "held-orphan", "held-dead", "held-alive"] {
         let started = events
             .iter()
             .filter(|(_, fields)| {
@@ -564,4 +610,42 @@ async fn messages_in_holding_lists_when_a_node_starts_run_once() {
             .count();
         assert_eq!(started, 1, "{id} started {started} times");
     }
+}
+
+/// Every kombu list of the queue is waited on (one `BLMOVE` each): a message on a priority
+/// sub-queue is taken at once, however long `celery.poll` is.
+#[tokio::test]
+async fn a_message_on_a_priority_sub_queue_is_taken_at_once() {
+    let redis = RedisServer::start();
+    let config = config("").replace("poll = \"20ms\"", "poll = \"60s\"");
+    let node = Node::start(&config, &[("RT_BROKER_URL", redis.url().as_str())]);
+    // Idle: a wait on each of the four lists.
+    bridge_until(&node, |s| s["blocks"] == 4).await;
+    let mut conn = redis_conn(&redis).await;
+    for (list, id) in [
+        ("celery\x06\x169", "prio-9"),
+        ("celery\x06\x163", "prio-3"),
+        ("celery", "prio-0"),
+    ] {
+        let sent = Instant::now();
+        let _: () = redis::cmd("LPUSH")
+            .arg(list)
+            .arg(kombu_message(id))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        node.until_state(id, &["succeeded"], Duration::from_secs(5))
+            .await;
+        assert!(
+            sent.elapsed() < Duration::from_secs(3),
+            "{id} took {:?} (the waits time out after 60 s)",
+            sent.elapsed()
+        );
+    }
+    let bridge = node.actor("root/celery/celery").await.unwrap();
+    assert_eq!(bridge["snapshot"]["moved"], 3, "{bridge}");
+    assert!(
+        bridge["snapshot"]["take_ms"]["samples"].as_u64() >= Some(1),
+        "{bridge}"
+    );
 }

@@ -207,8 +207,34 @@ const SCRIPT_BATCH: usize = 256;
 /// Dead letters read per page by `requeue_dead`.
 const DEAD_PAGE: usize = 100;
 
+/// `commit.lua`, called with [`evalsha`] (one copy of its arguments: it carries every outcome).
+const COMMIT: &str = include_str!("redis/commit.lua");
+
+/// Runs `cmd` — an `EVALSHA` of the script whose source is `code` — loading the script first
+/// when Redis does not have it (after a restart or `SCRIPT FLUSH`), as redis-rs'
+/// `ScriptInvocation` does; but a command built directly holds each argument once, where an
+/// invocation copies each into a buffer of its own first (for the outcomes of busy queues and
+/// the Celery bridge's moves, most of what is sent).
+pub(crate) async fn evalsha<T: redis::FromRedisValue>(
+    conn: &mut ConnectionManager,
+    cmd: &redis::Cmd,
+    code: &str,
+) -> RedisResult<T> {
+    match cmd.query_async(conn).await {
+        Err(err) if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+            redis::cmd("SCRIPT")
+                .arg("LOAD")
+                .arg(code)
+                .query_async::<()>(conn)
+                .await?;
+            cmd.query_async(conn).await
+        }
+        answer => answer,
+    }
+}
+
 /// The Lua scripts (`broker/redis/*.lua`), loaded on first use and again after a restart
-/// (`NOSCRIPT` makes redis-rs load and retry).
+/// (`NOSCRIPT` makes redis-rs, or [`evalsha`], load and retry).
 struct Scripts {
     commit: Script,
     enqueue: Script,
@@ -321,7 +347,7 @@ impl RedisBroker {
             blocking: Mutex::new(HashMap::new()),
             health: Health::default(),
             scripts: Scripts {
-                commit: Script::new(include_str!("redis/commit.lua")),
+                commit: Script::new(COMMIT),
                 enqueue: Script::new(include_str!("redis/enqueue.lua")),
                 recover: Script::new(include_str!("redis/recover.lua")),
                 promote: Script::new(include_str!("redis/promote.lua")),
@@ -367,28 +393,38 @@ impl RedisBroker {
     async fn write_outcomes(&self, outcomes: Vec<Pipeline>) -> Result<(), BrokerError> {
         let soon = self.take_soon();
         let all: Vec<&Pipeline> = soon.iter().chain(&outcomes).collect();
-        let mut invocation = self.scripts.commit.prepare_invoke();
-        let mut keys: Vec<&[u8]> = Vec::new();
+        // Every key the commands write (each command names its key second), declared first.
+        let mut keys: Vec<&[u8]> = all
+            .iter()
+            .flat_map(|pipe| pipe.cmd_iter())
+            .filter_map(|cmd| match cmd.args_iter().nth(1) {
+                Some(redis::Arg::Simple(key)) => Some(key),
+                _ => None,
+            })
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let mut invocation = redis::cmd("EVALSHA");
+        invocation
+            .arg(self.scripts.commit.get_hash())
+            .arg(keys.len())
+            .arg(keys);
         for pipe in &all {
             invocation.arg(pipe.len());
             for cmd in pipe.cmd_iter() {
-                let args: Vec<&[u8]> = cmd
-                    .args_iter()
-                    .filter_map(|arg| match arg {
-                        redis::Arg::Simple(bytes) => Some(bytes),
-                        // No cursor command is ever built here.
-                        _ => None,
-                    })
-                    .collect();
-                keys.extend(args.get(1));
-                invocation.arg(args.len()).arg(args);
+                // No cursor command is ever built here: every argument is simple.
+                let args = cmd.args_iter().filter_map(|arg| match arg {
+                    redis::Arg::Simple(bytes) => Some(bytes),
+                    _ => None,
+                });
+                invocation.arg(args.clone().count());
+                for arg in args {
+                    invocation.arg(arg);
+                }
             }
         }
-        keys.sort_unstable();
-        keys.dedup();
-        invocation.key(keys);
         let mut conn = self.manager.clone();
-        let answers: Vec<Value> = self.observe(invocation.invoke_async(&mut conn).await)?;
+        let answers: Vec<Value> = self.observe(evalsha(&mut conn, &invocation, COMMIT).await)?;
         let mut answers = answers.into_iter();
         if soon.is_some()
             && let Some(answer) = answers.next()

@@ -1,151 +1,152 @@
--- take.lua: moves up to one batch of Celery messages from the kombu lists of one queue into
--- the runtime's streams (celery::bridge), atomically: a message is either still in its kombu
--- list or in exactly one runtime stream (or, when malformed, in the dead letters) — never in
--- two places and never in none, whenever the calling process dies.
+-- take.lua: one call of a Celery bridge's mover (celery::bridge): places the messages its
+-- last call fetched, then fetches the next ones — atomically, so a message is always in
+-- exactly one place whenever the calling process dies: a kombu list, a holding list, or (moved
+-- whole) one runtime stream or the dead letters.
 --
--- KEYS = the lists drained, in order: holding lists of other nodes' bridges found holding
--- messages (sweep.lua), this bridge's holding list (filled by its BLMOVE), then the kombu lists
--- in priority order (`q`, `q\x06\x163`, `q\x06\x166`, `q\x06\x169`).
--- ARGV[1] = runtime key prefix (`rt`), ARGV[2] = batch size,
--- ARGV[3] = JSON {celery task name: [runtime task, runtime queue]},
--- ARGV[4] = runtime queue whose dead letters take malformed messages,
--- ARGV[5] = now (RFC 3339), ARGV[6] = events stream MAXLEN
--- ('0': no events), ARGV[7] = the longest task id (bytes, broker::MAX_ID_BYTES).
--- Producers LPUSH (and BLMOVE pushes LEFT), so the oldest message is at the right end: RPOP
--- keeps FIFO.
--- The runtime stream entry is an envelope with `id` (Celery's, kept), `task`, `queue` and
--- `celery_raw` (the kombu message as it came); the body is decoded by the consumer
--- (celery::expand), which dead-letters what it cannot decode.
+-- The node decodes the fetched messages (celery::bridge::placement, in Rust: Redis' Lua has no
+-- fast JSON for ~1 KB messages) and sends each back with where it goes. Placing pops the
+-- holding list's oldest message and checks it is, byte for byte, the one the node decoded: if
+-- not (another node adopted the list meanwhile, a wait moved one in between) it is pushed back
+-- where it was and placing stops — the node reads the list again with the fetch. So what a
+-- message becomes is always decided from its own bytes, and a message popped is placed once.
 --
--- Task ids follow the runtime's rule (broker::check_id, the same checks here): an id that is
--- empty, too long, holds a control character or is `.`/`..` is dead-lettered. A good id is
--- checked like any chosen id, against its record (`p:result:<id>`, in this same step): a
--- message whose id has one — its task is queued, running, retried, or ended less than
--- result_ttl ago — is a duplicate (a producer that published twice, a message restored after
--- a crash) and is dropped, not run again. Otherwise its record is written (`queued`, no TTL)
--- with its XADD, so a message is never taken for a duplicate of itself.
+-- KEYS[1] = this mover's holding list, KEYS[2] = the queue's holding registry (sorted set),
+-- KEYS[3..] = the lists a fetch moves from, in order: orphaned holding lists of dead nodes
+-- (sweep.lua), then the kombu lists by priority (`q`, `q\x06\x163`, `q\x06\x166`, `q\x06\x169`).
+-- ARGV[1] = runtime key prefix (`rt`), ARGV[2] = runtime queue whose dead letters take
+-- malformed messages, ARGV[3] = now (RFC 3339), ARGV[4] = events stream MAXLEN ('0': no
+-- events), ARGV[5] = how long (ms) the holding list's registration is valid, ARGV[6] = how
+-- many messages to fetch (0: none), ARGV[7] = how many to place, then per message, oldest
+-- first:
+--   'm', raw, id, runtime task, runtime queue, envelope JSON   (move into the runtime stream)
+--   'd', raw, reason, event detail JSON                        (dead-letter)
 --
--- Every key it writes is type-checked before the first RPOP: a runtime stream, the dead
--- letters or the events stream holding another type fails the call with nothing moved (a
--- message popped and then not added would be lost).
+-- A moved message's task id follows the runtime's rule for chosen ids (checked by the node,
+-- broker::check_id; a refused one is dead-lettered): an id with a record (`p:result:<id>`: its
+-- task is queued, running, retried, or ended less than result_ttl ago) is a duplicate (a
+-- producer that published twice, a message restored after a crash) and is dropped, not run
+-- again. Otherwise its record is written (`queued`, no TTL) with its XADD, so a message is
+-- never taken for a duplicate of itself.
 --
--- Returns {moved, dead letters, {id, reason, id, reason, ...}, {duplicate id, ...}}: the
--- dead-lettered messages that had a usable id, for the bridge to write their FAILURE result
--- (so `.get()` raises), and the ids of the duplicates dropped.
-local prefix, batch = ARGV[1], tonumber(ARGV[2])
-local map = cjson.decode(ARGV[3])
-local dlq, at, maxlen = ARGV[4], ARGV[5], ARGV[6]
-local max_id = tonumber(ARGV[7])
+-- Every key it writes or moves from is type-checked before the first write: a runtime stream,
+-- the dead letters, the events stream, a list or the registry holding another type fails the
+-- call with nothing done.
+--
+-- Producers LPUSH (and moves push LEFT), so the oldest message is at the right end: RPOP and
+-- `LMOVE … RIGHT LEFT` keep FIFO.
+--
+-- Returns {placed, codes, stopped, fetched}: how many messages were placed, one letter per
+-- placed message (`m` moved, `d` dead-lettered, `u` dropped as a duplicate), 1 when placing
+-- stopped at a message that was not the expected one, and the fetched messages: up to ARGV[6]
+-- of the holding list's oldest, newest first (the list's order), after topping it up from
+-- KEYS[3..].
+local held, registry = KEYS[1], KEYS[2]
+local prefix, dlq, at, maxlen = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local ttl, fetch, count = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
 local events = prefix .. ':events'
-local moved, dead = 0, 0
-local rejected, duplicates = {}, {}
+local dead = prefix .. ':{' .. dlq .. '}:dead'
 
 local function stream_of(queue)
   return prefix .. ':{' .. queue .. '}:stream'
 end
 
-local writes = { [prefix .. ':{' .. dlq .. '}:dead'] = true }
-if maxlen ~= '0' then writes[events] = true end
-for _, target in pairs(map) do
-  if type(target) == 'table' and type(target[2]) == 'string' then
-    writes[stream_of(target[2])] = true
-  end
-end
-for key in pairs(writes) do
-  local held = redis.call('TYPE', key).ok
-  if held ~= 'none' and held ~= 'stream' then
-    return redis.error_reply('WRONGTYPE ' .. key .. ' holds a ' .. held
-      .. ', not a stream (no message was moved)')
+local items, i = {}, 8
+for n = 1, count do
+  if ARGV[i] == 'm' then
+    items[n] = { 'm', ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5] }
+    i = i + 6
+  else
+    items[n] = { 'd', ARGV[i + 1], ARGV[i + 2], ARGV[i + 3] }
+    i = i + 4
   end
 end
 
--- Whether `s` is valid UTF-8 (what a Rust String holds: no overlong forms, no surrogates).
-local function utf8(s)
-  local i, n = 1, #s
-  while i <= n do
-    local c, len, lo, hi = s:byte(i), 1, 0x80, 0xBF
-    if c >= 0xC2 and c <= 0xDF then len = 2
-    elseif c >= 0xE0 and c <= 0xEF then
-      len = 3
-      if c == 0xE0 then lo = 0xA0 elseif c == 0xED then hi = 0x9F end
-    elseif c >= 0xF0 and c <= 0xF4 then
-      len = 4
-      if c == 0xF0 then lo = 0x90 elseif c == 0xF4 then hi = 0x8F end
-    elseif c >= 0x80 then return false end
-    for j = i + 1, i + len - 1 do
-      local b = s:byte(j)
-      if not b or b < lo or b > hi then return false end
-      lo, hi = 0x80, 0xBF
+local wanted = { [held] = 'list', [registry] = 'zset' }
+if maxlen ~= '0' then wanted[events] = 'stream' end
+for _, item in ipairs(items) do
+  if item[1] == 'm' then wanted[stream_of(item[5])] = 'stream' else wanted[dead] = 'stream' end
+end
+if fetch > 0 then
+  for k = 3, #KEYS do wanted[KEYS[k]] = 'list' end
+end
+for key, want in pairs(wanted) do
+  local has = redis.call('TYPE', key).ok
+  if has ~= 'none' and has ~= want then
+    return redis.error_reply('WRONGTYPE ' .. key .. ' holds a ' .. has .. ', not a ' .. want
+      .. ' (no message was moved)')
+  end
+end
+
+-- The holding list's oldest messages must be the expected ones, in order: those that are
+-- (a prefix of the plan) are taken off the list and placed; the first that is not stops it.
+local placed, codes, stopped = 0, {}, 0
+if count > 0 then
+  local tail = redis.call('LRANGE', held, -count, -1)
+  for n = 1, count do
+    if tail[#tail + 1 - n] ~= items[n][2] then
+      stopped = 1
+      break
     end
-    i = i + len
+    placed = n
   end
-  return true
+  if placed > 0 then redis.call('LTRIM', held, 0, -placed - 1) end
 end
-
--- Why a task id is refused (broker::check_id), or nil.
-local function bad_id(id)
-  if #id > max_id then
-    return 'is ' .. #id .. ' bytes, over the limit of ' .. max_id
-  elseif not utf8(id) then
-    return 'is not valid UTF-8'
-  elseif id:find('[%z\1-\31\127]') or id:find('\194[\128-\159]') then
-    return 'holds a control character'
-  elseif id == '.' or id == '..' then
-    return '`' .. id .. '` cannot be read back at GET /tasks/{id}'
-  end
-end
-
-local function bury(raw, reason)
-  redis.call('XADD', prefix .. ':{' .. dlq .. '}:dead', '*', 'e', raw, 'reason', reason,
-    'attempts', 0, 'at', at, 'raw', '1')
-  if maxlen ~= '0' then
-    redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 'kind', 'dead', 'at', at,
-      'queue', dlq, 'detail', cjson.encode({ reason = reason }))
-  end
-  dead = dead + 1
-end
-
-for _, list in ipairs(KEYS) do
-  while moved + dead + #duplicates < batch do
-    local raw = redis.call('RPOP', list)
-    if not raw then break end
-    local ok, msg = pcall(cjson.decode, raw)
-    local headers = ok and type(msg) == 'table' and msg.headers
-    if type(headers) ~= 'table' then
-      bury(raw, 'celery: not a kombu message (JSON with `headers`)')
-    elseif type(headers.id) ~= 'string' or headers.id == '' then
-      bury(raw, 'celery: message without `headers.id`')
-    elseif bad_id(headers.id) then
-      bury(raw, 'celery: `headers.id` ' .. bad_id(headers.id))
-    elseif type(headers.task) ~= 'string' then
-      bury(raw, 'celery: message without `headers.task` (only protocol v2 is supported)')
+for n = 1, placed do
+  local item, raw = items[n], items[n][2]
+  if item[1] == 'd' then
+    redis.call('XADD', dead, '*', 'e', raw, 'reason', item[3], 'attempts', 0, 'at', at,
+      'raw', '1')
+    if maxlen ~= '0' then
+      redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 'kind', 'dead', 'at', at,
+        'queue', dlq, 'detail', item[4])
+    end
+    codes[#codes + 1] = 'd'
+  else
+    local id, task, queue = item[3], item[4], item[5]
+    local record = prefix .. ':result:' .. id
+    if redis.call('EXISTS', record) == 1 then
+      codes[#codes + 1] = 'u'
     else
-      local target = map[headers.task]
-      if type(target) ~= 'table' then
-        local reason = 'celery: task `' .. headers.task .. '` is not mapped to a runtime task'
-        bury(raw, reason)
-        table.insert(rejected, headers.id)
-        table.insert(rejected, reason)
-      elseif redis.call('EXISTS', prefix .. ':result:' .. headers.id) == 1 then
-        table.insert(duplicates, headers.id)
-      else
-        local envelope = '{"id":' .. cjson.encode(headers.id)
-          .. ',"task":' .. cjson.encode(target[1])
-          .. ',"queue":' .. cjson.encode(target[2])
-          .. ',"enqueued_at":' .. cjson.encode(at)
-          .. ',"celery_raw":' .. cjson.encode(raw) .. '}'
-        redis.call('XADD', stream_of(target[2]), '*', 'e', envelope)
-        redis.call('HSET', prefix .. ':result:' .. headers.id, 'id', headers.id,
-          'task', target[1], 'queue', target[2], 'state', 'queued', 'enqueued_at', at,
-          'updated_at', at)
-        if maxlen ~= '0' then
-          redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 'kind', 'sent', 'at', at,
-            'task_id', headers.id, 'task', target[1], 'queue', target[2],
-            'detail', '{"eta":null,"celery":true}')
+      redis.call('XADD', stream_of(queue), '*', 'e', item[6])
+      redis.call('HSET', record, 'id', id, 'task', task, 'queue', queue, 'state', 'queued',
+        'enqueued_at', at, 'updated_at', at)
+      if maxlen ~= '0' then
+        redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 'kind', 'sent', 'at', at,
+          'task_id', id, 'task', task, 'queue', queue, 'detail', '{"eta":null,"celery":true}')
+      end
+      codes[#codes + 1] = 'm'
+    end
+  end
+end
+
+local fetched = {}
+if fetch > 0 then
+  -- Registered before anything is moved in: a list in the registry is swept once its time
+  -- is past, so a node that dies now leaves nothing where no one looks.
+  local time = redis.call('TIME')
+  redis.call('ZADD', registry, tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+    + ttl, held)
+  local have = redis.call('LLEN', held)
+  for k = 3, #KEYS do
+    if have >= fetch then break end
+    if KEYS[k] ~= held then
+      -- The source's oldest messages, onto the holding list's head in the same order (as
+      -- `LMOVE … RIGHT LEFT` one by one would, in three commands).
+      local moved = redis.call('LRANGE', KEYS[k], have - fetch, -1)
+      if #moved > 0 then
+        redis.call('LTRIM', KEYS[k], 0, -#moved - 1)
+        local chunk = {}
+        for j = #moved, 1, -1 do
+          chunk[#chunk + 1] = moved[j]
+          if #chunk == 1000 or j == 1 then
+            redis.call('LPUSH', held, unpack(chunk))
+            chunk = {}
+          end
         end
-        moved = moved + 1
+        have = have + #moved
       end
     end
   end
+  if have > 0 then fetched = redis.call('LRANGE', held, -fetch, -1) end
 end
-return { moved, dead, rejected, duplicates }
+return { placed, table.concat(codes), stopped, fetched }

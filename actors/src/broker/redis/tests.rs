@@ -88,6 +88,38 @@ fn task(queue: &str, n: u32) -> Envelope {
     env
 }
 
+/// Outcomes go out as a directly built `EVALSHA` of `commit.lua`: when Redis lost the script
+/// (`SCRIPT FLUSH`, a restart without it) it is loaded again and the outcome written once.
+#[tokio::test]
+async fn outcomes_are_written_after_redis_lost_its_scripts() {
+    let h = Harness::start(settings()).await;
+    let q = "flushed";
+    h.broker
+        .enqueue((0..3).map(|n| task(q, n)).collect())
+        .await
+        .unwrap();
+    let got = h.broker.reserve(q, "c1", 3, Duration::ZERO).await.unwrap();
+    h.broker.ack(&got[0], json!("first")).await.unwrap();
+    let mut conn = h.outsider().await;
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let done: Vec<_> = got[1..]
+        .iter()
+        .map(|d| (d.clone(), json!("after")))
+        .collect();
+    h.broker.ack_many(&done).await.unwrap();
+    for (d, expected) in got.iter().zip(["first", "after", "after"]) {
+        let record = h.broker.record(&d.envelope.id).await.unwrap().unwrap();
+        assert_eq!(record.state, TaskState::Succeeded);
+        assert_eq!(record.result, Some(json!(expected)));
+    }
+    let depth = h.broker.depth(q).await.unwrap();
+    assert_eq!((depth.ready, depth.in_flight), (0, 0));
+}
+
 #[tokio::test]
 async fn a_closed_port_is_unreachable_and_named_without_the_password() {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
