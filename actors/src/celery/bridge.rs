@@ -1362,7 +1362,13 @@ mod tests {
         async fn start() -> Self {
             let server = crate::test_util::RedisServer::start();
             let client = redis::Client::open(server.url()).unwrap();
-            let conn = redis::aio::ConnectionManager::new(client).await.unwrap();
+            // The node's own timeouts (a loaded test machine can pause for a while).
+            let config = redis::aio::ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(Duration::from_secs(2)))
+                .set_response_timeout(Some(Duration::from_secs(5)));
+            let conn = redis::aio::ConnectionManager::new_with_config(client, config)
+                .await
+                .unwrap();
             Self {
                 _server: server,
                 conn,
