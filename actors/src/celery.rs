@@ -35,8 +35,9 @@
 //! 3. **Results** — for an envelope with `celery` origin, the task actor writes
 //!    `celery-task-meta-<id>` (SUCCESS / FAILURE / RETRY / REVOKED, STARTED when `track_started`)
 //!    with the result TTL and `PUBLISH`es it on the channel of that name: that wakes `.get()`.
-//!    Results are written in batches (one pipeline for whatever is queued, up to
-//!    [`RESULT_BATCH`]); each task's outcome is recorded only once its own result is written.
+//!    Under load results are written in batches (one pipeline for whatever is queued, up to
+//!    [`RESULT_BATCH`]; one written while no other is goes at once); each task's outcome is
+//!    recorded only once its own result is written.
 //!    Tasks without Celery origin pay one map lookup.
 //! 4. **Callbacks** — Celery's `link` (callbacks), `link_error` (errbacks) and chains are
 //!    settled here, not through the runtime's `link`: a signature whose task is mapped to a
@@ -63,6 +64,7 @@ mod lenient;
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use base64::Engine;
@@ -644,26 +646,46 @@ struct PendingResult {
     done: oneshot::Sender<Result<(), String>>,
 }
 
-/// Writes results in batches: a caller queues its result and waits until it is written; one
-/// task sends whatever is queued as one pipeline (up to [`RESULT_BATCH`]), so under load many
-/// results share a round trip, and at a trickle each goes at once. Each caller still learns
-/// whether its own result was written: the runtime records a task's outcome only after (a
-/// crash in between re-runs the task and writes the result again, never loses it).
+/// Writes results, in batches under load: a result written while no other is being written
+/// goes at once, on its own (a trickle pays no extra hop); one written meanwhile is queued,
+/// and one task sends whatever is queued as one pipeline (up to [`RESULT_BATCH`]), so many
+/// results share a round trip. Each caller learns whether its own result was written: the
+/// runtime records a task's outcome only after (a crash in between re-runs the task and
+/// writes the result again, never loses it).
 #[derive(Clone)]
 struct ResultWriter {
     queue: mpsc::Sender<PendingResult>,
+    conn: ConnectionManager,
+    /// Results being written now, either way.
+    writing: Arc<AtomicUsize>,
+    /// Pipelines sent, either way.
+    pipelines: Arc<AtomicUsize>,
+}
+
+/// One result being written: counted in [`ResultWriter::writing`] until dropped (also when
+/// its caller is cancelled).
+struct Writing<'a>(&'a AtomicUsize);
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl ResultWriter {
-    /// The writer task (on the current tokio runtime) and its handle; the task ends when the
-    /// last handle is dropped.
-    fn spawn(mut conn: ConnectionManager) -> Self {
+    /// The writer of queued results (a task on the current tokio runtime, ending when the last
+    /// handle is dropped) and its handle.
+    fn spawn(conn: ConnectionManager) -> Self {
         let (queue, mut pending) = mpsc::channel::<PendingResult>(RESULT_BATCH * 4);
+        let mut batch_conn = conn.clone();
+        let pipelines = Arc::new(AtomicUsize::new(0));
+        let sent = Arc::clone(&pipelines);
         tokio::spawn(async move {
             let mut batch = Vec::with_capacity(RESULT_BATCH);
             while pending.recv_many(&mut batch, RESULT_BATCH).await > 0 {
+                sent.fetch_add(1, Ordering::Relaxed);
                 let written = result_pipeline(&batch)
-                    .query_async::<()>(&mut conn)
+                    .query_async::<()>(&mut batch_conn)
                     .await
                     .map_err(|e| e.to_string());
                 for result in batch.drain(..) {
@@ -671,12 +693,20 @@ impl ResultWriter {
                 }
             }
         });
-        Self { queue }
+        Self {
+            queue,
+            conn,
+            writing: Arc::default(),
+            pipelines,
+        }
     }
 
-    /// Queues one result and waits until the pipeline carrying it has been answered.
+    /// Writes one result — at once when it is the only one being written, else with the next
+    /// batch — and waits until the pipeline carrying it has been answered.
     async fn write(&self, key: String, meta: String, ttl_ms: u64) -> Result<(), BrokerError> {
-        let stopped = || BrokerError::Command("celery backend: the result writer stopped".into());
+        let failed = |e: String| BrokerError::Command(format!("celery backend: {e}"));
+        let alone = self.writing.fetch_add(1, Ordering::Relaxed) == 0;
+        let _writing = Writing(&self.writing);
         let (done, written) = oneshot::channel();
         let result = PendingResult {
             key,
@@ -684,11 +714,17 @@ impl ResultWriter {
             ttl_ms,
             done,
         };
+        if alone {
+            self.pipelines.fetch_add(1, Ordering::Relaxed);
+            let mut conn = self.conn.clone();
+            return result_pipeline(std::slice::from_ref(&result))
+                .query_async::<()>(&mut conn)
+                .await
+                .map_err(|e| failed(e.to_string()));
+        }
+        let stopped = || failed("the result writer stopped".into());
         self.queue.send(result).await.map_err(|_| stopped())?;
-        written
-            .await
-            .map_err(|_| stopped())?
-            .map_err(|e| BrokerError::Command(format!("celery backend: {e}")))
+        written.await.map_err(|_| stopped())?.map_err(failed)
     }
 }
 
@@ -1336,6 +1372,8 @@ mod tests {
         for written in futures_util::future::join_all(writes).await {
             written.unwrap();
         }
+        let pipelines = writer.pipelines.load(Ordering::Relaxed);
+        assert!(pipelines < 100, "600 results in {pipelines} pipelines");
         let mut check = conn.clone();
         let keys: Vec<String> = (0..600).map(|n| format!("celery-task-meta-{n}")).collect();
         let values: Vec<Option<String>> = redis::cmd("MGET")

@@ -361,10 +361,20 @@ impl Plan {
 /// `take.lua`'s answer: placed, codes, stopped, fetched.
 type TakeReply = (usize, String, u8, Vec<Vec<u8>>);
 
+/// The call a wait made to place the message it moved: its plan, Redis' answer, how long
+/// after the wait returned it was answered, and the orphans' generation it fetched from.
+pub struct Placed {
+    plan: Plan,
+    reply: redis::RedisResult<TakeReply>,
+    after: Duration,
+    orphans: u64,
+}
+
 /// `take.lua`.
 const TAKE: &str = include_str!("take.lua");
 
 /// One call of `take.lua`, owning what it needs (it runs in a task of its own).
+#[derive(Clone)]
 struct Call {
     script: Arc<Script>,
     conn: redis::aio::ConnectionManager,
@@ -472,12 +482,14 @@ pub enum BridgeMessage {
         orphans: u64,
         reply: redis::RedisResult<TakeReply>,
     },
-    /// The wait on kombu list `list` ended: `Ok(Some(raw))` moved that message into mover 0's
-    /// holding list, `Ok(None)` timed out; `conn` is its connection back, unless it failed.
+    /// The wait on kombu list `list` ended: `Ok(true)` moved a message into mover 0's holding
+    /// list (and `placed` is the call that placed it at once, from the wait's own task),
+    /// `Ok(false)` timed out; `conn` is its connection back, unless it failed.
     Woken {
         list: usize,
         conn: Option<MultiplexedConnection>,
-        moved: redis::RedisResult<Option<Vec<u8>>>,
+        moved: redis::RedisResult<bool>,
+        placed: Option<Placed>,
     },
     /// A mover tries again after an error.
     Resume(usize),
@@ -521,8 +533,6 @@ pub struct BridgeState {
     sweep: Script,
     /// A wait moved a message while mover 0 was busy: fetch once more when it is done.
     wake_pending: bool,
-    /// When the last wait returned with a message (its call's latency starts there).
-    waited: Option<Instant>,
     /// Start of the `moved_per_s` window and `moved` then.
     window: (Instant, u64),
     moved_per_s: f64,
@@ -580,7 +590,6 @@ impl Actor for BridgeActor {
             script: Arc::new(Script::new(TAKE)),
             sweep: Script::new(include_str!("sweep.lua")),
             wake_pending: false,
-            waited: None,
             window: (Instant::now(), moved),
             moved_per_s: 0.0,
             args,
@@ -611,7 +620,12 @@ impl Actor for BridgeActor {
                 orphans,
                 reply,
             } => state.took(mover, plan, orphans, reply, &myself),
-            BridgeMessage::Woken { list, conn, moved } => state.woken(list, conn, moved, &myself),
+            BridgeMessage::Woken {
+                list,
+                conn,
+                moved,
+                placed,
+            } => state.woken(list, conn, moved, placed, &myself),
             BridgeMessage::Resume(mover) => {
                 if let Some(m) = state.movers.get_mut(mover) {
                     m.cooling = false;
@@ -739,12 +753,6 @@ impl BridgeState {
             tracing::debug!(queue = %self.args.queue, mover,
                 "celery bridge: a holding list changed under its mover; reading it again");
         }
-        if mover == 0
-            && placed > 0
-            && let Some(waited) = self.waited.take()
-        {
-            self.args.counters.took(waited.elapsed());
-        }
         self.count(&plan, placed, &codes);
         let batch = self.args.celery.settings().batch;
         let full = fetched.len() >= batch;
@@ -825,7 +833,8 @@ impl BridgeState {
         &mut self,
         list: usize,
         conn: Option<MultiplexedConnection>,
-        moved: redis::RedisResult<Option<Vec<u8>>>,
+        moved: redis::RedisResult<bool>,
+        placed: Option<Placed>,
         myself: &ActorRef<BridgeMessage>,
     ) {
         let Some(w) = self.waiters.get_mut(list) else {
@@ -834,33 +843,53 @@ impl BridgeState {
         w.armed = false;
         w.task = None;
         w.conn = conn;
-        match moved {
-            Err(err) => {
-                w.cooling = true;
-                self.args
-                    .counters
-                    .failed(&self.args.queue, "waiting for messages", &err);
-                myself.send_after(RETRY, move || BridgeMessage::Rewait(list));
-                // A wait that failed may have moved a message before: look.
-                self.wake_pending = true;
-                self.start(0, myself);
-            }
-            Ok(None) => {}
-            Ok(Some(raw)) => {
-                self.waited = Some(Instant::now());
-                let m = &self.movers[0];
-                if m.busy || m.cooling {
-                    self.wake_pending = true;
-                } else {
-                    // The message is in mover 0's holding list: its next call places it.
-                    let plan = Plan::of(vec![raw], &self.args.celery.settings().tasks);
-                    self.launch(0, plan, myself);
+        if let Err(err) = moved {
+            w.cooling = true;
+            self.args
+                .counters
+                .failed(&self.args.queue, "waiting for messages", &err);
+            myself.send_after(RETRY, move || BridgeMessage::Rewait(list));
+            // A wait that failed may have moved a message before: look.
+            self.wake_pending = true;
+            self.start(0, myself);
+            return;
+        }
+        let Some(Placed {
+            plan,
+            reply,
+            after,
+            orphans,
+        }) = placed
+        else {
+            return;
+        };
+        if let Ok((placed, ..)) = &reply
+            && *placed > 0
+        {
+            self.args.counters.took(after);
+        }
+        let m = &self.movers[0];
+        if m.busy || m.cooling {
+            // Mover 0 fetches what this call did not place (the wait's message if it is
+            // still there), once its own call is answered.
+            match &reply {
+                Ok((placed, codes, ..)) => self.count(&plan, *placed, codes),
+                Err(err) => {
+                    self.args
+                        .counters
+                        .failed(&self.args.queue, "moving messages", err);
                 }
             }
+            self.wake_pending = true;
+        } else {
+            // As if mover 0 had made the call: it goes on with what the call fetched.
+            self.took(0, plan, orphans, reply, myself);
         }
     }
 
-    /// When every mover is idle, starts a wait on each kombu list that has none.
+    /// When every mover is idle, starts a wait on each kombu list that has none. A wait that
+    /// moves a message places it at once, from its own task, with a call of mover 0 (the
+    /// shortest way from `.delay()` to the stream).
     fn wait(&mut self, myself: &ActorRef<BridgeMessage>) {
         if self.movers.iter().any(|m| m.busy || m.cooling) {
             return;
@@ -869,6 +898,9 @@ impl BridgeState {
         let poll = celery.settings().poll;
         let hold = u64::try_from((poll + HOLD_GRACE).as_millis()).unwrap_or(u64::MAX);
         let held = self.movers[0].held.clone();
+        let sources: Vec<String> = self.orphans.iter().chain(&self.lists).cloned().collect();
+        let call = self.call(0, &sources, celery.settings().batch);
+        let orphans = self.orphan_generation;
         for (list, w) in self.waiters.iter_mut().enumerate() {
             if w.armed || w.cooling {
                 continue;
@@ -877,11 +909,37 @@ impl BridgeState {
             let client = celery.broker_client.clone();
             let conn = w.conn.take();
             let (source, held, registry) = (w.list.clone(), held.clone(), self.registry.clone());
+            let (celery, counters, call) = (
+                Arc::clone(celery),
+                Arc::clone(&self.args.counters),
+                call.clone(),
+            );
             let myself = myself.clone();
             let task = tokio::spawn(async move {
                 let (conn, moved) =
                     wait_once(client, conn, poll, &source, &held, &registry, hold).await;
-                let _ = myself.send_message(BridgeMessage::Woken { list, conn, moved });
+                let placed = match &moved {
+                    Ok(Some(raw)) => {
+                        let returned = Instant::now();
+                        let plan = Plan::of(vec![raw.clone()], &celery.settings().tasks);
+                        counters.polls.fetch_add(1, Ordering::Relaxed);
+                        let reply = call.run(&plan).await;
+                        Some(Placed {
+                            plan,
+                            reply,
+                            after: returned.elapsed(),
+                            orphans,
+                        })
+                    }
+                    _ => None,
+                };
+                let moved = moved.map(|raw| raw.is_some());
+                let _ = myself.send_message(BridgeMessage::Woken {
+                    list,
+                    conn,
+                    moved,
+                    placed,
+                });
             });
             w.armed = true;
             w.task = Some(Owned(task));
@@ -1304,7 +1362,13 @@ mod tests {
         async fn start() -> Self {
             let server = crate::test_util::RedisServer::start();
             let client = redis::Client::open(server.url()).unwrap();
-            let conn = redis::aio::ConnectionManager::new(client).await.unwrap();
+            // The node's own timeouts (a loaded test machine can pause for a while).
+            let config = redis::aio::ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(Duration::from_secs(2)))
+                .set_response_timeout(Some(Duration::from_secs(5)));
+            let conn = redis::aio::ConnectionManager::new_with_config(client, config)
+                .await
+                .unwrap();
             Self {
                 _server: server,
                 conn,
