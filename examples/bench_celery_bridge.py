@@ -25,7 +25,8 @@ Two phases per consumer:
   with started-tracking on in this phase (Celery `task_track_started = True`, the bridge's
   `track_started = true`), and both publish `STARTED` through the same backend call (`SET` +
   `PUBLISH celery-task-meta-<id>`) as the task starts. Enqueue->result is the same with the
-  `SUCCESS` message (what wakes `AsyncResult.get()`).
+  `SUCCESS` message (what wakes `AsyncResult.get()`). The `.delay()` call's own duration (the
+  producer's side of both, from the same clock) is shown beside them.
 - **drain**: `--tasks` messages are pre-filled with `.delay()` (started-tracking off), then the
   consumer process is started. The clock starts just before the consumer process is spawned
   and stops at the latest `date_done` among the tasks' results (both write it when the
@@ -81,16 +82,18 @@ def role_prefill(n, out):
 
 
 def role_produce(n, rate, out):
-    """n `.delay()` calls at `rate`/s on an absolute schedule; {id: send time} into `out`."""
-    sent, t0 = {}, time.time()
+    """n `.delay()` calls at `rate`/s on an absolute schedule; into `out`: {id: send time} and
+    how long each `.delay()` call took (seconds)."""
+    sent, calls, t0 = {}, [], time.time()
     for i in range(n):
         pause = t0 + i / rate - time.time()
         if pause > 0:
             time.sleep(pause)
         at = time.time()
         sent[noop.delay(i).id] = at
+        calls.append(time.time() - at)
     with open(out, "w") as f:
-        json.dump(sent, f)
+        json.dump({"sent": sent, "calls": calls}, f)
 
 
 def role_subscribe(out):
@@ -325,12 +328,13 @@ track_started = {"true" if track else "false"}
             assert sub.stdout.readline().strip() == "subscribed"
             warm = os.path.join(self.tmp, f"{kind}-warm.json")
             self.role("_produce", 200, 200, warm, track=True).wait()
-            self.wait_results(json.load(open(warm)))
+            self.wait_results(json.load(open(warm))["sent"])
             cpu0, rcpu0 = tree_cpu(proc.pid), self.redis_cpu()
             sent_file = os.path.join(self.tmp, f"{kind}-sent.json")
             if self.role("_produce", n, self.args.rate, sent_file, track=True).wait() != 0:
                 raise SystemExit("the producer failed")
-            sent = json.load(open(sent_file))
+            produced = json.load(open(sent_file))
+            sent = produced["sent"]
             self.wait_results(sent)
             cpu1, rcpu1 = tree_cpu(proc.pid), self.redis_cpu()
             time.sleep(0.2)  # the last messages reach the subscriber
@@ -346,6 +350,7 @@ track_started = {"true" if track else "false"}
             row[f"{name}_missing"] = n - len(waits)
             row[f"{name}_p50"] = quantile(waits, 0.5)
             row[f"{name}_p99"] = quantile(waits, 0.99)
+        row["delay_p50"] = quantile(produced["calls"], 0.5) * 1000
         row["cpu_ms"] = (cpu1 - cpu0) / n * 1000
         row["redis_cpu_ms"] = (rcpu1 - rcpu0) / n * 1000
         return row
@@ -459,16 +464,16 @@ def main():
     print(f"Machine: {machine()}; redis-server {bench.redis_version} (private, loopback, no "
           f"persistence); load average before {load_before}, after {load_after}; "
           f"{args.runs} run(s), medians.\n")
-    print("| consumer | enqueue→start p50 | p99 | enqueue→result p50 | p99 | CPU/task at "
+    print("| consumer | enqueue→start p50 | p99 | enqueue→result p50 | p99 | `.delay()` call p50 | CPU/task at "
           f"{args.rate:g}/s (consumer + redis) | drain {args.tasks:,} (tasks/s) | × Celery | "
           "time to ready | tasks/s after ready | CPU/task in drain (consumer + redis) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     names = {"celery": "Celery worker `-c 2` (prefork)", "bridge": "runtime + bridge (`rt_noop`)"}
     for kind in kinds:
         lat, dr = med[kind]["latency"], med[kind]["drain"]
         ratio = f"{dr['rate'] / base:.1f}×" if base else "–"
         print(f"| {names[kind]} | {lat['start_p50']:.2f} ms | {lat['start_p99']:.2f} ms | "
-              f"{lat['result_p50']:.2f} ms | {lat['result_p99']:.2f} ms | "
+              f"{lat['result_p50']:.2f} ms | {lat['result_p99']:.2f} ms | {lat['delay_p50']:.2f} ms | "
               f"{lat['cpu_ms']:.3f} + {lat['redis_cpu_ms']:.3f} ms | {dr['rate']:,.0f} | {ratio} | "
               f"{dr['ready_s'] * 1000:.0f} ms | {dr['rate_after_ready']:,.0f} | "
               f"{dr['cpu_ms']:.3f} + {dr['redis_cpu_ms']:.3f} ms |")

@@ -497,8 +497,8 @@ async fn a_wrong_type_runtime_stream_loses_no_celery_message() {
         .await;
 }
 
-/// Messages left in holding lists when a node starts — its own (a node of the same name killed
-/// between a move into its holding list and placing the message), a dead node's (its
+/// Messages left in holding lists when a node starts — its own movers' (a node of the same
+/// name killed between a move into a holding list and placing the message), a dead node's (its
 /// registration in the holding registry ran out) and one of a node of the earlier version
 /// (named in the legacy holders set, no presence record) — are moved first, once each: a copy
 /// of the held message still in the kombu list is dropped as a duplicate, not run again. A
@@ -512,6 +512,10 @@ async fn messages_in_holding_lists_when_a_node_starts_run_once() {
         .cmd("LPUSH")
         .arg("rt:celery:held:n1:celery")
         .arg(kombu_message("held-own"))
+        .ignore()
+        .cmd("LPUSH")
+        .arg("rt:celery:held:n1#1:celery")
+        .arg(kombu_message("held-own-1"))
         .ignore()
         .cmd("LPUSH")
         .arg("rt:celery:held:gone:celery")
@@ -545,15 +549,17 @@ async fn messages_in_holding_lists_when_a_node_starts_run_once() {
         .unwrap();
     let config = config("").replace("[runtime]\n", "[runtime]\nnode_name = \"n1\"\n");
     let node = Node::start(&config, &[("RT_BROKER_URL", redis.url().as_str())]);
-    let bridge = bridge_until(&node, |s| s["moved"] == 3 && s["duplicates"] == 1).await;
+    let bridge = bridge_until(&node, |s| s["moved"] == 4 && s["duplicates"] == 1).await;
     assert_eq!(bridge["held_list"], "rt:celery:held:n1:celery", "{bridge}");
-    for id in ["held-own", "held-orphan", "held-dead"] {
+    for id in ["held-own", "held-own-1", "held-orphan", "held-dead"] {
         node.until_state(id, &["succeeded"], Duration::from_secs(10))
             .await;
     }
     let lengths: Vec<u64> = redis::pipe()
         .cmd("LLEN")
         .arg("rt:celery:held:n1:celery")
+        .cmd("LLEN")
+        .arg("rt:celery:held:n1#1:celery")
         .cmd("LLEN")
         .arg("rt:celery:held:gone:celery")
         .cmd("LLEN")
@@ -567,7 +573,7 @@ async fn messages_in_holding_lists_when_a_node_starts_run_once() {
         .unwrap();
     assert_eq!(
         lengths,
-        [0, 0, 0, 0, 1],
+        [0, 0, 0, 0, 0, 1],
         "the live node's list is left alone"
     );
     // Its node stops renewing the registration: the next sweep (every 10 s) adopts it.
@@ -583,7 +589,7 @@ async fn messages_in_holding_lists_when_a_node_starts_run_once() {
         Duration::from_secs(20),
         async || {
             let snapshot = node.actor("root/celery/celery").await.unwrap()["snapshot"].clone();
-            if snapshot["moved"] == 4 {
+            if snapshot["moved"] == 5 {
                 Ok(())
             } else {
                 Err(snapshot)
@@ -600,7 +606,13 @@ async fn messages_in_holding_lists_when_a_node_starts_run_once() {
         .query_async(&mut conn)
         .await
         .unwrap();
-    for id in ["held-own", "held-orphan", "held-dead", "held-alive"] {
+    for id in [
+        "held-own",
+        "held-own-1",
+        "held-orphan",
+        "held-dead",
+        "held-alive",
+    ] {
         let started = events
             .iter()
             .filter(|(_, fields)| {

@@ -17,8 +17,9 @@
 //! placed is still in its holding list, and the next call (of this bridge after a restart, or
 //! another node's) fetches it again.
 //!
-//! Mover 0 runs whenever there may be messages; the others join while its fetches come back
-//! full, and each stops when a fetch comes back empty.
+//! At start every mover fetches once (its holding list may keep messages from before a kill);
+//! then mover 0 runs whenever there may be messages, the others join while its fetches come
+//! back full, and each stops when a fetch comes back empty.
 //!
 //! # Waiting
 //!
@@ -473,7 +474,7 @@ pub struct BridgeArgs {
 
 /// Messages.
 pub enum BridgeMessage {
-    /// Fetch with mover 0 if it is idle (at start, and after a wait's error).
+    /// Fetch with every idle mover (sent once, at start).
     Poll,
     /// A mover's call answered; `orphans` is the generation of the orphans it fetched from.
     Took {
@@ -613,7 +614,13 @@ impl Actor for BridgeActor {
             }
         }
         match message {
-            BridgeMessage::Poll => state.start(0, &myself),
+            // Every mover at start: each places what its holding list kept from before (a
+            // kill, a crash of a node of the same name), and the ones that find nothing stop.
+            BridgeMessage::Poll => {
+                for mover in 0..state.movers.len() {
+                    state.start(mover, &myself);
+                }
+            }
             BridgeMessage::Took {
                 mover,
                 plan,
