@@ -40,6 +40,7 @@ the same way (the bridge moves work into Redis scripts, so both are shown).
 import argparse
 import json
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -215,8 +216,13 @@ class Bench:
                 time.sleep(0.02)
         self.redis_version = self.redis.info("server")["redis_version"]
 
-    def close(self):
+    def close(self, keep=False):
+        """Stops the redis-server; removes the scratch directory (configs, logs) unless `keep`."""
         stop(self.redis_proc)
+        if keep:
+            print(f"logs and configs kept in {self.tmp}", file=sys.stderr)
+        else:
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
     def env(self, track):
         env = dict(os.environ, BENCH_BROKER=self.url, BENCH_TRACK="1" if track else "0")
@@ -444,6 +450,7 @@ def main():
     bench = Bench(args)
     load_before = loadavg()
     results = {k: {"latency": [], "drain": []} for k in kinds}
+    ok = False
     try:
         for run in range(args.runs):
             for kind in kinds:
@@ -455,8 +462,9 @@ def main():
                 results[kind]["drain"].append(dr)
                 print(f"run {run + 1} {kind} drain: " + json.dumps(
                     {k: round(v, 3) for k, v in dr.items()}), file=sys.stderr, flush=True)
+        ok = True
     finally:
-        bench.close()
+        bench.close(keep=not ok)
     load_after = loadavg()
     med = {k: {p: median_row(v) for p, v in r.items()} for k, r in results.items()}
     base = med.get("celery", {}).get("drain", {}).get("rate")
