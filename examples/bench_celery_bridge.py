@@ -3,9 +3,9 @@
 
 Run with the venv's python (celery[redis] 5.x installed), from the repository root:
 
-    python3 -m venv target/celery-venv && target/celery-venv/bin/pip install 'celery[redis]==5.*'
+    bash tests/run --venv-only     # target/py-venv: Celery, redis-py, taskrt
     cargo build --release --bin runtime
-    target/celery-venv/bin/python examples/bench_celery_bridge.py [--runtime target/release/runtime]
+    target/py-venv/bin/python examples/bench_celery_bridge.py [--runtime target/release/runtime]
 
 It starts its own redis-server on a free loopback port (no persistence) and stops it by pid.
 Two consumers, one after the other, each on a flushed Redis:

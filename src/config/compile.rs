@@ -10,7 +10,7 @@
 //! The environment is a parameter ([`Environment`]) so that tests are deterministic and
 //! `runtime check --no-environment` can skip it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::str::FromStr;
@@ -1031,10 +1031,7 @@ impl Compiler<'_> {
         let never = Regex::new("[^\\s\\S]").expect("a valid regex");
         let mut s = PoolSettings::new(name, &python, never);
         s.args = ["-u", "-m", "taskrt.worker"].map(String::from).to_vec();
-        s.env = (raw.env.iter())
-            .filter(|(key, _)| is_env_name(key) && !actors::child::RESERVED.contains(&key.as_str()))
-            .map(|(key, value)| (key.clone(), value.clone()))
-            .collect();
+        s.env = configured_env(&raw.env);
         s.cwd = raw.cwd.clone();
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         let processes = raw.processes.map_or(cores, |n| n as usize);
@@ -1061,10 +1058,15 @@ impl Compiler<'_> {
             *value = self.duration(&format!("{at}.{key}"), raw_value, *value);
         }
         s.worker = Some(w);
+        self.pool_spec(at, s, &raw.pass_env)
+    }
+
+    /// The pool `s` validated by [`PoolSpec::try_new`], its errors reported at `{at}.{field}`.
+    fn pool_spec(&mut self, at: &str, s: PoolSettings, pass_env: &[String]) -> Option<PoolConfig> {
         match PoolSpec::try_new(s) {
             Ok(spec) => Some(PoolConfig {
                 spec,
-                pass_env: raw.pass_env.clone(),
+                pass_env: pass_env.to_vec(),
             }),
             Err(errors) => {
                 for err in errors {
@@ -1115,12 +1117,7 @@ impl Compiler<'_> {
         let ready = (ready_pattern.clone()).unwrap_or_else(|| Regex::new("[^\\s\\S]").unwrap());
         let mut s = PoolSettings::new(name, &raw.command, ready);
         s.args = raw.args.clone();
-        // Names `child_env` reported are left out: the config is refused anyway, and the
-        // spec would report them a second time.
-        s.env = (raw.env.iter())
-            .filter(|(key, _)| is_env_name(key) && !actors::child::RESERVED.contains(&key.as_str()))
-            .map(|(key, value)| (key.clone(), value.clone()))
-            .collect();
+        s.env = configured_env(&raw.env);
         s.cwd = raw.cwd.clone();
         s.max = raw.max as usize;
         s.min_idle = raw.min_idle.map_or(s.min_idle, |n| n as usize);
@@ -1153,18 +1150,8 @@ impl Compiler<'_> {
                 }
             }
         }
-        match PoolSpec::try_new(s) {
-            Ok(spec) => ready_pattern.map(|_| PoolConfig {
-                spec,
-                pass_env: raw.pass_env.clone(),
-            }),
-            Err(errors) => {
-                for err in errors {
-                    self.error(format!("{at}.{}", err.field), err.reason);
-                }
-                None
-            }
-        }
+        let compiled = self.pool_spec(at, s, &raw.pass_env);
+        ready_pattern.and(compiled)
     }
 
     fn tasks(
@@ -1794,6 +1781,15 @@ fn line_matching_both(ready: &Regex, assigned: &Regex) -> Option<String> {
 /// `python`, `python3`, `python3.12`… (any directory), no `-u` among the interpreter's own
 /// options (those before the script, `-m` or `-c`; `-Bu` counts) and no `PYTHONUNBUFFERED`
 /// in `env` (set to anything non-empty, as Python reads it) or `pass_env`.
+/// A pool's configured `env` as its spec takes it: names `child_env` reported are left out
+/// (the config is refused anyway, and the spec would report them a second time).
+fn configured_env(env: &IndexMap<String, String>) -> BTreeMap<String, String> {
+    env.iter()
+        .filter(|(key, _)| is_env_name(key) && !actors::child::RESERVED.contains(&key.as_str()))
+        .map(|(key, value)| (key.clone(), value.clone()))
+        .collect()
+}
+
 fn buffered_python(raw: &RawPool) -> Option<String> {
     let program = std::path::Path::new(raw.command.trim())
         .file_name()?

@@ -359,50 +359,6 @@ async fn kill_a_task(http: &reqwest::Client, url: &str, rng: &mut StdRng) -> Opt
     None
 }
 
-/// Processes: (pid, ppid, state, command line).
-fn processes() -> Vec<(u32, u32, char, String)> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        let Some(rest) = stat.rfind(')').map(|at| &stat[at + 1..]) else {
-            continue;
-        };
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let (Some(state), Some(ppid)) = (
-            fields.first().and_then(|s| s.chars().next()),
-            fields.get(1).and_then(|p| p.parse().ok()),
-        ) else {
-            continue;
-        };
-        let cmdline = std::fs::read(entry.path().join("cmdline"))
-            .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
-            .unwrap_or_default();
-        out.push((pid, ppid, state, cmdline));
-    }
-    out
-}
-
-/// Zombie children of `parents` seen in two samples 300 ms apart (a child that just exited
-/// and is being reaped is not one).
-async fn zombies(parents: &[u32]) -> Vec<u32> {
-    let sample = || -> Vec<u32> {
-        processes()
-            .into_iter()
-            .filter(|p| p.2 == 'Z' && parents.contains(&p.1))
-            .map(|p| p.0)
-            .collect()
-    };
-    let first = sample();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let second = sample();
-    first.into_iter().filter(|p| second.contains(p)).collect()
-}
-
 async fn wait_healthy(http: &reqwest::Client, url: &str, limit: Duration) {
     common::eventually(
         &format!("{url}/health to answer 200"),
@@ -756,9 +712,9 @@ async fn tasks_survive_actor_kills_node_sigkills_and_a_redis_restart() {
     }
 
     // Processes: no zombie children of the live nodes, no task process left running.
-    let zombie_pids = zombies(&[node_a.pid(), node_b.pid(), std::process::id()]).await;
+    let zombie_pids = common::zombies(&[node_a.pid(), node_b.pid(), std::process::id()]).await;
     let script_path = script.display().to_string();
-    let leftover: Vec<_> = processes()
+    let leftover: Vec<_> = common::processes()
         .into_iter()
         .filter(|p| p.3.contains(&script_path) && p.2 != 'Z')
         .collect();
@@ -1309,7 +1265,7 @@ backoff_max = "100ms"
     let consumer = node.actor("root/queues/slow").await.unwrap();
     assert_eq!(consumer["restarts"], 0);
     assert_eq!(consumer["status"], "running");
-    assert_eq!(zombies(&[node.pid()]).await, Vec::<u32>::new());
+    assert_eq!(common::zombies(&[node.pid()]).await, Vec::<u32>::new());
     let log = node.log();
     assert_eq!(log.matches("chaos: killed task actor").count(), 2, "{log}");
     assert!(!log.contains("panicked at"), "{log}");

@@ -10,16 +10,6 @@ use std::time::Duration;
 use crate::common::{Node, eventually};
 use serde_json::{Value, json};
 
-/// The real interpreter, not a pyenv shim (children get a clean environment: a shim would find
-/// no `PYENV_*` variables).
-fn python() -> String {
-    let out = std::process::Command::new("python3")
-        .args(["-c", "import sys; print(sys.executable)"])
-        .output()
-        .expect("python3 runs");
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
-
 fn agent_script() -> String {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("examples/fake_voice_agent.py")
@@ -72,7 +62,7 @@ stop_timeout = "2s"
 queue = "voice"
 handler = {{ kind = "pool", pool = "voice" }}
 "#,
-        python = python(),
+        python = common::python3(),
         script = agent_script(),
     );
     let mut node = Node::start(&config, &[]);

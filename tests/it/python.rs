@@ -15,15 +15,6 @@ use serde_json::{Value, json};
 
 use crate::common::{self, Node, eventually};
 
-/// The real interpreter (not a pyenv shim: workers get a clean environment).
-fn python() -> String {
-    let out = std::process::Command::new("python3")
-        .args(["-c", "import sys; print(sys.executable)"])
-        .output()
-        .expect("python3 runs");
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
-
 fn pythonpath() -> String {
     format!(
         "{}:{}",
@@ -56,7 +47,7 @@ stop_timeout = "2s"
 
 {tasks}
 "#,
-        python = python(),
+        python = common::python3(),
         pythonpath = pythonpath(),
     )
 }
@@ -98,21 +89,6 @@ async fn warm(node: &Node, n: u64) -> Value {
 
 fn alive(pid: u64) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| !stat.contains(") Z "))
-}
-
-/// The node's children that are zombies (exited, not reaped).
-fn zombies(node: &Node) -> Vec<String> {
-    let parent = node.pid().to_string();
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
-        .filter(|stat| {
-            let after = stat.rsplit_once(") ").map_or("", |(_, rest)| rest);
-            let fields: Vec<&str> = after.split_whitespace().collect();
-            fields.first() == Some(&"Z") && fields.get(1) == Some(&parent.as_str())
-        })
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -282,14 +258,13 @@ async fn limits_crashes_and_a_broken_channel_replace_the_process_and_leave_no_zo
     );
 
     let spin = enqueue(&node, json!({"task": "py_spin"})).await;
-    let running = node.until_state(&spin, &["running"], limit).await;
+    node.until_state(&spin, &["running"], limit).await;
     let record = node.until_ended(&spin, limit).await;
     assert_eq!(record["state"], "dead", "{record}");
     assert!(
         record["error"].as_str().unwrap().contains("time limit"),
         "{record}"
     );
-    let _ = running;
     let log = node.log();
     assert!(
         log.contains("in spin"),
@@ -334,7 +309,7 @@ async fn limits_crashes_and_a_broken_channel_replace_the_process_and_leave_no_zo
     let pid = enqueue(&node, json!({"task": "py_pid"})).await;
     let record = node.until_ended(&pid, limit).await;
     assert!(alive(record["result"].as_u64().unwrap()), "{record}");
-    assert!(zombies(&node).is_empty(), "zombies: {:?}", zombies(&node));
+    assert_eq!(common::zombies(&[node.pid()]).await, Vec::<u32>::new());
     let health = node.get("/health").await;
     assert_eq!(health.status(), 200, "{}", health.text().await.unwrap());
 }

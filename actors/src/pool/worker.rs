@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::{Map, Value};
 use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::net::unix::OwnedWriteHalf;
@@ -172,8 +172,9 @@ impl Pool {
 
     /// Runs `envelope` as `function` on a process of this worker pool and returns its result.
     /// Waits up to `claim_timeout` for a free process (retryable, class `no_agent`, when none
-    /// is free). The worker arms the soft limit itself from `soft`; `hard` is for its stack
-    /// dump. Dropping the future (the hard limit, a terminate) SIGKILLs the process's group.
+    /// is free). The worker is told both limits and arms the soft one itself; the hard one is
+    /// the node's: dropping the future (the hard limit, a terminate) has the process's stacks
+    /// dumped (SIGUSR2) and its group SIGKILLed.
     pub async fn run(
         &self,
         envelope: &Envelope,
@@ -373,18 +374,32 @@ fn run_line(
     let ms = |at: Instant| {
         u64::try_from(at.saturating_duration_since(now).as_millis()).unwrap_or(u64::MAX)
     };
-    let mut line = json!({
-        "t": "run",
-        "id": envelope.id,
-        "task": function,
-        "queue": envelope.queue,
-        "attempt": envelope.attempt,
-        "args": envelope.args,
-        "kwargs": Value::Object(envelope.kwargs.clone()),
-        "soft_ms": soft.map(ms),
-        "hard_ms": ms(hard),
-    })
-    .to_string();
+    // Serialised from borrows: no copy of the arguments per task.
+    #[derive(serde::Serialize)]
+    struct Run<'a> {
+        t: &'static str,
+        id: &'a str,
+        task: &'a str,
+        queue: &'a str,
+        attempt: u32,
+        args: &'a [Value],
+        kwargs: &'a Map<String, Value>,
+        soft_ms: Option<u64>,
+        hard_ms: u64,
+    }
+    let run = Run {
+        t: "run",
+        id: &envelope.id,
+        task: function,
+        queue: &envelope.queue,
+        attempt: envelope.attempt,
+        args: &envelope.args,
+        kwargs: &envelope.kwargs,
+        soft_ms: soft.map(ms),
+        hard_ms: ms(hard),
+    };
+    // Serialising JSON values into a String cannot fail.
+    let mut line = serde_json::to_string(&run).unwrap_or_default();
     line.push('\n');
     line
 }
@@ -805,6 +820,8 @@ async fn log_lines(
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
 
     fn error(kind: &str, traceback: &str) -> PyError {

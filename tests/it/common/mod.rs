@@ -468,3 +468,57 @@ pub fn venv_python(modules: &str) -> Option<PathBuf> {
     eprintln!("SKIPPED: {message}");
     None
 }
+
+/// The real interpreter, not a pyenv shim (children get a clean environment: a shim would find
+/// no `PYENV_*` variables).
+pub fn python3() -> String {
+    let out = std::process::Command::new("python3")
+        .args(["-c", "import sys; print(sys.executable)"])
+        .output()
+        .expect("python3 runs");
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// Processes: (pid, ppid, state, command line).
+pub fn processes() -> Vec<(u32, u32, char, String)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let Some(rest) = stat.rfind(')').map(|at| &stat[at + 1..]) else {
+            continue;
+        };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let (Some(state), Some(ppid)) = (
+            fields.first().and_then(|s| s.chars().next()),
+            fields.get(1).and_then(|p| p.parse().ok()),
+        ) else {
+            continue;
+        };
+        let cmdline = std::fs::read(entry.path().join("cmdline"))
+            .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+            .unwrap_or_default();
+        out.push((pid, ppid, state, cmdline));
+    }
+    out
+}
+
+/// Zombie children of `parents` seen in two samples 300 ms apart (a child that just exited
+/// and is being reaped is not one).
+pub async fn zombies(parents: &[u32]) -> Vec<u32> {
+    let sample = || -> Vec<u32> {
+        processes()
+            .into_iter()
+            .filter(|p| p.2 == 'Z' && parents.contains(&p.1))
+            .map(|p| p.0)
+            .collect()
+    };
+    let first = sample();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second = sample();
+    first.into_iter().filter(|p| second.contains(p)).collect()
+}
