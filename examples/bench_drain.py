@@ -6,15 +6,23 @@ native tasks (`rt_noop`) written straight into the queue's stream — the docume
 path for other languages, `XADD rt:{default}:stream * e '<envelope>'` — before any node
 exists. Then the `runtime` binary starts on a config with one queue; the clock starts when its
 process is spawned (start-up included) and stops when `GET /queues` shows the queue empty
-(nothing ready, nothing in flight). Every task must have succeeded (none delayed or dead).
+(nothing ready, nothing in flight; asked every 10 ms). Every task must have succeeded (none delayed or dead).
 
 CPU: utime + stime of the node process and of redis-server over the drain, from
 /proc/<pid>/stat, divided by N.
 
     target/py-venv/bin/python examples/bench_drain.py --runtime target/release/runtime -n 100000
 
-Needs redis-py (in target/py-venv, made by `bash tests/run --venv-only`). Prints one Markdown
-table row per run (`--runs`), then the median. Writes nothing into the repository.
+With `--celery N`, each run also drains N no-op Celery tasks with a Celery prefork worker
+(`-c 2`, Redis broker and result backend, `acks_late`) on the same box and the same kind of
+private redis-server: the messages are queued with `.delay()` before the worker starts, and the
+clock runs from spawning `celery worker` (start-up included, as for the node) until the queue
+and its unacked messages are empty. Runs alternate (runtime, then Celery) and the table gives
+the ratio of the medians.
+
+Needs redis-py (in target/py-venv, made by `bash tests/run --venv-only`; Celery is there too).
+Prints one Markdown table row per run (`--runs`), then the median. Writes nothing into the
+repository.
 """
 
 from __future__ import annotations
@@ -37,6 +45,8 @@ import redis
 
 REPO = Path(__file__).resolve().parent.parent
 TICKS = os.sysconf("SC_CLK_TCK")
+# How often the driver asks whether the backlog is drained.
+POLL = 0.010
 
 
 def free_port() -> int:
@@ -53,18 +63,22 @@ def cpu_seconds(pid: int) -> float:
     return sum(int(fields[i]) for i in (11, 12, 13, 14)) / TICKS
 
 
-def wait_for(what: str, check, timeout: float):
+def wait_for(what: str, check, timeout: float, every: float = 0.002):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = check()
         if value:
             return value
-        time.sleep(0.002)
+        time.sleep(every)
     raise TimeoutError(f"{what} not within {timeout} s")
 
 
-def config(redis_url: str, concurrency: int, prefetch: int) -> str:
-    return f"""
+def config(redis_url: str, concurrency: int, prefetch: int, events: bool = True,
+           store_result: bool = True) -> str:
+    extra = "" if events else "\n[events]\nenabled = false\n"
+    if not store_result:
+        extra += "\n[tasks.rt_noop]\nhandler = { kind = \"native\" }\nstore_result = false\n"
+    return extra + f"""
 [broker]
 url = "{redis_url}"
 
@@ -75,9 +89,10 @@ bind = "127.0.0.1:0"
 concurrency = {concurrency}
 prefetch = {prefetch}
 
+""" + ("" if not store_result else """
 [tasks.rt_noop]
-handler = {{ kind = "native" }}
-"""
+handler = { kind = "native" }
+""")
 
 
 def one_run(args: argparse.Namespace, work: Path) -> dict[str, float]:
@@ -100,9 +115,11 @@ def one_run(args: argparse.Namespace, work: Path) -> dict[str, float]:
             pipe.execute()
         assert client.xlen(stream) == args.tasks
         path = work / "node.toml"
-        path.write_text(config(f"redis://127.0.0.1:{port}/0", args.concurrency, args.prefetch))
+        path.write_text(config(f"redis://127.0.0.1:{port}/0", args.concurrency, args.prefetch,
+                               events=not args.events_off, store_result=not args.no_store_result))
         address = work / "node.address"
         address.unlink(missing_ok=True)
+        client.config_resetstat()
         redis_before = cpu_seconds(redis_proc.pid)
         started = time.monotonic()
         node = subprocess.Popen(
@@ -117,7 +134,9 @@ def one_run(args: argparse.Namespace, work: Path) -> dict[str, float]:
                 q = json.load(answer)["queues"]["default"]
             return q["ready"] == 0 and q["in_flight"] == 0
 
-        wait_for("an empty queue", empty, args.timeout)
+        # Every 10 ms (the clock's resolution): a poll costs the node and Redis work of their
+        # own, and this process a share of the same two cores.
+        wait_for("an empty queue", empty, args.timeout, every=POLL)
         took = time.monotonic() - started
         node_cpu = cpu_seconds(node.pid)
         redis_cpu = cpu_seconds(redis_proc.pid) - redis_before
@@ -125,6 +144,8 @@ def one_run(args: argparse.Namespace, work: Path) -> dict[str, float]:
             q = json.load(answer)["queues"]["default"]
         if q["delayed"] or q["dead"]:
             raise RuntimeError(f"tasks failed: {q}")
+        if args.commandstats:
+            print_commandstats(client, args.tasks)
         return {
             "rate": args.tasks / took,
             "seconds": took,
@@ -142,6 +163,102 @@ def one_run(args: argparse.Namespace, work: Path) -> dict[str, float]:
                     proc.wait()
 
 
+def print_commandstats(client: redis.Redis, tasks: int) -> None:
+    """Redis' own accounting of the drain (`INFO commandstats`): calls and µs per task, by command."""
+    rows = []
+    for name, stats in client.info("commandstats").items():
+        rows.append((stats["usec"] / tasks, stats["calls"] / tasks, name.removeprefix("cmdstat_")))
+    print("\n| command | calls per task | µs per task |\n|---|---:|---:|")
+    for usec, calls, name in sorted(rows, reverse=True)[:12]:
+        print(f"| {name} | {calls:.3f} | {usec:.2f} |")
+    print()
+
+
+CELERY_TASKS = """\
+import os
+
+from celery import Celery
+
+app = Celery("drain_tasks", broker=os.environ["BENCH_REDIS_URL"], backend=os.environ["BENCH_REDIS_URL"])
+app.conf.update(task_default_queue="default", task_acks_late=True,
+                broker_connection_retry_on_startup=True, result_expires=3600)
+
+
+@app.task(name="rt_noop")
+def rt_noop():
+    return None
+"""
+
+
+def celery_run(args: argparse.Namespace, work: Path) -> dict[str, float]:
+    """N no-op Celery tasks queued with .delay(), drained by `celery worker -P prefork -c 2`."""
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    redis_proc = subprocess.Popen(
+        [args.redis_server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", str(work)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    worker = None
+    try:
+        client = redis.Redis(host="127.0.0.1", port=port)
+        wait_for("redis-server", lambda: _ping(client), 10)
+        (work / "drain_tasks.py").write_text(CELERY_TASKS)
+        env = dict(os.environ, BENCH_REDIS_URL=url, PYTHONPATH=str(work))
+        enqueue = ("import drain_tasks\n"
+                   f"for _ in range({args.celery}): drain_tasks.rt_noop.delay()\n")
+        subprocess.run([sys.executable, "-c", enqueue], env=env, cwd=work, check=True)
+        queued = client.llen("default")
+        if queued != args.celery:
+            raise RuntimeError(f"celery pre-fill: {queued} messages, expected {args.celery}")
+        client.config_resetstat()
+        redis_before = cpu_seconds(redis_proc.pid)
+        started = time.monotonic()
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "drain_tasks", "worker", "-P", "prefork",
+             "-c", "2", "-Q", "default", "-l", "warning", "--without-gossip",
+             "--without-mingle", "--without-heartbeat"],
+            env=env, cwd=work, stdout=subprocess.DEVNULL, stderr=open(work / "celery.log", "w"),
+        )
+
+        def empty() -> bool:
+            if worker.poll() is not None:
+                raise RuntimeError(f"celery exited ({worker.returncode}): see {work}/celery.log")
+            return client.llen("default") == 0 and client.hlen("unacked") == 0
+
+        wait_for("an empty Celery queue", empty, args.timeout, every=POLL)
+        took = time.monotonic() - started
+        workers_cpu = children_cpu(worker.pid)
+        redis_cpu = cpu_seconds(redis_proc.pid) - redis_before
+        return {
+            "rate": args.celery / took,
+            "seconds": took,
+            "node_us": workers_cpu / args.celery * 1e6,
+            "redis_us": redis_cpu / args.celery * 1e6,
+        }
+    finally:
+        for proc in (worker, redis_proc):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
+def children_cpu(pid: int) -> float:
+    """CPU seconds of `pid` and its live children (Celery's pool processes)."""
+    total = cpu_seconds(pid)
+    for child in Path(f"/proc/{pid}/task").glob("*/children"):
+        for kid in child.read_text().split():
+            try:
+                total += cpu_seconds(int(kid))
+            except FileNotFoundError:
+                pass
+    return total
+
+
 def _ping(client: redis.Redis) -> bool:
     try:
         return bool(client.ping())
@@ -156,6 +273,13 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=256, help="the queue's (256)")
     parser.add_argument("--prefetch", type=int, default=0, help="the queue's (0, the default)")
     parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--celery", type=int, default=0, metavar="N",
+                        help="also drain N no-op tasks with Celery's prefork worker (-c 2) in each run")
+    parser.add_argument("--events-off", action="store_true", help="[events] enabled = false")
+    parser.add_argument("--no-store-result", action="store_true",
+                        help="the task with store_result = false (no record kept on success)")
+    parser.add_argument("--commandstats", action="store_true",
+                        help="print Redis' INFO commandstats per task after each run")
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--redis-server", default=shutil.which("redis-server") or "redis-server")
     args = parser.parse_args()
@@ -166,17 +290,29 @@ def main() -> int:
     print()
     print("| run | drain (tasks/s) | seconds (start-up included) | node CPU per task | redis-server CPU per task |")
     print("|---|---:|---:|---:|---:|")
-    runs = []
+    runs, celery = [], []
     for n in range(1, args.runs + 1):
         with tempfile.TemporaryDirectory(prefix="bench-drain-") as tmp:
             r = one_run(args, Path(tmp))
         runs.append(r)
         print(f"| {n} | {r['rate']:,.0f} | {r['seconds']:.2f} | {r['node_us']:.1f} µs | {r['redis_us']:.1f} µs |",
               flush=True)
+        if args.celery:
+            with tempfile.TemporaryDirectory(prefix="bench-drain-celery-") as tmp:
+                c = celery_run(args, Path(tmp))
+            celery.append(c)
+            print(f"| {n}, Celery -c 2 ({args.celery:,} tasks; worker + pool CPU) | {c['rate']:,.0f} "
+                  f"| {c['seconds']:.2f} | {c['node_us']:.1f} µs | {c['redis_us']:.1f} µs |", flush=True)
     if len(runs) > 1:
         med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
         print(f"| **median** | **{med['rate']:,.0f}** | {med['seconds']:.2f} | **{med['node_us']:.1f} µs** "
               f"| **{med['redis_us']:.1f} µs** |")
+    if celery:
+        rate = statistics.median(r["rate"] for r in runs)
+        crate = statistics.median(c["rate"] for c in celery)
+        ccpu = statistics.median(c["node_us"] for c in celery)
+        print(f"| **Celery median** | **{crate:,.0f}** | | **{ccpu:.1f} µs** | |")
+        print(f"\nruntime / Celery drain (medians): **{rate / crate:.1f}x**")
     print(f"\nload average after: {os.getloadavg()[0]:.2f}")
     return 0
 

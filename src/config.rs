@@ -323,6 +323,9 @@ pub struct TaskSettings {
     pub link_error: Vec<String>,
     /// Deduplicated enqueue, when configured.
     pub idempotency: Option<Idempotency>,
+    /// Whether a success writes the task's record with its result (`store_result`, default
+    /// true); false removes the record instead.
+    pub store_result: bool,
 }
 
 /// What runs a task.

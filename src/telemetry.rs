@@ -1,4 +1,5 @@
-//! Logging: `tracing` to stderr, filtered like `RUST_LOG` (default `info`), as text or JSON.
+//! Logging: `tracing` to stderr, filtered like `RUST_LOG` (default [`DEFAULT_FILTER`]), as text
+//! or JSON.
 //!
 //! **JSON** (`--log-format json`, env `RT_LOG_FORMAT=json`) writes one object per line with
 //! every field at the top level, so log pipelines can index them without unnesting:
@@ -32,9 +33,16 @@ use tracing_subscriber::registry::LookupSpan;
 
 use crate::cli::LogFormat;
 
+/// The filter without `RUST_LOG`: `info`, but ractor's own at `warn` — ractor opens an
+/// `Actor` span around every actor's message loop, one per task actor, which the formatter
+/// would render for every task although no line of ours needs it (a task's lines carry the
+/// `task` span).
+pub const DEFAULT_FILTER: &str = "info,ractor=warn";
+
 /// Installs the global subscriber. Call once, before anything logs.
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -180,6 +180,7 @@ pub fn task_defs(
             uses: task.uses.clone(),
             link: task.link.clone(),
             link_error: task.link_error.clone(),
+            store_result: task.store_result,
         });
     }
     if missing.is_empty() {

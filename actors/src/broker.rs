@@ -765,6 +765,14 @@ pub trait TaskQueue: Send + Sync + 'static {
         result: Value,
     ) -> impl Future<Output = Result<(), BrokerError>> + Send;
 
+    /// Acknowledges a delivery of a task that keeps no result (`store_result = false`): as
+    /// [`ack`](Self::ack) — the `succeeded` event included — but the task's record is removed
+    /// instead of written (its id is then unknown: a chosen id may be used again).
+    fn ack_unrecorded(
+        &self,
+        delivery: &Delivery,
+    ) -> impl Future<Output = Result<(), BrokerError>> + Send;
+
     /// Acknowledges several deliveries with their results in one round trip. Each is its
     /// own outcome: an `Err` names those that were not written; the others were.
     fn ack_many(
@@ -1172,6 +1180,7 @@ dispatch!(TaskQueue {
     async fn reserve(&self, queue: &str, consumer: &str, max: usize, wait: Duration) -> Done<Vec<Delivery>>;
     async fn renew(&self, queue: &str, consumer: &str, entries: &[String]) -> Done<Vec<String>>;
     async fn ack(&self, delivery: &Delivery, result: Value) -> Done<()>;
+    async fn ack_unrecorded(&self, delivery: &Delivery) -> Done<()>;
     async fn ack_many(&self, done: &[(Delivery, Value)]) -> Done<()>;
     async fn retry(&self, delivery: &Delivery, at: SystemTime, error: &str) -> Done<()>;
     async fn defer(&self, delivery: &Delivery, at: SystemTime, reason: &str) -> Done<()>;

@@ -116,6 +116,9 @@ pub struct TaskDef {
     pub link: Vec<String>,
     /// Tasks enqueued with its error when it fails for good.
     pub link_error: Vec<String>,
+    /// Whether a success writes its record with the result (`store_result`); false removes
+    /// the record instead ([`TaskQueue::ack_unrecorded`](crate::broker::TaskQueue::ack_unrecorded)).
+    pub store_result: bool,
 }
 
 /// Every task definition of a node, by name.

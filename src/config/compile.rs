@@ -1311,6 +1311,7 @@ impl Compiler<'_> {
             link: raw.link.clone(),
             link_error: raw.link_error.clone(),
             idempotency,
+            store_result: raw.store_result.unwrap_or(true),
         })
     }
 

@@ -231,6 +231,9 @@ pub(crate) struct RawTask {
     pub(crate) link_error: Vec<String>,
     /// Deduplicated enqueue: an inline table `{ ttl = "24h" }`. Default: none.
     pub(crate) idempotency: Option<RawIdempotency>,
+    /// `false`: a success removes the task's record instead of writing its result (Celery's
+    /// `ignore_result`). Default: true.
+    pub(crate) store_result: Option<bool>,
 }
 
 /// `tasks.NAME.handler`, selected by `kind`.

@@ -1383,3 +1383,30 @@ fn worker_pool_mistakes_are_named() {
         ["error: workers.app.modules: name at least one module to import"]
     );
 }
+
+#[test]
+fn store_result_defaults_to_true_and_can_be_turned_off() {
+    let (config, warnings) = ok(r#"
+        [queues.default]
+
+        [tasks.rt_noop]
+        handler = { kind = "native" }
+        store_result = false
+
+        [tasks.rt_echo]
+        handler = { kind = "native" }
+    "#);
+    assert!(warnings.is_empty(), "{warnings:?}");
+    assert!(!config.tasks["rt_noop"].store_result);
+    assert!(config.tasks["rt_echo"].store_result);
+    let errors = fails(
+        r#"
+        [queues.default]
+
+        [tasks.rt_noop]
+        handler = { kind = "native" }
+        store_result = "no"
+    "#,
+    );
+    assert!(errors[0].contains("store_result"), "{errors:?}");
+}

@@ -859,8 +859,9 @@ pub(crate) async fn events_tell_the_life_of_a_task<B: Broker>(b: &B, q: &str) {
     assert_eq!(kinds, ["retried", "succeeded"]);
 }
 
-/// `started` costs no round trip: the start marker and `started` event travel ahead of the
-/// next outcome, or are flushed on their own within `EVENT_FLUSH` when no outcome comes.
+/// `started` costs no round trip: the start marker and `started` event travel with the
+/// attempt's outcome (ahead of it), or are written on their own within `EVENT_FLUSH` when no
+/// outcome comes.
 pub(crate) async fn soon_events_precede_the_outcome_or_are_flushed<B: Broker>(b: &B, q: &str) {
     let sent = b.enqueue(vec![task(q, 1), task(q, 2)]).await.unwrap();
     let got = b.reserve(q, "c", 2, NO_WAIT).await.unwrap();
@@ -880,28 +881,61 @@ pub(crate) async fn soon_events_precede_the_outcome_or_are_flushed<B: Broker>(b:
         kinds_of(&all, &sent[0].id),
         ["sent", "started", "succeeded"]
     );
-    // The second task's `started` went along with the first one's ack, and its record says
-    // it runs.
-    assert_eq!(kinds_of(&all, &sent[1].id), ["sent", "started"]);
-    let running = b.record(&sent[1].id).await.unwrap().unwrap();
+    let done = b.record(&sent[0].id).await.unwrap().unwrap();
     assert_eq!(
-        (running.state, running.node.as_deref()),
-        (TaskState::Running, Some("c"))
+        (done.state, done.node.as_deref(), done.attempt),
+        (TaskState::Succeeded, Some("c"), Some(0)),
+        "the start marker came with the outcome"
     );
-    // Alone, it is flushed soon.
-    let third = b.enqueue(vec![task(q, 3)]).await.unwrap();
-    let got = b.reserve(q, "c", 1, NO_WAIT).await.unwrap();
-    b.started(&got[0].envelope, "c");
+    assert!(done.started_at.is_some());
+    // The second task, still running, gets its start written on its own within EVENT_FLUSH
+    // (with its record saying it runs).
     let deadline = Instant::now() + super::EVENT_FLUSH * 20;
-    loop {
-        let all = b.events(None, 10_000).await.unwrap();
-        let state = b.record(&third[0].id).await.unwrap().unwrap().state;
-        if kinds_of(&all, &third[0].id) == ["sent", "started"] && state == TaskState::Running {
-            break;
+    for id in [&sent[1].id] {
+        loop {
+            let all = b.events(None, 10_000).await.unwrap();
+            let record = b.record(id).await.unwrap().unwrap();
+            if kinds_of(&all, id) == ["sent", "started"]
+                && (record.state, record.node.as_deref()) == (TaskState::Running, Some("c"))
+            {
+                break;
+            }
+            assert!(Instant::now() < deadline, "started never flushed");
+            tokio::time::sleep(super::EVENT_FLUSH / 5).await;
         }
-        assert!(Instant::now() < deadline, "started never flushed");
-        tokio::time::sleep(super::EVENT_FLUSH / 5).await;
     }
+}
+
+/// A task that keeps no result (`store_result = false`): its success acks the entry and
+/// writes the `succeeded` event like any ack, but leaves no record — whether its start marker
+/// travelled with the outcome or was written before it.
+pub(crate) async fn unrecorded_acks_leave_no_record<B: Broker>(b: &B, q: &str) {
+    let sent = b.enqueue(vec![task(q, 1), task(q, 2)]).await.unwrap();
+    let got = b.reserve(q, "c", 2, NO_WAIT).await.unwrap();
+    // The first one's start goes with its outcome; the second's is written first.
+    b.started(&got[0].envelope, "c");
+    b.ack_unrecorded(&got[0]).await.unwrap();
+    b.started(&got[1].envelope, "c");
+    until_state(b, &sent[1].id, TaskState::Running).await;
+    b.ack_unrecorded(&got[1]).await.unwrap();
+    let events = b.events(None, 10_000).await.unwrap();
+    for sent in &sent {
+        assert!(
+            b.record(&sent.id).await.unwrap().is_none(),
+            "no record left"
+        );
+        let kinds: Vec<&str> = events
+            .iter()
+            .filter(|e| e.task_id.as_deref() == Some(sent.id.as_str()))
+            .map(|e| e.kind.as_str())
+            .collect();
+        assert_eq!(kinds, ["sent", "started", "succeeded"]);
+    }
+    // Nothing comes back later either (a start written after the DEL would make one again).
+    tokio::time::sleep(super::EVENT_FLUSH * 3).await;
+    assert!(b.record(&sent[0].id).await.unwrap().is_none());
+    let depth = b.depth(q).await.unwrap();
+    assert_eq!((depth.ready, depth.in_flight), (0, 0));
 }
 
 /// Waits (up to 20 × `EVENT_FLUSH`) until task `id`'s record is in `state`: a start marker
@@ -1349,6 +1383,7 @@ macro_rules! contract_suite {
             bad_envelopes_are_refused_whole,
             oversized_entries_are_refused_or_delivered_with_their_size,
             events_tell_the_life_of_a_task, soon_events_precede_the_outcome_or_are_flushed,
+            unrecorded_acks_leave_no_record,
             records_follow_the_life_of_a_task, revocations_in_every_state,
             events_page_forwards_and_backwards, handed_back_entries_are_ready_at_once,
             one_beat_leader_at_a_time, last_runs_and_presence_records);

@@ -580,6 +580,13 @@ impl TaskQueue for MemoryBroker {
         Ok(())
     }
 
+    async fn ack_unrecorded(&self, delivery: &Delivery) -> Result<(), BrokerError> {
+        let mut state = self.lock();
+        self.settle(&mut state, delivery, Outcome::Succeeded(&Value::Null));
+        state.records.remove(&delivery.envelope.id);
+        Ok(())
+    }
+
     async fn ack_many(&self, done: &[(Delivery, Value)]) -> Result<(), BrokerError> {
         let mut state = self.lock();
         for (delivery, result) in done {

@@ -70,7 +70,7 @@
 //!   gets its own connection (created lazily, no response timeout of its own: the call is
 //!   bounded by `wait` + a margin; dropped and re-made after an error). Reads without a wait use
 //!   the shared connection. Malformed entries are dead-lettered (`malformed entry: <error>`)
-//!   with `XACK` + `XDEL` through `commit.lua` (one outcome each; one that cannot be written
+//!   with `XACK` + `XDEL` through `commit.lua` (an outcome each; one that cannot be written
 //!   stays pending and comes back after the lease, the read's good entries are still returned),
 //!   never returned — an `e` that is not valid UTF-8 among them (it is never decoded lossily
 //!   into a task that would run on altered arguments).
@@ -78,16 +78,24 @@
 //!   dead-letters one over `max_entry_bytes` unrun.
 //! - `renew`: `XCLAIM … 0 <ids> JUSTID` by the owner — resets the idle time, not the delivery
 //!   count. An id missing from the reply was recovered elsewhere.
-//! - Outcomes, each one call of `commit.lua` (one round trip, all or nothing — see
-//!   *Atomic outcomes* below): `ack` = record `HSET` + `PEXPIRE`, `XACK`, `XDEL`,
-//!   `succeeded` event; `retry` = `ZADD` delayed (attempt + 1), `XACK`, `XDEL`, record
-//!   (`due`) and `PERSIST`, `retried` event; `defer` = `ZADD` delayed (attempt unchanged),
-//!   `XACK`, `XDEL`, record (`scheduled`, `due`, `lost`) and `PERSIST`, `deferred` event;
-//!   `dead_letter` = `XADD` dead, `XACK`, `XDEL`, record and `PEXPIRE`, `dead` event. `ack_many` sends several
-//!   outcomes in the same call, each committed on its own. The starts handed to `started`
-//!   (record start marker `HSET` + `started` event, per attempt) travel in the same call,
-//!   ahead, as an outcome of their own — or are written by a flusher within `EVENT_FLUSH`: an
-//!   attempt's start costs no round trip of its own.
+//! - Outcomes, each all or nothing in a call of `commit.lua` (see *Atomic outcomes* below):
+//!   `ack` = record `HSET` + `PEXPIRE`, `XACK` + `XDEL`, `succeeded` event; `ack_unrecorded`
+//!   (`store_result = false`) = `DEL` of the record, `XACK` + `XDEL`, `succeeded` event;
+//!   `retry` = record (`due`) and `PERSIST`, `ZADD` delayed (attempt + 1), `XACK` + `XDEL`,
+//!   `retried` event; `defer` = record (`scheduled`, `due`, `lost`) and `PERSIST`, `ZADD`
+//!   delayed (attempt unchanged), `XACK` + `XDEL`, `deferred` event; `dead_letter` = record
+//!   and `PEXPIRE`, `XADD` dead, `XACK` + `XDEL`, `dead` event. Every outcome of the node goes
+//!   through one writer task (`commit.rs`): handed to it while it waits, an outcome goes out
+//!   at once, alone; handed to it while calls are in flight (two at most, on one connection),
+//!   it goes out with the others in the next call (512 outcomes at most), whose answer is
+//!   split back per outcome. In the script the `XACK` + `XDEL` of all of a call's entries are
+//!   one of each per stream, and a key's type is asked once per call.
+//!   The starts handed to `started` (record start marker + `started` event, per attempt) go
+//!   to the same writer: when the attempt's outcome comes within `EVENT_FLUSH`, the marker's
+//!   fields join the outcome's record `HSET` and its event goes just ahead of the outcome's —
+//!   no command and no round trip of its own; otherwise the start is written on its own
+//!   (`HSET` + event) once it has waited `EVENT_FLUSH`. One writer, one connection: a start is
+//!   never written after its outcome.
 //! - `recover`: `recover.lua`, in batches: `XPENDING … IDLE lease`, each stale entry re-added
 //!   at the tail with `d` + 1 and its record's attempt marked `lost` (or dead-lettered once
 //!   `d` + 1 reaches `max_deliveries`, its record dead with the reason), the old id acked and
@@ -137,6 +145,9 @@
 //! `commit.lua` checks first: every key an outcome writes must hold the type its command needs
 //! (or nothing) before the first write, and past that nothing can fail (well-formed arguments,
 //! `*` stream ids; Redis refuses a script's writes for `maxmemory` only before its first one).
+//! The outcome's first command — its record's `HSET`, a key no other outcome of the call
+//! writes — is its own check: it runs first (`pcall`), after every other key was found good,
+//! so when it fails nothing of the outcome was written.
 //! An outcome that fails the check writes nothing and returns an error naming the key
 //! (`WRONGTYPE p:result:<id> holds a string, not a hash (nothing of this outcome was
 //! written)`): its entry stays pending, unacked, and comes back through lease recovery once
@@ -169,6 +180,7 @@
 //! `BrokerError::Unreachable` and the caller (the broker actor, a consumer) decides when to try
 //! again.
 mod codec;
+mod commit;
 mod connection;
 mod events;
 mod keys;
@@ -198,9 +210,10 @@ use super::outcome::{
 use codec::{
     StreamEntry, dead_letter, event, int, pairs, record_fields, stored_record, stream_entries, text,
 };
+use commit::{Job, Write, Writer};
 pub use connection::ConnectionState;
-use connection::{CONNECT_TIMEOUT, Health, RESPONSE_TIMEOUT, lock};
-use events::{Start, flush_soon, xadd_whole};
+use connection::{CONNECT_TIMEOUT, Health, Link, RESPONSE_TIMEOUT};
+use events::{Start, xadd_whole};
 use keys::{Keys, revocations_channel, revoked_key, revoked_seq_key};
 /// Entries one script call handles (recovery, promotion, purge); the caller loops.
 const SCRIPT_BATCH: usize = 256;
@@ -236,7 +249,6 @@ pub(crate) async fn evalsha<T: redis::FromRedisValue>(
 /// The Lua scripts (`broker/redis/*.lua`), loaded on first use and again after a restart
 /// (`NOSCRIPT` makes redis-rs, or [`evalsha`], load and retry).
 struct Scripts {
-    commit: Script,
     enqueue: Script,
     recover: Script,
     promote: Script,
@@ -259,22 +271,21 @@ impl std::fmt::Debug for Scripts {
 pub struct RedisBroker {
     settings: BrokerSettings,
     keys: Keys,
-    /// The URL without credentials, for errors and logs.
-    url: String,
+    /// The URL without credentials, and the connection state.
+    link: Arc<Link>,
     client: Client,
     manager: ConnectionManager,
     /// Queues whose consumer group is known to exist.
     groups: Mutex<HashSet<String>>,
     /// Idle dedicated connections for blocking reads, by (queue, consumer).
     blocking: Mutex<HashMap<(String, String), MultiplexedConnection>>,
-    health: Health,
     scripts: Scripts,
     /// `p:events`.
     events_key: String,
     /// `PEXPIRE` of records, in ms (at least 1).
     result_ttl_ms: u64,
-    /// Starts handed to `started`, written with the next outcome or by the flusher.
-    soon: Arc<Mutex<Vec<Start>>>,
+    /// The outcome writer's channel: outcomes and starts (see [`commit`]).
+    outbox: tokio::sync::mpsc::UnboundedSender<Job>,
     /// What this node knows of the kept revocations (shared with the subscriber task).
     revocations: Arc<Revocations>,
 }
@@ -318,14 +329,23 @@ impl RedisBroker {
             .map_err(|e| unreachable(e.to_string()))?;
 
         let ms = |d: Duration| (d.as_millis() as u64).max(1);
-        let soon = Arc::default();
         let events_key = format!("{}:events", settings.prefix);
-        tokio::spawn(flush_soon(
-            Arc::downgrade(&soon),
-            manager.clone(),
-            events_key.clone(),
-            settings.events_maxlen,
-        ));
+        let link = Arc::new(Link {
+            url: shown,
+            health: Health::default(),
+        });
+        let (outbox, jobs) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(
+            Writer {
+                jobs,
+                conn: manager.clone(),
+                link: Arc::clone(&link),
+                sha: Script::new(COMMIT).get_hash().to_string(),
+                events_key: events_key.clone(),
+                maxlen: settings.events_maxlen,
+            }
+            .run(),
+        );
         let revocations = Arc::new(Revocations::default());
         tokio::spawn(listen_revocations(
             Arc::downgrade(&revocations),
@@ -335,19 +355,17 @@ impl RedisBroker {
         ));
         Ok(Self {
             keys: Keys::new(&settings.prefix),
-            soon,
+            outbox,
             revocations,
             events_key,
             result_ttl_ms: ms(settings.result_ttl),
             settings,
-            url: shown,
+            link,
             client,
             manager,
             groups: Mutex::new(HashSet::new()),
             blocking: Mutex::new(HashMap::new()),
-            health: Health::default(),
             scripts: Scripts {
-                commit: Script::new(COMMIT),
                 enqueue: Script::new(include_str!("redis/enqueue.lua")),
                 recover: Script::new(include_str!("redis/recover.lua")),
                 promote: Script::new(include_str!("redis/promote.lua")),
@@ -363,7 +381,7 @@ impl RedisBroker {
 
     /// Connected, or reconnecting since when and why.
     pub fn connection_state(&self) -> ConnectionState {
-        self.health.state()
+        self.link.health.state()
     }
 
     /// The tunables it runs with.
@@ -373,7 +391,7 @@ impl RedisBroker {
 
     /// The URL it talks to, without credentials.
     pub fn url(&self) -> &str {
-        &self.url
+        &self.link.url
     }
 
     /// Sends a PING on the shared connection; the round trip it took.
@@ -385,63 +403,28 @@ impl RedisBroker {
         Ok(started.elapsed())
     }
 
-    /// Writes outcomes with `commit.lua`, in one round trip: each pipeline's commands are one
-    /// outcome, written whole or not at all (its keys are type-checked first). The starts
-    /// handed to `started` go first, as an outcome of their own (best effort: their failure
-    /// is logged, not returned). `Err` when the call failed, or naming every outcome
-    /// that was not written — with the key and Redis' error — while the others were.
-    async fn write_outcomes(&self, outcomes: Vec<Pipeline>) -> Result<(), BrokerError> {
-        let soon = self.take_soon();
-        let all: Vec<&Pipeline> = soon.iter().chain(&outcomes).collect();
-        // Every key the commands write (each command names its key second), declared first.
-        let mut keys: Vec<&[u8]> = all
-            .iter()
-            .flat_map(|pipe| pipe.cmd_iter())
-            .filter_map(|cmd| match cmd.args_iter().nth(1) {
-                Some(redis::Arg::Simple(key)) => Some(key),
-                _ => None,
-            })
-            .collect();
-        keys.sort_unstable();
-        keys.dedup();
-        let mut invocation = redis::cmd("EVALSHA");
-        invocation
-            .arg(self.scripts.commit.get_hash())
-            .arg(keys.len())
-            .arg(keys);
-        for pipe in &all {
-            invocation.arg(pipe.len());
-            for cmd in pipe.cmd_iter() {
-                // No cursor command is ever built here: every argument is simple.
-                let args = cmd.args_iter().filter_map(|arg| match arg {
-                    redis::Arg::Simple(bytes) => Some(bytes),
-                    _ => None,
-                });
-                invocation.arg(args.clone().count());
-                for arg in args {
-                    invocation.arg(arg);
-                }
-            }
-        }
-        let mut conn = self.manager.clone();
-        let answers: Vec<Value> = self.observe(evalsha(&mut conn, &invocation, COMMIT).await)?;
-        let mut answers = answers.into_iter();
-        if soon.is_some()
-            && let Some(answer) = answers.next()
-            && !matches!(answer, Value::Int(1))
-        {
-            tracing::warn!(error = %text(&answer), "starts of tasks (records, events) not written");
-        }
+    /// Writes outcomes through the outcome writer ([`commit`]): each is written whole or not
+    /// at all (its keys are type-checked first), in one round trip with whatever else is
+    /// being written. `Err` when the call failed, or naming every outcome that was not
+    /// written — with the key and Redis' error — while the others were.
+    async fn write_outcomes(&self, writes: Vec<Write>) -> Result<(), BrokerError> {
+        let count = writes.len();
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let gone = || BrokerError::Command("the outcome writer has stopped".into());
+        self.outbox
+            .send(Job::Commit { writes, reply })
+            .map_err(|_| gone())?;
+        let answers = answer.await.map_err(|_| gone())??;
         let failed: Vec<String> = answers
+            .iter()
             .filter(|answer| !matches!(answer, Value::Int(1)))
-            .map(|answer| text(&answer))
+            .map(text)
             .collect();
         match failed.len() {
             0 => Ok(()),
-            1 if outcomes.len() == 1 => Err(BrokerError::Command(failed.concat())),
+            1 if count == 1 => Err(BrokerError::Command(failed.concat())),
             n => Err(BrokerError::Command(format!(
-                "{n} of {} outcomes not written (the others were): {}",
-                outcomes.len(),
+                "{n} of {count} outcomes not written (the others were): {}",
                 failed.join("; ")
             ))),
         }
@@ -449,11 +432,24 @@ impl RedisBroker {
 }
 
 impl RedisBroker {
-    /// Appends what an outcome writes ([`Writes`]) to `pipe`, with the release (`XACK` +
-    /// `XDEL`) of its entry: the entry's next place (`ZADD` delayed, or `XADD` dead), its
-    /// record and its event.
-    fn add_writes(&self, pipe: &mut Pipeline, delivery: &Delivery, writes: &Writes<'_>, at: &str) {
+    /// What an outcome writes ([`Writes`]), as one [`Write`]: its record first (the
+    /// outcome's check in `commit.lua`; without `record`, a `DEL` of it instead), the
+    /// entry's next place (`ZADD` delayed, or `XADD` dead), the release of its entry and its
+    /// event.
+    fn outcome_write(
+        &self,
+        delivery: &Delivery,
+        writes: &Writes<'_>,
+        at: &str,
+        record: bool,
+    ) -> Write {
         let envelope = &delivery.envelope;
+        let mut pipe = redis::pipe();
+        if record {
+            self.add_record(&mut pipe, envelope, &writes.record, at);
+        } else {
+            pipe.cmd("DEL").arg(self.keys.result(&envelope.id)).ignore();
+        }
         match &writes.next {
             Next::Gone => {}
             Next::Delayed { due_ms, json } => {
@@ -478,9 +474,17 @@ impl RedisBroker {
                     .ignore();
             }
         }
-        self.add_release(pipe, &self.keys.stream(&delivery.queue), &delivery.entry);
-        self.add_record(pipe, envelope, &writes.record, at);
-        self.add_whole_event(pipe, &writes.event);
+        self.add_release(
+            &mut pipe,
+            &self.keys.stream(&delivery.queue),
+            &delivery.entry,
+        );
+        self.add_whole_event(&mut pipe, &writes.event);
+        Write {
+            attempt: Some((envelope.id.clone(), envelope.attempt)),
+            record,
+            pipe,
+        }
     }
 
     /// Appends a record change ([`RecordChange`]) to `pipe`: `HSET` of the id, task and queue
@@ -495,7 +499,12 @@ impl RedisBroker {
         at: &str,
     ) {
         let key = self.keys.result(&envelope.id);
-        let cmd = pipe.cmd("HSET");
+        // Sized once: no buffer grows per argument on the hot path.
+        let size = change.verdict.map_or(0, |(result, error)| {
+            result.map_or(0, |_| 64) + error.map_or(0, str::len)
+        });
+        let mut hset = redis::Cmd::with_capacity(24, 320 + size);
+        let cmd = hset.arg("HSET");
         cmd.arg(&key)
             .arg("id")
             .arg(&envelope.id)
@@ -519,7 +528,8 @@ impl RedisBroker {
         if change.lost {
             cmd.arg("lost").arg("1");
         }
-        cmd.arg("updated_at").arg(at).ignore();
+        cmd.arg("updated_at").arg(at);
+        pipe.add_command(hset).ignore();
         if change.ends() {
             pipe.cmd("PEXPIRE")
                 .arg(&key)
@@ -554,19 +564,18 @@ impl RedisBroker {
     async fn settle(&self, delivery: &Delivery, outcome: Outcome<'_>) -> Result<(), BrokerError> {
         let at = rfc3339(SystemTime::now());
         let writes = outcome.writes(&delivery.envelope, &at);
-        let mut pipe = redis::pipe();
-        self.add_writes(&mut pipe, delivery, &writes, &at);
-        self.write_outcomes(vec![pipe]).await
+        let write = self.outcome_write(delivery, &writes, &at, true);
+        self.write_outcomes(vec![write]).await
     }
 
-    /// `XACK` + `XDEL` of an entry.
+    /// The release of an entry: `XACK`, which `commit.lua` turns into `XACK` + `XDEL` (one
+    /// of each per stream for all the entries of a call).
     fn add_release(&self, pipe: &mut Pipeline, stream: &str, entry: &str) {
         pipe.cmd("XACK")
             .arg(stream)
             .arg(self.keys.group())
             .arg(entry)
             .ignore();
-        pipe.cmd("XDEL").arg(stream).arg(entry).ignore();
     }
 
     /// Dead-letters malformed entries met by `reserve` (one round trip for all of them, each
@@ -604,7 +613,11 @@ impl RedisBroker {
                 self.add_record_end(&mut pipe, &task_id);
             }
             self.add_whole_event(&mut pipe, &malformed_event(queue, id, reason, &at));
-            outcomes.push(pipe);
+            outcomes.push(Write {
+                attempt: None,
+                record: false,
+                pipe,
+            });
         }
         if let Err(err) = self.write_outcomes(outcomes).await {
             tracing::warn!(queue, error = %err,
@@ -918,6 +931,14 @@ impl TaskQueue for RedisBroker {
         self.settle(delivery, Outcome::Succeeded(&result)).await
     }
 
+    async fn ack_unrecorded(&self, delivery: &Delivery) -> Result<(), BrokerError> {
+        let at = rfc3339(SystemTime::now());
+        let null = serde_json::Value::Null;
+        let writes = Outcome::Succeeded(&null).writes(&delivery.envelope, &at);
+        let write = self.outcome_write(delivery, &writes, &at, false);
+        self.write_outcomes(vec![write]).await
+    }
+
     async fn ack_many(&self, done: &[(Delivery, serde_json::Value)]) -> Result<(), BrokerError> {
         if done.is_empty() {
             return Ok(());
@@ -927,9 +948,7 @@ impl TaskQueue for RedisBroker {
             .iter()
             .map(|(delivery, result)| {
                 let writes = Outcome::Succeeded(result).writes(&delivery.envelope, &at);
-                let mut pipe = redis::pipe();
-                self.add_writes(&mut pipe, delivery, &writes, &at);
-                pipe
+                self.outcome_write(delivery, &writes, &at, true)
             })
             .collect();
         self.write_outcomes(outcomes).await
@@ -1026,12 +1045,14 @@ impl TaskQueue for RedisBroker {
     }
 
     fn started(&self, envelope: &Envelope, consumer: &str) {
-        lock(&self.soon).push(Start {
+        // The writer is gone only when the broker is being dropped.
+        let _ = self.outbox.send(Job::Start(Box::new(Start {
+            id: envelope.id.clone(),
             record: self.keys.result(&envelope.id),
             event: started_event(envelope, consumer),
             attempt: envelope.attempt,
             consumer: consumer.to_string(),
-        });
+        })));
     }
 
     async fn hand_back(

@@ -52,6 +52,7 @@ fn def(name: &str, queue: &str, handler: Arc<dyn Handler>) -> TaskDef {
         uses: vec![],
         link: vec![],
         link_error: vec![],
+        store_result: true,
     }
 }
 
@@ -267,6 +268,64 @@ async fn runs_tasks_within_the_bulkhead_concurrency() {
     assert_eq!(rig.leases.count(), 0);
     let snapshot = rig.tree.get("root/queues/background").unwrap().snapshot;
     assert_eq!(snapshot["concurrency"], 3);
+    rig.root.stop(None);
+}
+
+/// `store_result = false` (Celery's `ignore_result`): a success leaves no record, but its
+/// `link` callbacks get the result and its events are written; a failure is recorded as
+/// usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_without_stored_results_leave_no_record_on_success() {
+    let mut quiet = def("rt_noop", "background", native("rt_noop"));
+    quiet.store_result = false;
+    quiet.link = vec!["rt_echo".into()];
+    let mut failing = def("rt_fail", "background", native("rt_fail"));
+    failing.store_result = false;
+    let rig = Rig::start(
+        &[Queue {
+            name: "background",
+            concurrency: 2,
+        }],
+        vec![
+            quiet,
+            failing,
+            def("rt_echo", "background", native("rt_echo")),
+        ],
+        Arc::new(AlwaysOpen),
+    )
+    .await;
+    let id = rig.enqueue("rt_noop", "background", json!({})).await;
+    let failed = rig
+        .enqueue("rt_fail", "background", json!({ "permanent": true }))
+        .await;
+    let dead = rig
+        .until_state(&failed, TaskState::Dead, Duration::from_secs(10))
+        .await;
+    assert!(dead.error.is_some(), "a failure is recorded");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let kinds: Vec<String> = rig
+            .events_of(&id)
+            .await
+            .into_iter()
+            .map(|e| e.kind.to_string())
+            .collect();
+        if kinds == ["sent", "started", "succeeded"] {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{kinds:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(rig.broker.record(&id).await.unwrap().is_none(), "no record");
+    // Its callback ran (with the result as its first argument) and kept its own record.
+    let events = rig.broker.events(None, 1000).await.unwrap();
+    let callback = events
+        .iter()
+        .find(|e| e.kind.as_str() == "sent" && e.task.as_deref() == Some("rt_echo"))
+        .and_then(|e| e.task_id.clone())
+        .expect("the link callback was enqueued");
+    rig.until_state(&callback, TaskState::Succeeded, Duration::from_secs(10))
+        .await;
     rig.root.stop(None);
 }
 

@@ -335,7 +335,11 @@ async fn record_once(
                     .settled(&work.broker, envelope, Settled::Succeeded(value))
                     .await?;
             }
-            work.broker.ack(delivery, value.clone()).await?;
+            if def.store_result {
+                work.broker.ack(delivery, value.clone()).await?;
+            } else {
+                work.broker.ack_unrecorded(delivery).await?;
+            }
             let callbacks = callbacks(work, envelope, &def.link, &envelope.link, value.clone());
             enqueue_callbacks(work, callbacks).await?;
             Recorded::Succeeded

@@ -108,9 +108,16 @@ impl Health {
     }
 }
 
-impl RedisBroker {
-    // ----- plumbing ---------------------------------------------------------------------
+/// The URL a broker talks to and its connection state: what turns a command's result into
+/// the broker's (shared by the broker and its outcome writer).
+#[derive(Debug)]
+pub(super) struct Link {
+    /// The URL without credentials, for errors and logs.
+    pub(super) url: String,
+    pub(super) health: Health,
+}
 
+impl Link {
     /// Notes a command's outcome in the connection state and converts its error.
     pub(super) fn observe<T>(&self, result: RedisResult<T>) -> Result<T, BrokerError> {
         match result {
@@ -136,6 +143,15 @@ impl RedisBroker {
             BrokerError::Command(e.to_string())
         }
     }
+}
+
+impl RedisBroker {
+    // ----- plumbing ---------------------------------------------------------------------
+
+    /// Notes a command's outcome in the connection state and converts its error.
+    pub(super) fn observe<T>(&self, result: RedisResult<T>) -> Result<T, BrokerError> {
+        self.link.observe(result)
+    }
 
     pub(super) async fn query_pipe<T: redis::FromRedisValue>(
         &self,
@@ -160,7 +176,7 @@ impl RedisBroker {
             .query_async::<()>(&mut conn)
             .await;
         match created {
-            Err(e) if e.code() == Some("BUSYGROUP") => self.health.up(&self.url),
+            Err(e) if e.code() == Some("BUSYGROUP") => self.link.health.up(&self.link.url),
             other => self.observe(other)?,
         }
         lock(&self.groups).insert(queue.to_string());

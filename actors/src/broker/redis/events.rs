@@ -1,23 +1,25 @@
-//! The events stream (`p:events`): the one `XADD` that writes it, the starts of attempts
-//! written with the next outcome or by the flusher, and the events of a recovery sweep.
+//! The events stream (`p:events`): the one `XADD` that writes it, the writes of an attempt's
+//! start (merged into its outcome or written on their own by the outcome writer), and the
+//! events of a recovery sweep.
 
-use std::sync::{Mutex, Weak};
 use std::time::SystemTime;
 
 use redis::Pipeline;
 use redis::Value;
-use redis::aio::ConnectionManager;
 
 use super::RedisBroker;
 use super::codec::{int, text};
-use super::connection::lock;
+use super::commit::Write;
 use crate::broker::outcome::recovery_event;
-use crate::broker::{BrokerError, EVENT_FLUSH, Envelope, Event, rfc3339};
+use crate::broker::{BrokerError, Envelope, Event, rfc3339};
 
-/// An attempt's start, handed to [`TaskQueue::started`](crate::broker::TaskQueue::started): its record's start marker and its
-/// `started` event, written later in one go ([`soon_pipeline`]).
+/// An attempt's start, handed to [`TaskQueue::started`](crate::broker::TaskQueue::started): its
+/// record's start marker and its `started` event ([`start_write`]), written by the outcome
+/// writer with the attempt's outcome or on their own.
 #[derive(Debug)]
 pub(super) struct Start {
+    /// The task's id.
+    pub(super) id: String,
     /// `p:result:<id>`.
     pub(super) record: String,
     /// The `started` event (its `at` is the marker's time).
@@ -38,20 +40,6 @@ impl RedisBroker {
             xadd_whole(pipe, &self.events_key, self.settings.events_maxlen, event);
         }
     }
-
-    /// The starts handed to `started`, taken out of the buffer as one pipeline
-    /// ([`soon_pipeline`]; `None` when there are none).
-    pub(super) fn take_soon(&self) -> Option<Pipeline> {
-        let soon = std::mem::take(&mut *lock(&self.soon));
-        if soon.is_empty() {
-            return None;
-        }
-        Some(soon_pipeline(
-            &soon,
-            &self.events_key,
-            self.settings.events_maxlen,
-        ))
-    }
 }
 
 /// [`xadd_event`] for a whole [`Event`].
@@ -71,60 +59,47 @@ pub(super) fn xadd_whole(pipe: &mut Pipeline, key: &str, maxlen: usize, event: &
     );
 }
 
-/// The writes of attempts' starts: per start, its record's start marker (`HSET` of `id`,
-/// `task`, `queue`, `started` = the attempt, `started_at`, `node`, `lost` = 0, `updated_at`: a record
-/// this makes — an entry another producer wrote — has no state, read as `running`) and its
-/// `started` event (unless events are off: `maxlen` 0).
-pub(super) fn soon_pipeline(starts: &[Start], events_key: &str, maxlen: usize) -> Pipeline {
+/// The writes of an attempt's start, as one outcome: its record's start marker (`HSET` of
+/// `id`, `task`, `queue`, `started` = the attempt, `started_at`, `node`, `lost` = 0,
+/// `updated_at`: a record this makes — an entry another producer wrote — has no state, read as
+/// `running`) and its `started` event (unless events are off: `maxlen` 0). `with_outcome`: the
+/// marker goes into the `HSET` of the attempt's outcome, which writes `id`, `task`, `queue` and
+/// `updated_at` itself, so only the start's own fields are given.
+pub(super) fn start_write(
+    start: &Start,
+    events_key: &str,
+    maxlen: usize,
+    with_outcome: bool,
+) -> Write {
+    let event = &start.event;
     let mut pipe = redis::pipe();
-    for start in starts {
-        let event = &start.event;
-        pipe.cmd("HSET")
-            .arg(&start.record)
-            .arg("id")
-            .arg(event.task_id.as_deref().unwrap_or_default())
+    let hset = pipe.cmd("HSET").arg(&start.record);
+    if !with_outcome {
+        hset.arg("id")
+            .arg(&start.id)
             .arg("task")
             .arg(event.task.as_deref().unwrap_or_default())
             .arg("queue")
             .arg(event.queue.as_deref().unwrap_or_default())
-            .arg("started")
-            .arg(start.attempt)
-            .arg("started_at")
-            .arg(&event.at)
-            .arg("node")
-            .arg(&start.consumer)
-            .arg("lost")
-            .arg("0")
             .arg("updated_at")
-            .arg(&event.at)
-            .ignore();
-        if maxlen > 0 {
-            xadd_whole(&mut pipe, events_key, maxlen, event);
-        }
+            .arg(&event.at);
     }
-    pipe
-}
-
-/// Writes the starts handed to `started` that no outcome took along, every
-/// [`EVENT_FLUSH`], until the broker is dropped.
-pub(super) async fn flush_soon(
-    soon: Weak<Mutex<Vec<Start>>>,
-    mut conn: ConnectionManager,
-    key: String,
-    maxlen: usize,
-) {
-    loop {
-        tokio::time::sleep(EVENT_FLUSH).await;
-        let Some(soon) = soon.upgrade() else { return };
-        let starts = std::mem::take(&mut *lock(&soon));
-        drop(soon);
-        if starts.is_empty() {
-            continue;
-        }
-        let pipe = soon_pipeline(&starts, &key, maxlen);
-        if let Err(err) = pipe.query_async::<()>(&mut conn).await {
-            tracing::debug!(error = %err, starts = starts.len(), "starts (records, events) not written");
-        }
+    hset.arg("started")
+        .arg(start.attempt)
+        .arg("started_at")
+        .arg(&event.at)
+        .arg("node")
+        .arg(&start.consumer)
+        .arg("lost")
+        .arg("0")
+        .ignore();
+    if maxlen > 0 {
+        xadd_whole(&mut pipe, events_key, maxlen, event);
+    }
+    Write {
+        attempt: None,
+        record: true,
+        pipe,
     }
 }
 
@@ -139,8 +114,10 @@ pub(super) fn xadd_event(
     optional: [(&str, Option<&str>); 3],
     detail: &str,
 ) {
-    let cmd = pipe
-        .cmd("XADD")
+    // Sized once: no buffer grows per argument on the hot path.
+    let mut xadd = redis::Cmd::with_capacity(18, 256 + detail.len());
+    let cmd = xadd
+        .arg("XADD")
         .arg(key)
         .arg("MAXLEN")
         .arg("~")
@@ -155,7 +132,8 @@ pub(super) fn xadd_event(
             cmd.arg(name).arg(value);
         }
     }
-    cmd.arg("detail").arg(detail).ignore();
+    cmd.arg("detail").arg(detail);
+    pipe.add_command(xadd).ignore();
 }
 
 impl RedisBroker {

@@ -1,3 +1,4 @@
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use serde_json::{Value, json};
@@ -793,4 +794,85 @@ async fn enqueue_and_drain_throughput() {
         "drain (reserve 256, acks concurrent): {total} in {took:?} = {:.0}/s",
         f64::from(total) / took.as_secs_f64()
     );
+}
+
+/// Redis' own count of calls of `command` (`INFO commandstats`).
+async fn calls_of(h: &Harness, command: &str) -> u64 {
+    let info = match redis_cli(h, &["INFO", "commandstats"]).await {
+        redis::Value::BulkString(bytes) => String::from_utf8(bytes).unwrap(),
+        redis::Value::VerbatimString { text, .. } => text,
+        other => panic!("INFO answered {other:?}"),
+    };
+    let prefix = format!("cmdstat_{command}:calls=");
+    info.lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |calls| calls.parse().unwrap())
+}
+
+/// Outcomes handed over while a write is in flight go out together: 400 acks from 400
+/// concurrent callers (each with its start waiting to travel along) cost far fewer than 400
+/// calls of `commit.lua`, every one is written with its start marker, and one whose record
+/// key holds a string fails alone, naming the key, its entry left pending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_outcomes_are_coalesced_each_still_whole() {
+    let h = Arc::new(Harness::start(settings()).await);
+    let q = "coalesced";
+    let n = 400;
+    let sent = h
+        .broker
+        .enqueue((0..n).map(|i| task(q, i)).collect())
+        .await
+        .unwrap();
+    let got = h
+        .broker
+        .reserve(q, "c", n as usize, Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(got.len(), n as usize);
+    let bad = format!("rt:result:{}", sent[7].id);
+    redis_cli(&h, &["SET", &bad, "x"]).await;
+    let before = calls_of(&h, "evalsha").await;
+    let mut acks = tokio::task::JoinSet::new();
+    for delivery in got {
+        let h = Arc::clone(&h);
+        acks.spawn(async move {
+            h.broker.started(&delivery.envelope, "c");
+            let acked = h
+                .broker
+                .ack(&delivery, json!(delivery.envelope.args[0]))
+                .await;
+            (delivery.envelope.id.clone(), acked)
+        });
+    }
+    let mut failed = Vec::new();
+    while let Some(joined) = acks.join_next().await {
+        let (id, acked) = joined.unwrap();
+        if let Err(err) = acked {
+            failed.push((id, err.to_string()));
+        }
+    }
+    let calls = calls_of(&h, "evalsha").await - before;
+    assert!(calls < 100, "{calls} calls of commit.lua for {n} outcomes");
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert_eq!(failed[0].0, sent[7].id);
+    assert!(
+        failed[0]
+            .1
+            .contains(&format!("WRONGTYPE {bad} holds a string")),
+        "{}",
+        failed[0].1
+    );
+    for (i, s) in sent.iter().enumerate().filter(|(i, _)| *i != 7) {
+        let record = h.broker.record(&s.id).await.unwrap().unwrap();
+        assert_eq!(record.state, TaskState::Succeeded, "task {i}");
+        assert_eq!(record.result, Some(json!(i)));
+        assert_eq!(
+            record.node.as_deref(),
+            Some("c"),
+            "task {i}: its start marker"
+        );
+        assert!(record.started_at.is_some(), "task {i}");
+    }
+    assert_eq!(pending(&h, q).await, 1, "only the bad one's entry is left");
 }

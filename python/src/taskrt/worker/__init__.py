@@ -32,6 +32,7 @@ import platform
 import signal
 import socket
 import stat
+import struct
 import sys
 import threading
 import traceback
@@ -344,6 +345,11 @@ class Channel:
         self.buf = bytearray()
         self.scanned = 0
         self.lock = threading.Lock()
+        # A blocking recv() gives up after a second without data (EAGAIN), so the SIGTERM
+        # handler runs: a signal landing just before the process enters recv() would
+        # otherwise wait for the next line (CPython runs handlers between bytecodes).
+        # Sends keep blocking.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 1, 0))
 
     def send(self, line: bytes) -> None:
         with self.lock:
@@ -361,7 +367,10 @@ class Channel:
             self.scanned = len(self.buf)
             if len(self.buf) > MAX_READ:
                 raise OverflowError(f"a line from the runtime is over {MAX_READ} bytes")
-            chunk = self.sock.recv(1 << 16)
+            try:
+                chunk = self.sock.recv(1 << 16)
+            except BlockingIOError:
+                continue  # SO_RCVTIMEO: pending signal handlers run here
             if not chunk:
                 if self.buf:
                     log(f"EOF in the middle of a line ({len(self.buf)} bytes dropped)")
@@ -496,6 +505,9 @@ def _run_one(run: Run, loop: asyncio.AbstractEventLoop, cfg: _Config, db: _Db) -
 
 async def _serve_many(sock: socket.socket, cfg: _Config, db: _Db) -> None:
     loop = asyncio.get_running_loop()
+    # Through the loop's wake-up fd: a SIGTERM that lands while the loop is about to wait is
+    # not left pending until the next line.
+    loop.add_signal_handler(signal.SIGTERM, _exit_now, 0)
     sock.setblocking(False)
     reader, writer = await asyncio.open_unix_connection(sock=sock, limit=MAX_READ)
     write_lock = asyncio.Lock()

@@ -1,0 +1,384 @@
+//! The outcome writer: one task per broker that writes every outcome (and every attempt's
+//! start) through `commit.lua`, many per call.
+//!
+//! - **At once when idle, coalesced under load.** The writer has at most one call in flight.
+//!   An outcome handed to it while it waits goes out at once, alone; outcomes handed to it
+//!   while a call is in flight wait for that call and then go out together in the next one
+//!   (up to [`MAX_OUTCOMES`]). A single task at 200/s pays no extra latency; a backlog drained
+//!   by hundreds of task actors costs Redis one script call per batch instead of one per task.
+//! - **Starts travel with their outcome.** [`TaskQueue::started`](crate::broker::TaskQueue::started)
+//!   hands the writer an attempt's start (the record's start marker, the `started` event). When
+//!   the attempt's outcome comes within [`EVENT_FLUSH`], the marker's fields go into the
+//!   outcome's own record `HSET` and its event just before the outcome's: one command and no
+//!   round trip for the start. A start whose outcome has not come after `EVENT_FLUSH` is
+//!   written on its own (with the next call, or when the writer has been idle that long).
+//!   Everything goes through this one writer in order, so a start is never written after its
+//!   outcome.
+//! - Each outcome is still all or nothing (see `commit.lua`); the answer of a call is split
+//!   back to the outcomes' callers. A failed call (Redis unreachable, a script error) fails
+//!   every outcome in it: each caller retries its own.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use redis::aio::ConnectionManager;
+use redis::{Cmd, Pipeline, Value};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::time::Instant;
+
+use super::codec::text;
+use super::connection::Link;
+use super::events::{Start, start_write};
+use super::{COMMIT, evalsha};
+use crate::broker::{BrokerError, EVENT_FLUSH};
+
+/// Outcomes (starts included) one call of `commit.lua` carries at most: a bound on how long
+/// one call holds Redis (about 10 µs each).
+pub(super) const MAX_OUTCOMES: usize = 512;
+
+/// Calls of `commit.lua` out at once: while Redis runs one, the next is on its way (on one
+/// connection, so they run in the order sent).
+const IN_FLIGHT: usize = 2;
+
+/// One outcome: its commands, the record's `HSET` first (`commit.lua` uses it as the
+/// outcome's check).
+#[derive(Debug)]
+pub(super) struct Write {
+    /// The attempt (task id, attempt) whose start may be merged into it.
+    pub(super) attempt: Option<(String, u32)>,
+    /// Whether its first command is its record's `HSET` (a start merged into it adds its
+    /// marker fields there); else the start brings only its event.
+    pub(super) record: bool,
+    pub(super) pipe: Pipeline,
+}
+
+/// What the writer is handed.
+#[derive(Debug)]
+pub(super) enum Job {
+    /// An attempt's start (best effort: a failure is logged).
+    Start(Box<Start>),
+    /// Outcomes of one caller, answered with one value per outcome (`1`: written; else the
+    /// error, nothing of it written), or the error of the whole call.
+    Commit { writes: Vec<Write>, reply: Reply },
+}
+
+/// The writer's end of the channel and what it writes with.
+pub(super) struct Writer {
+    pub(super) jobs: mpsc::UnboundedReceiver<Job>,
+    pub(super) conn: ConnectionManager,
+    pub(super) link: Arc<Link>,
+    pub(super) sha: String,
+    /// `p:events` and its `MAXLEN ~` (0: events off).
+    pub(super) events_key: String,
+    pub(super) maxlen: usize,
+}
+
+/// A start waiting for its outcome.
+struct Waiting {
+    start: Box<Start>,
+    since: Instant,
+}
+
+impl Writer {
+    /// Runs until every sender is gone (the broker was dropped), then writes the starts left.
+    pub(super) async fn run(mut self) {
+        let mut starts: Vec<Waiting> = Vec::new();
+        let in_flight = Arc::new(Semaphore::new(IN_FLIGHT));
+        loop {
+            let mut commits = Vec::new();
+            let (mut flush, mut closed) = (false, false);
+            // Wait for work; with starts waiting, no longer than the oldest may wait.
+            let first = match starts.first() {
+                None => self.jobs.recv().await,
+                Some(oldest) => {
+                    let due = oldest.since + EVENT_FLUSH;
+                    tokio::time::timeout_at(due, self.jobs.recv())
+                        .await
+                        .unwrap_or_else(|_| {
+                            flush = true;
+                            None
+                        })
+                }
+            };
+            let mut outcomes = 0;
+            match first {
+                Some(job) => self.take(job, &mut starts, &mut commits, &mut outcomes),
+                None => closed = !flush,
+            }
+            while outcomes < MAX_OUTCOMES {
+                match self.jobs.try_recv() {
+                    Ok(job) => self.take(job, &mut starts, &mut commits, &mut outcomes),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => {
+                        closed = true;
+                        break;
+                    }
+                }
+            }
+            // With IN_FLIGHT calls out, wait for one to finish (more outcomes gather
+            // meanwhile for the call after).
+            let Ok(permit) = Arc::clone(&in_flight).acquire_owned().await else {
+                return;
+            };
+            if let Some(call) = self.prepare(&mut starts, commits, flush || closed) {
+                let (conn, link) = (self.conn.clone(), Arc::clone(&self.link));
+                tokio::spawn(async move {
+                    call.send(conn, &link).await;
+                    drop(permit);
+                });
+            }
+            if closed {
+                return;
+            }
+        }
+    }
+
+    fn take(
+        &self,
+        job: Job,
+        starts: &mut Vec<Waiting>,
+        commits: &mut Vec<Commit>,
+        outcomes: &mut usize,
+    ) {
+        match job {
+            Job::Start(start) => starts.push(Waiting {
+                start,
+                since: Instant::now(),
+            }),
+            Job::Commit { writes, reply } => {
+                *outcomes += writes.len();
+                commits.push((writes, reply));
+            }
+        }
+    }
+
+    /// One call of `commit.lua`: the outcomes of `commits` (each with its attempt's start
+    /// merged in when it waits here), then the starts that waited `EVENT_FLUSH` (all of them
+    /// when `flush`); the others keep waiting. `None` when there is nothing to write.
+    fn prepare(
+        &self,
+        starts: &mut Vec<Waiting>,
+        commits: Vec<Commit>,
+        flush: bool,
+    ) -> Option<Call> {
+        // The start each outcome takes along, as its writes (the marker `HSET`, the event).
+        let mut merged = vec![false; starts.len()];
+        let markers: Vec<Option<Pipeline>> = {
+            let waiting: HashMap<&str, usize> = starts
+                .iter()
+                .enumerate()
+                .map(|(n, w)| (w.start.id.as_str(), n))
+                .collect();
+            commits
+                .iter()
+                .flat_map(|(writes, _)| writes)
+                .map(|write| {
+                    let (id, attempt) = write.attempt.as_ref()?;
+                    let n = *waiting.get(id.as_str())?;
+                    let start = &starts[n].start;
+                    if merged[n] || start.attempt != *attempt {
+                        return None;
+                    }
+                    merged[n] = true;
+                    Some(start_write(start, &self.events_key, self.maxlen, true).pipe)
+                })
+                .collect()
+        };
+        let now = Instant::now();
+        let mut own = Vec::new();
+        let mut kept = Vec::new();
+        for (w, merged) in std::mem::take(starts).into_iter().zip(merged) {
+            if merged {
+                continue;
+            }
+            if flush || now.duration_since(w.since) >= EVENT_FLUSH {
+                own.push(start_write(&w.start, &self.events_key, self.maxlen, false).pipe);
+            } else {
+                kept.push(w);
+            }
+        }
+        *starts = kept;
+        let outcomes: Vec<Outcome<'_>> = commits
+            .iter()
+            .flat_map(|(writes, _)| writes)
+            .zip(&markers)
+            .map(|(write, marker)| {
+                let mut marks = marker.iter().flat_map(Pipeline::cmd_iter);
+                let (hset, event) = (marks.next(), marks.next());
+                Outcome {
+                    pipe: &write.pipe,
+                    // Without a record, the start brings only its event.
+                    marker: hset.filter(|_| write.record),
+                    event,
+                }
+            })
+            .chain(own.iter().map(|pipe| Outcome {
+                pipe,
+                marker: None,
+                event: None,
+            }))
+            .collect();
+        if outcomes.is_empty() {
+            return None;
+        }
+        let invocation = invocation(&self.sha, &outcomes);
+        let count = outcomes.len();
+        let starts = own.len();
+        drop(outcomes);
+        let replies = commits
+            .into_iter()
+            .map(|(writes, reply)| (writes.len(), reply))
+            .collect();
+        Some(Call {
+            invocation,
+            count,
+            replies,
+            starts,
+        })
+    }
+}
+
+/// One outcome of a call: its writes, and the start merged into it (the marker `HSET`, whose
+/// fields go into the outcome's record `HSET`, and the `started` event, right after it).
+struct Outcome<'a> {
+    pipe: &'a Pipeline,
+    marker: Option<&'a Cmd>,
+    event: Option<&'a Cmd>,
+}
+
+/// A `commit.lua` call ready to go, and where its answers go.
+struct Call {
+    invocation: Cmd,
+    /// Outcomes in it.
+    count: usize,
+    /// Each caller's number of outcomes and its reply, in the order of the outcomes.
+    replies: Vec<(usize, Reply)>,
+    /// Starts written on their own, after the callers' outcomes.
+    starts: usize,
+}
+
+impl Call {
+    /// Sends the call and hands each caller its answers.
+    async fn send(self, mut conn: ConnectionManager, link: &Link) {
+        let answers: Result<Vec<Value>, BrokerError> =
+            link.observe(evalsha(&mut conn, &self.invocation, COMMIT).await);
+        let answers = answers.and_then(|answers| {
+            if answers.len() == self.count {
+                Ok(answers)
+            } else {
+                Err(BrokerError::Command(format!(
+                    "commit.lua answered {} values for {} outcomes",
+                    answers.len(),
+                    self.count
+                )))
+            }
+        });
+        let mut answers = match answers {
+            Ok(answers) => answers.into_iter(),
+            Err(err) => {
+                if self.starts > 0 {
+                    tracing::debug!(error = %err, starts = self.starts, "starts (records, events) not written");
+                }
+                for (_, reply) in self.replies {
+                    let _ = reply.send(Err(clone_error(&err)));
+                }
+                return;
+            }
+        };
+        for (count, reply) in self.replies {
+            let mine: Vec<Value> = answers.by_ref().take(count).collect();
+            let _ = reply.send(Ok(mine));
+        }
+        let failed: Vec<String> = answers
+            .filter(|answer| !matches!(answer, Value::Int(1)))
+            .map(|answer| text(&answer))
+            .collect();
+        if let Some(first) = failed.first() {
+            tracing::warn!(error = %first, starts = failed.len(), "starts of tasks (records, events) not written");
+        }
+    }
+}
+
+/// The `EVALSHA` of `outcomes` (each its writes, and the start merged into it), built in
+/// place: the keys first (borrowed, sorted, deduplicated), then each outcome in
+/// `commit.lua`'s format — every byte copied once into the command.
+fn invocation(sha: &str, outcomes: &[Outcome<'_>]) -> Cmd {
+    let mut keys: Vec<&[u8]> = Vec::new();
+    let (mut args, mut bytes) = (0, 0);
+    for outcome in outcomes {
+        let marks = outcome.marker.into_iter().chain(outcome.event);
+        for cmd in outcome.pipe.cmd_iter().chain(marks) {
+            for (n, arg) in simple(cmd).enumerate() {
+                if n == 1 {
+                    keys.push(arg);
+                }
+                args += 1;
+                bytes += arg.len();
+            }
+            args += 1;
+            bytes += 4;
+        }
+        args += 1;
+        bytes += 4;
+    }
+    keys.sort_unstable();
+    keys.dedup();
+    let size = bytes + keys.iter().map(|key| key.len()).sum::<usize>() + 64;
+    let mut invocation = Cmd::with_capacity(args + keys.len() + 3, size);
+    invocation
+        .arg("EVALSHA")
+        .arg(sha)
+        .arg(keys.len())
+        .arg(&keys);
+    for outcome in outcomes {
+        invocation.arg(outcome.pipe.len() + usize::from(outcome.event.is_some()));
+        let mut cmds = outcome.pipe.cmd_iter();
+        if let Some(first) = cmds.next() {
+            // The record `HSET`: its key, the marker's fields, then its own (later fields
+            // win).
+            let fields = outcome.marker.map(|m| simple(m).skip(2));
+            let extra = fields.clone().map_or(0, |f| f.len());
+            invocation.arg(simple(first).len() + extra);
+            for (n, arg) in simple(first).enumerate() {
+                invocation.arg(arg);
+                if n == 1 {
+                    for field in fields.clone().into_iter().flatten() {
+                        invocation.arg(field);
+                    }
+                }
+            }
+        }
+        for cmd in outcome.event.into_iter().chain(cmds) {
+            invocation.arg(simple(cmd).len());
+            for arg in simple(cmd) {
+                invocation.arg(arg);
+            }
+        }
+    }
+    invocation
+}
+
+/// Where a caller's answers go: one value per outcome, or the error of the whole call.
+pub(super) type Reply = oneshot::Sender<Result<Vec<Value>, BrokerError>>;
+
+/// A caller's outcomes and where their answers go.
+type Commit = (Vec<Write>, Reply);
+
+/// The arguments of a command built here (every one is simple: no cursor command is built).
+fn simple(cmd: &Cmd) -> impl Clone + ExactSizeIterator<Item = &[u8]> {
+    cmd.args_iter().map(|arg| match arg {
+        redis::Arg::Simple(bytes) => bytes,
+        _ => &[],
+    })
+}
+
+/// A copy of `err` for each outcome of a failed call.
+fn clone_error(err: &BrokerError) -> BrokerError {
+    match err {
+        BrokerError::Unreachable { url, reason } => BrokerError::Unreachable {
+            url: url.clone(),
+            reason: reason.clone(),
+        },
+        other => BrokerError::Command(other.to_string()),
+    }
+}
