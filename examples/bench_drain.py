@@ -95,13 +95,19 @@ handler = { kind = "native" }
 """)
 
 
-def one_run(args: argparse.Namespace, work: Path) -> dict[str, float]:
+def start_redis(args: argparse.Namespace, work: Path) -> tuple[subprocess.Popen, int]:
+    """A private redis-server on a free loopback port, without persistence."""
     port = free_port()
-    redis_proc = subprocess.Popen(
+    proc = subprocess.Popen(
         [args.redis_server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
          "--appendonly", "no", "--dir", str(work)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
+    return proc, port
+
+
+def one_run(args: argparse.Namespace, work: Path) -> dict[str, float]:
+    redis_proc, port = start_redis(args, work)
     node = None
     try:
         client = redis.Redis(host="127.0.0.1", port=port)
@@ -146,21 +152,9 @@ def one_run(args: argparse.Namespace, work: Path) -> dict[str, float]:
             raise RuntimeError(f"tasks failed: {q}")
         if args.commandstats:
             print_commandstats(client, args.tasks)
-        return {
-            "rate": args.tasks / took,
-            "seconds": took,
-            "node_us": node_cpu / args.tasks * 1e6,
-            "redis_us": redis_cpu / args.tasks * 1e6,
-        }
+        return figures(args.tasks, took, node_cpu, redis_cpu)
     finally:
-        for proc in (node, redis_proc):
-            if proc is not None and proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+        stop(node, redis_proc)
 
 
 def print_commandstats(client: redis.Redis, tasks: int) -> None:
@@ -192,13 +186,8 @@ def rt_noop():
 
 def celery_run(args: argparse.Namespace, work: Path) -> dict[str, float]:
     """N no-op Celery tasks queued with .delay(), drained by `celery worker -P prefork -c 2`."""
-    port = free_port()
+    redis_proc, port = start_redis(args, work)
     url = f"redis://127.0.0.1:{port}/0"
-    redis_proc = subprocess.Popen(
-        [args.redis_server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--dir", str(work)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
     worker = None
     try:
         client = redis.Redis(host="127.0.0.1", port=port)
@@ -230,21 +219,9 @@ def celery_run(args: argparse.Namespace, work: Path) -> dict[str, float]:
         took = time.monotonic() - started
         workers_cpu = children_cpu(worker.pid)
         redis_cpu = cpu_seconds(redis_proc.pid) - redis_before
-        return {
-            "rate": args.celery / took,
-            "seconds": took,
-            "node_us": workers_cpu / args.celery * 1e6,
-            "redis_us": redis_cpu / args.celery * 1e6,
-        }
+        return figures(args.celery, took, workers_cpu, redis_cpu)
     finally:
-        for proc in (worker, redis_proc):
-            if proc is not None and proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+        stop(worker, redis_proc)
 
 
 def children_cpu(pid: int) -> float:
@@ -257,6 +234,28 @@ def children_cpu(pid: int) -> float:
             except FileNotFoundError:
                 pass
     return total
+
+
+def figures(tasks: int, took: float, consumer_cpu: float, redis_cpu: float) -> dict[str, float]:
+    """A run's rate and its CPU per task (consumer: the node, or Celery's worker and pool)."""
+    return {
+        "rate": tasks / took,
+        "seconds": took,
+        "node_us": consumer_cpu / tasks * 1e6,
+        "redis_us": redis_cpu / tasks * 1e6,
+    }
+
+
+def stop(*procs: subprocess.Popen | None) -> None:
+    """SIGTERM, then SIGKILL after 20 s, to each process still running."""
+    for proc in procs:
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def _ping(client: redis.Redis) -> bool:
