@@ -821,9 +821,10 @@ pub trait TaskQueue: Send + Sync + 'static {
 
     /// Records that an attempt of `envelope` started on `consumer` — its record's start
     /// marker (so it shows `running`) and the `started` event — without a round trip of its
-    /// own: both are written with the next outcome this broker records (`ack`, `retry`,
-    /// `defer`, `dead_letter`) — ahead of it, so a task's `started` stays before its outcome
-    /// in the stream — or within [`EVENT_FLUSH`] when no outcome comes. Best effort.
+    /// own: both travel with the attempt's own outcome (`ack`, `retry`, `defer`,
+    /// `dead_letter`) when it comes within [`EVENT_FLUSH`] — ahead of it, so a task's
+    /// `started` stays before its outcome in the stream — or are written on their own after
+    /// `EVENT_FLUSH` (Redis; `memory://` writes them at once). Best effort.
     fn started(&self, envelope: &Envelope, consumer: &str);
 
     /// Hands back entries `consumer` reserved but did not start (a node leaving cleanly):

@@ -87,7 +87,8 @@
 //!   and `PEXPIRE`, `XADD` dead, `XACK` + `XDEL`, `dead` event. Every outcome of the node goes
 //!   through one writer task (`commit.rs`): handed to it while it waits, an outcome goes out
 //!   at once, alone; handed to it while calls are in flight (two at most, on one connection),
-//!   it goes out with the others in the next call (512 outcomes at most), whose answer is
+//!   it goes out with the others in the next call (512 outcomes and 8 MiB of arguments at
+//!   most; a larger single outcome goes alone), whose answer is
 //!   split back per outcome. In the script the `XACK` + `XDEL` of all of a call's entries are
 //!   one of each per stream, and a key's type is asked once per call.
 //!   The starts handed to `started` (record start marker + `started` event, per attempt) go

@@ -36,6 +36,10 @@ use crate::broker::{BrokerError, EVENT_FLUSH};
 /// one call holds Redis (about 10 µs each).
 pub(super) const MAX_OUTCOMES: usize = 512;
 
+/// Bytes of arguments one call carries at most (results can be large): past it, the outcomes
+/// waiting go in the next call. A single outcome larger than this still goes, alone.
+pub(super) const MAX_CALL_BYTES: usize = 8 << 20;
+
 /// Calls of `commit.lua` out at once: while Redis runs one, the next is on its way (on one
 /// connection, so they run in the order sent).
 const IN_FLIGHT: usize = 2;
@@ -100,14 +104,14 @@ impl Writer {
                         })
                 }
             };
-            let mut outcomes = 0;
+            let (mut outcomes, mut bytes) = (0, 0);
             match first {
-                Some(job) => self.take(job, &mut starts, &mut commits, &mut outcomes),
+                Some(job) => take(job, &mut starts, &mut commits, &mut outcomes, &mut bytes),
                 None => closed = !flush,
             }
-            while outcomes < MAX_OUTCOMES {
+            while outcomes < MAX_OUTCOMES && bytes < MAX_CALL_BYTES {
                 match self.jobs.try_recv() {
-                    Ok(job) => self.take(job, &mut starts, &mut commits, &mut outcomes),
+                    Ok(job) => take(job, &mut starts, &mut commits, &mut outcomes, &mut bytes),
                     Err(mpsc::error::TryRecvError::Empty) => break,
                     Err(mpsc::error::TryRecvError::Disconnected) => {
                         closed = true;
@@ -129,25 +133,6 @@ impl Writer {
             }
             if closed {
                 return;
-            }
-        }
-    }
-
-    fn take(
-        &self,
-        job: Job,
-        starts: &mut Vec<Waiting>,
-        commits: &mut Vec<Commit>,
-        outcomes: &mut usize,
-    ) {
-        match job {
-            Job::Start(start) => starts.push(Waiting {
-                start,
-                since: Instant::now(),
-            }),
-            Job::Commit { writes, reply } => {
-                *outcomes += writes.len();
-                commits.push((writes, reply));
             }
         }
     }
@@ -244,6 +229,33 @@ struct Outcome<'a> {
     pipe: &'a Pipeline,
     marker: Option<&'a Cmd>,
     event: Option<&'a Cmd>,
+}
+
+/// Takes a job handed to the writer: a start waits; outcomes join the call being gathered
+/// (counted in `outcomes`, their arguments' size in `bytes`).
+fn take(
+    job: Job,
+    starts: &mut Vec<Waiting>,
+    commits: &mut Vec<Commit>,
+    outcomes: &mut usize,
+    bytes: &mut usize,
+) {
+    match job {
+        Job::Start(start) => starts.push(Waiting {
+            start,
+            since: Instant::now(),
+        }),
+        Job::Commit { writes, reply } => {
+            *outcomes += writes.len();
+            *bytes += writes
+                .iter()
+                .flat_map(|write| write.pipe.cmd_iter())
+                .flat_map(simple)
+                .map(<[u8]>::len)
+                .sum::<usize>();
+            commits.push((writes, reply));
+        }
+    }
 }
 
 /// A `commit.lua` call ready to go, and where its answers go.

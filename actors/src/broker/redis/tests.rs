@@ -876,3 +876,41 @@ async fn concurrent_outcomes_are_coalesced_each_still_whole() {
     }
     assert_eq!(pending(&h, q).await, 1, "only the bad one's entry is left");
 }
+
+/// A call carries at most `MAX_CALL_BYTES` of arguments: 24 outcomes with a 1 MiB result each,
+/// handed over at once, go out in several calls (not one of 24 MiB), every one written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_outcomes_are_split_over_calls() {
+    let h = Arc::new(Harness::start(settings()).await);
+    let q = "large-results";
+    let n = 24;
+    let sent = h
+        .broker
+        .enqueue((0..n).map(|i| task(q, i)).collect())
+        .await
+        .unwrap();
+    let got = h
+        .broker
+        .reserve(q, "c", n as usize, Duration::ZERO)
+        .await
+        .unwrap();
+    let big = "x".repeat(1 << 20);
+    let before = calls_of(&h, "evalsha").await;
+    let mut acks = tokio::task::JoinSet::new();
+    for delivery in got {
+        let (h, big) = (Arc::clone(&h), big.clone());
+        acks.spawn(async move { h.broker.ack(&delivery, json!(big)).await });
+    }
+    while let Some(joined) = acks.join_next().await {
+        joined.unwrap().unwrap();
+    }
+    let calls = calls_of(&h, "evalsha").await - before;
+    assert!(calls >= 3, "{calls} calls for 24 MiB of results");
+    for s in &sent {
+        let record = h.broker.record(&s.id).await.unwrap().unwrap();
+        assert_eq!(
+            record.result.as_ref().and_then(Value::as_str).map(str::len),
+            Some(1 << 20)
+        );
+    }
+}
