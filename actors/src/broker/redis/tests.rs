@@ -914,3 +914,53 @@ async fn large_outcomes_are_split_over_calls() {
         );
     }
 }
+
+/// Batched outcomes keep the events stream within its cap: after 600 concurrent acks (with
+/// their starts) it holds about `events_maxlen` (`MAXLEN ~` trims whole nodes of 100 entries),
+/// the newest events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_events_stream_stays_capped_under_batched_outcomes() {
+    let h = Arc::new(
+        Harness::start(BrokerSettings {
+            events_maxlen: 50,
+            ..settings()
+        })
+        .await,
+    );
+    let q = "capped";
+    let n = 600;
+    h.broker
+        .enqueue((0..n).map(|i| task(q, i)).collect())
+        .await
+        .unwrap();
+    let got = h
+        .broker
+        .reserve(q, "c", n as usize, Duration::ZERO)
+        .await
+        .unwrap();
+    let mut acks = tokio::task::JoinSet::new();
+    for delivery in got {
+        let h = Arc::clone(&h);
+        acks.spawn(async move {
+            h.broker.started(&delivery.envelope, "c");
+            h.broker.ack(&delivery, json!(null)).await
+        });
+    }
+    while let Some(joined) = acks.join_next().await {
+        joined.unwrap().unwrap();
+    }
+    let len = match redis_cli(&h, &["XLEN", "rt:events"]).await {
+        redis::Value::Int(len) => len,
+        other => panic!("XLEN answered {other:?}"),
+    };
+    assert!(
+        (50..=150).contains(&len),
+        "{len} events kept for a cap of 50"
+    );
+    // What is kept is the newest: the outcomes' events, none of the enqueue's `sent`.
+    let kept = h.broker.events(None, 1000).await.unwrap();
+    assert_eq!(kept.len() as i64, len);
+    let kinds: std::collections::BTreeSet<&str> = kept.iter().map(|e| e.kind.as_str()).collect();
+    assert!(!kinds.contains("sent"), "{kinds:?}");
+    assert!(kinds.contains("succeeded"), "{kinds:?}");
+}
