@@ -10,7 +10,10 @@
 //!   entry written to the stream directly, a bridged message) → deferred to it; a closed
 //!   [`ResourceGate`] → deferred without spending an attempt), holds its
 //!   lease in [`Leases`](crate::broker::Leases), and starts a [`TaskActor`] per task, up to `concurrency` at once;
-//!   the rest wait in arrival order.
+//!   the rest wait in arrival order. A task actor tells the consumer when its attempt has
+//!   ended (`ConsumerMessage::Ran`), before it records the outcome: it then no longer counts
+//!   against `concurrency` — the next waiting task starts while the outcome is written — but
+//!   keeps its slot (of `concurrency + prefetch`) until it is recorded.
 //! - A task actor records its own outcome and stops with the reason `"done"`. Any other exit
 //!   (panic, kill) is a crash: the consumer records a retry per the task's policy.
 //! - Revocations ([`Records::revocations`], forwarded to the actor as
@@ -32,7 +35,7 @@
 //!   (their entries come back through lease recovery).
 //!
 //! Snapshot (every second): concurrency, prefetch, running tasks (id, task, attempt,
-//! elapsed, deadline), waiting, counters, and the queue's recorded outcomes on this node
+//! elapsed, deadline), recording (attempts ended, outcome being written), waiting, counters, and the queue's recorded outcomes on this node
 //! ([`Outcomes`]: succeeded, retried, dead — kept across restarts of the consumer).
 //!
 //! Log lines about one task carry its fields through [`task_span`].
@@ -124,6 +127,10 @@ pub enum ConsumerMessage {
     Fetched(Vec<(Delivery, OwnedSemaphorePermit)>),
     /// Stop fetching (node shutdown); running and waiting tasks go on.
     Drain,
+    /// The attempt of this task actor has ended; its outcome is being recorded. It no longer
+    /// counts against `concurrency` (the next waiting task starts), but keeps its slot — the
+    /// bound on entries held — until it is recorded.
+    Ran(ActorId),
     /// Refresh the snapshot.
     Snapshot,
     /// A task was revoked (on any node): dead-letter it if it waits here, terminate it if it
@@ -233,6 +240,8 @@ pub struct ConsumerState {
     /// Tells the fetcher to stop after its current reserve (a drain).
     stop_fetching: CancellationToken,
     running: HashMap<ActorId, Running>,
+    /// Task actors whose attempt ended, recording its outcome.
+    recording: HashMap<ActorId, Running>,
     waiting: VecDeque<Waiting>,
     draining: bool,
     counters: Counters,
@@ -290,6 +299,7 @@ impl Actor for ConsumerActor {
             revocations: None,
             stop_fetching: CancellationToken::new(),
             running: HashMap::new(),
+            recording: HashMap::new(),
             waiting: VecDeque::new(),
             draining: false,
             counters: Counters::default(),
@@ -364,6 +374,15 @@ impl Actor for ConsumerActor {
                 state.hand_back().await;
                 state.publish();
             }
+            ConsumerMessage::Ran(id) => {
+                if let Some(running) = state.running.remove(&id) {
+                    state.recording.insert(id, running);
+                    if let Some(gauges) = &state.gauges {
+                        gauges.in_flight(state.running.len());
+                    }
+                    state.fill(&myself).await;
+                }
+            }
             ConsumerMessage::Snapshot => {
                 state.publish();
                 myself.send_after(SNAPSHOT_EVERY, || ConsumerMessage::Snapshot);
@@ -399,7 +418,12 @@ impl Actor for ConsumerActor {
             SupervisionEvent::ActorFailed(cell, err) => (cell, Some(format!("panicked: {err}"))),
             _ => return Ok(()),
         };
-        let Some(running) = state.running.remove(&cell.get_id()) else {
+        let id = cell.get_id();
+        let Some(running) = state
+            .running
+            .remove(&id)
+            .or_else(|| state.recording.remove(&id))
+        else {
             return Ok(());
         };
         state.counters.finished += 1;
@@ -459,7 +483,7 @@ impl Actor for ConsumerActor {
             state.hand_back().await;
         }
         let deadline = Instant::now() + state.args.drain;
-        for running in state.running.values() {
+        for running in state.running.values().chain(state.recording.values()) {
             let left = deadline.saturating_duration_since(Instant::now());
             if running.cell.wait(Some(left)).await.is_err() {
                 task_span(&running.held.delivery.envelope).in_scope(|| {
@@ -701,6 +725,7 @@ impl ConsumerState {
                 def: Arc::clone(&next.def),
                 settler: Arc::clone(&self.settler),
                 revoked: revoked.clone(),
+                consumer: Some(myself.clone()),
             };
             match TaskActor::spawn_linked(None, TaskActor, args, myself.get_cell()).await {
                 Ok((actor, _)) => {
@@ -761,6 +786,7 @@ impl ConsumerState {
             "prefetch": self.args.settings.prefetch,
             "draining": self.draining,
             "running": running,
+            "recording": self.recording.len(),
             "waiting": self.waiting.len(),
             "counters": self.counters,
             "outcomes": self.args.outcomes.snapshot(),

@@ -50,6 +50,10 @@ pub struct TaskArgs {
     pub settler: Arc<Settler>,
     /// Fired by the consumer when the task is revoked with terminate.
     pub revoked: CancellationToken,
+    /// Told when the attempt has ended, before its outcome is recorded
+    /// ([`ConsumerMessage::Ran`](crate::consumer::ConsumerMessage::Ran)): the consumer starts
+    /// the next waiting task meanwhile.
+    pub consumer: Option<ActorRef<crate::consumer::ConsumerMessage>>,
 }
 
 /// The span every log line about one attempt of a task runs in: `task_id`, `task`, `queue`,
@@ -111,6 +115,10 @@ impl Actor for TaskActor {
             let began = Instant::now();
             let outcome = attempt(args).await;
             let ran = Some(began.elapsed());
+            if let Some(consumer) = &args.consumer {
+                // Gone only when the consumer stops, which stops this actor too.
+                let _ = consumer.cast(crate::consumer::ConsumerMessage::Ran(myself.get_id()));
+            }
             if let Some(published) = published {
                 let _ = published.await;
             }

@@ -68,6 +68,17 @@ impl Rig {
         gate: Arc<dyn ResourceGate>,
         prefetch: usize,
     ) -> Rig {
+        Self::start_full(queues, defs, gate, prefetch, None).await
+    }
+
+    /// [`Rig::start_prefetching`] with an [`Origin`] hooked into settling.
+    async fn start_full(
+        queues: &[Queue],
+        defs: Vec<TaskDef>,
+        gate: Arc<dyn ResourceGate>,
+        prefetch: usize,
+        origin: Option<Arc<dyn crate::task::Origin>>,
+    ) -> Rig {
         // Metrics on, so every recording path runs under these tests too.
         let metrics = Arc::new(Metrics::new(
             defs.iter().map(|d| (d.name.as_str(), d.queue.as_str())),
@@ -83,7 +94,7 @@ impl Rig {
             leases: Arc::clone(&leases),
             tasks: Arc::new(TaskDefs::new(defs)),
             consumer: "node-test".into(),
-            origin: None,
+            origin,
             metrics: Arc::clone(&metrics),
             terminate_grace: Duration::from_millis(300),
         });
@@ -326,6 +337,97 @@ async fn tasks_without_stored_results_leave_no_record_on_success() {
         .expect("the link callback was enqueued");
     rig.until_state(&callback, TaskState::Succeeded, Duration::from_secs(10))
         .await;
+    rig.root.stop(None);
+}
+
+/// Holds the recording of `rt_noop`'s outcome until `rt_echo` has started: possible only if
+/// the consumer starts the next task while an outcome is being recorded.
+#[derive(Debug)]
+struct HoldsRecording {
+    echo_started: Arc<tokio::sync::Notify>,
+    waited: Arc<AtomicUsize>,
+}
+
+impl crate::task::Origin for HoldsRecording {
+    fn owns(&self, envelope: &Envelope) -> bool {
+        envelope.task == "rt_noop"
+    }
+
+    fn decode(&self, _: &Envelope) -> Result<Option<Envelope>, String> {
+        Ok(None)
+    }
+
+    fn started(&self, _: &Envelope) -> Option<crate::task::settle::BoxFuture<'static, ()>> {
+        None
+    }
+
+    fn settled<'a>(
+        &'a self,
+        _: &'a AnyBroker,
+        _: &'a Envelope,
+        _: crate::task::Settled<'a>,
+    ) -> crate::task::settle::BoxFuture<'a, Result<(), crate::broker::BrokerError>> {
+        Box::pin(async move {
+            let started = self.echo_started.notified();
+            if tokio::time::timeout(Duration::from_secs(10), started)
+                .await
+                .is_ok()
+            {
+                self.waited.fetch_add(1, Ordering::SeqCst);
+            }
+            Ok(())
+        })
+    }
+}
+
+/// `concurrency` bounds running attempts, not attempts whose outcome is being recorded: with
+/// concurrency 1 and a prefetched second task, the second starts while the first one's outcome
+/// is still being written (its recording here waits for that start), and both end recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_next_task_starts_while_an_outcome_is_recorded() {
+    let echo_started = Arc::new(tokio::sync::Notify::new());
+    let waited = Arc::new(AtomicUsize::new(0));
+    let mut n = Natives::default();
+    n.register("rt_noop", |_| async { Ok(Value::Null) });
+    {
+        let echo_started = Arc::clone(&echo_started);
+        n.register("rt_echo", move |_| {
+            let echo_started = Arc::clone(&echo_started);
+            async move {
+                echo_started.notify_one();
+                Ok(json!("echoed"))
+            }
+        });
+    }
+    let origin = HoldsRecording {
+        echo_started,
+        waited: Arc::clone(&waited),
+    };
+    let rig = Rig::start_full(
+        &[Queue {
+            name: "default",
+            concurrency: 1,
+        }],
+        vec![
+            def("rt_noop", "default", n.handler("rt_noop").unwrap()),
+            def("rt_echo", "default", n.handler("rt_echo").unwrap()),
+        ],
+        Arc::new(AlwaysOpen),
+        1,
+        Some(Arc::new(origin)),
+    )
+    .await;
+    let first = rig.enqueue("rt_noop", "default", json!({})).await;
+    let second = rig.enqueue("rt_echo", "default", json!({})).await;
+    rig.until_state(&first, TaskState::Succeeded, Duration::from_secs(20))
+        .await;
+    rig.until_state(&second, TaskState::Succeeded, Duration::from_secs(20))
+        .await;
+    assert_eq!(
+        waited.load(Ordering::SeqCst),
+        1,
+        "the second task started while the first one's outcome was being recorded"
+    );
     rig.root.stop(None);
 }
 
