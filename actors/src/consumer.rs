@@ -60,7 +60,9 @@ use crate::broker::{Delivery, Records, Revocation, TaskQueue};
 use crate::gate::{Admission, ResourceGate};
 use crate::handler::{ErrorClass, TaskDef, TaskError};
 use crate::metrics::ConsumerSeries;
-use crate::task::{DONE, Deferral, End, Held, Settler, TaskActor, TaskArgs, limits, task_span};
+use crate::task::{
+    AttemptEnded, DONE, Deferral, End, Held, Settler, TaskActor, TaskArgs, limits, task_span,
+};
 pub use crate::task::{Outcomes, Work};
 use crate::tree::TreeHandle;
 
@@ -242,6 +244,8 @@ pub struct ConsumerState {
     running: HashMap<ActorId, Running>,
     /// Task actors whose attempt ended, recording its outcome.
     recording: HashMap<ActorId, Running>,
+    /// Handed to each task actor: tells this consumer its attempt ended (`Ran`).
+    ended: AttemptEnded,
     waiting: VecDeque<Waiting>,
     draining: bool,
     counters: Counters,
@@ -300,6 +304,13 @@ impl Actor for ConsumerActor {
             stop_fetching: CancellationToken::new(),
             running: HashMap::new(),
             recording: HashMap::new(),
+            ended: {
+                let consumer = myself.clone();
+                // The cast fails only once the consumer has stopped (its task actors with it).
+                AttemptEnded(Arc::new(move |id| {
+                    let _ = consumer.cast(ConsumerMessage::Ran(id));
+                }))
+            },
             waiting: VecDeque::new(),
             draining: false,
             counters: Counters::default(),
@@ -725,7 +736,7 @@ impl ConsumerState {
                 def: Arc::clone(&next.def),
                 settler: Arc::clone(&self.settler),
                 revoked: revoked.clone(),
-                consumer: Some(myself.clone()),
+                ended: Some(self.ended.clone()),
             };
             match TaskActor::spawn_linked(None, TaskActor, args, myself.get_cell()).await {
                 Ok((actor, _)) => {

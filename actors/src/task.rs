@@ -25,7 +25,7 @@ pub mod settle;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use ractor::{Actor, ActorProcessingErr, ActorRef};
+use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef};
 use serde_json::Value;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -50,10 +50,19 @@ pub struct TaskArgs {
     pub settler: Arc<Settler>,
     /// Fired by the consumer when the task is revoked with terminate.
     pub revoked: CancellationToken,
-    /// Told when the attempt has ended, before its outcome is recorded
-    /// ([`ConsumerMessage::Ran`](crate::consumer::ConsumerMessage::Ran)): the consumer starts
-    /// the next waiting task meanwhile.
-    pub consumer: Option<ActorRef<crate::consumer::ConsumerMessage>>,
+    /// Called with the task actor's id when the attempt has ended, before its outcome is
+    /// recorded (the consumer then starts the next waiting task meanwhile).
+    pub ended: Option<AttemptEnded>,
+}
+
+/// What a task actor calls when its attempt has ended, before its outcome is recorded.
+#[derive(Clone)]
+pub struct AttemptEnded(pub Arc<dyn Fn(ActorId) + Send + Sync>);
+
+impl std::fmt::Debug for AttemptEnded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AttemptEnded")
+    }
 }
 
 /// The span every log line about one attempt of a task runs in: `task_id`, `task`, `queue`,
@@ -115,9 +124,8 @@ impl Actor for TaskActor {
             let began = Instant::now();
             let outcome = attempt(args).await;
             let ran = Some(began.elapsed());
-            if let Some(consumer) = &args.consumer {
-                // Gone only when the consumer stops, which stops this actor too.
-                let _ = consumer.cast(crate::consumer::ConsumerMessage::Ran(myself.get_id()));
+            if let Some(ended) = &args.ended {
+                (ended.0)(myself.get_id());
             }
             if let Some(published) = published {
                 let _ = published.await;
