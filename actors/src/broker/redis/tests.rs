@@ -796,6 +796,26 @@ async fn enqueue_and_drain_throughput() {
     );
 }
 
+/// `n` tasks enqueued on `q` and all reserved by consumer `c`: what was sent, what was got.
+async fn enqueued_and_reserved(
+    h: &Harness,
+    q: &str,
+    n: u32,
+) -> (Vec<crate::broker::Enqueued>, Vec<crate::broker::Delivery>) {
+    let sent = h
+        .broker
+        .enqueue((0..n).map(|i| task(q, i)).collect())
+        .await
+        .unwrap();
+    let got = h
+        .broker
+        .reserve(q, "c", n as usize, Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(got.len(), n as usize);
+    (sent, got)
+}
+
 /// Redis' own count of calls of `command` (`INFO commandstats`).
 async fn calls_of(h: &Harness, command: &str) -> u64 {
     let info = match redis_cli(h, &["INFO", "commandstats"]).await {
@@ -819,17 +839,7 @@ async fn concurrent_outcomes_are_coalesced_each_still_whole() {
     let h = Arc::new(Harness::start(settings()).await);
     let q = "coalesced";
     let n = 400;
-    let sent = h
-        .broker
-        .enqueue((0..n).map(|i| task(q, i)).collect())
-        .await
-        .unwrap();
-    let got = h
-        .broker
-        .reserve(q, "c", n as usize, Duration::ZERO)
-        .await
-        .unwrap();
-    assert_eq!(got.len(), n as usize);
+    let (sent, got) = enqueued_and_reserved(&h, q, n).await;
     let bad = format!("rt:result:{}", sent[7].id);
     redis_cli(&h, &["SET", &bad, "x"]).await;
     let before = calls_of(&h, "evalsha").await;
@@ -884,16 +894,7 @@ async fn large_outcomes_are_split_over_calls() {
     let h = Arc::new(Harness::start(settings()).await);
     let q = "large-results";
     let n = 24;
-    let sent = h
-        .broker
-        .enqueue((0..n).map(|i| task(q, i)).collect())
-        .await
-        .unwrap();
-    let got = h
-        .broker
-        .reserve(q, "c", n as usize, Duration::ZERO)
-        .await
-        .unwrap();
+    let (sent, got) = enqueued_and_reserved(&h, q, n).await;
     let big = "x".repeat(1 << 20);
     let before = calls_of(&h, "evalsha").await;
     let mut acks = tokio::task::JoinSet::new();
@@ -929,15 +930,7 @@ async fn the_events_stream_stays_capped_under_batched_outcomes() {
     );
     let q = "capped";
     let n = 600;
-    h.broker
-        .enqueue((0..n).map(|i| task(q, i)).collect())
-        .await
-        .unwrap();
-    let got = h
-        .broker
-        .reserve(q, "c", n as usize, Duration::ZERO)
-        .await
-        .unwrap();
+    let (_, got) = enqueued_and_reserved(&h, q, n).await;
     let mut acks = tokio::task::JoinSet::new();
     for delivery in got {
         let h = Arc::clone(&h);
