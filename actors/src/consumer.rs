@@ -736,7 +736,7 @@ impl ConsumerState {
                 def: Arc::clone(&next.def),
                 settler: Arc::clone(&self.settler),
                 revoked: revoked.clone(),
-                ended: Some(self.ended.clone()),
+                ended: self.ended.clone(),
             };
             match TaskActor::spawn_linked(None, TaskActor, args, myself.get_cell()).await {
                 Ok((actor, _)) => {

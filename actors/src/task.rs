@@ -52,7 +52,7 @@ pub struct TaskArgs {
     pub revoked: CancellationToken,
     /// Called with the task actor's id when the attempt has ended, before its outcome is
     /// recorded (the consumer then starts the next waiting task meanwhile).
-    pub ended: Option<AttemptEnded>,
+    pub ended: AttemptEnded,
 }
 
 /// What a task actor calls when its attempt has ended, before its outcome is recorded.
@@ -124,9 +124,7 @@ impl Actor for TaskActor {
             let began = Instant::now();
             let outcome = attempt(args).await;
             let ran = Some(began.elapsed());
-            if let Some(ended) = &args.ended {
-                (ended.0)(myself.get_id());
-            }
+            (args.ended.0)(myself.get_id());
             if let Some(published) = published {
                 let _ = published.await;
             }

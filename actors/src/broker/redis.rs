@@ -1048,7 +1048,6 @@ impl TaskQueue for RedisBroker {
     fn started(&self, envelope: &Envelope, consumer: &str) {
         // The writer is gone only when the broker is being dropped.
         let _ = self.outbox.send(Job::Start(Box::new(Start {
-            id: envelope.id.clone(),
             record: self.keys.result(&envelope.id),
             event: started_event(envelope, consumer),
             attempt: envelope.attempt,

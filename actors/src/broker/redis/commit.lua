@@ -116,10 +116,10 @@ end
 -- arguments live on the C stack).
 for _, stream in ipairs(streams) do
   local group, ids = releases[stream][1], releases[stream][2]
-  for first = 1, #ids, 1000 do
-    local last = math.min(first + 999, #ids)
-    redis.call('XACK', stream, group, unpack(ids, first, last))
-    redis.call('XDEL', stream, unpack(ids, first, last))
+  for from_id = 1, #ids, 1000 do
+    local to_id = math.min(from_id + 999, #ids)
+    redis.call('XACK', stream, group, unpack(ids, from_id, to_id))
+    redis.call('XDEL', stream, unpack(ids, from_id, to_id))
   end
 end
 return out

@@ -1,10 +1,10 @@
 //! The outcome writer: one task per broker that writes every outcome (and every attempt's
 //! start) through `commit.lua`, many per call.
 //!
-//! - **At once when idle, coalesced under load.** The writer has at most one call in flight.
-//!   An outcome handed to it while it waits goes out at once, alone; outcomes handed to it
-//!   while a call is in flight wait for that call and then go out together in the next one
-//!   (up to [`MAX_OUTCOMES`]). A single task at 200/s pays no extra latency; a backlog drained
+//! - **At once when idle, coalesced under load.** The writer has at most [`IN_FLIGHT`] calls
+//!   out. An outcome handed to it while it waits goes out at once, alone; outcomes handed to it
+//!   while calls are out wait and then go out together in the next one (up to
+//!   [`MAX_OUTCOMES`] and [`MAX_CALL_BYTES`]). A single task at 200/s pays no extra latency; a backlog drained
 //!   by hundreds of task actors costs Redis one script call per batch instead of one per task.
 //! - **Starts travel with their outcome.** [`TaskQueue::started`](crate::broker::TaskQueue::started)
 //!   hands the writer an attempt's start (the record's start marker, the `started` event). When
@@ -32,8 +32,8 @@ use super::events::{Start, start_write};
 use super::{COMMIT, evalsha};
 use crate::broker::{BrokerError, EVENT_FLUSH};
 
-/// Outcomes (starts included) one call of `commit.lua` carries at most: a bound on how long
-/// one call holds Redis (about 10 µs each).
+/// Callers' outcomes one call of `commit.lua` gathers at most (starts written on their own
+/// come on top): a bound on how long one call holds Redis (about 20 µs each).
 pub(super) const MAX_OUTCOMES: usize = 512;
 
 /// Bytes of arguments one call carries at most (results can be large): past it, the outcomes
@@ -152,7 +152,7 @@ impl Writer {
             let waiting: HashMap<&str, usize> = starts
                 .iter()
                 .enumerate()
-                .map(|(n, w)| (w.start.id.as_str(), n))
+                .map(|(n, w)| (w.start.id(), n))
                 .collect();
             commits
                 .iter()
@@ -165,7 +165,7 @@ impl Writer {
                         return None;
                     }
                     merged[n] = true;
-                    Some(start_write(start, &self.events_key, self.maxlen, true).pipe)
+                    Some(start_write(start, &self.events_key, self.maxlen, true))
                 })
                 .collect()
         };
@@ -177,7 +177,7 @@ impl Writer {
                 continue;
             }
             if flush || now.duration_since(w.since) >= EVENT_FLUSH {
-                own.push(start_write(&w.start, &self.events_key, self.maxlen, false).pipe);
+                own.push(start_write(&w.start, &self.events_key, self.maxlen, false));
             } else {
                 kept.push(w);
             }

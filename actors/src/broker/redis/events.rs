@@ -9,7 +9,6 @@ use redis::Value;
 
 use super::RedisBroker;
 use super::codec::{int, text};
-use super::commit::Write;
 use crate::broker::outcome::recovery_event;
 use crate::broker::{BrokerError, Envelope, Event, rfc3339};
 
@@ -18,14 +17,19 @@ use crate::broker::{BrokerError, Envelope, Event, rfc3339};
 /// writer with the attempt's outcome or on their own.
 #[derive(Debug)]
 pub(super) struct Start {
-    /// The task's id.
-    pub(super) id: String,
     /// `p:result:<id>`.
     pub(super) record: String,
     /// The `started` event (its `at` is the marker's time).
     pub(super) event: Event,
     pub(super) attempt: u32,
     pub(super) consumer: String,
+}
+
+impl Start {
+    /// The task's id (its event's `task_id`).
+    pub(super) fn id(&self) -> &str {
+        self.event.task_id.as_deref().unwrap_or_default()
+    }
 }
 
 impl RedisBroker {
@@ -70,13 +74,13 @@ pub(super) fn start_write(
     events_key: &str,
     maxlen: usize,
     with_outcome: bool,
-) -> Write {
+) -> Pipeline {
     let event = &start.event;
     let mut pipe = redis::pipe();
     let hset = pipe.cmd("HSET").arg(&start.record);
     if !with_outcome {
         hset.arg("id")
-            .arg(&start.id)
+            .arg(start.id())
             .arg("task")
             .arg(event.task.as_deref().unwrap_or_default())
             .arg("queue")
@@ -96,11 +100,7 @@ pub(super) fn start_write(
     if maxlen > 0 {
         xadd_whole(&mut pipe, events_key, maxlen, event);
     }
-    Write {
-        attempt: None,
-        record: true,
-        pipe,
-    }
+    pipe
 }
 
 /// The one place that writes the events stream: `XADD p:events MAXLEN ~ n * kind … at …

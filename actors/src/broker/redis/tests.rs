@@ -888,22 +888,47 @@ async fn concurrent_outcomes_are_coalesced_each_still_whole() {
 }
 
 /// A call carries at most `MAX_CALL_BYTES` of arguments: 24 outcomes with a 1 MiB result each,
-/// handed over at once, go out in several calls (not one of 24 MiB), every one written.
+/// all waiting for the writer when it starts (so nothing but the cap splits them), go out in
+/// several calls (not one of 24 MiB), every one written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_outcomes_are_split_over_calls() {
-    let h = Arc::new(Harness::start(settings()).await);
+    use super::commit::{Job, Writer};
+    use crate::broker::outcome::Outcome;
+    let h = Harness::start(settings()).await;
     let q = "large-results";
     let n = 24;
     let (sent, got) = enqueued_and_reserved(&h, q, n).await;
-    let big = "x".repeat(1 << 20);
-    let before = calls_of(&h, "evalsha").await;
-    let mut acks = tokio::task::JoinSet::new();
-    for delivery in got {
-        let (h, big) = (Arc::clone(&h), big.clone());
-        acks.spawn(async move { h.broker.ack(&delivery, json!(big)).await });
+    let big = json!("x".repeat(1 << 20));
+    let (jobs_tx, jobs) = tokio::sync::mpsc::unbounded_channel();
+    let mut answers = Vec::new();
+    let at = crate::broker::rfc3339(SystemTime::now());
+    for delivery in &got {
+        let writes = Outcome::Succeeded(&big).writes(&delivery.envelope, &at);
+        let write = h.broker.outcome_write(delivery, &writes, &at, true);
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        jobs_tx
+            .send(Job::Commit {
+                writes: vec![write],
+                reply,
+            })
+            .unwrap();
+        answers.push(answer);
     }
-    while let Some(joined) = acks.join_next().await {
-        joined.unwrap().unwrap();
+    drop(jobs_tx);
+    let before = calls_of(&h, "evalsha").await;
+    Writer {
+        jobs,
+        conn: h.broker.manager.clone(),
+        link: Arc::clone(&h.broker.link),
+        sha: redis::Script::new(super::COMMIT).get_hash().to_string(),
+        events_key: "rt:events".into(),
+        maxlen: settings().events_maxlen,
+    }
+    .run()
+    .await;
+    for answer in answers {
+        let values = answer.await.unwrap().unwrap();
+        assert_eq!(values, [redis::Value::Int(1)]);
     }
     let calls = calls_of(&h, "evalsha").await - before;
     assert!(calls >= 3, "{calls} calls for 24 MiB of results");
