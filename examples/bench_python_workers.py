@@ -388,6 +388,7 @@ handler = {{ kind = "python", workers = "bench" }}
         n = self.args.tasks
         self.prefill_runtime(n)
         redis_before = self.redis_cpu()
+        self.reset_commandstats()
         url = ""
 
         def pool_ready() -> bool:
@@ -404,10 +405,29 @@ handler = {{ kind = "python", workers = "bench" }}
         try:
             result = self.drain(node, spawned, n, pool_ready, {})
             result["redis_cpu"] = self.redis_cpu() - redis_before
+            self.print_commandstats("runtime", n)
             result["latency"] = self.latency(lambda at: self.rt_latency.delay(at), url)
             return result
         finally:
             node.stop()
+
+    def reset_commandstats(self) -> None:
+        if self.args.commandstats:
+            assert self.r is not None
+            self.r.config_resetstat()
+
+    def print_commandstats(self, side: str, tasks: int) -> None:
+        """Redis' own accounting of a drain (`INFO commandstats`), per task, by command."""
+        if not self.args.commandstats:
+            return
+        assert self.r is not None
+        rows = [
+            (stats["usec"] / tasks, stats["calls"] / tasks, name.removeprefix("cmdstat_"))
+            for name, stats in self.r.info("commandstats").items()
+        ]
+        log(f"{side}: Redis commands of the drain (calls and µs per task)")
+        for usec, calls, name in sorted(rows, reverse=True)[:12]:
+            log(f"  {name:<24} {calls:8.3f} {usec:8.2f}")
 
     # -- Celery --
 
@@ -428,6 +448,7 @@ handler = {{ kind = "python", workers = "bench" }}
         ]
         self.commands["celery"] = shlex.join(argv)
         redis_before = self.redis_cpu()
+        self.reset_commandstats()
         ready: dict[str, float] = {}
         spawned_wall = time.time()
         r = self.r
@@ -445,6 +466,7 @@ handler = {{ kind = "python", workers = "bench" }}
         try:
             result = self.drain(proc, spawned, n, celery_ready, ready)
             result["redis_cpu"] = self.redis_cpu() - redis_before
+            self.print_commandstats("celery", n)
             result["latency"] = self.latency(lambda at: self.celery_latency.delay(at), None)
             return result
         finally:
@@ -473,6 +495,7 @@ handler = {{ kind = "python", workers = "bench" }}
             if done >= n:
                 elapsed = now - spawned
                 cpu = tree_cpu(proc.pid)
+                main_cpu = cpu_seconds(proc.pid)
                 break
             if not proc.alive():
                 raise RuntimeError(f"{proc.name} exited during the drain:\n{proc.tail()}")
@@ -500,6 +523,7 @@ handler = {{ kind = "python", workers = "bench" }}
             "ready": ready_at,
             "cpu": cpu,
             "cpu_per_task": cpu / n,
+            "main_cpu_per_task": main_cpu / n,
             "cpu_per_task_steady": steady,
         }
 
@@ -517,17 +541,20 @@ handler = {{ kind = "python", workers = "bench" }}
         count = int(rate * duration)
         log(f"latency: {count} tasks at {rate:g}/s")
         start = time.monotonic()
+        cpu_before = time.process_time()
         for i in range(count):
             pause = start + i / rate - time.monotonic()
             if pause > 0:
                 time.sleep(pause)
             delay(time.time())
+        producer_cpu = time.process_time() - cpu_before
         sent_in = time.monotonic() - start
         wait_for(f"{count} latency samples", lambda: r.llen(LATENCY_KEY) >= count, 120, 0.05)
         samples = [float(x) * 1000 for x in r.lrange(LATENCY_KEY, 0, -1)]
         return {
             "count": len(samples),
             "achieved_rate": count / sent_in,
+            "producer_cpu_ms": producer_cpu / count * 1000,
             "p50": percentile(samples, 50),
             "p99": percentile(samples, 99),
             "max": max(samples),
@@ -591,6 +618,8 @@ def report(args: argparse.Namespace, bench: Bench, rt: dict[str, Any] | None, cy
         ("drain: time to ready (s)", "ready", 1, 2),
         ("drain: consumer CPU per task, whole drain (ms)", "cpu_per_task", 1000, 3),
         ("drain: consumer CPU per task, after ready (ms)", "cpu_per_task_steady", 1000, 3),
+        ("drain: of the whole drain's, the main process's (node / Celery's parent) (ms)",
+         "main_cpu_per_task", 1000, 3),
         ("drain: redis-server CPU per task (ms)", "redis_cpu_per_task", 1000, 3),
     ]
     for side in (rt, cy):
@@ -613,6 +642,8 @@ def report(args: argparse.Namespace, bench: Bench, rt: dict[str, Any] | None, cy
     for key, label in (("p50", "p50"), ("p99", "p99"), ("max", "max")):
         a, b = get(rt, "latency", key), get(cy, "latency", key)
         lines.append(f"| {lat}: {label} (ms) | {fmt(a)} | {fmt(b)} | {ratio(a, b)} |")
+    a, b = get(rt, "latency", "producer_cpu_ms"), get(cy, "latency", "producer_cpu_ms")
+    lines.append(f"| {lat}: producer CPU per `.delay()` (ms) | {fmt(a, 3)} | {fmt(b, 3)} | {ratio(a, b)} |")
     a, b = get(rt, "latency", "achieved_rate"), get(cy, "latency", "achieved_rate")
     lines.append(f"| {lat}: rate the producer achieved (/s) | {fmt(a, 1)} | {fmt(b, 1)} | |")
     lines += [
@@ -660,6 +691,8 @@ def main() -> int:
     parser.add_argument("--only", choices=("runtime", "celery"), help="run one side")
     parser.add_argument("--redis-server", default=shutil.which("redis-server") or "redis-server")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, configs)")
+    parser.add_argument("--commandstats", action="store_true",
+                        help="log Redis' INFO commandstats per task after each drain")
     args = parser.parse_args()
     for name, value, low, high in (
         ("--tasks", args.tasks, 1, 10_000_000),

@@ -1,15 +1,20 @@
-"""taskrt.Client / AsyncClient against httpx.MockTransport: what they send, what they make of
-every kind of answer (including hostile ones)."""
+"""taskrt.Client (against a real loopback HTTP server) and AsyncClient (against
+httpx.MockTransport), driven by the same scripted node: what they send, what they make of every
+kind of answer (including hostile ones), and how the blocking client keeps its connections."""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
 import math
-from typing import Any, Callable
+import os
+import socket
+import threading
+from typing import Any, Callable, Iterator
 
 import httpx
 import pytest
+from loopback import Loopback, closed_port, hangup
 
 import taskrt
 from taskrt import (
@@ -56,8 +61,15 @@ class Server:
     def body(self, n: int = -1) -> Any:
         return json.loads(self.requests[n].content)
 
+    def serve(self) -> str:
+        """A loopback node answering with this script (stopped after the test); its URL."""
+        node = Loopback(self).__enter__()
+        _serving.append(node)
+        self.node = node
+        return node.url
+
     def client(self, **kwargs: Any) -> Client:
-        return Client(URL, token=kwargs.pop("token", TOKEN), transport=httpx.MockTransport(self), **kwargs)
+        return Client(self.serve(), token=kwargs.pop("token", TOKEN), **kwargs)
 
     def aclient(self, **kwargs: Any) -> AsyncClient:
         async def handler(request: httpx.Request) -> httpx.Response:
@@ -65,6 +77,19 @@ class Server:
             return self(request)
 
         return AsyncClient(URL, token=TOKEN, transport=httpx.MockTransport(handler), **kwargs)
+
+
+_serving: list[Loopback] = []
+_clients: list[Client] = []
+
+
+@pytest.fixture(autouse=True)
+def stop_loopback_nodes() -> Iterator[None]:
+    yield
+    while _clients:
+        _clients.pop().close()
+    while _serving:
+        _serving.pop().__exit__()
 
 
 def record(state: str = "succeeded", **fields: Any) -> dict[str, Any]:
@@ -91,7 +116,7 @@ def test_enqueue_sends_the_task_with_the_token() -> None:
     with server.client() as client:
         handle = client.enqueue("add", [1, 2], {"round": True})
     (request,) = server.requests
-    assert (request.method, str(request.url)) == ("POST", f"{URL}/tasks")
+    assert (request.method, request.url.raw_path) == ("POST", b"/tasks")
     assert request.headers["authorization"] == f"Bearer {TOKEN}"
     assert request.headers["content-type"] == "application/json"
     assert server.body() == {"task": "add", "args": [1, 2], "kwargs": {"round": True}}
@@ -372,17 +397,82 @@ def test_an_answer_over_the_size_limit_is_not_read() -> None:
 
 
 def test_unreachable_names_the_url_and_never_the_secrets() -> None:
-    server = Server(httpx.ConnectError("Connection refused"))
-    client = Client("http://user:pw@node.test:7070/", token=TOKEN, transport=httpx.MockTransport(server))
+    port = closed_port()
+    client = Client(f"http://user:pw@127.0.0.1:{port}/", token=TOKEN)
     with client, pytest.raises(Unreachable) as raised:
         client.enqueue("add")
-    assert str(raised.value) == "cannot reach the node at http://node.test:7070: Connection refused"
+    assert str(raised.value).startswith(f"cannot reach the node at http://127.0.0.1:{port}: ")
+    assert "Connection refused" in str(raised.value)
     assert isinstance(raised.value, ConnectionError)
     assert TOKEN not in repr(client) and "pw" not in repr(client)
-    assert repr(client) == "Client(base_url='http://node.test:7070', token=<set>, timeout=10)"
-    timeout = Server(httpx.ReadTimeout("read timed out"))
-    with timeout.client() as c2, pytest.raises(Unreachable, match="timed out"):
+    assert repr(client) == f"Client(base_url='http://127.0.0.1:{port}', token=<set>, timeout=10)"
+
+    def slow(request: httpx.Request) -> httpx.Response:
+        threading.Event().wait(1.0)
+        return httpx.Response(200, json=record())
+
+    with Server(slow).client(timeout=0.2) as c2, pytest.raises(Unreachable, match="timed out"):
         c2.status("t1")
+    with Server(hangup).client() as c3, pytest.raises(Unreachable, match="closed connection"):
+        c3.status("t1")
+
+
+def test_the_blocking_client_keeps_its_connection_alive() -> None:
+    server = Server((200, record()))
+    with server.client() as client:
+        for _ in range(20):
+            client.status("t1")
+    assert len(server.requests) == 20 and server.node.connections == 1
+
+
+def test_a_connection_the_node_closed_while_idle_is_not_reused() -> None:
+    server = Server((200, record()))
+    with server.client() as client:
+        client.status("t1")
+        # The node drops its side of the idle connection (a restart, an idle timeout): the
+        # next request sees it readable (EOF) and opens a new one instead of failing on it.
+        for sock in server.node.sockets:
+            sock.shutdown(socket.SHUT_RDWR)
+        assert client.status("t1").state == "succeeded"
+    assert len(server.requests) == 2 and server.node.connections == 2
+
+
+def test_threads_share_one_blocking_client() -> None:
+    server = Server((200, record()))
+    with server.client() as client:
+        errors: list[BaseException] = []
+
+        def reader() -> None:
+            try:
+                for _ in range(25):
+                    assert client.status("t1").state == "succeeded"
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=reader) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert errors == [] and len(server.requests) == 200
+    assert server.node.connections <= 8
+
+
+def test_a_forked_child_opens_its_own_connection() -> None:
+    server = Server((200, record()))
+    with server.client() as client:
+        client.status("t1")
+        pid = os.fork()
+        if pid == 0:  # the child: its own connection, the parent's left alone
+            code = 1
+            try:
+                code = 0 if client.status("t1").state == "succeeded" else 1
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        client.status("t1")
+    assert len(server.requests) == 3 and server.node.connections == 2
 
 
 def test_token_problems_are_named_without_the_token() -> None:
@@ -397,19 +487,21 @@ def test_token_problems_are_named_without_the_token() -> None:
 
 
 def test_environment_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TASKRT_URL", "http://other.test:9000")
-    monkeypatch.setenv("TASKRT_TOKEN", "from-env")
     server = Server((200, record()))
-    client = Client(transport=httpx.MockTransport(server))
+    monkeypatch.setenv("TASKRT_URL", server.serve() + "/")
+    monkeypatch.setenv("TASKRT_TOKEN", "from-env")
+    client = Client()
     with client:
         client.status("t1")
-    assert str(server.requests[0].url) == "http://other.test:9000/tasks/t1"
+    assert client.base_url == server.node.url
+    assert server.requests[0].url.raw_path == b"/tasks/t1"
     assert server.requests[0].headers["authorization"] == "Bearer from-env"
     monkeypatch.delenv("TASKRT_URL")
     monkeypatch.delenv("TASKRT_TOKEN")
-    with Client(transport=httpx.MockTransport(server)) as plain:
-        plain.status("t1")
-    assert str(server.requests[1].url) == "http://127.0.0.1:7070/tasks/t1"
+    with Client() as plain:
+        assert plain.base_url == "http://127.0.0.1:7070" and plain._token is None
+    with Client(server.node.url) as anonymous:
+        anonymous.status("t1")
     assert "authorization" not in server.requests[1].headers
 
 
@@ -462,7 +554,9 @@ def test_handle_and_result_by_id_use_the_default_client() -> None:
         (404, {"error": "no task gone: unknown, or ended more than broker.result_ttl ago"}),
         (200, record("dead", id="t2", error="ValueError: boom")),
     )
-    taskrt.configure(client=server.client())
+    client = server.client()
+    _clients.append(client)
+    taskrt.configure(client=client)
     handle = taskrt.handle("t/1")
     assert isinstance(handle, taskrt.TaskHandle) and handle.id == "t/1" and not handle.duplicate
     assert server.requests == [], "a handle reads nothing until asked"
@@ -482,7 +576,9 @@ def test_handle_and_result_by_id_use_the_default_client() -> None:
 
 def test_result_by_id_times_out_like_the_client() -> None:
     server = Server((200, record("queued")))
-    taskrt.configure(client=server.client())
+    client = server.client()
+    _clients.append(client)
+    taskrt.configure(client=client)
     with pytest.raises(ResultTimeout, match=r"task t1 did not end within 0.05s \(state: queued\)"):
         taskrt.result("t1", timeout=0.05)
     with pytest.raises(ResultTimeout, match="pass timeout= to wait"):

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import httpx
 import pytest
+from loopback import Loopback
 
 import taskrt
 from taskrt import AsyncClient, Client, NotRegistered, Signature, TaskHandle, shared_task, task
@@ -29,7 +30,7 @@ async def an_async(x: int) -> int:
     return x + 1
 
 
-def record_requests() -> tuple[list[httpx.Request], httpx.MockTransport]:
+def record_requests() -> tuple[list[httpx.Request], Callable[[httpx.Request], httpx.Response]]:
     seen: list[httpx.Request] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
@@ -39,7 +40,15 @@ def record_requests() -> tuple[list[httpx.Request], httpx.MockTransport]:
             return httpx.Response(202, json=[{"id": f"id-{n}", "duplicate": False} for n in range(len(body))])
         return httpx.Response(202, json={"id": "id-1", "duplicate": False})
 
-    return seen, httpx.MockTransport(handler)
+    return seen, handler
+
+
+@pytest.fixture
+def node_client() -> Iterator[tuple[list[httpx.Request], Client]]:
+    """A blocking client of a loopback node that records what it is sent."""
+    seen, handler = record_requests()
+    with Loopback(handler) as node, Client(node.url) as client:
+        yield seen, client
 
 
 def test_default_name_is_module_and_qualname() -> None:
@@ -122,9 +131,9 @@ def test_get_task_names_what_is_registered() -> None:
     assert isinstance(raised.value, KeyError)
 
 
-def test_delay_and_apply_async_use_the_default_client() -> None:
-    seen, transport = record_requests()
-    taskrt.configure(client=Client("http://n.test:7070", transport=transport))
+def test_delay_and_apply_async_use_the_default_client(node_client: tuple[list[httpx.Request], Client]) -> None:
+    seen, client = node_client
+    taskrt.configure(client=client)
     handle = named.delay("hi", loud=True)
     assert isinstance(handle, TaskHandle) and handle.id == "id-1" and handle.task == "tt_named"
     named.apply_async(
@@ -150,9 +159,9 @@ def test_delay_and_apply_async_use_the_default_client() -> None:
                          "time_limit_ms": 10000, "soft_time_limit_ms": 8000}
 
 
-def test_delay_refuses_what_json_cannot_carry_before_sending() -> None:
-    seen, transport = record_requests()
-    taskrt.configure(client=Client("http://n.test:7070", transport=transport))
+def test_delay_refuses_what_json_cannot_carry_before_sending(node_client: tuple[list[httpx.Request], Client]) -> None:
+    seen, client = node_client
+    taskrt.configure(client=client)
     with pytest.raises(taskrt.EncodeError, match=r"args\[0\]: a set is not JSON-serialisable"):
         plain.delay({1})  # type: ignore[arg-type]
     assert seen == []
@@ -172,11 +181,11 @@ def test_configure_url_and_token_make_the_default_client(monkeypatch: pytest.Mon
 
 
 async def test_adelay_uses_the_async_client() -> None:
-    seen, transport = record_requests()
+    seen, record = record_requests()
 
     async def handler(request: httpx.Request) -> httpx.Response:
         await request.aread()
-        return transport.handle_request(request)
+        return record(request)
 
     async with AsyncClient("http://n.test:7070", transport=httpx.MockTransport(handler)) as client:
         taskrt.configure(async_client=client)

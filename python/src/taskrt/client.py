@@ -2,14 +2,16 @@
 results, revoke them, over the runtime's HTTP API.
 
 The two have the same methods (only ``await`` differs). Requests are built and answers
-checked by :mod:`taskrt._api`; this module only moves bytes with httpx, which it imports
-when a client is made (the worker never imports it).
+checked by :mod:`taskrt._api`; this module only moves bytes: the blocking client with the
+standard library's ``http.client`` (:mod:`taskrt._http`), the asyncio one with httpx, which it
+imports when such a client is made (the worker never imports it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime as _dt
+import http.client
 import time
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
@@ -47,11 +49,9 @@ def _check_timeout(timeout: Any) -> float:
     return float(timeout)
 
 
-def _unreachable(url: str, exc: Exception) -> Unreachable:
-    import httpx
-
+def _unreachable(url: str, exc: Exception, timed_out: bool) -> Unreachable:
     reason = str(exc) or type(exc).__name__
-    if isinstance(exc, httpx.TimeoutException):
+    if timed_out:
         reason = f"timed out ({type(exc).__name__}: {reason})"
     return Unreachable(url, reason)
 
@@ -137,9 +137,9 @@ class Client(_Base):
 
     ``Client(base_url=None, token=None, timeout=10.0)``: ``base_url`` defaults to env
     ``TASKRT_URL``, else ``http://127.0.0.1:7070``; ``token`` (the admin token, sent as
-    ``Authorization: Bearer``) to env ``TASKRT_TOKEN``. ``transport`` is passed to
-    ``httpx.Client`` (tests use ``httpx.MockTransport``). Use it as a context manager, or
-    ``close()`` it.
+    ``Authorization: Bearer``) to env ``TASKRT_TOKEN``. ``timeout`` (seconds) bounds the
+    connect and each read. One client may be shared by threads (it keeps a few keep-alive
+    connections). Use it as a context manager, or ``close()`` it.
     """
 
     def __init__(
@@ -148,37 +148,27 @@ class Client(_Base):
         token: str | None = None,
         timeout: float = 10.0,
         *,
-        transport: httpx.BaseTransport | None = None,
         max_response_bytes: int = _api.MAX_RESPONSE_BYTES,
     ) -> None:
         super().__init__(base_url, token, timeout, max_response_bytes)
-        import httpx
+        from ._http import Connections
 
-        self._http = httpx.Client(
-            headers=_headers(self._token), timeout=self.timeout, transport=transport,
-            follow_redirects=False, trust_env=False,
-        )
+        self._http = Connections(self.base_url, self.timeout, _headers(self._token))
 
     # ---- plumbing -------------------------------------------------------------------------
 
     def _send(self, request: Request) -> Any:
-        import httpx
+        from ._http import TooLarge
 
-        headers = {"Content-Type": "application/json"} if request.body is not None else None
         try:
-            with self._http.stream(
-                request.method, self._url(request), content=request.body, headers=headers
-            ) as response:
-                chunks, size = [], 0
-                for chunk in response.iter_bytes():
-                    size += len(chunk)
-                    if size > self.max_response_bytes:
-                        raise self._too_large(request, response.status_code)
-                    chunks.append(chunk)
-                status = response.status_code
-        except httpx.TransportError as exc:
-            raise _unreachable(self._shown_url, exc) from None
-        return _api.decode(status, b"".join(chunks), request.what)
+            status, body = self._http.request(
+                request.method, request.path, request.body, self.max_response_bytes
+            )
+        except TooLarge as exc:
+            raise self._too_large(request, exc.status) from None
+        except (OSError, http.client.HTTPException) as exc:
+            raise _unreachable(self._shown_url, exc, isinstance(exc, TimeoutError)) from None
+        return _api.decode(status, body, request.what)
 
     # ---- API ------------------------------------------------------------------------------
 
@@ -300,7 +290,8 @@ class AsyncClient(_Base):
                     chunks.append(chunk)
                 status = response.status_code
         except httpx.TransportError as exc:
-            raise _unreachable(self._shown_url, exc) from None
+            timed_out = isinstance(exc, httpx.TimeoutException)
+            raise _unreachable(self._shown_url, exc, timed_out) from None
         return _api.decode(status, b"".join(chunks), request.what)
 
     async def enqueue(
