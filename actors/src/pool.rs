@@ -77,7 +77,7 @@ use nix::sys::signal::Signal;
 use prometheus_client::metrics::histogram::Histogram;
 use regex::Regex;
 use serde_json::{Value, json};
-use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
@@ -478,6 +478,9 @@ struct Membership {
     launching: usize,
     /// Claims waiting for an idle agent.
     waiters: usize,
+    /// Worker pools: tasks waiting for a free process, oldest first; a process that frees up
+    /// takes the first itself ([`Pool::next_run`]).
+    pending: VecDeque<worker::Pending>,
     /// Claimed agents whose replacement is held back ([`Deferred`]).
     deferred: usize,
     consecutive_failures: u32,
@@ -538,8 +541,8 @@ struct Shared {
     events: OnceLock<EventSink>,
     /// Time from a claim to its confirmed assignment (successful claims), for `/metrics`.
     claim_latency: Histogram,
-    /// Worker pools: one permit per task the pool runs at once.
-    slots: Option<Arc<Semaphore>>,
+    /// Worker pools: numbers the runs that wait for a process ([`worker::Pending`]).
+    next_run: AtomicU64,
 }
 
 /// A pool's numbers for `/metrics`.
@@ -598,8 +601,7 @@ impl Pool {
                 next_seq: AtomicU64::new(1),
                 events: OnceLock::new(),
                 claim_latency: crate::metrics::seconds_histogram(),
-                slots: (spec.0.worker.as_ref())
-                    .map(|w| Arc::new(Semaphore::new(w.capacity().min(Semaphore::MAX_PERMITS)))),
+                next_run: AtomicU64::new(1),
                 spec,
             }),
         }
@@ -939,7 +941,7 @@ impl Pool {
                 "failed": t.failed,
             },
             "idle_queue": idle_queue,
-            "waiting_claims": m.waiters,
+            "waiting_claims": m.waiters + m.pending.len(),
             "consecutive_startup_failures": m.consecutive_failures,
             "agents": agents,
             "recent": recent,

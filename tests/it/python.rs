@@ -456,3 +456,99 @@ handler = {{ kind = "python", workers = "py" }}
         "CONN_MAX_AGE = 0: the connection was closed after the first task: {b}"
     );
 }
+
+/// More tasks than processes (queue concurrency 3, one process): the ones that find no free
+/// process wait in line and the process takes them as it frees up (none is retried); one that
+/// waits past `claim_timeout` is retried (class `no_agent`) — here it has no retries left, so
+/// it is dead with that reason; one revoked (terminate) while it waits leaves the line without
+/// touching the process, whose task finishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_wait_in_line_for_a_process_until_claim_timeout() {
+    let tasks = [
+        python_task("py_soft", ""),
+        python_task("py_add", "max_retries = 0"),
+        python_task("py_pid", ""),
+    ]
+    .join("\n");
+    let workers = "processes = 1\nspares = 0\nclaim_timeout = \"1500ms\"";
+    let node = Node::start(&config(workers, 3, &tasks), &[]);
+    warm(&node, 1).await;
+    let limit = Duration::from_secs(20);
+    let first_pid = node
+        .until_ended(&enqueue(&node, json!({"task": "py_pid"})).await, limit)
+        .await["result"]
+        .clone();
+
+    // Two wait behind a 0.8 s task, then run on the process it frees.
+    let busy = enqueue(&node, json!({"task": "py_soft", "args": [0.8]})).await;
+    let waiting: Vec<String> =
+        enqueue_each(&node, 2, |n| json!({"task": "py_add", "args": [n, 1]})).await;
+    for (n, id) in waiting.iter().enumerate() {
+        let record = node.until_ended(id, limit).await;
+        assert_eq!(
+            (
+                record["state"].clone(),
+                record["result"].clone(),
+                record["attempts"].clone()
+            ),
+            (json!("succeeded"), json!(n + 1), json!(1)),
+            "{record}"
+        );
+    }
+    assert_eq!(node.until_ended(&busy, limit).await["result"], "slept");
+
+    // One waits longer than claim_timeout: retried as no_agent, dead without retries left.
+    let long = enqueue(&node, json!({"task": "py_soft", "args": [3.0]})).await;
+    eventually("the long task running", limit, async || {
+        let pools = node.get_json("/pools").await;
+        (pools["pools"]["py"]["counts"]["assigned"] == 1).then_some(())
+    })
+    .await;
+    let starved = enqueue(&node, json!({"task": "py_add", "args": [1, 1]})).await;
+    let record = node.until_ended(&starved, limit).await;
+    assert_eq!(record["state"], "dead", "{record}");
+    let error = record["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("no idle worker process within claim_timeout"),
+        "{record}"
+    );
+
+    // One revoked while it waits: out of the line; the long task is left alone.
+    let revoked = enqueue(&node, json!({"task": "py_add", "args": [2, 2]})).await;
+    eventually("the revoked task waiting", limit, async || {
+        let pools = node.get_json("/pools").await;
+        (pools["pools"]["py"]["waiting_claims"] == 1).then_some(())
+    })
+    .await;
+    let answer = reqwest::Client::new()
+        .post(format!("{}/tasks/{revoked}/revoke", node.url))
+        .json(&json!({"terminate": true}))
+        .send()
+        .await
+        .unwrap();
+    assert!(answer.status().is_success(), "{}", answer.status());
+    let record = node.until_ended(&revoked, limit).await;
+    assert_eq!(record["state"], "dead", "{record}");
+    let record = node.until_ended(&long, limit).await;
+    assert_eq!(
+        (record["state"].clone(), record["result"].clone()),
+        (json!("succeeded"), json!("slept")),
+        "{record}"
+    );
+    let pid = node
+        .until_ended(&enqueue(&node, json!({"task": "py_pid"})).await, limit)
+        .await["result"]
+        .clone();
+    assert_eq!(pid, first_pid, "the process was never replaced");
+    let pools = node.get_json("/pools").await;
+    assert_eq!(pools["pools"]["py"]["waiting_claims"], 0, "{pools}");
+}
+
+/// Enqueues `n` tasks made by `body(i)` (i = 0..n) one after the other; their ids.
+async fn enqueue_each(node: &Node, n: u64, body: impl Fn(u64) -> Value) -> Vec<String> {
+    let mut ids = Vec::new();
+    for i in 0..n {
+        ids.push(enqueue(node, body(i)).await);
+    }
+    ids
+}

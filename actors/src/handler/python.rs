@@ -11,6 +11,8 @@
 //! | the process died or broke the protocol | retryable (class `crashed`); a new process takes its place |
 //! | no free process within `claim_timeout` | retryable (class `no_agent`) |
 
+use std::sync::Arc;
+
 use super::{Attempt, Handler, TaskContext};
 use crate::pool::Pool;
 
@@ -18,12 +20,12 @@ use crate::pool::Pool;
 #[derive(Debug, Clone)]
 pub struct PythonHandler {
     pool: Pool,
-    function: String,
+    function: Arc<str>,
 }
 
 impl PythonHandler {
     /// A handler that runs `function` (the name its `@task` registered) on `pool`'s workers.
-    pub fn new(pool: Pool, function: impl Into<String>) -> Self {
+    pub fn new(pool: Pool, function: impl Into<Arc<str>>) -> Self {
         Self {
             pool,
             function: function.into(),
@@ -34,9 +36,9 @@ impl PythonHandler {
 impl Handler for PythonHandler {
     fn call(&self, ctx: TaskContext) -> Attempt {
         let pool = self.pool.clone();
-        let function = self.function.clone();
+        let function = Arc::clone(&self.function);
         Box::pin(async move {
-            pool.run(&ctx.envelope, &function, ctx.soft_deadline, ctx.deadline)
+            pool.run(ctx.envelope, function, ctx.soft_deadline, ctx.deadline)
                 .await
         })
     }

@@ -19,6 +19,7 @@
 
 use std::collections::HashMap;
 use std::os::unix::process::ExitStatusExt;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -171,84 +172,145 @@ impl Pool {
     }
 
     /// Runs `envelope` as `function` on a process of this worker pool and returns its result.
-    /// Waits up to `claim_timeout` for a free process (retryable, class `no_agent`, when none
-    /// is free). The worker is told both limits and arms the soft one itself; the hard one is
-    /// the node's: dropping the future (the hard limit, a terminate) has the process's stacks
-    /// dumped (SIGUSR2) and its group SIGKILLed.
+    /// With no process free it waits — in line, oldest first: the process that frees up takes
+    /// the first waiting task itself, in the same wake-up as its last `done` — up to
+    /// `claim_timeout` (then retryable, class `no_agent`). The worker is told both limits and
+    /// arms the soft one itself; the hard one is the node's: dropping the future (the hard
+    /// limit, a terminate) has the process's stacks dumped (SIGUSR2) and its group SIGKILLed.
     pub async fn run(
         &self,
-        envelope: &Envelope,
-        function: &str,
+        envelope: Arc<Envelope>,
+        function: Arc<str>,
         soft: Option<Instant>,
         hard: Instant,
     ) -> Result<Value, TaskError> {
         let no_agent = |why: String| TaskError::retry_as(ErrorClass::NoAgent, why);
-        let Some(slots) = self.shared.slots.clone() else {
+        if !self.is_worker() {
             return Err(TaskError::Permanent(format!(
                 "pool {} is not a worker pool",
                 self.name()
             )));
-        };
-        let started = Instant::now();
-        let deadline = started + self.settings().claim_timeout;
-        let waited = |what: &str| {
-            no_agent(format!(
-                "pool {}: {what} within claim_timeout ({:?})",
-                self.name(),
-                self.settings().claim_timeout
-            ))
-        };
-        let _permit = match timeout_at(deadline, slots.acquire_owned()).await {
-            Ok(Ok(permit)) => permit,
-            Ok(Err(_)) => return Err(no_agent(format!("pool {} is stopping", self.name()))),
-            Err(_) => return Err(waited("no free slot")),
-        };
-        let now = Instant::now();
-        let line = run_line(envelope, function, soft, hard, now);
-        let mut changed = self.subscribe();
-        let mut waiting = None;
-        let commands = loop {
-            changed.borrow_and_update();
-            {
-                let mut m = self.lock();
-                if m.closed {
-                    return Err(no_agent(format!("pool {} is stopping", self.name())));
-                }
-                if let Some(taken) = self.take_worker(&mut m, &envelope.id) {
-                    break taken;
-                }
-                if let Some(reason) = &m.fatal {
-                    return Err(no_agent(format!("pool {} is fatal: {reason}", self.name())));
-                }
-            }
-            if waiting.is_none() {
-                self.lock().waiters += 1;
-                waiting = Some(super::Waiting(self));
-            }
-            self.reconcile();
-            if timeout_at(deadline, changed.changed()).await.is_err() {
-                return Err(waited("no idle worker process"));
-            }
-        };
-        drop(waiting);
-        let (reply, result) = oneshot::channel();
-        let mut guard = InFlight {
-            commands: commands.clone(),
-            task_id: Some(envelope.id.clone()),
-        };
-        let sent = commands.send(AgentCommand::Run {
-            task_id: envelope.id.clone(),
-            line,
+        }
+        let deadline = Instant::now() + self.settings().claim_timeout;
+        let (reply, mut result) = oneshot::channel();
+        let task_id = envelope.id.clone();
+        let run = Run {
+            envelope,
+            function,
+            soft,
+            hard,
             reply,
-        });
-        let outcome = match sent {
-            Ok(()) => result
-                .await
-                .unwrap_or_else(|_| Err(lost("the worker's monitor ended".into()))),
-            Err(_) => Err(lost("the worker's monitor is gone".into())),
+        };
+        let seq = self.shared.next_run.fetch_add(1, Ordering::Relaxed);
+        let mut changed = self.subscribe();
+        let taken = {
+            let mut m = self.lock();
+            if m.closed {
+                return Err(no_agent(format!("pool {} is stopping", self.name())));
+            }
+            match self.take_worker(&mut m, &task_id) {
+                Some(commands) => Some((commands, run)),
+                None => {
+                    if let Some(reason) = &m.fatal {
+                        return Err(no_agent(format!("pool {} is fatal: {reason}", self.name())));
+                    }
+                    m.pending.push_back(Pending { seq, run });
+                    None
+                }
+            }
+        };
+        // From here on, dropping this future stops the task wherever it is.
+        let mut guard = InFlight {
+            pool: self,
+            seq,
+            task_id: Some(task_id),
+        };
+        let mut waiting = taken.is_none();
+        if let Some((commands, run)) = taken {
+            let task_id = run.envelope.id.clone();
+            let (line, reply) = run.line(Instant::now());
+            if let Err(unsent) = commands.send(AgentCommand::Run {
+                task_id,
+                line,
+                reply,
+            }) && let AgentCommand::Run { reply, .. } = unsent.0
+            {
+                let _ = reply.send(Err(lost("the worker's monitor is gone".into())));
+            }
+        } else {
+            self.reconcile();
+        }
+        let outcome = loop {
+            tokio::select! {
+                outcome = &mut result => {
+                    break outcome.unwrap_or_else(|_| Err(lost("the worker's monitor ended".into())));
+                }
+                () = sleep_until(deadline), if waiting => {
+                    waiting = false;
+                    if self.unqueue(seq) {
+                        guard.task_id = None;
+                        return Err(no_agent(format!(
+                            "pool {}: no idle worker process within claim_timeout ({:?})",
+                            self.name(),
+                            self.settings().claim_timeout
+                        )));
+                    }
+                }
+                Ok(()) = changed.changed(), if waiting => {
+                    // A change of the pool (not of a task): stopping or fatal ends the wait.
+                    let why = {
+                        let m = self.lock();
+                        match (&m.fatal, m.closed) {
+                            (_, true) => Some(format!("pool {} is stopping", self.name())),
+                            (Some(reason), _) => Some(format!("pool {} is fatal: {reason}", self.name())),
+                            _ => None,
+                        }
+                    };
+                    if let Some(why) = why
+                        && self.unqueue(seq)
+                    {
+                        guard.task_id = None;
+                        return Err(no_agent(why));
+                    }
+                }
+            }
         };
         guard.task_id = None;
         outcome
+    }
+
+    /// Removes the run `seq` from the line; `false` when a process took it already.
+    fn unqueue(&self, seq: u64) -> bool {
+        let mut m = self.lock();
+        let before = m.pending.len();
+        m.pending.retain(|p| p.seq != seq);
+        m.pending.len() < before
+    }
+
+    /// For worker `seq`, which can take a task now: the first task waiting for a process,
+    /// counted on it (see [`Pool::take_worker`]); `None` when nothing waits, or the worker is
+    /// not idle (busy, retiring, stopping).
+    fn next_run(&self, seq: u64) -> Option<Run> {
+        let concurrency = self.settings().worker.as_ref()?.concurrency;
+        let mut m = self.lock();
+        if m.pending.is_empty() {
+            return None;
+        }
+        let agent = m.agents.get(&seq)?;
+        if agent.state != AgentState::Idle
+            || agent.retiring.is_some()
+            || agent.running.len() >= concurrency
+        {
+            return None;
+        }
+        let run = m.pending.pop_front()?.run;
+        let agent = m.agents.get_mut(&seq)?;
+        agent.running.push(run.envelope.id.clone());
+        if agent.running.len() >= concurrency {
+            agent.state = AgentState::Assigned;
+            agent.idle_since = None;
+        }
+        Some(run)
     }
 
     /// Picks the idle worker with the fewest running tasks (the longest idle among them) and
@@ -348,17 +410,56 @@ impl Pool {
     }
 }
 
-/// Kills the worker's group if its attempt is dropped before its result came (see
-/// [`Pool::run`]).
-struct InFlight {
-    commands: mpsc::UnboundedSender<AgentCommand>,
+/// A task waiting for a free process ([`Pool::run`]).
+#[derive(Debug)]
+pub(super) struct Pending {
+    seq: u64,
+    run: Run,
+}
+
+/// What a process needs to run one task: its `run` line is made when a process takes it (the
+/// limits it carries are counted from then on the worker's side).
+#[derive(Debug)]
+pub(super) struct Run {
+    envelope: Arc<Envelope>,
+    function: Arc<str>,
+    soft: Option<Instant>,
+    hard: Instant,
+    reply: Reply,
+}
+
+impl Run {
+    fn line(self, now: Instant) -> (String, Reply) {
+        let line = run_line(&self.envelope, &self.function, self.soft, self.hard, now);
+        (line, self.reply)
+    }
+}
+
+/// Stops the task if its attempt is dropped before its result came (see [`Pool::run`]):
+/// takes it out of the line while it waits, else has its worker's group killed.
+struct InFlight<'a> {
+    pool: &'a Pool,
+    seq: u64,
     task_id: Option<String>,
 }
 
-impl Drop for InFlight {
+impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        if let Some(task_id) = self.task_id.take() {
-            let _ = self.commands.send(AgentCommand::Abort { task_id });
+        let Some(task_id) = self.task_id.take() else {
+            return;
+        };
+        if self.pool.unqueue(self.seq) {
+            return;
+        }
+        let commands = self
+            .pool
+            .lock()
+            .agents
+            .values()
+            .find(|a| a.running.contains(&task_id))
+            .map(|a| a.commands.clone());
+        if let Some(commands) = commands {
+            let _ = commands.send(AgentCommand::Abort { task_id });
         }
     }
 }
@@ -515,6 +616,40 @@ impl Monitor {
         }
     }
 
+    /// Writes the `run` line of `task_id` to the worker; a line not written (in
+    /// [`WRITE_TIMEOUT`]) fails the task and kills the worker.
+    async fn send_run(
+        &mut self,
+        write: &mut OwnedWriteHalf,
+        task_id: String,
+        line: &str,
+        reply: Reply,
+    ) -> Phase {
+        // Counted (and shown on its output) before the worker can start it.
+        self.inflight.insert(task_id.clone(), reply);
+        self.show_running(None);
+        match timeout(WRITE_TIMEOUT, write_line(write, line)).await {
+            Ok(Ok(())) => Phase::Running,
+            failed => {
+                let why = match failed {
+                    Ok(Err(err)) => err.to_string(),
+                    _ => format!("not written within {WRITE_TIMEOUT:?}"),
+                };
+                let reason = format!("cannot send a task: {why}");
+                if let Some(reply) = self.inflight.remove(&task_id) {
+                    let id = &self.id;
+                    let _ = reply.send(Err(lost(format!("worker {id}: {reason}"))));
+                }
+                self.kill(&reason);
+                Phase::Ending {
+                    deadline: None,
+                    reason,
+                    startup_failure: false,
+                }
+            }
+        }
+    }
+
     /// Tags the worker's output with the running tasks; `ended`: a task that just finished.
     fn show_running(&self, ended: Option<&str>) {
         let mut ids: Vec<&str> = self.inflight.keys().map(String::as_str).collect();
@@ -631,28 +766,20 @@ pub(super) async fn run(
             status = &mut wait => break status,
             line = messages.next_line(), if m.channel_open => {
                 phase = m.on_line(line, phase);
+                // A task that waits for a process goes out now, in this same wake-up (its
+                // `done` or `ready` freed this one).
+                while matches!(phase, Phase::Running)
+                    && let Some(run) = pool.next_run(seq)
+                {
+                    let task_id = run.envelope.id.clone();
+                    let (line, reply) = run.line(Instant::now());
+                    phase = m.send_run(&mut write, task_id, &line, reply).await;
+                }
             }
             Some(command) = commands.recv() => {
                 phase = match (command, phase) {
                     (AgentCommand::Run { task_id, line, reply }, Phase::Running) => {
-                        // Counted (and shown on its output) before the worker can start it.
-                        m.inflight.insert(task_id.clone(), reply);
-                        m.show_running(None);
-                        match timeout(WRITE_TIMEOUT, write_line(&mut write, &line)).await {
-                            Ok(Ok(())) => Phase::Running,
-                            failed => {
-                                let why = match failed {
-                                    Ok(Err(err)) => err.to_string(),
-                                    _ => format!("not written within {WRITE_TIMEOUT:?}"),
-                                };
-                                let reason = format!("cannot send a task: {why}");
-                                if let Some(reply) = m.inflight.remove(&task_id) {
-                                    let _ = reply.send(Err(lost(format!("worker {id}: {reason}"))));
-                                }
-                                m.kill(&reason);
-                                Phase::Ending { deadline: None, reason, startup_failure: false }
-                            }
-                        }
+                        m.send_run(&mut write, task_id, &line, reply).await
                     }
                     (AgentCommand::Run { reply, .. }, phase) => {
                         let _ = reply.send(Err(lost(format!("worker {id} is not running"))));
