@@ -13,12 +13,16 @@ Celery's `app.task` and with taskrt's `@task`), two worker processes on each sid
 
 Measures:
 
-- drain: N no-op tasks (each INCRs a Redis counter) are queued BEFORE the consumer starts.
+- drain: N no-op tasks (`--task noop`: they return None; `--task incr`: each INCRs a Redis
+  counter with redis-py, ~70 µs of the worker's CPU) are queued BEFORE the consumer starts.
   Runtime: a first node (same queue, same task name, no Python pool) enqueues them through
   `POST /tasks` with an eta a little ahead, and is stopped before that eta; the measured node
   starts after it, with all of them due. Celery: `.delay()` N times, then the worker starts.
-  The clock starts when the consumer process is spawned and stops when the counter reaches N
-  (polled). Time-to-ready (runtime: both workers ready in `/pools`; Celery: its
+  The clock starts when the consumer process is spawned and stops when no task is left
+  (polled in Redis every 5 ms: runtime — the queue's stream and delayed set are empty, an entry
+  leaving the stream in the same script that records its outcome; Celery — the queue's list
+  and its `unacked` hash are empty, a message leaving `unacked` when it is acked, after its
+  result was stored). Time-to-ready (runtime: both workers ready in `/pools`; Celery: its
   `worker_ready` signal) is reported separately.
 - CPU per task of the consumer side during the drain: utime+stime (children's included) of the
   node and its worker processes / of Celery's main process and its children, from
@@ -74,7 +78,6 @@ except ImportError as exc:
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 QUEUE = "bench"
-DONE_KEY = "bench:done"
 LATENCY_KEY = "bench:latency"
 READY_KEY = "bench:celery_ready"
 
@@ -95,6 +98,10 @@ r = redis.Redis.from_url(URL)
 
 
 def noop():
+    return None
+
+
+def incr():
     r.incr("bench:done")
 
 
@@ -109,10 +116,10 @@ app.conf.update(
     broker_connection_retry_on_startup=True,
     result_expires=3600,
 )
-celery_noop = app.task(name="bench_noop")(noop)
+celery_noop = app.task(name="bench_noop")(noop if os.environ["BENCH_TASK"] == "noop" else incr)
 celery_latency = app.task(name="bench_latency")(record_latency)
 
-rt_noop = taskrt.task(name="bench_noop", queue="bench")(noop)
+rt_noop = taskrt.task(name="bench_noop", queue="bench")(noop if os.environ["BENCH_TASK"] == "noop" else incr)
 rt_latency = taskrt.task(name="bench_latency", queue="bench")(record_latency)
 
 
@@ -249,7 +256,9 @@ class Bench:
         self.env = {
             k: v for k, v in os.environ.items() if not k.startswith(("RT_", "TASKRT_", "CELERY_"))
         }
+        os.environ["BENCH_TASK"] = args.task
         self.env.update(
+            BENCH_TASK=args.task,
             BENCH_REDIS_URL=self.redis_url,
             PYTHONPATH=os.pathsep.join([str(work), self.taskrt_src]),
             PYTHONDONTWRITEBYTECODE="1",
@@ -290,6 +299,7 @@ class Bench:
         env = {
             "PYTHONPATH": self.env["PYTHONPATH"],
             "BENCH_REDIS_URL": self.redis_url,
+            "BENCH_TASK": self.args.task,
             "PYTHONDONTWRITEBYTECODE": "1",
         }
         env_toml = ", ".join(f"{k} = {json.dumps(v)}" for k, v in env.items())
@@ -403,7 +413,12 @@ handler = {{ kind = "python", workers = "bench" }}
         spawned = time.monotonic()
         node, url = self.start_node("node", python_pool=True)
         try:
-            result = self.drain(node, spawned, n, pool_ready, {})
+            stream, delayed = f"rt:{{{QUEUE}}}:stream", f"rt:{{{QUEUE}}}:delayed"
+            result = self.drain(node, spawned, n, pool_ready, {}, (("xlen", stream), ("zcard", delayed)))
+            with urllib_get(url + "/queues") as body:
+                queue = json.loads(body)["queues"][QUEUE]
+            if queue["dead"] or queue["delayed"]:
+                raise RuntimeError(f"runtime: tasks failed in the drain: {queue}")
             result["redis_cpu"] = self.redis_cpu() - redis_before
             self.print_commandstats("runtime", n)
             result["latency"] = self.latency(lambda at: self.rt_latency.delay(at), url)
@@ -464,7 +479,7 @@ handler = {{ kind = "python", workers = "bench" }}
         spawned = time.monotonic()
         proc = Process("celery", argv, self.work / "celery.log", env=self.env, cwd=str(self.work))
         try:
-            result = self.drain(proc, spawned, n, celery_ready, ready)
+            result = self.drain(proc, spawned, n, celery_ready, ready, (("llen", QUEUE), ("hlen", "unacked")))
             result["redis_cpu"] = self.redis_cpu() - redis_before
             self.print_commandstats("celery", n)
             result["latency"] = self.latency(lambda at: self.celery_latency.delay(at), None)
@@ -481,17 +496,26 @@ handler = {{ kind = "python", workers = "bench" }}
         n: int,
         is_ready: Callable[[], bool],
         ready: dict[str, float],
+        left: tuple[tuple[str, str], ...],
     ) -> dict[str, Any]:
-        """Polls the done counter (and readiness) until N tasks ran; the consumer's CPU."""
+        """Polls what is left in Redis (`left`: (command, key) pairs whose counts add up to
+        the tasks not done) and readiness until nothing is; the consumer's CPU."""
         assert self.r is not None
         r = self.r
+
+        def not_done() -> int:
+            poll = r.pipeline(transaction=False)
+            for command, key in left:
+                getattr(poll, command)(key)
+            return sum(poll.execute())
+
         ready_at = cpu_at_ready = None
         done_at_ready = 0
         deadline = spawned + self.args.timeout
         next_ready_check = 0.0
         while True:
             now = time.monotonic()
-            done = int(r.get(DONE_KEY) or 0)
+            done = n - not_done()
             if done >= n:
                 elapsed = now - spawned
                 cpu = tree_cpu(proc.pid)
@@ -661,8 +685,9 @@ def report(args: argparse.Namespace, bench: Bench, rt: dict[str, Any] | None, cy
     lines += [
         "",
         "Notes: one machine, one run; the clock of a drain starts when the consumer process is "
-        "spawned (its start-up is inside it; time to ready is that part) and stops when the "
-        "N-th task has INCRed the counter. CPU is utime+stime of the consumer's process tree "
+        "spawned (its start-up is inside it; time to ready is that part) and stops when no "
+        "task is left in Redis (runtime: stream and delayed set; Celery: list and `unacked`), "
+        f"polled every 5 ms; the task: `{args.task}`. CPU is utime+stime of the consumer's process tree "
         "(/proc), start-up included in \"whole drain\". Celery: Redis broker and result "
         "backend, task_acks_late=True, prefetch multiplier 4 (default). Runtime: Redis "
         f"broker, queue concurrency {args.queue_concurrency or args.processes}, prefetch "
@@ -691,6 +716,8 @@ def main() -> int:
     parser.add_argument("--only", choices=("runtime", "celery"), help="run one side")
     parser.add_argument("--redis-server", default=shutil.which("redis-server") or "redis-server")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, configs)")
+    parser.add_argument("--task", choices=("noop", "incr"), default="noop",
+                        help="the drain's task: noop returns None (default); incr INCRs a Redis counter")
     parser.add_argument("--commandstats", action="store_true",
                         help="log Redis' INFO commandstats per task after each drain")
     args = parser.parse_args()
