@@ -1,9 +1,10 @@
-"""taskrt.Client (against a real loopback HTTP server) and AsyncClient (against
-httpx.MockTransport), driven by the same scripted node: what they send, what they make of every
-kind of answer (including hostile ones), and how the blocking client keeps its connections."""
+"""taskrt.Client and AsyncClient against a scripted node on a real loopback HTTP server: what
+they send, what they make of every kind of answer (including hostile ones), and how they keep
+their connections."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import math
@@ -72,11 +73,7 @@ class Server:
         return Client(self.serve(), token=kwargs.pop("token", TOKEN), **kwargs)
 
     def aclient(self, **kwargs: Any) -> AsyncClient:
-        async def handler(request: httpx.Request) -> httpx.Response:
-            await request.aread()
-            return self(request)
-
-        return AsyncClient(URL, token=TOKEN, transport=httpx.MockTransport(handler), **kwargs)
+        return AsyncClient(self.serve(), token=TOKEN, **kwargs)
 
 
 _serving: list[Loopback] = []
@@ -530,6 +527,39 @@ async def test_async_client_has_the_same_methods() -> None:
     assert [r.headers["authorization"] for r in server.requests] == [f"Bearer {TOKEN}"] * 6
 
 
+async def test_the_async_client_never_blocks_the_event_loop() -> None:
+    # The node answers only once the loop has run something else while the request waits:
+    # with a request that blocked the loop, the answer would never come (the handler gives up).
+    released = threading.Event()
+
+    def held(request: httpx.Request) -> httpx.Response:
+        ok = released.wait(5)
+        return httpx.Response(200 if ok else 500, json=record() if ok else {"error": "loop blocked"})
+
+    server = Server(held)
+    async with server.aclient() as client:
+        pending = asyncio.ensure_future(client.status("t1"))
+        while not server.requests:
+            await asyncio.sleep(0.01)
+        released.set()
+        assert (await pending).state == "succeeded"
+
+
+async def test_one_async_client_has_requests_in_flight_at_once() -> None:
+    # Each answer waits until four requests are at the node together.
+    together = threading.Barrier(4, timeout=5)
+
+    def gathered(request: httpx.Request) -> httpx.Response:
+        together.wait()
+        return httpx.Response(200, json=record())
+
+    server = Server(gathered)
+    async with server.aclient() as client:
+        records = await asyncio.gather(*(client.status("t1") for _ in range(4)))
+    assert [r.state for r in records] == ["succeeded"] * 4
+    assert server.node.connections == 4
+
+
 async def test_async_client_errors() -> None:
     server = Server((404, {"error": "no task t1"}), (200, record("queued")))
     async with server.aclient() as client:
@@ -537,9 +567,9 @@ async def test_async_client_errors() -> None:
             await client.status("t1")
         with pytest.raises(ResultTimeout):
             await client.result("t1", timeout=0.05)
-    down = Server(httpx.ConnectError("refused"))
-    async with down.aclient() as client:
-        with pytest.raises(Unreachable, match="cannot reach the node at http://node.test:7070: refused"):
+    port = closed_port()
+    async with AsyncClient(f"http://127.0.0.1:{port}", token=TOKEN) as client:
+        with pytest.raises(Unreachable, match=f"cannot reach the node at http://127.0.0.1:{port}: .*refused"):
             await client.status("t1")
 
 

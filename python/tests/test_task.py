@@ -182,14 +182,10 @@ def test_configure_url_and_token_make_the_default_client(monkeypatch: pytest.Mon
 
 async def test_adelay_uses_the_async_client() -> None:
     seen, record = record_requests()
-
-    async def handler(request: httpx.Request) -> httpx.Response:
-        await request.aread()
-        return record(request)
-
-    async with AsyncClient("http://n.test:7070", transport=httpx.MockTransport(handler)) as client:
-        taskrt.configure(async_client=client)
-        handle = await named.adelay("hi")
-        assert handle.id == "id-1"
-        await plain.aapply_async([1], countdown=1)
+    with Loopback(record) as node:
+        async with AsyncClient(node.url) as client:
+            taskrt.configure(async_client=client)
+            handle = await named.adelay("hi")
+            assert handle.id == "id-1"
+            await plain.aapply_async([1], countdown=1)
     assert [json.loads(r.content)["task"] for r in seen] == ["tt_named", "test_task.plain"]

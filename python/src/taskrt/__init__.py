@@ -8,7 +8,7 @@
 * ``python -m taskrt.worker`` is the worker process the runtime's Python pool starts.
 * ``taskrt.eager()`` and the pytest fixtures ``taskrt_eager`` / ``taskrt_node`` are for tests.
 
-Importing taskrt does not import httpx (the worker runs without it).
+taskrt needs nothing beyond the standard library.
 """
 
 from ._api import Enqueued, Revoked, TaskRecord

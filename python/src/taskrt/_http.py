@@ -1,11 +1,11 @@
-"""The blocking client's HTTP/1.1: keep-alive connections to one node over the standard
-library's ``http.client``, shared by threads.
+"""The clients' HTTP/1.1: keep-alive connections to one node over the standard library's
+``http.client``, shared by threads (the asyncio client runs requests on threads of its own).
 
-Why not httpx here: a ``.delay()`` through ``httpx.Client`` cost ~0.5 ms of the producer's CPU
+Why not httpx: a ``.delay()`` through ``httpx.Client`` cost ~0.5 ms of the producer's CPU
 (request and cookie models, hooks, its connection pool), most of a task's enqueue-to-start
-time on a quiet node; ``http.client`` does the same request in about a quarter of that
-(``examples/bench_python_workers.py`` reports the producer's CPU per ``.delay()``). The asyncio
-client keeps httpx.
+time on a quiet node, and one through ``httpx.AsyncClient`` ~1 ms of the event loop's;
+``http.client`` does the same request in about a quarter of the first
+(``examples/bench_python_workers.py`` reports the producer's CPU per ``.delay()``).
 
 - A request takes an idle connection (the most recently used) or opens one, and gives it back
   once its answer is read whole; at most :data:`MAX_IDLE` stay open.

@@ -2,9 +2,9 @@
 results, revoke them, over the runtime's HTTP API.
 
 The two have the same methods (only ``await`` differs). Requests are built and answers
-checked by :mod:`taskrt._api`; this module only moves bytes: the blocking client with the
-standard library's ``http.client`` (:mod:`taskrt._http`), the asyncio one with httpx, which it
-imports when such a client is made (the worker never imports it).
+checked by :mod:`taskrt._api`; this module only moves bytes, both clients through
+:mod:`taskrt._http` (the standard library's ``http.client``): the asyncio client runs each
+request on a small pool of threads of its own, so the event loop never blocks on the network.
 """
 
 from __future__ import annotations
@@ -20,11 +20,15 @@ from ._api import Enqueued, Request, Revoked, TaskRecord
 from .errors import ApiError, ResultTimeout, TaskFailed, Unreachable
 
 if TYPE_CHECKING:
-    import httpx
+    import concurrent.futures
+
+    from ._http import Connections
 
 __all__ = ["AsyncClient", "AsyncTaskHandle", "Client", "TaskHandle"]
 
 _USER_AGENT = "taskrt-python/0.1"
+#: Requests an :class:`AsyncClient` has on the wire at once (more wait for a thread).
+MAX_THREADS = 16
 
 
 def _env_args(base_url: str | None, token: str | None, from_env: bool) -> tuple[str, str | None]:
@@ -116,6 +120,23 @@ class _Base:
             raise ValueError("max_response_bytes: expected an integer >= 1024")
         self.max_response_bytes = max_response_bytes
         self._shown_url = _api.redact_url(self.base_url)
+        from ._http import Connections
+
+        self._http: Connections = Connections(self.base_url, self.timeout, _headers(self._token))
+
+    def _exchange(self, request: Request) -> Any:
+        """Sends ``request`` and decodes its answer (blocking)."""
+        from ._http import TooLarge
+
+        try:
+            status, body = self._http.request(
+                request.method, request.path, request.body, self.max_response_bytes
+            )
+        except TooLarge as exc:
+            raise self._too_large(request, exc.status) from None
+        except (OSError, http.client.HTTPException) as exc:
+            raise _unreachable(self._shown_url, exc, isinstance(exc, TimeoutError)) from None
+        return _api.decode(status, body, request.what)
 
     def _url(self, request: Request) -> str:
         return self.base_url + request.path
@@ -151,24 +172,11 @@ class Client(_Base):
         max_response_bytes: int = _api.MAX_RESPONSE_BYTES,
     ) -> None:
         super().__init__(base_url, token, timeout, max_response_bytes)
-        from ._http import Connections
-
-        self._http = Connections(self.base_url, self.timeout, _headers(self._token))
 
     # ---- plumbing -------------------------------------------------------------------------
 
     def _send(self, request: Request) -> Any:
-        from ._http import TooLarge
-
-        try:
-            status, body = self._http.request(
-                request.method, request.path, request.body, self.max_response_bytes
-            )
-        except TooLarge as exc:
-            raise self._too_large(request, exc.status) from None
-        except (OSError, http.client.HTTPException) as exc:
-            raise _unreachable(self._shown_url, exc, isinstance(exc, TimeoutError)) from None
-        return _api.decode(status, body, request.what)
+        return self._exchange(request)
 
     # ---- API ------------------------------------------------------------------------------
 
@@ -255,7 +263,12 @@ class Client(_Base):
 
 class AsyncClient(_Base):
     """The asyncio client: :class:`Client`'s methods, awaited (``async with AsyncClient()
-    as client: handle = await client.enqueue("add", [1, 2])``)."""
+    as client: handle = await client.enqueue("add", [1, 2])``).
+
+    Each request runs on a thread of the client's own (at most :data:`MAX_THREADS`, started as
+    needed), through the same keep-alive connections as :class:`Client`: the event loop only
+    waits. A request whose caller is cancelled still completes on its thread (a ``POST /tasks``
+    already sent may enqueue; use an ``idempotency_key`` to retry safely)."""
 
     def __init__(
         self,
@@ -263,36 +276,18 @@ class AsyncClient(_Base):
         token: str | None = None,
         timeout: float = 10.0,
         *,
-        transport: httpx.AsyncBaseTransport | None = None,
         max_response_bytes: int = _api.MAX_RESPONSE_BYTES,
     ) -> None:
         super().__init__(base_url, token, timeout, max_response_bytes)
-        import httpx
+        import concurrent.futures
 
-        self._http = httpx.AsyncClient(
-            headers=_headers(self._token), timeout=self.timeout, transport=transport,
-            follow_redirects=False, trust_env=False,
+        self._threads: concurrent.futures.ThreadPoolExecutor = concurrent.futures.ThreadPoolExecutor(
+            MAX_THREADS, thread_name_prefix="taskrt-http"
         )
 
     async def _send(self, request: Request) -> Any:
-        import httpx
-
-        headers = {"Content-Type": "application/json"} if request.body is not None else None
-        try:
-            async with self._http.stream(
-                request.method, self._url(request), content=request.body, headers=headers
-            ) as response:
-                chunks, size = [], 0
-                async for chunk in response.aiter_bytes():
-                    size += len(chunk)
-                    if size > self.max_response_bytes:
-                        raise self._too_large(request, response.status_code)
-                    chunks.append(chunk)
-                status = response.status_code
-        except httpx.TransportError as exc:
-            timed_out = isinstance(exc, httpx.TimeoutException)
-            raise _unreachable(self._shown_url, exc, timed_out) from None
-        return _api.decode(status, b"".join(chunks), request.what)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._threads, self._exchange, request)
 
     async def enqueue(
         self,
@@ -358,7 +353,9 @@ class AsyncClient(_Base):
         return AsyncTaskHandle(self, Enqueued(_api.check_id(id), False), None)
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        # Requests on their way finish on their threads; their connections are closed then.
+        self._threads.shutdown(wait=False, cancel_futures=True)
+        self._http.close()
 
     async def __aenter__(self) -> AsyncClient:
         return self
