@@ -1,6 +1,6 @@
 """The example's tasks, eagerly (no node) and end to end on a real node running actors.toml.
 
-    pytest examples/python          # from the repo's root, in a venv with taskrt's deps (httpx)
+    pytest examples/python          # from the repo's root, in a venv with taskrt[test] (httpx)
 
 The end-to-end test needs the runtime binary: $TASKRT_RUNTIME_BIN, else `runtime` on PATH,
 else target/debug/runtime of this repo; it is skipped without one.
