@@ -205,14 +205,16 @@ impl Pool {
         let mut changed = self.subscribe();
         let taken = {
             let mut m = self.lock();
-            if m.closed {
-                return Err(no_agent(format!("pool {} is stopping", self.name())));
-            }
-            match self.take_worker(&mut m, &task_id) {
+            let taken = if m.closed {
+                None
+            } else {
+                self.take_worker(&mut m, &task_id)
+            };
+            match taken {
                 Some(commands) => Some((commands, run)),
                 None => {
-                    if let Some(reason) = &m.fatal {
-                        return Err(no_agent(format!("pool {} is fatal: {reason}", self.name())));
+                    if let Some(why) = self.refusal(&m) {
+                        return Err(no_agent(why));
                     }
                     m.pending.push_back(Pending { seq, run });
                     None
@@ -258,14 +260,7 @@ impl Pool {
                 }
                 Ok(()) = changed.changed(), if waiting => {
                     // A change of the pool (not of a task): stopping or fatal ends the wait.
-                    let why = {
-                        let m = self.lock();
-                        match (&m.fatal, m.closed) {
-                            (_, true) => Some(format!("pool {} is stopping", self.name())),
-                            (Some(reason), _) => Some(format!("pool {} is fatal: {reason}", self.name())),
-                            _ => None,
-                        }
-                    };
+                    let why = self.refusal(&self.lock());
                     if let Some(why) = why
                         && self.unqueue(seq)
                     {
@@ -277,6 +272,15 @@ impl Pool {
         };
         guard.task_id = None;
         outcome
+    }
+
+    /// Why no task can wait for a process of this pool: it is stopping, or fatal.
+    fn refusal(&self, m: &super::Membership) -> Option<String> {
+        match (m.closed, &m.fatal) {
+            (true, _) => Some(format!("pool {} is stopping", self.name())),
+            (false, Some(reason)) => Some(format!("pool {} is fatal: {reason}", self.name())),
+            (false, None) => None,
+        }
     }
 
     /// Removes the run `seq` from the line; `false` when a process took it already.
@@ -347,7 +351,6 @@ impl Pool {
             .worker
             .as_ref()
             .and_then(|w| w.max_tasks_per_process);
-        let mut wake;
         let stop = {
             let mut m = self.lock();
             m.totals.tasks += 1;
@@ -391,20 +394,17 @@ impl Pool {
                     m.totals.recycled += 1;
                 }
             }
-            // Only a task waiting for a process needs to hear of a free one: a change for the
-            // actor on every task would rebuild the snapshot thousands of times a second.
-            wake = m.waiters > 0;
             stop
         };
+        // No change per task: nothing waits on the change channel for a free process (the
+        // monitor hands the next waiting task out itself), and the actor would rebuild its
+        // snapshot thousands of times a second. A process stopped is a change.
         if let Some((commands, reason, id, pid)) = stop {
             self.emit_agent(AgentState::Draining, &id, pid, Some(&reason));
             let _ = commands.send(AgentCommand::Stop {
                 reason,
                 failed: false,
             });
-            wake = true;
-        }
-        if wake {
             self.touch();
         }
     }

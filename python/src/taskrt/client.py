@@ -138,9 +138,6 @@ class _Base:
             raise _unreachable(self._shown_url, exc, isinstance(exc, TimeoutError)) from None
         return _api.decode(status, body, request.what)
 
-    def _url(self, request: Request) -> str:
-        return self.base_url + request.path
-
     def _too_large(self, request: Request, status: int) -> ApiError:
         return ApiError(
             status,
