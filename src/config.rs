@@ -221,6 +221,10 @@ impl BrokerSettings {
     /// takes as the password, too) and without its query string (where a password can be given
     /// as well: `?password=…`). A URL that does not parse is not shown at all.
     pub fn redacted_url(&self) -> String {
+        if self.url.starts_with(actors::broker::redis::CLUSTER_SCHEME) {
+            // A list of nodes is not one URL: shown without credentials or query.
+            return actors::shown::url(&self.url);
+        }
         match Url::parse(&self.url) {
             Ok(mut url) => {
                 // These only fail for URLs that cannot have credentials, which then have none.

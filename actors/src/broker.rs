@@ -1101,11 +1101,11 @@ impl AnyBroker {
     pub async fn connect(url: &str, settings: BrokerSettings) -> Result<Self, BrokerError> {
         match url.split_once("://").map(|(scheme, _)| scheme) {
             Some("memory") => Ok(Self::Memory(memory::MemoryBroker::new(settings))),
-            Some("redis" | "rediss") => Ok(Self::Redis(
+            Some("redis" | "rediss" | redis::CLUSTER_SCHEME) => Ok(Self::Redis(
                 redis::RedisBroker::connect(url, settings).await?,
             )),
             _ => Err(BrokerError::Invalid(format!(
-                "broker URL: expected memory:// or redis://, got `{}`",
+                "broker URL: expected memory://, redis:// or redis+cluster://, got `{}`",
                 url.split("://").next().unwrap_or(url)
             ))),
         }

@@ -51,6 +51,8 @@ pub struct RedisServer {
     port: u16,
     dir: PathBuf,
     appendonly: bool,
+    /// A node of a Redis Cluster: its cluster bus port.
+    bus: Option<u16>,
     child: Option<Child>,
 }
 
@@ -75,6 +77,10 @@ impl RedisServer {
     }
 
     fn launch(appendonly: bool) -> Self {
+        Self::launch_node(appendonly, false)
+    }
+
+    fn launch_node(appendonly: bool, cluster: bool) -> Self {
         let mut last_failure = String::new();
         // A free port can be taken by someone else between the probe and redis-server's bind:
         // try a few.
@@ -84,6 +90,7 @@ impl RedisServer {
                 port,
                 dir: temp_dir(port),
                 appendonly,
+                bus: cluster.then(free_port),
                 child: None,
             };
             match server.spawn() {
@@ -158,6 +165,14 @@ impl RedisServer {
         } else {
             command.args(["--appendonly", "no"]);
         }
+        if let Some(bus) = self.bus {
+            command
+                .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"])
+                .arg("--cluster-port")
+                .arg(bus.to_string())
+                .arg("--cluster-config-file")
+                .arg(self.dir.join("nodes.conf"));
+        }
         command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -205,6 +220,127 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A private Redis Cluster on loopback: 3 masters and 3 replicas (`redis-server
+/// --cluster-enabled yes`, joined by `redis-cli --cluster create`), each on a free port with its
+/// own directory; every node is killed and reaped on drop.
+#[derive(Debug)]
+pub struct RedisCluster {
+    nodes: Vec<RedisServer>,
+}
+
+/// How long a new cluster gets to agree that every slot is served.
+const CLUSTER_READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl RedisCluster {
+    /// Launches the 6 nodes, creates the cluster and waits until every node says
+    /// `cluster_state:ok`.
+    ///
+    /// # Panics
+    /// When `redis-server` or `redis-cli` is missing, or the cluster does not form.
+    pub fn start() -> Self {
+        let nodes: Vec<RedisServer> = (0..6)
+            .map(|_| RedisServer::launch_node(false, true))
+            .collect();
+        let addresses: Vec<String> = nodes
+            .iter()
+            .map(|node| format!("127.0.0.1:{}", node.port))
+            .collect();
+        let created = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addresses)
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run redis-cli (it comes with redis-server): {e}"));
+        assert!(
+            created.status.success(),
+            "redis-cli --cluster create failed: {}",
+            String::from_utf8_lossy(&created.stdout)
+        );
+        let cluster = Self { nodes };
+        let polls = CLUSTER_READY_TIMEOUT.as_millis() / 100;
+        for _ in 0..polls {
+            if cluster.nodes.iter().all(|node| node.cluster_ok()) {
+                return cluster;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("the test cluster did not reach cluster_state:ok within {CLUSTER_READY_TIMEOUT:?}");
+    }
+
+    /// `redis+cluster://127.0.0.1:P1,127.0.0.1:P2,127.0.0.1:P3` (three seeds).
+    pub fn url(&self) -> String {
+        let seeds: Vec<String> = self
+            .nodes
+            .iter()
+            .take(3)
+            .map(|node| format!("127.0.0.1:{}", node.port))
+            .collect();
+        format!("redis+cluster://{}", seeds.join(","))
+    }
+
+    /// The nodes' ports.
+    pub fn ports(&self) -> Vec<u16> {
+        self.nodes.iter().map(RedisServer::port).collect()
+    }
+
+    /// One cluster for every test of this process that asks (forming one takes seconds; the
+    /// tests keep apart by key prefix). Statics are never dropped, so a watcher (`sh`, started
+    /// here) kills its nodes by pid and removes their directories once this process has
+    /// exited.
+    ///
+    /// # Panics
+    /// As [`start`](Self::start).
+    #[allow(
+        clippy::zombie_processes,
+        reason = "the watcher is meant to outlive this process, which never waits for it"
+    )]
+    pub fn shared() -> &'static RedisCluster {
+        static SHARED: std::sync::OnceLock<RedisCluster> = std::sync::OnceLock::new();
+        SHARED.get_or_init(|| {
+            let cluster = Self::start();
+            let pids: Vec<String> = cluster
+                .nodes
+                .iter()
+                .filter_map(|node| node.child.as_ref().map(|c| c.id().to_string()))
+                .collect();
+            let dirs: Vec<String> = cluster
+                .nodes
+                .iter()
+                .map(|node| format!("'{}'", node.dir.display()))
+                .collect();
+            let script = format!(
+                "while kill -0 {me} 2>/dev/null; do sleep 0.5; done; kill -9 {pids} 2>/dev/null; \
+                 rm -rf {dirs}",
+                me = std::process::id(),
+                pids = pids.join(" "),
+                dirs = dirs.join(" "),
+            );
+            Command::new("sh")
+                .args(["-c", &script])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("sh for the cluster's watcher");
+            cluster
+        })
+    }
+}
+
+impl RedisServer {
+    /// A cluster node that answers `CLUSTER INFO` with `cluster_state:ok`.
+    fn cluster_ok(&self) -> bool {
+        Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p"])
+            .arg(self.port.to_string())
+            .args(["cluster", "info"])
+            .stdin(Stdio::null())
+            .output()
+            .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("cluster_state:ok"))
     }
 }
 

@@ -621,13 +621,23 @@ impl Compiler<'_> {
             self.error(
                 PATH,
                 format!(
-                    "not a URL{origin}: expected memory://, redis://HOST:PORT/DB or rediss://…"
+                    "not a URL{origin}: expected memory://, redis://HOST:PORT/DB, rediss://… or \
+                     redis+cluster://HOST:PORT,HOST:PORT…"
                 ),
             );
             return false;
         };
         match scheme {
             "memory" => true,
+            actors::broker::redis::CLUSTER_SCHEME => {
+                match actors::broker::redis::cluster_seeds(url) {
+                    Ok(_) => true,
+                    Err(err) => {
+                        self.error(PATH, format!("{err}{origin}"));
+                        false
+                    }
+                }
+            }
             "redis" | "rediss" => match Url::parse(url) {
                 Ok(parsed) if parsed.host_str().is_some_and(|host| !host.is_empty()) => true,
                 Ok(_) => {
@@ -643,8 +653,8 @@ impl Compiler<'_> {
                 self.error(
                     PATH,
                     format!(
-                        "unsupported broker scheme \"{other}\"{origin}: use memory://, redis:// \
-                         or rediss://"
+                        "unsupported broker scheme \"{other}\"{origin}: use memory://, redis://, \
+                         rediss:// or redis+cluster://"
                     ),
                 );
                 false
@@ -1430,6 +1440,13 @@ impl Compiler<'_> {
             self.error(
                 "celery",
                 "the Celery bridge needs a Redis broker (broker.url = the Celery broker's redis://…)",
+            );
+        } else if broker.is_some_and(|b| b.url.starts_with(actors::broker::redis::CLUSTER_SCHEME)) {
+            self.error(
+                "celery",
+                "the Celery bridge needs a single Redis server: kombu's lists have no hash tags, so \
+                 a Redis Cluster cannot move them into the runtime's streams atomically (run the \
+                 bridge on a node whose broker.url is the Celery broker's redis://…)",
             );
         }
         let dead_letter_queue = match &raw.dead_letter_queue {

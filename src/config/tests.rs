@@ -855,7 +855,7 @@ fn the_broker_url_scheme_is_checked_and_rt_broker_url_overrides_it() {
     assert_eq!(
         fails("[broker]\nurl = \"amqp://guest:secret@rabbit//\"\n"),
         [
-            "error: broker.url: unsupported broker scheme \"amqp\": use memory://, redis:// or rediss://"
+            "error: broker.url: unsupported broker scheme \"amqp\": use memory://, redis://, rediss:// or redis+cluster://"
         ]
     );
     let text = "[broker]\nurl = \"redis://127.0.0.1:6379/0\"\n";
@@ -868,7 +868,7 @@ fn the_broker_url_scheme_is_checked_and_rt_broker_url_overrides_it() {
         fails_env(text, &[("RT_BROKER_URL", "kafka://x")]),
         [
             "error: broker.url: unsupported broker scheme \"kafka\" (set by RT_BROKER_URL): use \
-          memory://, redis:// or rediss://"
+          memory://, redis://, rediss:// or redis+cluster://"
         ]
     );
     // --no-environment does not apply the override.
@@ -992,6 +992,48 @@ fn celery_names_mapped_to_nothing_are_named_by_key_path() {
         lines[0].contains("celery: the Celery bridge needs a Redis broker"),
         "{lines:?}"
     );
+    let lines = fails(
+        "[broker]\nurl = \"redis+cluster://127.0.0.1:7000,127.0.0.1:7001\"\n[queues.default]\n\
+         [celery]\nqueues = [\"celery\"]\n",
+    );
+    assert!(
+        lines[0].contains("celery: the Celery bridge needs a single Redis server"),
+        "{lines:?}"
+    );
+}
+
+#[test]
+fn a_redis_cluster_url_lists_its_nodes_and_hides_its_password() {
+    let text = "[broker]\nurl = \"redis+cluster://app:s3cret@10.0.0.1:7000,10.0.0.2:7000\"\n";
+    let loaded = ok(text).0;
+    assert_eq!(
+        loaded.broker.redacted_url(),
+        "redis+cluster://app@10.0.0.1:7000,10.0.0.2:7000"
+    );
+    assert!(!format!("{:?}", loaded.broker).contains("s3cret"));
+    for (url, expected) in [
+        (
+            "redis+cluster://10.0.0.1",
+            "node `10.0.0.1` is not HOST:PORT",
+        ),
+        (
+            "redis+cluster://10.0.0.1:7000,:7001",
+            "node `:7001` is not HOST:PORT",
+        ),
+        (
+            "redis+cluster://10.0.0.1:7000/3",
+            "a cluster has only database 0",
+        ),
+        ("redis+cluster://10.0.0.1:7000?x=1", "no query or fragment"),
+    ] {
+        let lines = fails(&format!("[broker]\nurl = \"{url}\"\n"));
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(
+            lines[0].starts_with("error: broker.url: redis+cluster:// URL: "),
+            "{lines:?}"
+        );
+        assert!(lines[0].contains(expected), "{url}: {lines:?}");
+    }
 }
 
 #[test]

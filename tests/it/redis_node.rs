@@ -6,7 +6,7 @@ use crate::common;
 use std::time::Duration;
 
 use crate::common::Node;
-use actors::test_util::RedisServer;
+use actors::test_util::{RedisCluster, RedisServer};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
@@ -78,7 +78,38 @@ async fn settled(node: &Node, limit: Duration) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_mixed_tasks_complete_or_dead_letter_as_configured() {
     let redis = RedisServer::start();
-    let node = Node::start(CONFIG, &[("RT_BROKER_URL", &redis.url())]);
+    a_thousand_mixed_tasks(&redis.url()).await;
+}
+
+/// The same on a Redis Cluster (3 masters + 3 replicas): the three queues' keys sit in
+/// different slots, each task's record in its queue's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_mixed_tasks_on_a_redis_cluster() {
+    let cluster = tokio::task::spawn_blocking(RedisCluster::start)
+        .await
+        .unwrap();
+    a_thousand_mixed_tasks(&cluster.url()).await;
+    // The work was spread: more than one master holds keys.
+    let holding = cluster
+        .ports()
+        .into_iter()
+        .filter(|port| {
+            let out = std::process::Command::new("redis-cli")
+                .args(["-h", "127.0.0.1", "-p", &port.to_string(), "dbsize"])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout)
+                .trim()
+                .parse::<u64>()
+                .unwrap_or(0)
+                > 0
+        })
+        .count();
+    assert!(holding >= 2, "keys on {holding} nodes");
+}
+
+async fn a_thousand_mixed_tasks(url: &str) {
+    let node = Node::start(CONFIG, &[("RT_BROKER_URL", url)]);
     let mut batch = Vec::new();
     for n in 0..1000 {
         batch.push(match n % 10 {
@@ -455,7 +486,21 @@ max_retries = 3
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revocations_reach_the_node_running_the_task_and_nodes_started_later() {
     let redis = RedisServer::start();
-    let env = [("RT_BROKER_URL", redis.url())];
+    revocations_across_nodes(redis.url()).await;
+}
+
+/// The same on a Redis Cluster: the revocations live in a slot of their own, each record in
+/// its queue's, and the nodes hear every revocation through a subscription to a seed node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocations_reach_the_node_running_the_task_on_a_redis_cluster() {
+    let cluster = tokio::task::spawn_blocking(RedisCluster::start)
+        .await
+        .unwrap();
+    revocations_across_nodes(cluster.url()).await;
+}
+
+async fn revocations_across_nodes(url: String) {
+    let env = [("RT_BROKER_URL", url)];
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let nodes = [
         Node::start(&revoke_config("node-a", false), &env),
@@ -529,7 +574,9 @@ async fn revocations_reach_the_node_running_the_task_and_nodes_started_later() {
     assert_eq!(
         (status, answer["was"].clone()),
         (202, json!("running")),
-        "{answer}"
+        "{answer}\n{}\n{}",
+        nodes[0].log(),
+        nodes[1].log()
     );
     let record = nodes[0].until_ended("polite", Duration::from_secs(5)).await;
     assert!(

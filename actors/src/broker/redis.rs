@@ -193,8 +193,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
-use redis::{AsyncConnectionConfig, Client, Pipeline, RedisResult, Script, Value};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{AsyncConnectionConfig, Pipeline, RedisResult, Script, Value};
 
 use super::memory::{Prepared, prepare_batch};
 use super::revocations::Revocations;
@@ -213,11 +213,14 @@ use codec::{
 };
 use commit::{Job, Write, Writer};
 pub use connection::ConnectionState;
-use connection::{CONNECT_TIMEOUT, Health, Link, RESPONSE_TIMEOUT};
+pub use connection::{CLUSTER_SCHEME, cluster_seeds};
+use connection::{CONNECT_TIMEOUT, Conn, Endpoint, Health, Link, RESPONSE_TIMEOUT, lock};
 use events::{Start, xadd_whole};
-use keys::{Keys, revocations_channel, revoked_key, revoked_seq_key};
+use keys::{Keys, revocations_channel};
 /// Entries one script call handles (recovery, promotion, purge); the caller loops.
 const SCRIPT_BATCH: usize = 256;
+/// Queues a cluster's record lookup reads at most (`find_record`: one `HGETALL` each).
+const MAX_QUEUES_LOOKED_UP: usize = 1000;
 /// Dead letters read per page by `requeue_dead`.
 const DEAD_PAGE: usize = 100;
 
@@ -229,8 +232,8 @@ const COMMIT: &str = include_str!("redis/commit.lua");
 /// `ScriptInvocation` does; but a command built directly holds each argument once, where an
 /// invocation copies each into a buffer of its own first (for the outcomes of busy queues and
 /// the Celery bridge's moves, most of what is sent).
-pub(crate) async fn evalsha<T: redis::FromRedisValue>(
-    conn: &mut ConnectionManager,
+pub(crate) async fn evalsha<T: redis::FromRedisValue, C: redis::aio::ConnectionLike + Send>(
+    conn: &mut C,
     cmd: &redis::Cmd,
     code: &str,
 ) -> RedisResult<T> {
@@ -274,15 +277,15 @@ pub struct RedisBroker {
     keys: Keys,
     /// The URL without credentials, and the connection state.
     link: Arc<Link>,
-    client: Client,
-    manager: ConnectionManager,
+    endpoint: Endpoint,
+    manager: Conn,
     /// Queues whose consumer group is known to exist.
     groups: Mutex<HashSet<String>>,
+    /// Queues known to be in a cluster's registry (`Keys::queues`).
+    registered: Mutex<HashSet<String>>,
     /// Idle dedicated connections for blocking reads, by (queue, consumer).
-    blocking: Mutex<HashMap<(String, String), MultiplexedConnection>>,
+    blocking: Mutex<HashMap<(String, String), Conn>>,
     scripts: Scripts,
-    /// `p:events`.
-    events_key: String,
     /// `PEXPIRE` of records, in ms (at least 1).
     result_ttl_ms: u64,
     /// The outcome writer's channel: outcomes and starts (see [`commit`]).
@@ -302,35 +305,57 @@ impl RedisBroker {
             url: shown.clone(),
             reason,
         };
-        let client = Client::open(url)
+        let endpoint = Endpoint::open(url)
             .map_err(|e| BrokerError::Invalid(format!("broker url `{shown}`: {e}")))?;
-
-        let probe = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_response_timeout(Some(CONNECT_TIMEOUT));
-        let ping = async {
-            let mut conn = client
-                .get_multiplexed_async_connection_with_config(&probe)
-                .await?;
-            redis::cmd("PING").query_async::<String>(&mut conn).await
+        let manager = match &endpoint {
+            Endpoint::Single(client) => {
+                let probe = AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(CONNECT_TIMEOUT))
+                    .set_response_timeout(Some(CONNECT_TIMEOUT));
+                let ping = async {
+                    let mut conn = client
+                        .get_multiplexed_async_connection_with_config(&probe)
+                        .await?;
+                    redis::cmd("PING").query_async::<String>(&mut conn).await
+                };
+                match tokio::time::timeout(CONNECT_TIMEOUT * 2, ping).await {
+                    Err(_) => {
+                        return Err(unreachable(format!("no answer within {CONNECT_TIMEOUT:?}")));
+                    }
+                    Ok(Err(e)) => return Err(unreachable(e.to_string())),
+                    Ok(Ok(_)) => {}
+                }
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(CONNECT_TIMEOUT))
+                    .set_response_timeout(Some(RESPONSE_TIMEOUT))
+                    .set_number_of_retries(4)
+                    .set_max_delay(Duration::from_secs(2));
+                Conn::Single(
+                    ConnectionManager::new_with_config(client.clone(), config)
+                        .await
+                        .map_err(|e| unreachable(e.to_string()))?,
+                )
+            }
+            Endpoint::Cluster { client, .. } => {
+                // Connecting reads the slot map from a seed; a PING to a node proves one
+                // answers.
+                let connect = async {
+                    let mut conn = client.get_async_connection().await?;
+                    redis::cmd("PING").query_async::<String>(&mut conn).await?;
+                    RedisResult::Ok(conn)
+                };
+                match tokio::time::timeout(CONNECT_TIMEOUT * 2, connect).await {
+                    Err(_) => {
+                        return Err(unreachable(format!("no answer within {CONNECT_TIMEOUT:?}")));
+                    }
+                    Ok(Err(e)) => return Err(unreachable(e.to_string())),
+                    Ok(Ok(conn)) => Conn::Cluster(conn),
+                }
+            }
         };
-        match tokio::time::timeout(CONNECT_TIMEOUT * 2, ping).await {
-            Err(_) => return Err(unreachable(format!("no answer within {CONNECT_TIMEOUT:?}"))),
-            Ok(Err(e)) => return Err(unreachable(e.to_string())),
-            Ok(Ok(_)) => {}
-        }
-
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_response_timeout(Some(RESPONSE_TIMEOUT))
-            .set_number_of_retries(4)
-            .set_max_delay(Duration::from_secs(2));
-        let manager = ConnectionManager::new_with_config(client.clone(), config)
-            .await
-            .map_err(|e| unreachable(e.to_string()))?;
+        let keys = Keys::new(&settings.prefix, endpoint.is_cluster());
 
         let ms = |d: Duration| (d.as_millis() as u64).max(1);
-        let events_key = format!("{}:events", settings.prefix);
         let link = Arc::new(Link {
             url: shown,
             health: Health::default(),
@@ -342,7 +367,7 @@ impl RedisBroker {
                 conn: manager.clone(),
                 link: Arc::clone(&link),
                 sha: Script::new(COMMIT).get_hash().to_string(),
-                events_key: events_key.clone(),
+                keys: keys.clone(),
                 maxlen: settings.events_maxlen,
             }
             .run(),
@@ -350,21 +375,22 @@ impl RedisBroker {
         let revocations = Arc::new(Revocations::default());
         tokio::spawn(listen_revocations(
             Arc::downgrade(&revocations),
-            client.clone(),
+            endpoint.subscribers(),
             manager.clone(),
+            keys.clone(),
             settings.prefix.clone(),
         ));
         Ok(Self {
-            keys: Keys::new(&settings.prefix),
+            keys,
             outbox,
             revocations,
-            events_key,
             result_ttl_ms: ms(settings.result_ttl),
             settings,
             link,
-            client,
+            endpoint,
             manager,
             groups: Mutex::new(HashSet::new()),
+            registered: Mutex::new(HashSet::new()),
             blocking: Mutex::new(HashMap::new()),
             scripts: Scripts {
                 enqueue: Script::new(include_str!("redis/enqueue.lua")),
@@ -447,9 +473,11 @@ impl RedisBroker {
         let envelope = &delivery.envelope;
         let mut pipe = redis::pipe();
         if record {
-            self.add_record(&mut pipe, envelope, &writes.record, at);
+            self.add_record(&mut pipe, &delivery.queue, envelope, &writes.record, at);
         } else {
-            pipe.cmd("DEL").arg(self.keys.result(&envelope.id)).ignore();
+            pipe.cmd("DEL")
+                .arg(self.keys.result(&delivery.queue, &envelope.id))
+                .ignore();
         }
         match &writes.next {
             Next::Gone => {}
@@ -495,11 +523,12 @@ impl RedisBroker {
     fn add_record(
         &self,
         pipe: &mut Pipeline,
+        queue: &str,
         envelope: &Envelope,
         change: &RecordChange<'_>,
         at: &str,
     ) {
-        let key = self.keys.result(&envelope.id);
+        let key = self.keys.result(queue, &envelope.id);
         // Sized once: no buffer grows per argument on the hot path.
         let size = change.verdict.map_or(0, |(result, error)| {
             result.map_or(0, |_| 64) + error.map_or(0, str::len)
@@ -545,7 +574,9 @@ impl RedisBroker {
     /// `scheduled` until `due_ms`). A new key has no TTL: it lives while its entry does.
     fn add_enqueued_record(&self, pipe: &mut Pipeline, envelope: &Envelope, due_ms: Option<u64>) {
         let record = StoredRecord::enqueued(envelope, due_ms, &envelope.enqueued_at);
-        let cmd = pipe.cmd("HSET").arg(self.keys.result(&envelope.id));
+        let cmd = pipe
+            .cmd("HSET")
+            .arg(self.keys.result(&envelope.queue, &envelope.id));
         for (name, value) in &record_fields(&record) {
             cmd.arg(*name).arg(value.as_ref());
         }
@@ -554,9 +585,9 @@ impl RedisBroker {
 
     /// The task `id` ended without an outcome of its own (a malformed entry): its record, if
     /// it has one, lives `result_ttl` more, then the id is free (`PEXPIRE`).
-    fn add_record_end(&self, pipe: &mut Pipeline, id: &str) {
+    fn add_record_end(&self, pipe: &mut Pipeline, queue: &str, id: &str) {
         pipe.cmd("PEXPIRE")
-            .arg(self.keys.result(id))
+            .arg(self.keys.result(queue, id))
             .arg(self.result_ttl_ms)
             .ignore();
     }
@@ -611,7 +642,7 @@ impl RedisBroker {
             self.add_release(&mut pipe, stream, id);
             // A task id that can still be read from it: its record ends with it.
             if let Some(task_id) = Envelope::id_in(raw) {
-                self.add_record_end(&mut pipe, &task_id);
+                self.add_record_end(&mut pipe, queue, &task_id);
             }
             self.add_whole_event(&mut pipe, &malformed_event(queue, id, reason, &at));
             outcomes.push(Write {
@@ -698,36 +729,109 @@ fn enqueued_record_json(envelope: &Envelope, due_ms: Option<u64>) -> String {
 }
 
 impl RedisBroker {
+    /// The positions of `queues` grouped by slot: on a cluster one group per queue (its keys
+    /// share its slot), in the order first met; on one server a single group.
+    fn by_queue<'a>(&self, queues: impl Iterator<Item = &'a str>) -> Vec<Vec<usize>> {
+        let mut groups: Vec<(&str, Vec<usize>)> = Vec::new();
+        for (n, queue) in queues.enumerate() {
+            let queue = if self.keys.cluster() { queue } else { "" };
+            match groups.iter_mut().find(|(q, _)| *q == queue) {
+                Some((_, members)) => members.push(n),
+                None => groups.push((queue, vec![n])),
+            }
+        }
+        groups.into_iter().map(|(_, members)| members).collect()
+    }
+
+    /// On a cluster, the `sent` events of the envelopes written, after them (the events stream
+    /// is in a slot of its own; on one server they go in the write's own step). A failure is
+    /// logged: the tasks are enqueued.
+    async fn sent_events_after(&self, written: &[&Envelope], at: &str) {
+        if !self.keys.cluster() || !self.events_on() || written.is_empty() {
+            return;
+        }
+        let mut pipe = redis::pipe();
+        for envelope in written {
+            self.add_whole_event(&mut pipe, &sent_event(envelope, at));
+        }
+        if let Err(err) = self.query_pipe::<()>(&pipe).await {
+            tracing::warn!(error = %err, events = written.len(), "sent events not written");
+        }
+    }
+
     /// Enqueues a batch with idempotency keys or chosen ids through `enqueue.lua`: per
     /// envelope, claim its key and check its id (its record), then write it and its record —
-    /// or answer the id it duplicates — in one atomic step and one round trip.
+    /// or answer the id it duplicates — in one atomic step and one round trip (on a cluster,
+    /// one per queue).
     async fn enqueue_claiming(
         &self,
         prepared: Vec<Prepared>,
         at: &str,
     ) -> Result<Vec<Enqueued>, BrokerError> {
-        let maxlen = if self.events_on() {
+        let mut answers = vec![String::new(); prepared.len()];
+        for group in self.by_queue(prepared.iter().map(|p| p.envelope.queue.as_str())) {
+            let mine: Vec<&Prepared> = group.iter().map(|&n| &prepared[n]).collect();
+            let got = self.enqueue_script(&mine, at).await?;
+            for (n, answer) in group.into_iter().zip(got) {
+                answers[n] = answer;
+            }
+        }
+        let written: Vec<&Envelope> = prepared
+            .iter()
+            .zip(&answers)
+            .filter(|(_, first)| first.is_empty())
+            .map(|(p, _)| &p.envelope)
+            .collect();
+        self.sent_events_after(&written, at).await;
+        Ok(prepared
+            .into_iter()
+            .zip(answers)
+            .map(|(p, first)| match first.is_empty() {
+                true => Enqueued {
+                    id: p.envelope.id,
+                    duplicate: false,
+                },
+                false => Enqueued {
+                    id: first,
+                    duplicate: true,
+                },
+            })
+            .collect())
+    }
+
+    /// One `enqueue.lua` call (every key in one slot on a cluster, where the events come
+    /// after it): per envelope `''` (written) or the id it duplicates.
+    async fn enqueue_script(
+        &self,
+        prepared: &[&Prepared],
+        at: &str,
+    ) -> Result<Vec<String>, BrokerError> {
+        let maxlen = if self.events_on() && !self.keys.cluster() {
             self.settings.events_maxlen
         } else {
             0
         };
+        let events_key = self.keys.events();
         let mut invocation = self.scripts.enqueue.prepare_invoke();
-        invocation.arg(&self.events_key).arg(maxlen).arg(at);
+        invocation.arg(&events_key).arg(maxlen).arg(at);
         let mut keys = Vec::with_capacity(prepared.len() * 3 + 1);
         if maxlen > 0 {
-            keys.push(self.events_key.clone());
+            keys.push(events_key);
         }
-        for p in &prepared {
+        for p in prepared {
             let envelope = &p.envelope;
             let target = match p.due {
                 Some(_) => self.keys.delayed(&envelope.queue),
                 None => self.keys.stream(&envelope.queue),
             };
-            let record = self.keys.result(&envelope.id);
+            let record = self.keys.result(&envelope.queue, &envelope.id);
             let (idem, ttl) = match &envelope.idempotency_key {
                 Some(key) => {
                     let ttl = self.settings.idempotency_ttl_for(&envelope.task);
-                    (self.keys.idempotency(key), (ttl.as_millis() as u64).max(1))
+                    (
+                        self.keys.idempotency(&envelope.queue, key),
+                        (ttl.as_millis() as u64).max(1),
+                    )
                 }
                 None => (String::new(), 0),
             };
@@ -756,20 +860,7 @@ impl RedisBroker {
         if answers.len() != prepared.len() {
             return Err(BrokerError::Command("enqueue.lua: unexpected reply".into()));
         }
-        Ok(prepared
-            .into_iter()
-            .zip(answers)
-            .map(|(p, first)| match first.is_empty() {
-                true => Enqueued {
-                    id: p.envelope.id,
-                    duplicate: false,
-                },
-                false => Enqueued {
-                    id: first,
-                    duplicate: true,
-                },
-            })
-            .collect())
+        Ok(answers)
     }
 }
 
@@ -785,17 +876,35 @@ impl RedisBroker {
         if letters.is_empty() {
             return Ok(0);
         }
-        let prefix = &self.settings.prefix;
+        let cluster = self.keys.cluster();
+        if cluster {
+            // The revocations are in a slot of their own: dropped first, in a step of their own
+            // (a letter that then does not move loses only a revocation of a dead task).
+            let mut pipe = redis::pipe();
+            let zrem = pipe.cmd("ZREM").arg(self.keys.revoked());
+            for (_, envelope) in &letters {
+                zrem.arg(format!("r:{}", envelope.id))
+                    .arg(format!("t:{}", envelope.id));
+            }
+            zrem.ignore();
+            pipe.cmd("INCR").arg(self.keys.revoked_seq()).ignore();
+            self.query_pipe::<()>(&pipe).await?;
+        }
         let mut invocation = self.scripts.requeue.prepare_invoke();
         invocation
             .key(self.keys.dead(queue))
-            .key(self.keys.stream(queue))
-            .key(revoked_key(prefix))
-            .key(revoked_seq_key(prefix))
-            .arg(rfc3339(SystemTime::now()));
+            .key(self.keys.stream(queue));
+        if !cluster {
+            invocation
+                .key(self.keys.revoked())
+                .key(self.keys.revoked_seq());
+        }
+        invocation
+            .arg(rfc3339(SystemTime::now()))
+            .arg(if cluster { "0" } else { "1" });
         for (entry, mut envelope) in letters {
             envelope.attempt = 0;
-            let record = self.keys.result(&envelope.id);
+            let record = self.keys.result(queue, &envelope.id);
             invocation.key(&record);
             invocation
                 .arg(entry)
@@ -811,6 +920,54 @@ impl RedisBroker {
     }
 }
 
+impl RedisBroker {
+    /// Notes `queue` in a cluster's registry of queues (`Keys::queues`), once per process:
+    /// records are looked up by id through it. Nothing on one server.
+    pub(super) async fn register(&self, queue: &str) -> Result<(), BrokerError> {
+        if !self.keys.cluster() || lock(&self.registered).contains(queue) {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        pipe.cmd("SADD").arg(self.keys.queues()).arg(queue).ignore();
+        self.query_pipe::<()>(&pipe).await?;
+        lock(&self.registered).insert(queue.to_string());
+        Ok(())
+    }
+
+    /// The record of task `id` (its queue — empty on one server — and its fields), if it has
+    /// one. On one server one `HGETALL`; on a cluster, where a record is in its queue's slot,
+    /// one per registered queue ([`MAX_QUEUES_LOOKED_UP`] at most), at once.
+    async fn find_record(
+        &self,
+        id: &str,
+    ) -> Result<Option<(String, Vec<(String, String)>)>, BrokerError> {
+        let queues: Vec<String> = if self.keys.cluster() {
+            let mut pipe = redis::pipe();
+            pipe.cmd("SRANDMEMBER")
+                .arg(self.keys.queues())
+                .arg(MAX_QUEUES_LOOKED_UP);
+            let (queues,): (Vec<String>,) = self.query_pipe(&pipe).await?;
+            queues
+        } else {
+            vec![String::new()]
+        };
+        let reads = queues.iter().map(|queue| async move {
+            let mut pipe = redis::pipe();
+            pipe.cmd("HGETALL").arg(self.keys.result(queue, id));
+            let (reply,): (Value,) = self.query_pipe(&pipe).await?;
+            Ok::<_, BrokerError>(pairs(reply))
+        });
+        let found = futures_util::future::join_all(reads).await;
+        for (queue, fields) in queues.into_iter().zip(found) {
+            let fields = fields?;
+            if !fields.is_empty() {
+                return Ok(Some((queue, fields)));
+            }
+        }
+        Ok(None)
+    }
+}
+
 impl TaskQueue for RedisBroker {
     async fn enqueue(&self, batch: Vec<Envelope>) -> Result<Vec<Enqueued>, BrokerError> {
         let now = SystemTime::now();
@@ -819,6 +976,9 @@ impl TaskQueue for RedisBroker {
             return Ok(Vec::new());
         }
         let at = rfc3339(now);
+        for p in &prepared {
+            self.register(&p.envelope.queue).await?;
+        }
         // Something to claim (an idempotency key, a chosen id): claims and writes in one script.
         if prepared
             .iter()
@@ -826,41 +986,46 @@ impl TaskQueue for RedisBroker {
         {
             return self.enqueue_claiming(prepared, &at).await;
         }
-        // Generated ids only, no keys: nothing can be a duplicate, one pipeline.
-        let mut pipe = redis::pipe();
+        // Generated ids only, no keys: nothing can be a duplicate, one pipeline (on a
+        // cluster one per queue, the events after them).
         let mut out = Vec::with_capacity(prepared.len());
-        for Prepared {
-            envelope,
-            json,
-            due,
-            ..
-        } in prepared
-        {
-            self.add_enqueued_record(&mut pipe, &envelope, due);
-            match due {
-                Some(due_ms) => pipe
-                    .cmd("ZADD")
-                    .arg(self.keys.delayed(&envelope.queue))
-                    .arg(due_ms)
-                    .arg(json)
-                    .ignore(),
-                None => pipe
-                    .cmd("XADD")
-                    .arg(self.keys.stream(&envelope.queue))
-                    .arg("*")
-                    .arg("e")
-                    .arg(json)
-                    .ignore(),
-            };
-            if self.events_on() {
-                self.add_whole_event(&mut pipe, &sent_event(&envelope, &at));
+        for group in self.by_queue(prepared.iter().map(|p| p.envelope.queue.as_str())) {
+            let mut pipe = redis::pipe();
+            for &n in &group {
+                let Prepared {
+                    envelope,
+                    json,
+                    due,
+                    ..
+                } = &prepared[n];
+                self.add_enqueued_record(&mut pipe, envelope, *due);
+                match due {
+                    Some(due_ms) => pipe
+                        .cmd("ZADD")
+                        .arg(self.keys.delayed(&envelope.queue))
+                        .arg(*due_ms)
+                        .arg(json)
+                        .ignore(),
+                    None => pipe
+                        .cmd("XADD")
+                        .arg(self.keys.stream(&envelope.queue))
+                        .arg("*")
+                        .arg("e")
+                        .arg(json)
+                        .ignore(),
+                };
+                if self.events_on() && !self.keys.cluster() {
+                    self.add_whole_event(&mut pipe, &sent_event(envelope, &at));
+                }
             }
-            out.push(Enqueued {
-                id: envelope.id,
-                duplicate: false,
-            });
+            self.query_pipe::<()>(&pipe).await?;
         }
-        self.query_pipe::<()>(&pipe).await?;
+        let written: Vec<&Envelope> = prepared.iter().map(|p| &p.envelope).collect();
+        self.sent_events_after(&written, &at).await;
+        out.extend(prepared.into_iter().map(|p| Enqueued {
+            id: p.envelope.id,
+            duplicate: false,
+        }));
         Ok(out)
     }
 
@@ -993,7 +1158,7 @@ impl TaskQueue for RedisBroker {
                 .arg(self.settings.max_deliveries)
                 .arg(now)
                 .arg(SCRIPT_BATCH)
-                .arg(self.keys.result_prefix())
+                .arg(self.keys.result_prefix(queue))
                 .arg(self.result_ttl_ms);
             let reply: Vec<Value> = self
                 .grouped(queue, || {
@@ -1048,7 +1213,7 @@ impl TaskQueue for RedisBroker {
     fn started(&self, envelope: &Envelope, consumer: &str) {
         // The writer is gone only when the broker is being dropped.
         let _ = self.outbox.send(Job::Start(Box::new(Start {
-            record: self.keys.result(&envelope.id),
+            record: self.keys.result(&envelope.queue, &envelope.id),
             event: started_event(envelope, consumer),
             attempt: envelope.attempt,
             consumer: consumer.to_string(),
@@ -1089,7 +1254,7 @@ impl Records for RedisBroker {
         let mut pipe = redis::pipe();
         xadd_whole(
             &mut pipe,
-            &self.events_key,
+            &self.keys.events(),
             self.settings.events_maxlen,
             &event,
         );
@@ -1103,7 +1268,7 @@ impl Records for RedisBroker {
         let start = after.map_or_else(|| "-".to_string(), |id| format!("({id}"));
         let mut pipe = redis::pipe();
         pipe.cmd("XRANGE")
-            .arg(&self.events_key)
+            .arg(self.keys.events())
             .arg(start)
             .arg("+")
             .arg("COUNT")
@@ -1123,7 +1288,7 @@ impl Records for RedisBroker {
         let end = before.map_or_else(|| "+".to_string(), |id| format!("({id}"));
         let mut pipe = redis::pipe();
         pipe.cmd("XREVRANGE")
-            .arg(&self.events_key)
+            .arg(self.keys.events())
             .arg(end)
             .arg("-")
             .arg("COUNT")
@@ -1135,13 +1300,9 @@ impl Records for RedisBroker {
     }
 
     async fn record(&self, id: &str) -> Result<Option<TaskRecord>, BrokerError> {
-        let mut pipe = redis::pipe();
-        pipe.cmd("HGETALL").arg(self.keys.result(id));
-        let (reply,): (Value,) = self.query_pipe(&pipe).await?;
-        let fields = pairs(reply);
-        if fields.is_empty() {
+        let Some((_, fields)) = self.find_record(id).await? else {
             return Ok(None);
-        }
+        };
         let stored = stored_record(id, &fields).map_err(BrokerError::Command)?;
         Ok(Some(stored.view(epoch_ms(SystemTime::now()))))
     }
@@ -1151,18 +1312,103 @@ impl Records for RedisBroker {
         let now_ms = epoch_ms(now);
         let until = now_ms.saturating_add(self.result_ttl_ms);
         let prefix = &self.settings.prefix;
+        let cluster = self.keys.cluster();
         let mut invocation = self.scripts.revoke.prepare_invoke();
+        let published =
+            serde_json::json!({ "id": id, "terminate": terminate, "until": until.to_string() });
+        // On a cluster, what the task was when read (see below).
+        let mut before = None;
+        if cluster {
+            // The record and the revocations are in different slots: the task is looked up;
+            // one that ended is answered without a write (as the script does); else the
+            // revocation is kept first (consumers skip the task from then on), then the
+            // script does the record's part. Both steps can be repeated.
+            let found = self.find_record(id).await?;
+            if let Some((_, fields)) = &found {
+                let field = |name: &str| {
+                    fields
+                        .iter()
+                        .find(|(n, _)| n == name)
+                        .map(|(_, v)| v.as_str())
+                };
+                match field("state") {
+                    Some("dead") if field("error") == Some("revoked") => {
+                        return Ok(Revoked::AlreadyRevoked);
+                    }
+                    Some(state @ ("succeeded" | "dead")) => {
+                        return Ok(Revoked::Ended(
+                            TaskState::from_name(state).unwrap_or(TaskState::Dead),
+                        ));
+                    }
+                    state => {
+                        let number = |name: &str| field(name).and_then(|v| v.parse::<u64>().ok());
+                        let running = number("started")
+                            .is_some_and(|started| started >= number("attempts").unwrap_or(0))
+                            && field("lost") != Some("1");
+                        let state = state
+                            .and_then(TaskState::from_name)
+                            .unwrap_or(TaskState::Queued);
+                        before = Some(if running {
+                            Revoked::Running
+                        } else {
+                            Revoked::Pending(state)
+                        });
+                    }
+                }
+            }
+            let mut keep = redis::pipe();
+            keep.atomic()
+                .cmd("ZADD")
+                .arg(self.keys.revoked())
+                .arg(until)
+                .arg(format!("{}{id}", if terminate { "t:" } else { "r:" }))
+                .ignore()
+                .cmd("ZREMRANGEBYSCORE")
+                .arg(self.keys.revoked())
+                .arg("-inf")
+                .arg(now_ms)
+                .ignore()
+                .cmd("INCR")
+                .arg(self.keys.revoked_seq())
+                .ignore();
+            self.query_pipe::<()>(&keep).await?;
+            let mut publish = redis::pipe();
+            publish
+                .cmd("PUBLISH")
+                .arg(revocations_channel(prefix))
+                .arg(published.to_string())
+                .ignore();
+            self.query_pipe::<()>(&publish).await?;
+            let revocation = Revocation {
+                id: id.to_string(),
+                terminate,
+            };
+            self.revocations.add(revocation, until);
+            let Some((queue, _)) = found else {
+                return Ok(Revoked::Unknown);
+            };
+            // A running task is the node's to stop (the script would write nothing); one that
+            // ended since it was read ended because of this revocation or on its own: the
+            // answer is what it was when read.
+            if let Some(Revoked::Running) = before {
+                return Ok(Revoked::Running);
+            }
+            invocation.key(self.keys.result(&queue, id));
+        } else {
+            invocation
+                .key(self.keys.result("", id))
+                .key(self.keys.revoked())
+                .key(self.keys.revoked_seq());
+        }
         invocation
-            .key(self.keys.result(id))
-            .key(revoked_key(prefix))
-            .key(revoked_seq_key(prefix))
             .arg(id)
             .arg(if terminate { "1" } else { "0" })
             .arg(now_ms)
             .arg(until)
             .arg(revocations_channel(prefix))
             .arg(prefix)
-            .arg(rfc3339(now));
+            .arg(rfc3339(now))
+            .arg(if cluster { "0" } else { "1" });
         let mut conn = self.manager.clone();
         let reply: Vec<String> = self.observe(invocation.invoke_async(&mut conn).await)?;
         let state = |at: usize| reply.get(at).and_then(|name| TaskState::from_name(name));
@@ -1174,7 +1420,10 @@ impl Records for RedisBroker {
             Some("ended") => Revoked::Ended(state(1).unwrap_or(TaskState::Dead)),
             _ => return Err(BrokerError::Command("revoke.lua: unexpected reply".into())),
         };
-        if !matches!(answer, Revoked::AlreadyRevoked | Revoked::Ended(_)) {
+        if let (Some(before), Revoked::AlreadyRevoked | Revoked::Ended(_)) = (before, &answer) {
+            return Ok(before);
+        }
+        if !cluster && !matches!(answer, Revoked::AlreadyRevoked | Revoked::Ended(_)) {
             // This node knows at once (its subscription tells it again, harmlessly).
             let revocation = Revocation {
                 id: id.to_string(),
@@ -1438,7 +1687,7 @@ impl Admin for RedisBroker {
                 .key(&delayed)
                 .arg(self.keys.group())
                 .arg(SCRIPT_BATCH)
-                .arg(self.keys.result_prefix());
+                .arg(self.keys.result_prefix(queue));
             let (ready, removed, more): (u64, u64, u64) = self
                 .grouped(queue, || {
                     let mut conn = self.manager.clone();

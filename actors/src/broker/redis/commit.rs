@@ -21,14 +21,15 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use redis::aio::ConnectionManager;
+use redis::cluster_routing::Slot;
 use redis::{Cmd, Pipeline, Value};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::codec::text;
-use super::connection::Link;
+use super::connection::{Conn, Link};
 use super::events::{Start, start_write};
+use super::keys::Keys;
 use super::{COMMIT, evalsha};
 use crate::broker::{BrokerError, EVENT_FLUSH};
 
@@ -69,11 +70,12 @@ pub(super) enum Job {
 /// The writer's end of the channel and what it writes with.
 pub(super) struct Writer {
     pub(super) jobs: mpsc::UnboundedReceiver<Job>,
-    pub(super) conn: ConnectionManager,
+    pub(super) conn: Conn,
     pub(super) link: Arc<Link>,
     pub(super) sha: String,
-    /// `p:events` and its `MAXLEN ~` (0: events off).
-    pub(super) events_key: String,
+    /// The key layout (the events stream, whether on a cluster).
+    pub(super) keys: Keys,
+    /// The events stream's `MAXLEN ~` (0: events off).
     pub(super) maxlen: usize,
 }
 
@@ -146,6 +148,7 @@ impl Writer {
         commits: Vec<Commit>,
         flush: bool,
     ) -> Option<Call> {
+        let events_key = self.keys.events();
         // The start each outcome takes along, as its writes (the marker `HSET`, the event).
         let mut merged = vec![false; starts.len()];
         let markers: Vec<Option<Pipeline>> = {
@@ -165,7 +168,7 @@ impl Writer {
                         return None;
                     }
                     merged[n] = true;
-                    Some(start_write(start, &self.events_key, self.maxlen, true))
+                    Some(start_write(start, &events_key, self.maxlen, true))
                 })
                 .collect()
         };
@@ -177,12 +180,14 @@ impl Writer {
                 continue;
             }
             if flush || now.duration_since(w.since) >= EVENT_FLUSH {
-                own.push(start_write(&w.start, &self.events_key, self.maxlen, false));
+                own.push(start_write(&w.start, &events_key, self.maxlen, false));
             } else {
                 kept.push(w);
             }
         }
         *starts = kept;
+        let cluster = self.keys.cluster();
+        let events_key = events_key.as_bytes();
         let outcomes: Vec<Outcome<'_>> = commits
             .iter()
             .flat_map(|(writes, _)| writes)
@@ -190,23 +195,51 @@ impl Writer {
             .map(|(write, marker)| {
                 let mut marks = marker.iter().flat_map(Pipeline::cmd_iter);
                 let (hset, event) = (marks.next(), marks.next());
-                Outcome {
-                    pipe: &write.pipe,
-                    // Without a record, the start brings only its event.
-                    marker: hset.filter(|_| write.record),
+                // Without a record, the start brings only its event.
+                let marker = hset.filter(|_| write.record);
+                Outcome::new(
+                    write.pipe.cmd_iter().collect(),
+                    marker,
                     event,
-                }
+                    cluster,
+                    events_key,
+                )
             })
-            .chain(own.iter().map(|pipe| Outcome {
-                pipe,
-                marker: None,
-                event: None,
+            .chain(own.iter().map(|pipe| {
+                Outcome::new(pipe.cmd_iter().collect(), None, None, cluster, events_key)
             }))
             .collect();
         if outcomes.is_empty() {
             return None;
         }
-        let invocation = invocation(&self.sha, &outcomes);
+        // One call per slot on a cluster (each outcome's keys are in its queue's slot).
+        let mut slots: Vec<(Option<Slot>, Vec<usize>)> = Vec::new();
+        for (n, outcome) in outcomes.iter().enumerate() {
+            let slot = cluster
+                .then(|| {
+                    outcome
+                        .cmds
+                        .first()
+                        .and_then(|c| simple(c).nth(1))
+                        .map(Slot::for_key)
+                })
+                .flatten();
+            match slots.iter_mut().find(|(s, _)| *s == slot) {
+                Some((_, members)) => members.push(n),
+                None => slots.push((slot, vec![n])),
+            }
+        }
+        let invocations = slots
+            .into_iter()
+            .map(|(_, members)| {
+                let mine: Vec<&Outcome<'_>> = members.iter().map(|&n| &outcomes[n]).collect();
+                (invocation(&self.sha, &mine), members)
+            })
+            .collect();
+        let later = outcomes
+            .iter()
+            .map(|o| o.later.iter().map(|&c| c.clone()).collect())
+            .collect();
         let count = outcomes.len();
         let starts = own.len();
         drop(outcomes);
@@ -215,7 +248,8 @@ impl Writer {
             .map(|(writes, reply)| (writes.len(), reply))
             .collect();
         Some(Call {
-            invocation,
+            invocations,
+            later,
             count,
             replies,
             starts,
@@ -223,12 +257,41 @@ impl Writer {
     }
 }
 
-/// One outcome of a call: its writes, and the start merged into it (the marker `HSET`, whose
-/// fields go into the outcome's record `HSET`, and the `started` event, right after it).
+/// One outcome of a call: its commands in `commit.lua`'s order (the first — its record's
+/// `HSET` when it has one —, the `started` event of a start merged into it, the rest), the
+/// marker `HSET` of that start (its fields go into the first command), and on a cluster the
+/// event `XADD`s, written after the outcome (the events stream is in a slot of its own).
 struct Outcome<'a> {
-    pipe: &'a Pipeline,
+    cmds: Vec<&'a Cmd>,
     marker: Option<&'a Cmd>,
-    event: Option<&'a Cmd>,
+    later: Vec<&'a Cmd>,
+}
+
+impl<'a> Outcome<'a> {
+    fn new(
+        mut cmds: Vec<&'a Cmd>,
+        marker: Option<&'a Cmd>,
+        event: Option<&'a Cmd>,
+        cluster: bool,
+        events_key: &[u8],
+    ) -> Self {
+        if let Some(event) = event {
+            cmds.insert(cmds.len().min(1), event);
+        }
+        let mut later = Vec::new();
+        if cluster {
+            let (events, own): (Vec<&Cmd>, Vec<&Cmd>) = cmds
+                .into_iter()
+                .partition(|cmd| simple(cmd).nth(1) == Some(events_key));
+            cmds = own;
+            later = events;
+        }
+        Self {
+            cmds,
+            marker,
+            later,
+        }
+    }
 }
 
 /// Takes a job handed to the writer: a start waits; outcomes join the call being gathered
@@ -258,9 +321,13 @@ fn take(
     }
 }
 
-/// A `commit.lua` call ready to go, and where its answers go.
+/// The `commit.lua` calls of one batch (one per slot on a cluster, else one), and where their
+/// answers go.
 struct Call {
-    invocation: Cmd,
+    /// Each call and the positions of its outcomes in the batch.
+    invocations: Vec<(Cmd, Vec<usize>)>,
+    /// Per outcome, the event `XADD`s written after it (a cluster only).
+    later: Vec<Vec<Cmd>>,
     /// Outcomes in it.
     count: usize,
     /// Each caller's number of outcomes and its reply, in the order of the outcomes.
@@ -270,56 +337,94 @@ struct Call {
 }
 
 impl Call {
-    /// Sends the call and hands each caller its answers.
-    async fn send(self, mut conn: ConnectionManager, link: &Link) {
-        let answers: Result<Vec<Value>, BrokerError> =
-            link.observe(evalsha(&mut conn, &self.invocation, COMMIT).await);
-        let answers = answers.and_then(|answers| {
-            if answers.len() == self.count {
-                Ok(answers)
-            } else {
-                Err(BrokerError::Command(format!(
-                    "commit.lua answered {} values for {} outcomes",
-                    answers.len(),
-                    self.count
-                )))
+    /// Sends the calls and hands each caller its answers.
+    async fn send(self, conn: Conn, link: &Link) {
+        let calls = self.invocations.iter().map(|(invocation, members)| {
+            let mut conn = conn.clone();
+            async move {
+                let answers: Result<Vec<Value>, BrokerError> =
+                    link.observe(evalsha(&mut conn, invocation, COMMIT).await);
+                answers.and_then(|answers| {
+                    if answers.len() == members.len() {
+                        Ok(answers)
+                    } else {
+                        Err(BrokerError::Command(format!(
+                            "commit.lua answered {} values for {} outcomes",
+                            answers.len(),
+                            members.len()
+                        )))
+                    }
+                })
             }
         });
-        let mut answers = match answers {
-            Ok(answers) => answers.into_iter(),
-            Err(err) => {
-                if self.starts > 0 {
-                    tracing::debug!(error = %err, starts = self.starts, "starts (records, events) not written");
+        let results = futures_util::future::join_all(calls).await;
+        let mut answers: Vec<Result<Value, &BrokerError>> =
+            (0..self.count).map(|_| Ok(Value::Nil)).collect();
+        for ((_, members), result) in self.invocations.iter().zip(&results) {
+            match result {
+                Ok(values) => {
+                    for (&n, value) in members.iter().zip(values) {
+                        answers[n] = Ok(value.clone());
+                    }
                 }
-                for (_, reply) in self.replies {
-                    let _ = reply.send(Err(clone_error(&err)));
+                Err(err) => {
+                    for &n in members {
+                        answers[n] = Err(err);
+                    }
                 }
-                return;
             }
-        };
+        }
+        // The events of what was written (a cluster: the events stream's slot is not the
+        // outcomes'), before the callers hear of it.
+        let events: Vec<&Cmd> = self
+            .later
+            .iter()
+            .zip(&answers)
+            .filter(|(_, answer)| matches!(answer, Ok(Value::Int(1))))
+            .flat_map(|(later, _)| later)
+            .collect();
+        if !events.is_empty() {
+            let mut pipe = redis::pipe();
+            for event in &events {
+                pipe.add_command((*event).clone()).ignore();
+            }
+            let mut conn = conn.clone();
+            if let Err(err) = link.observe(pipe.query_async::<()>(&mut conn).await) {
+                tracing::warn!(error = %err, events = events.len(), "events of written outcomes not written");
+            }
+        }
+        let mut answers = answers.into_iter();
         for (count, reply) in self.replies {
-            let mine: Vec<Value> = answers.by_ref().take(count).collect();
-            let _ = reply.send(Ok(mine));
+            let mine: Vec<Result<Value, &BrokerError>> = answers.by_ref().take(count).collect();
+            let answer = match mine.iter().find_map(|a| a.as_ref().err()) {
+                Some(err) => Err(clone_error(err)),
+                None => Ok(mine.into_iter().filter_map(Result::ok).collect()),
+            };
+            let _ = reply.send(answer);
         }
         let failed: Vec<String> = answers
-            .filter(|answer| !matches!(answer, Value::Int(1)))
-            .map(|answer| text(&answer))
+            .filter(|answer| !matches!(answer, Ok(Value::Int(1))))
+            .map(|answer| match answer {
+                Ok(value) => text(&value),
+                Err(err) => err.to_string(),
+            })
             .collect();
         if let Some(first) = failed.first() {
-            tracing::warn!(error = %first, starts = failed.len(), "starts of tasks (records, events) not written");
+            if self.starts > 0 {
+                tracing::warn!(error = %first, starts = failed.len(), "starts of tasks (records, events) not written");
+            }
         }
     }
 }
 
-/// The `EVALSHA` of `outcomes` (each its writes, and the start merged into it), built in
-/// place: the keys first (borrowed, sorted, deduplicated), then each outcome in
+/// The `EVALSHA` of `outcomes` (each its commands, and the marker of a start merged into it),
+/// built in place: the keys first (borrowed, sorted, deduplicated), then each outcome in
 /// `commit.lua`'s format — every byte copied once into the command.
-fn invocation(sha: &str, outcomes: &[Outcome<'_>]) -> Cmd {
+fn invocation(sha: &str, outcomes: &[&Outcome<'_>]) -> Cmd {
     let mut keys: Vec<&[u8]> = Vec::new();
     let (mut args, mut bytes) = (0, 0);
     for outcome in outcomes {
-        let marks = outcome.marker.into_iter().chain(outcome.event);
-        for cmd in outcome.pipe.cmd_iter().chain(marks) {
+        for cmd in outcome.cmds.iter().copied().chain(outcome.marker) {
             for (n, arg) in simple(cmd).enumerate() {
                 if n == 1 {
                     keys.push(arg);
@@ -343,8 +448,8 @@ fn invocation(sha: &str, outcomes: &[Outcome<'_>]) -> Cmd {
         .arg(keys.len())
         .arg(&keys);
     for outcome in outcomes {
-        invocation.arg(outcome.pipe.len() + usize::from(outcome.event.is_some()));
-        let mut cmds = outcome.pipe.cmd_iter();
+        invocation.arg(outcome.cmds.len());
+        let mut cmds = outcome.cmds.iter();
         if let Some(first) = cmds.next() {
             // The record `HSET`: its key, the marker's fields, then its own (later fields
             // win).
@@ -360,7 +465,7 @@ fn invocation(sha: &str, outcomes: &[Outcome<'_>]) -> Cmd {
                 }
             }
         }
-        for cmd in outcome.event.into_iter().chain(cmds) {
+        for cmd in cmds {
             invocation.arg(simple(cmd).len());
             for arg in simple(cmd) {
                 invocation.arg(arg);

@@ -1,16 +1,22 @@
-//! The connections to Redis: the shared `ConnectionManager` (commands, scripts), the
-//! dedicated connections of blocking reads, and the connection state `/health` shows.
+//! The connections to Redis: the shared connection of commands and scripts ([`Conn`]: a
+//! standalone server's `ConnectionManager` or a Redis Cluster's `ClusterConnection`), the
+//! dedicated connections of blocking reads ([`Endpoint`]), and the connection state `/health`
+//! shows.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
-use redis::{AsyncConnectionConfig, Pipeline, RedisError, RedisResult, Value};
+use redis::aio::{ConnectionLike, ConnectionManager};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::{
+    AsyncConnectionConfig, Client, Cmd, Pipeline, RedisError, RedisFuture, RedisResult, Value,
+};
 use serde::Serialize;
 
 use super::RedisBroker;
 use super::codec::{StreamEntry, read_reply};
-use super::keys::revoked_seq_key;
 use crate::broker::{BrokerError, rfc3339};
 
 /// How long connecting (and the start-up PING) may take.
@@ -19,6 +25,199 @@ pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 pub(super) const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Extra time a blocking read gets beyond its `BLOCK` before its connection is given up.
 pub(super) const BLOCK_MARGIN: Duration = Duration::from_secs(3);
+/// The scheme of a Redis Cluster URL: `redis+cluster://[user:password@]host:port,host:port…`.
+pub const CLUSTER_SCHEME: &str = "redis+cluster";
+
+/// Seed nodes a cluster URL may list at most.
+const MAX_SEEDS: usize = 64;
+
+/// The seed nodes of a Redis Cluster URL, each as a standalone `redis://` URL carrying the
+/// same credentials (`redis+cluster://u:p@h1:1,h2:2` → `redis://u:p@h1:1`, `redis://u:p@h2:2`);
+/// `Ok(None)` for any other scheme. A cluster has only database 0: a path other than `/` or
+/// `/0` is refused, as are a missing host or port, query strings and more than [`MAX_SEEDS`]
+/// nodes. Errors never repeat the password.
+pub fn cluster_seeds(url: &str) -> Result<Option<Vec<String>>, String> {
+    let Some(rest) = url
+        .strip_prefix(CLUSTER_SCHEME)
+        .and_then(|r| r.strip_prefix("://"))
+    else {
+        return Ok(None);
+    };
+    if rest.contains(['?', '#']) {
+        return Err(format!(
+            "{CLUSTER_SCHEME}:// URL: no query or fragment is allowed"
+        ));
+    }
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    if !matches!(path, "" | "0") {
+        return Err(format!(
+            "{CLUSTER_SCHEME}:// URL: a cluster has only database 0 (the path must be empty or /0)"
+        ));
+    }
+    let (credentials, hosts) = match authority.rsplit_once('@') {
+        Some((credentials, hosts)) => (Some(credentials), hosts),
+        None => (None, authority),
+    };
+    let mut seeds = Vec::new();
+    for host in hosts.split(',') {
+        let (name, port) = host.rsplit_once(':').unwrap_or((host, ""));
+        if name.is_empty() || port.parse::<u16>().map_or(true, |p| p == 0) {
+            return Err(format!(
+                "{CLUSTER_SCHEME}:// URL: node `{}` is not HOST:PORT",
+                host.chars().take(80).collect::<String>()
+            ));
+        }
+        if seeds.len() == MAX_SEEDS {
+            return Err(format!(
+                "{CLUSTER_SCHEME}:// URL: more than {MAX_SEEDS} nodes"
+            ));
+        }
+        seeds.push(match credentials {
+            Some(credentials) => format!("redis://{credentials}@{host}"),
+            None => format!("redis://{host}"),
+        });
+    }
+    Ok(Some(seeds))
+}
+
+/// Where the broker's connections go: one server, or a cluster (its seed nodes).
+#[derive(Clone)]
+pub(super) enum Endpoint {
+    Single(Client),
+    Cluster {
+        client: Box<ClusterClient>,
+        /// The seed nodes, for the revocations subscription (a PUBLISH reaches the subscribers
+        /// of every node of a cluster).
+        seeds: Vec<Client>,
+    },
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Single(_) => "Endpoint::Single",
+            Self::Cluster { .. } => "Endpoint::Cluster",
+        })
+    }
+}
+
+impl Endpoint {
+    /// Opens `url` (a `redis://` URL or a cluster URL, see [`cluster_seeds`]) without
+    /// connecting.
+    pub(super) fn open(url: &str) -> Result<Self, String> {
+        match cluster_seeds(url)? {
+            None => Client::open(url)
+                .map(Self::Single)
+                .map_err(|e| e.to_string()),
+            Some(seeds) => {
+                let clients = seeds
+                    .iter()
+                    .map(|seed| Client::open(seed.as_str()))
+                    .collect::<RedisResult<Vec<Client>>>()
+                    .map_err(|e| e.to_string())?;
+                let client = ClusterClient::builder(seeds)
+                    .connection_timeout(CONNECT_TIMEOUT)
+                    .response_timeout(RESPONSE_TIMEOUT)
+                    .build()
+                    .map_err(|e| e.to_string())?;
+                Ok(Self::Cluster {
+                    client: Box::new(client),
+                    seeds: clients,
+                })
+            }
+        }
+    }
+
+    /// True for a cluster.
+    pub(super) fn is_cluster(&self) -> bool {
+        matches!(self, Self::Cluster { .. })
+    }
+
+    /// The clients a subscription may use, in the order to try them.
+    pub(super) fn subscribers(&self) -> Vec<Client> {
+        match self {
+            Self::Single(client) => vec![client.clone()],
+            Self::Cluster { seeds, .. } => seeds.clone(),
+        }
+    }
+
+    /// A dedicated connection without a response timeout (blocking reads bound their own
+    /// wait): a multiplexed connection to the server, or a cluster connection of its own (a
+    /// blocking read would stall every other command to its node on a shared one).
+    pub(super) async fn dedicated(&self) -> RedisResult<Conn> {
+        match self {
+            Self::Single(client) => {
+                let config = AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(CONNECT_TIMEOUT))
+                    .set_response_timeout(None);
+                let conn = client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await?;
+                Ok(Conn::Dedicated(conn))
+            }
+            Self::Cluster { client, .. } => {
+                let config =
+                    redis::cluster::ClusterConfig::new().set_connection_timeout(CONNECT_TIMEOUT);
+                let conn = client.get_async_connection_with_config(config).await?;
+                Ok(Conn::Cluster(conn))
+            }
+        }
+    }
+}
+
+/// A connection for commands and scripts; cheap to clone (clones share it).
+#[derive(Clone)]
+pub(crate) enum Conn {
+    /// A standalone server's shared connection (reconnects by itself).
+    Single(ConnectionManager),
+    /// A blocking reader's own connection to a standalone server.
+    Dedicated(redis::aio::MultiplexedConnection),
+    /// A cluster: one connection per node, routed by key slot, following MOVED / ASK and
+    /// reconnecting by itself.
+    Cluster(ClusterConnection),
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Single(_) => "Conn::Single",
+            Self::Dedicated(_) => "Conn::Dedicated",
+            Self::Cluster(_) => "Conn::Cluster",
+        })
+    }
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Self::Single(conn) => conn.req_packed_command(cmd),
+            Self::Dedicated(conn) => conn.req_packed_command(cmd),
+            Self::Cluster(conn) => conn.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::Single(conn) => conn.req_packed_commands(pipeline, offset, count),
+            Self::Dedicated(conn) => conn.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(conn) => conn.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Single(conn) => conn.get_db(),
+            Self::Dedicated(conn) => conn.get_db(),
+            Self::Cluster(conn) => conn.get_db(),
+        }
+    }
+}
+
 /// Whether the broker can talk to Redis (shown by the broker actor and `/health`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(tag = "state", rename_all = "snake_case")]
@@ -179,6 +378,7 @@ impl RedisBroker {
             Err(e) if e.code() == Some("BUSYGROUP") => self.link.health.up(&self.link.url),
             other => self.observe(other)?,
         }
+        self.register(queue).await?;
         lock(&self.groups).insert(queue.to_string());
         Ok(())
     }
@@ -201,9 +401,10 @@ impl RedisBroker {
         }
     }
 
-    /// One `XREADGROUP` (blocking on a dedicated connection when `block` is set), and in the
-    /// same round trip — after it — the revocation counter (`GET p:revoked:seq`, `None` while
-    /// nothing was ever revoked): any revocation made before the read returned is counted.
+    /// One `XREADGROUP` (blocking on a dedicated connection when `block` is set), and after
+    /// it the revocation counter (`GET p:revoked:seq`, `None` while nothing was ever revoked):
+    /// any revocation made before the read returned is counted. On one server the counter
+    /// comes in the read's round trip; on a cluster (another slot) in a request of its own.
     pub(super) async fn read_group(
         &self,
         queue: &str,
@@ -223,13 +424,18 @@ impl RedisBroker {
             cmd.arg("BLOCK").arg((block.as_millis() as u64).max(1));
         }
         cmd.arg("STREAMS").arg(stream).arg(">");
-        pipe.cmd("GET").arg(revoked_seq_key(&self.settings.prefix));
-        let (reply, seq) = match block {
+        let mut seq_pipe = redis::pipe();
+        seq_pipe.cmd("GET").arg(self.keys.revoked_seq());
+        let cluster = self.keys.cluster();
+        if !cluster {
+            pipe.cmd("GET").arg(self.keys.revoked_seq());
+        }
+        let mut replies = match block {
             None => {
                 self.grouped(queue, || {
                     let mut conn = self.manager.clone();
                     let pipe = &pipe;
-                    async move { pipe.query_async::<(Value, Option<i64>)>(&mut conn).await }
+                    async move { pipe.query_async::<Vec<Value>>(&mut conn).await }
                 })
                 .await?
             }
@@ -237,9 +443,20 @@ impl RedisBroker {
                 self.grouped(queue, || self.blocking_read(queue, consumer, &pipe, block))
                     .await?
             }
+        }
+        .into_iter();
+        let reply = replies.next().unwrap_or(Value::Nil);
+        let seq = if cluster {
+            let (seq,): (Option<i64>,) = self.query_pipe(&seq_pipe).await?;
+            seq
+        } else {
+            replies
+                .next()
+                .and_then(|seq| redis::from_redis_value(seq).ok())
         };
         Ok((read_reply(reply), seq))
     }
+
     /// A blocking `XREADGROUP` on the dedicated connection of (queue, consumer): taken out of
     /// the idle map for the call, put back after an answer (an error answer included), dropped
     /// after a connection failure so the next call connects afresh.
@@ -249,23 +466,16 @@ impl RedisBroker {
         consumer: &str,
         pipe: &Pipeline,
         block: Duration,
-    ) -> RedisResult<(Value, Option<i64>)> {
+    ) -> RedisResult<Vec<Value>> {
         let slot = (queue.to_string(), consumer.to_string());
         let taken = lock(&self.blocking).remove(&slot);
         let mut conn = match taken {
             Some(conn) => conn,
-            None => {
-                let config = AsyncConnectionConfig::new()
-                    .set_connection_timeout(Some(CONNECT_TIMEOUT))
-                    .set_response_timeout(None);
-                self.client
-                    .get_multiplexed_async_connection_with_config(&config)
-                    .await?
-            }
+            None => self.endpoint.dedicated().await?,
         };
         let read = tokio::time::timeout(
             block + BLOCK_MARGIN,
-            pipe.query_async::<(Value, Option<i64>)>(&mut conn),
+            pipe.query_async::<Vec<Value>>(&mut conn),
         );
         match read.await {
             Err(_) => Err(std::io::Error::new(

@@ -41,7 +41,12 @@ impl RedisBroker {
     /// Appends `event`'s `XADD` ([`xadd_whole`]) to `pipe`, unless events are off.
     pub(super) fn add_whole_event(&self, pipe: &mut Pipeline, event: &Event) {
         if self.events_on() {
-            xadd_whole(pipe, &self.events_key, self.settings.events_maxlen, event);
+            xadd_whole(
+                pipe,
+                &self.keys.events(),
+                self.settings.events_maxlen,
+                event,
+            );
         }
     }
 }

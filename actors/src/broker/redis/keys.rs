@@ -3,16 +3,30 @@
 
 /// Key names under a prefix (`BrokerSettings::prefix`); a queue's keys carry it as a hash
 /// tag (`p:{q}:…`).
+///
+/// On a Redis Cluster (`cluster`), every key a step writes together must be in one slot: a
+/// task's record and an idempotency key go into their queue's slot (`p:{q}:result:<id>`,
+/// `p:{q}:idem:<key>`), the revocations into one slot of their own (`p:{revoked}`,
+/// `p:{revoked}:seq`), the events stream into another (`p:{meta}:events`, written after the
+/// outcome it tells of, see `commit`), and a registry of the queues (`p:{meta}:queues`) is
+/// what a record is looked up through. On one server the names stay as they always were.
 #[derive(Clone, Debug)]
 pub(super) struct Keys {
     prefix: String,
+    cluster: bool,
 }
 
 impl Keys {
-    pub(super) fn new(prefix: &str) -> Self {
+    pub(super) fn new(prefix: &str, cluster: bool) -> Self {
         Self {
             prefix: prefix.to_string(),
+            cluster,
         }
+    }
+
+    /// True on a Redis Cluster.
+    pub(super) fn cluster(&self) -> bool {
+        self.cluster
     }
 
     pub(super) fn stream(&self, queue: &str) -> String {
@@ -27,17 +41,62 @@ impl Keys {
         format!("{}:{{{queue}}}:dead", self.prefix)
     }
 
-    pub(super) fn idempotency(&self, key: &str) -> String {
-        format!("{}:idem:{key}", self.prefix)
+    /// `p:idem:<key>` (a cluster: `p:{q}:idem:<key>`, keys are per queue there).
+    pub(super) fn idempotency(&self, queue: &str, key: &str) -> String {
+        format!("{}{key}", self.idempotency_prefix(queue))
     }
 
-    pub(super) fn result(&self, id: &str) -> String {
-        format!("{}:result:{id}", self.prefix)
+    fn idempotency_prefix(&self, queue: &str) -> String {
+        if self.cluster {
+            format!("{}:{{{queue}}}:idem:", self.prefix)
+        } else {
+            format!("{}:idem:", self.prefix)
+        }
     }
 
-    /// `p:result:` — the record of task `id` is this prefix followed by the id.
-    pub(super) fn result_prefix(&self) -> String {
-        format!("{}:result:", self.prefix)
+    /// The record of task `id` of `queue`: `p:result:<id>` (a cluster: `p:{q}:result:<id>`).
+    pub(super) fn result(&self, queue: &str, id: &str) -> String {
+        format!("{}{id}", self.result_prefix(queue))
+    }
+
+    /// `p:result:` (a cluster: `p:{q}:result:`) — a record's key is this prefix followed by
+    /// the id.
+    pub(super) fn result_prefix(&self, queue: &str) -> String {
+        if self.cluster {
+            format!("{}:{{{queue}}}:result:", self.prefix)
+        } else {
+            format!("{}:result:", self.prefix)
+        }
+    }
+
+    /// The events stream: `p:events` (a cluster: `p:{meta}:events`).
+    pub(super) fn events(&self) -> String {
+        if self.cluster {
+            format!("{}:{{meta}}:events", self.prefix)
+        } else {
+            format!("{}:events", self.prefix)
+        }
+    }
+
+    /// A cluster's registry of queues (a set), through which records are looked up by id.
+    pub(super) fn queues(&self) -> String {
+        format!("{}:{{meta}}:queues", self.prefix)
+    }
+
+    /// `p:revoked` (a cluster: `p:{revoked}`): the kept revocations (members `r:<id>`,
+    /// `t:<id>` to terminate; score = until when, epoch ms).
+    pub(super) fn revoked(&self) -> String {
+        if self.cluster {
+            format!("{}:{{revoked}}", self.prefix)
+        } else {
+            format!("{}:revoked", self.prefix)
+        }
+    }
+
+    /// `p:revoked:seq` (a cluster: `p:{revoked}:seq`): counts the changes of the revocations
+    /// (revocations, and requeues that drop one).
+    pub(super) fn revoked_seq(&self) -> String {
+        format!("{}:seq", self.revoked())
     }
 
     pub(super) fn leader(&self) -> String {
@@ -59,18 +118,6 @@ impl Keys {
     pub(super) fn group(&self) -> &str {
         &self.prefix
     }
-}
-
-/// `p:revoked`: the kept revocations (members `r:<id>`, `t:<id>` to terminate; score = until
-/// when, epoch ms).
-pub(super) fn revoked_key(prefix: &str) -> String {
-    format!("{prefix}:revoked")
-}
-
-/// `p:revoked:seq`: counts the changes of `p:revoked` (revocations, and requeues that drop
-/// one).
-pub(super) fn revoked_seq_key(prefix: &str) -> String {
-    format!("{prefix}:revoked:seq")
 }
 
 /// The pub/sub channel each revocation is published on (`{"id", "terminate", "until"}`).

@@ -7,27 +7,32 @@
 -- counter moves, so every node forgets it at its next read). Every key is type-checked before
 -- the first write, so a letter is never deleted without being re-added.
 --
--- KEYS[1] = p:{q}:dead, KEYS[2] = p:{q}:stream, KEYS[3] = p:revoked, KEYS[4] = p:revoked:seq,
--- then the records' keys.
--- ARGV[1] = now (RFC 3339), then per letter 7 fields: dead entry id, new envelope JSON,
--- record key, task id, task, queue, enqueued_at.
+-- On a Redis Cluster the revocations are in another slot: the caller drops them before this
+-- call (ARGV[2] = '0') and KEYS[3], KEYS[4] are not given.
+--
+-- KEYS[1] = p:{q}:dead, KEYS[2] = p:{q}:stream, KEYS[3] = p:revoked, KEYS[4] = p:revoked:seq
+-- (when ARGV[2] = '1'), then the records' keys.
+-- ARGV[1] = now (RFC 3339), ARGV[2] = '1' when the revocations are dropped here, then per
+-- letter 7 fields: dead entry id, new envelope JSON, record key, task id, task, queue,
+-- enqueued_at.
 -- Returns how many moved.
-local FIELDS = 7
+local FIELDS, FIRST = 7, 3
+local revocations = ARGV[2] == '1'
 local function check(key, need)
   local held = redis.call('TYPE', key).ok
   if held ~= 'none' and held ~= need then
     return redis.error_reply('WRONGTYPE ' .. key .. ' holds a ' .. held .. ', not a ' .. need)
   end
 end
-local problem = check(KEYS[1], 'stream') or check(KEYS[2], 'stream') or check(KEYS[3], 'zset')
-  or check(KEYS[4], 'string')
-for i = 2, #ARGV, FIELDS do
+local problem = check(KEYS[1], 'stream') or check(KEYS[2], 'stream')
+  or (revocations and (check(KEYS[3], 'zset') or check(KEYS[4], 'string')))
+for i = FIRST, #ARGV, FIELDS do
   problem = problem or check(ARGV[i + 2], 'hash')
 end
 if problem then return problem end
 
 local now, moved, unrevoked = ARGV[1], 0, 0
-for i = 2, #ARGV, FIELDS do
+for i = FIRST, #ARGV, FIELDS do
   local entry, json, record, id, task, queue, enqueued_at = unpack(ARGV, i, i + FIELDS - 1)
   if redis.call('XDEL', KEYS[1], entry) == 1 then
     redis.call('XADD', KEYS[2], '*', 'e', json)
@@ -36,7 +41,9 @@ for i = 2, #ARGV, FIELDS do
       'updated_at', now)
     redis.call('HDEL', record, 'started', 'lost')
     redis.call('PERSIST', record)
-    unrevoked = unrevoked + redis.call('ZREM', KEYS[3], 'r:' .. id, 't:' .. id)
+    if revocations then
+      unrevoked = unrevoked + redis.call('ZREM', KEYS[3], 'r:' .. id, 't:' .. id)
+    end
     moved = moved + 1
   end
 end

@@ -4,12 +4,11 @@
 use std::sync::Weak;
 use std::time::{Duration, SystemTime};
 
-use redis::aio::ConnectionManager;
 use redis::{Client, RedisResult};
 
 use super::RedisBroker;
-use super::connection::CONNECT_TIMEOUT;
-use super::keys::{revocations_channel, revoked_key, revoked_seq_key};
+use super::connection::{CONNECT_TIMEOUT, Conn};
+use super::keys::{Keys, revocations_channel};
 use crate::broker::revocations::Revocations;
 use crate::broker::{Revocation, epoch_ms};
 
@@ -22,7 +21,7 @@ impl RedisBroker {
         if seq == self.revocations.seq() {
             return;
         }
-        match load_revocations(&mut self.manager.clone(), &self.settings.prefix).await {
+        match load_revocations(&mut self.manager.clone(), &self.keys).await {
             Ok((kept, seq)) => self.revocations.replace(kept, seq, false),
             Err(err) => {
                 tracing::warn!(error = %err, "revocations not read; tasks revoked since the last read may run")
@@ -35,14 +34,14 @@ impl RedisBroker {
 /// expired, and the counter they reflect (read first: a revocation made between the two reads
 /// is seen at the next catch-up again, never missed).
 pub(super) async fn load_revocations(
-    conn: &mut ConnectionManager,
-    prefix: &str,
+    conn: &mut Conn,
+    keys: &Keys,
 ) -> RedisResult<(Vec<(String, u64, bool)>, i64)> {
     let now = epoch_ms(SystemTime::now());
     let mut pipe = redis::pipe();
-    pipe.cmd("GET").arg(revoked_seq_key(prefix));
+    pipe.cmd("GET").arg(keys.revoked_seq());
     pipe.cmd("ZRANGEBYSCORE")
-        .arg(revoked_key(prefix))
+        .arg(keys.revoked())
         .arg(format!("({now}"))
         .arg("+inf")
         .arg("WITHSCORES");
@@ -74,16 +73,22 @@ pub(super) const LISTEN_RETRY: Duration = Duration::from_secs(1);
 /// dropped.
 pub(super) async fn listen_revocations(
     revocations: Weak<Revocations>,
-    client: Client,
-    mut manager: ConnectionManager,
+    clients: Vec<Client>,
+    mut manager: Conn,
+    keys: Keys,
     prefix: String,
 ) {
     use futures_util::StreamExt;
     let channel = revocations_channel(&prefix);
+    // On a cluster, any node hears every PUBLISH: the seeds are tried in turn.
+    let mut clients = clients.into_iter().cycle();
     loop {
         if revocations.strong_count() == 0 {
             return;
         }
+        let Some(client) = clients.next() else {
+            return;
+        };
         let subscribed = async {
             let mut pubsub = client.get_async_pubsub().await?;
             pubsub.subscribe(&channel).await?;
@@ -96,7 +101,7 @@ pub(super) async fn listen_revocations(
                 continue;
             }
         };
-        match load_revocations(&mut manager, &prefix).await {
+        match load_revocations(&mut manager, &keys).await {
             Ok((kept, seq)) => match revocations.upgrade() {
                 Some(revocations) => revocations.replace(kept, seq, true),
                 None => return,

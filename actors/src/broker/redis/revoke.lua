@@ -20,14 +20,21 @@
 --   is moved to the stream at once, so a consumer meets it now rather than at its time:
 --   {'pending', state}.
 --
--- KEYS[1] = p:result:<id>, KEYS[2] = p:revoked, KEYS[3] = p:revoked:seq
+-- On a Redis Cluster the revocations are in another slot than the record: the caller keeps the
+-- revocation itself (after reading that the task has not ended, before this call) and this
+-- call (ARGV[8] = '0', KEYS[2], KEYS[3] not given) does the record's part only.
+--
+-- KEYS[1] = p:result:<id> (a cluster: p:{q}:result:<id>), KEYS[2] = p:revoked,
+-- KEYS[3] = p:revoked:seq
 -- ARGV[1] = id, ARGV[2] = terminate ('1'/'0'), ARGV[3] = now (epoch ms), ARGV[4] = until
--- (epoch ms), ARGV[5] = the revocations channel, ARGV[6] = key prefix, ARGV[7] = now (RFC 3339).
+-- (epoch ms), ARGV[5] = the revocations channel, ARGV[6] = key prefix, ARGV[7] = now (RFC 3339),
+-- ARGV[8] = '1' when the revocation is kept here.
 -- The queue's delayed set and stream are named from the record's queue (`p:{q}:delayed`,
 -- `p:{q}:stream`), as purge.lua and recover.lua name the records they touch.
 local record, revoked, seq = KEYS[1], KEYS[2], KEYS[3]
 local id, terminate, now_ms, until_ms = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local channel, prefix, now = ARGV[5], ARGV[6], ARGV[7]
+local keep = ARGV[8] == '1'
 
 local function check(key, need)
   local held = redis.call('TYPE', key).ok
@@ -36,7 +43,8 @@ local function check(key, need)
       .. ' (nothing was revoked)')
   end
 end
-local problem = check(record, 'hash') or check(revoked, 'zset') or check(seq, 'string')
+local problem = check(record, 'hash')
+  or (keep and (check(revoked, 'zset') or check(seq, 'string')))
 if problem then return problem end
 
 local exists = redis.call('EXISTS', record) == 1
@@ -65,11 +73,13 @@ if exists and not running and (state == 'scheduled' or state == 'retrying') then
   end
 end
 
-redis.call('ZADD', revoked, until_ms, (terminate == '1' and 't:' or 'r:') .. id)
-redis.call('ZREMRANGEBYSCORE', revoked, '-inf', now_ms)
-redis.call('INCR', seq)
-redis.call('PUBLISH', channel,
-  cjson.encode({ id = id, terminate = terminate == '1', ['until'] = until_ms }))
+if keep then
+  redis.call('ZADD', revoked, until_ms, (terminate == '1' and 't:' or 'r:') .. id)
+  redis.call('ZREMRANGEBYSCORE', revoked, '-inf', now_ms)
+  redis.call('INCR', seq)
+  redis.call('PUBLISH', channel,
+    cjson.encode({ id = id, terminate = terminate == '1', ['until'] = until_ms }))
+end
 
 if not exists then
   return { 'unknown' }

@@ -48,11 +48,7 @@ impl std::ops::Deref for Harness {
 /// A raw `XADD`, as another program (a Python producer) would write it.
 impl RawProducer for RedisBroker {
     async fn push_raw(&self, queue: &str, raw: &str) {
-        let mut conn = self
-            .client
-            .get_multiplexed_async_connection()
-            .await
-            .unwrap();
+        let mut conn = self.manager.clone();
         redis::cmd("XADD")
             .arg(self.keys.stream(queue))
             .arg("*")
@@ -65,6 +61,33 @@ impl RawProducer for RedisBroker {
 }
 
 contract_suite!(Harness::start(settings()) => broker);
+
+/// The same contract on a Redis Cluster (3 masters + 3 replicas, one per test process; each
+/// test under a key prefix of its own).
+mod on_a_cluster {
+    use super::{RedisBroker, contract_suite, settings};
+    use crate::broker::BrokerSettings;
+    use crate::test_util::RedisCluster;
+
+    struct ClusterHarness {
+        broker: RedisBroker,
+    }
+
+    impl ClusterHarness {
+        async fn start(settings: BrokerSettings) -> Self {
+            let url = tokio::task::spawn_blocking(|| RedisCluster::shared().url())
+                .await
+                .unwrap();
+            let prefix = format!("rt{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+            let broker = RedisBroker::connect(&url, BrokerSettings { prefix, ..settings })
+                .await
+                .unwrap();
+            Self { broker }
+        }
+    }
+
+    contract_suite!(ClusterHarness::start(settings()) => broker);
+}
 
 #[tokio::test]
 async fn events_off_write_nothing() {
@@ -921,7 +944,7 @@ async fn large_outcomes_are_split_over_calls() {
         conn: h.broker.manager.clone(),
         link: Arc::clone(&h.broker.link),
         sha: redis::Script::new(super::COMMIT).get_hash().to_string(),
-        events_key: "rt:events".into(),
+        keys: h.broker.keys.clone(),
         maxlen: settings().events_maxlen,
     }
     .run()
