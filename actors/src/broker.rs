@@ -151,6 +151,12 @@ pub struct BrokerSettings {
     /// entry found in a queue (written by another producer) is dead-lettered unrun by the
     /// consumer (see [`BrokerSettings::too_large`]).
     pub max_entry_bytes: usize,
+    /// Replicated acknowledgement (Redis): an enqueue is answered only once this many replicas
+    /// of the master that took it have it (`WAIT`); `0` (the default): once the master has it.
+    pub ack_replicas: u32,
+    /// How long an enqueue waits for [`ack_replicas`](Self::ack_replicas) replicas before it
+    /// fails (the entry may or may not be kept: retry it with an idempotency key).
+    pub ack_replicas_timeout: Duration,
 }
 
 /// The default [`BrokerSettings::max_entry_bytes`]: 1 MiB.
@@ -166,6 +172,8 @@ impl Default for BrokerSettings {
             task_idempotency_ttl: HashMap::new(),
             events_maxlen: 10_000,
             max_entry_bytes: DEFAULT_MAX_ENTRY_BYTES,
+            ack_replicas: 0,
+            ack_replicas_timeout: Duration::from_secs(1),
         }
     }
 }

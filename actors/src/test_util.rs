@@ -168,6 +168,9 @@ impl RedisServer {
         if let Some(bus) = self.bus {
             command
                 .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"])
+                // A replica syncs at once (not after the default 5 s gathering others), so a
+                // master killed early in a test has a replica able to take over.
+                .args(["--repl-diskless-sync-delay", "0"])
                 .arg("--cluster-port")
                 .arg(bus.to_string())
                 .arg("--cluster-config-file")
@@ -236,7 +239,7 @@ const CLUSTER_READY_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl RedisCluster {
     /// Launches the 6 nodes, creates the cluster and waits until every node says
-    /// `cluster_state:ok`.
+    /// `cluster_state:ok` and every replica has synced with its master.
     ///
     /// # Panics
     /// When `redis-server` or `redis-cli` is missing, or the cluster does not form.
@@ -263,7 +266,11 @@ impl RedisCluster {
         let cluster = Self { nodes };
         let polls = CLUSTER_READY_TIMEOUT.as_millis() / 100;
         for _ in 0..polls {
-            if cluster.nodes.iter().all(|node| node.cluster_ok()) {
+            if cluster
+                .nodes
+                .iter()
+                .all(|n| n.cluster_ok() && n.replica_synced())
+            {
                 return cluster;
             }
             std::thread::sleep(Duration::from_millis(100));
@@ -285,6 +292,114 @@ impl RedisCluster {
     /// The nodes' ports.
     pub fn ports(&self) -> Vec<u16> {
         self.nodes.iter().map(RedisServer::port).collect()
+    }
+
+    /// The port of the master that serves `key`'s slot now (asked of a live node).
+    ///
+    /// # Panics
+    /// When no live node answers or none serves the slot.
+    pub fn master_of(&self, key: &str) -> u16 {
+        let port = self.live_port();
+        let slot: u16 = cli(port, &["cluster", "keyslot", key])
+            .trim()
+            .parse()
+            .expect("CLUSTER KEYSLOT");
+        for line in cli(port, &["cluster", "nodes"]).lines() {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.len() < 9 || !fields[2].contains("master") || fields[2].contains("fail") {
+                continue;
+            }
+            let serves = fields[8..].iter().any(|range| {
+                let (from, to) = range.split_once('-').unwrap_or((range, range));
+                matches!((from.parse::<u16>(), to.parse::<u16>()), (Ok(f), Ok(t)) if (f..=t).contains(&slot))
+            });
+            if serves {
+                let address = fields[1].split('@').next().unwrap_or_default();
+                return address
+                    .rsplit(':')
+                    .next()
+                    .and_then(|p| p.parse().ok())
+                    .expect("port");
+            }
+        }
+        panic!("no master serves slot {slot} of {key}");
+    }
+
+    /// Kills the node on `port` with SIGKILL (a crash) and reaps it.
+    pub fn kill(&mut self, port: u16) {
+        for node in &mut self.nodes {
+            if node.port == port {
+                node.stop();
+            }
+        }
+    }
+
+    /// Starts the killed node on `port` again with its directory (its `nodes.conf`): it
+    /// rejoins the cluster — as a replica when its replica took over meanwhile.
+    ///
+    /// # Panics
+    /// When it does not come back.
+    pub fn restart(&mut self, port: u16) {
+        for node in &mut self.nodes {
+            if node.port == port {
+                node.appendonly = false;
+                if let Err(failure) = node.spawn() {
+                    panic!("cluster node {port} did not restart: {failure}");
+                }
+            }
+        }
+    }
+
+    /// Waits until every live node says `cluster_state:ok` and every live replica has synced.
+    /// False after `limit`.
+    pub fn wait_synced(&mut self, limit: Duration) -> bool {
+        let polls = limit.as_millis() / 100;
+        for _ in 0..polls {
+            let mut live = self
+                .nodes
+                .iter_mut()
+                .filter_map(|n| n.is_running().then_some(&*n));
+            if live.all(|node| node.cluster_ok() && node.replica_synced()) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        false
+    }
+
+    /// Waits until every live node says `cluster_state:ok` (after a failover: the replica of
+    /// a killed master was promoted). False after `limit`.
+    pub fn wait_ok(&mut self, limit: Duration) -> bool {
+        let polls = limit.as_millis() / 100;
+        for _ in 0..polls {
+            let mut live = self
+                .nodes
+                .iter_mut()
+                .filter_map(|n| n.is_running().then_some(&*n));
+            if live.all(|node| node.cluster_ok()) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        false
+    }
+
+    /// `CLUSTER NODES` and `CLUSTER INFO` as a live node sees them (for failure messages).
+    pub fn describe(&self) -> String {
+        let port = self.live_port();
+        format!(
+            "{}\n{}",
+            cli(port, &["cluster", "nodes"]),
+            cli(port, &["cluster", "info"])
+        )
+    }
+
+    fn live_port(&self) -> u16 {
+        self.nodes
+            .iter()
+            .find(|node| node.child.is_some() && ping(node.port))
+            .map(RedisServer::port)
+            .expect("a live cluster node")
     }
 
     /// One cluster for every test of this process that asks (forming one takes seconds; the
@@ -342,6 +457,26 @@ impl RedisServer {
             .output()
             .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("cluster_state:ok"))
     }
+}
+
+impl RedisServer {
+    /// A master, or a replica whose link to its master is up (it synced once).
+    fn replica_synced(&self) -> bool {
+        let info = cli(self.port, &["info", "replication"]);
+        info.contains("role:master") || info.contains("master_link_status:up")
+    }
+}
+
+/// What `redis-cli -p PORT ARGS…` printed.
+fn cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p"])
+        .arg(port.to_string())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("redis-cli");
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// A port the OS says is free on 127.0.0.1 right now.

@@ -77,6 +77,11 @@ const DEFAULT_TIME_LIMIT: Duration = Duration::from_secs(300);
 const DEFAULT_BROKER_URL: &str = "memory://";
 const DEFAULT_LEASE: Duration = Duration::from_secs(30);
 const DEFAULT_BEAT_LEASE: Duration = Duration::from_secs(10);
+/// The most replicas `broker.ack_replicas` may ask for.
+const MAX_ACK_REPLICAS: u32 = 16;
+/// The longest `broker.ack_replicas_timeout`.
+const MAX_ACK_REPLICAS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// The smallest `broker.max_entry_bytes`: an envelope without arguments takes a few hundred.
 const MIN_MAX_ENTRY_BYTES: u64 = 1024;
 /// The largest `broker.max_entry_bytes`: Redis' largest string (`proto-max-bulk-len`).
@@ -598,6 +603,33 @@ impl Compiler<'_> {
                 ),
             );
         }
+        let ack_replicas = raw.ack_replicas.unwrap_or(default.ack_replicas);
+        if ack_replicas > MAX_ACK_REPLICAS {
+            self.error(
+                "broker.ack_replicas",
+                format!("must be from 0 to {MAX_ACK_REPLICAS}, got {ack_replicas}"),
+            );
+        } else if ack_replicas > 0 && url_ok && url.starts_with("memory:") {
+            self.error(
+                "broker.ack_replicas",
+                format!("needs a Redis broker with replicas{origin}: memory:// has none"),
+            );
+        }
+        let ack_replicas_timeout = self.positive_duration(
+            "broker.ack_replicas_timeout",
+            &raw.ack_replicas_timeout,
+            default.ack_replicas_timeout,
+        );
+        if ack_replicas_timeout > MAX_ACK_REPLICAS_TIMEOUT {
+            self.error(
+                "broker.ack_replicas_timeout",
+                format!(
+                    "must be at most {}, got {}",
+                    actors::shown::duration(MAX_ACK_REPLICAS_TIMEOUT),
+                    actors::shown::duration(ack_replicas_timeout)
+                ),
+            );
+        }
         url_ok.then_some(BrokerSettings {
             drain_on_shutdown,
             url,
@@ -608,6 +640,8 @@ impl Compiler<'_> {
                 result_ttl,
                 max_entry_bytes: max_entry_bytes.clamp(MIN_MAX_ENTRY_BYTES, MAX_MAX_ENTRY_BYTES)
                     as usize,
+                ack_replicas: ack_replicas.min(MAX_ACK_REPLICAS),
+                ack_replicas_timeout: ack_replicas_timeout.min(MAX_ACK_REPLICAS_TIMEOUT),
                 ..default
             },
         })

@@ -126,6 +126,13 @@ pub(crate) struct RawBroker {
     /// is left is counted in the log. Default `false`: stop fetching at once (what is left is
     /// counted in the log all the same). Has no effect with Redis, which keeps the entries.
     pub(crate) drain_on_shutdown: Option<bool>,
+    /// Redis only: answer an enqueue only once this many replicas of the master that took it
+    /// have it (`WAIT`), so a master failover cannot lose an acknowledged task. Default 0 (off);
+    /// at most 16.
+    pub(crate) ack_replicas: Option<u32>,
+    /// How long an enqueue waits for `ack_replicas` replicas before it fails. Default `"1s"`;
+    /// from 1 ms to 60 s.
+    pub(crate) ack_replicas_timeout: Option<RawDuration>,
 }
 
 /// `[http]`

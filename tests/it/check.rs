@@ -196,8 +196,8 @@ const CASES: &[Case] = &[
         flags: &[],
         vars: &[],
         expected: &[
-            "error: broker.url: unsupported broker scheme \"amqp\": use memory://, redis:// or \
-             rediss://",
+            "error: broker.url: unsupported broker scheme \"amqp\": use memory://, redis://, \
+             rediss:// or redis+cluster://",
         ],
     },
     Case {
@@ -414,7 +414,7 @@ fn rt_broker_url_is_checked_like_broker_url() {
         &output,
         &[
             "error: broker.url: unsupported broker scheme \"amqp\" (set by RT_BROKER_URL): use \
-             memory://, redis:// or rediss://",
+             memory://, redis://, rediss:// or redis+cluster://",
             "config/actors.toml: 1 error",
         ],
         EX_CONFIG,

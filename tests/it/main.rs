@@ -10,6 +10,7 @@ mod celery;
 mod chaos;
 mod check;
 mod cli;
+mod cluster;
 mod common;
 mod deploy;
 mod events;

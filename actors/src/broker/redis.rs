@@ -812,8 +812,8 @@ impl RedisBroker {
             0
         };
         let events_key = self.keys.events();
-        let mut invocation = self.scripts.enqueue.prepare_invoke();
-        invocation.arg(&events_key).arg(maxlen).arg(at);
+        let mut args = redis::Cmd::new();
+        args.arg(&events_key).arg(maxlen).arg(at);
         let mut keys = Vec::with_capacity(prepared.len() * 3 + 1);
         if maxlen > 0 {
             keys.push(events_key);
@@ -835,8 +835,7 @@ impl RedisBroker {
                 }
                 None => (String::new(), 0),
             };
-            invocation
-                .arg(&target)
+            args.arg(&target)
                 .arg(p.due.map(|due| due.to_string()).unwrap_or_default())
                 .arg(&p.json)
                 .arg(&envelope.id)
@@ -854,11 +853,43 @@ impl RedisBroker {
         }
         keys.sort_unstable();
         keys.dedup();
-        invocation.key(keys);
+        let mut evalsha = redis::cmd("EVALSHA");
+        evalsha
+            .arg(self.scripts.enqueue.get_hash())
+            .arg(keys.len())
+            .arg(&keys);
+        for arg in args.args_iter() {
+            if let redis::Arg::Simple(bytes) = arg {
+                evalsha.arg(bytes);
+            }
+        }
+        let mut pipe = redis::pipe();
+        pipe.add_command(evalsha);
+        let wait = self.add_wait(&mut pipe);
         let mut conn = self.manager.clone();
-        let answers: Vec<String> = self.observe(invocation.invoke_async(&mut conn).await)?;
+        let replies: Vec<Value> = match pipe.query_async(&mut conn).await {
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                let load = self
+                    .scripts
+                    .enqueue
+                    .prepare_invoke()
+                    .load_async(&mut conn)
+                    .await;
+                self.observe(load)?;
+                self.observe(pipe.query_async(&mut conn).await)?
+            }
+            other => self.observe(other)?,
+        };
+        let mut replies = replies.into_iter();
+        let answers: Vec<String> = replies
+            .next()
+            .and_then(|answers| redis::from_redis_value(answers).ok())
+            .unwrap_or_default();
         if answers.len() != prepared.len() {
             return Err(BrokerError::Command("enqueue.lua: unexpected reply".into()));
+        }
+        if wait {
+            self.check_wait(replies.next())?;
         }
         Ok(answers)
     }
@@ -921,6 +952,38 @@ impl RedisBroker {
 }
 
 impl RedisBroker {
+    /// Appends `WAIT ack_replicas timeout` to an enqueue's pipeline when replicated
+    /// acknowledgement is on (`broker.ack_replicas`): sent on the write's own connection (on a
+    /// cluster, to the master that took the write), it answers once that many replicas have
+    /// everything written before it. True when appended.
+    fn add_wait(&self, pipe: &mut Pipeline) -> bool {
+        let replicas = self.settings.ack_replicas;
+        if replicas == 0 {
+            return false;
+        }
+        let timeout = (self.settings.ack_replicas_timeout.as_millis() as u64).max(1);
+        pipe.cmd("WAIT").arg(replicas).arg(timeout);
+        true
+    }
+
+    /// What `WAIT` answered: fewer replicas than asked within the timeout fails the enqueue
+    /// (the entry is on the master and may or may not survive its failure).
+    fn check_wait(&self, answer: Option<Value>) -> Result<(), BrokerError> {
+        let got = answer.map_or(0, |answer| int(&answer));
+        let want = self.settings.ack_replicas;
+        if got >= i64::from(want) {
+            return Ok(());
+        }
+        Err(BrokerError::Unreachable {
+            url: self.link.url.clone(),
+            reason: format!(
+                "the enqueue reached {got} of the {want} replicas broker.ack_replicas asks for \
+                 within {:?}: it may or may not be kept (retry it with an idempotency key)",
+                self.settings.ack_replicas_timeout
+            ),
+        })
+    }
+
     /// Notes `queue` in a cluster's registry of queues (`Keys::queues`), once per process:
     /// records are looked up by id through it. Nothing on one server.
     pub(super) async fn register(&self, queue: &str) -> Result<(), BrokerError> {
@@ -1018,7 +1081,12 @@ impl TaskQueue for RedisBroker {
                     self.add_whole_event(&mut pipe, &sent_event(envelope, &at));
                 }
             }
-            self.query_pipe::<()>(&pipe).await?;
+            if self.add_wait(&mut pipe) {
+                let (replicas,): (Value,) = self.query_pipe(&pipe).await?;
+                self.check_wait(Some(replicas))?;
+            } else {
+                self.query_pipe::<()>(&pipe).await?;
+            }
         }
         let written: Vec<&Envelope> = prepared.iter().map(|p| &p.envelope).collect();
         self.sent_events_after(&written, &at).await;
