@@ -137,7 +137,7 @@ async fn failover(ack_replicas: u32) -> (usize, Vec<(String, serde_json::Value)>
     // The killed master comes back as a replica of the one that took over; from then on
     // every enqueue is acknowledged again (with ack_replicas, none to the promoted master was
     // while it had no replica: each waited ack_replicas_timeout and was refused).
-    let cluster = tokio::task::spawn_blocking(move || {
+    let _cluster = tokio::task::spawn_blocking(move || {
         let mut cluster = cluster;
         cluster.restart(victim);
         let synced = cluster.wait_synced(Duration::from_secs(20));
