@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::common::{Node, eventually};
-use actors::test_util::RedisServer;
+use actors::test_util::{RedisCluster, RedisServer};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
@@ -43,7 +43,47 @@ handler = {{ kind = "native" }}
     )
 }
 
-fn start(redis: &RedisServer, config: &str) -> Node {
+/// One Redis server, or a Redis Cluster: the same tests run on both.
+enum Redis {
+    Server(RedisServer),
+    Cluster(RedisCluster),
+}
+
+impl Redis {
+    fn server() -> Self {
+        Self::Server(RedisServer::start())
+    }
+
+    async fn cluster() -> Self {
+        Self::Cluster(
+            tokio::task::spawn_blocking(RedisCluster::start)
+                .await
+                .unwrap(),
+        )
+    }
+
+    fn url(&self) -> String {
+        match self {
+            Self::Server(server) => server.url(),
+            Self::Cluster(cluster) => cluster.url(),
+        }
+    }
+
+    /// Every key matching `pattern` (on a cluster: of every node, once).
+    fn scan(&self, pattern: &str) -> Vec<String> {
+        let ports = match self {
+            Self::Server(server) => vec![server.port()],
+            Self::Cluster(cluster) => cluster.ports(),
+        };
+        let keys: std::collections::BTreeSet<String> = ports
+            .into_iter()
+            .flat_map(|port| redis_cli(port, &["--scan", "--pattern", pattern]))
+            .collect();
+        keys.into_iter().collect()
+    }
+}
+
+fn start(redis: &Redis, config: &str) -> Node {
     Node::start(config, &[("RT_BROKER_URL", &redis.url())])
 }
 
@@ -66,11 +106,11 @@ async fn role(node: &Node) -> String {
     }
 }
 
-/// `redis-cli` against the private server: one line per reply element.
-fn redis_cli(redis: &RedisServer, args: &[&str]) -> Vec<String> {
+/// `redis-cli` against a private server: one line per reply element.
+fn redis_cli(port: u16, args: &[&str]) -> Vec<String> {
     let out = Command::new("redis-cli")
         .arg("-p")
-        .arg(redis.port().to_string())
+        .arg(port.to_string())
         .args(args)
         .output()
         .expect("run redis-cli");
@@ -99,7 +139,17 @@ const BEAT_LEASE_SECS: u64 = 3;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn beat_fires_once_per_due_time_while_the_leader_is_killed_twice() {
-    let redis = RedisServer::start();
+    beat_with_two_leaders_killed(Redis::server()).await;
+}
+
+/// The same on a Redis Cluster (the leader's lease and the runs in one slot, each fire's
+/// idempotency key in its queue's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beat_fires_once_per_due_time_on_a_redis_cluster() {
+    beat_with_two_leaders_killed(Redis::cluster().await).await;
+}
+
+async fn beat_with_two_leaders_killed(redis: Redis) {
     let schedule = r#"
 [queues.default]
 concurrency = 4
@@ -141,7 +191,8 @@ missed = "run_once"
     tokio::time::sleep_until(began + Duration::from_secs(60)).await;
 
     // Every due time fired is an idempotency key; every enqueue a `sent` event.
-    let mut dues: Vec<u64> = redis_cli(&redis, &["--scan", "--pattern", "rt:idem:beat:tick:*"])
+    let mut dues: Vec<u64> = redis
+        .scan("rt:*idem:beat:tick:*")
         .iter()
         .map(|k| k.rsplit(':').next().unwrap().parse().unwrap())
         .collect();
@@ -221,7 +272,16 @@ async fn succeeded_on(node: &Node) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn work_spreads_over_three_nodes_and_a_killed_nodes_tasks_finish_within_one_lease() {
-    let redis = RedisServer::start();
+    work_spreads_over_three_nodes(Redis::server()).await;
+}
+
+/// The same on a Redis Cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn work_spreads_over_three_nodes_on_a_redis_cluster() {
+    work_spreads_over_three_nodes(Redis::cluster().await).await;
+}
+
+async fn work_spreads_over_three_nodes(redis: Redis) {
     let queue = "[queues.default]\nconcurrency = 4\nprefetch = 0\n";
     let nodes: Vec<Node> = ["w1", "w2", "w3"]
         .iter()
@@ -341,7 +401,7 @@ async fn work_spreads_over_three_nodes_and_a_killed_nodes_tasks_finish_within_on
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_stops_cleanly_hands_back_what_it_reserved() {
-    let redis = RedisServer::start();
+    let redis = Redis::server();
     // A long lease: anything left to lease recovery would wait 60 s.
     let queue = "[queues.default]\nconcurrency = 2\nprefetch = 6\n";
     let mut nodes: Vec<Node> = ["s1", "s2", "s3"]
