@@ -299,6 +299,33 @@ impl RedisCluster {
     /// # Panics
     /// When no live node answers or none serves the slot.
     pub fn master_of(&self, key: &str) -> u16 {
+        self.serving(key)
+            .unwrap_or_else(|| panic!("no master serves the slot of {key}"))
+    }
+
+    /// SIGKILLs the master serving `key` and waits until its replica took over (a node is
+    /// not seen as failed before `cluster-node-timeout`: until then every node still says
+    /// `cluster_state:ok`) and the cluster is whole again. Answers the killed node's port.
+    ///
+    /// # Panics
+    /// When no replica takes over within `limit`.
+    pub fn fail_over(&mut self, key: &str, limit: Duration) -> u16 {
+        let victim = self.master_of(key);
+        self.kill(victim);
+        let polls = limit.as_millis() / 100;
+        for _ in 0..polls {
+            std::thread::sleep(Duration::from_millis(100));
+            if self.serving(key).is_some_and(|port| port != victim) && self.wait_ok(Duration::ZERO)
+            {
+                return victim;
+            }
+        }
+        panic!("no replica took over from {victim}:\n{}", self.describe());
+    }
+
+    /// The master serving `key`'s slot, if one does (none while a failed master's replica is
+    /// not promoted yet).
+    fn serving(&self, key: &str) -> Option<u16> {
         let port = self.live_port();
         let slot: u16 = cli(port, &["cluster", "keyslot", key])
             .trim()
@@ -315,14 +342,10 @@ impl RedisCluster {
             });
             if serves {
                 let address = fields[1].split('@').next().unwrap_or_default();
-                return address
-                    .rsplit(':')
-                    .next()
-                    .and_then(|p| p.parse().ok())
-                    .expect("port");
+                return address.rsplit(':').next().and_then(|p| p.parse().ok());
             }
         }
-        panic!("no master serves slot {slot} of {key}");
+        None
     }
 
     /// Kills the node on `port` with SIGKILL (a crash) and reaps it.
@@ -370,7 +393,7 @@ impl RedisCluster {
     /// Waits until every live node says `cluster_state:ok` (after a failover: the replica of
     /// a killed master was promoted). False after `limit`.
     pub fn wait_ok(&mut self, limit: Duration) -> bool {
-        let polls = limit.as_millis() / 100;
+        let polls = (limit.as_millis() / 100).max(1);
         for _ in 0..polls {
             let mut live = self
                 .nodes

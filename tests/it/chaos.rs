@@ -31,7 +31,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use crate::common::{Node, Scratch};
-use actors::test_util::RedisServer;
+use actors::test_util::{RedisCluster, RedisServer};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use runtime::client::chaos::{Actor, flatten};
@@ -88,8 +88,74 @@ impl Profile {
     }
 }
 
-/// A node's config; `script` is the ledger task's shell script.
-fn config(script: &str) -> String {
+/// Where the nodes' broker is, and what "a Redis restart" means there.
+enum Broker {
+    /// One server with its AOF on; the ledger lives on it too.
+    Server(RedisServer),
+    /// A Redis Cluster (3 masters + 3 replicas, replicated acknowledgement on); the ledger
+    /// lives on a server of its own (its writes are not waited for: a failover could lose a
+    /// side effect the test then could not tell from a missing one).
+    Cluster {
+        cluster: RedisCluster,
+        ledger: RedisServer,
+    },
+}
+
+impl Broker {
+    fn url(&self) -> String {
+        match self {
+            Self::Server(server) => server.url(),
+            Self::Cluster { cluster, .. } => cluster.url(),
+        }
+    }
+
+    fn ledger_port(&self) -> u16 {
+        match self {
+            Self::Server(server) => server.port(),
+            Self::Cluster { ledger, .. } => ledger.port(),
+        }
+    }
+
+    /// `[broker]` lines of the nodes' config beyond the common ones.
+    fn config(&self) -> &'static str {
+        match self {
+            Self::Server(_) => "",
+            Self::Cluster { .. } => "ack_replicas = 1\nack_replicas_timeout = \"2s\"\n",
+        }
+    }
+
+    fn label(&self) -> &'static str {
+        match self {
+            Self::Server(_) => "one Redis (AOF)",
+            Self::Cluster { .. } => "a Redis Cluster (3 masters + 3 replicas, ack_replicas 1)",
+        }
+    }
+
+    /// The Redis disruption (blocking): one server is SIGKILLed and restarted on its AOF; on
+    /// a cluster the `chat` queue's master is SIGKILLed, its replica takes over, and the old
+    /// master comes back as a replica.
+    fn disrupt(&mut self) {
+        match self {
+            Self::Server(server) => {
+                server.stop();
+                std::thread::sleep(Duration::from_millis(300));
+                server.restart();
+            }
+            Self::Cluster { cluster, .. } => {
+                let victim = cluster.fail_over("rt:{chat}:stream", Duration::from_secs(20));
+                cluster.restart(victim);
+                assert!(
+                    cluster.wait_synced(Duration::from_secs(20)),
+                    "the old master did not rejoin:\n{}",
+                    cluster.describe()
+                );
+            }
+        }
+    }
+}
+
+/// A node's config; `script` is the ledger task's shell script, `broker` more `[broker]` lines.
+fn config(script: &str, broker: &str) -> String {
     format!(
         r#"
 [runtime]
@@ -101,7 +167,7 @@ bind = "127.0.0.1:0"
 [broker]
 lease = "2s"
 max_deliveries = 200
-
+{broker}
 [supervision]
 max_restarts = 10000
 within = "10s"
@@ -382,12 +448,31 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tasks_survive_actor_kills_node_sigkills_and_a_redis_restart() {
+    chaos(Broker::Server(RedisServer::start_with_aof())).await;
+}
+
+/// The same on a Redis Cluster, where "the Redis restart" is a master's failover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_survive_actor_kills_node_sigkills_and_a_master_failover_on_a_redis_cluster() {
+    let cluster = tokio::task::spawn_blocking(RedisCluster::start)
+        .await
+        .unwrap();
+    chaos(Broker::Cluster {
+        cluster,
+        ledger: RedisServer::start_with_aof(),
+    })
+    .await;
+}
+
+async fn chaos(mut redis: Broker) {
     let profile = Profile::chosen();
     let began = Instant::now();
-    let mut redis = RedisServer::start_with_aof();
     let ledger = Scratch::new();
-    let script = ledger.write("ledger.sh", &ledger_script(ledger.path(), redis.port()));
-    let config = config(&script.display().to_string());
+    let script = ledger.write(
+        "ledger.sh",
+        &ledger_script(ledger.path(), redis.ledger_port()),
+    );
+    let config = config(&script.display().to_string(), redis.config());
     let redis_url = redis.url();
     let start = |config: &str| Node::start(config, &[("RT_BROKER_URL", &redis_url)]);
     let node_a = start(&config);
@@ -501,9 +586,7 @@ async fn tasks_survive_actor_kills_node_sigkills_and_a_redis_restart() {
         if redis_restarts == 0 && elapsed >= profile.redis_restart {
             let held = gate.lock().await;
             let at = now_ms();
-            redis.stop();
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            tokio::task::block_in_place(|| redis.restart());
+            tokio::task::block_in_place(|| redis.disrupt());
             redis_restarts += 1;
             for url in [&node_a.url, &node_b.as_ref().unwrap().url] {
                 wait_healthy(&http, url, Duration::from_secs(20)).await;
@@ -615,6 +698,9 @@ async fn tasks_survive_actor_kills_node_sigkills_and_a_redis_restart() {
             .await
             .unwrap();
         if response.status() == 404 {
+            if lost.is_empty() {
+                eprintln!("first lost: {} {:?}", sub.id, response.text().await);
+            }
             lost.push(sub.id.clone());
             continue;
         }
@@ -641,7 +727,7 @@ async fn tasks_survive_actor_kills_node_sigkills_and_a_redis_restart() {
     let effects_out = Command::new("redis-cli")
         .args([
             "-p",
-            &redis.port().to_string(),
+            &redis.ledger_port().to_string(),
             "LRANGE",
             "chaos:effects",
             "0",
@@ -757,7 +843,7 @@ async fn tasks_survive_actor_kills_node_sigkills_and_a_redis_restart() {
     let exec = submitted.iter().filter(|s| s.mark.is_some()).count();
     eprintln!(
         "\n== chaos summary (profile {}) ==\n\
-         tasks: {} over 3 queues ({} native, {} exec of which {} idempotent and submitted twice), 2 nodes on one Redis (AOF)\n\
+         tasks: {} over 3 queues ({} native, {} exec of which {} idempotent and submitted twice), 2 nodes on {}\n\
          chaos: {:.1} s, actor kills {} ({:?}), task kills {} (tried {}, nothing running {}), node SIGKILLs {}, node restarts {}, Redis restarts {}\n\
          outcome: succeeded {}, dead-lettered as configured {}, lost {}, unexpected outcome {}, extra attempts recorded {}\n\
          duplicates: executions {} (around {:?}; unexplained by a disruption {}), side effects of idempotent tasks {} (missing {}), second submissions not deduplicated {}\n\
@@ -769,6 +855,7 @@ async fn tasks_survive_actor_kills_node_sigkills_and_a_redis_restart() {
         submitted.len() - exec,
         exec,
         idempotent,
+        redis.label(),
         chaos_time.as_secs_f64(),
         kills.len(),
         by_kind,
