@@ -428,6 +428,45 @@ pub(crate) async fn ids_and_idempotency_keys_together<B: Broker>(b: &B, q: &str)
     assert_eq!(ids, [x.as_str(), y.as_str()]);
 }
 
+/// One batch over three queues (on a Redis Cluster, three slots): the answers come in the
+/// batch's order, a key repeated within a queue is a duplicate of its first id, each queue
+/// delivers its own entries in order, and every record is found by id.
+pub(crate) async fn batches_across_queues_are_answered_in_order<B: Broker>(b: &B, q: &str) {
+    let queues = [format!("{q}-a"), format!("{q}-b"), format!("{q}-c")];
+    let mut batch = Vec::new();
+    for n in 0..9u32 {
+        let queue = &queues[n as usize % 3];
+        let mut env = chosen(queue, &format!("{queue}:{n}"), n);
+        if n >= 3 {
+            // Each queue's key first comes with envelope 3, 4 or 5, again 3 places later.
+            env.idempotency_key = Some(format!("{queue}:key"));
+        }
+        batch.push(env);
+    }
+    let answers = b.enqueue(batch).await.unwrap();
+    for (n, answer) in answers.iter().enumerate() {
+        let queue = &queues[n % 3];
+        if n >= 6 {
+            assert_eq!(*answer, duplicate(&format!("{queue}:{}", n - 3)), "envelope {n}");
+        } else {
+            assert_eq!(*answer, fresh(&format!("{queue}:{n}")), "envelope {n}");
+        }
+    }
+    for (i, queue) in queues.iter().enumerate() {
+        let got = b.reserve(queue, "c", 10, NO_WAIT).await.unwrap();
+        let ids: Vec<&str> = got.iter().map(|d| d.envelope.id.as_str()).collect();
+        assert_eq!(
+            ids,
+            [format!("{queue}:{i}"), format!("{queue}:{}", i + 3)],
+            "{queue}"
+        );
+        for id in ids {
+            let record = b.record(id).await.unwrap().expect("a record");
+            assert_eq!(record.queue, *queue);
+        }
+    }
+}
+
 /// Ids are checked at enqueue (the whole batch is refused, naming the rule) and when read from
 /// a queue (another producer's entry: dead-lettered as malformed with the reason).
 pub(crate) async fn bad_ids_are_refused_or_dead_lettered<B: Broker + RawProducer>(b: &B, q: &str) {
@@ -1376,7 +1415,8 @@ macro_rules! contract_suite {
             retries_are_delayed_with_the_next_attempt, deferral_keeps_the_attempt,
             idempotent_enqueue_returns_the_first_id,
             chosen_ids_are_unique_while_their_task_lives, dead_requeued_poisoned_and_purged_ids,
-            ids_and_idempotency_keys_together, bad_ids_are_refused_or_dead_lettered,
+            ids_and_idempotency_keys_together, batches_across_queues_are_answered_in_order,
+            bad_ids_are_refused_or_dead_lettered,
             records_keep_results_for_their_ttl, dead_letters_can_be_listed_and_requeued,
             purge_removes_ready_and_delayed_only, malformed_entries_are_dead_lettered_not_delivered,
             single_dead_letters_are_paged_requeued_deleted_and_purged, sent_events_name_the_trace,
