@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,33 +39,10 @@ from pathlib import Path
 import redis
 from redis.crc import key_slot
 
-REPO = Path(__file__).resolve().parent.parent
-TICKS = os.sysconf("SC_CLK_TCK")
-POLL = 0.010
+# The drain driver's helpers (this file's directory is on the path when it runs).
+from bench_drain import POLL, REPO, _ping, cpu_seconds, free_port, wait_for
+
 SLOTS = 16384
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of `pid` (and of its reaped children), seconds."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return sum(int(fields[i]) for i in (11, 12, 13, 14)) / TICKS
-
-
-def wait_for(what: str, check, timeout: float, every: float = 0.01):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(every)
-    raise TimeoutError(f"{what} not within {timeout} s")
 
 
 def ranges(masters: int) -> list[tuple[int, int]]:
@@ -95,22 +71,23 @@ class Cluster:
 
     def __init__(self, masters: int, work: Path, server: str):
         self.ports = [free_port() for _ in range(masters)]
+        self.buses = [free_port() for _ in range(masters)]
         self.procs = []
-        for port in self.ports:
+        for port, bus in zip(self.ports, self.buses):
             d = work / str(port)
             d.mkdir()
             self.procs.append(subprocess.Popen(
                 [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                  "--appendonly", "no", "--dir", str(d), "--cluster-enabled", "yes",
-                 "--cluster-config-file", str(d / "nodes.conf"), "--cluster-port", str(free_port())],
+                 "--cluster-config-file", str(d / "nodes.conf"), "--cluster-port", str(bus)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         clients = [redis.Redis(host="127.0.0.1", port=p) for p in self.ports]
         for c in clients:
-            wait_for("redis-server", lambda c=c: _ping(c), 10)
+            wait_for("redis-server", lambda c=c: _ping(c), 10, every=0.01)
         for c, (lo, hi) in zip(clients, ranges(masters)):
             c.execute_command("CLUSTER", "ADDSLOTSRANGE", lo, hi)
         for c in clients[1:]:
-            c.execute_command("CLUSTER", "MEET", "127.0.0.1", self.ports[0])
+            c.execute_command("CLUSTER", "MEET", "127.0.0.1", self.ports[0], self.buses[0])
         wait_for("cluster_state:ok", lambda: all(
             c.cluster("info")["cluster_state"] == "ok"
             and int(c.cluster("info")["cluster_known_nodes"]) == masters for c in clients), 30)
@@ -133,7 +110,8 @@ def config(url: str, queues: list[str], concurrency: int) -> str:
     text = f'[broker]\nurl = "{url}"\n\n[http]\nbind = "127.0.0.1:0"\n\n'
     for q in queues:
         text += f"[queues.{q}]\nconcurrency = {concurrency}\n\n"
-    return text + '[tasks.rt_noop]\nhandler = { kind = "native" }\n'
+    # The task's own queue is the first; an envelope's `queue` decides where it is read.
+    return text + f'[tasks.rt_noop]\nqueue = "{queues[0]}"\nhandler = {{ kind = "native" }}\n'
 
 
 def one_run(args: argparse.Namespace, masters: int, work: Path) -> dict[str, float]:
@@ -158,7 +136,11 @@ def one_run(args: argparse.Namespace, masters: int, work: Path) -> dict[str, flo
         started = time.monotonic()
         node = subprocess.Popen([args.runtime, "--config", str(path), "--address-file", str(address)],
                                 stdout=subprocess.DEVNULL, stderr=open(work / "node.log", "w"))
-        url = wait_for("the node's address", lambda: address.exists() and address.read_text().strip(), 30)
+        try:
+            url = wait_for("the node's address", lambda: address.exists() and address.read_text().strip(), 30)
+        except TimeoutError:
+            print((work / "node.log").read_text()[-2000:], file=sys.stderr)
+            raise
         base = url if url.startswith("http") else f"http://{url}"
 
         def state() -> dict:
@@ -187,13 +169,6 @@ def one_run(args: argparse.Namespace, masters: int, work: Path) -> dict[str, flo
                 node.kill()
                 node.wait()
         cluster.stop()
-
-
-def _ping(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.ConnectionError:
-        return False
 
 
 def main() -> int:
