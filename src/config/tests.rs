@@ -119,8 +119,8 @@ fn unknown_keys_are_named_by_path_with_position() {
         fails("[broker]\nhostname = \"x\"\n"),
         [
             "error: broker.hostname: unknown key, expected one of `url`, `prefix`, `lease`, \
-             `max_deliveries`, `result_ttl`, `max_entry_bytes`, `drain_on_shutdown` \
-             (line 2, column 1)"
+             `max_deliveries`, `result_ttl`, `max_entry_bytes`, `drain_on_shutdown`, \
+             `ack_replicas`, `ack_replicas_timeout` (line 2, column 1)"
         ]
     );
     // Inside a tagged handler table too, and for its kind.
@@ -999,6 +999,39 @@ fn celery_names_mapped_to_nothing_are_named_by_key_path() {
     assert!(
         lines[0].contains("celery: the Celery bridge needs a single Redis server"),
         "{lines:?}"
+    );
+}
+
+#[test]
+fn replicated_acknowledgement_is_bounded_and_needs_redis() {
+    let redis = "[broker]\nurl = \"redis://127.0.0.1:6379/0\"\n";
+    let loaded = ok(&format!(
+        "{redis}ack_replicas = 2\nack_replicas_timeout = \"250ms\"\n"
+    ))
+    .0;
+    assert_eq!(loaded.broker.settings.ack_replicas, 2);
+    assert_eq!(
+        loaded.broker.settings.ack_replicas_timeout,
+        std::time::Duration::from_millis(250)
+    );
+    assert_eq!(
+        ok(redis).0.broker.settings.ack_replicas,
+        0,
+        "off by default"
+    );
+    assert_eq!(
+        fails(&format!("{redis}ack_replicas = 17\n")),
+        ["error: broker.ack_replicas: must be from 0 to 16, got 17"]
+    );
+    assert_eq!(
+        fails("[broker]\nack_replicas = 1\n"),
+        ["error: broker.ack_replicas: needs a Redis broker with replicas: memory:// has none"]
+    );
+    assert_eq!(
+        fails(&format!(
+            "{redis}ack_replicas = 1\nack_replicas_timeout = \"2m\"\n"
+        )),
+        ["error: broker.ack_replicas_timeout: must be at most 60s, got 120s"]
     );
 }
 

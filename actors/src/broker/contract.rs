@@ -447,7 +447,11 @@ pub(crate) async fn batches_across_queues_are_answered_in_order<B: Broker>(b: &B
     for (n, answer) in answers.iter().enumerate() {
         let queue = &queues[n % 3];
         if n >= 6 {
-            assert_eq!(*answer, duplicate(&format!("{queue}:{}", n - 3)), "envelope {n}");
+            assert_eq!(
+                *answer,
+                duplicate(&format!("{queue}:{}", n - 3)),
+                "envelope {n}"
+            );
         } else {
             assert_eq!(*answer, fresh(&format!("{queue}:{n}")), "envelope {n}");
         }

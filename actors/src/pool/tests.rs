@@ -373,6 +373,18 @@ async fn a_thousand_cycles_and_a_hundred_sigkills_leave_no_zombies_or_orphans() 
     let f = Fixture::start(tag.clone(), shell_settings(&tag)).await;
     let mut rng = rand::rng();
     let mut kills = 0;
+    // SIGKILLs a random idle or assigned agent; false when every agent is still starting.
+    let mut kill_one = || {
+        let live: Vec<(String, u32)> = [f.agents("idle"), f.agents("assigned")].concat();
+        let Some((_, pid)) = live.get(rng.random_range(0..live.len().max(1))) else {
+            return false;
+        };
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(*pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        true
+    };
     let started = Instant::now();
     for n in 0..1000 {
         f.pool
@@ -380,16 +392,17 @@ async fn a_thousand_cycles_and_a_hundred_sigkills_leave_no_zombies_or_orphans() 
             .await
             .unwrap();
         // One kill per ten cycles; when every agent is still starting, the next cycle catches up.
-        if kills * 10 <= n {
-            let live: Vec<(String, u32)> = [f.agents("idle"), f.agents("assigned")].concat();
-            if !live.is_empty() {
-                let (_, pid) = &live[rng.random_range(0..live.len())];
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(*pid as i32),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-                kills += 1;
-            }
+        if kills * 10 <= n && kill_one() {
+            kills += 1;
+        }
+    }
+    // Kills the last cycles could not place (every agent was starting then) happen now.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while kills < 100 && Instant::now() < deadline {
+        if kill_one() {
+            kills += 1;
+        } else {
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
     eprintln!(

@@ -187,7 +187,7 @@ impl Writer {
         }
         *starts = kept;
         let cluster = self.keys.cluster();
-        let events_key = events_key.as_bytes();
+        let later_key = cluster.then_some(events_key.as_bytes());
         let outcomes: Vec<Outcome<'_>> = commits
             .iter()
             .flat_map(|(writes, _)| writes)
@@ -195,18 +195,19 @@ impl Writer {
             .map(|(write, marker)| {
                 let mut marks = marker.iter().flat_map(Pipeline::cmd_iter);
                 let (hset, event) = (marks.next(), marks.next());
-                // Without a record, the start brings only its event.
-                let marker = hset.filter(|_| write.record);
-                Outcome::new(
-                    write.pipe.cmd_iter().collect(),
-                    marker,
+                Outcome {
+                    pipe: &write.pipe,
+                    // Without a record, the start brings only its event.
+                    marker: hset.filter(|_| write.record),
                     event,
-                    cluster,
-                    events_key,
-                )
+                    later_key,
+                }
             })
-            .chain(own.iter().map(|pipe| {
-                Outcome::new(pipe.cmd_iter().collect(), None, None, cluster, events_key)
+            .chain(own.iter().map(|pipe| Outcome {
+                pipe,
+                marker: None,
+                event: None,
+                later_key,
             }))
             .collect();
         if outcomes.is_empty() {
@@ -218,8 +219,8 @@ impl Writer {
             let slot = cluster
                 .then(|| {
                     outcome
-                        .cmds
-                        .first()
+                        .cmds()
+                        .next()
                         .and_then(|c| simple(c).nth(1))
                         .map(Slot::for_key)
                 })
@@ -238,7 +239,7 @@ impl Writer {
             .collect();
         let later = outcomes
             .iter()
-            .map(|o| o.later.iter().map(|&c| c.clone()).collect())
+            .map(|o| o.later().cloned().collect())
             .collect();
         let count = outcomes.len();
         let starts = own.len();
@@ -257,40 +258,37 @@ impl Writer {
     }
 }
 
-/// One outcome of a call: its commands in `commit.lua`'s order (the first — its record's
-/// `HSET` when it has one —, the `started` event of a start merged into it, the rest), the
-/// marker `HSET` of that start (its fields go into the first command), and on a cluster the
-/// event `XADD`s, written after the outcome (the events stream is in a slot of its own).
+/// One outcome of a call: its writes (`pipe`), the start merged into it (the marker `HSET`,
+/// whose fields go into the outcome's first command — its record's `HSET` —, and the `started`
+/// event, right after that command), and on a cluster the events stream's key: its `XADD`s
+/// are left out of the call and written after it (the stream is in a slot of its own).
 struct Outcome<'a> {
-    cmds: Vec<&'a Cmd>,
+    pipe: &'a Pipeline,
     marker: Option<&'a Cmd>,
-    later: Vec<&'a Cmd>,
+    event: Option<&'a Cmd>,
+    later_key: Option<&'a [u8]>,
 }
 
 impl<'a> Outcome<'a> {
-    fn new(
-        mut cmds: Vec<&'a Cmd>,
-        marker: Option<&'a Cmd>,
-        event: Option<&'a Cmd>,
-        cluster: bool,
-        events_key: &[u8],
-    ) -> Self {
-        if let Some(event) = event {
-            cmds.insert(cmds.len().min(1), event);
-        }
-        let mut later = Vec::new();
-        if cluster {
-            let (events, own): (Vec<&Cmd>, Vec<&Cmd>) = cmds
-                .into_iter()
-                .partition(|cmd| simple(cmd).nth(1) == Some(events_key));
-            cmds = own;
-            later = events;
-        }
-        Self {
-            cmds,
-            marker,
-            later,
-        }
+    /// Every command in `commit.lua`'s order: the first, the start's event, the rest.
+    fn all(&self) -> impl Iterator<Item = &'a Cmd> + use<'a> {
+        let mut cmds = self.pipe.cmd_iter();
+        let first = cmds.next();
+        first.into_iter().chain(self.event).chain(cmds)
+    }
+
+    /// The commands of the call (all but the events on a cluster).
+    fn cmds(&self) -> impl Iterator<Item = &'a Cmd> + use<'a> {
+        let later_key = self.later_key;
+        self.all()
+            .filter(move |cmd| later_key.is_none() || simple(cmd).nth(1) != later_key)
+    }
+
+    /// The event `XADD`s written after the call (a cluster only).
+    fn later(&self) -> impl Iterator<Item = &'a Cmd> + use<'a> {
+        let later_key = self.later_key;
+        self.all()
+            .filter(move |cmd| later_key.is_some() && simple(cmd).nth(1) == later_key)
     }
 }
 
@@ -424,7 +422,7 @@ fn invocation(sha: &str, outcomes: &[&Outcome<'_>]) -> Cmd {
     let mut keys: Vec<&[u8]> = Vec::new();
     let (mut args, mut bytes) = (0, 0);
     for outcome in outcomes {
-        for cmd in outcome.cmds.iter().copied().chain(outcome.marker) {
+        for cmd in outcome.cmds().chain(outcome.marker) {
             for (n, arg) in simple(cmd).enumerate() {
                 if n == 1 {
                     keys.push(arg);
@@ -448,8 +446,8 @@ fn invocation(sha: &str, outcomes: &[&Outcome<'_>]) -> Cmd {
         .arg(keys.len())
         .arg(&keys);
     for outcome in outcomes {
-        invocation.arg(outcome.cmds.len());
-        let mut cmds = outcome.cmds.iter();
+        invocation.arg(outcome.cmds().count());
+        let mut cmds = outcome.cmds();
         if let Some(first) = cmds.next() {
             // The record `HSET`: its key, the marker's fields, then its own (later fields
             // win).
