@@ -157,6 +157,9 @@ pub struct BrokerSettings {
     /// How long an enqueue waits for [`ack_replicas`](Self::ack_replicas) replicas before it
     /// fails (the entry may or may not be kept: retry it with an idempotency key).
     pub ack_replicas_timeout: Duration,
+    /// Redis: queues made of several streams (`[queues.NAME] partitions`), by name; a queue
+    /// not here has one.
+    pub partitions: HashMap<String, u32>,
 }
 
 /// The default [`BrokerSettings::max_entry_bytes`]: 1 MiB.
@@ -174,6 +177,7 @@ impl Default for BrokerSettings {
             max_entry_bytes: DEFAULT_MAX_ENTRY_BYTES,
             ack_replicas: 0,
             ack_replicas_timeout: Duration::from_secs(1),
+            partitions: HashMap::new(),
         }
     }
 }
@@ -833,7 +837,7 @@ pub trait TaskQueue: Send + Sync + 'static {
     /// `dead_letter`) when it comes within [`EVENT_FLUSH`] — ahead of it, so a task's
     /// `started` stays before its outcome in the stream — or are written on their own after
     /// `EVENT_FLUSH` (Redis; `memory://` writes them at once). Best effort.
-    fn started(&self, envelope: &Envelope, consumer: &str);
+    fn started(&self, delivery: &Delivery, consumer: &str);
 
     /// Hands back entries `consumer` reserved but did not start (a node leaving cleanly):
     /// each one still held by `consumer` is ready again at once for any consumer, its delivery
@@ -1016,12 +1020,38 @@ pub fn check_entry(entry: &str) -> Result<(), String> {
     let fits = |part: &str| {
         !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()) && part.parse::<u64>().is_ok()
     };
-    match entry.split_once('-') {
-        Some((ms, seq)) if fits(ms) && fits(seq) => Ok(()),
+    // A dead letter of a queue's partition p ≥ 1 is named `<entry>@p`.
+    let (id, partition) = match entry.split_once('@') {
+        Some((id, p)) => (id, Some(p)),
+        None => (entry, None),
+    };
+    let partition_ok = partition.is_none_or(|p| {
+        fits(p)
+            && p.parse::<u32>()
+                .is_ok_and(|p| (1..=MAX_PARTITIONS).contains(&p))
+    });
+    match id.split_once('-') {
+        Some((ms, seq)) if fits(ms) && fits(seq) && partition_ok => Ok(()),
         _ => Err(format!(
-            "`{}` is not an entry id (expected two numbers joined by `-`, as `1732374000123-0`)",
+            "`{}` is not an entry id (expected two numbers joined by `-`, as `1732374000123-0`, \
+             and for a dead letter of a partition `@` and its number, as `1732374000123-0@2`)",
             entry.chars().take(64).collect::<String>()
         )),
+    }
+}
+
+/// The most streams a queue may be made of (`[queues.NAME] partitions`).
+pub const MAX_PARTITIONS: u32 = 64;
+
+/// True when `stream` is `queue`'s own stream or one of its partitions (`queue:1`, …): what
+/// a delivery's `queue` names is the stream it was read from.
+pub fn is_stream_of(stream: &str, queue: &str) -> bool {
+    match stream.strip_prefix(queue) {
+        Some("") => true,
+        Some(rest) => rest
+            .strip_prefix(':')
+            .is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit())),
+        None => false,
     }
 }
 
@@ -1197,7 +1227,7 @@ dispatch!(TaskQueue {
     async fn recover(&self, queue: &str, lease: Duration) -> Done<Recovered>;
     async fn promote_due(&self, queue: &str, now: SystemTime) -> Done<u64>;
     async fn hand_back(&self, queue: &str, consumer: &str, entries: &[String]) -> Done<u64>;
-    fn started(&self, envelope: &Envelope, consumer: &str) -> ();
+    fn started(&self, delivery: &Delivery, consumer: &str) -> ();
 });
 
 dispatch!(Records {
@@ -1232,6 +1262,24 @@ dispatch!(Admin {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn entry_ids_and_partition_names() {
+        for good in ["1732374000123-0", "0-0", "1732374000123-7@2", "1-0@64"] {
+            assert!(super::check_entry(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "", "-", "1-", "1-0@", "1-0@0", "1-0@65", "1-0@x", "1-0@2@3", "@2", "1-0 @2",
+        ] {
+            assert!(super::check_entry(bad).is_err(), "{bad}");
+        }
+        assert!(super::is_stream_of("chat", "chat"));
+        assert!(super::is_stream_of("chat:2", "chat"));
+        assert!(!super::is_stream_of("chat:", "chat"));
+        assert!(!super::is_stream_of("chat:x", "chat"));
+        assert!(!super::is_stream_of("chatter", "chat"));
+        assert!(!super::is_stream_of("chat", "chat:1"));
+    }
+
     use super::*;
 
     #[test]

@@ -697,30 +697,46 @@ impl ConsumerState {
             return;
         }
         let work = Arc::clone(&self.args.work);
-        let entries: Vec<String> = self
-            .waiting
-            .iter()
-            .map(|w| w.held.delivery.entry.clone())
-            .collect();
-        match work
-            .broker
-            .hand_back(&self.args.queue, &work.consumer, &entries)
-            .await
-        {
-            Ok(moved) => {
-                // Their slots are freed as they drop.
-                for w in self.waiting.drain(..) {
-                    let delivery = &w.held.delivery;
-                    work.leases
-                        .release(&delivery.queue, &work.consumer, &delivery.entry);
-                }
-                info!(queue = %self.args.queue, handed_back = moved, "handed back the entries reserved here but not started");
-            }
-            Err(err) => {
-                warn!(queue = %self.args.queue, error = %err, waiting = entries.len(),
-                    "cannot hand back the waiting entries; they run here before the node stops");
+        // By the stream each came from (a partitioned queue's entries are in several): each
+        // stream's are handed back in one step, and dropped here once they are.
+        let mut streams: Vec<String> = Vec::new();
+        for w in &self.waiting {
+            if !streams.contains(&w.held.delivery.queue) {
+                streams.push(w.held.delivery.queue.clone());
             }
         }
+        let mut handed = 0;
+        for stream in streams {
+            let entries: Vec<String> = (self.waiting.iter())
+                .filter(|w| w.held.delivery.queue == stream)
+                .map(|w| w.held.delivery.entry.clone())
+                .collect();
+            match work
+                .broker
+                .hand_back(&stream, &work.consumer, &entries)
+                .await
+            {
+                Ok(moved) => {
+                    handed += moved;
+                    // Their slots are freed as they drop.
+                    self.waiting.retain(|w| {
+                        let delivery = &w.held.delivery;
+                        if delivery.queue != stream {
+                            return true;
+                        }
+                        work.leases
+                            .release(&delivery.queue, &work.consumer, &delivery.entry);
+                        false
+                    });
+                }
+                Err(err) => {
+                    warn!(queue = %self.args.queue, error = %err, waiting = self.waiting.len(),
+                        "cannot hand back the waiting entries; they run here before the node stops");
+                    return;
+                }
+            }
+        }
+        info!(queue = %self.args.queue, handed_back = handed, "handed back the entries reserved here but not started");
     }
 
     /// Starts waiting tasks while there is room.

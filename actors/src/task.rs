@@ -106,7 +106,7 @@ impl Actor for TaskActor {
         // EVENT_FLUSH while the task still runs.
         let work = &args.settler.work;
         let envelope = &args.held.delivery.envelope;
-        work.broker.started(envelope, &work.consumer);
+        work.broker.started(&args.held.delivery, &work.consumer);
         let span = task_span(envelope);
         // The origin's start (a bridge's STARTED state) is written while the handler already runs,
         // and before the outcome.

@@ -161,6 +161,23 @@ pub(crate) fn compile(
         broker.settings.task_idempotency_ttl = (tasks.iter())
             .filter_map(|(name, task)| task.idempotency.as_ref().map(|i| (name.clone(), i.ttl)))
             .collect();
+        if broker.url.starts_with("memory:") {
+            for (name, queue) in &raw.queues {
+                if queue.partitions.is_some_and(|n| n > 1) {
+                    c.warning(
+                        format!("queues.{name}.partitions"),
+                        "has no effect with memory:// (one node, one queue in its memory)",
+                    );
+                }
+            }
+        } else {
+            broker.settings.partitions = (raw.queues.iter())
+                .filter_map(|(name, queue)| {
+                    let n = queue.partitions?.clamp(1, actors::broker::MAX_PARTITIONS);
+                    (n > 1).then(|| (name.clone(), n))
+                })
+                .collect();
+        }
         broker
     });
     let beat = BeatSettings {
@@ -845,6 +862,17 @@ impl Compiler<'_> {
                 consumer.concurrency = NonZeroUsize::try_from(n).unwrap_or(consumer.concurrency);
             }
             consumer.prefetch = queue.prefetch.map_or(consumer.prefetch, |n| n as usize);
+            if let Some(n) = queue.partitions
+                && !(1..=actors::broker::MAX_PARTITIONS).contains(&n)
+            {
+                self.error(
+                    format!("{at}.partitions"),
+                    format!(
+                        "must be from 1 to {}, got {n}",
+                        actors::broker::MAX_PARTITIONS
+                    ),
+                );
+            }
             let time_limit = self.opt_duration(&format!("{at}.time_limit"), &queue.time_limit);
             let soft_time_limit =
                 self.opt_duration(&format!("{at}.soft_time_limit"), &queue.soft_time_limit);

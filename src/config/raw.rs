@@ -191,6 +191,9 @@ pub(crate) struct RawQueue {
     pub(crate) time_limit: Option<RawDuration>,
     /// Soft time limit of the queue's tasks that set none. Default: `runtime.soft_time_limit`.
     pub(crate) soft_time_limit: Option<RawDuration>,
+    /// Redis: streams the queue is made of (each its own hash tag, so on a Redis Cluster its own
+    /// slot, possibly its own master). Default 1; from 1 to 64.
+    pub(crate) partitions: Option<u32>,
 }
 
 /// `[tasks.NAME]`: a task definition.

@@ -1003,6 +1003,36 @@ fn celery_names_mapped_to_nothing_are_named_by_key_path() {
 }
 
 #[test]
+fn partitions_are_bounded_and_reach_the_broker() {
+    let redis = "[broker]\nurl = \"redis://127.0.0.1:6379/0\"\n";
+    let loaded = ok(&format!(
+        "{redis}[queues.chat]\npartitions = 4\n[queues.default]\npartitions = 1\n"
+    ))
+    .0;
+    assert_eq!(
+        loaded.broker.settings.partitions,
+        [("chat".to_string(), 4)].into(),
+        "a queue of one partition is not listed"
+    );
+    assert_eq!(
+        fails(&format!("{redis}[queues.chat]\npartitions = 65\n")),
+        ["error: queues.chat.partitions: must be from 1 to 64, got 65"]
+    );
+    assert_eq!(
+        fails(&format!("{redis}[queues.chat]\npartitions = 0\n")),
+        ["error: queues.chat.partitions: must be from 1 to 64, got 0"]
+    );
+    let (memory, warnings) = ok("[queues.chat]\npartitions = 4\n");
+    assert!(memory.broker.settings.partitions.is_empty());
+    assert_eq!(
+        warnings,
+        [
+            "warning: queues.chat.partitions: has no effect with memory:// (one node, one queue in its memory)"
+        ]
+    );
+}
+
+#[test]
 fn replicated_acknowledgement_is_bounded_and_needs_redis() {
     let redis = "[broker]\nurl = \"redis://127.0.0.1:6379/0\"\n";
     let loaded = ok(&format!(

@@ -939,7 +939,7 @@ async fn task_states_and_revocations_over_http() {
         .unwrap();
     assert_eq!(got.len(), 3);
     let of = |id: &str| got.iter().find(|d| d.envelope.id == id).unwrap();
-    state.broker.started(&of(&running).envelope, "node-1");
+    state.broker.started(of(&running), "node-1");
     let retry_at = std::time::SystemTime::now() + Duration::from_secs(60);
     state
         .broker
@@ -1301,7 +1301,7 @@ async fn a_task_timeline_lists_its_events_state_trace_and_dead_letter() {
         .reserve("default", "node", 1, Duration::ZERO)
         .await
         .unwrap();
-    state.broker.started(&again[0].envelope, "node");
+    state.broker.started(&again[0], "node");
     let (_, timeline) = get(&state, "/tasks/a%2Fb/timeline").await;
     assert_eq!(timeline["state"], "running", "its record, started again");
     assert_eq!(timeline["dead_letter"], serde_json::Value::Null);

@@ -78,17 +78,20 @@ async fn settled(node: &Node, limit: Duration) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_mixed_tasks_complete_or_dead_letter_as_configured() {
     let redis = RedisServer::start();
-    a_thousand_mixed_tasks(&redis.url()).await;
+    a_thousand_mixed_tasks(&redis.url(), CONFIG).await;
 }
 
-/// The same on a Redis Cluster (3 masters + 3 replicas): the three queues' keys sit in
-/// different slots, each task's record in its queue's.
+/// The same on a Redis Cluster (3 masters + 3 replicas), the chat queue in 3 partitions: the
+/// queues' keys sit in different slots, each task's record in its stream's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_mixed_tasks_on_a_redis_cluster() {
     let cluster = tokio::task::spawn_blocking(RedisCluster::start)
         .await
         .unwrap();
-    a_thousand_mixed_tasks(&cluster.url()).await;
+    // The chat queue in 3 partitions (3 streams, 3 slots).
+    let config = CONFIG.replace("[queues.chat]\n", "[queues.chat]\npartitions = 3\n");
+    assert_ne!(config, CONFIG);
+    a_thousand_mixed_tasks(&cluster.url(), &config).await;
     // The work was spread: more than one master holds keys.
     let holding = cluster
         .ports()
@@ -108,8 +111,8 @@ async fn a_thousand_mixed_tasks_on_a_redis_cluster() {
     assert!(holding >= 2, "keys on {holding} nodes");
 }
 
-async fn a_thousand_mixed_tasks(url: &str) {
-    let node = Node::start(CONFIG, &[("RT_BROKER_URL", url)]);
+async fn a_thousand_mixed_tasks(url: &str, config: &str) {
+    let node = Node::start(config, &[("RT_BROKER_URL", url)]);
     let mut batch = Vec::new();
     for n in 0..1000 {
         batch.push(match n % 10 {

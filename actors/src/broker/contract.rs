@@ -909,7 +909,7 @@ pub(crate) async fn soon_events_precede_the_outcome_or_are_flushed<B: Broker>(b:
     let sent = b.enqueue(vec![task(q, 1), task(q, 2)]).await.unwrap();
     let got = b.reserve(q, "c", 2, NO_WAIT).await.unwrap();
     for delivery in &got {
-        b.started(&delivery.envelope, "c");
+        b.started(delivery, "c");
     }
     b.ack(&got[0], json!(true)).await.unwrap();
     let kinds_of = |events: &[super::Event], id: &str| -> Vec<String> {
@@ -956,9 +956,9 @@ pub(crate) async fn unrecorded_acks_leave_no_record<B: Broker>(b: &B, q: &str) {
     let sent = b.enqueue(vec![task(q, 1), task(q, 2)]).await.unwrap();
     let got = b.reserve(q, "c", 2, NO_WAIT).await.unwrap();
     // The first one's start goes with its outcome; the second's is written first.
-    b.started(&got[0].envelope, "c");
+    b.started(&got[0], "c");
     b.ack_unrecorded(&got[0]).await.unwrap();
-    b.started(&got[1].envelope, "c");
+    b.started(&got[1], "c");
     until_state(b, &sent[1].id, TaskState::Running).await;
     b.ack_unrecorded(&got[1]).await.unwrap();
     let events = b.events(None, 10_000).await.unwrap();
@@ -1033,7 +1033,7 @@ pub(crate) async fn records_follow_the_life_of_a_task<B: Broker>(b: &B, q: &str)
         TaskState::Queued,
         "reserved, not started"
     );
-    b.started(&got[0].envelope, "node-a");
+    b.started(&got[0], "node-a");
     let running = until_state(b, &now, TaskState::Running).await;
     assert_eq!((running.attempts, running.attempt), (1, Some(0)));
     assert_eq!(running.node.as_deref(), Some("node-a"));
@@ -1054,18 +1054,18 @@ pub(crate) async fn records_follow_the_life_of_a_task<B: Broker>(b: &B, q: &str)
     b.promote_due(q, retry_at + MS).await.unwrap();
     let again = b.reserve(q, "node-a", 5, NO_WAIT).await.unwrap();
     assert_eq!(again.len(), 1);
-    b.started(&again[0].envelope, "node-a");
+    b.started(&again[0], "node-a");
     let running = until_state(b, &now, TaskState::Running).await;
     assert_eq!((running.attempts, running.attempt), (2, Some(1)));
     assert_eq!(b.recover(q, Duration::ZERO).await.unwrap().requeued, 1);
     let waiting = b.record(&now).await.unwrap().unwrap();
     assert_eq!(waiting.state, TaskState::Retrying, "recovered: not running");
     let again = b.reserve(q, "node-b", 5, NO_WAIT).await.unwrap();
-    b.started(&again[0].envelope, "node-b");
+    b.started(&again[0], "node-b");
     until_state(b, &now, TaskState::Running).await;
     b.ack(&again[0], json!({"reply": "hi"})).await.unwrap();
     // A start marker that comes late changes nothing.
-    b.started(&again[0].envelope, "node-b");
+    b.started(&again[0], "node-b");
     tokio::time::sleep(super::EVENT_FLUSH * 3).await;
     let done = b.record(&now).await.unwrap().unwrap();
     assert_eq!(
@@ -1088,7 +1088,7 @@ pub(crate) async fn records_follow_the_life_of_a_task<B: Broker>(b: &B, q: &str)
     );
     b.promote_due(q, SystemTime::now()).await.unwrap();
     let got = b.reserve(q, "node-a", 5, NO_WAIT).await.unwrap();
-    b.started(&got[0].envelope, "node-a");
+    b.started(&got[0], "node-a");
     b.dead_letter(&got[0], "permanent: 400").await.unwrap();
     let dead = b.record(&soon).await.unwrap().unwrap();
     assert_eq!(
@@ -1160,7 +1160,7 @@ pub(crate) async fn revocations_in_every_state<B: Broker>(b: &B, q: &str) {
     )
     .await
     .unwrap();
-    b.started(&by_n(4).envelope, "c");
+    b.started(&by_n(4), "c");
     until_state(b, &id(3), TaskState::Running).await;
     b.ack(&by_n(5), json!(5)).await.unwrap();
     let queued = b.enqueue(vec![task(q, 6)]).await.unwrap()[0].id.clone();
@@ -1260,7 +1260,7 @@ pub(crate) async fn events_off_write_nothing<B: Broker>(b: &B, q: &str) {
     let got = b.reserve(q, "c", 2, NO_WAIT).await.unwrap();
     let started = super::Event::about("started", &got[0].envelope, json!({ "consumer": "c" }));
     b.publish(started).await.unwrap();
-    b.started(&got[0].envelope, "c");
+    b.started(&got[0], "c");
     b.retry(&got[0], SystemTime::now(), "timeout")
         .await
         .unwrap();

@@ -42,12 +42,20 @@ impl Leases {
 
     /// Takes every delivery `consumer` holds in `queue` (a restarted consumer adopting what
     /// its previous incarnation left).
+    /// Its partitions' (`queue:1`, `queue:2`, …: a delivery is held under the stream it came
+    /// from) are taken too.
     pub fn take(&self, queue: &str, consumer: &str) -> Vec<Arc<Delivery>> {
-        let mut taken: Vec<Arc<Delivery>> = self
+        let mine: Vec<(String, String)> = self
             .held
-            .remove(&(queue.to_string(), consumer.to_string()))
-            .map(|(_, held)| held.into_values().collect())
-            .unwrap_or_default();
+            .iter()
+            .map(|e| e.key().clone())
+            .filter(|(stream, who)| who == consumer && super::is_stream_of(stream, queue))
+            .collect();
+        let mut taken: Vec<Arc<Delivery>> = mine
+            .into_iter()
+            .filter_map(|key| self.held.remove(&key))
+            .flat_map(|(_, held)| held.into_values())
+            .collect();
         taken.sort_by(|a, b| a.entry.cmp(&b.entry));
         taken
     }

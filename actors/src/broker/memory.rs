@@ -737,7 +737,8 @@ impl TaskQueue for MemoryBroker {
         Ok(moved)
     }
 
-    fn started(&self, envelope: &Envelope, consumer: &str) {
+    fn started(&self, delivery: &Delivery, consumer: &str) {
+        let envelope = &delivery.envelope;
         // No round trip to save: written at once, so before any later outcome.
         let at = rfc3339(SystemTime::now());
         let mut state = self.lock();

@@ -219,6 +219,9 @@ use events::{Start, xadd_whole};
 use keys::{Keys, revocations_channel};
 /// Entries one script call handles (recovery, promotion, purge); the caller loops.
 const SCRIPT_BATCH: usize = 256;
+/// How long a read of an idle partitioned queue waits on one partition before the next
+/// (`reserve`): a new entry in another partition waits at most this long per partition.
+const PARTITION_WAIT: Duration = Duration::from_millis(50);
 /// Queues a cluster's record lookup reads at most (`find_record`: one `HGETALL` each).
 const MAX_QUEUES_LOOKED_UP: usize = 1000;
 /// Dead letters read per page by `requeue_dead`.
@@ -283,6 +286,10 @@ pub struct RedisBroker {
     groups: Mutex<HashSet<String>>,
     /// Queues known to be in a cluster's registry (`Keys::queues`).
     registered: Mutex<HashSet<String>>,
+    /// The partition the next enqueue without a key or chosen id goes to (`partition_for`).
+    next_partition: std::sync::atomic::AtomicU64,
+    /// The partition the next read of a partitioned queue starts at (`reserve`).
+    next_read: std::sync::atomic::AtomicUsize,
     /// Idle dedicated connections for blocking reads, by (queue, consumer).
     blocking: Mutex<HashMap<(String, String), Conn>>,
     scripts: Scripts,
@@ -391,6 +398,8 @@ impl RedisBroker {
             manager,
             groups: Mutex::new(HashSet::new()),
             registered: Mutex::new(HashSet::new()),
+            next_partition: std::sync::atomic::AtomicU64::new(0),
+            next_read: std::sync::atomic::AtomicUsize::new(0),
             blocking: Mutex::new(HashMap::new()),
             scripts: Scripts {
                 enqueue: Script::new(include_str!("redis/enqueue.lua")),
@@ -572,11 +581,15 @@ impl RedisBroker {
 
     /// The record of an enqueued envelope ([`StoredRecord::enqueued`]: `queued`, or
     /// `scheduled` until `due_ms`). A new key has no TTL: it lives while its entry does.
-    fn add_enqueued_record(&self, pipe: &mut Pipeline, envelope: &Envelope, due_ms: Option<u64>) {
+    fn add_enqueued_record(
+        &self,
+        pipe: &mut Pipeline,
+        stream: &str,
+        envelope: &Envelope,
+        due_ms: Option<u64>,
+    ) {
         let record = StoredRecord::enqueued(envelope, due_ms, &envelope.enqueued_at);
-        let cmd = pipe
-            .cmd("HSET")
-            .arg(self.keys.result(&envelope.queue, &envelope.id));
+        let cmd = pipe.cmd("HSET").arg(self.keys.result(stream, &envelope.id));
         for (name, value) in &record_fields(&record) {
             cmd.arg(*name).arg(value.as_ref());
         }
@@ -766,11 +779,15 @@ impl RedisBroker {
     async fn enqueue_claiming(
         &self,
         prepared: Vec<Prepared>,
+        streams: &[String],
         at: &str,
     ) -> Result<Vec<Enqueued>, BrokerError> {
         let mut answers = vec![String::new(); prepared.len()];
-        for group in self.by_queue(prepared.iter().map(|p| p.envelope.queue.as_str())) {
-            let mine: Vec<&Prepared> = group.iter().map(|&n| &prepared[n]).collect();
+        for group in self.by_queue(streams.iter().map(String::as_str)) {
+            let mine: Vec<(&Prepared, &str)> = group
+                .iter()
+                .map(|&n| (&prepared[n], streams[n].as_str()))
+                .collect();
             let got = self.enqueue_script(&mine, at).await?;
             for (n, answer) in group.into_iter().zip(got) {
                 answers[n] = answer;
@@ -803,7 +820,7 @@ impl RedisBroker {
     /// after it): per envelope `''` (written) or the id it duplicates.
     async fn enqueue_script(
         &self,
-        prepared: &[&Prepared],
+        prepared: &[(&Prepared, &str)],
         at: &str,
     ) -> Result<Vec<String>, BrokerError> {
         let maxlen = if self.events_on() && !self.keys.cluster() {
@@ -818,18 +835,18 @@ impl RedisBroker {
         if maxlen > 0 {
             keys.push(events_key);
         }
-        for p in prepared {
+        for &(p, stream) in prepared {
             let envelope = &p.envelope;
             let target = match p.due {
-                Some(_) => self.keys.delayed(&envelope.queue),
-                None => self.keys.stream(&envelope.queue),
+                Some(_) => self.keys.delayed(stream),
+                None => self.keys.stream(stream),
             };
-            let record = self.keys.result(&envelope.queue, &envelope.id);
+            let record = self.keys.result(stream, &envelope.id);
             let (idem, ttl) = match &envelope.idempotency_key {
                 Some(key) => {
                     let ttl = self.settings.idempotency_ttl_for(&envelope.task);
                     (
-                        self.keys.idempotency(&envelope.queue, key),
+                        self.keys.idempotency(stream, key),
                         (ttl.as_millis() as u64).max(1),
                     )
                 }
@@ -1031,6 +1048,336 @@ impl RedisBroker {
     }
 }
 
+impl RedisBroker {
+    /// Reserves from one stream: a queue's, or one partition's (its deliveries carry the
+    /// stream's queue name, so their acks, retries and renewals go to that stream).
+    async fn reserve_stream(
+        &self,
+        queue: &str,
+        consumer: &str,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<Delivery>, BrokerError> {
+        let stream = self.keys.stream(queue);
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let block = (!left.is_zero()).then_some(left);
+            let (entries, seq) = self
+                .read_group(queue, consumer, &stream, max, block)
+                .await?;
+            if entries.is_empty() {
+                return Ok(Vec::new());
+            }
+            self.catch_up_revocations(seq).await;
+            let (deliveries, buried) = self.deliveries(queue, &stream, entries).await?;
+            // Only malformed entries came: look again rather than answer empty-handed while
+            // well-formed ones may wait behind them.
+            if deliveries.is_empty() && buried {
+                continue;
+            }
+            return Ok(deliveries);
+        }
+    }
+
+    /// The number of streams of `queue` (`[queues.NAME] partitions`, 1 by default).
+    fn partition_count(&self, queue: &str) -> u32 {
+        self.settings
+            .partitions
+            .get(queue)
+            .copied()
+            .unwrap_or(1)
+            .max(1)
+    }
+
+    /// The streams `queue` is made of: itself, then `queue:1` … `queue:N-1` (each its own hash
+    /// tag, so on a cluster its own slot).
+    fn partitions(&self, queue: &str) -> Vec<String> {
+        (0..self.partition_count(queue))
+            .map(|p| partition_name(queue, p))
+            .collect()
+    }
+
+    /// The stream an envelope goes to: its queue's; on a partitioned queue the partition its
+    /// idempotency key picks, else its chosen id (so a repeat meets its first), else the next
+    /// one in turn.
+    fn partition_for(&self, envelope: &Envelope, chosen: bool) -> String {
+        let n = self.partition_count(&envelope.queue);
+        if n == 1 {
+            return envelope.queue.clone();
+        }
+        let p = match (&envelope.idempotency_key, chosen) {
+            (Some(key), _) => fnv1a(key),
+            (None, true) => fnv1a(&envelope.id),
+            (None, false) => self
+                .next_partition
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        } % u64::from(n);
+        partition_name(&envelope.queue, p as u32)
+    }
+}
+
+/// Partition `p` of `queue`: the queue's own stream for 0, else `queue:p`.
+fn partition_name(queue: &str, p: u32) -> String {
+    if p == 0 {
+        queue.to_string()
+    } else {
+        format!("{queue}:{p}")
+    }
+}
+
+/// 64-bit FNV-1a of `text`: the same partition for the same key on every node and version.
+fn fnv1a(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+impl RedisBroker {
+    /// One stream's part of the partition-wide operations below (a queue's, or one partition's).
+    async fn recover_stream(&self, queue: &str, lease: Duration) -> Result<Recovered, BrokerError> {
+        let (stream, dead) = (self.keys.stream(queue), self.keys.dead(queue));
+        let lease_ms = lease.as_millis() as u64;
+        let mut out = Recovered::default();
+        loop {
+            let now = rfc3339(SystemTime::now());
+            let mut invocation = self.scripts.recover.prepare_invoke();
+            invocation
+                .key(&stream)
+                .key(&dead)
+                .arg(self.keys.group())
+                .arg(lease_ms)
+                .arg(self.settings.max_deliveries)
+                .arg(now)
+                .arg(SCRIPT_BATCH)
+                .arg(self.keys.result_prefix(queue))
+                .arg(self.result_ttl_ms);
+            let reply: Vec<Value> = self
+                .grouped(queue, || {
+                    let mut conn = self.manager.clone();
+                    let invocation = &invocation;
+                    async move { invocation.invoke_async(&mut conn).await }
+                })
+                .await?;
+            let [requeued, died, more, moved @ ..] = reply.as_slice() else {
+                return Err(BrokerError::Command("recover.lua: unexpected reply".into()));
+            };
+            out.requeued += int(requeued) as u64;
+            out.dead += int(died) as u64;
+            for entry in moved.chunks(4) {
+                if let [kind, e, ..] = entry
+                    && text(kind) == "dead"
+                    && let Ok(envelope) = Envelope::from_json(&text(e))
+                {
+                    out.dead_tasks.push(envelope.task);
+                }
+            }
+            // The entries have moved (atomically); a lost event must not hide that.
+            if let Err(e) = self.recovery_events(queue, moved).await {
+                tracing::warn!(queue, error = %e, "recovery events not written");
+            }
+            if int(more) == 0 {
+                return Ok(out);
+            }
+        }
+    }
+
+    async fn promote_stream(&self, queue: &str, now: SystemTime) -> Result<u64, BrokerError> {
+        let (delayed, stream) = (self.keys.delayed(queue), self.keys.stream(queue));
+        let now_ms = epoch_ms(now);
+        let mut moved = 0;
+        loop {
+            let mut invocation = self.scripts.promote.prepare_invoke();
+            invocation
+                .key(&delayed)
+                .key(&stream)
+                .arg(now_ms)
+                .arg(SCRIPT_BATCH);
+            let mut conn = self.manager.clone();
+            let n: u64 = self.observe(invocation.invoke_async(&mut conn).await)?;
+            moved += n;
+            if n < SCRIPT_BATCH as u64 {
+                return Ok(moved);
+            }
+        }
+    }
+
+    async fn depth_stream(&self, queue: &str) -> Result<QueueDepth, BrokerError> {
+        let stream = self.keys.stream(queue);
+        let mut pipe = redis::pipe();
+        pipe.cmd("XLEN").arg(&stream);
+        pipe.cmd("XPENDING").arg(&stream).arg(self.keys.group());
+        pipe.cmd("ZCARD").arg(self.keys.delayed(queue));
+        pipe.cmd("XLEN").arg(self.keys.dead(queue));
+        let (length, pending, delayed, dead): (u64, Value, u64, u64) = self
+            .grouped(queue, || {
+                let mut conn = self.manager.clone();
+                let pipe = &pipe;
+                async move { pipe.query_async(&mut conn).await }
+            })
+            .await?;
+        let in_flight = match pending {
+            Value::Array(summary) => summary.first().map_or(0, int) as u64,
+            _ => 0,
+        };
+        Ok(QueueDepth {
+            ready: length.saturating_sub(in_flight),
+            delayed,
+            in_flight,
+            dead,
+        })
+    }
+
+    async fn purge_stream(&self, queue: &str) -> Result<Purged, BrokerError> {
+        let (stream, delayed) = (self.keys.stream(queue), self.keys.delayed(queue));
+        let mut out = Purged::default();
+        loop {
+            let mut invocation = self.scripts.purge.prepare_invoke();
+            invocation
+                .key(&stream)
+                .key(&delayed)
+                .arg(self.keys.group())
+                .arg(SCRIPT_BATCH)
+                .arg(self.keys.result_prefix(queue));
+            let (ready, removed, more): (u64, u64, u64) = self
+                .grouped(queue, || {
+                    let mut conn = self.manager.clone();
+                    let invocation = &invocation;
+                    async move { invocation.invoke_async(&mut conn).await }
+                })
+                .await?;
+            out.ready += ready;
+            out.delayed += removed;
+            if more == 0 {
+                return Ok(out);
+            }
+        }
+    }
+}
+
+impl RedisBroker {
+    async fn dead_letters_stream(
+        &self,
+        queue: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, BrokerError> {
+        let start = match after {
+            Some(after) => {
+                entry_arg(after)?;
+                format!("({after}")
+            }
+            None => "-".to_string(),
+        };
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        pipe.cmd("XRANGE")
+            .arg(self.keys.dead(queue))
+            .arg(start)
+            .arg("+")
+            .arg("COUNT")
+            .arg(limit);
+        let (reply,): (Value,) = self.query_pipe(&pipe).await?;
+        Ok(stream_entries(reply).into_iter().map(dead_letter).collect())
+    }
+
+    async fn requeue_dead_stream(&self, queue: &str, limit: usize) -> Result<u64, BrokerError> {
+        let dead = self.keys.dead(queue);
+        let mut moved = 0u64;
+        let mut start = "-".to_string();
+        while moved < limit as u64 {
+            let mut pipe = redis::pipe();
+            pipe.cmd("XRANGE")
+                .arg(&dead)
+                .arg(&start)
+                .arg("+")
+                .arg("COUNT")
+                .arg(DEAD_PAGE);
+            let (reply,): (Value,) = self.query_pipe(&pipe).await?;
+            let page = stream_entries(reply);
+            let full = page.len() >= DEAD_PAGE;
+            let Some(last) = page.last() else {
+                break;
+            };
+            start = format!("({}", last.id);
+            let room = usize::try_from(limit as u64 - moved).unwrap_or(usize::MAX);
+            let letters: Vec<(String, Envelope)> = page
+                .into_iter()
+                .map(dead_letter)
+                .filter_map(|letter| Some((letter.entry, letter.envelope?)))
+                .take(room)
+                .collect();
+            moved += self.requeue_letters(queue, letters).await?;
+            if !full {
+                break;
+            }
+        }
+        Ok(moved)
+    }
+
+    async fn requeue_dead_entry_stream(
+        &self,
+        queue: &str,
+        entry: &str,
+    ) -> Result<Option<String>, BrokerError> {
+        entry_arg(entry)?;
+        let dead = self.keys.dead(queue);
+        let mut pipe = redis::pipe();
+        pipe.cmd("XRANGE").arg(&dead).arg(entry).arg(entry);
+        let (reply,): (Value,) = self.query_pipe(&pipe).await?;
+        let Some(found) = stream_entries(reply).into_iter().next() else {
+            return Ok(None);
+        };
+        let Some(envelope) = dead_letter(found).envelope else {
+            return Err(malformed_letter(queue, entry));
+        };
+        let id = envelope.id.clone();
+        let moved = self
+            .requeue_letters(queue, vec![(entry.to_string(), envelope)])
+            .await?;
+        // Not moved: another caller requeued or deleted it between the read and the script.
+        Ok((moved == 1).then_some(id))
+    }
+
+    async fn delete_dead_stream(&self, queue: &str, entry: &str) -> Result<bool, BrokerError> {
+        entry_arg(entry)?;
+        let mut pipe = redis::pipe();
+        pipe.cmd("XDEL").arg(self.keys.dead(queue)).arg(entry);
+        let (deleted,): (u64,) = self.query_pipe(&pipe).await?;
+        Ok(deleted == 1)
+    }
+
+    async fn purge_dead_stream(&self, queue: &str) -> Result<u64, BrokerError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("XTRIM")
+            .arg(self.keys.dead(queue))
+            .arg("MAXLEN")
+            .arg(0);
+        let (deleted,): (u64,) = self.query_pipe(&pipe).await?;
+        Ok(deleted)
+    }
+}
+
+/// A dead letter's name as the API shows it: its entry id, with `@p` for partition p ≥ 1.
+fn entry_name(entry: &str, p: u32) -> String {
+    if p == 0 {
+        entry.to_string()
+    } else {
+        format!("{entry}@{p}")
+    }
+}
+
+/// The partition and the entry id of a dead letter's name ([`entry_name`]), checked.
+fn split_entry(name: &str) -> Result<(u32, &str), BrokerError> {
+    entry_arg(name)?;
+    Ok(match name.split_once('@') {
+        Some((entry, p)) => (p.parse().unwrap_or(u32::MAX), entry),
+        None => (0, name),
+    })
+}
+
 impl TaskQueue for RedisBroker {
     async fn enqueue(&self, batch: Vec<Envelope>) -> Result<Vec<Enqueued>, BrokerError> {
         let now = SystemTime::now();
@@ -1039,20 +1386,25 @@ impl TaskQueue for RedisBroker {
             return Ok(Vec::new());
         }
         let at = rfc3339(now);
-        for p in &prepared {
-            self.register(&p.envelope.queue).await?;
+        // The stream each goes to: its queue's, or one of its partitions'.
+        let streams: Vec<String> = prepared
+            .iter()
+            .map(|p| self.partition_for(&p.envelope, p.chosen))
+            .collect();
+        for stream in &streams {
+            self.register(stream).await?;
         }
         // Something to claim (an idempotency key, a chosen id): claims and writes in one script.
         if prepared
             .iter()
             .any(|p| p.chosen || p.envelope.idempotency_key.is_some())
         {
-            return self.enqueue_claiming(prepared, &at).await;
+            return self.enqueue_claiming(prepared, &streams, &at).await;
         }
         // Generated ids only, no keys: nothing can be a duplicate, one pipeline (on a
         // cluster one per queue, the events after them).
         let mut out = Vec::with_capacity(prepared.len());
-        for group in self.by_queue(prepared.iter().map(|p| p.envelope.queue.as_str())) {
+        for group in self.by_queue(streams.iter().map(String::as_str)) {
             let mut pipe = redis::pipe();
             for &n in &group {
                 let Prepared {
@@ -1061,17 +1413,18 @@ impl TaskQueue for RedisBroker {
                     due,
                     ..
                 } = &prepared[n];
-                self.add_enqueued_record(&mut pipe, envelope, *due);
+                let stream = &streams[n];
+                self.add_enqueued_record(&mut pipe, stream, envelope, *due);
                 match due {
                     Some(due_ms) => pipe
                         .cmd("ZADD")
-                        .arg(self.keys.delayed(&envelope.queue))
+                        .arg(self.keys.delayed(stream))
                         .arg(*due_ms)
                         .arg(json)
                         .ignore(),
                     None => pipe
                         .cmd("XADD")
-                        .arg(self.keys.stream(&envelope.queue))
+                        .arg(self.keys.stream(stream))
                         .arg("*")
                         .arg("e")
                         .arg(json)
@@ -1108,26 +1461,47 @@ impl TaskQueue for RedisBroker {
             // `COUNT 0` would mean "no limit".
             return Ok(Vec::new());
         }
-        let stream = self.keys.stream(queue);
-        let deadline = tokio::time::Instant::now() + wait;
-        loop {
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            let block = (!left.is_zero()).then_some(left);
-            let (entries, seq) = self
-                .read_group(queue, consumer, &stream, max, block)
-                .await?;
-            if entries.is_empty() {
-                return Ok(Vec::new());
-            }
-            self.catch_up_revocations(seq).await;
-            let (deliveries, buried) = self.deliveries(queue, &stream, entries).await?;
-            // Only malformed entries came: look again rather than answer empty-handed while
-            // well-formed ones may wait behind them.
-            if deliveries.is_empty() && buried {
-                continue;
-            }
-            return Ok(deliveries);
+        let partitions = self.partitions(queue);
+        if partitions.len() == 1 {
+            return self.reserve_stream(queue, consumer, max, wait).await;
         }
+        // Fair: each call starts at the next partition, takes what is ready from each in turn,
+        // and when none has anything waits on each in turn for a short while.
+        let n = partitions.len();
+        let start = self
+            .next_read
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            % n;
+        let mut out = Vec::new();
+        for k in 0..n {
+            let room = max - out.len();
+            if room == 0 {
+                break;
+            }
+            let partition = &partitions[(start + k) % n];
+            out.extend(
+                self.reserve_stream(partition, consumer, room, Duration::ZERO)
+                    .await?,
+            );
+        }
+        if !out.is_empty() || wait.is_zero() {
+            return Ok(out);
+        }
+        let deadline = tokio::time::Instant::now() + wait;
+        for k in 0.. {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            let partition = &partitions[(start + k) % n];
+            let got = self
+                .reserve_stream(partition, consumer, max, left.min(PARTITION_WAIT))
+                .await?;
+            if !got.is_empty() {
+                return Ok(got);
+            }
+        }
+        Ok(out)
     }
 
     async fn renew(
@@ -1212,76 +1586,31 @@ impl TaskQueue for RedisBroker {
     }
 
     async fn recover(&self, queue: &str, lease: Duration) -> Result<Recovered, BrokerError> {
-        let (stream, dead) = (self.keys.stream(queue), self.keys.dead(queue));
-        let lease_ms = lease.as_millis() as u64;
         let mut out = Recovered::default();
-        loop {
-            let now = rfc3339(SystemTime::now());
-            let mut invocation = self.scripts.recover.prepare_invoke();
-            invocation
-                .key(&stream)
-                .key(&dead)
-                .arg(self.keys.group())
-                .arg(lease_ms)
-                .arg(self.settings.max_deliveries)
-                .arg(now)
-                .arg(SCRIPT_BATCH)
-                .arg(self.keys.result_prefix(queue))
-                .arg(self.result_ttl_ms);
-            let reply: Vec<Value> = self
-                .grouped(queue, || {
-                    let mut conn = self.manager.clone();
-                    let invocation = &invocation;
-                    async move { invocation.invoke_async(&mut conn).await }
-                })
-                .await?;
-            let [requeued, died, more, moved @ ..] = reply.as_slice() else {
-                return Err(BrokerError::Command("recover.lua: unexpected reply".into()));
-            };
-            out.requeued += int(requeued) as u64;
-            out.dead += int(died) as u64;
-            for entry in moved.chunks(4) {
-                if let [kind, e, ..] = entry
-                    && text(kind) == "dead"
-                    && let Ok(envelope) = Envelope::from_json(&text(e))
-                {
-                    out.dead_tasks.push(envelope.task);
-                }
-            }
-            // The entries have moved (atomically); a lost event must not hide that.
-            if let Err(e) = self.recovery_events(queue, moved).await {
-                tracing::warn!(queue, error = %e, "recovery events not written");
-            }
-            if int(more) == 0 {
-                return Ok(out);
-            }
+        for partition in self.partitions(queue) {
+            let one = self.recover_stream(&partition, lease).await?;
+            out.requeued += one.requeued;
+            out.dead += one.dead;
+            out.dead_tasks.extend(one.dead_tasks);
         }
+        Ok(out)
     }
 
     async fn promote_due(&self, queue: &str, now: SystemTime) -> Result<u64, BrokerError> {
-        let (delayed, stream) = (self.keys.delayed(queue), self.keys.stream(queue));
-        let now_ms = epoch_ms(now);
         let mut moved = 0;
-        loop {
-            let mut invocation = self.scripts.promote.prepare_invoke();
-            invocation
-                .key(&delayed)
-                .key(&stream)
-                .arg(now_ms)
-                .arg(SCRIPT_BATCH);
-            let mut conn = self.manager.clone();
-            let n: u64 = self.observe(invocation.invoke_async(&mut conn).await)?;
-            moved += n;
-            if n < SCRIPT_BATCH as u64 {
-                return Ok(moved);
-            }
+        for partition in self.partitions(queue) {
+            moved += self.promote_stream(&partition, now).await?;
         }
+        Ok(moved)
     }
 
-    fn started(&self, envelope: &Envelope, consumer: &str) {
+    fn started(&self, delivery: &Delivery, consumer: &str) {
+        let envelope = &delivery.envelope;
         // The writer is gone only when the broker is being dropped.
         let _ = self.outbox.send(Job::Start(Box::new(Start {
-            record: self.keys.result(&envelope.queue, &envelope.id),
+            // The record is where the outcome writes it: in the slot of the stream the entry
+            // came from.
+            record: self.keys.result(&delivery.queue, &envelope.id),
             event: started_event(envelope, consumer),
             attempt: envelope.attempt,
             consumer: consumer.to_string(),
@@ -1386,6 +1715,8 @@ impl Records for RedisBroker {
             serde_json::json!({ "id": id, "terminate": terminate, "until": until.to_string() });
         // On a cluster, what the task was when read (see below).
         let mut before = None;
+        // The stream the record belongs to, when known (a cluster: where it was found).
+        let mut stream_queue = String::new();
         if cluster {
             // The record and the revocations are in different slots: the task is looked up;
             // one that ended is answered without a write (as the script does); else the
@@ -1462,11 +1793,24 @@ impl Records for RedisBroker {
                 return Ok(Revoked::Running);
             }
             invocation.key(self.keys.result(&queue, id));
+            stream_queue = queue;
         } else {
             invocation
                 .key(self.keys.result("", id))
                 .key(self.keys.revoked())
                 .key(self.keys.revoked_seq());
+            // A task of a partitioned queue: its delayed entry may be in any partition.
+            if !self.settings.partitions.is_empty()
+                && let Some((_, fields)) = self.find_record(id).await?
+            {
+                let queue = fields
+                    .iter()
+                    .find(|(n, _)| n == "queue")
+                    .map(|(_, v)| v.as_str());
+                if let Some(queue) = queue.filter(|q| self.partition_count(q) > 1) {
+                    stream_queue = self.partitions(queue).join(",");
+                }
+            }
         }
         invocation
             .arg(id)
@@ -1476,7 +1820,8 @@ impl Records for RedisBroker {
             .arg(revocations_channel(prefix))
             .arg(prefix)
             .arg(rfc3339(now))
-            .arg(if cluster { "0" } else { "1" });
+            .arg(if cluster { "0" } else { "1" })
+            .arg(&stream_queue);
         let mut conn = self.manager.clone();
         let reply: Vec<String> = self.observe(invocation.invoke_async(&mut conn).await)?;
         let state = |at: usize| reply.get(at).and_then(|name| TaskState::from_name(name));
@@ -1617,29 +1962,15 @@ impl Coordination for RedisBroker {
 
 impl Admin for RedisBroker {
     async fn depth(&self, queue: &str) -> Result<QueueDepth, BrokerError> {
-        let stream = self.keys.stream(queue);
-        let mut pipe = redis::pipe();
-        pipe.cmd("XLEN").arg(&stream);
-        pipe.cmd("XPENDING").arg(&stream).arg(self.keys.group());
-        pipe.cmd("ZCARD").arg(self.keys.delayed(queue));
-        pipe.cmd("XLEN").arg(self.keys.dead(queue));
-        let (length, pending, delayed, dead): (u64, Value, u64, u64) = self
-            .grouped(queue, || {
-                let mut conn = self.manager.clone();
-                let pipe = &pipe;
-                async move { pipe.query_async(&mut conn).await }
-            })
-            .await?;
-        let in_flight = match pending {
-            Value::Array(summary) => summary.first().map_or(0, int) as u64,
-            _ => 0,
-        };
-        Ok(QueueDepth {
-            ready: length.saturating_sub(in_flight),
-            delayed,
-            in_flight,
-            dead,
-        })
+        let mut out = QueueDepth::default();
+        for partition in self.partitions(queue) {
+            let one = self.depth_stream(&partition).await?;
+            out.ready += one.ready;
+            out.delayed += one.delayed;
+            out.in_flight += one.in_flight;
+            out.dead += one.dead;
+        }
+        Ok(out)
     }
 
     async fn dead_letters_after(
@@ -1648,57 +1979,38 @@ impl Admin for RedisBroker {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<DeadLetter>, BrokerError> {
-        let start = match after {
-            Some(after) => {
-                entry_arg(after)?;
-                format!("({after}")
-            }
-            None => "-".to_string(),
-        };
-        if limit == 0 {
-            return Ok(Vec::new());
+        // Partition by partition, in order; a letter of partition p ≥ 1 is named `<entry>@p`.
+        let (mut from, mut after) = (0, after.map(str::to_string));
+        if let Some(cursor) = &after {
+            let (p, raw) = split_entry(cursor)?;
+            (from, after) = (p, Some(raw.to_string()));
         }
-        let mut pipe = redis::pipe();
-        pipe.cmd("XRANGE")
-            .arg(self.keys.dead(queue))
-            .arg(start)
-            .arg("+")
-            .arg("COUNT")
-            .arg(limit);
-        let (reply,): (Value,) = self.query_pipe(&pipe).await?;
-        Ok(stream_entries(reply).into_iter().map(dead_letter).collect())
+        let mut out = Vec::new();
+        for p in from..self.partition_count(queue) {
+            if out.len() >= limit {
+                break;
+            }
+            let partition = partition_name(queue, p);
+            let start = if p == from { after.as_deref() } else { None };
+            let letters = self
+                .dead_letters_stream(&partition, start, limit - out.len())
+                .await?;
+            out.extend(letters.into_iter().map(|mut letter| {
+                letter.entry = entry_name(&letter.entry, p);
+                letter
+            }));
+        }
+        Ok(out)
     }
 
     async fn requeue_dead(&self, queue: &str, limit: usize) -> Result<u64, BrokerError> {
-        let dead = self.keys.dead(queue);
         let mut moved = 0u64;
-        let mut start = "-".to_string();
-        while moved < limit as u64 {
-            let mut pipe = redis::pipe();
-            pipe.cmd("XRANGE")
-                .arg(&dead)
-                .arg(&start)
-                .arg("+")
-                .arg("COUNT")
-                .arg(DEAD_PAGE);
-            let (reply,): (Value,) = self.query_pipe(&pipe).await?;
-            let page = stream_entries(reply);
-            let full = page.len() >= DEAD_PAGE;
-            let Some(last) = page.last() else {
-                break;
-            };
-            start = format!("({}", last.id);
-            let room = usize::try_from(limit as u64 - moved).unwrap_or(usize::MAX);
-            let letters: Vec<(String, Envelope)> = page
-                .into_iter()
-                .map(dead_letter)
-                .filter_map(|letter| Some((letter.entry, letter.envelope?)))
-                .take(room)
-                .collect();
-            moved += self.requeue_letters(queue, letters).await?;
-            if !full {
+        for partition in self.partitions(queue) {
+            let room = usize::try_from((limit as u64).saturating_sub(moved)).unwrap_or(usize::MAX);
+            if room == 0 {
                 break;
             }
+            moved += self.requeue_dead_stream(&partition, room).await?;
         }
         Ok(moved)
     }
@@ -1708,66 +2020,38 @@ impl Admin for RedisBroker {
         queue: &str,
         entry: &str,
     ) -> Result<Option<String>, BrokerError> {
-        entry_arg(entry)?;
-        let dead = self.keys.dead(queue);
-        let mut pipe = redis::pipe();
-        pipe.cmd("XRANGE").arg(&dead).arg(entry).arg(entry);
-        let (reply,): (Value,) = self.query_pipe(&pipe).await?;
-        let Some(found) = stream_entries(reply).into_iter().next() else {
+        let (p, raw) = split_entry(entry)?;
+        if p >= self.partition_count(queue) {
             return Ok(None);
-        };
-        let Some(envelope) = dead_letter(found).envelope else {
-            return Err(malformed_letter(queue, entry));
-        };
-        let id = envelope.id.clone();
-        let moved = self
-            .requeue_letters(queue, vec![(entry.to_string(), envelope)])
-            .await?;
-        // Not moved: another caller requeued or deleted it between the read and the script.
-        Ok((moved == 1).then_some(id))
+        }
+        self.requeue_dead_entry_stream(&partition_name(queue, p), raw)
+            .await
     }
 
     async fn delete_dead(&self, queue: &str, entry: &str) -> Result<bool, BrokerError> {
-        entry_arg(entry)?;
-        let mut pipe = redis::pipe();
-        pipe.cmd("XDEL").arg(self.keys.dead(queue)).arg(entry);
-        let (deleted,): (u64,) = self.query_pipe(&pipe).await?;
-        Ok(deleted == 1)
+        let (p, raw) = split_entry(entry)?;
+        if p >= self.partition_count(queue) {
+            return Ok(false);
+        }
+        self.delete_dead_stream(&partition_name(queue, p), raw)
+            .await
     }
 
     async fn purge_dead(&self, queue: &str) -> Result<u64, BrokerError> {
-        let mut pipe = redis::pipe();
-        pipe.cmd("XTRIM")
-            .arg(self.keys.dead(queue))
-            .arg("MAXLEN")
-            .arg(0);
-        let (deleted,): (u64,) = self.query_pipe(&pipe).await?;
+        let mut deleted = 0;
+        for partition in self.partitions(queue) {
+            deleted += self.purge_dead_stream(&partition).await?;
+        }
         Ok(deleted)
     }
 
     async fn purge(&self, queue: &str) -> Result<Purged, BrokerError> {
-        let (stream, delayed) = (self.keys.stream(queue), self.keys.delayed(queue));
         let mut out = Purged::default();
-        loop {
-            let mut invocation = self.scripts.purge.prepare_invoke();
-            invocation
-                .key(&stream)
-                .key(&delayed)
-                .arg(self.keys.group())
-                .arg(SCRIPT_BATCH)
-                .arg(self.keys.result_prefix(queue));
-            let (ready, removed, more): (u64, u64, u64) = self
-                .grouped(queue, || {
-                    let mut conn = self.manager.clone();
-                    let invocation = &invocation;
-                    async move { invocation.invoke_async(&mut conn).await }
-                })
-                .await?;
-            out.ready += ready;
-            out.delayed += removed;
-            if more == 0 {
-                return Ok(out);
-            }
+        for partition in self.partitions(queue) {
+            let one = self.purge_stream(&partition).await?;
+            out.ready += one.ready;
+            out.delayed += one.delayed;
         }
+        Ok(out)
     }
 }

@@ -28,7 +28,9 @@
 -- KEYS[3] = p:revoked:seq
 -- ARGV[1] = id, ARGV[2] = terminate ('1'/'0'), ARGV[3] = now (epoch ms), ARGV[4] = until
 -- (epoch ms), ARGV[5] = the revocations channel, ARGV[6] = key prefix, ARGV[7] = now (RFC 3339),
--- ARGV[8] = '1' when the revocation is kept here.
+-- ARGV[8] = '1' when the revocation is kept here, ARGV[9] = the streams its delayed entry may
+-- be in, comma-separated (a partitioned queue's: `q,q:1,q:2`; on a cluster the one its record
+-- was found in), else '' (then the record's `queue`).
 -- The queue's delayed set and stream are named from the record's queue (`p:{q}:delayed`,
 -- `p:{q}:stream`), as purge.lua and recover.lua name the records they touch.
 local record, revoked, seq = KEYS[1], KEYS[2], KEYS[3]
@@ -56,20 +58,24 @@ if state == 'succeeded' or state == 'dead' then
   return { 'ended', state }
 end
 
--- The delayed entry to move, checked before the first write.
-local delayed, stream, due
+-- Where its delayed entry may be (each stream's delayed set and stream), checked before the
+-- first write.
+local places, due = {}, nil
 local started = exists and tonumber(redis.call('HGET', record, 'started') or '') or nil
 local ended = exists and (tonumber(redis.call('HGET', record, 'attempts') or '') or 0) or 0
 local lost = exists and redis.call('HGET', record, 'lost') == '1'
 local running = started ~= nil and started >= ended and not lost
 if exists and not running and (state == 'scheduled' or state == 'retrying') then
   due = tonumber(redis.call('HGET', record, 'due') or '')
-  local queue = redis.call('HGET', record, 'queue')
-  if due and queue then
-    delayed = prefix .. ':{' .. queue .. '}:delayed'
-    stream = prefix .. ':{' .. queue .. '}:stream'
-    problem = check(delayed, 'zset') or check(stream, 'stream')
-    if problem then return problem end
+  local queues = ARGV[9] ~= '' and ARGV[9] or redis.call('HGET', record, 'queue')
+  if due and queues then
+    for queue in string.gmatch(queues, '[^,]+') do
+      local delayed = prefix .. ':{' .. queue .. '}:delayed'
+      local stream = prefix .. ':{' .. queue .. '}:stream'
+      problem = check(delayed, 'zset') or check(stream, 'stream')
+      if problem then return problem end
+      table.insert(places, { delayed, stream })
+    end
   end
 end
 
@@ -87,15 +93,18 @@ end
 if running then
   return { 'running' }
 end
-if delayed then
+for _, place in ipairs(places) do
+  local delayed, stream, moved = place[1], place[2], false
   for _, member in ipairs(redis.call('ZRANGEBYSCORE', delayed, due, due)) do
     local ok, envelope = pcall(cjson.decode, member)
     if ok and type(envelope) == 'table' and envelope.id == id then
       redis.call('ZREM', delayed, member)
       redis.call('XADD', stream, '*', 'e', member)
+      moved = true
       break
     end
   end
+  if moved then break end
 end
 redis.call('HSET', record, 'state', 'dead', 'error', 'revoked', 'updated_at', now)
 return { 'pending', state or 'queued' }

@@ -627,7 +627,7 @@ async fn a_wrong_type_events_stream_fails_the_outcome_whole() {
     let q = "events-wrongtype";
     let sent = h.broker.enqueue(vec![task(q, 1)]).await.unwrap();
     let got = h.broker.reserve(q, "c", 1, Duration::ZERO).await.unwrap();
-    h.broker.started(&got[0].envelope, "c");
+    h.broker.started(&got[0], "c");
     redis_cli(&h, &["DEL", "rt:events"]).await;
     redis_cli(&h, &["SET", "rt:events", "x"]).await;
     let err = h.broker.ack(&got[0], json!(1)).await.unwrap_err();
@@ -738,7 +738,7 @@ async fn revocations_reach_other_nodes_and_nodes_started_later() {
         .await
         .unwrap();
     let got = b.reserve(q, "node-b", 1, Duration::ZERO).await.unwrap();
-    b.started(&got[0].envelope, "node-b");
+    b.started(&got[0], "node-b");
     // The start travels within EVENT_FLUSH.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     while a.broker.record(&sent[0].id).await.unwrap().unwrap().state != TaskState::Running {
@@ -870,7 +870,7 @@ async fn concurrent_outcomes_are_coalesced_each_still_whole() {
     for delivery in got {
         let h = Arc::clone(&h);
         acks.spawn(async move {
-            h.broker.started(&delivery.envelope, "c");
+            h.broker.started(&delivery, "c");
             let acked = h
                 .broker
                 .ack(&delivery, json!(delivery.envelope.args[0]))
@@ -983,7 +983,7 @@ async fn the_events_stream_stays_capped_under_batched_outcomes() {
     for delivery in got {
         let h = Arc::clone(&h);
         acks.spawn(async move {
-            h.broker.started(&delivery.envelope, "c");
+            h.broker.started(&delivery, "c");
             h.broker.ack(&delivery, json!(null)).await
         });
     }
@@ -1004,4 +1004,176 @@ async fn the_events_stream_stays_capped_under_batched_outcomes() {
     let kinds: std::collections::BTreeSet<&str> = kept.iter().map(|e| e.kind.as_str()).collect();
     assert!(!kinds.contains("sent"), "{kinds:?}");
     assert!(kinds.contains("succeeded"), "{kinds:?}");
+}
+
+/// A queue of 3 partitions (`[queues.hot] partitions = 3`): generated ids go round robin, a
+/// key or a chosen id always to the same partition (a repeat is a duplicate), reads take from
+/// every partition fairly, depth and recovery count them all, a blocking read wakes for any
+/// partition, and a partition's dead letters are named `<entry>@p` and requeued by that name.
+async fn a_partitioned_queue(b: &RedisBroker) {
+    use crate::broker::Admin;
+    let q = "hot";
+    let env = |n: u32| {
+        let mut env = Envelope::new("rt_noop", q);
+        env.args = vec![json!(n)];
+        env
+    };
+    let sent = b.enqueue((0..30).map(env).collect()).await.unwrap();
+    assert!(sent.iter().all(|s| !s.duplicate));
+    assert_eq!(b.depth(q).await.unwrap().ready, 30);
+    // Three reads of 10: every read starts at another partition; all 30 come, 10 per stream.
+    let mut per_stream = std::collections::BTreeMap::<String, usize>::new();
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        for d in b.reserve(q, "c", 10, Duration::ZERO).await.unwrap() {
+            *per_stream.entry(d.queue.clone()).or_default() += 1;
+            assert_eq!(d.envelope.queue, q, "the envelope keeps its queue");
+            got.push(d);
+        }
+    }
+    assert_eq!(got.len(), 30);
+    assert_eq!(
+        per_stream,
+        [("hot", 10), ("hot:1", 10), ("hot:2", 10)]
+            .map(|(k, v)| (k.to_string(), v))
+            .into()
+    );
+    assert_eq!(b.depth(q).await.unwrap().in_flight, 30);
+    // One of partition 2 last: it is dead-lettered below.
+    let at = got.iter().position(|d| d.queue == "hot:2").unwrap();
+    got.swap(at, 29);
+    for d in &got[..29] {
+        // Its start travels with its outcome: both in the slot of the stream it came from.
+        b.started(d, "c");
+        b.ack(d, json!(null)).await.unwrap();
+        assert_eq!(
+            b.record(&d.envelope.id).await.unwrap().unwrap().state,
+            TaskState::Succeeded
+        );
+    }
+    // The last one dead-lettered: named with its partition, requeued by that name.
+    let last = &got[29];
+    b.dead_letter(last, "poison").await.unwrap();
+    let letters = b.dead_letters_after(q, None, 10).await.unwrap();
+    assert_eq!(letters.len(), 1);
+    assert!(letters[0].entry.ends_with("@2"), "{}", letters[0].entry);
+    assert_eq!(
+        letters[0].envelope.as_ref().map(|e| e.id.as_str()),
+        Some(last.envelope.id.as_str())
+    );
+    assert_eq!(
+        b.requeue_dead_entry(q, &letters[0].entry).await.unwrap(),
+        Some(last.envelope.id.clone())
+    );
+    let again = b.reserve(q, "c", 10, Duration::ZERO).await.unwrap();
+    assert_eq!(again.len(), 1);
+    b.ack(&again[0], json!(null)).await.unwrap();
+    assert_eq!(b.depth(q).await.unwrap(), QueueDepth::default());
+    // Keys and chosen ids pick one partition: their repeats are duplicates.
+    for n in 0..6 {
+        let mut keyed = env(100 + n);
+        keyed.idempotency_key = Some(format!("order-{n}"));
+        let mut chosen = env(200 + n);
+        chosen.id = format!("telegram:process:{n}");
+        let first = b
+            .enqueue(vec![keyed.clone(), chosen.clone()])
+            .await
+            .unwrap();
+        keyed.args = vec![json!(300 + n)];
+        let second = b.enqueue(vec![keyed, chosen]).await.unwrap();
+        assert!(second.iter().all(|s| s.duplicate), "{second:?}");
+        assert_eq!(
+            first.iter().map(|s| &s.id).collect::<Vec<_>>(),
+            second.iter().map(|s| &s.id).collect::<Vec<_>>()
+        );
+    }
+    assert_eq!(b.depth(q).await.unwrap().ready, 12);
+    let all = b.reserve(q, "c", 100, Duration::ZERO).await.unwrap();
+    assert_eq!(all.len(), 12);
+    // Leases expire: recovery sweeps every partition.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let recovered = b.recover(q, Duration::from_millis(100)).await.unwrap();
+    assert_eq!(recovered.requeued, 12);
+    let all = b.reserve(q, "c", 100, Duration::ZERO).await.unwrap();
+    assert_eq!(all.len(), 12);
+    for d in &all {
+        b.ack(d, json!(null)).await.unwrap();
+    }
+    // Revoking a task that waits for its eta moves its entry from its partition's delayed set
+    // to that partition's stream at once (a consumer then dead-letters it).
+    let mut delayed = Vec::new();
+    for n in 0..6 {
+        let mut later = env(500 + n);
+        later.id = format!("reminder:{n}");
+        later.eta = Some(crate::broker::Timestamp::at(
+            std::time::SystemTime::now() + Duration::from_secs(3600),
+        ));
+        delayed.push(later);
+    }
+    b.enqueue(delayed).await.unwrap();
+    assert_eq!(b.depth(q).await.unwrap().delayed, 6);
+    for n in 0..6 {
+        let id = format!("reminder:{n}");
+        assert_eq!(
+            b.revoke(&id, false).await.unwrap(),
+            crate::broker::Revoked::Pending(TaskState::Scheduled),
+            "{id}"
+        );
+        assert!(b.is_revoked(&id));
+    }
+    let depth = b.depth(q).await.unwrap();
+    assert_eq!((depth.delayed, depth.ready), (0, 6), "{depth:?}");
+    for d in b.reserve(q, "c", 10, Duration::ZERO).await.unwrap() {
+        b.dead_letter(&d, "revoked").await.unwrap();
+    }
+    assert_eq!(b.purge_dead(q).await.unwrap(), 6);
+    // A blocking read wakes for an entry in any partition.
+    for n in 0..3 {
+        let waiting = b.reserve(q, "c", 10, Duration::from_secs(5));
+        let started = tokio::time::Instant::now();
+        let (got, _) = tokio::join!(waiting, async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            b.enqueue(vec![env(400 + n)]).await.unwrap();
+        });
+        let got = got.unwrap();
+        assert_eq!(got.len(), 1, "read {n}");
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+        b.ack(&got[0], json!(null)).await.unwrap();
+    }
+    assert_eq!(b.depth(q).await.unwrap(), QueueDepth::default());
+}
+
+fn partitioned() -> BrokerSettings {
+    BrokerSettings {
+        partitions: [("hot".to_string(), 3)].into(),
+        ..settings()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_queue_on_one_server() {
+    let h = Harness::start(partitioned()).await;
+    a_partitioned_queue(&h.broker).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_queue_on_a_cluster() {
+    let url = tokio::task::spawn_blocking(|| crate::test_util::RedisCluster::shared().url())
+        .await
+        .unwrap();
+    let prefix = format!("rt{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let broker = RedisBroker::connect(
+        &url,
+        BrokerSettings {
+            prefix,
+            ..partitioned()
+        },
+    )
+    .await
+    .unwrap();
+    a_partitioned_queue(&broker).await;
 }
