@@ -13,6 +13,7 @@ CPU: utime + stime over the drain of the node process and of every redis-server 
 cluster (summed), from /proc/<pid>/stat, divided by N.
 
     target/py-venv/bin/python examples/bench_cluster.py --runtime target/release/runtime -n 60000 --runs 3
+    target/py-venv/bin/python examples/bench_cluster.py -n 60000 --runs 3 --queues 1 --partitions 3
 
 Runs alternate (1 master, then 3 masters) and the table ends with the medians and their ratio.
 On a machine with fewer cores than masters + the node, more masters cannot drain faster: the
@@ -106,10 +107,10 @@ class Cluster:
             p.wait()
 
 
-def config(url: str, queues: list[str], concurrency: int) -> str:
+def config(url: str, queues: list[str], concurrency: int, partitions: int) -> str:
     text = f'[broker]\nurl = "{url}"\n\n[http]\nbind = "127.0.0.1:0"\n\n'
     for q in queues:
-        text += f"[queues.{q}]\nconcurrency = {concurrency}\n\n"
+        text += f"[queues.{q}]\nconcurrency = {concurrency}\npartitions = {partitions}\n\n"
     # The task's own queue is the first; an envelope's `queue` decides where it is read.
     return text + f'[tasks.rt_noop]\nqueue = "{queues[0]}"\nhandler = {{ kind = "native" }}\n'
 
@@ -121,16 +122,18 @@ def one_run(args: argparse.Namespace, masters: int, work: Path) -> dict[str, flo
         queues = queue_names(args.queues)
         per_queue = args.tasks // len(queues)
         for q in queues:
-            stream = f"rt:{{{q}}}:stream"
+            # Round robin over the queue's partitions (q, q:1, …), as the runtime enqueues.
+            streams = [f"rt:{{{q}}}:stream"] + [f"rt:{{{q}:{p}}}:stream" for p in range(1, args.partitions)]
             for start in range(0, per_queue, 5000):
                 pipe = cluster.client.pipeline(transaction=False)
-                for _ in range(start, min(start + 5000, per_queue)):
-                    pipe.xadd(stream, {"e": json.dumps({"id": str(uuid.uuid4()), "task": "rt_noop", "queue": q})})
+                for n in range(start, min(start + 5000, per_queue)):
+                    envelope = {"id": str(uuid.uuid4()), "task": "rt_noop", "queue": q}
+                    pipe.xadd(streams[n % len(streams)], {"e": json.dumps(envelope)})
                 pipe.execute()
-            assert cluster.client.xlen(stream) == per_queue
+            assert sum(cluster.client.xlen(s) for s in streams) == per_queue
         total = per_queue * len(queues)
         path = work / "node.toml"
-        path.write_text(config(cluster.url(), queues, args.concurrency))
+        path.write_text(config(cluster.url(), queues, args.concurrency, args.partitions))
         address = work / "node.address"
         redis_before = cluster.cpu()
         started = time.monotonic()
@@ -177,14 +180,26 @@ def main() -> int:
     parser.add_argument("-n", "--tasks", type=int, default=60_000)
     parser.add_argument("--queues", type=int, default=3, help="queues the backlog is spread over (3)")
     parser.add_argument("--concurrency", type=int, default=256, help="each queue's (256)")
+    parser.add_argument("--partitions", type=int, default=1,
+                        help="each queue's [queues.NAME] partitions (1); the backlog is spread over them")
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--redis-server", default=shutil.which("redis-server") or "redis-server")
     args = parser.parse_args()
     if args.tasks < args.queues or args.runs < 1 or args.queues < 1:
         parser.error("-n must be at least --queues, --runs and --queues at least 1")
-    print(f"drain of {args.tasks:,} rt_noop tasks over {args.queues} queues on a Redis Cluster; "
+    print(f"drain of {args.tasks:,} rt_noop tasks over {args.queues} queues of {args.partitions} "
+          f"partition(s) on a Redis Cluster; "
           f"{os.cpu_count()} cores; load average {os.getloadavg()[0]:.2f}; `{' '.join(sys.argv)}`\n")
+    if args.partitions > 1:
+        thirds = ranges(3)
+        placed = []
+        for q in queue_names(args.queues):
+            for p in range(args.partitions):
+                tag = q if p == 0 else f"{q}:{p}"
+                slot = key_slot(f"rt:{{{tag}}}:stream".encode())
+                placed.append(f"{{{tag}}} → master {next(i for i, (lo, hi) in enumerate(thirds) if lo <= slot <= hi) + 1} of 3")
+        print("placement with 3 masters: " + ", ".join(placed) + "\n")
     print("| run | masters | drain (tasks/s) | seconds (start-up included) | node CPU per task | redis-servers' CPU per task |")
     print("|---|---:|---:|---:|---:|---:|")
     results: dict[int, list[dict[str, float]]] = {1: [], 3: []}

@@ -112,7 +112,7 @@ fn unknown_keys_are_named_by_path_with_position() {
         fails("[queues.chat]\nflavour = 3\n"),
         [
             "error: queues.chat.flavour: unknown key, expected one of `concurrency`, \
-             `prefetch`, `time_limit`, `soft_time_limit` (line 2, column 1)"
+             `prefetch`, `time_limit`, `soft_time_limit`, `partitions` (line 2, column 1)"
         ]
     );
     assert_eq!(
