@@ -34,7 +34,7 @@ const MAX_SEEDS: usize = 64;
 /// The seed nodes of a Redis Cluster URL, each as a standalone `redis://` URL carrying the
 /// same credentials (`redis+cluster://u:p@h1:1,h2:2` → `redis://u:p@h1:1`, `redis://u:p@h2:2`);
 /// `Ok(None)` for any other scheme. A cluster has only database 0: a path other than `/` or
-/// `/0` is refused, as are a missing host or port, query strings and more than [`MAX_SEEDS`]
+/// `/0` is refused, as are a missing host or port, query strings and more than 64 (`MAX_SEEDS`)
 /// nodes. Errors never repeat the password.
 pub fn cluster_seeds(url: &str) -> Result<Option<Vec<String>>, String> {
     let Some(rest) = url
