@@ -874,6 +874,13 @@ pub trait Records: Send + Sync + 'static {
         limit: usize,
     ) -> impl Future<Output = Result<Vec<Event>, BrokerError>> + Send;
 
+    /// How far behind now a live tail of [`events`](Self::events) should stay: events that
+    /// are newer may still be joined by ones with a smaller id (several streams, as on a Redis
+    /// Cluster). Zero where ids follow the order of the writes (one stream).
+    fn events_settle(&self) -> Duration {
+        Duration::ZERO
+    }
+
     /// The record of task `id` (see [`TaskRecord`]): from its enqueue until `result_ttl`
     /// after its outcome. `None` for an unknown id, an expired record, or an entry another
     /// producer wrote to a stream that no consumer has taken yet.
@@ -1236,6 +1243,7 @@ dispatch!(Records {
     async fn events(&self, after: Option<&str>, limit: usize) -> Done<Vec<Event>>;
     async fn events_before(&self, before: Option<&str>, limit: usize) -> Done<Vec<Event>>;
     async fn revoke(&self, id: &str, terminate: bool) -> Done<Revoked>;
+    fn events_settle(&self) -> Duration;
     fn is_revoked(&self, id: &str) -> bool;
     fn revocations(&self) -> tokio::sync::broadcast::Receiver<Revocation>;
 });

@@ -148,15 +148,26 @@ impl Kinds {
 fn position(what: &str, text: &str) -> Result<String, ApiError> {
     let text = text.trim();
     let digits = |s: &str| !s.is_empty() && s.len() <= 20 && s.bytes().all(|b| b.is_ascii_digit());
-    let valid = match text.split_once('-') {
-        Some((ms, seq)) => digits(ms) && digits(seq),
-        None => digits(text),
+    // On a Redis Cluster an event id names its stream: `1732374000123-0@chat`.
+    let (entry, stream) = match text.split_once('@') {
+        Some((entry, stream)) => (entry, Some(stream)),
+        None => (text, None),
     };
+    let stream_ok = stream.is_none_or(|s| {
+        s.len() <= 200
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_-:".contains(&b))
+    });
+    let valid = stream_ok
+        && match entry.split_once('-') {
+            Some((ms, seq)) => digits(ms) && digits(seq),
+            None => stream.is_none() && digits(entry),
+        };
     if valid {
         Ok(text.to_string())
     } else {
         Err(ApiError::BadRequest(format!(
-            "{what}: expected an event id such as `1732374000123-0` (or `0` for the oldest kept), got `{text}`"
+            "{what}: expected an event id such as `1732374000123-0` or `1732374000123-0@chat` (or `0` for the oldest kept), got `{text}`"
         )))
     }
 }
@@ -299,12 +310,26 @@ fn events(tail: Tail) -> impl Stream<Item = Result<SseEvent, Infallible>> + Send
                 return None;
             }
             match tail.broker.events(Some(&tail.after), PAGE).await {
-                Ok(page) => {
+                Ok(mut page) => {
                     if tail.failing {
                         tail.failing = false;
                         debug!("event stream reads again");
                     }
-                    let caught_up = page.len() < PAGE;
+                    let mut caught_up = page.len() < PAGE;
+                    // Where several streams are merged (a Redis Cluster), the newest events are
+                    // left for the next read: one with a smaller id may still come in.
+                    let settle = tail.broker.events_settle();
+                    if tail.follow && !settle.is_zero() {
+                        let horizon = now_ms().saturating_sub(settle.as_millis() as u64);
+                        let settled = page
+                            .iter()
+                            .take_while(|e| event_ms(&e.id) < horizon)
+                            .count();
+                        if settled < page.len() {
+                            page.truncate(settled);
+                            caught_up = true;
+                        }
+                    }
                     if let Some(newest) = page.last() {
                         tail.after = newest.id.clone();
                     }
@@ -332,6 +357,21 @@ fn events(tail: Tail) -> impl Stream<Item = Result<SseEvent, Infallible>> + Send
             }
         }
     })
+}
+
+/// Milliseconds since the epoch, now.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The time part of an event id (`1732374000123-0@chat` → 1732374000123).
+fn event_ms(id: &str) -> u64 {
+    id.split(['-', '@'])
+        .next()
+        .and_then(|ms| ms.parse().ok())
+        .unwrap_or(0)
 }
 
 /// The SSE message of one event: `id`, `event` (its kind) and the event as one line of JSON.
@@ -377,7 +417,17 @@ mod tests {
             position("after", " 1732374000123-7 ").unwrap(),
             "1732374000123-7"
         );
-        for bad in ["", "-", "1-", "a-0", "1-2-3", "$", "+", "(5"] {
+        assert_eq!(
+            position("after", "1732374000123-7@chat:2").unwrap(),
+            "1732374000123-7@chat:2"
+        );
+        assert_eq!(
+            position("after", "1732374000123-7@").unwrap(),
+            "1732374000123-7@"
+        );
+        for bad in [
+            "", "-", "1-", "a-0", "1-2-3", "$", "+", "(5", "1@chat", "1-0@a b", "1-0@{x}",
+        ] {
             assert!(position("after", bad).is_err(), "{bad}");
         }
     }

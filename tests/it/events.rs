@@ -137,8 +137,22 @@ fn succeeded(id: &str) -> impl Fn(&Message) -> bool + '_ {
 #[tokio::test]
 async fn a_task_s_lifecycle_streams_in_order_filters_apply_and_resume_gets_exactly_the_missed_events()
  {
-    let node = Node::start(CONFIG, &[]);
+    lifecycle(Node::start(CONFIG, &[])).await;
+}
 
+/// The same on a Redis Cluster, where each stream's tasks have an events stream of their own
+/// (in its slot) and `GET /events` merges them: ids name their stream (`…@default`), a live
+/// reader stays a moment behind (`events_settle`), and resuming by id still gets exactly what
+/// was missed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_events_of_a_redis_cluster_are_merged_and_resumable() {
+    let cluster = tokio::task::spawn_blocking(actors::test_util::RedisCluster::start)
+        .await
+        .unwrap();
+    lifecycle(Node::start(CONFIG, &[("RT_BROKER_URL", &cluster.url())])).await;
+}
+
+async fn lifecycle(node: Node) {
     // New events only: nothing from before the stream opened.
     let mut live = Sse::open(&node, "", None).await;
     let first = enqueue(&node, "rt_noop").await;

@@ -219,6 +219,10 @@ use events::{Start, xadd_whole};
 use keys::{Keys, revocations_channel};
 /// Entries one script call handles (recovery, promotion, purge); the caller loops.
 const SCRIPT_BATCH: usize = 256;
+/// How far behind the clock a live tail of the events reads on a cluster
+/// ([`Records::events_settle`]): events of different streams get their ids from different
+/// masters' clocks and in separate steps, so an event can come in below one already read.
+const EVENTS_SETTLE: Duration = Duration::from_millis(250);
 /// How long a read of an idle partitioned queue waits on one partition before the next
 /// (`reserve`): a new entry in another partition waits at most this long per partition.
 const PARTITION_WAIT: Duration = Duration::from_millis(50);
@@ -374,7 +378,7 @@ impl RedisBroker {
                 conn: manager.clone(),
                 link: Arc::clone(&link),
                 sha: Script::new(COMMIT).get_hash().to_string(),
-                keys: keys.clone(),
+                cluster: keys.cluster(),
                 maxlen: settings.events_maxlen,
             }
             .run(),
@@ -517,7 +521,7 @@ impl RedisBroker {
             &self.keys.stream(&delivery.queue),
             &delivery.entry,
         );
-        self.add_whole_event(&mut pipe, &writes.event);
+        self.add_whole_event(&mut pipe, Some(&delivery.queue), &writes.event);
         Write {
             attempt: Some((envelope.id.clone(), envelope.attempt)),
             record,
@@ -657,7 +661,11 @@ impl RedisBroker {
             if let Some(task_id) = Envelope::id_in(raw) {
                 self.add_record_end(&mut pipe, queue, &task_id);
             }
-            self.add_whole_event(&mut pipe, &malformed_event(queue, id, reason, &at));
+            self.add_whole_event(
+                &mut pipe,
+                Some(queue),
+                &malformed_event(queue, id, reason, &at),
+            );
             outcomes.push(Write {
                 attempt: None,
                 record: false,
@@ -756,22 +764,6 @@ impl RedisBroker {
         groups.into_iter().map(|(_, members)| members).collect()
     }
 
-    /// On a cluster, the `sent` events of the envelopes written, after them (the events stream
-    /// is in a slot of its own; on one server they go in the write's own step). A failure is
-    /// logged: the tasks are enqueued.
-    async fn sent_events_after(&self, written: &[&Envelope], at: &str) {
-        if !self.keys.cluster() || !self.events_on() || written.is_empty() {
-            return;
-        }
-        let mut pipe = redis::pipe();
-        for envelope in written {
-            self.add_whole_event(&mut pipe, &sent_event(envelope, at));
-        }
-        if let Err(err) = self.query_pipe::<()>(&pipe).await {
-            tracing::warn!(error = %err, events = written.len(), "sent events not written");
-        }
-    }
-
     /// Enqueues a batch with idempotency keys or chosen ids through `enqueue.lua`: per
     /// envelope, claim its key and check its id (its record), then write it and its record —
     /// or answer the id it duplicates — in one atomic step and one round trip (on a cluster,
@@ -793,13 +785,6 @@ impl RedisBroker {
                 answers[n] = answer;
             }
         }
-        let written: Vec<&Envelope> = prepared
-            .iter()
-            .zip(&answers)
-            .filter(|(_, first)| first.is_empty())
-            .map(|(p, _)| &p.envelope)
-            .collect();
-        self.sent_events_after(&written, at).await;
         Ok(prepared
             .into_iter()
             .zip(answers)
@@ -823,12 +808,15 @@ impl RedisBroker {
         prepared: &[(&Prepared, &str)],
         at: &str,
     ) -> Result<Vec<String>, BrokerError> {
-        let maxlen = if self.events_on() && !self.keys.cluster() {
+        let maxlen = if self.events_on() {
             self.settings.events_maxlen
         } else {
             0
         };
-        let events_key = self.keys.events();
+        // One stream per call on a cluster (one slot), so one events stream.
+        let events_key = self
+            .keys
+            .events_of(prepared.first().map_or("", |(_, stream)| stream));
         let mut args = redis::Cmd::new();
         args.arg(&events_key).arg(maxlen).arg(at);
         let mut keys = Vec::with_capacity(prepared.len() * 3 + 1);
@@ -1022,12 +1010,7 @@ impl RedisBroker {
         id: &str,
     ) -> Result<Option<(String, Vec<(String, String)>)>, BrokerError> {
         let queues: Vec<String> = if self.keys.cluster() {
-            let mut pipe = redis::pipe();
-            pipe.cmd("SRANDMEMBER")
-                .arg(self.keys.queues())
-                .arg(MAX_QUEUES_LOOKED_UP);
-            let (queues,): (Vec<String>,) = self.query_pipe(&pipe).await?;
-            queues
+            self.registered().await?
         } else {
             vec![String::new()]
         };
@@ -1378,6 +1361,103 @@ fn split_entry(name: &str) -> Result<(u32, &str), BrokerError> {
     })
 }
 
+impl RedisBroker {
+    /// The events streams read (name, key): the one stream on one server; on a cluster the
+    /// events of no task (name ``) and each registered stream's.
+    async fn event_streams(&self) -> Result<Vec<(String, String)>, BrokerError> {
+        let mut streams = vec![(String::new(), self.keys.events())];
+        if self.keys.cluster() {
+            for stream in self.registered().await? {
+                let key = self.keys.events_of(&stream);
+                streams.push((stream, key));
+            }
+        }
+        Ok(streams)
+    }
+
+    /// Up to `limit` events after the cursor `at` (or before it, `backwards`), oldest first,
+    /// merged from every events stream in the order (entry id, stream name); on a cluster an
+    /// event's id names its stream (`<entry>@<stream>`) so that it is a cursor of its own.
+    async fn merged_events(
+        &self,
+        at: Option<&str>,
+        limit: usize,
+        backwards: bool,
+    ) -> Result<Vec<Event>, BrokerError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let cursor = at.map(event_cursor);
+        let streams = self.event_streams().await?;
+        let reads = streams.iter().map(|(name, key)| {
+            // A stream after the cursor's in the order includes the cursor's entry id itself.
+            let bound = cursor.map(|(ms, seq, of)| {
+                let inclusive = if backwards {
+                    name.as_str() < of
+                } else {
+                    name.as_str() > of
+                };
+                format!("{}{ms}-{seq}", if inclusive { "" } else { "(" })
+            });
+            let mut pipe = redis::pipe();
+            if backwards {
+                pipe.cmd("XREVRANGE")
+                    .arg(key)
+                    .arg(bound.unwrap_or_else(|| "+".into()))
+                    .arg("-");
+            } else {
+                pipe.cmd("XRANGE")
+                    .arg(key)
+                    .arg(bound.unwrap_or_else(|| "-".into()))
+                    .arg("+");
+            }
+            pipe.arg("COUNT").arg(limit);
+            async move {
+                let (reply,): (Value,) = self.query_pipe(&pipe).await?;
+                Ok::<_, BrokerError>(stream_entries(reply))
+            }
+        });
+        let read = futures_util::future::join_all(reads).await;
+        let mut merged: Vec<((u64, u64), &str, Event)> = Vec::new();
+        for ((name, _), entries) in streams.iter().zip(read) {
+            for entry in entries? {
+                let (ms, seq, _) = event_cursor(&entry.id);
+                let mut event = event(entry);
+                if self.keys.cluster() {
+                    event.id = format!("{}@{name}", event.id);
+                }
+                merged.push(((ms, seq), name.as_str(), event));
+            }
+        }
+        merged.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        if backwards {
+            let skip = merged.len().saturating_sub(limit);
+            merged.drain(..skip);
+        } else {
+            merged.truncate(limit);
+        }
+        Ok(merged.into_iter().map(|(_, _, event)| event).collect())
+    }
+
+    /// The streams registered on a cluster (`Keys::queues`, at most [`MAX_QUEUES_LOOKED_UP`]).
+    async fn registered(&self) -> Result<Vec<String>, BrokerError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("SRANDMEMBER")
+            .arg(self.keys.queues())
+            .arg(MAX_QUEUES_LOOKED_UP);
+        let (streams,): (Vec<String>,) = self.query_pipe(&pipe).await?;
+        Ok(streams)
+    }
+}
+
+/// An event id as a cursor: its entry id's two numbers and the stream it names (`` for none):
+/// `0`, `1732374000123`, `1732374000123-5`, `1732374000123-5@chat`.
+fn event_cursor(id: &str) -> (u64, u64, &str) {
+    let (entry, stream) = id.split_once('@').unwrap_or((id, ""));
+    let (ms, seq) = entry.split_once('-').unwrap_or((entry, "0"));
+    (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0), stream)
+}
+
 impl TaskQueue for RedisBroker {
     async fn enqueue(&self, batch: Vec<Envelope>) -> Result<Vec<Enqueued>, BrokerError> {
         let now = SystemTime::now();
@@ -1402,7 +1482,7 @@ impl TaskQueue for RedisBroker {
             return self.enqueue_claiming(prepared, &streams, &at).await;
         }
         // Generated ids only, no keys: nothing can be a duplicate, one pipeline (on a
-        // cluster one per queue, the events after them).
+        // cluster one per stream).
         let mut out = Vec::with_capacity(prepared.len());
         for group in self.by_queue(streams.iter().map(String::as_str)) {
             let mut pipe = redis::pipe();
@@ -1430,9 +1510,7 @@ impl TaskQueue for RedisBroker {
                         .arg(json)
                         .ignore(),
                 };
-                if self.events_on() && !self.keys.cluster() {
-                    self.add_whole_event(&mut pipe, &sent_event(envelope, &at));
-                }
+                self.add_whole_event(&mut pipe, Some(stream), &sent_event(envelope, &at));
             }
             if self.add_wait(&mut pipe) {
                 let (replicas,): (Value,) = self.query_pipe(&pipe).await?;
@@ -1441,8 +1519,6 @@ impl TaskQueue for RedisBroker {
                 self.query_pipe::<()>(&pipe).await?;
             }
         }
-        let written: Vec<&Envelope> = prepared.iter().map(|p| &p.envelope).collect();
-        self.sent_events_after(&written, &at).await;
         out.extend(prepared.into_iter().map(|p| Enqueued {
             id: p.envelope.id,
             duplicate: false,
@@ -1609,8 +1685,9 @@ impl TaskQueue for RedisBroker {
         // The writer is gone only when the broker is being dropped.
         let _ = self.outbox.send(Job::Start(Box::new(Start {
             // The record is where the outcome writes it: in the slot of the stream the entry
-            // came from.
+            // came from; so is its events stream.
             record: self.keys.result(&delivery.queue, &envelope.id),
+            events: self.keys.events_of(&delivery.queue),
             event: started_event(envelope, consumer),
             attempt: envelope.attempt,
             consumer: consumer.to_string(),
@@ -1659,19 +1736,7 @@ impl Records for RedisBroker {
     }
 
     async fn events(&self, after: Option<&str>, limit: usize) -> Result<Vec<Event>, BrokerError> {
-        if limit == 0 {
-            return Ok(Vec::new());
-        }
-        let start = after.map_or_else(|| "-".to_string(), |id| format!("({id}"));
-        let mut pipe = redis::pipe();
-        pipe.cmd("XRANGE")
-            .arg(self.keys.events())
-            .arg(start)
-            .arg("+")
-            .arg("COUNT")
-            .arg(limit);
-        let (reply,): (Value,) = self.query_pipe(&pipe).await?;
-        Ok(stream_entries(reply).into_iter().map(event).collect())
+        self.merged_events(after, limit, false).await
     }
 
     async fn events_before(
@@ -1679,21 +1744,15 @@ impl Records for RedisBroker {
         before: Option<&str>,
         limit: usize,
     ) -> Result<Vec<Event>, BrokerError> {
-        if limit == 0 {
-            return Ok(Vec::new());
+        self.merged_events(before, limit, true).await
+    }
+
+    fn events_settle(&self) -> Duration {
+        if self.keys.cluster() {
+            EVENTS_SETTLE
+        } else {
+            Duration::ZERO
         }
-        let end = before.map_or_else(|| "+".to_string(), |id| format!("({id}"));
-        let mut pipe = redis::pipe();
-        pipe.cmd("XREVRANGE")
-            .arg(self.keys.events())
-            .arg(end)
-            .arg("-")
-            .arg("COUNT")
-            .arg(limit);
-        let (reply,): (Value,) = self.query_pipe(&pipe).await?;
-        let mut events: Vec<Event> = stream_entries(reply).into_iter().map(event).collect();
-        events.reverse();
-        Ok(events)
     }
 
     async fn record(&self, id: &str) -> Result<Option<TaskRecord>, BrokerError> {

@@ -29,7 +29,6 @@ use tokio::time::Instant;
 use super::codec::text;
 use super::connection::{Conn, Link};
 use super::events::{Start, start_write};
-use super::keys::Keys;
 use super::{COMMIT, evalsha};
 use crate::broker::{BrokerError, EVENT_FLUSH};
 
@@ -73,8 +72,8 @@ pub(super) struct Writer {
     pub(super) conn: Conn,
     pub(super) link: Arc<Link>,
     pub(super) sha: String,
-    /// The key layout (the events stream, whether on a cluster).
-    pub(super) keys: Keys,
+    /// On a Redis Cluster: one call per slot.
+    pub(super) cluster: bool,
     /// The events stream's `MAXLEN ~` (0: events off).
     pub(super) maxlen: usize,
 }
@@ -148,7 +147,6 @@ impl Writer {
         commits: Vec<Commit>,
         flush: bool,
     ) -> Option<Call> {
-        let events_key = self.keys.events();
         // The start each outcome takes along, as its writes (the marker `HSET`, the event).
         let mut merged = vec![false; starts.len()];
         let markers: Vec<Option<Pipeline>> = {
@@ -168,7 +166,7 @@ impl Writer {
                         return None;
                     }
                     merged[n] = true;
-                    Some(start_write(start, &events_key, self.maxlen, true))
+                    Some(start_write(start, self.maxlen, true))
                 })
                 .collect()
         };
@@ -180,14 +178,13 @@ impl Writer {
                 continue;
             }
             if flush || now.duration_since(w.since) >= EVENT_FLUSH {
-                own.push(start_write(&w.start, &events_key, self.maxlen, false));
+                own.push(start_write(&w.start, self.maxlen, false));
             } else {
                 kept.push(w);
             }
         }
         *starts = kept;
-        let cluster = self.keys.cluster();
-        let later_key = cluster.then_some(events_key.as_bytes());
+        let cluster = self.cluster;
         let outcomes: Vec<Outcome<'_>> = commits
             .iter()
             .flat_map(|(writes, _)| writes)
@@ -200,14 +197,12 @@ impl Writer {
                     // Without a record, the start brings only its event.
                     marker: hset.filter(|_| write.record),
                     event,
-                    later_key,
                 }
             })
             .chain(own.iter().map(|pipe| Outcome {
                 pipe,
                 marker: None,
                 event: None,
-                later_key,
             }))
             .collect();
         if outcomes.is_empty() {
@@ -237,10 +232,6 @@ impl Writer {
                 (invocation(&self.sha, &mine), members)
             })
             .collect();
-        let later = outcomes
-            .iter()
-            .map(|o| o.later().cloned().collect())
-            .collect();
         let count = outcomes.len();
         let starts = own.len();
         drop(outcomes);
@@ -250,7 +241,6 @@ impl Writer {
             .collect();
         Some(Call {
             invocations,
-            later,
             count,
             replies,
             starts,
@@ -258,37 +248,21 @@ impl Writer {
     }
 }
 
-/// One outcome of a call: its writes (`pipe`), the start merged into it (the marker `HSET`,
-/// whose fields go into the outcome's first command — its record's `HSET` —, and the `started`
-/// event, right after that command), and on a cluster the events stream's key: its `XADD`s
-/// are left out of the call and written after it (the stream is in a slot of its own).
+/// One outcome of a call: its writes (`pipe`), and the start merged into it (the marker
+/// `HSET`, whose fields go into the outcome's first command — its record's `HSET` —, and the
+/// `started` event, right after that command).
 struct Outcome<'a> {
     pipe: &'a Pipeline,
     marker: Option<&'a Cmd>,
     event: Option<&'a Cmd>,
-    later_key: Option<&'a [u8]>,
 }
 
 impl<'a> Outcome<'a> {
-    /// Every command in `commit.lua`'s order: the first, the start's event, the rest.
-    fn all(&self) -> impl Iterator<Item = &'a Cmd> + use<'a> {
+    /// Its commands in `commit.lua`'s order: the first, the start's event, the rest.
+    fn cmds(&self) -> impl Iterator<Item = &'a Cmd> + use<'a> {
         let mut cmds = self.pipe.cmd_iter();
         let first = cmds.next();
         first.into_iter().chain(self.event).chain(cmds)
-    }
-
-    /// The commands of the call (all but the events on a cluster).
-    fn cmds(&self) -> impl Iterator<Item = &'a Cmd> + use<'a> {
-        let later_key = self.later_key;
-        self.all()
-            .filter(move |cmd| later_key.is_none() || simple(cmd).nth(1) != later_key)
-    }
-
-    /// The event `XADD`s written after the call (a cluster only).
-    fn later(&self) -> impl Iterator<Item = &'a Cmd> + use<'a> {
-        let later_key = self.later_key;
-        self.all()
-            .filter(move |cmd| later_key.is_some() && simple(cmd).nth(1) == later_key)
     }
 }
 
@@ -324,8 +298,6 @@ fn take(
 struct Call {
     /// Each call and the positions of its outcomes in the batch.
     invocations: Vec<(Cmd, Vec<usize>)>,
-    /// Per outcome, the event `XADD`s written after it (a cluster only).
-    later: Vec<Vec<Cmd>>,
     /// Outcomes in it.
     count: usize,
     /// Each caller's number of outcomes and its reply, in the order of the outcomes.
@@ -370,25 +342,6 @@ impl Call {
                         answers[n] = Err(err);
                     }
                 }
-            }
-        }
-        // The events of what was written (a cluster: the events stream's slot is not the
-        // outcomes'), before the callers hear of it.
-        let events: Vec<&Cmd> = self
-            .later
-            .iter()
-            .zip(&answers)
-            .filter(|(_, answer)| matches!(answer, Ok(Value::Int(1))))
-            .flat_map(|(later, _)| later)
-            .collect();
-        if !events.is_empty() {
-            let mut pipe = redis::pipe();
-            for event in &events {
-                pipe.add_command((*event).clone()).ignore();
-            }
-            let mut conn = conn.clone();
-            if let Err(err) = link.observe(pipe.query_async::<()>(&mut conn).await) {
-                tracing::warn!(error = %err, events = events.len(), "events of written outcomes not written");
             }
         }
         let mut answers = answers.into_iter();

@@ -19,6 +19,8 @@ use crate::broker::{BrokerError, Envelope, Event, rfc3339};
 pub(super) struct Start {
     /// `p:result:<id>`.
     pub(super) record: String,
+    /// The events stream it goes to (its stream's on a cluster).
+    pub(super) events: String,
     /// The `started` event (its `at` is the marker's time).
     pub(super) event: Event,
     pub(super) attempt: u32,
@@ -38,15 +40,16 @@ impl RedisBroker {
         self.settings.events_maxlen > 0
     }
 
-    /// Appends `event`'s `XADD` ([`xadd_whole`]) to `pipe`, unless events are off.
-    pub(super) fn add_whole_event(&self, pipe: &mut Pipeline, event: &Event) {
+    /// Appends `event`'s `XADD` ([`xadd_whole`]) to `pipe`, unless events are off: to the
+    /// events stream of `stream`'s tasks ([`Keys::events_of`](super::keys::Keys::events_of)),
+    /// or of no task's for `None`.
+    pub(super) fn add_whole_event(&self, pipe: &mut Pipeline, stream: Option<&str>, event: &Event) {
         if self.events_on() {
-            xadd_whole(
-                pipe,
-                &self.keys.events(),
-                self.settings.events_maxlen,
-                event,
-            );
+            let key = match stream {
+                Some(stream) => self.keys.events_of(stream),
+                None => self.keys.events(),
+            };
+            xadd_whole(pipe, &key, self.settings.events_maxlen, event);
         }
     }
 }
@@ -74,12 +77,7 @@ pub(super) fn xadd_whole(pipe: &mut Pipeline, key: &str, maxlen: usize, event: &
 /// `running`) and its `started` event (unless events are off: `maxlen` 0). `with_outcome`: the
 /// marker goes into the `HSET` of the attempt's outcome, which writes `id`, `task`, `queue` and
 /// `updated_at` itself, so only the start's own fields are given.
-pub(super) fn start_write(
-    start: &Start,
-    events_key: &str,
-    maxlen: usize,
-    with_outcome: bool,
-) -> Pipeline {
+pub(super) fn start_write(start: &Start, maxlen: usize, with_outcome: bool) -> Pipeline {
     let event = &start.event;
     let mut pipe = redis::pipe();
     let hset = pipe.cmd("HSET").arg(&start.record);
@@ -103,7 +101,7 @@ pub(super) fn start_write(
         .arg("0")
         .ignore();
     if maxlen > 0 {
-        xadd_whole(&mut pipe, events_key, maxlen, event);
+        xadd_whole(&mut pipe, &start.events, maxlen, event);
     }
     pipe
 }
@@ -166,7 +164,7 @@ impl RedisBroker {
                 &text(consumer),
                 &at,
             );
-            self.add_whole_event(&mut pipe, &event);
+            self.add_whole_event(&mut pipe, Some(queue), &event);
         }
         self.query_pipe::<()>(&pipe).await
     }

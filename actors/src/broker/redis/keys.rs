@@ -6,10 +6,10 @@
 ///
 /// On a Redis Cluster (`cluster`), every key a step writes together must be in one slot: a
 /// task's record and an idempotency key go into their queue's slot (`p:{q}:result:<id>`,
-/// `p:{q}:idem:<key>`), the revocations into one slot of their own (`p:{revoked}`,
-/// `p:{revoked}:seq`), the events stream into another (`p:{meta}:events`, written after the
-/// outcome it tells of, see `commit`), and a registry of the queues (`p:{meta}:queues`) is
-/// what a record is looked up through. On one server the names stay as they always were.
+/// `p:{q}:idem:<key>`) and so do their tasks' events (`p:{q}:events`: the events of no task in
+/// `p:{meta}:events`), the revocations into one slot of their own (`p:{revoked}`,
+/// `p:{revoked}:seq`), and a registry of the queues (`p:{meta}:queues`) is what a record is
+/// looked up through and what the events are read from. On one server the names stay as they always were.
 #[derive(Clone, Debug)]
 pub(super) struct Keys {
     prefix: String,
@@ -69,12 +69,22 @@ impl Keys {
         }
     }
 
-    /// The events stream: `p:events` (a cluster: `p:{meta}:events`).
+    /// The events stream: `p:events` (a cluster: `p:{meta}:events`, the events of no task).
     pub(super) fn events(&self) -> String {
         if self.cluster {
             format!("{}:{{meta}}:events", self.prefix)
         } else {
             format!("{}:events", self.prefix)
+        }
+    }
+
+    /// The events stream of the tasks of `stream` (a queue, or a partition): `p:events` (a
+    /// cluster: `p:{q}:events`, in the queue's slot).
+    pub(super) fn events_of(&self, stream: &str) -> String {
+        if self.cluster {
+            format!("{}:{{{stream}}}:events", self.prefix)
+        } else {
+            self.events()
         }
     }
 

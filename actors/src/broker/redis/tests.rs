@@ -944,7 +944,7 @@ async fn large_outcomes_are_split_over_calls() {
         conn: h.broker.manager.clone(),
         link: Arc::clone(&h.broker.link),
         sha: redis::Script::new(super::COMMIT).get_hash().to_string(),
-        keys: h.broker.keys.clone(),
+        cluster: false,
         maxlen: settings().events_maxlen,
     }
     .run()
@@ -1176,4 +1176,43 @@ async fn a_partitioned_queue_on_a_cluster() {
     .await
     .unwrap();
     a_partitioned_queue(&broker).await;
+    // Each partition's tasks' events are in its own stream (its own slot); the merged read names
+    // the stream in each id, and an id is a cursor of its own.
+    use crate::broker::Records;
+    let mut conn = broker.manager.clone();
+    for stream in ["hot", "hot:1", "hot:2"] {
+        let key = format!("{}:{{{stream}}}:events", broker.settings.prefix);
+        let len: u64 = redis::cmd("XLEN")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(len > 0, "{key}");
+    }
+    let all = broker.events(None, 10_000).await.unwrap();
+    for stream in ["hot", "hot:1", "hot:2"] {
+        assert!(
+            all.iter().any(|e| e.id.ends_with(&format!("@{stream}"))),
+            "no event of {stream}"
+        );
+    }
+    // Paging by the merged ids gives the same events in the same order.
+    let mut paged = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = broker.events(after.as_deref(), 7).await.unwrap();
+        let Some(last) = page.last() else { break };
+        after = Some(last.id.clone());
+        paged.extend(page.into_iter().map(|e| e.id));
+    }
+    assert_eq!(paged, all.iter().map(|e| e.id.clone()).collect::<Vec<_>>());
+    let mut back = Vec::new();
+    let mut before: Option<String> = None;
+    loop {
+        let page = broker.events_before(before.as_deref(), 5).await.unwrap();
+        let Some(first) = page.first() else { break };
+        before = Some(first.id.clone());
+        back.splice(0..0, page.into_iter().map(|e| e.id));
+    }
+    assert_eq!(back, paged);
 }
