@@ -824,13 +824,29 @@ async fn killing_the_actor_while_open_keeps_the_breaker_open_and_replay_resumes(
 #[tokio::test]
 async fn the_backlog_lives_in_redis_and_a_new_client_replays_it_in_order() {
     let redis = crate::test_util::RedisServer::start();
-    let connect = async || {
-        Arc::new(
-            AnyBroker::connect(&redis.url(), BrokerSettings::default())
-                .await
-                .unwrap(),
-        )
-    };
+    backlog_in_redis(&redis.url(), BrokerSettings::default()).await;
+}
+
+/// The same on a Redis Cluster (the backlog is a queue: its stream, records and events in its
+/// slot).
+#[tokio::test]
+async fn the_backlog_replays_in_order_on_a_redis_cluster() {
+    let url = tokio::task::spawn_blocking(|| crate::test_util::RedisCluster::shared().url())
+        .await
+        .unwrap();
+    let prefix = format!("rt{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    backlog_in_redis(
+        &url,
+        BrokerSettings {
+            prefix,
+            ..BrokerSettings::default()
+        },
+    )
+    .await;
+}
+
+async fn backlog_in_redis(url: &str, settings: BrokerSettings) {
+    let connect = async || Arc::new(AnyBroker::connect(url, settings.clone()).await.unwrap());
     let (base, fake) = fake_zep().await;
     let policy = breaker(1, Duration::from_millis(50), Duration::from_secs(1));
     let first = client(&base, connect().await, policy, Some(KEY));
