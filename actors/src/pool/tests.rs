@@ -369,6 +369,14 @@ fn shell_settings(tag: &str) -> PoolSettings {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_cycles_and_a_hundred_sigkills_leave_no_zombies_or_orphans() {
+    // Seconds alone; a hang (seen once, under the whole suite's load, not understood) fails
+    // here with the progress printed below instead of holding the suite up.
+    tokio::time::timeout(Duration::from_secs(120), churn())
+        .await
+        .expect("the churn did not finish within 120 s (see its progress lines)");
+}
+
+async fn churn() {
     let tag = tag("churn");
     let f = Fixture::start(tag.clone(), shell_settings(&tag)).await;
     let mut rng = rand::rng();
@@ -395,6 +403,13 @@ async fn a_thousand_cycles_and_a_hundred_sigkills_leave_no_zombies_or_orphans() 
         if kills * 10 <= n && kill_one() {
             kills += 1;
         }
+        if n % 100 == 99 {
+            eprintln!(
+                "churn: {} cycles, {kills} kills, {:?}",
+                n + 1,
+                started.elapsed()
+            );
+        }
     }
     // Kills the last cycles could not place (every agent was starting then) happen now.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -405,6 +420,7 @@ async fn a_thousand_cycles_and_a_hundred_sigkills_leave_no_zombies_or_orphans() 
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
+    eprintln!("churn: the kills done ({kills}), {:?}", started.elapsed());
     eprintln!(
         "1000 spawn/claim/exit cycles and {kills} SIGKILLs in {:?}",
         started.elapsed()
