@@ -263,19 +263,12 @@ impl RedisCluster {
             "redis-cli --cluster create failed: {}",
             String::from_utf8_lossy(&created.stdout)
         );
-        let cluster = Self { nodes };
-        let polls = CLUSTER_READY_TIMEOUT.as_millis() / 100;
-        for _ in 0..polls {
-            if cluster
-                .nodes
-                .iter()
-                .all(|n| n.cluster_ok() && n.replica_synced())
-            {
-                return cluster;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        panic!("the test cluster did not reach cluster_state:ok within {CLUSTER_READY_TIMEOUT:?}");
+        let mut cluster = Self { nodes };
+        assert!(
+            cluster.wait_synced(CLUSTER_READY_TIMEOUT),
+            "the test cluster did not reach cluster_state:ok within {CLUSTER_READY_TIMEOUT:?}"
+        );
+        cluster
     }
 
     /// `redis+cluster://127.0.0.1:P1,127.0.0.1:P2,127.0.0.1:P3` (three seeds).
@@ -376,30 +369,23 @@ impl RedisCluster {
     /// Waits until every live node says `cluster_state:ok` and every live replica has synced.
     /// False after `limit`.
     pub fn wait_synced(&mut self, limit: Duration) -> bool {
-        let polls = limit.as_millis() / 100;
-        for _ in 0..polls {
-            let mut live = self
-                .nodes
-                .iter_mut()
-                .filter_map(|n| n.is_running().then_some(&*n));
-            if live.all(|node| node.cluster_ok() && node.replica_synced()) {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        false
+        self.wait_all(limit, |node| node.cluster_ok() && node.replica_synced())
     }
 
     /// Waits until every live node says `cluster_state:ok` (after a failover: the replica of
-    /// a killed master was promoted). False after `limit`.
+    /// a killed master was promoted). False after `limit` (asked at least once).
     pub fn wait_ok(&mut self, limit: Duration) -> bool {
+        self.wait_all(limit, RedisServer::cluster_ok)
+    }
+
+    fn wait_all(&mut self, limit: Duration, ok: impl Fn(&RedisServer) -> bool) -> bool {
         let polls = (limit.as_millis() / 100).max(1);
         for _ in 0..polls {
             let mut live = self
                 .nodes
                 .iter_mut()
                 .filter_map(|n| n.is_running().then_some(&*n));
-            if live.all(|node| node.cluster_ok()) {
+            if live.all(&ok) {
                 return true;
             }
             std::thread::sleep(Duration::from_millis(100));

@@ -737,6 +737,18 @@ impl RedisBroker {
         Ok((out, buried))
     }
 }
+/// The positions of `keys` grouped by equal key, each group in the order its first member came.
+pub(super) fn groups<K: PartialEq>(keys: impl Iterator<Item = K>) -> Vec<Vec<usize>> {
+    let mut groups: Vec<(K, Vec<usize>)> = Vec::new();
+    for (n, key) in keys.enumerate() {
+        match groups.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, members)) => members.push(n),
+            None => groups.push((key, vec![n])),
+        }
+    }
+    groups.into_iter().map(|(_, members)| members).collect()
+}
+
 /// `envelope`'s record at enqueue ([`StoredRecord::enqueued`]) as `enqueue.lua` takes it: its
 /// hash fields ([`record_fields`]) as one JSON array, name, value, name, value, ….
 fn enqueued_record_json(envelope: &Envelope, due_ms: Option<u64>) -> String {
@@ -753,15 +765,8 @@ impl RedisBroker {
     /// The positions of `queues` grouped by slot: on a cluster one group per queue (its keys
     /// share its slot), in the order first met; on one server a single group.
     fn by_queue<'a>(&self, queues: impl Iterator<Item = &'a str>) -> Vec<Vec<usize>> {
-        let mut groups: Vec<(&str, Vec<usize>)> = Vec::new();
-        for (n, queue) in queues.enumerate() {
-            let queue = if self.keys.cluster() { queue } else { "" };
-            match groups.iter_mut().find(|(q, _)| *q == queue) {
-                Some((_, members)) => members.push(n),
-                None => groups.push((queue, vec![n])),
-            }
-        }
-        groups.into_iter().map(|(_, members)| members).collect()
+        let cluster = self.keys.cluster();
+        groups(queues.map(|queue| if cluster { queue } else { "" }))
     }
 
     /// Enqueues a batch with idempotency keys or chosen ids through `enqueue.lua`: per
@@ -816,7 +821,8 @@ impl RedisBroker {
         // One stream per call on a cluster (one slot), so one events stream.
         let events_key = self
             .keys
-            .events_of(prepared.first().map_or("", |(_, stream)| stream));
+            .events_of(prepared.first().map_or("", |(_, stream)| stream))
+            .to_string();
         let mut args = redis::Cmd::new();
         args.arg(&events_key).arg(maxlen).arg(at);
         let mut keys = Vec::with_capacity(prepared.len() * 3 + 1);
@@ -1245,13 +1251,8 @@ impl RedisBroker {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<DeadLetter>, BrokerError> {
-        let start = match after {
-            Some(after) => {
-                entry_arg(after)?;
-                format!("({after}")
-            }
-            None => "-".to_string(),
-        };
+        // `after` was checked by the caller (`split_entry`), so were the entries below.
+        let start = after.map_or_else(|| "-".to_string(), |after| format!("({after}"));
         if limit == 0 {
             return Ok(Vec::new());
         }
@@ -1305,7 +1306,6 @@ impl RedisBroker {
         queue: &str,
         entry: &str,
     ) -> Result<Option<String>, BrokerError> {
-        entry_arg(entry)?;
         let dead = self.keys.dead(queue);
         let mut pipe = redis::pipe();
         pipe.cmd("XRANGE").arg(&dead).arg(entry).arg(entry);
@@ -1325,7 +1325,6 @@ impl RedisBroker {
     }
 
     async fn delete_dead_stream(&self, queue: &str, entry: &str) -> Result<bool, BrokerError> {
-        entry_arg(entry)?;
         let mut pipe = redis::pipe();
         pipe.cmd("XDEL").arg(self.keys.dead(queue)).arg(entry);
         let (deleted,): (u64,) = self.query_pipe(&pipe).await?;
@@ -1365,10 +1364,10 @@ impl RedisBroker {
     /// The events streams read (name, key): the one stream on one server; on a cluster the
     /// events of no task (name ``) and each registered stream's.
     async fn event_streams(&self) -> Result<Vec<(String, String)>, BrokerError> {
-        let mut streams = vec![(String::new(), self.keys.events())];
+        let mut streams = vec![(String::new(), self.keys.events().to_string())];
         if self.keys.cluster() {
             for stream in self.registered().await? {
-                let key = self.keys.events_of(&stream);
+                let key = self.keys.events_of(&stream).to_string();
                 streams.push((stream, key));
             }
         }
@@ -1483,7 +1482,6 @@ impl TaskQueue for RedisBroker {
         }
         // Generated ids only, no keys: nothing can be a duplicate, one pipeline (on a
         // cluster one per stream).
-        let mut out = Vec::with_capacity(prepared.len());
         for group in self.by_queue(streams.iter().map(String::as_str)) {
             let mut pipe = redis::pipe();
             for &n in &group {
@@ -1519,11 +1517,13 @@ impl TaskQueue for RedisBroker {
                 self.query_pipe::<()>(&pipe).await?;
             }
         }
-        out.extend(prepared.into_iter().map(|p| Enqueued {
-            id: p.envelope.id,
-            duplicate: false,
-        }));
-        Ok(out)
+        Ok(prepared
+            .into_iter()
+            .map(|p| Enqueued {
+                id: p.envelope.id,
+                duplicate: false,
+            })
+            .collect())
     }
 
     async fn reserve(
@@ -1537,10 +1537,10 @@ impl TaskQueue for RedisBroker {
             // `COUNT 0` would mean "no limit".
             return Ok(Vec::new());
         }
-        let partitions = self.partitions(queue);
-        if partitions.len() == 1 {
+        if self.partition_count(queue) == 1 {
             return self.reserve_stream(queue, consumer, max, wait).await;
         }
+        let partitions = self.partitions(queue);
         // Fair: each call starts at the next partition, takes what is ready from each in turn,
         // and when none has anything waits on each in turn for a short while.
         let n = partitions.len();

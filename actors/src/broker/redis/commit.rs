@@ -29,7 +29,7 @@ use tokio::time::Instant;
 use super::codec::text;
 use super::connection::{Conn, Link};
 use super::events::{Start, start_write};
-use super::{COMMIT, evalsha};
+use super::{COMMIT, evalsha, groups};
 use crate::broker::{BrokerError, EVENT_FLUSH};
 
 /// Callers' outcomes one call of `commit.lua` gathers at most (starts written on their own
@@ -209,31 +209,18 @@ impl Writer {
             return None;
         }
         // One call per slot on a cluster (each outcome's keys are in its queue's slot).
-        let mut slots: Vec<(Option<Slot>, Vec<usize>)> = Vec::new();
-        for (n, outcome) in outcomes.iter().enumerate() {
-            let slot = cluster
-                .then(|| {
-                    outcome
-                        .cmds()
-                        .next()
-                        .and_then(|c| simple(c).nth(1))
-                        .map(Slot::for_key)
-                })
-                .flatten();
-            match slots.iter_mut().find(|(s, _)| *s == slot) {
-                Some((_, members)) => members.push(n),
-                None => slots.push((slot, vec![n])),
-            }
-        }
+        let slots = groups(outcomes.iter().map(|outcome| {
+            let first = outcome.cmds().next().and_then(|c| simple(c).nth(1));
+            first.filter(|_| cluster).map(Slot::for_key)
+        }));
         let invocations = slots
             .into_iter()
-            .map(|(_, members)| {
+            .map(|members| {
                 let mine: Vec<&Outcome<'_>> = members.iter().map(|&n| &outcomes[n]).collect();
                 (invocation(&self.sha, &mine), members)
             })
             .collect();
         let count = outcomes.len();
-        let starts = own.len();
         drop(outcomes);
         let replies = commits
             .into_iter()
@@ -243,7 +230,6 @@ impl Writer {
             invocations,
             count,
             replies,
-            starts,
         })
     }
 }
@@ -300,10 +286,9 @@ struct Call {
     invocations: Vec<(Cmd, Vec<usize>)>,
     /// Outcomes in it.
     count: usize,
-    /// Each caller's number of outcomes and its reply, in the order of the outcomes.
+    /// Each caller's number of outcomes and its reply, in the order of the outcomes (the
+    /// starts written on their own come after them).
     replies: Vec<(usize, Reply)>,
-    /// Starts written on their own, after the callers' outcomes.
-    starts: usize,
 }
 
 impl Call {
@@ -328,42 +313,43 @@ impl Call {
             }
         });
         let results = futures_util::future::join_all(calls).await;
-        let mut answers: Vec<Result<Value, &BrokerError>> =
-            (0..self.count).map(|_| Ok(Value::Nil)).collect();
-        for ((_, members), result) in self.invocations.iter().zip(&results) {
+        // Each outcome's answer, or the index of its call's error in `errors`.
+        let mut answers: Vec<Result<Value, usize>> = vec![Ok(Value::Nil); self.count];
+        let mut errors = Vec::new();
+        for ((_, members), result) in self.invocations.into_iter().zip(results) {
             match result {
                 Ok(values) => {
-                    for (&n, value) in members.iter().zip(values) {
-                        answers[n] = Ok(value.clone());
+                    for (n, value) in members.into_iter().zip(values) {
+                        answers[n] = Ok(value);
                     }
                 }
                 Err(err) => {
-                    for &n in members {
-                        answers[n] = Err(err);
+                    for n in members {
+                        answers[n] = Err(errors.len());
                     }
+                    errors.push(err);
                 }
             }
         }
         let mut answers = answers.into_iter();
         for (count, reply) in self.replies {
-            let mine: Vec<Result<Value, &BrokerError>> = answers.by_ref().take(count).collect();
+            let mine: Vec<Result<Value, usize>> = answers.by_ref().take(count).collect();
             let answer = match mine.iter().find_map(|a| a.as_ref().err()) {
-                Some(err) => Err(clone_error(err)),
+                Some(&err) => Err(clone_error(&errors[err])),
                 None => Ok(mine.into_iter().filter_map(Result::ok).collect()),
             };
             let _ = reply.send(answer);
         }
+        // What is left are the starts written on their own.
         let failed: Vec<String> = answers
             .filter(|answer| !matches!(answer, Ok(Value::Int(1))))
             .map(|answer| match answer {
                 Ok(value) => text(&value),
-                Err(err) => err.to_string(),
+                Err(err) => errors[err].to_string(),
             })
             .collect();
         if let Some(first) = failed.first() {
-            if self.starts > 0 {
-                tracing::warn!(error = %first, starts = failed.len(), "starts of tasks (records, events) not written");
-            }
+            tracing::warn!(error = %first, starts = failed.len(), "starts of tasks (records, events) not written");
         }
     }
 }

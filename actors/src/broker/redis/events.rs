@@ -20,7 +20,7 @@ pub(super) struct Start {
     /// `p:result:<id>`.
     pub(super) record: String,
     /// The events stream it goes to (its stream's on a cluster).
-    pub(super) events: String,
+    pub(super) events: std::sync::Arc<str>,
     /// The `started` event (its `at` is the marker's time).
     pub(super) event: Event,
     pub(super) attempt: u32,

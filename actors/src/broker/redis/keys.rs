@@ -1,6 +1,8 @@
 //! The Redis keys of one prefix (the key layout is in the module documentation of
 //! [`super`]).
 
+use std::sync::Arc;
+
 /// Key names under a prefix (`BrokerSettings::prefix`); a queue's keys carry it as a hash
 /// tag (`p:{q}:…`).
 ///
@@ -14,13 +16,22 @@
 pub(super) struct Keys {
     prefix: String,
     cluster: bool,
+    /// `p:events` (a cluster: `p:{meta}:events`), made once: every outcome names it on one
+    /// server.
+    events: Arc<str>,
 }
 
 impl Keys {
     pub(super) fn new(prefix: &str, cluster: bool) -> Self {
+        let events = if cluster {
+            format!("{prefix}:{{meta}}:events")
+        } else {
+            format!("{prefix}:events")
+        };
         Self {
             prefix: prefix.to_string(),
             cluster,
+            events: events.into(),
         }
     }
 
@@ -70,19 +81,15 @@ impl Keys {
     }
 
     /// The events stream: `p:events` (a cluster: `p:{meta}:events`, the events of no task).
-    pub(super) fn events(&self) -> String {
-        if self.cluster {
-            format!("{}:{{meta}}:events", self.prefix)
-        } else {
-            format!("{}:events", self.prefix)
-        }
+    pub(super) fn events(&self) -> Arc<str> {
+        Arc::clone(&self.events)
     }
 
-    /// The events stream of the tasks of `stream` (a queue, or a partition): `p:events` (a
-    /// cluster: `p:{q}:events`, in the queue's slot).
-    pub(super) fn events_of(&self, stream: &str) -> String {
+    /// The events stream of the tasks of `stream` (a queue, or a partition): `p:events`, shared
+    /// (a cluster: `p:{q}:events`, in the queue's slot).
+    pub(super) fn events_of(&self, stream: &str) -> Arc<str> {
         if self.cluster {
-            format!("{}:{{{stream}}}:events", self.prefix)
+            format!("{}:{{{stream}}}:events", self.prefix).into()
         } else {
             self.events()
         }
