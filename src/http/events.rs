@@ -158,16 +158,22 @@ fn position(what: &str, text: &str) -> Result<String, ApiError> {
             && s.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"_-:".contains(&b))
     });
+    // An entry holds up to two events: the second one's id adds its place (`….1`).
+    let (entry, place) = match entry.split_once('.') {
+        Some((entry, place)) => (entry, Some(place)),
+        None => (entry, None),
+    };
     let valid = stream_ok
+        && place.is_none_or(|p| p.len() <= 3 && digits(p))
         && match entry.split_once('-') {
             Some((ms, seq)) => digits(ms) && digits(seq),
-            None => stream.is_none() && digits(entry),
+            None => stream.is_none() && place.is_none() && digits(entry),
         };
     if valid {
         Ok(text.to_string())
     } else {
         Err(ApiError::BadRequest(format!(
-            "{what}: expected an event id such as `1732374000123-0` or `1732374000123-0@chat` (or `0` for the oldest kept), got `{text}`"
+            "{what}: expected an event id such as `1732374000123-0`, `1732374000123-0.1` or `1732374000123-0@chat` (or `0` for the oldest kept), got `{text}`"
         )))
     }
 }
@@ -425,8 +431,17 @@ mod tests {
             position("after", "1732374000123-7@").unwrap(),
             "1732374000123-7@"
         );
+        assert_eq!(
+            position("after", "1732374000123-7.1").unwrap(),
+            "1732374000123-7.1"
+        );
+        assert_eq!(
+            position("after", "1732374000123-7.1@chat").unwrap(),
+            "1732374000123-7.1@chat"
+        );
         for bad in [
-            "", "-", "1-", "a-0", "1-2-3", "$", "+", "(5", "1@chat", "1-0@a b", "1-0@{x}",
+            "", "-", "1-", "a-0", "1-2-3", "$", "+", "(5", "1@chat", "1-0@a b", "1-0@{x}", "1.1",
+            "1-0.", "1-0.x", "1-0.1.2", "1-0.1234",
         ] {
             assert!(position("after", bad).is_err(), "{bad}");
         }

@@ -247,18 +247,11 @@ async fn malformed_stream_entries_are_dead_lettered_while_good_tasks_succeed() {
         "no warn line with the reason; log:\n{log}"
     );
     // Its events (read straight from Redis): sent by nobody, never started, dead.
-    let events: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-        .arg("rt:events")
-        .arg("-")
-        .arg("+")
-        .query_async(&mut conn)
+    let kinds: Vec<String> = common::stream_events(&mut conn, "rt:events")
         .await
-        .unwrap();
-    let kinds: Vec<String> = events
-        .ids
-        .iter()
-        .filter(|e| e.get::<String>("task_id").as_deref() == Some("huge-1"))
-        .filter_map(|e| e.get::<String>("kind"))
+        .into_iter()
+        .filter(|(_, id)| id.as_deref() == Some("huge-1"))
+        .map(|(kind, _)| kind)
         .collect();
     assert_eq!(kinds, ["dead"], "the events of huge-1");
     // The refused one was never enqueued.

@@ -436,19 +436,10 @@ async fn celery_ids_are_checked_and_a_message_published_twice_runs_once() {
             .await;
     }
     // Ran once: one `succeeded` event for dup-1.
-    let events: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
-        .arg("rt:events")
-        .arg("-")
-        .arg("+")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    let events = common::stream_events(&mut conn, "rt:events").await;
     let succeeded = events
         .iter()
-        .filter(|(_, fields)| {
-            fields.contains(&("kind".into(), "succeeded".into()))
-                && fields.contains(&("task_id".into(), "dup-1".into()))
-        })
+        .filter(|(kind, id)| kind == "succeeded" && id.as_deref() == Some("dup-1"))
         .count();
     assert_eq!(succeeded, 1);
     let dead = node.get_json("/dlq/default").await.to_string();
@@ -613,13 +604,7 @@ async fn messages_in_holding_lists_when_a_node_starts_run_once() {
     .await;
     node.until_state("held-alive", &["succeeded"], Duration::from_secs(10))
         .await;
-    let events: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
-        .arg("rt:events")
-        .arg("-")
-        .arg("+")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    let events = common::stream_events(&mut conn, "rt:events").await;
     for id in [
         "held-own",
         "held-own-1",
@@ -629,10 +614,7 @@ async fn messages_in_holding_lists_when_a_node_starts_run_once() {
     ] {
         let started = events
             .iter()
-            .filter(|(_, fields)| {
-                fields.contains(&("kind".into(), "started".into()))
-                    && fields.contains(&("task_id".into(), id.into()))
-            })
+            .filter(|(kind, task)| kind == "started" && task.as_deref() == Some(id))
             .count();
         assert_eq!(started, 1, "{id} started {started} times");
     }

@@ -93,8 +93,9 @@
 //!   one of each per stream, and a key's type is asked once per call.
 //!   The starts handed to `started` (record start marker + `started` event, per attempt) go
 //!   to the same writer: when the attempt's outcome comes within `EVENT_FLUSH`, the marker's
-//!   fields join the outcome's record `HSET` and its event goes just ahead of the outcome's —
-//!   no command and no round trip of its own; otherwise the start is written on its own
+//!   fields join the outcome's record `HSET` and its event joins the outcome's event `XADD`
+//!   as the entry's first field (one entry, two events: see `events.rs`) — no command and
+//!   no round trip of its own; otherwise the start is written on its own
 //!   (`HSET` + event) once it has waited `EVENT_FLUSH`. One writer, one connection: a start is
 //!   never written after its outcome.
 //! - `recover`: `recover.lua`, in batches: `XPENDING … IDLE lease`, each stale entry re-added
@@ -209,13 +210,13 @@ use super::outcome::{
     Next, Outcome, RecordChange, Writes, malformed_event, sent_detail, sent_event, started_event,
 };
 use codec::{
-    StreamEntry, dead_letter, event, int, pairs, record_fields, stored_record, stream_entries, text,
+    StreamEntry, dead_letter, int, pairs, record_fields, stored_record, stream_entries, text,
 };
 use commit::{Job, Write, Writer};
 pub use connection::ConnectionState;
 pub use connection::{CLUSTER_SCHEME, cluster_seeds};
 use connection::{CONNECT_TIMEOUT, Conn, Endpoint, Health, Link, RESPONSE_TIMEOUT, lock};
-use events::{Start, xadd_whole};
+use events::{Start, event_value, events_of_entry, xadd_whole};
 use keys::{Keys, revocations_channel};
 /// Entries one script call handles (recovery, promotion, purge); the caller loops.
 const SCRIPT_BATCH: usize = 256;
@@ -824,7 +825,7 @@ impl RedisBroker {
             .events_of(prepared.first().map_or("", |(_, stream)| stream))
             .to_string();
         let mut args = redis::Cmd::new();
-        args.arg(&events_key).arg(maxlen).arg(at);
+        args.arg(&events_key).arg(maxlen);
         let mut keys = Vec::with_capacity(prepared.len() * 3 + 1);
         if maxlen > 0 {
             keys.push(events_key);
@@ -854,9 +855,15 @@ impl RedisBroker {
                 .arg(if p.chosen { "1" } else { "" })
                 .arg(&idem)
                 .arg(ttl)
-                .arg(&envelope.task)
-                .arg(&envelope.queue)
-                .arg(sent_detail(envelope).to_string())
+                .arg(event_value(
+                    at,
+                    [
+                        ("task_id", Some(&envelope.id)),
+                        ("task", Some(&envelope.task)),
+                        ("queue", Some(&envelope.queue)),
+                    ],
+                    &sent_detail(envelope).to_string(),
+                ))
                 .arg(enqueued_record_json(envelope, p.due));
             keys.push(target);
             keys.push(record);
@@ -1375,8 +1382,9 @@ impl RedisBroker {
     }
 
     /// Up to `limit` events after the cursor `at` (or before it, `backwards`), oldest first,
-    /// merged from every events stream in the order (entry id, stream name); on a cluster an
-    /// event's id names its stream (`<entry>@<stream>`) so that it is a cursor of its own.
+    /// merged from every events stream in the order (entry id, stream name, place in the
+    /// entry); on a cluster an event's id names its stream (`<entry>@<stream>`) so that it is
+    /// a cursor of its own.
     async fn merged_events(
         &self,
         at: Option<&str>,
@@ -1388,16 +1396,11 @@ impl RedisBroker {
         }
         let cursor = at.map(event_cursor);
         let streams = self.event_streams().await?;
-        let reads = streams.iter().map(|(name, key)| {
-            // A stream after the cursor's in the order includes the cursor's entry id itself.
-            let bound = cursor.map(|(ms, seq, of)| {
-                let inclusive = if backwards {
-                    name.as_str() < of
-                } else {
-                    name.as_str() > of
-                };
-                format!("{}{ms}-{seq}", if inclusive { "" } else { "(" })
-            });
+        let reads = streams.iter().map(|(_, key)| {
+            // The cursor's entry id is read too (an entry holds up to two events, and on a
+            // cluster other streams' entries of the same id come after it or before it):
+            // what is not past the cursor is dropped below — hence one entry more.
+            let bound = cursor.map(|(entry, _, _)| format!("{}-{}", entry.0, entry.1));
             let mut pipe = redis::pipe();
             if backwards {
                 pipe.cmd("XREVRANGE")
@@ -1410,32 +1413,40 @@ impl RedisBroker {
                     .arg(bound.unwrap_or_else(|| "-".into()))
                     .arg("+");
             }
-            pipe.arg("COUNT").arg(limit);
+            pipe.arg("COUNT").arg(limit.saturating_add(1));
             async move {
                 let (reply,): (Value,) = self.query_pipe(&pipe).await?;
                 Ok::<_, BrokerError>(stream_entries(reply))
             }
         });
         let read = futures_util::future::join_all(reads).await;
-        let mut merged: Vec<((u64, u64), &str, Event)> = Vec::new();
+        let mut merged: Vec<(EventOrder<'_>, Event)> = Vec::new();
         for ((name, _), entries) in streams.iter().zip(read) {
             for entry in entries? {
-                let (ms, seq, _) = event_cursor(&entry.id);
-                let mut event = event(entry);
-                if self.keys.cluster() {
-                    event.id = format!("{}@{name}", event.id);
+                let (position, _, _) = event_cursor(&entry.id);
+                for (n, mut event) in events_of_entry(entry).into_iter().enumerate() {
+                    let order = (position, name.as_str(), n as u64);
+                    let past = cursor.is_none_or(|(c_entry, c_place, c_stream)| {
+                        let at = (c_entry, c_stream, c_place);
+                        if backwards { order < at } else { order > at }
+                    });
+                    if past {
+                        if self.keys.cluster() {
+                            event.id = format!("{}@{name}", event.id);
+                        }
+                        merged.push((order, event));
+                    }
                 }
-                merged.push(((ms, seq), name.as_str(), event));
             }
         }
-        merged.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        merged.sort_by(|a, b| a.0.cmp(&b.0));
         if backwards {
             let skip = merged.len().saturating_sub(limit);
             merged.drain(..skip);
         } else {
             merged.truncate(limit);
         }
-        Ok(merged.into_iter().map(|(_, _, event)| event).collect())
+        Ok(merged.into_iter().map(|(_, event)| event).collect())
     }
 
     /// The streams registered on a cluster (`Keys::queues`, at most [`MAX_QUEUES_LOOKED_UP`]).
@@ -1449,12 +1460,18 @@ impl RedisBroker {
     }
 }
 
-/// An event id as a cursor: its entry id's two numbers and the stream it names (`` for none):
-/// `0`, `1732374000123`, `1732374000123-5`, `1732374000123-5@chat`.
-fn event_cursor(id: &str) -> (u64, u64, &str) {
+/// Where an event is in the merged read: (entry id, stream name, place in the entry).
+type EventOrder<'a> = ((u64, u64), &'a str, u64);
+
+/// An event id as a cursor: its entry id's two numbers, its place in the entry and the stream
+/// it names (`` for none): `0`, `1732374000123`, `1732374000123-5`, `1732374000123-5.1`,
+/// `1732374000123-5.1@chat`.
+fn event_cursor(id: &str) -> ((u64, u64), u64, &str) {
     let (entry, stream) = id.split_once('@').unwrap_or((id, ""));
+    let (entry, place) = entry.split_once('.').unwrap_or((entry, "0"));
     let (ms, seq) = entry.split_once('-').unwrap_or((entry, "0"));
-    (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0), stream)
+    let number = |text: &str| text.parse().unwrap_or(0);
+    ((number(ms), number(seq)), number(place), stream)
 }
 
 impl TaskQueue for RedisBroker {

@@ -43,7 +43,8 @@
 local held, registry = KEYS[1], KEYS[2]
 local prefix, dlq, at, maxlen = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local ttl, fetch, count = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
-local events = prefix .. ':events'
+-- An event is one field: its kind, then the rest as JSON (broker::redis::events::xadd_event).
+local events, json_at = prefix .. ':events', cjson.encode(at)
 local dead = prefix .. ':{' .. dlq .. '}:dead'
 
 local function stream_of(queue)
@@ -97,8 +98,8 @@ for n = 1, placed do
     redis.call('XADD', dead, '*', 'e', raw, 'reason', item[3], 'attempts', 0, 'at', at,
       'raw', '1')
     if maxlen ~= '0' then
-      redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 'kind', 'dead', 'at', at,
-        'queue', dlq, 'detail', item[4])
+      redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 'dead',
+        '{"at":' .. json_at .. ',"queue":' .. cjson.encode(dlq) .. ',"detail":' .. item[4] .. '}')
     end
     codes[#codes + 1] = 'd'
   else
@@ -111,8 +112,10 @@ for n = 1, placed do
       redis.call('HSET', record, 'id', id, 'task', task, 'queue', queue, 'state', 'queued',
         'enqueued_at', at, 'updated_at', at)
       if maxlen ~= '0' then
-        redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 'kind', 'sent', 'at', at,
-          'task_id', id, 'task', task, 'queue', queue, 'detail', '{"eta":null,"celery":true}')
+        redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 'sent',
+          '{"at":' .. json_at .. ',"task_id":' .. cjson.encode(id) .. ',"task":'
+          .. cjson.encode(task) .. ',"queue":' .. cjson.encode(queue)
+          .. ',"detail":{"eta":null,"celery":true}}')
       end
       codes[#codes + 1] = 'm'
     end

@@ -522,3 +522,39 @@ pub async fn zombies(parents: &[u32]) -> Vec<u32> {
     let second = sample();
     first.into_iter().filter(|p| second.contains(p)).collect()
 }
+
+/// The events in the Redis stream `key` (`XRANGE key - +`), each as `(kind, task_id)`, oldest
+/// first, whichever layout an entry has: one field per event (its kind → the rest as JSON; a
+/// task's start and outcome written together share an entry), or one event with a field per
+/// attribute (`kind`, `task_id`, …, as the Lua scripts write them).
+pub async fn stream_events(
+    conn: &mut impl redis::aio::ConnectionLike,
+    key: &str,
+) -> Vec<(String, Option<String>)> {
+    let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+        .arg(key)
+        .arg("-")
+        .arg("+")
+        .query_async(conn)
+        .await
+        .unwrap();
+    let mut events = Vec::new();
+    for (_, fields) in entries {
+        let field = |name: &str| {
+            fields
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.clone())
+        };
+        if let Some(kind) = field("kind") {
+            events.push((kind, field("task_id")));
+            continue;
+        }
+        for (kind, rest) in fields {
+            let rest: serde_json::Value = serde_json::from_str(&rest).unwrap();
+            let task_id = rest["task_id"].as_str().map(str::to_string);
+            events.push((kind, task_id));
+        }
+    }
+    events
+}

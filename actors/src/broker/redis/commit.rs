@@ -210,7 +210,11 @@ impl Writer {
         }
         // One call per slot on a cluster (each outcome's keys are in its queue's slot).
         let slots = groups(outcomes.iter().map(|outcome| {
-            let first = outcome.cmds().next().and_then(|c| simple(c).nth(1));
+            let first = outcome
+                .pipe
+                .cmd_iter()
+                .next()
+                .and_then(|c| simple(c).nth(1));
             first.filter(|_| cluster).map(Slot::for_key)
         }));
         let invocations = slots
@@ -236,7 +240,8 @@ impl Writer {
 
 /// One outcome of a call: its writes (`pipe`), and the start merged into it (the marker
 /// `HSET`, whose fields go into the outcome's first command — its record's `HSET` —, and the
-/// `started` event, right after that command).
+/// `started` event, which joins the outcome's own event `XADD` as its first field: one stream
+/// entry, two events).
 struct Outcome<'a> {
     pipe: &'a Pipeline,
     marker: Option<&'a Cmd>,
@@ -244,11 +249,70 @@ struct Outcome<'a> {
 }
 
 impl<'a> Outcome<'a> {
-    /// Its commands in `commit.lua`'s order: the first, the start's event, the rest.
-    fn cmds(&self) -> impl Iterator<Item = &'a Cmd> + use<'a> {
+    /// Its commands in `commit.lua`'s order, each with what the merged start adds to it.
+    fn pieces(&self) -> Vec<Piece<'a>> {
         let mut cmds = self.pipe.cmd_iter();
-        let first = cmds.next();
-        first.into_iter().chain(self.event).chain(cmds)
+        let mut pieces = Vec::with_capacity(6);
+        if let Some(first) = cmds.next() {
+            // The record `HSET`: the marker's fields after its key (its own, later, win).
+            let extra = self.marker.map(|marker| (2, marker, 2));
+            pieces.push(Piece { cmd: first, extra });
+        }
+        let rest: Vec<&'a Cmd> = cmds.collect();
+        // The outcome's event: an `XADD` to the stream the start's event goes to.
+        let joined = self.event.and_then(|event| {
+            let stream = simple(event).nth(1);
+            rest.iter().position(|cmd| {
+                let mut args = simple(cmd);
+                args.next() == Some(b"XADD".as_slice()) && args.next() == stream
+            })
+        });
+        if let (Some(event), None) = (self.event, joined) {
+            pieces.push(Piece {
+                cmd: event,
+                extra: None,
+            });
+        }
+        for (n, cmd) in rest.into_iter().enumerate() {
+            // The start's `<kind> <rest>` just after the `*` of both `XADD`s.
+            let extra = self
+                .event
+                .filter(|_| joined == Some(n))
+                .map(|event| (FIELDS_AT, event, FIELDS_AT));
+            pieces.push(Piece { cmd, extra });
+        }
+        pieces
+    }
+}
+
+/// Where an event `XADD`'s fields start (`XADD key MAXLEN ~ n * <kind> <rest>`).
+const FIELDS_AT: usize = 6;
+
+/// A command of an outcome as sent: `cmd` with, when `extra` is `(at, from, skip)`, the
+/// arguments of `from` after its first `skip` inserted before `cmd`'s argument `at`.
+struct Piece<'a> {
+    cmd: &'a Cmd,
+    extra: Option<(usize, &'a Cmd, usize)>,
+}
+
+impl<'a> Piece<'a> {
+    fn args(&self) -> impl Iterator<Item = &'a [u8]> + use<'a> {
+        let (at, from, skip) = match self.extra {
+            Some((at, from, skip)) => (at, Some(from), skip),
+            None => (usize::MAX, None, 0),
+        };
+        let inserted = from
+            .into_iter()
+            .flat_map(move |from| simple(from).skip(skip));
+        let cmd = simple(self.cmd);
+        cmd.clone().take(at).chain(inserted).chain(cmd.skip(at))
+    }
+
+    fn len(&self) -> usize {
+        let extra = self
+            .extra
+            .map_or(0, |(_, from, skip)| simple(from).len().saturating_sub(skip));
+        simple(self.cmd).len() + extra
     }
 }
 
@@ -358,23 +422,22 @@ impl Call {
 /// built in place: the keys first (borrowed, sorted, deduplicated), then each outcome in
 /// `commit.lua`'s format — every byte copied once into the command.
 fn invocation(sha: &str, outcomes: &[&Outcome<'_>]) -> Cmd {
+    let pieces: Vec<Vec<Piece<'_>>> = outcomes.iter().map(|outcome| outcome.pieces()).collect();
     let mut keys: Vec<&[u8]> = Vec::new();
     let (mut args, mut bytes) = (0, 0);
-    for outcome in outcomes {
-        for cmd in outcome.cmds().chain(outcome.marker) {
-            for (n, arg) in simple(cmd).enumerate() {
-                if n == 1 {
-                    keys.push(arg);
-                }
-                args += 1;
-                bytes += arg.len();
+    for piece in pieces.iter().flatten() {
+        for (n, arg) in piece.args().enumerate() {
+            if n == 1 {
+                keys.push(arg);
             }
             args += 1;
-            bytes += 4;
+            bytes += arg.len();
         }
         args += 1;
         bytes += 4;
     }
+    args += pieces.len();
+    bytes += 4 * pieces.len();
     keys.sort_unstable();
     keys.dedup();
     let size = bytes + keys.iter().map(|key| key.len()).sum::<usize>() + 64;
@@ -384,27 +447,11 @@ fn invocation(sha: &str, outcomes: &[&Outcome<'_>]) -> Cmd {
         .arg(sha)
         .arg(keys.len())
         .arg(&keys);
-    for outcome in outcomes {
-        invocation.arg(outcome.cmds().count());
-        let mut cmds = outcome.cmds();
-        if let Some(first) = cmds.next() {
-            // The record `HSET`: its key, the marker's fields, then its own (later fields
-            // win).
-            let fields = outcome.marker.map(|m| simple(m).skip(2));
-            let extra = fields.clone().map_or(0, |f| f.len());
-            invocation.arg(simple(first).len() + extra);
-            for (n, arg) in simple(first).enumerate() {
-                invocation.arg(arg);
-                if n == 1 {
-                    for field in fields.clone().into_iter().flatten() {
-                        invocation.arg(field);
-                    }
-                }
-            }
-        }
-        for cmd in cmds {
-            invocation.arg(simple(cmd).len());
-            for arg in simple(cmd) {
+    for outcome in &pieces {
+        invocation.arg(outcome.len());
+        for piece in outcome {
+            invocation.arg(piece.len());
+            for arg in piece.args() {
                 invocation.arg(arg);
             }
         }

@@ -11,14 +11,15 @@
 -- the wrong type fails the whole batch with nothing written.
 --
 -- KEYS = every key it may write (declared; the arguments name them).
--- ARGV[1] = events stream, ARGV[2] = its MAXLEN ('0': no events), ARGV[3] = now (RFC 3339),
--- then 12 fields per envelope: target key (stream or delayed set), due ms ('' → stream),
+-- ARGV[1] = events stream, ARGV[2] = its MAXLEN ('0': no events),
+-- then 10 fields per envelope: target key (stream or delayed set), due ms ('' → stream),
 -- envelope JSON, id, record key, chosen ('1' → the id is checked), idempotency key ('' →
--- none), its TTL (ms), task, queue, `sent` detail (JSON), record (its hash fields as a JSON
--- array name, value, …: StoredRecord::enqueued, encoded by codec::record_fields).
+-- none), its TTL (ms), the `sent` event's value (the event as one field, `sent` → its JSON:
+-- events::xadd_event), record (its hash fields as a JSON array name, value, …:
+-- StoredRecord::enqueued, encoded by codec::record_fields).
 -- Returns per envelope '' (written) or the id it duplicates.
-local events, maxlen, at = ARGV[1], ARGV[2], ARGV[3]
-local FIELDS, FIRST = 12, 4
+local events, maxlen = ARGV[1], ARGV[2]
+local FIELDS, FIRST = 10, 3
 
 local function check(key, need)
   local held = redis.call('TYPE', key).ok
@@ -41,7 +42,7 @@ if problem then return problem end
 
 local out = {}
 for i = FIRST, #ARGV, FIELDS do
-  local target, due, json, id, record, chosen, idem, ttl, task, q, detail, fields =
+  local target, due, json, id, record, chosen, idem, ttl, sent, fields =
     unpack(ARGV, i, i + FIELDS - 1)
   local first
   if idem ~= '' and not redis.call('SET', idem, id, 'NX', 'PX', ttl) then
@@ -60,8 +61,7 @@ for i = FIRST, #ARGV, FIELDS do
     end
     redis.call('HSET', record, unpack(cjson.decode(fields)))
     if maxlen ~= '0' then
-      redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 'kind', 'sent', 'at', at,
-        'task_id', id, 'task', task, 'queue', q, 'detail', detail)
+      redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 'sent', sent)
     end
     table.insert(out, '')
   end
