@@ -418,27 +418,16 @@ mod tests {
 
     #[test]
     fn positions_are_stream_ids() {
-        assert_eq!(position("after", "0").unwrap(), "0");
-        assert_eq!(
-            position("after", " 1732374000123-7 ").unwrap(),
-            "1732374000123-7"
-        );
-        assert_eq!(
-            position("after", "1732374000123-7@chat:2").unwrap(),
-            "1732374000123-7@chat:2"
-        );
-        assert_eq!(
-            position("after", "1732374000123-7@").unwrap(),
-            "1732374000123-7@"
-        );
-        assert_eq!(
-            position("after", "1732374000123-7.1").unwrap(),
-            "1732374000123-7.1"
-        );
-        assert_eq!(
-            position("after", "1732374000123-7.1@chat").unwrap(),
-            "1732374000123-7.1@chat"
-        );
+        for good in [
+            "0",
+            " 1732374000123-7 ",
+            "1732374000123-7@chat:2",
+            "1732374000123-7@",
+            "1732374000123-7.1",
+            "1732374000123-7.1@chat",
+        ] {
+            assert_eq!(position("after", good).unwrap(), good.trim());
+        }
         for bad in [
             "", "-", "1-", "a-0", "1-2-3", "$", "+", "(5", "1@chat", "1-0@a b", "1-0@{x}", "1.1",
             "1-0.", "1-0.x", "1-0.1.2", "1-0.1234",
