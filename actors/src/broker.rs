@@ -407,12 +407,18 @@ impl StoredRecord {
         }
     }
 
+    /// Whether an attempt runs: the latest start is of an attempt without an outcome yet, it
+    /// was not lost, and the task has not ended.
+    pub(crate) fn runs(&self) -> bool {
+        !self.state.unwrap_or(TaskState::Queued).is_final()
+            && !self.lost
+            && self.started.is_some_and(|s| s >= self.attempts)
+    }
+
     /// What `GET /tasks/{id}` shows at `now_ms` (epoch ms).
     pub(crate) fn view(self, now_ms: u64) -> TaskRecord {
         let stored = self.state.unwrap_or(TaskState::Queued);
-        let running =
-            !stored.is_final() && !self.lost && self.started.is_some_and(|s| s >= self.attempts);
-        let state = if running {
+        let state = if self.runs() {
             TaskState::Running
         } else if stored == TaskState::Scheduled && self.due_ms.is_none_or(|due| due <= now_ms) {
             // Due: promoted to the ready queue (within the mover's 10 ms), waiting to be taken.
@@ -1270,25 +1276,25 @@ dispatch!(Admin {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn entry_ids_and_partition_names() {
         for good in ["1732374000123-0", "0-0", "1732374000123-7@2", "1-0@64"] {
-            assert!(super::check_entry(good).is_ok(), "{good}");
+            assert!(check_entry(good).is_ok(), "{good}");
         }
         for bad in [
             "", "-", "1-", "1-0@", "1-0@0", "1-0@65", "1-0@x", "1-0@2@3", "@2", "1-0 @2",
         ] {
-            assert!(super::check_entry(bad).is_err(), "{bad}");
+            assert!(check_entry(bad).is_err(), "{bad}");
         }
-        assert!(super::is_stream_of("chat", "chat"));
-        assert!(super::is_stream_of("chat:2", "chat"));
-        assert!(!super::is_stream_of("chat:", "chat"));
-        assert!(!super::is_stream_of("chat:x", "chat"));
-        assert!(!super::is_stream_of("chatter", "chat"));
-        assert!(!super::is_stream_of("chat", "chat:1"));
+        assert!(is_stream_of("chat", "chat"));
+        assert!(is_stream_of("chat:2", "chat"));
+        assert!(!is_stream_of("chat:", "chat"));
+        assert!(!is_stream_of("chat:x", "chat"));
+        assert!(!is_stream_of("chatter", "chat"));
+        assert!(!is_stream_of("chat", "chat:1"));
     }
-
-    use super::*;
 
     #[test]
     fn event_kinds_are_written_and_read_by_their_names() {

@@ -57,8 +57,6 @@ def events(kind):
     An entry holds one event per field (its kind -> the rest as JSON; a task's start and its
     outcome share one), or, in the layout the Lua scripts once wrote, one event with a field
     per attribute."""
-    import json
-
     client = app.backend.client
     out = []
     for _id, fields in client.xrange("rt:events"):

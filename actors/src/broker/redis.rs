@@ -217,7 +217,7 @@ pub use connection::ConnectionState;
 pub use connection::{CLUSTER_SCHEME, cluster_seeds};
 use connection::{CONNECT_TIMEOUT, Conn, Endpoint, Health, Link, RESPONSE_TIMEOUT, lock};
 use events::{Start, event_value, events_of_entry, xadd_whole};
-use keys::{Keys, revocations_channel};
+use keys::Keys;
 /// Entries one script call handles (recovery, promotion, purge); the caller loops.
 const SCRIPT_BATCH: usize = 256;
 /// How far behind the clock a live tail of the events reads on a cluster
@@ -234,27 +234,55 @@ const DEAD_PAGE: usize = 100;
 
 /// `commit.lua`, called with [`evalsha`] (one copy of its arguments: it carries every outcome).
 const COMMIT: &str = include_str!("redis/commit.lua");
+/// `enqueue.lua`, sent directly ([`evalsha`]) with the enqueue's `WAIT` behind it.
+const ENQUEUE: &str = include_str!("redis/enqueue.lua");
 
-/// Runs `cmd` — an `EVALSHA` of the script whose source is `code` — loading the script first
-/// when Redis does not have it (after a restart or `SCRIPT FLUSH`), as redis-rs'
-/// `ScriptInvocation` does; but a command built directly holds each argument once, where an
-/// invocation copies each into a buffer of its own first (for the outcomes of busy queues and
-/// the Celery bridge's moves, most of what is sent).
+/// Runs `request` — an `EVALSHA` of the script whose source is `code`, alone or first in a
+/// pipeline — loading the script first when Redis does not have it (after a restart or `SCRIPT
+/// FLUSH`), as redis-rs' `ScriptInvocation` does; but a command built directly holds each
+/// argument once, where an invocation copies each into a buffer of its own first (for the
+/// outcomes of busy queues and the Celery bridge's moves, most of what is sent).
 pub(crate) async fn evalsha<T: redis::FromRedisValue, C: redis::aio::ConnectionLike + Send>(
     conn: &mut C,
-    cmd: &redis::Cmd,
+    request: &impl Request,
     code: &str,
 ) -> RedisResult<T> {
-    match cmd.query_async(conn).await {
+    match request.send(conn).await {
         Err(err) if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
             redis::cmd("SCRIPT")
                 .arg("LOAD")
                 .arg(code)
                 .query_async::<()>(conn)
                 .await?;
-            cmd.query_async(conn).await
+            request.send(conn).await
         }
         answer => answer,
+    }
+}
+
+/// What [`evalsha`] sends: a command, or a pipeline (an enqueue's script and its `WAIT`).
+pub(crate) trait Request: Sync {
+    fn send<T: redis::FromRedisValue, C: redis::aio::ConnectionLike + Send>(
+        &self,
+        conn: &mut C,
+    ) -> impl Future<Output = RedisResult<T>> + Send;
+}
+
+impl Request for redis::Cmd {
+    fn send<T: redis::FromRedisValue, C: redis::aio::ConnectionLike + Send>(
+        &self,
+        conn: &mut C,
+    ) -> impl Future<Output = RedisResult<T>> + Send {
+        self.query_async(conn)
+    }
+}
+
+impl Request for Pipeline {
+    fn send<T: redis::FromRedisValue, C: redis::aio::ConnectionLike + Send>(
+        &self,
+        conn: &mut C,
+    ) -> impl Future<Output = RedisResult<T>> + Send {
+        self.query_async(conn)
     }
 }
 
@@ -390,7 +418,6 @@ impl RedisBroker {
             endpoint.subscribers(),
             manager.clone(),
             keys.clone(),
-            settings.prefix.clone(),
         ));
         Ok(Self {
             keys,
@@ -407,7 +434,7 @@ impl RedisBroker {
             next_read: std::sync::atomic::AtomicUsize::new(0),
             blocking: Mutex::new(HashMap::new()),
             scripts: Scripts {
-                enqueue: Script::new(include_str!("redis/enqueue.lua")),
+                enqueue: Script::new(ENQUEUE),
                 recover: Script::new(include_str!("redis/recover.lua")),
                 promote: Script::new(include_str!("redis/promote.lua")),
                 purge: Script::new(include_str!("redis/purge.lua")),
@@ -871,33 +898,21 @@ impl RedisBroker {
         }
         keys.sort_unstable();
         keys.dedup();
-        let mut evalsha = redis::cmd("EVALSHA");
-        evalsha
+        let mut script = redis::cmd("EVALSHA");
+        script
             .arg(self.scripts.enqueue.get_hash())
             .arg(keys.len())
             .arg(&keys);
         for arg in args.args_iter() {
             if let redis::Arg::Simple(bytes) = arg {
-                evalsha.arg(bytes);
+                script.arg(bytes);
             }
         }
         let mut pipe = redis::pipe();
-        pipe.add_command(evalsha);
+        pipe.add_command(script);
         let wait = self.add_wait(&mut pipe);
         let mut conn = self.manager.clone();
-        let replies: Vec<Value> = match pipe.query_async(&mut conn).await {
-            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-                let load = self
-                    .scripts
-                    .enqueue
-                    .prepare_invoke()
-                    .load_async(&mut conn)
-                    .await;
-                self.observe(load)?;
-                self.observe(pipe.query_async(&mut conn).await)?
-            }
-            other => self.observe(other)?,
-        };
+        let replies: Vec<Value> = self.observe(evalsha(&mut conn, &pipe, ENQUEUE).await)?;
         let mut replies = replies.into_iter();
         let answers: Vec<String> = replies
             .next()
@@ -1015,13 +1030,10 @@ impl RedisBroker {
         Ok(())
     }
 
-    /// The record of task `id` (its queue — empty on one server — and its fields), if it has
-    /// one. On one server one `HGETALL`; on a cluster, where a record is in its queue's slot,
-    /// one per registered queue ([`MAX_QUEUES_LOOKED_UP`] at most), at once.
-    async fn find_record(
-        &self,
-        id: &str,
-    ) -> Result<Option<(String, Vec<(String, String)>)>, BrokerError> {
+    /// The record of task `id` (the stream whose slot holds it — empty on one server — and the
+    /// record), if it has one. On one server one `HGETALL`; on a cluster, where a record is in
+    /// its stream's slot, one per registered stream ([`MAX_QUEUES_LOOKED_UP`] at most), at once.
+    async fn find_record(&self, id: &str) -> Result<Option<(String, StoredRecord)>, BrokerError> {
         let queues: Vec<String> = if self.keys.cluster() {
             self.registered().await?
         } else {
@@ -1037,7 +1049,8 @@ impl RedisBroker {
         for (queue, fields) in queues.into_iter().zip(found) {
             let fields = fields?;
             if !fields.is_empty() {
-                return Ok(Some((queue, fields)));
+                let stored = stored_record(id, &fields).map_err(BrokerError::Command)?;
+                return Ok(Some((queue, stored)));
             }
         }
         Ok(None)
@@ -1773,10 +1786,9 @@ impl Records for RedisBroker {
     }
 
     async fn record(&self, id: &str) -> Result<Option<TaskRecord>, BrokerError> {
-        let Some((_, fields)) = self.find_record(id).await? else {
+        let Some((_, stored)) = self.find_record(id).await? else {
             return Ok(None);
         };
-        let stored = stored_record(id, &fields).map_err(BrokerError::Command)?;
         Ok(Some(stored.view(epoch_ms(SystemTime::now()))))
     }
 
@@ -1799,36 +1811,16 @@ impl Records for RedisBroker {
             // revocation is kept first (consumers skip the task from then on), then the
             // script does the record's part. Both steps can be repeated.
             let found = self.find_record(id).await?;
-            if let Some((_, fields)) = &found {
-                let field = |name: &str| {
-                    fields
-                        .iter()
-                        .find(|(n, _)| n == name)
-                        .map(|(_, v)| v.as_str())
-                };
-                match field("state") {
-                    Some("dead") if field("error") == Some("revoked") => {
+            if let Some((_, stored)) = &found {
+                match stored.state.unwrap_or(TaskState::Queued) {
+                    TaskState::Dead if stored.error.as_deref() == Some("revoked") => {
                         return Ok(Revoked::AlreadyRevoked);
                     }
-                    Some(state @ ("succeeded" | "dead")) => {
-                        return Ok(Revoked::Ended(
-                            TaskState::from_name(state).unwrap_or(TaskState::Dead),
-                        ));
+                    state @ (TaskState::Succeeded | TaskState::Dead) => {
+                        return Ok(Revoked::Ended(state));
                     }
-                    state => {
-                        let number = |name: &str| field(name).and_then(|v| v.parse::<u64>().ok());
-                        let running = number("started")
-                            .is_some_and(|started| started >= number("attempts").unwrap_or(0))
-                            && field("lost") != Some("1");
-                        let state = state
-                            .and_then(TaskState::from_name)
-                            .unwrap_or(TaskState::Queued);
-                        before = Some(if running {
-                            Revoked::Running
-                        } else {
-                            Revoked::Pending(state)
-                        });
-                    }
+                    _ if stored.runs() => before = Some(Revoked::Running),
+                    state => before = Some(Revoked::Pending(state)),
                 }
             }
             let mut keep = redis::pipe();
@@ -1850,7 +1842,7 @@ impl Records for RedisBroker {
             let mut publish = redis::pipe();
             publish
                 .cmd("PUBLISH")
-                .arg(revocations_channel(prefix))
+                .arg(self.keys.revocations_channel())
                 .arg(published.to_string())
                 .ignore();
             self.query_pipe::<()>(&publish).await?;
@@ -1877,15 +1869,10 @@ impl Records for RedisBroker {
                 .key(self.keys.revoked_seq());
             // A task of a partitioned queue: its delayed entry may be in any partition.
             if !self.settings.partitions.is_empty()
-                && let Some((_, fields)) = self.find_record(id).await?
+                && let Some((_, stored)) = self.find_record(id).await?
+                && self.partition_count(&stored.queue) > 1
             {
-                let queue = fields
-                    .iter()
-                    .find(|(n, _)| n == "queue")
-                    .map(|(_, v)| v.as_str());
-                if let Some(queue) = queue.filter(|q| self.partition_count(q) > 1) {
-                    stream_queue = self.partitions(queue).join(",");
-                }
+                stream_queue = self.partitions(&stored.queue).join(",");
             }
         }
         invocation
@@ -1893,7 +1880,7 @@ impl Records for RedisBroker {
             .arg(if terminate { "1" } else { "0" })
             .arg(now_ms)
             .arg(until)
-            .arg(revocations_channel(prefix))
+            .arg(self.keys.revocations_channel())
             .arg(prefix)
             .arg(rfc3339(now))
             .arg(if cluster { "0" } else { "1" })

@@ -28,7 +28,7 @@ use tokio::time::Instant;
 
 use super::codec::text;
 use super::connection::{Conn, Link};
-use super::events::{Start, start_write};
+use super::events::{Start, XADD_FIELDS_AT, start_write};
 use super::{COMMIT, evalsha, groups};
 use crate::broker::{BrokerError, EVENT_FLUSH};
 
@@ -258,11 +258,10 @@ impl<'a> Outcome<'a> {
             let extra = self.marker.map(|marker| (2, marker, 2));
             pieces.push(Piece { cmd: first, extra });
         }
-        let rest: Vec<&'a Cmd> = cmds.collect();
         // The outcome's event: an `XADD` to the stream the start's event goes to.
         let joined = self.event.and_then(|event| {
             let stream = simple(event).nth(1);
-            rest.iter().position(|cmd| {
+            self.pipe.cmd_iter().skip(1).position(|cmd| {
                 let mut args = simple(cmd);
                 args.next() == Some(b"XADD".as_slice()) && args.next() == stream
             })
@@ -273,20 +272,17 @@ impl<'a> Outcome<'a> {
                 extra: None,
             });
         }
-        for (n, cmd) in rest.into_iter().enumerate() {
+        for (n, cmd) in cmds.enumerate() {
             // The start's `<kind> <rest>` just after the `*` of both `XADD`s.
             let extra = self
                 .event
                 .filter(|_| joined == Some(n))
-                .map(|event| (FIELDS_AT, event, FIELDS_AT));
+                .map(|event| (XADD_FIELDS_AT, event, XADD_FIELDS_AT));
             pieces.push(Piece { cmd, extra });
         }
         pieces
     }
 }
-
-/// Where an event `XADD`'s fields start (`XADD key MAXLEN ~ n * <kind> <rest>`).
-const FIELDS_AT: usize = 6;
 
 /// A command of an outcome as sent: `cmd` with, when `extra` is `(at, from, skip)`, the
 /// arguments of `from` after its first `skip` inserted before `cmd`'s argument `at`.

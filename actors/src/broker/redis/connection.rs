@@ -424,8 +424,6 @@ impl RedisBroker {
             cmd.arg("BLOCK").arg((block.as_millis() as u64).max(1));
         }
         cmd.arg("STREAMS").arg(stream).arg(">");
-        let mut seq_pipe = redis::pipe();
-        seq_pipe.cmd("GET").arg(self.keys.revoked_seq());
         let cluster = self.keys.cluster();
         if !cluster {
             pipe.cmd("GET").arg(self.keys.revoked_seq());
@@ -447,6 +445,8 @@ impl RedisBroker {
         .into_iter();
         let reply = replies.next().unwrap_or(Value::Nil);
         let seq = if cluster {
+            let mut seq_pipe = redis::pipe();
+            seq_pipe.cmd("GET").arg(self.keys.revoked_seq());
             let (seq,): (Option<i64>,) = self.query_pipe(&seq_pipe).await?;
             seq
         } else {

@@ -106,6 +106,9 @@ pub(super) fn start_write(start: &Start, maxlen: usize, with_outcome: bool) -> P
     pipe
 }
 
+/// Where the fields of an event `XADD` ([`xadd_event`]) start: after `XADD key MAXLEN ~ n *`.
+pub(super) const XADD_FIELDS_AT: usize = 6;
+
 /// The one place that writes the events stream: `XADD p:events MAXLEN ~ n * <kind> <rest>`
 /// (reply ignored), the event as one field: its kind names it, its value is the rest of it as
 /// one JSON object ([`event_value`]). Two arguments per event whatever it carries — Redis

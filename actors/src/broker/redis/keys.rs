@@ -116,6 +116,11 @@ impl Keys {
         format!("{}:seq", self.revoked())
     }
 
+    /// The pub/sub channel each revocation is published on (`{"id", "terminate", "until"}`).
+    pub(super) fn revocations_channel(&self) -> String {
+        format!("{}:revocations", self.prefix)
+    }
+
     pub(super) fn leader(&self) -> String {
         format!("{}:{{beat}}:leader", self.prefix)
     }
@@ -135,9 +140,4 @@ impl Keys {
     pub(super) fn group(&self) -> &str {
         &self.prefix
     }
-}
-
-/// The pub/sub channel each revocation is published on (`{"id", "terminate", "until"}`).
-pub(super) fn revocations_channel(prefix: &str) -> String {
-    format!("{prefix}:revocations")
 }

@@ -8,7 +8,7 @@ use redis::{Client, RedisResult};
 
 use super::RedisBroker;
 use super::connection::{CONNECT_TIMEOUT, Conn};
-use super::keys::{Keys, revocations_channel};
+use super::keys::Keys;
 use crate::broker::revocations::Revocations;
 use crate::broker::{Revocation, epoch_ms};
 
@@ -76,10 +76,9 @@ pub(super) async fn listen_revocations(
     clients: Vec<Client>,
     mut manager: Conn,
     keys: Keys,
-    prefix: String,
 ) {
     use futures_util::StreamExt;
-    let channel = revocations_channel(&prefix);
+    let channel = keys.revocations_channel();
     // On a cluster, any node hears every PUBLISH: the seeds are tried in turn.
     let mut clients = clients.into_iter().cycle();
     loop {

@@ -142,6 +142,22 @@ async fn outcomes_are_written_after_redis_lost_its_scripts() {
     }
     let depth = h.broker.depth(q).await.unwrap();
     assert_eq!((depth.ready, depth.in_flight), (0, 0));
+    // The claiming enqueue (`enqueue.lua`, sent the same way) too.
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mut keyed = task(q, 9);
+    keyed.idempotency_key = Some("k9".into());
+    let sent = h.broker.enqueue(vec![keyed.clone()]).await.unwrap();
+    assert!(!sent[0].duplicate);
+    keyed.id = "another".into();
+    let again = h.broker.enqueue(vec![keyed]).await.unwrap();
+    assert_eq!(
+        (again[0].id.as_str(), again[0].duplicate),
+        (sent[0].id.as_str(), true)
+    );
 }
 
 #[tokio::test]
